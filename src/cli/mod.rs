@@ -1,0 +1,371 @@
+//! The command line: clap definitions, and the translation of each command
+//! into a [`crate::vm::Action`]. Output formatting lives in `output`.
+
+pub mod output;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::network::NetworkMode;
+use crate::settings::Settings;
+use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
+use crate::vm::size::parse_size;
+use crate::vm::store::Store;
+use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// lume: virtual machines on Linux with networking that keeps working.
+#[derive(Debug, Parser)]
+#[command(name = "lume", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StorageArg {
+    /// VM location (default ~/.lume, or homeDirectory in config.yaml)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub storage: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new VM
+    Create(CreateArgs),
+    /// Start a VM (in the foreground unless --detach)
+    Run(RunArgs),
+    /// Stop a VM: ACPI power-off, then force after --timeout
+    Stop(StopArgs),
+    /// List VMs
+    #[command(alias = "list")]
+    Ls(LsArgs),
+    /// Show one VM
+    Get(GetArgs),
+    /// Change a VM's settings (applied at its next start)
+    Set(SetArgs),
+    /// Copy a stopped VM under a new name, with a new MAC address
+    Clone(CloneArgs),
+    /// Delete a VM and its disk
+    Delete(DeleteArgs),
+    /// Show or change global settings
+    Config(ConfigArgs),
+    #[command(name = "__probe-kvm", hide = true)]
+    ProbeKvm,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the VM: letters, digits, '.', '_' and '-'
+    pub name: VmName,
+    /// Guest operating system (linux; macOS needs an Apple host)
+    #[arg(long, default_value = "linux")]
+    pub os: String,
+    /// Number of virtual CPUs
+    #[arg(long, default_value_t = 2)]
+    pub cpu: u32,
+    /// Memory size (B, KB, MB, GB, TB; a bare number means GB)
+    #[arg(long, default_value = "2GB", value_parser = size_arg)]
+    pub memory: u64,
+    /// Disk size (B, KB, MB, GB, TB; a bare number means GB)
+    #[arg(long, default_value = "20GB", value_parser = size_arg)]
+    pub disk_size: u64,
+    /// Display resolution (recorded for lume compatibility; VMs run headless)
+    #[arg(long, default_value = DEFAULT_DISPLAY)]
+    pub display: String,
+    /// Network mode: nat, bridged, bridged:<interface>, host, user, none
+    #[arg(long, default_value = "nat")]
+    pub network: NetworkMode,
+    /// MAC address (default: a random locally administered address)
+    #[arg(long)]
+    pub mac_address: Option<MacAddress>,
+    /// Kernel for direct kernel boot (copied into the VM)
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for direct kernel boot (copied into the VM)
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for direct kernel boot
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Existing qcow2 or raw disk image to import as the VM's disk
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
+    pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    pub name: VmName,
+    /// Return once the VM is running, leaving it to a background supervisor
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Network mode for this run only
+    #[arg(long)]
+    pub network: Option<NetworkMode>,
+    /// ISO image to attach as a read-only CD-ROM (repeatable)
+    #[arg(long, value_name = "ISO")]
+    pub mount: Vec<PathBuf>,
+    /// Extra disk image to attach (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub disk: Vec<PathBuf>,
+    /// Run headless (the default; accepted for lume compatibility)
+    #[arg(long)]
+    pub no_display: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    pub name: VmName,
+    /// Seconds to wait for the guest to power off before forcing QEMU off
+    #[arg(long, default_value_t = 15)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Output format
+    #[arg(long, short = 'f', value_enum, default_value_t)]
+    pub format: Format,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub name: VmName,
+    /// Output format
+    #[arg(long, short = 'f', value_enum, default_value_t)]
+    pub format: Format,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub name: VmName,
+    /// Number of virtual CPUs
+    #[arg(long)]
+    pub cpu: Option<u32>,
+    /// Memory size
+    #[arg(long, value_parser = size_arg)]
+    pub memory: Option<u64>,
+    /// Disk size (grow only; the VM must be stopped)
+    #[arg(long, value_parser = size_arg)]
+    pub disk_size: Option<u64>,
+    /// Network mode
+    #[arg(long)]
+    pub network: Option<NetworkMode>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    pub name: VmName,
+    pub new_name: VmName,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    pub name: VmName,
+    /// Do not ask; stop the VM first if it runs
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the settings file and the effective values
+    Get,
+    /// Set one key in config.yaml (other keys are kept)
+    Set { key: String, value: String },
+}
+
+fn context(storage: &StorageArg) -> Result<Context> {
+    Ok(Context {
+        store: Store::new(storage.storage.clone()),
+        settings: Settings::load()?,
+    })
+}
+
+fn note(line: &str) {
+    eprintln!("{line}");
+}
+
+/// Asks a yes/no question on the terminal.
+fn confirm(question: &str) -> bool {
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).is_ok()
+        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// Runs one command; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    let (storage, action, format) = match cli.command {
+        Command::ProbeKvm => {
+            return match crate::hypervisor::accel::probe_child() {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(1)
+                }
+            };
+        }
+        Command::Config(c) => return config(c),
+        Command::Create(a) => (
+            a.storage,
+            Action::Create(Box::new(CreateSpec {
+                name: a.name,
+                os: a.os,
+                cpu: a.cpu,
+                memory: a.memory,
+                disk_size: a.disk_size,
+                display: a.display,
+                network: a.network,
+                mac: a.mac_address,
+                kernel: a.kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                image: a.image,
+            })),
+            Format::Text,
+        ),
+        Command::Run(a) => (
+            a.storage,
+            Action::Run(RunSpec {
+                name: Some(a.name),
+                network: a.network,
+                mounts: a.mount,
+                disks: a.disk,
+                detach: a.detach,
+            }),
+            Format::Text,
+        ),
+        Command::Stop(a) => (
+            a.storage,
+            Action::Stop {
+                name: a.name,
+                timeout: Duration::from_secs(a.timeout),
+            },
+            Format::Text,
+        ),
+        Command::Ls(a) => (a.storage, Action::List, a.format),
+        Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
+        Command::Set(a) => (
+            a.storage,
+            Action::Set(SetSpec {
+                name: a.name,
+                cpu: a.cpu,
+                memory: a.memory,
+                disk_size: a.disk_size,
+                network: a.network,
+            }),
+            Format::Text,
+        ),
+        Command::Clone(a) => (
+            a.storage,
+            Action::Clone {
+                source: a.name,
+                target: a.new_name,
+            },
+            Format::Text,
+        ),
+        Command::Delete(a) => {
+            let confirmed = !a.force
+                && std::io::stdin().is_terminal()
+                && confirm(&format!("Delete VM '{}' and its disk?", a.name));
+            if !a.force && std::io::stdin().is_terminal() && !confirmed {
+                eprintln!("Not deleted.");
+                return Ok(1);
+            }
+            (
+                a.storage,
+                Action::Delete {
+                    name: a.name,
+                    force: a.force,
+                    confirmed,
+                },
+                Format::Text,
+            )
+        }
+    };
+    let ctx = context(&storage)?;
+    let outcome = execute(&ctx, action, &mut note)?;
+    let code = match &outcome {
+        Outcome::Exited(status) => status.code().unwrap_or(0),
+        _ => 0,
+    };
+    output::print(&outcome, format)?;
+    Ok(code)
+}
+
+fn config(c: ConfigArgs) -> Result<i32> {
+    match c.command {
+        ConfigCommand::Get => {
+            let s = Settings::load()?;
+            println!("# {}", s.file().display());
+            println!("accelerator: {}", format_accel(&s)?);
+            println!(
+                "homeDirectory: {}",
+                Store::new(None).root().display()
+            );
+            for (k, v) in s.as_mapping() {
+                let key = k.as_str().unwrap_or_default();
+                if key != "accelerator" && key != "homeDirectory" {
+                    print!("{}", serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(k.clone(), v.clone())]))?);
+                }
+            }
+            Ok(0)
+        }
+        ConfigCommand::Set { key, value } => {
+            let mut s = Settings::load()?;
+            if key == "accelerator" {
+                value.parse::<crate::hypervisor::accel::AccelChoice>()?;
+            }
+            s.set(&key, serde_yaml_ng::Value::String(value))
+                .with_context(|| format!("Cannot set '{key}'"))?;
+            println!("Set {key} in {}", s.file().display());
+            Ok(0)
+        }
+    }
+}
+
+fn format_accel(s: &Settings) -> Result<String> {
+    Ok(match s.accelerator()? {
+        crate::hypervisor::accel::AccelChoice::Auto => "auto".into(),
+        crate::hypervisor::accel::AccelChoice::Kvm => "kvm".into(),
+        crate::hypervisor::accel::AccelChoice::Tcg => "tcg".into(),
+    })
+}

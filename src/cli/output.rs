@@ -1,0 +1,93 @@
+//! How outcomes are printed: tables for people, JSON for programs.
+
+use anyhow::Result;
+use comfy_table::{Table, presets::NOTHING};
+
+use super::Format;
+use crate::hypervisor::img::CopyKind;
+use crate::vm::Outcome;
+use crate::vm::details::VmDetails;
+use crate::vm::size::format_size;
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn table(vms: &[VmDetails]) -> String {
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    t.set_header([
+        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "network", "storage",
+    ]);
+    for d in vms {
+        t.add_row([
+            d.name.clone(),
+            opt(&d.os),
+            opt(&d.cpu_count),
+            d.memory_size.map(format_size).unwrap_or_else(|| "-".into()),
+            d.disk_size
+                .as_ref()
+                .map(|s| format!("{}/{}", format_size(s.allocated), format_size(s.total)))
+                .unwrap_or_else(|| "-".into()),
+            opt(&d.display),
+            match &d.error {
+                Some(e) => format!("invalid: {e}"),
+                None => d.status.clone(),
+            },
+            opt(&d.ip_address),
+            opt(&d.network_mode),
+            d.location_name.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// Prints one outcome.
+pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
+    match (outcome, format) {
+        (Outcome::List(vms), Format::Json) => println!("{}", serde_json::to_string_pretty(vms)?),
+        (Outcome::List(vms), Format::Text) if vms.is_empty() => {
+            println!("No VMs yet: create one with `lume create <name>`")
+        }
+        (Outcome::List(vms), Format::Text) => println!("{}", table(vms)),
+        (Outcome::Details(d), Format::Json) => println!("{}", serde_json::to_string_pretty(d)?),
+        (Outcome::Details(d), Format::Text) => println!("{}", table(std::slice::from_ref(d))),
+        (Outcome::Created(d), _) => println!(
+            "VM '{}' created: {} CPUs, {} memory, {} disk, network {}",
+            d.name,
+            opt(&d.cpu_count),
+            d.memory_size.map(format_size).unwrap_or_default(),
+            d.disk_size.as_ref().map(|s| format_size(s.total)).unwrap_or_default(),
+            opt(&d.network_mode)
+        ),
+        (Outcome::Started(d), _) => println!(
+            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}`",
+            d.name,
+            opt(&d.accelerator),
+            d.ip_address.as_deref().unwrap_or("not known yet"),
+            d.name
+        ),
+        (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
+        (Outcome::Stopped { name, was_running }, _) => {
+            if *was_running {
+                println!("VM '{name}' stopped")
+            } else {
+                println!("VM '{name}' is not running")
+            }
+        }
+        (Outcome::Updated(d), _) => println!(
+            "VM '{}' updated; changes apply from its next start",
+            d.name
+        ),
+        (Outcome::Cloned { details, copy }, _) => println!(
+            "VM '{}' created as a clone (disk {})",
+            details.name,
+            match copy {
+                CopyKind::Reflink => "shared by reflink",
+                CopyKind::Sparse => "copied sparsely",
+            }
+        ),
+        (Outcome::Deleted(name), _) => println!("VM '{name}' deleted"),
+    }
+    Ok(())
+}

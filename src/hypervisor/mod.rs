@@ -1,0 +1,8 @@
+//! Driving QEMU: the accelerator probe, the command line, the QMP client,
+//! disk images, and the per-VM supervisor.
+
+pub mod accel;
+pub mod img;
+pub mod qemu;
+pub mod qmp;
+pub mod supervisor;

@@ -1,0 +1,192 @@
+//! The QEMU command line for one run of a VM. Files are named by absolute
+//! paths inside the VM directory (so the command line names the directory);
+//! only the QMP socket is relative, because QEMU runs with the VM directory as
+//! its working directory and a Unix socket path is limited to 108 bytes.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::accel::Accel;
+use super::qmp::QMP_SOCKET;
+use crate::vm::config::VmConfig;
+
+/// The QEMU binary lume drives.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Why QEMU cannot be started.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("{QEMU_BINARY} was not found in PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)")]
+    Missing,
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+}
+
+/// Finds QEMU in PATH.
+pub fn find_qemu() -> Result<PathBuf, QemuError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(QEMU_BINARY))
+        .find(|p| p.is_file())
+        .ok_or(QemuError::Missing)
+}
+
+/// Everything one run needs beyond the saved config.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec<'a> {
+    pub name: &'a str,
+    pub dir: &'a Path,
+    pub config: &'a VmConfig,
+    pub accel: Accel,
+    /// ISO images attached read-only as CD-ROMs.
+    pub mounts: &'a [PathBuf],
+    /// Extra disks.
+    pub disks: &'a [PathBuf],
+    /// Network arguments from the network mode.
+    pub net_args: &'a [String],
+}
+
+/// `qcow2` when the file starts with QCOW's magic, else `raw`.
+pub fn detect_format(path: &Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    let is_qcow = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| &magic == b"QFI\xfb")
+        .unwrap_or(false);
+    if is_qcow { "qcow2" } else { "raw" }
+}
+
+/// Escapes a path for a QEMU option value (commas are doubled).
+fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Builds the argument list (without the binary).
+pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
+    let c = spec.config;
+    let dir = spec.dir;
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("guest=lume:{},debug-threads=on", spec.name),
+        "-machine".into(),
+        "q35".into(),
+        "-accel".into(),
+        spec.accel.to_string(),
+        "-cpu".into(),
+        match spec.accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        },
+        "-smp".into(),
+        c.cpu_count.to_string(),
+        "-m".into(),
+        format!("{}M", (c.memory_size >> 20).max(16)),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-chardev".into(),
+        format!("file,id=serial0,path={}", opt_path(&dir.join("console.log"))),
+        "-serial".into(),
+        "chardev:serial0".into(),
+        "-qmp".into(),
+        format!("unix:{QMP_SOCKET},server=on,wait=off"),
+        "-device".into(),
+        "virtio-rng-pci".into(),
+        "-drive".into(),
+        format!(
+            "file={},format=raw,if=virtio,discard=unmap",
+            opt_path(&dir.join("disk.img"))
+        ),
+    ];
+    if let Some(k) = &c.kernel_boot {
+        let kernel = dir.join(&k.kernel);
+        if !kernel.is_file() {
+            return Err(QemuError::MissingFile {
+                what: "Kernel",
+                path: kernel,
+            });
+        }
+        a.extend(["-kernel".into(), kernel.display().to_string()]);
+        if let Some(i) = &k.initrd {
+            let initrd = dir.join(i);
+            if !initrd.is_file() {
+                return Err(QemuError::MissingFile {
+                    what: "Initrd",
+                    path: initrd,
+                });
+            }
+            a.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        a.extend(["-append".into(), k.cmdline.clone()]);
+    }
+    for iso in spec.mounts {
+        a.extend([
+            "-drive".into(),
+            format!("file={},media=cdrom,readonly=on", opt_path(iso)),
+        ]);
+    }
+    if !spec.mounts.is_empty() && c.kernel_boot.is_none() {
+        a.extend(["-boot".into(), "order=c,once=d".into()]);
+    }
+    for disk in spec.disks {
+        a.extend([
+            "-drive".into(),
+            format!(
+                "file={},format={},if=virtio",
+                opt_path(disk),
+                detect_format(disk)
+            ),
+        ]);
+    }
+    a.extend(spec.net_args.iter().cloned());
+    Ok(a.into_iter().map(OsString::from).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::config::{KernelBoot, MacAddress};
+
+    #[test]
+    fn command_line_names_the_vm_directory_and_the_accelerator() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinuz"), b"k").unwrap();
+        let cfg = VmConfig {
+            os: "linux".into(),
+            cpu_count: 3,
+            memory_size: 512 << 20,
+            disk_size: 1 << 30,
+            mac_address: Some(MacAddress::random()),
+            display: "1024x768".into(),
+            network_mode: Default::default(),
+            kernel_boot: Some(KernelBoot {
+                kernel: "vmlinuz".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            }),
+            extra: Default::default(),
+        };
+        let spec = LaunchSpec {
+            name: "t",
+            dir: dir.path(),
+            config: &cfg,
+            accel: Accel::Tcg,
+            mounts: &[],
+            disks: &[],
+            net_args: &[],
+        };
+        let args: Vec<String> = arguments(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains(&dir.path().join("disk.img").display().to_string()));
+        assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-smp 3"));
+        assert!(joined.contains("-m 512M"));
+        assert!(joined.contains("-append console=ttyS0"));
+    }
+}

@@ -1,0 +1,103 @@
+//! A small QMP client: line-delimited JSON over the VM's Unix socket.
+//! The socket is reached through `/proc/self/fd/N/qmp.sock` with N an O_PATH
+//! descriptor of the VM directory, so a long storage path never exceeds the
+//! 108-byte limit of a Unix socket address.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// File name of the QMP socket inside the VM directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+
+/// Why a QMP exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("Cannot connect to the VM's QMP socket {path}")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("QMP sent something that is not JSON")]
+    Json(#[from] serde_json::Error),
+    #[error("QMP closed the connection")]
+    Closed,
+    #[error("QMP command '{command}' failed: {desc}")]
+    Command { command: String, desc: String },
+}
+
+/// A connected, negotiated QMP session.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to `<vm_dir>/qmp.sock` and leaves capabilities negotiation done.
+    pub fn connect(vm_dir: &Path) -> Result<Self, QmpError> {
+        let display = vm_dir.join(QMP_SOCKET).display().to_string();
+        let connect_err = |source| QmpError::Connect {
+            path: display.clone(),
+            source,
+        };
+        let dir = File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(vm_dir)
+            .map_err(connect_err)?;
+        let short = format!("/proc/self/fd/{}/{QMP_SOCKET}", dir.as_raw_fd());
+        let stream = UnixStream::connect(&short).map_err(connect_err)?;
+        drop(dir);
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let writer = stream.try_clone()?;
+        let mut qmp = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        // Greeting, then capabilities negotiation.
+        qmp.read_message()?;
+        qmp.execute("qmp_capabilities", None)?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(QmpError::Closed);
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Runs one command and returns its `return` value; events are skipped.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        let mut text = serde_json::to_vec(&msg)?;
+        text.push(b'\n');
+        self.writer.write_all(&text)?;
+        loop {
+            let reply = self.read_message()?;
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_string(),
+                    desc: e["desc"].as_str().unwrap_or("unknown error").to_string(),
+                });
+            }
+            // An asynchronous event: keep reading.
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The supervisor of one running VM: the `lume run` process (or its detached
+//! child). It holds the VM lock for as long as the VM runs, owns the QEMU
+//! child and the VM's network attachment, publishes `run.json`, turns
+//! SIGINT/SIGTERM into an ACPI power-off, and tears everything down when QEMU
+//! exits. QEMU gets PR_SET_PDEATHSIG, so a killed supervisor takes QEMU with
+//! it and the lock, held by the supervisor alone, is released by the kernel.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+
+use super::accel::{self, Accel, AccelChoice, AccelError};
+use super::qemu::{self, LaunchSpec, QemuError};
+use super::qmp::{QMP_SOCKET, Qmp};
+use crate::network::NetworkMode;
+use crate::network::attach::{self, AttachError, AttachOptions};
+use crate::util::time::{timestamp, unix_now};
+use crate::vm::config::{MacAddress, VmConfig};
+use crate::vm::lock::VmLock;
+use crate::vm::name::VmName;
+use crate::vm::state::RunState;
+use crate::vm::store::Vm;
+
+/// Why a VM could not be started or supervised.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("VM '{0}' is already running: stop it first with `lume stop {0}`")]
+    AlreadyRunning(VmName),
+    #[error("VM '{0}' is busy: another lume command is starting or changing it; try again in a moment")]
+    Busy(VmName),
+    #[error("VM '{0}' is a macOS VM: macOS guests need an Apple host; lume on Linux runs Linux guests")]
+    MacOs(VmName),
+    #[error("VM '{0}' has no MAC address in its config.json: set one with `lume set {0}` or recreate it")]
+    NoMac(VmName),
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    #[error(transparent)]
+    Network(#[from] AttachError),
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("Cannot start {}", qemu::QEMU_BINARY)]
+    Spawn(#[source] io::Error),
+    #[error("QEMU exited during start-up ({status}); its messages:\n{messages}")]
+    QemuExited { status: String, messages: String },
+    #[error("QEMU did not open its QMP socket within {0} seconds; see {1}")]
+    QmpTimeout(u64, PathBuf),
+    #[error("Cannot use {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("The VM supervisor failed; its log {log} says:\n{messages}")]
+    Supervisor { log: PathBuf, messages: String },
+}
+
+/// What one run uses beyond the saved config.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The effective network mode (saved, or overridden for this run).
+    pub network: NetworkMode,
+    pub mounts: Vec<PathBuf>,
+    pub disks: Vec<PathBuf>,
+    /// How long a Ctrl-C waits for the guest before forcing QEMU off.
+    pub stop_timeout: Duration,
+    pub accel: AccelChoice,
+    pub attach: AttachOptions,
+}
+
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; no other handler for these signals is relied on.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+/// Writes one timestamped line to the supervisor's log (stderr).
+pub fn log(msg: &str) {
+    let _ = writeln!(io::stderr(), "[{}] {msg}", timestamp());
+}
+
+/// Checks that `run` can start at all, before any process or device exists.
+pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress, RunError> {
+    if cfg.os.eq_ignore_ascii_case("macos") {
+        return Err(RunError::MacOs(vm.name.clone()));
+    }
+    for (what, list) in [("ISO image", &req.mounts), ("Disk", &req.disks)] {
+        if let Some(p) = list.iter().find(|p| !p.is_file()) {
+            return Err(RunError::MissingFile {
+                what,
+                path: p.clone(),
+            });
+        }
+    }
+    qemu::find_qemu()?;
+    cfg.mac_address.ok_or_else(|| RunError::NoMac(vm.name.clone()))
+}
+
+/// Reports why the lock is taken: running, or busy with another command.
+pub fn held_error(vm: &Vm) -> RunError {
+    if RunState::load(&vm.state_path()).is_some() {
+        RunError::AlreadyRunning(vm.name.clone())
+    } else {
+        RunError::Busy(vm.name.clone())
+    }
+}
+
+/// Runs the VM in this process until QEMU exits. `announce` is called once
+/// the VM is up.
+pub fn supervise(
+    vm: &Vm,
+    cfg: &VmConfig,
+    req: &RunRequest,
+    announce: &mut dyn FnMut(&RunState),
+) -> Result<ExitStatus, RunError> {
+    let mac = preflight(vm, cfg, req)?;
+    let io_at = |path: PathBuf| move |source| RunError::Io { path, source };
+    let _lock = VmLock::try_acquire(&vm.lock_path())
+        .map_err(io_at(vm.lock_path()))?
+        .ok_or_else(|| held_error(vm))?;
+    // Anything a dead supervisor left behind.
+    let _ = fs::remove_file(vm.state_path());
+    let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+
+    install_signal_handlers();
+    let accel = accel::resolve(req.accel, &mut |line| log(line))?;
+    let net = attach::attach(&req.network, mac, &req.attach)?;
+
+    let spec = LaunchSpec {
+        name: vm.name.as_str(),
+        dir: &vm.dir,
+        config: cfg,
+        accel,
+        mounts: &req.mounts,
+        disks: &req.disks,
+        net_args: &net.qemu_args,
+    };
+    let args = qemu::arguments(&spec)?;
+    let binary = qemu::find_qemu()?;
+    log(&format!(
+        "Starting {} {}",
+        binary.display(),
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let stderr_path = vm.dir.join("qemu.log");
+    let qemu_stderr = File::create(&stderr_path).map_err(io_at(stderr_path.clone()))?;
+    let supervisor_pid = nix::unistd::getpid();
+    let mut cmd = Command::new(&binary);
+    cmd.args(&args)
+        .current_dir(&vm.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(qemu_stderr);
+    // SAFETY: the closure runs between fork and exec and only calls
+    // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Die with the supervisor; its own process group keeps a terminal's
+            // Ctrl-C away from QEMU so the supervisor can power off gracefully.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != supervisor_pid {
+                libc::_exit(1);
+            }
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let result = run_until_exit(vm, &mut child, accel, req, &net, &stderr_path, announce);
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = fs::remove_file(vm.state_path());
+    let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+    drop(net);
+    result
+}
+
+fn run_until_exit(
+    vm: &Vm,
+    child: &mut Child,
+    accel: Accel,
+    req: &RunRequest,
+    net: &attach::Attachment,
+    stderr_path: &std::path::Path,
+    announce: &mut dyn FnMut(&RunState),
+) -> Result<ExitStatus, RunError> {
+    let started = Instant::now();
+    const QMP_DEADLINE: Duration = Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
+            return Err(RunError::QemuExited {
+                status: status.to_string(),
+                messages: fs::read_to_string(stderr_path).unwrap_or_default(),
+            });
+        }
+        if Qmp::connect(&vm.dir).is_ok() {
+            break;
+        }
+        if started.elapsed() > QMP_DEADLINE {
+            return Err(RunError::QmpTimeout(
+                QMP_DEADLINE.as_secs(),
+                stderr_path.to_path_buf(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let state = RunState {
+        pid: std::process::id(),
+        qemu_pid: child.id(),
+        accelerator: accel,
+        network_mode: req.network.clone(),
+        started_at: unix_now(),
+        ip_address: net.ip_address.clone(),
+        host_device: net.host_device.clone(),
+    };
+    state
+        .save(&vm.state_path())
+        .map_err(|source| RunError::Io {
+            path: vm.state_path(),
+            source,
+        })?;
+    log(&format!(
+        "VM '{}' is running: QEMU pid {}, accelerator {accel}, network {}",
+        vm.name, state.qemu_pid, req.network
+    ));
+    announce(&state);
+
+    let mut force_at: Option<Instant> = None;
+    loop {
+        if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
+            log(&format!("QEMU exited ({status}); VM '{}' is stopped", vm.name));
+            return Ok(status);
+        }
+        if STOP_REQUESTED.load(Ordering::SeqCst) && force_at.is_none() {
+            log("Stop requested: sending ACPI power-off to the guest");
+            force_at = Some(Instant::now() + req.stop_timeout);
+            if let Err(e) = Qmp::connect(&vm.dir).and_then(|mut q| q.execute("system_powerdown", None)) {
+                log(&format!("ACPI power-off failed ({e}); forcing QEMU off"));
+                force_at = Some(Instant::now());
+            }
+        }
+        if force_at.is_some_and(|t| Instant::now() >= t) {
+            log("The guest did not power off in time: forcing QEMU off");
+            let _ = child.kill();
+            force_at = Some(Instant::now() + Duration::from_secs(3600));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,24 @@
+//! lume: a virtual-machine manager for Linux hosts on QEMU, with networking
+//! that keeps working. See README.md for the architecture.
+
+pub mod cli;
+pub mod hypervisor;
+pub mod network;
+pub mod settings;
+pub mod util;
+pub mod vm;
+
+/// An error and its causes on one line: `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,8 @@
+//! VM networking. `mode` is the user-facing choice; `attach` turns a mode into
+//! what QEMU needs for one run; each mode has its own file.
+
+pub mod attach;
+pub mod mode;
+pub mod user;
+
+pub use mode::NetworkMode;

@@ -1,0 +1,147 @@
+//! The network mode of a VM: how it is parsed from the command line, printed
+//! back, and stored in `config.json` as `networkMode`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// How a VM is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A lume-managed bridge with DHCP, DNS and masquerade (the default).
+    #[default]
+    Nat,
+    /// A peer on a host interface's LAN; `None` picks the default-route interface.
+    Bridged(Option<String>),
+    /// A lume-managed bridge that reaches only the host and other host-only VMs.
+    Host,
+    /// QEMU user-mode networking: no privileges needed, follows the host's routing.
+    User,
+    /// No network device at all.
+    None,
+}
+
+/// Why a network mode was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModeError {
+    #[error(
+        "Unknown network mode '{0}': use one of nat, bridged, bridged:<interface>, host, user, none"
+    )]
+    Unknown(String),
+    #[error("Invalid interface name '{0}' in network mode: interface names are 1 to 15 characters without '/', ':' or spaces")]
+    BadInterface(String),
+}
+
+/// Whether `name` could be a Linux interface name (IFNAMSIZ - 1, no separators).
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+impl NetworkMode {
+    /// Whether this mode needs CAP_NET_ADMIN on the host.
+    pub fn needs_net_admin(&self) -> bool {
+        matches!(self, Self::Nat | Self::Bridged(_) | Self::Host)
+    }
+}
+
+impl FromStr for NetworkMode {
+    type Err = ModeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let trimmed = s.trim();
+        let lower = trimmed.to_ascii_lowercase();
+        match lower.as_str() {
+            "nat" => return Ok(Self::Nat),
+            "bridged" | "bridged:" => return Ok(Self::Bridged(None)),
+            "host" => return Ok(Self::Host),
+            "user" => return Ok(Self::User),
+            "none" => return Ok(Self::None),
+            _ => {}
+        }
+        if lower.starts_with("bridged:") {
+            // Interface names are case-sensitive: keep the user's spelling.
+            let iface = &trimmed["bridged:".len()..];
+            if !valid_ifname(iface) {
+                return Err(ModeError::BadInterface(iface.to_string()));
+            }
+            return Ok(Self::Bridged(Some(iface.to_string())));
+        }
+        Err(ModeError::Unknown(s.to_string()))
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nat => f.write_str("nat"),
+            Self::Bridged(None) => f.write_str("bridged"),
+            Self::Bridged(Some(i)) => write!(f, "bridged:{i}"),
+            Self::Host => f.write_str("host"),
+            Self::User => f.write_str("user"),
+            Self::None => f.write_str("none"),
+        }
+    }
+}
+
+impl Serialize for NetworkMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_mode_case_insensitively() {
+        assert_eq!("NAT".parse(), Ok(NetworkMode::Nat));
+        assert_eq!("Bridged".parse(), Ok(NetworkMode::Bridged(None)));
+        assert_eq!("bridged:".parse(), Ok(NetworkMode::Bridged(None)));
+        assert_eq!(
+            "BRIDGED:eth0".parse(),
+            Ok(NetworkMode::Bridged(Some("eth0".into())))
+        );
+        assert_eq!("host".parse(), Ok(NetworkMode::Host));
+        assert_eq!("User".parse(), Ok(NetworkMode::User));
+        assert_eq!("none".parse(), Ok(NetworkMode::None));
+    }
+
+    #[test]
+    fn prints_back_what_it_parsed() {
+        for s in ["nat", "bridged", "bridged:enp3s0", "host", "user", "none"] {
+            assert_eq!(s.parse::<NetworkMode>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_modes_and_bad_interfaces() {
+        let err = "vpn".parse::<NetworkMode>().unwrap_err();
+        assert!(err.to_string().contains("nat, bridged"));
+        assert!("bridged:../x".parse::<NetworkMode>().is_err());
+        assert!("bridged:averyveryverylongname".parse::<NetworkMode>().is_err());
+        assert!("bridged:a b".parse::<NetworkMode>().is_err());
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let m = NetworkMode::Bridged(Some("br0".into()));
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, "\"bridged:br0\"");
+        assert_eq!(serde_json::from_str::<NetworkMode>(&j).unwrap(), m);
+    }
+}

@@ -1,0 +1,166 @@
+//! Global settings: `$XDG_CONFIG_HOME/lume/config.yaml` (else
+//! `~/.config/lume/config.yaml`). Unknown keys are kept as they are when
+//! lume rewrites the file.
+
+use std::path::{Path, PathBuf};
+
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::hypervisor::accel::{AccelChoice, AccelError};
+use crate::util::atomic::write_atomic;
+
+/// Why the settings file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("Cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Corrupt settings file {path}: fix the YAML or move the file away")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("Cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Setting '{key}' in {path} must be {expected}")]
+    Type {
+        key: String,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("Invalid accelerator setting")]
+    Accel(#[from] AccelError),
+}
+
+/// The parsed settings file (empty when it does not exist).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    path: PathBuf,
+    map: Mapping,
+}
+
+impl Settings {
+    /// Where the file lives.
+    pub fn path() -> PathBuf {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::vm::store::home().join(".config"));
+        base.join("lume").join("config.yaml")
+    }
+
+    pub fn load() -> Result<Self, SettingsError> {
+        Self::load_from(&Self::path())
+    }
+
+    pub fn load_from(path: &Path) -> Result<Self, SettingsError> {
+        let map = match std::fs::read_to_string(path) {
+            Ok(text) if text.trim().is_empty() => Mapping::new(),
+            Ok(text) => serde_yaml_ng::from_str(&text).map_err(|source| SettingsError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Mapping::new(),
+            Err(source) => {
+                return Err(SettingsError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn as_mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// A string setting.
+    pub fn get_str(&self, key: &str) -> Result<Option<String>, SettingsError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(SettingsError::Type {
+                key: key.into(),
+                path: self.path.clone(),
+                expected: "a string",
+            }),
+        }
+    }
+
+    /// Sets a key (keeping every other key) and writes the file atomically.
+    pub fn set(&mut self, key: &str, value: Value) -> Result<(), SettingsError> {
+        self.map.insert(Value::String(key.into()), value);
+        let text = serde_yaml_ng::to_string(&self.map).expect("mapping serialises");
+        let write = |source| SettingsError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        write_atomic(&self.path, text.as_bytes()).map_err(write)
+    }
+
+    /// `LUME_ACCEL`, else `accelerator` in the file, else auto.
+    pub fn accelerator(&self) -> Result<AccelChoice, SettingsError> {
+        if let Some(v) = std::env::var_os("LUME_ACCEL") {
+            return Ok(v.to_string_lossy().parse()?);
+        }
+        Ok(match self.get_str("accelerator")? {
+            Some(s) => s.parse()?,
+            None => AccelChoice::Auto,
+        })
+    }
+
+    /// The `homeDirectory` setting (lume's name for the VM location), if any.
+    pub fn home_directory() -> Option<PathBuf> {
+        let s = Self::load().ok()?.get_str("homeDirectory").ok()??;
+        Some(match s.strip_prefix("~/") {
+            Some(rest) => crate::vm::store::home().join(rest),
+            None => PathBuf::from(s),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_unknown_keys_when_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "cachingEnabled: true\nsomeFutureKey: [1, 2]\n").unwrap();
+        let mut s = Settings::load_from(&p).unwrap();
+        s.set("accelerator", Value::String("tcg".into())).unwrap();
+        let again = Settings::load_from(&p).unwrap();
+        assert_eq!(again.get_str("accelerator").unwrap().as_deref(), Some("tcg"));
+        assert_eq!(again.as_mapping().get("cachingEnabled"), Some(&Value::Bool(true)));
+        assert!(again.as_mapping().get("someFutureKey").is_some());
+    }
+
+    #[test]
+    fn corrupt_yaml_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "a: [unclosed\n").unwrap();
+        let e = Settings::load_from(&p).unwrap_err();
+        assert!(e.to_string().contains("config.yaml"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Small helpers shared by every module: atomic file writes, randomness, time.
+
+pub mod atomic;
+pub mod random;
+pub mod time;

@@ -1,0 +1,621 @@
+//! Lifecycle actions: create, run, stop, list, get, set, clone, delete.
+//! One enum of actions, one executor, two doors (CLI and HTTP API).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::config::{ConfigError, KernelBoot, MacAddress, VmConfig};
+use super::details::VmDetails;
+use super::lock::VmLock;
+use super::name::VmName;
+use super::size::format_size;
+use super::state::RunState;
+use super::store::{Store, StoreError, Vm, io_at};
+use crate::hypervisor::img::{self, CopyKind, ImageError};
+use crate::hypervisor::qmp::Qmp;
+use crate::hypervisor::supervisor::{self, RunError, RunRequest};
+use crate::network::NetworkMode;
+use crate::network::attach::AttachOptions;
+use crate::settings::{Settings, SettingsError};
+
+/// Errors of the lifecycle actions.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
+    MacOsGuest,
+    #[error("Unknown OS '{0}': use --os linux")]
+    UnknownOs(String),
+    #[error("CPU count must be at least 1")]
+    NoCpu,
+    #[error("CPU count {0} is more than QEMU supports here (at most 255)")]
+    TooManyCpus(u32),
+    #[error("Memory size {0} is too small: give the VM at least 64MB")]
+    MemoryTooSmall(String),
+    #[error("Disk size {0} is too small: give the VM at least 1MB")]
+    DiskTooSmall(String),
+    #[error("Disk of VM '{name}' can only grow: it is {current} now, {requested} was asked for")]
+    DiskShrink {
+        name: VmName,
+        current: String,
+        requested: String,
+    },
+    #[error("VM '{0}' is running: stop it before changing its disk (`lume stop {0}`)")]
+    DiskWhileRunning(VmName),
+    #[error("{what} {path} does not exist or is not a file")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("--initrd and --cmdline need --kernel")]
+    InitrdWithoutKernel,
+    #[error("Choose one boot source: --kernel (direct kernel boot) or --image (disk image), not both")]
+    TwoBootSources,
+    #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
+    RunningNeedsForce(VmName),
+    #[error("Deleting VM '{0}' needs confirmation: run `lume delete {0} --force` when not on a terminal")]
+    NeedsForce(VmName),
+    #[error("Source VM '{0}' is running: stop it before cloning (`lume stop {0}`)")]
+    CloneWhileRunning(VmName),
+    #[error("VM '{name}' did not stop within {seconds}s even after QEMU was forced off; its supervisor (pid {pid}) may be stuck")]
+    StopTimeout {
+        name: VmName,
+        seconds: u64,
+        pid: u32,
+    },
+    #[error("Nothing to change: give at least one of --cpu, --memory, --disk-size, --network")]
+    NothingToSet,
+}
+
+/// What `create` needs.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    pub name: VmName,
+    pub os: String,
+    pub cpu: u32,
+    pub memory: u64,
+    pub disk_size: u64,
+    pub display: String,
+    pub network: NetworkMode,
+    pub mac: Option<MacAddress>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub image: Option<PathBuf>,
+}
+
+/// What `run` needs.
+#[derive(Debug, Clone, Default)]
+pub struct RunSpec {
+    pub name: Option<VmName>,
+    /// Overrides the saved mode for this run only.
+    pub network: Option<NetworkMode>,
+    pub mounts: Vec<PathBuf>,
+    pub disks: Vec<PathBuf>,
+    pub detach: bool,
+}
+
+/// What `set` changes.
+#[derive(Debug, Clone)]
+pub struct SetSpec {
+    pub name: VmName,
+    pub cpu: Option<u32>,
+    pub memory: Option<u64>,
+    pub disk_size: Option<u64>,
+    pub network: Option<NetworkMode>,
+}
+
+/// One request to change or read VMs.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Create a VM directory with its config and disk.
+    Create(Box<CreateSpec>),
+    /// Start a VM; in the foreground unless `detach`.
+    Run(RunSpec),
+    /// ACPI power-off, then force after `timeout`.
+    Stop { name: VmName, timeout: Duration },
+    /// Every VM.
+    List,
+    /// One VM.
+    Get { name: VmName },
+    /// Change settings from the next start.
+    Set(SetSpec),
+    /// Copy a stopped VM under a new name with a new MAC address.
+    Clone { source: VmName, target: VmName },
+    /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
+    Delete {
+        name: VmName,
+        force: bool,
+        confirmed: bool,
+    },
+}
+
+/// What an action produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Created(VmDetails),
+    /// A detached VM is up.
+    Started(VmDetails),
+    /// A foreground run ended; QEMU's exit status.
+    Exited(std::process::ExitStatus),
+    Stopped { name: VmName, was_running: bool },
+    List(Vec<VmDetails>),
+    Details(VmDetails),
+    Updated(VmDetails),
+    Cloned { details: VmDetails, copy: CopyKind },
+    Deleted(VmName),
+}
+
+/// Where actions find VMs and settings.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub store: Store,
+    pub settings: Settings,
+}
+
+const MIN_MEMORY: u64 = 64 << 20;
+const MIN_DISK: u64 = 1 << 20;
+
+/// Runs one action. `note` receives progress lines meant for a person.
+pub fn execute(ctx: &Context, action: Action, note: &mut dyn FnMut(&str)) -> Result<Outcome, VmError> {
+    let store = &ctx.store;
+    match action {
+        Action::Create(spec) => create(ctx, *spec).map(Outcome::Created),
+        Action::Run(spec) => run(ctx, spec, note),
+        Action::Stop { name, timeout } => stop(store, &name, timeout),
+        Action::List => Ok(Outcome::List(
+            store
+                .list()?
+                .iter()
+                .map(|vm| VmDetails::read(store, vm))
+                .collect(),
+        )),
+        Action::Get { name } => {
+            let vm = store.open(&name)?;
+            // `get` of a VM with a corrupt config is an error naming the file.
+            vm.load_config()?;
+            Ok(Outcome::Details(VmDetails::read(store, &vm)))
+        }
+        Action::Set(spec) => set(store, spec),
+        Action::Clone { source, target } => clone(store, &source, &target),
+        Action::Delete {
+            name,
+            force,
+            confirmed,
+        } => delete(store, &name, force, confirmed, note),
+    }
+}
+
+fn check_resources(cpu: Option<u32>, memory: Option<u64>, disk: Option<u64>) -> Result<(), VmError> {
+    match cpu {
+        Some(0) => return Err(VmError::NoCpu),
+        Some(n) if n > 255 => return Err(VmError::TooManyCpus(n)),
+        _ => {}
+    }
+    if let Some(m) = memory.filter(|m| *m < MIN_MEMORY) {
+        return Err(VmError::MemoryTooSmall(format_size(m)));
+    }
+    if let Some(d) = disk.filter(|d| *d < MIN_DISK) {
+        return Err(VmError::DiskTooSmall(format_size(d)));
+    }
+    Ok(())
+}
+
+fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf, VmError> {
+    if p.is_file() {
+        Ok(p.to_path_buf())
+    } else {
+        Err(VmError::MissingFile {
+            what,
+            path: p.to_path_buf(),
+        })
+    }
+}
+
+fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
+    let store = &ctx.store;
+    match spec.os.to_ascii_lowercase().as_str() {
+        "linux" => {}
+        "macos" => return Err(VmError::MacOsGuest),
+        _ => return Err(VmError::UnknownOs(spec.os)),
+    }
+    check_resources(Some(spec.cpu), Some(spec.memory), Some(spec.disk_size))?;
+    if spec.kernel.is_none() && (spec.initrd.is_some() || spec.cmdline.is_some()) {
+        return Err(VmError::InitrdWithoutKernel);
+    }
+    if spec.kernel.is_some() && spec.image.is_some() {
+        return Err(VmError::TwoBootSources);
+    }
+    let kernel = spec
+        .kernel
+        .as_deref()
+        .map(|k| existing_file("Kernel", k))
+        .transpose()?;
+    let initrd = spec
+        .initrd
+        .as_deref()
+        .map(|i| existing_file("Initrd", i))
+        .transpose()?;
+    let image = spec
+        .image
+        .as_deref()
+        .map(|i| existing_file("Image", i))
+        .transpose()?;
+    if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
+        return Err(StoreError::Exists {
+            name: spec.name.clone(),
+            root: store.root().to_path_buf(),
+        }
+        .into());
+    }
+
+    let work = store.work_dir("creating", &spec.name)?;
+    let built = (|| -> Result<(), VmError> {
+        let disk = work.join("disk.img");
+        let mut disk_size = spec.disk_size;
+        if let Some(image) = &image {
+            img::import(image, &disk)?;
+            img::grow(&disk, disk_size)?;
+            disk_size = fs::metadata(&disk).map_err(io_at(&disk))?.len();
+        } else {
+            img::create_sparse(&disk, disk_size)?;
+        }
+        let kernel_boot = match &kernel {
+            Some(k) => {
+                img::copy_file(k, &work.join("vmlinuz"))?;
+                if let Some(i) = &initrd {
+                    img::copy_file(i, &work.join("initrd.img"))?;
+                }
+                Some(KernelBoot {
+                    kernel: "vmlinuz".into(),
+                    initrd: initrd.as_ref().map(|_| "initrd.img".into()),
+                    cmdline: spec.cmdline.clone().unwrap_or_default(),
+                })
+            }
+            None => None,
+        };
+        let cfg = VmConfig {
+            os: "linux".into(),
+            cpu_count: spec.cpu,
+            memory_size: spec.memory,
+            disk_size,
+            mac_address: Some(spec.mac.unwrap_or_else(MacAddress::random)),
+            display: spec.display.clone(),
+            network_mode: spec.network.clone(),
+            kernel_boot,
+            extra: Default::default(),
+        };
+        cfg.save(&work.join("config.json"))?;
+        Ok(())
+    })();
+    let published = built.and_then(|()| Ok(store.publish(&work, &spec.name)?));
+    match published {
+        Ok(vm) => Ok(VmDetails::read(store, &vm)),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn absolute_files(what: &'static str, paths: &[PathBuf]) -> Result<Vec<PathBuf>, VmError> {
+    paths
+        .iter()
+        .map(|p| {
+            existing_file(what, p)?;
+            fs::canonicalize(p).map_err(|_| VmError::MissingFile {
+                what,
+                path: p.clone(),
+            })
+        })
+        .collect()
+}
+
+fn run_request(ctx: &Context, cfg: &VmConfig, spec: &RunSpec) -> Result<RunRequest, VmError> {
+    Ok(RunRequest {
+        network: spec.network.clone().unwrap_or_else(|| cfg.network_mode.clone()),
+        mounts: absolute_files("ISO image", &spec.mounts)?,
+        disks: absolute_files("Disk", &spec.disks)?,
+        stop_timeout: Duration::from_secs(15),
+        accel: ctx.settings.accelerator()?,
+        attach: AttachOptions {
+            user_net: ctx.settings.get_str("userSubnet")?,
+        },
+    })
+}
+
+fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outcome, VmError> {
+    let store = &ctx.store;
+    let name = spec.name.clone().expect("run needs a name");
+    let vm = store.open(&name)?;
+    let cfg = vm.load_config()?;
+    let req = run_request(ctx, &cfg, &spec)?;
+    supervisor::preflight(&vm, &cfg, &req)?;
+    if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
+        return Err(supervisor::held_error(&vm).into());
+    }
+    if !spec.detach {
+        let status = supervisor::supervise(&vm, &cfg, &req, &mut |s: &RunState| {
+            note(&format!(
+                "VM '{}' is running (accelerator {}, network {}{}). Console: {}. Press Ctrl-C to stop it.",
+                name,
+                s.accelerator,
+                s.network_mode,
+                s.ip_address
+                    .as_deref()
+                    .map(|ip| format!(", address {ip}"))
+                    .unwrap_or_default(),
+                vm.console_path().display()
+            ))
+        })?;
+        return Ok(Outcome::Exited(status));
+    }
+    detach(store, &vm, &spec, &req)
+}
+
+/// Starts a supervisor in its own session and waits until it reports the VM
+/// running, or fails.
+fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Outcome, VmError> {
+    let exe = std::env::current_exe().map_err(RunError::Spawn)?;
+    let log_path = vm.log_path();
+    let log = fs::File::create(&log_path).map_err(io_at(&log_path))?;
+    let log2 = log.try_clone().map_err(io_at(&log_path))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg(vm.name.as_str())
+        .arg("--storage")
+        .arg(store.root())
+        .arg("--network")
+        .arg(req.network.to_string());
+    for m in &req.mounts {
+        cmd.arg("--mount").arg(m);
+    }
+    for d in &req.disks {
+        cmd.arg("--disk").arg(d);
+    }
+    cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
+    // caller's terminal and session so it outlives this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let _ = spec;
+    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(state) = vm.running_state()
+            && state.pid == child.id()
+        {
+            return Ok(Outcome::Started(VmDetails::read(store, vm)));
+        }
+        if let Some(_status) = child.try_wait().map_err(RunError::Spawn)? {
+            let mut messages = String::new();
+            let _ = fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut messages));
+            if messages.contains("is already running") {
+                return Err(RunError::AlreadyRunning(vm.name.clone()).into());
+            }
+            return Err(RunError::Supervisor {
+                log: log_path,
+                messages: messages.trim().to_string(),
+            }
+            .into());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(RunError::QmpTimeout(120, log_path).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether /proc/<pid>/cmdline mentions `needle` (guards against pid reuse).
+fn process_mentions(pid: u32, needle: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+        .unwrap_or(false)
+}
+
+fn wait_unlocked(vm: &Vm, until: Instant) -> bool {
+    while Instant::now() < until {
+        if !VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    !VmLock::is_held(&vm.lock_path()).unwrap_or(false)
+}
+
+fn qmp_command(vm: &Vm, command: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut q) = Qmp::connect(&vm.dir)
+            && q.execute(command, None).is_ok()
+        {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(store: &Store, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+    let vm = store.open(name)?;
+    let Some(state) = vm.running_state() else {
+        return Ok(Outcome::Stopped {
+            name: name.clone(),
+            was_running: false,
+        });
+    };
+    let start = Instant::now();
+    if qmp_command(&vm, "system_powerdown", Duration::from_secs(2))
+        && wait_unlocked(&vm, start + timeout)
+    {
+        return Ok(Outcome::Stopped {
+            name: name.clone(),
+            was_running: true,
+        });
+    }
+    // Force QEMU off; the supervisor then tears down and releases the lock.
+    if !qmp_command(&vm, "quit", Duration::from_secs(1))
+        && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(state.qemu_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    if wait_unlocked(&vm, Instant::now() + Duration::from_secs(10)) {
+        return Ok(Outcome::Stopped {
+            name: name.clone(),
+            was_running: true,
+        });
+    }
+    Err(VmError::StopTimeout {
+        name: name.clone(),
+        seconds: start.elapsed().as_secs(),
+        pid: state.pid,
+    })
+}
+
+fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
+    if spec.cpu.is_none() && spec.memory.is_none() && spec.disk_size.is_none() && spec.network.is_none() {
+        return Err(VmError::NothingToSet);
+    }
+    check_resources(spec.cpu, spec.memory, spec.disk_size)?;
+    let vm = store.open(&spec.name)?;
+    // The disk can only change while nobody runs the VM: hold its lock.
+    let _lock = match spec.disk_size {
+        Some(_) => Some(
+            VmLock::try_acquire(&vm.lock_path())
+                .map_err(io_at(&vm.lock_path()))?
+                .ok_or_else(|| VmError::DiskWhileRunning(spec.name.clone()))?,
+        ),
+        None => None,
+    };
+    vm.update_config(|cfg| -> Result<(), VmError> {
+        if let Some(size) = spec.disk_size {
+            let current = fs::metadata(vm.disk_path())
+                .map(|m| m.len())
+                .unwrap_or(cfg.disk_size);
+            if size < current {
+                return Err(VmError::DiskShrink {
+                    name: spec.name.clone(),
+                    current: format_size(current),
+                    requested: format_size(size),
+                });
+            }
+            img::grow(&vm.disk_path(), size)?;
+            cfg.disk_size = size;
+        }
+        if let Some(c) = spec.cpu {
+            cfg.cpu_count = c;
+        }
+        if let Some(m) = spec.memory {
+            cfg.memory_size = m;
+        }
+        if let Some(n) = &spec.network {
+            cfg.network_mode = n.clone();
+        }
+        Ok(())
+    })?;
+    Ok(Outcome::Updated(VmDetails::read(store, &vm)))
+}
+
+/// Files that belong to a run, not to the VM: never cloned.
+const RUNTIME_FILES: [&str; 7] = [
+    "console.log",
+    "lume.log",
+    "qemu.log",
+    "run.json",
+    "qmp.sock",
+    ".lock",
+    ".cfg.lock",
+];
+
+fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmError> {
+    let src = store.open(source)?;
+    let mut cfg = src.load_config()?;
+    let _lock = VmLock::try_acquire(&src.lock_path())
+        .map_err(io_at(&src.lock_path()))?
+        .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?;
+    if store.vm(target).dir.exists() {
+        return Err(StoreError::Exists {
+            name: target.clone(),
+            root: store.root().to_path_buf(),
+        }
+        .into());
+    }
+    let work = store.work_dir("creating", target)?;
+    let built = (|| -> Result<CopyKind, VmError> {
+        let mut disk_copy = CopyKind::Reflink;
+        for entry in fs::read_dir(&src.dir).map_err(io_at(&src.dir))? {
+            let entry = entry.map_err(io_at(&src.dir))?;
+            let fname = entry.file_name();
+            let Some(n) = fname.to_str() else { continue };
+            if RUNTIME_FILES.contains(&n) || n == "config.json" || n.starts_with('.') {
+                continue;
+            }
+            if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                continue;
+            }
+            let kind = img::copy_file(&entry.path(), &work.join(n))?;
+            if n == "disk.img" {
+                disk_copy = kind;
+            }
+        }
+        cfg.mac_address = Some(MacAddress::random());
+        cfg.save(&work.join("config.json"))?;
+        Ok(disk_copy)
+    })();
+    let result = built.and_then(|kind| Ok((store.publish(&work, target)?, kind)));
+    match result {
+        Ok((vm, copy)) => Ok(Outcome::Cloned {
+            details: VmDetails::read(store, &vm),
+            copy,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn delete(
+    store: &Store,
+    name: &VmName,
+    force: bool,
+    confirmed: bool,
+    note: &mut dyn FnMut(&str),
+) -> Result<Outcome, VmError> {
+    let vm = store.open(name)?;
+    if !force && !confirmed {
+        return Err(VmError::NeedsForce(name.clone()));
+    }
+    if vm.is_running() {
+        if !force {
+            return Err(VmError::RunningNeedsForce(name.clone()));
+        }
+        note(&format!("Stopping VM '{name}' before deleting it"));
+        stop(store, name, Duration::from_secs(15))?;
+    }
+    let _lock = VmLock::acquire_within(&vm.lock_path(), Duration::from_secs(5))
+        .map_err(io_at(&vm.lock_path()))?
+        .ok_or_else(|| supervisor::held_error(&vm))?;
+    store.remove(&vm)?;
+    Ok(Outcome::Deleted(name.clone()))
+}

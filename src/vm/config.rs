@@ -1,0 +1,253 @@
+//! `config.json`: one VM's settings, in lume's field names plus our own.
+//! Keys we do not know (for example lume's `hardwareModel`) are kept as they are.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::network::NetworkMode;
+use crate::util::atomic::write_atomic;
+
+/// Why a config file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("Cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Corrupt config file {path}: fix or restore it, or delete the VM with `lume delete --force`")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A MAC address, stored as `aa:bb:cc:dd:ee:ff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+/// Why a MAC address was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MacError {
+    #[error("Invalid MAC address '{0}': write six hex bytes separated by ':' (for example 52:54:00:12:34:56)")]
+    Syntax(String),
+    #[error("MAC address '{0}' is a multicast address: the first byte must be even (for example 52:54:00:12:34:56)")]
+    Multicast(String),
+}
+
+impl MacAddress {
+    /// A random locally administered unicast address.
+    pub fn random() -> Self {
+        let mut b = [0u8; 6];
+        crate::util::random::fill(&mut b);
+        b[0] = (b[0] & 0xfc) | 0x02;
+        Self(b)
+    }
+}
+
+impl FromStr for MacAddress {
+    type Err = MacError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.trim().split([':', '-']).collect();
+        let mut out = [0u8; 6];
+        if parts.len() != 6 {
+            return Err(MacError::Syntax(s.to_string()));
+        }
+        for (o, p) in out.iter_mut().zip(&parts) {
+            if p.len() != 2 {
+                return Err(MacError::Syntax(s.to_string()));
+            }
+            *o = u8::from_str_radix(p, 16).map_err(|_| MacError::Syntax(s.to_string()))?;
+        }
+        if out[0] & 1 == 1 {
+            return Err(MacError::Multicast(s.to_string()));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl Serialize for MacAddress {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Direct kernel boot: the files live in the VM's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelBoot {
+    /// File name of the kernel inside the VM directory.
+    pub kernel: String,
+    /// File name of the initrd inside the VM directory, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+pub const DEFAULT_CPU: u32 = 2;
+pub const DEFAULT_MEMORY: u64 = 2 << 30;
+pub const DEFAULT_DISK: u64 = 20 << 30;
+pub const DEFAULT_DISPLAY: &str = "1024x768";
+
+fn default_cpu() -> u32 {
+    DEFAULT_CPU
+}
+fn default_memory() -> u64 {
+    DEFAULT_MEMORY
+}
+fn default_disk() -> u64 {
+    DEFAULT_DISK
+}
+fn default_display() -> String {
+    DEFAULT_DISPLAY.to_string()
+}
+fn default_os() -> String {
+    "linux".to_string()
+}
+
+/// One VM's persistent settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmConfig {
+    #[serde(default = "default_os")]
+    pub os: String,
+    #[serde(default = "default_cpu")]
+    pub cpu_count: u32,
+    #[serde(default = "default_memory")]
+    pub memory_size: u64,
+    #[serde(default = "default_disk")]
+    pub disk_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<MacAddress>,
+    #[serde(default = "default_display")]
+    pub display: String,
+    /// Absent in configs written by lume for macOS: those load as `nat`.
+    #[serde(default)]
+    pub network_mode: NetworkMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_boot: Option<KernelBoot>,
+    /// Every key we do not know, kept so that a rewrite loses nothing.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl VmConfig {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Writes the config atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut text = serde_json::to_vec_pretty(self).expect("config serialises");
+        text.push(b'\n');
+        write_atomic(path, &text).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_a_config_written_by_lume_as_nat_and_keeps_unknown_keys() {
+        let lume = r#"{"os":"macOS","cpuCount":4,"memorySize":8589934592,"diskSize":68719476736,
+            "macAddress":"ba:2c:13:9f:1a:07","display":"1024x768","hardwareModel":"YnBsaXN0",
+            "machineIdentifier":"AAAA"}"#;
+        let c: VmConfig = serde_json::from_str(lume).unwrap();
+        assert_eq!(c.network_mode, NetworkMode::Nat);
+        assert_eq!(c.cpu_count, 4);
+        assert_eq!(c.memory_size, 8 << 30);
+        let back: Value = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["hardwareModel"], "YnBsaXN0");
+        assert_eq!(back["machineIdentifier"], "AAAA");
+        assert_eq!(back["networkMode"], "nat");
+        assert_eq!(back["macAddress"], "ba:2c:13:9f:1a:07");
+    }
+
+    #[test]
+    fn round_trips_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        let c = VmConfig {
+            os: "linux".into(),
+            cpu_count: 1,
+            memory_size: 256 << 20,
+            disk_size: 1 << 30,
+            mac_address: Some(MacAddress::random()),
+            display: default_display(),
+            network_mode: NetworkMode::Bridged(Some("br0".into())),
+            kernel_boot: Some(KernelBoot {
+                kernel: "vmlinuz".into(),
+                initrd: Some("initrd.img".into()),
+                cmdline: "console=ttyS0".into(),
+            }),
+            extra: Map::new(),
+        };
+        c.save(&p).unwrap();
+        assert_eq!(VmConfig::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn corrupt_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, "{ not json").unwrap();
+        let e = VmConfig::load(&p).unwrap_err();
+        assert!(e.to_string().contains(&p.display().to_string()));
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        for _ in 0..100 {
+            let m = MacAddress::random();
+            assert_eq!(m.0[0] & 0b11, 0b10);
+            assert_eq!(m.to_string().parse::<MacAddress>().unwrap(), m);
+        }
+        assert!("01:00:5e:00:00:01".parse::<MacAddress>().is_err());
+        assert!("zz:00:00:00:00:01".parse::<MacAddress>().is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! VMDetails: the JSON shape of `lume ls -f json`, `lume get -f json` and the
+//! HTTP API, following lume's field names. Every key is always present.
+
+use serde::Serialize;
+
+use super::store::{Store, Vm};
+use crate::hypervisor::img;
+
+/// lume's `diskSize` object.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DiskSize {
+    pub allocated: u64,
+    pub total: u64,
+}
+
+/// One VM as reported to users.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmDetails {
+    pub name: String,
+    pub os: Option<String>,
+    pub cpu_count: Option<u32>,
+    pub memory_size: Option<u64>,
+    pub disk_size: Option<DiskSize>,
+    pub display: Option<String>,
+    /// `running`, `stopped`, or `invalid` when the config cannot be read.
+    pub status: String,
+    pub vnc_url: Option<String>,
+    pub ip_address: Option<String>,
+    pub ssh_available: Option<bool>,
+    pub location_name: String,
+    pub shared_directories: Vec<String>,
+    pub network_mode: Option<String>,
+    pub mac_address: Option<String>,
+    /// The accelerator of the running VM.
+    pub accelerator: Option<String>,
+    /// Why the VM is `invalid`; null otherwise.
+    pub error: Option<String>,
+}
+
+impl VmDetails {
+    /// Reads one VM's details; a config that cannot be read gives status `invalid`.
+    pub fn read(store: &Store, vm: &Vm) -> Self {
+        let state = vm.running_state();
+        let mut d = VmDetails {
+            name: vm.name.to_string(),
+            os: None,
+            cpu_count: None,
+            memory_size: None,
+            disk_size: None,
+            display: None,
+            status: if state.is_some() { "running" } else { "stopped" }.into(),
+            vnc_url: None,
+            ip_address: None,
+            ssh_available: None,
+            location_name: store.location_name(),
+            shared_directories: Vec::new(),
+            network_mode: None,
+            mac_address: None,
+            accelerator: None,
+            error: None,
+        };
+        let cfg = match vm.load_config() {
+            Ok(c) => c,
+            Err(e) => {
+                d.status = "invalid".into();
+                d.error = Some(crate::error_chain(&e));
+                return d;
+            }
+        };
+        let disk = vm.disk_path();
+        d.os = Some(cfg.os.clone());
+        d.cpu_count = Some(cfg.cpu_count);
+        d.memory_size = Some(cfg.memory_size);
+        d.disk_size = Some(DiskSize {
+            allocated: img::allocated(&disk).unwrap_or(0),
+            total: std::fs::metadata(&disk)
+                .map(|m| m.len())
+                .unwrap_or(cfg.disk_size),
+        });
+        d.display = Some(cfg.display.clone());
+        d.network_mode = Some(cfg.network_mode.to_string());
+        d.mac_address = cfg.mac_address.map(|m| m.to_string());
+        if let Some(s) = state {
+            d.accelerator = Some(s.accelerator.to_string());
+            d.ip_address = s.ip_address;
+        }
+        d
+    }
+}

@@ -1,0 +1,14 @@
+//! The VM model and its lifecycle actions. The CLI and the HTTP API both
+//! build an [`Action`] and hand it to [`execute`]; nothing else changes VMs.
+
+pub mod actions;
+pub mod config;
+pub mod details;
+pub mod lock;
+pub mod name;
+pub mod size;
+pub mod state;
+pub mod store;
+
+pub use actions::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmError, execute};
+pub use name::VmName;

@@ -1,0 +1,41 @@
+//! `run.json`: what the supervisor of a running VM publishes for other
+//! commands. It is only trusted while the VM lock is held; a stale file from a
+//! killed supervisor is ignored and replaced by the next run.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::accel::Accel;
+use crate::network::NetworkMode;
+use crate::util::atomic::write_atomic;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunState {
+    /// The supervisor process.
+    pub pid: u32,
+    pub qemu_pid: u32,
+    pub accelerator: Accel,
+    /// The mode this run uses (the saved one or the `--network` override).
+    pub network_mode: NetworkMode,
+    /// Unix time the VM started.
+    pub started_at: u64,
+    /// The guest's address once known.
+    #[serde(default)]
+    pub ip_address: Option<String>,
+    /// The host-side network device, if any.
+    #[serde(default)]
+    pub host_device: Option<String>,
+}
+
+impl RunState {
+    pub fn load(path: &Path) -> Option<Self> {
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        write_atomic(path, &serde_json::to_vec_pretty(self).expect("state serialises"))
+    }
+}
