@@ -150,8 +150,14 @@ mod tests {
         let mut s = Settings::load_from(&p).unwrap();
         s.set("accelerator", Value::String("tcg".into())).unwrap();
         let again = Settings::load_from(&p).unwrap();
-        assert_eq!(again.get_str("accelerator").unwrap().as_deref(), Some("tcg"));
-        assert_eq!(again.as_mapping().get("cachingEnabled"), Some(&Value::Bool(true)));
+        assert_eq!(
+            again.get_str("accelerator").unwrap().as_deref(),
+            Some("tcg")
+        );
+        assert_eq!(
+            again.as_mapping().get("cachingEnabled"),
+            Some(&Value::Bool(true))
+        );
         assert!(again.as_mapping().get("someFutureKey").is_some());
     }
 

@@ -337,14 +337,17 @@ fn config(c: ConfigArgs) -> Result<i32> {
             let s = Settings::load()?;
             println!("# {}", s.file().display());
             println!("accelerator: {}", format_accel(&s)?);
-            println!(
-                "homeDirectory: {}",
-                Store::new(None).root().display()
-            );
+            println!("homeDirectory: {}", Store::new(None).root().display());
             for (k, v) in s.as_mapping() {
                 let key = k.as_str().unwrap_or_default();
                 if key != "accelerator" && key != "homeDirectory" {
-                    print!("{}", serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(k.clone(), v.clone())]))?);
+                    print!(
+                        "{}",
+                        serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
+                            k.clone(),
+                            v.clone()
+                        )]))?
+                    );
                 }
             }
             Ok(0)

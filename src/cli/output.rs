@@ -10,7 +10,9 @@ use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
 
 fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 fn table(vms: &[VmDetails]) -> String {
@@ -57,7 +59,10 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             d.name,
             opt(&d.cpu_count),
             d.memory_size.map(format_size).unwrap_or_default(),
-            d.disk_size.as_ref().map(|s| format_size(s.total)).unwrap_or_default(),
+            d.disk_size
+                .as_ref()
+                .map(|s| format_size(s.total))
+                .unwrap_or_default(),
             opt(&d.network_mode)
         ),
         (Outcome::Started(d), _) => println!(
@@ -75,10 +80,9 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 println!("VM '{name}' is not running")
             }
         }
-        (Outcome::Updated(d), _) => println!(
-            "VM '{}' updated; changes apply from its next start",
-            d.name
-        ),
+        (Outcome::Updated(d), _) => {
+            println!("VM '{}' updated; changes apply from its next start", d.name)
+        }
         (Outcome::Cloned { details, copy }, _) => println!(
             "VM '{}' created as a clone (disk {})",
             details.name,

@@ -33,7 +33,9 @@ pub enum AccelChoice {
 pub enum AccelError {
     #[error("Unknown accelerator '{0}': use kvm, tcg or auto")]
     Unknown(String),
-    #[error("KVM was requested but /dev/kvm cannot be opened ({0}): load the kvm module and check permissions on /dev/kvm, or use accelerator tcg")]
+    #[error(
+        "KVM was requested but /dev/kvm cannot be opened ({0}): load the kvm module and check permissions on /dev/kvm, or use accelerator tcg"
+    )]
     KvmUnavailable(String),
 }
 
@@ -77,7 +79,9 @@ pub fn resolve(choice: AccelChoice, note: &mut dyn FnMut(&str)) -> Result<Accel,
         AccelChoice::Auto => match probe_kvm() {
             Ok(()) => Ok(Accel::Kvm),
             Err(why) => {
-                note(&format!("KVM is not usable ({why}); using TCG software emulation, which is slower"));
+                note(&format!(
+                    "KVM is not usable ({why}); using TCG software emulation, which is slower"
+                ));
                 Ok(Accel::Tcg)
             }
         },
@@ -133,7 +137,9 @@ pub fn probe_child() -> Result<(), String> {
     const MEM_SIZE: usize = 0x1000;
 
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
     // SAFETY: an anonymous private mapping with no address hint; the result is
     // checked against MAP_FAILED before use.
     let mem = unsafe {

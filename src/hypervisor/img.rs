@@ -107,10 +107,13 @@ pub fn import(src: &Path, dst: &Path) -> Result<(), ImageError> {
     cmd.arg(src).arg(dst);
     cmd.stdin(Stdio::null());
     cmd.stdout(if tty { Stdio::inherit() } else { Stdio::null() });
-    let out = cmd.stderr(Stdio::piped()).output().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ImageError::QemuImgMissing,
-        _ => io_err(src)(e),
-    })?;
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ImageError::QemuImgMissing,
+            _ => io_err(src)(e),
+        })?;
     if !out.status.success() {
         return Err(ImageError::Convert {
             path: src.to_path_buf(),
@@ -174,9 +177,7 @@ fn copy_sparse(from: &File, to: &File, len: u64) -> io::Result<()> {
         while off_in < hole {
             let chunk = (hole - off_in) as usize;
             // SAFETY: both offsets point to live i64 locals; the descriptors are open.
-            let n = unsafe {
-                libc::copy_file_range(ffd, &mut off_in, tfd, &mut off_out, chunk, 0)
-            };
+            let n = unsafe { libc::copy_file_range(ffd, &mut off_in, tfd, &mut off_out, chunk, 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -17,7 +17,9 @@ pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 /// Why QEMU cannot be started.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
-    #[error("{QEMU_BINARY} was not found in PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)")]
+    #[error(
+        "{QEMU_BINARY} was not found in PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)"
+    )]
     Missing,
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
@@ -87,7 +89,10 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         "-display".into(),
         "none".into(),
         "-chardev".into(),
-        format!("file,id=serial0,path={}", opt_path(&dir.join("console.log"))),
+        format!(
+            "file,id=serial0,path={}",
+            opt_path(&dir.join("console.log"))
+        ),
         "-serial".into(),
         "chardev:serial0".into(),
         "-qmp".into(),

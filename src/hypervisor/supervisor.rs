@@ -32,11 +32,17 @@ use crate::vm::store::Vm;
 pub enum RunError {
     #[error("VM '{0}' is already running: stop it first with `lume stop {0}`")]
     AlreadyRunning(VmName),
-    #[error("VM '{0}' is busy: another lume command is starting or changing it; try again in a moment")]
+    #[error(
+        "VM '{0}' is busy: another lume command is starting or changing it; try again in a moment"
+    )]
     Busy(VmName),
-    #[error("VM '{0}' is a macOS VM: macOS guests need an Apple host; lume on Linux runs Linux guests")]
+    #[error(
+        "VM '{0}' is a macOS VM: macOS guests need an Apple host; lume on Linux runs Linux guests"
+    )]
     MacOs(VmName),
-    #[error("VM '{0}' has no MAC address in its config.json: set one with `lume set {0}` or recreate it")]
+    #[error(
+        "VM '{0}' has no MAC address in its config.json: set one with `lume set {0}` or recreate it"
+    )]
     NoMac(VmName),
     #[error(transparent)]
     Qemu(#[from] QemuError),
@@ -113,7 +119,8 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
         }
     }
     qemu::find_qemu()?;
-    cfg.mac_address.ok_or_else(|| RunError::NoMac(vm.name.clone()))
+    cfg.mac_address
+        .ok_or_else(|| RunError::NoMac(vm.name.clone()))
 }
 
 /// Reports why the lock is taken: running, or busy with another command.
@@ -253,13 +260,18 @@ fn run_until_exit(
     let mut force_at: Option<Instant> = None;
     loop {
         if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
-            log(&format!("QEMU exited ({status}); VM '{}' is stopped", vm.name));
+            log(&format!(
+                "QEMU exited ({status}); VM '{}' is stopped",
+                vm.name
+            ));
             return Ok(status);
         }
         if STOP_REQUESTED.load(Ordering::SeqCst) && force_at.is_none() {
             log("Stop requested: sending ACPI power-off to the guest");
             force_at = Some(Instant::now() + req.stop_timeout);
-            if let Err(e) = Qmp::connect(&vm.dir).and_then(|mut q| q.execute("system_powerdown", None)) {
+            if let Err(e) =
+                Qmp::connect(&vm.dir).and_then(|mut q| q.execute("system_powerdown", None))
+            {
                 log(&format!("ACPI power-off failed ({e}); forcing QEMU off"));
                 force_at = Some(Instant::now());
             }

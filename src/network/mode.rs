@@ -29,7 +29,9 @@ pub enum ModeError {
         "Unknown network mode '{0}': use one of nat, bridged, bridged:<interface>, host, user, none"
     )]
     Unknown(String),
-    #[error("Invalid interface name '{0}' in network mode: interface names are 1 to 15 characters without '/', ':' or spaces")]
+    #[error(
+        "Invalid interface name '{0}' in network mode: interface names are 1 to 15 characters without '/', ':' or spaces"
+    )]
     BadInterface(String),
 }
 
@@ -133,7 +135,11 @@ mod tests {
         let err = "vpn".parse::<NetworkMode>().unwrap_err();
         assert!(err.to_string().contains("nat, bridged"));
         assert!("bridged:../x".parse::<NetworkMode>().is_err());
-        assert!("bridged:averyveryverylongname".parse::<NetworkMode>().is_err());
+        assert!(
+            "bridged:averyveryverylongname"
+                .parse::<NetworkMode>()
+                .is_err()
+        );
         assert!("bridged:a b".parse::<NetworkMode>().is_err());
     }
 

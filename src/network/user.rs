@@ -22,7 +22,9 @@ impl Default for UserNet {
 
 /// Why a user-mode subnet setting was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("Invalid userSubnet '{0}' in config.yaml: write an IPv4 network such as 10.0.2.0/24 (prefix 8 to 28)")]
+#[error(
+    "Invalid userSubnet '{0}' in config.yaml: write an IPv4 network such as 10.0.2.0/24 (prefix 8 to 28)"
+)]
 pub struct BadSubnet(pub String);
 
 impl std::str::FromStr for UserNet {

@@ -22,10 +22,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
         super::random::u64()
     ));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;

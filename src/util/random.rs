@@ -7,13 +7,7 @@ pub fn fill(buf: &mut [u8]) {
     while done < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`,
         // which is valid writable memory for the duration of the call.
-        let n = unsafe {
-            libc::getrandom(
-                buf[done..].as_mut_ptr().cast(),
-                buf.len() - done,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
         if n > 0 {
             done += n as usize;
         } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {

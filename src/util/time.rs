@@ -12,7 +12,9 @@ pub fn unix_now() -> u64 {
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for now.
 pub fn timestamp() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     format_utc(d.as_secs(), d.subsec_millis())
 }
 
@@ -42,7 +44,13 @@ mod tests {
     #[test]
     fn formats_known_instants() {
         assert_eq!(super::format_utc(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(super::format_utc(1_795_896_000, 5), "2026-11-28T20:00:00.005Z");
-        assert_eq!(super::format_utc(951_782_400, 0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            super::format_utc(1_795_896_000, 5),
+            "2026-11-28T20:00:00.005Z"
+        );
+        assert_eq!(
+            super::format_utc(951_782_400, 0),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 }

@@ -59,15 +59,21 @@ pub enum VmError {
     MissingFile { what: &'static str, path: PathBuf },
     #[error("--initrd and --cmdline need --kernel")]
     InitrdWithoutKernel,
-    #[error("Choose one boot source: --kernel (direct kernel boot) or --image (disk image), not both")]
+    #[error(
+        "Choose one boot source: --kernel (direct kernel boot) or --image (disk image), not both"
+    )]
     TwoBootSources,
     #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
     RunningNeedsForce(VmName),
-    #[error("Deleting VM '{0}' needs confirmation: run `lume delete {0} --force` when not on a terminal")]
+    #[error(
+        "Deleting VM '{0}' needs confirmation: run `lume delete {0} --force` when not on a terminal"
+    )]
     NeedsForce(VmName),
     #[error("Source VM '{0}' is running: stop it before cloning (`lume stop {0}`)")]
     CloneWhileRunning(VmName),
-    #[error("VM '{name}' did not stop within {seconds}s even after QEMU was forced off; its supervisor (pid {pid}) may be stuck")]
+    #[error(
+        "VM '{name}' did not stop within {seconds}s even after QEMU was forced off; its supervisor (pid {pid}) may be stuck"
+    )]
     StopTimeout {
         name: VmName,
         seconds: u64,
@@ -148,11 +154,17 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
-    Stopped { name: VmName, was_running: bool },
+    Stopped {
+        name: VmName,
+        was_running: bool,
+    },
     List(Vec<VmDetails>),
     Details(VmDetails),
     Updated(VmDetails),
-    Cloned { details: VmDetails, copy: CopyKind },
+    Cloned {
+        details: VmDetails,
+        copy: CopyKind,
+    },
     Deleted(VmName),
 }
 
@@ -167,7 +179,11 @@ const MIN_MEMORY: u64 = 64 << 20;
 const MIN_DISK: u64 = 1 << 20;
 
 /// Runs one action. `note` receives progress lines meant for a person.
-pub fn execute(ctx: &Context, action: Action, note: &mut dyn FnMut(&str)) -> Result<Outcome, VmError> {
+pub fn execute(
+    ctx: &Context,
+    action: Action,
+    note: &mut dyn FnMut(&str),
+) -> Result<Outcome, VmError> {
     let store = &ctx.store;
     match action {
         Action::Create(spec) => create(ctx, *spec).map(Outcome::Created),
@@ -196,7 +212,11 @@ pub fn execute(ctx: &Context, action: Action, note: &mut dyn FnMut(&str)) -> Res
     }
 }
 
-fn check_resources(cpu: Option<u32>, memory: Option<u64>, disk: Option<u64>) -> Result<(), VmError> {
+fn check_resources(
+    cpu: Option<u32>,
+    memory: Option<u64>,
+    disk: Option<u64>,
+) -> Result<(), VmError> {
     match cpu {
         Some(0) => return Err(VmError::NoCpu),
         Some(n) if n > 255 => return Err(VmError::TooManyCpus(n)),
@@ -323,7 +343,10 @@ fn absolute_files(what: &'static str, paths: &[PathBuf]) -> Result<Vec<PathBuf>,
 
 fn run_request(ctx: &Context, cfg: &VmConfig, spec: &RunSpec) -> Result<RunRequest, VmError> {
     Ok(RunRequest {
-        network: spec.network.clone().unwrap_or_else(|| cfg.network_mode.clone()),
+        network: spec
+            .network
+            .clone()
+            .unwrap_or_else(|| cfg.network_mode.clone()),
         mounts: absolute_files("ISO image", &spec.mounts)?,
         disks: absolute_files("Disk", &spec.disks)?,
         stop_timeout: Duration::from_secs(15),
@@ -493,7 +516,11 @@ fn stop(store: &Store, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
 }
 
 fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
-    if spec.cpu.is_none() && spec.memory.is_none() && spec.disk_size.is_none() && spec.network.is_none() {
+    if spec.cpu.is_none()
+        && spec.memory.is_none()
+        && spec.disk_size.is_none()
+        && spec.network.is_none()
+    {
         return Err(VmError::NothingToSet);
     }
     check_resources(spec.cpu, spec.memory, spec.disk_size)?;

@@ -20,7 +20,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Corrupt config file {path}: fix or restore it, or delete the VM with `lume delete --force`")]
+    #[error(
+        "Corrupt config file {path}: fix or restore it, or delete the VM with `lume delete --force`"
+    )]
     Parse {
         path: PathBuf,
         #[source]
@@ -41,9 +43,13 @@ pub struct MacAddress(pub [u8; 6]);
 /// Why a MAC address was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MacError {
-    #[error("Invalid MAC address '{0}': write six hex bytes separated by ':' (for example 52:54:00:12:34:56)")]
+    #[error(
+        "Invalid MAC address '{0}': write six hex bytes separated by ':' (for example 52:54:00:12:34:56)"
+    )]
     Syntax(String),
-    #[error("MAC address '{0}' is a multicast address: the first byte must be even (for example 52:54:00:12:34:56)")]
+    #[error(
+        "MAC address '{0}' is a multicast address: the first byte must be even (for example 52:54:00:12:34:56)"
+    )]
     Multicast(String),
 }
 

@@ -49,7 +49,12 @@ impl VmDetails {
             memory_size: None,
             disk_size: None,
             display: None,
-            status: if state.is_some() { "running" } else { "stopped" }.into(),
+            status: if state.is_some() {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
             vnc_url: None,
             ip_address: None,
             ssh_available: None,

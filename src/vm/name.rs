@@ -69,8 +69,20 @@ mod tests {
     #[test]
     fn refuses_traversal_and_odd_names() {
         for n in [
-            "", ".", "..", "../x", "a/b", "/etc", ".hidden", "-x", "_x", "a b", "é",
-            &"x".repeat(64), "a\0b", "a\nb",
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/etc",
+            ".hidden",
+            "-x",
+            "_x",
+            "a b",
+            "é",
+            &"x".repeat(64),
+            "a\0b",
+            "a\nb",
         ] {
             assert!(VmName::parse(n).is_err(), "{n:?}");
         }

@@ -4,7 +4,9 @@
 /// Why a size was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
-    #[error("Invalid size '{0}': write a number with an optional unit B, KB, MB, GB or TB (for example 512MB or 20GB)")]
+    #[error(
+        "Invalid size '{0}': write a number with an optional unit B, KB, MB, GB or TB (for example 512MB or 20GB)"
+    )]
     Syntax(String),
     #[error("Size '{0}' is too large")]
     Overflow(String),
@@ -78,7 +80,10 @@ mod tests {
         for s in ["12XB", "", "GB", "-1GB", "1 2GB", "1e3", "0x10", "1.2.3MB"] {
             assert!(matches!(parse_size(s), Err(SizeError::Syntax(_))), "{s:?}");
         }
-        assert!(matches!(parse_size("99999999999TB"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999TB"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

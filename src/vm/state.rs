@@ -36,6 +36,9 @@ impl RunState {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        write_atomic(path, &serde_json::to_vec_pretty(self).expect("state serialises"))
+        write_atomic(
+            path,
+            &serde_json::to_vec_pretty(self).expect("state serialises"),
+        )
     }
 }

@@ -1,0 +1,463 @@
+//! Command-line tests against a temporary HOME: everything that does not
+//! boot a guest. Each test has its own HOME, so they run in parallel.
+
+mod common;
+
+use common::Home;
+use serde_json::Value;
+use std::fs;
+
+fn create_small(home: &Home, name: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "create",
+        name,
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "64MB",
+        "--network",
+        "user",
+    ];
+    args.extend_from_slice(extra);
+    home.ok(&args)
+}
+
+#[test]
+fn create_writes_a_lume_style_config_and_a_sparse_disk() {
+    let home = Home::new();
+    home.ok(&["create", "dev"]);
+    let dir = home.vm_dir("dev");
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["os"], "linux");
+    assert_eq!(cfg["cpuCount"], 2);
+    assert_eq!(cfg["memorySize"], 2u64 << 30);
+    assert_eq!(cfg["diskSize"], 20u64 << 30);
+    assert_eq!(cfg["networkMode"], "nat");
+    assert_eq!(cfg["display"], "1024x768");
+    let mac = cfg["macAddress"].as_str().unwrap();
+    let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+    assert_eq!(first & 0b11, 0b10, "locally administered unicast: {mac}");
+    let meta = fs::metadata(dir.join("disk.img")).unwrap();
+    assert_eq!(meta.len(), 20 << 30);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < 1 << 20, "disk must be sparse");
+
+    let d = home.get("dev");
+    for key in [
+        "name",
+        "os",
+        "cpuCount",
+        "memorySize",
+        "diskSize",
+        "display",
+        "status",
+        "vncUrl",
+        "ipAddress",
+        "sshAvailable",
+        "locationName",
+        "sharedDirectories",
+        "networkMode",
+        "macAddress",
+        "accelerator",
+    ] {
+        assert!(d.get(key).is_some(), "VMDetails lacks {key}: {d}");
+    }
+    assert_eq!(d["status"], "stopped");
+    assert_eq!(d["diskSize"]["total"], 20u64 << 30);
+    assert_eq!(d["macAddress"], mac);
+    assert_eq!(d["accelerator"], Value::Null);
+}
+
+#[test]
+fn create_options_are_persisted() {
+    let home = Home::new();
+    home.ok(&[
+        "create",
+        "opt",
+        "--cpu",
+        "3",
+        "--memory",
+        "512mb",
+        "--disk-size",
+        "1",
+        "--network",
+        "BRIDGED:",
+        "--mac-address",
+        "52:54:00:ab:cd:ef",
+    ]);
+    let d = home.get("opt");
+    assert_eq!(d["cpuCount"], 3);
+    assert_eq!(d["memorySize"], 512u64 << 20);
+    assert_eq!(d["diskSize"]["total"], 1u64 << 30);
+    assert_eq!(d["networkMode"], "bridged");
+    assert_eq!(d["macAddress"], "52:54:00:ab:cd:ef");
+}
+
+#[test]
+fn direct_kernel_boot_files_are_copied_into_the_vm() {
+    let home = Home::new();
+    let k = home.path().join("k");
+    let i = home.path().join("i");
+    fs::write(&k, b"kernel").unwrap();
+    fs::write(&i, b"initrd").unwrap();
+    create_small(
+        &home,
+        "kb",
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            i.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 x=1",
+        ],
+    );
+    fs::remove_file(&k).unwrap();
+    let dir = home.vm_dir("kb");
+    assert_eq!(fs::read(dir.join("vmlinuz")).unwrap(), b"kernel");
+    assert_eq!(fs::read(dir.join("initrd.img")).unwrap(), b"initrd");
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["kernelBoot"]["cmdline"], "console=ttyS0 x=1");
+}
+
+#[test]
+fn image_import_converts_and_grows_to_the_disk_size() {
+    let home = Home::new();
+    let img = home.path().join("base.qcow2");
+    common::sh(&format!(
+        "qemu-img create -q -f qcow2 {} 32M",
+        img.display()
+    ));
+    create_small(&home, "img", &["--image", img.to_str().unwrap()]);
+    let disk = home.vm_dir("img").join("disk.img");
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 64 << 20);
+    let info = common::sh(&format!("qemu-img info --output=json {}", disk.display()));
+    assert!(info.contains("\"format\": \"raw\""), "{info}");
+    // An image larger than --disk-size keeps its size.
+    home.ok(&[
+        "create",
+        "big",
+        "--disk-size",
+        "16MB",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(home.get("big")["diskSize"]["total"], 32u64 << 20);
+}
+
+#[test]
+fn bad_input_is_refused_and_creates_nothing() {
+    let home = Home::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["create", "../evil"], "Invalid VM name"),
+        (&["create", "a/b"], "Invalid VM name"),
+        (&["create", ".hidden"], "Invalid VM name"),
+        (&["create", "x", "--memory", "12XB"], "Invalid size '12XB'"),
+        (&["create", "x", "--disk-size", "lots"], "Invalid size"),
+        (
+            &["create", "x", "--cpu", "0"],
+            "CPU count must be at least 1",
+        ),
+        (&["create", "x", "--memory", "1MB"], "at least 64MB"),
+        (
+            &["create", "x", "--network", "vpn"],
+            "nat, bridged, bridged:<interface>, host, user, none",
+        ),
+        (
+            &["create", "x", "--network", "bridged:a/b"],
+            "Invalid interface name",
+        ),
+        (&["create", "x", "--os", "macOS"], "Apple host"),
+        (
+            &["create", "x", "--mac-address", "01:00:5e:00:00:01"],
+            "multicast",
+        ),
+        (
+            &["create", "x", "--kernel", "/nonexistent/vmlinuz"],
+            "Kernel /nonexistent/vmlinuz does not exist",
+        ),
+        (
+            &["create", "x", "--image", "/nonexistent.qcow2"],
+            "Image /nonexistent.qcow2 does not exist",
+        ),
+    ];
+    for (args, msg) in cases {
+        let err = home.fails(args);
+        assert!(
+            err.contains(msg),
+            "lume {args:?}: expected '{msg}' in: {err}"
+        );
+    }
+    let left: Vec<_> = fs::read_dir(home.storage())
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "rejected creates left {left:?}");
+    assert!(!home.path().join("evil").exists());
+}
+
+#[test]
+fn a_failed_import_leaves_no_directory() {
+    let home = Home::new();
+    let bogus = home.path().join("bogus.qcow2");
+    fs::write(&bogus, b"QFI\xfbthis is not really qcow2").unwrap();
+    let err = home.fails(&["create", "x", "--image", bogus.to_str().unwrap()]);
+    assert!(
+        err.contains("Importing") && err.contains("qemu-img says"),
+        "{err}"
+    );
+    assert!(fs::read_dir(home.storage()).unwrap().next().is_none());
+}
+
+#[test]
+fn an_existing_name_is_refused_and_kept_intact() {
+    let home = Home::new();
+    create_small(&home, "keep", &["--cpu", "1"]);
+    let before = fs::read(home.vm_dir("keep").join("config.json")).unwrap();
+    let err = home.fails(&["create", "keep", "--cpu", "4"]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(
+        fs::read(home.vm_dir("keep").join("config.json")).unwrap(),
+        before
+    );
+}
+
+#[test]
+fn unknown_vm_is_an_error_for_every_command() {
+    let home = Home::new();
+    for args in [
+        vec!["get", "ghost"],
+        vec!["run", "ghost"],
+        vec!["stop", "ghost"],
+        vec!["set", "ghost", "--cpu", "1"],
+        vec!["delete", "ghost", "--force"],
+        vec!["clone", "ghost", "other"],
+    ] {
+        let err = home.fails(&args);
+        assert!(err.contains("VM 'ghost' does not exist"), "{args:?}: {err}");
+        assert!(err.contains("lume ls"), "{err}");
+    }
+}
+
+#[test]
+fn corrupt_config_fails_get_and_run_but_ls_lists_the_rest() {
+    let home = Home::new();
+    create_small(&home, "good", &[]);
+    create_small(&home, "bad", &[]);
+    let bad_cfg = home.vm_dir("bad").join("config.json");
+    fs::write(&bad_cfg, "{\"os\": \"linux\", \"cpuCount\": ").unwrap();
+    for args in [
+        vec!["get", "bad"],
+        vec!["run", "bad"],
+        vec!["set", "bad", "--cpu", "1"],
+        vec!["clone", "bad", "c"],
+    ] {
+        let err = home.fails(&args);
+        assert!(
+            err.contains(&bad_cfg.display().to_string()),
+            "{args:?}: {err}"
+        );
+    }
+    let list: Value = serde_json::from_str(&home.ok(&["ls", "-f", "json"])).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let bad = list.iter().find(|v| v["name"] == "bad").unwrap();
+    assert_eq!(bad["status"], "invalid");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("Corrupt config file")
+    );
+    let good = list.iter().find(|v| v["name"] == "good").unwrap();
+    assert_eq!(good["status"], "stopped");
+    let table = home.ok(&["ls"]);
+    assert!(
+        table.contains("good") && table.contains("invalid"),
+        "{table}"
+    );
+    // Nothing was rewritten.
+    assert_eq!(
+        fs::read_to_string(&bad_cfg).unwrap(),
+        "{\"os\": \"linux\", \"cpuCount\": "
+    );
+}
+
+#[test]
+fn a_config_written_by_lume_loads_as_nat() {
+    let home = Home::new();
+    let dir = home.vm_dir("mac");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("config.json"),
+        r#"{"os":"macOS","cpuCount":4,"memorySize":8589934592,"diskSize":68719476736,"macAddress":"ba:2c:13:9f:1a:07","display":"1024x768","hardwareModel":"YnBsaXN0MDA=","machineIdentifier":"AAE="}"#,
+    )
+    .unwrap();
+    let d = home.get("mac");
+    assert_eq!(d["networkMode"], "nat");
+    assert_eq!(d["os"], "macOS");
+    home.ok(&["set", "mac", "--cpu", "2"]);
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["hardwareModel"], "YnBsaXN0MDA=",
+        "unknown keys are kept"
+    );
+    assert_eq!(cfg["cpuCount"], 2);
+    let err = home.fails(&["run", "mac"]);
+    assert!(err.contains("Apple host"), "{err}");
+}
+
+#[test]
+fn set_changes_settings_and_only_grows_the_disk() {
+    let home = Home::new();
+    create_small(&home, "s", &[]);
+    home.ok(&[
+        "set",
+        "s",
+        "--cpu",
+        "4",
+        "--memory",
+        "1GB",
+        "--disk-size",
+        "128MB",
+        "--network",
+        "none",
+    ]);
+    let d = home.get("s");
+    assert_eq!(d["cpuCount"], 4);
+    assert_eq!(d["memorySize"], 1u64 << 30);
+    assert_eq!(d["diskSize"]["total"], 128u64 << 20);
+    assert_eq!(d["networkMode"], "none");
+    assert_eq!(
+        fs::metadata(home.vm_dir("s").join("disk.img"))
+            .unwrap()
+            .len(),
+        128 << 20
+    );
+    let err = home.fails(&["set", "s", "--disk-size", "64MB"]);
+    assert!(err.contains("can only grow"), "{err}");
+    assert!(
+        home.fails(&["set", "s", "--cpu", "0"])
+            .contains("at least 1")
+    );
+    assert!(
+        home.fails(&["set", "s", "--network", "wifi"])
+            .contains("Unknown network mode")
+    );
+    assert!(home.fails(&["set", "s"]).contains("Nothing to change"));
+    assert_eq!(home.get("s")["cpuCount"], 4);
+}
+
+#[test]
+fn clone_copies_the_disk_with_a_new_mac() {
+    let home = Home::new();
+    create_small(&home, "src", &[]);
+    let disk = home.vm_dir("src").join("disk.img");
+    common::sh(&format!(
+        "printf 'hello-disk' | dd of={} bs=1 seek=1048576 conv=notrunc status=none",
+        disk.display()
+    ));
+    let out = home.ok(&["clone", "src", "dst"]);
+    assert!(out.contains("clone"), "{out}");
+    let (a, b) = (home.get("src"), home.get("dst"));
+    assert_ne!(a["macAddress"], b["macAddress"]);
+    assert_eq!(a["diskSize"], b["diskSize"]);
+    assert_eq!(
+        fs::read(&disk).unwrap(),
+        fs::read(home.vm_dir("dst").join("disk.img")).unwrap()
+    );
+    assert!(
+        home.fails(&["clone", "src", "dst"])
+            .contains("already exists")
+    );
+    assert!(
+        home.fails(&["clone", "src", "../x"])
+            .contains("Invalid VM name")
+    );
+}
+
+#[test]
+fn delete_needs_force_without_a_terminal() {
+    let home = Home::new();
+    create_small(&home, "d", &[]);
+    let err = home.fails(&["delete", "d"]);
+    assert!(err.contains("--force"), "{err}");
+    assert!(home.vm_dir("d").exists());
+    home.ok(&["delete", "d", "--force"]);
+    assert!(!home.vm_dir("d").exists());
+    assert!(
+        fs::read_dir(home.storage()).unwrap().next().is_none(),
+        "no leftovers"
+    );
+}
+
+#[test]
+fn storage_option_selects_another_location() {
+    let home = Home::new();
+    let other = home.path().join("elsewhere");
+    let o = other.to_str().unwrap();
+    home.ok(&["create", "x", "--storage", o, "--disk-size", "8MB"]);
+    assert!(other.join("x/config.json").exists());
+    assert!(!home.vm_dir("x").exists());
+    let list: Value =
+        serde_json::from_str(&home.ok(&["ls", "-f", "json", "--storage", o])).unwrap();
+    assert_eq!(list[0]["locationName"], o);
+    assert_eq!(home.ok(&["ls", "--format", "json"]).trim(), "[]");
+}
+
+#[test]
+fn missing_qemu_names_the_package() {
+    let home = Home::new();
+    create_small(&home, "q", &[]);
+    let out = home
+        .cmd()
+        .args(["run", "q"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("qemu-system-x86"), "{err}");
+}
+
+#[test]
+fn run_refuses_missing_iso_and_disk_files() {
+    let home = Home::new();
+    create_small(&home, "r", &[]);
+    assert!(
+        home.fails(&["run", "r", "--mount", "/nonexistent.iso"])
+            .contains("ISO image /nonexistent.iso does not exist")
+    );
+    assert!(
+        home.fails(&["run", "r", "--disk", "/nonexistent.img"])
+            .contains("Disk /nonexistent.img does not exist")
+    );
+    assert!(!home.vm_dir("r").join("run.json").exists());
+}
+
+#[test]
+fn settings_keep_unknown_keys_and_refuse_bad_accelerators() {
+    let home = Home::new();
+    home.write_settings("cachingEnabled: true\n");
+    home.ok(&["config", "set", "accelerator", "kvm"]);
+    let text = fs::read_to_string(home.config_yaml()).unwrap();
+    assert!(
+        text.contains("cachingEnabled: true") && text.contains("accelerator: kvm"),
+        "{text}"
+    );
+    assert!(
+        home.fails(&["config", "set", "accelerator", "warp"])
+            .contains("use kvm, tcg or auto")
+    );
+    let got = home
+        .cmd()
+        .args(["config", "get"])
+        .env_remove("LUME_ACCEL")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&got.stdout).contains("accelerator: kvm"));
+    home.write_settings("accelerator: [oops\n");
+    assert!(home.fails(&["ls"]).contains("config.yaml"));
+}

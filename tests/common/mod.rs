@@ -1,0 +1,258 @@
+//! Shared test helpers: a temporary HOME for lume, the test guest, network
+//! namespaces that clean up after themselves.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The lume binary under test.
+pub fn lume_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lume"))
+}
+
+/// A throw-away HOME with its own ~/.lume and ~/.config/lume.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Home {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("lume-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn storage(&self) -> PathBuf {
+        self.path().join(".lume")
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.storage().join(name)
+    }
+
+    pub fn config_yaml(&self) -> PathBuf {
+        self.path().join(".config/lume/config.yaml")
+    }
+
+    pub fn write_settings(&self, text: &str) {
+        let p = self.config_yaml();
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A command running lume with this HOME.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(lume_bin());
+        self.env(&mut c);
+        c
+    }
+
+    pub fn env(&self, c: &mut Command) {
+        c.env("HOME", self.path())
+            .env("XDG_CONFIG_HOME", self.path().join(".config"))
+            .env("LUME_ACCEL", "tcg")
+            .env_remove("LUME_API_TOKEN");
+    }
+
+    /// Runs lume and returns its output.
+    pub fn lume(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs lume, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.lume(args);
+        assert!(
+            out.status.success(),
+            "lume {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs lume, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.lume(args);
+        assert!(
+            !out.status.success(),
+            "lume {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `lume get NAME -f json`.
+    pub fn get(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["get", name, "-f", "json"])).unwrap()
+    }
+}
+
+/// The test guest (kernel, initrd, command line), built once and cached by
+/// tests/guest/build.sh.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+}
+
+pub fn guest() -> Guest {
+    static ONCE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut slot = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    if slot.is_none() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
+        let out = Command::new("bash").arg(&script).output().unwrap();
+        assert!(
+            out.status.success(),
+            "building the test guest failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let dir = stdout
+            .lines()
+            .last()
+            .expect("build.sh prints its output dir");
+        *slot = Some(PathBuf::from(dir.trim()));
+    }
+    let dir = slot.clone().unwrap();
+    Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.img"),
+        cmdline: std::fs::read_to_string(dir.join("cmdline"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique name: `<prefix><pid-base36><seq>`, at most 15 characters
+/// so it also fits interface names.
+pub fn unique(prefix: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    let s = format!("{prefix}{pid:x}{n:x}");
+    assert!(s.len() <= 15, "{s} too long");
+    s
+}
+
+/// A network namespace removed (with every process in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        sh(&format!("ip netns add {name}"));
+        let ns = Self { name };
+        ns.exec_ok("ip link set lo up");
+        ns
+    }
+
+    /// A shell command inside the namespace.
+    pub fn exec(&self, cmd: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    }
+
+    pub fn exec_ok(&self, cmd: &str) -> String {
+        let out = self.exec(cmd);
+        assert!(
+            out.status.success(),
+            "in {}: {cmd} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// lume inside this namespace with `home`.
+    pub fn lume(&self, home: &Home, args: &[&str]) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name])
+            .arg(lume_bin())
+            .args(args);
+        home.env(&mut c);
+        c.output().unwrap()
+    }
+
+    pub fn lume_ok(&self, home: &Home, args: &[&str]) -> String {
+        let out = self.lume(home, args);
+        assert!(
+            out.status.success(),
+            "lume {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn lume_fails(&self, home: &Home, args: &[&str]) -> String {
+        let out = self.lume(home, args);
+        assert!(!out.status.success(), "lume {args:?} should have failed");
+        String::from_utf8(out.stderr).unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "for p in $(ip netns pids {0} 2>/dev/null); do kill -9 $p; done; ip netns del {0}",
+                self.name
+            ))
+            .status();
+    }
+}
+
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the VM's console shows `needle`.
+pub fn wait_console(home: &Home, vm: &str, needle: &str, timeout: Duration) -> String {
+    let path = home.vm_dir(vm).join("console.log");
+    wait_for(
+        &format!("'{needle}' in {}", path.display()),
+        timeout,
+        || {
+            let text = std::fs::read_to_string(&path).ok()?;
+            text.contains(needle).then_some(text)
+        },
+    )
+}
