@@ -64,8 +64,6 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show or change global settings
     Config(ConfigArgs),
-    #[command(name = "__probe-kvm", hide = true)]
-    ProbeKvm,
 }
 
 #[derive(Debug, Args)]
@@ -234,15 +232,6 @@ fn confirm(question: &str) -> bool {
 /// Runs one command; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
-        Command::ProbeKvm => {
-            return match crate::hypervisor::accel::probe_child() {
-                Ok(()) => Ok(0),
-                Err(e) => {
-                    eprintln!("{e}");
-                    Ok(1)
-                }
-            };
-        }
         Command::Config(c) => return config(c),
         Command::Create(a) => (
             a.storage,

@@ -1,7 +1,7 @@
 //! Choosing the accelerator. `/dev/kvm` existing proves nothing: under nested
-//! virtualisation a vCPU may hang forever on its first run. `auto` therefore
-//! runs a real vCPU (a single `hlt` instruction) in a child process and only
-//! picks KVM if that child reports the HLT exit within a deadline.
+//! virtualisation QEMU may refuse the host CPU model or a vCPU may hang.
+//! `auto` therefore boots QEMU's own firmware under KVM, with the CPU model a
+//! VM would get, and picks KVM only if the firmware finishes within a deadline.
 
 use std::fmt;
 use std::path::Path;
@@ -60,8 +60,11 @@ impl fmt::Display for Accel {
     }
 }
 
-/// How long the probe's vCPU may take before KVM is declared unusable.
-const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long the probe's firmware may take before KVM is declared unusable.
+const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What SeaBIOS prints on its debug port once its whole POST has run.
+const POST_DONE: &str = "No bootable device";
 
 /// Resolves a choice into an accelerator. `note` receives the one line that
 /// explains a fallback to TCG.
@@ -76,7 +79,7 @@ pub fn resolve(choice: AccelChoice, note: &mut dyn FnMut(&str)) -> Result<Accel,
                 .map_err(|e| AccelError::KvmUnavailable(e.to_string()))?;
             Ok(Accel::Kvm)
         }
-        AccelChoice::Auto => match probe_kvm() {
+        AccelChoice::Auto => match cached_probe() {
             Ok(()) => Ok(Accel::Kvm),
             Err(why) => {
                 note(&format!(
@@ -88,102 +91,110 @@ pub fn resolve(choice: AccelChoice, note: &mut dyn FnMut(&str)) -> Result<Accel,
     }
 }
 
-/// Runs `lume __probe-kvm` and waits for it within the deadline.
+/// The probe's verdict is kept per boot (`~/.cache/lume/kvm-probe.json`):
+/// whether KVM works does not change until the host reboots.
+fn cached_probe() -> Result<(), String> {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = crate::vm::store::home().join(".cache/lume/kvm-probe.json");
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        && v["bootId"] == boot_id.trim()
+    {
+        return match v["error"].as_str() {
+            None => Ok(()),
+            Some(e) => Err(e.to_string()),
+        };
+    }
+    let verdict = probe_kvm();
+    let record = serde_json::json!({
+        "bootId": boot_id.trim(),
+        "error": verdict.as_ref().err(),
+    });
+    if let Some(dir) = cache.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = crate::util::atomic::write_atomic(&cache, record.to_string().as_bytes());
+    }
+    verdict
+}
+
+/// Boots QEMU's firmware under KVM with the CPU model lume uses (`-cpu host`)
+/// and waits for SeaBIOS to finish its POST on the debug port. This proves
+/// that QEMU accepts the CPU model and that vCPUs run real and protected-mode
+/// code; a vCPU that hangs, or a QEMU that aborts, means TCG.
 fn probe_kvm() -> Result<(), String> {
     if !Path::new("/dev/kvm").exists() {
         return Err("/dev/kvm does not exist".into());
     }
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find lume itself: {e}"))?;
-    let mut child = Command::new(exe)
-        .arg("__probe-kvm")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the KVM probe: {e}"))?;
-    let start = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(_)) => {
-                let mut msg = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut msg);
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Err(format!("cannot open /dev/kvm: {e}"));
+    }
+    let qemu = super::qemu::find_qemu().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!(
+        "lume-kvm-probe-{}-{:x}",
+        std::process::id(),
+        crate::util::random::u64()
+    ));
+    std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let debug = dir.join("debugcon.log");
+    let result = (|| {
+        let mut child = Command::new(qemu)
+            .args([
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-machine",
+                "q35",
+                "-m",
+                "32",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "none",
+                "-chardev",
+            ])
+            .arg(format!("file,id=dbg,path={}", debug.display()))
+            .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start QEMU for the KVM probe: {e}"))?;
+        let start = Instant::now();
+        let verdict = loop {
+            if std::fs::read_to_string(&debug).is_ok_and(|t| t.contains(POST_DONE)) {
+                break Ok(());
+            }
+            match child.try_wait() {
+                Ok(Some(_)) => {
+                    let mut msg = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = e.read_to_string(&mut msg);
+                    }
+                    let first = msg.lines().find(|l| !l.contains("warning")).unwrap_or("");
+                    break Err(format!("QEMU with KVM exited at once: {}", first.trim()));
                 }
-                return Err(msg.trim().to_string());
+                Ok(None) if start.elapsed() > PROBE_DEADLINE => {
+                    break Err(format!(
+                        "a test VM's firmware did not finish within {}s under KVM; nested KVM is likely broken",
+                        PROBE_DEADLINE.as_secs()
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => break Err(e.to_string()),
             }
-            Ok(None) if start.elapsed() > PROBE_DEADLINE => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "a test vCPU did not run within {}s; nested KVM is likely broken",
-                    PROBE_DEADLINE.as_secs()
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
-/// The probe itself, run in a child process: one vCPU in real mode executing
-/// `hlt`. Returns when the vCPU exits with HLT; may never return if KVM hangs.
-pub fn probe_child() -> Result<(), String> {
-    use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::{Kvm, VcpuExit};
-
-    const GUEST_ADDR: u64 = 0x1000;
-    const MEM_SIZE: usize = 0x1000;
-
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
-    // SAFETY: an anonymous private mapping with no address hint; the result is
-    // checked against MAP_FAILED before use.
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            MEM_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if mem == libc::MAP_FAILED {
-        return Err("mmap failed".into());
-    }
-    // SAFETY: `mem` points to MEM_SIZE writable bytes mapped just above.
-    unsafe { *(mem as *mut u8) = 0xf4 }; // hlt
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: GUEST_ADDR,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: mem as u64,
-    };
-    // SAFETY: the region describes the mapping above, which stays mapped for
-    // the life of this process (it is never unmapped).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION failed: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU failed: {e}"))?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: GUEST_ADDR,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
-    match vcpu.run() {
-        Ok(VcpuExit::Hlt) => Ok(()),
-        Ok(other) => Err(format!("unexpected vCPU exit {other:?}")),
-        Err(e) => Err(format!("KVM_RUN failed: {e}")),
-    }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        verdict
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -406,6 +406,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     for d in &req.disks {
         cmd.arg("--disk").arg(d);
     }
+    // Resolve the accelerator here so the one line about a TCG fallback
+    // reaches the user's terminal; the supervisor inherits the verdict.
+    let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
+        .map_err(RunError::from)?;
+    cmd.env("LUME_ACCEL", accel.to_string());
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
     // caller's terminal and session so it outlives this process.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what lume and its tests need on Debian 12 (as root), only when
+# something is missing: QEMU, qemu-img, dnsmasq, nftables, iproute2, and the
+# packages the test guest is built from.
+set -euo pipefail
+
+packages=(qemu-system-x86 qemu-utils dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "Missing packages: ${missing[*]}. Run this script as root, or: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "Installing ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "cargo was not found: install a Rust toolchain (rustup, or apt-get install cargo) and run again" >&2
+    exit 1
+fi

@@ -1,0 +1,217 @@
+//! End to end: the test guest boots under QEMU (TCG) inside a network
+//! namespace created by the test; lume creates, runs, stops, clones, sets and
+//! deletes it; QEMU and the supervisor are killed and the VM recovers.
+//! Needs root (for `ip netns`) and the packages installed by scripts/test.sh.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Home, Netns, guest, wait_console, wait_for};
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(180);
+
+fn setup(tag: &str) -> (Home, Netns) {
+    assert!(
+        nix_is_root(),
+        "the end-to-end tests need root for network namespaces: run scripts/test.sh as root"
+    );
+    let home = Home::new();
+    // User-mode networking on a documentation range, so nothing outside it is named.
+    home.write_settings("userSubnet: 192.0.2.0/24\n");
+    (home, Netns::new(tag))
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn create_guest(ns: &Netns, home: &Home, name: &str, network: &str) {
+    let g = guest();
+    let args = [
+        "create",
+        name,
+        "--cpu",
+        "1",
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "64MB",
+        "--network",
+        network,
+        "--kernel",
+        g.kernel.to_str().unwrap(),
+        "--initrd",
+        g.initrd.to_str().unwrap(),
+        "--cmdline",
+        &g.cmdline,
+    ];
+    ns.lume_ok(home, &args);
+}
+
+fn details(ns: &Netns, home: &Home, name: &str) -> Value {
+    serde_json::from_str(&ns.lume_ok(home, &["get", name, "-f", "json"])).unwrap()
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn detached_vm_boots_stops_gracefully_and_survives_kills() {
+    let (home, ns) = setup("lm");
+    create_guest(&ns, &home, "vm1", "user");
+    let out = ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    assert!(out.contains("is running"), "{out}");
+
+    let d = details(&ns, &home, "vm1");
+    assert_eq!(d["status"], "running");
+    assert_eq!(d["accelerator"], "tcg");
+    assert_eq!(d["ipAddress"], "192.0.2.15");
+    let console = wait_console(&home, "vm1", "LUME-GUEST: lease eth0 192.0.2.15", BOOT);
+    assert!(console.contains("LUME-GUEST: booted"));
+
+    // The QEMU command line names the VM directory.
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(home.vm_dir("vm1").join("run.json")).unwrap(),
+    )
+    .unwrap();
+    let qemu_pid = state["qemuPid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains(&home.vm_dir("vm1").display().to_string()));
+
+    // Refusals while running.
+    assert!(
+        ns.lume_fails(&home, &["run", "vm1", "--detach"])
+            .contains("already running")
+    );
+    assert!(
+        ns.lume_fails(&home, &["run", "vm1"])
+            .contains("already running")
+    );
+    assert!(
+        ns.lume_fails(&home, &["set", "vm1", "--disk-size", "128MB"])
+            .contains("stop it before changing its disk")
+    );
+    assert!(
+        ns.lume_fails(&home, &["clone", "vm1", "copy"])
+            .contains("is running")
+    );
+    ns.lume_ok(&home, &["set", "vm1", "--cpu", "2"]);
+
+    // Graceful stop: the guest sees the ACPI power button.
+    let out = ns.lume_ok(&home, &["stop", "vm1"]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        std::fs::read_to_string(home.vm_dir("vm1").join("console.log"))
+            .unwrap()
+            .contains("LUME-GUEST: powering off")
+    );
+    assert_eq!(details(&ns, &home, "vm1")["status"], "stopped");
+    assert!(!pid_alive(qemu_pid));
+    assert!(!home.vm_dir("vm1").join("run.json").exists());
+    assert!(!home.vm_dir("vm1").join("qmp.sock").exists());
+    assert!(ns.lume_ok(&home, &["stop", "vm1"]).contains("not running"));
+
+    // SIGKILL to QEMU: the supervisor notices, the VM is stopped and can start at once.
+    ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(home.vm_dir("vm1").join("run.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(details(&ns, &home, "vm1")["cpuCount"], 2);
+    common::sh(&format!("kill -9 {}", state["qemuPid"]));
+    wait_for(
+        "stopped after QEMU was killed",
+        Duration::from_secs(10),
+        || (details(&ns, &home, "vm1")["status"] == "stopped").then_some(()),
+    );
+
+    // SIGKILL to the supervisor: QEMU dies with it and the lock is released.
+    ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(home.vm_dir("vm1").join("run.json")).unwrap(),
+    )
+    .unwrap();
+    let qemu_pid = state["qemuPid"].as_u64().unwrap();
+    common::sh(&format!("kill -9 {}", state["pid"]));
+    wait_for(
+        "QEMU gone after its supervisor was killed",
+        Duration::from_secs(10),
+        || (!pid_alive(qemu_pid)).then_some(()),
+    );
+    assert_eq!(details(&ns, &home, "vm1")["status"], "stopped");
+    ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    assert_eq!(details(&ns, &home, "vm1")["status"], "running");
+
+    // Delete refuses a running VM without --force, and --force stops it first.
+    assert!(ns.lume_fails(&home, &["delete", "vm1"]).contains("--force"));
+    ns.lume_ok(&home, &["delete", "vm1", "--force"]);
+    assert!(!home.vm_dir("vm1").exists());
+    let leftovers = ns.exec_ok("pgrep -f qemu-system-x86_64 -a || true");
+    assert!(
+        !leftovers.contains(&home.storage().display().to_string()),
+        "{leftovers}"
+    );
+}
+
+#[test]
+fn foreground_run_powers_off_on_ctrl_c_and_clones_boot() {
+    let (home, ns) = setup("lf");
+    create_guest(&ns, &home, "fg", "none");
+    ns.lume_ok(&home, &["clone", "fg", "fg2"]);
+    ns.lume_ok(&home, &["set", "fg2", "--network", "user"]);
+
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "fg"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    home.env(&mut cmd);
+    let child = cmd.spawn().unwrap();
+    let console = wait_console(&home, "fg", "LUME-GUEST: no network", BOOT);
+    assert!(console.contains("LUME-GUEST: booted"));
+    assert_eq!(details(&ns, &home, "fg")["status"], "running");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(home.vm_dir("fg").join("run.json")).unwrap())
+            .unwrap();
+    // Ctrl-C goes to the supervisor, which powers the guest off through ACPI.
+    common::sh(&format!("kill -INT {}", state["pid"]));
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_console(
+        &home,
+        "fg",
+        "LUME-GUEST: powering off",
+        Duration::from_secs(5),
+    );
+    assert_eq!(details(&ns, &home, "fg")["status"], "stopped");
+
+    // The clone boots on its own disk and MAC, with the network set on it.
+    ns.lume_ok(&home, &["run", "fg2", "--detach"]);
+    wait_console(&home, "fg2", "LUME-GUEST: lease eth0 192.0.2.15", BOOT);
+    let a = details(&ns, &home, "fg");
+    let b = details(&ns, &home, "fg2");
+    assert_ne!(a["macAddress"], b["macAddress"]);
+    let mac = b["macAddress"].as_str().unwrap();
+    wait_console(&home, "fg2", mac, Duration::from_secs(5));
+    // --network overrides the saved mode for one run only.
+    ns.lume_ok(&home, &["stop", "fg2"]);
+    ns.lume_ok(&home, &["run", "fg2", "--detach", "--network", "none"]);
+    wait_console(&home, "fg2", "LUME-GUEST: no network", BOOT);
+    assert_eq!(details(&ns, &home, "fg2")["networkMode"], "user");
+    assert_eq!(details(&ns, &home, "fg2")["ipAddress"], Value::Null);
+    ns.lume_ok(&home, &["stop", "fg2", "--timeout", "30"]);
+}
