@@ -461,3 +461,76 @@ fn settings_keep_unknown_keys_and_refuse_bad_accelerators() {
     home.write_settings("accelerator: [oops\n");
     assert!(home.fails(&["ls"]).contains("config.yaml"));
 }
+
+#[test]
+fn publish_is_validated_and_persisted() {
+    let home = Home::new();
+    home.ok(&[
+        "create",
+        "p",
+        "--disk-size",
+        "8MB",
+        "--network",
+        "user",
+        "-p",
+        "8080:80",
+        "--publish",
+        "127.0.0.1:2222:22/tcp",
+    ]);
+    let d = home.get("p");
+    assert_eq!(
+        d["network"]["publishedPorts"],
+        serde_json::json!(["8080:80/tcp", "127.0.0.1:2222:22/tcp"])
+    );
+    assert_eq!(d["network"]["mode"], "user");
+    let cases: &[(&[&str], &str)] = &[
+        (&["create", "x", "--publish", "80"], "HOST_PORT:GUEST_PORT"),
+        (
+            &["create", "x", "--publish", "0:80"],
+            "ports are 1 to 65535",
+        ),
+        (
+            &[
+                "create",
+                "x",
+                "--publish",
+                "8080:80",
+                "--publish",
+                "8080:81",
+            ],
+            "published twice",
+        ),
+        (
+            &[
+                "create",
+                "x",
+                "--network",
+                "bridged",
+                "--publish",
+                "8080:80",
+            ],
+            "cannot be published in network mode 'bridged'",
+        ),
+        (
+            &["create", "x", "--network", "none", "--publish", "8080:80"],
+            "cannot be published",
+        ),
+        (
+            &["create", "x", "--network", "host", "--publish", "8080:80"],
+            "cannot be published",
+        ),
+        (
+            &["set", "p", "--network", "bridged:eth0"],
+            "cannot be published",
+        ),
+    ];
+    for (args, msg) in cases {
+        let err = home.fails(args);
+        assert!(
+            err.contains(msg),
+            "lume {args:?}: expected '{msg}' in: {err}"
+        );
+    }
+    assert!(!home.vm_dir("x").exists());
+    assert_eq!(home.get("p")["networkMode"], "user");
+}

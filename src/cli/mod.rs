@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::network::NetworkMode;
+use crate::network::publish::PortMapping;
 use crate::settings::Settings;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::size::parse_size;
@@ -103,6 +104,9 @@ pub struct CreateArgs {
     /// Existing qcow2 or raw disk image to import as the VM's disk
     #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
     pub image: Option<PathBuf>,
+    /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
+    #[arg(long, short = 'p', value_name = "SPEC")]
+    pub publish: Vec<PortMapping>,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -122,6 +126,9 @@ pub struct RunArgs {
     /// Extra disk image to attach (repeatable)
     #[arg(long, value_name = "PATH")]
     pub disk: Vec<PathBuf>,
+    /// Publish a guest port for this run: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)
+    #[arg(long, short = 'p', value_name = "SPEC")]
+    pub publish: Vec<PortMapping>,
     /// Run headless (the default; accepted for lume compatibility)
     #[arg(long)]
     pub no_display: bool,
@@ -248,6 +255,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 image: a.image,
+                publish: a.publish,
             })),
             Format::Text,
         ),
@@ -258,6 +266,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 network: a.network,
                 mounts: a.mount,
                 disks: a.disk,
+                publish: a.publish,
                 detach: a.detach,
             }),
             Format::Text,

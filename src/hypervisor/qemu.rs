@@ -171,6 +171,7 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0".into(),
             }),
+            publish: Vec::new(),
             extra: Default::default(),
         };
         let spec = LaunchSpec {

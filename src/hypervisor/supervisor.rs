@@ -118,6 +118,7 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
             });
         }
     }
+    attach::validate(&req.network, &req.attach)?;
     qemu::find_qemu()?;
     cfg.mac_address
         .ok_or_else(|| RunError::NoMac(vm.name.clone()))
@@ -244,6 +245,7 @@ fn run_until_exit(
         started_at: unix_now(),
         ip_address: net.ip_address.clone(),
         host_device: net.host_device.clone(),
+        published: req.attach.publish.clone(),
     };
     state
         .save(&vm.state_path())

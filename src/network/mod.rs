@@ -2,7 +2,10 @@
 //! what QEMU needs for one run; each mode has its own file.
 
 pub mod attach;
+pub mod interfaces;
 pub mod mode;
+pub mod privilege;
+pub mod publish;
 pub mod user;
 
 pub use mode::NetworkMode;

@@ -51,6 +51,12 @@ impl NetworkMode {
     pub fn needs_net_admin(&self) -> bool {
         matches!(self, Self::Nat | Self::Bridged(_) | Self::Host)
     }
+
+    /// Whether ports can be published in this mode (nat: DNAT; user: QEMU forwarding).
+    /// Bridged VMs are on the LAN themselves; host-only and none have no way out.
+    pub fn supports_publish(&self) -> bool {
+        matches!(self, Self::Nat | Self::User)
+    }
 }
 
 impl FromStr for NetworkMode {

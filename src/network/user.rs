@@ -4,6 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use super::publish::PortMapping;
+
 /// The user-mode subnet and the address slirp's DHCP hands the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserNet {
@@ -51,14 +53,22 @@ impl UserNet {
         Ipv4Addr::from(u32::from(self.network) + 15)
     }
 
-    /// The `-netdev user,...` option value.
-    pub fn netdev(&self, id: &str) -> String {
-        format!(
+    /// The `-netdev user,...` option value, with one `hostfwd` per published port.
+    pub fn netdev(&self, id: &str, publish: &[PortMapping]) -> String {
+        let mut s = format!(
             "user,id={id},net={}/{},dhcpstart={}",
             self.network,
             self.prefix,
             self.guest_address()
-        )
+        );
+        for p in publish {
+            let host_ip = p.host_ip.map(|ip| ip.to_string()).unwrap_or_default();
+            s.push_str(&format!(
+                ",hostfwd={}:{host_ip}:{}-:{}",
+                p.proto, p.host_port, p.guest_port
+            ));
+        }
+        s
     }
 }
 
@@ -71,7 +81,14 @@ mod tests {
         let n: UserNet = "192.0.2.77/24".parse().unwrap();
         assert_eq!(n.network, Ipv4Addr::new(192, 0, 2, 0));
         assert_eq!(n.guest_address(), Ipv4Addr::new(192, 0, 2, 15));
-        assert!(n.netdev("n0").contains("net=192.0.2.0/24"));
+        assert!(n.netdev("n0", &[]).contains("net=192.0.2.0/24"));
+        let p = [
+            "127.0.0.1:8080:80".parse().unwrap(),
+            "5353:53/udp".parse().unwrap(),
+        ];
+        let d = n.netdev("n0", &p);
+        assert!(d.contains(",hostfwd=tcp:127.0.0.1:8080-:80"), "{d}");
+        assert!(d.contains(",hostfwd=udp::5353-:53"), "{d}");
         assert!("192.0.2.0".parse::<UserNet>().is_err());
         assert!("192.0.2.0/31".parse::<UserNet>().is_err());
     }

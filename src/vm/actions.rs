@@ -19,7 +19,8 @@ use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, RunError, RunRequest};
 use crate::network::NetworkMode;
-use crate::network::attach::AttachOptions;
+use crate::network::attach::{AttachError, AttachOptions};
+use crate::network::publish::{PortMapping, check_unique};
 use crate::settings::{Settings, SettingsError};
 
 /// Errors of the lifecycle actions.
@@ -35,6 +36,8 @@ pub enum VmError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Network(#[from] AttachError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -98,6 +101,8 @@ pub struct CreateSpec {
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
     pub image: Option<PathBuf>,
+    /// Ports published at every start.
+    pub publish: Vec<PortMapping>,
 }
 
 /// What `run` needs.
@@ -108,6 +113,8 @@ pub struct RunSpec {
     pub network: Option<NetworkMode>,
     pub mounts: Vec<PathBuf>,
     pub disks: Vec<PathBuf>,
+    /// Ports published for this run, on top of the saved ones.
+    pub publish: Vec<PortMapping>,
     pub detach: bool,
 }
 
@@ -231,6 +238,15 @@ fn check_resources(
     Ok(())
 }
 
+/// Published ports need a mode that can publish, and distinct host ports.
+fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmError> {
+    if !publish.is_empty() && !mode.supports_publish() {
+        return Err(AttachError::PublishNotSupported(mode.clone()).into());
+    }
+    check_unique(publish).map_err(AttachError::from)?;
+    Ok(())
+}
+
 fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf, VmError> {
     if p.is_file() {
         Ok(p.to_path_buf())
@@ -250,6 +266,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
         _ => return Err(VmError::UnknownOs(spec.os)),
     }
     check_resources(Some(spec.cpu), Some(spec.memory), Some(spec.disk_size))?;
+    check_publish(&spec.network, &spec.publish)?;
     if spec.kernel.is_none() && (spec.initrd.is_some() || spec.cmdline.is_some()) {
         return Err(VmError::InitrdWithoutKernel);
     }
@@ -313,6 +330,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             display: spec.display.clone(),
             network_mode: spec.network.clone(),
             kernel_boot,
+            publish: spec.publish.clone(),
             extra: Default::default(),
         };
         cfg.save(&work.join("config.json"))?;
@@ -341,18 +359,34 @@ fn absolute_files(what: &'static str, paths: &[PathBuf]) -> Result<Vec<PathBuf>,
         .collect()
 }
 
-fn run_request(ctx: &Context, cfg: &VmConfig, spec: &RunSpec) -> Result<RunRequest, VmError> {
+fn run_request(
+    ctx: &Context,
+    cfg: &VmConfig,
+    spec: &RunSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<RunRequest, VmError> {
+    let network = spec
+        .network
+        .clone()
+        .unwrap_or_else(|| cfg.network_mode.clone());
+    check_publish(&network, &spec.publish)?;
+    let mut publish = spec.publish.clone();
+    if network.supports_publish() {
+        publish.extend(cfg.publish.iter().filter(|p| !spec.publish.contains(p)));
+    } else if !cfg.publish.is_empty() {
+        note(&format!(
+            "The VM's published ports are not used in network mode {network}"
+        ));
+    }
     Ok(RunRequest {
-        network: spec
-            .network
-            .clone()
-            .unwrap_or_else(|| cfg.network_mode.clone()),
+        network,
         mounts: absolute_files("ISO image", &spec.mounts)?,
         disks: absolute_files("Disk", &spec.disks)?,
         stop_timeout: Duration::from_secs(15),
         accel: ctx.settings.accelerator()?,
         attach: AttachOptions {
             user_net: ctx.settings.get_str("userSubnet")?,
+            publish,
         },
     })
 }
@@ -362,7 +396,7 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     let name = spec.name.clone().expect("run needs a name");
     let vm = store.open(&name)?;
     let cfg = vm.load_config()?;
-    let req = run_request(ctx, &cfg, &spec)?;
+    let req = run_request(ctx, &cfg, &spec, note)?;
     supervisor::preflight(&vm, &cfg, &req)?;
     if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
         return Err(supervisor::held_error(&vm).into());
@@ -406,6 +440,9 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     for d in &req.disks {
         cmd.arg("--disk").arg(d);
     }
+    for p in &spec.publish {
+        cmd.arg("--publish").arg(p.to_string());
+    }
     // Resolve the accelerator here so the one line about a TCG fallback
     // reaches the user's terminal; the supervisor inherits the verdict.
     let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
@@ -420,7 +457,6 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             Ok(())
         });
     }
-    let _ = spec;
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -561,6 +597,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
             cfg.memory_size = m;
         }
         if let Some(n) = &spec.network {
+            check_publish(n, &cfg.publish)?;
             cfg.network_mode = n.clone();
         }
         Ok(())

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::network::NetworkMode;
+use crate::network::publish::PortMapping;
 use crate::util::atomic::write_atomic;
 
 /// Why a config file could not be read or written.
@@ -165,6 +166,9 @@ pub struct VmConfig {
     pub network_mode: NetworkMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_boot: Option<KernelBoot>,
+    /// Ports published at every start (`--publish` on create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<PortMapping>,
     /// Every key we do not know, kept so that a rewrite loses nothing.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -231,6 +235,7 @@ mod tests {
                 initrd: Some("initrd.img".into()),
                 cmdline: "console=ttyS0".into(),
             }),
+            publish: vec!["127.0.0.1:2222:22".parse().unwrap()],
             extra: Map::new(),
         };
         c.save(&p).unwrap();

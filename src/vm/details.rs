@@ -13,6 +13,31 @@ pub struct DiskSize {
     pub total: u64,
 }
 
+/// How the VM is (or, when stopped, will be) connected.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkDetails {
+    /// The effective mode: the run's override while running, else the saved one.
+    pub mode: String,
+    /// The host-side device (tap or macvtap) while running.
+    pub host_device: Option<String>,
+    /// The bridge or parent interface the device is attached to.
+    pub parent: Option<String>,
+    /// Published ports as `[HOST_IP:]HOST_PORT:GUEST_PORT/PROTO`.
+    pub published_ports: Vec<String>,
+    /// A limit worth knowing about this mode.
+    pub note: Option<String>,
+}
+
+fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
+    use crate::network::NetworkMode::*;
+    match mode {
+        User => Some("User-mode networking: the guest is reachable from outside only through published ports; ping from the guest may not work".into()),
+        None => Some("No network device".into()),
+        _ => Option::None,
+    }
+}
+
 /// One VM as reported to users.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -34,6 +59,8 @@ pub struct VmDetails {
     pub mac_address: Option<String>,
     /// The accelerator of the running VM.
     pub accelerator: Option<String>,
+    /// Network details; null when the config cannot be read.
+    pub network: Option<NetworkDetails>,
     /// Why the VM is `invalid`; null otherwise.
     pub error: Option<String>,
 }
@@ -63,6 +90,7 @@ impl VmDetails {
             network_mode: None,
             mac_address: None,
             accelerator: None,
+            network: None,
             error: None,
         };
         let cfg = match vm.load_config() {
@@ -86,6 +114,17 @@ impl VmDetails {
         d.display = Some(cfg.display.clone());
         d.network_mode = Some(cfg.network_mode.to_string());
         d.mac_address = cfg.mac_address.map(|m| m.to_string());
+        let (mode, published, host_device) = match &state {
+            Some(s) => (&s.network_mode, &s.published, s.host_device.clone()),
+            None => (&cfg.network_mode, &cfg.publish, None),
+        };
+        d.network = Some(NetworkDetails {
+            mode: mode.to_string(),
+            host_device,
+            parent: None,
+            published_ports: published.iter().map(|p| p.to_string()).collect(),
+            note: mode_note(mode),
+        });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = s.ip_address;

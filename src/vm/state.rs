@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::accel::Accel;
 use crate::network::NetworkMode;
+use crate::network::publish::PortMapping;
 use crate::util::atomic::write_atomic;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub struct RunState {
     /// The host-side network device, if any.
     #[serde(default)]
     pub host_device: Option<String>,
+    /// Ports published for this run.
+    #[serde(default)]
+    pub published: Vec<PortMapping>,
 }
 
 impl RunState {

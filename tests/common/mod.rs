@@ -207,6 +207,57 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs `f` on a thread that has entered this namespace (setns affects
+    /// only the calling thread), so the test talks to the namespace directly.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Sends `request` to `addr` inside the namespace and returns the reply
+    /// (None when the connection fails).
+    pub fn tcp_exchange(&self, addr: &str, request: &[u8]) -> Option<String> {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let request = request.to_vec();
+        self.within(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+            s.write_all(&request).ok()?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        out.extend_from_slice(&buf[..n]);
+                        if out.ends_with(b"\n")
+                            && request.ends_with(b"\n")
+                            && !request.starts_with(b"GET")
+                        {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+        })
+    }
+
+    /// HTTP GET of `/` at `addr` inside the namespace.
+    pub fn http_get(&self, addr: &str) -> Option<String> {
+        self.tcp_exchange(addr, b"GET / HTTP/1.0\r\n\r\n")
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("sh")

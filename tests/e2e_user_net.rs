@@ -1,0 +1,144 @@
+//! End to end, user-mode networking: an unprivileged user runs a VM whose
+//! guest port 80 is published on the namespace's loopback; the test fetches
+//! the guest's web page through it. The privileged modes are refused for that
+//! user with a message naming CAP_NET_ADMIN.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Home, Netns, guest, sh, wait_console, wait_for};
+
+/// lume as the unprivileged user `nobody`, inside `ns`.
+fn lume_as_nobody(ns: &Netns, home: &Home, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.name,
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(common::lume_bin())
+    .args(args);
+    home.env(&mut c);
+    c.output().unwrap()
+}
+
+#[test]
+fn unprivileged_user_mode_vm_serves_through_a_published_port() {
+    let home = Home::new();
+    home.write_settings("userSubnet: 198.51.100.0/24\n");
+    let ns = Netns::new("lu");
+    let g = guest();
+    // Created by root (the guest files live in root's cache), then handed to nobody.
+    ns.lume_ok(
+        &home,
+        &[
+            "create",
+            "web",
+            "--cpu",
+            "1",
+            "--memory",
+            "256MB",
+            "--disk-size",
+            "64MB",
+            "--network",
+            "user",
+            "--publish",
+            "127.0.0.1:18080:80",
+            "--kernel",
+            g.kernel.to_str().unwrap(),
+            "--initrd",
+            g.initrd.to_str().unwrap(),
+            "--cmdline",
+            &g.cmdline,
+        ],
+    );
+    ns.lume_ok(&home, &["create", "natvm", "--disk-size", "8MB"]);
+    sh(&format!(
+        "chown -R nobody:nogroup {}",
+        home.path().display()
+    ));
+
+    let refused = lume_as_nobody(&ns, &home, &["run", "natvm"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("CAP_NET_ADMIN") && err.contains("--network user needs no privileges"),
+        "{err}"
+    );
+    let refused = lume_as_nobody(
+        &ns,
+        &home,
+        &["run", "web", "--network", "none", "--publish", "1234:80"],
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("Ports cannot be published in network mode 'none'"),
+        "{err}"
+    );
+
+    let out = lume_as_nobody(
+        &ns,
+        &home,
+        &["run", "web", "--detach", "--publish", "127.0.0.1:18007:7"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = std::fs::read_to_string(home.vm_dir("web").join("run.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let uid = sh(&format!("stat -c %U /proc/{}", v["qemuPid"]))
+        .trim()
+        .to_string();
+    assert_eq!(uid, "nobody", "QEMU runs as the unprivileged user");
+
+    wait_console(
+        &home,
+        "web",
+        "LUME-GUEST: lease eth0 198.51.100.15",
+        Duration::from_secs(180),
+    );
+    let page = wait_for(
+        "the guest's page through 127.0.0.1:18080",
+        Duration::from_secs(30),
+        || {
+            ns.http_get("127.0.0.1:18080")
+                .filter(|text| text.contains("lume-test-guest"))
+        },
+    );
+    let details = ns.lume_ok(&home, &["get", "web", "-f", "json"]);
+    let d: serde_json::Value = serde_json::from_str(&details).unwrap();
+    assert!(page.contains(d["macAddress"].as_str().unwrap()), "{page}");
+    assert_eq!(d["ipAddress"], "198.51.100.15");
+    let ports: Vec<&str> = d["network"]["publishedPorts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["127.0.0.1:18007:7/tcp", "127.0.0.1:18080:80/tcp"]);
+    // The run's own port works too: the guest echoes on port 7.
+    let echo = ns.tcp_exchange("127.0.0.1:18007", b"lume-echo\n");
+    assert_eq!(echo.as_deref(), Some("lume-echo\n"), "echo through 18007");
+
+    let out = lume_as_nobody(&ns, &home, &["stop", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The port is closed again.
+    assert_eq!(
+        ns.http_get("127.0.0.1:18080"),
+        None,
+        "port closed after stop"
+    );
+}
