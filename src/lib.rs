@@ -2,6 +2,7 @@
 //! that keeps working. See README.md for the architecture.
 
 pub mod cli;
+pub mod firewall;
 pub mod hypervisor;
 pub mod network;
 pub mod settings;

@@ -41,7 +41,7 @@ pub enum SettingsError {
 }
 
 /// The parsed settings file (empty when it does not exist).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
     path: PathBuf,
     map: Mapping,

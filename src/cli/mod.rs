@@ -214,6 +214,21 @@ pub enum ConfigCommand {
     Get,
     /// Set one key in config.yaml (other keys are kept)
     Set { key: String, value: String },
+    /// Host networking: which interfaces can be bridged
+    Network {
+        #[command(subcommand)]
+        command: NetworkCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// List host interfaces and whether bridged mode can use them
+    Interfaces {
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 fn context(storage: &StorageArg) -> Result<Context> {
@@ -348,6 +363,13 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     );
                 }
             }
+            Ok(0)
+        }
+        ConfigCommand::Network {
+            command: NetworkCommand::Interfaces { format },
+        } => {
+            let list = crate::network::interfaces::discover()?;
+            output::print_interfaces(&list, format)?;
             Ok(0)
         }
         ConfigCommand::Set { key, value } => {

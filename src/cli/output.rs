@@ -5,6 +5,7 @@ use comfy_table::{Table, presets::NOTHING};
 
 use super::Format;
 use crate::hypervisor::img::CopyKind;
+use crate::network::interfaces::HostInterface;
 use crate::vm::Outcome;
 use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
@@ -42,6 +43,48 @@ fn table(vms: &[VmDetails]) -> String {
         ]);
     }
     t.to_string()
+}
+
+/// Prints host interfaces for `lume config network interfaces`.
+pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+        return Ok(());
+    }
+    let mut t = Table::new();
+    t.load_style(NOTHING);
+    t.set_header([
+        "name",
+        "type",
+        "state",
+        "mac",
+        "ipv4",
+        "default",
+        "bridgeable",
+    ]);
+    for i in list {
+        t.add_row([
+            i.name.clone(),
+            serde_json::to_value(&i.kind)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            i.state.clone(),
+            opt(&i.mac_address),
+            if i.ipv4.is_empty() {
+                "-".into()
+            } else {
+                i.ipv4.join(",")
+            },
+            if i.is_default { "yes" } else { "" }.into(),
+            match &i.reason {
+                None => "yes".into(),
+                Some(r) => format!("no: {r}"),
+            },
+        ]);
+    }
+    println!("{t}");
+    Ok(())
 }
 
 /// Prints one outcome.

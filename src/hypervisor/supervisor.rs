@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
-use super::accel::{self, Accel, AccelChoice, AccelError};
+use super::accel::{self, AccelChoice, AccelError};
 use super::qemu::{self, LaunchSpec, QemuError};
 use super::qmp::{QMP_SOCKET, Qmp};
 use crate::network::NetworkMode;
@@ -147,12 +147,44 @@ pub fn supervise(
         .map_err(io_at(vm.lock_path()))?
         .ok_or_else(|| held_error(vm))?;
     // Anything a dead supervisor left behind.
+    if let Some(stale) = RunState::load(&vm.state_path()) {
+        attach::collect_stale(&stale, &req.attach.settings);
+    }
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
 
     install_signal_handlers();
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
-    let net = attach::attach(&req.network, mac, &req.attach)?;
+    let net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
+    if let Some(dev) = &net.host_device {
+        log(&format!(
+            "Network {}: host device {dev} on {}",
+            req.network,
+            net.parent.as_deref().unwrap_or("-")
+        ));
+    }
+    // Descriptors for QEMU are first copied above 64, so that placing them
+    // at 3, 4, … in the child can never overwrite one not yet placed.
+    let high_fds: Vec<std::os::fd::OwnedFd> = net
+        .fds
+        .iter()
+        .map(|fd| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
+                // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that
+                // nothing else owns.
+                .map(|raw| unsafe {
+                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
+                })
+                .map_err(|e| RunError::Io {
+                    path: PathBuf::from("/dev/net/tun"),
+                    source: e.into(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let raw_fds: Vec<i32> = high_fds
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
 
     let spec = LaunchSpec {
         name: vm.name.as_str(),
@@ -193,11 +225,32 @@ pub fn supervise(
                 libc::_exit(1);
             }
             nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+            for (i, fd) in raw_fds.iter().enumerate() {
+                // dup2 leaves the new descriptor without FD_CLOEXEC: QEMU inherits it.
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
     let mut child = cmd.spawn().map_err(RunError::Spawn)?;
-    let result = run_until_exit(vm, &mut child, accel, req, &net, &stderr_path, announce);
+    drop(high_fds);
+    let state = RunState {
+        pid: std::process::id(),
+        qemu_pid: child.id(),
+        accelerator: accel,
+        network_mode: req.network.clone(),
+        started_at: unix_now(),
+        ip_address: net.ip_address.clone(),
+        host_device: net.host_device.clone(),
+        published: req.attach.publish.clone(),
+        parent: net.parent.clone(),
+        note: net.note.clone(),
+        lease_file: net.lease_file.clone(),
+        mac_address: Some(mac.to_string()),
+    };
+    let result = run_until_exit(vm, &mut child, req, &net, state, &stderr_path, announce);
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -211,9 +264,9 @@ pub fn supervise(
 fn run_until_exit(
     vm: &Vm,
     child: &mut Child,
-    accel: Accel,
     req: &RunRequest,
     net: &attach::Attachment,
+    mut state: RunState,
     stderr_path: &std::path::Path,
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
@@ -237,16 +290,7 @@ fn run_until_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let state = RunState {
-        pid: std::process::id(),
-        qemu_pid: child.id(),
-        accelerator: accel,
-        network_mode: req.network.clone(),
-        started_at: unix_now(),
-        ip_address: net.ip_address.clone(),
-        host_device: net.host_device.clone(),
-        published: req.attach.publish.clone(),
-    };
+
     state
         .save(&vm.state_path())
         .map_err(|source| RunError::Io {
@@ -254,8 +298,8 @@ fn run_until_exit(
             source,
         })?;
     log(&format!(
-        "VM '{}' is running: QEMU pid {}, accelerator {accel}, network {}",
-        vm.name, state.qemu_pid, req.network
+        "VM '{}' is running: QEMU pid {}, accelerator {}, network {}",
+        vm.name, state.qemu_pid, state.accelerator, req.network
     ));
     announce(&state);
 
@@ -267,6 +311,21 @@ fn run_until_exit(
                 vm.name
             ));
             return Ok(status);
+        }
+        // Publish an address learned by DHCP snooping (bridged mode).
+        if let Some(learned) = &net.learned {
+            let ip = learned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|ip| ip.to_string());
+            if ip.is_some() && ip != state.ip_address {
+                log(&format!(
+                    "Guest address from DHCP: {}",
+                    ip.as_deref().unwrap_or("-")
+                ));
+                state.ip_address = ip;
+                let _ = state.save(&vm.state_path());
+            }
         }
         if STOP_REQUESTED.load(Ordering::SeqCst) && force_at.is_none() {
             log("Stop requested: sending ACPI power-off to the guest");

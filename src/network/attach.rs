@@ -1,10 +1,25 @@
 //! What a network mode hands QEMU for one run, and how it is taken down.
-//! Each mode validates before QEMU starts, sets up its host side, and
-//! returns QEMU arguments plus the guest's address when it is known.
+//! Every mode has the same small surface: `validate` before anything exists,
+//! `attach` to set up the host side (returning QEMU arguments, descriptors
+//! and what is known of the guest's address), and teardown when the
+//! [`Attachment`] is dropped.
+
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::NetworkMode;
+use super::dhcp_snoop::DhcpSnooper;
+use super::interfaces::{self, BridgeError, HostInterface, InterfaceType};
+use super::netlink::{Netlink, NetlinkError};
 use super::privilege::has_net_admin;
 use super::publish::{PortMapping, PublishError, check_unique};
+use super::shared::{Kind, Networks, SharedError};
+use super::tap::{Tap, TapError};
 use super::user::UserNet;
 use crate::vm::config::MacAddress;
 
@@ -12,32 +27,108 @@ use crate::vm::config::MacAddress;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(
-        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or give the binary the capability (sudo setcap cap_net_admin+ep $(command -v lume)); --network user needs no privileges"
+        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or give the binary the capability (sudo setcap cap_net_admin,cap_net_raw+ep $(command -v lume)); --network user needs no privileges"
     )]
     NeedsNetAdmin(NetworkMode),
-    #[error(
-        "Network mode '{0}' is not available in this version of lume yet: use --network user (no privileges needed) or --network none"
-    )]
-    NotYet(NetworkMode),
     #[error(
         "Ports cannot be published in network mode '{0}': publishing works with nat and user; a bridged VM is reachable on the LAN at its own address"
     )]
     PublishNotSupported(NetworkMode),
+    #[error(
+        "Interface '{0}' is lume's own {1} bridge: use --network {1} instead of bridging onto it"
+    )]
+    OwnBridge(String, &'static str),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
     UserSubnet(#[from] super::user::BadSubnet),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error(transparent)]
+    Interfaces(#[from] interfaces::InterfaceError),
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+/// Checks a mode being saved with `create` or `set`: a named bridged
+/// interface must exist and be bridgeable now.
+pub fn check_saved_mode(mode: &NetworkMode) -> Result<(), AttachError> {
+    if let NetworkMode::Bridged(Some(name)) = mode {
+        let list = interfaces::discover()?;
+        interfaces::check_bridgeable(&list, name)?;
+    }
+    Ok(())
+}
+
+/// How the host side is taken down.
+#[derive(Debug, Default)]
+enum Teardown {
+    #[default]
+    Nothing,
+    /// Leave a shared bridge network (the tap vanishes with its descriptors).
+    Shared {
+        networks: Networks,
+        kind: Kind,
+        vm: String,
+    },
+    /// Delete a macvtap link.
+    Macvtap(String),
 }
 
 /// A network attached for one run. Dropping it tears the host side down.
 #[derive(Debug, Default)]
 pub struct Attachment {
-    /// Arguments for QEMU (netdev and device).
+    /// Arguments for QEMU (netdev and device); descriptors are named `fd=3`, `fd=4`…
     pub qemu_args: Vec<String>,
-    /// The guest's address if the mode knows it up front.
+    /// Descriptors QEMU must receive as 3, 4, … in this order.
+    pub fds: Vec<OwnedFd>,
+    /// The guest's address if known up front (user mode; NAT's reservation).
     pub ip_address: Option<String>,
-    /// The host-side device, if any.
+    /// The host-side device (tap or macvtap).
     pub host_device: Option<String>,
+    /// The bridge or parent interface.
+    pub parent: Option<String>,
+    /// A limit of this attachment worth telling the user.
+    pub note: Option<String>,
+    /// dnsmasq's lease file (NAT and host-only).
+    pub lease_file: Option<PathBuf>,
+    /// The address learned from DHCP snooping (bridged), updated by a thread.
+    pub learned: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
+    /// Declared last: fields drop in order, so the descriptors above are
+    /// closed (and a tap gone) before the host side is taken down.
+    guard: HostSide,
+}
+
+/// The host side of an attachment; dropping it takes it down.
+#[derive(Debug, Default)]
+struct HostSide {
+    stop: Arc<AtomicBool>,
+    snooper: Option<JoinHandle<()>>,
+    teardown: Teardown,
+}
+
+impl Drop for HostSide {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.snooper.take() {
+            let _ = h.join();
+        }
+        match std::mem::take(&mut self.teardown) {
+            Teardown::Nothing => {}
+            Teardown::Shared { networks, kind, vm } => {
+                let _ = networks.leave(kind, &vm);
+            }
+            Teardown::Macvtap(name) => {
+                if let Ok(mut nl) = Netlink::open() {
+                    let _ = nl.delete_link(&name);
+                }
+            }
+        }
+    }
 }
 
 /// Options that apply to every mode.
@@ -47,6 +138,29 @@ pub struct AttachOptions {
     pub user_net: Option<String>,
     /// Ports to publish for this run.
     pub publish: Vec<PortMapping>,
+    /// config.yaml, for the shared networks' bridges and subnets.
+    pub settings: crate::settings::Settings,
+}
+
+/// The host interface `bridged` or `bridged:<name>` uses now.
+fn bridged_interface(
+    name: Option<&str>,
+    opts: &AttachOptions,
+) -> Result<HostInterface, AttachError> {
+    let list = interfaces::discover()?;
+    let iface = match name {
+        Some(n) => interfaces::check_bridgeable(&list, n)?,
+        None => interfaces::choose_default(&list)?,
+    }
+    .clone();
+    let nets = Networks::from_settings(&opts.settings)?;
+    if iface.name == nets.nat.bridge {
+        return Err(AttachError::OwnBridge(iface.name, "nat"));
+    }
+    if iface.name == nets.host.bridge {
+        return Err(AttachError::OwnBridge(iface.name, "host"));
+    }
+    Ok(iface)
 }
 
 /// Checks, before anything is created, that `mode` can start here.
@@ -62,19 +176,45 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
         return Err(AttachError::NeedsNetAdmin(mode.clone()));
     }
     match mode {
-        NetworkMode::User | NetworkMode::None => Ok(()),
-        other => Err(AttachError::NotYet(other.clone())),
+        NetworkMode::Bridged(name) => {
+            bridged_interface(name.as_deref(), opts)?;
+        }
+        NetworkMode::Nat | NetworkMode::Host => {
+            Networks::from_settings(&opts.settings)?;
+        }
+        NetworkMode::User | NetworkMode::None => {}
     }
+    Ok(())
 }
 
-/// Sets up `mode` for a VM with `mac`.
+/// A host device name unique enough for one namespace: prefix + 8 hex digits.
+fn device_name(prefix: &str) -> String {
+    format!("{prefix}{:08x}", crate::util::random::u64() as u32)
+}
+
+fn virtio_device(netdev: &str, mac: MacAddress) -> String {
+    format!("virtio-net-pci,netdev={netdev},mac={mac}")
+}
+
+/// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
+fn tap_args(mac: MacAddress) -> Vec<String> {
+    vec![
+        "-netdev".into(),
+        "tap,id=net0,fd=3".into(),
+        "-device".into(),
+        virtio_device("net0", mac),
+    ]
+}
+
+/// Sets up `mode` for the VM `vm` (directory `vm_dir`) with `mac`.
 pub fn attach(
     mode: &NetworkMode,
+    vm: &str,
+    vm_dir: &Path,
     mac: MacAddress,
     opts: &AttachOptions,
 ) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
-    let device = |netdev: &str| format!("virtio-net-pci,netdev={netdev},mac={mac}");
     match mode {
         NetworkMode::None => Ok(Attachment::default()),
         NetworkMode::User => {
@@ -87,12 +227,111 @@ pub fn attach(
                     "-netdev".into(),
                     net.netdev("net0", &opts.publish),
                     "-device".into(),
-                    device("net0"),
+                    virtio_device("net0", mac),
                 ],
                 ip_address: Some(net.guest_address().to_string()),
-                host_device: None,
+                ..Default::default()
             })
         }
-        other => Err(AttachError::NotYet(other.clone())),
+        NetworkMode::Nat | NetworkMode::Host => {
+            let kind = if *mode == NetworkMode::Nat {
+                Kind::Nat
+            } else {
+                Kind::Host
+            };
+            let networks = Networks::from_settings(&opts.settings)?;
+            let tap = Tap::create(&device_name("lt"))?;
+            networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
+            let net = networks.get(kind).clone();
+            Ok(Attachment {
+                qemu_args: tap_args(mac),
+                fds: vec![tap.fd],
+                ip_address: None,
+                host_device: Some(tap.name),
+                parent: Some(net.bridge.clone()),
+                note: None,
+                lease_file: Some(net.dnsmasq().lease_path()),
+                guard: HostSide {
+                    stop: Arc::default(),
+                    snooper: None,
+                    teardown: Teardown::Shared {
+                        networks,
+                        kind,
+                        vm: vm.to_string(),
+                    },
+                },
+                ..Default::default()
+            })
+        }
+        NetworkMode::Bridged(name) => {
+            let iface = bridged_interface(name.as_deref(), opts)?;
+            let mut nl = Netlink::open()?;
+            let mut a = Attachment {
+                qemu_args: tap_args(mac),
+                parent: Some(iface.name.clone()),
+                ..Default::default()
+            };
+            let snoop_on = if iface.kind == InterfaceType::Bridge {
+                let tap = Tap::create(&device_name("lt"))?;
+                nl.set_master(&tap.name, &iface.name)?;
+                nl.set_up(&tap.name)?;
+                a.host_device = Some(tap.name.clone());
+                a.fds.push(tap.fd);
+                tap.name
+            } else {
+                let name = device_name("lmv");
+                let index = nl.create_macvtap(&name, &iface.name, mac.0)?;
+                a.guard.teardown = Teardown::Macvtap(name.clone());
+                a.host_device = Some(name.clone());
+                nl.set_up(&name)?;
+                let file = super::tap::open_macvtap(&name, index)?;
+                a.fds.push(file.into());
+                a.note = Some(format!(
+                    "macvtap on {}: the guest cannot reach this host through {} (a macvtap limit); other LAN hosts can reach it",
+                    iface.name, iface.name
+                ));
+                iface.name.clone()
+            };
+            start_snooper(&mut a, &snoop_on, mac);
+            Ok(a)
+        }
+    }
+}
+
+/// Watches the DHCP exchange on `ifname` for the guest's ACK.
+fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
+    let learned = Arc::new(Mutex::new(None));
+    let stop = a.guard.stop.clone();
+    let out = learned.clone();
+    let ifname = ifname.to_string();
+    a.learned = Some(learned);
+    a.guard.snooper = Some(std::thread::spawn(move || {
+        let Ok(mut snooper) = DhcpSnooper::open(&ifname) else {
+            return;
+        };
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(Some(ack)) = snooper.next_ack(mac.0, Duration::from_millis(300)) {
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack.address);
+            }
+        }
+    }));
+}
+
+/// Collects what a killed supervisor left of its network: its macvtap (a tap
+/// vanishes by itself with its descriptors) and, for NAT and host-only, its
+/// membership, taking the shared network down when nobody uses it any more.
+pub fn collect_stale(state: &crate::vm::state::RunState, settings: &crate::settings::Settings) {
+    if let Some(dev) = state
+        .host_device
+        .as_deref()
+        .filter(|d| d.starts_with("lmv"))
+        && let Ok(mut nl) = Netlink::open()
+    {
+        let _ = nl.delete_link(dev);
+    }
+    if matches!(state.network_mode, NetworkMode::Nat | NetworkMode::Host)
+        && let Ok(nets) = Networks::from_settings(settings)
+    {
+        let _ = nets.collect();
     }
 }

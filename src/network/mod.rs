@@ -2,10 +2,16 @@
 //! what QEMU needs for one run; each mode has its own file.
 
 pub mod attach;
+pub mod dhcp_snoop;
+pub mod dnsmasq;
 pub mod interfaces;
 pub mod mode;
+pub mod netlink;
 pub mod privilege;
 pub mod publish;
+pub mod shared;
+pub mod subnet;
+pub mod tap;
 pub mod user;
 
 pub use mode::NetworkMode;

@@ -195,7 +195,7 @@ pub fn execute(
     match action {
         Action::Create(spec) => create(ctx, *spec).map(Outcome::Created),
         Action::Run(spec) => run(ctx, spec, note),
-        Action::Stop { name, timeout } => stop(store, &name, timeout),
+        Action::Stop { name, timeout } => stop(ctx, &name, timeout),
         Action::List => Ok(Outcome::List(
             store
                 .list()?
@@ -215,7 +215,7 @@ pub fn execute(
             name,
             force,
             confirmed,
-        } => delete(store, &name, force, confirmed, note),
+        } => delete(ctx, &name, force, confirmed, note),
     }
 }
 
@@ -267,6 +267,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     }
     check_resources(Some(spec.cpu), Some(spec.memory), Some(spec.disk_size))?;
     check_publish(&spec.network, &spec.publish)?;
+    crate::network::attach::check_saved_mode(&spec.network)?;
     if spec.kernel.is_none() && (spec.initrd.is_some() || spec.cmdline.is_some()) {
         return Err(VmError::InitrdWithoutKernel);
     }
@@ -387,6 +388,7 @@ fn run_request(
         attach: AttachOptions {
             user_net: ctx.settings.get_str("userSubnet")?,
             publish,
+            settings: ctx.settings.clone(),
         },
     })
 }
@@ -517,9 +519,23 @@ fn qmp_command(vm: &Vm, command: &str, within: Duration) -> bool {
     }
 }
 
-fn stop(store: &Store, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+/// Collects what a killed supervisor of `vm` left behind (its lock is free
+/// but its run.json is still there).
+fn collect_after_crash(ctx: &Context, vm: &Vm) {
+    if VmLock::is_held(&vm.lock_path()).unwrap_or(true) {
+        return;
+    }
+    if let Some(stale) = RunState::load(&vm.state_path()) {
+        crate::network::attach::collect_stale(&stale, &ctx.settings);
+        let _ = fs::remove_file(vm.state_path());
+    }
+}
+
+fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+    let store = &ctx.store;
     let vm = store.open(name)?;
     let Some(state) = vm.running_state() else {
+        collect_after_crash(ctx, &vm);
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: false,
@@ -598,6 +614,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
         }
         if let Some(n) = &spec.network {
             check_publish(n, &cfg.publish)?;
+            crate::network::attach::check_saved_mode(n)?;
             cfg.network_mode = n.clone();
         }
         Ok(())
@@ -665,12 +682,13 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
 }
 
 fn delete(
-    store: &Store,
+    ctx: &Context,
     name: &VmName,
     force: bool,
     confirmed: bool,
     note: &mut dyn FnMut(&str),
 ) -> Result<Outcome, VmError> {
+    let store = &ctx.store;
     let vm = store.open(name)?;
     if !force && !confirmed {
         return Err(VmError::NeedsForce(name.clone()));
@@ -680,8 +698,9 @@ fn delete(
             return Err(VmError::RunningNeedsForce(name.clone()));
         }
         note(&format!("Stopping VM '{name}' before deleting it"));
-        stop(store, name, Duration::from_secs(15))?;
+        stop(ctx, name, Duration::from_secs(15))?;
     }
+    collect_after_crash(ctx, &vm);
     let _lock = VmLock::acquire_within(&vm.lock_path(), Duration::from_secs(5))
         .map_err(io_at(&vm.lock_path()))?
         .ok_or_else(|| supervisor::held_error(&vm))?;

@@ -29,6 +29,26 @@ pub struct NetworkDetails {
     pub note: Option<String>,
 }
 
+/// The guest's address as far as it is known now: dnsmasq's lease of this
+/// run (NAT, host-only), the DHCP exchange lume watched (bridged) or the
+/// neighbour table, or the address user mode always gives.
+fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
+    let mac = s.mac_address.as_deref();
+    if let (Some(file), Some(mac)) = (&s.lease_file, mac) {
+        let now = crate::util::time::unix_now();
+        return crate::network::dnsmasq::current_lease(file, mac, s.started_at, now)
+            .map(|ip| ip.to_string());
+    }
+    if s.ip_address.is_some() {
+        return s.ip_address.clone();
+    }
+    if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, mac) {
+        let mac: crate::vm::config::MacAddress = mac.parse().ok()?;
+        return crate::network::dhcp_snoop::neighbour_address(mac.0, None).map(|ip| ip.to_string());
+    }
+    None
+}
+
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
     use crate::network::NetworkMode::*;
     match mode {
@@ -114,20 +134,23 @@ impl VmDetails {
         d.display = Some(cfg.display.clone());
         d.network_mode = Some(cfg.network_mode.to_string());
         d.mac_address = cfg.mac_address.map(|m| m.to_string());
-        let (mode, published, host_device) = match &state {
-            Some(s) => (&s.network_mode, &s.published, s.host_device.clone()),
-            None => (&cfg.network_mode, &cfg.publish, None),
+        let (mode, published) = match &state {
+            Some(s) => (&s.network_mode, &s.published),
+            None => (&cfg.network_mode, &cfg.publish),
         };
         d.network = Some(NetworkDetails {
             mode: mode.to_string(),
-            host_device,
-            parent: None,
+            host_device: state.as_ref().and_then(|s| s.host_device.clone()),
+            parent: state.as_ref().and_then(|s| s.parent.clone()),
             published_ports: published.iter().map(|p| p.to_string()).collect(),
-            note: mode_note(mode),
+            note: state
+                .as_ref()
+                .and_then(|s| s.note.clone())
+                .or_else(|| mode_note(mode)),
         });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
-            d.ip_address = s.ip_address;
+            d.ip_address = guest_address(&s);
         }
         d
     }

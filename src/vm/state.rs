@@ -31,6 +31,18 @@ pub struct RunState {
     /// Ports published for this run.
     #[serde(default)]
     pub published: Vec<PortMapping>,
+    /// The bridge or parent interface of the host device.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// A limit of this network attachment.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// dnsmasq's lease file for NAT and host-only VMs.
+    #[serde(default)]
+    pub lease_file: Option<std::path::PathBuf>,
+    /// The MAC address of this run.
+    #[serde(default)]
+    pub mac_address: Option<String>,
 }
 
 impl RunState {

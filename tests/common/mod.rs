@@ -263,7 +263,8 @@ impl Drop for Netns {
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "for p in $(ip netns pids {0} 2>/dev/null); do kill -9 $p; done; ip netns del {0}",
+                "for p in $(ip netns pids {0} 2>/dev/null); do kill -9 $p; done; \
+                 rm -rf /run/lume/net-$(stat -L -c %i /run/netns/{0}); ip netns del {0}",
                 self.name
             ))
             .status();
@@ -306,4 +307,155 @@ pub fn wait_console(home: &Home, vm: &str, needle: &str, timeout: Duration) -> S
             text.contains(needle).then_some(text)
         },
     )
+}
+
+/// The network the end-to-end network tests run in:
+///
+/// ```text
+///  [lan ns]  br0 198.51.100.1/24 ── dnsmasq (the LAN's DHCP server, .100–.150)
+///             │                     peer services on 198.51.100.1
+///           lanport (veth)
+///             │
+///  [host ns]  up0 198.51.100.2/24, default route via 198.51.100.1  ← lume runs here
+/// ```
+/// Only documentation ranges are used: the LAN is 198.51.100.0/24, lume's NAT
+/// subnet 203.0.113.0/24 and its host-only subnet 192.0.2.0/24.
+pub struct Lan {
+    pub host: Netns,
+    pub lan: Netns,
+    pub home: Home,
+    _dnsmasq_dir: tempfile::TempDir,
+}
+
+pub const LAN_PEER: &str = "198.51.100.1";
+pub const HOST_UPLINK_IP: &str = "198.51.100.2";
+
+impl Lan {
+    pub fn new(tag: &str) -> Self {
+        let lan = Netns::new(&format!("{tag}l"));
+        let host = Netns::new(&format!("{tag}h"));
+        lan.exec_ok(
+            "ip link add br0 type bridge && ip addr add 198.51.100.1/24 dev br0 && ip link set br0 up",
+        );
+        host.exec_ok(&format!(
+            "ip link add up0 type veth peer name lanport netns {} && \
+             ip addr add 198.51.100.2/24 dev up0 && ip link set up0 up && \
+             ip route add default via 198.51.100.1",
+            lan.name
+        ));
+        lan.exec_ok("ip link set lanport master br0 && ip link set lanport up");
+        let dir = tempfile::tempdir().unwrap();
+        lan.exec_ok(&format!(
+            "dnsmasq --conf-file=/dev/null --bind-interfaces --interface=br0 --except-interface=lo \
+             --dhcp-range=198.51.100.100,198.51.100.150,255.255.255.0,10m --dhcp-option=3,198.51.100.1 \
+             --dhcp-leasefile={0}/leases --pid-file={0}/pid --port=0 --dhcp-authoritative",
+            dir.path().display()
+        ));
+        let home = Home::new();
+        home.write_settings(
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+        );
+        Self {
+            host,
+            lan,
+            home,
+            _dnsmasq_dir: dir,
+        }
+    }
+
+    /// lume in the host namespace.
+    pub fn lume_ok(&self, args: &[&str]) -> String {
+        self.host.lume_ok(&self.home, args)
+    }
+
+    pub fn lume_fails(&self, args: &[&str]) -> String {
+        self.host.lume_fails(&self.home, args)
+    }
+
+    /// `lume get NAME -f json` in the host namespace.
+    pub fn get(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.lume_ok(&["get", name, "-f", "json"])).unwrap()
+    }
+
+    /// Creates a VM from the test guest; `extra_cmdline` is appended to the
+    /// guest's kernel command line (e.g. `lume.probe=IP:PORT`).
+    pub fn create(&self, name: &str, network: &str, extra: &[&str], extra_cmdline: &str) {
+        let g = guest();
+        let cmdline = format!("{} {extra_cmdline}", g.cmdline);
+        let mut args = vec![
+            "create",
+            name,
+            "--cpu",
+            "1",
+            "--memory",
+            "192MB",
+            "--disk-size",
+            "16MB",
+            "--network",
+            network,
+            "--kernel",
+            g.kernel.to_str().unwrap(),
+            "--initrd",
+            g.initrd.to_str().unwrap(),
+            "--cmdline",
+            &cmdline,
+        ];
+        args.extend_from_slice(extra);
+        self.lume_ok(&args);
+    }
+}
+
+/// A TCP service in a namespace that records who connects and answers with
+/// the address it saw. Stops when dropped.
+pub struct Recorder {
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    pub fn start(ns: &Netns, addr: &str) -> Self {
+        use std::io::Write;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2) = (seen.clone(), stop.clone());
+        let path = format!("/run/netns/{}", ns.name);
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind(addr).unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !st2.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        s2.lock().unwrap().push(peer);
+                        let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        rx.recv().unwrap();
+        Self {
+            seen,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn sources(&self) -> Vec<std::net::IpAddr> {
+        self.seen.lock().unwrap().iter().map(|a| a.ip()).collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }

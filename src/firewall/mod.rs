@@ -1,0 +1,67 @@
+//! Firewall rules lume needs, as one desired state applied in one batch.
+//! Every rule lives in lume's own table, so applying is idempotent and a
+//! flush by somebody else is repaired by applying the same state again.
+
+pub mod nft;
+
+use std::net::Ipv4Addr;
+
+use crate::network::publish::Proto;
+use crate::network::subnet::Subnet;
+
+/// A lume bridge and its subnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeNet {
+    pub bridge: String,
+    pub subnet: Subnet,
+}
+
+/// One published port of a NAT VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dnat {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub proto: Proto,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+/// Everything lume's table should contain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirewallState {
+    /// The NAT bridge: forwarding and masquerade.
+    pub nat: Option<BridgeNet>,
+    /// The host-only bridge: no forwarding at all.
+    pub host: Option<BridgeNet>,
+    /// Published ports of NAT VMs.
+    pub dnat: Vec<Dnat>,
+}
+
+impl FirewallState {
+    pub fn is_empty(&self) -> bool {
+        self.nat.is_none() && self.host.is_none() && self.dnat.is_empty()
+    }
+}
+
+/// Why the firewall could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(
+        "The nft command was not found: install the nftables package (apt-get install nftables)"
+    )]
+    NftMissing,
+    #[error("nft refused lume's rules: {0}")]
+    Rejected(String),
+    #[error("Cannot run nft")]
+    Io(#[source] std::io::Error),
+}
+
+/// A firewall backend.
+pub trait FirewallDriver {
+    /// Replaces lume's rules with `state`, atomically.
+    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError>;
+    /// Removes every lume rule; a missing table is not an error.
+    fn remove(&self) -> Result<(), FirewallError>;
+    /// Whether lume's table exists.
+    fn present(&self) -> Result<bool, FirewallError>;
+}

@@ -1,0 +1,172 @@
+//! nftables backend: one table, `inet lume`, written with `nft -f -` as a
+//! single transaction (`add table; delete table; table { ... }`), so it is
+//! replaced whole or not at all.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::{FirewallDriver, FirewallError, FirewallState};
+
+/// The table that holds every lume rule.
+pub const TABLE: &str = "lume";
+
+/// The nftables driver.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Nft;
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => FirewallError::NftMissing,
+            _ => FirewallError::Io(e),
+        })?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input
+            .write_all(text.as_bytes())
+            .map_err(FirewallError::Io)?;
+    }
+    let out = child.wait_with_output().map_err(FirewallError::Io)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(FirewallError::Rejected(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// The nft script for `state`.
+pub fn script(state: &FirewallState) -> String {
+    let mut forward = Vec::new();
+    let mut postrouting = Vec::new();
+    let mut dnat = Vec::new();
+    if let Some(h) = &state.host {
+        // Host-only: guests reach the host and each other, nothing else.
+        forward.push(format!("iifname \"{}\" drop", h.bridge));
+        forward.push(format!("oifname \"{}\" drop", h.bridge));
+    }
+    if let Some(n) = &state.nat {
+        forward.push(format!("iifname \"{}\" accept", n.bridge));
+        forward.push(format!(
+            "oifname \"{}\" ct state established,related accept",
+            n.bridge
+        ));
+        forward.push(format!("oifname \"{}\" ct status dnat accept", n.bridge));
+        // Nothing else gets in: a NAT guest is reached through published ports only.
+        forward.push(format!("oifname \"{}\" drop", n.bridge));
+        postrouting.push(format!(
+            "ip saddr {} oifname != \"{}\" masquerade",
+            n.subnet, n.bridge
+        ));
+    }
+    for d in &state.dnat {
+        let daddr = match d.host_ip {
+            Some(ip) => format!("ip daddr {ip}"),
+            None => "ip daddr != 127.0.0.0/8 fib daddr type local".to_string(),
+        };
+        dnat.push(format!(
+            "{daddr} {proto} dport {port} dnat ip to {guest}:{gport}",
+            proto = d.proto,
+            port = d.host_port,
+            guest = d.guest,
+            gport = d.guest_port
+        ));
+    }
+    let chain = |name: &str, hook: &str, body: &[String]| {
+        let mut s = format!("  chain {name} {{\n    {hook}\n");
+        for r in body {
+            s.push_str(&format!("    {r}\n"));
+        }
+        s.push_str("  }\n");
+        s
+    };
+    let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    s.push_str(&chain(
+        "forward",
+        "type filter hook forward priority filter; policy accept;",
+        &forward,
+    ));
+    s.push_str(&chain(
+        "prerouting",
+        "type nat hook prerouting priority dstnat; policy accept;",
+        &dnat,
+    ));
+    s.push_str(&chain(
+        "output",
+        "type nat hook output priority -100; policy accept;",
+        &dnat,
+    ));
+    s.push_str(&chain(
+        "postrouting",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        &postrouting,
+    ));
+    s.push_str("}\n");
+    s
+}
+
+impl FirewallDriver for Nft {
+    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
+        if state.is_empty() {
+            return self.remove();
+        }
+        nft(&["-f", "-"], Some(&script(state))).map(drop)
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        if !self.present()? {
+            return Ok(());
+        }
+        nft(&["delete", "table", "inet", TABLE], None).map(drop)
+    }
+
+    fn present(&self) -> Result<bool, FirewallError> {
+        let out = nft(&["list", "tables", "inet"], None)?;
+        Ok(out
+            .lines()
+            .any(|l| l.trim() == format!("table inet {TABLE}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::{BridgeNet, Dnat};
+    use crate::network::publish::Proto;
+
+    #[test]
+    fn script_holds_masquerade_forwarding_and_dnat() {
+        let state = FirewallState {
+            nat: Some(BridgeNet {
+                bridge: "lume0".into(),
+                subnet: "203.0.113.0/24".parse().unwrap(),
+            }),
+            host: Some(BridgeNet {
+                bridge: "lume-host0".into(),
+                subnet: "198.51.100.0/24".parse().unwrap(),
+            }),
+            dnat: vec![Dnat {
+                host_ip: None,
+                host_port: 8080,
+                proto: Proto::Tcp,
+                guest: "203.0.113.2".parse().unwrap(),
+                guest_port: 80,
+            }],
+        };
+        let s = script(&state);
+        assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
+        assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
+        assert!(s.contains("iifname \"lume-host0\" drop"));
+        assert!(s.contains("tcp dport 8080 dnat ip to 203.0.113.2:80"));
+        assert_eq!(s.matches("dnat ip to").count(), 2, "prerouting and output");
+    }
+}

@@ -1,0 +1,259 @@
+//! A private dnsmasq per lume bridge: its own configuration, pid file, lease
+//! file and reservation directory under lume's runtime directory, bound to
+//! the bridge only (`bind-interfaces`, `except-interface=lo`), so it never
+//! competes with a system resolver or another dnsmasq.
+
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::subnet::Subnet;
+
+/// How long leases last; a lease granted before the VM started is older than its run.
+pub const LEASE_SECS: u64 = 3600;
+
+/// Why dnsmasq could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsmasqError {
+    #[error(
+        "dnsmasq was not found: install the dnsmasq-base package (apt-get install dnsmasq-base)"
+    )]
+    Missing,
+    #[error("dnsmasq did not start for bridge {bridge}: {message}")]
+    Failed { bridge: String, message: String },
+    #[error("Cannot write dnsmasq's files in {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One dnsmasq instance serving one bridge.
+#[derive(Debug, Clone)]
+pub struct Dnsmasq {
+    /// Directory of its files.
+    pub dir: PathBuf,
+    pub bridge: String,
+    pub subnet: Subnet,
+    /// Hand out the gateway as router and DNS server (NAT); host-only gets neither.
+    pub route: bool,
+}
+
+/// One line of the lease file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub expires: u64,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Dnsmasq {
+    pub fn conf_path(&self) -> PathBuf {
+        self.dir.join("dnsmasq.conf")
+    }
+    pub fn pid_path(&self) -> PathBuf {
+        self.dir.join("dnsmasq.pid")
+    }
+    pub fn lease_path(&self) -> PathBuf {
+        self.dir.join("dnsmasq.leases")
+    }
+    pub fn hosts_dir(&self) -> PathBuf {
+        self.dir.join("hosts.d")
+    }
+
+    /// The configuration file's text.
+    pub fn conf(&self) -> String {
+        let s = &self.subnet;
+        let mut c = format!(
+            "# Written by lume; replaced at every start.\n\
+             interface={bridge}\n\
+             bind-interfaces\n\
+             except-interface=lo\n\
+             listen-address={gw}\n\
+             dhcp-range={first},{last},{mask},{LEASE_SECS}\n\
+             dhcp-hostsdir={hosts}\n\
+             dhcp-leasefile={leases}\n\
+             pid-file={pid}\n\
+             dhcp-authoritative\n\
+             dhcp-rapid-commit\n\
+             no-hosts\n\
+             log-facility={log}\n\
+             log-dhcp\n",
+            bridge = self.bridge,
+            gw = s.gateway(),
+            first = s.host(2),
+            last = s.last_host(),
+            mask = s.mask(),
+            hosts = self.hosts_dir().display(),
+            leases = self.lease_path().display(),
+            pid = self.pid_path().display(),
+            log = self.dir.join("dnsmasq.log").display(),
+        );
+        if !self.route {
+            // Host-only: no default route and no DNS for the guests.
+            c.push_str("dhcp-option=option:router\ndhcp-option=option:dns-server\nport=0\n");
+        }
+        c
+    }
+
+    /// The pid of this instance if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(self.pid_path())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let conf = self.conf_path().display().to_string();
+        String::from_utf8_lossy(&cmdline)
+            .contains(&conf)
+            .then_some(pid)
+    }
+
+    /// Starts dnsmasq unless it already runs.
+    pub fn ensure_running(&self) -> Result<(), DnsmasqError> {
+        if self.pid().is_some() {
+            return Ok(());
+        }
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DnsmasqError::Io { path, source }
+        };
+        fs::create_dir_all(self.hosts_dir()).map_err(io_err(&self.hosts_dir()))?;
+        fs::write(self.conf_path(), self.conf()).map_err(io_err(&self.conf_path()))?;
+        // dnsmasq drops to its own user: it must be able to rewrite the lease file.
+        if !self.lease_path().exists() {
+            fs::write(self.lease_path(), b"").map_err(io_err(&self.lease_path()))?;
+        }
+        if let Ok(Some(user)) = nix::unistd::User::from_name("dnsmasq") {
+            let _ = nix::unistd::chown(&self.lease_path(), Some(user.uid), None);
+        }
+        let out = Command::new("dnsmasq")
+            .arg(format!("--conf-file={}", self.conf_path().display()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => DnsmasqError::Missing,
+                _ => io_err(&self.conf_path())(e),
+            })?;
+        let failed = |message: String| DnsmasqError::Failed {
+            bridge: self.bridge.clone(),
+            message,
+        };
+        if !out.status.success() {
+            return Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.pid().is_none() {
+            if Instant::now() > deadline {
+                return Err(failed("it exited without writing its pid file".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// Stops dnsmasq if it runs.
+    pub fn stop(&self) {
+        if let Some(pid) = self.pid() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while self.pid().is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = fs::remove_file(self.pid_path());
+    }
+
+    /// Reserves `ip` for `mac` (dnsmasq reads the directory by itself).
+    pub fn reserve(&self, vm: &str, mac: &str, ip: Ipv4Addr) -> Result<(), DnsmasqError> {
+        fs::create_dir_all(self.hosts_dir()).map_err(|source| DnsmasqError::Io {
+            path: self.hosts_dir(),
+            source,
+        })?;
+        let path = self.hosts_dir().join(vm);
+        crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes())
+            .map_err(|source| DnsmasqError::Io { path, source })
+    }
+
+    /// Drops the reservation of `vm`.
+    pub fn release(&self, vm: &str) {
+        let _ = fs::remove_file(self.hosts_dir().join(vm));
+    }
+}
+
+/// Parses a dnsmasq lease file: `expiry mac ip hostname client-id` per line.
+pub fn parse_leases(text: &str) -> Vec<Lease> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some(Lease {
+                expires: f.next()?.parse().ok()?,
+                mac: f.next()?.to_ascii_lowercase(),
+                ip: f.next()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The current lease of `mac` in `lease_file`, granted at or after `since`
+/// (Unix seconds) and not expired at `now`.
+pub fn current_lease(lease_file: &Path, mac: &str, since: u64, now: u64) -> Option<Ipv4Addr> {
+    let text = fs::read_to_string(lease_file).ok()?;
+    parse_leases(&text)
+        .into_iter()
+        .filter(|l| l.mac == mac.to_ascii_lowercase())
+        .filter(|l| l.expires > now && l.expires + 1 >= since + LEASE_SECS)
+        .max_by_key(|l| l.expires)
+        .map(|l| l.ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_binds_to_the_bridge_only() {
+        let d = Dnsmasq {
+            dir: "/run/lume/x/nat".into(),
+            bridge: "lume0".into(),
+            subnet: "203.0.113.0/24".parse().unwrap(),
+            route: true,
+        };
+        let c = d.conf();
+        assert!(c.contains("interface=lume0\nbind-interfaces\nexcept-interface=lo\n"));
+        assert!(c.contains("dhcp-range=203.0.113.2,203.0.113.254,255.255.255.0,3600"));
+        assert!(!c.contains("port=0"));
+        let host = Dnsmasq { route: false, ..d };
+        assert!(host.conf().contains("dhcp-option=option:router\n"));
+    }
+
+    #[test]
+    fn only_fresh_leases_of_this_run_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("leases");
+        // Granted at 1000 (expires 4600) and at 5000 (expires 8600).
+        std::fs::write(
+            &f,
+            "4600 52:54:00:aa:bb:cc 203.0.113.5 guest *\n8600 52:54:00:AA:BB:CC 203.0.113.6 guest *\n7000 02:00:00:00:00:01 203.0.113.9 * *\n",
+        )
+        .unwrap();
+        let mac = "52:54:00:aa:bb:cc";
+        assert_eq!(
+            current_lease(&f, mac, 4000, 6000),
+            Some("203.0.113.6".parse().unwrap())
+        );
+        // A run that started after the last grant has no lease yet.
+        assert_eq!(current_lease(&f, mac, 5500, 6000), None);
+        // Expired.
+        assert_eq!(current_lease(&f, mac, 4000, 9000), None);
+    }
+}

@@ -1,0 +1,251 @@
+//! End to end, the network modes, in namespaces the tests create (see
+//! `common::Lan`): a bridged VM leased by the LAN's own DHCP server, NAT VMs
+//! masqueraded as the host and reachable through a published port, a
+//! host-only VM that reaches the host but not the LAN, and nothing left over
+//! after the VMs stop.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{HOST_UPLINK_IP, LAN_PEER, Lan, Recorder, wait_console, wait_for};
+use serde_json::Value;
+
+const BOOT: Duration = Duration::from_secs(180);
+
+fn links(ns: &common::Netns) -> String {
+    ns.exec_ok("ip -br link")
+}
+
+#[test]
+fn bridged_vm_is_a_peer_on_the_lan() {
+    let t = Lan::new("nb");
+    t.create("br1", "bridged:up0", &[], "");
+    t.lume_ok(&["run", "br1", "--detach"]);
+    let console = wait_console(&t.home, "br1", "LUME-GUEST: lease eth0 198.51.100.1", BOOT);
+    let leased = console
+        .lines()
+        .find_map(|l| l.strip_prefix("LUME-GUEST: lease eth0 "))
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_string();
+    // Leased by the LAN's dnsmasq from its own range, not by lume.
+    let last: u8 = leased.rsplit('.').next().unwrap().parse().unwrap();
+    assert!((100..=150).contains(&last), "{leased}");
+    let d = wait_for(
+        "lume get to report the DHCP address",
+        Duration::from_secs(20),
+        || {
+            let d = t.get("br1");
+            (d["ipAddress"] == leased.as_str()).then_some(d)
+        },
+    );
+    assert_eq!(d["network"]["mode"], "bridged:up0");
+    assert_eq!(d["network"]["parent"], "up0");
+    let dev = d["network"]["hostDevice"].as_str().unwrap().to_string();
+    assert!(
+        dev.starts_with("lmv"),
+        "macvtap on a plain interface: {dev}"
+    );
+    assert!(
+        d["network"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach this host")
+    );
+
+    // A LAN peer reaches the guest directly.
+    let page = wait_for(
+        "the guest's page from the LAN",
+        Duration::from_secs(20),
+        || {
+            t.lan
+                .http_get(&format!("{leased}:80"))
+                .filter(|p| p.contains("lume-test-guest"))
+        },
+    );
+    assert!(page.contains(d["macAddress"].as_str().unwrap()));
+
+    // Plain `bridged` picks the uplink even while a VPN-like tun holds the routes.
+    t.host.exec_ok(
+        "ip tuntap add dev tun0 mode tun && ip addr add 192.0.2.77/32 dev tun0 && ip link set tun0 up && \
+         ip route add 0.0.0.0/1 dev tun0 && ip route add 128.0.0.0/1 dev tun0",
+    );
+    t.create("br2", "bridged", &[], "");
+    t.lume_ok(&["run", "br2", "--detach"]);
+    assert_eq!(t.get("br2")["network"]["parent"], "up0");
+    wait_console(&t.home, "br2", "LUME-GUEST: lease eth0 198.51.100.1", BOOT);
+
+    // Refusals name the interfaces that would work.
+    let err = t.lume_fails(&["create", "x", "--network", "bridged:eth9"]);
+    assert!(
+        err.contains("'eth9' does not exist") && err.contains("up0"),
+        "{err}"
+    );
+    let err = t.lume_fails(&["create", "x", "--network", "bridged:tun0"]);
+    assert!(
+        err.contains("cannot be bridged") && err.contains("up0"),
+        "{err}"
+    );
+    let err = t.lume_fails(&["run", "br1", "--network", "bridged:lo"]);
+    assert!(err.contains("'lo' cannot be bridged"), "{err}");
+
+    t.lume_ok(&["stop", "br1"]);
+    t.lume_ok(&["stop", "br2"]);
+    let after = links(&t.host);
+    assert!(!after.contains("lmv") && !after.contains("lt"), "{after}");
+}
+
+#[test]
+fn nat_and_host_only_vms() {
+    let t = Lan::new("nn");
+    let peer = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
+    let probe = format!("lume.probe={LAN_PEER}:9000");
+    t.create("nat1", "nat", &["--publish", "8080:80"], &probe);
+    t.create("nat2", "nat", &[], &probe);
+    t.create("ho", "host", &[], &probe);
+    let forward_before = t.host.exec_ok("cat /proc/sys/net/ipv4/ip_forward");
+    for vm in ["nat1", "nat2", "ho"] {
+        t.lume_ok(&["run", vm, "--detach"]);
+    }
+    let mut addrs = Vec::new();
+    for vm in ["nat1", "nat2", "ho"] {
+        let subnet = if vm == "ho" { "192.0.2." } else { "203.0.113." };
+        wait_console(
+            &t.home,
+            vm,
+            &format!("LUME-GUEST: lease eth0 {subnet}"),
+            BOOT,
+        );
+        let d = wait_for(
+            &format!("{vm}'s address from lume's leases"),
+            Duration::from_secs(20),
+            || {
+                let d = t.get(vm);
+                d["ipAddress"].as_str().map(str::to_string)
+            },
+        );
+        assert!(d.starts_with(subnet), "{vm}: {d}");
+        addrs.push(d);
+    }
+    assert_ne!(addrs[0], addrs[1], "distinct NAT addresses");
+    let nat1: Value = t.get("nat1");
+    assert_eq!(nat1["network"]["parent"], "lume0");
+
+    // NAT guests reach the LAN peer, masqueraded as the host.
+    wait_console(
+        &t.home,
+        "nat1",
+        "LUME-GUEST: probe ok",
+        Duration::from_secs(30),
+    );
+    wait_console(
+        &t.home,
+        "nat2",
+        "LUME-GUEST: probe ok",
+        Duration::from_secs(30),
+    );
+    let sources = peer.sources();
+    assert!(!sources.is_empty());
+    let host_ip: IpAddr = HOST_UPLINK_IP.parse().unwrap();
+    assert!(sources.iter().all(|s| *s == host_ip), "{sources:?}");
+
+    // The host reaches NAT and host-only guests directly.
+    for ip in [&addrs[0], &addrs[1], &addrs[2]] {
+        let page = t.host.http_get(&format!("{ip}:80"));
+        assert!(
+            page.is_some_and(|p| p.contains("lume-test-guest")),
+            "host to {ip}"
+        );
+    }
+    // The published port answers from the LAN, through the host's address.
+    let page = t
+        .lan
+        .http_get(&format!("{HOST_UPLINK_IP}:8080"))
+        .unwrap_or_default();
+    assert!(
+        page.contains(nat1["macAddress"].as_str().unwrap()),
+        "{page}"
+    );
+    // The LAN cannot reach NAT guests directly, nor the host-only guest.
+    t.lan.exec_ok(
+        "ip route add 203.0.113.0/24 via 198.51.100.2 && ip route add 192.0.2.0/24 via 198.51.100.2",
+    );
+    assert!(
+        t.lan.http_get(&format!("{}:80", addrs[0])).is_none(),
+        "LAN to NAT guest"
+    );
+    assert!(
+        t.lan.http_get(&format!("{}:80", addrs[2])).is_none(),
+        "LAN to host-only guest"
+    );
+
+    // The host-only guest never reaches the LAN.
+    std::thread::sleep(Duration::from_secs(2));
+    let ho = std::fs::read_to_string(t.home.vm_dir("ho").join("console.log")).unwrap();
+    assert!(
+        ho.contains("LUME-GUEST: probe fail") && !ho.contains("LUME-GUEST: probe ok"),
+        "{ho}"
+    );
+    let ho_ip: IpAddr = addrs[2].parse().unwrap();
+    assert!(!peer.sources().contains(&ho_ip));
+
+    // Stopping one NAT VM keeps the network for the other.
+    t.lume_ok(&["stop", "nat2"]);
+    assert!(links(&t.host).contains("lume0"));
+    assert!(t.host.http_get(&format!("{}:80", addrs[0])).is_some());
+
+    for vm in ["nat1", "ho"] {
+        t.lume_ok(&["stop", vm]);
+    }
+    // Nothing left: links, firewall table, dnsmasq, forwarding restored.
+    let l = links(&t.host);
+    assert!(
+        !l.contains("lume0") && !l.contains("lume-host0") && !l.contains("lt"),
+        "{l}"
+    );
+    let tables = t.host.exec_ok("nft list tables");
+    assert!(!tables.contains("lume"), "{tables}");
+    let procs = common::sh(&format!(
+        "for p in $(ip netns pids {}); do cat /proc/$p/comm 2>/dev/null; done; true",
+        t.host.name
+    ));
+    assert!(!procs.contains("dnsmasq"), "{procs}");
+    assert_eq!(
+        t.host.exec_ok("cat /proc/sys/net/ipv4/ip_forward"),
+        forward_before
+    );
+}
+
+#[test]
+fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
+    let t = Lan::new("nk");
+    t.create("k1", "nat", &[], "");
+    t.create("k2", "bridged:up0", &[], "");
+    t.lume_ok(&["run", "k1", "--detach"]);
+    t.lume_ok(&["run", "k2", "--detach"]);
+    for vm in ["k1", "k2"] {
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(t.home.vm_dir(vm).join("run.json")).unwrap(),
+        )
+        .unwrap();
+        common::sh(&format!("kill -9 {}", state["pid"]));
+    }
+    wait_for("both VMs stopped", Duration::from_secs(10), || {
+        (t.get("k1")["status"] == "stopped" && t.get("k2")["status"] == "stopped").then_some(())
+    });
+    // The next lume command that touches the network collects the rest.
+    t.lume_ok(&["stop", "k1"]);
+    t.lume_ok(&["stop", "k2"]);
+    let l = links(&t.host);
+    assert!(
+        !l.contains("lume0") && !l.contains("lmv") && !l.contains("lt"),
+        "{l}"
+    );
+    assert!(!t.host.exec_ok("nft list tables").contains("lume"));
+    // And both start again at once.
+    t.lume_ok(&["run", "k1", "--detach"]);
+    wait_console(&t.home, "k1", "LUME-GUEST: lease eth0 203.0.113.", BOOT);
+    t.lume_ok(&["stop", "k1"]);
+}
