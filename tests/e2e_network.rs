@@ -168,6 +168,15 @@ fn nat_and_host_only_vms() {
         page.contains(nat1["macAddress"].as_str().unwrap()),
         "{page}"
     );
+    // ... and from the host itself, through its own address.
+    let page = t
+        .host
+        .http_get(&format!("{HOST_UPLINK_IP}:8080"))
+        .unwrap_or_default();
+    assert!(
+        page.contains(nat1["macAddress"].as_str().unwrap()),
+        "{page}"
+    );
     // The LAN cannot reach NAT guests directly, nor the host-only guest.
     t.lan.exec_ok(
         "ip route add 203.0.113.0/24 via 198.51.100.2 && ip route add 192.0.2.0/24 via 198.51.100.2",
@@ -248,4 +257,54 @@ fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
     t.lume_ok(&["run", "k1", "--detach"]);
     wait_console(&t.home, "k1", "LUME-GUEST: lease eth0 203.0.113.", BOOT);
     t.lume_ok(&["stop", "k1"]);
+}
+
+#[test]
+fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
+    let t = Lan::new("ns");
+    // A server-style host: the uplink is enslaved to a bridge that holds the address.
+    t.host.exec_ok(
+        "ip link add hbr0 type bridge && ip link set up0 master hbr0 && ip link set hbr0 up && \
+         ip addr del 198.51.100.2/24 dev up0 && ip addr add 198.51.100.2/24 dev hbr0 && \
+         ip route add default via 198.51.100.1",
+    );
+    let err = t.lume_fails(&["create", "x", "--network", "bridged:up0"]);
+    assert!(
+        err.contains("part of bridge hbr0") && err.contains("hbr0"),
+        "{err}"
+    );
+    t.create("tb", "bridged", &[], "");
+    t.lume_ok(&["run", "tb", "--detach"]);
+    let d = t.get("tb");
+    assert_eq!(d["network"]["parent"], "hbr0");
+    let tap = d["network"]["hostDevice"].as_str().unwrap().to_string();
+    assert!(tap.starts_with("lt"), "{tap}");
+    assert!(
+        t.host
+            .exec_ok(&format!("ip -br link show master hbr0"))
+            .contains(&tap)
+    );
+    let console = wait_console(&t.home, "tb", "LUME-GUEST: lease eth0 198.51.100.1", BOOT);
+    let leased = console
+        .lines()
+        .find_map(|l| l.strip_prefix("LUME-GUEST: lease eth0 "))
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_string();
+    wait_for("the snooped address", Duration::from_secs(20), || {
+        (t.get("tb")["ipAddress"] == leased.as_str()).then_some(())
+    });
+    let log = std::fs::read_to_string(t.home.vm_dir("tb").join("lume.log")).unwrap();
+    assert!(
+        log.contains(&format!("Guest address from DHCP: {leased}")),
+        "{log}"
+    );
+    // On a bridge the host itself reaches the guest too.
+    assert!(
+        t.host
+            .http_get(&format!("{leased}:80"))
+            .is_some_and(|p| p.contains("lume-test-guest"))
+    );
+    t.lume_ok(&["stop", "tb"]);
+    assert!(!links(&t.host).contains(&tap));
 }
