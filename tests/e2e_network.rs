@@ -281,7 +281,7 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
     assert!(tap.starts_with("lt"), "{tap}");
     assert!(
         t.host
-            .exec_ok(&format!("ip -br link show master hbr0"))
+            .exec_ok("ip -br link show master hbr0")
             .contains(&tap)
     );
     let console = wait_console(&t.home, "tb", "LUME-GUEST: lease eth0 198.51.100.1", BOOT);
