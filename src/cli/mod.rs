@@ -65,6 +65,8 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Show or change global settings
     Config(ConfigArgs),
+    /// Host networking: health checks
+    Network(NetworkArgs),
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +205,24 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct NetworkArgs {
+    #[command(subcommand)]
+    pub command: NetworkTopCommand,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkTopCommand {
+    /// Check the host and every running VM; exit 1 if a check fails
+    Doctor {
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct ConfigArgs {
     #[command(subcommand)]
     pub command: ConfigCommand,
@@ -255,6 +275,13 @@ fn confirm(question: &str) -> bool {
 pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
+        Command::Network(n) => {
+            let ctx = context(&n.storage)?;
+            let NetworkTopCommand::Doctor { format } = n.command;
+            let report = crate::network::doctor::run(&ctx);
+            output::print_doctor(&report, format)?;
+            return Ok(if report.ok() { 0 } else { 1 });
+        }
         Command::Create(a) => (
             a.storage,
             Action::Create(Box::new(CreateSpec {

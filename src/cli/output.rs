@@ -45,6 +45,23 @@ fn table(vms: &[VmDetails]) -> String {
     t.to_string()
 }
 
+/// Prints the doctor's report: one line per check.
+pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> Result<()> {
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for c in &report.checks {
+        println!(
+            "{} {}: {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    Ok(())
+}
+
 /// Prints host interfaces for `lume config network interfaces`.
 pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
     if format == Format::Json {

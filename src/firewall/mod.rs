@@ -64,4 +64,30 @@ pub trait FirewallDriver {
     fn remove(&self) -> Result<(), FirewallError>;
     /// Whether lume's table exists.
     fn present(&self) -> Result<bool, FirewallError>;
+    /// The table as the firewall lists it now; `None` when it is missing.
+    fn listing(&self) -> Result<Option<String>, FirewallError>;
+    /// Base chains of other tables that may drop traffic lume forwards or
+    /// serves (a VPN kill switch, Docker's FORWARD DROP).
+    fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError>;
+}
+
+/// A chain outside lume's table that drops forwarded or input traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignDrop {
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    pub hook: String,
+    /// `policy drop`, or the rule that drops.
+    pub how: String,
+}
+
+impl std::fmt::Display for ForeignDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "table {} {} chain {} ({} hook): {}",
+            self.family, self.table, self.chain, self.hook, self.how
+        )
+    }
 }

@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::{FirewallDriver, FirewallError, FirewallState};
+use serde_json::Value;
+
+use super::{FirewallDriver, FirewallError, FirewallState, ForeignDrop};
 
 /// The table that holds every lume rule.
 pub const TABLE: &str = "lume";
@@ -114,6 +116,61 @@ pub fn script(state: &FirewallState) -> String {
     s
 }
 
+/// Finds base chains with a forward or input hook, outside lume's table,
+/// whose policy drops or that hold a rule ending in drop or reject.
+pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
+    let Ok(v) = serde_json::from_str::<Value>(json) else {
+        return Vec::new();
+    };
+    let items = v["nftables"].as_array().cloned().unwrap_or_default();
+    let key = |o: &Value| {
+        (
+            o["family"].as_str().unwrap_or("").to_string(),
+            o["table"].as_str().unwrap_or("").to_string(),
+            o["name"]
+                .as_str()
+                .or(o["chain"].as_str())
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let mut out = Vec::new();
+    let chains: Vec<&Value> = items.iter().filter_map(|i| i.get("chain")).collect();
+    for c in chains {
+        let hook = c["hook"].as_str().unwrap_or("");
+        if !matches!(hook, "forward" | "input") || c["table"] == TABLE && c["family"] == "inet" {
+            continue;
+        }
+        let (family, table, chain) = key(c);
+        let mut how = None;
+        if c["policy"] == "drop" {
+            how = Some("policy drop".to_string());
+        }
+        for r in items.iter().filter_map(|i| i.get("rule")) {
+            if key(r) != (family.clone(), table.clone(), chain.clone()) {
+                continue;
+            }
+            let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+            if exprs
+                .iter()
+                .any(|e| e.get("drop").is_some() || e.get("reject").is_some())
+            {
+                how.get_or_insert_with(|| format!("a rule drops (handle {})", r["handle"]));
+            }
+        }
+        if let Some(how) = how {
+            out.push(ForeignDrop {
+                family,
+                table,
+                chain,
+                hook: hook.to_string(),
+                how,
+            });
+        }
+    }
+    out
+}
+
 impl FirewallDriver for Nft {
     fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
         if state.is_empty() {
@@ -129,6 +186,19 @@ impl FirewallDriver for Nft {
         nft(&["delete", "table", "inet", TABLE], None).map(drop)
     }
 
+    fn listing(&self) -> Result<Option<String>, FirewallError> {
+        match nft(&["list", "table", "inet", TABLE], None) {
+            Ok(text) => Ok(Some(text)),
+            Err(FirewallError::Rejected(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError> {
+        let text = nft(&["-j", "list", "ruleset"], None)?;
+        Ok(parse_foreign_drops(&text))
+    }
+
     fn present(&self) -> Result<bool, FirewallError> {
         let out = nft(&["list", "tables", "inet"], None)?;
         Ok(out
@@ -142,6 +212,26 @@ mod tests {
     use super::*;
     use crate::firewall::{BridgeNet, Dnat};
     use crate::network::publish::Proto;
+
+    #[test]
+    fn finds_kill_switch_chains_in_other_tables() {
+        let json = r#"{"nftables":[{"metainfo":{}},
+          {"table":{"family":"inet","name":"killswitch","handle":1}},
+          {"chain":{"family":"inet","table":"killswitch","name":"fwd","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}},
+          {"table":{"family":"ip","name":"vpn","handle":2}},
+          {"chain":{"family":"ip","table":"vpn","name":"in","handle":1,"type":"filter","hook":"input","prio":0,"policy":"accept"}},
+          {"rule":{"family":"ip","table":"vpn","chain":"in","handle":4,"expr":[{"match":{}},{"drop":null}]}},
+          {"chain":{"family":"ip","table":"vpn","name":"out","handle":2,"type":"filter","hook":"output","prio":0,"policy":"drop"}},
+          {"chain":{"family":"inet","table":"lume","name":"forward","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}}]}"#;
+        let found = parse_foreign_drops(json);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(
+            found[0].to_string(),
+            "table inet killswitch chain fwd (forward hook): policy drop"
+        );
+        assert_eq!(found[1].table, "vpn");
+        assert!(found[1].how.contains("handle 4"));
+    }
 
     #[test]
     fn script_holds_masquerade_forwarding_and_dnat() {

@@ -108,6 +108,8 @@ pub struct Attachment {
 struct HostSide {
     stop: Arc<AtomicBool>,
     snooper: Option<JoinHandle<()>>,
+    /// The self-healing watcher of shared networks (NAT and host-only).
+    healer: Option<super::heal::Healer>,
     teardown: Teardown,
 }
 
@@ -117,6 +119,9 @@ impl Drop for HostSide {
         if let Some(h) = self.snooper.take() {
             let _ = h.join();
         }
+        // Stop watching before leaving, so the watcher never "repairs" a
+        // network that is being taken down on purpose.
+        drop(self.healer.take());
         match std::mem::take(&mut self.teardown) {
             Teardown::Nothing => {}
             Teardown::Shared { networks, kind, vm } => {
@@ -241,7 +246,8 @@ pub fn attach(
             };
             let networks = Networks::from_settings(&opts.settings)?;
             let tap = Tap::create(&device_name("lt"))?;
-            networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
+            let (_ip, subnet_note) =
+                networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
             Ok(Attachment {
                 qemu_args: tap_args(mac),
@@ -249,11 +255,12 @@ pub fn attach(
                 ip_address: None,
                 host_device: Some(tap.name),
                 parent: Some(net.bridge.clone()),
-                note: None,
+                note: subnet_note,
                 lease_file: Some(net.dnsmasq().lease_path()),
                 guard: HostSide {
                     stop: Arc::default(),
                     snooper: None,
+                    healer: Some(super::heal::Healer::start(networks.clone())),
                     teardown: Teardown::Shared {
                         networks,
                         kind,

@@ -4,6 +4,9 @@
 pub mod attach;
 pub mod dhcp_snoop;
 pub mod dnsmasq;
+pub mod doctor;
+pub mod events;
+pub mod heal;
 pub mod interfaces;
 pub mod mode;
 pub mod netlink;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::dnsmasq::{Dnsmasq, DnsmasqError};
-use super::netlink::{Netlink, NetlinkError};
+use super::netlink::{Netlink, NetlinkError, RouteV4};
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::nft::Nft;
@@ -65,6 +65,16 @@ pub enum SharedError {
     },
     #[error("Cannot switch IPv4 forwarding")]
     Forwarding(#[source] std::io::Error),
+    #[error(
+        "{key} {subnet} collides with the host route {routes}: choose another subnet for {key} in config.yaml (lume config set {key} <subnet>), or remove {key} to let lume pick a free one"
+    )]
+    RouteConflict {
+        key: &'static str,
+        subnet: Subnet,
+        routes: String,
+    },
+    #[error("No free /24 subnet was found for the {0} network: set one in config.yaml")]
+    NoFreeSubnet(String),
 }
 
 /// NAT or host-only.
@@ -80,7 +90,11 @@ pub enum Kind {
 pub struct SharedNet {
     pub kind: Kind,
     pub bridge: String,
-    pub subnet: Subnet,
+    /// The subnet config.yaml asks for (or the default). While the network
+    /// is up, the one in use is in `<dir>/subnet`: see [`SharedNet::subnet`].
+    pub configured: Subnet,
+    /// Whether the user chose the subnet in config.yaml.
+    pub explicit: bool,
     pub dir: PathBuf,
 }
 
@@ -121,10 +135,18 @@ pub fn runtime_root() -> PathBuf {
     PathBuf::from(format!("/run/lume/net-{ino}"))
 }
 
-fn subnet_setting(s: &Settings, key: &'static str, default: &str) -> Result<Subnet, SharedError> {
-    let v = s.get_str(key)?.unwrap_or_else(|| default.to_string());
-    v.parse()
-        .map_err(|source| SharedError::Subnet { key, source })
+fn subnet_setting(
+    s: &Settings,
+    key: &'static str,
+    default: &str,
+) -> Result<(Subnet, bool), SharedError> {
+    let given = s.get_str(key)?;
+    let explicit = given.is_some();
+    let v = given.unwrap_or_else(|| default.to_string());
+    let subnet = v
+        .parse()
+        .map_err(|source| SharedError::Subnet { key, source })?;
+    Ok((subnet, explicit))
 }
 
 fn bridge_setting(s: &Settings, key: &'static str, default: &str) -> Result<String, SharedError> {
@@ -141,8 +163,8 @@ impl Networks {
     /// `hostBridge`, `hostSubnet`).
     pub fn from_settings(s: &Settings) -> Result<Self, SharedError> {
         let root = runtime_root();
-        let nat_subnet = subnet_setting(s, "natSubnet", "192.168.64.0/24")?;
-        let host_subnet = subnet_setting(s, "hostSubnet", "192.168.65.0/24")?;
+        let (nat_subnet, nat_explicit) = subnet_setting(s, "natSubnet", "192.168.64.0/24")?;
+        let (host_subnet, host_explicit) = subnet_setting(s, "hostSubnet", "192.168.65.0/24")?;
         if nat_subnet.overlaps(&host_subnet) {
             return Err(SharedError::Overlap(nat_subnet, host_subnet));
         }
@@ -150,13 +172,15 @@ impl Networks {
             nat: SharedNet {
                 kind: Kind::Nat,
                 bridge: bridge_setting(s, "natBridge", "lume0")?,
-                subnet: nat_subnet,
+                configured: nat_subnet,
+                explicit: nat_explicit,
                 dir: root.join("nat"),
             },
             host: SharedNet {
                 kind: Kind::Host,
                 bridge: bridge_setting(s, "hostBridge", "lume-host0")?,
-                subnet: host_subnet,
+                configured: host_subnet,
+                explicit: host_explicit,
                 dir: root.join("host"),
             },
             root,
@@ -195,10 +219,29 @@ impl Networks {
         mac: MacAddress,
         tap: &str,
         publish: &[PortMapping],
-    ) -> Result<Ipv4Addr, SharedError> {
+    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
         let _guard = self.lock()?;
         self.collect_locked();
         let net = self.get(kind);
+        let mut note = None;
+        if net.members().is_empty() {
+            let other = match kind {
+                Kind::Nat => self.host.subnet(),
+                Kind::Host => self.nat.subnet(),
+            };
+            let (subnet, why) = net.resolve_subnet(&other)?;
+            fs::create_dir_all(&net.dir).map_err(|source| SharedError::Runtime {
+                path: net.dir.clone(),
+                source,
+            })?;
+            fs::write(net.dir.join("subnet"), subnet.to_string()).map_err(|source| {
+                SharedError::Runtime {
+                    path: net.dir.clone(),
+                    source,
+                }
+            })?;
+            note = why;
+        }
         let ip = net.allocate(&net.members(), vm)?;
         let member = Member {
             vm: vm.to_string(),
@@ -225,7 +268,7 @@ impl Networks {
             self.collect_locked();
             return Err(e);
         }
-        Ok(ip)
+        Ok((ip, note))
     }
 
     /// Removes a VM; the last one out takes the network down.
@@ -268,7 +311,7 @@ impl Networks {
         let host_members = self.host.members();
         let bridge_net = |n: &SharedNet| BridgeNet {
             bridge: n.bridge.clone(),
-            subnet: n.subnet,
+            subnet: n.subnet(),
         };
         FirewallState {
             nat: (!nat_members.is_empty()).then(|| bridge_net(&self.nat)),
@@ -288,13 +331,202 @@ impl Networks {
         }
     }
 
-    /// Writes lume's table for the current members (removes it when none).
+    /// Writes lume's table for the current members (removes it when none),
+    /// and remembers how the firewall lists it, to notice changes later.
     pub fn apply_firewall(&self) -> Result<(), SharedError> {
-        Ok(Nft.apply(&self.firewall_state())?)
+        Nft.apply(&self.firewall_state())?;
+        let saved = self.root.join("nft.listing");
+        match Nft.listing()? {
+            Some(text) => {
+                let _ = fs::write(&saved, text);
+            }
+            None => {
+                let _ = fs::remove_file(&saved);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts everything lume's running NAT and host-only VMs need back in
+    /// place: bridges, gateway addresses, tap membership, dnsmasq, IPv4
+    /// forwarding and lume's firewall table. Returns what it repaired.
+    pub fn heal(&self) -> Vec<String> {
+        let path = self.root.join("network.lock");
+        // Never wait long: a join or leave in progress is itself a repair.
+        let Ok(Some(_guard)) = VmLock::acquire_within(&path, Duration::from_millis(200)) else {
+            return Vec::new();
+        };
+        let mut repairs = Vec::new();
+        let mut any = false;
+        for net in [&self.nat, &self.host] {
+            let members: Vec<Member> = net.members().into_iter().filter(Member::alive).collect();
+            if members.is_empty() {
+                continue;
+            }
+            any = true;
+            if let Err(e) = net.heal(&members, &mut repairs) {
+                repairs.push(format!(
+                    "could not repair the {} network: {}",
+                    net.bridge,
+                    crate::error_chain(&e)
+                ));
+            }
+        }
+        if any {
+            let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
+            match Nft.listing() {
+                Ok(current) if current.is_some() && current == saved => {}
+                Ok(current) => {
+                    let what = if current.is_none() {
+                        "missing"
+                    } else {
+                        "changed"
+                    };
+                    match self.apply_firewall() {
+                        Ok(()) => repairs
+                            .push(format!("nftables table inet lume was {what}: restored it")),
+                        Err(e) => repairs.push(format!(
+                            "nftables table inet lume is {what} and could not be restored: {}",
+                            crate::error_chain(&e)
+                        )),
+                    }
+                }
+                Err(e) => repairs.push(format!("cannot list nftables: {e}")),
+            }
+        }
+        repairs
+    }
+
+    /// Conditions lume reports but does not override: routes that capture
+    /// part of a lume subnet, and other tables that drop lume's traffic.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let active: Vec<&SharedNet> = [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| n.members().iter().any(Member::alive))
+            .collect();
+        if active.is_empty() {
+            return out;
+        }
+        if let Ok(routes) = Netlink::open().and_then(|mut nl| nl.routes_v4()) {
+            for net in &active {
+                for r in conflicting_routes(&routes, &net.subnet(), &net.bridge) {
+                    out.push(format!(
+                        "route {} captures part of lume's {} subnet {}: replies to those guests leave through {} instead of {}; remove the route or move the subnet ({})",
+                        describe_route(&r),
+                        net.bridge,
+                        net.subnet(),
+                        r.oif_name.as_deref().unwrap_or("another device"),
+                        net.bridge,
+                        net.key()
+                    ));
+                }
+            }
+        }
+        if let Ok(drops) = Nft.foreign_drops() {
+            for d in drops {
+                out.push(format!(
+                    "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
+                    active
+                        .iter()
+                        .map(|n| n.bridge.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ));
+            }
+        }
+        out
     }
 }
 
+/// Routes on devices other than `bridge` that claim part of `subnet`.
+/// Catch-all routes (prefix below /8, such as a VPN's 0/1 and 128/1) do not
+/// count: the bridge's own, more specific route wins over them.
+pub fn conflicting_routes(routes: &[RouteV4], subnet: &Subnet, bridge: &str) -> Vec<RouteV4> {
+    routes
+        .iter()
+        .filter(|r| r.prefix >= 8 && r.oif_name.as_deref() != Some(bridge))
+        .filter(|r| {
+            subnet.overlaps(&Subnet {
+                network: r.dst,
+                prefix: r.prefix,
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// `203.0.113.0/25 dev tun0`
+pub fn describe_route(r: &RouteV4) -> String {
+    let mut s = format!("{}/{}", r.dst, r.prefix);
+    if let Some(gw) = r.gateway {
+        s.push_str(&format!(" via {gw}"));
+    }
+    if let Some(dev) = &r.oif_name {
+        s.push_str(&format!(" dev {dev}"));
+    }
+    s
+}
+
 impl SharedNet {
+    /// The subnet in use: the one recorded when the network came up, else
+    /// the configured one.
+    pub fn subnet(&self) -> Subnet {
+        fs::read_to_string(self.dir.join("subnet"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(self.configured)
+    }
+
+    fn key(&self) -> &'static str {
+        match self.kind {
+            Kind::Nat => "natSubnet",
+            Kind::Host => "hostSubnet",
+        }
+    }
+
+    /// Chooses the subnet as the network comes up: the configured one unless
+    /// a host route collides with it. A collision with a subnet the user chose
+    /// is an error; with the default, the next free /24 is taken and said.
+    fn resolve_subnet(&self, avoid: &Subnet) -> Result<(Subnet, Option<String>), SharedError> {
+        let routes = Netlink::open()?.routes_v4()?;
+        let clash = conflicting_routes(&routes, &self.configured, &self.bridge);
+        if clash.is_empty() {
+            return Ok((self.configured, None));
+        }
+        let names = clash
+            .iter()
+            .map(describe_route)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.explicit {
+            return Err(SharedError::RouteConflict {
+                key: self.key(),
+                subnet: self.configured,
+                routes: names,
+            });
+        }
+        let base = u32::from(self.configured.network);
+        for step in 1..=255u32 {
+            let candidate = Subnet {
+                network: Ipv4Addr::from(base.wrapping_add(step << 8) & 0xffff_ff00),
+                prefix: 24,
+            };
+            if candidate.overlaps(avoid)
+                || !conflicting_routes(&routes, &candidate, &self.bridge).is_empty()
+            {
+                continue;
+            }
+            let note = format!(
+                "{} {} collides with the host route {names}; using {candidate} instead",
+                self.key(),
+                self.configured
+            );
+            return Ok((candidate, Some(note)));
+        }
+        Err(SharedError::NoFreeSubnet(self.bridge.clone()))
+    }
+
     fn members_dir(&self) -> PathBuf {
         self.dir.join("members")
     }
@@ -303,7 +535,7 @@ impl SharedNet {
         Dnsmasq {
             dir: self.dir.clone(),
             bridge: self.bridge.clone(),
-            subnet: self.subnet,
+            subnet: self.subnet(),
             route: self.kind == Kind::Nat,
         }
     }
@@ -347,6 +579,75 @@ impl SharedNet {
         }
     }
 
+    /// Repairs this network for its live members.
+    fn heal(&self, members: &[Member], repairs: &mut Vec<String>) -> Result<(), SharedError> {
+        let mut nl = Netlink::open()?;
+        let subnet = self.subnet();
+        match nl.link_info(&self.bridge)? {
+            None => {
+                self.bring_up()?;
+                repairs.push(format!(
+                    "bridge {} was missing: recreated it with {}/{}",
+                    self.bridge,
+                    subnet.gateway(),
+                    subnet.prefix
+                ));
+            }
+            Some(info) if !info.up => {
+                nl.set_up(&self.bridge)?;
+                repairs.push(format!("bridge {} was down: set it up", self.bridge));
+            }
+            Some(_) => {}
+        }
+        let gw = (subnet.gateway(), subnet.prefix);
+        if !nl.addresses_v4(&self.bridge)?.contains(&gw) {
+            nl.add_address_v4(&self.bridge, gw.0, gw.1)?;
+            repairs.push(format!(
+                "bridge {} had lost its address {}/{}: restored it",
+                self.bridge, gw.0, gw.1
+            ));
+        }
+        let index = nl.link_index(&self.bridge)?;
+        for m in members {
+            if let Some(tap) = nl.link_info(&m.tap)? {
+                if tap.master != index {
+                    nl.set_master(&m.tap, &self.bridge)?;
+                    repairs.push(format!(
+                        "tap {} of VM '{}' had left {}: put it back",
+                        m.tap, m.vm, self.bridge
+                    ));
+                }
+                if !tap.up {
+                    nl.set_up(&m.tap)?;
+                    repairs.push(format!(
+                        "tap {} of VM '{}' was down: set it up",
+                        m.tap, m.vm
+                    ));
+                }
+            }
+        }
+        let dns = self.dnsmasq();
+        if dns.pid().is_none() {
+            for m in members {
+                dns.reserve(&m.vm, &m.mac.to_string(), m.ip)?;
+            }
+            dns.ensure_running()?;
+            repairs.push(format!(
+                "dnsmasq for {} was not running: restarted it with its leases",
+                self.bridge
+            ));
+        }
+        if self.kind == Kind::Nat
+            && fs::read_to_string(IP_FORWARD)
+                .map(|v| v.trim() != "1")
+                .unwrap_or(false)
+        {
+            fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;
+            repairs.push("IPv4 forwarding had been switched off: switched it back on".into());
+        }
+        Ok(())
+    }
+
     /// The lowest free address from .2 up (the VM's own earlier record is reused).
     fn allocate(&self, members: &[Member], vm: &str) -> Result<Ipv4Addr, SharedError> {
         let used: Vec<Ipv4Addr> = members
@@ -354,13 +655,13 @@ impl SharedNet {
             .filter(|m| m.vm != vm)
             .map(|m| m.ip)
             .collect();
-        (2..2 + self.subnet.guest_capacity())
-            .map(|n| self.subnet.host(n))
+        (2..2 + self.subnet().guest_capacity())
+            .map(|n| self.subnet().host(n))
             .find(|ip| !used.contains(ip))
             .ok_or_else(|| SharedError::Full {
                 bridge: self.bridge.clone(),
-                subnet: self.subnet,
-                capacity: self.subnet.guest_capacity(),
+                subnet: self.subnet(),
+                capacity: self.subnet().guest_capacity(),
             })
     }
 
@@ -374,7 +675,7 @@ impl SharedNet {
         if nl.link_info(&self.bridge)?.is_none() {
             nl.create_bridge(&self.bridge)?;
         }
-        nl.add_address_v4(&self.bridge, self.subnet.gateway(), self.subnet.prefix)?;
+        nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
         nl.set_up(&self.bridge)?;
         if self.kind == Kind::Nat {
             forwarding_on(&self.dir)?;

@@ -1,0 +1,184 @@
+//! Errors of the HTTP API: always `{"message": "..."}` with a status code.
+//! [`vm_status`] is the one place that decides which status a
+//! [`VmError`] gets.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::hypervisor::img::ImageError;
+use crate::hypervisor::supervisor::RunError;
+use crate::network::attach::AttachError;
+use crate::vm::VmError;
+use crate::vm::store::StoreError;
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, with its cause.
+    pub message: String,
+}
+
+/// An error on its way to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request itself is wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// 500: a real failure; the message carries the whole cause chain.
+    pub fn internal(e: &dyn std::error::Error) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, crate::error_chain(e))
+    }
+}
+
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> Self {
+        Self::new(vm_status(&e), crate::error_chain(&e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(ErrorBody {
+                message: self.message,
+            }),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The HTTP status of a failed action: 400 for a request that cannot be
+/// right, 404 for a VM that does not exist, 409 for one whose state forbids
+/// the action now (exists, running, busy), 500 for real failures.
+pub fn vm_status(e: &VmError) -> StatusCode {
+    const BAD: StatusCode = StatusCode::BAD_REQUEST;
+    const CONFLICT: StatusCode = StatusCode::CONFLICT;
+    const FAILED: StatusCode = StatusCode::INTERNAL_SERVER_ERROR;
+    match e {
+        VmError::Store(s) => match s {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Exists { .. } | StoreError::Busy(_) => CONFLICT,
+            StoreError::Config(_) | StoreError::Io { .. } => FAILED,
+        },
+        VmError::Run(r) => match r {
+            RunError::AlreadyRunning(_) | RunError::Busy(_) => CONFLICT,
+            // A macOS VM can never run here; a mount or disk that is not there.
+            RunError::MacOs(_) | RunError::MissingFile { .. } => BAD,
+            RunError::Network(a) => attach_status(a),
+            _ => FAILED,
+        },
+        VmError::Network(a) => attach_status(a),
+        // qemu-img cannot read the image the client named.
+        VmError::Image(ImageError::Inspect { .. }) => BAD,
+        VmError::Image(_) | VmError::Config(_) | VmError::Settings(_) => FAILED,
+        VmError::MacOsGuest
+        | VmError::UnknownOs(_)
+        | VmError::NoCpu
+        | VmError::TooManyCpus(_)
+        | VmError::MemoryTooSmall(_)
+        | VmError::DiskTooSmall(_)
+        | VmError::DiskShrink { .. }
+        | VmError::MissingFile { .. }
+        | VmError::InitrdWithoutKernel
+        | VmError::TwoBootSources
+        | VmError::NeedsForce(_)
+        | VmError::NothingToSet => BAD,
+        VmError::DiskWhileRunning(_)
+        | VmError::RunningNeedsForce(_)
+        | VmError::CloneWhileRunning(_) => CONFLICT,
+        VmError::StopTimeout { .. } => FAILED,
+    }
+}
+
+/// Network errors: what the client chose wrong is 400, the host's failures 500.
+fn attach_status(e: &AttachError) -> StatusCode {
+    match e {
+        AttachError::PublishNotSupported(_)
+        | AttachError::OwnBridge(..)
+        | AttachError::Publish(_)
+        | AttachError::Bridge(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::VmName;
+
+    fn name() -> VmName {
+        VmName::parse("web").unwrap()
+    }
+
+    #[test]
+    fn statuses_follow_the_kind_of_error() {
+        let root = std::path::PathBuf::from("/x");
+        let cases: Vec<(VmError, StatusCode)> = vec![
+            (
+                StoreError::NotFound {
+                    name: name(),
+                    root: root.clone(),
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                StoreError::Exists {
+                    name: name(),
+                    root: root.clone(),
+                }
+                .into(),
+                StatusCode::CONFLICT,
+            ),
+            (StoreError::Busy(name()).into(), StatusCode::CONFLICT),
+            (RunError::AlreadyRunning(name()).into(), StatusCode::CONFLICT),
+            (RunError::Busy(name()).into(), StatusCode::CONFLICT),
+            (VmError::DiskWhileRunning(name()), StatusCode::CONFLICT),
+            (VmError::CloneWhileRunning(name()), StatusCode::CONFLICT),
+            (VmError::NoCpu, StatusCode::BAD_REQUEST),
+            (VmError::NothingToSet, StatusCode::BAD_REQUEST),
+            (
+                AttachError::PublishNotSupported(crate::network::NetworkMode::None).into(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                RunError::Spawn(std::io::Error::other("boom")).into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(vm_status(&e), status, "{e}");
+        }
+    }
+
+    #[test]
+    fn the_message_carries_the_causes() {
+        let e: ApiError = VmError::from(RunError::Spawn(std::io::Error::other("no such file")))
+            .into();
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("no such file"), "{}", e.message);
+    }
+}

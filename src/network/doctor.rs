@@ -1,0 +1,354 @@
+//! `lume network doctor`: one line per check of the host and every running
+//! VM, each failed check saying what to do. Exit status 0 when all pass.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::interfaces;
+use super::privilege::has_net_admin;
+use super::shared::{Member, Networks};
+use crate::firewall::FirewallDriver;
+use crate::firewall::nft::Nft;
+use crate::vm::Context;
+use crate::vm::details::VmDetails;
+use crate::vm::lock::VmLock;
+
+/// One check.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Every check, in order.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    fn add(&mut self, name: impl Into<String>, ok: bool, detail: impl Into<String>) {
+        self.checks.push(Check {
+            name: name.into(),
+            ok,
+            detail: detail.into(),
+        });
+    }
+
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+fn in_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
+        .unwrap_or(false)
+}
+
+/// Whether something answers at `ip`: a TCP connection to the discard port
+/// that is accepted or refused proves the guest's stack is alive.
+fn answers(ip: Ipv4Addr) -> bool {
+    match TcpStream::connect_timeout(&SocketAddr::from((ip, 9)), Duration::from_secs(1)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
+/// Runs every check.
+pub fn run(ctx: &Context) -> Report {
+    let mut r = Report::default();
+    let admin = has_net_admin();
+    r.add(
+        "privileges",
+        admin,
+        if admin {
+            "CAP_NET_ADMIN present: nat, host and bridged can start".to_string()
+        } else {
+            "no CAP_NET_ADMIN: nat, host and bridged need it; run lume as root (or setcap cap_net_admin,cap_net_raw+ep on the binary); --network user works without".to_string()
+        },
+    );
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun");
+    r.add(
+        "/dev/net/tun",
+        tun.is_ok(),
+        match tun {
+            Ok(_) => "present".to_string(),
+            Err(e) => format!("cannot open it ({e}): load the tun module (modprobe tun)"),
+        },
+    );
+    for (binary, package) in [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("nft", "nftables"),
+    ] {
+        let found = in_path(binary);
+        r.add(
+            binary,
+            found,
+            if found {
+                "found".to_string()
+            } else {
+                format!("not found: apt-get install {package}")
+            },
+        );
+    }
+
+    let nets = Networks::from_settings(&ctx.settings);
+    match &nets {
+        Ok(nets) => shared_checks(&mut r, nets),
+        Err(e) => r.add("network settings", false, crate::error_chain(e)),
+    }
+
+    match Nft.foreign_drops() {
+        Ok(drops) if drops.is_empty() => r.add(
+            "other firewalls",
+            true,
+            "no other table drops forwarded or input traffic",
+        ),
+        Ok(drops) => {
+            for d in drops {
+                r.add(
+                    "other firewalls",
+                    false,
+                    format!("{d}: it may drop traffic to or from lume's bridges (a VPN kill switch, Docker's FORWARD DROP); allow lume's bridges there, or use bridged mode"),
+                );
+            }
+        }
+        Err(e) => r.add(
+            "other firewalls",
+            false,
+            format!("cannot list the ruleset: {e}"),
+        ),
+    }
+    let brnf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false);
+    let forward_drop = Nft
+        .foreign_drops()
+        .unwrap_or_default()
+        .iter()
+        .any(|d| d.hook == "forward" && d.family != "bridge" && d.how == "policy drop");
+    r.add(
+        "br_netfilter",
+        !(brnf && forward_drop),
+        if !brnf {
+            "bridged frames are not passed to iptables/nftables".to_string()
+        } else if forward_drop {
+            "br_netfilter passes bridged frames to a FORWARD chain with policy drop: bridged VMs lose traffic; set net.bridge.bridge-nf-call-iptables=0 or accept the bridge's traffic".to_string()
+        } else {
+            "br_netfilter is on, but no FORWARD chain drops by policy".to_string()
+        },
+    );
+
+    match interfaces::discover() {
+        Ok(list) => {
+            let detail = match list.iter().find(|i| i.is_default) {
+                Some(i) if i.bridgeable => {
+                    format!("{} carries the default route and can be bridged", i.name)
+                }
+                Some(i) => format!(
+                    "{} carries the default route and cannot be bridged ({}); plain `bridged` uses {}",
+                    i.name,
+                    i.reason.as_deref().unwrap_or("unknown reason"),
+                    interfaces::choose_default(&list)
+                        .map(|c| c.name.clone())
+                        .unwrap_or_else(|_| "no interface: use nat or user".into())
+                ),
+                None => "no IPv4 default route".to_string(),
+            };
+            r.add("default route", true, detail);
+        }
+        Err(e) => r.add("default route", false, crate::error_chain(&e)),
+    }
+
+    vm_checks(&mut r, ctx);
+    if let Ok(nets) = &nets {
+        let log = super::heal::repairs_log(nets);
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            let recent: Vec<&str> = text.lines().rev().take(5).collect();
+            if !recent.is_empty() {
+                r.add(
+                    "recent repairs",
+                    true,
+                    format!(
+                        "{} (full log: {})",
+                        recent.into_iter().rev().collect::<Vec<_>>().join(" | "),
+                        log.display()
+                    ),
+                );
+            }
+        }
+    }
+    r
+}
+
+fn shared_checks(r: &mut Report, nets: &Networks) {
+    let mut active = false;
+    for net in [&nets.nat, &nets.host] {
+        let members: Vec<Member> = net
+            .members()
+            .into_iter()
+            .filter(|m| VmLock::is_held(&m.vm_dir.join(".lock")).unwrap_or(false))
+            .collect();
+        let name = format!("bridge {}", net.bridge);
+        if members.is_empty() {
+            r.add(name, true, "not in use (no VM of this mode runs)");
+            continue;
+        }
+        active = true;
+        let subnet = net.subnet();
+        let state = super::netlink::Netlink::open().and_then(|mut nl| {
+            let info = nl.link_info(&net.bridge)?;
+            let addrs = match &info {
+                Some(_) => nl.addresses_v4(&net.bridge)?,
+                None => Vec::new(),
+            };
+            Ok((info, addrs))
+        });
+        match state {
+            Ok((None, _)) => r.add(
+                name,
+                false,
+                "missing: lume's watcher recreates it; if this stays, restart the VMs",
+            ),
+            Ok((Some(i), _)) if !i.up => r.add(
+                name,
+                false,
+                "down: lume's watcher sets it up; if this stays, run `ip link set dev BRIDGE up`"
+                    .replace("BRIDGE", &net.bridge),
+            ),
+            Ok((Some(_), addrs)) if !addrs.contains(&(subnet.gateway(), subnet.prefix)) => r.add(
+                name,
+                false,
+                format!(
+                    "lacks its address {}/{}: lume's watcher restores it",
+                    subnet.gateway(),
+                    subnet.prefix
+                ),
+            ),
+            Ok(_) => r.add(
+                name,
+                true,
+                format!(
+                    "up, {}/{}, {} VM(s), dnsmasq {}",
+                    subnet.gateway(),
+                    subnet.prefix,
+                    members.len(),
+                    if net.dnsmasq().pid().is_some() {
+                        "running"
+                    } else {
+                        "NOT running"
+                    }
+                ),
+            ),
+            Err(e) => r.add(name, false, crate::error_chain(&e)),
+        }
+        if net.dnsmasq().pid().is_none() {
+            r.add(
+                format!("dnsmasq {}", net.bridge),
+                false,
+                "not running: guests get no DHCP leases; lume's watcher restarts it",
+            );
+        }
+        for w in nets
+            .warnings()
+            .into_iter()
+            .filter(|w| w.starts_with("route "))
+        {
+            if w.contains(&format!("{} subnet", net.bridge)) {
+                r.add("routes", false, w);
+            }
+        }
+    }
+    if !active {
+        r.add("routes", true, "no NAT or host-only VM runs");
+        return;
+    }
+    if !r.checks.iter().any(|c| c.name == "routes") {
+        r.add("routes", true, "no route captures a lume subnet");
+    }
+    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
+    match Nft.listing() {
+        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
+            r.add("firewall table inet lume", true, "intact")
+        }
+        Ok(Some(_)) => r.add(
+            "firewall table inet lume",
+            false,
+            "changed by something else: lume's watcher restores it",
+        ),
+        Ok(None) => r.add(
+            "firewall table inet lume",
+            false,
+            "missing: lume's watcher restores it; check nothing keeps flushing the ruleset",
+        ),
+        Err(e) => r.add("firewall table inet lume", false, e.to_string()),
+    }
+    let nat_active = nets
+        .nat
+        .members()
+        .iter()
+        .any(|m| VmLock::is_held(&m.vm_dir.join(".lock")).unwrap_or(false));
+    if nat_active {
+        let on = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false);
+        r.add(
+            "ipv4 forwarding",
+            on,
+            if on {
+                "on while NAT VMs run"
+            } else {
+                "off: NAT VMs cannot reach anything; lume's watcher switches it back on"
+            },
+        );
+    }
+    let watching = VmLock::is_held(&nets.root.join("watcher.lock")).unwrap_or(false);
+    r.add(
+        "watcher",
+        watching,
+        if watching {
+            "a supervisor watches and repairs lume's networks"
+        } else {
+            "no supervisor watches lume's networks: restart one NAT or host-only VM"
+        },
+    );
+}
+
+fn vm_checks(r: &mut Report, ctx: &Context) {
+    let Ok(vms) = ctx.store.list() else { return };
+    for vm in vms {
+        let Some(state) = vm.running_state() else {
+            continue;
+        };
+        let d = VmDetails::read(&ctx.store, &vm);
+        let name = format!("vm {}", vm.name);
+        let mode = state.network_mode.to_string();
+        let ip = d
+            .ip_address
+            .as_deref()
+            .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        match (&state.network_mode, ip) {
+            (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
+            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
+            (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
+            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => r.add(
+                name,
+                true,
+                format!("{ip} on {} (macvtap: this host cannot reach it through that interface, other LAN hosts can)", state.parent.as_deref().unwrap_or("?")),
+            ),
+            (_, Some(ip)) => {
+                let ok = answers(ip);
+                r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Kernel change notifications the self-healing watcher waits on: rtnetlink
+//! link, IPv4 address and IPv4 route events, and nftables ruleset events
+//! (NFNLGRP_NFTABLES). The content does not matter — any event means "look
+//! again" — so messages are only drained.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+};
+
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+/// NFNLGRP_NFTABLES is group 7: bit 6 of the legacy group mask.
+const NFNLGRP_NFTABLES_MASK: u32 = 1 << (7 - 1);
+
+/// Subscriptions to link, address, route and nftables events.
+pub struct Events {
+    sockets: Vec<OwnedFd>,
+    buf: Vec<u8>,
+}
+
+fn subscribe(protocol: SockProtocol, groups: u32) -> nix::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        protocol,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
+    Ok(fd)
+}
+
+impl Events {
+    /// Subscribes to what it can; a missing subscription only means that
+    /// change is caught by the periodic check instead.
+    pub fn open() -> Self {
+        let sockets = [
+            subscribe(
+                SockProtocol::NetlinkRoute,
+                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+            ),
+            subscribe(SockProtocol::NetlinkNetFilter, NFNLGRP_NFTABLES_MASK),
+        ]
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+        Self {
+            sockets,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// How many event sources are subscribed.
+    pub fn sources(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Waits up to `timeout` for any event; returns whether one came. All
+    /// pending messages are drained.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let mut fds: Vec<PollFd> = self
+            .sockets
+            .iter()
+            .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
+        let ready = match poll(&mut fds, ms) {
+            Ok(n) => n > 0,
+            Err(_) => false,
+        };
+        drop(fds);
+        if ready {
+            for s in &self.sockets {
+                // Drain; ENOBUFS (overrun) also just means "something changed".
+                while recv(s.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT)
+                    .is_ok_and(|n| n > 0)
+                {}
+            }
+        }
+        ready
+    }
+}

@@ -1,0 +1,119 @@
+//! Self-healing. While NAT or host-only VMs run, one watcher per network
+//! namespace puts lume's state back whenever something else changes it: a
+//! VPN client or firewall reload flushing the ruleset, forwarding switched
+//! off, the bridge or a tap's membership lost, dnsmasq killed. It wakes on
+//! kernel events (links, addresses, routes, nftables) and checks every
+//! [`PERIOD`] anyway, so a missed event costs at most that long.
+//!
+//! Every supervisor of a NAT or host-only VM runs a [`Healer`]; the one that
+//! holds `<runtime>/watcher.lock` watches, the others wait on the lock, so
+//! when the watching VM stops another takes over within [`PERIOD`].
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::events::Events;
+use super::shared::Networks;
+use crate::util::time::timestamp;
+use crate::vm::lock::VmLock;
+
+/// The longest a change goes unnoticed when its event is missed.
+pub const PERIOD: Duration = Duration::from_millis(250);
+
+/// A running watcher thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Healer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Healer {
+    pub fn start(networks: Networks) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || run(&networks, &flag));
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Healer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The file where every repair and warning of this namespace is recorded.
+pub fn repairs_log(networks: &Networks) -> std::path::PathBuf {
+    networks.root.join("repairs.log")
+}
+
+/// Appends one timestamped line to the namespace's repair log and to the log
+/// of every VM using the shared networks.
+fn record(networks: &Networks, line: &str) {
+    let stamped = format!("[{}] {line}\n", timestamp());
+    let mut targets = vec![repairs_log(networks)];
+    for net in [&networks.nat, &networks.host] {
+        targets.extend(net.members().into_iter().map(|m| m.vm_dir.join("lume.log")));
+    }
+    for path in targets {
+        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
+            let _ = f.write_all(stamped.as_bytes());
+        }
+    }
+}
+
+fn run(networks: &Networks, stop: &AtomicBool) {
+    let lock_path = networks.root.join("watcher.lock");
+    while !stop.load(Ordering::SeqCst) {
+        match VmLock::try_acquire(&lock_path) {
+            Ok(Some(lock)) => {
+                watch(networks, stop);
+                drop(lock);
+            }
+            _ => std::thread::sleep(PERIOD),
+        }
+    }
+}
+
+/// The watching loop, while this process holds the watcher lock.
+fn watch(networks: &Networks, stop: &AtomicBool) {
+    let mut events = Events::open();
+    let mut warned: HashSet<String> = HashSet::new();
+    record(
+        networks,
+        &format!(
+            "watcher: process {} now watches lume's networks ({} event sources, check every {} ms)",
+            std::process::id(),
+            events.sources(),
+            PERIOD.as_millis()
+        ),
+    );
+    while !stop.load(Ordering::SeqCst) {
+        events.wait(PERIOD);
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        for repair in networks.heal() {
+            record(networks, &format!("repaired: {repair}"));
+        }
+        let now: HashSet<String> = networks.warnings().into_iter().collect();
+        for w in now.difference(&warned) {
+            record(networks, &format!("warning: {w}"));
+        }
+        for w in warned.difference(&now) {
+            record(networks, &format!("resolved: {w}"));
+        }
+        warned = now;
+    }
+}
