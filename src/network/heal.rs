@@ -99,13 +99,19 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
             PERIOD.as_millis()
         ),
     );
+    let mut tick: u32 = 0;
     while !stop.load(Ordering::SeqCst) {
-        events.wait(PERIOD);
+        let woken = events.wait(PERIOD);
         if stop.load(Ordering::SeqCst) {
             break;
         }
         for repair in networks.heal() {
             record(networks, &format!("repaired: {repair}"));
+        }
+        // Warnings need a full ruleset listing: on events, and once a second.
+        tick = tick.wrapping_add(1);
+        if !woken && tick % 4 != 0 {
+            continue;
         }
         let now: HashSet<String> = networks.warnings().into_iter().collect();
         for w in now.difference(&warned) {
