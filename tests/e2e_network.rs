@@ -308,3 +308,23 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
     t.lume_ok(&["stop", "tb"]);
     assert!(!links(&t.host).contains(&tap));
 }
+
+#[test]
+fn a_chosen_nat_subnet_that_collides_with_a_route_is_refused() {
+    let t = Lan::new("nc");
+    t.host
+        .exec_ok("ip route add 203.0.113.0/25 via 198.51.100.1");
+    t.create("c1", "nat", &[], "");
+    let err = t.lume_fails(&["run", "c1", "--detach"]);
+    assert!(
+        err.contains("natSubnet 203.0.113.0/24 collides with the host route 203.0.113.0/25 via 198.51.100.1 dev up0"),
+        "{err}"
+    );
+    let l = links(&t.host);
+    assert!(
+        !l.contains("lume0") && !l.contains("lt"),
+        "nothing left: {l}"
+    );
+    assert!(!t.host.exec_ok("nft list tables").contains("lume"));
+    assert_eq!(t.get("c1")["status"], "stopped");
+}
