@@ -110,7 +110,7 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         }
         // Warnings need a full ruleset listing: on events, and once a second.
         tick = tick.wrapping_add(1);
-        if !woken && tick % 4 != 0 {
+        if !woken && !tick.is_multiple_of(4) {
             continue;
         }
         let now: HashSet<String> = networks.warnings().into_iter().collect();
