@@ -1,6 +1,7 @@
 //! lume: a virtual-machine manager for Linux hosts on QEMU, with networking
 //! that keeps working. See README.md for the architecture.
 
+pub mod api;
 pub mod cli;
 pub mod firewall;
 pub mod hypervisor;

@@ -154,7 +154,10 @@ mod tests {
                 StatusCode::CONFLICT,
             ),
             (StoreError::Busy(name()).into(), StatusCode::CONFLICT),
-            (RunError::AlreadyRunning(name()).into(), StatusCode::CONFLICT),
+            (
+                RunError::AlreadyRunning(name()).into(),
+                StatusCode::CONFLICT,
+            ),
             (RunError::Busy(name()).into(), StatusCode::CONFLICT),
             (VmError::DiskWhileRunning(name()), StatusCode::CONFLICT),
             (VmError::CloneWhileRunning(name()), StatusCode::CONFLICT),
@@ -176,8 +179,8 @@ mod tests {
 
     #[test]
     fn the_message_carries_the_causes() {
-        let e: ApiError = VmError::from(RunError::Spawn(std::io::Error::other("no such file")))
-            .into();
+        let e: ApiError =
+            VmError::from(RunError::Spawn(std::io::Error::other("no such file"))).into();
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.message.contains("no such file"), "{}", e.message);
     }

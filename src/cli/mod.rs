@@ -67,6 +67,8 @@ pub enum Command {
     Config(ConfigArgs),
     /// Host networking: health checks
     Network(NetworkArgs),
+    /// Serve the HTTP API (lume's REST API) on 127.0.0.1:7777
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +225,21 @@ pub enum NetworkTopCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Port to listen on (0 picks a free one)
+    #[arg(long, default_value_t = crate::api::DEFAULT_PORT)]
+    pub port: u16,
+    /// Address to listen on; anything but loopback needs a token
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// API token: every request must then send `Authorization: Bearer TOKEN`
+    #[arg(long, env = "LUME_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
 pub struct ConfigArgs {
     #[command(subcommand)]
     pub command: ConfigCommand,
@@ -275,6 +292,15 @@ fn confirm(question: &str) -> bool {
 pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
+        Command::Serve(a) => {
+            return crate::api::serve(crate::api::ServeOptions {
+                host: a.host,
+                port: a.port,
+                token: a.token,
+                storage: a.storage.storage,
+            })
+            .map(|()| 0);
+        }
         Command::Network(n) => {
             let ctx = context(&n.storage)?;
             let NetworkTopCommand::Doctor { format } = n.command;

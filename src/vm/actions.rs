@@ -473,6 +473,9 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             if messages.contains("is already running") {
                 return Err(RunError::AlreadyRunning(vm.name.clone()).into());
             }
+            if messages.contains("is busy") {
+                return Err(RunError::Busy(vm.name.clone()).into());
+            }
             return Err(RunError::Supervisor {
                 log: log_path,
                 messages: messages.trim().to_string(),

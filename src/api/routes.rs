@@ -1,0 +1,731 @@
+//! The routes: each one turns a request into a [`crate::vm::Action`], runs it
+//! with [`crate::vm::execute`] on a blocking thread, and answers with the
+//! outcome as JSON. Nothing here changes a VM by itself.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath};
+use super::schema::{HostInterfaceDoc, VmDetailsDoc};
+use crate::network::NetworkMode;
+use crate::network::interfaces::HostInterface;
+use crate::network::publish::PortMapping;
+use crate::settings::Settings;
+use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
+use crate::vm::details::VmDetails;
+use crate::vm::size::parse_size;
+use crate::vm::store::Store;
+use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// `?storage=`: the VM location of this request (an absolute path; absent or
+/// `default` means the server's location).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StorageQuery {
+    /// VM location: an absolute path; absent or `default` for the server's location.
+    pub storage: Option<String>,
+}
+
+/// `POST /lume/vms`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateVmRequest {
+    /// VM name: 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.
+    #[schema(example = "web")]
+    pub name: String,
+    /// `linux` (default); `macOS` is refused.
+    #[schema(example = "linux")]
+    pub os: Option<String>,
+    /// Virtual CPUs (default 2).
+    #[schema(example = 2)]
+    pub cpu: Option<u32>,
+    /// Memory size (default `2GB`).
+    #[schema(example = "2GB")]
+    pub memory: Option<String>,
+    /// Disk size (default `20GB`).
+    #[schema(example = "20GB")]
+    pub disk_size: Option<String>,
+    /// Recorded for lume compatibility (default `1024x768`).
+    pub display: Option<String>,
+    /// nat (default), bridged, bridged:<interface>, host, user, none.
+    #[schema(example = "user")]
+    pub network: Option<String>,
+    /// VM location: an absolute path; absent or `default` for the server's location.
+    pub storage: Option<String>,
+    /// Absolute path of a kernel for direct kernel boot (copied into the VM).
+    pub kernel: Option<String>,
+    /// Absolute path of an initrd (needs `kernel`).
+    pub initrd: Option<String>,
+    /// Kernel command line (needs `kernel`).
+    pub cmdline: Option<String>,
+    /// Absolute path of a qcow2 or raw image to import as the disk.
+    pub image: Option<String>,
+    /// Default: a random locally administered address.
+    #[schema(example = "52:54:00:12:34:56")]
+    pub mac_address: Option<String>,
+    /// Ports published at every start: `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`.
+    #[serde(default)]
+    #[schema(example = json!(["127.0.0.1:8080:80"]))]
+    pub publish: Vec<String>,
+}
+
+/// `PATCH /lume/vms/{name}`: the fields to change, from the next start.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SetVmRequest {
+    #[schema(example = 4)]
+    pub cpu: Option<u32>,
+    #[schema(example = "4GB")]
+    pub memory: Option<String>,
+    /// Grow only; the VM must be stopped.
+    #[schema(example = "40GB")]
+    pub disk_size: Option<String>,
+    pub network: Option<String>,
+    pub storage: Option<String>,
+}
+
+/// One path or several.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// `POST /lume/vms/{name}/run` (the body may be left out).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunVmRequest {
+    /// Network mode for this run only.
+    pub network: Option<String>,
+    /// Absolute path(s) of ISO images to attach read-only.
+    pub mount: Option<OneOrMany>,
+    /// Absolute paths of extra disks (raw or qcow2).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// Ports published for this run, on top of the saved ones.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    pub storage: Option<String>,
+    /// Accepted for lume compatibility: VMs always run headless.
+    pub no_display: Option<bool>,
+    /// Refused when not empty: shared directories are not supported.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub shared_directories: Vec<Value>,
+    /// Refused when true: there is no recovery mode for Linux guests.
+    pub recovery_mode: Option<bool>,
+}
+
+/// `POST /lume/vms/{name}/stop` (the body may be left out).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StopVmRequest {
+    /// Seconds to wait for the ACPI power-off before forcing QEMU off (default 15, at most 3600).
+    #[schema(example = 15)]
+    pub timeout: Option<u64>,
+    pub storage: Option<String>,
+}
+
+/// `POST /lume/vms/clone`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloneVmRequest {
+    /// The stopped VM to copy.
+    #[schema(example = "web")]
+    pub name: String,
+    #[schema(example = "web2")]
+    pub new_name: String,
+    pub storage: Option<String>,
+    /// Refused: both VMs live in one location (`storage`).
+    pub source_location: Option<String>,
+    /// Refused: both VMs live in one location (`storage`).
+    pub dest_location: Option<String>,
+}
+
+/// `DELETE` answers with this.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    #[schema(example = "VM 'web' deleted")]
+    pub message: String,
+}
+
+/// `GET /lume/host/status`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    #[schema(example = "ok")]
+    pub status: String,
+    pub vm_count: usize,
+    pub running_count: usize,
+    #[schema(example = "0.1.0")]
+    pub version: String,
+}
+
+// ---------------------------------------------------------------------------
+// Turning request fields into action fields: every mistake is a 400.
+
+fn field<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> ApiResult<T> {
+    r.map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+fn name(s: &str) -> ApiResult<VmName> {
+    VmName::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn size(what: &str, s: Option<&str>) -> ApiResult<Option<u64>> {
+    s.map(|s| field(what, parse_size(s))).transpose()
+}
+
+fn mode(s: Option<&str>) -> ApiResult<Option<NetworkMode>> {
+    s.map(|s| field("network", NetworkMode::from_str(s)))
+        .transpose()
+}
+
+fn ports(list: &[String]) -> ApiResult<Vec<PortMapping>> {
+    list.iter()
+        .map(|p| field("publish", PortMapping::from_str(p)))
+        .collect()
+}
+
+/// A file the server should read: the path must be absolute (the server's
+/// working directory means nothing to a client).
+fn abs_path(what: &str, s: &str) -> ApiResult<PathBuf> {
+    let p = Path::new(s);
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} must be an absolute path on the server, not '{s}'"
+        )))
+    }
+}
+
+fn opt_path(what: &str, s: Option<&str>) -> ApiResult<Option<PathBuf>> {
+    s.map(|s| abs_path(what, s)).transpose()
+}
+
+// ---------------------------------------------------------------------------
+// Running actions.
+
+impl AppState {
+    /// Where this request's VMs live: the request's `storage`, else the server's.
+    fn store(&self, storage: Option<&str>) -> ApiResult<Store> {
+        match storage.map(str::trim) {
+            None | Some("") | Some("default") => Ok(Store::new(self.storage.clone())),
+            Some(s) => Ok(Store::new(Some(abs_path("storage", s)?))),
+        }
+    }
+
+    /// Settings are read for every request, like every CLI command reads them.
+    fn context(&self, storage: Option<&str>) -> ApiResult<Context> {
+        Ok(Context {
+            store: self.store(storage)?,
+            settings: Settings::load().map_err(|e| ApiError::internal(&e))?,
+        })
+    }
+}
+
+/// Runs blocking work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+}
+
+/// The one way routes change or read VMs: [`execute`] on a blocking thread.
+async fn perform(ctx: Context, action: Action) -> ApiResult<Outcome> {
+    blocking(move || {
+        execute(&ctx, action, &mut |line: &str| super::log(line)).map_err(ApiError::from)
+    })
+    .await
+}
+
+/// Runs a VM-changing action while holding this server's lock of that VM,
+/// so that concurrent requests for one VM take turns (the VM's own locks
+/// still arbitrate against the CLI and other servers).
+async fn perform_on(
+    st: &AppState,
+    ctx: Context,
+    vm: &VmName,
+    action: Action,
+) -> ApiResult<Outcome> {
+    let _turn = st.vm_turn(ctx.store.root(), vm).await;
+    perform(ctx, action).await
+}
+
+fn unexpected(o: &Outcome) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("Unexpected outcome of the action: {o:?}"),
+    )
+}
+
+async fn details(ctx: Context, name: VmName) -> ApiResult<VmDetails> {
+    match perform(ctx, Action::Get { name }).await? {
+        Outcome::Details(d) => Ok(d),
+        o => Err(unexpected(&o)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The routes. Their `#[utoipa::path]` annotations are the OpenAPI document;
+// `super::router` registers each route from the same annotation.
+
+/// List every VM (the JSON of `lume ls -f json`).
+#[utoipa::path(get, path = "/lume/vms", tag = "vms", params(StorageQuery),
+    responses(
+        (status = 200, description = "Every VM, sorted by name", body = [VmDetailsDoc]),
+        (status = 400, description = "Bad storage", body = ErrorBody),
+        (status = 500, description = "The VM location cannot be read", body = ErrorBody),
+    ))]
+pub async fn list_vms(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<Vec<VmDetails>>> {
+    match perform(st.context(q.storage.as_deref())?, Action::List).await? {
+        Outcome::List(v) => Ok(Json(v)),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Create a VM.
+#[utoipa::path(post, path = "/lume/vms", tag = "vms", request_body = CreateVmRequest,
+    responses(
+        (status = 201, description = "Created", body = VmDetailsDoc),
+        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
+        (status = 409, description = "A VM of that name exists", body = ErrorBody),
+        (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
+        (status = 500, description = "The VM could not be built", body = ErrorBody),
+    ))]
+pub async fn create_vm(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<CreateVmRequest>,
+) -> ApiResult<(StatusCode, Json<VmDetails>)> {
+    let vm = name(&r.name)?;
+    let spec = CreateSpec {
+        name: vm.clone(),
+        os: r.os.unwrap_or_else(|| "linux".into()),
+        cpu: r.cpu.unwrap_or(2),
+        memory: size("memory", r.memory.as_deref())?.unwrap_or(2 << 30),
+        disk_size: size("diskSize", r.disk_size.as_deref())?.unwrap_or(20 << 30),
+        display: r.display.unwrap_or_else(|| DEFAULT_DISPLAY.into()),
+        network: mode(r.network.as_deref())?.unwrap_or_default(),
+        mac: r
+            .mac_address
+            .as_deref()
+            .map(|m| field("macAddress", MacAddress::from_str(m)))
+            .transpose()?,
+        kernel: opt_path("kernel", r.kernel.as_deref())?,
+        initrd: opt_path("initrd", r.initrd.as_deref())?,
+        cmdline: r.cmdline,
+        image: opt_path("image", r.image.as_deref())?,
+        publish: ports(&r.publish)?,
+    };
+    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    match perform_on(&st, ctx, &vm, Action::Create(Box::new(spec))).await? {
+        Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// One VM (the JSON of `lume get NAME -f json`).
+#[utoipa::path(get, path = "/lume/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    responses(
+        (status = 200, description = "The VM", body = VmDetailsDoc),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 500, description = "Its config.json cannot be read", body = ErrorBody),
+    ))]
+pub async fn get_vm(
+    State(st): State<Arc<AppState>>,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<VmDetails>> {
+    get_vm_named(st, vm, q).await
+}
+
+async fn get_vm_named(
+    st: Arc<AppState>,
+    vm: VmName,
+    q: StorageQuery,
+) -> ApiResult<Json<VmDetails>> {
+    Ok(Json(details(st.context(q.storage.as_deref())?, vm).await?))
+}
+
+/// Change a VM's CPU count, memory, disk size (grow only, VM stopped) or network mode, from its next start.
+#[utoipa::path(patch, path = "/lume/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body = SetVmRequest,
+    responses(
+        (status = 200, description = "Updated", body = VmDetailsDoc),
+        (status = 400, description = "Nothing to change, a bad size or network mode, a shrinking disk", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "Disk change while the VM runs, or the VM is busy", body = ErrorBody),
+    ))]
+pub async fn set_vm(
+    State(st): State<Arc<AppState>>,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<SetVmRequest>,
+) -> ApiResult<Json<VmDetails>> {
+    set_vm_named(st, vm, q, r).await
+}
+
+async fn set_vm_named(
+    st: Arc<AppState>,
+    vm: VmName,
+    q: StorageQuery,
+    r: SetVmRequest,
+) -> ApiResult<Json<VmDetails>> {
+    let spec = SetSpec {
+        name: vm.clone(),
+        cpu: r.cpu,
+        memory: size("memory", r.memory.as_deref())?,
+        disk_size: size("diskSize", r.disk_size.as_deref())?,
+        network: mode(r.network.as_deref())?,
+    };
+    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    match perform_on(&st, ctx, &vm, Action::Set(spec)).await? {
+        Outcome::Updated(d) => Ok(Json(d)),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Delete a VM and its disk; a running VM is stopped first.
+#[utoipa::path(delete, path = "/lume/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is busy", body = ErrorBody),
+    ))]
+pub async fn delete_vm(
+    State(st): State<Arc<AppState>>,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<Deleted>> {
+    delete_vm_named(st, vm, q).await
+}
+
+async fn delete_vm_named(
+    st: Arc<AppState>,
+    vm: VmName,
+    q: StorageQuery,
+) -> ApiResult<Json<Deleted>> {
+    let ctx = st.context(q.storage.as_deref())?;
+    let action = Action::Delete {
+        name: vm.clone(),
+        force: true,
+        confirmed: true,
+    };
+    match perform_on(&st, ctx, &vm, action).await? {
+        Outcome::Deleted(n) => Ok(Json(Deleted {
+            message: format!("VM '{n}' deleted"),
+        })),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Start a VM; answers once its supervisor reports it running. It keeps
+/// running when the server stops.
+#[utoipa::path(post, path = "/lume/vms/{name}/run", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<RunVmRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Running", body = VmDetailsDoc),
+        (status = 400, description = "A bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "Already running, or busy", body = ErrorBody),
+        (status = 500, description = "QEMU or the network could not be started", body = ErrorBody),
+    ))]
+pub async fn run_vm(
+    State(st): State<Arc<AppState>>,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<RunVmRequest>,
+) -> ApiResult<(StatusCode, Json<VmDetails>)> {
+    if !r.shared_directories.is_empty() {
+        return Err(ApiError::bad_request(
+            "sharedDirectories is not supported by lume on Linux",
+        ));
+    }
+    if r.recovery_mode == Some(true) {
+        return Err(ApiError::bad_request(
+            "recoveryMode is for macOS guests: lume on Linux runs Linux guests",
+        ));
+    }
+    let spec = RunSpec {
+        name: Some(vm.clone()),
+        network: mode(r.network.as_deref())?,
+        mounts: r
+            .mount
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| abs_path("mount", m))
+            .collect::<ApiResult<_>>()?,
+        disks: r
+            .disks
+            .iter()
+            .map(|d| abs_path("disks", d))
+            .collect::<ApiResult<_>>()?,
+        publish: ports(&r.publish)?,
+        detach: true,
+    };
+    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let store = ctx.store.clone();
+    match perform_on(&st, ctx, &vm, Action::Run(spec)).await? {
+        Outcome::Started(d) => {
+            super::reap_supervisor(&store, &vm);
+            Ok((StatusCode::ACCEPTED, Json(d)))
+        }
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Stop a VM: ACPI power-off, then force after `timeout`. Answers once it is stopped.
+#[utoipa::path(post, path = "/lume/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<StopVmRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stopped (or was not running)", body = VmDetailsDoc),
+        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 500, description = "It did not stop", body = ErrorBody),
+    ))]
+pub async fn stop_vm(
+    State(st): State<Arc<AppState>>,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<StopVmRequest>,
+) -> ApiResult<Json<VmDetails>> {
+    let timeout = r.timeout.unwrap_or(15);
+    if timeout > 3600 {
+        return Err(ApiError::bad_request(
+            "timeout: at most 3600 seconds may be given",
+        ));
+    }
+    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let action = Action::Stop {
+        name: vm.clone(),
+        timeout: Duration::from_secs(timeout),
+    };
+    match perform_on(&st, ctx.clone(), &vm, action).await? {
+        Outcome::Stopped { .. } => Ok(Json(details(ctx, vm).await?)),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Copy a stopped VM under a new name, with a new MAC address.
+#[utoipa::path(post, path = "/lume/vms/clone", tag = "vms", params(StorageQuery),
+    request_body = CloneVmRequest,
+    responses(
+        (status = 201, description = "The new VM", body = VmDetailsDoc),
+        (status = 400, description = "Malformed JSON, a missing or invalid name", body = ErrorBody),
+        (status = 404, description = "No such source VM", body = ErrorBody),
+        (status = 409, description = "The source runs, or the new name exists", body = ErrorBody),
+    ))]
+pub async fn clone_vm(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<CloneVmRequest>,
+) -> ApiResult<(StatusCode, Json<VmDetails>)> {
+    if r.source_location.is_some() || r.dest_location.is_some() {
+        return Err(ApiError::bad_request(
+            "sourceLocation and destLocation are not supported: both VMs live in one location, given with storage",
+        ));
+    }
+    let source = name(&r.name)?;
+    let target = name(&r.new_name)?;
+    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let action = Action::Clone {
+        source: source.clone(),
+        target,
+    };
+    match perform_on(&st, ctx, &source, action).await? {
+        Outcome::Cloned { details, .. } => Ok((StatusCode::CREATED, Json(details))),
+        o => Err(unexpected(&o)),
+    }
+}
+
+// A VM may be called `clone`: `/lume/vms/clone` is also its own path for
+// GET, PATCH and DELETE (the static route would otherwise shadow it).
+
+pub async fn get_vm_called_clone(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<VmDetails>> {
+    get_vm_named(st, name("clone")?, q).await
+}
+
+pub async fn set_vm_called_clone(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<SetVmRequest>,
+) -> ApiResult<Json<VmDetails>> {
+    set_vm_named(st, name("clone")?, q, r).await
+}
+
+pub async fn delete_vm_called_clone(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<Deleted>> {
+    delete_vm_named(st, name("clone")?, q).await
+}
+
+fn yaml_to_json(v: &serde_yaml_ng::Value) -> Value {
+    serde_json::to_value(v).unwrap_or_else(|_| {
+        Value::String(
+            serde_yaml_ng::to_string(v)
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        )
+    })
+}
+
+/// The settings: every key of config.yaml, plus the effective accelerator
+/// and VM location (`homeDirectory`) and the file's path (`settingsFile`).
+#[utoipa::path(get, path = "/lume/config", tag = "host",
+    responses(
+        (status = 200, description = "The settings", body = Object, example = json!({
+            "settingsFile": "/root/.config/lume/config.yaml",
+            "accelerator": "auto",
+            "homeDirectory": "/root/.lume",
+            "userSubnet": "10.0.2.0/24"
+        })),
+        (status = 500, description = "config.yaml cannot be read", body = ErrorBody),
+    ))]
+pub async fn get_config(State(st): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let store = st.store(None)?;
+    blocking(move || {
+        let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "settingsFile".into(),
+            settings.file().display().to_string().into(),
+        );
+        for (k, v) in settings.as_mapping() {
+            let key = match k.as_str() {
+                Some(s) => s.to_string(),
+                None => serde_yaml_ng::to_string(k)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            };
+            out.insert(key, yaml_to_json(v));
+        }
+        let accel = match settings.accelerator().map_err(|e| ApiError::internal(&e))? {
+            crate::hypervisor::accel::AccelChoice::Auto => "auto",
+            crate::hypervisor::accel::AccelChoice::Kvm => "kvm",
+            crate::hypervisor::accel::AccelChoice::Tcg => "tcg",
+        };
+        out.insert("accelerator".into(), accel.into());
+        out.insert(
+            "homeDirectory".into(),
+            store.root().display().to_string().into(),
+        );
+        Ok(Json(Value::Object(out)))
+    })
+    .await
+}
+
+/// Whether the server is up, and how many VMs it sees.
+#[utoipa::path(get, path = "/lume/host/status", tag = "host",
+    responses(
+        (status = 200, description = "Up", body = HostStatus),
+        (status = 500, description = "The VM location cannot be read", body = ErrorBody),
+    ))]
+pub async fn host_status(State(st): State<Arc<AppState>>) -> ApiResult<Json<HostStatus>> {
+    let Outcome::List(vms) = perform(st.context(None)?, Action::List).await? else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Unexpected outcome of listing VMs",
+        ));
+    };
+    Ok(Json(HostStatus {
+        status: "ok".into(),
+        vm_count: vms.len(),
+        running_count: vms.iter().filter(|d| d.status == "running").count(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }))
+}
+
+/// Host interfaces and whether bridged mode can use them (the JSON of
+/// `lume config network interfaces -f json`).
+#[utoipa::path(get, path = "/lume/network/interfaces", tag = "network",
+    responses(
+        (status = 200, description = "Every interface", body = [HostInterfaceDoc]),
+        (status = 500, description = "The interfaces cannot be read", body = ErrorBody),
+    ))]
+pub async fn network_interfaces() -> ApiResult<Json<Vec<HostInterface>>> {
+    blocking(|| {
+        crate::network::interfaces::discover()
+            .map(Json)
+            .map_err(|e| ApiError::internal(&e))
+    })
+    .await
+}
+
+// GET /lume/network/doctor goes here, once `lume::network::doctor` exists:
+// a `#[utoipa::path(get, path = "/lume/network/doctor", tag = "network")]`
+// handler that calls the doctor on a blocking thread (`blocking(...)`) and
+// answers with its report as JSON, registered in `super::router` with
+// `.routes(routes!(routes::network_doctor))`.
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "meta",
+    responses((status = 200, description = "The OpenAPI document of this API", body = Object)))]
+pub async fn openapi_json(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(st.openapi.get().cloned().unwrap_or(Value::Null))
+}
+
+/// Unknown routes: 404 as JSON.
+pub async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "No route {method} {}: the routes are listed at /openapi.json",
+            uri.path()
+        ),
+    )
+}
+
+/// A known path with another method: 405 as JSON.
+pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "Method {method} is not allowed on {}: the routes are listed at /openapi.json",
+            uri.path()
+        ),
+    )
+}
