@@ -1,0 +1,638 @@
+//! The HTTP API against a real `lume serve` in a network namespace, with a
+//! temporary HOME: the lifecycle of a real guest through the API and the CLI
+//! together, every error status, the token rule, the OpenAPI document.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::{Home, Netns, guest, lume_bin, wait_console, wait_for};
+
+/// A `lume serve` process inside a namespace, on a port it picked itself.
+struct Server {
+    child: Child,
+    port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, home: &Home, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name])
+            .arg(lume_bin())
+            .args(["serve", "--port", "0"])
+            .args(extra);
+        home.env(&mut c);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let port = rest.split([' ', '(']).next().unwrap().rsplit(':').next();
+                    let _ = tx.send(port.unwrap().parse::<u16>().unwrap());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let port = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                panic!("lume serve did not start: {}", log.lock().unwrap());
+            });
+        Self { child, port, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn stop(mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "lume serve did not stop on SIGTERM: {}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A reply: status and JSON body.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+/// One HTTP request from inside the namespace.
+fn http(ns: &Netns, method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Reply {
+    let (method, url, token) = (method.to_string(), url.to_string(), token.map(String::from));
+    ns.within(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(180)))
+            .build()
+            .into();
+        let mut req = ureq::http::Request::builder()
+            .method(method.as_str())
+            .uri(&url);
+        if let Some(t) = &token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some(b) => agent.run(
+                req.header("Content-Type", "application/json")
+                    .body(b)
+                    .unwrap(),
+            ),
+            None => agent.run(req.body(()).unwrap()),
+        };
+        let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let text = resp.body_mut().read_to_string().unwrap();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {url}: not JSON ({e}): {text:?}"));
+        Reply {
+            status: resp.status().as_u16(),
+            body,
+        }
+    })
+}
+
+/// The API of one server.
+struct Api<'a> {
+    ns: &'a Netns,
+    server: &'a Server,
+    token: Option<String>,
+}
+
+impl<'a> Api<'a> {
+    fn new(ns: &'a Netns, server: &'a Server) -> Self {
+        Self {
+            ns,
+            server,
+            token: None,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Reply {
+        http(
+            self.ns,
+            method,
+            &self.server.url(path),
+            self.token.as_deref(),
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+        )
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None)
+    }
+
+    fn post(&self, path: &str, body: Value) -> Reply {
+        self.call("POST", path, Some(body))
+    }
+
+    fn raw(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        http(
+            self.ns,
+            method,
+            &self.server.url(path),
+            self.token.as_deref(),
+            Some(body.to_vec()),
+        )
+    }
+
+    /// Asserts the status and an error message containing `needle`.
+    fn fails(&self, reply: Reply, status: u16, needle: &str) {
+        assert_eq!(reply.status, status, "{reply:?}");
+        let msg = reply.body["message"].as_str().unwrap_or_else(|| {
+            panic!("an error without a message: {reply:?}");
+        });
+        assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
+    }
+}
+
+fn cli_json(ns: &Netns, home: &Home, args: &[&str]) -> Value {
+    serde_json::from_str(&ns.lume_ok(home, args)).unwrap()
+}
+
+/// QEMU processes of VMs under `home`.
+fn qemu_count(home: &Home, vm: &str) -> usize {
+    let dir = home.vm_dir(vm).display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("qemu-system") || c.contains("/qemu-system"))
+        .filter(|c| c.contains(&dir))
+        .count()
+}
+
+#[test]
+fn a_real_vm_through_the_api_and_the_cli() {
+    let home = Home::new();
+    home.write_settings("userSubnet: 198.51.100.0/24\n");
+    let ns = Netns::new("ap");
+    let g = guest();
+    let server = Server::start(&ns, &home, &[], &[]);
+    let api = Api::new(&ns, &server);
+
+    let status = api.get("/lume/host/status");
+    assert_eq!(status.status, 200);
+    assert_eq!(status.body["status"], "ok");
+    assert_eq!(status.body["vmCount"], 0);
+
+    let created = api.post(
+        "/lume/vms",
+        json!({
+            "name": "web", "os": "linux", "cpu": 1, "memory": "256MB", "diskSize": "64MB",
+            "network": "user", "kernel": g.kernel, "initrd": g.initrd, "cmdline": g.cmdline,
+            "publish": ["127.0.0.1:18090:80"],
+        }),
+    );
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body["status"], "stopped");
+    assert_eq!(created.body["networkMode"], "user");
+    assert_eq!(created.body["memorySize"], 256 << 20);
+    // The CLI sees exactly what the API reports.
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "web", "-f", "json"]),
+        api.get("/lume/vms/web").body
+    );
+    assert_eq!(
+        cli_json(&ns, &home, &["ls", "-f", "json"]),
+        api.get("/lume/vms").body
+    );
+
+    // Two runs at once: one starts the VM, the other is told it runs.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| api.post("/lume/vms/web/run", json!({})));
+        let b = s.spawn(|| api.call("POST", "/lume/vms/web/run", None));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (started, refused) = if a.status == 202 { (a, b) } else { (b, a) };
+    assert_eq!(started.status, 202, "{started:?}");
+    assert_eq!(started.body["status"], "running");
+    assert_eq!(started.body["ipAddress"], "198.51.100.15");
+    api.fails(refused, 409, "already running");
+    assert_eq!(qemu_count(&home, "web"), 1, "the VM runs once");
+    let seen = cli_json(&ns, &home, &["get", "web", "-f", "json"]);
+    assert_eq!(seen["status"], "running");
+    assert_eq!(seen["accelerator"], "tcg");
+
+    wait_console(
+        &home,
+        "web",
+        "LUME-GUEST: lease eth0 198.51.100.15",
+        Duration::from_secs(180),
+    );
+    let page = wait_for("the guest's page on 18090", Duration::from_secs(30), || {
+        ns.http_get("127.0.0.1:18090")
+            .filter(|t| t.contains("lume-test-guest"))
+    });
+    assert!(
+        page.contains(seen["macAddress"].as_str().unwrap()),
+        "{page}"
+    );
+
+    // What a running VM refuses.
+    api.fails(
+        api.call("PATCH", "/lume/vms/web", Some(json!({"diskSize": "128MB"}))),
+        409,
+        "stop it before changing its disk",
+    );
+    api.fails(
+        api.post("/lume/vms/clone", json!({"name": "web", "newName": "web2"})),
+        409,
+        "stop it before cloning",
+    );
+    let patched = api.call("PATCH", "/lume/vms/web", Some(json!({"cpu": 2})));
+    assert_eq!(patched.status, 200, "{patched:?}");
+    assert_eq!(patched.body["cpuCount"], 2);
+
+    // The VM outlives the server; a new server finds it running.
+    assert!(server.stop().success());
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "web", "-f", "json"])["status"],
+        "running"
+    );
+    let server = Server::start(&ns, &home, &[], &[]);
+    let api = Api::new(&ns, &server);
+    assert_eq!(api.get("/lume/vms/web").body["status"], "running");
+    let status = api.get("/lume/host/status").body;
+    assert_eq!(
+        (status["vmCount"].clone(), status["runningCount"].clone()),
+        (json!(1), json!(1))
+    );
+
+    let stopped = api.post("/lume/vms/web/stop", json!({"timeout": 20}));
+    assert_eq!(stopped.status, 200, "{stopped:?}");
+    assert_eq!(stopped.body["status"], "stopped");
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "web", "-f", "json"])["status"],
+        "stopped"
+    );
+    assert_eq!(
+        ns.http_get("127.0.0.1:18090"),
+        None,
+        "port closed after stop"
+    );
+    assert_eq!(qemu_count(&home, "web"), 0);
+
+    // The CLI starts and creates; the API sees it, clones and deletes.
+    ns.lume_ok(&home, &["run", "web", "--detach"]);
+    assert_eq!(api.get("/lume/vms/web").body["status"], "running");
+    ns.lume_ok(
+        &home,
+        &["create", "plain", "--disk-size", "8MB", "--network", "none"],
+    );
+    let names: Vec<Value> = api
+        .get("/lume/vms")
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("plain"), json!("web")]);
+    let cloned = api.post(
+        "/lume/vms/clone",
+        json!({"name": "plain", "newName": "plain2"}),
+    );
+    assert_eq!(cloned.status, 201, "{cloned:?}");
+    assert_ne!(
+        cloned.body["macAddress"],
+        api.get("/lume/vms/plain").body["macAddress"]
+    );
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "plain2", "-f", "json"])["networkMode"],
+        "none"
+    );
+
+    // Deleting a running VM stops it first.
+    for vm in ["web", "plain", "plain2"] {
+        let deleted = api.call("DELETE", &format!("/lume/vms/{vm}"), None);
+        assert_eq!(deleted.status, 200, "{deleted:?}");
+    }
+    assert_eq!(qemu_count(&home, "web"), 0);
+    assert_eq!(cli_json(&ns, &home, &["ls", "-f", "json"]), json!([]));
+    api.fails(api.get("/lume/vms/web"), 404, "does not exist");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn errors_are_json_with_the_right_status() {
+    let home = Home::new();
+    home.write_settings("userSubnet: 198.51.100.0/24\n");
+    let ns = Netns::new("ae");
+    let server = Server::start(&ns, &home, &[], &[]);
+    let api = Api::new(&ns, &server);
+
+    // 400: malformed JSON, missing or invalid fields.
+    api.fails(
+        api.raw("POST", "/lume/vms", b"{\"name\":"),
+        400,
+        "Malformed JSON",
+    );
+    api.fails(api.raw("POST", "/lume/vms", b""), 400, "body is empty");
+    api.fails(
+        api.post("/lume/vms", json!({})),
+        400,
+        "missing field `name`",
+    );
+    api.fails(
+        api.post("/lume/vms", json!({"name": "../x"})),
+        400,
+        "Invalid VM name",
+    );
+    api.fails(api.get("/lume/vms/..%2Fx"), 400, "Invalid VM name '../x'");
+    api.fails(api.get("/lume/vms/.hidden"), 400, "Invalid VM name");
+    let bad = [
+        (
+            json!({"name": "a", "memory": "12XB"}),
+            "Invalid size '12XB'",
+        ),
+        (
+            json!({"name": "a", "diskSize": "lots"}),
+            "Invalid size 'lots'",
+        ),
+        (json!({"name": "a", "cpu": "two"}), "invalid type"),
+        (json!({"name": "a", "cpu": 0}), "at least 1"),
+        (json!({"name": "a", "memory": "1MB"}), "too small"),
+        (
+            json!({"name": "a", "network": "wifi"}),
+            "Unknown network mode 'wifi'",
+        ),
+        (json!({"name": "a", "publish": ["80"]}), "Invalid --publish"),
+        (
+            json!({"name": "a", "network": "none", "publish": ["8080:80"]}),
+            "cannot be published",
+        ),
+        (
+            json!({"name": "a", "macAddress": "01:00:00:00:00:01"}),
+            "multicast",
+        ),
+        (
+            json!({"name": "a", "kernel": "vmlinuz"}),
+            "must be an absolute path",
+        ),
+        (
+            json!({"name": "a", "kernel": "/nonexistent/vmlinuz"}),
+            "does not exist",
+        ),
+        (json!({"name": "a", "os": "macOS"}), "Apple host"),
+        (
+            json!({"name": "a", "storage": "ssd"}),
+            "storage must be an absolute path",
+        ),
+    ];
+    for (body, needle) in bad {
+        api.fails(api.post("/lume/vms", body), 400, needle);
+    }
+    assert_eq!(api.get("/lume/vms").body, json!([]), "nothing was created");
+
+    // 404: unknown VMs, unknown routes; 405: a known path, another method.
+    api.fails(api.get("/lume/vms/nosuch"), 404, "does not exist");
+    api.fails(
+        api.post("/lume/vms/nosuch/run", json!({})),
+        404,
+        "does not exist",
+    );
+    api.fails(
+        api.post("/lume/vms/nosuch/stop", json!({})),
+        404,
+        "does not exist",
+    );
+    api.fails(
+        api.call("PATCH", "/lume/vms/nosuch", Some(json!({"cpu": 1}))),
+        404,
+        "does not exist",
+    );
+    api.fails(
+        api.call("DELETE", "/lume/vms/nosuch", None),
+        404,
+        "does not exist",
+    );
+    api.fails(
+        api.post("/lume/vms/clone", json!({"name": "nosuch", "newName": "b"})),
+        404,
+        "does not exist",
+    );
+    api.fails(api.get("/lume/nothing"), 404, "No route GET /lume/nothing");
+    api.fails(api.get("/"), 404, "No route");
+    api.fails(api.call("PUT", "/lume/vms", None), 405, "not allowed");
+
+    // 409: an existing name.
+    let body = json!({"name": "a", "diskSize": "8MB", "network": "none"});
+    assert_eq!(api.post("/lume/vms", body.clone()).status, 201);
+    api.fails(api.post("/lume/vms", body), 409, "already exists");
+    ns.lume_ok(
+        &home,
+        &["create", "b", "--disk-size", "8MB", "--network", "none"],
+    );
+    api.fails(
+        api.post("/lume/vms/clone", json!({"name": "a", "newName": "b"})),
+        409,
+        "already exists",
+    );
+    // 400: nothing to change, a shrinking disk, a bad run request.
+    api.fails(
+        api.call("PATCH", "/lume/vms/a", Some(json!({}))),
+        400,
+        "Nothing to change",
+    );
+    api.fails(
+        api.call("PATCH", "/lume/vms/a", Some(json!({"diskSize": "1MB"}))),
+        400,
+        "can only grow",
+    );
+    api.fails(
+        api.call("PATCH", "/lume/vms/a", Some(json!({"network": "bogus"}))),
+        400,
+        "Unknown network mode",
+    );
+    api.fails(
+        api.post("/lume/vms/a/run", json!({"mount": "/nonexistent.iso"})),
+        400,
+        "does not exist",
+    );
+    api.fails(
+        api.post("/lume/vms/a/run", json!({"publish": ["1234:80"]})),
+        400,
+        "cannot be published in network mode 'none'",
+    );
+    api.fails(
+        api.post("/lume/vms/a/stop", json!({"timeout": 99999})),
+        400,
+        "at most 3600",
+    );
+    // Stopping a stopped VM is fine.
+    let stopped = api.call("POST", "/lume/vms/a/stop", None);
+    assert_eq!(stopped.status, 200, "{stopped:?}");
+
+    // 413: a body over 64 KiB.
+    let mut big = b"{\"name\": \"big\", \"cmdline\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 80 * 1024));
+    big.extend(b"\"}");
+    api.fails(api.raw("POST", "/lume/vms", &big), 413, "too large");
+
+    // 500 names the broken file; the list still shows the VM as invalid.
+    std::fs::write(home.vm_dir("b").join("config.json"), "{not json").unwrap();
+    api.fails(api.get("/lume/vms/b"), 500, "Corrupt config file");
+    let list = api.get("/lume/vms");
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body[1]["status"], "invalid");
+
+    // Another location, given as a path.
+    let elsewhere = home.path().join("elsewhere");
+    let made = api.post(
+        "/lume/vms",
+        json!({"name": "far", "diskSize": "8MB", "network": "none", "storage": elsewhere}),
+    );
+    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(made.body["locationName"], elsewhere.display().to_string());
+    let far = cli_json(
+        &ns,
+        &home,
+        &[
+            "get",
+            "far",
+            "-f",
+            "json",
+            "--storage",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(far["name"], "far");
+    let q = format!("/lume/vms?storage={}", elsewhere.display());
+    assert_eq!(api.get(&q).body.as_array().unwrap().len(), 1);
+
+    // A VM may be called `clone`.
+    ns.lume_ok(
+        &home,
+        &["create", "clone", "--disk-size", "8MB", "--network", "none"],
+    );
+    assert_eq!(api.get("/lume/vms/clone").body["name"], "clone");
+
+    // Settings and host interfaces: the same as the CLI's.
+    let cfg = api.get("/lume/config").body;
+    assert_eq!(cfg["accelerator"], "tcg");
+    assert_eq!(cfg["userSubnet"], "198.51.100.0/24");
+    assert_eq!(cfg["homeDirectory"], home.storage().display().to_string());
+    assert_eq!(
+        api.get("/lume/network/interfaces").body,
+        cli_json(
+            &ns,
+            &home,
+            &["config", "network", "interfaces", "-f", "json"]
+        )
+    );
+
+    // The OpenAPI document lists every route with its methods.
+    let doc = api.get("/openapi.json").body;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let mut routes: Vec<String> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            routes.push(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "DELETE /lume/vms/{name}",
+            "GET /lume/config",
+            "GET /lume/host/status",
+            "GET /lume/network/interfaces",
+            "GET /lume/vms",
+            "GET /lume/vms/{name}",
+            "GET /openapi.json",
+            "PATCH /lume/vms/{name}",
+            "POST /lume/vms",
+            "POST /lume/vms/clone",
+            "POST /lume/vms/{name}/run",
+            "POST /lume/vms/{name}/stop",
+        ]
+    );
+    assert!(server.stop().success());
+}
+
+#[test]
+fn a_token_guards_every_request() {
+    let home = Home::new();
+    let ns = Netns::new("at");
+
+    // Any address but loopback needs a token.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name, "timeout", "20"])
+        .arg(lume_bin())
+        .args(["serve", "--host", "0.0.0.0", "--port", "0"]);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Refusing to listen on 0.0.0.0") && err.contains("--token"),
+        "{err}"
+    );
+
+    let server = Server::start(
+        &ns,
+        &home,
+        &["--host", "0.0.0.0", "--token", "s3cret-token"],
+        &[],
+    );
+    let mut api = Api::new(&ns, &server);
+    api.fails(api.get("/lume/host/status"), 401, "needs an API token");
+    api.fails(api.get("/lume/nothing"), 401, "needs an API token");
+    api.token = Some("wrong-token".into());
+    api.fails(api.get("/lume/host/status"), 401, "Wrong API token");
+    api.token = Some("s3cret-token".into());
+    assert_eq!(api.get("/lume/host/status").status, 200);
+    assert_eq!(api.get("/lume/vms").body, json!([]));
+    api.fails(api.get("/lume/nothing"), 404, "No route");
+
+    // A token from the environment is required on loopback too.
+    let local = Server::start(&ns, &home, &[], &[("LUME_API_TOKEN", "from-env")]);
+    let mut api = Api::new(&ns, &local);
+    api.fails(api.get("/lume/host/status"), 401, "needs an API token");
+    api.token = Some("from-env".into());
+    assert_eq!(api.get("/lume/host/status").status, 200);
+    assert!(local.stop().success());
+    assert!(server.stop().success());
+}
