@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Home, Netns, guest, wait_console, wait_for};
+use common::{Home, Netns, wait_console, wait_for};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -31,26 +31,8 @@ fn nix_is_root() -> bool {
 }
 
 fn create_guest(ns: &Netns, home: &Home, name: &str, network: &str) {
-    let g = guest();
-    let args = [
-        "create",
-        name,
-        "--cpu",
-        "1",
-        "--memory",
-        "256MB",
-        "--disk-size",
-        "64MB",
-        "--network",
-        network,
-        "--kernel",
-        g.kernel.to_str().unwrap(),
-        "--initrd",
-        g.initrd.to_str().unwrap(),
-        "--cmdline",
-        &g.cmdline,
-    ];
-    ns.lume_ok(home, &args);
+    let args = common::guest_create_args(name, network, &[], "");
+    ns.lume_ok(home, &args.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 fn details(ns: &Netns, home: &Home, name: &str) -> Value {

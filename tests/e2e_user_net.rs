@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Home, Netns, guest, sh, wait_console, wait_for};
+use common::{Home, Netns, sh, wait_console, wait_for};
 
 /// lume as the unprivileged user `nobody`, inside `ns`.
 fn lume_as_nobody(ns: &Netns, home: &Home, args: &[&str]) -> std::process::Output {
@@ -34,31 +34,9 @@ fn unprivileged_user_mode_vm_serves_through_a_published_port() {
     let home = Home::new();
     home.write_settings("userSubnet: 198.51.100.0/24\n");
     let ns = Netns::new("lu");
-    let g = guest();
     // Created by root (the guest files live in root's cache), then handed to nobody.
-    ns.lume_ok(
-        &home,
-        &[
-            "create",
-            "web",
-            "--cpu",
-            "1",
-            "--memory",
-            "256MB",
-            "--disk-size",
-            "64MB",
-            "--network",
-            "user",
-            "--publish",
-            "127.0.0.1:18080:80",
-            "--kernel",
-            g.kernel.to_str().unwrap(),
-            "--initrd",
-            g.initrd.to_str().unwrap(),
-            "--cmdline",
-            &g.cmdline,
-        ],
-    );
+    let args = common::guest_create_args("web", "user", &["--publish", "127.0.0.1:18080:80"], "");
+    ns.lume_ok(&home, &args.iter().map(String::as_str).collect::<Vec<_>>());
     ns.lume_ok(&home, &["create", "natvm", "--disk-size", "8MB"]);
     sh(&format!(
         "chown -R nobody:nogroup {}",

@@ -13,7 +13,7 @@ pub struct Subnet {
 
 /// Why a subnet was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("Invalid subnet '{0}': write an IPv4 network such as 192.168.64.0/24 (prefix 16 to 29)")]
+#[error("Invalid subnet '{0}': write an IPv4 network such as 192.168.64.0/24 (prefix 8 to 29)")]
 pub struct BadSubnet(pub String);
 
 impl FromStr for Subnet {
@@ -23,7 +23,7 @@ impl FromStr for Subnet {
         let (addr, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
         let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(16..=29).contains(&prefix) {
+        if !(8..=29).contains(&prefix) {
             return Err(bad());
         }
         Ok(Self {
@@ -109,7 +109,7 @@ mod tests {
         let half: Subnet = "203.0.113.0/25".parse().unwrap();
         assert!(s.overlaps(&half) && half.overlaps(&s));
         assert!(!s.overlaps(&"198.51.100.0/24".parse().unwrap()));
-        for bad in ["203.0.113.0", "x/24", "203.0.113.0/8", "203.0.113.0/30"] {
+        for bad in ["203.0.113.0", "x/24", "203.0.113.0/7", "203.0.113.0/30"] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
     }

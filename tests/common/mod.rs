@@ -134,6 +134,41 @@ pub fn guest() -> Guest {
     }
 }
 
+/// `lume create NAME` arguments for a small VM booting the test guest:
+/// 1 CPU, 192MB, a 16MB disk, `network`, the guest's command line plus
+/// `extra_cmdline`, then `extra` options.
+pub fn guest_create_args(
+    name: &str,
+    network: &str,
+    extra: &[&str],
+    extra_cmdline: &str,
+) -> Vec<String> {
+    let g = guest();
+    let mut args: Vec<String> = [
+        "create",
+        name,
+        "--cpu",
+        "1",
+        "--memory",
+        "192MB",
+        "--disk-size",
+        "16MB",
+        "--network",
+        network,
+        "--kernel",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(g.kernel.display().to_string());
+    args.push("--initrd".into());
+    args.push(g.initrd.display().to_string());
+    args.push("--cmdline".into());
+    args.push(format!("{} {extra_cmdline}", g.cmdline).trim().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short unique name: `<prefix><pid-base36><seq>`, at most 15 characters
@@ -380,28 +415,8 @@ impl Lan {
     /// Creates a VM from the test guest; `extra_cmdline` is appended to the
     /// guest's kernel command line (e.g. `lume.probe=IP:PORT`).
     pub fn create(&self, name: &str, network: &str, extra: &[&str], extra_cmdline: &str) {
-        let g = guest();
-        let cmdline = format!("{} {extra_cmdline}", g.cmdline);
-        let mut args = vec![
-            "create",
-            name,
-            "--cpu",
-            "1",
-            "--memory",
-            "192MB",
-            "--disk-size",
-            "16MB",
-            "--network",
-            network,
-            "--kernel",
-            g.kernel.to_str().unwrap(),
-            "--initrd",
-            g.initrd.to_str().unwrap(),
-            "--cmdline",
-            &cmdline,
-        ];
-        args.extend_from_slice(extra);
-        self.lume_ok(&args);
+        let args = guest_create_args(name, network, extra, extra_cmdline);
+        self.lume_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }
 
