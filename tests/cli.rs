@@ -534,3 +534,38 @@ fn publish_is_validated_and_persisted() {
     assert!(!home.vm_dir("x").exists());
     assert_eq!(home.get("p")["networkMode"], "user");
 }
+
+#[test]
+fn delete_asks_on_a_terminal() {
+    let home = Home::new();
+    create_small(&home, "t", &[]);
+    // `script` gives lume a pseudo-terminal; the answer comes on its stdin.
+    let ask = |answer: &str| {
+        let mut c = std::process::Command::new("script");
+        c.args([
+            "-qec",
+            &format!("{} delete t", common::lume_bin().display()),
+            "/dev/null",
+        ]);
+        home.env(&mut c);
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = ask("n\n");
+    assert!(out.contains("Delete VM 't' and its disk? [y/N]"), "{out}");
+    assert!(out.contains("Not deleted"), "{out}");
+    assert!(home.vm_dir("t").exists());
+    let out = ask("y\n");
+    assert!(out.contains("VM 't' deleted"), "{out}");
+    assert!(!home.vm_dir("t").exists());
+}
