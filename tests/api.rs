@@ -456,6 +456,30 @@ fn errors_are_json_with_the_right_status() {
     api.fails(api.get("/"), 404, "No route");
     api.fails(api.call("PUT", "/lume/vms", None), 405, "not allowed");
 
+    // 403: web pages (CSRF) and DNS rebinding, without a token.
+    let addr = format!("127.0.0.1:{}", server.port);
+    let raw = |headers: &str| {
+        let req = format!("POST /lume/vms/x/stop HTTP/1.0\r\n{headers}Content-Length: 0\r\n\r\n");
+        ns.tcp_exchange(&addr, req.as_bytes()).unwrap()
+    };
+    let refused = raw("Origin: http://evil.example\r\n");
+    assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
+    assert!(
+        refused.contains("Requests from web pages are refused"),
+        "{refused}"
+    );
+    let refused = raw("Host: rebound.example:7777\r\n");
+    assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
+    assert!(
+        refused.contains("Host 'rebound.example:7777' is refused"),
+        "{refused}"
+    );
+    let local = raw(&format!(
+        "Host: localhost:{}\r\nOrigin: http://localhost:3000\r\n",
+        server.port
+    ));
+    assert!(local.starts_with("HTTP/1.0 404"), "{local}");
+
     // 409: an existing name.
     let body = json!({"name": "a", "diskSize": "8MB", "network": "none"});
     assert_eq!(api.post("/lume/vms", body.clone()).status, 201);

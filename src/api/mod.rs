@@ -135,6 +135,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_web_pages,
+        ))
         .layer(middleware::from_fn(access_log))
         .with_state(state)
 }
@@ -169,6 +173,60 @@ async fn require_token(State(st): State<Arc<AppState>>, req: Request, next: Next
                 )
                 .into_response();
             }
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` header value or an origin's authority names this machine
+/// (`localhost`, a loopback address), with or without a port.
+fn is_local_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _port)| host),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Without a token, anyone who can make a request is trusted; so a web page
+/// must not be able to make one. Browsers send `Origin` with cross-site
+/// requests (CSRF), and a DNS name rebound to 127.0.0.1 still carries its own
+/// `Host`: both are refused unless they name this machine. Programs (curl,
+/// SDKs) send neither, or local ones.
+async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if st.token.is_none() {
+        let header_value = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or("?").to_string())
+        };
+        if let Some(origin) = header_value(header::ORIGIN) {
+            let authority = origin.split_once("://").map_or("", |(_, a)| a);
+            if !is_local_authority(authority.trim_end_matches('/')) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Requests from web pages are refused (Origin: {origin}): without an API token only local programs may use this API"
+                    ),
+                )
+                .into_response();
+            }
+        }
+        if let Some(host) = header_value(header::HOST)
+            && !is_local_authority(&host)
+        {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "Host '{host}' is refused: without an API token this API answers only to localhost and loopback addresses"
+                ),
+            )
+            .into_response();
         }
     }
     next.run(req).await
@@ -339,6 +397,32 @@ mod tests {
         assert!(!same_secret(b"", b"abc"));
         assert_eq!(check_token(Some(String::new())).unwrap(), None);
         assert!(check_token(Some("a b".into())).is_err());
+    }
+
+    #[test]
+    fn local_authorities() {
+        for ok in [
+            "localhost",
+            "LOCALHOST:7777",
+            "127.0.0.1",
+            "127.0.0.1:7777",
+            "127.1.2.3:80",
+            "[::1]:7777",
+            "[::1]",
+        ] {
+            assert!(is_local_authority(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:7777",
+            "localhost.evil.example",
+            "192.0.2.1:7777",
+            "[2001:db8::1]:7777",
+            "",
+            "null",
+        ] {
+            assert!(!is_local_authority(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -501,12 +501,17 @@ pub async fn run_vm(
         detach: true,
     };
     let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
-    let store = ctx.store.clone();
-    match perform_on(&st, ctx, &vm, Action::Run(spec)).await? {
-        Outcome::Started(d) => {
-            super::reap_supervisor(&store, &vm);
-            Ok((StatusCode::ACCEPTED, Json(d)))
-        }
+    let _turn = st.vm_turn(ctx.store.root(), &vm).await;
+    // The supervisor is this server's child: it is reaped when it exits, even
+    // if the client has gone away meanwhile.
+    let outcome = blocking(move || {
+        let outcome = execute(&ctx, Action::Run(spec), &mut |line: &str| super::log(line))?;
+        super::reap_supervisor(&ctx.store, &vm);
+        Ok(outcome)
+    })
+    .await?;
+    match outcome {
+        Outcome::Started(d) => Ok((StatusCode::ACCEPTED, Json(d))),
         o => Err(unexpected(&o)),
     }
 }
