@@ -586,6 +586,20 @@ fn errors_are_json_with_the_right_status() {
         )
     );
 
+    // The doctor's JSON: the same checks as the CLI's.
+    let doctor = api.get("/lume/network/doctor").body;
+    let cli_doctor = ns.lume(&home, &["network", "doctor", "-f", "json"]);
+    let cli_doctor: serde_json::Value = serde_json::from_slice(&cli_doctor.stdout).unwrap();
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names(&doctor), names(&cli_doctor));
+
     // The OpenAPI document lists every route with its methods.
     let doc = api.get("/openapi.json").body;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
@@ -602,6 +616,7 @@ fn errors_are_json_with_the_right_status() {
             "DELETE /lume/vms/{name}",
             "GET /lume/config",
             "GET /lume/host/status",
+            "GET /lume/network/doctor",
             "GET /lume/network/interfaces",
             "GET /lume/vms",
             "GET /lume/vms/{name}",

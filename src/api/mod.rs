@@ -117,8 +117,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::get_config))
         .routes(routes!(routes::host_status))
         .routes(routes!(routes::network_interfaces))
-        // GET /lume/network/doctor goes here (not wired yet, see routes.rs):
-        // .routes(routes!(routes::network_doctor))
+        .routes(routes!(routes::network_doctor))
         .routes(routes!(routes::openapi_json))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").into();

@@ -700,24 +700,17 @@ pub async fn network_interfaces() -> ApiResult<Json<Vec<HostInterface>>> {
     .await
 }
 
-// ---------------------------------------------------------------------------
-// GET /lume/network/doctor: NOT WIRED YET (owned by the network work).
-// `lume::network::doctor::run(&Context) -> Report` (Report: Serialize) is all
-// it needs; the handler is, with `.routes(routes!(routes::network_doctor))`
-// added in `super::router` and the path added to the tests' route list:
-//
-// /// Host network health checks (the JSON of `lume network doctor -f json`).
-// #[utoipa::path(get, path = "/lume/network/doctor", tag = "network",
-//     params(StorageQuery),
-//     responses((status = 200, description = "Every check", body = Object)))]
-// pub async fn network_doctor(
-//     State(st): State<Arc<AppState>>,
-//     ApiQuery(q): ApiQuery<StorageQuery>,
-// ) -> ApiResult<Json<crate::network::doctor::Report>> {
-//     let ctx = st.context(q.storage.as_deref())?;
-//     blocking(move || Ok(Json(crate::network::doctor::run(&ctx)))).await
-// }
-// ---------------------------------------------------------------------------
+/// Host network health checks (the JSON of `lume network doctor -f json`).
+#[utoipa::path(get, path = "/lume/network/doctor", tag = "network",
+    params(StorageQuery),
+    responses((status = 200, description = "Every check", body = Object)))]
+pub async fn network_doctor(
+    State(st): State<Arc<AppState>>,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<crate::network::doctor::Report>> {
+    let ctx = st.context(q.storage.as_deref())?;
+    blocking(move || Ok(Json(crate::network::doctor::run(&ctx)))).await
+}
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "meta",

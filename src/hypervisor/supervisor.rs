@@ -81,6 +81,10 @@ pub struct RunRequest {
     pub attach: AttachOptions,
 }
 
+/// Set by `run --detach` for its supervisor: the file its output goes to,
+/// renamed to `lume.log` once the supervisor holds the VM.
+pub const START_LOG_ENV: &str = "LUME_SUPERVISOR_LOG";
+
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
@@ -146,6 +150,9 @@ pub fn supervise(
     let _lock = VmLock::try_acquire(&vm.lock_path())
         .map_err(io_at(vm.lock_path()))?
         .ok_or_else(|| held_error(vm))?;
+    if let Some(start_log) = std::env::var_os(START_LOG_ENV) {
+        let _ = fs::rename(start_log, vm.log_path());
+    }
     // Anything a dead supervisor left behind.
     if let Some(stale) = RunState::load(&vm.state_path()) {
         attach::collect_stale(&stale, &req.attach.settings);
@@ -210,6 +217,7 @@ pub fn supervise(
     let supervisor_pid = nix::unistd::getpid();
     let mut cmd = Command::new(&binary);
     cmd.args(&args)
+        .env_remove(START_LOG_ENV)
         .current_dir(&vm.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -426,9 +426,15 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
 /// running, or fails.
 fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Outcome, VmError> {
     let exe = std::env::current_exe().map_err(RunError::Spawn)?;
+    // The supervisor logs to a file of its own and renames it to lume.log
+    // only once it holds the VM: a start that loses a race never truncates
+    // the log of the run that won.
+    let start_log = vm
+        .dir
+        .join(format!(".start-{:x}.log", crate::util::random::u64()));
+    let log = fs::File::create(&start_log).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
-    let log = fs::File::create(&log_path).map_err(io_at(&log_path))?;
-    let log2 = log.try_clone().map_err(io_at(&log_path))?;
+    let log2 = log.try_clone().map_err(io_at(&start_log))?;
     let mut cmd = Command::new(exe);
     cmd.arg("run")
         .arg(vm.name.as_str())
@@ -450,6 +456,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
         .map_err(RunError::from)?;
     cmd.env("LUME_ACCEL", accel.to_string());
+    cmd.env(supervisor::START_LOG_ENV, &start_log);
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
     // caller's terminal and session so it outlives this process.
@@ -468,8 +475,17 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             return Ok(Outcome::Started(VmDetails::read(store, vm)));
         }
         if let Some(_status) = child.try_wait().map_err(RunError::Spawn)? {
+            // Still under its own name if it never got the VM's lock.
+            let log_path = if start_log.exists() {
+                start_log.clone()
+            } else {
+                log_path
+            };
             let mut messages = String::new();
             let _ = fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut messages));
+            if log_path == start_log {
+                let _ = fs::remove_file(&start_log);
+            }
             if messages.contains("is already running") {
                 return Err(RunError::AlreadyRunning(vm.name.clone()).into());
             }
@@ -484,6 +500,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = fs::remove_file(&start_log);
             return Err(RunError::QmpTimeout(120, log_path).into());
         }
         std::thread::sleep(Duration::from_millis(20));
