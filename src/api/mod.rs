@@ -10,7 +10,6 @@
 pub mod error;
 pub mod extract;
 pub mod routes;
-pub mod schema;
 
 use std::collections::HashMap;
 use std::io::Write as _;

@@ -17,7 +17,6 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath};
-use super::schema::{HostInterfaceDoc, VmDetailsDoc};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
 use crate::network::publish::PortMapping;
@@ -299,7 +298,7 @@ async fn details(ctx: Context, name: VmName) -> ApiResult<VmDetails> {
 /// List every VM (the JSON of `lume ls -f json`).
 #[utoipa::path(get, path = "/lume/vms", tag = "vms", params(StorageQuery),
     responses(
-        (status = 200, description = "Every VM, sorted by name", body = [VmDetailsDoc]),
+        (status = 200, description = "Every VM, sorted by name", body = [VmDetails]),
         (status = 400, description = "Bad storage", body = ErrorBody),
         (status = 500, description = "The VM location cannot be read", body = ErrorBody),
     ))]
@@ -316,7 +315,7 @@ pub async fn list_vms(
 /// Create a VM.
 #[utoipa::path(post, path = "/lume/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
-        (status = 201, description = "Created", body = VmDetailsDoc),
+        (status = 201, description = "Created", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
         (status = 409, description = "A VM of that name exists", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
@@ -358,7 +357,7 @@ pub async fn create_vm(
 #[utoipa::path(get, path = "/lume/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     responses(
-        (status = 200, description = "The VM", body = VmDetailsDoc),
+        (status = 200, description = "The VM", body = VmDetails),
         (status = 400, description = "Invalid name", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 500, description = "Its config.json cannot be read", body = ErrorBody),
@@ -384,7 +383,7 @@ async fn get_vm_named(
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body = SetVmRequest,
     responses(
-        (status = 200, description = "Updated", body = VmDetailsDoc),
+        (status = 200, description = "Updated", body = VmDetails),
         (status = 400, description = "Nothing to change, a bad size or network mode, a shrinking disk", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Disk change while the VM runs, or the VM is busy", body = ErrorBody),
@@ -460,7 +459,7 @@ async fn delete_vm_named(
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<RunVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 202, description = "Running", body = VmDetailsDoc),
+        (status = 202, description = "Running", body = VmDetails),
         (status = 400, description = "A bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Already running, or busy", body = ErrorBody),
@@ -521,7 +520,7 @@ pub async fn run_vm(
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<StopVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stopped (or was not running)", body = VmDetailsDoc),
+        (status = 200, description = "Stopped (or was not running)", body = VmDetails),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 500, description = "It did not stop", body = ErrorBody),
@@ -553,7 +552,7 @@ pub async fn stop_vm(
 #[utoipa::path(post, path = "/lume/vms/clone", tag = "vms", params(StorageQuery),
     request_body = CloneVmRequest,
     responses(
-        (status = 201, description = "The new VM", body = VmDetailsDoc),
+        (status = 201, description = "The new VM", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing or invalid name", body = ErrorBody),
         (status = 404, description = "No such source VM", body = ErrorBody),
         (status = 409, description = "The source runs, or the new name exists", body = ErrorBody),
@@ -688,7 +687,7 @@ pub async fn host_status(State(st): State<Arc<AppState>>) -> ApiResult<Json<Host
 /// `lume config network interfaces -f json`).
 #[utoipa::path(get, path = "/lume/network/interfaces", tag = "network",
     responses(
-        (status = 200, description = "Every interface", body = [HostInterfaceDoc]),
+        (status = 200, description = "Every interface", body = [crate::network::interfaces::HostInterface]),
         (status = 500, description = "The interfaces cannot be read", body = ErrorBody),
     ))]
 pub async fn network_interfaces() -> ApiResult<Json<Vec<HostInterface>>> {
@@ -703,7 +702,7 @@ pub async fn network_interfaces() -> ApiResult<Json<Vec<HostInterface>>> {
 /// Host network health checks (the JSON of `lume network doctor -f json`).
 #[utoipa::path(get, path = "/lume/network/doctor", tag = "network",
     params(StorageQuery),
-    responses((status = 200, description = "Every check", body = Object)))]
+    responses((status = 200, description = "Every check", body = crate::network::doctor::Report)))]
 pub async fn network_doctor(
     State(st): State<Arc<AppState>>,
     ApiQuery(q): ApiQuery<StorageQuery>,

@@ -16,7 +16,7 @@ use crate::vm::details::VmDetails;
 use crate::vm::lock::VmLock;
 
 /// One check.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Check {
     pub name: String,
     pub ok: bool,
@@ -24,7 +24,7 @@ pub struct Check {
 }
 
 /// Every check, in order.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
 pub struct Report {
     pub checks: Vec<Check>,
 }

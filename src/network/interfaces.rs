@@ -28,7 +28,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 /// What kind of link an interface is.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InterfaceType {
     Ethernet,
@@ -45,7 +45,7 @@ pub enum InterfaceType {
 }
 
 /// One host interface as `bridged` mode sees it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostInterface {
     pub name: String,

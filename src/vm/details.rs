@@ -6,15 +6,15 @@ use serde::Serialize;
 use super::store::{Store, Vm};
 use crate::hypervisor::img;
 
-/// lume's `diskSize` object.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// lume's `diskSize` object: bytes really used, and the disk's size.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DiskSize {
     pub allocated: u64,
     pub total: u64,
 }
 
 /// How the VM is (or, when stopped, will be) connected.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkDetails {
     /// The effective mode: the run's override while running, else the saved one.
@@ -58,8 +58,9 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
     }
 }
 
-/// One VM as reported to users.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// One VM as reported to users: exactly the JSON of `lume get NAME -f json`,
+/// every key always present.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmDetails {
     pub name: String,
