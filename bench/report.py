@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""Turns the results of bench/*.sh (JSON lines in the results directory)
+into the generated part of BENCHMARKS.md: the text between
+`<!-- BEGIN GENERATED RESULTS -->` and `<!-- END GENERATED RESULTS -->` is
+replaced; everything else in the file (the analysis) is kept.
+
+Usage: report.py RESULTS_DIR BENCHMARKS.md
+"""
+
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+BEGIN = "<!-- BEGIN GENERATED RESULTS -->"
+END = "<!-- END GENERATED RESULTS -->"
+
+
+def load(results, name):
+    path = os.path.join(results, f"{name}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def q(values):
+    """median, min, max, q1, q3 of a list."""
+    s = sorted(values)
+    med = statistics.median(s)
+    if len(s) >= 2:
+        q1, _, q3 = statistics.quantiles(s, n=4, method="inclusive")
+    else:
+        q1 = q3 = s[0]
+    return med, s[0], s[-1], q1, q3
+
+
+def fmt_s(v):
+    return f"{v:.2f} s"
+
+
+def fmt_ms(v):
+    return f"{v * 1000:.0f} ms" if v >= 0.1 else f"{v * 1000:.1f} ms"
+
+
+def cell(values, f=fmt_s):
+    """`median (min–max)` of values with formatter f."""
+    if not values:
+        return "–"
+    med, lo, hi, _, _ = q(values)
+    if len(values) == 1:
+        return f(med)
+    return f"{f(med)} ({f(lo)}–{f(hi)})"
+
+
+def cell_iqr(values, f=fmt_s):
+    if not values:
+        return "–"
+    med, lo, hi, q1, q3 = q(values)
+    return f"{f(med)} (IQR {f(q1)}–{f(q3)}; {f(lo)}–{f(hi)})"
+
+
+def metric(rows, case, name):
+    return [r["metrics"][name] for r in rows if r["case"] == case and name in r.get("metrics", {})]
+
+
+def by_run(rows, case, name):
+    return {r["run"]: r["metrics"][name] for r in rows
+            if r["case"] == case and name in r.get("metrics", {})}
+
+
+def ratio_cell(num, den):
+    """Paired ratios num[run]/den[run] of the same round: median (min–max)."""
+    runs = sorted(set(num) & set(den))
+    if not runs:
+        return "–", None
+    rs = [num[r] / den[r] for r in runs]
+    med, lo, hi, _, _ = q(rs)
+    return f"{med:.2f}x ({lo:.2f}–{hi:.2f}), n={len(rs)}", med
+
+
+def verdict(ok):
+    return "**meets**" if ok else "**misses**"
+
+
+# ---- sections ----------------------------------------------------------------------------
+
+def machine(meta):
+    out = ["### Machine and command", ""]
+    rows = [
+        ("date (UTC)", meta.get("date")),
+        ("command", f"`{meta.get('command')}`"),
+        ("runs per case (BENCH_RUNS)", meta.get("runs")),
+        ("lume commit", meta.get("commit")),
+        ("CPUs (nproc)", meta.get("nproc")),
+        ("CPU model", meta.get("cpu_model")),
+        ("memory", meta.get("memory")),
+        ("kernel", meta.get("kernel")),
+        ("QEMU", meta.get("qemu")),
+        ("accelerator", meta.get("accelerator")),
+        ("filesystem of /tmp", meta.get("tmp_fs")),
+        ("load average at start", meta.get("loadavg_start")),
+        ("load average at end", meta.get("loadavg_end")),
+        ("other QEMU processes at start", meta.get("other_qemu_start")),
+        ("suite wall time", meta.get("wall_time")),
+    ]
+    out += ["| | |", "| --- | --- |"]
+    out += [f"| {k} | {v} |" for k, v in rows if v is not None]
+    return out
+
+
+def boot(rows):
+    if not rows:
+        return []
+    out = ["### 1. Time to a usable address", ""]
+    out += ["Median (min–max) over the recorded rounds, seconds from the first command "
+            "(`lume run --detach`, or the first `ip` command of the bare setup).", ""]
+    out += ["| case | to `ipAddress` in `lume get` | to lease in console | guest init started (console) | "
+            "QEMU started | `run --detach` returned | n |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for case in ["lume-nat", "bare-nat", "lume-nat-noget", "lume-bridged", "bare-bridged"]:
+        n = len(metric(rows, case, "console_lease"))
+        if not n:
+            continue
+        started = metric(rows, case, "qemu_spawned") or metric(rows, case, "setup")
+        out.append(f"| {case} | {cell(metric(rows, case, 'address'))} | "
+                   f"{cell(metric(rows, case, 'console_lease'))} | "
+                   f"{cell(metric(rows, case, 'console_booted'))} | "
+                   f"{cell(started, fmt_ms)} | "
+                   f"{cell(metric(rows, case, 'detach'), fmt_ms)} | {n} |")
+    out += ["", "Ratios lume / bare QEMU, paired within each round (median (min–max)); target ≤ 1.10:", ""]
+    out += ["| mode | `lume get` address / bare lease | lume console lease / bare console lease | "
+            "ratio of medians (address) | target |", "| --- | --- | --- | --- | --- |"]
+    for mode in ["nat", "bridged"]:
+        addr = by_run(rows, f"lume-{mode}", "address")
+        lease = by_run(rows, f"lume-{mode}", "console_lease")
+        bare = by_run(rows, f"bare-{mode}", "console_lease")
+        c1, _ = ratio_cell(addr, bare)
+        c2, _ = ratio_cell(lease, bare)
+        if addr and bare:
+            rm = statistics.median(addr.values()) / statistics.median(bare.values())
+            out.append(f"| {mode} | {c1} | {c2} | {rm:.2f}x | {verdict(rm <= 1.10)} |")
+    gets = metric(rows, "lume-nat", "get_mean") + metric(rows, "lume-bridged", "get_mean")
+    after = metric(rows, "lume-nat", "address_after_lease") + metric(rows, "lume-bridged", "address_after_lease")
+    if gets:
+        out += ["", f"One `lume get -f json` took {cell(gets, fmt_ms)} (mean per run); `ipAddress` "
+                f"appeared {cell(after, fmt_ms)} after the console's lease line (negative: before it, "
+                "because the DHCP server's lease precedes the guest's own message)."]
+    return out
+
+
+def heal(rows):
+    if not rows:
+        return []
+    out = ["### 2. Heal time (NAT guest, probe every ~0.2 s)", ""]
+    gaps = [g for r in rows if r["case"] == "steady" for g in r.get("probe_gaps", [])]
+    if gaps:
+        out += [f"Probe interval in steady state (resolution of the guest-side number): "
+                f"{cell(gaps, fmt_ms)}, n={len(gaps)}.", ""]
+    idle = next((r for r in rows if r["case"] == "idle-cpu"), None)
+    if idle:
+        out += [f"CPU while nothing is wrong (10 s): the NAT VM's supervisor, which runs the watcher, "
+                f"{idle['supervisor_cpu_per_s'] * 1000:.0f} ms/s including the `nft` processes it waits for; "
+                f"its QEMU {idle['qemu_cpu_per_s'] * 1000:.0f} ms/s (guest probing 5 times a second).", ""]
+    out += ["Seconds from the start of the disruption; median (min–max). Target: guest traffic back in < 1 s.", ""]
+    out += ["| disruption | guest connection accepted again | IPv4 forwarding back on | "
+            "first repair logged by lume | disruption command took | n | target |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for case in ["flush", "nft-only", "forwarding-off", "vpn-connect", "vpn-disconnect"]:
+        g = metric(rows, case, "guest_back")
+        if not g:
+            continue
+        out.append(f"| {case} | {cell(g, fmt_ms)} | {cell(metric(rows, case, 'forwarding_back'), fmt_ms)} | "
+                   f"{cell(metric(rows, case, 'first_repair_logged'), fmt_ms)} | "
+                   f"{cell(metric(rows, case, 'disrupt_cmd'), fmt_ms)} | {len(g)} | {verdict(max(g) < 1.0)} |")
+    return out
+
+
+def scale(rows):
+    if not rows:
+        return []
+    out = ["### 3. Manager overhead at scale", ""]
+    times = defaultdict(list)
+    for r in rows:
+        key = (r["case"], r.get("vms"))
+        times[key] += r.get("times", [])
+    floor = times.get(("spawn-true", None), [])
+    ver = times.get(("lume-version", None), [])
+    out += [f"Wall time per command, median (min–max). Floor of the method: `/bin/true` "
+            f"{cell(floor, fmt_ms)}; `lume --version` {cell(ver, fmt_ms)}.", ""]
+    sizes = sorted({r.get("vms") for r in rows if r.get("vms")})
+    out += ["| VMs (3 running) | `ls -f json` | `ls` (table) | `get` stopped VM | `get` running VM |",
+            "| --- | --- | --- | --- | --- |"]
+    for n in sizes:
+        out.append(f"| {n} | {cell(times[('ls-json', n)], fmt_ms)} | {cell(times[('ls-table', n)], fmt_ms)} | "
+                   f"{cell(times[('get-stopped', n)], fmt_ms)} | {cell(times[('get-running', n)], fmt_ms)} |")
+    # Linear fit of the ls medians.
+    pts = [(n, statistics.median(times[("ls-json", n)])) for n in sizes if times[("ls-json", n)]]
+    if len(pts) >= 2:
+        xs, ys = zip(*pts)
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs)
+        icpt = my - slope * mx
+        ss_tot = sum((y - my) ** 2 for y in ys)
+        ss_res = sum((y - (icpt + slope * x)) ** 2 for x, y in pts)
+        r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
+        big = max(pts)
+        out += ["", f"`ls -f json` ≈ {icpt * 1000:.1f} ms + {slope * 1e6:.1f} µs per VM "
+                f"(least squares over the medians, R² = {r2:.3f}); with {big[0]} VMs: "
+                f"{big[1] * 1000:.1f} ms, target < 100 ms: {verdict(big[1] < 0.1)}."]
+    creates = [t for r in rows if r["case"] == "create" for t in r.get("times", [])]
+    stages = [(r.get("upto"), r.get("times", [])) for r in rows if r["case"] == "create"]
+    deletes = times.get(("delete", None), [])
+    if creates:
+        per_stage = "; ".join(f"up to {u}: {cell(t, fmt_ms)}" for u, t in stages)
+        out += ["", f"`lume create vmNNNN --disk-size 1MB --network none`: {cell(creates, fmt_ms)} "
+                f"over {len(creates)} creates ({per_stage})."]
+    if deletes:
+        out += [f"`lume delete vmNNNN --force`: {cell(deletes, fmt_ms)} over {len(deletes)} deletes."]
+    return out
+
+
+def clone(rows):
+    if not rows:
+        return []
+    out = ["### 4. Clone of a 20 GB sparse disk", ""]
+    if any(r["case"] == "xfs-skipped" for r in rows):
+        out += ["XFS part skipped: mkfs.xfs unavailable.", ""]
+    out += ["Median (min–max) wall time; the baseline is coreutils `cp` of the same disk, in the same round.", ""]
+    out += ["| filesystem | data | `lume clone` | lume says | copy allocates | filesystem space used by the copy | "
+            "baseline `cp` | lume / cp | n |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fss = []
+    for r in rows:
+        if r.get("fs") and r["fs"] not in fss:
+            fss.append(r["fs"])
+    for fs in fss:
+        for mib in sorted({r["mib"] for r in rows if r.get("fs") == fs}):
+            lume = [r for r in rows if r["case"] == f"lume-{fs}-{mib}"]
+            said = sorted({("reflink" if "reflink" in r.get("stdout", "") else
+                            "sparse copy" if "sparsely" in r.get("stdout", "") else r.get("stdout", ""))
+                           for r in lume})
+            alloc = [r["allocated"] for r in rows if r["case"] == f"alloc-{fs}-{mib}"]
+            delta = [r["fs_used_delta"] for r in rows if r["case"] == f"alloc-{fs}-{mib}" and "fs_used_delta" in r]
+            t = metric(rows, f"lume-{fs}-{mib}", "seconds")
+            cp = metric(rows, f"cp-{fs}-{mib}", "seconds")
+            rc, _ = ratio_cell(by_run(rows, f"lume-{fs}-{mib}", "seconds"), by_run(rows, f"cp-{fs}-{mib}", "seconds"))
+            mibs = lambda v: f"{v / (1 << 20):.0f} MiB"  # noqa: E731
+            used = cell(delta, mibs) if fs != "ext4" else "(shared filesystem: not isolated)"
+            out.append(f"| {fs} | {mib} MiB | {cell(t, fmt_ms)} | {', '.join(said)} | {cell(alloc, mibs)} | "
+                       f"{used} | {cell(cp, fmt_ms)} | {rc} | {len(t)} |")
+        t64 = metric(rows, f"lume-{fs}-64", "seconds")
+        t512 = metric(rows, f"lume-{fs}-512", "seconds")
+        if t64 and t512:
+            out += [f"| {fs} | 512 vs 64 MiB | time ratio {statistics.median(t512) / statistics.median(t64):.1f}x "
+                    "(data ratio 8x) | | | | | | |"]
+    return out
+
+
+def throughput(rows):
+    if not rows:
+        return []
+    out = ["### 5. Guest network throughput (TCP echo round trip)", ""]
+    mib = next((r.get("mib") for r in rows if r.get("mib")), None)
+    out += [f"{mib:g} MiB sent to the echo service and read back at once; MiB/s of payload, "
+            "median (min–max).", ""] if mib else []
+    out += ["| path | MiB/s | fraction of the veth baseline (paired) | n |", "| --- | --- | --- | --- |"]
+    veth = by_run(rows, "veth", "mib_per_s")
+    for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (macvtap)"),
+                        ("nat", "nat (tap on lume's bridge)"), ("user", "user (slirp, published port)")]:
+        v = metric(rows, case, "mib_per_s")
+        if not v:
+            continue
+        rc, _ = ratio_cell(by_run(rows, case, "mib_per_s"), veth) if case != "veth" else ("1", None)
+        out.append(f"| {label} | {cell(v, lambda x: f'{x:.1f}')} | {rc} | {len(v)} |")
+    vh = next((r for r in rows if r["case"] == "vhost"), None)
+    if vh:
+        out += ["", f"vhost-net: lume requests it: {'yes' if vh.get('lume_requests_vhost') else 'no'}; "
+                f"/dev/vhost-net on this host: {'yes' if vh.get('dev_vhost_net') else 'no'}."]
+    return out
+
+
+def main():
+    results, md = sys.argv[1], sys.argv[2]
+    meta = {}
+    mp = os.path.join(results, "meta.json")
+    if os.path.exists(mp):
+        with open(mp) as f:
+            meta = json.load(f)
+    parts = [BEGIN, "", f"_Generated by `bench/report.py` from {meta.get('date', 'the last run')}; "
+             "do not edit by hand (the analysis above and below is kept)._", ""]
+    for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
+                    scale(load(results, "scale")), clone(load(results, "clone")),
+                    throughput(load(results, "throughput"))]:
+        if section:
+            parts += section + [""]
+    parts.append(END)
+    generated = "\n".join(parts)
+    text = open(md).read() if os.path.exists(md) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + generated + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + generated + "\n"
+    with open(md, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
