@@ -261,10 +261,31 @@ def cmd_heal(a):
 
 # ---- throughput: echo round trips ---------------------------------------------------
 
+def thread_cpu(pid):
+    """CPU seconds of process `pid` and of its vCPU thread(s) (named
+    "CPU n/TCG" or "CPU n/KVM" by QEMU's debug-threads=on)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path):
+        f = open(path).read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / tick  # utime + stime
+
+    vcpu = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if open(f"/proc/{pid}/task/{tid}/comm").read().startswith("CPU "):
+                vcpu += stat(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            pass
+    return stat(f"/proc/{pid}/stat"), vcpu
+
+
 def cmd_echo_client(a):
     """Sends --mb MiB to an echo service and reads them back at the same
-    time; the time is from connect to the last echoed byte."""
+    time; the time is from connect to the last echoed byte. With --cpu-pid,
+    the CPU time QEMU (and its vCPU thread) used meanwhile is recorded."""
     total = int(a.mb * (1 << 20))
+    cpu0 = thread_cpu(a.cpu_pid) if a.cpu_pid else None
     block = os.urandom(64 * 1024)
     t0 = mono()
     s = socket.create_connection((a.host, a.port), timeout=10)
@@ -303,7 +324,12 @@ def cmd_echo_client(a):
     s.close()
     if got != total or err or sent_hash.digest() != recv_hash.digest():
         sys.exit(f"echo from {a.host}:{a.port}: {got} of {total} bytes back, errors {err}")
-    record(a.record, a.case, a.run, {"seconds": t, "mib_per_s": a.mb / t}, mib=a.mb)
+    m = {"seconds": t, "mib_per_s": a.mb / t}
+    if cpu0:
+        cpu1 = thread_cpu(a.cpu_pid)
+        m["qemu_cpu_share"] = (cpu1[0] - cpu0[0]) / t
+        m["vcpu_cpu_share"] = (cpu1[1] - cpu0[1]) / t
+    record(a.record, a.case, a.run, m, mib=a.mb)
 
 
 def cmd_echo_server(a):
@@ -427,6 +453,7 @@ def main():
     sp.add_argument("--host", required=True)
     sp.add_argument("--port", type=int, default=7)
     sp.add_argument("--mb", type=float, default=8)
+    sp.add_argument("--cpu-pid", type=int, help="QEMU's pid, to record its CPU use")
     sp.add_argument("--timeout", type=float, default=120)
     sp.set_defaults(fn=cmd_echo_client)
 

@@ -41,8 +41,8 @@ os.close(fd)
 EOF
 }
 
-allocated() { stat -c '%b %B' "$1" | awk '{ print $1 * $2 }'; }
-fs_used() { stat -f -c '%b %f %S' "$1" | awk '{ print ($1 - $2) * $3 }'; }
+allocated() { stat -c '%b %B' "$1" | awk '{ printf "%.0f\n", $1 * $2 }'; }
+fs_used() { stat -f -c '%b %f %S' "$1" | awk '{ printf "%.0f\n", ($1 - $2) * $3 }'; }
 
 bench_fs() { # FSNAME STORE CP_ARGS
     local fs=$1 store=$2 cp_args=$3 mib run disk copy

@@ -72,14 +72,16 @@ meta = {
 json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
 
+failed=()
 for b in "${SELECTED[@]}"; do
     echo "== $b" >&2
-    "bench/$b.sh"
+    "bench/$b.sh" || failed+=("$b")
 done
 
-python3 - "$BENCH_RESULTS/meta.json" "$(($(date +%s) - start))" <<'EOF'
+python3 - "$BENCH_RESULTS/meta.json" "$(($(date +%s) - start))" "${failed[@]}" <<'EOF'
 import json, sys
 meta = json.load(open(sys.argv[1]))
+meta["failed"] = sys.argv[3:]
 meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
 s = int(sys.argv[2])
 meta["wall_time"] = f"{s // 60} min {s % 60} s (including the build)"
@@ -87,3 +89,7 @@ json.dump(meta, open(sys.argv[1], "w"), indent=1)
 EOF
 python3 bench/report.py "$BENCH_RESULTS" BENCHMARKS.md
 echo "Results: BENCHMARKS.md (raw: $BENCH_RESULTS)" >&2
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "Failed: ${failed[*]} (their results are missing or partial)" >&2
+    exit 1
+fi

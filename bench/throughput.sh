@@ -8,7 +8,9 @@
 # connect to the last echoed byte, and MiB/s is payload per second (each
 # byte crosses the virtual NIC twice, in and out). Under TCG this measures
 # mostly the emulated guest CPU (virtio-net interrupts, the guest's TCP
-# stack and `cat` copying), not the host's datapath.
+# stack and `cat` copying), not the host's datapath: the CPU time of
+# QEMU's vCPU thread ("CPU 0/TCG") during each transfer is recorded to
+# show it.
 #
 #   bridged  --network bridged:up0 (macvtap); sender on the LAN (a macvtap
 #            guest cannot be reached from its own host)
@@ -46,18 +48,22 @@ ip netns exec "$LAN_NS" "${BT[@]}" echo-server --addr "$LAN_PEER" --port 7007 &
 disown
 sleep 1
 
+qemu_pid() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["qemuPid"])' "$H/.lume/$1/run.json"; }
+declare -A QPID=([bridged]=$(qemu_pid tbr) [nat]=$(qemu_pid tnat) [user]=$(qemu_pid tuser))
+
 measure() { # RUN CASE
-    local ns host port=7
+    local ns host port=7 cpu=()
     case $2 in
         bridged) ns=$LAN_NS host=$BR_IP ;;
         nat) ns=$HOST_NS host=$NAT_IP ;;
         user) ns=$HOST_NS host=127.0.0.1 port=7007 ;;
         veth) ns=$HOST_NS host=$LAN_PEER port=7007 ;;
     esac
+    [ -z "${QPID[$2]:-}" ] || cpu=(--cpu-pid "${QPID[$2]}")
     local rec=$OUT
     [ "$1" -gt 0 ] || rec=
     in_ns "$ns" "${BT[@]}" echo-client --record="$rec" --case "$2" --run "$1" \
-        --host "$host" --port "$port" --mb "$MB" >/dev/null
+        --host "$host" --port "$port" --mb "$MB" "${cpu[@]}" >/dev/null
 }
 
 CASES=(veth bridged nat user)
@@ -68,7 +74,7 @@ for ((run = 0; run <= BENCH_RUNS; run++)); do
     done
 done
 # vhost-net: lume's tap and macvtap netdevs do not ask for it.
-vhost=$(grep -c 'vhost=on' "$H/.lume/tnat/lume.log" "$H/.lume/tbr/lume.log" | awk -F: '{ s += $2 } END { print s + 0 }')
+vhost=$(cat "$H/.lume/tnat/lume.log" "$H/.lume/tbr/lume.log" | awk '/vhost=on/ { n++ } END { print n + 0 }')
 "${BT[@]}" note --record "$OUT" --json "{\"case\": \"vhost\", \"run\": 0, \"lume_requests_vhost\": $([ "$vhost" -gt 0 ] && echo true || echo false), \"dev_vhost_net\": $([ -e /dev/vhost-net ] && echo true || echo false)}"
 for vm in tbr tnat tuser; do lume_in "$HOST_NS" "$H" stop "$vm" >/dev/null; done
 log "done: $OUT"
