@@ -166,5 +166,5 @@ lan_attach() {
     in_ns "$LAN_NS" sh -c "ip link set $port master br0 && ip link set $port up"
 }
 
-# record: appends one JSON line to this benchmark's results file.
+# results_file NAME: the JSON-lines file a benchmark appends its results to.
 results_file() { echo "$RESULTS/$1.jsonl"; }
