@@ -14,13 +14,25 @@ use nix::sys::socket::{
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+/// RTNLGRP_IPV4_NETCONF is group 24: sent when `ip_forward` is written.
+const RTMGRP_IPV4_NETCONF: u32 = 1 << (24 - 1);
 /// NFNLGRP_NFTABLES is group 7: bit 6 of the legacy group mask.
 const NFNLGRP_NFTABLES_MASK: u32 = 1 << (7 - 1);
 
-/// Subscriptions to link, address, route and nftables events.
+/// Subscriptions to link, address, route, IPv4 configuration and nftables events.
 pub struct Events {
-    sockets: Vec<OwnedFd>,
+    /// (socket, whether it carries nftables events)
+    sockets: Vec<(OwnedFd, bool)>,
     buf: Vec<u8>,
+}
+
+/// What woke a wait.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Woken {
+    /// A link, address, route or IPv4 configuration event.
+    pub net: bool,
+    /// An nftables ruleset event.
+    pub nft: bool,
 }
 
 fn subscribe(protocol: SockProtocol, groups: u32) -> nix::Result<OwnedFd> {
@@ -41,9 +53,10 @@ impl Events {
         let sockets = [
             subscribe(
                 SockProtocol::NetlinkRoute,
-                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
-            ),
-            subscribe(SockProtocol::NetlinkNetFilter, NFNLGRP_NFTABLES_MASK),
+                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_NETCONF,
+            )
+            .map(|s| (s, false)),
+            subscribe(SockProtocol::NetlinkNetFilter, NFNLGRP_NFTABLES_MASK).map(|s| (s, true)),
         ]
         .into_iter()
         .filter_map(Result::ok)
@@ -59,28 +72,36 @@ impl Events {
         self.sockets.len()
     }
 
-    /// Waits up to `timeout` for any event; returns whether one came. All
+    /// Waits up to `timeout` for any event and says which kinds came. All
     /// pending messages are drained.
-    pub fn wait(&mut self, timeout: Duration) -> bool {
+    pub fn wait(&mut self, timeout: Duration) -> Woken {
         let mut fds: Vec<PollFd> = self
             .sockets
             .iter()
-            .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+            .map(|(s, _)| PollFd::new(s.as_fd(), PollFlags::POLLIN))
             .collect();
         let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
-        let ready = match poll(&mut fds, ms) {
-            Ok(n) => n > 0,
-            Err(_) => false,
+        let ready: Vec<bool> = match poll(&mut fds, ms) {
+            Ok(n) if n > 0 => fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect(),
+            _ => vec![false; fds.len()],
         };
         drop(fds);
-        if ready {
-            for s in &self.sockets {
-                // Drain; ENOBUFS (overrun) also just means "something changed".
-                while recv(s.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT)
-                    .is_ok_and(|n| n > 0)
-                {}
+        let mut woken = Woken::default();
+        for ((s, is_nft), ready) in self.sockets.iter().zip(ready) {
+            if !ready {
+                continue;
+            }
+            // Drain; ENOBUFS (overrun) also just means "something changed".
+            while recv(s.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT).is_ok_and(|n| n > 0) {}
+            if *is_nft {
+                woken.nft = true;
+            } else {
+                woken.net = true;
             }
         }
-        ready
+        woken
     }
 }

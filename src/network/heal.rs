@@ -105,12 +105,15 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        for repair in networks.heal() {
+        // Links, addresses, dnsmasq and forwarding are checked through
+        // netlink and /proc every pass; the firewall needs an `nft` process,
+        // so it is listed on nftables events and once a second.
+        tick = tick.wrapping_add(1);
+        let slow = tick.is_multiple_of(4);
+        for repair in networks.heal(woken.nft || slow) {
             record(networks, &format!("repaired: {repair}"));
         }
-        // Warnings need a full ruleset listing: on events, and once a second.
-        tick = tick.wrapping_add(1);
-        if !woken && !tick.is_multiple_of(4) {
+        if !(woken.nft || woken.net || slow) {
             continue;
         }
         let now: HashSet<String> = networks.warnings().into_iter().collect();

@@ -277,7 +277,7 @@ impl Networks {
         let net = self.get(kind);
         net.remove_member(vm)?;
         self.collect_locked();
-        Ok(())
+        self.apply_firewall()
     }
 
     /// Collects what killed supervisors left: records of VMs that no longer
@@ -291,18 +291,25 @@ impl Networks {
         Ok(())
     }
 
+    /// Removes dead members and takes down networks nobody uses; rewrites
+    /// the firewall only when that changed something.
     fn collect_locked(&self) {
+        let mut changed = false;
         for net in [&self.nat, &self.host] {
             for m in net.members() {
                 if !m.alive() {
                     let _ = net.remove_member(&m.vm);
+                    changed = true;
                 }
             }
-            if net.members().is_empty() {
+            if net.members().is_empty() && net.dir.exists() {
                 net.take_down();
+                changed = true;
             }
         }
-        let _ = self.apply_firewall();
+        if changed {
+            let _ = self.apply_firewall();
+        }
     }
 
     /// The firewall state every live member implies.
@@ -350,7 +357,9 @@ impl Networks {
     /// Puts everything lume's running NAT and host-only VMs need back in
     /// place: bridges, gateway addresses, tap membership, dnsmasq, IPv4
     /// forwarding and lume's firewall table. Returns what it repaired.
-    pub fn heal(&self) -> Vec<String> {
+    /// The firewall is listed (an `nft` process) only when `check_firewall`
+    /// is set: on nftables events and once a second.
+    pub fn heal(&self, check_firewall: bool) -> Vec<String> {
         let path = self.root.join("network.lock");
         // Never wait long: a join or leave in progress is itself a repair.
         let Ok(Some(_guard)) = VmLock::acquire_within(&path, Duration::from_millis(200)) else {
@@ -372,7 +381,7 @@ impl Networks {
                 ));
             }
         }
-        if any {
+        if any && check_firewall {
             let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
             match Nft.listing() {
                 Ok(current) if current.is_some() && current == saved => {}
