@@ -159,24 +159,18 @@ fn nat_and_host_only_vms() {
             "host to {ip}"
         );
     }
-    // The published port answers from the LAN, through the host's address.
-    let page = t
-        .lan
-        .http_get(&format!("{HOST_UPLINK_IP}:8080"))
-        .unwrap_or_default();
-    assert!(
-        page.contains(nat1["macAddress"].as_str().unwrap()),
-        "{page}"
-    );
-    // ... and from the host itself, through its own address.
-    let page = t
-        .host
-        .http_get(&format!("{HOST_UPLINK_IP}:8080"))
-        .unwrap_or_default();
-    assert!(
-        page.contains(nat1["macAddress"].as_str().unwrap()),
-        "{page}"
-    );
+    // The published port answers from the LAN and from the host itself,
+    // through the host's own address.
+    for from in [&t.lan, &t.host] {
+        let page = from
+            .http_get(&format!("{HOST_UPLINK_IP}:8080"))
+            .unwrap_or_default();
+        assert!(
+            page.contains(nat1["macAddress"].as_str().unwrap()),
+            "from {}: {page}",
+            from.name
+        );
+    }
     // The LAN cannot reach NAT guests directly, nor the host-only guest.
     t.lan.exec_ok(
         "ip route add 203.0.113.0/24 via 198.51.100.2 && ip route add 192.0.2.0/24 via 198.51.100.2",

@@ -70,14 +70,7 @@ impl Home {
 
     /// Runs lume, asserts success, returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.lume(args);
-        assert!(
-            out.status.success(),
-            "lume {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(args, self.lume(args))
     }
 
     /// Runs lume, asserts failure, returns stderr.
@@ -95,6 +88,17 @@ impl Home {
     pub fn get(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["get", name, "-f", "json"])).unwrap()
     }
+}
+
+/// Asserts that lume succeeded and returns its stdout.
+fn succeeded(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "lume {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The test guest (kernel, initrd, command line), built once and cached by
@@ -225,14 +229,7 @@ impl Netns {
     }
 
     pub fn lume_ok(&self, home: &Home, args: &[&str]) -> String {
-        let out = self.lume(home, args);
-        assert!(
-            out.status.success(),
-            "lume {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(args, self.lume(home, args))
     }
 
     pub fn lume_fails(&self, home: &Home, args: &[&str]) -> String {
