@@ -224,8 +224,10 @@ fn nat_and_host_only_vms() {
 #[test]
 fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
     let t = Lan::new("nk");
-    t.create("k1", "nat", &[], "");
+    t.create("k1", "nat", &["--publish", "8081:80"], "");
     t.create("k2", "bridged:up0", &[], "");
+    t.create("k3", "nat", &[], "");
+    t.lume_ok(&["run", "k3", "--detach"]);
     t.lume_ok(&["run", "k1", "--detach"]);
     t.lume_ok(&["run", "k2", "--detach"]);
     for vm in ["k1", "k2"] {
@@ -238,6 +240,16 @@ fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
     wait_for("both VMs stopped", Duration::from_secs(10), || {
         (t.get("k1")["status"] == "stopped" && t.get("k2")["status"] == "stopped").then_some(())
     });
+    // k3 still runs: its watcher collects k1's share of the NAT network (its
+    // published port) without waiting for a lume command.
+    wait_for("k3's watcher to collect k1", Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(t.home.vm_dir("k3").join("lume.log")).ok()?;
+        log.contains("VM 'k1' stopped without leaving lume0")
+            .then_some(())
+    });
+    let rules = t.host.exec_ok("nft list table inet lume");
+    assert!(!rules.contains("8081"), "{rules}");
+    t.lume_ok(&["stop", "k3"]);
     // The next lume command that touches the network collects the rest.
     t.lume_ok(&["stop", "k1"]);
     t.lume_ok(&["stop", "k2"]);

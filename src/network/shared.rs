@@ -367,8 +367,20 @@ impl Networks {
         };
         let mut repairs = Vec::new();
         let mut any = false;
+        let mut collected = false;
         for net in [&self.nat, &self.host] {
-            let members: Vec<Member> = net.members().into_iter().filter(Member::alive).collect();
+            let (members, dead): (Vec<Member>, Vec<Member>) =
+                net.members().into_iter().partition(Member::alive);
+            // A supervisor that was killed cannot leave: collect its share now.
+            for m in dead.iter().filter(|_| !members.is_empty()) {
+                if net.remove_member(&m.vm).is_ok() {
+                    collected = true;
+                    repairs.push(format!(
+                        "VM '{}' stopped without leaving {} (its supervisor died): removed its reservation and published ports",
+                        m.vm, net.bridge
+                    ));
+                }
+            }
             if members.is_empty() {
                 continue;
             }
@@ -380,6 +392,12 @@ impl Networks {
                     crate::error_chain(&e)
                 ));
             }
+        }
+        if collected && let Err(e) = self.apply_firewall() {
+            repairs.push(format!(
+                "could not rewrite lume's firewall table: {}",
+                crate::error_chain(&e)
+            ));
         }
         if any && check_firewall {
             let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
