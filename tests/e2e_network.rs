@@ -194,6 +194,32 @@ fn nat_and_host_only_vms() {
     let ho_ip: IpAddr = addrs[2].parse().unwrap();
     assert!(!peer.sources().contains(&ho_ip));
 
+    // A host port is published once per namespace.
+    t.create("nat3", "nat", &["--publish", "8080:81"], "");
+    let err = t.lume_fails(&["run", "nat3", "--detach"]);
+    assert!(
+        err.contains("Host port 8080/tcp is already published by VM 'nat1'"),
+        "{err}"
+    );
+    // A VM of the same name in another storage location is another member.
+    let other = t.home.path().join("other-storage");
+    let o = other.to_str().unwrap();
+    let args = common::guest_create_args("nat2", "nat", &["--storage", o], "");
+    t.lume_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    t.lume_ok(&["run", "nat2", "--detach", "--storage", o]);
+    let twin = wait_for("the twin's address", Duration::from_secs(60), || {
+        let d: Value =
+            serde_json::from_str(&t.lume_ok(&["get", "nat2", "-f", "json", "--storage", o]))
+                .ok()?;
+        d["ipAddress"].as_str().map(str::to_string)
+    });
+    assert!(!addrs.contains(&twin), "{twin} vs {addrs:?}");
+    t.lume_ok(&["stop", "nat2", "--storage", o]);
+    assert!(
+        t.host.http_get(&format!("{}:80", addrs[1])).is_some(),
+        "nat2 in the default storage still served"
+    );
+
     // Stopping one NAT VM keeps the network for the other.
     t.lume_ok(&["stop", "nat2"]);
     assert!(links(&t.host).contains("lume0"));
@@ -250,6 +276,10 @@ fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
     let rules = t.host.exec_ok("nft list table inet lume");
     assert!(!rules.contains("8081"), "{rules}");
     t.lume_ok(&["stop", "k3"]);
+    // A macvtap recorded by a supervisor killed before it wrote run.json.
+    t.host
+        .exec_ok("ip link add link up0 name lmvdead01 type macvtap mode bridge");
+    std::fs::write(t.home.vm_dir("k2").join(".macvtap"), "lmvdead01").unwrap();
     // The next lume command that touches the network collects the rest.
     t.lume_ok(&["stop", "k1"]);
     t.lume_ok(&["stop", "k2"]);
@@ -259,6 +289,7 @@ fn a_killed_supervisor_leaves_nothing_after_the_next_command() {
         "{l}"
     );
     assert!(!t.host.exec_ok("nft list tables").contains("lume"));
+    assert!(!t.home.vm_dir("k2").join(".macvtap").exists());
     // And both start again at once.
     t.lume_ok(&["run", "k1", "--detach"]);
     wait_console(&t.home, "k1", "LUME-GUEST: lease eth0 203.0.113.", BOOT);

@@ -100,6 +100,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::TooManyCpus(_)
         | VmError::MemoryTooSmall(_)
         | VmError::DiskTooSmall(_)
+        | VmError::DiskTooLarge(_)
         | VmError::DiskShrink { .. }
         | VmError::MissingFile { .. }
         | VmError::InitrdWithoutKernel
@@ -116,6 +117,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
 /// Network errors: what the client chose wrong is 400, the host's failures 500.
 fn attach_status(e: &AttachError) -> StatusCode {
     match e {
+        AttachError::Shared(crate::network::shared::SharedError::PortTaken { .. }) => {
+            StatusCode::CONFLICT
+        }
         AttachError::PublishNotSupported(_)
         | AttachError::OwnBridge(..)
         | AttachError::Publish(_)

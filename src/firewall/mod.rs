@@ -80,6 +80,19 @@ pub struct ForeignDrop {
     pub hook: String,
     /// `policy drop`, or the rule that drops.
     pub how: String,
+    /// Interface names the chain's rules match on (an accept for a lume
+    /// bridge before the drop means the chain lets lume's traffic through).
+    pub interfaces: Vec<String>,
+}
+
+impl ForeignDrop {
+    /// Whether this chain would drop traffic of `bridges` (it does not when
+    /// its rules name one of them).
+    pub fn affects(&self, bridges: &[&str]) -> bool {
+        !bridges
+            .iter()
+            .any(|b| self.interfaces.iter().any(|i| i == b))
+    }
 }
 
 impl std::fmt::Display for ForeignDrop {

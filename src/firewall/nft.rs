@@ -3,6 +3,7 @@
 //! replaced whole or not at all.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -17,7 +18,10 @@ pub const TABLE: &str = "lume";
 pub struct Nft;
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    // Its own process group: a Ctrl-C meant for `lume run` must not kill an
+    // nft in the middle of lume's teardown.
     let mut child = Command::new("nft")
+        .process_group(0)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -143,6 +147,7 @@ pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
         }
         let (family, table, chain) = key(c);
         let mut how = None;
+        let mut interfaces = Vec::new();
         if c["policy"] == "drop" {
             how = Some("policy drop".to_string());
         }
@@ -151,6 +156,18 @@ pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
                 continue;
             }
             let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+            // `iifname "lume0"` / `oifname "lume0"` matches: {"match": {"left":
+            // {"meta": {"key": "iifname"}}, "right": "lume0"}}
+            for e in &exprs {
+                let m = &e["match"];
+                if matches!(
+                    m["left"]["meta"]["key"].as_str(),
+                    Some("iifname" | "oifname")
+                ) && let Some(name) = m["right"].as_str()
+                {
+                    interfaces.push(name.to_string());
+                }
+            }
             if exprs
                 .iter()
                 .any(|e| e.get("drop").is_some() || e.get("reject").is_some())
@@ -165,6 +182,7 @@ pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
                 chain,
                 hook: hook.to_string(),
                 how,
+                interfaces,
             });
         }
     }
@@ -189,7 +207,10 @@ impl FirewallDriver for Nft {
     fn listing(&self) -> Result<Option<String>, FirewallError> {
         match nft(&["list", "table", "inet", TABLE], None) {
             Ok(text) => Ok(Some(text)),
-            Err(FirewallError::Rejected(_)) => Ok(None),
+            // Only a missing table is "missing"; any other failure is an error.
+            Err(FirewallError::Rejected(msg)) if msg.contains("No such file or directory") => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -231,6 +252,13 @@ mod tests {
         );
         assert_eq!(found[1].table, "vpn");
         assert!(found[1].how.contains("handle 4"));
+        assert!(found[0].affects(&["lume0"]));
+        let allows = r#"{"nftables":[
+          {"chain":{"family":"inet","table":"fw","name":"fwd","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}},
+          {"rule":{"family":"inet","table":"fw","chain":"fwd","handle":2,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"lume0"}},{"accept":null}]}}]}"#;
+        let f = parse_foreign_drops(allows);
+        assert_eq!(f[0].interfaces, ["lume0"]);
+        assert!(!f[0].affects(&["lume0"]));
     }
 
     #[test]

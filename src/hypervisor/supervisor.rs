@@ -130,7 +130,7 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
 
 /// Reports why the lock is taken: running, or busy with another command.
 pub fn held_error(vm: &Vm) -> RunError {
-    if RunState::load(&vm.state_path()).is_some() {
+    if vm.running_state().is_some() {
         RunError::AlreadyRunning(vm.name.clone())
     } else {
         RunError::Busy(vm.name.clone())
@@ -154,9 +154,11 @@ pub fn supervise(
         let _ = fs::rename(start_log, vm.log_path());
     }
     // Anything a dead supervisor left behind.
-    if let Some(stale) = RunState::load(&vm.state_path()) {
-        attach::collect_stale(&stale, &req.attach.settings);
-    }
+    attach::collect_stale(
+        &vm.dir,
+        RunState::load(&vm.state_path()).as_ref(),
+        &req.attach.settings,
+    );
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
 
@@ -263,9 +265,11 @@ pub fn supervise(
         let _ = child.kill();
         let _ = child.wait();
     }
+    // The network first: run.json stays until every resource is released,
+    // so `lume stop` and `ls` see the VM until then.
+    drop(net);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
-    drop(net);
     result
 }
 

@@ -73,10 +73,11 @@ enum Teardown {
     Shared {
         networks: Networks,
         kind: Kind,
-        vm: String,
+        /// The membership key ([`super::shared::member_id`]).
+        id: String,
     },
-    /// Delete a macvtap link.
-    Macvtap(String),
+    /// Delete a macvtap link and the record of its name.
+    Macvtap(String, PathBuf),
 }
 
 /// A network attached for one run. Dropping it tears the host side down.
@@ -124,13 +125,14 @@ impl Drop for HostSide {
         drop(self.healer.take());
         match std::mem::take(&mut self.teardown) {
             Teardown::Nothing => {}
-            Teardown::Shared { networks, kind, vm } => {
-                let _ = networks.leave(kind, &vm);
+            Teardown::Shared { networks, kind, id } => {
+                let _ = networks.leave(kind, &id);
             }
-            Teardown::Macvtap(name) => {
+            Teardown::Macvtap(name, record) => {
                 if let Ok(mut nl) = Netlink::open() {
                     let _ = nl.delete_link(&name);
                 }
+                let _ = std::fs::remove_file(record);
             }
         }
     }
@@ -145,6 +147,8 @@ pub struct AttachOptions {
     pub publish: Vec<PortMapping>,
     /// config.yaml, for the shared networks' bridges and subnets.
     pub settings: crate::settings::Settings,
+    /// The VM's name and directory, to check its published ports early.
+    pub vm: Option<(String, PathBuf)>,
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -185,7 +189,10 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
             bridged_interface(name.as_deref(), opts)?;
         }
         NetworkMode::Nat | NetworkMode::Host => {
-            Networks::from_settings(&opts.settings)?;
+            let nets = Networks::from_settings(&opts.settings)?;
+            if let Some((vm, vm_dir)) = &opts.vm {
+                nets.check_ports(&super::shared::member_id(vm, vm_dir), &opts.publish)?;
+            }
         }
         NetworkMode::User | NetworkMode::None => {}
     }
@@ -264,7 +271,7 @@ pub fn attach(
                     teardown: Teardown::Shared {
                         networks,
                         kind,
-                        vm: vm.to_string(),
+                        id: super::shared::member_id(vm, vm_dir),
                     },
                 },
                 ..Default::default()
@@ -287,8 +294,12 @@ pub fn attach(
                 tap.name
             } else {
                 let name = device_name("lmv");
+                // Recorded before it exists: a supervisor killed at any point
+                // after this leaves a name the next command can collect.
+                let record = vm_dir.join(NETDEV_RECORD);
+                let _ = crate::util::atomic::write_atomic(&record, name.as_bytes());
+                a.guard.teardown = Teardown::Macvtap(name.clone(), record);
                 let index = nl.create_macvtap(&name, &iface.name, mac.0)?;
-                a.guard.teardown = Teardown::Macvtap(name.clone());
                 a.host_device = Some(name.clone());
                 nl.set_up(&name)?;
                 let file = super::tap::open_macvtap(&name, index)?;
@@ -324,19 +335,32 @@ fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
     }));
 }
 
-/// Collects what a killed supervisor left of its network: its macvtap (a tap
-/// vanishes by itself with its descriptors) and, for NAT and host-only, its
-/// membership, taking the shared network down when nobody uses it any more.
-pub fn collect_stale(state: &crate::vm::state::RunState, settings: &crate::settings::Settings) {
-    if let Some(dev) = state
-        .host_device
-        .as_deref()
-        .filter(|d| d.starts_with("lmv"))
-        && let Ok(mut nl) = Netlink::open()
-    {
-        let _ = nl.delete_link(dev);
+/// File in the VM directory naming the macvtap of the current run.
+const NETDEV_RECORD: &str = ".macvtap";
+
+/// Collects what a killed supervisor of the VM in `vm_dir` left of its
+/// network (call it only while the VM's lock is free or held by the caller):
+/// its macvtap (a tap vanishes by itself with its descriptors) and, for NAT
+/// and host-only, its membership, taking the shared network down when
+/// nobody uses it any more.
+pub fn collect_stale(
+    vm_dir: &Path,
+    state: Option<&crate::vm::state::RunState>,
+    settings: &crate::settings::Settings,
+) {
+    let record = vm_dir.join(NETDEV_RECORD);
+    let recorded = std::fs::read_to_string(&record).ok();
+    let from_state = state.and_then(|s| s.host_device.clone());
+    for dev in [recorded, from_state].into_iter().flatten() {
+        if dev.trim().starts_with("lmv")
+            && let Ok(mut nl) = Netlink::open()
+        {
+            let _ = nl.delete_link(dev.trim());
+        }
     }
-    if matches!(state.network_mode, NetworkMode::Nat | NetworkMode::Host)
+    let _ = std::fs::remove_file(&record);
+    if let Some(state) = state
+        && matches!(state.network_mode, NetworkMode::Nat | NetworkMode::Host)
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();

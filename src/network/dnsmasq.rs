@@ -6,6 +6,7 @@
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -133,6 +134,7 @@ impl Dnsmasq {
             let _ = nix::unistd::chown(&self.lease_path(), Some(user.uid), None);
         }
         let out = Command::new("dnsmasq")
+            .process_group(0)
             .arg(format!("--conf-file={}", self.conf_path().display()))
             .stdin(Stdio::null())
             .output()
@@ -173,20 +175,21 @@ impl Dnsmasq {
         let _ = fs::remove_file(self.pid_path());
     }
 
-    /// Reserves `ip` for `mac` (dnsmasq reads the directory by itself).
-    pub fn reserve(&self, vm: &str, mac: &str, ip: Ipv4Addr) -> Result<(), DnsmasqError> {
+    /// Reserves `ip` for `mac` under the name `id` (dnsmasq reads the
+    /// directory by itself).
+    pub fn reserve(&self, id: &str, mac: &str, ip: Ipv4Addr) -> Result<(), DnsmasqError> {
         fs::create_dir_all(self.hosts_dir()).map_err(|source| DnsmasqError::Io {
             path: self.hosts_dir(),
             source,
         })?;
-        let path = self.hosts_dir().join(vm);
+        let path = self.hosts_dir().join(id);
         crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes())
             .map_err(|source| DnsmasqError::Io { path, source })
     }
 
-    /// Drops the reservation of `vm`.
-    pub fn release(&self, vm: &str) {
-        let _ = fs::remove_file(self.hosts_dir().join(vm));
+    /// Drops the reservation `id`.
+    pub fn release(&self, id: &str) {
+        let _ = fs::remove_file(self.hosts_dir().join(id));
     }
 }
 

@@ -107,19 +107,38 @@ pub fn run(ctx: &Context) -> Report {
         Err(e) => r.add("network settings", false, crate::error_chain(e)),
     }
 
-    match Nft.foreign_drops() {
-        Ok(drops) if drops.is_empty() => r.add(
-            "other firewalls",
-            true,
-            "no other table drops forwarded or input traffic",
-        ),
+    let drops = Nft.foreign_drops();
+    let active: Vec<&str> = nets
+        .as_ref()
+        .map(|n| n.active_bridges())
+        .unwrap_or_default();
+    match &drops {
         Ok(drops) => {
-            for d in drops {
+            let relevant: Vec<_> = drops.iter().filter(|d| d.affects(&active)).collect();
+            if relevant.is_empty() {
                 r.add(
                     "other firewalls",
-                    false,
-                    format!("{d}: it may drop traffic to or from lume's bridges (a VPN kill switch, Docker's FORWARD DROP); allow lume's bridges there, or use bridged mode"),
+                    true,
+                    "no other table drops traffic of lume's bridges",
                 );
+            } else if active.is_empty() {
+                let names: Vec<String> = relevant.iter().map(|d| d.to_string()).collect();
+                r.add(
+                    "other firewalls",
+                    true,
+                    format!(
+                        "no NAT or host-only VM runs; these would drop their traffic unless they accept lume's bridges: {}",
+                        names.join("; ")
+                    ),
+                );
+            } else {
+                for d in relevant {
+                    r.add(
+                        "other firewalls",
+                        false,
+                        format!("{d}: it drops traffic to or from {} (a VPN kill switch, Docker's FORWARD DROP); accept lume's bridges there, or use bridged mode", active.join(" and ")),
+                    );
+                }
             }
         }
         Err(e) => r.add(
@@ -131,18 +150,35 @@ pub fn run(ctx: &Context) -> Report {
     let brnf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
         .map(|v| v.trim() == "1")
         .unwrap_or(false);
-    let forward_drop = Nft
-        .foreign_drops()
+    let forward_drop = drops
+        .as_deref()
         .unwrap_or_default()
         .iter()
         .any(|d| d.hook == "forward" && d.family != "bridge" && d.how == "policy drop");
+    // Only VMs whose tap sits in a Linux bridge are affected (not macvtap).
+    let on_linux_bridge = ctx
+        .store
+        .list()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|vm| vm.running_state())
+        .any(|s| {
+            matches!(s.network_mode, super::NetworkMode::Bridged(_))
+                && s.host_device
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("lt"))
+        });
+    let hit = brnf && forward_drop;
     r.add(
         "br_netfilter",
-        !(brnf && forward_drop),
+        !(hit && on_linux_bridge),
         if !brnf {
             "bridged frames are not passed to iptables/nftables".to_string()
-        } else if forward_drop {
-            "br_netfilter passes bridged frames to a FORWARD chain with policy drop: bridged VMs lose traffic; set net.bridge.bridge-nf-call-iptables=0 or accept the bridge's traffic".to_string()
+        } else if hit {
+            format!(
+                "br_netfilter passes bridged frames to a FORWARD chain with policy drop{}: VMs bridged onto a Linux bridge lose traffic; set net.bridge.bridge-nf-call-iptables=0 or accept the bridge's traffic",
+                if on_linux_bridge { "" } else { " (no such VM runs now)" }
+            )
         } else {
             "br_netfilter is on, but no FORWARD chain drops by policy".to_string()
         },

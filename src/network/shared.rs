@@ -75,6 +75,14 @@ pub enum SharedError {
     },
     #[error("No free /24 subnet was found for the {0} network: set one in config.yaml")]
     NoFreeSubnet(String),
+    #[error(
+        "Host port {port}/{proto} is already published by VM '{vm}': publish another host port, or stop that VM"
+    )]
+    PortTaken {
+        port: u16,
+        proto: super::publish::Proto,
+        vm: String,
+    },
 }
 
 /// NAT or host-only.
@@ -119,7 +127,21 @@ pub struct Member {
     pub publish: Vec<PortMapping>,
 }
 
+/// The key of a VM's membership: its name plus a hash of its directory, so
+/// VMs of the same name in two storage locations never share a record.
+pub fn member_id(vm: &str, vm_dir: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5; // FNV-1a
+    for b in vm_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{vm}-{h:08x}")
+}
+
 impl Member {
+    pub fn id(&self) -> String {
+        member_id(&self.vm, &self.vm_dir)
+    }
+
     fn alive(&self) -> bool {
         VmLock::is_held(&self.vm_dir.join(".lock")).unwrap_or(false)
     }
@@ -242,7 +264,9 @@ impl Networks {
             })?;
             note = why;
         }
-        let ip = net.allocate(&net.members(), vm)?;
+        let id = member_id(vm, vm_dir);
+        self.check_ports(&id, publish)?;
+        let ip = net.allocate(&net.members(), &id)?;
         let member = Member {
             vm: vm.to_string(),
             vm_dir: vm_dir.to_path_buf(),
@@ -255,7 +279,7 @@ impl Networks {
             net.write_member(&member)?;
             net.bring_up()?;
             let dns = net.dnsmasq();
-            dns.reserve(vm, &mac.to_string(), ip)?;
+            dns.reserve(&id, &mac.to_string(), ip)?;
             dns.ensure_running()?;
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;
@@ -264,18 +288,45 @@ impl Networks {
         })();
         if let Err(e) = joined {
             // Leave nothing half set up: drop the record, collect the rest.
-            let _ = net.remove_member(vm);
+            let _ = net.remove_member(&id);
             self.collect_locked();
             return Err(e);
         }
         Ok((ip, note))
     }
 
-    /// Removes a VM; the last one out takes the network down.
-    pub fn leave(&self, kind: Kind, vm: &str) -> Result<(), SharedError> {
+    /// Refuses host ports another NAT VM of this namespace already publishes
+    /// (`id` is the asking VM's [`member_id`]).
+    pub fn check_ports(&self, id: &str, publish: &[PortMapping]) -> Result<(), SharedError> {
+        for other in self
+            .nat
+            .members()
+            .iter()
+            .filter(|m| m.id() != id && m.alive())
+        {
+            for p in publish {
+                let clash = other.publish.iter().any(|q| {
+                    q.host_port == p.host_port
+                        && q.proto == p.proto
+                        && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
+                });
+                if clash {
+                    return Err(SharedError::PortTaken {
+                        port: p.host_port,
+                        proto: p.proto,
+                        vm: other.vm.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a VM (by [`member_id`]); the last one out takes the network down.
+    pub fn leave(&self, kind: Kind, id: &str) -> Result<(), SharedError> {
         let _guard = self.lock()?;
         let net = self.get(kind);
-        net.remove_member(vm)?;
+        net.remove_member(id)?;
         self.collect_locked();
         self.apply_firewall()
     }
@@ -298,7 +349,7 @@ impl Networks {
         for net in [&self.nat, &self.host] {
             for m in net.members() {
                 if !m.alive() {
-                    let _ = net.remove_member(&m.vm);
+                    let _ = net.remove_member(&m.id());
                     changed = true;
                 }
             }
@@ -307,7 +358,10 @@ impl Networks {
                 changed = true;
             }
         }
-        if changed {
+        // With no member left anywhere, a table left by an interrupted
+        // teardown goes too.
+        let idle = self.nat.members().is_empty() && self.host.members().is_empty();
+        if changed || (idle && Nft.present().unwrap_or(false)) {
             let _ = self.apply_firewall();
         }
     }
@@ -373,7 +427,7 @@ impl Networks {
                 net.members().into_iter().partition(Member::alive);
             // A supervisor that was killed cannot leave: collect its share now.
             for m in dead.iter().filter(|_| !members.is_empty()) {
-                if net.remove_member(&m.vm).is_ok() {
+                if net.remove_member(&m.id()).is_ok() {
                     collected = true;
                     repairs.push(format!(
                         "VM '{}' stopped without leaving {} (its supervisor died): removed its reservation and published ports",
@@ -424,6 +478,15 @@ impl Networks {
         repairs
     }
 
+    /// The bridges of shared networks that have a live member.
+    pub fn active_bridges(&self) -> Vec<&str> {
+        [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| n.members().iter().any(Member::alive))
+            .map(|n| n.bridge.as_str())
+            .collect()
+    }
+
     /// Conditions lume reports but does not override: routes that capture
     /// part of a lume subnet, and other tables that drop lume's traffic.
     pub fn warnings(&self) -> Vec<String> {
@@ -450,8 +513,9 @@ impl Networks {
                 }
             }
         }
+        let bridges: Vec<&str> = active.iter().map(|n| n.bridge.as_str()).collect();
         if let Ok(drops) = Nft.foreign_drops() {
-            for d in drops {
+            for d in drops.into_iter().filter(|d| d.affects(&bridges)) {
                 out.push(format!(
                     "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
                     active
@@ -597,15 +661,15 @@ impl SharedNet {
         };
         fs::create_dir_all(&dir).map_err(io)?;
         crate::util::atomic::write_atomic(
-            &dir.join(format!("{}.json", m.vm)),
+            &dir.join(format!("{}.json", m.id())),
             &serde_json::to_vec_pretty(m).expect("member serialises"),
         )
         .map_err(io)
     }
 
-    fn remove_member(&self, vm: &str) -> Result<(), SharedError> {
-        self.dnsmasq().release(vm);
-        match fs::remove_file(self.members_dir().join(format!("{vm}.json"))) {
+    fn remove_member(&self, id: &str) -> Result<(), SharedError> {
+        self.dnsmasq().release(id);
+        match fs::remove_file(self.members_dir().join(format!("{id}.json"))) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(SharedError::Runtime {
@@ -665,7 +729,7 @@ impl SharedNet {
         let dns = self.dnsmasq();
         if dns.pid().is_none() {
             for m in members {
-                dns.reserve(&m.vm, &m.mac.to_string(), m.ip)?;
+                dns.reserve(&m.id(), &m.mac.to_string(), m.ip)?;
             }
             dns.ensure_running()?;
             repairs.push(format!(
@@ -685,10 +749,10 @@ impl SharedNet {
     }
 
     /// The lowest free address from .2 up (the VM's own earlier record is reused).
-    fn allocate(&self, members: &[Member], vm: &str) -> Result<Ipv4Addr, SharedError> {
+    fn allocate(&self, members: &[Member], id: &str) -> Result<Ipv4Addr, SharedError> {
         let used: Vec<Ipv4Addr> = members
             .iter()
-            .filter(|m| m.vm != vm)
+            .filter(|m| m.id() != id)
             .map(|m| m.ip)
             .collect();
         (2..2 + self.subnet().guest_capacity())

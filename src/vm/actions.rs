@@ -50,6 +50,8 @@ pub enum VmError {
     MemoryTooSmall(String),
     #[error("Disk size {0} is too small: give the VM at least 1MB")]
     DiskTooSmall(String),
+    #[error("Disk size {0} is too large: lume's disks are at most 1024TB")]
+    DiskTooLarge(String),
     #[error("Disk of VM '{name}' can only grow: it is {current} now, {requested} was asked for")]
     DiskShrink {
         name: VmName,
@@ -184,6 +186,7 @@ pub struct Context {
 
 const MIN_MEMORY: u64 = 64 << 20;
 const MIN_DISK: u64 = 1 << 20;
+const MAX_DISK: u64 = 1 << 50;
 
 /// Runs one action. `note` receives progress lines meant for a person.
 pub fn execute(
@@ -234,6 +237,9 @@ fn check_resources(
     }
     if let Some(d) = disk.filter(|d| *d < MIN_DISK) {
         return Err(VmError::DiskTooSmall(format_size(d)));
+    }
+    if let Some(d) = disk.filter(|d| *d > MAX_DISK) {
+        return Err(VmError::DiskTooLarge(format_size(d)));
     }
     Ok(())
 }
@@ -389,6 +395,10 @@ fn run_request(
             user_net: ctx.settings.get_str("userSubnet")?,
             publish,
             settings: ctx.settings.clone(),
+            vm: spec
+                .name
+                .as_ref()
+                .map(|n| (n.to_string(), ctx.store.vm(n).dir)),
         },
     })
 }
@@ -545,16 +555,26 @@ fn collect_after_crash(ctx: &Context, vm: &Vm) {
     if VmLock::is_held(&vm.lock_path()).unwrap_or(true) {
         return;
     }
-    if let Some(stale) = RunState::load(&vm.state_path()) {
-        crate::network::attach::collect_stale(&stale, &ctx.settings);
-        let _ = fs::remove_file(vm.state_path());
-    }
+    let stale = RunState::load(&vm.state_path());
+    crate::network::attach::collect_stale(&vm.dir, stale.as_ref(), &ctx.settings);
+    let _ = fs::remove_file(vm.state_path());
 }
 
 fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
     let store = &ctx.store;
     let vm = store.open(name)?;
-    let Some(state) = vm.running_state() else {
+    // A supervisor that holds the lock without run.json is starting (or a
+    // short command holds the VM): wait until it is running or gone.
+    let settle = Instant::now() + timeout.max(Duration::from_secs(5));
+    let mut state = vm.running_state();
+    while state.is_none()
+        && VmLock::is_held(&vm.lock_path()).unwrap_or(false)
+        && Instant::now() < settle
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        state = vm.running_state();
+    }
+    let Some(state) = state else {
         collect_after_crash(ctx, &vm);
         return Ok(Outcome::Stopped {
             name: name.clone(),

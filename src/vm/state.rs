@@ -46,6 +46,13 @@ pub struct RunState {
 }
 
 impl RunState {
+    /// Whether the supervisor this file names still exists.
+    pub fn supervisor_alive(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .map(|c| String::from_utf8_lossy(&c).contains("lume"))
+            .unwrap_or(false)
+    }
+
     pub fn load(path: &Path) -> Option<Self> {
         let text = std::fs::read(path).ok()?;
         serde_json::from_slice(&text).ok()

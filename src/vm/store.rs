@@ -266,7 +266,7 @@ impl Vm {
         if !VmLock::is_held(&self.lock_path()).unwrap_or(false) {
             return None;
         }
-        RunState::load(&self.state_path())
+        RunState::load(&self.state_path()).filter(RunState::supervisor_alive)
     }
 
     pub fn is_running(&self) -> bool {
