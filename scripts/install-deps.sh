@@ -16,7 +16,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     echo "Installing ${missing[*]}" >&2
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The whole list in one transaction: installing one package may remove
+    # another that conflicts with it (a newer qemu-utils from backports is
+    # removed by Debian 12's qemu-system-x86), and apt then brings back the
+    # matching version.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    for p in "${packages[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            echo "Package $p is still not installed after apt-get install: see apt's messages above" >&2
+            exit 1
+        fi
+    done
 fi
 if ! command -v cargo >/dev/null; then
     echo "cargo was not found: install a Rust toolchain (rustup, or apt-get install cargo) and run again" >&2

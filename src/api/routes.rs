@@ -243,6 +243,8 @@ impl AppState {
         Ok(Context {
             store: self.store(storage)?,
             settings: Settings::load().map_err(|e| ApiError::internal(&e))?,
+            // Replaced by the connection's peer once the API identifies callers.
+            caller: crate::vm::Caller::current(),
         })
     }
 }

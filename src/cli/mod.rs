@@ -272,6 +272,7 @@ fn context(storage: &StorageArg) -> Result<Context> {
     Ok(Context {
         store: Store::new(storage.storage.clone()),
         settings: Settings::load()?,
+        caller: crate::vm::Caller::current(),
     })
 }
 

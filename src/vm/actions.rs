@@ -182,6 +182,8 @@ pub enum Outcome {
 pub struct Context {
     pub store: Store,
     pub settings: Settings,
+    /// Whose rights apply to the host paths named in an action.
+    pub caller: super::caller::Caller,
 }
 
 const MIN_MEMORY: u64 = 64 << 20;

@@ -2,6 +2,7 @@
 //! build an [`Action`] and hand it to [`execute`]; nothing else changes VMs.
 
 pub mod actions;
+pub mod caller;
 pub mod config;
 pub mod details;
 pub mod lock;
@@ -11,4 +12,5 @@ pub mod state;
 pub mod store;
 
 pub use actions::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmError, execute};
+pub use caller::Caller;
 pub use name::VmName;
