@@ -8,7 +8,30 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::vm::VmName;
+use crate::vm::{Caller, VmName};
+
+/// The caller of this request, as [`super::auth::authorize`] decided it.
+/// Without that decision the request is refused (never served as root).
+#[derive(Debug, Clone)]
+pub struct Who(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .map(Who)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "Cannot tell who is calling: the request is refused",
+                )
+            })
+    }
+}
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;

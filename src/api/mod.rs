@@ -4,11 +4,15 @@
 //! blocking thread. VMs are started detached, with their own supervisors, so
 //! they outlive the server and the CLI sees them like its own.
 //!
-//! Loopback only by default; any other address needs a token, and with a
-//! token every request must carry `Authorization: Bearer TOKEN`.
+//! Loopback only by default, plus an optional Unix socket; any other address
+//! needs a token, and with a token every request must carry
+//! `Authorization: Bearer TOKEN`. Without one, each connection's local uid
+//! decides who is served ([`auth`], [`peer`]).
 
+pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod peer;
 pub mod routes;
 
 use std::collections::HashMap;
@@ -41,8 +45,13 @@ pub const DEFAULT_PORT: u16 = 7777;
 pub struct ServeOptions {
     pub host: String,
     pub port: u16,
-    /// Required on non-loopback addresses; when set, required on every request.
-    pub token: Option<String>,
+    /// `LUME_API_TOKEN`: required on non-loopback addresses; when set,
+    /// required on every request.
+    pub token_env: Option<String>,
+    /// `--token-file`: the same, from a file.
+    pub token_file: Option<PathBuf>,
+    /// `--socket`: also listen on this Unix socket.
+    pub socket: Option<PathBuf>,
     /// The VM location (`--storage`), else the default.
     pub storage: Option<PathBuf>,
 }
@@ -52,6 +61,8 @@ pub struct ServeOptions {
 pub struct AppState {
     storage: Option<PathBuf>,
     token: Option<String>,
+    /// Served without a token besides root and the apiGroup ([`auth::server_owners`]).
+    owners: Vec<u32>,
     /// The OpenAPI document, set once the router is built.
     openapi: OnceLock<serde_json::Value>,
     /// One turn lock per VM (storage root + name) for VM-changing requests.
@@ -63,6 +74,7 @@ impl AppState {
         Self {
             storage,
             token,
+            owners: auth::server_owners(),
             ..Self::default()
         }
     }
@@ -132,48 +144,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_web_pages,
         ))
         .layer(middleware::from_fn(access_log))
         .with_state(state)
-}
-
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, b) in expected.iter().enumerate() {
-        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ b);
-    }
-    diff == 0
-}
-
-async fn require_token(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &st.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim());
-        match given {
-            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => {}
-            Some(_) => {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token").into_response();
-            }
-            None => {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "This server needs an API token: send the header 'Authorization: Bearer TOKEN'",
-                )
-                .into_response();
-            }
-        }
-    }
-    next.run(req).await
 }
 
 /// Whether a `Host` header value or an origin's authority names this machine
@@ -267,34 +247,21 @@ pub fn reap_supervisor(store: &Store, vm: &VmName) {
 }
 
 /// Where to listen, refusing a non-loopback address without a token.
-fn listen_addresses(opts: &ServeOptions) -> Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = (opts.host.as_str(), opts.port)
+fn listen_addresses(host: &str, port: u16, token: bool) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
-        .with_context(|| format!("Cannot resolve the listen address '{}'", opts.host))?
+        .with_context(|| format!("Cannot resolve the listen address '{host}'"))?
         .collect();
     if addrs.is_empty() {
-        bail!("The listen address '{}' resolves to nothing", opts.host);
+        bail!("The listen address '{host}' resolves to nothing");
     }
-    if opts.token.is_none()
-        && let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback())
-    {
+    if !token && let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
         bail!(
             "Refusing to listen on {open} without an API token: anyone who can reach that address could control your VMs. \
-             Give a token with --token TOKEN (or the LUME_API_TOKEN environment variable), or listen on 127.0.0.1"
+             Give a token in the LUME_API_TOKEN environment variable or with --token-file PATH, or listen on 127.0.0.1"
         );
     }
     Ok(addrs)
-}
-
-/// Checks the token: printable ASCII without spaces, so it fits in a header.
-fn check_token(token: Option<String>) -> Result<Option<String>> {
-    let token = token.filter(|t| !t.is_empty());
-    if let Some(t) = &token
-        && !t.bytes().all(|b| b.is_ascii_graphic())
-    {
-        bail!("The API token must be printable ASCII without spaces");
-    }
-    Ok(token)
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one ends the process at once.
@@ -321,44 +288,148 @@ async fn shutdown_signal() {
     });
 }
 
+/// Binds the Unix socket at `path`: mode 0660, group `group` when given.
+/// A stale socket file nobody listens on is replaced; a live one is not.
+fn bind_unix_socket(
+    path: &Path,
+    group: Option<&nix::unistd::Group>,
+) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            bail!(
+                "{} exists and is not a socket: give --socket a new path",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "Another server already listens on {}: stop it or give --socket another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("Cannot listen on the Unix socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("Cannot set the mode of {}", path.display()))?;
+    if let Some(g) = group {
+        nix::unistd::chown(path, None, Some(g.gid))
+            .with_context(|| format!("Cannot give {} to group '{}'", path.display(), g.name))?;
+    }
+    Ok(listener)
+}
+
+/// The group named by `apiGroup` in config.yaml, which must exist.
+fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd::Group>> {
+    let Some(name) = settings.get_str(auth::API_GROUP_KEY)? else {
+        return Ok(None);
+    };
+    match nix::unistd::Group::from_name(&name) {
+        Ok(Some(g)) => Ok(Some(g)),
+        _ => bail!(
+            "Group '{name}', set as {} in {}, does not exist: create it (groupadd {name}) or remove the key",
+            auth::API_GROUP_KEY,
+            settings.file().display()
+        ),
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    let token = check_token(opts.token.clone())?;
-    let opts = ServeOptions { token, ..opts };
-    let addrs = listen_addresses(&opts)?;
+    let as_root = nix::unistd::geteuid().is_root();
+    let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref(), as_root)?;
+    if std::env::var_os("LUME_API_TOKEN").is_some() {
+        // SAFETY: no other thread runs yet (the runtime is built below), so
+        // nothing reads the environment concurrently. The VMs this server
+        // starts must not inherit the secret.
+        unsafe { std::env::remove_var("LUME_API_TOKEN") };
+    }
+    let addrs = listen_addresses(&opts.host, opts.port, token.is_some())?;
     let storage = opts
         .storage
         .as_deref()
         .map(std::path::absolute)
         .transpose()
         .context("Cannot resolve the --storage path")?;
-    // A corrupt config.yaml stops the server now rather than every request.
-    crate::settings::Settings::load()?;
+    // A corrupt config.yaml or an unknown apiGroup stops the server now
+    // rather than every request.
+    let settings = crate::settings::Settings::load()?;
+    let group = api_group(&settings)?;
     let root = Store::new(storage.clone()).root().to_path_buf();
-    let state = Arc::new(AppState::new(storage, opts.token.clone()));
+    let has_token = token.is_some();
+    let state = Arc::new(AppState::new(storage, token));
     let app = router(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("Cannot start the async runtime")?;
+    let socket = opts.socket.clone();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addrs[..])
             .await
             .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
+        let unix = socket
+            .as_deref()
+            .map(|p| bind_unix_socket(p, group.as_ref()))
+            .transpose()?;
         let local = listener.local_addr()?;
-        log(&format!(
-            "lume API listening on http://{local} (VMs in {}; {})",
-            root.display(),
-            if opts.token.is_some() {
-                "API token required"
-            } else {
-                "no API token: loopback only"
+        let who = if has_token {
+            "API token required".to_string()
+        } else {
+            match &group {
+                Some(g) => format!(
+                    "no API token: loopback only, for root, the server's user and group '{}'",
+                    g.name
+                ),
+                None => "no API token: loopback only, for root and the server's user".into(),
             }
+        };
+        log(&format!(
+            "lume API listening on http://{local} (VMs in {}; {who})",
+            root.display(),
         ));
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("The HTTP server failed")
+        if let Some(p) = &socket {
+            log(&format!(
+                "lume API listening on unix:{} (mode 0660, group {})",
+                p.display(),
+                group.as_ref().map_or("unchanged", |g| g.name.as_str())
+            ));
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let tcp = axum::serve(
+            listener,
+            app.clone()
+                .into_make_service_with_connect_info::<peer::Connection>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let unix_served = async {
+            match unix {
+                Some(l) => {
+                    axum::serve(
+                        l,
+                        app.into_make_service_with_connect_info::<peer::Connection>(),
+                    )
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+                }
+                None => Ok(()),
+            }
+        };
+        let served = tokio::try_join!(async { tcp.await }, unix_served);
+        if let Some(p) = &socket {
+            let _ = std::fs::remove_file(p);
+        }
+        served.map(|_| ()).context("The HTTP server failed")
     })?;
     log("Stopped");
     Ok(())
@@ -368,33 +439,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn opts(host: &str, token: Option<&str>) -> ServeOptions {
-        ServeOptions {
-            host: host.into(),
-            port: 7777,
-            token: token.map(String::from),
-            storage: None,
-        }
-    }
-
     #[test]
     fn non_loopback_needs_a_token() {
-        assert!(listen_addresses(&opts("127.0.0.1", None)).is_ok());
-        assert!(listen_addresses(&opts("::1", None)).is_ok());
-        let e = listen_addresses(&opts("0.0.0.0", None)).unwrap_err();
-        assert!(e.to_string().contains("--token"), "{e}");
-        assert!(listen_addresses(&opts("0.0.0.0", Some("s3cret"))).is_ok());
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abd", b"abc"));
-        assert!(!same_secret(b"ab", b"abc"));
-        assert!(!same_secret(b"abcd", b"abc"));
-        assert!(!same_secret(b"", b"abc"));
-        assert_eq!(check_token(Some(String::new())).unwrap(), None);
-        assert!(check_token(Some("a b".into())).is_err());
+        assert!(listen_addresses("127.0.0.1", 7777, false).is_ok());
+        assert!(listen_addresses("::1", 7777, false).is_ok());
+        let e = listen_addresses("0.0.0.0", 7777, false).unwrap_err();
+        assert!(e.to_string().contains("LUME_API_TOKEN"), "{e}");
+        assert!(e.to_string().contains("--token-file"), "{e}");
+        assert!(listen_addresses("0.0.0.0", 7777, true).is_ok());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath};
+use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath, Who};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
 use crate::network::publish::PortMapping;
@@ -25,7 +25,7 @@ use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::details::VmDetails;
 use crate::vm::size::parse_size;
 use crate::vm::store::Store;
-use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
+use crate::vm::{Action, Caller, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -226,25 +226,74 @@ fn opt_path(what: &str, s: Option<&str>) -> ApiResult<Option<PathBuf>> {
     s.map(|s| abs_path(what, s)).transpose()
 }
 
+/// The storage rule: root may use any location; anyone else only the
+/// server's own (`server_root`) or an existing directory it owns (checked on
+/// the canonical path, which is then used, so a symlink cannot point
+/// elsewhere). Otherwise 403, naming the path.
+pub fn allowed_storage(caller: &Caller, path: PathBuf, server_root: &Path) -> ApiResult<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    if caller.is_root() {
+        return Ok(path);
+    }
+    let refused = |why: String| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Storage '{}' is refused: {why}. Without root you may use this server's VM location ({}) or a directory you own; leave storage out for the server's",
+                path.display(),
+                server_root.display()
+            ),
+        )
+    };
+    let canonical = std::fs::canonicalize(&path)
+        .map_err(|e| refused(format!("it cannot be resolved ({e})")))?;
+    if std::fs::canonicalize(server_root).is_ok_and(|s| s == canonical) {
+        return Ok(path);
+    }
+    let meta =
+        std::fs::metadata(&canonical).map_err(|e| refused(format!("it cannot be read ({e})")))?;
+    if !meta.is_dir() {
+        return Err(refused("it is not a directory".into()));
+    }
+    if meta.uid() != caller.uid {
+        return Err(refused(format!(
+            "it belongs to uid {}, not to you (uid {})",
+            meta.uid(),
+            caller.uid
+        )));
+    }
+    Ok(canonical)
+}
+
 // ---------------------------------------------------------------------------
 // Running actions.
 
 impl AppState {
-    /// Where this request's VMs live: the request's `storage`, else the server's.
-    fn store(&self, storage: Option<&str>) -> ApiResult<Store> {
+    /// Where this request's VMs live: the request's `storage`, else the
+    /// server's. A caller other than root may name only the server's own
+    /// location or a directory it owns ([`allowed_storage`]).
+    fn store(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Store> {
         match storage.map(str::trim) {
             None | Some("") | Some("default") => Ok(Store::new(self.storage.clone())),
-            Some(s) => Ok(Store::new(Some(abs_path("storage", s)?))),
+            Some(s) => {
+                let path = abs_path("storage", s)?;
+                let server = Store::new(self.storage.clone());
+                Ok(Store::new(Some(allowed_storage(
+                    caller,
+                    path,
+                    server.root(),
+                )?)))
+            }
         }
     }
 
-    /// Settings are read for every request, like every CLI command reads them.
-    fn context(&self, storage: Option<&str>) -> ApiResult<Context> {
+    /// Settings are read for every request, like every CLI command reads
+    /// them; the action runs for the request's caller.
+    fn context(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Context> {
         Ok(Context {
-            store: self.store(storage)?,
+            store: self.store(caller, storage)?,
             settings: Settings::load().map_err(|e| ApiError::internal(&e))?,
-            // Replaced by the connection's peer once the API identifies callers.
-            caller: crate::vm::Caller::current(),
+            caller: caller.clone(),
         })
     }
 }
@@ -306,9 +355,10 @@ async fn details(ctx: Context, name: VmName) -> ApiResult<VmDetails> {
     ))]
 pub async fn list_vms(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Vec<VmDetails>>> {
-    match perform(st.context(q.storage.as_deref())?, Action::List).await? {
+    match perform(st.context(&caller, q.storage.as_deref())?, Action::List).await? {
         Outcome::List(v) => Ok(Json(v)),
         o => Err(unexpected(&o)),
     }
@@ -325,6 +375,7 @@ pub async fn list_vms(
     ))]
 pub async fn create_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<CreateVmRequest>,
 ) -> ApiResult<(StatusCode, Json<VmDetails>)> {
@@ -348,7 +399,7 @@ pub async fn create_vm(
         image: opt_path("image", r.image.as_deref())?,
         publish: ports(&r.publish)?,
     };
-    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
     match perform_on(&st, ctx, &vm, Action::Create(Box::new(spec))).await? {
         Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
         o => Err(unexpected(&o)),
@@ -366,18 +417,22 @@ pub async fn create_vm(
     ))]
 pub async fn get_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<VmDetails>> {
-    get_vm_named(st, vm, q).await
+    get_vm_named(st, caller, vm, q).await
 }
 
 async fn get_vm_named(
     st: Arc<AppState>,
+    caller: Caller,
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
-    Ok(Json(details(st.context(q.storage.as_deref())?, vm).await?))
+    Ok(Json(
+        details(st.context(&caller, q.storage.as_deref())?, vm).await?,
+    ))
 }
 
 /// Change a VM's CPU count, memory, disk size (grow only, VM stopped) or network mode, from its next start.
@@ -392,15 +447,17 @@ async fn get_vm_named(
     ))]
 pub async fn set_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<SetVmRequest>,
 ) -> ApiResult<Json<VmDetails>> {
-    set_vm_named(st, vm, q, r).await
+    set_vm_named(st, caller, vm, q, r).await
 }
 
 async fn set_vm_named(
     st: Arc<AppState>,
+    caller: Caller,
     vm: VmName,
     q: StorageQuery,
     r: SetVmRequest,
@@ -412,7 +469,7 @@ async fn set_vm_named(
         disk_size: size("diskSize", r.disk_size.as_deref())?,
         network: mode(r.network.as_deref())?,
     };
-    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
     match perform_on(&st, ctx, &vm, Action::Set(spec)).await? {
         Outcome::Updated(d) => Ok(Json(d)),
         o => Err(unexpected(&o)),
@@ -430,18 +487,20 @@ async fn set_vm_named(
     ))]
 pub async fn delete_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Deleted>> {
-    delete_vm_named(st, vm, q).await
+    delete_vm_named(st, caller, vm, q).await
 }
 
 async fn delete_vm_named(
     st: Arc<AppState>,
+    caller: Caller,
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<Deleted>> {
-    let ctx = st.context(q.storage.as_deref())?;
+    let ctx = st.context(&caller, q.storage.as_deref())?;
     let action = Action::Delete {
         name: vm.clone(),
         force: true,
@@ -469,6 +528,7 @@ async fn delete_vm_named(
     ))]
 pub async fn run_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<RunVmRequest>,
@@ -501,7 +561,7 @@ pub async fn run_vm(
         publish: ports(&r.publish)?,
         detach: true,
     };
-    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
     let _turn = st.vm_turn(ctx.store.root(), &vm).await;
     // The supervisor is this server's child: it is reaped when it exits, even
     // if the client has gone away meanwhile.
@@ -529,6 +589,7 @@ pub async fn run_vm(
     ))]
 pub async fn stop_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<StopVmRequest>,
@@ -539,7 +600,7 @@ pub async fn stop_vm(
             "timeout: at most 3600 seconds may be given",
         ));
     }
-    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
     let action = Action::Stop {
         name: vm.clone(),
         timeout: Duration::from_secs(timeout),
@@ -561,6 +622,7 @@ pub async fn stop_vm(
     ))]
 pub async fn clone_vm(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<CloneVmRequest>,
 ) -> ApiResult<(StatusCode, Json<VmDetails>)> {
@@ -571,7 +633,7 @@ pub async fn clone_vm(
     }
     let source = name(&r.name)?;
     let target = name(&r.new_name)?;
-    let ctx = st.context(r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
     let action = Action::Clone {
         source: source.clone(),
         target,
@@ -587,24 +649,27 @@ pub async fn clone_vm(
 
 pub async fn get_vm_called_clone(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<VmDetails>> {
-    get_vm_named(st, name("clone")?, q).await
+    get_vm_named(st, caller, name("clone")?, q).await
 }
 
 pub async fn set_vm_called_clone(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<SetVmRequest>,
 ) -> ApiResult<Json<VmDetails>> {
-    set_vm_named(st, name("clone")?, q, r).await
+    set_vm_named(st, caller, name("clone")?, q, r).await
 }
 
 pub async fn delete_vm_called_clone(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Deleted>> {
-    delete_vm_named(st, name("clone")?, q).await
+    delete_vm_named(st, caller, name("clone")?, q).await
 }
 
 fn yaml_to_json(v: &serde_yaml_ng::Value) -> Value {
@@ -630,8 +695,11 @@ fn yaml_to_json(v: &serde_yaml_ng::Value) -> Value {
         })),
         (status = 500, description = "config.yaml cannot be read", body = ErrorBody),
     ))]
-pub async fn get_config(State(st): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
-    let store = st.store(None)?;
+pub async fn get_config(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+) -> ApiResult<Json<Value>> {
+    let store = st.store(&caller, None)?;
     blocking(move || {
         let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
         let mut out = serde_json::Map::new();
@@ -670,8 +738,11 @@ pub async fn get_config(State(st): State<Arc<AppState>>) -> ApiResult<Json<Value
         (status = 200, description = "Up", body = HostStatus),
         (status = 500, description = "The VM location cannot be read", body = ErrorBody),
     ))]
-pub async fn host_status(State(st): State<Arc<AppState>>) -> ApiResult<Json<HostStatus>> {
-    let Outcome::List(vms) = perform(st.context(None)?, Action::List).await? else {
+pub async fn host_status(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+) -> ApiResult<Json<HostStatus>> {
+    let Outcome::List(vms) = perform(st.context(&caller, None)?, Action::List).await? else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Unexpected outcome of listing VMs",
@@ -707,9 +778,10 @@ pub async fn network_interfaces() -> ApiResult<Json<Vec<HostInterface>>> {
     responses((status = 200, description = "Every check", body = crate::network::doctor::Report)))]
 pub async fn network_doctor(
     State(st): State<Arc<AppState>>,
+    Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<crate::network::doctor::Report>> {
-    let ctx = st.context(q.storage.as_deref())?;
+    let ctx = st.context(&caller, q.storage.as_deref())?;
     blocking(move || Ok(Json(crate::network::doctor::run(&ctx)))).await
 }
 

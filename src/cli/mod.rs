@@ -232,9 +232,19 @@ pub struct ServeArgs {
     /// Address to listen on; anything but loopback needs a token
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// API token: every request must then send `Authorization: Bearer TOKEN`
-    #[arg(long, env = "LUME_API_TOKEN", hide_env_values = true)]
+    /// Refused: a token on the command line is visible to every user in the
+    /// process list (use LUME_API_TOKEN or --token-file)
+    #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
+    /// Read the API token from this file (not readable by group or others
+    /// when lume runs as root); the LUME_API_TOKEN environment variable works
+    /// too. Every request must then send `Authorization: Bearer TOKEN`
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Also listen on this Unix socket (mode 0660, group apiGroup); its
+    /// clients are identified by SO_PEERCRED
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -294,10 +304,15 @@ pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
         Command::Serve(a) => {
+            if a.token.is_some() {
+                return Err(crate::api::auth::TokenError::OnCommandLine.into());
+            }
             return crate::api::serve(crate::api::ServeOptions {
                 host: a.host,
                 port: a.port,
-                token: a.token,
+                token_env: std::env::var("LUME_API_TOKEN").ok(),
+                token_file: a.token_file,
+                socket: a.socket,
                 storage: a.storage.storage,
             })
             .map(|()| 0);

@@ -1,0 +1,326 @@
+//! Who is served. Every request passes [`authorize`]:
+//!
+//! - a connection from a VM's own process (QEMU, passt) is refused, always;
+//! - with an API token configured, every request must carry it, and acts as
+//!   the server's own user;
+//! - without one, the caller is the local uid that owns the client's socket
+//!   (see [`super::peer`]): root, the user who started the server and the
+//!   members of the `apiGroup` named in config.yaml are served, as
+//!   themselves; everyone else, and every caller that cannot be identified,
+//!   gets 403.
+//!
+//! The token itself never comes from the command line: `LUME_API_TOKEN` or
+//! `--token-file`.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::error::ApiError;
+use super::peer::{Connection, Identity};
+use crate::settings::Settings;
+use crate::vm::Caller;
+
+/// The config.yaml key naming the group whose members may use the API.
+pub const API_GROUP_KEY: &str = "apiGroup";
+
+/// Why the API token cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "--token on the command line is refused: every user can read it in the process list. \
+         Put the token in the LUME_API_TOKEN environment variable or in a file given with --token-file"
+    )]
+    OnCommandLine,
+    #[error("Give the API token once: LUME_API_TOKEN and --token-file are both set")]
+    Twice,
+    #[error("Cannot read the token file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error(
+        "The token file {path} can be read or written by other users (mode {mode:04o}): run 'chmod 600 {path}'"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("The API token is empty: put a secret in LUME_API_TOKEN or the token file")]
+    Empty,
+    #[error("The API token must be printable ASCII without spaces, so that it fits in a header")]
+    NotPrintable,
+}
+
+/// The token from `LUME_API_TOKEN` (`env`) or `--token-file` (`file`).
+/// A file must not be open to group or others when `strict` (the server
+/// runs as root); one trailing newline is dropped.
+pub fn read_token(
+    env: Option<String>,
+    file: Option<&Path>,
+    strict: bool,
+) -> Result<Option<String>, TokenError> {
+    let token = match (env.filter(|t| !t.is_empty()), file) {
+        (Some(_), Some(_)) => return Err(TokenError::Twice),
+        (Some(t), None) => t,
+        (None, Some(path)) => {
+            let read = |e| TokenError::Read(path.to_path_buf(), e);
+            let meta = std::fs::metadata(path).map_err(read)?;
+            let mode = meta.mode() & 0o7777;
+            if strict && mode & 0o066 != 0 {
+                return Err(TokenError::Exposed {
+                    path: path.to_path_buf(),
+                    mode,
+                });
+            }
+            let text = std::fs::read_to_string(path).map_err(read)?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            let text = text.strip_suffix('\r').unwrap_or(text);
+            if text.is_empty() {
+                return Err(TokenError::Empty);
+            }
+            text.to_string()
+        }
+        (None, None) => return Ok(None),
+    };
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::NotPrintable);
+    }
+    Ok(Some(token))
+}
+
+/// The users a server serves without a token besides root and `apiGroup`:
+/// the uid that runs it, and, for a root server started with sudo, the user
+/// who ran sudo (`SUDO_UID`; only root can set a root process's environment).
+pub fn server_owners() -> Vec<u32> {
+    let uid = nix::unistd::getuid().as_raw();
+    let mut owners = vec![uid];
+    if uid == 0
+        && let Some(sudo) = std::env::var("SUDO_UID")
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+    {
+        owners.push(sudo);
+    }
+    owners
+}
+
+/// Compares without an early exit, so the time taken says nothing about the token.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, b) in expected.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ b);
+    }
+    diff == 0
+}
+
+fn forbidden(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, message)
+}
+
+/// Whether a local uid is served without a token, and as whom.
+pub fn decide_user(
+    uid: u32,
+    owners: &[u32],
+    api_group: Option<&str>,
+    settings_file: &Path,
+) -> Result<Caller, ApiError> {
+    let caller = Caller::from_uid(uid);
+    if caller.is_root() || owners.contains(&uid) {
+        return Ok(caller);
+    }
+    if let Some(group) = api_group
+        && caller.in_group(group)
+    {
+        return Ok(caller);
+    }
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(
+            || format!("uid {uid}"),
+            |u| format!("user '{}' (uid {uid})", u.name),
+        );
+    let how = match api_group {
+        Some(group) => format!(
+            "ask an administrator to add {user} to group '{group}', which is set as {API_GROUP_KEY} in {}, or use the API token",
+            settings_file.display()
+        ),
+        None => format!(
+            "ask an administrator to set {API_GROUP_KEY}: GROUP in {} and add {user} to that group, or use the API token",
+            settings_file.display()
+        ),
+    };
+    Err(forbidden(format!(
+        "This lume API serves only root, the user who started it and members of the {API_GROUP_KEY} group; \
+         {user} is none of them: {how}"
+    )))
+}
+
+/// The bearer token a request carries, if any.
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+}
+
+/// Decides who the caller is, or refuses the request; the caller goes into
+/// the request's extensions for the routes ([`super::extract::Who`]).
+pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let conn = req
+        .extensions()
+        .get::<ConnectInfo<Connection>>()
+        .map(|ConnectInfo(c)| c.clone());
+    let token = bearer(&req).map(str::to_string);
+    match caller_of(&st, conn, token.as_deref()).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn caller_of(
+    st: &AppState,
+    conn: Option<Connection>,
+    given: Option<&str>,
+) -> Result<Caller, ApiError> {
+    let Some(conn) = conn else {
+        return Err(forbidden(
+            "Cannot tell who is calling: the request is refused".into(),
+        ));
+    };
+    let identity = conn.identity().await;
+    if let Identity::Guest(helper) = &identity {
+        super::log(&format!(
+            "Refused a connection from a virtual machine ({} pid {}, {})",
+            helper.program,
+            helper.pid,
+            conn.describe()
+        ));
+        return Err(forbidden(format!(
+            "Requests from virtual machines are refused: this connection comes from {} (pid {}), which lume runs for a VM. \
+             Call the API from the host",
+            helper.program, helper.pid
+        )));
+    }
+    if let Some(token) = &st.token {
+        return match given {
+            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => Ok(Caller::current()),
+            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "This server needs an API token: send the header 'Authorization: Bearer TOKEN'",
+            )),
+        };
+    }
+    let uid = match identity {
+        Identity::User(uid) => uid,
+        Identity::Unknown(why) => {
+            super::log(&format!(
+                "Refused {}: the calling user is unknown ({why})",
+                conn.describe()
+            ));
+            return Err(forbidden(format!(
+                "Cannot tell which local user is calling, so the request is refused: {why}"
+            )));
+        }
+        Identity::Guest(_) => unreachable!("refused above"),
+    };
+    let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+    let group = settings
+        .get_str(API_GROUP_KEY)
+        .map_err(|e| ApiError::internal(&e))?;
+    decide_user(uid, &st.owners, group.as_deref(), settings.file()).inspect_err(|_| {
+        super::log(&format!(
+            "Refused uid {uid} ({}): not root, the server's user or in {API_GROUP_KEY}",
+            conn.describe()
+        ));
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abd", b"abc"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"abcd", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
+
+    #[test]
+    fn tokens_come_from_the_environment_or_a_private_file() {
+        assert_eq!(read_token(None, None, true).unwrap(), None);
+        assert_eq!(read_token(Some(String::new()), None, true).unwrap(), None);
+        assert_eq!(
+            read_token(Some("s3cret".into()), None, true).unwrap(),
+            Some("s3cret".into())
+        );
+        assert!(matches!(
+            read_token(Some("a b".into()), None, true),
+            Err(TokenError::NotPrintable)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_token(None, Some(&file), true).unwrap(),
+            Some("from-file".into())
+        );
+        assert!(matches!(
+            read_token(Some("x".into()), Some(&file), true),
+            Err(TokenError::Twice)
+        ));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_token(None, Some(&file), true).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        assert!(read_token(None, Some(&file), false).is_ok());
+        std::fs::write(&file, "\n").unwrap();
+        assert!(matches!(
+            read_token(None, Some(&file), false),
+            Err(TokenError::Empty)
+        ));
+        assert!(matches!(
+            read_token(None, Some(&dir.path().join("none")), false),
+            Err(TokenError::Read(..))
+        ));
+    }
+
+    #[test]
+    fn who_is_served_without_a_token() {
+        let file = Path::new("/root/.config/lume/config.yaml");
+        // Root, and the server's own user.
+        assert!(decide_user(0, &[1000], None, file).is_ok());
+        assert_eq!(decide_user(65534, &[65534], None, file).unwrap().uid, 65534);
+        // Anyone else: 403, naming the rule and the way in.
+        let e = decide_user(65534, &[0], None, file).unwrap_err();
+        assert_eq!(e.status, StatusCode::FORBIDDEN);
+        assert!(e.message.contains("apiGroup: GROUP"), "{}", e.message);
+        assert!(e.message.contains("config.yaml"), "{}", e.message);
+        assert!(e.message.contains("nobody"), "{}", e.message);
+        let e = decide_user(65534, &[0], Some("root"), file).unwrap_err();
+        assert!(e.message.contains("group 'root'"), "{}", e.message);
+        // A member of the apiGroup (nobody's primary group).
+        let primary =
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(Caller::from_uid(65534).gid))
+                .unwrap()
+                .unwrap()
+                .name;
+        assert_eq!(
+            decide_user(65534, &[0], Some(&primary), file).unwrap().uid,
+            65534
+        );
+        // A group that does not exist lets nobody in.
+        assert!(decide_user(65534, &[0], Some("no-such-group-here"), file).is_err());
+    }
+}

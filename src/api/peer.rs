@@ -1,0 +1,447 @@
+//! Who is on the other end of a connection, decided once per connection.
+//!
+//! A TCP client on this host is the owner of its own socket: the kernel's
+//! sock_diag (INET_DIAG) lookup of that exact connection (the client's
+//! address and port, connected to ours) gives its uid and inode, as identd
+//! does. A Unix socket client is given by `SO_PEERCRED`. A socket held by a
+//! process lume runs for a VM (QEMU, passt) belongs to a guest: a user-mode
+//! guest reaches the host's loopback through it, so it is never a caller.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use tokio::net::{TcpListener, UnixListener};
+
+/// Why the owner of a connection could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("Cannot open a sock_diag netlink socket: the kernel needs CONFIG_INET_DIAG")]
+    Socket(#[source] std::io::Error),
+    #[error("Cannot ask the kernel who owns the connection from {0}")]
+    Query(SocketAddr, #[source] std::io::Error),
+    #[error(
+        "No local socket connects from {0}: the client is not a process on this host (use the API token)"
+    )]
+    NotLocal(SocketAddr),
+    #[error("The kernel's answer about the connection from {0} cannot be read: {1}")]
+    Answer(SocketAddr, String),
+}
+
+/// The owner of a client's socket, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketOwner {
+    pub uid: u32,
+    pub inode: u32,
+}
+
+/// A v4-mapped IPv6 address (a dual-stack listener's IPv4 client) as IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// The owner of the TCP socket whose own address is `client` and which is
+/// connected to `server`: the other end of a connection this server accepted.
+pub fn tcp_socket_owner(client: SocketAddr, server: SocketAddr) -> Result<SocketOwner, PeerError> {
+    let (client, server) = (canonical(client), canonical(server));
+    let family = match (client.ip(), server.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => AF_INET,
+        (IpAddr::V6(_), IpAddr::V6(_)) => AF_INET6,
+        _ => return Err(PeerError::NotLocal(client)),
+    };
+    let socket = netlink_sys::Socket::new(NETLINK_SOCK_DIAG).map_err(PeerError::Socket)?;
+    socket
+        .connect(&netlink_sys::SocketAddr::new(0, 0))
+        .map_err(PeerError::Socket)?;
+    let mut header = NetlinkHeader::default();
+    // One exact socket, not a dump.
+    header.flags = NLM_F_REQUEST;
+    let mut packet = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: client.port(),
+                destination_port: server.port(),
+                source_address: client.ip(),
+                destination_address: server.ip(),
+                interface_id: 0,
+                // INET_DIAG_NOCOOKIE: any socket with these addresses.
+                cookie: [0xff; 8],
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf[..]);
+    socket
+        .send(&buf, 0)
+        .map_err(|e| PeerError::Query(client, e))?;
+    let mut reply = vec![0u8; 8192];
+    let n = socket
+        .recv(&mut &mut reply[..], 0)
+        .map_err(|e| PeerError::Query(client, e))?;
+    let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&reply[..n])
+        .map_err(|e| PeerError::Answer(client, e.to_string()))?;
+    match msg.payload {
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+            let id = &r.header.socket_id;
+            // The kernel looked up exactly this connection; make sure.
+            if canonical(SocketAddr::new(id.source_address, id.source_port)) != client
+                || canonical(SocketAddr::new(id.destination_address, id.destination_port)) != server
+            {
+                return Err(PeerError::Answer(
+                    client,
+                    format!("it describes another socket ({id:?})"),
+                ));
+            }
+            Ok(SocketOwner {
+                uid: r.header.uid,
+                inode: r.header.inode,
+            })
+        }
+        NetlinkPayload::Error(e) if e.raw_code().abs() == libc::ENOENT => {
+            Err(PeerError::NotLocal(client))
+        }
+        NetlinkPayload::Error(e) => Err(PeerError::Query(client, e.to_io())),
+        other => Err(PeerError::Answer(
+            client,
+            format!("unexpected message type {}", other.message_type()),
+        )),
+    }
+}
+
+/// A process lume runs for a VM: QEMU, or the passt network helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmHelper {
+    pub pid: u32,
+    pub program: String,
+}
+
+/// Whether a program (the basename of `/proc/PID/exe`, perhaps with
+/// " (deleted)") is one lume runs for a VM.
+pub fn is_vm_helper_program(basename: &str) -> bool {
+    let name = basename.trim_end_matches(" (deleted)");
+    name.starts_with("qemu-system") || name == "passt" || name.starts_with("passt.")
+}
+
+/// The program a process runs: the basename of its executable, else (when
+/// that cannot be read) its command name.
+fn program(proc_dir: &Path) -> Option<String> {
+    if let Ok(exe) = std::fs::read_link(proc_dir.join("exe")) {
+        return exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| Some(exe.to_string_lossy().into_owned()));
+    }
+    std::fs::read_to_string(proc_dir.join("comm"))
+        .ok()
+        .map(|c| c.trim_end().to_string())
+}
+
+/// The real uid of a process, from `/proc/PID/status`.
+fn process_uid(proc_dir: &Path) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether a process holds the socket with this inode. A process whose
+/// descriptors cannot be read counts as holding it (refusing is the safe
+/// answer about a VM helper).
+fn holds_socket(proc_dir: &Path, inode: u64) -> bool {
+    let wanted = format!("socket:[{inode}]");
+    let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
+        return proc_dir.exists();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| target.as_os_str() == wanted.as_str())
+}
+
+/// The VM helper process of `uid` (under the proc tree `proc_root`) that
+/// holds the socket `inode`, if any. Only helpers' descriptors are read.
+pub fn vm_helper_holding(proc_root: &Path, uid: u32, inode: u64) -> Option<VmHelper> {
+    let entries = std::fs::read_dir(proc_root).ok()?;
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        if process_uid(&dir) != Some(uid) {
+            continue;
+        }
+        let Some(program) = program(&dir) else {
+            continue;
+        };
+        if is_vm_helper_program(&program) && holds_socket(&dir, inode) {
+            return Some(VmHelper { pid, program });
+        }
+    }
+    None
+}
+
+/// Who a connection comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// A process of this uid on this host.
+    User(u32),
+    /// A process lume runs for a VM: traffic from a guest.
+    Guest(VmHelper),
+    /// The owner could not be found (a remote client, or a failed lookup).
+    Unknown(String),
+}
+
+/// How a connection reached the server, recorded when it is accepted.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Tcp {
+        client: SocketAddr,
+        server: SocketAddr,
+    },
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
+    /// The peer could not be read at accept time.
+    Unreadable,
+}
+
+/// The connection's facts, and its identity once computed (at the first
+/// request, on a blocking thread, then kept for the connection's lifetime).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    endpoint: Endpoint,
+    identity: Arc<tokio::sync::OnceCell<Identity>>,
+}
+
+impl Connection {
+    fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            identity: Arc::default(),
+        }
+    }
+
+    /// The client's address, for the log.
+    pub fn describe(&self) -> String {
+        match self.endpoint {
+            Endpoint::Tcp { client, .. } => client.to_string(),
+            Endpoint::Unix { uid, pid } => match pid {
+                Some(pid) => format!("unix uid {uid} pid {pid}"),
+                None => format!("unix uid {uid}"),
+            },
+            Endpoint::Unreadable => "unknown".into(),
+        }
+    }
+
+    /// Who is calling; computed once per connection.
+    pub async fn identity(&self) -> Identity {
+        let endpoint = self.endpoint;
+        self.identity
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || identify(endpoint))
+                    .await
+                    .unwrap_or_else(|e| Identity::Unknown(format!("The lookup failed: {e}")))
+            })
+            .await
+            .clone()
+    }
+}
+
+fn identify(endpoint: Endpoint) -> Identity {
+    let proc_root = Path::new("/proc");
+    match endpoint {
+        Endpoint::Tcp { client, server } => match tcp_socket_owner(client, server) {
+            Ok(owner) => match vm_helper_holding(proc_root, owner.uid, owner.inode.into()) {
+                Some(helper) => Identity::Guest(helper),
+                None => Identity::User(owner.uid),
+            },
+            Err(e) => Identity::Unknown(crate::error_chain(&e)),
+        },
+        Endpoint::Unix { uid, pid } => {
+            let helper = pid.and_then(|pid| {
+                let program = program(&proc_root.join(pid.to_string()))?;
+                is_vm_helper_program(&program).then_some(VmHelper {
+                    pid: pid as u32,
+                    program,
+                })
+            });
+            match helper {
+                Some(h) => Identity::Guest(h),
+                None => Identity::User(uid),
+            }
+        }
+        Endpoint::Unreadable => {
+            Identity::Unknown("The connection's addresses cannot be read".into())
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        let client = *stream.remote_addr();
+        Self::new(match stream.io().local_addr() {
+            Ok(server) => Endpoint::Tcp { client, server },
+            Err(_) => Endpoint::Unreadable,
+        })
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Self::new(match stream.io().peer_cred() {
+            Ok(cred) => Endpoint::Unix {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            },
+            Err(_) => Endpoint::Unreadable,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    fn socket_inode(fd: std::os::fd::RawFd) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .unwrap()
+            .ino()
+    }
+
+    fn lookup_on(listen: &str) {
+        use std::os::fd::AsRawFd as _;
+        let listener = std::net::TcpListener::bind(listen).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_accepted, client_addr) = listener.accept().unwrap();
+        assert_eq!(client_addr, client.local_addr().unwrap());
+        let owner = tcp_socket_owner(client_addr, listener.local_addr().unwrap()).unwrap();
+        assert_eq!(owner.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(u64::from(owner.inode), socket_inode(client.as_raw_fd()));
+        // The accepted side is not the client: its inode differs.
+        assert_ne!(u64::from(owner.inode), socket_inode(_accepted.as_raw_fd()));
+    }
+
+    #[test]
+    fn sock_diag_finds_the_owner_of_a_loopback_connection() {
+        lookup_on("127.0.0.1:0");
+    }
+
+    #[test]
+    fn sock_diag_finds_the_owner_of_an_ipv6_loopback_connection() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        }
+        lookup_on("[::1]:0");
+    }
+
+    #[test]
+    fn a_connection_that_does_not_exist_is_not_local() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = tcp_socket_owner(
+            "127.0.0.1:9".parse().unwrap(),
+            listener.local_addr().unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, PeerError::NotLocal(_)), "{e:?}");
+    }
+
+    #[test]
+    fn helper_programs() {
+        for yes in [
+            "qemu-system-x86_64",
+            "qemu-system-aarch64 (deleted)",
+            "passt",
+            "passt.avx2",
+        ] {
+            assert!(is_vm_helper_program(yes), "{yes}");
+        }
+        for no in ["lume", "curl", "qemu-img", "passtime", "python3", ""] {
+            assert!(!is_vm_helper_program(no), "{no}");
+        }
+    }
+
+    /// A real process called `passt` (a copy of `sleep`) holding a real
+    /// loopback connection is found as a VM helper; the test process holding
+    /// another one is not.
+    #[test]
+    fn a_process_called_passt_holding_the_socket_is_a_guest() {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let passt = dir.path().join("passt");
+        std::fs::copy("/bin/sleep", &passt).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guest_side = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_a, guest_addr) = listener.accept().unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_b, our_addr) = listener.accept().unwrap();
+        // The child gets the guest-side socket as its fd 3.
+        let fd = guest_side.as_raw_fd();
+        let mut cmd = std::process::Command::new(&passt);
+        cmd.arg("30");
+        // SAFETY: the closure only calls dup2 and fcntl, which are
+        // async-signal-safe, on a descriptor this process owns, in the child
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(fd, 3) >= 0
+                };
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        drop(guest_side);
+        let server = listener.local_addr().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let found = (0..100).find_map(|_| {
+            let owner = tcp_socket_owner(guest_addr, server).unwrap();
+            let h = vm_helper_holding(Path::new("/proc"), uid, owner.inode.into());
+            if h.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            h
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let found = found.expect("the passt process holds the socket");
+        assert_eq!(found.pid, child.id());
+        assert_eq!(found.program, "passt");
+        let owner = tcp_socket_owner(our_addr, server).unwrap();
+        assert_eq!(
+            vm_helper_holding(Path::new("/proc"), uid, owner.inode.into()),
+            None
+        );
+        drop(ours);
+    }
+}
