@@ -4,7 +4,7 @@
 # packages the test guest is built from.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates)
+packages=(qemu-system-x86 qemu-utils dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

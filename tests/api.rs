@@ -1,6 +1,7 @@
 //! The HTTP API against a real `lume serve` in a network namespace, with a
 //! temporary HOME: the lifecycle of a real guest through the API and the CLI
-//! together, every error status, the token rule, the OpenAPI document.
+//! together, every error status, the token rule, who is served (other uids
+//! through `setpriv`, the Unix socket, VM helpers), the OpenAPI document.
 
 mod common;
 
@@ -8,6 +9,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 
 use serde_json::{Value, json};
 
@@ -650,11 +653,22 @@ fn a_token_guards_every_request() {
         "{err}"
     );
 
+    // A token on the command line is refused (the process list shows it).
+    let out = ns.lume(&home, &["serve", "--port", "0", "--token", "s3cret-token"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--token on the command line is refused")
+            && err.contains("LUME_API_TOKEN")
+            && err.contains("--token-file"),
+        "{err}"
+    );
+
     let server = Server::start(
         &ns,
         &home,
-        &["--host", "0.0.0.0", "--token", "s3cret-token"],
-        &[],
+        &["--host", "0.0.0.0"],
+        &[("LUME_API_TOKEN", "s3cret-token")],
     );
     let mut api = Api::new(&ns, &server);
     api.fails(api.get("/lume/host/status"), 401, "needs an API token");
@@ -665,7 +679,6 @@ fn a_token_guards_every_request() {
     assert_eq!(api.get("/lume/host/status").status, 200);
     assert_eq!(api.get("/lume/vms").body, json!([]));
     api.fails(api.get("/lume/nothing"), 404, "No route");
-
     // A token from the environment is required on loopback too.
     let local = Server::start(&ns, &home, &[], &[("LUME_API_TOKEN", "from-env")]);
     let mut api = Api::new(&ns, &local);
@@ -673,5 +686,303 @@ fn a_token_guards_every_request() {
     api.token = Some("from-env".into());
     assert_eq!(api.get("/lume/host/status").status, 200);
     assert!(local.stop().success());
+
+    // A token file: private to root, one trailing newline dropped.
+    let file = home.path().join("token");
+    std::fs::write(&file, "from-file\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ns.lume(
+        &home,
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--token-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let local = Server::start(&ns, &home, &["--token-file", file.to_str().unwrap()], &[]);
+    let mut api = Api::new(&ns, &local);
+    api.fails(api.get("/lume/host/status"), 401, "needs an API token");
+    api.token = Some("from-file".into());
+    assert_eq!(api.get("/lume/host/status").status, 200);
+    assert!(local.stop().success());
     assert!(server.stop().success());
+}
+
+/// Runs a client as `nobody` (primary group `nogroup`, no other groups).
+const AS_NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=nobody",
+    "--regid=nogroup",
+    "--clear-groups",
+];
+
+/// One request with curl, run through `prefix` (e.g. `ip netns exec NS`,
+/// [`AS_NOBODY`]); `target` is the URL, after `--unix-socket PATH` if any.
+fn curl(prefix: &[&str], target: &[&str], method: &str, body: Option<Value>) -> Reply {
+    let mut c = Command::new(prefix[0]);
+    c.args(&prefix[1..])
+        .args([
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .args(target);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl {target:?} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    Reply {
+        status: status.trim().parse().unwrap(),
+        body: serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}")),
+    }
+}
+
+fn assert_refused(reply: &Reply, needle: &str) {
+    assert_eq!(reply.status, 403, "{reply:?}");
+    let msg = reply.body["message"].as_str().unwrap();
+    assert!(msg.contains(needle), "{msg:?} should contain {needle:?}");
+}
+
+#[test]
+fn other_users_are_refused_unless_in_the_api_group() {
+    let home = Home::new();
+    let ns = Netns::new("au");
+    ns.lume_ok(
+        &home,
+        &["create", "app", "--disk-size", "8MB", "--network", "none"],
+    );
+    let server = Server::start(&ns, &home, &[], &[]);
+    let in_ns = ["ip", "netns", "exec", ns.name.as_str()];
+    let nobody: Vec<&str> = in_ns.iter().chain(AS_NOBODY).copied().collect();
+    let url = |path: &str| server.url(path);
+
+    // Root (the server's own user) is served, as before.
+    assert_eq!(curl(&in_ns, &[&url("/lume/vms")], "GET", None).status, 200);
+
+    // nobody: 403 on everything, and nothing happens.
+    let rule = "serves only root, the user who started it and members of the apiGroup group";
+    let list = curl(&nobody, &[&url("/lume/vms")], "GET", None);
+    assert_refused(&list, rule);
+    assert_refused(&list, "user 'nobody' (uid 65534)");
+    assert_refused(&list, "apiGroup: GROUP");
+    assert_refused(&list, &home.config_yaml().display().to_string());
+    let create = json!({"name": "intruder", "diskSize": "8MB", "network": "none"});
+    assert_refused(
+        &curl(&nobody, &[&url("/lume/vms")], "POST", Some(create.clone())),
+        rule,
+    );
+    assert_refused(
+        &curl(
+            &nobody,
+            &[&url("/lume/vms/app/run")],
+            "POST",
+            Some(json!({})),
+        ),
+        rule,
+    );
+    assert_refused(
+        &curl(&nobody, &[&url("/lume/vms/app")], "DELETE", None),
+        rule,
+    );
+    assert!(home.vm_dir("app").join("config.json").exists());
+    assert!(!home.vm_dir("intruder").exists());
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "app", "-f", "json"])["status"],
+        "stopped"
+    );
+    assert!(
+        server.log.lock().unwrap().contains("Refused uid 65534"),
+        "{}",
+        server.log.lock().unwrap()
+    );
+
+    // A program lume runs for VMs (here curl under the name passt) is a
+    // guest: refused even as root.
+    let bin = tempfile::tempdir().unwrap();
+    let passt = bin.path().join("passt");
+    std::fs::copy(common::sh("command -v curl").trim(), &passt).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name]).arg(&passt).args([
+        "-sS",
+        "-w",
+        "\n%{http_code}",
+        &url("/lume/vms"),
+    ]);
+    let out = String::from_utf8(c.output().unwrap().stdout).unwrap();
+    assert!(out.ends_with("\n403"), "{out}");
+    assert!(
+        out.contains("Requests from virtual machines are refused"),
+        "{out}"
+    );
+
+    // Once config.yaml names nobody's group as apiGroup, nobody is served.
+    home.write_settings("apiGroup: nogroup\n");
+    let list = curl(&nobody, &[&url("/lume/vms")], "GET", None);
+    assert_eq!(list.status, 200, "{list:?}");
+    assert_eq!(list.body[0]["name"], "app");
+    let made = curl(&nobody, &[&url("/lume/vms")], "POST", Some(create));
+    assert_eq!(made.status, 201, "{made:?}");
+
+    // Storage: not a directory nobody owns (root's VMs elsewhere) is refused,
+    // and nothing in it is read or deleted.
+    let rootdir = home.path().join("root-vms");
+    let rootdir_s = rootdir.to_str().unwrap();
+    ns.lume_ok(
+        &home,
+        &[
+            "create",
+            "app",
+            "--disk-size",
+            "8MB",
+            "--network",
+            "none",
+            "--storage",
+            rootdir_s,
+        ],
+    );
+    let q = format!("?storage={rootdir_s}");
+    let del = curl(
+        &nobody,
+        &[&url(&format!("/lume/vms/app{q}"))],
+        "DELETE",
+        None,
+    );
+    assert_refused(&del, &format!("Storage '{rootdir_s}' is refused"));
+    assert_refused(&del, "belongs to uid 0");
+    assert!(rootdir.join("app/config.json").exists());
+    assert_refused(
+        &curl(&nobody, &[&url(&format!("/lume/vms{q}"))], "GET", None),
+        "is refused",
+    );
+    assert_refused(
+        &curl(&nobody, &[&url(&format!("/lume/vms/app{q}"))], "GET", None),
+        "is refused",
+    );
+    // A symlink of nobody's pointing there is judged by where it points.
+    let own = home.path().join("nobody-vms");
+    std::fs::create_dir(&own).unwrap();
+    nix::unistd::chown(&own, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let link = home.path().join("link");
+    std::os::unix::fs::symlink(&rootdir, &link).unwrap();
+    assert_refused(
+        &curl(
+            &nobody,
+            &[&url(&format!("/lume/vms/app?storage={}", link.display()))],
+            "DELETE",
+            None,
+        ),
+        "belongs to uid 0",
+    );
+    assert!(rootdir.join("app/config.json").exists());
+    // Its own directory, and the server's location named explicitly, are fine.
+    let mine = curl(
+        &nobody,
+        &[&url(&format!("/lume/vms?storage={}", own.display()))],
+        "GET",
+        None,
+    );
+    assert_eq!(
+        (mine.status, mine.body.clone()),
+        (200, json!([])),
+        "{mine:?}"
+    );
+    let servers = curl(
+        &nobody,
+        &[&url(&format!(
+            "/lume/vms?storage={}",
+            home.storage().display()
+        ))],
+        "GET",
+        None,
+    );
+    assert_eq!(servers.status, 200, "{servers:?}");
+    // Root may use any location.
+    let any = curl(&in_ns, &[&url(&format!("/lume/vms{q}"))], "GET", None);
+    assert_eq!(any.body[0]["name"], "app", "{any:?}");
+    assert!(server.stop().success());
+}
+
+#[test]
+fn the_unix_socket_knows_its_callers() {
+    let home = Home::new();
+    home.write_settings("apiGroup: nogroup\n");
+    let ns = Netns::new("as");
+    // A directory nobody can reach the socket through.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("lume.sock");
+    let sock_s = sock.to_str().unwrap();
+    // A stale socket file is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let server = Server::start(&ns, &home, &["--socket", sock_s], &[]);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
+    assert_eq!(meta.gid(), 65534, "group-owned by the apiGroup");
+    let target = |path: &str| {
+        [
+            "--unix-socket".to_string(),
+            sock_s.to_string(),
+            format!("http://localhost{path}"),
+        ]
+    };
+    let t = target("/lume/vms");
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+
+    // Root, and nobody as a member of the apiGroup.
+    let root = curl(&["env"], &t, "GET", None);
+    assert_eq!(
+        (root.status, root.body.clone()),
+        (200, json!([])),
+        "{root:?}"
+    );
+    let nobody = curl(AS_NOBODY, &t, "GET", None);
+    assert_eq!(nobody.status, 200, "{nobody:?}");
+    let made = curl(
+        AS_NOBODY,
+        &t,
+        "POST",
+        Some(json!({"name": "viasock", "diskSize": "8MB", "network": "none"})),
+    );
+    assert_eq!(made.status, 201, "{made:?}");
+
+    // Out of the apiGroup, the same uid on the same socket is refused
+    // (SO_PEERCRED names it), and nothing is deleted.
+    home.write_settings("");
+    let t = target("/lume/vms/viasock");
+    let t: Vec<&str> = t.iter().map(String::as_str).collect();
+    assert_refused(
+        &curl(AS_NOBODY, &t, "DELETE", None),
+        "user 'nobody' (uid 65534)",
+    );
+    assert!(home.vm_dir("viasock").join("config.json").exists());
+    assert_eq!(curl(&["env"], &t, "DELETE", None).status, 200);
+
+    // A second server cannot take a live socket over.
+    let out = ns.lume(&home, &["serve", "--port", "0", "--socket", sock_s]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Another server already listens"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.stop().success());
+    assert!(!sock.exists(), "the socket is removed on exit");
 }
