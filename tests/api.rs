@@ -892,6 +892,19 @@ fn other_users_are_refused_unless_in_the_api_group() {
         "belongs to uid 0",
     );
     assert!(rootdir.join("app/config.json").exists());
+    // In its own directory, a VM directory that leads elsewhere is refused.
+    std::os::unix::fs::symlink(rootdir.join("app"), own.join("app")).unwrap();
+    let via = format!("/lume/vms/app?storage={}", own.display());
+    assert_refused(
+        &curl(&nobody, &[&url(&via)], "DELETE", None),
+        "is a symbolic link",
+    );
+    assert_refused(
+        &curl(&nobody, &[&url(&via)], "GET", None),
+        "is a symbolic link",
+    );
+    assert!(rootdir.join("app/config.json").exists());
+    std::fs::remove_file(own.join("app")).unwrap();
     // Its own directory, and the server's location named explicitly, are fine.
     let mine = curl(
         &nobody,

@@ -287,6 +287,51 @@ impl AppState {
         }
     }
 
+    /// [`Self::context`] for actions on named VMs. In a location the caller
+    /// chose (not the server's), a VM's directory must be the caller's own
+    /// and no symlink, so it cannot lead to someone else's VM.
+    fn vm_context(
+        &self,
+        caller: &Caller,
+        storage: Option<&str>,
+        vms: &[&VmName],
+    ) -> ApiResult<Context> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ctx = self.context(caller, storage)?;
+        let server = Store::new(self.storage.clone());
+        if caller.is_root()
+            || std::fs::canonicalize(ctx.store.root()).ok()
+                == std::fs::canonicalize(server.root()).ok()
+        {
+            return Ok(ctx);
+        }
+        for vm in vms {
+            let dir = ctx.store.root().join(vm.as_str());
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            let why = if meta.file_type().is_symlink() {
+                "it is a symbolic link".to_string()
+            } else if meta.uid() != caller.uid {
+                format!(
+                    "it belongs to uid {}, not to you (uid {})",
+                    meta.uid(),
+                    caller.uid
+                )
+            } else {
+                continue;
+            };
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "VM directory '{}' is refused: {why}. In a location of your own, lume uses only VM directories you own",
+                    dir.display()
+                ),
+            ));
+        }
+        Ok(ctx)
+    }
+
     /// Settings are read for every request, like every CLI command reads
     /// them; the action runs for the request's caller.
     fn context(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Context> {
@@ -399,7 +444,11 @@ pub async fn create_vm(
         image: opt_path("image", r.image.as_deref())?,
         publish: ports(&r.publish)?,
     };
-    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.vm_context(
+        &caller,
+        r.storage.as_deref().or(q.storage.as_deref()),
+        &[&vm],
+    )?;
     match perform_on(&st, ctx, &vm, Action::Create(Box::new(spec))).await? {
         Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
         o => Err(unexpected(&o)),
@@ -431,7 +480,7 @@ async fn get_vm_named(
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
     Ok(Json(
-        details(st.context(&caller, q.storage.as_deref())?, vm).await?,
+        details(st.vm_context(&caller, q.storage.as_deref(), &[&vm])?, vm).await?,
     ))
 }
 
@@ -469,7 +518,11 @@ async fn set_vm_named(
         disk_size: size("diskSize", r.disk_size.as_deref())?,
         network: mode(r.network.as_deref())?,
     };
-    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.vm_context(
+        &caller,
+        r.storage.as_deref().or(q.storage.as_deref()),
+        &[&vm],
+    )?;
     match perform_on(&st, ctx, &vm, Action::Set(spec)).await? {
         Outcome::Updated(d) => Ok(Json(d)),
         o => Err(unexpected(&o)),
@@ -500,7 +553,7 @@ async fn delete_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<Deleted>> {
-    let ctx = st.context(&caller, q.storage.as_deref())?;
+    let ctx = st.vm_context(&caller, q.storage.as_deref(), &[&vm])?;
     let action = Action::Delete {
         name: vm.clone(),
         force: true,
@@ -561,7 +614,11 @@ pub async fn run_vm(
         publish: ports(&r.publish)?,
         detach: true,
     };
-    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.vm_context(
+        &caller,
+        r.storage.as_deref().or(q.storage.as_deref()),
+        &[&vm],
+    )?;
     let _turn = st.vm_turn(ctx.store.root(), &vm).await;
     // The supervisor is this server's child: it is reaped when it exits, even
     // if the client has gone away meanwhile.
@@ -600,7 +657,11 @@ pub async fn stop_vm(
             "timeout: at most 3600 seconds may be given",
         ));
     }
-    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.vm_context(
+        &caller,
+        r.storage.as_deref().or(q.storage.as_deref()),
+        &[&vm],
+    )?;
     let action = Action::Stop {
         name: vm.clone(),
         timeout: Duration::from_secs(timeout),
@@ -633,7 +694,11 @@ pub async fn clone_vm(
     }
     let source = name(&r.name)?;
     let target = name(&r.new_name)?;
-    let ctx = st.context(&caller, r.storage.as_deref().or(q.storage.as_deref()))?;
+    let ctx = st.vm_context(
+        &caller,
+        r.storage.as_deref().or(q.storage.as_deref()),
+        &[&source, &target],
+    )?;
     let action = Action::Clone {
         source: source.clone(),
         target,
