@@ -931,6 +931,26 @@ fn other_users_are_refused_unless_in_the_api_group() {
     let any = curl(&in_ns, &[&url(&format!("/lume/vms{q}"))], "GET", None);
     assert_eq!(any.body[0]["name"], "app", "{any:?}");
     assert!(server.stop().success());
+
+    // IPv6 loopback: the same rule.
+    home.write_settings("");
+    let v6 = Server::start(&ns, &home, &["--host", "::1"], &[]);
+    let url6 = format!("http://[::1]:{}/lume/vms", v6.port);
+    let target = ["-g", url6.as_str()];
+    assert_eq!(curl(&in_ns, &target, "GET", None).status, 200);
+    assert_refused(&curl(&nobody, &target, "GET", None), rule);
+    home.write_settings("apiGroup: nogroup\n");
+    assert_eq!(curl(&nobody, &target, "GET", None).status, 200);
+    assert!(v6.stop().success());
+
+    // An apiGroup that names no group stops the server at start.
+    home.write_settings("apiGroup: no-such-group-here\n");
+    let err = ns.lume_fails(&home, &["serve", "--port", "0"]);
+    assert!(
+        err.contains("Group 'no-such-group-here', set as apiGroup")
+            && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]

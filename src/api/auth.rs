@@ -226,7 +226,8 @@ async fn caller_of(
                 conn.describe()
             ));
             return Err(forbidden(format!(
-                "Cannot tell which local user is calling, so the request is refused: {why}"
+                "Cannot tell which local user is calling, so the request is refused ({why}): \
+                 call from a program on this host, or use the API token"
             )));
         }
         Identity::Guest(_) => unreachable!("refused above"),
