@@ -15,7 +15,7 @@ use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
-use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_TIME_WAIT};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use tokio::net::{TcpListener, UnixListener};
@@ -31,6 +31,10 @@ pub enum PeerError {
         "No local socket connects from {0}: the client is not a process on this host (use the API token)"
     )]
     NotLocal(SocketAddr),
+    #[error(
+        "The client at {0} has already closed its connection, so no process owns it any more: keep the connection open until the answer arrives"
+    )]
+    Gone(SocketAddr),
     #[error("The kernel's answer about the connection from {0} cannot be read: {1}")]
     Answer(SocketAddr, String),
 }
@@ -105,6 +109,12 @@ pub fn tcp_socket_owner(client: SocketAddr, server: SocketAddr) -> Result<Socket
                     client,
                     format!("it describes another socket ({id:?})"),
                 ));
+            }
+            // A closed client's socket lingers as a time-wait or orphaned
+            // socket: the kernel reports uid 0 and inode 0 for it, which
+            // must never pass for root.
+            if r.header.state == TCP_TIME_WAIT || r.header.inode == 0 {
+                return Err(PeerError::Gone(client));
             }
             Ok(SocketOwner {
                 uid: r.header.uid,
@@ -367,6 +377,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, PeerError::NotLocal(_)), "{e:?}");
+    }
+
+    /// A client that has closed its socket leaves a time-wait or orphaned
+    /// socket owned by nobody (the kernel says uid 0): never root.
+    #[test]
+    fn a_closed_client_is_nobody() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(server).unwrap();
+        let (accepted, client_addr) = listener.accept().unwrap();
+        drop(client);
+        // Wait until the kernel has processed the FIN (read returns EOF).
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &accepted, &mut buf).unwrap(), 0);
+        let e = tcp_socket_owner(client_addr, server).unwrap_err();
+        assert!(matches!(e, PeerError::Gone(_)), "{e:?}");
     }
 
     #[test]
