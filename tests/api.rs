@@ -903,6 +903,17 @@ fn other_users_are_refused_unless_in_the_api_group() {
         &curl(&nobody, &[&url(&via)], "GET", None),
         "is a symbolic link",
     );
+    let listed = curl(
+        &nobody,
+        &[&url(&format!("/lume/vms?storage={}", own.display()))],
+        "GET",
+        None,
+    );
+    assert_eq!(
+        listed.body,
+        json!([]),
+        "a linked VM is not listed: {listed:?}"
+    );
     assert!(rootdir.join("app/config.json").exists());
     std::fs::remove_file(own.join("app")).unwrap();
     // Its own directory, and the server's location named explicitly, are fine.

@@ -265,6 +265,24 @@ pub fn allowed_storage(caller: &Caller, path: PathBuf, server_root: &Path) -> Ap
     Ok(canonical)
 }
 
+/// Why an existing VM directory is not the caller's own (a symlink, or
+/// another owner); `None` when it is, or does not exist.
+fn foreign_vm_dir(caller: &Caller, dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(dir).ok()?;
+    if meta.file_type().is_symlink() {
+        Some("it is a symbolic link".into())
+    } else if meta.uid() != caller.uid {
+        Some(format!(
+            "it belongs to uid {}, not to you (uid {})",
+            meta.uid(),
+            caller.uid
+        ))
+    } else {
+        None
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Running actions.
 
@@ -287,6 +305,14 @@ impl AppState {
         }
     }
 
+    /// Whether the caller's VMs in `store` must be checked one by one: a
+    /// caller other than root, in a location it chose (not the server's).
+    fn own_location(&self, caller: &Caller, store: &Store) -> bool {
+        let server = Store::new(self.storage.clone());
+        !caller.is_root()
+            && std::fs::canonicalize(store.root()).ok() != std::fs::canonicalize(server.root()).ok()
+    }
+
     /// [`Self::context`] for actions on named VMs. In a location the caller
     /// chose (not the server's), a VM's directory must be the caller's own
     /// and no symlink, so it cannot lead to someone else's VM.
@@ -296,38 +322,21 @@ impl AppState {
         storage: Option<&str>,
         vms: &[&VmName],
     ) -> ApiResult<Context> {
-        use std::os::unix::fs::MetadataExt as _;
         let ctx = self.context(caller, storage)?;
-        let server = Store::new(self.storage.clone());
-        if caller.is_root()
-            || std::fs::canonicalize(ctx.store.root()).ok()
-                == std::fs::canonicalize(server.root()).ok()
-        {
+        if !self.own_location(caller, &ctx.store) {
             return Ok(ctx);
         }
         for vm in vms {
             let dir = ctx.store.root().join(vm.as_str());
-            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
-                continue;
-            };
-            let why = if meta.file_type().is_symlink() {
-                "it is a symbolic link".to_string()
-            } else if meta.uid() != caller.uid {
-                format!(
-                    "it belongs to uid {}, not to you (uid {})",
-                    meta.uid(),
-                    caller.uid
-                )
-            } else {
-                continue;
-            };
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "VM directory '{}' is refused: {why}. In a location of your own, lume uses only VM directories you own",
-                    dir.display()
-                ),
-            ));
+            if let Some(why) = foreign_vm_dir(caller, &dir) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "VM directory '{}' is refused: {why}. In a location of your own, lume uses only VM directories you own",
+                        dir.display()
+                    ),
+                ));
+            }
         }
         Ok(ctx)
     }
@@ -403,8 +412,18 @@ pub async fn list_vms(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Vec<VmDetails>>> {
-    match perform(st.context(&caller, q.storage.as_deref())?, Action::List).await? {
-        Outcome::List(v) => Ok(Json(v)),
+    let ctx = st.context(&caller, q.storage.as_deref())?;
+    // In a location of the caller's own, VMs that lead elsewhere are left out.
+    let root = st
+        .own_location(&caller, &ctx.store)
+        .then(|| ctx.store.root().to_path_buf());
+    match perform(ctx, Action::List).await? {
+        Outcome::List(mut v) => {
+            if let Some(root) = root {
+                v.retain(|d| foreign_vm_dir(&caller, &root.join(&d.name)).is_none());
+            }
+            Ok(Json(v))
+        }
         o => Err(unexpected(&o)),
     }
 }
