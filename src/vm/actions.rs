@@ -823,3 +823,175 @@ fn delete(
     store.remove(&vm)?;
     Ok(Outcome::Deleted(name.clone()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::Caller;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn context(root: &Path, caller: Caller) -> Context {
+        Context {
+            store: Store::new(Some(root.to_path_buf())),
+            settings: Settings::default(),
+            caller,
+        }
+    }
+
+    fn spec(name: &str, kernel: &Path) -> CreateSpec {
+        CreateSpec {
+            name: VmName::parse(name).unwrap(),
+            os: "linux".into(),
+            cpu: 1,
+            memory: 128 << 20,
+            disk_size: 16 << 20,
+            display: "1024x768".into(),
+            network: NetworkMode::None,
+            mac: None,
+            kernel: Some(kernel.to_path_buf()),
+            initrd: None,
+            cmdline: None,
+            image: None,
+            publish: Vec::new(),
+        }
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_the_caller_cannot_read_is_forbidden_and_nothing_is_created() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to act for another uid");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        chmod(host.path(), 0o755);
+        let secret = host.path().join("shadow-kernel");
+        fs::write(&secret, b"root's secret").unwrap();
+        chmod(&secret, 0o600);
+        let public = host.path().join("vmlinuz");
+        fs::write(&public, b"a kernel").unwrap();
+        chmod(&public, 0o644);
+
+        let storage = tempfile::tempdir().unwrap();
+        let root = storage.path().join("vms");
+        let ctx = context(&root, Caller::from_uid(65534));
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &secret))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, reason: Denied::Caller { uid: 65534, .. } } if *path == secret),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lacks permission"), "{e}");
+        let left: Vec<_> = fs::read_dir(&root)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "nothing created: {left:?}");
+
+        let out = execute(
+            &ctx,
+            Action::Create(Box::new(spec("b", &public))),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(matches!(out, Outcome::Created(_)));
+        let vm = root.join("b");
+        assert_eq!(fs::read(vm.join("vmlinuz")).unwrap(), b"a kernel");
+        assert_eq!(
+            fs::metadata(&vm).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for f in ["vmlinuz", "disk.img", "config.json"] {
+            let mode = fs::metadata(vm.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn root_refuses_storage_that_another_user_can_change() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let kernel = host.path().join("vmlinuz");
+        fs::write(&kernel, b"k").unwrap();
+        // Group-writable storage root.
+        let root = host.path().join("shared");
+        fs::create_dir(&root).unwrap();
+        chmod(&root, 0o775);
+        nix::unistd::chown(&root, None, Some(nix::unistd::Gid::from_raw(100))).unwrap();
+        let ctx = context(&root, Caller::current());
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, reason: Denied::Storage { .. } } if *path == root),
+            "{e}"
+        );
+        assert!(e.to_string().contains("group 100"), "{e}");
+        // Owned by another user, below a directory that user can write.
+        let theirs = host.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let ctx = context(&theirs.join("vms"), Caller::current());
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, .. } if *path == theirs),
+            "{e}"
+        );
+        assert!(e.to_string().contains("user 65534"), "{e}");
+        // A private root below /tmp (sticky, root's) is fine.
+        let ok = host.path().join("ok");
+        let ctx = context(&ok, Caller::current());
+        execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn stop_timeouts_are_capped_without_overflow() {
+        assert!(matches!(
+            stop_timeout(u64::MAX),
+            Err(VmError::TimeoutTooLong(u64::MAX))
+        ));
+        assert_eq!(stop_timeout(3600).unwrap(), Duration::from_secs(3600));
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), Caller::current());
+        let name = VmName::parse("x").unwrap();
+        let e = execute(
+            &ctx,
+            Action::Stop {
+                name,
+                timeout: Duration::from_secs(u64::MAX),
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 3600"), "{e}");
+    }
+
+    #[test]
+    fn relative_storage_becomes_absolute() {
+        let s = Store::new(Some(PathBuf::from("rel/vms")));
+        assert!(s.root().is_absolute());
+        assert!(s.root().ends_with("rel/vms"));
+    }
+}
