@@ -964,6 +964,24 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
+        // So is a root-owned symlink to it.
+        let link = host.path().join("link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        let ctx = context(&link, Caller::current());
+        let create_b = Action::Create(Box::new(spec("b", &kernel)));
+        execute(&ctx, create_b, &mut |_| {}).unwrap();
+        // A VM directory someone else's group can write is refused.
+        chmod(&ok.join("b"), 0o770);
+        nix::unistd::chown(&ok.join("b"), None, Some(nix::unistd::Gid::from_raw(100))).unwrap();
+        let set = SetSpec {
+            name: VmName::parse("b").unwrap(),
+            cpu: Some(1),
+            memory: None,
+            disk_size: None,
+            network: None,
+        };
+        let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
     }
 
     #[test]

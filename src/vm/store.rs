@@ -68,6 +68,31 @@ pub struct UnsafeDir {
 /// Mode of VM directories and the storage root.
 pub const PRIVATE_DIR: u32 = 0o700;
 
+/// `dir` and its parents, each allowed to be changed by root (and `euid`)
+/// only, or to be a sticky root-owned directory. `lexical` skips symlinks
+/// (their directory is checked, their target is checked resolved).
+fn check_ancestors(
+    mut dir: Option<&Path>,
+    euid: u32,
+    lexical: bool,
+) -> Result<(), (PathBuf, String)> {
+    while let Some(d) = dir {
+        let meta = if lexical {
+            fs::symlink_metadata(d)
+        } else {
+            fs::metadata(d)
+        };
+        if let Ok(m) = meta
+            && !m.file_type().is_symlink()
+            && let Some(who) = writable_by_others(&m, euid, true)
+        {
+            return Err((d.to_path_buf(), who));
+        }
+        dir = d.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
 /// Who besides root (and `euid`) can change directory `meta`, if anyone.
 /// A sticky directory owned by root (such as /tmp) only lets others add
 /// entries of their own, which is allowed when `sticky_ok` (ancestors).
@@ -138,58 +163,51 @@ impl Store {
             dir: dir.to_path_buf(),
             who,
         };
-        for dir in vm
-            .map(|v| v.dir.as_path())
-            .into_iter()
-            .chain([self.root.as_path()])
+        // The VM directory is lume's own: a real directory, root's alone.
+        if let Some(vm) = vm
+            && let Ok(m) = fs::symlink_metadata(&vm.dir)
         {
-            match fs::symlink_metadata(dir) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(unsafe_dir(
-                        dir,
-                        "whoever can change the symlink's target".into(),
-                    ));
-                }
-                Ok(m) => {
-                    if let Some(who) = writable_by_others(&m, euid, false) {
-                        return Err(unsafe_dir(dir, who));
-                    }
-                }
-                Err(_) => {}
+            if m.file_type().is_symlink() {
+                return Err(unsafe_dir(&vm.dir, "whoever made it a symlink".into()));
+            }
+            if let Some(who) = writable_by_others(&m, euid, false) {
+                return Err(unsafe_dir(&vm.dir, who));
             }
         }
-        // Ancestors, as the kernel resolves them.
-        let mut probe = self.root.clone();
-        let real = loop {
-            if let Ok(r) = fs::canonicalize(&probe) {
-                break r;
-            }
-            if !probe.pop() {
-                return Ok(());
-            }
-        };
-        let mut ancestor = real.as_path();
-        if real == self.root {
-            let Some(parent) = real.parent() else {
-                return Ok(());
-            };
-            ancestor = parent;
-        }
-        loop {
-            if let Ok(m) = fs::metadata(ancestor)
-                && let Some(who) = writable_by_others(&m, euid, true)
+        // The storage root (as the kernel resolves it) is root's alone.
+        if let Ok(real) = fs::canonicalize(&self.root) {
+            if let Ok(m) = fs::metadata(&real)
+                && let Some(who) = writable_by_others(&m, euid, false)
             {
-                return Err(unsafe_dir(ancestor, who));
+                return Err(unsafe_dir(&self.root, who));
             }
-            match ancestor.parent() {
-                Some(p) => ancestor = p,
-                None => return Ok(()),
+            check_ancestors(real.parent(), euid, false).map_err(|(d, who)| unsafe_dir(&d, who))?;
+        }
+        // Every directory on the way there, as written and as resolved (the
+        // root may not exist yet: its nearest existing ancestor counts).
+        check_ancestors(self.root.parent(), euid, true).map_err(|(d, who)| unsafe_dir(&d, who))?;
+        let mut probe = self.root.clone();
+        while probe.pop() {
+            if let Ok(real) = fs::canonicalize(&probe) {
+                check_ancestors(Some(&real), euid, false)
+                    .map_err(|(d, who)| unsafe_dir(&d, who))?;
+                break;
             }
         }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Migrates a VM directory of an earlier release, but never one that
+    /// another user could have prepared (its files could be links to host
+    /// files): commands refuse those with [`Store::check_private`].
+    fn migrate(&self, vm: &Vm) {
+        if self.check_private(Some(vm)).is_ok() {
+            vm.migrate_private();
+        }
     }
 
     /// `default` for `~/.lume`, else the path.
@@ -213,7 +231,7 @@ impl Store {
     pub fn open(&self, name: &VmName) -> Result<Vm, StoreError> {
         let vm = self.vm(name);
         if vm.config_path().exists() {
-            vm.migrate_private();
+            self.migrate(&vm);
             Ok(vm)
         } else {
             Err(StoreError::NotFound {
@@ -239,7 +257,7 @@ impl Store {
                 vm.config_path().exists().then_some(vm)
             })
             .collect();
-        vms.iter().for_each(Vm::migrate_private);
+        vms.iter().for_each(|vm| self.migrate(vm));
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
     }
