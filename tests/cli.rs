@@ -300,6 +300,15 @@ fn relative_storage_is_the_same_place_for_every_command() {
         "json",
     ]);
     assert!(out.contains("\"rel\""), "{out}");
+    // Relative to the current directory, reported (and used) as absolute.
+    let out = home
+        .cmd()
+        .current_dir(home.path())
+        .args(["get", "rel", "--storage", "vms", "-f", "json"])
+        .output()
+        .unwrap();
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["locationName"], abs.to_str().unwrap());
 }
 
 fn mode(p: &std::path::Path) -> u32 {

@@ -192,3 +192,34 @@ fn nix_is_root() -> bool {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
+
+#[test]
+fn a_relative_storage_path_runs() {
+    assert!(nix_is_root(), "the end-to-end tests need root");
+    let home = Home::new();
+    let lume = |args: &[&str]| {
+        let out = home
+            .cmd()
+            .current_dir(home.path())
+            .args(args)
+            .args(["--storage", "vms"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lume {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let args = common::guest_create_args("rel", "none", &[], "");
+    lume(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    lume(&["run", "rel", "--detach"]);
+    let console = home.path().join("vms/rel/console.log");
+    wait_for("the guest's ready line", BOOT, || {
+        fs::read_to_string(&console)
+            .ok()?
+            .contains("LUME-GUEST: ready")
+            .then_some(())
+    });
+    lume(&["stop", "rel"]);
+}
