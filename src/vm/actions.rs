@@ -634,6 +634,8 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     let timeout = stop_timeout(timeout.as_secs())?;
     let store = &ctx.store;
     let vm = store.open(name)?;
+    // run.json and the QMP socket are trusted only where nobody else writes.
+    store.check_private(Some(&vm))?;
     // A supervisor that holds the lock without run.json is starting (or a
     // short command holds the VM): wait until it is running or gone.
     let settle = Instant::now() + timeout.max(Duration::from_secs(5));

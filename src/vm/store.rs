@@ -205,7 +205,8 @@ impl Store {
     /// another user could have prepared (its files could be links to host
     /// files): commands refuse those with [`Store::check_private`].
     fn migrate(&self, vm: &Vm) {
-        if self.check_private(Some(vm)).is_ok() {
+        let done = fs::symlink_metadata(&vm.dir).is_ok_and(|m| m.mode() & 0o077 == 0);
+        if !done && self.check_private(Some(vm)).is_ok() {
             vm.migrate_private();
         }
     }
