@@ -338,15 +338,23 @@ pub fn supervise(
         let _ = child.kill();
         let _ = child.wait();
     }
-    for p in pumps {
-        let _ = p.join();
-    }
+    // The logs are complete once QEMU's pipes are drained (bounded: a pump
+    // that never ends is left behind rather than holding up the teardown).
+    drain(&pumps);
     // The network first: run.json stays until every resource is released,
     // so `lume stop` and `ls` see the VM until then.
     drop(net);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     result
+}
+
+/// Waits up to 2 s for the log pumps to reach the end of QEMU's output.
+fn drain(pumps: &[std::thread::JoinHandle<()>]) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while !pumps.iter().all(|p| p.is_finished()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Where QEMU's stderr ends up, and the threads that write it.
@@ -370,10 +378,7 @@ fn run_until_exit(
     loop {
         if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
             // QEMU's last words reach qemu.log once its pipe is drained.
-            let drained = Instant::now() + Duration::from_secs(2);
-            while !pumps.iter().all(|p| p.is_finished()) && Instant::now() < drained {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            drain(pumps);
             return Err(RunError::QemuExited {
                 status: status.to_string(),
                 messages: fs::read_to_string(stderr_path).unwrap_or_default(),
