@@ -204,10 +204,178 @@ fn a_failed_import_leaves_no_directory() {
     fs::write(&bogus, b"QFI\xfbthis is not really qcow2").unwrap();
     let err = home.fails(&["create", "x", "--image", bogus.to_str().unwrap()]);
     assert!(
+        err.contains("Cannot import") && err.contains("qcow2 header is damaged"),
+        "{err}"
+    );
+    assert!(fs::read_dir(home.storage()).unwrap().next().is_none());
+    // A qcow2 header that passes our check but that qemu-img cannot read.
+    let mut h = vec![0u8; 512];
+    h[..4].copy_from_slice(b"QFI\xfb");
+    h[4..8].copy_from_slice(&3u32.to_be_bytes());
+    h[100..104].copy_from_slice(&104u32.to_be_bytes());
+    fs::write(&bogus, &h).unwrap();
+    let err = home.fails(&["create", "x", "--image", bogus.to_str().unwrap()]);
+    assert!(
         err.contains("Importing") && err.contains("qemu-img says"),
         "{err}"
     );
     assert!(fs::read_dir(home.storage()).unwrap().next().is_none());
+}
+
+#[test]
+fn images_naming_host_files_are_refused() {
+    let home = Home::new();
+    let p = |n: &str| home.path().join(n).display().to_string();
+    // A qcow2 whose backing file is /etc/shadow: converting it would copy
+    // that file into the VM's disk.
+    common::sh(&format!(
+        "qemu-img create -q -f qcow2 -F raw -b /etc/shadow -u {} 1M",
+        p("backed.qcow2")
+    ));
+    let err = home.fails(&["create", "a", "--image", &p("backed.qcow2")]);
+    assert!(err.contains("has a backing file"), "{err}");
+    common::sh(&format!(
+        "qemu-img create -q -f qcow2 -o data_file={} {} 1M",
+        p("data.raw"),
+        p("ext.qcow2")
+    ));
+    let err = home.fails(&["create", "b", "--image", &p("ext.qcow2")]);
+    assert!(err.contains("external data file"), "{err}");
+    common::sh(&format!("qemu-img create -q -f vmdk {} 1M", p("a.vmdk")));
+    let err = home.fails(&["create", "c", "--image", &p("a.vmdk")]);
+    assert!(
+        err.contains("vmdk format") && err.contains("convert it to qcow2 or raw"),
+        "{err}"
+    );
+    let left: Vec<_> = fs::read_dir(home.storage())
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "refused imports left {left:?}");
+    // A raw image is kept as it is, private, with its format recorded.
+    fs::write(home.path().join("r.raw"), b"RAW-BYTES").unwrap();
+    create_small(&home, "r", &["--image", &p("r.raw")]);
+    let dir = home.vm_dir("r");
+    assert!(
+        fs::read(dir.join("disk.img"))
+            .unwrap()
+            .starts_with(b"RAW-BYTES")
+    );
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["diskFormat"], "raw");
+}
+
+#[test]
+fn huge_stop_timeouts_are_refused_without_a_panic() {
+    let home = Home::new();
+    create_small(&home, "t", &[]);
+    let err = home.fails(&["stop", "t", "--timeout", "18446744073709551615"]);
+    assert!(err.contains("at most 3600 seconds"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn relative_storage_is_the_same_place_for_every_command() {
+    let home = Home::new();
+    let mut c = home.cmd();
+    c.current_dir(home.path()).args([
+        "create",
+        "rel",
+        "--storage",
+        "vms",
+        "--disk-size",
+        "8MB",
+        "--network",
+        "none",
+    ]);
+    assert!(c.output().unwrap().status.success());
+    // From another directory, the absolute path finds it.
+    let abs = home.path().join("vms");
+    let out = home.ok(&[
+        "get",
+        "rel",
+        "--storage",
+        abs.to_str().unwrap(),
+        "-f",
+        "json",
+    ]);
+    assert!(out.contains("\"rel\""), "{out}");
+    // Relative to the current directory, reported (and used) as absolute.
+    let out = home
+        .cmd()
+        .current_dir(home.path())
+        .args(["get", "rel", "--storage", "vms", "-f", "json"])
+        .output()
+        .unwrap();
+    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["locationName"], abs.to_str().unwrap());
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn vms_of_the_previous_release_are_made_private_and_keep_working() {
+    let home = Home::new();
+    common::write_previous_release_vm(&home, "old", b"kernel", b"initrd", "console=ttyS0");
+    let d = home.get("old");
+    assert_eq!(d["cpuCount"], 1);
+    let dir = home.vm_dir("old");
+    assert_eq!(mode(&dir), 0o700);
+    for f in [
+        "config.json",
+        "vmlinuz",
+        "initrd.img",
+        "disk.img",
+        "console.log",
+        "lume.log",
+        ".lock",
+        ".cfg.lock",
+    ] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["diskFormat"], "raw");
+    assert_eq!(cfg["macAddress"], "52:54:00:12:34:56");
+    assert_eq!(cfg["kernelBoot"]["cmdline"], "console=ttyS0");
+    home.ok(&["set", "old", "--cpu", "2", "--disk-size", "32MB"]);
+    assert_eq!(home.get("old")["cpuCount"], 2);
+    assert_eq!(fs::metadata(dir.join("disk.img")).unwrap().len(), 32 << 20);
+    // `run` gets as far as QEMU: without it on PATH, the error names the package.
+    let out = home
+        .cmd()
+        .args(["run", "old"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qemu-system-x86"));
+}
+
+#[test]
+fn planted_links_and_paths_in_config_json_are_refused() {
+    let home = Home::new();
+    create_small(&home, "p", &[]);
+    let dir = home.vm_dir("p");
+    // A symlink in place of disk.img.
+    fs::remove_file(dir.join("disk.img")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", dir.join("disk.img")).unwrap();
+    let err = home.fails(&["run", "p"]);
+    assert!(err.contains("is not a regular file"), "{err}");
+    // An absolute kernel path written into config.json.
+    let cfg_path = dir.join("config.json");
+    let mut cfg: Value = serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["kernelBoot"] = serde_json::json!({"kernel": "/etc/shadow", "cmdline": ""});
+    fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = home.fails(&["run", "p"]);
+    assert!(
+        err.contains("only a file name inside the VM directory"),
+        "{err}"
+    );
+    let err = home.fails(&["get", "p"]);
+    assert!(err.contains("kernelBoot.kernel"), "{err}");
 }
 
 #[test]

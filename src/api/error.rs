@@ -106,7 +106,11 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::InitrdWithoutKernel
         | VmError::TwoBootSources
         | VmError::NeedsForce(_)
-        | VmError::NothingToSet => BAD,
+        | VmError::NothingToSet
+        | VmError::TimeoutTooLong(_) => BAD,
+        // A host file the caller could not open itself, or a storage
+        // location another user can change.
+        VmError::Forbidden { .. } => StatusCode::FORBIDDEN,
         VmError::DiskWhileRunning(_)
         | VmError::RunningNeedsForce(_)
         | VmError::CloneWhileRunning(_) => CONFLICT,

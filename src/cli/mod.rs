@@ -5,7 +5,6 @@ pub mod output;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -359,7 +358,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             a.storage,
             Action::Stop {
                 name: a.name,
-                timeout: Duration::from_secs(a.timeout),
+                timeout: crate::vm::actions::stop_timeout(a.timeout)?,
             },
             Format::Text,
         ),

@@ -2,9 +2,14 @@
 //! paths inside the VM directory (so the command line names the directory);
 //! only the QMP socket is relative, because QEMU runs with the VM directory as
 //! its working directory and a Unix socket path is limited to 108 bytes.
+//!
+//! Every disk is given with `format=raw`: QEMU never probes a format, so a
+//! guest that writes a qcow2 header into its disk cannot make QEMU open a
+//! host file as backing or data file. ISOs and extra disks are named by
+//! descriptors the supervisor already holds (`/proc/<pid>/fd/N`), opened with
+//! the caller's rights; the serial console goes to a pipe the supervisor reads.
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
@@ -21,7 +26,7 @@ pub enum QemuError {
         "{QEMU_BINARY} was not found in PATH: install the qemu-system-x86 package (apt-get install qemu-system-x86)"
     )]
     Missing,
-    #[error("{what} {path} does not exist")]
+    #[error("{what} {path} does not exist or is not a regular file: restore it or recreate the VM")]
     MissingFile { what: &'static str, path: PathBuf },
 }
 
@@ -41,22 +46,19 @@ pub struct LaunchSpec<'a> {
     pub dir: &'a Path,
     pub config: &'a VmConfig,
     pub accel: Accel,
-    /// ISO images attached read-only as CD-ROMs.
+    /// ISO images attached read-only as CD-ROMs (descriptor paths).
     pub mounts: &'a [PathBuf],
-    /// Extra disks.
+    /// Extra raw disks (descriptor paths).
     pub disks: &'a [PathBuf],
+    /// Where QEMU writes the serial console (the write end of a pipe).
+    pub console: &'a Path,
     /// Network arguments from the network mode.
     pub net_args: &'a [String],
 }
 
-/// `qcow2` when the file starts with QCOW's magic, else `raw`.
-pub fn detect_format(path: &Path) -> &'static str {
-    let mut magic = [0u8; 4];
-    let is_qcow = std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|_| &magic == b"QFI\xfb")
-        .unwrap_or(false);
-    if is_qcow { "qcow2" } else { "raw" }
+/// A regular file itself, not a symlink to one.
+fn is_regular(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file())
 }
 
 /// Escapes a path for a QEMU option value (commas are doubled).
@@ -89,10 +91,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         "-display".into(),
         "none".into(),
         "-chardev".into(),
-        format!(
-            "file,id=serial0,path={}",
-            opt_path(&dir.join("console.log"))
-        ),
+        format!("file,id=serial0,path={}", opt_path(spec.console)),
         "-serial".into(),
         "chardev:serial0".into(),
         "-qmp".into(),
@@ -107,7 +106,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
     ];
     if let Some(k) = &c.kernel_boot {
         let kernel = dir.join(&k.kernel);
-        if !kernel.is_file() {
+        if !is_regular(&kernel) {
             return Err(QemuError::MissingFile {
                 what: "Kernel",
                 path: kernel,
@@ -116,7 +115,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         a.extend(["-kernel".into(), kernel.display().to_string()]);
         if let Some(i) = &k.initrd {
             let initrd = dir.join(i);
-            if !initrd.is_file() {
+            if !is_regular(&initrd) {
                 return Err(QemuError::MissingFile {
                     what: "Initrd",
                     path: initrd,
@@ -129,7 +128,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
     for iso in spec.mounts {
         a.extend([
             "-drive".into(),
-            format!("file={},media=cdrom,readonly=on", opt_path(iso)),
+            format!("file={},format=raw,media=cdrom,readonly=on", opt_path(iso)),
         ]);
     }
     if !spec.mounts.is_empty() && c.kernel_boot.is_none() {
@@ -138,11 +137,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
     for disk in spec.disks {
         a.extend([
             "-drive".into(),
-            format!(
-                "file={},format={},if=virtio",
-                opt_path(disk),
-                detect_format(disk)
-            ),
+            format!("file={},format=raw,if=virtio", opt_path(disk)),
         ]);
     }
     a.extend(spec.net_args.iter().cloned());
@@ -171,16 +166,20 @@ mod tests {
                 initrd: None,
                 cmdline: "console=ttyS0".into(),
             }),
+            disk_format: Default::default(),
             publish: Vec::new(),
             extra: Default::default(),
         };
+        let disks = [PathBuf::from("/proc/1/fd/7")];
+        let mounts = [PathBuf::from("/proc/1/fd/8")];
         let spec = LaunchSpec {
             name: "t",
             dir: dir.path(),
             config: &cfg,
             accel: Accel::Tcg,
-            mounts: &[],
-            disks: &[],
+            mounts: &mounts,
+            disks: &disks,
+            console: Path::new("/proc/self/fd/3"),
             net_args: &[],
         };
         let args: Vec<String> = arguments(&spec)
@@ -194,5 +193,20 @@ mod tests {
         assert!(joined.contains("-smp 3"));
         assert!(joined.contains("-m 512M"));
         assert!(joined.contains("-append console=ttyS0"));
+        // No disk is ever probed: every -drive names its format.
+        let drives: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(a, _)| *a == "-drive")
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(drives.len(), 3);
+        assert!(
+            drives.iter().all(|d| d.contains("format=raw")),
+            "{drives:?}"
+        );
+        assert!(joined.contains("file=/proc/1/fd/7,format=raw,if=virtio"));
+        assert!(joined.contains("file=/proc/1/fd/8,format=raw,media=cdrom,readonly=on"));
+        assert!(joined.contains("file,id=serial0,path=/proc/self/fd/3"));
     }
 }

@@ -7,15 +7,18 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
 
 use super::accel::{self, AccelChoice, AccelError};
+use super::logcap;
 use super::qemu::{self, LaunchSpec, QemuError};
 use super::qmp::{QMP_SOCKET, Qmp};
 use crate::network::NetworkMode;
@@ -52,6 +55,10 @@ pub enum RunError {
     Network(#[from] AttachError),
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
+    #[error(
+        "Disk {0} is not a regular file (a symlink or a device): lume runs only its own disk.img; restore the file or recreate the VM"
+    )]
+    DiskNotRegular(PathBuf),
     #[error("Cannot start {}", qemu::QEMU_BINARY)]
     Spawn(#[source] io::Error),
     #[error("QEMU exited during start-up ({status}); its messages:\n{messages}")]
@@ -68,13 +75,43 @@ pub enum RunError {
     Supervisor { log: PathBuf, messages: String },
 }
 
+/// A host file named by the caller, opened once with the caller's rights;
+/// from then on only its descriptor is used.
+#[derive(Debug, Clone)]
+pub struct HostFile {
+    /// The name the caller gave (for messages only).
+    pub path: PathBuf,
+    pub file: Arc<File>,
+}
+
+impl HostFile {
+    pub fn new(path: &Path, file: File) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+        }
+    }
+
+    /// `/proc/<this pid>/fd/N`: the open file, for another process to open
+    /// while this one holds it (never the caller's path again).
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ))
+    }
+}
+
 /// What one run uses beyond the saved config.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     /// The effective network mode (saved, or overridden for this run).
     pub network: NetworkMode,
-    pub mounts: Vec<PathBuf>,
-    pub disks: Vec<PathBuf>,
+    /// ISO images, already open read-only.
+    pub mounts: Vec<HostFile>,
+    /// Extra raw disks, already open read-write.
+    pub disks: Vec<HostFile>,
     /// How long a Ctrl-C waits for the guest before forcing QEMU off.
     pub stop_timeout: Duration,
     pub accel: AccelChoice,
@@ -114,11 +151,15 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
     if cfg.os.eq_ignore_ascii_case("macos") {
         return Err(RunError::MacOs(vm.name.clone()));
     }
-    for (what, list) in [("ISO image", &req.mounts), ("Disk", &req.disks)] {
-        if let Some(p) = list.iter().find(|p| !p.is_file()) {
+    // QEMU opens disk.img by name: it must be the VM's own file, never a
+    // link to a host file or a device.
+    match fs::symlink_metadata(vm.disk_path()) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return Err(RunError::DiskNotRegular(vm.disk_path())),
+        Err(_) => {
             return Err(RunError::MissingFile {
-                what,
-                path: p.clone(),
+                what: "Disk",
+                path: vm.disk_path(),
             });
         }
     }
@@ -172,11 +213,23 @@ pub fn supervise(
             net.parent.as_deref().unwrap_or("-")
         ));
     }
+    // The guest's serial console and QEMU's stderr go through pipes into
+    // capped logs.
+    let cap = logcap::cap();
+    let (console_read, console_write) = logcap::pipe().map_err(io_at(vm.console_path()))?;
+    let console_pump =
+        logcap::pump(console_read, &vm.console_path(), cap).map_err(io_at(vm.console_path()))?;
+    let stderr_path = vm.dir.join("qemu.log");
+    let (stderr_read, stderr_write) = logcap::pipe().map_err(io_at(stderr_path.clone()))?;
+    let stderr_pump =
+        logcap::pump(stderr_read, &stderr_path, cap).map_err(io_at(stderr_path.clone()))?;
     // Descriptors for QEMU are first copied above 64, so that placing them
-    // at 3, 4, … in the child can never overwrite one not yet placed.
+    // at 3, 4, … in the child can never overwrite one not yet placed. The
+    // console pipe comes last.
     let high_fds: Vec<std::os::fd::OwnedFd> = net
         .fds
         .iter()
+        .chain(std::iter::once(&console_write))
         .map(|fd| {
             nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
                 // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that
@@ -190,18 +243,32 @@ pub fn supervise(
                 })
         })
         .collect::<Result<_, _>>()?;
+    drop(console_write);
     let raw_fds: Vec<i32> = high_fds
         .iter()
         .map(std::os::fd::AsRawFd::as_raw_fd)
         .collect();
+    let console = PathBuf::from(format!("/proc/self/fd/{}", 3 + net.fds.len()));
+    // QEMU opens the caller's files through this process's descriptors,
+    // which stay open until QEMU has exited.
+    let mounts: Vec<PathBuf> = req.mounts.iter().map(HostFile::proc_path).collect();
+    let disks: Vec<PathBuf> = req.disks.iter().map(HostFile::proc_path).collect();
+    for f in req.mounts.iter().chain(&req.disks) {
+        log(&format!(
+            "{} is {}",
+            f.proc_path().display(),
+            f.path.display()
+        ));
+    }
 
     let spec = LaunchSpec {
         name: vm.name.as_str(),
         dir: &vm.dir,
         config: cfg,
         accel,
-        mounts: &req.mounts,
-        disks: &req.disks,
+        mounts: &mounts,
+        disks: &disks,
+        console: &console,
         net_args: &net.qemu_args,
     };
     let args = qemu::arguments(&spec)?;
@@ -214,8 +281,6 @@ pub fn supervise(
             .collect::<Vec<_>>()
             .join(" ")
     ));
-    let stderr_path = vm.dir.join("qemu.log");
-    let qemu_stderr = File::create(&stderr_path).map_err(io_at(stderr_path.clone()))?;
     let supervisor_pid = nix::unistd::getpid();
     let mut cmd = Command::new(&binary);
     cmd.args(&args)
@@ -223,7 +288,7 @@ pub fn supervise(
         .current_dir(&vm.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(qemu_stderr);
+        .stderr(Stdio::from(stderr_write));
     // SAFETY: the closure runs between fork and exec and only calls
     // async-signal-safe functions (prctl, getppid, setpgid, _exit).
     unsafe {
@@ -244,8 +309,11 @@ pub fn supervise(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let spawned = cmd.spawn().map_err(RunError::Spawn);
+    // The only write ends left are QEMU's: the pumps end when QEMU does.
+    drop(cmd);
     drop(high_fds);
+    let mut child = spawned?;
     let state = RunState {
         pid: std::process::id(),
         qemu_pid: child.id(),
@@ -260,11 +328,19 @@ pub fn supervise(
         lease_file: net.lease_file.clone(),
         mac_address: Some(mac.to_string()),
     };
-    let result = run_until_exit(vm, &mut child, req, &net, state, &stderr_path, announce);
+    let pumps = [console_pump, stderr_pump];
+    let output = QemuOutput {
+        stderr_path: &stderr_path,
+        pumps: &pumps,
+    };
+    let result = run_until_exit(vm, &mut child, req, &net, state, &output, announce);
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
     }
+    // The logs are complete once QEMU's pipes are drained (bounded: a pump
+    // that never ends is left behind rather than holding up the teardown).
+    drain(&pumps);
     // The network first: run.json stays until every resource is released,
     // so `lume stop` and `ls` see the VM until then.
     drop(net);
@@ -273,19 +349,36 @@ pub fn supervise(
     result
 }
 
+/// Waits up to 2 s for the log pumps to reach the end of QEMU's output.
+fn drain(pumps: &[std::thread::JoinHandle<()>]) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while !pumps.iter().all(|p| p.is_finished()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Where QEMU's stderr ends up, and the threads that write it.
+struct QemuOutput<'a> {
+    stderr_path: &'a Path,
+    pumps: &'a [std::thread::JoinHandle<()>],
+}
+
 fn run_until_exit(
     vm: &Vm,
     child: &mut Child,
     req: &RunRequest,
     net: &attach::Attachment,
     mut state: RunState,
-    stderr_path: &std::path::Path,
+    output: &QemuOutput<'_>,
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
+    let QemuOutput { stderr_path, pumps } = *output;
     let started = Instant::now();
     const QMP_DEADLINE: Duration = Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
+            // QEMU's last words reach qemu.log once its pipe is drained.
+            drain(pumps);
             return Err(RunError::QemuExited {
                 status: status.to_string(),
                 messages: fs::read_to_string(stderr_path).unwrap_or_default(),

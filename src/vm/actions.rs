@@ -8,16 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::config::{ConfigError, KernelBoot, MacAddress, VmConfig};
+use super::caller::{Access, OpenError};
+use super::config::{ConfigError, DiskFormat, KernelBoot, MacAddress, VmConfig};
 use super::details::VmDetails;
 use super::lock::VmLock;
 use super::name::VmName;
 use super::size::format_size;
 use super::state::RunState;
-use super::store::{Store, StoreError, Vm, io_at};
+use super::store::{Store, StoreError, UnsafeDir, Vm, io_at};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
-use crate::hypervisor::supervisor::{self, RunError, RunRequest};
+use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
 use crate::network::publish::{PortMapping, check_unique};
@@ -86,6 +87,87 @@ pub enum VmError {
     },
     #[error("Nothing to change: give at least one of --cpu, --memory, --disk-size, --network")]
     NothingToSet,
+    #[error("{}", forbidden_message(path, reason))]
+    Forbidden { path: PathBuf, reason: Denied },
+    #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
+    TimeoutTooLong(u64),
+}
+
+/// Why a host path was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// The caller could not open the file itself.
+    Caller {
+        what: &'static str,
+        uid: u32,
+        access: Access,
+    },
+    /// Another user can change this storage directory.
+    Storage { who: String },
+}
+
+fn forbidden_message(path: &Path, reason: &Denied) -> String {
+    match reason {
+        Denied::Caller { what, uid, access } => format!(
+            "{what} {}: the caller (uid {uid}) lacks permission to {} it; lume opens host files with the rights of whoever asked: give that user access or name a file it can {}",
+            path.display(),
+            if *access == Access::Read {
+                "read"
+            } else {
+                "read and write"
+            },
+            if *access == Access::Read {
+                "read"
+            } else {
+                "write"
+            },
+        ),
+        Denied::Storage { who } => UnsafeDir {
+            dir: path.to_path_buf(),
+            who: who.clone(),
+        }
+        .to_string(),
+    }
+}
+
+impl From<UnsafeDir> for VmError {
+    fn from(e: UnsafeDir) -> Self {
+        Self::Forbidden {
+            path: e.dir,
+            reason: Denied::Storage { who: e.who },
+        }
+    }
+}
+
+/// The longest stop timeout either door accepts.
+pub const MAX_TIMEOUT_SECS: u64 = 3600;
+
+/// A stop timeout in seconds, checked the same way for the CLI and the API.
+pub fn stop_timeout(seconds: u64) -> Result<Duration, VmError> {
+    if seconds > MAX_TIMEOUT_SECS {
+        return Err(VmError::TimeoutTooLong(seconds));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Opens a host file named in a request with the caller's rights.
+fn open_for(
+    ctx: &Context,
+    what: &'static str,
+    path: &Path,
+    access: Access,
+) -> Result<HostFile, VmError> {
+    match ctx.caller.open(path, access) {
+        Ok(file) => Ok(HostFile::new(path, file)),
+        Err(OpenError::Forbidden { path, uid }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::Caller { what, uid, access },
+        }),
+        Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
+            Err(VmError::MissingFile { what, path })
+        }
+        Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
+    }
 }
 
 /// What `create` needs.
@@ -255,17 +337,6 @@ fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmEr
     Ok(())
 }
 
-fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf, VmError> {
-    if p.is_file() {
-        Ok(p.to_path_buf())
-    } else {
-        Err(VmError::MissingFile {
-            what,
-            path: p.to_path_buf(),
-        })
-    }
-}
-
 fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     let store = &ctx.store;
     match spec.os.to_ascii_lowercase().as_str() {
@@ -282,21 +353,17 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     if spec.kernel.is_some() && spec.image.is_some() {
         return Err(VmError::TwoBootSources);
     }
-    let kernel = spec
-        .kernel
-        .as_deref()
-        .map(|k| existing_file("Kernel", k))
-        .transpose()?;
-    let initrd = spec
-        .initrd
-        .as_deref()
-        .map(|i| existing_file("Initrd", i))
-        .transpose()?;
-    let image = spec
-        .image
-        .as_deref()
-        .map(|i| existing_file("Image", i))
-        .transpose()?;
+    store.check_private(None)?;
+    // Each file is opened once, with the caller's rights; only the
+    // descriptors are used from here on.
+    let open = |what, p: &Option<PathBuf>| {
+        p.as_deref()
+            .map(|p| open_for(ctx, what, p, Access::Read))
+            .transpose()
+    };
+    let kernel = open("Kernel", &spec.kernel)?;
+    let initrd = open("Initrd", &spec.initrd)?;
+    let image = open("Image", &spec.image)?;
     if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
         return Err(StoreError::Exists {
             name: spec.name.clone(),
@@ -310,7 +377,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
         let disk = work.join("disk.img");
         let mut disk_size = spec.disk_size;
         if let Some(image) = &image {
-            img::import(image, &disk)?;
+            img::import(&image.file, &image.path, &work, &disk)?;
             img::grow(&disk, disk_size)?;
             disk_size = fs::metadata(&disk).map_err(io_at(&disk))?.len();
         } else {
@@ -318,9 +385,9 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
         }
         let kernel_boot = match &kernel {
             Some(k) => {
-                img::copy_file(k, &work.join("vmlinuz"))?;
+                img::copy_from(&k.file, &work.join("vmlinuz"))?;
                 if let Some(i) = &initrd {
-                    img::copy_file(i, &work.join("initrd.img"))?;
+                    img::copy_from(&i.file, &work.join("initrd.img"))?;
                 }
                 Some(KernelBoot {
                     kernel: "vmlinuz".into(),
@@ -339,6 +406,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             display: spec.display.clone(),
             network_mode: spec.network.clone(),
             kernel_boot,
+            disk_format: DiskFormat::Raw,
             publish: spec.publish.clone(),
             extra: Default::default(),
         };
@@ -353,19 +421,6 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             Err(e)
         }
     }
-}
-
-fn absolute_files(what: &'static str, paths: &[PathBuf]) -> Result<Vec<PathBuf>, VmError> {
-    paths
-        .iter()
-        .map(|p| {
-            existing_file(what, p)?;
-            fs::canonicalize(p).map_err(|_| VmError::MissingFile {
-                what,
-                path: p.clone(),
-            })
-        })
-        .collect()
 }
 
 fn run_request(
@@ -389,8 +444,16 @@ fn run_request(
     }
     Ok(RunRequest {
         network,
-        mounts: absolute_files("ISO image", &spec.mounts)?,
-        disks: absolute_files("Disk", &spec.disks)?,
+        mounts: spec
+            .mounts
+            .iter()
+            .map(|p| open_for(ctx, "ISO image", p, Access::Read))
+            .collect::<Result<_, _>>()?,
+        disks: spec
+            .disks
+            .iter()
+            .map(|p| open_for(ctx, "Disk", p, Access::ReadWrite))
+            .collect::<Result<_, _>>()?,
         stop_timeout: Duration::from_secs(15),
         accel: ctx.settings.accelerator()?,
         attach: AttachOptions {
@@ -409,6 +472,7 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     let store = &ctx.store;
     let name = spec.name.clone().expect("run needs a name");
     let vm = store.open(&name)?;
+    store.check_private(Some(&vm))?;
     let cfg = vm.load_config()?;
     let req = run_request(ctx, &cfg, &spec, note)?;
     supervisor::preflight(&vm, &cfg, &req)?;
@@ -444,7 +508,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let start_log = vm
         .dir
         .join(format!(".start-{:x}.log", crate::util::random::u64()));
-    let log = fs::File::create(&start_log).map_err(io_at(&start_log))?;
+    let log = crate::hypervisor::logcap::open_log(&start_log, true).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
     let log2 = log.try_clone().map_err(io_at(&start_log))?;
     let mut cmd = Command::new(exe);
@@ -454,11 +518,15 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         .arg(store.root())
         .arg("--network")
         .arg(req.network.to_string());
+    // The files this process opened with the caller's rights reach the
+    // supervisor through this process's descriptors, which it opens at once
+    // while this process waits and holds them; the caller's paths are never
+    // resolved again.
     for m in &req.mounts {
-        cmd.arg("--mount").arg(m);
+        cmd.arg("--mount").arg(m.proc_path());
     }
     for d in &req.disks {
-        cmd.arg("--disk").arg(d);
+        cmd.arg("--disk").arg(d.proc_path());
     }
     for p in &spec.publish {
         cmd.arg("--publish").arg(p.to_string());
@@ -563,8 +631,11 @@ fn collect_after_crash(ctx: &Context, vm: &Vm) {
 }
 
 fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+    let timeout = stop_timeout(timeout.as_secs())?;
     let store = &ctx.store;
     let vm = store.open(name)?;
+    // run.json and the QMP socket are trusted only where nobody else writes.
+    store.check_private(Some(&vm))?;
     // A supervisor that holds the lock without run.json is starting (or a
     // short command holds the VM): wait until it is running or gone.
     let settle = Instant::now() + timeout.max(Duration::from_secs(5));
@@ -624,6 +695,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
     }
     check_resources(spec.cpu, spec.memory, spec.disk_size)?;
     let vm = store.open(&spec.name)?;
+    store.check_private(Some(&vm))?;
     // The disk can only change while nobody runs the VM: hold its lock.
     let _lock = match spec.disk_size {
         Some(_) => Some(
@@ -665,8 +737,10 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 7] = [
+const RUNTIME_FILES: [&str; 9] = [
     "console.log",
+    "console.log.1",
+    "qemu.log.1",
     "lume.log",
     "qemu.log",
     "run.json",
@@ -677,6 +751,7 @@ const RUNTIME_FILES: [&str; 7] = [
 
 fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmError> {
     let src = store.open(source)?;
+    store.check_private(Some(&src))?;
     let mut cfg = src.load_config()?;
     let _lock = VmLock::try_acquire(&src.lock_path())
         .map_err(io_at(&src.lock_path()))?
@@ -732,6 +807,7 @@ fn delete(
 ) -> Result<Outcome, VmError> {
     let store = &ctx.store;
     let vm = store.open(name)?;
+    store.check_private(Some(&vm))?;
     if !force && !confirmed {
         return Err(VmError::NeedsForce(name.clone()));
     }
@@ -748,4 +824,194 @@ fn delete(
         .ok_or_else(|| supervisor::held_error(&vm))?;
     store.remove(&vm)?;
     Ok(Outcome::Deleted(name.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::Caller;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn context(root: &Path, caller: Caller) -> Context {
+        Context {
+            store: Store::new(Some(root.to_path_buf())),
+            settings: Settings::default(),
+            caller,
+        }
+    }
+
+    fn spec(name: &str, kernel: &Path) -> CreateSpec {
+        CreateSpec {
+            name: VmName::parse(name).unwrap(),
+            os: "linux".into(),
+            cpu: 1,
+            memory: 128 << 20,
+            disk_size: 16 << 20,
+            display: "1024x768".into(),
+            network: NetworkMode::None,
+            mac: None,
+            kernel: Some(kernel.to_path_buf()),
+            initrd: None,
+            cmdline: None,
+            image: None,
+            publish: Vec::new(),
+        }
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_the_caller_cannot_read_is_forbidden_and_nothing_is_created() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to act for another uid");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        chmod(host.path(), 0o755);
+        let secret = host.path().join("shadow-kernel");
+        fs::write(&secret, b"root's secret").unwrap();
+        chmod(&secret, 0o600);
+        let public = host.path().join("vmlinuz");
+        fs::write(&public, b"a kernel").unwrap();
+        chmod(&public, 0o644);
+
+        let storage = tempfile::tempdir().unwrap();
+        let root = storage.path().join("vms");
+        let ctx = context(&root, Caller::from_uid(65534));
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &secret))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, reason: Denied::Caller { uid: 65534, .. } } if *path == secret),
+            "{e}"
+        );
+        assert!(e.to_string().contains("lacks permission"), "{e}");
+        let left: Vec<_> = fs::read_dir(&root)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "nothing created: {left:?}");
+
+        let out = execute(
+            &ctx,
+            Action::Create(Box::new(spec("b", &public))),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(matches!(out, Outcome::Created(_)));
+        let vm = root.join("b");
+        assert_eq!(fs::read(vm.join("vmlinuz")).unwrap(), b"a kernel");
+        assert_eq!(
+            fs::metadata(&vm).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        for f in ["vmlinuz", "disk.img", "config.json"] {
+            let mode = fs::metadata(vm.join(f)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn root_refuses_storage_that_another_user_can_change() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        let kernel = host.path().join("vmlinuz");
+        fs::write(&kernel, b"k").unwrap();
+        // Group-writable storage root.
+        let root = host.path().join("shared");
+        fs::create_dir(&root).unwrap();
+        chmod(&root, 0o775);
+        nix::unistd::chown(&root, None, Some(nix::unistd::Gid::from_raw(100))).unwrap();
+        let ctx = context(&root, Caller::current());
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, reason: Denied::Storage { .. } } if *path == root),
+            "{e}"
+        );
+        assert!(e.to_string().contains("group 100"), "{e}");
+        // Owned by another user, below a directory that user can write.
+        let theirs = host.path().join("theirs");
+        fs::create_dir(&theirs).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let ctx = context(&theirs.join("vms"), Caller::current());
+        let e = execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, .. } if *path == theirs),
+            "{e}"
+        );
+        assert!(e.to_string().contains("user 65534"), "{e}");
+        // A private root below /tmp (sticky, root's) is fine.
+        let ok = host.path().join("ok");
+        let ctx = context(&ok, Caller::current());
+        execute(
+            &ctx,
+            Action::Create(Box::new(spec("a", &kernel))),
+            &mut |_| {},
+        )
+        .unwrap();
+        // So is a root-owned symlink to it.
+        let link = host.path().join("link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        let ctx = context(&link, Caller::current());
+        let create_b = Action::Create(Box::new(spec("b", &kernel)));
+        execute(&ctx, create_b, &mut |_| {}).unwrap();
+        // A VM directory someone else's group can write is refused.
+        chmod(&ok.join("b"), 0o770);
+        nix::unistd::chown(&ok.join("b"), None, Some(nix::unistd::Gid::from_raw(100))).unwrap();
+        let set = SetSpec {
+            name: VmName::parse("b").unwrap(),
+            cpu: Some(1),
+            memory: None,
+            disk_size: None,
+            network: None,
+        };
+        let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
+    }
+
+    #[test]
+    fn stop_timeouts_are_capped_without_overflow() {
+        assert!(matches!(
+            stop_timeout(u64::MAX),
+            Err(VmError::TimeoutTooLong(u64::MAX))
+        ));
+        assert_eq!(stop_timeout(3600).unwrap(), Duration::from_secs(3600));
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path(), Caller::current());
+        let name = VmName::parse("x").unwrap();
+        let e = execute(
+            &ctx,
+            Action::Stop {
+                name,
+                timeout: Duration::from_secs(u64::MAX),
+            },
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("at most 3600"), "{e}");
+    }
+
+    #[test]
+    fn relative_storage_becomes_absolute() {
+        let s = Store::new(Some(PathBuf::from("rel/vms")));
+        assert!(s.root().is_absolute());
+        assert!(s.root().ends_with("rel/vms"));
+    }
 }

@@ -3,7 +3,38 @@
 //! request (kernels, images, ISOs, disks, storage) are used with the caller's
 //! rights, never with lume's own.
 
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
 use nix::unistd::{Gid, Group, Uid, User};
+
+/// How a host file named by the caller is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read only: kernels, initrds, images, ISOs.
+    Read,
+    /// Read and write: extra disks. A root caller may also name a block device.
+    ReadWrite,
+}
+
+/// Why a host file could not be opened for the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: permission denied for uid {uid}")]
+    Forbidden { path: PathBuf, uid: u32 },
+    #[error("{path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("{path} is not a regular file")]
+    NotRegular { path: PathBuf },
+    #[error("Cannot open {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// A uid with its primary and supplementary groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +88,105 @@ impl Caller {
     }
 }
 
+impl Caller {
+    /// Opens `path` with the caller's rights, as the caller could open it
+    /// itself: a thread that takes the caller's filesystem identity (groups,
+    /// fsgid, fsuid) opens the file and ends. From then on the descriptor is
+    /// used, never the path. Only regular files are accepted, and block
+    /// devices for [`Access::ReadWrite`] when the caller is root.
+    pub fn open(&self, path: &Path, access: Access) -> Result<File, OpenError> {
+        let caller = self.clone();
+        let owned = path.to_path_buf();
+        let opened = std::thread::scope(|s| {
+            s.spawn(move || caller.open_here(&owned, access))
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the opening thread panicked")))
+        });
+        let file = opened.map_err(|source| match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => OpenError::Forbidden {
+                path: path.to_path_buf(),
+                uid: self.uid,
+            },
+            Some(libc::ENOENT | libc::ENOTDIR) => OpenError::Missing {
+                path: path.to_path_buf(),
+            },
+            _ => OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+        let io_at = |source| OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let kind = file.metadata().map_err(io_at)?.file_type();
+        let device_ok = access == Access::ReadWrite && self.is_root() && kind.is_block_device();
+        if !kind.is_file() && !device_ok {
+            return Err(OpenError::NotRegular {
+                path: path.to_path_buf(),
+            });
+        }
+        // Opened non-blocking so that a FIFO could not stall us; back to blocking.
+        nix::fcntl::fcntl(
+            &file,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .map_err(|e| io_at(e.into()))?;
+        Ok(file)
+    }
+
+    /// Runs on a thread of its own: changes this thread's filesystem
+    /// identity to the caller's (raw syscalls, which act on the calling
+    /// thread only, unlike glibc's wrappers that change every thread), then
+    /// opens the file.
+    fn open_here(&self, path: &Path, access: Access) -> io::Result<File> {
+        if nix::unistd::geteuid().as_raw() != self.uid {
+            self.become_on_this_thread()?;
+        }
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true)
+            .write(access == Access::ReadWrite)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
+        o.open(path)
+    }
+
+    fn become_on_this_thread(&self) -> io::Result<()> {
+        let groups: Vec<libc::gid_t> = self.groups.clone();
+        // SAFETY: raw setgroups(2) with a pointer/length pair describing a
+        // live Vec; it changes the calling thread's credentials only.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_setgroups,
+                groups.len() as libc::size_t,
+                groups.as_ptr(),
+            )
+        };
+        if rc != 0 && nix::unistd::geteuid().is_root() {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw setfsgid/setfsuid take plain integers and change the
+        // calling thread's filesystem ids only; they return the previous id.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, self.gid);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+        }
+        // Both calls report the id in force only by being asked again (an
+        // invalid id changes nothing and returns the current one).
+        // SAFETY: as above; u32::MAX is never a valid id, so nothing changes.
+        let (fsuid, fsgid) = unsafe {
+            (
+                libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+                libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+            )
+        };
+        if fsuid != self.uid || fsgid != self.gid {
+            // Without the right to take the caller's identity, nothing is opened.
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +198,56 @@ mod tests {
         assert!(!nobody.is_root());
         assert!(!nobody.in_group("root"));
         assert!(Caller::from_uid(0).in_group("root"));
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn opens_with_the_callers_rights_only() {
+        if !is_root() {
+            eprintln!("skipped: needs root to act as another uid");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let private = dir.path().join("private");
+        let public = dir.path().join("public");
+        std::fs::write(&private, b"x").unwrap();
+        std::fs::write(&public, b"x").unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let nobody = Caller::from_uid(65534);
+        assert!(matches!(
+            nobody.open(&private, Access::Read),
+            Err(OpenError::Forbidden { uid: 65534, .. })
+        ));
+        nobody.open(&public, Access::Read).unwrap();
+        assert!(matches!(
+            nobody.open(&public, Access::ReadWrite),
+            Err(OpenError::Forbidden { .. })
+        ));
+        // This thread kept its own identity: root still opens the private file.
+        Caller::from_uid(0)
+            .open(&private, Access::ReadWrite)
+            .unwrap();
+        assert!(matches!(
+            Caller::from_uid(0).open(dir.path(), Access::Read),
+            Err(OpenError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            nobody.open(&dir.path().join("none"), Access::Read),
+            Err(OpenError::Missing { .. })
+        ));
+        // A block device only for a root caller's read-write disk.
+        let dev = std::path::Path::new("/dev/loop0");
+        if dev.exists() {
+            assert!(matches!(
+                Caller::from_uid(0).open(dev, Access::Read),
+                Err(OpenError::NotRegular { .. })
+            ));
+        }
     }
 }

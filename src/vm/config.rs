@@ -10,7 +10,6 @@ use serde_json::{Map, Value};
 
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
-use crate::util::atomic::write_atomic;
 
 /// Why a config file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +27,14 @@ pub enum ConfigError {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
+    },
+    #[error(
+        "Config file {path} names {value:?} as kernelBoot.{field}: only a file name inside the VM directory is allowed (no '/', no '..'); fix the file or recreate the VM"
+    )]
+    UnsafeFileName {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
     },
     #[error("Cannot write {path}")]
     Write {
@@ -124,6 +131,15 @@ pub struct KernelBoot {
     pub cmdline: String,
 }
 
+/// The format of a VM's main disk. Only raw is stored: imports are
+/// converted, and QEMU is always told the format instead of probing it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+}
+
 pub const DEFAULT_CPU: u32 = 2;
 pub const DEFAULT_MEMORY: u64 = 2 << 30;
 pub const DEFAULT_DISK: u64 = 20 << 30;
@@ -166,6 +182,9 @@ pub struct VmConfig {
     pub network_mode: NetworkMode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel_boot: Option<KernelBoot>,
+    /// Configs written before lume recorded it load as raw.
+    #[serde(default)]
+    pub disk_format: DiskFormat,
     /// Ports published at every start (`--publish` on create).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortMapping>,
@@ -181,26 +200,80 @@ impl VmConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+        let cfg: Self = serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+        cfg.check_file_names(path)?;
+        Ok(cfg)
     }
 
-    /// Writes the config atomically to `path`.
+    /// Direct-boot files are plain names inside the VM directory: a path
+    /// written into config.json must never make QEMU read a host file.
+    fn check_file_names(&self, path: &Path) -> Result<(), ConfigError> {
+        let Some(k) = &self.kernel_boot else {
+            return Ok(());
+        };
+        let names = [("kernel", Some(&k.kernel)), ("initrd", k.initrd.as_ref())];
+        for (field, value) in names {
+            if let Some(v) = value.filter(|v| !is_plain_file_name(v)) {
+                return Err(ConfigError::UnsafeFileName {
+                    path: path.to_path_buf(),
+                    field,
+                    value: v.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the config atomically (and privately, 0600) to `path`.
     pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         let mut text = serde_json::to_vec_pretty(self).expect("config serialises");
         text.push(b'\n');
-        write_atomic(path, &text).map_err(|source| ConfigError::Write {
+        crate::util::atomic::write_private(path, &text).map_err(|source| ConfigError::Write {
             path: path.to_path_buf(),
             source,
         })
     }
 }
 
+/// A name without '/' that is not empty, `.` or `..`.
+pub fn is_plain_file_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_paths_in_config_json_are_refused_and_disk_format_defaults_to_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        for bad in ["/etc/shadow", "../other/vmlinuz", "..", ""] {
+            let text = serde_json::json!({"kernelBoot": {"kernel": "vmlinuz", "initrd": bad}});
+            std::fs::write(&p, text.to_string()).unwrap();
+            let e = VmConfig::load(&p).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::UnsafeFileName {
+                        field: "initrd",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+            let text = serde_json::json!({"kernelBoot": {"kernel": bad}});
+            std::fs::write(&p, text.to_string()).unwrap();
+            assert!(VmConfig::load(&p).is_err(), "{bad}");
+        }
+        std::fs::write(&p, r#"{"kernelBoot":{"kernel":"vmlinuz"}}"#).unwrap();
+        let c = VmConfig::load(&p).unwrap();
+        assert_eq!(c.disk_format, DiskFormat::Raw);
+        assert_eq!(serde_json::to_value(&c).unwrap()["diskFormat"], "raw");
+    }
 
     #[test]
     fn loads_a_config_written_by_lume_as_nat_and_keeps_unknown_keys() {
@@ -235,6 +308,7 @@ mod tests {
                 initrd: Some("initrd.img".into()),
                 cmdline: "console=ttyS0".into(),
             }),
+            disk_format: DiskFormat::Raw,
             publish: vec!["127.0.0.1:2222:22".parse().unwrap()],
             extra: Map::new(),
         };

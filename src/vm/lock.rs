@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use nix::errno::Errno;
@@ -27,12 +28,15 @@ fn whole_file_lock(kind: libc::c_int) -> libc::flock {
     fl
 }
 
+/// Lock files are private (0600) and never a planted symlink.
 fn open(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
 }
 
@@ -64,7 +68,11 @@ impl VmLock {
 
     /// Whether some process holds the lock, without taking it.
     pub fn is_held(path: &Path) -> io::Result<bool> {
-        let file = match File::open(path) {
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open(path);
+        let file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
@@ -90,5 +98,22 @@ mod tests {
         drop(l);
         assert!(!VmLock::is_held(&p).unwrap());
         assert!(VmLock::try_acquire(&p).unwrap().is_some());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("victim");
+        let p = dir.path().join(".lock");
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        let e = VmLock::try_acquire(&p).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        assert!(!target.exists(), "nothing created through the link");
+        assert!(VmLock::is_held(&p).is_err());
     }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::hypervisor::accel::Accel;
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
-use crate::util::atomic::write_atomic;
+use crate::util::atomic::write_private;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -59,7 +59,7 @@ impl RunState {
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        write_atomic(
+        write_private(
             path,
             &serde_json::to_vec_pretty(self).expect("state serialises"),
         )

@@ -13,11 +13,21 @@
 //! ```
 //! A VM being created or deleted lives under a hidden name
 //! (`.creating-…`, `.deleting-…`) and appears or disappears with one rename.
+//!
+//! VM directories are 0700 and their files 0600. Directories written by
+//! earlier releases (0755/0644) are tightened by the first command that opens
+//! them. Root refuses a storage location that another user can change
+//! ([`Store::check_private`]).
 
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use super::config::{ConfigError, VmConfig};
 use super::lock::VmLock;
@@ -43,6 +53,66 @@ pub enum StoreError {
     Busy(VmName),
 }
 
+/// A directory that a user other than root could change: root keeps no VM
+/// files there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Storage directory {dir} can be changed by {who}, and lume running as root does not use files another user can change: make it root's alone (chown root:root {dir}; chmod go-w {dir}) or choose another --storage"
+)]
+pub struct UnsafeDir {
+    pub dir: PathBuf,
+    /// Who can change it (`user 1000`, `group 100`, `every user`).
+    pub who: String,
+}
+
+/// Mode of VM directories and the storage root.
+pub const PRIVATE_DIR: u32 = 0o700;
+
+/// `dir` and its parents, each allowed to be changed by root (and `euid`)
+/// only, or to be a sticky root-owned directory. `lexical` skips symlinks
+/// (their directory is checked, their target is checked resolved).
+fn check_ancestors(
+    mut dir: Option<&Path>,
+    euid: u32,
+    lexical: bool,
+) -> Result<(), (PathBuf, String)> {
+    while let Some(d) = dir {
+        let meta = if lexical {
+            fs::symlink_metadata(d)
+        } else {
+            fs::metadata(d)
+        };
+        if let Ok(m) = meta
+            && !m.file_type().is_symlink()
+            && let Some(who) = writable_by_others(&m, euid, true)
+        {
+            return Err((d.to_path_buf(), who));
+        }
+        dir = d.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    Ok(())
+}
+
+/// Who besides root (and `euid`) can change directory `meta`, if anyone.
+/// A sticky directory owned by root (such as /tmp) only lets others add
+/// entries of their own, which is allowed when `sticky_ok` (ancestors).
+fn writable_by_others(meta: &fs::Metadata, euid: u32, sticky_ok: bool) -> Option<String> {
+    let mode = meta.mode();
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Some(format!("user {} (its owner)", meta.uid()));
+    }
+    if sticky_ok && mode & 0o1000 != 0 && meta.uid() == 0 {
+        return None;
+    }
+    if mode & 0o002 != 0 {
+        return Some("every user".into());
+    }
+    if mode & 0o020 != 0 && meta.gid() != 0 {
+        return Some(format!("group {}", meta.gid()));
+    }
+    None
+}
+
 pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -66,22 +136,79 @@ pub struct Vm {
 }
 
 impl Store {
-    /// The root given with `--storage`, else `~/.lume`.
+    /// The root given with `--storage`, else `~/.lume`; made absolute, so
+    /// that a relative path means the same in a supervisor and in QEMU.
     pub fn new(explicit: Option<PathBuf>) -> Self {
         match explicit {
             Some(root) => Self {
-                root,
+                root: absolute(root),
                 default: false,
             },
             None => Self {
-                root: default_root(),
+                root: absolute(default_root()),
                 default: true,
             },
         }
     }
 
+    /// As root, refuses a storage root, VM directory or ancestor that
+    /// another user could change (and with it swap a VM's files for links
+    /// to host files). Other users act with their own rights anyway.
+    pub fn check_private(&self, vm: Option<&Vm>) -> Result<(), UnsafeDir> {
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 {
+            return Ok(());
+        }
+        let unsafe_dir = |dir: &Path, who| UnsafeDir {
+            dir: dir.to_path_buf(),
+            who,
+        };
+        // The VM directory is lume's own: a real directory, root's alone.
+        if let Some(vm) = vm
+            && let Ok(m) = fs::symlink_metadata(&vm.dir)
+        {
+            if m.file_type().is_symlink() {
+                return Err(unsafe_dir(&vm.dir, "whoever made it a symlink".into()));
+            }
+            if let Some(who) = writable_by_others(&m, euid, false) {
+                return Err(unsafe_dir(&vm.dir, who));
+            }
+        }
+        // The storage root (as the kernel resolves it) is root's alone.
+        if let Ok(real) = fs::canonicalize(&self.root) {
+            if let Ok(m) = fs::metadata(&real)
+                && let Some(who) = writable_by_others(&m, euid, false)
+            {
+                return Err(unsafe_dir(&self.root, who));
+            }
+            check_ancestors(real.parent(), euid, false).map_err(|(d, who)| unsafe_dir(&d, who))?;
+        }
+        // Every directory on the way there, as written and as resolved (the
+        // root may not exist yet: its nearest existing ancestor counts).
+        check_ancestors(self.root.parent(), euid, true).map_err(|(d, who)| unsafe_dir(&d, who))?;
+        let mut probe = self.root.clone();
+        while probe.pop() {
+            if let Ok(real) = fs::canonicalize(&probe) {
+                check_ancestors(Some(&real), euid, false)
+                    .map_err(|(d, who)| unsafe_dir(&d, who))?;
+                break;
+            }
+        }
+        Ok(())
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Migrates a VM directory of an earlier release, but never one that
+    /// another user could have prepared (its files could be links to host
+    /// files): commands refuse those with [`Store::check_private`].
+    fn migrate(&self, vm: &Vm) {
+        let done = fs::symlink_metadata(&vm.dir).is_ok_and(|m| m.mode() & 0o077 == 0);
+        if !done && self.check_private(Some(vm)).is_ok() {
+            vm.migrate_private();
+        }
     }
 
     /// `default` for `~/.lume`, else the path.
@@ -105,6 +232,7 @@ impl Store {
     pub fn open(&self, name: &VmName) -> Result<Vm, StoreError> {
         let vm = self.vm(name);
         if vm.config_path().exists() {
+            self.migrate(&vm);
             Ok(vm)
         } else {
             Err(StoreError::NotFound {
@@ -130,35 +258,50 @@ impl Store {
                 vm.config_path().exists().then_some(vm)
             })
             .collect();
+        vms.iter().for_each(|vm| self.migrate(vm));
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
     }
 
     /// A fresh hidden work directory for building `name` (`.creating-…`).
     pub fn work_dir(&self, purpose: &str, name: &VmName) -> Result<PathBuf, StoreError> {
-        fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIR)
+            .create(&self.root)
+            .map_err(io_at(&self.root))?;
         self.collect_stale_work_dirs();
         let dir = self.root.join(format!(
             ".{purpose}-{name}-{}-{:x}",
             std::process::id(),
             crate::util::random::u64()
         ));
-        fs::create_dir(&dir).map_err(io_at(&dir))?;
+        fs::DirBuilder::new()
+            .mode(PRIVATE_DIR)
+            .create(&dir)
+            .map_err(io_at(&dir))?;
         Ok(dir)
     }
 
     /// Moves a finished work directory into place as `name`; refuses to
     /// replace an existing VM (renameat2 RENAME_NOREPLACE).
+    /// The work directory is fsynced before the rename and the storage root
+    /// after it, so a VM that appeared survives a crash whole.
     pub fn publish(&self, work: &Path, name: &VmName) -> Result<Vm, StoreError> {
         let vm = self.vm(name);
-        match nix::fcntl::renameat2(
+        sync_dir(work).map_err(io_at(work))?;
+        let renamed = nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             work,
             nix::fcntl::AT_FDCWD,
             &vm.dir,
             nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        ) {
-            Ok(()) => Ok(vm),
+        );
+        match renamed {
+            Ok(()) => {
+                sync_dir(&self.root).map_err(io_at(&self.root))?;
+                Ok(vm)
+            }
             Err(nix::errno::Errno::EEXIST | nix::errno::Errno::ENOTEMPTY) => {
                 Err(StoreError::Exists {
                     name: name.clone(),
@@ -178,6 +321,7 @@ impl Store {
             crate::util::random::u64()
         ));
         fs::rename(&vm.dir, &grave).map_err(io_at(&vm.dir))?;
+        sync_dir(&self.root).map_err(io_at(&self.root))?;
         fs::remove_dir_all(&grave).map_err(io_at(&grave))
     }
 
@@ -201,6 +345,15 @@ impl Store {
             }
         }
     }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// `p` against the current directory when relative.
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
 }
 
 fn default_root() -> PathBuf {
@@ -259,6 +412,64 @@ impl Vm {
         let out = f(&mut cfg)?;
         cfg.save(&self.config_path())?;
         Ok(out)
+    }
+
+    /// Tightens a VM directory written by an earlier release (0755, files
+    /// 0644, no `diskFormat`) to 0700/0600, in place and without following
+    /// any link: config.json is rewritten atomically, other files are
+    /// chmod-ed through descriptors opened with O_NOFOLLOW. Only the owner's
+    /// files are touched; anything that fails is left for the next command.
+    pub fn migrate_private(&self) {
+        let Ok(dir) = nix::fcntl::open(
+            &self.dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return;
+        };
+        let dir = fs::File::from(dir);
+        let Ok(meta) = dir.metadata() else { return };
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != euid || meta.mode() & 0o077 == 0 {
+            return;
+        }
+        let listing = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&dir));
+        let Ok(entries) = fs::read_dir(&listing) else {
+            return;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            if name == "config.json" {
+                continue;
+            }
+            let Ok(fd) = nix::fcntl::openat(
+                dir.as_fd(),
+                name.as_os_str(),
+                OFlag::O_RDONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_NONBLOCK
+                    | OFlag::O_NOCTTY
+                    | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) else {
+                continue; // a symlink, a socket, …: not ours to change
+            };
+            let f = fs::File::from(fd);
+            if let Ok(m) = f.metadata()
+                && m.uid() == euid
+                && (m.is_file() || m.is_dir())
+                && m.mode() & 0o077 != 0
+            {
+                let mode = if m.is_dir() { PRIVATE_DIR } else { 0o600 };
+                let _ = nix::sys::stat::fchmod(f.as_fd(), Mode::from_bits_truncate(mode));
+            }
+        }
+        // config.json: a new private file replaces the old one (and records
+        // the disk format the old release did not write).
+        if self.update_config(|_| Ok::<(), StoreError>(())).is_err() {
+            return;
+        }
+        let _ = nix::sys::stat::fchmod(dir.as_fd(), Mode::from_bits_truncate(PRIVATE_DIR));
     }
 
     /// The run state if a supervisor holds the VM and has published it.

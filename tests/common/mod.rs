@@ -313,6 +313,49 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Writes a VM directory exactly as the previous release did: 0755
+/// directories, 0644 files, a config.json without `diskFormat`, the lock
+/// files and logs of an earlier run.
+pub fn write_previous_release_vm(
+    home: &Home,
+    name: &str,
+    kernel: &[u8],
+    initrd: &[u8],
+    cmdline: &str,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = home.vm_dir(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(home.storage(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = serde_json::json!({
+        "os": "linux",
+        "cpuCount": 1,
+        "memorySize": 192u64 << 20,
+        "diskSize": 16u64 << 20,
+        "macAddress": "52:54:00:12:34:56",
+        "display": "1024x768",
+        "networkMode": "none",
+        "kernelBoot": {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": cmdline},
+    });
+    let files: [(&str, Vec<u8>); 7] = [
+        ("config.json", serde_json::to_vec_pretty(&cfg).unwrap()),
+        ("vmlinuz", kernel.to_vec()),
+        ("initrd.img", initrd.to_vec()),
+        ("console.log", b"old console\n".to_vec()),
+        ("lume.log", b"old log\n".to_vec()),
+        (".lock", Vec::new()),
+        (".cfg.lock", Vec::new()),
+    ];
+    for (f, data) in files {
+        std::fs::write(dir.join(f), data).unwrap();
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let disk = std::fs::File::create(dir.join("disk.img")).unwrap();
+    disk.set_len(16 << 20).unwrap();
+    std::fs::set_permissions(dir.join("disk.img"), std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
 /// Polls `f` until it returns Some, or panics after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
