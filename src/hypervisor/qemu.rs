@@ -172,6 +172,7 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
             }),
             publish: Vec::new(),
+            unsafe_host_loopback: false,
             extra: Default::default(),
         };
         let spec = LaunchSpec {

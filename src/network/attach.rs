@@ -52,6 +52,8 @@ pub enum AttachError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Passt(#[from] super::passt::PasstError),
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -111,6 +113,8 @@ struct HostSide {
     snooper: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
     healer: Option<super::heal::Healer>,
+    /// User mode's passt and its relay.
+    passt: Option<super::passt::Passt>,
     teardown: Teardown,
 }
 
@@ -123,6 +127,7 @@ impl Drop for HostSide {
         // Stop watching before leaving, so the watcher never "repairs" a
         // network that is being taken down on purpose.
         drop(self.healer.take());
+        drop(self.passt.take());
         match std::mem::take(&mut self.teardown) {
             Teardown::Nothing => {}
             Teardown::Shared { networks, kind, id } => {
@@ -149,6 +154,9 @@ pub struct AttachOptions {
     pub settings: crate::settings::Settings,
     /// The VM's name and directory, to check its published ports early.
     pub vm: Option<(String, PathBuf)>,
+    /// User mode only: let the guest reach the host's loopback through its
+    /// gateway (config.json `unsafeHostLoopback`). Unsafe for untrusted guests.
+    pub host_loopback: bool,
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -194,7 +202,10 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
                 nets.check_ports(&super::shared::member_id(vm, vm_dir), &opts.publish)?;
             }
         }
-        NetworkMode::User | NetworkMode::None => {}
+        NetworkMode::User => {
+            super::passt::find_passt()?;
+        }
+        NetworkMode::None => {}
     }
     Ok(())
 }
@@ -234,14 +245,31 @@ pub fn attach(
                 Some(s) => s.parse()?,
                 None => UserNet::default(),
             };
+            let (passt, fd) =
+                super::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
+            let note = opts.host_loopback.then(|| {
+                format!(
+                    "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
+                    net.gateway()
+                )
+            });
             Ok(Attachment {
                 qemu_args: vec![
                     "-netdev".into(),
-                    net.netdev("net0", &opts.publish),
+                    UserNet::netdev("net0", 3),
                     "-device".into(),
                     virtio_device("net0", mac),
                 ],
+                fds: vec![fd],
                 ip_address: Some(net.guest_address().to_string()),
+                note,
+                guard: HostSide {
+                    stop: Arc::default(),
+                    snooper: None,
+                    healer: None,
+                    passt: Some(passt),
+                    teardown: Teardown::Nothing,
+                },
                 ..Default::default()
             })
         }
@@ -268,6 +296,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: Some(super::heal::Healer::start(networks.clone())),
+                    passt: None,
                     teardown: Teardown::Shared {
                         networks,
                         kind,

@@ -10,6 +10,7 @@ pub mod heal;
 pub mod interfaces;
 pub mod mode;
 pub mod netlink;
+pub mod passt;
 pub mod privilege;
 pub mod publish;
 pub mod shared;

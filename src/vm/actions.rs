@@ -340,6 +340,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             network_mode: spec.network.clone(),
             kernel_boot,
             publish: spec.publish.clone(),
+            unsafe_host_loopback: false,
             extra: Default::default(),
         };
         cfg.save(&work.join("config.json"))?;
@@ -396,6 +397,7 @@ fn run_request(
         attach: AttachOptions {
             user_net: ctx.settings.get_str("userSubnet")?,
             publish,
+            host_loopback: cfg.unsafe_host_loopback,
             settings: ctx.settings.clone(),
             vm: spec
                 .name
