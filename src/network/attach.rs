@@ -38,6 +38,10 @@ pub enum AttachError {
         "Interface '{0}' is lume's own {1} bridge: use --network {1} instead of bridging onto it"
     )]
     OwnBridge(String, &'static str),
+    #[error(
+        "Cannot publish {0} in network mode '{1}': a NAT port is forwarded from the host's own addresses, never from loopback; use a host address ({2}) or --network user, whose ports can listen on 127.0.0.1"
+    )]
+    LoopbackPublish(PortMapping, NetworkMode, String),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
@@ -180,12 +184,35 @@ fn bridged_interface(
     Ok(iface)
 }
 
-/// Checks, before anything is created, that `mode` can start here.
-pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachError> {
-    if !opts.publish.is_empty() && !mode.supports_publish() {
+/// Checks published ports against a mode: publishing supported, host ports
+/// unique, and no loopback address for NAT (its ports are DNAT rules, which
+/// must never lead into the host's loopback).
+pub fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), AttachError> {
+    if !publish.is_empty() && !mode.supports_publish() {
         return Err(AttachError::PublishNotSupported(mode.clone()));
     }
-    check_unique(&opts.publish)?;
+    check_unique(publish)?;
+    if *mode != NetworkMode::User
+        && let Some(p) = publish
+            .iter()
+            .find(|p| p.host_ip.is_some_and(|ip| ip.is_loopback()))
+    {
+        let example = PortMapping {
+            host_ip: None,
+            ..*p
+        };
+        return Err(AttachError::LoopbackPublish(
+            *p,
+            mode.clone(),
+            format!("for example --publish {example}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks, before anything is created, that `mode` can start here.
+pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachError> {
+    check_publish(mode, &opts.publish)?;
     if let Some(s) = &opts.user_net {
         s.parse::<UserNet>()?;
     }
@@ -393,5 +420,41 @@ pub fn collect_stale(
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ports(list: &[&str]) -> Vec<PortMapping> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn nat_refuses_loopback_publish_and_user_allows_it() {
+        let lo = ports(&["127.0.0.1:8080:80"]);
+        let e = check_publish(&NetworkMode::Nat, &lo).unwrap_err();
+        assert!(matches!(e, AttachError::LoopbackPublish(..)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("Cannot publish 127.0.0.1:8080:80/tcp in network mode 'nat'")
+                && text.contains("--network user")
+                && text.contains("--publish 8080:80/tcp"),
+            "{text}"
+        );
+        assert!(check_publish(&NetworkMode::Nat, &ports(&["127.5.5.5:1:2"])).is_err());
+        assert!(check_publish(&NetworkMode::User, &lo).is_ok());
+        assert!(
+            check_publish(
+                &NetworkMode::Nat,
+                &ports(&["198.51.100.2:8080:80", "81:81"])
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            check_publish(&NetworkMode::Host, &lo),
+            Err(AttachError::PublishNotSupported(_))
+        ));
     }
 }

@@ -20,7 +20,7 @@ use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, RunError, RunRequest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
-use crate::network::publish::{PortMapping, check_unique};
+use crate::network::publish::PortMapping;
 use crate::settings::{Settings, SettingsError};
 
 /// Errors of the lifecycle actions.
@@ -248,11 +248,7 @@ fn check_resources(
 
 /// Published ports need a mode that can publish, and distinct host ports.
 fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmError> {
-    if !publish.is_empty() && !mode.supports_publish() {
-        return Err(AttachError::PublishNotSupported(mode.clone()).into());
-    }
-    check_unique(publish).map_err(AttachError::from)?;
-    Ok(())
+    Ok(crate::network::attach::check_publish(mode, publish)?)
 }
 
 fn existing_file(what: &'static str, p: &Path) -> Result<PathBuf, VmError> {
