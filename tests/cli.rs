@@ -569,3 +569,35 @@ fn delete_asks_on_a_terminal() {
     assert!(out.contains("VM 't' deleted"), "{out}");
     assert!(!home.vm_dir("t").exists());
 }
+
+#[test]
+fn host_loopback_is_an_explicit_per_vm_opt_in() {
+    let home = Home::new();
+    create_small(&home, "u", &[]);
+    let cfg = || std::fs::read_to_string(home.vm_dir("u").join("config.json")).unwrap();
+    assert!(!cfg().contains("unsafeHostLoopback"), "off by default");
+    home.ok(&["set", "u", "--unsafe-host-loopback", "true", "--cpu", "2"]);
+    let v: serde_json::Value = serde_json::from_str(&cfg()).unwrap();
+    assert_eq!(v["unsafeHostLoopback"], true);
+    assert_eq!(v["cpuCount"], 2);
+    home.ok(&["set", "u", "--unsafe-host-loopback", "false"]);
+    assert!(!cfg().contains("unsafeHostLoopback"));
+    // A NAT port on loopback is refused at create and when switching to nat.
+    let err = home.fails(&[
+        "create",
+        "n",
+        "--disk-size",
+        "8MB",
+        "--network",
+        "nat",
+        "--publish",
+        "127.0.0.1:8080:80",
+    ]);
+    assert!(
+        err.contains("Cannot publish 127.0.0.1:8080:80/tcp in network mode 'nat'"),
+        "{err}"
+    );
+    create_small(&home, "p", &["--publish", "127.0.0.1:2222:22"]);
+    let err = home.fails(&["set", "p", "--network", "nat"]);
+    assert!(err.contains("--network user"), "{err}");
+}

@@ -145,6 +145,10 @@ pub enum Action {
     Get { name: VmName },
     /// Change settings from the next start.
     Set(SetSpec),
+    /// User mode: whether the guest may reach the host's loopback through its
+    /// gateway (config.json `unsafeHostLoopback`), from the next start.
+    /// Unsafe for untrusted guests.
+    SetHostLoopback { name: VmName, allow: bool },
     /// Copy a stopped VM under a new name with a new MAC address.
     Clone { source: VmName, target: VmName },
     /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
@@ -215,6 +219,14 @@ pub fn execute(
             Ok(Outcome::Details(VmDetails::read(store, &vm)))
         }
         Action::Set(spec) => set(store, spec),
+        Action::SetHostLoopback { name, allow } => {
+            let vm = store.open(&name)?;
+            vm.update_config(|cfg| -> Result<(), VmError> {
+                cfg.unsafe_host_loopback = allow;
+                Ok(())
+            })?;
+            Ok(Outcome::Updated(VmDetails::read(store, &vm)))
+        }
         Action::Clone { source, target } => clone(store, &source, &target),
         Action::Delete {
             name,
