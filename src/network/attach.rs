@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::NetworkMode;
-use super::dhcp_snoop::DhcpSnooper;
+use super::dhcp_snoop::{DhcpSnooper, Exchange, Watched};
 use super::interfaces::{self, BridgeError, HostInterface, InterfaceType};
 use super::netlink::{Netlink, NetlinkError};
 use super::privilege::has_net_admin;
@@ -341,13 +341,13 @@ pub fn attach(
                 parent: Some(iface.name.clone()),
                 ..Default::default()
             };
-            let snoop_on = if iface.kind == InterfaceType::Bridge {
+            let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
                 let tap = Tap::create(&device_name("lt"))?;
                 nl.set_master(&tap.name, &iface.name)?;
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
                 a.fds.push(tap.fd);
-                tap.name
+                (tap.name, Watched::Tap)
             } else {
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
@@ -364,16 +364,16 @@ pub fn attach(
                     "macvtap on {}: the guest cannot reach this host through {} (a macvtap limit); other LAN hosts can reach it",
                     iface.name, iface.name
                 ));
-                iface.name.clone()
+                (iface.name.clone(), Watched::MacvtapParent)
             };
-            start_snooper(&mut a, &snoop_on, mac);
+            start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
     }
 }
 
 /// Watches the DHCP exchange on `ifname` for the guest's ACK.
-fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
+fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAddress) {
     let learned = Arc::new(Mutex::new(None));
     let stop = a.guard.stop.clone();
     let out = learned.clone();
@@ -383,8 +383,9 @@ fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
         let Ok(mut snooper) = DhcpSnooper::open(&ifname) else {
             return;
         };
+        let mut exchange = Exchange::new(mac.0, watched);
         while !stop.load(Ordering::SeqCst) {
-            if let Ok(Some(ack)) = snooper.next_ack(mac.0, Duration::from_millis(300)) {
+            if let Ok(Some(ack)) = snooper.next_ack(&mut exchange, Duration::from_millis(300)) {
                 *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack.address);
             }
         }

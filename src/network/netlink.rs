@@ -958,6 +958,51 @@ impl Netlink {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The parsers of what the kernel sends never panic, whatever the bytes.
+        #[test]
+        fn message_parsers_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            ty in proptest::num::u16::ANY,
+            flags in proptest::num::u16::ANY,
+        ) {
+            if let Ok(msgs) = split_messages(&bytes) {
+                for m in msgs {
+                    let _ = parse_status(m.ty, m.flags, m.payload);
+                    let _ = parse_link(m.payload);
+                    let _ = parse_addr_v4(m.payload);
+                    let _ = parse_route_v4(m.payload);
+                }
+            }
+            let _ = parse_status(ty, flags, &bytes);
+            let _ = parse_link(&bytes);
+            let _ = parse_addr_v4(&bytes);
+            let _ = parse_route_v4(&bytes);
+            let _ = Attrs(&bytes).count();
+        }
+
+        /// Well-framed messages with arbitrary attribute bytes reach the
+        /// attribute walkers (random bytes rarely pass the framing).
+        #[test]
+        fn framed_messages_with_arbitrary_attributes_never_panic(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            family_inet in proptest::bool::ANY,
+        ) {
+            let mut payload = vec![0u8; sys::IFINFOMSG_LEN.max(sys::RTMSG_LEN).max(sys::IFADDRMSG_LEN)];
+            if family_inet {
+                payload[0] = sys::AF_INET;
+            }
+            payload.extend_from_slice(&body);
+            let _ = parse_link(&payload);
+            let _ = parse_addr_v4(&payload);
+            let _ = parse_route_v4(&payload);
+            let msg = hdr(sys::NLMSG_ERROR, sys::NLM_F_ACK_TLVS, 1, &payload);
+            for m in split_messages(&msg).unwrap() {
+                let _ = parse_status(m.ty, m.flags, m.payload);
+            }
+        }
+    }
+
     fn hdr(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
         m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
