@@ -240,7 +240,7 @@ impl DhcpSnooper {
                     _ => return Err(self.receive_error(err)),
                 }
             }
-            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING as u8;
+            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
             if let Some(ack) = exchange.observe(&self.buf[..len as usize], outgoing) {
                 return Ok(Some(ack));
             }
