@@ -67,6 +67,7 @@ mod sys {
     pub const IFLA_LINK: u16 = 5;
     pub const IFLA_MASTER: u16 = 10;
     pub const IFLA_LINKINFO: u16 = 18;
+    pub const IFLA_IFALIAS: u16 = 20;
     pub const IFLA_EXT_MASK: u16 = 29;
     pub const IFLA_INFO_KIND: u16 = 1;
     pub const IFLA_INFO_DATA: u16 = 2;
@@ -114,6 +115,8 @@ pub struct LinkInfo {
     /// IFLA_INFO_KIND: "bridge", "macvtap", "veth", "tun", ...; `None` for
     /// plain hardware interfaces and loopback.
     pub kind: Option<String>,
+    /// IFLA_IFALIAS (`ip link set X alias Y`): lume marks its own bridges.
+    pub alias: Option<String>,
 }
 
 /// One IPv4 route of the main table.
@@ -464,10 +467,12 @@ fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
         master: None,
         mac: None,
         kind: None,
+        alias: None,
     };
     for (ty, data) in Attrs(&payload[sys::IFINFOMSG_LEN..]) {
         match ty {
             sys::IFLA_IFNAME => link.name = attr_string(data),
+            sys::IFLA_IFALIAS => link.alias = Some(attr_string(data)).filter(|a| !a.is_empty()),
             sys::IFLA_MASTER => link.master = attr_u32(data).filter(|&m| m != 0),
             sys::IFLA_ADDRESS => link.mac = data.try_into().ok(),
             sys::IFLA_LINKINFO => {
@@ -778,6 +783,15 @@ impl Netlink {
         }
     }
 
+    /// Sets the alias (IFLA_IFALIAS) of link `name`.
+    pub fn set_alias(&mut self, name: &str, alias: &str) -> Result<(), NetlinkError> {
+        let index = self.require(name, "set the alias of")?;
+        let mut req = Request::new(sys::RTM_NEWLINK, sys::NLM_F_ACK).ifinfomsg(index, 0, 0);
+        req.attr_str(sys::IFLA_IFALIAS, alias);
+        self.execute(&req)
+            .map_err(|e| Self::fail_on("set the alias of", name, e))
+    }
+
     /// Create a macvtap in bridge mode on `parent` with address `mac` (left
     /// down) and return its ifindex; its character device is
     /// `/dev/tap<ifindex>`.
@@ -1083,6 +1097,7 @@ mod tests {
                 master: Some(3),
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 kind: Some("macvtap".into()),
+                alias: None,
             }
         );
         // Loopback-like: 6-byte zero address is still a MAC; other lengths
