@@ -246,6 +246,11 @@ impl Networks {
         })
     }
 
+    /// `/run/lume`: the directory above this namespace's runtime root.
+    fn base(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+
     pub fn get(&self, kind: Kind) -> &SharedNet {
         match kind {
             Kind::Nat => &self.nat,
@@ -255,9 +260,11 @@ impl Networks {
 
     /// Takes the namespace-wide network mutex.
     fn lock(&self) -> Result<VmLock, SharedError> {
-        fs::create_dir_all(&self.root).map_err(|source| SharedError::Runtime {
-            path: self.root.clone(),
-            source,
+        super::rundir::private_dir(self.base(), &self.root).map_err(|source| {
+            SharedError::Runtime {
+                path: self.root.clone(),
+                source,
+            }
         })?;
         let path = self.root.join("network.lock");
         VmLock::acquire_within(&path, Duration::from_secs(30))
@@ -289,9 +296,11 @@ impl Networks {
                 Kind::Host => self.nat.subnet(),
             };
             let (subnet, why) = net.resolve_subnet(&other)?;
-            fs::create_dir_all(&net.dir).map_err(|source| SharedError::Runtime {
-                path: net.dir.clone(),
-                source,
+            super::rundir::private_dir(self.base(), &net.dir).map_err(|source| {
+                SharedError::Runtime {
+                    path: net.dir.clone(),
+                    source,
+                }
             })?;
             fs::write(net.dir.join("subnet"), subnet.to_string()).map_err(|source| {
                 SharedError::Runtime {
@@ -299,6 +308,7 @@ impl Networks {
                     source,
                 }
             })?;
+            let _ = super::rundir::private_file(&net.dir.join("subnet"));
             note = why;
         }
         let id = member_id(vm, vm_dir);
@@ -437,6 +447,7 @@ impl Networks {
         match Nft.listing()? {
             Some(text) => {
                 let _ = fs::write(&saved, text);
+                let _ = super::rundir::private_file(&saved);
             }
             None => {
                 let _ = fs::remove_file(&saved);
@@ -704,11 +715,14 @@ impl SharedNet {
             source,
         };
         fs::create_dir_all(&dir).map_err(io)?;
+        super::rundir::private_dir(&dir, &dir).map_err(io)?;
+        let path = dir.join(format!("{}.json", m.id()));
         crate::util::atomic::write_atomic(
-            &dir.join(format!("{}.json", m.id())),
+            &path,
             &serde_json::to_vec_pretty(m).expect("member serialises"),
         )
-        .map_err(io)
+        .map_err(io)?;
+        super::rundir::private_file(&path).map_err(io)
     }
 
     fn remove_member(&self, id: &str) -> Result<(), SharedError> {
@@ -811,10 +825,12 @@ impl SharedNet {
 
     /// The bridge with its gateway address, up; forwarding on for NAT.
     pub fn bring_up(&self) -> Result<(), SharedError> {
-        fs::create_dir_all(&self.dir).map_err(|source| SharedError::Runtime {
-            path: self.dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&self.dir)
+            .and_then(|()| super::rundir::private_dir(&self.dir, &self.dir))
+            .map_err(|source| SharedError::Runtime {
+                path: self.dir.clone(),
+                source,
+            })?;
         let mut nl = Netlink::open()?;
         match nl.link_info(&self.bridge)? {
             None => {
@@ -870,6 +886,7 @@ fn forwarding_on(dir: &Path) -> Result<(), SharedError> {
     let current = fs::read_to_string(IP_FORWARD).map_err(SharedError::Forwarding)?;
     if !saved.exists() {
         fs::write(&saved, current.trim()).map_err(SharedError::Forwarding)?;
+        let _ = super::rundir::private_file(&saved);
     }
     if current.trim() != "1" {
         fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;
