@@ -10,7 +10,10 @@
 //!    namespace's 127.0.0.1 through their gateways (10.0.2.2's equivalent
 //!    and the bridge address) and a server on the LAN. The LAN answers,
 //!    loopback never does. (On the old slirp code the user guest's gateway
-//!    was the host's 127.0.0.1.) A NAT port on 127.0.0.1 is refused.
+//!    was the host's 127.0.0.1: this test fails there.) A NAT port on
+//!    127.0.0.1 is refused. A crafted SYN for 127.0.0.1 injected into lume0
+//!    on a host with route_localnet=1 is dropped by lume's guard chain
+//!    (without the guard it is answered).
 
 mod common;
 
@@ -241,6 +244,44 @@ fn user_and_nat_guests_never_reach_host_loopback() {
             "{vm} reached the host's loopback through {gw}"
         );
     }
+    // A guest that crafts packets for 127.0.0.1 (played by a veth in lume0),
+    // on a host with route_localnet=1, which would otherwise deliver them:
+    // lume's guard drops them. The same injection to the bridge's own
+    // address is answered, so the injection itself works.
+    t.host.exec_ok(
+        "sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.lume0.route_localnet=1 && \
+         ip link add lbx0 type veth peer name lbx1 && ip link set lbx0 master lume0 && \
+         ip link set lbx0 up && ip link set lbx1 up && \
+         ip neigh replace 203.0.113.77 lladdr 02:00:6c:75:6d:65 dev lume0",
+    );
+    // Read after adding the port: a bridge takes the lowest MAC of its ports.
+    let bridge_mac = t
+        .host
+        .exec_ok("cat /sys/class/net/lume0/address")
+        .trim()
+        .to_string();
+    let open = Recorder::start(&t.host, "203.0.113.1:9101");
+    let inject = |dst: &str, port: &str| {
+        t.host
+            .exec_ok(&format!(
+                "python3 {}/tests/inject_syn.py lbx1 {bridge_mac} 203.0.113.77 {dst} {port}",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        inject("203.0.113.1", "9101"),
+        "ANSWERED",
+        "the injection works"
+    );
+    assert_eq!(
+        inject("127.0.0.1", "9100"),
+        "SILENT",
+        "a crafted 127.0.0.1 SYN was answered"
+    );
+    drop(open);
+
     assert!(lo4.sources().is_empty(), "127.0.0.1: {:?}", lo4.sources());
     assert!(lo6.sources().is_empty(), "::1: {:?}", lo6.sources());
     assert!(!lan.sources().is_empty());
