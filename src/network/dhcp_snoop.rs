@@ -1235,5 +1235,121 @@ garbage line
             assert_eq!(ack.lease_secs, Some(120));
             assert_eq!(ack.server, Some(Ipv4Addr::new(192, 0, 2, 1)));
         }
+        /// A macvtap guest's frames leave through the parent (outgoing
+        /// there) and the server's replies arrive on it: a macvlan in bridge
+        /// mode, whose guest side sits in another namespace, takes the same
+        /// path through the parent. The same ACK seen as a tap would see it
+        /// (the other direction) is not taken.
+        #[test]
+        fn snoops_on_a_macvlan_parent() {
+            let tools = ["/usr/sbin/dnsmasq", "/bin/busybox", "/usr/sbin/ip"];
+            if !nix::unistd::geteuid().is_root() || !tools.iter().all(|t| Path::new(t).exists()) {
+                eprintln!("skipping: needs root, dnsmasq, busybox and ip");
+                return;
+            }
+            let pid = std::process::id();
+            let mut ns = Netns {
+                server: format!("lume-ms-{pid}"),
+                client: format!("lume-mc-{pid}"),
+                dnsmasq: None,
+            };
+            let _host = Netns {
+                server: format!("lume-mh-{pid}"),
+                client: format!("lume-mh-{pid}"),
+                dnsmasq: None,
+            };
+            let (s, c, h) = (ns.server.clone(), ns.client.clone(), _host.server.clone());
+            for n in [&s, &c, &h] {
+                ip(&["netns", "add", n]);
+            }
+            ip(&[
+                "-n", &s, "link", "add", "msA", "type", "veth", "peer", "name", "msB", "netns", &h,
+            ]);
+            ip(&["-n", &s, "addr", "add", "192.0.2.1/24", "dev", "msA"]);
+            ip(&["-n", &s, "link", "set", "msA", "up"]);
+            ip(&["-n", &h, "link", "set", "msB", "up"]);
+            ip(&[
+                "-n",
+                &h,
+                "link",
+                "add",
+                "mvc",
+                "link",
+                "msB",
+                "address",
+                &mac_str(CLIENT_MAC),
+                "type",
+                "macvlan",
+                "mode",
+                "bridge",
+            ]);
+            ip(&["-n", &h, "link", "set", "mvc", "netns", &c]);
+            ip(&["-n", &c, "link", "set", "mvc", "up"]);
+
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let ns_path = format!("/run/netns/{h}");
+            let snooper = std::thread::spawn(move || {
+                let f = File::open(&ns_path).expect("open netns");
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let mut parent = DhcpSnooper::open("msB").expect("open snooper");
+                let mut as_tap = DhcpSnooper::open("msB").expect("open snooper");
+                ready_tx.send(()).unwrap();
+                let wrong = std::thread::spawn(move || {
+                    let mut x = Exchange::new(CLIENT_MAC, Watched::Tap);
+                    as_tap
+                        .next_ack(&mut x, Duration::from_secs(8))
+                        .map_err(|e| e.to_string())
+                });
+                let mut x = Exchange::new(CLIENT_MAC, Watched::MacvtapParent);
+                let ack = parent
+                    .next_ack(&mut x, Duration::from_secs(20))
+                    .map_err(|e| e.to_string());
+                (ack, wrong.join().unwrap())
+            });
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("snooper ready");
+            let dir = tempfile::tempdir().unwrap();
+            let log = File::create(dir.path().join("dnsmasq.log")).unwrap();
+            ns.dnsmasq = Some(
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &s,
+                        "dnsmasq",
+                        "--no-daemon",
+                        "--conf-file=/dev/null",
+                    ])
+                    .args([
+                        "--bind-interfaces",
+                        "--interface=msA",
+                        "--except-interface=lo",
+                    ])
+                    .arg("--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,2m")
+                    .arg(format!(
+                        "--dhcp-leasefile={}",
+                        dir.path().join("leases").display()
+                    ))
+                    .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+                    .args(["--port=0", "--user=root", "--log-facility=-"])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .expect("spawn dnsmasq"),
+            );
+            let client = Command::new("ip")
+                .args(["netns", "exec", &c, "busybox", "udhcpc", "-f", "-q", "-n"])
+                .args(["-i", "mvc", "-s", "/bin/true", "-t", "10", "-T", "1"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run udhcpc");
+            assert!(client.status.success(), "udhcpc failed");
+            let (ack, wrong) = snooper.join().expect("snooper thread");
+            let ack = ack.expect("next_ack").expect("no ACK seen on the parent");
+            assert_eq!(ack.address.octets()[..3], [192, 0, 2]);
+            assert_eq!(wrong, Ok(None), "taken in the wrong direction");
+        }
     }
 }
