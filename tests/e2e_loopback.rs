@@ -3,9 +3,11 @@
 //! 1. Crafted frames, no guest: lume's passt relay is fed TCP SYNs for
 //!    127.0.0.1, 0.0.0.0, ::1 and ::ffff:127.0.0.1 (what a root user in a
 //!    guest can send with a raw socket); the loopback servers see nothing.
-//!    The same frames given to passt directly (the `unsafeHostLoopback`
-//!    opt-in has no relay) do reach them: passt 0.0~git20230309 connects
-//!    them, which is why the relay exists.
+//!    SYNs for the IPv4 and IPv6 gateways pass the relay and do not reach
+//!    them either (`--no-map-gw`). The same frames given to passt directly
+//!    (the `unsafeHostLoopback` opt-in: no relay, gateways mapped) do reach
+//!    them: passt 0.0~git20230309 connects loopback destinations, which is
+//!    why the relay exists.
 //! 2. Real guests: a user-mode and a NAT guest probe a server on the host
 //!    namespace's 127.0.0.1 through their gateways (10.0.2.2's equivalent
 //!    and the bridge address) and a server on the LAN. The LAN answers,
@@ -129,7 +131,7 @@ fn crafted_loopback_frames_never_reach_the_host() {
     );
     let run_dir = tempfile::tempdir().unwrap();
     let dir = run_dir.path().to_path_buf();
-    let (blocked, opted_in, passt_gone) = ns.within(move || {
+    let (blocked, opted_in, passt_gone, gateways) = ns.within(move || {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = v4.local_addr().unwrap().port();
         let v6 = TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, port))).unwrap();
@@ -145,6 +147,10 @@ fn crafted_loopback_frames_never_reach_the_host() {
             (guest4, "0.0.0.0"),
             (guest6, "::1"),
             (guest6, "::ffff:127.0.0.1"),
+            // The gateways (IPv4 as lume sets it, IPv6 the host's router):
+            // with --no-map-gw they are not the host's loopback.
+            (guest4, "192.0.2.2"),
+            (guest6, "2001:db8::1"),
         ]
         .iter()
         .enumerate()
@@ -162,7 +168,12 @@ fn crafted_loopback_frames_never_reach_the_host() {
         let mut sock = UnixStream::from(fd);
         let opted_in = accepted_after(&mut sock, &frames[..1], &listeners);
         drop(passt);
-        (blocked, opted_in, passt_gone)
+        // The opt-in maps the gateways to loopback, as slirp did.
+        let (passt, fd) = Passt::start(&net, &[], true, &dir).unwrap();
+        let mut sock = UnixStream::from(fd);
+        let gateways = accepted_after(&mut sock, &frames[5..], &listeners);
+        drop(passt);
+        (blocked, opted_in, passt_gone, gateways)
     });
     assert_eq!(blocked, 0, "a crafted loopback SYN got through the relay");
     assert!(
@@ -173,6 +184,10 @@ fn crafted_loopback_frames_never_reach_the_host() {
         opted_in > 0,
         "without the relay passt connects a crafted SYN to 127.0.0.1 (passt 0.0~git20230309); \
          if this fails, passt itself now refuses loopback destinations"
+    );
+    assert_eq!(
+        gateways, 2,
+        "with unsafeHostLoopback the IPv4 and IPv6 gateways are the host's loopback"
     );
 }
 
