@@ -301,8 +301,36 @@ fn user_and_nat_guests_never_reach_host_loopback() {
     assert!(lo6.sources().is_empty(), "::1: {:?}", lo6.sources());
     assert!(!lan.sources().is_empty());
 
+    let passt = passt_of(&t.home, "u");
     t.lume_ok(&["stop", "u"]);
     t.lume_ok(&["stop", "n"]);
-    let left = t.host.exec_ok("ps -eo comm | grep -c '^passt' || true");
-    assert_eq!(left.trim(), "0", "passt left running");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{passt}")).exists(),
+        "passt left running after stop"
+    );
+
+    // A killed supervisor takes its passt along (PR_SET_PDEATHSIG).
+    t.lume_ok(&["run", "u", "--detach"]);
+    let passt = passt_of(&t.home, "u");
+    common::sh(&format!("kill -9 {}", supervisor_of(&t.home, "u")));
+    common::wait_for("passt to go", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{passt}")).exists()).then_some(())
+    });
+}
+
+/// The supervisor's pid from the VM's run.json.
+fn supervisor_of(home: &common::Home, vm: &str) -> u64 {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.vm_dir(vm).join("run.json")).unwrap())
+            .unwrap();
+    state["pid"].as_u64().unwrap()
+}
+
+/// The pid of the passt child of the VM's supervisor.
+fn passt_of(home: &common::Home, vm: &str) -> u64 {
+    // passt re-executes itself as passt.avx2 where the CPU allows.
+    let out = common::sh(&format!("pgrep -P {} passt", supervisor_of(home, vm)));
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no passt child: {out:?}"))
 }

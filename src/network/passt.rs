@@ -43,6 +43,10 @@ pub enum PasstError {
         messages: String,
         log: PathBuf,
     },
+    #[error(
+        "The user 'nobody' does not exist: lume runs passt as nobody when started as root; create that user, or run lume as an unprivileged user for --network user"
+    )]
+    NoUnprivilegedUser,
     #[error("Cannot create the socket between QEMU and passt")]
     Socket(#[source] io::Error),
 }
@@ -239,6 +243,18 @@ impl Passt {
         let log_file = private_file(&log).map_err(PasstError::Spawn)?;
         let passt_fd = theirs.as_raw_fd();
         let supervisor = nix::unistd::getpid();
+        // As root, passt would switch to nobody by itself, and that change of
+        // credentials clears PR_SET_PDEATHSIG: switch before exec instead,
+        // then ask for the signal.
+        let drop_to = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("nobody")
+                .ok()
+                .flatten()
+                .ok_or(PasstError::NoUnprivilegedUser)?;
+            Some((user.uid, user.gid))
+        } else {
+            None
+        };
         let mut cmd = Command::new(&binary);
         cmd.args(arguments(
             net,
@@ -250,9 +266,15 @@ impl Passt {
         .stdout(log_file.try_clone().map_err(PasstError::Spawn)?)
         .stderr(log_file);
         // SAFETY: the closure runs between fork and exec and only calls
-        // async-signal-safe functions (prctl, getppid, setpgid, dup2, _exit).
+        // async-signal-safe functions (setgroups, setgid, setuid, prctl,
+        // getppid, setpgid, dup2, _exit).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some((uid, gid)) = drop_to {
+                    nix::unistd::setgroups(&[])?;
+                    nix::unistd::setgid(gid)?;
+                    nix::unistd::setuid(uid)?;
+                }
                 // Dies with the supervisor; its own process group keeps a
                 // terminal's Ctrl-C away from it.
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
