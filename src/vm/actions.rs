@@ -675,10 +675,11 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 7] = [
+const RUNTIME_FILES: [&str; 8] = [
     "console.log",
     "lume.log",
     "qemu.log",
+    "passt.log",
     "run.json",
     "qmp.sock",
     ".lock",
