@@ -184,8 +184,8 @@ fn ipv6_allowed(a: Ipv6Addr) -> bool {
     true
 }
 
-/// Largest frame QEMU's stream netdev sends (64 KiB plus headers).
-const MAX_FRAME: usize = 65536 + 64;
+/// Largest frame relayed (QEMU's own NET_BUFSIZE); longer ones are skipped.
+const MAX_FRAME: usize = 4096 + 65536;
 
 /// Copies length-prefixed frames from `from` to `to`, dropping the ones
 /// [`guest_frame_allowed`] refuses. Returns at end of stream or on error.
@@ -197,7 +197,15 @@ fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
             break;
         }
         let n = u32::from_be_bytes(len) as usize;
-        if n > MAX_FRAME || from.read_exact(&mut buf[..n]).is_err() {
+        if n > MAX_FRAME {
+            // Nothing passt could use: read past it.
+            let skipped = io::copy(&mut (&from).take(n as u64), &mut io::sink());
+            if skipped.map_or(true, |k| k != n as u64) {
+                break;
+            }
+            continue;
+        }
+        if from.read_exact(&mut buf[..n]).is_err() {
             break;
         }
         if guest_frame_allowed(&buf[..n])
@@ -452,6 +460,29 @@ mod tests {
         assert!(!guest_frame_allowed(&f[..53]));
         assert!(!guest_frame_allowed(&eth(0x8100, &[0; 64])), "VLAN tag");
         assert!(!guest_frame_allowed(&eth(0x88cc, &[0; 64])));
+    }
+
+    #[test]
+    fn the_relay_passes_allowed_frames_and_skips_the_rest() {
+        let (mut qemu, relay_in) = UnixStream::pair().unwrap();
+        let (relay_out, mut passt) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || relay_filtered(relay_in, relay_out));
+        let ok = v4([198, 51, 100, 1]);
+        let huge = vec![0u8; MAX_FRAME + 1];
+        for f in [&v4([127, 0, 0, 1]), &huge, &ok, &v6("::1"), &ok] {
+            qemu.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+            qemu.write_all(f).unwrap();
+        }
+        drop(qemu);
+        let mut out = Vec::new();
+        passt.read_to_end(&mut out).unwrap();
+        t.join().unwrap();
+        let mut want = Vec::new();
+        for _ in 0..2 {
+            want.extend_from_slice(&(ok.len() as u32).to_be_bytes());
+            want.extend_from_slice(&ok);
+        }
+        assert_eq!(out, want);
     }
 
     #[test]
