@@ -601,3 +601,21 @@ fn host_loopback_is_an_explicit_per_vm_opt_in() {
     let err = home.fails(&["set", "p", "--network", "nat"]);
     assert!(err.contains("--network user"), "{err}");
 }
+
+#[test]
+fn user_mode_without_passt_says_how_to_install_it() {
+    let home = Home::new();
+    create_small(&home, "u", &[]);
+    let out = home
+        .cmd()
+        .env("PATH", "/nonexistent")
+        .args(["run", "u"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("passt was not found") && err.contains("apt-get install passt"),
+        "{err}"
+    );
+}
