@@ -233,6 +233,9 @@ fn user_and_nat_guests_never_reach_host_loopback() {
     t.lume_ok(&["run", "u", "--detach"]);
     t.lume_ok(&["run", "n", "--detach"]);
 
+    // dnsmasq (its own user, behind /run/lume's 0700 directories) read the
+    // reservation: the NAT guest got the address lume reserved and publishes to.
+    wait_console(&t.home, "n", "LUME-GUEST: lease eth0 203.0.113.2", BOOT);
     for (vm, gw) in [("u", "192.0.2.2:9100"), ("n", "203.0.113.1:9100")] {
         wait_console(
             &t.home,

@@ -83,7 +83,8 @@ impl Dnsmasq {
              dhcp-rapid-commit\n\
              no-hosts\n\
              log-facility={log}\n\
-             log-dhcp\n",
+             log-dhcp\n\
+             user={user}\n",
             bridge = self.bridge,
             gw = s.gateway(),
             first = s.host(2),
@@ -93,6 +94,7 @@ impl Dnsmasq {
             leases = self.lease_path().display(),
             pid = self.pid_path().display(),
             log = self.dir.join("dnsmasq.log").display(),
+            user = dnsmasq_user().0,
         );
         if !self.route {
             // Host-only: no default route and no DNS for the guests.
@@ -238,12 +240,20 @@ impl Dnsmasq {
     }
 }
 
-/// The user dnsmasq drops to, when it exists.
+/// The user dnsmasq drops to, named in its configuration: `dnsmasq` when
+/// that user exists, else `nobody` (dnsmasq-base's own default).
+fn dnsmasq_user() -> (&'static str, Option<nix::unistd::Uid>) {
+    for name in ["dnsmasq", "nobody"] {
+        if let Ok(Some(u)) = nix::unistd::User::from_name(name) {
+            return (name, Some(u.uid));
+        }
+    }
+    ("nobody", None)
+}
+
+/// The uid of [`dnsmasq_user`], when it exists.
 fn dnsmasq_uid() -> Option<nix::unistd::Uid> {
-    nix::unistd::User::from_name("dnsmasq")
-        .ok()
-        .flatten()
-        .map(|u| u.uid)
+    dnsmasq_user().1
 }
 
 /// Parses a dnsmasq lease file: `expiry mac ip hostname client-id` per line.
