@@ -1,6 +1,7 @@
 //! lume's runtime directory `/run/lume`: every directory 0700 and every file
-//! 0600, owned by root. dnsmasq is the one exception: it drops to its own
-//! user and then reads the reservation directory, so that user alone gets
+//! 0600, owned by root. dnsmasq is the one exception: it drops to the user
+//! lume names in its configuration and then reads the reservation
+//! directory, so that user alone gets
 //! an ACL entry (`u:dnsmasq:--x` on the directories leading there, `r-x` on
 //! the directory itself, `r--` on its files). `ls -l` then shows `drwx--x---+`.
 
