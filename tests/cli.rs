@@ -411,9 +411,10 @@ fn storage_option_selects_another_location() {
 fn missing_qemu_names_the_package() {
     let home = Home::new();
     create_small(&home, "q", &[]);
+    // --network none: user mode would first miss passt on this PATH.
     let out = home
         .cmd()
-        .args(["run", "q"])
+        .args(["run", "q", "--network", "none"])
         .env("PATH", "/nonexistent")
         .output()
         .unwrap();
