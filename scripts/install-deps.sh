@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what lume and its tests need on Debian 12 (as root), only when
-# something is missing: QEMU, qemu-img, dnsmasq, nftables, iproute2, and the
+# something is missing: QEMU, qemu-img, passt (user mode), dnsmasq, nftables, iproute2, and the
 # packages the test guest is built from.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl)
+packages=(qemu-system-x86 qemu-utils passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

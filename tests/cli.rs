@@ -579,9 +579,10 @@ fn storage_option_selects_another_location() {
 fn missing_qemu_names_the_package() {
     let home = Home::new();
     create_small(&home, "q", &[]);
+    // --network none: user mode would first miss passt on this PATH.
     let out = home
         .cmd()
-        .args(["run", "q"])
+        .args(["run", "q", "--network", "none"])
         .env("PATH", "/nonexistent")
         .output()
         .unwrap();
@@ -736,4 +737,54 @@ fn delete_asks_on_a_terminal() {
     let out = ask("y\n");
     assert!(out.contains("VM 't' deleted"), "{out}");
     assert!(!home.vm_dir("t").exists());
+}
+
+#[test]
+fn host_loopback_is_an_explicit_per_vm_opt_in() {
+    let home = Home::new();
+    create_small(&home, "u", &[]);
+    let cfg = || std::fs::read_to_string(home.vm_dir("u").join("config.json")).unwrap();
+    assert!(!cfg().contains("unsafeHostLoopback"), "off by default");
+    home.ok(&["set", "u", "--unsafe-host-loopback", "true", "--cpu", "2"]);
+    let v: serde_json::Value = serde_json::from_str(&cfg()).unwrap();
+    assert_eq!(v["unsafeHostLoopback"], true);
+    assert_eq!(v["cpuCount"], 2);
+    home.ok(&["set", "u", "--unsafe-host-loopback", "false"]);
+    assert!(!cfg().contains("unsafeHostLoopback"));
+    // A NAT port on loopback is refused at create and when switching to nat.
+    let err = home.fails(&[
+        "create",
+        "n",
+        "--disk-size",
+        "8MB",
+        "--network",
+        "nat",
+        "--publish",
+        "127.0.0.1:8080:80",
+    ]);
+    assert!(
+        err.contains("Cannot publish 127.0.0.1:8080:80/tcp in network mode 'nat'"),
+        "{err}"
+    );
+    create_small(&home, "p", &["--publish", "127.0.0.1:2222:22"]);
+    let err = home.fails(&["set", "p", "--network", "nat"]);
+    assert!(err.contains("--network user"), "{err}");
+}
+
+#[test]
+fn user_mode_without_passt_says_how_to_install_it() {
+    let home = Home::new();
+    create_small(&home, "u", &[]);
+    let out = home
+        .cmd()
+        .env("PATH", "/nonexistent")
+        .args(["run", "u"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("passt was not found") && err.contains("apt-get install passt"),
+        "{err}"
+    );
 }

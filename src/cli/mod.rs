@@ -183,6 +183,11 @@ pub struct SetArgs {
     /// Network mode
     #[arg(long)]
     pub network: Option<NetworkMode>,
+    /// User mode: let the guest reach this host's loopback services
+    /// (127.0.0.1, ::1) through its gateway. UNSAFE for untrusted guests:
+    /// it reaches `lume serve` and every other local-only service
+    #[arg(long, value_name = "true|false")]
+    pub unsafe_host_loopback: Option<bool>,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -364,17 +369,33 @@ pub fn run(cli: Cli) -> Result<i32> {
         ),
         Command::Ls(a) => (a.storage, Action::List, a.format),
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
-        Command::Set(a) => (
-            a.storage,
-            Action::Set(SetSpec {
-                name: a.name,
+        Command::Set(a) => {
+            let spec = SetSpec {
+                name: a.name.clone(),
                 cpu: a.cpu,
                 memory: a.memory,
                 disk_size: a.disk_size,
                 network: a.network,
-            }),
-            Format::Text,
-        ),
+            };
+            let Some(allow) = a.unsafe_host_loopback else {
+                return finish(&a.storage, Action::Set(spec), Format::Text);
+            };
+            if spec.cpu.is_some()
+                || spec.memory.is_some()
+                || spec.disk_size.is_some()
+                || spec.network.is_some()
+            {
+                execute(&context(&a.storage)?, Action::Set(spec), &mut note)?;
+            }
+            (
+                a.storage,
+                Action::SetHostLoopback {
+                    name: a.name,
+                    allow,
+                },
+                Format::Text,
+            )
+        }
         Command::Clone(a) => (
             a.storage,
             Action::Clone {
@@ -402,7 +423,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
     };
-    let ctx = context(&storage)?;
+    finish(&storage, action, format)
+}
+
+/// Executes `action` and prints its outcome; returns the exit code.
+fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
+    let ctx = context(storage)?;
     let outcome = execute(&ctx, action, &mut note)?;
     let code = match &outcome {
         Outcome::Exited(status) => status.code().unwrap_or(0),

@@ -55,6 +55,16 @@ pub fn script(state: &FirewallState) -> String {
     let mut forward = Vec::new();
     let mut postrouting = Vec::new();
     let mut dnat = Vec::new();
+    let mut guard = Vec::new();
+    // Nothing from a guest reaches the host's loopback, even where
+    // route_localnet=1 would deliver it.
+    for b in [&state.nat, &state.host].into_iter().flatten() {
+        guard.push(format!(
+            "iifname \"{}\" ip daddr 127.0.0.0/8 drop",
+            b.bridge
+        ));
+        guard.push(format!("iifname \"{}\" ip6 daddr ::1 drop", b.bridge));
+    }
     if let Some(h) = &state.host {
         // Host-only: guests reach the host and each other, nothing else.
         forward.push(format!("iifname \"{}\" drop", h.bridge));
@@ -76,7 +86,9 @@ pub fn script(state: &FirewallState) -> String {
     }
     for d in &state.dnat {
         let daddr = match d.host_ip {
-            Some(ip) => format!("ip daddr {ip}"),
+            // Only the host's own addresses: a packet for 127.0.0.1 sent to the
+            // host's MAC by a LAN neighbour never matches.
+            Some(ip) => format!("ip daddr {ip} fib daddr type local"),
             None => "ip daddr != 127.0.0.0/8 fib daddr type local".to_string(),
         };
         dnat.push(format!(
@@ -96,6 +108,11 @@ pub fn script(state: &FirewallState) -> String {
         s
     };
     let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    s.push_str(&chain(
+        "guard",
+        "type filter hook prerouting priority raw; policy accept;",
+        &guard,
+    ));
     s.push_str(&chain(
         "forward",
         "type filter hook forward priority filter; policy accept;",
@@ -286,5 +303,27 @@ mod tests {
         assert!(s.contains("iifname \"lume-host0\" drop"));
         assert!(s.contains("tcp dport 8080 dnat ip to 203.0.113.2:80"));
         assert_eq!(s.matches("dnat ip to").count(), 2, "prerouting and output");
+        assert!(
+            s.contains("iifname \"lume0\" ip daddr 127.0.0.0/8 drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname \"lume-host0\" ip6 daddr ::1 drop"),
+            "{s}"
+        );
+        let one = FirewallState {
+            dnat: vec![Dnat {
+                host_ip: Some("198.51.100.2".parse().unwrap()),
+                ..state.dnat[0].clone()
+            }],
+            ..state
+        };
+        assert!(
+            script(&one).contains(
+                "ip daddr 198.51.100.2 fib daddr type local tcp dport 8080 dnat ip to 203.0.113.2:80"
+            ),
+            "{}",
+            script(&one)
+        );
     }
 }

@@ -168,6 +168,7 @@ mod tests {
             }),
             disk_format: Default::default(),
             publish: Vec::new(),
+            unsafe_host_loopback: false,
             extra: Default::default(),
         };
         let disks = [PathBuf::from("/proc/1/fd/7")];

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::NetworkMode;
-use super::dhcp_snoop::DhcpSnooper;
+use super::dhcp_snoop::{DhcpSnooper, Exchange, Watched};
 use super::interfaces::{self, BridgeError, HostInterface, InterfaceType};
 use super::netlink::{Netlink, NetlinkError};
 use super::privilege::has_net_admin;
@@ -38,6 +38,10 @@ pub enum AttachError {
         "Interface '{0}' is lume's own {1} bridge: use --network {1} instead of bridging onto it"
     )]
     OwnBridge(String, &'static str),
+    #[error(
+        "Cannot publish {0} in network mode '{1}': a NAT port is forwarded from the host's own addresses, never from loopback; use a host address ({2}) or --network user, whose ports can listen on 127.0.0.1"
+    )]
+    LoopbackPublish(PortMapping, NetworkMode, String),
     #[error(transparent)]
     Publish(#[from] PublishError),
     #[error(transparent)]
@@ -52,6 +56,8 @@ pub enum AttachError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Passt(#[from] super::passt::PasstError),
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -111,6 +117,8 @@ struct HostSide {
     snooper: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
     healer: Option<super::heal::Healer>,
+    /// User mode's passt and its relay.
+    passt: Option<super::passt::Passt>,
     teardown: Teardown,
 }
 
@@ -123,6 +131,7 @@ impl Drop for HostSide {
         // Stop watching before leaving, so the watcher never "repairs" a
         // network that is being taken down on purpose.
         drop(self.healer.take());
+        drop(self.passt.take());
         match std::mem::take(&mut self.teardown) {
             Teardown::Nothing => {}
             Teardown::Shared { networks, kind, id } => {
@@ -149,6 +158,9 @@ pub struct AttachOptions {
     pub settings: crate::settings::Settings,
     /// The VM's name and directory, to check its published ports early.
     pub vm: Option<(String, PathBuf)>,
+    /// User mode only: let the guest reach the host's loopback through its
+    /// gateway (config.json `unsafeHostLoopback`). Unsafe for untrusted guests.
+    pub host_loopback: bool,
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -172,12 +184,35 @@ fn bridged_interface(
     Ok(iface)
 }
 
-/// Checks, before anything is created, that `mode` can start here.
-pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachError> {
-    if !opts.publish.is_empty() && !mode.supports_publish() {
+/// Checks published ports against a mode: publishing supported, host ports
+/// unique, and no loopback address for NAT (its ports are DNAT rules, which
+/// must never lead into the host's loopback).
+pub fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), AttachError> {
+    if !publish.is_empty() && !mode.supports_publish() {
         return Err(AttachError::PublishNotSupported(mode.clone()));
     }
-    check_unique(&opts.publish)?;
+    check_unique(publish)?;
+    if *mode != NetworkMode::User
+        && let Some(p) = publish
+            .iter()
+            .find(|p| p.host_ip.is_some_and(|ip| ip.is_loopback()))
+    {
+        let example = PortMapping {
+            host_ip: None,
+            ..*p
+        };
+        return Err(AttachError::LoopbackPublish(
+            *p,
+            mode.clone(),
+            format!("for example --publish {example}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks, before anything is created, that `mode` can start here.
+pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachError> {
+    check_publish(mode, &opts.publish)?;
     if let Some(s) = &opts.user_net {
         s.parse::<UserNet>()?;
     }
@@ -194,7 +229,10 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
                 nets.check_ports(&super::shared::member_id(vm, vm_dir), &opts.publish)?;
             }
         }
-        NetworkMode::User | NetworkMode::None => {}
+        NetworkMode::User => {
+            super::passt::find_passt()?;
+        }
+        NetworkMode::None => {}
     }
     Ok(())
 }
@@ -234,14 +272,31 @@ pub fn attach(
                 Some(s) => s.parse()?,
                 None => UserNet::default(),
             };
+            let (passt, fd) =
+                super::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
+            let note = opts.host_loopback.then(|| {
+                format!(
+                    "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
+                    net.gateway()
+                )
+            });
             Ok(Attachment {
                 qemu_args: vec![
                     "-netdev".into(),
-                    net.netdev("net0", &opts.publish),
+                    UserNet::netdev("net0", 3),
                     "-device".into(),
                     virtio_device("net0", mac),
                 ],
+                fds: vec![fd],
                 ip_address: Some(net.guest_address().to_string()),
+                note,
+                guard: HostSide {
+                    stop: Arc::default(),
+                    snooper: None,
+                    healer: None,
+                    passt: Some(passt),
+                    teardown: Teardown::Nothing,
+                },
                 ..Default::default()
             })
         }
@@ -268,6 +323,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: Some(super::heal::Healer::start(networks.clone())),
+                    passt: None,
                     teardown: Teardown::Shared {
                         networks,
                         kind,
@@ -285,13 +341,13 @@ pub fn attach(
                 parent: Some(iface.name.clone()),
                 ..Default::default()
             };
-            let snoop_on = if iface.kind == InterfaceType::Bridge {
+            let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
                 let tap = Tap::create(&device_name("lt"))?;
                 nl.set_master(&tap.name, &iface.name)?;
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
                 a.fds.push(tap.fd);
-                tap.name
+                (tap.name, Watched::Tap)
             } else {
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
@@ -308,16 +364,16 @@ pub fn attach(
                     "macvtap on {}: the guest cannot reach this host through {} (a macvtap limit); other LAN hosts can reach it",
                     iface.name, iface.name
                 ));
-                iface.name.clone()
+                (iface.name.clone(), Watched::MacvtapParent)
             };
-            start_snooper(&mut a, &snoop_on, mac);
+            start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
     }
 }
 
 /// Watches the DHCP exchange on `ifname` for the guest's ACK.
-fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
+fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAddress) {
     let learned = Arc::new(Mutex::new(None));
     let stop = a.guard.stop.clone();
     let out = learned.clone();
@@ -327,8 +383,9 @@ fn start_snooper(a: &mut Attachment, ifname: &str, mac: MacAddress) {
         let Ok(mut snooper) = DhcpSnooper::open(&ifname) else {
             return;
         };
+        let mut exchange = Exchange::new(mac.0, watched);
         while !stop.load(Ordering::SeqCst) {
-            if let Ok(Some(ack)) = snooper.next_ack(mac.0, Duration::from_millis(300)) {
+            if let Ok(Some(ack)) = snooper.next_ack(&mut exchange, Duration::from_millis(300)) {
                 *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack.address);
             }
         }
@@ -364,5 +421,41 @@ pub fn collect_stale(
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ports(list: &[&str]) -> Vec<PortMapping> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn nat_refuses_loopback_publish_and_user_allows_it() {
+        let lo = ports(&["127.0.0.1:8080:80"]);
+        let e = check_publish(&NetworkMode::Nat, &lo).unwrap_err();
+        assert!(matches!(e, AttachError::LoopbackPublish(..)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("Cannot publish 127.0.0.1:8080:80/tcp in network mode 'nat'")
+                && text.contains("--network user")
+                && text.contains("--publish 8080:80/tcp"),
+            "{text}"
+        );
+        assert!(check_publish(&NetworkMode::Nat, &ports(&["127.5.5.5:1:2"])).is_err());
+        assert!(check_publish(&NetworkMode::User, &lo).is_ok());
+        assert!(
+            check_publish(
+                &NetworkMode::Nat,
+                &ports(&["198.51.100.2:8080:80", "81:81"])
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            check_publish(&NetworkMode::Host, &lo),
+            Err(AttachError::PublishNotSupported(_))
+        ));
     }
 }

@@ -8,9 +8,25 @@
 //! The socket is `AF_PACKET`/`SOCK_RAW` with protocol `ETH_P_ALL`: on a tap
 //! device the ACK travels *towards* the VM, which for the host is an outgoing
 //! frame, and the kernel only copies outgoing frames to `ETH_P_ALL` sockets.
-//! A classic BPF filter keeps everything but UDP from port 67 (and any
+//! A classic BPF filter keeps everything but UDP from port 67 or 68 (and any
 //! VLAN-tagged frame, which is parsed in user space) out of the socket, so a
 //! busy parent interface costs little.
+//!
+//! Nothing on the wire is trusted ([`Exchange`]): an address is learned only
+//! from a server-to-client BOOTREPLY (UDP 67→68, op 2) that is a DHCPACK,
+//! whose `chaddr` is the guest's MAC, whose `xid` is one the guest itself used
+//! in a DHCPDISCOVER or DHCPREQUEST, and that travels *towards* the guest. The
+//! direction comes from the packet socket's `sll_pkttype`:
+//!
+//! | device watched | from the guest | towards the guest |
+//! | --- | --- | --- |
+//! | the VM's tap (in a bridge) | received (`PACKET_HOST`, `_BROADCAST`, `_OTHERHOST`) | `PACKET_OUTGOING` |
+//! | a macvtap's parent (LAN uplink) | `PACKET_OUTGOING` | received |
+//!
+//! So the guest cannot forge its own ACK (it would travel the wrong way), and
+//! another host can only if it also echoes an `xid` the guest sent — which a
+//! LAN neighbour can sniff from the broadcast DISCOVER: that residual trust
+//! in the LAN is the guest's own (its DHCP client accepts the same ACK).
 //!
 //! When snooping is impossible or too late, [`neighbour_address`] looks the MAC
 //! up in the kernel's neighbour table instead.
@@ -162,12 +178,12 @@ impl DhcpSnooper {
         &self.ifname
     }
 
-    /// Waits up to `timeout` for the next DHCPACK for `mac` (chaddr) and
-    /// returns it; `Ok(None)` when the time ran out first. Frames that are not
-    /// a DHCPACK for `mac` are skipped.
+    /// Waits up to `timeout` for the next DHCPACK `exchange` accepts and
+    /// returns it; `Ok(None)` when the time ran out first. Every other frame
+    /// is only shown to `exchange` (the guest's requests) or skipped.
     pub fn next_ack(
         &mut self,
-        mac: [u8; 6],
+        exchange: &mut Exchange,
         timeout: Duration,
     ) -> Result<Option<DhcpAck>, SnoopError> {
         let deadline = Instant::now().checked_add(timeout);
@@ -202,13 +218,19 @@ impl DhcpSnooper {
                 continue;
             }
 
-            // SAFETY: `self.buf` is a writable buffer of the given length.
+            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `self.buf` is a writable buffer of the given length;
+            // `from` and `from_len` describe a writable sockaddr_ll.
             let len = unsafe {
-                libc::recv(
+                libc::recvfrom(
                     self.fd.as_raw_fd(),
                     self.buf.as_mut_ptr().cast(),
                     self.buf.len(),
                     libc::MSG_DONTWAIT,
+                    std::ptr::from_mut(&mut from).cast(),
+                    &mut from_len,
                 )
             };
             if len < 0 {
@@ -218,9 +240,8 @@ impl DhcpSnooper {
                     _ => return Err(self.receive_error(err)),
                 }
             }
-            if let Some((chaddr, ack)) = parse_ack(&self.buf[..len as usize])
-                && chaddr == mac
-            {
+            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+            if let Some(ack) = exchange.observe(&self.buf[..len as usize], outgoing) {
                 return Ok(Some(ack));
             }
             // Bounded even under a flood of frames that pass the filter.
@@ -238,8 +259,8 @@ impl DhcpSnooper {
     }
 }
 
-/// Classic BPF: accept unfragmented IPv4 UDP from port 67 (what [`parse_ack`]
-/// can use) and any 802.1Q/802.1ad tagged frame; drop the rest.
+/// Classic BPF: accept unfragmented IPv4 UDP from port 67 or 68 (what
+/// [`Exchange`] can use) and any 802.1Q/802.1ad tagged frame; drop the rest.
 fn bpf_filter() -> Vec<libc::sock_filter> {
     use libc::{
         BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_LDX,
@@ -258,26 +279,34 @@ fn bpf_filter() -> Vec<libc::sock_filter> {
         k,
     };
     const ACCEPT: u32 = 0x0004_0000; // snap length: more than any DHCP frame
+    // Jump offsets count the instructions skipped: DROP is 12, ACCEPT 13.
     vec![
         /* 0 */ stmt(BPF_LD | BPF_H | BPF_ABS, 12), // ethertype
-        /* 1 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_8021Q), 10, 0),
-        /* 2 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_8021AD), 9, 0),
-        /* 3 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_IP), 0, 7),
+        /* 1 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_8021Q), 11, 0),
+        /* 2 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_8021AD), 10, 0),
+        /* 3 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ETH_P_IP), 0, 8),
         /* 4 */ stmt(BPF_LD | BPF_B | BPF_ABS, 23), // IP protocol
-        /* 5 */ jump(BPF_JMP | BPF_JEQ | BPF_K, libc::IPPROTO_UDP as u32, 0, 5),
+        /* 5 */ jump(BPF_JMP | BPF_JEQ | BPF_K, libc::IPPROTO_UDP as u32, 0, 6),
         /* 6 */ stmt(BPF_LD | BPF_H | BPF_ABS, 20), // flags + fragment offset
-        /* 7 */ jump(BPF_JMP | BPF_JSET | BPF_K, 0x3fff, 3, 0), // MF or offset
+        /* 7 */ jump(BPF_JMP | BPF_JSET | BPF_K, 0x3fff, 4, 0), // MF or offset
         /* 8 */ stmt(BPF_LDX | BPF_B | BPF_MSH, 14), // X = IP header length
         /* 9 */ stmt(BPF_LD | BPF_H | BPF_IND, 14), // UDP source port
         /* 10 */
         jump(
             BPF_JMP | BPF_JEQ | BPF_K,
             u32::from(BOOTP_SERVER_PORT),
+            2,
+            0,
+        ),
+        /* 11 */
+        jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            u32::from(BOOTP_CLIENT_PORT),
             1,
             0,
         ),
-        /* 11 */ stmt(BPF_RET | BPF_K, 0),
-        /* 12 */ stmt(BPF_RET | BPF_K, ACCEPT),
+        /* 12 */ stmt(BPF_RET | BPF_K, 0),
+        /* 13 */ stmt(BPF_RET | BPF_K, ACCEPT),
     ]
 }
 
@@ -291,15 +320,41 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
+/// One DHCP message as [`parse_dhcp`] read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DhcpMessage {
+    /// Ethernet source and destination.
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub sport: u16,
+    pub dport: u16,
+    /// BOOTP op: 1 BOOTREQUEST, 2 BOOTREPLY.
+    pub op: u8,
+    pub xid: u32,
+    pub chaddr: [u8; 6],
+    pub yiaddr: Ipv4Addr,
+    /// Option 53.
+    pub message_type: Option<u8>,
+    pub lease_secs: Option<u32>,
+    pub server: Option<Ipv4Addr>,
+}
+
+const DHCPDISCOVER: u8 = 1;
+const DHCPREQUEST: u8 = 3;
+
 /// Parses an Ethernet frame (optionally with one 802.1Q/802.1ad tag) carrying
-/// an unfragmented IPv4/UDP BOOTP reply between ports 67 and 68 with the DHCP
-/// magic cookie and option 53 = 5 (DHCPACK). Returns the client hardware
-/// address and what the ACK granted; `None` for anything else, including
-/// truncated or malformed frames and ACKs without an address (answers to
-/// DHCPINFORM). Checksums are not verified: outgoing frames seen on a packet
-/// socket often carry offloaded, not yet computed, checksums.
-pub fn parse_ack(frame: &[u8]) -> Option<([u8; 6], DhcpAck)> {
+/// an unfragmented IPv4/UDP BOOTP message between ports 67 and 68 with
+/// Ethernet hardware addresses and the DHCP magic cookie; `None` for anything
+/// else, including truncated or malformed frames. Never panics (a property
+/// test feeds it arbitrary bytes). Checksums are not verified: outgoing
+/// frames seen on a packet socket often carry offloaded, not yet computed,
+/// checksums.
+pub fn parse_dhcp(frame: &[u8]) -> Option<DhcpMessage> {
     // Ethernet.
+    let mut eth_dst = [0u8; 6];
+    eth_dst.copy_from_slice(frame.get(0..6)?);
+    let mut eth_src = [0u8; 6];
+    eth_src.copy_from_slice(frame.get(6..12)?);
     let mut ethertype = be16(frame, 12)?;
     let mut l3 = 14;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -322,11 +377,11 @@ pub fn parse_ack(frame: &[u8]) -> Option<([u8; 6], DhcpAck)> {
         return None;
     }
     let frag = be16(ip, 6)?;
-    if frag & 0x3fff != 0 || ip[9] != libc::IPPROTO_UDP as u8 {
+    if frag & 0x3fff != 0 || *ip.get(9)? != libc::IPPROTO_UDP as u8 {
         return None;
     }
     // Trim Ethernet padding.
-    let udp = &ip[ihl..total];
+    let udp = ip.get(ihl..total)?;
 
     // UDP.
     let sport = be16(udp, 0)?;
@@ -339,17 +394,18 @@ pub fn parse_ack(frame: &[u8]) -> Option<([u8; 6], DhcpAck)> {
     if ulen < 8 || ulen > udp.len() {
         return None;
     }
-    let bootp = &udp[8..ulen];
+    let bootp = udp.get(8..ulen)?;
 
     // BOOTP: op, htype, hlen, hops, xid, secs, flags, ciaddr, yiaddr, siaddr,
     // giaddr, chaddr[16], sname[64], file[128], then the magic cookie.
-    if bootp.len() < 240 || bootp[0] != 2 || bootp[1] != 1 || bootp[2] != 6 {
+    if bootp.len() < 240 || !matches!(bootp[0], 1 | 2) || bootp[1] != 1 || bootp[2] != 6 {
         return None;
     }
     if bootp[236..240] != DHCP_MAGIC {
         return None;
     }
-    let address = Ipv4Addr::from(be32(bootp, 16)?);
+    let xid = be32(bootp, 4)?;
+    let yiaddr = Ipv4Addr::from(be32(bootp, 16)?);
     let mut chaddr = [0u8; 6];
     chaddr.copy_from_slice(&bootp[28..34]);
 
@@ -386,17 +442,103 @@ pub fn parse_ack(frame: &[u8]) -> Option<([u8; 6], DhcpAck)> {
         }
         i += 2 + len;
     }
-    if message_type != Some(DHCPACK) || address.is_unspecified() {
-        return None;
-    }
-    Some((
+    Some(DhcpMessage {
+        eth_src,
+        eth_dst,
+        sport,
+        dport,
+        op: bootp[0],
+        xid,
         chaddr,
+        yiaddr,
+        message_type,
+        lease_secs,
+        server,
+    })
+}
+
+/// A server-to-client DHCPACK (BOOTREPLY, UDP 67→68, option 53 = 5) with an
+/// address: its `chaddr` and what it granted. Says nothing about whether it
+/// can be trusted: that is [`Exchange::observe`]'s job.
+pub fn parse_ack(frame: &[u8]) -> Option<([u8; 6], DhcpAck)> {
+    let m = parse_dhcp(frame)?;
+    let is_ack = m.op == 2
+        && m.sport == BOOTP_SERVER_PORT
+        && m.dport == BOOTP_CLIENT_PORT
+        && m.message_type == Some(DHCPACK)
+        && !m.yiaddr.is_unspecified();
+    is_ack.then_some((
+        m.chaddr,
         DhcpAck {
-            address,
-            lease_secs,
-            server,
+            address: m.yiaddr,
+            lease_secs: m.lease_secs,
+            server: m.server,
         },
     ))
+}
+
+/// Which device a snooper watches, which decides the direction of a frame
+/// towards the guest (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// The guest's own tap: frames to the guest are `PACKET_OUTGOING`.
+    Tap,
+    /// A macvtap's parent: frames from the guest are `PACKET_OUTGOING`.
+    MacvtapParent,
+}
+
+/// The guest's side of one DHCP conversation, as far as a snooper saw it.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    mac: [u8; 6],
+    watched: Watched,
+    /// Transaction ids of the guest's latest DISCOVERs and REQUESTs.
+    xids: std::collections::VecDeque<u32>,
+}
+
+/// How many of the guest's transaction ids are remembered.
+const XIDS: usize = 16;
+
+impl Exchange {
+    pub fn new(mac: [u8; 6], watched: Watched) -> Self {
+        Self {
+            mac,
+            watched,
+            xids: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Looks at one frame; `outgoing` is whether the packet socket saw it
+    /// as `PACKET_OUTGOING`. Remembers the guest's requests; returns an ACK
+    /// only when it answers one of them, is addressed to the guest and
+    /// travels towards it.
+    pub fn observe(&mut self, frame: &[u8], outgoing: bool) -> Option<DhcpAck> {
+        let m = parse_dhcp(frame)?;
+        let towards_guest = match self.watched {
+            Watched::Tap => outgoing,
+            Watched::MacvtapParent => !outgoing,
+        };
+        if m.chaddr != self.mac {
+            return None;
+        }
+        if !towards_guest {
+            let request = m.op == 1
+                && m.sport == BOOTP_CLIENT_PORT
+                && m.dport == BOOTP_SERVER_PORT
+                && m.eth_src == self.mac
+                && matches!(m.message_type, Some(DHCPDISCOVER | DHCPREQUEST));
+            if request && !self.xids.contains(&m.xid) {
+                if self.xids.len() == XIDS {
+                    self.xids.pop_front();
+                }
+                self.xids.push_back(m.xid);
+            }
+            return None;
+        }
+        let to_guest = m.eth_dst == self.mac || m.eth_dst == [0xff; 6];
+        let (chaddr, ack) = parse_ack(frame)?;
+        (chaddr == self.mac && to_guest && self.xids.contains(&m.xid)).then_some(ack)
+    }
 }
 
 /// Fallback: the neighbour table entry for `mac` (on `ifname` if given), if
@@ -517,6 +659,132 @@ mod tests {
                 server: Some(Ipv4Addr::new(192, 0, 2, 1)),
             },
         )
+    }
+
+    /// The guest's DISCOVER (1) or REQUEST (3): from its MAC, broadcast.
+    fn request(message_type: u8) -> Vec<u8> {
+        let mut f = frame(false, 68, 67, 1, &[53, 1, message_type, 255]);
+        f[0..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&MAC);
+        f
+    }
+
+    fn with_xid(mut f: Vec<u8>, xid: u32) -> Vec<u8> {
+        // Ethernet 14 + IP 20 + UDP 8 + op/htype/hlen/hops 4.
+        f[46..50].copy_from_slice(&xid.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn an_ack_counts_only_after_the_guests_own_request_and_towards_it() {
+        for (watched, to_guest) in [(Watched::Tap, true), (Watched::MacvtapParent, false)] {
+            let mut x = Exchange::new(MAC, watched);
+            // An ACK nobody asked for (a forged one, or a stale replay).
+            assert_eq!(x.observe(&ack_frame(false), to_guest), None, "{watched:?}");
+            // The guest's DISCOVER, seen in the "from the guest" direction.
+            assert_eq!(x.observe(&request(1), !to_guest), None);
+            assert_eq!(
+                x.observe(&ack_frame(false), to_guest),
+                Some(expected().1),
+                "{watched:?}"
+            );
+            // The same ACK travelling the other way: the guest sent it itself.
+            assert_eq!(x.observe(&ack_frame(false), !to_guest), None, "{watched:?}");
+            // Another transaction id.
+            assert_eq!(
+                x.observe(&with_xid(ack_frame(false), 7), to_guest),
+                None,
+                "{watched:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn forged_requests_and_replies_teach_nothing() {
+        let mut x = Exchange::new(MAC, Watched::Tap);
+        // A request in the "towards the guest" direction is not the guest's.
+        x.observe(&request(3), true);
+        assert_eq!(x.observe(&ack_frame(false), true), None);
+        // A request from another MAC (chaddr ours, Ethernet source not).
+        let mut other = request(3);
+        other[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        x.observe(&other, false);
+        assert_eq!(x.observe(&ack_frame(false), true), None);
+        // A DHCPINFORM (8) or DECLINE (4) does not open a transaction.
+        x.observe(&request(8), false);
+        x.observe(&request(4), false);
+        assert_eq!(x.observe(&ack_frame(false), true), None);
+        x.observe(&request(3), false);
+        // Client-to-server direction ports, a BOOTREQUEST op, a NAK, another
+        // chaddr, another Ethernet destination: none counts.
+        assert_eq!(
+            x.observe(&frame(false, 68, 67, 2, &ack_options()), true),
+            None
+        );
+        assert_eq!(
+            x.observe(&frame(false, 67, 68, 1, &ack_options()), true),
+            None
+        );
+        assert_eq!(
+            x.observe(&frame(false, 67, 68, 2, &[53, 1, 6, 255]), true),
+            None
+        );
+        let mut stranger = ack_frame(false);
+        stranger[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+        assert_eq!(x.observe(&stranger, true), None);
+        let mut elsewhere = Exchange::new([0x02, 0, 0, 0, 0, 0x77], Watched::Tap);
+        elsewhere.observe(&request(3), false);
+        assert_eq!(elsewhere.observe(&ack_frame(false), true), None);
+        // The real one still works, also broadcast.
+        assert_eq!(x.observe(&ack_frame(false), true), Some(expected().1));
+        let mut broadcast = ack_frame(false);
+        broadcast[0..6].copy_from_slice(&[0xff; 6]);
+        assert_eq!(x.observe(&broadcast, true), Some(expected().1));
+    }
+
+    #[test]
+    fn only_the_latest_transaction_ids_are_kept() {
+        let mut x = Exchange::new(MAC, Watched::Tap);
+        x.observe(&request(1), false);
+        for xid in 0..XIDS as u32 {
+            x.observe(&with_xid(request(3), xid), false);
+        }
+        assert_eq!(
+            x.observe(&ack_frame(false), true),
+            None,
+            "0xdeadbeef was evicted"
+        );
+        assert!(x.observe(&with_xid(ack_frame(false), 3), true).is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_frame_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..700)) {
+            let _ = parse_dhcp(&bytes);
+            let _ = parse_ack(&bytes);
+            let mut x = Exchange::new(MAC, Watched::Tap);
+            let _ = x.observe(&bytes, false);
+            let _ = x.observe(&bytes, true);
+        }
+
+        #[test]
+        fn a_mutated_dhcp_frame_never_panics_the_parser(
+            at in 0usize..400,
+            value in proptest::num::u8::ANY,
+            cut in 0usize..400,
+        ) {
+            // Arbitrary bytes rarely get past the Ethernet and IP checks:
+            // mutate a valid ACK instead, so the option walker is reached.
+            let mut f = ack_frame(false);
+            if at < f.len() {
+                f[at] = value;
+            }
+            f.truncate(f.len().saturating_sub(cut));
+            let _ = parse_dhcp(&f);
+            let mut x = Exchange::new(MAC, Watched::Tap);
+            x.observe(&request(1), false);
+            let _ = x.observe(&f, true);
+        }
     }
 
     #[test]
@@ -886,9 +1154,12 @@ garbage line
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
                 let mut sn = DhcpSnooper::open("dsA").expect("open snooper");
                 // A MAC nobody uses: times out cleanly.
-                let none = sn.next_ack(OTHER_MAC, Duration::from_millis(200));
+                let mut other = Exchange::new(OTHER_MAC, Watched::Tap);
+                let none = sn.next_ack(&mut other, Duration::from_millis(200));
                 ready_tx.send(()).unwrap();
-                let ack = sn.next_ack(CLIENT_MAC, Duration::from_secs(40));
+                // dsA plays the guest's tap: the server's replies leave through it.
+                let mut client = Exchange::new(CLIENT_MAC, Watched::Tap);
+                let ack = sn.next_ack(&mut client, Duration::from_secs(40));
                 (
                     none.map_err(|e| e.to_string()),
                     ack.map_err(|e| e.to_string()),
@@ -963,6 +1234,122 @@ garbage line
             );
             assert_eq!(ack.lease_secs, Some(120));
             assert_eq!(ack.server, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        }
+        /// A macvtap guest's frames leave through the parent (outgoing
+        /// there) and the server's replies arrive on it: a macvlan in bridge
+        /// mode, whose guest side sits in another namespace, takes the same
+        /// path through the parent. The same ACK seen as a tap would see it
+        /// (the other direction) is not taken.
+        #[test]
+        fn snoops_on_a_macvlan_parent() {
+            let tools = ["/usr/sbin/dnsmasq", "/bin/busybox", "/usr/sbin/ip"];
+            if !nix::unistd::geteuid().is_root() || !tools.iter().all(|t| Path::new(t).exists()) {
+                eprintln!("skipping: needs root, dnsmasq, busybox and ip");
+                return;
+            }
+            let pid = std::process::id();
+            let mut ns = Netns {
+                server: format!("lume-ms-{pid}"),
+                client: format!("lume-mc-{pid}"),
+                dnsmasq: None,
+            };
+            let _host = Netns {
+                server: format!("lume-mh-{pid}"),
+                client: format!("lume-mh-{pid}"),
+                dnsmasq: None,
+            };
+            let (s, c, h) = (ns.server.clone(), ns.client.clone(), _host.server.clone());
+            for n in [&s, &c, &h] {
+                ip(&["netns", "add", n]);
+            }
+            ip(&[
+                "-n", &s, "link", "add", "msA", "type", "veth", "peer", "name", "msB", "netns", &h,
+            ]);
+            ip(&["-n", &s, "addr", "add", "192.0.2.1/24", "dev", "msA"]);
+            ip(&["-n", &s, "link", "set", "msA", "up"]);
+            ip(&["-n", &h, "link", "set", "msB", "up"]);
+            ip(&[
+                "-n",
+                &h,
+                "link",
+                "add",
+                "mvc",
+                "link",
+                "msB",
+                "address",
+                &mac_str(CLIENT_MAC),
+                "type",
+                "macvlan",
+                "mode",
+                "bridge",
+            ]);
+            ip(&["-n", &h, "link", "set", "mvc", "netns", &c]);
+            ip(&["-n", &c, "link", "set", "mvc", "up"]);
+
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let ns_path = format!("/run/netns/{h}");
+            let snooper = std::thread::spawn(move || {
+                let f = File::open(&ns_path).expect("open netns");
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let mut parent = DhcpSnooper::open("msB").expect("open snooper");
+                let mut as_tap = DhcpSnooper::open("msB").expect("open snooper");
+                ready_tx.send(()).unwrap();
+                let wrong = std::thread::spawn(move || {
+                    let mut x = Exchange::new(CLIENT_MAC, Watched::Tap);
+                    as_tap
+                        .next_ack(&mut x, Duration::from_secs(8))
+                        .map_err(|e| e.to_string())
+                });
+                let mut x = Exchange::new(CLIENT_MAC, Watched::MacvtapParent);
+                let ack = parent
+                    .next_ack(&mut x, Duration::from_secs(20))
+                    .map_err(|e| e.to_string());
+                (ack, wrong.join().unwrap())
+            });
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("snooper ready");
+            let dir = tempfile::tempdir().unwrap();
+            let log = File::create(dir.path().join("dnsmasq.log")).unwrap();
+            ns.dnsmasq = Some(
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &s,
+                        "dnsmasq",
+                        "--no-daemon",
+                        "--conf-file=/dev/null",
+                    ])
+                    .args([
+                        "--bind-interfaces",
+                        "--interface=msA",
+                        "--except-interface=lo",
+                    ])
+                    .arg("--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,2m")
+                    .arg(format!(
+                        "--dhcp-leasefile={}",
+                        dir.path().join("leases").display()
+                    ))
+                    .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+                    .args(["--port=0", "--user=root", "--log-facility=-"])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .expect("spawn dnsmasq"),
+            );
+            let client = Command::new("ip")
+                .args(["netns", "exec", &c, "busybox", "udhcpc", "-f", "-q", "-n"])
+                .args(["-i", "mvc", "-s", "/bin/true", "-t", "10", "-T", "1"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("run udhcpc");
+            assert!(client.status.success(), "udhcpc failed");
+            let (ack, wrong) = snooper.join().expect("snooper thread");
+            let ack = ack.expect("next_ack").expect("no ACK seen on the parent");
+            assert_eq!(ack.address.octets()[..3], [192, 0, 2]);
+            assert_eq!(wrong, Ok(None), "taken in the wrong direction");
         }
     }
 }

@@ -83,7 +83,8 @@ impl Dnsmasq {
              dhcp-rapid-commit\n\
              no-hosts\n\
              log-facility={log}\n\
-             log-dhcp\n",
+             log-dhcp\n\
+             user={user}\n",
             bridge = self.bridge,
             gw = s.gateway(),
             first = s.host(2),
@@ -93,6 +94,7 @@ impl Dnsmasq {
             leases = self.lease_path().display(),
             pid = self.pid_path().display(),
             log = self.dir.join("dnsmasq.log").display(),
+            user = dnsmasq_user().0,
         );
         if !self.route {
             // Host-only: no default route and no DNS for the guests.
@@ -124,14 +126,17 @@ impl Dnsmasq {
             let path = path.to_path_buf();
             move |source| DnsmasqError::Io { path, source }
         };
-        fs::create_dir_all(self.hosts_dir()).map_err(io_err(&self.hosts_dir()))?;
+        self.hosts_dir_for_dnsmasq()
+            .map_err(io_err(&self.hosts_dir()))?;
         fs::write(self.conf_path(), self.conf()).map_err(io_err(&self.conf_path()))?;
+        let _ = super::rundir::private_file(&self.conf_path());
         // dnsmasq drops to its own user: it must be able to rewrite the lease file.
         if !self.lease_path().exists() {
             fs::write(self.lease_path(), b"").map_err(io_err(&self.lease_path()))?;
         }
-        if let Ok(Some(user)) = nix::unistd::User::from_name("dnsmasq") {
-            let _ = nix::unistd::chown(&self.lease_path(), Some(user.uid), None);
+        let _ = super::rundir::private_file(&self.lease_path());
+        if let Some(uid) = dnsmasq_uid() {
+            let _ = nix::unistd::chown(&self.lease_path(), Some(uid), None);
         }
         let out = Command::new("dnsmasq")
             .process_group(0)
@@ -178,19 +183,77 @@ impl Dnsmasq {
     /// Reserves `ip` for `mac` under the name `id` (dnsmasq reads the
     /// directory by itself).
     pub fn reserve(&self, id: &str, mac: &str, ip: Ipv4Addr) -> Result<(), DnsmasqError> {
-        fs::create_dir_all(self.hosts_dir()).map_err(|source| DnsmasqError::Io {
-            path: self.hosts_dir(),
-            source,
-        })?;
+        self.hosts_dir_for_dnsmasq()
+            .map_err(|source| DnsmasqError::Io {
+                path: self.hosts_dir(),
+                source,
+            })?;
         let path = self.hosts_dir().join(id);
-        crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes())
-            .map_err(|source| DnsmasqError::Io { path, source })
+        crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes()).map_err(
+            |source| DnsmasqError::Io {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        let _ = super::rundir::private_file(&path);
+        if let Some(uid) = dnsmasq_uid()
+            && super::rundir::grant_file(&path, uid.as_raw()).is_err()
+        {
+            let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        }
+        Ok(())
+    }
+
+    /// The reservation directory, private to root except that dnsmasq's
+    /// user may read it (it does so after dropping privileges): an ACL entry
+    /// for that user, or, on a filesystem without ACLs, a path that others
+    /// can traverse but not list.
+    fn hosts_dir_for_dnsmasq(&self) -> std::io::Result<()> {
+        let hosts = self.hosts_dir();
+        // <base>/net-<ns>/<nat|host>/hosts.d
+        let base = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(&self.dir)
+            .to_path_buf();
+        super::rundir::private_dir(&base, &hosts)?;
+        let Some(uid) = dnsmasq_uid() else {
+            return Ok(());
+        };
+        if super::rundir::grant_reader(&base, &hosts, uid.as_raw()).is_err() {
+            use std::os::unix::fs::PermissionsExt;
+            for d in hosts.ancestors().skip(1) {
+                if !d.starts_with(&base) {
+                    break;
+                }
+                fs::set_permissions(d, fs::Permissions::from_mode(0o711))?;
+            }
+            fs::set_permissions(&hosts, fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
     }
 
     /// Drops the reservation `id`.
     pub fn release(&self, id: &str) {
         let _ = fs::remove_file(self.hosts_dir().join(id));
     }
+}
+
+/// The user dnsmasq drops to, named in its configuration: `dnsmasq` when
+/// that user exists, else `nobody` (dnsmasq-base's own default).
+fn dnsmasq_user() -> (&'static str, Option<nix::unistd::Uid>) {
+    for name in ["dnsmasq", "nobody"] {
+        if let Ok(Some(u)) = nix::unistd::User::from_name(name) {
+            return (name, Some(u.uid));
+        }
+    }
+    ("nobody", None)
+}
+
+/// The uid of [`dnsmasq_user`], when it exists.
+fn dnsmasq_uid() -> Option<nix::unistd::Uid> {
+    dnsmasq_user().1
 }
 
 /// Parses a dnsmasq lease file: `expiry mac ip hostname client-id` per line.

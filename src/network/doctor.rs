@@ -86,6 +86,7 @@ pub fn run(ctx: &Context) -> Report {
     for (binary, package) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
+        ("passt", "passt"),
         ("dnsmasq", "dnsmasq-base"),
         ("nft", "nftables"),
     ] {

@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -67,7 +68,12 @@ fn record(networks: &Networks, line: &str) {
         targets.extend(net.members().into_iter().map(|m| m.vm_dir.join("lume.log")));
     }
     for path in targets {
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
+        if let Ok(mut f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+        {
             let _ = f.write_all(stamped.as_bytes());
         }
     }

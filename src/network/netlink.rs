@@ -67,6 +67,7 @@ mod sys {
     pub const IFLA_LINK: u16 = 5;
     pub const IFLA_MASTER: u16 = 10;
     pub const IFLA_LINKINFO: u16 = 18;
+    pub const IFLA_IFALIAS: u16 = 20;
     pub const IFLA_EXT_MASK: u16 = 29;
     pub const IFLA_INFO_KIND: u16 = 1;
     pub const IFLA_INFO_DATA: u16 = 2;
@@ -114,6 +115,8 @@ pub struct LinkInfo {
     /// IFLA_INFO_KIND: "bridge", "macvtap", "veth", "tun", ...; `None` for
     /// plain hardware interfaces and loopback.
     pub kind: Option<String>,
+    /// IFLA_IFALIAS (`ip link set X alias Y`): lume marks its own bridges.
+    pub alias: Option<String>,
 }
 
 /// One IPv4 route of the main table.
@@ -464,10 +467,12 @@ fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
         master: None,
         mac: None,
         kind: None,
+        alias: None,
     };
     for (ty, data) in Attrs(&payload[sys::IFINFOMSG_LEN..]) {
         match ty {
             sys::IFLA_IFNAME => link.name = attr_string(data),
+            sys::IFLA_IFALIAS => link.alias = Some(attr_string(data)).filter(|a| !a.is_empty()),
             sys::IFLA_MASTER => link.master = attr_u32(data).filter(|&m| m != 0),
             sys::IFLA_ADDRESS => link.mac = data.try_into().ok(),
             sys::IFLA_LINKINFO => {
@@ -778,6 +783,15 @@ impl Netlink {
         }
     }
 
+    /// Sets the alias (IFLA_IFALIAS) of link `name`.
+    pub fn set_alias(&mut self, name: &str, alias: &str) -> Result<(), NetlinkError> {
+        let index = self.require(name, "set the alias of")?;
+        let mut req = Request::new(sys::RTM_NEWLINK, sys::NLM_F_ACK).ifinfomsg(index, 0, 0);
+        req.attr_str(sys::IFLA_IFALIAS, alias);
+        self.execute(&req)
+            .map_err(|e| Self::fail_on("set the alias of", name, e))
+    }
+
     /// Create a macvtap in bridge mode on `parent` with address `mac` (left
     /// down) and return its ifindex; its character device is
     /// `/dev/tap<ifindex>`.
@@ -958,6 +972,51 @@ impl Netlink {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The parsers of what the kernel sends never panic, whatever the bytes.
+        #[test]
+        fn message_parsers_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            ty in proptest::num::u16::ANY,
+            flags in proptest::num::u16::ANY,
+        ) {
+            if let Ok(msgs) = split_messages(&bytes) {
+                for m in msgs {
+                    let _ = parse_status(m.ty, m.flags, m.payload);
+                    let _ = parse_link(m.payload);
+                    let _ = parse_addr_v4(m.payload);
+                    let _ = parse_route_v4(m.payload);
+                }
+            }
+            let _ = parse_status(ty, flags, &bytes);
+            let _ = parse_link(&bytes);
+            let _ = parse_addr_v4(&bytes);
+            let _ = parse_route_v4(&bytes);
+            let _ = Attrs(&bytes).count();
+        }
+
+        /// Well-framed messages with arbitrary attribute bytes reach the
+        /// attribute walkers (random bytes rarely pass the framing).
+        #[test]
+        fn framed_messages_with_arbitrary_attributes_never_panic(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            family_inet in proptest::bool::ANY,
+        ) {
+            let mut payload = vec![0u8; sys::IFINFOMSG_LEN.max(sys::RTMSG_LEN).max(sys::IFADDRMSG_LEN)];
+            if family_inet {
+                payload[0] = sys::AF_INET;
+            }
+            payload.extend_from_slice(&body);
+            let _ = parse_link(&payload);
+            let _ = parse_addr_v4(&payload);
+            let _ = parse_route_v4(&payload);
+            let msg = hdr(sys::NLMSG_ERROR, sys::NLM_F_ACK_TLVS, 1, &payload);
+            for m in split_messages(&msg).unwrap() {
+                let _ = parse_status(m.ty, m.flags, m.payload);
+            }
+        }
+    }
+
     fn hdr(ty: u16, flags: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
         m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
@@ -1038,6 +1097,7 @@ mod tests {
                 master: Some(3),
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 kind: Some("macvtap".into()),
+                alias: None,
             }
         );
         // Loopback-like: 6-byte zero address is still a MAC; other lengths

@@ -63,6 +63,10 @@ pub enum SharedError {
         subnet: Subnet,
         capacity: u32,
     },
+    #[error(
+        "{key} '{bridge}' is an existing interface that lume did not create: lume never takes over or deletes a foreign interface. Choose a name that does not exist (lume config set {key} lume0), or put VMs on that bridge with --network bridged:{bridge}"
+    )]
+    ForeignBridge { key: &'static str, bridge: String },
     #[error("Cannot switch IPv4 forwarding")]
     Forwarding(#[source] std::io::Error),
     #[error(
@@ -142,10 +146,43 @@ impl Member {
         member_id(&self.vm, &self.vm_dir)
     }
 
+    /// Whether the member's VM runs, as far as its lock can tell.
+    pub fn liveness(&self) -> Liveness {
+        liveness_of(&self.vm_dir)
+    }
+
+    /// Not provably dead: a member whose lock cannot be checked keeps its
+    /// share of the network (ports, reservation, the bridge itself).
     fn alive(&self) -> bool {
-        VmLock::is_held(&self.vm_dir.join(".lock")).unwrap_or(false)
+        self.liveness() != Liveness::Dead
     }
 }
+
+/// What a VM's lock says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// The lock is held: the supervisor runs.
+    Alive,
+    /// The lock is free, or its file (or the VM directory) is gone.
+    Dead,
+    /// The lock could not be checked (permissions, a symlink, I/O): nothing
+    /// may be torn down on that basis.
+    Unknown,
+}
+
+/// The liveness of the VM in `vm_dir` (see [`Liveness`]).
+pub fn liveness_of(vm_dir: &Path) -> Liveness {
+    match VmLock::is_held(&vm_dir.join(".lock")) {
+        Ok(true) => Liveness::Alive,
+        Ok(false) => Liveness::Dead,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
+        Err(_) => Liveness::Unknown,
+    }
+}
+
+/// The alias (IFLA_IFALIAS) lume gives the bridges it creates; only a bridge
+/// with this mark is ever deleted.
+pub const BRIDGE_MARK: &str = "lume";
 
 /// The runtime directory of this network namespace:
 /// `/run/lume/net-<inode of /proc/self/ns/net>`. Bridges, dnsmasq and
@@ -209,6 +246,11 @@ impl Networks {
         })
     }
 
+    /// `/run/lume`: the directory above this namespace's runtime root.
+    fn base(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+
     pub fn get(&self, kind: Kind) -> &SharedNet {
         match kind {
             Kind::Nat => &self.nat,
@@ -218,9 +260,11 @@ impl Networks {
 
     /// Takes the namespace-wide network mutex.
     fn lock(&self) -> Result<VmLock, SharedError> {
-        fs::create_dir_all(&self.root).map_err(|source| SharedError::Runtime {
-            path: self.root.clone(),
-            source,
+        super::rundir::private_dir(self.base(), &self.root).map_err(|source| {
+            SharedError::Runtime {
+                path: self.root.clone(),
+                source,
+            }
         })?;
         let path = self.root.join("network.lock");
         VmLock::acquire_within(&path, Duration::from_secs(30))
@@ -252,9 +296,11 @@ impl Networks {
                 Kind::Host => self.nat.subnet(),
             };
             let (subnet, why) = net.resolve_subnet(&other)?;
-            fs::create_dir_all(&net.dir).map_err(|source| SharedError::Runtime {
-                path: net.dir.clone(),
-                source,
+            super::rundir::private_dir(self.base(), &net.dir).map_err(|source| {
+                SharedError::Runtime {
+                    path: net.dir.clone(),
+                    source,
+                }
             })?;
             fs::write(net.dir.join("subnet"), subnet.to_string()).map_err(|source| {
                 SharedError::Runtime {
@@ -262,6 +308,7 @@ impl Networks {
                     source,
                 }
             })?;
+            let _ = super::rundir::private_file(&net.dir.join("subnet"));
             note = why;
         }
         let id = member_id(vm, vm_dir);
@@ -400,6 +447,7 @@ impl Networks {
         match Nft.listing()? {
             Some(text) => {
                 let _ = fs::write(&saved, text);
+                let _ = super::rundir::private_file(&saved);
             }
             None => {
                 let _ = fs::remove_file(&saved);
@@ -614,6 +662,13 @@ impl SharedNet {
             .unwrap_or(self.configured)
     }
 
+    fn bridge_key(&self) -> &'static str {
+        match self.kind {
+            Kind::Nat => "natBridge",
+            Kind::Host => "hostBridge",
+        }
+    }
+
     fn key(&self) -> &'static str {
         match self.kind {
             Kind::Nat => "natSubnet",
@@ -660,11 +715,14 @@ impl SharedNet {
             source,
         };
         fs::create_dir_all(&dir).map_err(io)?;
+        super::rundir::private_dir(&dir, &dir).map_err(io)?;
+        let path = dir.join(format!("{}.json", m.id()));
         crate::util::atomic::write_atomic(
-            &dir.join(format!("{}.json", m.id())),
+            &path,
             &serde_json::to_vec_pretty(m).expect("member serialises"),
         )
-        .map_err(io)
+        .map_err(io)?;
+        super::rundir::private_file(&path).map_err(io)
     }
 
     fn remove_member(&self, id: &str) -> Result<(), SharedError> {
@@ -767,13 +825,28 @@ impl SharedNet {
 
     /// The bridge with its gateway address, up; forwarding on for NAT.
     pub fn bring_up(&self) -> Result<(), SharedError> {
-        fs::create_dir_all(&self.dir).map_err(|source| SharedError::Runtime {
-            path: self.dir.clone(),
-            source,
-        })?;
+        fs::create_dir_all(&self.dir)
+            .and_then(|()| super::rundir::private_dir(&self.dir, &self.dir))
+            .map_err(|source| SharedError::Runtime {
+                path: self.dir.clone(),
+                source,
+            })?;
         let mut nl = Netlink::open()?;
-        if nl.link_info(&self.bridge)?.is_none() {
-            nl.create_bridge(&self.bridge)?;
+        match nl.link_info(&self.bridge)? {
+            None => {
+                nl.create_bridge(&self.bridge)?;
+                if let Err(e) = nl.set_alias(&self.bridge, BRIDGE_MARK) {
+                    let _ = nl.delete_link(&self.bridge);
+                    return Err(e.into());
+                }
+            }
+            Some(link) if is_lume_bridge(&link) => {}
+            Some(_) => {
+                return Err(SharedError::ForeignBridge {
+                    key: self.bridge_key(),
+                    bridge: self.bridge.clone(),
+                });
+            }
         }
         nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
         nl.set_up(&self.bridge)?;
@@ -786,7 +859,11 @@ impl SharedNet {
     /// Removes the bridge and dnsmasq; restores forwarding. Best effort.
     pub fn take_down(&self) {
         self.dnsmasq().stop();
-        if let Ok(mut nl) = Netlink::open() {
+        // Only a bridge lume created (marked) is deleted.
+        if let Ok(mut nl) = Netlink::open()
+            && let Ok(Some(link)) = nl.link_info(&self.bridge)
+            && is_lume_bridge(&link)
+        {
             let _ = nl.delete_link(&self.bridge);
         }
         if self.kind == Kind::Nat {
@@ -794,6 +871,11 @@ impl SharedNet {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A bridge lume created: kind bridge, marked with [`BRIDGE_MARK`].
+pub fn is_lume_bridge(link: &super::netlink::LinkInfo) -> bool {
+    link.kind.as_deref() == Some("bridge") && link.alias.as_deref() == Some(BRIDGE_MARK)
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -804,6 +886,7 @@ fn forwarding_on(dir: &Path) -> Result<(), SharedError> {
     let current = fs::read_to_string(IP_FORWARD).map_err(SharedError::Forwarding)?;
     if !saved.exists() {
         fs::write(&saved, current.trim()).map_err(SharedError::Forwarding)?;
+        let _ = super::rundir::private_file(&saved);
     }
     if current.trim() != "1" {
         fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;

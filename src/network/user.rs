@@ -1,10 +1,11 @@
-//! `user` mode: QEMU's built-in user-mode stack (slirp). No privileges, no
-//! host devices; the guest's traffic leaves through QEMU's own sockets and so
-//! follows the host's routing, VPN included.
+//! `user` mode: passt (see [`super::passt`]), started by the supervisor per
+//! VM. No privileges, no host devices; the guest's traffic leaves through
+//! passt's sockets and so follows the host's routing, VPN included. The guest
+//! never reaches the host's loopback unless the VM opted in
+//! (`unsafeHostLoopback`).
 
 use std::net::Ipv4Addr;
 
-use super::publish::PortMapping;
 use super::subnet::Subnet;
 
 /// The user-mode subnet (config.yaml `userSubnet`, default 10.0.2.0/24).
@@ -39,26 +40,25 @@ impl std::str::FromStr for UserNet {
 }
 
 impl UserNet {
-    /// The address slirp's DHCP server gives the first guest (network + 15).
+    /// The address passt's DHCP server gives the guest (network + 15).
     pub fn guest_address(&self) -> Ipv4Addr {
         self.0.host(15)
     }
 
-    /// The `-netdev user,...` option value, with one `hostfwd` per published port.
-    pub fn netdev(&self, id: &str, publish: &[PortMapping]) -> String {
-        let mut s = format!(
-            "user,id={id},net={},dhcpstart={}",
-            self.0,
-            self.guest_address()
-        );
-        for p in publish {
-            let host_ip = p.host_ip.map(|ip| ip.to_string()).unwrap_or_default();
-            s.push_str(&format!(
-                ",hostfwd={}:{host_ip}:{}-:{}",
-                p.proto, p.host_port, p.guest_port
-            ));
-        }
-        s
+    /// The guest's default gateway (network + 2). Not the host: see
+    /// [`super::passt`].
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.0.host(2)
+    }
+
+    /// The DNS address passt forwards to the host's first resolver (network + 3).
+    pub fn dns(&self) -> Ipv4Addr {
+        self.0.host(3)
+    }
+
+    /// The `-netdev` value for passt's socket, handed to QEMU as descriptor `fd`.
+    pub fn netdev(id: &str, fd: i32) -> String {
+        format!("stream,id={id},server=off,addr.type=fd,addr.str={fd}")
     }
 }
 
@@ -67,18 +67,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_and_derives_the_guest_address() {
+    fn parses_and_derives_the_guest_addresses() {
         let n: UserNet = "192.0.2.77/24".parse().unwrap();
         assert_eq!(n.0.network, Ipv4Addr::new(192, 0, 2, 0));
         assert_eq!(n.guest_address(), Ipv4Addr::new(192, 0, 2, 15));
-        assert!(n.netdev("n0", &[]).contains("net=192.0.2.0/24"));
-        let p = [
-            "127.0.0.1:8080:80".parse().unwrap(),
-            "5353:53/udp".parse().unwrap(),
-        ];
-        let d = n.netdev("n0", &p);
-        assert!(d.contains(",hostfwd=tcp:127.0.0.1:8080-:80"), "{d}");
-        assert!(d.contains(",hostfwd=udp::5353-:53"), "{d}");
+        assert_eq!(n.gateway(), Ipv4Addr::new(192, 0, 2, 2));
+        assert_eq!(n.dns(), Ipv4Addr::new(192, 0, 2, 3));
+        assert_eq!(
+            UserNet::netdev("n0", 3),
+            "stream,id=n0,server=off,addr.type=fd,addr.str=3"
+        );
         assert!("192.0.2.0".parse::<UserNet>().is_err());
         assert!("192.0.2.0/28".parse::<UserNet>().is_err());
     }

@@ -21,7 +21,7 @@ use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
-use crate::network::publish::{PortMapping, check_unique};
+use crate::network::publish::PortMapping;
 use crate::settings::{Settings, SettingsError};
 
 /// Errors of the lifecycle actions.
@@ -227,6 +227,10 @@ pub enum Action {
     Get { name: VmName },
     /// Change settings from the next start.
     Set(SetSpec),
+    /// User mode: whether the guest may reach the host's loopback through its
+    /// gateway (config.json `unsafeHostLoopback`), from the next start.
+    /// Unsafe for untrusted guests.
+    SetHostLoopback { name: VmName, allow: bool },
     /// Copy a stopped VM under a new name with a new MAC address.
     Clone { source: VmName, target: VmName },
     /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
@@ -297,6 +301,14 @@ pub fn execute(
             Ok(Outcome::Details(VmDetails::read(store, &vm)))
         }
         Action::Set(spec) => set(store, spec),
+        Action::SetHostLoopback { name, allow } => {
+            let vm = store.open(&name)?;
+            vm.update_config(|cfg| -> Result<(), VmError> {
+                cfg.unsafe_host_loopback = allow;
+                Ok(())
+            })?;
+            Ok(Outcome::Updated(VmDetails::read(store, &vm)))
+        }
         Action::Clone { source, target } => clone(store, &source, &target),
         Action::Delete {
             name,
@@ -330,11 +342,7 @@ fn check_resources(
 
 /// Published ports need a mode that can publish, and distinct host ports.
 fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmError> {
-    if !publish.is_empty() && !mode.supports_publish() {
-        return Err(AttachError::PublishNotSupported(mode.clone()).into());
-    }
-    check_unique(publish).map_err(AttachError::from)?;
-    Ok(())
+    Ok(crate::network::attach::check_publish(mode, publish)?)
 }
 
 fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
@@ -408,6 +416,7 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             kernel_boot,
             disk_format: DiskFormat::Raw,
             publish: spec.publish.clone(),
+            unsafe_host_loopback: false,
             extra: Default::default(),
         };
         cfg.save(&work.join("config.json"))?;
@@ -459,6 +468,7 @@ fn run_request(
         attach: AttachOptions {
             user_net: ctx.settings.get_str("userSubnet")?,
             publish,
+            host_loopback: cfg.unsafe_host_loopback,
             settings: ctx.settings.clone(),
             vm: spec
                 .name
@@ -737,12 +747,13 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 9] = [
+const RUNTIME_FILES: [&str; 10] = [
     "console.log",
     "console.log.1",
     "qemu.log.1",
     "lume.log",
     "qemu.log",
+    "passt.log",
     "run.json",
     "qmp.sock",
     ".lock",

@@ -188,6 +188,10 @@ pub struct VmConfig {
     /// Ports published at every start (`--publish` on create).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<PortMapping>,
+    /// User mode: the guest may reach the host's loopback services through
+    /// its gateway. Unsafe for untrusted guests; off unless set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsafe_host_loopback: bool,
     /// Every key we do not know, kept so that a rewrite loses nothing.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -310,6 +314,7 @@ mod tests {
             }),
             disk_format: DiskFormat::Raw,
             publish: vec!["127.0.0.1:2222:22".parse().unwrap()],
+            unsafe_host_loopback: false,
             extra: Map::new(),
         };
         c.save(&p).unwrap();

@@ -52,7 +52,7 @@ fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
     use crate::network::NetworkMode::*;
     match mode {
-        User => Some("User-mode networking: the guest is reachable from outside only through published ports; ping from the guest may not work".into()),
+        User => Some("User-mode networking (passt): the guest is reachable from outside only through published ports and never reaches this host's loopback; ping from the guest may not work".into()),
         None => Some("No network device".into()),
         _ => Option::None,
     }

@@ -1,0 +1,513 @@
+//! `user` mode through passt: one unprivileged passt process per VM, owned by
+//! the VM's supervisor, speaking QEMU's stream protocol (a 4-byte big-endian
+//! length before every Ethernet frame) over a socketpair.
+//!
+//! passt 0.0~git20230309 (Debian 12) connects whatever destination a guest
+//! frame names, loopback included: a crafted SYN to 127.0.0.1, 0.0.0.0, ::1
+//! or ::ffff:127.0.0.1 reaches the host's loopback services even with
+//! `--no-map-gw` (checked by `tests/e2e_loopback.rs`). So, unless the VM opted
+//! in to host loopback, lume sits between QEMU and passt: a relay in the
+//! supervisor passes every frame from passt to QEMU unchanged, and from QEMU
+//! to passt only ARP, IPv4 and IPv6 frames whose destination is not a
+//! loopback or "this host" address ([`guest_frame_allowed`]).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::publish::{PortMapping, Proto};
+use super::user::UserNet;
+
+/// Why passt could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum PasstError {
+    #[error(
+        "passt was not found: user-mode networking needs it (apt-get install passt), or use --network none"
+    )]
+    Missing,
+    #[error("Cannot start passt for user-mode networking")]
+    Spawn(#[source] io::Error),
+    #[error(
+        "passt exited at once ({status}): {messages}; see {log} and check that the published host ports are free"
+    )]
+    Exited {
+        status: String,
+        messages: String,
+        log: PathBuf,
+    },
+    #[error(
+        "The user 'nobody' does not exist: lume runs passt as nobody when started as root; create that user, or run lume as an unprivileged user for --network user"
+    )]
+    NoUnprivilegedUser,
+    #[error("Cannot create the socket between QEMU and passt")]
+    Socket(#[source] io::Error),
+}
+
+/// The passt binary: `passt` on PATH.
+pub fn find_passt() -> Result<PathBuf, PasstError> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("passt"))
+        .find(|p| p.is_file())
+        .ok_or(PasstError::Missing)
+}
+
+/// passt's `-t`/`-u` value for the mappings of one protocol (`none` if none).
+fn port_spec(publish: &[PortMapping], proto: Proto) -> Vec<String> {
+    let specs: Vec<String> = publish
+        .iter()
+        .filter(|p| p.proto == proto)
+        .map(|p| match p.host_ip {
+            Some(ip) => format!("{ip}/{}:{}", p.host_port, p.guest_port),
+            None => format!("{}:{}", p.host_port, p.guest_port),
+        })
+        .collect();
+    if specs.is_empty() {
+        vec!["none".into()]
+    } else {
+        specs
+    }
+}
+
+/// The MAC address passt uses towards the guest (its own fallback value).
+const PASST_MAC: &str = "9a:55:9a:55:9a:55";
+
+/// Whether this network namespace has an IPv4 default route
+/// (`/proc/net/route`, readable without privileges).
+fn has_ipv4_default_route() -> bool {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| {
+            t.lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+        })
+        .unwrap_or(false)
+}
+
+/// passt's arguments (the connected socket is descriptor 3). Without an
+/// IPv4 default route passt finds no "external interface" and refuses to
+/// start, so it is told to take loopback as its template (`-i lo`): the
+/// guest still gets its address and published ports work (IPv6 is off).
+pub fn arguments(
+    net: &UserNet,
+    publish: &[PortMapping],
+    host_loopback: bool,
+    default_route: bool,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--foreground",
+        "--quiet",
+        "--fd",
+        "3",
+        "--mac-addr",
+        PASST_MAC,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !default_route {
+        a.extend(["--interface".into(), "lo".into()]);
+    }
+    a.extend([
+        "--address".into(),
+        net.guest_address().to_string(),
+        "--netmask".into(),
+        net.0.prefix.to_string(),
+        "--gateway".into(),
+        net.gateway().to_string(),
+        "--dns-forward".into(),
+        net.dns().to_string(),
+    ]);
+    if !host_loopback {
+        // The gateway is not the host: connections to it are not redirected to 127.0.0.1/::1.
+        a.push("--no-map-gw".into());
+    }
+    // Explicit -u: otherwise passt also forwards the TCP port numbers for UDP.
+    for (flag, proto) in [("-t", Proto::Tcp), ("-u", Proto::Udp)] {
+        for spec in port_spec(publish, proto) {
+            a.push(flag.into());
+            a.push(spec);
+        }
+    }
+    a
+}
+
+/// Whether a frame from the guest may go on to passt: ARP, and IPv4/IPv6
+/// whose destination passt would not turn into a connection to this host's
+/// loopback (127.0.0.0/8, 0.0.0.0/8 — a connect to 0.0.0.0 reaches
+/// 127.0.0.1 —, ::1, ::, IPv4-compatible and IPv4-mapped forms of those).
+/// Anything else (VLAN tags, unknown ethertypes, truncated headers) is
+/// dropped: passt has nothing to do with it.
+pub fn guest_frame_allowed(frame: &[u8]) -> bool {
+    let Some(ethertype) = frame.get(12..14) else {
+        return false;
+    };
+    match u16::from_be_bytes([ethertype[0], ethertype[1]]) {
+        0x0806 => true,
+        0x0800 => match frame.get(30..34) {
+            Some(d) => ipv4_allowed(Ipv4Addr::new(d[0], d[1], d[2], d[3])),
+            None => false,
+        },
+        0x86dd => match frame.get(38..54) {
+            Some(d) => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(d);
+                ipv6_allowed(Ipv6Addr::from(b))
+            }
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+fn ipv4_allowed(a: Ipv4Addr) -> bool {
+    !(a.is_loopback() || a.octets()[0] == 0)
+}
+
+fn ipv6_allowed(a: Ipv6Addr) -> bool {
+    let o = a.octets();
+    if a.is_loopback() || a.is_unspecified() {
+        return false;
+    }
+    // ::a.b.c.d (IPv4-compatible) and ::ffff:a.b.c.d (IPv4-mapped).
+    if o[..10].iter().all(|b| *b == 0) && (o[10..12] == [0, 0] || o[10..12] == [0xff, 0xff]) {
+        return ipv4_allowed(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+    }
+    true
+}
+
+/// Largest frame relayed (QEMU's own NET_BUFSIZE); longer ones are skipped.
+const MAX_FRAME: usize = 4096 + 65536;
+
+/// Copies length-prefixed frames from `from` to `to`, dropping the ones
+/// [`guest_frame_allowed`] refuses. Returns at end of stream or on error.
+fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    loop {
+        let mut len = [0u8; 4];
+        if from.read_exact(&mut len).is_err() {
+            break;
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        if n > MAX_FRAME {
+            // Nothing passt could use: read past it.
+            let skipped = io::copy(&mut (&from).take(n as u64), &mut io::sink());
+            if skipped.map_or(true, |k| k != n as u64) {
+                break;
+            }
+            continue;
+        }
+        if from.read_exact(&mut buf[..n]).is_err() {
+            break;
+        }
+        if guest_frame_allowed(&buf[..n])
+            && (to.write_all(&len).is_err() || to.write_all(&buf[..n]).is_err())
+        {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+/// Copies bytes from `from` to `to` unchanged.
+fn relay_plain(mut from: UnixStream, mut to: UnixStream) {
+    let _ = io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+/// A running passt and the relay in front of it. Dropping it stops passt
+/// and waits for it and the relay threads.
+#[derive(Debug)]
+pub struct Passt {
+    child: Child,
+    /// Our ends of the sockets, to unblock the relay on drop.
+    ends: Vec<UnixStream>,
+    relays: Vec<JoinHandle<()>>,
+    pub log: PathBuf,
+}
+
+impl Passt {
+    /// Starts passt for `net` with `publish`, logging to `run_dir/passt.log`.
+    /// Returns it and the descriptor QEMU's `-netdev stream` gets.
+    pub fn start(
+        net: &UserNet,
+        publish: &[PortMapping],
+        host_loopback: bool,
+        run_dir: &Path,
+    ) -> Result<(Self, OwnedFd), PasstError> {
+        let binary = find_passt()?;
+        let (ours, theirs) = UnixStream::pair().map_err(PasstError::Socket)?;
+        let log = run_dir.join("passt.log");
+        let log_file = private_file(&log).map_err(PasstError::Spawn)?;
+        let passt_fd = theirs.as_raw_fd();
+        let supervisor = nix::unistd::getpid();
+        // As root, passt would switch to nobody by itself, and that change of
+        // credentials clears PR_SET_PDEATHSIG: switch before exec instead,
+        // then ask for the signal.
+        let drop_to = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("nobody")
+                .ok()
+                .flatten()
+                .ok_or(PasstError::NoUnprivilegedUser)?;
+            Some((user.uid, user.gid))
+        } else {
+            None
+        };
+        let mut cmd = Command::new(&binary);
+        cmd.args(arguments(
+            net,
+            publish,
+            host_loopback,
+            has_ipv4_default_route(),
+        ))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(PasstError::Spawn)?)
+        .stderr(log_file);
+        // SAFETY: the closure runs between fork and exec and only calls
+        // async-signal-safe functions (setgroups, setgid, setuid, prctl,
+        // getppid, setpgid, dup2, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some((uid, gid)) = drop_to {
+                    nix::unistd::setgroups(&[])?;
+                    nix::unistd::setgid(gid)?;
+                    nix::unistd::setuid(uid)?;
+                }
+                // Dies with the supervisor; its own process group keeps a
+                // terminal's Ctrl-C away from it.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                if nix::unistd::getppid() != supervisor {
+                    libc::_exit(1);
+                }
+                nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
+                // dup2 leaves descriptor 3 without FD_CLOEXEC: passt inherits it.
+                if libc::dup2(passt_fd, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => PasstError::Missing,
+            _ => PasstError::Spawn(e),
+        })?;
+        drop(theirs);
+        let mut p = Self {
+            child,
+            ends: Vec::new(),
+            relays: Vec::new(),
+            log,
+        };
+        p.check_started()?;
+        let for_qemu = if host_loopback {
+            p.ends.push(ours.try_clone().map_err(PasstError::Socket)?);
+            OwnedFd::from(ours)
+        } else {
+            let (relay_end, qemu_end) = UnixStream::pair().map_err(PasstError::Socket)?;
+            let clone = |s: &UnixStream| s.try_clone().map_err(PasstError::Socket);
+            p.ends.push(clone(&ours)?);
+            p.ends.push(clone(&relay_end)?);
+            let (q_in, p_out) = (clone(&relay_end)?, clone(&ours)?);
+            p.relays
+                .push(std::thread::spawn(move || relay_filtered(q_in, p_out)));
+            p.relays
+                .push(std::thread::spawn(move || relay_plain(ours, relay_end)));
+            OwnedFd::from(qemu_end)
+        };
+        Ok((p, for_qemu))
+    }
+
+    /// passt refuses bad options and busy ports at once: give it a moment.
+    fn check_started(&mut self) -> Result<(), PasstError> {
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let messages = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let messages = messages
+                    .lines()
+                    .filter(|l| !l.contains("syslog") && !l.trim().is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                return Err(PasstError::Exited {
+                    status: status.to_string(),
+                    messages,
+                    log: self.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// passt's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGTERM,
+        );
+        let until = Instant::now() + Duration::from_secs(2);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for s in &self.ends {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for h in self.relays.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Creates (truncates) `path` readable by its owner only.
+fn private_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn v4(dst: [u8; 4]) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6, 0, 0, 10, 0, 2, 15];
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&[0; 20]);
+        eth(0x0800, &ip)
+    }
+
+    fn v6(dst: &str) -> Vec<u8> {
+        let mut ip = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+        ip.extend_from_slice(&"2001:db8::2".parse::<Ipv6Addr>().unwrap().octets());
+        ip.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        ip.extend_from_slice(&[0; 20]);
+        eth(0x86dd, &ip)
+    }
+
+    #[test]
+    fn loopback_destinations_are_dropped() {
+        for d in [[127, 0, 0, 1], [127, 1, 2, 3], [0, 0, 0, 0], [0, 1, 2, 3]] {
+            assert!(!guest_frame_allowed(&v4(d)), "{d:?}");
+        }
+        for d in [
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::ffff:0.0.0.0",
+        ] {
+            assert!(!guest_frame_allowed(&v6(d)), "{d}");
+        }
+    }
+
+    #[test]
+    fn other_destinations_pass() {
+        for d in [
+            [198, 51, 100, 1],
+            [10, 0, 2, 2],
+            [255, 255, 255, 255],
+            [224, 0, 0, 1],
+        ] {
+            assert!(guest_frame_allowed(&v4(d)), "{d:?}");
+        }
+        for d in ["2001:db8::1", "fe80::1", "ff02::2", "::ffff:198.51.100.1"] {
+            assert!(guest_frame_allowed(&v6(d)), "{d}");
+        }
+        assert!(guest_frame_allowed(&eth(0x0806, &[0; 28])));
+    }
+
+    #[test]
+    fn truncated_and_unknown_frames_are_dropped() {
+        let f = v4([198, 51, 100, 1]);
+        for n in 0..34 {
+            assert!(!guest_frame_allowed(&f[..n]), "{n}");
+        }
+        let f = v6("2001:db8::1");
+        assert!(!guest_frame_allowed(&f[..53]));
+        assert!(!guest_frame_allowed(&eth(0x8100, &[0; 64])), "VLAN tag");
+        assert!(!guest_frame_allowed(&eth(0x88cc, &[0; 64])));
+    }
+
+    #[test]
+    fn the_relay_passes_allowed_frames_and_skips_the_rest() {
+        let (mut qemu, relay_in) = UnixStream::pair().unwrap();
+        let (relay_out, mut passt) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || relay_filtered(relay_in, relay_out));
+        let ok = v4([198, 51, 100, 1]);
+        let huge = vec![0u8; MAX_FRAME + 1];
+        for f in [&v4([127, 0, 0, 1]), &huge, &ok, &v6("::1"), &ok] {
+            qemu.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
+            qemu.write_all(f).unwrap();
+        }
+        drop(qemu);
+        let mut out = Vec::new();
+        passt.read_to_end(&mut out).unwrap();
+        t.join().unwrap();
+        let mut want = Vec::new();
+        for _ in 0..2 {
+            want.extend_from_slice(&(ok.len() as u32).to_be_bytes());
+            want.extend_from_slice(&ok);
+        }
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn arguments_map_publish_and_the_loopback_choice() {
+        let n: UserNet = "198.51.100.0/24".parse().unwrap();
+        let p: Vec<PortMapping> = ["127.0.0.1:8080:80", "2222:22", "5353:53/udp"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let a = arguments(&n, &p, false, true).join(" ");
+        assert!(!a.contains("--interface"), "{a}");
+        assert!(a.contains("--fd 3"), "{a}");
+        assert!(
+            a.contains("--address 198.51.100.15 --netmask 24 --gateway 198.51.100.2"),
+            "{a}"
+        );
+        assert!(a.contains("--dns-forward 198.51.100.3"), "{a}");
+        assert!(a.contains("--no-map-gw"), "{a}");
+        assert!(
+            a.contains("-t 127.0.0.1/8080:80 -t 2222:22 -u 5353:53"),
+            "{a}"
+        );
+        let a = arguments(&n, &[], true, false).join(" ");
+        assert!(a.contains("--interface lo"), "{a}");
+        assert!(!a.contains("--no-map-gw"), "{a}");
+        assert!(a.ends_with("-t none -u none"), "{a}");
+    }
+}
