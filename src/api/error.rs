@@ -92,7 +92,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         },
         VmError::Network(a) => attach_status(a),
         // qemu-img cannot read the image the client named.
-        VmError::Image(ImageError::Inspect { .. }) => BAD,
+        VmError::Image(ImageError::Inspect { .. } | ImageError::Format { .. }) => BAD,
         VmError::Image(_) | VmError::Config(_) | VmError::Settings(_) => FAILED,
         VmError::MacOsGuest
         | VmError::UnknownOs(_)
@@ -121,11 +121,13 @@ pub fn vm_status(e: &VmError) -> StatusCode {
 /// Network errors: what the client chose wrong is 400, the host's failures 500.
 fn attach_status(e: &AttachError) -> StatusCode {
     match e {
-        AttachError::Shared(crate::network::shared::SharedError::PortTaken { .. }) => {
-            StatusCode::CONFLICT
-        }
+        AttachError::Shared(
+            crate::network::shared::SharedError::PortTaken { .. }
+            | crate::network::shared::SharedError::ForeignBridge { .. },
+        ) => StatusCode::CONFLICT,
         AttachError::PublishNotSupported(_)
         | AttachError::OwnBridge(..)
+        | AttachError::LoopbackPublish(..)
         | AttachError::Publish(_)
         | AttachError::Bridge(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,

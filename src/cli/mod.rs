@@ -429,7 +429,18 @@ pub fn run(cli: Cli) -> Result<i32> {
 /// Executes `action` and prints its outcome; returns the exit code.
 fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     let ctx = context(storage)?;
-    let outcome = execute(&ctx, action, &mut note)?;
+    let outcome = match execute(&ctx, action, &mut note) {
+        Ok(o) => o,
+        Err(crate::vm::VmError::Run(e))
+            if std::env::var_os(crate::hypervisor::supervisor::START_LOG_ENV).is_some()
+                && crate::hypervisor::supervisor::exit_status_for(&e).is_some() =>
+        {
+            // A detached supervisor that lost the VM: its parent reads the status.
+            eprintln!("Error: {e}");
+            return Ok(crate::hypervisor::supervisor::exit_status_for(&e).unwrap_or(1));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let code = match &outcome {
         Outcome::Exited(status) => status.code().unwrap_or(0),
         _ => 0,

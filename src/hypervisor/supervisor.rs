@@ -122,6 +122,20 @@ pub struct RunRequest {
 /// renamed to `lume.log` once the supervisor holds the VM.
 pub const START_LOG_ENV: &str = "LUME_SUPERVISOR_LOG";
 
+/// Exit statuses of a detached supervisor that lost the VM to somebody else,
+/// so that `run --detach` tells the two apart without reading its log.
+pub const EXIT_ALREADY_RUNNING: i32 = 75;
+pub const EXIT_BUSY: i32 = 76;
+
+/// The exit status a detached supervisor reports for `e`, if it has its own.
+pub fn exit_status_for(e: &RunError) -> Option<i32> {
+    match e {
+        RunError::AlreadyRunning(_) => Some(EXIT_ALREADY_RUNNING),
+        RunError::Busy(_) => Some(EXIT_BUSY),
+        _ => None,
+    }
+}
+
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {

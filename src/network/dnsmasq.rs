@@ -6,6 +6,7 @@
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,6 +33,9 @@ pub enum DnsmasqError {
         source: io::Error,
     },
 }
+
+/// The most dnsmasq's log may hold before it is rotated (per network).
+pub const LOG_CAP: u64 = 1 << 20;
 
 /// One dnsmasq instance serving one bridge.
 #[derive(Debug, Clone)]
@@ -93,7 +97,7 @@ impl Dnsmasq {
             hosts = self.hosts_dir().display(),
             leases = self.lease_path().display(),
             pid = self.pid_path().display(),
-            log = self.dir.join("dnsmasq.log").display(),
+            log = self.log_path().display(),
             user = dnsmasq_user().0,
         );
         if !self.route {
@@ -101,6 +105,33 @@ impl Dnsmasq {
             c.push_str("dhcp-option=option:router\ndhcp-option=option:dns-server\nport=0\n");
         }
         c
+    }
+
+    /// dnsmasq's own log, which grows with every DHCP exchange a guest starts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("dnsmasq.log")
+    }
+
+    /// Keeps dnsmasq's log within `cap` bytes: a larger log moves to
+    /// `dnsmasq.log.1` and the live file is emptied. dnsmasq appends
+    /// (O_APPEND), so it goes on writing at the new end without a signal
+    /// (it could not reopen the file itself: it runs unprivileged).
+    pub fn cap_log(&self, cap: u64) {
+        let path = self.log_path();
+        let too_big = fs::symlink_metadata(&path)
+            .map(|m| m.file_type().is_file() && m.len() > cap)
+            .unwrap_or(false);
+        if !too_big {
+            return;
+        }
+        let old = self.dir.join("dnsmasq.log.1");
+        let _ = fs::remove_file(&old);
+        let _ = fs::copy(&path, &old).and_then(|_| super::rundir::private_file(&old));
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|f| f.set_len(0));
     }
 
     /// The pid of this instance if it runs.
@@ -321,5 +352,46 @@ mod tests {
         assert_eq!(current_lease(&f, mac, 5500, 6000), None);
         // Expired.
         assert_eq!(current_lease(&f, mac, 4000, 9000), None);
+    }
+}
+
+#[cfg(test)]
+mod log_cap_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_log_past_its_cap_is_rotated_and_the_writer_goes_on_at_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dnsmasq {
+            dir: dir.path().into(),
+            bridge: "lume0".into(),
+            subnet: "203.0.113.0/24".parse().unwrap(),
+            route: true,
+        };
+        // dnsmasq's way of writing: O_APPEND on a descriptor it keeps.
+        let mut writer = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.log_path())
+            .unwrap();
+        writer.write_all(&[b'a'; 4000]).unwrap();
+        d.cap_log(8000);
+        assert_eq!(
+            fs::metadata(d.log_path()).unwrap().len(),
+            4000,
+            "under the cap: untouched"
+        );
+        writer.write_all(&[b'b'; 5000]).unwrap();
+        d.cap_log(8000);
+        assert_eq!(fs::metadata(d.log_path()).unwrap().len(), 0);
+        assert_eq!(
+            fs::metadata(dir.path().join("dnsmasq.log.1"))
+                .unwrap()
+                .len(),
+            9000
+        );
+        writer.write_all(b"newest\n").unwrap();
+        assert_eq!(fs::read(d.log_path()).unwrap(), b"newest\n");
     }
 }

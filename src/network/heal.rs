@@ -119,6 +119,9 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         for repair in networks.heal(woken.nft || slow) {
             record(networks, &format!("repaired: {repair}"));
         }
+        if slow {
+            networks.cap_logs();
+        }
         if !(woken.nft || woken.net || slow) {
             continue;
         }

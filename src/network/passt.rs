@@ -248,7 +248,12 @@ impl Passt {
         let binary = find_passt()?;
         let (ours, theirs) = UnixStream::pair().map_err(PasstError::Socket)?;
         let log = run_dir.join("passt.log");
-        let log_file = private_file(&log).map_err(PasstError::Spawn)?;
+        // Through a pipe into a capped log: whatever passt prints about a
+        // guest's traffic cannot fill the host's disk.
+        let (log_read, log_write) = crate::hypervisor::logcap::pipe().map_err(PasstError::Spawn)?;
+        crate::hypervisor::logcap::pump(log_read, &log, crate::hypervisor::logcap::cap())
+            .map_err(PasstError::Spawn)?;
+        let log_file = std::fs::File::from(log_write);
         let passt_fd = theirs.as_raw_fd();
         let supervisor = nix::unistd::getpid();
         // As root, passt would switch to nobody by itself, and that change of
@@ -377,18 +382,6 @@ impl Drop for Passt {
             let _ = h.join();
         }
     }
-}
-
-/// Creates (truncates) `path` readable by its owner only.
-fn private_file(path: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
 }
 
 #[cfg(test)]

@@ -456,6 +456,13 @@ impl Networks {
         Ok(())
     }
 
+    /// Keeps the logs that guests make grow (dnsmasq's) within their cap.
+    pub fn cap_logs(&self) {
+        for net in [&self.nat, &self.host] {
+            net.dnsmasq().cap_log(super::dnsmasq::LOG_CAP);
+        }
+    }
+
     /// Puts everything lume's running NAT and host-only VMs need back in
     /// place: bridges, gateway addresses, tap membership, dnsmasq, IPv4
     /// forwarding and lume's firewall table. Returns what it repaired.

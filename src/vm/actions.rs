@@ -564,7 +564,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         {
             return Ok(Outcome::Started(VmDetails::read(store, vm)));
         }
-        if let Some(_status) = child.try_wait().map_err(RunError::Spawn)? {
+        if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
             // Still under its own name if it never got the VM's lock.
             let log_path = if start_log.exists() {
                 start_log.clone()
@@ -576,11 +576,14 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             if log_path == start_log {
                 let _ = fs::remove_file(&start_log);
             }
-            if messages.contains("is already running") {
-                return Err(RunError::AlreadyRunning(vm.name.clone()).into());
-            }
-            if messages.contains("is busy") {
-                return Err(RunError::Busy(vm.name.clone()).into());
+            match status.code() {
+                Some(supervisor::EXIT_ALREADY_RUNNING) => {
+                    return Err(RunError::AlreadyRunning(vm.name.clone()).into());
+                }
+                Some(supervisor::EXIT_BUSY) => {
+                    return Err(RunError::Busy(vm.name.clone()).into());
+                }
+                _ => {}
             }
             return Err(RunError::Supervisor {
                 log: log_path,
