@@ -118,7 +118,13 @@ fn forbidden(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, message)
 }
 
-/// Whether a local uid is served without a token, and as whom.
+/// What an unserved user is told: no path, no group name (those go to the
+/// server's log only).
+pub const NOT_SERVED: &str = "This lume API does not serve you: ask the administrator to add you to the API group or give you the token";
+
+/// Whether a local uid is served without a token, and as whom. A refusal
+/// is logged with what the administrator needs (the uid, the group and the
+/// settings file); the caller is told only [`NOT_SERVED`].
 pub fn decide_user(
     uid: u32,
     owners: &[u32],
@@ -134,27 +140,17 @@ pub fn decide_user(
     {
         return Ok(caller);
     }
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map_or_else(
-            || format!("uid {uid}"),
-            |u| format!("user '{}' (uid {uid})", u.name),
-        );
     let how = match api_group {
         Some(group) => format!(
-            "ask an administrator to add {user} to group '{group}', which is set as {API_GROUP_KEY} in {}, or use the API token",
+            "not in group '{group}' ({API_GROUP_KEY} in {})",
             settings_file.display()
         ),
-        None => format!(
-            "ask an administrator to set {API_GROUP_KEY}: GROUP in {} and add {user} to that group, or use the API token",
-            settings_file.display()
-        ),
+        None => format!("no {API_GROUP_KEY} is set in {}", settings_file.display()),
     };
-    Err(forbidden(format!(
-        "This lume API serves only root, the user who started it and members of the {API_GROUP_KEY} group; \
-         {user} is none of them: {how}"
-    )))
+    super::log(&format!(
+        "Refused uid {uid}: not root, the server's user or an {API_GROUP_KEY} member; {how}"
+    ));
+    Err(forbidden(NOT_SERVED.into()))
 }
 
 /// The bearer token a request carries, if any.
@@ -237,10 +233,7 @@ async fn caller_of(
         .get_str(API_GROUP_KEY)
         .map_err(|e| ApiError::internal(&e))?;
     decide_user(uid, &st.owners, group.as_deref(), settings.file()).inspect_err(|_| {
-        super::log(&format!(
-            "Refused uid {uid} ({}): not root, the server's user or in {API_GROUP_KEY}",
-            conn.describe()
-        ));
+        super::log(&format!("Refused uid {uid} ({})", conn.describe()));
     })
 }
 
@@ -303,20 +296,21 @@ mod tests {
         // Root, and the server's own user.
         assert!(decide_user(0, &[1000], None, file).is_ok());
         assert_eq!(decide_user(65534, &[65534], None, file).unwrap().uid, 65534);
-        // Anyone else: 403, naming the rule and the way in.
-        let e = decide_user(65534, &[0], None, file).unwrap_err();
-        assert_eq!(e.status, StatusCode::FORBIDDEN);
-        assert!(e.message.contains("apiGroup: GROUP"), "{}", e.message);
-        assert!(e.message.contains("config.yaml"), "{}", e.message);
-        assert!(e.message.contains("nobody"), "{}", e.message);
-        let e = decide_user(65534, &[0], Some("root"), file).unwrap_err();
-        assert!(e.message.contains("group 'root'"), "{}", e.message);
+        // Anyone else: 403 with the generic way in; neither the settings
+        // file nor the group is named to the refused user.
+        for group in [None, Some("root")] {
+            let e = decide_user(65534, &[0], group, file).unwrap_err();
+            assert_eq!(e.status, StatusCode::FORBIDDEN);
+            assert_eq!(e.message, NOT_SERVED);
+            assert!(!e.message.contains("config.yaml"), "{}", e.message);
+            assert!(!e.message.contains("root"), "{}", e.message);
+        }
         // A member of the apiGroup (nobody's primary group).
-        let primary =
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(Caller::from_uid(65534).gid))
-                .unwrap()
-                .unwrap()
-                .name;
+        let gid = Caller::from_uid(65534).gid.unwrap();
+        let primary = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+            .unwrap()
+            .unwrap()
+            .name;
         assert_eq!(
             decide_user(65534, &[0], Some(&primary), file).unwrap().uid,
             65534
