@@ -42,6 +42,19 @@ pub enum TokenError {
     Twice,
     #[error("Cannot read the token file {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    #[error("The token file {0} is a symbolic link: give --token-file the file itself")]
+    Link(PathBuf),
+    #[error("The token file {0} is not a regular file: give --token-file a file")]
+    NotAFile(PathBuf),
+    #[error(
+        "The token file {path} belongs to uid {owner}, not to the server's user (uid {euid}): \
+         another user could have written it; run 'chown {euid} {path}' if you trust its content"
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
     #[error(
         "The token file {path} can be read or written by other users (mode {mode:04o}): run 'chmod 600 {path}'"
     )]
@@ -53,40 +66,65 @@ pub enum TokenError {
 }
 
 /// The token from `LUME_API_TOKEN` (`env`) or `--token-file` (`file`).
-/// A file must not be open to group or others when `strict` (the server
-/// runs as root); one trailing newline is dropped.
-pub fn read_token(
-    env: Option<String>,
-    file: Option<&Path>,
-    strict: bool,
-) -> Result<Option<String>, TokenError> {
+/// The file is opened without following a symbolic link and judged on the
+/// open descriptor: a regular file of the server's effective uid, with no
+/// bits for group or others. One trailing newline is dropped.
+pub fn read_token(env: Option<String>, file: Option<&Path>) -> Result<Option<String>, TokenError> {
     let token = match (env.filter(|t| !t.is_empty()), file) {
         (Some(_), Some(_)) => return Err(TokenError::Twice),
         (Some(t), None) => t,
-        (None, Some(path)) => {
-            let read = |e| TokenError::Read(path.to_path_buf(), e);
-            let meta = std::fs::metadata(path).map_err(read)?;
-            let mode = meta.mode() & 0o7777;
-            if strict && mode & 0o066 != 0 {
-                return Err(TokenError::Exposed {
-                    path: path.to_path_buf(),
-                    mode,
-                });
-            }
-            let text = std::fs::read_to_string(path).map_err(read)?;
-            let text = text.strip_suffix('\n').unwrap_or(&text);
-            let text = text.strip_suffix('\r').unwrap_or(text);
-            if text.is_empty() {
-                return Err(TokenError::Empty);
-            }
-            text.to_string()
-        }
+        (None, Some(path)) => read_token_file(path)?,
         (None, None) => return Ok(None),
     };
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(TokenError::NotPrintable);
     }
     Ok(Some(token))
+}
+
+fn read_token_file(path: &Path) -> Result<String, TokenError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let read = |e| TokenError::Read(path.to_path_buf(), e);
+    // O_NONBLOCK: a FIFO planted at the path must not hang the server.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                TokenError::Link(path.to_path_buf())
+            } else {
+                read(e)
+            }
+        })?;
+    let meta = f.metadata().map_err(read)?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile(path.to_path_buf()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(TokenError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(read)?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    Ok(text.to_string())
 }
 
 /// The users a server serves without a token besides root and `apiGroup`:
@@ -253,14 +291,14 @@ mod tests {
 
     #[test]
     fn tokens_come_from_the_environment_or_a_private_file() {
-        assert_eq!(read_token(None, None, true).unwrap(), None);
-        assert_eq!(read_token(Some(String::new()), None, true).unwrap(), None);
+        assert_eq!(read_token(None, None).unwrap(), None);
+        assert_eq!(read_token(Some(String::new()), None).unwrap(), None);
         assert_eq!(
-            read_token(Some("s3cret".into()), None, true).unwrap(),
+            read_token(Some("s3cret".into()), None).unwrap(),
             Some("s3cret".into())
         );
         assert!(matches!(
-            read_token(Some("a b".into()), None, true),
+            read_token(Some("a b".into()), None),
             Err(TokenError::NotPrintable)
         ));
         let dir = tempfile::tempdir().unwrap();
@@ -268,26 +306,67 @@ mod tests {
         std::fs::write(&file, "from-file\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
-            read_token(None, Some(&file), true).unwrap(),
+            read_token(None, Some(&file)).unwrap(),
             Some("from-file".into())
         );
         assert!(matches!(
-            read_token(Some("x".into()), Some(&file), true),
+            read_token(Some("x".into()), Some(&file)),
             Err(TokenError::Twice)
         ));
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = read_token(None, Some(&file), true).unwrap_err();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
-        assert!(read_token(None, Some(&file), false).is_ok());
+        for mode in [0o644, 0o640, 0o604, 0o610] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token(None, Some(&file)).unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&file, "\n").unwrap();
         assert!(matches!(
-            read_token(None, Some(&file), false),
+            read_token(None, Some(&file)),
             Err(TokenError::Empty)
         ));
         assert!(matches!(
-            read_token(None, Some(&dir.path().join("none")), false),
+            read_token(None, Some(&dir.path().join("none"))),
             Err(TokenError::Read(..))
         ));
+    }
+
+    /// A symbolic link, something else than a file, or a file of another
+    /// user is refused, whatever it holds.
+    #[test]
+    fn the_token_file_is_the_servers_own_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(
+            read_token(None, Some(&link)),
+            Err(TokenError::Link(_))
+        ));
+        assert!(matches!(
+            read_token(None, Some(dir.path())),
+            Err(TokenError::NotAFile(_))
+        ));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            read_token(None, Some(&fifo)),
+            Err(TokenError::NotAFile(_))
+        ));
+        let other = if nix::unistd::geteuid().is_root() {
+            65534
+        } else {
+            0
+        };
+        // Only root can give a file away; elsewhere this part is skipped.
+        if nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(other)), None).is_ok() {
+            let e = read_token(None, Some(&file)).unwrap_err();
+            assert!(
+                matches!(e, TokenError::NotOwned { owner, .. } if owner == other),
+                "{e}"
+            );
+        }
     }
 
     #[test]

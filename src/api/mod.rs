@@ -339,8 +339,7 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
 
 /// Runs the server until SIGINT or SIGTERM.
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    let as_root = nix::unistd::geteuid().is_root();
-    let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref(), as_root)?;
+    let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref())?;
     if std::env::var_os("LUME_API_TOKEN").is_some() {
         // SAFETY: no other thread runs yet (the runtime is built below), so
         // nothing reads the environment concurrently. The VMs this server
