@@ -61,6 +61,8 @@ pub struct ServeOptions {
 pub struct AppState {
     storage: Option<PathBuf>,
     token: Option<String>,
+    /// The server's effective uid: whose rights its actions have.
+    euid: u32,
     /// Served without a token besides root and the apiGroup ([`auth::server_owners`]).
     owners: Vec<u32>,
     /// The OpenAPI document, set once the router is built.
@@ -75,6 +77,7 @@ impl AppState {
             storage,
             token,
             owners: auth::server_owners(),
+            euid: nix::unistd::geteuid().as_raw(),
             ..Self::default()
         }
     }
