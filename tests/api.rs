@@ -459,29 +459,69 @@ fn errors_are_json_with_the_right_status() {
     api.fails(api.get("/"), 404, "No route");
     api.fails(api.call("PUT", "/lume/vms", None), 405, "not allowed");
 
-    // 403: web pages (CSRF) and DNS rebinding, without a token.
+    // 403: web pages (CSRF), any origin but the server's own, and DNS
+    // rebinding, without a token.
     let addr = format!("127.0.0.1:{}", server.port);
-    let raw = |headers: &str| {
-        let req = format!("POST /lume/vms/x/stop HTTP/1.0\r\n{headers}Content-Length: 0\r\n\r\n");
+    let send = |headers: &str, body: &str| {
+        let req = format!(
+            "POST /lume/vms/x/stop HTTP/1.0\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         ns.tcp_exchange(&addr, req.as_bytes()).unwrap()
     };
-    let refused = raw("Origin: http://evil.example\r\n");
-    assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
-    assert!(
-        refused.contains("Requests from web pages are refused"),
-        "{refused}"
-    );
+    let raw = |headers: &str| send(headers, "");
+    for origin in [
+        "http://evil.example",
+        "http://localhost:8080",
+        "http://127.0.0.1:3000",
+        "null",
+        &format!("https://127.0.0.1:{}", server.port),
+        &format!("http://127.0.0.1:{}.evil.example", server.port),
+    ] {
+        let refused = raw(&format!("Origin: {origin}\r\n"));
+        assert!(refused.starts_with("HTTP/1.0 403"), "{origin}: {refused}");
+        assert!(
+            refused.contains("Requests from web pages are refused"),
+            "{refused}"
+        );
+    }
     let refused = raw("Host: rebound.example:7777\r\n");
     assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
     assert!(
         refused.contains("Host 'rebound.example:7777' is refused"),
         "{refused}"
     );
-    let local = raw(&format!(
-        "Host: localhost:{}\r\nOrigin: http://localhost:3000\r\n",
-        server.port
-    ));
-    assert!(local.starts_with("HTTP/1.0 404"), "{local}");
+    // The server's own origin is no web page of anyone else's.
+    for own in [
+        format!("http://127.0.0.1:{}", server.port),
+        format!("http://localhost:{}", server.port),
+    ] {
+        let local = raw(&format!(
+            "Host: localhost:{}\r\nOrigin: {own}\r\n",
+            server.port
+        ));
+        assert!(local.starts_with("HTTP/1.0 404"), "{own}: {local}");
+    }
+    // 415: a body that is not declared JSON (what a form or a simple
+    // cross-site request sends), even if it parses as JSON.
+    for ct in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        "Content-Type: multipart/form-data; boundary=x\r\n",
+    ] {
+        let refused = send(ct, "{\"timeout\": 1}");
+        assert!(refused.starts_with("HTTP/1.0 415"), "{ct}: {refused}");
+        assert!(
+            refused.contains("send the header 'Content-Type: application/json'"),
+            "{refused}"
+        );
+    }
+    let json_ok = send(
+        "Content-Type: application/json; charset=utf-8\r\n",
+        "{\"timeout\": 1}",
+    );
+    assert!(json_ok.starts_with("HTTP/1.0 404"), "{json_ok}");
 
     // 409: an existing name.
     let body = json!({"name": "a", "diskSize": "8MB", "network": "none"});

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -159,7 +159,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Whether a `Host` header value or an origin's authority names this machine
+/// Whether a `Host` header value names this machine
 /// (`localhost`, a loopback address), with or without a port.
 fn is_local_authority(authority: &str) -> bool {
     let host = match authority.strip_prefix('[') {
@@ -174,43 +174,54 @@ fn is_local_authority(authority: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Without a token, anyone who can make a request is trusted; so a web page
-/// must not be able to make one. Browsers send `Origin` with cross-site
-/// requests (CSRF), and a DNS name rebound to 127.0.0.1 still carries its own
-/// `Host`: both are refused unless they name this machine. Programs (curl,
-/// SDKs) send neither, or local ones.
+/// A web page must not be able to drive this API as whoever opens it in a
+/// browser. Browsers send `Origin` with cross-site requests (CSRF) and with
+/// every non-GET fetch: any request that carries one is refused unless it
+/// is exactly this server's own origin (scheme, host and port it listens
+/// on), with a token too. (Bodies must also be declared JSON:
+/// [`extract::JsonBody`].) Without a token, a DNS name rebound to 127.0.0.1 still carries
+/// its own `Host`: refused unless it names this machine. Programs (curl,
+/// SDKs) send no `Origin`, a local `Host`, and JSON.
 async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if st.token.is_none() {
-        let header_value = |name| {
-            req.headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap_or("?").to_string())
-        };
-        if let Some(origin) = header_value(header::ORIGIN) {
-            let authority = origin.split_once("://").map_or("", |(_, a)| a);
-            if !is_local_authority(authority.trim_end_matches('/')) {
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "Requests from web pages are refused (Origin: {origin}): without an API token only local programs may use this API"
-                    ),
-                )
-                .into_response();
-            }
-        }
-        if let Some(host) = header_value(header::HOST)
-            && !is_local_authority(&host)
-        {
-            return ApiError::new(
+    match web_page_refusal(&st, &req) {
+        Some(refusal) => refusal.into_response(),
+        None => next.run(req).await,
+    }
+}
+
+fn web_page_refusal(st: &AppState, req: &Request) -> Option<ApiError> {
+    let header_value = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("?").to_string())
+    };
+    if let Some(origin) = header_value(header::ORIGIN) {
+        let own = req
+            .extensions()
+            .get::<ConnectInfo<peer::Connection>>()
+            .map(|ConnectInfo(c)| c.own_origins())
+            .unwrap_or_default();
+        if !own.iter().any(|o| o.eq_ignore_ascii_case(&origin)) {
+            return Some(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "Host '{host}' is refused: without an API token this API answers only to localhost and loopback addresses"
+                    "Requests from web pages are refused (Origin: {origin}): call this API from a program, which sends no Origin header"
                 ),
-            )
-            .into_response();
+            ));
         }
     }
-    next.run(req).await
+    if st.token.is_none()
+        && let Some(host) = header_value(header::HOST)
+        && !is_local_authority(&host)
+    {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host '{host}' is refused: without an API token this API answers only to localhost and loopback addresses"
+            ),
+        ));
+    }
+    None
 }
 
 async fn access_log(req: Request, next: Next) -> Response {

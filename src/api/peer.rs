@@ -265,6 +265,29 @@ impl Connection {
         }
     }
 
+    /// The origins a browser would give a page served by this very server
+    /// on this connection's address (`http://127.0.0.1:7777`, and for a
+    /// loopback address `http://localhost:7777`). A Unix socket has none.
+    pub fn own_origins(&self) -> Vec<String> {
+        let Endpoint::Tcp { server, .. } = self.endpoint else {
+            return Vec::new();
+        };
+        let server = canonical(server);
+        let mut hosts = vec![match server.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        }];
+        if server.ip().is_loopback() {
+            hosts.push("localhost".into());
+        }
+        let port = server.port();
+        let mut origins: Vec<String> = hosts.iter().map(|h| format!("http://{h}:{port}")).collect();
+        if port == 80 {
+            origins.extend(hosts.iter().map(|h| format!("http://{h}")));
+        }
+        origins
+    }
+
     /// Who is calling; computed once per connection.
     pub async fn identity(&self) -> Identity {
         let endpoint = self.endpoint;
