@@ -228,7 +228,7 @@ async fn caller_of(
             "Cannot tell who is calling: the request is refused".into(),
         ));
     };
-    let identity = conn.identity().await;
+    let identity = conn.identity(st.storage.clone()).await;
     if let Identity::Guest(helper) = &identity {
         super::log(&format!(
             "Refused a connection from a virtual machine ({} pid {}, {})",
