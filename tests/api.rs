@@ -1006,6 +1006,23 @@ fn the_unix_socket_knows_its_callers() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path().join("lume.sock");
     let sock_s = sock.to_str().unwrap();
+    // A directory other users can write is refused: they could swap the
+    // socket for a link before the server sets its mode and group.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let open_sock = open.path().join("lume.sock");
+    let err = ns.lume_fails(
+        &home,
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--socket",
+            open_sock.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("can be changed by other users"), "{err}");
+    assert!(!open_sock.exists());
     // A stale socket file is replaced.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let server = Server::start(&ns, &home, &["--socket", sock_s], &[]);

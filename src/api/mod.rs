@@ -14,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod peer;
 pub mod routes;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -302,40 +303,6 @@ async fn shutdown_signal() {
     });
 }
 
-/// Binds the Unix socket at `path`: mode 0660, group `group` when given.
-/// A stale socket file nobody listens on is replaced; a live one is not.
-fn bind_unix_socket(
-    path: &Path,
-    group: Option<&nix::unistd::Group>,
-) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket: give --socket a new path",
-                path.display()
-            );
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "Another server already listens on {}: stop it or give --socket another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("Cannot listen on the Unix socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("Cannot set the mode of {}", path.display()))?;
-    if let Some(g) = group {
-        nix::unistd::chown(path, None, Some(g.gid))
-            .with_context(|| format!("Cannot give {} to group '{}'", path.display(), g.name))?;
-    }
-    Ok(listener)
-}
-
 /// The group named by `apiGroup` in config.yaml, which must exist.
 fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd::Group>> {
     let Some(name) = settings.get_str(auth::API_GROUP_KEY)? else {
@@ -386,8 +353,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
         let unix = socket
             .as_deref()
-            .map(|p| bind_unix_socket(p, group.as_ref()))
+            .map(|p| socket::bind(p, group.as_ref().map(|g| g.gid)))
             .transpose()?;
+        let unix_listener = unix
+            .as_ref()
+            .map(|b| {
+                b.listener.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(b.listener.try_clone()?)
+            })
+            .transpose()
+            .context("Cannot listen on the Unix socket")?;
         let local = listener.local_addr()?;
         let who = if has_token {
             "API token required".to_string()
@@ -426,7 +401,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         )
         .with_graceful_shutdown(stopped(stop_rx.clone()));
         let unix_served = async {
-            match unix {
+            match unix_listener {
                 Some(l) => {
                     axum::serve(
                         l,
@@ -439,8 +414,8 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             }
         };
         let served = tokio::try_join!(async { tcp.await }, unix_served);
-        if let Some(p) = &socket {
-            let _ = std::fs::remove_file(p);
+        if let Some(bound) = &unix {
+            bound.remove();
         }
         served.map(|_| ()).context("The HTTP server failed")
     })?;
