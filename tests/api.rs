@@ -1079,3 +1079,83 @@ fn the_unix_socket_knows_its_callers() {
     assert!(server.stop().success());
     assert!(!sock.exists(), "the socket is removed on exit");
 }
+
+/// Idle connections are a resource any local user could take: `nobody`
+/// (not even served) opens more than its share and keeps them idle; the
+/// excess is closed at once, root is still served at once, and the idle ones
+/// are closed after the header timeout (2 s here). A refusal of who is
+/// calling closes its connection at once.
+#[test]
+fn idle_connections_of_one_user_cannot_starve_the_others() {
+    let home = Home::new();
+    let ns = Netns::new("ai");
+    let server = Server::start(&ns, &home, &[], &[("LUME_API_IDLE_TIMEOUT_MS", "2000")]);
+    let in_ns = ["ip", "netns", "exec", ns.name.as_str()];
+    let nobody: Vec<&str> = in_ns.iter().chain(AS_NOBODY).copied().collect();
+    // 100 connections (64 is one user's share), then which are closed (a
+    // read at end of file fails at once; an open one times out).
+    let script = format!(
+        r#"
+fds=()
+for i in $(seq 1 100); do exec {{fd}}<>/dev/tcp/127.0.0.1/{port} && fds+=($fd); done
+echo "opened ${{#fds[@]}}"
+count() {{ n=0; for fd in "${{fds[@]}}"; do read -t 0.002 -u $fd _; [ $? -eq 1 ] && n=$((n+1)); done; echo $n; }}
+sleep 0.5
+echo "closed-at-once $(count)"
+sleep 3
+echo "closed-when-idle $(count)"
+"#,
+        port = server.port
+    );
+    let mut holder = Command::new(nobody[0])
+        .args(&nobody[1..])
+        .args(["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let mut next = |what: &str| -> usize {
+        let line = lines.next().unwrap().unwrap();
+        let n = line.strip_prefix(what).unwrap_or_else(|| panic!("{line}"));
+        n.trim().parse().unwrap()
+    };
+    assert_eq!(next("opened"), 100);
+    assert_eq!(next("closed-at-once"), 36, "all but one user's 64");
+    let start = Instant::now();
+    let status = curl(&in_ns, &[&server.url("/lume/host/status")], "GET", None);
+    assert_eq!(status.status, 200, "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "root waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(next("closed-when-idle"), 100, "idle ones closed after 2 s");
+    assert!(holder.wait().unwrap().success());
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("Refused connections of Uid(65534)"),
+        "{}",
+        server.log.lock().unwrap()
+    );
+
+    // A keep-alive request refused for who is calling: the answer, then the
+    // connection closes (cat ends long before the 2 s idle timeout).
+    let ask = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{}; printf 'GET /lume/vms HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n' >&3; timeout 1 cat <&3",
+        server.port
+    );
+    let out = Command::new(nobody[0])
+        .args(&nobody[1..])
+        .args(["bash", "-c", &ask])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(out.status.success(), "the connection stayed open: {text}");
+    assert!(text.starts_with("http/1.1 403"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(server.stop().success());
+}

@@ -214,7 +214,19 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // A refusal of who is calling holds for the whole connection:
+            // close it rather than keep it open for that caller.
+            let close = e.status == StatusCode::FORBIDDEN;
+            let mut response = e.into_response();
+            if close {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        }
     }
 }
 

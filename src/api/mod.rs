@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod listen;
 pub mod peer;
 pub mod routes;
 pub mod socket;
@@ -318,8 +319,27 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
     }
 }
 
+/// Raises the soft limit of open files to the hard limit, so that the
+/// connection limits ([`listen::Limits`]) are reached before the process
+/// runs out of descriptors.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log(&format!(
+                    "Cannot raise the open files limit from {soft} to {hard}: {e}"
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    raise_open_files_limit();
+    let limits = listen::Limits::from_env();
     let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref())?;
     if std::env::var_os("LUME_API_TOKEN").is_some() {
         // SAFETY: no other thread runs yet (the runtime is built below), so
@@ -391,33 +411,19 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let tcp = axum::serve(
-            listener,
-            app.clone()
-                .into_make_service_with_connect_info::<peer::Connection>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let gate = listen::Gate::new(limits);
+        let tcp = listen::serve(listener, app.clone(), gate.clone(), stop_rx.clone());
         let unix_served = async {
-            match unix_listener {
-                Some(l) => {
-                    axum::serve(
-                        l,
-                        app.into_make_service_with_connect_info::<peer::Connection>(),
-                    )
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .await
-                }
-                None => Ok(()),
+            if let Some(l) = unix_listener {
+                listen::serve(l, app, gate.clone(), stop_rx.clone()).await;
             }
         };
-        let served = tokio::try_join!(async { tcp.await }, unix_served);
+        tokio::join!(tcp, unix_served);
+        gate.drained().await;
         if let Some(bound) = &unix {
             bound.remove();
         }
-        served.map(|_| ()).context("The HTTP server failed")
+        Ok::<(), anyhow::Error>(())
     })?;
     log("Stopped");
     Ok(())

@@ -11,14 +11,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_TIME_WAIT};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
-use tokio::net::{TcpListener, UnixListener};
 
 /// Why the owner of a connection could not be found.
 #[derive(Debug, thiserror::Error)]
@@ -397,19 +394,18 @@ fn identify(endpoint: Endpoint, rule: &HelperRule) -> Identity {
     }
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        let client = *stream.remote_addr();
-        Self::new(match stream.io().local_addr() {
+impl Connection {
+    /// An accepted TCP connection from `client`.
+    pub fn of_tcp(stream: &tokio::net::TcpStream, client: SocketAddr) -> Self {
+        Self::new(match stream.local_addr() {
             Ok(server) => Endpoint::Tcp { client, server },
             Err(_) => Endpoint::Unreadable,
         })
     }
-}
 
-impl Connected<IncomingStream<'_, UnixListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self::new(match stream.io().peer_cred() {
+    /// An accepted Unix socket connection.
+    pub fn of_unix(stream: &tokio::net::UnixStream) -> Self {
+        Self::new(match stream.peer_cred() {
             Ok(cred) => Endpoint::Unix {
                 uid: cred.uid(),
                 pid: cred.pid(),
@@ -417,6 +413,32 @@ impl Connected<IncomingStream<'_, UnixListener>> for Connection {
             Err(_) => Endpoint::Unreadable,
         })
     }
+
+    /// Whose share of the connections this one takes: the local uid owning
+    /// the client's socket (one sock_diag query; blocking), else the remote
+    /// address. Decided at accept time, before any request.
+    pub fn peer_key(&self) -> PeerKey {
+        match self.endpoint {
+            Endpoint::Tcp { client, server } => match tcp_socket_owner(client, server) {
+                Ok(owner) => PeerKey::Uid(owner.uid),
+                Err(PeerError::NotLocal(_)) => PeerKey::Remote(client.ip().to_canonical()),
+                Err(_) => PeerKey::Unknown,
+            },
+            Endpoint::Unix { uid, .. } => PeerKey::Uid(uid),
+            Endpoint::Unreadable => PeerKey::Unknown,
+        }
+    }
+}
+
+/// Whose share of the server's connections a connection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKey {
+    /// A local user.
+    Uid(u32),
+    /// A client on another host (served only with a token).
+    Remote(IpAddr),
+    /// Neither could be found.
+    Unknown,
 }
 
 #[cfg(test)]
