@@ -246,12 +246,7 @@ pub fn reap_supervisor(store: &Store, vm: &VmName) {
         return;
     };
     let pid = state.pid;
-    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        });
+    let parent = peer::parent_pid(Path::new(&format!("/proc/{pid}")));
     if parent != Some(std::process::id()) {
         return;
     }

@@ -4,8 +4,10 @@
 //! sock_diag (INET_DIAG) lookup of that exact connection (the client's
 //! address and port, connected to ours) gives its uid and inode, as identd
 //! does. A Unix socket client is given by `SO_PEERCRED`. A socket held by a
-//! process lume runs for a VM (QEMU, passt) belongs to a guest: a user-mode
-//! guest reaches the host's loopback through it, so it is never a caller.
+//! process lume runs for a VM (QEMU, passt: known by name, by a parent that
+//! runs lume's own executable, or as a running VM's `qemuPid`) belongs to a
+//! guest: a user-mode guest reaches the host's loopback through it, so it is
+//! never a caller.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -193,7 +195,7 @@ fn exe_id(proc_dir: &Path) -> Option<(u64, u64)> {
 
 /// The parent pid of a process, from `/proc/PID/stat` (after the command
 /// name, which may hold spaces and parentheses).
-fn parent_pid(proc_dir: &Path) -> Option<u32> {
+pub fn parent_pid(proc_dir: &Path) -> Option<u32> {
     let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(1)?.parse().ok()
