@@ -35,6 +35,7 @@ type ApiResult<T> = Result<T, ApiError>;
 #[into_params(parameter_in = Query)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
+    /// Only the server's own user may name another location (else 403).
     pub storage: Option<String>,
 }
 
@@ -405,6 +406,7 @@ pub async fn list_vms(
     responses(
         (status = 201, description = "Created", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 409, description = "A VM of that name exists", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
         (status = 500, description = "The VM could not be built", body = ErrorBody),
@@ -479,6 +481,7 @@ async fn get_vm_named(
     responses(
         (status = 200, description = "Updated", body = VmDetails),
         (status = 400, description = "Nothing to change, a bad size or network mode, a shrinking disk", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Disk change while the VM runs, or the VM is busy", body = ErrorBody),
     ))]
@@ -566,6 +569,7 @@ async fn delete_vm_named(
     responses(
         (status = 202, description = "Running", body = VmDetails),
         (status = 400, description = "A bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Already running, or busy", body = ErrorBody),
         (status = 500, description = "QEMU or the network could not be started", body = ErrorBody),
@@ -628,6 +632,7 @@ pub async fn run_vm(
     responses(
         (status = 200, description = "Stopped (or was not running)", body = VmDetails),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 500, description = "It did not stop", body = ErrorBody),
     ))]
@@ -666,6 +671,7 @@ pub async fn stop_vm(
     responses(
         (status = 201, description = "The new VM", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing or invalid name", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such source VM", body = ErrorBody),
         (status = 409, description = "The source runs, or the new name exists", body = ErrorBody),
     ))]
