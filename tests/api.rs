@@ -459,29 +459,69 @@ fn errors_are_json_with_the_right_status() {
     api.fails(api.get("/"), 404, "No route");
     api.fails(api.call("PUT", "/lume/vms", None), 405, "not allowed");
 
-    // 403: web pages (CSRF) and DNS rebinding, without a token.
+    // 403: web pages (CSRF), any origin but the server's own, and DNS
+    // rebinding, without a token.
     let addr = format!("127.0.0.1:{}", server.port);
-    let raw = |headers: &str| {
-        let req = format!("POST /lume/vms/x/stop HTTP/1.0\r\n{headers}Content-Length: 0\r\n\r\n");
+    let send = |headers: &str, body: &str| {
+        let req = format!(
+            "POST /lume/vms/x/stop HTTP/1.0\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         ns.tcp_exchange(&addr, req.as_bytes()).unwrap()
     };
-    let refused = raw("Origin: http://evil.example\r\n");
-    assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
-    assert!(
-        refused.contains("Requests from web pages are refused"),
-        "{refused}"
-    );
+    let raw = |headers: &str| send(headers, "");
+    for origin in [
+        "http://evil.example",
+        "http://localhost:8080",
+        "http://127.0.0.1:3000",
+        "null",
+        &format!("https://127.0.0.1:{}", server.port),
+        &format!("http://127.0.0.1:{}.evil.example", server.port),
+    ] {
+        let refused = raw(&format!("Origin: {origin}\r\n"));
+        assert!(refused.starts_with("HTTP/1.0 403"), "{origin}: {refused}");
+        assert!(
+            refused.contains("Requests from web pages are refused"),
+            "{refused}"
+        );
+    }
     let refused = raw("Host: rebound.example:7777\r\n");
     assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
     assert!(
         refused.contains("Host 'rebound.example:7777' is refused"),
         "{refused}"
     );
-    let local = raw(&format!(
-        "Host: localhost:{}\r\nOrigin: http://localhost:3000\r\n",
-        server.port
-    ));
-    assert!(local.starts_with("HTTP/1.0 404"), "{local}");
+    // The server's own origin is no web page of anyone else's.
+    for own in [
+        format!("http://127.0.0.1:{}", server.port),
+        format!("http://localhost:{}", server.port),
+    ] {
+        let local = raw(&format!(
+            "Host: localhost:{}\r\nOrigin: {own}\r\n",
+            server.port
+        ));
+        assert!(local.starts_with("HTTP/1.0 404"), "{own}: {local}");
+    }
+    // 415: a body that is not declared JSON (what a form or a simple
+    // cross-site request sends), even if it parses as JSON.
+    for ct in [
+        "",
+        "Content-Type: text/plain\r\n",
+        "Content-Type: application/x-www-form-urlencoded\r\n",
+        "Content-Type: multipart/form-data; boundary=x\r\n",
+    ] {
+        let refused = send(ct, "{\"timeout\": 1}");
+        assert!(refused.starts_with("HTTP/1.0 415"), "{ct}: {refused}");
+        assert!(
+            refused.contains("send the header 'Content-Type: application/json'"),
+            "{refused}"
+        );
+    }
+    let json_ok = send(
+        "Content-Type: application/json; charset=utf-8\r\n",
+        "{\"timeout\": 1}",
+    );
+    assert!(json_ok.starts_with("HTTP/1.0 404"), "{json_ok}");
 
     // 409: an existing name.
     let body = json!({"name": "a", "diskSize": "8MB", "network": "none"});
@@ -778,12 +818,16 @@ fn other_users_are_refused_unless_in_the_api_group() {
     assert_eq!(curl(&in_ns, &[&url("/lume/vms")], "GET", None).status, 200);
 
     // nobody: 403 on everything, and nothing happens.
-    let rule = "serves only root, the user who started it and members of the apiGroup group";
+    let rule = "ask the administrator to add you to the API group or give you the token";
     let list = curl(&nobody, &[&url("/lume/vms")], "GET", None);
     assert_refused(&list, rule);
-    assert_refused(&list, "user 'nobody' (uid 65534)");
-    assert_refused(&list, "apiGroup: GROUP");
-    assert_refused(&list, &home.config_yaml().display().to_string());
+    // The refused user learns neither the settings file nor the group; the
+    // server's log has both.
+    let text = list.body["message"].as_str().unwrap();
+    assert!(
+        !text.contains("config.yaml") && !text.contains("apiGroup"),
+        "{text}"
+    );
     let create = json!({"name": "intruder", "diskSize": "8MB", "network": "none"});
     assert_refused(
         &curl(&nobody, &[&url("/lume/vms")], "POST", Some(create.clone())),
@@ -808,11 +852,14 @@ fn other_users_are_refused_unless_in_the_api_group() {
         cli_json(&ns, &home, &["get", "app", "-f", "json"])["status"],
         "stopped"
     );
-    assert!(
-        server.log.lock().unwrap().contains("Refused uid 65534"),
-        "{}",
-        server.log.lock().unwrap()
-    );
+    {
+        let log = server.log.lock().unwrap();
+        assert!(log.contains("Refused uid 65534"), "{log}");
+        assert!(
+            log.contains(&home.config_yaml().display().to_string()),
+            "{log}"
+        );
+    }
 
     // A program lume runs for VMs (here curl under the name passt) is a
     // guest: refused even as root.
@@ -841,8 +888,11 @@ fn other_users_are_refused_unless_in_the_api_group() {
     let made = curl(&nobody, &[&url("/lume/vms")], "POST", Some(create));
     assert_eq!(made.status, 201, "{made:?}");
 
-    // Storage: not a directory nobody owns (root's VMs elsewhere) is refused,
-    // and nothing in it is read or deleted.
+    // Storage: a served user other than the server's (root) may use only
+    // the server's own location. Everything else gets one answer, whether
+    // the path exists, is a file, a directory of root's, nobody's own
+    // directory, or a link of nobody's into root's VMs; nothing is read or
+    // deleted there.
     let rootdir = home.path().join("root-vms");
     let rootdir_s = rootdir.to_str().unwrap();
     ns.lume_ok(
@@ -858,86 +908,68 @@ fn other_users_are_refused_unless_in_the_api_group() {
             rootdir_s,
         ],
     );
-    let q = format!("?storage={rootdir_s}");
-    let del = curl(
-        &nobody,
-        &[&url(&format!("/lume/vms/app{q}"))],
-        "DELETE",
-        None,
-    );
-    assert_refused(&del, &format!("Storage '{rootdir_s}' is refused"));
-    assert_refused(&del, "belongs to uid 0");
-    assert!(rootdir.join("app/config.json").exists());
-    assert_refused(
-        &curl(&nobody, &[&url(&format!("/lume/vms{q}"))], "GET", None),
-        "is refused",
-    );
-    assert_refused(
-        &curl(&nobody, &[&url(&format!("/lume/vms/app{q}"))], "GET", None),
-        "is refused",
-    );
-    // A symlink of nobody's pointing there is judged by where it points.
     let own = home.path().join("nobody-vms");
     std::fs::create_dir(&own).unwrap();
     nix::unistd::chown(&own, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-    let link = home.path().join("link");
+    let link = own.join("link");
     std::os::unix::fs::symlink(&rootdir, &link).unwrap();
-    assert_refused(
-        &curl(
+    std::os::unix::fs::lchown(&link, Some(65534), None).unwrap();
+    let secret = home.path().join("secret-file");
+    std::fs::write(&secret, "x").unwrap();
+    let refused_text = |reply: &Reply| {
+        assert_eq!(reply.status, 403, "{reply:?}");
+        reply.body["message"].as_str().unwrap().to_string()
+    };
+    let mut answers = std::collections::BTreeSet::new();
+    for place in [
+        rootdir.clone(),
+        home.path().join("nonexistent"),
+        secret.clone(),
+        own.clone(),
+        link.clone(),
+        home.storage().join("..").join("root-vms"),
+    ] {
+        let q = format!("?storage={}", place.display());
+        for (method, path) in [
+            ("DELETE", format!("/lume/vms/app{q}")),
+            ("GET", format!("/lume/vms/app{q}")),
+            ("GET", format!("/lume/vms{q}")),
+            ("POST", format!("/lume/vms/app/stop{q}")),
+        ] {
+            answers.insert(refused_text(&curl(&nobody, &[&url(&path)], method, None)));
+        }
+        let made = curl(
             &nobody,
-            &[&url(&format!("/lume/vms/app?storage={}", link.display()))],
-            "DELETE",
+            &[&url("/lume/vms")],
+            "POST",
+            Some(json!({"name": "in", "diskSize": "8MB", "network": "none", "storage": place})),
+        );
+        answers.insert(refused_text(&made));
+    }
+    assert_eq!(answers.len(), 1, "one answer for every path: {answers:?}");
+    let answer = answers.into_iter().next().unwrap();
+    assert!(answer.contains("This storage is refused"), "{answer}");
+    assert!(
+        !answer.contains("root-vms") && !answer.contains("uid"),
+        "{answer}"
+    );
+    assert!(rootdir.join("app/config.json").exists());
+    assert!(!own.join("in").exists() && !rootdir.join("in").exists());
+    // The server's location named explicitly (however spelled) is fine.
+    for spelled in [
+        home.storage().display().to_string(),
+        format!("{}/", home.storage().display()),
+    ] {
+        let servers = curl(
+            &nobody,
+            &[&url(&format!("/lume/vms?storage={spelled}"))],
+            "GET",
             None,
-        ),
-        "belongs to uid 0",
-    );
-    assert!(rootdir.join("app/config.json").exists());
-    // In its own directory, a VM directory that leads elsewhere is refused.
-    std::os::unix::fs::symlink(rootdir.join("app"), own.join("app")).unwrap();
-    let via = format!("/lume/vms/app?storage={}", own.display());
-    assert_refused(
-        &curl(&nobody, &[&url(&via)], "DELETE", None),
-        "is a symbolic link",
-    );
-    assert_refused(
-        &curl(&nobody, &[&url(&via)], "GET", None),
-        "is a symbolic link",
-    );
-    let listed = curl(
-        &nobody,
-        &[&url(&format!("/lume/vms?storage={}", own.display()))],
-        "GET",
-        None,
-    );
-    assert_eq!(
-        listed.body,
-        json!([]),
-        "a linked VM is not listed: {listed:?}"
-    );
-    assert!(rootdir.join("app/config.json").exists());
-    std::fs::remove_file(own.join("app")).unwrap();
-    // Its own directory, and the server's location named explicitly, are fine.
-    let mine = curl(
-        &nobody,
-        &[&url(&format!("/lume/vms?storage={}", own.display()))],
-        "GET",
-        None,
-    );
-    assert_eq!(
-        (mine.status, mine.body.clone()),
-        (200, json!([])),
-        "{mine:?}"
-    );
-    let servers = curl(
-        &nobody,
-        &[&url(&format!(
-            "/lume/vms?storage={}",
-            home.storage().display()
-        ))],
-        "GET",
-        None,
-    );
-    assert_eq!(servers.status, 200, "{servers:?}");
+        );
+        assert_eq!(servers.status, 200, "{servers:?}");
+        assert_eq!(servers.body[0]["name"], "app", "{servers:?}");
+    }
+    let q = format!("?storage={rootdir_s}");
     // Root may use any location.
     let any = curl(&in_ns, &[&url(&format!("/lume/vms{q}"))], "GET", None);
     assert_eq!(any.body[0]["name"], "app", "{any:?}");
@@ -974,6 +1006,23 @@ fn the_unix_socket_knows_its_callers() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path().join("lume.sock");
     let sock_s = sock.to_str().unwrap();
+    // A directory other users can write is refused: they could swap the
+    // socket for a link before the server sets its mode and group.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let open_sock = open.path().join("lume.sock");
+    let err = ns.lume_fails(
+        &home,
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--socket",
+            open_sock.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("can be changed by other users"), "{err}");
+    assert!(!open_sock.exists());
     // A stale socket file is replaced.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let server = Server::start(&ns, &home, &["--socket", sock_s], &[]);
@@ -1014,7 +1063,7 @@ fn the_unix_socket_knows_its_callers() {
     let t: Vec<&str> = t.iter().map(String::as_str).collect();
     assert_refused(
         &curl(AS_NOBODY, &t, "DELETE", None),
-        "user 'nobody' (uid 65534)",
+        "ask the administrator to add you to the API group",
     );
     assert!(home.vm_dir("viasock").join("config.json").exists());
     assert_eq!(curl(&["env"], &t, "DELETE", None).status, 200);
@@ -1029,4 +1078,84 @@ fn the_unix_socket_knows_its_callers() {
     );
     assert!(server.stop().success());
     assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+/// Idle connections are a resource any local user could take: `nobody`
+/// (not even served) opens more than its share and keeps them idle; the
+/// excess is closed at once, root is still served at once, and the idle ones
+/// are closed after the header timeout (2 s here). A refusal of who is
+/// calling closes its connection at once.
+#[test]
+fn idle_connections_of_one_user_cannot_starve_the_others() {
+    let home = Home::new();
+    let ns = Netns::new("ai");
+    let server = Server::start(&ns, &home, &[], &[("LUME_API_IDLE_TIMEOUT_MS", "2000")]);
+    let in_ns = ["ip", "netns", "exec", ns.name.as_str()];
+    let nobody: Vec<&str> = in_ns.iter().chain(AS_NOBODY).copied().collect();
+    // 100 connections (64 is one user's share), then which are closed (a
+    // read at end of file fails at once; an open one times out).
+    let script = format!(
+        r#"
+fds=()
+for i in $(seq 1 100); do exec {{fd}}<>/dev/tcp/127.0.0.1/{port} && fds+=($fd); done
+echo "opened ${{#fds[@]}}"
+count() {{ n=0; for fd in "${{fds[@]}}"; do read -t 0.002 -u $fd _; [ $? -eq 1 ] && n=$((n+1)); done; echo $n; }}
+sleep 0.5
+echo "closed-at-once $(count)"
+sleep 3
+echo "closed-when-idle $(count)"
+"#,
+        port = server.port
+    );
+    let mut holder = Command::new(nobody[0])
+        .args(&nobody[1..])
+        .args(["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(holder.stdout.take().unwrap()).lines();
+    let mut next = |what: &str| -> usize {
+        let line = lines.next().unwrap().unwrap();
+        let n = line.strip_prefix(what).unwrap_or_else(|| panic!("{line}"));
+        n.trim().parse().unwrap()
+    };
+    assert_eq!(next("opened"), 100);
+    assert_eq!(next("closed-at-once"), 36, "all but one user's 64");
+    let start = Instant::now();
+    let status = curl(&in_ns, &[&server.url("/lume/host/status")], "GET", None);
+    assert_eq!(status.status, 200, "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "root waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(next("closed-when-idle"), 100, "idle ones closed after 2 s");
+    assert!(holder.wait().unwrap().success());
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("Refused connections of Uid(65534)"),
+        "{}",
+        server.log.lock().unwrap()
+    );
+
+    // A keep-alive request refused for who is calling: the answer, then the
+    // connection closes (cat ends long before the 2 s idle timeout).
+    let ask = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{}; printf 'GET /lume/vms HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n' >&3; timeout 1 cat <&3",
+        server.port
+    );
+    let out = Command::new(nobody[0])
+        .args(&nobody[1..])
+        .args(["bash", "-c", &ask])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(out.status.success(), "the connection stayed open: {text}");
+    assert!(text.starts_with("http/1.1 403"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(server.stop().success());
 }

@@ -42,6 +42,19 @@ pub enum TokenError {
     Twice,
     #[error("Cannot read the token file {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    #[error("The token file {0} is a symbolic link: give --token-file the file itself")]
+    Link(PathBuf),
+    #[error("The token file {0} is not a regular file: give --token-file a file")]
+    NotAFile(PathBuf),
+    #[error(
+        "The token file {path} belongs to uid {owner}, not to the server's user (uid {euid}): \
+         another user could have written it; run 'chown {euid} {path}' if you trust its content"
+    )]
+    NotOwned {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
     #[error(
         "The token file {path} can be read or written by other users (mode {mode:04o}): run 'chmod 600 {path}'"
     )]
@@ -53,40 +66,65 @@ pub enum TokenError {
 }
 
 /// The token from `LUME_API_TOKEN` (`env`) or `--token-file` (`file`).
-/// A file must not be open to group or others when `strict` (the server
-/// runs as root); one trailing newline is dropped.
-pub fn read_token(
-    env: Option<String>,
-    file: Option<&Path>,
-    strict: bool,
-) -> Result<Option<String>, TokenError> {
+/// The file is opened without following a symbolic link and judged on the
+/// open descriptor: a regular file of the server's effective uid, with no
+/// bits for group or others. One trailing newline is dropped.
+pub fn read_token(env: Option<String>, file: Option<&Path>) -> Result<Option<String>, TokenError> {
     let token = match (env.filter(|t| !t.is_empty()), file) {
         (Some(_), Some(_)) => return Err(TokenError::Twice),
         (Some(t), None) => t,
-        (None, Some(path)) => {
-            let read = |e| TokenError::Read(path.to_path_buf(), e);
-            let meta = std::fs::metadata(path).map_err(read)?;
-            let mode = meta.mode() & 0o7777;
-            if strict && mode & 0o066 != 0 {
-                return Err(TokenError::Exposed {
-                    path: path.to_path_buf(),
-                    mode,
-                });
-            }
-            let text = std::fs::read_to_string(path).map_err(read)?;
-            let text = text.strip_suffix('\n').unwrap_or(&text);
-            let text = text.strip_suffix('\r').unwrap_or(text);
-            if text.is_empty() {
-                return Err(TokenError::Empty);
-            }
-            text.to_string()
-        }
+        (None, Some(path)) => read_token_file(path)?,
         (None, None) => return Ok(None),
     };
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(TokenError::NotPrintable);
     }
     Ok(Some(token))
+}
+
+fn read_token_file(path: &Path) -> Result<String, TokenError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let read = |e| TokenError::Read(path.to_path_buf(), e);
+    // O_NONBLOCK: a FIFO planted at the path must not hang the server.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                TokenError::Link(path.to_path_buf())
+            } else {
+                read(e)
+            }
+        })?;
+    let meta = f.metadata().map_err(read)?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile(path.to_path_buf()));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        return Err(TokenError::NotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(read)?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(TokenError::Empty);
+    }
+    Ok(text.to_string())
 }
 
 /// The users a server serves without a token besides root and `apiGroup`:
@@ -118,7 +156,13 @@ fn forbidden(message: String) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, message)
 }
 
-/// Whether a local uid is served without a token, and as whom.
+/// What an unserved user is told: no path, no group name (those go to the
+/// server's log only).
+pub const NOT_SERVED: &str = "This lume API does not serve you: ask the administrator to add you to the API group or give you the token";
+
+/// Whether a local uid is served without a token, and as whom. A refusal
+/// is logged with what the administrator needs (the uid, the group and the
+/// settings file); the caller is told only [`NOT_SERVED`].
 pub fn decide_user(
     uid: u32,
     owners: &[u32],
@@ -134,27 +178,17 @@ pub fn decide_user(
     {
         return Ok(caller);
     }
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map_or_else(
-            || format!("uid {uid}"),
-            |u| format!("user '{}' (uid {uid})", u.name),
-        );
     let how = match api_group {
         Some(group) => format!(
-            "ask an administrator to add {user} to group '{group}', which is set as {API_GROUP_KEY} in {}, or use the API token",
+            "not in group '{group}' ({API_GROUP_KEY} in {})",
             settings_file.display()
         ),
-        None => format!(
-            "ask an administrator to set {API_GROUP_KEY}: GROUP in {} and add {user} to that group, or use the API token",
-            settings_file.display()
-        ),
+        None => format!("no {API_GROUP_KEY} is set in {}", settings_file.display()),
     };
-    Err(forbidden(format!(
-        "This lume API serves only root, the user who started it and members of the {API_GROUP_KEY} group; \
-         {user} is none of them: {how}"
-    )))
+    super::log(&format!(
+        "Refused uid {uid}: not root, the server's user or an {API_GROUP_KEY} member; {how}"
+    ));
+    Err(forbidden(NOT_SERVED.into()))
 }
 
 /// The bearer token a request carries, if any.
@@ -180,7 +214,19 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // A refusal of who is calling holds for the whole connection:
+            // close it rather than keep it open for that caller.
+            let close = e.status == StatusCode::FORBIDDEN;
+            let mut response = e.into_response();
+            if close {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        }
     }
 }
 
@@ -194,7 +240,7 @@ async fn caller_of(
             "Cannot tell who is calling: the request is refused".into(),
         ));
     };
-    let identity = conn.identity().await;
+    let identity = conn.identity(st.storage.clone()).await;
     if let Identity::Guest(helper) = &identity {
         super::log(&format!(
             "Refused a connection from a virtual machine ({} pid {}, {})",
@@ -237,10 +283,7 @@ async fn caller_of(
         .get_str(API_GROUP_KEY)
         .map_err(|e| ApiError::internal(&e))?;
     decide_user(uid, &st.owners, group.as_deref(), settings.file()).inspect_err(|_| {
-        super::log(&format!(
-            "Refused uid {uid} ({}): not root, the server's user or in {API_GROUP_KEY}",
-            conn.describe()
-        ));
+        super::log(&format!("Refused uid {uid} ({})", conn.describe()));
     })
 }
 
@@ -260,14 +303,14 @@ mod tests {
 
     #[test]
     fn tokens_come_from_the_environment_or_a_private_file() {
-        assert_eq!(read_token(None, None, true).unwrap(), None);
-        assert_eq!(read_token(Some(String::new()), None, true).unwrap(), None);
+        assert_eq!(read_token(None, None).unwrap(), None);
+        assert_eq!(read_token(Some(String::new()), None).unwrap(), None);
         assert_eq!(
-            read_token(Some("s3cret".into()), None, true).unwrap(),
+            read_token(Some("s3cret".into()), None).unwrap(),
             Some("s3cret".into())
         );
         assert!(matches!(
-            read_token(Some("a b".into()), None, true),
+            read_token(Some("a b".into()), None),
             Err(TokenError::NotPrintable)
         ));
         let dir = tempfile::tempdir().unwrap();
@@ -275,26 +318,67 @@ mod tests {
         std::fs::write(&file, "from-file\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
-            read_token(None, Some(&file), true).unwrap(),
+            read_token(None, Some(&file)).unwrap(),
             Some("from-file".into())
         );
         assert!(matches!(
-            read_token(Some("x".into()), Some(&file), true),
+            read_token(Some("x".into()), Some(&file)),
             Err(TokenError::Twice)
         ));
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = read_token(None, Some(&file), true).unwrap_err();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
-        assert!(read_token(None, Some(&file), false).is_ok());
+        for mode in [0o644, 0o640, 0o604, 0o610] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = read_token(None, Some(&file)).unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&file, "\n").unwrap();
         assert!(matches!(
-            read_token(None, Some(&file), false),
+            read_token(None, Some(&file)),
             Err(TokenError::Empty)
         ));
         assert!(matches!(
-            read_token(None, Some(&dir.path().join("none")), false),
+            read_token(None, Some(&dir.path().join("none"))),
             Err(TokenError::Read(..))
         ));
+    }
+
+    /// A symbolic link, something else than a file, or a file of another
+    /// user is refused, whatever it holds.
+    #[test]
+    fn the_token_file_is_the_servers_own_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(
+            read_token(None, Some(&link)),
+            Err(TokenError::Link(_))
+        ));
+        assert!(matches!(
+            read_token(None, Some(dir.path())),
+            Err(TokenError::NotAFile(_))
+        ));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            read_token(None, Some(&fifo)),
+            Err(TokenError::NotAFile(_))
+        ));
+        let other = if nix::unistd::geteuid().is_root() {
+            65534
+        } else {
+            0
+        };
+        // Only root can give a file away; elsewhere this part is skipped.
+        if nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(other)), None).is_ok() {
+            let e = read_token(None, Some(&file)).unwrap_err();
+            assert!(
+                matches!(e, TokenError::NotOwned { owner, .. } if owner == other),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -303,20 +387,21 @@ mod tests {
         // Root, and the server's own user.
         assert!(decide_user(0, &[1000], None, file).is_ok());
         assert_eq!(decide_user(65534, &[65534], None, file).unwrap().uid, 65534);
-        // Anyone else: 403, naming the rule and the way in.
-        let e = decide_user(65534, &[0], None, file).unwrap_err();
-        assert_eq!(e.status, StatusCode::FORBIDDEN);
-        assert!(e.message.contains("apiGroup: GROUP"), "{}", e.message);
-        assert!(e.message.contains("config.yaml"), "{}", e.message);
-        assert!(e.message.contains("nobody"), "{}", e.message);
-        let e = decide_user(65534, &[0], Some("root"), file).unwrap_err();
-        assert!(e.message.contains("group 'root'"), "{}", e.message);
+        // Anyone else: 403 with the generic way in; neither the settings
+        // file nor the group is named to the refused user.
+        for group in [None, Some("root")] {
+            let e = decide_user(65534, &[0], group, file).unwrap_err();
+            assert_eq!(e.status, StatusCode::FORBIDDEN);
+            assert_eq!(e.message, NOT_SERVED);
+            assert!(!e.message.contains("config.yaml"), "{}", e.message);
+            assert!(!e.message.contains("root"), "{}", e.message);
+        }
         // A member of the apiGroup (nobody's primary group).
-        let primary =
-            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(Caller::from_uid(65534).gid))
-                .unwrap()
-                .unwrap()
-                .name;
+        let gid = Caller::from_uid(65534).gid.unwrap();
+        let primary = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+            .unwrap()
+            .unwrap()
+            .name;
         assert_eq!(
             decide_user(65534, &[0], Some(&primary), file).unwrap().uid,
             65534

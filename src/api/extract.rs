@@ -76,8 +76,38 @@ pub struct JsonBody<T>(pub T);
 #[derive(Debug)]
 pub struct OptionalJsonBody<T>(pub T);
 
+/// Whether a `Content-Type` is JSON (`application/json`, parameters allowed).
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// A body must be declared JSON, so that a web page cannot send one: the
+/// content types a page may send without the browser asking first (forms,
+/// `text/plain`) are refused with 415, and so is a non-empty body without
+/// any. An empty body without a content type is no body at all.
+pub fn check_content_type(content_type: Option<&str>, body: &[u8]) -> Result<(), ApiError> {
+    match content_type {
+        Some(ct) if is_json(ct) => Ok(()),
+        None if body.is_empty() => Ok(()),
+        given => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "The request body must be JSON: send the header 'Content-Type: application/json' (the request's Content-Type: {})",
+                given.unwrap_or("none")
+            ),
+        )),
+    }
+}
+
 async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(req, state).await.map_err(|r| {
+    let content_type = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?").to_string());
+    let bytes = Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -89,7 +119,9 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
         } else {
             ApiError::new(r.status(), r.body_text())
         }
-    })
+    })?;
+    check_content_type(content_type.as_deref(), &bytes)?;
+    Ok(bytes)
 }
 
 /// Parses a JSON body; `None` when it is empty.
@@ -128,6 +160,31 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_must_be_declared_json() {
+        for ok in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+        ] {
+            assert!(check_content_type(Some(ok), b"{}").is_ok(), "{ok}");
+            assert!(check_content_type(Some(ok), b"").is_ok(), "{ok}");
+        }
+        assert!(check_content_type(None, b"").is_ok());
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonx",
+        ] {
+            let e = check_content_type(Some(bad), b"").unwrap_err();
+            assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
+            assert!(e.message.contains(bad), "{}", e.message);
+        }
+        let e = check_content_type(None, b"{}").unwrap_err();
+        assert!(e.message.contains("Content-Type: none"), "{}", e.message);
+    }
 
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]
     struct Sample {

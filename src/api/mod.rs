@@ -12,8 +12,10 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod listen;
 pub mod peer;
 pub mod routes;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -24,7 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -61,6 +63,8 @@ pub struct ServeOptions {
 pub struct AppState {
     storage: Option<PathBuf>,
     token: Option<String>,
+    /// The server's effective uid: whose rights its actions have.
+    euid: u32,
     /// Served without a token besides root and the apiGroup ([`auth::server_owners`]).
     owners: Vec<u32>,
     /// The OpenAPI document, set once the router is built.
@@ -75,6 +79,7 @@ impl AppState {
             storage,
             token,
             owners: auth::server_owners(),
+            euid: nix::unistd::geteuid().as_raw(),
             ..Self::default()
         }
     }
@@ -156,7 +161,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Whether a `Host` header value or an origin's authority names this machine
+/// Whether a `Host` header value names this machine
 /// (`localhost`, a loopback address), with or without a port.
 fn is_local_authority(authority: &str) -> bool {
     let host = match authority.strip_prefix('[') {
@@ -171,43 +176,54 @@ fn is_local_authority(authority: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Without a token, anyone who can make a request is trusted; so a web page
-/// must not be able to make one. Browsers send `Origin` with cross-site
-/// requests (CSRF), and a DNS name rebound to 127.0.0.1 still carries its own
-/// `Host`: both are refused unless they name this machine. Programs (curl,
-/// SDKs) send neither, or local ones.
+/// A web page must not be able to drive this API as whoever opens it in a
+/// browser. Browsers send `Origin` with cross-site requests (CSRF) and with
+/// every non-GET fetch: any request that carries one is refused unless it
+/// is exactly this server's own origin (scheme, host and port it listens
+/// on), with a token too. (Bodies must also be declared JSON:
+/// [`extract::JsonBody`].) Without a token, a DNS name rebound to 127.0.0.1 still carries
+/// its own `Host`: refused unless it names this machine. Programs (curl,
+/// SDKs) send no `Origin`, a local `Host`, and JSON.
 async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if st.token.is_none() {
-        let header_value = |name| {
-            req.headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap_or("?").to_string())
-        };
-        if let Some(origin) = header_value(header::ORIGIN) {
-            let authority = origin.split_once("://").map_or("", |(_, a)| a);
-            if !is_local_authority(authority.trim_end_matches('/')) {
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "Requests from web pages are refused (Origin: {origin}): without an API token only local programs may use this API"
-                    ),
-                )
-                .into_response();
-            }
-        }
-        if let Some(host) = header_value(header::HOST)
-            && !is_local_authority(&host)
-        {
-            return ApiError::new(
+    match web_page_refusal(&st, &req) {
+        Some(refusal) => refusal.into_response(),
+        None => next.run(req).await,
+    }
+}
+
+fn web_page_refusal(st: &AppState, req: &Request) -> Option<ApiError> {
+    let header_value = |name| {
+        req.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("?").to_string())
+    };
+    if let Some(origin) = header_value(header::ORIGIN) {
+        let own = req
+            .extensions()
+            .get::<ConnectInfo<peer::Connection>>()
+            .map(|ConnectInfo(c)| c.own_origins())
+            .unwrap_or_default();
+        if !own.iter().any(|o| o.eq_ignore_ascii_case(&origin)) {
+            return Some(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "Host '{host}' is refused: without an API token this API answers only to localhost and loopback addresses"
+                    "Requests from web pages are refused (Origin: {origin}): call this API from a program, which sends no Origin header"
                 ),
-            )
-            .into_response();
+            ));
         }
     }
-    next.run(req).await
+    if st.token.is_none()
+        && let Some(host) = header_value(header::HOST)
+        && !is_local_authority(&host)
+    {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Host '{host}' is refused: without an API token this API answers only to localhost and loopback addresses"
+            ),
+        ));
+    }
+    None
 }
 
 async fn access_log(req: Request, next: Next) -> Response {
@@ -230,12 +246,7 @@ pub fn reap_supervisor(store: &Store, vm: &VmName) {
         return;
     };
     let pid = state.pid;
-    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let (_, rest) = s.rsplit_once(')')?;
-            rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-        });
+    let parent = peer::parent_pid(Path::new(&format!("/proc/{pid}")));
     if parent != Some(std::process::id()) {
         return;
     }
@@ -288,40 +299,6 @@ async fn shutdown_signal() {
     });
 }
 
-/// Binds the Unix socket at `path`: mode 0660, group `group` when given.
-/// A stale socket file nobody listens on is replaced; a live one is not.
-fn bind_unix_socket(
-    path: &Path,
-    group: Option<&nix::unistd::Group>,
-) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            bail!(
-                "{} exists and is not a socket: give --socket a new path",
-                path.display()
-            );
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "Another server already listens on {}: stop it or give --socket another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("Cannot listen on the Unix socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("Cannot set the mode of {}", path.display()))?;
-    if let Some(g) = group {
-        nix::unistd::chown(path, None, Some(g.gid))
-            .with_context(|| format!("Cannot give {} to group '{}'", path.display(), g.name))?;
-    }
-    Ok(listener)
-}
-
 /// The group named by `apiGroup` in config.yaml, which must exist.
 fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd::Group>> {
     let Some(name) = settings.get_str(auth::API_GROUP_KEY)? else {
@@ -337,10 +314,28 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
     }
 }
 
+/// Raises the soft limit of open files to the hard limit, so that the
+/// connection limits ([`listen::Limits`]) are reached before the process
+/// runs out of descriptors.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log(&format!(
+                    "Cannot raise the open files limit from {soft} to {hard}: {e}"
+                ));
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub fn serve(opts: ServeOptions) -> Result<()> {
-    let as_root = nix::unistd::geteuid().is_root();
-    let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref(), as_root)?;
+    raise_open_files_limit();
+    let limits = listen::Limits::from_env();
+    let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref())?;
     if std::env::var_os("LUME_API_TOKEN").is_some() {
         // SAFETY: no other thread runs yet (the runtime is built below), so
         // nothing reads the environment concurrently. The VMs this server
@@ -373,8 +368,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
         let unix = socket
             .as_deref()
-            .map(|p| bind_unix_socket(p, group.as_ref()))
+            .map(|p| socket::bind(p, group.as_ref().map(|g| g.gid)))
             .transpose()?;
+        let unix_listener = unix
+            .as_ref()
+            .map(|b| {
+                b.listener.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(b.listener.try_clone()?)
+            })
+            .transpose()
+            .context("Cannot listen on the Unix socket")?;
         let local = listener.local_addr()?;
         let who = if has_token {
             "API token required".to_string()
@@ -403,33 +406,19 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             shutdown_signal().await;
             let _ = stop_tx.send(true);
         });
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let tcp = axum::serve(
-            listener,
-            app.clone()
-                .into_make_service_with_connect_info::<peer::Connection>(),
-        )
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let gate = listen::Gate::new(limits);
+        let tcp = listen::serve(listener, app.clone(), gate.clone(), stop_rx.clone());
         let unix_served = async {
-            match unix {
-                Some(l) => {
-                    axum::serve(
-                        l,
-                        app.into_make_service_with_connect_info::<peer::Connection>(),
-                    )
-                    .with_graceful_shutdown(stopped(stop_rx.clone()))
-                    .await
-                }
-                None => Ok(()),
+            if let Some(l) = unix_listener {
+                listen::serve(l, app, gate.clone(), stop_rx.clone()).await;
             }
         };
-        let served = tokio::try_join!(async { tcp.await }, unix_served);
-        if let Some(p) = &socket {
-            let _ = std::fs::remove_file(p);
+        tokio::join!(tcp, unix_served);
+        gate.drained().await;
+        if let Some(bound) = &unix {
+            bound.remove();
         }
-        served.map(|_| ()).context("The HTTP server failed")
+        Ok::<(), anyhow::Error>(())
     })?;
     log("Stopped");
     Ok(())

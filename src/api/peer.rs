@@ -4,21 +4,20 @@
 //! sock_diag (INET_DIAG) lookup of that exact connection (the client's
 //! address and port, connected to ours) gives its uid and inode, as identd
 //! does. A Unix socket client is given by `SO_PEERCRED`. A socket held by a
-//! process lume runs for a VM (QEMU, passt) belongs to a guest: a user-mode
-//! guest reaches the host's loopback through it, so it is never a caller.
+//! process lume runs for a VM (QEMU, passt: known by name, by a parent that
+//! runs lume's own executable, or as a running VM's `qemuPid`) belongs to a
+//! guest: a user-mode guest reaches the host's loopback through it, so it is
+//! never a caller.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_TIME_WAIT};
 use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
-use tokio::net::{TcpListener, UnixListener};
 
 /// Why the owner of a connection could not be found.
 #[derive(Debug, thiserror::Error)]
@@ -185,9 +184,74 @@ fn holds_socket(proc_dir: &Path, inode: u64) -> bool {
         .any(|target| target.as_os_str() == wanted.as_str())
 }
 
+/// The device and inode of the executable a process runs (`/proc/PID/exe`
+/// followed), which a renamed or symlinked program cannot change.
+fn exe_id(proc_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(proc_dir.join("exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// The parent pid of a process, from `/proc/PID/stat` (after the command
+/// name, which may hold spaces and parentheses).
+pub fn parent_pid(proc_dir: &Path) -> Option<u32> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How this server recognises the processes lume runs for VMs, beyond
+/// their names (`qemu-system-*`, `passt`): where QEMU is a link to another
+/// program (`/usr/libexec/qemu-kvm`) the name says nothing.
+#[derive(Debug, Clone, Default)]
+pub struct HelperRule {
+    /// lume's own executable (device, inode): a process whose parent runs
+    /// it, and which does not run it itself, is one a supervisor started.
+    pub lume_exe: Option<(u64, u64)>,
+    /// The `qemuPid` of every running VM in the server's location.
+    pub qemu_pids: Vec<u32>,
+}
+
+impl HelperRule {
+    /// The rule of this server: its own executable, and the QEMU pids that
+    /// the supervisors of running VMs in `store` published.
+    pub fn of_server(store: &crate::vm::store::Store) -> Self {
+        let qemu_pids = store
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|vm| vm.running_state())
+            .map(|state| state.qemu_pid)
+            .collect();
+        Self {
+            lume_exe: exe_id(Path::new("/proc/self")),
+            qemu_pids,
+        }
+    }
+
+    /// The process under `proc_dir` (`pid`), as a VM helper, if it is one.
+    pub fn helper(&self, proc_root: &Path, pid: u32, proc_dir: &Path) -> Option<VmHelper> {
+        let program = program(proc_dir)?;
+        let is_helper = is_vm_helper_program(&program)
+            || self.qemu_pids.contains(&pid)
+            || self.lume_exe.is_some_and(|lume| {
+                exe_id(proc_dir) != Some(lume)
+                    && parent_pid(proc_dir)
+                        .is_some_and(|ppid| exe_id(&proc_root.join(ppid.to_string())) == Some(lume))
+            });
+        is_helper.then_some(VmHelper { pid, program })
+    }
+}
+
 /// The VM helper process of `uid` (under the proc tree `proc_root`) that
 /// holds the socket `inode`, if any. Only helpers' descriptors are read.
-pub fn vm_helper_holding(proc_root: &Path, uid: u32, inode: u64) -> Option<VmHelper> {
+pub fn vm_helper_holding(
+    proc_root: &Path,
+    uid: u32,
+    inode: u64,
+    rule: &HelperRule,
+) -> Option<VmHelper> {
     let entries = std::fs::read_dir(proc_root).ok()?;
     for entry in entries.filter_map(Result::ok) {
         let Some(pid) = entry
@@ -201,11 +265,10 @@ pub fn vm_helper_holding(proc_root: &Path, uid: u32, inode: u64) -> Option<VmHel
         if process_uid(&dir) != Some(uid) {
             continue;
         }
-        let Some(program) = program(&dir) else {
-            continue;
-        };
-        if is_vm_helper_program(&program) && holds_socket(&dir, inode) {
-            return Some(VmHelper { pid, program });
+        if let Some(helper) = rule.helper(proc_root, pid, &dir)
+            && holds_socket(&dir, inode)
+        {
+            return Some(helper);
         }
     }
     None
@@ -265,25 +328,53 @@ impl Connection {
         }
     }
 
-    /// Who is calling; computed once per connection.
-    pub async fn identity(&self) -> Identity {
+    /// The origins a browser would give a page served by this very server
+    /// on this connection's address (`http://127.0.0.1:7777`, and for a
+    /// loopback address `http://localhost:7777`). A Unix socket has none.
+    pub fn own_origins(&self) -> Vec<String> {
+        let Endpoint::Tcp { server, .. } = self.endpoint else {
+            return Vec::new();
+        };
+        let server = canonical(server);
+        let mut hosts = vec![match server.ip() {
+            IpAddr::V4(ip) => ip.to_string(),
+            IpAddr::V6(ip) => format!("[{ip}]"),
+        }];
+        if server.ip().is_loopback() {
+            hosts.push("localhost".into());
+        }
+        let port = server.port();
+        let mut origins: Vec<String> = hosts.iter().map(|h| format!("http://{h}:{port}")).collect();
+        if port == 80 {
+            origins.extend(hosts.iter().map(|h| format!("http://{h}")));
+        }
+        origins
+    }
+
+    /// Who is calling; computed once per connection. `storage` is the
+    /// server's own VM location (its `--storage`), whose running VMs' QEMU
+    /// processes are guests too ([`HelperRule::of_server`]).
+    pub async fn identity(&self, storage: Option<std::path::PathBuf>) -> Identity {
         let endpoint = self.endpoint;
         self.identity
             .get_or_init(|| async move {
-                tokio::task::spawn_blocking(move || identify(endpoint))
-                    .await
-                    .unwrap_or_else(|e| Identity::Unknown(format!("The lookup failed: {e}")))
+                tokio::task::spawn_blocking(move || {
+                    let rule = HelperRule::of_server(&crate::vm::store::Store::new(storage));
+                    identify(endpoint, &rule)
+                })
+                .await
+                .unwrap_or_else(|e| Identity::Unknown(format!("The lookup failed: {e}")))
             })
             .await
             .clone()
     }
 }
 
-fn identify(endpoint: Endpoint) -> Identity {
+fn identify(endpoint: Endpoint, rule: &HelperRule) -> Identity {
     let proc_root = Path::new("/proc");
     match endpoint {
         Endpoint::Tcp { client, server } => match tcp_socket_owner(client, server) {
-            Ok(owner) => match vm_helper_holding(proc_root, owner.uid, owner.inode.into()) {
+            Ok(owner) => match vm_helper_holding(proc_root, owner.uid, owner.inode.into(), rule) {
                 Some(helper) => Identity::Guest(helper),
                 None => Identity::User(owner.uid),
             },
@@ -291,11 +382,8 @@ fn identify(endpoint: Endpoint) -> Identity {
         },
         Endpoint::Unix { uid, pid } => {
             let helper = pid.and_then(|pid| {
-                let program = program(&proc_root.join(pid.to_string()))?;
-                is_vm_helper_program(&program).then_some(VmHelper {
-                    pid: pid as u32,
-                    program,
-                })
+                let pid = u32::try_from(pid).ok()?;
+                rule.helper(proc_root, pid, &proc_root.join(pid.to_string()))
             });
             match helper {
                 Some(h) => Identity::Guest(h),
@@ -308,19 +396,18 @@ fn identify(endpoint: Endpoint) -> Identity {
     }
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        let client = *stream.remote_addr();
-        Self::new(match stream.io().local_addr() {
+impl Connection {
+    /// An accepted TCP connection from `client`.
+    pub fn of_tcp(stream: &tokio::net::TcpStream, client: SocketAddr) -> Self {
+        Self::new(match stream.local_addr() {
             Ok(server) => Endpoint::Tcp { client, server },
             Err(_) => Endpoint::Unreadable,
         })
     }
-}
 
-impl Connected<IncomingStream<'_, UnixListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        Self::new(match stream.io().peer_cred() {
+    /// An accepted Unix socket connection.
+    pub fn of_unix(stream: &tokio::net::UnixStream) -> Self {
+        Self::new(match stream.peer_cred() {
             Ok(cred) => Endpoint::Unix {
                 uid: cred.uid(),
                 pid: cred.pid(),
@@ -328,6 +415,32 @@ impl Connected<IncomingStream<'_, UnixListener>> for Connection {
             Err(_) => Endpoint::Unreadable,
         })
     }
+
+    /// Whose share of the connections this one takes: the local uid owning
+    /// the client's socket (one sock_diag query; blocking), else the remote
+    /// address. Decided at accept time, before any request.
+    pub fn peer_key(&self) -> PeerKey {
+        match self.endpoint {
+            Endpoint::Tcp { client, server } => match tcp_socket_owner(client, server) {
+                Ok(owner) => PeerKey::Uid(owner.uid),
+                Err(PeerError::NotLocal(_)) => PeerKey::Remote(client.ip().to_canonical()),
+                Err(_) => PeerKey::Unknown,
+            },
+            Endpoint::Unix { uid, .. } => PeerKey::Uid(uid),
+            Endpoint::Unreadable => PeerKey::Unknown,
+        }
+    }
+}
+
+/// Whose share of the server's connections a connection takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKey {
+    /// A local user.
+    Uid(u32),
+    /// A client on another host (served only with a token).
+    Remote(IpAddr),
+    /// Neither could be found.
+    Unknown,
 }
 
 #[cfg(test)]
@@ -410,24 +523,14 @@ mod tests {
         }
     }
 
-    /// A real process called `passt` (a copy of `sleep`) holding a real
-    /// loopback connection is found as a VM helper; the test process holding
-    /// another one is not.
-    #[test]
-    fn a_process_called_passt_holding_the_socket_is_a_guest() {
+    /// A copy of `sleep` called `name`, holding `socket` as its fd 3.
+    fn spawn_holding(dir: &Path, name: &str, socket: std::net::TcpStream) -> std::process::Child {
         use std::os::fd::AsRawFd as _;
         use std::os::unix::process::CommandExt as _;
-        let dir = tempfile::tempdir().unwrap();
-        let passt = dir.path().join("passt");
-        std::fs::copy("/bin/sleep", &passt).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let guest_side = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_a, guest_addr) = listener.accept().unwrap();
-        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (_b, our_addr) = listener.accept().unwrap();
-        // The child gets the guest-side socket as its fd 3.
-        let fd = guest_side.as_raw_fd();
-        let mut cmd = std::process::Command::new(&passt);
+        let program = dir.join(name);
+        std::fs::copy("/bin/sleep", &program).unwrap();
+        let fd = socket.as_raw_fd();
+        let mut cmd = std::process::Command::new(&program);
         cmd.arg("30");
         // SAFETY: the closure only calls dup2 and fcntl, which are
         // async-signal-safe, on a descriptor this process owns, in the child
@@ -446,28 +549,120 @@ mod tests {
                 }
             });
         }
-        let mut child = cmd.spawn().unwrap();
-        drop(guest_side);
-        let server = listener.local_addr().unwrap();
+        let child = cmd.spawn().unwrap();
+        drop(socket);
+        child
+    }
+
+    /// Two loopback connections: (the client side to hand to a helper, its
+    /// address), (our own client, its address), and the server's address.
+    struct Pair {
+        listener: std::net::TcpListener,
+        guest_side: Option<std::net::TcpStream>,
+        guest_addr: SocketAddr,
+        _ours: std::net::TcpStream,
+        our_addr: SocketAddr,
+        _accepted: Vec<std::net::TcpStream>,
+    }
+
+    fn pair() -> Pair {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let guest_side = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (a, guest_addr) = listener.accept().unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (b, our_addr) = listener.accept().unwrap();
+        Pair {
+            listener,
+            guest_side: Some(guest_side),
+            guest_addr,
+            _ours: ours,
+            our_addr,
+            _accepted: vec![a, b],
+        }
+    }
+
+    /// Waits (a child needs a moment to exec) for the helper holding `addr`.
+    fn helper_of(p: &Pair, addr: SocketAddr, rule: &HelperRule) -> Option<VmHelper> {
+        let server = p.listener.local_addr().unwrap();
         let uid = nix::unistd::geteuid().as_raw();
-        let found = (0..100).find_map(|_| {
-            let owner = tcp_socket_owner(guest_addr, server).unwrap();
-            let h = vm_helper_holding(Path::new("/proc"), uid, owner.inode.into());
+        (0..100).find_map(|_| {
+            let owner = tcp_socket_owner(addr, server).unwrap();
+            let h = vm_helper_holding(Path::new("/proc"), uid, owner.inode.into(), rule);
             if h.is_none() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             h
-        });
+        })
+    }
+
+    /// A real process called `passt` (a copy of `sleep`) holding a real
+    /// loopback connection is found as a VM helper; the test process holding
+    /// another one is not.
+    #[test]
+    fn a_process_called_passt_holding_the_socket_is_a_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pair();
+        let mut child = spawn_holding(dir.path(), "passt", p.guest_side.take().unwrap());
+        let rule = HelperRule::default();
+        let found = helper_of(&p, p.guest_addr, &rule);
         let _ = child.kill();
         let _ = child.wait();
         let found = found.expect("the passt process holds the socket");
         assert_eq!(found.pid, child.id());
         assert_eq!(found.program, "passt");
-        let owner = tcp_socket_owner(our_addr, server).unwrap();
+        let server = p.listener.local_addr().unwrap();
+        let owner = tcp_socket_owner(p.our_addr, server).unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
         assert_eq!(
-            vm_helper_holding(Path::new("/proc"), uid, owner.inode.into()),
+            vm_helper_holding(Path::new("/proc"), uid, owner.inode.into(), &rule),
             None
         );
-        drop(ours);
+    }
+
+    /// A program with any name is a guest when its parent runs lume's own
+    /// executable (here the test binary plays lume: the child's parent is
+    /// this process), or when its pid is a running VM's `qemuPid`; by its
+    /// name alone it is not. lume itself is never its own helper.
+    #[test]
+    fn a_renamed_qemu_is_known_by_its_parent_or_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pair();
+        let mut child = spawn_holding(dir.path(), "qemu-kvm", p.guest_side.take().unwrap());
+        let lume_like = HelperRule {
+            lume_exe: exe_id(Path::new("/proc/self")),
+            qemu_pids: Vec::new(),
+        };
+        let by_parent = helper_of(&p, p.guest_addr, &lume_like);
+        let by_pid = helper_of(
+            &p,
+            p.guest_addr,
+            &HelperRule {
+                lume_exe: None,
+                qemu_pids: vec![child.id()],
+            },
+        );
+        // A rule without either: found by name only, which says nothing.
+        let server = p.listener.local_addr().unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let owner = tcp_socket_owner(p.guest_addr, server).unwrap();
+        let by_name = vm_helper_holding(
+            Path::new("/proc"),
+            uid,
+            owner.inode.into(),
+            &HelperRule::default(),
+        );
+        // This process runs the "lume" executable itself: not a helper.
+        let ours = tcp_socket_owner(p.our_addr, server).unwrap();
+        let lume_itself = vm_helper_holding(Path::new("/proc"), uid, ours.inode.into(), &lume_like);
+        let _ = child.kill();
+        let _ = child.wait();
+        let by_parent = by_parent.expect("a child of lume holding the socket is a guest");
+        assert_eq!(
+            (by_parent.pid, by_parent.program.as_str()),
+            (child.id(), "qemu-kvm")
+        );
+        assert_eq!(by_pid.expect("a qemuPid is a guest").pid, child.id());
+        assert_eq!(by_name, None);
+        assert_eq!(lume_itself, None);
     }
 }

@@ -35,6 +35,7 @@ type ApiResult<T> = Result<T, ApiError>;
 #[into_params(parameter_in = Query)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
+    /// Only the server's own user may name another location (else 403).
     pub storage: Option<String>,
 }
 
@@ -226,119 +227,85 @@ fn opt_path(what: &str, s: Option<&str>) -> ApiResult<Option<PathBuf>> {
     s.map(|s| abs_path(what, s)).transpose()
 }
 
-/// The storage rule: root may use any location; anyone else only the
-/// server's own (`server_root`) or an existing directory it owns (checked on
-/// the canonical path, which is then used, so a symlink cannot point
-/// elsewhere). Otherwise 403, naming the path.
-pub fn allowed_storage(caller: &Caller, path: PathBuf, server_root: &Path) -> ApiResult<PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
-    if caller.is_root() {
-        return Ok(path);
-    }
-    let refused = |why: String| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "Storage '{}' is refused: {why}. Without root you may use this server's VM location ({}) or a directory you own; leave storage out for the server's",
-                path.display(),
-                server_root.display()
-            ),
-        )
-    };
-    let canonical = std::fs::canonicalize(&path)
-        .map_err(|e| refused(format!("it cannot be resolved ({e})")))?;
-    if std::fs::canonicalize(server_root).is_ok_and(|s| s == canonical) {
-        return Ok(path);
-    }
-    let meta =
-        std::fs::metadata(&canonical).map_err(|e| refused(format!("it cannot be read ({e})")))?;
-    if !meta.is_dir() {
-        return Err(refused("it is not a directory".into()));
-    }
-    if meta.uid() != caller.uid {
-        return Err(refused(format!(
-            "it belongs to uid {}, not to you (uid {})",
-            meta.uid(),
-            caller.uid
-        )));
-    }
-    Ok(canonical)
+/// Whether two absolute paths name the same place, by their components
+/// alone (`/srv/vms/` and `/srv//vms` are `/srv/vms`). The file system is
+/// not asked: what a path resolves to, or whether it exists, is never part
+/// of the answer.
+fn same_path(a: &Path, b: &Path) -> bool {
+    a.components().eq(b.components())
 }
 
-/// Why an existing VM directory is not the caller's own (a symlink, or
-/// another owner); `None` when it is, or does not exist.
-fn foreign_vm_dir(caller: &Caller, dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::symlink_metadata(dir).ok()?;
-    if meta.file_type().is_symlink() {
-        Some("it is a symbolic link".into())
-    } else if meta.uid() != caller.uid {
-        Some(format!(
-            "it belongs to uid {}, not to you (uid {})",
-            meta.uid(),
-            caller.uid
-        ))
+/// The one answer to a refused `storage`, whatever the path is, whether it
+/// exists and whoever owns it.
+pub fn storage_refused(server_root: &Path) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "This storage is refused: this server uses only its own VM location ({}) for callers other than its own user. Leave storage out",
+            server_root.display()
+        ),
+    )
+}
+
+/// The storage rule. A caller whose uid is the server's effective uid acts
+/// with the server's own rights anyway and may name any location. Anyone
+/// else may name only the server's own location (`server_root`), compared
+/// as a path, never resolved: a location chosen by another user (and every
+/// link in it) is never acted on by the server. Otherwise 403, the same
+/// answer for every path.
+pub fn allowed_storage(
+    caller: &Caller,
+    server_euid: u32,
+    requested: &Path,
+    server_root: &Path,
+) -> ApiResult<()> {
+    if caller.uid == server_euid || same_path(requested, server_root) {
+        Ok(())
     } else {
-        None
+        Err(storage_refused(server_root))
     }
 }
 
 // ---------------------------------------------------------------------------
 // Running actions.
 
+/// A request's `storage`: `None` for the server's own location.
+fn requested_storage(storage: Option<&str>) -> ApiResult<Option<PathBuf>> {
+    match storage.map(str::trim) {
+        None | Some("") | Some("default") => Ok(None),
+        Some(s) => abs_path("storage", s).map(Some),
+    }
+}
+
 impl AppState {
-    /// Where this request's VMs live: the request's `storage`, else the
-    /// server's. A caller other than root may name only the server's own
-    /// location or a directory it owns ([`allowed_storage`]).
+    /// The server's own VM location: its `--storage`, else `homeDirectory`,
+    /// else the default.
+    fn server_store(&self) -> Store {
+        Store::new(self.storage.clone())
+    }
+
+    /// Where this request's VMs live, after [`allowed_storage`]. The
+    /// server's own location is always the server's own path, never the
+    /// caller's spelling of it.
     fn store(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Store> {
-        match storage.map(str::trim) {
-            None | Some("") | Some("default") => Ok(Store::new(self.storage.clone())),
-            Some(s) => {
-                let path = abs_path("storage", s)?;
-                let server = Store::new(self.storage.clone());
-                Ok(Store::new(Some(allowed_storage(
-                    caller,
-                    path,
-                    server.root(),
-                )?)))
+        let server = self.server_store();
+        match requested_storage(storage)? {
+            None => Ok(server),
+            Some(path) => {
+                allowed_storage(caller, self.euid, &path, server.root())?;
+                if same_path(&path, server.root()) {
+                    Ok(server)
+                } else {
+                    Ok(Store::new(Some(path)))
+                }
             }
         }
     }
 
-    /// Whether the caller's VMs in `store` must be checked one by one: a
-    /// caller other than root, in a location it chose (not the server's).
-    fn own_location(&self, caller: &Caller, store: &Store) -> bool {
-        let server = Store::new(self.storage.clone());
-        !caller.is_root()
-            && std::fs::canonicalize(store.root()).ok() != std::fs::canonicalize(server.root()).ok()
-    }
-
-    /// [`Self::context`] for actions on named VMs. In a location the caller
-    /// chose (not the server's), a VM's directory must be the caller's own
-    /// and no symlink, so it cannot lead to someone else's VM.
-    fn vm_context(
-        &self,
-        caller: &Caller,
-        storage: Option<&str>,
-        vms: &[&VmName],
-    ) -> ApiResult<Context> {
-        let ctx = self.context(caller, storage)?;
-        if !self.own_location(caller, &ctx.store) {
-            return Ok(ctx);
-        }
-        for vm in vms {
-            let dir = ctx.store.root().join(vm.as_str());
-            if let Some(why) = foreign_vm_dir(caller, &dir) {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "VM directory '{}' is refused: {why}. In a location of your own, lume uses only VM directories you own",
-                        dir.display()
-                    ),
-                ));
-            }
-        }
-        Ok(ctx)
+    /// The location whose turn locks a request takes: the requested path as
+    /// given (only a valid path is needed; nothing is decided here).
+    fn turn_root(&self, storage: Option<&str>) -> ApiResult<PathBuf> {
+        Ok(requested_storage(storage)?.unwrap_or_else(|| self.server_store().root().to_path_buf()))
     }
 
     /// Settings are read for every request, like every CLI command reads
@@ -361,25 +328,37 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(&e))?
 }
 
-/// The one way routes change or read VMs: [`execute`] on a blocking thread.
-async fn perform(ctx: Context, action: Action) -> ApiResult<Outcome> {
-    blocking(move || {
-        execute(&ctx, action, &mut |line: &str| super::log(line)).map_err(ApiError::from)
-    })
-    .await
+/// Runs an action on a blocking thread: [`execute`] and its outcome.
+fn run(ctx: &Context, action: Action) -> ApiResult<Outcome> {
+    execute(ctx, action, &mut |line: &str| super::log(line)).map_err(ApiError::from)
 }
 
-/// Runs a VM-changing action while holding this server's lock of that VM,
-/// so that concurrent requests for one VM take turns (the VM's own locks
-/// still arbitrate against the CLI and other servers).
-async fn perform_on(
-    st: &AppState,
-    ctx: Context,
+/// The one way routes read VMs: on a blocking thread, the request's
+/// location is decided ([`AppState::context`]), then `f` runs there.
+async fn in_location<T: Send + 'static>(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    storage: Option<&str>,
+    f: impl FnOnce(&Context) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let (st, caller, storage) = (st.clone(), caller.clone(), storage.map(str::to_string));
+    blocking(move || f(&st.context(&caller, storage.as_deref())?)).await
+}
+
+/// The one way routes change VMs: this server's turn on the VM is taken
+/// first, so concurrent requests for one VM take turns (the VM's own locks
+/// still arbitrate against the CLI and other servers); then, inside the
+/// blocking action, the location is decided and `f` runs. Nothing is
+/// checked before the turn, so nothing checked can change before the action.
+async fn on_vm<T: Send + 'static>(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    storage: Option<&str>,
     vm: &VmName,
-    action: Action,
-) -> ApiResult<Outcome> {
-    let _turn = st.vm_turn(ctx.store.root(), vm).await;
-    perform(ctx, action).await
+    f: impl FnOnce(&Context) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let _turn = st.vm_turn(&st.turn_root(storage)?, vm).await;
+    in_location(st, caller, storage, f).await
 }
 
 fn unexpected(o: &Outcome) -> ApiError {
@@ -389,8 +368,8 @@ fn unexpected(o: &Outcome) -> ApiError {
     )
 }
 
-async fn details(ctx: Context, name: VmName) -> ApiResult<VmDetails> {
-    match perform(ctx, Action::Get { name }).await? {
+fn details(ctx: &Context, name: VmName) -> ApiResult<VmDetails> {
+    match run(ctx, Action::Get { name })? {
         Outcome::Details(d) => Ok(d),
         o => Err(unexpected(&o)),
     }
@@ -412,18 +391,12 @@ pub async fn list_vms(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Vec<VmDetails>>> {
-    let ctx = st.context(&caller, q.storage.as_deref())?;
-    // In a location of the caller's own, VMs that lead elsewhere are left out.
-    let root = st
-        .own_location(&caller, &ctx.store)
-        .then(|| ctx.store.root().to_path_buf());
-    match perform(ctx, Action::List).await? {
-        Outcome::List(mut v) => {
-            if let Some(root) = root {
-                v.retain(|d| foreign_vm_dir(&caller, &root.join(&d.name)).is_none());
-            }
-            Ok(Json(v))
-        }
+    match in_location(&st, &caller, q.storage.as_deref(), |ctx| {
+        run(ctx, Action::List)
+    })
+    .await?
+    {
+        Outcome::List(v) => Ok(Json(v)),
         o => Err(unexpected(&o)),
     }
 }
@@ -433,6 +406,7 @@ pub async fn list_vms(
     responses(
         (status = 201, description = "Created", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 409, description = "A VM of that name exists", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
         (status = 500, description = "The VM could not be built", body = ErrorBody),
@@ -463,12 +437,9 @@ pub async fn create_vm(
         image: opt_path("image", r.image.as_deref())?,
         publish: ports(&r.publish)?,
     };
-    let ctx = st.vm_context(
-        &caller,
-        r.storage.as_deref().or(q.storage.as_deref()),
-        &[&vm],
-    )?;
-    match perform_on(&st, ctx, &vm, Action::Create(Box::new(spec))).await? {
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let action = Action::Create(Box::new(spec));
+    match on_vm(&st, &caller, storage, &vm, |ctx| run(ctx, action)).await? {
         Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
         o => Err(unexpected(&o)),
     }
@@ -498,9 +469,9 @@ async fn get_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
-    Ok(Json(
-        details(st.vm_context(&caller, q.storage.as_deref(), &[&vm])?, vm).await?,
-    ))
+    in_location(&st, &caller, q.storage.as_deref(), |ctx| details(ctx, vm))
+        .await
+        .map(Json)
 }
 
 /// Change a VM's CPU count, memory, disk size (grow only, VM stopped) or network mode, from its next start.
@@ -510,6 +481,7 @@ async fn get_vm_named(
     responses(
         (status = 200, description = "Updated", body = VmDetails),
         (status = 400, description = "Nothing to change, a bad size or network mode, a shrinking disk", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Disk change while the VM runs, or the VM is busy", body = ErrorBody),
     ))]
@@ -537,12 +509,12 @@ async fn set_vm_named(
         disk_size: size("diskSize", r.disk_size.as_deref())?,
         network: mode(r.network.as_deref())?,
     };
-    let ctx = st.vm_context(
-        &caller,
-        r.storage.as_deref().or(q.storage.as_deref()),
-        &[&vm],
-    )?;
-    match perform_on(&st, ctx, &vm, Action::Set(spec)).await? {
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    match on_vm(&st, &caller, storage, &vm, |ctx| {
+        run(ctx, Action::Set(spec))
+    })
+    .await?
+    {
         Outcome::Updated(d) => Ok(Json(d)),
         o => Err(unexpected(&o)),
     }
@@ -572,13 +544,16 @@ async fn delete_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<Deleted>> {
-    let ctx = st.vm_context(&caller, q.storage.as_deref(), &[&vm])?;
     let action = Action::Delete {
         name: vm.clone(),
         force: true,
         confirmed: true,
     };
-    match perform_on(&st, ctx, &vm, action).await? {
+    match on_vm(&st, &caller, q.storage.as_deref(), &vm, |ctx| {
+        run(ctx, action)
+    })
+    .await?
+    {
         Outcome::Deleted(n) => Ok(Json(Deleted {
             message: format!("VM '{n}' deleted"),
         })),
@@ -594,6 +569,7 @@ async fn delete_vm_named(
     responses(
         (status = 202, description = "Running", body = VmDetails),
         (status = 400, description = "A bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Already running, or busy", body = ErrorBody),
         (status = 500, description = "QEMU or the network could not be started", body = ErrorBody),
@@ -633,17 +609,13 @@ pub async fn run_vm(
         publish: ports(&r.publish)?,
         detach: true,
     };
-    let ctx = st.vm_context(
-        &caller,
-        r.storage.as_deref().or(q.storage.as_deref()),
-        &[&vm],
-    )?;
-    let _turn = st.vm_turn(ctx.store.root(), &vm).await;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even
     // if the client has gone away meanwhile.
-    let outcome = blocking(move || {
-        let outcome = execute(&ctx, Action::Run(spec), &mut |line: &str| super::log(line))?;
-        super::reap_supervisor(&ctx.store, &vm);
+    let name = vm.clone();
+    let outcome = on_vm(&st, &caller, storage, &vm, move |ctx| {
+        let outcome = run(ctx, Action::Run(spec))?;
+        super::reap_supervisor(&ctx.store, &name);
         Ok(outcome)
     })
     .await?;
@@ -660,6 +632,7 @@ pub async fn run_vm(
     responses(
         (status = 200, description = "Stopped (or was not running)", body = VmDetails),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 500, description = "It did not stop", body = ErrorBody),
     ))]
@@ -676,19 +649,20 @@ pub async fn stop_vm(
             "timeout: at most 3600 seconds may be given",
         ));
     }
-    let ctx = st.vm_context(
-        &caller,
-        r.storage.as_deref().or(q.storage.as_deref()),
-        &[&vm],
-    )?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
     let action = Action::Stop {
         name: vm.clone(),
         timeout: Duration::from_secs(timeout),
     };
-    match perform_on(&st, ctx.clone(), &vm, action).await? {
-        Outcome::Stopped { .. } => Ok(Json(details(ctx, vm).await?)),
-        o => Err(unexpected(&o)),
-    }
+    let name = vm.clone();
+    on_vm(&st, &caller, storage, &vm, move |ctx| {
+        match run(ctx, action)? {
+            Outcome::Stopped { .. } => details(ctx, name),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
+    .map(Json)
 }
 
 /// Copy a stopped VM under a new name, with a new MAC address.
@@ -697,6 +671,7 @@ pub async fn stop_vm(
     responses(
         (status = 201, description = "The new VM", body = VmDetails),
         (status = 400, description = "Malformed JSON, a missing or invalid name", body = ErrorBody),
+        (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such source VM", body = ErrorBody),
         (status = 409, description = "The source runs, or the new name exists", body = ErrorBody),
     ))]
@@ -713,16 +688,12 @@ pub async fn clone_vm(
     }
     let source = name(&r.name)?;
     let target = name(&r.new_name)?;
-    let ctx = st.vm_context(
-        &caller,
-        r.storage.as_deref().or(q.storage.as_deref()),
-        &[&source, &target],
-    )?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
     let action = Action::Clone {
         source: source.clone(),
         target,
     };
-    match perform_on(&st, ctx, &source, action).await? {
+    match on_vm(&st, &caller, storage, &source, |ctx| run(ctx, action)).await? {
         Outcome::Cloned { details, .. } => Ok((StatusCode::CREATED, Json(details))),
         o => Err(unexpected(&o)),
     }
@@ -826,7 +797,8 @@ pub async fn host_status(
     State(st): State<Arc<AppState>>,
     Who(caller): Who,
 ) -> ApiResult<Json<HostStatus>> {
-    let Outcome::List(vms) = perform(st.context(&caller, None)?, Action::List).await? else {
+    let Outcome::List(vms) = in_location(&st, &caller, None, |ctx| run(ctx, Action::List)).await?
+    else {
         return Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Unexpected outcome of listing VMs",
@@ -865,8 +837,10 @@ pub async fn network_doctor(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<crate::network::doctor::Report>> {
-    let ctx = st.context(&caller, q.storage.as_deref())?;
-    blocking(move || Ok(Json(crate::network::doctor::run(&ctx)))).await
+    in_location(&st, &caller, q.storage.as_deref(), |ctx| {
+        Ok(Json(crate::network::doctor::run(ctx)))
+    })
+    .await
 }
 
 /// This document.
@@ -896,4 +870,49 @@ pub async fn wrong_method(method: Method, uri: Uri) -> ApiError {
             uri.path()
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(uid: u32) -> Caller {
+        Caller {
+            uid,
+            gid: Some(uid),
+            groups: vec![],
+        }
+    }
+
+    #[test]
+    fn only_the_servers_own_user_chooses_storage() {
+        let server = Path::new("/srv/lume");
+        // The server's own uid (root for a root server) may name any place.
+        assert!(allowed_storage(&user(0), 0, Path::new("/anywhere"), server).is_ok());
+        assert!(allowed_storage(&user(1000), 1000, Path::new("/home/a/vms"), server).is_ok());
+        // Anyone else: the server's location, however spelled, and nothing else.
+        for ok in ["/srv/lume", "/srv/lume/", "/srv//lume", "/srv/./lume"] {
+            assert!(
+                allowed_storage(&user(1000), 0, Path::new(ok), server).is_ok(),
+                "{ok}"
+            );
+        }
+        let refused: Vec<ApiError> = [
+            "/srv/lume/../lume",
+            "/srv",
+            "/root/.bashrc",
+            "/root/nonexistent",
+            "/tmp",
+            "/home/a/vms",
+        ]
+        .iter()
+        .map(|p| allowed_storage(&user(1000), 0, Path::new(p), server).unwrap_err())
+        .collect();
+        for e in &refused {
+            assert_eq!(e, &storage_refused(server));
+            assert_eq!(e.status, StatusCode::FORBIDDEN);
+        }
+        // Root calling a server of another user is no exception.
+        assert!(allowed_storage(&user(0), 1000, Path::new("/root"), server).is_err());
+    }
 }

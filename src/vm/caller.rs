@@ -40,7 +40,8 @@ pub enum OpenError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub uid: u32,
-    pub gid: u32,
+    /// The primary group; `None` for a uid without a passwd entry.
+    pub gid: Option<u32>,
     /// Supplementary groups (the primary group may appear here too).
     pub groups: Vec<u32>,
 }
@@ -53,26 +54,33 @@ impl Caller {
             .unwrap_or_default();
         Self {
             uid: nix::unistd::getuid().as_raw(),
-            gid: nix::unistd::getgid().as_raw(),
+            gid: Some(nix::unistd::getgid().as_raw()),
             groups,
         }
     }
 
     /// A uid looked up in the user database: its primary group and every
-    /// group that lists it. A uid without an entry gets no groups and its
-    /// own number as gid (as `nobody`-style accounts behave).
+    /// group that lists it. A uid without an entry has no group at all, so it
+    /// is never a member of any group (its number says nothing about a gid).
     pub fn from_uid(uid: u32) -> Self {
-        let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
-        let gid = user.as_ref().map_or(uid, |u| u.gid.as_raw());
-        let groups = user
-            .as_ref()
-            .and_then(|u| {
-                let name = std::ffi::CString::new(u.name.as_str()).ok()?;
-                nix::unistd::getgrouplist(&name, u.gid).ok()
-            })
+        let Some(user) = User::from_uid(Uid::from_raw(uid)).ok().flatten() else {
+            return Self {
+                uid,
+                gid: None,
+                groups: Vec::new(),
+            };
+        };
+        let gid = user.gid.as_raw();
+        let groups = std::ffi::CString::new(user.name.as_str())
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
             .map(|g| g.into_iter().map(Gid::as_raw).collect())
             .unwrap_or_else(|| vec![gid]);
-        Self { uid, gid, groups }
+        Self {
+            uid,
+            gid: Some(gid),
+            groups,
+        }
     }
 
     pub fn is_root(&self) -> bool {
@@ -82,7 +90,9 @@ impl Caller {
     /// Whether the caller is in group `name` (primary or supplementary).
     pub fn in_group(&self, name: &str) -> bool {
         match Group::from_name(name) {
-            Ok(Some(g)) => self.gid == g.gid.as_raw() || self.groups.contains(&g.gid.as_raw()),
+            Ok(Some(g)) => {
+                self.gid == Some(g.gid.as_raw()) || self.groups.contains(&g.gid.as_raw())
+            }
             _ => false,
         }
     }
@@ -150,6 +160,12 @@ impl Caller {
         o.open(path)
     }
 
+    /// The group whose rights apply to files: the caller's primary group, or
+    /// the overflow group (65534, `nogroup`) for a uid without an entry.
+    fn fs_gid(&self) -> u32 {
+        self.gid.unwrap_or(65534)
+    }
+
     fn become_on_this_thread(&self) -> io::Result<()> {
         let groups: Vec<libc::gid_t> = self.groups.clone();
         // SAFETY: raw setgroups(2) with a pointer/length pair describing a
@@ -164,10 +180,11 @@ impl Caller {
         if rc != 0 && nix::unistd::geteuid().is_root() {
             return Err(io::Error::last_os_error());
         }
+        let gid = self.fs_gid();
         // SAFETY: raw setfsgid/setfsuid take plain integers and change the
         // calling thread's filesystem ids only; they return the previous id.
         unsafe {
-            libc::syscall(libc::SYS_setfsgid, self.gid);
+            libc::syscall(libc::SYS_setfsgid, gid);
             libc::syscall(libc::SYS_setfsuid, self.uid);
         }
         // Both calls report the id in force only by being asked again (an
@@ -179,7 +196,7 @@ impl Caller {
                 libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
             )
         };
-        if fsuid != self.uid || fsgid != self.gid {
+        if fsuid != self.uid || fsgid != gid {
             // Without the right to take the caller's identity, nothing is opened.
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
@@ -249,5 +266,26 @@ mod tests {
                 Err(OpenError::NotRegular { .. })
             ));
         }
+    }
+
+    /// A uid without a passwd entry is in no group, not even the one whose
+    /// gid is its own number.
+    #[test]
+    fn a_uid_without_an_entry_is_in_no_group() {
+        let groups = std::fs::read_to_string("/etc/group").unwrap();
+        let (name, gid) = groups
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let gid = f.nth(1)?.parse::<u32>().ok()?;
+                Some((name.to_string(), gid))
+            })
+            .find(|(_, gid)| User::from_uid(Uid::from_raw(*gid)).ok().flatten().is_none())
+            .expect("a group whose gid is no user's uid");
+        let ghost = Caller::from_uid(gid);
+        assert_eq!(ghost.gid, None);
+        assert!(ghost.groups.is_empty());
+        assert!(!ghost.in_group(&name), "uid {gid} is not in group {name}");
     }
 }
