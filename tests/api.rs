@@ -1159,3 +1159,98 @@ echo "closed-when-idle $(count)"
     assert!(text.contains("connection: close"), "{text}");
     assert!(server.stop().success());
 }
+
+/// A served user other than root (nobody, in `apiGroup`) names host files it
+/// may not open: each request is refused with 403 naming the path, nothing is
+/// created, copied or started; files it may open are used.
+#[test]
+fn host_files_in_requests_are_used_with_the_callers_rights() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::new();
+    let ns = Netns::new("af");
+    home.write_settings("apiGroup: nogroup\n");
+    ns.lume_ok(
+        &home,
+        &["create", "app", "--disk-size", "8MB", "--network", "none"],
+    );
+    let server = Server::start(&ns, &home, &[], &[]);
+    let in_ns = ["ip", "netns", "exec", ns.name.as_str()];
+    let nobody: Vec<&str> = in_ns.iter().chain(AS_NOBODY).copied().collect();
+    let url = |path: &str| server.url(path);
+
+    // A directory everybody may enter, with a root-only file and a public one.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = files.path().join("secret");
+    std::fs::write(&secret, b"root's secret, not a kernel").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = files.path().join("public");
+    std::fs::write(&public, b"anybody may read this").unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let secret_s = secret.to_str().unwrap();
+    let public_s = public.to_str().unwrap();
+
+    let forbidden = |reply: Reply, path: &str| {
+        assert_eq!(reply.status, 403, "{reply:?}");
+        let msg = reply.body["message"].as_str().unwrap();
+        assert!(msg.contains(path) && msg.contains("uid 65534"), "{msg}");
+        assert!(!msg.contains("root's secret"), "{msg}");
+    };
+    for body in [
+        json!({"name": "k", "diskSize": "8MB", "network": "none", "kernel": secret_s}),
+        json!({"name": "k", "diskSize": "8MB", "network": "none", "kernel": public_s, "initrd": secret_s}),
+        json!({"name": "k", "diskSize": "8MB", "network": "none", "image": secret_s}),
+    ] {
+        forbidden(
+            curl(&nobody, &[&url("/lume/vms")], "POST", Some(body)),
+            secret_s,
+        );
+        assert!(!home.vm_dir("k").exists());
+    }
+    // ISOs are read, extra disks written: a public read-only file is no disk.
+    forbidden(
+        curl(
+            &nobody,
+            &[&url("/lume/vms/app/run")],
+            "POST",
+            Some(json!({"mount": secret_s})),
+        ),
+        secret_s,
+    );
+    forbidden(
+        curl(
+            &nobody,
+            &[&url("/lume/vms/app/run")],
+            "POST",
+            Some(json!({"disks": [public_s]})),
+        ),
+        public_s,
+    );
+    assert_eq!(
+        cli_json(&ns, &home, &["get", "app", "-f", "json"])["status"],
+        "stopped"
+    );
+    assert_eq!(qemu_count(&home, "app"), 0);
+
+    // A file nobody may read is used: the kernel is copied into the VM.
+    let made = curl(
+        &nobody,
+        &[&url("/lume/vms")],
+        "POST",
+        Some(json!({"name": "k", "diskSize": "8MB", "network": "none", "kernel": public_s})),
+    );
+    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(
+        std::fs::read(home.vm_dir("k").join("vmlinuz")).unwrap(),
+        b"anybody may read this"
+    );
+    // Root itself may name the root-only file.
+    let as_root = curl(
+        &in_ns,
+        &[&url("/lume/vms")],
+        "POST",
+        Some(json!({"name": "r", "diskSize": "8MB", "network": "none", "kernel": secret_s})),
+    );
+    assert_eq!(as_root.status, 201, "{as_root:?}");
+    assert!(server.stop().success());
+}
