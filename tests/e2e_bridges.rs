@@ -114,3 +114,71 @@ fn an_undecidable_liveness_tears_nothing_down() {
     assert!(kept && bridge_kept, "an undecidable member was collected");
     assert!(collected && bridge_gone, "a dead member was not collected");
 }
+
+/// An upgrade keeps running VMs' network: a bridge the previous release
+/// created (no mark) while its VMs still run is adopted and marked by the
+/// next VM that joins, not refused.
+#[test]
+fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
+    let ns = Netns::new("bu");
+    // What the previous release left while one of its VMs runs: the bridge
+    // without a mark, the VM's tap in it, its membership record.
+    ns.exec_ok(
+        "ip link add lumetu0 type bridge && ip addr add 192.0.2.1/24 dev lumetu0 && ip link set lumetu0 up \
+         && ip tuntap add ltuold mode tap && ip link set ltuold master lumetu0 \
+         && ip tuntap add ltunew mode tap",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("run");
+    let old_vm = tmp.path().join("old");
+    std::fs::create_dir_all(&old_vm).unwrap();
+    let _running = VmLock::try_acquire(&old_vm.join(".lock")).unwrap().unwrap();
+    let members = root.join("host/members");
+    std::fs::create_dir_all(&members).unwrap();
+    let old = Member {
+        vm: "old".into(),
+        vm_dir: old_vm.clone(),
+        mac: MacAddress([2, 0, 0, 0, 0, 1]),
+        ip: "192.0.2.2".parse().unwrap(),
+        tap: "ltuold".into(),
+        publish: Vec::new(),
+    };
+    // The record exactly as the previous release wrote it.
+    std::fs::write(
+        members.join(format!("{}.json", old.id())),
+        format!(
+            r#"{{"vm":"old","vmDir":"{}","mac":"02:00:00:00:00:01","ip":"192.0.2.2","tap":"ltuold","publish":[]}}"#,
+            old_vm.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(root.join("host/subnet"), "192.0.2.0/24").unwrap();
+    let new_vm = tmp.path().join("new");
+    std::fs::create_dir_all(&new_vm).unwrap();
+    let (joined, alias, kept) = ns.within(move || {
+        let nets = Networks {
+            root: root.clone(),
+            nat: net(Kind::Nat, "lumetv0", "203.0.113.0/24", root.join("nat")),
+            host: net(Kind::Host, "lumetu0", "192.0.2.0/24", root.join("host")),
+        };
+        let joined = nets.join(
+            Kind::Host,
+            "new",
+            &new_vm,
+            MacAddress([2, 0, 0, 0, 0, 2]),
+            "ltunew",
+            &[],
+        );
+        let mut nl = Netlink::open().unwrap();
+        let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;
+        let kept = nets.host.members().len();
+        nets.host.take_down();
+        (joined.map(|(ip, _)| ip), alias, kept)
+    });
+    assert_eq!(joined.unwrap().to_string(), "192.0.2.3");
+    assert_eq!(alias.as_deref(), Some("lume"), "the bridge was not marked");
+    assert_eq!(
+        kept, 2,
+        "the running VM of the previous release lost its record"
+    );
+}

@@ -322,9 +322,15 @@ impl Networks {
             tap: tap.to_string(),
             publish: publish.to_vec(),
         };
+        // VMs already running on this network (started by this release or an
+        // earlier one, whose bridges carry no mark) prove the bridge is lume's.
+        let running_before = net
+            .members()
+            .iter()
+            .any(|m| m.id() != id && m.liveness() == Liveness::Alive);
         let joined = (|| {
             net.write_member(&member)?;
-            net.bring_up()?;
+            net.bring_up_adopting(running_before)?;
             let dns = net.dnsmasq();
             dns.reserve(&id, &mac.to_string(), ip)?;
             dns.ensure_running()?;
@@ -832,6 +838,14 @@ impl SharedNet {
 
     /// The bridge with its gateway address, up; forwarding on for NAT.
     pub fn bring_up(&self) -> Result<(), SharedError> {
+        self.bring_up_adopting(false)
+    }
+
+    /// [`Self::bring_up`]; with `running`, an unmarked bridge of this name is
+    /// the one an earlier release of lume created for the VMs still running
+    /// on it: it gets the mark instead of being refused (an upgrade keeps
+    /// running VMs' network).
+    fn bring_up_adopting(&self, running: bool) -> Result<(), SharedError> {
         fs::create_dir_all(&self.dir)
             .and_then(|()| super::rundir::private_dir(&self.dir, &self.dir))
             .map_err(|source| SharedError::Runtime {
@@ -848,6 +862,9 @@ impl SharedNet {
                 }
             }
             Some(link) if is_lume_bridge(&link) => {}
+            Some(link) if running && link.kind.as_deref() == Some("bridge") => {
+                nl.set_alias(&self.bridge, BRIDGE_MARK)?;
+            }
             Some(_) => {
                 return Err(SharedError::ForeignBridge {
                     key: self.bridge_key(),
