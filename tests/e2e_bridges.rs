@@ -153,9 +153,27 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
     )
     .unwrap();
     std::fs::write(root.join("host/subnet"), "192.0.2.0/24").unwrap();
+    // Its dnsmasq, started with its configuration (no `user=` line).
+    let dir = root.join("host");
+    std::fs::create_dir_all(dir.join("hosts.d")).unwrap();
+    std::fs::write(dir.join("dnsmasq.leases"), "").unwrap();
+    let old_conf = format!(
+        "# Written by lume; replaced at every start.\ninterface=lumetu0\nbind-interfaces\nexcept-interface=lo\n\
+         listen-address=192.0.2.1\ndhcp-range=192.0.2.2,192.0.2.254,255.255.255.0,3600\n\
+         dhcp-hostsdir={d}/hosts.d\ndhcp-leasefile={d}/dnsmasq.leases\npid-file={d}/dnsmasq.pid\n\
+         dhcp-authoritative\ndhcp-rapid-commit\nno-hosts\nlog-facility={d}/dnsmasq.log\nlog-dhcp\n\
+         dhcp-option=option:router\ndhcp-option=option:dns-server\nport=0\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("dnsmasq.conf"), old_conf).unwrap();
+    ns.exec_ok(&format!(
+        "dnsmasq --conf-file={}",
+        dir.join("dnsmasq.conf").display()
+    ));
+    let old_pid = std::fs::read_to_string(dir.join("dnsmasq.pid")).unwrap();
     let new_vm = tmp.path().join("new");
     std::fs::create_dir_all(&new_vm).unwrap();
-    let (joined, alias, kept) = ns.within(move || {
+    let (joined, alias, kept, restarted) = ns.within(move || {
         let nets = Networks {
             root: root.clone(),
             nat: net(Kind::Nat, "lumetv0", "203.0.113.0/24", root.join("nat")),
@@ -172,9 +190,13 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
         let mut nl = Netlink::open().unwrap();
         let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;
         let kept = nets.host.members().len();
+        let dns = nets.host.dnsmasq();
+        let restarted = dns.pid().map(|p| p.to_string());
+        let conf = std::fs::read_to_string(dns.conf_path()).unwrap();
         nets.host.take_down();
-        (joined.map(|(ip, _)| ip), alias, kept)
+        (joined.map(|(ip, _)| ip), alias, kept, (restarted, conf))
     });
+    let (restarted, conf) = restarted;
     assert_eq!(joined.unwrap().to_string(), "192.0.2.3");
     assert_eq!(alias.as_deref(), Some("lume"), "the bridge was not marked");
     assert_eq!(

@@ -148,10 +148,16 @@ impl Dnsmasq {
             .then_some(pid)
     }
 
-    /// Starts dnsmasq unless it already runs.
+    /// Starts dnsmasq unless it already runs with this configuration. One
+    /// started with another (by an earlier release of lume, which let it run
+    /// as a user that can no longer read the private reservations) is
+    /// restarted with this one; its leases are kept.
     pub fn ensure_running(&self) -> Result<(), DnsmasqError> {
         if self.pid().is_some() {
-            return Ok(());
+            if fs::read_to_string(self.conf_path()).is_ok_and(|c| c == self.conf()) {
+                return Ok(());
+            }
+            self.stop();
         }
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
