@@ -203,4 +203,9 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
         kept, 2,
         "the running VM of the previous release lost its record"
     );
+    // Its dnsmasq could not read the private reservations: restarted with
+    // this release's configuration.
+    assert!(restarted.is_some(), "dnsmasq is not running");
+    assert_ne!(restarted.as_deref(), Some(old_pid.trim()));
+    assert!(conf.contains("\nuser="), "{conf}");
 }
