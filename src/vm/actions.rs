@@ -157,7 +157,15 @@ fn open_for(
     path: &Path,
     access: Access,
 ) -> Result<HostFile, VmError> {
-    match ctx.caller.open(path, access) {
+    // A detached supervisor gets its parent's open files as /proc links.
+    let handed_over =
+        std::env::var_os(supervisor::START_LOG_ENV).is_some() && path.starts_with("/proc");
+    let opened = if handed_over {
+        ctx.caller.open_from_parent(path, access)
+    } else {
+        ctx.caller.open(path, access)
+    };
+    match opened {
         Ok(file) => Ok(HostFile::new(path, file)),
         Err(OpenError::Forbidden { path, uid }) => Err(VmError::Forbidden {
             path,

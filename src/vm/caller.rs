@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{Gid, Group, Uid, User};
@@ -105,10 +105,32 @@ impl Caller {
     /// used, never the path. Only regular files are accepted, and block
     /// devices for [`Access::ReadWrite`] when the caller is root.
     pub fn open(&self, path: &Path, access: Access) -> Result<File, OpenError> {
+        self.open_resolving(path, access, libc::RESOLVE_NO_MAGICLINKS)
+    }
+
+    /// Opens a file this process's parent lume handed over as
+    /// `/proc/<parent pid>/fd/N` (a detached supervisor receives the files its
+    /// parent opened with its caller's rights). Any other path is refused.
+    pub fn open_from_parent(&self, path: &Path, access: Access) -> Result<File, OpenError> {
+        let parent = nix::unistd::getppid().as_raw();
+        let handed_over = path
+            .to_str()
+            .and_then(|p| p.strip_prefix(&format!("/proc/{parent}/fd/")))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !handed_over {
+            return Err(OpenError::Forbidden {
+                path: path.to_path_buf(),
+                uid: self.uid,
+            });
+        }
+        self.open_resolving(path, access, 0)
+    }
+
+    fn open_resolving(&self, path: &Path, access: Access, resolve: u64) -> Result<File, OpenError> {
         let caller = self.clone();
         let owned = path.to_path_buf();
         let opened = std::thread::scope(|s| {
-            s.spawn(move || caller.open_here(&owned, access))
+            s.spawn(move || caller.open_here(&owned, access, resolve))
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the opening thread panicked")))
         });
@@ -149,15 +171,11 @@ impl Caller {
     /// identity to the caller's (raw syscalls, which act on the calling
     /// thread only, unlike glibc's wrappers that change every thread), then
     /// opens the file.
-    fn open_here(&self, path: &Path, access: Access) -> io::Result<File> {
+    fn open_here(&self, path: &Path, access: Access, resolve: u64) -> io::Result<File> {
         if nix::unistd::geteuid().as_raw() != self.uid {
             self.become_on_this_thread()?;
         }
-        let mut o = std::fs::OpenOptions::new();
-        o.read(true)
-            .write(access == Access::ReadWrite)
-            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
-        o.open(path)
+        open_resolving(path, access, resolve)
     }
 
     /// The group whose rights apply to files: the caller's primary group, or
@@ -202,6 +220,40 @@ impl Caller {
         }
         Ok(())
     }
+}
+
+/// Opens `path` with openat2's `resolve` flags: `RESOLVE_NO_MAGICLINKS`
+/// keeps /proc's magic links (`/proc/self/fd/N`, `/dev/fd/N`,
+/// `/proc/PID/root`) closed, through which a caller could reopen a file the
+/// server holds, past directories it may not enter itself.
+fn open_resolving(path: &Path, access: Access, resolve: u64) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mode = match access {
+        Access::Read => libc::O_RDONLY,
+        Access::ReadWrite => libc::O_RDWR,
+    };
+    // SAFETY: open_how is a plain C struct for which all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (mode | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the size
+    // given, both alive for the call; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned by openat2 and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
@@ -266,6 +318,42 @@ mod tests {
                 Err(OpenError::NotRegular { .. })
             ));
         }
+    }
+
+    /// `/proc/self/fd/N` reopens a file the server holds, past directories
+    /// the caller may not enter: refused, whoever asks.
+    #[test]
+    fn magic_links_are_never_followed() {
+        if !is_root() {
+            eprintln!("skipped: needs root to act as another uid");
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // nobody may not enter it.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let inside = dir.path().join("readable-by-all");
+        std::fs::write(&inside, b"x").unwrap();
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let held = File::open(&inside).unwrap();
+        let magic = std::path::PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        let nobody = Caller::from_uid(65534);
+        assert!(nobody.open(&inside, Access::Read).is_err());
+        assert!(
+            nobody.open(&magic, Access::Read).is_err(),
+            "reopened through {magic:?}"
+        );
+        // A symlink of the caller's to the magic link changes nothing.
+        let link_dir = tempfile::tempdir().unwrap();
+        let link = link_dir.path().join("link");
+        std::os::unix::fs::symlink(&magic, &link).unwrap();
+        assert!(nobody.open(&link, Access::Read).is_err());
+        assert!(Caller::from_uid(0).open(&magic, Access::Read).is_err());
+        // Plain symlinks still work.
+        let plain = link_dir.path().join("plain");
+        std::os::unix::fs::symlink(&inside, &plain).unwrap();
+        Caller::from_uid(0).open(&plain, Access::Read).unwrap();
     }
 
     /// A uid without a passwd entry is in no group, not even the one whose

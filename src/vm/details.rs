@@ -44,7 +44,10 @@ fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
     }
     if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, mac) {
         let mac: crate::vm::config::MacAddress = mac.parse().ok()?;
-        return crate::network::dhcp_snoop::neighbour_address(mac.0, None).map(|ip| ip.to_string());
+        // Only when no DHCP exchange was seen (a guest with a static address):
+        // what the guest itself announces, on its own parent interface only.
+        return crate::network::dhcp_snoop::neighbour_address(mac.0, Some(s.parent.as_deref()?))
+            .map(|ip| ip.to_string());
     }
     None
 }
