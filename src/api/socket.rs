@@ -20,6 +20,11 @@ pub enum SocketError {
          who could swap the socket for a link: put it in a directory only root or the server's user can write, such as /run"
     )]
     OpenDir { dir: PathBuf, owner: u32, mode: u32 },
+    #[error(
+        "The directory {} above the socket can be changed by {}, who could swap the socket's directory for a link: put the socket in a directory such as /run",
+        .0.dir.display(), .0.who
+    )]
+    Ancestor(crate::vm::store::UnsafeDir),
     #[error("{0} exists and is not a socket: give --socket a new path")]
     NotASocket(PathBuf),
     #[error("Another server already listens on {0}: stop it or give --socket another path")]
@@ -79,6 +84,8 @@ pub fn bind(path: &Path, gid: Option<nix::unistd::Gid>) -> Result<BoundSocket, S
             mode,
         });
     }
+    // Nor may anybody else change a directory above it.
+    crate::vm::store::check_ancestors_private(&dir).map_err(SocketError::Ancestor)?;
     if let Ok(existing) = std::fs::symlink_metadata(path) {
         if !existing.file_type().is_socket() {
             return Err(SocketError::NotASocket(path.to_path_buf()));
@@ -152,6 +159,28 @@ mod tests {
         assert!(!dir_is_safe(0, 0o777, 0));
         assert!(!dir_is_safe(0, 0o775, 0));
         assert!(!dir_is_safe(1000, 0o755, 0), "another user's directory");
+    }
+
+    /// A directory above the socket's that another user owns could be
+    /// retargeted after the checks: refused (as root).
+    #[test]
+    fn a_directory_above_that_another_user_owns_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let top = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let theirs = top.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let run = theirs.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = bind(&run.join("lume.sock"), None).err().expect("refused");
+        assert!(matches!(e, SocketError::Ancestor(_)), "{e}");
+        assert!(e.to_string().contains("user 65534"), "{e}");
+        assert!(!run.join("lume.sock").exists());
     }
 
     #[test]

@@ -93,6 +93,19 @@ fn check_ancestors(
     Ok(())
 }
 
+/// Refuses a directory whose ancestors (as written and as the kernel resolves
+/// them) another user could change: they could swap what lies below for
+/// links of theirs. Sticky root-owned directories (/tmp) are fine.
+pub fn check_ancestors_private(dir: &Path) -> Result<(), UnsafeDir> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let refuse = |(dir, who)| UnsafeDir { dir, who };
+    check_ancestors(dir.parent(), euid, true).map_err(refuse)?;
+    if let Ok(real) = fs::canonicalize(dir) {
+        check_ancestors(real.parent(), euid, false).map_err(refuse)?;
+    }
+    Ok(())
+}
+
 /// Who besides root (and `euid`) can change directory `meta`, if anyone.
 /// A sticky directory owned by root (such as /tmp) only lets others add
 /// entries of their own, which is allowed when `sticky_ok` (ancestors).
