@@ -26,6 +26,16 @@ pub struct Dnat {
     pub guest_port: u16,
 }
 
+/// A guest's port on a lume bridge and what the guest may send from it:
+/// its own MAC address, and IPv4/ARP only from the address lume reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPort {
+    /// The tap in the bridge.
+    pub tap: String,
+    pub mac: crate::vm::config::MacAddress,
+    pub ip: Ipv4Addr,
+}
+
 /// Everything lume's table should contain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FirewallState {
@@ -35,11 +45,13 @@ pub struct FirewallState {
     pub host: Option<BridgeNet>,
     /// Published ports of NAT VMs.
     pub dnat: Vec<Dnat>,
+    /// Every guest on lume's bridges, held to its own addresses.
+    pub ports: Vec<GuestPort>,
 }
 
 impl FirewallState {
     pub fn is_empty(&self) -> bool {
-        self.nat.is_none() && self.host.is_none() && self.dnat.is_empty()
+        self.nat.is_none() && self.host.is_none() && self.dnat.is_empty() && self.ports.is_empty()
     }
 }
 

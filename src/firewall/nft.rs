@@ -134,6 +134,39 @@ pub fn script(state: &FirewallState) -> String {
         &postrouting,
     ));
     s.push_str("}\n");
+    s.push_str(&bridge_script(&state.ports));
+    s
+}
+
+/// lume's `bridge` table: every guest port of lume's bridges may send only
+/// from its own MAC address, IPv4 and ARP only from the address lume
+/// reserved for it (0.0.0.0 while it asks DHCP), no DHCP server replies and
+/// nothing but IPv4, ARP and IPv6 (no VLAN tags to smuggle past the rules).
+/// A guest can then neither take another VM's address or MAC (and with them
+/// its traffic and published ports) nor pose as the gateway or DHCP server.
+/// Replaced whole like the inet table; an empty list removes it.
+pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
+    let mut s = format!("table bridge {TABLE}\ndelete table bridge {TABLE}\n");
+    if ports.is_empty() {
+        return s;
+    }
+    s.push_str(&format!(
+        "table bridge {TABLE} {{\n  chain guard {{\n    type filter hook prerouting priority -300; policy accept;\n"
+    ));
+    for p in ports {
+        let (tap, mac, ip) = (&p.tap, p.mac, p.ip);
+        for rule in [
+            format!("iifname \"{tap}\" ether saddr != {mac} drop"),
+            format!("iifname \"{tap}\" ether type != {{ ip, arp, ip6 }} drop"),
+            format!("iifname \"{tap}\" arp saddr ether != {mac} drop"),
+            format!("iifname \"{tap}\" arp saddr ip != {{ 0.0.0.0, {ip} }} drop"),
+            format!("iifname \"{tap}\" ip saddr != {{ 0.0.0.0, {ip} }} drop"),
+            format!("iifname \"{tap}\" udp sport 67 drop"),
+        ] {
+            s.push_str(&format!("    {rule}\n"));
+        }
+    }
+    s.push_str("  }\n}\n");
     s
 }
 
@@ -215,15 +248,22 @@ impl FirewallDriver for Nft {
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
-        if !self.present()? {
-            return Ok(());
-        }
-        nft(&["delete", "table", "inet", TABLE], None).map(drop)
+        // Both tables in one transaction; creating one first makes the delete
+        // succeed whether or not it existed.
+        let script = format!(
+            "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+            bridge_script(&[])
+        );
+        nft(&["-f", "-"], Some(&script)).map(drop)
     }
 
     fn listing(&self) -> Result<Option<String>, FirewallError> {
         match nft(&["list", "table", "inet", TABLE], None) {
-            Ok(text) => Ok(Some(text)),
+            // The bridge table's listing follows, so a flush of either one is
+            // seen as a change (an absent one lists as nothing).
+            Ok(text) => Ok(Some(
+                text + &nft(&["list", "table", "bridge", TABLE], None).unwrap_or_default(),
+            )),
             // Only a missing table is "missing"; any other failure is an error.
             Err(FirewallError::Rejected(msg)) if msg.contains("No such file or directory") => {
                 Ok(None)
@@ -296,8 +336,26 @@ mod tests {
                 guest: "203.0.113.2".parse().unwrap(),
                 guest_port: 80,
             }],
+            ports: vec![crate::firewall::GuestPort {
+                tap: "lmt0".into(),
+                mac: "52:54:00:12:34:56".parse().unwrap(),
+                ip: "203.0.113.2".parse().unwrap(),
+            }],
         };
         let s = script(&state);
+        for rule in [
+            "iifname \"lmt0\" ether saddr != 52:54:00:12:34:56 drop",
+            "iifname \"lmt0\" arp saddr ip != { 0.0.0.0, 203.0.113.2 } drop",
+            "iifname \"lmt0\" ip saddr != { 0.0.0.0, 203.0.113.2 } drop",
+            "iifname \"lmt0\" udp sport 67 drop",
+        ] {
+            assert!(s.contains(rule), "{rule} missing from {s}");
+        }
+        assert!(s.contains("table bridge lume\ndelete table bridge lume\ntable bridge lume {"));
+        assert_eq!(
+            bridge_script(&[]),
+            "table bridge lume\ndelete table bridge lume\n"
+        );
         assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
         assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
         assert!(s.contains("iifname \"lume-host0\" drop"));

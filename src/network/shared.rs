@@ -442,6 +442,15 @@ impl Networks {
                     })
                 })
                 .collect(),
+            ports: nat_members
+                .iter()
+                .chain(&host_members)
+                .map(|m| crate::firewall::GuestPort {
+                    tap: m.tap.clone(),
+                    mac: m.mac,
+                    ip: m.ip,
+                })
+                .collect(),
         }
     }
 
