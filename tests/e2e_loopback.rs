@@ -15,7 +15,9 @@
 //!    was the host's 127.0.0.1: this test fails there.) A NAT port on
 //!    127.0.0.1 is refused. A crafted SYN for 127.0.0.1 injected into lume0
 //!    on a host with route_localnet=1 is dropped by lume's guard chain
-//!    (without the guard it is answered).
+//!    (without the guard it is answered). The NAT guest also takes a second
+//!    address and announces it: lume's bridge guard keeps it to the address
+//!    lume reserved (the host never learns or reaches the spoofed one).
 
 mod common;
 
@@ -223,7 +225,7 @@ fn user_and_nat_guests_never_reach_host_loopback() {
         "n",
         "nat",
         &[],
-        &format!("lume.probes=203.0.113.1:9100,{lan_probe}"),
+        &format!("lume.probes=203.0.113.1:9100,{lan_probe} lume.spoof=203.0.113.88"),
     );
     let err = t.lume_fails(&["run", "n", "--publish", "127.0.0.1:8081:80"]);
     assert!(
@@ -299,6 +301,28 @@ fn user_and_nat_guests_never_reach_host_loopback() {
         "a crafted 127.0.0.1 SYN was answered"
     );
     drop(open);
+
+    // The NAT guest also takes 203.0.113.88 (another VM's address, say) and
+    // announces it to its gateway: lume's bridge guard keeps it to its own
+    // address, so the host never learns it and nothing reaches it there.
+    wait_console(&t.home, "n", "LUME-GUEST: spoofing 203.0.113.88", BOOT);
+    let guest_mac = t.get("n")["macAddress"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2)); // a few of its announcements
+    let reply = t.host.http_get("203.0.113.2:80").unwrap_or_default();
+    assert!(
+        reply.contains("lume-test-guest"),
+        "its own address: {reply:?}"
+    );
+    assert_eq!(
+        t.host.http_get("203.0.113.88:80"),
+        None,
+        "the spoofed address answered"
+    );
+    let neigh = t.host.exec_ok("ip neigh show 203.0.113.88");
+    assert!(
+        !neigh.contains(&guest_mac),
+        "the host learned the spoofed address: {neigh}"
+    );
 
     assert!(lo4.sources().is_empty(), "127.0.0.1: {:?}", lo4.sources());
     assert!(lo6.sources().is_empty(), "::1: {:?}", lo6.sources());
