@@ -239,6 +239,28 @@ pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
     out
 }
 
+/// lume's tables in a ruleset listing: the `inet` table, then the `bridge`
+/// one if present; `None` without the `inet` table.
+pub fn lume_tables(ruleset: &str) -> Option<String> {
+    let block = |family: &str| {
+        let head = format!("table {family} {TABLE} {{");
+        let mut lines = ruleset.lines().skip_while(|l| *l != head);
+        let first = lines.next()?;
+        let mut out = format!("{first}\n");
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+            if l == "}" {
+                return Some(out);
+            }
+        }
+        None
+    };
+    let mut text = block("inet")?;
+    text.push_str(&block("bridge").unwrap_or_default());
+    Some(text)
+}
+
 impl FirewallDriver for Nft {
     fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
         if state.is_empty() {
@@ -258,12 +280,11 @@ impl FirewallDriver for Nft {
     }
 
     fn listing(&self) -> Result<Option<String>, FirewallError> {
-        match nft(&["list", "table", "inet", TABLE], None) {
-            // The bridge table's listing follows, so a flush of either one is
-            // seen as a change (an absent one lists as nothing).
-            Ok(text) => Ok(Some(
-                text + &nft(&["list", "table", "bridge", TABLE], None).unwrap_or_default(),
-            )),
+        // One snapshot of the whole ruleset, so both of lume's tables are seen
+        // as they were at one instant (two `list table` runs could straddle a
+        // flush and report a change that is really a removal).
+        match nft(&["list", "ruleset"], None) {
+            Ok(text) => Ok(lume_tables(&text)),
             // Only a missing table is "missing"; any other failure is an error.
             Err(FirewallError::Rejected(msg)) if msg.contains("No such file or directory") => {
                 Ok(None)
@@ -290,6 +311,21 @@ mod tests {
     use super::*;
     use crate::firewall::{BridgeNet, Dnat};
     use crate::network::publish::Proto;
+
+    #[test]
+    fn lume_tables_are_cut_out_of_the_ruleset() {
+        let ruleset = "table ip filter {\n\tchain FORWARD {\n\t}\n}\n\
+            table inet lume {\n\tchain forward {\n\t\tiifname \"lume0\" accept\n\t}\n}\n\
+            table bridge other {\n}\n\
+            table bridge lume {\n\tchain guard {\n\t}\n}\n";
+        let t = lume_tables(ruleset).unwrap();
+        assert!(t.starts_with("table inet lume {\n"), "{t}");
+        assert!(t.contains("iifname \"lume0\" accept"));
+        assert!(t.contains("table bridge lume {\n\tchain guard"));
+        assert!(!t.contains("filter") && !t.contains("other"), "{t}");
+        assert_eq!(lume_tables("table bridge lume {\n}\n"), None);
+        assert_eq!(lume_tables(""), None);
+    }
 
     #[test]
     fn finds_kill_switch_chains_in_other_tables() {
