@@ -240,9 +240,9 @@ pub struct ServeArgs {
     /// process list (use LUME_API_TOKEN or --token-file)
     #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
-    /// Read the API token from this file (not readable by group or others
-    /// when lume runs as root); the LUME_API_TOKEN environment variable works
-    /// too. Every request must then send `Authorization: Bearer TOKEN`
+    /// Read the API token from this file (owned by the server's user, not
+    /// readable by group or others); the LUME_API_TOKEN environment variable
+    /// works too. Every request must then send `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// Also listen on this Unix socket (mode 0660, group apiGroup); its
