@@ -751,6 +751,33 @@ fn host_loopback_is_an_explicit_per_vm_opt_in() {
     assert_eq!(v["cpuCount"], 2);
     home.ok(&["set", "u", "--unsafe-host-loopback", "false"]);
     assert!(!cfg().contains("unsafeHostLoopback"));
+    // Turning it on warns; in another mode than user it is stored with a note.
+    let set = |name: &str, on: &str| {
+        let out = home.lume(&["set", name, "--unsafe-host-loopback", on]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = set("u", "true");
+    assert!(
+        err.contains(
+            "Warning: in user mode VM 'u' now reaches every service on this host's loopback"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("applies to network mode 'user' only"),
+        "{err}"
+    );
+    home.ok(&["create", "off", "--disk-size", "8MB", "--network", "none"]);
+    let err = set("off", "true");
+    assert!(err.contains("Warning:"), "{err}");
+    assert!(
+        err.contains("Note: --unsafe-host-loopback applies to network mode 'user' only; VM 'off' is in mode 'none'"),
+        "{err}"
+    );
+    let err = set("off", "false");
+    assert!(!err.contains("Warning:"), "{err}");
+    assert!(err.contains("applies to network mode 'user' only"), "{err}");
     // A NAT port on loopback is refused at create and when switching to nat.
     let err = home.fails(&[
         "create",

@@ -311,10 +311,13 @@ pub fn execute(
         Action::Set(spec) => set(store, spec),
         Action::SetHostLoopback { name, allow } => {
             let vm = store.open(&name)?;
-            vm.update_config(|cfg| -> Result<(), VmError> {
+            let mode = vm.update_config(|cfg| -> Result<NetworkMode, VmError> {
                 cfg.unsafe_host_loopback = allow;
-                Ok(())
+                Ok(cfg.network_mode.clone())
             })?;
+            for line in host_loopback_notes(&name, allow, &mode) {
+                note(&line);
+            }
             Ok(Outcome::Updated(VmDetails::read(store, &vm)))
         }
         Action::Clone { source, target } => clone(store, &source, &target),
@@ -324,6 +327,24 @@ pub fn execute(
             confirmed,
         } => delete(ctx, &name, force, confirmed, note),
     }
+}
+
+/// What a person is told on `set --unsafe-host-loopback`: the setting is
+/// stored whatever the mode (it applies once the VM is in user mode), so a
+/// VM in another mode gets a note; turning it on gets a warning.
+fn host_loopback_notes(name: &VmName, allow: bool, mode: &NetworkMode) -> Vec<String> {
+    let mut lines = Vec::new();
+    if allow {
+        lines.push(format!(
+            "Warning: in user mode VM '{name}' now reaches every service on this host's loopback (127.0.0.1, ::1), `lume serve` among them; turn it off with `lume set {name} --unsafe-host-loopback false`"
+        ));
+    }
+    if *mode != NetworkMode::User {
+        lines.push(format!(
+            "Note: --unsafe-host-loopback applies to network mode 'user' only; VM '{name}' is in mode '{mode}', so it changes nothing until you switch it (lume set {name} --network user)"
+        ));
+    }
+    lines
 }
 
 fn check_resources(
