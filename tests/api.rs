@@ -491,6 +491,29 @@ fn errors_are_json_with_the_right_status() {
         refused.contains("Host 'rebound.example:7777' is refused"),
         "{refused}"
     );
+    // Logged like every refusal: with the uid and the connection.
+    let logged = |needle: &str| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if server
+                .log
+                .lock()
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("Refused uid 0 (127.0.0.1:") && l.contains(needle))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    for needle in [
+        "Requests from web pages are refused (Origin: http://evil.example)",
+        "Host 'rebound.example:7777' is refused",
+    ] {
+        assert!(logged(needle), "{needle}: {}", server.log.lock().unwrap());
+    }
     // The server's own origin is no web page of anyone else's.
     for own in [
         format!("http://127.0.0.1:{}", server.port),

@@ -186,8 +186,33 @@ fn is_local_authority(authority: &str) -> bool {
 /// SDKs) send no `Origin`, a local `Host`, and JSON.
 async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match web_page_refusal(&st, &req) {
-        Some(refusal) => refusal.into_response(),
+        Some(refusal) => {
+            // Logged like every refusal: with the calling uid and the connection.
+            let conn = req
+                .extensions()
+                .get::<ConnectInfo<peer::Connection>>()
+                .map(|ConnectInfo(c)| c.clone());
+            let who = match &conn {
+                Some(c) => format!(
+                    "{} ({})",
+                    describe_identity(&c.identity(st.storage.clone()).await),
+                    c.describe()
+                ),
+                None => "an unknown connection".into(),
+            };
+            log(&format!("Refused {who}: {}", refusal.message));
+            refusal.into_response()
+        }
         None => next.run(req).await,
+    }
+}
+
+/// Who is behind a connection, for the log.
+fn describe_identity(identity: &peer::Identity) -> String {
+    match identity {
+        peer::Identity::User(uid) => format!("uid {uid}"),
+        peer::Identity::Guest(h) => format!("{} pid {}", h.program, h.pid),
+        peer::Identity::Unknown(why) => format!("an unknown user ({why})"),
     }
 }
 
