@@ -563,7 +563,7 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.call("PATCH", "/lume/vms/a", Some(json!({}))),
         400,
-        "Nothing to change",
+        "Nothing to change: give at least one of the fields cpu, memory, diskSize, network",
     );
     api.fails(
         api.call("PATCH", "/lume/vms/a", Some(json!({"diskSize": "1MB"}))),
@@ -588,7 +588,7 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.post("/lume/vms/a/stop", json!({"timeout": 99999})),
         400,
-        "at most 3600",
+        "A timeout of 99999 seconds is too long: give at most 3600 seconds",
     );
     // Stopping a stopped VM is fine.
     let stopped = api.call("POST", "/lume/vms/a/stop", None);

@@ -85,7 +85,12 @@ pub enum VmError {
         seconds: u64,
         pid: u32,
     },
-    #[error("Nothing to change: give at least one of --cpu, --memory, --disk-size, --network")]
+    /// Nothing in [`Settable::ALL`] was given. Its text names the CLI's
+    /// flags; the API words it with its JSON fields ([`Settable::field`]).
+    #[error(
+        "Nothing to change: give at least one of {}",
+        Settable::listed(Settable::flag)
+    )]
     NothingToSet,
     #[error("{}", forbidden_message(path, reason))]
     Forbidden { path: PathBuf, reason: Denied },
@@ -136,6 +141,44 @@ impl From<UnsafeDir> for VmError {
             path: e.dir,
             reason: Denied::Storage { who: e.who },
         }
+    }
+}
+
+/// What `set` can change, for each door to name in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settable {
+    Cpu,
+    Memory,
+    DiskSize,
+    Network,
+}
+
+impl Settable {
+    pub const ALL: [Self; 4] = [Self::Cpu, Self::Memory, Self::DiskSize, Self::Network];
+
+    /// The CLI's flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Cpu => "--cpu",
+            Self::Memory => "--memory",
+            Self::DiskSize => "--disk-size",
+            Self::Network => "--network",
+        }
+    }
+
+    /// The API's JSON field.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Memory => "memory",
+            Self::DiskSize => "diskSize",
+            Self::Network => "network",
+        }
+    }
+
+    /// Every settable thing, named by `name`, separated by commas.
+    pub fn listed(name: fn(Self) -> &'static str) -> String {
+        Self::ALL.map(name).join(", ")
     }
 }
 
