@@ -339,6 +339,27 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
     }
 }
 
+/// Who a server without a token serves, for its start-up line: root, its
+/// own user, the user who ran sudo (uid and name; the server's VM location
+/// only) and the `apiGroup`.
+fn served_without_token(group: Option<&str>, sudo: Option<(u32, Option<&str>)>) -> String {
+    let mut who = vec!["root".to_string(), "the server's user".to_string()];
+    if let Some((uid, name)) = sudo {
+        who.push(match name {
+            Some(name) => format!("sudo user {name} (uid {uid}, this VM location only)"),
+            None => format!("sudo user uid {uid} (this VM location only)"),
+        });
+    }
+    if let Some(g) = group {
+        who.push(format!("group '{g}'"));
+    }
+    let last = who.pop().unwrap_or_default();
+    format!(
+        "no API token: loopback only, for {} and {last}",
+        who.join(", ")
+    )
+}
+
 /// Raises the soft limit of open files to the hard limit, so that the
 /// connection limits ([`listen::Limits`]) are reached before the process
 /// runs out of descriptors.
@@ -407,13 +428,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         let who = if has_token {
             "API token required".to_string()
         } else {
-            match &group {
-                Some(g) => format!(
-                    "no API token: loopback only, for root, the server's user and group '{}'",
-                    g.name
-                ),
-                None => "no API token: loopback only, for root and the server's user".into(),
-            }
+            let sudo = auth::sudo_uid().map(|uid| {
+                let name = nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name);
+                (uid, name)
+            });
+            served_without_token(
+                group.as_ref().map(|g| g.name.as_str()),
+                sudo.as_ref().map(|(uid, name)| (*uid, name.as_deref())),
+            )
         };
         log(&format!(
             "lume API listening on http://{local} (VMs in {}; {who})",
@@ -452,6 +477,26 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_line_names_the_sudo_user() {
+        assert_eq!(
+            served_without_token(None, None),
+            "no API token: loopback only, for root and the server's user"
+        );
+        assert_eq!(
+            served_without_token(Some("lume"), None),
+            "no API token: loopback only, for root, the server's user and group 'lume'"
+        );
+        assert_eq!(
+            served_without_token(Some("lume"), Some((1000, Some("alice")))),
+            "no API token: loopback only, for root, the server's user, sudo user alice (uid 1000, this VM location only) and group 'lume'"
+        );
+        assert_eq!(
+            served_without_token(None, Some((1234, None))),
+            "no API token: loopback only, for root, the server's user and sudo user uid 1234 (this VM location only)"
+        );
+    }
 
     #[test]
     fn non_loopback_needs_a_token() {

@@ -34,7 +34,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[into_params(parameter_in = Query)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
-    /// Only the server's own user may name another location (else 403).
+    /// Only a caller who is the user the server runs as may name another
+    /// location (else 403); the user who ran `sudo lume serve` may not.
     pub storage: Option<String>,
 }
 
