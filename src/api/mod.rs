@@ -332,9 +332,10 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
     match nix::unistd::Group::from_name(&name) {
         Ok(Some(g)) => Ok(Some(g)),
         _ => bail!(
-            "Group '{name}', set as {} in {}, does not exist: create it (groupadd {name}) or remove the key",
+            "Group '{name}', set as {} in {}, does not exist: create it (groupadd {name}) or remove the key (lume config unset {})",
             auth::API_GROUP_KEY,
-            settings.file().display()
+            settings.file().display(),
+            auth::API_GROUP_KEY
         ),
     }
 }
