@@ -354,6 +354,7 @@ pub fn execute(
         Action::Set(spec) => set(store, spec),
         Action::SetHostLoopback { name, allow } => {
             let vm = store.open(&name)?;
+            store.check_private(Some(&vm))?;
             let mode = vm.update_config(|cfg| -> Result<NetworkMode, VmError> {
                 cfg.unsafe_host_loopback = allow;
                 Ok(cfg.network_mode.clone())
@@ -1156,6 +1157,27 @@ mod tests {
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");
+        // So is turning on its host loopback access, a change like any other.
+        let allow = Action::SetHostLoopback {
+            name: VmName::parse("b").unwrap(),
+            allow: true,
+        };
+        let e = execute(&ctx, allow, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
+        assert!(
+            !fs::read_to_string(ok.join("b/config.json"))
+                .unwrap()
+                .contains("unsafeHostLoopback")
+        );
+        // Reading it is not a change: `get` still answers.
+        execute(
+            &ctx,
+            Action::Get {
+                name: VmName::parse("b").unwrap(),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
     }
 
     #[test]
