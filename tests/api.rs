@@ -738,6 +738,22 @@ fn a_token_guards_every_request() {
     api.fails(api.get("/lume/nothing"), 401, "needs an API token");
     api.token = Some("wrong-token".into());
     api.fails(api.get("/lume/host/status"), 401, "Wrong API token");
+    // Token refusals are logged with the uid and the connection.
+    let start = Instant::now();
+    while !server
+        .log
+        .lock()
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("Refused uid 0 (127.0.0.1:") && l.contains("Wrong API token"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{}",
+            server.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     api.token = Some("s3cret-token".into());
     assert_eq!(api.get("/lume/host/status").status, 200);
     assert_eq!(api.get("/lume/vms").body, json!([]));

@@ -269,14 +269,24 @@ async fn caller_of(
         )));
     }
     if let Some(token) = &st.token {
-        return match given {
-            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => Ok(Caller::current()),
-            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token")),
-            None => Err(ApiError::new(
+        let refusal = match given {
+            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => return Ok(Caller::current()),
+            Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token"),
+            None => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "This server needs an API token: send the header 'Authorization: Bearer TOKEN'",
-            )),
+            ),
         };
+        let who = match &identity {
+            Identity::User(uid) => format!("uid {uid}"),
+            _ => "an unidentified caller".into(),
+        };
+        super::log(&format!(
+            "Refused {who} ({}): {}",
+            conn.describe(),
+            refusal.message
+        ));
+        return Err(refusal);
     }
     let uid = match identity {
         Identity::User(uid) => uid,
