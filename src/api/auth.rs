@@ -4,10 +4,11 @@
 //! - with an API token configured, every request must carry it, and acts as
 //!   the server's own user;
 //! - without one, the caller is the local uid that owns the client's socket
-//!   (see [`super::peer`]): root, the user who started the server and the
-//!   members of the `apiGroup` named in config.yaml are served, as
-//!   themselves; everyone else, and every caller that cannot be identified,
-//!   gets 403.
+//!   (see [`super::peer`]): root, the user the server runs as, the user who
+//!   ran `sudo lume serve` and the members of the `apiGroup` named in
+//!   config.yaml are served, as themselves (all but the user the server
+//!   runs as in its VM location only); everyone else, and every caller that
+//!   cannot be identified, gets 403.
 //!
 //! The token itself never comes from the command line: `LUME_API_TOKEN` or
 //! `--token-file`.
