@@ -38,6 +38,12 @@ pub enum SettingsError {
     },
     #[error("Invalid accelerator setting")]
     Accel(#[from] AccelError),
+    #[error("An empty value for '{0}' is refused: to remove the key, run `lume config unset {0}`")]
+    EmptyValue(String),
+    #[error(
+        "Group '{0}' does not exist, so apiGroup cannot name it: create it first (groupadd {0}) and run this again"
+    )]
+    NoSuchGroup(String),
 }
 
 /// The parsed settings file (empty when it does not exist).
@@ -106,6 +112,37 @@ impl Settings {
     /// Sets a key (keeping every other key) and writes the file atomically.
     pub fn set(&mut self, key: &str, value: Value) -> Result<(), SettingsError> {
         self.map.insert(Value::String(key.into()), value);
+        self.write()
+    }
+
+    /// Removes a key (keeping every other key); whether it was there. The
+    /// file is rewritten only when it changes.
+    pub fn unset(&mut self, key: &str) -> Result<bool, SettingsError> {
+        if self.map.remove(key).is_none() {
+            return Ok(false);
+        }
+        self.write()?;
+        Ok(true)
+    }
+
+    /// What `lume config set KEY VALUE` stores: never an empty value (that
+    /// is `unset`), an accelerator lume knows, an `apiGroup` that exists.
+    pub fn set_from_command_line(&mut self, key: &str, value: &str) -> Result<(), SettingsError> {
+        if value.trim().is_empty() {
+            return Err(SettingsError::EmptyValue(key.into()));
+        }
+        if key == "accelerator" {
+            value.parse::<AccelChoice>()?;
+        }
+        if key == crate::api::auth::API_GROUP_KEY
+            && !matches!(nix::unistd::Group::from_name(value), Ok(Some(_)))
+        {
+            return Err(SettingsError::NoSuchGroup(value.into()));
+        }
+        self.set(key, Value::String(value.into()))
+    }
+
+    fn write(&self) -> Result<(), SettingsError> {
         let text = serde_yaml_ng::to_string(&self.map).expect("mapping serialises");
         let write = |source| SettingsError::Write {
             path: self.path.clone(),

@@ -491,6 +491,29 @@ fn errors_are_json_with_the_right_status() {
         refused.contains("Host 'rebound.example:7777' is refused"),
         "{refused}"
     );
+    // Logged like every refusal: with the uid and the connection.
+    let logged = |needle: &str| {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if server
+                .log
+                .lock()
+                .unwrap()
+                .lines()
+                .any(|l| l.contains("Refused uid 0 (127.0.0.1:") && l.contains(needle))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    for needle in [
+        "Requests from web pages are refused (Origin: http://evil.example)",
+        "Host 'rebound.example:7777' is refused",
+    ] {
+        assert!(logged(needle), "{needle}: {}", server.log.lock().unwrap());
+    }
     // The server's own origin is no web page of anyone else's.
     for own in [
         format!("http://127.0.0.1:{}", server.port),
@@ -540,7 +563,7 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.call("PATCH", "/lume/vms/a", Some(json!({}))),
         400,
-        "Nothing to change",
+        "Nothing to change: give at least one of the fields cpu, memory, diskSize, network",
     );
     api.fails(
         api.call("PATCH", "/lume/vms/a", Some(json!({"diskSize": "1MB"}))),
@@ -565,7 +588,7 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.post("/lume/vms/a/stop", json!({"timeout": 99999})),
         400,
-        "at most 3600",
+        "A timeout of 99999 seconds is too long: give at most 3600 seconds",
     );
     // Stopping a stopped VM is fine.
     let stopped = api.call("POST", "/lume/vms/a/stop", None);
@@ -715,6 +738,22 @@ fn a_token_guards_every_request() {
     api.fails(api.get("/lume/nothing"), 401, "needs an API token");
     api.token = Some("wrong-token".into());
     api.fails(api.get("/lume/host/status"), 401, "Wrong API token");
+    // Token refusals are logged with the uid and the connection.
+    let start = Instant::now();
+    while !server
+        .log
+        .lock()
+        .unwrap()
+        .lines()
+        .any(|l| l.contains("Refused uid 0 (127.0.0.1:") && l.contains("Wrong API token"))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{}",
+            server.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     api.token = Some("s3cret-token".into());
     assert_eq!(api.get("/lume/host/status").status, 200);
     assert_eq!(api.get("/lume/vms").body, json!([]));

@@ -632,6 +632,50 @@ fn settings_keep_unknown_keys_and_refuse_bad_accelerators() {
 }
 
 #[test]
+fn config_keys_can_be_removed_and_empty_values_or_missing_groups_are_refused() {
+    let home = Home::new();
+    home.write_settings("cachingEnabled: true\nnatSubnet: 10.99.0.0/24\n");
+    let out = home.ok(&["config", "unset", "natSubnet"]);
+    assert!(out.contains("Removed natSubnet from"), "{out}");
+    let text = fs::read_to_string(home.config_yaml()).unwrap();
+    assert!(!text.contains("natSubnet"), "{text}");
+    assert!(text.contains("cachingEnabled: true"), "{text}");
+    let out = home.ok(&["config", "unset", "natSubnet"]);
+    assert!(out.contains("natSubnet is not set in"), "{out}");
+    // An empty value is not a way to remove a key: it says which command is.
+    for empty in ["", " "] {
+        let err = home.fails(&["config", "set", "homeDirectory", empty]);
+        assert!(
+            err.contains("An empty value for 'homeDirectory' is refused: to remove the key, run `lume config unset homeDirectory`"),
+            "{err}"
+        );
+    }
+    // apiGroup must name an existing group.
+    let err = home.fails(&["config", "set", "apiGroup", "no-such-group-lume"]);
+    assert!(
+        err.contains("Group 'no-such-group-lume' does not exist"),
+        "{err}"
+    );
+    assert!(
+        !fs::read_to_string(home.config_yaml())
+            .unwrap()
+            .contains("apiGroup")
+    );
+    home.ok(&["config", "set", "apiGroup", "root"]);
+    assert!(
+        fs::read_to_string(home.config_yaml())
+            .unwrap()
+            .contains("apiGroup: root")
+    );
+    home.ok(&["config", "unset", "apiGroup"]);
+    assert!(
+        !fs::read_to_string(home.config_yaml())
+            .unwrap()
+            .contains("apiGroup")
+    );
+}
+
+#[test]
 fn publish_is_validated_and_persisted() {
     let home = Home::new();
     home.ok(&[
@@ -751,6 +795,33 @@ fn host_loopback_is_an_explicit_per_vm_opt_in() {
     assert_eq!(v["cpuCount"], 2);
     home.ok(&["set", "u", "--unsafe-host-loopback", "false"]);
     assert!(!cfg().contains("unsafeHostLoopback"));
+    // Turning it on warns; in another mode than user it is stored with a note.
+    let set = |name: &str, on: &str| {
+        let out = home.lume(&["set", name, "--unsafe-host-loopback", on]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let err = set("u", "true");
+    assert!(
+        err.contains(
+            "Warning: in user mode VM 'u' now reaches every service on this host's loopback"
+        ),
+        "{err}"
+    );
+    assert!(
+        !err.contains("applies to network mode 'user' only"),
+        "{err}"
+    );
+    home.ok(&["create", "off", "--disk-size", "8MB", "--network", "none"]);
+    let err = set("off", "true");
+    assert!(err.contains("Warning:"), "{err}");
+    assert!(
+        err.contains("Note: --unsafe-host-loopback applies to network mode 'user' only; VM 'off' is in mode 'none'"),
+        "{err}"
+    );
+    let err = set("off", "false");
+    assert!(!err.contains("Warning:"), "{err}");
+    assert!(err.contains("applies to network mode 'user' only"), "{err}");
     // A NAT port on loopback is refused at create and when switching to nat.
     let err = home.fails(&[
         "create",

@@ -4,10 +4,11 @@
 //! - with an API token configured, every request must carry it, and acts as
 //!   the server's own user;
 //! - without one, the caller is the local uid that owns the client's socket
-//!   (see [`super::peer`]): root, the user who started the server and the
-//!   members of the `apiGroup` named in config.yaml are served, as
-//!   themselves; everyone else, and every caller that cannot be identified,
-//!   gets 403.
+//!   (see [`super::peer`]): root, the user the server runs as, the user who
+//!   ran `sudo lume serve` and the members of the `apiGroup` named in
+//!   config.yaml are served, as themselves (all but the user the server
+//!   runs as in its VM location only); everyone else, and every caller that
+//!   cannot be identified, gets 403.
 //!
 //! The token itself never comes from the command line: `LUME_API_TOKEN` or
 //! `--token-file`.
@@ -61,6 +62,10 @@ pub enum TokenError {
     Exposed { path: PathBuf, mode: u32 },
     #[error("The API token is empty: put a secret in LUME_API_TOKEN or the token file")]
     Empty,
+    #[error(
+        "LUME_API_TOKEN is set but empty (or only spaces): put the secret in it, or unset it (unset LUME_API_TOKEN) to serve without a token"
+    )]
+    EmptyEnv,
     #[error("The API token must be printable ASCII without spaces, so that it fits in a header")]
     NotPrintable,
 }
@@ -70,7 +75,11 @@ pub enum TokenError {
 /// open descriptor: a regular file of the server's effective uid, with no
 /// bits for group or others. One trailing newline is dropped.
 pub fn read_token(env: Option<String>, file: Option<&Path>) -> Result<Option<String>, TokenError> {
-    let token = match (env.filter(|t| !t.is_empty()), file) {
+    // An empty variable is a mistake (a failed `$(cat …)`), never "no token".
+    if env.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(TokenError::EmptyEnv);
+    }
+    let token = match (env, file) {
         (Some(_), Some(_)) => return Err(TokenError::Twice),
         (Some(t), None) => t,
         (None, Some(path)) => read_token_file(path)?,
@@ -131,16 +140,22 @@ fn read_token_file(path: &Path) -> Result<String, TokenError> {
 /// the uid that runs it, and, for a root server started with sudo, the user
 /// who ran sudo (`SUDO_UID`; only root can set a root process's environment).
 pub fn server_owners() -> Vec<u32> {
-    let uid = nix::unistd::getuid().as_raw();
-    let mut owners = vec![uid];
-    if uid == 0
-        && let Some(sudo) = std::env::var("SUDO_UID")
-            .ok()
-            .and_then(|s| s.parse::<u32>().ok())
-    {
-        owners.push(sudo);
-    }
+    let mut owners = vec![nix::unistd::getuid().as_raw()];
+    owners.extend(sudo_uid());
     owners
+}
+
+/// The user who ran `sudo lume serve` (`SUDO_UID`), for a server running as
+/// root. Served without a token, but only in the server's VM location
+/// (see `routes::allowed_storage`).
+pub fn sudo_uid() -> Option<u32> {
+    if !nix::unistd::getuid().is_root() {
+        return None;
+    }
+    std::env::var("SUDO_UID")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|&u| u != 0)
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.
@@ -255,14 +270,24 @@ async fn caller_of(
         )));
     }
     if let Some(token) = &st.token {
-        return match given {
-            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => Ok(Caller::current()),
-            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token")),
-            None => Err(ApiError::new(
+        let refusal = match given {
+            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => return Ok(Caller::current()),
+            Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token"),
+            None => ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "This server needs an API token: send the header 'Authorization: Bearer TOKEN'",
-            )),
+            ),
         };
+        let who = match &identity {
+            Identity::User(uid) => format!("uid {uid}"),
+            _ => "an unidentified caller".into(),
+        };
+        super::log(&format!(
+            "Refused {who} ({}): {}",
+            conn.describe(),
+            refusal.message
+        ));
+        return Err(refusal);
     }
     let uid = match identity {
         Identity::User(uid) => uid,
@@ -302,9 +327,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_environment_token_is_an_error_not_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for empty in ["", "  ", "\n", "\t "] {
+            for f in [None, Some(file.as_path())] {
+                let e = read_token(Some(empty.into()), f).unwrap_err();
+                assert!(matches!(e, TokenError::EmptyEnv), "{empty:?}: {e}");
+                assert!(e.to_string().starts_with("LUME_API_TOKEN is set but empty"));
+            }
+        }
+    }
+
+    #[test]
     fn tokens_come_from_the_environment_or_a_private_file() {
         assert_eq!(read_token(None, None).unwrap(), None);
-        assert_eq!(read_token(Some(String::new()), None).unwrap(), None);
         assert_eq!(
             read_token(Some("s3cret".into()), None).unwrap(),
             Some("s3cret".into())

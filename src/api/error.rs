@@ -11,6 +11,7 @@ use crate::hypervisor::img::ImageError;
 use crate::hypervisor::supervisor::RunError;
 use crate::network::attach::AttachError;
 use crate::vm::VmError;
+use crate::vm::actions::Settable;
 use crate::vm::store::StoreError;
 
 /// The body of every error response.
@@ -48,7 +49,18 @@ impl ApiError {
 
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
-        Self::new(vm_status(&e), crate::error_chain(&e))
+        let status = vm_status(&e);
+        match e {
+            // The VM layer's text names CLI flags: this door names its fields.
+            VmError::NothingToSet => Self::new(
+                status,
+                format!(
+                    "Nothing to change: give at least one of the fields {}",
+                    Settable::listed(Settable::field)
+                ),
+            ),
+            e => Self::new(status, crate::error_chain(&e)),
+        }
     }
 }
 
@@ -185,6 +197,20 @@ mod tests {
         for (e, status) in cases {
             assert_eq!(vm_status(&e), status, "{e}");
         }
+    }
+
+    #[test]
+    fn nothing_to_set_names_json_fields_not_flags() {
+        let e: ApiError = VmError::NothingToSet.into();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.message,
+            "Nothing to change: give at least one of the fields cpu, memory, diskSize, network"
+        );
+        assert_eq!(
+            VmError::NothingToSet.to_string(),
+            "Nothing to change: give at least one of --cpu, --memory, --disk-size, --network"
+        );
     }
 
     #[test]

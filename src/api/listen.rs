@@ -202,7 +202,7 @@ pub async fn serve<L: Accept>(
                 .unwrap_or(PeerKey::Unknown);
             let Some(slot) = gate.admit(key, permit) else {
                 gate.note(&format!(
-                    "Refused connections of {key:?}: it has {} open, the most one user may",
+                    "Refused connections of {key}: it has {} open, the most one user may",
                     gate.limits.per_peer
                 ));
                 return;

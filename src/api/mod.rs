@@ -186,8 +186,33 @@ fn is_local_authority(authority: &str) -> bool {
 /// SDKs) send no `Origin`, a local `Host`, and JSON.
 async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     match web_page_refusal(&st, &req) {
-        Some(refusal) => refusal.into_response(),
+        Some(refusal) => {
+            // Logged like every refusal: with the calling uid and the connection.
+            let conn = req
+                .extensions()
+                .get::<ConnectInfo<peer::Connection>>()
+                .map(|ConnectInfo(c)| c.clone());
+            let who = match &conn {
+                Some(c) => format!(
+                    "{} ({})",
+                    describe_identity(&c.identity(st.storage.clone()).await),
+                    c.describe()
+                ),
+                None => "an unknown connection".into(),
+            };
+            log(&format!("Refused {who}: {}", refusal.message));
+            refusal.into_response()
+        }
         None => next.run(req).await,
+    }
+}
+
+/// Who is behind a connection, for the log.
+fn describe_identity(identity: &peer::Identity) -> String {
+    match identity {
+        peer::Identity::User(uid) => format!("uid {uid}"),
+        peer::Identity::Guest(h) => format!("{} pid {}", h.program, h.pid),
+        peer::Identity::Unknown(why) => format!("an unknown user ({why})"),
     }
 }
 
@@ -307,11 +332,33 @@ fn api_group(settings: &crate::settings::Settings) -> Result<Option<nix::unistd:
     match nix::unistd::Group::from_name(&name) {
         Ok(Some(g)) => Ok(Some(g)),
         _ => bail!(
-            "Group '{name}', set as {} in {}, does not exist: create it (groupadd {name}) or remove the key",
+            "Group '{name}', set as {} in {}, does not exist: create it (groupadd {name}) or remove the key (lume config unset {})",
             auth::API_GROUP_KEY,
-            settings.file().display()
+            settings.file().display(),
+            auth::API_GROUP_KEY
         ),
     }
+}
+
+/// Who a server without a token serves, for its start-up line: root, its
+/// own user, the user who ran sudo (uid and name; the server's VM location
+/// only) and the `apiGroup`.
+fn served_without_token(group: Option<&str>, sudo: Option<(u32, Option<&str>)>) -> String {
+    let mut who = vec!["root".to_string(), "the server's user".to_string()];
+    if let Some((uid, name)) = sudo {
+        who.push(match name {
+            Some(name) => format!("sudo user {name} (uid {uid}, this VM location only)"),
+            None => format!("sudo user uid {uid} (this VM location only)"),
+        });
+    }
+    if let Some(g) = group {
+        who.push(format!("group '{g}'"));
+    }
+    let last = who.pop().unwrap_or_default();
+    format!(
+        "no API token: loopback only, for {} and {last}",
+        who.join(", ")
+    )
 }
 
 /// Raises the soft limit of open files to the hard limit, so that the
@@ -382,13 +429,17 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         let who = if has_token {
             "API token required".to_string()
         } else {
-            match &group {
-                Some(g) => format!(
-                    "no API token: loopback only, for root, the server's user and group '{}'",
-                    g.name
-                ),
-                None => "no API token: loopback only, for root and the server's user".into(),
-            }
+            let sudo = auth::sudo_uid().map(|uid| {
+                let name = nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name);
+                (uid, name)
+            });
+            served_without_token(
+                group.as_ref().map(|g| g.name.as_str()),
+                sudo.as_ref().map(|(uid, name)| (*uid, name.as_deref())),
+            )
         };
         log(&format!(
             "lume API listening on http://{local} (VMs in {}; {who})",
@@ -427,6 +478,26 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_line_names_the_sudo_user() {
+        assert_eq!(
+            served_without_token(None, None),
+            "no API token: loopback only, for root and the server's user"
+        );
+        assert_eq!(
+            served_without_token(Some("lume"), None),
+            "no API token: loopback only, for root, the server's user and group 'lume'"
+        );
+        assert_eq!(
+            served_without_token(Some("lume"), Some((1000, Some("alice")))),
+            "no API token: loopback only, for root, the server's user, sudo user alice (uid 1000, this VM location only) and group 'lume'"
+        );
+        assert_eq!(
+            served_without_token(None, Some((1234, None))),
+            "no API token: loopback only, for root, the server's user and sudo user uid 1234 (this VM location only)"
+        );
+    }
 
     #[test]
     fn non_loopback_needs_a_token() {

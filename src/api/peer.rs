@@ -443,10 +443,29 @@ pub enum PeerKey {
     Unknown,
 }
 
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uid(uid) => write!(f, "uid {uid}"),
+            Self::Remote(ip) => write!(f, "remote address {ip}"),
+            Self::Unknown => f.write_str("unidentified clients"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn peer_keys_read_as_words_in_the_log() {
+        assert_eq!(PeerKey::Uid(0).to_string(), "uid 0");
+        assert_eq!(
+            PeerKey::Remote("192.0.2.1".parse().unwrap()).to_string(),
+            "remote address 192.0.2.1"
+        );
+    }
 
     fn socket_inode(fd: std::os::fd::RawFd) -> u64 {
         std::fs::metadata(format!("/proc/self/fd/{fd}"))

@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -35,7 +34,8 @@ type ApiResult<T> = Result<T, ApiError>;
 #[into_params(parameter_in = Query)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
-    /// Only the server's own user may name another location (else 403).
+    /// Only a caller who is the user the server runs as may name another
+    /// location (else 403); the user who ran `sudo lume serve` may not.
     pub storage: Option<String>,
 }
 
@@ -241,7 +241,7 @@ pub fn storage_refused(server_root: &Path) -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,
         format!(
-            "This storage is refused: this server uses only its own VM location ({}) for callers other than its own user. Leave storage out",
+            "This storage is refused: this server uses only its own VM location ({}) for callers other than the user the server runs as. Leave storage out",
             server_root.display()
         ),
     )
@@ -643,16 +643,12 @@ pub async fn stop_vm(
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<StopVmRequest>,
 ) -> ApiResult<Json<VmDetails>> {
-    let timeout = r.timeout.unwrap_or(15);
-    if timeout > 3600 {
-        return Err(ApiError::bad_request(
-            "timeout: at most 3600 seconds may be given",
-        ));
-    }
+    // The same check, and the same message, as `lume stop --timeout`.
+    let timeout = crate::vm::actions::stop_timeout(r.timeout.unwrap_or(15))?;
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     let action = Action::Stop {
         name: vm.clone(),
-        timeout: Duration::from_secs(timeout),
+        timeout,
     };
     let name = vm.clone();
     on_vm(&st, &caller, storage, &vm, move |ctx| {

@@ -240,9 +240,9 @@ pub struct ServeArgs {
     /// process list (use LUME_API_TOKEN or --token-file)
     #[arg(long, hide = true, value_name = "TOKEN")]
     pub token: Option<String>,
-    /// Read the API token from this file (not readable by group or others
-    /// when lume runs as root); the LUME_API_TOKEN environment variable works
-    /// too. Every request must then send `Authorization: Bearer TOKEN`
+    /// Read the API token from this file (owned by the server's user, not
+    /// readable by group or others); the LUME_API_TOKEN environment variable
+    /// works too. Every request must then send `Authorization: Bearer TOKEN`
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// Also listen on this Unix socket (mode 0660, group apiGroup); its
@@ -263,8 +263,11 @@ pub struct ConfigArgs {
 pub enum ConfigCommand {
     /// Print the settings file and the effective values
     Get,
-    /// Set one key in config.yaml (other keys are kept)
+    /// Set one key in config.yaml (other keys are kept); an empty value is
+    /// refused (use unset)
     Set { key: String, value: String },
+    /// Remove one key from config.yaml, so its default applies again
+    Unset { key: String },
     /// Host networking: which interfaces can be bridged
     Network {
         #[command(subcommand)]
@@ -479,12 +482,20 @@ fn config(c: ConfigArgs) -> Result<i32> {
         }
         ConfigCommand::Set { key, value } => {
             let mut s = Settings::load()?;
-            if key == "accelerator" {
-                value.parse::<crate::hypervisor::accel::AccelChoice>()?;
-            }
-            s.set(&key, serde_yaml_ng::Value::String(value))
+            s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
+            Ok(0)
+        }
+        ConfigCommand::Unset { key } => {
+            let mut s = Settings::load()?;
+            if s.unset(&key)
+                .with_context(|| format!("Cannot remove '{key}'"))?
+            {
+                println!("Removed {key} from {}", s.file().display());
+            } else {
+                println!("{key} is not set in {}", s.file().display());
+            }
             Ok(0)
         }
     }

@@ -73,6 +73,17 @@ pub enum RunError {
     },
     #[error("The VM supervisor failed; its log {log} says:\n{messages}")]
     Supervisor { log: PathBuf, messages: String },
+    /// lume could not start its own executable as the VM's supervisor.
+    #[error(
+        "Cannot start lume's VM supervisor (lume's own executable, {exe}): {source}. If lume was upgraded, rebuilt or removed since this process started, restart `lume serve` (or run the command again)"
+    )]
+    SupervisorSpawn {
+        exe: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot follow lume's VM supervisor while it starts")]
+    SupervisorWait(#[source] io::Error),
 }
 
 /// A host file named by the caller, opened once with the caller's rights;

@@ -70,7 +70,7 @@ pub enum SharedError {
     #[error("Cannot switch IPv4 forwarding")]
     Forwarding(#[source] std::io::Error),
     #[error(
-        "{key} {subnet} collides with the host route {routes}: choose another subnet for {key} in config.yaml (lume config set {key} <subnet>), or remove {key} to let lume pick a free one"
+        "{key} {subnet} collides with the host route {routes}: choose another subnet for {key} in config.yaml (lume config set {key} <subnet>), or remove it to let lume pick a free one (lume config unset {key})"
     )]
     RouteConflict {
         key: &'static str,

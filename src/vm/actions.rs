@@ -85,7 +85,12 @@ pub enum VmError {
         seconds: u64,
         pid: u32,
     },
-    #[error("Nothing to change: give at least one of --cpu, --memory, --disk-size, --network")]
+    /// Nothing in [`Settable::ALL`] was given. Its text names the CLI's
+    /// flags; the API words it with its JSON fields ([`Settable::field`]).
+    #[error(
+        "Nothing to change: give at least one of {}",
+        Settable::listed(Settable::flag)
+    )]
     NothingToSet,
     #[error("{}", forbidden_message(path, reason))]
     Forbidden { path: PathBuf, reason: Denied },
@@ -136,6 +141,44 @@ impl From<UnsafeDir> for VmError {
             path: e.dir,
             reason: Denied::Storage { who: e.who },
         }
+    }
+}
+
+/// What `set` can change, for each door to name in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settable {
+    Cpu,
+    Memory,
+    DiskSize,
+    Network,
+}
+
+impl Settable {
+    pub const ALL: [Self; 4] = [Self::Cpu, Self::Memory, Self::DiskSize, Self::Network];
+
+    /// The CLI's flag.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Cpu => "--cpu",
+            Self::Memory => "--memory",
+            Self::DiskSize => "--disk-size",
+            Self::Network => "--network",
+        }
+    }
+
+    /// The API's JSON field.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Memory => "memory",
+            Self::DiskSize => "diskSize",
+            Self::Network => "network",
+        }
+    }
+
+    /// Every settable thing, named by `name`, separated by commas.
+    pub fn listed(name: fn(Self) -> &'static str) -> String {
+        Self::ALL.map(name).join(", ")
     }
 }
 
@@ -311,10 +354,14 @@ pub fn execute(
         Action::Set(spec) => set(store, spec),
         Action::SetHostLoopback { name, allow } => {
             let vm = store.open(&name)?;
-            vm.update_config(|cfg| -> Result<(), VmError> {
+            store.check_private(Some(&vm))?;
+            let mode = vm.update_config(|cfg| -> Result<NetworkMode, VmError> {
                 cfg.unsafe_host_loopback = allow;
-                Ok(())
+                Ok(cfg.network_mode.clone())
             })?;
+            for line in host_loopback_notes(&name, allow, &mode) {
+                note(&line);
+            }
             Ok(Outcome::Updated(VmDetails::read(store, &vm)))
         }
         Action::Clone { source, target } => clone(store, &source, &target),
@@ -324,6 +371,24 @@ pub fn execute(
             confirmed,
         } => delete(ctx, &name, force, confirmed, note),
     }
+}
+
+/// What a person is told on `set --unsafe-host-loopback`: the setting is
+/// stored whatever the mode (it applies once the VM is in user mode), so a
+/// VM in another mode gets a note; turning it on gets a warning.
+fn host_loopback_notes(name: &VmName, allow: bool, mode: &NetworkMode) -> Vec<String> {
+    let mut lines = Vec::new();
+    if allow {
+        lines.push(format!(
+            "Warning: in user mode VM '{name}' now reaches every service on this host's loopback (127.0.0.1, ::1), `lume serve` among them; turn it off with `lume set {name} --unsafe-host-loopback false`"
+        ));
+    }
+    if *mode != NetworkMode::User {
+        lines.push(format!(
+            "Note: --unsafe-host-loopback applies to network mode 'user' only; VM '{name}' is in mode '{mode}', so it changes nothing until you switch it (lume set {name} --network user)"
+        ));
+    }
+    lines
 }
 
 fn check_resources(
@@ -519,7 +584,6 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
 /// Starts a supervisor in its own session and waits until it reports the VM
 /// running, or fails.
 fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Outcome, VmError> {
-    let exe = std::env::current_exe().map_err(RunError::Spawn)?;
     // The supervisor logs to a file of its own and renames it to lume.log
     // only once it holds the VM: a start that loses a race never truncates
     // the log of the run that won.
@@ -529,7 +593,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let log = crate::hypervisor::logcap::open_log(&start_log, true).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
     let log2 = log.try_clone().map_err(io_at(&start_log))?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = supervisor_command();
     cmd.arg("run")
         .arg(vm.name.as_str())
         .arg("--storage")
@@ -564,7 +628,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+    let mut child = spawn_supervisor(&mut cmd, &start_log)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(state) = vm.running_state()
@@ -572,7 +636,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         {
             return Ok(Outcome::Started(VmDetails::read(store, vm)));
         }
-        if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
+        if let Some(status) = child.try_wait().map_err(RunError::SupervisorWait)? {
             // Still under its own name if it never got the VM's lock.
             let log_path = if start_log.exists() {
                 start_log.clone()
@@ -606,6 +670,48 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// This very program, for a detached supervisor to run: `/proc/self/exe`
+/// reaches the executable this process runs even after its file was
+/// replaced (a rebuild, `apt upgrade`) or removed, where its path (what
+/// `current_exe` gives, then with " (deleted)") no longer does. The
+/// supervisor so always matches the server that starts it. Its argv[0] is
+/// the path, for `ps`.
+fn supervisor_command() -> Command {
+    let mut cmd = Command::new(SELF_EXE);
+    cmd.arg0(own_exe_name());
+    cmd
+}
+
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// The path this process was started from, without the kernel's " (deleted)".
+fn own_exe_name() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let text = p.to_string_lossy();
+            match text.strip_suffix(" (deleted)") {
+                Some(t) => PathBuf::from(t),
+                None => p,
+            }
+        }
+        Err(_) => PathBuf::from("lume"),
+    }
+}
+
+/// Starts the supervisor. If it cannot be started, its start log (which
+/// nobody else will ever use) is removed and the error names lume's own
+/// executable, not QEMU.
+fn spawn_supervisor(cmd: &mut Command, start_log: &Path) -> Result<std::process::Child, VmError> {
+    cmd.spawn().map_err(|source| {
+        let _ = fs::remove_file(start_log);
+        RunError::SupervisorSpawn {
+            exe: own_exe_name(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// Whether /proc/<pid>/cmdline mentions `needle` (guards against pid reuse).
@@ -854,6 +960,51 @@ mod tests {
     use crate::vm::Caller;
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn a_supervisor_that_cannot_start_names_lume_and_leaves_no_start_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let start_log = dir.path().join(".start-1234abcd.log");
+        fs::write(&start_log, "").unwrap();
+        let mut cmd = Command::new(dir.path().join("lume (deleted)"));
+        let e = spawn_supervisor(&mut cmd, &start_log).unwrap_err();
+        assert!(
+            matches!(e, VmError::Run(RunError::SupervisorSpawn { .. })),
+            "{e:?}"
+        );
+        let text = crate::error_chain(&e);
+        assert!(
+            text.starts_with("Cannot start lume's VM supervisor"),
+            "{text}"
+        );
+        assert!(text.contains("restart `lume serve`"), "{text}");
+        assert!(
+            !text.contains(crate::hypervisor::qemu::QEMU_BINARY),
+            "{text}"
+        );
+        assert!(!start_log.exists());
+    }
+
+    /// What `supervisor_command` relies on: a process whose executable file
+    /// was replaced still starts that same program through /proc/self/exe.
+    #[test]
+    fn proc_self_exe_reaches_a_replaced_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("prog");
+        fs::copy("/bin/sh", &prog).unwrap();
+        let mut child = Command::new(&prog)
+            .args(["-c", "sleep 0.5; /proc/self/exe -c 'exit 7'"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // Replaced the way upgrades do: a new file renamed over the old one.
+        let new = dir.path().join("prog.new");
+        fs::write(&new, "#!/bin/false\n").unwrap();
+        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&new, &prog).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(7));
+        assert_eq!(SELF_EXE, "/proc/self/exe");
+    }
+
     fn context(root: &Path, caller: Caller) -> Context {
         Context {
             store: Store::new(Some(root.to_path_buf())),
@@ -1006,6 +1157,27 @@ mod tests {
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");
+        // So is turning on its host loopback access, a change like any other.
+        let allow = Action::SetHostLoopback {
+            name: VmName::parse("b").unwrap(),
+            allow: true,
+        };
+        let e = execute(&ctx, allow, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
+        assert!(
+            !fs::read_to_string(ok.join("b/config.json"))
+                .unwrap()
+                .contains("unsafeHostLoopback")
+        );
+        // Reading it is not a change: `get` still answers.
+        execute(
+            &ctx,
+            Action::Get {
+                name: VmName::parse("b").unwrap(),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
     }
 
     #[test]
