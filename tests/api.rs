@@ -1176,7 +1176,7 @@ echo "closed-when-idle $(count)"
             .log
             .lock()
             .unwrap()
-            .contains("Refused connections of Uid(65534)"),
+            .contains("Refused connections of uid 65534"),
         "{}",
         server.log.lock().unwrap()
     );

@@ -1106,6 +1106,26 @@ garbage line
             );
         }
 
+        /// A real dnsmasq in namespace `ns` serving 192.0.2.50-60 on
+        /// `iface`, its files and log (`dnsmasq.log`) in `dir`.
+        fn test_dnsmasq(ns: &str, iface: &str, dir: &std::path::Path) -> std::process::Child {
+            let log = File::create(dir.join("dnsmasq.log")).unwrap();
+            Command::new("ip")
+                .args(["netns", "exec", ns, "dnsmasq", "--no-daemon"])
+                .args(["--conf-file=/dev/null", "--bind-interfaces"])
+                .arg(format!("--interface={iface}"))
+                .arg("--except-interface=lo")
+                .arg("--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,2m")
+                .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+                .arg(format!("--pid-file={}", dir.join("pid").display()))
+                .args(["--port=0", "--user=root", "--log-facility=-", "--log-dhcp"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawn dnsmasq")
+        }
+
         fn mac_str(m: [u8; 6]) -> String {
             m.map(|b| format!("{b:02x}")).join(":")
         }
@@ -1170,34 +1190,7 @@ garbage line
                 .expect("snooper ready");
 
             let dir = tempfile::tempdir().unwrap();
-            let leases = dir.path().join("leases");
-            let pidfile = dir.path().join("pid");
-            let log = File::create(dir.path().join("dnsmasq.log")).unwrap();
-            ns.dnsmasq = Some(
-                Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &s,
-                        "dnsmasq",
-                        "--no-daemon",
-                        "--conf-file=/dev/null",
-                    ])
-                    .args([
-                        "--bind-interfaces",
-                        "--interface=dsA",
-                        "--except-interface=lo",
-                    ])
-                    .arg("--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,2m")
-                    .arg(format!("--dhcp-leasefile={}", leases.display()))
-                    .arg(format!("--pid-file={}", pidfile.display()))
-                    .args(["--port=0", "--user=root", "--log-facility=-", "--log-dhcp"])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn dnsmasq"),
-            );
+            ns.dnsmasq = Some(test_dnsmasq(&s, "dsA", dir.path()));
 
             let client = Command::new("ip")
                 .args(["netns", "exec", &c, "busybox", "udhcpc", "-f", "-q", "-n"])
@@ -1310,35 +1303,7 @@ garbage line
                 .recv_timeout(Duration::from_secs(10))
                 .expect("snooper ready");
             let dir = tempfile::tempdir().unwrap();
-            let log = File::create(dir.path().join("dnsmasq.log")).unwrap();
-            ns.dnsmasq = Some(
-                Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &s,
-                        "dnsmasq",
-                        "--no-daemon",
-                        "--conf-file=/dev/null",
-                    ])
-                    .args([
-                        "--bind-interfaces",
-                        "--interface=msA",
-                        "--except-interface=lo",
-                    ])
-                    .arg("--dhcp-range=192.0.2.50,192.0.2.60,255.255.255.0,2m")
-                    .arg(format!(
-                        "--dhcp-leasefile={}",
-                        dir.path().join("leases").display()
-                    ))
-                    .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-                    .args(["--port=0", "--user=root", "--log-facility=-"])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().unwrap())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn dnsmasq"),
-            );
+            ns.dnsmasq = Some(test_dnsmasq(&s, "msA", dir.path()));
             let client = Command::new("ip")
                 .args(["netns", "exec", &c, "busybox", "udhcpc", "-f", "-q", "-n"])
                 .args(["-i", "mvc", "-s", "/bin/true", "-t", "10", "-T", "1"])
