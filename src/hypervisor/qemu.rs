@@ -88,6 +88,10 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         format!("{}M", (c.memory_size >> 20).max(16)),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        // QEMU's seccomp filter: a guest that takes QEMU over still cannot
+        // run programs, gain privileges or change resource limits.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
         "-display".into(),
         "none".into(),
         "-chardev".into(),
@@ -191,6 +195,7 @@ mod tests {
         let joined = args.join(" ");
         assert!(joined.contains(&dir.path().join("disk.img").display().to_string()));
         assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(joined.contains("-smp 3"));
         assert!(joined.contains("-m 512M"));
         assert!(joined.contains("-append console=ttyS0"));
