@@ -103,6 +103,22 @@ impl Settings {
         }
     }
 
+    /// A yes/no setting: a YAML boolean, or the string `true`/`false` (as
+    /// `lume config set` writes it).
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, SettingsError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" => Ok(Some(false)),
+            Some(_) => Err(SettingsError::Type {
+                key: key.into(),
+                path: self.path.clone(),
+                expected: "true or false",
+            }),
+        }
+    }
+
     /// Sets a key (keeping every other key) and writes the file atomically.
     pub fn set(&mut self, key: &str, value: Value) -> Result<(), SettingsError> {
         self.map.insert(Value::String(key.into()), value);

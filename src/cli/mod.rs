@@ -482,7 +482,17 @@ fn config(c: ConfigArgs) -> Result<i32> {
             if key == "accelerator" {
                 value.parse::<crate::hypervisor::accel::AccelChoice>()?;
             }
-            s.set(&key, serde_yaml_ng::Value::String(value))
+            let value = match key.as_str() {
+                "firewallAccommodation" => match value.as_str() {
+                    "true" => serde_yaml_ng::Value::Bool(true),
+                    "false" => serde_yaml_ng::Value::Bool(false),
+                    _ => anyhow::bail!(
+                        "firewallAccommodation must be true or false: lume config set firewallAccommodation false"
+                    ),
+                },
+                _ => serde_yaml_ng::Value::String(value),
+            };
+            s.set(&key, value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
             Ok(0)
