@@ -135,7 +135,7 @@ pub fn script(state: &FirewallState) -> String {
     if !mark.is_empty() {
         // Before every filter chain (iptables-nft's at 0, firewalld's at 10).
         s.push_str(&chain(
-            "mark",
+            "foreign_mark",
             "type filter hook forward priority filter - 10; policy accept;",
             &mark,
         ));
@@ -242,7 +242,7 @@ mod tests {
         };
         let s = script(&state);
         assert!(
-            s.contains("chain mark {\n    type filter hook forward priority filter - 10;"),
+            s.contains("chain foreign_mark {\n    type filter hook forward priority filter - 10;"),
             "{s}"
         );
         assert!(
@@ -253,7 +253,7 @@ mod tests {
             accommodate: false,
             ..state.clone()
         });
-        assert!(!off.contains("chain mark"), "{off}");
+        assert!(!off.contains("chain foreign_mark"), "{off}");
         assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
         assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
         assert!(s.contains("iifname \"lume-host0\" drop"));

@@ -204,9 +204,9 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
     let active = nets.active_bridges();
     let mut any = false;
     for d in drops {
-        let bridges = nets.bridges_for_hook(&d.hook);
+        let bridges = nets.bridges_for_hook(&d.family, &d.hook);
         if active.is_empty() {
-            if d.affects(&[nets.nat.bridge.as_str()]) {
+            if d.family != "ip6" && d.affects(&[nets.nat.bridge.as_str()]) {
                 any = true;
                 r.add(
                     "other firewalls",

@@ -590,10 +590,15 @@ impl Networks {
             .collect()
     }
 
-    /// The active bridges whose traffic passes a hook: every active bridge
-    /// talks to the host (input), only the NAT bridge's traffic is
-    /// forwarded (lume itself drops host-only forwarding).
-    pub fn bridges_for_hook(&self, hook: &str) -> Vec<&str> {
+    /// The active bridges whose traffic passes a hook of a table family:
+    /// every active bridge talks to the host (input), only the NAT bridge's
+    /// traffic is forwarded (lume itself drops host-only forwarding), and
+    /// none over IPv6 (lume's networks are IPv4: no address, route or
+    /// service of lume's is IPv6, so an `ip6` table never drops its traffic).
+    pub fn bridges_for_hook(&self, family: &str, hook: &str) -> Vec<&str> {
+        if family == "ip6" {
+            return Vec::new();
+        }
         let nat = &self.nat.bridge;
         self.active_bridges()
             .into_iter()
@@ -629,7 +634,7 @@ impl Networks {
         }
         if let Ok(drops) = Nft.foreign_drops() {
             for d in drops.into_iter().filter(|d| {
-                let bridges = self.bridges_for_hook(&d.hook);
+                let bridges = self.bridges_for_hook(&d.family, &d.hook);
                 d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
             }) {
                 out.push(format!(
