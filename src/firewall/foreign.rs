@@ -165,6 +165,26 @@ pub fn rules_for(target: &Target, openings: &[Opening]) -> Vec<Rule> {
     out
 }
 
+/// What each of lume's rules is for, the end of its comment.
+const PURPOSES: [&str; 5] = [
+    "egress",
+    "replies and published ports",
+    "dhcp",
+    "dns",
+    "dns over tcp",
+];
+
+/// Whether a comment is exactly one lume writes (`lume: lume0 egress`): a
+/// rule someone else commented `lume: …` is not lume's to remove.
+pub fn is_lume_comment(comment: &str) -> bool {
+    comment
+        .strip_prefix(COMMENT_PREFIX)
+        .and_then(|rest| rest.split_once(' '))
+        .is_some_and(|(bridge, what)| {
+            crate::network::mode::valid_ifname(bridge) && PURPOSES.contains(&what)
+        })
+}
+
 /// A chain of the ruleset as `nft -j list ruleset` shows it.
 #[derive(Debug, Clone, Default)]
 struct Chain {
@@ -216,9 +236,7 @@ impl Ruleset {
                     .or_default();
                 let comment = r["comment"].as_str().map(str::to_string);
                 let handle = r["handle"].as_u64().unwrap_or(0);
-                let lume = comment
-                    .as_deref()
-                    .is_some_and(|c| c.starts_with(COMMENT_PREFIX));
+                let lume = comment.as_deref().is_some_and(is_lume_comment);
                 let exprs = r["expr"].as_array().cloned().unwrap_or_default();
                 for x in &exprs {
                     for verb in ["jump", "goto"] {
@@ -271,11 +289,6 @@ impl Ruleset {
         seen.into_iter().collect()
     }
 
-    /// Whether any chain outside `inet lume` holds a rule of lume's.
-    pub fn has_lume_rules(&self) -> bool {
-        self.lume_rules().next().is_some()
-    }
-
     fn lume_rules(&self) -> impl Iterator<Item = (&Key, u64, &str)> {
         self.chains
             .iter()
@@ -284,7 +297,7 @@ impl Ruleset {
                 c.rules.iter().filter_map(move |(h, comment)| {
                     comment
                         .as_deref()
-                        .filter(|c| c.starts_with(COMMENT_PREFIX))
+                        .filter(|c| is_lume_comment(c))
                         .map(|c| (k, *h, c))
                 })
             })
@@ -315,11 +328,7 @@ pub fn plan(rs: &Ruleset, openings: &[Opening]) -> Plan {
         let ours: Vec<(u64, &str)> = chain
             .rules
             .iter()
-            .filter_map(|(h, c)| {
-                c.as_deref()
-                    .filter(|c| c.starts_with(COMMENT_PREFIX))
-                    .map(|c| (*h, c))
-            })
+            .filter_map(|(h, c)| c.as_deref().filter(|c| is_lume_comment(c)).map(|c| (*h, c)))
             .collect();
         // In place: lume's rules are exactly the wanted ones and the chain's first.
         let head: Vec<Option<&str>> = chain
@@ -475,6 +484,7 @@ pub fn foreign_drops(rs: &Ruleset) -> Vec<ForeignDrop> {
             for (_, comment) in &rc.rules {
                 if let Some(bridge) = comment
                     .as_deref()
+                    .filter(|c| is_lume_comment(c))
                     .and_then(|c| c.strip_prefix(COMMENT_PREFIX))
                     .and_then(|c| c.split(' ').next())
                 {
@@ -604,6 +614,24 @@ mod tests {
             ks.to_string(),
             "table inet killswitch chain fwd (forward hook): policy drop"
         );
+    }
+
+    #[test]
+    fn only_comments_lume_writes_are_lume_s() {
+        for t in TARGETS {
+            for r in rules_for(t, &nat()) {
+                assert!(is_lume_comment(&r.comment), "{}", r.comment);
+            }
+        }
+        assert!(!is_lume_comment("lume: my own rule for the lab"));
+        assert!(!is_lume_comment("lume0 egress"));
+        // Someone else's rule commented like lume's, in a chain lume does not use, stays.
+        let theirs = DOCKER.replace(
+            "\"chain\":\"DOCKER-USER\",\"handle\":12,",
+            "\"chain\":\"DOCKER\",\"handle\":12,\"comment\":\"lume: keep me\",",
+        );
+        assert_ne!(theirs, DOCKER);
+        assert_eq!(plan(&Ruleset::parse(&theirs), &nat()), Plan::default());
     }
 
     #[test]
