@@ -274,6 +274,16 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     assert_eq!(count_from(&peer, host_ip), n, "the kill switch blocks");
     assert!(t.host.exec_ok("nft list tables").contains("killswitch"));
     assert_all_placed(&t.host);
+    // The watcher's log warns about the kill switch, never about accommodated policies.
+    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+    assert!(
+        log.contains("warning: table inet killswitch chain ksforward"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("warning: table ip filter") && !log.contains("warning: table inet firewalld"),
+        "{log}"
+    );
     t.host.exec_ok("nft delete table inet killswitch");
     flows(&peer, "traffic once the kill switch is gone");
 

@@ -575,7 +575,10 @@ impl Networks {
             // rewrite their chains without lume's accepts.
             match self.accommodate() {
                 Ok(changes) => repairs.extend(changes),
-                Err(e) => repairs.push(crate::error_chain(&e)),
+                Err(e) => repairs.push(format!(
+                    "could not put lume's accepts back in other tools' chains: {}",
+                    crate::error_chain(&e)
+                )),
             }
         }
         repairs
@@ -635,7 +638,7 @@ impl Networks {
         if let Ok(drops) = Nft.foreign_drops() {
             for d in drops.into_iter().filter(|d| {
                 let bridges = self.bridges_for_hook(&d.family, &d.hook);
-                d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
+                !bridges.is_empty() && d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
             }) {
                 out.push(format!(
                     "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
