@@ -178,6 +178,22 @@ mod tests {
     }
 
     #[test]
+    fn yes_no_settings_take_booleans_and_their_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "a: false\nb: \"true\"\nc: 3\n").unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.get_bool("a").unwrap(), Some(false));
+        assert_eq!(s.get_bool("b").unwrap(), Some(true));
+        assert_eq!(s.get_bool("missing").unwrap(), None);
+        let e = s.get_bool("c").unwrap_err().to_string();
+        assert!(
+            e.starts_with("Setting 'c'") && e.contains("true or false"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn corrupt_yaml_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.yaml");

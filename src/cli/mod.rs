@@ -487,7 +487,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "true" => serde_yaml_ng::Value::Bool(true),
                     "false" => serde_yaml_ng::Value::Bool(false),
                     _ => anyhow::bail!(
-                        "firewallAccommodation must be true or false: lume config set firewallAccommodation false"
+                        "The firewallAccommodation setting is true or false: lume config set firewallAccommodation false"
                     ),
                 },
                 _ => serde_yaml_ng::Value::String(value),
