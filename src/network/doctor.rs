@@ -211,11 +211,14 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
                 r.add(
                     "other firewalls",
                     true,
-                    format!("{d}: no NAT or host-only VM runs now; {}", if nets.accommodate {
-                        "lume accommodates Docker's, ufw's and firewalld's chains while VMs run, and reports any other drop"
-                    } else {
-                        "it would drop their traffic unless it accepts lume's bridges (firewallAccommodation is off)"
-                    }),
+                    format!(
+                        "{d}: no NAT or host-only VM runs now; {}",
+                        match (is_tool_table(d), nets.accommodate) {
+                            (true, true) => "lume puts its accepts in this tool's chain while they run",
+                            (true, false) => "it would drop their traffic: firewallAccommodation is false, so lume leaves this tool's chain alone",
+                            (false, _) => "it would drop their traffic, and lume does not override it",
+                        }
+                    ),
                 );
             }
             continue;
@@ -236,16 +239,19 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
                 false,
                 format!("{d}: lume's accepts for {list} are missing from {}; lume's watcher puts them back within a second — if this stays, check the watcher below", d.tool_chain.as_deref().unwrap_or("that tool's chain")),
             ),
+            None if is_tool_table(d) => r.add(
+                "other firewalls",
+                false,
+                format!(
+                    "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {} alone: accept {list} there yourself, or set firewallAccommodation: true and restart the VMs",
+                    d.tool_chain.as_deref().unwrap_or("that tool's chain")
+                ),
+            ),
             None => r.add(
                 "other firewalls",
                 false,
                 format!(
-                    "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode{}",
-                    if !nets.accommodate && is_tool_table(d) {
-                        " (firewallAccommodation is false in config.yaml: lume leaves Docker's, ufw's and firewalld's chains alone)"
-                    } else {
-                        ""
-                    }
+                    "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
                 ),
             ),
         }
