@@ -202,11 +202,12 @@ fn nat_works_through_docker_ufw_and_firewalld() {
         );
     }
 
-    // A Docker restart flushes and recreates DOCKER-USER.
+    // A Docker restart flushes and recreates DOCKER-USER (one iptables
+    // transaction here: as separate commands, lume's watcher may put its
+    // accepts back between the flush and `-X`, which then fails).
     t.host.exec_ok(
-        "iptables-nft -D FORWARD -j DOCKER-USER && iptables-nft -F DOCKER-USER && \
-         iptables-nft -X DOCKER-USER && iptables-nft -N DOCKER-USER && \
-         iptables-nft -I FORWARD -j DOCKER-USER",
+        "printf '*filter\\n-D FORWARD -j DOCKER-USER\\n-F DOCKER-USER\\n-X DOCKER-USER\\n\
+         -N DOCKER-USER\\n-I FORWARD -j DOCKER-USER\\nCOMMIT\\n' | iptables-nft-restore -n",
     );
     let took = back_in(&t.host, "ip filter DOCKER-USER");
     eprintln!("lume's accepts back in DOCKER-USER after {took:?}");
@@ -274,16 +275,22 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     assert_eq!(count_from(&peer, host_ip), n, "the kill switch blocks");
     assert!(t.host.exec_ok("nft list tables").contains("killswitch"));
     assert_all_placed(&t.host);
-    // The watcher's log warns about the kill switch, never about accommodated policies.
+    // The watcher's log warns about the kill switch; a tool's policy only
+    // while its chains were being rewritten (Docker's FORWARD without its
+    // jump to DOCKER-USER does drop), each such warning resolved since.
     let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
     assert!(
         log.contains("warning: table inet killswitch chain ksforward"),
         "{log}"
     );
-    assert!(
-        !log.contains("warning: table ip filter") && !log.contains("warning: table inet firewalld"),
-        "{log}"
-    );
+    for line in log.lines() {
+        if let Some((_, w)) = line.split_once("] warning: ")
+            && (w.starts_with("table ip filter") || w.starts_with("table inet firewalld"))
+        {
+            eprintln!("transient warning: {w}");
+            assert!(log.contains(&format!("resolved: {w}")), "{w}: {log}");
+        }
+    }
     t.host.exec_ok("nft delete table inet killswitch");
     flows(&peer, "traffic once the kill switch is gone");
 
