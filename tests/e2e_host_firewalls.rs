@@ -344,4 +344,34 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     );
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
+
+    // On by default again, on a host without those tools: lume's table marks
+    // nothing; Docker starting while the VM runs gets lume's accepts and the
+    // marks within a second.
+    t.home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+    );
+    t.host.exec_ok(
+        "nft delete table ip filter && nft delete table ip nat && nft delete table ip6 filter && \
+         nft delete table inet firewalld",
+    );
+    t.lume_ok(&["run", "web", "--detach"]);
+    let marks = || {
+        t.host
+            .exec_ok("nft list table inet lume")
+            .contains("chain foreign_mark")
+    };
+    assert!(!marks(), "no mark without another tool");
+    t.host.exec_ok(&format!(
+        "iptables-nft-restore < {}",
+        fixture("docker.rules")
+    ));
+    let took = back_in(&t.host, "ip filter DOCKER-USER");
+    wait_for("the mark chain", Duration::from_secs(1), || {
+        marks().then_some(())
+    });
+    eprintln!("lume's accepts in a newly started Docker's DOCKER-USER after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    t.lume_ok(&["stop", "web", "--timeout", "1"]);
+    assert_eq!(lume_rules(&t.host), Vec::new());
 }

@@ -269,6 +269,14 @@ impl Ruleset {
         rs
     }
 
+    /// Whether any chain lume accommodates exists (Docker, ufw or firewalld
+    /// is present).
+    pub fn tools_present(&self) -> bool {
+        TARGETS
+            .iter()
+            .any(|t| self.chain(t.family, t.table, t.chain).is_some())
+    }
+
     fn chain(&self, family: &str, table: &str, chain: &str) -> Option<&Chain> {
         self.chains.get(&key3(family, table, chain))
     }
@@ -302,6 +310,15 @@ impl Ruleset {
                 })
             })
     }
+}
+
+/// What [`super::FirewallDriver::accommodate`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Accommodated {
+    /// What changed, for logs; empty when everything was in place.
+    pub changes: Vec<String>,
+    /// Whether any chain lume accommodates exists.
+    pub tools: bool,
 }
 
 /// The changes that put lume's rules in other tools' chains in order.
@@ -543,6 +560,8 @@ mod tests {
     #[test]
     fn rules_in_place_need_nothing_and_a_flushed_chain_gets_them_back() {
         let rs = Ruleset::parse(DOCKER);
+        assert!(rs.tools_present());
+        assert!(!Ruleset::parse(r#"{"nftables":[]}"#).tools_present());
         assert_eq!(plan(&rs, &nat()), Plan::default());
         // Docker restarted: DOCKER-USER flushed and its RETURN put back.
         let flushed = DOCKER

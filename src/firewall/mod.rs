@@ -8,7 +8,7 @@
 pub mod foreign;
 pub mod nft;
 
-pub use foreign::{ForeignDrop, Opening};
+pub use foreign::{Accommodated, ForeignDrop, Opening};
 
 use std::net::Ipv4Addr;
 
@@ -41,9 +41,9 @@ pub struct FirewallState {
     pub host: Option<BridgeNet>,
     /// Published ports of NAT VMs.
     pub dnat: Vec<Dnat>,
-    /// Whether lume accommodates other tools' firewalls: its table then
-    /// marks replies and DNAT'd traffic into the NAT bridge with
-    /// [`foreign::MARK`] for the accepts it puts in their chains.
+    /// Whether lume accommodates other tools' firewalls and one is present:
+    /// its table then marks replies and DNAT'd traffic into the NAT bridge
+    /// with [`foreign::MARK`] for the accepts it puts in their chains.
     pub accommodate: bool,
 }
 
@@ -86,6 +86,9 @@ pub trait FirewallDriver {
     /// Puts lume's accepts for `openings` at the top of the chains other
     /// tools keep for them (Docker, ufw, firewalld) and removes every other
     /// rule of lume's outside its table (all of them with no openings), in
-    /// one transaction. Returns what it changed; nothing when all was in place.
-    fn accommodate(&self, openings: &[Opening]) -> Result<Vec<String>, FirewallError>;
+    /// one transaction. Says what it changed (nothing when all was in
+    /// place) and whether any such chain exists.
+    fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError>;
+    /// Whether any chain lume accommodates exists (Docker, ufw or firewalld).
+    fn tools_present(&self) -> Result<bool, FirewallError>;
 }

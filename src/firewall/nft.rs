@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use super::foreign::{self, Ruleset};
-use super::{FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
+use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
 
 /// The table that holds every lume rule.
 pub const TABLE: &str = "lume";
@@ -194,16 +194,23 @@ impl FirewallDriver for Nft {
         Ok(foreign::foreign_drops(&ruleset()?))
     }
 
-    fn accommodate(&self, openings: &[Opening]) -> Result<Vec<String>, FirewallError> {
-        let plan = foreign::plan(&ruleset()?, openings);
-        if plan.commands.is_empty() {
-            return Ok(Vec::new());
+    fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
+        let rs = ruleset()?;
+        let plan = foreign::plan(&rs, openings);
+        if !plan.commands.is_empty() {
+            nft(&["-f", "-"], Some(&foreign::script(&plan))).map_err(|e| match e {
+                FirewallError::Rejected(msg) => FirewallError::Accommodation(msg),
+                e => e,
+            })?;
         }
-        nft(&["-f", "-"], Some(&foreign::script(&plan))).map_err(|e| match e {
-            FirewallError::Rejected(msg) => FirewallError::Accommodation(msg),
-            e => e,
-        })?;
-        Ok(plan.changes)
+        Ok(Accommodated {
+            changes: plan.changes,
+            tools: rs.tools_present(),
+        })
+    }
+
+    fn tools_present(&self) -> Result<bool, FirewallError> {
+        Ok(ruleset()?.tools_present())
     }
 
     fn present(&self) -> Result<bool, FirewallError> {

@@ -19,7 +19,9 @@ use super::netlink::{Netlink, NetlinkError, RouteV4};
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::nft::Nft;
-use crate::firewall::{BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, Opening};
+use crate::firewall::{
+    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, Opening,
+};
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
 use crate::vm::lock::VmLock;
@@ -417,8 +419,9 @@ impl Networks {
         }
     }
 
-    /// The firewall state every live member implies.
-    pub fn firewall_state(&self) -> FirewallState {
+    /// The firewall state every live member implies; `tools`: whether a
+    /// chain lume accommodates exists (only then does its table mark packets).
+    pub fn firewall_state(&self, tools: bool) -> FirewallState {
         let nat_members = self.nat.members();
         let host_members = self.host.members();
         let bridge_net = |n: &SharedNet| BridgeNet {
@@ -440,7 +443,7 @@ impl Networks {
                     })
                 })
                 .collect(),
-            accommodate: self.accommodate,
+            accommodate: self.accommodate && tools,
         }
     }
 
@@ -464,7 +467,7 @@ impl Networks {
     /// all when nothing needs them). A chain that vanishes between listing
     /// and writing (a firewall restarting) fails the transaction: it is
     /// listed and tried once more.
-    pub fn accommodate(&self) -> Result<Vec<String>, SharedError> {
+    pub fn accommodate(&self) -> Result<Accommodated, SharedError> {
         let openings = self.openings();
         match Nft.accommodate(&openings) {
             Err(FirewallError::Accommodation(_)) => Ok(Nft.accommodate(&openings)?),
@@ -476,7 +479,8 @@ impl Networks {
     /// puts lume's accepts in other tools' chains (removes them when none),
     /// and remembers how the firewall lists the table, to notice changes later.
     pub fn apply_firewall(&self) -> Result<(), SharedError> {
-        let state = self.firewall_state();
+        let tools = self.accommodate && Nft.tools_present()?;
+        let state = self.firewall_state(tools);
         if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
             self.accommodate()?;
@@ -485,6 +489,11 @@ impl Networks {
             Nft.apply(&state)?;
             self.accommodate()?;
         }
+        // Whether the table marks packets for other tools' chains: the
+        // watcher rewrites it when such a tool appears or goes.
+        let marks = self.root.join("foreign.marks");
+        let _ = fs::write(&marks, if state.accommodate { "1" } else { "0" });
+        let _ = super::rundir::private_file(&marks);
         let saved = self.root.join("nft.listing");
         match Nft.listing()? {
             Some(text) => {
@@ -574,7 +583,25 @@ impl Networks {
             // Docker restarting, `ufw reload` or `firewall-cmd --reload`
             // rewrite their chains without lume's accepts.
             match self.accommodate() {
-                Ok(changes) => repairs.extend(changes),
+                Ok(done) => {
+                    repairs.extend(done.changes);
+                    let marks = fs::read_to_string(self.root.join("foreign.marks"))
+                        .is_ok_and(|v| v.trim() == "1");
+                    if self.accommodate && done.tools != marks {
+                        let what = if done.tools {
+                            "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
+                        } else {
+                            "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
+                        };
+                        match self.apply_firewall() {
+                            Ok(()) => repairs.push(what.to_string()),
+                            Err(e) => repairs.push(format!(
+                                "could not rewrite lume's firewall table: {}",
+                                crate::error_chain(&e)
+                            )),
+                        }
+                    }
+                }
                 Err(e) => repairs.push(format!(
                     "could not put lume's accepts back in other tools' chains: {}",
                     crate::error_chain(&e)
