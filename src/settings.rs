@@ -44,6 +44,8 @@ pub enum SettingsError {
         "Group '{0}' does not exist, so apiGroup cannot name it: create it first (groupadd {0}) and run this again"
     )]
     NoSuchGroup(String),
+    #[error("The setting '{0}' is true or false: lume config set {0} false")]
+    NotBool(String),
 }
 
 /// The parsed settings file (empty when it does not exist).
@@ -109,6 +111,22 @@ impl Settings {
         }
     }
 
+    /// A yes/no setting: a YAML boolean, or the string `true`/`false` (as
+    /// `lume config set` writes it).
+    pub fn get_bool(&self, key: &str) -> Result<Option<bool>, SettingsError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" => Ok(Some(false)),
+            Some(_) => Err(SettingsError::Type {
+                key: key.into(),
+                path: self.path.clone(),
+                expected: "true or false",
+            }),
+        }
+    }
+
     /// Sets a key (keeping every other key) and writes the file atomically.
     pub fn set(&mut self, key: &str, value: Value) -> Result<(), SettingsError> {
         self.map.insert(Value::String(key.into()), value);
@@ -138,6 +156,14 @@ impl Settings {
             && !matches!(nix::unistd::Group::from_name(value), Ok(Some(_)))
         {
             return Err(SettingsError::NoSuchGroup(value.into()));
+        }
+        if key == "firewallAccommodation" {
+            let on = match value {
+                "true" => true,
+                "false" => false,
+                _ => return Err(SettingsError::NotBool(key.into())),
+            };
+            return self.set(key, Value::Bool(on));
         }
         self.set(key, Value::String(value.into()))
     }
@@ -196,6 +222,22 @@ mod tests {
             Some(&Value::Bool(true))
         );
         assert!(again.as_mapping().get("someFutureKey").is_some());
+    }
+
+    #[test]
+    fn yes_no_settings_take_booleans_and_their_strings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "a: false\nb: \"true\"\nc: 3\n").unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.get_bool("a").unwrap(), Some(false));
+        assert_eq!(s.get_bool("b").unwrap(), Some(true));
+        assert_eq!(s.get_bool("missing").unwrap(), None);
+        let e = s.get_bool("c").unwrap_err().to_string();
+        assert!(
+            e.starts_with("Setting 'c'") && e.contains("true or false"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn an_undecidable_liveness_tears_nothing_down() {
         let nets = Networks {
             root: root.clone(),
             nat: net(Kind::Nat, "lumetn0", "203.0.113.0/24", root.join("nat")),
+            accommodate: true,
             host: net(Kind::Host, "lumeth0", "192.0.2.0/24", root.join("host")),
         };
         nets.host.bring_up().unwrap();
@@ -177,6 +178,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
         let nets = Networks {
             root: root.clone(),
             nat: net(Kind::Nat, "lumetv0", "203.0.113.0/24", root.join("nat")),
+            accommodate: true,
             host: net(Kind::Host, "lumetu0", "192.0.2.0/24", root.join("host")),
         };
         let joined = nets.join(

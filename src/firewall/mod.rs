@@ -1,8 +1,14 @@
 //! Firewall rules lume needs, as one desired state applied in one batch.
 //! Every rule lives in lume's own table, so applying is idempotent and a
-//! flush by somebody else is repaired by applying the same state again.
+//! flush by somebody else is repaired by applying the same state again —
+//! except the few narrow accepts lume puts in the chains Docker, ufw and
+//! firewalld keep for other software (see [`foreign`]), which are found by
+//! their comment and put back the same way.
 
+pub mod foreign;
 pub mod nft;
+
+pub use foreign::{Accommodated, ForeignDrop, Opening};
 
 use std::net::Ipv4Addr;
 
@@ -47,6 +53,10 @@ pub struct FirewallState {
     pub dnat: Vec<Dnat>,
     /// Every guest on lume's bridges, held to its own addresses.
     pub ports: Vec<GuestPort>,
+    /// Whether lume accommodates other tools' firewalls and one is present:
+    /// its table then marks replies and DNAT'd traffic into the NAT bridge
+    /// with [`foreign::MARK`] for the accepts it puts in their chains.
+    pub accommodate: bool,
 }
 
 impl FirewallState {
@@ -64,6 +74,10 @@ pub enum FirewallError {
     NftMissing,
     #[error("nft refused lume's rules: {0}")]
     Rejected(String),
+    #[error(
+        "Cannot put lume's accepts in other tools' firewall chains (nft said: {0}); lume retries within a second, or set firewallAccommodation: false in config.yaml to leave those chains alone"
+    )]
+    Accommodation(String),
     #[error("Cannot run nft")]
     Io(#[source] std::io::Error),
 }
@@ -81,38 +95,12 @@ pub trait FirewallDriver {
     /// Base chains of other tables that may drop traffic lume forwards or
     /// serves (a VPN kill switch, Docker's FORWARD DROP).
     fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError>;
-}
-
-/// A chain outside lume's table that drops forwarded or input traffic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeignDrop {
-    pub family: String,
-    pub table: String,
-    pub chain: String,
-    pub hook: String,
-    /// `policy drop`, or the rule that drops.
-    pub how: String,
-    /// Interface names the chain's rules match on (an accept for a lume
-    /// bridge before the drop means the chain lets lume's traffic through).
-    pub interfaces: Vec<String>,
-}
-
-impl ForeignDrop {
-    /// Whether this chain would drop traffic of `bridges` (it does not when
-    /// its rules name one of them).
-    pub fn affects(&self, bridges: &[&str]) -> bool {
-        !bridges
-            .iter()
-            .any(|b| self.interfaces.iter().any(|i| i == b))
-    }
-}
-
-impl std::fmt::Display for ForeignDrop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "table {} {} chain {} ({} hook): {}",
-            self.family, self.table, self.chain, self.hook, self.how
-        )
-    }
+    /// Puts lume's accepts for `openings` at the top of the chains other
+    /// tools keep for them (Docker, ufw, firewalld) and removes every other
+    /// rule of lume's outside its table (all of them with no openings), in
+    /// one transaction. Says what it changed (nothing when all was in
+    /// place) and whether any such chain exists.
+    fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError>;
+    /// Whether any chain lume accommodates exists (Docker, ufw or firewalld).
+    fn tools_present(&self) -> Result<bool, FirewallError>;
 }

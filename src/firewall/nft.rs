@@ -6,9 +6,8 @@ use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use serde_json::Value;
-
-use super::{FirewallDriver, FirewallError, FirewallState, ForeignDrop};
+use super::foreign::{self, Ruleset};
+use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
 
 /// The table that holds every lume rule.
 pub const TABLE: &str = "lume";
@@ -50,12 +49,18 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     }
 }
 
+/// The whole ruleset, parsed from `nft -j list ruleset`.
+fn ruleset() -> Result<Ruleset, FirewallError> {
+    Ok(Ruleset::parse(&nft(&["-j", "list", "ruleset"], None)?))
+}
+
 /// The nft script for `state`.
 pub fn script(state: &FirewallState) -> String {
     let mut forward = Vec::new();
     let mut postrouting = Vec::new();
     let mut dnat = Vec::new();
     let mut guard = Vec::new();
+    let mut mark = Vec::new();
     // Nothing from a guest reaches the host's loopback, even where
     // route_localnet=1 would deliver it.
     for b in [&state.nat, &state.host].into_iter().flatten() {
@@ -77,6 +82,20 @@ pub fn script(state: &FirewallState) -> String {
             n.bridge
         ));
         forward.push(format!("oifname \"{}\" ct status dnat accept", n.bridge));
+        if state.accommodate {
+            // For the accepts in other tools' chains, which cannot match
+            // conntrack state in a way iptables-nft still reads (see
+            // firewall::foreign): replies and published ports into the bridge.
+            let m = foreign::MARK;
+            mark.push(format!(
+                "oifname \"{}\" ct state established,related meta mark set meta mark or {m:#010x}",
+                n.bridge
+            ));
+            mark.push(format!(
+                "oifname \"{}\" ct status dnat meta mark set meta mark or {m:#010x}",
+                n.bridge
+            ));
+        }
         // Nothing else gets in: a NAT guest is reached through published ports only.
         forward.push(format!("oifname \"{}\" drop", n.bridge));
         postrouting.push(format!(
@@ -113,6 +132,14 @@ pub fn script(state: &FirewallState) -> String {
         "type filter hook prerouting priority raw; policy accept;",
         &guard,
     ));
+    if !mark.is_empty() {
+        // Before every filter chain (iptables-nft's at 0, firewalld's at 10).
+        s.push_str(&chain(
+            "foreign_mark",
+            "type filter hook forward priority filter - 10; policy accept;",
+            &mark,
+        ));
+    }
     s.push_str(&chain(
         "forward",
         "type filter hook forward priority filter; policy accept;",
@@ -170,75 +197,6 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     s
 }
 
-/// Finds base chains with a forward or input hook, outside lume's table,
-/// whose policy drops or that hold a rule ending in drop or reject.
-pub fn parse_foreign_drops(json: &str) -> Vec<ForeignDrop> {
-    let Ok(v) = serde_json::from_str::<Value>(json) else {
-        return Vec::new();
-    };
-    let items = v["nftables"].as_array().cloned().unwrap_or_default();
-    let key = |o: &Value| {
-        (
-            o["family"].as_str().unwrap_or("").to_string(),
-            o["table"].as_str().unwrap_or("").to_string(),
-            o["name"]
-                .as_str()
-                .or(o["chain"].as_str())
-                .unwrap_or("")
-                .to_string(),
-        )
-    };
-    let mut out = Vec::new();
-    let chains: Vec<&Value> = items.iter().filter_map(|i| i.get("chain")).collect();
-    for c in chains {
-        let hook = c["hook"].as_str().unwrap_or("");
-        if !matches!(hook, "forward" | "input") || c["table"] == TABLE && c["family"] == "inet" {
-            continue;
-        }
-        let (family, table, chain) = key(c);
-        let mut how = None;
-        let mut interfaces = Vec::new();
-        if c["policy"] == "drop" {
-            how = Some("policy drop".to_string());
-        }
-        for r in items.iter().filter_map(|i| i.get("rule")) {
-            if key(r) != (family.clone(), table.clone(), chain.clone()) {
-                continue;
-            }
-            let exprs = r["expr"].as_array().cloned().unwrap_or_default();
-            // `iifname "lume0"` / `oifname "lume0"` matches: {"match": {"left":
-            // {"meta": {"key": "iifname"}}, "right": "lume0"}}
-            for e in &exprs {
-                let m = &e["match"];
-                if matches!(
-                    m["left"]["meta"]["key"].as_str(),
-                    Some("iifname" | "oifname")
-                ) && let Some(name) = m["right"].as_str()
-                {
-                    interfaces.push(name.to_string());
-                }
-            }
-            if exprs
-                .iter()
-                .any(|e| e.get("drop").is_some() || e.get("reject").is_some())
-            {
-                how.get_or_insert_with(|| format!("a rule drops (handle {})", r["handle"]));
-            }
-        }
-        if let Some(how) = how {
-            out.push(ForeignDrop {
-                family,
-                table,
-                chain,
-                hook: hook.to_string(),
-                how,
-                interfaces,
-            });
-        }
-    }
-    out
-}
-
 /// lume's tables in a ruleset listing: the `inet` table, then the `bridge`
 /// one if present; `None` without the `inet` table.
 pub fn lume_tables(ruleset: &str) -> Option<String> {
@@ -294,8 +252,26 @@ impl FirewallDriver for Nft {
     }
 
     fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError> {
-        let text = nft(&["-j", "list", "ruleset"], None)?;
-        Ok(parse_foreign_drops(&text))
+        Ok(foreign::foreign_drops(&ruleset()?))
+    }
+
+    fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
+        let rs = ruleset()?;
+        let plan = foreign::plan(&rs, openings);
+        if !plan.commands.is_empty() {
+            nft(&["-f", "-"], Some(&foreign::script(&plan))).map_err(|e| match e {
+                FirewallError::Rejected(msg) => FirewallError::Accommodation(msg),
+                e => e,
+            })?;
+        }
+        Ok(Accommodated {
+            changes: plan.changes,
+            tools: rs.tools_present(),
+        })
+    }
+
+    fn tools_present(&self) -> Result<bool, FirewallError> {
+        Ok(ruleset()?.tools_present())
     }
 
     fn present(&self) -> Result<bool, FirewallError> {
@@ -328,33 +304,6 @@ mod tests {
     }
 
     #[test]
-    fn finds_kill_switch_chains_in_other_tables() {
-        let json = r#"{"nftables":[{"metainfo":{}},
-          {"table":{"family":"inet","name":"killswitch","handle":1}},
-          {"chain":{"family":"inet","table":"killswitch","name":"fwd","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}},
-          {"table":{"family":"ip","name":"vpn","handle":2}},
-          {"chain":{"family":"ip","table":"vpn","name":"in","handle":1,"type":"filter","hook":"input","prio":0,"policy":"accept"}},
-          {"rule":{"family":"ip","table":"vpn","chain":"in","handle":4,"expr":[{"match":{}},{"drop":null}]}},
-          {"chain":{"family":"ip","table":"vpn","name":"out","handle":2,"type":"filter","hook":"output","prio":0,"policy":"drop"}},
-          {"chain":{"family":"inet","table":"lume","name":"forward","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}}]}"#;
-        let found = parse_foreign_drops(json);
-        assert_eq!(found.len(), 2, "{found:?}");
-        assert_eq!(
-            found[0].to_string(),
-            "table inet killswitch chain fwd (forward hook): policy drop"
-        );
-        assert_eq!(found[1].table, "vpn");
-        assert!(found[1].how.contains("handle 4"));
-        assert!(found[0].affects(&["lume0"]));
-        let allows = r#"{"nftables":[
-          {"chain":{"family":"inet","table":"fw","name":"fwd","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}},
-          {"rule":{"family":"inet","table":"fw","chain":"fwd","handle":2,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"lume0"}},{"accept":null}]}}]}"#;
-        let f = parse_foreign_drops(allows);
-        assert_eq!(f[0].interfaces, ["lume0"]);
-        assert!(!f[0].affects(&["lume0"]));
-    }
-
-    #[test]
     fn script_holds_masquerade_forwarding_and_dnat() {
         let state = FirewallState {
             nat: Some(BridgeNet {
@@ -377,6 +326,7 @@ mod tests {
                 mac: "52:54:00:12:34:56".parse().unwrap(),
                 ip: "203.0.113.2".parse().unwrap(),
             }],
+            accommodate: true,
         };
         let s = script(&state);
         for rule in [
@@ -392,6 +342,19 @@ mod tests {
             bridge_script(&[]),
             "table bridge lume\ndelete table bridge lume\n"
         );
+        assert!(
+            s.contains("chain foreign_mark {\n    type filter hook forward priority filter - 10;"),
+            "{s}"
+        );
+        assert!(
+            s.contains("oifname \"lume0\" ct status dnat meta mark set meta mark or 0x01000000"),
+            "{s}"
+        );
+        let off = script(&FirewallState {
+            accommodate: false,
+            ..state.clone()
+        });
+        assert!(!off.contains("chain foreign_mark"), "{off}");
         assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
         assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
         assert!(s.contains("iifname \"lume-host0\" drop"));

@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::interfaces;
 use super::privilege::has_net_admin;
 use super::shared::{Member, Networks};
-use crate::firewall::FirewallDriver;
 use crate::firewall::nft::Nft;
+use crate::firewall::{FirewallDriver, ForeignDrop};
 use crate::vm::Context;
 use crate::vm::details::VmDetails;
 use crate::vm::lock::VmLock;
@@ -109,43 +109,13 @@ pub fn run(ctx: &Context) -> Report {
     }
 
     let drops = Nft.foreign_drops();
-    let active: Vec<&str> = nets
-        .as_ref()
-        .map(|n| n.active_bridges())
-        .unwrap_or_default();
-    match &drops {
-        Ok(drops) => {
-            let relevant: Vec<_> = drops.iter().filter(|d| d.affects(&active)).collect();
-            if relevant.is_empty() {
-                r.add(
-                    "other firewalls",
-                    true,
-                    "no other table drops traffic of lume's bridges",
-                );
-            } else if active.is_empty() {
-                let names: Vec<String> = relevant.iter().map(|d| d.to_string()).collect();
-                r.add(
-                    "other firewalls",
-                    true,
-                    format!(
-                        "no NAT or host-only VM runs; these would drop their traffic unless they accept lume's bridges: {}",
-                        names.join("; ")
-                    ),
-                );
-            } else {
-                for d in relevant {
-                    r.add(
-                        "other firewalls",
-                        false,
-                        format!("{d}: it drops traffic to or from {} (a VPN kill switch, Docker's FORWARD DROP); accept lume's bridges there, or use bridged mode", active.join(" and ")),
-                    );
-                }
-            }
-        }
-        Err(e) => r.add(
+    match (&drops, &nets) {
+        (Ok(drops), Ok(nets)) => foreign_checks(&mut r, drops, nets),
+        (Ok(_), Err(_)) => {}
+        (Err(e), _) => r.add(
             "other firewalls",
             false,
-            format!("cannot list the ruleset: {e}"),
+            format!("Cannot list the ruleset: {e}"),
         ),
     }
     let brnf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
@@ -225,6 +195,79 @@ pub fn run(ctx: &Context) -> Report {
         }
     }
     r
+}
+
+/// Other tables' drops: accommodated ones (lume's accepts sit in the chain
+/// that tool keeps for them) pass naming the tool and chain; any other drop
+/// of lume's traffic (a VPN kill switch) fails: lume must not override it.
+fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
+    let active = nets.active_bridges();
+    let mut any = false;
+    for d in drops {
+        let bridges = nets.bridges_for_hook(&d.family, &d.hook);
+        if active.is_empty() {
+            if d.family != "ip6" && d.affects(&[nets.nat.bridge.as_str()]) {
+                any = true;
+                r.add(
+                    "other firewalls",
+                    true,
+                    format!(
+                        "{d}: no NAT or host-only VM runs now; {}",
+                        match (is_tool_table(d), nets.accommodate) {
+                            (true, true) => "lume puts its accepts in this tool's chain while they run",
+                            (true, false) => "it would drop their traffic: firewallAccommodation is false, so lume leaves this tool's chain alone",
+                            (false, _) => "it would drop their traffic, and lume does not override it",
+                        }
+                    ),
+                );
+            }
+            continue;
+        }
+        if bridges.is_empty() || !d.affects(&bridges) {
+            continue;
+        }
+        any = true;
+        let list = bridges.join(" and ");
+        match d.accommodated_for(&bridges) {
+            Some(place) => r.add(
+                "other firewalls",
+                true,
+                format!("{d}: another tool's policy, accommodated: lume accepts the traffic of {list} in {place}"),
+            ),
+            None if nets.accommodate && is_tool_table(d) => r.add(
+                "other firewalls",
+                false,
+                format!("{d}: lume's accepts for {list} are missing from {}; lume's watcher puts them back within a second — if this stays, check the watcher below", d.tool_chain.as_deref().unwrap_or("that tool's chain")),
+            ),
+            None if is_tool_table(d) => r.add(
+                "other firewalls",
+                false,
+                format!(
+                    "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {} alone: accept {list} there yourself, or set firewallAccommodation: true and restart the VMs",
+                    d.tool_chain.as_deref().unwrap_or("that tool's chain")
+                ),
+            ),
+            None => r.add(
+                "other firewalls",
+                false,
+                format!(
+                    "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
+                ),
+            ),
+        }
+    }
+    if !any {
+        r.add(
+            "other firewalls",
+            true,
+            "no other table drops traffic of lume's bridges",
+        );
+    }
+}
+
+/// A drop whose chain leads to one lume accommodates (Docker's, ufw's, firewalld's).
+fn is_tool_table(d: &ForeignDrop) -> bool {
+    d.tool_chain.is_some()
 }
 
 fn shared_checks(r: &mut Report, nets: &Networks) {

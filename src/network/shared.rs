@@ -19,7 +19,9 @@ use super::netlink::{Netlink, NetlinkError, RouteV4};
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::nft::Nft;
-use crate::firewall::{BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState};
+use crate::firewall::{
+    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, Opening,
+};
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
 use crate::vm::lock::VmLock;
@@ -116,6 +118,9 @@ pub struct Networks {
     pub root: PathBuf,
     pub nat: SharedNet,
     pub host: SharedNet,
+    /// config.yaml `firewallAccommodation` (default true): put accepts for
+    /// lume's bridges in the chains Docker, ufw and firewalld keep for them.
+    pub accommodate: bool,
 }
 
 /// A VM's membership record.
@@ -242,6 +247,7 @@ impl Networks {
                 explicit: host_explicit,
                 dir: root.join("host"),
             },
+            accommodate: s.get_bool("firewallAccommodation")?.unwrap_or(true),
             root,
         })
     }
@@ -411,16 +417,17 @@ impl Networks {
                 changed = true;
             }
         }
-        // With no member left anywhere, a table left by an interrupted
-        // teardown goes too.
+        // With no member left anywhere, a table (or accepts in other tools'
+        // chains) left by an interrupted teardown or a crash goes too.
         let idle = self.nat.members().is_empty() && self.host.members().is_empty();
-        if changed || (idle && Nft.present().unwrap_or(false)) {
+        if changed || idle {
             let _ = self.apply_firewall();
         }
     }
 
-    /// The firewall state every live member implies.
-    pub fn firewall_state(&self) -> FirewallState {
+    /// The firewall state every live member implies; `tools`: whether a
+    /// chain lume accommodates exists (only then does its table mark packets).
+    pub fn firewall_state(&self, tools: bool) -> FirewallState {
         let nat_members = self.nat.members();
         let host_members = self.host.members();
         let bridge_net = |n: &SharedNet| BridgeNet {
@@ -451,13 +458,57 @@ impl Networks {
                     ip: m.ip,
                 })
                 .collect(),
+            accommodate: self.accommodate && tools,
+        }
+    }
+
+    /// The bridges other tools' firewalls must let through: none when
+    /// accommodation is off or no NAT or host-only VM is a member.
+    pub fn openings(&self) -> Vec<Opening> {
+        if !self.accommodate {
+            return Vec::new();
+        }
+        [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| !n.members().is_empty())
+            .map(|n| Opening {
+                bridge: n.bridge.clone(),
+                nat: n.kind == Kind::Nat,
+            })
+            .collect()
+    }
+
+    /// Puts lume's accepts in other tools' chains in order (removes them
+    /// all when nothing needs them). A chain that vanishes between listing
+    /// and writing (a firewall restarting) fails the transaction: it is
+    /// listed and tried once more.
+    pub fn accommodate(&self) -> Result<Accommodated, SharedError> {
+        let openings = self.openings();
+        match Nft.accommodate(&openings) {
+            Err(FirewallError::Accommodation(_)) => Ok(Nft.accommodate(&openings)?),
+            other => Ok(other?),
         }
     }
 
     /// Writes lume's table for the current members (removes it when none),
-    /// and remembers how the firewall lists it, to notice changes later.
+    /// puts lume's accepts in other tools' chains (removes them when none),
+    /// and remembers how the firewall lists the table, to notice changes later.
     pub fn apply_firewall(&self) -> Result<(), SharedError> {
-        Nft.apply(&self.firewall_state())?;
+        let tools = self.accommodate && Nft.tools_present()?;
+        let state = self.firewall_state(tools);
+        if state.is_empty() {
+            // Accepts in other chains first: nothing of lume's outlives its table.
+            self.accommodate()?;
+            Nft.apply(&state)?;
+        } else {
+            Nft.apply(&state)?;
+            self.accommodate()?;
+        }
+        // Whether the table marks packets for other tools' chains: the
+        // watcher rewrites it when such a tool appears or goes.
+        let marks = self.root.join("foreign.marks");
+        let _ = fs::write(&marks, if state.accommodate { "1" } else { "0" });
+        let _ = super::rundir::private_file(&marks);
         let saved = self.root.join("nft.listing");
         match Nft.listing()? {
             Some(text) => {
@@ -544,6 +595,33 @@ impl Networks {
                 }
                 Err(e) => repairs.push(format!("cannot list nftables: {e}")),
             }
+            // Docker restarting, `ufw reload` or `firewall-cmd --reload`
+            // rewrite their chains without lume's accepts.
+            match self.accommodate() {
+                Ok(done) => {
+                    repairs.extend(done.changes);
+                    let marks = fs::read_to_string(self.root.join("foreign.marks"))
+                        .is_ok_and(|v| v.trim() == "1");
+                    if self.accommodate && done.tools != marks {
+                        let what = if done.tools {
+                            "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
+                        } else {
+                            "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
+                        };
+                        match self.apply_firewall() {
+                            Ok(()) => repairs.push(what.to_string()),
+                            Err(e) => repairs.push(format!(
+                                "could not rewrite lume's firewall table: {}",
+                                crate::error_chain(&e)
+                            )),
+                        }
+                    }
+                }
+                Err(e) => repairs.push(format!(
+                    "could not put lume's accepts back in other tools' chains: {}",
+                    crate::error_chain(&e)
+                )),
+            }
         }
         repairs
     }
@@ -554,6 +632,22 @@ impl Networks {
             .into_iter()
             .filter(|n| n.members().iter().any(Member::alive))
             .map(|n| n.bridge.as_str())
+            .collect()
+    }
+
+    /// The active bridges whose traffic passes a hook of a table family:
+    /// every active bridge talks to the host (input), only the NAT bridge's
+    /// traffic is forwarded (lume itself drops host-only forwarding), and
+    /// none over IPv6 (lume's networks are IPv4: no address, route or
+    /// service of lume's is IPv6, so an `ip6` table never drops its traffic).
+    pub fn bridges_for_hook(&self, family: &str, hook: &str) -> Vec<&str> {
+        if family == "ip6" {
+            return Vec::new();
+        }
+        let nat = &self.nat.bridge;
+        self.active_bridges()
+            .into_iter()
+            .filter(|b| hook != "forward" || b == nat)
             .collect()
     }
 
@@ -583,9 +677,11 @@ impl Networks {
                 }
             }
         }
-        let bridges: Vec<&str> = active.iter().map(|n| n.bridge.as_str()).collect();
         if let Ok(drops) = Nft.foreign_drops() {
-            for d in drops.into_iter().filter(|d| d.affects(&bridges)) {
+            for d in drops.into_iter().filter(|d| {
+                let bridges = self.bridges_for_hook(&d.family, &d.hook);
+                !bridges.is_empty() && d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
+            }) {
                 out.push(format!(
                     "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
                     active
