@@ -104,8 +104,16 @@ fn unprivileged_user_mode_vm_serves_through_a_published_port() {
         .collect();
     assert_eq!(ports, ["127.0.0.1:18007:7/tcp", "127.0.0.1:18080:80/tcp"]);
     // The run's own port works too: the guest echoes on port 7.
-    let echo = ns.tcp_exchange("127.0.0.1:18007", b"lume-echo\n");
-    assert_eq!(echo.as_deref(), Some("lume-echo\n"), "echo through 18007");
+    // (Its echo loop may start a moment after the web server answered.)
+    let echo = wait_for(
+        "the guest's echo through 18007",
+        Duration::from_secs(20),
+        || {
+            ns.tcp_exchange("127.0.0.1:18007", b"lume-echo\n")
+                .filter(|t| !t.is_empty())
+        },
+    );
+    assert_eq!(echo, "lume-echo\n", "echo through 18007");
 
     let out = lume_as_nobody(&ns, &home, &["stop", "web"]);
     assert!(
