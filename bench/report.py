@@ -273,7 +273,7 @@ def throughput(rows):
     pct = lambda x: f"{x * 100:.0f}%"  # noqa: E731
     veth = by_run(rows, "veth", "mib_per_s")
     for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (macvtap)"),
-                        ("nat", "nat (tap on lume's bridge)"), ("user", "user (slirp, published port)")]:
+                        ("nat", "nat (tap on lume's bridge)"), ("user", "user (passt + relay, published port)")]:
         v = metric(rows, case, "mib_per_s")
         if not v:
             continue

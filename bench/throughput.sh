@@ -15,7 +15,8 @@
 #   bridged  --network bridged:up0 (macvtap); sender on the LAN (a macvtap
 #            guest cannot be reached from its own host)
 #   nat      --network nat (tap on lume's bridge); sender in the host namespace
-#   user     --network user --publish 7007:7 (QEMU's slirp); sender to
+#   user     --network user --publish 7007:7 (passt behind lume's filtering
+#            relay); sender to
 #            127.0.0.1:7007 in the host namespace
 #   veth     baseline without a VM: the same sender to a Python echo server
 #            across the veth pair between the host and LAN namespaces

@@ -114,6 +114,14 @@ fn unprivileged_user_mode_vm_serves_through_a_published_port() {
         },
     );
     assert_eq!(echo, "lume-echo\n", "echo through 18007");
+    // Bulk data both ways through passt and lume's relay (a relay that split
+    // a frame from its length once stalled every transfer after ~1 KiB).
+    let bulk = 8 << 20;
+    assert_eq!(
+        ns.echo_bulk("127.0.0.1:18007", bulk, Duration::from_secs(30)),
+        bulk,
+        "8 MiB echoed through the published port"
+    );
 
     let out = lume_as_nobody(&ns, &home, &["stop", "web"]);
     assert!(

@@ -190,13 +190,13 @@ const MAX_FRAME: usize = 4096 + 65536;
 /// Copies length-prefixed frames from `from` to `to`, dropping the ones
 /// [`guest_frame_allowed`] refuses. Returns at end of stream or on error.
 fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
-    let mut buf = vec![0u8; MAX_FRAME];
+    // The length and the frame go to passt in one write, as QEMU sends them.
+    let mut buf = vec![0u8; 4 + MAX_FRAME];
     loop {
-        let mut len = [0u8; 4];
-        if from.read_exact(&mut len).is_err() {
+        if from.read_exact(&mut buf[..4]).is_err() {
             break;
         }
-        let n = u32::from_be_bytes(len) as usize;
+        let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if n > MAX_FRAME {
             // Nothing passt could use: read past it.
             let skipped = io::copy(&mut (&from).take(n as u64), &mut io::sink());
@@ -205,12 +205,10 @@ fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
             }
             continue;
         }
-        if from.read_exact(&mut buf[..n]).is_err() {
+        if from.read_exact(&mut buf[4..4 + n]).is_err() {
             break;
         }
-        if guest_frame_allowed(&buf[..n])
-            && (to.write_all(&len).is_err() || to.write_all(&buf[..n]).is_err())
-        {
+        if guest_frame_allowed(&buf[4..4 + n]) && to.write_all(&buf[..4 + n]).is_err() {
             break;
         }
     }

@@ -253,6 +253,42 @@ impl Netns {
         .unwrap()
     }
 
+    /// Pushes `bytes` of data to an echo service at `addr` inside the
+    /// namespace while reading the echo; returns how many bytes came back
+    /// (within `timeout`).
+    pub fn echo_bulk(&self, addr: &str, bytes: usize, timeout: Duration) -> usize {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        self.within(move || {
+            use std::io::{Read, Write};
+            let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+                return 0;
+            };
+            s.set_read_timeout(Some(timeout)).unwrap();
+            let mut reader = s.try_clone().unwrap();
+            let back = std::thread::spawn(move || {
+                let (mut got, mut buf) = (0usize, vec![0u8; 1 << 16]);
+                while got < bytes {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                got
+            });
+            let chunk = vec![b'x'; 1 << 16];
+            let mut w = &s;
+            let mut sent = 0;
+            while sent < bytes {
+                let n = chunk.len().min(bytes - sent);
+                if w.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+                sent += n;
+            }
+            back.join().unwrap()
+        })
+    }
+
     /// Sends `request` to `addr` inside the namespace and returns the reply
     /// (None when the connection fails).
     pub fn tcp_exchange(&self, addr: &str, request: &[u8]) -> Option<String> {
