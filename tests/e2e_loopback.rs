@@ -318,6 +318,14 @@ fn user_and_nat_guests_never_reach_host_loopback() {
         None,
         "the spoofed address answered"
     );
+    // lume gives no IPv6 on its bridges: switched off there, so a guest's
+    // router advertisement could not make it the host's IPv6 gateway.
+    assert_eq!(
+        t.host
+            .exec_ok("cat /proc/sys/net/ipv6/conf/lume0/disable_ipv6")
+            .trim(),
+        "1"
+    );
     let neigh = t.host.exec_ok("ip neigh show 203.0.113.88");
     assert!(
         !neigh.contains(&guest_mac),

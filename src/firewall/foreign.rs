@@ -141,6 +141,21 @@ pub fn rules_for(target: &Target, openings: &[Opening]) -> Vec<Rule> {
         let b = &o.bridge;
         match target.hook {
             Hook::Forward if o.nat => {
+                if target.tool == "Docker" {
+                    // Containers are Docker's to guard: a guest's new
+                    // connections to them go on through Docker's own chains
+                    // (published ports only), as a LAN neighbour's would.
+                    add(
+                        b,
+                        "to docker0 as docker decides",
+                        format!("iifname \"{b}\" oifname \"docker0\" return"),
+                    );
+                    add(
+                        b,
+                        "to container networks as docker decides",
+                        format!("iifname \"{b}\" oifname \"br-*\" return"),
+                    );
+                }
                 add(b, "egress", format!("iifname \"{b}\" accept"));
                 add(
                     b,
@@ -166,7 +181,9 @@ pub fn rules_for(target: &Target, openings: &[Opening]) -> Vec<Rule> {
 }
 
 /// What each of lume's rules is for, the end of its comment.
-const PURPOSES: [&str; 5] = [
+const PURPOSES: [&str; 7] = [
+    "to docker0 as docker decides",
+    "to container networks as docker decides",
     "egress",
     "replies and published ports",
     "dhcp",
@@ -383,8 +400,11 @@ pub fn plan(rs: &Ruleset, openings: &[Opening]) -> Plan {
     }
     // Rules of lume's anywhere else (a chain lume no longer uses) go.
     let mut stray: BTreeMap<&Key, Vec<u64>> = BTreeMap::new();
+    // Only in the tables of the tools lume accommodates: a table lume does
+    // not know (a kill switch) is never touched, whatever its comments say.
     for (k, h, _) in rs.lume_rules() {
-        if !handled.contains(k) {
+        let known_table = TARGETS.iter().any(|t| t.family == k.0 && t.table == k.1);
+        if known_table && !handled.contains(k) {
             stray.entry(k).or_default().push(h);
         }
     }
@@ -543,6 +563,8 @@ mod tests {
       {"chain":{"family":"ip","table":"filter","name":"DOCKER","handle":4}},
       {"rule":{"family":"ip","table":"filter","chain":"FORWARD","handle":10,"expr":[{"counter":null},{"jump":{"target":"DOCKER-USER"}}]}},
       {"rule":{"family":"ip","table":"filter","chain":"FORWARD","handle":11,"expr":[{"match":{"op":"==","left":{"meta":{"key":"oifname"}},"right":"docker0"}},{"counter":null},{"jump":{"target":"DOCKER"}}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":19,"comment":"lume: lume0 to docker0 as docker decides","expr":[{"return":null}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":20,"comment":"lume: lume0 to container networks as docker decides","expr":[{"return":null}]}},
       {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":21,"comment":"lume: lume0 egress","expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"lume0"}},{"accept":null}]}},
       {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":22,"comment":"lume: lume0 replies and published ports","expr":[{"accept":null}]}},
       {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"expr":[{"counter":null},{"return":null}]}},
@@ -575,6 +597,8 @@ mod tests {
             [
                 "insert rule ip filter DOCKER-USER oifname \"lume0\" meta mark and 0x01000000 == 0x01000000 accept comment \"lume: lume0 replies and published ports\"",
                 "insert rule ip filter DOCKER-USER iifname \"lume0\" accept comment \"lume: lume0 egress\"",
+                "insert rule ip filter DOCKER-USER iifname \"lume0\" oifname \"br-*\" return comment \"lume: lume0 to container networks as docker decides\"",
+                "insert rule ip filter DOCKER-USER iifname \"lume0\" oifname \"docker0\" return comment \"lume: lume0 to docker0 as docker decides\"",
             ]
         );
         assert_eq!(
@@ -596,13 +620,18 @@ mod tests {
             a.insert(ret + 1 + i, l);
         }
         let p = plan(&Ruleset::parse(&a.join("\n")), &nat());
-        assert_eq!(p.commands.len(), 4, "{p:?}");
-        assert!(p.commands[0].starts_with("delete rule ip filter DOCKER-USER handle 31"));
+        assert_eq!(p.commands.len(), 8, "{p:?}");
+        assert!(
+            p.commands[..4].contains(&"delete rule ip filter DOCKER-USER handle 31".to_string()),
+            "{p:?}"
+        );
         assert!(p.changes[0].starts_with("put lume's accepts back"));
         let gone = plan(&Ruleset::parse(DOCKER), &[]);
         assert_eq!(
             gone.commands,
             [
+                "delete rule ip filter DOCKER-USER handle 19",
+                "delete rule ip filter DOCKER-USER handle 20",
                 "delete rule ip filter DOCKER-USER handle 21",
                 "delete rule ip filter DOCKER-USER handle 22"
             ]
@@ -651,6 +680,38 @@ mod tests {
         );
         assert_ne!(theirs, DOCKER);
         assert_eq!(plan(&Ruleset::parse(&theirs), &nat()), Plan::default());
+    }
+
+    #[test]
+    fn docker_containers_stay_behind_docker_s_own_chains() {
+        let docker = TARGETS.iter().find(|t| t.tool == "Docker").unwrap();
+        let bodies: Vec<String> = rules_for(docker, &nat())
+            .into_iter()
+            .map(|r| r.body)
+            .collect();
+        assert_eq!(
+            bodies[..3],
+            [
+                "iifname \"lume0\" oifname \"docker0\" return",
+                "iifname \"lume0\" oifname \"br-*\" return",
+                "iifname \"lume0\" accept",
+            ]
+        );
+        let ufw = TARGETS
+            .iter()
+            .find(|t| t.chain == "ufw-user-forward")
+            .unwrap();
+        assert!(
+            rules_for(ufw, &nat())
+                .iter()
+                .all(|r| !r.body.contains("return")),
+            "only Docker's chain"
+        );
+        // A rule commented like lume's in a table lume does not know stays.
+        let ks = r#"{"nftables":[
+          {"chain":{"family":"inet","table":"killswitch","name":"fwd","handle":1,"type":"filter","hook":"forward","prio":0,"policy":"drop"}},
+          {"rule":{"family":"inet","table":"killswitch","chain":"fwd","handle":7,"comment":"lume: lume0 egress","expr":[{"accept":null}]}}]}"#;
+        assert_eq!(plan(&Ruleset::parse(ks), &nat()), Plan::default());
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub fn script(state: &FirewallState) -> String {
 /// lume's `bridge` table: every guest port of lume's bridges may send only
 /// from its own MAC address, IPv4 and ARP only from the address lume
 /// reserved for it (0.0.0.0 while it asks DHCP), no DHCP server replies and
-/// nothing but IPv4, ARP and IPv6 (no VLAN tags to smuggle past the rules).
+/// nothing but IPv4 and ARP (no IPv6, which lume does not give there, no
+/// VLAN tags to smuggle past the rules).
 /// A guest can then neither take another VM's address or MAC (and with them
 /// its traffic and published ports) nor pose as the gateway or DHCP server.
 /// Replaced whole like the inet table; an empty list removes it.
@@ -184,11 +185,15 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
         let (tap, mac, ip) = (&p.tap, p.mac, p.ip);
         for rule in [
             format!("iifname \"{tap}\" ether saddr != {mac} drop"),
-            format!("iifname \"{tap}\" ether type != {{ ip, arp, ip6 }} drop"),
+            // No IPv6 at all: lume gives none on its bridges, and a guest's
+            // router advertisement would make it everyone's IPv6 gateway.
+            format!("iifname \"{tap}\" ether type != {{ ip, arp }} drop"),
             format!("iifname \"{tap}\" arp saddr ether != {mac} drop"),
             format!("iifname \"{tap}\" arp saddr ip != {{ 0.0.0.0, {ip} }} drop"),
             format!("iifname \"{tap}\" ip saddr != {{ 0.0.0.0, {ip} }} drop"),
+            // No DHCP server replies, from any port: clients only look at 68.
             format!("iifname \"{tap}\" udp sport 67 drop"),
+            format!("iifname \"{tap}\" udp dport 68 drop"),
         ] {
             s.push_str(&format!("    {rule}\n"));
         }
@@ -334,6 +339,8 @@ mod tests {
             "iifname \"lmt0\" arp saddr ip != { 0.0.0.0, 203.0.113.2 } drop",
             "iifname \"lmt0\" ip saddr != { 0.0.0.0, 203.0.113.2 } drop",
             "iifname \"lmt0\" udp sport 67 drop",
+            "iifname \"lmt0\" udp dport 68 drop",
+            "iifname \"lmt0\" ether type != { ip, arp } drop",
         ] {
             assert!(s.contains(rule), "{rule} missing from {s}");
         }

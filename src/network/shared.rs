@@ -875,6 +875,12 @@ impl SharedNet {
             }
             Some(_) => {}
         }
+        if ipv6_off(&self.bridge) {
+            repairs.push(format!(
+                "bridge {} had IPv6 switched on: switched it off",
+                self.bridge
+            ));
+        }
         let gw = (subnet.gateway(), subnet.prefix);
         if !nl.addresses_v4(&self.bridge)?.contains(&gw) {
             nl.add_address_v4(&self.bridge, gw.0, gw.1)?;
@@ -978,6 +984,7 @@ impl SharedNet {
             }
         }
         nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
+        ipv6_off(&self.bridge);
         nl.set_up(&self.bridge)?;
         if self.kind == Kind::Nat {
             forwarding_on(&self.dir)?;
@@ -1005,6 +1012,19 @@ impl SharedNet {
 /// A bridge lume created: kind bridge, marked with [`BRIDGE_MARK`].
 pub fn is_lume_bridge(link: &super::netlink::LinkInfo) -> bool {
     link.kind.as_deref() == Some("bridge") && link.alias.as_deref() == Some(BRIDGE_MARK)
+}
+
+/// Switches IPv6 off on a lume bridge (lume gives no IPv6 there): the host
+/// then takes no router advertisement, redirect or address from a guest,
+/// even while lume's bridge table is being rewritten. Whether it was on.
+fn ipv6_off(bridge: &str) -> bool {
+    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
+    match fs::read_to_string(&path) {
+        Ok(v) if v.trim() == "1" => false,
+        Ok(_) => fs::write(&path, "1").is_ok(),
+        // No IPv6 in this kernel (or no such bridge): nothing to switch off.
+        Err(_) => false,
+    }
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
