@@ -191,6 +191,25 @@ fn guest_dns_follows_the_hosts_resolvers() {
         ),
         "{log}"
     );
+    // The doctor, run where lume's dnsmasq runs, says where queries go.
+    let pid = std::fs::read_to_string(nat_dir(&t).join("dnsmasq.pid")).unwrap();
+    let mut c = std::process::Command::new("nsenter");
+    c.args(["-t", pid.trim(), "-m", "-n", "--"])
+        .arg(common::lume_bin())
+        .args(["network", "doctor", "-f", "json"]);
+    t.home.env(&mut c);
+    let report: serde_json::Value = serde_json::from_slice(&c.output().unwrap().stdout).unwrap();
+    let dns = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "dns lume0")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(dns["ok"], true, "{dns}");
+    assert!(
+        dns["detail"].as_str().unwrap().ends_with("127.0.0.53"),
+        "{dns}"
+    );
     t.lume_ok(&["stop", "dns"]);
 }
 

@@ -277,6 +277,17 @@ impl Dnsmasq {
         Ok(Some(servers))
     }
 
+    /// The servers dnsmasq was last given (None before the file exists).
+    pub fn servers(&self) -> Option<Vec<String>> {
+        let text = fs::read_to_string(self.servers_path()).ok()?;
+        Some(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("server="))
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
     /// Writes the servers file for `servers` unless it already says that;
     /// returns whether it wrote. dnsmasq re-reads it on SIGHUP after
     /// dropping privileges, so its user may read it.
@@ -483,6 +494,7 @@ mod servers_tests {
         assert!(d.write_servers(&["198.51.100.53".to_string()]).unwrap());
         let text = fs::read_to_string(d.servers_path()).unwrap();
         assert!(text.ends_with("\nserver=198.51.100.53\n"), "{text}");
+        assert_eq!(d.servers().unwrap(), ["198.51.100.53"]);
     }
 }
 

@@ -197,6 +197,36 @@ pub fn run(ctx: &Context) -> Report {
     r
 }
 
+/// Whether the NAT dnsmasq forwards to the resolvers the host uses now.
+fn dns_check(r: &mut Report, net: &super::shared::SharedNet) {
+    use super::resolvers::{HOST_RESOLV_CONF, host_servers};
+    let name = format!("dns {}", net.bridge);
+    let given = net.dnsmasq().servers().unwrap_or_default().join(", ");
+    match host_servers(std::path::Path::new(HOST_RESOLV_CONF)) {
+        Ok(host) if host.join(", ") == given => r.add(
+            name,
+            true,
+            format!("guests' queries go to the host's resolvers: {given}"),
+        ),
+        Ok(host) => r.add(
+            name,
+            false,
+            format!(
+                "dnsmasq forwards to {} but the host's {HOST_RESOLV_CONF} names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs",
+                if given.is_empty() { "nothing" } else { &given },
+                host.join(", ")
+            ),
+        ),
+        Err(e) => r.add(
+            name,
+            false,
+            format!(
+                "Cannot read {HOST_RESOLV_CONF} ({e}): guests keep the servers {given}; restore the file"
+            ),
+        ),
+    }
+}
+
 /// Other tables' drops: accommodated ones (lume's accepts sit in the chain
 /// that tool keeps for them) pass naming the tool and chain; any other drop
 /// of lume's traffic (a VPN kill switch) fails: lume must not override it.
@@ -337,6 +367,9 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
                 false,
                 "not running: guests get no DHCP leases; lume's watcher restarts it",
             );
+        }
+        if net.kind == super::shared::Kind::Nat {
+            dns_check(r, net);
         }
         for w in nets
             .warnings()
