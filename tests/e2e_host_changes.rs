@@ -219,6 +219,64 @@ const PEER: &str = "192.0.2.100";
 const WIFI_IP: &str = "198.51.100.2";
 const DOCK_IP: &str = "192.0.2.253";
 
+/// Records the source address of every datagram to `addr` in a namespace.
+struct UdpRecorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpRecorder {
+    fn start(ns: &common::Netns, addr: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s2, st2) = (seen.clone(), stop.clone());
+        let path = format!("/run/netns/{}", ns.name);
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let sock = std::net::UdpSocket::bind(addr).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            while !st2.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    s2.lock().unwrap().push(from.ip());
+                }
+            }
+        });
+        rx.recv().unwrap();
+        Self { seen, stop }
+    }
+
+    fn count(&self, ip: IpAddr) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| **s == ip)
+            .count()
+    }
+
+    fn total(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Sources of the datagrams after the first `from`.
+    fn since(&self, from: usize) -> Vec<IpAddr> {
+        self.seen.lock().unwrap()[from..].to_vec()
+    }
+}
+
+impl Drop for UdpRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn nat_follows_the_default_route_to_another_uplink() {
     let t = Lan::new("du");
@@ -232,29 +290,67 @@ fn nat_follows_the_default_route_to_another_uplink() {
     ));
     t.host.exec_ok(&format!("ip addr add {DOCK_IP}/30 dev up1"));
     let peer = Recorder::start(&t.lan, &format!("{PEER}:9000"));
-    t.create("up", "nat", &[], &format!("lume.probe={PEER}:9000"));
+    let flow = UdpRecorder::start(&t.lan, &format!("{PEER}:9001"));
+    t.create(
+        "up",
+        "nat",
+        &[],
+        &format!("lume.probe={PEER}:9000 lume.udp={PEER}:9001"),
+    );
     t.lume_ok(&["run", "up", "--detach"]);
     wait_console(&t.home, "up", "LUME-GUEST: probe ok", BOOT);
     let wifi: IpAddr = WIFI_IP.parse().unwrap();
     let dock: IpAddr = DOCK_IP.parse().unwrap();
     let count = |ip: IpAddr| peer.sources().iter().filter(|s| **s == ip).count();
     assert!(count(wifi) > 0);
+    wait_for("the guest's UDP flow", Duration::from_secs(20), || {
+        (flow.count(wifi) > 3).then_some(())
+    });
 
-    // The dock is plugged in (its route preferred), then Wi-Fi goes off.
+    // 1. A dock is plugged in and its route preferred (NetworkManager's
+    //    metrics: Ethernet 100, Wi-Fi 600); Wi-Fi stays up.
     let start = Instant::now();
     t.host.exec_ok(
-        "ip link set up1 up && ip route add default via 192.0.2.254 dev up1 metric 50 && \
-         ip link set up0 down",
+        "ip link set up1 up && ip route add default via 192.0.2.254 dev up1 metric 100 && \
+             ip route add default via 198.51.100.1 dev up0 metric 600 && \
+             ip route del default via 198.51.100.1 dev up0 metric 0",
     );
     wait_for(
         "connections through the dock",
         Duration::from_secs(10),
         || (count(dock) > 0).then_some(()),
     );
-    eprintln!("through the dock after {:?}", start.elapsed());
+    eprintln!(
+        "new connections through the dock after {:?}",
+        start.elapsed()
+    );
+    // The flow the guest kept open follows too (the old uplink is still up,
+    // so the kernel keeps its mapping unless lume drops it).
+    wait_for(
+        "the UDP flow through the dock",
+        Duration::from_secs(5),
+        || (flow.count(dock) > 0).then_some(()),
+    );
+    eprintln!(
+        "the open UDP flow through the dock after {:?}",
+        start.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let n = flow.total();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        flow.since(n).iter().all(|s| *s == dock) && flow.total() > n,
+        "{:?}",
+        flow.since(n)
+    );
 
-    // Wi-Fi comes back as the preferred uplink; the dock is unplugged.
+    // 2. Wi-Fi goes off.
+    t.host.exec_ok("ip link set up0 down");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // 3. Wi-Fi comes back as the preferred uplink; the dock is unplugged.
     let before = count(wifi);
+    let flow_before = flow.count(wifi);
     let start = Instant::now();
     t.host.exec_ok(
         "ip link set up0 up && ip route add default via 198.51.100.1 dev up0 metric 10 && \
@@ -266,6 +362,15 @@ fn nat_follows_the_default_route_to_another_uplink() {
         || (count(wifi) > before).then_some(()),
     );
     eprintln!("through Wi-Fi again after {:?}", start.elapsed());
+    wait_for(
+        "the UDP flow through Wi-Fi again",
+        Duration::from_secs(5),
+        || (flow.count(wifi) > flow_before).then_some(()),
+    );
+    eprintln!(
+        "the UDP flow through Wi-Fi again after {:?}",
+        start.elapsed()
+    );
     let fails_after = |from: usize| {
         let text = std::fs::read(t.home.vm_dir("up").join("console.log")).unwrap();
         let tail = String::from_utf8_lossy(&text[from..]).into_owned();
