@@ -248,9 +248,9 @@ impl Dnsmasq {
     /// changes nothing.
     ///
     /// Why not dnsmasq's own polling of resolv.conf: it looks at most once a
-    /// second and only compares the file's modification time in whole
-    /// seconds (2.90 also its inode), so an in-place rewrite within the same
-    /// second is missed; it keeps answers cached from the old servers; and
+    /// second and notices a change by the file's modification time in whole
+    /// seconds, so a rewrite within the same second as the last one can be
+    /// missed for good (seen with 2.90); it keeps answers cached from the old servers; and
     /// it asks whichever server answered fastest, where the host asks them in
     /// order (a VPN's resolver first). Comparing the server list itself
     /// has none of these gaps.
