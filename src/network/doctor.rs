@@ -453,11 +453,26 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
             (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
-            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => r.add(
-                name,
-                true,
-                format!("{ip} on {} (macvtap: this host cannot reach it through that interface, other LAN hosts can)", state.parent.as_deref().unwrap_or("?")),
-            ),
+            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
+                let parent = state.parent.as_deref().unwrap_or("?");
+                let dev = state.host_device.as_deref().unwrap_or_default();
+                let gone = super::netlink::Netlink::open()
+                    .and_then(|mut nl| nl.link_index(dev))
+                    .is_ok_and(|i| i.is_none());
+                if gone {
+                    r.add(
+                        name,
+                        false,
+                        format!("its macvtap {dev} is gone: the interface {parent} went away (unplugged?) and took it along, so the VM has no network; once {parent} is back, restart the VM (lume stop {vm} && lume run {vm})", vm = vm.name),
+                    );
+                } else {
+                    r.add(
+                        name,
+                        true,
+                        format!("{ip} on {parent} (macvtap: this host cannot reach it through that interface, other LAN hosts can)"),
+                    );
+                }
+            }
             (_, Some(ip)) => {
                 let ok = answers(ip);
                 r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });
