@@ -2,6 +2,10 @@
 //! file and reservation directory under lume's runtime directory, bound to
 //! the bridge only (`bind-interfaces`, `except-interface=lo`), so it never
 //! competes with a system resolver or another dnsmasq.
+//!
+//! DNS for NAT guests is forwarded to the host's resolvers, which lume (not
+//! dnsmasq) reads from the host's resolv.conf and writes to dnsmasq's
+//! `servers-file`: see [`Dnsmasq::follow`] for why.
 
 use std::fs;
 use std::io;
@@ -12,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::resolvers;
 use super::subnet::Subnet;
 
 /// How long leases last; a lease granted before the VM started is older than its run.
@@ -26,6 +31,14 @@ pub enum DnsmasqError {
     Missing,
     #[error("dnsmasq did not start for bridge {bridge}: {message}")]
     Failed { bridge: String, message: String },
+    #[error(
+        "Cannot tell dnsmasq for bridge {bridge} to read its new DNS servers: restart the VM if guests resolve through the old ones"
+    )]
+    Signal {
+        bridge: String,
+        #[source]
+        source: nix::Error,
+    },
     #[error("Cannot write dnsmasq's files in {path}")]
     Io {
         path: PathBuf,
@@ -69,6 +82,10 @@ impl Dnsmasq {
     pub fn hosts_dir(&self) -> PathBuf {
         self.dir.join("hosts.d")
     }
+    /// The upstream DNS servers, one `server=` line each (NAT only).
+    pub fn servers_path(&self) -> PathBuf {
+        self.dir.join("servers.conf")
+    }
 
     /// The configuration file's text.
     pub fn conf(&self) -> String {
@@ -100,7 +117,14 @@ impl Dnsmasq {
             log = self.log_path().display(),
             user = dnsmasq_user().0,
         );
-        if !self.route {
+        if self.route {
+            // Upstream servers come from lume (see `follow`), asked in the
+            // host's order as its C library does.
+            c.push_str(&format!(
+                "no-resolv\nservers-file={}\nstrict-order\n",
+                self.servers_path().display()
+            ));
+        } else {
             // Host-only: no default route and no DNS for the guests.
             c.push_str("dhcp-option=option:router\ndhcp-option=option:dns-server\nport=0\n");
         }
@@ -175,6 +199,19 @@ impl Dnsmasq {
         if let Some(uid) = dnsmasq_uid() {
             let _ = nix::unistd::chown(&self.lease_path(), Some(uid), None);
         }
+        if self.route {
+            // The host's resolvers now; kept from the last run when
+            // resolv.conf cannot be read (dnsmasq needs the file).
+            match resolvers::host_servers(Path::new(resolvers::HOST_RESOLV_CONF)) {
+                Ok(servers) => {
+                    self.write_servers(&servers)?;
+                }
+                Err(_) if self.servers_path().exists() => {}
+                Err(_) => {
+                    self.write_servers(&[])?;
+                }
+            }
+        }
         let out = Command::new("dnsmasq")
             .process_group(0)
             .arg(format!("--conf-file={}", self.conf_path().display()))
@@ -201,6 +238,78 @@ impl Dnsmasq {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(())
+    }
+
+    /// Makes a running dnsmasq forward to the host's current resolvers:
+    /// reads the host's resolv.conf and, when its servers differ from those
+    /// dnsmasq has, rewrites the servers file and sends SIGHUP, on which
+    /// dnsmasq re-reads that file and clears its cache. Returns the new
+    /// servers when they changed; an unreadable resolv.conf (being replaced)
+    /// changes nothing.
+    ///
+    /// Why not dnsmasq's own polling of resolv.conf: it looks at most once a
+    /// second and notices a change by the file's modification time in whole
+    /// seconds, so a rewrite within the same second as the last one can be
+    /// missed for good (seen with 2.90); it keeps answers cached from the old servers; and
+    /// it asks whichever server answered fastest, where the host asks them in
+    /// order (a VPN's resolver first). Comparing the server list itself
+    /// has none of these gaps.
+    pub fn follow(&self) -> Result<Option<Vec<String>>, DnsmasqError> {
+        if !self.route {
+            return Ok(None);
+        }
+        let Ok(servers) = resolvers::host_servers(Path::new(resolvers::HOST_RESOLV_CONF)) else {
+            return Ok(None);
+        };
+        if !self.write_servers(&servers)? {
+            return Ok(None);
+        }
+        if let Some(pid) = self.pid() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .map_err(|source| DnsmasqError::Signal {
+                bridge: self.bridge.clone(),
+                source,
+            })?;
+        }
+        Ok(Some(servers))
+    }
+
+    /// The servers dnsmasq was last given (None before the file exists).
+    pub fn servers(&self) -> Option<Vec<String>> {
+        let text = fs::read_to_string(self.servers_path()).ok()?;
+        Some(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("server="))
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+
+    /// Writes the servers file for `servers` unless it already says that;
+    /// returns whether it wrote. dnsmasq re-reads it on SIGHUP after
+    /// dropping privileges, so its user may read it.
+    pub fn write_servers(&self, servers: &[String]) -> Result<bool, DnsmasqError> {
+        let path = self.servers_path();
+        let text = resolvers::servers_file(servers);
+        if fs::read_to_string(&path).is_ok_and(|t| t == text) {
+            return Ok(false);
+        }
+        crate::util::atomic::write_atomic(&path, text.as_bytes()).map_err(|source| {
+            DnsmasqError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let _ = super::rundir::private_file(&path);
+        if let Some(uid) = dnsmasq_uid()
+            && super::rundir::grant_file(&path, uid.as_raw()).is_err()
+        {
+            let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+        }
+        Ok(true)
     }
 
     /// Stops dnsmasq if it runs.
@@ -335,8 +444,13 @@ mod tests {
         assert!(c.contains("interface=lume0\nbind-interfaces\nexcept-interface=lo\n"));
         assert!(c.contains("dhcp-range=203.0.113.2,203.0.113.254,255.255.255.0,3600"));
         assert!(!c.contains("port=0"));
+        assert!(
+            c.contains("no-resolv\nservers-file=/run/lume/x/nat/servers.conf\nstrict-order\n"),
+            "{c}"
+        );
         let host = Dnsmasq { route: false, ..d };
         assert!(host.conf().contains("dhcp-option=option:router\n"));
+        assert!(!host.conf().contains("servers-file"));
     }
 
     #[test]
@@ -358,6 +472,29 @@ mod tests {
         assert_eq!(current_lease(&f, mac, 5500, 6000), None);
         // Expired.
         assert_eq!(current_lease(&f, mac, 4000, 9000), None);
+    }
+}
+
+#[cfg(test)]
+mod servers_tests {
+    use super::*;
+
+    #[test]
+    fn the_servers_file_is_written_only_when_the_servers_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dnsmasq {
+            dir: dir.path().into(),
+            bridge: "lume0".into(),
+            subnet: "203.0.113.0/24".parse().unwrap(),
+            route: true,
+        };
+        let a = vec!["192.0.2.53".to_string()];
+        assert!(d.write_servers(&a).unwrap());
+        assert!(!d.write_servers(&a).unwrap());
+        assert!(d.write_servers(&["198.51.100.53".to_string()]).unwrap());
+        let text = fs::read_to_string(d.servers_path()).unwrap();
+        assert!(text.ends_with("\nserver=198.51.100.53\n"), "{text}");
+        assert_eq!(d.servers().unwrap(), ["198.51.100.53"]);
     }
 }
 

@@ -197,6 +197,36 @@ pub fn run(ctx: &Context) -> Report {
     r
 }
 
+/// Whether the NAT dnsmasq forwards to the resolvers the host uses now.
+fn dns_check(r: &mut Report, net: &super::shared::SharedNet) {
+    use super::resolvers::{HOST_RESOLV_CONF, host_servers};
+    let name = format!("dns {}", net.bridge);
+    let given = net.dnsmasq().servers().unwrap_or_default().join(", ");
+    match host_servers(std::path::Path::new(HOST_RESOLV_CONF)) {
+        Ok(host) if host.join(", ") == given => r.add(
+            name,
+            true,
+            format!("guests' queries go to the host's resolvers: {given}"),
+        ),
+        Ok(host) => r.add(
+            name,
+            false,
+            format!(
+                "dnsmasq forwards to {} but the host's {HOST_RESOLV_CONF} names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs",
+                if given.is_empty() { "nothing" } else { &given },
+                host.join(", ")
+            ),
+        ),
+        Err(e) => r.add(
+            name,
+            false,
+            format!(
+                "Cannot read {HOST_RESOLV_CONF} ({e}): guests keep the servers {given}; restore the file"
+            ),
+        ),
+    }
+}
+
 /// Other tables' drops: accommodated ones (lume's accepts sit in the chain
 /// that tool keeps for them) pass naming the tool and chain; any other drop
 /// of lume's traffic (a VPN kill switch) fails: lume must not override it.
@@ -338,6 +368,9 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
                 "not running: guests get no DHCP leases; lume's watcher restarts it",
             );
         }
+        if net.kind == super::shared::Kind::Nat {
+            dns_check(r, net);
+        }
         for w in nets
             .warnings()
             .into_iter()
@@ -420,11 +453,26 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
             (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
-            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => r.add(
-                name,
-                true,
-                format!("{ip} on {} (macvtap: this host cannot reach it through that interface, other LAN hosts can)", state.parent.as_deref().unwrap_or("?")),
-            ),
+            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
+                let parent = state.parent.as_deref().unwrap_or("?");
+                let dev = state.host_device.as_deref().unwrap_or_default();
+                let gone = super::netlink::Netlink::open()
+                    .and_then(|mut nl| nl.link_index(dev))
+                    .is_ok_and(|i| i.is_none());
+                if gone {
+                    r.add(
+                        name,
+                        false,
+                        format!("its macvtap {dev} is gone: the interface {parent} went away (unplugged?) and took it along, so the VM has no network; once {parent} is back, restart the VM (lume stop {vm} && lume run {vm})", vm = vm.name),
+                    );
+                } else {
+                    r.add(
+                        name,
+                        true,
+                        format!("{ip} on {parent} (macvtap: this host cannot reach it through that interface, other LAN hosts can)"),
+                    );
+                }
+            }
             (_, Some(ip)) => {
                 let ok = answers(ip);
                 r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });

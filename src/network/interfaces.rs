@@ -71,6 +71,10 @@ pub struct HostInterface {
 pub struct HostPaths {
     pub sys_class_net: PathBuf,
     pub proc_net_route: PathBuf,
+    /// Interfaces the kernel reports as veth (rtnetlink link kind). sysfs
+    /// tells a veth only by its peer's index differing from its own, and a
+    /// peer in another network namespace can have the same index.
+    pub veths: std::collections::HashSet<String>,
 }
 
 impl HostPaths {
@@ -79,6 +83,16 @@ impl HostPaths {
         Self {
             sys_class_net: PathBuf::from("/sys/class/net"),
             proc_net_route: PathBuf::from("/proc/net/route"),
+            veths: super::netlink::Netlink::open()
+                .and_then(|mut nl| nl.links())
+                .map(|links| {
+                    links
+                        .into_iter()
+                        .filter(|l| l.kind.as_deref() == Some("veth"))
+                        .map(|l| l.name)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -187,7 +201,7 @@ pub fn discover_at(
         if !paths.sys_class_net.join(&name).is_dir() {
             continue;
         }
-        match read_raw(&paths.sys_class_net, &name) {
+        match read_raw(&paths.sys_class_net, &name, paths.veths.contains(&name)) {
             Ok(Some(r)) => raw.push(r),
             // Removed while we looked.
             Ok(None) => {}
@@ -307,7 +321,7 @@ const IFF_TUN: u32 = 0x0001;
 const IFF_TAP: u32 = 0x0002;
 
 /// Reads one interface directory; `Ok(None)` if it vanished meanwhile.
-fn read_raw(root: &Path, name: &str) -> Result<Option<RawInterface>, InterfaceError> {
+fn read_raw(root: &Path, name: &str, veth: bool) -> Result<Option<RawInterface>, InterfaceError> {
     let dir = root.join(name);
     let read = |file: &str| -> Result<Option<String>, InterfaceError> {
         let path = dir.join(file);
@@ -372,7 +386,7 @@ fn read_raw(root: &Path, name: &str) -> Result<Option<RawInterface>, InterfaceEr
         InterfaceType::Macvlan
     } else if has("device") {
         InterfaceType::Ethernet
-    } else if linked_elsewhere {
+    } else if linked_elsewhere || veth {
         InterfaceType::Veth
     } else {
         InterfaceType::Other
@@ -583,6 +597,7 @@ mod tests {
             HostPaths {
                 sys_class_net: self.dir.path().join("net"),
                 proc_net_route: self.dir.path().join("route"),
+                veths: ["vpeer".to_string()].into(),
             }
         }
 
@@ -709,6 +724,9 @@ mod tests {
         symlink("../eth0", mv.join("lower_eth0")).unwrap();
 
         f.iface("dummy0", 1, 16, 16, None);
+        // A veth whose peer, in another namespace, has the same index: only
+        // the kernel's link kind tells it from a dummy.
+        f.iface("vpeer", 1, 17, 17, None);
         f.iface("sit0", ARPHRD_SIT, 18, 18, None);
         // Not an interface.
         fs::write(f.dir.path().join("net/bonding_masters"), "bond0\n").unwrap();
@@ -740,6 +758,7 @@ mod tests {
                 ("tap0", Tap, false),
                 ("tun0", Tun, false),
                 ("veth0", Veth, true),
+                ("vpeer", Veth, true),
                 ("wg0", Tun, false),
                 ("wlan0", Wifi, false),
                 ("wlan1", Wifi, false),
@@ -878,14 +897,14 @@ mod tests {
             err,
             BridgeError::NoSuchInterface {
                 name: "eth9".to_string(),
-                bridgeable: ["bond0", "br0", "eth0", "eth0.10", "veth0"]
+                bridgeable: ["bond0", "br0", "eth0", "eth0.10", "veth0", "vpeer"]
                     .map(String::from)
                     .to_vec(),
             }
         );
         assert_eq!(
             err.to_string(),
-            "Interface 'eth9' does not exist on this host: Bridgeable interfaces: bond0, br0, eth0, eth0.10, veth0 (use bridged:<interface>), or use --network nat or --network user"
+            "Interface 'eth9' does not exist on this host: Bridgeable interfaces: bond0, br0, eth0, eth0.10, veth0, vpeer (use bridged:<interface>), or use --network nat or --network user"
         );
 
         let msg = check_bridgeable(&list, "enp1s0").unwrap_err().to_string();
@@ -910,6 +929,7 @@ mod tests {
             &HostPaths {
                 sys_class_net: f.dir.path().join("nope"),
                 proc_net_route: f.dir.path().join("route"),
+                veths: Default::default(),
             },
             &HashMap::new(),
         )

@@ -13,6 +13,7 @@ pub mod netlink;
 pub mod passt;
 pub mod privilege;
 pub mod publish;
+pub mod resolvers;
 pub mod rundir;
 pub mod shared;
 pub mod subnet;

@@ -927,6 +927,13 @@ impl SharedNet {
             fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;
             repairs.push("IPv4 forwarding had been switched off: switched it back on".into());
         }
+        if let Some(servers) = self.dnsmasq().follow()? {
+            repairs.push(format!(
+                "the host's DNS servers changed: dnsmasq for {} now forwards to {}",
+                self.bridge,
+                servers.join(", ")
+            ));
+        }
         Ok(())
     }
 
