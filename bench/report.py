@@ -281,6 +281,12 @@ def throughput(rows):
         out.append(f"| {label} | {cell(v, lambda x: f'{x:.1f}')} | {rc} | "
                    f"{cell(metric(rows, case, 'qemu_cpu_share'), pct)} | "
                    f"{cell(metric(rows, case, 'vcpu_cpu_share'), pct)} | {len(v)} |")
+    failed = [r for r in rows if r["case"].endswith("-failed")]
+    if failed:
+        out += ["", "Transfers that did not come back whole (not in the medians): " + "; ".join(
+            f"{c[:-len('-failed')]} {sum(1 for r in failed if r['case'] == c)} "
+            f"(e.g. {next(r['detail'] for r in failed if r['case'] == c)})"
+            for c in sorted({r["case"] for r in failed}))]
     vh = next((r for r in rows if r["case"] == "vhost"), None)
     if vh:
         out += ["", f"vhost-net: lume requests it: {'yes' if vh.get('lume_requests_vhost') else 'no'}; "

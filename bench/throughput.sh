@@ -63,8 +63,15 @@ measure() { # RUN CASE
     [ -z "${QPID[$2]:-}" ] || cpu=(--cpu-pid "${QPID[$2]}")
     local rec=$OUT
     [ "$1" -gt 0 ] || rec=
-    in_ns "$ns" "${BT[@]}" echo-client --record="$rec" --case "$2" --run "$1" \
-        --host "$host" --port "$port" --mb "$MB" "${cpu[@]}" >/dev/null
+    local err
+    # A transfer that does not come back whole is counted (and shown in the
+    # report), not fatal: one failure must not hide every other number.
+    if ! err=$(in_ns "$ns" "${BT[@]}" echo-client --record="$rec" --case "$2" --run "$1" \
+        --host "$host" --port "$port" --mb "$MB" "${cpu[@]}" 2>&1 >/dev/null); then
+        log "$2: $err"
+        [ "$1" -gt 0 ] || return 0
+        "${BT[@]}" note --record "$OUT" --json "$(python3 -c 'import json,sys; print(json.dumps({"case": sys.argv[1] + "-failed", "run": int(sys.argv[2]), "detail": sys.argv[3][-160:]}))' "$2" "$1" "$err")"
+    fi
 }
 
 CASES=(veth bridged nat user)

@@ -187,30 +187,60 @@ fn ipv6_allowed(a: Ipv6Addr) -> bool {
 /// Largest frame relayed (QEMU's own NET_BUFSIZE); longer ones are skipped.
 const MAX_FRAME: usize = 4096 + 65536;
 
-/// Copies length-prefixed frames from `from` to `to`, dropping the ones
-/// [`guest_frame_allowed`] refuses. Returns at end of stream or on error.
+/// How much the relay reads at once: many frames per system call.
+const RELAY_BUFFER: usize = 1 << 20;
+
+/// Copies QEMU's frames to passt, dropping those [`guest_frame_allowed`]
+/// refuses. Frames arrive as QEMU's stream netdev sends them (a 4-byte
+/// big-endian length, then the frame); as many as one read brings are
+/// parsed, and the allowed ones go to passt in one write, each with its
+/// length right before it (this passt loses its place in the stream when a
+/// read ends inside a length, which a length written apart from its frame
+/// makes likely).
 fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
-    // The length and the frame go to passt in one write, as QEMU sends them.
-    let mut buf = vec![0u8; 4 + MAX_FRAME];
-    loop {
-        if from.read_exact(&mut buf[..4]).is_err() {
-            break;
-        }
-        let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if n > MAX_FRAME {
-            // Nothing passt could use: read past it.
-            let skipped = io::copy(&mut (&from).take(n as u64), &mut io::sink());
-            if skipped.map_or(true, |k| k != n as u64) {
+    let mut buf = vec![0u8; RELAY_BUFFER.max(4 + MAX_FRAME)];
+    let mut out = Vec::with_capacity(buf.len());
+    let (mut have, mut skip) = (0usize, 0usize);
+    'relay: loop {
+        let n = match from.read(&mut buf[have..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        have += n;
+        let mut pos = 0;
+        out.clear();
+        loop {
+            if skip > 0 {
+                // The rest of a frame too long for passt: read past it.
+                let k = skip.min(have - pos);
+                skip -= k;
+                pos += k;
+                if skip > 0 {
+                    break;
+                }
+            }
+            let Some(head) = buf.get(pos..pos + 4).filter(|_| have - pos >= 4) else {
+                break;
+            };
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if len > MAX_FRAME {
+                pos += 4;
+                skip = len;
+                continue;
+            }
+            if have - pos - 4 < len {
                 break;
             }
-            continue;
+            if guest_frame_allowed(&buf[pos + 4..pos + 4 + len]) {
+                out.extend_from_slice(&buf[pos..pos + 4 + len]);
+            }
+            pos += 4 + len;
         }
-        if from.read_exact(&mut buf[4..4 + n]).is_err() {
-            break;
+        if !out.is_empty() && to.write_all(&out).is_err() {
+            break 'relay;
         }
-        if guest_frame_allowed(&buf[4..4 + n]) && to.write_all(&buf[..4 + n]).is_err() {
-            break;
-        }
+        buf.copy_within(pos..have, 0);
+        have -= pos;
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
@@ -218,7 +248,17 @@ fn relay_filtered(mut from: UnixStream, mut to: UnixStream) {
 
 /// Copies bytes from `from` to `to` unchanged.
 fn relay_plain(mut from: UnixStream, mut to: UnixStream) {
-    let _ = io::copy(&mut from, &mut to);
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
 }
