@@ -479,15 +479,20 @@ mod tests {
 mod servers_tests {
     use super::*;
 
-    #[test]
-    fn the_servers_file_is_written_only_when_the_servers_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = Dnsmasq {
-            dir: dir.path().into(),
+    /// A NAT network's dnsmasq whose files live in `dir`.
+    pub(super) fn in_dir(dir: &Path) -> Dnsmasq {
+        Dnsmasq {
+            dir: dir.into(),
             bridge: "lume0".into(),
             subnet: "203.0.113.0/24".parse().unwrap(),
             route: true,
-        };
+        }
+    }
+
+    #[test]
+    fn the_servers_file_is_written_only_when_the_servers_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = in_dir(dir.path());
         let a = vec!["192.0.2.53".to_string()];
         assert!(d.write_servers(&a).unwrap());
         assert!(!d.write_servers(&a).unwrap());
@@ -506,12 +511,7 @@ mod log_cap_tests {
     #[test]
     fn a_log_past_its_cap_is_rotated_and_the_writer_goes_on_at_the_start() {
         let dir = tempfile::tempdir().unwrap();
-        let d = Dnsmasq {
-            dir: dir.path().into(),
-            bridge: "lume0".into(),
-            subnet: "203.0.113.0/24".parse().unwrap(),
-            route: true,
-        };
+        let d = super::servers_tests::in_dir(dir.path());
         // dnsmasq's way of writing: O_APPEND on a descriptor it keeps.
         let mut writer = fs::OpenOptions::new()
             .create(true)
