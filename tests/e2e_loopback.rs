@@ -326,6 +326,17 @@ fn user_and_nat_guests_never_reach_host_loopback() {
             .trim(),
         "1"
     );
+    // lume's dnsmasq answers its guests and this host, not a LAN neighbour
+    // that routes to the bridge's address through the host.
+    let dns_open = |ns: &Netns| {
+        ns.exec("timeout 3 bash -c '</dev/tcp/203.0.113.1/53'")
+            .status
+            .success()
+    };
+    assert!(dns_open(&t.host), "the host reaches lume's dnsmasq");
+    t.lan
+        .exec_ok("ip route add 203.0.113.0/24 via 198.51.100.2");
+    assert!(!dns_open(&t.lan), "a LAN neighbour reached lume's dnsmasq");
     let neigh = t.host.exec_ok("ip neigh show 203.0.113.88");
     assert!(
         !neigh.contains(&guest_mac),

@@ -126,11 +126,15 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             opt(&d.network_mode)
         ),
         (Outcome::Started(d), _) => println!(
-            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}`",
+            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`",
             d.name,
             opt(&d.accelerator),
             d.ip_address.as_deref().unwrap_or("not known yet"),
-            d.name
+            d.name,
+            match d.location_name.as_str() {
+                "default" => String::new(),
+                storage => format!(" --storage {storage}"),
+            }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
         (Outcome::Stopped { name, was_running }, _) => {

@@ -69,6 +69,14 @@ pub fn script(state: &FirewallState) -> String {
             b.bridge
         ));
         guard.push(format!("iifname \"{}\" ip6 daddr ::1 drop", b.bridge));
+        // The bridge's own address (dnsmasq's DHCP and DNS) answers only its
+        // guests and this host: a LAN neighbour routing to it through the
+        // host would otherwise use lume's dnsmasq as its resolver.
+        guard.push(format!(
+            "iifname != {{ \"{}\", \"lo\" }} ip daddr {} drop",
+            b.bridge,
+            b.subnet.gateway()
+        ));
     }
     if let Some(h) = &state.host {
         // Host-only: guests reach the host and each other, nothing else.
@@ -373,6 +381,10 @@ mod tests {
         );
         assert!(
             s.contains("iifname \"lume-host0\" ip6 daddr ::1 drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains("iifname != { \"lume0\", \"lo\" } ip daddr 203.0.113.1 drop"),
             "{s}"
         );
         let one = FirewallState {

@@ -31,7 +31,9 @@ pub enum AttachError {
     )]
     NeedsNetAdmin(NetworkMode),
     #[error(
-        "Ports cannot be published in network mode '{0}': publishing works with nat and user; a bridged VM is reachable on the LAN at its own address"
+        "Ports cannot be published in network mode '{mode}': publishing works with nat and user; {reach}",
+        mode = .0,
+        reach = unpublished_reach(.0)
     )]
     PublishNotSupported(NetworkMode),
     #[error(
@@ -421,6 +423,16 @@ pub fn collect_stale(
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();
+    }
+}
+
+/// How a VM of a mode that cannot publish is reached instead.
+fn unpublished_reach(mode: &NetworkMode) -> &'static str {
+    match mode {
+        NetworkMode::Bridged(_) => "a bridged VM is reachable on the LAN at its own address",
+        NetworkMode::Host => "a host-only VM is reachable from this host at its own address",
+        NetworkMode::None => "a VM without a network has nothing to publish",
+        NetworkMode::Nat | NetworkMode::User => "this mode can publish",
     }
 }
 

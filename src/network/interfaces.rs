@@ -306,6 +306,8 @@ struct RawInterface {
     master: Option<String>,
     /// For macvlan and friends: the interface it sits on.
     lower: Option<String>,
+    /// The interface's alias (`ifalias`): lume marks its own bridges `lume`.
+    alias: Option<String>,
 }
 
 const ARPHRD_ETHER: u32 = 1;
@@ -397,6 +399,7 @@ fn read_raw(root: &Path, name: &str, veth: bool) -> Result<Option<RawInterface>,
         name: name.to_string(),
         kind,
         state: read("operstate")?.unwrap_or_else(|| "unknown".to_string()),
+        alias: read("ifalias")?.filter(|a| !a.is_empty()),
         mac,
         master: link_name("master"),
         lower,
@@ -444,6 +447,15 @@ fn not_bridgeable_reason(
     r: &RawInterface,
     kinds: &HashMap<&str, &InterfaceType>,
 ) -> Option<String> {
+    if r.kind == InterfaceType::Bridge
+        && r.alias.as_deref() == Some(crate::network::shared::BRIDGE_MARK)
+    {
+        // Bridging onto it would put a guest next to the NAT/host-only
+        // guests, outside the guard lume keeps on its own ports.
+        return Some(
+            "lume's own NAT or host-only bridge: use --network nat or --network host".to_string(),
+        );
+    }
     let by_kind = match r.kind {
         InterfaceType::Ethernet
         | InterfaceType::Veth
@@ -680,6 +692,9 @@ mod tests {
         symlink("../../../devices/usb1/1-1", wlan1.join("device")).unwrap();
         symlink("../../ieee80211/phy1", wlan1.join("phy80211")).unwrap();
 
+        let lume0 = f.iface("lume0", 1, 30, 30, Some("bridge"));
+        fs::create_dir(lume0.join("bridge")).unwrap();
+        fs::write(lume0.join("ifalias"), "lume\n").unwrap();
         let br0 = f.iface("br0", 1, 4, 4, Some("bridge"));
         fs::create_dir(br0.join("bridge")).unwrap();
         fs::create_dir(br0.join("brif")).unwrap();
@@ -752,6 +767,7 @@ mod tests {
                 ("eth0", Ethernet, true),
                 ("eth0.10", Vlan, true),
                 ("lo", Loopback, false),
+                ("lume0", Bridge, false),
                 ("macvtap0", Macvlan, false),
                 ("mv0", Macvlan, false),
                 ("sit0", Tun, false),

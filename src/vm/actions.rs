@@ -565,7 +565,7 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     if !spec.detach {
         let status = supervisor::supervise(&vm, &cfg, &req, &mut |s: &RunState| {
             note(&format!(
-                "VM '{}' is running (accelerator {}, network {}{}). Console: {}. Press Ctrl-C to stop it.",
+                "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
                 name,
                 s.accelerator,
                 s.network_mode,
@@ -573,7 +573,12 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
                     .as_deref()
                     .map(|ip| format!(", address {ip}"))
                     .unwrap_or_default(),
-                vm.console_path().display()
+                vm.console_path().display(),
+                if std::env::var_os(supervisor::START_LOG_ENV).is_some() {
+                    "Detached: stop it with `lume stop`."
+                } else {
+                    "Press Ctrl-C to stop it."
+                }
             ))
         })?;
         return Ok(Outcome::Exited(status));
