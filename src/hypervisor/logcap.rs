@@ -90,8 +90,34 @@ impl CappedLog {
 
 /// Copies everything read from `input` into a capped log at `path` until
 /// end of file, on a thread of its own.
-pub fn pump(mut input: File, path: &Path, cap: u64) -> io::Result<std::thread::JoinHandle<()>> {
-    let mut log = CappedLog::create(path, cap)?;
+pub fn pump(input: File, path: &Path, cap: u64) -> io::Result<std::thread::JoinHandle<()>> {
+    pump_into(input, CappedLog::create(path, cap)?)
+}
+
+/// Appends one piece (a line) to the log at `path`, which several writers
+/// append to (O_APPEND): first [`trim`]med so that the piece fits the cap.
+pub fn append(path: &Path, data: &[u8], cap: u64) -> io::Result<()> {
+    trim(path, cap.saturating_sub(data.len() as u64))?;
+    open_log(path, false)?.write_all(data)
+}
+
+/// Keeps a log that writers append to (O_APPEND, possibly from descriptors
+/// they keep) within `cap`: a larger one is copied to `PATH.1` and emptied
+/// in place, so every writer goes on at its new end.
+pub fn trim(path: &Path, cap: u64) -> io::Result<()> {
+    let f = open_log(path, false)?;
+    if f.metadata()?.len() <= cap {
+        return Ok(());
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let old = PathBuf::from(old);
+    let _ = fs::remove_file(&old);
+    io::copy(&mut File::open(path)?, &mut open_log(&old, true)?)?;
+    f.set_len(0)
+}
+
+fn pump_into(mut input: File, mut log: CappedLog) -> io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("lume-log".into())
         .spawn(move || {
@@ -122,6 +148,30 @@ pub fn pipe() -> io::Result<(File, std::os::fd::OwnedFd)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_written_by_appending_are_trimmed_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lume.log");
+        // A writer that keeps its descriptor (a supervisor's stderr).
+        let mut kept = open_log(&path, false).unwrap();
+        kept.write_all(&[b'a'; 3000]).unwrap();
+        trim(&path, 4000).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), 3000, "under the cap");
+        // Another writer appends line by line (the watcher's repairs).
+        for _ in 0..20 {
+            append(&path, &[b'b'; 100], 4000).unwrap();
+        }
+        assert!(fs::metadata(&path).unwrap().len() <= 4000);
+        assert!(fs::metadata(dir.path().join("lume.log.1")).unwrap().len() <= 4100);
+        kept.write_all(b"newest\n").unwrap();
+        let text = fs::read(&path).unwrap();
+        assert!(text.ends_with(b"newest\n"));
+        assert!(
+            text.len() <= 4000 + 7,
+            "the kept descriptor writes at the new end"
+        );
+    }
 
     #[test]
     fn a_flood_stays_bounded_and_keeps_the_newest_lines() {

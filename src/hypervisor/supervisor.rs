@@ -434,7 +434,16 @@ fn run_until_exit(
     announce(&state);
 
     let mut force_at: Option<Instant> = None;
+    let mut trimmed = Instant::now();
     loop {
+        // A detached supervisor's own log (lume.log) stays within its cap
+        // however long the VM runs and whatever it records.
+        if trimmed.elapsed() >= Duration::from_secs(1) {
+            trimmed = Instant::now();
+            if std::env::var_os(START_LOG_ENV).is_some() {
+                let _ = logcap::trim(&vm.log_path(), logcap::cap());
+            }
+        }
         if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
             log(&format!(
                 "QEMU exited ({status}); VM '{}' is stopped",

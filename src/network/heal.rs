@@ -10,9 +10,6 @@
 //! when the watching VM stops another takes over within [`PERIOD`].
 
 use std::collections::HashSet;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -68,14 +65,13 @@ fn record(networks: &Networks, line: &str) {
         targets.extend(net.members().into_iter().map(|m| m.vm_dir.join("lume.log")));
     }
     for path in targets {
-        if let Ok(mut f) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            let _ = f.write_all(stamped.as_bytes());
-        }
+        // Capped like every log: repairs can repeat for as long as something
+        // keeps undoing them.
+        let _ = crate::hypervisor::logcap::append(
+            &path,
+            stamped.as_bytes(),
+            crate::hypervisor::logcap::cap(),
+        );
     }
 }
 

@@ -595,7 +595,9 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let start_log = vm
         .dir
         .join(format!(".start-{:x}.log", crate::util::random::u64()));
-    let log = crate::hypervisor::logcap::open_log(&start_log, true).map_err(io_at(&start_log))?;
+    // Appended to (O_APPEND, a fresh name): the log can then be trimmed in
+    // place while the supervisor keeps writing to it.
+    let log = crate::hypervisor::logcap::open_log(&start_log, false).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
     let log2 = log.try_clone().map_err(io_at(&start_log))?;
     let mut cmd = supervisor_command();
