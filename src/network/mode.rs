@@ -41,9 +41,11 @@ pub fn valid_ifname(name: &str) -> bool {
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        && !name.chars().any(|c| {
+            // The kernel's rules, plus what would change the meaning of a
+            // name in an nft rule (a quote ends it, `*` makes it a wildcard).
+            matches!(c, '/' | ':' | '"' | '\\' | '*' | '\'') || c.is_whitespace() || c.is_control()
+        })
 }
 
 impl NetworkMode {
@@ -147,6 +149,10 @@ mod tests {
                 .is_err()
         );
         assert!("bridged:a b".parse::<NetworkMode>().is_err());
+        for bad in ["e*", "a\"b", "a\\b", "a'b"] {
+            assert!(!valid_ifname(bad), "{bad}");
+        }
+        assert!(valid_ifname("br-1a2b.10"));
     }
 
     #[test]

@@ -49,8 +49,12 @@ pub fn parse(text: &str) -> Vec<String> {
 /// The servers a resolv.conf at `path` gives the host: its `nameserver`
 /// lines, or [`DEFAULT_SERVER`] when it names none (as the C library does).
 pub fn host_servers(path: &Path) -> io::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)?;
-    let servers = parse(&text);
+    // Bytes, not UTF-8: a search domain from DHCP may be anything, and one
+    // odd line must not stop lume from following the nameserver lines.
+    let text = String::from_utf8_lossy(&std::fs::read(path)?).into_owned();
+    let mut servers = parse(&text);
+    // The C library uses the first three (MAXNS); so does lume's dnsmasq.
+    servers.truncate(3);
     Ok(if servers.is_empty() {
         vec![DEFAULT_SERVER.to_string()]
     } else {
@@ -102,6 +106,16 @@ mod tests {
         std::fs::write(&p, "nameserver 192.0.2.53\n").unwrap();
         assert_eq!(host_servers(&p).unwrap(), ["192.0.2.53"]);
         assert!(host_servers(&dir.path().join("missing")).is_err());
+        // The first three, as the C library; an odd byte elsewhere is no reason to stop.
+        std::fs::write(
+            &p,
+            b"search caf\xe9.test\nnameserver 192.0.2.1\nnameserver 192.0.2.2\nnameserver 192.0.2.3\nnameserver 192.0.2.4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            host_servers(&p).unwrap(),
+            ["192.0.2.1", "192.0.2.2", "192.0.2.3"]
+        );
     }
 
     #[test]
