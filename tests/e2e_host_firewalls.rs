@@ -345,6 +345,41 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
 
+    // Still off, with the user's own accepts as docs/networking.md gives
+    // them for Docker and ufw (firewalld's table set aside meanwhile):
+    // egress, replies, published ports, DHCP and DNS all pass, and the
+    // doctor recognises the accepts.
+    t.host.exec_ok("nft delete table inet firewalld");
+    t.host.exec_ok(
+        "iptables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         iptables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT && \
+         iptables-nft -I DOCKER-USER -i lume0 -j ACCEPT && \
+         iptables-nft -A ufw-user-forward -i lume0 -j ACCEPT && \
+         iptables-nft -A ufw-user-forward -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 67 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 53 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p tcp --dport 53 -j ACCEPT",
+    );
+    t.lume_ok(&["run", "web", "--detach"]);
+    assert_eq!(lume_rules(&t.host), Vec::new());
+    let n = count_from(&peer, host_ip);
+    wait_for("traffic through the user's own accepts", BOOT, || {
+        (count_from(&peer, host_ip) > n).then_some(())
+    });
+    assert!(published(), "the published port through the user's accepts");
+    let (healthy, checks) = doctor(&t);
+    let fw = firewall_lines(&checks);
+    assert!(healthy, "{checks:?}");
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains("table ip filter chain FORWARD")
+            && d.contains("rules of your own in Docker's chain ip filter DOCKER-USER")),
+        "{fw:?}"
+    );
+    t.lume_ok(&["stop", "web", "--timeout", "1"]);
+    t.host
+        .exec_ok(&format!("nft -f {}", fixture("firewalld.nft")));
+
     // On by default again, on a host without those tools: lume's table marks
     // nothing; Docker starting while the VM runs gets lume's accepts and the
     // marks within a second.

@@ -257,34 +257,8 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             continue;
         }
         any = true;
-        let list = bridges.join(" and ");
-        match d.accommodated_for(&bridges) {
-            Some(place) => r.add(
-                "other firewalls",
-                true,
-                format!("{d}: another tool's policy, accommodated: lume accepts the traffic of {list} in {place}"),
-            ),
-            None if nets.accommodate && is_tool_table(d) => r.add(
-                "other firewalls",
-                false,
-                format!("{d}: lume's accepts for {list} are missing from {}; lume's watcher puts them back within a second — if this stays, check the watcher below", d.tool_chain.as_deref().unwrap_or("that tool's chain")),
-            ),
-            None if is_tool_table(d) => r.add(
-                "other firewalls",
-                false,
-                format!(
-                    "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {} alone: accept {list} there yourself, or set firewallAccommodation: true and restart the VMs",
-                    d.tool_chain.as_deref().unwrap_or("that tool's chain")
-                ),
-            ),
-            None => r.add(
-                "other firewalls",
-                false,
-                format!(
-                    "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
-                ),
-            ),
-        }
+        let (ok, detail) = foreign_verdict(d, &bridges, nets.accommodate);
+        r.add("other firewalls", ok, detail);
     }
     if !any {
         r.add(
@@ -292,6 +266,49 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             true,
             "no other table drops traffic of lume's bridges",
         );
+    }
+}
+
+/// Whether a drop of another table that affects `bridges` (active lume
+/// bridges) lets their traffic through, and why.
+fn foreign_verdict(d: &ForeignDrop, bridges: &[&str], accommodate: bool) -> (bool, String) {
+    let list = bridges.join(" and ");
+    let chain = d.tool_chain.as_deref().unwrap_or("that tool's chain");
+    if let Some(place) = d.accommodated_for(bridges) {
+        return (
+            true,
+            format!(
+                "{d}: another tool's policy, accommodated: lume accepts the traffic of {list} in {place}"
+            ),
+        );
+    }
+    if let Some(place) = d.user_accepted_for(bridges).filter(|_| is_tool_table(d)) {
+        return (
+            true,
+            format!(
+                "{d}: another tool's policy; rules of your own in {place} accept traffic of {list} (firewallAccommodation is {accommodate}): lume does not check them further — if the VMs' traffic fails, compare them with the rules in docs/networking.md"
+            ),
+        );
+    }
+    match (accommodate, is_tool_table(d)) {
+        (true, true) => (
+            false,
+            format!(
+                "{d}: lume's accepts for {list} are missing from {chain}; lume's watcher puts them back within a second — if this stays, check the watcher below"
+            ),
+        ),
+        (false, true) => (
+            false,
+            format!(
+                "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {chain} alone: accept {list} there yourself (the rules are in docs/networking.md), or set firewallAccommodation: true"
+            ),
+        ),
+        (_, false) => (
+            false,
+            format!(
+                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
+            ),
+        ),
     }
 }
 
@@ -478,5 +495,53 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docker_drop(user_accepts: Vec<(String, String)>) -> ForeignDrop {
+        ForeignDrop {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            hook: "forward".into(),
+            how: "policy drop".into(),
+            interfaces: vec!["docker0".into()],
+            accommodated: Vec::new(),
+            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
+            user_accepts,
+        }
+    }
+
+    #[test]
+    fn the_user_s_own_accepts_pass_when_accommodation_is_off() {
+        let (ok, detail) = foreign_verdict(&docker_drop(Vec::new()), &["lume0"], false);
+        assert!(!ok);
+        assert!(
+            detail.contains("firewallAccommodation is false"),
+            "{detail}"
+        );
+        let mine = vec![(
+            "Docker's chain ip filter DOCKER-USER".to_string(),
+            "lume0".to_string(),
+        )];
+        let (ok, detail) = foreign_verdict(&docker_drop(mine.clone()), &["lume0"], false);
+        assert!(ok, "{detail}");
+        assert!(
+            detail.contains(
+                "rules of your own in Docker's chain ip filter DOCKER-USER accept traffic of lume0"
+            ),
+            "{detail}"
+        );
+        // Not for another bridge, and never for a table lume does not know.
+        let (ok, _) = foreign_verdict(&docker_drop(mine.clone()), &["lume1"], false);
+        assert!(!ok);
+        let mut ks = docker_drop(mine);
+        ks.tool_chain = None;
+        let (ok, detail) = foreign_verdict(&ks, &["lume0"], false);
+        assert!(!ok && detail.contains("must not override"), "{detail}");
     }
 }
