@@ -121,6 +121,9 @@ pub struct Networks {
     /// config.yaml `firewallAccommodation` (default true): put accepts for
     /// lume's bridges in the chains Docker, ufw and firewalld keep for them.
     pub accommodate: bool,
+    /// The config.yaml these were read from: the watcher reads
+    /// `firewallAccommodation` there again once a second.
+    pub settings_file: PathBuf,
 }
 
 /// A VM's membership record.
@@ -248,7 +251,39 @@ impl Networks {
                 dir: root.join("host"),
             },
             accommodate: s.get_bool("firewallAccommodation")?.unwrap_or(true),
+            settings_file: s.file().to_path_buf(),
             root,
+        })
+    }
+
+    /// `firewallAccommodation` as config.yaml says now, when it differs
+    /// from the value in use (an unreadable file changes nothing).
+    pub fn accommodation_changed(&self) -> Option<bool> {
+        let now = Settings::load_from(&self.settings_file)
+            .ok()?
+            .get_bool("firewallAccommodation")
+            .ok()?
+            .unwrap_or(true);
+        (now != self.accommodate).then_some(now)
+    }
+
+    /// Applies a changed `firewallAccommodation` to every running VM: puts
+    /// lume's accepts in other tools' chains, or removes them, and rewrites
+    /// lume's table (its marks). Returns what it did, for the log; `None`
+    /// when a join or leave holds the network lock (the next check retries).
+    pub fn apply_accommodation(&mut self, on: bool) -> Option<String> {
+        let path = self.root.join("network.lock");
+        let Ok(Some(_guard)) = VmLock::acquire_within(&path, Duration::from_millis(200)) else {
+            return None;
+        };
+        self.accommodate = on;
+        Some(match self.apply_firewall() {
+            Ok(()) => accommodation_note(on, &self.settings_file),
+            Err(e) => format!(
+                "{}, but lume's firewall could not be rewritten: {}",
+                accommodation_note(on, &self.settings_file),
+                crate::error_chain(&e)
+            ),
         })
     }
 
@@ -696,6 +731,21 @@ impl Networks {
     }
 }
 
+/// The log line for a changed `firewallAccommodation`.
+fn accommodation_note(on: bool, file: &Path) -> String {
+    if on {
+        format!(
+            "firewallAccommodation changed to true in {}: lume puts its accepts in Docker's, ufw's and firewalld's chains for every running VM",
+            file.display()
+        )
+    } else {
+        format!(
+            "firewallAccommodation changed to false in {}: lume removed its accepts from Docker's, ufw's and firewalld's chains and leaves them alone for every running VM",
+            file.display()
+        )
+    }
+}
+
 /// Routes on devices other than `bridge` that claim part of `subnet`.
 /// Catch-all routes (prefix below /8, such as a VPN's 0/1 and 128/1) do not
 /// count: the bridge's own, more specific route wins over them.
@@ -1062,6 +1112,38 @@ fn forwarding_restore(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        let mut nets = Networks::from_settings(&Settings::load_from(&file).unwrap()).unwrap();
+        assert!(nets.accommodate, "on by default");
+        assert_eq!(nets.accommodation_changed(), None);
+        std::fs::write(
+            &file,
+            "natSubnet: 10.9.0.0/24\nfirewallAccommodation: false\n",
+        )
+        .unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(false));
+        nets.accommodate = false;
+        assert_eq!(nets.accommodation_changed(), None);
+        // `lume config set` writes the string form too; removing the key means true.
+        std::fs::write(&file, "firewallAccommodation: 'true'\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        std::fs::write(&file, "{}\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        // An unreadable file changes nothing.
+        std::fs::write(&file, "firewallAccommodation: [\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), None);
+        let note = accommodation_note(false, &file);
+        assert!(
+            note.starts_with("firewallAccommodation changed to false in ")
+                && note.contains("removed its accepts"),
+            "{note}"
+        );
+        assert!(!note.contains("appeared"));
+    }
 
     fn route(dst: &str, prefix: u8, dev: &str) -> RouteV4 {
         RouteV4 {
