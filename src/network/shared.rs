@@ -20,7 +20,8 @@ use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::nft::Nft;
 use crate::firewall::{
-    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, Opening,
+    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
+    Opening,
 };
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
@@ -713,21 +714,46 @@ impl Networks {
             }
         }
         if let Ok(drops) = Nft.foreign_drops() {
-            for d in drops.into_iter().filter(|d| {
+            let list = active
+                .iter()
+                .map(|n| n.bridge.as_str())
+                .collect::<Vec<_>>()
+                .join(" and ");
+            for d in drops {
                 let bridges = self.bridges_for_hook(&d.family, &d.hook);
-                !bridges.is_empty() && d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
-            }) {
-                out.push(format!(
-                    "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
-                    active
-                        .iter()
-                        .map(|n| n.bridge.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" and ")
-                ));
+                if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
+                    out.push(w);
+                }
             }
         }
         out
+    }
+}
+
+/// The watcher's warning about another table's drop of traffic of
+/// `bridges` (the active ones at its hook; `list`: every active bridge),
+/// if it drops any: a known tool's policy names the tool and the setting.
+fn drop_warning(
+    d: &ForeignDrop,
+    bridges: &[&str],
+    list: &str,
+    accommodate: bool,
+) -> Option<String> {
+    if bridges.is_empty() || !d.affects(bridges) || d.accommodated_for(bridges).is_some() {
+        return None;
+    }
+    match &d.tool_chain {
+        // The user accepts lume's bridges in the tool's chain.
+        Some(_) if d.user_accepted_for(bridges).is_some() => None,
+        Some(chain) if !accommodate => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {list} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
+        )),
+        Some(chain) => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
+        )),
+        None => Some(format!(
+            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use bridged mode"
+        )),
     }
 }
 
@@ -1112,6 +1138,40 @@ fn forwarding_restore(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_tool_s_drop_is_named_with_the_setting() {
+        let mut d = ForeignDrop {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            hook: "forward".into(),
+            how: "policy drop".into(),
+            interfaces: Vec::new(),
+            accommodated: Vec::new(),
+            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
+            user_accepts: Vec::new(),
+        };
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(
+            w.contains("Docker's chain ip filter DOCKER-USER")
+                && w.contains("firewallAccommodation is false")
+                && !w.contains("kill switch"),
+            "{w}"
+        );
+        assert!(drop_warning(&d, &[], "lume0", false).is_none());
+        d.user_accepts = vec![(
+            "Docker's chain ip filter DOCKER-USER".into(),
+            "lume0".into(),
+        )];
+        assert!(
+            drop_warning(&d, &["lume0"], "lume0", false).is_none(),
+            "the user's own accepts"
+        );
+        d.tool_chain = None;
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(w.contains("a VPN kill switch or another firewall"), "{w}");
+    }
 
     #[test]
     fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
