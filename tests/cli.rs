@@ -859,3 +859,14 @@ fn user_mode_without_passt_says_how_to_install_it() {
         "{err}"
     );
 }
+
+#[test]
+fn network_doctor_help_says_which_vms_it_checks() {
+    let home = Home::new();
+    let help = home.ok(&["network", "doctor", "--help"]);
+    assert!(
+        help.contains("--storage") && help.contains("running VMs of one storage location"),
+        "{help}"
+    );
+    assert!(!help.contains("every running VM"), "{help}");
+}

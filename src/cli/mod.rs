@@ -220,7 +220,7 @@ pub struct NetworkArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkTopCommand {
-    /// Check the host and every running VM; exit 1 if a check fails
+    /// Check the host, lume's networks (as the invoker's config.yaml sets them) and the running VMs of one storage location (--storage, default ~/.lume); exit 1 if a check fails
     Doctor {
         /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t)]
