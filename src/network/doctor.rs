@@ -202,27 +202,47 @@ fn dns_check(r: &mut Report, net: &super::shared::SharedNet) {
     use super::resolvers::{HOST_RESOLV_CONF, host_servers};
     let name = format!("dns {}", net.bridge);
     let given = net.dnsmasq().servers().unwrap_or_default().join(", ");
-    match host_servers(std::path::Path::new(HOST_RESOLV_CONF)) {
-        Ok(host) if host.join(", ") == given => r.add(
-            name,
+    let file = resolv_conf_named(std::path::Path::new(HOST_RESOLV_CONF));
+    let (ok, detail) = dns_verdict(
+        &file,
+        &given,
+        host_servers(std::path::Path::new(HOST_RESOLV_CONF)),
+    );
+    r.add(name, ok, detail);
+}
+
+/// How the doctor names the resolv.conf it compared: the path, and where
+/// a symlink leads (`/etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf`).
+fn resolv_conf_named(path: &std::path::Path) -> String {
+    match std::fs::canonicalize(path) {
+        Ok(real) if real != path => format!("{} -> {}", path.display(), real.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// The `dns` check: `file` as the doctor names it, `given` the servers
+/// dnsmasq forwards to, `host` what that file names.
+fn dns_verdict(
+    file: &str,
+    given: &str,
+    host: Result<Vec<String>, std::io::Error>,
+) -> (bool, String) {
+    match host {
+        Ok(host) if host.join(", ") == given => (
             true,
-            format!("guests' queries go to the host's resolvers: {given}"),
+            format!("guests' queries go to the host's resolvers as {file} names them: {given}"),
         ),
-        Ok(host) => r.add(
-            name,
+        Ok(host) => (
             false,
             format!(
-                "dnsmasq forwards to {} but the host's {HOST_RESOLV_CONF} names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs",
-                if given.is_empty() { "nothing" } else { &given },
+                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file",
+                if given.is_empty() { "nothing" } else { given },
                 host.join(", ")
             ),
         ),
-        Err(e) => r.add(
-            name,
+        Err(e) => (
             false,
-            format!(
-                "Cannot read {HOST_RESOLV_CONF} ({e}): guests keep the servers {given}; restore the file"
-            ),
+            format!("Cannot read {file} ({e}): guests keep the servers {given}; restore the file"),
         ),
     }
 }
@@ -514,6 +534,45 @@ mod tests {
             tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
             user_accepts,
         }
+    }
+
+    #[test]
+    fn the_dns_check_names_the_resolv_conf_it_compared() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("stub-resolv.conf");
+        std::fs::write(&real, "nameserver 127.0.0.53\n").unwrap();
+        let link = dir.path().join("resolv.conf");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let file = resolv_conf_named(&link);
+        assert_eq!(
+            file,
+            format!(
+                "{} -> {}",
+                link.display(),
+                real.canonicalize().unwrap().display()
+            )
+        );
+        assert_eq!(
+            resolv_conf_named(&dir.path().join("none")),
+            dir.path().join("none").display().to_string()
+        );
+        let (ok, d) = dns_verdict(&file, "10.0.0.1", Ok(vec!["127.0.0.53".into()]));
+        assert!(!ok);
+        assert!(
+            d.contains(&format!(
+                "but {file}, as this doctor's process sees it, names 127.0.0.53"
+            )) && d.contains("mount namespace"),
+            "{d}"
+        );
+        let (ok, d) = dns_verdict(
+            "/etc/resolv.conf",
+            "127.0.0.53",
+            Ok(vec!["127.0.0.53".into()]),
+        );
+        assert!(
+            ok && d.ends_with("as /etc/resolv.conf names them: 127.0.0.53"),
+            "{d}"
+        );
     }
 
     #[test]
