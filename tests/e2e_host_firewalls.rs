@@ -12,7 +12,8 @@
 //! kill switch still blocks and the doctor says lume does not override it;
 //! the last VM's stop and the collection after a killed supervisor leave
 //! nothing of lume's in those chains; `firewallAccommodation: false` keeps
-//! lume out of them.
+//! lume out of them (and, changed while a VM runs, is applied within a
+//! second); the user's own accepts from docs/networking.md then let NAT work.
 
 mod common;
 
@@ -407,6 +408,27 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     });
     eprintln!("lume's accepts in a newly started Docker's DOCKER-USER after {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // The setting changed while the VM runs: the watcher applies it within a second.
+    t.home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
+    );
+    wait_for("lume's accepts removed", Duration::from_secs(2), || {
+        lume_rules(&t.host).is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lume_rules(&t.host), Vec::new(), "not put back");
+    t.home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+    );
+    let took = back_in(&t.host, "ip filter DOCKER-USER");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+    assert!(
+        log.contains("firewallAccommodation changed to false in ")
+            && log.contains("firewallAccommodation changed to true in "),
+        "{log}"
+    );
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
 }
