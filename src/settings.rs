@@ -46,6 +46,77 @@ pub enum SettingsError {
     NoSuchGroup(String),
     #[error("The setting '{0}' is true or false: lume config set {0} false")]
     NotBool(String),
+    #[error("The setting '{key}' must be an IPv4 subnet")]
+    BadSubnet {
+        key: String,
+        #[source]
+        source: crate::network::subnet::BadSubnet,
+    },
+    #[error("The setting 'userSubnet' must be an IPv4 subnet")]
+    BadUserSubnet(#[source] crate::network::user::BadSubnet),
+    #[error(
+        "The interface name '{value}' for {key} is invalid: use 1 to 15 characters without '/', ':' or spaces, such as lume0"
+    )]
+    BadInterfaceName { key: String, value: String },
+    #[error(
+        "The setting homeDirectory must be an absolute path (or start with ~/), not '{0}': lume config set homeDirectory /srv/lume"
+    )]
+    NotAbsolute(String),
+    #[error("'{key}' is not set in {path}: `lume config set {key} VALUE` sets it")]
+    NotSet { key: String, path: PathBuf },
+}
+
+/// The keys lume reads from config.yaml.
+pub const KNOWN_KEYS: &[&str] = &[
+    "accelerator",
+    "homeDirectory",
+    "userSubnet",
+    "natBridge",
+    "natSubnet",
+    "hostBridge",
+    "hostSubnet",
+    "firewallAccommodation",
+    crate::api::auth::API_GROUP_KEY,
+];
+
+/// The default of a known key that has one, as `lume config get KEY` prints it.
+pub fn default_value(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "userSubnet" => "10.0.2.0/24",
+        "natBridge" => "lume0",
+        "natSubnet" => "192.168.64.0/24",
+        "hostBridge" => "lume-host0",
+        "hostSubnet" => "192.168.65.0/24",
+        "firewallAccommodation" => "true",
+        _ => return None,
+    })
+}
+
+/// The known key closest to an unknown one (same letters in another case,
+/// or at most a third of the letters different), to suggest it.
+pub fn closest_known_key(key: &str) -> Option<&'static str> {
+    let lower = key.to_lowercase();
+    KNOWN_KEYS
+        .iter()
+        .map(|k| (distance(&lower, &k.to_lowercase()), *k))
+        .min()
+        .filter(|(d, k)| *d <= (k.len() / 3).max(1))
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// The parsed settings file (empty when it does not exist).
@@ -152,6 +223,32 @@ impl Settings {
         if key == "accelerator" {
             value.parse::<AccelChoice>()?;
         }
+        let bad_subnet = |source: crate::network::subnet::BadSubnet| SettingsError::BadSubnet {
+            key: key.into(),
+            source,
+        };
+        match key {
+            "natSubnet" | "hostSubnet" => {
+                value
+                    .parse::<crate::network::subnet::Subnet>()
+                    .map_err(bad_subnet)?;
+            }
+            "userSubnet" => {
+                value
+                    .parse::<crate::network::user::UserNet>()
+                    .map_err(SettingsError::BadUserSubnet)?;
+            }
+            "natBridge" | "hostBridge" if !crate::network::mode::valid_ifname(value) => {
+                return Err(SettingsError::BadInterfaceName {
+                    key: key.into(),
+                    value: value.into(),
+                });
+            }
+            "homeDirectory" if !(value.starts_with('/') || value.starts_with("~/")) => {
+                return Err(SettingsError::NotAbsolute(value.into()));
+            }
+            _ => {}
+        }
         if key == crate::api::auth::API_GROUP_KEY
             && !matches!(nix::unistd::Group::from_name(value), Ok(Some(_)))
         {
@@ -238,6 +335,41 @@ mod tests {
             e.starts_with("Setting 'c'") && e.contains("true or false"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn known_keys_are_validated_and_unknown_ones_get_a_suggestion() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::load_from(&dir.path().join("config.yaml")).unwrap();
+        for (key, value) in [
+            ("natSubnet", "bogus"),
+            ("hostSubnet", "10.0.0.0/33"),
+            ("userSubnet", "nope"),
+            ("natBridge", "a/b"),
+            ("hostBridge", "much-too-long-name0"),
+            ("homeDirectory", "relative/vms"),
+            ("firewallAccommodation", "yes"),
+            ("accelerator", "warp"),
+        ] {
+            let e = s.set_from_command_line(key, value).unwrap_err();
+            let text = e.to_string();
+            assert!(text.chars().next().unwrap().is_uppercase(), "{text}");
+            assert!(
+                text.contains(key) || crate::error_chain(&e).contains(value),
+                "{key}: {text}"
+            );
+        }
+        assert!(s.as_mapping().is_empty(), "nothing stored");
+        s.set_from_command_line("natSubnet", "10.77.0.0/24")
+            .unwrap();
+        s.set_from_command_line("natBridge", "lumetest0").unwrap();
+        s.set_from_command_line("homeDirectory", "~/vms").unwrap();
+        assert_eq!(
+            closest_known_key("firewallaccommodation"),
+            Some("firewallAccommodation")
+        );
+        assert_eq!(closest_known_key("natSubent"), Some("natSubnet"));
+        assert_eq!(closest_known_key("cachingEnabled"), None);
     }
 
     #[test]

@@ -859,3 +859,61 @@ fn user_mode_without_passt_says_how_to_install_it() {
         "{err}"
     );
 }
+
+#[test]
+fn network_doctor_help_says_which_vms_it_checks() {
+    let home = Home::new();
+    let help = home.ok(&["network", "doctor", "--help"]);
+    assert!(
+        help.contains("--storage") && help.contains("running VMs of one storage location"),
+        "{help}"
+    );
+    assert!(!help.contains("every running VM"), "{help}");
+}
+
+#[test]
+fn config_set_validates_known_keys_and_warns_about_unknown_ones() {
+    let home = Home::new();
+    let err = home.fails(&["config", "set", "natSubnet", "bogus"]);
+    assert!(
+        err.contains("The setting 'natSubnet' must be an IPv4 subnet")
+            && err.contains("Invalid subnet 'bogus'"),
+        "{err}"
+    );
+    let err = home.fails(&["config", "set", "natBridge", "a b"]);
+    assert!(
+        err.contains("The interface name 'a b' for natBridge is invalid"),
+        "{err}"
+    );
+    let err = home.fails(&["config", "set", "homeDirectory", "vms"]);
+    assert!(err.contains("must be an absolute path"), "{err}");
+    assert!(!home.config_yaml().exists(), "nothing stored");
+    // A misspelt key: a warning naming the known one, stored all the same.
+    let out = home.lume(&["config", "set", "firewallaccommodation", "false"]);
+    assert!(out.status.success());
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warn.contains("Warning: 'firewallaccommodation' is not a key lume reads")
+            && warn.contains("did you mean firewallAccommodation?"),
+        "{warn}"
+    );
+    let text = fs::read_to_string(home.config_yaml()).unwrap();
+    assert!(text.contains("firewallaccommodation: 'false'"), "{text}");
+    // A known key: no warning.
+    let out = home.lume(&["config", "set", "natSubnet", "10.77.0.0/24"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    // get KEY prints only the value; a known key's default when not set.
+    assert_eq!(home.ok(&["config", "get", "natSubnet"]), "10.77.0.0/24\n");
+    assert_eq!(home.ok(&["config", "get", "hostBridge"]), "lume-host0\n");
+    assert_eq!(
+        home.ok(&["config", "get", "firewallaccommodation"]),
+        "false\n"
+    );
+    home.ok(&["config", "set", "firewallAccommodation", "false"]);
+    assert_eq!(
+        home.ok(&["config", "get", "firewallAccommodation"]),
+        "false\n"
+    );
+    let err = home.fails(&["config", "get", "apiGroup"]);
+    assert!(err.contains("'apiGroup' is not set in"), "{err}");
+}

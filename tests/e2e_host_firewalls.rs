@@ -12,7 +12,8 @@
 //! kill switch still blocks and the doctor says lume does not override it;
 //! the last VM's stop and the collection after a killed supervisor leave
 //! nothing of lume's in those chains; `firewallAccommodation: false` keeps
-//! lume out of them.
+//! lume out of them (and, changed while a VM runs, is applied within a
+//! second); the user's own accepts from docs/networking.md then let NAT work.
 
 mod common;
 
@@ -345,6 +346,41 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
 
+    // Still off, with the user's own accepts as docs/networking.md gives
+    // them for Docker and ufw (firewalld's table set aside meanwhile):
+    // egress, replies, published ports, DHCP and DNS all pass, and the
+    // doctor recognises the accepts.
+    t.host.exec_ok("nft delete table inet firewalld");
+    t.host.exec_ok(
+        "iptables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         iptables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT && \
+         iptables-nft -I DOCKER-USER -i lume0 -j ACCEPT && \
+         iptables-nft -A ufw-user-forward -i lume0 -j ACCEPT && \
+         iptables-nft -A ufw-user-forward -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 67 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 53 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -p tcp --dport 53 -j ACCEPT",
+    );
+    t.lume_ok(&["run", "web", "--detach"]);
+    assert_eq!(lume_rules(&t.host), Vec::new());
+    let n = count_from(&peer, host_ip);
+    wait_for("traffic through the user's own accepts", BOOT, || {
+        (count_from(&peer, host_ip) > n).then_some(())
+    });
+    assert!(published(), "the published port through the user's accepts");
+    let (healthy, checks) = doctor(&t);
+    let fw = firewall_lines(&checks);
+    assert!(healthy, "{checks:?}");
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains("table ip filter chain FORWARD")
+            && d.contains("rules of your own in Docker's chain ip filter DOCKER-USER")),
+        "{fw:?}"
+    );
+    t.lume_ok(&["stop", "web", "--timeout", "1"]);
+    t.host
+        .exec_ok(&format!("nft -f {}", fixture("firewalld.nft")));
+
     // On by default again, on a host without those tools: lume's table marks
     // nothing; Docker starting while the VM runs gets lume's accepts and the
     // marks within a second.
@@ -372,6 +408,27 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     });
     eprintln!("lume's accepts in a newly started Docker's DOCKER-USER after {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // The setting changed while the VM runs: the watcher applies it within a second.
+    t.home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
+    );
+    wait_for("lume's accepts removed", Duration::from_secs(2), || {
+        lume_rules(&t.host).is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lume_rules(&t.host), Vec::new(), "not put back");
+    t.home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+    );
+    let took = back_in(&t.host, "ip filter DOCKER-USER");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+    assert!(
+        log.contains("firewallAccommodation changed to false in ")
+            && log.contains("firewallAccommodation changed to true in "),
+        "{log}"
+    );
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
 }

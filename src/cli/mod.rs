@@ -220,7 +220,7 @@ pub struct NetworkArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkTopCommand {
-    /// Check the host and every running VM; exit 1 if a check fails
+    /// Check the host, lume's networks (as the invoker's config.yaml sets them) and the running VMs of one storage location (--storage, default ~/.lume); exit 1 if a check fails
     Doctor {
         /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t)]
@@ -261,8 +261,11 @@ pub struct ConfigArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the settings file and the effective values
-    Get,
+    /// Print the settings file and the effective values, or only KEY's value
+    Get {
+        /// One key: print only its value (its default when not set)
+        key: Option<String>,
+    },
     /// Set one key in config.yaml (other keys are kept); an empty value is
     /// refused (use unset)
     Set { key: String, value: String },
@@ -454,7 +457,12 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
 
 fn config(c: ConfigArgs) -> Result<i32> {
     match c.command {
-        ConfigCommand::Get => {
+        ConfigCommand::Get { key: Some(key) } => {
+            let s = Settings::load()?;
+            println!("{}", config_value(&s, &key)?);
+            Ok(0)
+        }
+        ConfigCommand::Get { key: None } => {
             let s = Settings::load()?;
             println!("# {}", s.file().display());
             println!("accelerator: {}", format_accel(&s)?);
@@ -482,6 +490,15 @@ fn config(c: ConfigArgs) -> Result<i32> {
         }
         ConfigCommand::Set { key, value } => {
             let mut s = Settings::load()?;
+            if !crate::settings::KNOWN_KEYS.contains(&key.as_str()) {
+                let hint = match crate::settings::closest_known_key(&key) {
+                    Some(k) => format!("did you mean {k}? (`lume config unset {key}` removes it)"),
+                    None => format!("known keys: {}", crate::settings::KNOWN_KEYS.join(", ")),
+                };
+                eprintln!(
+                    "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
+                );
+            }
             s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
@@ -498,6 +515,29 @@ fn config(c: ConfigArgs) -> Result<i32> {
             }
             Ok(0)
         }
+    }
+}
+
+/// What `lume config get KEY` prints: the effective accelerator and VM
+/// location, else the value in the file, else a known key's default.
+fn config_value(s: &Settings, key: &str) -> Result<String> {
+    if key == "accelerator" {
+        return format_accel(s);
+    }
+    if key == "homeDirectory" {
+        return Ok(Store::new(None).root().display().to_string());
+    }
+    match s.as_mapping().get(key) {
+        Some(serde_yaml_ng::Value::String(v)) => Ok(v.clone()),
+        Some(v) if !v.is_null() => Ok(serde_yaml_ng::to_string(v)?.trim_end().to_string()),
+        _ => match crate::settings::default_value(key) {
+            Some(d) => Ok(d.to_string()),
+            None => Err(crate::settings::SettingsError::NotSet {
+                key: key.into(),
+                path: s.file().to_path_buf(),
+            }
+            .into()),
+        },
     }
 }
 

@@ -215,6 +215,9 @@ struct Chain {
     interfaces: Vec<String>,
     /// The handle of its first rule that drops or rejects.
     drops: Option<u64>,
+    /// Interfaces that rules of someone else's (not lume's) ending in
+    /// accept match on (`iptables -I DOCKER-USER -i lume0 -j ACCEPT`).
+    accepts: Vec<String>,
 }
 
 type Key = (String, String, String);
@@ -255,6 +258,7 @@ impl Ruleset {
                 let handle = r["handle"].as_u64().unwrap_or(0);
                 let lume = comment.as_deref().is_some_and(is_lume_comment);
                 let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+                let accepts = exprs.iter().any(|x| x.get("accept").is_some());
                 for x in &exprs {
                     for verb in ["jump", "goto"] {
                         if let Some(t) = x[verb]["target"].as_str() {
@@ -271,6 +275,9 @@ impl Ruleset {
                         && let Some(name) = m["right"].as_str()
                     {
                         e.interfaces.push(name.to_string());
+                        if accepts && !e.accepts.iter().any(|a| a == name) {
+                            e.accepts.push(name.to_string());
+                        }
                     }
                 }
                 if e.drops.is_none()
@@ -445,6 +452,10 @@ pub struct ForeignDrop {
     /// A chain lume accommodates reachable from this one (`Docker's chain
     /// ip filter DOCKER-USER`), with or without lume's accepts in it.
     pub tool_chain: Option<String>,
+    /// Accepts someone else put in a tool's chain reachable from this one
+    /// (`iptables -I DOCKER-USER -i lume0 -j ACCEPT`): the chain, the
+    /// interface they match.
+    pub user_accepts: Vec<(String, String)>,
 }
 
 impl ForeignDrop {
@@ -469,6 +480,26 @@ impl ForeignDrop {
             .accommodated
             .iter()
             .map(|(tool, chain, _)| format!("{tool}'s chain {chain}"))
+            .collect();
+        places.dedup();
+        Some(places.join(", "))
+    }
+
+    /// The tools' chains where rules of the user's (not lume's) accept
+    /// traffic of every one of `bridges` (matching it as input or output
+    /// interface), when they all are: the user accommodates lume there.
+    pub fn user_accepted_for(&self, bridges: &[&str]) -> Option<String> {
+        let all = bridges
+            .iter()
+            .all(|b| self.user_accepts.iter().any(|(_, i)| i == b));
+        if !all || bridges.is_empty() {
+            return None;
+        }
+        let mut places: Vec<String> = self
+            .user_accepts
+            .iter()
+            .filter(|(_, i)| bridges.contains(&i.as_str()))
+            .map(|(chain, _)| chain.clone())
             .collect();
         places.dedup();
         Some(places.join(", "))
@@ -507,6 +538,7 @@ pub fn foreign_drops(rs: &Ruleset) -> Vec<ForeignDrop> {
         };
         let mut accommodated = Vec::new();
         let mut tool_chain = None;
+        let mut user_accepts = Vec::new();
         for reach in rs.reachable(family, table, name) {
             let Some(rc) = rs.chain(family, table, &reach) else {
                 continue;
@@ -516,6 +548,12 @@ pub fn foreign_drops(rs: &Ruleset) -> Vec<ForeignDrop> {
                 .find(|t| t.family == family && t.table == table && t.chain == reach);
             if let Some(t) = target {
                 tool_chain.get_or_insert_with(|| t.to_string());
+                for i in &rc.accepts {
+                    let entry = (t.to_string(), i.clone());
+                    if !user_accepts.contains(&entry) {
+                        user_accepts.push(entry);
+                    }
+                }
             }
             let tool = target.map(|t| t.tool).unwrap_or("another tool");
             for (_, comment) in &rc.rules {
@@ -545,6 +583,7 @@ pub fn foreign_drops(rs: &Ruleset) -> Vec<ForeignDrop> {
             interfaces: c.interfaces.clone(),
             accommodated,
             tool_chain,
+            user_accepts,
         });
     }
     out
@@ -662,6 +701,41 @@ mod tests {
             ks.to_string(),
             "table inet killswitch chain fwd (forward hook): policy drop"
         );
+    }
+
+    #[test]
+    fn the_user_s_own_accepts_in_a_tool_s_chain_are_recognised() {
+        // firewallAccommodation: false and the user's rules in DOCKER-USER.
+        let user = DOCKER
+            .lines()
+            .filter(|l| !l.contains("\"comment\":\"lume: "))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(
+                r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+                r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":30,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"lume0"}},{"counter":null},{"accept":null}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":31,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"eth9"}},{"counter":null},{"drop":null}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+            );
+        let drops = foreign_drops(&Ruleset::parse(&user));
+        let docker = drops.iter().find(|d| d.table == "filter").unwrap();
+        assert_eq!(docker.accommodated_for(&["lume0"]), None);
+        assert_eq!(
+            docker.user_accepted_for(&["lume0"]).as_deref(),
+            Some("Docker's chain ip filter DOCKER-USER")
+        );
+        assert_eq!(
+            docker.user_accepted_for(&["eth9"]),
+            None,
+            "a drop is no accept"
+        );
+        assert_eq!(docker.user_accepted_for(&["lume0", "lume-host0"]), None);
+        // lume's own rules are not the user's.
+        let lume = foreign_drops(&Ruleset::parse(DOCKER));
+        let docker = lume.iter().find(|d| d.table == "filter").unwrap();
+        assert_eq!(docker.user_accepted_for(&["lume0"]), None);
+        let ks = lume.iter().find(|d| d.table == "killswitch").unwrap();
+        assert_eq!(ks.user_accepted_for(&["lume0"]), None);
     }
 
     #[test]

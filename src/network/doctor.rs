@@ -202,27 +202,47 @@ fn dns_check(r: &mut Report, net: &super::shared::SharedNet) {
     use super::resolvers::{HOST_RESOLV_CONF, host_servers};
     let name = format!("dns {}", net.bridge);
     let given = net.dnsmasq().servers().unwrap_or_default().join(", ");
-    match host_servers(std::path::Path::new(HOST_RESOLV_CONF)) {
-        Ok(host) if host.join(", ") == given => r.add(
-            name,
+    let file = resolv_conf_named(std::path::Path::new(HOST_RESOLV_CONF));
+    let (ok, detail) = dns_verdict(
+        &file,
+        &given,
+        host_servers(std::path::Path::new(HOST_RESOLV_CONF)),
+    );
+    r.add(name, ok, detail);
+}
+
+/// How the doctor names the resolv.conf it compared: the path, and where
+/// a symlink leads (`/etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf`).
+fn resolv_conf_named(path: &std::path::Path) -> String {
+    match std::fs::canonicalize(path) {
+        Ok(real) if real != path => format!("{} -> {}", path.display(), real.display()),
+        _ => path.display().to_string(),
+    }
+}
+
+/// The `dns` check: `file` as the doctor names it, `given` the servers
+/// dnsmasq forwards to, `host` what that file names.
+fn dns_verdict(
+    file: &str,
+    given: &str,
+    host: Result<Vec<String>, std::io::Error>,
+) -> (bool, String) {
+    match host {
+        Ok(host) if host.join(", ") == given => (
             true,
-            format!("guests' queries go to the host's resolvers: {given}"),
+            format!("guests' queries go to the host's resolvers as {file} names them: {given}"),
         ),
-        Ok(host) => r.add(
-            name,
+        Ok(host) => (
             false,
             format!(
-                "dnsmasq forwards to {} but the host's {HOST_RESOLV_CONF} names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs",
-                if given.is_empty() { "nothing" } else { &given },
+                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file",
+                if given.is_empty() { "nothing" } else { given },
                 host.join(", ")
             ),
         ),
-        Err(e) => r.add(
-            name,
+        Err(e) => (
             false,
-            format!(
-                "Cannot read {HOST_RESOLV_CONF} ({e}): guests keep the servers {given}; restore the file"
-            ),
+            format!("Cannot read {file} ({e}): guests keep the servers {given}; restore the file"),
         ),
     }
 }
@@ -257,34 +277,8 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             continue;
         }
         any = true;
-        let list = bridges.join(" and ");
-        match d.accommodated_for(&bridges) {
-            Some(place) => r.add(
-                "other firewalls",
-                true,
-                format!("{d}: another tool's policy, accommodated: lume accepts the traffic of {list} in {place}"),
-            ),
-            None if nets.accommodate && is_tool_table(d) => r.add(
-                "other firewalls",
-                false,
-                format!("{d}: lume's accepts for {list} are missing from {}; lume's watcher puts them back within a second — if this stays, check the watcher below", d.tool_chain.as_deref().unwrap_or("that tool's chain")),
-            ),
-            None if is_tool_table(d) => r.add(
-                "other firewalls",
-                false,
-                format!(
-                    "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {} alone: accept {list} there yourself, or set firewallAccommodation: true and restart the VMs",
-                    d.tool_chain.as_deref().unwrap_or("that tool's chain")
-                ),
-            ),
-            None => r.add(
-                "other firewalls",
-                false,
-                format!(
-                    "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
-                ),
-            ),
-        }
+        let (ok, detail) = foreign_verdict(d, &bridges, nets.accommodate);
+        r.add("other firewalls", ok, detail);
     }
     if !any {
         r.add(
@@ -292,6 +286,49 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             true,
             "no other table drops traffic of lume's bridges",
         );
+    }
+}
+
+/// Whether a drop of another table that affects `bridges` (active lume
+/// bridges) lets their traffic through, and why.
+fn foreign_verdict(d: &ForeignDrop, bridges: &[&str], accommodate: bool) -> (bool, String) {
+    let list = bridges.join(" and ");
+    let chain = d.tool_chain.as_deref().unwrap_or("that tool's chain");
+    if let Some(place) = d.accommodated_for(bridges) {
+        return (
+            true,
+            format!(
+                "{d}: another tool's policy, accommodated: lume accepts the traffic of {list} in {place}"
+            ),
+        );
+    }
+    if let Some(place) = d.user_accepted_for(bridges).filter(|_| is_tool_table(d)) {
+        return (
+            true,
+            format!(
+                "{d}: another tool's policy; rules of your own in {place} accept traffic of {list} (firewallAccommodation is {accommodate}): lume does not check them further — if the VMs' traffic fails, compare them with the rules in docs/networking.md"
+            ),
+        );
+    }
+    match (accommodate, is_tool_table(d)) {
+        (true, true) => (
+            false,
+            format!(
+                "{d}: lume's accepts for {list} are missing from {chain}; lume's watcher puts them back within a second — if this stays, check the watcher below"
+            ),
+        ),
+        (false, true) => (
+            false,
+            format!(
+                "{d}: it drops traffic to or from {list}, and firewallAccommodation is false in config.yaml, so lume leaves {chain} alone: accept {list} there yourself (the rules are in docs/networking.md), or set firewallAccommodation: true"
+            ),
+        ),
+        (_, false) => (
+            false,
+            format!(
+                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
+            ),
+        ),
     }
 }
 
@@ -478,5 +515,92 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docker_drop(user_accepts: Vec<(String, String)>) -> ForeignDrop {
+        ForeignDrop {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            hook: "forward".into(),
+            how: "policy drop".into(),
+            interfaces: vec!["docker0".into()],
+            accommodated: Vec::new(),
+            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
+            user_accepts,
+        }
+    }
+
+    #[test]
+    fn the_dns_check_names_the_resolv_conf_it_compared() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("stub-resolv.conf");
+        std::fs::write(&real, "nameserver 127.0.0.53\n").unwrap();
+        let link = dir.path().join("resolv.conf");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let file = resolv_conf_named(&link);
+        assert_eq!(
+            file,
+            format!(
+                "{} -> {}",
+                link.display(),
+                real.canonicalize().unwrap().display()
+            )
+        );
+        assert_eq!(
+            resolv_conf_named(&dir.path().join("none")),
+            dir.path().join("none").display().to_string()
+        );
+        let (ok, d) = dns_verdict(&file, "10.0.0.1", Ok(vec!["127.0.0.53".into()]));
+        assert!(!ok);
+        assert!(
+            d.contains(&format!(
+                "but {file}, as this doctor's process sees it, names 127.0.0.53"
+            )) && d.contains("mount namespace"),
+            "{d}"
+        );
+        let (ok, d) = dns_verdict(
+            "/etc/resolv.conf",
+            "127.0.0.53",
+            Ok(vec!["127.0.0.53".into()]),
+        );
+        assert!(
+            ok && d.ends_with("as /etc/resolv.conf names them: 127.0.0.53"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn the_user_s_own_accepts_pass_when_accommodation_is_off() {
+        let (ok, detail) = foreign_verdict(&docker_drop(Vec::new()), &["lume0"], false);
+        assert!(!ok);
+        assert!(
+            detail.contains("firewallAccommodation is false"),
+            "{detail}"
+        );
+        let mine = vec![(
+            "Docker's chain ip filter DOCKER-USER".to_string(),
+            "lume0".to_string(),
+        )];
+        let (ok, detail) = foreign_verdict(&docker_drop(mine.clone()), &["lume0"], false);
+        assert!(ok, "{detail}");
+        assert!(
+            detail.contains(
+                "rules of your own in Docker's chain ip filter DOCKER-USER accept traffic of lume0"
+            ),
+            "{detail}"
+        );
+        // Not for another bridge, and never for a table lume does not know.
+        let (ok, _) = foreign_verdict(&docker_drop(mine.clone()), &["lume1"], false);
+        assert!(!ok);
+        let mut ks = docker_drop(mine);
+        ks.tool_chain = None;
+        let (ok, detail) = foreign_verdict(&ks, &["lume0"], false);
+        assert!(!ok && detail.contains("must not override"), "{detail}");
     }
 }

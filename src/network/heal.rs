@@ -90,10 +90,11 @@ fn run(networks: &Networks, stop: &AtomicBool) {
 
 /// The watching loop, while this process holds the watcher lock.
 fn watch(networks: &Networks, stop: &AtomicBool) {
+    let mut networks = networks.clone();
     let mut events = Events::open();
     let mut warned: HashSet<String> = HashSet::new();
     record(
-        networks,
+        &networks,
         &format!(
             "watcher: process {} now watches lume's networks ({} event sources, check every {} ms)",
             std::process::id(),
@@ -112,8 +113,21 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         // so it is listed on nftables events and once a second.
         tick = tick.wrapping_add(1);
         let slow = tick.is_multiple_of(4);
+        // config.yaml's firewallAccommodation applies to every running VM
+        // within a second, whatever the value this watcher started with;
+        // read before each firewall check, so that a VM started with
+        // another value (an nftables event) is not undone with the old one.
+        if (woken.nft || slow)
+            && let Some(on) = networks.accommodation_changed()
+        {
+            match networks.apply_accommodation(on) {
+                Some(note) => record(&networks, &note),
+                // A join or leave holds the lock: not with the old value now.
+                None => continue,
+            }
+        }
         for repair in networks.heal(woken.nft || slow) {
-            record(networks, &format!("repaired: {repair}"));
+            record(&networks, &format!("repaired: {repair}"));
         }
         if slow {
             networks.cap_logs();
@@ -123,10 +137,10 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         }
         let now: HashSet<String> = networks.warnings().into_iter().collect();
         for w in now.difference(&warned) {
-            record(networks, &format!("warning: {w}"));
+            record(&networks, &format!("warning: {w}"));
         }
         for w in warned.difference(&now) {
-            record(networks, &format!("resolved: {w}"));
+            record(&networks, &format!("resolved: {w}"));
         }
         warned = now;
     }

@@ -20,7 +20,8 @@ use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::nft::Nft;
 use crate::firewall::{
-    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, Opening,
+    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
+    Opening,
 };
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
@@ -121,6 +122,9 @@ pub struct Networks {
     /// config.yaml `firewallAccommodation` (default true): put accepts for
     /// lume's bridges in the chains Docker, ufw and firewalld keep for them.
     pub accommodate: bool,
+    /// The config.yaml these were read from: the watcher reads
+    /// `firewallAccommodation` there again once a second.
+    pub settings_file: PathBuf,
 }
 
 /// A VM's membership record.
@@ -248,7 +252,39 @@ impl Networks {
                 dir: root.join("host"),
             },
             accommodate: s.get_bool("firewallAccommodation")?.unwrap_or(true),
+            settings_file: s.file().to_path_buf(),
             root,
+        })
+    }
+
+    /// `firewallAccommodation` as config.yaml says now, when it differs
+    /// from the value in use (an unreadable file changes nothing).
+    pub fn accommodation_changed(&self) -> Option<bool> {
+        let now = Settings::load_from(&self.settings_file)
+            .ok()?
+            .get_bool("firewallAccommodation")
+            .ok()?
+            .unwrap_or(true);
+        (now != self.accommodate).then_some(now)
+    }
+
+    /// Applies a changed `firewallAccommodation` to every running VM: puts
+    /// lume's accepts in other tools' chains, or removes them, and rewrites
+    /// lume's table (its marks). Returns what it did, for the log; `None`
+    /// when a join or leave holds the network lock (the next check retries).
+    pub fn apply_accommodation(&mut self, on: bool) -> Option<String> {
+        let path = self.root.join("network.lock");
+        let Ok(Some(_guard)) = VmLock::acquire_within(&path, Duration::from_millis(200)) else {
+            return None;
+        };
+        self.accommodate = on;
+        Some(match self.apply_firewall() {
+            Ok(()) => accommodation_note(on, &self.settings_file),
+            Err(e) => format!(
+                "{}, but lume's firewall could not be rewritten: {}",
+                accommodation_note(on, &self.settings_file),
+                crate::error_chain(&e)
+            ),
         })
     }
 
@@ -678,21 +714,61 @@ impl Networks {
             }
         }
         if let Ok(drops) = Nft.foreign_drops() {
-            for d in drops.into_iter().filter(|d| {
+            let list = active
+                .iter()
+                .map(|n| n.bridge.as_str())
+                .collect::<Vec<_>>()
+                .join(" and ");
+            for d in drops {
                 let bridges = self.bridges_for_hook(&d.family, &d.hook);
-                !bridges.is_empty() && d.affects(&bridges) && d.accommodated_for(&bridges).is_none()
-            }) {
-                out.push(format!(
-                    "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {} there, or use bridged mode",
-                    active
-                        .iter()
-                        .map(|n| n.bridge.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" and ")
-                ));
+                if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
+                    out.push(w);
+                }
             }
         }
         out
+    }
+}
+
+/// The watcher's warning about another table's drop of traffic of
+/// `bridges` (the active ones at its hook; `list`: every active bridge),
+/// if it drops any: a known tool's policy names the tool and the setting.
+fn drop_warning(
+    d: &ForeignDrop,
+    bridges: &[&str],
+    list: &str,
+    accommodate: bool,
+) -> Option<String> {
+    if bridges.is_empty() || !d.affects(bridges) || d.accommodated_for(bridges).is_some() {
+        return None;
+    }
+    match &d.tool_chain {
+        // The user accepts lume's bridges in the tool's chain.
+        Some(_) if d.user_accepted_for(bridges).is_some() => None,
+        Some(chain) if !accommodate => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {list} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
+        )),
+        Some(chain) => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
+        )),
+        None => Some(format!(
+            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use bridged mode"
+        )),
+    }
+}
+
+/// The log line for a changed `firewallAccommodation`.
+fn accommodation_note(on: bool, file: &Path) -> String {
+    if on {
+        format!(
+            "firewallAccommodation changed to true in {}: lume puts its accepts in Docker's, ufw's and firewalld's chains for every running VM",
+            file.display()
+        )
+    } else {
+        format!(
+            "firewallAccommodation changed to false in {}: lume removed its accepts from Docker's, ufw's and firewalld's chains and leaves them alone for every running VM",
+            file.display()
+        )
     }
 }
 
@@ -1062,6 +1138,72 @@ fn forwarding_restore(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_tool_s_drop_is_named_with_the_setting() {
+        let mut d = ForeignDrop {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            hook: "forward".into(),
+            how: "policy drop".into(),
+            interfaces: Vec::new(),
+            accommodated: Vec::new(),
+            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
+            user_accepts: Vec::new(),
+        };
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(
+            w.contains("Docker's chain ip filter DOCKER-USER")
+                && w.contains("firewallAccommodation is false")
+                && !w.contains("kill switch"),
+            "{w}"
+        );
+        assert!(drop_warning(&d, &[], "lume0", false).is_none());
+        d.user_accepts = vec![(
+            "Docker's chain ip filter DOCKER-USER".into(),
+            "lume0".into(),
+        )];
+        assert!(
+            drop_warning(&d, &["lume0"], "lume0", false).is_none(),
+            "the user's own accepts"
+        );
+        d.tool_chain = None;
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(w.contains("a VPN kill switch or another firewall"), "{w}");
+    }
+
+    #[test]
+    fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        let mut nets = Networks::from_settings(&Settings::load_from(&file).unwrap()).unwrap();
+        assert!(nets.accommodate, "on by default");
+        assert_eq!(nets.accommodation_changed(), None);
+        std::fs::write(
+            &file,
+            "natSubnet: 10.9.0.0/24\nfirewallAccommodation: false\n",
+        )
+        .unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(false));
+        nets.accommodate = false;
+        assert_eq!(nets.accommodation_changed(), None);
+        // `lume config set` writes the string form too; removing the key means true.
+        std::fs::write(&file, "firewallAccommodation: 'true'\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        std::fs::write(&file, "{}\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        // An unreadable file changes nothing.
+        std::fs::write(&file, "firewallAccommodation: [\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), None);
+        let note = accommodation_note(false, &file);
+        assert!(
+            note.starts_with("firewallAccommodation changed to false in ")
+                && note.contains("removed its accepts"),
+            "{note}"
+        );
+        assert!(!note.contains("appeared"));
+    }
 
     fn route(dst: &str, prefix: u8, dev: &str) -> RouteV4 {
         RouteV4 {
