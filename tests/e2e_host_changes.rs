@@ -231,12 +231,9 @@ impl UdpRecorder {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s2, st2) = (seen.clone(), stop.clone());
-        let path = format!("/run/netns/{}", ns.name);
         let addr: std::net::SocketAddr = addr.parse().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        ns.spawn_in(move || {
             let sock = std::net::UdpSocket::bind(addr).unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(100)))
                 .unwrap();

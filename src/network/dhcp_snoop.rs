@@ -1126,15 +1126,24 @@ garbage line
                 .expect("spawn dnsmasq")
         }
 
+        /// Root and the real tools these tests drive; says so when missing.
+        fn can_run() -> bool {
+            let tools = ["/usr/sbin/dnsmasq", "/bin/busybox", "/usr/sbin/ip"];
+            let ok =
+                nix::unistd::geteuid().is_root() && tools.iter().all(|t| Path::new(t).exists());
+            if !ok {
+                eprintln!("skipping: needs root, dnsmasq, busybox and ip");
+            }
+            ok
+        }
+
         fn mac_str(m: [u8; 6]) -> String {
             m.map(|b| format!("{b:02x}")).join(":")
         }
 
         #[test]
         fn snoops_a_real_dhcp_exchange() {
-            let tools = ["/usr/sbin/dnsmasq", "/bin/busybox", "/usr/sbin/ip"];
-            if !nix::unistd::geteuid().is_root() || !tools.iter().all(|t| Path::new(t).exists()) {
-                eprintln!("skipping: needs root, dnsmasq, busybox and ip");
+            if !can_run() {
                 return;
             }
             let pid = std::process::id();
@@ -1235,9 +1244,7 @@ garbage line
         /// (the other direction) is not taken.
         #[test]
         fn snoops_on_a_macvlan_parent() {
-            let tools = ["/usr/sbin/dnsmasq", "/bin/busybox", "/usr/sbin/ip"];
-            if !nix::unistd::geteuid().is_root() || !tools.iter().all(|t| Path::new(t).exists()) {
-                eprintln!("skipping: needs root, dnsmasq, busybox and ip");
+            if !can_run() {
                 return;
             }
             let pid = std::process::id();

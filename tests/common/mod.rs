@@ -243,14 +243,20 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace (setns affects
     /// only the calling thread), so the test talks to the namespace directly.
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(f).join().unwrap()
+    }
+
+    /// Runs `f` on a thread of its own that has entered this namespace.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let fd = std::fs::File::open(&path).unwrap();
             nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             f()
         })
-        .join()
-        .unwrap()
     }
 
     /// Pushes `bytes` of data to an echo service at `addr` inside the
@@ -510,12 +516,9 @@ impl Recorder {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s2, st2) = (seen.clone(), stop.clone());
-        let path = format!("/run/netns/{}", ns.name);
         let addr: std::net::SocketAddr = addr.parse().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let handle = ns.spawn_in(move || {
             let l = std::net::TcpListener::bind(addr).unwrap();
             l.set_nonblocking(true).unwrap();
             tx.send(()).unwrap();
