@@ -634,7 +634,7 @@ fn settings_keep_unknown_keys_and_refuse_bad_accelerators() {
 #[test]
 fn config_keys_can_be_removed_and_empty_values_or_missing_groups_are_refused() {
     let home = Home::new();
-    home.write_settings("cachingEnabled: true\nnatSubnet: 10.99.0.0/24\n");
+    home.write_settings("cachingEnabled: true\nnatSubnet: 198.51.100.0/24\n");
     let out = home.ok(&["config", "unset", "natSubnet"]);
     assert!(out.contains("Removed natSubnet from"), "{out}");
     let text = fs::read_to_string(home.config_yaml()).unwrap();
@@ -900,10 +900,10 @@ fn config_set_validates_known_keys_and_warns_about_unknown_ones() {
     let text = fs::read_to_string(home.config_yaml()).unwrap();
     assert!(text.contains("firewallaccommodation: 'false'"), "{text}");
     // A known key: no warning.
-    let out = home.lume(&["config", "set", "natSubnet", "10.77.0.0/24"]);
+    let out = home.lume(&["config", "set", "natSubnet", "203.0.113.0/24"]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
     // get KEY prints only the value; a known key's default when not set.
-    assert_eq!(home.ok(&["config", "get", "natSubnet"]), "10.77.0.0/24\n");
+    assert_eq!(home.ok(&["config", "get", "natSubnet"]), "203.0.113.0/24\n");
     assert_eq!(home.ok(&["config", "get", "hostBridge"]), "lume-host0\n");
     assert_eq!(
         home.ok(&["config", "get", "firewallaccommodation"]),
