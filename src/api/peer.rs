@@ -568,7 +568,7 @@ mod tests {
                 }
             });
         }
-        let child = cmd.spawn().unwrap();
+        let child = crate::util::testing::spawn_fresh_program(&mut cmd);
         drop(socket);
         child
     }

@@ -2,4 +2,6 @@
 
 pub mod atomic;
 pub mod random;
+#[cfg(test)]
+pub mod testing;
 pub mod time;

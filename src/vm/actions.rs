@@ -998,10 +998,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let prog = dir.path().join("prog");
         fs::copy("/bin/sh", &prog).unwrap();
-        let mut child = Command::new(&prog)
-            .args(["-c", "sleep 0.5; /proc/self/exe -c 'exit 7'"])
-            .spawn()
-            .unwrap();
+        let mut child = crate::util::testing::spawn_fresh_program(
+            Command::new(&prog).args(["-c", "sleep 0.5; /proc/self/exe -c 'exit 7'"]),
+        );
         std::thread::sleep(Duration::from_millis(100));
         // Replaced the way upgrades do: a new file renamed over the old one.
         let new = dir.path().join("prog.new");
