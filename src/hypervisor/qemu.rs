@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
 use super::qmp::QMP_SOCKET;
+use crate::guest::agent::{QGA_PORT_NAME, QGA_SOCKET};
 use crate::vm::config::VmConfig;
 
 /// The QEMU binary lume drives.
@@ -102,6 +103,17 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         format!("unix:{QMP_SOCKET},server=on,wait=off"),
         "-device".into(),
         "virtio-rng-pci".into(),
+        // The QEMU guest agent's channel: lume asks an agent in the guest
+        // (qemu-guest-agent) to power off or reboot before anything else.
+        "-chardev".into(),
+        format!("socket,id=qga0,path={QGA_SOCKET},server=on,wait=off"),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        format!("virtserialport,bus=vser0.0,chardev=qga0,name={QGA_PORT_NAME}"),
+        // Memory the guest frees goes back to the host (free page reporting).
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
         "-drive".into(),
         format!(
             "file={},format=raw,if=virtio,discard=unmap",
@@ -214,5 +226,8 @@ mod tests {
         assert!(joined.contains("file=/proc/1/fd/7,format=raw,if=virtio"));
         assert!(joined.contains("file=/proc/1/fd/8,format=raw,media=cdrom,readonly=on"));
         assert!(joined.contains("file,id=serial0,path=/proc/self/fd/3"));
+        assert!(joined.contains("socket,id=qga0,path=qga.sock,server=on,wait=off"));
+        assert!(joined.contains("name=org.qemu.guest_agent.0"));
+        assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
     }
 }

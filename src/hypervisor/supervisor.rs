@@ -21,6 +21,8 @@ use super::accel::{self, AccelChoice, AccelError};
 use super::logcap;
 use super::qemu::{self, LaunchSpec, QemuError};
 use super::qmp::{QMP_SOCKET, Qmp};
+use crate::guest::agent::QGA_SOCKET;
+use crate::guest::power::{self, PowerRequest, SshLogin};
 use crate::network::NetworkMode;
 use crate::network::attach::{self, AttachError, AttachOptions};
 use crate::util::time::{timestamp, unix_now};
@@ -84,6 +86,10 @@ pub enum RunError {
     },
     #[error("Cannot follow lume's VM supervisor while it starts")]
     SupervisorWait(#[source] io::Error),
+    #[error("Cannot control the running VM through QMP; see its lume.log and qemu.log")]
+    Control(#[source] super::qmp::QmpError),
+    #[error("Cannot ask the guest to power off or reboot")]
+    Power(#[source] crate::guest::power::PowerError),
 }
 
 /// A host file named by the caller, opened once with the caller's rights;
@@ -227,6 +233,7 @@ pub fn supervise(
     );
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
 
     install_signal_handlers();
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
@@ -371,6 +378,7 @@ pub fn supervise(
     drop(net);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     result
 }
 
@@ -467,13 +475,22 @@ fn run_until_exit(
             }
         }
         if STOP_REQUESTED.load(Ordering::SeqCst) && force_at.is_none() {
-            log("Stop requested: sending ACPI power-off to the guest");
+            log("Stop requested: asking the guest to power off");
+            // The same ways as `lume stop`: agent, SSH, ACPI.
+            let method = power::request(
+                &vm.dir,
+                &state,
+                PowerRequest::PowerOff,
+                &SshLogin::default(),
+                &mut |line| log(line),
+            );
             force_at = Some(Instant::now() + req.stop_timeout);
-            if let Err(e) =
-                Qmp::connect(&vm.dir).and_then(|mut q| q.execute("system_powerdown", None))
-            {
-                log(&format!("ACPI power-off failed ({e}); forcing QEMU off"));
-                force_at = Some(Instant::now());
+            match method {
+                Some(m) => log(&format!("Power-off requested {}", m.describe())),
+                None => {
+                    log("No way to ask the guest to power off worked; forcing QEMU off");
+                    force_at = Some(Instant::now());
+                }
             }
         }
         if force_at.is_some_and(|t| Instant::now() >= t) {
