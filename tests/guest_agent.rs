@@ -29,7 +29,9 @@ impl Drop for QemuGa {
 /// when `<dir>/fail` exists).
 fn start_agent(dir: &Path) -> Option<QemuGa> {
     if Command::new("qemu-ga").arg("--version").output().is_err() {
-        eprintln!("skipped: qemu-ga is not installed (scripts/install-deps.sh installs qemu-guest-agent)");
+        eprintln!(
+            "skipped: qemu-ga is not installed (scripts/install-deps.sh installs qemu-guest-agent)"
+        );
         return None;
     }
     assert!(
@@ -56,7 +58,15 @@ mount --bind "$1" /sbin/shutdown
 [ "$(/sbin/shutdown --lume-probe)" = lume-recorder ] || exit 97
 exec qemu-ga -m unix-listen -p "$2/qga.sock" -f "$2/qga.pid" -t "$2" -l "$2/qga.log""#;
     let child = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
         .arg(&rec)
         .arg(dir)
         .stdin(Stdio::null())
@@ -111,7 +121,10 @@ fn a_real_agent_answers_and_runs_power_off_and_reboot() {
 
     power::via_agent(dir.path(), PowerRequest::Reboot).unwrap();
     let lines = recorded(dir.path(), 2);
-    assert!(lines.get(1).is_some_and(|l| l.contains("-r +0")), "{lines:?}");
+    assert!(
+        lines.get(1).is_some_and(|l| l.contains("-r +0")),
+        "{lines:?}"
+    );
 
     // A guest whose shutdown fails: the agent's error comes back, typed.
     fs::write(dir.path().join("fail"), "").unwrap();
