@@ -114,21 +114,26 @@ fn a_real_agent_answers_and_runs_power_off_and_reboot() {
             .unwrap();
     }
 
-    power::via_agent(dir.path(), PowerRequest::PowerOff).unwrap();
+    power::via_agent(dir.path(), PowerRequest::PowerOff, None).unwrap();
     let lines = recorded(dir.path(), 1);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("-P +0"), "{lines:?}");
 
-    power::via_agent(dir.path(), PowerRequest::Reboot).unwrap();
+    power::via_agent(dir.path(), PowerRequest::Reboot, Some(true)).unwrap();
     let lines = recorded(dir.path(), 2);
     assert!(
         lines.get(1).is_some_and(|l| l.contains("-r +0")),
         "{lines:?}"
     );
 
+    // A channel nothing in the guest opened is skipped without a ping.
+    let e = power::via_agent(dir.path(), PowerRequest::PowerOff, Some(false)).unwrap_err();
+    assert!(matches!(e, PowerError::Agent(AgentError::NotOpen)), "{e:?}");
+    assert_eq!(recorded(dir.path(), 0).len(), 2);
+
     // A guest whose shutdown fails: the agent's error comes back, typed.
     fs::write(dir.path().join("fail"), "").unwrap();
-    let e = power::via_agent(dir.path(), PowerRequest::PowerOff).unwrap_err();
+    let e = power::via_agent(dir.path(), PowerRequest::PowerOff, None).unwrap_err();
     assert!(
         matches!(e, PowerError::Agent(AgentError::Command { .. })),
         "{e:?}"
@@ -138,7 +143,7 @@ fn a_real_agent_answers_and_runs_power_off_and_reboot() {
 #[test]
 fn no_agent_socket_is_a_connect_error() {
     let dir = tempfile::tempdir().unwrap();
-    let e = power::via_agent(dir.path(), PowerRequest::PowerOff).unwrap_err();
+    let e = power::via_agent(dir.path(), PowerRequest::PowerOff, None).unwrap_err();
     assert!(
         matches!(e, PowerError::Agent(AgentError::Connect { .. })),
         "{e:?}"

@@ -25,9 +25,16 @@ pub const QGA_SOCKET: &str = "qga.sock";
 /// The virtio-serial port name qemu-ga looks for in the guest.
 pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 
+/// QEMU's id of that port (named in its VSERPORT_CHANGE events).
+pub const QGA_PORT_ID: &str = "qga-port";
+
 /// How long an agent may take to answer `guest-sync-delimited` and
-/// `guest-ping` before lume concludes there is none (TCG guests are slow).
+/// `guest-ping` when it is not known whether the guest opened the channel.
 pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long an agent may take to answer when a program in the guest holds
+/// the channel open (a busy TCG guest can be slow).
+pub const PING_TIMEOUT_OPEN: Duration = Duration::from_secs(10);
 
 /// The most lume reads from the guest for one exchange.
 const MAX_REPLY: usize = 64 << 10;
@@ -49,6 +56,10 @@ pub enum AgentError {
     NoAnswer(Duration),
     #[error("The guest agent closed the connection")]
     Closed,
+    #[error(
+        "No guest agent runs (nothing in the guest has opened its channel): install and start qemu-guest-agent in the guest"
+    )]
+    NotOpen,
     #[error("The guest agent sent more than {MAX_REPLY} bytes without a complete reply")]
     TooLong,
     #[error("The guest agent refused '{command}': {desc}")]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::agent::{Agent, AgentError, PING_TIMEOUT, ShutdownMode};
+use super::agent::{Agent, AgentError, PING_TIMEOUT, PING_TIMEOUT_OPEN, ShutdownMode};
 use crate::hypervisor::qmp::{Qmp, QmpError};
 use crate::vm::state::RunState;
 
@@ -100,10 +100,22 @@ pub enum PowerError {
 }
 
 /// Asks the guest through the agent. `Ok` means the agent answered its ping
-/// and accepted `guest-shutdown`.
-pub fn via_agent(vm_dir: &Path, request: PowerRequest) -> Result<(), PowerError> {
+/// and accepted `guest-shutdown`. `channel_open` is what the supervisor saw
+/// of the guest's end of the channel: `Some(false)` (nothing in the guest
+/// opened it) skips the agent at once; `Some(true)` gives a busy guest's
+/// agent longer to answer; `None` (not known) waits the short timeout.
+pub fn via_agent(
+    vm_dir: &Path,
+    request: PowerRequest,
+    channel_open: Option<bool>,
+) -> Result<(), PowerError> {
+    let within = match channel_open {
+        Some(false) => return Err(AgentError::NotOpen.into()),
+        Some(true) => PING_TIMEOUT_OPEN,
+        None => PING_TIMEOUT,
+    };
     let mut agent = Agent::connect_in(vm_dir)?;
-    agent.ping(PING_TIMEOUT)?;
+    agent.ping(within)?;
     let mode = match request {
         PowerRequest::PowerOff => ShutdownMode::Powerdown,
         PowerRequest::Reboot => ShutdownMode::Reboot,
@@ -150,7 +162,7 @@ pub fn request(
     login: &SshLogin,
     log: &mut dyn FnMut(&str),
 ) -> Option<PowerMethod> {
-    match via_agent(vm_dir, request) {
+    match via_agent(vm_dir, request, state.guest_agent) {
         Ok(()) => return Some(PowerMethod::Agent),
         Err(e) => log(&format!("Guest agent: {}", crate::error_chain(&e))),
     }

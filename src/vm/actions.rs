@@ -1048,7 +1048,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 11] = [
+const RUNTIME_FILES: [&str; 12] = [
     "console.log",
     "console.log.1",
     "qemu.log.1",
@@ -1058,6 +1058,7 @@ const RUNTIME_FILES: [&str; 11] = [
     "run.json",
     "qmp.sock",
     "qga.sock",
+    "events.sock",
     ".lock",
     ".cfg.lock",
 ];
