@@ -916,6 +916,14 @@ fn other_users_are_refused_unless_in_the_api_group() {
         &curl(&nobody, &[&url("/lume/vms/app")], "DELETE", None),
         rule,
     );
+    // Power requests too, with or without force.
+    for (path, body) in [
+        ("/lume/vms/app/stop", json!({})),
+        ("/lume/vms/app/shutdown", json!({})),
+        ("/lume/vms/app/restart", json!({"force": true})),
+    ] {
+        assert_refused(&curl(&nobody, &[&url(path)], "POST", Some(body)), rule);
+    }
     assert!(home.vm_dir("app").join("config.json").exists());
     assert!(!home.vm_dir("intruder").exists());
     assert_eq!(
