@@ -165,19 +165,21 @@ impl VmDetails {
         d
     }
 
-    /// The details of many VMs, read in parallel (each running VM's SSH
-    /// probe may take up to its timeout).
+    /// The details of many VMs, read in parallel, at most 32 at a time
+    /// (each running VM's SSH probe may take up to its timeout).
     pub fn read_all(store: &Store, vms: &[Vm]) -> Vec<Self> {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = vms
-                .iter()
-                .map(|vm| scope.spawn(move || Self::read(store, vm)))
-                .collect();
-            handles
-                .into_iter()
-                .zip(vms)
-                .map(|(h, vm)| h.join().unwrap_or_else(|_| Self::read(store, vm)))
-                .collect()
-        })
+        let mut all = Vec::with_capacity(vms.len());
+        for chunk in vms.chunks(32) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|vm| scope.spawn(move || Self::read(store, vm)))
+                    .collect();
+                for (h, vm) in handles.into_iter().zip(chunk) {
+                    all.push(h.join().unwrap_or_else(|_| Self::read(store, vm)));
+                }
+            });
+        }
+        all
     }
 }
