@@ -20,7 +20,8 @@ fn table(vms: &[VmDetails]) -> String {
     let mut t = Table::new();
     t.load_style(NOTHING);
     t.set_header([
-        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "network", "storage",
+        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "ssh", "network",
+        "storage",
     ]);
     for d in vms {
         t.add_row([
@@ -38,6 +39,12 @@ fn table(vms: &[VmDetails]) -> String {
                 None => d.status.clone(),
             },
             opt(&d.ip_address),
+            match d.ssh_available {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            }
+            .into(),
             opt(&d.network_mode),
             d.location_name.clone(),
         ]);
@@ -137,12 +144,23 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (Outcome::Stopped { name, was_running }, _) => {
-            if *was_running {
-                println!("VM '{name}' stopped")
-            } else {
-                println!("VM '{name}' is not running")
-            }
+        (
+            Outcome::Stopped {
+                name,
+                was_running,
+                method,
+            },
+            _,
+        ) => match (was_running, method) {
+            (true, Some(m)) => println!("VM '{name}' stopped {} ({m})", m.describe()),
+            (true, None) => println!("VM '{name}' stopped"),
+            (false, _) => println!("VM '{name}' is not running"),
+        },
+        (Outcome::Restarted { name, method }, _) => {
+            println!(
+                "VM '{name}' is restarting: reboot requested {} ({method})",
+                method.describe()
+            )
         }
         (Outcome::Updated(d), _) => {
             println!("VM '{}' updated; changes apply from its next start", d.name)

@@ -155,7 +155,31 @@ impl VmDetails {
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
+            // As lume: whether port 22 answers now (null when stopped).
+            d.ssh_available = Some(
+                crate::guest::reach::ssh_target(&s, d.ip_address.as_deref()).is_some_and(|t| {
+                    crate::guest::reach::port_answers(t, crate::guest::reach::SSH_PROBE_TIMEOUT)
+                }),
+            );
         }
         d
+    }
+
+    /// The details of many VMs, read in parallel, at most 32 at a time
+    /// (each running VM's SSH probe may take up to its timeout).
+    pub fn read_all(store: &Store, vms: &[Vm]) -> Vec<Self> {
+        let mut all = Vec::with_capacity(vms.len());
+        for chunk in vms.chunks(32) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|vm| scope.spawn(move || Self::read(store, vm)))
+                    .collect();
+                for (h, vm) in handles.into_iter().zip(chunk) {
+                    all.push(h.join().unwrap_or_else(|_| Self::read(store, vm)));
+                }
+            });
+        }
+        all
     }
 }

@@ -43,6 +43,10 @@ pub struct RunState {
     /// The MAC address of this run.
     #[serde(default)]
     pub mac_address: Option<String>,
+    /// Whether a program in the guest holds the guest agent's channel open
+    /// (QEMU's VSERPORT_CHANGE events); `None` when not known.
+    #[serde(default)]
+    pub guest_agent: Option<bool>,
 }
 
 impl RunState {
