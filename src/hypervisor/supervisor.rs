@@ -352,6 +352,7 @@ pub fn supervise(
         note: net.note.clone(),
         lease_file: net.lease_file.clone(),
         mac_address: Some(mac.to_string()),
+        uplink: net.uplink.clone(),
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {
