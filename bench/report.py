@@ -272,7 +272,8 @@ def throughput(rows):
             "QEMU vCPU thread | n |", "| --- | --- | --- | --- | --- | --- |"]
     pct = lambda x: f"{x * 100:.0f}%"  # noqa: E731
     veth = by_run(rows, "veth", "mib_per_s")
-    for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (macvtap)"),
+    for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (tap + macvlan, tc redirects)"),
+                        ("bridged-macvtap", "bridged (macvtap: the path before, BENCH_OLD_LUME)"),
                         ("nat", "nat (tap on lume's bridge)"), ("user", "user (passt + relay, published port)")]:
         v = metric(rows, case, "mib_per_s")
         if not v:

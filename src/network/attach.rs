@@ -424,7 +424,8 @@ const NETDEV_RECORD: &str = ".macvtap";
 
 /// Collects what a killed supervisor of the VM in `vm_dir` left of its
 /// network (call it only while the VM's lock is free or held by the caller):
-/// its macvtap (a tap vanishes by itself with its descriptors) and, for NAT
+/// its macvlan or an older lume's macvtap (a tap vanishes by itself with its
+/// descriptors) and, for NAT
 /// and host-only, its membership, taking the shared network down when
 /// nobody uses it any more.
 pub fn collect_stale(
@@ -434,8 +435,11 @@ pub fn collect_stale(
 ) {
     let record = vm_dir.join(NETDEV_RECORD);
     let recorded = std::fs::read_to_string(&record).ok();
+    // The macvlan of this lume's bridged runs (run.json `uplink`), or the
+    // macvtap of an older lume's (its `hostDevice`).
+    let uplink = state.and_then(|s| s.uplink.clone());
     let from_state = state.and_then(|s| s.host_device.clone());
-    for dev in [recorded, from_state].into_iter().flatten() {
+    for dev in [recorded, uplink, from_state].into_iter().flatten() {
         if dev.trim().starts_with("lmv")
             && let Ok(mut nl) = Netlink::open()
         {
