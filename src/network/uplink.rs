@@ -48,8 +48,10 @@ pub const PERIOD: Duration = Duration::from_millis(250);
 
 /// `ETH_P_ALL`: the filters see every protocol.
 const ETH_P_ALL: u16 = 0x0003;
-/// The filters' priority on each ingress qdisc.
-const FILTER_PRIORITY: u16 = 1;
+/// On the tap: frames the guest addresses to its own MAC (checked first).
+const OWN_MAC_PRIORITY: u16 = 1;
+/// The redirect on each ingress qdisc.
+const REDIRECT_PRIORITY: u16 = 2;
 
 /// Why the macvlan and its filters could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +146,52 @@ fn delete_ingress_qdisc(index: u32) -> RouteNetlinkMessage {
     RouteNetlinkMessage::DelQueueDiscipline(TcMessage::from_parts(header, vec![]))
 }
 
+/// tcm_info of a filter: priority in the upper half, the protocol (network
+/// order) in the lower.
+fn filter_info(priority: u16) -> u32 {
+    (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be())
+}
+
+/// A filter on the tap's ingress, ahead of the redirect, that takes the
+/// frames the guest sends to its own MAC out of it (`u32 match ether dst
+/// MAC`, no action: they go to the host's stack on the tap, which has no
+/// address and drops them as someone else's). In bridge mode the macvlan
+/// would hand such a frame straight back to itself and so to the tap, where
+/// it would look like a frame from the LAN: a guest could then forge the
+/// DHCP ACK lume learns its address from.
+fn own_mac_filter(tap: u32, mac: [u8; 6]) -> RouteNetlinkMessage {
+    let header = TcHeader {
+        index: tap as i32,
+        parent: TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        },
+        info: filter_info(OWN_MAC_PRIORITY),
+        ..Default::default()
+    };
+    // Offsets are from the network header: the destination MAC is the
+    // first 6 of the 14 bytes before it.
+    let mut first = TcU32Key::default();
+    first.mask = 0xffff_ffff;
+    first.val = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    first.off = -14;
+    let mut rest = TcU32Key::default();
+    rest.mask = 0xffff_0000;
+    rest.val = u32::from_be_bytes([mac[4], mac[5], 0, 0]);
+    rest.off = -10;
+    let mut selector = TcU32Selector::default();
+    selector.flags = TcU32SelectorFlags::Terminal;
+    selector.nkeys = 2;
+    selector.keys = vec![first, rest];
+    RouteNetlinkMessage::NewTrafficFilter(TcMessage::from_parts(
+        header,
+        vec![
+            TcAttribute::Kind("u32".into()),
+            TcAttribute::Options(vec![TcOption::U32(TcFilterU32Option::Selector(selector))]),
+        ],
+    ))
+}
+
 /// A filter on the ingress qdisc of `from` that redirects every frame to the
 /// egress of `to` (`tc filter add dev FROM ingress prio 1 protocol all u32
 /// match u32 0 0 action mirred egress redirect dev TO`).
@@ -154,9 +202,7 @@ fn redirect_filter(from: u32, to: u32) -> RouteNetlinkMessage {
             major: 0xffff,
             minor: TcHandle::MIN_INGRESS,
         },
-        // tcm_info: priority in the upper half, the protocol (network order)
-        // in the lower.
-        info: (u32::from(FILTER_PRIORITY) << 16) | u32::from(ETH_P_ALL.to_be()),
+        info: filter_info(REDIRECT_PRIORITY),
         ..Default::default()
     };
 
@@ -202,12 +248,13 @@ fn send(
     nl.execute_serialized(op, msg.message_type(), flags, &payload)
 }
 
-/// Replaces whatever ingress qdisc `dev` has with one whose single filter
-/// redirects everything to the egress of `to`.
+/// Replaces whatever ingress qdisc `dev` has with one whose filters are
+/// `first` (if any) and a redirect of everything to the egress of `to`.
 fn redirect(
     nl: &mut Netlink,
     dev: &str,
     from: u32,
+    first: Option<RouteNetlinkMessage>,
     to_name: &str,
     to: u32,
 ) -> Result<(), NetlinkError> {
@@ -225,6 +272,14 @@ fn redirect(
         &ingress_qdisc(from),
         NLM_F_CREATE | NLM_F_EXCL,
     )?;
+    if let Some(first) = first {
+        send(
+            nl,
+            &format!("keep {dev}'s frames to itself from coming back"),
+            &first,
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+    }
     send(
         nl,
         &format!("redirect the frames arriving on {dev} to {to_name}"),
@@ -268,8 +323,9 @@ impl Uplink {
         // Every multicast group reaches the guest, which filters for itself
         // (IPv6 neighbour discovery, mDNS); the parent is told to accept them.
         nl.set_allmulti(&self.macvlan)?;
-        redirect(nl, &self.macvlan, macvlan, &self.tap, tap)?;
-        redirect(nl, &self.tap, tap, &self.macvlan, macvlan)?;
+        redirect(nl, &self.macvlan, macvlan, None, &self.tap, tap)?;
+        let own = own_mac_filter(tap, self.mac);
+        redirect(nl, &self.tap, tap, Some(own), &self.macvlan, macvlan)?;
         nl.set_up(&self.macvlan)?;
         Ok(())
     }
@@ -420,7 +476,7 @@ mod tests {
         );
         assert_eq!(
             u32::from_ne_bytes(buf[16..20].try_into().unwrap()),
-            0x0001_0300
+            0x0002_0300
         );
         // The kind, NUL-terminated.
         let kind = buf.windows(4).position(|w| w == b"u32\0");
@@ -548,6 +604,13 @@ mod tests {
             filters.contains("Redirect to device lume-mv0")
                 && filters.contains("Redirect to device lume-t0"),
             "{filters}"
+        );
+        // The guest's frames to its own MAC stay out of the redirect.
+        let tap_filters = ns.sh("tc filter show dev lume-t0 ingress");
+        assert!(
+            tap_filters.contains("match 02000012/ffffffff at -14")
+                && tap_filters.contains("match 34560000/ffff0000 at -10"),
+            "{tap_filters}"
         );
         let links = ns.sh("ip -d link show lume-mv0; ip link show lume-t0");
         assert!(links.contains("macvlan mode bridge"), "{links}");
