@@ -295,6 +295,22 @@ def throughput(rows):
     return out
 
 
+def reattach(rows):
+    if not rows:
+        return []
+    out = ["### 6. Bridged VM back after its parent interface returns", "",
+           "Seconds from the start of re-creating up0 (a veth, as a USB NIC plugged back); "
+           "median (min–max).", "",
+           "| step | time | n |", "| --- | --- | --- |"]
+    for name, label in [("plugged", "up0 exists again"), ("lan_ready", "its LAN side is in the LAN bridge"),
+                        ("back", "the guest answers a TCP echo from the LAN"),
+                        ("connect", "lume's re-attachment itself (macvlan + tc filters, from lume.log)")]:
+        v = metric(rows, "reattach", name)
+        if v:
+            out.append(f"| {label} | {cell(v, fmt_ms)} | {len(v)} |")
+    return out
+
+
 def main():
     results, md = sys.argv[1], sys.argv[2]
     meta = {}
@@ -306,7 +322,7 @@ def main():
              "do not edit by hand (the analysis above and below is kept)._", ""]
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
-                    throughput(load(results, "throughput"))]:
+                    throughput(load(results, "throughput")), reattach(load(results, "reattach"))]:
         if section:
             parts += section + [""]
     parts.append(END)
