@@ -282,6 +282,10 @@ def throughput(rows):
         out.append(f"| {label} | {cell(v, lambda x: f'{x:.1f}')} | {rc} | "
                    f"{cell(metric(rows, case, 'qemu_cpu_share'), pct)} | "
                    f"{cell(metric(rows, case, 'vcpu_cpu_share'), pct)} | {len(v)} |")
+    new, old = by_run(rows, "bridged", "mib_per_s"), by_run(rows, "bridged-macvtap", "mib_per_s")
+    if new and old:
+        rc, _ = ratio_cell(new, old)
+        out += ["", f"bridged, tap + macvlan against macvtap (paired by round): {rc}."]
     failed = [r for r in rows if r["case"].endswith("-failed")]
     if failed:
         out += ["", "Transfers that did not come back whole (not in the medians): " + "; ".join(
