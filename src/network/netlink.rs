@@ -1608,7 +1608,7 @@ mod tests {
                     .into_iter()
                     .map(|l| (l.name, l.kind))
                     .collect();
-                assert!(kinds.contains(&("lume-mt0".into(), Some("macvtap".into()))));
+                assert!(kinds.contains(&("lume-mt0".into(), Some("macvlan".into()))));
                 assert_eq!(kinds.len(), 5, "{kinds:?}");
             });
 
