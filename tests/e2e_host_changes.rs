@@ -471,7 +471,28 @@ fn a_bridged_vm_whose_parent_goes_away_is_reattached_when_it_returns() {
     assert!(text.contains("(waiting for up0)"), "{text}");
     assert!(t.host.exec_ok("ip -br link").contains(&tap));
     assert!(reachable().is_none(), "reachable without its parent");
-    std::thread::sleep(Duration::from_secs(2));
+
+    // Something else takes the name first (a VPN's tunnel): not bridgeable,
+    // so the VM keeps waiting and lume's log says why.
+    t.host
+        .exec_ok("ip tuntap add up0 mode tun && ip link set up0 up");
+    wait_for("lume to refuse the tunnel", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(t.home.vm_dir("usb").join("lume.log")).ok()?;
+        log.contains("cannot re-attach to up0 yet").then_some(log)
+    });
+    let check = doctor();
+    assert_eq!(check["ok"], false, "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("being re-attached"),
+        "{check}"
+    );
+    assert_eq!(t.get("usb")["network"]["attachment"], "reattaching");
+    assert!(!t.host.exec_ok("ip -br link").contains("lmv"));
+    t.host.exec_ok("ip link del up0");
+    std::thread::sleep(Duration::from_secs(1));
 
     // Plugged back: a new veth of the same name, its peer on the LAN.
     let back = Instant::now();

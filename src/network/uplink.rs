@@ -62,6 +62,18 @@ pub enum UplinkError {
         "Interface {0} is missing: the VM waits for it and is re-attached as soon as it is back"
     )]
     ParentGone(String),
+    #[error(transparent)]
+    Bridge(#[from] super::interfaces::BridgeError),
+    #[error(transparent)]
+    Interfaces(#[from] super::interfaces::InterfaceError),
+    #[error(
+        "Cannot join the VM's tap to {parent} with tc: bridged mode on a plain interface needs the kernel's ingress qdisc, u32 classifier and mirred action (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_U32, CONFIG_NET_ACT_MIRRED; modprobe sch_ingress cls_u32 act_mirred), or put {parent} in a Linux bridge and use --network bridged:<bridge>"
+    )]
+    Tc {
+        parent: String,
+        #[source]
+        source: NetlinkError,
+    },
 }
 
 /// The pieces of one bridged attachment through a tap.
@@ -323,9 +335,13 @@ impl Uplink {
         // Every multicast group reaches the guest, which filters for itself
         // (IPv6 neighbour discovery, mDNS); the parent is told to accept them.
         nl.set_allmulti(&self.macvlan)?;
-        redirect(nl, &self.macvlan, macvlan, None, &self.tap, tap)?;
+        let tc = |source| UplinkError::Tc {
+            parent: self.parent.clone(),
+            source,
+        };
+        redirect(nl, &self.macvlan, macvlan, None, &self.tap, tap).map_err(tc)?;
         let own = own_mac_filter(tap, self.mac);
-        redirect(nl, &self.tap, tap, Some(own), &self.macvlan, macvlan)?;
+        redirect(nl, &self.tap, tap, Some(own), &self.macvlan, macvlan).map_err(tc)?;
         nl.set_up(&self.macvlan)?;
         Ok(())
     }
@@ -415,7 +431,16 @@ fn watch(uplink: &Uplink, log: &Path, stop: &AtomicBool) {
             }
             Status::Detached => {
                 let started = Instant::now();
-                match uplink.connect(sock) {
+                // What returned under that name must be bridgeable, as the
+                // interface was checked at start (not Wi-Fi, a tunnel, ...).
+                let checked = super::interfaces::discover()
+                    .map_err(UplinkError::from)
+                    .and_then(|list| {
+                        super::interfaces::check_bridgeable(&list, &uplink.parent)
+                            .map(drop)
+                            .map_err(UplinkError::from)
+                    });
+                match checked.and_then(|()| uplink.connect(sock)) {
                     Ok(()) => {
                         last_error = None;
                         record(
