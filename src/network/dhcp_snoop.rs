@@ -2,7 +2,9 @@
 //!
 //! A bridged VM asks the LAN's DHCP server for an address; lume is not part of
 //! that conversation, so it listens in: a packet socket on the VM's tap device
-//! (or on the macvtap's parent interface) sees the server's DHCPACK, whose
+//! (in a Linux bridge, or joined to a plain interface by a macvlan, see
+//! [`super::uplink`]; older runs watched a macvtap's parent interface) sees
+//! the server's DHCPACK, whose
 //! `chaddr` is the VM's MAC and whose `yiaddr` is the address the VM now has.
 //!
 //! The socket is `AF_PACKET`/`SOCK_RAW` with protocol `ETH_P_ALL`: on a tap
@@ -23,7 +25,9 @@
 //! | the VM's tap (in a bridge) | received (`PACKET_HOST`, `_BROADCAST`, `_OTHERHOST`) | `PACKET_OUTGOING` |
 //! | a macvtap's parent (LAN uplink) | `PACKET_OUTGOING` | received |
 //!
-//! So the guest cannot forge its own ACK (it would travel the wrong way), and
+//! So the guest cannot forge its own ACK (it would travel the wrong way; on a
+//! macvlan-joined tap, a frame the guest addresses to itself would come back
+//! the right way, which is why [`super::uplink`] keeps those out), and
 //! another host can only if it also echoes an `xid` the guest sent — which a
 //! LAN neighbour can sniff from the broadcast DISCOVER: that residual trust
 //! in the LAN is the guest's own (its DHCP client accepts the same ACK).
@@ -1287,9 +1291,13 @@ garbage line
                 // What QEMU writes: a virtio-net header (10 bytes, no
                 // offload), then the frame.
                 let mut guest = File::from(tap.fd);
+                // Forged by the guest: to itself, and to everyone.
+                let mut broadcast_ack = with_xid(ack_frame(false), XID);
+                broadcast_ack[0..6].copy_from_slice(&[0xff; 6]);
                 for frame in [
                     with_xid(request(3), XID),
-                    with_xid(ack_frame(false), XID), // forged by the guest
+                    with_xid(ack_frame(false), XID),
+                    broadcast_ack,
                 ] {
                     let mut buf = vec![0u8; 10];
                     buf.extend_from_slice(&frame);
