@@ -419,7 +419,9 @@ fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAdd
     }));
 }
 
-/// File in the VM directory naming the macvtap of the current run.
+/// File in the VM directory naming the link lume made on the parent for the
+/// current run: the macvlan now, a macvtap for runs of older lumes (hence the
+/// name, kept so the records of both are collected).
 const NETDEV_RECORD: &str = ".macvtap";
 
 /// Collects what a killed supervisor of the VM in `vm_dir` left of its
