@@ -314,8 +314,17 @@ impl Uplink {
 
     /// (Re)creates the macvlan on the parent and both redirections. Safe to
     /// repeat: a macvlan of that name left from an earlier attempt is
-    /// replaced.
+    /// replaced, and one that failed half-way is deleted again, so that
+    /// [`status`] never calls a macvlan without its filters attached.
     pub fn connect(&self, nl: &mut Netlink) -> Result<(), UplinkError> {
+        let result = self.try_connect(nl);
+        if result.is_err() {
+            let _ = nl.delete_link(&self.macvlan);
+        }
+        result
+    }
+
+    fn try_connect(&self, nl: &mut Netlink) -> Result<(), UplinkError> {
         let parent = nl
             .link_info(&self.parent)?
             .ok_or_else(|| UplinkError::ParentGone(self.parent.clone()))?;
