@@ -16,6 +16,19 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The network mode, and while a bridged VM's parent interface is missing,
+/// that it waits for it.
+fn network_column(d: &VmDetails) -> String {
+    let mode = opt(&d.network_mode);
+    let Some(n) = &d.network else { return mode };
+    let parent = n.parent.as_deref().unwrap_or("its interface");
+    match n.attachment.as_deref() {
+        Some("waiting-for-parent") => format!("{mode} (waiting for {parent})"),
+        Some("reattaching") => format!("{mode} (re-attaching to {parent})"),
+        _ => mode,
+    }
+}
+
 fn table(vms: &[VmDetails]) -> String {
     let mut t = Table::new();
     t.load_style(NOTHING);
@@ -45,7 +58,7 @@ fn table(vms: &[VmDetails]) -> String {
                 None => "-",
             }
             .into(),
-            opt(&d.network_mode),
+            network_column(d),
             d.location_name.clone(),
         ]);
     }

@@ -361,6 +361,7 @@ pub fn supervise(
         lease_file: net.lease_file.clone(),
         mac_address: Some(mac.to_string()),
         guest_agent: None,
+        uplink: net.uplink.clone(),
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {

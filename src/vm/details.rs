@@ -27,6 +27,10 @@ pub struct NetworkDetails {
     pub published_ports: Vec<String>,
     /// A limit worth knowing about this mode.
     pub note: Option<String>,
+    /// Bridged on a plain interface while running: `attached`,
+    /// `waiting-for-parent` (the parent interface is gone; the VM is
+    /// re-attached when it is back) or `reattaching`.
+    pub attachment: Option<String>,
 }
 
 /// The guest's address as far as it is known now: dnsmasq's lease of this
@@ -50,6 +54,15 @@ fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
             .map(|ip| ip.to_string());
     }
     None
+}
+
+/// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).
+fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
+    let (parent, uplink) = (s.parent.as_deref()?, s.uplink.as_deref()?);
+    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    crate::network::uplink::status(&mut nl, parent, uplink)
+        .ok()
+        .map(|st| st.as_str().to_string())
 }
 
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
@@ -151,6 +164,7 @@ impl VmDetails {
                 .as_ref()
                 .and_then(|s| s.note.clone())
                 .or_else(|| mode_note(mode)),
+            attachment: state.as_ref().and_then(attachment),
         });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
