@@ -265,7 +265,10 @@ impl FirewallDriver for Nft {
     }
 
     fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError> {
-        Ok(foreign::foreign_drops(&ruleset()?))
+        // The listing only names rules for the doctor: one taken a moment
+        // later may miss a rule (then named by its handle alone).
+        let text = nft(&["-a", "-s", "list", "ruleset"], None)?;
+        Ok(foreign::foreign_drops(&ruleset()?.with_text(&text)))
     }
 
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
