@@ -273,8 +273,13 @@ impl FirewallDriver for Nft {
 
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
         let rs = ruleset()?;
-        let plan = foreign::plan(&rs, openings);
+        let mut plan = foreign::plan(&rs, openings);
         if !plan.commands.is_empty() {
+            // Something changes (rarely): the log names the rules that
+            // keep lume's accepts out of a chain as nft shows them.
+            if let Ok(text) = nft(&["-a", "-s", "list", "ruleset"], None) {
+                plan = foreign::plan(&rs.clone().with_text(&text), openings);
+            }
             nft(&["-f", "-"], Some(&foreign::script(&plan))).map_err(|e| match e {
                 FirewallError::Rejected(msg) => FirewallError::Accommodation(msg),
                 e => e,
