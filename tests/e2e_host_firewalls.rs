@@ -358,6 +358,8 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     // ones in ufw's chain below the deny; the deny holds.
     let deny = format!("ufw-user-forward -i lume0 -d {OTHER_PEER} -j DROP");
     t.host.exec_ok(&format!("iptables-nft -A {deny}"));
+    // The traffic first (blocked_while_flowing gives the watcher 1.5 s).
+    blocked_while_flowing(&peer, &other, "the admin's deny in ufw-user-forward");
     wait_for(
         "lume's accepts out of DOCKER-USER",
         Duration::from_secs(2),
@@ -369,7 +371,6 @@ fn nat_works_through_docker_ufw_and_firewalld() {
         },
     );
     back_in(&t.host, "ip filter ufw-user-forward");
-    blocked_while_flowing(&peer, &other, "the admin's deny in ufw-user-forward");
     let (_, checks) = doctor(&t);
     let fw = firewall_lines(&checks);
     assert!(
@@ -403,6 +404,10 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     // jumps: lume's accepts in their chains would bypass it, so they go and
     // the guest's traffic stops; the doctor names the rule.
     t.host.exec_ok("iptables-nft -A FORWARD -o up0 -j DROP");
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = peer.sources().len();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(peer.sources().len(), n, "the iptables kill switch blocks");
     wait_for(
         "lume's accepts out of ip filter's forward chains",
         Duration::from_secs(2),
@@ -413,10 +418,6 @@ fn nat_works_through_docker_ufw_and_firewalld() {
             .then_some(())
         },
     );
-    std::thread::sleep(Duration::from_millis(1500));
-    let n = peer.sources().len();
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(peer.sources().len(), n, "the iptables kill switch blocks");
     let (healthy, checks) = doctor(&t);
     let fw = firewall_lines(&checks);
     assert!(!healthy);
@@ -661,11 +662,16 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     t.home.write_settings(SETTINGS);
     let took = back_in(&t.host, "ip filter DOCKER-USER");
     assert!(took < Duration::from_secs(2), "{took:?}");
-    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
-    assert!(
-        log.contains("firewallAccommodation changed to false in ")
-            && log.contains("firewallAccommodation changed to true in "),
-        "{log}"
+    // The watcher logs a change right after applying it.
+    wait_for(
+        "the watcher's log of both changes",
+        Duration::from_secs(2),
+        || {
+            let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+            (log.contains("firewallAccommodation changed to false in ")
+                && log.contains("firewallAccommodation changed to true in "))
+            .then_some(())
+        },
     );
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
