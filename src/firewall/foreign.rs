@@ -1264,7 +1264,9 @@ pub fn foreign_drops(rs: &Ruleset) -> Vec<ForeignDrop> {
         {
             continue;
         }
-        let reach = rs.reachable(family, table, name);
+        let mut reach = rs.reachable(family, table, name);
+        // The chain's own drops first, for naming one.
+        reach.sort_by_key(|c| c != name);
         let first_drop = reach.iter().find_map(|ch| {
             rs.chain(family, table, ch)?
                 .rules
