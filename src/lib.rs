@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod firewall;
 pub mod hypervisor;
+pub mod image;
 pub mod network;
 pub mod settings;
 pub mod util;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
@@ -104,9 +105,13 @@ pub struct CreateArgs {
     /// Kernel command line for direct kernel boot
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
-    /// Existing qcow2 or raw disk image to import as the VM's disk
-    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
-    pub image: Option<PathBuf>,
+    /// Disk image to import as the VM's disk: a file or an http(s) URL;
+    /// qcow2, raw or xz-compressed raw (see docs/images.md)
+    #[arg(long, value_name = "PATH|URL", conflicts_with = "kernel")]
+    pub image: Option<ImageSource>,
+    /// Expected SHA-256 of the image file (64 hex digits, as sha256sum prints)
+    #[arg(long, value_name = "HEX", requires = "image")]
+    pub image_sha256: Option<Sha256Digest>,
     /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
@@ -349,6 +354,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 image: a.image,
+                image_sha256: a.image_sha256,
+                progress: true,
                 publish: a.publish,
             })),
             Format::Text,

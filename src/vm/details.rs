@@ -72,7 +72,8 @@ pub struct VmDetails {
     pub memory_size: Option<u64>,
     pub disk_size: Option<DiskSize>,
     pub display: Option<String>,
-    /// `running`, `stopped`, or `invalid` when the config cannot be read.
+    /// `running`, `stopped`, `provisioning` while its image is imported, or
+    /// `invalid` when the config cannot be read.
     pub status: String,
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
@@ -102,6 +103,12 @@ impl VmDetails {
             display: None,
             status: if state.is_some() {
                 "running"
+            } else if crate::vm::lock::VmLock::is_held(
+                &vm.dir.join(crate::vm::actions::PROVISIONING_MARKER),
+            )
+            .unwrap_or(false)
+            {
+                "provisioning"
             } else {
                 "stopped"
             }
