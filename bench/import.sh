@@ -53,9 +53,9 @@ on_exit "kill $SERVER"
 for _ in $(seq 50); do in_ns "$NS" curl -sfo /dev/null http://127.0.0.1:8765/disk.qcow2 -r 0-0 && break; sleep 0.1; done
 
 secs() { python3 -c 'import time; print(time.monotonic())'; }
-record() { # CASE TOOL SECONDS
-    printf '{"case":"%s","tool":"%s","seconds":%s}\n' "$1" "$2" "$3" >>"$OUT"
-    log "$1 $2: $3 s"
+record() { # CASE RUN SECONDS
+    printf '{"case":"%s","run":%s,"metrics":{"seconds":%s}}\n' "$1" "$2" "$3" >>"$OUT"
+    log "$1 round $2: $3 s"
 }
 for ((run = 0; run <= RUNS; run++)); do
     log "round $run of $RUNS$([ "$run" = 0 ] && echo ' (warm-up, not recorded)')"
@@ -72,16 +72,9 @@ for ((run = 0; run <= RUNS; run++)); do
         rm -f "$W/dl.$fmt" "$W/out.raw"
         lume_in "$NS" "$H" delete "imp$run$fmt" --force >/dev/null
         if [ "$run" -gt 0 ]; then
-            record "$fmt" lume "$(python3 -c "print(round($t1 - $t0, 3))")"
-            record "$fmt" curl+qemu-img "$(python3 -c "print(round($t2 - $t1, 3))")"
+            record "lume-$fmt" "$run" "$(python3 -c "print(round($t1 - $t0, 3))")"
+            record "curl-$fmt" "$run" "$(python3 -c "print(round($t2 - $t1, 3))")"
         fi
     done
 done
-python3 - "$OUT" <<'PY'
-import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-for case in ("raw", "qcow2"):
-    m = {t: statistics.median(r["seconds"] for r in rows if r["case"] == case and r["tool"] == t)
-         for t in ("lume", "curl+qemu-img")}
-    print(f"{case}: lume {m['lume']:.2f} s, curl + qemu-img convert {m['curl+qemu-img']:.2f} s, ratio {m['lume'] / m['curl+qemu-img']:.2f}x")
-PY
+log "done: results in $OUT"
