@@ -30,7 +30,8 @@ struct Files {
 /// `/f/NAME` the file; `/drop/NAME` the first answer stops after half the
 /// body (Content-Length announces all of it), later ones honour Range;
 /// `/slow/NAME` 64 KiB every 100 ms; `/to/PATH` redirects to PATH;
-/// `/tofile` redirects to file:///etc/passwd.
+/// `/tofile` redirects to file:///etc/passwd; `/loop` redirects to itself;
+/// `/huge` announces 100 GiB.
 struct Server {
     port: u16,
     files: Arc<Mutex<Files>>,
@@ -100,6 +101,20 @@ fn serve(
         .seen
         .push(format!("{path} range={range:?}"));
     let mut w = conn;
+    if path == "/loop" {
+        return write!(
+            w,
+            "HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+    if path == "/huge" {
+        // Announces 100 GiB: refused before a byte is read.
+        return write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            100u64 << 30
+        );
+    }
     if let Some(to) = path.strip_prefix("/to") {
         let loc = if to == "file" {
             "file:///etc/passwd".to_string()
@@ -331,6 +346,28 @@ fn refused_urls_and_non_images_leave_nothing() {
         b"<!DOCTYPE html><html><body>Moved</body></html>".to_vec(),
     );
     srv.put("text", b"hello\n".to_vec());
+    // Untrusted bytes: a qcow2 whose backing file is a host secret.
+    let dir = tempfile::tempdir().unwrap();
+    let backed = dir.path().join("b.qcow2");
+    let st = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+            "-u",
+        ])
+        .arg(&backed)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    srv.put("backed.qcow2", std::fs::read(&backed).unwrap());
+    srv.put("backed.xz", xz_of(&std::fs::read(&backed).unwrap()));
     let cases: &[(String, &str)] = &[
         ("file:///etc/shadow".into(), "not supported"),
         ("ftp://127.0.0.1/x".into(), "not supported"),
@@ -339,6 +376,10 @@ fn refused_urls_and_non_images_leave_nothing() {
         (srv.url("/f/page"), "HTML"),
         (srv.url("/f/text"), "512-byte sectors"),
         ("http://127.0.0.1:1/x".into(), "Cannot download"),
+        (srv.url("/loop"), "Cannot download"),
+        (srv.url("/huge"), "larger than"),
+        (srv.url("/f/backed.qcow2"), "backing file"),
+        (srv.url("/f/backed.xz"), "backing file"),
     ];
     for (url, needle) in cases {
         let err = ns.lume_fails(&home, &["create", "n", "--image", url]);
@@ -486,6 +527,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
     assert_eq!(body["status"], "provisioning");
     let (_, one) = api(&ns, "GET", format!("{base}/p"), None);
     assert_eq!(one["status"], "provisioning", "{one}");
+    assert_eq!(one["provisioningOperation"], "image_import", "{one}");
     let (_, all) = api(&ns, "GET", base.clone(), None);
     assert_eq!(all[0]["name"], "p");
     assert_eq!(all[0]["status"], "provisioning");
