@@ -29,7 +29,8 @@ struct Files {
 /// A small HTTP/1.1 server on 127.0.0.1 inside `ns`. Paths:
 /// `/f/NAME` the file; `/drop/NAME` the first answer stops after half the
 /// body (Content-Length announces all of it), later ones honour Range;
-/// `/slow/NAME` 64 KiB every 100 ms; `/to/PATH` redirects to PATH;
+/// `/noetag/NAME` the same without ETag; `/always/NAME` every answer breaks
+/// off after 1 KiB; `/slow/NAME` 64 KiB every 100 ms; `/to/PATH` redirects to PATH;
 /// `/tofile` redirects to file:///etc/passwd; `/loop` redirects to itself;
 /// `/huge` announces 100 GiB.
 struct Server {
@@ -135,11 +136,16 @@ fn serve(
         );
     };
     let start = range.unwrap_or(0).min(body.len() as u64) as usize;
-    let etag = format!("\"{}\"", body.len());
+    // `noetag`: nothing to resume against.
+    let etag = if kind == "noetag" {
+        String::new()
+    } else {
+        format!("ETag: \"{}\"\r\n", body.len())
+    };
     if start > 0 || range.is_some() {
         write!(
             w,
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n{etag}Connection: close\r\n\r\n",
             body.len() - start,
             body.len() - 1,
             body.len()
@@ -147,16 +153,22 @@ fn serve(
     } else {
         write!(
             w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\nETag: {etag}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n{etag}Connection: close\r\n\r\n",
             body.len()
         )?;
     }
     let rest = &body[start..];
     match kind {
-        "drop" if dropped.lock().unwrap().insert(name.to_string()) => {
+        "drop" | "noetag" if dropped.lock().unwrap().insert(format!("{kind}{name}")) => {
             w.write_all(&rest[..rest.len() / 2])?;
             w.flush()?;
             // Gone mid-body: the client must resume.
+            w.shutdown(std::net::Shutdown::Both)
+        }
+        "always" => {
+            // Every answer breaks off after 1 KiB.
+            w.write_all(&rest[..1024.min(rest.len())])?;
+            w.flush()?;
             w.shutdown(std::net::Shutdown::Both)
         }
         "slow" => {
@@ -346,6 +358,7 @@ fn refused_urls_and_non_images_leave_nothing() {
         b"<!DOCTYPE html><html><body>Moved</body></html>".to_vec(),
     );
     srv.put("text", b"hello\n".to_vec());
+    srv.put("big.raw", raw_image("BIG"));
     // Untrusted bytes: a qcow2 whose backing file is a host secret.
     let dir = tempfile::tempdir().unwrap();
     let backed = dir.path().join("b.qcow2");
@@ -377,6 +390,11 @@ fn refused_urls_and_non_images_leave_nothing() {
         (srv.url("/f/text"), "512-byte sectors"),
         ("http://127.0.0.1:1/x".into(), "Cannot download"),
         (srv.url("/loop"), "Cannot download"),
+        (srv.url("/noetag/big.raw"), "cannot resume it"),
+        (
+            srv.url("/always/big.raw"),
+            "did not resume after 5 attempts",
+        ),
         (srv.url("/huge"), "larger than"),
         (srv.url("/f/backed.qcow2"), "backing file"),
         (srv.url("/f/backed.xz"), "backing file"),
