@@ -407,6 +407,45 @@ fn refused_urls_and_non_images_leave_nothing() {
 }
 
 #[test]
+fn ctrl_c_removes_the_half_made_vm_at_once() {
+    let ns = Netns::new("imp");
+    let home = Home::new();
+    let srv = Server::start(&ns);
+    srv.put("d.raw", raw_image("INTERRUPTED"));
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name]).arg(lume_bin()).args([
+        "create",
+        "i",
+        "--image",
+        &srv.url("/slow/d.raw"),
+    ]);
+    home.env(&mut c);
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the download to start", Duration::from_secs(20), || {
+        let dir = std::fs::read_dir(home.storage()).ok()?;
+        dir.filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with(".creating-i-"))
+            .filter(|e| std::fs::metadata(e.path().join("disk.img")).is_ok_and(|m| m.len() > 0))
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Interrupted"), "{err}");
+    // Gone at once, before any other lume command ran.
+    let left: Vec<_> = std::fs::read_dir(home.storage())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn a_killed_create_leaves_nothing_and_the_name_stays_free() {
     let ns = Netns::new("imp");
     let home = Home::new();
