@@ -445,6 +445,56 @@ fn ctrl_c_removes_the_half_made_vm_at_once() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// https is verified: a server whose certificate no trusted authority
+/// signed is refused, never downloaded from.
+#[test]
+fn https_with_an_untrusted_certificate_is_refused() {
+    let ns = Netns::new("imp");
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(dir.path().join("d.raw"), raw_image("TLS")).unwrap();
+    common::sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
+         -addext subjectAltName=IP:127.0.0.1 -keyout {d}/key.pem -out {d}/cert.pem 2>/dev/null"
+    ));
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "openssl", "s_server", "-quiet", "-WWW",
+        ])
+        .args([
+            "-accept",
+            "127.0.0.1:8443",
+            "-cert",
+            "cert.pem",
+            "-key",
+            "key.pem",
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the TLS server", Duration::from_secs(10), || {
+        ns.exec("curl -sk -o /dev/null https://127.0.0.1:8443/d.raw")
+            .status
+            .success()
+            .then_some(())
+    });
+    let err = ns.lume_fails(
+        &home,
+        &["create", "t", "--image", "https://127.0.0.1:8443/d.raw"],
+    );
+    assert!(
+        err.contains("Cannot download") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert_nothing_left(&home, &ns, "t");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 #[test]
 fn a_killed_create_leaves_nothing_and_the_name_stays_free() {
     let ns = Netns::new("imp");
