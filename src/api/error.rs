@@ -140,8 +140,13 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         VmError::Forbidden { .. } => StatusCode::FORBIDDEN,
         VmError::DiskWhileRunning(_)
         | VmError::RunningNeedsForce(_)
-        | VmError::CloneWhileRunning(_) => CONFLICT,
-        VmError::StopTimeout { .. } => FAILED,
+        | VmError::CloneWhileRunning(_)
+        | VmError::NotRunning(_) => CONFLICT,
+        // The guest ignored or could not be sent the request.
+        VmError::StopTimeout { .. }
+        | VmError::ShutdownTimeout { .. }
+        | VmError::NoGracefulShutdown(_)
+        | VmError::NoGracefulReboot(_) => FAILED,
     }
 }
 

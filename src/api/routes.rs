@@ -156,6 +156,60 @@ pub struct StopVmRequest {
     pub storage: Option<String>,
 }
 
+/// `POST /lume/vms/{name}/shutdown` and `/restart` (the body may be left
+/// out): lume's options of `lume shutdown` and `lume restart`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestPowerRequest {
+    /// SSH user for the SSH way (default `lume`).
+    pub user: Option<String>,
+    /// SSH and sudo password for the SSH way (default `lume`).
+    pub password: Option<String>,
+    /// Seconds for the SSH command and, for shutdown, for the guest to power
+    /// off (default 30, at most 3600).
+    #[schema(example = 30)]
+    pub timeout: Option<u64>,
+    /// Restart only: reset the VM when no graceful way works (not graceful).
+    pub force: Option<bool>,
+    pub storage: Option<String>,
+}
+
+impl GuestPowerRequest {
+    fn login(&self) -> ApiResult<crate::guest::power::SshLogin> {
+        Ok(crate::guest::power::SshLogin {
+            user: self.user.clone().unwrap_or_else(|| "lume".into()),
+            password: Some(self.password.clone().unwrap_or_else(|| "lume".into())),
+            timeout: crate::vm::actions::stop_timeout(self.timeout.unwrap_or(30))?,
+        })
+    }
+}
+
+/// The response header that says which way a stop, shutdown or restart took:
+/// `agent`, `ssh`, `acpi`, `reset` or `forced`.
+pub const POWER_METHOD_HEADER: &str = "lume-power-method";
+
+fn with_method(
+    method: Option<crate::guest::power::PowerMethod>,
+    d: VmDetails,
+) -> (
+    [(axum::http::HeaderName, axum::http::HeaderValue); 1],
+    Json<VmDetails>,
+) {
+    let value = method.map_or("none", |m| m.as_str());
+    (
+        [(
+            axum::http::HeaderName::from_static(POWER_METHOD_HEADER),
+            axum::http::HeaderValue::from_static(value),
+        )],
+        Json(d),
+    )
+}
+
+type PowerResponse = (
+    [(axum::http::HeaderName, axum::http::HeaderValue); 1],
+    Json<VmDetails>,
+);
+
 /// `POST /lume/vms/clone`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -666,12 +720,16 @@ pub async fn run_vm(
     }
 }
 
-/// Stop a VM: ACPI power-off, then force after `timeout`. Answers once it is stopped.
+/// Stop a VM: ask the guest to power off (guest agent, SSH, ACPI power
+/// button, in that order), then force QEMU off after `timeout`. Answers once
+/// it is stopped; the header `Lume-Power-Method` says which way it took
+/// (`agent`, `ssh`, `acpi`, `forced`, or `none` when it was not running).
 #[utoipa::path(post, path = "/lume/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<StopVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stopped (or was not running)", body = VmDetails),
+        (status = 200, description = "Stopped (or was not running)", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh, acpi, forced or none"))),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
@@ -683,7 +741,7 @@ pub async fn stop_vm(
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<StopVmRequest>,
-) -> ApiResult<Json<VmDetails>> {
+) -> ApiResult<PowerResponse> {
     // The same check, and the same message, as `lume stop --timeout`.
     let timeout = crate::vm::actions::stop_timeout(r.timeout.unwrap_or(15))?;
     let storage = r.storage.as_deref().or(q.storage.as_deref());
@@ -694,12 +752,87 @@ pub async fn stop_vm(
     let name = vm.clone();
     on_vm(&st, &caller, storage, &vm, move |ctx| {
         match run(ctx, action)? {
-            Outcome::Stopped { .. } => details(ctx, name),
+            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
             o => Err(unexpected(&o)),
         }
     })
     .await
-    .map(Json)
+}
+
+/// Gracefully shut down a VM (`lume shutdown`): guest agent, SSH, ACPI power
+/// button, in that order; never forced. Answers once it is stopped, with
+/// the header `Lume-Power-Method`.
+#[utoipa::path(post, path = "/lume/vms/{name}/shutdown", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stopped", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh or acpi"))),
+        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 500, description = "No way was accepted, or the guest did not power off in time", body = ErrorBody),
+    ))]
+pub async fn shutdown_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<GuestPowerRequest>,
+) -> ApiResult<PowerResponse> {
+    let login = r.login()?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let action = Action::Shutdown {
+        name: vm.clone(),
+        timeout: login.timeout,
+        login,
+    };
+    let name = vm.clone();
+    on_vm(&st, &caller, storage, &vm, move |ctx| {
+        match run(ctx, action)? {
+            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
+}
+
+/// Gracefully restart a VM (`lume restart`): guest agent, then SSH; with
+/// `force`, a reset when neither works. Answers once the reboot was
+/// requested, with the header `Lume-Power-Method` (`agent`, `ssh`, `reset`).
+#[utoipa::path(post, path = "/lume/vms/{name}/restart", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Reboot requested", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh or reset"))),
+        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 500, description = "No graceful way worked and force was not given", body = ErrorBody),
+    ))]
+pub async fn restart_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<GuestPowerRequest>,
+) -> ApiResult<PowerResponse> {
+    let login = r.login()?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let action = Action::Restart {
+        name: vm.clone(),
+        force: r.force.unwrap_or(false),
+        login,
+    };
+    let name = vm.clone();
+    on_vm(&st, &caller, storage, &vm, move |ctx| {
+        match run(ctx, action)? {
+            Outcome::Restarted { method, .. } => Ok(with_method(Some(method), details(ctx, name)?)),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
 }
 
 /// Copy a stopped VM under a new name, with a new MAC address.

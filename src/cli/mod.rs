@@ -50,8 +50,12 @@ pub enum Command {
     Create(CreateArgs),
     /// Start a VM (in the foreground unless --detach)
     Run(RunArgs),
-    /// Stop a VM: ACPI power-off, then force after --timeout
+    /// Stop a VM: ask the guest to power off (guest agent, SSH, ACPI), force after --timeout
     Stop(StopArgs),
+    /// Gracefully shut down a VM (guest agent, SSH, ACPI); never forces
+    Shutdown(GuestPowerArgs),
+    /// Gracefully restart a VM (guest agent, SSH); --force resets it when neither works
+    Restart(RestartArgs),
     /// List VMs
     #[command(alias = "list")]
     Ls(LsArgs),
@@ -152,6 +156,42 @@ pub struct StopArgs {
     pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+/// lume's options of `shutdown` and `restart`.
+#[derive(Debug, Args)]
+pub struct GuestPowerArgs {
+    pub name: VmName,
+    /// SSH username, for the SSH way
+    #[arg(long, short = 'u', default_value = "lume")]
+    pub user: String,
+    /// SSH and sudo password, for the SSH way
+    #[arg(long, short = 'p', default_value = "lume")]
+    pub password: String,
+    /// Seconds for the SSH command, and for the guest to power off (shutdown)
+    #[arg(long, short = 't', default_value_t = 30)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+impl GuestPowerArgs {
+    fn login(&self) -> Result<crate::guest::power::SshLogin> {
+        Ok(crate::guest::power::SshLogin {
+            user: self.user.clone(),
+            password: Some(self.password.clone()),
+            timeout: crate::vm::actions::stop_timeout(self.timeout)?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    pub power: GuestPowerArgs,
+    /// When no graceful way works, reset the VM like its reset button (not graceful)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -380,6 +420,30 @@ pub fn run(cli: Cli) -> Result<i32> {
             },
             Format::Text,
         ),
+        Command::Shutdown(a) => {
+            let login = a.login()?;
+            (
+                a.storage,
+                Action::Shutdown {
+                    name: a.name,
+                    timeout: login.timeout,
+                    login,
+                },
+                Format::Text,
+            )
+        }
+        Command::Restart(a) => {
+            let login = a.power.login()?;
+            (
+                a.power.storage,
+                Action::Restart {
+                    name: a.power.name,
+                    force: a.force,
+                    login,
+                },
+                Format::Text,
+            )
+        }
         Command::Ls(a) => (a.storage, Action::List, a.format),
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {

@@ -490,6 +490,31 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
             (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
+            (_, Some(ip)) if state.uplink.is_some() => {
+                let parent = state.parent.as_deref().unwrap_or("?");
+                let uplink = state.uplink.as_deref().unwrap_or_default();
+                let status = super::netlink::Netlink::open()
+                    .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
+                match status {
+                    Ok(super::uplink::Status::Attached) | Err(_) => r.add(
+                        name,
+                        true,
+                        format!("{ip} on {parent} (macvlan: this host cannot reach it through that interface, other LAN hosts can)"),
+                    ),
+                    Ok(super::uplink::Status::ParentGone) => r.add(
+                        name,
+                        false,
+                        format!("the interface {parent} is gone (unplugged?): the VM keeps running without a network and waits for it; it is re-attached within a second of {parent} coming back, with its MAC and, if the LAN's DHCP server keeps the lease, its address {ip}"),
+                    ),
+                    Ok(super::uplink::Status::Detached) => r.add(
+                        name,
+                        false,
+                        format!("{parent} is back and the VM is being re-attached to it; if this lasts, the reason is in {}", vm.log_path().display()),
+                    ),
+                }
+            }
+            // A run started by an older lume: a macvtap, which goes for good
+            // with its parent.
             (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
                 let parent = state.parent.as_deref().unwrap_or("?");
                 let dev = state.host_device.as_deref().unwrap_or_default();

@@ -16,6 +16,7 @@ use super::name::VmName;
 use super::size::format_size;
 use super::state::RunState;
 use super::store::{Store, StoreError, UnsafeDir, Vm, io_at};
+use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
@@ -102,6 +103,25 @@ pub enum VmError {
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
     TimeoutTooLong(u64),
+    #[error("VM '{0}' is not running: start it with `lume run {0}`")]
+    NotRunning(VmName),
+    #[error(
+        "VM '{name}' was asked to power off {} but is still running after {seconds}s: wait longer (--timeout) or force it off with `lume stop {name}`",
+        method.describe()
+    )]
+    ShutdownTimeout {
+        name: VmName,
+        method: PowerMethod,
+        seconds: u64,
+    },
+    #[error(
+        "VM '{0}' could not be asked to power off: no guest agent answered, SSH was not available and the ACPI power button could not be pressed; force it off with `lume stop {0}`"
+    )]
+    NoGracefulShutdown(VmName),
+    #[error(
+        "VM '{0}' cannot be restarted gracefully: no guest agent answered and SSH was not available; install qemu-guest-agent in the guest, or reset it like the reset button with `lume restart {0} --force`"
+    )]
+    NoGracefulReboot(VmName),
 }
 
 /// Why a host path was refused.
@@ -281,8 +301,23 @@ pub enum Action {
     Create(Box<CreateSpec>),
     /// Start a VM; in the foreground unless `detach`.
     Run(RunSpec),
-    /// ACPI power-off, then force after `timeout`.
+    /// Ask the guest to power off (agent, SSH, ACPI, in that order), then
+    /// force QEMU off once `timeout` has passed.
     Stop { name: VmName, timeout: Duration },
+    /// Ask the guest to power off (agent, SSH, ACPI) and wait up to
+    /// `timeout` for it; never forces.
+    Shutdown {
+        name: VmName,
+        timeout: Duration,
+        login: SshLogin,
+    },
+    /// Ask the guest to reboot (agent, SSH); with `force`, when neither
+    /// works, reset the VM (not graceful).
+    Restart {
+        name: VmName,
+        force: bool,
+        login: SshLogin,
+    },
     /// Every VM.
     List,
     /// One VM.
@@ -311,9 +346,16 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
+    /// `method` is how it went down; `None` when it was not running.
     Stopped {
         name: VmName,
         was_running: bool,
+        method: Option<PowerMethod>,
+    },
+    /// The guest was asked to reboot (or was reset).
+    Restarted {
+        name: VmName,
+        method: PowerMethod,
     },
     List(Vec<VmDetails>),
     Details(VmDetails),
@@ -349,13 +391,17 @@ pub fn execute(
         Action::Create(spec) => create(ctx, *spec, note).map(Outcome::Created),
         Action::Run(spec) => run(ctx, spec, note),
         Action::Stop { name, timeout } => stop(ctx, &name, timeout),
+        Action::Shutdown {
+            name,
+            timeout,
+            login,
+        } => shutdown(ctx, &name, timeout, &login),
+        Action::Restart { name, force, login } => restart(ctx, &name, force, &login),
         Action::List => {
             let mut vms = store.list()?;
             vms.extend(store.provisioning());
             vms.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(Outcome::List(
-                vms.iter().map(|vm| VmDetails::read(store, vm)).collect(),
-            ))
+            Ok(Outcome::List(VmDetails::read_all(store, &vms)))
         }
         Action::Get { name } => {
             if let Some(vm) = store.find_provisioning(&name)
@@ -928,15 +974,21 @@ fn collect_after_crash(ctx: &Context, vm: &Vm) {
     let _ = fs::remove_file(vm.state_path());
 }
 
-fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
-    let timeout = stop_timeout(timeout.as_secs())?;
+/// The VM and its run state once it is running (waiting for a supervisor
+/// that is still starting), or `None` when it is not running.
+fn running(
+    ctx: &Context,
+    name: &VmName,
+    settle: Duration,
+) -> Result<(Vm, Option<RunState>), VmError> {
     let store = &ctx.store;
     let vm = store.open(name)?;
-    // run.json and the QMP socket are trusted only where nobody else writes.
+    // run.json and the QMP and agent sockets are trusted only where nobody
+    // else writes.
     store.check_private(Some(&vm))?;
     // A supervisor that holds the lock without run.json is starting (or a
     // short command holds the VM): wait until it is running or gone.
-    let settle = Instant::now() + timeout.max(Duration::from_secs(5));
+    let settle = Instant::now() + settle.max(Duration::from_secs(5));
     let mut state = vm.running_state();
     while state.is_none()
         && VmLock::is_held(&vm.lock_path()).unwrap_or(false)
@@ -945,22 +997,80 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
         std::thread::sleep(Duration::from_millis(20));
         state = vm.running_state();
     }
+    Ok((vm, state))
+}
+
+/// One line in the VM's lume.log (appended; never through a symlink), so
+/// that the log of a detached VM says how it was stopped or restarted.
+fn log_to_vm(vm: &Vm, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = crate::hypervisor::logcap::open_log(&vm.log_path(), false) {
+        let _ = writeln!(f, "[{}] {line}", crate::util::time::timestamp());
+    }
+}
+
+/// Asks the guest to power off; returns the way that accepted, if any.
+fn request_power(
+    vm: &Vm,
+    state: &RunState,
+    request: PowerRequest,
+    login: &SshLogin,
+    why: &str,
+) -> Option<PowerMethod> {
+    let method = power::request(&vm.dir, state, request, login, &mut |line| {
+        log_to_vm(vm, &format!("{why}: {line}"))
+    });
+    match method {
+        Some(m) => log_to_vm(
+            vm,
+            &format!(
+                "{why}: {} requested {}",
+                match request {
+                    PowerRequest::PowerOff => "power-off",
+                    PowerRequest::Reboot => "reboot",
+                },
+                m.describe()
+            ),
+        ),
+        None => log_to_vm(vm, &format!("{why}: no graceful way was accepted")),
+    }
+    method
+}
+
+fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+    let timeout = stop_timeout(timeout.as_secs())?;
+    let (vm, state) = running(ctx, name, timeout)?;
     let Some(state) = state else {
         collect_after_crash(ctx, &vm);
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: false,
+            method: None,
         });
     };
     let start = Instant::now();
-    if qmp_command(&vm, "system_powerdown", Duration::from_secs(2))
-        && wait_unlocked(&vm, start + timeout)
+    let why = "`lume stop`";
+    if let Some(method) = request_power(
+        &vm,
+        &state,
+        PowerRequest::PowerOff,
+        &SshLogin::default(),
+        why,
+    ) && wait_unlocked(&vm, start + timeout)
     {
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: true,
+            method: Some(method),
         });
     }
+    log_to_vm(
+        &vm,
+        &format!(
+            "{why}: the guest did not power off within {}s: forcing QEMU off",
+            timeout.as_secs()
+        ),
+    );
     // Force QEMU off; the supervisor then tears down and releases the lock.
     if !qmp_command(&vm, "quit", Duration::from_secs(1))
         && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
@@ -974,12 +1084,83 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: true,
+            method: Some(PowerMethod::Forced),
         });
     }
     Err(VmError::StopTimeout {
         name: name.clone(),
         seconds: start.elapsed().as_secs(),
         pid: state.pid,
+    })
+}
+
+fn shutdown(
+    ctx: &Context,
+    name: &VmName,
+    timeout: Duration,
+    login: &SshLogin,
+) -> Result<Outcome, VmError> {
+    let timeout = stop_timeout(timeout.as_secs())?;
+    let (vm, state) = running(ctx, name, timeout)?;
+    let Some(state) = state else {
+        collect_after_crash(ctx, &vm);
+        return Err(VmError::NotRunning(name.clone()));
+    };
+    let start = Instant::now();
+    let method = request_power(
+        &vm,
+        &state,
+        PowerRequest::PowerOff,
+        login,
+        "`lume shutdown`",
+    )
+    .ok_or_else(|| VmError::NoGracefulShutdown(name.clone()))?;
+    if wait_unlocked(&vm, start + timeout) {
+        return Ok(Outcome::Stopped {
+            name: name.clone(),
+            was_running: true,
+            method: Some(method),
+        });
+    }
+    Err(VmError::ShutdownTimeout {
+        name: name.clone(),
+        method,
+        seconds: start.elapsed().as_secs(),
+    })
+}
+
+fn restart(
+    ctx: &Context,
+    name: &VmName,
+    force: bool,
+    login: &SshLogin,
+) -> Result<Outcome, VmError> {
+    let (vm, state) = running(ctx, name, Duration::from_secs(5))?;
+    let Some(state) = state else {
+        collect_after_crash(ctx, &vm);
+        return Err(VmError::NotRunning(name.clone()));
+    };
+    let why = "`lume restart`";
+    if let Some(method) = request_power(&vm, &state, PowerRequest::Reboot, login, why) {
+        return Ok(Outcome::Restarted {
+            name: name.clone(),
+            method,
+        });
+    }
+    if !force {
+        return Err(VmError::NoGracefulReboot(name.clone()));
+    }
+    power::via_reset(&vm.dir).map_err(|e| match e {
+        power::PowerError::Qmp(q) => VmError::from(RunError::Control(q)),
+        other => VmError::from(RunError::Power(other)),
+    })?;
+    log_to_vm(
+        &vm,
+        &format!("{why}: reset {}", PowerMethod::Reset.describe()),
+    );
+    Ok(Outcome::Restarted {
+        name: name.clone(),
+        method: PowerMethod::Reset,
     })
 }
 
@@ -1035,7 +1216,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 10] = [
+const RUNTIME_FILES: [&str; 12] = [
     "console.log",
     "console.log.1",
     "qemu.log.1",
@@ -1044,6 +1225,8 @@ const RUNTIME_FILES: [&str; 10] = [
     "passt.log",
     "run.json",
     "qmp.sock",
+    "qga.sock",
+    "events.sock",
     ".lock",
     ".cfg.lock",
 ];

@@ -27,6 +27,10 @@ pub struct NetworkDetails {
     pub published_ports: Vec<String>,
     /// A limit worth knowing about this mode.
     pub note: Option<String>,
+    /// Bridged on a plain interface while running: `attached`,
+    /// `waiting-for-parent` (the parent interface is gone; the VM is
+    /// re-attached when it is back) or `reattaching`.
+    pub attachment: Option<String>,
 }
 
 /// The guest's address as far as it is known now: dnsmasq's lease of this
@@ -50,6 +54,15 @@ fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
             .map(|ip| ip.to_string());
     }
     None
+}
+
+/// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).
+fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
+    let (parent, uplink) = (s.parent.as_deref()?, s.uplink.as_deref()?);
+    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    crate::network::uplink::status(&mut nl, parent, uplink)
+        .ok()
+        .map(|st| st.as_str().to_string())
 }
 
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
@@ -167,11 +180,36 @@ impl VmDetails {
                 .as_ref()
                 .and_then(|s| s.note.clone())
                 .or_else(|| mode_note(mode)),
+            attachment: state.as_ref().and_then(attachment),
         });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
+            // As lume: whether port 22 answers now (null when stopped).
+            d.ssh_available = Some(
+                crate::guest::reach::ssh_target(&s, d.ip_address.as_deref()).is_some_and(|t| {
+                    crate::guest::reach::port_answers(t, crate::guest::reach::SSH_PROBE_TIMEOUT)
+                }),
+            );
         }
         d
+    }
+
+    /// The details of many VMs, read in parallel, at most 32 at a time
+    /// (each running VM's SSH probe may take up to its timeout).
+    pub fn read_all(store: &Store, vms: &[Vm]) -> Vec<Self> {
+        let mut all = Vec::with_capacity(vms.len());
+        for chunk in vms.chunks(32) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|vm| scope.spawn(move || Self::read(store, vm)))
+                    .collect();
+                for (h, vm) in handles.into_iter().zip(chunk) {
+                    all.push(h.join().unwrap_or_else(|_| Self::read(store, vm)));
+                }
+            });
+        }
+        all
     }
 }
