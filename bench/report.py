@@ -315,6 +315,24 @@ def reattach(rows):
     return out
 
 
+def image_import(rows):
+    if not rows:
+        return []
+    out = ["### 7. Import of a 2 GiB image from a local HTTP server", "",
+           "`lume create --image http://…` against `curl -o` + `qemu-img convert -O raw` of the same file, "
+           "in the same round; median (min–max) wall time; target ≤ 1.1x.", "",
+           "| image | `lume create --image URL` | curl + qemu-img convert | lume / baseline (paired) | verdict | n |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for fmt, label in [("raw", "raw, 2 GiB (1.5 GiB data)"), ("qcow2", "qcow2 of the same disk")]:
+        t = metric(rows, f"lume-{fmt}", "seconds")
+        b = metric(rows, f"curl-{fmt}", "seconds")
+        if not t:
+            continue
+        rc, med = ratio_cell(by_run(rows, f"lume-{fmt}", "seconds"), by_run(rows, f"curl-{fmt}", "seconds"))
+        out.append(f"| {label} | {cell(t)} | {cell(b)} | {rc} | {verdict(med is not None and med <= 1.1)} | {len(t)} |")
+    return out
+
+
 def main():
     results, md = sys.argv[1], sys.argv[2]
     meta = {}
@@ -326,7 +344,8 @@ def main():
              "do not edit by hand (the analysis above and below is kept)._", ""]
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
-                    throughput(load(results, "throughput")), reattach(load(results, "reattach"))]:
+                    throughput(load(results, "throughput")), reattach(load(results, "reattach")),
+                    image_import(load(results, "import"))]:
         if section:
             parts += section + [""]
     parts.append(END)

@@ -12,6 +12,7 @@
 #   throughput  TCP echo through bridged, nat and user mode vs a veth baseline
 #               (BENCH_OLD_LUME=<older lume>: also bridged on a macvtap, the path before)
 #   reattach    a bridged VM answering from the LAN again after its parent returns
+#   import      create --image URL of a 2 GiB image vs curl + qemu-img convert
 #
 # It installs missing packages (scripts/install-deps.sh; xfsprogs for the
 # XFS part), builds target/release/lume with `cargo build --release`, builds
@@ -27,7 +28,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale clone throughput reattach)
+ALL=(boot heal scale clone throughput reattach import)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do

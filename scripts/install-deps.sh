@@ -2,10 +2,11 @@
 # Installs what lume and its tests need on Debian 12 (as root), only when
 # something is missing: QEMU, qemu-img, passt (user mode), dnsmasq, nftables, iproute2, the
 # packages the test guest is built from, qemu-guest-agent (its client is tested against the real agent), and iptables (iptables-nft: the tests load Docker's and
-# ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients).
+# ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients),
+# openssl (a TLS server with an untrusted certificate in the image import tests).
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3)
+packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

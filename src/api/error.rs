@@ -7,8 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::hypervisor::img::ImageError;
 use crate::hypervisor::supervisor::RunError;
+use crate::image::import::ImportError;
 use crate::network::attach::AttachError;
 use crate::vm::VmError;
 use crate::vm::actions::Settable;
@@ -92,7 +92,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
     match e {
         VmError::Store(s) => match s {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
-            StoreError::Exists { .. } | StoreError::Busy(_) => CONFLICT,
+            StoreError::Exists { .. } | StoreError::Busy(_) | StoreError::Provisioning(_) => {
+                CONFLICT
+            }
             StoreError::Config(_) | StoreError::Io { .. } => FAILED,
         },
         VmError::Run(r) => match r {
@@ -103,9 +105,21 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             _ => FAILED,
         },
         VmError::Network(a) => attach_status(a),
-        // qemu-img cannot read the image the client named.
-        VmError::Image(ImageError::Inspect { .. } | ImageError::Format { .. }) => BAD,
-        VmError::Image(_) | VmError::Config(_) | VmError::Settings(_) => FAILED,
+        // The image the client named is not one lume imports, or not the
+        // one its checksum names.
+        VmError::Import(
+            ImportError::Format { .. }
+            | ImportError::NotSectors { .. }
+            | ImportError::Empty { .. }
+            | ImportError::TooLarge { .. }
+            | ImportError::Checksum { .. }
+            | ImportError::Xz { .. },
+        ) => BAD,
+        VmError::Import(ImportError::Download(_)) => StatusCode::BAD_GATEWAY,
+        VmError::Import(ImportError::Read { .. } | ImportError::Disk(_))
+        | VmError::Image(_)
+        | VmError::Config(_)
+        | VmError::Settings(_) => FAILED,
         VmError::MacOsGuest
         | VmError::UnknownOs(_)
         | VmError::NoCpu
@@ -117,6 +131,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::MissingFile { .. }
         | VmError::InitrdWithoutKernel
         | VmError::TwoBootSources
+        | VmError::Sha256WithoutImage
         | VmError::NeedsForce(_)
         | VmError::NothingToSet
         | VmError::TimeoutTooLong(_) => BAD,

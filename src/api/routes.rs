@@ -16,10 +16,12 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath, Who};
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
+use crate::vm::actions::begin_create;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::details::VmDetails;
 use crate::vm::size::parse_size;
@@ -71,8 +73,13 @@ pub struct CreateVmRequest {
     pub initrd: Option<String>,
     /// Kernel command line (needs `kernel`).
     pub cmdline: Option<String>,
-    /// Absolute path of a qcow2 or raw image to import as the disk.
+    /// The disk to import: the absolute path of a qcow2, raw or xz-compressed
+    /// raw image (opened with the caller's rights), or an http:// or
+    /// https:// URL that the server downloads. With a URL the answer is 202
+    /// and the VM is listed as `provisioning` until the import ends.
     pub image: Option<String>,
+    /// Expected SHA-256 of the image file (64 hex digits).
+    pub image_sha256: Option<String>,
     /// Default: a random locally administered address.
     #[schema(example = "52:54:00:12:34:56")]
     pub mac_address: Option<String>,
@@ -455,13 +462,16 @@ pub async fn list_vms(
     }
 }
 
-/// Create a VM.
+/// Create a VM. With an image URL the server answers 202 as soon as the
+/// import starts: the VM is listed with status `provisioning` until it is
+/// `stopped` (done) or gone (failed; the error is in the server's log).
 #[utoipa::path(post, path = "/lume/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
         (status = 201, description = "Created", body = VmDetails),
-        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
+        (status = 202, description = "Image URL: the import started; the VM is `provisioning`", body = VmDetails),
+        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port, path, URL or checksum, a missing kernel or image, an image lume does not import or whose checksum differs", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
-        (status = 409, description = "A VM of that name exists", body = ErrorBody),
+        (status = 409, description = "A VM of that name exists or is being provisioned", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
         (status = 500, description = "The VM could not be built", body = ErrorBody),
     ))]
@@ -472,6 +482,10 @@ pub async fn create_vm(
     JsonBody(r): JsonBody<CreateVmRequest>,
 ) -> ApiResult<(StatusCode, Json<VmDetails>)> {
     let vm = name(&r.name)?;
+    let image = match r.image.as_deref() {
+        Some(s) if s.contains("://") => Some(field("image", ImageSource::from_str(s))?),
+        other => opt_path("image", other)?.map(ImageSource::Path),
+    };
     let spec = CreateSpec {
         name: vm.clone(),
         os: r.os.unwrap_or_else(|| "linux".into()),
@@ -488,10 +502,37 @@ pub async fn create_vm(
         kernel: opt_path("kernel", r.kernel.as_deref())?,
         initrd: opt_path("initrd", r.initrd.as_deref())?,
         cmdline: r.cmdline,
-        image: opt_path("image", r.image.as_deref())?,
+        image_sha256: r
+            .image_sha256
+            .as_deref()
+            .map(|h| field("imageSha256", Sha256Digest::from_str(h)))
+            .transpose()?,
+        progress: false,
+        image,
         publish: ports(&r.publish)?,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
+    if spec.image.as_ref().is_some_and(ImageSource::is_url) {
+        // Checked and visible as `provisioning` before the answer; the
+        // download runs on a thread of its own.
+        let details = on_vm(&st, &caller, storage, &vm, move |ctx| {
+            let pending = begin_create(ctx, spec).map_err(ApiError::from)?;
+            let details = pending.details();
+            std::thread::spawn(move || {
+                let name = pending.name().clone();
+                match pending.finish(&mut |line: &str| super::log(line)) {
+                    Ok(_) => super::log(&format!("VM '{name}' created from its image")),
+                    Err(e) => super::log(&format!(
+                        "Creating VM '{name}' failed: {}",
+                        crate::error_chain(&e)
+                    )),
+                }
+            });
+            Ok(details)
+        })
+        .await?;
+        return Ok((StatusCode::ACCEPTED, Json(details)));
+    }
     let action = Action::Create(Box::new(spec));
     match on_vm(&st, &caller, storage, &vm, |ctx| run(ctx, action)).await? {
         Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
@@ -108,9 +109,13 @@ pub struct CreateArgs {
     /// Kernel command line for direct kernel boot
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
-    /// Existing qcow2 or raw disk image to import as the VM's disk
-    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
-    pub image: Option<PathBuf>,
+    /// Disk image to import as the VM's disk: a file or an http(s) URL;
+    /// qcow2, raw or xz-compressed raw (see docs/images.md)
+    #[arg(long, value_name = "PATH|URL", conflicts_with = "kernel")]
+    pub image: Option<ImageSource>,
+    /// Expected SHA-256 of the image file (64 hex digits, as sha256sum prints)
+    #[arg(long, value_name = "HEX", requires = "image")]
+    pub image_sha256: Option<Sha256Digest>,
     /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
@@ -389,6 +394,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 image: a.image,
+                image_sha256: a.image_sha256,
+                progress: true,
                 publish: a.publish,
             })),
             Format::Text,
@@ -496,9 +503,44 @@ pub fn run(cli: Cli) -> Result<i32> {
     finish(&storage, action, format)
 }
 
+/// Ctrl-C, SIGTERM or SIGHUP while `create --image` imports: the half-made
+/// VM's hidden work directory is removed at once and lume exits (without
+/// this, the next create would collect it). A VM already published keeps
+/// its name: only this process's `.creating-NAME-PID-…` directory goes.
+fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    // Blocked here, so every thread started from now on has them blocked
+    // and only the waiting thread takes them (children get a clean mask).
+    if set.thread_block().is_err() {
+        return;
+    }
+    let prefix = format!(".creating-{name}-{}-", std::process::id());
+    std::thread::spawn(move || {
+        let sig = set.wait().unwrap_or(Signal::SIGINT);
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        eprintln!("Interrupted: the VM was not created and nothing of it is left");
+        std::process::exit(128 + sig as i32);
+    });
+}
+
 /// Executes `action` and prints its outcome; returns the exit code.
 fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     let ctx = context(storage)?;
+    if let Action::Create(spec) = &action
+        && spec.image.is_some()
+    {
+        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+    }
     let outcome = match execute(&ctx, action, &mut note) {
         Ok(o) => o,
         Err(crate::vm::VmError::Run(e))

@@ -20,6 +20,8 @@ use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
+use crate::image::import::{self, ImportError};
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
 use crate::network::publish::PortMapping;
@@ -36,6 +38,8 @@ pub enum VmError {
     Run(#[from] RunError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
     #[error(transparent)]
@@ -70,6 +74,8 @@ pub enum VmError {
         "Choose one boot source: --kernel (direct kernel boot) or --image (disk image), not both"
     )]
     TwoBootSources,
+    #[error("--image-sha256 checks an image: give --image too")]
+    Sha256WithoutImage,
     #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
     RunningNeedsForce(VmName),
     #[error(
@@ -255,7 +261,12 @@ pub struct CreateSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    pub image: Option<PathBuf>,
+    /// A host file or an http(s) URL to import as the disk.
+    pub image: Option<ImageSource>,
+    /// Expected SHA-256 of the image file as stored or downloaded.
+    pub image_sha256: Option<Sha256Digest>,
+    /// Show download progress (on a terminal only).
+    pub progress: bool,
     /// Ports published at every start.
     pub publish: Vec<PortMapping>,
 }
@@ -377,7 +388,7 @@ pub fn execute(
 ) -> Result<Outcome, VmError> {
     let store = &ctx.store;
     match action {
-        Action::Create(spec) => create(ctx, *spec).map(Outcome::Created),
+        Action::Create(spec) => create(ctx, *spec, note).map(Outcome::Created),
         Action::Run(spec) => run(ctx, spec, note),
         Action::Stop { name, timeout } => stop(ctx, &name, timeout),
         Action::Shutdown {
@@ -386,8 +397,18 @@ pub fn execute(
             login,
         } => shutdown(ctx, &name, timeout, &login),
         Action::Restart { name, force, login } => restart(ctx, &name, force, &login),
-        Action::List => Ok(Outcome::List(VmDetails::read_all(store, &store.list()?))),
+        Action::List => {
+            let mut vms = store.list()?;
+            vms.extend(store.provisioning());
+            vms.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Outcome::List(VmDetails::read_all(store, &vms)))
+        }
         Action::Get { name } => {
+            if let Some(vm) = store.find_provisioning(&name)
+                && !store.vm(&name).config_path().exists()
+            {
+                return Ok(Outcome::Details(VmDetails::read(store, &vm)));
+            }
             let vm = store.open(&name)?;
             // `get` of a VM with a corrupt config is an error naming the file.
             vm.load_config()?;
@@ -460,7 +481,49 @@ fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmEr
     Ok(crate::network::attach::check_publish(mode, publish)?)
 }
 
-fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
+/// The largest image lume imports for a disk of `disk_size` bytes: the
+/// larger of that size and [`IMPORT_FLOOR`], at most [`MAX_DISK`].
+pub fn import_limit(disk_size: u64) -> u64 {
+    disk_size.clamp(IMPORT_FLOOR, MAX_DISK)
+}
+
+/// Images up to this size are imported whatever `--disk-size` says.
+pub const IMPORT_FLOOR: u64 = 64 << 30;
+
+/// Name of the marker whose lock is held while a VM is provisioned.
+pub const PROVISIONING_MARKER: &str = ".provisioning";
+
+/// The image of a create, opened or named.
+enum OpenedImage {
+    File(HostFile),
+    Url(String),
+}
+
+/// A create that has been checked and whose work directory exists; while an
+/// image is imported it holds the provisioning lock, so the VM is listed as
+/// `provisioning` (see [`Store::provisioning`]).
+pub struct PendingCreate {
+    store: Store,
+    spec: CreateSpec,
+    work: PathBuf,
+    kernel: Option<HostFile>,
+    initrd: Option<HostFile>,
+    image: Option<OpenedImage>,
+    _provisioning: Option<VmLock>,
+}
+
+fn create(
+    ctx: &Context,
+    spec: CreateSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmDetails, VmError> {
+    begin_create(ctx, spec)?.finish(note)
+}
+
+/// Checks a create and makes its work directory (with config.json and,
+/// when an image is imported, the held provisioning marker). Nothing
+/// slow happens here: [`PendingCreate::finish`] imports and publishes.
+pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, VmError> {
     let store = &ctx.store;
     match spec.os.to_ascii_lowercase().as_str() {
         "linux" => {}
@@ -476,6 +539,9 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     if spec.kernel.is_some() && spec.image.is_some() {
         return Err(VmError::TwoBootSources);
     }
+    if spec.image_sha256.is_some() && spec.image.is_none() {
+        return Err(VmError::Sha256WithoutImage);
+    }
     store.check_private(None)?;
     // Each file is opened once, with the caller's rights; only the
     // descriptors are used from here on.
@@ -486,64 +552,166 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     };
     let kernel = open("Kernel", &spec.kernel)?;
     let initrd = open("Initrd", &spec.initrd)?;
-    let image = open("Image", &spec.image)?;
-    if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
-        return Err(StoreError::Exists {
-            name: spec.name.clone(),
-            root: store.root().to_path_buf(),
+    let image = match &spec.image {
+        Some(ImageSource::Path(p)) => {
+            Some(OpenedImage::File(open_for(ctx, "Image", p, Access::Read)?))
         }
-        .into());
+        Some(ImageSource::Url(u)) => Some(OpenedImage::Url(u.clone())),
+        None => None,
+    };
+    let exists = || StoreError::Exists {
+        name: spec.name.clone(),
+        root: store.root().to_path_buf(),
+    };
+    if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
+        return Err(exists().into());
+    }
+    if store.is_provisioning(&spec.name) {
+        return Err(StoreError::Provisioning(spec.name.clone()).into());
     }
 
     let work = store.work_dir("creating", &spec.name)?;
-    let built = (|| -> Result<(), VmError> {
+    let started = (|| -> Result<Option<VmLock>, VmError> {
+        let lock = match &image {
+            Some(_) => VmLock::try_acquire(&work.join(PROVISIONING_MARKER))
+                .map_err(io_at(&work))
+                .map_err(VmError::from)?,
+            None => None,
+        };
+        // The config is there from the start, so a provisioning VM lists
+        // with its settings; its disk size is rewritten after the import.
+        config_for(&spec, spec.disk_size, None).save(&work.join("config.json"))?;
+        Ok(lock)
+    })();
+    match started {
+        Ok(lock) => Ok(PendingCreate {
+            store: store.clone(),
+            spec,
+            work,
+            kernel,
+            initrd,
+            image,
+            _provisioning: lock,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn config_for(spec: &CreateSpec, disk_size: u64, kernel_boot: Option<KernelBoot>) -> VmConfig {
+    VmConfig {
+        os: "linux".into(),
+        cpu_count: spec.cpu,
+        memory_size: spec.memory,
+        disk_size,
+        mac_address: Some(spec.mac.unwrap_or_else(MacAddress::random)),
+        display: spec.display.clone(),
+        network_mode: spec.network.clone(),
+        kernel_boot,
+        disk_format: DiskFormat::Raw,
+        publish: spec.publish.clone(),
+        unsafe_host_loopback: false,
+        extra: Default::default(),
+    }
+}
+
+impl PendingCreate {
+    /// The name being created.
+    pub fn name(&self) -> &VmName {
+        &self.spec.name
+    }
+
+    /// The details of the VM while it is provisioned.
+    pub fn details(&self) -> VmDetails {
+        VmDetails::read(
+            &self.store,
+            &Vm {
+                name: self.spec.name.clone(),
+                dir: self.work.clone(),
+            },
+        )
+    }
+
+    /// Imports the image (or makes an empty disk), copies the kernel files,
+    /// and publishes the VM with one rename. On any error the work
+    /// directory is removed: no VM, no partial disk.
+    pub fn finish(mut self, note: &mut dyn FnMut(&str)) -> Result<VmDetails, VmError> {
+        let store = self.store.clone();
+        let work = self.work.clone();
+        let name = self.spec.name.clone();
+        let built = self.build(note);
+        let published = built.and_then(|()| Ok(store.publish(&work, &name)?));
+        match published {
+            Ok(vm) => {
+                // The lock was taken on the work directory's marker; the
+                // published VM keeps no marker.
+                self._provisioning = None;
+                let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
+                Ok(VmDetails::read(&store, &vm))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&work);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, note: &mut dyn FnMut(&str)) -> Result<(), VmError> {
+        let work = &self.work;
+        let spec = &self.spec;
         let disk = work.join("disk.img");
         let mut disk_size = spec.disk_size;
-        if let Some(image) = &image {
-            img::import(&image.file, &image.path, &work, &disk)?;
+        if let Some(image) = &self.image {
+            let source = match image {
+                OpenedImage::File(f) => import::Source::File {
+                    file: &f.file,
+                    path: &f.path,
+                },
+                OpenedImage::Url(u) => import::Source::Url(u),
+            };
+            let imported = import::import(&import::Request {
+                source,
+                sha256: spec.image_sha256,
+                work,
+                disk: &disk,
+                limit: import_limit(spec.disk_size),
+                progress: spec.progress,
+            })?;
             img::grow(&disk, disk_size)?;
             disk_size = fs::metadata(&disk).map_err(io_at(&disk))?.len();
+            if imported.size > spec.disk_size {
+                note(&format!(
+                    "The image's disk ({}) is larger than --disk-size ({}): VM '{}' keeps the image's size",
+                    format_size(imported.size),
+                    format_size(spec.disk_size),
+                    spec.name
+                ));
+            }
         } else {
             img::create_sparse(&disk, disk_size)?;
         }
-        let kernel_boot = match &kernel {
+        let kernel_boot = match &self.kernel {
             Some(k) => {
                 img::copy_from(&k.file, &work.join("vmlinuz"))?;
-                if let Some(i) = &initrd {
+                if let Some(i) = &self.initrd {
                     img::copy_from(&i.file, &work.join("initrd.img"))?;
                 }
                 Some(KernelBoot {
                     kernel: "vmlinuz".into(),
-                    initrd: initrd.as_ref().map(|_| "initrd.img".into()),
+                    initrd: self.initrd.as_ref().map(|_| "initrd.img".into()),
                     cmdline: spec.cmdline.clone().unwrap_or_default(),
                 })
             }
             None => None,
         };
-        let cfg = VmConfig {
-            os: "linux".into(),
-            cpu_count: spec.cpu,
-            memory_size: spec.memory,
-            disk_size,
-            mac_address: Some(spec.mac.unwrap_or_else(MacAddress::random)),
-            display: spec.display.clone(),
-            network_mode: spec.network.clone(),
-            kernel_boot,
-            disk_format: DiskFormat::Raw,
-            publish: spec.publish.clone(),
-            unsafe_host_loopback: false,
-            extra: Default::default(),
-        };
+        // Same MAC as the provisional config.
+        let mut cfg = VmConfig::load(&work.join("config.json"))?;
+        cfg.disk_size = disk_size;
+        cfg.kernel_boot = kernel_boot;
         cfg.save(&work.join("config.json"))?;
         Ok(())
-    })();
-    let published = built.and_then(|()| Ok(store.publish(&work, &spec.name)?));
-    match published {
-        Ok(vm) => Ok(VmDetails::read(store, &vm)),
-        Err(e) => {
-            let _ = fs::remove_dir_all(&work);
-            Err(e)
-        }
     }
 }
 
@@ -1209,6 +1377,8 @@ mod tests {
             network: NetworkMode::None,
             mac: None,
             kernel: Some(kernel.to_path_buf()),
+            image_sha256: None,
+            progress: false,
             initrd: None,
             cmdline: None,
             image: None,

@@ -74,6 +74,9 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
     }
 }
 
+/// `provisioningOperation` while an image is imported.
+pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
+
 /// One VM as reported to users: exactly the JSON of `lume get NAME -f json`,
 /// every key always present.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
@@ -85,8 +88,11 @@ pub struct VmDetails {
     pub memory_size: Option<u64>,
     pub disk_size: Option<DiskSize>,
     pub display: Option<String>,
-    /// `running`, `stopped`, or `invalid` when the config cannot be read.
+    /// `running`, `stopped`, `provisioning` while its image is imported, or
+    /// `invalid` when the config cannot be read.
     pub status: String,
+    /// What is being done while `provisioning` (`image_import`); null otherwise.
+    pub provisioning_operation: Option<String>,
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
@@ -115,10 +121,17 @@ impl VmDetails {
             display: None,
             status: if state.is_some() {
                 "running"
+            } else if crate::vm::lock::VmLock::is_held(
+                &vm.dir.join(crate::vm::actions::PROVISIONING_MARKER),
+            )
+            .unwrap_or(false)
+            {
+                "provisioning"
             } else {
                 "stopped"
             }
             .into(),
+            provisioning_operation: None,
             vnc_url: None,
             ip_address: None,
             ssh_available: None,
@@ -130,6 +143,9 @@ impl VmDetails {
             network: None,
             error: None,
         };
+        if d.status == "provisioning" {
+            d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
+        }
         let cfg = match vm.load_config() {
             Ok(c) => c,
             Err(e) => {
