@@ -676,3 +676,77 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
 }
+
+/// A TCP connection from inside `ns` to `addr`, within two seconds.
+fn connects(ns: &Netns, addr: &str) -> bool {
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    ns.within(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
+}
+
+/// Docker up to 27 together with ufw, the usual pair on a developer's
+/// Ubuntu: Docker's `DOCKER` chain accepts published ports and otherwise
+/// returns to `FORWARD`, which goes on into ufw's chains. lume's egress
+/// accept in `ufw-user-forward` must not be what lets a guest reach a
+/// container's unpublished port (a LAN neighbour cannot: ufw's routed
+/// policy drops it). Real kernel, real nftables, lume's own accommodation
+/// code; no VM needed: a namespace stands for the guest on lume0.
+#[test]
+fn docker_27_with_ufw_keeps_containers_guarded_from_guests() {
+    use lume::firewall::FirewallDriver;
+    let host = Netns::new("hd27");
+    let guest = Netns::new("hd27g");
+    let ct = Netns::new("hd27c");
+    let lan = Netns::new("hd27l");
+    host.exec_ok(&format!(
+        "sysctl -qw net.ipv4.ip_forward=1 && \
+         ip link add lume0 type bridge && ip addr add 203.0.113.1/24 dev lume0 && ip link set lume0 up && \
+         ip link add gport type veth peer name eth0 netns {g} && ip link set gport master lume0 && ip link set gport up && \
+         ip link add docker0 type bridge && ip addr add 192.0.2.1/24 dev docker0 && ip link set docker0 up && \
+         ip link add cport type veth peer name eth0 netns {c} && ip link set cport master docker0 && ip link set cport up && \
+         ip link add uplink type veth peer name eth0 netns {l} && ip addr add 198.51.100.1/24 dev uplink && ip link set uplink up",
+        g = guest.name,
+        c = ct.name,
+        l = lan.name
+    ));
+    guest.exec_ok("ip addr add 203.0.113.10/24 dev eth0 && ip link set eth0 up && ip route add default via 203.0.113.1");
+    ct.exec_ok("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.1");
+    lan.exec_ok("ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.1");
+    host.exec_ok(&format!(
+        "iptables-nft-restore < {} && iptables-nft-restore -n < {}",
+        fixture("docker27.rules"),
+        fixture("ufw.rules"),
+    ));
+    let peer = Recorder::start(&lan, "198.51.100.2:9000");
+    let published = Recorder::start(&ct, "192.0.2.2:80");
+    let unpublished = Recorder::start(&ct, "192.0.2.2:9000");
+    // Without lume's accepts, ufw's routed policy drops the guest's traffic.
+    assert!(!connects(&guest, "198.51.100.2:9000"));
+
+    let done = host.within(|| {
+        lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
+            bridge: "lume0".into(),
+            nat: true,
+            gateway: "203.0.113.1".parse().unwrap(),
+        }])
+    });
+    let done = done.expect("accommodation applies");
+    assert!(!done.changes.is_empty(), "{:?}", done.changes);
+
+    assert!(connects(&guest, "198.51.100.2:9000"), "the LAN through ufw");
+    wait_for("the LAN peer's record", Duration::from_secs(2), || {
+        (!peer.sources().is_empty()).then_some(())
+    });
+    assert!(
+        connects(&guest, "192.0.2.2:80"),
+        "a published port, as Docker's chain accepts it"
+    );
+    wait_for("the container's record", Duration::from_secs(2), || {
+        (!published.sources().is_empty()).then_some(())
+    });
+    assert!(
+        !connects(&guest, "192.0.2.2:9000"),
+        "a container's unpublished port is Docker's and ufw's to guard: {}",
+        host.exec_ok("nft list chain ip filter ufw-user-forward")
+    );
+    assert!(unpublished.sources().is_empty());
+}

@@ -214,18 +214,21 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[String]) -> Ve
         let g = o.gateway;
         match target.hook {
             Hook::Forward if o.nat => {
-                if target.tool == "Docker" {
-                    // Containers are Docker's to guard: a guest's new
-                    // connections to them go on through Docker's own chains
-                    // (published ports only), as a LAN neighbour's would.
-                    // One rule per bridge (iptables-nft reads no sets).
-                    for d in docker.iter().filter(|d| !lume.contains(&d.as_str())) {
-                        add(
-                            b,
-                            &format!("to {d} as docker decides"),
-                            format!("iifname \"{b}\" oifname \"{d}\" return"),
-                        );
-                    }
+                // Containers are Docker's to guard: a guest's new
+                // connections to them go on through Docker's own chains
+                // (published ports only), as a LAN neighbour's would. In
+                // ufw's chains too: they share FORWARD with Docker's jumps,
+                // and Docker up to 27 returns a connection to an unpublished
+                // port from its chains to FORWARD, where ufw's routed policy
+                // would drop it but lume's egress accept would not. `docker`
+                // is empty in tables Docker has no chains in (firewalld's).
+                // One rule per bridge (iptables-nft reads no sets).
+                for d in docker.iter().filter(|d| !lume.contains(&d.as_str())) {
+                    add(
+                        b,
+                        &format!("to {d} as docker decides"),
+                        format!("iifname \"{b}\" oifname \"{d}\" return"),
+                    );
                 }
                 add(b, "egress", format!("iifname \"{b}\" accept"));
                 add(
@@ -2007,11 +2010,19 @@ mod tests {
             rules_for(fwd, &[host()], &[]).is_empty(),
             "host-only never forwards"
         );
-        assert!(
+        // ufw's chains share FORWARD with Docker's jumps: a guest's
+        // connection to a container goes back to Docker's and ufw's rules
+        // there too, not through lume's egress accept.
+        assert_eq!(
             rules_for(fwd, &nat(), &["docker0".into()])
                 .iter()
-                .all(|r| !r.body.contains("return")),
-            "only Docker's chain"
+                .map(|r| r.body.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "iifname \"lume0\" oifname \"docker0\" return",
+                "iifname \"lume0\" accept",
+                "oifname \"lume0\" meta mark and 0x01000000 == 0x01000000 accept",
+            ]
         );
     }
 
