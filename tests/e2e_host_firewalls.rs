@@ -750,3 +750,42 @@ fn docker_27_with_ufw_keeps_containers_guarded_from_guests() {
     );
     assert!(unpublished.sources().is_empty());
 }
+
+/// The `iptables-legacy` check of `lume network doctor -f json` in `ns`.
+fn legacy_line(ns: &Netns, home: &common::Home) -> Option<(bool, String)> {
+    let out = ns.lume(home, &["network", "doctor", "-f", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "iptables-legacy")
+        .map(|c| (c["ok"] == true, c["detail"].as_str().unwrap().to_string()))
+}
+
+/// Docker on a host whose `iptables` is iptables-legacy: its FORWARD policy
+/// drop is outside nftables, so lume can neither see nor accommodate it,
+/// and a NAT VM has no network. The doctor must say so and what to do
+/// (it named nothing before); the admin's own accept for lume0 there
+/// satisfies it; a namespace without legacy tables has no such line.
+#[test]
+fn docker_on_iptables_legacy_is_named_by_the_doctor() {
+    let home = common::Home::new();
+    let host = Netns::new("hleg");
+    assert_eq!(legacy_line(&host, &home), None, "no legacy table yet");
+    host.exec_ok(&format!(
+        "iptables-legacy-restore < {}",
+        fixture("docker27.rules")
+    ));
+    let (ok, detail) = legacy_line(&host, &home).expect("the doctor names iptables-legacy");
+    assert!(!ok, "{detail}");
+    assert!(
+        detail.contains("policy DROP on FORWARD") && detail.contains("iptables-nft"),
+        "{detail}"
+    );
+    host.exec_ok("iptables-legacy -I DOCKER-USER -i lume0 -j ACCEPT");
+    let (ok, detail) = legacy_line(&host, &home).unwrap();
+    assert!(ok, "{detail}");
+    // No lume rule is ever written there.
+    assert!(!host.exec_ok("iptables-legacy-save").contains("lume: "));
+}

@@ -119,6 +119,9 @@ pub fn run(ctx: &Context) -> Report {
             format!("Cannot list the ruleset: {e}"),
         ),
     }
+    if let Ok(nets) = &nets {
+        legacy_check(&mut r, nets);
+    }
     let brnf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
         .map(|v| v.trim() == "1")
         .unwrap_or(false);
@@ -307,6 +310,93 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             "other firewalls",
             true,
             "no other table drops traffic of lume's bridges",
+        );
+    }
+}
+
+/// The policies of `INPUT` and `FORWARD` in an `iptables-save -t filter`
+/// text (`:FORWARD DROP [0:0]`), and whether any rule names `bridge`
+/// as its in- or out-interface with an ACCEPT (the admin's own accepts).
+fn legacy_policies(save: &str, bridge: &str) -> (Option<String>, Option<String>, bool) {
+    let mut input = None;
+    let mut forward = None;
+    let mut accepted = false;
+    for line in save.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some(":INPUT") => input = words.next().map(str::to_string),
+            Some(":FORWARD") => forward = words.next().map(str::to_string),
+            Some("-A") => {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let names = w
+                    .windows(2)
+                    .any(|p| matches!(p[0], "-i" | "-o") && p[1] == bridge);
+                let accept = w.windows(2).any(|p| p == ["-j", "ACCEPT"]);
+                accepted |= names && accept;
+            }
+            _ => {}
+        }
+    }
+    (input, forward, accepted)
+}
+
+/// Rules in iptables-legacy (Docker or ufw on a host whose `iptables` is
+/// the legacy one) live outside nftables: lume neither sees nor
+/// accommodates them, yet a `FORWARD` or `INPUT` policy DROP there drops
+/// lume's guests' traffic all the same. The kernel lists the legacy tables
+/// that exist in `/proc/net/ip_tables_names`.
+fn legacy_check(r: &mut Report, nets: &Networks) {
+    let tables = std::fs::read_to_string("/proc/net/ip_tables_names").unwrap_or_default();
+    if !tables.lines().any(|t| t.trim() == "filter") {
+        return;
+    }
+    let name = "iptables-legacy";
+    let nat = nets.nat.bridge.as_str();
+    let host = nets.host.bridge.as_str();
+    let save = std::process::Command::new("iptables-legacy-save")
+        .args(["-t", "filter"])
+        .output();
+    let save = match save {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        _ => {
+            r.add(
+                name,
+                false,
+                "the kernel has an iptables-legacy filter table, which lume cannot see or accommodate, and iptables-legacy-save cannot list it: run `iptables-legacy -S` to check that its INPUT and FORWARD policies do not drop lume's traffic (apt-get install iptables)",
+            );
+            return;
+        }
+    };
+    let (input, forward, accepted) = legacy_policies(&save, nat);
+    let drops = |p: &Option<String>| p.as_deref().is_some_and(|p| p == "DROP");
+    let hooks: Vec<&str> = [("FORWARD", drops(&forward)), ("INPUT", drops(&input))]
+        .into_iter()
+        .filter(|(_, d)| *d)
+        .map(|(h, _)| h)
+        .collect();
+    if hooks.is_empty() {
+        r.add(
+            name,
+            true,
+            "an iptables-legacy filter table exists; its INPUT and FORWARD policies accept (lume does not see its rules)",
+        );
+    } else if accepted {
+        r.add(
+            name,
+            true,
+            format!(
+                "iptables-legacy's filter table has policy DROP on {} and rules of yours accepting {nat}: lume does not see or accommodate legacy rules, so they must keep letting its guests' traffic through",
+                hooks.join(" and ")
+            ),
+        );
+    } else {
+        r.add(
+            name,
+            false,
+            format!(
+                "iptables-legacy's filter table has policy DROP on {} (Docker or ufw using iptables-legacy?): it drops the traffic of {nat} and {host} (forwarding, DHCP, DNS), and lume cannot see or accommodate legacy rules. Switch the host to iptables-nft (update-alternatives --set iptables /usr/sbin/iptables-nft, then restart Docker or ufw), or accept lume's bridges there yourself (docs/networking.md, \"iptables-legacy\")",
+                hooks.join(" and ")
+            ),
         );
     }
 }
@@ -607,6 +697,19 @@ mod tests {
             tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
             user_accepts,
         }
+    }
+
+    #[test]
+    fn legacy_policies_and_the_admin_s_accepts_are_read_from_iptables_save() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                    -A FORWARD -j DOCKER-USER\n-A FORWARD -i lume00 -j ACCEPT\n\
+                    -A FORWARD -o lume0 -j DROP\nCOMMIT\n";
+        assert_eq!(
+            legacy_policies(save, "lume0"),
+            (Some("ACCEPT".into()), Some("DROP".into()), false)
+        );
+        let save = format!("{save}-A DOCKER-USER -i lume0 -j ACCEPT\n");
+        assert!(legacy_policies(&save, "lume0").2);
     }
 
     #[test]
