@@ -749,6 +749,26 @@ fn docker_27_with_ufw_keeps_containers_guarded_from_guests() {
         host.exec_ok("nft list chain ip filter ufw-user-forward")
     );
     assert!(unpublished.sources().is_empty());
+
+    // ufw-docker's after.rules (a popular way to run both) jumps from
+    // DOCKER-USER to ufw-user-forward first, ahead of Docker's own chains:
+    // lume's egress accept there must still not reach the container.
+    host.exec_ok("iptables-nft -I DOCKER-USER -j ufw-user-forward");
+    host.within(|| {
+        lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
+            bridge: "lume0".into(),
+            nat: true,
+            gateway: "203.0.113.1".parse().unwrap(),
+        }])
+    })
+    .expect("accommodation applies");
+    assert!(connects(&guest, "198.51.100.2:9000"), "the LAN still");
+    assert!(
+        !connects(&guest, "192.0.2.2:9000"),
+        "ufw-docker's jump: {}",
+        host.exec_ok("nft list table ip filter")
+    );
+    assert!(unpublished.sources().is_empty());
 }
 
 /// The `iptables-legacy` check of `lume network doctor -f json` in `ns`.
