@@ -683,6 +683,64 @@ fn connects(ns: &Netns, addr: &str) -> bool {
     ns.within(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok())
 }
 
+/// A host namespace with lume0 (a namespace on it stands for a NAT guest,
+/// 203.0.113.10), Docker's docker0 with a "container" (192.0.2.2) and an
+/// uplink to a LAN peer (198.51.100.2), forwarding on, and `rules`
+/// (fixtures) loaded with iptables-nft-restore, the first flushing.
+struct Routed {
+    host: Netns,
+    guest: Netns,
+    ct: Netns,
+    lan: Netns,
+}
+
+impl Routed {
+    fn new(tag: &str, rules: &[&str]) -> Self {
+        let host = Netns::new(tag);
+        let guest = Netns::new(&format!("{tag}g"));
+        let ct = Netns::new(&format!("{tag}c"));
+        let lan = Netns::new(&format!("{tag}l"));
+        host.exec_ok(&format!(
+            "sysctl -qw net.ipv4.ip_forward=1 && \
+             ip link add lume0 type bridge && ip addr add 203.0.113.1/24 dev lume0 && ip link set lume0 up && \
+             ip link add gport type veth peer name eth0 netns {g} && ip link set gport master lume0 && ip link set gport up && \
+             ip link add docker0 type bridge && ip addr add 192.0.2.1/24 dev docker0 && ip link set docker0 up && \
+             ip link add cport type veth peer name eth0 netns {c} && ip link set cport master docker0 && ip link set cport up && \
+             ip link add uplink type veth peer name eth0 netns {l} && ip addr add 198.51.100.1/24 dev uplink && ip link set uplink up",
+            g = guest.name,
+            c = ct.name,
+            l = lan.name
+        ));
+        guest.exec_ok("ip addr add 203.0.113.10/24 dev eth0 && ip link set eth0 up && ip route add default via 203.0.113.1");
+        ct.exec_ok("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.1");
+        lan.exec_ok("ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.1");
+        for (i, r) in rules.iter().enumerate() {
+            let flag = if i == 0 { "" } else { "-n " };
+            host.exec_ok(&format!("iptables-nft-restore {flag}< {}", fixture(r)));
+        }
+        Self {
+            host,
+            guest,
+            ct,
+            lan,
+        }
+    }
+
+    /// lume's accommodation for a NAT network on lume0, run in the host namespace.
+    fn accommodate(&self) -> lume::firewall::Accommodated {
+        use lume::firewall::FirewallDriver;
+        self.host
+            .within(|| {
+                lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
+                    bridge: "lume0".into(),
+                    nat: true,
+                    gateway: "203.0.113.1".parse().unwrap(),
+                }])
+            })
+            .expect("accommodation applies")
+    }
+}
+
 /// Docker up to 27 together with ufw, the usual pair on a developer's
 /// Ubuntu: Docker's `DOCKER` chain accepts published ports and otherwise
 /// returns to `FORWARD`, which goes on into ufw's chains. lume's egress
@@ -692,81 +750,48 @@ fn connects(ns: &Netns, addr: &str) -> bool {
 /// code; no VM needed: a namespace stands for the guest on lume0.
 #[test]
 fn docker_27_with_ufw_keeps_containers_guarded_from_guests() {
-    use lume::firewall::FirewallDriver;
-    let host = Netns::new("hd27");
-    let guest = Netns::new("hd27g");
-    let ct = Netns::new("hd27c");
-    let lan = Netns::new("hd27l");
-    host.exec_ok(&format!(
-        "sysctl -qw net.ipv4.ip_forward=1 && \
-         ip link add lume0 type bridge && ip addr add 203.0.113.1/24 dev lume0 && ip link set lume0 up && \
-         ip link add gport type veth peer name eth0 netns {g} && ip link set gport master lume0 && ip link set gport up && \
-         ip link add docker0 type bridge && ip addr add 192.0.2.1/24 dev docker0 && ip link set docker0 up && \
-         ip link add cport type veth peer name eth0 netns {c} && ip link set cport master docker0 && ip link set cport up && \
-         ip link add uplink type veth peer name eth0 netns {l} && ip addr add 198.51.100.1/24 dev uplink && ip link set uplink up",
-        g = guest.name,
-        c = ct.name,
-        l = lan.name
-    ));
-    guest.exec_ok("ip addr add 203.0.113.10/24 dev eth0 && ip link set eth0 up && ip route add default via 203.0.113.1");
-    ct.exec_ok("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.1");
-    lan.exec_ok("ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up && ip route add default via 198.51.100.1");
-    host.exec_ok(&format!(
-        "iptables-nft-restore < {} && iptables-nft-restore -n < {}",
-        fixture("docker27.rules"),
-        fixture("ufw.rules"),
-    ));
-    let peer = Recorder::start(&lan, "198.51.100.2:9000");
-    let published = Recorder::start(&ct, "192.0.2.2:80");
-    let unpublished = Recorder::start(&ct, "192.0.2.2:9000");
+    let t = Routed::new("hd27", &["docker27.rules", "ufw.rules"]);
+    let peer = Recorder::start(&t.lan, "198.51.100.2:9000");
+    let published = Recorder::start(&t.ct, "192.0.2.2:80");
+    let unpublished = Recorder::start(&t.ct, "192.0.2.2:9000");
     // Without lume's accepts, ufw's routed policy drops the guest's traffic.
-    assert!(!connects(&guest, "198.51.100.2:9000"));
+    assert!(!connects(&t.guest, "198.51.100.2:9000"));
 
-    let done = host.within(|| {
-        lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
-            bridge: "lume0".into(),
-            nat: true,
-            gateway: "203.0.113.1".parse().unwrap(),
-        }])
-    });
-    let done = done.expect("accommodation applies");
+    let done = t.accommodate();
     assert!(!done.changes.is_empty(), "{:?}", done.changes);
 
-    assert!(connects(&guest, "198.51.100.2:9000"), "the LAN through ufw");
+    assert!(
+        connects(&t.guest, "198.51.100.2:9000"),
+        "the LAN through ufw"
+    );
     wait_for("the LAN peer's record", Duration::from_secs(2), || {
         (!peer.sources().is_empty()).then_some(())
     });
     assert!(
-        connects(&guest, "192.0.2.2:80"),
+        connects(&t.guest, "192.0.2.2:80"),
         "a published port, as Docker's chain accepts it"
     );
     wait_for("the container's record", Duration::from_secs(2), || {
         (!published.sources().is_empty()).then_some(())
     });
     assert!(
-        !connects(&guest, "192.0.2.2:9000"),
+        !connects(&t.guest, "192.0.2.2:9000"),
         "a container's unpublished port is Docker's and ufw's to guard: {}",
-        host.exec_ok("nft list chain ip filter ufw-user-forward")
+        t.host.exec_ok("nft list chain ip filter ufw-user-forward")
     );
     assert!(unpublished.sources().is_empty());
 
     // ufw-docker's after.rules (a popular way to run both) jumps from
     // DOCKER-USER to ufw-user-forward first, ahead of Docker's own chains:
     // lume's egress accept there must still not reach the container.
-    host.exec_ok("iptables-nft -I DOCKER-USER -j ufw-user-forward");
-    host.within(|| {
-        lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
-            bridge: "lume0".into(),
-            nat: true,
-            gateway: "203.0.113.1".parse().unwrap(),
-        }])
-    })
-    .expect("accommodation applies");
-    assert!(connects(&guest, "198.51.100.2:9000"), "the LAN still");
+    t.host
+        .exec_ok("iptables-nft -I DOCKER-USER -j ufw-user-forward");
+    t.accommodate();
+    assert!(connects(&t.guest, "198.51.100.2:9000"), "the LAN still");
     assert!(
-        !connects(&guest, "192.0.2.2:9000"),
+        !connects(&t.guest, "192.0.2.2:9000"),
         "ufw-docker's jump: {}",
-        host.exec_ok("nft list table ip filter")
+        t.host.exec_ok("nft list table ip filter")
     );
     assert!(unpublished.sources().is_empty());
 }
@@ -808,4 +833,37 @@ fn docker_on_iptables_legacy_is_named_by_the_doctor() {
     assert!(ok, "{detail}");
     // No lume rule is ever written there.
     assert!(!host.exec_ok("iptables-legacy-save").contains("lume: "));
+}
+
+/// An iptables kill switch that rejects rather than drops (`-j REJECT`,
+/// which iptables-nft stores as a target nftables has no expression for),
+/// appended to `FORWARD` after Docker's and ufw's jumps: lume's accepts in
+/// their chains would end the packet's way before it, so they must stay
+/// out, and the guest's traffic out through the uplink stays blocked.
+#[test]
+fn an_iptables_reject_kill_switch_is_not_bypassed() {
+    let t = Routed::new("hrej", &["docker.rules", "ufw.rules"]);
+    t.host
+        .exec_ok("iptables-nft -A FORWARD -o uplink -j REJECT --reject-with icmp-host-prohibited");
+    let _peer = Recorder::start(&t.lan, "198.51.100.2:9000");
+    let done = t.accommodate();
+    assert!(
+        !connects(&t.guest, "198.51.100.2:9000"),
+        "the kill switch blocks: {:?}\n{}",
+        done.changes,
+        t.host.exec_ok("nft list table ip filter")
+    );
+    // It is the kill switch that blocks: without it the guest gets out.
+    let handle = t.host.exec_ok(
+        "nft -a list chain ip filter FORWARD | grep 'oifname \"uplink\"' | sed 's/.*# handle //'",
+    );
+    t.host.exec_ok(&format!(
+        "nft delete rule ip filter FORWARD handle {}",
+        handle.trim()
+    ));
+    t.accommodate();
+    assert!(
+        connects(&t.guest, "198.51.100.2:9000"),
+        "without the kill switch"
+    );
 }

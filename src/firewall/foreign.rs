@@ -468,6 +468,32 @@ fn cases(hook: Hook, bridges: &[&str], docker: &[String]) -> Vec<Case> {
     out
 }
 
+/// iptables targets that never end a packet's way through the chain.
+const NON_TERMINAL_TARGETS: &[&str] = &[
+    "LOG",
+    "NFLOG",
+    "ULOG",
+    "MARK",
+    "CONNMARK",
+    "CONNSECMARK",
+    "SECMARK",
+    "TCPMSS",
+    "CLASSIFY",
+    "DSCP",
+    "TOS",
+    "TTL",
+    "HL",
+    "CHECKSUM",
+    "SET",
+    "AUDIT",
+    "CT",
+    "TRACE",
+    "TEE",
+    "IDLETIMER",
+    "LED",
+    "HMARK",
+];
+
 fn parse_rule(r: &Value) -> RuleInfo {
     let comment = r["comment"].as_str().map(str::to_string);
     let exprs = r["expr"].as_array().cloned().unwrap_or_default();
@@ -529,6 +555,19 @@ fn parse_rule(r: &Value) -> RuleInfo {
             info.verdict = Verdict::Jump(t.to_string());
         } else if let Some(t) = x["goto"]["target"].as_str() {
             info.verdict = Verdict::Goto(t.to_string());
+        } else if x["xt"]["type"].as_str() == Some("target") {
+            // An iptables target nftables has no expression for: `-j REJECT`
+            // (every iptables kill switch and RHEL's default `FORWARD` rule
+            // that rejects rather than drops) shows only as its name. One
+            // known to let the packet go on is a narrowing like a match;
+            // any other may end it, so it counts as a drop: lume then keeps
+            // its accepts from bypassing it, which is the safe mistake.
+            let name = x["xt"]["name"].as_str().unwrap_or_default();
+            if NON_TERMINAL_TARGETS.contains(&name) {
+                info.other = true;
+            } else {
+                info.verdict = Verdict::Drop;
+            }
         } else if ["counter", "log", "limit", "mangle", "xt", "notrack"]
             .iter()
             .any(|k| x.get(*k).is_some())
@@ -1583,6 +1622,46 @@ mod tests {
                 "delete rule ip filter DOCKER-USER handle 21",
                 "delete rule ip filter DOCKER-USER handle 22"
             ]
+        );
+    }
+
+    #[test]
+    fn an_iptables_reject_is_a_drop_and_a_log_is_not() {
+        // `iptables -A FORWARD -o up0 -j REJECT` as iptables-nft lists it:
+        // no nft verdict, only the xt target's name.
+        let xt = |name: &str| format!(r#"{{"xt":{{"type":"target","name":"{name}"}}}}"#);
+        let counter = r#"{"counter":{"packets":0,"bytes":0}}"#.to_string();
+        let ks = docker_and_ufw()
+            .rule(
+                "filter",
+                "FORWARD",
+                30,
+                &[oif("up0"), counter.clone(), xt("REJECT")],
+            )
+            .parse();
+        let p = plan(&ks, &nat());
+        for t in ["DOCKER-USER", "ufw-user-forward"] {
+            assert!(
+                !p.commands
+                    .iter()
+                    .any(|c| c.contains(&format!("filter {t} ")) && c.contains("egress")),
+                "a reject kill switch after {t} is not bypassed: {p:?}"
+            );
+        }
+        assert!(
+            foreign_drops(&ks)
+                .iter()
+                .any(|d| d.chain == "FORWARD" && d.affects(&["lume0"]))
+        );
+        // A target that lets the packet go on changes nothing.
+        let log = docker_and_ufw()
+            .rule("filter", "FORWARD", 30, &[oif("up0"), xt("LOG")])
+            .parse();
+        assert!(
+            plan(&log, &nat())
+                .commands
+                .iter()
+                .any(|c| c.contains("filter DOCKER-USER ") && c.contains("egress")),
         );
     }
 
