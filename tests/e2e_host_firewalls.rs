@@ -726,18 +726,28 @@ impl Routed {
         }
     }
 
-    /// lume's accommodation for a NAT network on lume0, run in the host namespace.
+    /// lume's own table for a NAT network on lume0 (marking replies for its
+    /// accepts elsewhere) and its accommodation of the other tools' chains,
+    /// as a NAT VM's start does, run in the host namespace.
     fn accommodate(&self) -> lume::firewall::Accommodated {
-        use lume::firewall::FirewallDriver;
+        use lume::firewall::{BridgeNet, FirewallDriver, FirewallState, Opening, nft::Nft};
         self.host
             .within(|| {
-                lume::firewall::nft::Nft.accommodate(&[lume::firewall::Opening {
+                Nft.apply(&FirewallState {
+                    nat: Some(BridgeNet {
+                        bridge: "lume0".into(),
+                        subnet: "203.0.113.0/24".parse().unwrap(),
+                    }),
+                    accommodate: true,
+                    ..Default::default()
+                })?;
+                Nft.accommodate(&[Opening {
                     bridge: "lume0".into(),
                     nat: true,
                     gateway: "203.0.113.1".parse().unwrap(),
                 }])
             })
-            .expect("accommodation applies")
+            .expect("lume's table and accommodation apply")
     }
 }
 
@@ -866,4 +876,37 @@ fn an_iptables_reject_kill_switch_is_not_bypassed() {
         connects(&t.guest, "198.51.100.2:9000"),
         "without the kill switch"
     );
+}
+
+/// Docker with libvirt's iptables rules (libvirt up to 9): libvirt rejects
+/// new connections into its NAT network virbr0 (`LIBVIRT_FWI -o virbr0 -j
+/// REJECT`). A lume guest must get to the LAN (libvirt's reject is no
+/// reason to keep lume's accepts out of Docker's chain) and must not open
+/// connections to a libvirt guest (lume's accepts must not skip libvirt's
+/// chains), as a LAN neighbour cannot.
+#[test]
+fn libvirt_s_iptables_rules_stay_libvirt_s_and_do_not_stop_nat() {
+    let t = Routed::new("hlv", &["docker.rules", "libvirt.rules"]);
+    let lv = Netns::new("hlvv");
+    t.host.exec_ok(&format!(
+        "ip link add virbr0 type bridge && ip addr add 192.0.2.129/25 dev virbr0 && ip link set virbr0 up && \
+         ip link add vport type veth peer name eth0 netns {} && ip link set vport master virbr0 && ip link set vport up",
+        lv.name
+    ));
+    lv.exec_ok("ip addr add 192.0.2.130/25 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.129");
+    let _peer = Recorder::start(&t.lan, "198.51.100.2:9000");
+    let vm = Recorder::start(&lv, "192.0.2.130:9000");
+    let done = t.accommodate();
+    assert!(
+        connects(&t.guest, "198.51.100.2:9000"),
+        "the LAN: {:?}\n{}",
+        done.changes,
+        t.host.exec_ok("nft list table ip filter")
+    );
+    assert!(
+        !connects(&t.guest, "192.0.2.130:9000"),
+        "libvirt's guest is libvirt's to guard: {}",
+        t.host.exec_ok("nft list chain ip filter DOCKER-USER")
+    );
+    assert!(vm.sources().is_empty());
 }

@@ -166,6 +166,10 @@ fn tool_of(family: &str, table: &str, chain: &str) -> Option<&'static str> {
         ("ip" | "ip6", "filter") => {
             if chain.starts_with("DOCKER") && chain != "DOCKER-USER" {
                 Some("Docker")
+            } else if chain.starts_with("LIBVIRT_") {
+                // libvirt up to 9 with its iptables backend: its chains
+                // guard its own networks (virbr0) as Docker's guard Docker's.
+                Some("libvirt")
             } else if (chain.starts_with("ufw-") || chain.starts_with("ufw6-"))
                 && !chain.starts_with("ufw-user-")
                 && !chain.starts_with("ufw6-user-")
@@ -199,8 +203,9 @@ pub struct Rule {
 }
 
 /// The rules lume wants in `target`, in order, for `openings`; `docker`:
-/// the bridges Docker's own chains name in that table ([`Ruleset::docker_bridges`]).
-pub fn rules_for(target: &Target, openings: &[Opening], docker: &[String]) -> Vec<Rule> {
+/// the bridges Docker's or libvirt's own chains name in that table, with
+/// the tool's name ([`Ruleset::guarded_bridges`]).
+pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)]) -> Vec<Rule> {
     let mut out = Vec::new();
     let mut add = |bridge: &str, what: &str, body: String| {
         out.push(Rule {
@@ -223,10 +228,13 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[String]) -> Ve
                 // would drop it but lume's egress accept would not. `docker`
                 // is empty in tables Docker has no chains in (firewalld's).
                 // One rule per bridge (iptables-nft reads no sets).
-                for d in docker.iter().filter(|d| !lume.contains(&d.as_str())) {
+                // libvirt's networks (virbr0, with its iptables backend)
+                // likewise stay libvirt's: its chains reject new connections
+                // into them.
+                for (d, tool) in docker.iter().filter(|(d, _)| !lume.contains(&d.as_str())) {
                     add(
                         b,
-                        &format!("to {d} as docker decides"),
+                        &format!("to {d} as {tool} decides"),
                         format!("iifname \"{b}\" oifname \"{d}\" return"),
                     );
                 }
@@ -295,7 +303,10 @@ pub fn is_lume_comment(comment: &str) -> bool {
                 && (PURPOSES.contains(&what)
                     || what
                         .strip_prefix("to ")
-                        .and_then(|w| w.strip_suffix(" as docker decides"))
+                        .and_then(|w| {
+                            w.strip_suffix(" as docker decides")
+                                .or_else(|| w.strip_suffix(" as libvirt decides"))
+                        })
                         .is_some_and(valid_ifname))
         })
 }
@@ -698,7 +709,30 @@ impl Ruleset {
     /// them (`-o docker0 -j DOCKER` in Docker up to 27). Only names that
     /// are valid interface names, so nothing of them can change an nft rule.
     pub fn docker_bridges(&self, family: &str) -> Vec<String> {
-        let docker = |c: &str| c.starts_with("DOCKER") && c != "DOCKER-USER";
+        self.tool_bridges(family, |c| c.starts_with("DOCKER") && c != "DOCKER-USER")
+    }
+
+    /// The bridges whose traffic lume leaves to another tool's chains:
+    /// Docker's ([`Self::docker_bridges`]) and libvirt's (those its
+    /// `LIBVIRT_*` chains of iptables name), each with the tool's name
+    /// as lume's comments give it.
+    pub fn guarded_bridges(&self, family: &str) -> Vec<(String, &'static str)> {
+        let docker = self.docker_bridges(family);
+        let libvirt = self.tool_bridges(family, |c| c.starts_with("LIBVIRT_"));
+        let mut out: Vec<(String, &'static str)> =
+            docker.iter().map(|d| (d.clone(), "docker")).collect();
+        out.extend(
+            libvirt
+                .into_iter()
+                .filter(|l| !docker.contains(l))
+                .map(|l| (l, "libvirt")),
+        );
+        out
+    }
+
+    /// Every valid interface name the chains `tool` says are its own match
+    /// on in `family`'s filter table, and those of rules jumping to them.
+    fn tool_bridges(&self, family: &str, docker: impl Fn(&str) -> bool) -> Vec<String> {
         let mut out = BTreeSet::new();
         for ((f, t, c), chain) in &self.chains {
             if f != family || t != "filter" {
@@ -942,7 +976,11 @@ fn withheld(rs: &Ruleset, openings: &[Opening]) -> BTreeMap<Key, String> {
         if bridges.is_empty() || targets.is_empty() {
             continue;
         }
-        let docker = rs.docker_bridges(family);
+        let docker: Vec<String> = rs
+            .guarded_bridges(family)
+            .into_iter()
+            .map(|(b, _)| b)
+            .collect();
         for base in rs.base_chains(family, table, hook) {
             for case in cases(hook, &bridges, &docker) {
                 let (_, met, _) = Walk::run(rs, family, table, &base, &case, &targets);
@@ -994,7 +1032,7 @@ pub fn plan(rs: &Ruleset, openings: &[Opening]) -> Plan {
         let want = if why.is_some() {
             Vec::new()
         } else {
-            rules_for(t, openings, &rs.docker_bridges(t.family))
+            rules_for(t, openings, &rs.guarded_bridges(t.family))
         };
         let ours: Vec<(usize, &RuleInfo)> = chain
             .rules
@@ -1140,7 +1178,16 @@ impl ForeignDrop {
 
     fn cases(&self, bridges: &[&str]) -> Vec<Case> {
         match self.hook_kind() {
-            Some(h) => cases(h, bridges, &self.rules.docker_bridges(&self.family)),
+            Some(h) => cases(
+                h,
+                bridges,
+                &self
+                    .rules
+                    .guarded_bridges(&self.family)
+                    .into_iter()
+                    .map(|(b, _)| b)
+                    .collect::<Vec<_>>(),
+            ),
             None => Vec::new(),
         }
     }
@@ -1862,6 +1909,7 @@ mod tests {
             .parse();
         let docker = rs.docker_bridges("ip");
         assert_eq!(docker, ["custom0", "docker0", "docker_gwbridge"]);
+        let docker = rs.guarded_bridges("ip");
         let t = &TARGETS[0];
         let bodies: Vec<String> = rules_for(t, &nat(), &docker)
             .into_iter()
@@ -1882,6 +1930,22 @@ mod tests {
         for r in rules_for(t, &nat(), &docker) {
             assert!(is_lume_comment(&r.comment), "{}", r.comment);
         }
+        // libvirt's iptables chains guard virbr0 the same way.
+        let lv = Rs::new()
+            .base("filter", "FORWARD", "forward", "accept")
+            .chain("filter", "LIBVIRT_FWI")
+            .rule("filter", "FORWARD", 1, &[v("jump LIBVIRT_FWI")])
+            .rule("filter", "LIBVIRT_FWI", 2, &[oif("virbr0"), v("reject")])
+            .parse();
+        assert_eq!(
+            lv.guarded_bridges("ip"),
+            [("virbr0".to_string(), "libvirt")]
+        );
+        let r = rules_for(t, &nat(), &lv.guarded_bridges("ip"));
+        assert_eq!(r[0].body, "iifname \"lume0\" oifname \"virbr0\" return");
+        assert_eq!(r[0].comment, "lume: lume0 to virbr0 as libvirt decides");
+        assert!(is_lume_comment(&r[0].comment));
+        assert!(!is_lume_comment("lume: lume0 to virbr0 as anyone decides"));
         assert!(!is_lume_comment(
             "lume: lume0 to bad\"name as docker decides"
         ));
@@ -2039,7 +2103,7 @@ mod tests {
     #[test]
     fn only_comments_lume_writes_are_lume_s() {
         for t in TARGETS {
-            for r in rules_for(t, &nat(), &["docker0".to_string()]) {
+            for r in rules_for(t, &nat(), &[("docker0".to_string(), "docker")]) {
                 assert!(is_lume_comment(&r.comment), "{}", r.comment);
             }
         }
@@ -2093,7 +2157,7 @@ mod tests {
         // connection to a container goes back to Docker's and ufw's rules
         // there too, not through lume's egress accept.
         assert_eq!(
-            rules_for(fwd, &nat(), &["docker0".into()])
+            rules_for(fwd, &nat(), &[("docker0".into(), "docker")])
                 .iter()
                 .map(|r| r.body.as_str())
                 .collect::<Vec<_>>(),
