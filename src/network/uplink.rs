@@ -52,6 +52,9 @@ const ETH_P_ALL: u16 = 0x0003;
 const OWN_MAC_PRIORITY: u16 = 1;
 /// The redirect on each ingress qdisc.
 const REDIRECT_PRIORITY: u16 = 2;
+/// The tap's redirect alternates between this and [`REDIRECT_PRIORITY`] at
+/// each re-attach ([`swap_redirect`]).
+const REDIRECT_PRIORITY_ALT: u16 = 3;
 
 /// Why the macvlan and its filters could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -208,13 +211,18 @@ fn own_mac_filter(tap: u32, mac: [u8; 6]) -> RouteNetlinkMessage {
 /// egress of `to` (`tc filter add dev FROM ingress prio 1 protocol all u32
 /// match u32 0 0 action mirred egress redirect dev TO`).
 fn redirect_filter(from: u32, to: u32) -> RouteNetlinkMessage {
+    redirect_filter_at(from, to, REDIRECT_PRIORITY)
+}
+
+/// The same at `priority`.
+fn redirect_filter_at(from: u32, to: u32, priority: u16) -> RouteNetlinkMessage {
     let header = TcHeader {
         index: from as i32,
         parent: TcHandle {
             major: 0xffff,
             minor: TcHandle::MIN_INGRESS,
         },
-        info: filter_info(REDIRECT_PRIORITY),
+        info: filter_info(priority),
         ..Default::default()
     };
 
@@ -246,6 +254,65 @@ fn redirect_filter(from: u32, to: u32) -> RouteNetlinkMessage {
             ]),
         ],
     ))
+}
+
+/// Deletes the filters at `priority` on the ingress qdisc of `dev`.
+fn delete_filter(dev: u32, priority: u16) -> RouteNetlinkMessage {
+    let header = TcHeader {
+        index: dev as i32,
+        parent: TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        },
+        info: filter_info(priority),
+        ..Default::default()
+    };
+    RouteNetlinkMessage::DelTrafficFilter(TcMessage::from_parts(header, vec![]))
+}
+
+/// Points the tap's redirect at a new macvlan while the guest runs, with
+/// no moment in which the guest's frames reach the host's own stack on the
+/// tap (where a frame to the broadcast MAC carrying a unicast IPv4 packet
+/// is delivered to any local address, or routed): the tap's qdisc and its
+/// own-MAC filter stay; the new redirect is added at the priority not in
+/// use, then the old one is deleted. The old one points at the macvlan that
+/// went with the parent (or that [`Uplink::connect`] deleted), so until it
+/// is gone it drops what reaches it. `current`: the priority in use, updated.
+fn swap_redirect(
+    nl: &mut Netlink,
+    dev: &str,
+    tap: u32,
+    to_name: &str,
+    to: u32,
+    current: &mut u16,
+) -> Result<(), NetlinkError> {
+    let next = if *current == REDIRECT_PRIORITY {
+        REDIRECT_PRIORITY_ALT
+    } else {
+        REDIRECT_PRIORITY
+    };
+    // A leftover of an interrupted swap there: the current (old) filter
+    // still takes every frame while it goes.
+    let _ = send(
+        nl,
+        &format!("remove a leftover redirect of {dev}"),
+        &delete_filter(tap, next),
+        0,
+    );
+    send(
+        nl,
+        &format!("redirect the frames arriving on {dev} to {to_name}"),
+        &redirect_filter_at(tap, to, next),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )?;
+    send(
+        nl,
+        &format!("remove the old redirect of {dev}"),
+        &delete_filter(tap, *current),
+        0,
+    )?;
+    *current = next;
+    Ok(())
 }
 
 /// Sends one message serialized by netlink-packet-route.
@@ -317,14 +384,26 @@ impl Uplink {
     /// replaced, and one that failed half-way is deleted again, so that
     /// [`status`] never calls a macvlan without its filters attached.
     pub fn connect(&self, nl: &mut Netlink) -> Result<(), UplinkError> {
-        let result = self.try_connect(nl);
+        let result = self.try_connect(nl, None);
         if result.is_err() {
             let _ = nl.delete_link(&self.macvlan);
         }
         result
     }
 
-    fn try_connect(&self, nl: &mut Netlink) -> Result<(), UplinkError> {
+    /// [`Self::connect`] while the guest runs: the tap keeps its qdisc and
+    /// own-MAC filter, and its redirect is swapped ([`swap_redirect`]);
+    /// `current`: the priority of the tap's redirect, updated. A tap without
+    /// them (a first connection that failed half-way) gets them built anew.
+    pub fn reconnect(&self, nl: &mut Netlink, current: &mut u16) -> Result<(), UplinkError> {
+        let result = self.try_connect(nl, Some(current));
+        if result.is_err() {
+            let _ = nl.delete_link(&self.macvlan);
+        }
+        result
+    }
+
+    fn try_connect(&self, nl: &mut Netlink, swap: Option<&mut u16>) -> Result<(), UplinkError> {
         let parent = nl
             .link_info(&self.parent)?
             .ok_or_else(|| UplinkError::ParentGone(self.parent.clone()))?;
@@ -349,8 +428,19 @@ impl Uplink {
             source,
         };
         redirect(nl, &self.macvlan, macvlan, None, &self.tap, tap).map_err(tc)?;
-        let own = own_mac_filter(tap, self.mac);
-        redirect(nl, &self.tap, tap, Some(own), &self.macvlan, macvlan).map_err(tc)?;
+        let swapped = match swap {
+            Some(current) => {
+                swap_redirect(nl, &self.tap, tap, &self.macvlan, macvlan, current).is_ok() || {
+                    *current = REDIRECT_PRIORITY;
+                    false
+                }
+            }
+            None => false,
+        };
+        if !swapped {
+            let own = own_mac_filter(tap, self.mac);
+            redirect(nl, &self.tap, tap, Some(own), &self.macvlan, macvlan).map_err(tc)?;
+        }
         nl.set_up(&self.macvlan)?;
         Ok(())
     }
@@ -406,6 +496,8 @@ fn watch(uplink: &Uplink, log: &Path, stop: &AtomicBool) {
     let mut last = Status::Attached;
     let mut gone_at: Option<Instant> = None;
     let mut last_error: Option<String> = None;
+    // The priority of the tap's redirect: connect() put it there.
+    let mut priority = REDIRECT_PRIORITY;
     while !stop.load(Ordering::SeqCst) {
         events.wait(PERIOD);
         if stop.load(Ordering::SeqCst) {
@@ -449,7 +541,7 @@ fn watch(uplink: &Uplink, log: &Path, stop: &AtomicBool) {
                             .map(drop)
                             .map_err(UplinkError::from)
                     });
-                match checked.and_then(|()| uplink.connect(sock)) {
+                match checked.and_then(|()| uplink.reconnect(sock, &mut priority)) {
                     Ok(()) => {
                         last_error = None;
                         record(
@@ -669,16 +761,61 @@ mod tests {
         });
         assert!(ns.sh("ip link show lume-t0").contains("lume-t0"));
 
-        // Back, with another MTU: connected again, the tap follows.
+        // The guest sends while its parent is gone: the tap's qdisc counts
+        // the frames (and the stale redirect drops them).
+        // A virtio-net header (the tap has IFF_VNET_HDR, as QEMU uses it), then the frame.
+        let frame = [
+            &[0u8; 10][..],
+            &[0xff; 6],
+            &uplink.mac,
+            &[0x08, 0x00],
+            &[0; 46],
+        ]
+        .concat();
+        for _ in 0..5 {
+            nix::unistd::write(&tap.fd, &frame).unwrap();
+        }
+        let sent = |ns: &Netns| -> u64 {
+            let out = ns.sh("tc -s qdisc show dev lume-t0 ingress");
+            let words: Vec<&str> = out.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "pkt").unwrap();
+            words[at - 1].parse().unwrap()
+        };
+        assert!(sent(&ns) >= 5);
+
+        // Back, with another MTU: connected again as the watcher does it
+        // while the guest runs, the tap follows.
         ns.sh("ip link add lume-p0 mtu 1300 type veth peer name lume-p1 && ip link set lume-p0 up");
         let u = uplink.clone();
         ns.run(move || {
             let mut nl = Netlink::open().unwrap();
             assert_eq!(u.status(&mut nl).unwrap(), Status::Detached);
+            let mut priority = REDIRECT_PRIORITY;
+            u.reconnect(&mut nl, &mut priority).unwrap();
+            assert_eq!(u.status(&mut nl).unwrap(), Status::Attached);
+            // Repeating is harmless, and so is a first connect again.
+            u.reconnect(&mut nl, &mut priority).unwrap();
+            u.reconnect(&mut nl, &mut priority).unwrap();
+        });
+        // The tap's qdisc was never taken away (its count goes on): at no
+        // moment did the guest's frames reach the host's stack on the tap.
+        assert!(sent(&ns) >= 5, "the tap's ingress qdisc was rebuilt");
+        let tap_filters = ns.sh("tc filter show dev lume-t0 ingress");
+        assert!(
+            tap_filters.contains("match 02000012/ffffffff at -14"),
+            "{tap_filters}"
+        );
+        assert_eq!(
+            tap_filters.matches("Redirect to device lume-mv0").count(),
+            1,
+            "{tap_filters}"
+        );
+        assert!(!tap_filters.contains("*"), "a stale target: {tap_filters}");
+        let u = uplink.clone();
+        ns.run(move || {
+            let mut nl = Netlink::open().unwrap();
             u.connect(&mut nl).unwrap();
             assert_eq!(u.status(&mut nl).unwrap(), Status::Attached);
-            // Repeating is harmless.
-            u.connect(&mut nl).unwrap();
         });
         let filters = ns.sh("tc filter show dev lume-t0 ingress");
         assert_eq!(
