@@ -15,8 +15,9 @@
 //! unplugged) the kernel deletes the macvlan with it while the tap, QEMU and
 //! the guest's NIC stay; [`Reattacher`] waits for a link of the parent's name
 //! (RTM_NEWLINK events, checked every [`PERIOD`] anyway) and builds the
-//! macvlan and both filters again with the same MAC, so the guest keeps its
-//! lease and the LAN's neighbour caches stay right.
+//! macvlan and its filter again with the same MAC, so the guest keeps its
+//! lease and the LAN's neighbour caches stay right; the tap's redirect is
+//! swapped for one to the new macvlan without a gap ([`swap_redirect`]).
 //!
 //! `matchall` would be the natural classifier, but not every kernel has it
 //! (this one lacks `cls_matchall`): a `u32` filter with one key of mask 0
