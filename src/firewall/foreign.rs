@@ -718,7 +718,7 @@ impl Ruleset {
     /// as lume's comments give it.
     pub fn guarded_bridges(&self, family: &str) -> Vec<(String, &'static str)> {
         let docker = self.docker_bridges(family);
-        let libvirt = self.tool_bridges(family, |c| c.starts_with("LIBVIRT_"));
+        let libvirt = self.libvirt_bridges(family);
         let mut out: Vec<(String, &'static str)> =
             docker.iter().map(|d| (d.clone(), "docker")).collect();
         out.extend(
@@ -728,6 +728,30 @@ impl Ruleset {
                 .map(|l| (l, "libvirt")),
         );
         out
+    }
+
+    /// The networks libvirt's iptables chains guard: the out-interfaces of
+    /// their rejects (`LIBVIRT_FWI -o virbr0 -j REJECT`). Not every name
+    /// those chains match: a routed network's accepts name the host's
+    /// uplink (`-o eth0`), whose traffic is not libvirt's to decide.
+    fn libvirt_bridges(&self, family: &str) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for ((f, t, c), chain) in &self.chains {
+            if f != family || t != "filter" || !c.starts_with("LIBVIRT_") {
+                continue;
+            }
+            for r in chain.rules.iter().filter(|r| r.verdict == Verdict::Drop) {
+                for m in r.ifs.iter().filter(|m| m.out && m.eq) {
+                    out.extend(
+                        m.names
+                            .iter()
+                            .filter(|n| crate::network::mode::valid_ifname(n) && *n != "lo")
+                            .cloned(),
+                    );
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Every valid interface name the chains `tool` says are its own match
@@ -1930,12 +1954,27 @@ mod tests {
         for r in rules_for(t, &nat(), &docker) {
             assert!(is_lume_comment(&r.comment), "{}", r.comment);
         }
-        // libvirt's iptables chains guard virbr0 the same way.
+        // libvirt's iptables chains guard virbr0 the same way; the uplink
+        // a routed network's accepts name is not libvirt's.
         let lv = Rs::new()
             .base("filter", "FORWARD", "forward", "accept")
             .chain("filter", "LIBVIRT_FWI")
+            .chain("filter", "LIBVIRT_FWO")
             .rule("filter", "FORWARD", 1, &[v("jump LIBVIRT_FWI")])
-            .rule("filter", "LIBVIRT_FWI", 2, &[oif("virbr0"), v("reject")])
+            .rule(
+                "filter",
+                "LIBVIRT_FWI",
+                2,
+                &[iif("eth0"), oif("virbr1"), v("accept")],
+            )
+            .rule("filter", "LIBVIRT_FWI", 3, &[oif("virbr0"), v("reject")])
+            .rule(
+                "filter",
+                "LIBVIRT_FWO",
+                4,
+                &[iif("virbr1"), oif("eth0"), v("accept")],
+            )
+            .rule("filter", "LIBVIRT_FWO", 5, &[iif("virbr0"), v("reject")])
             .parse();
         assert_eq!(
             lv.guarded_bridges("ip"),
