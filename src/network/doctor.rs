@@ -236,7 +236,7 @@ fn dns_verdict(
         Ok(host) => (
             false,
             format!(
-                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file",
+                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file: run the doctor in that namespace (`nsenter -m -t PID lume network doctor`, PID being `pid` in a running VM's run.json)",
                 if given.is_empty() { "nothing" } else { given },
                 host.join(", ")
             ),
@@ -542,7 +542,20 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 let uplink = state.uplink.as_deref().unwrap_or_default();
                 let status = super::netlink::Netlink::open()
                     .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
+                // A parent that came back down (no NetworkManager or
+                // ifupdown to bring it up) carries nothing: lume does not
+                // bring up an interface of the host's itself.
+                let parent_down = super::netlink::Netlink::open()
+                    .and_then(|mut nl| nl.links())
+                    .ok()
+                    .and_then(|links| links.into_iter().find(|l| l.name == parent))
+                    .is_some_and(|l| !l.up);
                 match status {
+                    Ok(super::uplink::Status::Attached) if parent_down => r.add(
+                        name,
+                        false,
+                        format!("attached to {parent}, but {parent} is down, so the VM has no network (its address was {ip}): bring it up (`ip link set {parent} up`, or through NetworkManager or ifupdown); lume does not change the state of the host's interfaces"),
+                    ),
                     Ok(super::uplink::Status::Attached) | Err(_) => r.add(
                         name,
                         true,
