@@ -1242,7 +1242,7 @@ impl Finding {
                 "chain {chain}, rule {rule}: a rule of yours in {place} that drops some traffic of {list}; it comes before lume's accepts, which do not override it"
             ),
             FindingKind::NotOverridden => format!(
-                "chain {chain}, rule {rule}: drops some traffic of {list}: a policy lume must not override (a VPN kill switch or a rule of yours); lume does not bypass it — allow {list} there, or use bridged mode"
+                "chain {chain}, rule {rule}: drops some traffic of {list}: a policy lume must not override (a VPN kill switch or a rule of yours); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
             ),
         }
     }

@@ -373,7 +373,7 @@ fn foreign_verdict(
         (_, false) => (
             false,
             format!(
-                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
+                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
             ),
         ),
     }

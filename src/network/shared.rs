@@ -795,7 +795,7 @@ fn drop_warning(
             "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
         )),
         None => Some(format!(
-            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use bridged mode"
+            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
         )),
     }
 }
