@@ -556,7 +556,7 @@ fn a_bridged_vm_whose_parent_goes_away_is_reattached_when_it_returns() {
         check["detail"]
             .as_str()
             .unwrap()
-            .contains("up0 is down, so the VM has no network"),
+            .contains("its interface up0 is down, so the VM has no network"),
         "{check}"
     );
     t.host.exec_ok("ip link set up0 up");

@@ -581,6 +581,9 @@ fn br_netfilter_detail(
 
 fn vm_checks(r: &mut Report, ctx: &Context) {
     let Ok(vms) = ctx.store.list() else { return };
+    let links = super::netlink::Netlink::open()
+        .and_then(|mut nl| nl.links())
+        .unwrap_or_default();
     for vm in vms {
         let Some(state) = vm.running_state() else {
             continue;
@@ -592,6 +595,23 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             .ip_address
             .as_deref()
             .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        // A bridged VM's parent that is there but down (a NIC plugged back
+        // with nothing to bring it up, a bridge set down) carries nothing:
+        // lume does not bring up an interface of the host's itself.
+        if matches!(state.network_mode, super::NetworkMode::Bridged(_))
+            && let Some(parent) = state.parent.as_deref()
+            && links.iter().any(|l| l.name == parent && !l.up)
+        {
+            let was = ip
+                .map(|ip| format!(" (its address was {ip})"))
+                .unwrap_or_default();
+            r.add(
+                name,
+                false,
+                format!("its interface {parent} is down, so the VM has no network{was}: bring it up (`ip link set {parent} up`, or through NetworkManager, ifupdown or systemd-networkd); lume does not change the state of the host's interfaces"),
+            );
+            continue;
+        }
         match (&state.network_mode, ip) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
             (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
@@ -601,20 +621,7 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 let uplink = state.uplink.as_deref().unwrap_or_default();
                 let status = super::netlink::Netlink::open()
                     .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
-                // A parent that came back down (no NetworkManager or
-                // ifupdown to bring it up) carries nothing: lume does not
-                // bring up an interface of the host's itself.
-                let parent_down = super::netlink::Netlink::open()
-                    .and_then(|mut nl| nl.links())
-                    .ok()
-                    .and_then(|links| links.into_iter().find(|l| l.name == parent))
-                    .is_some_and(|l| !l.up);
                 match status {
-                    Ok(super::uplink::Status::Attached) if parent_down => r.add(
-                        name,
-                        false,
-                        format!("attached to {parent}, but {parent} is down, so the VM has no network (its address was {ip}): bring it up (`ip link set {parent} up`, or through NetworkManager or ifupdown); lume does not change the state of the host's interfaces"),
-                    ),
                     Ok(super::uplink::Status::Attached) | Err(_) => r.add(
                         name,
                         true,
