@@ -614,7 +614,7 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
         }
         match (&state.network_mode, ip) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
-            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
+            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers and the br_netfilter check above passes")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
             (_, Some(ip)) if state.uplink.is_some() => {
                 let parent = state.parent.as_deref().unwrap_or("?");
