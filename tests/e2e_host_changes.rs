@@ -547,6 +547,20 @@ fn a_bridged_vm_whose_parent_goes_away_is_reattached_when_it_returns() {
         log.contains("up0 is gone") && log.contains("re-attached to up0"),
         "{log}"
     );
+    // A parent that is there but down (a NIC back without anything to
+    // bring it up) carries nothing: the doctor says so, and what to do.
+    t.host.exec_ok("ip link set up0 down");
+    let check = doctor();
+    assert_eq!(check["ok"], false, "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("its interface up0 is down, so the VM has no network"),
+        "{check}"
+    );
+    t.host.exec_ok("ip link set up0 up");
+    assert_eq!(doctor()["ok"], true, "{}", doctor());
     t.lume_ok(&["stop", "usb"]);
     let links = t.host.exec_ok("ip -br link");
     assert!(!links.contains("lmv") && !links.contains(&tap), "{links}");

@@ -135,9 +135,14 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
         (Outcome::Details(d), Format::Json) => println!("{}", serde_json::to_string_pretty(d)?),
         (Outcome::Details(d), Format::Text) => println!("{}", table(std::slice::from_ref(d))),
         (Outcome::Created(d), _) => println!(
-            "VM '{}' created: {} CPUs, {} memory, {} disk, network {}",
+            "VM '{}' created: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
+            if d.cpu_count == Some(1) {
+                "CPU"
+            } else {
+                "CPUs"
+            },
             d.memory_size.map(format_size).unwrap_or_default(),
             d.disk_size
                 .as_ref()

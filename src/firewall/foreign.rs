@@ -1268,10 +1268,13 @@ impl ForeignDrop {
                     (Some(_), None, _) => FindingKind::Withheld {
                         targets: m.after.iter().map(|t| t.to_string()).collect(),
                     },
-                    (None, _, Some(t)) => FindingKind::Respected {
+                    // A tool's own rule before lume's accepts (its conntrack
+                    // and address checks; in firewalld's chains, which are
+                    // all firewalld's, whatever precedes the final reject).
+                    (None, Some(_), _) => continue,
+                    (None, None, Some(t)) => FindingKind::Respected {
                         place: t.to_string(),
                     },
-                    (None, Some(_), None) => continue,
                     (None, None, None) => FindingKind::NotOverridden,
                 };
                 let f = Finding {
@@ -1352,7 +1355,7 @@ impl Finding {
                 "chain {chain}, rule {rule}: a rule of yours in {place} that drops some traffic of {list}; it comes before lume's accepts, which do not override it"
             ),
             FindingKind::NotOverridden => format!(
-                "chain {chain}, rule {rule}: drops some traffic of {list}: a policy lume must not override (a VPN kill switch or a rule of yours); lume does not bypass it — allow {list} there, or use bridged mode"
+                "chain {chain}, rule {rule}: drops some traffic of {list}: a policy lume must not override (a VPN kill switch or a rule of yours); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
             ),
         }
     }
@@ -2231,5 +2234,28 @@ mod tests {
             matches!(&f[..], [Finding { kind: FindingKind::Accommodated { tool, .. }, .. }] if tool == "firewalld"),
             "{f:?}"
         );
+    }
+
+    /// firewalld's own rules before the place of lume's accepts (its
+    /// `ct state invalid drop`, its reject of IPv6 destinations no host
+    /// routes) are firewalld's policy, not "a rule of yours".
+    #[test]
+    fn firewalld_s_own_rules_before_lume_s_accepts_are_not_the_user_s() {
+        let rs = Ruleset::parse(
+            r#"{"nftables":[
+          {"chain":{"family":"inet","table":"firewalld","name":"filter_FORWARD","type":"filter","hook":"forward","prio":10,"policy":"accept"}},
+          {"rule":{"family":"inet","table":"firewalld","chain":"filter_FORWARD","handle":29,"expr":[{"match":{"op":"in","left":{"ct":{"key":"state"}},"right":"invalid"}},{"drop":null}]}},
+          {"rule":{"family":"inet","table":"firewalld","chain":"filter_FORWARD","handle":31,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip6","field":"daddr"}},"right":{"prefix":{"addr":"2002::","len":24}}}},{"reject":{"type":"icmpv6","expr":"addr-unreachable"}}]}},
+          {"rule":{"family":"inet","table":"firewalld","chain":"filter_FORWARD","handle":33,"expr":[{"reject":{"type":"icmpx","expr":"admin-prohibited"}}]}}]}"#,
+        );
+        let drops = foreign_drops(&rs);
+        let f = drops[0].findings(&["lume0"], true);
+        assert!(
+            f.iter().all(
+                |f| matches!(&f.kind, FindingKind::Accommodated { tool, .. } if tool == "firewalld")
+            ),
+            "{f:?}"
+        );
+        assert!(f.iter().any(|f| f.rule.contains("handle 33")), "{f:?}");
     }
 }

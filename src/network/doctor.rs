@@ -125,38 +125,53 @@ pub fn run(ctx: &Context) -> Report {
     let brnf = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
         .map(|v| v.trim() == "1")
         .unwrap_or(false);
-    let forward_drop = drops
+    // Base chains at the forward hook (not the bridge family's) whose
+    // policy drops: with br_netfilter they see frames bridged between the
+    // ports of a Linux bridge, with that bridge as input and output.
+    let forward_drops: Vec<&ForeignDrop> = drops
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .any(|d| d.hook == "forward" && d.family != "bridge" && d.how == "policy drop");
-    // Only VMs whose tap sits in a Linux bridge are affected (not macvtap).
-    let on_linux_bridge = ctx
+        .filter(|d| d.hook == "forward" && d.family != "bridge" && d.how == "policy drop")
+        .collect();
+    // The Linux bridges running VMs' taps sit in (not those on a plain
+    // interface, whose tap is joined to a macvlan and bypasses the bridge
+    // code), each with the chains that drop its frames: none where a rule
+    // of the user's in the tool's chain (DOCKER-USER, ufw-user-forward)
+    // accepts the bridge by name.
+    let mut bridges: Vec<String> = ctx
         .store
         .list()
         .unwrap_or_default()
         .iter()
         .filter_map(|vm| vm.running_state())
-        .any(|s| {
+        .filter(|s| {
             matches!(s.network_mode, super::NetworkMode::Bridged(_))
+                && s.uplink.is_none()
                 && s.host_device
                     .as_deref()
                     .is_some_and(|d| d.starts_with("lt"))
-        });
-    let hit = brnf && forward_drop;
+        })
+        .filter_map(|s| s.parent)
+        .collect();
+    bridges.sort();
+    bridges.dedup();
+    let dropped: Vec<(&String, Vec<String>)> = bridges
+        .iter()
+        .map(|b| {
+            let chains = forward_drops
+                .iter()
+                .filter(|d| d.user_accepted_for(&[b.as_str()]).is_none())
+                .map(|d| format!("table {} {} chain {}", d.family, d.table, d.chain))
+                .collect::<Vec<_>>();
+            (b, chains)
+        })
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
     r.add(
         "br_netfilter",
-        !(hit && on_linux_bridge),
-        if !brnf {
-            "bridged frames are not passed to iptables/nftables".to_string()
-        } else if hit {
-            format!(
-                "br_netfilter passes bridged frames to a FORWARD chain with policy drop{}: VMs bridged onto a Linux bridge lose traffic; set net.bridge.bridge-nf-call-iptables=0 or accept the bridge's traffic",
-                if on_linux_bridge { "" } else { " (no such VM runs now)" }
-            )
-        } else {
-            "br_netfilter is on, but no FORWARD chain drops by policy".to_string()
-        },
+        !brnf || dropped.is_empty(),
+        br_netfilter_detail(brnf, !forward_drops.is_empty(), &bridges, &dropped),
     );
 
     match interfaces::discover() {
@@ -239,7 +254,7 @@ fn dns_verdict(
         Ok(host) => (
             false,
             format!(
-                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file",
+                "dnsmasq forwards to {} but {file}, as this doctor's process sees it, names {}: lume's watcher updates it within a second; if this stays, check that a watcher runs, and whether the VMs' lume runs in another mount namespace (a systemd unit with a private /etc) that sees another resolv.conf — then this check compares the wrong file: run the doctor in that namespace (`nsenter -m -t PID lume network doctor`, PID being `pid` in a running VM's run.json)",
                 if given.is_empty() { "nothing" } else { given },
                 host.join(", ")
             ),
@@ -463,7 +478,7 @@ fn foreign_verdict(
         (_, false) => (
             false,
             format!(
-                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use bridged mode"
+                "{d}: a policy lume must not override (a VPN kill switch or another firewall): it drops traffic to or from {list}; lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
             ),
         ),
     }
@@ -610,8 +625,55 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
     );
 }
 
+/// The doctor's `br_netfilter` line: whether bridged frames reach
+/// iptables/nftables (`brnf`), whether a FORWARD chain drops by policy,
+/// the Linux bridges running VMs use, and those whose frames such a chain
+/// drops (with the chains).
+fn br_netfilter_detail(
+    brnf: bool,
+    forward_drop: bool,
+    bridges: &[String],
+    dropped: &[(&String, Vec<String>)],
+) -> String {
+    if !brnf {
+        return "bridged frames are not passed to iptables/nftables".to_string();
+    }
+    if !forward_drop {
+        return "br_netfilter is on, but no FORWARD chain drops by policy".to_string();
+    }
+    let fix = |b: &str| {
+        format!(
+            "accept the bridge's own traffic there (with Docker: `iptables -I DOCKER-USER -i {b} -o {b} -j ACCEPT`; with ufw: `ufw route allow in on {b} out on {b}`), or set net.bridge.bridge-nf-call-iptables=0 if nothing on this host needs it"
+        )
+    };
+    if let Some((b, chains)) = dropped.first() {
+        let mut text = format!(
+            "br_netfilter passes frames bridged on {b} to {}, whose policy drops them: VMs bridged onto {b} get no traffic (no DHCP lease); {}",
+            chains.join(" and "),
+            fix(b)
+        );
+        for (b, _) in &dropped[1..] {
+            text.push_str(&format!("; the same for {b}"));
+        }
+        return text;
+    }
+    if bridges.is_empty() {
+        return format!(
+            "br_netfilter passes bridged frames to a FORWARD chain with policy drop (no VM bridged onto a Linux bridge runs now): such VMs would lose their traffic; {}",
+            fix("<bridge>")
+        );
+    }
+    format!(
+        "br_netfilter passes bridged frames to a FORWARD chain with policy drop, and rules of yours there accept {}",
+        bridges.join(", ")
+    )
+}
+
 fn vm_checks(r: &mut Report, ctx: &Context) {
     let Ok(vms) = ctx.store.list() else { return };
+    let links = super::netlink::Netlink::open()
+        .and_then(|mut nl| nl.links())
+        .unwrap_or_default();
     for vm in vms {
         let Some(state) = vm.running_state() else {
             continue;
@@ -623,9 +685,26 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             .ip_address
             .as_deref()
             .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        // A bridged VM's parent that is there but down (a NIC plugged back
+        // with nothing to bring it up, a bridge set down) carries nothing:
+        // lume does not bring up an interface of the host's itself.
+        if matches!(state.network_mode, super::NetworkMode::Bridged(_))
+            && let Some(parent) = state.parent.as_deref()
+            && links.iter().any(|l| l.name == parent && !l.up)
+        {
+            let was = ip
+                .map(|ip| format!(" (its address was {ip})"))
+                .unwrap_or_default();
+            r.add(
+                name,
+                false,
+                format!("its interface {parent} is down, so the VM has no network{was}: bring it up (`ip link set {parent} up`, or through NetworkManager, ifupdown or systemd-networkd); lume does not change the state of the host's interfaces"),
+            );
+            continue;
+        }
         match (&state.network_mode, ip) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
-            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
+            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers and the br_netfilter check above passes")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
             (_, Some(ip)) if state.uplink.is_some() => {
                 let parent = state.parent.as_deref().unwrap_or("?");

@@ -532,16 +532,24 @@ impl Networks {
     /// puts lume's accepts in other tools' chains (removes them when none),
     /// and remembers how the firewall lists the table, to notice changes later.
     pub fn apply_firewall(&self) -> Result<(), SharedError> {
+        self.write_firewall().map(|_| ())
+    }
+
+    /// [`Self::apply_firewall`], returning whether lume's table now marks
+    /// packets for other tools' chains and what changed in those chains
+    /// (for the watcher's log).
+    fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
         let tools = self.accommodate && Nft.tools_present()?;
         let state = self.firewall_state(tools);
-        if state.is_empty() {
+        let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
-            self.accommodate()?;
+            let done = self.accommodate()?;
             Nft.apply(&state)?;
+            done
         } else {
             Nft.apply(&state)?;
-            self.accommodate()?;
-        }
+            self.accommodate()?
+        };
         // Whether the table marks packets for other tools' chains: the
         // watcher rewrites it when such a tool appears or goes.
         let marks = self.root.join("foreign.marks");
@@ -557,7 +565,7 @@ impl Networks {
                 let _ = fs::remove_file(&saved);
             }
         }
-        Ok(())
+        Ok((state.accommodate, done.changes))
     }
 
     /// Keeps the logs that guests make grow (dnsmasq's) within their cap.
@@ -622,9 +630,12 @@ impl Networks {
                     } else {
                         "changed"
                     };
-                    match self.apply_firewall() {
-                        Ok(()) => repairs
-                            .push(format!("nftables table inet lume was {what}: restored it")),
+                    match self.write_firewall() {
+                        Ok((_, changes)) => {
+                            repairs
+                                .push(format!("nftables table inet lume was {what}: restored it"));
+                            repairs.extend(changes);
+                        }
                         Err(e) => repairs.push(format!(
                             "nftables table inet lume is {what} and could not be restored: {}",
                             crate::error_chain(&e)
@@ -641,13 +652,20 @@ impl Networks {
                     let marks = fs::read_to_string(self.root.join("foreign.marks"))
                         .is_ok_and(|v| v.trim() == "1");
                     if self.accommodate && done.tools != marks {
-                        let what = if done.tools {
-                            "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
-                        } else {
-                            "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
-                        };
-                        match self.apply_firewall() {
-                            Ok(()) => repairs.push(what.to_string()),
+                        // The tools may change again while lume writes (a
+                        // chain deleted, then another tool's table loaded):
+                        // the log says what was written, not what was seen.
+                        match self.write_firewall() {
+                            Ok((now, changes)) => {
+                                repairs.extend(changes);
+                                if now != marks {
+                                    repairs.push(if now {
+                                        "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
+                                    } else {
+                                        "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
+                                    }.to_string());
+                                }
+                            }
                             Err(e) => repairs.push(format!(
                                 "could not rewrite lume's firewall table: {}",
                                 crate::error_chain(&e)
@@ -777,7 +795,7 @@ fn drop_warning(
             "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
         )),
         None => Some(format!(
-            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use bridged mode"
+            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
         )),
     }
 }
