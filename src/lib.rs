@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod firewall;
+pub mod guest;
 pub mod hypervisor;
 pub mod network;
 pub mod settings;

@@ -105,7 +105,15 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         VmError::Network(a) => attach_status(a),
         // qemu-img cannot read the image the client named.
         VmError::Image(ImageError::Inspect { .. } | ImageError::Format { .. }) => BAD,
-        VmError::Image(_) | VmError::Config(_) | VmError::Settings(_) => FAILED,
+        VmError::Seed(
+            crate::guest::cloudinit::SeedError::UnknownUserData { .. }
+            | crate::guest::cloudinit::SeedError::UserDataTooLarge { .. },
+        ) => BAD,
+        VmError::Image(_)
+        | VmError::Config(_)
+        | VmError::Settings(_)
+        | VmError::Seed(_)
+        | VmError::Keys(_) => FAILED,
         VmError::MacOsGuest
         | VmError::UnknownOs(_)
         | VmError::NoCpu

@@ -129,6 +129,21 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         }
         a.extend(["-append".into(), k.cmdline.clone()]);
     }
+    // The cloud-init NoCloud seed lume wrote (read-only; the guest finds it
+    // by its label CIDATA).
+    if crate::vm::actions::wants_seed(c) {
+        let seed = dir.join(crate::guest::cloudinit::SEED_FILE);
+        if !is_regular(&seed) {
+            return Err(QemuError::MissingFile {
+                what: "cloud-init seed",
+                path: seed,
+            });
+        }
+        a.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio,readonly=on", opt_path(&seed)),
+        ]);
+    }
     for iso in spec.mounts {
         a.extend([
             "-drive".into(),
@@ -173,6 +188,8 @@ mod tests {
             disk_format: Default::default(),
             publish: Vec::new(),
             unsafe_host_loopback: false,
+            vm_id: None,
+            cloud_init: Default::default(),
             extra: Default::default(),
         };
         let disks = [PathBuf::from("/proc/1/fd/7")];

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::caller::{Access, OpenError};
-use super::config::{ConfigError, DiskFormat, KernelBoot, MacAddress, VmConfig};
+use super::config::{CloudInit, ConfigError, DiskFormat, KernelBoot, MacAddress, VmConfig};
 use super::details::VmDetails;
 use super::lock::VmLock;
 use super::name::VmName;
@@ -21,7 +21,7 @@ use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
-use crate::network::publish::PortMapping;
+use crate::network::publish::{PortMapping, Proto};
 use crate::settings::{Settings, SettingsError};
 
 /// Errors of the lifecycle actions.
@@ -39,6 +39,10 @@ pub enum VmError {
     Settings(#[from] SettingsError),
     #[error(transparent)]
     Network(#[from] AttachError),
+    #[error(transparent)]
+    Seed(#[from] crate::guest::cloudinit::SeedError),
+    #[error(transparent)]
+    Keys(#[from] crate::guest::keys::KeyError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -238,6 +242,12 @@ pub struct CreateSpec {
     pub image: Option<PathBuf>,
     /// Ports published at every start.
     pub publish: Vec<PortMapping>,
+    /// The user's own cloud-init user-data, stored with the VM.
+    pub cloud_init: Option<PathBuf>,
+    /// No cloud-init seed at all.
+    pub no_cloud_init: bool,
+    /// User `lume` gets no password (key logins only).
+    pub no_password: bool,
 }
 
 /// What `run` needs.
@@ -445,6 +455,18 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     let kernel = open("Kernel", &spec.kernel)?;
     let initrd = open("Initrd", &spec.initrd)?;
     let image = open("Image", &spec.image)?;
+    let user_data = match open("cloud-init file", &spec.cloud_init)? {
+        Some(f) => {
+            let mut data = Vec::new();
+            (&*f.file)
+                .take(crate::guest::cloudinit::MAX_USER_DATA + 1)
+                .read_to_end(&mut data)
+                .map_err(io_at(&f.path))?;
+            crate::guest::cloudinit::check_user_data(&f.path, &data)?;
+            Some(data)
+        }
+        None => None,
+    };
     if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
         return Err(StoreError::Exists {
             name: spec.name.clone(),
@@ -478,6 +500,10 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             }
             None => None,
         };
+        if let Some(data) = &user_data {
+            let p = work.join(crate::guest::cloudinit::USER_DATA_FILE);
+            crate::util::atomic::write_private(&p, data).map_err(io_at(&p))?;
+        }
         let cfg = VmConfig {
             os: "linux".into(),
             cpu_count: spec.cpu,
@@ -490,6 +516,12 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
             disk_format: DiskFormat::Raw,
             publish: spec.publish.clone(),
             unsafe_host_loopback: false,
+            vm_id: Some(crate::guest::cloudinit::new_vm_id()),
+            cloud_init: CloudInit {
+                enabled: !spec.no_cloud_init,
+                password: spec.no_password.then_some(false),
+                user_data: user_data.is_some(),
+            },
             extra: Default::default(),
         };
         cfg.save(&work.join("config.json"))?;
@@ -524,6 +556,17 @@ fn run_request(
             "The VM's published ports are not used in network mode {network}"
         ));
     }
+    // User mode: a loopback port forwarded to the guest's SSH port, for
+    // `lume ssh` (recorded in run.json with the other published ports).
+    if network == NetworkMode::User
+        && wants_seed(cfg)
+        && !publish
+            .iter()
+            .any(|p| p.guest_port == crate::guest::ssh::SSH_PORT && p.proto == Proto::Tcp)
+        && let Some(p) = crate::guest::ssh::free_loopback_port()
+    {
+        publish.push(p);
+    }
     Ok(RunRequest {
         network,
         mounts: spec
@@ -556,11 +599,16 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     let name = spec.name.clone().expect("run needs a name");
     let vm = store.open(&name)?;
     store.check_private(Some(&vm))?;
-    let cfg = vm.load_config()?;
+    let mut cfg = vm.load_config()?;
     let req = run_request(ctx, &cfg, &spec, note)?;
     supervisor::preflight(&vm, &cfg, &req)?;
     if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
         return Err(supervisor::held_error(&vm).into());
+    }
+    // The seed is made by the lume the caller ran (with the caller's keys);
+    // a detached supervisor uses the one its parent wrote.
+    if wants_seed(&cfg) && std::env::var_os(supervisor::START_LOG_ENV).is_none() {
+        cfg = provision(ctx, &vm, cfg)?;
     }
     if !spec.detach {
         let status = supervisor::supervise(&vm, &cfg, &req, &mut |s: &RunState| {
@@ -584,6 +632,62 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
         return Ok(Outcome::Exited(status));
     }
     detach(store, &vm, &spec, &req)
+}
+
+/// Whether a VM gets a cloud-init seed: a VM booted from its disk, or one
+/// booted from a kernel whose creator gave a cloud-init file.
+pub fn wants_seed(cfg: &VmConfig) -> bool {
+    cfg.cloud_init.enabled && (cfg.kernel_boot.is_none() || cfg.cloud_init.user_data)
+}
+
+/// Writes the VM's cloud-init seed when its inputs changed: the VM's id
+/// (given to VMs from before lume recorded one), name, MAC address, lume's
+/// key, the caller's own public keys, the password setting, the user's
+/// user-data.
+fn provision(ctx: &Context, vm: &Vm, mut cfg: VmConfig) -> Result<VmConfig, VmError> {
+    use crate::guest::{cloudinit, keys};
+    if cfg.vm_id.is_none() {
+        cfg = vm.update_config(|c| -> Result<VmConfig, VmError> {
+            if c.vm_id.is_none() {
+                c.vm_id = Some(cloudinit::new_vm_id());
+            }
+            Ok(c.clone())
+        })?;
+    }
+    let pair = keys::ensure(ctx.store.root())?;
+    let mut authorized_keys = vec![pair.public];
+    for k in keys::caller_public_keys(&ctx.caller) {
+        if !authorized_keys.contains(&k) {
+            authorized_keys.push(k);
+        }
+    }
+    let user_data = if cfg.cloud_init.user_data {
+        let p = vm.dir.join(cloudinit::USER_DATA_FILE);
+        let meta = fs::symlink_metadata(&p).map_err(io_at(&p))?;
+        if !meta.file_type().is_file() {
+            return Err(VmError::MissingFile {
+                what: "cloud-init user-data",
+                path: p,
+            });
+        }
+        Some(fs::read(&p).map_err(io_at(&p))?)
+    } else {
+        None
+    };
+    let password = match cfg.cloud_init.password {
+        Some(p) => p,
+        None => ctx.settings.get_bool("sshPassword")?.unwrap_or(true),
+    };
+    let inputs = cloudinit::SeedInputs {
+        vm_name: vm.name.to_string(),
+        instance_id: cloudinit::instance_id(cfg.vm_id.as_deref().unwrap_or_default()),
+        mac: cfg.mac_address,
+        password,
+        authorized_keys,
+        user_data,
+    };
+    cloudinit::write_seed(&vm.dir, &inputs)?;
+    Ok(cfg)
 }
 
 /// Starts a supervisor in its own session and waits until it reports the VM
@@ -871,6 +975,12 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
 }
 
 /// Files that belong to a run, not to the VM: never cloned.
+/// Files of a VM's identity that a clone does not take: it gets its own.
+const NOT_CLONED: [&str; 2] = [
+    crate::guest::cloudinit::SEED_FILE,
+    crate::guest::ssh::KNOWN_HOSTS,
+];
+
 const RUNTIME_FILES: [&str; 10] = [
     "console.log",
     "console.log.1",
@@ -905,7 +1015,11 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
             let entry = entry.map_err(io_at(&src.dir))?;
             let fname = entry.file_name();
             let Some(n) = fname.to_str() else { continue };
-            if RUNTIME_FILES.contains(&n) || n == "config.json" || n.starts_with('.') {
+            if RUNTIME_FILES.contains(&n)
+                || NOT_CLONED.contains(&n)
+                || n == "config.json"
+                || n.starts_with('.')
+            {
                 continue;
             }
             if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
@@ -917,6 +1031,9 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
             }
         }
         cfg.mac_address = Some(MacAddress::random());
+        // A clone is a new instance for cloud-init: its own hostname and
+        // SSH host keys, a seed and a known_hosts file of its own.
+        cfg.vm_id = Some(crate::guest::cloudinit::new_vm_id());
         cfg.save(&work.join("config.json"))?;
         Ok(disk_copy)
     })();
@@ -1034,6 +1151,9 @@ mod tests {
             cmdline: None,
             image: None,
             publish: Vec::new(),
+            cloud_init: None,
+            no_cloud_init: false,
+            no_password: false,
         }
     }
 
