@@ -102,6 +102,8 @@ pub fn lume_cloud_config(i: &SeedInputs) -> String {
     let cfg = json!({
         "users": [user],
         "ssh_pwauth": i.password,
+        // The VM's name resolves in the guest (sudo complains otherwise).
+        "manage_etc_hosts": true,
     });
     format!("#cloud-config\n{}", yaml(&cfg))
 }

@@ -35,7 +35,8 @@ PACKAGES=(systemd systemd-sysv udev dbus cloud-init cloud-guest-utils openssh-se
           netbase e2fsprogs procps less ca-certificates locales)
 CMDLINE_EXTRA="console=tty0 console=ttyS0,115200 consoleblank=0"
 
-log() { echo "debian/build.sh: $*" >&2; }
+T0=$(date +%s)
+log() { echo "debian/build.sh: [$(($(date +%s) - T0)) s] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap installs packages into a directory as root)"
@@ -74,7 +75,7 @@ include=$(IFS=,; echo "${PACKAGES[*]}")
 mmdebstrap --mode=root --variant=minbase --include="$include" \
     --aptopt='Acquire::Languages "none"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --skip=essential/unlink \
     --setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"; cp -a $cache/. \"\$1/var/cache/apt/archives/\" 2>/dev/null || true" \
     --customize-hook="find \"\$1/var/cache/apt/archives\" -maxdepth 1 -name '*.deb' -exec cp -a -t $cache {} +" \
