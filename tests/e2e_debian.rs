@@ -26,7 +26,13 @@ fn image() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("build.sh prints the image").trim())
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the image")
+            .trim(),
+    )
 }
 
 /// `lume ssh ARGS…` in the host namespace.
@@ -131,9 +137,17 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     let saved = t.home.storage().join("saved-ssh");
     std::fs::rename(&keys, &saved).unwrap();
     let out = ssh(&t, &["deb", "whoami"]);
-    assert_eq!(out.status.code(), Some(255), "a new, unknown key is refused");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "a new, unknown key is refused"
+    );
     let out = ssh(&t, &["deb", "-p", "lume", "whoami"]);
-    assert!(out.status.success(), "password login: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "password login: {}",
+        text(&out.stderr)
+    );
     assert_eq!(text(&out.stdout), "lume");
     let out = ssh(&t, &["deb", "-p", "wrong", "whoami"]);
     assert_eq!(out.status.code(), Some(255));
@@ -195,10 +209,23 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
         "{published:?}"
     );
     assert_eq!(wait_ssh(&t, "deb2"), "deb2");
-    assert_ne!(host_key(&t.home, "deb2"), deb_key, "the clone has its own host key");
+    assert_ne!(
+        host_key(&t.home, "deb2"),
+        deb_key,
+        "the clone has its own host key"
+    );
     assert_eq!(wait_ssh(&t, "deb"), "deb");
     assert_eq!(host_key(&t.home, "deb"), deb_key);
-    let out = ssh(&t, &["deb", "--", "sudo", "cat", "/var/lib/cloud/data/instance-id"]);
+    let out = ssh(
+        &t,
+        &[
+            "deb",
+            "--",
+            "sudo",
+            "cat",
+            "/var/lib/cloud/data/instance-id",
+        ],
+    );
     assert_eq!(
         text(&out.stdout),
         format!("lume-{}", c1["vmId"].as_str().unwrap())
@@ -211,5 +238,9 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     assert!(!t.home.vm_dir("deb2").exists());
     let out = ssh(&t, &["deb", "true"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("is not running"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("is not running"),
+        "{}",
+        text(&out.stderr)
+    );
 }

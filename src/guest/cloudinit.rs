@@ -174,7 +174,7 @@ pub fn user_data(i: &SeedInputs) -> Vec<u8> {
     if !theirs.ends_with(b"\n") {
         out.push(b'\n');
     }
-    let _ = write!(out, "--{boundary}--\n");
+    let _ = writeln!(out, "--{boundary}--");
     out
 }
 
@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(user["sudo"], "ALL=(ALL) NOPASSWD:ALL");
         assert_eq!(user["plain_text_passwd"], "lume");
         assert_eq!(user["lock_passwd"], false);
-        assert_eq!(user["ssh_authorized_keys"][0], "ssh-ed25519 AAAAC3Nza lume@host");
+        assert_eq!(
+            user["ssh_authorized_keys"][0],
+            "ssh-ed25519 AAAAC3Nza lume@host"
+        );
         let net: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(&read_file(&img, "network-config")).unwrap();
         assert_eq!(net["version"], 2);

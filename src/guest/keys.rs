@@ -336,7 +336,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         fs::write(d.join("a.pub"), "ssh-ed25519 AAAAC3NzaC1lZDI1 me@x\n").unwrap();
-        fs::write(d.join("b.pub"), "not a key\necdsa-sha2-nistp256 AAAAE2Vj y\n").unwrap();
+        fs::write(
+            d.join("b.pub"),
+            "not a key\necdsa-sha2-nistp256 AAAAE2Vj y\n",
+        )
+        .unwrap();
         fs::write(d.join("c"), "ssh-rsa AAAAB3 not-pub-file\n").unwrap();
         let secret = d.join("secret.pub");
         fs::write(&secret, "ssh-ed25519 AAAAsecret root@x\n").unwrap();

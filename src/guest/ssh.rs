@@ -159,7 +159,10 @@ pub fn command(req: &SshRequest, to: &Target) -> Command {
         c.env(ASKPASS_ENV, pw);
         c.env("SSH_ASKPASS", askpass_program());
         c.env("SSH_ASKPASS_REQUIRE", "force");
-        c.env("DISPLAY", std::env::var_os("DISPLAY").unwrap_or(":0".into()));
+        c.env(
+            "DISPLAY",
+            std::env::var_os("DISPLAY").unwrap_or(":0".into()),
+        );
     } else {
         opt(&mut args, "BatchMode=yes".into());
     }
