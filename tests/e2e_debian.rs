@@ -46,11 +46,21 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim().to_string()
 }
 
-/// Polls `lume ssh NAME hostname` until it answers; returns the hostname.
+/// Polls `lume ssh NAME` until it answers once cloud-init has finished
+/// (its modules restart sshd on the way); returns the hostname.
 fn wait_ssh(t: &Lan, name: &str) -> String {
     let start = Instant::now();
     loop {
-        let out = ssh(t, &[name, "-t", "30", "hostname"]);
+        let out = ssh(
+            t,
+            &[
+                name,
+                "-t",
+                "200",
+                "--",
+                "cloud-init status --wait >/dev/null; hostname",
+            ],
+        );
         if out.status.success() {
             eprintln!("{name}: ssh answered {:?} after start", start.elapsed());
             return text(&out.stdout);
@@ -118,7 +128,8 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     // Passwordless sudo; output and exit status come back.
     let out = ssh(&t, &["deb", "--", "sudo", "-n", "true"]);
     assert!(out.status.success(), "sudo -n true: {}", text(&out.stderr));
-    assert_eq!(ssh(&t, &["deb", "false"]).status.code(), Some(1));
+    let out = ssh(&t, &["deb", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let out = ssh(&t, &["deb", "--", "echo out; echo err >&2; exit 3"]);
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(text(&out.stdout), "out");

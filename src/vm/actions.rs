@@ -1215,6 +1215,87 @@ mod tests {
     }
 
     #[test]
+    fn a_cloud_init_file_is_read_with_the_callers_rights_and_checked() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to act for another uid");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        chmod(host.path(), 0o755);
+        let kernel = host.path().join("vmlinuz");
+        fs::write(&kernel, b"a kernel").unwrap();
+        chmod(&kernel, 0o644);
+        let secret = host.path().join("secret.yaml");
+        fs::write(&secret, b"#cloud-config\nroot's: secret\n").unwrap();
+        chmod(&secret, 0o600);
+        let mine = host.path().join("mine.yaml");
+        fs::write(&mine, b"#cloud-config\nruncmd: [true]\n").unwrap();
+        chmod(&mine, 0o644);
+        let not_user_data = host.path().join("plain.yaml");
+        fs::write(&not_user_data, b"runcmd: [true]\n").unwrap();
+        chmod(&not_user_data, 0o644);
+
+        let storage = tempfile::tempdir().unwrap();
+        let root = storage.path().join("vms");
+        let ctx = context(&root, Caller::from_uid(65534));
+        let with = |name: &str, file: &Path| {
+            let mut sp = spec(name, &kernel);
+            sp.cloud_init = Some(file.to_path_buf());
+            Action::Create(Box::new(sp))
+        };
+        let e = execute(&ctx, with("a", &secret), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, .. } if *path == secret),
+            "{e}"
+        );
+        let e = execute(&ctx, with("a", &not_user_data), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VmError::Seed(crate::guest::cloudinit::SeedError::UnknownUserData { .. })
+            ),
+            "{e}"
+        );
+        assert!(!root.join("a").exists());
+        execute(&ctx, with("b", &mine), &mut |_| {}).unwrap();
+        let vm = root.join("b");
+        assert_eq!(
+            fs::read(vm.join("user-data")).unwrap(),
+            b"#cloud-config\nruncmd: [true]\n"
+        );
+        assert_eq!(
+            fs::metadata(vm.join("user-data"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let cfg = VmConfig::load(&vm.join("config.json")).unwrap();
+        assert!(cfg.cloud_init.user_data && cfg.vm_id.is_some());
+        // A kernel-booted VM with user-data gets a seed; a clone gets a new
+        // id and neither the seed nor the known host keys of its source.
+        assert!(wants_seed(&cfg));
+        fs::write(vm.join("cidata.img"), b"seed").unwrap();
+        fs::write(vm.join("known_hosts"), b"lume-b ssh-ed25519 AAAA").unwrap();
+        let ctx = context(&root, Caller::current());
+        execute(
+            &ctx,
+            Action::Clone {
+                source: VmName::parse("b").unwrap(),
+                target: VmName::parse("c").unwrap(),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let copy = VmConfig::load(&root.join("c/config.json")).unwrap();
+        assert_ne!(copy.vm_id, cfg.vm_id);
+        assert!(root.join("c/user-data").exists());
+        assert!(!root.join("c/cidata.img").exists());
+        assert!(!root.join("c/known_hosts").exists());
+    }
+
+    #[test]
     fn root_refuses_storage_that_another_user_can_change() {
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
