@@ -232,4 +232,49 @@ mod tests {
         assert!(joined.contains("file=/proc/1/fd/8,format=raw,media=cdrom,readonly=on"));
         assert!(joined.contains("file,id=serial0,path=/proc/self/fd/3"));
     }
+
+    #[test]
+    fn a_disk_booted_vm_gets_its_seed_read_only_as_raw_and_a_missing_seed_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: VmConfig = serde_json::from_str(r#"{"os":"linux"}"#).unwrap();
+        let spec = LaunchSpec {
+            name: "t",
+            dir: dir.path(),
+            config: &cfg,
+            accel: Accel::Tcg,
+            mounts: &[],
+            disks: &[],
+            console: Path::new("/proc/self/fd/3"),
+            net_args: &[],
+        };
+        assert!(matches!(
+            arguments(&spec),
+            Err(QemuError::MissingFile {
+                what: "cloud-init seed",
+                ..
+            })
+        ));
+        let seed = dir.path().join(crate::guest::cloudinit::SEED_FILE);
+        std::fs::write(&seed, b"seed").unwrap();
+        let args: Vec<String> = arguments(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let want = format!("file={},format=raw,if=virtio,readonly=on", seed.display());
+        assert!(args.contains(&want), "{args:?}");
+        // A symlink planted as the seed is refused.
+        std::fs::remove_file(&seed).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", &seed).unwrap();
+        assert!(arguments(&spec).is_err());
+        // --no-cloud-init: no seed drive at all.
+        let off: VmConfig =
+            serde_json::from_str(r#"{"os":"linux","cloudInit":{"enabled":false}}"#).unwrap();
+        let spec = LaunchSpec {
+            config: &off,
+            ..spec
+        };
+        let args = arguments(&spec).unwrap();
+        assert!(!args.iter().any(|a| a.to_string_lossy().contains("cidata")));
+    }
 }
