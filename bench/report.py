@@ -294,6 +294,27 @@ def throughput(rows):
     return out
 
 
+def ssh(rows):
+    if not rows:
+        return []
+    out = ["### 6. Debian cloud VM: start to a working `ssh`", ""]
+    out += ["Seconds from `lume run --detach` (bare: the first setup command) to the first "
+            "successful `ssh … true`, first boot with cloud-init; median (min–max).", ""]
+    out += ["| case | to ssh | n |", "| --- | --- | --- |"]
+    for case in ["lume-nat", "bare-nat"]:
+        v = metric(rows, case, "seconds")
+        if v:
+            out.append(f"| {case} | {cell(v)} | {len(v)} |")
+    lume = by_run(rows, "lume-nat", "seconds")
+    bare = by_run(rows, "bare-nat", "seconds")
+    if lume and bare:
+        c, _ = ratio_cell(lume, bare)
+        rm = statistics.median(lume.values()) / statistics.median(bare.values())
+        out += ["", "| lume / bare, paired per round | ratio of medians | target |",
+                "| --- | --- | --- |", f"| {c} | {rm:.2f}x | {verdict(rm <= 1.05)} |"]
+    return out
+
+
 def main():
     results, md = sys.argv[1], sys.argv[2]
     meta = {}
@@ -305,7 +326,7 @@ def main():
              "do not edit by hand (the analysis above and below is kept)._", ""]
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
-                    throughput(load(results, "throughput"))]:
+                    throughput(load(results, "throughput")), ssh(load(results, "ssh"))]:
         if section:
             parts += section + [""]
     parts.append(END)
