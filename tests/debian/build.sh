@@ -76,7 +76,7 @@ mmdebstrap --mode=root --variant=minbase --include="$include" \
     --aptopt='Acquire::Languages "none"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-    --skip=essential/unlink \
+    --skip=essential/unlink --hook-dir=/usr/share/mmdebstrap/hooks/eatmydata \
     --setup-hook="mkdir -p \"\$1/var/cache/apt/archives\"; cp -a $cache/. \"\$1/var/cache/apt/archives/\" 2>/dev/null || true" \
     --customize-hook="find \"\$1/var/cache/apt/archives\" -maxdepth 1 -name '*.deb' -exec cp -a -t $cache {} +" \
     --customize-hook="rm -f \"\$1\"/var/cache/apt/archives/*.deb" \
