@@ -490,7 +490,10 @@ fn ssh(a: SshArgs) -> Result<i32> {
         key: Some(key.private),
         command: a.command,
         tty: interactive && std::io::stdin().is_terminal(),
-        connect_timeout: std::time::Duration::from_secs(a.timeout.clamp(1, 30)),
+        connect_timeout: std::time::Duration::from_secs(match a.timeout {
+            0 => 30,
+            t => t.clamp(1, 30),
+        }),
     };
     let mut cmd = gssh::command(&req, &to);
     if interactive || a.timeout == 0 {

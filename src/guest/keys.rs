@@ -84,7 +84,8 @@ pub fn ensure(root: &Path) -> Result<KeyPair, KeyError> {
         Ok(m) if m.file_type().is_dir() && private(&m) => {}
         Ok(_) => return Err(KeyError::UnsafeDir { path: dir }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(root).map_err(io_at(root))?;
+            // The storage root exists (it holds the VM); only the key
+            // directory is made here.
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
