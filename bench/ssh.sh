@@ -69,17 +69,18 @@ EOF
     "${BT[@]}" time1 --record "$([ "$1" -gt 0 ] && echo "$OUT")" --case bare-nat --run "$1" -- \
         ip netns exec "$BARE_NS" sh -c "
             dnsmasq --conf-file=$W/dnsmasq.conf &&
-            ip tuntap add dev stap0 mode tap vnet_hdr && ip link set stap0 master sbr0 && ip link set stap0 up &&
+            ip tuntap add dev stap0 mode tap vnet_hdr && ip link set stap0 master sbr0 && ip link set stap0 up || exit 1
             qemu-system-x86_64 -name guest=bare -machine q35 -accel tcg -cpu max -smp 2 -m 1024M \
-              -nodefaults -no-user-config -display none -daemonize -pidfile $W/qemu.pid \
+              -nodefaults -no-user-config -display none -pidfile $W/qemu.pid \
               -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
               -chardev file,id=serial0,path=$W/console.log -serial chardev:serial0 \
               -device virtio-rng-pci -drive file=$W/disk.img,format=raw,if=virtio,discard=unmap \
               -drive file=$W/cidata.img,format=raw,if=virtio,readonly=on \
               -netdev tap,id=net0,ifname=stap0,script=no,downscript=no,vhost=off \
-              -device virtio-net-pci,netdev=net0,mac=$mac &&
+              -device virtio-net-pci,netdev=net0,mac=$mac </dev/null >$W/qemu.log 2>&1 &
             until ssh ${SSH_OPTS[*]} -o UserKnownHostsFile=$W/known_hosts -i $H/.lume/.ssh/id_ed25519 \
                 lume@203.0.113.2 true 2>/dev/null; do sleep 0.2; done" >/dev/null
+    # (QEMU runs in the background of the timed shell, as lume's runs in its supervisor.)
     kill "$(cat "$W/qemu.pid")" 2>/dev/null || true
     while kill -0 "$(cat "$W/qemu.pid")" 2>/dev/null; do sleep 0.05; done
     kill "$(cat "$W/dnsmasq.pid")" 2>/dev/null || true

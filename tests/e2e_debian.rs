@@ -125,6 +125,13 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     // Provisioned: the hostname is the VM's name, lume's key logs in.
     assert_eq!(wait_ssh(&t, "deb"), "deb");
 
+    // cloud-init took lume's seed without an error (the NoCloud datasource,
+    // every module of both user-data parts).
+    let out = ssh(&t, &["deb", "--", "cloud-init status --long"]);
+    let status = text(&out.stdout);
+    assert!(status.contains("status: done"), "{status}");
+    assert!(status.contains("DataSourceNoCloud"), "{status}");
+
     // Passwordless sudo; output and exit status come back.
     let out = ssh(&t, &["deb", "--", "sudo", "-n", "true"]);
     assert!(out.status.success(), "sudo -n true: {}", text(&out.stderr));
