@@ -82,7 +82,7 @@ EOF
                 lume@203.0.113.2 true 2>/dev/null; do sleep 0.2; done" >/dev/null
     # (QEMU runs in the background of the timed shell, as lume's runs in its supervisor.)
     kill "$(cat "$W/qemu.pid")" 2>/dev/null || true
-    while kill -0 "$(cat "$W/qemu.pid")" 2>/dev/null; do sleep 0.05; done
+    while kill -0 "$(cat "$W/qemu.pid" 2>/dev/null)" 2>/dev/null; do sleep 0.05; done
     kill "$(cat "$W/dnsmasq.pid")" 2>/dev/null || true
     in_ns "$BARE_NS" ip link del stap0
 }
