@@ -32,7 +32,7 @@ DISK_MIB=2048
 BOOT_MIB=128
 PACKAGES=(systemd systemd-sysv udev dbus cloud-init cloud-guest-utils openssh-server sudo
           linux-image-cloud-amd64 initramfs-tools ifupdown isc-dhcp-client iproute2
-          netbase e2fsprogs procps less ca-certificates locales)
+          netbase e2fsprogs procps less ca-certificates locales zstd)
 CMDLINE_EXTRA="console=tty0 console=ttyS0,115200 consoleblank=0"
 
 T0=$(date +%s)
