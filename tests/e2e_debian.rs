@@ -1,8 +1,8 @@
 //! End to end with a real Debian 12 cloud disk (tests/debian/build.sh, built
 //! from Debian packages and cached): lume imports the qcow2, gives the VM its
 //! cloud-init NoCloud seed, the guest provisions itself (user lume, lume's
-//! key, hostname = VM name, DHCP) and `lume ssh` reaches it, in nat mode and
-//! in user mode. One booted guest is shared by the checks that only read it;
+//! key, hostname = VM name, DHCP) and `lume ssh` reaches it in nat, bridged
+//! (on a Linux bridge) and user mode. One booted guest is shared by the checks that only read it;
 //! a clone proves it provisions as itself.
 //! Needs root (network namespaces) and the packages of scripts/install-deps.sh.
 
@@ -94,6 +94,14 @@ fn host_key(home: &Home, name: &str) -> String {
 fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     let image = image();
     let t = Lan::new("db");
+    // A server-style host: the uplink is enslaved to a bridge that holds the
+    // address, so a bridged VM is reachable from the host itself (a macvtap
+    // one would not be).
+    t.host.exec_ok(
+        "ip link add hbr0 type bridge && ip link set up0 master hbr0 && ip link set hbr0 up && \
+         ip addr del 198.51.100.2/24 dev up0 && ip addr add 198.51.100.2/24 dev hbr0 && \
+         ip route add default via 198.51.100.1",
+    );
     let user_data = t.home.path().join("user-data.yaml");
     std::fs::write(
         &user_data,
@@ -208,7 +216,9 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     )
     .unwrap();
     assert_ne!(c1["vmId"], c2["vmId"]);
-    t.lume_ok(&["run", "deb2", "--detach"]);
+    // The clone runs bridged (a peer on the LAN, leased by the LAN's DHCP
+    // server): `lume ssh` goes to the address lume saw it lease.
+    t.lume_ok(&["run", "deb2", "--detach", "--network", "bridged"]);
     // Meanwhile the original restarts in user mode: the same instance, so
     // first-boot steps do not run again and its host key is unchanged (the
     // strict check against its known_hosts passes), reached through the
@@ -227,6 +237,14 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
         "{published:?}"
     );
     assert_eq!(wait_ssh(&t, "deb2"), "deb2");
+    let d2 = t.get("deb2");
+    assert_eq!(d2["network"]["parent"], "hbr0");
+    assert!(
+        d2["ipAddress"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("198.51.100.")),
+        "{d2}"
+    );
     assert_ne!(
         host_key(&t.home, "deb2"),
         deb_key,
