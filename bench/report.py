@@ -272,7 +272,8 @@ def throughput(rows):
             "QEMU vCPU thread | n |", "| --- | --- | --- | --- | --- | --- |"]
     pct = lambda x: f"{x * 100:.0f}%"  # noqa: E731
     veth = by_run(rows, "veth", "mib_per_s")
-    for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (macvtap)"),
+    for case, label in [("veth", "veth baseline (Python echo, no VM)"), ("bridged", "bridged (tap + macvlan, tc redirects)"),
+                        ("bridged-macvtap", "bridged (macvtap: the path before, BENCH_OLD_LUME)"),
                         ("nat", "nat (tap on lume's bridge)"), ("user", "user (passt + relay, published port)")]:
         v = metric(rows, case, "mib_per_s")
         if not v:
@@ -281,6 +282,10 @@ def throughput(rows):
         out.append(f"| {label} | {cell(v, lambda x: f'{x:.1f}')} | {rc} | "
                    f"{cell(metric(rows, case, 'qemu_cpu_share'), pct)} | "
                    f"{cell(metric(rows, case, 'vcpu_cpu_share'), pct)} | {len(v)} |")
+    new, old = by_run(rows, "bridged", "mib_per_s"), by_run(rows, "bridged-macvtap", "mib_per_s")
+    if new and old:
+        rc, _ = ratio_cell(new, old)
+        out += ["", f"bridged, tap + macvlan against macvtap (paired by round): {rc}."]
     failed = [r for r in rows if r["case"].endswith("-failed")]
     if failed:
         out += ["", "Transfers that did not come back whole (not in the medians): " + "; ".join(
@@ -294,10 +299,41 @@ def throughput(rows):
     return out
 
 
+def reattach(rows):
+    if not rows:
+        return []
+    out = ["### 6. Bridged VM back after its parent interface returns", "",
+           "Seconds from the start of re-creating up0 (a veth, as a USB NIC plugged back); "
+           "median (min–max).", "",
+           "| step | time | n |", "| --- | --- | --- |"]
+    for name, label in [("plugged", "up0 exists again"), ("lan_ready", "its LAN side is in the LAN bridge"),
+                        ("back", "the guest answers a TCP echo from the LAN"),
+                        ("connect", "lume's re-attachment itself (macvlan + tc filters, from lume.log)")]:
+        v = metric(rows, "reattach", name)
+        if v:
+            out.append(f"| {label} | {cell(v, fmt_ms)} | {len(v)} |")
+    return out
+
+
+def image_import(rows):
+    if not rows:
+        return []
+    out = ["### 7. Import of a 2 GiB image from a local HTTP server", "",
+           "`lume create --image http://…` against `curl -o` + `qemu-img convert -O raw` of the same file, "
+           "in the same round; median (min–max) wall time; target ≤ 1.1x.", "",
+           "| image | `lume create --image URL` | curl + qemu-img convert | lume / baseline (paired) | verdict | n |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for fmt, label in [("raw", "raw, 2 GiB (1.5 GiB data)"), ("qcow2", "qcow2 of the same disk")]:
+        t = metric(rows, f"lume-{fmt}", "seconds")
+        b = metric(rows, f"curl-{fmt}", "seconds")
+        if not t:
+            continue
+        rc, med = ratio_cell(by_run(rows, f"lume-{fmt}", "seconds"), by_run(rows, f"curl-{fmt}", "seconds"))
+        out.append(f"| {label} | {cell(t)} | {cell(b)} | {rc} | {verdict(med is not None and med <= 1.1)} | {len(t)} |")
 def ssh(rows):
     if not rows:
         return []
-    out = ["### 6. Debian cloud VM: start to a working `ssh`", ""]
+    out = ["### 8. Debian cloud VM: start to a working `ssh`", ""]
     out += ["Seconds from `lume run --detach` (bare: the first setup command) to the first "
             "successful `ssh … true`, first boot with cloud-init; median (min–max).", ""]
     out += ["| case | to ssh | n |", "| --- | --- | --- |"]
@@ -326,7 +362,8 @@ def main():
              "do not edit by hand (the analysis above and below is kept)._", ""]
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
-                    throughput(load(results, "throughput")), ssh(load(results, "ssh"))]:
+                    throughput(load(results, "throughput")), reattach(load(results, "reattach")),
+                    image_import(load(results, "import")), ssh(load(results, "ssh"))]:
         if section:
             parts += section + [""]
     parts.append(END)

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod firewall;
 pub mod guest;
 pub mod hypervisor;
+pub mod image;
 pub mod network;
 pub mod settings;
 pub mod util;

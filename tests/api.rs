@@ -98,6 +98,8 @@ impl Drop for Server {
 struct Reply {
     status: u16,
     body: Value,
+    /// The `Lume-Power-Method` header of stop, shutdown and restart.
+    power_method: Option<String>,
 }
 
 /// One HTTP request from inside the namespace.
@@ -124,12 +126,18 @@ fn http(ns: &Netns, method: &str, url: &str, token: Option<&str>, body: Option<V
             None => agent.run(req.body(()).unwrap()),
         };
         let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let power_method = resp
+            .headers()
+            .get("lume-power-method")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
         let text = resp.body_mut().read_to_string().unwrap();
         let body = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{method} {url}: not JSON ({e}): {text:?}"));
         Reply {
             status: resp.status().as_u16(),
             body,
+            power_method,
         }
     })
 }
@@ -302,9 +310,29 @@ fn a_real_vm_through_the_api_and_the_cli() {
         (json!(1), json!(1))
     );
 
+    // No guest agent and no SSH way: no graceful reboot, unless forced.
+    api.fails(
+        api.post("/lume/vms/web/restart", json!({})),
+        500,
+        "cannot be restarted gracefully",
+    );
+    let reset = api.post("/lume/vms/web/restart", json!({"force": true}));
+    assert_eq!(reset.status, 200, "{reset:?}");
+    assert_eq!(reset.power_method.as_deref(), Some("reset"));
+    wait_for("the guest to boot again", Duration::from_secs(120), || {
+        let c = std::fs::read_to_string(home.vm_dir("web").join("console.log")).ok()?;
+        (c.matches("LUME-GUEST: ready").count() >= 2).then_some(())
+    });
+
     let stopped = api.post("/lume/vms/web/stop", json!({"timeout": 20}));
     assert_eq!(stopped.status, 200, "{stopped:?}");
     assert_eq!(stopped.body["status"], "stopped");
+    assert_eq!(stopped.power_method.as_deref(), Some("acpi"));
+    api.fails(
+        api.post("/lume/vms/web/shutdown", json!({})),
+        409,
+        "is not running",
+    );
     assert_eq!(
         cli_json(&ns, &home, &["get", "web", "-f", "json"])["status"],
         "stopped"
@@ -690,7 +718,9 @@ fn errors_are_json_with_the_right_status() {
             "PATCH /lume/vms/{name}",
             "POST /lume/vms",
             "POST /lume/vms/clone",
+            "POST /lume/vms/{name}/restart",
             "POST /lume/vms/{name}/run",
+            "POST /lume/vms/{name}/shutdown",
             "POST /lume/vms/{name}/stop",
         ]
     );
@@ -831,6 +861,7 @@ fn curl(prefix: &[&str], target: &[&str], method: &str, body: Option<Value>) -> 
     Reply {
         status: status.trim().parse().unwrap(),
         body: serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}")),
+        power_method: None,
     }
 }
 
@@ -885,6 +916,14 @@ fn other_users_are_refused_unless_in_the_api_group() {
         &curl(&nobody, &[&url("/lume/vms/app")], "DELETE", None),
         rule,
     );
+    // Power requests too, with or without force.
+    for (path, body) in [
+        ("/lume/vms/app/stop", json!({})),
+        ("/lume/vms/app/shutdown", json!({})),
+        ("/lume/vms/app/restart", json!({"force": true})),
+    ] {
+        assert_refused(&curl(&nobody, &[&url(path)], "POST", Some(body)), rule);
+    }
     assert!(home.vm_dir("app").join("config.json").exists());
     assert!(!home.vm_dir("intruder").exists());
     assert_eq!(

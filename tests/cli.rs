@@ -251,8 +251,14 @@ fn images_naming_host_files_are_refused() {
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "refused imports left {left:?}");
+    // A raw image is whole 512-byte sectors; anything else is not a disk.
+    fs::write(home.path().join("odd.raw"), b"RAW-BYTES").unwrap();
+    let err = home.fails(&["create", "o", "--image", &p("odd.raw")]);
+    assert!(err.contains("512-byte sectors"), "{err}");
     // A raw image is kept as it is, private, with its format recorded.
-    fs::write(home.path().join("r.raw"), b"RAW-BYTES").unwrap();
+    let mut raw = b"RAW-BYTES".to_vec();
+    raw.resize(4096, 0);
+    fs::write(home.path().join("r.raw"), raw).unwrap();
     create_small(&home, "r", &["--image", &p("r.raw")]);
     let dir = home.vm_dir("r");
     assert!(

@@ -389,11 +389,14 @@ fn nat_follows_the_default_route_to_another_uplink() {
     t.lume_ok(&["stop", "up"]);
 }
 
-/// Today's limit, written down as a test: a bridged VM's macvtap goes with
-/// its parent interface (a USB NIC unplugged), the doctor names it, the VM
-/// stays offline when the interface comes back, and a restart brings it back.
+/// A bridged VM survives its parent interface going away (a USB NIC
+/// unplugged) and coming back: while it is gone the doctor and `lume get`
+/// say the VM waits for it; once a link of that name is back, the VM is
+/// re-attached without a reboot, keeps its address and is reachable from
+/// the LAN again. How long that takes is printed (bench/heal.sh-style
+/// numbers belong in BENCHMARKS.md); the bound asserted is generous.
 #[test]
-fn a_bridged_vm_whose_parent_goes_away_is_named_and_comes_back_with_a_restart() {
+fn a_bridged_vm_whose_parent_goes_away_is_reattached_when_it_returns() {
     let t = Lan::new("dp");
     let peer = Recorder::start(&t.lan, &format!("{}:9000", common::LAN_PEER));
     t.create(
@@ -403,7 +406,34 @@ fn a_bridged_vm_whose_parent_goes_away_is_named_and_comes_back_with_a_restart() 
         &format!("lume.probe={}:9000", common::LAN_PEER),
     );
     t.lume_ok(&["run", "usb", "--detach"]);
-    wait_console(&t.home, "usb", "LUME-GUEST: probe ok", BOOT);
+    let console = wait_console(&t.home, "usb", "LUME-GUEST: probe ok", BOOT);
+    let leased = console
+        .lines()
+        .find_map(|l| l.strip_prefix("LUME-GUEST: lease eth0 "))
+        .and_then(|l| l.split('/').next())
+        .unwrap()
+        .to_string();
+    let guest: std::net::SocketAddr = format!("{leased}:7").parse().unwrap();
+    // Only a guest whose echo service answers counts as reachable: one
+    // attempt is one SYN with a short timeout, so the first success after
+    // the return is seen within that timeout.
+    let reachable = || {
+        t.lan.within(move || {
+            use std::io::{Read, Write};
+            let mut s =
+                std::net::TcpStream::connect_timeout(&guest, Duration::from_millis(200)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(b"back\n").ok()?;
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).ok()?;
+            (&buf == b"back\n").then_some(())
+        })
+    };
+    wait_for(
+        "the guest's echo from the LAN",
+        Duration::from_secs(20),
+        reachable,
+    );
     let doctor = || {
         let out = t.host.lume(&t.home, &["network", "doctor", "-f", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -416,20 +446,56 @@ fn a_bridged_vm_whose_parent_goes_away_is_named_and_comes_back_with_a_restart() 
             .unwrap()
     };
     assert_eq!(doctor()["ok"], true, "{}", doctor());
+    let d = t.get("usb");
+    assert_eq!(d["network"]["attachment"], "attached", "{d}");
+    let tap = d["network"]["hostDevice"].as_str().unwrap().to_string();
+    assert!(tap.starts_with("lt"), "a tap QEMU keeps: {tap}");
 
-    // Unplugged: the veth (and with it the macvtap) is gone.
+    // Unplugged: the veth (and with it the macvlan) is gone, the tap stays.
     t.host.exec_ok("ip link del up0");
-    let check = doctor();
-    assert_eq!(check["ok"], false, "{check}");
+    let check = wait_for(
+        "the doctor to see up0 gone",
+        Duration::from_secs(10),
+        || {
+            let c = doctor();
+            (c["ok"] == false).then_some(c)
+        },
+    );
     let detail = check["detail"].as_str().unwrap();
     assert!(
-        detail.contains("the interface up0 went away") && detail.contains("lume stop usb"),
+        detail.contains("the interface up0 is gone") && detail.contains("waits for it"),
         "{detail}"
     );
+    assert_eq!(t.get("usb")["network"]["attachment"], "waiting-for-parent");
+    let text = t.lume_ok(&["get", "usb"]);
+    assert!(text.contains("(waiting for up0)"), "{text}");
+    assert!(t.host.exec_ok("ip -br link").contains(&tap));
+    assert!(reachable().is_none(), "reachable without its parent");
 
-    // Plugged back: still offline (lume does not re-attach yet). The new
-    // veth's peer has the same index in the LAN namespace as it has here,
-    // which sysfs alone cannot tell from a dummy interface.
+    // Something else takes the name first (a VPN's tunnel): not bridgeable,
+    // so the VM keeps waiting and lume's log says why.
+    t.host
+        .exec_ok("ip tuntap add up0 mode tun && ip link set up0 up");
+    wait_for("lume to refuse the tunnel", Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(t.home.vm_dir("usb").join("lume.log")).ok()?;
+        log.contains("cannot re-attach to up0 yet").then_some(log)
+    });
+    let check = doctor();
+    assert_eq!(check["ok"], false, "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("being re-attached"),
+        "{check}"
+    );
+    assert_eq!(t.get("usb")["network"]["attachment"], "reattaching");
+    assert!(!t.host.exec_ok("ip -br link").contains("lmv"));
+    t.host.exec_ok("ip link del up0");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Plugged back: a new veth of the same name, its peer on the LAN.
+    let back = Instant::now();
     t.host.exec_ok(&format!(
         "ip link add up0 type veth peer name lanport netns {} && \
          ip addr add 198.51.100.2/24 dev up0 && ip link set up0 up && \
@@ -438,23 +504,50 @@ fn a_bridged_vm_whose_parent_goes_away_is_named_and_comes_back_with_a_restart() 
     ));
     t.lan
         .exec_ok("ip link set lanport master br0 && ip link set lanport up");
-    let seen = peer.sources().len();
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(peer.sources().len(), seen, "no traffic without a restart");
-    assert_eq!(doctor()["ok"], false);
-
-    // A restart creates a new macvtap on the new up0.
-    t.lume_ok(&["stop", "usb"]);
-    let from = console_len(&t, "usb");
-    t.lume_ok(&["run", "usb", "--detach"]);
-    wait_for("the restarted guest's probe", BOOT, || {
-        let text = std::fs::read(t.home.vm_dir("usb").join("console.log")).ok()?;
-        String::from_utf8_lossy(&text[from.min(text.len())..])
-            .contains("LUME-GUEST: probe ok")
-            .then_some(())
+    let mut attempts = 0;
+    wait_for("the guest reachable again", Duration::from_secs(30), || {
+        attempts += 1;
+        reachable()
     });
-    wait_for("a healthy doctor", Duration::from_secs(20), || {
+    eprintln!(
+        "reachable from the LAN {} ms after up0 came back ({attempts} attempts)",
+        back.elapsed().as_millis()
+    );
+    // The same guest, not rebooted, with the same address, which its own
+    // connections use again.
+    let console =
+        String::from_utf8_lossy(&std::fs::read(t.home.vm_dir("usb").join("console.log")).unwrap())
+            .into_owned();
+    assert_eq!(
+        console.matches("LUME-GUEST: booted").count(),
+        1,
+        "a second boot"
+    );
+    let seen = peer.sources().len();
+    wait_for(
+        "the guest's probes from its address",
+        Duration::from_secs(20),
+        || {
+            let now = peer.sources();
+            (now.len() > seen).then_some(())
+        },
+    );
+    assert!(
+        peer.sources().iter().all(|ip| ip.to_string() == leased),
+        "{:?}",
+        peer.sources()
+    );
+    assert_eq!(t.get("usb")["ipAddress"], leased.as_str());
+    assert_eq!(t.get("usb")["network"]["attachment"], "attached");
+    wait_for("a healthy doctor", Duration::from_secs(10), || {
         (doctor()["ok"] == true).then_some(())
     });
+    let log = std::fs::read_to_string(t.home.vm_dir("usb").join("lume.log")).unwrap();
+    assert!(
+        log.contains("up0 is gone") && log.contains("re-attached to up0"),
+        "{log}"
+    );
     t.lume_ok(&["stop", "usb"]);
+    let links = t.host.exec_ok("ip -br link");
+    assert!(!links.contains("lmv") && !links.contains(&tap), "{links}");
 }

@@ -7,6 +7,13 @@
 //! by running those tools. All three at once: every base chain must accept,
 //! so the guest's lease, its connections to the LAN and its published port
 //! prove that lume's accepts are in each of them from the first start.
+//! They sit below the admin's own rules: a deny of the admin's in
+//! `DOCKER-USER` or in ufw's user chain keeps blocking its destination (a
+//! second LAN address) while the guest's other traffic flows; an iptables
+//! kill switch appended to `FORWARD` after Docker's and ufw's jumps keeps
+//! lume's accepts out of those chains (they would bypass it); a Docker
+//! network with a custom bridge name stays Docker's to guard; and DNS or
+//! DHCP accepts open only lume's gateway address, not the host's others.
 //! Each tool then rewrites its rules (a Docker restart, `ufw reload`,
 //! `firewall-cmd --reload`) and lume's accepts are back within a second; a
 //! kill switch still blocks and the doctor says lume does not override it;
@@ -25,6 +32,17 @@ use common::{HOST_UPLINK_IP, LAN_PEER, Lan, Netns, Recorder, wait_console, wait_
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(180);
+
+/// The test's config.yaml: the host-only subnet leaves 192.0.2.128/25 to a
+/// Docker network's bridge.
+const SETTINGS: &str =
+    "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/25\nuserSubnet: 198.51.100.0/24\n";
+
+/// A second address of the LAN, the one the admin's denies name.
+const OTHER_PEER: &str = "198.51.100.3";
+
+/// A "container" behind Docker's network bridge custom0.
+const CONTAINER: &str = "192.0.2.130";
 
 /// The comment lume's rules in other tools' chains carry.
 const PREFIX: &str = "lume: ";
@@ -64,17 +82,49 @@ fn lume_rules(ns: &Netns) -> Vec<(String, usize, String)> {
     out
 }
 
-/// The chains holding lume's rules, each with whether they are its first rules.
+/// Whether a rule's expressions are a bare RETURN or reject (with a counter).
+fn final_verdict(expr: &Value) -> bool {
+    let e = expr.as_array().unwrap();
+    e.iter().all(|x| {
+        x.get("counter").is_some() || x.get("return").is_some() || x.get("reject").is_some()
+    }) && e
+        .iter()
+        .any(|x| x.get("return").is_some() || x.get("reject").is_some())
+}
+
+/// The chains holding lume's rules, each with whether they sit together
+/// below every other rule but a final RETURN (Docker's) or reject (firewalld's).
 fn placed(ns: &Netns) -> Vec<(String, bool)> {
-    let rules = lume_rules(ns);
-    let mut chains: Vec<String> = rules.iter().map(|r| r.0.clone()).collect();
-    chains.dedup();
+    let v: Value = serde_json::from_str(&ns.exec_ok("nft -j list ruleset")).unwrap();
+    let mut chains: std::collections::BTreeMap<String, Vec<(bool, Value)>> = Default::default();
+    for r in v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.get("rule"))
+    {
+        let chain = format!(
+            "{} {} {}",
+            r["family"].as_str().unwrap(),
+            r["table"].as_str().unwrap(),
+            r["chain"].as_str().unwrap()
+        );
+        let lume = r["comment"].as_str().is_some_and(|c| c.starts_with(PREFIX));
+        chains
+            .entry(chain)
+            .or_default()
+            .push((lume, r["expr"].clone()));
+    }
     chains
         .into_iter()
-        .map(|c| {
-            let ours: Vec<usize> = rules.iter().filter(|r| r.0 == c).map(|r| r.1).collect();
-            let first = ours.iter().enumerate().all(|(i, p)| i == *p);
-            (c, first)
+        .filter(|(_, rules)| rules.iter().any(|r| r.0))
+        .map(|(c, rules)| {
+            let first = rules.iter().position(|r| r.0).unwrap();
+            let n = rules.iter().filter(|r| r.0).count();
+            let together = rules[first..first + n].iter().all(|r| r.0);
+            let tail = &rules[first + n..];
+            let below = tail.is_empty() || (tail.len() == 1 && final_verdict(&tail[0].1));
+            (c, together && below)
         })
         .collect()
 }
@@ -93,14 +143,15 @@ fn assert_all_placed(ns: &Netns) {
     let p = placed(ns);
     for c in CHAINS {
         assert!(
-            p.iter().any(|(chain, first)| chain == c && *first),
-            "lume's accepts at the top of {c}: {p:?}"
+            p.iter().any(|(chain, below)| chain == c && *below),
+            "lume's accepts below the other rules of {c}: {p:?}"
         );
     }
     assert_eq!(p.len(), CHAINS.len(), "nowhere else: {p:?}");
 }
 
-/// Polls until lume's accepts are at the top of `chain` again; returns how long it took.
+/// Polls until lume's accepts are below the other rules of `chain` again;
+/// returns how long it took.
 fn back_in(ns: &Netns, chain: &str) -> Duration {
     let start = Instant::now();
     wait_for(
@@ -109,7 +160,7 @@ fn back_in(ns: &Netns, chain: &str) -> Duration {
         || {
             placed(ns)
                 .iter()
-                .any(|(c, first)| c == chain && *first)
+                .any(|(c, below)| c == chain && *below)
                 .then_some(())
         },
     );
@@ -120,11 +171,30 @@ fn count_from(peer: &Recorder, from: IpAddr) -> usize {
     peer.sources().iter().filter(|s| **s == from).count()
 }
 
+/// Asserts that the guest's probes of `blocked` stay blocked while its
+/// connections to the LAN peer flow (two more of them: a full probe round
+/// in between, each round tries every target).
+fn blocked_while_flowing(peer: &Recorder, blocked: &Recorder, what: &str) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = blocked.sources().len();
+    flows(peer, what);
+    flows(peer, what);
+    assert_eq!(blocked.sources().len(), n, "{what}: blocked");
+}
+
+/// Waits for a new connection at `rec`.
+fn reaches(rec: &Recorder, what: &str) {
+    let n = rec.sources().len();
+    wait_for(what, Duration::from_secs(10), || {
+        (rec.sources().len() > n).then_some(())
+    });
+}
+
 /// Waits for a new masqueraded connection from the guest at the LAN peer.
 fn flows(peer: &Recorder, what: &str) {
     let host: IpAddr = HOST_UPLINK_IP.parse().unwrap();
     let n = count_from(peer, host);
-    wait_for(what, Duration::from_secs(5), || {
+    wait_for(what, Duration::from_secs(10), || {
         (count_from(peer, host) > n).then_some(())
     });
 }
@@ -149,6 +219,20 @@ fn firewall_lines(checks: &[Value]) -> Vec<(bool, String)> {
 #[test]
 fn nat_works_through_docker_ufw_and_firewalld() {
     let t = Lan::new("hf");
+    t.home.write_settings(SETTINGS);
+    t.lan
+        .exec_ok(&format!("ip addr add {OTHER_PEER}/24 dev br0"));
+    // Docker's network custom0 with one "container".
+    let ct = Netns::new("hfc");
+    t.host.exec_ok(&format!(
+        "ip link add custom0 type bridge && ip addr add 192.0.2.129/25 dev custom0 && \
+         ip link set custom0 up && ip link add ctport type veth peer name eth0 netns {} && \
+         ip link set ctport master custom0 && ip link set ctport up",
+        ct.name
+    ));
+    ct.exec_ok(&format!(
+        "ip addr add {CONTAINER}/25 dev eth0 && ip link set eth0 up && ip route add default via 192.0.2.129"
+    ));
     // The host's other firewalls, as Docker, ufw and firewalld leave them.
     t.host.exec_ok(&format!(
         "iptables-nft-restore < {} && iptables-nft-restore -n < {} && \
@@ -160,14 +244,25 @@ fn nat_works_through_docker_ufw_and_firewalld() {
         fixture("firewalld.nft"),
     ));
     let peer = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
-    let probe = format!("lume.probe={LAN_PEER}:9000");
+    let other = Recorder::start(&t.lan, &format!("{OTHER_PEER}:9000"));
+    let container = Recorder::start(&ct, &format!("{CONTAINER}:9000"));
+    // A service of the host on another of its addresses, on DNS's port.
+    let host_dns = Recorder::start(&t.host, &format!("{HOST_UPLINK_IP}:53"));
+    let probe = format!(
+        "lume.probes={LAN_PEER}:9000,{OTHER_PEER}:9000,{CONTAINER}:9000,{HOST_UPLINK_IP}:53"
+    );
     t.create("web", "nat", &["--publish", "8080:80"], &probe);
     t.lume_ok(&["run", "web", "--detach"]);
     assert_all_placed(&t.host);
 
     // From the first start: a lease (DHCP through ufw's INPUT drop and
     // firewalld's reject), the LAN peer, the published port.
-    wait_console(&t.home, "web", "LUME-GUEST: probe ok", BOOT);
+    wait_console(
+        &t.home,
+        "web",
+        &format!("LUME-GUEST: probe ok {LAN_PEER}:9000"),
+        BOOT,
+    );
     let host_ip: IpAddr = HOST_UPLINK_IP.parse().unwrap();
     assert!(peer.sources().iter().all(|s| *s == host_ip));
     let mac = t.get("web")["macAddress"].as_str().unwrap().to_string();
@@ -202,6 +297,147 @@ fn nat_works_through_docker_ufw_and_firewalld() {
             "{place}: {fw:?}"
         );
     }
+
+    // Docker's network with a custom bridge name stays Docker's to guard
+    // (its DROP for traffic from outside the network applies), and lume's
+    // DNS accept opens the gateway, not the host's other addresses.
+    reaches(&other, "the second LAN address");
+    reaches(&other, "the second LAN address again");
+    assert!(container.sources().is_empty(), "custom0 is Docker's");
+    assert!(host_dns.sources().is_empty(), "only the gateway's port 53");
+    let docker = t.host.exec_ok("iptables-nft -S DOCKER-USER");
+    for bridge in ["docker0", "custom0", "docker_gwbridge"] {
+        assert!(
+            docker.contains(&format!("-A DOCKER-USER -i lume0 -o {bridge} -m comment")),
+            "{docker}"
+        );
+    }
+    assert!(!docker.contains("br+"), "{docker}");
+    // ufw's own drop for DHCP broadcasts, after lume's accepts, is named as
+    // ufw's policy; firewalld's final reject as firewalld's.
+    for owner in ["ufw's own rule", "firewalld's own rule"] {
+        assert!(
+            fw.iter().any(|(ok, d)| *ok
+                && d.contains(owner)
+                && d.contains("another tool's policy lume accommodated")),
+            "{owner}: {fw:?}"
+        );
+    }
+
+    // The admin's deny appended to DOCKER-USER (Docker 28 has no RETURN
+    // there): lume's accepts move below it within a second; the deny holds.
+    let deny = format!("DOCKER-USER -i lume0 -d {OTHER_PEER} -j DROP");
+    t.host.exec_ok(&format!("iptables-nft -A {deny}"));
+    let took = back_in(&t.host, "ip filter DOCKER-USER");
+    eprintln!("lume's accepts below the admin's new rule in DOCKER-USER after {took:?}");
+    assert!(
+        t.host
+            .exec_ok("iptables-nft -S DOCKER-USER")
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains(&format!("-d {OTHER_PEER}/32")) && l.ends_with("-j DROP")),
+        "the admin's rule first"
+    );
+    blocked_while_flowing(&peer, &other, "the admin's deny in DOCKER-USER");
+    let (healthy, checks) = doctor(&t);
+    let fw = firewall_lines(&checks);
+    assert!(healthy, "{checks:?}");
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains(
+                "chain ip filter DOCKER-USER, rule `iifname \"lume0\" ip daddr 198.51.100.3"
+            )
+            && d.contains("a rule of yours in Docker's chain ip filter DOCKER-USER")),
+        "{fw:?}"
+    );
+    t.host.exec_ok(&format!("iptables-nft -D {deny}"));
+    reaches(&other, "the second LAN address once the deny is gone");
+
+    // `ufw route deny` writes to ufw-user-forward, which comes after
+    // DOCKER-USER: lume keeps its accepts out of DOCKER-USER and puts the
+    // ones in ufw's chain below the deny; the deny holds.
+    let deny = format!("ufw-user-forward -i lume0 -d {OTHER_PEER} -j DROP");
+    t.host.exec_ok(&format!("iptables-nft -A {deny}"));
+    // The traffic first (blocked_while_flowing gives the watcher 1.5 s).
+    blocked_while_flowing(&peer, &other, "the admin's deny in ufw-user-forward");
+    wait_for(
+        "lume's accepts out of DOCKER-USER",
+        Duration::from_secs(2),
+        || {
+            (!placed(&t.host)
+                .iter()
+                .any(|(c, _)| c == "ip filter DOCKER-USER"))
+            .then_some(())
+        },
+    );
+    back_in(&t.host, "ip filter ufw-user-forward");
+    let (_, checks) = doctor(&t);
+    let fw = firewall_lines(&checks);
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains("table ip filter chain FORWARD")
+            && d.contains(
+                "chain ip filter ufw-user-forward, rule `iifname \"lume0\" ip daddr 198.51.100.3"
+            )
+            && d.contains(
+                "comes after the place of lume's accepts in Docker's chain ip filter DOCKER-USER"
+            )
+            && d.contains("a policy lume must not override")),
+        "{fw:?}"
+    );
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains("table ip filter chain FORWARD")
+            && d.contains("accommodated: lume accepts the traffic of lume0 in ufw's chain ip filter ufw-user-forward")),
+        "{fw:?}"
+    );
+    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+    assert!(
+        log.contains("repaired: removed lume's accepts from Docker's chain ip filter DOCKER-USER: rule `iifname \"lume0\" ip daddr 198.51.100.3"),
+        "{log}"
+    );
+    t.host.exec_ok(&format!("iptables-nft -D {deny}"));
+    back_in(&t.host, "ip filter DOCKER-USER");
+    reaches(&other, "the second LAN address once ufw's deny is gone");
+
+    // An iptables kill switch appended to FORWARD, after Docker's and ufw's
+    // jumps: lume's accepts in their chains would bypass it, so they go and
+    // the guest's traffic stops; the doctor names the rule.
+    t.host.exec_ok("iptables-nft -A FORWARD -o up0 -j DROP");
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = peer.sources().len();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(peer.sources().len(), n, "the iptables kill switch blocks");
+    wait_for(
+        "lume's accepts out of ip filter's forward chains",
+        Duration::from_secs(2),
+        || {
+            (!placed(&t.host)
+                .iter()
+                .any(|(c, _)| c == "ip filter DOCKER-USER" || c == "ip filter ufw-user-forward"))
+            .then_some(())
+        },
+    );
+    let (healthy, checks) = doctor(&t);
+    let fw = firewall_lines(&checks);
+    assert!(!healthy);
+    assert!(
+        fw.iter().any(|(ok, d)| !*ok
+            && d.contains("table ip filter chain FORWARD (forward hook): policy drop")
+            && d.contains("lume keeps its accepts out of Docker's chain ip filter DOCKER-USER")),
+        "{fw:?}"
+    );
+    assert!(
+        fw.iter().any(
+            |(_, d)| d.contains("chain ip filter FORWARD, rule `oifname \"up0\"")
+                && d.contains("a policy lume must not override")
+        ),
+        "{fw:?}"
+    );
+    t.host.exec_ok("iptables-nft -D FORWARD -o up0 -j DROP");
+    back_in(&t.host, "ip filter DOCKER-USER");
+    flows(&peer, "traffic once the iptables kill switch is gone");
+    assert_all_placed(&t.host);
 
     // A Docker restart flushes and recreates DOCKER-USER (one iptables
     // transaction here: as separate commands, lume's watcher may put its
@@ -245,7 +481,7 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     ] {
         assert!(
             log.contains(&format!(
-                "repaired: inserted lume's accepts at the top of {chain}"
+                "repaired: added lume's accepts to {chain}, below the rules there"
             )),
             "{chain}: {log}"
         );
@@ -272,7 +508,7 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     );
     std::thread::sleep(Duration::from_millis(1500));
     let n = count_from(&peer, host_ip);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(count_from(&peer, host_ip), n, "the kill switch blocks");
     assert!(t.host.exec_ok("nft list tables").contains("killswitch"));
     assert_all_placed(&t.host);
@@ -324,9 +560,8 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     assert!(!t.host.exec_ok("nft list tables").contains("inet lume"));
 
     // Turned off: lume leaves those chains alone and the doctor says why NAT fails.
-    t.home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
-    );
+    t.home
+        .write_settings(&format!("{SETTINGS}firewallAccommodation: false\n"));
     t.lume_ok(&["run", "web", "--detach"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
     assert!(
@@ -357,9 +592,10 @@ fn nat_works_through_docker_ufw_and_firewalld() {
          iptables-nft -I DOCKER-USER -i lume0 -j ACCEPT && \
          iptables-nft -A ufw-user-forward -i lume0 -j ACCEPT && \
          iptables-nft -A ufw-user-forward -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
-         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 67 -j ACCEPT && \
-         iptables-nft -A ufw-user-input -i lume0 -p udp --dport 53 -j ACCEPT && \
-         iptables-nft -A ufw-user-input -i lume0 -p tcp --dport 53 -j ACCEPT",
+         iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p udp --dport 67 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -d 255.255.255.255 -p udp --dport 67 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p udp --dport 53 -j ACCEPT && \
+         iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p tcp --dport 53 -j ACCEPT",
     );
     t.lume_ok(&["run", "web", "--detach"]);
     assert_eq!(lume_rules(&t.host), Vec::new());
@@ -371,12 +607,20 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     let (healthy, checks) = doctor(&t);
     let fw = firewall_lines(&checks);
     assert!(healthy, "{checks:?}");
+    // FORWARD's policy is not even reached by lume0's traffic: the
+    // user's accepts in DOCKER-USER, followed from FORWARD, take it first.
     assert!(
-        fw.iter().any(|(ok, d)| *ok
-            && d.contains("table ip filter chain FORWARD")
-            && d.contains("rules of your own in Docker's chain ip filter DOCKER-USER")),
+        fw.iter()
+            .all(|(ok, d)| *ok && !d.contains("table ip filter chain FORWARD")),
         "{fw:?}"
     );
+    assert!(
+        fw.iter().any(|(ok, d)| *ok
+            && d.contains("table ip filter chain INPUT")
+            && d.contains("rules of your own in ufw's chain ip filter ufw-user-input")),
+        "{fw:?}"
+    );
+    assert!(host_dns.sources().is_empty(), "only the gateway's port 53");
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     t.host
         .exec_ok(&format!("nft -f {}", fixture("firewalld.nft")));
@@ -384,9 +628,7 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     // On by default again, on a host without those tools: lume's table marks
     // nothing; Docker starting while the VM runs gets lume's accepts and the
     // marks within a second.
-    t.home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
-    );
+    t.home.write_settings(SETTINGS);
     t.host.exec_ok(
         "nft delete table ip filter && nft delete table ip nat && nft delete table ip6 filter && \
          nft delete table inet firewalld",
@@ -410,24 +652,26 @@ fn nat_works_through_docker_ufw_and_firewalld() {
     assert!(took < Duration::from_secs(1), "{took:?}");
 
     // The setting changed while the VM runs: the watcher applies it within a second.
-    t.home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
-    );
+    t.home
+        .write_settings(&format!("{SETTINGS}firewallAccommodation: false\n"));
     wait_for("lume's accepts removed", Duration::from_secs(2), || {
         lume_rules(&t.host).is_empty().then_some(())
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(lume_rules(&t.host), Vec::new(), "not put back");
-    t.home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
-    );
+    t.home.write_settings(SETTINGS);
     let took = back_in(&t.host, "ip filter DOCKER-USER");
     assert!(took < Duration::from_secs(2), "{took:?}");
-    let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
-    assert!(
-        log.contains("firewallAccommodation changed to false in ")
-            && log.contains("firewallAccommodation changed to true in "),
-        "{log}"
+    // The watcher logs a change right after applying it.
+    wait_for(
+        "the watcher's log of both changes",
+        Duration::from_secs(2),
+        || {
+            let log = std::fs::read_to_string(t.home.vm_dir("web").join("lume.log")).unwrap();
+            (log.contains("firewallAccommodation changed to false in ")
+                && log.contains("firewallAccommodation changed to true in "))
+            .then_some(())
+        },
     );
     t.lume_ok(&["stop", "web", "--timeout", "1"]);
     assert_eq!(lume_rules(&t.host), Vec::new());

@@ -45,9 +45,10 @@ fn bridged_vm_is_a_peer_on_the_lan() {
     assert_eq!(d["network"]["parent"], "up0");
     let dev = d["network"]["hostDevice"].as_str().unwrap().to_string();
     assert!(
-        dev.starts_with("lmv"),
-        "macvtap on a plain interface: {dev}"
+        dev.starts_with("lt"),
+        "a tap joined to a plain interface by a macvlan: {dev}"
     );
+    assert_eq!(d["network"]["attachment"], "attached");
     assert!(
         d["network"]["note"]
             .as_str()

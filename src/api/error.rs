@@ -7,8 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::hypervisor::img::ImageError;
 use crate::hypervisor::supervisor::RunError;
+use crate::image::import::ImportError;
 use crate::network::attach::AttachError;
 use crate::vm::VmError;
 use crate::vm::actions::Settable;
@@ -92,7 +92,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
     match e {
         VmError::Store(s) => match s {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
-            StoreError::Exists { .. } | StoreError::Busy(_) => CONFLICT,
+            StoreError::Exists { .. } | StoreError::Busy(_) | StoreError::Provisioning(_) => {
+                CONFLICT
+            }
             StoreError::Config(_) | StoreError::Io { .. } => FAILED,
         },
         VmError::Run(r) => match r {
@@ -103,13 +105,23 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             _ => FAILED,
         },
         VmError::Network(a) => attach_status(a),
-        // qemu-img cannot read the image the client named.
-        VmError::Image(ImageError::Inspect { .. } | ImageError::Format { .. }) => BAD,
+        // The image the client named is not one lume imports, or not the
+        // one its checksum names.
+        VmError::Import(
+            ImportError::Format { .. }
+            | ImportError::NotSectors { .. }
+            | ImportError::Empty { .. }
+            | ImportError::TooLarge { .. }
+            | ImportError::Checksum { .. }
+            | ImportError::Xz { .. },
+        ) => BAD,
+        VmError::Import(ImportError::Download(_)) => StatusCode::BAD_GATEWAY,
         VmError::Seed(
             crate::guest::cloudinit::SeedError::UnknownUserData { .. }
             | crate::guest::cloudinit::SeedError::UserDataTooLarge { .. },
         ) => BAD,
-        VmError::Image(_)
+        VmError::Import(ImportError::Read { .. } | ImportError::Disk(_))
+        | VmError::Image(_)
         | VmError::Config(_)
         | VmError::Settings(_)
         | VmError::Seed(_)
@@ -125,6 +137,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::MissingFile { .. }
         | VmError::InitrdWithoutKernel
         | VmError::TwoBootSources
+        | VmError::Sha256WithoutImage
         | VmError::NeedsForce(_)
         | VmError::NothingToSet
         | VmError::TimeoutTooLong(_) => BAD,
@@ -133,8 +146,13 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         VmError::Forbidden { .. } => StatusCode::FORBIDDEN,
         VmError::DiskWhileRunning(_)
         | VmError::RunningNeedsForce(_)
-        | VmError::CloneWhileRunning(_) => CONFLICT,
-        VmError::StopTimeout { .. } => FAILED,
+        | VmError::CloneWhileRunning(_)
+        | VmError::NotRunning(_) => CONFLICT,
+        // The guest ignored or could not be sent the request.
+        VmError::StopTimeout { .. }
+        | VmError::ShutdownTimeout { .. }
+        | VmError::NoGracefulShutdown(_)
+        | VmError::NoGracefulReboot(_) => FAILED,
     }
 }
 

@@ -129,6 +129,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::get_vm, routes::set_vm, routes::delete_vm))
         .routes(routes!(routes::run_vm))
         .routes(routes!(routes::stop_vm))
+        .routes(routes!(routes::shutdown_vm))
+        .routes(routes!(routes::restart_vm))
         .routes(routes!(routes::clone_vm))
         .routes(routes!(routes::get_config))
         .routes(routes!(routes::host_status))
@@ -551,6 +553,8 @@ mod tests {
             "/lume/vms/{name}",
             "/lume/vms/{name}/run",
             "/lume/vms/{name}/stop",
+            "/lume/vms/{name}/shutdown",
+            "/lume/vms/{name}/restart",
             "/lume/vms/clone",
             "/lume/config",
             "/lume/host/status",

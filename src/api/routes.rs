@@ -16,10 +16,12 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath, Who};
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
+use crate::vm::actions::begin_create;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::details::VmDetails;
 use crate::vm::size::parse_size;
@@ -71,8 +73,13 @@ pub struct CreateVmRequest {
     pub initrd: Option<String>,
     /// Kernel command line (needs `kernel`).
     pub cmdline: Option<String>,
-    /// Absolute path of a qcow2 or raw image to import as the disk.
+    /// The disk to import: the absolute path of a qcow2, raw or xz-compressed
+    /// raw image (opened with the caller's rights), or an http:// or
+    /// https:// URL that the server downloads. With a URL the answer is 202
+    /// and the VM is listed as `provisioning` until the import ends.
     pub image: Option<String>,
+    /// Expected SHA-256 of the image file (64 hex digits).
+    pub image_sha256: Option<String>,
     /// Default: a random locally administered address.
     #[schema(example = "52:54:00:12:34:56")]
     pub mac_address: Option<String>,
@@ -157,6 +164,60 @@ pub struct StopVmRequest {
     pub timeout: Option<u64>,
     pub storage: Option<String>,
 }
+
+/// `POST /lume/vms/{name}/shutdown` and `/restart` (the body may be left
+/// out): lume's options of `lume shutdown` and `lume restart`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestPowerRequest {
+    /// SSH user for the SSH way (default `lume`).
+    pub user: Option<String>,
+    /// SSH and sudo password for the SSH way (default `lume`).
+    pub password: Option<String>,
+    /// Seconds for the SSH command and, for shutdown, for the guest to power
+    /// off (default 30, at most 3600).
+    #[schema(example = 30)]
+    pub timeout: Option<u64>,
+    /// Restart only: reset the VM when no graceful way works (not graceful).
+    pub force: Option<bool>,
+    pub storage: Option<String>,
+}
+
+impl GuestPowerRequest {
+    fn login(&self) -> ApiResult<crate::guest::power::SshLogin> {
+        Ok(crate::guest::power::SshLogin {
+            user: self.user.clone().unwrap_or_else(|| "lume".into()),
+            password: Some(self.password.clone().unwrap_or_else(|| "lume".into())),
+            timeout: crate::vm::actions::stop_timeout(self.timeout.unwrap_or(30))?,
+        })
+    }
+}
+
+/// The response header that says which way a stop, shutdown or restart took:
+/// `agent`, `ssh`, `acpi`, `reset` or `forced`.
+pub const POWER_METHOD_HEADER: &str = "lume-power-method";
+
+fn with_method(
+    method: Option<crate::guest::power::PowerMethod>,
+    d: VmDetails,
+) -> (
+    [(axum::http::HeaderName, axum::http::HeaderValue); 1],
+    Json<VmDetails>,
+) {
+    let value = method.map_or("none", |m| m.as_str());
+    (
+        [(
+            axum::http::HeaderName::from_static(POWER_METHOD_HEADER),
+            axum::http::HeaderValue::from_static(value),
+        )],
+        Json(d),
+    )
+}
+
+type PowerResponse = (
+    [(axum::http::HeaderName, axum::http::HeaderValue); 1],
+    Json<VmDetails>,
+);
 
 /// `POST /lume/vms/clone`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -410,13 +471,16 @@ pub async fn list_vms(
     }
 }
 
-/// Create a VM.
+/// Create a VM. With an image URL the server answers 202 as soon as the
+/// import starts: the VM is listed with status `provisioning` until it is
+/// `stopped` (done) or gone (failed; the error is in the server's log).
 #[utoipa::path(post, path = "/lume/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
         (status = 201, description = "Created", body = VmDetails),
-        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port or path, a missing kernel or image", body = ErrorBody),
+        (status = 202, description = "Image URL: the import started; the VM is `provisioning`", body = VmDetails),
+        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port, path, URL or checksum, a missing kernel or image, an image lume does not import or whose checksum differs", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
-        (status = 409, description = "A VM of that name exists", body = ErrorBody),
+        (status = 409, description = "A VM of that name exists or is being provisioned", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
         (status = 500, description = "The VM could not be built", body = ErrorBody),
     ))]
@@ -427,6 +491,10 @@ pub async fn create_vm(
     JsonBody(r): JsonBody<CreateVmRequest>,
 ) -> ApiResult<(StatusCode, Json<VmDetails>)> {
     let vm = name(&r.name)?;
+    let image = match r.image.as_deref() {
+        Some(s) if s.contains("://") => Some(field("image", ImageSource::from_str(s))?),
+        other => opt_path("image", other)?.map(ImageSource::Path),
+    };
     let spec = CreateSpec {
         name: vm.clone(),
         os: r.os.unwrap_or_else(|| "linux".into()),
@@ -443,13 +511,40 @@ pub async fn create_vm(
         kernel: opt_path("kernel", r.kernel.as_deref())?,
         initrd: opt_path("initrd", r.initrd.as_deref())?,
         cmdline: r.cmdline,
-        image: opt_path("image", r.image.as_deref())?,
+        image_sha256: r
+            .image_sha256
+            .as_deref()
+            .map(|h| field("imageSha256", Sha256Digest::from_str(h)))
+            .transpose()?,
+        progress: false,
+        image,
         publish: ports(&r.publish)?,
         cloud_init: opt_path("cloudInit", r.cloud_init.as_deref())?,
         no_cloud_init: r.no_cloud_init,
         no_password: r.no_password,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
+    if spec.image.as_ref().is_some_and(ImageSource::is_url) {
+        // Checked and visible as `provisioning` before the answer; the
+        // download runs on a thread of its own.
+        let details = on_vm(&st, &caller, storage, &vm, move |ctx| {
+            let pending = begin_create(ctx, spec).map_err(ApiError::from)?;
+            let details = pending.details();
+            std::thread::spawn(move || {
+                let name = pending.name().clone();
+                match pending.finish(&mut |line: &str| super::log(line)) {
+                    Ok(_) => super::log(&format!("VM '{name}' created from its image")),
+                    Err(e) => super::log(&format!(
+                        "Creating VM '{name}' failed: {}",
+                        crate::error_chain(&e)
+                    )),
+                }
+            });
+            Ok(details)
+        })
+        .await?;
+        return Ok((StatusCode::ACCEPTED, Json(details)));
+    }
     let action = Action::Create(Box::new(spec));
     match on_vm(&st, &caller, storage, &vm, |ctx| run(ctx, action)).await? {
         Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
@@ -637,12 +732,16 @@ pub async fn run_vm(
     }
 }
 
-/// Stop a VM: ACPI power-off, then force after `timeout`. Answers once it is stopped.
+/// Stop a VM: ask the guest to power off (guest agent, SSH, ACPI power
+/// button, in that order), then force QEMU off after `timeout`. Answers once
+/// it is stopped; the header `Lume-Power-Method` says which way it took
+/// (`agent`, `ssh`, `acpi`, `forced`, or `none` when it was not running).
 #[utoipa::path(post, path = "/lume/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<StopVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stopped (or was not running)", body = VmDetails),
+        (status = 200, description = "Stopped (or was not running)", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh, acpi, forced or none"))),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
@@ -654,7 +753,7 @@ pub async fn stop_vm(
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<StopVmRequest>,
-) -> ApiResult<Json<VmDetails>> {
+) -> ApiResult<PowerResponse> {
     // The same check, and the same message, as `lume stop --timeout`.
     let timeout = crate::vm::actions::stop_timeout(r.timeout.unwrap_or(15))?;
     let storage = r.storage.as_deref().or(q.storage.as_deref());
@@ -665,12 +764,87 @@ pub async fn stop_vm(
     let name = vm.clone();
     on_vm(&st, &caller, storage, &vm, move |ctx| {
         match run(ctx, action)? {
-            Outcome::Stopped { .. } => details(ctx, name),
+            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
             o => Err(unexpected(&o)),
         }
     })
     .await
-    .map(Json)
+}
+
+/// Gracefully shut down a VM (`lume shutdown`): guest agent, SSH, ACPI power
+/// button, in that order; never forced. Answers once it is stopped, with
+/// the header `Lume-Power-Method`.
+#[utoipa::path(post, path = "/lume/vms/{name}/shutdown", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Stopped", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh or acpi"))),
+        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 500, description = "No way was accepted, or the guest did not power off in time", body = ErrorBody),
+    ))]
+pub async fn shutdown_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<GuestPowerRequest>,
+) -> ApiResult<PowerResponse> {
+    let login = r.login()?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let action = Action::Shutdown {
+        name: vm.clone(),
+        timeout: login.timeout,
+        login,
+    };
+    let name = vm.clone();
+    on_vm(&st, &caller, storage, &vm, move |ctx| {
+        match run(ctx, action)? {
+            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
+}
+
+/// Gracefully restart a VM (`lume restart`): guest agent, then SSH; with
+/// `force`, a reset when neither works. Answers once the reboot was
+/// requested, with the header `Lume-Power-Method` (`agent`, `ssh`, `reset`).
+#[utoipa::path(post, path = "/lume/vms/{name}/restart", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Reboot requested", body = VmDetails,
+            headers(("lume-power-method" = String, description = "agent, ssh or reset"))),
+        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is not running", body = ErrorBody),
+        (status = 500, description = "No graceful way worked and force was not given", body = ErrorBody),
+    ))]
+pub async fn restart_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    OptionalJsonBody(r): OptionalJsonBody<GuestPowerRequest>,
+) -> ApiResult<PowerResponse> {
+    let login = r.login()?;
+    let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let action = Action::Restart {
+        name: vm.clone(),
+        force: r.force.unwrap_or(false),
+        login,
+    };
+    let name = vm.clone();
+    on_vm(&st, &caller, storage, &vm, move |ctx| {
+        match run(ctx, action)? {
+            Outcome::Restarted { method, .. } => Ok(with_method(Some(method), details(ctx, name)?)),
+            o => Err(unexpected(&o)),
+        }
+    })
+    .await
 }
 
 /// Copy a stopped VM under a new name, with a new MAC address.

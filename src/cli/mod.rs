@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
@@ -49,8 +50,12 @@ pub enum Command {
     Create(CreateArgs),
     /// Start a VM (in the foreground unless --detach)
     Run(RunArgs),
-    /// Stop a VM: ACPI power-off, then force after --timeout
+    /// Stop a VM: ask the guest to power off (guest agent, SSH, ACPI), force after --timeout
     Stop(StopArgs),
+    /// Gracefully shut down a VM (guest agent, SSH, ACPI); never forces
+    Shutdown(GuestPowerArgs),
+    /// Gracefully restart a VM (guest agent, SSH); --force resets it when neither works
+    Restart(RestartArgs),
     /// List VMs
     #[command(alias = "list")]
     Ls(LsArgs),
@@ -106,9 +111,13 @@ pub struct CreateArgs {
     /// Kernel command line for direct kernel boot
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
-    /// Existing qcow2 or raw disk image to import as the VM's disk
-    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
-    pub image: Option<PathBuf>,
+    /// Disk image to import as the VM's disk: a file or an http(s) URL;
+    /// qcow2, raw or xz-compressed raw (see docs/images.md)
+    #[arg(long, value_name = "PATH|URL", conflicts_with = "kernel")]
+    pub image: Option<ImageSource>,
+    /// Expected SHA-256 of the image file (64 hex digits, as sha256sum prints)
+    #[arg(long, value_name = "HEX", requires = "image")]
+    pub image_sha256: Option<Sha256Digest>,
     /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
@@ -178,6 +187,42 @@ pub struct StopArgs {
     pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+/// lume's options of `shutdown` and `restart`.
+#[derive(Debug, Args)]
+pub struct GuestPowerArgs {
+    pub name: VmName,
+    /// SSH username, for the SSH way
+    #[arg(long, short = 'u', default_value = "lume")]
+    pub user: String,
+    /// SSH and sudo password, for the SSH way
+    #[arg(long, short = 'p', default_value = "lume")]
+    pub password: String,
+    /// Seconds for the SSH command, and for the guest to power off (shutdown)
+    #[arg(long, short = 't', default_value_t = 30)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+impl GuestPowerArgs {
+    fn login(&self) -> Result<crate::guest::power::SshLogin> {
+        Ok(crate::guest::power::SshLogin {
+            user: self.user.clone(),
+            password: Some(self.password.clone()),
+            timeout: crate::vm::actions::stop_timeout(self.timeout)?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    pub power: GuestPowerArgs,
+    /// When no graceful way works, reset the VM like its reset button (not graceful)
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -381,6 +426,8 @@ pub fn run(cli: Cli) -> Result<i32> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 image: a.image,
+                image_sha256: a.image_sha256,
+                progress: true,
                 publish: a.publish,
                 cloud_init: a.cloud_init,
                 no_cloud_init: a.no_cloud_init,
@@ -408,6 +455,30 @@ pub fn run(cli: Cli) -> Result<i32> {
             },
             Format::Text,
         ),
+        Command::Shutdown(a) => {
+            let login = a.login()?;
+            (
+                a.storage,
+                Action::Shutdown {
+                    name: a.name,
+                    timeout: login.timeout,
+                    login,
+                },
+                Format::Text,
+            )
+        }
+        Command::Restart(a) => {
+            let login = a.power.login()?;
+            (
+                a.power.storage,
+                Action::Restart {
+                    name: a.power.name,
+                    force: a.force,
+                    login,
+                },
+                Format::Text,
+            )
+        }
         Command::Ls(a) => (a.storage, Action::List, a.format),
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {
@@ -507,9 +578,44 @@ fn ssh(a: SshArgs) -> Result<i32> {
     Ok(gssh::run(cmd, std::time::Duration::from_secs(a.timeout))?)
 }
 
+/// Ctrl-C, SIGTERM or SIGHUP while `create --image` imports: the half-made
+/// VM's hidden work directory is removed at once and lume exits (without
+/// this, the next create would collect it). A VM already published keeps
+/// its name: only this process's `.creating-NAME-PID-…` directory goes.
+fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    // Blocked here, so every thread started from now on has them blocked
+    // and only the waiting thread takes them (children get a clean mask).
+    if set.thread_block().is_err() {
+        return;
+    }
+    let prefix = format!(".creating-{name}-{}-", std::process::id());
+    std::thread::spawn(move || {
+        let sig = set.wait().unwrap_or(Signal::SIGINT);
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        eprintln!("Interrupted: the VM was not created and nothing of it is left");
+        std::process::exit(128 + sig as i32);
+    });
+}
+
 /// Executes `action` and prints its outcome; returns the exit code.
 fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     let ctx = context(storage)?;
+    if let Action::Create(spec) = &action
+        && spec.image.is_some()
+    {
+        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+    }
     let outcome = match execute(&ctx, action, &mut note) {
         Ok(o) => o,
         Err(crate::vm::VmError::Run(e))

@@ -16,11 +16,25 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The network mode, and while a bridged VM's parent interface is missing,
+/// that it waits for it.
+fn network_column(d: &VmDetails) -> String {
+    let mode = opt(&d.network_mode);
+    let Some(n) = &d.network else { return mode };
+    let parent = n.parent.as_deref().unwrap_or("its interface");
+    match n.attachment.as_deref() {
+        Some("waiting-for-parent") => format!("{mode} (waiting for {parent})"),
+        Some("reattaching") => format!("{mode} (re-attaching to {parent})"),
+        _ => mode,
+    }
+}
+
 fn table(vms: &[VmDetails]) -> String {
     let mut t = Table::new();
     t.load_style(NOTHING);
     t.set_header([
-        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "network", "storage",
+        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "ssh", "network",
+        "storage",
     ]);
     for d in vms {
         t.add_row([
@@ -38,7 +52,13 @@ fn table(vms: &[VmDetails]) -> String {
                 None => d.status.clone(),
             },
             opt(&d.ip_address),
-            opt(&d.network_mode),
+            match d.ssh_available {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            }
+            .into(),
+            network_column(d),
             d.location_name.clone(),
         ]);
     }
@@ -137,12 +157,23 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (Outcome::Stopped { name, was_running }, _) => {
-            if *was_running {
-                println!("VM '{name}' stopped")
-            } else {
-                println!("VM '{name}' is not running")
-            }
+        (
+            Outcome::Stopped {
+                name,
+                was_running,
+                method,
+            },
+            _,
+        ) => match (was_running, method) {
+            (true, Some(m)) => println!("VM '{name}' stopped {} ({m})", m.describe()),
+            (true, None) => println!("VM '{name}' stopped"),
+            (false, _) => println!("VM '{name}' is not running"),
+        },
+        (Outcome::Restarted { name, method }, _) => {
+            println!(
+                "VM '{name}' is restarting: reboot requested {} ({method})",
+                method.describe()
+            )
         }
         (Outcome::Updated(d), _) => {
             println!("VM '{}' updated; changes apply from its next start", d.name)

@@ -95,10 +95,11 @@ pub trait FirewallDriver {
     /// Base chains of other tables that may drop traffic lume forwards or
     /// serves (a VPN kill switch, Docker's FORWARD DROP).
     fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError>;
-    /// Puts lume's accepts for `openings` at the top of the chains other
-    /// tools keep for them (Docker, ufw, firewalld) and removes every other
-    /// rule of lume's outside its table (all of them with no openings), in
-    /// one transaction. Says what it changed (nothing when all was in
+    /// Puts lume's accepts for `openings` below the rules already in the
+    /// chains other tools keep for them (Docker, ufw, firewalld; none where
+    /// a drop that is no tool's own would be bypassed) and removes every
+    /// other rule of lume's outside its table (all of them with no
+    /// openings), in one transaction. Says what it changed (nothing when all was in
     /// place) and whether any such chain exists.
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError>;
     /// Whether any chain lume accommodates exists (Docker, ufw or firewalld).

@@ -265,13 +265,21 @@ impl FirewallDriver for Nft {
     }
 
     fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError> {
-        Ok(foreign::foreign_drops(&ruleset()?))
+        // The listing only names rules for the doctor: one taken a moment
+        // later may miss a rule (then named by its handle alone).
+        let text = nft(&["-a", "-s", "list", "ruleset"], None)?;
+        Ok(foreign::foreign_drops(&ruleset()?.with_text(&text)))
     }
 
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
         let rs = ruleset()?;
-        let plan = foreign::plan(&rs, openings);
+        let mut plan = foreign::plan(&rs, openings);
         if !plan.commands.is_empty() {
+            // Something changes (rarely): the log names the rules that
+            // keep lume's accepts out of a chain as nft shows them.
+            if let Ok(text) = nft(&["-a", "-s", "list", "ruleset"], None) {
+                plan = foreign::plan(&rs.clone().with_text(&text), openings);
+            }
             nft(&["-f", "-"], Some(&foreign::script(&plan))).map_err(|e| match e {
                 FirewallError::Rejected(msg) => FirewallError::Accommodation(msg),
                 e => e,

@@ -247,6 +247,8 @@ mod tests {
             note: None,
             lease_file: None,
             mac_address: None,
+            guest_agent: None,
+            uplink: None,
         }
     }
 

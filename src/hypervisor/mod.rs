@@ -2,7 +2,6 @@
 //! disk images, and the per-VM supervisor.
 
 pub mod accel;
-pub mod format;
 pub mod img;
 pub mod logcap;
 pub mod qemu;

@@ -13,7 +13,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::accel::Accel;
-use super::qmp::QMP_SOCKET;
+use super::qmp::{EVENTS_SOCKET, QMP_SOCKET};
+use crate::guest::agent::{QGA_PORT_ID, QGA_PORT_NAME, QGA_SOCKET};
 use crate::vm::config::VmConfig;
 
 /// The QEMU binary lume drives.
@@ -100,8 +101,21 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         "chardev:serial0".into(),
         "-qmp".into(),
         format!("unix:{QMP_SOCKET},server=on,wait=off"),
+        "-qmp".into(),
+        format!("unix:{EVENTS_SOCKET},server=on,wait=off"),
         "-device".into(),
         "virtio-rng-pci".into(),
+        // The QEMU guest agent's channel: lume asks an agent in the guest
+        // (qemu-guest-agent) to power off or reboot before anything else.
+        "-chardev".into(),
+        format!("socket,id=qga0,path={QGA_SOCKET},server=on,wait=off"),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-device".into(),
+        format!("virtserialport,bus=vser0.0,chardev=qga0,id={QGA_PORT_ID},name={QGA_PORT_NAME}"),
+        // Memory the guest frees goes back to the host (free page reporting).
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
         "-drive".into(),
         format!(
             "file={},format=raw,if=virtio,discard=unmap",
@@ -231,6 +245,10 @@ mod tests {
         assert!(joined.contains("file=/proc/1/fd/7,format=raw,if=virtio"));
         assert!(joined.contains("file=/proc/1/fd/8,format=raw,media=cdrom,readonly=on"));
         assert!(joined.contains("file,id=serial0,path=/proc/self/fd/3"));
+        assert!(joined.contains("socket,id=qga0,path=qga.sock,server=on,wait=off"));
+        assert!(joined.contains("id=qga-port,name=org.qemu.guest_agent.0"));
+        assert!(joined.contains("-qmp unix:events.sock,server=on,wait=off"));
+        assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
     }
 
     #[test]

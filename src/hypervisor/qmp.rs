@@ -16,6 +16,11 @@ use serde_json::{Value, json};
 /// File name of the QMP socket inside the VM directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
 
+/// A second QMP monitor that only the supervisor uses, to follow QEMU's
+/// events (a QMP socket serves one client at a time: `qmp.sock` stays free
+/// for commands).
+pub const EVENTS_SOCKET: &str = "events.sock";
+
 /// Why a QMP exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -44,7 +49,12 @@ pub struct Qmp {
 impl Qmp {
     /// Connects to `<vm_dir>/qmp.sock` and leaves capabilities negotiation done.
     pub fn connect(vm_dir: &Path) -> Result<Self, QmpError> {
-        let display = vm_dir.join(QMP_SOCKET).display().to_string();
+        Self::connect_to(vm_dir, QMP_SOCKET)
+    }
+
+    /// Connects to the monitor `<vm_dir>/<socket>`.
+    pub fn connect_to(vm_dir: &Path, socket: &str) -> Result<Self, QmpError> {
+        let display = vm_dir.join(socket).display().to_string();
         let connect_err = |source| QmpError::Connect {
             path: display.clone(),
             source,
@@ -54,7 +64,7 @@ impl Qmp {
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
             .open(vm_dir)
             .map_err(connect_err)?;
-        let short = format!("/proc/self/fd/{}/{QMP_SOCKET}", dir.as_raw_fd());
+        let short = format!("/proc/self/fd/{}/{socket}", dir.as_raw_fd());
         let stream = UnixStream::connect(&short).map_err(connect_err)?;
         drop(dir);
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -67,6 +77,18 @@ impl Qmp {
         qmp.read_message()?;
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
+    }
+
+    /// Waits for the next asynchronous event (no timeout): `Closed` once
+    /// QEMU has gone.
+    pub fn next_event(&mut self) -> Result<Value, QmpError> {
+        self.reader.get_ref().set_read_timeout(None)?;
+        loop {
+            let msg = self.read_message()?;
+            if msg.get("event").is_some() {
+                return Ok(msg);
+            }
+        }
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {

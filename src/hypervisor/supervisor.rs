@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
@@ -20,7 +20,9 @@ use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction
 use super::accel::{self, AccelChoice, AccelError};
 use super::logcap;
 use super::qemu::{self, LaunchSpec, QemuError};
-use super::qmp::{QMP_SOCKET, Qmp};
+use super::qmp::{EVENTS_SOCKET, QMP_SOCKET, Qmp};
+use crate::guest::agent::QGA_SOCKET;
+use crate::guest::power::{self, PowerRequest, SshLogin};
 use crate::network::NetworkMode;
 use crate::network::attach::{self, AttachError, AttachOptions};
 use crate::util::time::{timestamp, unix_now};
@@ -84,6 +86,10 @@ pub enum RunError {
     },
     #[error("Cannot follow lume's VM supervisor while it starts")]
     SupervisorWait(#[source] io::Error),
+    #[error("Cannot control the running VM through QMP; see its lume.log and qemu.log")]
+    Control(#[source] super::qmp::QmpError),
+    #[error("Cannot ask the guest to power off or reboot")]
+    Power(#[source] crate::guest::power::PowerError),
 }
 
 /// A host file named by the caller, opened once with the caller's rights;
@@ -227,6 +233,8 @@ pub fn supervise(
     );
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
 
     install_signal_handlers();
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
@@ -352,6 +360,8 @@ pub fn supervise(
         note: net.note.clone(),
         lease_file: net.lease_file.clone(),
         mac_address: Some(mac.to_string()),
+        guest_agent: None,
+        uplink: net.uplink.clone(),
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {
@@ -371,7 +381,29 @@ pub fn supervise(
     drop(net);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
     result
+}
+
+const AGENT_UNKNOWN: u8 = 0;
+const AGENT_CLOSED: u8 = 1;
+const AGENT_OPEN: u8 = 2;
+
+/// Follows QEMU's VSERPORT_CHANGE events for the agent's port until QEMU
+/// closes the monitor.
+fn follow_agent_channel(mut events: Qmp, flag: &AtomicU8) {
+    use crate::guest::agent::QGA_PORT_ID;
+    while let Ok(ev) = events.next_event() {
+        if ev["event"] == "VSERPORT_CHANGE" && ev["data"]["id"] == QGA_PORT_ID {
+            let open = ev["data"]["open"].as_bool() == Some(true);
+            flag.store(
+                if open { AGENT_OPEN } else { AGENT_CLOSED },
+                Ordering::SeqCst,
+            );
+        }
+    }
+    flag.store(AGENT_UNKNOWN, Ordering::SeqCst);
 }
 
 /// Waits up to 2 s for the log pumps to reach the end of QEMU's output.
@@ -421,6 +453,20 @@ fn run_until_exit(
         std::thread::sleep(Duration::from_millis(20));
     }
 
+    // Whether the guest holds the agent's channel open, from QEMU's events.
+    let agent_open = Arc::new(AtomicU8::new(AGENT_UNKNOWN));
+    match Qmp::connect_to(&vm.dir, EVENTS_SOCKET) {
+        Ok(events) => {
+            agent_open.store(AGENT_CLOSED, Ordering::SeqCst);
+            state.guest_agent = Some(false);
+            let flag = agent_open.clone();
+            std::thread::spawn(move || follow_agent_channel(events, &flag));
+        }
+        Err(e) => log(&format!(
+            "Cannot follow QEMU's events ({}); whether a guest agent runs will not be known",
+            crate::error_chain(&e)
+        )),
+    }
     state
         .save(&vm.state_path())
         .map_err(|source| RunError::Io {
@@ -435,6 +481,7 @@ fn run_until_exit(
 
     let mut force_at: Option<Instant> = None;
     let mut trimmed = Instant::now();
+    let mut agent_saved = Instant::now() - Duration::from_secs(1);
     loop {
         // A detached supervisor's own log (lume.log) stays within its cap
         // however long the VM runs and whatever it records.
@@ -450,6 +497,26 @@ fn run_until_exit(
                 vm.name
             ));
             return Ok(status);
+        }
+        // Publish whether the guest opened the agent's channel, at most once
+        // a second (the guest decides how often it changes).
+        let open = match agent_open.load(Ordering::SeqCst) {
+            AGENT_OPEN => Some(true),
+            AGENT_CLOSED => Some(false),
+            _ => None,
+        };
+        if open != state.guest_agent && agent_saved.elapsed() >= Duration::from_secs(1) {
+            agent_saved = Instant::now();
+            log(&format!(
+                "Guest agent channel {}",
+                if open == Some(true) {
+                    "opened by the guest"
+                } else {
+                    "closed"
+                }
+            ));
+            state.guest_agent = open;
+            let _ = state.save(&vm.state_path());
         }
         // Publish an address learned by DHCP snooping (bridged mode).
         if let Some(learned) = &net.learned {
@@ -467,13 +534,22 @@ fn run_until_exit(
             }
         }
         if STOP_REQUESTED.load(Ordering::SeqCst) && force_at.is_none() {
-            log("Stop requested: sending ACPI power-off to the guest");
+            log("Stop requested: asking the guest to power off");
+            // The same ways as `lume stop`: agent, SSH, ACPI.
+            let method = power::request(
+                &vm.dir,
+                &state,
+                PowerRequest::PowerOff,
+                &SshLogin::default(),
+                &mut |line| log(line),
+            );
             force_at = Some(Instant::now() + req.stop_timeout);
-            if let Err(e) =
-                Qmp::connect(&vm.dir).and_then(|mut q| q.execute("system_powerdown", None))
-            {
-                log(&format!("ACPI power-off failed ({e}); forcing QEMU off"));
-                force_at = Some(Instant::now());
+            match method {
+                Some(m) => log(&format!("Power-off requested {}", m.describe())),
+                None => {
+                    log("No way to ask the guest to power off worked; forcing QEMU off");
+                    force_at = Some(Instant::now());
+                }
             }
         }
         if force_at.is_some_and(|t| Instant::now() >= t) {

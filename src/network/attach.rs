@@ -59,6 +59,8 @@ pub enum AttachError {
     #[error(transparent)]
     Tap(#[from] TapError),
     #[error(transparent)]
+    Uplink(#[from] super::uplink::UplinkError),
+    #[error(transparent)]
     Passt(#[from] super::passt::PasstError),
 }
 
@@ -84,8 +86,9 @@ enum Teardown {
         /// The membership key ([`super::shared::member_id`]).
         id: String,
     },
-    /// Delete a macvtap link and the record of its name.
-    Macvtap(String, PathBuf),
+    /// Delete a link lume created on the parent (the macvlan of bridged mode)
+    /// and the record of its name.
+    Link(String, PathBuf),
 }
 
 /// A network attached for one run. Dropping it tears the host side down.
@@ -101,6 +104,9 @@ pub struct Attachment {
     pub host_device: Option<String>,
     /// The bridge or parent interface.
     pub parent: Option<String>,
+    /// Bridged on a plain interface: the macvlan on the parent that joins
+    /// the tap to it (see [`super::uplink`]).
+    pub uplink: Option<String>,
     /// A limit of this attachment worth telling the user.
     pub note: Option<String>,
     /// dnsmasq's lease file (NAT and host-only).
@@ -121,6 +127,8 @@ struct HostSide {
     healer: Option<super::heal::Healer>,
     /// User mode's passt and its relay.
     passt: Option<super::passt::Passt>,
+    /// Bridged on a plain interface: re-attaches when the parent returns.
+    reattacher: Option<super::uplink::Reattacher>,
     teardown: Teardown,
 }
 
@@ -133,13 +141,14 @@ impl Drop for HostSide {
         // Stop watching before leaving, so the watcher never "repairs" a
         // network that is being taken down on purpose.
         drop(self.healer.take());
+        drop(self.reattacher.take());
         drop(self.passt.take());
         match std::mem::take(&mut self.teardown) {
             Teardown::Nothing => {}
             Teardown::Shared { networks, kind, id } => {
                 let _ = networks.leave(kind, &id);
             }
-            Teardown::Macvtap(name, record) => {
+            Teardown::Link(name, record) => {
                 if let Ok(mut nl) = Netlink::open() {
                     let _ = nl.delete_link(&name);
                 }
@@ -297,6 +306,7 @@ pub fn attach(
                     snooper: None,
                     healer: None,
                     passt: Some(passt),
+                    reattacher: None,
                     teardown: Teardown::Nothing,
                 },
                 ..Default::default()
@@ -326,6 +336,7 @@ pub fn attach(
                     snooper: None,
                     healer: Some(super::heal::Healer::start(networks.clone())),
                     passt: None,
+                    reattacher: None,
                     teardown: Teardown::Shared {
                         networks,
                         kind,
@@ -351,22 +362,36 @@ pub fn attach(
                 a.fds.push(tap.fd);
                 (tap.name, Watched::Tap)
             } else {
+                // A tap QEMU keeps for the whole run, joined to the parent by
+                // a macvlan that lume re-creates whenever the parent returns.
+                let tap = Tap::create(&device_name("lt"))?;
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
                 // after this leaves a name the next command can collect.
                 let record = vm_dir.join(NETDEV_RECORD);
                 let _ = crate::util::atomic::write_atomic(&record, name.as_bytes());
-                a.guard.teardown = Teardown::Macvtap(name.clone(), record);
-                let index = nl.create_macvtap(&name, &iface.name, mac.0)?;
-                a.host_device = Some(name.clone());
-                nl.set_up(&name)?;
-                let file = super::tap::open_macvtap(&name, index)?;
-                a.fds.push(file.into());
-                a.note = Some(format!(
-                    "macvtap on {}: the guest cannot reach this host through {} (a macvtap limit); other LAN hosts can reach it",
-                    iface.name, iface.name
+                a.guard.teardown = Teardown::Link(name.clone(), record);
+                let uplink = super::uplink::Uplink {
+                    tap: tap.name.clone(),
+                    macvlan: name.clone(),
+                    parent: iface.name.clone(),
+                    mac: mac.0,
+                };
+                uplink.prepare_tap(&mut nl)?;
+                uplink.connect(&mut nl)?;
+                a.host_device = Some(tap.name.clone());
+                a.uplink = Some(name);
+                a.fds.push(tap.fd);
+                a.guard.reattacher = Some(super::uplink::Reattacher::start(
+                    uplink,
+                    vm_dir.join("lume.log"),
                 ));
-                (iface.name.clone(), Watched::MacvtapParent)
+                a.note = Some(format!(
+                    "macvlan on {}: the guest cannot reach this host through {} (a macvlan limit); other LAN hosts can reach it. If {} goes away, the VM waits and is re-attached when it is back",
+                    iface.name, iface.name, iface.name
+                ));
+                // The tap sees both directions and outlives the parent.
+                (tap.name, Watched::Tap)
             };
             start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
@@ -394,12 +419,15 @@ fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAdd
     }));
 }
 
-/// File in the VM directory naming the macvtap of the current run.
+/// File in the VM directory naming the link lume made on the parent for the
+/// current run: the macvlan now, a macvtap for runs of older lumes (hence the
+/// name, kept so the records of both are collected).
 const NETDEV_RECORD: &str = ".macvtap";
 
 /// Collects what a killed supervisor of the VM in `vm_dir` left of its
 /// network (call it only while the VM's lock is free or held by the caller):
-/// its macvtap (a tap vanishes by itself with its descriptors) and, for NAT
+/// its macvlan or an older lume's macvtap (a tap vanishes by itself with its
+/// descriptors) and, for NAT
 /// and host-only, its membership, taking the shared network down when
 /// nobody uses it any more.
 pub fn collect_stale(
@@ -409,8 +437,11 @@ pub fn collect_stale(
 ) {
     let record = vm_dir.join(NETDEV_RECORD);
     let recorded = std::fs::read_to_string(&record).ok();
+    // The macvlan of this lume's bridged runs (run.json `uplink`), or the
+    // macvtap of an older lume's (its `hostDevice`).
+    let uplink = state.and_then(|s| s.uplink.clone());
     let from_state = state.and_then(|s| s.host_device.clone());
-    for dev in [recorded, from_state].into_iter().flatten() {
+    for dev in [recorded, uplink, from_state].into_iter().flatten() {
         if dev.trim().starts_with("lmv")
             && let Ok(mut nl) = Netlink::open()
         {

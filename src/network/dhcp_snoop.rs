@@ -2,7 +2,9 @@
 //!
 //! A bridged VM asks the LAN's DHCP server for an address; lume is not part of
 //! that conversation, so it listens in: a packet socket on the VM's tap device
-//! (or on the macvtap's parent interface) sees the server's DHCPACK, whose
+//! (in a Linux bridge, or joined to a plain interface by a macvlan, see
+//! [`super::uplink`]; older runs watched a macvtap's parent interface) sees
+//! the server's DHCPACK, whose
 //! `chaddr` is the VM's MAC and whose `yiaddr` is the address the VM now has.
 //!
 //! The socket is `AF_PACKET`/`SOCK_RAW` with protocol `ETH_P_ALL`: on a tap
@@ -23,7 +25,9 @@
 //! | the VM's tap (in a bridge) | received (`PACKET_HOST`, `_BROADCAST`, `_OTHERHOST`) | `PACKET_OUTGOING` |
 //! | a macvtap's parent (LAN uplink) | `PACKET_OUTGOING` | received |
 //!
-//! So the guest cannot forge its own ACK (it would travel the wrong way), and
+//! So the guest cannot forge its own ACK (it would travel the wrong way; on a
+//! macvlan-joined tap, a frame the guest addresses to itself would come back
+//! the right way, which is why [`super::uplink`] keeps those out), and
 //! another host can only if it also echoes an `xid` the guest sent — which a
 //! LAN neighbour can sniff from the broadcast DISCOVER: that residual trust
 //! in the LAN is the guest's own (its DHCP client accepts the same ACK).
@@ -1237,6 +1241,107 @@ garbage line
             assert_eq!(ack.lease_secs, Some(120));
             assert_eq!(ack.server, Some(Ipv4Addr::new(192, 0, 2, 1)));
         }
+        /// Bridged mode's path (see `network::uplink`): the guest's tap,
+        /// joined to the parent by a macvlan and tc redirects. The snooper
+        /// watches the tap. The guest's own REQUEST (written into the tap,
+        /// as QEMU does) is remembered; an ACK the guest writes to itself is
+        /// ignored; the same ACK sent by a LAN host arrives through the
+        /// parent, the macvlan and the redirect, and is learned.
+        #[test]
+        fn snoops_on_the_tap_of_a_macvlan_uplink_and_ignores_the_guests_own_ack() {
+            if !can_run() || !Path::new("/usr/bin/python3").exists() {
+                return;
+            }
+            use super::{MAC, ack_frame, request, with_xid};
+            let pid = std::process::id();
+            let ns = Netns {
+                server: format!("lume-us-{pid}"),
+                client: format!("lume-uh-{pid}"),
+                dnsmasq: None,
+            };
+            let (s, h) = (ns.server.clone(), ns.client.clone());
+            ip(&["netns", "add", &s]);
+            ip(&["netns", "add", &h]);
+            ip(&[
+                "-n", &s, "link", "add", "usA", "type", "veth", "peer", "name", "usB", "netns", &h,
+            ]);
+            ip(&["-n", &s, "link", "set", "usA", "up"]);
+            ip(&["-n", &h, "link", "set", "usB", "up"]);
+
+            const XID: u32 = 0x4c55_4d45;
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let (injected_tx, injected_rx) = mpsc::channel::<()>();
+            let ns_path = format!("/run/netns/{h}");
+            let host = std::thread::spawn(move || {
+                use std::io::Write;
+                let f = File::open(&ns_path).expect("open netns");
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                let tap = crate::network::tap::Tap::create("lume-ut0").unwrap();
+                let uplink = crate::network::uplink::Uplink {
+                    tap: tap.name.clone(),
+                    macvlan: "lume-umv0".into(),
+                    parent: "usB".into(),
+                    mac: MAC,
+                };
+                let mut nl = crate::network::netlink::Netlink::open().unwrap();
+                uplink.prepare_tap(&mut nl).unwrap();
+                uplink.connect(&mut nl).unwrap();
+                let mut sn = DhcpSnooper::open("lume-ut0").expect("open snooper");
+                let mut x = Exchange::new(MAC, Watched::Tap);
+                // What QEMU writes: a virtio-net header (10 bytes, no
+                // offload), then the frame.
+                let mut guest = File::from(tap.fd);
+                // Forged by the guest: to itself, and to everyone.
+                let mut broadcast_ack = with_xid(ack_frame(false), XID);
+                broadcast_ack[0..6].copy_from_slice(&[0xff; 6]);
+                for frame in [
+                    with_xid(request(3), XID),
+                    with_xid(ack_frame(false), XID),
+                    broadcast_ack,
+                ] {
+                    let mut buf = vec![0u8; 10];
+                    buf.extend_from_slice(&frame);
+                    guest.write_all(&buf).unwrap();
+                }
+                let forged = sn.next_ack(&mut x, Duration::from_millis(500));
+                ready_tx.send(()).unwrap();
+                injected_rx.recv().unwrap();
+                let from_lan = sn.next_ack(&mut x, Duration::from_secs(10));
+                drop(guest);
+                (
+                    forged.map_err(|e| e.to_string()),
+                    from_lan.map_err(|e| e.to_string()),
+                )
+            });
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the host side ready");
+            let hex: String = with_xid(ack_frame(false), XID)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let out = Command::new("ip")
+                .args(["netns", "exec", &s, "python3", "-c"])
+                .arg(format!(
+                    "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); \
+                     s.bind(('usA', 0)); s.send(bytes.fromhex('{hex}'))"
+                ))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            injected_tx.send(()).unwrap();
+            let (forged, from_lan) = host.join().expect("host thread");
+            assert_eq!(forged, Ok(None), "the guest's own ACK was taken");
+            let ack = from_lan
+                .unwrap()
+                .expect("the LAN's ACK never reached the tap");
+            assert_eq!(ack.address, Ipv4Addr::new(192, 0, 2, 55));
+        }
+
         /// A macvtap guest's frames leave through the parent (outgoing
         /// there) and the server's replies arrive on it: a macvlan in bridge
         /// mode, whose guest side sits in another namespace, takes the same

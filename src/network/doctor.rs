@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::interfaces;
 use super::privilege::has_net_admin;
 use super::shared::{Member, Networks};
+use crate::firewall::foreign::{Finding, FindingKind};
 use crate::firewall::nft::Nft;
 use crate::firewall::{FirewallDriver, ForeignDrop};
 use crate::vm::Context;
@@ -250,6 +251,11 @@ fn dns_verdict(
 /// Other tables' drops: accommodated ones (lume's accepts sit in the chain
 /// that tool keeps for them) pass naming the tool and chain; any other drop
 /// of lume's traffic (a VPN kill switch) fails: lume must not override it.
+/// Then each rule met on the way that drops some of that traffic, named
+/// with its chain: another tool's policy lume accommodated, a rule of yours
+/// in a tool's chain that lume's accepts come after, or a policy lume must
+/// not override (lume keeps its accepts out of a chain whose accept would
+/// bypass it).
 fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
     let active = nets.active_bridges();
     let mut any = false;
@@ -277,8 +283,24 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
             continue;
         }
         any = true;
-        let (ok, detail) = foreign_verdict(d, &bridges, nets.accommodate);
+        let findings = d.findings(&bridges, nets.accommodate);
+        let (ok, detail) = foreign_verdict(d, &bridges, nets.accommodate, &findings);
         r.add("other firewalls", ok, detail);
+        let list = bridges.join(" and ");
+        for f in &findings {
+            r.add(
+                "other firewalls",
+                !f.fails(),
+                format!(
+                    "table {} {} chain {} ({} hook): {}",
+                    d.family,
+                    d.table,
+                    d.chain,
+                    d.hook,
+                    f.describe(&list)
+                ),
+            );
+        }
     }
     if !any {
         r.add(
@@ -290,8 +312,14 @@ fn foreign_checks(r: &mut Report, drops: &[ForeignDrop], nets: &Networks) {
 }
 
 /// Whether a drop of another table that affects `bridges` (active lume
-/// bridges) lets their traffic through, and why.
-fn foreign_verdict(d: &ForeignDrop, bridges: &[&str], accommodate: bool) -> (bool, String) {
+/// bridges) lets their traffic through, and why; `findings`: the rules
+/// that drop some of it ([`ForeignDrop::findings`]).
+fn foreign_verdict(
+    d: &ForeignDrop,
+    bridges: &[&str],
+    accommodate: bool,
+    findings: &[Finding],
+) -> (bool, String) {
     let list = bridges.join(" and ");
     let chain = d.tool_chain.as_deref().unwrap_or("that tool's chain");
     if let Some(place) = d.accommodated_for(bridges) {
@@ -307,6 +335,25 @@ fn foreign_verdict(d: &ForeignDrop, bridges: &[&str], accommodate: bool) -> (boo
             true,
             format!(
                 "{d}: another tool's policy; rules of your own in {place} accept traffic of {list} (firewallAccommodation is {accommodate}): lume does not check them further — if the VMs' traffic fails, compare them with the rules in docs/networking.md"
+            ),
+        );
+    }
+    let withheld: Vec<&str> = findings
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FindingKind::Withheld { targets } => Some(targets.iter().map(String::as_str)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    if accommodate && !withheld.is_empty() {
+        let mut places = withheld.clone();
+        places.dedup();
+        return (
+            false,
+            format!(
+                "{d}: it drops traffic of {list}, and lume keeps its accepts out of {}: a rule after them that is no tool's own (named below) drops some of that traffic, a policy lume must not override — an accept there would bypass it; accept {list} yourself where that rule still applies, or remove the rule",
+                places.join(", ")
             ),
         );
     }
@@ -490,6 +537,31 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
             (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers")),
             (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
+            (_, Some(ip)) if state.uplink.is_some() => {
+                let parent = state.parent.as_deref().unwrap_or("?");
+                let uplink = state.uplink.as_deref().unwrap_or_default();
+                let status = super::netlink::Netlink::open()
+                    .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
+                match status {
+                    Ok(super::uplink::Status::Attached) | Err(_) => r.add(
+                        name,
+                        true,
+                        format!("{ip} on {parent} (macvlan: this host cannot reach it through that interface, other LAN hosts can)"),
+                    ),
+                    Ok(super::uplink::Status::ParentGone) => r.add(
+                        name,
+                        false,
+                        format!("the interface {parent} is gone (unplugged?): the VM keeps running without a network and waits for it; it is re-attached within a second of {parent} coming back, with its MAC and, if the LAN's DHCP server keeps the lease, its address {ip}"),
+                    ),
+                    Ok(super::uplink::Status::Detached) => r.add(
+                        name,
+                        false,
+                        format!("{parent} is back and the VM is being re-attached to it; if this lasts, the reason is in {}", vm.log_path().display()),
+                    ),
+                }
+            }
+            // A run started by an older lume: a macvtap, which goes for good
+            // with its parent.
             (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
                 let parent = state.parent.as_deref().unwrap_or("?");
                 let dev = state.host_device.as_deref().unwrap_or_default();
@@ -529,7 +601,8 @@ mod tests {
             chain: "FORWARD".into(),
             hook: "forward".into(),
             how: "policy drop".into(),
-            interfaces: vec!["docker0".into()],
+            policy_drop: true,
+            rules: Default::default(),
             accommodated: Vec::new(),
             tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
             user_accepts,
@@ -577,7 +650,7 @@ mod tests {
 
     #[test]
     fn the_user_s_own_accepts_pass_when_accommodation_is_off() {
-        let (ok, detail) = foreign_verdict(&docker_drop(Vec::new()), &["lume0"], false);
+        let (ok, detail) = foreign_verdict(&docker_drop(Vec::new()), &["lume0"], false, &[]);
         assert!(!ok);
         assert!(
             detail.contains("firewallAccommodation is false"),
@@ -587,7 +660,7 @@ mod tests {
             "Docker's chain ip filter DOCKER-USER".to_string(),
             "lume0".to_string(),
         )];
-        let (ok, detail) = foreign_verdict(&docker_drop(mine.clone()), &["lume0"], false);
+        let (ok, detail) = foreign_verdict(&docker_drop(mine.clone()), &["lume0"], false, &[]);
         assert!(ok, "{detail}");
         assert!(
             detail.contains(
@@ -596,11 +669,49 @@ mod tests {
             "{detail}"
         );
         // Not for another bridge, and never for a table lume does not know.
-        let (ok, _) = foreign_verdict(&docker_drop(mine.clone()), &["lume1"], false);
+        let (ok, _) = foreign_verdict(&docker_drop(mine.clone()), &["lume1"], false, &[]);
         assert!(!ok);
         let mut ks = docker_drop(mine);
         ks.tool_chain = None;
-        let (ok, detail) = foreign_verdict(&ks, &["lume0"], false);
+        let (ok, detail) = foreign_verdict(&ks, &["lume0"], false, &[]);
         assert!(!ok && detail.contains("must not override"), "{detail}");
+    }
+
+    #[test]
+    fn a_drop_lume_keeps_out_of_the_way_of_is_named_with_its_chain() {
+        use crate::firewall::foreign::{Ruleset, foreign_drops};
+        // Docker 28 on iptables-nft and an iptables kill switch appended to
+        // FORWARD after Docker's jumps; lume's accepts are kept out of
+        // DOCKER-USER (none are there).
+        let json = r#"{"nftables":[
+          {"chain":{"family":"ip","table":"filter","name":"FORWARD","type":"filter","hook":"forward","prio":0,"policy":"drop"}},
+          {"chain":{"family":"ip","table":"filter","name":"DOCKER-USER"}},
+          {"rule":{"family":"ip","table":"filter","chain":"FORWARD","handle":1,"expr":[{"jump":{"target":"DOCKER-USER"}}]}},
+          {"rule":{"family":"ip","table":"filter","chain":"FORWARD","handle":9,"expr":[{"match":{"op":"==","left":{"meta":{"key":"oifname"}},"right":"up0"}},{"counter":null},{"drop":null}]}}]}"#;
+        let text = "table ip filter {\n\tchain FORWARD {\n\t\tjump DOCKER-USER # handle 1\n\t\toifname \"up0\" counter drop # handle 9\n\t}\n}\n";
+        let drops = foreign_drops(&Ruleset::parse(json).with_text(text));
+        let d = &drops[0];
+        assert!(d.affects(&["lume0"]));
+        let findings = d.findings(&["lume0"], true);
+        let (ok, detail) = foreign_verdict(d, &["lume0"], true, &findings);
+        assert!(!ok);
+        assert!(
+            detail.contains("lume keeps its accepts out of Docker's chain ip filter DOCKER-USER")
+                && detail.contains("a policy lume must not override"),
+            "{detail}"
+        );
+        assert_eq!(findings.len(), 1);
+        assert_eq!(
+            findings[0].describe("lume0"),
+            "chain ip filter FORWARD, rule `oifname \"up0\" counter drop` (handle 9): drops some traffic of lume0 and comes after the place of lume's accepts in Docker's chain ip filter DOCKER-USER: a policy lume must not override — lume keeps its accepts out of there, as they would bypass it"
+        );
+        // Accommodation off: the usual advice, and the rule as a plain drop.
+        let off = d.findings(&["lume0"], false);
+        let (ok, detail) = foreign_verdict(d, &["lume0"], false, &off);
+        assert!(
+            !ok && detail.contains("firewallAccommodation is false"),
+            "{detail}"
+        );
+        assert!(off[0].fails());
     }
 }

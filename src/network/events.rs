@@ -67,6 +67,16 @@ impl Events {
         }
     }
 
+    /// Link events only (a link added, changed or deleted).
+    pub fn links() -> Self {
+        Self {
+            sockets: subscribe(SockProtocol::NetlinkRoute, RTMGRP_LINK)
+                .map(|s| vec![(s, false)])
+                .unwrap_or_default(),
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
     /// How many event sources are subscribed.
     pub fn sources(&self) -> usize {
         self.sockets.len()

@@ -18,6 +18,7 @@ pub mod rundir;
 pub mod shared;
 pub mod subnet;
 pub mod tap;
+pub mod uplink;
 pub mod user;
 
 pub use mode::NetworkMode;

@@ -61,9 +61,11 @@ mod sys {
     pub const AF_UNSPEC: u8 = 0;
     pub const AF_INET: u8 = 2;
     pub const IFF_UP: u32 = 1;
+    pub const IFF_ALLMULTI: u32 = 0x200;
 
     pub const IFLA_ADDRESS: u16 = 1;
     pub const IFLA_IFNAME: u16 = 3;
+    pub const IFLA_MTU: u16 = 4;
     pub const IFLA_LINK: u16 = 5;
     pub const IFLA_MASTER: u16 = 10;
     pub const IFLA_LINKINFO: u16 = 18;
@@ -117,6 +119,10 @@ pub struct LinkInfo {
     pub kind: Option<String>,
     /// IFLA_IFALIAS (`ip link set X alias Y`): lume marks its own bridges.
     pub alias: Option<String>,
+    /// IFLA_MTU.
+    pub mtu: Option<u32>,
+    /// IFLA_LINK: the lower device of a macvlan, macvtap, vlan, ...
+    pub link: Option<u32>,
 }
 
 /// One IPv4 route of the main table.
@@ -468,9 +474,13 @@ fn parse_link(payload: &[u8]) -> Option<LinkInfo> {
         mac: None,
         kind: None,
         alias: None,
+        mtu: None,
+        link: None,
     };
     for (ty, data) in Attrs(&payload[sys::IFINFOMSG_LEN..]) {
         match ty {
+            sys::IFLA_MTU => link.mtu = attr_u32(data),
+            sys::IFLA_LINK => link.link = attr_u32(data).filter(|&l| l != 0),
             sys::IFLA_IFNAME => link.name = attr_string(data),
             sys::IFLA_IFALIAS => link.alias = Some(attr_string(data)).filter(|a| !a.is_empty()),
             sys::IFLA_MASTER => link.master = attr_u32(data).filter(|&m| m != 0),
@@ -792,17 +802,26 @@ impl Netlink {
             .map_err(|e| Self::fail_on("set the alias of", name, e))
     }
 
-    /// Create a macvtap in bridge mode on `parent` with address `mac` (left
-    /// down) and return its ifindex; its character device is
-    /// `/dev/tap<ifindex>`.
-    pub fn create_macvtap(
+    /// Create a macvlan in bridge mode on `parent` with address `mac` (left
+    /// down) and return its ifindex.
+    pub fn create_macvlan(
         &mut self,
         name: &str,
         parent: &str,
         mac: [u8; 6],
     ) -> Result<u32, NetlinkError> {
+        self.create_macvlan_kind("macvlan", name, parent, mac)
+    }
+
+    fn create_macvlan_kind(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        parent: &str,
+        mac: [u8; 6],
+    ) -> Result<u32, NetlinkError> {
         check_name(name)?;
-        let op = format!("create macvtap {name} on {parent}");
+        let op = format!("create {kind} {name} on {parent}");
         let parent_index = self.require(parent, &op)?;
         let mut req = Request::new(
             sys::RTM_NEWLINK,
@@ -813,7 +832,7 @@ impl Netlink {
             .attr_u32(sys::IFLA_LINK, parent_index)
             .attr(sys::IFLA_ADDRESS, &mac)
             .nested(sys::IFLA_LINKINFO, |r| {
-                r.attr_str(sys::IFLA_INFO_KIND, "macvtap")
+                r.attr_str(sys::IFLA_INFO_KIND, kind)
                     .nested(sys::IFLA_INFO_DATA, |r| {
                         r.attr_u32(sys::IFLA_MACVLAN_MODE, sys::MACVLAN_MODE_BRIDGE);
                     });
@@ -824,7 +843,7 @@ impl Netlink {
                 ..
             }) => {
                 return Err(NetlinkError::Exists {
-                    kind: "macvtap",
+                    kind,
                     name: name.into(),
                 });
             }
@@ -835,6 +854,43 @@ impl Netlink {
                 op,
                 reason: "the new link disappeared right after creation".into(),
             })
+    }
+
+    /// Set the MTU of `name`.
+    pub fn set_mtu(&mut self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let op = format!("set the MTU of {name} to {mtu}");
+        let index = self.require(name, &op)?;
+        let mut req = Request::new(sys::RTM_NEWLINK, sys::NLM_F_ACK).ifinfomsg(index, 0, 0);
+        req.attr_u32(sys::IFLA_MTU, mtu);
+        self.execute(&req).map_err(|e| Self::fail_on(&op, name, e))
+    }
+
+    /// Make `name` receive every multicast group (IFF_ALLMULTI), as
+    /// `ip link set NAME allmulticast on` does.
+    pub fn set_allmulti(&mut self, name: &str) -> Result<(), NetlinkError> {
+        let op = format!("set {name} allmulticast");
+        let index = self.require(name, &op)?;
+        let req = Request::new(sys::RTM_NEWLINK, sys::NLM_F_ACK).ifinfomsg(
+            index,
+            sys::IFF_ALLMULTI,
+            sys::IFF_ALLMULTI,
+        );
+        self.execute(&req).map_err(|e| Self::fail_on(&op, name, e))
+    }
+
+    /// Send one rtnetlink request whose payload (family header and
+    /// attributes) was serialized elsewhere (by `netlink-packet-route`), and
+    /// wait for its ack. `flags` are added to NLM_F_REQUEST | NLM_F_ACK.
+    pub fn execute_serialized(
+        &mut self,
+        op: &str,
+        message_type: u16,
+        flags: u16,
+        payload: &[u8],
+    ) -> Result<(), NetlinkError> {
+        let mut req = Request::new(message_type, flags | sys::NLM_F_ACK);
+        req.buf.extend_from_slice(payload);
+        self.execute(&req).map_err(|e| fail(op, e))
     }
 
     fn set_flags(&mut self, name: &str, up: bool) -> Result<(), NetlinkError> {
@@ -1098,6 +1154,8 @@ mod tests {
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 kind: Some("macvtap".into()),
                 alias: None,
+                mtu: None,
+                link: None,
             }
         );
         // Loopback-like: 6-byte zero address is still a MAC; other lengths
@@ -1492,24 +1550,31 @@ mod tests {
                 nl.set_master("lume-vb", "lume-br0").unwrap();
 
                 let mac = [0x02, 0x00, 0x00, 0x12, 0x34, 0x56];
-                let idx = nl.create_macvtap("lume-mt0", "lume-va", mac).unwrap();
+                let idx = nl.create_macvlan("lume-mt0", "lume-va", mac).unwrap();
                 let mt = nl.link_info("lume-mt0").unwrap().unwrap();
                 assert_eq!(mt.index, idx);
-                assert_eq!(mt.kind.as_deref(), Some("macvtap"));
+                assert_eq!(mt.kind.as_deref(), Some("macvlan"));
                 assert_eq!(mt.mac, Some(mac));
+                let va = nl.link_info("lume-va").unwrap().unwrap();
+                assert_eq!(mt.link, Some(va.index));
+                assert_eq!(mt.mtu, va.mtu);
+                assert!(va.mtu.is_some());
+                nl.set_mtu("lume-mt0", 1400).unwrap();
+                assert_eq!(nl.link_info("lume-mt0").unwrap().unwrap().mtu, Some(1400));
+                nl.set_allmulti("lume-mt0").unwrap();
                 assert!(matches!(
-                    nl.create_macvtap("lume-mt0", "lume-va", mac),
+                    nl.create_macvlan("lume-mt0", "lume-va", mac),
                     Err(NetlinkError::Exists {
-                        kind: "macvtap",
+                        kind: "macvlan",
                         ..
                     })
                 ));
                 assert!(matches!(
-                    nl.create_macvtap("lume-mt1", "lume-nope", mac),
+                    nl.create_macvlan("lume-mt1", "lume-nope", mac),
                     Err(NetlinkError::NotFound { .. })
                 ));
                 let e = nl
-                    .create_macvtap("lume-mt1", "lume-va", [1, 0, 0, 0, 0, 1])
+                    .create_macvlan("lume-mt1", "lume-va", [1, 0, 0, 0, 0, 1])
                     .unwrap_err();
                 assert!(matches!(&e, NetlinkError::Kernel { .. }), "{e}");
                 eprintln!("multicast MAC rejected: {e}");
@@ -1543,7 +1608,7 @@ mod tests {
                     .into_iter()
                     .map(|l| (l.name, l.kind))
                     .collect();
-                assert!(kinds.contains(&("lume-mt0".into(), Some("macvtap".into()))));
+                assert!(kinds.contains(&("lume-mt0".into(), Some("macvlan".into()))));
                 assert_eq!(kinds.len(), 5, "{kinds:?}");
             });
 

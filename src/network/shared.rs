@@ -18,6 +18,7 @@ use super::dnsmasq::{Dnsmasq, DnsmasqError};
 use super::netlink::{Netlink, NetlinkError, RouteV4};
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
+use crate::firewall::foreign::FindingKind;
 use crate::firewall::nft::Nft;
 use crate::firewall::{
     Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
@@ -510,6 +511,7 @@ impl Networks {
             .map(|n| Opening {
                 bridge: n.bridge.clone(),
                 nat: n.kind == Kind::Nat,
+                gateway: n.subnet().gateway(),
             })
             .collect()
     }
@@ -724,6 +726,22 @@ impl Networks {
                 if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
                     out.push(w);
                 }
+                // Rules lume does not override, and chains it keeps out of.
+                if !bridges.is_empty() {
+                    let each = bridges.join(" and ");
+                    for f in d.findings(&bridges, self.accommodate) {
+                        if matches!(f.kind, FindingKind::Withheld { .. }) || f.fails() {
+                            out.push(format!(
+                                "table {} {} chain {} ({} hook): {}",
+                                d.family,
+                                d.table,
+                                d.chain,
+                                d.hook,
+                                f.describe(&each)
+                            ));
+                        }
+                    }
+                }
             }
         }
         out
@@ -742,9 +760,16 @@ fn drop_warning(
     if bridges.is_empty() || !d.affects(bridges) || d.accommodated_for(bridges).is_some() {
         return None;
     }
+    let withheld = accommodate
+        && d.findings(bridges, accommodate)
+            .iter()
+            .any(|f| matches!(f.kind, FindingKind::Withheld { .. }));
     match &d.tool_chain {
         // The user accepts lume's bridges in the tool's chain.
         Some(_) if d.user_accepted_for(bridges).is_some() => None,
+        Some(chain) if withheld => Some(format!(
+            "{d}: another tool's policy ({chain} …) drops traffic of lume's VMs, and lume keeps its accepts out of those chains: a rule after them that is no tool's own drops some of that traffic, and lume's accepts would bypass it"
+        )),
         Some(chain) if !accommodate => Some(format!(
             "{d}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {list} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
         )),
@@ -1147,7 +1172,8 @@ mod tests {
             chain: "FORWARD".into(),
             hook: "forward".into(),
             how: "policy drop".into(),
-            interfaces: Vec::new(),
+            policy_drop: true,
+            rules: Default::default(),
             accommodated: Vec::new(),
             tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
             user_accepts: Vec::new(),

@@ -16,9 +16,12 @@ use super::name::VmName;
 use super::size::format_size;
 use super::state::RunState;
 use super::store::{Store, StoreError, UnsafeDir, Vm, io_at};
+use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
+use crate::image::import::{self, ImportError};
+use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
 use crate::network::publish::{PortMapping, Proto};
@@ -35,6 +38,8 @@ pub enum VmError {
     Run(#[from] RunError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Import(#[from] ImportError),
     #[error(transparent)]
     Settings(#[from] SettingsError),
     #[error(transparent)]
@@ -73,6 +78,8 @@ pub enum VmError {
         "Choose one boot source: --kernel (direct kernel boot) or --image (disk image), not both"
     )]
     TwoBootSources,
+    #[error("--image-sha256 checks an image: give --image too")]
+    Sha256WithoutImage,
     #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
     RunningNeedsForce(VmName),
     #[error(
@@ -100,6 +107,25 @@ pub enum VmError {
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
     TimeoutTooLong(u64),
+    #[error("VM '{0}' is not running: start it with `lume run {0}`")]
+    NotRunning(VmName),
+    #[error(
+        "VM '{name}' was asked to power off {} but is still running after {seconds}s: wait longer (--timeout) or force it off with `lume stop {name}`",
+        method.describe()
+    )]
+    ShutdownTimeout {
+        name: VmName,
+        method: PowerMethod,
+        seconds: u64,
+    },
+    #[error(
+        "VM '{0}' could not be asked to power off: no guest agent answered, SSH was not available and the ACPI power button could not be pressed; force it off with `lume stop {0}`"
+    )]
+    NoGracefulShutdown(VmName),
+    #[error(
+        "VM '{0}' cannot be restarted gracefully: no guest agent answered and SSH was not available; install qemu-guest-agent in the guest, or reset it like the reset button with `lume restart {0} --force`"
+    )]
+    NoGracefulReboot(VmName),
 }
 
 /// Why a host path was refused.
@@ -239,7 +265,12 @@ pub struct CreateSpec {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    pub image: Option<PathBuf>,
+    /// A host file or an http(s) URL to import as the disk.
+    pub image: Option<ImageSource>,
+    /// Expected SHA-256 of the image file as stored or downloaded.
+    pub image_sha256: Option<Sha256Digest>,
+    /// Show download progress (on a terminal only).
+    pub progress: bool,
     /// Ports published at every start.
     pub publish: Vec<PortMapping>,
     /// The user's own cloud-init user-data, stored with the VM.
@@ -280,8 +311,23 @@ pub enum Action {
     Create(Box<CreateSpec>),
     /// Start a VM; in the foreground unless `detach`.
     Run(RunSpec),
-    /// ACPI power-off, then force after `timeout`.
+    /// Ask the guest to power off (agent, SSH, ACPI, in that order), then
+    /// force QEMU off once `timeout` has passed.
     Stop { name: VmName, timeout: Duration },
+    /// Ask the guest to power off (agent, SSH, ACPI) and wait up to
+    /// `timeout` for it; never forces.
+    Shutdown {
+        name: VmName,
+        timeout: Duration,
+        login: SshLogin,
+    },
+    /// Ask the guest to reboot (agent, SSH); with `force`, when neither
+    /// works, reset the VM (not graceful).
+    Restart {
+        name: VmName,
+        force: bool,
+        login: SshLogin,
+    },
     /// Every VM.
     List,
     /// One VM.
@@ -310,9 +356,16 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
+    /// `method` is how it went down; `None` when it was not running.
     Stopped {
         name: VmName,
         was_running: bool,
+        method: Option<PowerMethod>,
+    },
+    /// The guest was asked to reboot (or was reset).
+    Restarted {
+        name: VmName,
+        method: PowerMethod,
     },
     List(Vec<VmDetails>),
     Details(VmDetails),
@@ -345,17 +398,27 @@ pub fn execute(
 ) -> Result<Outcome, VmError> {
     let store = &ctx.store;
     match action {
-        Action::Create(spec) => create(ctx, *spec).map(Outcome::Created),
+        Action::Create(spec) => create(ctx, *spec, note).map(Outcome::Created),
         Action::Run(spec) => run(ctx, spec, note),
         Action::Stop { name, timeout } => stop(ctx, &name, timeout),
-        Action::List => Ok(Outcome::List(
-            store
-                .list()?
-                .iter()
-                .map(|vm| VmDetails::read(store, vm))
-                .collect(),
-        )),
+        Action::Shutdown {
+            name,
+            timeout,
+            login,
+        } => shutdown(ctx, &name, timeout, &login),
+        Action::Restart { name, force, login } => restart(ctx, &name, force, &login),
+        Action::List => {
+            let mut vms = store.list()?;
+            vms.extend(store.provisioning());
+            vms.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(Outcome::List(VmDetails::read_all(store, &vms)))
+        }
         Action::Get { name } => {
+            if let Some(vm) = store.find_provisioning(&name)
+                && !store.vm(&name).config_path().exists()
+            {
+                return Ok(Outcome::Details(VmDetails::read(store, &vm)));
+            }
             let vm = store.open(&name)?;
             // `get` of a VM with a corrupt config is an error naming the file.
             vm.load_config()?;
@@ -428,7 +491,49 @@ fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), VmEr
     Ok(crate::network::attach::check_publish(mode, publish)?)
 }
 
-fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
+/// The largest image lume imports for a disk of `disk_size` bytes: the
+/// larger of that size and [`IMPORT_FLOOR`], at most [`MAX_DISK`].
+pub fn import_limit(disk_size: u64) -> u64 {
+    disk_size.clamp(IMPORT_FLOOR, MAX_DISK)
+}
+
+/// Images up to this size are imported whatever `--disk-size` says.
+pub const IMPORT_FLOOR: u64 = 64 << 30;
+
+/// Name of the marker whose lock is held while a VM is provisioned.
+pub const PROVISIONING_MARKER: &str = ".provisioning";
+
+/// The image of a create, opened or named.
+enum OpenedImage {
+    File(HostFile),
+    Url(String),
+}
+
+/// A create that has been checked and whose work directory exists; while an
+/// image is imported it holds the provisioning lock, so the VM is listed as
+/// `provisioning` (see [`Store::provisioning`]).
+pub struct PendingCreate {
+    store: Store,
+    spec: CreateSpec,
+    work: PathBuf,
+    kernel: Option<HostFile>,
+    initrd: Option<HostFile>,
+    image: Option<OpenedImage>,
+    _provisioning: Option<VmLock>,
+}
+
+fn create(
+    ctx: &Context,
+    spec: CreateSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmDetails, VmError> {
+    begin_create(ctx, spec)?.finish(note)
+}
+
+/// Checks a create and makes its work directory (with config.json and,
+/// when an image is imported, the held provisioning marker). Nothing
+/// slow happens here: [`PendingCreate::finish`] imports and publishes.
+pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, VmError> {
     let store = &ctx.store;
     match spec.os.to_ascii_lowercase().as_str() {
         "linux" => {}
@@ -444,6 +549,9 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     if spec.kernel.is_some() && spec.image.is_some() {
         return Err(VmError::TwoBootSources);
     }
+    if spec.image_sha256.is_some() && spec.image.is_none() {
+        return Err(VmError::Sha256WithoutImage);
+    }
     store.check_private(None)?;
     // Each file is opened once, with the caller's rights; only the
     // descriptors are used from here on.
@@ -454,7 +562,13 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
     };
     let kernel = open("Kernel", &spec.kernel)?;
     let initrd = open("Initrd", &spec.initrd)?;
-    let image = open("Image", &spec.image)?;
+    let image = match &spec.image {
+        Some(ImageSource::Path(p)) => {
+            Some(OpenedImage::File(open_for(ctx, "Image", p, Access::Read)?))
+        }
+        Some(ImageSource::Url(u)) => Some(OpenedImage::Url(u.clone())),
+        None => None,
+    };
     let user_data = match open("cloud-init file", &spec.cloud_init)? {
         Some(f) => {
             let mut data = Vec::new();
@@ -467,73 +581,175 @@ fn create(ctx: &Context, spec: CreateSpec) -> Result<VmDetails, VmError> {
         }
         None => None,
     };
+    let exists = || StoreError::Exists {
+        name: spec.name.clone(),
+        root: store.root().to_path_buf(),
+    };
     if store.vm(&spec.name).config_path().exists() || store.vm(&spec.name).dir.exists() {
-        return Err(StoreError::Exists {
-            name: spec.name.clone(),
-            root: store.root().to_path_buf(),
-        }
-        .into());
+        return Err(exists().into());
+    }
+    if store.is_provisioning(&spec.name) {
+        return Err(StoreError::Provisioning(spec.name.clone()).into());
     }
 
     let work = store.work_dir("creating", &spec.name)?;
-    let built = (|| -> Result<(), VmError> {
+    let started = (|| -> Result<Option<VmLock>, VmError> {
+        let lock = match &image {
+            Some(_) => VmLock::try_acquire(&work.join(PROVISIONING_MARKER))
+                .map_err(io_at(&work))
+                .map_err(VmError::from)?,
+            None => None,
+        };
+        // The config is there from the start, so a provisioning VM lists
+        // with its settings; its disk size is rewritten after the import.
+        if let Some(data) = &user_data {
+            let p = work.join(crate::guest::cloudinit::USER_DATA_FILE);
+            crate::util::atomic::write_private(&p, data).map_err(io_at(&p))?;
+        }
+        config_for(&spec, spec.disk_size, None, user_data.is_some())
+            .save(&work.join("config.json"))?;
+        Ok(lock)
+    })();
+    match started {
+        Ok(lock) => Ok(PendingCreate {
+            store: store.clone(),
+            spec,
+            work,
+            kernel,
+            initrd,
+            image,
+            _provisioning: lock,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+fn config_for(
+    spec: &CreateSpec,
+    disk_size: u64,
+    kernel_boot: Option<KernelBoot>,
+    user_data: bool,
+) -> VmConfig {
+    VmConfig {
+        os: "linux".into(),
+        cpu_count: spec.cpu,
+        memory_size: spec.memory,
+        disk_size,
+        mac_address: Some(spec.mac.unwrap_or_else(MacAddress::random)),
+        display: spec.display.clone(),
+        network_mode: spec.network.clone(),
+        kernel_boot,
+        disk_format: DiskFormat::Raw,
+        publish: spec.publish.clone(),
+        unsafe_host_loopback: false,
+        vm_id: Some(crate::guest::cloudinit::new_vm_id()),
+        cloud_init: CloudInit {
+            enabled: !spec.no_cloud_init,
+            password: spec.no_password.then_some(false),
+            user_data,
+        },
+        extra: Default::default(),
+    }
+}
+
+impl PendingCreate {
+    /// The name being created.
+    pub fn name(&self) -> &VmName {
+        &self.spec.name
+    }
+
+    /// The details of the VM while it is provisioned.
+    pub fn details(&self) -> VmDetails {
+        VmDetails::read(
+            &self.store,
+            &Vm {
+                name: self.spec.name.clone(),
+                dir: self.work.clone(),
+            },
+        )
+    }
+
+    /// Imports the image (or makes an empty disk), copies the kernel files,
+    /// and publishes the VM with one rename. On any error the work
+    /// directory is removed: no VM, no partial disk.
+    pub fn finish(mut self, note: &mut dyn FnMut(&str)) -> Result<VmDetails, VmError> {
+        let store = self.store.clone();
+        let work = self.work.clone();
+        let name = self.spec.name.clone();
+        let built = self.build(note);
+        let published = built.and_then(|()| Ok(store.publish(&work, &name)?));
+        match published {
+            Ok(vm) => {
+                // The lock was taken on the work directory's marker; the
+                // published VM keeps no marker.
+                self._provisioning = None;
+                let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
+                Ok(VmDetails::read(&store, &vm))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&work);
+                Err(e)
+            }
+        }
+    }
+
+    fn build(&mut self, note: &mut dyn FnMut(&str)) -> Result<(), VmError> {
+        let work = &self.work;
+        let spec = &self.spec;
         let disk = work.join("disk.img");
         let mut disk_size = spec.disk_size;
-        if let Some(image) = &image {
-            img::import(&image.file, &image.path, &work, &disk)?;
+        if let Some(image) = &self.image {
+            let source = match image {
+                OpenedImage::File(f) => import::Source::File {
+                    file: &f.file,
+                    path: &f.path,
+                },
+                OpenedImage::Url(u) => import::Source::Url(u),
+            };
+            let imported = import::import(&import::Request {
+                source,
+                sha256: spec.image_sha256,
+                work,
+                disk: &disk,
+                limit: import_limit(spec.disk_size),
+                progress: spec.progress,
+            })?;
             img::grow(&disk, disk_size)?;
             disk_size = fs::metadata(&disk).map_err(io_at(&disk))?.len();
+            if imported.size > spec.disk_size {
+                note(&format!(
+                    "The image's disk ({}) is larger than --disk-size ({}): VM '{}' keeps the image's size",
+                    format_size(imported.size),
+                    format_size(spec.disk_size),
+                    spec.name
+                ));
+            }
         } else {
             img::create_sparse(&disk, disk_size)?;
         }
-        let kernel_boot = match &kernel {
+        let kernel_boot = match &self.kernel {
             Some(k) => {
                 img::copy_from(&k.file, &work.join("vmlinuz"))?;
-                if let Some(i) = &initrd {
+                if let Some(i) = &self.initrd {
                     img::copy_from(&i.file, &work.join("initrd.img"))?;
                 }
                 Some(KernelBoot {
                     kernel: "vmlinuz".into(),
-                    initrd: initrd.as_ref().map(|_| "initrd.img".into()),
+                    initrd: self.initrd.as_ref().map(|_| "initrd.img".into()),
                     cmdline: spec.cmdline.clone().unwrap_or_default(),
                 })
             }
             None => None,
         };
-        if let Some(data) = &user_data {
-            let p = work.join(crate::guest::cloudinit::USER_DATA_FILE);
-            crate::util::atomic::write_private(&p, data).map_err(io_at(&p))?;
-        }
-        let cfg = VmConfig {
-            os: "linux".into(),
-            cpu_count: spec.cpu,
-            memory_size: spec.memory,
-            disk_size,
-            mac_address: Some(spec.mac.unwrap_or_else(MacAddress::random)),
-            display: spec.display.clone(),
-            network_mode: spec.network.clone(),
-            kernel_boot,
-            disk_format: DiskFormat::Raw,
-            publish: spec.publish.clone(),
-            unsafe_host_loopback: false,
-            vm_id: Some(crate::guest::cloudinit::new_vm_id()),
-            cloud_init: CloudInit {
-                enabled: !spec.no_cloud_init,
-                password: spec.no_password.then_some(false),
-                user_data: user_data.is_some(),
-            },
-            extra: Default::default(),
-        };
+        // Same MAC as the provisional config.
+        let mut cfg = VmConfig::load(&work.join("config.json"))?;
+        cfg.disk_size = disk_size;
+        cfg.kernel_boot = kernel_boot;
         cfg.save(&work.join("config.json"))?;
         Ok(())
-    })();
-    let published = built.and_then(|()| Ok(store.publish(&work, &spec.name)?));
-    match published {
-        Ok(vm) => Ok(VmDetails::read(store, &vm)),
-        Err(e) => {
-            let _ = fs::remove_dir_all(&work);
-            Err(e)
-        }
     }
 }
 
@@ -868,15 +1084,21 @@ fn collect_after_crash(ctx: &Context, vm: &Vm) {
     let _ = fs::remove_file(vm.state_path());
 }
 
-fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
-    let timeout = stop_timeout(timeout.as_secs())?;
+/// The VM and its run state once it is running (waiting for a supervisor
+/// that is still starting), or `None` when it is not running.
+fn running(
+    ctx: &Context,
+    name: &VmName,
+    settle: Duration,
+) -> Result<(Vm, Option<RunState>), VmError> {
     let store = &ctx.store;
     let vm = store.open(name)?;
-    // run.json and the QMP socket are trusted only where nobody else writes.
+    // run.json and the QMP and agent sockets are trusted only where nobody
+    // else writes.
     store.check_private(Some(&vm))?;
     // A supervisor that holds the lock without run.json is starting (or a
     // short command holds the VM): wait until it is running or gone.
-    let settle = Instant::now() + timeout.max(Duration::from_secs(5));
+    let settle = Instant::now() + settle.max(Duration::from_secs(5));
     let mut state = vm.running_state();
     while state.is_none()
         && VmLock::is_held(&vm.lock_path()).unwrap_or(false)
@@ -885,22 +1107,80 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
         std::thread::sleep(Duration::from_millis(20));
         state = vm.running_state();
     }
+    Ok((vm, state))
+}
+
+/// One line in the VM's lume.log (appended; never through a symlink), so
+/// that the log of a detached VM says how it was stopped or restarted.
+fn log_to_vm(vm: &Vm, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = crate::hypervisor::logcap::open_log(&vm.log_path(), false) {
+        let _ = writeln!(f, "[{}] {line}", crate::util::time::timestamp());
+    }
+}
+
+/// Asks the guest to power off; returns the way that accepted, if any.
+fn request_power(
+    vm: &Vm,
+    state: &RunState,
+    request: PowerRequest,
+    login: &SshLogin,
+    why: &str,
+) -> Option<PowerMethod> {
+    let method = power::request(&vm.dir, state, request, login, &mut |line| {
+        log_to_vm(vm, &format!("{why}: {line}"))
+    });
+    match method {
+        Some(m) => log_to_vm(
+            vm,
+            &format!(
+                "{why}: {} requested {}",
+                match request {
+                    PowerRequest::PowerOff => "power-off",
+                    PowerRequest::Reboot => "reboot",
+                },
+                m.describe()
+            ),
+        ),
+        None => log_to_vm(vm, &format!("{why}: no graceful way was accepted")),
+    }
+    method
+}
+
+fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmError> {
+    let timeout = stop_timeout(timeout.as_secs())?;
+    let (vm, state) = running(ctx, name, timeout)?;
     let Some(state) = state else {
         collect_after_crash(ctx, &vm);
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: false,
+            method: None,
         });
     };
     let start = Instant::now();
-    if qmp_command(&vm, "system_powerdown", Duration::from_secs(2))
-        && wait_unlocked(&vm, start + timeout)
+    let why = "`lume stop`";
+    if let Some(method) = request_power(
+        &vm,
+        &state,
+        PowerRequest::PowerOff,
+        &SshLogin::default(),
+        why,
+    ) && wait_unlocked(&vm, start + timeout)
     {
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: true,
+            method: Some(method),
         });
     }
+    log_to_vm(
+        &vm,
+        &format!(
+            "{why}: the guest did not power off within {}s: forcing QEMU off",
+            timeout.as_secs()
+        ),
+    );
     // Force QEMU off; the supervisor then tears down and releases the lock.
     if !qmp_command(&vm, "quit", Duration::from_secs(1))
         && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
@@ -914,12 +1194,83 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
         return Ok(Outcome::Stopped {
             name: name.clone(),
             was_running: true,
+            method: Some(PowerMethod::Forced),
         });
     }
     Err(VmError::StopTimeout {
         name: name.clone(),
         seconds: start.elapsed().as_secs(),
         pid: state.pid,
+    })
+}
+
+fn shutdown(
+    ctx: &Context,
+    name: &VmName,
+    timeout: Duration,
+    login: &SshLogin,
+) -> Result<Outcome, VmError> {
+    let timeout = stop_timeout(timeout.as_secs())?;
+    let (vm, state) = running(ctx, name, timeout)?;
+    let Some(state) = state else {
+        collect_after_crash(ctx, &vm);
+        return Err(VmError::NotRunning(name.clone()));
+    };
+    let start = Instant::now();
+    let method = request_power(
+        &vm,
+        &state,
+        PowerRequest::PowerOff,
+        login,
+        "`lume shutdown`",
+    )
+    .ok_or_else(|| VmError::NoGracefulShutdown(name.clone()))?;
+    if wait_unlocked(&vm, start + timeout) {
+        return Ok(Outcome::Stopped {
+            name: name.clone(),
+            was_running: true,
+            method: Some(method),
+        });
+    }
+    Err(VmError::ShutdownTimeout {
+        name: name.clone(),
+        method,
+        seconds: start.elapsed().as_secs(),
+    })
+}
+
+fn restart(
+    ctx: &Context,
+    name: &VmName,
+    force: bool,
+    login: &SshLogin,
+) -> Result<Outcome, VmError> {
+    let (vm, state) = running(ctx, name, Duration::from_secs(5))?;
+    let Some(state) = state else {
+        collect_after_crash(ctx, &vm);
+        return Err(VmError::NotRunning(name.clone()));
+    };
+    let why = "`lume restart`";
+    if let Some(method) = request_power(&vm, &state, PowerRequest::Reboot, login, why) {
+        return Ok(Outcome::Restarted {
+            name: name.clone(),
+            method,
+        });
+    }
+    if !force {
+        return Err(VmError::NoGracefulReboot(name.clone()));
+    }
+    power::via_reset(&vm.dir).map_err(|e| match e {
+        power::PowerError::Qmp(q) => VmError::from(RunError::Control(q)),
+        other => VmError::from(RunError::Power(other)),
+    })?;
+    log_to_vm(
+        &vm,
+        &format!("{why}: reset {}", PowerMethod::Reset.describe()),
+    );
+    Ok(Outcome::Restarted {
+        name: name.clone(),
+        method: PowerMethod::Reset,
     })
 }
 
@@ -974,14 +1325,14 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
     Ok(Outcome::Updated(VmDetails::read(store, &vm)))
 }
 
-/// Files that belong to a run, not to the VM: never cloned.
 /// Files of a VM's identity that a clone does not take: it gets its own.
 const NOT_CLONED: [&str; 2] = [
     crate::guest::cloudinit::SEED_FILE,
     crate::guest::ssh::KNOWN_HOSTS,
 ];
 
-const RUNTIME_FILES: [&str; 10] = [
+/// Files that belong to a run, not to the VM: never cloned.
+const RUNTIME_FILES: [&str; 12] = [
     "console.log",
     "console.log.1",
     "qemu.log.1",
@@ -990,6 +1341,8 @@ const RUNTIME_FILES: [&str; 10] = [
     "passt.log",
     "run.json",
     "qmp.sock",
+    "qga.sock",
+    "events.sock",
     ".lock",
     ".cfg.lock",
 ];
@@ -1147,6 +1500,8 @@ mod tests {
             network: NetworkMode::None,
             mac: None,
             kernel: Some(kernel.to_path_buf()),
+            image_sha256: None,
+            progress: false,
             initrd: None,
             cmdline: None,
             image: None,

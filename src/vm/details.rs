@@ -27,12 +27,16 @@ pub struct NetworkDetails {
     pub published_ports: Vec<String>,
     /// A limit worth knowing about this mode.
     pub note: Option<String>,
+    /// Bridged on a plain interface while running: `attached`,
+    /// `waiting-for-parent` (the parent interface is gone; the VM is
+    /// re-attached when it is back) or `reattaching`.
+    pub attachment: Option<String>,
 }
 
 /// The guest's address as far as it is known now: dnsmasq's lease of this
 /// run (NAT, host-only), the DHCP exchange lume watched (bridged) or the
 /// neighbour table, or the address user mode always gives.
-fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
+pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
     let mac = s.mac_address.as_deref();
     if let (Some(file), Some(mac)) = (&s.lease_file, mac) {
         let now = crate::util::time::unix_now();
@@ -52,6 +56,15 @@ fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
     None
 }
 
+/// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).
+fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
+    let (parent, uplink) = (s.parent.as_deref()?, s.uplink.as_deref()?);
+    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    crate::network::uplink::status(&mut nl, parent, uplink)
+        .ok()
+        .map(|st| st.as_str().to_string())
+}
+
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
     use crate::network::NetworkMode::*;
     match mode {
@@ -60,6 +73,9 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
         _ => Option::None,
     }
 }
+
+/// `provisioningOperation` while an image is imported.
+pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
 
 /// One VM as reported to users: exactly the JSON of `lume get NAME -f json`,
 /// every key always present.
@@ -72,8 +88,11 @@ pub struct VmDetails {
     pub memory_size: Option<u64>,
     pub disk_size: Option<DiskSize>,
     pub display: Option<String>,
-    /// `running`, `stopped`, or `invalid` when the config cannot be read.
+    /// `running`, `stopped`, `provisioning` while its image is imported, or
+    /// `invalid` when the config cannot be read.
     pub status: String,
+    /// What is being done while `provisioning` (`image_import`); null otherwise.
+    pub provisioning_operation: Option<String>,
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
@@ -102,10 +121,17 @@ impl VmDetails {
             display: None,
             status: if state.is_some() {
                 "running"
+            } else if crate::vm::lock::VmLock::is_held(
+                &vm.dir.join(crate::vm::actions::PROVISIONING_MARKER),
+            )
+            .unwrap_or(false)
+            {
+                "provisioning"
             } else {
                 "stopped"
             }
             .into(),
+            provisioning_operation: None,
             vnc_url: None,
             ip_address: None,
             ssh_available: None,
@@ -117,6 +143,9 @@ impl VmDetails {
             network: None,
             error: None,
         };
+        if d.status == "provisioning" {
+            d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
+        }
         let cfg = match vm.load_config() {
             Ok(c) => c,
             Err(e) => {
@@ -151,11 +180,36 @@ impl VmDetails {
                 .as_ref()
                 .and_then(|s| s.note.clone())
                 .or_else(|| mode_note(mode)),
+            attachment: state.as_ref().and_then(attachment),
         });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
+            // As lume: whether port 22 answers now (null when stopped).
+            d.ssh_available = Some(
+                crate::guest::reach::ssh_target(&s, d.ip_address.as_deref()).is_some_and(|t| {
+                    crate::guest::reach::port_answers(t, crate::guest::reach::SSH_PROBE_TIMEOUT)
+                }),
+            );
         }
         d
+    }
+
+    /// The details of many VMs, read in parallel, at most 32 at a time
+    /// (each running VM's SSH probe may take up to its timeout).
+    pub fn read_all(store: &Store, vms: &[Vm]) -> Vec<Self> {
+        let mut all = Vec::with_capacity(vms.len());
+        for chunk in vms.chunks(32) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|vm| scope.spawn(move || Self::read(store, vm)))
+                    .collect();
+                for (h, vm) in handles.into_iter().zip(chunk) {
+                    all.push(h.join().unwrap_or_else(|_| Self::read(store, vm)));
+                }
+            });
+        }
+        all
     }
 }

@@ -43,6 +43,15 @@ pub struct RunState {
     /// The MAC address of this run.
     #[serde(default)]
     pub mac_address: Option<String>,
+    /// Whether a program in the guest holds the guest agent's channel open
+    /// (QEMU's VSERPORT_CHANGE events); `None` when not known.
+    #[serde(default)]
+    pub guest_agent: Option<bool>,
+    /// Bridged on a plain interface: the macvlan on `parent` that joins the
+    /// tap (`host_device`) to it, re-created when the parent returns. Runs
+    /// started before lume did this have a macvtap as `host_device` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<String>,
 }
 
 impl RunState {

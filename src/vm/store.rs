@@ -51,6 +51,10 @@ pub enum StoreError {
     },
     #[error("VM '{0}' is busy: another lume command is changing it; try again in a moment")]
     Busy(VmName),
+    #[error(
+        "VM '{0}' is still being created (status provisioning): wait until `lume ls` shows it stopped, then try again"
+    )]
+    Provisioning(VmName),
 }
 
 /// A directory that a user other than root could change: root keeps no VM
@@ -247,6 +251,8 @@ impl Store {
         if vm.config_path().exists() {
             self.migrate(&vm);
             Ok(vm)
+        } else if self.is_provisioning(name) {
+            Err(StoreError::Provisioning(name.clone()))
         } else {
             Err(StoreError::NotFound {
                 name: name.clone(),
@@ -274,6 +280,45 @@ impl Store {
         vms.iter().for_each(|vm| self.migrate(vm));
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
+    }
+
+    /// VMs being created with an image import: `.creating-…` work
+    /// directories whose provisioning marker is locked by a live create
+    /// (a killed create's directory is never listed) and that hold a
+    /// config.json. Sorted by name.
+    pub fn provisioning(&self) -> Vec<Vm> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut vms: Vec<Vm> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let file = e.file_name();
+                let rest = file.to_str()?.strip_prefix(".creating-")?;
+                // NAME-PID-RANDOM; the name may itself contain '-'.
+                let mut parts = rest.rsplitn(3, '-');
+                let (_, _, name) = (parts.next()?, parts.next()?, parts.next()?);
+                let vm = Vm {
+                    name: VmName::parse(name).ok()?,
+                    dir: e.path(),
+                };
+                let marker = vm.dir.join(super::actions::PROVISIONING_MARKER);
+                (VmLock::is_held(&marker).unwrap_or(false) && vm.config_path().exists())
+                    .then_some(vm)
+            })
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms
+    }
+
+    /// The VM `name` while it is being provisioned.
+    pub fn find_provisioning(&self, name: &VmName) -> Option<Vm> {
+        self.provisioning().into_iter().find(|v| &v.name == name)
+    }
+
+    /// Whether `name` is being provisioned.
+    pub fn is_provisioning(&self, name: &VmName) -> bool {
+        self.find_provisioning(name).is_some()
     }
 
     /// A fresh hidden work directory for building `name` (`.creating-…`).

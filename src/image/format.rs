@@ -4,7 +4,10 @@
 //!
 //! qcow2 is accepted only without a backing file and without an external
 //! data file; formats that can name other files (vmdk descriptors, vhdx,
-//! vdi, qed, …) are refused by name; everything else is raw.
+//! vdi, qed, …) are refused by name, as are compressed files lume does not
+//! unpack (gzip, zstd, bzip2, zip) and web pages (a wrong URL); an xz stream
+//! is recognised by its magic ([`is_xz`]) and unpacked by the importer;
+//! everything else is raw (the importer also requires whole sectors).
 
 /// How many leading bytes [`sniff`] needs to recognise every format it knows.
 pub const HEADER_LEN: usize = 4096;
@@ -86,12 +89,61 @@ fn refused_format(h: &[u8]) -> Option<&'static str> {
     if starts(b"LUKS\xba\xbe") {
         return Some("luks");
     }
+    // Compressed files other than xz: lume does not unpack them.
+    if starts(b"\x1f\x8b") {
+        return Some("gzip (decompress it first: gunzip)");
+    }
+    if starts(b"\x28\xb5\x2f\xfd") {
+        return Some("zstd (decompress it first: unzstd)");
+    }
+    if starts(b"BZh") && h.get(3).is_some_and(|c| (b'1'..=b'9').contains(c)) {
+        return Some("bzip2 (decompress it first: bunzip2)");
+    }
+    if starts(b"PK\x03\x04") {
+        return Some("zip (unpack it first)");
+    }
+    if looks_like_html(h) {
+        return Some("HTML (a web page, not a disk image; check the URL)");
+    }
     // VirtualBox: the signature 0xbeda107f (little endian) at offset 0x40.
     if h.get(0x40..0x44) == Some(&[0x7f, 0x10, 0xda, 0xbe][..]) {
         return Some("vdi");
     }
     None
 }
+
+/// Whether `h` starts like a web page (after optional whitespace): what a
+/// wrong URL usually returns.
+fn looks_like_html(h: &[u8]) -> bool {
+    let start = h
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(h.len());
+    let lower: Vec<u8> = h[start..]
+        .iter()
+        .take(15)
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    lower.starts_with(b"<!doctype html")
+        || lower.starts_with(b"<html")
+        || lower.starts_with(b"<?xml")
+}
+
+/// Magic of an xz stream.
+const XZ_MAGIC: &[u8; 6] = b"\xfd7zXZ\0";
+
+/// Whether the bytes start an xz stream (decided by content, never by name).
+pub fn is_xz(header: &[u8]) -> bool {
+    header.starts_with(XZ_MAGIC)
+}
+
+/// The virtual disk size a (checked) qcow2 header declares.
+pub fn qcow2_virtual_size(header: &[u8]) -> Option<u64> {
+    header.starts_with(QCOW_MAGIC).then(|| be64(header, 24))?
+}
+
+/// Sector size: a raw disk image is a whole number of sectors.
+pub const SECTOR: u64 = 512;
 
 /// Decides the format of an image from its first bytes (up to
 /// [`HEADER_LEN`]; fewer when the file is shorter). Never panics.
@@ -161,6 +213,19 @@ pub(crate) mod tests {
         );
         assert_eq!(sniff(b"vhdxfile"), Err(FormatError::Unsupported("vhdx")));
         assert_eq!(sniff(b"QED\0"), Err(FormatError::Unsupported("qed")));
+        assert!(matches!(
+            sniff(b"\n  <!DOCTYPE HTML><html>"),
+            Err(FormatError::Unsupported(n)) if n.starts_with("HTML")
+        ));
+        assert!(
+            matches!(sniff(b"\x1f\x8b\x08"), Err(FormatError::Unsupported(n)) if n.starts_with("gzip"))
+        );
+        assert!(is_xz(b"\xfd7zXZ\0\0\x04"));
+        assert!(!is_xz(b"\xfd7zXZ"));
+        let mut q = qcow2_header(0, 0);
+        q[24..32].copy_from_slice(&(5u64 << 30).to_be_bytes());
+        assert_eq!(qcow2_virtual_size(&q), Some(5 << 30));
+        assert_eq!(qcow2_virtual_size(&[0u8; 64]), None);
         let mut vdi = vec![0u8; 0x80];
         vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
         assert_eq!(sniff(&vdi), Err(FormatError::Unsupported("vdi")));
