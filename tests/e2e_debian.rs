@@ -267,7 +267,12 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
         format!("lume-{}", c1["vmId"].as_str().unwrap())
     );
 
-    t.lume_ok(&["stop", "deb2"]);
+    // A graceful stop over SSH with lume's key (the image runs no guest
+    // agent): lume says which way it took.
+    let out = t.host.lume(&t.home, &["stop", "deb2"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("ssh"), "{said}");
     t.lume_ok(&["stop", "deb"]);
     // Deleting the VM forgets its host key with it.
     t.lume_ok(&["delete", "deb2", "--force"]);
