@@ -330,6 +330,24 @@ def image_import(rows):
             continue
         rc, med = ratio_cell(by_run(rows, f"lume-{fmt}", "seconds"), by_run(rows, f"curl-{fmt}", "seconds"))
         out.append(f"| {label} | {cell(t)} | {cell(b)} | {rc} | {verdict(med is not None and med <= 1.1)} | {len(t)} |")
+def ssh(rows):
+    if not rows:
+        return []
+    out = ["### 8. Debian cloud VM: start to a working `ssh`", ""]
+    out += ["Seconds from `lume run --detach` (bare: the first setup command) to the first "
+            "successful `ssh … true`, first boot with cloud-init; median (min–max).", ""]
+    out += ["| case | to ssh | n |", "| --- | --- | --- |"]
+    for case in ["lume-nat", "bare-nat"]:
+        v = metric(rows, case, "seconds")
+        if v:
+            out.append(f"| {case} | {cell(v)} | {len(v)} |")
+    lume = by_run(rows, "lume-nat", "seconds")
+    bare = by_run(rows, "bare-nat", "seconds")
+    if lume and bare:
+        c, _ = ratio_cell(lume, bare)
+        rm = statistics.median(lume.values()) / statistics.median(bare.values())
+        out += ["", "| lume / bare, paired per round | ratio of medians | target |",
+                "| --- | --- | --- |", f"| {c} | {rm:.2f}x | {verdict(rm <= 1.05)} |"]
     return out
 
 
@@ -345,7 +363,7 @@ def main():
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
                     throughput(load(results, "throughput")), reattach(load(results, "reattach")),
-                    image_import(load(results, "import"))]:
+                    image_import(load(results, "import")), ssh(load(results, "ssh"))]:
         if section:
             parts += section + [""]
     parts.append(END)

@@ -13,6 +13,7 @@
 #               (BENCH_OLD_LUME=<older lume>: also bridged on a macvtap, the path before)
 #   reattach    a bridged VM answering from the LAN again after its parent returns
 #   import      create --image URL of a 2 GiB image vs curl + qemu-img convert
+#   ssh         a Debian 12 cloud VM from start to a working ssh, lume vs bare QEMU
 #
 # It installs missing packages (scripts/install-deps.sh; xfsprogs for the
 # XFS part), builds target/release/lume with `cargo build --release`, builds
@@ -28,7 +29,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale clone throughput reattach import)
+ALL=(boot heal scale clone throughput reattach import ssh)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do

@@ -3,10 +3,15 @@
 # something is missing: QEMU, qemu-img, passt (user mode), dnsmasq, nftables, iproute2, the
 # packages the test guest is built from, qemu-guest-agent (its client is tested against the real agent), and iptables (iptables-nft: the tests load Docker's and
 # ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients),
-# openssl (a TLS server with an untrusted certificate in the image import tests).
+# openssl (a TLS server with an untrusted certificate in the image import tests),
+# openssh-client (`lume ssh` runs ssh; lume's key pair is made with ssh-keygen), and what
+# tests/debian/build.sh builds the Debian cloud test image with: mmdebstrap, syslinux
+# (+ syslinux-common's MBR), mtools and dosfstools (the boot partition, no loop device),
+# e2fsprogs (mkfs.ext4 -d) and fdisk (sfdisk).
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 openssl)
+packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 openssl
+          openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

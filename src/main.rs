@@ -4,6 +4,10 @@
 use clap::Parser;
 
 fn main() {
+    // Started by ssh as the askpass helper of `lume ssh --password`.
+    if lume::guest::ssh::serve_askpass() {
+        return;
+    }
     let cli = lume::cli::Cli::parse();
     match lume::cli::run(cli) {
         Ok(code) => std::process::exit(code),

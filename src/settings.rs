@@ -76,6 +76,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "hostBridge",
     "hostSubnet",
     "firewallAccommodation",
+    "sshPassword",
     crate::api::auth::API_GROUP_KEY,
 ];
 
@@ -88,6 +89,7 @@ pub fn default_value(key: &str) -> Option<&'static str> {
         "hostBridge" => "lume-host0",
         "hostSubnet" => "192.168.65.0/24",
         "firewallAccommodation" => "true",
+        "sshPassword" => "true",
         _ => return None,
     })
 }
@@ -254,7 +256,7 @@ impl Settings {
         {
             return Err(SettingsError::NoSuchGroup(value.into()));
         }
-        if key == "firewallAccommodation" {
+        if key == "firewallAccommodation" || key == "sshPassword" {
             let on = match value {
                 "true" => true,
                 "false" => false,

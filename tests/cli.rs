@@ -923,3 +923,46 @@ fn config_set_validates_known_keys_and_warns_about_unknown_ones() {
     let err = home.fails(&["config", "get", "apiGroup"]);
     assert!(err.contains("'apiGroup' is not set in"), "{err}");
 }
+
+#[test]
+fn cloud_init_options_are_saved_and_lume_ssh_needs_a_running_vm() {
+    let home = Home::new();
+    let ud = home.path().join("ud.yaml");
+    fs::write(&ud, "#cloud-config\nruncmd: [true]\n").unwrap();
+    let ud_s = ud.display().to_string();
+    create_small(&home, "ci", &["--no-password", "--cloud-init", &ud_s]);
+    let dir = home.vm_dir("ci");
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["cloudInit"]["password"], false);
+    assert_eq!(cfg["cloudInit"]["userData"], true);
+    assert_eq!(cfg["vmId"].as_str().unwrap().len(), 32);
+    assert_eq!(
+        fs::read_to_string(dir.join("user-data")).unwrap(),
+        "#cloud-config\nruncmd: [true]\n"
+    );
+    // A file that is not user-data is refused and nothing is created.
+    let plain = home.path().join("plain.yaml");
+    fs::write(&plain, "runcmd: [true]\n").unwrap();
+    let err = home.fails(&[
+        "create",
+        "bad",
+        "--cloud-init",
+        &plain.display().to_string(),
+    ]);
+    assert!(err.contains("start it with #cloud-config"), "{err}");
+    assert!(!home.vm_dir("bad").exists());
+    // --no-cloud-init with --cloud-init is a usage error.
+    let out = home.lume(&["create", "x", "--no-cloud-init", "--cloud-init", &ud_s]);
+    assert_eq!(out.status.code(), Some(2));
+    create_small(&home, "off", &["--no-cloud-init"]);
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(home.vm_dir("off").join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["cloudInit"]["enabled"], false);
+
+    let err = home.fails(&["ssh", "ci", "true"]);
+    assert!(err.contains("VM 'ci' is not running"), "{err}");
+    let err = home.fails(&["ssh", "ghost"]);
+    assert!(err.contains("does not exist"), "{err}");
+}

@@ -116,10 +116,16 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             | ImportError::Xz { .. },
         ) => BAD,
         VmError::Import(ImportError::Download(_)) => StatusCode::BAD_GATEWAY,
+        VmError::Seed(
+            crate::guest::cloudinit::SeedError::UnknownUserData { .. }
+            | crate::guest::cloudinit::SeedError::UserDataTooLarge { .. },
+        ) => BAD,
         VmError::Import(ImportError::Read { .. } | ImportError::Disk(_))
         | VmError::Image(_)
         | VmError::Config(_)
-        | VmError::Settings(_) => FAILED,
+        | VmError::Settings(_)
+        | VmError::Seed(_)
+        | VmError::Keys(_) => FAILED,
         VmError::MacOsGuest
         | VmError::UnknownOs(_)
         | VmError::NoCpu

@@ -87,6 +87,15 @@ pub struct CreateVmRequest {
     #[serde(default)]
     #[schema(example = json!(["127.0.0.1:8080:80"]))]
     pub publish: Vec<String>,
+    /// Absolute path of the caller's own cloud-init user-data, combined with
+    /// lume's (see docs/images.md).
+    pub cloud_init: Option<String>,
+    /// No cloud-init seed at all.
+    #[serde(default)]
+    pub no_cloud_init: bool,
+    /// User `lume` gets no password (key logins only).
+    #[serde(default)]
+    pub no_password: bool,
 }
 
 /// `PATCH /lume/vms/{name}`: the fields to change, from the next start.
@@ -510,6 +519,9 @@ pub async fn create_vm(
         progress: false,
         image,
         publish: ports(&r.publish)?,
+        cloud_init: opt_path("cloudInit", r.cloud_init.as_deref())?,
+        no_cloud_init: r.no_cloud_init,
+        no_password: r.no_password,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     if spec.image.as_ref().is_some_and(ImageSource::is_url) {

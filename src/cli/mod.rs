@@ -67,6 +67,8 @@ pub enum Command {
     Clone(CloneArgs),
     /// Delete a VM and its disk
     Delete(DeleteArgs),
+    /// Open a shell in a running VM, or run one command there, over SSH as user lume
+    Ssh(SshArgs),
     /// Show or change global settings
     Config(ConfigArgs),
     /// Host networking: health checks
@@ -119,6 +121,35 @@ pub struct CreateArgs {
     /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
+    /// Your own cloud-init user-data (#cloud-config or a script), added after lume's (docs/images.md)
+    #[arg(long, value_name = "FILE")]
+    pub cloud_init: Option<PathBuf>,
+    /// Give the VM no cloud-init seed (no user, key or hostname from lume)
+    #[arg(long, conflicts_with_all = ["cloud_init", "no_password"])]
+    pub no_cloud_init: bool,
+    /// User lume gets no password: SSH with keys only
+    #[arg(long)]
+    pub no_password: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+/// `lume ssh`: lume's options.
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    pub name: VmName,
+    /// Command to run (omit for an interactive shell); put `--` before a command with options
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+    /// User to log in as
+    #[arg(long, short = 'u', default_value = crate::guest::cloudinit::GUEST_USER)]
+    pub user: String,
+    /// Password to try after lume's key (lume's default password is lume)
+    #[arg(long, short = 'p')]
+    pub password: Option<String>,
+    /// Command timeout in seconds (0: none); also bounds the connection
+    #[arg(long, short = 't', default_value_t = 60)]
+    pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -358,6 +389,7 @@ fn confirm(question: &str) -> bool {
 pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
+        Command::Ssh(a) => return ssh(a),
         Command::Serve(a) => {
             if a.token.is_some() {
                 return Err(crate::api::auth::TokenError::OnCommandLine.into());
@@ -397,6 +429,9 @@ pub fn run(cli: Cli) -> Result<i32> {
                 image_sha256: a.image_sha256,
                 progress: true,
                 publish: a.publish,
+                cloud_init: a.cloud_init,
+                no_cloud_init: a.no_cloud_init,
+                no_password: a.no_password,
             })),
             Format::Text,
         ),
@@ -501,6 +536,46 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
     };
     finish(&storage, action, format)
+}
+
+/// `lume ssh`: runs the system's ssh client with lume's key, the VM's own
+/// known_hosts file and the VM's address (see guest::ssh).
+fn ssh(a: SshArgs) -> Result<i32> {
+    use crate::guest::ssh::{self as gssh, SshError, SshRequest};
+    use std::os::unix::process::CommandExt;
+    let ctx = context(&a.storage)?;
+    let vm = ctx.store.open(&a.name)?;
+    ctx.store.check_private(Some(&vm))?;
+    let state = vm
+        .running_state()
+        .ok_or_else(|| SshError::NotRunning(a.name.to_string()))?;
+    let address = crate::vm::details::VmDetails::read(&ctx.store, &vm).ip_address;
+    let to = gssh::target(a.name.as_str(), &state, address)?;
+    let key = crate::guest::keys::ensure(ctx.store.root())?;
+    let interactive = a.command.is_empty();
+    let req = SshRequest {
+        vm_name: a.name.to_string(),
+        vm_dir: vm.dir.clone(),
+        user: a.user,
+        password: a.password,
+        key: Some(key.private),
+        command: a.command,
+        tty: interactive && std::io::stdin().is_terminal(),
+        connect_timeout: std::time::Duration::from_secs(match a.timeout {
+            0 => 30,
+            t => t.clamp(1, 30),
+        }),
+    };
+    let mut cmd = gssh::command(&req, &to);
+    if interactive || a.timeout == 0 {
+        let e = cmd.exec();
+        return Err(match e.kind() {
+            std::io::ErrorKind::NotFound => SshError::NoClient,
+            _ => SshError::Spawn(e),
+        }
+        .into());
+    }
+    Ok(gssh::run(cmd, std::time::Duration::from_secs(a.timeout))?)
 }
 
 /// Ctrl-C, SIGTERM or SIGHUP while `create --image` imports: the half-made

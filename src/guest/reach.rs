@@ -10,13 +10,14 @@ use crate::vm::state::RunState;
 /// How long `sshAvailable` waits for port 22.
 pub const SSH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Where the guest's SSH server is reached from this host.
-///
-/// INTEGRATION POINT (issue 12, `lume ssh`): in `user` mode the guest is
-/// only reachable through a loopback port that lume forwards to guest port
-/// 22 and records in run.json; return that address here for user mode.
-/// Until then a user-mode VM reports `sshAvailable` only through `address`.
-pub fn ssh_target(_state: &RunState, address: Option<&str>) -> Option<SocketAddr> {
+/// Where the guest's SSH server is reached from this host: in `user` mode
+/// the loopback port lume forwards to guest port 22 (recorded in run.json),
+/// else port 22 of the guest's address.
+pub fn ssh_target(state: &RunState, address: Option<&str>) -> Option<SocketAddr> {
+    if state.network_mode == crate::network::NetworkMode::User {
+        let t = crate::guest::ssh::target("", state, None).ok()?;
+        return Some(SocketAddr::new(t.host.parse().ok()?, t.port));
+    }
     let ip: IpAddr = address?.parse().ok()?;
     Some(SocketAddr::new(ip, 22))
 }

@@ -143,6 +143,21 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         }
         a.extend(["-append".into(), k.cmdline.clone()]);
     }
+    // The cloud-init NoCloud seed lume wrote (read-only; the guest finds it
+    // by its label CIDATA).
+    if crate::vm::actions::wants_seed(c) {
+        let seed = dir.join(crate::guest::cloudinit::SEED_FILE);
+        if !is_regular(&seed) {
+            return Err(QemuError::MissingFile {
+                what: "cloud-init seed",
+                path: seed,
+            });
+        }
+        a.extend([
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio,readonly=on", opt_path(&seed)),
+        ]);
+    }
     for iso in spec.mounts {
         a.extend([
             "-drive".into(),
@@ -187,6 +202,8 @@ mod tests {
             disk_format: Default::default(),
             publish: Vec::new(),
             unsafe_host_loopback: false,
+            vm_id: None,
+            cloud_init: Default::default(),
             extra: Default::default(),
         };
         let disks = [PathBuf::from("/proc/1/fd/7")];
@@ -232,5 +249,50 @@ mod tests {
         assert!(joined.contains("id=qga-port,name=org.qemu.guest_agent.0"));
         assert!(joined.contains("-qmp unix:events.sock,server=on,wait=off"));
         assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
+    }
+
+    #[test]
+    fn a_disk_booted_vm_gets_its_seed_read_only_as_raw_and_a_missing_seed_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: VmConfig = serde_json::from_str(r#"{"os":"linux"}"#).unwrap();
+        let spec = LaunchSpec {
+            name: "t",
+            dir: dir.path(),
+            config: &cfg,
+            accel: Accel::Tcg,
+            mounts: &[],
+            disks: &[],
+            console: Path::new("/proc/self/fd/3"),
+            net_args: &[],
+        };
+        assert!(matches!(
+            arguments(&spec),
+            Err(QemuError::MissingFile {
+                what: "cloud-init seed",
+                ..
+            })
+        ));
+        let seed = dir.path().join(crate::guest::cloudinit::SEED_FILE);
+        std::fs::write(&seed, b"seed").unwrap();
+        let args: Vec<String> = arguments(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let want = format!("file={},format=raw,if=virtio,readonly=on", seed.display());
+        assert!(args.contains(&want), "{args:?}");
+        // A symlink planted as the seed is refused.
+        std::fs::remove_file(&seed).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", &seed).unwrap();
+        assert!(arguments(&spec).is_err());
+        // --no-cloud-init: no seed drive at all.
+        let off: VmConfig =
+            serde_json::from_str(r#"{"os":"linux","cloudInit":{"enabled":false}}"#).unwrap();
+        let spec = LaunchSpec {
+            config: &off,
+            ..spec
+        };
+        let args = arguments(&spec).unwrap();
+        assert!(!args.iter().any(|a| a.to_string_lossy().contains("cidata")));
     }
 }

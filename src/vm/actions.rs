@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::caller::{Access, OpenError};
-use super::config::{ConfigError, DiskFormat, KernelBoot, MacAddress, VmConfig};
+use super::config::{CloudInit, ConfigError, DiskFormat, KernelBoot, MacAddress, VmConfig};
 use super::details::VmDetails;
 use super::lock::VmLock;
 use super::name::VmName;
@@ -24,7 +24,7 @@ use crate::image::import::{self, ImportError};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::attach::{AttachError, AttachOptions};
-use crate::network::publish::PortMapping;
+use crate::network::publish::{PortMapping, Proto};
 use crate::settings::{Settings, SettingsError};
 
 /// Errors of the lifecycle actions.
@@ -44,6 +44,10 @@ pub enum VmError {
     Settings(#[from] SettingsError),
     #[error(transparent)]
     Network(#[from] AttachError),
+    #[error(transparent)]
+    Seed(#[from] crate::guest::cloudinit::SeedError),
+    #[error(transparent)]
+    Keys(#[from] crate::guest::keys::KeyError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -269,6 +273,12 @@ pub struct CreateSpec {
     pub progress: bool,
     /// Ports published at every start.
     pub publish: Vec<PortMapping>,
+    /// The user's own cloud-init user-data, stored with the VM.
+    pub cloud_init: Option<PathBuf>,
+    /// No cloud-init seed at all.
+    pub no_cloud_init: bool,
+    /// User `lume` gets no password (key logins only).
+    pub no_password: bool,
 }
 
 /// What `run` needs.
@@ -559,6 +569,18 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
         Some(ImageSource::Url(u)) => Some(OpenedImage::Url(u.clone())),
         None => None,
     };
+    let user_data = match open("cloud-init file", &spec.cloud_init)? {
+        Some(f) => {
+            let mut data = Vec::new();
+            (&*f.file)
+                .take(crate::guest::cloudinit::MAX_USER_DATA + 1)
+                .read_to_end(&mut data)
+                .map_err(io_at(&f.path))?;
+            crate::guest::cloudinit::check_user_data(&f.path, &data)?;
+            Some(data)
+        }
+        None => None,
+    };
     let exists = || StoreError::Exists {
         name: spec.name.clone(),
         root: store.root().to_path_buf(),
@@ -580,7 +602,12 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
         };
         // The config is there from the start, so a provisioning VM lists
         // with its settings; its disk size is rewritten after the import.
-        config_for(&spec, spec.disk_size, None).save(&work.join("config.json"))?;
+        if let Some(data) = &user_data {
+            let p = work.join(crate::guest::cloudinit::USER_DATA_FILE);
+            crate::util::atomic::write_private(&p, data).map_err(io_at(&p))?;
+        }
+        config_for(&spec, spec.disk_size, None, user_data.is_some())
+            .save(&work.join("config.json"))?;
         Ok(lock)
     })();
     match started {
@@ -600,7 +627,12 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
     }
 }
 
-fn config_for(spec: &CreateSpec, disk_size: u64, kernel_boot: Option<KernelBoot>) -> VmConfig {
+fn config_for(
+    spec: &CreateSpec,
+    disk_size: u64,
+    kernel_boot: Option<KernelBoot>,
+    user_data: bool,
+) -> VmConfig {
     VmConfig {
         os: "linux".into(),
         cpu_count: spec.cpu,
@@ -613,6 +645,12 @@ fn config_for(spec: &CreateSpec, disk_size: u64, kernel_boot: Option<KernelBoot>
         disk_format: DiskFormat::Raw,
         publish: spec.publish.clone(),
         unsafe_host_loopback: false,
+        vm_id: Some(crate::guest::cloudinit::new_vm_id()),
+        cloud_init: CloudInit {
+            enabled: !spec.no_cloud_init,
+            password: spec.no_password.then_some(false),
+            user_data,
+        },
         extra: Default::default(),
     }
 }
@@ -734,6 +772,17 @@ fn run_request(
             "The VM's published ports are not used in network mode {network}"
         ));
     }
+    // User mode: a loopback port forwarded to the guest's SSH port, for
+    // `lume ssh` (recorded in run.json with the other published ports).
+    if network == NetworkMode::User
+        && wants_seed(cfg)
+        && !publish
+            .iter()
+            .any(|p| p.guest_port == crate::guest::ssh::SSH_PORT && p.proto == Proto::Tcp)
+        && let Some(p) = crate::guest::ssh::free_loopback_port()
+    {
+        publish.push(p);
+    }
     Ok(RunRequest {
         network,
         mounts: spec
@@ -766,11 +815,16 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     let name = spec.name.clone().expect("run needs a name");
     let vm = store.open(&name)?;
     store.check_private(Some(&vm))?;
-    let cfg = vm.load_config()?;
+    let mut cfg = vm.load_config()?;
     let req = run_request(ctx, &cfg, &spec, note)?;
     supervisor::preflight(&vm, &cfg, &req)?;
     if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
         return Err(supervisor::held_error(&vm).into());
+    }
+    // The seed is made by the lume the caller ran (with the caller's keys);
+    // a detached supervisor uses the one its parent wrote.
+    if wants_seed(&cfg) && std::env::var_os(supervisor::START_LOG_ENV).is_none() {
+        cfg = provision(ctx, &vm, cfg)?;
     }
     if !spec.detach {
         let status = supervisor::supervise(&vm, &cfg, &req, &mut |s: &RunState| {
@@ -794,6 +848,62 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
         return Ok(Outcome::Exited(status));
     }
     detach(store, &vm, &spec, &req)
+}
+
+/// Whether a VM gets a cloud-init seed: a VM booted from its disk, or one
+/// booted from a kernel whose creator gave a cloud-init file.
+pub fn wants_seed(cfg: &VmConfig) -> bool {
+    cfg.cloud_init.enabled && (cfg.kernel_boot.is_none() || cfg.cloud_init.user_data)
+}
+
+/// Writes the VM's cloud-init seed when its inputs changed: the VM's id
+/// (given to VMs from before lume recorded one), name, MAC address, lume's
+/// key, the caller's own public keys, the password setting, the user's
+/// user-data.
+fn provision(ctx: &Context, vm: &Vm, mut cfg: VmConfig) -> Result<VmConfig, VmError> {
+    use crate::guest::{cloudinit, keys};
+    if cfg.vm_id.is_none() {
+        cfg = vm.update_config(|c| -> Result<VmConfig, VmError> {
+            if c.vm_id.is_none() {
+                c.vm_id = Some(cloudinit::new_vm_id());
+            }
+            Ok(c.clone())
+        })?;
+    }
+    let pair = keys::ensure(ctx.store.root())?;
+    let mut authorized_keys = vec![pair.public];
+    for k in keys::caller_public_keys(&ctx.caller) {
+        if !authorized_keys.contains(&k) {
+            authorized_keys.push(k);
+        }
+    }
+    let user_data = if cfg.cloud_init.user_data {
+        let p = vm.dir.join(cloudinit::USER_DATA_FILE);
+        let meta = fs::symlink_metadata(&p).map_err(io_at(&p))?;
+        if !meta.file_type().is_file() {
+            return Err(VmError::MissingFile {
+                what: "cloud-init user-data",
+                path: p,
+            });
+        }
+        Some(fs::read(&p).map_err(io_at(&p))?)
+    } else {
+        None
+    };
+    let password = match cfg.cloud_init.password {
+        Some(p) => p,
+        None => ctx.settings.get_bool("sshPassword")?.unwrap_or(true),
+    };
+    let inputs = cloudinit::SeedInputs {
+        vm_name: vm.name.to_string(),
+        instance_id: cloudinit::instance_id(cfg.vm_id.as_deref().unwrap_or_default()),
+        mac: cfg.mac_address,
+        password,
+        authorized_keys,
+        user_data,
+    };
+    cloudinit::write_seed(&vm.dir, &inputs)?;
+    Ok(cfg)
 }
 
 /// Starts a supervisor in its own session and waits until it reports the VM
@@ -1215,6 +1325,12 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
     Ok(Outcome::Updated(VmDetails::read(store, &vm)))
 }
 
+/// Files of a VM's identity that a clone does not take: it gets its own.
+const NOT_CLONED: [&str; 2] = [
+    crate::guest::cloudinit::SEED_FILE,
+    crate::guest::ssh::KNOWN_HOSTS,
+];
+
 /// Files that belong to a run, not to the VM: never cloned.
 const RUNTIME_FILES: [&str; 12] = [
     "console.log",
@@ -1252,7 +1368,11 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
             let entry = entry.map_err(io_at(&src.dir))?;
             let fname = entry.file_name();
             let Some(n) = fname.to_str() else { continue };
-            if RUNTIME_FILES.contains(&n) || n == "config.json" || n.starts_with('.') {
+            if RUNTIME_FILES.contains(&n)
+                || NOT_CLONED.contains(&n)
+                || n == "config.json"
+                || n.starts_with('.')
+            {
                 continue;
             }
             if !entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
@@ -1264,6 +1384,9 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
             }
         }
         cfg.mac_address = Some(MacAddress::random());
+        // A clone is a new instance for cloud-init: its own hostname and
+        // SSH host keys, a seed and a known_hosts file of its own.
+        cfg.vm_id = Some(crate::guest::cloudinit::new_vm_id());
         cfg.save(&work.join("config.json"))?;
         Ok(disk_copy)
     })();
@@ -1383,6 +1506,9 @@ mod tests {
             cmdline: None,
             image: None,
             publish: Vec::new(),
+            cloud_init: None,
+            no_cloud_init: false,
+            no_password: false,
         }
     }
 
@@ -1441,6 +1567,87 @@ mod tests {
             let mode = fs::metadata(vm.join(f)).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
+    }
+
+    #[test]
+    fn a_cloud_init_file_is_read_with_the_callers_rights_and_checked() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to act for another uid");
+            return;
+        }
+        let host = tempfile::tempdir().unwrap();
+        chmod(host.path(), 0o755);
+        let kernel = host.path().join("vmlinuz");
+        fs::write(&kernel, b"a kernel").unwrap();
+        chmod(&kernel, 0o644);
+        let secret = host.path().join("secret.yaml");
+        fs::write(&secret, b"#cloud-config\nroot's: secret\n").unwrap();
+        chmod(&secret, 0o600);
+        let mine = host.path().join("mine.yaml");
+        fs::write(&mine, b"#cloud-config\nruncmd: [true]\n").unwrap();
+        chmod(&mine, 0o644);
+        let not_user_data = host.path().join("plain.yaml");
+        fs::write(&not_user_data, b"runcmd: [true]\n").unwrap();
+        chmod(&not_user_data, 0o644);
+
+        let storage = tempfile::tempdir().unwrap();
+        let root = storage.path().join("vms");
+        let ctx = context(&root, Caller::from_uid(65534));
+        let with = |name: &str, file: &Path| {
+            let mut sp = spec(name, &kernel);
+            sp.cloud_init = Some(file.to_path_buf());
+            Action::Create(Box::new(sp))
+        };
+        let e = execute(&ctx, with("a", &secret), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&e, VmError::Forbidden { path, .. } if *path == secret),
+            "{e}"
+        );
+        let e = execute(&ctx, with("a", &not_user_data), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VmError::Seed(crate::guest::cloudinit::SeedError::UnknownUserData { .. })
+            ),
+            "{e}"
+        );
+        assert!(!root.join("a").exists());
+        execute(&ctx, with("b", &mine), &mut |_| {}).unwrap();
+        let vm = root.join("b");
+        assert_eq!(
+            fs::read(vm.join("user-data")).unwrap(),
+            b"#cloud-config\nruncmd: [true]\n"
+        );
+        assert_eq!(
+            fs::metadata(vm.join("user-data"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let cfg = VmConfig::load(&vm.join("config.json")).unwrap();
+        assert!(cfg.cloud_init.user_data && cfg.vm_id.is_some());
+        // A kernel-booted VM with user-data gets a seed; a clone gets a new
+        // id and neither the seed nor the known host keys of its source.
+        assert!(wants_seed(&cfg));
+        fs::write(vm.join("cidata.img"), b"seed").unwrap();
+        fs::write(vm.join("known_hosts"), b"lume-b ssh-ed25519 AAAA").unwrap();
+        let ctx = context(&root, Caller::current());
+        execute(
+            &ctx,
+            Action::Clone {
+                source: VmName::parse("b").unwrap(),
+                target: VmName::parse("c").unwrap(),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let copy = VmConfig::load(&root.join("c/config.json")).unwrap();
+        assert_ne!(copy.vm_id, cfg.vm_id);
+        assert!(root.join("c/user-data").exists());
+        assert!(!root.join("c/cidata.img").exists());
+        assert!(!root.join("c/known_hosts").exists());
     }
 
     #[test]

@@ -140,6 +140,43 @@ pub enum DiskFormat {
     Raw,
 }
 
+/// cloud-init provisioning of a VM booted from its disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudInit {
+    /// Whether the VM gets a NoCloud seed (`--no-cloud-init` turns it off).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Whether user `lume` gets the password `lume`: `false` with
+    /// `--no-password`; absent, config.yaml's `sshPassword` decides (default on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<bool>,
+    /// Whether the VM directory holds the user's own user-data
+    /// (`--cloud-init FILE`, stored as `user-data`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub user_data: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for CloudInit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            password: None,
+            user_data: false,
+        }
+    }
+}
+
+impl CloudInit {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 pub const DEFAULT_CPU: u32 = 2;
 pub const DEFAULT_MEMORY: u64 = 2 << 30;
 pub const DEFAULT_DISK: u64 = 20 << 30;
@@ -192,6 +229,14 @@ pub struct VmConfig {
     /// its gateway. Unsafe for untrusted guests; off unless set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_host_loopback: bool,
+    /// A random id of this VM, new for a clone: cloud-init's instance id is
+    /// made from it. VMs created before lume recorded it get one at their
+    /// next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// cloud-init provisioning (the NoCloud seed).
+    #[serde(default, skip_serializing_if = "CloudInit::is_default")]
+    pub cloud_init: CloudInit,
     /// Every key we do not know, kept so that a rewrite loses nothing.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -315,6 +360,8 @@ mod tests {
             disk_format: DiskFormat::Raw,
             publish: vec!["127.0.0.1:2222:22".parse().unwrap()],
             unsafe_host_loopback: false,
+            vm_id: None,
+            cloud_init: Default::default(),
             extra: Map::new(),
         };
         c.save(&p).unwrap();

@@ -36,7 +36,7 @@ pub struct NetworkDetails {
 /// The guest's address as far as it is known now: dnsmasq's lease of this
 /// run (NAT, host-only), the DHCP exchange lume watched (bridged) or the
 /// neighbour table, or the address user mode always gives.
-fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
+pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
     let mac = s.mac_address.as_deref();
     if let (Some(file), Some(mac)) = (&s.lease_file, mac) {
         let now = crate::util::time::unix_now();

@@ -1,0 +1,287 @@
+//! End to end with a real Debian 12 cloud disk (tests/debian/build.sh, built
+//! from Debian packages and cached): lume imports the qcow2, gives the VM its
+//! cloud-init NoCloud seed, the guest provisions itself (user lume, lume's
+//! key, hostname = VM name, DHCP) and `lume ssh` reaches it in nat, bridged
+//! (on a Linux bridge) and user mode. One booted guest is shared by the checks that only read it;
+//! a clone proves it provisions as itself.
+//! Needs root (network namespaces) and the packages of scripts/install-deps.sh.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{Home, Lan};
+
+/// How long a first boot may take to SSH under TCG on a loaded machine.
+const BOOT: Duration = Duration::from_secs(420);
+
+fn image() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/debian/build.sh");
+    let out = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "building the Debian test image failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh prints the image")
+            .trim(),
+    )
+}
+
+/// `lume ssh ARGS…` in the host namespace.
+fn ssh(t: &Lan, args: &[&str]) -> Output {
+    let mut all = vec!["ssh"];
+    all.extend_from_slice(args);
+    t.host.lume(&t.home, &all)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).trim().to_string()
+}
+
+/// Polls `lume ssh NAME` until it answers once cloud-init has finished
+/// (its modules restart sshd on the way); returns the hostname.
+fn wait_ssh(t: &Lan, name: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let out = ssh(
+            t,
+            &[
+                name,
+                "-t",
+                "200",
+                "--",
+                "cloud-init status --wait >/dev/null; hostname",
+            ],
+        );
+        if out.status.success() {
+            eprintln!("{name}: ssh answered {:?} after start", start.elapsed());
+            return text(&out.stdout);
+        }
+        assert!(
+            start.elapsed() < BOOT,
+            "VM {name} did not answer ssh within {BOOT:?}: {}\nconsole tail:\n{}",
+            text(&out.stderr),
+            console_tail(&t.home, name)
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+fn console_tail(home: &Home, name: &str) -> String {
+    let c = std::fs::read_to_string(home.vm_dir(name).join("console.log")).unwrap_or_default();
+    let lines: Vec<&str> = c.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn host_key(home: &Home, name: &str) -> String {
+    let k = std::fs::read_to_string(home.vm_dir(name).join("known_hosts")).unwrap();
+    let line = k
+        .lines()
+        .find(|l| l.starts_with(&format!("lume-{name} ")))
+        .unwrap_or_else(|| panic!("no host key for {name} in {k}"));
+    line.split_whitespace().nth(2).unwrap().to_string()
+}
+
+#[test]
+fn debian_cloud_image_provisions_and_answers_lume_ssh() {
+    let image = image();
+    let t = Lan::new("db");
+    // A server-style host: the uplink is enslaved to a bridge that holds the
+    // address, so a bridged VM is reachable from the host itself (a macvtap
+    // one would not be).
+    t.host.exec_ok(
+        "ip link add hbr0 type bridge && ip link set up0 master hbr0 && ip link set hbr0 up && \
+         ip addr del 198.51.100.2/24 dev up0 && ip addr add 198.51.100.2/24 dev hbr0 && \
+         ip route add default via 198.51.100.1",
+    );
+    let user_data = t.home.path().join("user-data.yaml");
+    std::fs::write(
+        &user_data,
+        "#cloud-config\nruncmd:\n  - [sh, -c, 'echo from-user-part > /run/lume-user-part']\n",
+    )
+    .unwrap();
+    let image_arg = image.display().to_string();
+    let ud_arg = user_data.display().to_string();
+    t.lume_ok(&[
+        "create",
+        "deb",
+        "--image",
+        &image_arg,
+        "--disk-size",
+        "3GB",
+        "--cpu",
+        "2",
+        "--memory",
+        "1GB",
+        "--network",
+        "nat",
+        "--cloud-init",
+        &ud_arg,
+    ]);
+    // The seed is lume's, the image is not touched: nothing lume-specific inside.
+    t.lume_ok(&["run", "deb", "--detach"]);
+    assert!(t.home.vm_dir("deb").join("cidata.img").is_file());
+
+    // Provisioned: the hostname is the VM's name, lume's key logs in.
+    assert_eq!(wait_ssh(&t, "deb"), "deb");
+
+    // cloud-init took lume's seed without an error (the NoCloud datasource,
+    // every module of both user-data parts).
+    let out = ssh(&t, &["deb", "--", "cloud-init status --long"]);
+    let status = text(&out.stdout);
+    assert!(status.contains("status: done"), "{status}");
+    assert!(status.contains("DataSourceNoCloud"), "{status}");
+
+    // Passwordless sudo; output and exit status come back.
+    let out = ssh(&t, &["deb", "--", "sudo", "-n", "true"]);
+    assert!(out.status.success(), "sudo -n true: {}", text(&out.stderr));
+    let out = ssh(&t, &["deb", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = ssh(&t, &["deb", "--", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(text(&out.stdout), "out");
+    assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+
+    // The user's own cloud-config ran next to lume's (lume's user still works).
+    let part = common::wait_for("the user's runcmd", Duration::from_secs(120), || {
+        let out = ssh(&t, &["deb", "cat", "/run/lume-user-part"]);
+        out.status.success().then(|| text(&out.stdout))
+    });
+    assert_eq!(part, "from-user-part");
+
+    // lume's default password, given through SSH_ASKPASS: move lume's key
+    // away so that only the password can log in.
+    let keys = t.home.storage().join(".ssh");
+    let saved = t.home.storage().join("saved-ssh");
+    std::fs::rename(&keys, &saved).unwrap();
+    let out = ssh(&t, &["deb", "whoami"]);
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "a new, unknown key is refused"
+    );
+    let out = ssh(&t, &["deb", "-p", "lume", "whoami"]);
+    assert!(
+        out.status.success(),
+        "password login: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "lume");
+    let out = ssh(&t, &["deb", "-p", "wrong", "whoami"]);
+    assert_eq!(out.status.code(), Some(255));
+    std::fs::remove_dir_all(&keys).unwrap();
+    std::fs::rename(&saved, &keys).unwrap();
+
+    // A changed host key is refused, not learned.
+    let known = t.home.vm_dir("deb").join("known_hosts");
+    let original = std::fs::read_to_string(&known).unwrap();
+    let other = t.home.path().join("other-key");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let forged: Vec<&str> = other_pub.split_whitespace().take(2).collect();
+    std::fs::write(&known, format!("lume-deb {}\n", forged.join(" "))).unwrap();
+    let out = ssh(&t, &["deb", "true"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        text(&out.stderr).contains("Host key verification failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&known, &original).unwrap();
+    let deb_key = host_key(&t.home, "deb");
+
+    // A clone is a new instance: its own hostname and SSH host keys.
+    t.lume_ok(&["stop", "deb"]);
+    t.lume_ok(&["clone", "deb", "deb2"]);
+    assert!(!t.home.vm_dir("deb2").join("known_hosts").exists());
+    let c1: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.home.vm_dir("deb").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let c2: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.home.vm_dir("deb2").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(c1["vmId"], c2["vmId"]);
+    // The clone runs bridged (a peer on the LAN, leased by the LAN's DHCP
+    // server): `lume ssh` goes to the address lume saw it lease.
+    t.lume_ok(&["run", "deb2", "--detach", "--network", "bridged"]);
+    // Meanwhile the original restarts in user mode: the same instance, so
+    // first-boot steps do not run again and its host key is unchanged (the
+    // strict check against its known_hosts passes), reached through the
+    // loopback port lume forwards.
+    t.lume_ok(&["run", "deb", "--detach", "--network", "user"]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.home.vm_dir("deb").join("run.json")).unwrap(),
+    )
+    .unwrap();
+    let published = state["published"].as_array().unwrap();
+    assert!(
+        published
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("127.0.0.1:")
+                && p.as_str().unwrap().ends_with(":22/tcp")),
+        "{published:?}"
+    );
+    assert_eq!(wait_ssh(&t, "deb2"), "deb2");
+    let d2 = t.get("deb2");
+    assert_eq!(d2["network"]["parent"], "hbr0");
+    assert!(
+        d2["ipAddress"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("198.51.100.")),
+        "{d2}"
+    );
+    assert_ne!(
+        host_key(&t.home, "deb2"),
+        deb_key,
+        "the clone has its own host key"
+    );
+    assert_eq!(wait_ssh(&t, "deb"), "deb");
+    assert_eq!(host_key(&t.home, "deb"), deb_key);
+    let out = ssh(
+        &t,
+        &[
+            "deb",
+            "--",
+            "sudo",
+            "cat",
+            "/var/lib/cloud/data/instance-id",
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        format!("lume-{}", c1["vmId"].as_str().unwrap())
+    );
+
+    // A graceful stop over SSH with lume's key (the image runs no guest
+    // agent): lume says which way it took.
+    let out = t.host.lume(&t.home, &["stop", "deb2"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("ssh"), "{said}");
+    t.lume_ok(&["stop", "deb"]);
+    // Deleting the VM forgets its host key with it.
+    t.lume_ok(&["delete", "deb2", "--force"]);
+    assert!(!t.home.vm_dir("deb2").exists());
+    let out = ssh(&t, &["deb", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not running"),
+        "{}",
+        text(&out.stderr)
+    );
+}
