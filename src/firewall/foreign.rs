@@ -2040,6 +2040,72 @@ mod tests {
         ));
     }
 
+    /// A VM bridged onto the user's Linux bridge br0: one accept for
+    /// br0's own traffic (what br_netfilter shows at the forward hook) in
+    /// every forward chain lume accommodates, below the admin's rules;
+    /// nothing at input, nothing routed in or out of br0.
+    #[test]
+    fn a_bridged_opening_accepts_the_bridge_s_own_traffic_only() {
+        let br = Opening::bridged("br0");
+        for t in TARGETS {
+            let r = rules_for(
+                t,
+                std::slice::from_ref(&br),
+                &[("docker0".into(), "docker")],
+            );
+            match t.hook {
+                Hook::Forward => {
+                    assert_eq!(
+                        r,
+                        [Rule {
+                            comment: "lume: br0 bridged".into(),
+                            body: "iifname \"br0\" oifname \"br0\" accept".into(),
+                        }],
+                        "{t}"
+                    );
+                    assert!(is_lume_comment(&r[0].comment));
+                }
+                Hook::Input => assert!(r.is_empty(), "{t}"),
+            }
+        }
+        // With Docker's rules (an admin's rule in DOCKER-USER first), it
+        // goes below the admin's rule, before Docker's final RETURN.
+        let admin = without_lume(DOCKER).replace(
+            r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+            r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":30,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"eth9"}},{"drop":null}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+        );
+        let p = plan(&Ruleset::parse(&admin), std::slice::from_ref(&br));
+        assert_eq!(
+            p.commands,
+            [
+                "insert rule ip filter DOCKER-USER position 12 iifname \"br0\" oifname \"br0\" accept comment \"lume: br0 bridged\""
+            ]
+        );
+        // NAT and bridged together: each keeps its own rules; the last VM
+        // bridged onto br0 gone, only br0's accept goes.
+        let both = [nat()[0].clone(), br.clone()];
+        let p = plan(&Ruleset::parse(DOCKER), &both);
+        assert!(
+            p.commands.iter().any(|c| c.contains("lume: lume0 egress")),
+            "{:?}",
+            p.commands
+        );
+        assert!(p.commands.iter().any(|c| c.contains("lume: br0 bridged")));
+        // A drop of no tool's own after DOCKER-USER (a kill switch appended
+        // to FORWARD): lume's accept would bypass it, so it stays out.
+        let ks = Rs::new()
+            .base("filter", "FORWARD", "forward", "drop")
+            .chain("filter", "DOCKER-USER")
+            .rule("filter", "FORWARD", 1, &[v("jump DOCKER-USER")])
+            .rule("filter", "FORWARD", 2, &[v("reject")])
+            .parse();
+        assert_eq!(plan(&ks, std::slice::from_ref(&br)), Plan::default());
+        let drops = foreign_drops(&ks);
+        let f = drops[0].findings(&[], true);
+        assert!(f.is_empty(), "no NAT bridge, nothing of lume's: {f:?}");
+    }
+
     #[test]
     fn docker_drop_is_accommodated_and_a_kill_switch_is_not() {
         let drops = foreign_drops(&Ruleset::parse(DOCKER));

@@ -448,9 +448,10 @@ const NETDEV_RECORD: &str = ".macvtap";
 /// Collects what a killed supervisor of the VM in `vm_dir` left of its
 /// network (call it only while the VM's lock is free or held by the caller):
 /// its macvlan or an older lume's macvtap (a tap vanishes by itself with its
-/// descriptors) and, for NAT
-/// and host-only, its membership, taking the shared network down when
-/// nobody uses it any more.
+/// descriptors) and, for NAT and host-only, its membership, taking the
+/// shared network down when nobody uses it any more; bridged onto a Linux
+/// bridge, its record, with lume's accept for the bridge in other tools'
+/// chains when it was the last VM on it.
 pub fn collect_stale(
     vm_dir: &Path,
     state: Option<&crate::vm::state::RunState>,
@@ -471,7 +472,10 @@ pub fn collect_stale(
     }
     let _ = std::fs::remove_file(&record);
     if let Some(state) = state
-        && matches!(state.network_mode, NetworkMode::Nat | NetworkMode::Host)
+        && matches!(
+            state.network_mode,
+            NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_)
+        )
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();
