@@ -237,11 +237,18 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)
         let b = &o.bridge;
         let g = o.gateway;
         match target.hook {
-            Hook::Forward if o.bridged => add(
-                b,
-                "bridged",
-                format!("iifname \"{b}\" oifname \"{b}\" accept"),
-            ),
+            // A bridge Docker's or libvirt's own chains guard (a VM bridged
+            // onto docker0) stays theirs: an accept there would override
+            // their isolation between containers (`--icc=false`).
+            Hook::Forward if o.bridged => {
+                if !docker.iter().any(|(d, _)| d == b) {
+                    add(
+                        b,
+                        "bridged",
+                        format!("iifname \"{b}\" oifname \"{b}\" accept"),
+                    );
+                }
+            }
             Hook::Input if o.bridged => {}
             Hook::Forward if o.nat => {
                 // Containers are Docker's to guard: a guest's new
@@ -2068,6 +2075,25 @@ mod tests {
                 Hook::Input => assert!(r.is_empty(), "{t}"),
             }
         }
+        // A VM bridged onto Docker's own bridge gets no accept: Docker's
+        // isolation between its containers stays Docker's.
+        let t = &TARGETS[0];
+        assert!(
+            rules_for(
+                t,
+                &[Opening::bridged("docker0")],
+                &[("docker0".into(), "docker")]
+            )
+            .is_empty()
+        );
+        assert!(
+            rules_for(
+                t,
+                &[Opening::bridged("virbr0")],
+                &[("virbr0".into(), "libvirt")]
+            )
+            .is_empty()
+        );
         // With Docker's rules (an admin's rule in DOCKER-USER first), it
         // goes below the admin's rule, before Docker's final RETURN.
         let admin = without_lume(DOCKER).replace(

@@ -671,7 +671,7 @@ fn br_netfilter_detail(
     }
     let fix = |b: &str| {
         let why = if accommodate {
-            "lume could not put its accept for the bridge in that tool's chain (a policy lume must not override comes after its place, see the firewall checks above, or the tool has no chain for other software): "
+            "lume has no accept for the bridge in that tool's chain (a policy lume must not override comes after its place, see the firewall checks above; the bridge is Docker's or libvirt's own, whose isolation lume leaves to them; or the tool has no chain for other software): "
         } else {
             "firewallAccommodation is false in config.yaml, so lume leaves other tools' chains alone: "
         };
