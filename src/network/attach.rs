@@ -375,7 +375,7 @@ pub fn attach(
                 // drops: lume keeps an accept for this bridge in their
                 // chains while a VM is bridged onto it.
                 let networks = Networks::from_settings(&opts.settings)?;
-                networks.join_bridged(vm, vm_dir, &iface.name)?;
+                a.note = networks.join_bridged(vm, vm_dir, &iface.name)?;
                 a.guard.teardown = Teardown::Bridged {
                     networks: networks.clone(),
                     id: super::shared::member_id(vm, vm_dir),

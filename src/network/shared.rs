@@ -485,8 +485,16 @@ impl Networks {
     /// accept for that bridge's own traffic in other tools' chains (unless
     /// `firewallAccommodation` is off). The record is written before the
     /// accept: a supervisor killed at any point leaves a record the next
-    /// lume command collects, with the accept.
-    pub fn join_bridged(&self, vm: &str, vm_dir: &Path, bridge: &str) -> Result<(), SharedError> {
+    /// lume command collects, with the accept. The VM starts even when the
+    /// accept cannot be placed (its bridge worked without lume's help
+    /// before): without nft there is no iptables-nft chain to accommodate;
+    /// any other failure is returned as a note, and the watcher retries.
+    pub fn join_bridged(
+        &self,
+        vm: &str,
+        vm_dir: &Path,
+        bridge: &str,
+    ) -> Result<Option<String>, SharedError> {
         let _guard = self.lock()?;
         self.collect_locked();
         let dir = self.bridged_dir();
@@ -507,12 +515,13 @@ impl Networks {
         )
         .map_err(io)?;
         super::rundir::private_file(&path).map_err(io)?;
-        if let Err(e) = self.accommodate() {
-            let _ = self.remove_bridged(&m.id());
-            let _ = self.accommodate();
-            return Err(e);
+        match self.accommodate() {
+            Ok(_) | Err(SharedError::Firewall(FirewallError::NftMissing)) => Ok(None),
+            Err(e) => Ok(Some(format!(
+                "lume could not yet put its accept for {bridge} in other tools' firewall chains ({}); its watcher retries every second — `lume network doctor` shows whether bridged frames pass",
+                crate::error_chain(&e)
+            ))),
         }
-        Ok(())
     }
 
     /// Removes a bridged VM's record (by [`member_id`]); lume's accept for
@@ -772,6 +781,9 @@ impl Networks {
                         )),
                     }
                 }
+                // Only bridged VMs run, on a host without nftables:
+                // nothing to watch in the firewall.
+                Err(FirewallError::NftMissing) if !any => {}
                 Err(e) => repairs.push(format!("cannot list nftables: {e}")),
             }
             // Docker restarting, `ufw reload` or `firewall-cmd --reload`
@@ -803,6 +815,7 @@ impl Networks {
                         }
                     }
                 }
+                Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => {}
                 Err(e) => repairs.push(format!(
                     "could not put lume's accepts back in other tools' chains: {}",
                     crate::error_chain(&e)
