@@ -815,6 +815,41 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
 mod tests {
     use super::*;
 
+    /// The `br_netfilter` line tells lume's accommodation from a policy
+    /// lume must not override, and gives the rule when lume has none there.
+    #[test]
+    fn br_netfilter_tells_accommodated_from_must_not_override() {
+        let br0 = "br0".to_string();
+        let bridges = [br0.clone()];
+        let docker = vec!["Docker's chain ip filter DOCKER-USER".to_string()];
+        let ok = br_netfilter_detail(true, true, &bridges, &[], &[(&br0, docker.clone())], true);
+        assert!(
+            ok.contains("another tool's policy lume accommodated: lume's accept for frames bridged on br0 is in Docker's chain ip filter DOCKER-USER")
+                && !ok.contains("rules of yours"),
+            "{ok}"
+        );
+        let chains = vec!["table ip filter chain FORWARD".to_string()];
+        for (on, why) in [
+            (false, "firewallAccommodation is false"),
+            (true, "lume has no accept for the bridge"),
+        ] {
+            let bad = br_netfilter_detail(true, true, &bridges, &[(&br0, chains.clone())], &[], on);
+            assert!(
+                bad.contains("frames bridged on br0 to table ip filter chain FORWARD")
+                    && bad.contains("a policy lume must not override")
+                    && bad.contains(why)
+                    && bad.contains("iptables -I DOCKER-USER -i br0 -o br0 -j ACCEPT"),
+                "{bad}"
+            );
+        }
+        let yours = br_netfilter_detail(true, true, &bridges, &[], &[], true);
+        assert!(yours.contains("rules of yours there accept br0"), "{yours}");
+        let idle = br_netfilter_detail(true, true, &[], &[], &[], true);
+        assert!(idle.contains("lume keeps an accept"), "{idle}");
+        let idle_off = br_netfilter_detail(true, true, &[], &[], &[], false);
+        assert!(idle_off.contains("-i <bridge> -o <bridge>"), "{idle_off}");
+    }
+
     fn docker_drop(user_accepts: Vec<(String, String)>) -> ForeignDrop {
         ForeignDrop {
             family: "ip".into(),
