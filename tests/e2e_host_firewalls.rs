@@ -749,6 +749,7 @@ impl Routed {
                     bridge: "lume0".into(),
                     nat: true,
                     gateway: "203.0.113.1".parse().unwrap(),
+                    bridged: false,
                 }])
             })
             .expect("lume's table and accommodation apply")

@@ -312,6 +312,36 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
         "{err}"
     );
     t.create("tb", "bridged", &[], "");
+    // Docker on the host: it loads br_netfilter, so the frames between the
+    // bridge's ports cross its FORWARD chain, whose policy drops. lume keeps
+    // an accept for hbr0's own traffic in DOCKER-USER while the VM runs:
+    // the guest gets its lease from the LAN from its first start.
+    let brnf = t
+        .host
+        .exec_ok("cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || true")
+        .trim()
+        == "1";
+    let docker =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/host_firewalls/docker.rules");
+    let load_docker = || {
+        t.host
+            .exec_ok(&format!("iptables-nft-restore < {}", docker.display()));
+    };
+    if brnf {
+        load_docker();
+    } else {
+        eprintln!(
+            "br_netfilter is not available in this kernel: lume's accept for bridged frames and its doctor check are not exercised"
+        );
+    }
+    let lume_rules = || -> Vec<String> {
+        t.host
+            .exec_ok("nft -a list ruleset")
+            .lines()
+            .filter(|l| l.contains("comment \"lume: ") && !l.contains("table inet lume"))
+            .map(|l| l.trim().to_string())
+            .collect()
+    };
     t.lume_ok(&["run", "tb", "--detach"]);
     let d = t.get("tb");
     assert_eq!(d["network"]["parent"], "hbr0");
@@ -349,20 +379,7 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
             .is_some_and(|p| p.contains("lume-test-guest"))
     };
     assert!(from_lan());
-    // Docker on the host: its FORWARD policy drop sees the bridged frames
-    // when br_netfilter is on (Docker loads it). lume does not accept them
-    // for the user's bridge; the doctor names the bridge and the chain and
-    // gives the rule, which then lets the LAN reach the guest again.
-    let brnf = t
-        .host
-        .exec_ok("cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || true");
-    if brnf.trim() != "1" {
-        eprintln!("br_netfilter is off in this kernel: its doctor check is not exercised");
-    } else {
-        let docker = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/host_firewalls/docker.rules");
-        t.host
-            .exec_ok(&format!("iptables-nft-restore < {}", docker.display()));
+    if brnf {
         let doctor = || {
             let out = t.host.lume(&t.home, &["network", "doctor", "-f", "json"]);
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -374,11 +391,55 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
                 .cloned()
                 .unwrap()
         };
+        // Exactly one accept, for hbr0's own traffic, below Docker's rules.
+        let rules = lume_rules();
+        assert_eq!(rules.len(), 1, "{rules:?}");
+        assert!(
+            rules[0].starts_with("iifname \"hbr0\" oifname \"hbr0\"")
+                && rules[0].contains("accept comment \"lume: hbr0 bridged\""),
+            "{rules:?}"
+        );
+        let user = t.host.exec_ok("iptables-nft -S DOCKER-USER");
+        assert!(
+            user.contains("-A DOCKER-USER -i hbr0 -o hbr0 -m comment --comment \"lume: hbr0 bridged\" -j ACCEPT"),
+            "{user}"
+        );
+        let check = doctor();
+        assert_eq!(check["ok"], true, "{check}");
+        assert!(
+            check["detail"].as_str().unwrap().contains(
+                "another tool's policy lume accommodated: lume's accept for frames bridged on hbr0 is in Docker's chain ip filter DOCKER-USER"
+            ),
+            "{check}"
+        );
+        // Docker restarting rewrites its chains without lume's accept: the
+        // watcher puts it back.
+        // (The watcher wakes on the nftables event, often before this test
+        // could list the flushed chain: its log proves the repair.)
+        load_docker();
+        wait_for("lume's accept back", Duration::from_secs(5), || {
+            let log =
+                std::fs::read_to_string(t.home.vm_dir("tb").join("lume.log")).unwrap_or_default();
+            (log.contains("repaired: added lume's accepts to Docker's chain ip filter DOCKER-USER")
+                && lume_rules().len() == 1)
+                .then_some(())
+        });
+        assert!(from_lan());
+
+        // Turned off: the watcher takes lume's accept out within a second,
+        // the LAN is cut off and the doctor gives the rule to add.
+        t.home.write_settings(
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
+        );
+        wait_for("lume's accept gone", Duration::from_secs(5), || {
+            lume_rules().is_empty().then_some(())
+        });
         let check = doctor();
         let detail = check["detail"].as_str().unwrap();
         assert_eq!(check["ok"], false, "{check}");
         assert!(
             detail.contains("frames bridged on hbr0 to table ip filter chain FORWARD")
+                && detail.contains("firewallAccommodation is false")
                 && detail.contains("iptables -I DOCKER-USER -i hbr0 -o hbr0 -j ACCEPT"),
             "{detail}"
         );
@@ -402,9 +463,42 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
                 .contains("rules of yours there accept hbr0"),
             "{check}"
         );
+        // On again (the user's rule gone): lume's accept is back.
+        t.host
+            .exec_ok("iptables-nft -D DOCKER-USER -i hbr0 -o hbr0 -j ACCEPT");
+        t.home.write_settings(
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+        );
+        wait_for("lume's accept back", Duration::from_secs(5), || {
+            (lume_rules().len() == 1).then_some(())
+        });
+        assert!(from_lan());
     }
     t.lume_ok(&["stop", "tb"]);
     assert!(!links(&t.host).contains(&tap));
+    // Nothing of lume's is left in Docker's chains.
+    assert_eq!(lume_rules(), Vec::<String>::new());
+    if brnf {
+        assert!(
+            !t.host
+                .exec_ok("iptables-nft -S DOCKER-USER")
+                .contains("lume: ")
+        );
+        // A killed supervisor leaves its accept until the next lume command
+        // that touches the VM collects it with the VM's record.
+        t.lume_ok(&["run", "tb", "--detach"]);
+        assert_eq!(lume_rules().len(), 1, "{:?}", lume_rules());
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(t.home.vm_dir("tb").join("run.json")).unwrap(),
+        )
+        .unwrap();
+        common::sh(&format!("kill -9 {}", state["pid"]));
+        wait_for("the VM stopped", Duration::from_secs(10), || {
+            (t.get("tb")["status"] == "stopped").then_some(())
+        });
+        t.lume_ok(&["stop", "tb"]);
+        assert_eq!(lume_rules(), Vec::<String>::new());
+    }
 }
 
 #[test]

@@ -191,8 +191,27 @@ pub struct Opening {
     /// NAT (forwarded out, replies and published ports in, DHCP and DNS to
     /// the host) or host-only (DHCP to the host only).
     pub nat: bool,
-    /// The bridge's own address, where lume's dnsmasq answers.
+    /// The bridge's own address, where lume's dnsmasq answers
+    /// (unspecified for a bridged opening: lume serves nothing there).
     pub gateway: Ipv4Addr,
+    /// A Linux bridge of the user's that a running VM is bridged onto
+    /// (`--network bridged:br0`, a tap in it): with br_netfilter, frames
+    /// between its ports cross the forward hook with the bridge as input
+    /// and output interface, so lume accepts exactly that (`iifname br0
+    /// oifname br0`), nothing routed in or out of it.
+    pub bridged: bool,
+}
+
+impl Opening {
+    /// The opening for VMs bridged onto the Linux bridge `bridge`.
+    pub fn bridged(bridge: &str) -> Self {
+        Self {
+            bridge: bridge.to_string(),
+            nat: false,
+            gateway: Ipv4Addr::UNSPECIFIED,
+            bridged: true,
+        }
+    }
 }
 
 /// One rule for another tool's chain.
@@ -218,6 +237,19 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)
         let b = &o.bridge;
         let g = o.gateway;
         match target.hook {
+            // A bridge Docker's or libvirt's own chains guard (a VM bridged
+            // onto docker0) stays theirs: an accept there would override
+            // their isolation between containers (`--icc=false`).
+            Hook::Forward if o.bridged => {
+                if !docker.iter().any(|(d, _)| d == b) {
+                    add(
+                        b,
+                        "bridged",
+                        format!("iifname \"{b}\" oifname \"{b}\" accept"),
+                    );
+                }
+            }
+            Hook::Input if o.bridged => {}
             Hook::Forward if o.nat => {
                 // Containers are Docker's to guard: a guest's new
                 // connections to them go on through Docker's own chains
@@ -280,7 +312,8 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)
 /// What each of lume's rules is for, the end of its comment (besides
 /// `to <docker bridge> as docker decides`). "to container networks as
 /// docker decides" was written by earlier versions: still lume's to remove.
-const PURPOSES: [&str; 8] = [
+const PURPOSES: [&str; 9] = [
+    "bridged",
     "to container networks as docker decides",
     "egress",
     "replies and published ports",
@@ -477,6 +510,20 @@ fn cases(hook: Hook, bridges: &[&str], docker: &[String]) -> Vec<Case> {
         }
     }
     out
+}
+
+/// The traffic of Linux bridges VMs are bridged onto, as br_netfilter
+/// shows it at the forward hook: in and out through the bridge itself.
+fn bridged_cases(openings: &[Opening]) -> Vec<Case> {
+    openings
+        .iter()
+        .filter(|o| o.bridged)
+        .map(|o| Case {
+            bridge: o.bridge.clone(),
+            iif: Iface::Is(o.bridge.clone()),
+            oif: Iface::Is(o.bridge.clone()),
+        })
+        .collect()
 }
 
 /// iptables targets that never end a packet's way through the chain.
@@ -993,11 +1040,12 @@ fn withheld(rs: &Ruleset, openings: &[Opening]) -> BTreeMap<Key, String> {
     for (family, table, hook) in tables {
         let bridges: Vec<&str> = openings
             .iter()
-            .filter(|o| hook == Hook::Input || o.nat)
+            .filter(|o| !o.bridged && (hook == Hook::Input || o.nat))
             .map(|o| o.bridge.as_str())
             .collect();
         let targets = rs.targets(family, table, hook);
-        if bridges.is_empty() || targets.is_empty() {
+        let bridged = hook == Hook::Forward && openings.iter().any(|o| o.bridged);
+        if (bridges.is_empty() && !bridged) || targets.is_empty() {
             continue;
         }
         let docker: Vec<String> = rs
@@ -1005,9 +1053,13 @@ fn withheld(rs: &Ruleset, openings: &[Opening]) -> BTreeMap<Key, String> {
             .into_iter()
             .map(|(b, _)| b)
             .collect();
+        let mut all = cases(hook, &bridges, &docker);
+        if hook == Hook::Forward {
+            all.extend(bridged_cases(openings));
+        }
         for base in rs.base_chains(family, table, hook) {
-            for case in cases(hook, &bridges, &docker) {
-                let (_, met, _) = Walk::run(rs, family, table, &base, &case, &targets);
+            for case in &all {
+                let (_, met, _) = Walk::run(rs, family, table, &base, case, &targets);
                 for m in met.iter().filter(|m| m.tool.is_none()) {
                     for t in &m.after {
                         out.entry(key3(t.family, t.table, t.chain))
@@ -1486,6 +1538,7 @@ mod tests {
             bridge: "lume0".into(),
             nat: true,
             gateway: Ipv4Addr::new(203, 0, 113, 1),
+            bridged: false,
         }]
     }
 
@@ -1494,6 +1547,7 @@ mod tests {
             bridge: "lume-host0".into(),
             nat: false,
             gateway: Ipv4Addr::new(192, 0, 2, 1),
+            bridged: false,
         }
     }
 
@@ -1991,6 +2045,91 @@ mod tests {
         assert!(!is_lume_comment(
             "lume: lume0 to bad\"name as docker decides"
         ));
+    }
+
+    /// A VM bridged onto the user's Linux bridge br0: one accept for
+    /// br0's own traffic (what br_netfilter shows at the forward hook) in
+    /// every forward chain lume accommodates, below the admin's rules;
+    /// nothing at input, nothing routed in or out of br0.
+    #[test]
+    fn a_bridged_opening_accepts_the_bridge_s_own_traffic_only() {
+        let br = Opening::bridged("br0");
+        for t in TARGETS {
+            let r = rules_for(
+                t,
+                std::slice::from_ref(&br),
+                &[("docker0".into(), "docker")],
+            );
+            match t.hook {
+                Hook::Forward => {
+                    assert_eq!(
+                        r,
+                        [Rule {
+                            comment: "lume: br0 bridged".into(),
+                            body: "iifname \"br0\" oifname \"br0\" accept".into(),
+                        }],
+                        "{t}"
+                    );
+                    assert!(is_lume_comment(&r[0].comment));
+                }
+                Hook::Input => assert!(r.is_empty(), "{t}"),
+            }
+        }
+        // A VM bridged onto Docker's own bridge gets no accept: Docker's
+        // isolation between its containers stays Docker's.
+        let t = &TARGETS[0];
+        assert!(
+            rules_for(
+                t,
+                &[Opening::bridged("docker0")],
+                &[("docker0".into(), "docker")]
+            )
+            .is_empty()
+        );
+        assert!(
+            rules_for(
+                t,
+                &[Opening::bridged("virbr0")],
+                &[("virbr0".into(), "libvirt")]
+            )
+            .is_empty()
+        );
+        // With Docker's rules (an admin's rule in DOCKER-USER first), it
+        // goes below the admin's rule, before Docker's final RETURN.
+        let admin = without_lume(DOCKER).replace(
+            r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+            r#"{"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":30,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"eth9"}},{"drop":null}]}},
+      {"rule":{"family":"ip","table":"filter","chain":"DOCKER-USER","handle":12,"#,
+        );
+        let p = plan(&Ruleset::parse(&admin), std::slice::from_ref(&br));
+        assert_eq!(
+            p.commands,
+            [
+                "insert rule ip filter DOCKER-USER position 12 iifname \"br0\" oifname \"br0\" accept comment \"lume: br0 bridged\""
+            ]
+        );
+        // NAT and bridged together: each keeps its own rules; the last VM
+        // bridged onto br0 gone, only br0's accept goes.
+        let both = [nat()[0].clone(), br.clone()];
+        let p = plan(&Ruleset::parse(DOCKER), &both);
+        assert!(
+            p.commands.iter().any(|c| c.contains("lume: lume0 egress")),
+            "{:?}",
+            p.commands
+        );
+        assert!(p.commands.iter().any(|c| c.contains("lume: br0 bridged")));
+        // A drop of no tool's own after DOCKER-USER (a kill switch appended
+        // to FORWARD): lume's accept would bypass it, so it stays out.
+        let ks = Rs::new()
+            .base("filter", "FORWARD", "forward", "drop")
+            .chain("filter", "DOCKER-USER")
+            .rule("filter", "FORWARD", 1, &[v("jump DOCKER-USER")])
+            .rule("filter", "FORWARD", 2, &[v("reject")])
+            .parse();
+        assert_eq!(plan(&ks, std::slice::from_ref(&br)), Plan::default());
+        let drops = foreign_drops(&ks);
+        let f = drops[0].findings(&[], true);
+        assert!(f.is_empty(), "no NAT bridge, nothing of lume's: {f:?}");
     }
 
     #[test]

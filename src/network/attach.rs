@@ -89,6 +89,13 @@ enum Teardown {
     /// Delete a link lume created on the parent (the macvlan of bridged mode)
     /// and the record of its name.
     Link(String, PathBuf),
+    /// Leave the Linux bridge a tap was joined to: lume's accept for the
+    /// bridge in other tools' chains goes with the last VM on it.
+    Bridged {
+        networks: Networks,
+        /// The record's key ([`super::shared::member_id`]).
+        id: String,
+    },
 }
 
 /// A network attached for one run. Dropping it tears the host side down.
@@ -153,6 +160,9 @@ impl Drop for HostSide {
                     let _ = nl.delete_link(&name);
                 }
                 let _ = std::fs::remove_file(record);
+            }
+            Teardown::Bridged { networks, id } => {
+                let _ = networks.leave_bridged(&id);
             }
         }
     }
@@ -360,6 +370,17 @@ pub fn attach(
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
                 a.fds.push(tap.fd);
+                // With br_netfilter, the frames between the bridge's ports
+                // cross the forward hook, which Docker's or ufw's policy
+                // drops: lume keeps an accept for this bridge in their
+                // chains while a VM is bridged onto it.
+                let networks = Networks::from_settings(&opts.settings)?;
+                a.note = networks.join_bridged(vm, vm_dir, &iface.name)?;
+                a.guard.teardown = Teardown::Bridged {
+                    networks: networks.clone(),
+                    id: super::shared::member_id(vm, vm_dir),
+                };
+                a.guard.healer = Some(super::heal::Healer::start(networks));
                 (tap.name, Watched::Tap)
             } else {
                 // A tap QEMU keeps for the whole run, joined to the parent by
@@ -427,9 +448,10 @@ const NETDEV_RECORD: &str = ".macvtap";
 /// Collects what a killed supervisor of the VM in `vm_dir` left of its
 /// network (call it only while the VM's lock is free or held by the caller):
 /// its macvlan or an older lume's macvtap (a tap vanishes by itself with its
-/// descriptors) and, for NAT
-/// and host-only, its membership, taking the shared network down when
-/// nobody uses it any more.
+/// descriptors) and, for NAT and host-only, its membership, taking the
+/// shared network down when nobody uses it any more; bridged onto a Linux
+/// bridge, its record, with lume's accept for the bridge in other tools'
+/// chains when it was the last VM on it.
 pub fn collect_stale(
     vm_dir: &Path,
     state: Option<&crate::vm::state::RunState>,
@@ -450,7 +472,10 @@ pub fn collect_stale(
     }
     let _ = std::fs::remove_file(&record);
     if let Some(state) = state
-        && matches!(state.network_mode, NetworkMode::Nat | NetworkMode::Host)
+        && matches!(
+            state.network_mode,
+            NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_)
+        )
         && let Ok(nets) = Networks::from_settings(settings)
     {
         let _ = nets.collect();

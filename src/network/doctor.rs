@@ -156,22 +156,47 @@ pub fn run(ctx: &Context) -> Report {
         .collect();
     bridges.sort();
     bridges.dedup();
+    // Chains where lume's own accept for the bridge sits (it keeps one in
+    // DOCKER-USER, ufw's and firewalld's forward chains while a VM is
+    // bridged onto it): another tool's policy lume accommodated.
+    let accommodated: Vec<(&String, Vec<String>)> = bridges
+        .iter()
+        .map(|b| {
+            let places = forward_drops
+                .iter()
+                .filter_map(|d| d.accommodated_for(&[b.as_str()]))
+                .collect::<Vec<_>>();
+            (b, places)
+        })
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
     let dropped: Vec<(&String, Vec<String>)> = bridges
         .iter()
         .map(|b| {
             let chains = forward_drops
                 .iter()
-                .filter(|d| d.user_accepted_for(&[b.as_str()]).is_none())
+                .filter(|d| {
+                    d.user_accepted_for(&[b.as_str()]).is_none()
+                        && d.accommodated_for(&[b.as_str()]).is_none()
+                })
                 .map(|d| format!("table {} {} chain {}", d.family, d.table, d.chain))
                 .collect::<Vec<_>>();
             (b, chains)
         })
         .filter(|(_, c)| !c.is_empty())
         .collect();
+    let accommodate = nets.as_ref().is_ok_and(|n| n.accommodate);
     r.add(
         "br_netfilter",
         !brnf || dropped.is_empty(),
-        br_netfilter_detail(brnf, !forward_drops.is_empty(), &bridges, &dropped),
+        br_netfilter_detail(
+            brnf,
+            !forward_drops.is_empty(),
+            &bridges,
+            &dropped,
+            &accommodated,
+            accommodate,
+        ),
     );
 
     match interfaces::discover() {
@@ -627,13 +652,16 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
 
 /// The doctor's `br_netfilter` line: whether bridged frames reach
 /// iptables/nftables (`brnf`), whether a FORWARD chain drops by policy,
-/// the Linux bridges running VMs use, and those whose frames such a chain
-/// drops (with the chains).
+/// the Linux bridges running VMs use, those whose frames such a chain
+/// drops (with the chains), those lume's own accepts let through (with
+/// where they are), and whether `firewallAccommodation` is on.
 fn br_netfilter_detail(
     brnf: bool,
     forward_drop: bool,
     bridges: &[String],
     dropped: &[(&String, Vec<String>)],
+    accommodated: &[(&String, Vec<String>)],
+    accommodate: bool,
 ) -> String {
     if !brnf {
         return "bridged frames are not passed to iptables/nftables".to_string();
@@ -642,13 +670,18 @@ fn br_netfilter_detail(
         return "br_netfilter is on, but no FORWARD chain drops by policy".to_string();
     }
     let fix = |b: &str| {
+        let why = if accommodate {
+            "lume has no accept for the bridge in that tool's chain (a policy lume must not override comes after its place, see the firewall checks above; the bridge is Docker's or libvirt's own, whose isolation lume leaves to them; or the tool has no chain for other software): "
+        } else {
+            "firewallAccommodation is false in config.yaml, so lume leaves other tools' chains alone: "
+        };
         format!(
-            "accept the bridge's own traffic there (with Docker: `iptables -I DOCKER-USER -i {b} -o {b} -j ACCEPT`; with ufw: `ufw route allow in on {b} out on {b}`), or set net.bridge.bridge-nf-call-iptables=0 if nothing on this host needs it"
+            "{why}accept the bridge's own traffic there (with Docker: `iptables -I DOCKER-USER -i {b} -o {b} -j ACCEPT`; with ufw: `ufw route allow in on {b} out on {b}`), or set net.bridge.bridge-nf-call-iptables=0 if nothing on this host needs it"
         )
     };
     if let Some((b, chains)) = dropped.first() {
         let mut text = format!(
-            "br_netfilter passes frames bridged on {b} to {}, whose policy drops them: VMs bridged onto {b} get no traffic (no DHCP lease); {}",
+            "br_netfilter passes frames bridged on {b} to {}, whose policy drops them: VMs bridged onto {b} get no traffic (no DHCP lease); a policy lume must not override; {}",
             chains.join(" and "),
             fix(b)
         );
@@ -658,14 +691,33 @@ fn br_netfilter_detail(
         return text;
     }
     if bridges.is_empty() {
-        return format!(
-            "br_netfilter passes bridged frames to a FORWARD chain with policy drop (no VM bridged onto a Linux bridge runs now): such VMs would lose their traffic; {}",
-            fix("<bridge>")
-        );
+        return if accommodate {
+            "br_netfilter passes bridged frames to a FORWARD chain with policy drop (no VM bridged onto a Linux bridge runs now): while one runs, lume keeps an accept for its bridge's own traffic in that tool's chain (another tool's policy lume accommodates)".to_string()
+        } else {
+            format!(
+                "br_netfilter passes bridged frames to a FORWARD chain with policy drop (no VM bridged onto a Linux bridge runs now): such VMs would lose their traffic; {}",
+                fix("<bridge>")
+            )
+        };
+    }
+    let mut parts = Vec::new();
+    for (b, places) in accommodated {
+        parts.push(format!(
+            "another tool's policy lume accommodated: lume's accept for frames bridged on {b} is in {}",
+            places.join(", ")
+        ));
+    }
+    let yours: Vec<&str> = bridges
+        .iter()
+        .filter(|b| !accommodated.iter().any(|(a, _)| a == b))
+        .map(String::as_str)
+        .collect();
+    if !yours.is_empty() {
+        parts.push(format!("rules of yours there accept {}", yours.join(", ")));
     }
     format!(
-        "br_netfilter passes bridged frames to a FORWARD chain with policy drop, and rules of yours there accept {}",
-        bridges.join(", ")
+        "br_netfilter passes bridged frames to a FORWARD chain with policy drop; {}",
+        parts.join("; ")
     )
 }
 
@@ -762,6 +814,41 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `br_netfilter` line tells lume's accommodation from a policy
+    /// lume must not override, and gives the rule when lume has none there.
+    #[test]
+    fn br_netfilter_tells_accommodated_from_must_not_override() {
+        let br0 = "br0".to_string();
+        let bridges = [br0.clone()];
+        let docker = vec!["Docker's chain ip filter DOCKER-USER".to_string()];
+        let ok = br_netfilter_detail(true, true, &bridges, &[], &[(&br0, docker.clone())], true);
+        assert!(
+            ok.contains("another tool's policy lume accommodated: lume's accept for frames bridged on br0 is in Docker's chain ip filter DOCKER-USER")
+                && !ok.contains("rules of yours"),
+            "{ok}"
+        );
+        let chains = vec!["table ip filter chain FORWARD".to_string()];
+        for (on, why) in [
+            (false, "firewallAccommodation is false"),
+            (true, "lume has no accept for the bridge"),
+        ] {
+            let bad = br_netfilter_detail(true, true, &bridges, &[(&br0, chains.clone())], &[], on);
+            assert!(
+                bad.contains("frames bridged on br0 to table ip filter chain FORWARD")
+                    && bad.contains("a policy lume must not override")
+                    && bad.contains(why)
+                    && bad.contains("iptables -I DOCKER-USER -i br0 -o br0 -j ACCEPT"),
+                "{bad}"
+            );
+        }
+        let yours = br_netfilter_detail(true, true, &bridges, &[], &[], true);
+        assert!(yours.contains("rules of yours there accept br0"), "{yours}");
+        let idle = br_netfilter_detail(true, true, &[], &[], &[], true);
+        assert!(idle.contains("lume keeps an accept"), "{idle}");
+        let idle_off = br_netfilter_detail(true, true, &[], &[], &[], false);
+        assert!(idle_off.contains("-i <bridge> -o <bridge>"), "{idle_off}");
+    }
 
     fn docker_drop(user_accepts: Vec<(String, String)>) -> ForeignDrop {
         ForeignDrop {

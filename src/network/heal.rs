@@ -5,7 +5,11 @@
 //! kernel events (links, addresses, routes, nftables) and checks every
 //! [`PERIOD`] anyway, so a missed event costs at most that long.
 //!
-//! Every supervisor of a NAT or host-only VM runs a [`Healer`]; the one that
+//! While only VMs bridged onto Linux bridges run, it keeps lume's accepts
+//! for those bridges in other tools' chains.
+//!
+//! Every supervisor of a NAT or host-only VM, or of a VM bridged onto a
+//! Linux bridge, runs a [`Healer`]; the one that
 //! holds `<runtime>/watcher.lock` watches, the others wait on the lock, so
 //! when the watching VM stops another takes over within [`PERIOD`].
 
@@ -64,6 +68,12 @@ fn record(networks: &Networks, line: &str) {
     for net in [&networks.nat, &networks.host] {
         targets.extend(net.members().into_iter().map(|m| m.vm_dir.join("lume.log")));
     }
+    targets.extend(
+        networks
+            .bridged_members()
+            .into_iter()
+            .map(|m| m.vm_dir.join("lume.log")),
+    );
     for path in targets {
         // Capped like every log: repairs can repeat for as long as something
         // keeps undoing them.

@@ -141,6 +141,30 @@ pub struct Member {
     pub publish: Vec<PortMapping>,
 }
 
+/// A running VM bridged onto a Linux bridge of the user's (`bridged:br0`,
+/// its tap in that bridge): while one runs, lume keeps its accept for the
+/// bridge's own traffic in other tools' chains (with br_netfilter, Docker's
+/// `FORWARD` policy drops frames between the bridge's ports). One record
+/// per VM in `<runtime>/bridged/`, so VMs on the same bridge never conflict:
+/// the accept stays while any of them lives.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BridgedMember {
+    pub vm: String,
+    pub vm_dir: PathBuf,
+    pub bridge: String,
+}
+
+impl BridgedMember {
+    pub fn id(&self) -> String {
+        member_id(&self.vm, &self.vm_dir)
+    }
+
+    fn alive(&self) -> bool {
+        liveness_of(&self.vm_dir) != Liveness::Dead
+    }
+}
+
 /// The key of a VM's membership: its name plus a hash of its directory, so
 /// VMs of the same name in two storage locations never share a record.
 pub fn member_id(vm: &str, vm_dir: &Path) -> String {
@@ -427,6 +451,88 @@ impl Networks {
         self.apply_firewall()
     }
 
+    fn bridged_dir(&self) -> PathBuf {
+        self.root.join("bridged")
+    }
+
+    /// The records of VMs bridged onto Linux bridges (dead ones included).
+    pub fn bridged_members(&self) -> Vec<BridgedMember> {
+        let Ok(entries) = fs::read_dir(self.bridged_dir()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<BridgedMember> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| serde_json::from_slice(&fs::read(e.path()).ok()?).ok())
+            .filter(|m: &BridgedMember| super::mode::valid_ifname(&m.bridge))
+            .collect();
+        v.sort_by(|a, b| a.vm.cmp(&b.vm));
+        v
+    }
+
+    fn remove_bridged(&self, id: &str) -> Result<(), SharedError> {
+        match fs::remove_file(self.bridged_dir().join(format!("{id}.json"))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SharedError::Runtime {
+                path: self.bridged_dir(),
+                source,
+            }),
+        }
+    }
+
+    /// Records a VM bridged onto the Linux bridge `bridge` and puts lume's
+    /// accept for that bridge's own traffic in other tools' chains (unless
+    /// `firewallAccommodation` is off). The record is written before the
+    /// accept: a supervisor killed at any point leaves a record the next
+    /// lume command collects, with the accept. The VM starts even when the
+    /// accept cannot be placed (its bridge worked without lume's help
+    /// before): without nft there is no iptables-nft chain to accommodate;
+    /// any other failure is returned as a note, and the watcher retries.
+    pub fn join_bridged(
+        &self,
+        vm: &str,
+        vm_dir: &Path,
+        bridge: &str,
+    ) -> Result<Option<String>, SharedError> {
+        let _guard = self.lock()?;
+        self.collect_locked();
+        let dir = self.bridged_dir();
+        let io = |source| SharedError::Runtime {
+            path: dir.clone(),
+            source,
+        };
+        super::rundir::private_dir(self.base(), &dir).map_err(io)?;
+        let m = BridgedMember {
+            vm: vm.to_string(),
+            vm_dir: vm_dir.to_path_buf(),
+            bridge: bridge.to_string(),
+        };
+        let path = dir.join(format!("{}.json", m.id()));
+        crate::util::atomic::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&m).expect("member serialises"),
+        )
+        .map_err(io)?;
+        super::rundir::private_file(&path).map_err(io)?;
+        match self.accommodate() {
+            Ok(_) | Err(SharedError::Firewall(FirewallError::NftMissing)) => Ok(None),
+            Err(e) => Ok(Some(format!(
+                "lume could not yet put its accept for {bridge} in other tools' firewall chains ({}); its watcher retries every second — `lume network doctor` shows whether bridged frames pass",
+                crate::error_chain(&e)
+            ))),
+        }
+    }
+
+    /// Removes a bridged VM's record (by [`member_id`]); lume's accept for
+    /// its bridge goes with the last VM bridged onto it.
+    pub fn leave_bridged(&self, id: &str) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        self.remove_bridged(id)?;
+        self.collect_locked();
+        self.accommodate().map(|_| ())
+    }
+
     /// Collects what killed supervisors left: records of VMs that no longer
     /// run, and whole networks nobody uses any more.
     pub fn collect(&self) -> Result<(), SharedError> {
@@ -451,6 +557,12 @@ impl Networks {
             }
             if net.members().is_empty() && net.dir.exists() {
                 net.take_down();
+                changed = true;
+            }
+        }
+        for m in self.bridged_members() {
+            if !m.alive() {
+                let _ = self.remove_bridged(&m.id());
                 changed = true;
             }
         }
@@ -500,20 +612,33 @@ impl Networks {
     }
 
     /// The bridges other tools' firewalls must let through: none when
-    /// accommodation is off or no NAT or host-only VM is a member.
+    /// accommodation is off; lume's NAT and host-only bridges while a VM is
+    /// a member, and each Linux bridge a VM not provably dead is bridged onto.
     pub fn openings(&self) -> Vec<Opening> {
         if !self.accommodate {
             return Vec::new();
         }
-        [&self.nat, &self.host]
+        let mut out: Vec<Opening> = [&self.nat, &self.host]
             .into_iter()
             .filter(|n| !n.members().is_empty())
             .map(|n| Opening {
                 bridge: n.bridge.clone(),
                 nat: n.kind == Kind::Nat,
                 gateway: n.subnet().gateway(),
+                bridged: false,
             })
-            .collect()
+            .collect();
+        let mut bridges: Vec<String> = self
+            .bridged_members()
+            .into_iter()
+            .filter(BridgedMember::alive)
+            .map(|m| m.bridge)
+            .filter(|b| *b != self.nat.bridge && *b != self.host.bridge)
+            .collect();
+        bridges.sort();
+        bridges.dedup();
+        out.extend(bridges.iter().map(|b| Opening::bridged(b)));
+        out
     }
 
     /// Puts lume's accepts in other tools' chains in order (removes them
@@ -614,16 +739,30 @@ impl Networks {
                 ));
             }
         }
+        let mut bridged = false;
+        for m in self.bridged_members() {
+            if m.alive() {
+                bridged = true;
+            } else if self.remove_bridged(&m.id()).is_ok() {
+                collected = true;
+                repairs.push(format!(
+                    "VM '{}' bridged onto {} stopped without leaving (its supervisor died): removed its record",
+                    m.vm, m.bridge
+                ));
+            }
+        }
         if collected && let Err(e) = self.apply_firewall() {
             repairs.push(format!(
                 "could not rewrite lume's firewall table: {}",
                 crate::error_chain(&e)
             ));
         }
-        if any && check_firewall {
+        if (any || bridged) && check_firewall {
             let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
             match Nft.listing() {
                 Ok(current) if current.is_some() && current == saved => {}
+                // Only bridged VMs run: lume's table is not needed.
+                Ok(current) if !any && current == saved => {}
                 Ok(current) => {
                     let what = if current.is_none() {
                         "missing"
@@ -642,6 +781,9 @@ impl Networks {
                         )),
                     }
                 }
+                // Only bridged VMs run, on a host without nftables:
+                // nothing to watch in the firewall.
+                Err(FirewallError::NftMissing) if !any => {}
                 Err(e) => repairs.push(format!("cannot list nftables: {e}")),
             }
             // Docker restarting, `ufw reload` or `firewall-cmd --reload`
@@ -673,6 +815,7 @@ impl Networks {
                         }
                     }
                 }
+                Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => {}
                 Err(e) => repairs.push(format!(
                     "could not put lume's accepts back in other tools' chains: {}",
                     crate::error_chain(&e)
