@@ -102,6 +102,8 @@ pub struct Request<'a> {
     pub limit: u64,
     /// Show a progress bar (only where stderr is a terminal).
     pub progress: bool,
+    /// Which addresses a URL may lead to.
+    pub destinations: super::download::Destinations,
 }
 
 /// What was imported.
@@ -139,7 +141,7 @@ pub fn import(req: &Request) -> Result<Imported, ImportError> {
 }
 
 fn from_url(req: &Request, url: &str) -> Result<Imported, ImportError> {
-    let dl = Download::open(url, req.limit)?;
+    let dl = Download::open(url, req.limit, req.destinations)?;
     let bar = progress_bar(req.progress, dl.declared_len());
     let mut tap = Tap::new(dl, req.sha256.is_some(), bar);
     let r = ingest(req, &mut tap, url);
@@ -648,6 +650,7 @@ mod tests {
             disk: &work.join("disk.img"),
             limit: 1 << 30,
             progress: false,
+            destinations: Default::default(),
         })
     }
 
