@@ -77,6 +77,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "hostSubnet",
     "firewallAccommodation",
     "sshPassword",
+    crate::vm::actions::PRIVATE_URLS_KEY,
     crate::api::auth::API_GROUP_KEY,
 ];
 
@@ -90,6 +91,7 @@ pub fn default_value(key: &str) -> Option<&'static str> {
         "hostSubnet" => "192.168.65.0/24",
         "firewallAccommodation" => "true",
         "sshPassword" => "true",
+        crate::vm::actions::PRIVATE_URLS_KEY => "false",
         _ => return None,
     })
 }
@@ -256,7 +258,10 @@ impl Settings {
         {
             return Err(SettingsError::NoSuchGroup(value.into()));
         }
-        if key == "firewallAccommodation" || key == "sshPassword" {
+        if key == "firewallAccommodation"
+            || key == "sshPassword"
+            || key == crate::vm::actions::PRIVATE_URLS_KEY
+        {
             let on = match value {
                 "true" => true,
                 "false" => false,

@@ -32,7 +32,9 @@ struct Files {
 /// `/noetag/NAME` the same without ETag; `/always/NAME` every answer breaks
 /// off after 1 KiB; `/slow/NAME` 64 KiB every 100 ms; `/to/PATH` redirects to PATH;
 /// `/tofile` redirects to file:///etc/passwd; `/loop` redirects to itself;
-/// `/huge` announces 100 GiB.
+/// `/huge` announces 100 GiB; `/lo/PATH` redirects to PATH on 127.0.0.1.
+/// It listens on every address of the namespace: [`Server::public_url`]
+/// reaches it through a documentation address on `lo`.
 struct Server {
     port: u16,
     files: Arc<Mutex<Files>>,
@@ -44,7 +46,7 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let shared = files.clone();
         ns.spawn_in(move || {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let l = TcpListener::bind("0.0.0.0:0").unwrap();
             tx.send(l.local_addr().unwrap().port()).unwrap();
             let dropped = Arc::new(Mutex::new(std::collections::HashSet::new()));
             for conn in l.incoming() {
@@ -69,6 +71,12 @@ impl Server {
 
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The URL of `path` through [`PUBLIC_ADDR`] (added to `lo` by
+    /// [`public_address`]): not loopback, so the API may fetch it.
+    fn public_url(&self, path: &str) -> String {
+        format!("http://{PUBLIC_ADDR}:{}{path}", self.port)
     }
 
     fn seen(&self) -> Vec<String> {
@@ -114,6 +122,13 @@ fn serve(
             w,
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             100u64 << 30
+        );
+    }
+    if let Some(to) = path.strip_prefix("/lo") {
+        let port = w.local_addr()?.port();
+        return write!(
+            w,
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}{to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     }
     if let Some(to) = path.strip_prefix("/to") {
@@ -548,6 +563,14 @@ fn a_killed_create_leaves_nothing_and_the_name_stays_free() {
     assert!(hidden.is_empty(), "collected: {hidden:?}");
 }
 
+/// A documentation address the test server answers on inside a namespace.
+const PUBLIC_ADDR: &str = "192.0.2.80";
+
+/// Gives `ns`'s `lo` [`PUBLIC_ADDR`].
+fn public_address(ns: &Netns) {
+    ns.exec_ok(&format!("ip addr add {PUBLIC_ADDR}/32 dev lo"));
+}
+
 /// `lume serve` in the namespace; its port.
 fn lume_serve(ns: &Netns, home: &Home) -> (std::process::Child, u16, Arc<Mutex<String>>) {
     let mut c = Command::new("ip");
@@ -615,6 +638,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
     let ns = Netns::new("imp");
     let home = Home::new();
     let srv = Server::start(&ns);
+    public_address(&ns);
     let raw = raw_image("VIA-API");
     srv.put("d.raw", raw.clone());
     let (mut child, port, log) = lume_serve(&ns, &home);
@@ -626,7 +650,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         "POST",
         base.clone(),
         Some(serde_json::json!({
-            "name": "p", "diskSize": "16MB", "image": srv.url("/slow/d.raw"),
+            "name": "p", "diskSize": "16MB", "image": srv.public_url("/slow/d.raw"),
             "imageSha256": sha256_hex(&raw),
         })),
     );
@@ -643,7 +667,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         &ns,
         "POST",
         base.clone(),
-        Some(serde_json::json!({"name": "p", "image": srv.url("/f/d.raw")})),
+        Some(serde_json::json!({"name": "p", "image": srv.public_url("/f/d.raw")})),
     );
     assert_eq!(again, 409);
     // Running it now is refused by name.
@@ -663,7 +687,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         "POST",
         base.clone(),
         Some(serde_json::json!({
-            "name": "f", "image": srv.url("/slow/d.raw"), "imageSha256": sha256_hex(b"no"),
+            "name": "f", "image": srv.public_url("/slow/d.raw"), "imageSha256": sha256_hex(b"no"),
         })),
     );
     assert_eq!(status, 202);
@@ -692,6 +716,93 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         Some(serde_json::json!({"name": "g", "image": "file:///etc/shadow"})),
     );
     assert_eq!(code, 400, "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn api_image_urls_may_not_lead_to_loopback_or_private_addresses() {
+    let ns = Netns::new("ssrf");
+    let home = Home::new();
+    let srv = Server::start(&ns);
+    public_address(&ns);
+    let raw = raw_image("SSRF");
+    srv.put("d.raw", raw.clone());
+    let (mut child, port, log) = lume_serve(&ns, &home);
+    let base = format!("http://127.0.0.1:{port}/lume/vms");
+    let refused = |name: &str, url: String| {
+        let (status, body) = api(
+            &ns,
+            "POST",
+            base.clone(),
+            Some(serde_json::json!({"name": name, "diskSize": "16MB", "image": url})),
+        );
+        assert_eq!(status, 202, "{body}");
+        wait_for(
+            "the refused import to vanish",
+            Duration::from_secs(60),
+            || {
+                let (code, _) = api(&ns, "GET", format!("{base}/{name}"), None);
+                (code == 404).then_some(())
+            },
+        );
+        wait_for(
+            "the refusal in the server's log",
+            Duration::from_secs(10),
+            || {
+                let l = log.lock().unwrap();
+                (l.contains(&format!("Creating VM '{name}' failed"))
+                    && l.contains("127.0.0.1, a loopback, link-local or private address"))
+                .then_some(())
+            },
+        );
+        assert_nothing_left(&home, &ns, name);
+    };
+    let before = srv.seen().len();
+    // Straight to the server's loopback: refused before any connection.
+    refused("direct", srv.url("/f/d.raw"));
+    assert_eq!(srv.seen().len(), before, "{:?}", srv.seen());
+    // A public server redirecting to loopback: refused at the redirect.
+    refused("redirected", srv.public_url("/lo/f/d.raw"));
+    assert_eq!(
+        srv.seen()[before..],
+        ["/lo/f/d.raw range=None".to_string()],
+        "only the redirect was fetched"
+    );
+    // The CLI's own user may fetch from loopback as before.
+    ns.lume_ok(
+        &home,
+        &[
+            "create",
+            "cli",
+            "--disk-size",
+            "16MB",
+            "--image",
+            &srv.url("/f/d.raw"),
+        ],
+    );
+    assert_disk(&home, "cli", &raw, 16 << 20);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // The server's owner allows private destinations in config.yaml.
+    home.write_settings("apiPrivateImageUrls: true\n");
+    let (mut child, port, _log) = lume_serve(&ns, &home);
+    let base = format!("http://127.0.0.1:{port}/lume/vms");
+    let (status, body) = api(
+        &ns,
+        "POST",
+        base.clone(),
+        Some(
+            serde_json::json!({"name": "ok", "diskSize": "16MB", "image": srv.url("/lo/f/d.raw")}),
+        ),
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("the allowed import", Duration::from_secs(60), || {
+        let (_, v) = api(&ns, "GET", format!("{base}/ok"), None);
+        (v["status"] == "stopped").then_some(())
+    });
+    assert_disk(&home, "ok", &raw, 16 << 20);
     let _ = child.kill();
     let _ = child.wait();
 }

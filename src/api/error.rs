@@ -113,7 +113,8 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             | ImportError::Empty { .. }
             | ImportError::TooLarge { .. }
             | ImportError::Checksum { .. }
-            | ImportError::Xz { .. },
+            | ImportError::Xz { .. }
+            | ImportError::XzMemory { .. },
         ) => BAD,
         VmError::Import(ImportError::Download(_)) => StatusCode::BAD_GATEWAY,
         VmError::Seed(

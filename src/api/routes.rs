@@ -522,6 +522,9 @@ pub async fn create_vm(
         cloud_init: opt_path("cloudInit", r.cloud_init.as_deref())?,
         no_cloud_init: r.no_cloud_init,
         no_password: r.no_password,
+        // A URL from the API may not lead the server to its own loopback
+        // or private networks (SSRF), unless its owner allows it.
+        url_destinations: crate::image::download::Destinations::PublicOnly,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     if spec.image.as_ref().is_some_and(ImageSource::is_url) {

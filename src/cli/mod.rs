@@ -432,6 +432,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 cloud_init: a.cloud_init,
                 no_cloud_init: a.no_cloud_init,
                 no_password: a.no_password,
+                url_destinations: crate::image::download::Destinations::Any,
             })),
             Format::Text,
         ),

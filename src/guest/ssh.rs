@@ -169,9 +169,12 @@ pub fn command(req: &SshRequest, to: &Target) -> Command {
     args.push("-p".into());
     args.push(to.port.to_string().into());
     args.push(if req.tty { "-t" } else { "-T" }.into());
+    // Options end before the destination: a user name such as
+    // `-oProxyCommand=…` is then a name, never an option, and ssh parses
+    // nothing after it as one.
+    args.push("--".into());
     args.push(format!("{}@{}", req.user, to.host).into());
     if !req.command.is_empty() {
-        args.push("--".into());
         // ssh joins its arguments with spaces for the remote shell, as lume does.
         args.push(req.command.join(" ").into());
     }
@@ -307,7 +310,51 @@ mod tests {
         assert!(joined.contains("HostKeyAlias=lume-web"));
         assert!(joined.contains("BatchMode=yes"));
         assert!(joined.contains("-i /s/.ssh/id_ed25519"));
-        assert!(joined.ends_with("lume@192.0.2.10 -- echo hi"), "{joined}");
+        assert!(
+            joined.ends_with("-T -- lume@192.0.2.10 echo hi"),
+            "{joined}"
+        );
         assert!(c.get_envs().all(|(k, _)| k != ASKPASS_ENV));
+    }
+
+    #[test]
+    fn a_user_name_is_never_an_ssh_option() {
+        // The real client, told to reach a closed port as a "user" that
+        // would be a ProxyCommand if ssh took it for an option.
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("ran");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let req = SshRequest {
+            vm_name: "v".into(),
+            vm_dir: dir.path().into(),
+            user: format!("-oProxyCommand=touch {}", mark.display()),
+            password: None,
+            key: None,
+            // Without `--` before the destination, this would be the host.
+            command: vec!["somehost".into()],
+            tty: false,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let to = Target {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let mut c = command(&req, &to);
+        c.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let code = run(c, Duration::from_secs(30)).unwrap();
+        assert_eq!(code, 255, "ssh fails to connect");
+        // The ProxyCommand would have been `touch …/ran@127.0.0.1`.
+        let ran: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("ran"))
+            .collect();
+        assert!(ran.is_empty(), "the user name ran as a ProxyCommand");
     }
 }

@@ -12,6 +12,7 @@
 //! the file.
 
 use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ureq::ResponseExt;
@@ -57,6 +58,115 @@ pub enum DownloadError {
         "{url} is larger than {limit} bytes, the most lume accepts for this disk: give a larger --disk-size if the image is right"
     )]
     TooLarge { url: String, limit: u64 },
+    #[error(
+        "{url} leads to {addr}, a loopback, link-local or private address, which image URLs given through the API may not reach: use a public address, or let the server's owner allow it with `lume config set apiPrivateImageUrls true`"
+    )]
+    PrivateDestination { url: String, addr: IpAddr },
+}
+
+/// Which addresses a download may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Destinations {
+    /// Any address (the CLI: the user could fetch it themselves).
+    #[default]
+    Any,
+    /// Public addresses only: no loopback, link-local, private (RFC 1918,
+    /// unique local, shared 100.64/10), unspecified, broadcast or multicast
+    /// address, checked on every connection (redirects and resumes
+    /// included) after name resolution, so neither a redirect nor a DNS
+    /// answer can lead elsewhere. For URLs that come through the API.
+    PublicOnly,
+}
+
+/// Whether `ip` is an address an API caller's image URL may not reach.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_private(IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// The address a [`PublicResolver`] refused, carried inside ureq's I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("Refused private address {0}")]
+struct Refused(IpAddr);
+
+/// ureq's resolver, keeping only public addresses ([`Destinations::PublicOnly`]).
+#[derive(Debug, Default)]
+struct PublicResolver(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for PublicResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let all = self.0.resolve(uri, config, timeout)?;
+        let mut kept = self.empty();
+        let mut refused: Option<SocketAddr> = None;
+        for a in all.iter() {
+            if is_private(a.ip()) {
+                refused.get_or_insert(*a);
+            } else {
+                kept.push(*a);
+            }
+        }
+        match refused {
+            // One private answer refuses the name: a host that resolves to
+            // both is a rebinding attempt as likely as a mistake.
+            Some(a) => Err(ureq::Error::Io(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                Refused(a.ip()),
+            ))),
+            None => Ok(kept),
+        }
+    }
+}
+
+/// A failed request as a [`DownloadError`].
+fn request_error(url: &str, source: ureq::Error) -> DownloadError {
+    match refused_addr(&source) {
+        Some(addr) => DownloadError::PrivateDestination {
+            url: url.to_string(),
+            addr,
+        },
+        None => DownloadError::Request {
+            url: url.to_string(),
+            source,
+        },
+    }
+}
+
+/// The refused address inside a ureq error, if that is why it failed.
+fn refused_addr(e: &ureq::Error) -> Option<IpAddr> {
+    match e {
+        ureq::Error::Io(io) => io
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<Refused>())
+            .map(|r| r.0),
+        _ => None,
+    }
 }
 
 impl DownloadError {
@@ -92,17 +202,25 @@ pub struct Download {
     resumes: u32,
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+fn agent(dest: Destinations) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(MAX_REDIRECTS)
         .max_redirects_will_error(true)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .timeout_per_read(Some(READ_TIMEOUT))
-        .user_agent(concat!("lume/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+        .user_agent(concat!("lume/", env!("CARGO_PKG_VERSION")));
+    match dest {
+        Destinations::Any => config.build().into(),
+        // No proxy from the environment here: it would be the proxy's
+        // address that is checked, not the destination's.
+        Destinations::PublicOnly => ureq::Agent::with_parts(
+            config.proxy(None).build(),
+            ureq::unversioned::transport::DefaultConnector::new(),
+            PublicResolver::default(),
+        ),
+    }
 }
 
 fn header_str(resp: &ureq::http::Response<ureq::Body>, name: header::HeaderName) -> Option<String> {
@@ -115,15 +233,12 @@ fn header_str(resp: &ureq::http::Response<ureq::Body>, name: header::HeaderName)
 impl Download {
     /// Sends the request; refuses an answer other than 200 and a declared
     /// size above `limit`.
-    pub fn open(url: &str, limit: u64) -> Result<Self, DownloadError> {
-        let agent = agent();
+    pub fn open(url: &str, limit: u64, dest: Destinations) -> Result<Self, DownloadError> {
+        let agent = agent(dest);
         let resp = agent
             .get(url)
             .call()
-            .map_err(|source| DownloadError::Request {
-                url: url.to_string(),
-                source,
-            })?;
+            .map_err(|source| request_error(url, source))?;
         if resp.status() != StatusCode::OK {
             return Err(DownloadError::Status {
                 url: url.to_string(),
@@ -248,6 +363,45 @@ impl Read for Download {
                 Err(e) => e,
             };
             self.resume(cause).map_err(DownloadError::into_io)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_addresses_are_told_from_public_ones() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.64.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_private(a.parse().unwrap()), "{a}");
+        }
+        for a in [
+            "192.0.2.80",
+            "203.0.113.1",
+            "8.8.8.8",
+            "2001:db8::1",
+            "172.32.0.1",
+        ] {
+            assert!(!is_private(a.parse().unwrap()), "{a}");
         }
     }
 }

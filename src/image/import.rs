@@ -70,6 +70,10 @@ pub enum ImportError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "Cannot unpack the xz stream of {source_name}: it needs more than {XZ_MEMLIMIT} bytes of memory to decompress (a dictionary larger than any xz preset uses); recompress it with `xz -9` or import the uncompressed file"
+    )]
+    XzMemory { source_name: String },
     #[error("Cannot read {source_name}")]
     Read {
         source_name: String,
@@ -90,6 +94,10 @@ pub enum Source<'a> {
     Url(&'a str),
 }
 
+/// The most memory the xz decoder may use: `xz -9` (64 MiB dictionary)
+/// needs about 65 MiB; a header asking for more is refused.
+pub const XZ_MEMLIMIT: u64 = 256 << 20;
+
 /// One import.
 pub struct Request<'a> {
     pub source: Source<'a>,
@@ -102,6 +110,8 @@ pub struct Request<'a> {
     pub limit: u64,
     /// Show a progress bar (only where stderr is a terminal).
     pub progress: bool,
+    /// Which addresses a URL may lead to.
+    pub destinations: super::download::Destinations,
 }
 
 /// What was imported.
@@ -139,7 +149,7 @@ pub fn import(req: &Request) -> Result<Imported, ImportError> {
 }
 
 fn from_url(req: &Request, url: &str) -> Result<Imported, ImportError> {
-    let dl = Download::open(url, req.limit)?;
+    let dl = Download::open(url, req.limit, req.destinations)?;
     let bar = progress_bar(req.progress, dl.declared_len());
     let mut tap = Tap::new(dl, req.sha256.is_some(), bar);
     let r = ingest(req, &mut tap, url);
@@ -229,13 +239,31 @@ fn ingest<R: Read>(req: &Request, input: &mut Tap<R>, name: &str) -> Result<Impo
     }
     let xz_err = |e: io::Error| match DownloadError::from_io(e) {
         Ok(d) => ImportError::Download(d),
+        Err(source)
+            if source
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<liblzma::stream::Error>())
+                .is_some_and(|i| matches!(i, liblzma::stream::Error::MemLimit)) =>
+        {
+            ImportError::XzMemory {
+                source_name: name.to_string(),
+            }
+        }
         Err(source) => ImportError::Xz {
             source_name: name.to_string(),
             source,
         },
     };
+    // Bounded memory: the stream's header chooses the dictionary size (up
+    // to 4 GiB), which liblzma would otherwise allocate for whoever made it.
+    let stream =
+        liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
+            .map_err(|e| ImportError::Xz {
+                source_name: name.to_string(),
+                source: e.into(),
+            })?;
     let mut xz =
-        liblzma::read::XzDecoder::new_multi_decoder(io::Cursor::new(head).chain(&mut *input));
+        liblzma::read::XzDecoder::new_stream(io::Cursor::new(head).chain(&mut *input), stream);
     let inner = read_head(&mut xz).map_err(xz_err)?;
     if inner.is_empty() {
         return Err(ImportError::Empty {
@@ -648,6 +676,7 @@ mod tests {
             disk: &work.join("disk.img"),
             limit: 1 << 30,
             progress: false,
+            destinations: Default::default(),
         })
     }
 
@@ -779,6 +808,44 @@ mod tests {
             std::fs::read(work.path().join("disk.img")).unwrap(),
             raw_image()
         );
+    }
+
+    #[test]
+    fn an_xz_header_asking_for_a_huge_dictionary_is_refused() {
+        // A valid xz stream whose LZMA2 filter then claims a 4 GiB
+        // dictionary (props byte 40), block header CRC32 fixed: liblzma
+        // would allocate that much for whoever wrote the header.
+        let mut x = xz(&raw_image());
+        let b = 12; // after the stream header
+        let hsize = (usize::from(x[b]) + 1) * 4;
+        let flags = x[b + 1];
+        assert_eq!(flags & 0xc3, 0, "one filter, no sizes in the header");
+        assert_eq!(&x[b + 2..b + 4], &[0x21, 0x01], "LZMA2, one props byte");
+        x[b + 4] = 40;
+        let crc = crc32(&x[b..b + hsize - 4]);
+        x[b + hsize - 4..b + hsize].copy_from_slice(&crc.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bomb.xz"), &x).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let err = import_path(&dir.path().join("bomb.xz"), work.path(), None).unwrap_err();
+        assert!(matches!(err, ImportError::XzMemory { .. }), "{err:?}");
+        assert!(!work.path().join("disk.img").exists());
+    }
+
+    /// CRC-32 (IEEE), as xz block headers use.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xedb8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
+use crate::image::download::Destinations;
 use crate::image::import::{self, ImportError};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
@@ -279,6 +280,9 @@ pub struct CreateSpec {
     pub no_cloud_init: bool,
     /// User `lume` gets no password (key logins only).
     pub no_password: bool,
+    /// Which addresses an image URL may lead to: public ones only for the
+    /// API, unless config.yaml's `apiPrivateImageUrls` is true.
+    pub url_destinations: Destinations,
 }
 
 /// What `run` needs.
@@ -385,6 +389,10 @@ pub struct Context {
     /// Whose rights apply to the host paths named in an action.
     pub caller: super::caller::Caller,
 }
+
+/// config.yaml: image URLs given through the API may lead to loopback,
+/// link-local and private addresses.
+pub const PRIVATE_URLS_KEY: &str = "apiPrivateImageUrls";
 
 const MIN_MEMORY: u64 = 64 << 20;
 const MIN_DISK: u64 = 1 << 20;
@@ -553,6 +561,12 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
         return Err(VmError::Sha256WithoutImage);
     }
     store.check_private(None)?;
+    let mut spec = spec;
+    if spec.url_destinations == Destinations::PublicOnly
+        && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true)
+    {
+        spec.url_destinations = Destinations::Any;
+    }
     // Each file is opened once, with the caller's rights; only the
     // descriptors are used from here on.
     let open = |what, p: &Option<PathBuf>| {
@@ -716,6 +730,7 @@ impl PendingCreate {
                 disk: &disk,
                 limit: import_limit(spec.disk_size),
                 progress: spec.progress,
+                destinations: spec.url_destinations,
             })?;
             img::grow(&disk, disk_size)?;
             disk_size = fs::metadata(&disk).map_err(io_at(&disk))?.len();
@@ -1502,6 +1517,7 @@ mod tests {
             kernel: Some(kernel.to_path_buf()),
             image_sha256: None,
             progress: false,
+            url_destinations: Destinations::Any,
             initrd: None,
             cmdline: None,
             image: None,
