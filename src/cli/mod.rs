@@ -587,7 +587,6 @@ fn wait_for_ssh(
     name: &str,
     timeout: u64,
 ) -> Result<crate::guest::ssh::Target, crate::guest::ssh::SshError> {
-    use crate::guest::reach::{SSH_PROBE_TIMEOUT, port_answers};
     use crate::guest::ssh::{self as gssh, SshError};
     use std::time::{Duration, Instant};
     let secs = if timeout == 0 {
@@ -607,7 +606,9 @@ fn wait_for_ssh(
                 let answers = to
                     .host
                     .parse::<std::net::IpAddr>()
-                    .map(|ip| port_answers((ip, to.port).into(), SSH_PROBE_TIMEOUT))
+                    .map(|ip| {
+                        crate::guest::reach::ssh_answers(&state.network_mode, (ip, to.port).into())
+                    })
                     // A host name: leave it to ssh.
                     .unwrap_or(true);
                 if answers {
