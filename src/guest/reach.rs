@@ -2,7 +2,7 @@
 //! the ssh column of `lume ls`), as lume does: a TCP connection to port 22
 //! of the VM's address with a short timeout.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -37,8 +37,9 @@ pub const USER_BANNER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Port 22 of a guest's address: it accepts a TCP connection, as lume
 /// checks. User mode: passt, the host end of the forward, accepts every
 /// connection itself whether or not the guest listens (and resets it when
-/// the guest does not), so only the guest's first bytes (sshd's banner)
-/// within [`USER_BANNER_TIMEOUT`] count.
+/// the guest does not), and reaches the guest only once the client has
+/// sent something: the probe sends an SSH identification line, and only the
+/// guest's answer (sshd's banner) within [`USER_BANNER_TIMEOUT`] counts.
 pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
     if *mode != NetworkMode::User {
         return port_answers(target, SSH_PROBE_TIMEOUT);
@@ -46,7 +47,15 @@ pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&target, SSH_PROBE_TIMEOUT) else {
         return false;
     };
-    if s.set_read_timeout(Some(USER_BANNER_TIMEOUT)).is_err() {
+    if s.set_read_timeout(Some(USER_BANNER_TIMEOUT)).is_err()
+        || s.set_write_timeout(Some(USER_BANNER_TIMEOUT)).is_err()
+    {
+        return false;
+    }
+    // passt opens the guest side of a forwarded connection only once the
+    // client sends something: send our identification first (RFC 4253
+    // lets either side start).
+    if s.write_all(b"SSH-2.0-lume-probe\r\n").is_err() {
         return false;
     }
     let mut first = [0u8; 4];
@@ -89,10 +98,14 @@ mod tests {
 
         let sshd = TcpListener::bind("127.0.0.1:0").unwrap();
         let sshd_at = sshd.local_addr().unwrap();
+        // Like passt in front of a listening guest: nothing comes back
+        // until the client has sent something.
         std::thread::spawn(move || {
-            use std::io::Write;
             for mut c in sshd.incoming().flatten() {
-                let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+                }
             }
         });
         assert!(ssh_answers(&NetworkMode::User, sshd_at));
