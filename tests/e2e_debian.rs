@@ -1,5 +1,6 @@
 //! End to end with a real Debian 12 cloud disk (tests/debian/build.sh, built
-//! from Debian packages and cached): lume imports the qcow2, gives the VM its
+//! from Debian packages and cached): lume imports the qcow2 from a URL (an
+//! HTTP server in the LAN namespace, checked with --image-sha256), gives the VM its
 //! cloud-init NoCloud seed, the guest provisions itself (user lume, lume's
 //! key, hostname = VM name, DHCP) and `lume ssh` reaches it in nat, bridged
 //! (on a Linux bridge) and user mode. One booted guest is shared by the checks that only read it;
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{Home, Lan};
+use common::http::Server;
+use common::{Home, LAN_PEER, Lan};
 
 /// How long a first boot may take to SSH under TCG on a loaded machine.
 const BOOT: Duration = Duration::from_secs(420);
@@ -108,13 +110,23 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
         "#cloud-config\nruncmd:\n  - [sh, -c, 'echo from-user-part > /run/lume-user-part']\n",
     )
     .unwrap();
-    let image_arg = image.display().to_string();
+    // The image comes over HTTP from a server on the LAN, as a downloaded
+    // genericcloud image would, verified with its SHA-256.
+    let srv = Server::start_on(&t.lan, LAN_PEER);
+    srv.put_file("debian-12.qcow2", image.clone());
+    let sum = Command::new("sha256sum").arg(&image).output().unwrap();
+    assert!(sum.status.success());
+    let sha = String::from_utf8(sum.stdout).unwrap();
+    let sha = sha.split_whitespace().next().unwrap().to_string();
+    let image_arg = srv.url("/f/debian-12.qcow2");
     let ud_arg = user_data.display().to_string();
     t.lume_ok(&[
         "create",
         "deb",
         "--image",
         &image_arg,
+        "--image-sha256",
+        &sha,
         "--disk-size",
         "3GB",
         "--cpu",
@@ -126,6 +138,13 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
         "--cloud-init",
         &ud_arg,
     ]);
+    assert!(
+        srv.seen()
+            .iter()
+            .any(|r| r.starts_with("/f/debian-12.qcow2 ")),
+        "{:?}",
+        srv.seen()
+    );
     // The seed is lume's, the image is not touched: nothing lume-specific inside.
     t.lume_ok(&["run", "deb", "--detach"]);
     assert!(t.home.vm_dir("deb").join("cidata.img").is_file());

@@ -129,6 +129,12 @@ fn stop_shutdown_restart_report_their_way_and_memory_goes_back() {
     };
     assert_eq!(ssh_of("ssh"), true);
     assert_eq!(ssh_of("deaf"), false);
+    // `lume ssh` waits up to --timeout for port 22, then says why it gave up.
+    let err = t.lume_fails(&["ssh", "deaf", "-t", "2", "true"]);
+    assert!(
+        err.contains("VM 'deaf' did not answer SSH within 2 s (its SSH port does not answer yet)"),
+        "{err}"
+    );
     let table = t.lume_ok(&["ls"]);
     let header = table.lines().next().unwrap();
     assert!(header.split_whitespace().any(|c| c == "ssh"), "{table}");

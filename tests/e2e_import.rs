@@ -7,195 +7,14 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::http::Server;
 use common::{Home, Netns, lume_bin, wait_for};
 use sha2::{Digest, Sha256};
-
-/// What the test server serves and what it saw.
-#[derive(Default)]
-struct Files {
-    /// Path → body.
-    bodies: HashMap<String, Vec<u8>>,
-    /// Request lines with their Range header, in order.
-    seen: Vec<String>,
-}
-
-/// A small HTTP/1.1 server on 127.0.0.1 inside `ns`. Paths:
-/// `/f/NAME` the file; `/drop/NAME` the first answer stops after half the
-/// body (Content-Length announces all of it), later ones honour Range;
-/// `/noetag/NAME` the same without ETag; `/always/NAME` every answer breaks
-/// off after 1 KiB; `/slow/NAME` 64 KiB every 100 ms; `/to/PATH` redirects to PATH;
-/// `/tofile` redirects to file:///etc/passwd; `/loop` redirects to itself;
-/// `/huge` announces 100 GiB; `/lo/PATH` redirects to PATH on 127.0.0.1.
-/// It listens on every address of the namespace: [`Server::public_url`]
-/// reaches it through a documentation address on `lo`.
-struct Server {
-    port: u16,
-    files: Arc<Mutex<Files>>,
-}
-
-impl Server {
-    fn start(ns: &Netns) -> Self {
-        let files = Arc::new(Mutex::new(Files::default()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let shared = files.clone();
-        ns.spawn_in(move || {
-            let l = TcpListener::bind("0.0.0.0:0").unwrap();
-            tx.send(l.local_addr().unwrap().port()).unwrap();
-            let dropped = Arc::new(Mutex::new(std::collections::HashSet::new()));
-            for conn in l.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (files, dropped) = (shared.clone(), dropped.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(conn, &files, &dropped);
-                });
-            }
-        });
-        let port = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self { port, files }
-    }
-
-    fn put(&self, name: &str, body: Vec<u8>) {
-        self.files
-            .lock()
-            .unwrap()
-            .bodies
-            .insert(name.to_string(), body);
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// The URL of `path` through [`PUBLIC_ADDR`] (added to `lo` by
-    /// [`public_address`]): not loopback, so the API may fetch it.
-    fn public_url(&self, path: &str) -> String {
-        format!("http://{PUBLIC_ADDR}:{}{path}", self.port)
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.files.lock().unwrap().seen.clone()
-    }
-}
-
-fn serve(
-    conn: TcpStream,
-    files: &Mutex<Files>,
-    dropped: &Mutex<std::collections::HashSet<String>>,
-) -> std::io::Result<()> {
-    let mut r = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut range: Option<u64> = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("range: bytes=") {
-            range = v.trim().trim_end_matches('-').parse().ok();
-        }
-    }
-    files
-        .lock()
-        .unwrap()
-        .seen
-        .push(format!("{path} range={range:?}"));
-    let mut w = conn;
-    if path == "/loop" {
-        return write!(
-            w,
-            "HTTP/1.1 302 Found\r\nLocation: /loop\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-    }
-    if path == "/huge" {
-        // Announces 100 GiB: refused before a byte is read.
-        return write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            100u64 << 30
-        );
-    }
-    if let Some(to) = path.strip_prefix("/lo") {
-        let port = w.local_addr()?.port();
-        return write!(
-            w,
-            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}{to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-    }
-    if let Some(to) = path.strip_prefix("/to") {
-        let loc = if to == "file" {
-            "file:///etc/passwd".to_string()
-        } else {
-            to.to_string()
-        };
-        return write!(
-            w,
-            "HTTP/1.1 302 Found\r\nLocation: {loc}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-    }
-    let (kind, name) = path[1..].split_once('/').unwrap_or(("", ""));
-    let body = files.lock().unwrap().bodies.get(name).cloned();
-    let Some(body) = body else {
-        return write!(
-            w,
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"
-        );
-    };
-    let start = range.unwrap_or(0).min(body.len() as u64) as usize;
-    // `noetag`: nothing to resume against.
-    let etag = if kind == "noetag" {
-        String::new()
-    } else {
-        format!("ETag: \"{}\"\r\n", body.len())
-    };
-    if start > 0 || range.is_some() {
-        write!(
-            w,
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\n{etag}Connection: close\r\n\r\n",
-            body.len() - start,
-            body.len() - 1,
-            body.len()
-        )?;
-    } else {
-        write!(
-            w,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n{etag}Connection: close\r\n\r\n",
-            body.len()
-        )?;
-    }
-    let rest = &body[start..];
-    match kind {
-        "drop" | "noetag" if dropped.lock().unwrap().insert(format!("{kind}{name}")) => {
-            w.write_all(&rest[..rest.len() / 2])?;
-            w.flush()?;
-            // Gone mid-body: the client must resume.
-            w.shutdown(std::net::Shutdown::Both)
-        }
-        "always" => {
-            // Every answer breaks off after 1 KiB.
-            w.write_all(&rest[..1024.min(rest.len())])?;
-            w.flush()?;
-            w.shutdown(std::net::Shutdown::Both)
-        }
-        "slow" => {
-            for c in rest.chunks(64 << 10) {
-                w.write_all(c)?;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Ok(())
-        }
-        _ => w.write_all(rest),
-    }
-}
 
 /// A disk-like raw image: a signature, zeros, scattered data; 4 MiB.
 fn raw_image(tag: &str) -> Vec<u8> {
@@ -650,7 +469,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         "POST",
         base.clone(),
         Some(serde_json::json!({
-            "name": "p", "diskSize": "16MB", "image": srv.public_url("/slow/d.raw"),
+            "name": "p", "diskSize": "16MB", "image": srv.url_via(PUBLIC_ADDR, "/slow/d.raw"),
             "imageSha256": sha256_hex(&raw),
         })),
     );
@@ -667,7 +486,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         &ns,
         "POST",
         base.clone(),
-        Some(serde_json::json!({"name": "p", "image": srv.public_url("/f/d.raw")})),
+        Some(serde_json::json!({"name": "p", "image": srv.url_via(PUBLIC_ADDR, "/f/d.raw")})),
     );
     assert_eq!(again, 409);
     // Running it now is refused by name.
@@ -687,7 +506,7 @@ fn through_the_api_the_vm_is_provisioning_while_it_downloads() {
         "POST",
         base.clone(),
         Some(serde_json::json!({
-            "name": "f", "image": srv.public_url("/slow/d.raw"), "imageSha256": sha256_hex(b"no"),
+            "name": "f", "image": srv.url_via(PUBLIC_ADDR, "/slow/d.raw"), "imageSha256": sha256_hex(b"no"),
         })),
     );
     assert_eq!(status, 202);
@@ -763,7 +582,7 @@ fn api_image_urls_may_not_lead_to_loopback_or_private_addresses() {
     refused("direct", srv.url("/f/d.raw"));
     assert_eq!(srv.seen().len(), before, "{:?}", srv.seen());
     // A public server redirecting to loopback: refused at the redirect.
-    refused("redirected", srv.public_url("/lo/f/d.raw"));
+    refused("redirected", srv.url_via(PUBLIC_ADDR, "/lo/f/d.raw"));
     assert_eq!(
         srv.seen()[before..],
         ["/lo/f/d.raw range=None".to_string()],

@@ -144,7 +144,7 @@ pub fn via_ssh(
     let address = crate::vm::details::guest_address(state);
     let target = crate::guest::reach::ssh_target(state, address.as_deref())
         .ok_or(PowerError::SshUnavailable)?;
-    if !crate::guest::reach::port_answers(target, crate::guest::reach::SSH_PROBE_TIMEOUT) {
+    if !crate::guest::reach::ssh_answers(&state.network_mode, target) {
         return Err(PowerError::SshUnavailable);
     }
     let key = vm_dir

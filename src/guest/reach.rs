@@ -2,8 +2,11 @@
 //! the ssh column of `lume ls`), as lume does: a TCP connection to port 22
 //! of the VM's address with a short timeout.
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
+
+use crate::network::NetworkMode;
 
 use crate::vm::state::RunState;
 
@@ -27,6 +30,43 @@ pub fn port_answers(target: SocketAddr, timeout: Duration) -> bool {
     TcpStream::connect_timeout(&target, timeout).is_ok()
 }
 
+/// How long a user-mode probe waits for the guest's first bytes.
+pub const USER_BANNER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the guest's SSH server answers at `target` (from [`ssh_target`]).
+/// Port 22 of a guest's address: it accepts a TCP connection, as lume
+/// checks. User mode: passt, the host end of the forward, accepts every
+/// connection itself whether or not the guest listens (and resets it when
+/// the guest does not), and reaches the guest only once the client has
+/// sent something: the probe sends an SSH identification line, and only the
+/// guest's answer (sshd's banner) within [`USER_BANNER_TIMEOUT`] counts.
+pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
+    if *mode != NetworkMode::User {
+        return port_answers(target, SSH_PROBE_TIMEOUT);
+    }
+    let Ok(mut s) = TcpStream::connect_timeout(&target, SSH_PROBE_TIMEOUT) else {
+        return false;
+    };
+    if s.set_read_timeout(Some(USER_BANNER_TIMEOUT)).is_err()
+        || s.set_write_timeout(Some(USER_BANNER_TIMEOUT)).is_err()
+    {
+        return false;
+    }
+    // passt opens the guest side of a forwarded connection only once the
+    // client sends something: send our identification first (RFC 4253
+    // lets either side start).
+    if s.write_all(b"SSH-2.0-lume-probe\r\n").is_err() {
+        return false;
+    }
+    let mut first = [0u8; 4];
+    matches!(s.read(&mut first), Ok(n) if n > 0)
+}
+
+/// VMDetails' `sshAvailable` of a running VM, and whether lume may try SSH.
+pub fn ssh_available(state: &RunState, address: Option<&str>) -> bool {
+    ssh_target(state, address).is_some_and(|t| ssh_answers(&state.network_mode, t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +79,35 @@ mod tests {
         assert!(port_answers(open, SSH_PROBE_TIMEOUT));
         drop(l);
         assert!(!port_answers(open, SSH_PROBE_TIMEOUT));
+    }
+
+    /// A user-mode forward that accepts and then resets (passt while the
+    /// guest does not listen yet) is not SSH; one that sends a banner is.
+    /// Elsewhere an accepted connection is enough, as lume.
+    #[test]
+    fn through_a_user_mode_forward_only_the_guests_banner_counts() {
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_at = silent.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for c in silent.incoming() {
+                drop(c);
+            }
+        });
+        assert!(!ssh_answers(&NetworkMode::User, silent_at));
+        assert!(ssh_answers(&NetworkMode::Nat, silent_at));
+
+        let sshd = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sshd_at = sshd.local_addr().unwrap();
+        // Like passt in front of a listening guest: nothing comes back
+        // until the client has sent something.
+        std::thread::spawn(move || {
+            for mut c in sshd.incoming().flatten() {
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2\r\n");
+                }
+            }
+        });
+        assert!(ssh_answers(&NetworkMode::User, sshd_at));
     }
 }

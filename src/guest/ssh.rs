@@ -53,7 +53,18 @@ pub enum SshError {
         "VM '{0}' runs in user mode without a forwarded SSH port: restart it with this lume (`lume stop {0}; lume run {0} -d`) or publish one (`--publish 127.0.0.1:2222:22`)"
     )]
     NoForward(String),
-    #[error("ssh was not found: install openssh-client (apt-get install openssh-client)")]
+    #[error(
+        "VM '{name}' did not answer SSH within {secs} s ({why}): it may still be booting; try again, give a longer --timeout, or look at its console ({console})"
+    )]
+    NotReady {
+        name: String,
+        secs: u64,
+        why: &'static str,
+        console: String,
+    },
+    #[error(
+        "The ssh client was not found: install openssh-client (apt-get install openssh-client)"
+    )]
     NoClient,
     #[error("Cannot run ssh")]
     Spawn(#[source] std::io::Error),

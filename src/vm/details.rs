@@ -186,11 +186,10 @@ impl VmDetails {
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
             // As lume: whether port 22 answers now (null when stopped).
-            d.ssh_available = Some(
-                crate::guest::reach::ssh_target(&s, d.ip_address.as_deref()).is_some_and(|t| {
-                    crate::guest::reach::port_answers(t, crate::guest::reach::SSH_PROBE_TIMEOUT)
-                }),
-            );
+            d.ssh_available = Some(crate::guest::reach::ssh_available(
+                &s,
+                d.ip_address.as_deref(),
+            ));
         }
         d
     }
