@@ -5,7 +5,7 @@
 #       (a fresh VM each round: first boot, cloud-init provisioning).
 # Bare QEMU: the same image (converted to raw the way lume imports it), the
 #       same seed (a copy of that round's lume VM's cidata.img, so the same
-#       MAC, key, instance id and network-config), the same devices and
+#       MAC, key, instance id and network-config), the same devices as lume (guest agent channel, balloon) and
 #       accelerator (TCG, 2 vCPUs, 1 GB), a tap on a bridge with a dnsmasq
 #       configured like lume's NAT, from the first setup command to the first
 #       successful `ssh -i <lume's key> lume@ADDRESS true`.
@@ -75,6 +75,10 @@ EOF
               -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
               -chardev file,id=serial0,path=$W/console.log -serial chardev:serial0 \
               -device virtio-rng-pci -drive file=$W/disk.img,format=raw,if=virtio,discard=unmap \
+              -chardev socket,id=qga0,path=$W/qga.sock,server=on,wait=off \
+              -device virtio-serial-pci,id=vser0 \
+              -device virtserialport,bus=vser0.0,chardev=qga0,id=qga-port,name=org.qemu.guest_agent.0 \
+              -device virtio-balloon-pci,id=balloon0,free-page-reporting=on \
               -drive file=$W/cidata.img,format=raw,if=virtio,readonly=on \
               -netdev tap,id=net0,ifname=stap0,script=no,downscript=no,vhost=off \
               -device virtio-net-pci,netdev=net0,mac=$mac </dev/null >$W/qemu.log 2>&1 &
