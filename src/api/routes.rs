@@ -431,6 +431,27 @@ async fn on_vm<T: Send + 'static>(
     in_location(st, caller, storage, f).await
 }
 
+/// Runs a stop, shutdown or restart on `vm` and answers with its details and
+/// the way it took (the one answer of the three power routes).
+async fn power(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    storage: Option<&str>,
+    vm: VmName,
+    action: Action,
+) -> ApiResult<PowerResponse> {
+    let name = vm.clone();
+    on_vm(st, caller, storage, &vm, move |ctx| {
+        let method = match run(ctx, action)? {
+            Outcome::Stopped { method, .. } => method,
+            Outcome::Restarted { method, .. } => Some(method),
+            o => return Err(unexpected(&o)),
+        };
+        Ok(with_method(method, details(ctx, name)?))
+    })
+    .await
+}
+
 fn unexpected(o: &Outcome) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -764,14 +785,7 @@ pub async fn stop_vm(
         name: vm.clone(),
         timeout,
     };
-    let name = vm.clone();
-    on_vm(&st, &caller, storage, &vm, move |ctx| {
-        match run(ctx, action)? {
-            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
-            o => Err(unexpected(&o)),
-        }
-    })
-    .await
+    power(&st, &caller, storage, vm, action).await
 }
 
 /// Gracefully shut down a VM (`lume shutdown`): guest agent, SSH, ACPI power
@@ -802,14 +816,7 @@ pub async fn shutdown_vm(
         timeout: login.timeout,
         login,
     };
-    let name = vm.clone();
-    on_vm(&st, &caller, storage, &vm, move |ctx| {
-        match run(ctx, action)? {
-            Outcome::Stopped { method, .. } => Ok(with_method(method, details(ctx, name)?)),
-            o => Err(unexpected(&o)),
-        }
-    })
-    .await
+    power(&st, &caller, storage, vm, action).await
 }
 
 /// Gracefully restart a VM (`lume restart`): guest agent, then SSH; with
@@ -840,14 +847,7 @@ pub async fn restart_vm(
         force: r.force.unwrap_or(false),
         login,
     };
-    let name = vm.clone();
-    on_vm(&st, &caller, storage, &vm, move |ctx| {
-        match run(ctx, action)? {
-            Outcome::Restarted { method, .. } => Ok(with_method(Some(method), details(ctx, name)?)),
-            o => Err(unexpected(&o)),
-        }
-    })
-    .await
+    power(&st, &caller, storage, vm, action).await
 }
 
 /// Copy a stopped VM under a new name, with a new MAC address.

@@ -1213,6 +1213,26 @@ pub struct ForeignDrop {
     pub rules: Ruleset,
 }
 
+#[cfg(test)]
+impl ForeignDrop {
+    /// Docker's FORWARD policy drop as the doctor and the watcher see it, for
+    /// their tests.
+    pub fn docker_forward_policy(user_accepts: Vec<(String, String)>) -> Self {
+        ForeignDrop {
+            family: "ip".into(),
+            table: "filter".into(),
+            chain: "FORWARD".into(),
+            hook: "forward".into(),
+            how: "policy drop".into(),
+            policy_drop: true,
+            rules: Default::default(),
+            accommodated: Vec::new(),
+            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
+            user_accepts,
+        }
+    }
+}
+
 /// A rule that drops some traffic of lume's bridges, met following a base
 /// chain of another table rule by rule.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -851,18 +851,7 @@ mod tests {
     }
 
     fn docker_drop(user_accepts: Vec<(String, String)>) -> ForeignDrop {
-        ForeignDrop {
-            family: "ip".into(),
-            table: "filter".into(),
-            chain: "FORWARD".into(),
-            hook: "forward".into(),
-            how: "policy drop".into(),
-            policy_drop: true,
-            rules: Default::default(),
-            accommodated: Vec::new(),
-            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
-            user_accepts,
-        }
+        ForeignDrop::docker_forward_policy(user_accepts)
     }
 
     #[test]

@@ -1327,18 +1327,7 @@ mod tests {
 
     #[test]
     fn a_known_tool_s_drop_is_named_with_the_setting() {
-        let mut d = ForeignDrop {
-            family: "ip".into(),
-            table: "filter".into(),
-            chain: "FORWARD".into(),
-            hook: "forward".into(),
-            how: "policy drop".into(),
-            policy_drop: true,
-            rules: Default::default(),
-            accommodated: Vec::new(),
-            tool_chain: Some("Docker's chain ip filter DOCKER-USER".into()),
-            user_accepts: Vec::new(),
-        };
+        let mut d = ForeignDrop::docker_forward_policy(Vec::new());
         let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
         assert!(
             w.contains("Docker's chain ip filter DOCKER-USER")
