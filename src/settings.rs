@@ -123,6 +123,35 @@ fn distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// lume's default cache folder.
+pub const DEFAULT_CACHE_DIRECTORY: &str = "~/.lume/cache";
+
+/// Where images are pulled from and pushed to by default (lume's
+/// `registry.ghcr` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryDefaults {
+    pub registry: String,
+    pub organization: String,
+}
+
+impl Default for RegistryDefaults {
+    fn default() -> Self {
+        Self {
+            registry: "ghcr.io".into(),
+            organization: "trycua".into(),
+        }
+    }
+}
+
+/// A path from config.yaml: `~/` is the user's home.
+pub fn expand_home(s: &str) -> PathBuf {
+    match s.strip_prefix("~/") {
+        Some(rest) => crate::vm::store::home().join(rest),
+        None if s == "~" => crate::vm::store::home(),
+        None => PathBuf::from(s),
+    }
+}
+
 /// The parsed settings file (empty when it does not exist).
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -295,13 +324,59 @@ impl Settings {
         })
     }
 
+    /// lume's `cacheDirectory` (default `~/.lume/cache`), `~/` expanded.
+    pub fn cache_directory(&self) -> Result<PathBuf, SettingsError> {
+        let s = self
+            .get_str("cacheDirectory")?
+            .unwrap_or_else(|| DEFAULT_CACHE_DIRECTORY.to_string());
+        Ok(expand_home(&s))
+    }
+
+    /// lume's `cachingEnabled` (lume 0.5.3's default: false).
+    pub fn caching_enabled(&self) -> Result<bool, SettingsError> {
+        Ok(self.get_bool("cachingEnabled")?.unwrap_or(false))
+    }
+
+    /// lume's `registry.ghcr.{registry, organization}` (defaults `ghcr.io`
+    /// and `trycua`): where `pull` and `push` go when not told otherwise.
+    pub fn registry(&self) -> Result<RegistryDefaults, SettingsError> {
+        let mut out = RegistryDefaults::default();
+        let Some(reg) = self.map.get("registry") else {
+            return Ok(out);
+        };
+        let bad = || SettingsError::Type {
+            key: "registry".into(),
+            path: self.path.clone(),
+            expected: "a mapping like `registry: {type: ghcr, ghcr: {registry: ghcr.io, organization: trycua}}`",
+        };
+        let ghcr = match reg {
+            Value::Null => return Ok(out),
+            Value::Mapping(m) => m.get("ghcr"),
+            _ => return Err(bad()),
+        };
+        match ghcr {
+            None | Some(Value::Null) => {}
+            Some(Value::Mapping(g)) => {
+                for (key, slot) in [
+                    ("registry", &mut out.registry),
+                    ("organization", &mut out.organization),
+                ] {
+                    match g.get(key) {
+                        None | Some(Value::Null) => {}
+                        Some(Value::String(v)) if !v.trim().is_empty() => *slot = v.clone(),
+                        Some(_) => return Err(bad()),
+                    }
+                }
+            }
+            Some(_) => return Err(bad()),
+        }
+        Ok(out)
+    }
+
     /// The `homeDirectory` setting (lume's name for the VM location), if any.
     pub fn home_directory() -> Option<PathBuf> {
         let s = Self::load().ok()?.get_str("homeDirectory").ok()??;
-        Some(match s.strip_prefix("~/") {
-            Some(rest) => crate::vm::store::home().join(rest),
-            None => PathBuf::from(s),
-        })
+        Some(expand_home(&s))
     }
 }
 
@@ -377,6 +452,30 @@ mod tests {
         );
         assert_eq!(closest_known_key("natSubent"), Some("natSubnet"));
         assert_eq!(closest_known_key("cachingEnabled"), None);
+    }
+
+    #[test]
+    fn lume_registry_and_cache_keys_load_with_lumes_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.registry().unwrap(), RegistryDefaults::default());
+        assert!(!s.caching_enabled().unwrap());
+        assert!(s.cache_directory().unwrap().ends_with(".lume/cache"));
+        // As lume 0.5.3 on macOS writes it.
+        std::fs::write(
+            &p,
+            "defaultLocationName: \"home\"\ncacheDirectory: \"/srv/cache\"\ncachingEnabled: true\nregistry:\n  type: ghcr\n  ghcr:\n    registry: \"registry.example\"\n    organization: \"team\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.registry().unwrap().registry, "registry.example");
+        assert_eq!(s.registry().unwrap().organization, "team");
+        assert!(s.caching_enabled().unwrap());
+        assert_eq!(s.cache_directory().unwrap(), PathBuf::from("/srv/cache"));
+        std::fs::write(&p, "registry: ghcr.io\n").unwrap();
+        let e = Settings::load_from(&p).unwrap().registry().unwrap_err();
+        assert!(e.to_string().contains("registry"), "{e}");
     }
 
     #[test]
