@@ -8,6 +8,7 @@ pub mod guest;
 pub mod hypervisor;
 pub mod image;
 pub mod network;
+pub mod registry;
 pub mod settings;
 pub mod util;
 pub mod vm;

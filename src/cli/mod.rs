@@ -75,6 +75,80 @@ pub enum Command {
     Network(NetworkArgs),
     /// Serve the HTTP API (lume's REST API) on 127.0.0.1:7777
     Serve(ServeArgs),
+    /// Pull a VM image from an OCI registry (lume's format) as a new VM
+    Pull(PullArgs),
+    /// Push a stopped VM to an OCI registry in lume's format
+    Push(PushArgs),
+    /// List the images in the local cache
+    Images(ImagesArgs),
+    /// Remove cached images
+    Prune,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Image to pull (format: name:tag)
+    pub image: String,
+    /// Name for the VM (defaults to the image name without tag)
+    pub name: Option<VmName>,
+    /// Container registry to pull from (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to pull from (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Registry username for authentication
+    #[arg(long, requires = "password")]
+    pub username: Option<String>,
+    /// Registry password for authentication
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
+    /// Fetch every blob anew even when it is in the cache
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Name of the VM to push
+    pub name: VmName,
+    /// Image to push (format: name:tag)
+    pub image: String,
+    /// Additional tags to push the same image to
+    #[arg(long, num_args = 1..)]
+    pub additional_tags: Vec<String>,
+    /// Container registry to push to (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to push to (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Chunk size of the disk layers in MB
+    #[arg(long, default_value_t = crate::registry::push::DEFAULT_CHUNK_MB)]
+    pub chunk_size_mb: u64,
+    /// Prepare the layers without uploading
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Registry username for authentication
+    #[arg(long, requires = "password")]
+    pub username: Option<String>,
+    /// Registry password for authentication
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Organization to list (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Output format
+    #[arg(long, short = 'f', value_enum, default_value_t)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]
@@ -480,6 +554,73 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Format::Text,
             )
         }
+        Command::Pull(a) => {
+            let settings = Settings::load()?;
+            let d = settings.registry()?;
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            let name = match a.name {
+                Some(n) => n,
+                None => crate::registry::pull::default_name(&image)?,
+            };
+            (
+                a.storage,
+                Action::Pull(Box::new(crate::registry::pull::PullSpec {
+                    image,
+                    name,
+                    username: a.username,
+                    password: a.password,
+                    force: a.force,
+                    progress: true,
+                    public_only: false,
+                })),
+                Format::Text,
+            )
+        }
+        Command::Push(a) => {
+            let settings = Settings::load()?;
+            let d = settings.registry()?;
+            if !a.image.contains(':') {
+                return Err(crate::registry::RegistryError::BadReference(a.image).into());
+            }
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            (
+                a.storage,
+                Action::Push {
+                    name: a.name,
+                    spec: Box::new(crate::registry::push::PushSpec {
+                        image,
+                        additional_tags: a.additional_tags,
+                        chunk_size_mb: a.chunk_size_mb,
+                        dry_run: a.dry_run,
+                        username: a.username,
+                        password: a.password,
+                        progress: true,
+                        public_only: false,
+                    }),
+                },
+                Format::Text,
+            )
+        }
+        Command::Images(a) => {
+            let org = match a.organization {
+                Some(o) => o,
+                None => Settings::load()?.registry()?.organization,
+            };
+            (
+                StorageArg { storage: None },
+                Action::Images { organization: org },
+                a.format,
+            )
+        }
+        Command::Prune => (StorageArg { storage: None }, Action::Prune, Format::Text),
         Command::Ls(a) => (a.storage, Action::List, a.format),
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {
@@ -672,6 +813,9 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     if let Action::Create(spec) = &action
         && spec.image.is_some()
     {
+        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+    }
+    if let Action::Pull(spec) = &action {
         remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
     }
     let outcome = match execute(&ctx, action, &mut note) {

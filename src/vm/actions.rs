@@ -49,6 +49,8 @@ pub enum VmError {
     Seed(#[from] crate::guest::cloudinit::SeedError),
     #[error(transparent)]
     Keys(#[from] crate::guest::keys::KeyError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -350,6 +352,17 @@ pub enum Action {
         force: bool,
         confirmed: bool,
     },
+    /// Pull an image from a registry as a new VM (docs/images.md).
+    Pull(Box<crate::registry::pull::PullSpec>),
+    /// Push a stopped VM to a registry.
+    Push {
+        name: VmName,
+        spec: Box<crate::registry::push::PushSpec>,
+    },
+    /// The images in the cache, for one organization.
+    Images { organization: String },
+    /// Remove the cached images.
+    Prune,
 }
 
 /// What an action produced.
@@ -379,6 +392,10 @@ pub enum Outcome {
         copy: CopyKind,
     },
     Deleted(VmName),
+    Pulled(VmDetails),
+    Pushed(crate::registry::push::Pushed),
+    Images(Vec<crate::registry::cache::CachedImage>),
+    Pruned(usize),
 }
 
 /// Where actions find VMs and settings.
@@ -451,7 +468,78 @@ pub fn execute(
             force,
             confirmed,
         } => delete(ctx, &name, force, confirmed, note),
+        Action::Pull(spec) => pull(ctx, &spec, note).map(Outcome::Pulled),
+        Action::Push { name, spec } => push(ctx, &name, &spec, note).map(Outcome::Pushed),
+        Action::Images { organization } => Ok(Outcome::Images(
+            crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization),
+        )),
+        Action::Prune => Ok(Outcome::Pruned(
+            crate::registry::cache::Cache::new(&ctx.settings)?.prune()?,
+        )),
     }
+}
+
+/// `pull`: the VM is built in a `.creating-` work directory that holds the
+/// provisioning lock (listed as `provisioning`) and appears with one rename;
+/// on any error or a kill only the resumable cache is left.
+fn pull(
+    ctx: &Context,
+    spec: &crate::registry::pull::PullSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmDetails, VmError> {
+    let store = &ctx.store;
+    store.check_private(None)?;
+    let name = &spec.name;
+    if store.vm(name).config_path().exists() || store.vm(name).dir.exists() {
+        return Err(StoreError::Exists {
+            name: name.clone(),
+            root: store.root().to_path_buf(),
+        }
+        .into());
+    }
+    if store.is_provisioning(name) {
+        return Err(StoreError::Provisioning(name.clone()).into());
+    }
+    let mut spec = spec.clone();
+    if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
+        spec.public_only = false;
+    }
+    let cache = crate::registry::cache::Cache::new(&ctx.settings)?;
+    let work = store.work_dir("creating", name)?;
+    let built = (|| -> Result<Vm, VmError> {
+        let _lock = VmLock::try_acquire(&work.join(PROVISIONING_MARKER)).map_err(io_at(&work))?;
+        crate::registry::pull::pull_into(&spec, &cache, &ctx.caller, &work, note)?;
+        let vm = store.publish(&work, name)?;
+        let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
+        Ok(vm)
+    })();
+    match built {
+        Ok(vm) => Ok(VmDetails::read(store, &vm)),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+/// `push`: the VM's lock is held throughout, so it cannot start meanwhile.
+fn push(
+    ctx: &Context,
+    name: &VmName,
+    spec: &crate::registry::push::PushSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<crate::registry::push::Pushed, VmError> {
+    let store = &ctx.store;
+    let vm = store.open(name)?;
+    store.check_private(Some(&vm))?;
+    let mut spec = spec.clone();
+    if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
+        spec.public_only = false;
+    }
+    let scratch = store.work_dir("pushing", name)?;
+    let r = crate::registry::push::push(&vm, &spec, &ctx.caller, &scratch, note);
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(r?)
 }
 
 /// What a person is told on `set --unsafe-host-loopback`: the setting is
