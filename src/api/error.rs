@@ -268,8 +268,6 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
         R::Running(_) => StatusCode::CONFLICT,
         R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
-        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

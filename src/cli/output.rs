@@ -196,7 +196,11 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             "VM '{}' pulled: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
-            if d.cpu_count == Some(1) { "CPU" } else { "CPUs" },
+            if d.cpu_count == Some(1) {
+                "CPU"
+            } else {
+                "CPUs"
+            },
             d.memory_size.map(format_size).unwrap_or_else(|| "-".into()),
             d.disk_size
                 .as_ref()

@@ -127,8 +127,8 @@ pub fn parse_docker_config(text: &str, registry: &str) -> Result<Option<Registry
     let raw = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
         .map_err(|_| format!("the auth entry of {registry} is not base64"))?;
-    let raw = String::from_utf8(raw)
-        .map_err(|_| format!("the auth entry of {registry} is not text"))?;
+    let raw =
+        String::from_utf8(raw).map_err(|_| format!("the auth entry of {registry} is not text"))?;
     let (u, p) = raw
         .split_once(':')
         .ok_or_else(|| format!("the auth entry of {registry} is not USER:PASSWORD"))?;
@@ -211,7 +211,9 @@ mod tests {
         let text = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},
             "127.0.0.1:5000":{"auth":"YWxpY2U6czNjcjM6dA=="}}}"#;
         match parse_docker_config(text, "127.0.0.1:5000").unwrap() {
-            Some(RegistryAuth::Basic(u, p)) => assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cr3:t")),
+            Some(RegistryAuth::Basic(u, p)) => {
+                assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cr3:t"))
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(

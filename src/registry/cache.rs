@@ -128,7 +128,11 @@ impl Cache {
             return Ok(0);
         };
         for org in orgs.filter_map(Result::ok) {
-            for image in fs::read_dir(org.path()).into_iter().flatten().filter_map(Result::ok) {
+            for image in fs::read_dir(org.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
                 let path = image.path();
                 if !image.file_type().is_ok_and(|t| t.is_dir()) {
                     continue;
@@ -168,7 +172,12 @@ impl ImageDir {
     }
 
     /// Marks the image complete: manifest, then metadata.
-    pub fn record(&self, image: &str, manifest_id: &str, manifest: &[u8]) -> Result<(), RegistryError> {
+    pub fn record(
+        &self,
+        image: &str,
+        manifest_id: &str,
+        manifest: &[u8],
+    ) -> Result<(), RegistryError> {
         let p = self.dir.join(MANIFEST);
         crate::util::atomic::write_private(&p, manifest).map_err(io_at(&p))?;
         let now = std::time::SystemTime::now()

@@ -142,10 +142,15 @@ pub fn plan(m: &Manifest) -> Result<Plan, String> {
         return Err(format!("blob digest '{}' is not sha256", bad.digest));
     }
     let current = m.layers.iter().any(|l| l.media_type == DISK_MEDIA_TYPE)
-        || m.config.as_ref().is_some_and(|c| c.media_type == CONFIG_MEDIA_TYPE);
+        || m.config
+            .as_ref()
+            .is_some_and(|c| c.media_type == CONFIG_MEDIA_TYPE);
     let parse = |s: Option<&str>, what: &str| -> Result<Option<u64>, String> {
-        s.map(|v| v.parse::<u64>().map_err(|_| format!("{what} '{v}' is not a number")))
-            .transpose()
+        s.map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{what} '{v}' is not a number"))
+        })
+        .transpose()
     };
     if current {
         let disks: Vec<&Descriptor> = m
@@ -174,7 +179,9 @@ pub fn plan(m: &Manifest) -> Result<Plan, String> {
             .into_iter()
             .map(|(d, offset, len)| {
                 if offset > total {
-                    return Err(format!("part at offset {offset} beyond the disk's {total} bytes"));
+                    return Err(format!(
+                        "part at offset {offset} beyond the disk's {total} bytes"
+                    ));
                 }
                 let room = total - offset;
                 Ok(DiskPart {
@@ -209,15 +216,12 @@ pub fn plan(m: &Manifest) -> Result<Plan, String> {
     if parts.is_empty() {
         return Err("no lume disk layers".into());
     }
-    let config = m
-        .config
-        .clone()
-        .or_else(|| {
-            m.layers
-                .iter()
-                .find(|l| l.media_type == LEGACY_CONFIG_MEDIA_TYPE)
-                .cloned()
-        });
+    let config = m.config.clone().or_else(|| {
+        m.layers
+            .iter()
+            .find(|l| l.media_type == LEGACY_CONFIG_MEDIA_TYPE)
+            .cloned()
+    });
     Ok(Plan {
         format: Format::Legacy,
         config,
@@ -337,7 +341,8 @@ pub fn decode_part(
     };
     match codec {
         Codec::Gzip => {
-            let mut dec = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, input));
+            let mut dec =
+                flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, input));
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let mut filled = 0;
@@ -355,7 +360,9 @@ pub fn decode_part(
                 sink.put(&buf[..filled])?;
             }
         }
-        Codec::AppleLz4 => decode_apple_lz4(io::BufReader::with_capacity(1 << 20, input), &mut sink)?,
+        Codec::AppleLz4 => {
+            decode_apple_lz4(io::BufReader::with_capacity(1 << 20, input), &mut sink)?
+        }
     }
     Ok(sink.written)
 }

@@ -137,7 +137,10 @@ pub(crate) fn classify(
                 .any(|c| matches!(c, C::ManifestUnknown | C::NameUnknown | C::NotFound))
             {
                 not_found()
-            } else if codes.iter().any(|c| matches!(c, C::Unauthorized | C::Denied)) {
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, C::Unauthorized | C::Denied))
+            {
                 unauthorized()
             } else {
                 RegistryError::Protocol {
@@ -150,6 +153,10 @@ pub(crate) fn classify(
         E::ServerError {
             code: 401 | 403, ..
         } => unauthorized(),
+        E::RequestError(r) if matches!(r.status().map(|s| s.as_u16()), Some(401 | 403)) => {
+            unauthorized()
+        }
+        E::RequestError(r) if r.status().is_some_and(|s| s.as_u16() == 404) => not_found(),
         E::RequestError(r) if r.is_connect() || r.is_timeout() => RegistryError::Unreachable {
             registry: registry.to_string(),
             source: e,

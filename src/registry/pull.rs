@@ -165,9 +165,11 @@ pub fn pull_into(
     let total: u64 = unique.iter().map(|d| d.size).sum();
     let bar = progress_bar(spec.progress, total);
     rt.block_on(async {
-        let fetches = futures_util::stream::iter(unique.iter().map(|d| {
-            fetch_blob(&client, &oref, d, &dir, &bar, &image_s)
-        }))
+        let fetches = futures_util::stream::iter(
+            unique
+                .iter()
+                .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
+        )
         .buffer_unordered(PARALLEL);
         futures_util::pin_mut!(fetches);
         while let Some(r) = fetches.next().await {
@@ -198,7 +200,9 @@ pub fn pull_into(
             path: tmp.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&tmp))?;
         fs::rename(&tmp, &reassembled).map_err(io_at(&reassembled))?;
         for p in &remote.plan.parts {
             if let Some(hex) = p.blob.sha256_hex() {
@@ -206,7 +210,12 @@ pub fn pull_into(
             }
         }
         dir.record(&spec.image.short(), &manifest_id, &remote.bytes)?;
-        for old in super::cache::superseded(cache, &spec.image.organization, &spec.image.short(), &dir.dir) {
+        for old in super::cache::superseded(
+            cache,
+            &spec.image.organization,
+            &spec.image.short(),
+            &dir.dir,
+        ) {
             let _ = fs::remove_dir_all(old);
         }
     } else {
@@ -240,7 +249,9 @@ fn vm_config(
     let m = &remote.manifest;
     let cfg_str = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_str());
     let cfg_u64 = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_u64());
-    let os = cfg_str("os").or(m.annotation("org.trycua.lume.os")).unwrap_or("linux");
+    let os = cfg_str("os")
+        .or(m.annotation("org.trycua.lume.os"))
+        .unwrap_or("linux");
     if !os.eq_ignore_ascii_case("linux") {
         return Err(RegistryError::ForeignOs {
             image: image.to_string(),
@@ -366,7 +377,8 @@ async fn fetch_blob(
                 Ok(BlobResponse::Full(s)) => {
                     // The registry ignored the range: start over.
                     file.set_len(0).map_err(io_at(&partial))?;
-                    file.seek(std::io::SeekFrom::Start(0)).map_err(io_at(&partial))?;
+                    file.seek(std::io::SeekFrom::Start(0))
+                        .map_err(io_at(&partial))?;
                     bar.set_position(bar.position().saturating_sub(have));
                     have = 0;
                     hash = Sha256::new();
@@ -375,10 +387,16 @@ async fn fetch_blob(
                 Err(e) => {
                     let e = classify(e, registry, image);
                     resumes += 1;
-                    if resumes > RESUMES || !matches!(e, RegistryError::Unreachable { .. } | RegistryError::Protocol { .. }) {
+                    if resumes > RESUMES
+                        || !matches!(
+                            e,
+                            RegistryError::Unreachable { .. } | RegistryError::Protocol { .. }
+                        )
+                    {
                         return Err(e);
                     }
-                    tokio::time::sleep(std::time::Duration::from_millis(500 * resumes as u64)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(500 * resumes as u64))
+                        .await;
                     continue;
                 }
             };
@@ -447,8 +465,8 @@ fn assemble(plan: &Plan, dir: &ImageDir, out: &File, disk_size: u64) -> Result<(
         let f = File::open(&path).map_err(io_at(&path))?;
         let mut reader = format::HashingReader::new(f);
         let max = part.max_len.min(disk_size.saturating_sub(offset));
-        let n = format::decode_part(part.codec, &mut reader, out, offset, max).map_err(|e| {
-            match e {
+        let n = format::decode_part(part.codec, &mut reader, out, offset, max).map_err(
+            |e| match e {
                 format::DecodeError::Io(source) => RegistryError::Io {
                     path: path.clone(),
                     source,
@@ -457,8 +475,8 @@ fn assemble(plan: &Plan, dir: &ImageDir, out: &File, disk_size: u64) -> Result<(
                     image: path.display().to_string(),
                     why: format!("a disk part cannot be unpacked: {other}"),
                 },
-            }
-        })?;
+            },
+        )?;
         let (digest, _) = reader.finish().map_err(io_at(&path))?;
         if digest != part.blob.digest {
             let _ = fs::remove_file(&path);

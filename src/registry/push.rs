@@ -115,7 +115,8 @@ pub fn push(
                         }
                         let offset = i as u64 * chunk;
                         let len = chunk.min(size - offset);
-                        if let Some(c) = compress_chunk(&disk, &disk_path, i, offset, len, scratch)? {
+                        if let Some(c) = compress_chunk(&disk, &disk_path, i, offset, len, scratch)?
+                        {
                             chunks.lock().expect("no panics hold it").push(c);
                         }
                     }
@@ -182,7 +183,11 @@ pub fn push(
             .auth(&oref, &auth, oci_client::RegistryOperation::Push)
             .await
             .map_err(err)?;
-        if !client.blob_exists(&oref, &config_digest).await.map_err(err)? {
+        if !client
+            .blob_exists(&oref, &config_digest)
+            .await
+            .map_err(err)?
+        {
             client
                 .push_blob(&oref, config.clone(), &config_digest)
                 .await
@@ -339,7 +344,13 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// lume's chunked manifest (`createOCIManifest` with disk chunks), without
 /// the nvram layer a Linux VM does not have.
-fn manifest(cfg: &VmConfig, config: &[u8], config_digest: &str, chunks: &[Chunk], total: u64) -> Manifest {
+fn manifest(
+    cfg: &VmConfig,
+    config: &[u8],
+    config_digest: &str,
+    chunks: &[Chunk],
+    total: u64,
+) -> Manifest {
     let s = |v: &dyn ToString| v.to_string();
     let layers = chunks
         .iter()
@@ -365,7 +376,10 @@ fn manifest(cfg: &VmConfig, config: &[u8], config_digest: &str, chunks: &[Chunk]
         })
         .collect();
     let annotations = [
-        ("org.trycua.lume.upload-time", crate::util::time::timestamp()),
+        (
+            "org.trycua.lume.upload-time",
+            crate::util::time::timestamp(),
+        ),
         (format::TOTAL_SIZE, s(&total)),
         ("org.trycua.lume.os", "linux".to_string()),
         ("org.trycua.lume.cpu-count", s(&cfg.cpu_count)),

@@ -24,7 +24,9 @@ impl ImageRef {
             return Err(bad());
         }
         if !valid_repository(organization) {
-            return Err(RegistryError::BadReference(format!("{organization}/{image}")));
+            return Err(RegistryError::BadReference(format!(
+                "{organization}/{image}"
+            )));
         }
         if !valid_registry(registry) {
             return Err(RegistryError::BadRegistry(registry.to_string()));
@@ -60,11 +62,7 @@ impl ImageRef {
 
     /// For `oci-client`.
     pub fn oci(&self) -> oci_client::Reference {
-        oci_client::Reference::with_tag(
-            self.registry.clone(),
-            self.repository(),
-            self.tag.clone(),
-        )
+        oci_client::Reference::with_tag(self.registry.clone(), self.repository(), self.tag.clone())
     }
 
     /// The registry's host without its port.
@@ -106,8 +104,7 @@ fn valid_tag(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && (s.as_bytes()[0].is_ascii_alphanumeric() || s.as_bytes()[0] == b'_')
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
@@ -153,8 +150,13 @@ mod tests {
 
     #[test]
     fn refuses_bad_references() {
-        for image in ["", ":x", "Upper:1", "a/../b:1", "a//b:1", "a:-x", "a:b/c", "-a:1"] {
-            assert!(ImageRef::parse(image, "ghcr.io", "trycua").is_err(), "{image}");
+        for image in [
+            "", ":x", "Upper:1", "a/../b:1", "a//b:1", "a:-x", "a:b/c", "-a:1",
+        ] {
+            assert!(
+                ImageRef::parse(image, "ghcr.io", "trycua").is_err(),
+                "{image}"
+            );
         }
         for reg in ["", "a/b", "user@host", "h:0", "h:99999", "[zz]:1"] {
             assert!(ImageRef::parse("a:1", reg, "trycua").is_err(), "{reg}");
