@@ -110,7 +110,7 @@ fn same_bytes(a: &Path, b: &Path) {
     sh(&format!("cmp {} {}", a.display(), b.display()));
 }
 
-fn reg_args<'a>(r: &'a Registry) -> [&'a str; 4] {
+fn reg_args(r: &Registry) -> [&str; 4] {
     ["--registry", &r.addr, "--organization", "test"]
 }
 

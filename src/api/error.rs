@@ -174,6 +174,28 @@ fn attach_status(e: &AttachError) -> StatusCode {
     }
 }
 
+/// Registry failures: the client's mistakes are 400/404, the registry's
+/// 502, the host's 500.
+fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
+    use crate::registry::RegistryError as R;
+    match e {
+        R::BadReference(_)
+        | R::BadRegistry(_)
+        | R::NotLume { .. }
+        | R::ForeignOs { .. }
+        | R::ChunkSize(_)
+        | R::KernelBoot(_)
+        | R::TooLarge { .. }
+        | R::PrivateDestination { .. }
+        | R::DockerConfig { .. } => StatusCode::BAD_REQUEST,
+        R::NotFound { .. } => StatusCode::NOT_FOUND,
+        R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+        R::Running(_) => StatusCode::CONFLICT,
+        R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
+        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,27 +269,5 @@ mod tests {
             VmError::from(RunError::Spawn(std::io::Error::other("no such file"))).into();
         assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.message.contains("no such file"), "{}", e.message);
-    }
-}
-
-/// Registry failures: the client's mistakes are 400/404, the registry's
-/// 502, the host's 500.
-fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
-    use crate::registry::RegistryError as R;
-    match e {
-        R::BadReference(_)
-        | R::BadRegistry(_)
-        | R::NotLume { .. }
-        | R::ForeignOs { .. }
-        | R::ChunkSize(_)
-        | R::KernelBoot(_)
-        | R::TooLarge { .. }
-        | R::PrivateDestination { .. }
-        | R::DockerConfig { .. } => StatusCode::BAD_REQUEST,
-        R::NotFound { .. } => StatusCode::NOT_FOUND,
-        R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-        R::Running(_) => StatusCode::CONFLICT,
-        R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
-        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
