@@ -384,3 +384,115 @@ fn credentials_cache_and_killed_pull() {
             .contains("No images found")
     );
 }
+
+/// `lume serve` in `ns` on 127.0.0.1:7791; killed on drop.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn api(ns: &Netns, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let data = body
+        .map(|b| format!("-H 'Content-Type: application/json' --data '{b}'"))
+        .unwrap_or_default();
+    let out = ns.exec(&format!(
+        "curl -s -X {method} {data} -w '\\n%{{http_code}}' http://127.0.0.1:7791{path}"
+    ));
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let (json, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn api_pull_start_push_images_prune() {
+    let ns = Netns::new("lapi");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5000, None);
+    let home = Home::new();
+    vm_with_data(&home, "src");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["serve", "--port", "7791"]);
+    home.env(&mut c);
+    let _serve = Serve(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("lume serve", Duration::from_secs(20), || {
+        (api(&ns, "GET", "/lume/vms", None).0 == 200).then_some(())
+    });
+
+    // Push through the API: the registry is on loopback, which API callers
+    // may not reach unless the server's owner allows it.
+    let push = format!(
+        r#"{{"name":"src","imageName":"api","tags":["t1"],"registry":"{}","organization":"test","chunkSizeMb":8}}"#,
+        reg.addr
+    );
+    let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
+    assert_eq!(code, 202, "{body}");
+    let pull = format!(
+        r#"{{"image":"api:t1","name":"viaapi","registry":"{}","organization":"test"}}"#,
+        reg.addr
+    );
+    // The background push failed (private address): the tag is not there.
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, body) = api(&ns, "POST", "/lume/pull", Some(&pull));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("apiPrivateImageUrls"),
+        "{body}"
+    );
+
+    home.write_settings("apiPrivateImageUrls: true\ncachingEnabled: true\n");
+    let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["message"], "Push initiated in background");
+    wait_for("the pushed tag", Duration::from_secs(60), || {
+        let out = ns.exec(&format!(
+            "curl -sf http://{}/v2/test/api/tags/list",
+            reg.addr
+        ));
+        String::from_utf8_lossy(&out.stdout)
+            .contains("t1")
+            .then_some(())
+    });
+    let (code, body) = api(&ns, "POST", "/lume/pull/start", Some(&pull));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["name"], "viaapi");
+    let done = wait_for("the pulled VM", Duration::from_secs(60), || {
+        let (code, vm) = api(&ns, "GET", "/lume/vms/viaapi", None);
+        if code == 200 && vm["status"] == "provisioning" {
+            assert_eq!(vm["provisioningOperation"], "image_pull", "{vm}");
+            assert!(vm["downloadProgress"].is_number(), "{vm}");
+        }
+        (code == 200 && vm["status"] == "stopped").then_some(vm)
+    });
+    assert!(done["downloadProgress"].is_null());
+    same_bytes(
+        &home.vm_dir("src").join("disk.img"),
+        &home.vm_dir("viaapi").join("disk.img"),
+    );
+    let (code, images) = api(&ns, "GET", "/lume/images?organization=test", None);
+    assert_eq!(code, 200);
+    assert_eq!(images[0]["repository"], "api:t1", "{images}");
+    let (code, body) = api(&ns, "POST", "/lume/prune", None);
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (200, Some("Successfully removed cached images"))
+    );
+    let (_, images) = api(&ns, "GET", "/lume/images?organization=test", None);
+    assert_eq!(images, serde_json::json!([]));
+}

@@ -45,7 +45,7 @@ pub struct Metadata {
 }
 
 /// One cached image, as `lume images` lists it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CachedImage {
     /// `NAME:TAG`.

@@ -54,6 +54,49 @@ pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
     VmName::parse(last).map_err(|_| RegistryError::BadReference(image.short()))
 }
 
+/// In a pull's work directory: `{"downloaded": N, "total": N}`, read by
+/// `VmDetails` for `downloadProgress`.
+pub const PROGRESS_FILE: &str = ".pull-progress";
+
+/// Records how far the download is (best effort).
+pub fn write_progress(work: &Path, downloaded: u64, total: u64) {
+    let text = serde_json::json!({"downloaded": downloaded, "total": total}).to_string();
+    let _ = crate::util::atomic::write_private(&work.join(PROGRESS_FILE), text.as_bytes());
+}
+
+/// The percentage a progress file records; `None` without one.
+pub fn read_progress(dir: &Path) -> Option<f64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(PROGRESS_FILE)).ok()?).ok()?;
+    let done = v.get("downloaded")?.as_u64()?;
+    let total = v.get("total")?.as_u64()?;
+    Some(if total == 0 {
+        0.0
+    } else {
+        (done as f64 * 100.0 / total as f64).min(100.0)
+    })
+}
+
+/// The config a pulled VM lists with until its image's settings are known.
+pub fn provisional_config() -> VmConfig {
+    VmConfig {
+        os: "linux".into(),
+        cpu_count: 2,
+        memory_size: 2 << 30,
+        disk_size: 0,
+        mac_address: Some(MacAddress::random()),
+        display: crate::vm::config::DEFAULT_DISPLAY.into(),
+        network_mode: NetworkMode::Nat,
+        kernel_boot: None,
+        disk_format: DiskFormat::Raw,
+        publish: Vec::new(),
+        unsafe_host_loopback: false,
+        vm_id: None,
+        cloud_init: CloudInit::default(),
+        extra: Default::default(),
+    }
+}
+
 /// A manifest fetched: its bytes, parsed, and lume's plan for it.
 struct Remote {
     bytes: Vec<u8>,
@@ -164,19 +207,32 @@ pub fn pull_into(
     }
     let total: u64 = unique.iter().map(|d| d.size).sum();
     let bar = progress_bar(spec.progress, total);
-    rt.block_on(async {
-        let fetches = futures_util::stream::iter(
-            unique
-                .iter()
-                .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
-        )
-        .buffer_unordered(PARALLEL);
-        futures_util::pin_mut!(fetches);
-        while let Some(r) = fetches.next().await {
-            r?;
-        }
-        Ok::<_, RegistryError>(())
+    // downloadProgress for `lume get` and the API, twice a second.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                write_progress(work, bar.position(), total);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        let r = rt.block_on(async {
+            let fetches = futures_util::stream::iter(
+                unique
+                    .iter()
+                    .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
+            )
+            .buffer_unordered(PARALLEL);
+            futures_util::pin_mut!(fetches);
+            while let Some(r) = fetches.next().await {
+                r?;
+            }
+            Ok::<_, RegistryError>(())
+        });
+        done.store(true, Ordering::Relaxed);
+        r
     })?;
+    write_progress(work, total, total);
     bar.finish_and_clear();
     drop(rt);
 
@@ -226,7 +282,10 @@ pub fn pull_into(
 
 fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
     if !wanted || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
+        return indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
     }
     let bar = indicatif::ProgressBar::new(total);
     if let Ok(style) = indicatif::ProgressStyle::with_template(

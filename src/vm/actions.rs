@@ -487,37 +487,101 @@ fn pull(
     spec: &crate::registry::pull::PullSpec,
     note: &mut dyn FnMut(&str),
 ) -> Result<VmDetails, VmError> {
+    begin_pull(ctx, spec.clone())?.finish(note)
+}
+
+/// A pull that has been checked and whose work directory exists, listed
+/// as `provisioning` (operation `image_pull`, with `downloadProgress`).
+pub struct PendingPull {
+    store: Store,
+    spec: crate::registry::pull::PullSpec,
+    cache: crate::registry::cache::Cache,
+    caller: super::caller::Caller,
+    work: PathBuf,
+    _provisioning: Option<VmLock>,
+}
+
+/// Checks a pull and makes its work directory with a provisional
+/// config.json and the held provisioning marker; nothing slow happens here.
+pub fn begin_pull(
+    ctx: &Context,
+    mut spec: crate::registry::pull::PullSpec,
+) -> Result<PendingPull, VmError> {
     let store = &ctx.store;
     store.check_private(None)?;
-    let name = &spec.name;
-    if store.vm(name).config_path().exists() || store.vm(name).dir.exists() {
+    let name = spec.name.clone();
+    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
         return Err(StoreError::Exists {
-            name: name.clone(),
+            name,
             root: store.root().to_path_buf(),
         }
         .into());
     }
-    if store.is_provisioning(name) {
-        return Err(StoreError::Provisioning(name.clone()).into());
+    if store.is_provisioning(&name) {
+        return Err(StoreError::Provisioning(name).into());
     }
-    let mut spec = spec.clone();
     if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
         spec.public_only = false;
     }
     let cache = crate::registry::cache::Cache::new(&ctx.settings)?;
-    let work = store.work_dir("creating", name)?;
-    let built = (|| -> Result<Vm, VmError> {
-        let _lock = VmLock::try_acquire(&work.join(PROVISIONING_MARKER)).map_err(io_at(&work))?;
-        crate::registry::pull::pull_into(&spec, &cache, &ctx.caller, &work, note)?;
-        let vm = store.publish(&work, name)?;
-        let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
-        Ok(vm)
+    let work = store.work_dir("creating", &name)?;
+    let started = (|| -> Result<Option<VmLock>, VmError> {
+        let lock = VmLock::try_acquire(&work.join(PROVISIONING_MARKER)).map_err(io_at(&work))?;
+        crate::registry::pull::provisional_config().save(&work.join("config.json"))?;
+        crate::registry::pull::write_progress(&work, 0, 0);
+        Ok(lock)
     })();
-    match built {
-        Ok(vm) => Ok(VmDetails::read(store, &vm)),
+    match started {
+        Ok(lock) => Ok(PendingPull {
+            store: store.clone(),
+            spec,
+            cache,
+            caller: ctx.caller.clone(),
+            work,
+            _provisioning: lock,
+        }),
         Err(e) => {
             let _ = fs::remove_dir_all(&work);
             Err(e)
+        }
+    }
+}
+
+impl PendingPull {
+    pub fn name(&self) -> &VmName {
+        &self.spec.name
+    }
+
+    /// The details of the VM while it is pulled.
+    pub fn details(&self) -> VmDetails {
+        VmDetails::read(
+            &self.store,
+            &Vm {
+                name: self.spec.name.clone(),
+                dir: self.work.clone(),
+            },
+        )
+    }
+
+    /// Pulls and publishes the VM with one rename; on any error the work
+    /// directory is removed (the cache keeps what was verified).
+    pub fn finish(mut self, note: &mut dyn FnMut(&str)) -> Result<VmDetails, VmError> {
+        let work = self.work.clone();
+        let built = (|| -> Result<Vm, VmError> {
+            crate::registry::pull::pull_into(&self.spec, &self.cache, &self.caller, &work, note)?;
+            let _ = fs::remove_file(work.join(crate::registry::pull::PROGRESS_FILE));
+            Ok(self.store.publish(&work, &self.spec.name)?)
+        })();
+        match built {
+            Ok(vm) => {
+                self._provisioning = None;
+                let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
+                Ok(VmDetails::read(&self.store, &vm))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&work);
+                Err(e)
+            }
         }
     }
 }

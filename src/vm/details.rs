@@ -76,6 +76,8 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
 
 /// `provisioningOperation` while an image is imported.
 pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
+/// `provisioningOperation` while an image is pulled from a registry.
+pub const PROVISIONING_IMAGE_PULL: &str = "image_pull";
 
 /// One VM as reported to users: exactly the JSON of `lume get NAME -f json`,
 /// every key always present.
@@ -91,8 +93,12 @@ pub struct VmDetails {
     /// `running`, `stopped`, `provisioning` while its image is imported, or
     /// `invalid` when the config cannot be read.
     pub status: String,
-    /// What is being done while `provisioning` (`image_import`); null otherwise.
+    /// What is being done while `provisioning` (`image_import`, or
+    /// `image_pull` for `lume pull`); null otherwise.
     pub provisioning_operation: Option<String>,
+    /// While an image is pulled: how much of it is downloaded, 0 to 100
+    /// (lume's `downloadProgress`); null otherwise.
+    pub download_progress: Option<f64>,
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
@@ -132,6 +138,7 @@ impl VmDetails {
             }
             .into(),
             provisioning_operation: None,
+            download_progress: None,
             vnc_url: None,
             ip_address: None,
             ssh_available: None,
@@ -144,7 +151,15 @@ impl VmDetails {
             error: None,
         };
         if d.status == "provisioning" {
-            d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
+            d.download_progress = crate::registry::pull::read_progress(&vm.dir);
+            d.provisioning_operation = Some(
+                if d.download_progress.is_some() {
+                    PROVISIONING_IMAGE_PULL
+                } else {
+                    PROVISIONING_IMAGE_IMPORT
+                }
+                .into(),
+            );
         }
         let cfg = match vm.load_config() {
             Ok(c) => c,
