@@ -177,6 +177,18 @@ fn push_pull_round_trip_skopeo_and_failures() {
     assert!(allocated(&dst) < 16 * MB);
     let got = home.get("dst");
     assert_eq!(got["status"], "stopped");
+    assert_eq!(got["networkMode"], "none");
+
+    // `lume run IMAGE:TAG` pulls the image as VM `img` and starts it.
+    let mut run = vec!["run", "img:v2", "--detach"];
+    run.extend(reg_args(&reg));
+    let out = ns.lume(&home, &run);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("pulling"), "{err}");
+    assert_eq!(home.get("img")["status"], "running");
+    ns.lume_ok(&home, &["stop", "img", "--timeout", "1"]);
+    same_bytes(&src, &home.vm_dir("img").join("disk.img"));
 
     // A missing tag: one clear error, no VM, nothing counted complete.
     let mut missing = vec!["pull", "img:nope", "nope"];

@@ -230,7 +230,15 @@ pub struct SshArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    pub name: VmName,
+    /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
+    /// of that name exists, then run
+    pub name: String,
+    /// Registry to pull an image from (default: registry.ghcr.registry, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to pull an image from (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
     /// Return once the VM is running, leaving it to a background supervisor
     #[arg(long, short = 'd')]
     pub detach: bool,
@@ -511,9 +519,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             Format::Text,
         ),
         Command::Run(a) => (
-            a.storage,
+            StorageArg {
+                storage: a.storage.storage.clone(),
+            },
             Action::Run(RunSpec {
-                name: Some(a.name),
+                name: Some(run_target(&a)?),
                 network: a.network,
                 mounts: a.mount,
                 disks: a.disk,
@@ -678,6 +688,42 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
     };
     finish(&storage, action, format)
+}
+
+/// `lume run NAME` or `lume run IMAGE:TAG`: an image reference whose VM
+/// (named after the image, as `lume pull` names it) does not exist yet is
+/// pulled first.
+fn run_target(a: &RunArgs) -> Result<VmName> {
+    if !a.name.contains(':') {
+        return Ok(a.name.parse::<VmName>()?);
+    }
+    let settings = Settings::load()?;
+    let d = settings.registry()?;
+    let image = crate::registry::ImageRef::parse(
+        &a.name,
+        a.registry.as_deref().unwrap_or(&d.registry),
+        a.organization.as_deref().unwrap_or(&d.organization),
+    )?;
+    let name = crate::registry::pull::default_name(&image)?;
+    let ctx = context(&a.storage)?;
+    if ctx.store.vm(&name).config_path().exists() {
+        return Ok(name);
+    }
+    note(&format!("VM '{name}' does not exist: pulling {image}"));
+    let action = Action::Pull(Box::new(crate::registry::pull::PullSpec {
+        image,
+        name: name.clone(),
+        username: None,
+        password: None,
+        force: false,
+        progress: true,
+        public_only: false,
+    }));
+    // No interrupt handler here: the foreground run that follows turns
+    // Ctrl-C into a power-off. A pull cut short leaves a work directory
+    // that is never listed and is collected by the next create or pull.
+    execute(&ctx, action, &mut note)?;
+    Ok(name)
 }
 
 /// `lume ssh`: runs the system's ssh client with lume's key, the VM's own
