@@ -325,6 +325,24 @@ fn credentials_cache_and_killed_pull() {
     push.extend(creds);
     ns.lume_ok(&home, &push);
 
+    // The Docker credentials file of the user (base64 of alice:s3cret).
+    let docker = home.path().join(".docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let mut dry: Vec<&str> = vec!["pull", "img:v1", "fromdocker"];
+    dry.extend(reg_args(&reg));
+    ns.lume_ok(&home, &dry);
+    home.ok(&["delete", "fromdocker", "--force"]);
+    std::fs::remove_file(docker.join("config.json")).unwrap();
+    home.ok(&["prune"]);
+
     // Wrong password: one clear error, no VM.
     let mut bad: Vec<&str> = vec![
         "pull",

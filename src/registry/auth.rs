@@ -4,9 +4,11 @@
 //! request's), lume's environment variables `GITHUB_USERNAME`/`GHCR_USERNAME`
 //! with `GITHUB_TOKEN`/`GHCR_TOKEN` (only when the caller is the user lume
 //! runs as: an API caller never gets the server's secrets), then the
-//! `auths` entry for the registry in the calling user's
-//! `~/.docker/config.json` (`$DOCKER_CONFIG/config.json` for the user lume
-//! runs as), opened with the caller's rights. Otherwise anonymous, which
+//! `auths` entry for the registry in the calling user's Docker config
+//! (for the user lume runs as `$DOCKER_CONFIG/config.json`, else
+//! `$HOME/.docker/config.json`; for an API caller the `.docker/config.json`
+//! in its home directory from the user database), opened with the caller's
+//! rights. Otherwise anonymous, which
 //! still fetches the anonymous bearer token ghcr.io wants for public images.
 //!
 //! Plain HTTP is used for registries on a loopback address or `localhost`
@@ -67,8 +69,13 @@ pub fn credentials(
 }
 
 fn docker_config_path(caller: &Caller, own: bool) -> Option<PathBuf> {
-    if own && let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-        return Some(PathBuf::from(dir).join("config.json"));
+    if own {
+        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+            return Some(PathBuf::from(dir).join("config.json"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            return Some(PathBuf::from(home).join(".docker/config.json"));
+        }
     }
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller.uid))
         .ok()

@@ -202,8 +202,12 @@ pub fn push(
                     bar.inc(c.size);
                     return Ok::<u64, RegistryError>(0);
                 }
-                let data = fs::read(&c.path).map_err(io_at(&c.path))?;
-                client.push_blob(oref, data, &c.digest).await.map_err(err)?;
+                // Streamed from the file: memory stays at one piece per upload.
+                let file = File::open(&c.path).map_err(io_at(&c.path))?;
+                client
+                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
+                    .await
+                    .map_err(err)?;
                 bar.inc(c.size);
                 Ok(c.size)
             }
@@ -235,6 +239,30 @@ pub fn push(
         holes,
         uploaded,
         dry_run: false,
+    })
+}
+
+/// A file as a stream of 8 MiB pieces, for `push_blob_stream`.
+fn file_stream(
+    file: File,
+) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(Some(file), |state| async move {
+        let mut file = state?;
+        let mut buf = vec![0u8; 8 << 20];
+        let mut n = 0;
+        while n < buf.len() {
+            match std::io::Read::read(&mut file, &mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Some((Err(e.into()), None)),
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        buf.truncate(n);
+        Some((Ok(bytes::Bytes::from(buf)), Some(file)))
     })
 }
 
