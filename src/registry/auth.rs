@@ -231,6 +231,28 @@ mod tests {
         assert!(parse_docker_config(r#"{"auths":{"a":{"auth":"!!"}}}"#, "a").is_err());
     }
 
+    /// An API caller cannot make root read credentials it could not read
+    /// itself: root's 0600 Docker config is no credential for `nobody`.
+    #[test]
+    fn docker_config_is_read_with_the_callers_rights() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, r#"{"auths":{"r.example":{"auth":"YTpi"}}}"#).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = Caller::current();
+        assert!(matches!(
+            from_docker_config(&p, "r.example", &root).unwrap(),
+            Some(RegistryAuth::Basic(..))
+        ));
+        let nobody = Caller::from_uid(65534);
+        assert!(from_docker_config(&p, "r.example", &nobody).unwrap().is_none());
+    }
+
     #[test]
     fn plain_http_only_for_loopback() {
         assert!(plain_http("127.0.0.1:5000"));
