@@ -250,7 +250,11 @@ mod tests {
             Some(RegistryAuth::Basic(..))
         ));
         let nobody = Caller::from_uid(65534);
-        assert!(from_docker_config(&p, "r.example", &nobody).unwrap().is_none());
+        assert!(
+            from_docker_config(&p, "r.example", &nobody)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
