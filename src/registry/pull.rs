@@ -6,8 +6,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use oci_client::client::BlobResponse;
@@ -173,7 +173,8 @@ pub fn pull_into(
                 });
             }
             let bar = indicatif::ProgressBar::hidden();
-            let path = rt.block_on(fetch_blob(&client, &oref, c, &dir, &bar, &image_s))?;
+            rt.block_on(fetch_blob(&client, &oref, c, &dir, &bar, &image_s))?;
+            let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
             let text = fs::read(&path).map_err(io_at(&path))?;
             serde_json::from_slice(&text).ok()
         }
@@ -198,44 +199,6 @@ pub fn pull_into(
         return Ok(cfg);
     }
 
-    // Every disk blob, at most PARALLEL at a time, into the cache.
-    let mut unique: Vec<&Descriptor> = Vec::new();
-    for p in &remote.plan.parts {
-        if !unique.iter().any(|d| d.digest == p.blob.digest) {
-            unique.push(&p.blob);
-        }
-    }
-    let total: u64 = unique.iter().map(|d| d.size).sum();
-    let bar = progress_bar(spec.progress, total);
-    // downloadProgress for `lume get` and the API, twice a second.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !done.load(Ordering::Relaxed) {
-                write_progress(work, bar.position(), total);
-                std::thread::sleep(std::time::Duration::from_millis(500));
-            }
-        });
-        let r = rt.block_on(async {
-            let fetches = futures_util::stream::iter(
-                unique
-                    .iter()
-                    .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
-            )
-            .buffer_unordered(PARALLEL);
-            futures_util::pin_mut!(fetches);
-            while let Some(r) = fetches.next().await {
-                r?;
-            }
-            Ok::<_, RegistryError>(())
-        });
-        done.store(true, Ordering::Relaxed);
-        r
-    })?;
-    write_progress(work, total, total);
-    bar.finish_and_clear();
-    drop(rt);
-
     // The disk: holes everywhere, then each part's bytes, zeros skipped.
     let out = OpenOptions::new()
         .write(true)
@@ -245,7 +208,78 @@ pub fn pull_into(
         .open(&disk)
         .map_err(io_at(&disk))?;
     out.set_len(disk_size).map_err(io_at(&disk))?;
-    assemble(&remote.plan, &dir, &out, disk_size)?;
+
+    // Every disk blob, at most PARALLEL at a time, into the cache; in the
+    // current format each part is unpacked as soon as its blob is there
+    // (two unpacking threads), the legacy one in order afterwards.
+    let mut unique: Vec<&Descriptor> = Vec::new();
+    for p in &remote.plan.parts {
+        if !unique.iter().any(|d| d.digest == p.blob.digest) {
+            unique.push(&p.blob);
+        }
+    }
+    let total: u64 = unique.iter().map(|d| d.size).sum();
+    let bar = progress_bar(spec.progress, total);
+    let pipelined = remote.plan.format == Format::Current;
+    let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
+    let rx = std::sync::Mutex::new(rx);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // downloadProgress for `lume get` and the API, twice a second.
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                write_progress(work, bar.position(), total);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        let workers: Vec<_> = (0..if pipelined { 2 } else { 0 })
+            .map(|_| {
+                s.spawn(|| -> Result<(), RegistryError> {
+                    loop {
+                        let msg = rx.lock().expect("no panics hold it").recv();
+                        let Ok((digest, fresh)) = msg else {
+                            return Ok(());
+                        };
+                        for part in remote.plan.parts.iter().filter(|p| p.blob.digest == digest) {
+                            let offset = part.offset.unwrap_or(0);
+                            decode_one(part, offset, &dir, &out, disk_size, fresh)?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let r = rt.block_on(async {
+            let fetches = futures_util::stream::iter(
+                unique
+                    .iter()
+                    .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
+            )
+            .buffer_unordered(PARALLEL);
+            futures_util::pin_mut!(fetches);
+            while let Some(r) = fetches.next().await {
+                let (digest, fresh) = r?;
+                if pipelined {
+                    let _ = tx.send((digest, fresh));
+                }
+            }
+            Ok::<_, RegistryError>(())
+        });
+        drop(tx);
+        let unpacked = workers
+            .into_iter()
+            .try_for_each(|h| h.join().expect("an unpacking thread panicked"));
+        done.store(true, Ordering::Relaxed);
+        r.and(unpacked)
+    })?;
+    write_progress(work, total, total);
+    bar.finish_and_clear();
+    drop(rt);
+    if !pipelined {
+        let mut offset = 0u64;
+        for part in &remote.plan.parts {
+            offset += decode_one(part, offset, &dir, &out, disk_size, false)?;
+        }
+    }
     out.sync_all().map_err(io_at(&disk))?;
     drop(out);
 
@@ -393,12 +427,12 @@ async fn fetch_blob(
     dir: &ImageDir,
     bar: &indicatif::ProgressBar,
     image: &str,
-) -> Result<PathBuf, RegistryError> {
+) -> Result<(String, bool), RegistryError> {
     let hex = d.sha256_hex().expect("digests are checked by format::plan");
     let done = dir.blob(hex);
     if fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == d.size) {
         bar.inc(d.size);
-        return Ok(done);
+        return Ok((d.digest.clone(), false));
     }
     let partial = dir.partial(hex);
     let registry = &oref.registry().to_string();
@@ -501,7 +535,7 @@ async fn fetch_blob(
             File::open(&dir.dir)
                 .and_then(|f| f.sync_all())
                 .map_err(io_at(&dir.dir))?;
-            return Ok(done);
+            return Ok((d.digest.clone(), true));
         }
         // Wrong bytes: never kept, fetched anew.
         drop(file);
@@ -515,65 +549,40 @@ async fn fetch_blob(
     })
 }
 
-/// Writes every part into `out`; each cached blob is hashed again as it is
+/// Writes one part into `out` at `offset`; returns its length. A blob
+/// that was not downloaded (verified) just now is hashed again as it is
 /// read, so a cache file changed since its download is refused.
-fn assemble(plan: &Plan, dir: &ImageDir, out: &File, disk_size: u64) -> Result<(), RegistryError> {
-    let decode = |part: &format::DiskPart, offset: u64| -> Result<u64, RegistryError> {
-        let hex = part.blob.sha256_hex().expect("checked by format::plan");
-        let path = dir.blob(hex);
-        let f = File::open(&path).map_err(io_at(&path))?;
-        let mut reader = format::HashingReader::new(f);
-        let max = part.max_len.min(disk_size.saturating_sub(offset));
-        let n = format::decode_part(part.codec, &mut reader, out, offset, max).map_err(
-            |e| match e {
-                format::DecodeError::Io(source) => RegistryError::Io {
-                    path: path.clone(),
-                    source,
-                },
-                other => RegistryError::NotLume {
-                    image: path.display().to_string(),
-                    why: format!("a disk part cannot be unpacked: {other}"),
-                },
-            },
-        )?;
-        let (digest, _) = reader.finish().map_err(io_at(&path))?;
-        if digest != part.blob.digest {
-            let _ = fs::remove_file(&path);
-            return Err(RegistryError::CorruptCache { path });
-        }
-        Ok(n)
+fn decode_one(
+    part: &format::DiskPart,
+    offset: u64,
+    dir: &ImageDir,
+    out: &File,
+    disk_size: u64,
+    fresh: bool,
+) -> Result<u64, RegistryError> {
+    let hex = part.blob.sha256_hex().expect("checked by format::plan");
+    let path = dir.blob(hex);
+    let f = File::open(&path).map_err(io_at(&path))?;
+    let max = part.max_len.min(disk_size.saturating_sub(offset));
+    let unpack_error = |e: format::DecodeError| match e {
+        format::DecodeError::Io(source) => RegistryError::Io {
+            path: path.clone(),
+            source,
+        },
+        other => RegistryError::NotLume {
+            image: path.display().to_string(),
+            why: format!("a disk part cannot be unpacked: {other}"),
+        },
     };
-    match plan.format {
-        Format::Legacy => {
-            let mut offset = 0u64;
-            for part in &plan.parts {
-                offset += decode(part, offset)?;
-            }
-            Ok(())
-        }
-        Format::Current => {
-            let next = AtomicUsize::new(0);
-            let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..workers)
-                    .map(|_| {
-                        s.spawn(|| -> Result<(), RegistryError> {
-                            loop {
-                                let i = next.fetch_add(1, Ordering::Relaxed);
-                                let Some(part) = plan.parts.get(i) else {
-                                    return Ok(());
-                                };
-                                decode(part, part.offset.unwrap_or(0))?;
-                            }
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a decode thread panicked"))
-                    .collect::<Result<Vec<()>, _>>()
-                    .map(|_| ())
-            })
-        }
+    if fresh {
+        return format::decode_part(part.codec, f, out, offset, max).map_err(unpack_error);
     }
+    let mut reader = format::HashingReader::new(f);
+    let n = format::decode_part(part.codec, &mut reader, out, offset, max).map_err(unpack_error)?;
+    let (digest, _) = reader.finish().map_err(io_at(&path))?;
+    if digest != part.blob.digest {
+        let _ = fs::remove_file(&path);
+        return Err(RegistryError::CorruptCache { path });
+    }
+    Ok(n)
 }
