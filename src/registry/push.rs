@@ -7,7 +7,6 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
@@ -100,14 +99,82 @@ pub fn push(
     let chunk = spec.chunk_size_mb << 20;
     let count = size.div_ceil(chunk) as usize;
 
-    // Compress the chunks that hold data, two at a time.
+    let config = format::config_blob();
+    let config_digest = format::digest_of(&config);
+    let client = super::auth::client(&spec.image, 4);
+    let oref = spec.image.oci();
+    let registry = spec.image.registry.clone();
+    let image_s = spec.image.to_string();
+    let err = |e| classify(e, &registry, &image_s);
+    let rt = super::runtime()?;
+    if !spec.dry_run {
+        // Credentials and the config first: a refusal comes before any work.
+        let auth = super::auth::credentials(
+            &spec.image,
+            spec.username.as_deref(),
+            spec.password.as_deref(),
+            caller,
+        )?;
+        rt.block_on(async {
+            client
+                .auth(&oref, &auth, oci_client::RegistryOperation::Push)
+                .await
+                .map_err(err)?;
+            if !client
+                .blob_exists(&oref, &config_digest)
+                .await
+                .map_err(err)?
+            {
+                client
+                    .push_blob(&oref, config.clone(), &config_digest)
+                    .await
+                    .map_err(err)?;
+            }
+            Ok::<(), RegistryError>(())
+        })?;
+    }
+    // Progress in disk bytes: holes count at once, a chunk once uploaded.
+    let bar = if spec.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(size);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "Pushing {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        ) {
+            b.set_style(style);
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    // Compression threads feed the uploads (two at a time) through a
+    // bounded queue, so the scratch directory holds a few chunks at most.
     let next = AtomicUsize::new(0);
-    let chunks: Mutex<Vec<Chunk>> = Mutex::new(Vec::new());
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    std::thread::scope(|s| {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let upload = |c: Chunk| {
+        let (client, oref, bar) = (&client, &oref, &bar);
+        async move {
+            let mut sent = 0;
+            if !spec.dry_run && !client.blob_exists(oref, &c.digest).await.map_err(err)? {
+                // Streamed from the file: memory stays at one piece per upload.
+                let file = File::open(&c.path).map_err(io_at(&c.path))?;
+                client
+                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
+                    .await
+                    .map_err(err)?;
+                sent = c.size;
+            }
+            let _ = fs::remove_file(&c.path);
+            bar.inc(c.len);
+            Ok::<(Chunk, u64), RegistryError>((c, sent))
+        }
+    };
+    let (mut chunks, uploaded) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                s.spawn(|| -> Result<(), RegistryError> {
+                let tx = tx.clone();
+                let (next, disk, disk_path, bar) = (&next, &disk, &disk_path, &bar);
+                s.spawn(move || -> Result<(), RegistryError> {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= count {
@@ -115,29 +182,55 @@ pub fn push(
                         }
                         let offset = i as u64 * chunk;
                         let len = chunk.min(size - offset);
-                        if let Some(c) = compress_chunk(&disk, &disk_path, i, offset, len, scratch)?
-                        {
-                            chunks.lock().expect("no panics hold it").push(c);
+                        match compress_chunk(disk, disk_path, i, offset, len, scratch)? {
+                            // The uploads stopped (an error): so do we.
+                            Some(c) => {
+                                if tx.blocking_send(c).is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            None => bar.inc(len),
                         }
                     }
                 })
             })
             .collect();
-        handles
+        drop(tx);
+        let uploads = rt.block_on(async {
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            let mut done = Vec::new();
+            let mut sent = 0;
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    c = rx.recv(), if open && inflight.len() < 2 => match c {
+                        Some(c) => inflight.push(upload(c)),
+                        None => open = false,
+                    },
+                    Some(r) = inflight.next(), if !inflight.is_empty() => {
+                        let (c, n) = r?;
+                        sent += n;
+                        done.push(c);
+                    }
+                    else => break,
+                }
+            }
+            Ok::<_, RegistryError>((done, sent))
+        });
+        drop(rx);
+        let compressed = handles
             .into_iter()
-            .map(|h| h.join().expect("a compress thread panicked"))
-            .collect::<Result<Vec<()>, _>>()
+            .try_for_each(|h| h.join().expect("a compress thread panicked"));
+        let uploads = uploads?;
+        compressed.map(|()| uploads)
     })?;
-    let mut chunks = chunks.into_inner().expect("no panics hold it");
     chunks.sort_by_key(|c| c.number);
     let holes = count - chunks.len();
-
-    let config = format::config_blob();
-    let config_digest = format::digest_of(&config);
     let manifest = manifest(&cfg, &config, &config_digest, &chunks, size);
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
     let manifest_digest = format::digest_of(&manifest_bytes);
     if spec.dry_run {
+        bar.finish_and_clear();
         note(&format!(
             "Dry run: {} disk chunk(s) of {} MB ready ({} left out as holes), nothing uploaded",
             chunks.len(),
@@ -153,71 +246,7 @@ pub fn push(
             dry_run: true,
         });
     }
-
-    let auth = super::auth::credentials(
-        &spec.image,
-        spec.username.as_deref(),
-        spec.password.as_deref(),
-        caller,
-    )?;
-    let client = super::auth::client(&spec.image, 4);
-    let oref = spec.image.oci();
-    let registry = spec.image.registry.clone();
-    let image_s = spec.image.to_string();
-    let err = |e| classify(e, &registry, &image_s);
-    let total: u64 = chunks.iter().map(|c| c.size).sum();
-    let bar = if spec.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let b = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "Pushing {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        ) {
-            b.set_style(style);
-        }
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let rt = super::runtime()?;
-    let uploaded = rt.block_on(async {
-        client
-            .auth(&oref, &auth, oci_client::RegistryOperation::Push)
-            .await
-            .map_err(err)?;
-        if !client
-            .blob_exists(&oref, &config_digest)
-            .await
-            .map_err(err)?
-        {
-            client
-                .push_blob(&oref, config.clone(), &config_digest)
-                .await
-                .map_err(err)?;
-        }
-        let uploads = futures_util::stream::iter(chunks.iter().map(|c| {
-            let client = &client;
-            let oref = &oref;
-            let bar = &bar;
-            async move {
-                if client.blob_exists(oref, &c.digest).await.map_err(err)? {
-                    bar.inc(c.size);
-                    return Ok::<u64, RegistryError>(0);
-                }
-                // Streamed from the file: memory stays at one piece per upload.
-                let file = File::open(&c.path).map_err(io_at(&c.path))?;
-                client
-                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
-                    .await
-                    .map_err(err)?;
-                bar.inc(c.size);
-                Ok(c.size)
-            }
-        }))
-        .buffer_unordered(2);
-        futures_util::pin_mut!(uploads);
-        let mut sent = 0;
-        while let Some(r) = uploads.next().await {
-            sent += r?;
-        }
+    rt.block_on(async {
         let content_type = reqwest_header(format::MANIFEST_MEDIA_TYPE);
         for tag in &tags {
             let r = spec.image.with_tag(tag)?.oci();
@@ -226,7 +255,7 @@ pub fn push(
                 .await
                 .map_err(err)?;
         }
-        Ok::<u64, RegistryError>(sent)
+        Ok::<(), RegistryError>(())
     })?;
     bar.finish_and_clear();
     Ok(Pushed {
