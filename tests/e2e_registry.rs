@@ -187,7 +187,32 @@ fn push_pull_round_trip_skopeo_and_failures() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("pulling"), "{err}");
     assert_eq!(home.get("img")["status"], "running");
+    // A running VM is not pushed.
+    let mut busy = vec!["push", "img", "img:busy"];
+    busy.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &busy);
+    assert!(err.contains("is running: stop it before pushing"), "{err}");
     ns.lume_ok(&home, &["stop", "img", "--timeout", "1"]);
+    // A dry run uploads nothing.
+    let mut dry = vec![
+        "push",
+        "src",
+        "img:dry",
+        "--dry-run",
+        "--chunk-size-mb",
+        "4",
+    ];
+    dry.extend(reg_args(&reg));
+    let out = ns.lume_ok(&home, &dry);
+    assert!(
+        out.contains("Dry run") && out.contains("5 disk part(s)"),
+        "{out}"
+    );
+    let tags = ns.exec_ok(&format!(
+        "curl -s http://{}/v2/test/img/tags/list",
+        reg.addr
+    ));
+    assert!(tags.contains("v1") && !tags.contains("dry"), "{tags}");
     same_bytes(&src, &home.vm_dir("img").join("disk.img"));
 
     // A missing tag: one clear error, no VM, nothing counted complete.
