@@ -493,6 +493,47 @@ mod tests {
         assert!(plan(&m).unwrap_err().contains("not sha256"));
     }
 
+    /// A manifest as lume on macOS pushes it: an nvram layer, every chunk
+    /// listed (zero chunks sharing one blob), a total size annotation.
+    #[test]
+    fn plans_lumes_chunked_manifest() {
+        let zero = digest_of(b"zero");
+        let data = digest_of(b"data");
+        let layer = |d: &str, n: u64| {
+            serde_json::json!({"mediaType": DISK_MEDIA_TYPE, "digest": d, "size": 10,
+                "annotations": {PART_NUMBER: (n + 1).to_string(), PART_OFFSET: (n * 100).to_string(),
+                    UNCOMPRESSED_SIZE: "100"}})
+        };
+        let m: Manifest = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": digest_of(b"c"), "size": 1},
+            "layers": [
+                {"mediaType": NVRAM_MEDIA_TYPE, "digest": digest_of(b"n"), "size": 1},
+                layer(&zero, 0), layer(&data, 1), layer(&zero, 2)
+            ],
+            "annotations": {TOTAL_SIZE: "300"}
+        }))
+        .unwrap();
+        let p = plan(&m).unwrap();
+        assert_eq!(p.format, Format::Current);
+        assert_eq!(p.disk_size, Some(300));
+        let offsets: Vec<_> = p.parts.iter().map(|x| (x.offset, x.max_len)).collect();
+        assert_eq!(
+            offsets,
+            [(Some(0), 100), (Some(100), 100), (Some(200), 100)]
+        );
+        // A part placed beyond the disk is refused.
+        let mut bad = m.clone();
+        bad.annotations = Some([(TOTAL_SIZE.to_string(), "150".to_string())].into());
+        assert!(plan(&bad).unwrap_err().contains("beyond"));
+        // Legacy lzfse images are named, not misread.
+        let lzfse: Manifest = serde_json::from_value(serde_json::json!({"schemaVersion": 2,
+            "layers": [{"mediaType": "application/octet-stream+lzfse;part.number=1;part.total=2",
+                "digest": digest_of(b"x"), "size": 1}]}))
+        .unwrap();
+        assert!(plan(&lzfse).unwrap_err().contains("lzfse"));
+    }
+
     #[test]
     fn sparse_writes_leave_holes_and_apple_lz4_round_trips() {
         let dir = tempfile::tempdir().unwrap();
