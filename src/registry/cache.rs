@@ -77,7 +77,14 @@ impl Cache {
 
     /// The directory of one image, created private (0700) with its lock
     /// held by the returned guard.
-    pub fn open_image(&self, org: &str, manifest_id: &str) -> Result<ImageDir, RegistryError> {
+    /// `waiting` is called when another pull holds it (then this one waits
+    /// for it, up to an hour).
+    pub fn open_image(
+        &self,
+        org: &str,
+        manifest_id: &str,
+        waiting: &mut dyn FnMut(),
+    ) -> Result<ImageDir, RegistryError> {
         let dir = self.root.join(org).join(manifest_id);
         fs::DirBuilder::new()
             .recursive(true)
@@ -96,8 +103,24 @@ impl Cache {
             path: e.dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let lock = VmLock::acquire_within(&dir.join(LOCK), std::time::Duration::from_secs(3600))
-            .map_err(io_at(&dir))?;
+        let lock = match VmLock::try_acquire(&dir.join(LOCK)).map_err(io_at(&dir))? {
+            Some(l) => Some(l),
+            None => {
+                waiting();
+                let l =
+                    VmLock::acquire_within(&dir.join(LOCK), std::time::Duration::from_secs(3600))
+                        .map_err(io_at(&dir))?;
+                if l.is_none() {
+                    return Err(RegistryError::Io {
+                        path: dir,
+                        source: std::io::Error::other(
+                            "another pull has held this image's cache for an hour; try again later",
+                        ),
+                    });
+                }
+                l
+            }
+        };
         Ok(ImageDir { dir, _lock: lock })
     }
 

@@ -158,7 +158,11 @@ pub fn pull_into(
         })
     })?;
     let manifest_id = Cache::manifest_id(&remote.bytes);
-    let dir = cache.open_image(&spec.image.organization, &manifest_id)?;
+    let dir = cache.open_image(&spec.image.organization, &manifest_id, &mut || {
+        note(&format!(
+            "Another pull of {image_s} is using the cache: waiting for it to finish"
+        ))
+    })?;
     if spec.force {
         dir.clear()?;
     }
