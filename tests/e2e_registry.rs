@@ -524,17 +524,24 @@ fn api_pull_start_push_images_prune() {
             .contains("t1")
             .then_some(())
     });
+    // A slow link, so the provisioning VM is seen.
+    ns.exec_ok("tc qdisc add dev lo root tbf rate 16mbit burst 256kb latency 2s");
     let (code, body) = api(&ns, "POST", "/lume/pull/start", Some(&pull));
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["name"], "viaapi");
+    let mut seen = Vec::new();
     let done = wait_for("the pulled VM", Duration::from_secs(60), || {
         let (code, vm) = api(&ns, "GET", "/lume/vms/viaapi", None);
         if code == 200 && vm["status"] == "provisioning" {
             assert_eq!(vm["provisioningOperation"], "image_pull", "{vm}");
-            assert!(vm["downloadProgress"].is_number(), "{vm}");
+            seen.push(vm["downloadProgress"].as_f64().unwrap());
         }
+        std::thread::sleep(Duration::from_millis(200));
         (code == 200 && vm["status"] == "stopped").then_some(vm)
     });
+    ns.exec_ok("tc qdisc del dev lo root");
+    assert!(!seen.is_empty(), "never seen provisioning");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     assert!(done["downloadProgress"].is_null());
     same_bytes(
         &home.vm_dir("src").join("disk.img"),
