@@ -106,6 +106,7 @@ impl AppState {
     tags(
         (name = "vms", description = "Create, run, stop, change, clone and delete VMs"),
         (name = "host", description = "Settings and status"),
+        (name = "config", description = "lume's settings and VM locations (config.yaml)"),
         (name = "network", description = "Host networking"),
         (name = "meta", description = "This API"),
     )
@@ -132,7 +133,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::shutdown_vm))
         .routes(routes!(routes::restart_vm))
         .routes(routes!(routes::clone_vm))
-        .routes(routes!(routes::get_config))
+        .routes(routes!(routes::get_config, routes::update_config))
+        .routes(routes!(routes::get_locations, routes::add_location))
+        .routes(routes!(routes::remove_location))
+        .routes(routes!(routes::set_default_location))
         .routes(routes!(routes::host_status))
         .routes(routes!(routes::network_interfaces))
         .routes(routes!(routes::network_doctor))

@@ -24,6 +24,7 @@ use crate::settings::Settings;
 use crate::vm::actions::begin_create;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::details::VmDetails;
+use crate::vm::location;
 use crate::vm::size::parse_size;
 use crate::vm::store::Store;
 use crate::vm::{Action, Caller, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
@@ -229,9 +230,11 @@ pub struct CloneVmRequest {
     #[schema(example = "web2")]
     pub new_name: String,
     pub storage: Option<String>,
-    /// Refused: both VMs live in one location (`storage`).
+    /// The source VM's location (name or absolute path; default: the
+    /// location holding it, else `storage`).
     pub source_location: Option<String>,
-    /// Refused: both VMs live in one location (`storage`).
+    /// Where the clone goes (name or absolute path; default: `storage`,
+    /// else the server's own location).
     pub dest_location: Option<String>,
 }
 
@@ -339,12 +342,30 @@ pub fn allowed_storage(
 // ---------------------------------------------------------------------------
 // Running actions.
 
-/// A request's `storage`: `None` for the server's own location.
-fn requested_storage(storage: Option<&str>) -> ApiResult<Option<PathBuf>> {
-    match storage.map(str::trim) {
-        None | Some("") | Some("default") => Ok(None),
-        Some(s) => abs_path("storage", s).map(Some),
+/// A request's `storage`, read as the CLI reads `--storage`
+/// ([`location::resolve`]: a location name of the server's config.yaml,
+/// else an absolute path): `None` for the server's own location (absent,
+/// empty, or `default`, the name earlier releases reported).
+fn requested_storage(storage: Option<&str>) -> ApiResult<Option<Store>> {
+    let spec = match storage.map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(s) => s,
+    };
+    let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+    let named = settings
+        .locations()
+        .map_err(|e| ApiError::internal(&e))?
+        .iter()
+        .any(|l| l.name == spec);
+    if spec == "default" && !named {
+        return Ok(None);
     }
+    if !named {
+        abs_path("storage", spec)?;
+    }
+    location::resolve(&settings, spec)
+        .map(|r| Some(r.store))
+        .map_err(|e| ApiError::bad_request(crate::error_chain(&e)))
 }
 
 impl AppState {
@@ -361,21 +382,60 @@ impl AppState {
         let server = self.server_store();
         match requested_storage(storage)? {
             None => Ok(server),
-            Some(path) => {
-                allowed_storage(caller, self.euid, &path, server.root())?;
-                if same_path(&path, server.root()) {
+            Some(store) => {
+                allowed_storage(caller, self.euid, store.root(), server.root())?;
+                if same_path(store.root(), server.root()) {
                     Ok(server)
                 } else {
-                    Ok(Store::new(Some(path)))
+                    Ok(store)
                 }
             }
         }
     }
 
-    /// The location whose turn locks a request takes: the requested path as
-    /// given (only a valid path is needed; nothing is decided here).
+    /// Whether `caller` may choose locations and change the server's
+    /// config.yaml: the server's own user only (the storage rule).
+    fn owns_server(&self, caller: &Caller) -> bool {
+        caller.uid == self.euid
+    }
+
+    /// Every location a request without `storage` sees: the server's own,
+    /// then (for the server's own user) each configured location in
+    /// config.yaml's order.
+    fn visible_stores(&self, caller: &Caller) -> ApiResult<Vec<Store>> {
+        let mut out = vec![self.server_store()];
+        if self.owns_server(caller) {
+            let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+            for s in location::all_stores(&settings)
+                .map_err(|e| ApiError::bad_request(crate::error_chain(&e)))?
+            {
+                if !out.iter().any(|o| same_path(o.root(), s.root())) {
+                    out.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// lume's search for a VM named without `storage`: the first visible
+    /// location holding it, as a `storage` value; `None` (the server's own
+    /// location) when none does.
+    fn storage_holding(&self, caller: &Caller, vm: &VmName) -> ApiResult<Option<String>> {
+        for s in self.visible_stores(caller)? {
+            if s.vm(vm).config_path().exists() || s.is_provisioning(vm) {
+                return Ok(Some(s.root().display().to_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The location whose turn locks a request takes: the requested
+    /// location's path (only a valid storage is needed; nothing is decided
+    /// here).
     fn turn_root(&self, storage: Option<&str>) -> ApiResult<PathBuf> {
-        Ok(requested_storage(storage)?.unwrap_or_else(|| self.server_store().root().to_path_buf()))
+        Ok(requested_storage(storage)?
+            .map(|s| s.root().to_path_buf())
+            .unwrap_or_else(|| self.server_store().root().to_path_buf()))
     }
 
     /// Settings are read for every request, like every CLI command reads
@@ -427,6 +487,14 @@ async fn on_vm<T: Send + 'static>(
     vm: &VmName,
     f: impl FnOnce(&Context) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
+    let found = match storage {
+        Some(s) if !s.trim().is_empty() => None,
+        _ => {
+            let (st2, caller2, vm2) = (st.clone(), caller.clone(), vm.clone());
+            blocking(move || st2.storage_holding(&caller2, &vm2)).await?
+        }
+    };
+    let storage = found.as_deref().or(storage);
     let _turn = st.vm_turn(&st.turn_root(storage)?, vm).await;
     in_location(st, caller, storage, f).await
 }
@@ -482,6 +550,17 @@ pub async fn list_vms(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Vec<VmDetails>>> {
+    if q.storage.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        // lume: every location (for other callers: the server's own only).
+        return blocking(move || {
+            let stores = st.visible_stores(&caller)?;
+            let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+            location::list_every(&settings, &caller, stores, &mut |l: &str| super::log(l))
+                .map(Json)
+                .map_err(ApiError::from)
+        })
+        .await;
+    }
     match in_location(&st, &caller, q.storage.as_deref(), |ctx| {
         run(ctx, Action::List)
     })
@@ -866,19 +945,25 @@ pub async fn clone_vm(
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<CloneVmRequest>,
 ) -> ApiResult<(StatusCode, Json<VmDetails>)> {
-    if r.source_location.is_some() || r.dest_location.is_some() {
-        return Err(ApiError::bad_request(
-            "sourceLocation and destLocation are not supported: both VMs live in one location, given with storage",
-        ));
-    }
     let source = name(&r.name)?;
     let target = name(&r.new_name)?;
     let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let source_storage = r.source_location.as_deref().or(storage);
+    // lume: the clone goes to destLocation, else the default location
+    // (here: `storage` when given, else the server's own location).
+    let dest_storage = r.dest_location.clone().or(storage.map(str::to_string));
+    let (st2, caller2) = (st.clone(), caller.clone());
+    let dest = blocking(move || st2.store(&caller2, dest_storage.as_deref())).await?;
     let action = Action::Clone {
         source: source.clone(),
         target,
+        dest: Some(dest),
     };
-    match on_vm(&st, &caller, storage, &source, |ctx| run(ctx, action)).await? {
+    match on_vm(&st, &caller, source_storage, &source, |ctx| {
+        run(ctx, action)
+    })
+    .await?
+    {
         Outcome::Cloned { details, .. } => Ok((StatusCode::CREATED, Json(details))),
         o => Err(unexpected(&o)),
     }
@@ -923,17 +1008,26 @@ fn yaml_to_json(v: &serde_yaml_ng::Value) -> Value {
     })
 }
 
-/// The settings: every key of config.yaml, plus the effective accelerator
-/// and VM location (`homeDirectory`) and the file's path (`settingsFile`).
-#[utoipa::path(get, path = "/lume/config", tag = "host",
+/// The server's settings (its own config.yaml): lume's `LumeSettings`
+/// keys with their effective values (`vmLocations`, `defaultLocationName`,
+/// `cacheDirectory`, `cachingEnabled`, `registry`, `telemetryEnabled`),
+/// then every other key of the file, the effective `accelerator`, the
+/// server's VM location (`homeDirectory`) and the file's path
+/// (`settingsFile`).
+#[utoipa::path(get, path = "/lume/config", tag = "config",
     responses(
         (status = 200, description = "The settings", body = Object, example = json!({
+            "vmLocations": [{"name": "home", "path": "~/.lume"}],
+            "defaultLocationName": "home",
+            "cacheDirectory": "~/.lume/cache",
+            "cachingEnabled": false,
+            "registry": {"type": "ghcr", "ghcr": {"registry": "ghcr.io", "organization": "trycua"}},
+            "telemetryEnabled": true,
             "settingsFile": "/root/.config/lume/config.yaml",
             "accelerator": "auto",
-            "homeDirectory": "/root/.lume",
-            "userSubnet": "10.0.2.0/24"
+            "homeDirectory": "/root/.lume"
         })),
-        (status = 500, description = "config.yaml cannot be read", body = ErrorBody),
+        (status = 400, description = "config.yaml cannot be used", body = ErrorBody),
     ))]
 pub async fn get_config(
     State(st): State<Arc<AppState>>,
@@ -941,11 +1035,41 @@ pub async fn get_config(
 ) -> ApiResult<Json<Value>> {
     let store = st.store(&caller, None)?;
     blocking(move || {
-        let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+        let bad = |e: crate::settings::SettingsError| ApiError::bad_request(crate::error_chain(&e));
+        let settings = Settings::load().map_err(bad)?;
         let mut out = serde_json::Map::new();
+        let reg = settings.registry().map_err(bad)?;
         out.insert(
-            "settingsFile".into(),
-            settings.file().display().to_string().into(),
+            "vmLocations".into(),
+            serde_json::to_value(settings.locations().map_err(bad)?)
+                .map_err(|e| ApiError::internal(&e))?,
+        );
+        out.insert(
+            "defaultLocationName".into(),
+            settings.default_location_name().map_err(bad)?.into(),
+        );
+        out.insert(
+            "cacheDirectory".into(),
+            settings
+                .get_str("cacheDirectory")
+                .map_err(bad)?
+                .unwrap_or_else(|| crate::settings::DEFAULT_CACHE_DIRECTORY.into())
+                .into(),
+        );
+        out.insert(
+            "cachingEnabled".into(),
+            settings.caching_enabled().map_err(bad)?.into(),
+        );
+        out.insert(
+            "registry".into(),
+            serde_json::json!({
+                "type": settings.registry_type().map_err(bad)?,
+                "ghcr": {"registry": reg.registry, "organization": reg.organization},
+            }),
+        );
+        out.insert(
+            "telemetryEnabled".into(),
+            settings.telemetry_enabled().map_err(bad)?.into(),
         );
         for (k, v) in settings.as_mapping() {
             let key = match k.as_str() {
@@ -955,8 +1079,14 @@ pub async fn get_config(
                     .trim()
                     .to_string(),
             };
-            out.insert(key, yaml_to_json(v));
+            if !crate::settings::LUME_KEYS.contains(&key.as_str()) {
+                out.insert(key, yaml_to_json(v));
+            }
         }
+        out.insert(
+            "settingsFile".into(),
+            settings.file().display().to_string().into(),
+        );
         let accel = match settings.accelerator().map_err(|e| ApiError::internal(&e))? {
             crate::hypervisor::accel::AccelChoice::Auto => "auto",
             crate::hypervisor::accel::AccelChoice::Kvm => "kvm",
@@ -968,6 +1098,227 @@ pub async fn get_config(
             store.root().display().to_string().into(),
         );
         Ok(Json(Value::Object(out)))
+    })
+    .await
+}
+
+/// lume's `POST /lume/config` body (Handlers.swift `ConfigRequest`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigRequest {
+    /// The path of the location `home` (absolute or `~/…`).
+    pub home_directory: Option<String>,
+    /// The image cache folder (absolute or `~/…`).
+    pub cache_directory: Option<String>,
+    pub caching_enabled: Option<bool>,
+}
+
+/// lume's `{ "message": … }` answer of the config routes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigMessage {
+    pub message: String,
+}
+
+/// lume's answer to an added location.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LocationAdded {
+    pub message: String,
+    pub name: String,
+    pub path: String,
+}
+
+/// The config routes that change config.yaml: the server's own file, for
+/// the server's own user only (the storage rule: other callers never choose
+/// where the server keeps VMs). Others get 403.
+fn config_owner(st: &AppState, caller: &Caller) -> ApiResult<()> {
+    if st.owns_server(caller) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Changing the server's settings is refused: only the user the server runs as may change its config.yaml and VM locations; ask that user, or change your own settings with the lume command",
+        ))
+    }
+}
+
+fn settings_error(e: &dyn std::error::Error) -> ApiError {
+    ApiError::bad_request(crate::error_chain(e))
+}
+
+/// Change lume's settings: `homeDirectory` (the path of location `home`),
+/// `cacheDirectory`, `cachingEnabled`. A new directory is checked as the
+/// CLI checks it (a directory the server's user may write; as root, none
+/// another user can change) and created 0700.
+#[utoipa::path(post, path = "/lume/config", tag = "config", request_body = ConfigRequest,
+    responses(
+        (status = 200, description = "Updated", body = ConfigMessage, example = json!({"message": "Configuration updated successfully"})),
+        (status = 400, description = "Invalid body or value", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn update_config(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    JsonBody(r): JsonBody<ConfigRequest>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        let mut s = Settings::load().map_err(|e| settings_error(&e))?;
+        if let Some(home) = &r.home_directory {
+            if !(home.starts_with('/') || home.starts_with("~/")) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::NotAbsolute(home.clone()),
+                ));
+            }
+            location::check_new_location(&crate::settings::expand_home(home))
+                .map_err(|e| settings_error(&e))?;
+            s.set_home_directory(home).map_err(|e| settings_error(&e))?;
+        }
+        if let Some(cache) = &r.cache_directory {
+            if !(cache.starts_with('/') || cache.starts_with("~/")) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::RelativeLocation(cache.clone()),
+                ));
+            }
+            location::check_new_location(&crate::settings::expand_home(cache))
+                .map_err(|e| settings_error(&e))?;
+            s.set(
+                "cacheDirectory",
+                serde_yaml_ng::Value::String(cache.clone()),
+            )
+            .map_err(|e| settings_error(&e))?;
+        }
+        if let Some(on) = r.caching_enabled {
+            s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))
+                .map_err(|e| settings_error(&e))?;
+        }
+        Ok(Json(ConfigMessage {
+            message: "Configuration updated successfully".into(),
+        }))
+    })
+    .await
+}
+
+/// The VM locations of the server's config.yaml, in its order.
+#[utoipa::path(get, path = "/lume/config/locations", tag = "config",
+    responses(
+        (status = 200, description = "Every location", body = [crate::settings::Location],
+            example = json!([{"name": "home", "path": "~/.lume"}])),
+        (status = 400, description = "config.yaml cannot be used", body = ErrorBody),
+    ))]
+pub async fn get_locations() -> ApiResult<Json<Vec<crate::settings::Location>>> {
+    blocking(|| {
+        Settings::load()
+            .and_then(|s| s.locations())
+            .map(Json)
+            .map_err(|e| settings_error(&e))
+    })
+    .await
+}
+
+/// lume's `POST /lume/config/locations` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocationRequest {
+    #[schema(example = "fast")]
+    pub name: String,
+    /// Absolute (or `~/…`); created 0700 when missing.
+    #[schema(example = "/srv/lume")]
+    pub path: String,
+}
+
+/// Add a VM location (as `lume config storage add`).
+#[utoipa::path(post, path = "/lume/config/locations", tag = "config", request_body = LocationRequest,
+    responses(
+        (status = 200, description = "Added", body = LocationAdded),
+        (status = 400, description = "Bad name, taken name, or a path that cannot be used", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn add_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    JsonBody(r): JsonBody<LocationRequest>,
+) -> ApiResult<Json<LocationAdded>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        let mut s = Settings::load().map_err(|e| settings_error(&e))?;
+        if !crate::settings::valid_location_name(&r.name) {
+            return Err(settings_error(
+                &crate::settings::SettingsError::BadLocationName(r.name.clone()),
+            ));
+        }
+        if s.locations()
+            .map_err(|e| settings_error(&e))?
+            .iter()
+            .any(|l| l.name == r.name)
+        {
+            return Err(settings_error(
+                &crate::settings::SettingsError::DuplicateLocation(r.name.clone()),
+            ));
+        }
+        if !(r.path.starts_with('/') || r.path.starts_with("~/")) {
+            return Err(settings_error(
+                &crate::settings::SettingsError::RelativeLocation(r.path.clone()),
+            ));
+        }
+        location::check_new_location(&crate::settings::expand_home(&r.path))
+            .map_err(|e| settings_error(&e))?;
+        s.add_location(&r.name, &r.path)
+            .map_err(|e| settings_error(&e))?;
+        Ok(Json(LocationAdded {
+            message: "Location added successfully".into(),
+            name: r.name,
+            path: r.path,
+        }))
+    })
+    .await
+}
+
+/// Remove a VM location (never the default one; its VMs stay on disk).
+#[utoipa::path(delete, path = "/lume/config/locations/{name}", tag = "config",
+    params(("name" = String, Path, description = "Location name")),
+    responses(
+        (status = 200, description = "Removed", body = ConfigMessage),
+        (status = 400, description = "No such location, or the default one", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn remove_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        Settings::load()
+            .and_then(|mut s| s.remove_location(&name))
+            .map_err(|e| settings_error(&e))?;
+        Ok(Json(ConfigMessage {
+            message: "Location removed successfully".into(),
+        }))
+    })
+    .await
+}
+
+/// Make a VM location the default.
+#[utoipa::path(post, path = "/lume/config/locations/default/{name}", tag = "config",
+    params(("name" = String, Path, description = "Location name")),
+    responses(
+        (status = 200, description = "Set", body = ConfigMessage),
+        (status = 400, description = "No such location", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn set_default_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        Settings::load()
+            .and_then(|mut s| s.set_default_location(&name))
+            .map_err(|e| settings_error(&e))?;
+        Ok(Json(ConfigMessage {
+            message: "Default location set successfully".into(),
+        }))
     })
     .await
 }

@@ -14,8 +14,8 @@ use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
+use crate::vm::location;
 use crate::vm::size::parse_size;
-use crate::vm::store::Store;
 use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -39,9 +39,11 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct StorageArg {
-    /// VM location (default ~/.lume, or homeDirectory in config.yaml)
-    #[arg(long, value_name = "PATH", global = true)]
-    pub storage: Option<PathBuf>,
+    /// VM location: a location name (`lume config storage list`) or a path
+    /// containing a '/' (default: the location holding the VM, else the
+    /// default location)
+    #[arg(long, value_name = "NAME|PATH", global = true)]
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -272,6 +274,13 @@ pub struct SetArgs {
 pub struct CloneArgs {
     pub name: VmName,
     pub new_name: VmName,
+    /// Source VM storage location (name or path; default: the location holding the VM)
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "storage")]
+    pub source_storage: Option<String>,
+    /// Destination VM storage location (name or path; default: the default location, as in lume)
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "storage")]
+    pub dest_storage: Option<String>,
+    /// Both VMs in this location (source and destination)
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -331,16 +340,38 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
+    /// Without a subcommand: `get`
     #[command(subcommand)]
-    pub command: ConfigCommand,
+    pub command: Option<ConfigCommand>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the settings file and the effective values, or only KEY's value
+    /// Print what lume prints (default storage, cache, caching, telemetry,
+    /// registry, locations) and our own keys; or only KEY's value
     Get {
         /// One key: print only its value (its default when not set)
         key: Option<String>,
+    },
+    /// Manage VM storage locations
+    Storage {
+        #[command(subcommand)]
+        command: StorageCommand,
+    },
+    /// Manage image cache settings (default: status)
+    Cache {
+        #[command(subcommand)]
+        command: Option<CacheCommand>,
+    },
+    /// lume's telemetry preference, stored only: lume for Linux sends no telemetry (default: status)
+    Telemetry {
+        #[command(subcommand)]
+        command: Option<TelemetryCommand>,
+    },
+    /// Manage container registry settings (default: status)
+    Registry {
+        #[command(subcommand)]
+        command: Option<RegistryCommand>,
     },
     /// Set one key in config.yaml (other keys are kept); an empty value is
     /// refused (use unset)
@@ -355,6 +386,85 @@ pub enum ConfigCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Add a new VM storage location
+    Add {
+        /// Storage name (alphanumeric with dashes/underscores)
+        name: String,
+        /// Path to VM storage directory (created 0700 when missing)
+        path: PathBuf,
+    },
+    /// Remove a VM storage location (its VMs stay on disk)
+    Remove {
+        /// Storage name to remove
+        name: String,
+    },
+    /// List all VM storage locations
+    List,
+    /// Set the default VM storage location
+    Default {
+        /// Storage name to set as default
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Show cache status and directory
+    Status,
+    /// Get or set cache directory
+    Dir {
+        /// Path to cache directory (omit to show current)
+        path: Option<PathBuf>,
+    },
+    /// Enable image caching
+    Enable,
+    /// Disable image caching
+    Disable,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TelemetryCommand {
+    /// Show the stored telemetry preference
+    Status,
+    /// Store the preference "enabled" (nothing is ever sent)
+    Enable,
+    /// Store the preference "disabled"
+    Disable,
+    /// Nothing to reset: lume for Linux keeps no installation ID
+    #[command(name = "reset-id")]
+    ResetId,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Show current registry configuration
+    Status,
+    /// Get or set registry type (ghcr; gcs is refused)
+    Type {
+        /// Registry type to use. Omit to show current.
+        #[arg(name = "type")]
+        kind: Option<String>,
+    },
+    /// Configure GitHub Container Registry settings (any OCI registry)
+    Ghcr {
+        /// Registry URL (default: ghcr.io)
+        #[arg(long)]
+        registry: Option<String>,
+        /// Organization/namespace (default: trycua)
+        #[arg(long)]
+        organization: Option<String>,
+    },
+    /// Refused: lume's GCS registry type is not implemented on Linux
+    Gcs {
+        #[arg(long)]
+        api_url: Option<String>,
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NetworkCommand {
     /// List host interfaces and whether bridged mode can use them
     Interfaces {
@@ -364,10 +474,27 @@ pub enum NetworkCommand {
     },
 }
 
-fn context(storage: &StorageArg) -> Result<Context> {
+/// The context of a command: `--storage` read by [`location::resolve`];
+/// without it, the location holding VM `vm` (lume's search), else the
+/// default location.
+fn context(storage: &StorageArg, vm: Option<&VmName>) -> Result<Context> {
+    let settings = Settings::load()?;
+    let resolved = match vm {
+        Some(name) => location::store_for_vm(&settings, storage.storage.as_deref(), name)?,
+        None => match storage.storage.as_deref() {
+            Some(spec) => location::resolve(&settings, spec)?,
+            None => location::Resolved {
+                store: location::default_store(&settings)?,
+                note: None,
+            },
+        },
+    };
+    if let Some(n) = &resolved.note {
+        eprintln!("{n}");
+    }
     Ok(Context {
-        store: Store::new(storage.storage.clone()),
-        settings: Settings::load()?,
+        store: resolved.store,
+        settings,
         caller: crate::vm::Caller::current(),
     })
 }
@@ -400,12 +527,20 @@ pub fn run(cli: Cli) -> Result<i32> {
                 token_env: std::env::var("LUME_API_TOKEN").ok(),
                 token_file: a.token_file,
                 socket: a.socket,
-                storage: a.storage.storage,
+                storage: match a.storage.storage.as_deref() {
+                    Some(spec) => Some(
+                        location::resolve(&Settings::load()?, spec)?
+                            .store
+                            .root()
+                            .to_path_buf(),
+                    ),
+                    None => None,
+                },
             })
             .map(|()| 0);
         }
         Command::Network(n) => {
-            let ctx = context(&n.storage)?;
+            let ctx = context(&n.storage, None)?;
             let NetworkTopCommand::Doctor { format } = n.command;
             let report = crate::network::doctor::run(&ctx);
             output::print_doctor(&report, format)?;
@@ -480,6 +615,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Format::Text,
             )
         }
+        Command::Ls(a) if a.storage.storage.is_none() => {
+            // lume: every location, each VM with its location's name.
+            let settings = Settings::load()?;
+            let stores = location::all_stores(&settings)?;
+            let vms =
+                location::list_every(&settings, &crate::vm::Caller::current(), stores, &mut note)?;
+            output::print(&Outcome::List(vms), a.format)?;
+            return Ok(0);
+        }
         Command::Ls(a) => (a.storage, Action::List, a.format),
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {
@@ -498,7 +642,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 || spec.disk_size.is_some()
                 || spec.network.is_some()
             {
-                execute(&context(&a.storage)?, Action::Set(spec), &mut note)?;
+                execute(
+                    &context(&a.storage, Some(&a.name))?,
+                    Action::Set(spec),
+                    &mut note,
+                )?;
             }
             (
                 a.storage,
@@ -509,14 +657,27 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Format::Text,
             )
         }
-        Command::Clone(a) => (
-            a.storage,
-            Action::Clone {
-                source: a.name,
-                target: a.new_name,
-            },
-            Format::Text,
-        ),
+        Command::Clone(a) => {
+            let settings = Settings::load()?;
+            // lume: the clone goes to --dest-storage, else the default
+            // location; our --storage keeps both in one location.
+            let dest = match a.dest_storage.as_deref().or(a.storage.storage.as_deref()) {
+                Some(spec) => location::resolve(&settings, spec)?.store,
+                None => location::default_store(&settings)?,
+            };
+            let source = StorageArg {
+                storage: a.source_storage.or(a.storage.storage),
+            };
+            (
+                source,
+                Action::Clone {
+                    source: a.name,
+                    target: a.new_name,
+                    dest: Some(dest),
+                },
+                Format::Text,
+            )
+        }
         Command::Delete(a) => {
             let confirmed = !a.force
                 && std::io::stdin().is_terminal()
@@ -544,7 +705,7 @@ pub fn run(cli: Cli) -> Result<i32> {
 fn ssh(a: SshArgs) -> Result<i32> {
     use crate::guest::ssh::{self as gssh, SshError, SshRequest};
     use std::os::unix::process::CommandExt;
-    let ctx = context(&a.storage)?;
+    let ctx = context(&a.storage, Some(&a.name))?;
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
     let to = wait_for_ssh(&ctx.store, &vm, a.name.as_str(), a.timeout)?;
@@ -666,9 +827,26 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
     });
 }
 
+/// The existing VM an action acts on, whose location is searched for when
+/// no `--storage` is given (create goes to the default location).
+fn action_vm(action: &Action) -> Option<&VmName> {
+    match action {
+        Action::Create(_) | Action::List => None,
+        Action::Run(r) => r.name.as_ref(),
+        Action::Stop { name, .. }
+        | Action::Shutdown { name, .. }
+        | Action::Restart { name, .. }
+        | Action::Get { name }
+        | Action::SetHostLoopback { name, .. }
+        | Action::Delete { name, .. } => Some(name),
+        Action::Set(spec) => Some(&spec.name),
+        Action::Clone { source, .. } => Some(source),
+    }
+}
+
 /// Executes `action` and prints its outcome; returns the exit code.
 fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
-    let ctx = context(storage)?;
+    let ctx = context(storage, action_vm(&action))?;
     if let Action::Create(spec) = &action
         && spec.image.is_some()
     {
@@ -695,7 +873,7 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
 }
 
 fn config(c: ConfigArgs) -> Result<i32> {
-    match c.command {
+    match c.command.unwrap_or(ConfigCommand::Get { key: None }) {
         ConfigCommand::Get { key: Some(key) } => {
             let s = Settings::load()?;
             println!("{}", config_value(&s, &key)?);
@@ -703,12 +881,13 @@ fn config(c: ConfigArgs) -> Result<i32> {
         }
         ConfigCommand::Get { key: None } => {
             let s = Settings::load()?;
-            println!("# {}", s.file().display());
+            print!("{}", lume_settings_text(&s)?);
+            println!();
+            println!("lume for Linux ({}):", s.file().display());
             println!("accelerator: {}", format_accel(&s)?);
-            println!("homeDirectory: {}", Store::new(None).root().display());
             for (k, v) in s.as_mapping() {
                 let key = k.as_str().unwrap_or_default();
-                if key != "accelerator" && key != "homeDirectory" {
+                if key != "accelerator" && !crate::settings::LUME_KEYS.contains(&key) {
                     print!(
                         "{}",
                         serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
@@ -716,6 +895,118 @@ fn config(c: ConfigArgs) -> Result<i32> {
                             v.clone()
                         )]))?
                     );
+                }
+            }
+            println!("telemetry: none is ever sent (telemetryEnabled is stored only)");
+            Ok(0)
+        }
+        ConfigCommand::Storage { command } => config_storage(command),
+        ConfigCommand::Cache { command } => {
+            let mut s = Settings::load()?;
+            match command.unwrap_or(CacheCommand::Status) {
+                CacheCommand::Status => {
+                    println!("Caching enabled: {}", s.caching_enabled()?);
+                    println!("Cache directory: {}", cache_dir_text(&s)?);
+                }
+                CacheCommand::Dir { path: None } => {
+                    println!("Cache directory: {}", cache_dir_text(&s)?);
+                }
+                CacheCommand::Dir { path: Some(path) } => {
+                    let text = location_path_text(&path);
+                    location::check_new_location(&crate::settings::expand_home(&text))?;
+                    s.set_from_command_line("cacheDirectory", &text)?;
+                    println!("Cache directory set to: {text}");
+                }
+                CacheCommand::Enable => {
+                    s.set("cachingEnabled", serde_yaml_ng::Value::Bool(true))?;
+                    println!("Caching enabled");
+                }
+                CacheCommand::Disable => {
+                    s.set("cachingEnabled", serde_yaml_ng::Value::Bool(false))?;
+                    println!("Caching disabled");
+                }
+            }
+            Ok(0)
+        }
+        ConfigCommand::Telemetry { command } => {
+            let mut s = Settings::load()?;
+            match command.unwrap_or(TelemetryCommand::Status) {
+                TelemetryCommand::Status => {
+                    let on = s.telemetry_enabled()?;
+                    println!("Telemetry enabled: {on}");
+                    println!("Effective source: config");
+                    println!("Persisted preference: {on}");
+                    println!("Installation ID: not created");
+                    println!();
+                    println!(
+                        "lume for Linux sends no telemetry: this preference is only stored in config.yaml."
+                    );
+                }
+                TelemetryCommand::Enable => {
+                    s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(true))?;
+                    println!("Telemetry enabled");
+                    println!("(stored only: lume for Linux sends no telemetry)");
+                }
+                TelemetryCommand::Disable => {
+                    s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(false))?;
+                    println!("Telemetry disabled");
+                }
+                TelemetryCommand::ResetId => {
+                    println!("Telemetry installation ID reset");
+                    println!("The enabled/disabled preference was preserved.");
+                    println!("(lume for Linux keeps no installation ID)");
+                }
+            }
+            Ok(0)
+        }
+        ConfigCommand::Registry { command } => {
+            let mut s = Settings::load()?;
+            match command.unwrap_or(RegistryCommand::Status) {
+                RegistryCommand::Status => {
+                    let r = s.registry()?;
+                    println!("Registry type: {}", s.registry_type()?);
+                    println!();
+                    println!("GHCR configuration:");
+                    println!("  Registry: {}", r.registry);
+                    println!("  Organization: {}", r.organization);
+                }
+                RegistryCommand::Type { kind: None } => {
+                    println!("Registry type: {}", s.registry_type()?);
+                }
+                RegistryCommand::Type { kind: Some(kind) } => {
+                    s.set_registry(Some(&kind), None, None)?;
+                    println!("Registry type set to: {kind}");
+                }
+                RegistryCommand::Ghcr {
+                    registry: None,
+                    organization: None,
+                } => {
+                    let r = s.registry()?;
+                    println!("GHCR configuration:");
+                    println!("  Registry: {}", r.registry);
+                    println!("  Organization: {}", r.organization);
+                }
+                RegistryCommand::Ghcr {
+                    registry,
+                    organization,
+                } => {
+                    s.set_registry(None, registry.as_deref(), organization.as_deref())?;
+                    let r = s.registry()?;
+                    println!("GHCR configuration updated:");
+                    println!("  Registry: {}", r.registry);
+                    println!("  Organization: {}", r.organization);
+                }
+                RegistryCommand::Gcs {
+                    api_url: None,
+                    api_key: None,
+                } => {
+                    println!("GCS configuration: not set");
+                    println!(
+                        "  lume for Linux has no GCS registry type: pull and push use OCI registries (ghcr)"
+                    );
+                }
+                RegistryCommand::Gcs { .. } => {
+                    return Err(crate::settings::SettingsError::RegistryType("gcs".into()).into());
                 }
             }
             Ok(0)
@@ -738,6 +1029,10 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
+            if key == "homeDirectory" || key == "cacheDirectory" {
+                location::check_new_location(&crate::settings::expand_home(&value))
+                    .with_context(|| format!("Cannot set '{key}'"))?;
+            }
             s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
@@ -757,14 +1052,120 @@ fn config(c: ConfigArgs) -> Result<i32> {
     }
 }
 
+/// What lume's `config get` prints (Config.swift), line for line.
+fn lume_settings_text(s: &Settings) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let default = s.default_location_name()?;
+    let all = s.locations()?;
+    let default_path = all
+        .iter()
+        .find(|l| l.name == default)
+        .map(|l| l.path.clone())
+        .unwrap_or_else(|| "not set".into());
+    let r = s.registry()?;
+    writeln!(out, "Default VM storage: {default} ({default_path})")?;
+    writeln!(out, "Cache directory: {}", cache_dir_text(s)?)?;
+    writeln!(out, "Caching enabled: {}", s.caching_enabled()?)?;
+    writeln!(out, "Telemetry enabled: {}", s.telemetry_enabled()?)?;
+    writeln!(out, "Registry type: {}", s.registry_type()?)?;
+    writeln!(out, "Registry: {}/{}", r.registry, r.organization)?;
+    writeln!(out, "\nConfigured VM storage locations:")?;
+    out.push_str(&locations_text(s)?);
+    Ok(out)
+}
+
+/// lume's location lines: sorted by name, the default marked.
+fn locations_text(s: &Settings) -> Result<String> {
+    let default = s.default_location_name()?;
+    let mut all = s.locations()?;
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(all
+        .iter()
+        .map(|l| {
+            let mark = if l.name == default { " (default)" } else { "" };
+            format!("  - {}: {}{mark}\n", l.name, l.path)
+        })
+        .collect())
+}
+
+/// `cacheDirectory` as written in config.yaml (lume prints it unexpanded).
+fn cache_dir_text(s: &Settings) -> Result<String> {
+    Ok(s.get_str("cacheDirectory")?
+        .unwrap_or_else(|| crate::settings::DEFAULT_CACHE_DIRECTORY.into()))
+}
+
+/// A path given on the command line as config.yaml keeps it: `~/…` and
+/// absolute paths as written, a relative path made absolute.
+fn location_path_text(path: &std::path::Path) -> String {
+    let text = path.display().to_string();
+    if text.starts_with("~/") || text == "~" || path.is_absolute() {
+        text
+    } else {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string()
+    }
+}
+
+/// `lume config storage …`, printed as lume prints it.
+fn config_storage(command: StorageCommand) -> Result<i32> {
+    let mut s = Settings::load()?;
+    match command {
+        StorageCommand::Add { name, path } => {
+            let text = location_path_text(&path);
+            if !crate::settings::valid_location_name(&name) {
+                return Err(crate::settings::SettingsError::BadLocationName(name).into());
+            }
+            if s.locations()?.iter().any(|l| l.name == name) {
+                return Err(crate::settings::SettingsError::DuplicateLocation(name).into());
+            }
+            location::check_new_location(&crate::settings::expand_home(&text))?;
+            s.add_location(&name, &text)?;
+            println!("Added VM storage location: {name} at {text}");
+        }
+        StorageCommand::Remove { name } => {
+            s.remove_location(&name)?;
+            println!("Removed VM storage location: {name}");
+        }
+        StorageCommand::List => {
+            println!("VM Storage Locations:");
+            print!("{}", locations_text(&s)?);
+        }
+        StorageCommand::Default { name } => {
+            s.set_default_location(&name)?;
+            println!("Set default VM storage location to: {name}");
+        }
+    }
+    Ok(0)
+}
+
 /// What `lume config get KEY` prints: the effective accelerator and VM
 /// location, else the value in the file, else a known key's default.
 fn config_value(s: &Settings, key: &str) -> Result<String> {
-    if key == "accelerator" {
-        return format_accel(s);
-    }
-    if key == "homeDirectory" {
-        return Ok(Store::new(None).root().display().to_string());
+    match key {
+        "accelerator" => return format_accel(s),
+        "homeDirectory" => return Ok(s.default_location()?.root().display().to_string()),
+        "defaultLocationName" => return Ok(s.default_location_name()?),
+        "cachingEnabled" => return Ok(s.caching_enabled()?.to_string()),
+        "telemetryEnabled" => return Ok(s.telemetry_enabled()?.to_string()),
+        "cacheDirectory" => return cache_dir_text(s),
+        "vmLocations" => {
+            return Ok(serde_yaml_ng::to_string(&s.locations()?)?
+                .trim_end()
+                .to_string());
+        }
+        "registry" => {
+            let r = s.registry()?;
+            return Ok(format!(
+                "type: {}\nghcr:\n  registry: {}\n  organization: {}",
+                s.registry_type()?,
+                r.registry,
+                r.organization
+            ));
+        }
+        _ => {}
     }
     match s.as_mapping().get(key) {
         Some(serde_yaml_ng::Value::String(v)) => Ok(v.clone()),

@@ -157,7 +157,7 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             d.ip_address.as_deref().unwrap_or("not known yet"),
             d.name,
             match d.location_name.as_str() {
-                "default" => String::new(),
+                crate::settings::DEFAULT_LOCATION_NAME => String::new(),
                 storage => format!(" --storage {storage}"),
             }
         ),

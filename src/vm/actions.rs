@@ -342,8 +342,13 @@ pub enum Action {
     /// gateway (config.json `unsafeHostLoopback`), from the next start.
     /// Unsafe for untrusted guests.
     SetHostLoopback { name: VmName, allow: bool },
-    /// Copy a stopped VM under a new name with a new MAC address.
-    Clone { source: VmName, target: VmName },
+    /// Copy a stopped VM under a new name with a new MAC address, into
+    /// `dest` (another location) or the source's own location.
+    Clone {
+        source: VmName,
+        target: VmName,
+        dest: Option<Store>,
+    },
     /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
     Delete {
         name: VmName,
@@ -445,7 +450,11 @@ pub fn execute(
             }
             Ok(Outcome::Updated(VmDetails::read(store, &vm)))
         }
-        Action::Clone { source, target } => clone(store, &source, &target),
+        Action::Clone {
+            source,
+            target,
+            dest,
+        } => clone(store, dest.as_ref().unwrap_or(store), &source, &target),
         Action::Delete {
             name,
             force,
@@ -1362,21 +1371,27 @@ const RUNTIME_FILES: [&str; 12] = [
     ".cfg.lock",
 ];
 
-fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmError> {
+fn clone(
+    store: &Store,
+    dest: &Store,
+    source: &VmName,
+    target: &VmName,
+) -> Result<Outcome, VmError> {
     let src = store.open(source)?;
     store.check_private(Some(&src))?;
+    dest.check_private(None)?;
     let mut cfg = src.load_config()?;
     let _lock = VmLock::try_acquire(&src.lock_path())
         .map_err(io_at(&src.lock_path()))?
         .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?;
-    if store.vm(target).dir.exists() {
+    if dest.vm(target).dir.exists() {
         return Err(StoreError::Exists {
             name: target.clone(),
-            root: store.root().to_path_buf(),
+            root: dest.root().to_path_buf(),
         }
         .into());
     }
-    let work = store.work_dir("creating", target)?;
+    let work = dest.work_dir("creating", target)?;
     let built = (|| -> Result<CopyKind, VmError> {
         let mut disk_copy = CopyKind::Reflink;
         for entry in fs::read_dir(&src.dir).map_err(io_at(&src.dir))? {
@@ -1405,10 +1420,10 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
         cfg.save(&work.join("config.json"))?;
         Ok(disk_copy)
     })();
-    let result = built.and_then(|kind| Ok((store.publish(&work, target)?, kind)));
+    let result = built.and_then(|kind| Ok((dest.publish(&work, target)?, kind)));
     match result {
         Ok((vm, copy)) => Ok(Outcome::Cloned {
-            details: VmDetails::read(store, &vm),
+            details: VmDetails::read(dest, &vm),
             copy,
         }),
         Err(e) => {
@@ -1655,6 +1670,7 @@ mod tests {
             Action::Clone {
                 source: VmName::parse("b").unwrap(),
                 target: VmName::parse("c").unwrap(),
+                dest: None,
             },
             &mut |_| {},
         )
