@@ -288,7 +288,7 @@ fn relative_storage_is_the_same_place_for_every_command() {
         "create",
         "rel",
         "--storage",
-        "vms",
+        "./vms",
         "--disk-size",
         "8MB",
         "--network",
@@ -310,7 +310,7 @@ fn relative_storage_is_the_same_place_for_every_command() {
     let out = home
         .cmd()
         .current_dir(home.path())
-        .args(["get", "rel", "--storage", "vms", "-f", "json"])
+        .args(["get", "rel", "--storage", "./vms", "-f", "json"])
         .output()
         .unwrap();
     let d: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -160,10 +160,15 @@ impl Store {
     /// resolved by [`super::location::resolve`].
     pub fn new(explicit: Option<PathBuf>) -> Self {
         match explicit {
-            Some(root) => Self {
-                name: root.display().to_string(),
-                root: absolute(root),
-            },
+            Some(root) => {
+                // lume shows the path as given; a relative one is shown
+                // made absolute, as it is used.
+                let root = absolute(root);
+                Self {
+                    name: root.display().to_string(),
+                    root,
+                }
+            }
             None => {
                 let loc = crate::settings::Settings::load()
                     .and_then(|s| s.default_location())
