@@ -707,8 +707,10 @@ fn errors_are_json_with_the_right_status() {
     assert_eq!(
         routes,
         [
+            "DELETE /lume/config/locations/{name}",
             "DELETE /lume/vms/{name}",
             "GET /lume/config",
+            "GET /lume/config/locations",
             "GET /lume/host/status",
             "GET /lume/network/doctor",
             "GET /lume/network/interfaces",
@@ -716,6 +718,9 @@ fn errors_are_json_with_the_right_status() {
             "GET /lume/vms/{name}",
             "GET /openapi.json",
             "PATCH /lume/vms/{name}",
+            "POST /lume/config",
+            "POST /lume/config/locations",
+            "POST /lume/config/locations/default/{name}",
             "POST /lume/vms",
             "POST /lume/vms/clone",
             "POST /lume/vms/{name}/restart",

@@ -618,6 +618,34 @@ fn config_routes_answer_as_lume() {
     assert_eq!(body.as_array().unwrap().len(), 1, "every location: {body}");
     let (st, body) = call(&ns, &server, false, "GET", "/lume/vms?storage=nosuch", None);
     assert_eq!(st, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("neither a VM location name nor a path")
+    );
+    // Clone across locations (lume's sourceLocation / destLocation), and a
+    // VM found without storage in the location holding it.
+    let (st, body) = call(
+        &ns,
+        &server,
+        false,
+        "POST",
+        "/lume/vms/clone",
+        Some(
+            json!({"name": "v", "newName": "v2", "sourceLocation": "fast", "destLocation": "home"}),
+        ),
+    );
+    assert!((200..300).contains(&st), "{st} {body}");
+    assert!(home.vm_dir("v2").join("config.json").exists());
+    let (st, body) = call(&ns, &server, false, "GET", "/lume/vms/v", None);
+    assert_eq!(st, 200, "{body}");
+    let one = if body.is_array() {
+        body[0].clone()
+    } else {
+        body
+    };
+    assert_eq!(one["locationName"], "fast");
     let (st, body) = call(
         &ns,
         &server,
@@ -699,6 +727,43 @@ fn config_routes_answer_as_lume() {
     home.ok(&["config", "set", "apiGroup", "nogroup"]);
     let (st, _) = call(&ns, &server, true, "GET", "/lume/config/locations", None);
     assert_eq!(st, 200);
+    // ... and uses no location but the server's own, by name or by path.
+    home.ok(&["config", "storage", "add", "fast", fast_s]);
+    for storage in ["fast", fast_s] {
+        let (st, reply) = call(
+            &ns,
+            &server,
+            true,
+            "GET",
+            &format!("/lume/vms?storage={storage}"),
+            None,
+        );
+        assert_eq!(st, 403, "{storage}: {reply}");
+        let (st, reply) = call(
+            &ns,
+            &server,
+            true,
+            "GET",
+            &format!("/lume/vms/v?storage={storage}"),
+            None,
+        );
+        assert_eq!(st, 403, "{storage}: {reply}");
+    }
+    let (st, reply) = call(&ns, &server, true, "GET", "/lume/vms?storage=home", None);
+    assert_eq!(st, 200, "{reply}");
+    // Without storage, nobody sees the server's own location only.
+    let (st, reply) = call(&ns, &server, true, "GET", "/lume/vms", None);
+    assert_eq!(st, 200);
+    assert!(
+        reply
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["locationName"] == "home"),
+        "{reply}"
+    );
+    let (st, _) = call(&ns, &server, true, "GET", "/lume/vms/v", None);
+    assert_eq!(st, 404, "v lives in fast, which nobody cannot see");
     let before = std::fs::read_to_string(home.config_yaml()).unwrap();
     for (method, path, body) in [
         (

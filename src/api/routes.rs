@@ -360,7 +360,7 @@ fn requested_storage(storage: Option<&str>) -> ApiResult<Option<Store>> {
     if spec == "default" && !named {
         return Ok(None);
     }
-    if !named {
+    if !named && spec.contains('/') {
         abs_path("storage", spec)?;
     }
     location::resolve(&settings, spec)
@@ -423,7 +423,9 @@ impl AppState {
     fn storage_holding(&self, caller: &Caller, vm: &VmName) -> ApiResult<Option<String>> {
         for s in self.visible_stores(caller)? {
             if s.vm(vm).config_path().exists() || s.is_provisioning(vm) {
-                return Ok(Some(s.root().display().to_string()));
+                // Its name (a configured location) or its absolute path:
+                // either reads back as this location.
+                return Ok(Some(s.location_name()));
             }
         }
         Ok(None)
@@ -487,16 +489,27 @@ async fn on_vm<T: Send + 'static>(
     vm: &VmName,
     f: impl FnOnce(&Context) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
-    let found = match storage {
-        Some(s) if !s.trim().is_empty() => None,
-        _ => {
-            let (st2, caller2, vm2) = (st.clone(), caller.clone(), vm.clone());
-            blocking(move || st2.storage_holding(&caller2, &vm2)).await?
-        }
-    };
+    let found = storage_of_vm(st, caller, storage, vm).await?;
     let storage = found.as_deref().or(storage);
     let _turn = st.vm_turn(&st.turn_root(storage)?, vm).await;
     in_location(st, caller, storage, f).await
+}
+
+/// Without `storage`: the location holding `vm` (lume's search; see
+/// [`AppState::storage_holding`]), as a `storage` value.
+async fn storage_of_vm(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    storage: Option<&str>,
+    vm: &VmName,
+) -> ApiResult<Option<String>> {
+    match storage {
+        Some(s) if !s.trim().is_empty() => Ok(None),
+        _ => {
+            let (st2, caller2, vm2) = (st.clone(), caller.clone(), vm.clone());
+            blocking(move || st2.storage_holding(&caller2, &vm2)).await
+        }
+    }
 }
 
 /// Runs a stop, shutdown or restart on `vm` and answers with its details and
@@ -679,7 +692,9 @@ async fn get_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
-    in_location(&st, &caller, q.storage.as_deref(), |ctx| details(ctx, vm))
+    let found = storage_of_vm(&st, &caller, q.storage.as_deref(), &vm).await?;
+    let storage = found.as_deref().or(q.storage.as_deref());
+    in_location(&st, &caller, storage, |ctx| details(ctx, vm))
         .await
         .map(Json)
 }
