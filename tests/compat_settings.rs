@@ -262,6 +262,9 @@ fn storage_takes_a_name_or_a_path_everywhere() {
         );
     }
     assert!(!home.path().join("nosuch").exists());
+    // lume's `ephemeral` (macOS's temporary folder): refused with the reason.
+    let e = home.fails(&["create", "x", "--storage", "ephemeral"]);
+    assert!(e.contains("Storage 'ephemeral'") && e.contains("not supported"), "{e}");
     // Found without --storage, in its own location.
     assert_eq!(home.get("b")["locationName"], "fast");
     home.ok(&["set", "b", "--cpu", "3"]);

@@ -27,6 +27,10 @@ pub enum LocationError {
         "Storage '{spec}' is neither a VM location name nor a path. Locations: {known} (`lume config storage list`); a path contains a '/', such as ./{spec} or /srv/{spec}"
     )]
     Unknown { spec: String, known: String },
+    #[error(
+        "Storage 'ephemeral' (lume's macOS temporary folder) is not supported: VMs in a folder every user shares are refused; add a location of your own (lume config storage add NAME PATH) or give a path"
+    )]
+    Ephemeral,
     #[error(transparent)]
     Settings(#[from] SettingsError),
     #[error(transparent)]
@@ -73,6 +77,9 @@ pub fn resolve(settings: &Settings, spec: &str) -> Result<Resolved, LocationErro
             store: store_of(l),
             note,
         });
+    }
+    if spec == "ephemeral" {
+        return Err(LocationError::Ephemeral);
     }
     if spec.contains('/') {
         return Ok(Resolved {
