@@ -264,7 +264,10 @@ fn storage_takes_a_name_or_a_path_everywhere() {
     assert!(!home.path().join("nosuch").exists());
     // lume's `ephemeral` (macOS's temporary folder): refused with the reason.
     let e = home.fails(&["create", "x", "--storage", "ephemeral"]);
-    assert!(e.contains("Storage 'ephemeral'") && e.contains("not supported"), "{e}");
+    assert!(
+        e.contains("Storage 'ephemeral'") && e.contains("not supported"),
+        "{e}"
+    );
     // Found without --storage, in its own location.
     assert_eq!(home.get("b")["locationName"], "fast");
     home.ok(&["set", "b", "--cpu", "3"]);
@@ -358,6 +361,12 @@ fn cache_telemetry_and_registry_commands() {
         home.ok(&["config", "cache", "dir"]),
         format!("Cache directory: {cache_s}\n")
     );
+    // Earlier lume's spellings.
+    assert_eq!(
+        home.ok(&["config", "cache", "get"]),
+        format!("Cache directory: {cache_s}\n")
+    );
+    home.ok(&["config", "cache", "set", cache_s]);
     let t = home.ok(&["config", "telemetry"]);
     assert!(t.starts_with("Telemetry enabled: true\n"), "{t}");
     assert!(t.contains("sends no telemetry"), "{t}");

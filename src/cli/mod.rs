@@ -421,6 +421,12 @@ pub enum CacheCommand {
     Enable,
     /// Disable image caching
     Disable,
+    /// Earlier lume's `cache get`: `dir` without a path
+    #[command(hide = true)]
+    Get,
+    /// Earlier lume's `cache set PATH`: `dir PATH`
+    #[command(hide = true)]
+    Set { path: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -908,10 +914,10 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     println!("Caching enabled: {}", s.caching_enabled()?);
                     println!("Cache directory: {}", cache_dir_text(&s)?);
                 }
-                CacheCommand::Dir { path: None } => {
+                CacheCommand::Dir { path: None } | CacheCommand::Get => {
                     println!("Cache directory: {}", cache_dir_text(&s)?);
                 }
-                CacheCommand::Dir { path: Some(path) } => {
+                CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
                     let text = location_path_text(&path);
                     location::check_new_location(&crate::settings::expand_home(&text))?;
                     s.set_from_command_line("cacheDirectory", &text)?;
