@@ -92,6 +92,8 @@ pub enum SettingsError {
         "A VM location path must be absolute (or start with ~/), not '{0}': give the full path, such as /srv/lume"
     )]
     RelativeLocation(String),
+    #[error("{0} is being changed by another lume command: try again in a moment")]
+    Busy(PathBuf),
     #[error(
         "'{0}' is a structured setting: change it with `lume config storage …` (vmLocations) or `lume config registry …` (registry)"
     )]
@@ -301,7 +303,48 @@ impl Settings {
             self.map
                 .insert("defaultLocationName".into(), DEFAULT_LOCATION_NAME.into());
         }
-        let _ = self.write();
+        // Written under the update lock only: while a change holds it (this
+        // load may be that change's own), the change writes the upgraded
+        // file itself.
+        if let Ok(Some(_lock)) = crate::vm::lock::VmLock::try_acquire(&lock_path(&self.path)) {
+            let _ = self.write();
+        }
+    }
+
+    /// Read, change and write config.yaml under a short lock
+    /// (`.config.yaml.lock` beside it), so that concurrent changes (two API
+    /// requests, a command next to the server) never lose one another.
+    pub fn update<T, E: From<SettingsError>>(
+        f: impl FnOnce(&mut Settings) -> Result<T, E>,
+    ) -> Result<T, E> {
+        Self::update_at(&Self::path(), f)
+    }
+
+    /// [`Settings::update`] of the file at `path`.
+    pub fn update_at<T, E: From<SettingsError>>(
+        path: &Path,
+        f: impl FnOnce(&mut Settings) -> Result<T, E>,
+    ) -> Result<T, E> {
+        use std::os::unix::fs::DirBuilderExt;
+        let write = |source| SettingsError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write)?;
+        }
+        let _lock = crate::vm::lock::VmLock::acquire_within(
+            &lock_path(path),
+            std::time::Duration::from_secs(10),
+        )
+        .map_err(write)?
+        .ok_or_else(|| SettingsError::Busy(path.to_path_buf()))?;
+        let mut settings = Self::load_from(path)?;
+        f(&mut settings)
     }
 
     pub fn file(&self) -> &Path {
@@ -744,6 +787,11 @@ impl Settings {
     }
 }
 
+/// The lock file of config.yaml's changes.
+fn lock_path(config: &Path) -> PathBuf {
+    config.with_file_name(".config.yaml.lock")
+}
+
 /// Location names, comma-separated, for messages.
 pub fn names(all: &[Location]) -> String {
     all.iter()
@@ -951,6 +999,28 @@ mod tests {
             again.set_registry(Some("gcs"), None, None),
             Err(SettingsError::RegistryType(_))
         ));
+    }
+
+    /// Changes made at the same time by many threads are all kept.
+    #[test]
+    fn concurrent_changes_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::thread::scope(|scope| {
+            for i in 0..8 {
+                let p = &p;
+                scope.spawn(move || {
+                    Settings::update_at(p, |s| {
+                        s.add_location(&format!("loc{i}"), &format!("/srv/loc{i}"))
+                    })
+                    .unwrap()
+                });
+            }
+        });
+        assert_eq!(
+            Settings::load_from(&p).unwrap().locations().unwrap().len(),
+            9
+        );
     }
 
     #[test]

@@ -140,9 +140,15 @@ fn an_earlier_releases_config_and_vms_are_upgraded() {
             & 0o777,
         0o600
     );
-    // No temporary file left next to it.
+    // No temporary file left next to it (only config.yaml and the lock of
+    // its changes).
     let dir = home.config_yaml().parent().unwrap().to_path_buf();
-    assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [".config.yaml.lock", "config.yaml"]);
     // Our old command still works: it sets the location `home`.
     assert_eq!(
         home.ok(&["config", "get", "homeDirectory"]).trim(),

@@ -1160,6 +1160,28 @@ fn settings_error(e: &dyn std::error::Error) -> ApiError {
     ApiError::bad_request(crate::error_chain(e))
 }
 
+/// A change of config.yaml is a 400 with the reason when it fails (lume
+/// answers 400 too).
+struct SettingsChange(ApiError);
+
+impl From<crate::settings::SettingsError> for SettingsChange {
+    fn from(e: crate::settings::SettingsError) -> Self {
+        Self(settings_error(&e))
+    }
+}
+
+impl From<ApiError> for SettingsChange {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+/// Changes the server's config.yaml under its update lock
+/// ([`Settings::update`]).
+fn change_settings<T>(f: impl FnOnce(&mut Settings) -> ApiResult<T>) -> ApiResult<T> {
+    Settings::update(|s| f(s).map_err(SettingsChange)).map_err(|SettingsChange(e)| e)
+}
+
 /// Change lume's settings: `homeDirectory` (the path of location `home`),
 /// `cacheDirectory`, `cachingEnabled`. A new directory is checked as the
 /// CLI checks it (a directory the server's user may write; as root, none
@@ -1177,38 +1199,39 @@ pub async fn update_config(
 ) -> ApiResult<Json<ConfigMessage>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        let mut s = Settings::load().map_err(|e| settings_error(&e))?;
-        if let Some(home) = &r.home_directory {
-            if !(home.starts_with('/') || home.starts_with("~/")) {
-                return Err(settings_error(
-                    &crate::settings::SettingsError::NotAbsolute(home.clone()),
-                ));
+        change_settings(|s| {
+            if let Some(home) = &r.home_directory {
+                if !(home.starts_with('/') || home.starts_with("~/")) {
+                    return Err(settings_error(
+                        &crate::settings::SettingsError::NotAbsolute(home.clone()),
+                    ));
+                }
+                location::check_new_location(&crate::settings::expand_home(home))
+                    .map_err(|e| settings_error(&e))?;
+                s.set_home_directory(home).map_err(|e| settings_error(&e))?;
             }
-            location::check_new_location(&crate::settings::expand_home(home))
+            if let Some(cache) = &r.cache_directory {
+                if !(cache.starts_with('/') || cache.starts_with("~/")) {
+                    return Err(settings_error(
+                        &crate::settings::SettingsError::RelativeLocation(cache.clone()),
+                    ));
+                }
+                location::check_new_location(&crate::settings::expand_home(cache))
+                    .map_err(|e| settings_error(&e))?;
+                s.set(
+                    "cacheDirectory",
+                    serde_yaml_ng::Value::String(cache.clone()),
+                )
                 .map_err(|e| settings_error(&e))?;
-            s.set_home_directory(home).map_err(|e| settings_error(&e))?;
-        }
-        if let Some(cache) = &r.cache_directory {
-            if !(cache.starts_with('/') || cache.starts_with("~/")) {
-                return Err(settings_error(
-                    &crate::settings::SettingsError::RelativeLocation(cache.clone()),
-                ));
             }
-            location::check_new_location(&crate::settings::expand_home(cache))
-                .map_err(|e| settings_error(&e))?;
-            s.set(
-                "cacheDirectory",
-                serde_yaml_ng::Value::String(cache.clone()),
-            )
-            .map_err(|e| settings_error(&e))?;
-        }
-        if let Some(on) = r.caching_enabled {
-            s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))
-                .map_err(|e| settings_error(&e))?;
-        }
-        Ok(Json(ConfigMessage {
-            message: "Configuration updated successfully".into(),
-        }))
+            if let Some(on) = r.caching_enabled {
+                s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))
+                    .map_err(|e| settings_error(&e))?;
+            }
+            Ok(Json(ConfigMessage {
+                message: "Configuration updated successfully".into(),
+            }))
+        })
     })
     .await
 }
@@ -1255,35 +1278,36 @@ pub async fn add_location(
 ) -> ApiResult<Json<LocationAdded>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        let mut s = Settings::load().map_err(|e| settings_error(&e))?;
-        if !crate::settings::valid_location_name(&r.name) {
-            return Err(settings_error(
-                &crate::settings::SettingsError::BadLocationName(r.name.clone()),
-            ));
-        }
-        if s.locations()
-            .map_err(|e| settings_error(&e))?
-            .iter()
-            .any(|l| l.name == r.name)
-        {
-            return Err(settings_error(
-                &crate::settings::SettingsError::DuplicateLocation(r.name.clone()),
-            ));
-        }
-        if !(r.path.starts_with('/') || r.path.starts_with("~/")) {
-            return Err(settings_error(
-                &crate::settings::SettingsError::RelativeLocation(r.path.clone()),
-            ));
-        }
-        location::check_new_location(&crate::settings::expand_home(&r.path))
-            .map_err(|e| settings_error(&e))?;
-        s.add_location(&r.name, &r.path)
-            .map_err(|e| settings_error(&e))?;
-        Ok(Json(LocationAdded {
-            message: "Location added successfully".into(),
-            name: r.name,
-            path: r.path,
-        }))
+        change_settings(|s| {
+            if !crate::settings::valid_location_name(&r.name) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::BadLocationName(r.name.clone()),
+                ));
+            }
+            if s.locations()
+                .map_err(|e| settings_error(&e))?
+                .iter()
+                .any(|l| l.name == r.name)
+            {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::DuplicateLocation(r.name.clone()),
+                ));
+            }
+            if !(r.path.starts_with('/') || r.path.starts_with("~/")) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::RelativeLocation(r.path.clone()),
+                ));
+            }
+            location::check_new_location(&crate::settings::expand_home(&r.path))
+                .map_err(|e| settings_error(&e))?;
+            s.add_location(&r.name, &r.path)
+                .map_err(|e| settings_error(&e))?;
+            Ok(Json(LocationAdded {
+                message: "Location added successfully".into(),
+                name: r.name.clone(),
+                path: r.path.clone(),
+            }))
+        })
     })
     .await
 }
@@ -1303,9 +1327,7 @@ pub async fn remove_location(
 ) -> ApiResult<Json<ConfigMessage>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        Settings::load()
-            .and_then(|mut s| s.remove_location(&name))
-            .map_err(|e| settings_error(&e))?;
+        change_settings(|s| s.remove_location(&name).map_err(|e| settings_error(&e)))?;
         Ok(Json(ConfigMessage {
             message: "Location removed successfully".into(),
         }))
@@ -1328,9 +1350,10 @@ pub async fn set_default_location(
 ) -> ApiResult<Json<ConfigMessage>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        Settings::load()
-            .and_then(|mut s| s.set_default_location(&name))
-            .map_err(|e| settings_error(&e))?;
+        change_settings(|s| {
+            s.set_default_location(&name)
+                .map_err(|e| settings_error(&e))
+        })?;
         Ok(Json(ConfigMessage {
             message: "Default location set successfully".into(),
         }))

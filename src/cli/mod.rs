@@ -907,15 +907,14 @@ fn config(c: ConfigArgs) -> Result<i32> {
             Ok(0)
         }
         ConfigCommand::Storage { command } => config_storage(command),
-        ConfigCommand::Cache { command } => {
-            let mut s = Settings::load()?;
+        ConfigCommand::Cache { command } => Settings::update(|s: &mut Settings| -> Result<i32> {
             match command.unwrap_or(CacheCommand::Status) {
                 CacheCommand::Status => {
                     println!("Caching enabled: {}", s.caching_enabled()?);
-                    println!("Cache directory: {}", cache_dir_text(&s)?);
+                    println!("Cache directory: {}", cache_dir_text(s)?);
                 }
                 CacheCommand::Dir { path: None } | CacheCommand::Get => {
-                    println!("Cache directory: {}", cache_dir_text(&s)?);
+                    println!("Cache directory: {}", cache_dir_text(s)?);
                 }
                 CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
                     let text = location_path_text(&path);
@@ -933,89 +932,93 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 }
             }
             Ok(0)
-        }
+        }),
         ConfigCommand::Telemetry { command } => {
-            let mut s = Settings::load()?;
-            match command.unwrap_or(TelemetryCommand::Status) {
-                TelemetryCommand::Status => {
-                    let on = s.telemetry_enabled()?;
-                    println!("Telemetry enabled: {on}");
-                    println!("Effective source: config");
-                    println!("Persisted preference: {on}");
-                    println!("Installation ID: not created");
-                    println!();
-                    println!(
-                        "lume for Linux sends no telemetry: this preference is only stored in config.yaml."
-                    );
+            Settings::update(|s: &mut Settings| -> Result<i32> {
+                match command.unwrap_or(TelemetryCommand::Status) {
+                    TelemetryCommand::Status => {
+                        let on = s.telemetry_enabled()?;
+                        println!("Telemetry enabled: {on}");
+                        println!("Effective source: config");
+                        println!("Persisted preference: {on}");
+                        println!("Installation ID: not created");
+                        println!();
+                        println!(
+                            "lume for Linux sends no telemetry: this preference is only stored in config.yaml."
+                        );
+                    }
+                    TelemetryCommand::Enable => {
+                        s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(true))?;
+                        println!("Telemetry enabled");
+                        println!("(stored only: lume for Linux sends no telemetry)");
+                    }
+                    TelemetryCommand::Disable => {
+                        s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(false))?;
+                        println!("Telemetry disabled");
+                    }
+                    TelemetryCommand::ResetId => {
+                        println!("Telemetry installation ID reset");
+                        println!("The enabled/disabled preference was preserved.");
+                        println!("(lume for Linux keeps no installation ID)");
+                    }
                 }
-                TelemetryCommand::Enable => {
-                    s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(true))?;
-                    println!("Telemetry enabled");
-                    println!("(stored only: lume for Linux sends no telemetry)");
-                }
-                TelemetryCommand::Disable => {
-                    s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(false))?;
-                    println!("Telemetry disabled");
-                }
-                TelemetryCommand::ResetId => {
-                    println!("Telemetry installation ID reset");
-                    println!("The enabled/disabled preference was preserved.");
-                    println!("(lume for Linux keeps no installation ID)");
-                }
-            }
-            Ok(0)
+                Ok(0)
+            })
         }
         ConfigCommand::Registry { command } => {
-            let mut s = Settings::load()?;
-            match command.unwrap_or(RegistryCommand::Status) {
-                RegistryCommand::Status => {
-                    let r = s.registry()?;
-                    println!("Registry type: {}", s.registry_type()?);
-                    println!();
-                    println!("GHCR configuration:");
-                    println!("  Registry: {}", r.registry);
-                    println!("  Organization: {}", r.organization);
+            Settings::update(|s: &mut Settings| -> Result<i32> {
+                match command.unwrap_or(RegistryCommand::Status) {
+                    RegistryCommand::Status => {
+                        let r = s.registry()?;
+                        println!("Registry type: {}", s.registry_type()?);
+                        println!();
+                        println!("GHCR configuration:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Type { kind: None } => {
+                        println!("Registry type: {}", s.registry_type()?);
+                    }
+                    RegistryCommand::Type { kind: Some(kind) } => {
+                        s.set_registry(Some(&kind), None, None)?;
+                        println!("Registry type set to: {kind}");
+                    }
+                    RegistryCommand::Ghcr {
+                        registry: None,
+                        organization: None,
+                    } => {
+                        let r = s.registry()?;
+                        println!("GHCR configuration:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Ghcr {
+                        registry,
+                        organization,
+                    } => {
+                        s.set_registry(None, registry.as_deref(), organization.as_deref())?;
+                        let r = s.registry()?;
+                        println!("GHCR configuration updated:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Gcs {
+                        api_url: None,
+                        api_key: None,
+                    } => {
+                        println!("GCS configuration: not set");
+                        println!(
+                            "  lume for Linux has no GCS registry type: pull and push use OCI registries (ghcr)"
+                        );
+                    }
+                    RegistryCommand::Gcs { .. } => {
+                        return Err(
+                            crate::settings::SettingsError::RegistryType("gcs".into()).into()
+                        );
+                    }
                 }
-                RegistryCommand::Type { kind: None } => {
-                    println!("Registry type: {}", s.registry_type()?);
-                }
-                RegistryCommand::Type { kind: Some(kind) } => {
-                    s.set_registry(Some(&kind), None, None)?;
-                    println!("Registry type set to: {kind}");
-                }
-                RegistryCommand::Ghcr {
-                    registry: None,
-                    organization: None,
-                } => {
-                    let r = s.registry()?;
-                    println!("GHCR configuration:");
-                    println!("  Registry: {}", r.registry);
-                    println!("  Organization: {}", r.organization);
-                }
-                RegistryCommand::Ghcr {
-                    registry,
-                    organization,
-                } => {
-                    s.set_registry(None, registry.as_deref(), organization.as_deref())?;
-                    let r = s.registry()?;
-                    println!("GHCR configuration updated:");
-                    println!("  Registry: {}", r.registry);
-                    println!("  Organization: {}", r.organization);
-                }
-                RegistryCommand::Gcs {
-                    api_url: None,
-                    api_key: None,
-                } => {
-                    println!("GCS configuration: not set");
-                    println!(
-                        "  lume for Linux has no GCS registry type: pull and push use OCI registries (ghcr)"
-                    );
-                }
-                RegistryCommand::Gcs { .. } => {
-                    return Err(crate::settings::SettingsError::RegistryType("gcs".into()).into());
-                }
-            }
-            Ok(0)
+                Ok(0)
+            })
         }
         ConfigCommand::Network {
             command: NetworkCommand::Interfaces { format },
@@ -1024,8 +1027,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
             output::print_interfaces(&list, format)?;
             Ok(0)
         }
-        ConfigCommand::Set { key, value } => {
-            let mut s = Settings::load()?;
+        ConfigCommand::Set { key, value } => Settings::update(|s: &mut Settings| -> Result<i32> {
             if !crate::settings::KNOWN_KEYS.contains(&key.as_str()) {
                 let hint = match crate::settings::closest_known_key(&key) {
                     Some(k) => format!("did you mean {k}? (`lume config unset {key}` removes it)"),
@@ -1043,9 +1045,8 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
             Ok(0)
-        }
-        ConfigCommand::Unset { key } => {
-            let mut s = Settings::load()?;
+        }),
+        ConfigCommand::Unset { key } => Settings::update(|s: &mut Settings| -> Result<i32> {
             if s.unset(&key)
                 .with_context(|| format!("Cannot remove '{key}'"))?
             {
@@ -1054,7 +1055,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 println!("{key} is not set in {}", s.file().display());
             }
             Ok(0)
-        }
+        }),
     }
 }
 
@@ -1117,34 +1118,35 @@ fn location_path_text(path: &std::path::Path) -> String {
 
 /// `lume config storage …`, printed as lume prints it.
 fn config_storage(command: StorageCommand) -> Result<i32> {
-    let mut s = Settings::load()?;
-    match command {
-        StorageCommand::Add { name, path } => {
-            let text = location_path_text(&path);
-            if !crate::settings::valid_location_name(&name) {
-                return Err(crate::settings::SettingsError::BadLocationName(name).into());
+    Settings::update(|s: &mut Settings| -> Result<i32> {
+        match command {
+            StorageCommand::Add { name, path } => {
+                let text = location_path_text(&path);
+                if !crate::settings::valid_location_name(&name) {
+                    return Err(crate::settings::SettingsError::BadLocationName(name).into());
+                }
+                if s.locations()?.iter().any(|l| l.name == name) {
+                    return Err(crate::settings::SettingsError::DuplicateLocation(name).into());
+                }
+                location::check_new_location(&crate::settings::expand_home(&text))?;
+                s.add_location(&name, &text)?;
+                println!("Added VM storage location: {name} at {text}");
             }
-            if s.locations()?.iter().any(|l| l.name == name) {
-                return Err(crate::settings::SettingsError::DuplicateLocation(name).into());
+            StorageCommand::Remove { name } => {
+                s.remove_location(&name)?;
+                println!("Removed VM storage location: {name}");
             }
-            location::check_new_location(&crate::settings::expand_home(&text))?;
-            s.add_location(&name, &text)?;
-            println!("Added VM storage location: {name} at {text}");
+            StorageCommand::List => {
+                println!("VM Storage Locations:");
+                print!("{}", locations_text(s)?);
+            }
+            StorageCommand::Default { name } => {
+                s.set_default_location(&name)?;
+                println!("Set default VM storage location to: {name}");
+            }
         }
-        StorageCommand::Remove { name } => {
-            s.remove_location(&name)?;
-            println!("Removed VM storage location: {name}");
-        }
-        StorageCommand::List => {
-            println!("VM Storage Locations:");
-            print!("{}", locations_text(&s)?);
-        }
-        StorageCommand::Default { name } => {
-            s.set_default_location(&name)?;
-            println!("Set default VM storage location to: {name}");
-        }
-    }
-    Ok(0)
+        Ok(0)
+    })
 }
 
 /// What `lume config get KEY` prints: the effective accelerator and VM
