@@ -448,6 +448,10 @@ fn errors_are_json_with_the_right_status() {
         (json!({"name": "a", "os": "macOS"}), "Apple host"),
         (
             json!({"name": "a", "storage": "ssd"}),
+            "Storage 'ssd' is neither a VM location name nor a path",
+        ),
+        (
+            json!({"name": "a", "storage": "vms/ssd"}),
             "storage must be an absolute path",
         ),
     ];
