@@ -255,6 +255,10 @@ fn storage_takes_a_name_or_a_path_everywhere() {
         vec!["delete", "a", "--force", "--storage", "nosuch"],
         vec!["set", "a", "--cpu", "1", "--storage", "nosuch"],
         vec!["stop", "a", "--storage", "nosuch"],
+        vec!["shutdown", "a", "--storage", "nosuch"],
+        vec!["restart", "a", "--storage", "nosuch"],
+        vec!["network", "doctor", "--storage", "nosuch"],
+        vec!["serve", "--port", "0", "--storage", "nosuch"],
         vec!["run", "a", "--storage", "nosuch"],
         vec!["clone", "a", "z", "--dest-storage", "nosuch"],
         vec!["ssh", "a", "--storage", "nosuch"],
@@ -377,6 +381,14 @@ fn cache_telemetry_and_registry_commands() {
     assert!(t.starts_with("Telemetry enabled: true\n"), "{t}");
     assert!(t.contains("sends no telemetry"), "{t}");
     assert!(
+        home.ok(&["config", "telemetry", "enable"])
+            .starts_with("Telemetry enabled\n")
+    );
+    assert!(
+        home.ok(&["config", "telemetry", "status"])
+            .starts_with("Telemetry enabled: true\n")
+    );
+    assert!(
         home.ok(&["config", "telemetry", "disable"])
             .starts_with("Telemetry disabled")
     );
@@ -396,6 +408,18 @@ fn cache_telemetry_and_registry_commands() {
     assert_eq!(
         home.ok(&["config", "registry", "type", "ghcr"]),
         "Registry type set to: ghcr\n"
+    );
+    assert_eq!(
+        home.ok(&["config", "registry", "type"]),
+        "Registry type: ghcr\n"
+    );
+    assert_eq!(
+        home.ok(&["config", "registry", "ghcr"]),
+        "GHCR configuration:\n  Registry: ghcr.io\n  Organization: team\n"
+    );
+    assert!(
+        home.ok(&["config", "registry", "gcs"])
+            .starts_with("GCS configuration: not set\n")
     );
     let e = home.fails(&["config", "registry", "type", "gcs"]);
     assert!(e.contains("Registry type 'gcs' is refused"), "{e}");
