@@ -8,7 +8,19 @@ fn main() {
     if lume::guest::ssh::serve_askpass() {
         return;
     }
-    let cli = lume::cli::Cli::parse();
+    let cli = match lume::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // As lume's argument parser: help and version succeed, every
+            // other usage error exits with EX_USAGE.
+            std::process::exit(if e.use_stderr() {
+                lume::cli::EX_USAGE
+            } else {
+                0
+            });
+        }
+    };
     match lume::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -19,7 +31,8 @@ fn main() {
                     eprintln!("  Caused by: {msg}");
                 }
             }
-            std::process::exit(1);
+            let usage = e.downcast_ref::<lume::cli::UsageError>().is_some();
+            std::process::exit(if usage { lume::cli::EX_USAGE } else { 1 });
         }
     }
 }

@@ -112,13 +112,50 @@ impl AppState {
 )]
 struct ApiDoc;
 
+/// How many recent log lines the server keeps for `GET /lume/logs`.
+pub const LOG_LINES_KEPT: usize = 2000;
+
+/// One kept line of the server's log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub error: bool,
+    pub text: String,
+}
+
+/// The server's recent log lines, newest last (this process's only: the
+/// log lives in memory, never in a file another user could read or plant).
+static RECENT_LOG: Mutex<std::collections::VecDeque<LogLine>> =
+    Mutex::new(std::collections::VecDeque::new());
+
+fn write_log(error: bool, line: &str) {
+    let text = format!("[{}] {line}", crate::util::time::timestamp());
+    let _ = writeln!(std::io::stderr(), "{text}");
+    let mut kept = RECENT_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.len() == LOG_LINES_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(LogLine { error, text });
+}
+
 /// Writes one timestamped line to the server's log (stderr).
 pub fn log(line: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "[{}] {line}",
-        crate::util::time::timestamp()
-    );
+    write_log(false, line);
+}
+
+/// Writes one timestamped line about a failure to the server's log
+/// (stderr); `GET /lume/logs` lists it under `error`.
+pub fn log_error(line: &str) {
+    write_log(true, line);
+}
+
+/// The recent log lines, oldest first.
+pub fn recent_log() -> Vec<LogLine> {
+    RECENT_LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// The router and its OpenAPI document, both built from the routes'
@@ -134,6 +171,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::clone_vm))
         .routes(routes!(routes::get_config))
         .routes(routes!(routes::host_status))
+        .routes(routes!(routes::get_logs))
+        .routes(routes!(routes::setup_vm))
+        .routes(routes!(routes::ipsw))
         .routes(routes!(routes::network_interfaces))
         .routes(routes!(routes::network_doctor))
         .routes(routes!(routes::openapi_json))
@@ -257,11 +297,14 @@ async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let response = next.run(req).await;
-    log(&format!(
-        "{method} {path} -> {} ({} ms)",
-        response.status().as_u16(),
-        start.elapsed().as_millis()
-    ));
+    write_log(
+        response.status().is_server_error(),
+        &format!(
+            "{method} {path} -> {} ({} ms)",
+            response.status().as_u16(),
+            start.elapsed().as_millis()
+        ),
+    );
     response
 }
 
