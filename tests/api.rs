@@ -224,8 +224,9 @@ fn a_real_vm_through_the_api_and_the_cli() {
 
     let status = api.get("/lume/host/status");
     assert_eq!(status.status, 200);
-    assert_eq!(status.body["status"], "ok");
-    assert_eq!(status.body["vmCount"], 0);
+    assert_eq!(status.body["status"], "healthy");
+    assert_eq!(status.body["vm_count"], 0);
+    assert_eq!(status.body["total_vms"], 0);
 
     let created = api.post(
         "/lume/vms",
@@ -235,14 +236,20 @@ fn a_real_vm_through_the_api_and_the_cli() {
             "publish": ["127.0.0.1:18090:80"],
         }),
     );
-    assert_eq!(created.status, 201, "{created:?}");
-    assert_eq!(created.body["status"], "stopped");
-    assert_eq!(created.body["networkMode"], "user");
-    assert_eq!(created.body["memorySize"], 256 << 20);
-    // The CLI sees exactly what the API reports.
+    // lume's answer: 202 {message, name, status}.
+    assert_eq!(created.status, 202, "{created:?}");
+    assert_eq!(
+        created.body,
+        json!({"message": "VM created", "name": "web", "status": "stopped"})
+    );
+    let web = api.get("/lume/vms/web").body;
+    assert_eq!(web["networkMode"], "user");
+    assert_eq!(web["memorySize"], 256 << 20);
+    // The CLI sees exactly what the API reports (`get -f json` in lume's
+    // one-element array).
     assert_eq!(
         cli_json(&ns, &home, &["get", "web", "-f", "json"]),
-        api.get("/lume/vms/web").body
+        json!([web])
     );
     assert_eq!(
         cli_json(&ns, &home, &["ls", "-f", "json"]),
@@ -256,12 +263,16 @@ fn a_real_vm_through_the_api_and_the_cli() {
         (a.join().unwrap(), b.join().unwrap())
     });
     let (started, refused) = if a.status == 202 { (a, b) } else { (b, a) };
+    // lume's answer, but only once the VM runs.
     assert_eq!(started.status, 202, "{started:?}");
-    assert_eq!(started.body["status"], "running");
-    assert_eq!(started.body["ipAddress"], "198.51.100.15");
+    assert_eq!(
+        started.body,
+        json!({"message": "VM started", "name": "web", "status": "running"})
+    );
+    assert_eq!(api.get("/lume/vms/web").body["ipAddress"], "198.51.100.15");
     api.fails(refused, 409, "already running");
     assert_eq!(qemu_count(&home, "web"), 1, "the VM runs once");
-    let seen = cli_json(&ns, &home, &["get", "web", "-f", "json"]);
+    let seen = cli_json(&ns, &home, &["get", "web", "-f", "json"])[0].clone();
     assert_eq!(seen["status"], "running");
     assert_eq!(seen["accelerator"], "tcg");
 
@@ -293,12 +304,16 @@ fn a_real_vm_through_the_api_and_the_cli() {
     );
     let patched = api.call("PATCH", "/lume/vms/web", Some(json!({"cpu": 2})));
     assert_eq!(patched.status, 200, "{patched:?}");
-    assert_eq!(patched.body["cpuCount"], 2);
+    assert_eq!(
+        patched.body,
+        json!({"message": "VM settings updated successfully"})
+    );
+    assert_eq!(api.get("/lume/vms/web").body["cpuCount"], 2);
 
     // The VM outlives the server; a new server finds it running.
     assert!(server.stop().success());
     assert_eq!(
-        cli_json(&ns, &home, &["get", "web", "-f", "json"])["status"],
+        cli_json(&ns, &home, &["get", "web", "-f", "json"])[0]["status"],
         "running"
     );
     let server = Server::start(&ns, &home, &[], &[]);
@@ -306,9 +321,11 @@ fn a_real_vm_through_the_api_and_the_cli() {
     assert_eq!(api.get("/lume/vms/web").body["status"], "running");
     let status = api.get("/lume/host/status").body;
     assert_eq!(
-        (status["vmCount"].clone(), status["runningCount"].clone()),
+        (status["vm_count"].clone(), status["total_vms"].clone()),
         (json!(1), json!(1))
     );
+    let max = status["max_vms"].as_u64().unwrap();
+    assert_eq!(status["available_slots"], max.saturating_sub(1));
 
     // No guest agent and no SSH way: no graceful reboot, unless forced.
     api.fails(
@@ -318,6 +335,7 @@ fn a_real_vm_through_the_api_and_the_cli() {
     );
     let reset = api.post("/lume/vms/web/restart", json!({"force": true}));
     assert_eq!(reset.status, 200, "{reset:?}");
+    assert_eq!(reset.body, json!({"message": "VM restart requested"}));
     assert_eq!(reset.power_method.as_deref(), Some("reset"));
     wait_for("the guest to boot again", Duration::from_secs(120), || {
         let c = std::fs::read_to_string(home.vm_dir("web").join("console.log")).ok()?;
@@ -326,15 +344,21 @@ fn a_real_vm_through_the_api_and_the_cli() {
 
     let stopped = api.post("/lume/vms/web/stop", json!({"timeout": 20}));
     assert_eq!(stopped.status, 200, "{stopped:?}");
-    assert_eq!(stopped.body["status"], "stopped");
+    assert_eq!(stopped.body, json!({"message": "VM stopped successfully"}));
     assert_eq!(stopped.power_method.as_deref(), Some("acpi"));
+    // As lume: stopping it again is an error (409 here, 400 in lume).
+    api.fails(
+        api.post("/lume/vms/web/stop", json!({})),
+        409,
+        "is not running",
+    );
     api.fails(
         api.post("/lume/vms/web/shutdown", json!({})),
         409,
         "is not running",
     );
     assert_eq!(
-        cli_json(&ns, &home, &["get", "web", "-f", "json"])["status"],
+        cli_json(&ns, &home, &["get", "web", "-f", "json"])[0]["status"],
         "stopped"
     );
     assert_eq!(
@@ -364,13 +388,17 @@ fn a_real_vm_through_the_api_and_the_cli() {
         "/lume/vms/clone",
         json!({"name": "plain", "newName": "plain2"}),
     );
-    assert_eq!(cloned.status, 201, "{cloned:?}");
+    assert_eq!(cloned.status, 200, "{cloned:?}");
+    assert_eq!(
+        cloned.body,
+        json!({"message": "VM cloned successfully", "source": "plain", "destination": "plain2"})
+    );
     assert_ne!(
-        cloned.body["macAddress"],
+        api.get("/lume/vms/plain2").body["macAddress"],
         api.get("/lume/vms/plain").body["macAddress"]
     );
     assert_eq!(
-        cli_json(&ns, &home, &["get", "plain2", "-f", "json"])["networkMode"],
+        cli_json(&ns, &home, &["get", "plain2", "-f", "json"])[0]["networkMode"],
         "none"
     );
 
@@ -576,7 +604,7 @@ fn errors_are_json_with_the_right_status() {
 
     // 409: an existing name.
     let body = json!({"name": "a", "diskSize": "8MB", "network": "none"});
-    assert_eq!(api.post("/lume/vms", body.clone()).status, 201);
+    assert_eq!(api.post("/lume/vms", body.clone()).status, 202);
     api.fails(api.post("/lume/vms", body), 409, "already exists");
     ns.lume_ok(
         &home,
@@ -587,12 +615,10 @@ fn errors_are_json_with_the_right_status() {
         409,
         "already exists",
     );
-    // 400: nothing to change, a shrinking disk, a bad run request.
-    api.fails(
-        api.call("PATCH", "/lume/vms/a", Some(json!({}))),
-        400,
-        "Nothing to change: give at least one of the fields cpu, memory, diskSize, network",
-    );
+    // As lume: nothing to change is no error. 400: a shrinking disk, a
+    // bad run request.
+    let unchanged = api.call("PATCH", "/lume/vms/a", Some(json!({})));
+    assert_eq!(unchanged.status, 200, "{unchanged:?}");
     api.fails(
         api.call("PATCH", "/lume/vms/a", Some(json!({"diskSize": "1MB"}))),
         400,
@@ -618,9 +644,12 @@ fn errors_are_json_with_the_right_status() {
         400,
         "A timeout of 99999 seconds is too long: give at most 3600 seconds",
     );
-    // Stopping a stopped VM is fine.
-    let stopped = api.call("POST", "/lume/vms/a/stop", None);
-    assert_eq!(stopped.status, 200, "{stopped:?}");
+    // As lume: stopping a stopped VM is an error (409 here, 400 in lume).
+    api.fails(
+        api.call("POST", "/lume/vms/a/stop", None),
+        409,
+        "is not running",
+    );
 
     // 413: a body over 64 KiB.
     let mut big = b"{\"name\": \"big\", \"cmdline\": \"".to_vec();
@@ -641,8 +670,12 @@ fn errors_are_json_with_the_right_status() {
         "/lume/vms",
         json!({"name": "far", "diskSize": "8MB", "network": "none", "storage": elsewhere}),
     );
-    assert_eq!(made.status, 201, "{made:?}");
-    assert_eq!(made.body["locationName"], elsewhere.display().to_string());
+    assert_eq!(made.status, 202, "{made:?}");
+    let q = format!("/lume/vms/far?storage={}", elsewhere.display());
+    assert_eq!(
+        api.get(&q).body["locationName"],
+        elsewhere.display().to_string()
+    );
     let far = cli_json(
         &ns,
         &home,
@@ -655,7 +688,7 @@ fn errors_are_json_with_the_right_status() {
             elsewhere.to_str().unwrap(),
         ],
     );
-    assert_eq!(far["name"], "far");
+    assert_eq!(far[0]["name"], "far");
     let q = format!("/lume/vms?storage={}", elsewhere.display());
     assert_eq!(api.get(&q).body.as_array().unwrap().len(), 1);
 
@@ -710,6 +743,8 @@ fn errors_are_json_with_the_right_status() {
             "DELETE /lume/vms/{name}",
             "GET /lume/config",
             "GET /lume/host/status",
+            "GET /lume/ipsw",
+            "GET /lume/logs",
             "GET /lume/network/doctor",
             "GET /lume/network/interfaces",
             "GET /lume/vms",
@@ -720,6 +755,7 @@ fn errors_are_json_with_the_right_status() {
             "POST /lume/vms/clone",
             "POST /lume/vms/{name}/restart",
             "POST /lume/vms/{name}/run",
+            "POST /lume/vms/{name}/setup",
             "POST /lume/vms/{name}/shutdown",
             "POST /lume/vms/{name}/stop",
         ]
@@ -964,7 +1000,7 @@ fn other_users_are_refused_unless_in_the_api_group() {
     assert_eq!(list.status, 200, "{list:?}");
     assert_eq!(list.body[0]["name"], "app");
     let made = curl(&nobody, &[&url("/lume/vms")], "POST", Some(create));
-    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(made.status, 202, "{made:?}");
 
     // Storage: a served user other than the server's (root) may use only
     // the server's own location. Everything else gets one answer, whether
@@ -1132,7 +1168,7 @@ fn the_unix_socket_knows_its_callers() {
         "POST",
         Some(json!({"name": "viasock", "diskSize": "8MB", "network": "none"})),
     );
-    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(made.status, 202, "{made:?}");
 
     // Out of the apiGroup, the same uid on the same socket is refused
     // (SO_PEERCRED names it), and nothing is deleted.
@@ -1317,7 +1353,7 @@ fn host_files_in_requests_are_used_with_the_callers_rights() {
         "POST",
         Some(json!({"name": "k", "diskSize": "8MB", "network": "none", "kernel": public_s})),
     );
-    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(made.status, 202, "{made:?}");
     assert_eq!(
         std::fs::read(home.vm_dir("k").join("vmlinuz")).unwrap(),
         b"anybody may read this"
@@ -1329,6 +1365,6 @@ fn host_files_in_requests_are_used_with_the_callers_rights() {
         "POST",
         Some(json!({"name": "r", "diskSize": "8MB", "network": "none", "kernel": secret_s})),
     );
-    assert_eq!(as_root.status, 201, "{as_root:?}");
+    assert_eq!(as_root.status, 202, "{as_root:?}");
     assert!(server.stop().success());
 }

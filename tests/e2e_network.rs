@@ -212,7 +212,7 @@ fn nat_and_host_only_vms() {
         let d: Value =
             serde_json::from_str(&t.lume_ok(&["get", "nat2", "-f", "json", "--storage", o]))
                 .ok()?;
-        d["ipAddress"].as_str().map(str::to_string)
+        d[0]["ipAddress"].as_str().map(str::to_string)
     });
     assert!(!addrs.contains(&twin), "{twin} vs {addrs:?}");
     t.lume_ok(&["stop", "nat2", "--storage", o]);
