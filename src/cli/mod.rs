@@ -312,8 +312,8 @@ impl RunArgs {
     fn refused(&self) -> Result<(), UsageError> {
         refuse(
             self.display.as_deref().is_some_and(|d| d != "none"),
-            "--display vnc|native (only --display none)",
-            NOT_YET,
+            "--display vnc|native",
+            "there is no VNC server or viewer yet; VMs run headless (--display none)",
         )?;
         refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
         refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;

@@ -2,6 +2,7 @@
 //! namespaces that clean up after themselves.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod http;
 
 use std::path::{Path, PathBuf};
