@@ -292,3 +292,48 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provisioning(name: &str) -> VmDetails {
+        VmDetails {
+            name: name.into(),
+            os: Some("linux".into()),
+            cpu_count: Some(2),
+            memory_size: Some(8 << 30),
+            disk_size: None,
+            display: Some("1024x768".into()),
+            status: "provisioning".into(),
+            provisioning_operation: Some("image_import".into()),
+            vnc_url: None,
+            ip_address: None,
+            ssh_available: None,
+            location_name: "home".into(),
+            shared_directories: Vec::new(),
+            network_mode: Some("nat".into()),
+            download_progress: None,
+            mac_address: None,
+            accelerator: None,
+            network: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn rows_follow_vm_details_printer() {
+        let r = row(&provisioning("p"));
+        assert_eq!(r[3], "8.00G");
+        assert_eq!(r[4], "-");
+        // The operation of a provisioning VM, in lume's words.
+        assert_eq!(r[6], "provisioning (image_import)");
+        assert_eq!(memory_column(1536 << 20), "1.50G");
+        assert_eq!(memory_column(256 << 20), "0.25G");
+        // A value as wide as its column is kept whole, then one space.
+        let long = "n".repeat(45);
+        let line = table(&[provisioning(&long)]);
+        let second = line.lines().nth(1).unwrap();
+        assert!(second.starts_with(&format!("{long} linux   ")), "{second}");
+    }
+}
