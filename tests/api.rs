@@ -783,7 +783,7 @@ fn other_users_are_refused_unless_in_the_api_group() {
     assert!(home.vm_dir("app").join("config.json").exists());
     assert!(!home.vm_dir("intruder").exists());
     assert_eq!(
-        cli_json(&ns, &home, &["get", "app", "-f", "json"])["status"],
+        cli_json(&ns, &home, &["get", "app", "-f", "json"])[0]["status"],
         "stopped"
     );
     {
@@ -821,6 +821,10 @@ fn other_users_are_refused_unless_in_the_api_group() {
     assert_eq!(list.body[0]["name"], "app");
     let made = curl(&nobody, &[&url("/lume/vms")], "POST", Some(create));
     assert_eq!(made.status, 202, "{made:?}");
+    // The server's log (it names every caller's VMs) is its own user's.
+    let logs = curl(&nobody, &[&url("/lume/logs")], "GET", None);
+    assert_eq!(logs.status, 403, "{logs:?}");
+    assert_eq!(curl(&in_ns, &[&url("/lume/logs")], "GET", None).status, 200);
 
     // Storage: a served user other than the server's (root) may use only
     // the server's own location. Everything else gets one answer, whether
@@ -1161,7 +1165,7 @@ fn host_files_in_requests_are_used_with_the_callers_rights() {
         public_s,
     );
     assert_eq!(
-        cli_json(&ns, &home, &["get", "app", "-f", "json"])["status"],
+        cli_json(&ns, &home, &["get", "app", "-f", "json"])[0]["status"],
         "stopped"
     );
     assert_eq!(qemu_count(&home, "app"), 0);
