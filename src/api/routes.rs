@@ -163,7 +163,8 @@ pub struct RunVmRequest {
     #[serde(default)]
     pub publish: Vec<String>,
     pub storage: Option<String>,
-    /// Accepted for lume compatibility: VMs always run headless.
+    /// Accepted for lume compatibility: VMs always run headless (`false`
+    /// is answered with a warning).
     pub no_display: Option<bool>,
     /// Refused when not empty: shared directories are not supported.
     #[serde(default)]
@@ -869,6 +870,9 @@ pub async fn run_vm(
     refuse(r.nvram_path.is_some(), "nvramPath", MACOS_ONLY)?;
     refuse(r.clipboard == Some(true), "clipboard", NOT_YET)?;
     let mut warnings = Vec::new();
+    if r.no_display == Some(false) {
+        warnings.push("noDisplay false: there is no display to open here; VMs run headless".into());
+    }
     for (given, what) in [(r.cpu.is_some(), "cpu"), (r.memory.is_some(), "memory")] {
         if given {
             warnings.push(format!(
