@@ -101,7 +101,11 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     assert!(!pid_alive(qemu_pid));
     assert!(!home.vm_dir("vm1").join("run.json").exists());
     assert!(!home.vm_dir("vm1").join("qmp.sock").exists());
-    assert!(ns.lume_ok(&home, &["stop", "vm1"]).contains("not running"));
+    // As lume: stopping it again is an error.
+    assert!(
+        ns.lume_fails(&home, &["stop", "vm1"])
+            .contains("VM 'vm1' is not running")
+    );
 
     // SIGKILL to QEMU: the supervisor notices, the VM is stopped and can start at once.
     ns.lume_ok(&home, &["run", "vm1", "--detach"]);
