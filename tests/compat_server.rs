@@ -203,6 +203,17 @@ fn lumes_fields_we_do_not_support_are_refused_by_name() {
         400,
         "unknown field `colour`",
     );
+    // So is a query parameter nobody knows.
+    api.fails(
+        api.get("/lume/vms?colour=blue"),
+        400,
+        "unknown field `colour`",
+    );
+    api.fails(
+        api.get("/lume/logs?colour=blue"),
+        400,
+        "unknown field `colour`",
+    );
     api.fails(
         api.post(
             "/lume/vms/clone",

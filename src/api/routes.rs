@@ -16,6 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath, Who};
+use crate::compat::{MACOS_ONLY, NOT_YET};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
@@ -34,6 +35,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// `default` means the server's location).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
     /// Only a caller who is the user the server runs as may name another
@@ -331,6 +333,7 @@ pub struct HostStatus {
 /// `GET /lume/logs`: lume's query.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// `info`, `error` or `all` (default).
     #[serde(rename = "type")]
@@ -351,9 +354,6 @@ pub struct Logs {
 
 // ---------------------------------------------------------------------------
 // Turning request fields into action fields: every mistake is a 400.
-
-/// Why a lume field or route is refused here (the CLI's words).
-use crate::cli::{MACOS_ONLY, NOT_YET};
 
 /// The 400 of a lume field or route this server does not support.
 fn refused(what: &str, why: &str) -> ApiError {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::compat::{MACOS_ONLY, NOT_YET};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
@@ -29,10 +30,6 @@ fn display_arg(s: &str) -> Result<String, String> {
 /// The exit status of a usage error, as lume's argument parser
 /// (swift-argument-parser) gives it: `EX_USAGE`.
 pub const EX_USAGE: i32 = 64;
-
-/// Why an option or command of lume's is refused here.
-pub const MACOS_ONLY: &str = "it is for macOS guests, which need an Apple host";
-pub const NOT_YET: &str = "lume on Linux does not support it yet";
 
 /// A command line refused before anything is done: exit status
 /// [`EX_USAGE`], as lume gives its validation errors.
