@@ -288,5 +288,25 @@ fn host_status_and_logs_answer_as_handlers_swift() {
         400,
         "give info, error or all",
     );
+
+    // The OpenAPI document names only schemas it has (lume's answer types
+    // among them).
+    let doc = api.get("/openapi.json").body;
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    for name in [
+        "Accepted",
+        "Message",
+        "Cloned",
+        "HostStatus",
+        "Logs",
+        "VmDetails",
+    ] {
+        assert!(schemas.contains_key(name), "{name} missing");
+    }
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().unwrap();
+        assert!(schemas.contains_key(name), "dangling $ref {name}");
+    }
     assert!(server.stop().success());
 }

@@ -115,6 +115,10 @@ struct ApiDoc;
 /// How many recent log lines the server keeps for `GET /lume/logs`.
 pub const LOG_LINES_KEPT: usize = 2000;
 
+/// The longest line kept (in bytes; longer ones are cut): a client's long
+/// URL cannot make the kept log large (at most about 4 MiB in all).
+pub const LOG_LINE_KEPT_BYTES: usize = 2048;
+
 /// One kept line of the server's log.
 #[derive(Debug, Clone)]
 pub struct LogLine {
@@ -128,8 +132,16 @@ static RECENT_LOG: Mutex<std::collections::VecDeque<LogLine>> =
     Mutex::new(std::collections::VecDeque::new());
 
 fn write_log(error: bool, line: &str) {
-    let text = format!("[{}] {line}", crate::util::time::timestamp());
+    let mut text = format!("[{}] {line}", crate::util::time::timestamp());
     let _ = writeln!(std::io::stderr(), "{text}");
+    if text.len() > LOG_LINE_KEPT_BYTES {
+        let mut cut = LOG_LINE_KEPT_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [cut]");
+    }
     let mut kept = RECENT_LOG.lock().unwrap_or_else(|e| e.into_inner());
     if kept.len() == LOG_LINES_KEPT {
         kept.pop_front();
@@ -523,6 +535,37 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kept_log_is_bounded() {
+        // Other tests may log meanwhile: only this test's marked lines count.
+        let marker = "kept-log-test";
+        log_error(&format!("{marker} GET /{} -> 500", "é".repeat(3000)));
+        for i in 0..LOG_LINES_KEPT {
+            log(&format!("{marker} line {i}"));
+        }
+        let kept = recent_log();
+        assert_eq!(kept.len(), LOG_LINES_KEPT);
+        assert!(kept.iter().all(|l| l.text.len() <= LOG_LINE_KEPT_BYTES + 6));
+        assert!(
+            !kept.iter().any(|l| l.text.contains("GET /é")),
+            "the oldest went"
+        );
+        log_error(&format!(
+            "{marker} {}",
+            "x".repeat(10 * LOG_LINE_KEPT_BYTES)
+        ));
+        let cut = recent_log()
+            .into_iter()
+            .rfind(|l| l.error && l.text.contains(marker))
+            .unwrap();
+        assert!(cut.text.ends_with(" [cut]"));
+        assert!(
+            cut.text.len() <= LOG_LINE_KEPT_BYTES + 6,
+            "{}",
+            cut.text.len()
+        );
+    }
 
     #[test]
     fn the_start_line_names_the_sudo_user() {

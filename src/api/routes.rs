@@ -280,9 +280,6 @@ impl Message {
     }
 }
 
-/// `DELETE` answers with this.
-pub type Deleted = Message;
-
 /// lume's answer to create and run: `{message, name, status}`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Accepted {
@@ -804,7 +801,7 @@ async fn set_vm_named(
 #[utoipa::path(delete, path = "/lume/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     responses(
-        (status = 200, description = "Deleted", body = Deleted),
+        (status = 200, description = "Deleted", body = Message),
         (status = 400, description = "Invalid name", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "The VM is busy", body = ErrorBody),
@@ -814,7 +811,7 @@ pub async fn delete_vm(
     Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     delete_vm_named(st, caller, vm, q).await
 }
 
@@ -823,7 +820,7 @@ async fn delete_vm_named(
     caller: Caller,
     vm: VmName,
     q: StorageQuery,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     let action = Action::Delete {
         name: vm.clone(),
         force: true,
@@ -1080,7 +1077,7 @@ pub async fn delete_vm_called_clone(
     State(st): State<Arc<AppState>>,
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     delete_vm_named(st, caller, name("clone")?, q).await
 }
 
