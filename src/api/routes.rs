@@ -232,8 +232,8 @@ impl GuestPowerRequest {
 /// `agent`, `ssh`, `acpi`, `reset` or `forced`.
 pub const POWER_METHOD_HEADER: &str = "lume-power-method";
 
-fn with_method(method: Option<crate::guest::power::PowerMethod>, m: Message) -> PowerResponse {
-    let value = method.map_or("none", |m| m.as_str());
+fn with_method(method: crate::guest::power::PowerMethod, m: Message) -> PowerResponse {
+    let value = method.as_str();
     (
         [(
             axum::http::HeaderName::from_static(POWER_METHOD_HEADER),
@@ -554,7 +554,7 @@ async fn power(
     on_vm(st, caller, storage, &vm, move |ctx| {
         let (method, message) = match run(ctx, action)? {
             Outcome::Stopped { method, .. } => (method, "VM stopped successfully"),
-            Outcome::Restarted { method, .. } => (Some(method), "VM restart requested"),
+            Outcome::Restarted { method, .. } => (method, "VM restart requested"),
             o => return Err(unexpected(&o)),
         };
         Ok(with_method(method, Message::new(message)))

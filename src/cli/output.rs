@@ -259,18 +259,9 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (
-            Outcome::Stopped {
-                name,
-                was_running,
-                method,
-            },
-            _,
-        ) => match (was_running, method) {
-            (true, Some(m)) => println!("VM '{name}' stopped {} ({m})", m.describe()),
-            (true, None) => println!("VM '{name}' stopped"),
-            (false, _) => println!("VM '{name}' was not running"),
-        },
+        (Outcome::Stopped { name, method }, _) => {
+            println!("VM '{name}' stopped {} ({method})", method.describe())
+        }
         (Outcome::Restarted { name, method }, _) => {
             println!(
                 "VM '{name}' is restarting: reboot requested {} ({method})",

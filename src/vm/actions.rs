@@ -317,11 +317,10 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
-    /// `method` is how it went down; `None` when it was not running.
+    /// It was running and went down; `method` says how.
     Stopped {
         name: VmName,
-        was_running: bool,
-        method: Option<PowerMethod>,
+        method: PowerMethod,
     },
     /// The guest was asked to reboot (or was reset).
     Restarted {
@@ -1139,8 +1138,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     log_to_vm(
@@ -1162,8 +1160,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     if wait_unlocked(&vm, Instant::now() + Duration::from_secs(10)) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(PowerMethod::Forced),
+            method: PowerMethod::Forced,
         });
     }
     Err(VmError::StopTimeout {
@@ -1197,8 +1194,7 @@ fn shutdown(
     if wait_unlocked(&vm, start + timeout) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     Err(VmError::ShutdownTimeout {
