@@ -290,7 +290,11 @@ fn set_follows_set_swift() {
     assert_eq!(d["display"], "1920x1080");
     // Nothing to change succeeds and changes nothing, as in lume.
     let before = std::fs::read(home.vm_dir("s").join("config.json")).unwrap();
-    home.ok(&["set", "s"]);
+    assert_eq!(home.ok(&["set", "s"]), "VM 's': nothing to change\n");
+    assert!(
+        home.fails(&["set", "ghost"])
+            .contains("VM 'ghost' does not exist")
+    );
     assert_eq!(
         std::fs::read(home.vm_dir("s").join("config.json")).unwrap(),
         before

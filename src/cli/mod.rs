@@ -716,14 +716,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 display: a.display,
             };
             let Some(allow) = a.unsafe_host_loopback else {
+                if spec.is_empty() {
+                    // As lume: nothing to change is no error (the VM must exist).
+                    execute(&context(&a.storage)?, Action::Set(spec), &mut note)?;
+                    println!("VM '{}': nothing to change", a.name);
+                    return Ok(0);
+                }
                 return finish(&a.storage, Action::Set(spec), Format::Text);
             };
-            if spec.cpu.is_some()
-                || spec.memory.is_some()
-                || spec.disk_size.is_some()
-                || spec.network.is_some()
-                || spec.display.is_some()
-            {
+            if !spec.is_empty() {
                 execute(&context(&a.storage)?, Action::Set(spec), &mut note)?;
             }
             (

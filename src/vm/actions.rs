@@ -265,6 +265,17 @@ pub struct SetSpec {
     pub display: Option<String>,
 }
 
+impl SetSpec {
+    /// Whether it changes nothing (which is no error, as in lume).
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_none()
+            && self.memory.is_none()
+            && self.disk_size.is_none()
+            && self.network.is_none()
+            && self.display.is_none()
+    }
+}
+
 /// One request to change or read VMs.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -1248,12 +1259,7 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
     if let Some(d) = &spec.display {
         super::config::parse_display(d)?;
     }
-    if spec.cpu.is_none()
-        && spec.memory.is_none()
-        && spec.disk_size.is_none()
-        && spec.network.is_none()
-        && spec.display.is_none()
-    {
+    if spec.is_empty() {
         // Still read, so a VM whose config is corrupt is an error here too.
         vm.load_config()?;
         return Ok(Outcome::Updated(VmDetails::read(store, &vm)));
