@@ -11,14 +11,18 @@ fn main() {
     let cli = match lume::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            // As lume's argument parser: help and version succeed, and so
+            // does a command group without its subcommand (`lume`), which
+            // prints its help; every other usage error exits with EX_USAGE.
+            use clap::error::ErrorKind;
+            let help =
+                !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
+            if help {
+                print!("{}", e.render());
+                std::process::exit(0);
+            }
             let _ = e.print();
-            // As lume's argument parser: help and version succeed, every
-            // other usage error exits with EX_USAGE.
-            std::process::exit(if e.use_stderr() {
-                lume::cli::EX_USAGE
-            } else {
-                0
-            });
+            std::process::exit(lume::cli::EX_USAGE);
         }
     };
     match lume::cli::run(cli) {

@@ -383,5 +383,9 @@ fn usage_errors_exit_with_lumes_status() {
         assert_eq!(home.lume(&args).status.code(), Some(EX_USAGE), "{args:?}");
     }
     assert_eq!(home.lume(&["--help"]).status.code(), Some(0));
+    // A command group alone prints its help and succeeds, as lume's root.
+    let bare = home.lume(&[]);
+    assert_eq!(bare.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bare.stdout).contains("Usage: lume <COMMAND>"));
     assert_eq!(home.lume(&["--version"]).status.code(), Some(0));
 }
