@@ -98,7 +98,7 @@ fn vm_routes_answer_as_handlers_swift() {
     // not a 400 about the body).
     for body in [
         json!({"noDisplay": true, "sharedDirectories": []}),
-        json!({"storage": null, "noDisplay": true}),
+        json!({"storage": null, "noDisplay": true, "sharedDirectories": null}),
         json!({"cpu": 4, "memory": "8GB"}),
         json!({"recoveryMode": false, "clipboard": false, "network": "nat"}),
     ] {
@@ -154,6 +154,13 @@ fn lumes_fields_we_do_not_support_are_refused_by_name() {
         "unknown field `colour`",
     );
     assert_eq!(api.get("/lume/vms").body, json!([]), "nothing was created");
+    // null is a field left out, for our fields too.
+    let nulls = with(
+        json!({"publish": null, "noCloudInit": null, "noPassword": null,
+                            "os": null, "cpu": null, "memory": null, "display": null}),
+    );
+    assert_eq!(api.post("/lume/vms", nulls).status, 202);
+    assert_eq!(api.call("DELETE", "/lume/vms/r", None).status, 200);
 
     assert_eq!(api.post("/lume/vms", base.clone()).status, 202);
     for (body, field) in [

@@ -43,6 +43,15 @@ pub struct StorageQuery {
     pub storage: Option<String>,
 }
 
+/// A field sent as `null` is the same as a field left out.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 /// `POST /lume/vms`. A field this server does not know is refused (400),
 /// never dropped; lume's fields that need macOS are refused by name.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -88,17 +97,17 @@ pub struct CreateVmRequest {
     #[schema(example = "52:54:00:12:34:56")]
     pub mac_address: Option<String>,
     /// Ports published at every start: `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     #[schema(example = json!(["127.0.0.1:8080:80"]))]
     pub publish: Vec<String>,
     /// Absolute path of the caller's own cloud-init user-data, combined with
     /// lume's (see docs/images.md).
     pub cloud_init: Option<String>,
     /// No cloud-init seed at all.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub no_cloud_init: bool,
     /// User `lume` gets no password (key logins only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub no_password: bool,
     /// lume's macOS restore image: refused (macOS guests need an Apple host).
     #[schema(value_type = Option<String>)]
@@ -159,19 +168,19 @@ pub struct RunVmRequest {
     /// Absolute path(s) of ISO images to attach read-only.
     pub mount: Option<OneOrMany>,
     /// Absolute paths of extra disks (raw or qcow2).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub disks: Vec<String>,
     /// Ports published for this run, on top of the saved ones.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub publish: Vec<String>,
     pub storage: Option<String>,
     /// Accepted for lume compatibility: VMs always run headless (`false`
     /// is answered with a warning).
     pub no_display: Option<bool>,
-    /// Refused when not empty: shared directories are not supported.
-    #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
-    pub shared_directories: Vec<Value>,
+    /// lume's shared directories: refused when not empty (not supported
+    /// yet); `[]` and `null` are accepted.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub shared_directories: Option<Vec<Value>>,
     /// Refused when true: there is no recovery mode for Linux guests.
     pub recovery_mode: Option<bool>,
     /// lume's disk in place of the VM's own: refused (not supported yet).
@@ -858,7 +867,7 @@ pub async fn run_vm(
     OptionalJsonBody(r): OptionalJsonBody<RunVmRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     refuse(
-        !r.shared_directories.is_empty(),
+        r.shared_directories.as_ref().is_some_and(|d| !d.is_empty()),
         "sharedDirectories",
         NOT_YET,
     )?;
