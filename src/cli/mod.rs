@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::compat::{MACOS_ONLY, NOT_YET};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
@@ -20,6 +21,41 @@ use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, 
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn display_arg(s: &str) -> Result<String, String> {
+    crate::vm::config::parse_display(s).map_err(|e| e.to_string())
+}
+
+/// The exit status of a usage error, as lume's argument parser
+/// (swift-argument-parser) gives it: `EX_USAGE`.
+pub const EX_USAGE: i32 = 64;
+
+/// A command line refused before anything is done: exit status
+/// [`EX_USAGE`], as lume gives its validation errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{option} is not supported by lume on Linux ({why}): leave it out")]
+    Unsupported {
+        option: &'static str,
+        why: &'static str,
+    },
+    #[error(
+        "`lume {command}` is not available in lume on Linux: {why} (see docs/compatibility.md)"
+    )]
+    Command {
+        command: &'static str,
+        why: &'static str,
+    },
+}
+
+/// Refuses `option` when `given`.
+fn refuse(given: bool, option: &'static str, why: &'static str) -> Result<(), UsageError> {
+    if given {
+        Err(UsageError::Unsupported { option, why })
+    } else {
+        Ok(())
+    }
 }
 
 /// lume: virtual machines on Linux with networking that keeps working.
@@ -77,6 +113,32 @@ pub enum Command {
     Network(NetworkArgs),
     /// Serve the HTTP API (lume's REST API) on 127.0.0.1:7777
     Serve(ServeArgs),
+    /// lume's `ipsw`: refused (macOS restore images need an Apple host)
+    Ipsw(RefusedArgs),
+    /// lume's `setup`: refused (unattended macOS setup needs an Apple host)
+    Setup(RefusedArgs),
+    /// lume's `sip`: refused (System Integrity Protection is macOS's)
+    Sip(RefusedArgs),
+    /// lume's `attach`: refused (no display viewer yet; VMs run headless)
+    Attach(RefusedArgs),
+    /// lume's `convert`: refused (legacy lume images: not supported yet)
+    Convert(RefusedArgs),
+    /// lume's `logs`: refused (`lume serve` logs to its standard error; GET /lume/logs)
+    Logs(RefusedArgs),
+    /// lume's `check-update`: refused (update lume with your package manager)
+    CheckUpdate(RefusedArgs),
+    /// lume's `update`: refused (update lume with your package manager)
+    Update(RefusedArgs),
+    /// lume's `dump-docs`: refused (the API is described at GET /openapi.json)
+    DumpDocs(RefusedArgs),
+}
+
+/// The arguments of a refused command: anything, so that the refusal (and
+/// not a parse error) is what the user sees.
+#[derive(Debug, Args)]
+pub struct RefusedArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -95,8 +157,8 @@ pub struct CreateArgs {
     /// Disk size (B, KB, MB, GB, TB; a bare number means GB)
     #[arg(long, default_value = "20GB", value_parser = size_arg)]
     pub disk_size: u64,
-    /// Display resolution (recorded for lume compatibility; VMs run headless)
-    #[arg(long, default_value = DEFAULT_DISPLAY)]
+    /// Display resolution WIDTHxHEIGHT (recorded for lume compatibility; VMs run headless)
+    #[arg(long, default_value = DEFAULT_DISPLAY, value_parser = display_arg)]
     pub display: String,
     /// Network mode: nat, bridged, bridged:<interface>, host, user, none
     #[arg(long, default_value = "nat")]
@@ -132,8 +194,36 @@ pub struct CreateArgs {
     /// User lume gets no password: SSH with keys only
     #[arg(long)]
     pub no_password: bool,
+    /// Accepted as lume: creating never opens a display
+    #[arg(long)]
+    pub no_display: bool,
+    /// Refused: macOS restore images need an Apple host
+    #[arg(long, value_name = "PATH")]
+    pub ipsw: Option<String>,
+    /// Refused: unattended macOS setup needs an Apple host
+    #[arg(long, value_name = "PRESET|PATH")]
+    pub unattended: Option<String>,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long)]
+    pub debug: bool,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Option<String>,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long, value_name = "PORT")]
+    pub vnc_port: Option<u16>,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl CreateArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(self.ipsw.is_some(), "--ipsw", MACOS_ONLY)?;
+        refuse(self.unattended.is_some(), "--unattended", MACOS_ONLY)?;
+        refuse(self.debug, "--debug", MACOS_ONLY)?;
+        refuse(self.debug_dir.is_some(), "--debug-dir", MACOS_ONLY)?;
+        refuse(self.vnc_port.is_some(), "--vnc-port", MACOS_ONLY)
+    }
 }
 
 /// `lume ssh`: lume's options.
@@ -160,7 +250,7 @@ pub struct SshArgs {
 pub struct RunArgs {
     pub name: VmName,
     /// Return once the VM is running, leaving it to a background supervisor
-    #[arg(long, short = 'd')]
+    #[arg(long)]
     pub detach: bool,
     /// Network mode for this run only
     #[arg(long)]
@@ -174,11 +264,72 @@ pub struct RunArgs {
     /// Publish a guest port for this run: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
-    /// Run headless (the default; accepted for lume compatibility)
-    #[arg(long)]
+    /// Run headless: the default here (lume's -d; use --detach to run in the background)
+    #[arg(long, short = 'd')]
     pub no_display: bool,
+    /// Viewer to open: only `none` here (VMs run headless; no VNC or native viewer yet)
+    #[arg(long, value_name = "vnc|native|none")]
+    pub display: Option<String>,
+    /// Refused: not supported yet (a detached VM logs to lume.log in its directory)
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<String>,
+    /// Refused: shared directories are not supported yet
+    #[arg(long, value_name = "PATH[:ro|rw]")]
+    pub shared_dir: Vec<String>,
+    /// Refused: USB mass storage is not supported yet (use --disk)
+    #[arg(long, value_name = "PATH")]
+    pub usb_storage: Vec<String>,
+    /// Refused: pulling an image on run is not supported yet
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Refused: pulling an image on run is not supported yet
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Refused: there is no VNC server yet
+    #[arg(long, value_name = "PORT")]
+    pub vnc_port: Option<u16>,
+    /// Refused: there is no VNC server yet
+    #[arg(long, value_name = "PASSWORD")]
+    pub vnc_password: Option<String>,
+    /// Refused when true: recovery mode is for macOS guests
+    #[arg(long, value_name = "true|false")]
+    pub recovery_mode: Option<bool>,
+    /// Refused: another disk image in place of the VM's is not supported yet
+    #[arg(long, value_name = "PATH")]
+    pub disk_path: Option<String>,
+    /// Refused: NVRAM files are macOS guests'
+    #[arg(long, value_name = "PATH")]
+    pub nvram_path: Option<String>,
+    /// Refused: clipboard sync is not supported yet
+    #[arg(long)]
+    pub clipboard: bool,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl RunArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(
+            self.display.as_deref().is_some_and(|d| d != "none"),
+            "--display vnc|native",
+            "there is no VNC server or viewer yet; VMs run headless (--display none)",
+        )?;
+        refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
+        refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;
+        refuse(!self.usb_storage.is_empty(), "--usb-storage", NOT_YET)?;
+        refuse(self.registry.is_some(), "--registry", NOT_YET)?;
+        refuse(self.organization.is_some(), "--organization", NOT_YET)?;
+        refuse(self.vnc_port.is_some(), "--vnc-port", NOT_YET)?;
+        refuse(self.vnc_password.is_some(), "--vnc-password", NOT_YET)?;
+        refuse(
+            self.recovery_mode == Some(true),
+            "--recovery-mode",
+            MACOS_ONLY,
+        )?;
+        refuse(self.disk_path.is_some(), "--disk-path", NOT_YET)?;
+        refuse(self.nvram_path.is_some(), "--nvram-path", MACOS_ONLY)?;
+        refuse(self.clipboard, "--clipboard", NOT_YET)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -261,13 +412,33 @@ pub struct SetArgs {
     /// Network mode
     #[arg(long)]
     pub network: Option<NetworkMode>,
+    /// Display resolution WIDTHxHEIGHT (recorded; VMs run headless)
+    #[arg(long, value_parser = display_arg)]
+    pub display: Option<String>,
     /// User mode: let the guest reach this host's loopback services
     /// (127.0.0.1, ::1) through its gateway. UNSAFE for untrusted guests:
     /// it reaches `lume serve` and every other local-only service
     #[arg(long, value_name = "true|false")]
     pub unsafe_host_loopback: Option<bool>,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub no_backup: bool,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub keep_backup: bool,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl SetArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(self.no_backup, "--no-backup", MACOS_ONLY)?;
+        refuse(self.keep_backup, "--keep-backup", MACOS_ONLY)?;
+        refuse(self.dry_run, "--dry-run", MACOS_ONLY)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -334,6 +505,9 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Refused: the MCP server is not supported yet
+    #[arg(long)]
+    pub mcp: bool,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -509,13 +683,24 @@ fn note(line: &str) {
     eprintln!("{line}");
 }
 
-/// Asks a yes/no question on the terminal.
-fn confirm(question: &str) -> bool {
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
+/// Asks lume's question before a delete and reads one line of answer from
+/// standard input (a terminal or a pipe); only `y` or `yes` agree.
+fn confirm_delete(name: &VmName) -> bool {
+    print!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
+    let _ = std::io::stdout().flush();
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).is_ok()
-        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+    let agreed = std::io::stdin().lock().read_line(&mut line).is_ok()
+        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    if !std::io::stdin().is_terminal() {
+        // The answer was not echoed: end the question's line.
+        println!();
+    }
+    agreed
+}
+
+/// A lume command that lume on Linux does not have.
+fn refused_command(command: &'static str, why: &'static str) -> Result<i32> {
+    Err(UsageError::Command { command, why }.into())
 }
 
 /// Runs one command; returns the process exit code.
@@ -523,7 +708,30 @@ pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
         Command::Ssh(a) => return ssh(a),
+        Command::Ipsw(_) => return refused_command("ipsw", MACOS_ONLY),
+        Command::Setup(_) => return refused_command("setup", MACOS_ONLY),
+        Command::Sip(_) => return refused_command("sip", MACOS_ONLY),
+        Command::Attach(_) => {
+            return refused_command("attach", "there is no display viewer yet; VMs run headless");
+        }
+        Command::Convert(_) => return refused_command("convert", NOT_YET),
+        Command::Logs(_) => {
+            return refused_command(
+                "logs",
+                "`lume serve` logs to its standard error, and GET /lume/logs gives its recent lines",
+            );
+        }
+        Command::CheckUpdate(_) => {
+            return refused_command("check-update", "update lume with your package manager");
+        }
+        Command::Update(_) => {
+            return refused_command("update", "update lume with your package manager");
+        }
+        Command::DumpDocs(_) => {
+            return refused_command("dump-docs", "the API is described at GET /openapi.json");
+        }
         Command::Serve(a) => {
+            refuse(a.mcp, "--mcp", NOT_YET)?;
             if a.token.is_some() {
                 return Err(crate::api::auth::TokenError::OnCommandLine.into());
             }
@@ -552,43 +760,49 @@ pub fn run(cli: Cli) -> Result<i32> {
             output::print_doctor(&report, format)?;
             return Ok(if report.ok() { 0 } else { 1 });
         }
-        Command::Create(a) => (
-            a.storage,
-            Action::Create(Box::new(CreateSpec {
-                name: a.name,
-                os: a.os,
-                cpu: a.cpu,
-                memory: a.memory,
-                disk_size: a.disk_size,
-                display: a.display,
-                network: a.network,
-                mac: a.mac_address,
-                kernel: a.kernel,
-                initrd: a.initrd,
-                cmdline: a.cmdline,
-                image: a.image,
-                image_sha256: a.image_sha256,
-                progress: true,
-                publish: a.publish,
-                cloud_init: a.cloud_init,
-                no_cloud_init: a.no_cloud_init,
-                no_password: a.no_password,
-                url_destinations: crate::image::download::Destinations::Any,
-            })),
-            Format::Text,
-        ),
-        Command::Run(a) => (
-            a.storage,
-            Action::Run(RunSpec {
-                name: Some(a.name),
-                network: a.network,
-                mounts: a.mount,
-                disks: a.disk,
-                publish: a.publish,
-                detach: a.detach,
-            }),
-            Format::Text,
-        ),
+        Command::Create(a) => {
+            a.refused()?;
+            (
+                a.storage,
+                Action::Create(Box::new(CreateSpec {
+                    name: a.name,
+                    os: a.os,
+                    cpu: a.cpu,
+                    memory: a.memory,
+                    disk_size: a.disk_size,
+                    display: a.display,
+                    network: a.network,
+                    mac: a.mac_address,
+                    kernel: a.kernel,
+                    initrd: a.initrd,
+                    cmdline: a.cmdline,
+                    image: a.image,
+                    image_sha256: a.image_sha256,
+                    progress: true,
+                    publish: a.publish,
+                    cloud_init: a.cloud_init,
+                    no_cloud_init: a.no_cloud_init,
+                    no_password: a.no_password,
+                    url_destinations: crate::image::download::Destinations::Any,
+                })),
+                Format::Text,
+            )
+        }
+        Command::Run(a) => {
+            a.refused()?;
+            (
+                a.storage,
+                Action::Run(RunSpec {
+                    name: Some(a.name),
+                    network: a.network,
+                    mounts: a.mount,
+                    disks: a.disk,
+                    publish: a.publish,
+                    detach: a.detach,
+                }),
+                Format::Text,
+            )
+        }
         Command::Stop(a) => (
             a.storage,
             Action::Stop {
@@ -630,24 +844,41 @@ pub fn run(cli: Cli) -> Result<i32> {
             output::print(&Outcome::List(vms), a.format)?;
             return Ok(0);
         }
-        Command::Ls(a) => (a.storage, Action::List, a.format),
+        Command::Ls(a) => {
+            let outcome = execute(&context(&a.storage, None)?, Action::List, &mut note)?;
+            match (&outcome, &a.storage.storage) {
+                (Outcome::List(vms), Some(s)) if vms.is_empty() && a.format == Format::Text => {
+                    println!("No virtual machines found in storage '{s}'")
+                }
+                _ => output::print(&outcome, a.format)?,
+            }
+            return Ok(0);
+        }
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {
+            a.refused()?;
             let spec = SetSpec {
                 name: a.name.clone(),
                 cpu: a.cpu,
                 memory: a.memory,
                 disk_size: a.disk_size,
                 network: a.network,
+                display: a.display,
             };
             let Some(allow) = a.unsafe_host_loopback else {
+                if spec.is_empty() {
+                    // As lume: nothing to change is no error (the VM must exist).
+                    execute(
+                        &context(&a.storage, Some(&a.name))?,
+                        Action::Set(spec),
+                        &mut note,
+                    )?;
+                    println!("VM '{}': nothing to change", a.name);
+                    return Ok(0);
+                }
                 return finish(&a.storage, Action::Set(spec), Format::Text);
             };
-            if spec.cpu.is_some()
-                || spec.memory.is_some()
-                || spec.disk_size.is_some()
-                || spec.network.is_some()
-            {
+            if !spec.is_empty() {
                 execute(
                     &context(&a.storage, Some(&a.name))?,
                     Action::Set(spec),
@@ -685,12 +916,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Delete(a) => {
-            let confirmed = !a.force
-                && std::io::stdin().is_terminal()
-                && confirm(&format!("Delete VM '{}' and its disk?", a.name));
-            if !a.force && std::io::stdin().is_terminal() && !confirmed {
-                eprintln!("Not deleted.");
-                return Ok(1);
+            // As lume: the question on standard output, the answer read from
+            // standard input whatever it is (`echo y | lume delete x`).
+            let confirmed = a.force || confirm_delete(&a.name);
+            if !confirmed {
+                println!("Deletion cancelled");
+                return Ok(0);
             }
             (
                 a.storage,

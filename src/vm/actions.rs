@@ -97,13 +97,6 @@ pub enum VmError {
         seconds: u64,
         pid: u32,
     },
-    /// Nothing in [`Settable::ALL`] was given. Its text names the CLI's
-    /// flags; the API words it with its JSON fields ([`Settable::field`]).
-    #[error(
-        "Nothing to change: give at least one of {}",
-        Settable::listed(Settable::flag)
-    )]
-    NothingToSet,
     #[error("{}", forbidden_message(path, reason))]
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
@@ -172,44 +165,6 @@ impl From<UnsafeDir> for VmError {
             path: e.dir,
             reason: Denied::Storage { who: e.who },
         }
-    }
-}
-
-/// What `set` can change, for each door to name in its own words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settable {
-    Cpu,
-    Memory,
-    DiskSize,
-    Network,
-}
-
-impl Settable {
-    pub const ALL: [Self; 4] = [Self::Cpu, Self::Memory, Self::DiskSize, Self::Network];
-
-    /// The CLI's flag.
-    pub fn flag(self) -> &'static str {
-        match self {
-            Self::Cpu => "--cpu",
-            Self::Memory => "--memory",
-            Self::DiskSize => "--disk-size",
-            Self::Network => "--network",
-        }
-    }
-
-    /// The API's JSON field.
-    pub fn field(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-            Self::Memory => "memory",
-            Self::DiskSize => "diskSize",
-            Self::Network => "network",
-        }
-    }
-
-    /// Every settable thing, named by `name`, separated by commas.
-    pub fn listed(name: fn(Self) -> &'static str) -> String {
-        Self::ALL.map(name).join(", ")
     }
 }
 
@@ -306,6 +261,19 @@ pub struct SetSpec {
     pub memory: Option<u64>,
     pub disk_size: Option<u64>,
     pub network: Option<NetworkMode>,
+    /// WIDTHxHEIGHT, checked by [`super::config::parse_display`].
+    pub display: Option<String>,
+}
+
+impl SetSpec {
+    /// Whether it changes nothing (which is no error, as in lume).
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_none()
+            && self.memory.is_none()
+            && self.disk_size.is_none()
+            && self.network.is_none()
+            && self.display.is_none()
+    }
 }
 
 /// One request to change or read VMs.
@@ -365,11 +333,10 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
-    /// `method` is how it went down; `None` when it was not running.
+    /// It was running and went down; `method` says how.
     Stopped {
         name: VmName,
-        was_running: bool,
-        method: Option<PowerMethod>,
+        method: PowerMethod,
     },
     /// The guest was asked to reboot (or was reset).
     Restarted {
@@ -1175,12 +1142,9 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     let timeout = stop_timeout(timeout.as_secs())?;
     let (vm, state) = running(ctx, name, timeout)?;
     let Some(state) = state else {
+        // As lume: stopping a VM that is not running is an error.
         collect_after_crash(ctx, &vm);
-        return Ok(Outcome::Stopped {
-            name: name.clone(),
-            was_running: false,
-            method: None,
-        });
+        return Err(VmError::NotRunning(name.clone()));
     };
     let start = Instant::now();
     let why = "`lume stop`";
@@ -1194,8 +1158,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     log_to_vm(
@@ -1217,8 +1180,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     if wait_unlocked(&vm, Instant::now() + Duration::from_secs(10)) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(PowerMethod::Forced),
+            method: PowerMethod::Forced,
         });
     }
     Err(VmError::StopTimeout {
@@ -1252,8 +1214,7 @@ fn shutdown(
     if wait_unlocked(&vm, start + timeout) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     Err(VmError::ShutdownTimeout {
@@ -1298,17 +1259,20 @@ fn restart(
     })
 }
 
+/// Changes what `spec` names; with nothing to change it succeeds and
+/// changes nothing, as lume's `set` does.
 fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
-    if spec.cpu.is_none()
-        && spec.memory.is_none()
-        && spec.disk_size.is_none()
-        && spec.network.is_none()
-    {
-        return Err(VmError::NothingToSet);
-    }
     check_resources(spec.cpu, spec.memory, spec.disk_size)?;
     let vm = store.open(&spec.name)?;
     store.check_private(Some(&vm))?;
+    if let Some(d) = &spec.display {
+        super::config::parse_display(d)?;
+    }
+    if spec.is_empty() {
+        // Still read, so a VM whose config is corrupt is an error here too.
+        vm.load_config()?;
+        return Ok(Outcome::Updated(VmDetails::read(store, &vm)));
+    }
     // The disk can only change while nobody runs the VM: hold its lock.
     let _lock = match spec.disk_size {
         Some(_) => Some(
@@ -1343,6 +1307,9 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
             check_publish(n, &cfg.publish)?;
             crate::network::attach::check_saved_mode(n)?;
             cfg.network_mode = n.clone();
+        }
+        if let Some(d) = &spec.display {
+            cfg.display = d.clone();
         }
         Ok(())
     })?;
@@ -1451,7 +1418,11 @@ fn delete(
             return Err(VmError::RunningNeedsForce(name.clone()));
         }
         note(&format!("Stopping VM '{name}' before deleting it"));
-        stop(ctx, name, Duration::from_secs(15))?;
+        match stop(ctx, name, Duration::from_secs(15)) {
+            // It went down by itself meanwhile.
+            Ok(_) | Err(VmError::NotRunning(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     collect_after_crash(ctx, &vm);
     let _lock = VmLock::acquire_within(&vm.lock_path(), Duration::from_secs(5))
@@ -1748,6 +1719,7 @@ mod tests {
             memory: None,
             disk_size: None,
             network: None,
+            display: None,
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");
