@@ -2,7 +2,8 @@
 # Installs what lume and its tests need on Debian 12 (as root), only when
 # something is missing: QEMU, qemu-img, passt (user mode), dnsmasq, nftables, iproute2, the
 # packages the test guest is built from, qemu-guest-agent (its client is tested against the real agent), and iptables (iptables-nft: the tests load Docker's and
-# ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients),
+# ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients;
+# python3-venv: tests/clients/build.sh installs lume's Python client pylume from PyPI),
 # openssl (a TLS server with an untrusted certificate in the image import tests),
 # openssh-client (`lume ssh` runs ssh; lume's key pair is made with ssh-keygen), and what
 # tests/debian/build.sh builds the Debian cloud test image with: mmdebstrap, syslinux
@@ -11,7 +12,7 @@
 # and skopeo for the registry tests (tests/e2e_registry.rs).
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 openssl
+packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 python3-venv openssl
           openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk
           docker-registry skopeo)
 missing=()

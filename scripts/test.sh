@@ -12,6 +12,8 @@ fi
 scripts/install-deps.sh
 echo "== test guest" >&2
 tests/guest/build.sh >&2
+echo "== lume's Python client (pylume, from PyPI)" >&2
+tests/clients/build.sh >&2
 echo "== Debian cloud test image" >&2
 tests/debian/build.sh >&2
 echo "== format and lints" >&2

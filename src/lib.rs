@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod compat;
 pub mod firewall;
 pub mod guest;
 pub mod hypervisor;

@@ -8,7 +8,23 @@ fn main() {
     if lume::guest::ssh::serve_askpass() {
         return;
     }
-    let cli = lume::cli::Cli::parse();
+    let cli = match lume::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // As lume's argument parser: help and version succeed, and so
+            // does a command group without its subcommand (`lume`), which
+            // prints its help; every other usage error exits with EX_USAGE.
+            use clap::error::ErrorKind;
+            let help =
+                !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
+            if help {
+                print!("{}", e.render());
+                std::process::exit(0);
+            }
+            let _ = e.print();
+            std::process::exit(lume::cli::EX_USAGE);
+        }
+    };
     match lume::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -19,7 +35,8 @@ fn main() {
                     eprintln!("  Caused by: {msg}");
                 }
             }
-            std::process::exit(1);
+            let usage = e.downcast_ref::<lume::cli::UsageError>().is_some();
+            std::process::exit(if usage { lume::cli::EX_USAGE } else { 1 });
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::hypervisor::accel::{AccelChoice, AccelError};
-use crate::util::atomic::write_atomic;
+use crate::util::atomic::write_private;
 
 /// Why the settings file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,44 @@ pub enum SettingsError {
     NotAbsolute(String),
     #[error("'{key}' is not set in {path}: `lume config set {key} VALUE` sets it")]
     NotSet { key: String, path: PathBuf },
+    #[error(
+        "Invalid location name: {0}. Names should be alphanumeric with underscores or dashes (such as fast-disk)"
+    )]
+    BadLocationName(String),
+    #[error(
+        "VM location with name '{0}' already exists: choose another name, or remove it first with `lume config storage remove {0}`"
+    )]
+    DuplicateLocation(String),
+    #[error(
+        "VM location not found: {name}. Configured locations: {known}; `lume config storage list` shows them"
+    )]
+    LocationNotFound { name: String, known: String },
+    #[error(
+        "Cannot remove the default location '{0}'. Set a new default location first (lume config storage default NAME)"
+    )]
+    RemoveDefault(String),
+    #[error(
+        "The default location '{name}' named by defaultLocationName in {path} is not in vmLocations: run `lume config storage default NAME` with one of: {known}"
+    )]
+    DefaultMissing {
+        name: String,
+        path: PathBuf,
+        known: String,
+    },
+    #[error(
+        "A VM location path must be absolute (or start with ~/), not '{0}': give the full path, such as /srv/lume"
+    )]
+    RelativeLocation(String),
+    #[error("{0} is being changed by another lume command: try again in a moment")]
+    Busy(PathBuf),
+    #[error(
+        "'{0}' is a structured setting: change it with `lume config storage …` (vmLocations) or `lume config registry …` (registry)"
+    )]
+    Structured(String),
+    #[error(
+        "Registry type '{0}' is refused: lume for Linux pulls and pushes OCI images only (type ghcr, any OCI registry); lume's gcs type uses a signed-URL service of its own that is not implemented here"
+    )]
+    RegistryType(String),
 }
 
 /// The keys lume reads from config.yaml.
@@ -77,6 +115,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "hostSubnet",
     "firewallAccommodation",
     "sshPassword",
+    "defaultLocationName",
+    "vmLocations",
+    "cacheDirectory",
+    "cachingEnabled",
+    "registry",
+    "telemetryEnabled",
     crate::vm::actions::PRIVATE_URLS_KEY,
     crate::api::auth::API_GROUP_KEY,
 ];
@@ -125,6 +169,45 @@ fn distance(a: &str, b: &str) -> usize {
 
 /// lume's default cache folder.
 pub const DEFAULT_CACHE_DIRECTORY: &str = "~/.lume/cache";
+
+/// The name of lume's default VM location.
+pub const DEFAULT_LOCATION_NAME: &str = "home";
+
+/// The path of lume's default VM location.
+pub const DEFAULT_LOCATION_PATH: &str = "~/.lume";
+
+/// lume's own keys, read and written with lume's meaning (Settings.swift).
+pub const LUME_KEYS: &[&str] = &[
+    "defaultLocationName",
+    "vmLocations",
+    "cacheDirectory",
+    "cachingEnabled",
+    "registry",
+    "telemetryEnabled",
+];
+
+/// One named VM location (`vmLocations` in config.yaml): `path` as written
+/// (`~/` allowed), [`Location::root`] expanded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Location {
+    pub name: String,
+    pub path: String,
+}
+
+impl Location {
+    /// The directory, `~/` expanded.
+    pub fn root(&self) -> PathBuf {
+        expand_home(&self.path)
+    }
+}
+
+/// lume's location names: letters, digits, `_` and `-`.
+pub fn valid_location_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
 
 /// Where images are pulled from and pushed to by default (lume's
 /// `registry.ghcr` settings).
@@ -188,10 +271,80 @@ impl Settings {
                 });
             }
         };
-        Ok(Self {
+        let mut settings = Self {
             path: path.to_path_buf(),
             map,
-        })
+        };
+        settings.migrate();
+        Ok(settings)
+    }
+
+    /// Upgrades a config.yaml of an earlier lume for Linux, which named its
+    /// one VM location `homeDirectory: PATH`: that path becomes lume's
+    /// location `home` (`vmLocations`, `defaultLocationName: home`), written
+    /// back atomically, so VMs stay where they are. A file that cannot be
+    /// written keeps working: the upgrade is then made again on each load.
+    fn migrate(&mut self) {
+        if self.map.contains_key("vmLocations") {
+            return;
+        }
+        let Some(Value::String(home)) = self.map.get("homeDirectory").cloned() else {
+            return;
+        };
+        let mut loc = Mapping::new();
+        loc.insert("name".into(), DEFAULT_LOCATION_NAME.into());
+        loc.insert("path".into(), Value::String(home));
+        self.map.remove("homeDirectory");
+        self.map.insert(
+            "vmLocations".into(),
+            Value::Sequence(vec![Value::Mapping(loc)]),
+        );
+        if !self.map.contains_key("defaultLocationName") {
+            self.map
+                .insert("defaultLocationName".into(), DEFAULT_LOCATION_NAME.into());
+        }
+        // Written under the update lock only: while a change holds it (this
+        // load may be that change's own), the change writes the upgraded
+        // file itself.
+        if let Ok(Some(_lock)) = crate::vm::lock::VmLock::try_acquire(&lock_path(&self.path)) {
+            let _ = self.write();
+        }
+    }
+
+    /// Read, change and write config.yaml under a short lock
+    /// (`.config.yaml.lock` beside it), so that concurrent changes (two API
+    /// requests, a command next to the server) never lose one another.
+    pub fn update<T, E: From<SettingsError>>(
+        f: impl FnOnce(&mut Settings) -> Result<T, E>,
+    ) -> Result<T, E> {
+        Self::update_at(&Self::path(), f)
+    }
+
+    /// [`Settings::update`] of the file at `path`.
+    pub fn update_at<T, E: From<SettingsError>>(
+        path: &Path,
+        f: impl FnOnce(&mut Settings) -> Result<T, E>,
+    ) -> Result<T, E> {
+        use std::os::unix::fs::DirBuilderExt;
+        let write = |source| SettingsError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write)?;
+        }
+        let _lock = crate::vm::lock::VmLock::acquire_within(
+            &lock_path(path),
+            std::time::Duration::from_secs(10),
+        )
+        .map_err(write)?
+        .ok_or_else(|| SettingsError::Busy(path.to_path_buf()))?;
+        let mut settings = Self::load_from(path)?;
+        f(&mut settings)
     }
 
     pub fn file(&self) -> &Path {
@@ -240,6 +393,17 @@ impl Settings {
     /// Removes a key (keeping every other key); whether it was there. The
     /// file is rewritten only when it changes.
     pub fn unset(&mut self, key: &str) -> Result<bool, SettingsError> {
+        if key == "homeDirectory" {
+            // Back to lume's default path for the location `home`.
+            let changed = self
+                .locations()?
+                .iter()
+                .any(|l| l.name == DEFAULT_LOCATION_NAME && l.path != DEFAULT_LOCATION_PATH);
+            if changed {
+                self.set_home_directory(DEFAULT_LOCATION_PATH)?;
+            }
+            return Ok(changed);
+        }
         if self.map.remove(key).is_none() {
             return Ok(false);
         }
@@ -277,8 +441,13 @@ impl Settings {
                     value: value.into(),
                 });
             }
-            "homeDirectory" if !(value.starts_with('/') || value.starts_with("~/")) => {
-                return Err(SettingsError::NotAbsolute(value.into()));
+            "homeDirectory" => return self.set_home_directory(value),
+            "defaultLocationName" => return self.set_default_location(value),
+            "vmLocations" | "registry" => {
+                return Err(SettingsError::Structured(key.into()));
+            }
+            "cacheDirectory" if !(value.starts_with('/') || value.starts_with("~/")) => {
+                return Err(SettingsError::RelativeLocation(value.into()));
             }
             _ => {}
         }
@@ -289,6 +458,8 @@ impl Settings {
         }
         if key == "firewallAccommodation"
             || key == "sshPassword"
+            || key == "cachingEnabled"
+            || key == "telemetryEnabled"
             || key == crate::vm::actions::PRIVATE_URLS_KEY
         {
             let on = match value {
@@ -301,16 +472,258 @@ impl Settings {
         self.set(key, Value::String(value.into()))
     }
 
+    /// Writes the file atomically (0600; its directory made 0700 when lume
+    /// creates it). A symlink in place of config.yaml is replaced, never
+    /// followed.
     fn write(&self) -> Result<(), SettingsError> {
+        use std::os::unix::fs::DirBuilderExt;
         let text = serde_yaml_ng::to_string(&self.map).expect("mapping serialises");
         let write = |source| SettingsError::Write {
             path: self.path.clone(),
             source,
         };
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(write)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write)?;
         }
-        write_atomic(&self.path, text.as_bytes()).map_err(write)
+        write_private(&self.path, text.as_bytes()).map_err(write)
+    }
+
+    /// lume's `vmLocations`, in the file's order (the order in which a VM
+    /// is looked for); `[home: ~/.lume]` when the key is absent or empty.
+    pub fn locations(&self) -> Result<Vec<Location>, SettingsError> {
+        let bad = || SettingsError::Type {
+            key: "vmLocations".into(),
+            path: self.path.clone(),
+            expected: "a list like `vmLocations: [{name: home, path: ~/.lume}]`",
+        };
+        let mut out = Vec::new();
+        match self.map.get("vmLocations") {
+            None | Some(Value::Null) => {}
+            Some(Value::Sequence(items)) => {
+                for item in items {
+                    let Value::Mapping(m) = item else {
+                        return Err(bad());
+                    };
+                    match (m.get("name"), m.get("path")) {
+                        (Some(Value::String(name)), Some(Value::String(path))) => {
+                            out.push(Location {
+                                name: name.clone(),
+                                path: path.clone(),
+                            })
+                        }
+                        _ => return Err(bad()),
+                    }
+                }
+            }
+            Some(_) => return Err(bad()),
+        }
+        if out.is_empty() {
+            out.push(Location {
+                name: DEFAULT_LOCATION_NAME.into(),
+                path: DEFAULT_LOCATION_PATH.into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// lume's `defaultLocationName` (default `home`).
+    pub fn default_location_name(&self) -> Result<String, SettingsError> {
+        Ok(self
+            .get_str("defaultLocationName")?
+            .unwrap_or_else(|| DEFAULT_LOCATION_NAME.into()))
+    }
+
+    /// The default VM location; an error when `defaultLocationName` names
+    /// no location.
+    pub fn default_location(&self) -> Result<Location, SettingsError> {
+        let name = self.default_location_name()?;
+        let all = self.locations()?;
+        all.iter()
+            .find(|l| l.name == name)
+            .cloned()
+            .ok_or_else(|| SettingsError::DefaultMissing {
+                name,
+                path: self.path.clone(),
+                known: names(&all),
+            })
+    }
+
+    /// The location called `name`.
+    pub fn location(&self, name: &str) -> Result<Location, SettingsError> {
+        let all = self.locations()?;
+        all.iter().find(|l| l.name == name).cloned().ok_or_else(|| {
+            SettingsError::LocationNotFound {
+                name: name.into(),
+                known: names(&all),
+            }
+        })
+    }
+
+    fn store_locations(&mut self, all: &[Location]) -> Result<(), SettingsError> {
+        let seq = all
+            .iter()
+            .map(|l| {
+                let mut m = Mapping::new();
+                m.insert("name".into(), Value::String(l.name.clone()));
+                m.insert("path".into(), Value::String(l.path.clone()));
+                Value::Mapping(m)
+            })
+            .collect();
+        self.map.insert("vmLocations".into(), Value::Sequence(seq));
+        if !self.map.contains_key("defaultLocationName") {
+            self.map
+                .insert("defaultLocationName".into(), DEFAULT_LOCATION_NAME.into());
+        }
+        self.write()
+    }
+
+    /// lume's `config storage add`: a new name (lume's name rule, not taken)
+    /// for an absolute path (or `~/…`). Whether the caller may use the
+    /// directory is checked by the caller of this function
+    /// (`vm::location::check_new_location`).
+    pub fn add_location(&mut self, name: &str, path: &str) -> Result<(), SettingsError> {
+        if !valid_location_name(name) {
+            return Err(SettingsError::BadLocationName(name.into()));
+        }
+        if !(path.starts_with('/') || path.starts_with("~/") || path == "~") {
+            return Err(SettingsError::RelativeLocation(path.into()));
+        }
+        let mut all = self.locations()?;
+        if all.iter().any(|l| l.name == name) {
+            return Err(SettingsError::DuplicateLocation(name.into()));
+        }
+        all.push(Location {
+            name: name.into(),
+            path: path.into(),
+        });
+        self.store_locations(&all)
+    }
+
+    /// lume's `config storage remove`: never the default location. The VMs
+    /// in it stay where they are.
+    pub fn remove_location(&mut self, name: &str) -> Result<(), SettingsError> {
+        let mut all = self.locations()?;
+        if !all.iter().any(|l| l.name == name) {
+            return Err(SettingsError::LocationNotFound {
+                name: name.into(),
+                known: names(&all),
+            });
+        }
+        if name == self.default_location_name()? {
+            return Err(SettingsError::RemoveDefault(name.into()));
+        }
+        all.retain(|l| l.name != name);
+        self.store_locations(&all)
+    }
+
+    /// lume's `config storage default`.
+    pub fn set_default_location(&mut self, name: &str) -> Result<(), SettingsError> {
+        let all = self.locations()?;
+        if !all.iter().any(|l| l.name == name) {
+            return Err(SettingsError::LocationNotFound {
+                name: name.into(),
+                known: names(&all),
+            });
+        }
+        self.map
+            .insert("defaultLocationName".into(), Value::String(name.into()));
+        self.store_locations(&all)
+    }
+
+    /// lume's `setHomeDirectory` (`homeDirectory` of `POST /lume/config`,
+    /// and our `config set homeDirectory`): the location `home` gets this
+    /// path (added, and made the default, when there is none).
+    pub fn set_home_directory(&mut self, path: &str) -> Result<(), SettingsError> {
+        if !(path.starts_with('/') || path.starts_with("~/") || path == "~") {
+            return Err(SettingsError::NotAbsolute(path.into()));
+        }
+        let mut all = self.locations()?;
+        match all.iter_mut().find(|l| l.name == DEFAULT_LOCATION_NAME) {
+            Some(l) => l.path = path.into(),
+            None => {
+                all.push(Location {
+                    name: DEFAULT_LOCATION_NAME.into(),
+                    path: path.into(),
+                });
+                self.map
+                    .insert("defaultLocationName".into(), DEFAULT_LOCATION_NAME.into());
+            }
+        }
+        self.store_locations(&all)
+    }
+
+    /// lume's `telemetryEnabled` (lume's default: true). Stored and shown
+    /// only: lume for Linux sends no telemetry whatever it says.
+    pub fn telemetry_enabled(&self) -> Result<bool, SettingsError> {
+        Ok(self.get_bool("telemetryEnabled")?.unwrap_or(true))
+    }
+
+    /// lume's `registry.type` (default `ghcr`).
+    pub fn registry_type(&self) -> Result<String, SettingsError> {
+        match self.map.get("registry") {
+            Some(Value::Mapping(m)) => match m.get("type") {
+                None | Some(Value::Null) => Ok("ghcr".into()),
+                Some(Value::String(t)) => Ok(t.clone()),
+                Some(_) => Err(SettingsError::Type {
+                    key: "registry.type".into(),
+                    path: self.path.clone(),
+                    expected: "ghcr",
+                }),
+            },
+            _ => {
+                self.registry()?;
+                Ok("ghcr".into())
+            }
+        }
+    }
+
+    /// `lume config registry type|ghcr`: writes `registry` as lume does
+    /// (`type`, `ghcr.registry`, `ghcr.organization`), keeping any other key
+    /// under it. Only type `ghcr` is accepted.
+    pub fn set_registry(
+        &mut self,
+        kind: Option<&str>,
+        registry: Option<&str>,
+        organization: Option<&str>,
+    ) -> Result<(), SettingsError> {
+        if let Some(k) = kind
+            && k != "ghcr"
+        {
+            return Err(SettingsError::RegistryType(k.into()));
+        }
+        for (key, v) in [("registry", registry), ("organization", organization)] {
+            if v.is_some_and(|v| v.trim().is_empty()) {
+                return Err(SettingsError::EmptyValue(format!("registry.ghcr.{key}")));
+            }
+        }
+        let current = self.registry()?;
+        let mut reg = match self.map.get("registry") {
+            Some(Value::Mapping(m)) => m.clone(),
+            _ => Mapping::new(),
+        };
+        let mut ghcr = match reg.get("ghcr") {
+            Some(Value::Mapping(m)) => m.clone(),
+            _ => Mapping::new(),
+        };
+        reg.insert("type".into(), Value::String(kind.unwrap_or("ghcr").into()));
+        ghcr.insert(
+            "registry".into(),
+            Value::String(registry.map(str::to_string).unwrap_or(current.registry)),
+        );
+        ghcr.insert(
+            "organization".into(),
+            Value::String(
+                organization
+                    .map(str::to_string)
+                    .unwrap_or(current.organization),
+            ),
+        );
+        reg.insert("ghcr".into(), Value::Mapping(ghcr));
+        self.set("registry", Value::Mapping(reg))
     }
 
     /// `LUME_ACCEL`, else `accelerator` in the file, else auto.
@@ -372,12 +785,19 @@ impl Settings {
         }
         Ok(out)
     }
+}
 
-    /// The `homeDirectory` setting (lume's name for the VM location), if any.
-    pub fn home_directory() -> Option<PathBuf> {
-        let s = Self::load().ok()?.get_str("homeDirectory").ok()??;
-        Some(expand_home(&s))
-    }
+/// The lock file of config.yaml's changes.
+fn lock_path(config: &Path) -> PathBuf {
+    config.with_file_name(".config.yaml.lock")
+}
+
+/// Location names, comma-separated, for messages.
+pub fn names(all: &[Location]) -> String {
+    all.iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -451,7 +871,8 @@ mod tests {
             Some("firewallAccommodation")
         );
         assert_eq!(closest_known_key("natSubent"), Some("natSubnet"));
-        assert_eq!(closest_known_key("cachingEnabled"), None);
+        assert_eq!(closest_known_key("someFutureKey"), None);
+        assert_eq!(closest_known_key("cachingenabled"), Some("cachingEnabled"));
     }
 
     #[test]
@@ -476,6 +897,130 @@ mod tests {
         std::fs::write(&p, "registry: ghcr.io\n").unwrap();
         let e = Settings::load_from(&p).unwrap().registry().unwrap_err();
         assert!(e.to_string().contains("registry"), "{e}");
+    }
+
+    /// Exactly what lume 0.5.3's `saveSettings` (Settings.swift) writes.
+    pub const LUME_WRITTEN: &str = "# Lume Configuration\n\ndefaultLocationName: \"ssd\"\ncacheDirectory: \"~/.lume/cache\"\ncachingEnabled: false\ntelemetryEnabled: false\n\n# VM Locations\nvmLocations:\n  - name: \"home\"\n    path: \"~/.lume\"\n  - name: \"ssd\"\n    path: \"/Volumes/SSD/lume\"\n\n# Registry Configuration\nregistry:\n  type: \"ghcr\"\n  ghcr:\n    registry: \"ghcr.io\"\n    organization: \"trycua\"\n";
+
+    #[test]
+    fn a_config_written_by_lume_on_macos_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, LUME_WRITTEN).unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.default_location_name().unwrap(), "ssd");
+        assert_eq!(
+            s.locations().unwrap(),
+            vec![
+                Location {
+                    name: "home".into(),
+                    path: "~/.lume".into()
+                },
+                Location {
+                    name: "ssd".into(),
+                    path: "/Volumes/SSD/lume".into()
+                }
+            ]
+        );
+        assert_eq!(
+            s.default_location().unwrap().root(),
+            PathBuf::from("/Volumes/SSD/lume")
+        );
+        assert!(!s.telemetry_enabled().unwrap());
+        assert!(!s.caching_enabled().unwrap());
+        assert_eq!(s.registry_type().unwrap(), "ghcr");
+        assert_eq!(s.registry().unwrap(), RegistryDefaults::default());
+        // Not rewritten by loading.
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), LUME_WRITTEN);
+    }
+
+    #[test]
+    fn an_earlier_releases_home_directory_becomes_location_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(
+            &p,
+            "homeDirectory: /srv/vms\nnatSubnet: 10.9.0.0/24\nfuture: 1\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(
+            s.default_location().unwrap().root(),
+            PathBuf::from("/srv/vms")
+        );
+        assert_eq!(s.default_location().unwrap().name, "home");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains("homeDirectory"), "{text}");
+        let again = Settings::load_from(&p).unwrap();
+        assert_eq!(
+            again.get_str("natSubnet").unwrap().as_deref(),
+            Some("10.9.0.0/24")
+        );
+        assert!(again.as_mapping().contains_key("future"));
+        assert_eq!(again.locations().unwrap().len(), 1);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn locations_are_added_removed_and_made_default_by_lumes_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        let mut s = Settings::load_from(&p).unwrap();
+        assert!(matches!(
+            s.add_location("bad name", "/srv/x"),
+            Err(SettingsError::BadLocationName(_))
+        ));
+        assert!(matches!(
+            s.add_location("home", "/srv/x"),
+            Err(SettingsError::DuplicateLocation(_))
+        ));
+        assert!(matches!(
+            s.add_location("rel", "srv/x"),
+            Err(SettingsError::RelativeLocation(_))
+        ));
+        s.add_location("fast", "/srv/fast").unwrap();
+        assert!(matches!(
+            s.remove_location("home"),
+            Err(SettingsError::RemoveDefault(_))
+        ));
+        assert!(matches!(
+            s.set_default_location("nope"),
+            Err(SettingsError::LocationNotFound { .. })
+        ));
+        s.set_default_location("fast").unwrap();
+        s.remove_location("home").unwrap();
+        let mut again = Settings::load_from(&p).unwrap();
+        assert_eq!(again.default_location().unwrap().path, "/srv/fast");
+        assert!(matches!(
+            again.set_registry(Some("gcs"), None, None),
+            Err(SettingsError::RegistryType(_))
+        ));
+    }
+
+    /// Changes made at the same time by many threads are all kept.
+    #[test]
+    fn concurrent_changes_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::thread::scope(|scope| {
+            for i in 0..8 {
+                let p = &p;
+                scope.spawn(move || {
+                    Settings::update_at(p, |s| {
+                        s.add_location(&format!("loc{i}"), &format!("/srv/loc{i}"))
+                    })
+                    .unwrap()
+                });
+            }
+        });
+        assert_eq!(
+            Settings::load_from(&p).unwrap().locations().unwrap().len(),
+            9
+        );
     }
 
     #[test]

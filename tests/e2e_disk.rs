@@ -202,7 +202,7 @@ fn a_relative_storage_path_runs() {
             .cmd()
             .current_dir(home.path())
             .args(args)
-            .args(["--storage", "vms"])
+            .args(["--storage", "./vms"])
             .output()
             .unwrap();
         assert!(

@@ -36,7 +36,8 @@ fn create_guest(ns: &Netns, home: &Home, name: &str, network: &str) {
 }
 
 fn details(ns: &Netns, home: &Home, name: &str) -> Value {
-    serde_json::from_str(&ns.lume_ok(home, &["get", name, "-f", "json"])).unwrap()
+    let all: Value = serde_json::from_str(&ns.lume_ok(home, &["get", name, "-f", "json"])).unwrap();
+    all[0].clone()
 }
 
 fn pid_alive(pid: u64) -> bool {
@@ -100,7 +101,11 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     assert!(!pid_alive(qemu_pid));
     assert!(!home.vm_dir("vm1").join("run.json").exists());
     assert!(!home.vm_dir("vm1").join("qmp.sock").exists());
-    assert!(ns.lume_ok(&home, &["stop", "vm1"]).contains("not running"));
+    // As lume: stopping it again is an error.
+    assert!(
+        ns.lume_fails(&home, &["stop", "vm1"])
+            .contains("VM 'vm1' is not running")
+    );
 
     // SIGKILL to QEMU: the supervisor notices, the VM is stopped and can start at once.
     ns.lume_ok(&home, &["run", "vm1", "--detach"]);
@@ -133,8 +138,13 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     ns.lume_ok(&home, &["run", "vm1", "--detach"]);
     assert_eq!(details(&ns, &home, "vm1")["status"], "running");
 
-    // Delete refuses a running VM without --force, and --force stops it first.
-    assert!(ns.lume_fails(&home, &["delete", "vm1"]).contains("--force"));
+    // Delete without an answer (stdin closed) deletes nothing, as lume;
+    // --force stops the VM first.
+    assert!(
+        ns.lume_ok(&home, &["delete", "vm1"])
+            .contains("Deletion cancelled")
+    );
+    assert_eq!(details(&ns, &home, "vm1")["status"], "running");
     ns.lume_ok(&home, &["delete", "vm1", "--force"]);
     assert!(!home.vm_dir("vm1").exists());
     let leftovers = ns.exec_ok("pgrep -f qemu-system-x86_64 -a || true");

@@ -94,6 +94,7 @@ fn unprivileged_user_mode_vm_serves_through_a_published_port() {
     );
     let details = ns.lume_ok(&home, &["get", "web", "-f", "json"]);
     let d: serde_json::Value = serde_json::from_str(&details).unwrap();
+    let d = &d[0];
     assert!(page.contains(d["macAddress"].as_str().unwrap()), "{page}");
     assert_eq!(d["ipAddress"], "198.51.100.15");
     let ports: Vec<&str> = d["network"]["publishedPorts"]

@@ -11,7 +11,7 @@ use crate::hypervisor::supervisor::RunError;
 use crate::image::import::ImportError;
 use crate::network::attach::AttachError;
 use crate::vm::VmError;
-use crate::vm::actions::Settable;
+use crate::vm::config::ConfigError;
 use crate::vm::store::StoreError;
 
 /// The body of every error response.
@@ -50,22 +50,15 @@ impl ApiError {
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = vm_status(&e);
-        match e {
-            // The VM layer's text names CLI flags: this door names its fields.
-            VmError::NothingToSet => Self::new(
-                status,
-                format!(
-                    "Nothing to change: give at least one of the fields {}",
-                    Settable::listed(Settable::field)
-                ),
-            ),
-            e => Self::new(status, crate::error_chain(&e)),
-        }
+        Self::new(status, crate::error_chain(&e))
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            super::log_error(&self.message);
+        }
         let mut response = (
             self.status,
             Json(ErrorBody {
@@ -122,6 +115,8 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             crate::guest::cloudinit::SeedError::UnknownUserData { .. }
             | crate::guest::cloudinit::SeedError::UserDataTooLarge { .. },
         ) => BAD,
+        // A display that is not WIDTHxHEIGHT.
+        VmError::Config(ConfigError::Display(_)) => BAD,
         VmError::Import(ImportError::Read { .. } | ImportError::Disk(_))
         | VmError::Image(_)
         | VmError::Config(_)
@@ -141,7 +136,6 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::TwoBootSources
         | VmError::Sha256WithoutImage
         | VmError::NeedsForce(_)
-        | VmError::NothingToSet
         | VmError::TimeoutTooLong(_) => BAD,
         // A host file the caller could not open itself, or a storage
         // location another user can change.
@@ -234,7 +228,10 @@ mod tests {
             (VmError::DiskWhileRunning(name()), StatusCode::CONFLICT),
             (VmError::CloneWhileRunning(name()), StatusCode::CONFLICT),
             (VmError::NoCpu, StatusCode::BAD_REQUEST),
-            (VmError::NothingToSet, StatusCode::BAD_REQUEST),
+            (
+                VmError::Config(ConfigError::Display("1x".into())),
+                StatusCode::BAD_REQUEST,
+            ),
             (
                 AttachError::PublishNotSupported(crate::network::NetworkMode::None).into(),
                 StatusCode::BAD_REQUEST,
@@ -247,20 +244,6 @@ mod tests {
         for (e, status) in cases {
             assert_eq!(vm_status(&e), status, "{e}");
         }
-    }
-
-    #[test]
-    fn nothing_to_set_names_json_fields_not_flags() {
-        let e: ApiError = VmError::NothingToSet.into();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert_eq!(
-            e.message,
-            "Nothing to change: give at least one of the fields cpu, memory, diskSize, network"
-        );
-        assert_eq!(
-            VmError::NothingToSet.to_string(),
-            "Nothing to change: give at least one of --cpu, --memory, --disk-size, --network"
-        );
     }
 
     #[test]

@@ -106,19 +106,69 @@ impl AppState {
     tags(
         (name = "vms", description = "Create, run, stop, change, clone and delete VMs"),
         (name = "host", description = "Settings and status"),
+        (name = "config", description = "lume's settings and VM locations (config.yaml)"),
         (name = "network", description = "Host networking"),
         (name = "meta", description = "This API"),
     )
 )]
 struct ApiDoc;
 
+/// How many recent log lines the server keeps for `GET /lume/logs`.
+pub const LOG_LINES_KEPT: usize = 2000;
+
+/// The longest line kept (in bytes; longer ones are cut): a client's long
+/// URL cannot make the kept log large (at most about 4 MiB in all).
+pub const LOG_LINE_KEPT_BYTES: usize = 2048;
+
+/// One kept line of the server's log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub error: bool,
+    pub text: String,
+}
+
+/// The server's recent log lines, newest last (this process's only: the
+/// log lives in memory, never in a file another user could read or plant).
+static RECENT_LOG: Mutex<std::collections::VecDeque<LogLine>> =
+    Mutex::new(std::collections::VecDeque::new());
+
+fn write_log(error: bool, line: &str) {
+    let mut text = format!("[{}] {line}", crate::util::time::timestamp());
+    let _ = writeln!(std::io::stderr(), "{text}");
+    if text.len() > LOG_LINE_KEPT_BYTES {
+        let mut cut = LOG_LINE_KEPT_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" [cut]");
+    }
+    let mut kept = RECENT_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.len() == LOG_LINES_KEPT {
+        kept.pop_front();
+    }
+    kept.push_back(LogLine { error, text });
+}
+
 /// Writes one timestamped line to the server's log (stderr).
 pub fn log(line: &str) {
-    let _ = writeln!(
-        std::io::stderr(),
-        "[{}] {line}",
-        crate::util::time::timestamp()
-    );
+    write_log(false, line);
+}
+
+/// Writes one timestamped line about a failure to the server's log
+/// (stderr); `GET /lume/logs` lists it under `error`.
+pub fn log_error(line: &str) {
+    write_log(true, line);
+}
+
+/// The recent log lines, oldest first.
+pub fn recent_log() -> Vec<LogLine> {
+    RECENT_LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// The router and its OpenAPI document, both built from the routes'
@@ -132,8 +182,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::shutdown_vm))
         .routes(routes!(routes::restart_vm))
         .routes(routes!(routes::clone_vm))
-        .routes(routes!(routes::get_config))
+        .routes(routes!(routes::get_config, routes::update_config))
+        .routes(routes!(routes::get_locations, routes::add_location))
+        .routes(routes!(routes::remove_location))
+        .routes(routes!(routes::set_default_location))
         .routes(routes!(routes::host_status))
+        .routes(routes!(routes::get_logs))
+        .routes(routes!(routes::setup_vm))
+        .routes(routes!(routes::ipsw))
         .routes(routes!(routes::network_interfaces))
         .routes(routes!(routes::network_doctor))
         .routes(routes!(routes::openapi_json))
@@ -262,11 +318,14 @@ async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let response = next.run(req).await;
-    log(&format!(
-        "{method} {path} -> {} ({} ms)",
-        response.status().as_u16(),
-        start.elapsed().as_millis()
-    ));
+    write_log(
+        response.status().is_server_error(),
+        &format!(
+            "{method} {path} -> {} ({} ms)",
+            response.status().as_u16(),
+            start.elapsed().as_millis()
+        ),
+    );
     response
 }
 
@@ -485,6 +544,37 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kept_log_is_bounded() {
+        // Other tests may log meanwhile: only this test's marked lines count.
+        let marker = "kept-log-test";
+        log_error(&format!("{marker} GET /{} -> 500", "é".repeat(3000)));
+        for i in 0..LOG_LINES_KEPT {
+            log(&format!("{marker} line {i}"));
+        }
+        let kept = recent_log();
+        assert_eq!(kept.len(), LOG_LINES_KEPT);
+        assert!(kept.iter().all(|l| l.text.len() <= LOG_LINE_KEPT_BYTES + 6));
+        assert!(
+            !kept.iter().any(|l| l.text.contains("GET /é")),
+            "the oldest went"
+        );
+        log_error(&format!(
+            "{marker} {}",
+            "x".repeat(10 * LOG_LINE_KEPT_BYTES)
+        ));
+        let cut = recent_log()
+            .into_iter()
+            .rfind(|l| l.error && l.text.contains(marker))
+            .unwrap();
+        assert!(cut.text.ends_with(" [cut]"));
+        assert!(
+            cut.text.len() <= LOG_LINE_KEPT_BYTES + 6,
+            "{}",
+            cut.text.len()
+        );
+    }
 
     #[test]
     fn the_start_line_names_the_sudo_user() {

@@ -16,6 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiQuery, JsonBody, OptionalJsonBody, VmPath, Who};
+use crate::compat::{MACOS_ONLY, NOT_YET};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::interfaces::HostInterface;
@@ -24,6 +25,7 @@ use crate::settings::Settings;
 use crate::vm::actions::begin_create;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
 use crate::vm::details::VmDetails;
+use crate::vm::location;
 use crate::vm::size::parse_size;
 use crate::vm::store::Store;
 use crate::vm::{Action, Caller, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
@@ -34,6 +36,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// `default` means the server's location).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct StorageQuery {
     /// VM location: an absolute path; absent or `default` for the server's location.
     /// Only a caller who is the user the server runs as may name another
@@ -41,9 +44,19 @@ pub struct StorageQuery {
     pub storage: Option<String>,
 }
 
-/// `POST /lume/vms`.
+/// A field sent as `null` is the same as a field left out.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `POST /lume/vms`. A field this server does not know is refused (400),
+/// never dropped; lume's fields that need macOS are refused by name.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateVmRequest {
     /// VM name: 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.
     #[schema(example = "web")]
@@ -60,7 +73,8 @@ pub struct CreateVmRequest {
     /// Disk size (default `20GB`).
     #[schema(example = "20GB")]
     pub disk_size: Option<String>,
-    /// Recorded for lume compatibility (default `1024x768`).
+    /// WIDTHxHEIGHT, recorded for lume compatibility (default `1024x768`).
+    #[schema(example = "1024x768")]
     pub display: Option<String>,
     /// nat (default), bridged, bridged:<interface>, host, user, none.
     #[schema(example = "user")]
@@ -84,23 +98,30 @@ pub struct CreateVmRequest {
     #[schema(example = "52:54:00:12:34:56")]
     pub mac_address: Option<String>,
     /// Ports published at every start: `[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     #[schema(example = json!(["127.0.0.1:8080:80"]))]
     pub publish: Vec<String>,
     /// Absolute path of the caller's own cloud-init user-data, combined with
     /// lume's (see docs/images.md).
     pub cloud_init: Option<String>,
     /// No cloud-init seed at all.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub no_cloud_init: bool,
     /// User `lume` gets no password (key logins only).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub no_password: bool,
+    /// lume's macOS restore image: refused (macOS guests need an Apple host).
+    #[schema(value_type = Option<String>)]
+    pub ipsw: Option<Value>,
+    /// lume's unattended macOS setup: refused (macOS guests need an Apple host).
+    #[schema(value_type = Option<String>)]
+    pub unattended: Option<Value>,
 }
 
 /// `PATCH /lume/vms/{name}`: the fields to change, from the next start.
+/// With none, nothing changes and the answer is still 200 (as lume).
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SetVmRequest {
     #[schema(example = 4)]
     pub cpu: Option<u32>,
@@ -110,7 +131,16 @@ pub struct SetVmRequest {
     #[schema(example = "40GB")]
     pub disk_size: Option<String>,
     pub network: Option<String>,
+    /// WIDTHxHEIGHT.
+    #[schema(example = "1280x800")]
+    pub display: Option<String>,
     pub storage: Option<String>,
+    /// lume's macOS disk-resize option: refused when true.
+    pub no_backup: Option<bool>,
+    /// lume's macOS disk-resize option: refused when true.
+    pub keep_backup: Option<bool>,
+    /// lume's macOS disk-resize option: refused when true.
+    pub dry_run: Option<bool>,
 }
 
 /// One path or several.
@@ -132,32 +162,47 @@ impl OneOrMany {
 
 /// `POST /lume/vms/{name}/run` (the body may be left out).
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunVmRequest {
     /// Network mode for this run only.
     pub network: Option<String>,
     /// Absolute path(s) of ISO images to attach read-only.
     pub mount: Option<OneOrMany>,
     /// Absolute paths of extra disks (raw or qcow2).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub disks: Vec<String>,
     /// Ports published for this run, on top of the saved ones.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub publish: Vec<String>,
     pub storage: Option<String>,
-    /// Accepted for lume compatibility: VMs always run headless.
+    /// Accepted for lume compatibility: VMs always run headless (`false`
+    /// is answered with a warning).
     pub no_display: Option<bool>,
-    /// Refused when not empty: shared directories are not supported.
-    #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
-    pub shared_directories: Vec<Value>,
+    /// lume's shared directories: refused when not empty (not supported
+    /// yet); `[]` and `null` are accepted.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub shared_directories: Option<Vec<Value>>,
     /// Refused when true: there is no recovery mode for Linux guests.
     pub recovery_mode: Option<bool>,
+    /// lume's disk in place of the VM's own: refused (not supported yet).
+    pub disk_path: Option<String>,
+    /// lume's NVRAM file: refused (macOS guests only).
+    pub nvram_path: Option<String>,
+    /// lume's clipboard sync: refused when true (not supported yet).
+    pub clipboard: Option<bool>,
+    /// Sent by lume's Python SDK (cua-computer); lume ignores it on run, and
+    /// so does this server, saying so in the answer's `warnings`
+    /// (change it with PATCH /lume/vms/{name}).
+    #[schema(value_type = Option<Object>)]
+    pub cpu: Option<Value>,
+    /// As `cpu`.
+    #[schema(value_type = Option<Object>)]
+    pub memory: Option<Value>,
 }
 
 /// `POST /lume/vms/{name}/stop` (the body may be left out).
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StopVmRequest {
     /// Seconds to wait for the ACPI power-off before forcing QEMU off (default 15, at most 3600).
     #[schema(example = 15)]
@@ -168,7 +213,7 @@ pub struct StopVmRequest {
 /// `POST /lume/vms/{name}/shutdown` and `/restart` (the body may be left
 /// out): lume's options of `lume shutdown` and `lume restart`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GuestPowerRequest {
     /// SSH user for the SSH way (default `lume`).
     pub user: Option<String>,
@@ -197,31 +242,25 @@ impl GuestPowerRequest {
 /// `agent`, `ssh`, `acpi`, `reset` or `forced`.
 pub const POWER_METHOD_HEADER: &str = "lume-power-method";
 
-fn with_method(
-    method: Option<crate::guest::power::PowerMethod>,
-    d: VmDetails,
-) -> (
-    [(axum::http::HeaderName, axum::http::HeaderValue); 1],
-    Json<VmDetails>,
-) {
-    let value = method.map_or("none", |m| m.as_str());
+fn with_method(method: crate::guest::power::PowerMethod, m: Message) -> PowerResponse {
+    let value = method.as_str();
     (
         [(
             axum::http::HeaderName::from_static(POWER_METHOD_HEADER),
             axum::http::HeaderValue::from_static(value),
         )],
-        Json(d),
+        Json(m),
     )
 }
 
 type PowerResponse = (
     [(axum::http::HeaderName, axum::http::HeaderValue); 1],
-    Json<VmDetails>,
+    Json<Message>,
 );
 
 /// `POST /lume/vms/clone`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneVmRequest {
     /// The stopped VM to copy.
     #[schema(example = "web")]
@@ -229,33 +268,117 @@ pub struct CloneVmRequest {
     #[schema(example = "web2")]
     pub new_name: String,
     pub storage: Option<String>,
-    /// Refused: both VMs live in one location (`storage`).
+    /// The source VM's location (name or absolute path; default: the
+    /// location holding it, else `storage`).
     pub source_location: Option<String>,
-    /// Refused: both VMs live in one location (`storage`).
+    /// Where the clone goes (name or absolute path; default: `storage`,
+    /// else the server's own location).
     pub dest_location: Option<String>,
 }
 
-/// `DELETE` answers with this.
+/// lume's answer to a request that was done: `{"message": ...}` (stop,
+/// set, delete; and shutdown, restart here).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Deleted {
-    #[schema(example = "VM 'web' deleted")]
+pub struct Message {
+    #[schema(example = "VM stopped successfully")]
     pub message: String,
 }
 
-/// `GET /lume/host/status`.
+impl Message {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+/// lume's answer to create and run: `{message, name, status}`.
 #[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HostStatus {
-    #[schema(example = "ok")]
+pub struct Accepted {
+    #[schema(example = "VM creation started")]
+    pub message: String,
+    #[schema(example = "web")]
+    pub name: String,
+    /// The VM's status now: `provisioning` while an image URL is imported,
+    /// `stopped` once created, `running` after run.
+    #[schema(example = "provisioning")]
     pub status: String,
+    /// What the server did not do of the request (present only when
+    /// something was not applied).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// lume's answer to a clone.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cloned {
+    #[schema(example = "VM cloned successfully")]
+    pub message: String,
+    #[schema(example = "web")]
+    pub source: String,
+    #[schema(example = "web2")]
+    pub destination: String,
+}
+
+/// `GET /lume/host/status`, in lume's snake_case keys. As in lume,
+/// `vm_count` counts the running VMs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HostStatus {
+    #[schema(example = "healthy")]
+    pub status: String,
+    /// Running VMs (lume's meaning).
     pub vm_count: usize,
-    pub running_count: usize,
+    /// How many VMs this host is meant to run at once: its number of CPUs
+    /// (lume's figure is Apple's limit of 2; Linux has no such limit).
+    pub max_vms: usize,
+    /// `max_vms` minus the running VMs, at least 0.
+    pub available_slots: usize,
     #[schema(example = "0.1.0")]
     pub version: String,
+    /// Every VM of the server's location, running or not (ours).
+    pub total_vms: usize,
+}
+
+/// `GET /lume/logs`: lume's query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// `info`, `error` or `all` (default).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Only the last this many lines of each.
+    pub lines: Option<usize>,
+}
+
+/// `GET /lume/logs`: lume's keys, each the log's text (present as `type`
+/// asks).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Logs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
 // Turning request fields into action fields: every mistake is a 400.
+
+/// The 400 of a lume field or route this server does not support.
+fn refused(what: &str, why: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "{what} is not supported by lume on Linux ({why}): leave it out of the request"
+    ))
+}
+
+/// Refuses lume's field `what` when `given`: never accepted and dropped.
+fn refuse(given: bool, what: &str, why: &str) -> ApiResult<()> {
+    if given {
+        Err(refused(what, why))
+    } else {
+        Ok(())
+    }
+}
 
 fn field<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> ApiResult<T> {
     r.map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
@@ -339,12 +462,30 @@ pub fn allowed_storage(
 // ---------------------------------------------------------------------------
 // Running actions.
 
-/// A request's `storage`: `None` for the server's own location.
-fn requested_storage(storage: Option<&str>) -> ApiResult<Option<PathBuf>> {
-    match storage.map(str::trim) {
-        None | Some("") | Some("default") => Ok(None),
-        Some(s) => abs_path("storage", s).map(Some),
+/// A request's `storage`, read as the CLI reads `--storage`
+/// ([`location::resolve`]: a location name of the server's config.yaml,
+/// else an absolute path): `None` for the server's own location (absent,
+/// empty, or `default`, the name earlier releases reported).
+fn requested_storage(storage: Option<&str>) -> ApiResult<Option<Store>> {
+    let spec = match storage.map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(s) => s,
+    };
+    let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+    let named = settings
+        .locations()
+        .map_err(|e| ApiError::internal(&e))?
+        .iter()
+        .any(|l| l.name == spec);
+    if spec == "default" && !named {
+        return Ok(None);
     }
+    if !named && spec.contains('/') {
+        abs_path("storage", spec)?;
+    }
+    location::resolve(&settings, spec)
+        .map(|r| Some(r.store))
+        .map_err(|e| ApiError::bad_request(crate::error_chain(&e)))
 }
 
 impl AppState {
@@ -361,21 +502,62 @@ impl AppState {
         let server = self.server_store();
         match requested_storage(storage)? {
             None => Ok(server),
-            Some(path) => {
-                allowed_storage(caller, self.euid, &path, server.root())?;
-                if same_path(&path, server.root()) {
+            Some(store) => {
+                allowed_storage(caller, self.euid, store.root(), server.root())?;
+                if same_path(store.root(), server.root()) {
                     Ok(server)
                 } else {
-                    Ok(Store::new(Some(path)))
+                    Ok(store)
                 }
             }
         }
     }
 
-    /// The location whose turn locks a request takes: the requested path as
-    /// given (only a valid path is needed; nothing is decided here).
+    /// Whether `caller` may choose locations and change the server's
+    /// config.yaml: the server's own user only (the storage rule).
+    fn owns_server(&self, caller: &Caller) -> bool {
+        caller.uid == self.euid
+    }
+
+    /// Every location a request without `storage` sees: the server's own,
+    /// then (for the server's own user) each configured location in
+    /// config.yaml's order.
+    fn visible_stores(&self, caller: &Caller) -> ApiResult<Vec<Store>> {
+        let mut out = vec![self.server_store()];
+        if self.owns_server(caller) {
+            let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+            for s in location::all_stores(&settings)
+                .map_err(|e| ApiError::bad_request(crate::error_chain(&e)))?
+            {
+                if !out.iter().any(|o| same_path(o.root(), s.root())) {
+                    out.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// lume's search for a VM named without `storage`: the first visible
+    /// location holding it, as a `storage` value; `None` (the server's own
+    /// location) when none does.
+    fn storage_holding(&self, caller: &Caller, vm: &VmName) -> ApiResult<Option<String>> {
+        for s in self.visible_stores(caller)? {
+            if s.vm(vm).config_path().exists() || s.is_provisioning(vm) {
+                // Its name (a configured location) or its absolute path:
+                // either reads back as this location.
+                return Ok(Some(s.location_name()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The location whose turn locks a request takes: the requested
+    /// location's path (only a valid storage is needed; nothing is decided
+    /// here).
     fn turn_root(&self, storage: Option<&str>) -> ApiResult<PathBuf> {
-        Ok(requested_storage(storage)?.unwrap_or_else(|| self.server_store().root().to_path_buf()))
+        Ok(requested_storage(storage)?
+            .map(|s| s.root().to_path_buf())
+            .unwrap_or_else(|| self.server_store().root().to_path_buf()))
     }
 
     /// Settings are read for every request, like every CLI command reads
@@ -427,8 +609,27 @@ async fn on_vm<T: Send + 'static>(
     vm: &VmName,
     f: impl FnOnce(&Context) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
+    let found = storage_of_vm(st, caller, storage, vm).await?;
+    let storage = found.as_deref().or(storage);
     let _turn = st.vm_turn(&st.turn_root(storage)?, vm).await;
     in_location(st, caller, storage, f).await
+}
+
+/// Without `storage`: the location holding `vm` (lume's search; see
+/// [`AppState::storage_holding`]), as a `storage` value.
+async fn storage_of_vm(
+    st: &Arc<AppState>,
+    caller: &Caller,
+    storage: Option<&str>,
+    vm: &VmName,
+) -> ApiResult<Option<String>> {
+    match storage {
+        Some(s) if !s.trim().is_empty() => Ok(None),
+        _ => {
+            let (st2, caller2, vm2) = (st.clone(), caller.clone(), vm.clone());
+            blocking(move || st2.storage_holding(&caller2, &vm2)).await
+        }
+    }
 }
 
 /// Runs a stop, shutdown or restart on `vm` and answers with its details and
@@ -440,14 +641,13 @@ async fn power(
     vm: VmName,
     action: Action,
 ) -> ApiResult<PowerResponse> {
-    let name = vm.clone();
     on_vm(st, caller, storage, &vm, move |ctx| {
-        let method = match run(ctx, action)? {
-            Outcome::Stopped { method, .. } => method,
-            Outcome::Restarted { method, .. } => Some(method),
+        let (method, message) = match run(ctx, action)? {
+            Outcome::Stopped { method, .. } => (method, "VM stopped successfully"),
+            Outcome::Restarted { method, .. } => (method, "VM restart requested"),
             o => return Err(unexpected(&o)),
         };
-        Ok(with_method(method, details(ctx, name)?))
+        Ok(with_method(method, Message::new(message)))
     })
     .await
 }
@@ -482,6 +682,17 @@ pub async fn list_vms(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
 ) -> ApiResult<Json<Vec<VmDetails>>> {
+    if q.storage.as_deref().is_none_or(|s| s.trim().is_empty()) {
+        // lume: every location (for other callers: the server's own only).
+        return blocking(move || {
+            let stores = st.visible_stores(&caller)?;
+            let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+            location::list_every(&settings, &caller, stores, &mut |l: &str| super::log(l))
+                .map(Json)
+                .map_err(ApiError::from)
+        })
+        .await;
+    }
     match in_location(&st, &caller, q.storage.as_deref(), |ctx| {
         run(ctx, Action::List)
     })
@@ -492,14 +703,16 @@ pub async fn list_vms(
     }
 }
 
-/// Create a VM. With an image URL the server answers 202 as soon as the
-/// import starts: the VM is listed with status `provisioning` until it is
-/// `stopped` (done) or gone (failed; the error is in the server's log).
+/// Create a VM; answers 202 with lume's `{message, name, status}`. With an
+/// image URL the answer comes as soon as the import starts: the VM is
+/// listed with status `provisioning` until it is `stopped` (done) or gone
+/// (failed; the error is in the server's log, GET /lume/logs). Otherwise
+/// the VM is made before the answer (status `stopped`), and a failure is
+/// an error answer.
 #[utoipa::path(post, path = "/lume/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
-        (status = 201, description = "Created", body = VmDetails),
-        (status = 202, description = "Image URL: the import started; the VM is `provisioning`", body = VmDetails),
-        (status = 400, description = "Malformed JSON, a missing name, an invalid name, size, network mode, MAC, published port, path, URL or checksum, a missing kernel or image, an image lume does not import or whose checksum differs", body = ErrorBody),
+        (status = 202, description = "Created (`stopped`), or for an image URL the import started (`provisioning`)", body = Accepted),
+        (status = 400, description = "Malformed JSON, an unknown field, `ipsw` or `unattended` (macOS only), a missing name, an invalid name, size, display, network mode, MAC, published port, path, URL or checksum, a missing kernel or image, an image lume does not import or whose checksum differs", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 409, description = "A VM of that name exists or is being provisioned", body = ErrorBody),
         (status = 413, description = "Body larger than 64 KiB", body = ErrorBody),
@@ -510,8 +723,15 @@ pub async fn create_vm(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<CreateVmRequest>,
-) -> ApiResult<(StatusCode, Json<VmDetails>)> {
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    refuse(r.ipsw.is_some(), "ipsw", MACOS_ONLY)?;
+    refuse(r.unattended.is_some(), "unattended", MACOS_ONLY)?;
     let vm = name(&r.name)?;
+    let display = r
+        .display
+        .as_deref()
+        .map(|d| field("display", crate::vm::config::parse_display(d)))
+        .transpose()?;
     let image = match r.image.as_deref() {
         Some(s) if s.contains("://") => Some(field("image", ImageSource::from_str(s))?),
         other => opt_path("image", other)?.map(ImageSource::Path),
@@ -522,7 +742,7 @@ pub async fn create_vm(
         cpu: r.cpu.unwrap_or(2),
         memory: size("memory", r.memory.as_deref())?.unwrap_or(2 << 30),
         disk_size: size("diskSize", r.disk_size.as_deref())?.unwrap_or(20 << 30),
-        display: r.display.unwrap_or_else(|| DEFAULT_DISPLAY.into()),
+        display: display.unwrap_or_else(|| DEFAULT_DISPLAY.into()),
         network: mode(r.network.as_deref())?.unwrap_or_default(),
         mac: r
             .mac_address
@@ -558,7 +778,7 @@ pub async fn create_vm(
                 let name = pending.name().clone();
                 match pending.finish(&mut |line: &str| super::log(line)) {
                     Ok(_) => super::log(&format!("VM '{name}' created from its image")),
-                    Err(e) => super::log(&format!(
+                    Err(e) => super::log_error(&format!(
                         "Creating VM '{name}' failed: {}",
                         crate::error_chain(&e)
                     )),
@@ -567,11 +787,27 @@ pub async fn create_vm(
             Ok(details)
         })
         .await?;
-        return Ok((StatusCode::ACCEPTED, Json(details)));
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                message: "VM creation started".into(),
+                name: details.name,
+                status: details.status,
+                warnings: Vec::new(),
+            }),
+        ));
     }
     let action = Action::Create(Box::new(spec));
     match on_vm(&st, &caller, storage, &vm, |ctx| run(ctx, action)).await? {
-        Outcome::Created(d) => Ok((StatusCode::CREATED, Json(d))),
+        Outcome::Created(d) => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                message: "VM created".into(),
+                name: d.name,
+                status: d.status,
+                warnings: Vec::new(),
+            }),
+        )),
         o => Err(unexpected(&o)),
     }
 }
@@ -600,18 +836,22 @@ async fn get_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
-    in_location(&st, &caller, q.storage.as_deref(), |ctx| details(ctx, vm))
+    let found = storage_of_vm(&st, &caller, q.storage.as_deref(), &vm).await?;
+    let storage = found.as_deref().or(q.storage.as_deref());
+    in_location(&st, &caller, storage, |ctx| details(ctx, vm))
         .await
         .map(Json)
 }
 
-/// Change a VM's CPU count, memory, disk size (grow only, VM stopped) or network mode, from its next start.
+/// Change a VM's CPU count, memory, disk size (grow only, VM stopped),
+/// display or network mode, from its next start. Nothing to change is
+/// not an error (as lume).
 #[utoipa::path(patch, path = "/lume/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body = SetVmRequest,
     responses(
-        (status = 200, description = "Updated", body = VmDetails),
-        (status = 400, description = "Nothing to change, a bad size or network mode, a shrinking disk", body = ErrorBody),
+        (status = 200, description = "Updated", body = Message),
+        (status = 400, description = "An unknown field, noBackup, keepBackup or dryRun (macOS only), a bad size, display or network mode, a shrinking disk", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Disk change while the VM runs, or the VM is busy", body = ErrorBody),
@@ -622,7 +862,7 @@ pub async fn set_vm(
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<SetVmRequest>,
-) -> ApiResult<Json<VmDetails>> {
+) -> ApiResult<Json<Message>> {
     set_vm_named(st, caller, vm, q, r).await
 }
 
@@ -632,13 +872,22 @@ async fn set_vm_named(
     vm: VmName,
     q: StorageQuery,
     r: SetVmRequest,
-) -> ApiResult<Json<VmDetails>> {
+) -> ApiResult<Json<Message>> {
+    refuse(r.no_backup == Some(true), "noBackup", MACOS_ONLY)?;
+    refuse(r.keep_backup == Some(true), "keepBackup", MACOS_ONLY)?;
+    refuse(r.dry_run == Some(true), "dryRun", MACOS_ONLY)?;
+    let display = r
+        .display
+        .as_deref()
+        .map(|d| field("display", crate::vm::config::parse_display(d)))
+        .transpose()?;
     let spec = SetSpec {
         name: vm.clone(),
         cpu: r.cpu,
         memory: size("memory", r.memory.as_deref())?,
         disk_size: size("diskSize", r.disk_size.as_deref())?,
         network: mode(r.network.as_deref())?,
+        display,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     match on_vm(&st, &caller, storage, &vm, |ctx| {
@@ -646,7 +895,7 @@ async fn set_vm_named(
     })
     .await?
     {
-        Outcome::Updated(d) => Ok(Json(d)),
+        Outcome::Updated(_) => Ok(Json(Message::new("VM settings updated successfully"))),
         o => Err(unexpected(&o)),
     }
 }
@@ -655,7 +904,7 @@ async fn set_vm_named(
 #[utoipa::path(delete, path = "/lume/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     responses(
-        (status = 200, description = "Deleted", body = Deleted),
+        (status = 200, description = "Deleted", body = Message),
         (status = 400, description = "Invalid name", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "The VM is busy", body = ErrorBody),
@@ -665,7 +914,7 @@ pub async fn delete_vm(
     Who(caller): Who,
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     delete_vm_named(st, caller, vm, q).await
 }
 
@@ -674,7 +923,7 @@ async fn delete_vm_named(
     caller: Caller,
     vm: VmName,
     q: StorageQuery,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     let action = Action::Delete {
         name: vm.clone(),
         force: true,
@@ -685,21 +934,20 @@ async fn delete_vm_named(
     })
     .await?
     {
-        Outcome::Deleted(n) => Ok(Json(Deleted {
-            message: format!("VM '{n}' deleted"),
-        })),
+        Outcome::Deleted(n) => Ok(Json(Message::new(format!("VM '{n}' deleted")))),
         o => Err(unexpected(&o)),
     }
 }
 
-/// Start a VM; answers once its supervisor reports it running. It keeps
-/// running when the server stops.
+/// Start a VM; answers 202 with lume's `{message, name, status}` once its
+/// supervisor reports it running (a start that fails is an error answer,
+/// never a 202). It keeps running when the server stops.
 #[utoipa::path(post, path = "/lume/vms/{name}/run", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<RunVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 202, description = "Running", body = VmDetails),
-        (status = 400, description = "A bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
+        (status = 202, description = "Running", body = Accepted),
+        (status = 400, description = "An unknown field; non-empty sharedDirectories, diskPath or clipboard (not yet), recoveryMode or nvramPath (macOS only); a bad network mode, published port or path, a missing ISO or disk", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
         (status = 409, description = "Already running, or busy", body = ErrorBody),
@@ -711,16 +959,26 @@ pub async fn run_vm(
     VmPath(vm): VmPath,
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<RunVmRequest>,
-) -> ApiResult<(StatusCode, Json<VmDetails>)> {
-    if !r.shared_directories.is_empty() {
-        return Err(ApiError::bad_request(
-            "sharedDirectories is not supported by lume on Linux",
-        ));
+) -> ApiResult<(StatusCode, Json<Accepted>)> {
+    refuse(
+        r.shared_directories.as_ref().is_some_and(|d| !d.is_empty()),
+        "sharedDirectories",
+        NOT_YET,
+    )?;
+    refuse(r.recovery_mode == Some(true), "recoveryMode", MACOS_ONLY)?;
+    refuse(r.disk_path.is_some(), "diskPath", NOT_YET)?;
+    refuse(r.nvram_path.is_some(), "nvramPath", MACOS_ONLY)?;
+    refuse(r.clipboard == Some(true), "clipboard", NOT_YET)?;
+    let mut warnings = Vec::new();
+    if r.no_display == Some(false) {
+        warnings.push("noDisplay false: there is no display to open here; VMs run headless".into());
     }
-    if r.recovery_mode == Some(true) {
-        return Err(ApiError::bad_request(
-            "recoveryMode is for macOS guests: lume on Linux runs Linux guests",
-        ));
+    for (given, what) in [(r.cpu.is_some(), "cpu"), (r.memory.is_some(), "memory")] {
+        if given {
+            warnings.push(format!(
+                "{what} is not applied on run (as lume): change it with PATCH /lume/vms/{vm}"
+            ));
+        }
     }
     let spec = RunSpec {
         name: Some(vm.clone()),
@@ -751,24 +1009,34 @@ pub async fn run_vm(
     })
     .await?;
     match outcome {
-        Outcome::Started(d) => Ok((StatusCode::ACCEPTED, Json(d))),
+        Outcome::Started(d) => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                message: "VM started".into(),
+                name: d.name,
+                status: d.status,
+                warnings,
+            }),
+        )),
         o => Err(unexpected(&o)),
     }
 }
 
 /// Stop a VM: ask the guest to power off (guest agent, SSH, ACPI power
 /// button, in that order), then force QEMU off after `timeout`. Answers once
-/// it is stopped; the header `Lume-Power-Method` says which way it took
-/// (`agent`, `ssh`, `acpi`, `forced`, or `none` when it was not running).
+/// it is stopped, with lume's `{"message": "VM stopped successfully"}`; the
+/// header `Lume-Power-Method` says which way it took (`agent`, `ssh`,
+/// `acpi`, `forced`). A VM that is not running is an error, as in lume.
 #[utoipa::path(post, path = "/lume/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<StopVmRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stopped (or was not running)", body = VmDetails,
-            headers(("lume-power-method" = String, description = "agent, ssh, acpi, forced or none"))),
-        (status = 400, description = "Invalid name or timeout", body = ErrorBody),
+        (status = 200, description = "Stopped", body = Message,
+            headers(("lume-power-method" = String, description = "agent, ssh, acpi or forced"))),
+        (status = 400, description = "Invalid name or timeout, an unknown field", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is not running (lume answers 400)", body = ErrorBody),
         (status = 500, description = "It did not stop", body = ErrorBody),
     ))]
 pub async fn stop_vm(
@@ -795,7 +1063,7 @@ pub async fn stop_vm(
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Stopped", body = VmDetails,
+        (status = 200, description = "Stopped", body = Message,
             headers(("lume-power-method" = String, description = "agent, ssh or acpi"))),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
@@ -826,7 +1094,7 @@ pub async fn shutdown_vm(
     params(("name" = String, Path, description = "VM name"), StorageQuery),
     request_body(content = Option<GuestPowerRequest>, description = "Optional", content_type = "application/json"),
     responses(
-        (status = 200, description = "Reboot requested", body = VmDetails,
+        (status = 200, description = "Reboot requested", body = Message,
             headers(("lume-power-method" = String, description = "agent, ssh or reset"))),
         (status = 400, description = "Invalid name or timeout", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
@@ -854,8 +1122,8 @@ pub async fn restart_vm(
 #[utoipa::path(post, path = "/lume/vms/clone", tag = "vms", params(StorageQuery),
     request_body = CloneVmRequest,
     responses(
-        (status = 201, description = "The new VM", body = VmDetails),
-        (status = 400, description = "Malformed JSON, a missing or invalid name", body = ErrorBody),
+        (status = 200, description = "Cloned", body = Cloned),
+        (status = 400, description = "Malformed JSON, an unknown field, a missing or invalid name", body = ErrorBody),
         (status = 415, description = "A body without Content-Type: application/json", body = ErrorBody),
         (status = 404, description = "No such source VM", body = ErrorBody),
         (status = 409, description = "The source runs, or the new name exists", body = ErrorBody),
@@ -865,21 +1133,31 @@ pub async fn clone_vm(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<CloneVmRequest>,
-) -> ApiResult<(StatusCode, Json<VmDetails>)> {
-    if r.source_location.is_some() || r.dest_location.is_some() {
-        return Err(ApiError::bad_request(
-            "sourceLocation and destLocation are not supported: both VMs live in one location, given with storage",
-        ));
-    }
+) -> ApiResult<Json<Cloned>> {
     let source = name(&r.name)?;
     let target = name(&r.new_name)?;
     let storage = r.storage.as_deref().or(q.storage.as_deref());
+    let source_storage = r.source_location.as_deref().or(storage);
+    // lume: the clone goes to destLocation, else the default location
+    // (here: `storage` when given, else the server's own location).
+    let dest_storage = r.dest_location.clone().or(storage.map(str::to_string));
+    let (st2, caller2) = (st.clone(), caller.clone());
+    let dest = blocking(move || st2.store(&caller2, dest_storage.as_deref())).await?;
     let action = Action::Clone {
         source: source.clone(),
         target,
+        dest: Some(dest),
     };
-    match on_vm(&st, &caller, storage, &source, |ctx| run(ctx, action)).await? {
-        Outcome::Cloned { details, .. } => Ok((StatusCode::CREATED, Json(details))),
+    match on_vm(&st, &caller, source_storage, &source, |ctx| {
+        run(ctx, action)
+    })
+    .await?
+    {
+        Outcome::Cloned { details, .. } => Ok(Json(Cloned {
+            message: "VM cloned successfully".into(),
+            source: r.name,
+            destination: details.name,
+        })),
         o => Err(unexpected(&o)),
     }
 }
@@ -900,7 +1178,7 @@ pub async fn set_vm_called_clone(
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
     JsonBody(r): JsonBody<SetVmRequest>,
-) -> ApiResult<Json<VmDetails>> {
+) -> ApiResult<Json<Message>> {
     set_vm_named(st, caller, name("clone")?, q, r).await
 }
 
@@ -908,7 +1186,7 @@ pub async fn delete_vm_called_clone(
     State(st): State<Arc<AppState>>,
     Who(caller): Who,
     ApiQuery(q): ApiQuery<StorageQuery>,
-) -> ApiResult<Json<Deleted>> {
+) -> ApiResult<Json<Message>> {
     delete_vm_named(st, caller, name("clone")?, q).await
 }
 
@@ -923,17 +1201,26 @@ fn yaml_to_json(v: &serde_yaml_ng::Value) -> Value {
     })
 }
 
-/// The settings: every key of config.yaml, plus the effective accelerator
-/// and VM location (`homeDirectory`) and the file's path (`settingsFile`).
-#[utoipa::path(get, path = "/lume/config", tag = "host",
+/// The server's settings (its own config.yaml): lume's `LumeSettings`
+/// keys with their effective values (`vmLocations`, `defaultLocationName`,
+/// `cacheDirectory`, `cachingEnabled`, `registry`, `telemetryEnabled`),
+/// then every other key of the file, the effective `accelerator`, the
+/// server's VM location (`homeDirectory`) and the file's path
+/// (`settingsFile`).
+#[utoipa::path(get, path = "/lume/config", tag = "config",
     responses(
         (status = 200, description = "The settings", body = Object, example = json!({
+            "vmLocations": [{"name": "home", "path": "~/.lume"}],
+            "defaultLocationName": "home",
+            "cacheDirectory": "~/.lume/cache",
+            "cachingEnabled": false,
+            "registry": {"type": "ghcr", "ghcr": {"registry": "ghcr.io", "organization": "trycua"}},
+            "telemetryEnabled": true,
             "settingsFile": "/root/.config/lume/config.yaml",
             "accelerator": "auto",
-            "homeDirectory": "/root/.lume",
-            "userSubnet": "10.0.2.0/24"
+            "homeDirectory": "/root/.lume"
         })),
-        (status = 500, description = "config.yaml cannot be read", body = ErrorBody),
+        (status = 400, description = "config.yaml cannot be used", body = ErrorBody),
     ))]
 pub async fn get_config(
     State(st): State<Arc<AppState>>,
@@ -941,11 +1228,41 @@ pub async fn get_config(
 ) -> ApiResult<Json<Value>> {
     let store = st.store(&caller, None)?;
     blocking(move || {
-        let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+        let bad = |e: crate::settings::SettingsError| ApiError::bad_request(crate::error_chain(&e));
+        let settings = Settings::load().map_err(bad)?;
         let mut out = serde_json::Map::new();
+        let reg = settings.registry().map_err(bad)?;
         out.insert(
-            "settingsFile".into(),
-            settings.file().display().to_string().into(),
+            "vmLocations".into(),
+            serde_json::to_value(settings.locations().map_err(bad)?)
+                .map_err(|e| ApiError::internal(&e))?,
+        );
+        out.insert(
+            "defaultLocationName".into(),
+            settings.default_location_name().map_err(bad)?.into(),
+        );
+        out.insert(
+            "cacheDirectory".into(),
+            settings
+                .get_str("cacheDirectory")
+                .map_err(bad)?
+                .unwrap_or_else(|| crate::settings::DEFAULT_CACHE_DIRECTORY.into())
+                .into(),
+        );
+        out.insert(
+            "cachingEnabled".into(),
+            settings.caching_enabled().map_err(bad)?.into(),
+        );
+        out.insert(
+            "registry".into(),
+            serde_json::json!({
+                "type": settings.registry_type().map_err(bad)?,
+                "ghcr": {"registry": reg.registry, "organization": reg.organization},
+            }),
+        );
+        out.insert(
+            "telemetryEnabled".into(),
+            settings.telemetry_enabled().map_err(bad)?.into(),
         );
         for (k, v) in settings.as_mapping() {
             let key = match k.as_str() {
@@ -955,8 +1272,14 @@ pub async fn get_config(
                     .trim()
                     .to_string(),
             };
-            out.insert(key, yaml_to_json(v));
+            if !crate::settings::LUME_KEYS.contains(&key.as_str()) {
+                out.insert(key, yaml_to_json(v));
+            }
         }
+        out.insert(
+            "settingsFile".into(),
+            settings.file().display().to_string().into(),
+        );
         let accel = match settings.accelerator().map_err(|e| ApiError::internal(&e))? {
             crate::hypervisor::accel::AccelChoice::Auto => "auto",
             crate::hypervisor::accel::AccelChoice::Kvm => "kvm",
@@ -972,7 +1295,252 @@ pub async fn get_config(
     .await
 }
 
-/// Whether the server is up, and how many VMs it sees.
+/// lume's `POST /lume/config` body (Handlers.swift `ConfigRequest`).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigRequest {
+    /// The path of the location `home` (absolute or `~/…`).
+    pub home_directory: Option<String>,
+    /// The image cache folder (absolute or `~/…`).
+    pub cache_directory: Option<String>,
+    pub caching_enabled: Option<bool>,
+}
+
+/// lume's `{ "message": … }` answer of the config routes.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConfigMessage {
+    pub message: String,
+}
+
+/// lume's answer to an added location.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LocationAdded {
+    pub message: String,
+    pub name: String,
+    pub path: String,
+}
+
+/// The config routes that change config.yaml: the server's own file, for
+/// the server's own user only (the storage rule: other callers never choose
+/// where the server keeps VMs). Others get 403.
+fn config_owner(st: &AppState, caller: &Caller) -> ApiResult<()> {
+    if st.owns_server(caller) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Changing the server's settings is refused: only the user the server runs as may change its config.yaml and VM locations; ask that user, or change your own settings with the lume command",
+        ))
+    }
+}
+
+fn settings_error(e: &dyn std::error::Error) -> ApiError {
+    ApiError::bad_request(crate::error_chain(e))
+}
+
+/// A change of config.yaml is a 400 with the reason when it fails (lume
+/// answers 400 too).
+struct SettingsChange(ApiError);
+
+impl From<crate::settings::SettingsError> for SettingsChange {
+    fn from(e: crate::settings::SettingsError) -> Self {
+        Self(settings_error(&e))
+    }
+}
+
+impl From<ApiError> for SettingsChange {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+/// Changes the server's config.yaml under its update lock
+/// ([`Settings::update`]).
+fn change_settings<T>(f: impl FnOnce(&mut Settings) -> ApiResult<T>) -> ApiResult<T> {
+    Settings::update(|s| f(s).map_err(SettingsChange)).map_err(|SettingsChange(e)| e)
+}
+
+/// Change lume's settings: `homeDirectory` (the path of location `home`),
+/// `cacheDirectory`, `cachingEnabled`. A new directory is checked as the
+/// CLI checks it (a directory the server's user may write; as root, none
+/// another user can change) and created 0700.
+#[utoipa::path(post, path = "/lume/config", tag = "config", request_body = ConfigRequest,
+    responses(
+        (status = 200, description = "Updated", body = ConfigMessage, example = json!({"message": "Configuration updated successfully"})),
+        (status = 400, description = "Invalid body or value", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn update_config(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    JsonBody(r): JsonBody<ConfigRequest>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        change_settings(|s| {
+            if let Some(home) = &r.home_directory {
+                if !(home.starts_with('/') || home.starts_with("~/")) {
+                    return Err(settings_error(
+                        &crate::settings::SettingsError::NotAbsolute(home.clone()),
+                    ));
+                }
+                location::check_new_location(&crate::settings::expand_home(home))
+                    .map_err(|e| settings_error(&e))?;
+                s.set_home_directory(home).map_err(|e| settings_error(&e))?;
+            }
+            if let Some(cache) = &r.cache_directory {
+                if !(cache.starts_with('/') || cache.starts_with("~/")) {
+                    return Err(settings_error(
+                        &crate::settings::SettingsError::RelativeLocation(cache.clone()),
+                    ));
+                }
+                location::check_new_location(&crate::settings::expand_home(cache))
+                    .map_err(|e| settings_error(&e))?;
+                s.set(
+                    "cacheDirectory",
+                    serde_yaml_ng::Value::String(cache.clone()),
+                )
+                .map_err(|e| settings_error(&e))?;
+            }
+            if let Some(on) = r.caching_enabled {
+                s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))
+                    .map_err(|e| settings_error(&e))?;
+            }
+            Ok(Json(ConfigMessage {
+                message: "Configuration updated successfully".into(),
+            }))
+        })
+    })
+    .await
+}
+
+/// The VM locations of the server's config.yaml, in its order.
+#[utoipa::path(get, path = "/lume/config/locations", tag = "config",
+    responses(
+        (status = 200, description = "Every location", body = [crate::settings::Location],
+            example = json!([{"name": "home", "path": "~/.lume"}])),
+        (status = 400, description = "config.yaml cannot be used", body = ErrorBody),
+    ))]
+pub async fn get_locations() -> ApiResult<Json<Vec<crate::settings::Location>>> {
+    blocking(|| {
+        Settings::load()
+            .and_then(|s| s.locations())
+            .map(Json)
+            .map_err(|e| settings_error(&e))
+    })
+    .await
+}
+
+/// lume's `POST /lume/config/locations` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocationRequest {
+    #[schema(example = "fast")]
+    pub name: String,
+    /// Absolute (or `~/…`); created 0700 when missing.
+    #[schema(example = "/srv/lume")]
+    pub path: String,
+}
+
+/// Add a VM location (as `lume config storage add`).
+#[utoipa::path(post, path = "/lume/config/locations", tag = "config", request_body = LocationRequest,
+    responses(
+        (status = 200, description = "Added", body = LocationAdded),
+        (status = 400, description = "Bad name, taken name, or a path that cannot be used", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn add_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    JsonBody(r): JsonBody<LocationRequest>,
+) -> ApiResult<Json<LocationAdded>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        change_settings(|s| {
+            if !crate::settings::valid_location_name(&r.name) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::BadLocationName(r.name.clone()),
+                ));
+            }
+            if s.locations()
+                .map_err(|e| settings_error(&e))?
+                .iter()
+                .any(|l| l.name == r.name)
+            {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::DuplicateLocation(r.name.clone()),
+                ));
+            }
+            if !(r.path.starts_with('/') || r.path.starts_with("~/")) {
+                return Err(settings_error(
+                    &crate::settings::SettingsError::RelativeLocation(r.path.clone()),
+                ));
+            }
+            location::check_new_location(&crate::settings::expand_home(&r.path))
+                .map_err(|e| settings_error(&e))?;
+            s.add_location(&r.name, &r.path)
+                .map_err(|e| settings_error(&e))?;
+            Ok(Json(LocationAdded {
+                message: "Location added successfully".into(),
+                name: r.name.clone(),
+                path: r.path.clone(),
+            }))
+        })
+    })
+    .await
+}
+
+/// Remove a VM location (never the default one; its VMs stay on disk).
+#[utoipa::path(delete, path = "/lume/config/locations/{name}", tag = "config",
+    params(("name" = String, Path, description = "Location name")),
+    responses(
+        (status = 200, description = "Removed", body = ConfigMessage),
+        (status = 400, description = "No such location, or the default one", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn remove_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        change_settings(|s| s.remove_location(&name).map_err(|e| settings_error(&e)))?;
+        Ok(Json(ConfigMessage {
+            message: "Location removed successfully".into(),
+        }))
+    })
+    .await
+}
+
+/// Make a VM location the default.
+#[utoipa::path(post, path = "/lume/config/locations/default/{name}", tag = "config",
+    params(("name" = String, Path, description = "Location name")),
+    responses(
+        (status = 200, description = "Set", body = ConfigMessage),
+        (status = 400, description = "No such location", body = ErrorBody),
+        (status = 403, description = "Not the server's own user", body = ErrorBody),
+    ))]
+pub async fn set_default_location(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<Json<ConfigMessage>> {
+    config_owner(&st, &caller)?;
+    blocking(move || {
+        change_settings(|s| {
+            s.set_default_location(&name)
+                .map_err(|e| settings_error(&e))
+        })?;
+        Ok(Json(ConfigMessage {
+            message: "Default location set successfully".into(),
+        }))
+    })
+    .await
+}
+
+/// Whether the server is up, and how many VMs it runs and may run (lume's
+/// keys; `total_vms` is ours).
 #[utoipa::path(get, path = "/lume/host/status", tag = "host",
     responses(
         (status = 200, description = "Up", body = HostStatus),
@@ -989,12 +1557,81 @@ pub async fn host_status(
             "Unexpected outcome of listing VMs",
         ));
     };
+    let running = vms.iter().filter(|d| d.status == "running").count();
+    let max_vms = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Json(HostStatus {
-        status: "ok".into(),
-        vm_count: vms.len(),
-        running_count: vms.iter().filter(|d| d.status == "running").count(),
+        status: "healthy".into(),
+        vm_count: running,
+        max_vms,
+        available_slots: max_vms.saturating_sub(running),
         version: env!("CARGO_PKG_VERSION").into(),
+        total_vms: vms.len(),
     }))
+}
+
+/// The server's recent log lines (this process's last
+/// [`super::LOG_LINES_KEPT`]), in lume's shape: `info` holds every line,
+/// `error` the failures. Only for the user the server runs as (403 for
+/// others: the log names every caller's VMs).
+#[utoipa::path(get, path = "/lume/logs", tag = "host", params(LogsQuery),
+    responses(
+        (status = 200, description = "The log", body = Logs),
+        (status = 400, description = "A `type` other than info, error or all", body = ErrorBody),
+        (status = 403, description = "The caller is not the server's user", body = ErrorBody),
+    ))]
+pub async fn get_logs(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    ApiQuery(q): ApiQuery<LogsQuery>,
+) -> ApiResult<Json<Logs>> {
+    if caller.uid != st.euid {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "The server's log is for the user the server runs as: read it there",
+        ));
+    }
+    let kind = q.kind.as_deref().map(str::to_ascii_lowercase);
+    let (info, error) = match kind.as_deref() {
+        None | Some("all") => (true, true),
+        Some("info") => (true, false),
+        Some("error") => (false, true),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "Unknown log type '{other}': give info, error or all"
+            )));
+        }
+    };
+    let lines = super::recent_log();
+    let text = |only_errors: bool| {
+        let mut picked: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.error || !only_errors)
+            .map(|l| l.text.as_str())
+            .collect();
+        if let Some(n) = q.lines {
+            picked = picked.split_off(picked.len().saturating_sub(n));
+        }
+        picked.join("\n")
+    };
+    Ok(Json(Logs {
+        info: info.then(|| text(false)),
+        error: error.then(|| text(true)),
+    }))
+}
+
+/// lume's unattended macOS setup: refused (400), macOS guests need an Apple host.
+#[utoipa::path(post, path = "/lume/vms/{name}/setup", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
+pub async fn setup_vm() -> ApiError {
+    refused("setup (POST /lume/vms/{name}/setup)", MACOS_ONLY)
+}
+
+/// lume's macOS restore image URL: refused (400), macOS guests need an Apple host.
+#[utoipa::path(get, path = "/lume/ipsw", tag = "host",
+    responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
+pub async fn ipsw() -> ApiError {
+    refused("ipsw (GET /lume/ipsw)", MACOS_ONLY)
 }
 
 /// Host interfaces and whether bridged mode can use them (the JSON of

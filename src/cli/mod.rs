@@ -9,17 +9,53 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::compat::{MACOS_ONLY, NOT_YET};
 use crate::image::{ImageSource, Sha256Digest};
 use crate::network::NetworkMode;
 use crate::network::publish::PortMapping;
 use crate::settings::Settings;
 use crate::vm::config::{DEFAULT_DISPLAY, MacAddress};
+use crate::vm::location;
 use crate::vm::size::parse_size;
-use crate::vm::store::Store;
 use crate::vm::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmName, execute};
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn display_arg(s: &str) -> Result<String, String> {
+    crate::vm::config::parse_display(s).map_err(|e| e.to_string())
+}
+
+/// The exit status of a usage error, as lume's argument parser
+/// (swift-argument-parser) gives it: `EX_USAGE`.
+pub const EX_USAGE: i32 = 64;
+
+/// A command line refused before anything is done: exit status
+/// [`EX_USAGE`], as lume gives its validation errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{option} is not supported by lume on Linux ({why}): leave it out")]
+    Unsupported {
+        option: &'static str,
+        why: &'static str,
+    },
+    #[error(
+        "`lume {command}` is not available in lume on Linux: {why} (see docs/compatibility.md)"
+    )]
+    Command {
+        command: &'static str,
+        why: &'static str,
+    },
+}
+
+/// Refuses `option` when `given`.
+fn refuse(given: bool, option: &'static str, why: &'static str) -> Result<(), UsageError> {
+    if given {
+        Err(UsageError::Unsupported { option, why })
+    } else {
+        Ok(())
+    }
 }
 
 /// lume: virtual machines on Linux with networking that keeps working.
@@ -39,9 +75,11 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct StorageArg {
-    /// VM location (default ~/.lume, or homeDirectory in config.yaml)
-    #[arg(long, value_name = "PATH", global = true)]
-    pub storage: Option<PathBuf>,
+    /// VM location: a location name (`lume config storage list`) or a path
+    /// containing a '/' (default: the location holding the VM, else the
+    /// default location)
+    #[arg(long, value_name = "NAME|PATH", global = true)]
+    pub storage: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +121,32 @@ pub enum Command {
     Images(ImagesArgs),
     /// Remove cached images
     Prune,
+    /// lume's `ipsw`: refused (macOS restore images need an Apple host)
+    Ipsw(RefusedArgs),
+    /// lume's `setup`: refused (unattended macOS setup needs an Apple host)
+    Setup(RefusedArgs),
+    /// lume's `sip`: refused (System Integrity Protection is macOS's)
+    Sip(RefusedArgs),
+    /// lume's `attach`: refused (no display viewer yet; VMs run headless)
+    Attach(RefusedArgs),
+    /// lume's `convert`: refused (legacy lume images: not supported yet)
+    Convert(RefusedArgs),
+    /// lume's `logs`: refused (`lume serve` logs to its standard error; GET /lume/logs)
+    Logs(RefusedArgs),
+    /// lume's `check-update`: refused (update lume with your package manager)
+    CheckUpdate(RefusedArgs),
+    /// lume's `update`: refused (update lume with your package manager)
+    Update(RefusedArgs),
+    /// lume's `dump-docs`: refused (the API is described at GET /openapi.json)
+    DumpDocs(RefusedArgs),
+}
+
+/// The arguments of a refused command: anything, so that the refusal (and
+/// not a parse error) is what the user sees.
+#[derive(Debug, Args)]
+pub struct RefusedArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +170,9 @@ pub struct PullArgs {
     /// Fetch every blob anew even when it is in the cache
     #[arg(long)]
     pub force: bool,
+    /// Accepted for lume compatibility (lume's logging detail)
+    #[arg(long)]
+    pub verbose: bool,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -137,6 +204,18 @@ pub struct PushArgs {
     /// Registry password for authentication
     #[arg(long, requires = "username")]
     pub password: Option<String>,
+    /// Accepted for lume compatibility (lume's logging detail)
+    #[arg(long)]
+    pub verbose: bool,
+    /// Refused: lume on Linux pushes the chunked format only
+    #[arg(long)]
+    pub single_layer: bool,
+    /// Refused: lume on Linux pushes the chunked format only (legacy images are pulled)
+    #[arg(long)]
+    pub legacy: bool,
+    /// Refused: not supported yet
+    #[arg(long)]
+    pub reassemble: bool,
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -167,8 +246,8 @@ pub struct CreateArgs {
     /// Disk size (B, KB, MB, GB, TB; a bare number means GB)
     #[arg(long, default_value = "20GB", value_parser = size_arg)]
     pub disk_size: u64,
-    /// Display resolution (recorded for lume compatibility; VMs run headless)
-    #[arg(long, default_value = DEFAULT_DISPLAY)]
+    /// Display resolution WIDTHxHEIGHT (recorded for lume compatibility; VMs run headless)
+    #[arg(long, default_value = DEFAULT_DISPLAY, value_parser = display_arg)]
     pub display: String,
     /// Network mode: nat, bridged, bridged:<interface>, host, user, none
     #[arg(long, default_value = "nat")]
@@ -204,8 +283,36 @@ pub struct CreateArgs {
     /// User lume gets no password: SSH with keys only
     #[arg(long)]
     pub no_password: bool,
+    /// Accepted as lume: creating never opens a display
+    #[arg(long)]
+    pub no_display: bool,
+    /// Refused: macOS restore images need an Apple host
+    #[arg(long, value_name = "PATH")]
+    pub ipsw: Option<String>,
+    /// Refused: unattended macOS setup needs an Apple host
+    #[arg(long, value_name = "PRESET|PATH")]
+    pub unattended: Option<String>,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long)]
+    pub debug: bool,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long, value_name = "DIR")]
+    pub debug_dir: Option<String>,
+    /// Refused: lume's --unattended setup option (macOS only)
+    #[arg(long, value_name = "PORT")]
+    pub vnc_port: Option<u16>,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl CreateArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(self.ipsw.is_some(), "--ipsw", MACOS_ONLY)?;
+        refuse(self.unattended.is_some(), "--unattended", MACOS_ONLY)?;
+        refuse(self.debug, "--debug", MACOS_ONLY)?;
+        refuse(self.debug_dir.is_some(), "--debug-dir", MACOS_ONLY)?;
+        refuse(self.vnc_port.is_some(), "--vnc-port", MACOS_ONLY)
+    }
 }
 
 /// `lume ssh`: lume's options.
@@ -240,7 +347,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub organization: Option<String>,
     /// Return once the VM is running, leaving it to a background supervisor
-    #[arg(long, short = 'd')]
+    #[arg(long)]
     pub detach: bool,
     /// Network mode for this run only
     #[arg(long)]
@@ -254,11 +361,64 @@ pub struct RunArgs {
     /// Publish a guest port for this run: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
-    /// Run headless (the default; accepted for lume compatibility)
-    #[arg(long)]
+    /// Run headless: the default here (lume's -d; use --detach to run in the background)
+    #[arg(long, short = 'd')]
     pub no_display: bool,
+    /// Viewer to open: only `none` here (VMs run headless; no VNC or native viewer yet)
+    #[arg(long, value_name = "vnc|native|none")]
+    pub display: Option<String>,
+    /// Refused: not supported yet (a detached VM logs to lume.log in its directory)
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<String>,
+    /// Refused: shared directories are not supported yet
+    #[arg(long, value_name = "PATH[:ro|rw]")]
+    pub shared_dir: Vec<String>,
+    /// Refused: USB mass storage is not supported yet (use --disk)
+    #[arg(long, value_name = "PATH")]
+    pub usb_storage: Vec<String>,
+    /// Refused: there is no VNC server yet
+    #[arg(long, value_name = "PORT")]
+    pub vnc_port: Option<u16>,
+    /// Refused: there is no VNC server yet
+    #[arg(long, value_name = "PASSWORD")]
+    pub vnc_password: Option<String>,
+    /// Refused when true: recovery mode is for macOS guests
+    #[arg(long, value_name = "true|false")]
+    pub recovery_mode: Option<bool>,
+    /// Refused: another disk image in place of the VM's is not supported yet
+    #[arg(long, value_name = "PATH")]
+    pub disk_path: Option<String>,
+    /// Refused: NVRAM files are macOS guests'
+    #[arg(long, value_name = "PATH")]
+    pub nvram_path: Option<String>,
+    /// Refused: clipboard sync is not supported yet
+    #[arg(long)]
+    pub clipboard: bool,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl RunArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(
+            self.display.as_deref().is_some_and(|d| d != "none"),
+            "--display vnc|native",
+            "there is no VNC server or viewer yet; VMs run headless (--display none)",
+        )?;
+        refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
+        refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;
+        refuse(!self.usb_storage.is_empty(), "--usb-storage", NOT_YET)?;
+        refuse(self.vnc_port.is_some(), "--vnc-port", NOT_YET)?;
+        refuse(self.vnc_password.is_some(), "--vnc-password", NOT_YET)?;
+        refuse(
+            self.recovery_mode == Some(true),
+            "--recovery-mode",
+            MACOS_ONLY,
+        )?;
+        refuse(self.disk_path.is_some(), "--disk-path", NOT_YET)?;
+        refuse(self.nvram_path.is_some(), "--nvram-path", MACOS_ONLY)?;
+        refuse(self.clipboard, "--clipboard", NOT_YET)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -341,19 +501,46 @@ pub struct SetArgs {
     /// Network mode
     #[arg(long)]
     pub network: Option<NetworkMode>,
+    /// Display resolution WIDTHxHEIGHT (recorded; VMs run headless)
+    #[arg(long, value_parser = display_arg)]
+    pub display: Option<String>,
     /// User mode: let the guest reach this host's loopback services
     /// (127.0.0.1, ::1) through its gateway. UNSAFE for untrusted guests:
     /// it reaches `lume serve` and every other local-only service
     #[arg(long, value_name = "true|false")]
     pub unsafe_host_loopback: Option<bool>,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub no_backup: bool,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub keep_backup: bool,
+    /// Refused: lume's option of macOS disk resizes
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub storage: StorageArg,
+}
+
+impl SetArgs {
+    fn refused(&self) -> Result<(), UsageError> {
+        refuse(self.no_backup, "--no-backup", MACOS_ONLY)?;
+        refuse(self.keep_backup, "--keep-backup", MACOS_ONLY)?;
+        refuse(self.dry_run, "--dry-run", MACOS_ONLY)
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct CloneArgs {
     pub name: VmName,
     pub new_name: VmName,
+    /// Source VM storage location (name or path; default: the location holding the VM)
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "storage")]
+    pub source_storage: Option<String>,
+    /// Destination VM storage location (name or path; default: the default location, as in lume)
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "storage")]
+    pub dest_storage: Option<String>,
+    /// Both VMs in this location (source and destination)
     #[command(flatten)]
     pub storage: StorageArg,
 }
@@ -407,22 +594,47 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Refused: the MCP server is not supported yet
+    #[arg(long)]
+    pub mcp: bool,
     #[command(flatten)]
     pub storage: StorageArg,
 }
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
+    /// Without a subcommand: `get`
     #[command(subcommand)]
-    pub command: ConfigCommand,
+    pub command: Option<ConfigCommand>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the settings file and the effective values, or only KEY's value
+    /// Print what lume prints (default storage, cache, caching, telemetry,
+    /// registry, locations) and our own keys; or only KEY's value
     Get {
         /// One key: print only its value (its default when not set)
         key: Option<String>,
+    },
+    /// Manage VM storage locations
+    Storage {
+        #[command(subcommand)]
+        command: StorageCommand,
+    },
+    /// Manage image cache settings (default: status)
+    Cache {
+        #[command(subcommand)]
+        command: Option<CacheCommand>,
+    },
+    /// lume's telemetry preference, stored only: lume for Linux sends no telemetry (default: status)
+    Telemetry {
+        #[command(subcommand)]
+        command: Option<TelemetryCommand>,
+    },
+    /// Manage container registry settings (default: status)
+    Registry {
+        #[command(subcommand)]
+        command: Option<RegistryCommand>,
     },
     /// Set one key in config.yaml (other keys are kept); an empty value is
     /// refused (use unset)
@@ -437,6 +649,91 @@ pub enum ConfigCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum StorageCommand {
+    /// Add a new VM storage location
+    Add {
+        /// Storage name (alphanumeric with dashes/underscores)
+        name: String,
+        /// Path to VM storage directory (created 0700 when missing)
+        path: PathBuf,
+    },
+    /// Remove a VM storage location (its VMs stay on disk)
+    Remove {
+        /// Storage name to remove
+        name: String,
+    },
+    /// List all VM storage locations
+    List,
+    /// Set the default VM storage location
+    Default {
+        /// Storage name to set as default
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Show cache status and directory
+    Status,
+    /// Get or set cache directory
+    Dir {
+        /// Path to cache directory (omit to show current)
+        path: Option<PathBuf>,
+    },
+    /// Enable image caching
+    Enable,
+    /// Disable image caching
+    Disable,
+    /// Earlier lume's `cache get`: `dir` without a path
+    #[command(hide = true)]
+    Get,
+    /// Earlier lume's `cache set PATH`: `dir PATH`
+    #[command(hide = true)]
+    Set { path: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TelemetryCommand {
+    /// Show the stored telemetry preference
+    Status,
+    /// Store the preference "enabled" (nothing is ever sent)
+    Enable,
+    /// Store the preference "disabled"
+    Disable,
+    /// Nothing to reset: lume for Linux keeps no installation ID
+    #[command(name = "reset-id")]
+    ResetId,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Show current registry configuration
+    Status,
+    /// Get or set registry type (ghcr; gcs is refused)
+    Type {
+        /// Registry type to use. Omit to show current.
+        #[arg(name = "type")]
+        kind: Option<String>,
+    },
+    /// Configure GitHub Container Registry settings (any OCI registry)
+    Ghcr {
+        /// Registry URL (default: ghcr.io)
+        #[arg(long)]
+        registry: Option<String>,
+        /// Organization/namespace (default: trycua)
+        #[arg(long)]
+        organization: Option<String>,
+    },
+    /// Refused: lume's GCS registry type is not implemented on Linux
+    Gcs {
+        #[arg(long)]
+        api_url: Option<String>,
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NetworkCommand {
     /// List host interfaces and whether bridged mode can use them
     Interfaces {
@@ -446,10 +743,27 @@ pub enum NetworkCommand {
     },
 }
 
-fn context(storage: &StorageArg) -> Result<Context> {
+/// The context of a command: `--storage` read by [`location::resolve`];
+/// without it, the location holding VM `vm` (lume's search), else the
+/// default location.
+fn context(storage: &StorageArg, vm: Option<&VmName>) -> Result<Context> {
+    let settings = Settings::load()?;
+    let resolved = match vm {
+        Some(name) => location::store_for_vm(&settings, storage.storage.as_deref(), name)?,
+        None => match storage.storage.as_deref() {
+            Some(spec) => location::resolve(&settings, spec)?,
+            None => location::Resolved {
+                store: location::default_store(&settings)?,
+                note: None,
+            },
+        },
+    };
+    if let Some(n) = &resolved.note {
+        eprintln!("{n}");
+    }
     Ok(Context {
-        store: Store::new(storage.storage.clone()),
-        settings: Settings::load()?,
+        store: resolved.store,
+        settings,
         caller: crate::vm::Caller::current(),
     })
 }
@@ -458,13 +772,24 @@ fn note(line: &str) {
     eprintln!("{line}");
 }
 
-/// Asks a yes/no question on the terminal.
-fn confirm(question: &str) -> bool {
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
+/// Asks lume's question before a delete and reads one line of answer from
+/// standard input (a terminal or a pipe); only `y` or `yes` agree.
+fn confirm_delete(name: &VmName) -> bool {
+    print!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
+    let _ = std::io::stdout().flush();
     let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).is_ok()
-        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+    let agreed = std::io::stdin().lock().read_line(&mut line).is_ok()
+        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    if !std::io::stdin().is_terminal() {
+        // The answer was not echoed: end the question's line.
+        println!();
+    }
+    agreed
+}
+
+/// A lume command that lume on Linux does not have.
+fn refused_command(command: &'static str, why: &'static str) -> Result<i32> {
+    Err(UsageError::Command { command, why }.into())
 }
 
 /// Runs one command; returns the process exit code.
@@ -472,7 +797,30 @@ pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
         Command::Config(c) => return config(c),
         Command::Ssh(a) => return ssh(a),
+        Command::Ipsw(_) => return refused_command("ipsw", MACOS_ONLY),
+        Command::Setup(_) => return refused_command("setup", MACOS_ONLY),
+        Command::Sip(_) => return refused_command("sip", MACOS_ONLY),
+        Command::Attach(_) => {
+            return refused_command("attach", "there is no display viewer yet; VMs run headless");
+        }
+        Command::Convert(_) => return refused_command("convert", NOT_YET),
+        Command::Logs(_) => {
+            return refused_command(
+                "logs",
+                "`lume serve` logs to its standard error, and GET /lume/logs gives its recent lines",
+            );
+        }
+        Command::CheckUpdate(_) => {
+            return refused_command("check-update", "update lume with your package manager");
+        }
+        Command::Update(_) => {
+            return refused_command("update", "update lume with your package manager");
+        }
+        Command::DumpDocs(_) => {
+            return refused_command("dump-docs", "the API is described at GET /openapi.json");
+        }
         Command::Serve(a) => {
+            refuse(a.mcp, "--mcp", NOT_YET)?;
             if a.token.is_some() {
                 return Err(crate::api::auth::TokenError::OnCommandLine.into());
             }
@@ -482,56 +830,70 @@ pub fn run(cli: Cli) -> Result<i32> {
                 token_env: std::env::var("LUME_API_TOKEN").ok(),
                 token_file: a.token_file,
                 socket: a.socket,
-                storage: a.storage.storage,
+                storage: match a.storage.storage.as_deref() {
+                    Some(spec) => Some(
+                        location::resolve(&Settings::load()?, spec)?
+                            .store
+                            .root()
+                            .to_path_buf(),
+                    ),
+                    None => None,
+                },
             })
             .map(|()| 0);
         }
         Command::Network(n) => {
-            let ctx = context(&n.storage)?;
+            let ctx = context(&n.storage, None)?;
             let NetworkTopCommand::Doctor { format } = n.command;
             let report = crate::network::doctor::run(&ctx);
             output::print_doctor(&report, format)?;
             return Ok(if report.ok() { 0 } else { 1 });
         }
-        Command::Create(a) => (
-            a.storage,
-            Action::Create(Box::new(CreateSpec {
-                name: a.name,
-                os: a.os,
-                cpu: a.cpu,
-                memory: a.memory,
-                disk_size: a.disk_size,
-                display: a.display,
-                network: a.network,
-                mac: a.mac_address,
-                kernel: a.kernel,
-                initrd: a.initrd,
-                cmdline: a.cmdline,
-                image: a.image,
-                image_sha256: a.image_sha256,
-                progress: true,
-                publish: a.publish,
-                cloud_init: a.cloud_init,
-                no_cloud_init: a.no_cloud_init,
-                no_password: a.no_password,
-                url_destinations: crate::image::download::Destinations::Any,
-            })),
-            Format::Text,
-        ),
-        Command::Run(a) => (
-            StorageArg {
-                storage: a.storage.storage.clone(),
-            },
-            Action::Run(RunSpec {
-                name: Some(run_target(&a)?),
-                network: a.network,
-                mounts: a.mount,
-                disks: a.disk,
-                publish: a.publish,
-                detach: a.detach,
-            }),
-            Format::Text,
-        ),
+        Command::Create(a) => {
+            a.refused()?;
+            (
+                a.storage,
+                Action::Create(Box::new(CreateSpec {
+                    name: a.name,
+                    os: a.os,
+                    cpu: a.cpu,
+                    memory: a.memory,
+                    disk_size: a.disk_size,
+                    display: a.display,
+                    network: a.network,
+                    mac: a.mac_address,
+                    kernel: a.kernel,
+                    initrd: a.initrd,
+                    cmdline: a.cmdline,
+                    image: a.image,
+                    image_sha256: a.image_sha256,
+                    progress: true,
+                    publish: a.publish,
+                    cloud_init: a.cloud_init,
+                    no_cloud_init: a.no_cloud_init,
+                    no_password: a.no_password,
+                    url_destinations: crate::image::download::Destinations::Any,
+                })),
+                Format::Text,
+            )
+        }
+        Command::Run(a) => {
+            a.refused()?;
+            (
+                StorageArg {
+                    storage: a.storage.storage.clone(),
+                },
+                Action::Run(RunSpec {
+                    name: Some(run_target(&a)?),
+                    network: a.network,
+                    mounts: a.mount,
+                    disks: a.disk,
+                    publish: a.publish,
+                    detach: a.detach,
+                }),
+                Format::Text,
+            )
+        }
         Command::Stop(a) => (
             a.storage,
             Action::Stop {
@@ -591,6 +953,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Push(a) => {
+            refuse(a.single_layer, "--single-layer", NOT_YET)?;
+            refuse(a.legacy, "--legacy", NOT_YET)?;
+            refuse(a.reassemble, "--reassemble", NOT_YET)?;
             let settings = Settings::load()?;
             let d = settings.registry()?;
             if !a.image.contains(':') {
@@ -631,25 +996,55 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Prune => (StorageArg { storage: None }, Action::Prune, Format::Text),
-        Command::Ls(a) => (a.storage, Action::List, a.format),
+        Command::Ls(a) if a.storage.storage.is_none() => {
+            // lume: every location, each VM with its location's name.
+            let settings = Settings::load()?;
+            let stores = location::all_stores(&settings)?;
+            let vms =
+                location::list_every(&settings, &crate::vm::Caller::current(), stores, &mut note)?;
+            output::print(&Outcome::List(vms), a.format)?;
+            return Ok(0);
+        }
+        Command::Ls(a) => {
+            let outcome = execute(&context(&a.storage, None)?, Action::List, &mut note)?;
+            match (&outcome, &a.storage.storage) {
+                (Outcome::List(vms), Some(s)) if vms.is_empty() && a.format == Format::Text => {
+                    println!("No virtual machines found in storage '{s}'")
+                }
+                _ => output::print(&outcome, a.format)?,
+            }
+            return Ok(0);
+        }
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
         Command::Set(a) => {
+            a.refused()?;
             let spec = SetSpec {
                 name: a.name.clone(),
                 cpu: a.cpu,
                 memory: a.memory,
                 disk_size: a.disk_size,
                 network: a.network,
+                display: a.display,
             };
             let Some(allow) = a.unsafe_host_loopback else {
+                if spec.is_empty() {
+                    // As lume: nothing to change is no error (the VM must exist).
+                    execute(
+                        &context(&a.storage, Some(&a.name))?,
+                        Action::Set(spec),
+                        &mut note,
+                    )?;
+                    println!("VM '{}': nothing to change", a.name);
+                    return Ok(0);
+                }
                 return finish(&a.storage, Action::Set(spec), Format::Text);
             };
-            if spec.cpu.is_some()
-                || spec.memory.is_some()
-                || spec.disk_size.is_some()
-                || spec.network.is_some()
-            {
-                execute(&context(&a.storage)?, Action::Set(spec), &mut note)?;
+            if !spec.is_empty() {
+                execute(
+                    &context(&a.storage, Some(&a.name))?,
+                    Action::Set(spec),
+                    &mut note,
+                )?;
             }
             (
                 a.storage,
@@ -660,21 +1055,34 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Format::Text,
             )
         }
-        Command::Clone(a) => (
-            a.storage,
-            Action::Clone {
-                source: a.name,
-                target: a.new_name,
-            },
-            Format::Text,
-        ),
+        Command::Clone(a) => {
+            let settings = Settings::load()?;
+            // lume: the clone goes to --dest-storage, else the default
+            // location; our --storage keeps both in one location.
+            let dest = match a.dest_storage.as_deref().or(a.storage.storage.as_deref()) {
+                Some(spec) => location::resolve(&settings, spec)?.store,
+                None => location::default_store(&settings)?,
+            };
+            let source = StorageArg {
+                storage: a.source_storage.or(a.storage.storage),
+            };
+            (
+                source,
+                Action::Clone {
+                    source: a.name,
+                    target: a.new_name,
+                    dest: Some(dest),
+                },
+                Format::Text,
+            )
+        }
         Command::Delete(a) => {
-            let confirmed = !a.force
-                && std::io::stdin().is_terminal()
-                && confirm(&format!("Delete VM '{}' and its disk?", a.name));
-            if !a.force && std::io::stdin().is_terminal() && !confirmed {
-                eprintln!("Not deleted.");
-                return Ok(1);
+            // As lume: the question on standard output, the answer read from
+            // standard input whatever it is (`echo y | lume delete x`).
+            let confirmed = a.force || confirm_delete(&a.name);
+            if !confirmed {
+                println!("Deletion cancelled");
+                return Ok(0);
             }
             (
                 a.storage,
@@ -705,7 +1113,7 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
         a.organization.as_deref().unwrap_or(&d.organization),
     )?;
     let name = crate::registry::pull::default_name(&image)?;
-    let ctx = context(&a.storage)?;
+    let ctx = context(&a.storage, Some(&name))?;
     if ctx.store.vm(&name).config_path().exists() {
         return Ok(name);
     }
@@ -731,7 +1139,7 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
 fn ssh(a: SshArgs) -> Result<i32> {
     use crate::guest::ssh::{self as gssh, SshError, SshRequest};
     use std::os::unix::process::CommandExt;
-    let ctx = context(&a.storage)?;
+    let ctx = context(&a.storage, Some(&a.name))?;
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
     let to = wait_for_ssh(&ctx.store, &vm, a.name.as_str(), a.timeout)?;
@@ -853,9 +1261,31 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
     });
 }
 
+/// The existing VM an action acts on, whose location is searched for when
+/// no `--storage` is given (create goes to the default location).
+fn action_vm(action: &Action) -> Option<&VmName> {
+    match action {
+        Action::Create(_)
+        | Action::List
+        | Action::Pull(_)
+        | Action::Images { .. }
+        | Action::Prune => None,
+        Action::Push { name, .. } => Some(name),
+        Action::Run(r) => r.name.as_ref(),
+        Action::Stop { name, .. }
+        | Action::Shutdown { name, .. }
+        | Action::Restart { name, .. }
+        | Action::Get { name }
+        | Action::SetHostLoopback { name, .. }
+        | Action::Delete { name, .. } => Some(name),
+        Action::Set(spec) => Some(&spec.name),
+        Action::Clone { source, .. } => Some(source),
+    }
+}
+
 /// Executes `action` and prints its outcome; returns the exit code.
 fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
-    let ctx = context(storage)?;
+    let ctx = context(storage, action_vm(&action))?;
     if let Action::Create(spec) = &action
         && spec.image.is_some()
     {
@@ -885,7 +1315,7 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
 }
 
 fn config(c: ConfigArgs) -> Result<i32> {
-    match c.command {
+    match c.command.unwrap_or(ConfigCommand::Get { key: None }) {
         ConfigCommand::Get { key: Some(key) } => {
             let s = Settings::load()?;
             println!("{}", config_value(&s, &key)?);
@@ -893,12 +1323,13 @@ fn config(c: ConfigArgs) -> Result<i32> {
         }
         ConfigCommand::Get { key: None } => {
             let s = Settings::load()?;
-            println!("# {}", s.file().display());
+            print!("{}", lume_settings_text(&s)?);
+            println!();
+            println!("lume for Linux ({}):", s.file().display());
             println!("accelerator: {}", format_accel(&s)?);
-            println!("homeDirectory: {}", Store::new(None).root().display());
             for (k, v) in s.as_mapping() {
                 let key = k.as_str().unwrap_or_default();
-                if key != "accelerator" && key != "homeDirectory" {
+                if key != "accelerator" && !crate::settings::LUME_KEYS.contains(&key) {
                     print!(
                         "{}",
                         serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
@@ -908,7 +1339,122 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     );
                 }
             }
+            println!("telemetry: none is ever sent (telemetryEnabled is stored only)");
             Ok(0)
+        }
+        ConfigCommand::Storage { command } => config_storage(command),
+        ConfigCommand::Cache { command } => Settings::update(|s: &mut Settings| -> Result<i32> {
+            match command.unwrap_or(CacheCommand::Status) {
+                CacheCommand::Status => {
+                    println!("Caching enabled: {}", s.caching_enabled()?);
+                    println!("Cache directory: {}", cache_dir_text(s)?);
+                }
+                CacheCommand::Dir { path: None } | CacheCommand::Get => {
+                    println!("Cache directory: {}", cache_dir_text(s)?);
+                }
+                CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
+                    let text = location_path_text(&path);
+                    location::check_new_location(&crate::settings::expand_home(&text))?;
+                    s.set_from_command_line("cacheDirectory", &text)?;
+                    println!("Cache directory set to: {text}");
+                }
+                CacheCommand::Enable => {
+                    s.set("cachingEnabled", serde_yaml_ng::Value::Bool(true))?;
+                    println!("Caching enabled");
+                }
+                CacheCommand::Disable => {
+                    s.set("cachingEnabled", serde_yaml_ng::Value::Bool(false))?;
+                    println!("Caching disabled");
+                }
+            }
+            Ok(0)
+        }),
+        ConfigCommand::Telemetry { command } => {
+            Settings::update(|s: &mut Settings| -> Result<i32> {
+                match command.unwrap_or(TelemetryCommand::Status) {
+                    TelemetryCommand::Status => {
+                        let on = s.telemetry_enabled()?;
+                        println!("Telemetry enabled: {on}");
+                        println!("Effective source: config");
+                        println!("Persisted preference: {on}");
+                        println!("Installation ID: not created");
+                        println!();
+                        println!(
+                            "lume for Linux sends no telemetry: this preference is only stored in config.yaml."
+                        );
+                    }
+                    TelemetryCommand::Enable => {
+                        s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(true))?;
+                        println!("Telemetry enabled");
+                        println!("(stored only: lume for Linux sends no telemetry)");
+                    }
+                    TelemetryCommand::Disable => {
+                        s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(false))?;
+                        println!("Telemetry disabled");
+                    }
+                    TelemetryCommand::ResetId => {
+                        println!("Telemetry installation ID reset");
+                        println!("The enabled/disabled preference was preserved.");
+                        println!("(lume for Linux keeps no installation ID)");
+                    }
+                }
+                Ok(0)
+            })
+        }
+        ConfigCommand::Registry { command } => {
+            Settings::update(|s: &mut Settings| -> Result<i32> {
+                match command.unwrap_or(RegistryCommand::Status) {
+                    RegistryCommand::Status => {
+                        let r = s.registry()?;
+                        println!("Registry type: {}", s.registry_type()?);
+                        println!();
+                        println!("GHCR configuration:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Type { kind: None } => {
+                        println!("Registry type: {}", s.registry_type()?);
+                    }
+                    RegistryCommand::Type { kind: Some(kind) } => {
+                        s.set_registry(Some(&kind), None, None)?;
+                        println!("Registry type set to: {kind}");
+                    }
+                    RegistryCommand::Ghcr {
+                        registry: None,
+                        organization: None,
+                    } => {
+                        let r = s.registry()?;
+                        println!("GHCR configuration:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Ghcr {
+                        registry,
+                        organization,
+                    } => {
+                        s.set_registry(None, registry.as_deref(), organization.as_deref())?;
+                        let r = s.registry()?;
+                        println!("GHCR configuration updated:");
+                        println!("  Registry: {}", r.registry);
+                        println!("  Organization: {}", r.organization);
+                    }
+                    RegistryCommand::Gcs {
+                        api_url: None,
+                        api_key: None,
+                    } => {
+                        println!("GCS configuration: not set");
+                        println!(
+                            "  lume for Linux has no GCS registry type: pull and push use OCI registries (ghcr)"
+                        );
+                    }
+                    RegistryCommand::Gcs { .. } => {
+                        return Err(
+                            crate::settings::SettingsError::RegistryType("gcs".into()).into()
+                        );
+                    }
+                }
+                Ok(0)
+            })
         }
         ConfigCommand::Network {
             command: NetworkCommand::Interfaces { format },
@@ -917,8 +1463,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
             output::print_interfaces(&list, format)?;
             Ok(0)
         }
-        ConfigCommand::Set { key, value } => {
-            let mut s = Settings::load()?;
+        ConfigCommand::Set { key, value } => Settings::update(|s: &mut Settings| -> Result<i32> {
             if !crate::settings::KNOWN_KEYS.contains(&key.as_str()) {
                 let hint = match crate::settings::closest_known_key(&key) {
                     Some(k) => format!("did you mean {k}? (`lume config unset {key}` removes it)"),
@@ -928,13 +1473,16 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
+            if key == "homeDirectory" || key == "cacheDirectory" {
+                location::check_new_location(&crate::settings::expand_home(&value))
+                    .with_context(|| format!("Cannot set '{key}'"))?;
+            }
             s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             println!("Set {key} in {}", s.file().display());
             Ok(0)
-        }
-        ConfigCommand::Unset { key } => {
-            let mut s = Settings::load()?;
+        }),
+        ConfigCommand::Unset { key } => Settings::update(|s: &mut Settings| -> Result<i32> {
             if s.unset(&key)
                 .with_context(|| format!("Cannot remove '{key}'"))?
             {
@@ -943,18 +1491,125 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 println!("{key} is not set in {}", s.file().display());
             }
             Ok(0)
-        }
+        }),
     }
+}
+
+/// What lume's `config get` prints (Config.swift), line for line.
+fn lume_settings_text(s: &Settings) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let default = s.default_location_name()?;
+    let all = s.locations()?;
+    let default_path = all
+        .iter()
+        .find(|l| l.name == default)
+        .map(|l| l.path.clone())
+        .unwrap_or_else(|| "not set".into());
+    let r = s.registry()?;
+    writeln!(out, "Default VM storage: {default} ({default_path})")?;
+    writeln!(out, "Cache directory: {}", cache_dir_text(s)?)?;
+    writeln!(out, "Caching enabled: {}", s.caching_enabled()?)?;
+    writeln!(out, "Telemetry enabled: {}", s.telemetry_enabled()?)?;
+    writeln!(out, "Registry type: {}", s.registry_type()?)?;
+    writeln!(out, "Registry: {}/{}", r.registry, r.organization)?;
+    writeln!(out, "\nConfigured VM storage locations:")?;
+    out.push_str(&locations_text(s)?);
+    Ok(out)
+}
+
+/// lume's location lines: sorted by name, the default marked.
+fn locations_text(s: &Settings) -> Result<String> {
+    let default = s.default_location_name()?;
+    let mut all = s.locations()?;
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(all
+        .iter()
+        .map(|l| {
+            let mark = if l.name == default { " (default)" } else { "" };
+            format!("  - {}: {}{mark}\n", l.name, l.path)
+        })
+        .collect())
+}
+
+/// `cacheDirectory` as written in config.yaml (lume prints it unexpanded).
+fn cache_dir_text(s: &Settings) -> Result<String> {
+    Ok(s.get_str("cacheDirectory")?
+        .unwrap_or_else(|| crate::settings::DEFAULT_CACHE_DIRECTORY.into()))
+}
+
+/// A path given on the command line as config.yaml keeps it: `~/…` and
+/// absolute paths as written, a relative path made absolute.
+fn location_path_text(path: &std::path::Path) -> String {
+    let text = path.display().to_string();
+    if text.starts_with("~/") || text == "~" || path.is_absolute() {
+        text
+    } else {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .display()
+            .to_string()
+    }
+}
+
+/// `lume config storage …`, printed as lume prints it.
+fn config_storage(command: StorageCommand) -> Result<i32> {
+    Settings::update(|s: &mut Settings| -> Result<i32> {
+        match command {
+            StorageCommand::Add { name, path } => {
+                let text = location_path_text(&path);
+                if !crate::settings::valid_location_name(&name) {
+                    return Err(crate::settings::SettingsError::BadLocationName(name).into());
+                }
+                if s.locations()?.iter().any(|l| l.name == name) {
+                    return Err(crate::settings::SettingsError::DuplicateLocation(name).into());
+                }
+                location::check_new_location(&crate::settings::expand_home(&text))?;
+                s.add_location(&name, &text)?;
+                println!("Added VM storage location: {name} at {text}");
+            }
+            StorageCommand::Remove { name } => {
+                s.remove_location(&name)?;
+                println!("Removed VM storage location: {name}");
+            }
+            StorageCommand::List => {
+                println!("VM Storage Locations:");
+                print!("{}", locations_text(s)?);
+            }
+            StorageCommand::Default { name } => {
+                s.set_default_location(&name)?;
+                println!("Set default VM storage location to: {name}");
+            }
+        }
+        Ok(0)
+    })
 }
 
 /// What `lume config get KEY` prints: the effective accelerator and VM
 /// location, else the value in the file, else a known key's default.
 fn config_value(s: &Settings, key: &str) -> Result<String> {
-    if key == "accelerator" {
-        return format_accel(s);
-    }
-    if key == "homeDirectory" {
-        return Ok(Store::new(None).root().display().to_string());
+    match key {
+        "accelerator" => return format_accel(s),
+        "homeDirectory" => return Ok(s.default_location()?.root().display().to_string()),
+        "defaultLocationName" => return Ok(s.default_location_name()?),
+        "cachingEnabled" => return Ok(s.caching_enabled()?.to_string()),
+        "telemetryEnabled" => return Ok(s.telemetry_enabled()?.to_string()),
+        "cacheDirectory" => return cache_dir_text(s),
+        "vmLocations" => {
+            return Ok(serde_yaml_ng::to_string(&s.locations()?)?
+                .trim_end()
+                .to_string());
+        }
+        "registry" => {
+            let r = s.registry()?;
+            return Ok(format!(
+                "type: {}\nghcr:\n  registry: {}\n  organization: {}",
+                s.registry_type()?,
+                r.registry,
+                r.organization
+            ));
+        }
+        _ => {}
     }
     match s.as_mapping().get(key) {
         Some(serde_yaml_ng::Value::String(v)) => Ok(v.clone()),

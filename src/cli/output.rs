@@ -16,53 +16,142 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// The network mode, and while a bridged VM's parent interface is missing,
-/// that it waits for it.
-fn network_column(d: &VmDetails) -> String {
-    let mode = opt(&d.network_mode);
-    let Some(n) = &d.network else { return mode };
+/// How a bridged VM's attachment stands, while it waits for its parent
+/// interface or re-attaches.
+fn attachment_note(d: &VmDetails) -> Option<String> {
+    let n = d.network.as_ref()?;
     let parent = n.parent.as_deref().unwrap_or("its interface");
     match n.attachment.as_deref() {
-        Some("waiting-for-parent") => format!("{mode} (waiting for {parent})"),
-        Some("reattaching") => format!("{mode} (re-attaching to {parent})"),
-        _ => mode,
+        Some("waiting-for-parent") => Some(format!("waiting for {parent}")),
+        Some("reattaching") => Some(format!("re-attaching to {parent}")),
+        _ => None,
     }
 }
 
-fn table(vms: &[VmDetails]) -> String {
-    let mut t = Table::new();
-    t.load_style(NOTHING);
-    t.set_header([
-        "name", "os", "cpu", "memory", "disk", "display", "status", "ip", "ssh", "network",
-        "storage",
-    ]);
-    for d in vms {
-        t.add_row([
-            d.name.clone(),
-            opt(&d.os),
-            opt(&d.cpu_count),
-            d.memory_size.map(format_size).unwrap_or_else(|| "-".into()),
-            d.disk_size
-                .as_ref()
-                .map(|s| format!("{}/{}", format_size(s.allocated), format_size(s.total)))
-                .unwrap_or_else(|| "-".into()),
-            opt(&d.display),
-            match &d.error {
-                Some(e) => format!("invalid: {e}"),
-                None => d.status.clone(),
-            },
-            opt(&d.ip_address),
-            match d.ssh_available {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => "-",
-            }
-            .into(),
-            network_column(d),
-            d.location_name.clone(),
-        ]);
+/// lume's table (VMDetailsPrinter.swift): these columns, each padded to
+/// its width. A longer value is printed whole, followed by one space
+/// (lume cuts it to the width).
+const COLUMNS: [(&str, usize); 13] = [
+    ("name", 40),
+    ("os", 8),
+    ("cpu", 8),
+    ("memory", 8),
+    ("disk", 16),
+    ("display", 12),
+    ("status", 28),
+    ("network", 12),
+    ("storage", 16),
+    ("shared_dirs", 54),
+    ("ip", 16),
+    ("ssh", 6),
+    ("vnc", 50),
+];
+
+fn padded(cells: &[String]) -> String {
+    let mut line = String::new();
+    for (cell, (_, width)) in cells.iter().zip(COLUMNS) {
+        line.push_str(cell);
+        let len = cell.chars().count();
+        if len < width {
+            line.extend(std::iter::repeat_n(' ', width - len));
+        } else {
+            line.push(' ');
+        }
     }
-    t.to_string()
+    line
+}
+
+/// lume's memory column: GiB with two decimals and `G`.
+pub fn memory_column(bytes: u64) -> String {
+    format!("{:.2}G", bytes as f32 / (1024.0 * 1024.0 * 1024.0))
+}
+
+/// One VM's row of lume's table.
+fn row(d: &VmDetails) -> Vec<String> {
+    let dash = || "-".to_string();
+    vec![
+        d.name.clone(),
+        opt(&d.os),
+        opt(&d.cpu_count),
+        d.memory_size.map(memory_column).unwrap_or_else(dash),
+        d.disk_size
+            .as_ref()
+            .map(|s| format!("{}/{}", format_size(s.allocated), format_size(s.total)))
+            .unwrap_or_else(dash),
+        opt(&d.display),
+        match (&d.status[..], &d.provisioning_operation) {
+            ("provisioning", Some(op)) => format!("provisioning ({op})"),
+            (status, _) => status.to_string(),
+        },
+        opt(&d.network_mode),
+        d.location_name.clone(),
+        if d.status == "running" && !d.shared_directories.is_empty() {
+            d.shared_directories
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} ({})",
+                        s.host_path,
+                        if s.read_only { "ro" } else { "rw" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            dash()
+        },
+        opt(&d.ip_address),
+        match d.ssh_available {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        }
+        .into(),
+        opt(&d.vnc_url),
+    ]
+}
+
+/// lume's table of VMs: a header line, then one line per VM.
+pub fn table(vms: &[VmDetails]) -> String {
+    let header: Vec<String> = COLUMNS.iter().map(|(h, _)| h.to_string()).collect();
+    let mut lines = vec![padded(&header)];
+    lines.extend(vms.iter().map(|d| padded(&row(d))));
+    lines.join("\n")
+}
+
+/// What `lume get` prints below lume's table: what we know beyond lume's
+/// columns (all of it is in `-f json` too).
+fn extra_lines(d: &VmDetails) -> Vec<String> {
+    let mut lines = Vec::new();
+    if let Some(e) = &d.error {
+        lines.push(format!("error: {e}"));
+    }
+    if let Some(mac) = &d.mac_address {
+        lines.push(format!("mac address: {mac}"));
+    }
+    if let Some(a) = &d.accelerator {
+        lines.push(format!("accelerator: {a}"));
+    }
+    if let Some(n) = &d.network {
+        let mut what = n.mode.clone();
+        if let Some(dev) = &n.host_device {
+            what.push_str(&format!(", device {dev}"));
+        }
+        if let Some(p) = &n.parent {
+            what.push_str(&format!(" on {p}"));
+        }
+        if let Some(a) = attachment_note(d) {
+            what.push_str(&format!(" ({a})"));
+        }
+        lines.push(format!("network: {what}"));
+        if !n.published_ports.is_empty() {
+            lines.push(format!("published ports: {}", n.published_ports.join(", ")));
+        }
+        if let Some(note) = &n.note {
+            lines.push(format!("note: {note}"));
+        }
+    }
+    lines
 }
 
 /// Prints the doctor's report: one line per check.
@@ -129,11 +218,19 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
     match (outcome, format) {
         (Outcome::List(vms), Format::Json) => println!("{}", serde_json::to_string_pretty(vms)?),
         (Outcome::List(vms), Format::Text) if vms.is_empty() => {
-            println!("No VMs yet: create one with `lume create <name>`")
+            println!("No virtual machines found")
         }
         (Outcome::List(vms), Format::Text) => println!("{}", table(vms)),
-        (Outcome::Details(d), Format::Json) => println!("{}", serde_json::to_string_pretty(d)?),
-        (Outcome::Details(d), Format::Text) => println!("{}", table(std::slice::from_ref(d))),
+        // As lume: `get -f json` prints a one-element array.
+        (Outcome::Details(d), Format::Json) => {
+            println!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
+        }
+        (Outcome::Details(d), Format::Text) => {
+            println!("{}", table(std::slice::from_ref(d)));
+            for line in extra_lines(d) {
+                println!("{line}");
+            }
+        }
         (Outcome::Created(d), _) => println!(
             "VM '{}' created: {} {}, {} memory, {} disk, network {}",
             d.name,
@@ -157,23 +254,14 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             d.ip_address.as_deref().unwrap_or("not known yet"),
             d.name,
             match d.location_name.as_str() {
-                "default" => String::new(),
+                crate::settings::DEFAULT_LOCATION_NAME => String::new(),
                 storage => format!(" --storage {storage}"),
             }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (
-            Outcome::Stopped {
-                name,
-                was_running,
-                method,
-            },
-            _,
-        ) => match (was_running, method) {
-            (true, Some(m)) => println!("VM '{name}' stopped {} ({m})", m.describe()),
-            (true, None) => println!("VM '{name}' stopped"),
-            (false, _) => println!("VM '{name}' is not running"),
-        },
+        (Outcome::Stopped { name, method }, _) => {
+            println!("VM '{name}' stopped {} ({method})", method.describe())
+        }
         (Outcome::Restarted { name, method }, _) => {
             println!(
                 "VM '{name}' is restarting: reboot requested {} ({method})",
@@ -248,4 +336,49 @@ pub fn images_table(images: &[crate::registry::cache::CachedImage]) -> String {
         out.push_str(&format!("{}{}\n", pad(name, 28), pad(id, 16)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provisioning(name: &str) -> VmDetails {
+        VmDetails {
+            name: name.into(),
+            os: Some("linux".into()),
+            cpu_count: Some(2),
+            memory_size: Some(8 << 30),
+            disk_size: None,
+            display: Some("1024x768".into()),
+            status: "provisioning".into(),
+            provisioning_operation: Some("image_import".into()),
+            vnc_url: None,
+            ip_address: None,
+            ssh_available: None,
+            location_name: "home".into(),
+            shared_directories: Vec::new(),
+            network_mode: Some("nat".into()),
+            download_progress: None,
+            mac_address: None,
+            accelerator: None,
+            network: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn rows_follow_vm_details_printer() {
+        let r = row(&provisioning("p"));
+        assert_eq!(r[3], "8.00G");
+        assert_eq!(r[4], "-");
+        // The operation of a provisioning VM, in lume's words.
+        assert_eq!(r[6], "provisioning (image_import)");
+        assert_eq!(memory_column(1536 << 20), "1.50G");
+        assert_eq!(memory_column(256 << 20), "0.25G");
+        // A value as wide as its column is kept whole, then one space.
+        let long = "n".repeat(45);
+        let line = table(&[provisioning(&long)]);
+        let second = line.lines().nth(1).unwrap();
+        assert!(second.starts_with(&format!("{long} linux   ")), "{second}");
+    }
 }

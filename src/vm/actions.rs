@@ -99,13 +99,6 @@ pub enum VmError {
         seconds: u64,
         pid: u32,
     },
-    /// Nothing in [`Settable::ALL`] was given. Its text names the CLI's
-    /// flags; the API words it with its JSON fields ([`Settable::field`]).
-    #[error(
-        "Nothing to change: give at least one of {}",
-        Settable::listed(Settable::flag)
-    )]
-    NothingToSet,
     #[error("{}", forbidden_message(path, reason))]
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
@@ -174,44 +167,6 @@ impl From<UnsafeDir> for VmError {
             path: e.dir,
             reason: Denied::Storage { who: e.who },
         }
-    }
-}
-
-/// What `set` can change, for each door to name in its own words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settable {
-    Cpu,
-    Memory,
-    DiskSize,
-    Network,
-}
-
-impl Settable {
-    pub const ALL: [Self; 4] = [Self::Cpu, Self::Memory, Self::DiskSize, Self::Network];
-
-    /// The CLI's flag.
-    pub fn flag(self) -> &'static str {
-        match self {
-            Self::Cpu => "--cpu",
-            Self::Memory => "--memory",
-            Self::DiskSize => "--disk-size",
-            Self::Network => "--network",
-        }
-    }
-
-    /// The API's JSON field.
-    pub fn field(self) -> &'static str {
-        match self {
-            Self::Cpu => "cpu",
-            Self::Memory => "memory",
-            Self::DiskSize => "diskSize",
-            Self::Network => "network",
-        }
-    }
-
-    /// Every settable thing, named by `name`, separated by commas.
-    pub fn listed(name: fn(Self) -> &'static str) -> String {
-        Self::ALL.map(name).join(", ")
     }
 }
 
@@ -308,6 +263,19 @@ pub struct SetSpec {
     pub memory: Option<u64>,
     pub disk_size: Option<u64>,
     pub network: Option<NetworkMode>,
+    /// WIDTHxHEIGHT, checked by [`super::config::parse_display`].
+    pub display: Option<String>,
+}
+
+impl SetSpec {
+    /// Whether it changes nothing (which is no error, as in lume).
+    pub fn is_empty(&self) -> bool {
+        self.cpu.is_none()
+            && self.memory.is_none()
+            && self.disk_size.is_none()
+            && self.network.is_none()
+            && self.display.is_none()
+    }
 }
 
 /// One request to change or read VMs.
@@ -344,8 +312,13 @@ pub enum Action {
     /// gateway (config.json `unsafeHostLoopback`), from the next start.
     /// Unsafe for untrusted guests.
     SetHostLoopback { name: VmName, allow: bool },
-    /// Copy a stopped VM under a new name with a new MAC address.
-    Clone { source: VmName, target: VmName },
+    /// Copy a stopped VM under a new name with a new MAC address, into
+    /// `dest` (another location) or the source's own location.
+    Clone {
+        source: VmName,
+        target: VmName,
+        dest: Option<Store>,
+    },
     /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
     Delete {
         name: VmName,
@@ -373,11 +346,10 @@ pub enum Outcome {
     Started(VmDetails),
     /// A foreground run ended; QEMU's exit status.
     Exited(std::process::ExitStatus),
-    /// `method` is how it went down; `None` when it was not running.
+    /// It was running and went down; `method` says how.
     Stopped {
         name: VmName,
-        was_running: bool,
-        method: Option<PowerMethod>,
+        method: PowerMethod,
     },
     /// The guest was asked to reboot (or was reset).
     Restarted {
@@ -462,7 +434,11 @@ pub fn execute(
             }
             Ok(Outcome::Updated(VmDetails::read(store, &vm)))
         }
-        Action::Clone { source, target } => clone(store, &source, &target),
+        Action::Clone {
+            source,
+            target,
+            dest,
+        } => clone(store, dest.as_ref().unwrap_or(store), &source, &target),
         Action::Delete {
             name,
             force,
@@ -1318,12 +1294,9 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     let timeout = stop_timeout(timeout.as_secs())?;
     let (vm, state) = running(ctx, name, timeout)?;
     let Some(state) = state else {
+        // As lume: stopping a VM that is not running is an error.
         collect_after_crash(ctx, &vm);
-        return Ok(Outcome::Stopped {
-            name: name.clone(),
-            was_running: false,
-            method: None,
-        });
+        return Err(VmError::NotRunning(name.clone()));
     };
     let start = Instant::now();
     let why = "`lume stop`";
@@ -1337,8 +1310,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     log_to_vm(
@@ -1360,8 +1332,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
     if wait_unlocked(&vm, Instant::now() + Duration::from_secs(10)) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(PowerMethod::Forced),
+            method: PowerMethod::Forced,
         });
     }
     Err(VmError::StopTimeout {
@@ -1395,8 +1366,7 @@ fn shutdown(
     if wait_unlocked(&vm, start + timeout) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
-            was_running: true,
-            method: Some(method),
+            method,
         });
     }
     Err(VmError::ShutdownTimeout {
@@ -1441,17 +1411,20 @@ fn restart(
     })
 }
 
+/// Changes what `spec` names; with nothing to change it succeeds and
+/// changes nothing, as lume's `set` does.
 fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
-    if spec.cpu.is_none()
-        && spec.memory.is_none()
-        && spec.disk_size.is_none()
-        && spec.network.is_none()
-    {
-        return Err(VmError::NothingToSet);
-    }
     check_resources(spec.cpu, spec.memory, spec.disk_size)?;
     let vm = store.open(&spec.name)?;
     store.check_private(Some(&vm))?;
+    if let Some(d) = &spec.display {
+        super::config::parse_display(d)?;
+    }
+    if spec.is_empty() {
+        // Still read, so a VM whose config is corrupt is an error here too.
+        vm.load_config()?;
+        return Ok(Outcome::Updated(VmDetails::read(store, &vm)));
+    }
     // The disk can only change while nobody runs the VM: hold its lock.
     let _lock = match spec.disk_size {
         Some(_) => Some(
@@ -1487,6 +1460,9 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
             crate::network::attach::check_saved_mode(n)?;
             cfg.network_mode = n.clone();
         }
+        if let Some(d) = &spec.display {
+            cfg.display = d.clone();
+        }
         Ok(())
     })?;
     Ok(Outcome::Updated(VmDetails::read(store, &vm)))
@@ -1514,21 +1490,27 @@ const RUNTIME_FILES: [&str; 12] = [
     ".cfg.lock",
 ];
 
-fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmError> {
+fn clone(
+    store: &Store,
+    dest: &Store,
+    source: &VmName,
+    target: &VmName,
+) -> Result<Outcome, VmError> {
     let src = store.open(source)?;
     store.check_private(Some(&src))?;
+    dest.check_private(None)?;
     let mut cfg = src.load_config()?;
     let _lock = VmLock::try_acquire(&src.lock_path())
         .map_err(io_at(&src.lock_path()))?
         .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?;
-    if store.vm(target).dir.exists() {
+    if dest.vm(target).dir.exists() {
         return Err(StoreError::Exists {
             name: target.clone(),
-            root: store.root().to_path_buf(),
+            root: dest.root().to_path_buf(),
         }
         .into());
     }
-    let work = store.work_dir("creating", target)?;
+    let work = dest.work_dir("creating", target)?;
     let built = (|| -> Result<CopyKind, VmError> {
         let mut disk_copy = CopyKind::Reflink;
         for entry in fs::read_dir(&src.dir).map_err(io_at(&src.dir))? {
@@ -1557,10 +1539,10 @@ fn clone(store: &Store, source: &VmName, target: &VmName) -> Result<Outcome, VmE
         cfg.save(&work.join("config.json"))?;
         Ok(disk_copy)
     })();
-    let result = built.and_then(|kind| Ok((store.publish(&work, target)?, kind)));
+    let result = built.and_then(|kind| Ok((dest.publish(&work, target)?, kind)));
     match result {
         Ok((vm, copy)) => Ok(Outcome::Cloned {
-            details: VmDetails::read(store, &vm),
+            details: VmDetails::read(dest, &vm),
             copy,
         }),
         Err(e) => {
@@ -1588,7 +1570,11 @@ fn delete(
             return Err(VmError::RunningNeedsForce(name.clone()));
         }
         note(&format!("Stopping VM '{name}' before deleting it"));
-        stop(ctx, name, Duration::from_secs(15))?;
+        match stop(ctx, name, Duration::from_secs(15)) {
+            // It went down by itself meanwhile.
+            Ok(_) | Err(VmError::NotRunning(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
     collect_after_crash(ctx, &vm);
     let _lock = VmLock::acquire_within(&vm.lock_path(), Duration::from_secs(5))
@@ -1807,6 +1793,7 @@ mod tests {
             Action::Clone {
                 source: VmName::parse("b").unwrap(),
                 target: VmName::parse("c").unwrap(),
+                dest: None,
             },
             &mut |_| {},
         )
@@ -1884,6 +1871,7 @@ mod tests {
             memory: None,
             disk_size: None,
             network: None,
+            display: None,
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");

@@ -36,6 +36,10 @@ pub enum ConfigError {
         field: &'static str,
         value: String,
     },
+    #[error(
+        "Invalid display resolution '{0}': give WIDTHxHEIGHT with two positive numbers, for example 1024x768"
+    )]
+    Display(String),
     #[error("Cannot write {path}")]
     Write {
         path: PathBuf,
@@ -287,6 +291,24 @@ impl VmConfig {
     }
 }
 
+/// Checks a display resolution as lume does (`VMDisplayResolution`):
+/// `WIDTHxHEIGHT`, two positive whole numbers; returns it as given.
+pub fn parse_display(s: &str) -> Result<String, ConfigError> {
+    let ok = s.split_once('x').is_some_and(|(w, h)| {
+        [w, h].iter().all(|n| {
+            !n.is_empty()
+                && n.len() <= 6
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && n.parse::<u32>().is_ok_and(|v| v > 0)
+        })
+    });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(ConfigError::Display(s.to_string()))
+    }
+}
+
 /// A name without '/' that is not empty, `.` or `..`.
 pub fn is_plain_file_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0')
@@ -366,6 +388,31 @@ mod tests {
         };
         c.save(&p).unwrap();
         assert_eq!(VmConfig::load(&p).unwrap(), c);
+    }
+
+    #[test]
+    fn displays_are_width_x_height() {
+        for ok in ["1024x768", "1x1", "3840x2160"] {
+            assert_eq!(parse_display(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "1024",
+            "1024x",
+            "x768",
+            "0x768",
+            "1024x0",
+            "1024X768",
+            "-1x5",
+            "1x2x3",
+            " 1x2",
+            "1024x768 ",
+        ] {
+            assert!(
+                matches!(parse_display(bad), Err(ConfigError::Display(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -79,8 +79,21 @@ pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
 /// `provisioningOperation` while an image is pulled from a registry.
 pub const PROVISIONING_IMAGE_PULL: &str = "image_pull";
 
-/// One VM as reported to users: exactly the JSON of `lume get NAME -f json`,
-/// every key always present.
+/// lume's `SharedDirectory` (`hostPath`, `tag`, `readOnly`): the shape of
+/// `sharedDirectories` entries. lume on Linux has no shared directories
+/// yet, so the list is always empty.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedDirectory {
+    pub host_path: String,
+    pub tag: String,
+    pub read_only: bool,
+}
+
+/// One VM as reported to users: exactly the JSON of `lume get NAME -f json`
+/// (which prints it inside a one-element array, as lume does), every key
+/// always present. lume's keys come first, in lume's order (VMDetails.swift);
+/// ours follow.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmDetails {
@@ -96,15 +109,17 @@ pub struct VmDetails {
     /// What is being done while `provisioning` (`image_import`, or
     /// `image_pull` for `lume pull`); null otherwise.
     pub provisioning_operation: Option<String>,
-    /// While an image is pulled: how much of it is downloaded, 0 to 100
-    /// (lume's `downloadProgress`); null otherwise.
-    pub download_progress: Option<f64>,
+    /// lume's VNC address; always null (lume on Linux has no VNC server yet).
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
     pub location_name: String,
-    pub shared_directories: Vec<String>,
+    /// lume's shared directories; always empty (not supported yet).
+    pub shared_directories: Vec<SharedDirectory>,
     pub network_mode: Option<String>,
+    /// lume's pull progress: while `lume pull` downloads, how much of the
+    /// image's blobs is there, 0 to 100; null otherwise.
+    pub download_progress: Option<f64>,
     pub mac_address: Option<String>,
     /// The accelerator of the running VM.
     pub accelerator: Option<String>,
@@ -138,13 +153,13 @@ impl VmDetails {
             }
             .into(),
             provisioning_operation: None,
-            download_progress: None,
             vnc_url: None,
             ip_address: None,
             ssh_available: None,
             location_name: store.location_name(),
             shared_directories: Vec::new(),
             network_mode: None,
+            download_progress: None,
             mac_address: None,
             accelerator: None,
             network: None,

@@ -5,6 +5,7 @@ pub mod actions;
 pub mod caller;
 pub mod config;
 pub mod details;
+pub mod location;
 pub mod lock;
 pub mod name;
 pub mod size;

@@ -141,8 +141,9 @@ pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
-    /// Whether this is the default location (reported as `locationName`).
-    default: bool,
+    /// The location's name (reported as `locationName`): a configured
+    /// location's name, or the path as the user gave it.
+    name: String,
 }
 
 /// One VM's directory.
@@ -153,18 +154,38 @@ pub struct Vm {
 }
 
 impl Store {
-    /// The root given with `--storage`, else `~/.lume`; made absolute, so
-    /// that a relative path means the same in a supervisor and in QEMU.
+    /// The directory `explicit` (named by its path), else the default
+    /// location of config.yaml (`home`, `~/.lume`); made absolute, so that a
+    /// relative path means the same in a supervisor and in QEMU. Names are
+    /// resolved by [`super::location::resolve`].
     pub fn new(explicit: Option<PathBuf>) -> Self {
         match explicit {
-            Some(root) => Self {
-                root: absolute(root),
-                default: false,
-            },
-            None => Self {
-                root: absolute(default_root()),
-                default: true,
-            },
+            Some(root) => {
+                // lume shows the path as given; a relative one is shown
+                // made absolute, as it is used.
+                let root = absolute(root);
+                Self {
+                    name: root.display().to_string(),
+                    root,
+                }
+            }
+            None => {
+                let loc = crate::settings::Settings::load()
+                    .and_then(|s| s.default_location())
+                    .unwrap_or_else(|_| crate::settings::Location {
+                        name: crate::settings::DEFAULT_LOCATION_NAME.into(),
+                        path: crate::settings::DEFAULT_LOCATION_PATH.into(),
+                    });
+                Self::located(&loc.name, loc.root())
+            }
+        }
+    }
+
+    /// The named location `name` at `root`.
+    pub fn located(name: &str, root: PathBuf) -> Self {
+        Self {
+            name: name.into(),
+            root: absolute(root),
         }
     }
 
@@ -228,13 +249,9 @@ impl Store {
         }
     }
 
-    /// `default` for `~/.lume`, else the path.
+    /// The location's name, or the path as given (lume's `locationName`).
     pub fn location_name(&self) -> String {
-        if self.default {
-            "default".into()
-        } else {
-            self.root.display().to_string()
-        }
+        self.name.clone()
     }
 
     /// A handle without checking existence.
@@ -415,13 +432,6 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `p` against the current directory when relative.
 fn absolute(p: PathBuf) -> PathBuf {
     std::path::absolute(&p).unwrap_or(p)
-}
-
-fn default_root() -> PathBuf {
-    if let Some(dir) = crate::settings::Settings::home_directory() {
-        return dir;
-    }
-    home().join(".lume")
 }
 
 /// `$HOME`, falling back to the password database.

@@ -2,6 +2,7 @@
 //! namespaces that clean up after themselves.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod http;
 
 use std::path::{Path, PathBuf};
@@ -86,9 +87,12 @@ impl Home {
         String::from_utf8(out.stderr).unwrap()
     }
 
-    /// `lume get NAME -f json`.
+    /// The one VM of `lume get NAME -f json` (a one-element array, as lume's).
     pub fn get(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["get", name, "-f", "json"])).unwrap()
+        let all: serde_json::Value =
+            serde_json::from_str(&self.ok(&["get", name, "-f", "json"])).unwrap();
+        assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+        all[0].clone()
     }
 }
 
@@ -493,7 +497,9 @@ impl Lan {
 
     /// `lume get NAME -f json` in the host namespace.
     pub fn get(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&self.lume_ok(&["get", name, "-f", "json"])).unwrap()
+        let all: serde_json::Value =
+            serde_json::from_str(&self.lume_ok(&["get", name, "-f", "json"])).unwrap();
+        all[0].clone()
     }
 
     /// Creates a VM from the test guest; `extra_cmdline` is appended to the

@@ -1,0 +1,238 @@
+//! Named VM locations (lume's `vmLocations` in config.yaml) and the one
+//! reading of `--storage NAME|PATH` / `storage` shared by the CLI and the
+//! API.
+//!
+//! A storage argument is a location name when config.yaml has a location of
+//! that name; otherwise it is a path when it contains a `/` (lume's rule);
+//! anything else is refused with the list of locations, so a mistyped name
+//! never silently becomes a folder of that name.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::settings::{Location, Settings, SettingsError};
+
+use super::VmName;
+use super::actions::{Action, Context, Outcome, VmError, execute};
+use super::caller::Caller;
+use super::details::VmDetails;
+use super::store::{PRIVATE_DIR, Store, UnsafeDir, check_ancestors_private};
+
+/// Why a storage argument or a new location is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LocationError {
+    #[error(
+        "Storage '{spec}' is neither a VM location name nor a path. Locations: {known} (`lume config storage list`); a path contains a '/', such as ./{spec} or /srv/{spec}"
+    )]
+    Unknown { spec: String, known: String },
+    #[error(
+        "Storage 'ephemeral' (lume's macOS temporary folder) is not supported: VMs in a folder every user shares are refused; add a location of your own (lume config storage add NAME PATH) or give a path"
+    )]
+    Ephemeral,
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Unsafe(#[from] UnsafeDir),
+    #[error("Path is not a directory: {0}: choose a directory for VMs")]
+    NotADirectory(PathBuf),
+    #[error(
+        "Directory is not writable: {0}: choose a directory you can write to (lume checks a new location with your own rights)"
+    )]
+    NotWritable(PathBuf),
+    #[error(
+        "{path} is a symlink owned by user {owner}: lume running as root follows no link another user made; name the real directory"
+    )]
+    ForeignSymlink { path: PathBuf, owner: u32 },
+    #[error("Failed to create directory at {path}: check the path and its parent")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A storage argument read: the location and, when the word was also a
+/// folder in the current directory, what was chosen and how to get the other.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub store: Store,
+    pub note: Option<String>,
+}
+
+/// The one reading of `--storage` / `storage`: a configured location name
+/// first, else a path (it contains a `/`), else an error naming the
+/// locations.
+pub fn resolve(settings: &Settings, spec: &str) -> Result<Resolved, LocationError> {
+    let all = settings.locations()?;
+    if let Some(l) = all.iter().find(|l| l.name == spec) {
+        let note = Path::new(spec).is_dir().then(|| {
+            format!(
+                "Note: storage '{spec}' is the VM location named {spec} ({}), not the folder {spec} here; for the folder write ./{spec}",
+                l.root().display()
+            )
+        });
+        return Ok(Resolved {
+            store: store_of(l),
+            note,
+        });
+    }
+    if spec == "ephemeral" {
+        return Err(LocationError::Ephemeral);
+    }
+    if spec.contains('/') {
+        return Ok(Resolved {
+            store: Store::new(Some(PathBuf::from(spec))),
+            note: None,
+        });
+    }
+    Err(LocationError::Unknown {
+        spec: spec.into(),
+        known: crate::settings::names(&all),
+    })
+}
+
+fn store_of(l: &Location) -> Store {
+    Store::located(&l.name, l.root())
+}
+
+/// The default location (`defaultLocationName`).
+pub fn default_store(settings: &Settings) -> Result<Store, LocationError> {
+    Ok(store_of(&settings.default_location()?))
+}
+
+/// Every configured location in config.yaml's order; a directory named by
+/// two locations counts once (the first).
+pub fn all_stores(settings: &Settings) -> Result<Vec<Store>, LocationError> {
+    let mut out: Vec<Store> = Vec::new();
+    for l in settings.locations()? {
+        let s = store_of(&l);
+        if !out.iter().any(|o| o.root() == s.root()) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Where a command on VM `name` acts: `storage` when given; else, as lume
+/// does, the first location (in config.yaml's order) that holds a VM of
+/// that name, else the default location.
+pub fn store_for_vm(
+    settings: &Settings,
+    storage: Option<&str>,
+    name: &VmName,
+) -> Result<Resolved, LocationError> {
+    if let Some(spec) = storage {
+        return resolve(settings, spec);
+    }
+    for s in all_stores(settings)? {
+        if s.vm(name).config_path().exists() || s.is_provisioning(name) {
+            return Ok(Resolved {
+                store: s,
+                note: None,
+            });
+        }
+    }
+    Ok(Resolved {
+        store: default_store(settings)?,
+        note: None,
+    })
+}
+
+/// `lume ls` without `--storage`: the VMs of every location in `stores`,
+/// sorted by name (a name in two locations appears twice, in the
+/// locations' order). A location that cannot be read is reported through
+/// `note` and skipped, as lume does.
+pub fn list_every(
+    settings: &Settings,
+    caller: &Caller,
+    stores: Vec<Store>,
+    note: &mut dyn FnMut(&str),
+) -> Result<Vec<VmDetails>, VmError> {
+    let mut all = Vec::new();
+    for store in stores {
+        let root = store.root().to_path_buf();
+        let ctx = Context {
+            store,
+            settings: settings.clone(),
+            caller: caller.clone(),
+        };
+        match execute(&ctx, Action::List, note) {
+            Ok(Outcome::List(vms)) => all.extend(vms),
+            Ok(_) => {}
+            Err(e) => note(&format!(
+                "Warning: VM location {} skipped: {}",
+                root.display(),
+                crate::error_chain(&e)
+            )),
+        }
+    }
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(all)
+}
+
+/// Checks a directory about to become a VM location, with the rights of
+/// this process (the CLI's user, or the API server acting for its own
+/// user): an existing path must be a directory this process may write, or
+/// its nearest existing parent must be (it is then created, 0700). As
+/// root, no directory on the way may be changeable by another user
+/// ([`check_ancestors_private`]: no other user's home, no world-writable
+/// folder) and no symlink on the way may belong to another user.
+pub fn check_new_location(root: &Path) -> Result<(), LocationError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid == 0 {
+        let mut probe = Some(root);
+        while let Some(p) = probe {
+            if let Ok(m) = fs::symlink_metadata(p)
+                && m.file_type().is_symlink()
+                && m.uid() != 0
+            {
+                return Err(LocationError::ForeignSymlink {
+                    path: p.to_path_buf(),
+                    owner: m.uid(),
+                });
+            }
+            probe = p.parent();
+        }
+        check_ancestors_private(root)?;
+        if let Ok(m) = fs::metadata(root)
+            && (m.uid() != 0 || m.mode() & 0o022 != 0)
+        {
+            return Err(UnsafeDir {
+                dir: root.to_path_buf(),
+                who: if m.uid() != 0 {
+                    format!("user {} (its owner)", m.uid())
+                } else {
+                    "other users (group or world write)".into()
+                },
+            }
+            .into());
+        }
+    }
+    let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+    match fs::metadata(root) {
+        Ok(m) if !m.is_dir() => Err(LocationError::NotADirectory(root.to_path_buf())),
+        Ok(_) => nix::unistd::access(root, access)
+            .map_err(|_| LocationError::NotWritable(root.to_path_buf())),
+        Err(_) => {
+            let mut parent = root.parent();
+            while let Some(p) = parent {
+                if p.exists() {
+                    nix::unistd::access(p, access)
+                        .map_err(|_| LocationError::NotWritable(p.to_path_buf()))?;
+                    break;
+                }
+                parent = p.parent();
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_DIR)
+                .create(root)
+                .map_err(|source| LocationError::Create {
+                    path: root.to_path_buf(),
+                    source,
+                })
+        }
+    }
+}
