@@ -657,6 +657,8 @@ fn config_keys_can_be_removed_and_empty_values_or_missing_groups_are_refused() {
             err.contains("An empty value for 'homeDirectory' is refused: to remove the key, run `lume config unset homeDirectory`"),
             "{err}"
         );
+        // Refused before anything is made (the test runs in the crate's folder).
+        assert!(!std::path::Path::new(empty).exists() || empty.is_empty());
     }
     // apiGroup must name an existing group.
     let err = home.fails(&["config", "set", "apiGroup", "no-such-group-lume"]);

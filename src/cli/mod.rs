@@ -1268,7 +1268,12 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
-            if key == "homeDirectory" || key == "cacheDirectory" {
+            // Only an absolute path is checked (and created) here; anything
+            // else is refused by set_from_command_line below, before any
+            // directory is made.
+            if (key == "homeDirectory" || key == "cacheDirectory")
+                && (value.starts_with('/') || value.starts_with("~/"))
+            {
                 location::check_new_location(&crate::settings::expand_home(&value))
                     .with_context(|| format!("Cannot set '{key}'"))?;
             }
