@@ -497,6 +497,82 @@ fn a_location_another_user_controls_is_refused() {
     assert!(e.contains("Directory is not writable: /etc"), "{e}");
 }
 
+/// A root-owned symlink into another user's folder: what lies behind it is
+/// theirs, so no location, homeDirectory or cacheDirectory may lead there,
+/// and root creates nothing inside it.
+#[test]
+fn a_root_link_into_another_users_folder_is_refused() {
+    let home = Home::new();
+    let top = tempfile::tempdir().unwrap();
+    let alice = top.path().join("alice");
+    std::fs::create_dir(&alice).unwrap();
+    std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&alice, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&alice, &rlink).unwrap();
+    let inside = |p: &str| rlink.join(p).to_str().unwrap().to_string();
+    for args in [
+        vec!["config", "storage", "add", "t2", &inside("vms3/sub")],
+        vec!["config", "set", "homeDirectory", &inside("h4")],
+        vec!["config", "set", "cacheDirectory", &inside("c3")],
+    ] {
+        let e = home.fails(&args);
+        assert!(e.contains("can be changed by user 65534"), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read_dir(&alice).unwrap().count(), 0);
+    assert!(!home.ok(&["config"]).contains("rlink"));
+}
+
+/// A location that another user came to control after it was added: `ls`
+/// skips it with a note (without opening their FIFO or following their
+/// link to root's config.json), `get` refuses it.
+#[test]
+fn a_location_another_user_controls_is_not_read() {
+    let home = Home::new();
+    create(&home, "a", &[]);
+    let theirs = tempfile::tempdir().unwrap();
+    let vms = theirs.path().join("vms");
+    for d in ["evil", "leak"] {
+        std::fs::create_dir_all(vms.join(d)).unwrap();
+    }
+    nix::unistd::mkfifo(&vms.join("evil/config.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink(
+        home.vm_dir("a").join("config.json"),
+        vms.join("leak/config.json"),
+    )
+    .unwrap();
+    std::fs::set_permissions(theirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(65534), Some(65534)).unwrap();
+    home.write_settings(&format!(
+        "defaultLocationName: home\nvmLocations:\n  - name: home\n    path: {}\n  - name: t2\n    path: {}\n",
+        home.storage().display(),
+        vms.display()
+    ));
+    let mut c = Command::new("timeout");
+    c.arg("30").arg(lume_bin()).args(["ls", "-f", "json"]);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        names_and_locations(listed.as_array().unwrap()),
+        [("a".to_string(), "home".to_string())]
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("skipped") && e.contains("user 65534"), "{e}");
+    for vm in ["leak", "evil"] {
+        let mut c = Command::new("timeout");
+        c.arg("30")
+            .arg(lume_bin())
+            .args(["get", vm, "--storage", "t2"]);
+        home.env(&mut c);
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+}
+
 /// A `lume serve` inside a namespace (as tests/api.rs starts it).
 struct Server {
     child: Child,
