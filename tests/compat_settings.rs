@@ -573,6 +573,62 @@ fn a_location_another_user_controls_is_not_read() {
     }
 }
 
+/// Root uses no config.yaml another user could have written (ssh's
+/// StrictModes): one in a user's HOME (`sudo -E`), one owned by a user in
+/// root's folder, one every user may write. Root neither reads nor
+/// rewrites it (no upgrade, no lock file in their folder).
+#[test]
+fn root_uses_no_config_yaml_another_user_can_change() {
+    let text = "homeDirectory: /etc\napiGroup: root\n";
+    let users = tempfile::tempdir().unwrap();
+    let theirs = users.path().join("user");
+    std::fs::create_dir_all(theirs.join(".config/lume")).unwrap();
+    std::fs::write(theirs.join(".config/lume/config.yaml"), text).unwrap();
+    for p in [".config/lume/config.yaml", ".config/lume", ".config", ""] {
+        std::os::unix::fs::chown(theirs.join(p), Some(65534), Some(65534)).unwrap();
+    }
+    let yaml = theirs.join(".config/lume/config.yaml");
+    for env in [
+        ("HOME", &theirs),
+        ("XDG_CONFIG_HOME", &theirs.join(".config")),
+    ] {
+        let out = Command::new(lume_bin())
+            .args(["config", "get"])
+            .env_remove("XDG_CONFIG_HOME")
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("is not used") && e.contains("user 65534"), "{e}");
+        assert!(e.contains("sudo -H"), "{e}");
+    }
+    assert_eq!(std::fs::read_to_string(&yaml).unwrap(), text);
+    assert_eq!(
+        std::fs::read_dir(yaml.parent().unwrap()).unwrap().count(),
+        1
+    );
+
+    // In root's own (test) HOME: the file owned by a user, then writable
+    // by every user; refused for reading and for changing.
+    let home = Home::new();
+    home.write_settings(text);
+    std::os::unix::fs::chown(home.config_yaml(), Some(65534), None).unwrap();
+    for args in [
+        &["config", "get"][..],
+        &["config", "set", "cachingEnabled", "true"],
+    ] {
+        let e = home.fails(args);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+    std::os::unix::fs::chown(home.config_yaml(), Some(0), None).unwrap();
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = home.fails(&["ls"]);
+    assert!(e.contains("can be changed by every user"), "{e}");
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(home.ok(&["config", "get"]).contains("home: /etc (default)"));
+}
+
 /// A `lume serve` inside a namespace (as tests/api.rs starts it).
 struct Server {
     child: Child,

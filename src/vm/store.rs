@@ -137,7 +137,11 @@ pub fn real_existing_prefix(dir: &Path) -> Option<PathBuf> {
 /// Who besides root (and `euid`) can change directory `meta`, if anyone.
 /// A sticky directory owned by root (such as /tmp) only lets others add
 /// entries of their own, which is allowed when `sticky_ok` (ancestors).
-fn writable_by_others(meta: &fs::Metadata, euid: u32, sticky_ok: bool) -> Option<String> {
+pub(crate) fn writable_by_others(
+    meta: &fs::Metadata,
+    euid: u32,
+    sticky_ok: bool,
+) -> Option<String> {
     let mode = meta.mode();
     if meta.uid() != 0 && meta.uid() != euid {
         return Some(format!("user {} (its owner)", meta.uid()));
