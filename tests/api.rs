@@ -815,7 +815,14 @@ fn other_users_are_refused_unless_in_the_api_group() {
     assert!(info.contains("GET /lume/vms -> "), "{info}");
     assert!(!info.contains("refused-marker"), "{info}");
     assert!(!info.contains("Refused uid 65534"), "{info}");
-    assert!(server.log.lock().unwrap().contains("refused-marker"));
+    common::wait_for("the refusal on stderr", Duration::from_secs(10), || {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("refused-marker")
+            .then_some(())
+    });
 
     // A program lume runs for VMs (here curl under the name passt) is a
     // guest: refused even as root.

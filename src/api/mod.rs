@@ -125,9 +125,10 @@ pub const LOG_LINE_KEPT_BYTES: usize = 2048;
 pub const ERROR_LINES_KEPT: usize = 500;
 
 /// How many lines about refused requests one caller (a uid, a VM, an
-/// unknown user) may write to stderr per minute; the rest are counted and
+/// unknown user) may write to stderr per minute (a refused request writes
+/// two or three); the rest are counted and
 /// reported in one line. Refused requests never enter the kept log.
-pub const REFUSAL_LINES_PER_MINUTE: u32 = 20;
+pub const REFUSAL_LINES_PER_MINUTE: u32 = 60;
 
 /// One kept line of the server's log.
 #[derive(Debug, Clone)]
