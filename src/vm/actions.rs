@@ -1740,15 +1740,16 @@ mod tests {
                 .unwrap()
                 .contains("unsafeHostLoopback")
         );
-        // Reading it is not a change: `get` still answers.
-        execute(
+        // Nor is it read: its config.json could be their FIFO or link.
+        let e = execute(
             &ctx,
             Action::Get {
                 name: VmName::parse("b").unwrap(),
             },
             &mut |_| {},
         )
-        .unwrap();
+        .unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
     }
 
     #[test]
