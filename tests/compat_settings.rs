@@ -963,4 +963,27 @@ fn config_routes_answer_as_lume() {
         );
     }
     assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
+    // The server's own user neither, through a root-owned link into
+    // nobody's folder: refused, and nothing is made there.
+    let top = tempfile::tempdir().unwrap();
+    let theirs = top.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&theirs, &rlink).unwrap();
+    for (path, body) in [
+        (
+            "/lume/config/locations",
+            json!({"name": "t2", "path": rlink.join("vms/sub")}),
+        ),
+        ("/lume/config", json!({"homeDirectory": rlink.join("h")})),
+        ("/lume/config", json!({"cacheDirectory": rlink.join("c")})),
+    ] {
+        let (st, reply) = call(&ns, &server, false, "POST", path, Some(body));
+        assert_eq!(st, 400, "{path}: {reply}");
+        let text = reply["message"].as_str().unwrap();
+        assert!(text.contains("can be changed by user 65534"), "{text}");
+    }
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
+    assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
 }
