@@ -24,6 +24,14 @@ pub enum SettingsError {
         #[source]
         source: serde_yaml_ng::Error,
     },
+    #[error(
+        "Settings file {path} is not used: {dir} can be changed by {who}, and lume running as root reads no config.yaml another user can change. Run lume with root's own HOME (sudo -H lume …), or make it root's alone (chown root:root {dir}; chmod go-w {dir})"
+    )]
+    NotRootsOwn {
+        path: PathBuf,
+        dir: PathBuf,
+        who: String,
+    },
     #[error("Cannot write {path}")]
     Write {
         path: PathBuf,
@@ -235,6 +243,32 @@ pub fn expand_home(s: &str) -> PathBuf {
     }
 }
 
+/// As root, refuses (as ssh's StrictModes does) a config.yaml that another
+/// user could have written or could swap: the file, or any directory above
+/// it up to `/` (as written and as resolved), owned by another user or
+/// writable by group or others (a sticky root-owned directory such as /tmp
+/// is fine). A user's config.yaml reached through `sudo -E` or a kept
+/// `HOME` would otherwise choose root's VM locations, API group and
+/// registry, and root would write into the user's folder.
+fn check_owner(path: &Path) -> Result<(), SettingsError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Ok(());
+    }
+    let refuse = |dir: &Path, who: String| SettingsError::NotRootsOwn {
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+        who,
+    };
+    crate::vm::store::check_ancestors_private(path).map_err(|u| refuse(&u.dir, u.who))?;
+    if let Ok(m) = std::fs::metadata(path)
+        && let Some(who) = crate::vm::store::writable_by_others(&m, euid, false)
+    {
+        return Err(refuse(path, who));
+    }
+    Ok(())
+}
+
 /// The parsed settings file (empty when it does not exist).
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -257,6 +291,7 @@ impl Settings {
     }
 
     pub fn load_from(path: &Path) -> Result<Self, SettingsError> {
+        check_owner(path)?;
         let map = match std::fs::read_to_string(path) {
             Ok(text) if text.trim().is_empty() => Mapping::new(),
             Ok(text) => serde_yaml_ng::from_str(&text).map_err(|source| SettingsError::Parse {
@@ -330,6 +365,7 @@ impl Settings {
             path: path.to_path_buf(),
             source,
         };
+        check_owner(path)?;
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)

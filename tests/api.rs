@@ -804,6 +804,26 @@ fn other_users_are_refused_unless_in_the_api_group() {
         );
     }
 
+    // Refused requests go to stderr only: they never reach the log that
+    // GET /lume/logs keeps for the server's user, so nobody cannot push
+    // the owner's lines out of it.
+    let refused = curl(&nobody, &[&url("/lume/vms/refused-marker")], "GET", None);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let kept = curl(&in_ns, &[&url("/lume/logs")], "GET", None);
+    assert_eq!(kept.status, 200, "{kept:?}");
+    let info = kept.body["info"].as_str().unwrap();
+    assert!(info.contains("GET /lume/vms -> "), "{info}");
+    assert!(!info.contains("refused-marker"), "{info}");
+    assert!(!info.contains("Refused uid 65534"), "{info}");
+    common::wait_for("the refusal on stderr", Duration::from_secs(10), || {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("refused-marker")
+            .then_some(())
+    });
+
     // A program lume runs for VMs (here curl under the name passt) is a
     // guest: refused even as root.
     let bin = tempfile::tempdir().unwrap();

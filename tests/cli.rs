@@ -791,6 +791,18 @@ fn delete_asks_on_a_terminal() {
     );
     assert!(out.contains("Deletion cancelled"), "{out}");
     assert!(home.vm_dir("t").exists());
+    // An endless answer without a newline: read up to a bound, then refused
+    // (without the bound, lume reads /dev/zero until memory runs out).
+    let mut c = std::process::Command::new("timeout");
+    c.args(["30"])
+        .arg(common::lume_bin())
+        .args(["delete", "t"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap());
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Deletion cancelled"));
+    assert!(home.vm_dir("t").exists());
     let out = ask("y\n");
     assert!(out.contains("VM 't' deleted"), "{out}");
     assert!(!home.vm_dir("t").exists());

@@ -497,6 +497,138 @@ fn a_location_another_user_controls_is_refused() {
     assert!(e.contains("Directory is not writable: /etc"), "{e}");
 }
 
+/// A root-owned symlink into another user's folder: what lies behind it is
+/// theirs, so no location, homeDirectory or cacheDirectory may lead there,
+/// and root creates nothing inside it.
+#[test]
+fn a_root_link_into_another_users_folder_is_refused() {
+    let home = Home::new();
+    let top = tempfile::tempdir().unwrap();
+    let alice = top.path().join("alice");
+    std::fs::create_dir(&alice).unwrap();
+    std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&alice, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&alice, &rlink).unwrap();
+    let inside = |p: &str| rlink.join(p).to_str().unwrap().to_string();
+    for args in [
+        vec!["config", "storage", "add", "t2", &inside("vms3/sub")],
+        vec!["config", "set", "homeDirectory", &inside("h4")],
+        vec!["config", "set", "cacheDirectory", &inside("c3")],
+    ] {
+        let e = home.fails(&args);
+        assert!(e.contains("can be changed by user 65534"), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read_dir(&alice).unwrap().count(), 0);
+    assert!(!home.ok(&["config"]).contains("rlink"));
+}
+
+/// A location that another user came to control after it was added: `ls`
+/// skips it with a note (without opening their FIFO or following their
+/// link to root's config.json), `get` refuses it.
+#[test]
+fn a_location_another_user_controls_is_not_read() {
+    let home = Home::new();
+    create(&home, "a", &[]);
+    let theirs = tempfile::tempdir().unwrap();
+    let vms = theirs.path().join("vms");
+    for d in ["evil", "leak"] {
+        std::fs::create_dir_all(vms.join(d)).unwrap();
+    }
+    nix::unistd::mkfifo(&vms.join("evil/config.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink(
+        home.vm_dir("a").join("config.json"),
+        vms.join("leak/config.json"),
+    )
+    .unwrap();
+    std::fs::set_permissions(theirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(65534), Some(65534)).unwrap();
+    home.write_settings(&format!(
+        "defaultLocationName: home\nvmLocations:\n  - name: home\n    path: {}\n  - name: t2\n    path: {}\n",
+        home.storage().display(),
+        vms.display()
+    ));
+    let mut c = Command::new("timeout");
+    c.arg("30").arg(lume_bin()).args(["ls", "-f", "json"]);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        names_and_locations(listed.as_array().unwrap()),
+        [("a".to_string(), "home".to_string())]
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("skipped") && e.contains("user 65534"), "{e}");
+    for vm in ["leak", "evil"] {
+        let mut c = Command::new("timeout");
+        c.arg("30")
+            .arg(lume_bin())
+            .args(["get", vm, "--storage", "t2"]);
+        home.env(&mut c);
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+}
+
+/// Root uses no config.yaml another user could have written (ssh's
+/// StrictModes): one in a user's HOME (`sudo -E`), one owned by a user in
+/// root's folder, one every user may write. Root neither reads nor
+/// rewrites it (no upgrade, no lock file in their folder).
+#[test]
+fn root_uses_no_config_yaml_another_user_can_change() {
+    let text = "homeDirectory: /etc\napiGroup: root\n";
+    let users = tempfile::tempdir().unwrap();
+    let theirs = users.path().join("user");
+    std::fs::create_dir_all(theirs.join(".config/lume")).unwrap();
+    std::fs::write(theirs.join(".config/lume/config.yaml"), text).unwrap();
+    for p in [".config/lume/config.yaml", ".config/lume", ".config", ""] {
+        std::os::unix::fs::chown(theirs.join(p), Some(65534), Some(65534)).unwrap();
+    }
+    let yaml = theirs.join(".config/lume/config.yaml");
+    for env in [
+        ("HOME", &theirs),
+        ("XDG_CONFIG_HOME", &theirs.join(".config")),
+    ] {
+        let out = Command::new(lume_bin())
+            .args(["config", "get"])
+            .env_remove("XDG_CONFIG_HOME")
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("is not used") && e.contains("user 65534"), "{e}");
+        assert!(e.contains("sudo -H"), "{e}");
+    }
+    assert_eq!(std::fs::read_to_string(&yaml).unwrap(), text);
+    assert_eq!(
+        std::fs::read_dir(yaml.parent().unwrap()).unwrap().count(),
+        1
+    );
+
+    // In root's own (test) HOME: the file owned by a user, then writable
+    // by every user; refused for reading and for changing.
+    let home = Home::new();
+    home.write_settings(text);
+    std::os::unix::fs::chown(home.config_yaml(), Some(65534), None).unwrap();
+    for args in [
+        &["config", "get"][..],
+        &["config", "set", "cachingEnabled", "true"],
+    ] {
+        let e = home.fails(args);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+    std::os::unix::fs::chown(home.config_yaml(), Some(0), None).unwrap();
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = home.fails(&["ls"]);
+    assert!(e.contains("can be changed by every user"), "{e}");
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(home.ok(&["config", "get"]).contains("home: /etc (default)"));
+}
+
 /// A `lume serve` inside a namespace (as tests/api.rs starts it).
 struct Server {
     child: Child,
@@ -830,5 +962,28 @@ fn config_routes_answer_as_lume() {
                 .contains("only the user the server runs as")
         );
     }
+    assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
+    // The server's own user neither, through a root-owned link into
+    // nobody's folder: refused, and nothing is made there.
+    let top = tempfile::tempdir().unwrap();
+    let theirs = top.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&theirs, &rlink).unwrap();
+    for (path, body) in [
+        (
+            "/lume/config/locations",
+            json!({"name": "t2", "path": rlink.join("vms/sub")}),
+        ),
+        ("/lume/config", json!({"homeDirectory": rlink.join("h")})),
+        ("/lume/config", json!({"cacheDirectory": rlink.join("c")})),
+    ] {
+        let (st, reply) = call(&ns, &server, false, "POST", path, Some(body));
+        assert_eq!(st, 400, "{path}: {reply}");
+        let text = reply["message"].as_str().unwrap();
+        assert!(text.contains("can be changed by user 65534"), "{text}");
+    }
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
     assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
 }

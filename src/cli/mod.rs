@@ -683,19 +683,33 @@ fn note(line: &str) {
     eprintln!("{line}");
 }
 
+/// The most of an answer to a question that is read (one line, at most
+/// this many bytes): `cat /dev/zero | lume delete x` reads no further.
+pub const ANSWER_MAX_BYTES: u64 = 1024;
+
 /// Asks lume's question before a delete and reads one line of answer from
 /// standard input (a terminal or a pipe); only `y` or `yes` agree.
 fn confirm_delete(name: &VmName) -> bool {
     print!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
     let _ = std::io::stdout().flush();
-    let mut line = String::new();
-    let agreed = std::io::stdin().lock().read_line(&mut line).is_ok()
-        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    let agreed = read_answer(std::io::stdin().lock())
+        .is_some_and(|a| matches!(a.trim().to_ascii_lowercase().as_str(), "y" | "yes"));
     if !std::io::stdin().is_terminal() {
         // The answer was not echoed: end the question's line.
         println!();
     }
     agreed
+}
+
+/// One line of answer, at most [`ANSWER_MAX_BYTES`] of it (the rest of a
+/// longer line is not read); `None` when nothing could be read.
+fn read_answer(input: impl BufRead) -> Option<String> {
+    let mut line = Vec::new();
+    input
+        .take(ANSWER_MAX_BYTES)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    Some(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// A lume command that lume on Linux does not have.

@@ -388,18 +388,23 @@ pub fn execute(
         } => shutdown(ctx, &name, timeout, &login),
         Action::Restart { name, force, login } => restart(ctx, &name, force, &login),
         Action::List => {
+            // Nothing is read from a location another user can change
+            // (their FIFO or link could stand where config.json is).
+            store.check_private(None)?;
             let mut vms = store.list()?;
             vms.extend(store.provisioning());
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Outcome::List(VmDetails::read_all(store, &vms)))
         }
         Action::Get { name } => {
+            store.check_private(None)?;
             if let Some(vm) = store.find_provisioning(&name)
                 && !store.vm(&name).config_path().exists()
             {
                 return Ok(Outcome::Details(VmDetails::read(store, &vm)));
             }
             let vm = store.open(&name)?;
+            store.check_private(Some(&vm))?;
             // `get` of a VM with a corrupt config is an error naming the file.
             vm.load_config()?;
             Ok(Outcome::Details(VmDetails::read(store, &vm)))
@@ -1735,15 +1740,16 @@ mod tests {
                 .unwrap()
                 .contains("unsafeHostLoopback")
         );
-        // Reading it is not a change: `get` still answers.
-        execute(
+        // Nor is it read: its config.json could be their FIFO or link.
+        let e = execute(
             &ctx,
             Action::Get {
                 name: VmName::parse("b").unwrap(),
             },
             &mut |_| {},
         )
-        .unwrap();
+        .unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
     }
 
     #[test]

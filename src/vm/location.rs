@@ -181,6 +181,50 @@ pub fn list_every(
 /// folder) and no symlink on the way may belong to another user.
 pub fn check_new_location(root: &Path) -> Result<(), LocationError> {
     let euid = nix::unistd::geteuid().as_raw();
+    check_location_now(root, euid)?;
+    let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+    match fs::metadata(root) {
+        Ok(m) if !m.is_dir() => Err(LocationError::NotADirectory(root.to_path_buf())),
+        Ok(_) => nix::unistd::access(root, access)
+            .map_err(|_| LocationError::NotWritable(root.to_path_buf())),
+        Err(_) => {
+            // The directories about to be made, outermost first.
+            let mut missing: Vec<PathBuf> = Vec::new();
+            let mut parent = Some(root);
+            while let Some(p) = parent {
+                if fs::symlink_metadata(p).is_ok() {
+                    nix::unistd::access(p, access)
+                        .map_err(|_| LocationError::NotWritable(p.to_path_buf()))?;
+                    break;
+                }
+                missing.insert(0, p.to_path_buf());
+                parent = p.parent().filter(|p| !p.as_os_str().is_empty());
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_DIR)
+                .create(root)
+                .map_err(|source| LocationError::Create {
+                    path: root.to_path_buf(),
+                    source,
+                })?;
+            // Checked again where it really landed: a link changed in the
+            // meantime leads elsewhere. What was made is removed then.
+            if let Err(e) = check_location_now(root, euid) {
+                for d in missing.iter().rev() {
+                    let _ = fs::remove_dir(d);
+                }
+                return Err(e);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The root-only part of [`check_new_location`], as things are now: no
+/// symlink of another user on the way, no directory another user can
+/// change, as written and as resolved.
+fn check_location_now(root: &Path, euid: u32) -> Result<(), LocationError> {
     if euid == 0 {
         let mut probe = Some(root);
         while let Some(p) = probe {
@@ -210,29 +254,5 @@ pub fn check_new_location(root: &Path) -> Result<(), LocationError> {
             .into());
         }
     }
-    let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
-    match fs::metadata(root) {
-        Ok(m) if !m.is_dir() => Err(LocationError::NotADirectory(root.to_path_buf())),
-        Ok(_) => nix::unistd::access(root, access)
-            .map_err(|_| LocationError::NotWritable(root.to_path_buf())),
-        Err(_) => {
-            let mut parent = root.parent();
-            while let Some(p) = parent {
-                if p.exists() {
-                    nix::unistd::access(p, access)
-                        .map_err(|_| LocationError::NotWritable(p.to_path_buf()))?;
-                    break;
-                }
-                parent = p.parent();
-            }
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(PRIVATE_DIR)
-                .create(root)
-                .map_err(|source| LocationError::Create {
-                    path: root.to_path_buf(),
-                    source,
-                })
-        }
-    }
+    Ok(())
 }

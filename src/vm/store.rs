@@ -104,16 +104,44 @@ pub fn check_ancestors_private(dir: &Path) -> Result<(), UnsafeDir> {
     let euid = nix::unistd::geteuid().as_raw();
     let refuse = |(dir, who)| UnsafeDir { dir, who };
     check_ancestors(dir.parent(), euid, true).map_err(refuse)?;
-    if let Ok(real) = fs::canonicalize(dir) {
+    // As the kernel resolves it: the deepest part that exists, made real
+    // (a root-owned link into another user's folder leads there), and
+    // every real directory above it.
+    if let Some(real) = real_existing_prefix(dir) {
         check_ancestors(real.parent(), euid, false).map_err(refuse)?;
+        if real != dir {
+            // `real` is an existing ancestor of what is to be made: it is
+            // where the new directories land, so it counts as a parent.
+            check_ancestors(Some(&real), euid, false).map_err(refuse)?;
+        }
     }
     Ok(())
+}
+
+/// The deepest existing prefix of `dir`, canonicalized (all its symlinks
+/// resolved); `None` when not even `/` resolves.
+pub fn real_existing_prefix(dir: &Path) -> Option<PathBuf> {
+    let mut probe = Some(dir);
+    while let Some(p) = probe {
+        if let Ok(real) = fs::canonicalize(p) {
+            return Some(real);
+        }
+        probe = p.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    // A relative path whose first part does not exist yet lands here.
+    dir.is_relative()
+        .then(|| fs::canonicalize(".").ok())
+        .flatten()
 }
 
 /// Who besides root (and `euid`) can change directory `meta`, if anyone.
 /// A sticky directory owned by root (such as /tmp) only lets others add
 /// entries of their own, which is allowed when `sticky_ok` (ancestors).
-fn writable_by_others(meta: &fs::Metadata, euid: u32, sticky_ok: bool) -> Option<String> {
+pub(crate) fn writable_by_others(
+    meta: &fs::Metadata,
+    euid: u32,
+    sticky_ok: bool,
+) -> Option<String> {
     let mode = meta.mode();
     if meta.uid() != 0 && meta.uid() != euid {
         return Some(format!("user {} (its owner)", meta.uid()));
