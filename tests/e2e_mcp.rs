@@ -284,7 +284,7 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
     let (err, text) = call(flow, "stop");
     assert!(!err && text.contains("VM 'agent' stopped"), "{text}");
     let (err, text) = call(flow, "resize");
-    assert!(!err && text.contains("disk resized to 4GB"), "{text}");
+    assert!(!err && text.contains("disk resized to 4.0GB"), "{text}");
     let (err, text) = call(flow, "shrink");
     assert!(err && text.contains("can only grow"), "{text}");
     let (err, text) = call(flow, "clone");

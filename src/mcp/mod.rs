@@ -863,3 +863,62 @@ pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_are_absolute_or_in_the_servers_home() {
+        assert_eq!(
+            host_path("image", "/srv/d.qcow2").unwrap(),
+            PathBuf::from("/srv/d.qcow2")
+        );
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap();
+        assert_eq!(
+            host_path("image", "~/d.qcow2").unwrap(),
+            home.join("d.qcow2")
+        );
+        for rel in ["d.qcow2", "../etc/shadow", "~other/x", ""] {
+            let e = host_path("kernel", rel).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ToolError::RelativePath {
+                        argument: "kernel",
+                        ..
+                    }
+                ),
+                "{rel}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn timeouts_are_capped_as_the_clis() {
+        assert_eq!(timeout(None, 60).unwrap(), 60);
+        assert_eq!(timeout(Some(5), 60).unwrap(), 5);
+        assert!(matches!(
+            timeout(Some(vm::actions::MAX_TIMEOUT_SECS + 1), 60),
+            Err(ToolError::TimeoutTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn errors_read_as_the_cli_prints_them() {
+        let e = name("a/b").unwrap_err();
+        let text = error_text(&e);
+        assert!(text.starts_with("Error: Invalid name 'a/b': "), "{text}");
+        let e = size("memory", "lots").unwrap_err();
+        assert!(error_text(&e).starts_with("Error: Invalid memory 'lots': "));
+    }
+
+    #[test]
+    fn prompts_and_resources_are_lumes() {
+        let names: Vec<String> = guide::prompts().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["create-sandbox", "run-in-sandbox", "reset-sandbox"]);
+        assert!(guide::prompt("nope", None).is_none());
+        assert!(guide::read("lume://nope").is_none());
+        assert!(guide::read(guide::USAGE_GUIDE_URI).is_some());
+    }
+}
