@@ -361,6 +361,7 @@ fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id();
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut send = move |v: Value| {
@@ -375,6 +376,12 @@ fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
     let init = next_message(&mut stdout);
     assert_eq!(init["id"], 1);
     assert_eq!(init["result"]["serverInfo"]["name"], "lume", "{init}");
+    // The protocol has its own copies of stdin/stdout: fd 0 is /dev/null
+    // and fd 1 is stderr, for every child the server starts and any stray
+    // print.
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), PathBuf::from("/dev/null"));
+    assert_eq!(fd(1), fd(2));
     send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     send(
         json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {

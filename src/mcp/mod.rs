@@ -829,6 +829,8 @@ impl ServerHandler for LumeMcp {
 /// Errors of the MCP server itself (not of a tool call).
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("Cannot set up standard input/output for the MCP session")]
+    Stdio(#[source] std::io::Error),
     #[error("Cannot start the MCP server's runtime")]
     Runtime(#[source] std::io::Error),
     #[error("The MCP session could not start: the client must speak MCP on standard input/output")]
@@ -837,16 +839,42 @@ pub enum ServeError {
     Session(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Takes standard input and output for the protocol alone: the session
+/// gets its own close-on-exec copies of them, and fd 0 becomes /dev/null and
+/// fd 1 a copy of standard error, so that nothing else in this process (a
+/// stray print) and no child (qemu-img, ssh, a supervisor) can read the
+/// client's messages or write into the protocol's stream.
+fn take_stdio() -> Result<(std::fs::File, std::fs::File), ServeError> {
+    use std::os::fd::AsFd;
+    let input = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(ServeError::Stdio)?;
+    let output = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(ServeError::Stdio)?;
+    let null = std::fs::File::open("/dev/null").map_err(ServeError::Stdio)?;
+    nix::unistd::dup2_stdin(&null).map_err(|e| ServeError::Stdio(e.into()))?;
+    nix::unistd::dup2_stdout(std::io::stderr()).map_err(|e| ServeError::Stdio(e.into()))?;
+    Ok((input.into(), output.into()))
+}
+
 /// `lume serve --mcp`: serves one MCP session on standard input and output
 /// until the client closes it.
 pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
+    let (input, output) = take_stdio()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         log("lume MCP server: serving on standard input/output");
-        let service = match LumeMcp::new(storage).serve(rmcp::transport::stdio()).await {
+        let transport = (
+            tokio::fs::File::from_std(input),
+            tokio::fs::File::from_std(output),
+        );
+        let service = match LumeMcp::new(storage).serve(transport).await {
             Ok(s) => s,
             // Standard input closed before a session began: nothing to do.
             Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => {
