@@ -259,6 +259,29 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
 
     let (err, text) = call(flow, "exec");
     assert!(!err, "{text}");
+    // Progress notifications: run says it starts; exec that it waits for
+    // SSH (the guest was still booting), then that it runs the command.
+    let said = |key: &str| -> Vec<String> {
+        flow[key]["progress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["message"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(
+        said("run").first().map(String::as_str),
+        Some("Starting VM 'agent'")
+    );
+    let waits = said("exec");
+    assert!(
+        waits[0].starts_with("Waiting for VM 'agent' to answer SSH"),
+        "{waits:?}"
+    );
+    assert_eq!(
+        waits.last().map(String::as_str),
+        Some("Running the command in VM 'agent'")
+    );
     let r: Value = serde_json::from_str(text).unwrap();
     assert_eq!(r["exit_status"], 0, "{r}");
     assert_eq!(r["stdout"], "agent\nlume\n", "hostname and user: {r}");

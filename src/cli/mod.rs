@@ -949,7 +949,13 @@ fn ssh(a: SshArgs) -> Result<i32> {
     let ctx = context(&a.storage, Some(&a.name))?;
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
-    let to = gssh::wait_ready(&ctx.store, &vm, a.name.as_str(), a.timeout)?;
+    let mut said = !std::io::stderr().is_terminal();
+    let to = gssh::wait_ready(&ctx.store, &vm, a.name.as_str(), a.timeout, &mut |line| {
+        if !said {
+            eprintln!("{line}");
+            said = true;
+        }
+    })?;
     let key = crate::guest::keys::ensure(ctx.store.root())?;
     let interactive = a.command.is_empty();
     let req = SshRequest {

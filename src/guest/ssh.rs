@@ -247,15 +247,16 @@ pub const SSH_WAIT_NO_TIMEOUT: u64 = 300;
 
 /// Waits until the running VM has an address and its SSH port accepts a
 /// connection, up to `timeout` seconds (0: [`SSH_WAIT_NO_TIMEOUT`]), as a
-/// user who just ran `lume run -d` expects; says so on a terminal. Errors at
-/// once when the VM is (or goes) down or can never be reached.
+/// user who just ran `lume run -d` expects; `waiting` is told why at every
+/// poll (twice a second) while it waits. Errors at once when the VM is (or
+/// goes) down or can never be reached.
 pub fn wait_ready(
     store: &crate::vm::store::Store,
     vm: &crate::vm::store::Vm,
     name: &str,
     timeout: u64,
+    waiting: &mut dyn FnMut(&str),
 ) -> Result<Target, SshError> {
-    use std::io::IsTerminal;
     use std::time::Instant;
     let secs = if timeout == 0 {
         SSH_WAIT_NO_TIMEOUT
@@ -263,7 +264,6 @@ pub fn wait_ready(
         timeout
     };
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut said = false;
     loop {
         let state = vm
             .running_state()
@@ -295,10 +295,9 @@ pub fn wait_ready(
                 console: vm.dir.join("console.log").display().to_string(),
             });
         }
-        if !said && std::io::stderr().is_terminal() {
-            eprintln!("Waiting for VM '{name}' to answer SSH ({why}; up to {secs} s)...");
-            said = true;
-        }
+        waiting(&format!(
+            "Waiting for VM '{name}' to answer SSH ({why}; up to {secs} s)..."
+        ));
         std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -23,8 +23,8 @@ use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, GetPromptRequestParams,
     GetPromptResponse, Implementation, ListPromptsResult, ListResourcesResult,
-    PaginatedRequestParams, ReadResourceRequestParams, ReadResourceResponse, ServerCapabilities,
-    ServerConfig,
+    PaginatedRequestParams, ProgressNotificationParam, ReadResourceRequestParams,
+    ReadResourceResponse, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt, schemars, tool, tool_router};
@@ -181,9 +181,19 @@ fn log(line: &str) {
 /// Runs one action as the CLI does; the notes meant for a person go to the
 /// log and are returned with the outcome.
 fn execute(ctx: &Context, action: Action) -> Result<(Outcome, Vec<String>), ToolError> {
+    execute_noted(ctx, action, &mut |_| {})
+}
+
+/// [`execute`], each note also given to `note` as it comes (progress).
+fn execute_noted(
+    ctx: &Context,
+    action: Action,
+    note: &mut dyn FnMut(&str),
+) -> Result<(Outcome, Vec<String>), ToolError> {
     let mut notes = Vec::new();
     let outcome = vm::execute(ctx, action, &mut |line: &str| {
         log(line);
+        note(line);
         notes.push(line.to_string());
     })?;
     Ok((outcome, notes))
@@ -208,6 +218,44 @@ async fn blocking(
         Err(e) => fail(ToolError::Crashed(e.to_string())),
     }
 }
+
+/// [`blocking`] for a long call: the lines `f` gives its `note` go to the
+/// client as progress notifications (with the line as message) when the
+/// call asked for them with a progress token.
+async fn noted(
+    rc: RequestContext<RoleServer>,
+    f: impl FnOnce(&mut dyn FnMut(&str)) -> Result<CallToolResult, ToolError> + Send + 'static,
+) -> CallToolResult {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let forward = rc.meta.get_progress_token().map(|token| {
+        let peer = rc.peer.clone();
+        tokio::spawn(async move {
+            let mut n = 0.0;
+            while let Some(line) = rx.recv().await {
+                n += 1.0;
+                let p = ProgressNotificationParam::new(token.clone(), n).with_message(line);
+                // A client that has gone away gets no more; the call goes on.
+                if peer.notify_progress(p).await.is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    let result = blocking(move || {
+        let mut note = |line: &str| {
+            let _ = tx.send(line.to_string());
+        };
+        f(&mut note)
+    })
+    .await;
+    if let Some(f) = forward {
+        let _ = f.await;
+    }
+    result
+}
+
+/// How often `lume_exec` reports that it still waits for SSH.
+const WAIT_REPORT: Duration = Duration::from_secs(5);
 
 // ---- arguments (their doc comments are the schema's descriptions) ----
 
@@ -454,9 +502,13 @@ impl LumeMcp {
         name = "lume_create_vm",
         description = "Create a new Linux VM. With `image` (a cloud image file or URL) the image becomes its disk and cloud-init creates user `lume` (password `lume` unless no_password; lume's SSH key), so lume_exec works once it runs. Returns when the VM exists (an image import can take minutes); start it with lume_run_vm"
     )]
-    async fn create_vm(&self, Parameters(a): Parameters<CreateArgs>) -> CallToolResult {
+    async fn create_vm(
+        &self,
+        Parameters(a): Parameters<CreateArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let storage = self.storage(a.storage.clone());
-        blocking(move || {
+        noted(rc, move |note| {
             refuse(a.ipsw.is_some(), "ipsw", MACOS_ONLY)?;
             refuse(a.unattended.is_some(), "unattended", MACOS_ONLY)?;
             let image = match a.image.as_deref() {
@@ -493,7 +545,7 @@ impl LumeMcp {
                 url_destinations: crate::image::download::Destinations::Any,
             };
             let ctx = context(storage.as_deref(), None)?;
-            let (outcome, notes) = execute(&ctx, Action::Create(Box::new(spec)))?;
+            let (outcome, notes) = execute_noted(&ctx, Action::Create(Box::new(spec)), note)?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -503,9 +555,13 @@ impl LumeMcp {
         name = "lume_run_vm",
         description = "Start a VM in the background. Returns once QEMU runs (the guest then boots; its IP address appears in lume_get_vm once it has a lease). The VM keeps running after this server exits; stop it with lume_stop_vm"
     )]
-    async fn run_vm(&self, Parameters(a): Parameters<RunArgs>) -> CallToolResult {
+    async fn run_vm(
+        &self,
+        Parameters(a): Parameters<RunArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let storage = self.storage(a.storage.clone());
-        blocking(move || {
+        noted(rc, move |note| {
             refuse(a.shared_dir.is_some(), "shared_dir", NOT_YET)?;
             let name = name(&a.name)?;
             let spec = RunSpec {
@@ -522,7 +578,8 @@ impl LumeMcp {
                 detach: true,
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
-            let result = execute(&ctx, Action::Run(spec));
+            note(&format!("Starting VM '{name}'"));
+            let result = execute_noted(&ctx, Action::Run(spec), note);
             // The supervisor is this server's child: reap it when it exits.
             crate::api::reap_supervisor(&ctx.store, &name);
             let (outcome, notes) = result?;
@@ -547,13 +604,18 @@ impl LumeMcp {
         name = "lume_stop_vm",
         description = "Stop a running VM: ask the guest to power off (guest agent, SSH, ACPI power button), and force it off after `timeout` seconds"
     )]
-    async fn stop_vm(&self, Parameters(a): Parameters<StopArgs>) -> CallToolResult {
+    async fn stop_vm(
+        &self,
+        Parameters(a): Parameters<StopArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let storage = self.storage(a.storage);
-        blocking(move || {
+        noted(rc, move |note| {
             let name = name(&a.name)?;
             let timeout = vm::actions::stop_timeout(timeout(a.timeout, 15)?)?;
             let ctx = context(storage.as_deref(), Some(&name))?;
-            let (outcome, notes) = execute(&ctx, Action::Stop { name, timeout })?;
+            note(&format!("Stopping VM '{name}'"));
+            let (outcome, notes) = execute_noted(&ctx, Action::Stop { name, timeout }, note)?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -614,15 +676,26 @@ impl LumeMcp {
         name = "lume_exec",
         description = "Execute a shell command inside a running VM over SSH (as `lume ssh NAME -- COMMAND`): waits until the guest answers SSH, then returns a JSON object with exit_status, stdout, stderr and timed_out. isError is true when the exit status is not 0. Needs an SSH server in the guest (cloud images provisioned by lume have one, user lume)"
     )]
-    async fn exec(&self, Parameters(a): Parameters<ExecArgs>) -> CallToolResult {
+    async fn exec(
+        &self,
+        Parameters(a): Parameters<ExecArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
         let storage = self.storage(a.storage);
-        blocking(move || {
+        noted(rc, move |note| {
             let name = name(&a.name)?;
             let secs = timeout(a.timeout, EXEC_TIMEOUT)?.max(1);
             let ctx = context(storage.as_deref(), Some(&name))?;
             let vm = ctx.store.open(&name)?;
             ctx.store.check_private(Some(&vm))?;
-            let to = gssh::wait_ready(&ctx.store, &vm, name.as_str(), secs)?;
+            let mut last: Option<std::time::Instant> = None;
+            let to = gssh::wait_ready(&ctx.store, &vm, name.as_str(), secs, &mut |line| {
+                if last.is_none_or(|t| t.elapsed() >= WAIT_REPORT) {
+                    note(line);
+                    last = Some(std::time::Instant::now());
+                }
+            })?;
+            note(&format!("Running the command in VM '{name}'"));
             let key = crate::guest::keys::ensure(ctx.store.root())?;
             let req = SshRequest {
                 vm_name: name.to_string(),

@@ -45,8 +45,17 @@ async def main(lume, image, vm):
             out["credentials"] = cred.contents[0].text
 
             async def call(name, args, timeout=600):
-                r = await session.call_tool(name, args, read_timeout_seconds=timeout)
-                return call_record(r)
+                progress = []
+
+                async def on_progress(value, total, message):
+                    progress.append({"progress": value, "message": message})
+
+                r = await session.call_tool(
+                    name, args, read_timeout_seconds=timeout, progress_callback=on_progress
+                )
+                rec = call_record(r)
+                rec["progress"] = progress
+                return rec
 
             # Bad calls: error results, and the session goes on.
             out["bad"] = {
