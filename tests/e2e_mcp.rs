@@ -211,8 +211,16 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
         "{bad}"
     );
     assert!(call(bad, "bad_name").1.contains("Invalid name '../etc'"));
-    assert!(call(bad, "missing_arg").1.contains("name"));
-    assert!(call(bad, "wrong_type").1.contains("many"));
+    assert_eq!(
+        call(bad, "missing_arg").1,
+        "Error: Invalid arguments for lume_get_vm: missing field `name`; see the tool's input schema (tools/list)"
+    );
+    assert!(
+        call(bad, "wrong_type").1.starts_with(
+            "Error: Invalid arguments for lume_create_vm: invalid type: string \"many\""
+        ),
+        "{bad}"
+    );
     assert!(call(bad, "bad_size").1.contains("Invalid memory 'lots'"));
     assert!(
         call(bad, "relative_image")

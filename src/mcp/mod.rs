@@ -62,6 +62,8 @@ pub enum ToolError {
         value: String,
         why: String,
     },
+    #[error("Invalid arguments for {tool}: {why}; see the tool's input schema (tools/list)")]
+    Arguments { tool: String, why: String },
     #[error("{argument} is not supported by lume on Linux ({why}): leave it out")]
     Unsupported {
         argument: &'static str,
@@ -792,6 +794,35 @@ impl LumeMcp {
     }
 }
 
+/// Reads a call's arguments as its tool's argument type before the call, so
+/// that arguments that do not fit are an error in lume's words.
+fn check_arguments(
+    tool: &str,
+    args: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<(), ToolError> {
+    fn fits<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<(), serde_json::Error> {
+        serde_json::from_value::<T>(v).map(drop)
+    }
+    let v = serde_json::Value::Object(args.cloned().unwrap_or_default());
+    let checked = match tool {
+        "lume_list_vms" => fits::<ListArgs>(v),
+        "lume_get_vm" => fits::<VmArgs>(v),
+        "lume_create_vm" => fits::<CreateArgs>(v),
+        "lume_run_vm" => fits::<RunArgs>(v),
+        "lume_stop_vm" => fits::<StopArgs>(v),
+        "lume_clone_vm" => fits::<CloneArgs>(v),
+        "lume_delete_vm" => fits::<DeleteArgs>(v),
+        "lume_exec" => fits::<ExecArgs>(v),
+        "lume_resize_disk" => fits::<ResizeArgs>(v),
+        "lume_network_doctor" => fits::<DoctorArgs>(v),
+        _ => Ok(()),
+    };
+    checked.map_err(|e| ToolError::Arguments {
+        tool: tool.to_string(),
+        why: e.to_string(),
+    })
+}
+
 const INSTRUCTIONS: &str = "lume manages QEMU Linux VMs on this host. Read the resource lume://usage-guide first. \
 Typical flow: lume_create_vm (from a cloud image) -> lume_run_vm -> lume_exec (user lume) -> lume_stop_vm; \
 lume_clone_vm a stopped golden VM for fresh sandboxes. Tools act with the rights of the user running `lume serve --mcp`.";
@@ -822,6 +853,9 @@ impl ServerHandler for LumeMcp {
                 "Error: Unknown tool: {tool}; list the tools (tools/list) for lume's names"
             ))])
             .into());
+        }
+        if let Err(e) = check_arguments(&tool, request.arguments.as_ref()) {
+            return Ok(fail(e).into());
         }
         let tcc = ToolCallContext::new(self, request, context);
         match self.tool_router.call(tcc).await {
@@ -1012,6 +1046,22 @@ mod tests {
         assert!(text.starts_with("Error: Invalid name 'a/b': "), "{text}");
         let e = size("memory", "lots").unwrap_err();
         assert!(error_text(&e).starts_with("Error: Invalid memory 'lots': "));
+    }
+
+    #[test]
+    fn every_tool_with_required_arguments_is_checked_before_the_call() {
+        let server = LumeMcp::new(None);
+        let tools = server.tool_router.list_all();
+        assert_eq!(tools.len(), 11);
+        for t in tools {
+            let required = t
+                .input_schema
+                .get("required")
+                .and_then(|r| r.as_array())
+                .is_some_and(|r| !r.is_empty());
+            let checked = check_arguments(&t.name, None);
+            assert_eq!(checked.is_err(), required, "{}: {checked:?}", t.name);
+        }
     }
 
     #[test]
