@@ -344,7 +344,11 @@ fn serve_follows_serve_swift() {
     let home = Home::new();
     let text = help(&home, "serve");
     assert!(text.contains("--port <PORT>"), "{text}");
-    refused(&home, &["serve", "--mcp"], "--mcp");
+    // `--mcp` serves MCP on stdin/stdout (tests/e2e_mcp.rs): with stdin
+    // closed at once it ends cleanly, having written nothing on stdout.
+    let out = home.lume(&["serve", "--mcp"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
 }
 
 #[test]

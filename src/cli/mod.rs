@@ -505,7 +505,8 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Refused: the MCP server is not supported yet
+    /// Serve lume's MCP server (Model Context Protocol) on standard
+    /// input/output instead of HTTP, for AI agent hosts (docs/mcp.md)
     #[arg(long)]
     pub mcp: bool,
     #[command(flatten)]
@@ -745,7 +746,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             return refused_command("dump-docs", "the API is described at GET /openapi.json");
         }
         Command::Serve(a) => {
-            refuse(a.mcp, "--mcp", NOT_YET)?;
+            if a.mcp {
+                crate::mcp::serve_stdio(a.storage.storage)?;
+                return Ok(0);
+            }
             if a.token.is_some() {
                 return Err(crate::api::auth::TokenError::OnCommandLine.into());
             }
@@ -959,7 +963,13 @@ fn ssh(a: SshArgs) -> Result<i32> {
     let ctx = context(&a.storage, Some(&a.name))?;
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
-    let to = wait_for_ssh(&ctx.store, &vm, a.name.as_str(), a.timeout)?;
+    let mut said = !std::io::stderr().is_terminal();
+    let to = gssh::wait_ready(&ctx.store, &vm, a.name.as_str(), a.timeout, &mut |line| {
+        if !said {
+            eprintln!("{line}");
+            said = true;
+        }
+    })?;
     let key = crate::guest::keys::ensure(ctx.store.root())?;
     let interactive = a.command.is_empty();
     let req = SshRequest {
@@ -985,67 +995,6 @@ fn ssh(a: SshArgs) -> Result<i32> {
         .into());
     }
     Ok(gssh::run(cmd, std::time::Duration::from_secs(a.timeout))?)
-}
-
-/// How long `lume ssh -t 0` waits for a guest to answer SSH.
-const SSH_WAIT_NO_TIMEOUT: u64 = 300;
-
-/// Waits until the running VM has an address and its SSH port accepts a
-/// connection, up to `timeout` seconds (0: [`SSH_WAIT_NO_TIMEOUT`]), as a
-/// user who just ran `lume run -d` expects; says so on a terminal. Errors at
-/// once when the VM is (or goes) down or can never be reached.
-fn wait_for_ssh(
-    store: &crate::vm::store::Store,
-    vm: &crate::vm::store::Vm,
-    name: &str,
-    timeout: u64,
-) -> Result<crate::guest::ssh::Target, crate::guest::ssh::SshError> {
-    use crate::guest::ssh::{self as gssh, SshError};
-    use std::time::{Duration, Instant};
-    let secs = if timeout == 0 {
-        SSH_WAIT_NO_TIMEOUT
-    } else {
-        timeout
-    };
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut said = false;
-    loop {
-        let state = vm
-            .running_state()
-            .ok_or_else(|| SshError::NotRunning(name.to_string()))?;
-        let address = crate::vm::details::VmDetails::read(store, vm).ip_address;
-        let why = match gssh::target(name, &state, address) {
-            Ok(to) => {
-                let answers = to
-                    .host
-                    .parse::<std::net::IpAddr>()
-                    .map(|ip| {
-                        crate::guest::reach::ssh_answers(&state.network_mode, (ip, to.port).into())
-                    })
-                    // A host name: leave it to ssh.
-                    .unwrap_or(true);
-                if answers {
-                    return Ok(to);
-                }
-                "its SSH port does not answer yet"
-            }
-            Err(SshError::NoAddress(_)) => "it has no IP address yet",
-            Err(e) => return Err(e),
-        };
-        if Instant::now() >= deadline {
-            return Err(SshError::NotReady {
-                name: name.to_string(),
-                secs,
-                why,
-                console: vm.dir.join("console.log").display().to_string(),
-            });
-        }
-        if !said && std::io::stderr().is_terminal() {
-            eprintln!("Waiting for VM '{name}' to answer SSH ({why}; up to {secs} s)...");
-            said = true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Ctrl-C, SIGTERM or SIGHUP while `create --image` imports: the half-made

@@ -231,7 +231,22 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 println!("{line}");
             }
         }
-        (Outcome::Created(d), _) => println!(
+        (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
+        (o, _) => {
+            if let Some(line) = outcome_line(o) {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The line the CLI prints for an outcome that changed a VM (the MCP
+/// server answers with the same words); `None` for lists, details and a
+/// foreground run's end.
+pub fn outcome_line(outcome: &Outcome) -> Option<String> {
+    Some(match outcome {
+        Outcome::Created(d) => format!(
             "VM '{}' created: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
@@ -247,7 +262,7 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 .unwrap_or_default(),
             opt(&d.network_mode)
         ),
-        (Outcome::Started(d), _) => println!(
+        Outcome::Started(d) => format!(
             "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`",
             d.name,
             opt(&d.accelerator),
@@ -258,20 +273,19 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 storage => format!(" --storage {storage}"),
             }
         ),
-        (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (Outcome::Stopped { name, method }, _) => {
-            println!("VM '{name}' stopped {} ({method})", method.describe())
+        Outcome::Stopped { name, method } => {
+            format!("VM '{name}' stopped {} ({method})", method.describe())
         }
-        (Outcome::Restarted { name, method }, _) => {
-            println!(
+        Outcome::Restarted { name, method } => {
+            format!(
                 "VM '{name}' is restarting: reboot requested {} ({method})",
                 method.describe()
             )
         }
-        (Outcome::Updated(d), _) => {
-            println!("VM '{}' updated; changes apply from its next start", d.name)
+        Outcome::Updated(d) => {
+            format!("VM '{}' updated; changes apply from its next start", d.name)
         }
-        (Outcome::Cloned { details, copy }, _) => println!(
+        Outcome::Cloned { details, copy } => format!(
             "VM '{}' created as a clone (disk {})",
             details.name,
             match copy {
@@ -279,9 +293,9 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 CopyKind::Sparse => "copied sparsely",
             }
         ),
-        (Outcome::Deleted(name), _) => println!("VM '{name}' deleted"),
-    }
-    Ok(())
+        Outcome::Deleted(name) => format!("VM '{name}' deleted"),
+        Outcome::List(_) | Outcome::Details(_) | Outcome::Exited(_) => return None,
+    })
 }
 
 #[cfg(test)]
