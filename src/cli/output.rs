@@ -10,6 +10,23 @@ use crate::vm::Outcome;
 use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
 
+/// Every write of the CLI to standard output: written and flushed at once.
+/// A reader that went away (`lume ls | head -1`) ends lume quietly with
+/// status 0, as git and cargo stop printing when their pipe closes, instead
+/// of a panic; any other failure to write is an error on standard error
+/// (status 1).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("Error: Cannot write to standard output: {e}; check where it goes (disk full?)");
+        std::process::exit(1);
+    }
+}
+
 fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref()
         .map(|v| v.to_string())
@@ -157,11 +174,11 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
 /// Prints the doctor's report: one line per check.
 pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for c in &report.checks {
-        println!(
+        outln!(
             "{} {}: {}",
             if c.ok { "ok  " } else { "FAIL" },
             c.name,
@@ -174,7 +191,7 @@ pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> 
 /// Prints host interfaces for `lume config network interfaces`.
 pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(list)?);
+        outln!("{}", serde_json::to_string_pretty(list)?);
         return Ok(());
     }
     let mut t = Table::new();
@@ -209,29 +226,29 @@ pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
             },
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
 /// Prints one outcome.
 pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
     match (outcome, format) {
-        (Outcome::List(vms), Format::Json) => println!("{}", serde_json::to_string_pretty(vms)?),
+        (Outcome::List(vms), Format::Json) => outln!("{}", serde_json::to_string_pretty(vms)?),
         (Outcome::List(vms), Format::Text) if vms.is_empty() => {
-            println!("No virtual machines found")
+            outln!("No virtual machines found")
         }
-        (Outcome::List(vms), Format::Text) => println!("{}", table(vms)),
+        (Outcome::List(vms), Format::Text) => outln!("{}", table(vms)),
         // As lume: `get -f json` prints a one-element array.
         (Outcome::Details(d), Format::Json) => {
-            println!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
+            outln!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
         }
         (Outcome::Details(d), Format::Text) => {
-            println!("{}", table(std::slice::from_ref(d)));
+            outln!("{}", table(std::slice::from_ref(d)));
             for line in extra_lines(d) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
-        (Outcome::Created(d), _) => println!(
+        (Outcome::Created(d), _) => outln!(
             "VM '{}' created: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
@@ -247,7 +264,7 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 .unwrap_or_default(),
             opt(&d.network_mode)
         ),
-        (Outcome::Started(d), _) => println!(
+        (Outcome::Started(d), _) => outln!(
             "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`",
             d.name,
             opt(&d.accelerator),
@@ -260,18 +277,18 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
         (Outcome::Stopped { name, method }, _) => {
-            println!("VM '{name}' stopped {} ({method})", method.describe())
+            outln!("VM '{name}' stopped {} ({method})", method.describe())
         }
         (Outcome::Restarted { name, method }, _) => {
-            println!(
+            outln!(
                 "VM '{name}' is restarting: reboot requested {} ({method})",
                 method.describe()
             )
         }
         (Outcome::Updated(d), _) => {
-            println!("VM '{}' updated; changes apply from its next start", d.name)
+            outln!("VM '{}' updated; changes apply from its next start", d.name)
         }
-        (Outcome::Cloned { details, copy }, _) => println!(
+        (Outcome::Cloned { details, copy }, _) => outln!(
             "VM '{}' created as a clone (disk {})",
             details.name,
             match copy {
@@ -279,7 +296,7 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 CopyKind::Sparse => "copied sparsely",
             }
         ),
-        (Outcome::Deleted(name), _) => println!("VM '{name}' deleted"),
+        (Outcome::Deleted(name), _) => outln!("VM '{name}' deleted"),
     }
     Ok(())
 }
