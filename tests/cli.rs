@@ -971,3 +971,116 @@ fn cloud_init_options_are_saved_and_lume_ssh_needs_a_running_vm() {
     let err = home.fails(&["ssh", "ghost"]);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// Runs lume with a standard output whose reader is already gone (as
+/// `lume ls | head -1` once head has exited) and returns its exit status and
+/// standard error.
+fn into_closed_pipe(home: &Home, args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = home
+        .cmd()
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_pipe_ends_lume_quietly() {
+    let home = Home::new();
+    for i in 0..2 {
+        let name = format!("p{i}");
+        home.ok(&[
+            "create",
+            &name,
+            "--memory",
+            "256MB",
+            "--disk-size",
+            "16MB",
+            "--network",
+            "none",
+        ]);
+    }
+    for args in [
+        &["ls", "-f", "json"][..],
+        &["ls"],
+        &["config", "get"],
+        &["ls", "-f", "json", "--storage", "home"],
+        &["get", "p1"],
+        &["--help"],
+    ] {
+        let (code, err) = into_closed_pipe(&home, args);
+        assert_eq!(code, Some(0), "lume {args:?}: {err}");
+        assert!(err.is_empty(), "lume {args:?}: {err}");
+    }
+}
+
+#[test]
+fn usage_errors_are_capitalised_and_say_what_is_expected() {
+    let home = Home::new();
+    for (args, expected) in [
+        (
+            &["stop", "x", "--timeout", "x"][..],
+            "Error: Invalid value 'x' for '--timeout <SECONDS>': a whole number of seconds, such as 60",
+        ),
+        (
+            &["create", "x", "--cpu", "two"],
+            "Error: Invalid value 'two' for '--cpu <COUNT>': a whole number of virtual CPUs, such as 2",
+        ),
+        (
+            &["serve", "--port", "http"],
+            "Error: Invalid value 'http' for '--port <PORT>': a port number from 0 to 65535, such as 7777",
+        ),
+        (&["create"], "Error: The following required arguments"),
+    ] {
+        let out = home.lume(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with(expected), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn delete_after_a_yes_stops_a_running_vm_first() {
+    let home = Home::new();
+    home.ok(&[
+        "create",
+        "busy",
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "16MB",
+        "--network",
+        "none",
+    ]);
+    // An empty disk: QEMU sits in its firmware, running, and never powers
+    // off by itself (the stop is forced after its timeout).
+    home.ok(&["run", "busy", "--detach"]);
+    assert_eq!(home.get("busy")["status"], "running");
+    let mut child = home
+        .cmd()
+        .args(["delete", "busy"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("[y/N] VM 'busy' deleted\n"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Stopping VM 'busy' before deleting it"),
+        "{err}"
+    );
+    assert!(!home.vm_dir("busy").exists());
+}

@@ -139,10 +139,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         // A host file the caller could not open itself, or a storage
         // location another user can change.
         VmError::Forbidden { .. } => StatusCode::FORBIDDEN,
-        VmError::DiskWhileRunning(_)
-        | VmError::RunningNeedsForce(_)
-        | VmError::CloneWhileRunning(_)
-        | VmError::NotRunning(_) => CONFLICT,
+        VmError::DiskWhileRunning(_) | VmError::CloneWhileRunning(_) | VmError::NotRunning(_) => {
+            CONFLICT
+        }
         // The guest ignored or could not be sent the request.
         VmError::StopTimeout { .. }
         | VmError::ShutdownTimeout { .. }

@@ -16,7 +16,7 @@ macro_rules! outln {
 
 pub mod output;
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -758,15 +758,11 @@ fn note(line: &str) {
 /// standard input (a terminal or a pipe); only `y` or `yes` agree.
 fn confirm_delete(name: &VmName) -> bool {
     out!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
-    let _ = std::io::stdout().flush();
     let mut line = String::new();
-    let agreed = std::io::stdin().lock().read_line(&mut line).is_ok()
-        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes");
-    if !std::io::stdin().is_terminal() {
-        // The answer was not echoed: end the question's line.
-        outln!();
-    }
-    agreed
+    // As lume, a piped answer is not echoed and what follows goes on the
+    // question's line (`…? [y/N] Deletion cancelled`).
+    std::io::stdin().lock().read_line(&mut line).is_ok()
+        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
 /// A lume command that lume on Linux does not have.
@@ -987,22 +983,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Delete(a) => {
-            // As lume: the question on standard output, the answer read from
-            // standard input whatever it is (`echo y | lume delete x`).
+            // As lume: the VM is found first (a name that is nowhere is an
+            // error, not a question); then the question on standard output,
+            // the answer read from standard input whatever it is (`echo y |
+            // lume delete x`); a yes stops a running VM, then deletes it.
+            let ctx = context(&a.storage, Some(&a.name))?;
+            ctx.store.open(&a.name)?;
             let confirmed = a.force || confirm_delete(&a.name);
             if !confirmed {
                 outln!("Deletion cancelled");
                 return Ok(0);
             }
-            (
-                a.storage,
-                Action::Delete {
-                    name: a.name,
-                    force: a.force,
-                    confirmed,
-                },
-                Format::Text,
-            )
+            let action = Action::Delete {
+                name: a.name,
+                force: a.force,
+                confirmed,
+            };
+            output::print(&execute(&ctx, action, &mut note)?, Format::Text)?;
+            return Ok(0);
         }
     };
     finish(&storage, action, format)

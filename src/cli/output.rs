@@ -27,6 +27,11 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// What `stop` and `shutdown` print: the way the VM went down, said once.
+fn stopped_line(name: &crate::vm::VmName, method: crate::guest::power::PowerMethod) -> String {
+    format!("VM '{name}' stopped {}", method.describe())
+}
+
 fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref()
         .map(|v| v.to_string())
@@ -276,12 +281,10 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             }
         ),
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (Outcome::Stopped { name, method }, _) => {
-            outln!("VM '{name}' stopped {} ({method})", method.describe())
-        }
+        (Outcome::Stopped { name, method }, _) => outln!("{}", stopped_line(name, *method)),
         (Outcome::Restarted { name, method }, _) => {
             outln!(
-                "VM '{name}' is restarting: reboot requested {} ({method})",
+                "VM '{name}' is restarting: reboot requested {}",
                 method.describe()
             )
         }
@@ -304,6 +307,20 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_says_the_way_once() {
+        use crate::guest::power::PowerMethod;
+        let name = crate::vm::VmName::parse("web").unwrap();
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Forced),
+            "VM 'web' stopped by forcing QEMU off (not graceful)"
+        );
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Acpi),
+            "VM 'web' stopped through the ACPI power button"
+        );
+    }
 
     fn provisioning(name: &str) -> VmDetails {
         VmDetails {

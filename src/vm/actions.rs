@@ -81,8 +81,6 @@ pub enum VmError {
     TwoBootSources,
     #[error("--image-sha256 checks an image: give --image too")]
     Sha256WithoutImage,
-    #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
-    RunningNeedsForce(VmName),
     #[error(
         "Deleting VM '{0}' needs confirmation: run `lume delete {0} --force` when not on a terminal"
     )]
@@ -317,7 +315,8 @@ pub enum Action {
         target: VmName,
         dest: Option<Store>,
     },
-    /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
+    /// Remove a VM, stopping it first when it runs (as lume). `force` or
+    /// `confirmed` (the user agreed) must be given.
     Delete {
         name: VmName,
         force: bool,
@@ -1413,10 +1412,8 @@ fn delete(
     if !force && !confirmed {
         return Err(VmError::NeedsForce(name.clone()));
     }
+    // As lume's LumeController.delete: a running VM is stopped first.
     if vm.is_running() {
-        if !force {
-            return Err(VmError::RunningNeedsForce(name.clone()));
-        }
         note(&format!("Stopping VM '{name}' before deleting it"));
         match stop(ctx, name, Duration::from_secs(15)) {
             // It went down by itself meanwhile.
