@@ -343,6 +343,25 @@ fn a_name_in_two_locations_is_taken_from_the_first() {
             .unwrap();
     let v = if v.is_array() { v[0].clone() } else { v };
     assert_eq!(v["cpuCount"], 1);
+    // A name that is in no location: every location was searched, and the
+    // error says so (not only the default location's path).
+    for args in [
+        &["get", "ghost"][..],
+        &["stop", "ghost"],
+        &["delete", "ghost", "--force"],
+    ] {
+        let e = home.fails(args);
+        assert!(
+            e.contains("VM 'ghost' does not exist in any VM location (searched: home, second)"),
+            "{args:?}: {e}"
+        );
+    }
+    // With --storage, the one location named.
+    let e = home.fails(&["get", "ghost", "--storage", "second"]);
+    assert!(
+        e.contains(&format!("does not exist in {}", second.display())),
+        "{e}"
+    );
 }
 
 /// Config.swift `Cache`, `Telemetry`, `Registry` (gcs refused).
@@ -468,7 +487,15 @@ fn a_location_another_user_controls_is_refused() {
     for path in [theirs.path().to_path_buf(), theirs.path().join("inside")] {
         let e = home.fails(&["config", "storage", "add", "x", path.to_str().unwrap()]);
         assert!(e.contains("can be changed by user 65534"), "{e}");
+        // Another path, never a chown/chmod of someone else's directory.
+        assert!(e.contains("choose another path"), "{e}");
+        assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
+        assert!(!e.contains("--storage"), "{e}");
     }
+    // A directory every user shares: a private subdirectory of it.
+    let e = home.fails(&["config", "storage", "add", "x", "/tmp"]);
+    assert!(e.contains("private subdirectory"), "{e}");
+    assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
     let link_dir = tempfile::tempdir().unwrap();
     let link = link_dir.path().join("etc-link");
     std::os::unix::fs::symlink("/etc", &link).unwrap();

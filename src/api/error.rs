@@ -84,7 +84,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
     const FAILED: StatusCode = StatusCode::INTERNAL_SERVER_ERROR;
     match e {
         VmError::Store(s) => match s {
-            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::NotFound { .. } | StoreError::NotFoundAnywhere { .. } => {
+                StatusCode::NOT_FOUND
+            }
             StoreError::Exists { .. } | StoreError::Busy(_) | StoreError::Provisioning(_) => {
                 CONFLICT
             }
@@ -183,6 +185,14 @@ mod tests {
                 StoreError::NotFound {
                     name: name(),
                     root: root.clone(),
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                StoreError::NotFoundAnywhere {
+                    name: name(),
+                    locations: "home, fast".into(),
                 }
                 .into(),
                 StatusCode::NOT_FOUND,

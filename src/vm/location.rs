@@ -126,16 +126,17 @@ pub fn store_for_vm(
     if let Some(spec) = storage {
         return resolve(settings, spec);
     }
-    for s in all_stores(settings)? {
+    let all = all_stores(settings)?;
+    for s in &all {
         if s.vm(name).config_path().exists() || s.is_provisioning(name) {
             return Ok(Resolved {
-                store: s,
+                store: s.clone(),
                 note: None,
             });
         }
     }
     Ok(Resolved {
-        store: default_store(settings)?,
+        store: default_store(settings)?.searched_in(all.iter().map(Store::location_name).collect()),
         note: None,
     })
 }
