@@ -270,7 +270,11 @@ fn errors_are_json_with_the_right_status() {
             "Invalid size 'lots'",
         ),
         (json!({"name": "a", "cpu": "two"}), "invalid type"),
-        (json!({"name": "a", "cpu": 0}), "at least 1"),
+        // The request's field, not the CLI's --cpu.
+        (
+            json!({"name": "a", "cpu": 0}),
+            r#"at least 1: send "cpu": 1 or more"#,
+        ),
         (json!({"name": "a", "memory": "1MB"}), "too small"),
         (
             json!({"name": "a", "network": "wifi"}),
@@ -293,7 +297,10 @@ fn errors_are_json_with_the_right_status() {
             json!({"name": "a", "kernel": "/nonexistent/vmlinuz"}),
             "does not exist",
         ),
-        (json!({"name": "a", "os": "macOS"}), "Apple host"),
+        (
+            json!({"name": "a", "os": "macOS"}),
+            r#"Apple host: lume on Linux creates Linux VMs ("os": "linux")"#,
+        ),
         (
             json!({"name": "a", "storage": "ssd"}),
             "Storage 'ssd' is neither a VM location name nor a path",

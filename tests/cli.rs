@@ -1084,3 +1084,31 @@ fn delete_after_a_yes_stops_a_running_vm_first() {
     );
     assert!(!home.vm_dir("busy").exists());
 }
+
+#[test]
+fn messages_say_what_to_do_next() {
+    let home = Home::new();
+    let e = home.fails(&["create", "c", "--cpu", "0", "--network", "none"]);
+    assert!(
+        e.contains("CPU count must be at least 1: use --cpu 1 or more"),
+        "{e}"
+    );
+    home.ok(&[
+        "create",
+        "c",
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "32MB",
+        "--network",
+        "none",
+    ]);
+    let e = home.fails(&["set", "c", "--disk-size", "16MB"]);
+    assert!(e.contains("can only grow"), "{e}");
+    assert!(e.contains("give a size of 32"), "{e}");
+    let e = home.fails(&["run", "c", "--mount", "/nonexistent.iso"]);
+    assert!(
+        e.contains("does not exist or is not a file: check the path"),
+        "{e}"
+    );
+}

@@ -371,6 +371,11 @@ fn refused(what: &str, why: &str) -> ApiError {
     ))
 }
 
+/// The 400 of a lume route this server does not have.
+fn refused_route(what: &str, why: &str) -> ApiError {
+    ApiError::bad_request(format!("{what} is not available in lume on Linux ({why})"))
+}
+
 /// Refuses lume's field `what` when `given`: never accepted and dropped.
 fn refuse(given: bool, what: &str, why: &str) -> ApiResult<()> {
     if given {
@@ -1624,14 +1629,14 @@ pub async fn get_logs(
     params(("name" = String, Path, description = "VM name")),
     responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
 pub async fn setup_vm() -> ApiError {
-    refused("setup (POST /lume/vms/{name}/setup)", MACOS_ONLY)
+    refused_route("setup (POST /lume/vms/{name}/setup)", MACOS_ONLY)
 }
 
 /// lume's macOS restore image URL: refused (400), macOS guests need an Apple host.
 #[utoipa::path(get, path = "/lume/ipsw", tag = "host",
     responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
 pub async fn ipsw() -> ApiError {
-    refused("ipsw (GET /lume/ipsw)", MACOS_ONLY)
+    refused_route("ipsw (GET /lume/ipsw)", MACOS_ONLY)
 }
 
 /// Host interfaces and whether bridged mode can use them (the JSON of
