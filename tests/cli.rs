@@ -1063,6 +1063,30 @@ fn delete_after_a_yes_stops_a_running_vm_first() {
     // off by itself (the stop is forced after its timeout).
     home.ok(&["run", "busy", "--detach"]);
     assert_eq!(home.get("busy")["status"], "running");
+
+    // Moving the default away from a running VM warns (as lume, it keeps
+    // running where it is).
+    let stderr = |args: &[&str]| {
+        let out = home.lume(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let other = home.path().join("other");
+    let old = home.storage();
+    let old = old.to_str().unwrap();
+    home.ok(&["config", "storage", "add", "other", other.to_str().unwrap()]);
+    let w = stderr(&["config", "storage", "default", "other"]);
+    assert!(w.contains("Warning: running VMs busy stay in"), "{w}");
+    assert!(w.contains("commands still find them by name"), "{w}");
+    assert!(stderr(&["config", "storage", "default", "home"]).is_empty());
+    // home's path changed: the VM is no longer listed until --storage OLD.
+    let moved = home.path().join("moved");
+    let w = stderr(&["config", "set", "homeDirectory", moved.to_str().unwrap()]);
+    assert!(w.contains("no longer a VM location"), "{w}");
+    assert!(w.contains(&format!("--storage {old}")), "{w}");
+    assert!(!home.ok(&["ls"]).contains("busy"));
+    assert!(home.ok(&["ls", "--storage", old]).contains("busy"));
+    assert!(stderr(&["config", "set", "homeDirectory", old]).is_empty());
     let mut child = home
         .cmd()
         .args(["delete", "busy"])

@@ -1315,6 +1315,11 @@ pub struct ConfigRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConfigMessage {
     pub message: String,
+    /// Running VMs a change of `homeDirectory` or of the default location
+    /// leaves in a directory that is no longer the default (left out when
+    /// none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// lume's answer to an added location.
@@ -1383,6 +1388,7 @@ pub async fn update_config(
     config_owner(&st, &caller)?;
     blocking(move || {
         change_settings(|s| {
+            let mut warnings = Vec::new();
             if let Some(home) = &r.home_directory {
                 if !(home.starts_with('/') || home.starts_with("~/")) {
                     return Err(settings_error(
@@ -1391,7 +1397,9 @@ pub async fn update_config(
                 }
                 location::check_new_location(&crate::settings::expand_home(home))
                     .map_err(|e| settings_error(&e))?;
+                let before = location::default_store(s).ok();
                 s.set_home_directory(home).map_err(|e| settings_error(&e))?;
+                warnings.extend(before.and_then(|b| location::running_left_behind(&b, s)));
             }
             if let Some(cache) = &r.cache_directory {
                 if !(cache.starts_with('/') || cache.starts_with("~/")) {
@@ -1413,6 +1421,7 @@ pub async fn update_config(
             }
             Ok(Json(ConfigMessage {
                 message: "Configuration updated successfully".into(),
+                warnings,
             }))
         })
     })
@@ -1513,6 +1522,7 @@ pub async fn remove_location(
         change_settings(|s| s.remove_location(&name).map_err(|e| settings_error(&e)))?;
         Ok(Json(ConfigMessage {
             message: "Location removed successfully".into(),
+            warnings: Vec::new(),
         }))
     })
     .await
@@ -1533,12 +1543,18 @@ pub async fn set_default_location(
 ) -> ApiResult<Json<ConfigMessage>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        change_settings(|s| {
+        let warnings = change_settings(|s| {
+            let before = location::default_store(s).ok();
             s.set_default_location(&name)
-                .map_err(|e| settings_error(&e))
+                .map_err(|e| settings_error(&e))?;
+            Ok(before
+                .and_then(|b| location::running_left_behind(&b, s))
+                .into_iter()
+                .collect())
         })?;
         Ok(Json(ConfigMessage {
             message: "Default location set successfully".into(),
+            warnings,
         }))
     })
     .await

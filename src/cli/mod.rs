@@ -1333,9 +1333,13 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 location::check_new_location(&crate::settings::expand_home(&value))
                     .with_context(|| format!("Cannot set '{key}'"))?;
             }
+            let before = location::default_store(s).ok();
             s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
             outln!("Set {key} in {}", s.file().display());
+            if let Some(w) = before.and_then(|b| location::running_left_behind(&b, s)) {
+                eprintln!("{w}");
+            }
             Ok(0)
         }),
         ConfigCommand::Unset { key } => Settings::update(|s: &mut Settings| -> Result<i32> {
@@ -1433,8 +1437,12 @@ fn config_storage(command: StorageCommand) -> Result<i32> {
                 out!("{}", locations_text(s)?);
             }
             StorageCommand::Default { name } => {
+                let before = location::default_store(s).ok();
                 s.set_default_location(&name)?;
                 outln!("Set default VM storage location to: {name}");
+                if let Some(w) = before.and_then(|b| location::running_left_behind(&b, s)) {
+                    eprintln!("{w}");
+                }
             }
         }
         Ok(0)
