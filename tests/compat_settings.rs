@@ -129,7 +129,7 @@ fn an_earlier_releases_config_and_vms_are_upgraded() {
     );
     let text = std::fs::read_to_string(home.config_yaml()).unwrap();
     assert!(!text.contains("homeDirectory"), "{text}");
-    assert!(text.contains("defaultLocationName: home"), "{text}");
+    assert!(text.contains("defaultLocationName: \"home\""), "{text}");
     assert!(text.contains("someFutureKey"), "{text}");
     assert!(text.contains("natSubnet: 10.77.0.0/24"), "{text}");
     assert_eq!(
@@ -463,7 +463,7 @@ fn cache_telemetry_and_registry_commands() {
         );
     }
     let yaml = std::fs::read_to_string(home.config_yaml()).unwrap();
-    assert!(yaml.contains("organization: team"), "{yaml}");
+    assert!(yaml.contains("organization: \"team\""), "{yaml}");
     assert!(yaml.contains("telemetryEnabled: false"), "{yaml}");
     // Our own keys keep working beside lume's.
     home.ok(&["config", "set", "natSubnet", "10.66.0.0/24"]);
