@@ -99,7 +99,7 @@ pub enum SettingsError {
     )]
     Structured(String),
     #[error(
-        "Registry type '{0}' is refused: lume for Linux pulls and pushes OCI images only (type ghcr, any OCI registry); lume's gcs type uses a signed-URL service of its own that is not implemented here"
+        "Registry type '{0}' is refused: lume for Linux pulls and pushes OCI images only (type ghcr, any OCI registry); lume's gcs type uses a signed-URL service of its own that is not implemented here; use type ghcr (`lume config registry ghcr --registry HOST --organization NAME`)"
     )]
     RegistryType(String),
 }
