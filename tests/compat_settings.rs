@@ -129,7 +129,7 @@ fn an_earlier_releases_config_and_vms_are_upgraded() {
     );
     let text = std::fs::read_to_string(home.config_yaml()).unwrap();
     assert!(!text.contains("homeDirectory"), "{text}");
-    assert!(text.contains("defaultLocationName: home"), "{text}");
+    assert!(text.contains("defaultLocationName: \"home\""), "{text}");
     assert!(text.contains("someFutureKey"), "{text}");
     assert!(text.contains("natSubnet: 10.77.0.0/24"), "{text}");
     assert_eq!(
@@ -273,7 +273,9 @@ fn storage_takes_a_name_or_a_path_everywhere() {
     }
     assert!(!home.path().join("nosuch").exists());
     // lume's `ephemeral` (macOS's temporary folder): refused with the reason.
-    let e = home.fails(&["create", "x", "--storage", "ephemeral"]);
+    let out = home.lume(&["create", "x", "--storage", "ephemeral"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         e.contains("Storage 'ephemeral'") && e.contains("not supported"),
         "{e}"
@@ -341,6 +343,25 @@ fn a_name_in_two_locations_is_taken_from_the_first() {
             .unwrap();
     let v = if v.is_array() { v[0].clone() } else { v };
     assert_eq!(v["cpuCount"], 1);
+    // A name that is in no location: every location was searched, and the
+    // error says so (not only the default location's path).
+    for args in [
+        &["get", "ghost"][..],
+        &["stop", "ghost"],
+        &["delete", "ghost", "--force"],
+    ] {
+        let e = home.fails(args);
+        assert!(
+            e.contains("VM 'ghost' does not exist in any VM location (searched: home, second)"),
+            "{args:?}: {e}"
+        );
+    }
+    // With --storage, the one location named.
+    let e = home.fails(&["get", "ghost", "--storage", "second"]);
+    assert!(
+        e.contains(&format!("does not exist in {}", second.display())),
+        "{e}"
+    );
 }
 
 /// Config.swift `Cache`, `Telemetry`, `Registry` (gcs refused).
@@ -417,24 +438,32 @@ fn cache_telemetry_and_registry_commands() {
         home.ok(&["config", "registry", "ghcr"]),
         "GHCR configuration:\n  Registry: ghcr.io\n  Organization: team\n"
     );
-    assert!(
-        home.ok(&["config", "registry", "gcs"])
-            .starts_with("GCS configuration: not set\n")
-    );
-    let e = home.fails(&["config", "registry", "type", "gcs"]);
-    assert!(e.contains("Registry type 'gcs' is refused"), "{e}");
-    let e = home.fails(&[
-        "config",
-        "registry",
-        "gcs",
-        "--api-url",
-        "https://x",
-        "--api-key",
-        "k",
-    ]);
-    assert!(e.contains("is refused"), "{e}");
+    // gcs, with or without options, and as a type: refused as a usage
+    // error (64), as every value of lume's we do not support.
+    for args in [
+        &["config", "registry", "gcs"][..],
+        &["config", "registry", "type", "gcs"],
+        &[
+            "config",
+            "registry",
+            "gcs",
+            "--api-url",
+            "https://x",
+            "--api-key",
+            "k",
+        ],
+    ] {
+        let out = home.lume(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("Registry type 'gcs' is refused"),
+            "{args:?}: {e}"
+        );
+    }
     let yaml = std::fs::read_to_string(home.config_yaml()).unwrap();
-    assert!(yaml.contains("organization: team"), "{yaml}");
+    assert!(yaml.contains("organization: \"team\""), "{yaml}");
     assert!(yaml.contains("telemetryEnabled: false"), "{yaml}");
     // Our own keys keep working beside lume's.
     home.ok(&["config", "set", "natSubnet", "10.66.0.0/24"]);
@@ -458,7 +487,15 @@ fn a_location_another_user_controls_is_refused() {
     for path in [theirs.path().to_path_buf(), theirs.path().join("inside")] {
         let e = home.fails(&["config", "storage", "add", "x", path.to_str().unwrap()]);
         assert!(e.contains("can be changed by user 65534"), "{e}");
+        // Another path, never a chown/chmod of someone else's directory.
+        assert!(e.contains("choose another path"), "{e}");
+        assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
+        assert!(!e.contains("--storage"), "{e}");
     }
+    // A directory every user shares: a private subdirectory of it.
+    let e = home.fails(&["config", "storage", "add", "x", "/tmp"]);
+    assert!(e.contains("private subdirectory"), "{e}");
+    assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
     let link_dir = tempfile::tempdir().unwrap();
     let link = link_dir.path().join("etc-link");
     std::os::unix::fs::symlink("/etc", &link).unwrap();

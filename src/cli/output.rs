@@ -10,6 +10,28 @@ use crate::vm::Outcome;
 use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
 
+/// Every write of the CLI to standard output: written and flushed at once.
+/// A reader that went away (`lume ls | head -1`) ends lume quietly with
+/// status 0, as git and cargo stop printing when their pipe closes, instead
+/// of a panic; any other failure to write is an error on standard error
+/// (status 1).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("Error: Cannot write to standard output: {e}; check where it goes (disk full?)");
+        std::process::exit(1);
+    }
+}
+
+/// What `stop` and `shutdown` print: the way the VM went down, said once.
+fn stopped_line(name: &crate::vm::VmName, method: crate::guest::power::PowerMethod) -> String {
+    format!("VM '{name}' stopped {}", method.describe())
+}
+
 fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref()
         .map(|v| v.to_string())
@@ -157,11 +179,11 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
 /// Prints the doctor's report: one line per check.
 pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for c in &report.checks {
-        println!(
+        outln!(
             "{} {}: {}",
             if c.ok { "ok  " } else { "FAIL" },
             c.name,
@@ -174,7 +196,7 @@ pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> 
 /// Prints host interfaces for `lume config network interfaces`.
 pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(list)?);
+        outln!("{}", serde_json::to_string_pretty(list)?);
         return Ok(());
     }
     let mut t = Table::new();
@@ -209,32 +231,32 @@ pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
             },
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
 /// Prints one outcome.
 pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
     match (outcome, format) {
-        (Outcome::List(vms), Format::Json) => println!("{}", serde_json::to_string_pretty(vms)?),
+        (Outcome::List(vms), Format::Json) => outln!("{}", serde_json::to_string_pretty(vms)?),
         (Outcome::List(vms), Format::Text) if vms.is_empty() => {
-            println!("No virtual machines found")
+            outln!("No virtual machines found")
         }
-        (Outcome::List(vms), Format::Text) => println!("{}", table(vms)),
+        (Outcome::List(vms), Format::Text) => outln!("{}", table(vms)),
         // As lume: `get -f json` prints a one-element array.
         (Outcome::Details(d), Format::Json) => {
-            println!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
+            outln!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
         }
         (Outcome::Details(d), Format::Text) => {
-            println!("{}", table(std::slice::from_ref(d)));
+            outln!("{}", table(std::slice::from_ref(d)));
             for line in extra_lines(d) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
         (o, _) => {
             if let Some(line) = outcome_line(o) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }
@@ -273,15 +295,11 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
                 storage => format!(" --storage {storage}"),
             }
         ),
-        Outcome::Stopped { name, method } => {
-            format!("VM '{name}' stopped {} ({method})", method.describe())
-        }
-        Outcome::Restarted { name, method } => {
-            format!(
-                "VM '{name}' is restarting: reboot requested {} ({method})",
-                method.describe()
-            )
-        }
+        Outcome::Stopped { name, method } => stopped_line(name, *method),
+        Outcome::Restarted { name, method } => format!(
+            "VM '{name}' is restarting: reboot requested {}",
+            method.describe()
+        ),
         Outcome::Updated(d) => {
             format!("VM '{}' updated; changes apply from its next start", d.name)
         }
@@ -301,6 +319,20 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_says_the_way_once() {
+        use crate::guest::power::PowerMethod;
+        let name = crate::vm::VmName::parse("web").unwrap();
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Forced),
+            "VM 'web' stopped by forcing QEMU off (not graceful)"
+        );
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Acpi),
+            "VM 'web' stopped through the ACPI power button"
+        );
+    }
 
     fn provisioning(name: &str) -> VmDetails {
         VmDetails {

@@ -126,17 +126,57 @@ pub fn store_for_vm(
     if let Some(spec) = storage {
         return resolve(settings, spec);
     }
-    for s in all_stores(settings)? {
+    let all = all_stores(settings)?;
+    for s in &all {
         if s.vm(name).config_path().exists() || s.is_provisioning(name) {
             return Ok(Resolved {
-                store: s,
+                store: s.clone(),
                 note: None,
             });
         }
     }
     Ok(Resolved {
-        store: default_store(settings)?,
+        store: default_store(settings)?.searched_in(all.iter().map(Store::location_name).collect()),
         note: None,
+    })
+}
+
+/// The warning of a change of the default location or of `home`'s path
+/// (`config storage default`, `homeDirectory`) while VMs of the location
+/// `before` (the default until now) run: they keep running where they are,
+/// and, as in lume, a directory that is no longer a location is not
+/// searched: `lume ls` stops listing them until `--storage OLD_PATH` names it.
+pub fn running_left_behind(before: &Store, after: &Settings) -> Option<String> {
+    let now = default_store(after).ok()?;
+    if now.root() == before.root() {
+        return None;
+    }
+    let running: Vec<String> = before
+        .list()
+        .ok()?
+        .into_iter()
+        .filter(|vm| vm.is_running())
+        .map(|vm| vm.name.to_string())
+        .collect();
+    if running.is_empty() {
+        return None;
+    }
+    let path = before.root().display();
+    let still = all_stores(after)
+        .map(|all| all.iter().any(|s| s.root() == before.root()))
+        .unwrap_or(false);
+    Some(if still {
+        format!(
+            "Warning: running VMs {} stay in {path} (location '{}'), no longer the default: commands still find them by name, new VMs go to {}",
+            running.join(", "),
+            before.location_name(),
+            now.root().display()
+        )
+    } else {
+        format!(
+            "Warning: running VMs {} stay in {path}, which is no longer a VM location: `lume ls` no longer lists them (as lume); reach them with --storage {path}, or set the old path back",
+            running.join(", ")
+        )
     })
 }
 

@@ -39,6 +39,11 @@ use super::state::RunState;
 pub enum StoreError {
     #[error("VM '{name}' does not exist in {root}: run `lume ls` to see your VMs")]
     NotFound { name: VmName, root: PathBuf },
+    /// Not in any location, after lume's search of them all.
+    #[error(
+        "VM '{name}' does not exist in any VM location (searched: {locations}): run `lume ls` to see your VMs"
+    )]
+    NotFoundAnywhere { name: VmName, locations: String },
     #[error("VM '{name}' already exists in {root}: choose another name or delete it first")]
     Exists { name: VmName, root: PathBuf },
     #[error(transparent)]
@@ -61,7 +66,7 @@ pub enum StoreError {
 /// files there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "Storage directory {dir} can be changed by {who}, and lume running as root does not use files another user can change: make it root's alone (chown root:root {dir}; chmod go-w {dir}) or choose another --storage"
+    "Storage directory {dir} can be changed by {who}, and lume running as root keeps VMs only where no other user can change them: choose another path, a directory only root can write (in a directory every user shares, such as /tmp, a private subdirectory: mkdir -m 700 /tmp/lume-vms)"
 )]
 pub struct UnsafeDir {
     pub dir: PathBuf,
@@ -172,6 +177,9 @@ pub struct Store {
     /// The location's name (reported as `locationName`): a configured
     /// location's name, or the path as the user gave it.
     name: String,
+    /// Set when this store was chosen because no location held the VM
+    /// looked for: the names of every location searched.
+    searched: Option<Vec<String>>,
 }
 
 /// One VM's directory.
@@ -195,6 +203,7 @@ impl Store {
                 Self {
                     name: root.display().to_string(),
                     root,
+                    searched: None,
                 }
             }
             None => {
@@ -214,7 +223,15 @@ impl Store {
         Self {
             name: name.into(),
             root: absolute(root),
+            searched: None,
         }
+    }
+
+    /// This store, chosen after the locations named `locations` were all
+    /// searched for a VM in vain: opening a VM that is not here says so.
+    pub fn searched_in(mut self, locations: Vec<String>) -> Self {
+        self.searched = Some(locations);
+        self
     }
 
     /// As root, refuses a storage root, VM directory or ancestor that
@@ -298,6 +315,11 @@ impl Store {
             Ok(vm)
         } else if self.is_provisioning(name) {
             Err(StoreError::Provisioning(name.clone()))
+        } else if let Some(locations) = &self.searched {
+            Err(StoreError::NotFoundAnywhere {
+                name: name.clone(),
+                locations: locations.join(", "),
+            })
         } else {
             Err(StoreError::NotFound {
                 name: name.clone(),
