@@ -8,6 +8,7 @@ pub mod firewall;
 pub mod guest;
 pub mod hypervisor;
 pub mod image;
+pub mod mcp;
 pub mod network;
 pub mod registry;
 pub mod settings;

@@ -18,10 +18,10 @@ fn main() {
             let help =
                 !e.use_stderr() || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand;
             if help {
-                print!("{}", e.render());
+                lume::cli::output::write_stdout(format_args!("{}", e.render()));
                 std::process::exit(0);
             }
-            let _ = e.print();
+            eprint!("{}", lume::cli::usage_error_text(&e));
             std::process::exit(lume::cli::EX_USAGE);
         }
     };
@@ -35,7 +35,7 @@ fn main() {
                     eprintln!("  Caused by: {msg}");
                 }
             }
-            let usage = e.downcast_ref::<lume::cli::UsageError>().is_some();
+            let usage = lume::cli::is_refusal(&e);
             std::process::exit(if usage { lume::cli::EX_USAGE } else { 1 });
         }
     }

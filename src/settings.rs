@@ -24,6 +24,14 @@ pub enum SettingsError {
         #[source]
         source: serde_yaml_ng::Error,
     },
+    #[error(
+        "Settings file {path} is not used: {dir} can be changed by {who}, and lume running as root reads no config.yaml another user can change. Run lume with root's own HOME (sudo -H lume …), or make it root's alone (chown root:root {dir}; chmod go-w {dir})"
+    )]
+    NotRootsOwn {
+        path: PathBuf,
+        dir: PathBuf,
+        who: String,
+    },
     #[error("Cannot write {path}")]
     Write {
         path: PathBuf,
@@ -99,7 +107,7 @@ pub enum SettingsError {
     )]
     Structured(String),
     #[error(
-        "Registry type '{0}' is refused: lume for Linux pulls and pushes OCI images only (type ghcr, any OCI registry); lume's gcs type uses a signed-URL service of its own that is not implemented here"
+        "Registry type '{0}' is refused: lume for Linux pulls and pushes OCI images only (type ghcr, any OCI registry); lume's gcs type uses a signed-URL service of its own that is not implemented here; use type ghcr (`lume config registry ghcr --registry HOST --organization NAME`)"
     )]
     RegistryType(String),
 }
@@ -235,6 +243,32 @@ pub fn expand_home(s: &str) -> PathBuf {
     }
 }
 
+/// As root, refuses (as ssh's StrictModes does) a config.yaml that another
+/// user could have written or could swap: the file, or any directory above
+/// it up to `/` (as written and as resolved), owned by another user or
+/// writable by group or others (a sticky root-owned directory such as /tmp
+/// is fine). A user's config.yaml reached through `sudo -E` or a kept
+/// `HOME` would otherwise choose root's VM locations, API group and
+/// registry, and root would write into the user's folder.
+fn check_owner(path: &Path) -> Result<(), SettingsError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    if euid != 0 {
+        return Ok(());
+    }
+    let refuse = |dir: &Path, who: String| SettingsError::NotRootsOwn {
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+        who,
+    };
+    crate::vm::store::check_ancestors_private(path).map_err(|u| refuse(&u.dir, u.who))?;
+    if let Ok(m) = std::fs::metadata(path)
+        && let Some(who) = crate::vm::store::writable_by_others(&m, euid, false)
+    {
+        return Err(refuse(path, who));
+    }
+    Ok(())
+}
+
 /// The parsed settings file (empty when it does not exist).
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -257,6 +291,7 @@ impl Settings {
     }
 
     pub fn load_from(path: &Path) -> Result<Self, SettingsError> {
+        check_owner(path)?;
         let map = match std::fs::read_to_string(path) {
             Ok(text) if text.trim().is_empty() => Mapping::new(),
             Ok(text) => serde_yaml_ng::from_str(&text).map_err(|source| SettingsError::Parse {
@@ -330,6 +365,7 @@ impl Settings {
             path: path.to_path_buf(),
             source,
         };
+        check_owner(path)?;
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -477,7 +513,7 @@ impl Settings {
     /// followed.
     fn write(&self) -> Result<(), SettingsError> {
         use std::os::unix::fs::DirBuilderExt;
-        let text = serde_yaml_ng::to_string(&self.map).expect("mapping serialises");
+        let text = render(&self.map);
         let write = |source| SettingsError::Write {
             path: self.path.clone(),
             source,
@@ -800,6 +836,147 @@ pub fn names(all: &[Location]) -> String {
         .join(", ")
 }
 
+/// lume's scalar keys, in the order lume writes them.
+const LUME_SCALARS: [&str; 4] = [
+    "defaultLocationName",
+    "cacheDirectory",
+    "cachingEnabled",
+    "telemetryEnabled",
+];
+
+/// A string as a YAML double-quoted scalar (JSON's escaping is YAML's), as
+/// lume writes its strings: its line parser strips the double quotes.
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+/// `key: value` lines of `map` as serde writes them, indented by `indent`.
+fn yaml_lines(map: serde_yaml_ng::Mapping, indent: &str) -> String {
+    if map.is_empty() {
+        return String::new();
+    }
+    serde_yaml_ng::to_string(&map)
+        .expect("mapping serialises")
+        .lines()
+        .map(|l| format!("{indent}{l}\n"))
+        .collect()
+}
+
+/// config.yaml's text, laid out so that lume 0.5.3's line parser
+/// (Settings.swift `parseYamlSettings`) reads it as lume wrote it: lume's
+/// scalar keys first, double-quoted; our own keys next (lume's parser reads
+/// every line before `vmLocations:` as a top-level key and keeps only its
+/// own four); then `vmLocations` (a section the parser leaves only at
+/// `registry:`) as `- name: "…"` / `path: "…"` pairs; then `registry`,
+/// `type` before `ghcr` (whose keys it reads at four spaces). Our loader
+/// reads the same text as ordinary YAML.
+fn render(map: &serde_yaml_ng::Mapping) -> String {
+    use serde_yaml_ng::{Mapping, Value};
+    let mut out = String::from("# Lume Configuration\n\n");
+    for key in LUME_SCALARS {
+        match map.get(key) {
+            Some(Value::String(v)) => out.push_str(&format!("{key}: {}\n", quoted(v))),
+            Some(v @ Value::Bool(_)) => out.push_str(&yaml_lines(
+                Mapping::from_iter([(key.into(), v.clone())]),
+                "",
+            )),
+            Some(v) => out.push_str(&yaml_lines(
+                Mapping::from_iter([(key.into(), v.clone())]),
+                "",
+            )),
+            None => {}
+        }
+    }
+    let ours: Mapping = map
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str()
+                .is_none_or(|k| !LUME_SCALARS.contains(&k) && k != "vmLocations" && k != "registry")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !ours.is_empty() {
+        out.push_str("\n# lume for Linux\n");
+        out.push_str(&yaml_lines(ours, ""));
+    }
+    if let Some(locations) = map.get("vmLocations") {
+        out.push_str("\n# VM Locations\n");
+        let pairs: Option<Vec<(&str, &str)>> = locations.as_sequence().and_then(|seq| {
+            seq.iter()
+                .map(|l| {
+                    let m = l.as_mapping()?;
+                    (m.len() == 2)
+                        .then(|| Some((m.get("name")?.as_str()?, m.get("path")?.as_str()?)))
+                        .flatten()
+                })
+                .collect()
+        });
+        match pairs {
+            Some(pairs) if !pairs.is_empty() => {
+                out.push_str("vmLocations:\n");
+                for (name, path) in pairs {
+                    out.push_str(&format!(
+                        "  - name: {}\n    path: {}\n",
+                        quoted(name),
+                        quoted(path)
+                    ));
+                }
+            }
+            _ => out.push_str(&yaml_lines(
+                Mapping::from_iter([("vmLocations".into(), locations.clone())]),
+                "",
+            )),
+        }
+    }
+    if let Some(registry) = map.get("registry") {
+        out.push_str("\n# Registry Configuration\n");
+        match registry.as_mapping() {
+            Some(r) => {
+                out.push_str("registry:\n");
+                if let Some(t) = r.get("type") {
+                    match t.as_str() {
+                        Some(t) => out.push_str(&format!("  type: {}\n", quoted(t))),
+                        None => out.push_str(&yaml_lines(
+                            Mapping::from_iter([("type".into(), t.clone())]),
+                            "  ",
+                        )),
+                    }
+                }
+                if let Some(g) = r.get("ghcr") {
+                    let strings: Option<Vec<(&str, &str)>> = g.as_mapping().and_then(|g| {
+                        g.iter()
+                            .map(|(k, v)| Some((k.as_str()?, v.as_str()?)))
+                            .collect()
+                    });
+                    match strings {
+                        Some(kv) => {
+                            out.push_str("  ghcr:\n");
+                            for (k, v) in kv {
+                                out.push_str(&format!("    {k}: {}\n", quoted(v)));
+                            }
+                        }
+                        None => out.push_str(&yaml_lines(
+                            Mapping::from_iter([("ghcr".into(), g.clone())]),
+                            "  ",
+                        )),
+                    }
+                }
+                let rest: Mapping = r
+                    .iter()
+                    .filter(|(k, _)| k.as_str().is_none_or(|k| k != "type" && k != "ghcr"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                out.push_str(&yaml_lines(rest, "  "));
+            }
+            None => out.push_str(&yaml_lines(
+                Mapping::from_iter([("registry".into(), registry.clone())]),
+                "",
+            )),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,6 +1078,203 @@ mod tests {
 
     /// Exactly what lume 0.5.3's `saveSettings` (Settings.swift) writes.
     pub const LUME_WRITTEN: &str = "# Lume Configuration\n\ndefaultLocationName: \"ssd\"\ncacheDirectory: \"~/.lume/cache\"\ncachingEnabled: false\ntelemetryEnabled: false\n\n# VM Locations\nvmLocations:\n  - name: \"home\"\n    path: \"~/.lume\"\n  - name: \"ssd\"\n    path: \"/Volumes/SSD/lume\"\n\n# Registry Configuration\nregistry:\n  type: \"ghcr\"\n  ghcr:\n    registry: \"ghcr.io\"\n    organization: \"trycua\"\n";
+
+    /// What lume 0.5.3 reads from a config.yaml: a line-by-line port of
+    /// Settings.swift `parseYamlSettings` (its sections, its indent rules,
+    /// its `key.hasSuffix("name")` test, its stripping of double quotes only).
+    #[derive(Debug, PartialEq)]
+    struct LumeRead {
+        default_location_name: String,
+        cache_directory: String,
+        caching_enabled: bool,
+        telemetry_enabled: bool,
+        vm_locations: Vec<(String, String)>,
+        registry_type: String,
+        ghcr_registry: String,
+        ghcr_organization: String,
+    }
+
+    fn lume_parse(text: &str) -> LumeRead {
+        #[derive(PartialEq, Clone, Copy)]
+        enum Section {
+            Top,
+            VmLocations,
+            Registry,
+            Ghcr,
+            Gcs,
+        }
+        fn value(raw: &str) -> String {
+            if raw.len() >= 2 && raw.starts_with('"') && raw.ends_with('"') {
+                raw[1..raw.len() - 1].to_string()
+            } else {
+                raw.to_string()
+            }
+        }
+        let mut r = LumeRead {
+            default_location_name: "home".into(),
+            cache_directory: "~/.lume/cache".into(),
+            caching_enabled: false,
+            telemetry_enabled: true,
+            vm_locations: Vec::new(),
+            registry_type: "ghcr".into(),
+            ghcr_registry: "ghcr.io".into(),
+            ghcr_organization: "trycua".into(),
+        };
+        let mut section = Section::Top;
+        let mut current: (Option<String>, Option<String>) = (None, None);
+        let flush = |c: &mut (Option<String>, Option<String>), r: &mut LumeRead| {
+            if let (Some(n), Some(p)) = (c.0.take(), c.1.take()) {
+                r.vm_locations.push((n, p));
+            }
+            *c = (None, None);
+        };
+        for line in text.split('\n') {
+            let t = line.trim_matches(' ');
+            if t.starts_with('#') || t.is_empty() {
+                continue;
+            }
+            if t == "vmLocations:" {
+                flush(&mut current, &mut r);
+                section = Section::VmLocations;
+                continue;
+            } else if t == "registry:" {
+                flush(&mut current, &mut r);
+                section = Section::Registry;
+                continue;
+            } else if t == "ghcr:" && section == Section::Registry {
+                section = Section::Ghcr;
+                continue;
+            } else if t == "gcs:" && section == Section::Registry {
+                section = Section::Gcs;
+                continue;
+            }
+            let indent = line.len() - line.trim_start_matches(' ').len();
+            let kv = t.find(':').map(|i| {
+                (
+                    t[..i].trim_matches(' '),
+                    value(t[i + 1..].trim_matches(' ')),
+                )
+            });
+            match section {
+                Section::VmLocations => {
+                    if t.starts_with('-') || t.contains("- name:") {
+                        flush(&mut current, &mut r);
+                    }
+                    if let Some((k, v)) = kv {
+                        if k.ends_with("name") {
+                            current.0 = Some(v);
+                        } else if k.ends_with("path") {
+                            current.1 = Some(v);
+                        }
+                    }
+                }
+                Section::Registry => {
+                    if let Some(("type", v)) = kv {
+                        r.registry_type = v;
+                    }
+                }
+                Section::Ghcr => {
+                    if indent < 4 {
+                        if t == "gcs:" {
+                            section = Section::Gcs;
+                            continue;
+                        } else if !t.starts_with("registry") && !t.starts_with("organization") {
+                            section = Section::Top;
+                        }
+                    }
+                    match kv {
+                        Some(("registry", v)) => r.ghcr_registry = v,
+                        Some(("organization", v)) => r.ghcr_organization = v,
+                        _ => {}
+                    }
+                }
+                Section::Gcs => {
+                    if indent < 4 && !t.starts_with("apiUrl") && !t.starts_with("apiKey") {
+                        section = Section::Top;
+                    }
+                }
+                Section::Top => match kv {
+                    Some(("defaultLocationName", v)) => r.default_location_name = v,
+                    Some(("cacheDirectory", v)) => r.cache_directory = v,
+                    Some(("cachingEnabled", v)) => r.caching_enabled = v.to_lowercase() == "true",
+                    Some(("telemetryEnabled", v)) => {
+                        r.telemetry_enabled = v.to_lowercase() == "true"
+                    }
+                    _ => {}
+                },
+            }
+        }
+        flush(&mut current, &mut r);
+        if r.vm_locations.is_empty() {
+            r.vm_locations.push(("home".into(), "~/.lume".into()));
+        }
+        r
+    }
+
+    #[test]
+    fn the_port_of_lumes_parser_reads_lumes_own_file() {
+        let r = lume_parse(LUME_WRITTEN);
+        assert_eq!(r.default_location_name, "ssd");
+        assert_eq!(r.vm_locations.len(), 2);
+        assert!(!r.telemetry_enabled);
+    }
+
+    #[test]
+    fn lume_reads_the_config_we_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        let mut s = Settings::load_from(&p).unwrap();
+        // Our keys first, so that a careless writer would put them in the way.
+        s.set("natSubnet", Value::String("192.0.2.0/24".into()))
+            .unwrap();
+        s.set("natBridge", Value::String("lumebr".into())).unwrap();
+        s.set("sshPassword", Value::String("a \"quoted\": pass".into()))
+            .unwrap();
+        s.add_location("fast", "/srv/fast vms").unwrap();
+        s.set_default_location("fast").unwrap();
+        s.set("cacheDirectory", Value::String("/srv/cache".into()))
+            .unwrap();
+        s.set("cachingEnabled", Value::Bool(true)).unwrap();
+        s.set("telemetryEnabled", Value::Bool(false)).unwrap();
+        s.set_registry(Some("ghcr"), Some("registry.example"), Some("team"))
+            .unwrap();
+        s.set("future", Value::String("kept".into())).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let r = lume_parse(&text);
+        assert_eq!(
+            r,
+            LumeRead {
+                default_location_name: "fast".into(),
+                cache_directory: "/srv/cache".into(),
+                caching_enabled: true,
+                telemetry_enabled: false,
+                vm_locations: vec![
+                    ("home".into(), "~/.lume".into()),
+                    ("fast".into(), "/srv/fast vms".into())
+                ],
+                registry_type: "ghcr".into(),
+                ghcr_registry: "registry.example".into(),
+                ghcr_organization: "team".into(),
+            },
+            "{text}"
+        );
+        // lume's order: its scalars, ours, vmLocations, registry.
+        let at = |k: &str| {
+            text.find(&format!("\n{k}:"))
+                .unwrap_or_else(|| panic!("{k}: {text}"))
+        };
+        assert!(at("defaultLocationName") < at("cacheDirectory"), "{text}");
+        assert!(at("telemetryEnabled") < at("natSubnet"), "{text}");
+        assert!(at("future") < at("vmLocations"), "{text}");
+        assert!(at("vmLocations") < at("registry"), "{text}");
+        // Our loader reads it back whole.
+        let again = Settings::load_from(&p).unwrap();
+        assert_eq!(again.as_mapping(), s.as_mapping());
+        assert_eq!(
+            again.get_str("sshPassword").unwrap().as_deref(),
+            Some("a \"quoted\": pass")
+        );
+    }
 
     #[test]
     fn a_config_written_by_lume_on_macos_loads() {

@@ -270,7 +270,11 @@ fn errors_are_json_with_the_right_status() {
             "Invalid size 'lots'",
         ),
         (json!({"name": "a", "cpu": "two"}), "invalid type"),
-        (json!({"name": "a", "cpu": 0}), "at least 1"),
+        // The request's field, not the CLI's --cpu.
+        (
+            json!({"name": "a", "cpu": 0}),
+            r#"at least 1: send "cpu": 1 or more"#,
+        ),
         (json!({"name": "a", "memory": "1MB"}), "too small"),
         (
             json!({"name": "a", "network": "wifi"}),
@@ -293,7 +297,10 @@ fn errors_are_json_with_the_right_status() {
             json!({"name": "a", "kernel": "/nonexistent/vmlinuz"}),
             "does not exist",
         ),
-        (json!({"name": "a", "os": "macOS"}), "Apple host"),
+        (
+            json!({"name": "a", "os": "macOS"}),
+            r#"Apple host: lume on Linux creates Linux VMs ("os": "linux")"#,
+        ),
         (
             json!({"name": "a", "storage": "ssd"}),
             "Storage 'ssd' is neither a VM location name nor a path",
@@ -405,20 +412,30 @@ fn errors_are_json_with_the_right_status() {
         ));
         assert!(local.starts_with("HTTP/1.0 404"), "{own}: {local}");
     }
-    // 415: a body that is not declared JSON (what a form or a simple
-    // cross-site request sends), even if it parses as JSON.
+    // 415: from a browser (an Origin header, here the server's own), a
+    // body that is not declared JSON (what a form or a simple cross-site
+    // request sends), even if it parses as JSON. Without Origin (curl -d,
+    // python requests' data=), a JSON body is taken as lume takes it: the
+    // request reaches the route (404: no VM x); a body that is not JSON
+    // is still refused.
+    let own = format!("Origin: http://127.0.0.1:{}\r\n", server.port);
     for ct in [
         "",
         "Content-Type: text/plain\r\n",
         "Content-Type: application/x-www-form-urlencoded\r\n",
         "Content-Type: multipart/form-data; boundary=x\r\n",
     ] {
-        let refused = send(ct, "{\"timeout\": 1}");
+        let refused = send(&format!("{own}{ct}"), "{\"timeout\": 1}");
         assert!(refused.starts_with("HTTP/1.0 415"), "{ct}: {refused}");
         assert!(
-            refused.contains("send the header 'Content-Type: application/json'"),
+            refused.contains("must send the header 'Content-Type: application/json'"),
             "{refused}"
         );
+        let taken = send(ct, "{\"timeout\": 1}");
+        assert!(taken.starts_with("HTTP/1.0 404"), "{ct}: {taken}");
+        assert!(taken.contains("does not exist"), "{ct}: {taken}");
+        let refused = send(ct, "timeout=1");
+        assert!(refused.starts_with("HTTP/1.0 415"), "{ct}: {refused}");
     }
     let json_ok = send(
         "Content-Type: application/json; charset=utf-8\r\n",
@@ -803,6 +820,26 @@ fn other_users_are_refused_unless_in_the_api_group() {
             "{log}"
         );
     }
+
+    // Refused requests go to stderr only: they never reach the log that
+    // GET /lume/logs keeps for the server's user, so nobody cannot push
+    // the owner's lines out of it.
+    let refused = curl(&nobody, &[&url("/lume/vms/refused-marker")], "GET", None);
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let kept = curl(&in_ns, &[&url("/lume/logs")], "GET", None);
+    assert_eq!(kept.status, 200, "{kept:?}");
+    let info = kept.body["info"].as_str().unwrap();
+    assert!(info.contains("GET /lume/vms -> "), "{info}");
+    assert!(!info.contains("refused-marker"), "{info}");
+    assert!(!info.contains("Refused uid 65534"), "{info}");
+    common::wait_for("the refusal on stderr", Duration::from_secs(10), || {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("refused-marker")
+            .then_some(())
+    });
 
     // A program lume runs for VMs (here curl under the name passt) is a
     // guest: refused even as root.

@@ -657,6 +657,8 @@ fn config_keys_can_be_removed_and_empty_values_or_missing_groups_are_refused() {
             err.contains("An empty value for 'homeDirectory' is refused: to remove the key, run `lume config unset homeDirectory`"),
             "{err}"
         );
+        // Refused before anything is made (the test runs in the crate's folder).
+        assert!(!std::path::Path::new(empty).exists() || empty.is_empty());
     }
     // apiGroup must name an existing group.
     let err = home.fails(&["config", "set", "apiGroup", "no-such-group-lume"]);
@@ -788,6 +790,18 @@ fn delete_asks_on_a_terminal() {
         "{out}"
     );
     assert!(out.contains("Deletion cancelled"), "{out}");
+    assert!(home.vm_dir("t").exists());
+    // An endless answer without a newline: read up to a bound, then refused
+    // (without the bound, lume reads /dev/zero until memory runs out).
+    let mut c = std::process::Command::new("timeout");
+    c.args(["30"])
+        .arg(common::lume_bin())
+        .args(["delete", "t"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap());
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Deletion cancelled"));
     assert!(home.vm_dir("t").exists());
     let out = ask("y\n");
     assert!(out.contains("VM 't' deleted"), "{out}");
@@ -970,4 +984,169 @@ fn cloud_init_options_are_saved_and_lume_ssh_needs_a_running_vm() {
     assert!(err.contains("VM 'ci' is not running"), "{err}");
     let err = home.fails(&["ssh", "ghost"]);
     assert!(err.contains("does not exist"), "{err}");
+}
+
+/// Runs lume with a standard output whose reader is already gone (as
+/// `lume ls | head -1` once head has exited) and returns its exit status and
+/// standard error.
+fn into_closed_pipe(home: &Home, args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = home
+        .cmd()
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_closed_pipe_ends_lume_quietly() {
+    let home = Home::new();
+    for i in 0..2 {
+        let name = format!("p{i}");
+        home.ok(&[
+            "create",
+            &name,
+            "--memory",
+            "256MB",
+            "--disk-size",
+            "16MB",
+            "--network",
+            "none",
+        ]);
+    }
+    for args in [
+        &["ls", "-f", "json"][..],
+        &["ls"],
+        &["config", "get"],
+        &["ls", "-f", "json", "--storage", "home"],
+        &["get", "p1"],
+        &["--help"],
+    ] {
+        let (code, err) = into_closed_pipe(&home, args);
+        assert_eq!(code, Some(0), "lume {args:?}: {err}");
+        assert!(err.is_empty(), "lume {args:?}: {err}");
+    }
+}
+
+#[test]
+fn usage_errors_are_capitalised_and_say_what_is_expected() {
+    let home = Home::new();
+    for (args, expected) in [
+        (
+            &["stop", "x", "--timeout", "x"][..],
+            "Error: Invalid value 'x' for '--timeout <SECONDS>': a whole number of seconds, such as 60",
+        ),
+        (
+            &["create", "x", "--cpu", "two"],
+            "Error: Invalid value 'two' for '--cpu <COUNT>': a whole number of virtual CPUs, such as 2",
+        ),
+        (
+            &["serve", "--port", "http"],
+            "Error: Invalid value 'http' for '--port <PORT>': a port number from 0 to 65535, such as 7777",
+        ),
+        (&["create"], "Error: The following required arguments"),
+    ] {
+        let out = home.lume(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with(expected), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn delete_after_a_yes_stops_a_running_vm_first() {
+    let home = Home::new();
+    home.ok(&[
+        "create",
+        "busy",
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "16MB",
+        "--network",
+        "none",
+    ]);
+    // An empty disk: QEMU sits in its firmware, running, and never powers
+    // off by itself (the stop is forced after its timeout).
+    home.ok(&["run", "busy", "--detach"]);
+    assert_eq!(home.get("busy")["status"], "running");
+
+    // Moving the default away from a running VM warns (as lume, it keeps
+    // running where it is).
+    let stderr = |args: &[&str]| {
+        let out = home.lume(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let other = home.path().join("other");
+    let old = home.storage();
+    let old = old.to_str().unwrap();
+    home.ok(&["config", "storage", "add", "other", other.to_str().unwrap()]);
+    let w = stderr(&["config", "storage", "default", "other"]);
+    assert!(w.contains("Warning: running VMs busy stay in"), "{w}");
+    assert!(w.contains("commands still find them by name"), "{w}");
+    assert!(stderr(&["config", "storage", "default", "home"]).is_empty());
+    // home's path changed: the VM is no longer listed until --storage OLD.
+    let moved = home.path().join("moved");
+    let w = stderr(&["config", "set", "homeDirectory", moved.to_str().unwrap()]);
+    assert!(w.contains("no longer a VM location"), "{w}");
+    assert!(w.contains(&format!("--storage {old}")), "{w}");
+    assert!(!home.ok(&["ls"]).contains("busy"));
+    assert!(home.ok(&["ls", "--storage", old]).contains("busy"));
+    assert!(stderr(&["config", "set", "homeDirectory", old]).is_empty());
+    let mut child = home
+        .cmd()
+        .args(["delete", "busy"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("[y/N] VM 'busy' deleted\n"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Stopping VM 'busy' before deleting it"),
+        "{err}"
+    );
+    assert!(!home.vm_dir("busy").exists());
+}
+
+#[test]
+fn messages_say_what_to_do_next() {
+    let home = Home::new();
+    let e = home.fails(&["create", "c", "--cpu", "0", "--network", "none"]);
+    assert!(
+        e.contains("CPU count must be at least 1: use --cpu 1 or more"),
+        "{e}"
+    );
+    home.ok(&[
+        "create",
+        "c",
+        "--memory",
+        "256MB",
+        "--disk-size",
+        "32MB",
+        "--network",
+        "none",
+    ]);
+    let e = home.fails(&["set", "c", "--disk-size", "16MB"]);
+    assert!(e.contains("can only grow"), "{e}");
+    assert!(e.contains("give a size of 32"), "{e}");
+    let e = home.fails(&["run", "c", "--mount", "/nonexistent.iso"]);
+    assert!(
+        e.contains("does not exist or is not a file: check the path"),
+        "{e}"
+    );
 }

@@ -235,12 +235,12 @@ fn lumes_fields_we_do_not_support_are_refused_by_name() {
     api.fails(
         api.post("/lume/vms/r/setup", json!({"configYaml": "x"})),
         400,
-        "setup (POST /lume/vms/{name}/setup) is not supported by lume on Linux",
+        "setup (POST /lume/vms/{name}/setup) is not available in lume on Linux",
     );
     api.fails(
         api.get("/lume/ipsw"),
         400,
-        "ipsw (GET /lume/ipsw) is not supported by lume on Linux",
+        "ipsw (GET /lume/ipsw) is not available in lume on Linux",
     );
     assert!(server.stop().success());
 }

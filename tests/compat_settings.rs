@@ -129,7 +129,7 @@ fn an_earlier_releases_config_and_vms_are_upgraded() {
     );
     let text = std::fs::read_to_string(home.config_yaml()).unwrap();
     assert!(!text.contains("homeDirectory"), "{text}");
-    assert!(text.contains("defaultLocationName: home"), "{text}");
+    assert!(text.contains("defaultLocationName: \"home\""), "{text}");
     assert!(text.contains("someFutureKey"), "{text}");
     assert!(text.contains("natSubnet: 10.77.0.0/24"), "{text}");
     assert_eq!(
@@ -273,7 +273,9 @@ fn storage_takes_a_name_or_a_path_everywhere() {
     }
     assert!(!home.path().join("nosuch").exists());
     // lume's `ephemeral` (macOS's temporary folder): refused with the reason.
-    let e = home.fails(&["create", "x", "--storage", "ephemeral"]);
+    let out = home.lume(&["create", "x", "--storage", "ephemeral"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         e.contains("Storage 'ephemeral'") && e.contains("not supported"),
         "{e}"
@@ -341,6 +343,25 @@ fn a_name_in_two_locations_is_taken_from_the_first() {
             .unwrap();
     let v = if v.is_array() { v[0].clone() } else { v };
     assert_eq!(v["cpuCount"], 1);
+    // A name that is in no location: every location was searched, and the
+    // error says so (not only the default location's path).
+    for args in [
+        &["get", "ghost"][..],
+        &["stop", "ghost"],
+        &["delete", "ghost", "--force"],
+    ] {
+        let e = home.fails(args);
+        assert!(
+            e.contains("VM 'ghost' does not exist in any VM location (searched: home, second)"),
+            "{args:?}: {e}"
+        );
+    }
+    // With --storage, the one location named.
+    let e = home.fails(&["get", "ghost", "--storage", "second"]);
+    assert!(
+        e.contains(&format!("does not exist in {}", second.display())),
+        "{e}"
+    );
 }
 
 /// Config.swift `Cache`, `Telemetry`, `Registry` (gcs refused).
@@ -417,24 +438,32 @@ fn cache_telemetry_and_registry_commands() {
         home.ok(&["config", "registry", "ghcr"]),
         "GHCR configuration:\n  Registry: ghcr.io\n  Organization: team\n"
     );
-    assert!(
-        home.ok(&["config", "registry", "gcs"])
-            .starts_with("GCS configuration: not set\n")
-    );
-    let e = home.fails(&["config", "registry", "type", "gcs"]);
-    assert!(e.contains("Registry type 'gcs' is refused"), "{e}");
-    let e = home.fails(&[
-        "config",
-        "registry",
-        "gcs",
-        "--api-url",
-        "https://x",
-        "--api-key",
-        "k",
-    ]);
-    assert!(e.contains("is refused"), "{e}");
+    // gcs, with or without options, and as a type: refused as a usage
+    // error (64), as every value of lume's we do not support.
+    for args in [
+        &["config", "registry", "gcs"][..],
+        &["config", "registry", "type", "gcs"],
+        &[
+            "config",
+            "registry",
+            "gcs",
+            "--api-url",
+            "https://x",
+            "--api-key",
+            "k",
+        ],
+    ] {
+        let out = home.lume(args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            e.contains("Registry type 'gcs' is refused"),
+            "{args:?}: {e}"
+        );
+    }
     let yaml = std::fs::read_to_string(home.config_yaml()).unwrap();
-    assert!(yaml.contains("organization: team"), "{yaml}");
+    assert!(yaml.contains("organization: \"team\""), "{yaml}");
     assert!(yaml.contains("telemetryEnabled: false"), "{yaml}");
     // Our own keys keep working beside lume's.
     home.ok(&["config", "set", "natSubnet", "10.66.0.0/24"]);
@@ -458,7 +487,15 @@ fn a_location_another_user_controls_is_refused() {
     for path in [theirs.path().to_path_buf(), theirs.path().join("inside")] {
         let e = home.fails(&["config", "storage", "add", "x", path.to_str().unwrap()]);
         assert!(e.contains("can be changed by user 65534"), "{e}");
+        // Another path, never a chown/chmod of someone else's directory.
+        assert!(e.contains("choose another path"), "{e}");
+        assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
+        assert!(!e.contains("--storage"), "{e}");
     }
+    // A directory every user shares: a private subdirectory of it.
+    let e = home.fails(&["config", "storage", "add", "x", "/tmp"]);
+    assert!(e.contains("private subdirectory"), "{e}");
+    assert!(!e.contains("chown") && !e.contains("chmod"), "{e}");
     let link_dir = tempfile::tempdir().unwrap();
     let link = link_dir.path().join("etc-link");
     std::os::unix::fs::symlink("/etc", &link).unwrap();
@@ -495,6 +532,138 @@ fn a_location_another_user_controls_is_refused() {
     assert!(!out.status.success());
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("Directory is not writable: /etc"), "{e}");
+}
+
+/// A root-owned symlink into another user's folder: what lies behind it is
+/// theirs, so no location, homeDirectory or cacheDirectory may lead there,
+/// and root creates nothing inside it.
+#[test]
+fn a_root_link_into_another_users_folder_is_refused() {
+    let home = Home::new();
+    let top = tempfile::tempdir().unwrap();
+    let alice = top.path().join("alice");
+    std::fs::create_dir(&alice).unwrap();
+    std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&alice, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&alice, &rlink).unwrap();
+    let inside = |p: &str| rlink.join(p).to_str().unwrap().to_string();
+    for args in [
+        vec!["config", "storage", "add", "t2", &inside("vms3/sub")],
+        vec!["config", "set", "homeDirectory", &inside("h4")],
+        vec!["config", "set", "cacheDirectory", &inside("c3")],
+    ] {
+        let e = home.fails(&args);
+        assert!(e.contains("can be changed by user 65534"), "{args:?}: {e}");
+    }
+    assert_eq!(std::fs::read_dir(&alice).unwrap().count(), 0);
+    assert!(!home.ok(&["config"]).contains("rlink"));
+}
+
+/// A location that another user came to control after it was added: `ls`
+/// skips it with a note (without opening their FIFO or following their
+/// link to root's config.json), `get` refuses it.
+#[test]
+fn a_location_another_user_controls_is_not_read() {
+    let home = Home::new();
+    create(&home, "a", &[]);
+    let theirs = tempfile::tempdir().unwrap();
+    let vms = theirs.path().join("vms");
+    for d in ["evil", "leak"] {
+        std::fs::create_dir_all(vms.join(d)).unwrap();
+    }
+    nix::unistd::mkfifo(&vms.join("evil/config.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::os::unix::fs::symlink(
+        home.vm_dir("a").join("config.json"),
+        vms.join("leak/config.json"),
+    )
+    .unwrap();
+    std::fs::set_permissions(theirs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(65534), Some(65534)).unwrap();
+    home.write_settings(&format!(
+        "defaultLocationName: home\nvmLocations:\n  - name: home\n    path: {}\n  - name: t2\n    path: {}\n",
+        home.storage().display(),
+        vms.display()
+    ));
+    let mut c = Command::new("timeout");
+    c.arg("30").arg(lume_bin()).args(["ls", "-f", "json"]);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        names_and_locations(listed.as_array().unwrap()),
+        [("a".to_string(), "home".to_string())]
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("skipped") && e.contains("user 65534"), "{e}");
+    for vm in ["leak", "evil"] {
+        let mut c = Command::new("timeout");
+        c.arg("30")
+            .arg(lume_bin())
+            .args(["get", vm, "--storage", "t2"]);
+        home.env(&mut c);
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+}
+
+/// Root uses no config.yaml another user could have written (ssh's
+/// StrictModes): one in a user's HOME (`sudo -E`), one owned by a user in
+/// root's folder, one every user may write. Root neither reads nor
+/// rewrites it (no upgrade, no lock file in their folder).
+#[test]
+fn root_uses_no_config_yaml_another_user_can_change() {
+    let text = "homeDirectory: /etc\napiGroup: root\n";
+    let users = tempfile::tempdir().unwrap();
+    let theirs = users.path().join("user");
+    std::fs::create_dir_all(theirs.join(".config/lume")).unwrap();
+    std::fs::write(theirs.join(".config/lume/config.yaml"), text).unwrap();
+    for p in [".config/lume/config.yaml", ".config/lume", ".config", ""] {
+        std::os::unix::fs::chown(theirs.join(p), Some(65534), Some(65534)).unwrap();
+    }
+    let yaml = theirs.join(".config/lume/config.yaml");
+    for env in [
+        ("HOME", &theirs),
+        ("XDG_CONFIG_HOME", &theirs.join(".config")),
+    ] {
+        let out = Command::new(lume_bin())
+            .args(["config", "get"])
+            .env_remove("XDG_CONFIG_HOME")
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains("is not used") && e.contains("user 65534"), "{e}");
+        assert!(e.contains("sudo -H"), "{e}");
+    }
+    assert_eq!(std::fs::read_to_string(&yaml).unwrap(), text);
+    assert_eq!(
+        std::fs::read_dir(yaml.parent().unwrap()).unwrap().count(),
+        1
+    );
+
+    // In root's own (test) HOME: the file owned by a user, then writable
+    // by every user; refused for reading and for changing.
+    let home = Home::new();
+    home.write_settings(text);
+    std::os::unix::fs::chown(home.config_yaml(), Some(65534), None).unwrap();
+    for args in [
+        &["config", "get"][..],
+        &["config", "set", "cachingEnabled", "true"],
+    ] {
+        let e = home.fails(args);
+        assert!(e.contains("can be changed by user 65534"), "{e}");
+    }
+    std::os::unix::fs::chown(home.config_yaml(), Some(0), None).unwrap();
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = home.fails(&["ls"]);
+    assert!(e.contains("can be changed by every user"), "{e}");
+    std::fs::set_permissions(home.config_yaml(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(home.ok(&["config", "get"]).contains("home: /etc (default)"));
 }
 
 /// A `lume serve` inside a namespace (as tests/api.rs starts it).
@@ -830,5 +999,28 @@ fn config_routes_answer_as_lume() {
                 .contains("only the user the server runs as")
         );
     }
+    assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
+    // The server's own user neither, through a root-owned link into
+    // nobody's folder: refused, and nothing is made there.
+    let top = tempfile::tempdir().unwrap();
+    let theirs = top.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let rlink = top.path().join("rlink");
+    std::os::unix::fs::symlink(&theirs, &rlink).unwrap();
+    for (path, body) in [
+        (
+            "/lume/config/locations",
+            json!({"name": "t2", "path": rlink.join("vms/sub")}),
+        ),
+        ("/lume/config", json!({"homeDirectory": rlink.join("h")})),
+        ("/lume/config", json!({"cacheDirectory": rlink.join("c")})),
+    ] {
+        let (st, reply) = call(&ns, &server, false, "POST", path, Some(body));
+        assert_eq!(st, 400, "{path}: {reply}");
+        let text = reply["message"].as_str().unwrap();
+        assert!(text.contains("can be changed by user 65534"), "{text}");
+    }
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
     assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
 }

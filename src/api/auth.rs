@@ -200,9 +200,12 @@ pub fn decide_user(
         ),
         None => format!("no {API_GROUP_KEY} is set in {}", settings_file.display()),
     };
-    super::log(&format!(
-        "Refused uid {uid}: not root, the server's user or an {API_GROUP_KEY} member; {how}"
-    ));
+    super::log_refusal(
+        &format!("uid {uid}"),
+        &format!(
+            "Refused uid {uid}: not root, the server's user or an {API_GROUP_KEY} member; {how}"
+        ),
+    );
     Err(forbidden(NOT_SERVED.into()))
 }
 
@@ -229,7 +232,7 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        Err(e) => {
+        Err((e, who)) => {
             // A refusal of who is calling holds for the whole connection:
             // close it rather than keep it open for that caller.
             let close = e.status == StatusCode::FORBIDDEN;
@@ -240,34 +243,45 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
                     header::HeaderValue::from_static("close"),
                 );
             }
+            if let Some(who) = who {
+                response.extensions_mut().insert(super::Refused(who));
+            }
             response
         }
     }
 }
 
+/// The caller, or the refusal and who was refused (for the log; `None`
+/// when the server failed rather than refused).
 async fn caller_of(
     st: &AppState,
     conn: Option<Connection>,
     given: Option<&str>,
-) -> Result<Caller, ApiError> {
+) -> Result<Caller, (ApiError, Option<String>)> {
     let Some(conn) = conn else {
-        return Err(forbidden(
-            "Cannot tell who is calling: the request is refused".into(),
+        return Err((
+            forbidden("Cannot tell who is calling: the request is refused".into()),
+            Some("an unknown connection".into()),
         ));
     };
     let identity = conn.identity(st.storage.clone()).await;
+    let who = super::refusal_key(&identity);
+    let refuse = |e: ApiError| (e, Some(who.clone()));
     if let Identity::Guest(helper) = &identity {
-        super::log(&format!(
-            "Refused a connection from a virtual machine ({} pid {}, {})",
-            helper.program,
-            helper.pid,
-            conn.describe()
-        ));
-        return Err(forbidden(format!(
+        super::log_refusal(
+            &who,
+            &format!(
+                "Refused a connection from a virtual machine ({} pid {}, {})",
+                helper.program,
+                helper.pid,
+                conn.describe()
+            ),
+        );
+        return Err(refuse(forbidden(format!(
             "Requests from virtual machines are refused: this connection comes from {} (pid {}), which lume runs for a VM. \
              Call the API from the host",
             helper.program, helper.pid
-        )));
+        ))));
     }
     if let Some(token) = &st.token {
         let refusal = match given {
@@ -278,37 +292,42 @@ async fn caller_of(
                 "This server needs an API token: send the header 'Authorization: Bearer TOKEN'",
             ),
         };
-        let who = match &identity {
+        let named = match &identity {
             Identity::User(uid) => format!("uid {uid}"),
             _ => "an unidentified caller".into(),
         };
-        super::log(&format!(
-            "Refused {who} ({}): {}",
-            conn.describe(),
-            refusal.message
-        ));
-        return Err(refusal);
+        super::log_refusal(
+            &who,
+            &format!("Refused {named} ({}): {}", conn.describe(), refusal.message),
+        );
+        return Err(refuse(refusal));
     }
     let uid = match identity {
         Identity::User(uid) => uid,
         Identity::Unknown(why) => {
-            super::log(&format!(
-                "Refused {}: the calling user is unknown ({why})",
-                conn.describe()
-            ));
-            return Err(forbidden(format!(
+            super::log_refusal(
+                &who,
+                &format!(
+                    "Refused {}: the calling user is unknown ({why})",
+                    conn.describe()
+                ),
+            );
+            return Err(refuse(forbidden(format!(
                 "Cannot tell which local user is calling, so the request is refused ({why}): \
                  call from a program on this host, or use the API token"
-            )));
+            ))));
         }
         Identity::Guest(_) => unreachable!("refused above"),
     };
-    let settings = Settings::load().map_err(|e| ApiError::internal(&e))?;
+    // A settings file the server cannot use is the server's failure (500),
+    // kept in its log; not a refusal of this caller.
+    let settings = Settings::load().map_err(|e| (ApiError::internal(&e), None))?;
     let group = settings
         .get_str(API_GROUP_KEY)
-        .map_err(|e| ApiError::internal(&e))?;
-    decide_user(uid, &st.owners, group.as_deref(), settings.file()).inspect_err(|_| {
-        super::log(&format!("Refused uid {uid} ({})", conn.describe()));
+        .map_err(|e| (ApiError::internal(&e), None))?;
+    decide_user(uid, &st.owners, group.as_deref(), settings.file()).map_err(|e| {
+        super::log_refusal(&who, &format!("Refused uid {uid} ({})", conn.describe()));
+        refuse(e)
     })
 }
 

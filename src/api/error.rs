@@ -50,8 +50,56 @@ impl ApiError {
 impl From<VmError> for ApiError {
     fn from(e: VmError) -> Self {
         let status = vm_status(&e);
-        Self::new(status, crate::error_chain(&e))
+        let message = api_message(&e).unwrap_or_else(|| crate::error_chain(&e));
+        Self::new(status, message)
     }
+}
+
+/// The API's wording of the action errors whose message names a command-line
+/// option or command: an API client is told the request field or route.
+fn api_message(e: &VmError) -> Option<String> {
+    Some(match e {
+        VmError::MacOsGuest => {
+            r#"macOS guests need an Apple host: lume on Linux creates Linux VMs ("os": "linux")"#
+                .into()
+        }
+        VmError::UnknownOs(os) => format!(r#"Unknown OS '{os}': send "os": "linux""#),
+        VmError::NoCpu => r#"CPU count must be at least 1: send "cpu": 1 or more"#.into(),
+        VmError::InitrdWithoutKernel => {
+            r#""initrd" and "cmdline" need "kernel": send "kernel" too, or leave them out"#.into()
+        }
+        VmError::TwoBootSources => {
+            r#"Choose one boot source: "kernel" (direct kernel boot) or "image" (disk image), not both"#
+                .into()
+        }
+        VmError::Sha256WithoutImage => {
+            r#""imageSha256" checks an image: send "image" too"#.into()
+        }
+        VmError::DiskWhileRunning(n) => format!(
+            "VM '{n}' is running: stop it before changing its disk (POST /lume/vms/{n}/stop)"
+        ),
+        VmError::CloneWhileRunning(n) => format!(
+            "Source VM '{n}' is running: stop it before cloning (POST /lume/vms/{n}/stop)"
+        ),
+        VmError::NotRunning(n) => {
+            format!("VM '{n}' is not running: start it with POST /lume/vms/{n}/run")
+        }
+        VmError::ShutdownTimeout {
+            name,
+            method,
+            seconds,
+        } => format!(
+            r#"VM '{name}' was asked to power off {} but is still running after {seconds}s: send a longer "timeout", or force it off with POST /lume/vms/{name}/stop"#,
+            method.describe()
+        ),
+        VmError::NoGracefulShutdown(n) => format!(
+            "VM '{n}' could not be asked to power off: no guest agent answered, SSH was not available and the ACPI power button could not be pressed; force it off with POST /lume/vms/{n}/stop"
+        ),
+        VmError::NoGracefulReboot(n) => format!(
+            r#"VM '{n}' cannot be restarted gracefully: no guest agent answered and SSH was not available; install qemu-guest-agent in the guest, or reset it like the reset button with "force": true"#
+        ),
+        _ => return None,
+    })
 }
 
 impl IntoResponse for ApiError {
@@ -84,7 +132,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
     const FAILED: StatusCode = StatusCode::INTERNAL_SERVER_ERROR;
     match e {
         VmError::Store(s) => match s {
-            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::NotFound { .. } | StoreError::NotFoundAnywhere { .. } => {
+                StatusCode::NOT_FOUND
+            }
             StoreError::Exists { .. } | StoreError::Busy(_) | StoreError::Provisioning(_) => {
                 CONFLICT
             }
@@ -140,10 +190,9 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         // A host file the caller could not open itself, or a storage
         // location another user can change.
         VmError::Forbidden { .. } => StatusCode::FORBIDDEN,
-        VmError::DiskWhileRunning(_)
-        | VmError::RunningNeedsForce(_)
-        | VmError::CloneWhileRunning(_)
-        | VmError::NotRunning(_) => CONFLICT,
+        VmError::DiskWhileRunning(_) | VmError::CloneWhileRunning(_) | VmError::NotRunning(_) => {
+            CONFLICT
+        }
         // The guest ignored or could not be sent the request.
         VmError::StopTimeout { .. }
         | VmError::ShutdownTimeout { .. }
@@ -200,6 +249,30 @@ mod tests {
     }
 
     #[test]
+    fn api_messages_name_request_fields_not_options() {
+        let cases: Vec<VmError> = vec![
+            VmError::MacOsGuest,
+            VmError::UnknownOs("windows".into()),
+            VmError::NoCpu,
+            VmError::InitrdWithoutKernel,
+            VmError::TwoBootSources,
+            VmError::Sha256WithoutImage,
+            VmError::NotRunning(name()),
+            VmError::CloneWhileRunning(name()),
+            VmError::DiskWhileRunning(name()),
+            VmError::NoGracefulShutdown(name()),
+            VmError::NoGracefulReboot(name()),
+        ];
+        for e in cases {
+            let m = ApiError::from(e).message;
+            assert!(!m.contains("--"), "{m}");
+            assert!(!m.contains("`lume "), "{m}");
+        }
+        let m = ApiError::from(VmError::MacOsGuest).message;
+        assert!(m.contains(r#""os": "linux""#), "{m}");
+    }
+
+    #[test]
     fn statuses_follow_the_kind_of_error() {
         let root = std::path::PathBuf::from("/x");
         let cases: Vec<(VmError, StatusCode)> = vec![
@@ -207,6 +280,14 @@ mod tests {
                 StoreError::NotFound {
                     name: name(),
                     root: root.clone(),
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                StoreError::NotFoundAnywhere {
+                    name: name(),
+                    locations: "home, fast".into(),
                 }
                 .into(),
                 StatusCode::NOT_FOUND,

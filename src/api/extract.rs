@@ -84,22 +84,40 @@ fn is_json(content_type: &str) -> bool {
         .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// A body must be declared JSON, so that a web page cannot send one: the
-/// content types a page may send without the browser asking first (forms,
-/// `text/plain`) are refused with 415, and so is a non-empty body without
-/// any. An empty body without a content type is no body at all.
-pub fn check_content_type(content_type: Option<&str>, body: &[u8]) -> Result<(), ApiError> {
+/// Whether a request body is acceptable as JSON. With an `Origin` header
+/// (a browser: the CSRF defence) it must be declared JSON, so that a web
+/// page cannot send one: the content types a page may send without the
+/// browser asking first (forms, `text/plain`) are refused with 415, and so
+/// is a non-empty body without any. Without `Origin` (curl, whose `-d` says
+/// form, python's `requests` with `data=`), a body that parses as JSON is
+/// taken whatever its content type, as lume's server does. An empty body
+/// without a content type is no body at all.
+pub fn check_content_type(
+    content_type: Option<&str>,
+    origin: bool,
+    body: &[u8],
+) -> Result<(), ApiError> {
     match content_type {
-        Some(ct) if is_json(ct) => Ok(()),
-        None if body.is_empty() => Ok(()),
-        given => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "The request body must be JSON: send the header 'Content-Type: application/json' (the request's Content-Type: {})",
-                given.unwrap_or("none")
-            ),
-        )),
+        Some(ct) if is_json(ct) => return Ok(()),
+        None if body.is_empty() => return Ok(()),
+        _ => {}
     }
+    if !origin && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() {
+        return Ok(());
+    }
+    let given = content_type.unwrap_or("none");
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        if origin {
+            format!(
+                "The request body must be JSON: a request with an Origin header (from a browser) must send the header 'Content-Type: application/json' (the request's Content-Type: {given})"
+            )
+        } else {
+            format!(
+                "The request body must be JSON: send a JSON object, with the header 'Content-Type: application/json' (the request's Content-Type: {given})"
+            )
+        },
+    ))
 }
 
 async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
@@ -107,6 +125,7 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("?").to_string());
+    let origin = req.headers().contains_key(axum::http::header::ORIGIN);
     let bytes = Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -120,7 +139,7 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
             ApiError::new(r.status(), r.body_text())
         }
     })?;
-    check_content_type(content_type.as_deref(), &bytes)?;
+    check_content_type(content_type.as_deref(), origin, &bytes)?;
     Ok(bytes)
 }
 
@@ -162,28 +181,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bodies_must_be_declared_json() {
+    fn bodies_from_browsers_must_be_declared_json() {
         for ok in [
             "application/json",
             "application/json; charset=utf-8",
             "Application/JSON",
         ] {
-            assert!(check_content_type(Some(ok), b"{}").is_ok(), "{ok}");
-            assert!(check_content_type(Some(ok), b"").is_ok(), "{ok}");
+            for origin in [true, false] {
+                assert!(check_content_type(Some(ok), origin, b"{}").is_ok(), "{ok}");
+                assert!(check_content_type(Some(ok), origin, b"").is_ok(), "{ok}");
+            }
         }
-        assert!(check_content_type(None, b"").is_ok());
+        assert!(check_content_type(None, true, b"").is_ok());
+        assert!(check_content_type(None, false, b"").is_ok());
         for bad in [
             "text/plain",
             "application/x-www-form-urlencoded",
             "multipart/form-data; boundary=x",
             "application/jsonx",
         ] {
-            let e = check_content_type(Some(bad), b"").unwrap_err();
+            // A browser (Origin): refused even when the body is JSON.
+            let e = check_content_type(Some(bad), true, b"{}").unwrap_err();
             assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
             assert!(e.message.contains(bad), "{}", e.message);
+            // A program (no Origin): JSON is JSON, whatever the header says.
+            assert!(check_content_type(Some(bad), false, b"{\"a\": 1}").is_ok());
+            let e = check_content_type(Some(bad), false, b"a=1").unwrap_err();
+            assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{bad}");
         }
-        let e = check_content_type(None, b"{}").unwrap_err();
+        let e = check_content_type(None, true, b"{}").unwrap_err();
         assert!(e.message.contains("Content-Type: none"), "{}", e.message);
+        assert!(check_content_type(None, false, b"{}").is_ok());
     }
 
     #[derive(Debug, Default, serde::Deserialize, PartialEq)]

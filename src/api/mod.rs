@@ -22,7 +22,7 @@ use std::io::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use axum::Router;
@@ -120,20 +120,65 @@ pub const LOG_LINES_KEPT: usize = 2000;
 /// URL cannot make the kept log large (at most about 4 MiB in all).
 pub const LOG_LINE_KEPT_BYTES: usize = 2048;
 
+/// How many recent error lines the server keeps besides: access lines can
+/// never push a failure out of `GET /lume/logs`.
+pub const ERROR_LINES_KEPT: usize = 500;
+
+/// How many lines about refused requests one caller (a uid, a VM, an
+/// unknown user) may write to stderr per minute (a refused request writes
+/// two or three); the rest are counted and
+/// reported in one line. Refused requests never enter the kept log.
+pub const REFUSAL_LINES_PER_MINUTE: u32 = 60;
+
 /// One kept line of the server's log.
 #[derive(Debug, Clone)]
 pub struct LogLine {
     pub error: bool,
     pub text: String,
+    /// Order across both buffers.
+    seq: u64,
 }
 
 /// The server's recent log lines, newest last (this process's only: the
-/// log lives in memory, never in a file another user could read or plant).
-static RECENT_LOG: Mutex<std::collections::VecDeque<LogLine>> =
-    Mutex::new(std::collections::VecDeque::new());
+/// log lives in memory, never in a file another user could read or plant):
+/// every line, and the error lines apart.
+struct Kept {
+    lines: std::collections::VecDeque<LogLine>,
+    errors: std::collections::VecDeque<LogLine>,
+    seq: u64,
+}
+
+static RECENT_LOG: Mutex<Kept> = Mutex::new(Kept {
+    lines: std::collections::VecDeque::new(),
+    errors: std::collections::VecDeque::new(),
+    seq: 0,
+});
+
+/// `line` with every control character (newline, carriage return, escape
+/// sequences…) written out, so that no caller-chosen text (a URL, a VM
+/// name) can forge a log line or drive a terminal.
+pub fn escape_controls(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn stamped(line: &str) -> String {
+    format!(
+        "[{}] {}",
+        crate::util::time::timestamp(),
+        escape_controls(line)
+    )
+}
 
 fn write_log(error: bool, line: &str) {
-    let mut text = format!("[{}] {line}", crate::util::time::timestamp());
+    let mut text = stamped(line);
     let _ = writeln!(std::io::stderr(), "{text}");
     if text.len() > LOG_LINE_KEPT_BYTES {
         let mut cut = LOG_LINE_KEPT_BYTES;
@@ -144,10 +189,66 @@ fn write_log(error: bool, line: &str) {
         text.push_str(" [cut]");
     }
     let mut kept = RECENT_LOG.lock().unwrap_or_else(|e| e.into_inner());
-    if kept.len() == LOG_LINES_KEPT {
-        kept.pop_front();
+    kept.seq += 1;
+    let seq = kept.seq;
+    let (buffer, max) = if error {
+        (&mut kept.errors, ERROR_LINES_KEPT)
+    } else {
+        (&mut kept.lines, LOG_LINES_KEPT)
+    };
+    if buffer.len() == max {
+        buffer.pop_front();
     }
-    kept.push_back(LogLine { error, text });
+    buffer.push_back(LogLine { error, text, seq });
+}
+
+/// Refusal lines of the current minute, per caller.
+struct Refusals {
+    since: Option<Instant>,
+    counts: std::collections::BTreeMap<String, u32>,
+}
+
+static REFUSALS: Mutex<Refusals> = Mutex::new(Refusals {
+    since: None,
+    counts: std::collections::BTreeMap::new(),
+});
+
+/// Writes one line about a refused request (or one that never got as far
+/// as deciding who calls) to stderr only: never to the kept log, which a
+/// caller the server does not serve could otherwise fill. At most
+/// [`REFUSAL_LINES_PER_MINUTE`] per `who` per minute; the rest are counted
+/// in one line when the minute is over.
+pub fn log_refusal(who: &str, line: &str) {
+    let mut r = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
+    let (print, summaries) = count_refusal(&mut r, who, Instant::now());
+    for s in summaries {
+        let _ = writeln!(std::io::stderr(), "{}", stamped(&s));
+    }
+    if print {
+        let _ = writeln!(std::io::stderr(), "{}", stamped(line));
+    }
+}
+
+/// Counts one refusal line of `who`: whether to print it, and the lines
+/// reporting what the minute that ended left out.
+fn count_refusal(r: &mut Refusals, who: &str, now: Instant) -> (bool, Vec<String>) {
+    let mut summaries = Vec::new();
+    if r.since
+        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+    {
+        for (k, n) in std::mem::take(&mut r.counts) {
+            if n > REFUSAL_LINES_PER_MINUTE {
+                summaries.push(format!(
+                    "{} more lines about refused requests from {k} were not logged",
+                    n - REFUSAL_LINES_PER_MINUTE
+                ));
+            }
+        }
+        r.since = Some(now);
+    }
+    let n = r.counts.entry(escape_controls(who)).or_insert(0);
+    *n = n.saturating_add(1);
+    (*n <= REFUSAL_LINES_PER_MINUTE, summaries)
 }
 
 /// Writes one timestamped line to the server's log (stderr).
@@ -161,14 +262,12 @@ pub fn log_error(line: &str) {
     write_log(true, line);
 }
 
-/// The recent log lines, oldest first.
+/// The recent log lines (both buffers), oldest first.
 pub fn recent_log() -> Vec<LogLine> {
-    RECENT_LOG
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .cloned()
-        .collect()
+    let kept = RECENT_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let mut all: Vec<LogLine> = kept.lines.iter().chain(&kept.errors).cloned().collect();
+    all.sort_by_key(|l| l.seq);
+    all
 }
 
 /// The router and its OpenAPI document, both built from the routes'
@@ -263,10 +362,32 @@ async fn refuse_web_pages(State(st): State<Arc<AppState>>, req: Request, next: N
                 ),
                 None => "an unknown connection".into(),
             };
-            log(&format!("Refused {who}: {}", refusal.message));
-            refusal.into_response()
+            let key = match &conn {
+                Some(c) => refusal_key(&c.identity(st.storage.clone()).await),
+                None => "an unknown connection".into(),
+            };
+            log_refusal(&key, &format!("Refused {who}: {}", refusal.message));
+            let mut response = refusal.into_response();
+            response.extensions_mut().insert(Refused(key));
+            response
         }
         None => next.run(req).await,
+    }
+}
+
+/// Marks a response to a request refused before any route saw it, with
+/// who was refused: its access line goes to stderr only
+/// ([`log_refusal`]), never into the kept log.
+#[derive(Debug, Clone)]
+pub struct Refused(pub String);
+
+/// Who a refusal is counted against ([`log_refusal`]): a uid, a VM, an
+/// unknown user; few distinct values, so the count stays small.
+pub fn refusal_key(identity: &peer::Identity) -> String {
+    match identity {
+        peer::Identity::User(uid) => format!("uid {uid}"),
+        peer::Identity::Guest(_) => "a virtual machine".into(),
+        peer::Identity::Unknown(_) => "an unknown user".into(),
     }
 }
 
@@ -318,14 +439,15 @@ async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let response = next.run(req).await;
-    write_log(
-        response.status().is_server_error(),
-        &format!(
-            "{method} {path} -> {} ({} ms)",
-            response.status().as_u16(),
-            start.elapsed().as_millis()
-        ),
+    let line = format!(
+        "{method} {path} -> {} ({} ms)",
+        response.status().as_u16(),
+        start.elapsed().as_millis()
     );
+    match response.extensions().get::<Refused>() {
+        Some(Refused(who)) => log_refusal(who, &line),
+        None => write_log(response.status().is_server_error(), &line),
+    }
     response
 }
 
@@ -549,12 +671,13 @@ mod tests {
     fn the_kept_log_is_bounded() {
         // Other tests may log meanwhile: only this test's marked lines count.
         let marker = "kept-log-test";
-        log_error(&format!("{marker} GET /{} -> 500", "é".repeat(3000)));
+        log(&format!("{marker} GET /{} -> 404", "é".repeat(3000)));
         for i in 0..LOG_LINES_KEPT {
             log(&format!("{marker} line {i}"));
         }
         let kept = recent_log();
-        assert_eq!(kept.len(), LOG_LINES_KEPT);
+        assert_eq!(kept.iter().filter(|l| !l.error).count(), LOG_LINES_KEPT);
+        assert!(kept.iter().filter(|l| l.error).count() <= ERROR_LINES_KEPT);
         assert!(kept.iter().all(|l| l.text.len() <= LOG_LINE_KEPT_BYTES + 6));
         assert!(
             !kept.iter().any(|l| l.text.contains("GET /é")),
@@ -574,6 +697,59 @@ mod tests {
             "{}",
             cut.text.len()
         );
+    }
+
+    /// A flood of access lines never pushes a failure out, and no line can
+    /// carry a newline, carriage return or escape sequence.
+    #[test]
+    fn errors_outlive_floods_and_control_characters_are_escaped() {
+        let marker = "errors-outlive-test";
+        log_error(&format!("{marker} import failed\nforged line\r\u{1b}[2J"));
+        for i in 0..2 * LOG_LINES_KEPT {
+            log(&format!("{marker} GET /lume/vms/x{i} -> 404"));
+        }
+        let kept = recent_log();
+        let err = kept
+            .iter()
+            .find(|l| l.error && l.text.contains(marker))
+            .expect("the error line is still kept");
+        assert!(
+            err.text
+                .ends_with("import failed\\nforged line\\r\\u{1b}[2J"),
+            "{}",
+            err.text
+        );
+        assert!(kept.iter().all(|l| !l.text.chars().any(char::is_control)));
+        // Oldest first across both buffers.
+        assert!(kept.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(escape_controls("a\tb\u{7f}é"), "a\\tb\\u{7f}é");
+    }
+
+    /// A caller refused again and again writes a bounded number of lines
+    /// per minute, and the rest are counted in one line; others are not
+    /// held back by it.
+    #[test]
+    fn refusal_lines_are_limited_per_caller() {
+        let mut r = Refusals {
+            since: None,
+            counts: Default::default(),
+        };
+        let t0 = Instant::now();
+        let printed = (0..1000)
+            .filter(|_| count_refusal(&mut r, "uid 65534", t0).0)
+            .count();
+        assert_eq!(printed, REFUSAL_LINES_PER_MINUTE as usize);
+        assert!(count_refusal(&mut r, "uid 1000", t0).0);
+        let (print, summaries) = count_refusal(&mut r, "uid 65534", t0 + Duration::from_secs(61));
+        assert!(print);
+        assert_eq!(
+            summaries,
+            [format!(
+                "{} more lines about refused requests from uid 65534 were not logged",
+                1000 - REFUSAL_LINES_PER_MINUTE
+            )]
+        );
+        assert_eq!(r.counts.len(), 1);
     }
 
     #[test]

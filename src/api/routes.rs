@@ -371,6 +371,11 @@ fn refused(what: &str, why: &str) -> ApiError {
     ))
 }
 
+/// The 400 of a lume route this server does not have.
+fn refused_route(what: &str, why: &str) -> ApiError {
+    ApiError::bad_request(format!("{what} is not available in lume on Linux ({why})"))
+}
+
 /// Refuses lume's field `what` when `given`: never accepted and dropped.
 fn refuse(given: bool, what: &str, why: &str) -> ApiResult<()> {
     if given {
@@ -1310,6 +1315,11 @@ pub struct ConfigRequest {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ConfigMessage {
     pub message: String,
+    /// Running VMs a change of `homeDirectory` or of the default location
+    /// leaves in a directory that is no longer the default (left out when
+    /// none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// lume's answer to an added location.
@@ -1378,6 +1388,7 @@ pub async fn update_config(
     config_owner(&st, &caller)?;
     blocking(move || {
         change_settings(|s| {
+            let mut warnings = Vec::new();
             if let Some(home) = &r.home_directory {
                 if !(home.starts_with('/') || home.starts_with("~/")) {
                     return Err(settings_error(
@@ -1386,7 +1397,9 @@ pub async fn update_config(
                 }
                 location::check_new_location(&crate::settings::expand_home(home))
                     .map_err(|e| settings_error(&e))?;
+                let before = location::default_store(s).ok();
                 s.set_home_directory(home).map_err(|e| settings_error(&e))?;
+                warnings.extend(before.and_then(|b| location::running_left_behind(&b, s)));
             }
             if let Some(cache) = &r.cache_directory {
                 if !(cache.starts_with('/') || cache.starts_with("~/")) {
@@ -1408,6 +1421,7 @@ pub async fn update_config(
             }
             Ok(Json(ConfigMessage {
                 message: "Configuration updated successfully".into(),
+                warnings,
             }))
         })
     })
@@ -1508,6 +1522,7 @@ pub async fn remove_location(
         change_settings(|s| s.remove_location(&name).map_err(|e| settings_error(&e)))?;
         Ok(Json(ConfigMessage {
             message: "Location removed successfully".into(),
+            warnings: Vec::new(),
         }))
     })
     .await
@@ -1528,12 +1543,18 @@ pub async fn set_default_location(
 ) -> ApiResult<Json<ConfigMessage>> {
     config_owner(&st, &caller)?;
     blocking(move || {
-        change_settings(|s| {
+        let warnings = change_settings(|s| {
+            let before = location::default_store(s).ok();
             s.set_default_location(&name)
-                .map_err(|e| settings_error(&e))
+                .map_err(|e| settings_error(&e))?;
+            Ok(before
+                .and_then(|b| location::running_left_behind(&b, s))
+                .into_iter()
+                .collect())
         })?;
         Ok(Json(ConfigMessage {
             message: "Default location set successfully".into(),
+            warnings,
         }))
     })
     .await
@@ -1624,14 +1645,14 @@ pub async fn get_logs(
     params(("name" = String, Path, description = "VM name")),
     responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
 pub async fn setup_vm() -> ApiError {
-    refused("setup (POST /lume/vms/{name}/setup)", MACOS_ONLY)
+    refused_route("setup (POST /lume/vms/{name}/setup)", MACOS_ONLY)
 }
 
 /// lume's macOS restore image URL: refused (400), macOS guests need an Apple host.
 #[utoipa::path(get, path = "/lume/ipsw", tag = "host",
     responses((status = 400, description = "Always: macOS only", body = ErrorBody)))]
 pub async fn ipsw() -> ApiError {
-    refused("ipsw (GET /lume/ipsw)", MACOS_ONLY)
+    refused_route("ipsw (GET /lume/ipsw)", MACOS_ONLY)
 }
 
 /// Host interfaces and whether bridged mode can use them (the JSON of

@@ -1,9 +1,22 @@
 //! The command line: clap definitions, and the translation of each command
 //! into a [`crate::vm::Action`]. Output formatting lives in `output`.
 
+/// `print!` through [`output::write_stdout`]: a closed pipe ends lume quietly.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::output::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`output::write_stdout`]: a closed pipe ends lume quietly.
+macro_rules! outln {
+    () => { $crate::cli::output::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod output;
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
@@ -23,6 +36,25 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
+/// A number of seconds: clap's own message ("invalid digit found in
+/// string") does not say what is expected.
+fn seconds_arg(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| "a whole number of seconds, such as 60".to_string())
+}
+
+/// A count of virtual CPUs.
+fn cpu_arg(s: &str) -> Result<u32, String> {
+    s.parse()
+        .map_err(|_| "a whole number of virtual CPUs, such as 2".to_string())
+}
+
+/// A TCP port.
+fn port_arg(s: &str) -> Result<u16, String> {
+    s.parse()
+        .map_err(|_| "a port number from 0 to 65535, such as 7777".to_string())
+}
+
 fn display_arg(s: &str) -> Result<String, String> {
     crate::vm::config::parse_display(s).map_err(|e| e.to_string())
 }
@@ -30,6 +62,20 @@ fn display_arg(s: &str) -> Result<String, String> {
 /// The exit status of a usage error, as lume's argument parser
 /// (swift-argument-parser) gives it: `EX_USAGE`.
 pub const EX_USAGE: i32 = 64;
+
+/// A usage error as clap renders it, in lume's style: `Error: ` and a
+/// capitalised first word (clap writes `error: invalid value …`).
+pub fn usage_error_text(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let Some(rest) = text.strip_prefix("error: ") else {
+        return text;
+    };
+    let mut chars = rest.chars();
+    match chars.next() {
+        Some(first) => format!("Error: {}{}", first.to_uppercase(), chars.as_str()),
+        None => "Error:".into(),
+    }
+}
 
 /// A command line refused before anything is done: exit status
 /// [`EX_USAGE`], as lume gives its validation errors.
@@ -47,6 +93,31 @@ pub enum UsageError {
         command: &'static str,
         why: &'static str,
     },
+}
+
+/// Whether `e` refuses an option, command or value of lume's that lume on
+/// Linux does not support: such a refusal exits with [`EX_USAGE`], as every
+/// other usage error. Decided on the typed errors, never on their text.
+pub fn is_refusal(e: &anyhow::Error) -> bool {
+    use crate::settings::SettingsError;
+    use crate::vm::VmError;
+    use crate::vm::location::LocationError;
+    let settings = |s: &SettingsError| matches!(s, SettingsError::RegistryType(_));
+    let location = |l: &LocationError| match l {
+        LocationError::Ephemeral => true,
+        LocationError::Settings(s) => settings(s),
+        _ => false,
+    };
+    e.chain().any(|c| {
+        c.is::<UsageError>()
+            || c.downcast_ref::<SettingsError>().is_some_and(settings)
+            || c.downcast_ref::<LocationError>().is_some_and(location)
+            || c.downcast_ref::<VmError>().is_some_and(|v| match v {
+                VmError::MacOsGuest | VmError::UnknownOs(_) => true,
+                VmError::Settings(s) => settings(s),
+                _ => false,
+            })
+    })
 }
 
 /// Refuses `option` when `given`.
@@ -238,7 +309,7 @@ pub struct CreateArgs {
     #[arg(long, default_value = "linux")]
     pub os: String,
     /// Number of virtual CPUs
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_name = "COUNT", value_parser = cpu_arg)]
     pub cpu: u32,
     /// Memory size (B, KB, MB, GB, TB; a bare number means GB)
     #[arg(long, default_value = "2GB", value_parser = size_arg)]
@@ -299,7 +370,7 @@ pub struct CreateArgs {
     #[arg(long, value_name = "DIR")]
     pub debug_dir: Option<String>,
     /// Refused: lume's --unattended setup option (macOS only)
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", value_parser = port_arg)]
     pub vnc_port: Option<u16>,
     #[command(flatten)]
     pub storage: StorageArg,
@@ -329,7 +400,7 @@ pub struct SshArgs {
     #[arg(long, short = 'p')]
     pub password: Option<String>,
     /// Command timeout in seconds (0: none); also bounds the connection
-    #[arg(long, short = 't', default_value_t = 60)]
+    #[arg(long, short = 't', default_value_t = 60, value_name = "SECONDS", value_parser = seconds_arg)]
     pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
@@ -377,7 +448,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub usb_storage: Vec<String>,
     /// Refused: there is no VNC server yet
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", value_parser = port_arg)]
     pub vnc_port: Option<u16>,
     /// Refused: there is no VNC server yet
     #[arg(long, value_name = "PASSWORD")]
@@ -425,7 +496,7 @@ impl RunArgs {
 pub struct StopArgs {
     pub name: VmName,
     /// Seconds to wait for the guest to power off before forcing QEMU off
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 15, value_name = "SECONDS", value_parser = seconds_arg)]
     pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
@@ -442,7 +513,7 @@ pub struct GuestPowerArgs {
     #[arg(long, short = 'p', default_value = "lume")]
     pub password: String,
     /// Seconds for the SSH command, and for the guest to power off (shutdown)
-    #[arg(long, short = 't', default_value_t = 30)]
+    #[arg(long, short = 't', default_value_t = 30, value_name = "SECONDS", value_parser = seconds_arg)]
     pub timeout: u64,
     #[command(flatten)]
     pub storage: StorageArg,
@@ -490,7 +561,7 @@ pub struct GetArgs {
 pub struct SetArgs {
     pub name: VmName,
     /// Number of virtual CPUs
-    #[arg(long)]
+    #[arg(long, value_name = "COUNT", value_parser = cpu_arg)]
     pub cpu: Option<u32>,
     /// Memory size
     #[arg(long, value_parser = size_arg)]
@@ -576,7 +647,7 @@ pub enum NetworkTopCommand {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Port to listen on (0 picks a free one)
-    #[arg(long, default_value_t = crate::api::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::api::DEFAULT_PORT, value_parser = port_arg)]
     pub port: u16,
     /// Address to listen on; anything but loopback needs a token
     #[arg(long, default_value = "127.0.0.1")]
@@ -594,7 +665,8 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Refused: the MCP server is not supported yet
+    /// Serve lume's MCP server (Model Context Protocol) on standard
+    /// input/output instead of HTTP, for AI agent hosts (docs/mcp.md)
     #[arg(long)]
     pub mcp: bool,
     #[command(flatten)]
@@ -772,19 +844,29 @@ fn note(line: &str) {
     eprintln!("{line}");
 }
 
+/// The most of an answer to a question that is read (one line, at most
+/// this many bytes): `cat /dev/zero | lume delete x` reads no further.
+pub const ANSWER_MAX_BYTES: u64 = 1024;
+
 /// Asks lume's question before a delete and reads one line of answer from
 /// standard input (a terminal or a pipe); only `y` or `yes` agree.
 fn confirm_delete(name: &VmName) -> bool {
-    print!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
-    let _ = std::io::stdout().flush();
-    let mut line = String::new();
-    let agreed = std::io::stdin().lock().read_line(&mut line).is_ok()
-        && matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes");
-    if !std::io::stdin().is_terminal() {
-        // The answer was not echoed: end the question's line.
-        println!();
-    }
-    agreed
+    out!("Are you sure you want to delete the virtual machine '{name}'? [y/N] ");
+    // As lume, a piped answer is not echoed and what follows goes on the
+    // question's line (`…? [y/N] Deletion cancelled`).
+    read_answer(std::io::stdin().lock())
+        .is_some_and(|a| matches!(a.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
+}
+
+/// One line of answer, at most [`ANSWER_MAX_BYTES`] of it (the rest of a
+/// longer line is not read); `None` when nothing could be read.
+fn read_answer(input: impl BufRead) -> Option<String> {
+    let mut line = Vec::new();
+    input
+        .take(ANSWER_MAX_BYTES)
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    Some(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// A lume command that lume on Linux does not have.
@@ -820,7 +902,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             return refused_command("dump-docs", "the API is described at GET /openapi.json");
         }
         Command::Serve(a) => {
-            refuse(a.mcp, "--mcp", NOT_YET)?;
+            if a.mcp {
+                crate::mcp::serve_stdio(a.storage.storage)?;
+                return Ok(0);
+            }
             if a.token.is_some() {
                 return Err(crate::api::auth::TokenError::OnCommandLine.into());
             }
@@ -1009,7 +1094,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let outcome = execute(&context(&a.storage, None)?, Action::List, &mut note)?;
             match (&outcome, &a.storage.storage) {
                 (Outcome::List(vms), Some(s)) if vms.is_empty() && a.format == Format::Text => {
-                    println!("No virtual machines found in storage '{s}'")
+                    outln!("No virtual machines found in storage '{s}'")
                 }
                 _ => output::print(&outcome, a.format)?,
             }
@@ -1034,7 +1119,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                         Action::Set(spec),
                         &mut note,
                     )?;
-                    println!("VM '{}': nothing to change", a.name);
+                    outln!("VM '{}': nothing to change", a.name);
                     return Ok(0);
                 }
                 return finish(&a.storage, Action::Set(spec), Format::Text);
@@ -1077,22 +1162,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             )
         }
         Command::Delete(a) => {
-            // As lume: the question on standard output, the answer read from
-            // standard input whatever it is (`echo y | lume delete x`).
+            // As lume: the VM is found first (a name that is nowhere is an
+            // error, not a question); then the question on standard output,
+            // the answer read from standard input whatever it is (`echo y |
+            // lume delete x`); a yes stops a running VM, then deletes it.
+            let ctx = context(&a.storage, Some(&a.name))?;
+            ctx.store.open(&a.name)?;
             let confirmed = a.force || confirm_delete(&a.name);
             if !confirmed {
-                println!("Deletion cancelled");
+                outln!("Deletion cancelled");
                 return Ok(0);
             }
-            (
-                a.storage,
-                Action::Delete {
-                    name: a.name,
-                    force: a.force,
-                    confirmed,
-                },
-                Format::Text,
-            )
+            let action = Action::Delete {
+                name: a.name,
+                force: a.force,
+                confirmed,
+            };
+            output::print(&execute(&ctx, action, &mut note)?, Format::Text)?;
+            return Ok(0);
         }
     };
     finish(&storage, action, format)
@@ -1142,7 +1229,13 @@ fn ssh(a: SshArgs) -> Result<i32> {
     let ctx = context(&a.storage, Some(&a.name))?;
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
-    let to = wait_for_ssh(&ctx.store, &vm, a.name.as_str(), a.timeout)?;
+    let mut said = !std::io::stderr().is_terminal();
+    let to = gssh::wait_ready(&ctx.store, &vm, a.name.as_str(), a.timeout, &mut |line| {
+        if !said {
+            eprintln!("{line}");
+            said = true;
+        }
+    })?;
     let key = crate::guest::keys::ensure(ctx.store.root())?;
     let interactive = a.command.is_empty();
     let req = SshRequest {
@@ -1168,67 +1261,6 @@ fn ssh(a: SshArgs) -> Result<i32> {
         .into());
     }
     Ok(gssh::run(cmd, std::time::Duration::from_secs(a.timeout))?)
-}
-
-/// How long `lume ssh -t 0` waits for a guest to answer SSH.
-const SSH_WAIT_NO_TIMEOUT: u64 = 300;
-
-/// Waits until the running VM has an address and its SSH port accepts a
-/// connection, up to `timeout` seconds (0: [`SSH_WAIT_NO_TIMEOUT`]), as a
-/// user who just ran `lume run -d` expects; says so on a terminal. Errors at
-/// once when the VM is (or goes) down or can never be reached.
-fn wait_for_ssh(
-    store: &crate::vm::store::Store,
-    vm: &crate::vm::store::Vm,
-    name: &str,
-    timeout: u64,
-) -> Result<crate::guest::ssh::Target, crate::guest::ssh::SshError> {
-    use crate::guest::ssh::{self as gssh, SshError};
-    use std::time::{Duration, Instant};
-    let secs = if timeout == 0 {
-        SSH_WAIT_NO_TIMEOUT
-    } else {
-        timeout
-    };
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut said = false;
-    loop {
-        let state = vm
-            .running_state()
-            .ok_or_else(|| SshError::NotRunning(name.to_string()))?;
-        let address = crate::vm::details::VmDetails::read(store, vm).ip_address;
-        let why = match gssh::target(name, &state, address) {
-            Ok(to) => {
-                let answers = to
-                    .host
-                    .parse::<std::net::IpAddr>()
-                    .map(|ip| {
-                        crate::guest::reach::ssh_answers(&state.network_mode, (ip, to.port).into())
-                    })
-                    // A host name: leave it to ssh.
-                    .unwrap_or(true);
-                if answers {
-                    return Ok(to);
-                }
-                "its SSH port does not answer yet"
-            }
-            Err(SshError::NoAddress(_)) => "it has no IP address yet",
-            Err(e) => return Err(e),
-        };
-        if Instant::now() >= deadline {
-            return Err(SshError::NotReady {
-                name: name.to_string(),
-                secs,
-                why,
-                console: vm.dir.join("console.log").display().to_string(),
-            });
-        }
-        if !said && std::io::stderr().is_terminal() {
-            eprintln!("Waiting for VM '{name}' to answer SSH ({why}; up to {secs} s)...");
-            said = true;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Ctrl-C, SIGTERM or SIGHUP while `create --image` imports: the half-made
@@ -1318,19 +1350,19 @@ fn config(c: ConfigArgs) -> Result<i32> {
     match c.command.unwrap_or(ConfigCommand::Get { key: None }) {
         ConfigCommand::Get { key: Some(key) } => {
             let s = Settings::load()?;
-            println!("{}", config_value(&s, &key)?);
+            outln!("{}", config_value(&s, &key)?);
             Ok(0)
         }
         ConfigCommand::Get { key: None } => {
             let s = Settings::load()?;
-            print!("{}", lume_settings_text(&s)?);
-            println!();
-            println!("lume for Linux ({}):", s.file().display());
-            println!("accelerator: {}", format_accel(&s)?);
+            out!("{}", lume_settings_text(&s)?);
+            outln!();
+            outln!("lume for Linux ({}):", s.file().display());
+            outln!("accelerator: {}", format_accel(&s)?);
             for (k, v) in s.as_mapping() {
                 let key = k.as_str().unwrap_or_default();
                 if key != "accelerator" && !crate::settings::LUME_KEYS.contains(&key) {
-                    print!(
+                    out!(
                         "{}",
                         serde_yaml_ng::to_string(&serde_yaml_ng::Mapping::from_iter([(
                             k.clone(),
@@ -1339,32 +1371,32 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     );
                 }
             }
-            println!("telemetry: none is ever sent (telemetryEnabled is stored only)");
+            outln!("telemetry: none is ever sent (telemetryEnabled is stored only)");
             Ok(0)
         }
         ConfigCommand::Storage { command } => config_storage(command),
         ConfigCommand::Cache { command } => Settings::update(|s: &mut Settings| -> Result<i32> {
             match command.unwrap_or(CacheCommand::Status) {
                 CacheCommand::Status => {
-                    println!("Caching enabled: {}", s.caching_enabled()?);
-                    println!("Cache directory: {}", cache_dir_text(s)?);
+                    outln!("Caching enabled: {}", s.caching_enabled()?);
+                    outln!("Cache directory: {}", cache_dir_text(s)?);
                 }
                 CacheCommand::Dir { path: None } | CacheCommand::Get => {
-                    println!("Cache directory: {}", cache_dir_text(s)?);
+                    outln!("Cache directory: {}", cache_dir_text(s)?);
                 }
                 CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
                     let text = location_path_text(&path);
                     location::check_new_location(&crate::settings::expand_home(&text))?;
                     s.set_from_command_line("cacheDirectory", &text)?;
-                    println!("Cache directory set to: {text}");
+                    outln!("Cache directory set to: {text}");
                 }
                 CacheCommand::Enable => {
                     s.set("cachingEnabled", serde_yaml_ng::Value::Bool(true))?;
-                    println!("Caching enabled");
+                    outln!("Caching enabled");
                 }
                 CacheCommand::Disable => {
                     s.set("cachingEnabled", serde_yaml_ng::Value::Bool(false))?;
-                    println!("Caching disabled");
+                    outln!("Caching disabled");
                 }
             }
             Ok(0)
@@ -1374,28 +1406,28 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 match command.unwrap_or(TelemetryCommand::Status) {
                     TelemetryCommand::Status => {
                         let on = s.telemetry_enabled()?;
-                        println!("Telemetry enabled: {on}");
-                        println!("Effective source: config");
-                        println!("Persisted preference: {on}");
-                        println!("Installation ID: not created");
-                        println!();
-                        println!(
+                        outln!("Telemetry enabled: {on}");
+                        outln!("Effective source: config");
+                        outln!("Persisted preference: {on}");
+                        outln!("Installation ID: not created");
+                        outln!();
+                        outln!(
                             "lume for Linux sends no telemetry: this preference is only stored in config.yaml."
                         );
                     }
                     TelemetryCommand::Enable => {
                         s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(true))?;
-                        println!("Telemetry enabled");
-                        println!("(stored only: lume for Linux sends no telemetry)");
+                        outln!("Telemetry enabled");
+                        outln!("(stored only: lume for Linux sends no telemetry)");
                     }
                     TelemetryCommand::Disable => {
                         s.set("telemetryEnabled", serde_yaml_ng::Value::Bool(false))?;
-                        println!("Telemetry disabled");
+                        outln!("Telemetry disabled");
                     }
                     TelemetryCommand::ResetId => {
-                        println!("Telemetry installation ID reset");
-                        println!("The enabled/disabled preference was preserved.");
-                        println!("(lume for Linux keeps no installation ID)");
+                        outln!("Telemetry installation ID reset");
+                        outln!("The enabled/disabled preference was preserved.");
+                        outln!("(lume for Linux keeps no installation ID)");
                     }
                 }
                 Ok(0)
@@ -1406,27 +1438,27 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 match command.unwrap_or(RegistryCommand::Status) {
                     RegistryCommand::Status => {
                         let r = s.registry()?;
-                        println!("Registry type: {}", s.registry_type()?);
-                        println!();
-                        println!("GHCR configuration:");
-                        println!("  Registry: {}", r.registry);
-                        println!("  Organization: {}", r.organization);
+                        outln!("Registry type: {}", s.registry_type()?);
+                        outln!();
+                        outln!("GHCR configuration:");
+                        outln!("  Registry: {}", r.registry);
+                        outln!("  Organization: {}", r.organization);
                     }
                     RegistryCommand::Type { kind: None } => {
-                        println!("Registry type: {}", s.registry_type()?);
+                        outln!("Registry type: {}", s.registry_type()?);
                     }
                     RegistryCommand::Type { kind: Some(kind) } => {
                         s.set_registry(Some(&kind), None, None)?;
-                        println!("Registry type set to: {kind}");
+                        outln!("Registry type set to: {kind}");
                     }
                     RegistryCommand::Ghcr {
                         registry: None,
                         organization: None,
                     } => {
                         let r = s.registry()?;
-                        println!("GHCR configuration:");
-                        println!("  Registry: {}", r.registry);
-                        println!("  Organization: {}", r.organization);
+                        outln!("GHCR configuration:");
+                        outln!("  Registry: {}", r.registry);
+                        outln!("  Organization: {}", r.organization);
                     }
                     RegistryCommand::Ghcr {
                         registry,
@@ -1434,19 +1466,11 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     } => {
                         s.set_registry(None, registry.as_deref(), organization.as_deref())?;
                         let r = s.registry()?;
-                        println!("GHCR configuration updated:");
-                        println!("  Registry: {}", r.registry);
-                        println!("  Organization: {}", r.organization);
+                        outln!("GHCR configuration updated:");
+                        outln!("  Registry: {}", r.registry);
+                        outln!("  Organization: {}", r.organization);
                     }
-                    RegistryCommand::Gcs {
-                        api_url: None,
-                        api_key: None,
-                    } => {
-                        println!("GCS configuration: not set");
-                        println!(
-                            "  lume for Linux has no GCS registry type: pull and push use OCI registries (ghcr)"
-                        );
-                    }
+                    // With or without options: there is no GCS type to show.
                     RegistryCommand::Gcs { .. } => {
                         return Err(
                             crate::settings::SettingsError::RegistryType("gcs".into()).into()
@@ -1473,22 +1497,31 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
-            if key == "homeDirectory" || key == "cacheDirectory" {
+            // Only an absolute path is checked (and created) here; anything
+            // else is refused by set_from_command_line below, before any
+            // directory is made.
+            if (key == "homeDirectory" || key == "cacheDirectory")
+                && (value.starts_with('/') || value.starts_with("~/"))
+            {
                 location::check_new_location(&crate::settings::expand_home(&value))
                     .with_context(|| format!("Cannot set '{key}'"))?;
             }
+            let before = location::default_store(s).ok();
             s.set_from_command_line(&key, &value)
                 .with_context(|| format!("Cannot set '{key}'"))?;
-            println!("Set {key} in {}", s.file().display());
+            outln!("Set {key} in {}", s.file().display());
+            if let Some(w) = before.and_then(|b| location::running_left_behind(&b, s)) {
+                eprintln!("{w}");
+            }
             Ok(0)
         }),
         ConfigCommand::Unset { key } => Settings::update(|s: &mut Settings| -> Result<i32> {
             if s.unset(&key)
                 .with_context(|| format!("Cannot remove '{key}'"))?
             {
-                println!("Removed {key} from {}", s.file().display());
+                outln!("Removed {key} from {}", s.file().display());
             } else {
-                println!("{key} is not set in {}", s.file().display());
+                outln!("{key} is not set in {}", s.file().display());
             }
             Ok(0)
         }),
@@ -1566,19 +1599,23 @@ fn config_storage(command: StorageCommand) -> Result<i32> {
                 }
                 location::check_new_location(&crate::settings::expand_home(&text))?;
                 s.add_location(&name, &text)?;
-                println!("Added VM storage location: {name} at {text}");
+                outln!("Added VM storage location: {name} at {text}");
             }
             StorageCommand::Remove { name } => {
                 s.remove_location(&name)?;
-                println!("Removed VM storage location: {name}");
+                outln!("Removed VM storage location: {name}");
             }
             StorageCommand::List => {
-                println!("VM Storage Locations:");
-                print!("{}", locations_text(s)?);
+                outln!("VM Storage Locations:");
+                out!("{}", locations_text(s)?);
             }
             StorageCommand::Default { name } => {
+                let before = location::default_store(s).ok();
                 s.set_default_location(&name)?;
-                println!("Set default VM storage location to: {name}");
+                outln!("Set default VM storage location to: {name}");
+                if let Some(w) = before.and_then(|b| location::running_left_behind(&b, s)) {
+                    eprintln!("{w}");
+                }
             }
         }
         Ok(0)

@@ -10,6 +10,28 @@ use crate::vm::Outcome;
 use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
 
+/// Every write of the CLI to standard output: written and flushed at once.
+/// A reader that went away (`lume ls | head -1`) ends lume quietly with
+/// status 0, as git and cargo stop printing when their pipe closes, instead
+/// of a panic; any other failure to write is an error on standard error
+/// (status 1).
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("Error: Cannot write to standard output: {e}; check where it goes (disk full?)");
+        std::process::exit(1);
+    }
+}
+
+/// What `stop` and `shutdown` print: the way the VM went down, said once.
+fn stopped_line(name: &crate::vm::VmName, method: crate::guest::power::PowerMethod) -> String {
+    format!("VM '{name}' stopped {}", method.describe())
+}
+
 fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref()
         .map(|v| v.to_string())
@@ -157,11 +179,11 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
 /// Prints the doctor's report: one line per check.
 pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
     for c in &report.checks {
-        println!(
+        outln!(
             "{} {}: {}",
             if c.ok { "ok  " } else { "FAIL" },
             c.name,
@@ -174,7 +196,7 @@ pub fn print_doctor(report: &crate::network::doctor::Report, format: Format) -> 
 /// Prints host interfaces for `lume config network interfaces`.
 pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(list)?);
+        outln!("{}", serde_json::to_string_pretty(list)?);
         return Ok(());
     }
     let mut t = Table::new();
@@ -209,29 +231,48 @@ pub fn print_interfaces(list: &[HostInterface], format: Format) -> Result<()> {
             },
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
 /// Prints one outcome.
 pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
     match (outcome, format) {
-        (Outcome::List(vms), Format::Json) => println!("{}", serde_json::to_string_pretty(vms)?),
+        (Outcome::List(vms), Format::Json) => outln!("{}", serde_json::to_string_pretty(vms)?),
         (Outcome::List(vms), Format::Text) if vms.is_empty() => {
-            println!("No virtual machines found")
+            outln!("No virtual machines found")
         }
-        (Outcome::List(vms), Format::Text) => println!("{}", table(vms)),
+        (Outcome::List(vms), Format::Text) => outln!("{}", table(vms)),
         // As lume: `get -f json` prints a one-element array.
         (Outcome::Details(d), Format::Json) => {
-            println!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
+            outln!("{}", serde_json::to_string_pretty(std::slice::from_ref(d))?)
         }
         (Outcome::Details(d), Format::Text) => {
-            println!("{}", table(std::slice::from_ref(d)));
+            outln!("{}", table(std::slice::from_ref(d)));
             for line in extra_lines(d) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
-        (Outcome::Created(d), _) => println!(
+        (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
+        (Outcome::Images(images), Format::Json) => {
+            outln!("{}", serde_json::to_string_pretty(images)?)
+        }
+        (Outcome::Images(images), Format::Text) => outln!("{}", images_table(images).trim_end()),
+        (o, _) => {
+            if let Some(line) = outcome_line(o) {
+                outln!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The line the CLI prints for an outcome that changed a VM (the MCP
+/// server answers with the same words); `None` for lists, details and a
+/// foreground run's end.
+pub fn outcome_line(outcome: &Outcome) -> Option<String> {
+    Some(match outcome {
+        Outcome::Created(d) => format!(
             "VM '{}' created: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
@@ -247,7 +288,7 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 .unwrap_or_default(),
             opt(&d.network_mode)
         ),
-        (Outcome::Started(d), _) => println!(
+        Outcome::Started(d) => format!(
             "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`",
             d.name,
             opt(&d.accelerator),
@@ -258,20 +299,15 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 storage => format!(" --storage {storage}"),
             }
         ),
-        (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
-        (Outcome::Stopped { name, method }, _) => {
-            println!("VM '{name}' stopped {} ({method})", method.describe())
+        Outcome::Stopped { name, method } => stopped_line(name, *method),
+        Outcome::Restarted { name, method } => format!(
+            "VM '{name}' is restarting: reboot requested {}",
+            method.describe()
+        ),
+        Outcome::Updated(d) => {
+            format!("VM '{}' updated; changes apply from its next start", d.name)
         }
-        (Outcome::Restarted { name, method }, _) => {
-            println!(
-                "VM '{name}' is restarting: reboot requested {} ({method})",
-                method.describe()
-            )
-        }
-        (Outcome::Updated(d), _) => {
-            println!("VM '{}' updated; changes apply from its next start", d.name)
-        }
-        (Outcome::Cloned { details, copy }, _) => println!(
+        Outcome::Cloned { details, copy } => format!(
             "VM '{}' created as a clone (disk {})",
             details.name,
             match copy {
@@ -279,8 +315,8 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
                 CopyKind::Sparse => "copied sparsely",
             }
         ),
-        (Outcome::Deleted(name), _) => println!("VM '{name}' deleted"),
-        (Outcome::Pulled(d), _) => println!(
+        Outcome::Deleted(name) => format!("VM '{name}' deleted"),
+        Outcome::Pulled(d) => format!(
             "VM '{}' pulled: {} {}, {} memory, {} disk, network {}",
             d.name,
             opt(&d.cpu_count),
@@ -289,18 +325,18 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             } else {
                 "CPUs"
             },
-            d.memory_size.map(format_size).unwrap_or_else(|| "-".into()),
+            d.memory_size.map(format_size).unwrap_or_default(),
             d.disk_size
                 .as_ref()
                 .map(|s| format_size(s.total))
-                .unwrap_or_else(|| "-".into()),
+                .unwrap_or_default(),
             opt(&d.network_mode),
         ),
-        (Outcome::Pushed(p), _) if p.dry_run => println!(
+        Outcome::Pushed(p) if p.dry_run => format!(
             "Dry run: manifest {} with {} disk part(s), {} hole chunk(s) left out; nothing uploaded",
             p.manifest_digest, p.parts, p.holes
         ),
-        (Outcome::Pushed(p), _) => println!(
+        Outcome::Pushed(p) => format!(
             "Pushed {} ({} disk part(s), {} hole chunk(s) left out, {} uploaded, manifest {})",
             p.references.join(", "),
             p.parts,
@@ -308,13 +344,11 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             format_size(p.uploaded),
             p.manifest_digest
         ),
-        (Outcome::Images(images), Format::Json) => {
-            println!("{}", serde_json::to_string_pretty(images)?)
+        Outcome::Pruned(_) => "Successfully removed cached images".to_string(),
+        Outcome::List(_) | Outcome::Details(_) | Outcome::Exited(_) | Outcome::Images(_) => {
+            return None;
         }
-        (Outcome::Images(images), Format::Text) => print!("{}", images_table(images)),
-        (Outcome::Pruned(_), _) => println!("Successfully removed cached images"),
-    }
-    Ok(())
+    })
 }
 
 /// `lume images` as lume's ImagesPrinter prints it: `name` (28 wide) and
@@ -341,6 +375,20 @@ pub fn images_table(images: &[crate::registry::cache::CachedImage]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_says_the_way_once() {
+        use crate::guest::power::PowerMethod;
+        let name = crate::vm::VmName::parse("web").unwrap();
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Forced),
+            "VM 'web' stopped by forcing QEMU off (not graceful)"
+        );
+        assert_eq!(
+            stopped_line(&name, PowerMethod::Acpi),
+            "VM 'web' stopped through the ACPI power button"
+        );
+    }
 
     fn provisioning(name: &str) -> VmDetails {
         VmDetails {

@@ -242,6 +242,155 @@ pub fn run(mut cmd: Command, timeout: Duration) -> Result<i32, SshError> {
     }
 }
 
+/// How long `lume ssh -t 0` waits for a guest to answer SSH.
+pub const SSH_WAIT_NO_TIMEOUT: u64 = 300;
+
+/// Waits until the running VM has an address and its SSH port accepts a
+/// connection, up to `timeout` seconds (0: [`SSH_WAIT_NO_TIMEOUT`]), as a
+/// user who just ran `lume run -d` expects; `waiting` is told why at every
+/// poll (twice a second) while it waits. Errors at once when the VM is (or
+/// goes) down or can never be reached.
+pub fn wait_ready(
+    store: &crate::vm::store::Store,
+    vm: &crate::vm::store::Vm,
+    name: &str,
+    timeout: u64,
+    waiting: &mut dyn FnMut(&str),
+) -> Result<Target, SshError> {
+    use std::time::Instant;
+    let secs = if timeout == 0 {
+        SSH_WAIT_NO_TIMEOUT
+    } else {
+        timeout
+    };
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let state = vm
+            .running_state()
+            .ok_or_else(|| SshError::NotRunning(name.to_string()))?;
+        let address = crate::vm::details::VmDetails::read(store, vm).ip_address;
+        let why = match target(name, &state, address) {
+            Ok(to) => {
+                let answers = to
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .map(|ip| {
+                        crate::guest::reach::ssh_answers(&state.network_mode, (ip, to.port).into())
+                    })
+                    // A host name: leave it to ssh.
+                    .unwrap_or(true);
+                if answers {
+                    return Ok(to);
+                }
+                "its SSH port does not answer yet"
+            }
+            Err(SshError::NoAddress(_)) => "it has no IP address yet",
+            Err(e) => return Err(e),
+        };
+        if Instant::now() >= deadline {
+            return Err(SshError::NotReady {
+                name: name.to_string(),
+                secs,
+                why,
+                console: vm.dir.join("console.log").display().to_string(),
+            });
+        }
+        waiting(&format!(
+            "Waiting for VM '{name}' to answer SSH ({why}; up to {secs} s)..."
+        ));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// What one command run over SSH gave back: its exit status (124 when it was
+/// stopped at its timeout, as `timeout(1)` says; 255 when ssh itself failed),
+/// and its standard output and error, each kept up to [`CAPTURE_LIMIT`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    /// Output past [`CAPTURE_LIMIT`] was dropped.
+    pub truncated: bool,
+}
+
+/// How much of each of a command's standard output and error is kept: a
+/// guest is untrusted and may print without end.
+pub const CAPTURE_LIMIT: usize = 1 << 20;
+
+/// Runs `cmd` (from [`command`], no terminal) with standard input closed,
+/// collecting its output; kills it after `timeout` (zero: no limit).
+pub fn run_captured(mut cmd: Command, timeout: Duration) -> Result<Captured, SshError> {
+    use std::io::Read;
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SshError::NoClient,
+        _ => SshError::Spawn(e),
+    })?;
+    // Each stream is drained to its end (so the command never blocks on a
+    // full pipe) and kept up to the limit.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let mut dropped = false;
+            if let Some(mut p) = pipe {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = p.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = CAPTURE_LIMIT.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                    dropped |= n > room;
+                }
+            }
+            (String::from_utf8_lossy(&kept).into_owned(), dropped)
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout);
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(SshError::Spawn)? {
+            use std::os::unix::process::ExitStatusExt;
+            break status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            let _ = child.kill();
+            let _ = child.wait();
+            timed_out = true;
+            break 124;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, t1) = out.join().unwrap_or_default();
+    let (stderr, t2) = err.join().unwrap_or_default();
+    Ok(Captured {
+        status,
+        stdout,
+        stderr,
+        timed_out,
+        truncated: t1 || t2,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,7 @@ pub enum VmError {
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
     UnknownOs(String),
-    #[error("CPU count must be at least 1")]
+    #[error("CPU count must be at least 1: use --cpu 1 or more")]
     NoCpu,
     #[error("CPU count {0} is more than QEMU supports here (at most 255)")]
     TooManyCpus(u32),
@@ -65,7 +65,9 @@ pub enum VmError {
     DiskTooSmall(String),
     #[error("Disk size {0} is too large: lume's disks are at most 1024TB")]
     DiskTooLarge(String),
-    #[error("Disk of VM '{name}' can only grow: it is {current} now, {requested} was asked for")]
+    #[error(
+        "Disk of VM '{name}' can only grow: it is {current} now, {requested} was asked for; give a size of {current} or more"
+    )]
     DiskShrink {
         name: VmName,
         current: String,
@@ -73,7 +75,7 @@ pub enum VmError {
     },
     #[error("VM '{0}' is running: stop it before changing its disk (`lume stop {0}`)")]
     DiskWhileRunning(VmName),
-    #[error("{what} {path} does not exist or is not a file")]
+    #[error("{what} {path} does not exist or is not a file: check the path")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error("--initrd and --cmdline need --kernel")]
     InitrdWithoutKernel,
@@ -83,8 +85,6 @@ pub enum VmError {
     TwoBootSources,
     #[error("--image-sha256 checks an image: give --image too")]
     Sha256WithoutImage,
-    #[error("VM '{0}' is running: stop it first (`lume stop {0}`) or use --force")]
-    RunningNeedsForce(VmName),
     #[error(
         "Deleting VM '{0}' needs confirmation: run `lume delete {0} --force` when not on a terminal"
     )]
@@ -319,7 +319,8 @@ pub enum Action {
         target: VmName,
         dest: Option<Store>,
     },
-    /// Remove a VM; `force` stops it first. `confirmed` says the user agreed.
+    /// Remove a VM, stopping it first when it runs (as lume). `force` or
+    /// `confirmed` (the user agreed) must be given.
     Delete {
         name: VmName,
         force: bool,
@@ -405,18 +406,23 @@ pub fn execute(
         } => shutdown(ctx, &name, timeout, &login),
         Action::Restart { name, force, login } => restart(ctx, &name, force, &login),
         Action::List => {
+            // Nothing is read from a location another user can change
+            // (their FIFO or link could stand where config.json is).
+            store.check_private(None)?;
             let mut vms = store.list()?;
             vms.extend(store.provisioning());
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Outcome::List(VmDetails::read_all(store, &vms)))
         }
         Action::Get { name } => {
+            store.check_private(None)?;
             if let Some(vm) = store.find_provisioning(&name)
                 && !store.vm(&name).config_path().exists()
             {
                 return Ok(Outcome::Details(VmDetails::read(store, &vm)));
             }
             let vm = store.open(&name)?;
+            store.check_private(Some(&vm))?;
             // `get` of a VM with a corrupt config is an error naming the file.
             vm.load_config()?;
             Ok(Outcome::Details(VmDetails::read(store, &vm)))
@@ -1565,10 +1571,8 @@ fn delete(
     if !force && !confirmed {
         return Err(VmError::NeedsForce(name.clone()));
     }
+    // As lume's LumeController.delete: a running VM is stopped first.
     if vm.is_running() {
-        if !force {
-            return Err(VmError::RunningNeedsForce(name.clone()));
-        }
         note(&format!("Stopping VM '{name}' before deleting it"));
         match stop(ctx, name, Duration::from_secs(15)) {
             // It went down by itself meanwhile.
@@ -1887,15 +1891,16 @@ mod tests {
                 .unwrap()
                 .contains("unsafeHostLoopback")
         );
-        // Reading it is not a change: `get` still answers.
-        execute(
+        // Nor is it read: its config.json could be their FIFO or link.
+        let e = execute(
             &ctx,
             Action::Get {
                 name: VmName::parse("b").unwrap(),
             },
             &mut |_| {},
         )
-        .unwrap();
+        .unwrap_err();
+        assert!(e.to_string().contains("can be changed by group 100"), "{e}");
     }
 
     #[test]

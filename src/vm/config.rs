@@ -21,6 +21,14 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error(
+        "Config file {path} is not a regular file (a symlink, FIFO, device or directory): lume reads only its own files; remove it and restore the VM's config.json"
+    )]
+    NotRegular { path: PathBuf },
+    #[error(
+        "Config file {path} is larger than {max} bytes: it is not a config lume wrote; fix or restore it"
+    )]
+    TooLarge { path: PathBuf, max: u64 },
+    #[error(
         "Corrupt config file {path}: fix or restore it, or delete the VM with `lume delete --force`"
     )]
     Parse {
@@ -246,13 +254,58 @@ pub struct VmConfig {
     pub extra: Map<String, Value>,
 }
 
+/// The largest config.json lume reads (its own are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 impl VmConfig {
     /// Reads and parses `path`.
+    ///
+    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read, and a
+    /// symlink is never followed: in a VM directory another user once
+    /// controlled, config.json could be a FIFO (a read that never ends), a
+    /// link to root's files or to /dev/zero.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    ConfigError::NotRegular {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    read_err(e)
+                }
+            })?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(ConfigError::NotRegular {
+                path: path.to_path_buf(),
+            });
+        }
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                max: MAX_CONFIG_BYTES,
+            });
+        }
+        let mut text = Vec::with_capacity(meta.len() as usize);
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: path.to_path_buf(),
+                max: MAX_CONFIG_BYTES,
+            });
+        }
         let cfg: Self = serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -317,6 +370,34 @@ pub fn is_plain_file_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO (whose read would never end), a symlink (to a file lume
+    /// wrote, elsewhere) and an endless device behind a link are refused
+    /// at once; so is a file too large to be lume's.
+    #[test]
+    fn only_a_small_regular_config_json_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.json");
+        std::fs::write(&real, "{}").unwrap();
+        VmConfig::load(&real).unwrap();
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let zero = dir.path().join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for p in [&fifo, &link, &zero] {
+            let e = VmConfig::load(p).unwrap_err();
+            assert!(matches!(e, ConfigError::NotRegular { .. }), "{p:?}: {e:?}");
+        }
+        let big = dir.path().join("big.json");
+        let mut text = b"{\"os\": \"linux\", \"pad\": \"".to_vec();
+        text.resize(MAX_CONFIG_BYTES as usize + 10, b'x');
+        text.extend_from_slice(b"\"}");
+        std::fs::write(&big, text).unwrap();
+        let e = VmConfig::load(&big).unwrap_err();
+        assert!(matches!(e, ConfigError::TooLarge { .. }), "{e:?}");
+    }
 
     #[test]
     fn kernel_paths_in_config_json_are_refused_and_disk_format_defaults_to_raw() {

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::store::{Store, Vm};
-use crate::hypervisor::img;
+use std::os::unix::fs::MetadataExt as _;
 
 /// lume's `diskSize` object: bytes really used, and the disk's size.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -184,15 +184,16 @@ impl VmDetails {
                 return d;
             }
         };
-        let disk = vm.disk_path();
+        // The disk itself, never what a link there points to.
+        let disk = std::fs::symlink_metadata(vm.disk_path())
+            .ok()
+            .filter(|m| m.is_file());
         d.os = Some(cfg.os.clone());
         d.cpu_count = Some(cfg.cpu_count);
         d.memory_size = Some(cfg.memory_size);
         d.disk_size = Some(DiskSize {
-            allocated: img::allocated(&disk).unwrap_or(0),
-            total: std::fs::metadata(&disk)
-                .map(|m| m.len())
-                .unwrap_or(cfg.disk_size),
+            allocated: disk.as_ref().map_or(0, |m| m.blocks() * 512),
+            total: disk.as_ref().map_or(cfg.disk_size, |m| m.len()),
         });
         d.display = Some(cfg.display.clone());
         d.network_mode = Some(cfg.network_mode.to_string());

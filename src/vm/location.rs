@@ -126,17 +126,57 @@ pub fn store_for_vm(
     if let Some(spec) = storage {
         return resolve(settings, spec);
     }
-    for s in all_stores(settings)? {
+    let all = all_stores(settings)?;
+    for s in &all {
         if s.vm(name).config_path().exists() || s.is_provisioning(name) {
             return Ok(Resolved {
-                store: s,
+                store: s.clone(),
                 note: None,
             });
         }
     }
     Ok(Resolved {
-        store: default_store(settings)?,
+        store: default_store(settings)?.searched_in(all.iter().map(Store::location_name).collect()),
         note: None,
+    })
+}
+
+/// The warning of a change of the default location or of `home`'s path
+/// (`config storage default`, `homeDirectory`) while VMs of the location
+/// `before` (the default until now) run: they keep running where they are,
+/// and, as in lume, a directory that is no longer a location is not
+/// searched: `lume ls` stops listing them until `--storage OLD_PATH` names it.
+pub fn running_left_behind(before: &Store, after: &Settings) -> Option<String> {
+    let now = default_store(after).ok()?;
+    if now.root() == before.root() {
+        return None;
+    }
+    let running: Vec<String> = before
+        .list()
+        .ok()?
+        .into_iter()
+        .filter(|vm| vm.is_running())
+        .map(|vm| vm.name.to_string())
+        .collect();
+    if running.is_empty() {
+        return None;
+    }
+    let path = before.root().display();
+    let still = all_stores(after)
+        .map(|all| all.iter().any(|s| s.root() == before.root()))
+        .unwrap_or(false);
+    Some(if still {
+        format!(
+            "Warning: running VMs {} stay in {path} (location '{}'), no longer the default: commands still find them by name, new VMs go to {}",
+            running.join(", "),
+            before.location_name(),
+            now.root().display()
+        )
+    } else {
+        format!(
+            "Warning: running VMs {} stay in {path}, which is no longer a VM location: `lume ls` no longer lists them (as lume); reach them with --storage {path}, or set the old path back",
+            running.join(", ")
+        )
     })
 }
 
@@ -181,6 +221,50 @@ pub fn list_every(
 /// folder) and no symlink on the way may belong to another user.
 pub fn check_new_location(root: &Path) -> Result<(), LocationError> {
     let euid = nix::unistd::geteuid().as_raw();
+    check_location_now(root, euid)?;
+    let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+    match fs::metadata(root) {
+        Ok(m) if !m.is_dir() => Err(LocationError::NotADirectory(root.to_path_buf())),
+        Ok(_) => nix::unistd::access(root, access)
+            .map_err(|_| LocationError::NotWritable(root.to_path_buf())),
+        Err(_) => {
+            // The directories about to be made, outermost first.
+            let mut missing: Vec<PathBuf> = Vec::new();
+            let mut parent = Some(root);
+            while let Some(p) = parent {
+                if fs::symlink_metadata(p).is_ok() {
+                    nix::unistd::access(p, access)
+                        .map_err(|_| LocationError::NotWritable(p.to_path_buf()))?;
+                    break;
+                }
+                missing.insert(0, p.to_path_buf());
+                parent = p.parent().filter(|p| !p.as_os_str().is_empty());
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_DIR)
+                .create(root)
+                .map_err(|source| LocationError::Create {
+                    path: root.to_path_buf(),
+                    source,
+                })?;
+            // Checked again where it really landed: a link changed in the
+            // meantime leads elsewhere. What was made is removed then.
+            if let Err(e) = check_location_now(root, euid) {
+                for d in missing.iter().rev() {
+                    let _ = fs::remove_dir(d);
+                }
+                return Err(e);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The root-only part of [`check_new_location`], as things are now: no
+/// symlink of another user on the way, no directory another user can
+/// change, as written and as resolved.
+fn check_location_now(root: &Path, euid: u32) -> Result<(), LocationError> {
     if euid == 0 {
         let mut probe = Some(root);
         while let Some(p) = probe {
@@ -210,29 +294,5 @@ pub fn check_new_location(root: &Path) -> Result<(), LocationError> {
             .into());
         }
     }
-    let access = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
-    match fs::metadata(root) {
-        Ok(m) if !m.is_dir() => Err(LocationError::NotADirectory(root.to_path_buf())),
-        Ok(_) => nix::unistd::access(root, access)
-            .map_err(|_| LocationError::NotWritable(root.to_path_buf())),
-        Err(_) => {
-            let mut parent = root.parent();
-            while let Some(p) = parent {
-                if p.exists() {
-                    nix::unistd::access(p, access)
-                        .map_err(|_| LocationError::NotWritable(p.to_path_buf()))?;
-                    break;
-                }
-                parent = p.parent();
-            }
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(PRIVATE_DIR)
-                .create(root)
-                .map_err(|source| LocationError::Create {
-                    path: root.to_path_buf(),
-                    source,
-                })
-        }
-    }
+    Ok(())
 }

@@ -39,6 +39,11 @@ use super::state::RunState;
 pub enum StoreError {
     #[error("VM '{name}' does not exist in {root}: run `lume ls` to see your VMs")]
     NotFound { name: VmName, root: PathBuf },
+    /// Not in any location, after lume's search of them all.
+    #[error(
+        "VM '{name}' does not exist in any VM location (searched: {locations}): run `lume ls` to see your VMs"
+    )]
+    NotFoundAnywhere { name: VmName, locations: String },
     #[error("VM '{name}' already exists in {root}: choose another name or delete it first")]
     Exists { name: VmName, root: PathBuf },
     #[error(transparent)]
@@ -61,7 +66,7 @@ pub enum StoreError {
 /// files there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "Storage directory {dir} can be changed by {who}, and lume running as root does not use files another user can change: make it root's alone (chown root:root {dir}; chmod go-w {dir}) or choose another --storage"
+    "Storage directory {dir} can be changed by {who}, and lume running as root keeps VMs only where no other user can change them: choose another path, a directory only root can write (in a directory every user shares, such as /tmp, a private subdirectory: mkdir -m 700 /tmp/lume-vms)"
 )]
 pub struct UnsafeDir {
     pub dir: PathBuf,
@@ -104,16 +109,44 @@ pub fn check_ancestors_private(dir: &Path) -> Result<(), UnsafeDir> {
     let euid = nix::unistd::geteuid().as_raw();
     let refuse = |(dir, who)| UnsafeDir { dir, who };
     check_ancestors(dir.parent(), euid, true).map_err(refuse)?;
-    if let Ok(real) = fs::canonicalize(dir) {
+    // As the kernel resolves it: the deepest part that exists, made real
+    // (a root-owned link into another user's folder leads there), and
+    // every real directory above it.
+    if let Some(real) = real_existing_prefix(dir) {
         check_ancestors(real.parent(), euid, false).map_err(refuse)?;
+        if real != dir {
+            // `real` is an existing ancestor of what is to be made: it is
+            // where the new directories land, so it counts as a parent.
+            check_ancestors(Some(&real), euid, false).map_err(refuse)?;
+        }
     }
     Ok(())
+}
+
+/// The deepest existing prefix of `dir`, canonicalized (all its symlinks
+/// resolved); `None` when not even `/` resolves.
+pub fn real_existing_prefix(dir: &Path) -> Option<PathBuf> {
+    let mut probe = Some(dir);
+    while let Some(p) = probe {
+        if let Ok(real) = fs::canonicalize(p) {
+            return Some(real);
+        }
+        probe = p.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    // A relative path whose first part does not exist yet lands here.
+    dir.is_relative()
+        .then(|| fs::canonicalize(".").ok())
+        .flatten()
 }
 
 /// Who besides root (and `euid`) can change directory `meta`, if anyone.
 /// A sticky directory owned by root (such as /tmp) only lets others add
 /// entries of their own, which is allowed when `sticky_ok` (ancestors).
-fn writable_by_others(meta: &fs::Metadata, euid: u32, sticky_ok: bool) -> Option<String> {
+pub(crate) fn writable_by_others(
+    meta: &fs::Metadata,
+    euid: u32,
+    sticky_ok: bool,
+) -> Option<String> {
     let mode = meta.mode();
     if meta.uid() != 0 && meta.uid() != euid {
         return Some(format!("user {} (its owner)", meta.uid()));
@@ -144,6 +177,9 @@ pub struct Store {
     /// The location's name (reported as `locationName`): a configured
     /// location's name, or the path as the user gave it.
     name: String,
+    /// Set when this store was chosen because no location held the VM
+    /// looked for: the names of every location searched.
+    searched: Option<Vec<String>>,
 }
 
 /// One VM's directory.
@@ -167,6 +203,7 @@ impl Store {
                 Self {
                     name: root.display().to_string(),
                     root,
+                    searched: None,
                 }
             }
             None => {
@@ -186,7 +223,15 @@ impl Store {
         Self {
             name: name.into(),
             root: absolute(root),
+            searched: None,
         }
+    }
+
+    /// This store, chosen after the locations named `locations` were all
+    /// searched for a VM in vain: opening a VM that is not here says so.
+    pub fn searched_in(mut self, locations: Vec<String>) -> Self {
+        self.searched = Some(locations);
+        self
     }
 
     /// As root, refuses a storage root, VM directory or ancestor that
@@ -270,6 +315,11 @@ impl Store {
             Ok(vm)
         } else if self.is_provisioning(name) {
             Err(StoreError::Provisioning(name.clone()))
+        } else if let Some(locations) = &self.searched {
+            Err(StoreError::NotFoundAnywhere {
+                name: name.clone(),
+                locations: locations.join(", "),
+            })
         } else {
             Err(StoreError::NotFound {
                 name: name.clone(),

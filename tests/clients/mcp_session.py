@@ -1,0 +1,109 @@
+"""One MCP session with `lume serve --mcp`, driven by the official MCP Python
+SDK (mcp from PyPI), for tests/e2e_mcp.rs.
+
+Usage: mcp_session.py LUME_BIN IMAGE VM
+Starts LUME_BIN serve --mcp over stdio (with this process's environment:
+HOME, XDG_CONFIG_HOME, LUME_ACCEL), lists tools, prompts and resources,
+makes bad calls, then drives create -> run -> exec -> stop -> clone ->
+delete on VM (a Debian cloud image). Prints one line `RESULT <json>` with
+what the server answered; the Rust test makes the assertions.
+"""
+
+import asyncio
+import json
+import os
+import sys
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+
+def text_of(result):
+    return "\n".join(c.text for c in result.content if getattr(c, "type", None) == "text")
+
+
+def call_record(result):
+    return {"isError": bool(result.is_error), "text": text_of(result)}
+
+
+async def main(lume, image, vm):
+    params = StdioServerParameters(command=lume, args=["serve", "--mcp"], env=dict(os.environ))
+    out = {}
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            init = await session.initialize()
+            out["server"] = {"name": init.server_info.name, "instructions": init.instructions}
+            tools = await session.list_tools()
+            out["tools"] = {t.name: {"description": t.description, "inputSchema": t.input_schema} for t in tools.tools}
+            prompts = await session.list_prompts()
+            out["prompts"] = {p.name: [a.name for a in (p.arguments or [])] for p in prompts.prompts}
+            got = await session.get_prompt("run-in-sandbox", {"vm_name": vm, "command": "uname -a"})
+            out["prompt_text"] = got.messages[0].content.text
+            resources = await session.list_resources()
+            out["resources"] = sorted(str(r.uri) for r in resources.resources)
+            cred = await session.read_resource("lume://credentials")
+            out["credentials"] = cred.contents[0].text
+
+            async def call(name, args, timeout=600):
+                progress = []
+
+                async def on_progress(value, total, message):
+                    progress.append({"progress": value, "message": message})
+
+                r = await session.call_tool(
+                    name, args, read_timeout_seconds=timeout, progress_callback=on_progress
+                )
+                rec = call_record(r)
+                rec["progress"] = progress
+                return rec
+
+            # Bad calls: error results, and the session goes on.
+            out["bad"] = {
+                "get_missing": await call("lume_get_vm", {"name": "no-such-vm"}),
+                "bad_name": await call("lume_get_vm", {"name": "../etc"}),
+                "missing_arg": await call("lume_get_vm", {}),
+                "wrong_type": await call("lume_create_vm", {"name": "x", "cpu": "many"}),
+                "bad_size": await call("lume_create_vm", {"name": "x", "memory": "lots"}),
+                "relative_image": await call("lume_create_vm", {"name": "x", "image": "disk.qcow2"}),
+                "ipsw": await call("lume_create_vm", {"name": "x", "ipsw": "latest"}),
+                "shared_dir": await call("lume_run_vm", {"name": "x", "shared_dir": "/tmp"}),
+                "run_missing": await call("lume_run_vm", {"name": "no-such-vm"}),
+                "exec_missing": await call("lume_exec", {"name": "no-such-vm", "command": "true"}),
+                "unknown_tool": await call("lume_frobnicate", {}),
+            }
+
+            flow = {}
+            flow["list_before"] = await call("lume_list_vms", {})
+            flow["create"] = await call(
+                "lume_create_vm",
+                {"name": vm, "image": image, "disk_size": "3GB", "cpu": 2, "memory": "1GB", "network": "nat"},
+            )
+            flow["get"] = await call("lume_get_vm", {"name": vm})
+            flow["exec_stopped"] = await call("lume_exec", {"name": vm, "command": "true"})
+            flow["run"] = await call("lume_run_vm", {"name": vm})
+            flow["clone_running"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})
+            flow["delete_running"] = await call("lume_delete_vm", {"name": vm})
+            # The first boot under TCG: SSH answers once cloud-init is done.
+            flow["exec"] = await call(
+                "lume_exec",
+                {"name": vm, "command": "cloud-init status --wait >/dev/null; hostname; id -un; echo oops >&2", "timeout": 420},
+                timeout=900,
+            )
+            flow["exec_fails"] = await call("lume_exec", {"name": vm, "command": "echo out; echo err >&2; exit 3"})
+            flow["exec_timeout"] = await call("lume_exec", {"name": vm, "command": "sleep 30", "timeout": 3})
+            flow["resize_running"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
+            flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": 60})
+            flow["resize"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
+            flow["shrink"] = await call("lume_resize_disk", {"name": vm, "disk_size": "2GB"})
+            flow["clone"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})
+            flow["list_after_clone"] = await call("lume_list_vms", {})
+            flow["delete_clone"] = await call("lume_delete_vm", {"name": vm + "-c"})
+            flow["delete"] = await call("lume_delete_vm", {"name": vm})
+            flow["list_end"] = await call("lume_list_vms", {})
+            flow["interfaces"] = await call("lume_network_interfaces", {})
+            out["flow"] = flow
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -1,0 +1,446 @@
+//! `lume serve --mcp` driven by a real MCP client: the official MCP Python
+//! SDK (mcp from PyPI, in a venv made by tests/clients/build_mcp.sh), which
+//! starts the server over stdio in a network namespace with a temporary
+//! HOME, lists its tools, prompts and resources, makes bad calls, and drives
+//! create → run → exec → stop → clone → delete on a real Debian 12 cloud
+//! guest (tests/debian/build.sh; booted once, under TCG). A raw JSON-RPC
+//! session checks that standard output carries nothing but the protocol.
+//! Needs root (network namespaces) and the packages of scripts/install-deps.sh.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{Home, Lan, Netns};
+use serde_json::{Value, json};
+
+fn built_by(script: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash").arg(&script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(stdout.lines().last().expect("a path").trim())
+}
+
+/// The schema of one tool's arguments: property names and required ones.
+fn schema(tools: &Value, tool: &str) -> (Vec<String>, Vec<String>) {
+    let s = &tools[tool]["inputSchema"];
+    let mut props: Vec<String> = s["properties"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    props.sort();
+    let mut req: Vec<String> = s["required"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    req.sort();
+    (props, req)
+}
+
+fn has(props: &[String], names: &[&str]) -> bool {
+    names.iter().all(|n| props.iter().any(|p| p == n))
+}
+
+/// What a call answered: (isError, text).
+fn call<'a>(v: &'a Value, key: &str) -> (bool, &'a str) {
+    let c = &v[key];
+    assert!(c.is_object(), "no call {key} in {v}");
+    (c["isError"].as_bool().unwrap(), c["text"].as_str().unwrap())
+}
+
+#[test]
+fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
+    let image = built_by("tests/debian/build.sh");
+    let python = built_by("tests/clients/build_mcp.sh").join("venv/bin/python");
+    let t = Lan::new("mc");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_session.py");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &t.host.name])
+        .arg(&python)
+        .arg(&script)
+        .arg(common::lume_bin())
+        .arg(&image)
+        .arg("agent");
+    t.home.env(&mut c);
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
+    let v: Value = serde_json::from_str(line).unwrap();
+
+    // lume's tools with lume's names and argument names, and ours.
+    assert_eq!(v["server"]["name"], "lume");
+    let tools = &v["tools"];
+    let mut names: Vec<&str> = tools
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "lume_clone_vm",
+            "lume_create_vm",
+            "lume_delete_vm",
+            "lume_exec",
+            "lume_get_vm",
+            "lume_list_vms",
+            "lume_network_doctor",
+            "lume_network_interfaces",
+            "lume_resize_disk",
+            "lume_run_vm",
+            "lume_stop_vm",
+        ]
+    );
+    for (tool, props, required) in [
+        ("lume_list_vms", &["storage"][..], &[][..]),
+        ("lume_get_vm", &["name", "storage"], &["name"]),
+        (
+            "lume_create_vm",
+            &[
+                "name",
+                "cpu",
+                "memory",
+                "disk_size",
+                "storage",
+                "image",
+                "network",
+            ],
+            &["name"],
+        ),
+        (
+            "lume_run_vm",
+            &["name", "shared_dir", "no_display", "storage"],
+            &["name"],
+        ),
+        ("lume_stop_vm", &["name", "storage"], &["name"]),
+        (
+            "lume_clone_vm",
+            &["name", "new_name"],
+            &["name", "new_name"],
+        ),
+        ("lume_delete_vm", &["name", "storage"], &["name"]),
+        (
+            "lume_exec",
+            &["name", "command", "user", "password", "storage", "timeout"],
+            &["command", "name"],
+        ),
+        (
+            "lume_resize_disk",
+            &[
+                "name",
+                "disk_size",
+                "storage",
+                "no_backup",
+                "keep_backup",
+                "dry_run",
+            ],
+            &["disk_size", "name"],
+        ),
+    ] {
+        let (p, r) = schema(tools, tool);
+        assert!(has(&p, props), "{tool}: properties {p:?}");
+        assert_eq!(r, required, "{tool}: required");
+        for prop in &p {
+            let d = tools[tool]["inputSchema"]["properties"][prop]["description"]
+                .as_str()
+                .unwrap_or("");
+            assert!(!d.is_empty(), "{tool}.{prop} has no description");
+        }
+        assert!(
+            !tools[tool]["description"].as_str().unwrap().is_empty(),
+            "{tool}"
+        );
+    }
+    assert_eq!(
+        tools["lume_create_vm"]["inputSchema"]["properties"]["cpu"]["type"],
+        json!(["integer", "null"])
+    );
+
+    // lume's prompts and resources, for Linux guests.
+    assert_eq!(v["prompts"]["create-sandbox"], json!(["name"]));
+    assert_eq!(
+        v["prompts"]["run-in-sandbox"],
+        json!(["vm_name", "command"])
+    );
+    assert_eq!(
+        v["prompts"]["reset-sandbox"],
+        json!(["golden_image", "sandbox_name"])
+    );
+    assert!(
+        v["prompt_text"]
+            .as_str()
+            .unwrap()
+            .contains("Run this command in the 'agent' VM")
+    );
+    assert_eq!(
+        v["resources"],
+        json!(["lume://credentials", "lume://usage-guide"])
+    );
+    assert!(
+        v["credentials"]
+            .as_str()
+            .unwrap()
+            .contains("Username: lume")
+    );
+
+    // Bad calls are error results with the CLI's words; the session went on.
+    let bad = &v["bad"];
+    for key in bad.as_object().unwrap().keys() {
+        assert!(call(bad, key).0, "{key} should be an error result: {bad}");
+    }
+    assert!(
+        call(bad, "get_missing")
+            .1
+            .starts_with("Error: VM 'no-such-vm' does not exist"),
+        "{bad}"
+    );
+    assert!(call(bad, "bad_name").1.contains("Invalid name '../etc'"));
+    assert_eq!(
+        call(bad, "missing_arg").1,
+        "Error: Invalid arguments for lume_get_vm: missing field `name`; see the tool's input schema (tools/list)"
+    );
+    assert!(
+        call(bad, "wrong_type").1.starts_with(
+            "Error: Invalid arguments for lume_create_vm: invalid type: string \"many\""
+        ),
+        "{bad}"
+    );
+    assert!(call(bad, "bad_size").1.contains("Invalid memory 'lots'"));
+    assert!(
+        call(bad, "relative_image")
+            .1
+            .contains("not an absolute path")
+    );
+    assert!(
+        call(bad, "ipsw")
+            .1
+            .contains("ipsw is not supported by lume on Linux")
+    );
+    assert!(
+        call(bad, "shared_dir")
+            .1
+            .contains("shared_dir is not supported")
+    );
+    assert!(call(bad, "run_missing").1.contains("does not exist"));
+    assert!(call(bad, "exec_missing").1.contains("does not exist"));
+    assert!(
+        call(bad, "unknown_tool")
+            .1
+            .contains("Unknown tool: lume_frobnicate")
+    );
+
+    // create → run → exec → stop → clone → delete on the guest.
+    let flow = &v["flow"];
+    assert_eq!(call(flow, "list_before"), (false, "[]"));
+    let (err, text) = call(flow, "create");
+    assert!(!err, "{text}");
+    assert!(text.contains("VM 'agent' created: 2 CPUs"), "{text}");
+    let got: Value = serde_json::from_str(call(flow, "get").1).unwrap();
+    assert_eq!(got["name"], "agent");
+    assert_eq!(got["status"], "stopped");
+    assert_eq!(got["networkMode"], "nat");
+    let (err, text) = call(flow, "exec_stopped");
+    assert!(err && text.contains("VM 'agent' is not running"), "{text}");
+    let (err, text) = call(flow, "run");
+    assert!(!err, "{text}");
+    assert!(text.contains("VM 'agent' is running"), "{text}");
+    let (err, text) = call(flow, "clone_running");
+    assert!(err && text.contains("stop it before cloning"), "{text}");
+    let (err, text) = call(flow, "delete_running");
+    assert!(err && text.contains("is running"), "{text}");
+
+    let (err, text) = call(flow, "exec");
+    assert!(!err, "{text}");
+    // Progress notifications: run says it starts; exec that it waits for
+    // SSH (the guest was still booting), then that it runs the command.
+    let said = |key: &str| -> Vec<String> {
+        flow[key]["progress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["message"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    assert_eq!(
+        said("run").first().map(String::as_str),
+        Some("Starting VM 'agent'")
+    );
+    let waits = said("exec");
+    assert!(
+        waits[0].starts_with("Waiting for VM 'agent' to answer SSH"),
+        "{waits:?}"
+    );
+    assert_eq!(
+        waits.last().map(String::as_str),
+        Some("Running the command in VM 'agent'")
+    );
+    let r: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(r["exit_status"], 0, "{r}");
+    assert_eq!(r["stdout"], "agent\nlume\n", "hostname and user: {r}");
+    assert_eq!(r["stderr"], "oops\n", "{r}");
+    assert_eq!(r["timed_out"], false);
+    let (err, text) = call(flow, "exec_fails");
+    assert!(err, "a failing command is an error result: {text}");
+    let r: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        (&r["exit_status"], &r["stdout"], &r["stderr"]),
+        (&json!(3), &json!("out\n"), &json!("err\n"))
+    );
+    let (err, text) = call(flow, "exec_timeout");
+    assert!(err, "{text}");
+    let r: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        (&r["exit_status"], &r["timed_out"]),
+        (&json!(124), &json!(true))
+    );
+
+    let (err, text) = call(flow, "resize_running");
+    assert!(err && text.contains("is running"), "{text}");
+    let (err, text) = call(flow, "stop");
+    assert!(!err && text.contains("VM 'agent' stopped"), "{text}");
+    let (err, text) = call(flow, "resize");
+    assert!(!err && text.contains("disk resized to 4.0GB"), "{text}");
+    let (err, text) = call(flow, "shrink");
+    assert!(err && text.contains("can only grow"), "{text}");
+    let (err, text) = call(flow, "clone");
+    assert!(
+        !err && text.contains("VM 'agent-c' created as a clone"),
+        "{text}"
+    );
+    let listed: Value = serde_json::from_str(call(flow, "list_after_clone").1).unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["agent", "agent-c"]);
+    assert_eq!(call(flow, "delete_clone"), (false, "VM 'agent-c' deleted"));
+    assert_eq!(call(flow, "delete"), (false, "VM 'agent' deleted"));
+    assert_eq!(call(flow, "list_end"), (false, "[]"));
+    let ifs: Value = serde_json::from_str(call(flow, "interfaces").1).unwrap();
+    assert!(
+        ifs.as_array().unwrap().iter().any(|i| i["name"] == "up0"),
+        "{ifs}"
+    );
+    // What the CLI sees agrees.
+    assert!(!t.home.vm_dir("agent").exists());
+    assert!(!t.home.vm_dir("agent-c").exists());
+}
+
+/// Reads one JSON-RPC message from the server's standard output; every
+/// line there must be one.
+fn next_message(out: &mut impl BufRead) -> Value {
+    let mut line = String::new();
+    assert!(
+        out.read_line(&mut line).unwrap() > 0,
+        "server closed stdout"
+    );
+    serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("stdout line is not JSON-RPC ({e}): {line:?}"))
+}
+
+#[test]
+fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
+    let ns = Netns::new("mcr");
+    let home = Home::new();
+    // A kernel only root can read: `nobody` running the server must not
+    // get lume to copy it into a VM.
+    let secret = home.path().join("root-only-kernel");
+    std::fs::write(&secret, b"not for nobody").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let nobody_home = tempfile::Builder::new()
+        .prefix("lume-mcp-nobody-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        nobody_home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "setpriv"])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(common::lume_bin())
+        .args(["serve", "--mcp"])
+        .env("HOME", nobody_home.path())
+        .env("XDG_CONFIG_HOME", nobody_home.path().join(".config"))
+        .env("LUME_ACCEL", "tcg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut send = move |v: Value| {
+        writeln!(stdin, "{v}").unwrap();
+        stdin.flush().unwrap();
+    };
+    send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"}}}),
+    );
+    let init = next_message(&mut stdout);
+    assert_eq!(init["id"], 1);
+    assert_eq!(init["result"]["serverInfo"]["name"], "lume", "{init}");
+    // The protocol has its own copies of stdin/stdout: fd 0 is /dev/null
+    // and fd 1 is stderr, for every child the server starts and any stray
+    // print.
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), PathBuf::from("/dev/null"));
+    assert_eq!(fd(1), fd(2));
+    send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    send(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "lume_create_vm",
+        "arguments": {"name": "stolen", "kernel": secret.display().to_string(), "network": "none"}}}),
+    );
+    let r = next_message(&mut stdout);
+    assert_eq!(r["id"], 2, "{r}");
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    let text = r["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("the caller (uid 65534) lacks permission to read it"),
+        "{text}"
+    );
+    assert!(!nobody_home.path().join(".lume/stolen").exists());
+    // A call that logs on the way (create's notes) leaves stdout clean too.
+    send(
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "lume_list_vms", "arguments": {}}}),
+    );
+    let r = next_message(&mut stdout);
+    assert_eq!(r["id"], 3, "{r}");
+    assert_eq!(r["result"]["content"][0]["text"], "[]", "{r}");
+    drop(send);
+    // End of input ends the session and the server.
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(rest.trim().is_empty(), "stdout after the session: {rest:?}");
+    assert!(status.success(), "{status}");
+}
