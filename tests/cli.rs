@@ -1150,3 +1150,53 @@ fn messages_say_what_to_do_next() {
         "{e}"
     );
 }
+
+/// Run as a user (nobody), the doctor says what needs root and passes when
+/// network user works: a tun device that user may not open is a matter of
+/// rights, and the firewall it may not list is one line, not nft's output.
+#[test]
+fn network_doctor_as_a_user_passes_and_says_what_needs_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    // The test binary's target/ may not be open to nobody: a copy is.
+    let lume = dir.path().join("lume");
+    std::fs::copy(env!("CARGO_BIN_EXE_lume"), &lume).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&lume)
+        .args(["network", "doctor", "-f", "json"])
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .current_dir(&home)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let detail = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["detail"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert!(detail("privileges").contains("network user"), "{text}");
+    let tun = detail("/dev/net/tun");
+    assert!(!tun.contains("modprobe"), "{tun}");
+    let firewall = detail("other firewalls");
+    assert!(
+        firewall.starts_with("Listing the firewall needs root") && !firewall.contains('\n'),
+        "{firewall}"
+    );
+}
