@@ -1102,4 +1102,21 @@ mod tests {
         assert!(guide::read("lume://nope").is_none());
         assert!(guide::read(guide::USAGE_GUIDE_URI).is_some());
     }
+
+    #[test]
+    fn a_non_root_agent_is_told_to_use_user_networking() {
+        let p = guide::prompt("create-sandbox", None).unwrap();
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(text.contains(r#"network: \"user\""#), "{text}");
+        let r = guide::read(guide::USAGE_GUIDE_URI).unwrap();
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#"network: \"user\""#), "{text}");
+        // The default follows the server's rights (tests run as root).
+        let want = if crate::network::privilege::has_net_admin() {
+            "nat"
+        } else {
+            "user"
+        };
+        assert_eq!(default_network(), want);
+    }
 }
