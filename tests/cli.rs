@@ -160,7 +160,14 @@ fn bad_input_is_refused_and_creates_nothing() {
             &["create", "x", "--cpu", "0"],
             "CPU count must be at least 1",
         ),
-        (&["create", "x", "--memory", "1MB"], "at least 64MB"),
+        (
+            &["create", "x", "--memory", "1MB"],
+            "at least 64MB, for example 2GB",
+        ),
+        (
+            &["create", "x", "--disk-size", "0"],
+            "Disk size 0.0B is too small: give the VM at least 1MB, for example 20GB",
+        ),
         (
             &["create", "x", "--network", "vpn"],
             "nat, bridged, bridged:<interface>, host, user, none",
@@ -1198,5 +1205,36 @@ fn network_doctor_as_a_user_passes_and_says_what_needs_root() {
     assert!(
         firewall.starts_with("Listing the firewall needs root") && !firewall.contains('\n'),
         "{firewall}"
+    );
+}
+
+/// Text typed or piped into `lume serve --mcp` is not taken for a session
+/// that ended: the server says what it expected.
+#[test]
+fn serve_mcp_says_when_its_input_is_not_json_rpc() {
+    use std::io::Write;
+    let home = tempfile::tempdir().unwrap();
+    let run = |input: &[u8]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lume"))
+            .args(["serve", "--mcp"])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(b"hello\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Standard input was not MCP JSON-RPC"), "{err}");
+    assert!(out.stdout.is_empty());
+    let out = run(b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -497,3 +497,81 @@ mod tests {
         assert!(!t.contains("`lume stop"), "{t}");
     }
 }
+
+/// Standard input, watched for lines that cannot be MCP JSON-RPC (which
+/// the transport skips silently): a person who types into `lume serve
+/// --mcp`, or a pipe of text, is then told what the server expected.
+pub(super) struct Watched<R> {
+    inner: R,
+    at_line_start: bool,
+    foreign: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R> Watched<R> {
+    pub(super) fn new(inner: R) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let foreign = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = Self {
+            inner,
+            at_line_start: true,
+            foreign: foreign.clone(),
+        };
+        (w, foreign)
+    }
+
+    fn watch(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.at_line_start = true;
+            } else if self.at_line_start && !b.is_ascii_whitespace() {
+                // A JSON-RPC message is a JSON object (or a batch: an array).
+                if b != b'{' && b != b'[' {
+                    self.foreign
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.at_line_start = false;
+            }
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            this.watch(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod watched_tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncReadExt;
+
+    fn foreign(input: &'static [u8]) -> bool {
+        let (mut w, flag) = Watched::new(input);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        rt.block_on(w.read_to_end(&mut out)).unwrap();
+        assert_eq!(out, input);
+        flag.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn text_that_is_not_json_rpc_is_noticed() {
+        assert!(foreign(b"hello\n"));
+        assert!(foreign(b"{\"jsonrpc\":\"2.0\"}\nquit\n"));
+        assert!(!foreign(b"{\"jsonrpc\":\"2.0\"}\n\n  [{}]\r\n"));
+        assert!(!foreign(b""));
+    }
+}

@@ -964,6 +964,10 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("The MCP session could not start: the client must speak MCP on standard input/output")]
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "Standard input was not MCP JSON-RPC (one JSON object per line): `lume serve --mcp` is started by an MCP client such as an agent host, not typed into; register it with your agent host (docs/mcp.md)"
+    )]
+    NotMcp,
     #[error("The MCP session ended with an error")]
     Session(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -999,13 +1003,16 @@ pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     rt.block_on(async move {
         log("lume MCP server: serving on standard input/output");
-        let transport = (
-            tokio::fs::File::from_std(input),
-            tokio::fs::File::from_std(output),
-        );
+        let (input, foreign) = agent::Watched::new(tokio::fs::File::from_std(input));
+        let transport = (input, tokio::fs::File::from_std(output));
         let service = match LumeMcp::new(storage).serve(transport).await {
             Ok(s) => s,
             // Standard input closed before a session began: nothing to do.
+            Err(rmcp::service::ServerInitializeError::ConnectionClosed(_))
+                if foreign.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                return Err(ServeError::NotMcp);
+            }
             Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => {
                 log("lume MCP server: standard input closed before a session began");
                 return Ok(());
