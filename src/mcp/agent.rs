@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 
 use super::ToolError;
 use crate::guest::ssh::SshError;
+use crate::image::download::DownloadError;
+use crate::image::import::ImportError;
 use crate::network::attach::AttachError;
+use crate::network::publish::PublishError;
 use crate::vm::VmError;
 use crate::vm::store::StoreError;
 
@@ -19,6 +22,7 @@ pub(super) fn agent_message(e: &ToolError) -> Option<String> {
     Some(match e {
         ToolError::Vm(v) => return vm_message(v),
         ToolError::Store(s) => return store_message(s),
+        ToolError::Publish(p) => publish_message(p),
         ToolError::Ssh(s) => match s {
             SshError::NotRunning(n) => {
                 format!("VM '{n}' is not running: start it with lume_run_vm")
@@ -53,8 +57,23 @@ fn store_message(e: &StoreError) -> Option<String> {
         StoreError::NotFoundAnywhere { name, locations } => format!(
             "VM '{name}' does not exist in any VM location (searched: {locations}): list your VMs with lume_list_vms"
         ),
+        StoreError::Provisioning(n) => format!(
+            "VM '{n}' is still being created (status provisioning): wait until lume_get_vm shows it stopped, then try again"
+        ),
         _ => return None,
     })
+}
+
+fn publish_message(e: &PublishError) -> String {
+    match e {
+        PublishError::Syntax(v) => format!(
+            "Invalid publish entry '{v}': write [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp], for example \"8080:80\" or \"127.0.0.1:2222:22\""
+        ),
+        PublishError::Port(v) => {
+            format!("Invalid port in publish entry '{v}': ports are 1 to 65535")
+        }
+        e => e.to_string(),
+    }
 }
 
 fn vm_message(e: &VmError) -> Option<String> {
@@ -85,6 +104,23 @@ fn vm_message(e: &VmError) -> Option<String> {
         }
         VmError::Network(AttachError::NeedsNetAdmin(mode)) => format!(
             "Network mode '{mode}' needs root (or CAP_NET_ADMIN), which this MCP server does not have: use network: \"user\" (no privileges needed), or run the server as root"
+        ),
+        VmError::Network(AttachError::Publish(p)) => publish_message(p),
+        VmError::Network(AttachError::OwnBridge(i, mode)) => format!(
+            "Interface '{i}' is lume's own {mode} bridge: use network: \"{mode}\" instead of bridging onto it"
+        ),
+        VmError::Network(AttachError::LoopbackPublish(p, mode, _)) => format!(
+            "Cannot publish {p} in network mode '{mode}': a NAT port is forwarded from the host's own addresses, never from loopback; publish on a host address, or use network: \"user\", whose ports can listen on 127.0.0.1"
+        ),
+        VmError::Import(ImportError::TooLarge { source_name, limit })
+        | VmError::Import(ImportError::Download(DownloadError::TooLarge {
+            url: source_name,
+            limit,
+        })) => format!(
+            "Cannot import {source_name}: its disk is larger than {limit} bytes, the most lume accepts for this disk: give a larger disk_size if the image is right"
+        ),
+        VmError::ShutdownTimeout { name, seconds, .. } => format!(
+            "VM '{name}' was asked to power off but is still running after {seconds}s: call lume_stop_vm again with a larger timeout; it forces the VM off after it"
         ),
         VmError::NoGracefulShutdown(n) => format!(
             "VM '{n}' could not be asked to power off (no guest agent, no SSH, no ACPI power button): call lume_stop_vm again; it forces the VM off after its timeout"
@@ -422,6 +458,19 @@ mod tests {
                 "network: \"user\"",
             ),
             (SshError::NotRunning("web".into()).into(), "lume_run_vm"),
+            (
+                PublishError::Syntax("80".into()).into(),
+                "publish entry '80'",
+            ),
+            (StoreError::Provisioning(n.clone()).into(), "lume_get_vm"),
+            (
+                VmError::Import(ImportError::TooLarge {
+                    source_name: "d.qcow2".into(),
+                    limit: 5,
+                })
+                .into(),
+                "larger disk_size",
+            ),
             (
                 SshError::NoNetwork("web".into()).into(),
                 "network: \"user\"",

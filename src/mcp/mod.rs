@@ -57,6 +57,8 @@ pub enum ToolError {
     Keys(#[from] crate::guest::keys::KeyError),
     #[error(transparent)]
     Interfaces(#[from] crate::network::interfaces::InterfaceError),
+    #[error(transparent)]
+    Publish(#[from] crate::network::publish::PublishError),
     /// A value the CLI's parser would refuse: `why` is that parser's
     /// sentence, which names the value already.
     #[error("Argument {argument}: {why}")]
@@ -432,7 +434,7 @@ fn ports(
 ) -> Result<Vec<crate::network::publish::PortMapping>, ToolError> {
     list.unwrap_or_default()
         .iter()
-        .map(|p| parse("publish", p))
+        .map(|p| p.parse().map_err(ToolError::Publish))
         .collect()
 }
 
