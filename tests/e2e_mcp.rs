@@ -453,14 +453,31 @@ fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
         "{text}"
     );
     assert!(!nobody_home.path().join(".lume/stolen").exists());
-    // A call that logs on the way (create's notes) leaves stdout clean too.
+    // Without root, a VM created without `network` gets network user,
+    // which it can run (nat would be refused at lume_run_vm).
     send(
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-        "name": "lume_list_vms", "arguments": {}}}),
+        "name": "lume_create_vm", "arguments": {"name": "mine", "disk_size": 1}}}),
     );
     let r = next_message(&mut stdout);
     assert_eq!(r["id"], 3, "{r}");
-    assert_eq!(r["result"]["content"][0]["text"], "[]", "{r}");
+    let text = r["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        r["result"]["isError"] == false && text.contains("1.0GB disk, network user"),
+        "{r}"
+    );
+    // A call that logs on the way (create's notes) leaves stdout clean too.
+    send(
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+        "name": "lume_list_vms", "arguments": {}}}),
+    );
+    let r = next_message(&mut stdout);
+    assert_eq!(r["id"], 4, "{r}");
+    let listed: Value =
+        serde_json::from_str(r["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(listed[0]["name"], "mine", "{r}");
+    assert_eq!(listed[0]["networkMode"], "user", "{r}");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{r}");
     drop(send);
     // End of input ends the session and the server.
     let status = child.wait().unwrap();
