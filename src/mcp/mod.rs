@@ -65,13 +65,13 @@ pub enum ToolError {
     Argument { argument: &'static str, why: String },
     #[error("Invalid arguments for {tool}: {why}; see the tool's input schema (tools/list)")]
     Arguments { tool: String, why: String },
-    #[error("{argument} is not supported by lume on Linux ({why}): leave it out")]
+    #[error("Argument {argument} is not supported by lume on Linux ({why}): leave it out")]
     Unsupported {
         argument: &'static str,
         why: &'static str,
     },
     #[error(
-        "{argument} '{value}' is not an absolute path: give the full path (or one starting with ~/), as the server's working directory is not yours"
+        "Argument {argument} '{value}' is not an absolute path: give the full path (or one starting with ~/), as the server's working directory is not yours"
     )]
     RelativePath {
         argument: &'static str,
@@ -1077,6 +1077,16 @@ mod tests {
         assert!(
             text.starts_with("Error: Argument name: Invalid VM name 'a/b': "),
             "{text}"
+        );
+        let e = host_path("kernel", "vmlinuz").unwrap_err();
+        assert!(
+            error_text(&e).starts_with("Error: Argument kernel 'vmlinuz' is not an absolute path"),
+            "{e}"
+        );
+        let e = refuse(true, "ipsw", MACOS_ONLY).unwrap_err();
+        assert!(
+            error_text(&e).starts_with("Error: Argument ipsw is not supported"),
+            "{e}"
         );
         let e = size("memory", "lots").unwrap_err();
         let text = error_text(&e);
