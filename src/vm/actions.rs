@@ -59,9 +59,11 @@ pub enum VmError {
     NoCpu,
     #[error("CPU count {0} is more than QEMU supports here (at most 255)")]
     TooManyCpus(u32),
-    #[error("Memory size {0} is too small: give the VM at least 64MB")]
+    #[error("Memory size {0} is too small: give the VM at least 64MB, for example 2GB")]
     MemoryTooSmall(String),
-    #[error("Disk size {0} is too small: give the VM at least 1MB")]
+    #[error(
+        "Disk size {0} is too small: give the VM at least 1MB, for example 20GB (a cloud image needs a few GB)"
+    )]
     DiskTooSmall(String),
     #[error("Disk size {0} is too large: lume's disks are at most 1024TB")]
     DiskTooLarge(String),
