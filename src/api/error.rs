@@ -224,6 +224,7 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
     match e {
         R::BadReference(_)
         | R::BadRegistry(_)
+        | R::BadOrganization(_)
         | R::NotLume { .. }
         | R::ForeignOs { .. }
         | R::ChunkSize(_)
@@ -234,7 +235,9 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         R::NotFound { .. } => StatusCode::NOT_FOUND,
         R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
         R::Running(_) => StatusCode::CONFLICT,
-        R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
+        R::Unreachable { .. } | R::Unresolved { .. } | R::Protocol { .. } | R::Corrupt { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
         R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

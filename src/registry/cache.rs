@@ -60,6 +60,8 @@ pub struct Cache {
     /// `cacheDirectory/ghcr`.
     pub root: PathBuf,
     pub enabled: bool,
+    /// config.yaml's registry (where the environment's token may go).
+    pub token_registry: String,
 }
 
 impl Cache {
@@ -67,6 +69,7 @@ impl Cache {
         Ok(Self {
             root: settings.cache_directory()?.join("ghcr"),
             enabled: settings.caching_enabled()?,
+            token_registry: settings.registry()?.registry,
         })
     }
 

@@ -124,9 +124,10 @@ pub fn pull_into(
         spec.username.as_deref(),
         spec.password.as_deref(),
         caller,
+        &cache.token_registry,
     )?;
     let rt = super::runtime()?;
-    let client = super::auth::client(&spec.image, PARALLEL);
+    let (client, _gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
     let oref = spec.image.oci();
     let image_s = spec.image.to_string();
     let registry = spec.image.registry.clone();
@@ -525,9 +526,7 @@ async fn fetch_blob(
                 if resumes > RESUMES {
                     return Err(RegistryError::Protocol {
                         registry: registry.clone(),
-                        source: oci_client::errors::OciDistributionError::GenericError(Some(
-                            format!("the transfer of {} broke off {resumes} times", d.digest),
-                        )),
+                        detail: format!("the transfer of {} broke off {resumes} times", d.digest),
                     });
                 }
             }
