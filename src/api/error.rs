@@ -225,6 +225,7 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         R::BadReference(_)
         | R::BadRegistry(_)
         | R::BadOrganization(_)
+        | R::UnsafeCache { .. }
         | R::NotLume { .. }
         | R::ForeignOs { .. }
         | R::ChunkSize(_)

@@ -84,6 +84,10 @@ pub enum RegistryError {
         "Cached blob {path} does not match its digest: it was removed; pull again to fetch it anew"
     )]
     CorruptCache { path: PathBuf },
+    #[error(
+        "The image cache is not safe to use: {dir} can be changed by {who}, who could redirect what root writes there; make it owned by root and not writable by group or others, or set another `cacheDirectory` (`lume config cache set DIR`)"
+    )]
+    UnsafeCache { dir: PathBuf, who: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

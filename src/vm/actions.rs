@@ -455,11 +455,11 @@ pub fn execute(
         Action::Images { organization } => {
             crate::registry::reference::check_organization(&organization)?;
             Ok(Outcome::Images(
-                crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization),
+                crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization)?,
             ))
         }
         Action::Prune => Ok(Outcome::Pruned(
-            crate::registry::cache::Cache::new(&ctx.settings)?.prune()?,
+            crate::registry::cache::Cache::new(&ctx.settings)?.prune(note)?,
         )),
     }
 }
