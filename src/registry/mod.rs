@@ -52,7 +52,7 @@ pub enum RegistryError {
         source: oci_client::errors::OciDistributionError,
     },
     #[error(
-        "Registry {registry} could not be reached: {source}; check the name, the network and the DNS settings"
+        "Registry {registry} could not be reached: its name does not resolve; check the name, the network and the DNS settings"
     )]
     Unresolved {
         registry: String,
@@ -88,6 +88,10 @@ pub enum RegistryError {
         "The image cache is not safe to use: {dir} can be changed by {who}, who could redirect what root writes there; make it owned by root and not writable by group or others, or set another `cacheDirectory` (`lume config cache set DIR`)"
     )]
     UnsafeCache { dir: PathBuf, who: String },
+    #[error(
+        "Not enough disk space for the image: its blobs need {need} bytes in {dir}, which has {free} free; free some space, prune the cache (`lume prune`) or set another `cacheDirectory`"
+    )]
+    NoSpace { dir: PathBuf, need: u64, free: u64 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -157,11 +157,11 @@ pub fn pull_into(
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
-                why: format!("its manifest is not an image manifest: {e}"),
+                why: super::excerpt(&format!("its manifest is not an image manifest: {e}")),
             })?;
         let plan = format::plan(&manifest).map_err(|why| RegistryError::NotLume {
             image: image_s.clone(),
-            why,
+            why: super::excerpt(&why),
         })?;
         Ok::<_, RegistryError>(Remote {
             bytes: bytes.to_vec(),
@@ -253,6 +253,28 @@ pub fn pull_into(
             size: u64::MAX,
             max: MAX_DISK,
         })?;
+    // The blobs land in the cache before they are unpacked: refuse a pull
+    // that cannot fit rather than fill the disk half way.
+    let need: u64 = unique
+        .iter()
+        .filter_map(|d| {
+            let hex = d.sha256_hex()?;
+            let have = |p: &Path| fs::symlink_metadata(p).map_or(0, |m| m.len());
+            if have(&dir.blob(hex)) == d.size {
+                return Some(0);
+            }
+            Some(d.size.saturating_sub(have(&dir.partial(hex))))
+        })
+        .fold(0u64, u64::saturating_add);
+    if let Some(free) = free_bytes(&dir.dir)
+        && free < need
+    {
+        return Err(RegistryError::NoSpace {
+            dir: dir.dir.clone(),
+            need,
+            free,
+        });
+    }
     let bar = progress_bar(spec.progress, total);
     let pipelined = remote.plan.format == Format::Current;
     let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
@@ -441,6 +463,21 @@ fn vm_config(
         cloud_init: CloudInit::default(),
         extra: Default::default(),
     })
+}
+
+/// Bytes available to lume's user on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid C string and `st` a buffer statvfs fills.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// The host's CPU count and memory in bytes.
