@@ -48,11 +48,16 @@ impl Drop for Gate {
 impl Gate {
     /// Starts the gate on the current tokio runtime.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(is_private).await
+    }
+
+    /// A gate refusing the addresses `refused` says yes to.
+    async fn start_with(refused: fn(IpAddr) -> bool) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn));
+                tokio::spawn(serve(conn, refused));
             }
         });
         Ok(Self { addr, task })
@@ -73,7 +78,7 @@ pub enum Refusal {
     Unresolved,
 }
 
-async fn serve(mut conn: TcpStream) {
+async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await {
         Ok(Ok(h)) => h,
         _ => return,
@@ -85,7 +90,7 @@ async fn serve(mut conn: TcpStream) {
             return;
         }
     };
-    let addr = match resolve_public(&target.0, target.1).await {
+    let addr = match resolve_allowed(&target.0, target.1, refused).await {
         Ok(a) => a,
         Err(r) => {
             let _ = refuse(&mut conn, &r).await;
@@ -166,6 +171,14 @@ pub fn parse_connect(head: &[u8]) -> Result<(String, u16), Refusal> {
 /// The first address of `host`, when every address it resolves to is
 /// public.
 pub async fn resolve_public(host: &str, port: u16) -> Result<SocketAddr, Refusal> {
+    resolve_allowed(host, port, is_private).await
+}
+
+async fn resolve_allowed(
+    host: &str,
+    port: u16,
+    refused: fn(IpAddr) -> bool,
+) -> Result<SocketAddr, Refusal> {
     let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::net::lookup_host((host, port))
@@ -173,7 +186,7 @@ pub async fn resolve_public(host: &str, port: u16) -> Result<SocketAddr, Refusal
             .map_err(|_| Refusal::Unresolved)?
             .collect(),
     };
-    if let Some(a) = addrs.iter().find(|a| is_private(a.ip())) {
+    if let Some(a) = addrs.iter().find(|a| refused(a.ip())) {
         return Err(Refusal::Private(a.ip()));
     }
     addrs.first().copied().ok_or(Refusal::Unresolved)
@@ -236,6 +249,59 @@ mod tests {
             accepted.is_err(),
             "the gate connected to a loopback address"
         );
+    }
+
+    /// What the gate lets through is a real tunnel (here to a loopback
+    /// echo service, with a gate that refuses nothing).
+    #[tokio::test]
+    async fn an_allowed_connect_is_tunnelled() {
+        let echo = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        let gate = Gate::start_with(|_| false).await.unwrap();
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.write_all(format!("CONNECT localhost:{port} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+    }
+
+    /// The registry client really goes through the gate: a pull from a
+    /// loopback "registry" never reaches it (without the gate it would).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_connects_only_through_the_gate() {
+        let registry = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = registry.local_addr().unwrap().port();
+        let image =
+            crate::registry::ImageRef::parse("a:1", &format!("127.0.0.1:{port}"), "test").unwrap();
+        let gate = Gate::start().await.unwrap();
+        let client = crate::registry::auth::client(&image, 1, Some(&gate));
+        let r = client
+            .pull_manifest_raw(
+                &image.oci(),
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                &["application/vnd.oci.image.manifest.v1+json"],
+            )
+            .await;
+        assert!(r.is_err());
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(300), registry.accept()).await;
+        assert!(accepted.is_err(), "the client went around the gate");
     }
 
     #[test]
