@@ -989,6 +989,8 @@ fn config_routes_answer_as_lume() {
         ),
         ("DELETE", "/lume/config/locations/home", None),
         ("POST", "/lume/config/locations/default/home", None),
+        // The image cache is the server's: nobody may not empty it.
+        ("POST", "/lume/prune", None),
     ] {
         let (st, reply) = call(&ns, &server, true, method, path, body);
         assert_eq!(st, 403, "{method} {path}: {reply}");
@@ -1000,6 +1002,20 @@ fn config_routes_answer_as_lume() {
         );
     }
     assert_eq!(std::fs::read_to_string(home.config_yaml()).unwrap(), before);
+    // The cache stays readable; an organization outside it is refused.
+    let (st, reply) = call(&ns, &server, true, "GET", "/lume/images", None);
+    assert_eq!(st, 200, "{reply}");
+    for org in ["/etc", "..", "a/../../etc"] {
+        let (st, reply) = call(
+            &ns,
+            &server,
+            true,
+            "GET",
+            &format!("/lume/images?organization={org}"),
+            None,
+        );
+        assert_eq!(st, 400, "{org}: {reply}");
+    }
     // The server's own user neither, through a root-owned link into
     // nobody's folder: refused, and nothing is made there.
     let top = tempfile::tempdir().unwrap();

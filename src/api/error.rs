@@ -224,6 +224,8 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
     match e {
         R::BadReference(_)
         | R::BadRegistry(_)
+        | R::BadOrganization(_)
+        | R::UnsafeCache { .. }
         | R::NotLume { .. }
         | R::ForeignOs { .. }
         | R::ChunkSize(_)
@@ -234,8 +236,12 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         R::NotFound { .. } => StatusCode::NOT_FOUND,
         R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
         R::Running(_) => StatusCode::CONFLICT,
-        R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
-        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        R::Unreachable { .. } | R::Unresolved { .. } | R::Protocol { .. } | R::Corrupt { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
+        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) | R::NoSpace { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 

@@ -2083,6 +2083,13 @@ pub async fn prune_images(
     State(st): State<Arc<AppState>>,
     Who(caller): Who,
 ) -> ApiResult<Json<RegistryAnswer>> {
+    // The cache is the server's: emptying it is for the server's own user.
+    if !st.owns_server(&caller) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Pruning the image cache is refused: only the user the server runs as may empty the server's cache; ask that user, or prune your own cache with `lume prune`",
+        ));
+    }
     match in_location(&st, &caller, None, |ctx| run(ctx, Action::Prune)).await? {
         Outcome::Pruned(_) => Ok(Json(RegistryAnswer {
             message: "Successfully removed cached images".into(),

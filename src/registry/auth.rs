@@ -3,7 +3,9 @@
 //! Credentials, first found wins: `--username`/`--password` (or the API
 //! request's), lume's environment variables `GITHUB_USERNAME`/`GHCR_USERNAME`
 //! with `GITHUB_TOKEN`/`GHCR_TOKEN` (only when the caller is the user lume
-//! runs as: an API caller never gets the server's secrets), then the
+//! runs as: an API caller never gets the server's secrets; and only to
+//! `ghcr.io` or the registry config.yaml's `registry.ghcr.registry` names,
+//! never to a registry named on the command line), then the
 //! `auths` entry for the registry in the calling user's Docker config
 //! (for the user lume runs as `$DOCKER_CONFIG/config.json`, else
 //! `$HOME/.docker/config.json`; for an API caller the `.docker/config.json`
@@ -33,11 +35,14 @@ pub const INSECURE_ENV: &str = "LUME_INSECURE_REGISTRIES";
 const MAX_DOCKER_CONFIG: u64 = 1 << 20;
 
 /// Credentials for `image`, as described in the module documentation.
+/// `token_registry` is config.yaml's registry: the environment's token goes
+/// there or to ghcr.io only.
 pub fn credentials(
     image: &ImageRef,
     username: Option<&str>,
     password: Option<&str>,
     caller: &Caller,
+    token_registry: &str,
 ) -> Result<RegistryAuth, RegistryError> {
     if let (Some(u), Some(p)) = (username, password)
         && !u.is_empty()
@@ -45,7 +50,7 @@ pub fn credentials(
         return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
     }
     let own = caller.uid == nix::unistd::getuid().as_raw();
-    if own {
+    if own && env_token_goes_to(&image.registry, token_registry) {
         let env = |a: &str, b: &str| {
             std::env::var(a)
                 .ok()
@@ -66,6 +71,11 @@ pub fn credentials(
         return Ok(auth);
     }
     Ok(RegistryAuth::Anonymous)
+}
+
+/// Whether the environment's GitHub token may be sent to `registry`.
+pub fn env_token_goes_to(registry: &str, token_registry: &str) -> bool {
+    registry.eq_ignore_ascii_case("ghcr.io") || registry.eq_ignore_ascii_case(token_registry)
 }
 
 fn docker_config_path(caller: &Caller, own: bool) -> Option<PathBuf> {
@@ -160,13 +170,20 @@ pub fn plain_http(registry: &str) -> bool {
     })
 }
 
-/// The `oci-client` for `image`'s registry.
-pub fn client(image: &ImageRef, concurrency: usize) -> oci_client::Client {
-    let protocol = if plain_http(&image.registry) {
+/// The `oci-client` for `image`'s registry. With `gate` (public-only
+/// transfers, see [`super::guard`]) every connection goes through the gate
+/// and plain HTTP is never used.
+pub fn client(
+    image: &ImageRef,
+    concurrency: usize,
+    gate: Option<&super::guard::Gate>,
+) -> oci_client::Client {
+    let protocol = if gate.is_none() && plain_http(&image.registry) {
         ClientProtocol::HttpsExcept(vec![image.registry.clone()])
     } else {
         ClientProtocol::Https
     };
+    let proxy = gate.map(|g| g.url());
     oci_client::Client::new(ClientConfig {
         protocol,
         max_concurrent_download: concurrency,
@@ -174,8 +191,29 @@ pub fn client(image: &ImageRef, concurrency: usize) -> oci_client::Client {
         connect_timeout: Some(std::time::Duration::from_secs(30)),
         read_timeout: Some(std::time::Duration::from_secs(120)),
         user_agent: concat!("lume-linux/", env!("CARGO_PKG_VERSION")),
+        https_proxy: proxy.clone(),
+        http_proxy: proxy,
         ..Default::default()
     })
+}
+
+/// The client for a transfer on `rt`, behind a gate when `public_only`
+/// (the gate lives as long as the returned guard).
+pub fn connect(
+    image: &ImageRef,
+    concurrency: usize,
+    public_only: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(oci_client::Client, Option<super::guard::Gate>), RegistryError> {
+    let gate = if public_only {
+        Some(
+            rt.block_on(super::guard::Gate::start())
+                .map_err(RegistryError::Runtime)?,
+        )
+    } else {
+        None
+    };
+    Ok((client(image, concurrency, gate.as_ref()), gate))
 }
 
 /// For API callers without `apiPrivateImageUrls`: the registry's name must
@@ -190,8 +228,8 @@ pub fn check_public(image: &ImageRef) -> Result<(), RegistryError> {
     let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
         Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-            .map_err(|source| RegistryError::Io {
-                path: PathBuf::from(&image.registry),
+            .map_err(|source| RegistryError::Unresolved {
+                registry: image.registry.clone(),
                 source,
             })?
             .map(|a| a.ip())
@@ -255,6 +293,16 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// GITHUB_TOKEN is never handed to a registry the user merely named.
+    #[test]
+    fn env_token_only_for_ghcr_or_the_configured_registry() {
+        assert!(env_token_goes_to("ghcr.io", "ghcr.io"));
+        assert!(env_token_goes_to("GHCR.io", "r.example"));
+        assert!(env_token_goes_to("r.example:5000", "r.example:5000"));
+        assert!(!env_token_goes_to("evil.example", "ghcr.io"));
+        assert!(!env_token_goes_to("ghcr.io.evil.example", "ghcr.io"));
     }
 
     #[test]

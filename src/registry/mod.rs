@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cache;
 pub mod format;
+pub mod guard;
 pub mod pull;
 pub mod push;
 pub mod reference;
@@ -28,6 +29,10 @@ pub enum RegistryError {
         "Image reference '{0}' is not valid: give NAME:TAG (lowercase letters, digits, '.', '_', '-' and '/' in NAME; letters, digits, '.', '_' and '-' in TAG)"
     )]
     BadReference(String),
+    #[error(
+        "Organization '{0}' is not valid: give lowercase letters, digits, '.', '_', '-' and '/' between names (as in an image's repository)"
+    )]
+    BadOrganization(String),
     #[error("Registry '{0}' is not a valid registry host: give HOST or HOST:PORT")]
     BadRegistry(String),
     #[error(
@@ -46,12 +51,19 @@ pub enum RegistryError {
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
-    #[error("Registry {registry} failed: {source}; try again, or check the image and the registry")]
-    Protocol {
+    #[error(
+        "Registry {registry} could not be reached: its name does not resolve; check the name, the network and the DNS settings"
+    )]
+    Unresolved {
         registry: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: std::io::Error,
     },
+    /// `detail` is a short excerpt of what the registry said, control
+    /// characters escaped ([`excerpt`]): a registry's answer is never
+    /// passed on whole.
+    #[error("Registry {registry} failed: {detail}; try again, or check the image and the registry")]
+    Protocol { registry: String, detail: String },
     #[error(
         "Image {image} is not a lume VM image ({why}): pull images pushed by lume (`lume push`)"
     )]
@@ -72,6 +84,14 @@ pub enum RegistryError {
         "Cached blob {path} does not match its digest: it was removed; pull again to fetch it anew"
     )]
     CorruptCache { path: PathBuf },
+    #[error(
+        "The image cache is not safe to use: {dir} can be changed by {who}, who could redirect what root writes there; make it owned by root and not writable by group or others, or set another `cacheDirectory` (`lume config cache set DIR`)"
+    )]
+    UnsafeCache { dir: PathBuf, who: String },
+    #[error(
+        "Not enough disk space for the image: its blobs need {need} bytes in {dir}, which has {free} free; free some space, prune the cache (`lume prune`) or set another `cacheDirectory`"
+    )]
+    NoSpace { dir: PathBuf, need: u64, free: u64 },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -145,7 +165,7 @@ pub(crate) fn classify(
             } else {
                 RegistryError::Protocol {
                     registry: registry.to_string(),
-                    source: e,
+                    detail: excerpt(&e.to_string()),
                 }
             }
         }
@@ -163,9 +183,23 @@ pub(crate) fn classify(
         },
         _ => RegistryError::Protocol {
             registry: registry.to_string(),
-            source: e,
+            detail: excerpt(&e.to_string()),
         },
     }
+}
+
+/// Longest excerpt of a registry's text lume passes on.
+const EXCERPT_CHARS: usize = 200;
+
+/// A registry's text as lume passes it on (in errors, hence in API answers
+/// and the server log): control characters escaped, at most
+/// [`EXCERPT_CHARS`] characters.
+pub fn excerpt(text: &str) -> String {
+    let mut out: String = text.chars().take(EXCERPT_CHARS).collect();
+    if text.chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    crate::api::escape_controls(&out)
 }
 
 /// A tokio runtime for one transfer (the actions are synchronous).
@@ -175,4 +209,29 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RegistryError> {
         .enable_all()
         .build()
         .map_err(RegistryError::Runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registry's error body (here what a redirect to an internal
+    /// service answered) never reaches the caller whole.
+    #[test]
+    fn registry_text_is_cut_and_escaped() {
+        let body = format!("\x1b[31mline1\nforged {}", "S".repeat(10_000));
+        let e = classify(
+            oci_client::errors::OciDistributionError::ServerError {
+                code: 500,
+                url: "http://r/v2/".into(),
+                message: body,
+            },
+            "r.example",
+            "r.example/a/b:c",
+        );
+        let text = e.to_string();
+        assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
+        assert!(text.len() < 400, "{text}");
+        assert!(!text.contains('\n') && !text.contains('\x1b'), "{text}");
+    }
 }

@@ -31,6 +31,17 @@ const PARALLEL: usize = 4;
 const MAX_CONFIG: u64 = 1 << 20;
 /// Largest disk lume pulls (as `create`'s limit).
 const MAX_DISK: u64 = 1 << 50;
+/// A transfer slower than this many bytes per [`RATE_WINDOW`] (or silent
+/// that long) is broken off and resumed; after [`RESUMES`] the pull fails,
+/// so a registry trickling bytes cannot hold the cache lock for ever.
+const MIN_WINDOW_BYTES: u64 = 64 << 10;
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Largest blob accepted for a part that unpacks to at most `max_len`
+/// bytes: compression never grows data by more than a small fraction.
+fn max_blob(max_len: u64) -> u64 {
+    max_len.saturating_add(max_len / 64).saturating_add(1 << 20)
+}
 
 /// What `pull` needs.
 #[derive(Debug, Clone)]
@@ -124,9 +135,10 @@ pub fn pull_into(
         spec.username.as_deref(),
         spec.password.as_deref(),
         caller,
+        &cache.token_registry,
     )?;
     let rt = super::runtime()?;
-    let client = super::auth::client(&spec.image, PARALLEL);
+    let (client, _gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
     let oref = spec.image.oci();
     let image_s = spec.image.to_string();
     let registry = spec.image.registry.clone();
@@ -145,11 +157,11 @@ pub fn pull_into(
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
-                why: format!("its manifest is not an image manifest: {e}"),
+                why: super::excerpt(&format!("its manifest is not an image manifest: {e}")),
             })?;
         let plan = format::plan(&manifest).map_err(|why| RegistryError::NotLume {
             image: image_s.clone(),
-            why,
+            why: super::excerpt(&why),
         })?;
         Ok::<_, RegistryError>(Remote {
             bytes: bytes.to_vec(),
@@ -158,7 +170,8 @@ pub fn pull_into(
         })
     })?;
     let manifest_id = Cache::manifest_id(&remote.bytes);
-    let dir = cache.open_image(&spec.image.organization, &manifest_id, &mut || {
+    let dir_name = cache.dir_name(&manifest_id, &spec.image.registry);
+    let dir = cache.open_image(&spec.image.organization, &dir_name, &mut || {
         note(&format!(
             "Another pull of {image_s} is using the cache: waiting for it to finish"
         ))
@@ -218,11 +231,50 @@ pub fn pull_into(
     // (two unpacking threads), the legacy one in order afterwards.
     let mut unique: Vec<&Descriptor> = Vec::new();
     for p in &remote.plan.parts {
+        let limit = max_blob(p.max_len.min(disk_size));
+        if p.blob.size > limit {
+            return Err(RegistryError::NotLume {
+                image: image_s,
+                why: format!(
+                    "its disk part {} is {} bytes, more than a part of its disk can be",
+                    p.blob.digest, p.blob.size
+                ),
+            });
+        }
         if !unique.iter().any(|d| d.digest == p.blob.digest) {
             unique.push(&p.blob);
         }
     }
-    let total: u64 = unique.iter().map(|d| d.size).sum();
+    // Sizes come from the registry: summed without overflow.
+    let total: u64 = unique
+        .iter()
+        .try_fold(0u64, |t, d| t.checked_add(d.size))
+        .ok_or(RegistryError::TooLarge {
+            size: u64::MAX,
+            max: MAX_DISK,
+        })?;
+    // The blobs land in the cache before they are unpacked: refuse a pull
+    // that cannot fit rather than fill the disk half way.
+    let need: u64 = unique
+        .iter()
+        .filter_map(|d| {
+            let hex = d.sha256_hex()?;
+            let have = |p: &Path| fs::symlink_metadata(p).map_or(0, |m| m.len());
+            if have(&dir.blob(hex)) == d.size {
+                return Some(0);
+            }
+            Some(d.size.saturating_sub(have(&dir.partial(hex))))
+        })
+        .fold(0u64, u64::saturating_add);
+    if let Some(free) = free_bytes(&dir.dir)
+        && free < need
+    {
+        return Err(RegistryError::NoSpace {
+            dir: dir.dir.clone(),
+            need,
+            free,
+        });
+    }
     let bar = progress_bar(spec.progress, total);
     let pipelined = remote.plan.format == Format::Current;
     let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
@@ -378,6 +430,9 @@ fn vm_config(
         .or(cfg_u64("memorySize"))
         .filter(|m| (64 << 20..=1 << 40).contains(m))
         .unwrap_or(2 << 30);
+    // An image never asks for more than this host has.
+    let (host_cpus, host_memory) = host_resources();
+    let (cpu, memory) = clamp_to_host(cpu, memory, host_cpus, host_memory, note);
     // An image never chooses a host interface: bridged images come as nat.
     let mode = m
         .annotation("org.trycua.lume.network-mode")
@@ -408,6 +463,67 @@ fn vm_config(
         cloud_init: CloudInit::default(),
         extra: Default::default(),
     })
+}
+
+/// Bytes available to lume's user on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid C string and `st` a buffer statvfs fills.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs succeeded, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// The host's CPU count and memory in bytes.
+fn host_resources() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // SAFETY: sysconf only reads system values.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let memory = if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        u64::MAX
+    };
+    (cpus, memory)
+}
+
+/// An image's CPU count and memory, at most the host's (with a note).
+fn clamp_to_host(
+    cpu: u32,
+    memory: u64,
+    host_cpus: u32,
+    host_memory: u64,
+    note: &mut dyn FnMut(&str),
+) -> (u32, u64) {
+    let cpu = if cpu > host_cpus {
+        note(&format!(
+            "The image asks for {cpu} CPUs; this host has {host_cpus}, so the VM gets {host_cpus} (change it with `lume set --cpu`)"
+        ));
+        host_cpus.max(1)
+    } else {
+        cpu
+    };
+    // Whole MiB, as lume sizes memory.
+    let host_memory = host_memory & !((1 << 20) - 1);
+    let memory = if memory > host_memory && host_memory >= 64 << 20 {
+        note(&format!(
+            "The image asks for {} MiB of memory; this host has {} MiB, so the VM gets that (change it with `lume set --memory`)",
+            memory >> 20,
+            host_memory >> 20
+        ));
+        host_memory
+    } else {
+        memory
+    };
+    (cpu, memory)
 }
 
 /// Opens a cache file for appending without following a link.
@@ -498,9 +614,29 @@ async fn fetch_blob(
                 }
             };
             let mut broke = false;
-            while let Some(chunk) = stream.next().await {
+            let mut window = tokio::time::Instant::now();
+            let mut window_bytes = 0u64;
+            loop {
+                let chunk = match tokio::time::timeout(RATE_WINDOW, stream.next()).await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => {
+                        broke = true;
+                        break;
+                    }
+                };
                 match chunk {
                     Ok(bytes) => {
+                        window_bytes += bytes.len() as u64;
+                        if window.elapsed() >= RATE_WINDOW {
+                            if window_bytes < MIN_WINDOW_BYTES {
+                                // Too slow to ever finish: broken off.
+                                broke = true;
+                                break;
+                            }
+                            window = tokio::time::Instant::now();
+                            window_bytes = 0;
+                        }
                         if have + bytes.len() as u64 > d.size {
                             // Longer than the manifest says: corrupt.
                             have = d.size + 1;
@@ -525,9 +661,7 @@ async fn fetch_blob(
                 if resumes > RESUMES {
                     return Err(RegistryError::Protocol {
                         registry: registry.clone(),
-                        source: oci_client::errors::OciDistributionError::GenericError(Some(
-                            format!("the transfer of {} broke off {resumes} times", d.digest),
-                        )),
+                        detail: format!("the transfer of {} broke off {resumes} times", d.digest),
                     });
                 }
             }
@@ -589,4 +723,22 @@ fn decode_one(
         return Err(RegistryError::CorruptCache { path });
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image asking for 255 CPUs and 1 TiB gets the host's at most.
+    #[test]
+    fn image_resources_are_clamped_to_the_host() {
+        let mut notes = Vec::new();
+        let (c, m) = clamp_to_host(255, 1 << 40, 2, (4 << 30) + 123, &mut |n| {
+            notes.push(n.to_string())
+        });
+        assert_eq!((c, m), (2, 4 << 30));
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        let (c, m) = clamp_to_host(1, 1 << 30, 2, 4 << 30, &mut |_| panic!("no note"));
+        assert_eq!((c, m), (1, 1 << 30));
+    }
 }

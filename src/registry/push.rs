@@ -66,6 +66,7 @@ pub fn push(
     spec: &PushSpec,
     caller: &Caller,
     scratch: &Path,
+    token_registry: &str,
     note: &mut dyn FnMut(&str),
 ) -> Result<Pushed, RegistryError> {
     if !(1..=4096).contains(&spec.chunk_size_mb) {
@@ -101,12 +102,13 @@ pub fn push(
 
     let config = format::config_blob();
     let config_digest = format::digest_of(&config);
-    let client = super::auth::client(&spec.image, 4);
+    let rt = super::runtime()?;
+    let (client, _gate) =
+        super::auth::connect(&spec.image, 4, spec.public_only && !spec.dry_run, &rt)?;
     let oref = spec.image.oci();
     let registry = spec.image.registry.clone();
     let image_s = spec.image.to_string();
     let err = |e| classify(e, &registry, &image_s);
-    let rt = super::runtime()?;
     if !spec.dry_run {
         // Credentials and the config first: a refusal comes before any work.
         let auth = super::auth::credentials(
@@ -114,6 +116,7 @@ pub fn push(
             spec.username.as_deref(),
             spec.password.as_deref(),
             caller,
+            token_registry,
         )?;
         rt.block_on(async {
             client

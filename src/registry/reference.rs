@@ -77,6 +77,16 @@ impl std::fmt::Display for ImageRef {
     }
 }
 
+/// Refuses an organization that is not an OCI repository path (so it can
+/// never name a path outside the cache: no `/` at the start, no `..`).
+pub fn check_organization(organization: &str) -> Result<(), RegistryError> {
+    if valid_repository(organization) {
+        Ok(())
+    } else {
+        Err(RegistryError::BadOrganization(organization.to_string()))
+    }
+}
+
 /// `HOST` of `HOST:PORT` or `[V6]:PORT`.
 pub fn host_of(registry: &str) -> &str {
     if let Some(rest) = registry.strip_prefix('[') {
@@ -162,5 +172,9 @@ mod tests {
             assert!(ImageRef::parse("a:1", reg, "trycua").is_err(), "{reg}");
         }
         assert!(ImageRef::parse("a:1", "ghcr.io", "../etc").is_err());
+        for org in ["/etc", "../x", "a/../../b", "a//b", "", ".", "A"] {
+            assert!(check_organization(org).is_err(), "{org}");
+        }
+        assert!(check_organization("team/vms").is_ok());
     }
 }

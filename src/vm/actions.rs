@@ -454,11 +454,14 @@ pub fn execute(
         } => delete(ctx, &name, force, confirmed, note),
         Action::Pull(spec) => pull(ctx, &spec, note).map(Outcome::Pulled),
         Action::Push { name, spec } => push(ctx, &name, &spec, note).map(Outcome::Pushed),
-        Action::Images { organization } => Ok(Outcome::Images(
-            crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization),
-        )),
+        Action::Images { organization } => {
+            crate::registry::reference::check_organization(&organization)?;
+            Ok(Outcome::Images(
+                crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization)?,
+            ))
+        }
         Action::Prune => Ok(Outcome::Pruned(
-            crate::registry::cache::Cache::new(&ctx.settings)?.prune()?,
+            crate::registry::cache::Cache::new(&ctx.settings)?.prune(note)?,
         )),
     }
 }
@@ -585,7 +588,8 @@ fn push(
         spec.public_only = false;
     }
     let scratch = store.work_dir("pushing", name)?;
-    let r = crate::registry::push::push(&vm, &spec, &ctx.caller, &scratch, note);
+    let token_registry = ctx.settings.registry()?.registry;
+    let r = crate::registry::push::push(&vm, &spec, &ctx.caller, &scratch, &token_registry, note);
     let _ = fs::remove_dir_all(&scratch);
     Ok(r?)
 }

@@ -1,0 +1,326 @@
+//! The gate every connection of a public-only transfer goes through.
+//!
+//! `oci-client` 0.18 builds its own HTTP client and follows, unchecked,
+//! what a registry tells it: the token `realm` URL of a 401, redirects of
+//! manifest and blob requests, the `Location` of an upload. It offers no
+//! way to give it a DNS resolver, but it does take a proxy. So for an API
+//! caller without `apiPrivateImageUrls`, lume runs this small HTTP proxy on
+//! loopback for the length of the transfer and points the client at it:
+//!
+//! - an HTTPS connection arrives as `CONNECT host:port`: the proxy resolves
+//!   the name itself, refuses it when any address it resolves to (or the
+//!   IP literal) is loopback, link-local, private or otherwise not public
+//!   ([`crate::image::download::is_private`]), and connects to exactly the
+//!   address it checked (no second lookup, so DNS rebinding cannot lead
+//!   elsewhere);
+//! - a plain-HTTP request is refused outright (a public registry speaks
+//!   HTTPS; plain HTTP would have the proxy forward requests itself).
+//!
+//! TLS stays end to end between the client and the registry: the proxy
+//! only ever sees the host and port.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::image::download::is_private;
+
+/// Largest request head the proxy reads.
+const MAX_HEAD: usize = 8 << 10;
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long connecting to the registry may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A running gate; it stops when dropped.
+pub struct Gate {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gate {
+    /// Starts the gate on the current tokio runtime.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(is_private).await
+    }
+
+    /// A gate refusing the addresses `refused` says yes to.
+    async fn start_with(refused: fn(IpAddr) -> bool) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(serve(conn, refused));
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    /// The proxy URL for the client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Why the gate refused a connection (sent back as the proxy's answer).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Malformed,
+    PlainHttp,
+    Private(IpAddr),
+    Unresolved,
+}
+
+async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool) {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await {
+        Ok(Ok(h)) => h,
+        _ => return,
+    };
+    let target = match parse_connect(&head) {
+        Ok(t) => t,
+        Err(r) => {
+            let _ = refuse(&mut conn, &r).await;
+            return;
+        }
+    };
+    let addr = match resolve_allowed(&target.0, target.1, refused).await {
+        Ok(a) => a,
+        Err(r) => {
+            let _ = refuse(&mut conn, &r).await;
+            return;
+        }
+    };
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            let _ = conn
+                .write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+    };
+    if conn
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut upstream = upstream;
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+}
+
+async fn refuse(conn: &mut TcpStream, why: &Refusal) -> std::io::Result<()> {
+    let text = match why {
+        Refusal::Private(ip) => format!("refused: {ip} is not a public address"),
+        Refusal::PlainHttp => "refused: plain HTTP".into(),
+        Refusal::Malformed => "refused: malformed request".into(),
+        Refusal::Unresolved => "refused: the name does not resolve".into(),
+    };
+    conn.write_all(
+        format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+            text.len()
+        )
+        .as_bytes(),
+    )
+    .await
+}
+
+/// Reads up to the blank line ending the request head (and not beyond:
+/// after a CONNECT the client waits for the answer before sending more).
+async fn read_head(conn: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD || conn.read(&mut byte).await? == 0 {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
+}
+
+/// `CONNECT host:port HTTP/1.x` → `(host, port)`; anything else refused.
+pub fn parse_connect(head: &[u8]) -> Result<(String, u16), Refusal> {
+    let text = std::str::from_utf8(head).map_err(|_| Refusal::Malformed)?;
+    let line = text.lines().next().ok_or(Refusal::Malformed)?;
+    let mut words = line.split(' ');
+    let (Some(method), Some(target)) = (words.next(), words.next()) else {
+        return Err(Refusal::Malformed);
+    };
+    if method != "CONNECT" {
+        return Err(Refusal::PlainHttp);
+    }
+    let (host, port) = target.rsplit_once(':').ok_or(Refusal::Malformed)?;
+    let port: u16 = port.parse().map_err(|_| Refusal::Malformed)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(Refusal::Malformed);
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The first address of `host`, when every address it resolves to is
+/// public.
+pub async fn resolve_public(host: &str, port: u16) -> Result<SocketAddr, Refusal> {
+    resolve_allowed(host, port, is_private).await
+}
+
+async fn resolve_allowed(
+    host: &str,
+    port: u16,
+    refused: fn(IpAddr) -> bool,
+) -> Result<SocketAddr, Refusal> {
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|_| Refusal::Unresolved)?
+            .collect(),
+    };
+    if let Some(a) = addrs.iter().find(|a| refused(a.ip())) {
+        return Err(Refusal::Private(a.ip()));
+    }
+    addrs.first().copied().ok_or(Refusal::Unresolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ask(gate: &Gate, request: &str) -> String {
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        // Read the answer's head only (a tunnel stays open).
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The abuses the review found: a redirect or realm to a loopback
+    /// address (IP literal or name), `localhost`, plain HTTP, a mapped
+    /// IPv6 loopback; every one is refused before any connection.
+    #[tokio::test]
+    async fn the_gate_refuses_private_destinations() {
+        // A loopback service the gate must never reach.
+        let secret = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = secret.local_addr().unwrap().port();
+        let gate = Gate::start().await.unwrap();
+        for target in [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+            format!("[::ffff:127.0.0.1]:{port}"),
+            "10.0.0.1:443".to_string(),
+            "169.254.169.254:80".to_string(),
+        ] {
+            let answer = ask(
+                &gate,
+                &format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+            )
+            .await;
+            assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+        }
+        let answer = ask(
+            &gate,
+            &format!("GET http://127.0.0.1:{port}/secret HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+        // Nothing ever connected to the loopback service.
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(200), secret.accept()).await;
+        assert!(
+            accepted.is_err(),
+            "the gate connected to a loopback address"
+        );
+    }
+
+    /// What the gate lets through is a real tunnel (here to a loopback
+    /// echo service, with a gate that refuses nothing).
+    #[tokio::test]
+    async fn an_allowed_connect_is_tunnelled() {
+        let echo = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        let gate = Gate::start_with(|_| false).await.unwrap();
+        let mut s = TcpStream::connect(gate.addr).await.unwrap();
+        s.write_all(format!("CONNECT localhost:{port} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+    }
+
+    /// The registry client really goes through the gate: a pull from a
+    /// loopback "registry" never reaches it (without the gate it would).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_connects_only_through_the_gate() {
+        let registry = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = registry.local_addr().unwrap().port();
+        let image =
+            crate::registry::ImageRef::parse("a:1", &format!("127.0.0.1:{port}"), "test").unwrap();
+        let gate = Gate::start().await.unwrap();
+        let client = crate::registry::auth::client(&image, 1, Some(&gate));
+        let r = client
+            .pull_manifest_raw(
+                &image.oci(),
+                &oci_client::secrets::RegistryAuth::Anonymous,
+                &["application/vnd.oci.image.manifest.v1+json"],
+            )
+            .await;
+        assert!(r.is_err());
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(300), registry.accept()).await;
+        assert!(accepted.is_err(), "the client went around the gate");
+    }
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(
+            parse_connect(b"CONNECT ghcr.io:443 HTTP/1.1\r\n\r\n"),
+            Ok(("ghcr.io".into(), 443))
+        );
+        assert_eq!(
+            parse_connect(b"CONNECT [2001:db8::1]:443 HTTP/1.1\r\n\r\n"),
+            Ok(("2001:db8::1".into(), 443))
+        );
+        assert_eq!(
+            parse_connect(b"GET http://a/ HTTP/1.1\r\n\r\n"),
+            Err(Refusal::PlainHttp)
+        );
+        assert_eq!(
+            parse_connect(b"CONNECT a HTTP/1.1\r\n\r\n"),
+            Err(Refusal::Malformed)
+        );
+    }
+}
