@@ -84,10 +84,7 @@ pub fn resolve(settings: &Settings, spec: &str) -> Result<Resolved, LocationErro
     if spec.contains('/') {
         let store = Store::new(Some(PathBuf::from(spec)));
         check_links(store.root(), nix::unistd::getuid().as_raw())?;
-        return Ok(Resolved {
-            store,
-            note: None,
-        });
+        return Ok(Resolved { store, note: None });
     }
     Err(LocationError::Unknown {
         spec: spec.into(),
