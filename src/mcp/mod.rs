@@ -331,6 +331,9 @@ fn printable(text: &str) -> (String, bool) {
     (out, false)
 }
 
+/// How much longer than `lume_exec`'s timeout the guest lets its command run.
+const REMOTE_GRACE: u64 = 2;
+
 /// How often `lume_exec` reports that it still waits for SSH.
 const WAIT_REPORT: Duration = Duration::from_secs(5);
 
@@ -816,7 +819,9 @@ impl LumeMcp {
                 user: a.user.unwrap_or_else(|| "lume".into()),
                 password: a.password,
                 key: Some(key.private),
-                command: gssh::script_command(secs),
+                // The guest's own bound, a little after ours (which reports
+                // the timeout as 124) in case the connection is gone.
+                command: gssh::script_command(secs + REMOTE_GRACE),
                 tty: false,
                 connect_timeout: Duration::from_secs(secs.clamp(1, 30)),
             };

@@ -22,6 +22,23 @@ def text_of(result):
     return "\n".join(c.text for c in result.content if getattr(c, "type", None) == "text")
 
 
+def ssh_cmdlines(needle):
+    """The command lines of the running ssh processes that contain needle."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(a.decode(errors="replace") for a in args if a)
+        if args and args[0].endswith(b"ssh") and needle in line:
+            found.append(line)
+    return found
+
+
 def call_record(result):
     return {"isError": bool(result.is_error), "text": text_of(result)}
 
@@ -82,7 +99,6 @@ async def main(lume, image, vm):
             flow["exec_stopped"] = await call("lume_exec", {"name": vm, "command": "true"})
             flow["run"] = await call("lume_run_vm", {"name": vm})
             flow["clone_running"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})
-            flow["delete_running"] = await call("lume_delete_vm", {"name": vm})
             # The first boot under TCG: SSH answers once cloud-init is done.
             flow["exec"] = await call(
                 "lume_exec",
@@ -91,6 +107,47 @@ async def main(lume, image, vm):
             )
             flow["exec_fails"] = await call("lume_exec", {"name": vm, "command": "echo out; echo err >&2; exit 3"})
             flow["exec_timeout"] = await call("lume_exec", {"name": vm, "command": "sleep 30", "timeout": 3})
+            # Created without a password by default (no_password defaults to true).
+            flow["password"] = await call("lume_exec", {"name": vm, "command": "sudo -n passwd -S lume"})
+            flow["control_bytes"] = await call("lume_exec", {"name": vm, "command": "printf 'a\\000b\\033c'"})
+            # A cancelled command: the SDK sends notifications/cancelled when
+            # the caller gives up. Its ssh must go at once, and the guest must
+            # kill the command at its timeout (15 s) although the connection
+            # is gone. The command must not be on ssh's command line (ps).
+            marker = "/tmp/lume-cancelled-pid"
+            task = asyncio.create_task(
+                call("lume_exec", {"name": vm, "command": f"echo $$ > {marker}; exec sleep 300", "timeout": 15})
+            )
+            alias = f"HostKeyAlias=lume-{vm}"
+            seen = []
+            for _ in range(200):
+                seen = ssh_cmdlines(alias)
+                if seen:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            flow["cancel_ssh_cmdlines"] = seen
+            task.cancel()
+            try:
+                await task
+                flow["cancel_finished"] = True
+            except asyncio.CancelledError:
+                flow["cancel_finished"] = False
+            left = ssh_cmdlines(alias)
+            for _ in range(50):
+                if not left:
+                    break
+                await asyncio.sleep(0.1)
+                left = ssh_cmdlines(alias)
+            flow["cancel_ssh_left"] = left
+            flow["cancel_guest"] = await call(
+                "lume_exec",
+                {
+                    "name": vm,
+                    "command": f"for i in $(seq 40); do kill -0 $(cat {marker}) 2>/dev/null || {{ echo dead; exit 0; }}; sleep 1; done; echo alive",
+                    "timeout": 120,
+                },
+            )
             flow["resize_running"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
             flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": 60})
             flow["resize"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
