@@ -262,7 +262,9 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
     assert!(text.contains("VM 'agent' is running"), "{text}");
     let (err, text) = call(flow, "clone_running");
     assert!(err && text.contains("stop it before cloning"), "{text}");
-    // (delete stops a running VM first, as lume's does: not tried here.)
+    // The CLI's confirmed delete stops a running VM; the tool wants force.
+    let (err, text) = call(flow, "delete_running");
+    assert!(err && text.contains("is running"), "{text}");
 
     let (err, text) = call(flow, "exec");
     assert!(!err, "{text}");

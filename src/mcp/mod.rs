@@ -77,6 +77,10 @@ pub enum ToolError {
         value: String,
     },
     #[error(
+        "VM '{0}' is running: stop it first (lume_stop_vm) or call lume_delete_vm again with force: true"
+    )]
+    Running(VmName),
+    #[error(
         "The server is busy: {HEAVY_CALLS} calls that run commands or VMs are under way and none ended within {} s; try again when one has finished", BUSY_WAIT.as_secs()
     )]
     Busy,
@@ -759,11 +763,17 @@ impl LumeMcp {
         blocking(move || {
             let name = name(&a.name)?;
             let ctx = context(storage.as_deref(), Some(&name))?;
+            let force = a.force.unwrap_or(false);
+            // The CLI's confirmed delete stops a running VM (as lume's); an
+            // agent must say force for that, as the tool promises.
+            if !force && ctx.store.open(&name)?.is_running() {
+                return Err(ToolError::Running(name));
+            }
             let (outcome, notes) = execute(
                 &ctx,
                 Action::Delete {
                     name,
-                    force: a.force.unwrap_or(false),
+                    force,
                     // Calling the tool is the confirmation (`lume delete --force`'s).
                     confirmed: true,
                 },

@@ -99,6 +99,7 @@ async def main(lume, image, vm):
             flow["exec_stopped"] = await call("lume_exec", {"name": vm, "command": "true"})
             flow["run"] = await call("lume_run_vm", {"name": vm})
             flow["clone_running"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})
+            flow["delete_running"] = await call("lume_delete_vm", {"name": vm})
             # The first boot under TCG: SSH answers once cloud-init is done.
             flow["exec"] = await call(
                 "lume_exec",
