@@ -345,6 +345,14 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
         json!([]),
         "ssh still runs after the cancel"
     );
+    // Review finding: a server killed by SIGKILL left its exec's ssh.
+    let k = &flow["killed_server_ssh_left"];
+    assert_eq!(
+        (&k["seen"], &k["killed"]),
+        (&json!(true), &json!(true)),
+        "{k}"
+    );
+    assert_eq!(k["left"], json!([]), "ssh outlived its SIGKILLed server");
     let (err, text) = call(flow, "cancel_guest");
     assert!(!err, "{text}");
     let r: Value = serde_json::from_str(text).unwrap();

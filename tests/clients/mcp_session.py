@@ -43,6 +43,61 @@ def call_record(result):
     return {"isError": bool(result.is_error), "text": text_of(result)}
 
 
+def server_pids(lume):
+    """The pids of `LUME serve --mcp` processes."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if args[:3] == [lume, "serve", "--mcp"]:
+            pids.append(int(pid))
+    return pids
+
+
+async def killed_server_leaves_no_ssh(lume, vm):
+    """A second session runs a long command; its server is killed with
+    SIGKILL: the command's ssh must die with it (parent-death signal).
+    Returns whether the ssh was seen and the server killed, and the ssh
+    command lines left a few seconds later."""
+    seen = killed = False
+    before = set(server_pids(lume))
+    params = StdioServerParameters(command=lume, args=["serve", "--mcp"], env=dict(os.environ))
+    alias = f"HostKeyAlias=lume-{vm}"
+    try:
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                (pid,) = set(server_pids(lume)) - before
+                task = asyncio.create_task(
+                    session.call_tool("lume_exec", {"name": vm, "command": "sleep 300", "timeout": 600})
+                )
+                for _ in range(200):
+                    if ssh_cmdlines(alias):
+                        seen = True
+                        break
+                    await asyncio.sleep(0.1)
+                os.kill(pid, 9)
+                killed = True
+                try:
+                    await asyncio.wait_for(task, 10)
+                except BaseException:
+                    pass
+    except BaseException:
+        pass
+    left = ssh_cmdlines(alias)
+    for _ in range(50):
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+        left = ssh_cmdlines(alias)
+    return {"seen": seen, "killed": killed, "left": left}
+
+
 async def main(lume, image, vm):
     params = StdioServerParameters(command=lume, args=["serve", "--mcp"], env=dict(os.environ))
     out = {}
@@ -149,6 +204,7 @@ async def main(lume, image, vm):
                     "timeout": 120,
                 },
             )
+            flow["killed_server_ssh_left"] = await killed_server_leaves_no_ssh(lume, vm)
             flow["resize_running"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
             flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": 60})
             flow["resize"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
