@@ -8,11 +8,13 @@
 # openssh-client (`lume ssh` runs ssh; lume's key pair is made with ssh-keygen), and what
 # tests/debian/build.sh builds the Debian cloud test image with: mmdebstrap, syslinux
 # (+ syslinux-common's MBR), mtools and dosfstools (the boot partition, no loop device),
-# e2fsprogs (mkfs.ext4 -d) and fdisk (sfdisk).
+# e2fsprogs (mkfs.ext4 -d) and fdisk (sfdisk); docker-registry (the CNCF distribution server)
+# and skopeo for the registry tests (tests/e2e_registry.rs).
 set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 python3-venv openssl
-          openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk)
+          openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk
+          docker-registry skopeo)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

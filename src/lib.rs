@@ -10,6 +10,7 @@ pub mod hypervisor;
 pub mod image;
 pub mod mcp;
 pub mod network;
+pub mod registry;
 pub mod settings;
 pub mod util;
 pub mod vm;

@@ -160,7 +160,14 @@ fn bad_input_is_refused_and_creates_nothing() {
             &["create", "x", "--cpu", "0"],
             "CPU count must be at least 1",
         ),
-        (&["create", "x", "--memory", "1MB"], "at least 64MB"),
+        (
+            &["create", "x", "--memory", "1MB"],
+            "at least 64MB, for example 2GB",
+        ),
+        (
+            &["create", "x", "--disk-size", "0"],
+            "Disk size 0.0B is too small: give the VM at least 1MB, for example 20GB",
+        ),
         (
             &["create", "x", "--network", "vpn"],
             "nat, bridged, bridged:<interface>, host, user, none",
@@ -1148,5 +1155,86 @@ fn messages_say_what_to_do_next() {
     assert!(
         e.contains("does not exist or is not a file: check the path"),
         "{e}"
+    );
+}
+
+/// Run as a user (nobody), the doctor says what needs root and passes when
+/// network user works: a tun device that user may not open is a matter of
+/// rights, and the firewall it may not list is one line, not nft's output.
+#[test]
+fn network_doctor_as_a_user_passes_and_says_what_needs_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    nix::unistd::chown(&home, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    // The test binary's target/ may not be open to nobody: a copy is.
+    let lume = dir.path().join("lume");
+    std::fs::copy(env!("CARGO_BIN_EXE_lume"), &lume).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&lume)
+        .args(["network", "doctor", "-f", "json"])
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_DATA_HOME")
+        .current_dir(&home)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let detail = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["detail"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert!(detail("privileges").contains("network user"), "{text}");
+    let tun = detail("/dev/net/tun");
+    assert!(!tun.contains("modprobe"), "{tun}");
+    let firewall = detail("other firewalls");
+    assert!(
+        firewall.starts_with("Listing the firewall needs root") && !firewall.contains('\n'),
+        "{firewall}"
+    );
+}
+
+/// Text typed or piped into `lume serve --mcp` is not taken for a session
+/// that ended: the server says what it expected.
+#[test]
+fn serve_mcp_says_when_its_input_is_not_json_rpc() {
+    use std::io::Write;
+    let home = tempfile::tempdir().unwrap();
+    let run = |input: &[u8]| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lume"))
+            .args(["serve", "--mcp"])
+            .env("HOME", home.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = run(b"hello\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Standard input was not MCP JSON-RPC"), "{err}");
+    assert!(out.stdout.is_empty());
+    let out = run(b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

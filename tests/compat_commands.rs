@@ -154,6 +154,15 @@ fn run_follows_run_swift() {
         vec!["run", "ghost", "--recovery-mode", "false"],
         vec!["run", "ghost", "--mount", "/x.iso", "--disk", "/y.img"],
         vec!["run", "ghost", "--network", "nat"],
+        // Used when the name is an image NAME:TAG (tests/e2e_registry.rs).
+        vec![
+            "run",
+            "ghost",
+            "--registry",
+            "ghcr.io",
+            "--organization",
+            "trycua",
+        ],
     ] {
         let err = home.fails(&args);
         assert!(err.contains("VM 'ghost' does not exist"), "{args:?}: {err}");
@@ -166,8 +175,6 @@ fn run_follows_run_swift() {
         (vec!["--log-file", "/tmp/l"], "--log-file"),
         (vec!["--shared-dir", "/tmp:ro"], "--shared-dir"),
         (vec!["--usb-storage", "/tmp/u.img"], "--usb-storage"),
-        (vec!["--registry", "ghcr.io"], "--registry"),
-        (vec!["--organization", "trycua"], "--organization"),
         (vec!["--vnc-port", "5900"], "--vnc-port"),
         (vec!["--vnc-password", "x"], "--vnc-password"),
         (vec!["--recovery-mode", "true"], "--recovery-mode"),

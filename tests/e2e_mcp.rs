@@ -169,7 +169,11 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
     }
     assert_eq!(
         tools["lume_create_vm"]["inputSchema"]["properties"]["cpu"]["type"],
-        json!(["integer", "null"])
+        json!(["integer", "string", "null"])
+    );
+    assert_eq!(
+        tools["lume_create_vm"]["inputSchema"]["properties"]["cpu"]["minimum"],
+        1
     );
 
     // lume's prompts and resources, for Linux guests.
@@ -210,18 +214,31 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
             .starts_with("Error: VM 'no-such-vm' does not exist"),
         "{bad}"
     );
-    assert!(call(bad, "bad_name").1.contains("Invalid name '../etc'"));
+    assert!(
+        call(bad, "bad_name")
+            .1
+            .starts_with("Error: Argument name: Invalid VM name '../etc'")
+    );
     assert_eq!(
         call(bad, "missing_arg").1,
         "Error: Invalid arguments for lume_get_vm: missing field `name`; see the tool's input schema (tools/list)"
     );
     assert!(
         call(bad, "wrong_type").1.starts_with(
-            "Error: Invalid arguments for lume_create_vm: invalid type: string \"many\""
+            "Error: Invalid arguments for lume_create_vm: cpu: expected a whole number such as 2, got the string \"many\""
         ),
         "{bad}"
     );
-    assert!(call(bad, "bad_size").1.contains("Invalid memory 'lots'"));
+    assert!(
+        call(bad, "bad_size")
+            .1
+            .starts_with("Error: Argument memory: Invalid size 'lots'")
+    );
+    assert!(
+        call(bad, "cpu_zero")
+            .1
+            .contains("cpu: must be at least 1, got 0")
+    );
     assert!(
         call(bad, "relative_image")
             .1
@@ -256,19 +273,30 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
     assert_eq!(got["status"], "stopped");
     assert_eq!(got["networkMode"], "nat");
     let (err, text) = call(flow, "exec_stopped");
-    assert!(err && text.contains("VM 'agent' is not running"), "{text}");
+    assert!(
+        err && text.contains("VM 'agent' is not running: start it with lume_run_vm"),
+        "{text}"
+    );
     let (err, text) = call(flow, "run");
     assert!(!err, "{text}");
     assert!(text.contains("VM 'agent' is running"), "{text}");
+    assert!(
+        text.contains("Stop it with lume_stop_vm") && !text.contains("`lume stop"),
+        "{text}"
+    );
+    // A refused run sends no progress note first.
+    let (err, text) = call(flow, "run_again");
+    assert!(err, "{text}");
+    assert_eq!(flow["run_again"]["progress"], json!([]), "{flow}");
     let (err, text) = call(flow, "clone_running");
-    assert!(err && text.contains("stop it before cloning"), "{text}");
-    // The CLI's confirmed delete stops a running VM; the tool wants force.
-    let (err, text) = call(flow, "delete_running");
-    assert!(err && text.contains("is running"), "{text}");
+    assert!(
+        err && text.contains("stop it with lume_stop_vm before cloning"),
+        "{text}"
+    );
 
     let (err, text) = call(flow, "exec");
     assert!(!err, "{text}");
-    // Progress notifications: run says it starts; exec that it waits for
+    // Progress notifications: exec says that it waits for
     // SSH (the guest was still booting), then that it runs the command.
     let said = |key: &str| -> Vec<String> {
         flow[key]["progress"]
@@ -278,10 +306,6 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
             .map(|p| p["message"].as_str().unwrap_or("").to_string())
             .collect()
     };
-    assert_eq!(
-        said("run").first().map(String::as_str),
-        Some("Starting VM 'agent'")
-    );
     let waits = said("exec");
     assert!(
         waits[0].starts_with("Waiting for VM 'agent' to answer SSH"),
@@ -479,14 +503,31 @@ fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
         "{text}"
     );
     assert!(!nobody_home.path().join(".lume/stolen").exists());
-    // A call that logs on the way (create's notes) leaves stdout clean too.
+    // Without root, a VM created without `network` gets network user,
+    // which it can run (nat would be refused at lume_run_vm).
     send(
         json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-        "name": "lume_list_vms", "arguments": {}}}),
+        "name": "lume_create_vm", "arguments": {"name": "mine", "disk_size": 1}}}),
     );
     let r = next_message(&mut stdout);
     assert_eq!(r["id"], 3, "{r}");
-    assert_eq!(r["result"]["content"][0]["text"], "[]", "{r}");
+    let text = r["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        r["result"]["isError"] == false && text.contains("1.0GB disk, network user"),
+        "{r}"
+    );
+    // A call that logs on the way (create's notes) leaves stdout clean too.
+    send(
+        json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+        "name": "lume_list_vms", "arguments": {}}}),
+    );
+    let r = next_message(&mut stdout);
+    assert_eq!(r["id"], 4, "{r}");
+    let listed: Value =
+        serde_json::from_str(r["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(listed[0]["name"], "mine", "{r}");
+    assert_eq!(listed[0]["networkMode"], "user", "{r}");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{r}");
     drop(send);
     // End of input ends the session and the server.
     let status = child.wait().unwrap();

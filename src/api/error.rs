@@ -160,6 +160,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             | ImportError::XzMemory { .. },
         ) => BAD,
         VmError::Import(ImportError::Download(_)) => StatusCode::BAD_GATEWAY,
+        VmError::Registry(r) => registry_status(r),
         VmError::Seed(
             crate::guest::cloudinit::SeedError::UnknownUserData { .. }
             | crate::guest::cloudinit::SeedError::UserDataTooLarge { .. },
@@ -213,6 +214,28 @@ fn attach_status(e: &AttachError) -> StatusCode {
         | AttachError::Publish(_)
         | AttachError::Bridge(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Registry failures: the client's mistakes are 400/404, the registry's
+/// 502, the host's 500.
+fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
+    use crate::registry::RegistryError as R;
+    match e {
+        R::BadReference(_)
+        | R::BadRegistry(_)
+        | R::NotLume { .. }
+        | R::ForeignOs { .. }
+        | R::ChunkSize(_)
+        | R::KernelBoot(_)
+        | R::TooLarge { .. }
+        | R::PrivateDestination { .. }
+        | R::DockerConfig { .. } => StatusCode::BAD_REQUEST,
+        R::NotFound { .. } => StatusCode::NOT_FOUND,
+        R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+        R::Running(_) => StatusCode::CONFLICT,
+        R::Unreachable { .. } | R::Protocol { .. } | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
+        R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

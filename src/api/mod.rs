@@ -292,6 +292,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::network_interfaces))
         .routes(routes!(routes::network_doctor))
         .routes(routes!(routes::openapi_json))
+        .routes(routes!(routes::pull_image))
+        .routes(routes!(routes::pull_image_start))
+        .routes(routes!(routes::push_vm))
+        .routes(routes!(routes::list_images))
+        .routes(routes!(routes::prune_images))
         .split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     let doc = serde_json::to_value(&doc).expect("the OpenAPI document serialises");

@@ -1771,3 +1771,338 @@ mod tests {
         assert!(allowed_storage(&user(0), 1000, Path::new("/root"), server).is_err());
     }
 }
+
+// ---------------------------------------------------------------------------
+// Registries (docs/images.md, "Registries").
+
+/// `POST /lume/pull` and `POST /lume/pull/start` (lume's body).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequest {
+    /// `NAME:TAG` (tag `latest` when left out).
+    #[schema(example = "debian-12:latest")]
+    pub image: String,
+    /// VM name (default: the image's name without tag).
+    pub name: Option<String>,
+    /// Default: `registry.ghcr.registry` in config.yaml, else `ghcr.io`.
+    pub registry: Option<String>,
+    /// Default: `registry.ghcr.organization`, else `trycua`.
+    pub organization: Option<String>,
+    pub storage: Option<String>,
+    /// Registry credentials (else the caller's ~/.docker/config.json, else anonymous).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// `POST /lume/vms/push` (lume's body).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PushRequest {
+    /// The VM to push (stopped).
+    pub name: String,
+    /// The image's name in the registry, without tag.
+    pub image_name: String,
+    /// Tags to push (at least one).
+    pub tags: Vec<String>,
+    pub registry: Option<String>,
+    pub organization: Option<String>,
+    pub storage: Option<String>,
+    /// Chunk size of the disk layers in MB (default 512).
+    pub chunk_size_mb: Option<u64>,
+    /// Accepted for lume compatibility; lume on Linux always pushes chunks.
+    #[serde(default)]
+    pub single_layer: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// The answer of `POST /lume/pull`, `/lume/pull/start` and `/lume/vms/push`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryAnswer {
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// `GET /lume/images?organization=`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImagesQuery {
+    /// Default: `registry.ghcr.organization`, else `trycua`.
+    pub organization: Option<String>,
+}
+
+fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull::PullSpec> {
+    let d = ctx
+        .settings
+        .registry()
+        .map_err(|e| ApiError::internal(&e))?;
+    let image = crate::registry::ImageRef::parse(
+        &r.image,
+        r.registry.as_deref().unwrap_or(&d.registry),
+        r.organization.as_deref().unwrap_or(&d.organization),
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let vm = match r.name.as_deref() {
+        Some(n) => name(n)?,
+        None => crate::registry::pull::default_name(&image)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+    };
+    Ok(crate::registry::pull::PullSpec {
+        image,
+        name: vm,
+        username: r.username.clone(),
+        password: r.password.clone(),
+        force: false,
+        progress: false,
+        // A registry named through the API may not lead the server to its
+        // own loopback or private networks, unless its owner allows it.
+        public_only: true,
+    })
+}
+
+fn pull_vm_name(r: &PullRequest) -> ApiResult<VmName> {
+    match r.name.as_deref() {
+        Some(n) => name(n),
+        None => {
+            let base = r
+                .image
+                .rsplit_once(':')
+                .map_or(r.image.as_str(), |(n, _)| n);
+            name(base.rsplit('/').next().unwrap_or(base))
+        }
+    }
+}
+
+/// Pull an image from a registry as a new VM; answers when the VM is there.
+#[utoipa::path(post, path = "/lume/pull", tag = "images", request_body = PullRequest,
+    responses(
+        (status = 200, description = "Pulled", body = RegistryAnswer),
+        (status = 400, description = "A bad image reference or name, not a lume image, a registry at a private address", body = ErrorBody),
+        (status = 401, description = "The registry refused the credentials", body = ErrorBody),
+        (status = 404, description = "No such image or tag", body = ErrorBody),
+        (status = 409, description = "A VM of that name exists or is being provisioned", body = ErrorBody),
+        (status = 502, description = "The registry failed, was unreachable or served corrupt blobs", body = ErrorBody),
+    ))]
+pub async fn pull_image(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<PullRequest>,
+) -> ApiResult<Json<RegistryAnswer>> {
+    let vm = pull_vm_name(&r)?;
+    let storage = r.storage.clone().or(q.storage);
+    let image = r.image.clone();
+    let d = on_vm(&st, &caller, storage.as_deref(), &vm, move |ctx| {
+        let spec = pull_spec(ctx, &r)?;
+        run(ctx, Action::Pull(Box::new(spec)))
+    })
+    .await?;
+    match d {
+        Outcome::Pulled(d) => Ok(Json(RegistryAnswer {
+            message: "Image pulled successfully".into(),
+            image: Some(image),
+            name: Some(d.name),
+            image_name: None,
+            tags: None,
+        })),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Start pulling an image as a new VM and answer at once (202): the VM is
+/// listed as `provisioning` (operation `image_pull`, `downloadProgress`
+/// 0 to 100) until it is `stopped` (done) or gone (failed; the error is in
+/// the server's log).
+#[utoipa::path(post, path = "/lume/pull/start", tag = "images", request_body = PullRequest,
+    responses(
+        (status = 202, description = "The pull started", body = RegistryAnswer),
+        (status = 400, description = "A bad image reference or name", body = ErrorBody),
+        (status = 409, description = "A VM of that name exists or is being provisioned", body = ErrorBody),
+    ))]
+pub async fn pull_image_start(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<PullRequest>,
+) -> ApiResult<(StatusCode, Json<RegistryAnswer>)> {
+    let vm = pull_vm_name(&r)?;
+    let storage = r.storage.clone().or(q.storage);
+    let image = r.image.clone();
+    let name = on_vm(&st, &caller, storage.as_deref(), &vm, move |ctx| {
+        let spec = pull_spec(ctx, &r)?;
+        let pending = crate::vm::actions::begin_pull(ctx, spec).map_err(ApiError::from)?;
+        let name = pending.name().to_string();
+        std::thread::spawn(move || {
+            let name = pending.name().clone();
+            match pending.finish(&mut |line: &str| super::log(line)) {
+                Ok(_) => super::log(&format!("VM '{name}' pulled")),
+                Err(e) => super::log(&format!(
+                    "Pulling VM '{name}' failed: {}",
+                    crate::error_chain(&e)
+                )),
+            }
+        });
+        Ok(name)
+    })
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RegistryAnswer {
+            message: "Pull started".into(),
+            image: Some(image),
+            name: Some(name),
+            image_name: None,
+            tags: None,
+        }),
+    ))
+}
+
+/// Push a stopped VM to a registry. The request is checked, then the push
+/// runs in the background (202, as lume); its result is in the server's log.
+#[utoipa::path(post, path = "/lume/vms/push", tag = "images", request_body = PushRequest,
+    responses(
+        (status = 202, description = "The push started", body = RegistryAnswer),
+        (status = 400, description = "A bad image name, tag or chunk size, or no tag", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM is running", body = ErrorBody),
+    ))]
+pub async fn push_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+    JsonBody(r): JsonBody<PushRequest>,
+) -> ApiResult<(StatusCode, Json<RegistryAnswer>)> {
+    let vm = name(&r.name)?;
+    let storage = r.storage.clone().or(q.storage);
+    let Some((first, rest)) = r.tags.split_first() else {
+        return Err(ApiError::bad_request("tags: give at least one tag"));
+    };
+    let (first, rest) = (first.clone(), rest.to_vec());
+    let answer = RegistryAnswer {
+        message: "Push initiated in background".into(),
+        image: None,
+        name: Some(r.name.clone()),
+        image_name: Some(r.image_name.clone()),
+        tags: Some(r.tags.clone()),
+    };
+    let vm2 = vm.clone();
+    in_location(&st, &caller, storage.as_deref(), move |ctx| {
+        let d = ctx
+            .settings
+            .registry()
+            .map_err(|e| ApiError::internal(&e))?;
+        let image = crate::registry::ImageRef::parse(
+            &format!("{}:{first}", r.image_name),
+            r.registry.as_deref().unwrap_or(&d.registry),
+            r.organization.as_deref().unwrap_or(&d.organization),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        for t in &rest {
+            image
+                .with_tag(t)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
+        let chunk = r
+            .chunk_size_mb
+            .unwrap_or(crate::registry::push::DEFAULT_CHUNK_MB);
+        if !(1..=4096).contains(&chunk) {
+            return Err(ApiError::from(crate::vm::VmError::from(
+                crate::registry::RegistryError::ChunkSize(chunk),
+            )));
+        }
+        let vm = ctx
+            .store
+            .open(&vm2)
+            .map_err(|e| ApiError::from(crate::vm::VmError::from(e)))?;
+        if vm.is_running() {
+            return Err(ApiError::from(crate::vm::VmError::from(
+                crate::registry::RegistryError::Running(vm2.to_string()),
+            )));
+        }
+        let spec = crate::registry::push::PushSpec {
+            image,
+            additional_tags: rest,
+            chunk_size_mb: chunk,
+            dry_run: false,
+            username: r.username,
+            password: r.password,
+            progress: false,
+            public_only: true,
+        };
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let action = Action::Push {
+                name: vm2.clone(),
+                spec: Box::new(spec),
+            };
+            match execute(&ctx, action, &mut |line: &str| super::log(line)) {
+                Ok(Outcome::Pushed(p)) => {
+                    super::log(&format!("VM '{vm2}' pushed as {}", p.references.join(", ")))
+                }
+                Ok(_) => {}
+                Err(e) => super::log(&format!(
+                    "Pushing VM '{vm2}' failed: {}",
+                    crate::error_chain(&e)
+                )),
+            }
+        });
+        Ok(())
+    })
+    .await?;
+    let _ = vm;
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
+/// The images in the server's cache (`lume images`): `[{repository, imageId}]`.
+#[utoipa::path(get, path = "/lume/images", tag = "images", params(ImagesQuery),
+    responses((status = 200, description = "Cached images", body = [crate::registry::cache::CachedImage])))]
+pub async fn list_images(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    ApiQuery(q): ApiQuery<ImagesQuery>,
+) -> ApiResult<Json<Vec<crate::registry::cache::CachedImage>>> {
+    match in_location(&st, &caller, None, move |ctx| {
+        let org = match q.organization {
+            Some(o) => o,
+            None => {
+                ctx.settings
+                    .registry()
+                    .map_err(|e| ApiError::internal(&e))?
+                    .organization
+            }
+        };
+        run(ctx, Action::Images { organization: org })
+    })
+    .await?
+    {
+        Outcome::Images(v) => Ok(Json(v)),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Remove the cached images (`lume prune`).
+#[utoipa::path(post, path = "/lume/prune", tag = "images",
+    responses((status = 200, description = "Removed", body = RegistryAnswer)))]
+pub async fn prune_images(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+) -> ApiResult<Json<RegistryAnswer>> {
+    match in_location(&st, &caller, None, |ctx| run(ctx, Action::Prune)).await? {
+        Outcome::Pruned(_) => Ok(Json(RegistryAnswer {
+            message: "Successfully removed cached images".into(),
+            image: None,
+            name: None,
+            image_name: None,
+            tags: None,
+        })),
+        o => Err(unexpected(&o)),
+    }
+}

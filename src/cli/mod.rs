@@ -184,6 +184,14 @@ pub enum Command {
     Network(NetworkArgs),
     /// Serve the HTTP API (lume's REST API) on 127.0.0.1:7777
     Serve(ServeArgs),
+    /// Pull a VM image from an OCI registry (lume's format) as a new VM
+    Pull(PullArgs),
+    /// Push a stopped VM to an OCI registry in lume's format
+    Push(PushArgs),
+    /// List the images in the local cache
+    Images(ImagesArgs),
+    /// Remove cached images
+    Prune,
     /// lume's `ipsw`: refused (macOS restore images need an Apple host)
     Ipsw(RefusedArgs),
     /// lume's `setup`: refused (unattended macOS setup needs an Apple host)
@@ -210,6 +218,87 @@ pub enum Command {
 pub struct RefusedArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Image to pull (format: name:tag)
+    pub image: String,
+    /// Name for the VM (defaults to the image name without tag)
+    pub name: Option<VmName>,
+    /// Container registry to pull from (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to pull from (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Registry username for authentication
+    #[arg(long, requires = "password")]
+    pub username: Option<String>,
+    /// Registry password for authentication
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
+    /// Fetch every blob anew even when it is in the cache
+    #[arg(long)]
+    pub force: bool,
+    /// Accepted for lume compatibility (lume's logging detail)
+    #[arg(long)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Name of the VM to push
+    pub name: VmName,
+    /// Image to push (format: name:tag)
+    pub image: String,
+    /// Additional tags to push the same image to
+    #[arg(long, num_args = 1..)]
+    pub additional_tags: Vec<String>,
+    /// Container registry to push to (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to push to (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Chunk size of the disk layers in MB
+    #[arg(long, default_value_t = crate::registry::push::DEFAULT_CHUNK_MB)]
+    pub chunk_size_mb: u64,
+    /// Prepare the layers without uploading
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Registry username for authentication
+    #[arg(long, requires = "password")]
+    pub username: Option<String>,
+    /// Registry password for authentication
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
+    /// Accepted for lume compatibility (lume's logging detail)
+    #[arg(long)]
+    pub verbose: bool,
+    /// Refused: lume on Linux pushes the chunked format only
+    #[arg(long)]
+    pub single_layer: bool,
+    /// Refused: lume on Linux pushes the chunked format only (legacy images are pulled)
+    #[arg(long)]
+    pub legacy: bool,
+    /// Refused: not supported yet
+    #[arg(long)]
+    pub reassemble: bool,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ImagesArgs {
+    /// Organization to list (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// Output format
+    #[arg(long, short = 'f', value_enum, default_value_t)]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]
@@ -319,7 +408,15 @@ pub struct SshArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    pub name: VmName,
+    /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
+    /// of that name exists, then run
+    pub name: String,
+    /// Registry to pull an image from (default: registry.ghcr.registry, else ghcr.io)
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// Organization to pull an image from (default: registry.ghcr.organization, else trycua)
+    #[arg(long)]
+    pub organization: Option<String>,
     /// Return once the VM is running, leaving it to a background supervisor
     #[arg(long)]
     pub detach: bool,
@@ -350,12 +447,6 @@ pub struct RunArgs {
     /// Refused: USB mass storage is not supported yet (use --disk)
     #[arg(long, value_name = "PATH")]
     pub usb_storage: Vec<String>,
-    /// Refused: pulling an image on run is not supported yet
-    #[arg(long)]
-    pub registry: Option<String>,
-    /// Refused: pulling an image on run is not supported yet
-    #[arg(long)]
-    pub organization: Option<String>,
     /// Refused: there is no VNC server yet
     #[arg(long, value_name = "PORT", value_parser = port_arg)]
     pub vnc_port: Option<u16>,
@@ -388,8 +479,6 @@ impl RunArgs {
         refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
         refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;
         refuse(!self.usb_storage.is_empty(), "--usb-storage", NOT_YET)?;
-        refuse(self.registry.is_some(), "--registry", NOT_YET)?;
-        refuse(self.organization.is_some(), "--organization", NOT_YET)?;
         refuse(self.vnc_port.is_some(), "--vnc-port", NOT_YET)?;
         refuse(self.vnc_password.is_some(), "--vnc-password", NOT_YET)?;
         refuse(
@@ -876,9 +965,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Run(a) => {
             a.refused()?;
             (
-                a.storage,
+                StorageArg {
+                    storage: a.storage.storage.clone(),
+                },
                 Action::Run(RunSpec {
-                    name: Some(a.name),
+                    name: Some(run_target(&a)?),
                     network: a.network,
                     mounts: a.mount,
                     disks: a.disk,
@@ -920,6 +1011,76 @@ pub fn run(cli: Cli) -> Result<i32> {
                 Format::Text,
             )
         }
+        Command::Pull(a) => {
+            let settings = Settings::load()?;
+            let d = settings.registry()?;
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            let name = match a.name {
+                Some(n) => n,
+                None => crate::registry::pull::default_name(&image)?,
+            };
+            (
+                a.storage,
+                Action::Pull(Box::new(crate::registry::pull::PullSpec {
+                    image,
+                    name,
+                    username: a.username,
+                    password: a.password,
+                    force: a.force,
+                    progress: true,
+                    public_only: false,
+                })),
+                Format::Text,
+            )
+        }
+        Command::Push(a) => {
+            refuse(a.single_layer, "--single-layer", NOT_YET)?;
+            refuse(a.legacy, "--legacy", NOT_YET)?;
+            refuse(a.reassemble, "--reassemble", NOT_YET)?;
+            let settings = Settings::load()?;
+            let d = settings.registry()?;
+            if !a.image.contains(':') {
+                return Err(crate::registry::RegistryError::BadReference(a.image).into());
+            }
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            (
+                a.storage,
+                Action::Push {
+                    name: a.name,
+                    spec: Box::new(crate::registry::push::PushSpec {
+                        image,
+                        additional_tags: a.additional_tags,
+                        chunk_size_mb: a.chunk_size_mb,
+                        dry_run: a.dry_run,
+                        username: a.username,
+                        password: a.password,
+                        progress: true,
+                        public_only: false,
+                    }),
+                },
+                Format::Text,
+            )
+        }
+        Command::Images(a) => {
+            let org = match a.organization {
+                Some(o) => o,
+                None => Settings::load()?.registry()?.organization,
+            };
+            (
+                StorageArg { storage: None },
+                Action::Images { organization: org },
+                a.format,
+            )
+        }
+        Command::Prune => (StorageArg { storage: None }, Action::Prune, Format::Text),
         Command::Ls(a) if a.storage.storage.is_none() => {
             // lume: every location, each VM with its location's name.
             let settings = Settings::load()?;
@@ -1024,6 +1185,42 @@ pub fn run(cli: Cli) -> Result<i32> {
     finish(&storage, action, format)
 }
 
+/// `lume run NAME` or `lume run IMAGE:TAG`: an image reference whose VM
+/// (named after the image, as `lume pull` names it) does not exist yet is
+/// pulled first.
+fn run_target(a: &RunArgs) -> Result<VmName> {
+    if !a.name.contains(':') {
+        return Ok(a.name.parse::<VmName>()?);
+    }
+    let settings = Settings::load()?;
+    let d = settings.registry()?;
+    let image = crate::registry::ImageRef::parse(
+        &a.name,
+        a.registry.as_deref().unwrap_or(&d.registry),
+        a.organization.as_deref().unwrap_or(&d.organization),
+    )?;
+    let name = crate::registry::pull::default_name(&image)?;
+    let ctx = context(&a.storage, Some(&name))?;
+    if ctx.store.vm(&name).config_path().exists() {
+        return Ok(name);
+    }
+    note(&format!("VM '{name}' does not exist: pulling {image}"));
+    let action = Action::Pull(Box::new(crate::registry::pull::PullSpec {
+        image,
+        name: name.clone(),
+        username: None,
+        password: None,
+        force: false,
+        progress: true,
+        public_only: false,
+    }));
+    // No interrupt handler here: the foreground run that follows turns
+    // Ctrl-C into a power-off. A pull cut short leaves a work directory
+    // that is never listed and is collected by the next create or pull.
+    execute(&ctx, action, &mut note)?;
+    Ok(name)
+}
+
 /// `lume ssh`: runs the system's ssh client with lume's key, the VM's own
 /// known_hosts file and the VM's address (see guest::ssh).
 fn ssh(a: SshArgs) -> Result<i32> {
@@ -1100,7 +1297,12 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
 /// no `--storage` is given (create goes to the default location).
 fn action_vm(action: &Action) -> Option<&VmName> {
     match action {
-        Action::Create(_) | Action::List => None,
+        Action::Create(_)
+        | Action::List
+        | Action::Pull(_)
+        | Action::Images { .. }
+        | Action::Prune => None,
+        Action::Push { name, .. } => Some(name),
         Action::Run(r) => r.name.as_ref(),
         Action::Stop { name, .. }
         | Action::Shutdown { name, .. }
@@ -1119,6 +1321,9 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     if let Action::Create(spec) = &action
         && spec.image.is_some()
     {
+        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+    }
+    if let Action::Pull(spec) = &action {
         remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
     }
     let outcome = match execute(&ctx, action, &mut note) {

@@ -254,6 +254,10 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             }
         }
         (Outcome::Exited(status), _) => eprintln!("VM stopped ({status})"),
+        (Outcome::Images(images), Format::Json) => {
+            outln!("{}", serde_json::to_string_pretty(images)?)
+        }
+        (Outcome::Images(images), Format::Text) => outln!("{}", images_table(images).trim_end()),
         (o, _) => {
             if let Some(line) = outcome_line(o) {
                 outln!("{line}");
@@ -312,8 +316,60 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             }
         ),
         Outcome::Deleted(name) => format!("VM '{name}' deleted"),
-        Outcome::List(_) | Outcome::Details(_) | Outcome::Exited(_) => return None,
+        Outcome::Pulled(d) => format!(
+            "VM '{}' pulled: {} {}, {} memory, {} disk, network {}",
+            d.name,
+            opt(&d.cpu_count),
+            if d.cpu_count == Some(1) {
+                "CPU"
+            } else {
+                "CPUs"
+            },
+            d.memory_size.map(format_size).unwrap_or_default(),
+            d.disk_size
+                .as_ref()
+                .map(|s| format_size(s.total))
+                .unwrap_or_default(),
+            opt(&d.network_mode),
+        ),
+        Outcome::Pushed(p) if p.dry_run => format!(
+            "Dry run: manifest {} with {} disk part(s), {} hole chunk(s) left out; nothing uploaded",
+            p.manifest_digest, p.parts, p.holes
+        ),
+        Outcome::Pushed(p) => format!(
+            "Pushed {} ({} disk part(s), {} hole chunk(s) left out, {} uploaded, manifest {})",
+            p.references.join(", "),
+            p.parts,
+            p.holes,
+            format_size(p.uploaded),
+            p.manifest_digest
+        ),
+        Outcome::Pruned(_) => "Successfully removed cached images".to_string(),
+        Outcome::List(_) | Outcome::Details(_) | Outcome::Exited(_) | Outcome::Images(_) => {
+            return None;
+        }
     })
+}
+
+/// `lume images` as lume's ImagesPrinter prints it: `name` (28 wide) and
+/// `image_id` (16 wide), sorted; "No images found" when empty.
+pub fn images_table(images: &[crate::registry::cache::CachedImage]) -> String {
+    if images.is_empty() {
+        return "No images found\n".into();
+    }
+    let mut rows: Vec<String> = images
+        .iter()
+        .map(|i| format!("{}:{}", i.repository, i.image_id))
+        .collect();
+    rows.sort();
+    let pad = |s: &str, w: usize| format!("{s:<w$}");
+    let mut out = format!("{}{}\n", pad("name", 28), pad("image_id", 16));
+    for r in rows {
+        let name = r.split(':').next().unwrap_or(&r);
+        let id = r.rsplit(':').next().unwrap_or("-");
+        out.push_str(&format!("{}{}\n", pad(name, 28), pad(id, 16)));
+    }
+    out
 }
 
 #[cfg(test)]

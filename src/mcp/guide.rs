@@ -76,9 +76,13 @@ A clone gets a new MAC address and provisions as itself (own hostname and
 SSH host key).
 
 ### Networks
-`network` on create/run: `nat` (default; needs root), `user` (passt, no
-privilege), `bridged`, `host`, `none`. `lume_network_interfaces` lists the
-host interfaces that can be bridged; `lume_network_doctor` checks the host.
+`network` on create/run: `nat` (needs root), `user` (passt, no
+privilege), `bridged`, `host` (both need root), `none`. Without `network`,
+lume_create_vm picks `nat` when this server runs as root and `user` when it
+does not. When the server is not root, give `network: "user"` (the other
+modes are refused). `none` has no network at all: lume_exec cannot reach
+such a VM. `lume_network_interfaces` lists the host interfaces that can be
+bridged; `lume_network_doctor` checks the host.
 
 ## Status reference
 
@@ -180,7 +184,7 @@ pub fn prompt(name: &str, args: Option<&Map<String, Value>>) -> Option<GetPrompt
                 "Create a Linux sandbox VM",
                 format!(
                     "Create a new Linux sandbox VM named '{vm}' with these requirements:\n\
-                     1. Create it with lume_create_vm from a cloud image (ask me for the image path or URL if you do not know one)\n\
+                     1. Create it with lume_create_vm from a cloud image (ask me for the image path or URL if you do not know one); unless this server runs as root, give network: \"user\" (nat, host and bridged need root)\n\
                      2. Start it with lume_run_vm\n\
                      3. Verify SSH connectivity by running `cloud-init status --wait; hostname` with lume_exec (timeout 300: the first boot takes a while)\n\
                      4. Report the VM's IP address (lume_get_vm)"

@@ -12,6 +12,7 @@
 //! `MCPServer.swift`; `lume_network_interfaces` and `lume_network_doctor`
 //! are ours.
 
+mod agent;
 mod guide;
 
 use std::path::PathBuf;
@@ -56,30 +57,26 @@ pub enum ToolError {
     Keys(#[from] crate::guest::keys::KeyError),
     #[error(transparent)]
     Interfaces(#[from] crate::network::interfaces::InterfaceError),
-    #[error("Invalid {argument} '{value}': {why}")]
-    Argument {
-        argument: &'static str,
-        value: String,
-        why: String,
-    },
+    #[error(transparent)]
+    Publish(#[from] crate::network::publish::PublishError),
+    /// A value the CLI's parser would refuse: `why` is that parser's
+    /// sentence, which names the value already.
+    #[error("Argument {argument}: {why}")]
+    Argument { argument: &'static str, why: String },
     #[error("Invalid arguments for {tool}: {why}; see the tool's input schema (tools/list)")]
     Arguments { tool: String, why: String },
-    #[error("{argument} is not supported by lume on Linux ({why}): leave it out")]
+    #[error("Argument {argument} is not supported by lume on Linux ({why}): leave it out")]
     Unsupported {
         argument: &'static str,
         why: &'static str,
     },
     #[error(
-        "{argument} '{value}' is not an absolute path: give the full path (or one starting with ~/), as the server's working directory is not yours"
+        "Argument {argument} '{value}' is not an absolute path: give the full path (or one starting with ~/), as the server's working directory is not yours"
     )]
     RelativePath {
         argument: &'static str,
         value: String,
     },
-    #[error(
-        "VM '{0}' is running: stop it first (lume_stop_vm) or call lume_delete_vm again with force: true"
-    )]
-    Running(VmName),
     #[error(
         "The server is busy: {HEAVY_CALLS} calls that run commands or VMs are under way and none ended within {} s; try again when one has finished", BUSY_WAIT.as_secs()
     )]
@@ -93,9 +90,13 @@ pub enum ToolError {
 }
 
 /// The text of a failed tool call: what the CLI prints (`Error: ` and the
-/// error's chain).
+/// error's chain), in the tools' words where the CLI's names a command or
+/// a flag ([`agent::agent_message`]).
 fn error_text(e: &ToolError) -> String {
-    format!("Error: {}", crate::error_chain(e))
+    match agent::agent_message(e) {
+        Some(m) => format!("Error: {m}"),
+        None => format!("Error: {}", crate::error_chain(e)),
+    }
 }
 
 fn fail(e: ToolError) -> CallToolResult {
@@ -116,7 +117,6 @@ where
 {
     value.parse().map_err(|e: T::Err| ToolError::Argument {
         argument,
-        value: value.to_string(),
         why: e.to_string(),
     })
 }
@@ -128,7 +128,6 @@ fn name(value: &str) -> Result<VmName, ToolError> {
 fn size(argument: &'static str, value: &str) -> Result<u64, ToolError> {
     crate::vm::size::parse_size(value).map_err(|e| ToolError::Argument {
         argument,
-        value: value.to_string(),
         why: e.to_string(),
     })
 }
@@ -369,12 +368,13 @@ pub struct CreateArgs {
     /// Expected SHA-256 of the image file (64 hex digits)
     pub image_sha256: Option<String>,
     /// Number of virtual CPUs (default: 2)
+    #[schemars(range(min = 1))]
     pub cpu: Option<u32>,
     /// Memory size, e.g. '2GB' (default: 2GB)
     pub memory: Option<String>,
     /// Disk size, e.g. '20GB' (default: 20GB; an imported image's disk grows to it)
     pub disk_size: Option<String>,
-    /// Network mode: nat (default; needs root), user (no privilege), bridged, bridged:<interface>, host, none
+    /// Network mode: nat (needs root), user (no privilege), bridged, bridged:<interface>, host, none (default: nat when the server runs as root, user when it does not)
     pub network: Option<String>,
     /// Ports to publish, each [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes)
     pub publish: Option<Vec<String>>,
@@ -425,6 +425,7 @@ pub struct StopArgs {
     /// Name of the VM to stop
     pub name: String,
     /// Seconds to wait for the guest to power off (guest agent, SSH, ACPI) before forcing it off (default: 15)
+    #[schemars(range(min = 1))]
     pub timeout: Option<u64>,
     /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
@@ -446,7 +447,7 @@ pub struct CloneArgs {
 pub struct DeleteArgs {
     /// Name of the VM to delete (its disk and files are removed)
     pub name: String,
-    /// Stop the VM first when it is running (default: false: a running VM is refused)
+    /// Accepted as lume: a running VM is always stopped first, then deleted
     pub force: Option<bool>,
     /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
@@ -460,6 +461,7 @@ pub struct ExecArgs {
     /// Shell command to execute inside the VM (run by the guest user's shell)
     pub command: String,
     /// Seconds to wait for the guest to answer SSH, and then for the command to finish (default: 60; a command still running then is stopped, exit status 124)
+    #[schemars(range(min = 1))]
     pub timeout: Option<u64>,
     /// SSH user name (default: lume)
     pub user: Option<String>,
@@ -510,8 +512,19 @@ fn ports(
 ) -> Result<Vec<crate::network::publish::PortMapping>, ToolError> {
     list.unwrap_or_default()
         .iter()
-        .map(|p| parse("publish", p))
+        .map(|p| p.parse().map_err(ToolError::Publish))
         .collect()
+}
+
+/// The network mode of a VM created without `network`: lume's `nat` when
+/// the server may create it (root, or CAP_NET_ADMIN), else `user`, which
+/// needs no privilege: an agent of a non-root server gets a VM it can run.
+fn default_network() -> &'static str {
+    if crate::network::privilege::has_net_admin() {
+        "nat"
+    } else {
+        "user"
+    }
 }
 
 /// How long `lume_exec` waits by default (as lume's MCP server).
@@ -529,8 +542,12 @@ pub struct LumeMcp {
 
 impl LumeMcp {
     pub fn new(storage: Option<String>) -> Self {
+        let mut tool_router = Self::tool_router();
+        for route in tool_router.map.values_mut() {
+            route.attr.input_schema = agent::widen_schema(&route.attr.input_schema);
+        }
         Self {
-            tool_router: Self::tool_router(),
+            tool_router,
             storage,
             busy: std::sync::Arc::new(tokio::sync::Semaphore::new(HEAVY_CALLS)),
         }
@@ -614,7 +631,10 @@ impl LumeMcp {
                 memory: size("memory", a.memory.as_deref().unwrap_or("2GB"))?,
                 disk_size: size("disk_size", a.disk_size.as_deref().unwrap_or("20GB"))?,
                 display: crate::vm::config::DEFAULT_DISPLAY.to_string(),
-                network: parse("network", a.network.as_deref().unwrap_or("nat"))?,
+                network: parse(
+                    "network",
+                    a.network.as_deref().unwrap_or_else(|| default_network()),
+                )?,
                 mac: None,
                 kernel: a.kernel.map(|k| host_path("kernel", &k)).transpose()?,
                 initrd: a.initrd.map(|k| host_path("initrd", &k)).transpose()?,
@@ -683,23 +703,18 @@ impl LumeMcp {
                 detach: true,
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
-            note(&format!("Starting VM '{name}'"));
             let result = execute_noted(&ctx, Action::Run(spec), note);
             // The supervisor is this server's child: reap it when it exits.
             crate::api::reap_supervisor(&ctx.store, &name);
             let (outcome, notes) = result?;
-            let mut text = outcome_text(&outcome, &notes);
-            if let Outcome::Started(d) = &outcome {
-                text.push_str(&format!(
-                    "\nRun commands in it with lume_exec (user lume, lume's SSH key{}); from a host shell: lume ssh {}",
-                    if d.ssh_available == Some(false) {
-                        "; SSH does not answer yet"
-                    } else {
-                        ""
-                    },
-                    d.name
-                ));
-            }
+            let text = match &outcome {
+                Outcome::Started(d) => {
+                    let mut lines = notes.clone();
+                    lines.push(agent::started_text(d));
+                    lines.join("\n")
+                }
+                o => outcome_text(o, &notes),
+            };
             Ok(ok_text(text))
         })
         .await
@@ -719,7 +734,6 @@ impl LumeMcp {
             let name = name(&a.name)?;
             let timeout = vm::actions::stop_timeout(timeout(a.timeout, 15)?)?;
             let ctx = context(storage.as_deref(), Some(&name))?;
-            note(&format!("Stopping VM '{name}'"));
             let (outcome, notes) = execute_noted(&ctx, Action::Stop { name, timeout }, note)?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
@@ -756,24 +770,18 @@ impl LumeMcp {
 
     #[tool(
         name = "lume_delete_vm",
-        description = "Delete a VM and all its associated files. A running VM is refused unless force is true (then it is stopped first)"
+        description = "Delete a VM and all its associated files. A running VM is stopped first (as lume does)"
     )]
     async fn delete_vm(&self, Parameters(a): Parameters<DeleteArgs>) -> CallToolResult {
         let storage = self.storage(a.storage);
         blocking(move || {
             let name = name(&a.name)?;
             let ctx = context(storage.as_deref(), Some(&name))?;
-            let force = a.force.unwrap_or(false);
-            // The CLI's confirmed delete stops a running VM (as lume's); an
-            // agent must say force for that, as the tool promises.
-            if !force && ctx.store.open(&name)?.is_running() {
-                return Err(ToolError::Running(name));
-            }
             let (outcome, notes) = execute(
                 &ctx,
                 Action::Delete {
                     name,
-                    force,
+                    force: a.force.unwrap_or(false),
                     // Calling the tool is the confirmation (`lume delete --force`'s).
                     confirmed: true,
                 },
@@ -992,6 +1000,12 @@ impl ServerHandler for LumeMcp {
             ))])
             .into());
         }
+        let mut request = request;
+        if let (Some(t), Some(args)) = (self.tool_router.get(&tool), request.arguments.as_mut())
+            && let Err(e) = agent::normalise(&tool, &t.input_schema, args)
+        {
+            return Ok(fail(e).into());
+        }
         if let Err(e) = check_arguments(&tool, request.arguments.as_ref()) {
             return Ok(fail(e).into());
         }
@@ -1080,6 +1094,10 @@ pub enum ServeError {
     Runtime(#[source] std::io::Error),
     #[error("The MCP session could not start: the client must speak MCP on standard input/output")]
     Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "Standard input was not MCP JSON-RPC (one JSON object per line): `lume serve --mcp` is started by an MCP client such as an agent host, not typed into; register it with your agent host (docs/mcp.md)"
+    )]
+    NotMcp,
     #[error("The MCP session ended with an error")]
     Session(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -1115,13 +1133,16 @@ pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     let result = rt.block_on(async move {
         log("lume MCP server: serving on standard input/output");
-        let transport = (
-            tokio::fs::File::from_std(input),
-            tokio::fs::File::from_std(output),
-        );
+        let (input, foreign) = agent::Watched::new(tokio::fs::File::from_std(input));
+        let transport = (input, tokio::fs::File::from_std(output));
         let service = match LumeMcp::new(storage).serve(transport).await {
             Ok(s) => s,
             // Standard input closed before a session began: nothing to do.
+            Err(rmcp::service::ServerInitializeError::ConnectionClosed(_))
+                if foreign.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                return Err(ServeError::NotMcp);
+            }
             Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => {
                 log("lume MCP server: standard input closed before a session began");
                 return Ok(());
@@ -1209,9 +1230,27 @@ mod tests {
     fn errors_read_as_the_cli_prints_them() {
         let e = name("a/b").unwrap_err();
         let text = error_text(&e);
-        assert!(text.starts_with("Error: Invalid name 'a/b': "), "{text}");
+        assert!(
+            text.starts_with("Error: Argument name: Invalid VM name 'a/b': "),
+            "{text}"
+        );
+        let e = host_path("kernel", "vmlinuz").unwrap_err();
+        assert!(
+            error_text(&e).starts_with("Error: Argument kernel 'vmlinuz' is not an absolute path"),
+            "{e}"
+        );
+        let e = refuse(true, "ipsw", MACOS_ONLY).unwrap_err();
+        assert!(
+            error_text(&e).starts_with("Error: Argument ipsw is not supported"),
+            "{e}"
+        );
         let e = size("memory", "lots").unwrap_err();
-        assert!(error_text(&e).starts_with("Error: Invalid memory 'lots': "));
+        let text = error_text(&e);
+        assert!(
+            text.starts_with("Error: Argument memory: Invalid size 'lots': "),
+            "{text}"
+        );
+        assert_eq!(text.matches("Invalid").count(), 1, "{text}");
     }
 
     #[test]
@@ -1263,5 +1302,22 @@ mod tests {
         assert!(guide::prompt("nope", None).is_none());
         assert!(guide::read("lume://nope").is_none());
         assert!(guide::read(guide::USAGE_GUIDE_URI).is_some());
+    }
+
+    #[test]
+    fn a_non_root_agent_is_told_to_use_user_networking() {
+        let p = guide::prompt("create-sandbox", None).unwrap();
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(text.contains(r#"network: \"user\""#), "{text}");
+        let r = guide::read(guide::USAGE_GUIDE_URI).unwrap();
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(text.contains(r#"network: \"user\""#), "{text}");
+        // The default follows the server's rights (tests run as root).
+        let want = if crate::network::privilege::has_net_admin() {
+            "nat"
+        } else {
+            "user"
+        };
+        assert_eq!(default_network(), want);
     }
 }

@@ -44,6 +44,26 @@ impl Report {
     }
 }
 
+/// The `/dev/net/tun` check: a device this user may not open is a matter
+/// of rights (only nat, host and bridged need it), not a missing module.
+fn tun_verdict(open: Result<(), &std::io::Error>, admin: bool) -> (bool, String) {
+    match open {
+        Ok(()) => (true, "present".to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !admin => (
+            true,
+            "present, but only root may open it: nat, host and bridged need root (run lume as root); network user needs no tun device".to_string(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => (
+            false,
+            format!("cannot open it ({e}): check its permissions (crw-rw-rw- root:root, or at least root's read and write)"),
+        ),
+        Err(e) => (
+            false,
+            format!("cannot open it ({e}): load the tun module (modprobe tun)"),
+        ),
+    }
+}
+
 fn in_path(binary: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
@@ -63,27 +83,27 @@ fn answers(ip: Ipv4Addr) -> bool {
 pub fn run(ctx: &Context) -> Report {
     let mut r = Report::default();
     let admin = has_net_admin();
+    // Without CAP_NET_ADMIN only user mode (passt) and none can start: that
+    // is this user's setup, not a fault, when passt is there; what needs
+    // root is reported as such, and passes.
+    let user_mode = in_path("passt");
     r.add(
         "privileges",
-        admin,
+        admin || user_mode,
         if admin {
             "CAP_NET_ADMIN present: nat, host and bridged can start".to_string()
+        } else if user_mode {
+            "no CAP_NET_ADMIN: network user (and none) work; nat, host and bridged need root (or setcap cap_net_admin,cap_net_raw+ep on the binary)".to_string()
         } else {
-            "no CAP_NET_ADMIN: nat, host and bridged need it; run lume as root (or setcap cap_net_admin,cap_net_raw+ep on the binary); --network user works without".to_string()
+            "no CAP_NET_ADMIN and no passt: no network mode but none can start; install passt (apt-get install passt) for network user, or run lume as root for nat, host and bridged".to_string()
         },
     );
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun");
-    r.add(
-        "/dev/net/tun",
-        tun.is_ok(),
-        match tun {
-            Ok(_) => "present".to_string(),
-            Err(e) => format!("cannot open it ({e}): load the tun module (modprobe tun)"),
-        },
-    );
+    let (ok, detail) = tun_verdict(tun.as_ref().map(drop), admin);
+    r.add("/dev/net/tun", ok, detail);
     for (binary, package) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
@@ -113,6 +133,11 @@ pub fn run(ctx: &Context) -> Report {
     match (&drops, &nets) {
         (Ok(drops), Ok(nets)) => foreign_checks(&mut r, drops, nets),
         (Ok(_), Err(_)) => {}
+        (Err(_), _) if !admin => r.add(
+            "other firewalls",
+            true,
+            "Listing the firewall needs root: run `sudo lume network doctor` to check it (network user does not use the host's firewall)",
+        ),
         (Err(e), _) => r.add(
             "other firewalls",
             false,
@@ -817,6 +842,24 @@ mod tests {
 
     /// The `br_netfilter` line tells lume's accommodation from a policy
     /// lume must not override, and gives the rule when lume has none there.
+    #[test]
+    fn a_tun_device_denied_to_a_user_is_a_matter_of_rights() {
+        use std::io::{Error, ErrorKind};
+        let denied = Error::from(ErrorKind::PermissionDenied);
+        let (ok, detail) = tun_verdict(Err(&denied), false);
+        assert!(ok, "{detail}");
+        assert!(
+            detail.contains("root") && !detail.contains("modprobe"),
+            "{detail}"
+        );
+        let (ok, _) = tun_verdict(Err(&denied), true);
+        assert!(!ok);
+        let missing = Error::from(ErrorKind::NotFound);
+        let (ok, detail) = tun_verdict(Err(&missing), false);
+        assert!(!ok && detail.contains("modprobe tun"), "{detail}");
+        assert_eq!(tun_verdict(Ok(()), false), (true, "present".to_string()));
+    }
+
     #[test]
     fn br_netfilter_tells_accommodated_from_must_not_override() {
         let br0 = "br0".to_string();

@@ -49,6 +49,8 @@ pub enum VmError {
     Seed(#[from] crate::guest::cloudinit::SeedError),
     #[error(transparent)]
     Keys(#[from] crate::guest::keys::KeyError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -57,9 +59,11 @@ pub enum VmError {
     NoCpu,
     #[error("CPU count {0} is more than QEMU supports here (at most 255)")]
     TooManyCpus(u32),
-    #[error("Memory size {0} is too small: give the VM at least 64MB")]
+    #[error("Memory size {0} is too small: give the VM at least 64MB, for example 2GB")]
     MemoryTooSmall(String),
-    #[error("Disk size {0} is too small: give the VM at least 1MB")]
+    #[error(
+        "Disk size {0} is too small: give the VM at least 1MB, for example 20GB (a cloud image needs a few GB)"
+    )]
     DiskTooSmall(String),
     #[error("Disk size {0} is too large: lume's disks are at most 1024TB")]
     DiskTooLarge(String),
@@ -324,6 +328,17 @@ pub enum Action {
         force: bool,
         confirmed: bool,
     },
+    /// Pull an image from a registry as a new VM (docs/images.md).
+    Pull(Box<crate::registry::pull::PullSpec>),
+    /// Push a stopped VM to a registry.
+    Push {
+        name: VmName,
+        spec: Box<crate::registry::push::PushSpec>,
+    },
+    /// The images in the cache, for one organization.
+    Images { organization: String },
+    /// Remove the cached images.
+    Prune,
 }
 
 /// What an action produced.
@@ -352,6 +367,10 @@ pub enum Outcome {
         copy: CopyKind,
     },
     Deleted(VmName),
+    Pulled(VmDetails),
+    Pushed(crate::registry::push::Pushed),
+    Images(Vec<crate::registry::cache::CachedImage>),
+    Pruned(usize),
 }
 
 /// Where actions find VMs and settings.
@@ -433,7 +452,142 @@ pub fn execute(
             force,
             confirmed,
         } => delete(ctx, &name, force, confirmed, note),
+        Action::Pull(spec) => pull(ctx, &spec, note).map(Outcome::Pulled),
+        Action::Push { name, spec } => push(ctx, &name, &spec, note).map(Outcome::Pushed),
+        Action::Images { organization } => Ok(Outcome::Images(
+            crate::registry::cache::Cache::new(&ctx.settings)?.list(&organization),
+        )),
+        Action::Prune => Ok(Outcome::Pruned(
+            crate::registry::cache::Cache::new(&ctx.settings)?.prune()?,
+        )),
     }
+}
+
+/// `pull`: the VM is built in a `.creating-` work directory that holds the
+/// provisioning lock (listed as `provisioning`) and appears with one rename;
+/// on any error or a kill only the resumable cache is left.
+fn pull(
+    ctx: &Context,
+    spec: &crate::registry::pull::PullSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmDetails, VmError> {
+    begin_pull(ctx, spec.clone())?.finish(note)
+}
+
+/// A pull that has been checked and whose work directory exists, listed
+/// as `provisioning` (operation `image_pull`, with `downloadProgress`).
+pub struct PendingPull {
+    store: Store,
+    spec: crate::registry::pull::PullSpec,
+    cache: crate::registry::cache::Cache,
+    caller: super::caller::Caller,
+    work: PathBuf,
+    _provisioning: Option<VmLock>,
+}
+
+/// Checks a pull and makes its work directory with a provisional
+/// config.json and the held provisioning marker; nothing slow happens here.
+pub fn begin_pull(
+    ctx: &Context,
+    mut spec: crate::registry::pull::PullSpec,
+) -> Result<PendingPull, VmError> {
+    let store = &ctx.store;
+    store.check_private(None)?;
+    let name = spec.name.clone();
+    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
+        return Err(StoreError::Exists {
+            name,
+            root: store.root().to_path_buf(),
+        }
+        .into());
+    }
+    if store.is_provisioning(&name) {
+        return Err(StoreError::Provisioning(name).into());
+    }
+    if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
+        spec.public_only = false;
+    }
+    let cache = crate::registry::cache::Cache::new(&ctx.settings)?;
+    let work = store.work_dir("creating", &name)?;
+    let started = (|| -> Result<Option<VmLock>, VmError> {
+        let lock = VmLock::try_acquire(&work.join(PROVISIONING_MARKER)).map_err(io_at(&work))?;
+        crate::registry::pull::provisional_config().save(&work.join("config.json"))?;
+        crate::registry::pull::write_progress(&work, 0, 0);
+        Ok(lock)
+    })();
+    match started {
+        Ok(lock) => Ok(PendingPull {
+            store: store.clone(),
+            spec,
+            cache,
+            caller: ctx.caller.clone(),
+            work,
+            _provisioning: lock,
+        }),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            Err(e)
+        }
+    }
+}
+
+impl PendingPull {
+    pub fn name(&self) -> &VmName {
+        &self.spec.name
+    }
+
+    /// The details of the VM while it is pulled.
+    pub fn details(&self) -> VmDetails {
+        VmDetails::read(
+            &self.store,
+            &Vm {
+                name: self.spec.name.clone(),
+                dir: self.work.clone(),
+            },
+        )
+    }
+
+    /// Pulls and publishes the VM with one rename; on any error the work
+    /// directory is removed (the cache keeps what was verified).
+    pub fn finish(mut self, note: &mut dyn FnMut(&str)) -> Result<VmDetails, VmError> {
+        let work = self.work.clone();
+        let built = (|| -> Result<Vm, VmError> {
+            crate::registry::pull::pull_into(&self.spec, &self.cache, &self.caller, &work, note)?;
+            let _ = fs::remove_file(work.join(crate::registry::pull::PROGRESS_FILE));
+            Ok(self.store.publish(&work, &self.spec.name)?)
+        })();
+        match built {
+            Ok(vm) => {
+                self._provisioning = None;
+                let _ = fs::remove_file(vm.dir.join(PROVISIONING_MARKER));
+                Ok(VmDetails::read(&self.store, &vm))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&work);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `push`: the VM's lock is held throughout, so it cannot start meanwhile.
+fn push(
+    ctx: &Context,
+    name: &VmName,
+    spec: &crate::registry::push::PushSpec,
+    note: &mut dyn FnMut(&str),
+) -> Result<crate::registry::push::Pushed, VmError> {
+    let store = &ctx.store;
+    let vm = store.open(name)?;
+    store.check_private(Some(&vm))?;
+    let mut spec = spec.clone();
+    if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
+        spec.public_only = false;
+    }
+    let scratch = store.work_dir("pushing", name)?;
+    let r = crate::registry::push::push(&vm, &spec, &ctx.caller, &scratch, note);
+    let _ = fs::remove_dir_all(&scratch);
+    Ok(r?)
 }
 
 /// What a person is told on `set --unsafe-host-loopback`: the setting is

@@ -76,6 +76,8 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
 
 /// `provisioningOperation` while an image is imported.
 pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
+/// `provisioningOperation` while an image is pulled from a registry.
+pub const PROVISIONING_IMAGE_PULL: &str = "image_pull";
 
 /// lume's `SharedDirectory` (`hostPath`, `tag`, `readOnly`): the shape of
 /// `sharedDirectories` entries. lume on Linux has no shared directories
@@ -104,7 +106,8 @@ pub struct VmDetails {
     /// `running`, `stopped`, `provisioning` while its image is imported, or
     /// `invalid` when the config cannot be read.
     pub status: String,
-    /// What is being done while `provisioning` (`image_import`); null otherwise.
+    /// What is being done while `provisioning` (`image_import`, or
+    /// `image_pull` for `lume pull`); null otherwise.
     pub provisioning_operation: Option<String>,
     /// lume's VNC address; always null (lume on Linux has no VNC server yet).
     pub vnc_url: Option<String>,
@@ -114,7 +117,8 @@ pub struct VmDetails {
     /// lume's shared directories; always empty (not supported yet).
     pub shared_directories: Vec<SharedDirectory>,
     pub network_mode: Option<String>,
-    /// lume's pull progress (0-100) while `pulling`; null otherwise.
+    /// lume's pull progress: while `lume pull` downloads, how much of the
+    /// image's blobs is there, 0 to 100; null otherwise.
     pub download_progress: Option<f64>,
     pub mac_address: Option<String>,
     /// The accelerator of the running VM.
@@ -162,7 +166,15 @@ impl VmDetails {
             error: None,
         };
         if d.status == "provisioning" {
-            d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
+            d.download_progress = crate::registry::pull::read_progress(&vm.dir);
+            d.provisioning_operation = Some(
+                if d.download_progress.is_some() {
+                    PROVISIONING_IMAGE_PULL
+                } else {
+                    PROVISIONING_IMAGE_IMPORT
+                }
+                .into(),
+            );
         }
         let cfg = match vm.load_config() {
             Ok(c) => c,

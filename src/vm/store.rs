@@ -461,7 +461,10 @@ impl Store {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name();
             let Some(name) = name.to_str() else { continue };
-            if !(name.starts_with(".creating-") || name.starts_with(".deleting-")) {
+            if !(name.starts_with(".creating-")
+                || name.starts_with(".deleting-")
+                || name.starts_with(".pushing-"))
+            {
                 continue;
             }
             let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());

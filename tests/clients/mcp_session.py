@@ -136,6 +136,7 @@ async def main(lume, image, vm):
                 "missing_arg": await call("lume_get_vm", {}),
                 "wrong_type": await call("lume_create_vm", {"name": "x", "cpu": "many"}),
                 "bad_size": await call("lume_create_vm", {"name": "x", "memory": "lots"}),
+                "cpu_zero": await call("lume_create_vm", {"name": "x", "cpu": "0"}),
                 "relative_image": await call("lume_create_vm", {"name": "x", "image": "disk.qcow2"}),
                 "ipsw": await call("lume_create_vm", {"name": "x", "ipsw": "latest"}),
                 "shared_dir": await call("lume_run_vm", {"name": "x", "shared_dir": "/tmp"}),
@@ -153,8 +154,8 @@ async def main(lume, image, vm):
             flow["get"] = await call("lume_get_vm", {"name": vm})
             flow["exec_stopped"] = await call("lume_exec", {"name": vm, "command": "true"})
             flow["run"] = await call("lume_run_vm", {"name": vm})
+            flow["run_again"] = await call("lume_run_vm", {"name": vm})
             flow["clone_running"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})
-            flow["delete_running"] = await call("lume_delete_vm", {"name": vm})
             # The first boot under TCG: SSH answers once cloud-init is done.
             flow["exec"] = await call(
                 "lume_exec",
@@ -206,7 +207,8 @@ async def main(lume, image, vm):
             )
             flow["killed_server_ssh_left"] = await killed_server_leaves_no_ssh(lume, vm)
             flow["resize_running"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
-            flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": 60})
+            # Lenient as lume: a number given as a string.
+            flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": "60"})
             flow["resize"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
             flow["shrink"] = await call("lume_resize_disk", {"name": vm, "disk_size": "2GB"})
             flow["clone"] = await call("lume_clone_vm", {"name": vm, "new_name": vm + "-c"})

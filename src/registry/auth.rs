@@ -1,0 +1,268 @@
+//! Who lume is to a registry, and how it connects.
+//!
+//! Credentials, first found wins: `--username`/`--password` (or the API
+//! request's), lume's environment variables `GITHUB_USERNAME`/`GHCR_USERNAME`
+//! with `GITHUB_TOKEN`/`GHCR_TOKEN` (only when the caller is the user lume
+//! runs as: an API caller never gets the server's secrets), then the
+//! `auths` entry for the registry in the calling user's Docker config
+//! (for the user lume runs as `$DOCKER_CONFIG/config.json`, else
+//! `$HOME/.docker/config.json`; for an API caller the `.docker/config.json`
+//! in its home directory from the user database), opened with the caller's
+//! rights. Otherwise anonymous, which
+//! still fetches the anonymous bearer token ghcr.io wants for public images.
+//!
+//! Plain HTTP is used for registries on a loopback address or `localhost`
+//! (as Docker does) and for those named in `LUME_INSECURE_REGISTRIES`
+//! (comma-separated `HOST[:PORT]`); every other registry is HTTPS.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+
+use super::{ImageRef, RegistryError};
+use crate::vm::caller::{Access, Caller, OpenError};
+
+/// Environment variable: registries spoken to over plain HTTP.
+pub const INSECURE_ENV: &str = "LUME_INSECURE_REGISTRIES";
+
+/// Largest Docker config file read.
+const MAX_DOCKER_CONFIG: u64 = 1 << 20;
+
+/// Credentials for `image`, as described in the module documentation.
+pub fn credentials(
+    image: &ImageRef,
+    username: Option<&str>,
+    password: Option<&str>,
+    caller: &Caller,
+) -> Result<RegistryAuth, RegistryError> {
+    if let (Some(u), Some(p)) = (username, password)
+        && !u.is_empty()
+    {
+        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+    }
+    let own = caller.uid == nix::unistd::getuid().as_raw();
+    if own {
+        let env = |a: &str, b: &str| {
+            std::env::var(a)
+                .ok()
+                .or_else(|| std::env::var(b).ok())
+                .filter(|s| !s.is_empty())
+        };
+        if let (Some(u), Some(p)) = (
+            env("GITHUB_USERNAME", "GHCR_USERNAME"),
+            env("GITHUB_TOKEN", "GHCR_TOKEN"),
+        ) {
+            return Ok(RegistryAuth::Basic(u, p));
+        }
+    }
+    let path = docker_config_path(caller, own);
+    if let Some(path) = path
+        && let Some(auth) = from_docker_config(&path, &image.registry, caller)?
+    {
+        return Ok(auth);
+    }
+    Ok(RegistryAuth::Anonymous)
+}
+
+fn docker_config_path(caller: &Caller, own: bool) -> Option<PathBuf> {
+    if own {
+        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+            return Some(PathBuf::from(dir).join("config.json"));
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            return Some(PathBuf::from(home).join(".docker/config.json"));
+        }
+    }
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller.uid))
+        .ok()
+        .flatten()?;
+    Some(user.dir.join(".docker/config.json"))
+}
+
+/// The `auths` entry for `registry` in a Docker config file, opened with
+/// the caller's rights. A missing or unreadable file is no credential.
+fn from_docker_config(
+    path: &Path,
+    registry: &str,
+    caller: &Caller,
+) -> Result<Option<RegistryAuth>, RegistryError> {
+    let file = match caller.open(path, Access::Read) {
+        Ok(f) => f,
+        Err(OpenError::Missing { .. } | OpenError::Forbidden { .. }) => return Ok(None),
+        Err(OpenError::NotRegular { .. }) => return Ok(None),
+        Err(OpenError::Io { path, source }) => return Err(RegistryError::Io { path, source }),
+    };
+    let mut text = String::new();
+    file.take(MAX_DOCKER_CONFIG)
+        .read_to_string(&mut text)
+        .map_err(super::io_at(path))?;
+    parse_docker_config(&text, registry).map_err(|why| RegistryError::DockerConfig {
+        path: path.to_path_buf(),
+        why,
+    })
+}
+
+/// Finds `registry` in a Docker config's `auths` (keys may be URLs, as
+/// `docker login` writes for Docker Hub).
+pub fn parse_docker_config(text: &str, registry: &str) -> Result<Option<RegistryAuth>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(None);
+    };
+    let key_host = |k: &str| {
+        let k = k
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        k.split('/').next().unwrap_or(k).to_ascii_lowercase()
+    };
+    let Some((_, entry)) = auths.iter().find(|(k, _)| key_host(k) == registry) else {
+        return Ok(None);
+    };
+    if let (Some(u), Some(p)) = (
+        entry.get("username").and_then(|x| x.as_str()),
+        entry.get("password").and_then(|x| x.as_str()),
+    ) {
+        return Ok(Some(RegistryAuth::Basic(u.into(), p.into())));
+    }
+    let Some(auth) = entry.get("auth").and_then(|x| x.as_str()) else {
+        return Ok(None);
+    };
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|_| format!("the auth entry of {registry} is not base64"))?;
+    let raw =
+        String::from_utf8(raw).map_err(|_| format!("the auth entry of {registry} is not text"))?;
+    let (u, p) = raw
+        .split_once(':')
+        .ok_or_else(|| format!("the auth entry of {registry} is not USER:PASSWORD"))?;
+    Ok(Some(RegistryAuth::Basic(u.into(), p.into())))
+}
+
+/// Whether `registry` is spoken to over plain HTTP.
+pub fn plain_http(registry: &str) -> bool {
+    let host = super::reference::host_of(registry);
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<IpAddr>()
+        && ip.is_loopback()
+    {
+        return true;
+    }
+    std::env::var(INSECURE_ENV).is_ok_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .any(|r| !r.is_empty() && r.eq_ignore_ascii_case(registry))
+    })
+}
+
+/// The `oci-client` for `image`'s registry.
+pub fn client(image: &ImageRef, concurrency: usize) -> oci_client::Client {
+    let protocol = if plain_http(&image.registry) {
+        ClientProtocol::HttpsExcept(vec![image.registry.clone()])
+    } else {
+        ClientProtocol::Https
+    };
+    oci_client::Client::new(ClientConfig {
+        protocol,
+        max_concurrent_download: concurrency,
+        max_concurrent_upload: concurrency,
+        connect_timeout: Some(std::time::Duration::from_secs(30)),
+        read_timeout: Some(std::time::Duration::from_secs(120)),
+        user_agent: concat!("lume-linux/", env!("CARGO_PKG_VERSION")),
+        ..Default::default()
+    })
+}
+
+/// For API callers without `apiPrivateImageUrls`: the registry's name must
+/// resolve to public addresses only.
+pub fn check_public(image: &ImageRef) -> Result<(), RegistryError> {
+    let host = image.host();
+    let port = image
+        .registry
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or(443);
+    let addrs: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .map_err(|source| RegistryError::Io {
+                path: PathBuf::from(&image.registry),
+                source,
+            })?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    match addrs
+        .into_iter()
+        .find(|a| crate::image::download::is_private(*a))
+    {
+        Some(addr) => Err(RegistryError::PrivateDestination {
+            registry: image.registry.clone(),
+            addr,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_entries() {
+        let text = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},
+            "127.0.0.1:5000":{"auth":"YWxpY2U6czNjcjM6dA=="}}}"#;
+        match parse_docker_config(text, "127.0.0.1:5000").unwrap() {
+            Some(RegistryAuth::Basic(u, p)) => {
+                assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cr3:t"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_docker_config(text, "index.docker.io").unwrap(),
+            Some(RegistryAuth::Basic(..))
+        ));
+        assert!(parse_docker_config(text, "ghcr.io").unwrap().is_none());
+        assert!(parse_docker_config(r#"{"auths":{"a":{"auth":"!!"}}}"#, "a").is_err());
+    }
+
+    /// An API caller cannot make root read credentials it could not read
+    /// itself: root's 0600 Docker config is no credential for `nobody`.
+    #[test]
+    fn docker_config_is_read_with_the_callers_rights() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        std::fs::write(&p, r#"{"auths":{"r.example":{"auth":"YTpi"}}}"#).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = Caller::current();
+        assert!(matches!(
+            from_docker_config(&p, "r.example", &root).unwrap(),
+            Some(RegistryAuth::Basic(..))
+        ));
+        let nobody = Caller::from_uid(65534);
+        assert!(
+            from_docker_config(&p, "r.example", &nobody)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback() {
+        assert!(plain_http("127.0.0.1:5000"));
+        assert!(plain_http("localhost:5000"));
+        assert!(plain_http("[::1]:5000"));
+        assert!(!plain_http("ghcr.io"));
+        assert!(!plain_http("192.0.2.1:5000"));
+    }
+}

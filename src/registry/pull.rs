@@ -1,0 +1,592 @@
+//! `lume pull`: manifest, config, disk blobs into the cache (in parallel,
+//! each verified against its digest, resumed from a `.partial` file), then
+//! the disk written sparsely into a hidden work directory that appears as
+//! the VM with one rename.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{IsTerminal, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use oci_client::client::BlobResponse;
+use sha2::{Digest as _, Sha256};
+
+use super::cache::{Cache, ImageDir, REASSEMBLED};
+use super::format::{self, Descriptor, Format, Manifest, Plan};
+use super::{ImageRef, RegistryError, classify, io_at};
+use crate::network::NetworkMode;
+use crate::vm::caller::Caller;
+use crate::vm::config::{CloudInit, DiskFormat, MacAddress, VmConfig};
+use crate::vm::name::VmName;
+
+/// Downloads of one blob before a digest mismatch is final.
+const DIGEST_ATTEMPTS: u32 = 3;
+/// Broken transfers of one blob resumed before the pull fails.
+const RESUMES: u32 = 5;
+/// Blobs fetched at once.
+const PARALLEL: usize = 4;
+/// Largest config blob read.
+const MAX_CONFIG: u64 = 1 << 20;
+/// Largest disk lume pulls (as `create`'s limit).
+const MAX_DISK: u64 = 1 << 50;
+
+/// What `pull` needs.
+#[derive(Debug, Clone)]
+pub struct PullSpec {
+    pub image: ImageRef,
+    pub name: VmName,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Fetch every blob anew even when cached.
+    pub force: bool,
+    /// A progress bar on a terminal.
+    pub progress: bool,
+    /// Registries named through the API must be public unless allowed.
+    pub public_only: bool,
+}
+
+/// The VM name lume gives a pulled image: the image's name without tag
+/// (its last path component).
+pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
+    let last = image.name.rsplit('/').next().unwrap_or(&image.name);
+    VmName::parse(last).map_err(|_| RegistryError::BadReference(image.short()))
+}
+
+/// In a pull's work directory: `{"downloaded": N, "total": N}`, read by
+/// `VmDetails` for `downloadProgress`.
+pub const PROGRESS_FILE: &str = ".pull-progress";
+
+/// Records how far the download is (best effort).
+pub fn write_progress(work: &Path, downloaded: u64, total: u64) {
+    let text = serde_json::json!({"downloaded": downloaded, "total": total}).to_string();
+    let _ = crate::util::atomic::write_private(&work.join(PROGRESS_FILE), text.as_bytes());
+}
+
+/// The percentage a progress file records; `None` without one.
+pub fn read_progress(dir: &Path) -> Option<f64> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join(PROGRESS_FILE)).ok()?).ok()?;
+    let done = v.get("downloaded")?.as_u64()?;
+    let total = v.get("total")?.as_u64()?;
+    Some(if total == 0 {
+        0.0
+    } else {
+        (done as f64 * 100.0 / total as f64).min(100.0)
+    })
+}
+
+/// The config a pulled VM lists with until its image's settings are known.
+pub fn provisional_config() -> VmConfig {
+    VmConfig {
+        os: "linux".into(),
+        cpu_count: 2,
+        memory_size: 2 << 30,
+        disk_size: 0,
+        mac_address: Some(MacAddress::random()),
+        display: crate::vm::config::DEFAULT_DISPLAY.into(),
+        network_mode: NetworkMode::Nat,
+        kernel_boot: None,
+        disk_format: DiskFormat::Raw,
+        publish: Vec::new(),
+        unsafe_host_loopback: false,
+        vm_id: None,
+        cloud_init: CloudInit::default(),
+        extra: Default::default(),
+    }
+}
+
+/// A manifest fetched: its bytes, parsed, and lume's plan for it.
+struct Remote {
+    bytes: Vec<u8>,
+    manifest: Manifest,
+    plan: Plan,
+}
+
+/// Pulls `spec.image` as VM `spec.name` into `work` (a `.creating-` work
+/// directory whose provisioning lock the caller holds). Writes
+/// `work/disk.img` and `work/config.json`. `begin` is called once the
+/// image's settings are known, with the provisional config (so the VM
+/// lists as provisioning from then on).
+pub fn pull_into(
+    spec: &PullSpec,
+    cache: &Cache,
+    caller: &Caller,
+    work: &Path,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmConfig, RegistryError> {
+    if spec.public_only {
+        super::auth::check_public(&spec.image)?;
+    }
+    let auth = super::auth::credentials(
+        &spec.image,
+        spec.username.as_deref(),
+        spec.password.as_deref(),
+        caller,
+    )?;
+    let rt = super::runtime()?;
+    let client = super::auth::client(&spec.image, PARALLEL);
+    let oref = spec.image.oci();
+    let image_s = spec.image.to_string();
+    let registry = spec.image.registry.clone();
+    let remote = rt.block_on(async {
+        let (bytes, _) = client
+            .pull_manifest_raw(
+                &oref,
+                &auth,
+                &[
+                    format::MANIFEST_MEDIA_TYPE,
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ],
+            )
+            .await
+            .map_err(|e| classify(e, &registry, &image_s))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
+                image: image_s.clone(),
+                why: format!("its manifest is not an image manifest: {e}"),
+            })?;
+        let plan = format::plan(&manifest).map_err(|why| RegistryError::NotLume {
+            image: image_s.clone(),
+            why,
+        })?;
+        Ok::<_, RegistryError>(Remote {
+            bytes: bytes.to_vec(),
+            manifest,
+            plan,
+        })
+    })?;
+    let manifest_id = Cache::manifest_id(&remote.bytes);
+    let dir = cache.open_image(&spec.image.organization, &manifest_id, &mut || {
+        note(&format!(
+            "Another pull of {image_s} is using the cache: waiting for it to finish"
+        ))
+    })?;
+    if spec.force {
+        dir.clear()?;
+    }
+
+    // The config first: it says how large the disk is for legacy images.
+    let config_json: Option<serde_json::Value> = match &remote.plan.config {
+        Some(c) => {
+            if c.size > MAX_CONFIG {
+                return Err(RegistryError::NotLume {
+                    image: image_s,
+                    why: format!("its config is {} bytes", c.size),
+                });
+            }
+            let bar = indicatif::ProgressBar::hidden();
+            rt.block_on(fetch_blob(&client, &oref, c, &dir, &bar, &image_s))?;
+            let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
+            let text = fs::read(&path).map_err(io_at(&path))?;
+            serde_json::from_slice(&text).ok()
+        }
+        None => None,
+    };
+    let cfg = vm_config(&spec.image, &remote, config_json.as_ref(), note)?;
+    let disk_size = cfg.disk_size;
+    cfg.save(&work.join("config.json"))
+        .map_err(|e| RegistryError::Io {
+            path: work.join("config.json"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+
+    let disk = work.join("disk.img");
+    let reassembled = dir.dir.join(REASSEMBLED);
+    if cache.enabled && dir.metadata().is_some() && reassembled.exists() {
+        note(&format!("Using the cached copy of {image_s}"));
+        crate::hypervisor::img::copy_file(&reassembled, &disk).map_err(|e| RegistryError::Io {
+            path: reassembled.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        return Ok(cfg);
+    }
+
+    // The disk: holes everywhere, then each part's bytes, zeros skipped.
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&disk)
+        .map_err(io_at(&disk))?;
+    out.set_len(disk_size).map_err(io_at(&disk))?;
+
+    // Every disk blob, at most PARALLEL at a time, into the cache; in the
+    // current format each part is unpacked as soon as its blob is there
+    // (two unpacking threads), the legacy one in order afterwards.
+    let mut unique: Vec<&Descriptor> = Vec::new();
+    for p in &remote.plan.parts {
+        if !unique.iter().any(|d| d.digest == p.blob.digest) {
+            unique.push(&p.blob);
+        }
+    }
+    let total: u64 = unique.iter().map(|d| d.size).sum();
+    let bar = progress_bar(spec.progress, total);
+    let pipelined = remote.plan.format == Format::Current;
+    let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
+    let rx = std::sync::Mutex::new(rx);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // downloadProgress for `lume get` and the API, twice a second.
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                write_progress(work, bar.position(), total);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        let workers: Vec<_> = (0..if pipelined { 2 } else { 0 })
+            .map(|_| {
+                s.spawn(|| -> Result<(), RegistryError> {
+                    loop {
+                        let msg = rx.lock().expect("no panics hold it").recv();
+                        let Ok((digest, fresh)) = msg else {
+                            return Ok(());
+                        };
+                        for part in remote.plan.parts.iter().filter(|p| p.blob.digest == digest) {
+                            let offset = part.offset.unwrap_or(0);
+                            decode_one(part, offset, &dir, &out, disk_size, fresh)?;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let r = rt.block_on(async {
+            let fetches = futures_util::stream::iter(
+                unique
+                    .iter()
+                    .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
+            )
+            .buffer_unordered(PARALLEL);
+            futures_util::pin_mut!(fetches);
+            while let Some(r) = fetches.next().await {
+                let (digest, fresh) = r?;
+                if pipelined {
+                    let _ = tx.send((digest, fresh));
+                }
+            }
+            Ok::<_, RegistryError>(())
+        });
+        drop(tx);
+        let unpacked = workers
+            .into_iter()
+            .try_for_each(|h| h.join().expect("an unpacking thread panicked"));
+        done.store(true, Ordering::Relaxed);
+        r.and(unpacked)
+    })?;
+    write_progress(work, total, total);
+    bar.finish_and_clear();
+    drop(rt);
+    if !pipelined {
+        let mut offset = 0u64;
+        for part in &remote.plan.parts {
+            offset += decode_one(part, offset, &dir, &out, disk_size, false)?;
+        }
+    }
+    out.sync_all().map_err(io_at(&disk))?;
+    drop(out);
+
+    if cache.enabled {
+        let tmp = dir.dir.join(format!("{REASSEMBLED}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        crate::hypervisor::img::copy_file(&disk, &tmp).map_err(|e| RegistryError::Io {
+            path: tmp.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &reassembled).map_err(io_at(&reassembled))?;
+        for p in &remote.plan.parts {
+            if let Some(hex) = p.blob.sha256_hex() {
+                let _ = fs::remove_file(dir.blob(hex));
+            }
+        }
+        dir.record(&spec.image.short(), &manifest_id, &remote.bytes)?;
+        for old in super::cache::superseded(
+            cache,
+            &spec.image.organization,
+            &spec.image.short(),
+            &dir.dir,
+        ) {
+            let _ = fs::remove_dir_all(old);
+        }
+    } else {
+        dir.remove();
+    }
+    Ok(cfg)
+}
+
+fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "Pulling {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    bar
+}
+
+/// The VM's settings: lume's manifest annotations (current format) or the
+/// VM config in the config blob (legacy); a new MAC and VM id.
+fn vm_config(
+    image: &ImageRef,
+    remote: &Remote,
+    config: Option<&serde_json::Value>,
+    note: &mut dyn FnMut(&str),
+) -> Result<VmConfig, RegistryError> {
+    let m = &remote.manifest;
+    let cfg_str = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_str());
+    let cfg_u64 = |k: &str| config.and_then(|c| c.get(k)).and_then(|v| v.as_u64());
+    let os = cfg_str("os")
+        .or(m.annotation("org.trycua.lume.os"))
+        .unwrap_or("linux");
+    if !os.eq_ignore_ascii_case("linux") {
+        return Err(RegistryError::ForeignOs {
+            image: image.to_string(),
+            os: os.to_string(),
+        });
+    }
+    let ann = |k: &str| m.annotation(k).and_then(|v| v.parse::<u64>().ok());
+    let disk_size = match remote.plan.format {
+        Format::Current => remote.plan.disk_size,
+        Format::Legacy => remote.plan.disk_size.or(cfg_u64("diskSize")),
+    }
+    .ok_or_else(|| RegistryError::NotLume {
+        image: image.to_string(),
+        why: "it does not say how large its disk is".into(),
+    })?;
+    if disk_size == 0 || disk_size > MAX_DISK {
+        return Err(RegistryError::TooLarge {
+            size: disk_size,
+            max: MAX_DISK,
+        });
+    }
+    let cpu = ann("org.trycua.lume.cpu-count")
+        .or(cfg_u64("cpuCount"))
+        .filter(|c| (1..=255).contains(c))
+        .unwrap_or(2) as u32;
+    let memory = ann("org.trycua.lume.memory-size")
+        .or(cfg_u64("memorySize"))
+        .filter(|m| (64 << 20..=1 << 40).contains(m))
+        .unwrap_or(2 << 30);
+    // An image never chooses a host interface: bridged images come as nat.
+    let mode = m
+        .annotation("org.trycua.lume.network-mode")
+        .and_then(|s| s.parse::<NetworkMode>().ok())
+        .unwrap_or(NetworkMode::Nat);
+    let network_mode = match mode {
+        NetworkMode::Nat | NetworkMode::User | NetworkMode::None | NetworkMode::Host => mode,
+        other => {
+            note(&format!(
+                "The image asks for network mode {other}; the VM gets nat (change it with `lume set --network`)"
+            ));
+            NetworkMode::Nat
+        }
+    };
+    Ok(VmConfig {
+        os: "linux".into(),
+        cpu_count: cpu,
+        memory_size: memory,
+        disk_size,
+        mac_address: Some(MacAddress::random()),
+        display: crate::vm::config::DEFAULT_DISPLAY.into(),
+        network_mode,
+        kernel_boot: None,
+        disk_format: DiskFormat::Raw,
+        publish: Vec::new(),
+        unsafe_host_loopback: false,
+        vm_id: Some(crate::guest::cloudinit::new_vm_id()),
+        cloud_init: CloudInit::default(),
+        extra: Default::default(),
+    })
+}
+
+/// Opens a cache file for appending without following a link.
+fn open_partial(path: &Path) -> Result<File, RegistryError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_at(path))
+}
+
+/// One blob into the cache: skipped when complete there, resumed from its
+/// `.partial`, verified against its digest, fsynced and renamed into place.
+async fn fetch_blob(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    d: &Descriptor,
+    dir: &ImageDir,
+    bar: &indicatif::ProgressBar,
+    image: &str,
+) -> Result<(String, bool), RegistryError> {
+    let hex = d.sha256_hex().expect("digests are checked by format::plan");
+    let done = dir.blob(hex);
+    if fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == d.size) {
+        bar.inc(d.size);
+        return Ok((d.digest.clone(), false));
+    }
+    let partial = dir.partial(hex);
+    let registry = &oref.registry().to_string();
+    for _attempt in 0..DIGEST_ATTEMPTS {
+        let mut file = open_partial(&partial)?;
+        let mut have = file.metadata().map_err(io_at(&partial))?.len();
+        if have > d.size {
+            file.set_len(0).map_err(io_at(&partial))?;
+            have = 0;
+        }
+        // The digest runs over what is already there.
+        let mut hash = Sha256::new();
+        {
+            let mut r = File::open(&partial).map_err(io_at(&partial))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = have;
+            while left > 0 {
+                let n = r.read(&mut buf).map_err(io_at(&partial))?;
+                if n == 0 {
+                    break;
+                }
+                let n = n.min(left as usize);
+                hash.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        bar.inc(have);
+        let mut resumes = 0;
+        while have < d.size {
+            let resp = client
+                .pull_blob_stream_partial(oref, d.digest.as_str(), have, None)
+                .await;
+            let mut stream = match resp {
+                Ok(BlobResponse::Partial(s)) => s.stream,
+                Ok(BlobResponse::Full(s)) => {
+                    // The registry ignored the range: start over.
+                    file.set_len(0).map_err(io_at(&partial))?;
+                    file.seek(std::io::SeekFrom::Start(0))
+                        .map_err(io_at(&partial))?;
+                    bar.set_position(bar.position().saturating_sub(have));
+                    have = 0;
+                    hash = Sha256::new();
+                    s.stream
+                }
+                Err(e) => {
+                    let e = classify(e, registry, image);
+                    resumes += 1;
+                    if resumes > RESUMES
+                        || !matches!(
+                            e,
+                            RegistryError::Unreachable { .. } | RegistryError::Protocol { .. }
+                        )
+                    {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500 * resumes as u64))
+                        .await;
+                    continue;
+                }
+            };
+            let mut broke = false;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(bytes) => {
+                        if have + bytes.len() as u64 > d.size {
+                            // Longer than the manifest says: corrupt.
+                            have = d.size + 1;
+                            break;
+                        }
+                        file.write_all(&bytes).map_err(io_at(&partial))?;
+                        hash.update(&bytes);
+                        have += bytes.len() as u64;
+                        bar.inc(bytes.len() as u64);
+                    }
+                    Err(_) => {
+                        broke = true;
+                        break;
+                    }
+                }
+            }
+            if have > d.size {
+                break;
+            }
+            if broke || have < d.size {
+                resumes += 1;
+                if resumes > RESUMES {
+                    return Err(RegistryError::Protocol {
+                        registry: registry.clone(),
+                        source: oci_client::errors::OciDistributionError::GenericError(Some(
+                            format!("the transfer of {} broke off {resumes} times", d.digest),
+                        )),
+                    });
+                }
+            }
+        }
+        let got = format!("sha256:{}", format::hex(&hash.finalize()));
+        if have == d.size && got == d.digest {
+            file.sync_all().map_err(io_at(&partial))?;
+            fs::rename(&partial, &done).map_err(io_at(&done))?;
+            File::open(&dir.dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&dir.dir))?;
+            return Ok((d.digest.clone(), true));
+        }
+        // Wrong bytes: never kept, fetched anew.
+        drop(file);
+        fs::remove_file(&partial).map_err(io_at(&partial))?;
+        bar.set_position(bar.position().saturating_sub(have.min(d.size)));
+    }
+    Err(RegistryError::Corrupt {
+        image: image.to_string(),
+        digest: d.digest.clone(),
+        attempts: DIGEST_ATTEMPTS,
+    })
+}
+
+/// Writes one part into `out` at `offset`; returns its length. A blob
+/// that was not downloaded (verified) just now is hashed again as it is
+/// read, so a cache file changed since its download is refused.
+fn decode_one(
+    part: &format::DiskPart,
+    offset: u64,
+    dir: &ImageDir,
+    out: &File,
+    disk_size: u64,
+    fresh: bool,
+) -> Result<u64, RegistryError> {
+    let hex = part.blob.sha256_hex().expect("checked by format::plan");
+    let path = dir.blob(hex);
+    let f = File::open(&path).map_err(io_at(&path))?;
+    let max = part.max_len.min(disk_size.saturating_sub(offset));
+    let unpack_error = |e: format::DecodeError| match e {
+        format::DecodeError::Io(source) => RegistryError::Io {
+            path: path.clone(),
+            source,
+        },
+        other => RegistryError::NotLume {
+            image: path.display().to_string(),
+            why: format!("a disk part cannot be unpacked: {other}"),
+        },
+    };
+    if fresh {
+        return format::decode_part(part.codec, f, out, offset, max).map_err(unpack_error);
+    }
+    let mut reader = format::HashingReader::new(f);
+    let n = format::decode_part(part.codec, &mut reader, out, offset, max).map_err(unpack_error)?;
+    let (digest, _) = reader.finish().map_err(io_at(&path))?;
+    if digest != part.blob.digest {
+        let _ = fs::remove_file(&path);
+        return Err(RegistryError::CorruptCache { path });
+    }
+    Ok(n)
+}

@@ -1,0 +1,467 @@
+//! `lume push`: a stopped VM's disk as lume's gzip chunks (chunks holding
+//! only zeros are left out), the config blob and the manifest, under one or
+//! more tags.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+
+use super::format::{self, Descriptor, Manifest};
+use super::{ImageRef, RegistryError, classify, io_at};
+use crate::vm::caller::Caller;
+use crate::vm::config::VmConfig;
+use crate::vm::lock::VmLock;
+use crate::vm::store::Vm;
+
+/// lume's default chunk size.
+pub const DEFAULT_CHUNK_MB: u64 = 512;
+
+/// What `push` needs.
+#[derive(Debug, Clone)]
+pub struct PushSpec {
+    pub image: ImageRef,
+    /// Tags besides `image.tag`.
+    pub additional_tags: Vec<String>,
+    pub chunk_size_mb: u64,
+    pub dry_run: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub progress: bool,
+    pub public_only: bool,
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// Every `REGISTRY/ORG/NAME:TAG` written (none on a dry run).
+    pub references: Vec<String>,
+    pub manifest_digest: String,
+    /// Disk chunks in the manifest, and chunks left out as holes.
+    pub parts: usize,
+    pub holes: usize,
+    /// Compressed bytes uploaded (blobs the registry had are not counted).
+    pub uploaded: u64,
+    pub dry_run: bool,
+}
+
+struct Chunk {
+    number: usize,
+    offset: u64,
+    len: u64,
+    path: PathBuf,
+    digest: String,
+    size: u64,
+    raw_digest: String,
+}
+
+/// Pushes VM `vm` (its lock is taken for the whole push, so it cannot start
+/// meanwhile). `scratch` is a private directory for compressed chunks.
+pub fn push(
+    vm: &Vm,
+    spec: &PushSpec,
+    caller: &Caller,
+    scratch: &Path,
+    note: &mut dyn FnMut(&str),
+) -> Result<Pushed, RegistryError> {
+    if !(1..=4096).contains(&spec.chunk_size_mb) {
+        return Err(RegistryError::ChunkSize(spec.chunk_size_mb));
+    }
+    let name = vm.name.to_string();
+    let _lock = VmLock::try_acquire(&vm.lock_path())
+        .map_err(io_at(&vm.lock_path()))?
+        .ok_or_else(|| RegistryError::Running(name.clone()))?;
+    let cfg = vm.load_config().map_err(|e| RegistryError::Io {
+        path: vm.config_path(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    if cfg.kernel_boot.is_some() {
+        return Err(RegistryError::KernelBoot(name));
+    }
+    let mut tags = vec![spec.image.tag.clone()];
+    for t in &spec.additional_tags {
+        spec.image.with_tag(t)?;
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    if spec.public_only && !spec.dry_run {
+        super::auth::check_public(&spec.image)?;
+    }
+
+    let disk_path = vm.disk_path();
+    let disk = File::open(&disk_path).map_err(io_at(&disk_path))?;
+    let size = disk.metadata().map_err(io_at(&disk_path))?.len();
+    let chunk = spec.chunk_size_mb << 20;
+    let count = size.div_ceil(chunk) as usize;
+
+    let config = format::config_blob();
+    let config_digest = format::digest_of(&config);
+    let client = super::auth::client(&spec.image, 4);
+    let oref = spec.image.oci();
+    let registry = spec.image.registry.clone();
+    let image_s = spec.image.to_string();
+    let err = |e| classify(e, &registry, &image_s);
+    let rt = super::runtime()?;
+    if !spec.dry_run {
+        // Credentials and the config first: a refusal comes before any work.
+        let auth = super::auth::credentials(
+            &spec.image,
+            spec.username.as_deref(),
+            spec.password.as_deref(),
+            caller,
+        )?;
+        rt.block_on(async {
+            client
+                .auth(&oref, &auth, oci_client::RegistryOperation::Push)
+                .await
+                .map_err(err)?;
+            if !client
+                .blob_exists(&oref, &config_digest)
+                .await
+                .map_err(err)?
+            {
+                client
+                    .push_blob(&oref, config.clone(), &config_digest)
+                    .await
+                    .map_err(err)?;
+            }
+            Ok::<(), RegistryError>(())
+        })?;
+    }
+    // Progress in disk bytes: holes count at once, a chunk once uploaded.
+    let bar = if spec.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(size);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "Pushing {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        ) {
+            b.set_style(style);
+        }
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    // Compression threads feed the uploads (two at a time) through a
+    // bounded queue, so the scratch directory holds a few chunks at most.
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let upload = |c: Chunk| {
+        let (client, oref, bar) = (&client, &oref, &bar);
+        async move {
+            let mut sent = 0;
+            if !spec.dry_run && !client.blob_exists(oref, &c.digest).await.map_err(err)? {
+                // Streamed from the file: memory stays at one piece per upload.
+                let file = File::open(&c.path).map_err(io_at(&c.path))?;
+                client
+                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
+                    .await
+                    .map_err(err)?;
+                sent = c.size;
+            }
+            let _ = fs::remove_file(&c.path);
+            bar.inc(c.len);
+            Ok::<(Chunk, u64), RegistryError>((c, sent))
+        }
+    };
+    let (mut chunks, uploaded) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let tx = tx.clone();
+                let (next, disk, disk_path, bar) = (&next, &disk, &disk_path, &bar);
+                s.spawn(move || -> Result<(), RegistryError> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return Ok(());
+                        }
+                        let offset = i as u64 * chunk;
+                        let len = chunk.min(size - offset);
+                        match compress_chunk(disk, disk_path, i, offset, len, scratch)? {
+                            // The uploads stopped (an error): so do we.
+                            Some(c) => {
+                                if tx.blocking_send(c).is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            None => bar.inc(len),
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        let uploads = rt.block_on(async {
+            let mut inflight = futures_util::stream::FuturesUnordered::new();
+            let mut done = Vec::new();
+            let mut sent = 0;
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    c = rx.recv(), if open && inflight.len() < 2 => match c {
+                        Some(c) => inflight.push(upload(c)),
+                        None => open = false,
+                    },
+                    Some(r) = inflight.next(), if !inflight.is_empty() => {
+                        let (c, n) = r?;
+                        sent += n;
+                        done.push(c);
+                    }
+                    else => break,
+                }
+            }
+            Ok::<_, RegistryError>((done, sent))
+        });
+        drop(rx);
+        let compressed = handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a compress thread panicked"));
+        let uploads = uploads?;
+        compressed.map(|()| uploads)
+    })?;
+    chunks.sort_by_key(|c| c.number);
+    let holes = count - chunks.len();
+    let manifest = manifest(&cfg, &config, &config_digest, &chunks, size);
+    let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+    let manifest_digest = format::digest_of(&manifest_bytes);
+    if spec.dry_run {
+        bar.finish_and_clear();
+        note(&format!(
+            "Dry run: {} disk chunk(s) of {} MB ready ({} left out as holes), nothing uploaded",
+            chunks.len(),
+            spec.chunk_size_mb,
+            holes
+        ));
+        return Ok(Pushed {
+            references: Vec::new(),
+            manifest_digest,
+            parts: chunks.len(),
+            holes,
+            uploaded: 0,
+            dry_run: true,
+        });
+    }
+    rt.block_on(async {
+        let content_type = reqwest_header(format::MANIFEST_MEDIA_TYPE);
+        for tag in &tags {
+            let r = spec.image.with_tag(tag)?.oci();
+            client
+                .push_manifest_raw(&r, manifest_bytes.clone(), content_type.clone())
+                .await
+                .map_err(err)?;
+        }
+        Ok::<(), RegistryError>(())
+    })?;
+    bar.finish_and_clear();
+    Ok(Pushed {
+        references: tags
+            .iter()
+            .map(|t| format!("{}/{}:{t}", spec.image.registry, spec.image.repository()))
+            .collect(),
+        manifest_digest,
+        parts: chunks.len(),
+        holes,
+        uploaded,
+        dry_run: false,
+    })
+}
+
+/// A file as a stream of 8 MiB pieces, for `push_blob_stream`.
+fn file_stream(
+    file: File,
+) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(Some(file), |state| async move {
+        let mut file = state?;
+        let mut buf = vec![0u8; 8 << 20];
+        let mut n = 0;
+        while n < buf.len() {
+            match std::io::Read::read(&mut file, &mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Some((Err(e.into()), None)),
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        buf.truncate(n);
+        Some((Ok(bytes::Bytes::from(buf)), Some(file)))
+    })
+}
+
+fn reqwest_header(v: &'static str) -> http::HeaderValue {
+    http::HeaderValue::from_static(v)
+}
+
+/// Whether `[offset, offset+len)` of `f` has any data (SEEK_DATA); on a
+/// filesystem without it, assume yes.
+fn has_data(f: &File, offset: u64, len: u64) -> bool {
+    // SAFETY: lseek on a descriptor we own; no memory is touched.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    }
+    (r as u64) < offset + len
+}
+
+/// Gzips one chunk into `scratch`; `None` when it holds only zeros.
+fn compress_chunk(
+    disk: &File,
+    disk_path: &Path,
+    number: usize,
+    offset: u64,
+    len: u64,
+    scratch: &Path,
+) -> Result<Option<Chunk>, RegistryError> {
+    if !has_data(disk, offset, len) {
+        return Ok(None);
+    }
+    let path = scratch.join(format!("part.{number}.gz"));
+    let out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_at(&path))?;
+    let hashing = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
+    let mut gz = flate2::write::GzEncoder::new(hashing, flate2::Compression::fast());
+    let mut raw = <sha2::Sha256 as sha2::Digest>::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let mut any = false;
+    while pos < len {
+        let n = (len - pos).min(buf.len() as u64) as usize;
+        disk.read_exact_at(&mut buf[..n], offset + pos)
+            .map_err(io_at(disk_path))?;
+        any |= buf[..n].iter().any(|&b| b != 0);
+        sha2::Digest::update(&mut raw, &buf[..n]);
+        gz.write_all(&buf[..n]).map_err(io_at(&path))?;
+        pos += n as u64;
+    }
+    if !any {
+        drop(gz);
+        let _ = fs::remove_file(&path);
+        return Ok(None);
+    }
+    let hashing = gz.finish().map_err(io_at(&path))?;
+    let (digest, size, mut inner) = hashing.finish();
+    inner.flush().map_err(io_at(&path))?;
+    Ok(Some(Chunk {
+        number,
+        offset,
+        len,
+        path,
+        digest,
+        size,
+        raw_digest: format!("sha256:{}", format::hex(&sha2::Digest::finalize(raw))),
+    }))
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hash: sha2::Sha256,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hash: sha2::Digest::new(),
+            written: 0,
+        }
+    }
+
+    fn finish(self) -> (String, u64, W) {
+        (
+            format!("sha256:{}", format::hex(&sha2::Digest::finalize(self.hash))),
+            self.written,
+            self.inner,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// lume's chunked manifest (`createOCIManifest` with disk chunks), without
+/// the nvram layer a Linux VM does not have.
+fn manifest(
+    cfg: &VmConfig,
+    config: &[u8],
+    config_digest: &str,
+    chunks: &[Chunk],
+    total: u64,
+) -> Manifest {
+    let s = |v: &dyn ToString| v.to_string();
+    let layers = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Descriptor {
+            media_type: format::DISK_MEDIA_TYPE.into(),
+            digest: c.digest.clone(),
+            size: c.size,
+            annotations: Some(
+                [
+                    (format::TITLE, format!("disk.img.part.{}", i + 1)),
+                    (format::UNCOMPRESSED_SIZE, s(&c.len)),
+                    (format::UNCOMPRESSED_DIGEST, c.raw_digest.clone()),
+                    (format::PART_NUMBER, s(&(i + 1))),
+                    (format::PART_TOTAL, s(&chunks.len())),
+                    (format::PART_OFFSET, s(&c.offset)),
+                    (format::CHUNK_SIZE, s(&c.len)),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ),
+        })
+        .collect();
+    let annotations = [
+        (
+            "org.trycua.lume.upload-time",
+            crate::util::time::timestamp(),
+        ),
+        (format::TOTAL_SIZE, s(&total)),
+        ("org.trycua.lume.os", "linux".to_string()),
+        ("org.trycua.lume.cpu-count", s(&cfg.cpu_count)),
+        ("org.trycua.lume.memory-size", s(&cfg.memory_size)),
+        ("org.trycua.lume.disk-size", s(&total)),
+        ("org.trycua.lume.display", cfg.display.clone()),
+        ("org.trycua.lume.network-mode", cfg.network_mode.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Manifest {
+        schema_version: 2,
+        media_type: Some(format::MANIFEST_MEDIA_TYPE.into()),
+        config: Some(Descriptor {
+            media_type: format::CONFIG_MEDIA_TYPE.into(),
+            digest: config_digest.to_string(),
+            size: config.len() as u64,
+            annotations: Some(
+                [(format::TITLE.to_string(), "config.json".to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
+        }),
+        layers,
+        annotations: Some(annotations),
+    }
+}

@@ -1,0 +1,560 @@
+//! `lume push` / `pull` / `images` / `prune` against a real registry
+//! (Debian's docker-registry, the CNCF distribution server) on loopback in a
+//! network namespace of the test's own; skopeo reads what lume pushed.
+
+mod common;
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Home, Netns, sh, wait_for};
+use lume::registry::format;
+
+const MB: u64 = 1 << 20;
+
+/// A registry serving `data` on 127.0.0.1:`port` inside `ns`.
+struct Registry {
+    child: Child,
+    data: PathBuf,
+    addr: String,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry(ns: &Netns, dir: &Path, port: u16, htpasswd: Option<&str>) -> Registry {
+    let data = dir.join(format!("data{port}"));
+    std::fs::create_dir_all(&data).unwrap();
+    let mut cfg = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        data.display()
+    );
+    if let Some(line) = htpasswd {
+        let p = dir.join(format!("htpasswd{port}"));
+        std::fs::write(&p, format!("{line}\n")).unwrap();
+        cfg.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+            p.display()
+        ));
+    }
+    let cfg_path = dir.join(format!("config{port}.yml"));
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "docker-registry", "serve"])
+        .arg(&cfg_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    wait_for("the registry", Duration::from_secs(20), || {
+        let out = ns.exec(&format!(
+            "curl -s -o /dev/null -w '%{{http_code}}' http://{addr}/v2/"
+        ));
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        (code == "200" || code == "401").then_some(())
+    });
+    Registry { child, data, addr }
+}
+
+/// A VM `name` whose 64 MB disk holds data at a few places and holes
+/// elsewhere; returns the disk's path.
+fn vm_with_data(home: &Home, name: &str) -> PathBuf {
+    home.ok(&[
+        "create",
+        name,
+        "--disk-size",
+        "64MB",
+        "--network",
+        "none",
+        "--no-cloud-init",
+    ]);
+    let disk = home.vm_dir(name).join("disk.img");
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let mut noise = vec![0u8; (6 * MB) as usize];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact_at_start(&mut noise);
+    f.write_all_at(b"lume registry test: first sector", 0)
+        .unwrap();
+    f.write_all_at(&noise[..MB as usize], 5 * MB + 123).unwrap();
+    f.write_all_at(&"text ".repeat(400_000).into_bytes(), 30 * MB)
+        .unwrap();
+    f.write_all_at(&noise, 50 * MB).unwrap();
+    f.sync_all().unwrap();
+    disk
+}
+
+trait ReadStart {
+    fn read_exact_at_start(&mut self, buf: &mut [u8]);
+}
+
+impl ReadStart for std::fs::File {
+    fn read_exact_at_start(&mut self, buf: &mut [u8]) {
+        use std::io::Read;
+        self.read_exact(buf).unwrap();
+    }
+}
+
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    sh(&format!("cmp {} {}", a.display(), b.display()));
+}
+
+fn reg_args(r: &Registry) -> [&str; 4] {
+    ["--registry", &r.addr, "--organization", "test"]
+}
+
+#[test]
+fn push_pull_round_trip_skopeo_and_failures() {
+    let ns = Netns::new("lreg");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5000, None);
+    let home = Home::new();
+    let src = vm_with_data(&home, "src");
+
+    // Push in 4 MB chunks under two tags.
+    let mut push = vec![
+        "push",
+        "src",
+        "img:v1",
+        "--chunk-size-mb",
+        "4",
+        "--additional-tags",
+        "v2",
+    ];
+    push.extend(reg_args(&reg));
+    let out = ns.lume_ok(&home, &push);
+    assert!(out.contains("hole chunk(s) left out"), "{out}");
+
+    // skopeo reads it: lume's media types and annotations, and copies it.
+    let inspect = ns.exec_ok(&format!(
+        "skopeo inspect --raw --tls-verify=false docker://{}/test/img:v2",
+        reg.addr
+    ));
+    let manifest: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(manifest["config"]["mediaType"], format::CONFIG_MEDIA_TYPE);
+    let layers = manifest["layers"].as_array().unwrap();
+    // 16 chunks of 4 MB; data in chunks 0, 1, 7, 12 and 13 only.
+    assert_eq!(layers.len(), 5, "{inspect}");
+    for l in layers {
+        assert_eq!(l["mediaType"], format::DISK_MEDIA_TYPE);
+        assert!(l["annotations"][format::PART_OFFSET].is_string());
+    }
+    assert_eq!(
+        manifest["annotations"][format::TOTAL_SIZE],
+        (64 * MB).to_string()
+    );
+    let copy = tmp.path().join("skopeo-copy");
+    ns.exec_ok(&format!(
+        "skopeo copy --src-tls-verify=false docker://{}/test/img:v1 dir:{}",
+        reg.addr,
+        copy.display()
+    ));
+    assert!(copy.join("manifest.json").exists());
+
+    // Pull: byte-identical and sparse.
+    let mut pull = vec!["pull", "img:v1", "dst"];
+    pull.extend(reg_args(&reg));
+    ns.lume_ok(&home, &pull);
+    let dst = home.vm_dir("dst").join("disk.img");
+    same_bytes(&src, &dst);
+    assert!(
+        allocated(&dst) <= allocated(&src) + MB,
+        "pulled disk not sparse: {} vs {}",
+        allocated(&dst),
+        allocated(&src)
+    );
+    assert!(allocated(&dst) < 16 * MB);
+    let got = home.get("dst");
+    assert_eq!(got["status"], "stopped");
+    assert_eq!(got["networkMode"], "none");
+
+    // `lume run IMAGE:TAG` pulls the image as VM `img` and starts it.
+    let mut run = vec!["run", "img:v2", "--detach"];
+    run.extend(reg_args(&reg));
+    let out = ns.lume(&home, &run);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("pulling"), "{err}");
+    assert_eq!(home.get("img")["status"], "running");
+    // A running VM is not pushed.
+    let mut busy = vec!["push", "img", "img:busy"];
+    busy.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &busy);
+    assert!(err.contains("is running: stop it before pushing"), "{err}");
+    ns.lume_ok(&home, &["stop", "img", "--timeout", "1"]);
+    // A dry run uploads nothing.
+    let mut dry = vec![
+        "push",
+        "src",
+        "img:dry",
+        "--dry-run",
+        "--chunk-size-mb",
+        "4",
+    ];
+    dry.extend(reg_args(&reg));
+    let out = ns.lume_ok(&home, &dry);
+    assert!(
+        out.contains("Dry run") && out.contains("5 disk part(s)"),
+        "{out}"
+    );
+    let tags = ns.exec_ok(&format!(
+        "curl -s http://{}/v2/test/img/tags/list",
+        reg.addr
+    ));
+    assert!(tags.contains("v1") && !tags.contains("dry"), "{tags}");
+    same_bytes(&src, &home.vm_dir("img").join("disk.img"));
+
+    // A missing tag: one clear error, no VM, nothing counted complete.
+    let mut missing = vec!["pull", "img:nope", "nope"];
+    missing.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &missing);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(!home.ok(&["ls"]).contains("nope"));
+
+    // A corrupt blob in the registry's storage: refused, never installed.
+    let blobs = reg.data.join("docker/registry/v2/blobs/sha256");
+    let data_layer = layers
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .find(|h| {
+            let p = blobs.join(&h[..2]).join(h).join("data");
+            std::fs::metadata(p)
+                .map(|m| m.len() > 100_000)
+                .unwrap_or(false)
+        })
+        .unwrap();
+    let blob = blobs.join(&data_layer[..2]).join(&data_layer).join("data");
+    let f = std::fs::OpenOptions::new().write(true).open(&blob).unwrap();
+    f.write_all_at(b"XXXX", 5000).unwrap();
+    drop(f);
+    let mut corrupt = vec!["pull", "img:v1", "bad"];
+    corrupt.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &corrupt);
+    assert!(err.contains("did not match its digest"), "{err}");
+    assert!(!home.vm_dir("bad").exists());
+    assert!(!home.ok(&["ls"]).contains("bad"));
+    let cached = sh(&format!(
+        "find {} -name 'sha256_{data_layer}' | wc -l",
+        home.path().join(".lume/cache").display()
+    ));
+    assert_eq!(cached.trim(), "0", "a corrupt blob was kept as complete");
+}
+
+#[test]
+fn legacy_lz4_image_is_pulled() {
+    let ns = Netns::new("lleg");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5000, None);
+    let home = Home::new();
+    // A 16 MB disk in two legacy parts of 8 MB, Apple-LZ4 encoded.
+    let mut disk = vec![0u8; (16 * MB) as usize];
+    disk[..21].copy_from_slice(b"legacy lume disk head");
+    for (i, b) in disk[(9 * MB) as usize..(10 * MB) as usize]
+        .iter_mut()
+        .enumerate()
+    {
+        *b = (i % 251) as u8;
+    }
+    let config = serde_json::json!({"os": "linux", "cpuCount": 1, "memorySize": 536870912u64, "diskSize": 16 * MB}).to_string();
+    let mut layers = Vec::new();
+    let upload = |data: &[u8]| -> String {
+        let digest = format::digest_of(data);
+        let p = tmp.path().join("blob");
+        std::fs::write(&p, data).unwrap();
+        ns.exec_ok(&format!(
+            "loc=$(curl -sfi -X POST http://{a}/v2/test/old/blobs/uploads/ | grep -i '^location:' | cut -d' ' -f2 | tr -d '\\r') && \
+             curl -sf -X PUT -H 'Content-Type: application/octet-stream' --data-binary @{p} \"$loc&digest={digest}\"",
+            a = reg.addr,
+            p = p.display()
+        ));
+        digest
+    };
+    let config_digest = upload(config.as_bytes());
+    for part in disk.chunks((8 * MB) as usize) {
+        let enc = format::encode_apple_lz4(part);
+        let d = upload(&enc);
+        layers.push(serde_json::json!({"mediaType": format::LEGACY_LZ4_MEDIA_TYPE, "digest": d, "size": enc.len(),
+            "annotations": {"org.trycua.lume.uncompressed-size": part.len().to_string()}}));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": format::MANIFEST_MEDIA_TYPE,
+        "config": {"mediaType": format::LEGACY_CONFIG_MEDIA_TYPE, "digest": config_digest, "size": config.len()},
+        "layers": layers,
+        "annotations": {"org.trycua.lume.uncompressed-disk-size": (16 * MB).to_string()}
+    });
+    let mp = tmp.path().join("manifest.json");
+    std::fs::write(&mp, manifest.to_string()).unwrap();
+    let put = ns.exec_ok(&format!(
+        "curl -s -X PUT -H 'Content-Type: {}' --data-binary @{} http://{}/v2/test/old/manifests/v0 -w ' %{{http_code}}'",
+        format::MANIFEST_MEDIA_TYPE,
+        mp.display(),
+        reg.addr
+    ));
+    assert!(put.ends_with(" 201"), "{put}");
+    ns.lume_ok(
+        &home,
+        &[
+            "pull",
+            "old:v0",
+            "--registry",
+            &reg.addr,
+            "--organization",
+            "test",
+        ],
+    );
+    let pulled = std::fs::read(home.vm_dir("old").join("disk.img")).unwrap();
+    assert!(pulled == disk, "the legacy disk differs");
+    assert!(allocated(&home.vm_dir("old").join("disk.img")) <= 2 * MB);
+    assert_eq!(home.get("old")["cpuCount"], 1);
+}
+
+#[test]
+fn credentials_cache_and_killed_pull() {
+    let ns = Netns::new("lcrd");
+    let tmp = tempfile::tempdir().unwrap();
+    let hash = sh(
+        "python3 -c \"import crypt; print(crypt.crypt('s3cret', crypt.mksalt(crypt.METHOD_BLOWFISH)))\" 2>/dev/null",
+    );
+    let reg = registry(
+        &ns,
+        tmp.path(),
+        5001,
+        Some(&format!("alice:{}", hash.trim())),
+    );
+    let home = Home::new();
+    home.write_settings("cachingEnabled: true\n");
+    let src = vm_with_data(&home, "src");
+    let creds = ["--username", "alice", "--password", "s3cret"];
+    let mut push: Vec<&str> = vec!["push", "src", "img:v1", "--chunk-size-mb", "8"];
+    push.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &push);
+    assert!(err.contains("refused the credentials"), "{err}");
+    push.extend(creds);
+    ns.lume_ok(&home, &push);
+
+    // The Docker credentials file of the user (base64 of alice:s3cret).
+    let docker = home.path().join(".docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let mut dry: Vec<&str> = vec!["pull", "img:v1", "fromdocker"];
+    dry.extend(reg_args(&reg));
+    ns.lume_ok(&home, &dry);
+    home.ok(&["delete", "fromdocker", "--force"]);
+    std::fs::remove_file(docker.join("config.json")).unwrap();
+    home.ok(&["prune"]);
+
+    // Wrong password: one clear error, no VM.
+    let mut bad: Vec<&str> = vec![
+        "pull",
+        "img:v1",
+        "x",
+        "--username",
+        "alice",
+        "--password",
+        "wrong",
+    ];
+    bad.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &bad);
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!home.vm_dir("x").exists());
+
+    // A slow link, a pull killed mid-transfer: nothing listed, the partial
+    // blob stays; the next pull resumes and completes.
+    ns.exec_ok("tc qdisc add dev lo root tbf rate 16mbit burst 256kb latency 2s");
+    let mut args: Vec<String> = ["pull", "img:v1", "dst"].map(String::from).to_vec();
+    args.extend(reg_args(&reg).map(String::from));
+    args.extend(creds.map(String::from));
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(&args);
+    home.env(&mut c);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = home.path().join(".lume/cache");
+    wait_for("a partial blob", Duration::from_secs(30), || {
+        let n = sh(&format!(
+            "find {} -name '*.partial' -size +256k 2>/dev/null | wc -l",
+            cache.display()
+        ));
+        (n.trim() != "0").then_some(())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!home.ok(&["ls"]).contains("dst"));
+    assert!(!home.vm_dir("dst").exists());
+    ns.exec_ok("tc qdisc del dev lo root");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    ns.lume_ok(&home, &argv);
+    same_bytes(&src, &home.vm_dir("dst").join("disk.img"));
+
+    // Cached now: listed by `images`; a second pull is a local copy even
+    // with the registry gone.
+    let images = home.ok(&["images", "--organization", "test"]);
+    assert!(images.starts_with("name"), "{images}");
+    assert!(images.contains("img"), "{images}");
+    let mut again: Vec<&str> = vec!["pull", "img:v1", "dst2"];
+    again.extend(["--registry", "127.0.0.1:5001", "--organization", "test"]);
+    again.extend(creds);
+    let out = ns.lume(&home, &again);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Using the cached copy"));
+    same_bytes(&src, &home.vm_dir("dst2").join("disk.img"));
+    // The manifest still comes from the registry: without it, a clear error.
+    drop(reg);
+    again[2] = "dst3";
+    let err = ns.lume_fails(&home, &again);
+    assert!(err.contains("could not be reached"), "{err}");
+    home.ok(&["prune"]);
+    assert!(
+        home.ok(&["images", "--organization", "test"])
+            .contains("No images found")
+    );
+}
+
+/// `lume serve` in `ns` on 127.0.0.1:7791; killed on drop.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn api(ns: &Netns, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let data = body
+        .map(|b| format!("-H 'Content-Type: application/json' --data '{b}'"))
+        .unwrap_or_default();
+    let out = ns.exec(&format!(
+        "curl -s -X {method} {data} -w '\\n%{{http_code}}' http://127.0.0.1:7791{path}"
+    ));
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let (json, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.parse().unwrap(),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[test]
+fn api_pull_start_push_images_prune() {
+    let ns = Netns::new("lapi");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5000, None);
+    let home = Home::new();
+    vm_with_data(&home, "src");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["serve", "--port", "7791"]);
+    home.env(&mut c);
+    let _serve = Serve(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("lume serve", Duration::from_secs(20), || {
+        (api(&ns, "GET", "/lume/vms", None).0 == 200).then_some(())
+    });
+
+    // Push through the API: the registry is on loopback, which API callers
+    // may not reach unless the server's owner allows it.
+    let push = format!(
+        r#"{{"name":"src","imageName":"api","tags":["t1"],"registry":"{}","organization":"test","chunkSizeMb":8}}"#,
+        reg.addr
+    );
+    let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
+    assert_eq!(code, 202, "{body}");
+    let pull = format!(
+        r#"{{"image":"api:t1","name":"viaapi","registry":"{}","organization":"test"}}"#,
+        reg.addr
+    );
+    // The background push failed (private address): the tag is not there.
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, body) = api(&ns, "POST", "/lume/pull", Some(&pull));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("apiPrivateImageUrls"),
+        "{body}"
+    );
+
+    home.write_settings("apiPrivateImageUrls: true\ncachingEnabled: true\n");
+    let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["message"], "Push initiated in background");
+    wait_for("the pushed tag", Duration::from_secs(60), || {
+        let out = ns.exec(&format!(
+            "curl -sf http://{}/v2/test/api/tags/list",
+            reg.addr
+        ));
+        String::from_utf8_lossy(&out.stdout)
+            .contains("t1")
+            .then_some(())
+    });
+    // A slow link, so the provisioning VM is seen.
+    ns.exec_ok("tc qdisc add dev lo root tbf rate 16mbit burst 256kb latency 2s");
+    let (code, body) = api(&ns, "POST", "/lume/pull/start", Some(&pull));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["name"], "viaapi");
+    let mut seen = Vec::new();
+    let done = wait_for("the pulled VM", Duration::from_secs(60), || {
+        let (code, vm) = api(&ns, "GET", "/lume/vms/viaapi", None);
+        if code == 200 && vm["status"] == "provisioning" {
+            assert_eq!(vm["provisioningOperation"], "image_pull", "{vm}");
+            seen.push(vm["downloadProgress"].as_f64().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        (code == 200 && vm["status"] == "stopped").then_some(vm)
+    });
+    ns.exec_ok("tc qdisc del dev lo root");
+    assert!(!seen.is_empty(), "never seen provisioning");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert!(done["downloadProgress"].is_null());
+    same_bytes(
+        &home.vm_dir("src").join("disk.img"),
+        &home.vm_dir("viaapi").join("disk.img"),
+    );
+    let (code, images) = api(&ns, "GET", "/lume/images?organization=test", None);
+    assert_eq!(code, 200);
+    assert_eq!(images[0]["repository"], "api:t1", "{images}");
+    let (code, body) = api(&ns, "POST", "/lume/prune", None);
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (200, Some("Successfully removed cached images"))
+    );
+    let (_, images) = api(&ns, "GET", "/lume/images?organization=test", None);
+    assert_eq!(images, serde_json::json!([]));
+}
