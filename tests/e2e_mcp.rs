@@ -335,6 +335,56 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
         (&json!(124), &json!(true))
     );
 
+    // No password unless asked for (review finding: user lume/password
+    // lume, with sudo, reachable by any local user in user mode).
+    let (err, text) = call(flow, "password");
+    assert!(!err, "{text}");
+    let r: Value = serde_json::from_str(text).unwrap();
+    let status = r["stdout"].as_str().unwrap().split_whitespace().nth(1);
+    assert!(matches!(status, Some("L" | "NP")), "{text}");
+    // Control bytes reach the client as U+FFFD, not as \u0000 escapes.
+    let (err, text) = call(flow, "control_bytes");
+    assert!(!err, "{text}");
+    let r: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(r["stdout"], "a\u{FFFD}b\u{FFFD}c", "{text}");
+    // A cancelled command: ssh gone at once, the command gone in the guest
+    // by its timeout, and it never stood on ssh's command line.
+    assert_eq!(
+        flow["cancel_finished"], false,
+        "{}",
+        flow["cancel_finished"]
+    );
+    let seen = flow["cancel_ssh_cmdlines"].as_array().unwrap();
+    assert!(!seen.is_empty(), "no ssh seen for the command");
+    for line in seen {
+        let line = line.as_str().unwrap();
+        assert!(
+            !line.contains("sleep 300"),
+            "the command is visible in ps: {line}"
+        );
+        assert!(line.contains("timeout -s KILL 17 sh -c"), "{line}");
+    }
+    assert_eq!(
+        flow["cancel_ssh_left"],
+        json!([]),
+        "ssh still runs after the cancel"
+    );
+    // Review finding: a server killed by SIGKILL left its exec's ssh.
+    let k = &flow["killed_server_ssh_left"];
+    assert_eq!(
+        (&k["seen"], &k["killed"]),
+        (&json!(true), &json!(true)),
+        "{k}"
+    );
+    assert_eq!(k["left"], json!([]), "ssh outlived its SIGKILLed server");
+    let (err, text) = call(flow, "cancel_guest");
+    assert!(!err, "{text}");
+    let r: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(
+        r["stdout"], "dead\n",
+        "the cancelled command still runs in the guest: {text}"
+    );
+
     let (err, text) = call(flow, "resize_running");
     assert!(err && text.contains("is running"), "{text}");
     let (err, text) = call(flow, "stop");
@@ -485,4 +535,108 @@ fn stdout_carries_only_json_rpc_and_host_files_are_opened_as_the_caller() {
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert!(rest.trim().is_empty(), "stdout after the session: {rest:?}");
     assert!(status.success(), "{status}");
+}
+
+/// An HTTP server in `ns` (on its loopback) that announces a 10 GB image
+/// and sends 512 bytes a second of it: a download that never ends.
+fn trickling_server(ns: &Netns) -> u16 {
+    let listener = ns.within(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { break };
+            std::thread::spawn(move || {
+                let mut req = [0u8; 4096];
+                let _ = std::io::Read::read(&mut s, &mut req);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 10000000000\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                while s.write_all(&[0u8; 512]).is_ok() {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Review finding: after the client closed the session (or on SIGTERM) the
+/// server went on with an endless image download, and its hidden
+/// `.creating-…` work directory stayed. Now it exits within seconds and
+/// removes it.
+#[test]
+fn the_session_end_ends_the_server_and_removes_unfinished_creates() {
+    let ns = Netns::new("mce");
+    let port = trickling_server(&ns);
+    for by_signal in [false, true] {
+        let home = Home::new();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name])
+            .arg(common::lume_bin())
+            .args(["serve", "--mcp"]);
+        home.env(&mut c);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut send = |v: Value| {
+            writeln!(stdin, "{v}").unwrap();
+            stdin.flush().unwrap();
+        };
+        send(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "0"}}}),
+        );
+        assert_eq!(next_message(&mut stdout)["id"], 1);
+        send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        send(
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "lume_create_vm",
+            "arguments": {"name": "slowvm", "network": "none",
+                "image": format!("http://127.0.0.1:{port}/slow.qcow2")}}}),
+        );
+        let storage = home.storage();
+        let creating = || {
+            std::fs::read_dir(&storage)
+                .map(|d| {
+                    d.flatten().any(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".creating-slowvm-")
+                    })
+                })
+                .unwrap_or(false)
+        };
+        common::wait_for(
+            "the create's work directory",
+            std::time::Duration::from_secs(60),
+            || creating().then_some(()),
+        );
+        if by_signal {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+        } else {
+            drop(stdin);
+        }
+        // Bounded: without the fix the server never exits.
+        let exited = common::wait_for(
+            "the server to exit",
+            std::time::Duration::from_secs(30),
+            || child.try_wait().unwrap(),
+        );
+        assert!(
+            !creating(),
+            "a .creating-slowvm-… directory was left (by_signal {by_signal}, {exited})"
+        );
+        assert!(!storage.join("slowvm").exists());
+    }
 }

@@ -471,7 +471,11 @@ pub fn allowed_storage(
 /// ([`location::resolve`]: a location name of the server's config.yaml,
 /// else an absolute path): `None` for the server's own location (absent,
 /// empty, or `default`, the name earlier releases reported).
-fn requested_storage(storage: Option<&str>) -> ApiResult<Option<Store>> {
+///
+/// A path through a symlink not owned by root ([`location::check_links`])
+/// is refused: with the reason for the server's own user, with the one
+/// answer to a refused storage ([`storage_refused`]) for anyone else.
+fn requested_storage(storage: Option<&str>, refused_as: Option<&Path>) -> ApiResult<Option<Store>> {
     let spec = match storage.map(str::trim) {
         None | Some("") => return Ok(None),
         Some(s) => s,
@@ -490,7 +494,12 @@ fn requested_storage(storage: Option<&str>) -> ApiResult<Option<Store>> {
     }
     location::resolve(&settings, spec)
         .map(|r| Some(r.store))
-        .map_err(|e| ApiError::bad_request(crate::error_chain(&e)))
+        .map_err(|e| match (&e, refused_as) {
+            (location::LocationError::ForeignSymlink { .. }, Some(server_root)) => {
+                storage_refused(server_root)
+            }
+            _ => ApiError::bad_request(crate::error_chain(&e)),
+        })
 }
 
 impl AppState {
@@ -505,7 +514,8 @@ impl AppState {
     /// caller's spelling of it.
     fn store(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Store> {
         let server = self.server_store();
-        match requested_storage(storage)? {
+        let refused_as = (!self.owns_server(caller)).then(|| server.root().to_path_buf());
+        match requested_storage(storage, refused_as.as_deref())? {
             None => Ok(server),
             Some(store) => {
                 allowed_storage(caller, self.euid, store.root(), server.root())?;
@@ -559,8 +569,10 @@ impl AppState {
     /// The location whose turn locks a request takes: the requested
     /// location's path (only a valid storage is needed; nothing is decided
     /// here).
-    fn turn_root(&self, storage: Option<&str>) -> ApiResult<PathBuf> {
-        Ok(requested_storage(storage)?
+    fn turn_root(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<PathBuf> {
+        let server = self.server_store();
+        let refused_as = (!self.owns_server(caller)).then(|| server.root().to_path_buf());
+        Ok(requested_storage(storage, refused_as.as_deref())?
             .map(|s| s.root().to_path_buf())
             .unwrap_or_else(|| self.server_store().root().to_path_buf()))
     }
@@ -616,7 +628,7 @@ async fn on_vm<T: Send + 'static>(
 ) -> ApiResult<T> {
     let found = storage_of_vm(st, caller, storage, vm).await?;
     let storage = found.as_deref().or(storage);
-    let _turn = st.vm_turn(&st.turn_root(storage)?, vm).await;
+    let _turn = st.vm_turn(&st.turn_root(caller, storage)?, vm).await;
     in_location(st, caller, storage, f).await
 }
 

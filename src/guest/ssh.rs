@@ -68,6 +68,10 @@ pub enum SshError {
     NoClient,
     #[error("Cannot run ssh")]
     Spawn(#[source] std::io::Error),
+    #[error(
+        "The command was cancelled: its ssh was stopped, and the guest kills the command at its timeout at the latest; run it again if needed"
+    )]
+    Cancelled,
 }
 
 /// Where to connect.
@@ -319,18 +323,70 @@ pub struct Captured {
 /// guest is untrusted and may print without end.
 pub const CAPTURE_LIMIT: usize = 1 << 20;
 
-/// Runs `cmd` (from [`command`], no terminal) with standard input closed,
-/// collecting its output; kills it after `timeout` (zero: no limit).
-pub fn run_captured(mut cmd: Command, timeout: Duration) -> Result<Captured, SshError> {
-    use std::io::Read;
+/// The remote command that runs a script read from standard input, killed
+/// by the guest after `secs` seconds: the command itself never appears on
+/// ssh's command line (no other host user sees it in `ps`), and without a
+/// terminal sshd would not stop it when the connection goes. The whole
+/// script is read before it runs; it runs with standard input at its end.
+pub fn script_command(secs: u64) -> Vec<String> {
+    vec![format!(
+        "timeout -s KILL {} sh -c \"$(cat)\" </dev/null",
+        secs.max(1)
+    )]
+}
+
+/// Runs `cmd` (from [`command`] with [`script_command`], no terminal),
+/// writing `script` to its standard input and collecting its output. ssh
+/// runs in a process group of its own, and gets SIGKILL if the thread that
+/// started it (which waits here) or this process dies; the group is killed
+/// after `timeout` (zero: no limit) or as soon as `cancelled` says so
+/// (polled every 20 ms).
+pub fn run_captured(
+    mut cmd: Command,
+    script: &str,
+    timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Captured, SshError> {
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
-    cmd.stdin(Stdio::null())
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the line above: nobody would kill us.
+            if libc::getppid() != parent {
+                libc::_exit(255);
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SshError::NoClient,
         _ => SshError::Spawn(e),
     })?;
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let kill_group = |child: &mut std::process::Child| {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+    };
+    // The script goes in from a thread: ssh may not read it all before it
+    // fails, and a full pipe must not block the wait below.
+    let writer = child.stdin.take().map(|mut input| {
+        let script = script.as_bytes().to_vec();
+        std::thread::spawn(move || {
+            // EPIPE when ssh is gone: its status says why.
+            let _ = input.write_all(&script);
+        })
+    });
     // Each stream is drained to its end (so the command never blocks on a
     // full pipe) and kept up to the limit.
     let reader = |pipe: Option<Box<dyn Read + Send>>| {
@@ -366,20 +422,36 @@ pub fn run_captured(mut cmd: Command, timeout: Duration) -> Result<Captured, Ssh
     let deadline = (!timeout.is_zero()).then(|| std::time::Instant::now() + timeout);
     let mut timed_out = false;
     let status = loop {
-        if let Some(status) = child.try_wait().map_err(SshError::Spawn)? {
-            use std::os::unix::process::ExitStatusExt;
-            break status
-                .code()
-                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                use std::os::unix::process::ExitStatusExt;
+                // Whatever ssh left in its group (an askpass helper) goes too.
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                break status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(SshError::Spawn(e));
+            }
+        }
+        if cancelled() {
+            kill_group(&mut child);
+            let _ = (out.join(), err.join());
+            return Err(SshError::Cancelled);
         }
         if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
             timed_out = true;
             break 124;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
     let (stdout, t1) = out.join().unwrap_or_default();
     let (stderr, t2) = err.join().unwrap_or_default();
     Ok(Captured {
@@ -516,5 +588,111 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with("ran"))
             .collect();
         assert!(ran.is_empty(), "the user name ran as a ProxyCommand");
+    }
+
+    /// Whether process `pid` is gone (or a zombie about to be reaped).
+    fn gone(pid: i32) -> bool {
+        for _ in 0..250 {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return true,
+                Ok(s)
+                    if s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                {
+                    return true;
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        false
+    }
+
+    /// A command that leaves a grandchild behind (as ssh's askpass, or a
+    /// client that forks) and records its pid.
+    fn forking(pidfile: &Path) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!(
+            "sleep 300 & echo $! > '{}'; wait",
+            pidfile.display()
+        ));
+        c
+    }
+
+    fn pid_in(pidfile: &Path) -> i32 {
+        for _ in 0..250 {
+            if let Ok(s) = std::fs::read_to_string(pidfile)
+                && let Ok(p) = s.trim().parse()
+            {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no pid in {}", pidfile.display());
+    }
+
+    /// Review finding: a cancelled exec stopped nothing.
+    #[test]
+    fn a_cancelled_command_is_killed_with_its_whole_group() {
+        let t = tempfile::tempdir().unwrap();
+        let pidfile = t.path().join("pid");
+        let start = std::time::Instant::now();
+        let e = run_captured(forking(&pidfile), "", Duration::from_secs(300), &|| {
+            pidfile.exists() && start.elapsed() > Duration::from_millis(200)
+        })
+        .unwrap_err();
+        assert!(matches!(e, SshError::Cancelled), "{e}");
+        assert!(gone(pid_in(&pidfile)), "the group's other process survived");
+    }
+
+    #[test]
+    fn a_command_past_its_timeout_is_killed_with_its_whole_group() {
+        let t = tempfile::tempdir().unwrap();
+        let pidfile = t.path().join("pid");
+        let got =
+            run_captured(forking(&pidfile), "", Duration::from_millis(500), &|| false).unwrap();
+        assert!(got.timed_out && got.status == 124, "{got:?}");
+        assert!(gone(pid_in(&pidfile)), "the group's other process survived");
+    }
+
+    /// Review finding: the command stood on ssh's command line (`ps`), and
+    /// nothing stopped it in the guest. The remote side is run here by a
+    /// local `sh`, as sshd runs it with the user's shell.
+    #[test]
+    fn the_script_goes_on_stdin_and_the_remote_side_bounds_it() {
+        let remote = script_command(1);
+        let argv = command(
+            &SshRequest {
+                vm_name: "v".into(),
+                vm_dir: PathBuf::from("/nonexistent"),
+                user: "lume".into(),
+                password: None,
+                key: None,
+                command: remote.clone(),
+                tty: false,
+                connect_timeout: Duration::from_secs(1),
+            },
+            &Target {
+                host: "192.0.2.10".into(),
+                port: 22,
+            },
+        );
+        let args: Vec<String> = argv
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args.last(), remote.last(), "{args:?}");
+        let run = |script: &str| {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(&remote[0]);
+            run_captured(c, script, Duration::from_secs(30), &|| false).unwrap()
+        };
+        let got = run("echo secret-$((6*7)); cat; echo 'it''s' done\n");
+        assert_eq!(got.stdout, "secret-42\nits done\n", "{got:?}");
+        assert_eq!(got.status, 0);
+        // The guest's `timeout -s KILL` stops it by itself.
+        let got = run("sleep 30");
+        assert_eq!(got.status, 137, "{got:?}");
+        assert!(!got.timed_out);
     }
 }

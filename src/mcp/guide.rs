@@ -27,7 +27,9 @@ lume_list_vms
 ### 2. Create a VM from a cloud image
 A Debian/Ubuntu "genericcloud" qcow2 image (a host file or an http(s) URL)
 is imported as the VM's disk; lume's cloud-init seed creates user `lume`
-with lume's SSH key (and password `lume` unless `no_password` is true):
+with lume's SSH key and no password (`no_password: false` adds password
+`lume`: any local user who reaches the guest's SSH port can then log in and
+become root in the guest, so leave it out unless a person must log in):
 ```
 lume_create_vm(name: "sandbox", image: "/srv/images/debian-12-genericcloud-amd64.qcow2", cpu: 2, memory: "2GB", disk_size: "20GB")
 ```
@@ -99,7 +101,9 @@ const CREDENTIALS: &str =
     "Default credentials of VMs created by lume from a cloud image (cloud-init):
 
 Username: lume
-Password: lume (none when the VM was created with no_password)
+Password: none by default (lume_create_vm's no_password is true); \"lume\" only
+  when the VM was created with no_password: false, which lets any local user
+  who reaches the guest's SSH port log in and become root in the guest
 SSH key: lume's own key pair, in the storage location's .ssh directory
 
 Run commands with lume_exec(name: \"vm-name\", command: \"...\"): it uses lume's key,

@@ -77,6 +77,10 @@ pub enum ToolError {
         argument: &'static str,
         value: String,
     },
+    #[error(
+        "The server is busy: {HEAVY_CALLS} calls that run commands or VMs are under way and none ended within {} s; try again when one has finished", BUSY_WAIT.as_secs()
+    )]
+    Busy,
     #[error("A timeout of {0} seconds is too long: give at most {max} seconds", max = vm::actions::MAX_TIMEOUT_SECS)]
     TimeoutTooLong(u64),
     #[error(
@@ -259,6 +263,80 @@ async fn noted(
     result
 }
 
+/// How many `lume_exec`, `lume_create_vm` and `lume_run_vm` calls run at
+/// once (each holds threads, an ssh or a download); more wait their turn.
+pub const HEAVY_CALLS: usize = 4;
+
+/// How long a call waits for its turn before it fails with [`ToolError::Busy`].
+const BUSY_WAIT: Duration = Duration::from_secs(120);
+
+/// Set when the session ends (the client closed it, or SIGINT/SIGTERM):
+/// running commands are stopped and the process exits.
+static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn shutting_down() -> bool {
+    SHUTDOWN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// VM work directories (`.creating-…`) of creates under way, by store root
+/// and VM name: removed when the session ends before they finish.
+static CREATING: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes this process's `.creating-NAME-PID-…` directories of the
+/// creates under way, as the CLI does on Ctrl-C.
+fn remove_creating_work() {
+    let list = CREATING.lock().map(|l| l.clone()).unwrap_or_default();
+    for (root, name) in list {
+        let prefix = format!(".creating-{name}-{}-", std::process::id());
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// `lume_create_vm`'s `no_password`: true unless the call says false (the
+/// agent uses lume's key; a password lets local users into the guest).
+fn no_password(given: Option<bool>) -> bool {
+    given.unwrap_or(true)
+}
+
+/// A turn among [`HEAVY_CALLS`].
+async fn turn(
+    busy: &std::sync::Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, CallToolResult> {
+    match tokio::time::timeout(BUSY_WAIT, busy.clone().acquire_owned()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(fail(ToolError::Busy)),
+    }
+}
+
+/// Output of a guest command made fit for JSON: control characters other
+/// than newline, tab and carriage return become U+FFFD (a NUL would take six
+/// bytes as `\u0000`), and the text is cut at [`gssh::CAPTURE_LIMIT`] bytes
+/// (invalid UTF-8 grew to three bytes a byte). Returns whether it was cut.
+fn printable(text: &str) -> (String, bool) {
+    let mut out = String::with_capacity(text.len().min(gssh::CAPTURE_LIMIT));
+    for c in text.chars() {
+        let c = if c.is_control() && !matches!(c, '\n' | '\t' | '\r') {
+            '\u{FFFD}'
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > gssh::CAPTURE_LIMIT {
+            return (out, true);
+        }
+        out.push(c);
+    }
+    (out, false)
+}
+
+/// How much longer than `lume_exec`'s timeout the guest lets its command run.
+const REMOTE_GRACE: u64 = 2;
+
 /// How often `lume_exec` reports that it still waits for SSH.
 const WAIT_REPORT: Duration = Duration::from_secs(5);
 
@@ -308,7 +386,7 @@ pub struct CreateArgs {
     pub cmdline: Option<String>,
     /// Your own cloud-init user-data file (absolute host path), added after lume's
     pub cloud_init: Option<String>,
-    /// User lume gets no password: SSH with lume's key only (default: false, password 'lume')
+    /// User lume gets no password: SSH with lume's key only, as lume_exec uses (default: true; false gives user lume the password 'lume', which any local user who reaches the guest's SSH port can use to become root in the guest)
     pub no_password: Option<bool>,
     /// Give the VM no cloud-init seed at all (default: false)
     pub no_cloud_init: Option<bool>,
@@ -458,6 +536,8 @@ pub struct LumeMcp {
     tool_router: ToolRouter<Self>,
     /// `lume serve --mcp --storage`: the location of calls that name none.
     storage: Option<String>,
+    /// Turns of the calls that run commands or VMs ([`HEAVY_CALLS`]).
+    busy: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl LumeMcp {
@@ -469,6 +549,7 @@ impl LumeMcp {
         Self {
             tool_router,
             storage,
+            busy: std::sync::Arc::new(tokio::sync::Semaphore::new(HEAVY_CALLS)),
         }
     }
 
@@ -523,7 +604,7 @@ impl LumeMcp {
 
     #[tool(
         name = "lume_create_vm",
-        description = "Create a new Linux VM. With `image` (a cloud image file or URL) the image becomes its disk and cloud-init creates user `lume` (password `lume` unless no_password; lume's SSH key), so lume_exec works once it runs. Returns when the VM exists (an image import can take minutes); start it with lume_run_vm"
+        description = "Create a new Linux VM. With `image` (a cloud image file or URL) the image becomes its disk and cloud-init creates user `lume` with lume's SSH key (no password unless no_password is false), so lume_exec works once it runs. Returns when the VM exists (an image import can take minutes); start it with lume_run_vm"
     )]
     async fn create_vm(
         &self,
@@ -531,6 +612,10 @@ impl LumeMcp {
         rc: RequestContext<RoleServer>,
     ) -> CallToolResult {
         let storage = self.storage(a.storage.clone());
+        let _turn = match turn(&self.busy).await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
         noted(rc, move |note| {
             refuse(a.ipsw.is_some(), "ipsw", MACOS_ONLY)?;
             refuse(a.unattended.is_some(), "unattended", MACOS_ONLY)?;
@@ -566,12 +651,22 @@ impl LumeMcp {
                     .map(|c| host_path("cloud_init", &c))
                     .transpose()?,
                 no_cloud_init: a.no_cloud_init.unwrap_or(false),
-                no_password: a.no_password.unwrap_or(false),
+                no_password: no_password(a.no_password),
                 // The server acts for the user who runs it, as the CLI does.
                 url_destinations: crate::image::download::Destinations::Any,
             };
             let ctx = context(storage.as_deref(), None)?;
-            let (outcome, notes) = execute_noted(&ctx, Action::Create(Box::new(spec)), note)?;
+            let work = (ctx.store.root().to_path_buf(), spec.name.to_string());
+            if let Ok(mut l) = CREATING.lock() {
+                l.push(work.clone());
+            }
+            let done = execute_noted(&ctx, Action::Create(Box::new(spec)), note);
+            if let Ok(mut l) = CREATING.lock()
+                && let Some(i) = l.iter().position(|w| *w == work)
+            {
+                l.remove(i);
+            }
+            let (outcome, notes) = done?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -587,6 +682,10 @@ impl LumeMcp {
         rc: RequestContext<RoleServer>,
     ) -> CallToolResult {
         let storage = self.storage(a.storage.clone());
+        let _turn = match turn(&self.busy).await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
         noted(rc, move |note| {
             refuse(a.shared_dir.is_some(), "shared_dir", NOT_YET)?;
             let name = name(&a.name)?;
@@ -702,7 +801,22 @@ impl LumeMcp {
         rc: RequestContext<RoleServer>,
     ) -> CallToolResult {
         let storage = self.storage(a.storage);
-        noted(rc, move |note| {
+        let _turn = match turn(&self.busy).await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
+        // The request's cancellation (notifications/cancelled) reaches the
+        // blocking code as a flag it polls.
+        let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = {
+            let (ct, flag) = (rc.ct.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                ct.cancelled().await;
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let result = noted(rc, move |note| {
+            let stop = || cancelled.load(std::sync::atomic::Ordering::SeqCst) || shutting_down();
             let name = name(&a.name)?;
             let secs = timeout(a.timeout, EXEC_TIMEOUT)?.max(1);
             let ctx = context(storage.as_deref(), Some(&name))?;
@@ -723,17 +837,29 @@ impl LumeMcp {
                 user: a.user.unwrap_or_else(|| "lume".into()),
                 password: a.password,
                 key: Some(key.private),
-                command: vec![a.command],
+                // The guest's own bound, a little after ours (which reports
+                // the timeout as 124) in case the connection is gone.
+                command: gssh::script_command(secs + REMOTE_GRACE),
                 tty: false,
                 connect_timeout: Duration::from_secs(secs.clamp(1, 30)),
             };
-            let got = gssh::run_captured(gssh::command(&req, &to), Duration::from_secs(secs))?;
+            if stop() {
+                return Err(SshError::Cancelled.into());
+            }
+            let got = gssh::run_captured(
+                gssh::command(&req, &to),
+                &a.command,
+                Duration::from_secs(secs),
+                &stop,
+            )?;
+            let (stdout, cut_out) = printable(&got.stdout);
+            let (stderr, cut_err) = printable(&got.stderr);
             let body = serde_json::json!({
                 "exit_status": got.status,
-                "stdout": got.stdout,
-                "stderr": got.stderr,
+                "stdout": stdout,
+                "stderr": stderr,
                 "timed_out": got.timed_out,
-                "truncated": got.truncated,
+                "truncated": got.truncated || cut_out || cut_err,
             });
             let content = vec![ContentBlock::text(json_text(&body))];
             Ok(if got.status == 0 {
@@ -742,7 +868,9 @@ impl LumeMcp {
                 CallToolResult::error(content)
             })
         })
-        .await
+        .await;
+        watch.abort();
+        result
     }
 
     #[tool(
@@ -1003,7 +1131,7 @@ pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         log("lume MCP server: serving on standard input/output");
         let (input, foreign) = agent::Watched::new(tokio::fs::File::from_std(input));
         let transport = (input, tokio::fs::File::from_std(output));
@@ -1021,14 +1149,42 @@ pub fn serve_stdio(storage: Option<String>) -> Result<(), ServeError> {
             }
             Err(e) => return Err(ServeError::Start(Box::new(e))),
         };
-        service
-            .waiting()
-            .await
-            .map_err(|e| ServeError::Session(Box::new(e)))?;
-        log("lume MCP server: the client closed the session");
+        let cancel = service.cancellation_token();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServeError::Stdio)?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(ServeError::Stdio)?;
+        let waiting = service.waiting();
+        tokio::pin!(waiting);
+        tokio::select! {
+            r = &mut waiting => {
+                r.map_err(|e| ServeError::Session(Box::new(e)))?;
+                log("lume MCP server: the client closed the session");
+            }
+            _ = term.recv() => {
+                log("lume MCP server: SIGTERM; ending the session");
+                cancel.cancel();
+            }
+            _ = int.recv() => {
+                log("lume MCP server: SIGINT; ending the session");
+                cancel.cancel();
+            }
+        }
         Ok(())
-    })
+    });
+    // Calls still under way end with the session: commands are stopped
+    // (their ssh group is killed within 20 ms), the work directories of
+    // unfinished creates removed, and the process does not wait for the
+    // rest (an image download) longer than SHUTDOWN_GRACE.
+    SHUTDOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+    remove_creating_work();
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    remove_creating_work();
+    result
 }
+
+/// How long the end of a session waits for calls under way.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
@@ -1111,6 +1267,32 @@ mod tests {
             let checked = check_arguments(&t.name, None);
             assert_eq!(checked.is_err(), required, "{}: {checked:?}", t.name);
         }
+    }
+
+    #[test]
+    fn a_created_vm_has_no_password_unless_asked() {
+        assert!(no_password(None));
+        assert!(no_password(Some(true)));
+        assert!(!no_password(Some(false)));
+        let creds = serde_json::to_string(&guide::read(guide::CREDENTIALS_URI).unwrap()).unwrap();
+        assert!(creds.contains("Password: none by default"), "{creds}");
+    }
+
+    /// Review finding: 1 MiB of NULs became 6 MiB of `\u0000` in one reply,
+    /// and invalid UTF-8 three bytes a byte.
+    #[test]
+    fn exec_output_is_printable_and_stays_near_the_cap() {
+        let (t, cut) = printable("a\tb\r\nc\0d\x1b[31m\u{7f}");
+        assert_eq!(t, "a\tb\r\nc\u{FFFD}d\u{FFFD}[31m\u{FFFD}");
+        assert!(!cut);
+        let nuls = "\0".repeat(gssh::CAPTURE_LIMIT);
+        let (t, cut) = printable(&nuls);
+        assert!(cut && t.len() <= gssh::CAPTURE_LIMIT);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.len() <= gssh::CAPTURE_LIMIT + 2, "{}", json.len());
+        let lossy = String::from_utf8_lossy(&vec![0xffu8; gssh::CAPTURE_LIMIT]).into_owned();
+        let (t, cut) = printable(&lossy);
+        assert!(cut && t.len() <= gssh::CAPTURE_LIMIT);
     }
 
     #[test]

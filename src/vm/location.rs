@@ -82,10 +82,9 @@ pub fn resolve(settings: &Settings, spec: &str) -> Result<Resolved, LocationErro
         return Err(LocationError::Ephemeral);
     }
     if spec.contains('/') {
-        return Ok(Resolved {
-            store: Store::new(Some(PathBuf::from(spec))),
-            note: None,
-        });
+        let store = Store::new(Some(PathBuf::from(spec)));
+        check_links(store.root(), nix::unistd::getuid().as_raw())?;
+        return Ok(Resolved { store, note: None });
     }
     Err(LocationError::Unknown {
         spec: spec.into(),
@@ -95,6 +94,68 @@ pub fn resolve(settings: &Settings, spec: &str) -> Result<Resolved, LocationErro
 
 fn store_of(l: &Location) -> Store {
     Store::located(&l.name, l.root())
+}
+
+/// The most symlinks followed while checking one storage path (Linux's
+/// own limit).
+const MAX_LINKS: usize = 40;
+
+/// As root, refuses a storage path that passes through a symlink owned by
+/// neither root nor `caller` (the user lume acts for), wherever it sits: in
+/// the path as written or in the target of another link. Such a link could
+/// be changed by its owner at any time to point root at another store
+/// (root's own, say). Components are followed one at a time, as the kernel
+/// does; a missing component ends the walk (the rest would be created by
+/// root, not followed).
+pub fn check_links(path: &Path, caller: u32) -> Result<(), LocationError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    let push = |todo: &mut Vec<std::ffi::OsString>, p: &Path| {
+        // Reversed: the next component to visit is popped first.
+        for c in p.components().rev() {
+            todo.push(c.as_os_str().to_os_string());
+        }
+    };
+    push(&mut todo, path);
+    let mut at = PathBuf::from("/");
+    let mut followed = 0;
+    while let Some(c) = todo.pop() {
+        match c.to_str() {
+            Some("/") => at = PathBuf::from("/"),
+            Some(".") => {}
+            Some("..") => {
+                at.pop();
+            }
+            _ => {
+                let next = at.join(&c);
+                let Ok(m) = fs::symlink_metadata(&next) else {
+                    return Ok(());
+                };
+                if !m.file_type().is_symlink() {
+                    at = next;
+                    continue;
+                }
+                if m.uid() != 0 && m.uid() != caller {
+                    return Err(LocationError::ForeignSymlink {
+                        path: next,
+                        owner: m.uid(),
+                    });
+                }
+                followed += 1;
+                if followed > MAX_LINKS {
+                    return Ok(()); // the kernel refuses it (ELOOP) anyway
+                }
+                let Ok(target) = fs::read_link(&next) else {
+                    return Ok(());
+                };
+                // A relative target continues from the link's directory.
+                push(&mut todo, &target);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The default location (`defaultLocationName`).
@@ -295,4 +356,53 @@ fn check_location_now(root: &Path, euid: u32) -> Result<(), LocationError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    /// Review finding: a user plants a link in a sticky, world-writable
+    /// folder pointing at root's own store; root given that path as
+    /// `storage` (by an agent, a script) must not follow it.
+    #[test]
+    fn a_storage_path_through_another_users_link_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // the check is root's; tests run as root
+        }
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("home/.lume");
+        fs::create_dir_all(&store).unwrap();
+        let public = t.path().join("pub");
+        fs::create_dir(&public).unwrap();
+        fs::set_permissions(&public, fs::Permissions::from_mode(0o1777)).unwrap();
+        let nobody = 65534;
+        let planted = public.join("lnk");
+        symlink(&store, &planted).unwrap();
+        std::os::unix::fs::lchown(&planted, Some(nobody), Some(nobody)).unwrap();
+        let settings = Settings::default();
+        let e = resolve(&settings, planted.to_str().unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, LocationError::ForeignSymlink { path, owner } if *path == planted && *owner == nobody),
+            "{e}"
+        );
+        // Below the link, and behind a link of root's own: refused too.
+        let below = format!("{}/sub", planted.display());
+        assert!(matches!(
+            resolve(&settings, &below),
+            Err(LocationError::ForeignSymlink { .. })
+        ));
+        let roots = t.path().join("roots");
+        symlink("pub/lnk", &roots).unwrap();
+        assert!(matches!(
+            resolve(&settings, roots.to_str().unwrap()),
+            Err(LocationError::ForeignSymlink { .. })
+        ));
+        // The caller's own link, or root's link to the real directory: fine.
+        assert!(check_links(&planted, nobody).is_ok());
+        let direct = t.path().join("direct");
+        symlink(&store, &direct).unwrap();
+        assert!(resolve(&settings, direct.to_str().unwrap()).is_ok());
+    }
 }

@@ -48,7 +48,9 @@ pub enum StoreError {
     Exists { name: VmName, root: PathBuf },
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("Storage operation on {path} failed")]
+    #[error(
+        "Storage operation on {path} failed: check that it exists and that you may read and write it (lume acts with your rights), or name another location with --storage / `storage`"
+    )]
     Io {
         path: PathBuf,
         #[source]

@@ -22,8 +22,80 @@ def text_of(result):
     return "\n".join(c.text for c in result.content if getattr(c, "type", None) == "text")
 
 
+def ssh_cmdlines(needle):
+    """The command lines of the running ssh processes that contain needle."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(a.decode(errors="replace") for a in args if a)
+        if args and args[0].endswith(b"ssh") and needle in line:
+            found.append(line)
+    return found
+
+
 def call_record(result):
     return {"isError": bool(result.is_error), "text": text_of(result)}
+
+
+def server_pids(lume):
+    """The pids of `LUME serve --mcp` processes."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if args[:3] == [lume, "serve", "--mcp"]:
+            pids.append(int(pid))
+    return pids
+
+
+async def killed_server_leaves_no_ssh(lume, vm):
+    """A second session runs a long command; its server is killed with
+    SIGKILL: the command's ssh must die with it (parent-death signal).
+    Returns whether the ssh was seen and the server killed, and the ssh
+    command lines left a few seconds later."""
+    seen = killed = False
+    before = set(server_pids(lume))
+    params = StdioServerParameters(command=lume, args=["serve", "--mcp"], env=dict(os.environ))
+    alias = f"HostKeyAlias=lume-{vm}"
+    try:
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                (pid,) = set(server_pids(lume)) - before
+                task = asyncio.create_task(
+                    session.call_tool("lume_exec", {"name": vm, "command": "sleep 300", "timeout": 600})
+                )
+                for _ in range(200):
+                    if ssh_cmdlines(alias):
+                        seen = True
+                        break
+                    await asyncio.sleep(0.1)
+                os.kill(pid, 9)
+                killed = True
+                try:
+                    await asyncio.wait_for(task, 10)
+                except BaseException:
+                    pass
+    except BaseException:
+        pass
+    left = ssh_cmdlines(alias)
+    for _ in range(50):
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+        left = ssh_cmdlines(alias)
+    return {"seen": seen, "killed": killed, "left": left}
 
 
 async def main(lume, image, vm):
@@ -92,6 +164,48 @@ async def main(lume, image, vm):
             )
             flow["exec_fails"] = await call("lume_exec", {"name": vm, "command": "echo out; echo err >&2; exit 3"})
             flow["exec_timeout"] = await call("lume_exec", {"name": vm, "command": "sleep 30", "timeout": 3})
+            # Created without a password by default (no_password defaults to true).
+            flow["password"] = await call("lume_exec", {"name": vm, "command": "sudo -n passwd -S lume"})
+            flow["control_bytes"] = await call("lume_exec", {"name": vm, "command": "printf 'a\\000b\\033c'"})
+            # A cancelled command: the SDK sends notifications/cancelled when
+            # the caller gives up. Its ssh must go at once, and the guest must
+            # kill the command at its timeout (15 s) although the connection
+            # is gone. The command must not be on ssh's command line (ps).
+            marker = "/tmp/lume-cancelled-pid"
+            task = asyncio.create_task(
+                call("lume_exec", {"name": vm, "command": f"echo $$ > {marker}; exec sleep 300", "timeout": 15})
+            )
+            alias = f"HostKeyAlias=lume-{vm}"
+            seen = []
+            for _ in range(200):
+                seen = ssh_cmdlines(alias)
+                if seen:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            flow["cancel_ssh_cmdlines"] = seen
+            task.cancel()
+            try:
+                await task
+                flow["cancel_finished"] = True
+            except asyncio.CancelledError:
+                flow["cancel_finished"] = False
+            left = ssh_cmdlines(alias)
+            for _ in range(50):
+                if not left:
+                    break
+                await asyncio.sleep(0.1)
+                left = ssh_cmdlines(alias)
+            flow["cancel_ssh_left"] = left
+            flow["cancel_guest"] = await call(
+                "lume_exec",
+                {
+                    "name": vm,
+                    "command": f"for i in $(seq 40); do kill -0 $(cat {marker}) 2>/dev/null || {{ echo dead; exit 0; }}; sleep 1; done; echo alive",
+                    "timeout": 120,
+                },
+            )
+            flow["killed_server_ssh_left"] = await killed_server_leaves_no_ssh(lume, vm)
             flow["resize_running"] = await call("lume_resize_disk", {"name": vm, "disk_size": "4GB"})
             # Lenient as lume: a number given as a string.
             flow["stop"] = await call("lume_stop_vm", {"name": vm, "timeout": "60"})
