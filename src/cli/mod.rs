@@ -224,12 +224,12 @@ pub struct RefusedArgs {
 pub struct PullArgs {
     /// Image to pull (format: name:tag)
     pub image: String,
-    /// Name for the VM (defaults to the image name without tag)
+    /// Name for the VM (default: IMAGE_TAG, as lume)
     pub name: Option<VmName>,
-    /// Container registry to pull from (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    /// Container registry to pull from (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to pull from (default: registry.ghcr.organization, else trycua)
+    /// Organization to pull from (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Registry username for authentication
@@ -257,10 +257,10 @@ pub struct PushArgs {
     /// Additional tags to push the same image to
     #[arg(long, num_args = 1..)]
     pub additional_tags: Vec<String>,
-    /// Container registry to push to (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    /// Container registry to push to (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to push to (default: registry.ghcr.organization, else trycua)
+    /// Organization to push to (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Chunk size of the disk layers in MB
@@ -293,7 +293,7 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct ImagesArgs {
-    /// Organization to list (default: registry.ghcr.organization, else trycua)
+    /// Organization to list (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Output format
@@ -411,10 +411,10 @@ pub struct RunArgs {
     /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
     /// of that name exists, then run
     pub name: String,
-    /// Registry to pull an image from (default: registry.ghcr.registry, else ghcr.io)
+    /// Registry to pull an image from (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to pull an image from (default: registry.ghcr.organization, else trycua)
+    /// Organization to pull an image from (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Return once the VM is running, leaving it to a background supervisor
@@ -1044,7 +1044,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let settings = Settings::load()?;
             let d = settings.registry()?;
             if !a.image.contains(':') {
-                return Err(crate::registry::RegistryError::BadReference(a.image).into());
+                return Err(crate::registry::RegistryError::NoTag(a.image).into());
             }
             let image = crate::registry::ImageRef::parse(
                 &a.image,

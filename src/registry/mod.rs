@@ -34,10 +34,14 @@ pub enum RegistryError {
         "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, --registry and --organization)"
     )]
     NotFound { image: String },
-    #[error(
-        "Registry {registry} refused the credentials: check --username/--password, GITHUB_USERNAME/GITHUB_TOKEN or `docker login {registry}`"
-    )]
-    Unauthorized { registry: String },
+    #[error("{}", unauthorized_message(registry, *sent, *api))]
+    Unauthorized {
+        registry: String,
+        /// Whether credentials were sent (else: anonymous).
+        sent: bool,
+        /// Asked through the REST API or MCP (hints name request fields).
+        api: bool,
+    },
     #[error(
         "Registry {registry} could not be reached: check the name, the network and any proxy settings"
     )]
@@ -92,6 +96,20 @@ pub enum RegistryError {
     #[error("VM '{0}' is running: stop it before pushing (`lume stop {0}`)")]
     Running(String),
     #[error(
+        "VM '{0}' is busy: another lume command is changing it; try the push again in a moment"
+    )]
+    Busy(String),
+    #[error("Push needs NAME:TAG, such as {0}:latest")]
+    NoTag(String),
+    #[error(
+        "Registry {registry} did not answer with TLS (it may serve plain HTTP): if you trust the network path to it, allow plain HTTP with LUME_INSECURE_REGISTRIES={registry} and try again"
+    )]
+    NotTls {
+        registry: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error(
         "VM '{0}' boots a kernel file, which lume's image format does not carry: only VMs booted from their disk can be pushed"
     )]
     KernelBoot(String),
@@ -103,6 +121,39 @@ pub enum RegistryError {
     TooLarge { size: u64, max: u64 },
     #[error("Cannot start the transfer's worker threads: {0}")]
     Runtime(#[source] std::io::Error),
+}
+
+/// The message of [`RegistryError::Unauthorized`]: where credentials come
+/// from depends on the door (CLI flags and the user's environment, or the
+/// request's fields).
+fn unauthorized_message(registry: &str, sent: bool, api: bool) -> String {
+    let how = if api {
+        "give \"username\" and \"password\" in the request (and check \"registry\" and \"organization\")".to_string()
+    } else {
+        format!(
+            "give --username/--password, set GITHUB_USERNAME/GITHUB_TOKEN or run `docker login {registry}`"
+        )
+    };
+    if sent {
+        format!("Registry {registry} refused the credentials: check them; {how}")
+    } else {
+        format!("Registry {registry} needs credentials: {how}")
+    }
+}
+
+impl RegistryError {
+    /// Completes an [`Unauthorized`](Self::Unauthorized) with what was
+    /// sent and through which door; other errors are unchanged.
+    pub(crate) fn with_auth(self, auth: &oci_client::secrets::RegistryAuth, api: bool) -> Self {
+        match self {
+            Self::Unauthorized { registry, .. } => Self::Unauthorized {
+                registry,
+                sent: !matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
+                api,
+            },
+            e => e,
+        }
+    }
 }
 
 /// `io::Error` at `path` as a [`RegistryError`].
@@ -126,6 +177,8 @@ pub(crate) fn classify(
     };
     let unauthorized = || RegistryError::Unauthorized {
         registry: registry.to_string(),
+        sent: true,
+        api: false,
     };
     match &e {
         E::ImageManifestNotFoundError(_) => not_found(),
@@ -157,6 +210,10 @@ pub(crate) fn classify(
             unauthorized()
         }
         E::RequestError(r) if r.status().is_some_and(|s| s.as_u16() == 404) => not_found(),
+        E::RequestError(r) if not_tls(r) => RegistryError::NotTls {
+            registry: registry.to_string(),
+            source: e,
+        },
         E::RequestError(r) if r.is_connect() || r.is_timeout() => RegistryError::Unreachable {
             registry: registry.to_string(),
             source: e,
@@ -166,6 +223,29 @@ pub(crate) fn classify(
             source: e,
         },
     }
+}
+
+/// Whether a request failed in the TLS handshake because the other end
+/// did not speak TLS: rustls reports a record it cannot read (plain HTTP's
+/// "HTTP/1.1 400 …") as an `io::Error` of kind `InvalidData` in the
+/// connection's error chain (typed, never read from the text).
+fn not_tls(r: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+            // An io::Error wrapping another (hyper's `Other` around
+            // tokio-rustls' `InvalidData`): `source()` skips the inner one.
+            if let Some(inner) = io.get_ref() {
+                cur = Some(inner as &(dyn std::error::Error + 'static));
+                continue;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// A tokio runtime for one transfer (the actions are synchronous).

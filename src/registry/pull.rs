@@ -47,11 +47,18 @@ pub struct PullSpec {
     pub public_only: bool,
 }
 
-/// The VM name lume gives a pulled image: the image's name without tag
-/// (its last path component).
+/// The VM name lume gives a pulled image, as lume 0.5.3
+/// (`name ?? "\(imageName)_\(tag)"`): `IMAGE_TAG`, IMAGE being the
+/// image's last path component (`debian-12:latest` → `debian-12_latest`).
 pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
-    let last = image.name.rsplit('/').next().unwrap_or(&image.name);
-    VmName::parse(last).map_err(|_| RegistryError::BadReference(image.short()))
+    name_for(&image.name, &image.tag).ok_or_else(|| RegistryError::BadReference(image.short()))
+}
+
+/// `IMAGE_TAG` for the image name `name` (path allowed) and `tag`; `None`
+/// when that is not a valid VM name (too long, a leading '.' or '_').
+pub fn name_for(name: &str, tag: &str) -> Option<VmName> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    VmName::parse(&format!("{last}_{tag}")).ok()
 }
 
 /// In a pull's work directory: `{"downloaded": N, "total": N}`, read by
@@ -141,7 +148,7 @@ pub fn pull_into(
                 ],
             )
             .await
-            .map_err(|e| classify(e, &registry, &image_s))?;
+            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.public_only))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
@@ -326,10 +333,24 @@ fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
         );
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "Pulling {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    ) {
-        bar.set_style(style);
+    // The rate and ETA only once a rate is known (never `0 B/s ETA 0s`).
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("Pulling {bar:30} {bytes}/{total_bytes} {rate_eta}")
+    {
+        bar.set_style(style.with_key(
+            "rate_eta",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let rate = st.per_sec();
+                if st.pos() > 0 && rate.is_finite() && rate >= 1.0 {
+                    let _ = write!(
+                        w,
+                        "{}/s ETA {}",
+                        indicatif::BinaryBytes(rate as u64),
+                        indicatif::HumanDuration(st.eta())
+                    );
+                }
+            },
+        ));
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(250));
     bar

@@ -72,9 +72,17 @@ pub fn push(
         return Err(RegistryError::ChunkSize(spec.chunk_size_mb));
     }
     let name = vm.name.to_string();
+    // The lock is held by a supervisor (running) or by another command
+    // (busy): the run state, not the lock alone, tells which.
     let _lock = VmLock::try_acquire(&vm.lock_path())
         .map_err(io_at(&vm.lock_path()))?
-        .ok_or_else(|| RegistryError::Running(name.clone()))?;
+        .ok_or_else(|| {
+            if vm.is_running() {
+                RegistryError::Running(name.clone())
+            } else {
+                RegistryError::Busy(name.clone())
+            }
+        })?;
     let cfg = vm.load_config().map_err(|e| RegistryError::Io {
         path: vm.config_path(),
         source: std::io::Error::other(e.to_string()),
@@ -115,6 +123,7 @@ pub fn push(
             spec.password.as_deref(),
             caller,
         )?;
+        let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.public_only);
         rt.block_on(async {
             client
                 .auth(&oref, &auth, oci_client::RegistryOperation::Push)
