@@ -256,3 +256,60 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, RegistryError> {
         .build()
         .map_err(RegistryError::Runtime)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulled_vm_is_named_image_tag() {
+        let i = ImageRef::parse("team/debian-12:v3", "ghcr.io", "trycua").unwrap();
+        assert_eq!(pull::default_name(&i).unwrap().as_str(), "debian-12_v3");
+        let i = ImageRef::parse("golden", "ghcr.io", "trycua").unwrap();
+        assert_eq!(pull::default_name(&i).unwrap().as_str(), "golden_latest");
+        // Longer than a VM name may be: refused, never cut.
+        let long = format!("{}:v1", "a".repeat(62));
+        let i = ImageRef::parse(&long, "ghcr.io", "trycua").unwrap();
+        assert!(matches!(
+            pull::default_name(&i),
+            Err(RegistryError::BadReference(_))
+        ));
+    }
+
+    #[test]
+    fn credential_hints_follow_what_was_sent_and_the_door() {
+        let e = |sent, api| {
+            RegistryError::Unauthorized {
+                registry: "reg.example".into(),
+                sent,
+                api,
+            }
+            .to_string()
+        };
+        assert!(
+            e(false, false).starts_with("Registry reg.example needs credentials: give --username")
+        );
+        assert!(e(true, false).starts_with("Registry reg.example refused the credentials"));
+        let api = e(false, true);
+        assert!(api.contains("\"username\" and \"password\""), "{api}");
+        assert!(
+            !api.contains("--") && !api.contains("GITHUB_TOKEN"),
+            "{api}"
+        );
+        let anon = oci_client::secrets::RegistryAuth::Anonymous;
+        let out = RegistryError::Unauthorized {
+            registry: "r".into(),
+            sent: true,
+            api: false,
+        }
+        .with_auth(&anon, true);
+        assert!(matches!(
+            out,
+            RegistryError::Unauthorized {
+                sent: false,
+                api: true,
+                ..
+            }
+        ));
+    }
+}
