@@ -503,7 +503,13 @@ fn credentials_cache_and_killed_pull() {
     assert!(!home.vm_dir("dst").exists());
     ns.exec_ok("tc qdisc del dev lo root");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    ns.lume_ok(&home, &argv);
+    let out = ns.lume(&home, &argv);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("already in the cache (from an earlier pull)"),
+        "{err}"
+    );
     same_bytes(&src, &home.vm_dir("dst").join("disk.img"));
 
     // Cached now: listed by `images`; a second pull is a local copy even

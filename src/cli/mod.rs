@@ -1288,6 +1288,10 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
                 }
             }
         }
+        // A progress bar may be drawn on the current line: clear it first.
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r\x1b[2K");
+        }
         eprintln!("Interrupted: the VM was not created and nothing of it is left");
         std::process::exit(128 + sig as i32);
     });

@@ -230,6 +230,31 @@ pub fn pull_into(
         }
     }
     let total: u64 = unique.iter().map(|d| d.size).sum();
+    // What an earlier (interrupted) pull left: said, so a resumed pull
+    // does not look like a fresh one.
+    let here: u64 = unique
+        .iter()
+        .filter_map(|d| d.sha256_hex())
+        .map(|hex| {
+            let complete = fs::symlink_metadata(dir.blob(hex))
+                .ok()
+                .filter(|m| m.is_file());
+            complete
+                .or_else(|| {
+                    fs::symlink_metadata(dir.partial(hex))
+                        .ok()
+                        .filter(|m| m.is_file())
+                })
+                .map_or(0, |m| m.len())
+        })
+        .sum();
+    if here > 0 && !spec.force {
+        note(&format!(
+            "{} of {} of {image_s} already in the cache (from an earlier pull): fetching the rest",
+            indicatif::BinaryBytes(here.min(total)),
+            indicatif::BinaryBytes(total)
+        ));
+    }
     let bar = progress_bar(spec.progress, total);
     let pipelined = remote.plan.format == Format::Current;
     let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
