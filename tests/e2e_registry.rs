@@ -693,6 +693,9 @@ fn api_pull_start_push_images_prune() {
     let msg = body["message"].as_str().unwrap();
     assert!(msg.starts_with("Pull failed for 'failed': "), "{body}");
     assert!(msg.contains("was not found"), "{body}");
+    // Through the API, the hint names the request's fields, not CLI flags.
+    assert!(msg.contains("\"registry\" and \"organization\""), "{body}");
+    assert!(!msg.contains("--registry"), "{body}");
     let (code, images) = api(&ns, "GET", "/lume/images?organization=test", None);
     assert_eq!(code, 200);
     assert_eq!(images[0]["repository"], "api:t1", "{images}");

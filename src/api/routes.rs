@@ -1878,6 +1878,7 @@ fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull:
         // A registry named through the API may not lead the server to its
         // own loopback or private networks, unless its owner allows it.
         public_only: true,
+        api: true,
     })
 }
 
@@ -2080,6 +2081,7 @@ pub async fn push_vm(
             password: r.password,
             progress: false,
             public_only: true,
+            api: true,
         };
         let ctx = ctx.clone();
         std::thread::spawn(move || {

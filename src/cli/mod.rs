@@ -1033,6 +1033,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     force: a.force,
                     progress: true,
                     public_only: false,
+                    api: false,
                 })),
                 Format::Text,
             )
@@ -1064,6 +1065,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                         password: a.password,
                         progress: true,
                         public_only: false,
+                        api: false,
                     }),
                 },
                 Format::Text,
@@ -1213,6 +1215,7 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
         force: false,
         progress: true,
         public_only: false,
+        api: false,
     }));
     // No interrupt handler here: the foreground run that follows turns
     // Ctrl-C into a power-off. A pull cut short leaves a work directory

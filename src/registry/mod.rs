@@ -31,9 +31,14 @@ pub enum RegistryError {
     #[error("Registry '{0}' is not a valid registry host: give HOST or HOST:PORT")]
     BadRegistry(String),
     #[error(
-        "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, --registry and --organization)"
+        "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, {})",
+        if *api { "\"registry\" and \"organization\"" } else { "--registry and --organization" }
     )]
-    NotFound { image: String },
+    NotFound {
+        image: String,
+        /// Asked through the REST API (the hint names request fields).
+        api: bool,
+    },
     #[error("{}", unauthorized_message(registry, *sent, *api))]
     Unauthorized {
         registry: String,
@@ -143,9 +148,11 @@ fn unauthorized_message(registry: &str, sent: bool, api: bool) -> String {
 
 impl RegistryError {
     /// Completes an [`Unauthorized`](Self::Unauthorized) with what was
-    /// sent and through which door; other errors are unchanged.
+    /// sent, and it and [`NotFound`](Self::NotFound) with the door their
+    /// hints name; other errors are unchanged.
     pub(crate) fn with_auth(self, auth: &oci_client::secrets::RegistryAuth, api: bool) -> Self {
         match self {
+            Self::NotFound { image, .. } => Self::NotFound { image, api },
             Self::Unauthorized { registry, .. } => Self::Unauthorized {
                 registry,
                 sent: !matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
@@ -174,6 +181,7 @@ pub(crate) fn classify(
     use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
     let not_found = || RegistryError::NotFound {
         image: image.to_string(),
+        api: false,
     };
     let unauthorized = || RegistryError::Unauthorized {
         registry: registry.to_string(),
@@ -296,6 +304,13 @@ mod tests {
             !api.contains("--") && !api.contains("GITHUB_TOKEN"),
             "{api}"
         );
+        let nf = RegistryError::NotFound {
+            image: "x".into(),
+            api: false,
+        }
+        .with_auth(&oci_client::secrets::RegistryAuth::Anonymous, true)
+        .to_string();
+        assert!(nf.contains("\"registry\" and \"organization\""), "{nf}");
         let anon = oci_client::secrets::RegistryAuth::Anonymous;
         let out = RegistryError::Unauthorized {
             registry: "r".into(),

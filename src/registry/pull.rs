@@ -45,6 +45,8 @@ pub struct PullSpec {
     pub progress: bool,
     /// Registries named through the API must be public unless allowed.
     pub public_only: bool,
+    /// Asked through the REST API: error hints name request fields.
+    pub api: bool,
 }
 
 /// The VM name lume gives a pulled image, as lume 0.5.3
@@ -148,7 +150,7 @@ pub fn pull_into(
                 ],
             )
             .await
-            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.public_only))?;
+            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),

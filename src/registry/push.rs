@@ -33,6 +33,8 @@ pub struct PushSpec {
     pub password: Option<String>,
     pub progress: bool,
     pub public_only: bool,
+    /// Asked through the REST API: error hints name request fields.
+    pub api: bool,
 }
 
 /// What a push did.
@@ -123,7 +125,7 @@ pub fn push(
             spec.password.as_deref(),
             caller,
         )?;
-        let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.public_only);
+        let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.api);
         rt.block_on(async {
             client
                 .auth(&oref, &auth, oci_client::RegistryOperation::Push)
