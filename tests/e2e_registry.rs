@@ -110,6 +110,28 @@ fn same_bytes(a: &Path, b: &Path) {
     sh(&format!("cmp {} {}", a.display(), b.display()));
 }
 
+/// A process holding the lock file `path` (a POSIX lock, which conflicts
+/// with lume's OFD lock), as another lume command would; kill it to free.
+fn hold_lock(path: &Path) -> Child {
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'a+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+        ])
+        .arg(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    holder
+}
+
 fn reg_args(r: &Registry) -> [&str; 4] {
     ["--registry", &r.addr, "--organization", "test"]
 }
@@ -179,20 +201,85 @@ fn push_pull_round_trip_skopeo_and_failures() {
     assert_eq!(got["status"], "stopped");
     assert_eq!(got["networkMode"], "none");
 
-    // `lume run IMAGE:TAG` pulls the image as VM `img` and starts it.
+    // Without NAME, the VM is named IMAGE_TAG (as lume 0.5.3).
+    let mut unnamed = vec!["pull", "img:v1"];
+    unnamed.extend(reg_args(&reg));
+    ns.lume_ok(&home, &unnamed);
+    same_bytes(&src, &home.vm_dir("img_v1").join("disk.img"));
+    home.ok(&["delete", "img_v1", "--force"]);
+
+    // `lume run IMAGE:TAG` pulls the image as VM `img_v2` and starts it.
     let mut run = vec!["run", "img:v2", "--detach"];
     run.extend(reg_args(&reg));
     let out = ns.lume(&home, &run);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("pulling"), "{err}");
-    assert_eq!(home.get("img")["status"], "running");
+    assert_eq!(home.get("img_v2")["status"], "running");
     // A running VM is not pushed.
-    let mut busy = vec!["push", "img", "img:busy"];
+    let mut busy = vec!["push", "img_v2", "img:busy"];
     busy.extend(reg_args(&reg));
     let err = ns.lume_fails(&home, &busy);
     assert!(err.contains("is running: stop it before pushing"), "{err}");
-    ns.lume_ok(&home, &["stop", "img", "--timeout", "1"]);
+    ns.lume_ok(&home, &["stop", "img_v2", "--timeout", "1"]);
+    // Held by another command (here a process holding its lock): busy,
+    // not running.
+    let mut holder = hold_lock(&home.vm_dir("src").join(".lock"));
+    let mut held = vec!["push", "src", "img:held"];
+    held.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &held);
+    assert!(err.contains("VM 'src' is busy"), "{err}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // No tag: the form to use.
+    let mut notag = vec!["push", "src", "img"];
+    notag.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &notag);
+    assert!(
+        err.contains("Push needs NAME:TAG, such as img:latest"),
+        "{err}"
+    );
+    // A second push of the same disk: nothing new to upload.
+    let mut again = vec!["push", "src", "img:v3", "--chunk-size-mb", "4"];
+    again.extend(reg_args(&reg));
+    let out = ns.lume_ok(&home, &again);
+    assert!(out.contains("nothing new to upload"), "{out}");
+    // A plain-HTTP server on a non-loopback address: TLS fails, and the
+    // error names the variable and the exact HOST:PORT to put in it.
+    ns.exec_ok("ip addr add 192.0.2.1/32 dev lo");
+    let mut http = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3", "-c"])
+        .arg(
+            "import http.server as h\nclass S(h.HTTPServer):\n    def server_bind(self):\n        import socketserver; socketserver.TCPServer.server_bind(self)\nS(('192.0.2.1', 8088), h.BaseHTTPRequestHandler).serve_forever()",
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the plain HTTP server", Duration::from_secs(10), || {
+        ns.exec("curl -s -o /dev/null http://192.0.2.1:8088/")
+            .status
+            .success()
+            .then_some(())
+    });
+    let err = ns.lume_fails(
+        &home,
+        &[
+            "pull",
+            "img:v1",
+            "plain",
+            "--registry",
+            "192.0.2.1:8088",
+            "--organization",
+            "test",
+        ],
+    );
+    let _ = http.kill();
+    let _ = http.wait();
+    assert!(
+        err.contains("LUME_INSECURE_REGISTRIES=192.0.2.1:8088"),
+        "{err}"
+    );
     // A dry run uploads nothing.
     let mut dry = vec![
         "push",
@@ -213,7 +300,7 @@ fn push_pull_round_trip_skopeo_and_failures() {
         reg.addr
     ));
     assert!(tags.contains("v1") && !tags.contains("dry"), "{tags}");
-    same_bytes(&src, &home.vm_dir("img").join("disk.img"));
+    same_bytes(&src, &home.vm_dir("img_v2").join("disk.img"));
 
     // A missing tag: one clear error, no VM, nothing counted complete.
     let mut missing = vec!["pull", "img:nope", "nope"];
@@ -320,10 +407,10 @@ fn legacy_lz4_image_is_pulled() {
             "test",
         ],
     );
-    let pulled = std::fs::read(home.vm_dir("old").join("disk.img")).unwrap();
+    let pulled = std::fs::read(home.vm_dir("old_v0").join("disk.img")).unwrap();
     assert!(pulled == disk, "the legacy disk differs");
-    assert!(allocated(&home.vm_dir("old").join("disk.img")) <= 2 * MB);
-    assert_eq!(home.get("old")["cpuCount"], 1);
+    assert!(allocated(&home.vm_dir("old_v0").join("disk.img")) <= 2 * MB);
+    assert_eq!(home.get("old_v0")["cpuCount"], 1);
 }
 
 #[test]
@@ -346,7 +433,10 @@ fn credentials_cache_and_killed_pull() {
     let mut push: Vec<&str> = vec!["push", "src", "img:v1", "--chunk-size-mb", "8"];
     push.extend(reg_args(&reg));
     let err = ns.lume_fails(&home, &push);
-    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(
+        err.contains("Registry 127.0.0.1:5001 needs credentials: give --username"),
+        "{err}"
+    );
     push.extend(creds);
     ns.lume_ok(&home, &push);
 
@@ -413,7 +503,13 @@ fn credentials_cache_and_killed_pull() {
     assert!(!home.vm_dir("dst").exists());
     ns.exec_ok("tc qdisc del dev lo root");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    ns.lume_ok(&home, &argv);
+    let out = ns.lume(&home, &argv);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("already in the cache (from an earlier pull)"),
+        "{err}"
+    );
     same_bytes(&src, &home.vm_dir("dst").join("disk.img"));
 
     // Cached now: listed by `images`; a second pull is a local copy even
@@ -495,6 +591,42 @@ fn api_pull_start_push_images_prune() {
     );
     let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
     assert_eq!(code, 202, "{body}");
+    // No tag, lume's other formats: refused by field name, never ignored.
+    let (code, body) = api(
+        &ns,
+        "POST",
+        "/lume/vms/push",
+        Some(r#"{"name":"src","imageName":"api","tags":[]}"#),
+    );
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (400, Some("Give at least one tag in \"tags\""))
+    );
+    let (code, body) = api(
+        &ns,
+        "POST",
+        "/lume/vms/push",
+        Some(r#"{"name":"src","imageName":"api","tags":["x"],"singleLayer":true}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"singleLayer\""),
+        "{body}"
+    );
+    // Another command holds the VM: 409 busy at once, not 202 then a
+    // failure in the log.
+    let mut holder = hold_lock(&home.vm_dir("src").join(".lock"));
+    let (code, body) = api(&ns, "POST", "/lume/vms/push", Some(&push));
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("is busy"),
+        "{body}"
+    );
     let pull = format!(
         r#"{{"image":"api:t1","name":"viaapi","registry":"{}","organization":"test"}}"#,
         reg.addr
@@ -532,21 +664,38 @@ fn api_pull_start_push_images_prune() {
     let mut seen = Vec::new();
     let done = wait_for("the pulled VM", Duration::from_secs(60), || {
         let (code, vm) = api(&ns, "GET", "/lume/vms/viaapi", None);
-        if code == 200 && vm["status"] == "provisioning" {
-            assert_eq!(vm["provisioningOperation"], "image_pull", "{vm}");
+        if code == 200 && vm["status"] == "pulling" {
+            assert!(vm["provisioningOperation"].is_null(), "{vm}");
             seen.push(vm["downloadProgress"].as_f64().unwrap());
         }
         std::thread::sleep(Duration::from_millis(200));
         (code == 200 && vm["status"] == "stopped").then_some(vm)
     });
     ns.exec_ok("tc qdisc del dev lo root");
-    assert!(!seen.is_empty(), "never seen provisioning");
+    assert!(!seen.is_empty(), "never seen pulling");
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
     assert!(done["downloadProgress"].is_null());
     same_bytes(
         &home.vm_dir("src").join("disk.img"),
         &home.vm_dir("viaapi").join("disk.img"),
     );
+    // A background pull that fails: GET answers lume's 400 with the error.
+    let bad = format!(
+        r#"{{"image":"api:nope","name":"failed","registry":"{}","organization":"test"}}"#,
+        reg.addr
+    );
+    let (code, body) = api(&ns, "POST", "/lume/pull/start", Some(&bad));
+    assert_eq!(code, 202, "{body}");
+    let body = wait_for("the failed pull", Duration::from_secs(30), || {
+        let (code, body) = api(&ns, "GET", "/lume/vms/failed", None);
+        (code == 400).then_some(body)
+    });
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.starts_with("Pull failed for 'failed': "), "{body}");
+    assert!(msg.contains("was not found"), "{body}");
+    // Through the API, the hint names the request's fields, not CLI flags.
+    assert!(msg.contains("\"registry\" and \"organization\""), "{body}");
+    assert!(!msg.contains("--registry"), "{body}");
     let (code, images) = api(&ns, "GET", "/lume/images?organization=test", None);
     assert_eq!(code, 200);
     assert_eq!(images[0]["repository"], "api:t1", "{images}");

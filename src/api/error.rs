@@ -232,13 +232,16 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         | R::KernelBoot(_)
         | R::TooLarge { .. }
         | R::PrivateDestination { .. }
+        | R::NoTag(_)
         | R::DockerConfig { .. } => StatusCode::BAD_REQUEST,
         R::NotFound { .. } => StatusCode::NOT_FOUND,
         R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-        R::Running(_) => StatusCode::CONFLICT,
-        R::Unreachable { .. } | R::Unresolved { .. } | R::Protocol { .. } | R::Corrupt { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
+        R::Running(_) | R::Busy(_) => StatusCode::CONFLICT,
+        R::NotTls { .. }
+        | R::Unreachable { .. }
+        | R::Unresolved { .. }
+        | R::Protocol { .. }
+        | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
         R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) | R::NoSpace { .. } => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

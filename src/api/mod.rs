@@ -71,7 +71,14 @@ pub struct AppState {
     openapi: OnceLock<serde_json::Value>,
     /// One turn lock per VM (storage root + name) for VM-changing requests.
     turns: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Background pulls (`/lume/pull/start`) that failed, by caller uid and
+    /// VM name: the error and when, answered by `GET /lume/vms/{name}` (as
+    /// lume) for [`PULL_FAILURE_KEPT`] or until the name is used again.
+    pub(crate) pull_failures: Mutex<HashMap<(u32, String), (String, std::time::Instant)>>,
 }
+
+/// How long a failed background pull is remembered.
+pub(crate) const PULL_FAILURE_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl AppState {
     pub fn new(storage: Option<PathBuf>, token: Option<String>) -> Self {

@@ -853,11 +853,30 @@ async fn get_vm_named(
     vm: VmName,
     q: StorageQuery,
 ) -> ApiResult<Json<VmDetails>> {
-    let found = storage_of_vm(&st, &caller, q.storage.as_deref(), &vm).await?;
-    let storage = found.as_deref().or(q.storage.as_deref());
-    in_location(&st, &caller, storage, |ctx| details(ctx, vm))
-        .await
-        .map(Json)
+    let key = (caller.uid, vm.to_string());
+    let res = match storage_of_vm(&st, &caller, q.storage.as_deref(), &vm).await {
+        Ok(found) => {
+            let storage = found.as_deref().or(q.storage.as_deref());
+            let v = vm.clone();
+            in_location(&st, &caller, storage, move |ctx| details(ctx, v)).await
+        }
+        Err(e) => Err(e),
+    };
+    // No such VM, but this caller's background pull of that name failed
+    // lately: that failure, as lume (`Pull failed for 'NAME': …`).
+    match res {
+        Err(e) if e.status == StatusCode::NOT_FOUND => {
+            let mut failures = st.pull_failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.retain(|_, (_, at)| at.elapsed() < super::PULL_FAILURE_KEPT);
+            match failures.get(&key) {
+                Some((why, _)) => Err(ApiError::bad_request(format!(
+                    "Pull failed for '{vm}': {why}"
+                ))),
+                None => Err(e),
+            }
+        }
+        r => r.map(Json),
+    }
 }
 
 /// Change a VM's CPU count, memory, disk size (grow only, VM stopped),
@@ -1782,7 +1801,7 @@ pub struct PullRequest {
     /// `NAME:TAG` (tag `latest` when left out).
     #[schema(example = "debian-12:latest")]
     pub image: String,
-    /// VM name (default: the image's name without tag).
+    /// VM name (default: `IMAGE_TAG`, as lume).
     pub name: Option<String>,
     /// Default: `registry.ghcr.registry` in config.yaml, else `ghcr.io`.
     pub registry: Option<String>,
@@ -1809,9 +1828,15 @@ pub struct PushRequest {
     pub storage: Option<String>,
     /// Chunk size of the disk layers in MB (default 512).
     pub chunk_size_mb: Option<u64>,
-    /// Accepted for lume compatibility; lume on Linux always pushes chunks.
+    /// Refused when true: lume on Linux pushes the chunked format only.
     #[serde(default)]
     pub single_layer: bool,
+    /// Refused when true (lume's legacy format is pulled, never pushed).
+    #[serde(default)]
+    pub legacy: bool,
+    /// Refused when true (not supported yet).
+    #[serde(default)]
+    pub reassemble: bool,
     pub username: Option<String>,
     pub password: Option<String>,
 }
@@ -1865,6 +1890,7 @@ fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull:
         // A registry named through the API may not lead the server to its
         // own loopback or private networks, unless its owner allows it.
         public_only: true,
+        api: true,
     })
 }
 
@@ -1872,11 +1898,12 @@ fn pull_vm_name(r: &PullRequest) -> ApiResult<VmName> {
     match r.name.as_deref() {
         Some(n) => name(n),
         None => {
-            let base = r
-                .image
-                .rsplit_once(':')
-                .map_or(r.image.as_str(), |(n, _)| n);
-            name(base.rsplit('/').next().unwrap_or(base))
+            let (base, tag) = r.image.rsplit_once(':').unwrap_or((&r.image, "latest"));
+            crate::registry::pull::name_for(base, tag).ok_or_else(|| {
+                ApiError::bad_request(
+                    crate::registry::RegistryError::BadReference(r.image.clone()).to_string(),
+                )
+            })
         }
     }
 }
@@ -1918,9 +1945,10 @@ pub async fn pull_image(
 }
 
 /// Start pulling an image as a new VM and answer at once (202): the VM is
-/// listed as `provisioning` (operation `image_pull`, `downloadProgress`
-/// 0 to 100) until it is `stopped` (done) or gone (failed; the error is in
-/// the server's log).
+/// listed as `pulling` (`downloadProgress` 0 to 100, as lume) until it is
+/// `stopped` (done) or gone (failed: `GET /lume/vms/{name}` then answers
+/// 400 `Pull failed for 'NAME': …` for an hour or until the name is used
+/// again; the error is in the server's log too).
 #[utoipa::path(post, path = "/lume/pull/start", tag = "images", request_body = PullRequest,
     responses(
         (status = 202, description = "The pull started", body = RegistryAnswer),
@@ -1936,18 +1964,29 @@ pub async fn pull_image_start(
     let vm = pull_vm_name(&r)?;
     let storage = r.storage.clone().or(q.storage);
     let image = r.image.clone();
+    let st2 = st.clone();
+    let uid = caller.uid;
     let name = on_vm(&st, &caller, storage.as_deref(), &vm, move |ctx| {
         let spec = pull_spec(ctx, &r)?;
         let pending = crate::vm::actions::begin_pull(ctx, spec).map_err(ApiError::from)?;
         let name = pending.name().to_string();
+        let key = (uid, name.clone());
+        st2.pull_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         std::thread::spawn(move || {
             let name = pending.name().clone();
             match pending.finish(&mut |line: &str| super::log(line)) {
                 Ok(_) => super::log(&format!("VM '{name}' pulled")),
-                Err(e) => super::log(&format!(
-                    "Pulling VM '{name}' failed: {}",
-                    crate::error_chain(&e)
-                )),
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    super::log(&format!("Pulling VM '{name}' failed: {why}"));
+                    st2.pull_failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, (why, std::time::Instant::now()));
+                }
             }
         });
         Ok(name)
@@ -1972,7 +2011,7 @@ pub async fn pull_image_start(
         (status = 202, description = "The push started", body = RegistryAnswer),
         (status = 400, description = "A bad image name, tag or chunk size, or no tag", body = ErrorBody),
         (status = 404, description = "No such VM", body = ErrorBody),
-        (status = 409, description = "The VM is running", body = ErrorBody),
+        (status = 409, description = "The VM is running or busy (another command holds it)", body = ErrorBody),
     ))]
 pub async fn push_vm(
     State(st): State<Arc<AppState>>,
@@ -1983,8 +2022,19 @@ pub async fn push_vm(
     let vm = name(&r.name)?;
     let storage = r.storage.clone().or(q.storage);
     let Some((first, rest)) = r.tags.split_first() else {
-        return Err(ApiError::bad_request("tags: give at least one tag"));
+        return Err(ApiError::bad_request("Give at least one tag in \"tags\""));
     };
+    for (on, field) in [
+        (r.single_layer, "singleLayer"),
+        (r.legacy, "legacy"),
+        (r.reassemble, "reassemble"),
+    ] {
+        if on {
+            return Err(ApiError::bad_request(format!(
+                "\"{field}\" is not supported by lume on Linux, which pushes lume's chunked format only: leave it out or set it to false"
+            )));
+        }
+    }
     let (first, rest) = (first.clone(), rest.to_vec());
     let answer = RegistryAnswer {
         message: "Push initiated in background".into(),
@@ -2027,6 +2077,13 @@ pub async fn push_vm(
                 crate::registry::RegistryError::Running(vm2.to_string()),
             )));
         }
+        // Another command holds the VM's lock: busy now, not a 202 whose
+        // push fails in the background.
+        if crate::vm::lock::VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
+            return Err(ApiError::from(crate::vm::VmError::from(
+                crate::registry::RegistryError::Busy(vm2.to_string()),
+            )));
+        }
         let spec = crate::registry::push::PushSpec {
             image,
             additional_tags: rest,
@@ -2036,6 +2093,7 @@ pub async fn push_vm(
             password: r.password,
             progress: false,
             public_only: true,
+            api: true,
         };
         let ctx = ctx.clone();
         std::thread::spawn(move || {

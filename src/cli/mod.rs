@@ -224,12 +224,12 @@ pub struct RefusedArgs {
 pub struct PullArgs {
     /// Image to pull (format: name:tag)
     pub image: String,
-    /// Name for the VM (defaults to the image name without tag)
+    /// Name for the VM (default: IMAGE_TAG, as lume)
     pub name: Option<VmName>,
-    /// Container registry to pull from (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    /// Container registry to pull from (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to pull from (default: registry.ghcr.organization, else trycua)
+    /// Organization to pull from (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Registry username for authentication
@@ -257,10 +257,10 @@ pub struct PushArgs {
     /// Additional tags to push the same image to
     #[arg(long, num_args = 1..)]
     pub additional_tags: Vec<String>,
-    /// Container registry to push to (default: registry.ghcr.registry in config.yaml, else ghcr.io)
+    /// Container registry to push to (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to push to (default: registry.ghcr.organization, else trycua)
+    /// Organization to push to (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Chunk size of the disk layers in MB
@@ -293,7 +293,7 @@ pub struct PushArgs {
 
 #[derive(Debug, Args)]
 pub struct ImagesArgs {
-    /// Organization to list (default: registry.ghcr.organization, else trycua)
+    /// Organization to list (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Output format
@@ -411,10 +411,10 @@ pub struct RunArgs {
     /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
     /// of that name exists, then run
     pub name: String,
-    /// Registry to pull an image from (default: registry.ghcr.registry, else ghcr.io)
+    /// Registry to pull an image from (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
     pub registry: Option<String>,
-    /// Organization to pull an image from (default: registry.ghcr.organization, else trycua)
+    /// Organization to pull an image from (default: set by `lume config registry ghcr --organization`, else trycua)
     #[arg(long)]
     pub organization: Option<String>,
     /// Return once the VM is running, leaving it to a background supervisor
@@ -1033,6 +1033,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     force: a.force,
                     progress: true,
                     public_only: false,
+                    api: false,
                 })),
                 Format::Text,
             )
@@ -1044,7 +1045,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let settings = Settings::load()?;
             let d = settings.registry()?;
             if !a.image.contains(':') {
-                return Err(crate::registry::RegistryError::BadReference(a.image).into());
+                return Err(crate::registry::RegistryError::NoTag(a.image).into());
             }
             let image = crate::registry::ImageRef::parse(
                 &a.image,
@@ -1064,6 +1065,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                         password: a.password,
                         progress: true,
                         public_only: false,
+                        api: false,
                     }),
                 },
                 Format::Text,
@@ -1213,6 +1215,7 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
         force: false,
         progress: true,
         public_only: false,
+        api: false,
     }));
     // No interrupt handler here: the foreground run that follows turns
     // Ctrl-C into a power-off. A pull cut short leaves a work directory
@@ -1287,6 +1290,10 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
+        }
+        // A progress bar may be drawn on the current line: clear it first.
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r\x1b[2K");
         }
         eprintln!("Interrupted: the VM was not created and nothing of it is left");
         std::process::exit(128 + sig as i32);

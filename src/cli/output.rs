@@ -337,11 +337,15 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             p.manifest_digest, p.parts, p.holes
         ),
         Outcome::Pushed(p) => format!(
-            "Pushed {} ({} disk part(s), {} hole chunk(s) left out, {} uploaded, manifest {})",
+            "Pushed {} ({} disk part(s), {} hole chunk(s) left out, {}, manifest {})",
             p.references.join(", "),
             p.parts,
             p.holes,
-            format_size(p.uploaded),
+            if p.uploaded == 0 {
+                "nothing new to upload (every blob was already in the registry)".to_string()
+            } else {
+                format!("{} uploaded", format_size(p.uploaded))
+            },
             p.manifest_digest
         ),
         Outcome::Pruned(_) => "Successfully removed cached images".to_string(),

@@ -36,13 +36,22 @@ pub enum RegistryError {
     #[error("Registry '{0}' is not a valid registry host: give HOST or HOST:PORT")]
     BadRegistry(String),
     #[error(
-        "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, --registry and --organization)"
+        "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, {})",
+        if *api { "\"registry\" and \"organization\"" } else { "--registry and --organization" }
     )]
-    NotFound { image: String },
-    #[error(
-        "Registry {registry} refused the credentials: check --username/--password, GITHUB_USERNAME/GITHUB_TOKEN or `docker login {registry}`"
-    )]
-    Unauthorized { registry: String },
+    NotFound {
+        image: String,
+        /// Asked through the REST API (the hint names request fields).
+        api: bool,
+    },
+    #[error("{}", unauthorized_message(registry, *sent, *api))]
+    Unauthorized {
+        registry: String,
+        /// Whether credentials were sent (else: anonymous).
+        sent: bool,
+        /// Asked through the REST API or MCP (hints name request fields).
+        api: bool,
+    },
     #[error(
         "Registry {registry} could not be reached: check the name, the network and any proxy settings"
     )]
@@ -112,6 +121,20 @@ pub enum RegistryError {
     #[error("VM '{0}' is running: stop it before pushing (`lume stop {0}`)")]
     Running(String),
     #[error(
+        "VM '{0}' is busy: another lume command is changing it; try the push again in a moment"
+    )]
+    Busy(String),
+    #[error("Push needs NAME:TAG, such as {0}:latest")]
+    NoTag(String),
+    #[error(
+        "Registry {registry} did not answer with TLS (it may serve plain HTTP): if you trust the network path to it, allow plain HTTP with LUME_INSECURE_REGISTRIES={registry} and try again"
+    )]
+    NotTls {
+        registry: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error(
         "VM '{0}' boots a kernel file, which lume's image format does not carry: only VMs booted from their disk can be pushed"
     )]
     KernelBoot(String),
@@ -123,6 +146,41 @@ pub enum RegistryError {
     TooLarge { size: u64, max: u64 },
     #[error("Cannot start the transfer's worker threads: {0}")]
     Runtime(#[source] std::io::Error),
+}
+
+/// The message of [`RegistryError::Unauthorized`]: where credentials come
+/// from depends on the door (CLI flags and the user's environment, or the
+/// request's fields).
+fn unauthorized_message(registry: &str, sent: bool, api: bool) -> String {
+    let how = if api {
+        "give \"username\" and \"password\" in the request (and check \"registry\" and \"organization\")".to_string()
+    } else {
+        format!(
+            "give --username/--password, set GITHUB_USERNAME/GITHUB_TOKEN or run `docker login {registry}`"
+        )
+    };
+    if sent {
+        format!("Registry {registry} refused the credentials: check them; {how}")
+    } else {
+        format!("Registry {registry} needs credentials: {how}")
+    }
+}
+
+impl RegistryError {
+    /// Completes an [`Unauthorized`](Self::Unauthorized) with what was
+    /// sent, and it and [`NotFound`](Self::NotFound) with the door their
+    /// hints name; other errors are unchanged.
+    pub(crate) fn with_auth(self, auth: &oci_client::secrets::RegistryAuth, api: bool) -> Self {
+        match self {
+            Self::NotFound { image, .. } => Self::NotFound { image, api },
+            Self::Unauthorized { registry, .. } => Self::Unauthorized {
+                registry,
+                sent: !matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
+                api,
+            },
+            e => e,
+        }
+    }
 }
 
 /// `io::Error` at `path` as a [`RegistryError`].
@@ -143,9 +201,12 @@ pub(crate) fn classify(
     use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
     let not_found = || RegistryError::NotFound {
         image: image.to_string(),
+        api: false,
     };
     let unauthorized = || RegistryError::Unauthorized {
         registry: registry.to_string(),
+        sent: true,
+        api: false,
     };
     match &e {
         E::ImageManifestNotFoundError(_) => not_found(),
@@ -177,6 +238,10 @@ pub(crate) fn classify(
             unauthorized()
         }
         E::RequestError(r) if r.status().is_some_and(|s| s.as_u16() == 404) => not_found(),
+        E::RequestError(r) if not_tls(r) => RegistryError::NotTls {
+            registry: registry.to_string(),
+            source: e,
+        },
         E::RequestError(r) if r.is_connect() || r.is_timeout() => RegistryError::Unreachable {
             registry: registry.to_string(),
             source: e,
@@ -200,6 +265,29 @@ pub fn excerpt(text: &str) -> String {
         out.push('…');
     }
     crate::api::escape_controls(&out)
+}
+
+/// Whether a request failed in the TLS handshake because the other end
+/// did not speak TLS: rustls reports a record it cannot read (plain HTTP's
+/// "HTTP/1.1 400 …") as an `io::Error` of kind `InvalidData` in the
+/// connection's error chain (typed, never read from the text).
+fn not_tls(r: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(r);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+            // An io::Error wrapping another (hyper's `Other` around
+            // tokio-rustls' `InvalidData`): `source()` skips the inner one.
+            if let Some(inner) = io.get_ref() {
+                cur = Some(inner as &(dyn std::error::Error + 'static));
+                continue;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// A tokio runtime for one transfer (the actions are synchronous).
@@ -233,5 +321,64 @@ mod tests {
         assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
         assert!(text.len() < 400, "{text}");
         assert!(!text.contains('\n') && !text.contains('\x1b'), "{text}");
+    }
+
+    #[test]
+    fn pulled_vm_is_named_image_tag() {
+        let i = ImageRef::parse("team/debian-12:v3", "ghcr.io", "trycua").unwrap();
+        assert_eq!(pull::default_name(&i).unwrap().as_str(), "debian-12_v3");
+        let i = ImageRef::parse("golden", "ghcr.io", "trycua").unwrap();
+        assert_eq!(pull::default_name(&i).unwrap().as_str(), "golden_latest");
+        // Longer than a VM name may be: refused, never cut.
+        let long = format!("{}:v1", "a".repeat(62));
+        let i = ImageRef::parse(&long, "ghcr.io", "trycua").unwrap();
+        assert!(matches!(
+            pull::default_name(&i),
+            Err(RegistryError::BadReference(_))
+        ));
+    }
+
+    #[test]
+    fn credential_hints_follow_what_was_sent_and_the_door() {
+        let e = |sent, api| {
+            RegistryError::Unauthorized {
+                registry: "reg.example".into(),
+                sent,
+                api,
+            }
+            .to_string()
+        };
+        assert!(
+            e(false, false).starts_with("Registry reg.example needs credentials: give --username")
+        );
+        assert!(e(true, false).starts_with("Registry reg.example refused the credentials"));
+        let api = e(false, true);
+        assert!(api.contains("\"username\" and \"password\""), "{api}");
+        assert!(
+            !api.contains("--") && !api.contains("GITHUB_TOKEN"),
+            "{api}"
+        );
+        let nf = RegistryError::NotFound {
+            image: "x".into(),
+            api: false,
+        }
+        .with_auth(&oci_client::secrets::RegistryAuth::Anonymous, true)
+        .to_string();
+        assert!(nf.contains("\"registry\" and \"organization\""), "{nf}");
+        let anon = oci_client::secrets::RegistryAuth::Anonymous;
+        let out = RegistryError::Unauthorized {
+            registry: "r".into(),
+            sent: true,
+            api: false,
+        }
+        .with_auth(&anon, true);
+        assert!(matches!(
+            out,
+            RegistryError::Unauthorized {
+                sent: false,
+                api: true,
+                ..
+            }
+        ));
     }
 }

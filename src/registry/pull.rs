@@ -56,13 +56,22 @@ pub struct PullSpec {
     pub progress: bool,
     /// Registries named through the API must be public unless allowed.
     pub public_only: bool,
+    /// Asked through the REST API: error hints name request fields.
+    pub api: bool,
 }
 
-/// The VM name lume gives a pulled image: the image's name without tag
-/// (its last path component).
+/// The VM name lume gives a pulled image, as lume 0.5.3
+/// (`name ?? "\(imageName)_\(tag)"`): `IMAGE_TAG`, IMAGE being the
+/// image's last path component (`debian-12:latest` → `debian-12_latest`).
 pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
-    let last = image.name.rsplit('/').next().unwrap_or(&image.name);
-    VmName::parse(last).map_err(|_| RegistryError::BadReference(image.short()))
+    name_for(&image.name, &image.tag).ok_or_else(|| RegistryError::BadReference(image.short()))
+}
+
+/// `IMAGE_TAG` for the image name `name` (path allowed) and `tag`; `None`
+/// when that is not a valid VM name (too long, a leading '.' or '_').
+pub fn name_for(name: &str, tag: &str) -> Option<VmName> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    VmName::parse(&format!("{last}_{tag}")).ok()
 }
 
 /// In a pull's work directory: `{"downloaded": N, "total": N}`, read by
@@ -153,7 +162,7 @@ pub fn pull_into(
                 ],
             )
             .await
-            .map_err(|e| classify(e, &registry, &image_s))?;
+            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
@@ -275,6 +284,31 @@ pub fn pull_into(
             free,
         });
     }
+    // What an earlier (interrupted) pull left: said, so a resumed pull
+    // does not look like a fresh one.
+    let here: u64 = unique
+        .iter()
+        .filter_map(|d| d.sha256_hex())
+        .map(|hex| {
+            let complete = fs::symlink_metadata(dir.blob(hex))
+                .ok()
+                .filter(|m| m.is_file());
+            complete
+                .or_else(|| {
+                    fs::symlink_metadata(dir.partial(hex))
+                        .ok()
+                        .filter(|m| m.is_file())
+                })
+                .map_or(0, |m| m.len())
+        })
+        .fold(0u64, u64::saturating_add);
+    if here > 0 && !spec.force {
+        note(&format!(
+            "{} of {} of {image_s} already in the cache (from an earlier pull): fetching the rest",
+            indicatif::BinaryBytes(here.min(total)),
+            indicatif::BinaryBytes(total)
+        ));
+    }
     let bar = progress_bar(spec.progress, total);
     let pipelined = remote.plan.format == Format::Current;
     let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
@@ -378,10 +412,24 @@ fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
         );
     }
     let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "Pulling {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    ) {
-        bar.set_style(style);
+    // The rate and ETA only once a rate is known (never `0 B/s ETA 0s`).
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("Pulling {bar:30} {bytes}/{total_bytes} {rate_eta}")
+    {
+        bar.set_style(style.with_key(
+            "rate_eta",
+            |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let rate = st.per_sec();
+                if st.pos() > 0 && rate.is_finite() && rate >= 1.0 {
+                    let _ = write!(
+                        w,
+                        "{}/s ETA {}",
+                        indicatif::BinaryBytes(rate as u64),
+                        indicatif::HumanDuration(st.eta())
+                    );
+                }
+            },
+        ));
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(250));
     bar

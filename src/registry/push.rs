@@ -33,6 +33,8 @@ pub struct PushSpec {
     pub password: Option<String>,
     pub progress: bool,
     pub public_only: bool,
+    /// Asked through the REST API: error hints name request fields.
+    pub api: bool,
 }
 
 /// What a push did.
@@ -73,9 +75,17 @@ pub fn push(
         return Err(RegistryError::ChunkSize(spec.chunk_size_mb));
     }
     let name = vm.name.to_string();
+    // The lock is held by a supervisor (running) or by another command
+    // (busy): the run state, not the lock alone, tells which.
     let _lock = VmLock::try_acquire(&vm.lock_path())
         .map_err(io_at(&vm.lock_path()))?
-        .ok_or_else(|| RegistryError::Running(name.clone()))?;
+        .ok_or_else(|| {
+            if vm.is_running() {
+                RegistryError::Running(name.clone())
+            } else {
+                RegistryError::Busy(name.clone())
+            }
+        })?;
     let cfg = vm.load_config().map_err(|e| RegistryError::Io {
         path: vm.config_path(),
         source: std::io::Error::other(e.to_string()),
@@ -118,6 +128,7 @@ pub fn push(
             caller,
             token_registry,
         )?;
+        let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.api);
         rt.block_on(async {
             client
                 .auth(&oref, &auth, oci_client::RegistryOperation::Push)

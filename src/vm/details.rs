@@ -76,8 +76,6 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
 
 /// `provisioningOperation` while an image is imported.
 pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
-/// `provisioningOperation` while an image is pulled from a registry.
-pub const PROVISIONING_IMAGE_PULL: &str = "image_pull";
 
 /// lume's `SharedDirectory` (`hostPath`, `tag`, `readOnly`): the shape of
 /// `sharedDirectories` entries. lume on Linux has no shared directories
@@ -103,11 +101,12 @@ pub struct VmDetails {
     pub memory_size: Option<u64>,
     pub disk_size: Option<DiskSize>,
     pub display: Option<String>,
-    /// `running`, `stopped`, `provisioning` while its image is imported, or
+    /// `running`, `stopped`, `provisioning` while its image is imported,
+    /// `pulling` while it is pulled from a registry (as lume's server), or
     /// `invalid` when the config cannot be read.
     pub status: String,
-    /// What is being done while `provisioning` (`image_import`, or
-    /// `image_pull` for `lume pull`); null otherwise.
+    /// What is being done while `provisioning` (`image_import`); null
+    /// otherwise.
     pub provisioning_operation: Option<String>,
     /// lume's VNC address; always null (lume on Linux has no VNC server yet).
     pub vnc_url: Option<String>,
@@ -167,14 +166,12 @@ impl VmDetails {
         };
         if d.status == "provisioning" {
             d.download_progress = crate::registry::pull::read_progress(&vm.dir);
-            d.provisioning_operation = Some(
-                if d.download_progress.is_some() {
-                    PROVISIONING_IMAGE_PULL
-                } else {
-                    PROVISIONING_IMAGE_IMPORT
-                }
-                .into(),
-            );
+            if d.download_progress.is_some() {
+                // Being pulled: lume's `pulling`, with `downloadProgress`.
+                d.status = "pulling".into();
+            } else {
+                d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
+            }
         }
         let cfg = match vm.load_config() {
             Ok(c) => c,
