@@ -59,14 +59,14 @@ http: {addr: "127.0.0.1:5000"}
 YML
 REG_PID=
 start_registry() { # an empty registry
-    [ -z "$REG_PID" ] || { kill "$REG_PID"; wait "$REG_PID" 2>/dev/null || true; }
+    [ -z "$REG_PID" ] || { kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; }
     rm -rf "$REG_DIR"; mkdir -p "$REG_DIR"
     in_ns "$NS" "$REGISTRY_BIN" serve "$W/registry.yml" >>"$W/registry.log" 2>&1 &
     REG_PID=$!
     for _ in $(seq 100); do in_ns "$NS" curl -sf -o /dev/null http://127.0.0.1:5000/v2/ && return; sleep 0.1; done
     die "the registry did not start: $(tail -3 "$W/registry.log")"
 }
-on_exit '[ -z "$REG_PID" ] || kill $REG_PID'
+on_exit '[ -z "$REG_PID" ] || kill $REG_PID 2>/dev/null || true'
 
 secs() { python3 -c 'import time; print(time.monotonic())'; }
 record() { # CASE RUN SECONDS [BYTES]
