@@ -38,10 +38,14 @@ fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 chunk = 64 << 20
 # 16 pieces of 64 MiB = 1 GiB of data, spread over 8 GiB: half random (does
 # not compress), half text-like (compresses, as file systems' content does).
-rnd = os.urandom(chunk)
-txt = (b"lume registry benchmark line of text with some repetition 0123456789\n" * (chunk // 70 + 1))[:chunk]
+# Every piece differs, so no two chunks share a blob (no dedup).
 for i in range(16):
-    os.pwrite(fd, rnd if i % 2 == 0 else txt, i * (512 << 20))
+    if i % 2 == 0:
+        piece = os.urandom(chunk)
+    else:
+        line = b"lume registry benchmark, piece %d, line of text with some repetition\n" % i
+        piece = (line * (chunk // len(line) + 1))[:chunk]
+    os.pwrite(fd, piece, i * (512 << 20))
 os.ftruncate(fd, 8 << 30)
 os.fsync(fd)
 PY
