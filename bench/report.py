@@ -351,6 +351,34 @@ def ssh(rows):
     return out
 
 
+def registry(rows):
+    if not rows:
+        return []
+    out = ["### 9. Push and pull of a sparse 8 GiB disk (1 GiB of data) through a local registry", "",
+           "`lume push` / `lume pull` against `skopeo copy` of the same image between the same "
+           "local registry (docker-registry on 127.0.0.1, emptied before each push) and a directory, "
+           "in the same round; median (min–max) wall time; target ≤ 1.0x, the pulled disk sparse.", "",
+           "| operation | lume | skopeo copy | lume / skopeo (paired) | verdict | n |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for op in ["push", "pull"]:
+        t = metric(rows, f"lume-{op}", "seconds")
+        b = metric(rows, f"skopeo-{op}", "seconds")
+        if not t:
+            continue
+        rc, med = ratio_cell(by_run(rows, f"lume-{op}", "seconds"), by_run(rows, f"skopeo-{op}", "seconds"))
+        out.append(f"| {op} | {cell(t)} | {cell(b)} | {rc} | {verdict(med is not None and med <= 1.0)} | {len(t)} |")
+    pushed = metric(rows, "lume-push", "bytes")
+    alloc = metric(rows, "lume-pull", "bytes")
+    mib = lambda v: f"{v / (1 << 20):.0f} MiB"
+    if pushed or alloc:
+        out += ["", "| bytes | median (min–max) |", "| --- | --- |"]
+        if pushed:
+            out.append(f"| registry storage after `lume push` (compressed chunks + manifest) | {cell(pushed, mib)} |")
+        if alloc:
+            out.append(f"| allocated on disk by the pulled 8 GiB disk | {cell(alloc, mib)} |")
+    return out
+
+
 def main():
     results, md = sys.argv[1], sys.argv[2]
     meta = {}
@@ -363,7 +391,8 @@ def main():
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
                     scale(load(results, "scale")), clone(load(results, "clone")),
                     throughput(load(results, "throughput")), reattach(load(results, "reattach")),
-                    image_import(load(results, "import")), ssh(load(results, "ssh"))]:
+                    image_import(load(results, "import")), ssh(load(results, "ssh")),
+                    registry(load(results, "registry"))]:
         if section:
             parts += section + [""]
     parts.append(END)

@@ -14,6 +14,7 @@
 #   reattach    a bridged VM answering from the LAN again after its parent returns
 #   import      create --image URL of a 2 GiB image vs curl + qemu-img convert
 #   ssh         a Debian 12 cloud VM from start to a working ssh, lume vs bare QEMU
+#   registry    push and pull of a sparse 8 GiB disk (1 GiB of data) vs skopeo copy
 #
 # It installs missing packages (scripts/install-deps.sh; xfsprogs for the
 # XFS part), builds target/release/lume with `cargo build --release`, builds
@@ -29,7 +30,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale clone throughput reattach import ssh)
+ALL=(boot heal scale clone throughput reattach import ssh registry)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do
