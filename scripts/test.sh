@@ -22,4 +22,4 @@ echo "== format and lints" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 echo "== tests" >&2
-cargo test --all-targets --locked 2>&1
+cargo test --all-targets --locked --no-fail-fast 2>&1
