@@ -291,7 +291,7 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     let out = t.host.lume(&t.home, &["stop", "deb2"]);
     let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{said}");
-    assert!(said.contains("ssh"), "{said}");
+    assert!(said.contains("stopped over SSH"), "{said}");
     t.lume_ok(&["stop", "deb"]);
     // Deleting the VM forgets its host key with it.
     t.lume_ok(&["delete", "deb2", "--force"]);
