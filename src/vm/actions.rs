@@ -478,7 +478,7 @@ fn pull(
 }
 
 /// A pull that has been checked and whose work directory exists, listed
-/// as `provisioning` (operation `image_pull`, with `downloadProgress`).
+/// as `pulling` (with `downloadProgress`), as lume shows a pull.
 pub struct PendingPull {
     store: Store,
     spec: crate::registry::pull::PullSpec,
