@@ -92,8 +92,15 @@ fn unprivileged_user_mode_vm_serves_through_a_published_port() {
                 .filter(|text| text.contains("lume-test-guest"))
         },
     );
-    let details = ns.lume_ok(&home, &["get", "web", "-f", "json"]);
-    let d: serde_json::Value = serde_json::from_str(&details).unwrap();
+    // The home is nobody's now: root would refuse its config.yaml (as root,
+    // lume reads no config.yaml another user can change), so nobody asks.
+    let out = lume_as_nobody(&ns, &home, &["get", "web", "-f", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let d = &d[0];
     assert!(page.contains(d["macAddress"].as_str().unwrap()), "{page}");
     assert_eq!(d["ipAddress"], "198.51.100.15");
