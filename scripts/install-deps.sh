@@ -3,7 +3,7 @@
 # something is missing: QEMU, qemu-img, passt (user mode), dnsmasq, nftables, iproute2, the
 # packages the test guest is built from, qemu-guest-agent (its client is tested against the real agent), and iptables (iptables-nft: the tests load Docker's and
 # ufw's rule sets with it; lume itself uses only nft), curl and python3 (test clients;
-# python3-venv: tests/clients/build.sh installs lume's Python client pylume from PyPI),
+# python3-venv: tests/clients/build.sh installs lume's Python client pylume and the MCP SDK from PyPI),
 # openssl (a TLS server with an untrusted certificate in the image import tests),
 # openssh-client (`lume ssh` runs ssh; lume's key pair is made with ssh-keygen), and what
 # tests/debian/build.sh builds the Debian cloud test image with: mmdebstrap, syslinux

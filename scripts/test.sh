@@ -13,9 +13,9 @@ scripts/install-deps.sh
 echo "== test guest" >&2
 tests/guest/build.sh >&2
 echo "== lume's Python client (pylume, from PyPI)" >&2
-tests/clients/build.sh >&2
+tests/clients/build.sh pylume >&2
 echo "== the official MCP Python SDK (mcp, from PyPI)" >&2
-tests/clients/build_mcp.sh >&2
+tests/clients/build.sh mcp >&2
 echo "== Debian cloud test image" >&2
 tests/debian/build.sh >&2
 echo "== format and lints" >&2

@@ -1,35 +1,17 @@
 //! lume's own published Python client, pylume 0.2.1 from PyPI (in a venv
-//! made by tests/clients/build.sh), unchanged, against a real `lume serve`
+//! made by tests/clients/build.sh pylume), unchanged, against a real `lume serve`
 //! in a network namespace: list, create, get, update, run, stop, a missing
 //! VM, delete. The VM boots nothing (an empty disk: QEMU runs its firmware),
 //! and `stop` forces it off after the 15 s ACPI wait.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::api::{Api, Server};
 use common::{Home, Netns};
 use serde_json::{Value, json};
-
-fn clients_dir() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/build.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the Python clients' venv failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build.sh prints its dir")
-            .trim(),
-    )
-}
 
 /// Runs one phase of tests/clients/pylume_session.py in the namespace.
 fn pylume(ns: &Netns, home: &Home, python: &Path, port: u16, phase: &str) -> Value {
@@ -58,7 +40,7 @@ fn pylume(ns: &Netns, home: &Home, python: &Path, port: u16, phase: &str) -> Val
 
 #[test]
 fn pylume_drives_lume_serve_unchanged() {
-    let python = clients_dir().join("venv/bin/python");
+    let python = common::client_python("pylume");
     let home = Home::new();
     let ns = Netns::new("py");
     let server = Server::start(&ns, &home, &[], &[]);

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -20,21 +20,7 @@ use common::{Home, LAN_PEER, Lan};
 const BOOT: Duration = Duration::from_secs(420);
 
 fn image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/debian/build.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the Debian test image failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build.sh prints the image")
-            .trim(),
-    )
+    common::debian_image()
 }
 
 /// `lume ssh ARGS…` in the host namespace.

@@ -1,5 +1,5 @@
 //! `lume serve --mcp` driven by a real MCP client: the official MCP Python
-//! SDK (mcp from PyPI, in a venv made by tests/clients/build_mcp.sh), which
+//! SDK (mcp from PyPI, in a venv made by tests/clients/build.sh mcp), which
 //! starts the server over stdio in a network namespace with a temporary
 //! HOME, lists its tools, prompts and resources, makes bad calls, and drives
 //! create → run → exec → stop → clone → delete on a real Debian 12 cloud
@@ -15,19 +15,6 @@ use std::process::{Command, Stdio};
 
 use common::{Home, Lan, Netns};
 use serde_json::{Value, json};
-
-fn built_by(script: &str) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().expect("a path").trim())
-}
 
 /// The schema of one tool's arguments: property names and required ones.
 fn schema(tools: &Value, tool: &str) -> (Vec<String>, Vec<String>) {
@@ -58,8 +45,8 @@ fn call<'a>(v: &'a Value, key: &str) -> (bool, &'a str) {
 
 #[test]
 fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
-    let image = built_by("tests/debian/build.sh");
-    let python = built_by("tests/clients/build_mcp.sh").join("venv/bin/python");
+    let image = common::debian_image();
+    let python = common::client_python("mcp");
     let t = Lan::new("mc");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_session.py");
     let mut c = Command::new("ip");

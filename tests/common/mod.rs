@@ -115,23 +115,44 @@ pub struct Guest {
     pub cmdline: String,
 }
 
+/// What one of the repository's build scripts made: runs `script ARGS…`
+/// (a path relative to the crate) and returns the path it prints last on
+/// stdout. Each script caches its output, so this is quick after the first.
+pub fn built_by(script: &str, args: &[&str]) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash").arg(&path).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("{script} printed no path"))
+            .trim(),
+    )
+}
+
+/// The real Debian 12 cloud test image (tests/debian/build.sh, cached).
+pub fn debian_image() -> PathBuf {
+    built_by("tests/debian/build.sh", &[])
+}
+
+/// The venv of one real Python client of lume (tests/clients/build.sh):
+/// returns its python.
+pub fn client_python(client: &str) -> PathBuf {
+    built_by("tests/clients/build.sh", &[client]).join("venv/bin/python")
+}
+
 pub fn guest() -> Guest {
     static ONCE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
     let mut slot = ONCE.lock().unwrap_or_else(|e| e.into_inner());
     if slot.is_none() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build.sh");
-        let out = Command::new("bash").arg(&script).output().unwrap();
-        assert!(
-            out.status.success(),
-            "building the test guest failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let dir = stdout
-            .lines()
-            .last()
-            .expect("build.sh prints its output dir");
-        *slot = Some(PathBuf::from(dir.trim()));
+        *slot = Some(built_by("tests/guest/build.sh", &[]));
     }
     let dir = slot.clone().unwrap();
     Guest {
