@@ -209,6 +209,12 @@ impl Location {
     }
 }
 
+/// Whether config.yaml may hold this directory: absolute, `~` or `~/…`
+/// (never relative: config.yaml is read from any working directory).
+pub fn is_location_text(path: &str) -> bool {
+    path.starts_with('/') || path.starts_with("~/") || path == "~"
+}
+
 /// lume's location names: letters, digits, `_` and `-`.
 pub fn valid_location_name(name: &str) -> bool {
     !name.is_empty()
@@ -617,21 +623,28 @@ impl Settings {
         self.write()
     }
 
+    /// A name a new location may take: lume's name rule, not taken yet.
+    /// Checked before the location's directory is made.
+    pub fn check_new_location_name(&self, name: &str) -> Result<(), SettingsError> {
+        if !valid_location_name(name) {
+            return Err(SettingsError::BadLocationName(name.into()));
+        }
+        if self.locations()?.iter().any(|l| l.name == name) {
+            return Err(SettingsError::DuplicateLocation(name.into()));
+        }
+        Ok(())
+    }
+
     /// lume's `config storage add`: a new name (lume's name rule, not taken)
     /// for an absolute path (or `~/…`). Whether the caller may use the
     /// directory is checked by the caller of this function
     /// (`vm::location::check_new_location`).
     pub fn add_location(&mut self, name: &str, path: &str) -> Result<(), SettingsError> {
-        if !valid_location_name(name) {
-            return Err(SettingsError::BadLocationName(name.into()));
-        }
-        if !(path.starts_with('/') || path.starts_with("~/") || path == "~") {
+        self.check_new_location_name(name)?;
+        if !is_location_text(path) {
             return Err(SettingsError::RelativeLocation(path.into()));
         }
         let mut all = self.locations()?;
-        if all.iter().any(|l| l.name == name) {
-            return Err(SettingsError::DuplicateLocation(name.into()));
-        }
         all.push(Location {
             name: name.into(),
             path: path.into(),
@@ -674,7 +687,7 @@ impl Settings {
     /// and our `config set homeDirectory`): the location `home` gets this
     /// path (added, and made the default, when there is none).
     pub fn set_home_directory(&mut self, path: &str) -> Result<(), SettingsError> {
-        if !(path.starts_with('/') || path.starts_with("~/") || path == "~") {
+        if !is_location_text(path) {
             return Err(SettingsError::NotAbsolute(path.into()));
         }
         let mut all = self.locations()?;

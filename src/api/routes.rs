@@ -1389,16 +1389,21 @@ impl From<crate::settings::SettingsError> for SettingsChange {
     }
 }
 
-impl From<ApiError> for SettingsChange {
-    fn from(e: ApiError) -> Self {
-        Self(e)
+impl From<location::LocationError> for SettingsChange {
+    fn from(e: location::LocationError) -> Self {
+        Self(settings_error(&e))
     }
 }
 
 /// Changes the server's config.yaml under its update lock
-/// ([`Settings::update`]).
-fn change_settings<T>(f: impl FnOnce(&mut Settings) -> ApiResult<T>) -> ApiResult<T> {
-    Settings::update(|s| f(s).map_err(SettingsChange)).map_err(|SettingsChange(e)| e)
+/// ([`Settings::update`]), for its own user only ([`config_owner`]).
+async fn change_settings<T: Send + 'static>(
+    st: &AppState,
+    caller: &Caller,
+    f: impl FnOnce(&mut Settings) -> Result<T, SettingsChange> + Send + 'static,
+) -> ApiResult<T> {
+    config_owner(st, caller)?;
+    blocking(move || Settings::update(f).map_err(|SettingsChange(e)| e)).await
 }
 
 /// Change lume's settings: `homeDirectory` (the path of location `home`),
@@ -1416,45 +1421,28 @@ pub async fn update_config(
     Who(caller): Who,
     JsonBody(r): JsonBody<ConfigRequest>,
 ) -> ApiResult<Json<ConfigMessage>> {
-    config_owner(&st, &caller)?;
-    blocking(move || {
-        change_settings(|s| {
-            let mut warnings = Vec::new();
-            if let Some(home) = &r.home_directory {
-                if !(home.starts_with('/') || home.starts_with("~/")) {
-                    return Err(settings_error(
-                        &crate::settings::SettingsError::NotAbsolute(home.clone()),
-                    ));
-                }
-                location::check_new_location(&crate::settings::expand_home(home))
-                    .map_err(|e| settings_error(&e))?;
-                let before = location::default_store(s).ok();
-                s.set_home_directory(home).map_err(|e| settings_error(&e))?;
-                warnings.extend(before.and_then(|b| location::running_left_behind(&b, s)));
-            }
-            if let Some(cache) = &r.cache_directory {
-                if !(cache.starts_with('/') || cache.starts_with("~/")) {
-                    return Err(settings_error(
-                        &crate::settings::SettingsError::RelativeLocation(cache.clone()),
-                    ));
-                }
-                location::check_new_location(&crate::settings::expand_home(cache))
-                    .map_err(|e| settings_error(&e))?;
-                s.set(
-                    "cacheDirectory",
-                    serde_yaml_ng::Value::String(cache.clone()),
-                )
-                .map_err(|e| settings_error(&e))?;
-            }
-            if let Some(on) = r.caching_enabled {
-                s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))
-                    .map_err(|e| settings_error(&e))?;
-            }
-            Ok(Json(ConfigMessage {
-                message: "Configuration updated successfully".into(),
-                warnings,
-            }))
-        })
+    change_settings(&st, &caller, move |s| {
+        let mut warnings = Vec::new();
+        if let Some(home) = &r.home_directory {
+            location::prepare_directory(home)?;
+            let before = location::default_store(s).ok();
+            s.set_home_directory(home)?;
+            warnings.extend(before.and_then(|b| location::running_left_behind(&b, s)));
+        }
+        if let Some(cache) = &r.cache_directory {
+            location::prepare_directory(cache)?;
+            s.set(
+                "cacheDirectory",
+                serde_yaml_ng::Value::String(cache.clone()),
+            )?;
+        }
+        if let Some(on) = r.caching_enabled {
+            s.set("cachingEnabled", serde_yaml_ng::Value::Bool(on))?;
+        }
+        Ok(Json(ConfigMessage {
+            message: "Configuration updated successfully".into(),
+            warnings,
+        }))
     })
     .await
 }
@@ -1499,38 +1487,16 @@ pub async fn add_location(
     Who(caller): Who,
     JsonBody(r): JsonBody<LocationRequest>,
 ) -> ApiResult<Json<LocationAdded>> {
-    config_owner(&st, &caller)?;
-    blocking(move || {
-        change_settings(|s| {
-            if !crate::settings::valid_location_name(&r.name) {
-                return Err(settings_error(
-                    &crate::settings::SettingsError::BadLocationName(r.name.clone()),
-                ));
-            }
-            if s.locations()
-                .map_err(|e| settings_error(&e))?
-                .iter()
-                .any(|l| l.name == r.name)
-            {
-                return Err(settings_error(
-                    &crate::settings::SettingsError::DuplicateLocation(r.name.clone()),
-                ));
-            }
-            if !(r.path.starts_with('/') || r.path.starts_with("~/")) {
-                return Err(settings_error(
-                    &crate::settings::SettingsError::RelativeLocation(r.path.clone()),
-                ));
-            }
-            location::check_new_location(&crate::settings::expand_home(&r.path))
-                .map_err(|e| settings_error(&e))?;
-            s.add_location(&r.name, &r.path)
-                .map_err(|e| settings_error(&e))?;
-            Ok(Json(LocationAdded {
-                message: "Location added successfully".into(),
-                name: r.name.clone(),
-                path: r.path.clone(),
-            }))
-        })
+    change_settings(&st, &caller, move |s| {
+        // Name first: a refused name makes no directory.
+        s.check_new_location_name(&r.name)?;
+        location::prepare_directory(&r.path)?;
+        s.add_location(&r.name, &r.path)?;
+        Ok(Json(LocationAdded {
+            message: "Location added successfully".into(),
+            name: r.name.clone(),
+            path: r.path.clone(),
+        }))
     })
     .await
 }
@@ -1548,9 +1514,8 @@ pub async fn remove_location(
     Who(caller): Who,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> ApiResult<Json<ConfigMessage>> {
-    config_owner(&st, &caller)?;
-    blocking(move || {
-        change_settings(|s| s.remove_location(&name).map_err(|e| settings_error(&e)))?;
+    change_settings(&st, &caller, move |s| {
+        s.remove_location(&name)?;
         Ok(Json(ConfigMessage {
             message: "Location removed successfully".into(),
             warnings: Vec::new(),
@@ -1572,20 +1537,15 @@ pub async fn set_default_location(
     Who(caller): Who,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> ApiResult<Json<ConfigMessage>> {
-    config_owner(&st, &caller)?;
-    blocking(move || {
-        let warnings = change_settings(|s| {
-            let before = location::default_store(s).ok();
-            s.set_default_location(&name)
-                .map_err(|e| settings_error(&e))?;
-            Ok(before
-                .and_then(|b| location::running_left_behind(&b, s))
-                .into_iter()
-                .collect())
-        })?;
+    change_settings(&st, &caller, move |s| {
+        let before = location::default_store(s).ok();
+        s.set_default_location(&name)?;
         Ok(Json(ConfigMessage {
             message: "Default location set successfully".into(),
-            warnings,
+            warnings: before
+                .and_then(|b| location::running_left_behind(&b, s))
+                .into_iter()
+                .collect(),
         }))
     })
     .await

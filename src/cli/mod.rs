@@ -1393,7 +1393,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 }
                 CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
                     let text = location_path_text(&path);
-                    location::check_new_location(&crate::settings::expand_home(&text))?;
+                    location::prepare_directory(&text)?;
                     s.set_from_command_line("cacheDirectory", &text)?;
                     outln!("Cache directory set to: {text}");
                 }
@@ -1504,13 +1504,8 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
-            // Only an absolute path is checked (and created) here; anything
-            // else is refused by set_from_command_line below, before any
-            // directory is made.
-            if (key == "homeDirectory" || key == "cacheDirectory")
-                && (value.starts_with('/') || value.starts_with("~/"))
-            {
-                location::check_new_location(&crate::settings::expand_home(&value))
+            if key == "homeDirectory" || key == "cacheDirectory" {
+                location::prepare_directory(&value)
                     .with_context(|| format!("Cannot set '{key}'"))?;
             }
             let before = location::default_store(s).ok();
@@ -1598,13 +1593,9 @@ fn config_storage(command: StorageCommand) -> Result<i32> {
         match command {
             StorageCommand::Add { name, path } => {
                 let text = location_path_text(&path);
-                if !crate::settings::valid_location_name(&name) {
-                    return Err(crate::settings::SettingsError::BadLocationName(name).into());
-                }
-                if s.locations()?.iter().any(|l| l.name == name) {
-                    return Err(crate::settings::SettingsError::DuplicateLocation(name).into());
-                }
-                location::check_new_location(&crate::settings::expand_home(&text))?;
+                // Name first: a refused name makes no directory.
+                s.check_new_location_name(&name)?;
+                location::prepare_directory(&text)?;
                 s.add_location(&name, &text)?;
                 outln!("Added VM storage location: {name} at {text}");
             }

@@ -273,6 +273,19 @@ pub fn list_every(
     Ok(all)
 }
 
+/// A directory named for config.yaml (`homeDirectory`, `cacheDirectory`, a
+/// new location), checked and made ([`check_new_location`]) before the
+/// change is stored. Only a path config.yaml may hold is looked at:
+/// anything else is left to the setter, which refuses it before any
+/// directory is made (a relative path would land in the working directory).
+pub fn prepare_directory(text: &str) -> Result<(), LocationError> {
+    if crate::settings::is_location_text(text) {
+        check_new_location(&crate::settings::expand_home(text))
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks a directory about to become a VM location, with the rights of
 /// this process (the CLI's user, or the API server acting for its own
 /// user): an existing path must be a directory this process may write, or
