@@ -193,6 +193,20 @@ fn execute(ctx: &Context, action: Action) -> Result<(Outcome, Vec<String>), Tool
     execute_noted(ctx, action, &mut |_| {})
 }
 
+/// One action on one VM, as the CLI runs it: the VM's name checked, its
+/// context found ([`context`]: `storage`, else the location holding it),
+/// then the action `make` builds from the name run ([`execute_noted`]).
+fn on_vm(
+    storage: Option<&str>,
+    vm: &str,
+    note: &mut dyn FnMut(&str),
+    make: impl FnOnce(VmName) -> Result<Action, ToolError>,
+) -> Result<(Outcome, Vec<String>), ToolError> {
+    let name = name(vm)?;
+    let ctx = context(storage, Some(&name))?;
+    execute_noted(&ctx, make(name)?, note)
+}
+
 /// [`execute`], each note also given to `note` as it comes (progress).
 fn execute_noted(
     ctx: &Context,
@@ -592,9 +606,9 @@ impl LumeMcp {
     async fn get_vm(&self, Parameters(a): Parameters<VmArgs>) -> CallToolResult {
         let storage = self.storage(a.storage);
         blocking(move || {
-            let name = name(&a.name)?;
-            let ctx = context(storage.as_deref(), Some(&name))?;
-            match execute(&ctx, Action::Get { name })? {
+            match on_vm(storage.as_deref(), &a.name, &mut |_| {}, |name| {
+                Ok(Action::Get { name })
+            })? {
                 (Outcome::Details(d), _) => Ok(ok_text(json_text(&d))),
                 (o, notes) => Ok(ok_text(outcome_text(&o, &notes))),
             }
@@ -731,10 +745,10 @@ impl LumeMcp {
     ) -> CallToolResult {
         let storage = self.storage(a.storage);
         noted(rc, move |note| {
-            let name = name(&a.name)?;
             let timeout = vm::actions::stop_timeout(timeout(a.timeout, 15)?)?;
-            let ctx = context(storage.as_deref(), Some(&name))?;
-            let (outcome, notes) = execute_noted(&ctx, Action::Stop { name, timeout }, note)?;
+            let (outcome, notes) = on_vm(storage.as_deref(), &a.name, note, |name| {
+                Ok(Action::Stop { name, timeout })
+            })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -747,22 +761,19 @@ impl LumeMcp {
     async fn clone_vm(&self, Parameters(a): Parameters<CloneArgs>) -> CallToolResult {
         let storage = self.storage(a.storage);
         blocking(move || {
-            let source = name(&a.name)?;
             let target: VmName = parse("new_name", &a.new_name)?;
             let settings = Settings::load()?;
             let dest = match storage.as_deref() {
                 Some(spec) => location::resolve(&settings, spec)?.store,
                 None => location::default_store(&settings)?,
             };
-            let ctx = context(storage.as_deref(), Some(&source))?;
-            let (outcome, notes) = execute(
-                &ctx,
-                Action::Clone {
+            let (outcome, notes) = on_vm(storage.as_deref(), &a.name, &mut |_| {}, |source| {
+                Ok(Action::Clone {
                     source,
                     target,
                     dest: Some(dest),
-                },
-            )?;
+                })
+            })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -775,17 +786,14 @@ impl LumeMcp {
     async fn delete_vm(&self, Parameters(a): Parameters<DeleteArgs>) -> CallToolResult {
         let storage = self.storage(a.storage);
         blocking(move || {
-            let name = name(&a.name)?;
-            let ctx = context(storage.as_deref(), Some(&name))?;
-            let (outcome, notes) = execute(
-                &ctx,
-                Action::Delete {
+            let (outcome, notes) = on_vm(storage.as_deref(), &a.name, &mut |_| {}, |name| {
+                Ok(Action::Delete {
                     name,
                     force: a.force.unwrap_or(false),
                     // Calling the tool is the confirmation (`lume delete --force`'s).
                     confirmed: true,
-                },
-            )?;
+                })
+            })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -881,20 +889,17 @@ impl LumeMcp {
         let storage = self.storage(a.storage);
         blocking(move || {
             refuse(a.dry_run == Some(true), "dry_run", NOT_YET)?;
-            let name = name(&a.name)?;
             let disk_size = size("disk_size", &a.disk_size)?;
-            let ctx = context(storage.as_deref(), Some(&name))?;
-            let (outcome, notes) = execute(
-                &ctx,
-                Action::Set(SetSpec {
+            let (outcome, notes) = on_vm(storage.as_deref(), &a.name, &mut |_| {}, |name| {
+                Ok(Action::Set(SetSpec {
                     name,
                     cpu: None,
                     memory: None,
                     disk_size: Some(disk_size),
                     network: None,
                     display: None,
-                }),
-            )?;
+                }))
+            })?;
             let text = match &outcome {
                 Outcome::Updated(d) => format!(
                     "VM '{}' disk resized to {}",
