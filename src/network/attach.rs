@@ -62,6 +62,10 @@ pub enum AttachError {
     Uplink(#[from] super::uplink::UplinkError),
     #[error(transparent)]
     Passt(#[from] super::passt::PasstError),
+    #[error(transparent)]
+    Policy(#[from] super::policy::PolicyError),
+    #[error(transparent)]
+    Enforce(#[from] super::policy::tc::EnforceError),
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -182,6 +186,9 @@ pub struct AttachOptions {
     /// User mode only: let the guest reach the host's loopback through its
     /// gateway (config.json `unsafeHostLoopback`). Unsafe for untrusted guests.
     pub host_loopback: bool,
+    /// The VM's network policy (config.json `networkPolicy`); refused in
+    /// modes that cannot enforce it.
+    pub policy: super::policy::Policy,
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -277,6 +284,36 @@ fn tap_args(mac: MacAddress) -> Vec<String> {
     ]
 }
 
+/// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
+/// reserved address `guest` behind `gateway`.
+fn enforce_policy(
+    policy: &super::policy::Policy,
+    tap: &str,
+    mac: MacAddress,
+    guest: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<(), AttachError> {
+    let mut nl = Netlink::open()?;
+    let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
+        op: format!("attach the network policy to {tap}"),
+        name: tap.to_string(),
+    })?;
+    let host_nets = nl
+        .all_addresses_v4()?
+        .into_iter()
+        .filter(|(a, _)| !a.is_loopback())
+        .map(|(a, p)| super::policy::Cidr::new(a, p))
+        .collect();
+    let ctx = super::policy::bpf::Context {
+        mac: mac.0,
+        guest,
+        gateway,
+        host_nets,
+    };
+    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    Ok(())
+}
+
 /// Sets up `mode` for the VM `vm` (directory `vm_dir`) with `mac`.
 pub fn attach(
     mode: &NetworkMode,
@@ -286,6 +323,7 @@ pub fn attach(
     opts: &AttachOptions,
 ) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
+    opts.policy.check(mode)?;
     match mode {
         NetworkMode::None => Ok(Attachment::default()),
         NetworkMode::User => {
@@ -330,10 +368,11 @@ pub fn attach(
             };
             let networks = Networks::from_settings(&opts.settings)?;
             let tap = Tap::create(&device_name("lt"))?;
-            let (_ip, subnet_note) =
+            let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
-            Ok(Attachment {
+            let tap_name = tap.name.clone();
+            let attachment = Attachment {
                 qemu_args: tap_args(mac),
                 fds: vec![tap.fd],
                 ip_address: None,
@@ -354,7 +393,14 @@ pub fn attach(
                     },
                 },
                 ..Default::default()
-            })
+            };
+            if !opts.policy.is_empty() {
+                // Before QEMU exists, so the guest's first frame meets the
+                // policy; a failure drops `attachment`, which leaves the
+                // network and removes the tap: nothing is left behind.
+                enforce_policy(&opts.policy, &tap_name, mac, ip, net.subnet().gateway())?;
+            }
+            Ok(attachment)
         }
         NetworkMode::Bridged(name) => {
             let iface = bridged_interface(name.as_deref(), opts)?;

@@ -40,6 +40,55 @@ fn send(nl: &mut Netlink, op: &str, msg: &RouteNetlinkMessage, flags: u16) -> Re
     nl.execute_serialized(op, msg.message_type(), flags, &payload)
 }
 
+/// Whether `tap` carries lume's policy filter now: its ingress filters are
+/// dumped and one must be the `bpf` filter named `lume_policy` in
+/// direct-action mode. A missing tap is not in force.
+pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
+    use netlink_packet_core::{Emitable, Parseable};
+    let Some(index) = nl.link_index(tap)? else {
+        return Ok(false);
+    };
+    let header = TcHeader {
+        index: index as i32,
+        parent: TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        },
+        ..Default::default()
+    };
+    let msg = TcMessage::from_parts(header, vec![]);
+    let mut payload = vec![0; msg.buffer_len()];
+    msg.emit(&mut payload);
+    const RTM_GETTFILTER: u16 = 46;
+    const RTM_NEWTFILTER: u16 = 44;
+    let replies = nl.dump_serialized(
+        &format!("list the filters of {tap}"),
+        RTM_GETTFILTER,
+        RTM_NEWTFILTER,
+        &payload,
+    )?;
+    Ok(replies.iter().any(|p| {
+        let Ok(m) = TcMessage::parse(p.as_slice()) else {
+            return false;
+        };
+        let bpf = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+        let ours = m.attributes.iter().any(|a| match a {
+            TcAttribute::Options(o) => {
+                o.iter().any(|x| {
+                    matches!(x, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("lume_policy"))
+                }) && o.iter().any(|x| {
+                    matches!(x, TcOption::Bpf(TcFilterBpfOption::Flags(f)) if f.contains(TcBpfFlags::DirectAction))
+                })
+            }
+            _ => false,
+        });
+        bpf && ours
+    }))
+}
+
 /// Compiles `policy` and attaches it to the ingress of `tap` (index `index`).
 pub fn enforce(
     nl: &mut Netlink,
