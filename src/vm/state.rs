@@ -53,7 +53,10 @@ pub struct RunState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
     /// The network policy this run enforces (the saved one or the run's).
-    #[serde(default, skip_serializing_if = "crate::network::policy::Policy::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::network::policy::Policy::is_empty"
+    )]
     pub network_policy: crate::network::policy::Policy,
 }
 

@@ -182,9 +182,19 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
     a.jump_if(JLT, R0, MIN_LEN, Target::Drop);
     let m = ctx.mac;
     a.load(H, ETH_SRC);
-    a.jump_if(JNE, R0, u32::from(u16::from_be_bytes([m[0], m[1]])), Target::Drop);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from(u16::from_be_bytes([m[0], m[1]])),
+        Target::Drop,
+    );
     a.load(W, ETH_SRC + 2);
-    a.jump_if(JNE, R0, u32::from_be_bytes([m[2], m[3], m[4], m[5]]), Target::Drop);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from_be_bytes([m[2], m[3], m[4], m[5]]),
+        Target::Drop,
+    );
     a.load(H, ETH_TYPE);
     let ipv4 = a.label();
     a.jump_if(JEQ, R0, 0x0800, Target::Label(ipv4));
@@ -302,7 +312,10 @@ pub enum LoadError {
     #[error(
         "Cannot load the network policy's eBPF program ({errno}): the kernel needs CONFIG_BPF_SYSCALL and CONFIG_NET_CLS_BPF, and lume needs CAP_BPF/CAP_SYS_ADMIN (run as root); the VM was not started. Verifier log: {log}"
     )]
-    Load { errno: nix::errno::Errno, log: String },
+    Load {
+        errno: nix::errno::Errno,
+        log: String,
+    },
 }
 
 /// `union bpf_attr` for BPF_PROG_LOAD (the leading fields; the rest zero).
@@ -403,7 +416,9 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        let allow: Vec<String> = (0..50).map(|i| format!("198.51.100.{i}:80{i:02}/tcp")).collect();
+        let allow: Vec<String> = (0..50)
+            .map(|i| format!("198.51.100.{i}:80{i:02}/tcp"))
+            .collect();
         let p = Policy::from_parts(&allow, &["10.0.0.0/8".into()], true).unwrap();
         load(&compile(&p, &ctx())).unwrap();
     }

@@ -259,7 +259,11 @@ impl Policy {
     }
 
     /// Parses the command-line / API form.
-    pub fn from_parts(allow: &[String], deny: &[String], isolate: bool) -> Result<Self, PolicyError> {
+    pub fn from_parts(
+        allow: &[String],
+        deny: &[String],
+        isolate: bool,
+    ) -> Result<Self, PolicyError> {
         Ok(Policy {
             allow_out: allow.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
             deny_out: deny.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
@@ -359,7 +363,11 @@ mod tests {
         };
         assert!(p.check(&NetworkMode::Nat).is_ok());
         assert!(p.check(&NetworkMode::Host).is_ok());
-        for m in [NetworkMode::User, NetworkMode::Bridged(None), NetworkMode::None] {
+        for m in [
+            NetworkMode::User,
+            NetworkMode::Bridged(None),
+            NetworkMode::None,
+        ] {
             let e = p.check(&m).unwrap_err();
             assert!(matches!(e, PolicyError::ModeCannotEnforce(_)));
             assert!(e.to_string().contains("--network nat"));

@@ -10,8 +10,8 @@ use netlink_packet_route::tc::{
 };
 use std::os::fd::AsRawFd;
 
-use super::bpf::{self, Context, LoadError};
 use super::Policy;
+use super::bpf::{self, Context, LoadError};
 use crate::network::netlink::{Netlink, NetlinkError};
 
 /// The filter's priority on the tap's ingress.
@@ -34,7 +34,12 @@ pub enum EnforceError {
     },
 }
 
-fn send(nl: &mut Netlink, op: &str, msg: &RouteNetlinkMessage, flags: u16) -> Result<(), NetlinkError> {
+fn send(
+    nl: &mut Netlink,
+    op: &str,
+    msg: &RouteNetlinkMessage,
+    flags: u16,
+) -> Result<(), NetlinkError> {
     let mut payload = vec![0; msg.buffer_len()];
     msg.serialize(&mut payload);
     nl.execute_serialized(op, msg.message_type(), flags, &payload)
