@@ -1700,6 +1700,7 @@ mod tests {
             image_sha256: None,
             progress: false,
             url_destinations: Destinations::Any,
+            policy: Default::default(),
             initrd: None,
             cmdline: None,
             image: None,
@@ -1916,6 +1917,7 @@ mod tests {
             disk_size: None,
             network: None,
             display: None,
+            policy: None,
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");

@@ -30,8 +30,8 @@ pub struct Context {
     pub guest: Ipv4Addr,
     /// lume's address on the bridge (dnsmasq: DHCP and DNS).
     pub gateway: Ipv4Addr,
-    /// The host's own addresses with their prefixes (connected networks),
-    /// for `isolate`.
+    /// The networks of the host's own addresses (each address with its
+    /// prefix length, host bits cleared), for `isolate`.
     pub host_nets: Vec<Cidr>,
 }
 
@@ -254,10 +254,9 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
             .iter()
             .map(|(addr, p)| Cidr::new(*addr, *p))
             .chain(ctx.host_nets.iter().copied())
-            .chain(ctx.host_nets.iter().map(|n| Cidr {
-                addr: n.addr,
-                prefix: 32,
-            }));
+            // Each prefix covers the host's own address in it.
+            // The gateway is one of the host's addresses; named anyway.
+            .chain(std::iter::once(Cidr::new(ctx.gateway, 32)));
         for net in nets {
             rule(
                 &mut a,
@@ -408,6 +407,199 @@ mod tests {
             }
         }
         assert_eq!(insns.last().unwrap().code, JMP | EXIT);
+    }
+
+    /// Runs the loaded program on `frame` in the kernel (BPF_PROG_TEST_RUN)
+    /// and returns its verdict.
+    fn verdict(prog: &OwnedFd, frame: &[u8]) -> i32 {
+        use std::os::fd::AsRawFd;
+        #[repr(C)]
+        #[derive(Default)]
+        struct TestRun {
+            prog_fd: u32,
+            retval: u32,
+            data_size_in: u32,
+            data_size_out: u32,
+            data_in: u64,
+            data_out: u64,
+            repeat: u32,
+            duration: u32,
+            ctx_size_in: u32,
+            ctx_size_out: u32,
+            ctx_in: u64,
+            ctx_out: u64,
+            flags: u32,
+            cpu: u32,
+            batch_size: u32,
+            _pad: u32,
+        }
+        let mut attr = TestRun {
+            prog_fd: prog.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat: 1,
+            ..Default::default()
+        };
+        // SAFETY: a valid BPF_PROG_TEST_RUN attr whose input buffer outlives
+        // the call; no output buffers are given.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                10 as libc::c_long,
+                &mut attr as *mut TestRun,
+                std::mem::size_of::<TestRun>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "BPF_PROG_TEST_RUN: {}", nix::errno::Errno::last());
+        attr.retval as i32
+    }
+
+    const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+
+    /// An Ethernet frame from `src_mac` carrying IPv4 `proto` from `src`
+    /// to `dst`, ports `sport` -> `dport`, padded to 60 bytes.
+    fn ipv4(
+        src_mac: [u8; 6],
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let ip = [0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, proto, 0, 0];
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.resize(60, 0);
+        f
+    }
+
+    fn arp(src_mac: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&spa);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&[203, 0, 113, 1]);
+        f.resize(60, 0);
+        f
+    }
+
+    /// A hostile guest's frames against a real policy in the kernel: only
+    /// the allowed destination, DHCP and DNS to the gateway pass; spoofed
+    /// MACs and sources, ARP for another address, IPv6, fragments, IP
+    /// options, short frames, the host, other ports and protocols do not.
+    #[test]
+    fn the_kernel_runs_the_policy_as_a_hostile_guest_would_try_it() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let g = [203, 0, 113, 50];
+        let gw = [203, 0, 113, 1];
+        let allowed = [198, 51, 100, 2];
+        let p = Policy::from_parts(&["198.51.100.2:8000/tcp".into()], &[], false).unwrap();
+        let prog = load(&compile(&p, &ctx())).unwrap();
+        let v = |f: &[u8]| verdict(&prog, f);
+        const OK: i32 = TC_ACT_OK;
+        const SHOT: i32 = TC_ACT_SHOT;
+        // Allowed, and the exceptions every policy keeps.
+        assert_eq!(v(&ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 40000, 53)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 6, 40000, 53)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 68, 67)), OK);
+        assert_eq!(v(&arp(GUEST_MAC, g)), OK);
+        // Everything else.
+        for (what, f) in [
+            ("next port", ipv4(GUEST_MAC, g, allowed, 6, 40000, 8001)),
+            (
+                "udp to the allowed port",
+                ipv4(GUEST_MAC, g, allowed, 17, 40000, 8000),
+            ),
+            (
+                "icmp to the allowed host",
+                ipv4(GUEST_MAC, g, allowed, 1, 0x0800, 0),
+            ),
+            (
+                "another address",
+                ipv4(GUEST_MAC, g, [198, 51, 100, 3], 6, 40000, 8000),
+            ),
+            ("the gateway, not DNS", ipv4(GUEST_MAC, g, gw, 6, 40000, 22)),
+            (
+                "DNS elsewhere",
+                ipv4(GUEST_MAC, g, [198, 51, 100, 3], 17, 40000, 53),
+            ),
+            (
+                "spoofed MAC",
+                ipv4([0x52, 0x54, 0, 9, 9, 9], g, allowed, 6, 40000, 8000),
+            ),
+            (
+                "spoofed source",
+                ipv4(GUEST_MAC, [203, 0, 113, 51], allowed, 6, 40000, 8000),
+            ),
+            (
+                "source 0 not DHCP",
+                ipv4(GUEST_MAC, [0; 4], allowed, 6, 40000, 8000),
+            ),
+            ("ARP for another address", arp(GUEST_MAC, [203, 0, 113, 51])),
+            ("ARP from a spoofed MAC", arp([0x52, 0x54, 0, 9, 9, 9], g)),
+        ] {
+            assert_eq!(v(&f), SHOT, "{what}");
+        }
+        // IP options: the ports would be elsewhere.
+        let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
+        f[14] = 0x46;
+        assert_eq!(v(&f), SHOT, "IP options");
+        // Fragments, first (MF) and later (offset).
+        let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
+        f[20] = 0x20;
+        assert_eq!(v(&f), SHOT, "first fragment");
+        let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
+        f[21] = 0x10;
+        assert_eq!(v(&f), SHOT, "later fragment");
+        // IPv6 and VLAN-tagged frames, whatever they carry.
+        let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(v(&f), SHOT, "IPv6");
+        f[12..14].copy_from_slice(&[0x81, 0x00]);
+        assert_eq!(v(&f), SHOT, "VLAN");
+        // Too short to carry ports.
+        let f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
+        assert_eq!(v(&f[..38]), SHOT, "short frame");
+
+        // isolate + deny: the internet yes, minus the denied port; not the
+        // host's networks, its addresses, private ranges or multicast.
+        let p = Policy::from_parts(&[], &["0.0.0.0/0:25/tcp".into()], true).unwrap();
+        let prog = load(&compile(&p, &ctx())).unwrap();
+        let v = |f: &[u8]| verdict(&prog, f);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 6, 40000, 443)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 1, 0x0800, 0)), OK);
+        assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 40000, 53)), OK);
+        for (what, dst, proto, port) in [
+            ("denied port", [192, 0, 2, 1], 6, 25),
+            ("the host's LAN", [198, 51, 100, 7], 6, 443),
+            ("RFC 1918", [10, 1, 2, 3], 6, 443),
+            ("RFC 1918", [192, 168, 1, 1], 6, 443),
+            ("RFC 1918", [172, 20, 0, 1], 6, 443),
+            ("link-local", [169, 254, 169, 254], 6, 80),
+            ("CGNAT", [100, 100, 0, 1], 6, 443),
+            ("loopback", [127, 0, 0, 1], 6, 443),
+            ("multicast", [224, 0, 0, 251], 17, 5353),
+            ("broadcast", [255, 255, 255, 255], 17, 9),
+            ("the gateway, not DNS", gw, 6, 22),
+        ] {
+            assert_eq!(
+                v(&ipv4(GUEST_MAC, g, dst, proto, 40000, port)),
+                SHOT,
+                "{what}"
+            );
+        }
     }
 
     /// The kernel's verifier accepts the program (root only).
