@@ -186,6 +186,54 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     assert!(host.sources().is_empty(), "{:?}", host.sources());
     // The internet saw iso (masqueraded as the host), never box.
     assert!(!internet.sources().is_empty());
+    // The doctor names each VM's policy and whether it is in force.
+    let doctor = t.host.lume(&t.home, &["network", "doctor", "-f", "json"]);
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let check = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no check {name}: {report}"))
+    };
+    assert_eq!(check("vm box policy")["ok"], true);
+    assert!(
+        check("vm iso policy")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"isolate\":true")
+    );
+
+    // Fail closed at start: a lume that may not load BPF programs (no
+    // CAP_BPF / CAP_SYS_ADMIN, still CAP_NET_ADMIN) does not start the VM
+    // and leaves no tap behind.
+    let taps = |t: &Lan| {
+        t.host
+            .exec_ok("ip -br link")
+            .lines()
+            .filter(|l| l.starts_with("lt"))
+            .count()
+    };
+    let before = taps(&t);
+    t.create("nocap", "nat", &["--isolate"], "");
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", &t.host.name, "setpriv"])
+        .args([
+            "--bounding-set=-bpf,-sys_admin",
+            "--inh-caps=-bpf,-sys_admin",
+        ])
+        .arg(common::lume_bin())
+        .args(["run", "nocap", "--detach"]);
+    t.home.env(&mut c);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its policy: {err}");
+    assert!(err.contains("Cannot load the network policy"), "{err}");
+    assert_eq!(t.get("nocap")["status"], "stopped");
+    assert_eq!(taps(&t), before, "a tap was left behind");
+
     // set while running changes the saved policy, not the running one;
     // the next start enforces the new one.
     t.lume_ok(&["set", "box", "--allow-out", "198.51.100.3:8000/tcp"]);
