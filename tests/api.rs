@@ -290,6 +290,22 @@ fn errors_are_json_with_the_right_status() {
             "multicast",
         ),
         (
+            json!({"name": "a", "networkPolicy": {"allowOut": ["10.0.0.1/8"]}}),
+            "networkPolicy: Invalid network rule '10.0.0.1/8'",
+        ),
+        (
+            json!({"name": "a", "networkPolicy": {"denyOut": ["2001:db8::/32"]}}),
+            "IPv6 rules are not supported",
+        ),
+        (
+            json!({"name": "a", "networkPolicy": {"isolate": true, "allow": []}}),
+            "unknown field",
+        ),
+        (
+            json!({"name": "a", "network": "user", "networkPolicy": {"isolate": true}}),
+            "cannot be enforced in network mode 'user'",
+        ),
+        (
             json!({"name": "a", "kernel": "vmlinuz"}),
             "must be an absolute path",
         ),
