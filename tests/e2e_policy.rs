@@ -130,6 +130,11 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
         serde_json::json!(["198.51.100.1/32:8000/tcp"])
     );
     assert_eq!(d["network"]["policyInForce"], true, "{d}");
+    let text = t.lume_ok(&["get", "box"]);
+    assert!(
+        text.contains("network policy: allow out 198.51.100.1/32:8000/tcp (in force)"),
+        "{text}"
+    );
 
     // A steady stream of denied attempts (and allowed ones) while the whole
     // ruleset of the namespace is flushed, three times.
@@ -186,6 +191,35 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     assert!(host.sources().is_empty(), "{:?}", host.sources());
     // The internet saw iso (masqueraded as the host), never box.
     assert!(!internet.sources().is_empty());
+    // A filter removed behind lume's back (`tc qdisc del`) is put back by
+    // the run's guard.
+    let tap = t.get("box")["network"]["hostDevice"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let removed = Instant::now();
+    t.host.exec_ok(&format!("tc qdisc del dev {tap} ingress"));
+    wait_for("the policy to be put back", Duration::from_secs(10), || {
+        (t.get("box")["network"]["policyInForce"] == true).then_some(())
+    });
+    println!("policy back after tc qdisc del: {:?}", removed.elapsed());
+
+    // --isolate follows the host's addresses: a network the host joins
+    // (here the "internet" 192.0.2.0/24) is isolated from then on.
+    t.host.exec_ok("ip addr add 192.0.2.200/24 dev up0");
+    std::thread::sleep(Duration::from_secs(2));
+    let ok_before = oks(&t, "iso", "192.0.2.1:8000");
+    let fail_before = fails(&t, "iso", "192.0.2.1:8000");
+    wait_for("iso's probes of a now local network to fail", BOOT, || {
+        (fails(&t, "iso", "192.0.2.1:8000") >= fail_before + 2).then_some(())
+    });
+    assert_eq!(oks(&t, "iso", "192.0.2.1:8000"), ok_before);
+    t.host.exec_ok("ip addr del 192.0.2.200/24 dev up0");
+    let ok_before = oks(&t, "iso", "192.0.2.1:8000");
+    wait_for("iso to reach the internet again", BOOT, || {
+        (oks(&t, "iso", "192.0.2.1:8000") > ok_before).then_some(())
+    });
+
     // The doctor names each VM's policy and whether it is in force.
     let doctor = t.host.lume(&t.home, &["network", "doctor", "-f", "json"]);
     let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();

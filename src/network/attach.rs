@@ -136,6 +136,8 @@ struct HostSide {
     snooper: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
     healer: Option<super::heal::Healer>,
+    /// The network policy's guard (nat and host with a policy).
+    policy: Option<super::policy::tc::Guard>,
     /// User mode's passt and its relay.
     passt: Option<super::passt::Passt>,
     /// Bridged on a plain interface: re-attaches when the parent returns.
@@ -152,6 +154,7 @@ impl Drop for HostSide {
         // Stop watching before leaving, so the watcher never "repairs" a
         // network that is being taken down on purpose.
         drop(self.healer.take());
+        drop(self.policy.take());
         drop(self.reattacher.take());
         drop(self.passt.take());
         match std::mem::take(&mut self.teardown) {
@@ -292,26 +295,38 @@ fn enforce_policy(
     mac: MacAddress,
     guest: Ipv4Addr,
     gateway: Ipv4Addr,
-) -> Result<(), AttachError> {
+) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
     let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
         op: format!("attach the network policy to {tap}"),
         name: tap.to_string(),
     })?;
-    let host_nets = nl
+    let ctx = super::policy::bpf::Context {
+        mac: mac.0,
+        guest,
+        gateway,
+        host_nets: host_nets(&mut nl)?,
+    };
+    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    Ok(super::policy::tc::Guard::start(
+        tap.to_string(),
+        policy.clone(),
+        ctx,
+        host_nets,
+    ))
+}
+
+/// The networks of the host's own IPv4 addresses (loopback aside), sorted.
+fn host_nets(nl: &mut Netlink) -> Result<Vec<super::policy::Cidr>, NetlinkError> {
+    let mut nets: Vec<_> = nl
         .all_addresses_v4()?
         .into_iter()
         .filter(|(a, _)| !a.is_loopback())
         .map(|(a, p)| super::policy::Cidr::new(a, p))
         .collect();
-    let ctx = super::policy::bpf::Context {
-        mac: mac.0,
-        guest,
-        gateway,
-        host_nets,
-    };
-    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
-    Ok(())
+    nets.sort_by_key(|c| (u32::from(c.addr), c.prefix));
+    nets.dedup();
+    Ok(nets)
 }
 
 /// Sets up `mode` for the VM `vm` (directory `vm_dir`) with `mac`.
@@ -353,6 +368,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: None,
+                    policy: None,
                     passt: Some(passt),
                     reattacher: None,
                     teardown: Teardown::Nothing,
@@ -384,6 +400,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: Some(super::heal::Healer::start(networks.clone())),
+                    policy: None,
                     passt: None,
                     reattacher: None,
                     teardown: Teardown::Shared {
@@ -394,11 +411,18 @@ pub fn attach(
                 },
                 ..Default::default()
             };
+            let mut attachment = attachment;
             if !opts.policy.is_empty() {
                 // Before QEMU exists, so the guest's first frame meets the
                 // policy; a failure drops `attachment`, which leaves the
                 // network and removes the tap: nothing is left behind.
-                enforce_policy(&opts.policy, &tap_name, mac, ip, net.subnet().gateway())?;
+                attachment.guard.policy = Some(enforce_policy(
+                    &opts.policy,
+                    &tap_name,
+                    mac,
+                    ip,
+                    net.subnet().gateway(),
+                )?);
             }
             Ok(attachment)
         }

@@ -8,7 +8,9 @@
 //! ruleset` or by a VPN rewriting the firewall, so the policy does not
 //! depend on nftables at all: it cannot "disappear" with the firewall, and
 //! there is no window in which a denied packet passes. If the program cannot
-//! be loaded or attached the VM does not start.
+//! be loaded or attached the VM does not start. While the VM runs, a guard
+//! ([`tc::Guard`]) puts the filter back if someone deletes it with tc, and
+//! recompiles it when the host's addresses change (`--isolate`).
 //!
 //! Enforced in `nat` and `host`; `bridged` and `user` refuse a policy (see
 //! [`PolicyError::ModeCannotEnforce`]).

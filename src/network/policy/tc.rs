@@ -3,7 +3,7 @@
 //! (messages built by `netlink-packet-route`, as in [`super::super::uplink`]).
 //! The filter goes with the tap when the VM stops.
 
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NetlinkSerializable};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkSerializable};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
@@ -102,6 +102,30 @@ pub fn enforce(
     policy: &Policy,
     ctx: &Context,
 ) -> Result<(), EnforceError> {
+    install(nl, tap, index, policy, ctx, false)
+}
+
+/// Replaces the program of the filter on `tap` in one step (the kernel
+/// swaps it atomically: no frame sees no filter), or puts qdisc and filter
+/// back when someone removed them.
+pub fn reinstall(
+    nl: &mut Netlink,
+    tap: &str,
+    index: u32,
+    policy: &Policy,
+    ctx: &Context,
+) -> Result<(), EnforceError> {
+    install(nl, tap, index, policy, ctx, true)
+}
+
+fn install(
+    nl: &mut Netlink,
+    tap: &str,
+    index: u32,
+    policy: &Policy,
+    ctx: &Context,
+    again: bool,
+) -> Result<(), EnforceError> {
     let prog = bpf::load(&bpf::compile(policy, ctx))?;
     let fail = |source| EnforceError::Attach {
         tap: tap.to_string(),
@@ -116,7 +140,7 @@ pub fn enforce(
         parent: TcHandle::INGRESS,
         ..Default::default()
     };
-    send(
+    let added = send(
         nl,
         &format!("add an ingress qdisc to {tap}"),
         &RouteNetlinkMessage::NewQueueDiscipline(TcMessage::from_parts(
@@ -124,8 +148,13 @@ pub fn enforce(
             vec![TcAttribute::Kind("ingress".into())],
         )),
         NLM_F_CREATE | NLM_F_EXCL,
-    )
-    .map_err(fail)?;
+    );
+    match added {
+        Ok(()) => {}
+        // Again: the qdisc is still there (only the filter is replaced).
+        Err(e) if again && e.errno() == Some(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(fail(e)),
+    }
     let filter = TcHeader {
         index: index as i32,
         parent: TcHandle {
@@ -150,8 +179,93 @@ pub fn enforce(
                 ]),
             ],
         )),
-        NLM_F_CREATE | NLM_F_EXCL,
+        if again {
+            NLM_F_CREATE | NLM_F_REPLACE
+        } else {
+            NLM_F_CREATE | NLM_F_EXCL
+        },
     )
     .map_err(fail)?;
     Ok(())
+}
+
+/// How often the guard checks the filter and the host's addresses.
+pub const GUARD_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches one VM's filter while it runs: puts it back when it was removed
+/// (`tc qdisc del`, which nothing of lume's does), and, for `--isolate`,
+/// recompiles it when the host's addresses change (a new LAN, a VPN), so
+/// the isolated ranges follow the host. Stops when dropped.
+#[derive(Debug)]
+pub struct Guard {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Guard {
+    /// `host_nets`: how the host's networks are read (the same as at start).
+    pub fn start(
+        tap: String,
+        policy: Policy,
+        ctx: Context,
+        host_nets: fn(&mut Netlink) -> Result<Vec<super::Cidr>, NetlinkError>,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut ctx = ctx;
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(GUARD_PERIOD);
+                let Ok(mut nl) = Netlink::open() else {
+                    continue;
+                };
+                let Ok(Some(index)) = nl.link_index(&tap) else {
+                    continue;
+                };
+                let mut changed = false;
+                if policy.isolate
+                    && let Ok(mut nets) = host_nets(&mut nl)
+                {
+                    nets.sort_by_key(|c| (u32::from(c.addr), c.prefix));
+                    nets.dedup();
+                    if nets != ctx.host_nets {
+                        ctx.host_nets = nets;
+                        changed = true;
+                    }
+                }
+                let present = in_force(&mut nl, &tap).unwrap_or(true);
+                if (changed || !present) && !flag.load(Ordering::SeqCst) {
+                    let why = if present {
+                        "the host's addresses changed"
+                    } else {
+                        "its filter was removed"
+                    };
+                    match reinstall(&mut nl, &tap, index, &policy, &ctx) {
+                        Ok(()) => eprintln!(
+                            "{} network policy of {tap} re-applied: {why}",
+                            crate::util::time::timestamp()
+                        ),
+                        Err(e) => eprintln!(
+                            "{} network policy of {tap} could not be re-applied ({why}): {e}",
+                            crate::util::time::timestamp()
+                        ),
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
