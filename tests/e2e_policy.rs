@@ -75,8 +75,8 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     let host = Recorder::start(&t.host, "0.0.0.0:8000");
     let udp_internet = udp_counter(&t.lan, "192.0.2.1:9000");
 
-    // Modes that cannot enforce a policy refuse it, at create and at set.
-    for mode in ["bridged:up0", "user"] {
+    // A mode that cannot enforce a policy refuses it, at create and at set.
+    for mode in ["user"] {
         let e = t.lume_fails(
             &common::guest_create_args("nope", mode, &["--isolate"], "")
                 .iter()
@@ -108,6 +108,17 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     let e = t.lume_fails(&["set", "iso", "--network", "user"]);
     assert!(e.contains("--network nat"), "{e}");
 
+    // A bridged guest on the LAN (tap + macvlan on up0), allowed one port
+    // of the LAN's peer: leased by the LAN's DHCP server through the
+    // filter, reaches 8000 and nothing else.
+    t.create(
+        "lanbox",
+        "bridged:up0",
+        &["--allow-out", "198.51.100.1:8000/tcp"],
+        "lume.probes=198.51.100.1:8000,198.51.100.1:8001,198.51.100.3:8000,192.0.2.1:8000",
+    );
+    t.lume_ok(&["run", "lanbox", "--detach"]);
+
     // The allow-listed guest.
     t.create(
         "box",
@@ -135,6 +146,21 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
         text.contains("network policy: allow out 198.51.100.1/32:8000/tcp (in force)"),
         "{text}"
     );
+
+    wait_console(
+        &t.home,
+        "lanbox",
+        "LUME-GUEST: probe ok 198.51.100.1:8000",
+        BOOT,
+    );
+    assert_eq!(t.get("lanbox")["network"]["policyInForce"], true);
+    wait_for("lanbox's denied probes to be tried", BOOT, || {
+        (fails(&t, "lanbox", "192.0.2.1:8000") >= 2).then_some(())
+    });
+    for target in ["198.51.100.1:8001", "198.51.100.3:8000", "192.0.2.1:8000"] {
+        assert_eq!(oks(&t, "lanbox", target), 0, "lanbox reached {target}");
+    }
+    t.lume_ok(&["stop", "lanbox"]);
 
     // A steady stream of denied attempts (and allowed ones) while the whole
     // ruleset of the namespace is flushed, three times.

@@ -116,7 +116,7 @@ pub struct CreateVmRequest {
     /// lume's unattended macOS setup: refused (macOS guests need an Apple host).
     #[schema(value_type = Option<String>)]
     pub unattended: Option<Value>,
-    /// Egress rules and isolation, enforced in nat and host mode
+    /// Egress rules and isolation, enforced in nat, host and bridged mode
     /// (docs/networking.md).
     pub network_policy: Option<NetworkPolicyBody>,
 }

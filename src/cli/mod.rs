@@ -411,13 +411,13 @@ pub struct SshArgs {
 /// The network policy options of create, run and set (docs/networking.md).
 #[derive(Debug, Args, Default)]
 pub struct PolicyArgs {
-    /// Allow outbound traffic only to CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; everything else is denied except DHCP and DNS to lume (repeatable; nat and host modes)
+    /// Allow outbound traffic only to CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; everything else is denied except DHCP and DNS to lume (repeatable; nat, host and bridged modes)
     #[arg(long = "allow-out", value_name = "RULE")]
     pub allow_out: Vec<crate::network::policy::Rule>,
-    /// Deny outbound traffic to CIDR[:PORT|:LOW-HIGH][/tcp|/udp], checked before --allow-out (repeatable; nat and host modes)
+    /// Deny outbound traffic to CIDR[:PORT|:LOW-HIGH][/tcp|/udp], checked before --allow-out (repeatable; nat, host and bridged modes)
     #[arg(long = "deny-out", value_name = "RULE")]
     pub deny_out: Vec<crate::network::policy::Rule>,
-    /// No traffic to this host, its networks, private ranges or other VMs; the internet stays reachable (nat and host modes)
+    /// No traffic to this host, its networks, private ranges or other VMs; the internet stays reachable (nat, host and bridged modes)
     #[arg(long)]
     pub isolate: bool,
 }

@@ -380,11 +380,11 @@ pub struct CreateArgs {
     pub network: Option<String>,
     /// Ports to publish, each [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes)
     pub publish: Option<Vec<String>>,
-    /// Allow outbound only to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; all else is denied except DHCP and DNS to lume (nat and host modes)
+    /// Allow outbound only to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; all else is denied except DHCP and DNS to lume (nat, host and bridged modes)
     pub allow_out: Option<Vec<String>>,
-    /// Deny outbound to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp] (nat and host modes)
+    /// Deny outbound to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp] (nat, host and bridged modes)
     pub deny_out: Option<Vec<String>>,
-    /// No traffic to the host, its networks, private ranges or other VMs (nat and host modes)
+    /// No traffic to the host, its networks, private ranges or other VMs (nat, host and bridged modes)
     pub isolate: Option<bool>,
     /// Kernel for direct kernel boot (absolute host path)
     pub kernel: Option<String>,

@@ -293,8 +293,8 @@ fn enforce_policy(
     policy: &super::policy::Policy,
     tap: &str,
     mac: MacAddress,
-    guest: Ipv4Addr,
-    gateway: Ipv4Addr,
+    guest: Option<Ipv4Addr>,
+    gateway: Option<Ipv4Addr>,
 ) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
     let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
@@ -420,8 +420,8 @@ pub fn attach(
                     &opts.policy,
                     &tap_name,
                     mac,
-                    ip,
-                    net.subnet().gateway(),
+                    Some(ip),
+                    Some(net.subnet().gateway()),
                 )?);
             }
             Ok(attachment)
@@ -484,6 +484,13 @@ pub fn attach(
                 // The tap sees both directions and outlives the parent.
                 (tap.name, Watched::Tap)
             };
+            if !opts.policy.is_empty() {
+                // After the tap's redirect exists (the policy's filter
+                // comes first), before QEMU: a failure drops `a`, which
+                // takes the macvlan and the tap down.
+                let tap = a.host_device.clone().unwrap_or_default();
+                a.guard.policy = Some(enforce_policy(&opts.policy, &tap, mac, None, None)?);
+            }
             start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }

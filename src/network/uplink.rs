@@ -49,13 +49,15 @@ pub const PERIOD: Duration = Duration::from_millis(250);
 
 /// `ETH_P_ALL`: the filters see every protocol.
 const ETH_P_ALL: u16 = 0x0003;
-/// On the tap: frames the guest addresses to its own MAC (checked first).
-const OWN_MAC_PRIORITY: u16 = 1;
+/// On the tap: frames the guest addresses to its own MAC (checked first,
+/// after a network policy's filter at priority 1, see
+/// [`super::policy::tc`], which passes a frame on with "no verdict").
+const OWN_MAC_PRIORITY: u16 = 10;
 /// The redirect on each ingress qdisc.
-const REDIRECT_PRIORITY: u16 = 2;
+const REDIRECT_PRIORITY: u16 = 20;
 /// The tap's redirect alternates between this and [`REDIRECT_PRIORITY`] at
 /// each re-attach ([`swap_redirect`]).
-const REDIRECT_PRIORITY_ALT: u16 = 3;
+const REDIRECT_PRIORITY_ALT: u16 = 21;
 
 /// Why the macvlan and its filters could not be set up.
 #[derive(Debug, thiserror::Error)]

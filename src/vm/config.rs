@@ -241,7 +241,7 @@ pub struct VmConfig {
     /// its gateway. Unsafe for untrusted guests; off unless set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_host_loopback: bool,
-    /// Egress rules and isolation, enforced in nat and host mode
+    /// Egress rules and isolation, enforced in nat, host and bridged mode
     /// (`network::policy`). Absent: no policy.
     #[serde(
         default,

@@ -26,16 +26,20 @@ use super::{Cidr, ISOLATED_RANGES, Policy, Rule};
 #[derive(Debug, Clone)]
 pub struct Context {
     pub mac: [u8; 6],
-    /// The guest's reserved address.
-    pub guest: Ipv4Addr,
-    /// lume's address on the bridge (dnsmasq: DHCP and DNS).
-    pub gateway: Ipv4Addr,
+    /// The guest's reserved address (nat, host); `None` in bridged mode,
+    /// where the LAN's DHCP server decides it: no source check then.
+    pub guest: Option<Ipv4Addr>,
+    /// lume's address on the bridge (dnsmasq: DHCP and DNS); `None` in
+    /// bridged mode: DHCP then goes to any server, DNS is not excepted.
+    pub gateway: Option<Ipv4Addr>,
     /// The networks of the host's own addresses (each address with its
     /// prefix length, host bits cleared), for `isolate`.
     pub host_nets: Vec<Cidr>,
 }
 
-const TC_ACT_OK: i32 = 0;
+/// "No verdict": the frame goes on to the next filter (bridged mode's
+/// redirect to the macvlan) or, with none left, on its way as usual.
+const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 
 /// `struct bpf_insn`.
@@ -146,7 +150,7 @@ impl Asm {
         self.emit(ALU | MOV | K, R0, 0, 0, TC_ACT_SHOT);
         self.emit(JMP | EXIT, 0, 0, 0, 0);
         let pass_at = self.insns.len();
-        self.emit(ALU | MOV | K, R0, 0, 0, TC_ACT_OK);
+        self.emit(ALU64 | MOV | K, R0, 0, 0, TC_ACT_UNSPEC);
         self.emit(JMP | EXIT, 0, 0, 0, 0);
         for (at, t) in std::mem::take(&mut self.fixups) {
             let dest = match t {
@@ -199,11 +203,16 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
     let ipv4 = a.label();
     a.jump_if(JEQ, R0, 0x0800, Target::Label(ipv4));
     a.jump_if(JNE, R0, 0x0806, Target::Drop);
-    // ARP: the guest speaks for its own address only.
-    a.load(W, ARP_SPA);
-    a.jump_if(JEQ, R0, u32::from(ctx.guest), Target::Pass);
-    a.jump_if(JEQ, R0, 0, Target::Pass);
-    a.goto(Target::Drop);
+    // ARP: the guest speaks for its own address only (when known).
+    match ctx.guest {
+        Some(guest) => {
+            a.load(W, ARP_SPA);
+            a.jump_if(JEQ, R0, u32::from(guest), Target::Pass);
+            a.jump_if(JEQ, R0, 0, Target::Pass);
+            a.goto(Target::Drop);
+        }
+        None => a.goto(Target::Pass),
+    }
 
     a.bind(ipv4);
     a.load(B, IP_VHL);
@@ -217,34 +226,43 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
     a.mov_reg(R8, R0);
     a.load(W, L4_PORTS);
     a.mov_reg(R9, R0);
-    a.load(W, IP_SRC);
     let source_ok = a.label();
-    a.jump_if(JEQ, R0, u32::from(ctx.guest), Target::Label(source_ok));
-    a.jump_if(JNE, R0, 0, Target::Drop);
-    // Source 0.0.0.0: only a DHCP request (UDP 68 -> 67).
-    a.jump_if(JNE, R7, 17, Target::Drop);
-    a.jump_if(JNE, R9, (68 << 16) | 67, Target::Drop);
-    a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
-    a.goto(Target::Drop);
-
+    if let Some(guest) = ctx.guest {
+        a.load(W, IP_SRC);
+        a.jump_if(JEQ, R0, u32::from(guest), Target::Label(source_ok));
+        a.jump_if(JNE, R0, 0, Target::Drop);
+        // Source 0.0.0.0: only a DHCP request (UDP 68 -> 67).
+        a.jump_if(JNE, R7, 17, Target::Drop);
+        a.jump_if(JNE, R9, (68 << 16) | 67, Target::Drop);
+        a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
+        a.goto(Target::Drop);
+    }
     a.bind(source_ok);
     // DHCP (renewals go to the server) and DNS to lume's dnsmasq.
     let not_dhcp = a.label();
     a.jump_if(JNE, R7, 17, Target::Label(not_dhcp));
     a.jump_if(JNE, R9, (68 << 16) | 67, Target::Label(not_dhcp));
-    a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
-    a.jump_if(JEQ, R8, u32::from(ctx.gateway), Target::Pass);
+    match ctx.gateway {
+        Some(gw) => {
+            a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
+            a.jump_if(JEQ, R8, u32::from(gw), Target::Pass);
+        }
+        // The LAN's DHCP server, wherever it is.
+        None => a.goto(Target::Pass),
+    }
     a.bind(not_dhcp);
-    let not_dns = a.label();
-    a.jump_if(JNE, R8, u32::from(ctx.gateway), Target::Label(not_dns));
-    let dns_proto = a.label();
-    a.jump_if(JEQ, R7, 17, Target::Label(dns_proto));
-    a.jump_if(JNE, R7, 6, Target::Label(not_dns));
-    a.bind(dns_proto);
-    a.mov_reg(R0, R9);
-    a.and(R0, 0xffff);
-    a.jump_if(JEQ, R0, 53, Target::Pass);
-    a.bind(not_dns);
+    if let Some(gw) = ctx.gateway {
+        let not_dns = a.label();
+        a.jump_if(JNE, R8, u32::from(gw), Target::Label(not_dns));
+        let dns_proto = a.label();
+        a.jump_if(JEQ, R7, 17, Target::Label(dns_proto));
+        a.jump_if(JNE, R7, 6, Target::Label(not_dns));
+        a.bind(dns_proto);
+        a.mov_reg(R0, R9);
+        a.and(R0, 0xffff);
+        a.jump_if(JEQ, R0, 53, Target::Pass);
+        a.bind(not_dns);
+    }
 
     for r in &policy.deny_out {
         rule(&mut a, r, Target::Drop);
@@ -256,7 +274,7 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
             .chain(ctx.host_nets.iter().copied())
             // Each prefix covers the host's own address in it.
             // The gateway is one of the host's addresses; named anyway.
-            .chain(std::iter::once(Cidr::new(ctx.gateway, 32)));
+            .chain(ctx.gateway.map(|g| Cidr::new(g, 32)));
         for net in nets {
             rule(
                 &mut a,
@@ -384,8 +402,8 @@ mod tests {
     fn ctx() -> Context {
         Context {
             mac: [0x52, 0x54, 0, 1, 2, 3],
-            guest: Ipv4Addr::new(203, 0, 113, 50),
-            gateway: Ipv4Addr::new(203, 0, 113, 1),
+            guest: Some(Ipv4Addr::new(203, 0, 113, 50)),
+            gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![Cidr::new(Ipv4Addr::new(198, 51, 100, 0), 24)],
         }
     }
@@ -506,7 +524,7 @@ mod tests {
         let p = Policy::from_parts(&["198.51.100.2:8000/tcp".into()], &[], false).unwrap();
         let prog = load(&compile(&p, &ctx())).unwrap();
         let v = |f: &[u8]| verdict(&prog, f);
-        const OK: i32 = TC_ACT_OK;
+        const OK: i32 = TC_ACT_UNSPEC;
         const SHOT: i32 = TC_ACT_SHOT;
         // Allowed, and the exceptions every policy keeps.
         assert_eq!(v(&ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)), OK);
@@ -600,6 +618,51 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    /// Bridged: the guest's address and the DHCP server are the LAN's, so
+    /// DHCP goes to any server and sources are not checked; the rest holds.
+    #[test]
+    fn bridged_policies_let_dhcp_reach_the_lans_server() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let ctx = Context {
+            guest: None,
+            gateway: None,
+            ..ctx()
+        };
+        let p = Policy::from_parts(&["198.51.100.1:8000/tcp".into()], &[], true).unwrap();
+        let prog = load(&compile(&p, &ctx)).unwrap();
+        let v = |f: &[u8]| verdict(&prog, f);
+        let g = [198, 51, 100, 120];
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)),
+            TC_ACT_UNSPEC
+        );
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, g, [198, 51, 100, 1], 17, 68, 67)),
+            TC_ACT_UNSPEC
+        );
+        assert_eq!(v(&arp(GUEST_MAC, g)), TC_ACT_UNSPEC);
+        // Isolated from the host's LAN (198.51.100.0/24 in ctx()), so the
+        // allow rule inside it does not open it (deny and isolate first).
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, g, [198, 51, 100, 1], 6, 40000, 8000)),
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, g, [198, 51, 100, 1], 17, 40000, 53)),
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 6, 40000, 443)),
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            v(&ipv4([2, 0, 0, 0, 0, 1], g, [255; 4], 17, 68, 67)),
+            TC_ACT_SHOT
+        );
     }
 
     /// The kernel's verifier accepts the program (root only).

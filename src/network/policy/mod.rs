@@ -12,8 +12,10 @@
 //! ([`tc::Guard`]) puts the filter back if someone deletes it with tc, and
 //! recompiles it when the host's addresses change (`--isolate`).
 //!
-//! Enforced in `nat` and `host`; `bridged` and `user` refuse a policy (see
-//! [`PolicyError::ModeCannotEnforce`]).
+//! Enforced in `nat`, `host` and `bridged` (in bridged mode on a plain
+//! interface the filter comes before the tap's redirect to the macvlan and
+//! passes frames on with "no verdict"); `user` and `none` refuse a policy
+//! (see [`PolicyError::ModeCannotEnforce`]).
 
 pub mod bpf;
 pub mod tc;
@@ -40,7 +42,7 @@ pub enum PolicyError {
     #[error("Invalid network rule '{rule}': {why}; fix the rule and try again")]
     Bad { rule: String, why: String },
     #[error(
-        "A network policy cannot be enforced in network mode '{0}': policies (--allow-out, --deny-out, --isolate) work with --network nat and --network host; change the mode or clear the policy (lume set NAME --clear-policy)"
+        "A network policy cannot be enforced in network mode '{0}': policies (--allow-out, --deny-out, --isolate) work with --network nat, host and bridged; change the mode or clear the policy (lume set NAME --clear-policy)"
     )]
     ModeCannotEnforce(NetworkMode),
     #[error(
@@ -274,10 +276,14 @@ impl Policy {
     }
 }
 
-/// Modes whose VM has its own tap on a lume bridge, where the policy is
+/// Modes whose VM has its own tap (on a lume bridge, a Linux bridge, or
+/// joined to a plain interface by tc redirects), where the policy is
 /// enforced.
 pub fn enforceable_in(mode: &NetworkMode) -> bool {
-    matches!(mode, NetworkMode::Nat | NetworkMode::Host)
+    matches!(
+        mode,
+        NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_)
+    )
 }
 
 /// Private, special and local ranges `--isolate` keeps the guest from
@@ -365,11 +371,8 @@ mod tests {
         };
         assert!(p.check(&NetworkMode::Nat).is_ok());
         assert!(p.check(&NetworkMode::Host).is_ok());
-        for m in [
-            NetworkMode::User,
-            NetworkMode::Bridged(None),
-            NetworkMode::None,
-        ] {
+        assert!(p.check(&NetworkMode::Bridged(None)).is_ok());
+        for m in [NetworkMode::User, NetworkMode::None] {
             let e = p.check(&m).unwrap_err();
             assert!(matches!(e, PolicyError::ModeCannotEnforce(_)));
             assert!(e.to_string().contains("--network nat"));

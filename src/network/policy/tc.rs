@@ -151,8 +151,10 @@ fn install(
     );
     match added {
         Ok(()) => {}
-        // Again: the qdisc is still there (only the filter is replaced).
-        Err(e) if again && e.errno() == Some(nix::errno::Errno::EEXIST) => {}
+        // The qdisc is there: bridged mode's own (its redirect filters sit
+        // on it, after the policy's priority), or, again, the one of the
+        // first install (only the filter is replaced).
+        Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST) => {}
         Err(e) => return Err(fail(e)),
     }
     let filter = TcHeader {
