@@ -340,20 +340,44 @@ fn redirect(
     to_name: &str,
     to: u32,
 ) -> Result<(), NetlinkError> {
-    // A leftover qdisc (the tap's, pointing at the macvlan that went with
-    // the parent) is replaced; none being there is the usual case.
-    let _ = send(
-        nl,
-        &format!("remove the ingress qdisc of {dev}"),
-        &delete_ingress_qdisc(from),
-        0,
-    );
-    send(
-        nl,
-        &format!("add an ingress qdisc to {dev}"),
-        &ingress_qdisc(from),
-        NLM_F_CREATE | NLM_F_EXCL,
-    )?;
+    if first.is_some() {
+        // The tap: its leftover filters (pointing at the macvlan that went
+        // with the parent) are replaced, its qdisc is kept, and with it a
+        // network policy's filter at priority 1 (`super::policy::tc`),
+        // which therefore never leaves the guest's frames unfiltered.
+        for priority in [OWN_MAC_PRIORITY, REDIRECT_PRIORITY, REDIRECT_PRIORITY_ALT] {
+            let _ = send(
+                nl,
+                &format!("remove a leftover filter of {dev}"),
+                &delete_filter(from, priority),
+                0,
+            );
+        }
+        match send(
+            nl,
+            &format!("add an ingress qdisc to {dev}"),
+            &ingress_qdisc(from),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST) => {}
+            other => other?,
+        }
+    } else {
+        // A leftover qdisc (the macvlan's, from an earlier attempt) is
+        // replaced; none being there is the usual case.
+        let _ = send(
+            nl,
+            &format!("remove the ingress qdisc of {dev}"),
+            &delete_ingress_qdisc(from),
+            0,
+        );
+        send(
+            nl,
+            &format!("add an ingress qdisc to {dev}"),
+            &ingress_qdisc(from),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+    }
     if let Some(first) = first {
         send(
             nl,
