@@ -627,9 +627,10 @@ mod tests {
             u32::from_ne_bytes(buf[12..16].try_into().unwrap()),
             0xffff_fff2
         );
+        // Priority 20 (REDIRECT_PRIORITY) in the upper half, ETH_P_ALL below.
         assert_eq!(
             u32::from_ne_bytes(buf[16..20].try_into().unwrap()),
-            0x0002_0300
+            0x0014_0300
         );
         // The kind, NUL-terminated.
         let kind = buf.windows(4).position(|w| w == b"u32\0");
