@@ -15,6 +15,8 @@
 #   import      create --image URL of a 2 GiB image vs curl + qemu-img convert
 #   ssh         a Debian 12 cloud VM from start to a working ssh, lume vs bare QEMU
 #   registry    push and pull of a sparse 8 GiB disk (1 GiB of data) vs skopeo copy
+#   policy      a NAT guest with a 50-rule network policy vs one without (time to
+#               address, TCP echo); results written into BENCHMARKS.md section 10 by hand
 #
 # It installs missing packages (scripts/install-deps.sh; xfsprogs for the
 # XFS part), builds target/release/lume with `cargo build --release`, builds
@@ -30,7 +32,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale clone throughput reattach import ssh registry)
+ALL=(boot heal scale clone throughput reattach import ssh registry policy)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do

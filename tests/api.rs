@@ -290,6 +290,22 @@ fn errors_are_json_with_the_right_status() {
             "multicast",
         ),
         (
+            json!({"name": "a", "networkPolicy": {"allowOut": ["10.0.0.1/8"]}}),
+            "networkPolicy: Invalid network rule '10.0.0.1/8'",
+        ),
+        (
+            json!({"name": "a", "networkPolicy": {"denyOut": ["2001:db8::/32"]}}),
+            "IPv6 rules are not supported",
+        ),
+        (
+            json!({"name": "a", "networkPolicy": {"isolate": true, "allow": []}}),
+            "unknown field",
+        ),
+        (
+            json!({"name": "a", "network": "user", "networkPolicy": {"isolate": true}}),
+            "cannot be enforced in network mode 'user'",
+        ),
+        (
             json!({"name": "a", "kernel": "vmlinuz"}),
             "must be an absolute path",
         ),
@@ -314,6 +330,29 @@ fn errors_are_json_with_the_right_status() {
         api.fails(api.post("/lume/vms", body), 400, needle);
     }
     assert_eq!(api.get("/lume/vms").body, json!([]), "nothing was created");
+
+    // A network policy through the API: saved, shown, refused for a mode
+    // that cannot enforce it, cleared with {}.
+    let created = api.post(
+        "/lume/vms",
+        json!({"name": "pol", "network": "nat",
+               "networkPolicy": {"allowOut": ["198.51.100.2:8000/tcp"], "isolate": true}}),
+    );
+    assert_eq!(created.status, 202, "{created:?}");
+    assert_eq!(
+        api.get("/lume/vms/pol").body["network"]["policy"],
+        json!({"allowOut": ["198.51.100.2/32:8000/tcp"], "isolate": true})
+    );
+    api.fails(
+        api.call("PATCH", "/lume/vms/pol", Some(json!({"network": "user"}))),
+        400,
+        "cannot be enforced in network mode 'user'",
+    );
+    let cleared = api.call("PATCH", "/lume/vms/pol", Some(json!({"networkPolicy": {}})));
+    assert_eq!(cleared.status, 200, "{cleared:?}");
+    assert!(api.get("/lume/vms/pol").body["network"]["policy"].is_null());
+    let deleted = api.call("DELETE", "/lume/vms/pol", None);
+    assert_eq!(deleted.status, 200, "{deleted:?}");
 
     // 404: unknown VMs, unknown routes; 405: a known path, another method.
     api.fails(api.get("/lume/vms/nosuch"), 404, "does not exist");

@@ -148,6 +148,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             _ => FAILED,
         },
         VmError::Network(a) => attach_status(a),
+        VmError::Policy(_) => StatusCode::BAD_REQUEST,
         // The image the client named is not one lume imports, or not the
         // one its checksum names.
         VmError::Import(
@@ -212,7 +213,8 @@ fn attach_status(e: &AttachError) -> StatusCode {
         | AttachError::OwnBridge(..)
         | AttachError::LoopbackPublish(..)
         | AttachError::Publish(_)
-        | AttachError::Bridge(_) => StatusCode::BAD_REQUEST,
+        | AttachError::Bridge(_)
+        | AttachError::Policy(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -116,6 +116,36 @@ pub struct CreateVmRequest {
     /// lume's unattended macOS setup: refused (macOS guests need an Apple host).
     #[schema(value_type = Option<String>)]
     pub unattended: Option<Value>,
+    /// Egress rules and isolation, enforced in nat, host and bridged mode
+    /// (docs/networking.md).
+    pub network_policy: Option<NetworkPolicyBody>,
+}
+
+/// A VM's network policy in a request (lume for Linux only).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicyBody {
+    /// Once any is given, everything else outbound is denied except DHCP
+    /// and DNS to lume: `CIDR[:PORT|:LOW-HIGH][/tcp|/udp]`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    #[schema(example = json!(["198.51.100.2/32:443/tcp"]))]
+    pub allow_out: Vec<String>,
+    /// Denied destinations, checked before `allowOut`.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub deny_out: Vec<String>,
+    /// Nothing to the host, its networks, private ranges or other VMs.
+    #[serde(default)]
+    pub isolate: bool,
+}
+
+fn policy(b: Option<NetworkPolicyBody>) -> ApiResult<Option<crate::network::policy::Policy>> {
+    b.map(|b| {
+        field(
+            "networkPolicy",
+            crate::network::policy::Policy::from_parts(&b.allow_out, &b.deny_out, b.isolate),
+        )
+    })
+    .transpose()
 }
 
 /// `PATCH /lume/vms/{name}`: the fields to change, from the next start.
@@ -141,6 +171,8 @@ pub struct SetVmRequest {
     pub keep_backup: Option<bool>,
     /// lume's macOS disk-resize option: refused when true.
     pub dry_run: Option<bool>,
+    /// Replaces the saved network policy; `{}` clears it.
+    pub network_policy: Option<NetworkPolicyBody>,
 }
 
 /// One path or several.
@@ -166,6 +198,8 @@ impl OneOrMany {
 pub struct RunVmRequest {
     /// Network mode for this run only.
     pub network: Option<String>,
+    /// A network policy for this run only, replacing the saved one.
+    pub network_policy: Option<NetworkPolicyBody>,
     /// Absolute path(s) of ISO images to attach read-only.
     pub mount: Option<OneOrMany>,
     /// Absolute paths of extra disks (raw or qcow2).
@@ -777,6 +811,7 @@ pub async fn create_vm(
         progress: false,
         image,
         publish: ports(&r.publish)?,
+        policy: policy(r.network_policy)?.unwrap_or_default(),
         cloud_init: opt_path("cloudInit", r.cloud_init.as_deref())?,
         no_cloud_init: r.no_cloud_init,
         no_password: r.no_password,
@@ -924,6 +959,7 @@ async fn set_vm_named(
         disk_size: size("diskSize", r.disk_size.as_deref())?,
         network: mode(r.network.as_deref())?,
         display,
+        policy: policy(r.network_policy)?,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     match on_vm(&st, &caller, storage, &vm, |ctx| {
@@ -1033,6 +1069,7 @@ pub async fn run_vm(
             .collect::<ApiResult<_>>()?,
         publish: ports(&r.publish)?,
         detach: true,
+        policy: policy(r.network_policy)?.filter(|p| !p.is_empty()),
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even

@@ -345,6 +345,8 @@ pub struct CreateArgs {
     /// Publish a guest port: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes; repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Your own cloud-init user-data (#cloud-config or a script), added after lume's (docs/images.md)
     #[arg(long, value_name = "FILE")]
     pub cloud_init: Option<PathBuf>,
@@ -406,6 +408,32 @@ pub struct SshArgs {
     pub storage: StorageArg,
 }
 
+/// The network policy options of create, run and set (docs/networking.md).
+#[derive(Debug, Args, Default)]
+pub struct PolicyArgs {
+    /// Allow outbound traffic only to CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; everything else is denied except DHCP and DNS to lume (repeatable; nat, host and bridged modes)
+    #[arg(long = "allow-out", value_name = "RULE")]
+    pub allow_out: Vec<crate::network::policy::Rule>,
+    /// Deny outbound traffic to CIDR[:PORT|:LOW-HIGH][/tcp|/udp], checked before --allow-out (repeatable; nat, host and bridged modes)
+    #[arg(long = "deny-out", value_name = "RULE")]
+    pub deny_out: Vec<crate::network::policy::Rule>,
+    /// No traffic to this host, its networks, private ranges or other VMs; the internet stays reachable (nat, host and bridged modes)
+    #[arg(long)]
+    pub isolate: bool,
+}
+
+impl PolicyArgs {
+    /// The policy given, if any option was.
+    pub fn policy(&self) -> Option<crate::network::policy::Policy> {
+        let p = crate::network::policy::Policy {
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+            isolate: self.isolate,
+        };
+        (!p.is_empty()).then_some(p)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
@@ -432,6 +460,9 @@ pub struct RunArgs {
     /// Publish a guest port for this run: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (repeatable)
     #[arg(long, short = 'p', value_name = "SPEC")]
     pub publish: Vec<PortMapping>,
+    /// A network policy for this run only, replacing the saved one
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Run headless: the default here (lume's -d; use --detach to run in the background)
     #[arg(long, short = 'd')]
     pub no_display: bool,
@@ -580,6 +611,12 @@ pub struct SetArgs {
     /// it reaches `lume serve` and every other local-only service
     #[arg(long, value_name = "true|false")]
     pub unsafe_host_loopback: Option<bool>,
+    /// The new network policy (replaces the saved one as a whole)
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Remove the VM's network policy
+    #[arg(long, conflicts_with_all = ["allow_out", "deny_out", "isolate"])]
+    pub clear_policy: bool,
     /// Refused: lume's option of macOS disk resizes
     #[arg(long)]
     pub no_backup: bool,
@@ -958,6 +995,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     no_cloud_init: a.no_cloud_init,
                     no_password: a.no_password,
                     url_destinations: crate::image::download::Destinations::Any,
+                    policy: a.policy.policy().unwrap_or_default(),
                 })),
                 Format::Text,
             )
@@ -975,6 +1013,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     disks: a.disk,
                     publish: a.publish,
                     detach: a.detach,
+                    policy: a.policy.policy(),
                 }),
                 Format::Text,
             )
@@ -1112,6 +1151,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 disk_size: a.disk_size,
                 network: a.network,
                 display: a.display,
+                policy: if a.clear_policy {
+                    Some(Default::default())
+                } else {
+                    a.policy.policy()
+                },
             };
             let Some(allow) = a.unsafe_host_loopback else {
                 if spec.is_empty() {

@@ -484,6 +484,7 @@ mod tests {
             mac_address: None,
             guest_agent: None,
             uplink: None,
+            network_policy: Default::default(),
         }
     }
 

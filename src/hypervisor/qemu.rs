@@ -202,6 +202,7 @@ mod tests {
             disk_format: Default::default(),
             publish: Vec::new(),
             unsafe_host_loopback: false,
+            network_policy: Default::default(),
             vm_id: None,
             cloud_init: Default::default(),
             extra: Default::default(),

@@ -362,6 +362,7 @@ pub fn supervise(
         mac_address: Some(mac.to_string()),
         guest_agent: None,
         uplink: net.uplink.clone(),
+        network_policy: req.attach.policy.clone(),
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {

@@ -59,6 +59,8 @@ pub enum ToolError {
     Interfaces(#[from] crate::network::interfaces::InterfaceError),
     #[error(transparent)]
     Publish(#[from] crate::network::publish::PublishError),
+    #[error(transparent)]
+    Policy(#[from] crate::network::policy::PolicyError),
     /// A value the CLI's parser would refuse: `why` is that parser's
     /// sentence, which names the value already.
     #[error("Argument {argument}: {why}")]
@@ -392,6 +394,12 @@ pub struct CreateArgs {
     pub network: Option<String>,
     /// Ports to publish, each [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes)
     pub publish: Option<Vec<String>>,
+    /// Allow outbound only to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp]; all else is denied except DHCP and DNS to lume (nat, host and bridged modes)
+    pub allow_out: Option<Vec<String>>,
+    /// Deny outbound to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp] (nat, host and bridged modes)
+    pub deny_out: Option<Vec<String>>,
+    /// No traffic to the host, its networks, private ranges or other VMs (nat, host and bridged modes)
+    pub isolate: Option<bool>,
     /// Kernel for direct kernel boot (absolute host path)
     pub kernel: Option<String>,
     /// Initrd for direct kernel boot (absolute host path; needs kernel)
@@ -423,6 +431,12 @@ pub struct RunArgs {
     pub network: Option<String>,
     /// Ports to publish for this run, each [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp]
     pub publish: Option<Vec<String>>,
+    /// For this run only (replacing the saved policy): allow outbound only to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp]
+    pub allow_out: Option<Vec<String>>,
+    /// For this run only: deny outbound to these, each CIDR[:PORT|:LOW-HIGH][/tcp|/udp]
+    pub deny_out: Option<Vec<String>>,
+    /// For this run only: no traffic to the host, its networks, private ranges or other VMs
+    pub isolate: Option<bool>,
     /// An ISO image to attach as a CD-ROM (absolute host path)
     pub mount: Option<String>,
     /// Accepted as lume: VMs always run headless here
@@ -519,6 +533,18 @@ fn refuse(given: bool, argument: &'static str, why: &'static str) -> Result<(), 
     } else {
         Ok(())
     }
+}
+
+fn policy(
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    isolate: Option<bool>,
+) -> Result<crate::network::policy::Policy, ToolError> {
+    Ok(crate::network::policy::Policy::from_parts(
+        &allow.unwrap_or_default(),
+        &deny.unwrap_or_default(),
+        isolate.unwrap_or(false),
+    )?)
 }
 
 fn ports(
@@ -660,6 +686,7 @@ impl LumeMcp {
                     .transpose()?,
                 progress: false,
                 publish: ports(a.publish)?,
+                policy: policy(a.allow_out, a.deny_out, a.isolate)?,
                 cloud_init: a
                     .cloud_init
                     .map(|c| host_path("cloud_init", &c))
@@ -715,6 +742,7 @@ impl LumeMcp {
                 disks: Vec::new(),
                 publish: ports(a.publish)?,
                 detach: true,
+                policy: Some(policy(a.allow_out, a.deny_out, a.isolate)?).filter(|p| !p.is_empty()),
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
             let result = execute_noted(&ctx, Action::Run(spec), note);
@@ -898,6 +926,7 @@ impl LumeMcp {
                     disk_size: Some(disk_size),
                     network: None,
                     display: None,
+                    policy: None,
                 }))
             })?;
             let text = match &outcome {

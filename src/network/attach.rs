@@ -62,6 +62,10 @@ pub enum AttachError {
     Uplink(#[from] super::uplink::UplinkError),
     #[error(transparent)]
     Passt(#[from] super::passt::PasstError),
+    #[error(transparent)]
+    Policy(#[from] super::policy::PolicyError),
+    #[error(transparent)]
+    Enforce(#[from] super::policy::tc::EnforceError),
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -132,6 +136,8 @@ struct HostSide {
     snooper: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
     healer: Option<super::heal::Healer>,
+    /// The network policy's guard (nat and host with a policy).
+    policy: Option<super::policy::tc::Guard>,
     /// User mode's passt and its relay.
     passt: Option<super::passt::Passt>,
     /// Bridged on a plain interface: re-attaches when the parent returns.
@@ -148,6 +154,7 @@ impl Drop for HostSide {
         // Stop watching before leaving, so the watcher never "repairs" a
         // network that is being taken down on purpose.
         drop(self.healer.take());
+        drop(self.policy.take());
         drop(self.reattacher.take());
         drop(self.passt.take());
         match std::mem::take(&mut self.teardown) {
@@ -182,6 +189,9 @@ pub struct AttachOptions {
     /// User mode only: let the guest reach the host's loopback through its
     /// gateway (config.json `unsafeHostLoopback`). Unsafe for untrusted guests.
     pub host_loopback: bool,
+    /// The VM's network policy (config.json `networkPolicy`); refused in
+    /// modes that cannot enforce it.
+    pub policy: super::policy::Policy,
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -277,6 +287,48 @@ fn tap_args(mac: MacAddress) -> Vec<String> {
     ]
 }
 
+/// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
+/// reserved address `guest` behind `gateway`.
+fn enforce_policy(
+    policy: &super::policy::Policy,
+    tap: &str,
+    mac: MacAddress,
+    guest: Option<Ipv4Addr>,
+    gateway: Option<Ipv4Addr>,
+) -> Result<super::policy::tc::Guard, AttachError> {
+    let mut nl = Netlink::open()?;
+    let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
+        op: format!("attach the network policy to {tap}"),
+        name: tap.to_string(),
+    })?;
+    let ctx = super::policy::bpf::Context {
+        mac: mac.0,
+        guest,
+        gateway,
+        host_nets: host_nets(&mut nl)?,
+    };
+    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    Ok(super::policy::tc::Guard::start(
+        tap.to_string(),
+        policy.clone(),
+        ctx,
+        host_nets,
+    ))
+}
+
+/// The networks of the host's own IPv4 addresses (loopback aside), sorted.
+fn host_nets(nl: &mut Netlink) -> Result<Vec<super::policy::Cidr>, NetlinkError> {
+    let mut nets: Vec<_> = nl
+        .all_addresses_v4()?
+        .into_iter()
+        .filter(|(a, _)| !a.is_loopback())
+        .map(|(a, p)| super::policy::Cidr::new(a, p))
+        .collect();
+    nets.sort_by_key(|c| (u32::from(c.addr), c.prefix));
+    nets.dedup();
+    Ok(nets)
+}
+
 /// Sets up `mode` for the VM `vm` (directory `vm_dir`) with `mac`.
 pub fn attach(
     mode: &NetworkMode,
@@ -286,6 +338,7 @@ pub fn attach(
     opts: &AttachOptions,
 ) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
+    opts.policy.check(mode)?;
     match mode {
         NetworkMode::None => Ok(Attachment::default()),
         NetworkMode::User => {
@@ -315,6 +368,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: None,
+                    policy: None,
                     passt: Some(passt),
                     reattacher: None,
                     teardown: Teardown::Nothing,
@@ -330,10 +384,11 @@ pub fn attach(
             };
             let networks = Networks::from_settings(&opts.settings)?;
             let tap = Tap::create(&device_name("lt"))?;
-            let (_ip, subnet_note) =
+            let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
-            Ok(Attachment {
+            let tap_name = tap.name.clone();
+            let attachment = Attachment {
                 qemu_args: tap_args(mac),
                 fds: vec![tap.fd],
                 ip_address: None,
@@ -345,6 +400,7 @@ pub fn attach(
                     stop: Arc::default(),
                     snooper: None,
                     healer: Some(super::heal::Healer::start(networks.clone())),
+                    policy: None,
                     passt: None,
                     reattacher: None,
                     teardown: Teardown::Shared {
@@ -354,7 +410,21 @@ pub fn attach(
                     },
                 },
                 ..Default::default()
-            })
+            };
+            let mut attachment = attachment;
+            if !opts.policy.is_empty() {
+                // Before QEMU exists, so the guest's first frame meets the
+                // policy; a failure drops `attachment`, which leaves the
+                // network and removes the tap: nothing is left behind.
+                attachment.guard.policy = Some(enforce_policy(
+                    &opts.policy,
+                    &tap_name,
+                    mac,
+                    Some(ip),
+                    Some(net.subnet().gateway()),
+                )?);
+            }
+            Ok(attachment)
         }
         NetworkMode::Bridged(name) => {
             let iface = bridged_interface(name.as_deref(), opts)?;
@@ -414,6 +484,13 @@ pub fn attach(
                 // The tap sees both directions and outlives the parent.
                 (tap.name, Watched::Tap)
             };
+            if !opts.policy.is_empty() {
+                // After the tap's redirect exists (the policy's filter
+                // comes first), before QEMU: a failure drops `a`, which
+                // takes the macvlan and the tap down.
+                let tap = a.host_device.clone().unwrap_or_default();
+                a.guard.policy = Some(enforce_policy(&opts.policy, &tap, mac, None, None)?);
+            }
             start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }

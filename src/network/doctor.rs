@@ -757,6 +757,16 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
         };
         let d = VmDetails::read(&ctx.store, &vm);
         let name = format!("vm {}", vm.name);
+        // Each VM's policy, and whether its filter is on its tap now.
+        if let Some(net) = &d.network
+            && let Some(policy) = &net.policy
+        {
+            let summary = serde_json::to_string(policy).unwrap_or_default();
+            match net.policy_in_force {
+                Some(true) => r.add(format!("{name} policy"), true, format!("in force on {}: {summary}", state.host_device.as_deref().unwrap_or("?"))),
+                _ => r.add(format!("{name} policy"), false, format!("NOT in force: the filter on {} is gone (removed with tc?), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {summary}", state.host_device.as_deref().unwrap_or("its tap"), vm = vm.name)),
+            }
+        }
         let mode = state.network_mode.to_string();
         let ip = d
             .ip_address

@@ -11,6 +11,7 @@ pub mod interfaces;
 pub mod mode;
 pub mod netlink;
 pub mod passt;
+pub mod policy;
 pub mod privilege;
 pub mod publish;
 pub mod resolvers;

@@ -982,6 +982,39 @@ impl Netlink {
             .collect())
     }
 
+    /// Send one dump request whose payload was serialized elsewhere and
+    /// return the payloads of its replies of type `reply_type`.
+    pub fn dump_serialized(
+        &mut self,
+        op: &str,
+        message_type: u16,
+        reply_type: u16,
+        payload: &[u8],
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        let mut req = Request::new(message_type, sys::NLM_F_DUMP);
+        req.buf.extend_from_slice(payload);
+        let replies = self.transact(&req).map_err(|e| fail(op, e))?;
+        Ok(replies
+            .into_iter()
+            .filter(|r| r.ty == reply_type)
+            .map(|r| r.payload)
+            .collect())
+    }
+
+    /// Every IPv4 address of every link, with its prefix length.
+    pub fn all_addresses_v4(&mut self) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let req = Request::new(sys::RTM_GETADDR, sys::NLM_F_DUMP).ifaddrmsg(0, 0);
+        let replies = self
+            .transact(&req)
+            .map_err(|e| fail("list the host's addresses", e))?;
+        Ok(replies
+            .iter()
+            .filter(|r| r.ty == sys::RTM_NEWADDR)
+            .filter_map(|r| parse_addr_v4(&r.payload))
+            .map(|(_, a, p)| (a, p))
+            .collect())
+    }
+
     /// Delete a link: Ok(true) if it was deleted, Ok(false) if there was none.
     pub fn delete_link(&mut self, name: &str) -> Result<bool, NetlinkError> {
         let Some(index) = self.link_index(name)? else {

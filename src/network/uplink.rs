@@ -49,13 +49,15 @@ pub const PERIOD: Duration = Duration::from_millis(250);
 
 /// `ETH_P_ALL`: the filters see every protocol.
 const ETH_P_ALL: u16 = 0x0003;
-/// On the tap: frames the guest addresses to its own MAC (checked first).
-const OWN_MAC_PRIORITY: u16 = 1;
+/// On the tap: frames the guest addresses to its own MAC (checked first,
+/// after a network policy's filter at priority 1, see
+/// [`super::policy::tc`], which passes a frame on with "no verdict").
+const OWN_MAC_PRIORITY: u16 = 10;
 /// The redirect on each ingress qdisc.
-const REDIRECT_PRIORITY: u16 = 2;
+const REDIRECT_PRIORITY: u16 = 20;
 /// The tap's redirect alternates between this and [`REDIRECT_PRIORITY`] at
 /// each re-attach ([`swap_redirect`]).
-const REDIRECT_PRIORITY_ALT: u16 = 3;
+const REDIRECT_PRIORITY_ALT: u16 = 21;
 
 /// Why the macvlan and its filters could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -338,20 +340,44 @@ fn redirect(
     to_name: &str,
     to: u32,
 ) -> Result<(), NetlinkError> {
-    // A leftover qdisc (the tap's, pointing at the macvlan that went with
-    // the parent) is replaced; none being there is the usual case.
-    let _ = send(
-        nl,
-        &format!("remove the ingress qdisc of {dev}"),
-        &delete_ingress_qdisc(from),
-        0,
-    );
-    send(
-        nl,
-        &format!("add an ingress qdisc to {dev}"),
-        &ingress_qdisc(from),
-        NLM_F_CREATE | NLM_F_EXCL,
-    )?;
+    if first.is_some() {
+        // The tap: its leftover filters (pointing at the macvlan that went
+        // with the parent) are replaced, its qdisc is kept, and with it a
+        // network policy's filter at priority 1 (`super::policy::tc`),
+        // which therefore never leaves the guest's frames unfiltered.
+        for priority in [OWN_MAC_PRIORITY, REDIRECT_PRIORITY, REDIRECT_PRIORITY_ALT] {
+            let _ = send(
+                nl,
+                &format!("remove a leftover filter of {dev}"),
+                &delete_filter(from, priority),
+                0,
+            );
+        }
+        match send(
+            nl,
+            &format!("add an ingress qdisc to {dev}"),
+            &ingress_qdisc(from),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST) => {}
+            other => other?,
+        }
+    } else {
+        // A leftover qdisc (the macvlan's, from an earlier attempt) is
+        // replaced; none being there is the usual case.
+        let _ = send(
+            nl,
+            &format!("remove the ingress qdisc of {dev}"),
+            &delete_ingress_qdisc(from),
+            0,
+        );
+        send(
+            nl,
+            &format!("add an ingress qdisc to {dev}"),
+            &ingress_qdisc(from),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+    }
     if let Some(first) = first {
         send(
             nl,
@@ -601,9 +627,10 @@ mod tests {
             u32::from_ne_bytes(buf[12..16].try_into().unwrap()),
             0xffff_fff2
         );
+        // Priority 20 (REDIRECT_PRIORITY) in the upper half, ETH_P_ALL below.
         assert_eq!(
             u32::from_ne_bytes(buf[16..20].try_into().unwrap()),
-            0x0002_0300
+            0x0014_0300
         );
         // The kind, NUL-terminated.
         let kind = buf.windows(4).position(|w| w == b"u32\0");

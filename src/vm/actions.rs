@@ -32,6 +32,8 @@ use crate::settings::{Settings, SettingsError};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(transparent)]
+    Policy(#[from] crate::network::policy::PolicyError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -242,6 +244,8 @@ pub struct CreateSpec {
     /// Which addresses an image URL may lead to: public ones only for the
     /// API, unless config.yaml's `apiPrivateImageUrls` is true.
     pub url_destinations: Destinations,
+    /// Egress rules and isolation (config.json `networkPolicy`).
+    pub policy: crate::network::policy::Policy,
 }
 
 /// What `run` needs.
@@ -255,6 +259,8 @@ pub struct RunSpec {
     /// Ports published for this run, on top of the saved ones.
     pub publish: Vec<PortMapping>,
     pub detach: bool,
+    /// Replaces the saved network policy for this run only.
+    pub policy: Option<crate::network::policy::Policy>,
 }
 
 /// What `set` changes.
@@ -267,6 +273,8 @@ pub struct SetSpec {
     pub network: Option<NetworkMode>,
     /// WIDTHxHEIGHT, checked by [`super::config::parse_display`].
     pub display: Option<String>,
+    /// Replaces the saved network policy (an empty one clears it).
+    pub policy: Option<crate::network::policy::Policy>,
 }
 
 impl SetSpec {
@@ -277,6 +285,7 @@ impl SetSpec {
             && self.disk_size.is_none()
             && self.network.is_none()
             && self.display.is_none()
+            && self.policy.is_none()
     }
 }
 
@@ -690,6 +699,7 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
     }
     check_resources(Some(spec.cpu), Some(spec.memory), Some(spec.disk_size))?;
     check_publish(&spec.network, &spec.publish)?;
+    spec.policy.check(&spec.network)?;
     crate::network::attach::check_saved_mode(&spec.network)?;
     if spec.kernel.is_none() && (spec.initrd.is_some() || spec.cmdline.is_some()) {
         return Err(VmError::InitrdWithoutKernel);
@@ -799,6 +809,7 @@ fn config_for(
         disk_format: DiskFormat::Raw,
         publish: spec.publish.clone(),
         unsafe_host_loopback: false,
+        network_policy: spec.policy.clone(),
         vm_id: Some(crate::guest::cloudinit::new_vm_id()),
         cloud_init: CloudInit {
             enabled: !spec.no_cloud_init,
@@ -919,6 +930,11 @@ fn run_request(
         .clone()
         .unwrap_or_else(|| cfg.network_mode.clone());
     check_publish(&network, &spec.publish)?;
+    let policy = spec
+        .policy
+        .clone()
+        .unwrap_or_else(|| cfg.network_policy.clone());
+    policy.check(&network)?;
     let mut publish = spec.publish.clone();
     if network.supports_publish() {
         publish.extend(cfg.publish.iter().filter(|p| !spec.publish.contains(p)));
@@ -956,6 +972,7 @@ fn run_request(
             user_net: ctx.settings.get_str("userSubnet")?,
             publish,
             host_loopback: cfg.unsafe_host_loopback,
+            policy,
             settings: ctx.settings.clone(),
             vm: spec
                 .name
@@ -1094,6 +1111,18 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     }
     for p in &spec.publish {
         cmd.arg("--publish").arg(p.to_string());
+    }
+    // A policy for this run only reaches the supervisor as options too.
+    if let Some(policy) = spec.policy.as_ref().filter(|p| !p.is_empty()) {
+        for r in &policy.allow_out {
+            cmd.arg("--allow-out").arg(r.to_string());
+        }
+        for r in &policy.deny_out {
+            cmd.arg("--deny-out").arg(r.to_string());
+        }
+        if policy.isolate {
+            cmd.arg("--isolate");
+        }
     }
     // Resolve the accelerator here so the one line about a TCG fallback
     // reaches the user's terminal; the supervisor inherits the verdict.
@@ -1472,6 +1501,11 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
             crate::network::attach::check_saved_mode(n)?;
             cfg.network_mode = n.clone();
         }
+        if let Some(p) = &spec.policy {
+            cfg.network_policy = p.clone();
+        }
+        // The mode and the policy together: a saved policy stays enforceable.
+        cfg.network_policy.check(&cfg.network_mode)?;
         if let Some(d) = &spec.display {
             cfg.display = d.clone();
         }
@@ -1666,6 +1700,7 @@ mod tests {
             image_sha256: None,
             progress: false,
             url_destinations: Destinations::Any,
+            policy: Default::default(),
             initrd: None,
             cmdline: None,
             image: None,
@@ -1882,6 +1917,7 @@ mod tests {
             disk_size: None,
             network: None,
             display: None,
+            policy: None,
         };
         let e = execute(&ctx, Action::Set(set), &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("can be changed by group 100"), "{e}");

@@ -241,6 +241,13 @@ pub struct VmConfig {
     /// its gateway. Unsafe for untrusted guests; off unless set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unsafe_host_loopback: bool,
+    /// Egress rules and isolation, enforced in nat, host and bridged mode
+    /// (`network::policy`). Absent: no policy.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::network::policy::Policy::is_empty"
+    )]
+    pub network_policy: crate::network::policy::Policy,
     /// A random id of this VM, new for a clone: cloud-init's instance id is
     /// made from it. VMs created before lume recorded it get one at their
     /// next start.
@@ -463,6 +470,7 @@ mod tests {
             disk_format: DiskFormat::Raw,
             publish: vec!["127.0.0.1:2222:22".parse().unwrap()],
             unsafe_host_loopback: false,
+            network_policy: Default::default(),
             vm_id: None,
             cloud_init: Default::default(),
             extra: Map::new(),

@@ -31,6 +31,26 @@ pub struct NetworkDetails {
     /// `waiting-for-parent` (the parent interface is gone; the VM is
     /// re-attached when it is back) or `reattaching`.
     pub attachment: Option<String>,
+    /// The network policy: the run's while running, else the saved one;
+    /// absent when there is none (docs/networking.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<crate::network::policy::Policy>,
+    /// With a policy, while running: whether its filter is attached to the
+    /// VM's tap now (checked at every read). `false` means the VM's traffic
+    /// is not filtered: stop it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_in_force: Option<bool>,
+}
+
+/// Whether the run's policy filter is on its tap now.
+fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
+    if s.network_policy.is_empty() {
+        return None;
+    }
+    let tap = s.host_device.as_deref()?;
+    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    Some(crate::network::policy::tc::in_force(&mut nl, tap).unwrap_or(false))
 }
 
 /// The guest's address as far as it is known now: dnsmasq's lease of this
@@ -209,6 +229,12 @@ impl VmDetails {
                 .and_then(|s| s.note.clone())
                 .or_else(|| mode_note(mode)),
             attachment: state.as_ref().and_then(attachment),
+            policy: Some(match &state {
+                Some(s) => s.network_policy.clone(),
+                None => cfg.network_policy.clone(),
+            })
+            .filter(|p| !p.is_empty()),
+            policy_in_force: state.as_ref().and_then(policy_in_force),
         });
         if let Some(s) = state {
             d.accelerator = Some(s.accelerator.to_string());

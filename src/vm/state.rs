@@ -52,6 +52,12 @@ pub struct RunState {
     /// started before lume did this have a macvtap as `host_device` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
+    /// The network policy this run enforces (the saved one or the run's).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::network::policy::Policy::is_empty"
+    )]
+    pub network_policy: crate::network::policy::Policy,
 }
 
 impl RunState {

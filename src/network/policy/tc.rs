@@ -1,0 +1,273 @@
+//! Attaching the policy program to a VM's tap: an `ingress` qdisc and one
+//! direct-action `cls_bpf` filter, sent over lume's own rtnetlink socket
+//! (messages built by `netlink-packet-route`, as in [`super::super::uplink`]).
+//! The filter goes with the tap when the VM stops.
+
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkSerializable};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::tc::{
+    TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
+};
+use std::os::fd::AsRawFd;
+
+use super::Policy;
+use super::bpf::{self, Context, LoadError};
+use crate::network::netlink::{Netlink, NetlinkError};
+
+/// The filter's priority on the tap's ingress.
+const PRIORITY: u16 = 1;
+/// `ETH_P_ALL`: the program sees every frame.
+const ETH_P_ALL: u16 = 0x0003;
+
+/// Why a policy could not be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(
+        "Cannot attach the network policy to {tap}: the kernel needs the ingress qdisc and the bpf classifier (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF); the VM was not started"
+    )]
+    Attach {
+        tap: String,
+        #[source]
+        source: NetlinkError,
+    },
+}
+
+fn send(
+    nl: &mut Netlink,
+    op: &str,
+    msg: &RouteNetlinkMessage,
+    flags: u16,
+) -> Result<(), NetlinkError> {
+    let mut payload = vec![0; msg.buffer_len()];
+    msg.serialize(&mut payload);
+    nl.execute_serialized(op, msg.message_type(), flags, &payload)
+}
+
+/// Whether `tap` carries lume's policy filter now: its ingress filters are
+/// dumped and one must be the `bpf` filter named `lume_policy` in
+/// direct-action mode. A missing tap is not in force.
+pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
+    use netlink_packet_core::{Emitable, Parseable};
+    let Some(index) = nl.link_index(tap)? else {
+        return Ok(false);
+    };
+    let header = TcHeader {
+        index: index as i32,
+        parent: TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        },
+        ..Default::default()
+    };
+    let msg = TcMessage::from_parts(header, vec![]);
+    let mut payload = vec![0; msg.buffer_len()];
+    msg.emit(&mut payload);
+    const RTM_GETTFILTER: u16 = 46;
+    const RTM_NEWTFILTER: u16 = 44;
+    let replies = nl.dump_serialized(
+        &format!("list the filters of {tap}"),
+        RTM_GETTFILTER,
+        RTM_NEWTFILTER,
+        &payload,
+    )?;
+    Ok(replies.iter().any(|p| {
+        let Ok(m) = TcMessage::parse(p.as_slice()) else {
+            return false;
+        };
+        let bpf = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+        let ours = m.attributes.iter().any(|a| match a {
+            TcAttribute::Options(o) => {
+                o.iter().any(|x| {
+                    matches!(x, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("lume_policy"))
+                }) && o.iter().any(|x| {
+                    matches!(x, TcOption::Bpf(TcFilterBpfOption::Flags(f)) if f.contains(TcBpfFlags::DirectAction))
+                })
+            }
+            _ => false,
+        });
+        bpf && ours
+    }))
+}
+
+/// Compiles `policy` and attaches it to the ingress of `tap` (index `index`).
+pub fn enforce(
+    nl: &mut Netlink,
+    tap: &str,
+    index: u32,
+    policy: &Policy,
+    ctx: &Context,
+) -> Result<(), EnforceError> {
+    install(nl, tap, index, policy, ctx, false)
+}
+
+/// Replaces the program of the filter on `tap` in one step (the kernel
+/// swaps it atomically: no frame sees no filter), or puts qdisc and filter
+/// back when someone removed them.
+pub fn reinstall(
+    nl: &mut Netlink,
+    tap: &str,
+    index: u32,
+    policy: &Policy,
+    ctx: &Context,
+) -> Result<(), EnforceError> {
+    install(nl, tap, index, policy, ctx, true)
+}
+
+fn install(
+    nl: &mut Netlink,
+    tap: &str,
+    index: u32,
+    policy: &Policy,
+    ctx: &Context,
+    again: bool,
+) -> Result<(), EnforceError> {
+    let prog = bpf::load(&bpf::compile(policy, ctx))?;
+    let fail = |source| EnforceError::Attach {
+        tap: tap.to_string(),
+        source,
+    };
+    let qdisc = TcHeader {
+        index: index as i32,
+        handle: TcHandle {
+            major: 0xffff,
+            minor: 0,
+        },
+        parent: TcHandle::INGRESS,
+        ..Default::default()
+    };
+    let added = send(
+        nl,
+        &format!("add an ingress qdisc to {tap}"),
+        &RouteNetlinkMessage::NewQueueDiscipline(TcMessage::from_parts(
+            qdisc,
+            vec![TcAttribute::Kind("ingress".into())],
+        )),
+        NLM_F_CREATE | NLM_F_EXCL,
+    );
+    match added {
+        Ok(()) => {}
+        // The qdisc is there: bridged mode's own (its redirect filters sit
+        // on it, after the policy's priority), or, again, the one of the
+        // first install (only the filter is replaced).
+        Err(e) if e.errno() == Some(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let filter = TcHeader {
+        index: index as i32,
+        parent: TcHandle {
+            major: 0xffff,
+            minor: TcHandle::MIN_INGRESS,
+        },
+        handle: TcHandle { major: 0, minor: 1 },
+        info: (u32::from(PRIORITY) << 16) | u32::from(ETH_P_ALL.to_be()),
+        ..Default::default()
+    };
+    send(
+        nl,
+        &format!("attach the network policy to {tap}"),
+        &RouteNetlinkMessage::NewTrafficFilter(TcMessage::from_parts(
+            filter,
+            vec![
+                TcAttribute::Kind("bpf".into()),
+                TcAttribute::Options(vec![
+                    TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.as_raw_fd() as u32)),
+                    TcOption::Bpf(TcFilterBpfOption::ProgName("lume_policy".into())),
+                    TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+                ]),
+            ],
+        )),
+        if again {
+            NLM_F_CREATE | NLM_F_REPLACE
+        } else {
+            NLM_F_CREATE | NLM_F_EXCL
+        },
+    )
+    .map_err(fail)?;
+    Ok(())
+}
+
+/// How often the guard checks the filter and the host's addresses.
+pub const GUARD_PERIOD: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches one VM's filter while it runs: puts it back when it was removed
+/// (`tc qdisc del`, which nothing of lume's does), and, for `--isolate`,
+/// recompiles it when the host's addresses change (a new LAN, a VPN), so
+/// the isolated ranges follow the host. Stops when dropped.
+#[derive(Debug)]
+pub struct Guard {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Guard {
+    /// `host_nets`: how the host's networks are read (the same as at start).
+    pub fn start(
+        tap: String,
+        policy: Policy,
+        ctx: Context,
+        host_nets: fn(&mut Netlink) -> Result<Vec<super::Cidr>, NetlinkError>,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut ctx = ctx;
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(GUARD_PERIOD);
+                let Ok(mut nl) = Netlink::open() else {
+                    continue;
+                };
+                let Ok(Some(index)) = nl.link_index(&tap) else {
+                    continue;
+                };
+                let mut changed = false;
+                if policy.isolate
+                    && let Ok(mut nets) = host_nets(&mut nl)
+                {
+                    nets.sort_by_key(|c| (u32::from(c.addr), c.prefix));
+                    nets.dedup();
+                    if nets != ctx.host_nets {
+                        ctx.host_nets = nets;
+                        changed = true;
+                    }
+                }
+                let present = in_force(&mut nl, &tap).unwrap_or(true);
+                if (changed || !present) && !flag.load(Ordering::SeqCst) {
+                    let why = if present {
+                        "the host's addresses changed"
+                    } else {
+                        "its filter was removed"
+                    };
+                    match reinstall(&mut nl, &tap, index, &policy, &ctx) {
+                        Ok(()) => eprintln!(
+                            "{} network policy of {tap} re-applied: {why}",
+                            crate::util::time::timestamp()
+                        ),
+                        Err(e) => eprintln!(
+                            "{} network policy of {tap} could not be re-applied ({why}): {e}",
+                            crate::util::time::timestamp()
+                        ),
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
