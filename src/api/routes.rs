@@ -198,6 +198,10 @@ pub struct RunVmRequest {
     /// As `cpu`.
     #[schema(value_type = Option<Object>)]
     pub memory: Option<Value>,
+    /// Ours: discard the disk's changes when the VM stops
+    /// (docs/snapshots.md).
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// `POST /lume/vms/{name}/stop` (the body may be left out).
@@ -274,6 +278,8 @@ pub struct CloneVmRequest {
     /// Where the clone goes (name or absolute path; default: `storage`,
     /// else the server's own location).
     pub dest_location: Option<String>,
+    /// Ours: clone this snapshot of the VM (O(1); the VM may run).
+    pub snapshot: Option<String>,
 }
 
 /// lume's answer to a request that was done: `{"message": ...}` (stop,
@@ -1033,6 +1039,7 @@ pub async fn run_vm(
             .collect::<ApiResult<_>>()?,
         publish: ports(&r.publish)?,
         detach: true,
+        ephemeral: r.ephemeral,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even
@@ -1183,6 +1190,7 @@ pub async fn clone_vm(
         source: source.clone(),
         target,
         dest: Some(dest),
+        snapshot: r.snapshot.clone(),
     };
     match on_vm(&st, &caller, source_storage, &source, |ctx| {
         run(ctx, action)

@@ -55,6 +55,9 @@ pub struct LaunchSpec<'a> {
     pub console: &'a Path,
     /// Network arguments from the network mode.
     pub net_args: &'a [String],
+    /// The main disk: `-blockdev` nodes pinned by lume and its `-device`
+    /// ([`crate::vm::snapshot::prepare_run`]).
+    pub disk_args: &'a [String],
 }
 
 /// A regular file itself, not a symlink to one.
@@ -116,11 +119,6 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         // Memory the guest frees goes back to the host (free page reporting).
         "-device".into(),
         "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
-        "-drive".into(),
-        format!(
-            "file={},format=raw,if=virtio,discard=unmap",
-            opt_path(&dir.join("disk.img"))
-        ),
     ];
     if let Some(k) = &c.kernel_boot {
         let kernel = dir.join(&k.kernel);
@@ -174,6 +172,9 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         ]);
     }
     a.extend(spec.net_args.iter().cloned());
+    // After the network devices, as a `-drive if=virtio` device was: the
+    // guest sees its devices in the same PCI slots as before snapshots.
+    a.extend(spec.disk_args.iter().cloned());
     Ok(a.into_iter().map(OsString::from).collect())
 }
 
@@ -217,6 +218,7 @@ mod tests {
             disks: &disks,
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            disk_args: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -224,7 +226,6 @@ mod tests {
             .map(|s| s.into_string().unwrap())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains(&dir.path().join("disk.img").display().to_string()));
         assert!(joined.contains("-accel tcg"));
         assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(joined.contains("-smp 3"));
@@ -237,7 +238,7 @@ mod tests {
             .filter(|(a, _)| *a == "-drive")
             .map(|(_, d)| d)
             .collect();
-        assert_eq!(drives.len(), 3);
+        assert_eq!(drives.len(), 2);
         assert!(
             drives.iter().all(|d| d.contains("format=raw")),
             "{drives:?}"
@@ -264,6 +265,7 @@ mod tests {
             disks: &[],
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            disk_args: &[],
         };
         assert!(matches!(
             arguments(&spec),

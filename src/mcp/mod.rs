@@ -701,6 +701,7 @@ impl LumeMcp {
                 disks: Vec::new(),
                 publish: ports(a.publish)?,
                 detach: true,
+                ephemeral: false,
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
             let result = execute_noted(&ctx, Action::Run(spec), note);
@@ -761,6 +762,7 @@ impl LumeMcp {
                     source,
                     target,
                     dest: Some(dest),
+                    snapshot: None,
                 },
             )?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
