@@ -450,6 +450,7 @@ mod tests {
             accelerator: None,
             network: None,
             error: None,
+            snapshots: Vec::new(),
         }
     }
 

@@ -1984,6 +1984,7 @@ mod tests {
                 source: VmName::parse("b").unwrap(),
                 target: VmName::parse("c").unwrap(),
                 dest: None,
+                snapshot: None,
             },
             &mut |_| {},
         )

@@ -126,6 +126,9 @@ pub struct VmDetails {
     pub network: Option<NetworkDetails>,
     /// Why the VM is `invalid`; null otherwise.
     pub error: Option<String>,
+    /// Ours: the names of the VM's snapshots, oldest first
+    /// (docs/snapshots.md).
+    pub snapshots: Vec<String>,
 }
 
 impl VmDetails {
@@ -163,6 +166,10 @@ impl VmDetails {
             accelerator: None,
             network: None,
             error: None,
+            snapshots: crate::vm::snapshot::list(&vm.dir)
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
         };
         if d.status == "provisioning" {
             d.download_progress = crate::registry::pull::read_progress(&vm.dir);
