@@ -136,9 +136,13 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
     }
     assert!(!snaps.join("..").join("x").exists());
     // A VM that is starting (its lock held, no run.json yet) is refused.
-    let mut holder = Command::new("flock")
+    // (a POSIX record lock conflicts with lume's OFD lock)
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(30)",
+        ])
         .arg(home.vm_dir("sb").join(".lock"))
-        .args(["sleep", "30"])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));

@@ -368,8 +368,9 @@ pub fn supervise(
         qemu_pid: child.id(),
         accelerator: accel,
         network_mode: req.network.clone(),
-        started_at: unix_now(),
-        ip_address: net.ip_address.clone(),
+        // A restored memory snapshot goes on with the run it was taken in.
+        started_at: disk.incoming_started_at.unwrap_or_else(unix_now),
+        ip_address: net.ip_address.clone().or(disk.incoming_ip.clone()),
         host_device: net.host_device.clone(),
         published: req.attach.publish.clone(),
         parent: net.parent.clone(),

@@ -1676,19 +1676,25 @@ fn snapshot(
             collect_after_crash(ctx, &vm);
             // Running (run.json and the lock), stopped (no lock), or
             // starting/stopping (the lock without run.json): refused.
-            let running = match (
+            let (running, started_at, ip_address) = match (
                 VmLock::is_held(&vm.lock_path()).unwrap_or(true),
                 vm.running_state(),
             ) {
-                (true, Some(state)) => Some(state.guest_agent),
+                (true, Some(state)) => (
+                    Some(state.guest_agent),
+                    Some(state.started_at),
+                    super::details::guest_address(&state),
+                ),
                 (true, None) => return Err(snap::SnapshotError::Busy(name.to_string()).into()),
-                (false, _) => None,
+                (false, _) => (None, None, None),
             };
             let target = snap::Target {
                 name: name.as_str(),
                 dir: &vm.dir,
                 lock: &vm.lock_path(),
                 running,
+                started_at,
+                ip_address,
                 cpu_count: cfg.cpu_count,
                 memory_size: cfg.memory_size,
             };

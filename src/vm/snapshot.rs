@@ -134,6 +134,14 @@ pub struct Snapshot {
     pub memory: bool,
     pub cpu_count: u32,
     pub memory_size: u64,
+    /// A memory snapshot: when the run it was taken from started. A
+    /// restored run continues that run (the guest keeps the DHCP lease it
+    /// had then), so it counts from the same start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_started_at: Option<u64>,
+    /// A memory snapshot: the guest's address then (it keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -475,6 +483,10 @@ pub struct RunDisk {
     pub ephemeral: Option<PathBuf>,
     /// The memory state to load (`migrate-incoming`).
     pub incoming: Option<File>,
+    /// When the run the memory state comes from started.
+    pub incoming_started_at: Option<u64>,
+    /// The guest's address in that run.
+    pub incoming_ip: Option<String>,
 }
 
 impl RunDisk {
@@ -559,6 +571,10 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
                 .open(&p)
                 .map_err(io_at(&p))?;
             run.incoming = Some(f);
+            if let Ok(s) = get(vm_dir, "", &pending.snapshot) {
+                run.incoming_started_at = s.run_started_at;
+                run.incoming_ip = s.ip_address;
+            }
             args.extend(["-incoming".into(), "defer".into()]);
         }
     }
@@ -712,6 +728,10 @@ pub struct Target<'a> {
     pub lock: &'a Path,
     /// Running: whether the guest agent's channel is open (run.json).
     pub running: Option<Option<bool>>,
+    /// Running: when this run started (run.json).
+    pub started_at: Option<u64>,
+    /// Running: the guest's address, if known.
+    pub ip_address: Option<String>,
     pub cpu_count: u32,
     pub memory_size: u64,
 }
@@ -756,6 +776,8 @@ pub fn create(t: &Target<'_>, name: &str, memory: bool) -> Result<Snapshot, Snap
         memory,
         cpu_count: t.cpu_count,
         memory_size: t.memory_size,
+        run_started_at: if memory { t.started_at } else { None },
+        ip_address: if memory { t.ip_address.clone() } else { None },
     };
     if let Some(agent_open) = t.running {
         live(t, &snap, old.as_deref(), &new, agent_open)?;
@@ -1021,6 +1043,8 @@ mod tests {
             dir,
             lock: Box::leak(dir.join(".lock").into_boxed_path()),
             running: None,
+            started_at: None,
+            ip_address: None,
             cpu_count: 1,
             memory_size: 256 << 20,
         }
