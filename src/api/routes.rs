@@ -291,7 +291,7 @@ pub struct Message {
 }
 
 impl Message {
-    fn new(message: impl Into<String>) -> Self {
+    pub(super) fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
         }
@@ -604,7 +604,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Runs an action on a blocking thread: [`execute`] and its outcome.
-fn run(ctx: &Context, action: Action) -> ApiResult<Outcome> {
+pub(super) fn run(ctx: &Context, action: Action) -> ApiResult<Outcome> {
     execute(ctx, action, &mut |line: &str| super::log(line)).map_err(ApiError::from)
 }
 
@@ -625,7 +625,7 @@ async fn in_location<T: Send + 'static>(
 /// still arbitrate against the CLI and other servers); then, inside the
 /// blocking action, the location is decided and `f` runs. Nothing is
 /// checked before the turn, so nothing checked can change before the action.
-async fn on_vm<T: Send + 'static>(
+pub(super) async fn on_vm<T: Send + 'static>(
     st: &Arc<AppState>,
     caller: &Caller,
     storage: Option<&str>,
@@ -675,7 +675,7 @@ async fn power(
     .await
 }
 
-fn unexpected(o: &Outcome) -> ApiError {
+pub(super) fn unexpected(o: &Outcome) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("Unexpected outcome of the action: {o:?}"),

@@ -122,7 +122,7 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
 }
 
 /// One snapshot, as `snap-<name>.json` records it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     pub name: String,
