@@ -100,7 +100,17 @@ fn disk(ns: &Netns, ip: &str, write: Option<&str>) -> String {
 fn start(ns: &Netns, home: &Home, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["run", name, "--detach"];
     args.extend(extra);
-    ns.lume_ok(home, &args);
+    // A supervisor that was just killed may still be tearing down (QEMU
+    // exiting): "busy" for a moment, as for any start.
+    wait_for(&format!("lume {args:?}"), Duration::from_secs(20), || {
+        let out = ns.lume(home, &args);
+        if out.status.success() {
+            return Some(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("is busy"), "lume {args:?} failed: {err}");
+        None
+    });
     wait_console(home, name, "LUME-GUEST: lease", BOOT);
     details(ns, home, name)["ipAddress"]
         .as_str()
@@ -250,6 +260,28 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
     assert!(!files(&snaps).iter().any(|f| f.starts_with("ephemeral-")));
     ns.lume_ok(&home, &["stop", "sb"]);
 
+    // A disk-only snapshot of the stopped VM; restoring it leaves a
+    // stopped VM stopped, and a running one boots again on that disk.
+    ns.lume_ok(&home, &["snapshot", "create", "sb", "d"]);
+    let ip = start(&ns, &home, "sb", &[]);
+    assert_eq!(disk(&ns, &ip, Some("five")), "five");
+    ns.lume_ok(&home, &["stop", "sb"]);
+    let out = ns.lume_ok(&home, &["snapshot", "restore", "sb", "d"]);
+    assert!(out.contains("it is stopped"), "{out}");
+    let ip = start(&ns, &home, "sb", &[]);
+    assert_eq!(disk(&ns, &ip, None), "three");
+    assert_eq!(disk(&ns, &ip, Some("six")), "six");
+    let out = ns.lume_ok(&home, &["snapshot", "restore", "sb", "d"]);
+    assert!(out.contains("it is running"), "{out}");
+    wait_console(&home, "sb", "LUME-GUEST: lease", BOOT);
+    let ip = details(&ns, &home, "sb")["ipAddress"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(disk(&ns, &ip, None), "three");
+    ns.lume_ok(&home, &["stop", "sb"]);
+    ns.lume_ok(&home, &["snapshot", "delete", "sb", "d"]);
+
     // Deleting every snapshot leaves the VM's disk as it is.
     for s in ["s1", "s3"] {
         ns.lume_ok(&home, &["snapshot", "delete", "sb", s]);
@@ -270,6 +302,32 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
             .mode();
         assert_eq!(m & 0o777, 0o600, "{f}");
     }
+}
+
+/// A VM folder as an earlier release wrote it (no snapshots/, 0644 files):
+/// it runs unchanged, then takes and restores a memory snapshot.
+#[test]
+fn an_old_layout_vm_runs_and_snapshots() {
+    let g = guest_dir();
+    let home = Home::new();
+    let ns = Netns::new("so");
+    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap();
+    common::write_previous_release_vm(
+        &home,
+        "old",
+        &std::fs::read(g.join("vmlinuz")).unwrap(),
+        &std::fs::read(g.join("initrd.img")).unwrap(),
+        cmdline.trim(),
+    );
+    ns.lume_ok(&home, &["run", "old", "--detach"]);
+    wait_console(&home, "old", "LUME-GUEST: ready", BOOT);
+    assert!(!home.vm_dir("old").join("snapshots").exists());
+    ns.lume_ok(&home, &["snapshot", "create", "old", "m", "--memory"]);
+    ns.lume_ok(&home, &["stop", "old"]);
+    let out = ns.lume_ok(&home, &["snapshot", "restore", "old", "m"]);
+    assert!(out.contains("it is running"), "{out}");
+    assert!(!console(&home, "old").contains("LUME-GUEST: booted"));
+    ns.lume_ok(&home, &["stop", "old"]);
 }
 
 /// A guest that wrote a qcow2 header naming /etc/shadow as its backing file
