@@ -378,3 +378,67 @@ fn a_qcow2_header_written_by_the_guest_is_never_followed() {
     let err = ns.lume_fails(&home, &["snapshot", "create", "ev", "m", "--memory"]);
     assert!(err.contains("is not running"), "{err}");
 }
+
+/// The REST routes on a stopped VM (no boot needed): create, list, the
+/// refusals and their statuses, restore, delete, VMDetails' `snapshots`.
+#[test]
+fn snapshots_through_the_api() {
+    use common::api::{Api, Server};
+    use serde_json::json;
+    let home = Home::new();
+    let ns = Netns::new("sa");
+    ns.lume_ok(
+        &home,
+        &["create", "app", "--disk-size", "8MB", "--network", "none"],
+    );
+    let server = Server::start(&ns, &home, &[], &[]);
+    let api = Api::new(&ns, &server);
+    let made = api.post("/lume/vms/app/snapshots", json!({"name": "base"}));
+    assert_eq!(made.status, 201, "{made:?}");
+    assert_eq!(made.body["name"], "base");
+    assert_eq!(made.body["memory"], false);
+    api.fails(
+        api.post("/lume/vms/app/snapshots", json!({"name": "base"})),
+        409,
+        "already has a snapshot",
+    );
+    api.fails(
+        api.post(
+            "/lume/vms/app/snapshots",
+            json!({"name": "m", "memory": true}),
+        ),
+        409,
+        "is not running",
+    );
+    api.fails(
+        api.post("/lume/vms/app/snapshots", json!({"name": "../x"})),
+        400,
+        "Invalid snapshot name",
+    );
+    api.fails(
+        api.post("/lume/vms/app/snapshots/nope/restore", json!({})),
+        404,
+        "has no snapshot 'nope'",
+    );
+    let list = api.get("/lume/vms/app/snapshots");
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body.as_array().unwrap().len(), 1);
+    assert_eq!(api.get("/lume/vms/app").body["snapshots"], json!(["base"]));
+    let restored = api.post("/lume/vms/app/snapshots/base/restore", json!({}));
+    assert_eq!(restored.status, 200, "{restored:?}");
+    assert_eq!(restored.body["vm"]["status"], "stopped");
+    // A plain clone of a layered VM is refused; one from the snapshot works.
+    api.fails(
+        api.post("/lume/vms/clone", json!({"name": "app", "newName": "c1"})),
+        409,
+        "has snapshots",
+    );
+    let cloned = api.post(
+        "/lume/vms/clone",
+        json!({"name": "app", "newName": "c2", "snapshot": "base"}),
+    );
+    assert_eq!(cloned.status, 200, "{cloned:?}");
+    let gone = api.call("DELETE", "/lume/vms/app/snapshots/base", None);
+    assert_eq!(gone.status, 200, "{gone:?}");
+    assert_eq!(api.get("/lume/vms/app/snapshots").body, json!([]));
+}
