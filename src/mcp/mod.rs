@@ -1072,6 +1072,9 @@ fn check_arguments(
         "lume_exec" => fits::<ExecArgs>(v),
         "lume_resize_disk" => fits::<ResizeArgs>(v),
         "lume_network_doctor" => fits::<DoctorArgs>(v),
+        "lume_snapshot_create" => fits::<SnapshotCreateArgs>(v),
+        "lume_snapshot_list" => fits::<VmArgs>(v),
+        "lume_snapshot_restore" | "lume_snapshot_delete" => fits::<SnapshotArgs>(v),
         _ => Ok(()),
     };
     checked.map_err(|e| ToolError::Arguments {
@@ -1082,7 +1085,8 @@ fn check_arguments(
 
 const INSTRUCTIONS: &str = "lume manages QEMU Linux VMs on this host. Read the resource lume://usage-guide first. \
 Typical flow: lume_create_vm (from a cloud image) -> lume_run_vm -> lume_exec (user lume) -> lume_stop_vm; \
-lume_clone_vm a stopped golden VM for fresh sandboxes. Tools act with the rights of the user running `lume serve --mcp`.";
+lume_clone_vm a stopped golden VM for fresh sandboxes, or lume_snapshot_create / lume_snapshot_restore \
+(memory=true resumes a running sandbox in about a second) and lume_run_vm with ephemeral=true. Tools act with the rights of the user running `lume serve --mcp`.";
 
 impl ServerHandler for LumeMcp {
     fn get_info(&self) -> ServerConfig {
@@ -1368,7 +1372,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 11);
+        assert_eq!(tools.len(), 15);
         for t in tools {
             let required = t
                 .input_schema
