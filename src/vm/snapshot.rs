@@ -487,6 +487,11 @@ pub struct RunDisk {
     pub incoming_started_at: Option<u64>,
     /// The guest's address in that run.
     pub incoming_ip: Option<String>,
+    /// An ephemeral run: the VM's `known_hosts` as it was before (`None`:
+    /// there was none). A guest that makes new SSH host keys during the run
+    /// (a first boot) loses them at stop, so what `lume ssh` learned from
+    /// them is forgotten too.
+    known_hosts: Option<(PathBuf, Option<Vec<u8>>)>,
 }
 
 impl RunDisk {
@@ -494,6 +499,12 @@ impl RunDisk {
     pub fn finish(&self) {
         if let Some(p) = &self.ephemeral {
             let _ = fs::remove_file(p);
+        }
+        if let Some((path, before)) = &self.known_hosts {
+            let _ = match before {
+                Some(text) => write_private(path, text),
+                None => fs::remove_file(path),
+            };
         }
     }
 }
@@ -552,6 +563,14 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
         ]);
         below = EPHEMERAL_NODE.to_string();
         run.ephemeral = Some(p);
+        let kh = vm_dir.join("known_hosts");
+        let before = match fs::symlink_metadata(&kh) {
+            Ok(m) if m.file_type().is_file() && m.len() <= MAX_META => {
+                Some(fs::read(&kh).map_err(io_at(&kh))?)
+            }
+            _ => None,
+        };
+        run.known_hosts = Some((kh, before));
     }
     args.extend([
         "-device".into(),
@@ -1129,9 +1148,20 @@ mod tests {
     fn ephemeral_layers_are_dropped_and_a_foreign_header_is_refused() {
         let d = vm_dir();
         let dir = d.path();
+        std::fs::write(dir.join("known_hosts"), b"lume-t ssh-ed25519 AAAA\n").unwrap();
         let run = prepare_run(dir, true).unwrap();
         let eph = run.ephemeral.clone().unwrap();
         assert!(eph.exists());
+        // What `lume ssh` learns during the run is forgotten at its end.
+        std::fs::write(dir.join("known_hosts"), b"lume-t ssh-ed25519 BBBB\n").unwrap();
+        run.finish();
+        assert!(!eph.exists());
+        assert_eq!(
+            std::fs::read(dir.join("known_hosts")).unwrap(),
+            b"lume-t ssh-ed25519 AAAA\n"
+        );
+        let run = prepare_run(dir, true).unwrap();
+        let eph = run.ephemeral.clone().unwrap();
         // A killed supervisor: the next start removes it.
         let run2 = prepare_run(dir, false).unwrap();
         assert!(!eph.exists());
