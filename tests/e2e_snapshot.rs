@@ -150,12 +150,19 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
     let mut holder = Command::new("python3")
         .args([
             "-c",
-            "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(30)",
+            "import fcntl,sys,time; f=open(sys.argv[1],'a'); fcntl.lockf(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)",
         ])
         .arg(home.vm_dir("sb").join(".lock"))
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
     let err = ns.lume_fails(&home, &["snapshot", "create", "sb", "early"]);
     assert!(err.contains("is busy"), "{err}");
     holder.kill().unwrap();
