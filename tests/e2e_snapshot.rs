@@ -449,3 +449,106 @@ fn snapshots_through_the_api() {
     assert_eq!(gone.status, 200, "{gone:?}");
     assert_eq!(api.get("/lume/vms/app/snapshots").body, json!([]));
 }
+
+/// A filesystem that fills up while a memory snapshot is written: the
+/// command fails, nothing half-made is listed or left, the VM keeps
+/// running, and once there is room again a snapshot works.
+#[test]
+fn a_full_filesystem_fails_the_snapshot_and_leaves_everything_intact() {
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let g = guest_dir();
+    let home = Home::new();
+    let ns = Netns::new("se");
+    let dir = PathBuf::from(format!("/tmp/lume-enospc-{}", std::process::id()));
+    std::fs::create_dir(&dir).unwrap();
+    let _mount = Tmpfs(dir.clone());
+    common::sh(&format!(
+        "mount -t tmpfs -o size=160m,mode=0700 tmpfs {}",
+        dir.display()
+    ));
+    let storage = dir.display().to_string();
+    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap();
+    let (kernel, initrd) = (
+        g.join("vmlinuz").display().to_string(),
+        g.join("initrd.img").display().to_string(),
+    );
+    let l = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--storage", &storage]);
+        ns.lume(&home, &a)
+    };
+    let ok = |args: &[&str]| {
+        let out = l(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&[
+        "create",
+        "en",
+        "--cpu",
+        "1",
+        "--memory",
+        "192MB",
+        "--disk-size",
+        "16MB",
+        "--network",
+        "none",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        cmdline.trim(),
+    ]);
+    ok(&["snapshot", "create", "en", "s0"]);
+    ok(&["run", "en", "--detach"]);
+    let console = dir.join("en/console.log");
+    wait_for("the guest", BOOT, || {
+        std::fs::read_to_string(&console)
+            .ok()
+            .filter(|c| c.contains("LUME-GUEST: ready"))
+    });
+    // Fill the filesystem, leaving about 1 MiB.
+    let free = nix::sys::statvfs::statvfs(&dir).unwrap();
+    let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let filler = dir.join("filler");
+    let f = std::fs::File::create(&filler).unwrap();
+    let _ = nix::fcntl::posix_fallocate(
+        &f,
+        0,
+        avail.saturating_sub(1 << 20) as i64,
+    );
+    drop(f);
+    let out = l(&["snapshot", "create", "en", "m", "--memory"]);
+    assert!(!out.status.success(), "a snapshot into a full filesystem");
+    let listed = ok(&["snapshot", "list", "en", "-f", "json"]);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(!dir.join("en/snapshots/mem-m.state").exists());
+    let d: Value = serde_json::from_str(&ok(&["get", "en", "-f", "json"])).unwrap();
+    assert_eq!(d[0]["status"], "running");
+    // Room again: a memory snapshot works and restores without a boot.
+    std::fs::remove_file(&filler).unwrap();
+    ok(&["snapshot", "create", "en", "m", "--memory"]);
+    ok(&["stop", "en"]);
+    let out = ok(&["snapshot", "restore", "en", "m"]);
+    assert!(out.contains("it is running"), "{out}");
+    assert!(
+        !std::fs::read_to_string(&console)
+            .unwrap()
+            .contains("LUME-GUEST: booted")
+    );
+    ok(&["stop", "en"]);
+    // The disk-only snapshot taken first is intact too.
+    ok(&["snapshot", "restore", "en", "s0"]);
+}
