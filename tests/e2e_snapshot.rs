@@ -523,11 +523,7 @@ fn a_full_filesystem_fails_the_snapshot_and_leaves_everything_intact() {
     let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
     let filler = dir.join("filler");
     let f = std::fs::File::create(&filler).unwrap();
-    let _ = nix::fcntl::posix_fallocate(
-        &f,
-        0,
-        avail.saturating_sub(1 << 20) as i64,
-    );
+    let _ = nix::fcntl::posix_fallocate(&f, 0, avail.saturating_sub(1 << 20) as i64);
     drop(f);
     let out = l(&["snapshot", "create", "en", "m", "--memory"]);
     assert!(!out.status.success(), "a snapshot into a full filesystem");
@@ -551,4 +547,69 @@ fn a_full_filesystem_fails_the_snapshot_and_leaves_everything_intact() {
     ok(&["stop", "en"]);
     // The disk-only snapshot taken first is intact too.
     ok(&["snapshot", "restore", "en", "s0"]);
+}
+
+/// A guest whose agent channel is open but answers nothing (a stuck agent):
+/// a live disk snapshot is refused after the agent's timeout, nothing is
+/// left of it, and the guest runs on.
+#[test]
+fn a_stuck_guest_agent_refuses_a_live_disk_snapshot() {
+    let g = guest_dir();
+    let home = Home::new();
+    let ns = Netns::new("sg");
+    let cmdline = std::fs::read_to_string(g.join("cmdline")).unwrap();
+    let (kernel, initrd) = (
+        g.join("vmlinuz").display().to_string(),
+        g.join("initrd.img").display().to_string(),
+    );
+    let extra = format!("{} lume.agentport", cmdline.trim());
+    ns.lume_ok(
+        &home,
+        &[
+            "create",
+            "ag",
+            "--cpu",
+            "1",
+            "--memory",
+            "192MB",
+            "--disk-size",
+            "16MB",
+            "--network",
+            "none",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &extra,
+        ],
+    );
+    ns.lume_ok(&home, &["run", "ag", "--detach"]);
+    wait_console(&home, "ag", "LUME-GUEST: agent port held", BOOT);
+    wait_for(
+        "the agent channel in run.json",
+        Duration::from_secs(30),
+        || {
+            (details(&ns, &home, "ag")["status"] == "running"
+                && std::fs::read_to_string(home.vm_dir("ag").join("run.json"))
+                    .unwrap_or_default()
+                    .contains("\"guestAgent\": true"))
+            .then_some(())
+        },
+    );
+    let err = ns.lume_fails(&home, &["snapshot", "create", "ag", "live"]);
+    assert!(err.contains("needs the guest agent"), "{err}");
+    let snaps = home.vm_dir("ag").join("snapshots");
+    assert!(
+        !files(&snaps)
+            .iter()
+            .any(|f| f.starts_with("layer-") || f.starts_with("snap-")),
+        "{:?}",
+        files(&snaps)
+    );
+    assert!(!home.vm_dir("ag").join("snapshots/head.json").exists());
+    assert_eq!(details(&ns, &home, "ag")["status"], "running");
+    // The same VM with --memory: no agent needed.
+    ns.lume_ok(&home, &["snapshot", "create", "ag", "live", "--memory"]);
+    ns.lume_ok(&home, &["stop", "ag"]);
 }
