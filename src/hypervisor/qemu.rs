@@ -252,6 +252,45 @@ mod tests {
         assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
     }
 
+    /// The VM's disk comes from lume's pinned nodes, and its device after
+    /// the network's, where a `-drive if=virtio` device used to be created:
+    /// the guest's PCI slots (and so its interface names) stay as before.
+    #[test]
+    fn the_disk_nodes_and_device_follow_the_network_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: VmConfig =
+            serde_json::from_str(r#"{"os":"linux","cloudInit":{"enabled":false}}"#).unwrap();
+        let net = [
+            "-device".to_string(),
+            "virtio-net-pci,netdev=net0".to_string(),
+        ];
+        let disk = [
+            "-blockdev".to_string(),
+            r#"{"driver":"raw","node-name":"base"}"#.to_string(),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=base,id=disk0".to_string(),
+        ];
+        let spec = LaunchSpec {
+            name: "t",
+            dir: dir.path(),
+            config: &cfg,
+            accel: Accel::Tcg,
+            mounts: &[],
+            disks: &[],
+            console: Path::new("/proc/self/fd/3"),
+            net_args: &net,
+            disk_args: &disk,
+        };
+        let args: Vec<String> = arguments(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let at = |needle: &str| args.iter().position(|a| a.starts_with(needle)).unwrap();
+        assert!(at("virtio-net-pci") < at("virtio-blk-pci"), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("disk.img")), "{args:?}");
+    }
+
     #[test]
     fn a_disk_booted_vm_gets_its_seed_read_only_as_raw_and_a_missing_seed_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
