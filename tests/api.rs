@@ -622,6 +622,7 @@ fn errors_are_json_with_the_right_status() {
         [
             "DELETE /lume/config/locations/{name}",
             "DELETE /lume/vms/{name}",
+            "DELETE /lume/vms/{name}/snapshots/{snapshot}",
             "GET /lume/config",
             "GET /lume/config/locations",
             "GET /lume/host/status",
@@ -632,6 +633,7 @@ fn errors_are_json_with_the_right_status() {
             "GET /lume/network/interfaces",
             "GET /lume/vms",
             "GET /lume/vms/{name}",
+            "GET /lume/vms/{name}/snapshots",
             "GET /openapi.json",
             "PATCH /lume/vms/{name}",
             "POST /lume/config",
@@ -647,6 +649,8 @@ fn errors_are_json_with_the_right_status() {
             "POST /lume/vms/{name}/run",
             "POST /lume/vms/{name}/setup",
             "POST /lume/vms/{name}/shutdown",
+            "POST /lume/vms/{name}/snapshots",
+            "POST /lume/vms/{name}/snapshots/{snapshot}/restore",
             "POST /lume/vms/{name}/stop",
         ]
     );

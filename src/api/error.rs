@@ -123,6 +123,24 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of a failed snapshot command: 404 for a snapshot that
+/// does not exist, 409 when the VM's state forbids it now.
+fn snapshot_status(e: &crate::vm::snapshot::SnapshotError) -> StatusCode {
+    use crate::vm::snapshot::SnapshotError as S;
+    match e {
+        S::InvalidName(_) => StatusCode::BAD_REQUEST,
+        S::NotFound { .. } => StatusCode::NOT_FOUND,
+        S::Exists { .. }
+        | S::Busy(_)
+        | S::NeedsAgent { .. }
+        | S::MemoryNeedsRunning(_)
+        | S::Ephemeral(_)
+        | S::Layered { .. }
+        | S::ConfigChanged { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// The HTTP status of a failed action: 400 for a request that cannot be
 /// right, 404 for a VM that does not exist, 409 for one whose state forbids
 /// the action now (exists, running, busy), 500 for real failures.
@@ -149,6 +167,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         },
         VmError::Network(a) => attach_status(a),
         VmError::Policy(_) => StatusCode::BAD_REQUEST,
+        VmError::Snapshot(s) => snapshot_status(s),
         // The image the client named is not one lume imports, or not the
         // one its checksum names.
         VmError::Import(

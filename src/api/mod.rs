@@ -15,6 +15,7 @@ pub mod extract;
 pub mod listen;
 pub mod peer;
 pub mod routes;
+pub mod snapshots;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -288,6 +289,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .routes(routes!(routes::shutdown_vm))
         .routes(routes!(routes::restart_vm))
         .routes(routes!(routes::clone_vm))
+        .routes(routes!(
+            snapshots::list_snapshots,
+            snapshots::create_snapshot
+        ))
+        .routes(routes!(snapshots::restore_snapshot))
+        .routes(routes!(snapshots::delete_snapshot))
         .routes(routes!(routes::get_config, routes::update_config))
         .routes(routes!(routes::get_locations, routes::add_location))
         .routes(routes!(routes::remove_location))

@@ -232,6 +232,10 @@ pub struct RunVmRequest {
     /// As `cpu`.
     #[schema(value_type = Option<Object>)]
     pub memory: Option<Value>,
+    /// Ours: discard the disk's changes when the VM stops
+    /// (docs/snapshots.md).
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 /// `POST /lume/vms/{name}/stop` (the body may be left out).
@@ -308,6 +312,8 @@ pub struct CloneVmRequest {
     /// Where the clone goes (name or absolute path; default: `storage`,
     /// else the server's own location).
     pub dest_location: Option<String>,
+    /// Ours: clone this snapshot of the VM (O(1); the VM may run).
+    pub snapshot: Option<String>,
 }
 
 /// lume's answer to a request that was done: `{"message": ...}` (stop,
@@ -319,7 +325,7 @@ pub struct Message {
 }
 
 impl Message {
-    fn new(message: impl Into<String>) -> Self {
+    pub(super) fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
         }
@@ -632,7 +638,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Runs an action on a blocking thread: [`execute`] and its outcome.
-fn run(ctx: &Context, action: Action) -> ApiResult<Outcome> {
+pub(super) fn run(ctx: &Context, action: Action) -> ApiResult<Outcome> {
     execute(ctx, action, &mut |line: &str| super::log(line)).map_err(ApiError::from)
 }
 
@@ -653,7 +659,7 @@ async fn in_location<T: Send + 'static>(
 /// still arbitrate against the CLI and other servers); then, inside the
 /// blocking action, the location is decided and `f` runs. Nothing is
 /// checked before the turn, so nothing checked can change before the action.
-async fn on_vm<T: Send + 'static>(
+pub(super) async fn on_vm<T: Send + 'static>(
     st: &Arc<AppState>,
     caller: &Caller,
     storage: Option<&str>,
@@ -703,7 +709,7 @@ async fn power(
     .await
 }
 
-fn unexpected(o: &Outcome) -> ApiError {
+pub(super) fn unexpected(o: &Outcome) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("Unexpected outcome of the action: {o:?}"),
@@ -1070,6 +1076,7 @@ pub async fn run_vm(
         publish: ports(&r.publish)?,
         detach: true,
         policy: policy(r.network_policy)?.filter(|p| !p.is_empty()),
+        ephemeral: r.ephemeral,
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even
@@ -1220,6 +1227,7 @@ pub async fn clone_vm(
         source: source.clone(),
         target,
         dest: Some(dest),
+        snapshot: r.snapshot.clone(),
     };
     match on_vm(&st, &caller, source_storage, &source, |ctx| {
         run(ctx, action)

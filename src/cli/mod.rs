@@ -176,6 +176,8 @@ pub enum Command {
     Clone(CloneArgs),
     /// Delete a VM and its disk
     Delete(DeleteArgs),
+    /// Disk and memory snapshots of a VM (ours; see docs/snapshots.md)
+    Snapshot(SnapshotArgs),
     /// Open a shell in a running VM, or run one command there, over SSH as user lume
     Ssh(SshArgs),
     /// Show or change global settings
@@ -448,6 +450,9 @@ pub struct RunArgs {
     /// Return once the VM is running, leaving it to a background supervisor
     #[arg(long)]
     pub detach: bool,
+    /// Discard every disk change when the VM stops (a throwaway sandbox; see docs/snapshots.md)
+    #[arg(long)]
+    pub ephemeral: bool,
     /// Network mode for this run only
     #[arg(long)]
     pub network: Option<NetworkMode>,
@@ -579,6 +584,52 @@ pub struct LsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of a VM's disk (and memory with --memory); O(1)
+    Create {
+        name: VmName,
+        /// The snapshot's name (default: snapshot-<unix time>)
+        snap: Option<String>,
+        /// Also save the running VM's memory: a restore resumes it where it was
+        #[arg(long)]
+        memory: bool,
+        #[command(flatten)]
+        storage: StorageArg,
+    },
+    /// List a VM's snapshots
+    #[command(alias = "ls")]
+    List {
+        name: VmName,
+        /// Output format
+        #[arg(long, short = 'f', value_enum, default_value_t)]
+        format: Format,
+        #[command(flatten)]
+        storage: StorageArg,
+    },
+    /// Put a VM back to a snapshot (a memory snapshot resumes the VM running)
+    Restore {
+        name: VmName,
+        snap: String,
+        #[command(flatten)]
+        storage: StorageArg,
+    },
+    /// Delete a snapshot (the others and the VM's disk stay as they are)
+    #[command(alias = "rm")]
+    Delete {
+        name: VmName,
+        snap: String,
+        #[command(flatten)]
+        storage: StorageArg,
+    },
+}
+
+#[derive(Debug, Args)]
 pub struct GetArgs {
     pub name: VmName,
     /// Output format
@@ -648,6 +699,9 @@ pub struct CloneArgs {
     /// Destination VM storage location (name or path; default: the default location, as in lume)
     #[arg(long, value_name = "NAME|PATH", conflicts_with = "storage")]
     pub dest_storage: Option<String>,
+    /// Clone this snapshot of the VM (O(1); the VM may be running)
+    #[arg(long, value_name = "SNAP")]
+    pub snapshot: Option<String>,
     /// Both VMs in this location (source and destination)
     #[command(flatten)]
     pub storage: StorageArg,
@@ -1014,6 +1068,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     publish: a.publish,
                     detach: a.detach,
                     policy: a.policy.policy(),
+                    ephemeral: a.ephemeral,
                 }),
                 Format::Text,
             )
@@ -1142,6 +1197,38 @@ pub fn run(cli: Cli) -> Result<i32> {
             return Ok(0);
         }
         Command::Get(a) => (a.storage, Action::Get { name: a.name }, a.format),
+        Command::Snapshot(a) => {
+            use crate::vm::actions::SnapshotOp;
+            let (storage, name, op, format) = match a.command {
+                SnapshotCommand::Create {
+                    name,
+                    snap,
+                    memory,
+                    storage,
+                } => (
+                    storage,
+                    name,
+                    SnapshotOp::Create { snap, memory },
+                    Format::Text,
+                ),
+                SnapshotCommand::List {
+                    name,
+                    format,
+                    storage,
+                } => (storage, name, SnapshotOp::List, format),
+                SnapshotCommand::Restore {
+                    name,
+                    snap,
+                    storage,
+                } => (storage, name, SnapshotOp::Restore { snap }, Format::Text),
+                SnapshotCommand::Delete {
+                    name,
+                    snap,
+                    storage,
+                } => (storage, name, SnapshotOp::Delete { snap }, Format::Text),
+            };
+            (storage, Action::Snapshot { name, op }, format)
+        }
         Command::Set(a) => {
             a.refused()?;
             let spec = SetSpec {
@@ -1203,6 +1290,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     source: a.name,
                     target: a.new_name,
                     dest: Some(dest),
+                    snapshot: a.snapshot,
                 },
                 Format::Text,
             )
@@ -1360,7 +1448,8 @@ fn action_vm(action: &Action) -> Option<&VmName> {
         | Action::Restart { name, .. }
         | Action::Get { name }
         | Action::SetHostLoopback { name, .. }
-        | Action::Delete { name, .. } => Some(name),
+        | Action::Delete { name, .. }
+        | Action::Snapshot { name, .. } => Some(name),
         Action::Set(spec) => Some(&spec.name),
         Action::Clone { source, .. } => Some(source),
     }

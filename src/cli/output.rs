@@ -278,6 +278,21 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
             outln!("{}", serde_json::to_string_pretty(images)?)
         }
         (Outcome::Images(images), Format::Text) => outln!("{}", images_table(images).trim_end()),
+        (Outcome::Snapshots(s), Format::Json) => outln!("{}", serde_json::to_string_pretty(s)?),
+        (Outcome::Snapshots(s), Format::Text) if s.is_empty() => outln!("No snapshots"),
+        (Outcome::Snapshots(s), Format::Text) => {
+            let mut t = Table::new();
+            t.load_style(NOTHING);
+            t.set_header(["name", "created", "memory"]);
+            for snap in s {
+                t.add_row([
+                    snap.name.clone(),
+                    crate::util::time::format_utc(snap.created_at, 0),
+                    if snap.memory { "yes" } else { "no" }.to_string(),
+                ]);
+            }
+            outln!("{t}");
+        }
         (o, _) => {
             if let Some(line) = outcome_line(o) {
                 outln!("{line}");
@@ -369,7 +384,27 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             p.manifest_digest
         ),
         Outcome::Pruned(_) => "Successfully removed cached images".to_string(),
-        Outcome::List(_) | Outcome::Details(_) | Outcome::Exited(_) | Outcome::Images(_) => {
+        Outcome::SnapshotTaken(s) => format!(
+            "Snapshot '{}' taken{}",
+            s.name,
+            if s.memory {
+                " (disk and memory)"
+            } else {
+                " (disk)"
+            }
+        ),
+        Outcome::SnapshotRestored { snapshot, details } => format!(
+            "VM '{}' restored to snapshot '{}'; it is {}",
+            details.name, snapshot.name, details.status
+        ),
+        Outcome::SnapshotDeleted { name, snap } => {
+            format!("Snapshot '{snap}' of VM '{name}' deleted")
+        }
+        Outcome::List(_)
+        | Outcome::Details(_)
+        | Outcome::Exited(_)
+        | Outcome::Images(_)
+        | Outcome::Snapshots(_) => {
             return None;
         }
     })
@@ -435,6 +470,7 @@ mod tests {
             accelerator: None,
             network: None,
             error: None,
+            snapshots: Vec::new(),
         }
     }
 

@@ -156,6 +156,20 @@ impl Agent {
         }
     }
 
+    /// Freezes (`true`) or thaws the guest's filesystems
+    /// (`guest-fsfreeze-freeze` / `guest-fsfreeze-thaw`); the number of
+    /// filesystems the agent froze or thawed.
+    pub fn fsfreeze(&mut self, freeze: bool, within: Duration) -> Result<u64, AgentError> {
+        self.ping(within)?;
+        let cmd = if freeze {
+            "guest-fsfreeze-freeze"
+        } else {
+            "guest-fsfreeze-thaw"
+        };
+        let r = self.command(cmd, None, Instant::now() + within, within)?;
+        Ok(r.as_u64().unwrap_or(0))
+    }
+
     fn command(
         &mut self,
         command: &str,

@@ -55,6 +55,9 @@ pub struct LaunchSpec<'a> {
     pub console: &'a Path,
     /// Network arguments from the network mode.
     pub net_args: &'a [String],
+    /// The main disk: `-blockdev` nodes pinned by lume and its `-device`
+    /// ([`crate::vm::snapshot::prepare_run`]).
+    pub disk_args: &'a [String],
 }
 
 /// A regular file itself, not a symlink to one.
@@ -116,11 +119,6 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         // Memory the guest frees goes back to the host (free page reporting).
         "-device".into(),
         "virtio-balloon-pci,id=balloon0,free-page-reporting=on".into(),
-        "-drive".into(),
-        format!(
-            "file={},format=raw,if=virtio,discard=unmap",
-            opt_path(&dir.join("disk.img"))
-        ),
     ];
     if let Some(k) = &c.kernel_boot {
         let kernel = dir.join(&k.kernel);
@@ -174,6 +172,9 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         ]);
     }
     a.extend(spec.net_args.iter().cloned());
+    // After the network devices, as a `-drive if=virtio` device was: the
+    // guest sees its devices in the same PCI slots as before snapshots.
+    a.extend(spec.disk_args.iter().cloned());
     Ok(a.into_iter().map(OsString::from).collect())
 }
 
@@ -218,6 +219,7 @@ mod tests {
             disks: &disks,
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            disk_args: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -225,7 +227,6 @@ mod tests {
             .map(|s| s.into_string().unwrap())
             .collect();
         let joined = args.join(" ");
-        assert!(joined.contains(&dir.path().join("disk.img").display().to_string()));
         assert!(joined.contains("-accel tcg"));
         assert!(joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"));
         assert!(joined.contains("-smp 3"));
@@ -238,7 +239,7 @@ mod tests {
             .filter(|(a, _)| *a == "-drive")
             .map(|(_, d)| d)
             .collect();
-        assert_eq!(drives.len(), 3);
+        assert_eq!(drives.len(), 2);
         assert!(
             drives.iter().all(|d| d.contains("format=raw")),
             "{drives:?}"
@@ -250,6 +251,45 @@ mod tests {
         assert!(joined.contains("id=qga-port,name=org.qemu.guest_agent.0"));
         assert!(joined.contains("-qmp unix:events.sock,server=on,wait=off"));
         assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
+    }
+
+    /// The VM's disk comes from lume's pinned nodes, and its device after
+    /// the network's, where a `-drive if=virtio` device used to be created:
+    /// the guest's PCI slots (and so its interface names) stay as before.
+    #[test]
+    fn the_disk_nodes_and_device_follow_the_network_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: VmConfig =
+            serde_json::from_str(r#"{"os":"linux","cloudInit":{"enabled":false}}"#).unwrap();
+        let net = [
+            "-device".to_string(),
+            "virtio-net-pci,netdev=net0".to_string(),
+        ];
+        let disk = [
+            "-blockdev".to_string(),
+            r#"{"driver":"raw","node-name":"base"}"#.to_string(),
+            "-device".to_string(),
+            "virtio-blk-pci,drive=base,id=disk0".to_string(),
+        ];
+        let spec = LaunchSpec {
+            name: "t",
+            dir: dir.path(),
+            config: &cfg,
+            accel: Accel::Tcg,
+            mounts: &[],
+            disks: &[],
+            console: Path::new("/proc/self/fd/3"),
+            net_args: &net,
+            disk_args: &disk,
+        };
+        let args: Vec<String> = arguments(&spec)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        let at = |needle: &str| args.iter().position(|a| a.starts_with(needle)).unwrap();
+        assert!(at("virtio-net-pci") < at("virtio-blk-pci"), "{args:?}");
+        assert!(!args.iter().any(|a| a.contains("disk.img")), "{args:?}");
     }
 
     #[test]
@@ -265,6 +305,7 @@ mod tests {
             disks: &[],
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            disk_args: &[],
         };
         assert!(matches!(
             arguments(&spec),

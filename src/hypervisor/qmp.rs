@@ -40,6 +40,42 @@ pub enum QmpError {
     Command { command: String, desc: String },
 }
 
+/// Sends `data` with one descriptor attached (SCM_RIGHTS); the bytes sent.
+fn send_with_fd(
+    sock: std::os::fd::RawFd,
+    data: &[u8],
+    fd: std::os::fd::RawFd,
+) -> std::io::Result<usize> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points to `space` bytes, room for one header and
+    // one descriptor, so CMSG_FIRSTHDR is non-null and CMSG_DATA is inside
+    // the buffer; iov points to `data`, alive for the call.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// A connected, negotiated QMP session.
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -97,6 +133,32 @@ impl Qmp {
             return Err(QmpError::Closed);
         }
         Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Hands QEMU an open descriptor under `name` (`getfd`, the descriptor
+    /// travels as SCM_RIGHTS with the command), for `fd:NAME` URIs.
+    pub fn send_fd(&mut self, name: &str, fd: std::os::fd::RawFd) -> Result<(), QmpError> {
+        let mut text = serde_json::to_vec(&json!({
+            "execute": "getfd",
+            "arguments": {"fdname": name}
+        }))?;
+        text.push(b'\n');
+        let sent = send_with_fd(self.writer.as_raw_fd(), &text, fd)?;
+        if sent != text.len() {
+            self.writer.write_all(&text[sent..])?;
+        }
+        loop {
+            let reply = self.read_message()?;
+            if reply.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(QmpError::Command {
+                    command: "getfd".into(),
+                    desc: e["desc"].as_str().unwrap_or("unknown error").to_string(),
+                });
+            }
+        }
     }
 
     /// Runs one command and returns its `return` value; events are skipped.

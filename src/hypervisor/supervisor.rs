@@ -55,6 +55,8 @@ pub enum RunError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     Network(#[from] AttachError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::vm::snapshot::SnapshotError),
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error(
@@ -133,6 +135,9 @@ pub struct RunRequest {
     pub stop_timeout: Duration,
     pub accel: AccelChoice,
     pub attach: AttachOptions,
+    /// Disk changes go to a throwaway layer, removed at stop
+    /// (`run --ephemeral`).
+    pub ephemeral: bool,
 }
 
 /// Set by `run --detach` for its supervisor: the file its output goes to,
@@ -236,6 +241,16 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
 
+    // The disk: the layer chain pinned by lume, an ephemeral layer, a
+    // pending memory restore. The ephemeral layer goes when `disk` does.
+    let disk = crate::vm::snapshot::prepare_run(&vm.dir, req.ephemeral)?;
+    if disk.ephemeral.is_some() {
+        log("Ephemeral run: disk changes are discarded when the VM stops");
+    }
+    if disk.incoming.is_some() {
+        log("Restoring the VM's memory from a snapshot");
+    }
+
     install_signal_handlers();
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
     let net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
@@ -303,6 +318,7 @@ pub fn supervise(
         disks: &disks,
         console: &console,
         net_args: &net.qemu_args,
+        disk_args: &disk.args,
     };
     let args = qemu::arguments(&spec)?;
     let binary = qemu::find_qemu()?;
@@ -352,8 +368,9 @@ pub fn supervise(
         qemu_pid: child.id(),
         accelerator: accel,
         network_mode: req.network.clone(),
-        started_at: unix_now(),
-        ip_address: net.ip_address.clone(),
+        // A restored memory snapshot goes on with the run it was taken in.
+        started_at: disk.incoming_started_at.unwrap_or_else(unix_now),
+        ip_address: net.ip_address.clone().or(disk.incoming_ip.clone()),
         host_device: net.host_device.clone(),
         published: req.attach.publish.clone(),
         parent: net.parent.clone(),
@@ -368,6 +385,7 @@ pub fn supervise(
     let output = QemuOutput {
         stderr_path: &stderr_path,
         pumps: &pumps,
+        incoming: disk.incoming.as_ref(),
     };
     let result = run_until_exit(vm, &mut child, req, &net, state, &output, announce);
     if result.is_err() {
@@ -384,6 +402,7 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
+    disk.finish();
     result
 }
 
@@ -419,6 +438,8 @@ fn drain(pumps: &[std::thread::JoinHandle<()>]) {
 struct QemuOutput<'a> {
     stderr_path: &'a Path,
     pumps: &'a [std::thread::JoinHandle<()>],
+    /// A memory snapshot to load before the VM counts as running.
+    incoming: Option<&'a File>,
 }
 
 fn run_until_exit(
@@ -430,7 +451,11 @@ fn run_until_exit(
     output: &QemuOutput<'_>,
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
-    let QemuOutput { stderr_path, pumps } = *output;
+    let QemuOutput {
+        stderr_path,
+        pumps,
+        incoming,
+    } = *output;
     let started = Instant::now();
     const QMP_DEADLINE: Duration = Duration::from_secs(30);
     loop {
@@ -451,7 +476,17 @@ fn run_until_exit(
                 stderr_path.to_path_buf(),
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if let Some(state_file) = incoming {
+        let loaded = Qmp::connect(&vm.dir)
+            .map_err(crate::vm::snapshot::SnapshotError::Qmp)
+            .and_then(|mut q| crate::vm::snapshot::load_memory(&mut q, state_file));
+        if let Err(e) = loaded {
+            drain(pumps);
+            return Err(e.into());
+        }
+        log("Memory restored: the guest goes on where its snapshot was taken");
     }
 
     // Whether the guest holds the agent's channel open, from QEMU's events.

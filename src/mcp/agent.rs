@@ -530,6 +530,7 @@ mod tests {
             accelerator: Some("tcg".into()),
             network: None,
             error: None,
+            snapshots: Vec::new(),
         };
         let t = started_text(&d);
         assert!(

@@ -443,6 +443,8 @@ pub struct RunArgs {
     pub no_display: Option<bool>,
     /// Refused: shared directories are not supported by lume on Linux yet
     pub shared_dir: Option<String>,
+    /// Discard every disk change when the VM stops (a throwaway sandbox; default: false)
+    pub ephemeral: Option<bool>,
     /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
 }
@@ -466,7 +468,33 @@ pub struct CloneArgs {
     pub name: String,
     /// Name for the cloned VM
     pub new_name: String,
+    /// Clone this snapshot of the VM (O(1); the VM may then be running)
+    pub snapshot: Option<String>,
     /// Optional storage location of both (default: the source's location for the source, the default location for the clone)
+    pub storage: Option<String>,
+}
+
+/// Arguments of `lume_snapshot_create`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SnapshotCreateArgs {
+    /// Name of the VM
+    pub name: String,
+    /// Name of the snapshot (default: snapshot-<unix time>): 1 to 64 letters, digits, '.', '_' or '-'
+    pub snapshot: Option<String>,
+    /// Also save the running VM's memory, so that a restore resumes it where it was (default: false)
+    pub memory: Option<bool>,
+    /// Optional storage location name or path (default: the location holding the VM)
+    pub storage: Option<String>,
+}
+
+/// Arguments of `lume_snapshot_restore` and `lume_snapshot_delete`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SnapshotArgs {
+    /// Name of the VM
+    pub name: String,
+    /// Name of the snapshot
+    pub snapshot: String,
+    /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
 }
 
@@ -743,6 +771,7 @@ impl LumeMcp {
                 publish: ports(a.publish)?,
                 detach: true,
                 policy: Some(policy(a.allow_out, a.deny_out, a.isolate)?).filter(|p| !p.is_empty()),
+                ephemeral: a.ephemeral.unwrap_or(false),
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
             let result = execute_noted(&ctx, Action::Run(spec), note);
@@ -800,8 +829,90 @@ impl LumeMcp {
                     source,
                     target,
                     dest: Some(dest),
+                    snapshot: a.snapshot,
                 })
             })?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_snapshot_create",
+        description = "Take a snapshot of a VM (O(1) in time and space): of its disk (a running VM needs its guest agent, which freezes the guest's filesystems), or with memory=true of the whole running VM, which lume_snapshot_restore resumes in under a second"
+    )]
+    async fn snapshot_create(
+        &self,
+        Parameters(a): Parameters<SnapshotCreateArgs>,
+    ) -> CallToolResult {
+        let storage = self.storage(a.storage);
+        blocking(move || {
+            let name = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&name))?;
+            let op = vm::actions::SnapshotOp::Create {
+                snap: a.snapshot,
+                memory: a.memory.unwrap_or(false),
+            };
+            let (outcome, notes) = execute(&ctx, Action::Snapshot { name, op })?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_snapshot_list",
+        description = "List a VM's snapshots (JSON: name, createdAt, memory, ...), oldest first"
+    )]
+    async fn snapshot_list(&self, Parameters(a): Parameters<VmArgs>) -> CallToolResult {
+        let storage = self.storage(a.storage);
+        blocking(move || {
+            let name = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&name))?;
+            let op = vm::actions::SnapshotOp::List;
+            match execute(&ctx, Action::Snapshot { name, op })?.0 {
+                Outcome::Snapshots(s) => Ok(ok_text(json_text(&s))),
+                o => Ok(ok_text(outcome_text(&o, &[]))),
+            }
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_snapshot_restore",
+        description = "Put a VM back to one of its snapshots, discarding its present state: a running VM is forced off first; a memory snapshot resumes the VM running where it was (same address), a disk snapshot leaves it as it was (running VMs boot again)"
+    )]
+    async fn snapshot_restore(&self, Parameters(a): Parameters<SnapshotArgs>) -> CallToolResult {
+        let storage = self.storage(a.storage);
+        blocking(move || {
+            let name = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&name))?;
+            let op = vm::actions::SnapshotOp::Restore { snap: a.snapshot };
+            let result = execute(
+                &ctx,
+                Action::Snapshot {
+                    name: name.clone(),
+                    op,
+                },
+            );
+            // A started supervisor is this server's child: reap it when it exits.
+            crate::api::reap_supervisor(&ctx.store, &name);
+            let (outcome, notes) = result?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_snapshot_delete",
+        description = "Delete one snapshot of a VM; its other snapshots and its disk stay as they are"
+    )]
+    async fn snapshot_delete(&self, Parameters(a): Parameters<SnapshotArgs>) -> CallToolResult {
+        let storage = self.storage(a.storage);
+        blocking(move || {
+            let name = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&name))?;
+            let op = vm::actions::SnapshotOp::Delete { snap: a.snapshot };
+            let (outcome, notes) = execute(&ctx, Action::Snapshot { name, op })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -995,6 +1106,9 @@ fn check_arguments(
         "lume_exec" => fits::<ExecArgs>(v),
         "lume_resize_disk" => fits::<ResizeArgs>(v),
         "lume_network_doctor" => fits::<DoctorArgs>(v),
+        "lume_snapshot_create" => fits::<SnapshotCreateArgs>(v),
+        "lume_snapshot_list" => fits::<VmArgs>(v),
+        "lume_snapshot_restore" | "lume_snapshot_delete" => fits::<SnapshotArgs>(v),
         _ => Ok(()),
     };
     checked.map_err(|e| ToolError::Arguments {
@@ -1005,7 +1119,8 @@ fn check_arguments(
 
 const INSTRUCTIONS: &str = "lume manages QEMU Linux VMs on this host. Read the resource lume://usage-guide first. \
 Typical flow: lume_create_vm (from a cloud image) -> lume_run_vm -> lume_exec (user lume) -> lume_stop_vm; \
-lume_clone_vm a stopped golden VM for fresh sandboxes. Tools act with the rights of the user running `lume serve --mcp`.";
+lume_clone_vm a stopped golden VM for fresh sandboxes, or lume_snapshot_create / lume_snapshot_restore \
+(memory=true resumes a running sandbox in about a second) and lume_run_vm with ephemeral=true. Tools act with the rights of the user running `lume serve --mcp`.";
 
 impl ServerHandler for LumeMcp {
     fn get_info(&self) -> ServerConfig {
@@ -1291,7 +1406,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 11);
+        assert_eq!(tools.len(), 15);
         for t in tools {
             let required = t
                 .input_schema

@@ -53,6 +53,8 @@ pub enum VmError {
     Keys(#[from] crate::guest::keys::KeyError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Snapshot(#[from] super::snapshot::SnapshotError),
     #[error("macOS guests need an Apple host: lume on Linux creates Linux VMs (--os linux)")]
     MacOsGuest,
     #[error("Unknown OS '{0}': use --os linux")]
@@ -261,6 +263,8 @@ pub struct RunSpec {
     pub detach: bool,
     /// Replaces the saved network policy for this run only.
     pub policy: Option<crate::network::policy::Policy>,
+    /// Disk changes are discarded when the VM stops (docs/snapshots.md).
+    pub ephemeral: bool,
 }
 
 /// What `set` changes.
@@ -329,7 +333,11 @@ pub enum Action {
         source: VmName,
         target: VmName,
         dest: Option<Store>,
+        /// From this snapshot of the source (O(1); the source may run).
+        snapshot: Option<String>,
     },
+    /// Snapshots of one VM (docs/snapshots.md).
+    Snapshot { name: VmName, op: SnapshotOp },
     /// Remove a VM, stopping it first when it runs (as lume). `force` or
     /// `confirmed` (the user agreed) must be given.
     Delete {
@@ -348,6 +356,26 @@ pub enum Action {
     Images { organization: String },
     /// Remove the cached images.
     Prune,
+}
+
+/// What `Action::Snapshot` does.
+#[derive(Debug, Clone)]
+pub enum SnapshotOp {
+    /// Take a snapshot (named `snapshot-<unix time>` when no name is
+    /// given); `memory` also saves the running VM's memory.
+    Create {
+        snap: Option<String>,
+        memory: bool,
+    },
+    List,
+    /// Go back to a snapshot; a memory snapshot (or a VM that was running)
+    /// is started again.
+    Restore {
+        snap: String,
+    },
+    Delete {
+        snap: String,
+    },
 }
 
 /// What an action produced.
@@ -380,6 +408,18 @@ pub enum Outcome {
     Pushed(crate::registry::push::Pushed),
     Images(Vec<crate::registry::cache::CachedImage>),
     Pruned(usize),
+    /// A snapshot was taken.
+    SnapshotTaken(super::snapshot::Snapshot),
+    Snapshots(Vec<super::snapshot::Snapshot>),
+    /// The VM is back at the snapshot; `details` says whether it runs.
+    SnapshotRestored {
+        snapshot: super::snapshot::Snapshot,
+        details: VmDetails,
+    },
+    SnapshotDeleted {
+        name: VmName,
+        snap: String,
+    },
 }
 
 /// Where actions find VMs and settings.
@@ -455,7 +495,15 @@ pub fn execute(
             source,
             target,
             dest,
-        } => clone(store, dest.as_ref().unwrap_or(store), &source, &target),
+            snapshot,
+        } => clone(
+            store,
+            dest.as_ref().unwrap_or(store),
+            &source,
+            &target,
+            snapshot.as_deref(),
+        ),
+        Action::Snapshot { name, op } => snapshot(ctx, &name, op, note),
         Action::Delete {
             name,
             force,
@@ -592,6 +640,13 @@ fn push(
     let store = &ctx.store;
     let vm = store.open(name)?;
     store.check_private(Some(&vm))?;
+    if super::snapshot::is_layered(&vm.dir) {
+        return Err(super::snapshot::SnapshotError::Layered {
+            vm: name.to_string(),
+            what: "push",
+        }
+        .into());
+    }
     let mut spec = spec.clone();
     if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
         spec.public_only = false;
@@ -979,6 +1034,7 @@ fn run_request(
                 .as_ref()
                 .map(|n| (n.to_string(), ctx.store.vm(n).dir)),
         },
+        ephemeral: spec.ephemeral,
     })
 }
 
@@ -1123,6 +1179,9 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         if policy.isolate {
             cmd.arg("--isolate");
         }
+    }
+    if spec.ephemeral {
+        cmd.arg("--ephemeral");
     }
     // Resolve the accelerator here so the one line about a TCG fallback
     // reaches the user's terminal; the supervisor inherits the verdict.
@@ -1475,6 +1534,13 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
         ),
         None => None,
     };
+    if spec.disk_size.is_some() && super::snapshot::is_layered(&vm.dir) {
+        return Err(super::snapshot::SnapshotError::Layered {
+            vm: spec.name.to_string(),
+            what: "resizing the disk",
+        }
+        .into());
+    }
     vm.update_config(|cfg| -> Result<(), VmError> {
         if let Some(size) = spec.disk_size {
             let current = fs::metadata(vm.disk_path())
@@ -1541,14 +1607,28 @@ fn clone(
     dest: &Store,
     source: &VmName,
     target: &VmName,
+    snapshot: Option<&str>,
 ) -> Result<Outcome, VmError> {
     let src = store.open(source)?;
     store.check_private(Some(&src))?;
     dest.check_private(None)?;
     let mut cfg = src.load_config()?;
-    let _lock = VmLock::try_acquire(&src.lock_path())
-        .map_err(io_at(&src.lock_path()))?
-        .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?;
+    // A snapshot's files are never written again: the source may run.
+    let _lock = match snapshot {
+        Some(_) => None,
+        None => Some(
+            VmLock::try_acquire(&src.lock_path())
+                .map_err(io_at(&src.lock_path()))?
+                .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?,
+        ),
+    };
+    if snapshot.is_none() && super::snapshot::is_layered(&src.dir) {
+        return Err(super::snapshot::SnapshotError::Layered {
+            vm: source.to_string(),
+            what: "clone",
+        }
+        .into());
+    }
     if dest.vm(target).dir.exists() {
         return Err(StoreError::Exists {
             name: target.clone(),
@@ -1567,6 +1647,7 @@ fn clone(
                 || NOT_CLONED.contains(&n)
                 || n == "config.json"
                 || n.starts_with('.')
+                || (snapshot.is_some() && n == "disk.img")
             {
                 continue;
             }
@@ -1577,6 +1658,10 @@ fn clone(
             if n == "disk.img" {
                 disk_copy = kind;
             }
+        }
+        if let Some(snap) = snapshot {
+            super::snapshot::link_into(&src.dir, source.as_str(), snap, &work)?;
+            disk_copy = CopyKind::Reflink;
         }
         cfg.mac_address = Some(MacAddress::random());
         // A clone is a new instance for cloud-init: its own hostname and
@@ -1594,6 +1679,107 @@ fn clone(
         Err(e) => {
             let _ = fs::remove_dir_all(&work);
             Err(e)
+        }
+    }
+}
+
+/// `lume snapshot …`.
+fn snapshot(
+    ctx: &Context,
+    name: &VmName,
+    op: SnapshotOp,
+    note: &mut dyn FnMut(&str),
+) -> Result<Outcome, VmError> {
+    use super::snapshot as snap;
+    let store = &ctx.store;
+    let vm = store.open(name)?;
+    store.check_private(Some(&vm))?;
+    match op {
+        SnapshotOp::List => Ok(Outcome::Snapshots(snap::list(&vm.dir))),
+        SnapshotOp::Delete { snap: s } => {
+            snap::delete(&vm.dir, name.as_str(), &s)?;
+            Ok(Outcome::SnapshotDeleted {
+                name: name.clone(),
+                snap: s,
+            })
+        }
+        SnapshotOp::Create { snap: s, memory } => {
+            let s = s.unwrap_or_else(|| format!("snapshot-{}", crate::util::time::unix_now()));
+            snap::validate_name(&s)?;
+            let cfg = vm.load_config()?;
+            collect_after_crash(ctx, &vm);
+            // Running (run.json and the lock), stopped (no lock), or
+            // starting/stopping (the lock without run.json): refused.
+            let (running, started_at, ip_address) = match (
+                VmLock::is_held(&vm.lock_path()).unwrap_or(true),
+                vm.running_state(),
+            ) {
+                (true, Some(state)) => (
+                    Some(state.guest_agent),
+                    Some(state.started_at),
+                    super::details::guest_address(&state),
+                ),
+                (true, None) => return Err(snap::SnapshotError::Busy(name.to_string()).into()),
+                (false, _) => (None, None, None),
+            };
+            let target = snap::Target {
+                name: name.as_str(),
+                dir: &vm.dir,
+                lock: &vm.lock_path(),
+                running,
+                started_at,
+                ip_address,
+                cpu_count: cfg.cpu_count,
+                memory_size: cfg.memory_size,
+            };
+            Ok(Outcome::SnapshotTaken(snap::create(&target, &s, memory)?))
+        }
+        SnapshotOp::Restore { snap: s } => {
+            let cfg = vm.load_config()?;
+            let wanted = snap::get(&vm.dir, name.as_str(), &s)?;
+            // The VM's present state is what a restore throws away: a
+            // running VM is forced off at once.
+            let was_running = vm.is_running();
+            if was_running {
+                note(&format!(
+                    "Stopping VM '{name}': its present state is replaced by snapshot '{s}'"
+                ));
+                log_to_vm(
+                    &vm,
+                    &format!("`lume snapshot restore {name} {s}`: forcing QEMU off"),
+                );
+                if let Some(state) = vm.running_state()
+                    && !qmp_command(&vm, "quit", Duration::from_secs(1))
+                    && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(state.qemu_pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let restored = {
+                let _lock = VmLock::acquire_within(&vm.lock_path(), Duration::from_secs(15))
+                    .map_err(io_at(&vm.lock_path()))?
+                    .ok_or_else(|| snap::SnapshotError::Busy(name.to_string()))?;
+                collect_after_crash(ctx, &vm);
+                snap::restore(&vm.dir, name.as_str(), &s, cfg.cpu_count, cfg.memory_size)?
+            };
+            if wanted.memory || was_running {
+                let spec = RunSpec {
+                    name: Some(name.clone()),
+                    detach: true,
+                    ..Default::default()
+                };
+                if let Err(e) = run(ctx, spec, note) {
+                    snap::cancel_restore(&vm.dir);
+                    return Err(e);
+                }
+            }
+            Ok(Outcome::SnapshotRestored {
+                snapshot: restored,
+                details: VmDetails::read(store, &vm),
+            })
         }
     }
 }
@@ -1839,6 +2025,7 @@ mod tests {
                 source: VmName::parse("b").unwrap(),
                 target: VmName::parse("c").unwrap(),
                 dest: None,
+                snapshot: None,
             },
             &mut |_| {},
         )

@@ -60,8 +60,11 @@ pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
     let mac = s.mac_address.as_deref();
     if let (Some(file), Some(mac)) = (&s.lease_file, mac) {
         let now = crate::util::time::unix_now();
-        return crate::network::dnsmasq::current_lease(file, mac, s.started_at, now)
+        let leased = crate::network::dnsmasq::current_lease(file, mac, s.started_at, now)
             .map(|ip| ip.to_string());
+        // A run restored from a memory snapshot: the guest keeps the
+        // address it had, which dnsmasq may not know until it renews.
+        return leased.or_else(|| s.ip_address.clone());
     }
     if s.ip_address.is_some() {
         return s.ip_address.clone();
@@ -146,6 +149,9 @@ pub struct VmDetails {
     pub network: Option<NetworkDetails>,
     /// Why the VM is `invalid`; null otherwise.
     pub error: Option<String>,
+    /// Ours: the names of the VM's snapshots, oldest first
+    /// (docs/snapshots.md).
+    pub snapshots: Vec<String>,
 }
 
 impl VmDetails {
@@ -183,6 +189,10 @@ impl VmDetails {
             accelerator: None,
             network: None,
             error: None,
+            snapshots: crate::vm::snapshot::list(&vm.dir)
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
         };
         if d.status == "provisioning" {
             d.download_progress = crate::registry::pull::read_progress(&vm.dir);

@@ -9,6 +9,7 @@ pub mod location;
 pub mod lock;
 pub mod name;
 pub mod size;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 

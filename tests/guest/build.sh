@@ -15,7 +15,8 @@ OUT=${1:-${LUME_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lume/test-guest}}
 CMDLINE="console=ttyS0 panic=-1 quiet"
 # Load order matters (insmod does no dependency resolution).
 MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-         failover net_failover virtio_net evdev button virtio_balloon virtio_console)
+         failover net_failover virtio_net evdev button virtio_balloon virtio_console
+         virtio_blk)
 INPUTS=(build.sh init udhcpc.script acpi-power.sh)
 
 log() { echo "build.sh: $*" >&2; }
