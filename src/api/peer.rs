@@ -416,6 +416,15 @@ impl Connection {
         })
     }
 
+    /// The uid and pid of a Unix socket's client (`SO_PEERCRED`, read when
+    /// the connection was accepted); `None` on TCP.
+    pub fn unix_peer(&self) -> Option<(u32, i32)> {
+        match self.endpoint {
+            Endpoint::Unix { uid, pid: Some(pid) } => Some((uid, pid)),
+            _ => None,
+        }
+    }
+
     /// Whose share of the connections this one takes: the local uid owning
     /// the client's socket (one sock_diag query; blocking), else the remote
     /// address. Decided at accept time, before any request.

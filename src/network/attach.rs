@@ -27,7 +27,7 @@ use crate::vm::config::MacAddress;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(
-        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or give the binary the capability (sudo setcap cap_net_admin,cap_net_raw+ep $(command -v lume)); --network user needs no privileges"
+        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or install the lume package and start its service (sudo systemctl enable --now lume.socket) to run it without sudo as a member of group 'lume', or give the binary the capability (sudo setcap cap_net_admin,cap_net_raw+ep $(command -v lume)); --network user needs no privileges"
     )]
     NeedsNetAdmin(NetworkMode),
     #[error(
@@ -62,6 +62,8 @@ pub enum AttachError {
     Uplink(#[from] super::uplink::UplinkError),
     #[error(transparent)]
     Passt(#[from] super::passt::PasstError),
+    #[error(transparent)]
+    Handoff(#[from] super::handoff::HandoffError),
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -120,6 +122,8 @@ pub struct Attachment {
     pub lease_file: Option<PathBuf>,
     /// The address learned from DHCP snooping (bridged), updated by a thread.
     pub learned: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
+    /// NAT and host-only: the address dnsmasq reserved for the guest.
+    pub reserved: Option<Ipv4Addr>,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
     guard: HostSide,
@@ -238,7 +242,9 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
         s.parse::<UserNet>()?;
     }
     if mode.needs_net_admin() && !has_net_admin() {
-        return Err(AttachError::NeedsNetAdmin(mode.clone()));
+        // lume's service does the privileged part, and checks it there.
+        super::handoff::check_service(mode)?;
+        return Ok(());
     }
     match mode {
         NetworkMode::Bridged(name) => {
@@ -286,6 +292,9 @@ pub fn attach(
     opts: &AttachOptions,
 ) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
+    if super::handoff::needed(mode) {
+        return super::handoff::attach_remote(mode, vm, mac, &opts.publish);
+    }
     match mode {
         NetworkMode::None => Ok(Attachment::default()),
         NetworkMode::User => {
@@ -330,7 +339,7 @@ pub fn attach(
             };
             let networks = Networks::from_settings(&opts.settings)?;
             let tap = Tap::create(&device_name("lt"))?;
-            let (_ip, subnet_note) =
+            let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
             Ok(Attachment {
@@ -341,6 +350,7 @@ pub fn attach(
                 parent: Some(net.bridge.clone()),
                 note: subnet_note,
                 lease_file: Some(net.dnsmasq().lease_path()),
+                reserved: Some(ip),
                 guard: HostSide {
                     stop: Arc::default(),
                     snooper: None,
@@ -417,6 +427,30 @@ pub fn attach(
             start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
+    }
+}
+
+/// The attachment of a tap lume's service made for this user
+/// ([`super::handoff`]): the service holds the host side and takes it down
+/// when this process exits, so nothing is torn down here.
+pub(super) fn handed_off(
+    mac: MacAddress,
+    fd: OwnedFd,
+    device: String,
+    parent: Option<String>,
+    uplink: Option<String>,
+    ip_address: Option<String>,
+    note: Option<String>,
+) -> Attachment {
+    Attachment {
+        qemu_args: tap_args(mac),
+        fds: vec![fd],
+        ip_address,
+        host_device: Some(device),
+        parent,
+        uplink,
+        note,
+        ..Default::default()
     }
 }
 
