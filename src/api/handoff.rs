@@ -28,10 +28,12 @@ pub async fn handoff_network(
 ) -> Result<Json<Handed>, ApiError> {
     // The kernel's word on who is calling, and which process: the caller
     // admitted for this connection must be that same uid.
-    let Some((uid, pid)) = conn.unix_peer().filter(|(uid, _)| *uid == caller.uid) else {
+    let Some((uid, pid, fd)) = conn.unix_peer().filter(|(uid, ..)| *uid == caller.uid) else {
         return Err(refusal(&RequestError::NotUnix));
     };
-    let answer = tokio::task::spawn_blocking(move || handoff::serve_request(uid, pid, &req))
+    // The connection (and so `fd`) lives until this handler's answer is
+    // written: hyper serves one request at a time on it.
+    let answer = tokio::task::spawn_blocking(move || handoff::serve_request(uid, pid, fd, &req))
         .await
         .map_err(|e| ApiError::internal(&e))?;
     match answer {

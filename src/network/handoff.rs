@@ -14,10 +14,10 @@
 //!   path in the user's home, so no symlink, FIFO or swapped file there can
 //!   reach root. QEMU, the disk, config.json and the logs stay the user's,
 //!   used by the user's own processes with the user's rights;
-//! - the tap is made persistent and owned by the user (`TUNSETOWNER`), so
-//!   the user's supervisor opens it by name without privilege (the kernel
-//!   lets only the owner attach) and then clears the persistent flag: the
-//!   tap vanishes with the user's QEMU;
+//! - the tap is handed over, not named: the keeper sends its descriptor to
+//!   the user's supervisor over the very connection of the request
+//!   (`SCM_RIGHTS`, one byte before the HTTP answer), and keeps no copy, so
+//!   the tap vanishes with the user's QEMU and nobody else can attach to it;
 //! - root's settings (config.yaml of root) choose bridges and subnets; the
 //!   user's config.yaml is never read by root;
 //! - a user who is not root may not publish host ports below 1024, nor
@@ -51,6 +51,10 @@ pub const SERVICE_GROUP: &str = "lume";
 pub const ROUTE: &str = "/lume/network/handoff";
 /// The descriptor the keeper receives the supervisor's pidfd on.
 const KEEPER_PIDFD: i32 = 3;
+/// The descriptor the keeper receives the client's connection on.
+const KEEPER_CLIENT: i32 = 4;
+/// The byte that carries the tap's descriptor, before the HTTP answer.
+const TAP_MARK: u8 = 0;
 /// Host ports below this are root's.
 const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
 
@@ -214,7 +218,10 @@ pub fn check_service(mode: &NetworkMode) -> Result<(), AttachError> {
 }
 
 /// One HTTP/1.1 request on the service's socket: the status and body.
-fn post(mode: &NetworkMode, body: &[u8]) -> Result<(u16, Vec<u8>), AttachError> {
+fn post(
+    mode: &NetworkMode,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>, Option<OwnedFd>), AttachError> {
     let mut stream = connect(mode)?;
     let path = socket_path();
     let io_err = |source| HandoffError::Unreachable {
@@ -227,12 +234,53 @@ fn post(mode: &NetworkMode, body: &[u8]) -> Result<(u16, Vec<u8>), AttachError> 
     );
     stream.write_all(head.as_bytes()).map_err(io_err)?;
     stream.write_all(body).map_err(io_err)?;
+    // On success the service first sends one byte carrying the tap.
+    let (first, fd) = receive_fd(&stream).map_err(io_err)?;
     let mut answer = Vec::new();
+    let tap = match (first, fd) {
+        (Some(TAP_MARK), Some(fd)) => Some(fd),
+        (Some(b), _) => {
+            answer.push(b);
+            None
+        }
+        (None, _) => None,
+    };
     stream
         .take(1 << 20)
         .read_to_end(&mut answer)
         .map_err(io_err)?;
-    Ok(parse_response(&answer)?)
+    let (status, body) = parse_response(&answer)?;
+    Ok((status, body, tap))
+}
+
+/// Reads one byte and the descriptor that may come with it.
+fn receive_fd(stream: &std::os::unix::net::UnixStream) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut fd = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for raw in fds {
+                // SAFETY: the kernel just installed this descriptor in this
+                // process for us; nothing else owns it.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+        }
+    }
+    let got = msg.bytes;
+    Ok(((got == 1).then_some(byte[0]), fd))
 }
 
 /// The status and body of an HTTP/1.1 response read to its end (the
@@ -298,7 +346,7 @@ pub fn attach_remote(
         publish: publish.to_vec(),
     };
     let body = serde_json::to_vec(&request).map_err(|e| HandoffError::Protocol(e.to_string()))?;
-    let (status, body) = post(mode, &body)?;
+    let (status, body, tap) = post(mode, &body)?;
     if status != 200 {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -315,10 +363,10 @@ pub fn attach_remote(
     }
     let handed: Handed = serde_json::from_slice(&body)
         .map_err(|e| HandoffError::Protocol(format!("its answer: {e}")))?;
-    let fd = open_handed_tap(&handed.device).map_err(|source| HandoffError::Tap {
-        name: handed.device.clone(),
-        source,
-    })?;
+    let fd = tap.ok_or_else(|| HandoffError::Protocol("no tap descriptor came with it".into()))?;
+    if !is_tap(&fd) {
+        return Err(HandoffError::Protocol("the descriptor that came with it is not a tap".into()).into());
+    }
     Ok(attach::handed_off(
         mac,
         fd,
@@ -330,14 +378,10 @@ pub fn attach_remote(
     ))
 }
 
-/// Opens the persistent tap the service made for this user, and clears the
-/// persistent flag: it then vanishes with the last descriptor (QEMU's).
-fn open_handed_tap(name: &str) -> io::Result<OwnedFd> {
-    let tap = super::tap::Tap::create(name).map_err(|e| match e {
-        super::tap::TapError::Tun(s) | super::tap::TapError::Create { source: s, .. } => s,
-    })?;
-    super::tap::set_persistent(&tap.fd, false)?;
-    Ok(tap.fd)
+/// Whether `fd` is a tap (`/dev/net/tun` with an interface attached).
+fn is_tap(fd: &OwnedFd) -> bool {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .is_ok_and(|t| t.lines().any(|l| l.starts_with("iff:")))
 }
 
 // ---------------------------------------------------------------- server
@@ -345,8 +389,20 @@ fn open_handed_tap(name: &str) -> io::Result<OwnedFd> {
 /// `lume serve`'s side: checks the request, takes a pidfd on the calling
 /// process `pid` (which must be `uid`'s) and starts the keeper; returns
 /// the keeper's answer.
-pub fn serve_request(uid: u32, pid: i32, req: &HandoffRequest) -> Result<KeeperAnswer, RequestError> {
+pub fn serve_request(
+    uid: u32,
+    pid: i32,
+    client: std::os::fd::RawFd,
+    req: &HandoffRequest,
+) -> Result<KeeperAnswer, RequestError> {
     check_request(uid, req)?;
+    if client == KEEPER_PIDFD {
+        // Never the case (the runtime's own descriptors come first), and
+        // the pidfd's place in the keeper would overwrite it.
+        return Err(RequestError::Spawn(io::Error::other(
+            "the connection is on descriptor 3",
+        )));
+    }
     let pidfd = pidfd_open(pid).map_err(|_| RequestError::Process(pid))?;
     // The pidfd is of the process that owns the connection now (it waits for
     // this answer); its uid must still be the caller's (not a reused pid).
@@ -371,11 +427,14 @@ pub fn serve_request(uid: u32, pid: i32, req: &HandoffRequest) -> Result<KeeperA
     let raw = pidfd.as_raw_fd();
     use std::os::unix::process::CommandExt as _;
     // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and
-    // exec; `raw` stays open in the parent until spawn returns.
+    // exec; `raw` and `client` stay open in the parent until spawn returns
+    // (`client` is the connection being served, alive during this request).
+    // The client's fd must not be 3 (the pidfd's place) when duplicated:
+    // a listener's connections are never below the runtime's own fds.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid()?;
-            if libc::dup2(raw, KEEPER_PIDFD) < 0 {
+            if libc::dup2(raw, KEEPER_PIDFD) < 0 || libc::dup2(client, KEEPER_CLIENT) < 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -542,13 +601,12 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         .host_device
         .clone()
         .ok_or_else(|| (500, "The network has no tap device".to_string()))?;
-    // Persistent and the user's: the user's supervisor opens it by name.
+    // The tap goes to the user's supervisor; the keeper keeps no copy.
     let tap = attachment
         .fds
         .pop()
         .ok_or_else(|| (500, "The network has no tap descriptor".to_string()))?;
-    super::tap::set_owner(&tap, args.uid).map_err(|e| fail(500)(&e))?;
-    super::tap::set_persistent(&tap, true).map_err(|e| fail(500)(&e))?;
+    send_fd(&tap).map_err(|e| fail(500)(&e))?;
     drop(tap);
     let handed = Handed {
         device: device.clone(),
@@ -566,6 +624,24 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             _lock: lock,
         },
     ))
+}
+
+/// Sends the tap to the client on the connection `lume serve` placed at
+/// [`KEEPER_CLIENT`], then closes the keeper's copy of that connection.
+fn send_fd(tap: &OwnedFd) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    // SAFETY: descriptor 4 is the client's connection `lume serve` placed
+    // there; the keeper owns this copy and closes it here.
+    let client = unsafe { OwnedFd::from_raw_fd(KEEPER_CLIENT) };
+    let fds = [tap.as_raw_fd()];
+    let iov = [io::IoSlice::new(&[TAP_MARK])];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let sent = sendmsg::<()>(client.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(io::Error::from)?;
+    if sent != 1 {
+        return Err(io::Error::other("the client's connection took no byte"));
+    }
+    Ok(())
 }
 
 /// A user may not take the MAC address of another VM running on the same

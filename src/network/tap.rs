@@ -77,30 +77,3 @@ impl Tap {
     }
 }
 
-/// `_IOW('T', 203, int)`
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-/// `_IOW('T', 204, int)`
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-
-fn tun_ioctl(fd: &OwnedFd, request: libc::c_ulong, value: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: TUNSETPERSIST and TUNSETOWNER take their argument by value
-    // (an int / a uid); no memory is passed.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, value) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Makes the tap persistent (it outlives its descriptors) or not. Only for
-/// the hand-off to a user ([`super::handoff`]): the user's lume clears it
-/// as soon as it holds the tap, so it vanishes with the user's QEMU.
-pub fn set_persistent(fd: &OwnedFd, on: bool) -> io::Result<()> {
-    tun_ioctl(fd, TUNSETPERSIST, libc::c_ulong::from(on))
-}
-
-/// Lets user `uid` (and only that user, besides CAP_NET_ADMIN) attach to
-/// the tap by name.
-pub fn set_owner(fd: &OwnedFd, uid: u32) -> io::Result<()> {
-    tun_ioctl(fd, TUNSETOWNER, libc::c_ulong::from(uid))
-}
