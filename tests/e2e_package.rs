@@ -64,25 +64,40 @@ fn stop_server(server: &mut Option<Child>) {
 /// `systemd-socket-activate` at the unit's path, given the unit's mode and
 /// group, and `lume serve` started on the first connection with the
 /// socket as descriptor 3.
-fn start_server(ns: &Netns, home: &Home, log: &Path) -> Child {
+fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
     let _ = std::fs::remove_file(SOCKET);
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    // As the journal's stream: systemd names it by device and inode.
+    let meta = stderr.metadata().unwrap();
     let unit = std::fs::read_to_string("/lib/systemd/system/lume.service").unwrap();
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart in lume.service");
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", &ns.name, "systemd-socket-activate", "-l", SOCKET])
-        .arg(format!("--setenv=HOME={}", home.path().display()))
-        .arg(format!(
-            "--setenv=XDG_CONFIG_HOME={}",
-            home.path().join(".config").display()
-        ))
-        .arg("--")
-        .args(exec.split_whitespace())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
+    c.args([
+        "netns",
+        "exec",
+        &ns.name,
+        "systemd-socket-activate",
+        "-l",
+        SOCKET,
+    ])
+    .arg(format!("--setenv=HOME={}", home.path().display()))
+    .arg(format!(
+        "--setenv=XDG_CONFIG_HOME={}",
+        home.path().join(".config").display()
+    ))
+    .args(journal.then(|| format!("--setenv=JOURNAL_STREAM={}:{}", meta.dev(), meta.ino())))
+    .arg("--")
+    .args(exec.split_whitespace())
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(stderr);
     let child = c.spawn().unwrap();
     wait_for("the socket", Duration::from_secs(10), || {
         Path::new(SOCKET).exists().then_some(())
@@ -201,7 +216,13 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
         );
     }
     let depends = sh(&format!("dpkg-deb -f {} Depends", deb.display()));
-    for dep in ["qemu-system-x86", "qemu-utils", "dnsmasq-base", "nftables", "passt"] {
+    for dep in [
+        "qemu-system-x86",
+        "qemu-utils",
+        "dnsmasq-base",
+        "nftables",
+        "passt",
+    ] {
         assert!(depends.contains(dep), "{depends}");
     }
 
@@ -242,7 +263,7 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
         "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nfirewallAccommodation: false\n",
     );
     let log = home.path().join("serve.log");
-    installed.server = Some(start_server(&ns, &home, &log));
+    installed.server = Some(start_server(&ns, &home, &log, true));
 
     // lumepk1 creates a nat VM in ~/.lume, as themselves.
     let kernel = guest_dir.join("vmlinuz").display().to_string();
@@ -270,17 +291,27 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert_eq!(std::fs::metadata(vm_dir).unwrap().uid(), uid_of("lumepk1"));
 
     // Abuse: the host's SSH port for the user's guest.
-    let err = fails_as(&ns, "lumepk1", &["run", "dev", "--detach", "--publish", "22:22"]);
+    let err = fails_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "22:22"],
+    );
     assert!(err.contains("Host port 22 is below 1024"), "{err}");
 
     // Run it without sudo: the service does the network, the user's QEMU runs.
     ok_as(&ns, "lumepk1", &["run", "dev", "--detach"]);
     let details = get_as(&ns, "lumepk1", "dev");
     assert_eq!(details["status"], "running", "{details}");
-    let ip = details["ipAddress"].as_str().expect("an address").to_string();
+    let ip = details["ipAddress"]
+        .as_str()
+        .expect("an address")
+        .to_string();
     assert!(ip.starts_with("203.0.113."), "{ip}");
     let listed = ok_as(&ns, "lumepk1", &["ls"]);
-    assert!(listed.contains("dev") && listed.contains("running"), "{listed}");
+    assert!(
+        listed.contains("dev") && listed.contains("running"),
+        "{listed}"
+    );
     common::wait_for("the guest's lease", BOOT, || {
         let console = std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();
         console
@@ -298,7 +329,11 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(foreign.trim().is_empty(), "not the user's: {foreign}");
 
     // lumepk2, outside the group: one message saying what to do.
-    ok_as(&ns, "lumepk2", &["create", "other", "--disk-size", "8MB", "--network", "nat"]);
+    ok_as(
+        &ns,
+        "lumepk2",
+        &["create", "other", "--disk-size", "8MB", "--network", "nat"],
+    );
     let err = fails_as(&ns, "lumepk2", &["run", "other"]);
     assert!(
         err.contains("usermod -aG lume lumepk2") && err.contains("not in it"),
@@ -310,13 +345,59 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     // keeps its network.
     stop_server(&mut installed.server);
     let serve_log = std::fs::read_to_string(&log).unwrap();
-    assert!(serve_log.contains("running VMs keep running"), "{serve_log}");
+    // To the journal: priorities, no timestamps of its own.
+    assert!(
+        serve_log.contains("<6>lume API listening on unix:/run/lume-api.sock (passed by systemd"),
+        "{serve_log}"
+    );
+    assert!(
+        serve_log.contains("<6>Network hand-off for uid"),
+        "{serve_log}"
+    );
+    assert!(
+        serve_log
+            .contains("<6>Stopping: finishing the requests in progress; running VMs keep running"),
+        "{serve_log}"
+    );
     assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "running");
     let page = ns.http_get(&format!("{ip}:80")).expect("still reachable");
     assert!(page.contains("lume-test-guest"));
-    installed.server = Some(start_server(&ns, &home, &log));
+    std::fs::write(&log, "").unwrap();
+    installed.server = Some(start_server(&ns, &home, &log, false));
     let listed = ok_as(&ns, "lumepk1", &["ls", "-f", "json"]);
     assert!(listed.contains("\"running\""), "{listed}");
+
+    // The restarted service answers the group member on its socket (curl
+    // as lumepk1), and lumepk2 cannot even connect.
+    let curl = |user: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--init-groups",
+                "curl",
+                "-sS",
+                "-w",
+                " %{http_code}",
+                "--unix-socket",
+                SOCKET,
+                "http://localhost/lume/host/status",
+            ])
+            .output()
+            .unwrap()
+    };
+    let member = curl("lumepk1");
+    let answer = String::from_utf8_lossy(&member.stdout);
+    assert!(answer.ends_with(" 200"), "{answer}");
+    let outsider = curl("lumepk2");
+    assert!(!outsider.status.success(), "lumepk2 must not connect");
+    // Not the journal: plain timestamped lines.
+    let serve_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        serve_log.contains("] lume API listening on unix:/run/lume-api.sock")
+            && !serve_log.contains("<6>"),
+        "{serve_log}"
+    );
 
     // Stop: the user's QEMU ends, the service's keeper takes the network down.
     ok_as(&ns, "lumepk1", &["stop", "dev", "--timeout", "5"]);

@@ -7,7 +7,9 @@
 
 use std::os::fd::{BorrowedFd, FromRawFd as _, OwnedFd};
 
-use nix::sys::socket::{AddressFamily, SockType, SockaddrLike as _, getsockname, getsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, SockType, SockaddrLike as _, getsockname, getsockopt, sockopt,
+};
 
 /// The first descriptor systemd passes.
 const FIRST_FD: i32 = 3;
@@ -76,10 +78,11 @@ pub fn listener() -> Result<Option<std::os::unix::net::UnixListener>, Activation
 pub fn is_listening_unix_stream(fd: BorrowedFd<'_>) -> bool {
     let stream = getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
     let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
-    let unix = getsockname::<nix::sys::socket::SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
-        .ok()
-        .and_then(|a| a.family())
-        == Some(AddressFamily::Unix);
+    let unix =
+        getsockname::<nix::sys::socket::SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .ok()
+            .and_then(|a| a.family())
+            == Some(AddressFamily::Unix);
     stream && listening && unix
 }
 
@@ -94,7 +97,10 @@ mod tests {
         let l = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
         assert!(is_listening_unix_stream(l.as_fd()));
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(!is_listening_unix_stream(a.as_fd()), "connected, not listening");
+        assert!(
+            !is_listening_unix_stream(a.as_fd()),
+            "connected, not listening"
+        );
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert!(!is_listening_unix_stream(tcp.as_fd()), "TCP");
         let d = std::os::unix::net::UnixDatagram::unbound().unwrap();

@@ -719,9 +719,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                 .unwrap_or_default();
             log(&format!(
-                "lume API listening on unix:{} (passed by systemd; VMs in {}; {who})",
+                "lume API listening on unix:{} (passed by systemd; VMs in {}; {})",
                 path.display(),
-                root.display()
+                root.display(),
+                // No TCP listener here: the socket's mode and group decide.
+                who.replacen("loopback only, ", "", 1)
             ));
         } else if let Some(p) = &socket {
             log(&format!(

@@ -218,10 +218,7 @@ pub fn check_service(mode: &NetworkMode) -> Result<(), AttachError> {
 }
 
 /// One HTTP/1.1 request on the service's socket: the status and body.
-fn post(
-    mode: &NetworkMode,
-    body: &[u8],
-) -> Result<(u16, Vec<u8>, Option<OwnedFd>), AttachError> {
+fn post(mode: &NetworkMode, body: &[u8]) -> Result<(u16, Vec<u8>, Option<OwnedFd>), AttachError> {
     let mut stream = connect(mode)?;
     let path = socket_path();
     let io_err = |source| HandoffError::Unreachable {
@@ -254,7 +251,9 @@ fn post(
 }
 
 /// Reads one byte and the descriptor that may come with it.
-fn receive_fd(stream: &std::os::unix::net::UnixStream) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
+fn receive_fd(
+    stream: &std::os::unix::net::UnixStream,
+) -> io::Result<(Option<u8>, Option<OwnedFd>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
     let mut byte = [0u8; 1];
     let mut iov = [io::IoSliceMut::new(&mut byte)];
@@ -365,7 +364,9 @@ pub fn attach_remote(
         .map_err(|e| HandoffError::Protocol(format!("its answer: {e}")))?;
     let fd = tap.ok_or_else(|| HandoffError::Protocol("no tap descriptor came with it".into()))?;
     if !is_tap(&fd) {
-        return Err(HandoffError::Protocol("the descriptor that came with it is not a tap".into()).into());
+        return Err(
+            HandoffError::Protocol("the descriptor that came with it is not a tap".into()).into(),
+        );
     }
     Ok(attach::handed_off(
         mac,
@@ -636,8 +637,14 @@ fn send_fd(tap: &OwnedFd) -> io::Result<()> {
     let fds = [tap.as_raw_fd()];
     let iov = [io::IoSlice::new(&[TAP_MARK])];
     let cmsg = [ControlMessage::ScmRights(&fds)];
-    let sent = sendmsg::<()>(client.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(io::Error::from)?;
+    let sent = sendmsg::<()>(
+        client.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
     if sent != 1 {
         return Err(io::Error::other("the client's connection took no byte"));
     }
@@ -737,7 +744,10 @@ mod tests {
         assert_eq!(e.status(), 403);
         assert!(e.to_string().starts_with("Host port 22 is below 1024"));
         assert!(check_request(1000, &request("nat", &["8022:22"])).is_ok());
-        assert!(check_request(0, &request("nat", &["22:22"])).is_ok(), "root may");
+        assert!(
+            check_request(0, &request("nat", &["22:22"])).is_ok(),
+            "root may"
+        );
     }
 
     #[test]
