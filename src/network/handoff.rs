@@ -306,10 +306,7 @@ fn parse_response(answer: &[u8]) -> Result<(u16, Vec<u8>), HandoffError> {
     if chunked {
         let mut out = Vec::new();
         let mut rest = &body[..];
-        loop {
-            let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&rest[..end])
                 .ok()
                 .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
