@@ -57,6 +57,9 @@ const KEEPER_CLIENT: i32 = 4;
 const TAP_MARK: u8 = 0;
 /// Host ports below this are root's.
 const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
+/// The most VMs one user (not root) may have on lume's networks through the
+/// service at once: each holds an address, a tap and a keeper.
+pub const MAX_PER_USER: usize = 32;
 
 /// The socket this user's lume asks.
 pub fn socket_path() -> PathBuf {
@@ -562,6 +565,18 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
     check_request(args.uid, &req).map_err(|e| (e.status(), e.to_string()))?;
     let dir = keeper_dir(args.uid, &args.name);
     let base = super::shared::runtime_root();
+    if args.uid != 0 {
+        let live = live_handoffs(&base.join("handoff"), args.uid);
+        if live >= MAX_PER_USER {
+            return Err((
+                429,
+                format!(
+                    "uid {} already has {live} VMs on lume's networks through the service, the most one user may: stop one first",
+                    args.uid
+                ),
+            ));
+        }
+    }
     super::rundir::private_dir(&base, &dir).map_err(|e| fail(500)(&e))?;
     let lock = crate::vm::lock::VmLock::try_acquire(&dir.join(".lock"))
         .map_err(|e| fail(500)(&e))?
@@ -622,6 +637,23 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             _lock: lock,
         },
     ))
+}
+
+/// How many hand-offs of `uid` are live under `root` (their keeper holds
+/// the directory's lock).
+fn live_handoffs(root: &Path, uid: u32) -> usize {
+    let prefix = format!("u{uid}-");
+    std::fs::read_dir(root)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .filter(|e| {
+                    crate::vm::lock::VmLock::is_held(&e.path().join(".lock")).unwrap_or(true)
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Sends the tap to the client on the connection `lume serve` placed at
@@ -764,6 +796,28 @@ mod tests {
             r#"{"name":"dev","network":"nat","mac":"52:54:00:12:34:56","vmDir":"/etc"}"#,
         );
         assert!(e.is_err());
+    }
+
+    /// A member could otherwise hold every address of the NAT subnet with
+    /// sleeping processes: only the live hand-offs of that uid count.
+    #[test]
+    fn live_handoffs_are_counted_per_user() {
+        let root = tempfile::tempdir().unwrap();
+        let mut held = Vec::new();
+        for name in ["u1000-a", "u1000-b", "u1001-a", "u10000-a"] {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            held.push(crate::vm::lock::VmLock::try_acquire(&dir.join(".lock")).unwrap());
+        }
+        // A keeper that ended: its lock is free.
+        let dead = root.path().join("u1000-c");
+        std::fs::create_dir(&dead).unwrap();
+        drop(crate::vm::lock::VmLock::try_acquire(&dead.join(".lock")).unwrap());
+        assert_eq!(live_handoffs(root.path(), 1000), 2);
+        assert_eq!(live_handoffs(root.path(), 1001), 1);
+        assert_eq!(live_handoffs(root.path(), 7), 0);
+        drop(held);
+        assert_eq!(live_handoffs(root.path(), 1000), 0);
     }
 
     #[test]
