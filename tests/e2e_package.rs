@@ -341,9 +341,23 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     );
     ok_as(&ns, "lumepk2", &["delete", "other", "--force"]);
 
-    // The service stops (SIGTERM) and restarts: the VM keeps running and
-    // keeps its network.
+    // A VM the service itself runs (root's location, started through the API).
+    let srv = common::guest_create_args("srv", "none", &[], "");
+    home.ok(&srv.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = root_api("POST", "/lume/vms/srv/run");
+    assert!(started.ends_with(" 202"), "{started}");
+    wait_for("srv running", Duration::from_secs(60), || {
+        (home.get("srv")["status"] == "running").then_some(())
+    });
+
+    // The service stops (SIGTERM) and restarts: the VMs keep running, the
+    // user's keeps its network.
     stop_server(&mut installed.server);
+    assert_eq!(
+        home.get("srv")["status"],
+        "running",
+        "the service's VM runs on"
+    );
     let serve_log = std::fs::read_to_string(&log).unwrap();
     // To the journal: priorities, no timestamps of its own.
     assert!(
@@ -391,6 +405,15 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(answer.ends_with(" 200"), "{answer}");
     let outsider = curl("lumepk2");
     assert!(!outsider.status.success(), "lumepk2 must not connect");
+    // The restarted service adopts its VM: sees it running, stops it.
+    let seen = root_api("GET", "/lume/vms/srv");
+    assert!(
+        seen.contains("\"running\"") && seen.ends_with(" 200"),
+        "{seen}"
+    );
+    let stopped = root_api("POST", "/lume/vms/srv/stop");
+    assert!(stopped.ends_with(" 200"), "{stopped}");
+    assert_eq!(home.get("srv")["status"], "stopped");
     // Not the journal: plain timestamped lines.
     let serve_log = std::fs::read_to_string(&log).unwrap();
     assert!(
@@ -422,6 +445,24 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(!vm_dir.exists());
     drop(installed);
     assert!(!Path::new("/usr/bin/lume").exists(), "purged");
+}
+
+/// One request as root on the service's socket: the body and the status.
+fn root_api(method: &str, path: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            method,
+            "-w",
+            " %{http_code}",
+            "--unix-socket",
+            SOCKET,
+            &format!("http://localhost{path}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn uid_of(user: &str) -> u32 {
