@@ -514,16 +514,20 @@ fn keeper_dir(uid: u32, name: &str) -> PathBuf {
 /// network until the supervisor (the pidfd on descriptor 3) exits, takes
 /// it down. Exit status 0 after a clean take-down.
 pub fn keep(args: KeeperArgs) -> anyhow::Result<i32> {
-    // SAFETY: descriptor 3 is the pidfd `lume serve` placed there
-    // (checked: a pidfd's fdinfo has a `Pid:` line); the keeper owns it.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(KEEPER_PIDFD) };
+    let Some(pidfd) = inherited(KEEPER_PIDFD) else {
+        anyhow::bail!("net-keeper is started by lume serve only (no descriptor 3)");
+    };
     let answer = match hold(&args, &pidfd) {
         Ok((handed, held)) => {
             println!("{}", serde_json::to_string(&KeeperAnswer::Ok(handed))?);
             let _ = io::stdout().flush();
-            // Nothing more for the server: let it go.
-            // SAFETY: closing descriptor 1, which nothing else uses from now.
-            unsafe { libc::close(1) };
+            // Nothing more for the server: its pipe is let go (stdout
+            // becomes /dev/null).
+            if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                // SAFETY: dup2 onto descriptor 1 (stdout, whose Rust handle
+                // stays valid: it now writes to /dev/null).
+                unsafe { libc::dup2(null.as_raw_fd(), 1) };
+            }
             wait_for_exit(pidfd.as_fd_borrowed());
             take_down(held);
             return Ok(0);
@@ -660,9 +664,8 @@ fn live_handoffs(root: &Path, uid: u32) -> usize {
 /// [`KEEPER_CLIENT`], then closes the keeper's copy of that connection.
 fn send_fd(tap: &OwnedFd) -> io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    // SAFETY: descriptor 4 is the client's connection `lume serve` placed
-    // there; the keeper owns this copy and closes it here.
-    let client = unsafe { OwnedFd::from_raw_fd(KEEPER_CLIENT) };
+    let client = inherited(KEEPER_CLIENT)
+        .ok_or_else(|| io::Error::other("no client connection on descriptor 4"))?;
     let fds = [tap.as_raw_fd()];
     let iov = [io::IoSlice::new(&[TAP_MARK])];
     let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -712,6 +715,19 @@ fn check_mac(
         ));
     }
     Ok(())
+}
+
+/// Takes ownership of descriptor `fd` that `lume serve` placed in this
+/// process, if it is open (never twice: [`keep`] takes 3, [`send_fd`] 4).
+fn inherited(fd: i32) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only reads the descriptor's flags; an unused number
+    // gives EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open and nothing else in this process
+    // owns it: `lume serve` placed it before exec, and it is taken once.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Whether `fd` is a pidfd (its fdinfo names a `Pid:`).
