@@ -9,7 +9,9 @@
 //! its web page; nothing root-owned appears in the user's home; the user
 //! cannot publish a privileged port; a user outside the group gets the one
 //! message saying what to do; the VM keeps its network while the service is
-//! stopped and restarted; `dpkg -r` leaves VMs in place. The package, the
+//! stopped and restarted (and a VM the service started through the API is
+//! adopted by the new server); installing the package again leaves it
+//! running; `dpkg -r` leaves VMs in place. The package, the
 //! users and the group (when the test made it) are removed at the end.
 
 mod common;
@@ -327,6 +329,10 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(!qemu.trim().is_empty(), "QEMU runs as lumepk1");
     let foreign = sh("find /home/lumepk1 ! -user lumepk1");
     assert!(foreign.trim().is_empty(), "not the user's: {foreign}");
+
+    // Upgrading the package (installing it again) leaves the VM running.
+    sh(&format!("dpkg -i {}", deb.display()));
+    assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "running");
 
     // lumepk2, outside the group: one message saying what to do.
     ok_as(
