@@ -7,7 +7,8 @@
 //! to the service), lists, stops and deletes a VM in their own ~/.lume
 //! without sudo; the guest gets its lease from root's dnsmasq and serves
 //! its web page; nothing root-owned appears in the user's home; the user
-//! cannot publish a privileged port; a user outside the group gets the one
+//! cannot publish a privileged port nor take the running VM's MAC for
+//! another; a user outside the group gets the one
 //! message saying what to do; the VM keeps its network while the service is
 //! stopped and restarted (and a VM the service started through the API is
 //! adopted by the new server); installing the package again leaves it
@@ -329,6 +330,26 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(!qemu.trim().is_empty(), "QEMU runs as lumepk1");
     let foreign = sh("find /home/lumepk1 ! -user lumepk1");
     assert!(foreign.trim().is_empty(), "not the user's: {foreign}");
+
+    // Abuse: another VM of the user's with dev's MAC (config.json is theirs
+    // to edit) would take dev's frames on the bridge: refused.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["create", "dup", "--disk-size", "8MB", "--network", "nat"],
+    );
+    let dup_config = Path::new("/home/lumepk1/.lume/dup/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dup_config).unwrap()).unwrap();
+    cfg["macAddress"] = details["macAddress"].clone();
+    std::fs::write(dup_config, cfg.to_string()).unwrap();
+    sh(&format!("chown lumepk1:lumepk1 {}", dup_config.display()));
+    let err = fails_as(&ns, "lumepk1", &["run", "dup", "--detach"]);
+    assert!(
+        err.contains("is used by another running VM on lume's nat network"),
+        "{err}"
+    );
+    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
 
     // Upgrading the package (installing it again) leaves the VM running.
     sh(&format!("dpkg -i {}", deb.display()));
