@@ -113,18 +113,12 @@ pub enum HandoffError {
         #[source]
         source: io::Error,
     },
-    #[error("lume's service refused the network for this VM: {0}")]
+    #[error("The lume service refused the network for this VM: {0}")]
     Refused(String),
     #[error(
-        "lume's service answered something unexpected ({0}): make sure the installed lume package and this lume are the same version"
+        "The lume service answered something unexpected ({0}): make sure the installed lume package and this lume are the same version"
     )]
     Protocol(String),
-    #[error("Cannot open tap device {name} that lume's service made for this VM")]
-    Tap {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// Why a hand-off request is refused by the service (each with its status).
@@ -515,7 +509,7 @@ fn keeper_dir(uid: u32, name: &str) -> PathBuf {
 /// it down. Exit status 0 after a clean take-down.
 pub fn keep(args: KeeperArgs) -> anyhow::Result<i32> {
     let Some(pidfd) = inherited(KEEPER_PIDFD) else {
-        anyhow::bail!("net-keeper is started by lume serve only (no descriptor 3)");
+        anyhow::bail!("The net-keeper command is started by lume serve only (no descriptor 3)");
     };
     let answer = match hold(&args, &pidfd) {
         Ok((handed, held)) => {
@@ -558,7 +552,10 @@ struct Held {
 fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, String)> {
     let fail = |status: u16| move |e: &dyn std::fmt::Display| (status, e.to_string());
     if !is_pidfd(pidfd) {
-        return Err((500, "net-keeper is started by lume serve only".into()));
+        return Err((
+            500,
+            "The net-keeper command is started by lume serve only".into(),
+        ));
     }
     let req = HandoffRequest {
         name: args.name.clone(),
@@ -575,7 +572,7 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             return Err((
                 429,
                 format!(
-                    "uid {} already has {live} VMs on lume's networks through the service, the most one user may: stop one first",
+                    "User {} already has {live} VMs on lume's networks through the service, the most one user may: stop one first",
                     args.uid
                 ),
             ));
@@ -760,11 +757,6 @@ fn take_down(held: Held) {
     } = held;
     drop(attachment);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// For tests: whether a keeper directory exists for `uid`'s VM `name`.
-pub fn keeper_dir_exists(uid: u32, name: &str) -> bool {
-    keeper_dir(uid, name).exists()
 }
 
 #[cfg(test)]
