@@ -9,12 +9,15 @@
 # tests/debian/build.sh builds the Debian cloud test image with: mmdebstrap, syslinux
 # (+ syslinux-common's MBR), mtools and dosfstools (the boot partition, no loop device),
 # e2fsprogs (mkfs.ext4 -d) and fdisk (sfdisk); docker-registry (the CNCF distribution server)
-# and skopeo for the registry tests (tests/e2e_registry.rs).
+# and skopeo for the registry tests (tests/e2e_registry.rs); systemd (systemd-analyze verify and
+# systemd-socket-activate), binutils (objdump, strip), adduser and init-system-helpers (the
+# package's dependency and maintainer scripts) for scripts/package.sh and
+# tests/e2e_package.rs.
 set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 python3-venv openssl
           openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk
-          docker-registry skopeo)
+          docker-registry skopeo systemd binutils adduser init-system-helpers)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

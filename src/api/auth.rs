@@ -322,9 +322,12 @@ async fn caller_of(
     // A settings file the server cannot use is the server's failure (500),
     // kept in its log; not a refusal of this caller.
     let settings = Settings::load().map_err(|e| (ApiError::internal(&e), None))?;
-    let group = settings
-        .get_str(API_GROUP_KEY)
-        .map_err(|e| (ApiError::internal(&e), None))?;
+    let group = match &st.api_group {
+        Some(g) => Some(g.clone()),
+        None => settings
+            .get_str(API_GROUP_KEY)
+            .map_err(|e| (ApiError::internal(&e), None))?,
+    };
     decide_user(uid, &st.owners, group.as_deref(), settings.file()).map_err(|e| {
         super::log_refusal(&who, &format!("Refused uid {uid} ({})", conn.describe()));
         refuse(e)

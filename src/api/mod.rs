@@ -9,9 +9,11 @@
 //! `Authorization: Bearer TOKEN`. Without one, each connection's local uid
 //! decides who is served ([`auth`], [`peer`]).
 
+pub mod activation;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod handoff;
 pub mod listen;
 pub mod peer;
 pub mod routes;
@@ -57,6 +59,9 @@ pub struct ServeOptions {
     pub socket: Option<PathBuf>,
     /// The VM location (`--storage`), else the default.
     pub storage: Option<PathBuf>,
+    /// `--api-group`: the group whose members are served, instead of
+    /// config.yaml's `apiGroup` (the packaged service names `lume`).
+    pub api_group: Option<String>,
 }
 
 /// What every request sees.
@@ -68,6 +73,8 @@ pub struct AppState {
     euid: u32,
     /// Served without a token besides root and the apiGroup ([`auth::server_owners`]).
     owners: Vec<u32>,
+    /// `--api-group`, which replaces config.yaml's `apiGroup`.
+    api_group: Option<String>,
     /// The OpenAPI document, set once the router is built.
     openapi: OnceLock<serde_json::Value>,
     /// One turn lock per VM (storage root + name) for VM-changing requests.
@@ -185,9 +192,44 @@ fn stamped(line: &str) -> String {
     )
 }
 
+/// Whether stderr is connected to the journal (systemd sets
+/// `JOURNAL_STREAM` to the device and inode of the stream it gave us).
+fn to_journal() -> bool {
+    static JOURNAL: OnceLock<bool> = OnceLock::new();
+    *JOURNAL.get_or_init(|| {
+        use std::os::fd::AsFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(expected) = std::env::var("JOURNAL_STREAM").ok() else {
+            return false;
+        };
+        let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() else {
+            return false;
+        };
+        let Ok(meta) = std::fs::File::from(stderr).metadata() else {
+            return false;
+        };
+        expected == format!("{}:{}", meta.dev(), meta.ino())
+    })
+}
+
+/// A line for stderr: with the journal's `<N>` priority prefix and no
+/// timestamp (the journal keeps its own) when stderr is the journal,
+/// timestamped otherwise. `priority` is syslog's: 3 error, 5 notice, 6 info.
+fn for_stderr(priority: u8, line: &str) -> String {
+    if to_journal() {
+        format!("<{priority}>{}", escape_controls(line))
+    } else {
+        stamped(line)
+    }
+}
+
 fn write_log(error: bool, line: &str) {
+    let _ = writeln!(
+        std::io::stderr(),
+        "{}",
+        for_stderr(if error { 3 } else { 6 }, line)
+    );
     let mut text = stamped(line);
-    let _ = writeln!(std::io::stderr(), "{text}");
     if text.len() > LOG_LINE_KEPT_BYTES {
         let mut cut = LOG_LINE_KEPT_BYTES;
         while !text.is_char_boundary(cut) {
@@ -230,10 +272,10 @@ pub fn log_refusal(who: &str, line: &str) {
     let mut r = REFUSALS.lock().unwrap_or_else(|e| e.into_inner());
     let (print, summaries) = count_refusal(&mut r, who, Instant::now());
     for s in summaries {
-        let _ = writeln!(std::io::stderr(), "{}", stamped(&s));
+        let _ = writeln!(std::io::stderr(), "{}", for_stderr(5, &s));
     }
     if print {
-        let _ = writeln!(std::io::stderr(), "{}", stamped(line));
+        let _ = writeln!(std::io::stderr(), "{}", for_stderr(5, line));
     }
 }
 
@@ -321,6 +363,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(routes::get_vm_called_clone)
                 .patch(routes::set_vm_called_clone)
                 .delete(routes::delete_vm_called_clone),
+        )
+        .route(
+            crate::network::handoff::ROUTE,
+            axum::routing::post(handoff::handoff_network),
         )
         .fallback(routes::no_route)
         .method_not_allowed_fallback(routes::wrong_method)
@@ -580,8 +626,11 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
+/// Runs the server until SIGINT or SIGTERM. Started by systemd's
+/// `lume.socket` ([`activation`]), it serves the socket systemd passed and
+/// nothing else; otherwise 127.0.0.1:PORT and the optional `--socket`.
 pub fn serve(opts: ServeOptions) -> Result<()> {
+    let activated = activation::listener()?;
     raise_open_files_limit();
     let limits = listen::Limits::from_env();
     let token = auth::read_token(opts.token_env.clone(), opts.token_file.as_deref())?;
@@ -591,7 +640,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         // starts must not inherit the secret.
         unsafe { std::env::remove_var("LUME_API_TOKEN") };
     }
-    let addrs = listen_addresses(&opts.host, opts.port, token.is_some())?;
+    let addrs = if activated.is_some() {
+        Vec::new()
+    } else {
+        listen_addresses(&opts.host, opts.port, token.is_some())?
+    };
     let storage = opts
         .storage
         .as_deref()
@@ -601,10 +654,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // A corrupt config.yaml or an unknown apiGroup stops the server now
     // rather than every request.
     let settings = crate::settings::Settings::load()?;
-    let group = api_group(&settings)?;
+    let group = match &opts.api_group {
+        Some(name) => Some(named_group(name)?),
+        None => api_group(&settings)?,
+    };
     let root = Store::new(storage.clone()).root().to_path_buf();
     let has_token = token.is_some();
-    let state = Arc::new(AppState::new(storage, token));
+    let mut state = AppState::new(storage, token);
+    state.api_group = opts.api_group.clone();
+    let state = Arc::new(state);
     let app = router(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -612,22 +670,6 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .context("Cannot start the async runtime")?;
     let socket = opts.socket.clone();
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&addrs[..])
-            .await
-            .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
-        let unix = socket
-            .as_deref()
-            .map(|p| socket::bind(p, group.as_ref().map(|g| g.gid)))
-            .transpose()?;
-        let unix_listener = unix
-            .as_ref()
-            .map(|b| {
-                b.listener.set_nonblocking(true)?;
-                tokio::net::UnixListener::from_std(b.listener.try_clone()?)
-            })
-            .transpose()
-            .context("Cannot listen on the Unix socket")?;
-        let local = listener.local_addr()?;
         let who = if has_token {
             "API token required".to_string()
         } else {
@@ -643,11 +685,54 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
                 sudo.as_ref().map(|(uid, name)| (*uid, name.as_deref())),
             )
         };
-        log(&format!(
-            "lume API listening on http://{local} (VMs in {}; {who})",
-            root.display(),
-        ));
-        if let Some(p) = &socket {
+        let listener = if activated.is_some() {
+            None
+        } else {
+            let l = tokio::net::TcpListener::bind(&addrs[..])
+                .await
+                .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
+            log(&format!(
+                "lume API listening on http://{} (VMs in {}; {who})",
+                l.local_addr()?,
+                root.display(),
+            ));
+            Some(l)
+        };
+        // systemd's socket, or our own (removed at exit: systemd's stays).
+        let unix = if activated.is_some() {
+            None
+        } else {
+            socket
+                .as_deref()
+                .map(|p| socket::bind(p, group.as_ref().map(|g| g.gid)))
+                .transpose()?
+        };
+        let std_listener = match (&activated, &unix) {
+            (Some(l), _) => Some(l.try_clone()?),
+            (None, Some(b)) => Some(b.listener.try_clone()?),
+            (None, None) => None,
+        };
+        let unix_listener = std_listener
+            .map(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::UnixListener::from_std(l)
+            })
+            .transpose()
+            .context("Cannot listen on the Unix socket")?;
+        if let Some(l) = &activated {
+            let path = l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                .unwrap_or_default();
+            log(&format!(
+                "lume API listening on unix:{} (passed by systemd; VMs in {}; {})",
+                path.display(),
+                root.display(),
+                // No TCP listener here: the socket's mode and group decide.
+                who.replacen("loopback only, ", "", 1)
+            ));
+        } else if let Some(p) = &socket {
             log(&format!(
                 "lume API listening on unix:{} (mode 0660, group {})",
                 p.display(),
@@ -660,10 +745,14 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             let _ = stop_tx.send(true);
         });
         let gate = listen::Gate::new(limits);
-        let tcp = listen::serve(listener, app.clone(), gate.clone(), stop_rx.clone());
+        let tcp = async {
+            if let Some(l) = listener {
+                listen::serve(l, app.clone(), gate.clone(), stop_rx.clone()).await;
+            }
+        };
         let unix_served = async {
             if let Some(l) = unix_listener {
-                listen::serve(l, app, gate.clone(), stop_rx.clone()).await;
+                listen::serve(l, app.clone(), gate.clone(), stop_rx.clone()).await;
             }
         };
         tokio::join!(tcp, unix_served);
@@ -675,6 +764,16 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     })?;
     log("Stopped");
     Ok(())
+}
+
+/// The group `--api-group` names, which must exist.
+fn named_group(name: &str) -> Result<nix::unistd::Group> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g),
+        _ => bail!(
+            "Group '{name}' given with --api-group does not exist: create it (addgroup --system {name}) or reinstall the lume package"
+        ),
+    }
 }
 
 #[cfg(test)]

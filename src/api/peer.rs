@@ -295,6 +295,9 @@ enum Endpoint {
     Unix {
         uid: u32,
         pid: Option<i32>,
+        /// The connection's descriptor, valid while the connection is
+        /// served (for the network hand-off's descriptor passing).
+        fd: std::os::fd::RawFd,
     },
     /// The peer could not be read at accept time.
     Unreadable,
@@ -320,7 +323,7 @@ impl Connection {
     pub fn describe(&self) -> String {
         match self.endpoint {
             Endpoint::Tcp { client, .. } => client.to_string(),
-            Endpoint::Unix { uid, pid } => match pid {
+            Endpoint::Unix { uid, pid, .. } => match pid {
                 Some(pid) => format!("unix uid {uid} pid {pid}"),
                 None => format!("unix uid {uid}"),
             },
@@ -380,7 +383,7 @@ fn identify(endpoint: Endpoint, rule: &HelperRule) -> Identity {
             },
             Err(e) => Identity::Unknown(crate::error_chain(&e)),
         },
-        Endpoint::Unix { uid, pid } => {
+        Endpoint::Unix { uid, pid, .. } => {
             let helper = pid.and_then(|pid| {
                 let pid = u32::try_from(pid).ok()?;
                 rule.helper(proc_root, pid, &proc_root.join(pid.to_string()))
@@ -411,9 +414,25 @@ impl Connection {
             Ok(cred) => Endpoint::Unix {
                 uid: cred.uid(),
                 pid: cred.pid(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(stream),
             },
             Err(_) => Endpoint::Unreadable,
         })
+    }
+
+    /// The uid and pid of a Unix socket's client (`SO_PEERCRED`, read when
+    /// the connection was accepted) and the connection's descriptor, which
+    /// stays valid while a request of this connection is being handled;
+    /// `None` on TCP.
+    pub fn unix_peer(&self) -> Option<(u32, i32, std::os::fd::RawFd)> {
+        match self.endpoint {
+            Endpoint::Unix {
+                uid,
+                pid: Some(pid),
+                fd,
+            } => Some((uid, pid, fd)),
+            _ => None,
+        }
     }
 
     /// Whose share of the connections this one takes: the local uid owning

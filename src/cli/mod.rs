@@ -212,6 +212,31 @@ pub enum Command {
     Update(RefusedArgs),
     /// lume's `dump-docs`: refused (the API is described at GET /openapi.json)
     DumpDocs(RefusedArgs),
+    /// Shell completions and man pages, from these definitions (for packaging)
+    #[command(hide = true)]
+    Generate(GenerateArgs),
+    /// The network half of a hand-off: started by `lume serve` as root for a
+    /// user's supervisor (docs/install.md); not for people
+    #[command(hide = true, name = "net-keeper")]
+    NetKeeper(crate::network::handoff::KeeperArgs),
+}
+
+/// What `lume generate` writes.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: GenerateCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// A completion script on standard output
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages (lume.1, lume-run.1, …) into a directory
+    Man { dir: PathBuf },
 }
 
 /// The arguments of a refused command: anything, so that the refusal (and
@@ -756,6 +781,10 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Serve the members of this group (instead of config.yaml's apiGroup);
+    /// the packaged service uses `lume`
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
     /// Serve lume's MCP server (Model Context Protocol) on standard
     /// input/output instead of HTTP, for AI agent hosts (docs/mcp.md)
     #[arg(long)]
@@ -965,6 +994,28 @@ fn refused_command(command: &'static str, why: &'static str) -> Result<i32> {
     Err(UsageError::Command { command, why }.into())
 }
 
+/// Writes completions (stdout) or man pages (a directory) generated from
+/// the clap definitions, so they never disagree with the binary.
+fn generate(what: GenerateCommand) -> Result<()> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    match what {
+        GenerateCommand::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "lume", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script)
+                .context("Cannot write the completion script")?;
+        }
+        GenerateCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("Cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("Cannot write man pages into {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs one command; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     let (storage, action, format) = match cli.command {
@@ -992,6 +1043,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::DumpDocs(_) => {
             return refused_command("dump-docs", "the API is described at GET /openapi.json");
         }
+        Command::Generate(g) => return generate(g.what).map(|()| 0),
+        Command::NetKeeper(k) => return crate::network::handoff::keep(k),
         Command::Serve(a) => {
             if a.mcp {
                 crate::mcp::serve_stdio(a.storage.storage)?;
@@ -1006,6 +1059,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 token_env: std::env::var("LUME_API_TOKEN").ok(),
                 token_file: a.token_file,
                 socket: a.socket,
+                api_group: a.api_group,
                 storage: match a.storage.storage.as_deref() {
                     Some(spec) => Some(
                         location::resolve(&Settings::load()?, spec)?

@@ -27,7 +27,7 @@ use crate::vm::config::MacAddress;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(
-        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or give the binary the capability (sudo setcap cap_net_admin,cap_net_raw+ep $(command -v lume)); --network user needs no privileges"
+        "Network mode '{0}' needs the CAP_NET_ADMIN capability: run lume as root (sudo lume ...), or install the lume package and start its service (sudo systemctl enable --now lume.socket) to run it without sudo as a member of group 'lume', or give the binary the capability (sudo setcap cap_net_admin,cap_net_raw+ep $(command -v lume)); --network user needs no privileges"
     )]
     NeedsNetAdmin(NetworkMode),
     #[error(
@@ -66,6 +66,12 @@ pub enum AttachError {
     Policy(#[from] super::policy::PolicyError),
     #[error(transparent)]
     Enforce(#[from] super::policy::tc::EnforceError),
+    #[error(transparent)]
+    Handoff(#[from] super::handoff::HandoffError),
+    #[error(
+        "A network policy is not enforced yet for a VM whose network the lume service sets up (lume without sudo): start this VM with sudo, or clear its policy with `lume set NAME --clear-policy`"
+    )]
+    PolicyThroughService,
 }
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
@@ -124,6 +130,8 @@ pub struct Attachment {
     pub lease_file: Option<PathBuf>,
     /// The address learned from DHCP snooping (bridged), updated by a thread.
     pub learned: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
+    /// NAT and host-only: the address dnsmasq reserved for the guest.
+    pub reserved: Option<Ipv4Addr>,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
     guard: HostSide,
@@ -248,7 +256,9 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
         s.parse::<UserNet>()?;
     }
     if mode.needs_net_admin() && !has_net_admin() {
-        return Err(AttachError::NeedsNetAdmin(mode.clone()));
+        // lume's service does the privileged part, and checks it there.
+        super::handoff::check_service(mode)?;
+        return Ok(());
     }
     match mode {
         NetworkMode::Bridged(name) => {
@@ -339,6 +349,13 @@ pub fn attach(
 ) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
     opts.policy.check(mode)?;
+    if super::handoff::needed(mode) {
+        // Never a policy shown but not applied.
+        if !opts.policy.is_empty() {
+            return Err(AttachError::PolicyThroughService);
+        }
+        return super::handoff::attach_remote(mode, vm, mac, &opts.publish);
+    }
     match mode {
         NetworkMode::None => Ok(Attachment::default()),
         NetworkMode::User => {
@@ -396,6 +413,7 @@ pub fn attach(
                 parent: Some(net.bridge.clone()),
                 note: subnet_note,
                 lease_file: Some(net.dnsmasq().lease_path()),
+                reserved: Some(ip),
                 guard: HostSide {
                     stop: Arc::default(),
                     snooper: None,
@@ -494,6 +512,30 @@ pub fn attach(
             start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
+    }
+}
+
+/// The attachment of a tap lume's service made for this user
+/// ([`super::handoff`]): the service holds the host side and takes it down
+/// when this process exits, so nothing is torn down here.
+pub(super) fn handed_off(
+    mac: MacAddress,
+    fd: OwnedFd,
+    device: String,
+    parent: Option<String>,
+    uplink: Option<String>,
+    ip_address: Option<String>,
+    note: Option<String>,
+) -> Attachment {
+    Attachment {
+        qemu_args: tap_args(mac),
+        fds: vec![fd],
+        ip_address,
+        host_device: Some(device),
+        parent,
+        uplink,
+        note,
+        ..Default::default()
     }
 }
 

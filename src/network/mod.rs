@@ -6,6 +6,7 @@ pub mod dhcp_snoop;
 pub mod dnsmasq;
 pub mod doctor;
 pub mod events;
+pub mod handoff;
 pub mod heal;
 pub mod interfaces;
 pub mod mode;

@@ -1,0 +1,501 @@
+//! End to end, the Debian package (issue 19): `scripts/package.sh` builds
+//! it, `dpkg -i` installs it, `systemd-analyze verify` checks its units, and
+//! `lume serve` runs as lume.socket + lume.service run it (socket activation
+//! with `systemd-socket-activate` on the unit's path, mode 0660, group
+//! `lume`; this machine has no systemd as PID 1) inside a network namespace
+//! the test creates. A user in group `lume` then creates, runs (nat, handed
+//! to the service), lists, stops and deletes a VM in their own ~/.lume
+//! without sudo; the guest gets its lease from root's dnsmasq and serves
+//! its web page; nothing root-owned appears in the user's home; the user
+//! cannot publish a privileged port nor take the running VM's MAC for
+//! another; a user outside the group gets the one
+//! message saying what to do; the VM keeps its network while the service is
+//! stopped and restarted (and a VM the service started through the API is
+//! adopted by the new server); installing the package again leaves it
+//! running; `dpkg -r` leaves VMs in place. The package, the
+//! users and the group (when the test made it) are removed at the end.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{Home, Netns, sh, wait_for};
+
+const SOCKET: &str = "/run/lume-api.sock";
+const BOOT: Duration = Duration::from_secs(180);
+
+/// Purges the package and removes the users (and the group, if the test
+/// created it), whatever happened.
+struct Installed {
+    users: Vec<String>,
+    group_existed: bool,
+    server: Option<Child>,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        stop_server(&mut self.server);
+        for u in &self.users {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!("pkill -9 -u {u}; sleep 0.2; userdel -r -f {u}"))
+                .output();
+        }
+        let _ = Command::new("dpkg").args(["--purge", "lume"]).output();
+        if !self.group_existed {
+            let _ = Command::new("groupdel").arg("lume").output();
+        }
+        let _ = std::fs::remove_file(SOCKET);
+    }
+}
+
+fn stop_server(server: &mut Option<Child>) {
+    if let Some(mut c) = server.take() {
+        // SIGTERM, as systemd stops lume.service.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
+    }
+}
+
+/// `lume.service` as systemd would run it: the socket made by
+/// `systemd-socket-activate` at the unit's path, given the unit's mode and
+/// group, and `lume serve` started on the first connection with the
+/// socket as descriptor 3.
+fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
+    let _ = std::fs::remove_file(SOCKET);
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    // As the journal's stream: systemd names it by device and inode.
+    let meta = stderr.metadata().unwrap();
+    let unit = std::fs::read_to_string("/lib/systemd/system/lume.service").unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart in lume.service");
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.name,
+        "systemd-socket-activate",
+        "-l",
+        SOCKET,
+    ])
+    .arg(format!("--setenv=HOME={}", home.path().display()))
+    .arg(format!(
+        "--setenv=XDG_CONFIG_HOME={}",
+        home.path().join(".config").display()
+    ))
+    .args(journal.then(|| format!("--setenv=JOURNAL_STREAM={}:{}", meta.dev(), meta.ino())))
+    .arg("--")
+    .args(exec.split_whitespace())
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(stderr);
+    let child = c.spawn().unwrap();
+    wait_for("the socket", Duration::from_secs(10), || {
+        Path::new(SOCKET).exists().then_some(())
+    });
+    // SocketMode=0660, SocketGroup=lume.
+    sh(&format!("chgrp lume {SOCKET} && chmod 0660 {SOCKET}"));
+    child
+}
+
+/// lume (the installed one) as `user`, inside `ns`, with the user's own
+/// HOME and groups, and no capability.
+fn lume_as(ns: &Netns, user: &str, args: &[&str]) -> Output {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.name,
+        "setpriv",
+        &format!("--reuid={user}"),
+        &format!("--regid={user}"),
+        "--init-groups",
+        "--inh-caps=-all",
+        "/usr/bin/lume",
+    ])
+    .args(args)
+    .env("HOME", format!("/home/{user}"))
+    .env("USER", user)
+    .env("LUME_ACCEL", "tcg")
+    .env_remove("XDG_CONFIG_HOME")
+    .env_remove("LUME_SOCKET")
+    .env_remove("LUME_API_TOKEN");
+    c.output().unwrap()
+}
+
+fn ok_as(ns: &Netns, user: &str, args: &[&str]) -> String {
+    let out = lume_as(ns, user, args);
+    assert!(
+        out.status.success(),
+        "lume {args:?} as {user} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails_as(ns: &Netns, user: &str, args: &[&str]) -> String {
+    let out = lume_as(ns, user, args);
+    assert!(!out.status.success(), "lume {args:?} as {user} should fail");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn get_as(ns: &Netns, user: &str, name: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok_as(ns, user, &["get", name, "-f", "json"])).unwrap();
+    v[0].clone()
+}
+
+fn create_user(name: &str, groups: &str) {
+    let _ = Command::new("userdel").args(["-r", "-f", name]).output();
+    let extra = if groups.is_empty() {
+        String::new()
+    } else {
+        format!("-G {groups}")
+    };
+    sh(&format!("useradd -m -s /bin/sh {extra} {name}"));
+    sh(&format!("chmod 0700 /home/{name}"));
+}
+
+#[test]
+fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut installed = Installed {
+        users: vec!["lumepk1".into(), "lumepk2".into()],
+        group_existed: Command::new("getent")
+            .args(["group", "lume"])
+            .status()
+            .unwrap()
+            .success(),
+        server: None,
+    };
+
+    // Build and inspect the package.
+    let out = Command::new(repo.join("scripts/package.sh"))
+        .arg("--binary")
+        .arg(common::lume_bin())
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "package.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = repo.join(String::from_utf8(out.stdout).unwrap().trim());
+    let name = deb.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.starts_with(&format!("lume_{}_", env!("CARGO_PKG_VERSION"))) && name.ends_with(".deb"),
+        "{name}"
+    );
+    let contents = sh(&format!("dpkg-deb -c {}", deb.display()));
+    for path in [
+        "./usr/bin/lume",
+        "./lib/systemd/system/lume.socket",
+        "./lib/systemd/system/lume.service",
+        "./usr/share/bash-completion/completions/lume",
+        "./usr/share/zsh/vendor-completions/_lume",
+        "./usr/share/fish/vendor_completions.d/lume.fish",
+        "./usr/share/man/man1/lume.1.gz",
+        "./usr/share/man/man1/lume-run.1.gz",
+        "./usr/share/doc/lume/install.md",
+        "./usr/share/doc/lume/copyright",
+    ] {
+        assert!(
+            contents.lines().any(|l| l.ends_with(path)),
+            "{path} missing:\n{contents}"
+        );
+    }
+    let depends = sh(&format!("dpkg-deb -f {} Depends", deb.display()));
+    for dep in [
+        "qemu-system-x86",
+        "qemu-utils",
+        "dnsmasq-base",
+        "nftables",
+        "passt",
+    ] {
+        assert!(depends.contains(dep), "{depends}");
+    }
+
+    // Install it: group lume, units that systemd accepts.
+    sh(&format!("dpkg -i {}", deb.display()));
+    sh("getent group lume");
+    let verify = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "/lib/systemd/system/lume.socket",
+            "/lib/systemd/system/lume.service",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let socket_unit = std::fs::read_to_string("/lib/systemd/system/lume.socket").unwrap();
+    assert!(socket_unit.contains(&format!("ListenStream={SOCKET}")));
+    assert!(socket_unit.contains("SocketMode=0660") && socket_unit.contains("SocketGroup=lume"));
+
+    // The users: lumepk1 in group lume, lumepk2 not.
+    create_user("lumepk1", "lume");
+    create_user("lumepk2", "");
+    let g = common::guest();
+    let guest_dir = PathBuf::from("/home/lumepk1/guest");
+    std::fs::create_dir_all(&guest_dir).unwrap();
+    std::fs::copy(&g.kernel, guest_dir.join("vmlinuz")).unwrap();
+    std::fs::copy(&g.initrd, guest_dir.join("initrd.img")).unwrap();
+    sh("chown -R lumepk1:lumepk1 /home/lumepk1/guest");
+
+    // The service, in a namespace of the test's, with root's settings there.
+    let ns = Netns::new("pk");
+    let home = Home::new();
+    home.write_settings(
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nfirewallAccommodation: false\n",
+    );
+    let log = home.path().join("serve.log");
+    installed.server = Some(start_server(&ns, &home, &log, true));
+
+    // lumepk1 creates a nat VM in ~/.lume, as themselves.
+    let kernel = guest_dir.join("vmlinuz").display().to_string();
+    let initrd = guest_dir.join("initrd.img").display().to_string();
+    let create = [
+        "create",
+        "dev",
+        "--cpu",
+        "1",
+        "--memory",
+        "192MB",
+        "--disk-size",
+        "16MB",
+        "--network",
+        "nat",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        &g.cmdline,
+    ];
+    ok_as(&ns, "lumepk1", &create);
+    let vm_dir = Path::new("/home/lumepk1/.lume/dev");
+    assert_eq!(std::fs::metadata(vm_dir).unwrap().uid(), uid_of("lumepk1"));
+
+    // Abuse: the host's SSH port for the user's guest.
+    let err = fails_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "22:22"],
+    );
+    assert!(err.contains("Host port 22 is below 1024"), "{err}");
+
+    // Run it without sudo: the service does the network, the user's QEMU runs.
+    ok_as(&ns, "lumepk1", &["run", "dev", "--detach"]);
+    let details = get_as(&ns, "lumepk1", "dev");
+    assert_eq!(details["status"], "running", "{details}");
+    let ip = details["ipAddress"]
+        .as_str()
+        .expect("an address")
+        .to_string();
+    assert!(ip.starts_with("203.0.113."), "{ip}");
+    let listed = ok_as(&ns, "lumepk1", &["ls"]);
+    assert!(
+        listed.contains("dev") && listed.contains("running"),
+        "{listed}"
+    );
+    common::wait_for("the guest's lease", BOOT, || {
+        let console = std::fs::read_to_string(vm_dir.join("console.log")).unwrap_or_default();
+        console
+            .contains(&format!("LUME-GUEST: lease eth0 {ip}"))
+            .then_some(())
+    });
+    let page = wait_for("the guest's web page", Duration::from_secs(30), || {
+        ns.http_get(&format!("{ip}:80"))
+    });
+    assert!(page.contains("lume-test-guest"), "{page}");
+    // QEMU is the user's; root made nothing in the user's home.
+    let qemu = sh("pgrep -u lumepk1 -f qemu-system || true");
+    assert!(!qemu.trim().is_empty(), "QEMU runs as lumepk1");
+    let foreign = sh("find /home/lumepk1 ! -user lumepk1");
+    assert!(foreign.trim().is_empty(), "not the user's: {foreign}");
+
+    // Abuse: another VM of the user's with dev's MAC (config.json is theirs
+    // to edit) would take dev's frames on the bridge: refused.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["create", "dup", "--disk-size", "8MB", "--network", "nat"],
+    );
+    let dup_config = Path::new("/home/lumepk1/.lume/dup/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dup_config).unwrap()).unwrap();
+    cfg["macAddress"] = details["macAddress"].clone();
+    std::fs::write(dup_config, cfg.to_string()).unwrap();
+    sh(&format!("chown lumepk1:lumepk1 {}", dup_config.display()));
+    let err = fails_as(&ns, "lumepk1", &["run", "dup", "--detach"]);
+    assert!(
+        err.contains("is used by another running VM on lume's nat network"),
+        "{err}"
+    );
+    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
+
+    // Upgrading the package (installing it again) leaves the VM running.
+    sh(&format!("dpkg -i {}", deb.display()));
+    assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "running");
+
+    // lumepk2, outside the group: one message saying what to do.
+    ok_as(
+        &ns,
+        "lumepk2",
+        &["create", "other", "--disk-size", "8MB", "--network", "nat"],
+    );
+    let err = fails_as(&ns, "lumepk2", &["run", "other"]);
+    assert!(
+        err.contains("usermod -aG lume lumepk2") && err.contains("not in it"),
+        "{err}"
+    );
+    ok_as(&ns, "lumepk2", &["delete", "other", "--force"]);
+
+    // A VM the service itself runs (root's location, started through the API).
+    let srv = common::guest_create_args("srv", "none", &[], "");
+    home.ok(&srv.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = root_api("POST", "/lume/vms/srv/run");
+    assert!(started.ends_with(" 202"), "{started}");
+    wait_for("srv running", Duration::from_secs(60), || {
+        (home.get("srv")["status"] == "running").then_some(())
+    });
+
+    // The service stops (SIGTERM) and restarts: the VMs keep running, the
+    // user's keeps its network.
+    stop_server(&mut installed.server);
+    assert_eq!(
+        home.get("srv")["status"],
+        "running",
+        "the service's VM runs on"
+    );
+    let serve_log = std::fs::read_to_string(&log).unwrap();
+    // To the journal: priorities, no timestamps of its own.
+    assert!(
+        serve_log.contains("<6>lume API listening on unix:/run/lume-api.sock (passed by systemd"),
+        "{serve_log}"
+    );
+    assert!(
+        serve_log.contains("<6>Network hand-off for uid"),
+        "{serve_log}"
+    );
+    assert!(
+        serve_log
+            .contains("<6>Stopping: finishing the requests in progress; running VMs keep running"),
+        "{serve_log}"
+    );
+    assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "running");
+    let page = ns.http_get(&format!("{ip}:80")).expect("still reachable");
+    assert!(page.contains("lume-test-guest"));
+    std::fs::write(&log, "").unwrap();
+    installed.server = Some(start_server(&ns, &home, &log, false));
+    let listed = ok_as(&ns, "lumepk1", &["ls", "-f", "json"]);
+    assert!(listed.contains("\"running\""), "{listed}");
+
+    // The restarted service answers the group member on its socket (curl
+    // as lumepk1), and lumepk2 cannot even connect.
+    let curl = |user: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--init-groups",
+                "curl",
+                "-sS",
+                "-w",
+                " %{http_code}",
+                "--unix-socket",
+                SOCKET,
+                "http://localhost/lume/host/status",
+            ])
+            .output()
+            .unwrap()
+    };
+    let member = curl("lumepk1");
+    let answer = String::from_utf8_lossy(&member.stdout);
+    assert!(answer.ends_with(" 200"), "{answer}");
+    let outsider = curl("lumepk2");
+    assert!(!outsider.status.success(), "lumepk2 must not connect");
+    // The restarted service adopts its VM: sees it running, stops it.
+    let seen = root_api("GET", "/lume/vms/srv");
+    assert!(
+        seen.contains("\"running\"") && seen.ends_with(" 200"),
+        "{seen}"
+    );
+    let stopped = root_api("POST", "/lume/vms/srv/stop");
+    assert!(stopped.ends_with(" 200"), "{stopped}");
+    assert_eq!(home.get("srv")["status"], "stopped");
+    // Not the journal: plain timestamped lines.
+    let serve_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        serve_log.contains("] lume API listening on unix:/run/lume-api.sock")
+            && !serve_log.contains("<6>"),
+        "{serve_log}"
+    );
+
+    // Stop: the user's QEMU ends, the service's keeper takes the network down.
+    ok_as(&ns, "lumepk1", &["stop", "dev", "--timeout", "5"]);
+    assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "stopped");
+    let uid = uid_of("lumepk1");
+    wait_for("the keeper's take-down", Duration::from_secs(20), || {
+        let left = ns.exec_ok(&format!(
+            "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null | grep -c '^u{uid}-dev$' || true"
+        ));
+        (left.trim() == "0").then_some(())
+    });
+
+    // Removing the package leaves the VMs (and the server's) in place.
+    stop_server(&mut installed.server);
+    sh("dpkg -r lume");
+    assert!(!Path::new("/usr/bin/lume").exists());
+    assert!(vm_dir.join("config.json").is_file());
+    assert!(vm_dir.join("disk.img").is_file());
+    assert_eq!(std::fs::metadata(vm_dir).unwrap().uid(), uid);
+    sh(&format!("dpkg -i {}", deb.display()));
+    ok_as(&ns, "lumepk1", &["delete", "dev", "--force"]);
+    assert!(!vm_dir.exists());
+    drop(installed);
+    assert!(!Path::new("/usr/bin/lume").exists(), "purged");
+}
+
+/// One request as root on the service's socket: the body and the status.
+fn root_api(method: &str, path: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            method,
+            "-w",
+            " %{http_code}",
+            "--unix-socket",
+            SOCKET,
+            &format!("http://localhost{path}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn uid_of(user: &str) -> u32 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .expect("the user exists")
+        .uid
+        .as_raw()
+}
