@@ -1033,6 +1033,7 @@ pub async fn run_vm(
             .collect::<ApiResult<_>>()?,
         publish: ports(&r.publish)?,
         detach: true,
+        ..Default::default()
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even

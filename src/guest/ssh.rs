@@ -484,6 +484,8 @@ mod tests {
             mac_address: None,
             guest_agent: None,
             uplink: None,
+            vnc_port: None,
+            vnc_password: None,
         }
     }
 

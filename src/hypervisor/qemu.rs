@@ -55,6 +55,8 @@ pub struct LaunchSpec<'a> {
     pub console: &'a Path,
     /// Network arguments from the network mode.
     pub net_args: &'a [String],
+    /// Raw images attached as USB mass storage (descriptor paths).
+    pub usb_storage: &'a [PathBuf],
 }
 
 /// A regular file itself, not a symlink to one.
@@ -65,6 +67,19 @@ fn is_regular(p: &Path) -> bool {
 /// Escapes a path for a QEMU option value (commas are doubled).
 fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
+}
+
+/// The display device: a standard VGA adapter (every guest kernel and
+/// firmware can draw on it) announcing the VM's `display` size (WIDTHxHEIGHT)
+/// as its preferred mode.
+fn vga_device(display: &str) -> String {
+    match display
+        .split_once('x')
+        .map(|(w, h)| (w.parse::<u32>(), h.parse::<u32>()))
+    {
+        Some((Ok(w), Ok(h))) => format!("VGA,xres={w},yres={h}"),
+        _ => "VGA".into(),
+    }
 }
 
 /// Builds the argument list (without the binary).
@@ -93,8 +108,15 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         // run programs, gain privileges or change resource limits.
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        // No window on the host; the screen is QEMU's VNC server on a Unix
+        // socket in the VM directory, which the supervisor forwards to a
+        // loopback port (see vnc.rs). Its password is set through QMP.
         "-display".into(),
         "none".into(),
+        "-vnc".into(),
+        format!("unix:{},password=on", super::vnc::VNC_SOCKET),
+        "-device".into(),
+        vga_device(&c.display),
         "-chardev".into(),
         format!("file,id=serial0,path={}", opt_path(spec.console)),
         "-serial".into(),
@@ -173,6 +195,7 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
             format!("file={},format=raw,if=virtio", opt_path(disk)),
         ]);
     }
+    a.extend(super::usb::arguments(spec.usb_storage));
     a.extend(spec.net_args.iter().cloned());
     Ok(a.into_iter().map(OsString::from).collect())
 }
@@ -217,6 +240,7 @@ mod tests {
             disks: &disks,
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            usb_storage: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -249,6 +273,11 @@ mod tests {
         assert!(joined.contains("id=qga-port,name=org.qemu.guest_agent.0"));
         assert!(joined.contains("-qmp unix:events.sock,server=on,wait=off"));
         assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
+        // The screen: QEMU's VNC server on a socket in the VM directory, a
+        // password required, none on the command line; a VGA of the VM's size.
+        assert!(joined.contains("-vnc unix:vnc.sock,password=on"));
+        assert!(!joined.contains("password=on,") && !joined.contains("password-secret"));
+        assert!(joined.contains("-device VGA,xres=1024,yres=768"));
     }
 
     #[test]
@@ -264,6 +293,7 @@ mod tests {
             disks: &[],
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
+            usb_storage: &[],
         };
         assert!(matches!(
             arguments(&spec),

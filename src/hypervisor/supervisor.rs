@@ -21,6 +21,7 @@ use super::accel::{self, AccelChoice, AccelError};
 use super::logcap;
 use super::qemu::{self, LaunchSpec, QemuError};
 use super::qmp::{EVENTS_SOCKET, QMP_SOCKET, Qmp};
+use super::vnc;
 use crate::guest::agent::QGA_SOCKET;
 use crate::guest::power::{self, PowerRequest, SshLogin};
 use crate::network::NetworkMode;
@@ -55,6 +56,10 @@ pub enum RunError {
     Accel(#[from] AccelError),
     #[error(transparent)]
     Network(#[from] AttachError),
+    #[error(transparent)]
+    Vnc(#[from] vnc::VncError),
+    #[error(transparent)]
+    Usb(#[from] super::usb::UsbError),
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error(
@@ -129,10 +134,22 @@ pub struct RunRequest {
     pub mounts: Vec<HostFile>,
     /// Extra raw disks, already open read-write.
     pub disks: Vec<HostFile>,
+    /// Raw images for USB mass storage, already open read-write and checked.
+    pub usb_storage: Vec<HostFile>,
     /// How long a Ctrl-C waits for the guest before forcing QEMU off.
     pub stop_timeout: Duration,
+    pub vnc: VncRequest,
     pub accel: AccelChoice,
     pub attach: AttachOptions,
+}
+
+/// The VNC display a run asks for.
+#[derive(Debug, Clone, Default)]
+pub struct VncRequest {
+    /// Loopback port; 0: a free one.
+    pub port: u16,
+    /// `None`: a random password for this run.
+    pub password: Option<String>,
 }
 
 /// Set by `run --detach` for its supervisor: the file its output goes to,
@@ -235,8 +252,12 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
 
     install_signal_handlers();
+    // The VNC port is bound before anything else starts: a taken port fails
+    // the run here, and the port chosen is held from now on.
+    let vnc_listener = vnc::bind(req.vnc.port)?;
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
     let net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
     if let Some(dev) = &net.host_device {
@@ -286,7 +307,8 @@ pub fn supervise(
     // which stay open until QEMU has exited.
     let mounts: Vec<PathBuf> = req.mounts.iter().map(HostFile::proc_path).collect();
     let disks: Vec<PathBuf> = req.disks.iter().map(HostFile::proc_path).collect();
-    for f in req.mounts.iter().chain(&req.disks) {
+    let usb_storage: Vec<PathBuf> = req.usb_storage.iter().map(HostFile::proc_path).collect();
+    for f in req.mounts.iter().chain(&req.disks).chain(&req.usb_storage) {
         log(&format!(
             "{} is {}",
             f.proc_path().display(),
@@ -303,6 +325,7 @@ pub fn supervise(
         disks: &disks,
         console: &console,
         net_args: &net.qemu_args,
+        usb_storage: &usb_storage,
     };
     let args = qemu::arguments(&spec)?;
     let binary = qemu::find_qemu()?;
@@ -318,6 +341,7 @@ pub fn supervise(
     let mut cmd = Command::new(&binary);
     cmd.args(&args)
         .env_remove(START_LOG_ENV)
+        .env_remove(vnc::PASSWORD_ENV)
         .current_dir(&vm.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -362,13 +386,24 @@ pub fn supervise(
         mac_address: Some(mac.to_string()),
         guest_agent: None,
         uplink: net.uplink.clone(),
+        vnc_port: None,
+        vnc_password: None,
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {
         stderr_path: &stderr_path,
         pumps: &pumps,
     };
-    let result = run_until_exit(vm, &mut child, req, &net, state, &output, announce);
+    let result = run_until_exit(
+        vm,
+        &mut child,
+        req,
+        &net,
+        state,
+        &output,
+        vnc_listener,
+        announce,
+    );
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -383,6 +418,7 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
     result
 }
 
@@ -420,6 +456,7 @@ struct QemuOutput<'a> {
     pumps: &'a [std::thread::JoinHandle<()>],
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_until_exit(
     vm: &Vm,
     child: &mut Child,
@@ -427,6 +464,7 @@ fn run_until_exit(
     net: &attach::Attachment,
     mut state: RunState,
     output: &QemuOutput<'_>,
+    vnc_listener: std::net::TcpListener,
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
     let QemuOutput { stderr_path, pumps } = *output;
@@ -452,6 +490,29 @@ fn run_until_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // The VNC password first, then the port is served: QEMU refuses every
+    // VNC login until it has one.
+    let password = req
+        .vnc
+        .password
+        .clone()
+        .unwrap_or_else(vnc::random_password);
+    let mut qmp = Qmp::connect(&vm.dir).map_err(RunError::Control)?;
+    vnc::set_password(&mut qmp, &password)?;
+    drop(qmp);
+    let forwarder =
+        vnc::VncForwarder::start(vnc_listener, &vm.dir).map_err(|source| RunError::Io {
+            path: vm.dir.join(vnc::VNC_SOCKET),
+            source,
+        })?;
+    state.vnc_port = Some(forwarder.port);
+    state.vnc_password = Some(password);
+    log(&format!(
+        "VNC display on 127.0.0.1:{} (password in run.json)",
+        forwarder.port
+    ));
+    let _forwarder = forwarder;
 
     // Whether the guest holds the agent's channel open, from QEMU's events.
     let agent_open = Arc::new(AtomicU8::new(AGENT_UNKNOWN));

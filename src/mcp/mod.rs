@@ -701,6 +701,7 @@ impl LumeMcp {
                 disks: Vec::new(),
                 publish: ports(a.publish)?,
                 detach: true,
+                ..Default::default()
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
             let result = execute_noted(&ctx, Action::Run(spec), note);

@@ -108,7 +108,8 @@ pub struct VmDetails {
     /// What is being done while `provisioning` (`image_import`); null
     /// otherwise.
     pub provisioning_operation: Option<String>,
-    /// lume's VNC address; always null (lume on Linux has no VNC server yet).
+    /// lume's VNC address while running, `vnc://:PASSWORD@127.0.0.1:PORT`;
+    /// null when stopped.
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
@@ -211,6 +212,9 @@ impl VmDetails {
             attachment: state.as_ref().and_then(attachment),
         });
         if let Some(s) = state {
+            if let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
+                d.vnc_url = Some(crate::hypervisor::vnc::url(port, pw));
+            }
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
             // As lume: whether port 22 answers now (null when stopped).

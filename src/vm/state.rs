@@ -52,6 +52,13 @@ pub struct RunState {
     /// started before lume did this have a macvtap as `host_device` instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink: Option<String>,
+    /// The loopback port of the VM's VNC display (see hypervisor/vnc.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_port: Option<u16>,
+    /// The VNC password of this run: only in this 0600 file, shown as part
+    /// of `vncUrl` to those who may read the VM's details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_password: Option<String>,
 }
 
 impl RunState {
