@@ -55,6 +55,10 @@ fn port_arg(s: &str) -> Result<u16, String> {
         .map_err(|_| "a port number from 0 to 65535, such as 7777".to_string())
 }
 
+fn shared_dir_arg(s: &str) -> Result<(PathBuf, bool), String> {
+    crate::hypervisor::virtiofs::parse_spec(s).map_err(|e| e.to_string())
+}
+
 fn display_mode_arg(s: &str) -> Result<String, String> {
     match s {
         "vnc" | "native" | "none" => Ok(s.to_string()),
@@ -497,9 +501,9 @@ pub struct RunArgs {
     /// Refused: not supported yet (a detached VM logs to lume.log in its directory)
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<String>,
-    /// Refused: shared directories are not supported yet
-    #[arg(long, value_name = "PATH[:ro|rw]")]
-    pub shared_dir: Vec<String>,
+    /// Directory to share with the VM (virtio-fs; repeatable): PATH or PATH:rw read-write, PATH:ro read-only; lume's guests mount it at /mnt/shared/<its name>
+    #[arg(long, value_name = "PATH[:ro|rw]", value_parser = shared_dir_arg)]
+    pub shared_dir: Vec<(PathBuf, bool)>,
     /// Disk image to attach as a USB mass-storage device (repeatable; raw or qcow2, read-write)
     #[arg(long, value_name = "PATH")]
     pub usb_storage: Vec<PathBuf>,
@@ -528,7 +532,6 @@ pub struct RunArgs {
 impl RunArgs {
     fn refused(&self) -> Result<(), UsageError> {
         refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
-        refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;
         refuse(
             self.recovery_mode == Some(true),
             "--recovery-mode",
@@ -1020,6 +1023,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     mounts: a.mount,
                     disks: a.disk,
                     usb_storage: a.usb_storage,
+                    shared_dirs: a.shared_dir,
                     publish: a.publish,
                     detach: a.detach,
                     vnc_port: a.vnc_port.unwrap_or(0),

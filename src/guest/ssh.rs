@@ -486,6 +486,7 @@ mod tests {
             uplink: None,
             vnc_port: None,
             vnc_password: None,
+            shared_directories: Vec::new(),
         }
     }
 

@@ -8,4 +8,5 @@ pub mod qemu;
 pub mod qmp;
 pub mod supervisor;
 pub mod usb;
+pub mod virtiofs;
 pub mod vnc;

@@ -57,6 +57,8 @@ pub struct LaunchSpec<'a> {
     pub net_args: &'a [String],
     /// Raw images attached as USB mass storage (descriptor paths).
     pub usb_storage: &'a [PathBuf],
+    /// Shared directories (virtio-fs; their virtiofsd listen on `fsN.sock`).
+    pub shares: &'a [super::virtiofs::ShareState],
 }
 
 /// A regular file itself, not a symlink to one.
@@ -196,6 +198,10 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         ]);
     }
     a.extend(super::usb::arguments(spec.usb_storage));
+    a.extend(super::virtiofs::qemu_arguments(
+        spec.shares,
+        (c.memory_size >> 20).max(16),
+    ));
     a.extend(spec.net_args.iter().cloned());
     Ok(a.into_iter().map(OsString::from).collect())
 }
@@ -241,6 +247,7 @@ mod tests {
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
             usb_storage: &[],
+            shares: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -294,6 +301,7 @@ mod tests {
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
             usb_storage: &[],
+            shares: &[],
         };
         assert!(matches!(
             arguments(&spec),

@@ -60,6 +60,8 @@ pub enum RunError {
     Vnc(#[from] vnc::VncError),
     #[error(transparent)]
     Usb(#[from] super::usb::UsbError),
+    #[error(transparent)]
+    Share(#[from] super::virtiofs::ShareError),
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error(
@@ -136,6 +138,8 @@ pub struct RunRequest {
     pub disks: Vec<HostFile>,
     /// Raw images for USB mass storage, already open read-write and checked.
     pub usb_storage: Vec<HostFile>,
+    /// Directories to share, already open with the caller's rights.
+    pub shares: Vec<super::virtiofs::HostDir>,
     /// How long a Ctrl-C waits for the guest before forcing QEMU off.
     pub stop_timeout: Duration,
     pub vnc: VncRequest,
@@ -213,6 +217,9 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
     }
     attach::validate(&req.network, &req.attach)?;
     qemu::find_qemu()?;
+    if !req.shares.is_empty() {
+        super::virtiofs::find_virtiofsd()?;
+    }
     cfg.mac_address
         .ok_or_else(|| RunError::NoMac(vm.name.clone()))
 }
@@ -253,6 +260,7 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
     let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
+    super::virtiofs::collect_stale(&vm.dir);
 
     install_signal_handlers();
     // The VNC port is bound before anything else starts: a taken port fails
@@ -316,6 +324,25 @@ pub fn supervise(
         ));
     }
 
+    // virtiofsd first: its sockets listen before QEMU connects.
+    let shares = super::virtiofs::share_states(&req.shares);
+    let fs_log = vm.dir.join("virtiofsd.log");
+    let daemons = super::virtiofs::start(&vm.dir, &req.shares, &|| {
+        logcap::open_log(&fs_log, false).map(Stdio::from)
+    })?;
+    for s in &shares {
+        log(&format!(
+            "Sharing {} as {} ({}), /mnt/shared/{} in lume's guests",
+            s.host_path,
+            s.tag,
+            if s.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            s.name
+        ));
+    }
     let spec = LaunchSpec {
         name: vm.name.as_str(),
         dir: &vm.dir,
@@ -326,6 +353,7 @@ pub fn supervise(
         console: &console,
         net_args: &net.qemu_args,
         usb_storage: &usb_storage,
+        shares: &shares,
     };
     let args = qemu::arguments(&spec)?;
     let binary = qemu::find_qemu()?;
@@ -388,6 +416,7 @@ pub fn supervise(
         uplink: net.uplink.clone(),
         vnc_port: None,
         vnc_password: None,
+        shared_directories: shares,
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {
@@ -414,6 +443,7 @@ pub fn supervise(
     // The network first: run.json stays until every resource is released,
     // so `lume stop` and `ls` see the VM until then.
     drop(net);
+    drop(daemons);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));

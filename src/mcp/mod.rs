@@ -413,7 +413,7 @@ pub struct RunArgs {
     pub mount: Option<String>,
     /// Accepted as lume: VMs always run headless here
     pub no_display: Option<bool>,
-    /// Refused: shared directories are not supported by lume on Linux yet
+    /// A host directory to share with the VM (absolute path; `PATH:ro` for read-only); lume's guests mount it at /mnt/shared/<its name>
     pub shared_dir: Option<String>,
     /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
@@ -687,7 +687,6 @@ impl LumeMcp {
             Err(e) => return e,
         };
         noted(rc, move |note| {
-            refuse(a.shared_dir.is_some(), "shared_dir", NOT_YET)?;
             let name = name(&a.name)?;
             let spec = RunSpec {
                 name: Some(name.clone()),
@@ -701,6 +700,18 @@ impl LumeMcp {
                 disks: Vec::new(),
                 publish: ports(a.publish)?,
                 detach: true,
+                shared_dirs: match &a.shared_dir {
+                    Some(s) => {
+                        let (p, ro) = crate::hypervisor::virtiofs::parse_spec(s).map_err(|e| {
+                            ToolError::Argument {
+                                argument: "shared_dir",
+                                why: e.to_string(),
+                            }
+                        })?;
+                        vec![(host_path("shared_dir", &p.to_string_lossy())?, ro)]
+                    }
+                    None => Vec::new(),
+                },
                 ..Default::default()
             };
             let ctx = context(storage.as_deref(), Some(&name))?;

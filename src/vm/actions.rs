@@ -184,6 +184,32 @@ pub fn stop_timeout(seconds: u64) -> Result<Duration, VmError> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// Opens a directory to share with the caller's rights (to list it, and to
+/// write in it unless read-only).
+fn open_dir_for(
+    ctx: &Context,
+    path: &Path,
+    read_only: bool,
+) -> Result<crate::hypervisor::virtiofs::HostDir, VmError> {
+    let what = "Shared directory";
+    let access = if read_only {
+        Access::Read
+    } else {
+        Access::ReadWrite
+    };
+    match ctx.caller.open_dir(path, access) {
+        Ok(dir) => Ok(crate::hypervisor::virtiofs::HostDir::new(dir, read_only)),
+        Err(OpenError::Forbidden { path, uid }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::Caller { what, uid, access },
+        }),
+        Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
+            Err(VmError::MissingFile { what, path })
+        }
+        Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
+    }
+}
+
 /// Opens a host file named in a request with the caller's rights.
 fn open_for(
     ctx: &Context,
@@ -255,6 +281,8 @@ pub struct RunSpec {
     pub disks: Vec<PathBuf>,
     /// Raw images attached as USB mass storage (`--usb-storage`).
     pub usb_storage: Vec<PathBuf>,
+    /// Directories shared with the guest: (path, read-only).
+    pub shared_dirs: Vec<(PathBuf, bool)>,
     /// Ports published for this run, on top of the saved ones.
     pub publish: Vec<PortMapping>,
     pub detach: bool,
@@ -969,6 +997,11 @@ fn run_request(
                 Ok(f)
             })
             .collect::<Result<_, VmError>>()?,
+        shares: spec
+            .shared_dirs
+            .iter()
+            .map(|(p, ro)| open_dir_for(ctx, p, *ro))
+            .collect::<Result<_, _>>()?,
         stop_timeout: Duration::from_secs(15),
         vnc: vnc_request(spec)?,
         accel: ctx.settings.accelerator()?,
@@ -1148,6 +1181,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     }
     for u in &req.usb_storage {
         cmd.arg("--usb-storage").arg(u.proc_path());
+    }
+    for s in &req.shares {
+        let mut arg = s.proc_path().into_os_string();
+        arg.push(if s.read_only { ":ro" } else { ":rw" });
+        cmd.arg("--shared-dir").arg(arg);
     }
     for p in &spec.publish {
         cmd.arg("--publish").arg(p.to_string());

@@ -59,6 +59,9 @@ pub struct RunState {
     /// of `vncUrl` to those who may read the VM's details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnc_password: Option<String>,
+    /// The directories shared with the guest in this run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_directories: Vec<crate::hypervisor::virtiofs::ShareState>,
 }
 
 impl RunState {
