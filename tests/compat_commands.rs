@@ -155,6 +155,7 @@ fn run_follows_run_swift() {
         vec!["run", "ghost", "--display", "native"],
         vec!["run", "ghost", "--vnc-port", "5900", "--vnc-password", "x"],
         vec!["run", "ghost", "--usb-storage", "/tmp/u.img"],
+        vec!["run", "ghost", "--shared-dir", "/tmp:ro", "--shared-dir", "/srv"],
         vec!["run", "ghost", "--recovery-mode", "false"],
         vec!["run", "ghost", "--mount", "/x.iso", "--disk", "/y.img"],
         vec!["run", "ghost", "--network", "nat"],
@@ -175,7 +176,6 @@ fn run_follows_run_swift() {
     small(&home, "r");
     for (args, option) in [
         (vec!["--log-file", "/tmp/l"], "--log-file"),
-        (vec!["--shared-dir", "/tmp:ro"], "--shared-dir"),
         (vec!["--recovery-mode", "true"], "--recovery-mode"),
         (vec!["--disk-path", "/tmp/d.img"], "--disk-path"),
         (vec!["--nvram-path", "/tmp/n.bin"], "--nvram-path"),
@@ -188,6 +188,9 @@ fn run_follows_run_swift() {
     assert_eq!(home.get("r")["status"], "stopped");
     // --display takes lume's three viewers only.
     let out = home.lume(&["run", "r", "--display", "sdl"]);
+    assert_eq!(out.status.code(), Some(EX_USAGE));
+    // --shared-dir takes lume's PATH[:ro|:rw] only.
+    let out = home.lume(&["run", "r", "--shared-dir", "/tmp:rx"]);
     assert_eq!(out.status.code(), Some(EX_USAGE));
     // `attach` (Attach.swift): a stopped VM has no display to attach to.
     let err = home.fails(&["attach", "r"]);

@@ -1025,7 +1025,14 @@ fn vnc_request(spec: &RunSpec) -> Result<VncRequest, VmError> {
     let password = match &spec.vnc_password {
         Some(p) => Some(p.clone()),
         None if std::env::var_os(supervisor::START_LOG_ENV).is_some() => {
-            std::env::var(vnc::PASSWORD_ENV).ok()
+            let p = std::env::var(vnc::PASSWORD_ENV).ok();
+            // No helper this supervisor starts (passt runs as another user)
+            // inherits it.
+            // SAFETY: the detached supervisor is single-threaded here: the
+            // threads that opened the caller's files have ended, and no
+            // other thread reads the environment.
+            unsafe { std::env::remove_var(vnc::PASSWORD_ENV) };
+            p
         }
         None => None,
     };
