@@ -16,6 +16,8 @@ echo "== lume's Python client (pylume, from PyPI)" >&2
 tests/clients/build.sh pylume >&2
 echo "== the official MCP Python SDK (mcp, from PyPI)" >&2
 tests/clients/build.sh mcp >&2
+echo "== a VNC client (vncdotool, from PyPI)" >&2
+tests/clients/build.sh vnc >&2
 echo "== Debian cloud test image" >&2
 tests/debian/build.sh >&2
 echo "== format and lints" >&2

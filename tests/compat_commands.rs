@@ -151,6 +151,18 @@ fn run_follows_run_swift() {
         vec!["run", "ghost", "-d"],
         vec!["run", "ghost", "--no-display"],
         vec!["run", "ghost", "--display", "none"],
+        vec!["run", "ghost", "--display", "vnc"],
+        vec!["run", "ghost", "--display", "native"],
+        vec!["run", "ghost", "--vnc-port", "5900", "--vnc-password", "x"],
+        vec!["run", "ghost", "--usb-storage", "/tmp/u.img"],
+        vec![
+            "run",
+            "ghost",
+            "--shared-dir",
+            "/tmp:ro",
+            "--shared-dir",
+            "/srv",
+        ],
         vec!["run", "ghost", "--recovery-mode", "false"],
         vec!["run", "ghost", "--mount", "/x.iso", "--disk", "/y.img"],
         vec!["run", "ghost", "--network", "nat"],
@@ -170,13 +182,7 @@ fn run_follows_run_swift() {
     // Refused by name, before the VM is looked at.
     small(&home, "r");
     for (args, option) in [
-        (vec!["--display", "vnc"], "--display vnc|native"),
-        (vec!["--display", "native"], "--display vnc|native"),
         (vec!["--log-file", "/tmp/l"], "--log-file"),
-        (vec!["--shared-dir", "/tmp:ro"], "--shared-dir"),
-        (vec!["--usb-storage", "/tmp/u.img"], "--usb-storage"),
-        (vec!["--vnc-port", "5900"], "--vnc-port"),
-        (vec!["--vnc-password", "x"], "--vnc-password"),
         (vec!["--recovery-mode", "true"], "--recovery-mode"),
         (vec!["--disk-path", "/tmp/d.img"], "--disk-path"),
         (vec!["--nvram-path", "/tmp/n.bin"], "--nvram-path"),
@@ -187,6 +193,17 @@ fn run_follows_run_swift() {
         refused(&home, &all, option);
     }
     assert_eq!(home.get("r")["status"], "stopped");
+    // --display takes lume's three viewers only.
+    let out = home.lume(&["run", "r", "--display", "sdl"]);
+    assert_eq!(out.status.code(), Some(EX_USAGE));
+    // --shared-dir takes lume's PATH[:ro|:rw] only.
+    let out = home.lume(&["run", "r", "--shared-dir", "/tmp:rx"]);
+    assert_eq!(out.status.code(), Some(EX_USAGE));
+    // `attach` (Attach.swift): a stopped VM has no display to attach to.
+    let err = home.fails(&["attach", "r"]);
+    assert!(err.contains("VM 'r' is not running"), "{err}");
+    let err = home.fails(&["attach", "ghost", "--display", "vnc"]);
+    assert!(err.contains("VM 'ghost' does not exist"), "{err}");
 }
 
 #[test]
@@ -376,7 +393,6 @@ fn lume_commands_that_are_not_here_are_refused_with_the_reason() {
         ("ipsw", "macOS guests"),
         ("setup", "macOS guests"),
         ("sip", "macOS guests"),
-        ("attach", "no display viewer"),
         ("convert", "does not support it yet"),
         ("logs", "GET /lume/logs"),
         ("check-update", "package manager"),

@@ -185,10 +185,6 @@ fn lumes_fields_we_do_not_support_are_refused_by_name() {
         "unknown field `colour`",
     );
     for (body, field) in [
-        (
-            json!({"sharedDirectories": [{"hostPath": "/tmp", "readOnly": true}]}),
-            "sharedDirectories",
-        ),
         (json!({"recoveryMode": true}), "recoveryMode"),
         (json!({"diskPath": "/tmp/d.img"}), "diskPath"),
         (json!({"nvramPath": "/tmp/n.bin"}), "nvramPath"),
@@ -200,6 +196,24 @@ fn lumes_fields_we_do_not_support_are_refused_by_name() {
             &format!("{field} is not supported by lume on Linux"),
         );
     }
+    // lume's sharedDirectories are taken: a relative hostPath or an unknown
+    // key is a 400 naming it.
+    api.fails(
+        api.post(
+            "/lume/vms/r/run",
+            json!({"sharedDirectories": [{"hostPath": "tmp", "readOnly": true}]}),
+        ),
+        400,
+        "sharedDirectories hostPath must be an absolute path",
+    );
+    api.fails(
+        api.post(
+            "/lume/vms/r/run",
+            json!({"sharedDirectories": [{"hostPath": "/tmp", "tag": "x"}]}),
+        ),
+        400,
+        "unknown field `tag`",
+    );
     api.fails(
         api.post("/lume/vms/r/run", json!({"colour": "blue"})),
         400,

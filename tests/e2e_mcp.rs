@@ -254,7 +254,7 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
     assert!(
         call(bad, "shared_dir")
             .1
-            .contains("shared_dir is not supported")
+            .contains("Argument shared_dir 'tmp' is not an absolute path")
     );
     assert!(call(bad, "run_missing").1.contains("does not exist"));
     assert!(call(bad, "exec_missing").1.contains("does not exist"));

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -18,21 +18,7 @@ use common::{Home, Netns};
 const BOOT: Duration = Duration::from_secs(420);
 
 fn image() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/debian/build.sh");
-    let out = Command::new("bash").arg(&script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the Debian test image failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .expect("build.sh prints the image")
-            .trim(),
-    )
+    common::debian_image()
 }
 
 fn ssh(ns: &Netns, home: &Home, cmd: &str) -> Output {

@@ -193,6 +193,14 @@ impl OneOrMany {
 }
 
 /// `POST /lume/vms/{name}/run` (the body may be left out).
+/// lume's `SharedDirectoryRequest` in a run body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SharedDirectoryRequest {
+    pub host_path: String,
+    pub read_only: Option<bool>,
+}
+
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunVmRequest {
@@ -212,10 +220,10 @@ pub struct RunVmRequest {
     /// Accepted for lume compatibility: VMs always run headless (`false`
     /// is answered with a warning).
     pub no_display: Option<bool>,
-    /// lume's shared directories: refused when not empty (not supported
-    /// yet); `[]` and `null` are accepted.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub shared_directories: Option<Vec<Value>>,
+    /// lume's shared directories: `[{hostPath, readOnly}]` (absolute paths,
+    /// opened with the caller's rights; `readOnly` defaults to false).
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub shared_directories: Vec<SharedDirectoryRequest>,
     /// Refused when true: there is no recovery mode for Linux guests.
     pub recovery_mode: Option<bool>,
     /// lume's disk in place of the VM's own: refused (not supported yet).
@@ -1038,11 +1046,6 @@ pub async fn run_vm(
     ApiQuery(q): ApiQuery<StorageQuery>,
     OptionalJsonBody(r): OptionalJsonBody<RunVmRequest>,
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
-    refuse(
-        r.shared_directories.as_ref().is_some_and(|d| !d.is_empty()),
-        "sharedDirectories",
-        NOT_YET,
-    )?;
     refuse(r.recovery_mode == Some(true), "recoveryMode", MACOS_ONLY)?;
     refuse(r.disk_path.is_some(), "diskPath", NOT_YET)?;
     refuse(r.nvram_path.is_some(), "nvramPath", MACOS_ONLY)?;
@@ -1077,6 +1080,17 @@ pub async fn run_vm(
         detach: true,
         policy: policy(r.network_policy)?.filter(|p| !p.is_empty()),
         ephemeral: r.ephemeral,
+        shared_dirs: r
+            .shared_directories
+            .iter()
+            .map(|s| {
+                Ok((
+                    abs_path("sharedDirectories hostPath", &s.host_path)?,
+                    s.read_only.unwrap_or(false),
+                ))
+            })
+            .collect::<ApiResult<_>>()?,
+        ..Default::default()
     };
     let storage = r.storage.as_deref().or(q.storage.as_deref());
     // The supervisor is this server's child: it is reaped when it exits, even

@@ -55,6 +55,17 @@ fn port_arg(s: &str) -> Result<u16, String> {
         .map_err(|_| "a port number from 0 to 65535, such as 7777".to_string())
 }
 
+fn shared_dir_arg(s: &str) -> Result<(PathBuf, bool), String> {
+    crate::hypervisor::virtiofs::parse_spec(s).map_err(|e| e.to_string())
+}
+
+fn display_mode_arg(s: &str) -> Result<String, String> {
+    match s {
+        "vnc" | "native" | "none" => Ok(s.to_string()),
+        _ => Err("vnc, native or none".to_string()),
+    }
+}
+
 fn display_arg(s: &str) -> Result<String, String> {
     crate::vm::config::parse_display(s).map_err(|e| e.to_string())
 }
@@ -200,8 +211,8 @@ pub enum Command {
     Setup(RefusedArgs),
     /// lume's `sip`: refused (System Integrity Protection is macOS's)
     Sip(RefusedArgs),
-    /// lume's `attach`: refused (no display viewer yet; VMs run headless)
-    Attach(RefusedArgs),
+    /// Open a VNC viewer on a running VM (or print its VNC URL)
+    Attach(AttachArgs),
     /// lume's `convert`: refused (legacy lume images: not supported yet)
     Convert(RefusedArgs),
     /// lume's `logs`: refused (`lume serve` logs to its standard error; GET /lume/logs)
@@ -245,6 +256,55 @@ pub enum GenerateCommand {
 pub struct RefusedArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    pub name: VmName,
+    /// Viewer to open: `vnc` or `native` (both open a VNC viewer here)
+    #[arg(long, value_name = "native|vnc", value_parser = attach_display_arg)]
+    pub display: Option<String>,
+    #[command(flatten)]
+    pub storage: StorageArg,
+}
+
+/// Why `lume attach` cannot show a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("VM '{0}' is not running: start it with `lume run {0}`")]
+    NotRunning(VmName),
+    #[error(
+        "VM '{0}' has no VNC display (it was started by a lume without VNC): restart it with `lume stop {0}` and `lume run {0}`"
+    )]
+    NoVnc(VmName),
+}
+
+fn attach_display_arg(s: &str) -> Result<String, String> {
+    match s {
+        "vnc" | "native" => Ok(s.to_string()),
+        _ => Err("native or vnc".to_string()),
+    }
+}
+
+/// `lume attach`: the running VM's VNC display, in a viewer or as a URL.
+fn attach(a: AttachArgs) -> Result<i32> {
+    let ctx = context(&a.storage, Some(&a.name))?;
+    let details = match execute(
+        &ctx,
+        Action::Get {
+            name: a.name.clone(),
+        },
+        &mut note,
+    )? {
+        Outcome::Details(d) => d,
+        _ => unreachable!("get answers with details"),
+    };
+    if details.status != "running" {
+        return Err(AttachError::NotRunning(a.name).into());
+    }
+    let url = details.vnc_url.ok_or(AttachError::NoVnc(a.name))?;
+    crate::vm::actions::show_vnc(&url, true, &mut |line| outln!("{line}"));
+    Ok(0)
 }
 
 #[derive(Debug, Args)]
@@ -493,25 +553,25 @@ pub struct RunArgs {
     /// A network policy for this run only, replacing the saved one
     #[command(flatten)]
     pub policy: PolicyArgs,
-    /// Run headless: the default here (lume's -d; use --detach to run in the background)
+    /// Open no viewer: lume's alias of --display none (the VNC server runs in every mode)
     #[arg(long, short = 'd')]
     pub no_display: bool,
-    /// Viewer to open: only `none` here (VMs run headless; no VNC or native viewer yet)
-    #[arg(long, value_name = "vnc|native|none")]
+    /// Viewer to open: `vnc` or `native` (the default, as lume) open a VNC viewer when one is installed and DISPLAY or WAYLAND_DISPLAY is set, else print the VNC URL; `none` only prints it
+    #[arg(long, value_name = "vnc|native|none", value_parser = display_mode_arg)]
     pub display: Option<String>,
     /// Refused: not supported yet (a detached VM logs to lume.log in its directory)
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<String>,
-    /// Refused: shared directories are not supported yet
-    #[arg(long, value_name = "PATH[:ro|rw]")]
-    pub shared_dir: Vec<String>,
-    /// Refused: USB mass storage is not supported yet (use --disk)
+    /// Directory to share with the VM (virtio-fs; repeatable): PATH or PATH:rw read-write, PATH:ro read-only; lume's guests mount it at /mnt/shared/<its name>
+    #[arg(long, value_name = "PATH[:ro|rw]", value_parser = shared_dir_arg)]
+    pub shared_dir: Vec<(PathBuf, bool)>,
+    /// Disk image to attach as a USB mass-storage device (repeatable; raw or qcow2, read-write)
     #[arg(long, value_name = "PATH")]
-    pub usb_storage: Vec<String>,
-    /// Refused: there is no VNC server yet
+    pub usb_storage: Vec<PathBuf>,
+    /// The VNC server's port on 127.0.0.1 (0, the default: a free port)
     #[arg(long, value_name = "PORT", value_parser = port_arg)]
     pub vnc_port: Option<u16>,
-    /// Refused: there is no VNC server yet
+    /// The VNC password (default: a random one per run; VNC uses its first 8 characters)
     #[arg(long, value_name = "PASSWORD")]
     pub vnc_password: Option<String>,
     /// Refused when true: recovery mode is for macOS guests
@@ -532,16 +592,7 @@ pub struct RunArgs {
 
 impl RunArgs {
     fn refused(&self) -> Result<(), UsageError> {
-        refuse(
-            self.display.as_deref().is_some_and(|d| d != "none"),
-            "--display vnc|native",
-            "there is no VNC server or viewer yet; VMs run headless (--display none)",
-        )?;
         refuse(self.log_file.is_some(), "--log-file", NOT_YET)?;
-        refuse(!self.shared_dir.is_empty(), "--shared-dir", NOT_YET)?;
-        refuse(!self.usb_storage.is_empty(), "--usb-storage", NOT_YET)?;
-        refuse(self.vnc_port.is_some(), "--vnc-port", NOT_YET)?;
-        refuse(self.vnc_password.is_some(), "--vnc-password", NOT_YET)?;
         refuse(
             self.recovery_mode == Some(true),
             "--recovery-mode",
@@ -1024,9 +1075,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Ipsw(_) => return refused_command("ipsw", MACOS_ONLY),
         Command::Setup(_) => return refused_command("setup", MACOS_ONLY),
         Command::Sip(_) => return refused_command("sip", MACOS_ONLY),
-        Command::Attach(_) => {
-            return refused_command("attach", "there is no display viewer yet; VMs run headless");
-        }
+        Command::Attach(a) => return attach(a),
         Command::Convert(_) => return refused_command("convert", NOT_YET),
         Command::Logs(_) => {
             return refused_command(
@@ -1119,10 +1168,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                     network: a.network,
                     mounts: a.mount,
                     disks: a.disk,
+                    usb_storage: a.usb_storage,
+                    shared_dirs: a.shared_dir,
                     publish: a.publish,
                     detach: a.detach,
                     policy: a.policy.policy(),
                     ephemeral: a.ephemeral,
+                    vnc_port: a.vnc_port.unwrap_or(0),
+                    vnc_password: a.vnc_password,
+                    open_viewer: !a.no_display && a.display.as_deref() != Some("none"),
                 }),
                 Format::Text,
             )

@@ -324,7 +324,7 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             opt(&d.network_mode)
         ),
         Outcome::Started(d) => format!(
-            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`",
+            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`{}",
             d.name,
             opt(&d.accelerator),
             d.ip_address.as_deref().unwrap_or("not known yet"),
@@ -332,7 +332,11 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             match d.location_name.as_str() {
                 crate::settings::DEFAULT_LOCATION_NAME => String::new(),
                 storage => format!(" --storage {storage}"),
-            }
+            },
+            d.vnc_url
+                .as_deref()
+                .map(|u| format!("\nVNC display: {u}"))
+                .unwrap_or_default()
         ),
         Outcome::Stopped { name, method } => stopped_line(name, *method),
         Outcome::Restarted { name, method } => format!(

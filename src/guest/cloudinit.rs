@@ -86,6 +86,12 @@ pub fn meta_data(i: &SeedInputs) -> String {
     }))
 }
 
+/// The guest side of shared directories, run by cloud-init's `bootcmd` at
+/// every boot: reads lume's list (`tag ro|rw name` lines) from QEMU's fw_cfg
+/// and mounts each virtio-fs tag at /mnt/shared/NAME. Lines that are not
+/// lume's shape are skipped.
+pub const MOUNT_SHARES: &str = r#"modprobe qemu_fw_cfg 2>/dev/null; f=/sys/firmware/qemu_fw_cfg/by_name/opt/lume/shares/raw; [ -r "$f" ] || exit 0; modprobe virtiofs 2>/dev/null; while read -r tag mode name; do case "$tag" in lume[0-9]|lume[0-9][0-9]) ;; *) continue ;; esac; case "$mode" in ro|rw) ;; *) continue ;; esac; case "$name" in ""|.|..|*[!A-Za-z0-9._-]*) continue ;; esac; mkdir -p "/mnt/shared/$name"; mountpoint -q "/mnt/shared/$name" || mount -t virtiofs -o "$mode" "$tag" "/mnt/shared/$name"; done < "$f"; exit 0"#;
+
 /// lume's own `#cloud-config`.
 pub fn lume_cloud_config(i: &SeedInputs) -> String {
     let mut user = json!({
@@ -100,6 +106,9 @@ pub fn lume_cloud_config(i: &SeedInputs) -> String {
         user["plain_text_passwd"] = json!(DEFAULT_PASSWORD);
     }
     let cfg = json!({
+        // Every boot: mount the shares lume lists in fw_cfg (see
+        // hypervisor/virtiofs.rs), so shares added at a later run appear too.
+        "bootcmd": [["sh", "-c", MOUNT_SHARES]],
         "users": [user],
         "ssh_pwauth": i.password,
         // The VM's name resolves in the guest (sudo complains otherwise).

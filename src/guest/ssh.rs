@@ -485,6 +485,9 @@ mod tests {
             guest_agent: None,
             uplink: None,
             network_policy: Default::default(),
+            vnc_port: None,
+            vnc_password: None,
+            shared_directories: Vec::new(),
         }
     }
 

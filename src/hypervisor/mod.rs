@@ -7,3 +7,6 @@ pub mod logcap;
 pub mod qemu;
 pub mod qmp;
 pub mod supervisor;
+pub mod usb;
+pub mod virtiofs;
+pub mod vnc;

@@ -58,6 +58,10 @@ pub struct LaunchSpec<'a> {
     /// The main disk: `-blockdev` nodes pinned by lume and its `-device`
     /// ([`crate::vm::snapshot::prepare_run`]).
     pub disk_args: &'a [String],
+    /// Raw images attached as USB mass storage (descriptor paths).
+    pub usb_storage: &'a [PathBuf],
+    /// Shared directories (virtio-fs; their virtiofsd listen on `fsN.sock`).
+    pub shares: &'a [super::virtiofs::ShareState],
 }
 
 /// A regular file itself, not a symlink to one.
@@ -68,6 +72,19 @@ fn is_regular(p: &Path) -> bool {
 /// Escapes a path for a QEMU option value (commas are doubled).
 fn opt_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
+}
+
+/// The display device: a standard VGA adapter (every guest kernel and
+/// firmware can draw on it) announcing the VM's `display` size (WIDTHxHEIGHT)
+/// as its preferred mode.
+fn vga_device(display: &str) -> String {
+    match display
+        .split_once('x')
+        .map(|(w, h)| (w.parse::<u32>(), h.parse::<u32>()))
+    {
+        Some((Ok(w), Ok(h))) => format!("VGA,xres={w},yres={h}"),
+        _ => "VGA".into(),
+    }
 }
 
 /// Builds the argument list (without the binary).
@@ -96,8 +113,15 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         // run programs, gain privileges or change resource limits.
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+        // No window on the host; the screen is QEMU's VNC server on a Unix
+        // socket in the VM directory, which the supervisor forwards to a
+        // loopback port (see vnc.rs). Its password is set through QMP.
         "-display".into(),
         "none".into(),
+        "-vnc".into(),
+        format!("unix:{},password=on", super::vnc::VNC_SOCKET),
+        "-device".into(),
+        vga_device(&c.display),
         "-chardev".into(),
         format!("file,id=serial0,path={}", opt_path(spec.console)),
         "-serial".into(),
@@ -171,6 +195,11 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
             format!("file={},format=raw,if=virtio", opt_path(disk)),
         ]);
     }
+    a.extend(super::usb::arguments(spec.usb_storage));
+    a.extend(super::virtiofs::qemu_arguments(
+        spec.shares,
+        (c.memory_size >> 20).max(16),
+    ));
     a.extend(spec.net_args.iter().cloned());
     // After the network devices, as a `-drive if=virtio` device was: the
     // guest sees its devices in the same PCI slots as before snapshots.
@@ -220,6 +249,8 @@ mod tests {
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
             disk_args: &[],
+            usb_storage: &[],
+            shares: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -251,6 +282,11 @@ mod tests {
         assert!(joined.contains("id=qga-port,name=org.qemu.guest_agent.0"));
         assert!(joined.contains("-qmp unix:events.sock,server=on,wait=off"));
         assert!(joined.contains("virtio-balloon-pci,id=balloon0,free-page-reporting=on"));
+        // The screen: QEMU's VNC server on a socket in the VM directory, a
+        // password required, none on the command line; a VGA of the VM's size.
+        assert!(joined.contains("-vnc unix:vnc.sock,password=on"));
+        assert!(!joined.contains("password=on,") && !joined.contains("password-secret"));
+        assert!(joined.contains("-device VGA,xres=1024,yres=768"));
     }
 
     /// The VM's disk comes from lume's pinned nodes, and its device after
@@ -281,6 +317,8 @@ mod tests {
             console: Path::new("/proc/self/fd/3"),
             net_args: &net,
             disk_args: &disk,
+            usb_storage: &[],
+            shares: &[],
         };
         let args: Vec<String> = arguments(&spec)
             .unwrap()
@@ -306,6 +344,8 @@ mod tests {
             console: Path::new("/proc/self/fd/3"),
             net_args: &[],
             disk_args: &[],
+            usb_storage: &[],
+            shares: &[],
         };
         assert!(matches!(
             arguments(&spec),

@@ -21,6 +21,7 @@ use super::accel::{self, AccelChoice, AccelError};
 use super::logcap;
 use super::qemu::{self, LaunchSpec, QemuError};
 use super::qmp::{EVENTS_SOCKET, QMP_SOCKET, Qmp};
+use super::vnc;
 use crate::guest::agent::QGA_SOCKET;
 use crate::guest::power::{self, PowerRequest, SshLogin};
 use crate::network::NetworkMode;
@@ -57,6 +58,12 @@ pub enum RunError {
     Network(#[from] AttachError),
     #[error(transparent)]
     Snapshot(#[from] crate::vm::snapshot::SnapshotError),
+    #[error(transparent)]
+    Vnc(#[from] vnc::VncError),
+    #[error(transparent)]
+    Usb(#[from] super::usb::UsbError),
+    #[error(transparent)]
+    Share(#[from] super::virtiofs::ShareError),
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
     #[error(
@@ -131,13 +138,27 @@ pub struct RunRequest {
     pub mounts: Vec<HostFile>,
     /// Extra raw disks, already open read-write.
     pub disks: Vec<HostFile>,
+    /// Raw images for USB mass storage, already open read-write and checked.
+    pub usb_storage: Vec<HostFile>,
+    /// Directories to share, already open with the caller's rights.
+    pub shares: Vec<super::virtiofs::HostDir>,
     /// How long a Ctrl-C waits for the guest before forcing QEMU off.
     pub stop_timeout: Duration,
+    pub vnc: VncRequest,
     pub accel: AccelChoice,
     pub attach: AttachOptions,
     /// Disk changes go to a throwaway layer, removed at stop
     /// (`run --ephemeral`).
     pub ephemeral: bool,
+}
+
+/// The VNC display a run asks for.
+#[derive(Debug, Clone, Default)]
+pub struct VncRequest {
+    /// Loopback port; 0: a free one.
+    pub port: u16,
+    /// `None`: a random password for this run.
+    pub password: Option<String>,
 }
 
 /// Set by `run --detach` for its supervisor: the file its output goes to,
@@ -201,6 +222,9 @@ pub fn preflight(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> Result<MacAddress
     }
     attach::validate(&req.network, &req.attach)?;
     qemu::find_qemu()?;
+    if !req.shares.is_empty() {
+        super::virtiofs::find_virtiofsd()?;
+    }
     cfg.mac_address
         .ok_or_else(|| RunError::NoMac(vm.name.clone()))
 }
@@ -240,6 +264,8 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
+    let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
+    super::virtiofs::collect_stale(&vm.dir);
 
     // The disk: the layer chain pinned by lume, an ephemeral layer, a
     // pending memory restore. The ephemeral layer goes when `disk` does.
@@ -252,6 +278,9 @@ pub fn supervise(
     }
 
     install_signal_handlers();
+    // The VNC port is bound before anything else starts: a taken port fails
+    // the run here, and the port chosen is held from now on.
+    let vnc_listener = vnc::bind(req.vnc.port)?;
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
     let net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
     if let Some(dev) = &net.host_device {
@@ -301,7 +330,8 @@ pub fn supervise(
     // which stay open until QEMU has exited.
     let mounts: Vec<PathBuf> = req.mounts.iter().map(HostFile::proc_path).collect();
     let disks: Vec<PathBuf> = req.disks.iter().map(HostFile::proc_path).collect();
-    for f in req.mounts.iter().chain(&req.disks) {
+    let usb_storage: Vec<PathBuf> = req.usb_storage.iter().map(HostFile::proc_path).collect();
+    for f in req.mounts.iter().chain(&req.disks).chain(&req.usb_storage) {
         log(&format!(
             "{} is {}",
             f.proc_path().display(),
@@ -309,6 +339,25 @@ pub fn supervise(
         ));
     }
 
+    // virtiofsd first: its sockets listen before QEMU connects.
+    let shares = super::virtiofs::share_states(&req.shares);
+    let fs_log = vm.dir.join("virtiofsd.log");
+    let daemons = super::virtiofs::start(&vm.dir, &req.shares, &|| {
+        logcap::open_log(&fs_log, false).map(Stdio::from)
+    })?;
+    for s in &shares {
+        log(&format!(
+            "Sharing {} as {} ({}), /mnt/shared/{} in lume's guests",
+            s.host_path,
+            s.tag,
+            if s.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            },
+            s.name
+        ));
+    }
     let spec = LaunchSpec {
         name: vm.name.as_str(),
         dir: &vm.dir,
@@ -319,6 +368,8 @@ pub fn supervise(
         console: &console,
         net_args: &net.qemu_args,
         disk_args: &disk.args,
+        usb_storage: &usb_storage,
+        shares: &shares,
     };
     let args = qemu::arguments(&spec)?;
     let binary = qemu::find_qemu()?;
@@ -334,6 +385,7 @@ pub fn supervise(
     let mut cmd = Command::new(&binary);
     cmd.args(&args)
         .env_remove(START_LOG_ENV)
+        .env_remove(vnc::PASSWORD_ENV)
         .current_dir(&vm.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -380,6 +432,9 @@ pub fn supervise(
         guest_agent: None,
         uplink: net.uplink.clone(),
         network_policy: req.attach.policy.clone(),
+        vnc_port: None,
+        vnc_password: None,
+        shared_directories: shares,
     };
     let pumps = [console_pump, stderr_pump];
     let output = QemuOutput {
@@ -387,7 +442,16 @@ pub fn supervise(
         pumps: &pumps,
         incoming: disk.incoming.as_ref(),
     };
-    let result = run_until_exit(vm, &mut child, req, &net, state, &output, announce);
+    let result = run_until_exit(
+        vm,
+        &mut child,
+        req,
+        &net,
+        state,
+        &output,
+        vnc_listener,
+        announce,
+    );
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
@@ -398,11 +462,13 @@ pub fn supervise(
     // The network first: run.json stays until every resource is released,
     // so `lume stop` and `ls` see the VM until then.
     drop(net);
+    drop(daemons);
     let _ = fs::remove_file(vm.state_path());
     let _ = fs::remove_file(vm.dir.join(QMP_SOCKET));
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
     disk.finish();
+    let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
     result
 }
 
@@ -442,6 +508,7 @@ struct QemuOutput<'a> {
     incoming: Option<&'a File>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_until_exit(
     vm: &Vm,
     child: &mut Child,
@@ -449,6 +516,7 @@ fn run_until_exit(
     net: &attach::Attachment,
     mut state: RunState,
     output: &QemuOutput<'_>,
+    vnc_listener: std::net::TcpListener,
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
     let QemuOutput {
@@ -488,6 +556,29 @@ fn run_until_exit(
         }
         log("Memory restored: the guest goes on where its snapshot was taken");
     }
+
+    // The VNC password first, then the port is served: QEMU refuses every
+    // VNC login until it has one.
+    let password = req
+        .vnc
+        .password
+        .clone()
+        .unwrap_or_else(vnc::random_password);
+    let mut qmp = Qmp::connect(&vm.dir).map_err(RunError::Control)?;
+    vnc::set_password(&mut qmp, &password)?;
+    drop(qmp);
+    let forwarder =
+        vnc::VncForwarder::start(vnc_listener, &vm.dir).map_err(|source| RunError::Io {
+            path: vm.dir.join(vnc::VNC_SOCKET),
+            source,
+        })?;
+    state.vnc_port = Some(forwarder.port);
+    state.vnc_password = Some(password);
+    log(&format!(
+        "VNC display on 127.0.0.1:{} (password in run.json)",
+        forwarder.port
+    ));
+    let _forwarder = forwarder;
 
     // Whether the guest holds the agent's channel open, from QEMU's events.
     let agent_open = Arc::new(AtomicU8::new(AGENT_UNKNOWN));

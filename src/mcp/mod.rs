@@ -441,7 +441,7 @@ pub struct RunArgs {
     pub mount: Option<String>,
     /// Accepted as lume: VMs always run headless here
     pub no_display: Option<bool>,
-    /// Refused: shared directories are not supported by lume on Linux yet
+    /// A host directory to share with the VM (absolute path; `PATH:ro` for read-only); lume's guests mount it at /mnt/shared/<its name>
     pub shared_dir: Option<String>,
     /// Discard every disk change when the VM stops (a throwaway sandbox; default: false)
     pub ephemeral: Option<bool>,
@@ -756,7 +756,6 @@ impl LumeMcp {
             Err(e) => return e,
         };
         noted(rc, move |note| {
-            refuse(a.shared_dir.is_some(), "shared_dir", NOT_YET)?;
             let name = name(&a.name)?;
             let spec = RunSpec {
                 name: Some(name.clone()),
@@ -772,6 +771,19 @@ impl LumeMcp {
                 detach: true,
                 policy: Some(policy(a.allow_out, a.deny_out, a.isolate)?).filter(|p| !p.is_empty()),
                 ephemeral: a.ephemeral.unwrap_or(false),
+                shared_dirs: match &a.shared_dir {
+                    Some(s) => {
+                        let (p, ro) = crate::hypervisor::virtiofs::parse_spec(s).map_err(|e| {
+                            ToolError::Argument {
+                                argument: "shared_dir",
+                                why: e.to_string(),
+                            }
+                        })?;
+                        vec![(host_path("shared_dir", &p.to_string_lossy())?, ro)]
+                    }
+                    None => Vec::new(),
+                },
+                ..Default::default()
             };
             let ctx = context(storage.as_deref(), Some(&name))?;
             let result = execute_noted(&ctx, Action::Run(spec), note);

@@ -19,7 +19,8 @@ use super::store::{Store, StoreError, UnsafeDir, Vm, io_at};
 use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
 use crate::hypervisor::qmp::Qmp;
-use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest};
+use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest, VncRequest};
+use crate::hypervisor::vnc;
 use crate::image::download::Destinations;
 use crate::image::import::{self, ImportError};
 use crate::image::{ImageSource, Sha256Digest};
@@ -187,6 +188,32 @@ pub fn stop_timeout(seconds: u64) -> Result<Duration, VmError> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// Opens a directory to share with the caller's rights (to list it, and to
+/// write in it unless read-only).
+fn open_dir_for(
+    ctx: &Context,
+    path: &Path,
+    read_only: bool,
+) -> Result<crate::hypervisor::virtiofs::HostDir, VmError> {
+    let what = "Shared directory";
+    let access = if read_only {
+        Access::Read
+    } else {
+        Access::ReadWrite
+    };
+    match ctx.caller.open_dir(path, access) {
+        Ok(dir) => Ok(crate::hypervisor::virtiofs::HostDir::new(dir, read_only)),
+        Err(OpenError::Forbidden { path, uid }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::Caller { what, uid, access },
+        }),
+        Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
+            Err(VmError::MissingFile { what, path })
+        }
+        Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
+    }
+}
+
 /// Opens a host file named in a request with the caller's rights.
 fn open_for(
     ctx: &Context,
@@ -258,6 +285,10 @@ pub struct RunSpec {
     pub network: Option<NetworkMode>,
     pub mounts: Vec<PathBuf>,
     pub disks: Vec<PathBuf>,
+    /// Raw images attached as USB mass storage (`--usb-storage`).
+    pub usb_storage: Vec<PathBuf>,
+    /// Directories shared with the guest: (path, read-only).
+    pub shared_dirs: Vec<(PathBuf, bool)>,
     /// Ports published for this run, on top of the saved ones.
     pub publish: Vec<PortMapping>,
     pub detach: bool,
@@ -265,6 +296,13 @@ pub struct RunSpec {
     pub policy: Option<crate::network::policy::Policy>,
     /// Disk changes are discarded when the VM stops (docs/snapshots.md).
     pub ephemeral: bool,
+    /// The VNC display's loopback port; 0 picks a free one (lume's default).
+    pub vnc_port: u16,
+    /// The VNC password; `None`: a random one for this run.
+    pub vnc_password: Option<String>,
+    /// `--display vnc|native`: open a VNC viewer once the VM runs, when one
+    /// is installed and a graphical session is there (the CLI only).
+    pub open_viewer: bool,
 }
 
 /// What `set` changes.
@@ -1021,7 +1059,22 @@ fn run_request(
             .iter()
             .map(|p| open_for(ctx, "Disk", p, Access::ReadWrite))
             .collect::<Result<_, _>>()?,
+        usb_storage: spec
+            .usb_storage
+            .iter()
+            .map(|p| {
+                let f = open_for(ctx, "USB storage image", p, Access::ReadWrite)?;
+                crate::hypervisor::usb::check_raw(p, &f.file).map_err(RunError::from)?;
+                Ok(f)
+            })
+            .collect::<Result<_, VmError>>()?,
+        shares: spec
+            .shared_dirs
+            .iter()
+            .map(|(p, ro)| open_dir_for(ctx, p, *ro))
+            .collect::<Result<_, _>>()?,
         stop_timeout: Duration::from_secs(15),
+        vnc: vnc_request(spec)?,
         accel: ctx.settings.accelerator()?,
         attach: AttachOptions {
             user_net: ctx.settings.get_str("userSubnet")?,
@@ -1035,6 +1088,33 @@ fn run_request(
                 .map(|n| (n.to_string(), ctx.store.vm(n).dir)),
         },
         ephemeral: spec.ephemeral,
+    })
+}
+
+/// The VNC display of this run. A detached supervisor gets a chosen
+/// password through its environment (readable only by its own user), never
+/// through its command line.
+fn vnc_request(spec: &RunSpec) -> Result<VncRequest, VmError> {
+    let password = match &spec.vnc_password {
+        Some(p) => Some(p.clone()),
+        None if std::env::var_os(supervisor::START_LOG_ENV).is_some() => {
+            let p = std::env::var(vnc::PASSWORD_ENV).ok();
+            // No helper this supervisor starts (passt runs as another user)
+            // inherits it.
+            // SAFETY: the detached supervisor is single-threaded here: the
+            // threads that opened the caller's files have ended, and no
+            // other thread reads the environment.
+            unsafe { std::env::remove_var(vnc::PASSWORD_ENV) };
+            p
+        }
+        None => None,
+    };
+    if let Some(p) = &password {
+        vnc::check_password(p).map_err(RunError::from)?;
+    }
+    Ok(VncRequest {
+        port: spec.vnc_port,
+        password,
     })
 }
 
@@ -1055,7 +1135,13 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
         cfg = provision(ctx, &vm, cfg)?;
     }
     if !spec.detach {
+        let foreground = std::env::var_os(supervisor::START_LOG_ENV).is_none();
         let status = supervisor::supervise(&vm, &cfg, &req, &mut |s: &RunState| {
+            // The VNC URL (with its password) goes to the caller's terminal,
+            // never to a detached supervisor's log.
+            if foreground && let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
+                show_vnc(&vnc::url(port, pw), spec.open_viewer, note);
+            }
             note(&format!(
                 "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
                 name,
@@ -1076,6 +1162,14 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
         return Ok(Outcome::Exited(status));
     }
     detach(store, &vm, &spec, &req)
+}
+
+/// Opens a viewer on `url` when asked and possible; says where the display is.
+pub fn show_vnc(url: &str, open_viewer: bool, note: &mut dyn FnMut(&str)) {
+    match open_viewer.then(|| vnc::open_viewer(url)).flatten() {
+        Some(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
+        None => note(&format!("VNC display: {url}")),
+    }
 }
 
 /// Whether a VM gets a cloud-init seed: a VM booted from its disk, or one
@@ -1165,6 +1259,14 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     for d in &req.disks {
         cmd.arg("--disk").arg(d.proc_path());
     }
+    for u in &req.usb_storage {
+        cmd.arg("--usb-storage").arg(u.proc_path());
+    }
+    for s in &req.shares {
+        let mut arg = s.proc_path().into_os_string();
+        arg.push(if s.read_only { ":ro" } else { ":rw" });
+        cmd.arg("--shared-dir").arg(arg);
+    }
     for p in &spec.publish {
         cmd.arg("--publish").arg(p.to_string());
     }
@@ -1183,6 +1285,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     if spec.ephemeral {
         cmd.arg("--ephemeral");
     }
+    cmd.arg("--vnc-port").arg(req.vnc.port.to_string());
+    match &req.vnc.password {
+        Some(p) => cmd.env(vnc::PASSWORD_ENV, p),
+        None => cmd.env_remove(vnc::PASSWORD_ENV),
+    };
     // Resolve the accelerator here so the one line about a TCG fallback
     // reaches the user's terminal; the supervisor inherits the verdict.
     let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
@@ -1204,7 +1311,13 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         if let Some(state) = vm.running_state()
             && state.pid == child.id()
         {
-            return Ok(Outcome::Started(VmDetails::read(store, vm)));
+            let details = VmDetails::read(store, vm);
+            if spec.open_viewer
+                && let Some(url) = &details.vnc_url
+            {
+                vnc::open_viewer(url);
+            }
+            return Ok(Outcome::Started(details));
         }
         if let Some(status) = child.try_wait().map_err(RunError::SupervisorWait)? {
             // Still under its own name if it never got the VM's lock.

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -124,6 +125,62 @@ impl Caller {
             });
         }
         self.open_resolving(path, access, 0)
+    }
+
+    /// Opens a directory with the caller's rights, to share it with a guest:
+    /// the caller must be able to list and enter it, and for
+    /// [`Access::ReadWrite`] to write in it. A path this process's parent
+    /// handed over (`/proc/<parent pid>/fd/N`) is taken as
+    /// [`Self::open_from_parent`] does; other magic links are refused.
+    pub fn open_dir(&self, path: &Path, access: Access) -> Result<File, OpenError> {
+        let parent = nix::unistd::getppid().as_raw();
+        let resolve = if path
+            .to_str()
+            .is_some_and(|p| p.starts_with(&format!("/proc/{parent}/fd/")))
+        {
+            0
+        } else {
+            libc::RESOLVE_NO_MAGICLINKS
+        };
+        let caller = self.clone();
+        let owned = path.to_path_buf();
+        let opened = std::thread::scope(|s| {
+            s.spawn(move || -> io::Result<File> {
+                if nix::unistd::geteuid().as_raw() != caller.uid {
+                    caller.become_on_this_thread()?;
+                }
+                let dir = open_dir_resolving(&owned, resolve)?;
+                let want = match access {
+                    Access::Read => libc::R_OK | libc::X_OK,
+                    Access::ReadWrite => libc::R_OK | libc::W_OK | libc::X_OK,
+                };
+                // SAFETY: faccessat on a descriptor this thread owns, with a
+                // static NUL-terminated path; AT_EACCESS checks with this
+                // thread's filesystem ids (the caller's).
+                let rc = unsafe {
+                    libc::faccessat(dir.as_raw_fd(), c".".as_ptr(), want, libc::AT_EACCESS)
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(dir)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the opening thread panicked")))
+        });
+        opened.map_err(|source| match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => OpenError::Forbidden {
+                path: path.to_path_buf(),
+                uid: self.uid,
+            },
+            Some(libc::ENOENT | libc::ENOTDIR) => OpenError::Missing {
+                path: path.to_path_buf(),
+            },
+            _ => OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })
     }
 
     fn open_resolving(&self, path: &Path, access: Access, resolve: u64) -> Result<File, OpenError> {
@@ -256,6 +313,32 @@ fn open_resolving(path: &Path, access: Access, resolve: u64) -> io::Result<File>
     Ok(unsafe { File::from_raw_fd(fd as i32) })
 }
 
+/// Opens a directory (O_DIRECTORY) with openat2's `resolve` flags.
+fn open_dir_resolving(path: &Path, resolve: u64) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is a plain C struct for which all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    // SAFETY: as in open_resolving.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just returned by openat2 and nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fd as i32) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,6 +354,63 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn a_directory_is_shared_only_with_the_callers_rights() {
+        if !is_root() {
+            eprintln!("skipped: needs root to act as another uid");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let nobody = Caller::from_uid(65534);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A directory nobody may not list (as /root), directly or by a symlink.
+        let secret = dir.path().join("secret");
+        std::fs::create_dir(&secret).unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let root_link = dir.path().join("root");
+        std::os::unix::fs::symlink("/root", &root_link).unwrap();
+        for p in [Path::new("/root"), &secret, &link, &root_link] {
+            assert!(
+                matches!(
+                    nobody.open_dir(p, Access::Read),
+                    Err(OpenError::Forbidden { .. })
+                ),
+                "{}",
+                p.display()
+            );
+        }
+        // Readable but not writable: read-only only.
+        let public = dir.path().join("public");
+        std::fs::create_dir(&public).unwrap();
+        std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755)).unwrap();
+        nobody.open_dir(&public, Access::Read).unwrap();
+        assert!(matches!(
+            nobody.open_dir(&public, Access::ReadWrite),
+            Err(OpenError::Forbidden { .. })
+        ));
+        Caller::from_uid(0)
+            .open_dir(&secret, Access::ReadWrite)
+            .unwrap();
+        // Not a directory; a magic link to root's open directory.
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            nobody.open_dir(&file, Access::Read),
+            Err(OpenError::Missing { .. })
+        ));
+        let held = File::open(&secret).unwrap();
+        let magic = format!("/proc/self/fd/{}", held.as_raw_fd());
+        assert!(nobody.open_dir(Path::new(&magic), Access::Read).is_err());
+        assert!(
+            Caller::from_uid(0)
+                .open_dir(Path::new(&magic), Access::Read)
+                .is_err()
+        );
     }
 
     #[test]

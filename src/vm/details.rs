@@ -101,8 +101,7 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
 pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
 
 /// lume's `SharedDirectory` (`hostPath`, `tag`, `readOnly`): the shape of
-/// `sharedDirectories` entries. lume on Linux has no shared directories
-/// yet, so the list is always empty.
+/// `sharedDirectories` entries: the running VM's shares (empty when stopped).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SharedDirectory {
@@ -131,12 +130,13 @@ pub struct VmDetails {
     /// What is being done while `provisioning` (`image_import`); null
     /// otherwise.
     pub provisioning_operation: Option<String>,
-    /// lume's VNC address; always null (lume on Linux has no VNC server yet).
+    /// lume's VNC address while running, `vnc://:PASSWORD@127.0.0.1:PORT`;
+    /// null when stopped.
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_available: Option<bool>,
     pub location_name: String,
-    /// lume's shared directories; always empty (not supported yet).
+    /// lume's shared directories of the running VM; empty when stopped.
     pub shared_directories: Vec<SharedDirectory>,
     pub network_mode: Option<String>,
     /// lume's pull progress: while `lume pull` downloads, how much of the
@@ -247,6 +247,18 @@ impl VmDetails {
             policy_in_force: state.as_ref().and_then(policy_in_force),
         });
         if let Some(s) = state {
+            if let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
+                d.vnc_url = Some(crate::hypervisor::vnc::url(port, pw));
+            }
+            d.shared_directories = s
+                .shared_directories
+                .iter()
+                .map(|s| SharedDirectory {
+                    host_path: s.host_path.clone(),
+                    tag: s.tag.clone(),
+                    read_only: s.read_only,
+                })
+                .collect();
             d.accelerator = Some(s.accelerator.to_string());
             d.ip_address = guest_address(&s);
             // As lume: whether port 22 answers now (null when stopped).

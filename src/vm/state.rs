@@ -58,6 +58,16 @@ pub struct RunState {
         skip_serializing_if = "crate::network::policy::Policy::is_empty"
     )]
     pub network_policy: crate::network::policy::Policy,
+    /// The loopback port of the VM's VNC display (see hypervisor/vnc.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_port: Option<u16>,
+    /// The VNC password of this run: only in this 0600 file, shown as part
+    /// of `vncUrl` to those who may read the VM's details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_password: Option<String>,
+    /// The directories shared with the guest in this run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_directories: Vec<crate::hypervisor::virtiofs::ShareState>,
 }
 
 impl RunState {

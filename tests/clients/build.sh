@@ -6,6 +6,7 @@
 # Usage: tests/clients/build.sh CLIENT [OUTDIR]
 #   CLIENT  pylume  lume's own published Python client (tests/client_pylume.rs)
 #           mcp     the official MCP Python SDK (tests/e2e_mcp.rs)
+#           vnc     the VNC client vncdotool (tests/e2e_display.rs)
 #   OUTDIR  defaults to ${LUME_CLIENTS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lume/test-clients}/CLIENT
 # The only stdout line is the absolute OUTDIR path; OUTDIR/venv/bin/python
 # imports the client.
@@ -17,8 +18,9 @@ client=${1:-}
 case "$client" in
     pylume) pin="pylume==0.2.1"; check="import pylume" ;;
     mcp) pin="mcp==2.3.0"; check="import mcp.client.stdio" ;;
+    vnc) pin="vncdotool==1.4.2"; check="import vncdotool.api" ;;
     *)
-        log "usage: tests/clients/build.sh pylume|mcp [OUTDIR]"
+        log "usage: tests/clients/build.sh pylume|mcp|vnc [OUTDIR]"
         exit 2
         ;;
 esac

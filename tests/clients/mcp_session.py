@@ -139,7 +139,7 @@ async def main(lume, image, vm):
                 "cpu_zero": await call("lume_create_vm", {"name": "x", "cpu": "0"}),
                 "relative_image": await call("lume_create_vm", {"name": "x", "image": "disk.qcow2"}),
                 "ipsw": await call("lume_create_vm", {"name": "x", "ipsw": "latest"}),
-                "shared_dir": await call("lume_run_vm", {"name": "x", "shared_dir": "/tmp"}),
+                "shared_dir": await call("lume_run_vm", {"name": "x", "shared_dir": "tmp:ro"}),
                 "run_missing": await call("lume_run_vm", {"name": "no-such-vm"}),
                 "exec_missing": await call("lume_exec", {"name": "no-such-vm", "command": "true"}),
                 "unknown_tool": await call("lume_frobnicate", {}),
