@@ -134,6 +134,7 @@ fn snapshot_status(e: &crate::vm::snapshot::SnapshotError) -> StatusCode {
         | S::Busy(_)
         | S::NeedsAgent { .. }
         | S::MemoryNeedsRunning(_)
+        | S::MemoryWithShares(_)
         | S::Ephemeral(_)
         | S::Layered { .. }
         | S::ConfigChanged { .. } => StatusCode::CONFLICT,

@@ -127,9 +127,11 @@ pub struct CreateVmRequest {
 pub struct NetworkPolicyBody {
     /// Once any is given, everything else outbound is denied except DHCP
     /// and DNS to lume: `CIDR[:PORT|:LOW-HIGH][/tcp|/udp]`.
-    #[serde(default, deserialize_with = "null_as_default")]
+    /// An empty list is refused: it would read as "allow nothing" but
+    /// mean no allow list at all.
+    #[serde(default)]
     #[schema(example = json!(["198.51.100.2/32:443/tcp"]))]
-    pub allow_out: Vec<String>,
+    pub allow_out: Option<Vec<String>>,
     /// Denied destinations, checked before `allowOut`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub deny_out: Vec<String>,
@@ -140,9 +142,18 @@ pub struct NetworkPolicyBody {
 
 fn policy(b: Option<NetworkPolicyBody>) -> ApiResult<Option<crate::network::policy::Policy>> {
     b.map(|b| {
+        if b.allow_out.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ApiError::bad_request(
+                "An empty networkPolicy.allowOut is refused: it would not deny anything (a policy allows everything until one allowOut rule is given). To deny all outbound traffic send \"denyOut\": [\"0.0.0.0/0\"]; to clear the policy send \"networkPolicy\": {}",
+            ));
+        }
         field(
             "networkPolicy",
-            crate::network::policy::Policy::from_parts(&b.allow_out, &b.deny_out, b.isolate),
+            crate::network::policy::Policy::from_parts(
+                b.allow_out.as_deref().unwrap_or_default(),
+                &b.deny_out,
+                b.isolate,
+            ),
         )
     })
     .transpose()

@@ -568,6 +568,12 @@ fn policy(
     deny: Option<Vec<String>>,
     isolate: Option<bool>,
 ) -> Result<crate::network::policy::Policy, ToolError> {
+    if allow.as_ref().is_some_and(Vec::is_empty) {
+        return Err(ToolError::Argument {
+            argument: "allow_out",
+            why: "an empty list would not deny anything (a policy allows everything until one allow_out rule is given); to deny all outbound traffic pass deny_out [\"0.0.0.0/0\"], or leave allow_out out".into(),
+        });
+    }
     Ok(crate::network::policy::Policy::from_parts(
         &allow.unwrap_or_default(),
         &deny.unwrap_or_default(),

@@ -1827,6 +1827,9 @@ fn snapshot(
                 VmLock::is_held(&vm.lock_path()).unwrap_or(true),
                 vm.running_state(),
             ) {
+                (true, Some(state)) if memory && !state.shared_directories.is_empty() => {
+                    return Err(snap::SnapshotError::MemoryWithShares(name.to_string()).into());
+                }
                 (true, Some(state)) => (
                     Some(state.guest_agent),
                     Some(state.started_at),

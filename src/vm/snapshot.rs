@@ -76,6 +76,10 @@ pub enum SnapshotError {
     )]
     MemoryNeedsRunning(String),
     #[error(
+        "VM '{0}' runs with shared directories (virtio-fs), whose state QEMU cannot save: stop it and run it without --shared-dir to take a memory snapshot, or take a disk snapshot (leave out --memory)"
+    )]
+    MemoryWithShares(String),
+    #[error(
         "VM '{0}' runs with --ephemeral: its changes are discarded at stop, so nothing of this run can be snapshotted; stop it and run it without --ephemeral"
     )]
     Ephemeral(String),
