@@ -586,7 +586,19 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
         let _ = fs::remove_file(&marker);
         let _ = sync_dir(&sd);
         validate_name(&pending.snapshot)?;
-        if !ephemeral {
+        // The memory belongs to the disk of its moment only: the head must
+        // be the fresh layer `restore` put on the snapshot's own layer
+        // (anything else, e.g. a restore killed half-way, boots cold).
+        let snapshot = get(vm_dir, "", &pending.snapshot).ok();
+        let head_parent = match read_head(vm_dir)? {
+            Some(top) => read_json::<LayerMeta>(&layer_meta_path(vm_dir, &top))?
+                .map(|m| m.parent),
+            None => None,
+        };
+        let matches = snapshot
+            .as_ref()
+            .is_some_and(|s| s.memory && head_parent.as_ref() == Some(&s.layer));
+        if !ephemeral && matches {
             let p = memory_path(vm_dir, &pending.snapshot);
             let f = OpenOptions::new()
                 .read(true)
@@ -594,7 +606,7 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
                 .open(&p)
                 .map_err(io_at(&p))?;
             run.incoming = Some(f);
-            if let Ok(s) = get(vm_dir, "", &pending.snapshot) {
+            if let Some(s) = snapshot {
                 run.incoming_started_at = s.run_started_at;
                 run.incoming_ip = s.ip_address;
             }
@@ -962,7 +974,12 @@ pub fn restore(
     }
     chain(vm_dir, s.layer.as_deref())?;
     let new = new_layer(vm_dir, s.layer.as_deref())?;
+    // The head first, the memory marker last: a restore killed in between
+    // leaves a disk restore (a cold boot), never this memory on another
+    // moment's disk (prepare_run checks the pair again).
     let marker = snap_dir(vm_dir).join(RESTORE);
+    let _ = fs::remove_file(&marker);
+    write_head(vm_dir, Some(&new))?;
     if s.memory {
         write_json(
             &marker,
@@ -970,10 +987,7 @@ pub fn restore(
                 snapshot: name.into(),
             },
         )?;
-    } else {
-        let _ = fs::remove_file(&marker);
     }
-    write_head(vm_dir, Some(&new))?;
     collect(vm_dir)?;
     Ok(s)
 }
