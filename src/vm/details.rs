@@ -32,14 +32,12 @@ pub struct NetworkDetails {
     /// re-attached when it is back) or `reattaching`.
     pub attachment: Option<String>,
     /// The network policy: the run's while running, else the saved one;
-    /// absent when there is none (docs/networking.md).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `null` when there is none (docs/networking.md).
     #[schema(value_type = Option<Object>)]
     pub policy: Option<crate::network::policy::Policy>,
     /// With a policy, while running: whether its filter is attached to the
     /// VM's tap now (checked at every read). `false` means the VM's traffic
-    /// is not filtered: stop it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// is not filtered: stop it. `null` without a policy or when stopped.
     pub policy_in_force: Option<bool>,
 }
 
