@@ -691,11 +691,6 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             let l = tokio::net::TcpListener::bind(&addrs[..])
                 .await
                 .with_context(|| format!("Cannot listen on {}:{}", opts.host, opts.port))?;
-            log(&format!(
-                "lume API listening on http://{} (VMs in {}; {who})",
-                l.local_addr()?,
-                root.display(),
-            ));
             Some(l)
         };
         // systemd's socket, or our own (removed at exit: systemd's stays).
@@ -719,6 +714,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
             })
             .transpose()
             .context("Cannot listen on the Unix socket")?;
+        // Announced once every listener is ready (the Unix socket's mode
+        // and group set): clients wait for this line.
+        if let Some(l) = &listener {
+            log(&format!(
+                "lume API listening on http://{} (VMs in {}; {who})",
+                l.local_addr()?,
+                root.display(),
+            ));
+        }
         if let Some(l) = &activated {
             let path = l
                 .local_addr()
