@@ -424,7 +424,10 @@ pub enum Outcome {
     },
     /// The VM's layered disk was merged into a plain `disk.img`; `layers`
     /// is how many layers were merged (0: it was plain already).
-    Flattened { name: VmName, layers: usize },
+    Flattened {
+        name: VmName,
+        layers: usize,
+    },
 }
 
 /// How a clone got its disk.

@@ -93,8 +93,8 @@ pub enum SnapshotError {
     NetworkChanged {
         vm: String,
         snap: String,
-        was: String,
-        now: String,
+        /// The mode then and now.
+        modes: Box<(String, String)>,
         ip: String,
     },
     #[error("{}", self.message(Door::Cli))]
@@ -197,9 +197,9 @@ impl Door {
         let mem = crate::vm::size::format_size(memory).replace(".0", "");
         match self {
             Door::Cli => format!("`lume set {vm} --cpu {cpu} --memory {mem}`"),
-            Door::Api => format!(
-                r#"PATCH /lume/vms/{vm} with {{"cpu": {cpu}, "memory": "{mem}"}}"#
-            ),
+            Door::Api => {
+                format!(r#"PATCH /lume/vms/{vm} with {{"cpu": {cpu}, "memory": "{mem}"}}"#)
+            }
             Door::Mcp => format!(
                 r#"lume's CLI or REST API (no MCP tool changes them: PATCH /lume/vms/{vm} with {{"cpu": {cpu}, "memory": "{mem}"}})"#
             ),
@@ -238,12 +238,22 @@ fn layered_text(vm: &str, what: &str, layers: usize, snapshots: usize, door: Doo
     }
 }
 
-fn config_changed_text(vm: &str, snap: &str, was: (u32, u64), now: (u32, u64), door: Door) -> String {
+fn config_changed_text(
+    vm: &str,
+    snap: &str,
+    was: (u32, u64),
+    now: (u32, u64),
+    door: Door,
+) -> String {
     let cpus = |n: u32| format!("{n} CPU{}", if n == 1 { "" } else { "s" });
     let mem = crate::vm::size::format_size;
     let mut changed = Vec::new();
     if was.0 != now.0 {
-        changed.push(format!("CPU count ({} then, {} now)", cpus(was.0), cpus(now.0)));
+        changed.push(format!(
+            "CPU count ({} then, {} now)",
+            cpus(was.0),
+            cpus(now.0)
+        ));
     }
     if was.1 != now.1 {
         changed.push(format!("memory ({} then, {} now)", mem(was.1), mem(now.1)));
@@ -294,14 +304,21 @@ impl SnapshotError {
             SnapshotError::NetworkChanged {
                 vm,
                 snap,
-                was,
-                now,
+                modes,
                 ip,
+            } => {
+                let (was, now) = &**modes;
+                format!(
+                    "Snapshot '{snap}' of VM '{vm}' holds a guest that ran in network mode '{was}' (address {ip}); the VM is now set to '{now}', where that address does not work: set it back with {} before restoring its memory, or restore a disk snapshot (the guest then boots and gets a new address)",
+                    door.set_network(vm, was)
+                )
+            }
+            SnapshotError::AddressInUse {
+                vm,
+                snap,
+                ip,
+                other,
             } => format!(
-                "Snapshot '{snap}' of VM '{vm}' holds a guest that ran in network mode '{was}' (address {ip}); the VM is now set to '{now}', where that address does not work: set it back with {} before restoring its memory, or restore a disk snapshot (the guest then boots and gets a new address)",
-                door.set_network(vm, was)
-            ),
-            SnapshotError::AddressInUse { vm, snap, ip, other } => format!(
                 "Snapshot '{snap}' of VM '{vm}' resumes a guest that uses address {ip}, which running VM '{other}' has now (it got the lease while '{vm}' was stopped): stop '{other}' first ({}), or restore a disk snapshot (the guest then boots and gets a new address)",
                 door.stop(other)
             ),
@@ -1217,8 +1234,7 @@ pub fn check_restorable(
         return Err(SnapshotError::NetworkChanged {
             vm: vm.into(),
             snap: s.name.clone(),
-            was: was.clone(),
-            now: network_mode.into(),
+            modes: Box::new((was.clone(), network_mode.into())),
             ip: ip.clone(),
         });
     }
@@ -1660,7 +1676,10 @@ mod tests {
         delete(dir, "t", "b").unwrap();
         // No snapshots, still layered: the message says so and what to run.
         let m = check_plain(dir, "t", "push").unwrap_err().to_string();
-        assert!(m.contains("has no snapshots, but its disk is layered (disk.img plus 2 layers"), "{m}");
+        assert!(
+            m.contains("has no snapshots, but its disk is layered (disk.img plus 2 layers"),
+            "{m}"
+        );
         assert!(m.contains("`lume snapshot flatten t`"), "{m}");
         // A half-written flatten left by a kill is removed.
         fs::write(dir.join(".disk.img.flatten"), b"partial").unwrap();
@@ -1672,12 +1691,24 @@ mod tests {
         let disk = fs::read(dir.join("disk.img")).unwrap();
         assert_eq!(disk.len(), 16 << 20);
         assert!(disk[..1 << 20].iter().all(|&b| b == 1));
-        assert!(disk[1 << 20..(1 << 20) + (64 << 10)].iter().all(|&b| b == 2));
-        assert!(disk[2 << 20..(2 << 20) + (64 << 10)].iter().all(|&b| b == 3));
+        assert!(
+            disk[1 << 20..(1 << 20) + (64 << 10)]
+                .iter()
+                .all(|&b| b == 2)
+        );
+        assert!(
+            disk[2 << 20..(2 << 20) + (64 << 10)]
+                .iter()
+                .all(|&b| b == 3)
+        );
         assert!(disk[(2 << 20) + (64 << 10)..].iter().all(|&b| b == 1));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
-            fs::metadata(dir.join("disk.img")).unwrap().permissions().mode() & 0o777,
+            fs::metadata(dir.join("disk.img"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600
         );
         // The file shared by hard link was not written: a new one replaced it.
@@ -1709,7 +1740,10 @@ mod tests {
         assert!(out.status.success(), "{out:?}");
         flatten(dir, "t").unwrap();
         let disk = fs::read(dir.join("disk.img")).unwrap();
-        assert!(disk.iter().all(|&b| b == 0), "the foreign backing file was read");
+        assert!(
+            disk.iter().all(|&b| b == 0),
+            "the foreign backing file was read"
+        );
     }
 
     #[test]
@@ -1734,7 +1768,13 @@ mod tests {
         write_through_chain(dir, 0, 9);
         create(&target(dir), "after", false).unwrap();
         let l = list(dir);
-        let size = |n: &str| l.iter().find(|s| s.name == n).unwrap().allocated_size.unwrap();
+        let size = |n: &str| {
+            l.iter()
+                .find(|s| s.name == n)
+                .unwrap()
+                .allocated_size
+                .unwrap()
+        };
         // "base" froze disk.img itself (counted as the VM's disk); "after"
         // froze a layer holding 64 KiB of data.
         assert_eq!(size("base"), 0);
@@ -1770,13 +1810,22 @@ mod tests {
         assert!(!m.contains("memory ("), "{m}");
         assert!(m.contains("`lume set web --cpu 1 --memory 512MB`"), "{m}");
         let api = e.message(Door::Api);
-        assert!(api.contains(r#"PATCH /lume/vms/web with {"cpu": 1, "memory": "512MB"}"#), "{api}");
+        assert!(
+            api.contains(r#"PATCH /lume/vms/web with {"cpu": 1, "memory": "512MB"}"#),
+            "{api}"
+        );
         let e = check_restorable("web", &s, 1, 1 << 30, "host").unwrap_err();
-        assert!(e.to_string().contains("memory (512.0MB then, 1.0GB now)"), "{e}");
+        assert!(
+            e.to_string().contains("memory (512.0MB then, 1.0GB now)"),
+            "{e}"
+        );
         // Another network mode: the guest's address would not work there.
         let e = check_restorable("web", &s, 1, 512 << 20, "nat").unwrap_err();
         assert!(matches!(e, SnapshotError::NetworkChanged { .. }));
-        assert!(e.to_string().contains("`lume set web --network host`"), "{e}");
+        assert!(
+            e.to_string().contains("`lume set web --network host`"),
+            "{e}"
+        );
         // A disk snapshot has no such limits.
         let mut disk = s.clone();
         disk.memory = false;
@@ -1834,7 +1883,15 @@ mod tests {
         }
         assert!(errors[0].message(Door::Api).contains(r#""memory": true"#));
         assert!(errors[0].message(Door::Mcp).contains("memory: true"));
-        assert!(errors[5].message(Door::Mcp).contains("lume_snapshot_flatten"));
-        assert!(errors[5].message(Door::Api).contains("POST /lume/vms/web/flatten"));
+        assert!(
+            errors[5]
+                .message(Door::Mcp)
+                .contains("lume_snapshot_flatten")
+        );
+        assert!(
+            errors[5]
+                .message(Door::Api)
+                .contains("POST /lume/vms/web/flatten")
+        );
     }
 }
