@@ -1422,7 +1422,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 15);
+        assert_eq!(tools.len(), 16);
         for t in tools {
             let required = t
                 .input_schema
