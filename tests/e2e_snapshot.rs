@@ -238,6 +238,22 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
 
     // Ephemeral: changes are gone after the stop.
     ns.lume_ok(&home, &["stop", "sb"]);
+    // A memory restore onto other settings is refused before anything is
+    // touched, naming what changed and the command that sets it back.
+    ns.lume_ok(&home, &["set", "sb", "--cpu", "2"]);
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sb", "s1"]);
+    assert!(err.contains("CPU count (1 CPU then, 2 CPUs now)"), "{err}");
+    assert!(
+        err.contains("`lume set sb --cpu 1 --memory 512MB`"),
+        "{err}"
+    );
+    ns.lume_ok(&home, &["set", "sb", "--cpu", "1", "--memory", "512MB"]);
+    ns.lume_ok(&home, &["set", "sb", "--network", "nat"]);
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sb", "s1"]);
+    assert!(err.contains("ran in network mode 'host'"), "{err}");
+    assert!(err.contains("`lume set sb --network host`"), "{err}");
+    ns.lume_ok(&home, &["set", "sb", "--network", "host"]);
+    assert_eq!(details(&ns, &home, "sb")["status"], "stopped");
     let err = ns.lume_fails(&home, &["clone", "sb", "plain"]);
     assert!(err.contains("snapshots and its disk is layered"), "{err}");
     let err = ns.lume_fails(&home, &["set", "sb", "--disk-size", "32MB"]);
