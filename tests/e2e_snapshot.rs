@@ -466,6 +466,15 @@ fn snapshots_through_the_api() {
         409,
         "is not running",
     );
+    // Worded for the API: routes and request fields, never CLI flags.
+    let refused = api.post(
+        "/lume/vms/app/snapshots",
+        json!({"name": "m", "memory": true}),
+    );
+    let m = refused.body["message"].as_str().unwrap();
+    assert!(m.contains(r#"leave out "memory": true"#), "{m}");
+    assert!(m.contains("POST /lume/vms/app/run"), "{m}");
+    assert!(!m.contains("--") && !m.contains("`lume "), "{m}");
     api.fails(
         api.post("/lume/vms/app/snapshots", json!({"name": "../x"})),
         400,
@@ -487,16 +496,28 @@ fn snapshots_through_the_api() {
     api.fails(
         api.post("/lume/vms/clone", json!({"name": "app", "newName": "c1"})),
         409,
-        "has snapshots",
+        "POST /lume/vms/app/flatten",
     );
     let cloned = api.post(
         "/lume/vms/clone",
         json!({"name": "app", "newName": "c2", "snapshot": "base"}),
     );
     assert_eq!(cloned.status, 200, "{cloned:?}");
+    api.fails(
+        api.post("/lume/vms/app/flatten", json!({})),
+        409,
+        "still has 1 snapshot(s)",
+    );
     let gone = api.call("DELETE", "/lume/vms/app/snapshots/base", None);
     assert_eq!(gone.status, 200, "{gone:?}");
     assert_eq!(api.get("/lume/vms/app/snapshots").body, json!([]));
+    // No snapshots left: flatten makes the disk plain, and a plain clone
+    // works again.
+    let flat = api.post("/lume/vms/app/flatten", json!({}));
+    assert_eq!(flat.status, 200, "{flat:?}");
+    assert!(!home.vm_dir("app").join("snapshots").exists());
+    let cloned = api.post("/lume/vms/clone", json!({"name": "app", "newName": "c1"}));
+    assert_eq!(cloned.status, 200, "{cloned:?}");
 }
 
 /// A filesystem that fills up while a memory snapshot is written: the
