@@ -194,7 +194,11 @@ impl Door {
         }
     }
     fn set(self, vm: &str, cpu: u32, memory: u64) -> String {
-        let mem = crate::vm::size::format_size(memory).replace(".0", "");
+        // Exact, in the largest unit that divides it (`lume set` parses it).
+        let mem = [("GB", 1u64 << 30), ("MB", 1 << 20), ("KB", 1 << 10)]
+            .iter()
+            .find(|(_, u)| memory.is_multiple_of(*u) && memory >= *u)
+            .map_or(format!("{memory}B"), |(n, u)| format!("{}{n}", memory / u));
         match self {
             Door::Cli => format!("`lume set {vm} --cpu {cpu} --memory {mem}`"),
             Door::Api => {
@@ -1814,6 +1818,10 @@ mod tests {
             api.contains(r#"PATCH /lume/vms/web with {"cpu": 1, "memory": "512MB"}"#),
             "{api}"
         );
+        let mut odd = s.clone();
+        odd.memory_size = 1536 << 20;
+        let e = check_restorable("web", &odd, 1, 1 << 30, "host").unwrap_err();
+        assert!(e.to_string().contains("--memory 1536MB`"), "{e}");
         let e = check_restorable("web", &s, 1, 1 << 30, "host").unwrap_err();
         assert!(
             e.to_string().contains("memory (512.0MB then, 1.0GB now)"),
