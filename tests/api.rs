@@ -645,6 +645,7 @@ fn errors_are_json_with_the_right_status() {
             "POST /lume/vms",
             "POST /lume/vms/clone",
             "POST /lume/vms/push",
+            "POST /lume/vms/{name}/flatten",
             "POST /lume/vms/{name}/restart",
             "POST /lume/vms/{name}/run",
             "POST /lume/vms/{name}/setup",

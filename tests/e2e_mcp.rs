@@ -93,6 +93,7 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
             "lume_run_vm",
             "lume_snapshot_create",
             "lume_snapshot_delete",
+            "lume_snapshot_flatten",
             "lume_snapshot_list",
             "lume_snapshot_restore",
             "lume_stop_vm",

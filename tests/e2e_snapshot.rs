@@ -202,11 +202,31 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
 
     // A clone from a snapshot of the running VM: its own VM, booting from
     // the snapshot's disk.
-    ns.lume_ok(&home, &["clone", "sb", "sc", "--snapshot", "s3"]);
+    let out = ns.lume_ok(&home, &["clone", "sb", "sc", "--snapshot", "s3"]);
+    assert!(out.contains("shared by hard links"), "{out}");
+    assert!(!out.contains("reflink"), "{out}");
+    // Two snapshots in the same second get different default names.
+    let l0 = ns.lume_ok(&home, &["snapshot", "list", "sc"]);
+    assert_eq!(l0.trim(), "No snapshots");
+    ns.lume_ok(&home, &["snapshot", "create", "sc"]);
+    ns.lume_ok(&home, &["snapshot", "create", "sc"]);
+    let listed: Value =
+        serde_json::from_str(&ns.lume_ok(&home, &["snapshot", "list", "sc", "-f", "json"]))
+            .unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_ne!(listed[0]["name"], listed[1]["name"]);
+    assert!(listed.iter().all(|s| s["allocatedSize"].is_u64()));
+    for s in listed {
+        ns.lume_ok(
+            &home,
+            &["snapshot", "delete", "sc", s["name"].as_str().unwrap()],
+        );
+    }
     // Plain clone, push and resize of a VM with snapshots are refused.
     let err = ns.lume_fails(&home, &["clone", "sb", "plain"]);
     assert!(
-        err.contains("has snapshots") || err.contains("is running"),
+        err.contains("its disk is layered") || err.contains("is running"),
         "{err}"
     );
     let ip2 = start(&ns, &home, "sc", &[]);
@@ -218,17 +238,39 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
 
     // Ephemeral: changes are gone after the stop.
     ns.lume_ok(&home, &["stop", "sb"]);
+    // A memory restore onto other settings is refused before anything is
+    // touched, naming what changed and the command that sets it back.
+    ns.lume_ok(&home, &["set", "sb", "--cpu", "2"]);
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sb", "s1"]);
+    assert!(err.contains("CPU count (1 CPU then, 2 CPUs now)"), "{err}");
+    assert!(
+        err.contains("`lume set sb --cpu 1 --memory 512MB`"),
+        "{err}"
+    );
+    ns.lume_ok(&home, &["set", "sb", "--cpu", "1", "--memory", "512MB"]);
+    ns.lume_ok(&home, &["set", "sb", "--network", "nat"]);
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sb", "s1"]);
+    assert!(err.contains("ran in network mode 'host'"), "{err}");
+    assert!(err.contains("`lume set sb --network host`"), "{err}");
+    ns.lume_ok(&home, &["set", "sb", "--network", "host"]);
+    assert_eq!(details(&ns, &home, "sb")["status"], "stopped");
     let err = ns.lume_fails(&home, &["clone", "sb", "plain"]);
-    assert!(err.contains("has snapshots"), "{err}");
+    assert!(err.contains("snapshots and its disk is layered"), "{err}");
     let err = ns.lume_fails(&home, &["set", "sb", "--disk-size", "32MB"]);
-    assert!(err.contains("has snapshots"), "{err}");
+    assert!(err.contains("snapshots and its disk is layered"), "{err}");
     let ip = start(&ns, &home, "sb", &["--ephemeral"]);
     assert!(console(&home, "sb").contains("LUME-GUEST: booted"));
+    assert_eq!(details(&ns, &home, "sb")["ephemeral"], true);
     assert_eq!(disk(&ns, &ip, None), "three");
     assert_eq!(disk(&ns, &ip, Some("throwaway")), "throwaway");
     let err = ns.lume_fails(&home, &["snapshot", "create", "sb", "e", "--memory"]);
     assert!(err.contains("--ephemeral"), "{err}");
+    // A restore would end the throwaway run: refused, the run goes on.
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sb", "s1"]);
+    assert!(err.contains("runs with --ephemeral"), "{err}");
+    assert_eq!(disk(&ns, &ip, None), "throwaway");
     ns.lume_ok(&home, &["stop", "sb"]);
+    assert!(details(&ns, &home, "sb").get("ephemeral").is_none());
     assert!(!files(&snaps).iter().any(|f| f.starts_with("ephemeral-")));
     // A killed supervisor of an ephemeral run: the next start drops it.
     let ip = start(&ns, &home, "sb", &["--ephemeral"]);
@@ -282,9 +324,33 @@ fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
     );
     let ip = start(&ns, &home, "sb", &[]);
     assert_eq!(disk(&ns, &ip, None), "three");
+    let err = ns.lume_fails(&home, &["snapshot", "flatten", "sb"]);
+    assert!(err.contains("is running"), "{err}");
     ns.lume_ok(&home, &["stop", "sb"]);
+    // Still layered: what refuses says so and names a command that exists.
+    let err = ns.lume_fails(&home, &["set", "sb", "--disk-size", "32MB"]);
+    assert!(
+        err.contains("has no snapshots, but its disk is layered"),
+        "{err}"
+    );
+    assert!(err.contains("`lume snapshot flatten sb`"), "{err}");
+    let out = ns.lume_ok(&home, &["snapshot", "flatten", "sb"]);
+    assert!(out.contains("merged into a plain disk.img"), "{out}");
+    assert!(!snaps.exists());
+    ns.lume_ok(&home, &["set", "sb", "--disk-size", "32MB"]);
+    let ip = start(&ns, &home, "sb", &[]);
+    assert_eq!(disk(&ns, &ip, None), "three");
+    ns.lume_ok(&home, &["stop", "sb"]);
+    // The clone from a snapshot (layered, no snapshots) flattens too.
+    ns.lume_ok(&home, &["snapshot", "flatten", "sc"]);
+    ns.lume_ok(&home, &["clone", "sc", "plain"]);
+    let ip = start(&ns, &home, "plain", &[]);
+    assert_eq!(disk(&ns, &ip, None), "clone");
+    ns.lume_ok(&home, &["stop", "plain"]);
     // Every file is private.
     use std::os::unix::fs::PermissionsExt;
+    let snaps = home.vm_dir("sc").join("snapshots");
+    ns.lume_ok(&home, &["snapshot", "create", "sc", "last"]);
     for f in files(&snaps) {
         let m = std::fs::metadata(snaps.join(&f))
             .unwrap()
@@ -400,6 +466,15 @@ fn snapshots_through_the_api() {
         409,
         "is not running",
     );
+    // Worded for the API: routes and request fields, never CLI flags.
+    let refused = api.post(
+        "/lume/vms/app/snapshots",
+        json!({"name": "m", "memory": true}),
+    );
+    let m = refused.body["message"].as_str().unwrap();
+    assert!(m.contains(r#"leave out "memory": true"#), "{m}");
+    assert!(m.contains("POST /lume/vms/app/run"), "{m}");
+    assert!(!m.contains("--") && !m.contains("`lume "), "{m}");
     api.fails(
         api.post("/lume/vms/app/snapshots", json!({"name": "../x"})),
         400,
@@ -421,16 +496,28 @@ fn snapshots_through_the_api() {
     api.fails(
         api.post("/lume/vms/clone", json!({"name": "app", "newName": "c1"})),
         409,
-        "has snapshots",
+        "POST /lume/vms/app/flatten",
     );
     let cloned = api.post(
         "/lume/vms/clone",
         json!({"name": "app", "newName": "c2", "snapshot": "base"}),
     );
     assert_eq!(cloned.status, 200, "{cloned:?}");
+    api.fails(
+        api.post("/lume/vms/app/flatten", json!({})),
+        409,
+        "still has 1 snapshot(s)",
+    );
     let gone = api.call("DELETE", "/lume/vms/app/snapshots/base", None);
     assert_eq!(gone.status, 200, "{gone:?}");
     assert_eq!(api.get("/lume/vms/app/snapshots").body, json!([]));
+    // No snapshots left: flatten makes the disk plain, and a plain clone
+    // works again.
+    let flat = api.post("/lume/vms/app/flatten", json!({}));
+    assert_eq!(flat.status, 200, "{flat:?}");
+    assert!(!home.vm_dir("app").join("snapshots").exists());
+    let cloned = api.post("/lume/vms/clone", json!({"name": "app", "newName": "c1"}));
+    assert_eq!(cloned.status, 200, "{cloned:?}");
 }
 
 /// A filesystem that fills up while a memory snapshot is written: the

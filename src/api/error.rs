@@ -59,6 +59,7 @@ impl From<VmError> for ApiError {
 /// option or command: an API client is told the request field or route.
 fn api_message(e: &VmError) -> Option<String> {
     Some(match e {
+        VmError::Snapshot(s) => s.message(crate::vm::snapshot::Door::Api),
         VmError::MacOsGuest => {
             r#"macOS guests need an Apple host: lume on Linux creates Linux VMs ("os": "linux")"#
                 .into()
@@ -137,7 +138,12 @@ fn snapshot_status(e: &crate::vm::snapshot::SnapshotError) -> StatusCode {
         | S::MemoryWithShares(_)
         | S::Ephemeral(_)
         | S::Layered { .. }
-        | S::ConfigChanged { .. } => StatusCode::CONFLICT,
+        | S::ConfigChanged { .. }
+        | S::NetworkChanged { .. }
+        | S::AddressInUse { .. }
+        | S::RestoreEphemeral(_)
+        | S::FlattenSnapshots { .. }
+        | S::FlattenRunning(_) => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

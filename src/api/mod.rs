@@ -337,6 +337,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .routes(routes!(snapshots::restore_snapshot))
         .routes(routes!(snapshots::delete_snapshot))
+        .routes(routes!(snapshots::flatten_vm))
         .routes(routes!(routes::get_config, routes::update_config))
         .routes(routes!(routes::get_locations, routes::add_location))
         .routes(routes!(routes::remove_location))

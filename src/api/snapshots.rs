@@ -128,7 +128,7 @@ pub async fn create_snapshot(
         (status = 200, description = "Restored", body = Restored),
         (status = 400, description = "Invalid name", body = ErrorBody),
         (status = 404, description = "No such VM or snapshot", body = ErrorBody),
-        (status = 409, description = "Busy, or the VM's CPUs or memory changed since a memory snapshot", body = ErrorBody),
+        (status = 409, description = "Busy; the VM runs ephemeral; a memory snapshot whose CPUs, memory or network mode differ from the VM's now, or whose address another running VM has", body = ErrorBody),
         (status = 500, description = "It failed", body = ErrorBody),
     ))]
 pub async fn restore_snapshot(
@@ -195,6 +195,44 @@ pub async fn delete_snapshot(
         Outcome::SnapshotDeleted { name, snap } => Ok(Json(Message::new(format!(
             "Snapshot '{snap}' of VM '{name}' deleted"
         )))),
+        o => Err(unexpected(&o)),
+    }
+}
+
+/// Merge a stopped VM's layered disk into a plain `disk.img` (`lume
+/// snapshot flatten`): refused while the VM runs or has snapshots.
+#[utoipa::path(post, path = "/lume/vms/{name}/flatten", tag = "snapshots",
+    params(("name" = String, Path, description = "VM name"), StorageQuery),
+    responses(
+        (status = 200, description = "Flattened (or plain already)", body = Message),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 404, description = "No such VM", body = ErrorBody),
+        (status = 409, description = "The VM runs, or has snapshots", body = ErrorBody),
+        (status = 500, description = "It failed", body = ErrorBody),
+    ))]
+pub async fn flatten_vm(
+    State(st): State<Arc<AppState>>,
+    Who(caller): Who,
+    VmPath(vm): VmPath,
+    ApiQuery(q): ApiQuery<StorageQuery>,
+) -> ApiResult<Json<Message>> {
+    let name = vm.clone();
+    match on_vm(&st, &caller, q.storage.as_deref(), &vm, move |ctx| {
+        run(
+            ctx,
+            Action::Snapshot {
+                name,
+                op: SnapshotOp::Flatten,
+            },
+        )
+    })
+    .await?
+    {
+        Outcome::Flattened { name, layers } => Ok(Json(Message::new(if layers == 0 {
+            format!("VM '{name}' has a plain disk already: nothing to flatten")
+        } else {
+            format!("VM '{name}' flattened: {layers} layer(s) merged into a plain disk.img")
+        }))),
         o => Err(unexpected(&o)),
     }
 }

@@ -669,8 +669,9 @@ pub struct SnapshotArgs {
 pub enum SnapshotCommand {
     /// Take a snapshot of a VM's disk (and memory with --memory); O(1)
     Create {
+        /// The VM to snapshot (running or stopped)
         name: VmName,
-        /// The snapshot's name (default: snapshot-<unix time>)
+        /// The snapshot's name (default: snapshot-<unix time>, with -2, -3… if taken)
         snap: Option<String>,
         /// Also save the running VM's memory: a restore resumes it where it was
         #[arg(long)]
@@ -681,6 +682,7 @@ pub enum SnapshotCommand {
     /// List a VM's snapshots
     #[command(alias = "ls")]
     List {
+        /// The VM whose snapshots to list
         name: VmName,
         /// Output format
         #[arg(long, short = 'f', value_enum, default_value_t)]
@@ -690,7 +692,9 @@ pub enum SnapshotCommand {
     },
     /// Put a VM back to a snapshot (a memory snapshot resumes the VM running)
     Restore {
+        /// The VM to put back (a running VM is forced off first)
         name: VmName,
+        /// The snapshot to go back to (see `lume snapshot list NAME`)
         snap: String,
         #[command(flatten)]
         storage: StorageArg,
@@ -698,8 +702,18 @@ pub enum SnapshotCommand {
     /// Delete a snapshot (the others and the VM's disk stay as they are)
     #[command(alias = "rm")]
     Delete {
+        /// The VM the snapshot belongs to
         name: VmName,
+        /// The snapshot to delete
         snap: String,
+        #[command(flatten)]
+        storage: StorageArg,
+    },
+    /// Merge a stopped VM's layered disk into a plain disk.img (after its
+    /// snapshots are deleted); clone, push and resizing need a plain disk
+    Flatten {
+        /// The VM to flatten (stopped, without snapshots)
+        name: VmName,
         #[command(flatten)]
         storage: StorageArg,
     },
@@ -1334,6 +1348,9 @@ pub fn run(cli: Cli) -> Result<i32> {
                     snap,
                     storage,
                 } => (storage, name, SnapshotOp::Delete { snap }, Format::Text),
+                SnapshotCommand::Flatten { name, storage } => {
+                    (storage, name, SnapshotOp::Flatten, Format::Text)
+                }
             };
             (storage, Action::Snapshot { name, op }, format)
         }

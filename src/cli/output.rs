@@ -7,6 +7,7 @@ use super::Format;
 use crate::hypervisor::img::CopyKind;
 use crate::network::interfaces::HostInterface;
 use crate::vm::Outcome;
+use crate::vm::actions::CloneDisk;
 use crate::vm::details::VmDetails;
 use crate::vm::size::format_size;
 
@@ -283,12 +284,13 @@ pub fn print(outcome: &Outcome, format: Format) -> Result<()> {
         (Outcome::Snapshots(s), Format::Text) => {
             let mut t = Table::new();
             t.load_style(NOTHING);
-            t.set_header(["name", "created", "memory"]);
+            t.set_header(["name", "created", "memory", "size"]);
             for snap in s {
                 t.add_row([
                     snap.name.clone(),
                     crate::util::time::format_utc(snap.created_at, 0),
                     if snap.memory { "yes" } else { "no" }.to_string(),
+                    format_size(snap.allocated_size.unwrap_or(0)),
                 ]);
             }
             outln!("{t}");
@@ -324,10 +326,15 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             opt(&d.network_mode)
         ),
         Outcome::Started(d) => format!(
-            "VM '{}' is running (accelerator {}, address {}). Stop it with `lume stop {}{}`{}",
+            "VM '{}' is running (accelerator {}, address {}{}). Stop it with `lume stop {}{}`{}",
             d.name,
             opt(&d.accelerator),
             d.ip_address.as_deref().unwrap_or("not known yet"),
+            if d.ephemeral {
+                "; ephemeral: its disk changes are discarded when it stops"
+            } else {
+                ""
+            },
             d.name,
             match d.location_name.as_str() {
                 crate::settings::DEFAULT_LOCATION_NAME => String::new(),
@@ -347,11 +354,15 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             format!("VM '{}' updated; changes apply from its next start", d.name)
         }
         Outcome::Cloned { details, copy } => format!(
-            "VM '{}' created as a clone (disk {})",
+            "VM '{}' created as a clone ({})",
             details.name,
             match copy {
-                CopyKind::Reflink => "shared by reflink",
-                CopyKind::Sparse => "copied sparsely",
+                CloneDisk::Copied(CopyKind::Reflink) => "disk shared by reflink",
+                CloneDisk::Copied(CopyKind::Sparse) => "disk copied sparsely",
+                CloneDisk::FromSnapshot { hard_linked: true } =>
+                    "from the snapshot: disk.img and its layers shared by hard links, read-only, plus a new empty layer of its own",
+                CloneDisk::FromSnapshot { hard_linked: false } =>
+                    "from the snapshot: disk.img and its layers copied (another filesystem), plus a new empty layer of its own",
             }
         ),
         Outcome::Deleted(name) => format!("VM '{name}' deleted"),
@@ -404,6 +415,13 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
         Outcome::SnapshotDeleted { name, snap } => {
             format!("Snapshot '{snap}' of VM '{name}' deleted")
         }
+        Outcome::Flattened { name, layers: 0 } => {
+            format!("VM '{name}' has a plain disk already: nothing to flatten")
+        }
+        Outcome::Flattened { name, layers } => format!(
+            "VM '{name}' flattened: {layers} layer{} merged into a plain disk.img",
+            if *layers == 1 { "" } else { "s" }
+        ),
         Outcome::List(_)
         | Outcome::Details(_)
         | Outcome::Exited(_)
@@ -475,6 +493,7 @@ mod tests {
             network: None,
             error: None,
             snapshots: Vec::new(),
+            ephemeral: false,
         }
     }
 

@@ -79,6 +79,7 @@ fn publish_message(e: &PublishError) -> String {
 fn vm_message(e: &VmError) -> Option<String> {
     Some(match e {
         VmError::Store(s) => return store_message(s),
+        VmError::Snapshot(s) => s.message(crate::vm::snapshot::Door::Mcp),
         VmError::NotRunning(n) => format!("VM '{n}' is not running: start it with lume_run_vm"),
         VmError::DiskWhileRunning(n) => format!(
             "VM '{n}' is running: stop it with lume_stop_vm before resizing its disk"
@@ -297,10 +298,13 @@ pub(super) fn started_text(d: &crate::vm::details::VmDetails) -> String {
             "VM '{name}' is running (accelerator {accel}) with no network (mode none): lume_exec cannot reach it. Stop it with lume_stop_vm"
         );
     }
-    let address = match &d.ip_address {
+    let mut address = match &d.ip_address {
         Some(ip) => format!(", address {ip}"),
         None => String::new(),
     };
+    if d.ephemeral {
+        address.push_str("; ephemeral: its disk changes are discarded when it stops");
+    }
     format!(
         "VM '{name}' is running (accelerator {accel}{address}). Run commands in it with lume_exec (user lume, lume's SSH key; it waits until the guest answers SSH); from a host shell: lume ssh {name}. Stop it with lume_stop_vm"
     )
@@ -531,6 +535,7 @@ mod tests {
             network: None,
             error: None,
             snapshots: Vec::new(),
+            ephemeral: false,
         };
         let t = started_text(&d);
         assert!(

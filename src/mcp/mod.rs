@@ -464,7 +464,7 @@ pub struct StopArgs {
 /// Arguments of `lume_clone_vm`.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct CloneArgs {
-    /// Name of the source VM to clone (it must be stopped)
+    /// Name of the source VM to clone (it must be stopped, unless snapshot is given)
     pub name: String,
     /// Name for the cloned VM
     pub new_name: String,
@@ -831,7 +831,7 @@ impl LumeMcp {
 
     #[tool(
         name = "lume_clone_vm",
-        description = "Clone a stopped VM to create a copy with a new MAC address (and, with cloud-init, its own hostname and SSH host key). Useful for golden images and instant resets"
+        description = "Clone a VM to create a copy with a new MAC address (and, with cloud-init, its own hostname and SSH host key). The source must be stopped, except with snapshot: a clone of one of its snapshots is O(1) and works while the source runs. Useful for golden images and instant resets"
     )]
     async fn clone_vm(&self, Parameters(a): Parameters<CloneArgs>) -> CallToolResult {
         let storage = self.storage(a.storage);
@@ -930,6 +930,22 @@ impl LumeMcp {
             let name = name(&a.name)?;
             let ctx = context(storage.as_deref(), Some(&name))?;
             let op = vm::actions::SnapshotOp::Delete { snap: a.snapshot };
+            let (outcome, notes) = execute(&ctx, Action::Snapshot { name, op })?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_snapshot_flatten",
+        description = "Merge a stopped VM's layered disk (what snapshots and clones from a snapshot leave, even once every snapshot is deleted) into a plain disk.img, so that lume_clone_vm without snapshot, lume_resize_disk and push work again; refused while the VM runs or still has snapshots"
+    )]
+    async fn snapshot_flatten(&self, Parameters(a): Parameters<VmArgs>) -> CallToolResult {
+        let storage = self.storage(a.storage);
+        blocking(move || {
+            let name = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&name))?;
+            let op = vm::actions::SnapshotOp::Flatten;
             let (outcome, notes) = execute(&ctx, Action::Snapshot { name, op })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
@@ -1125,7 +1141,7 @@ fn check_arguments(
         "lume_resize_disk" => fits::<ResizeArgs>(v),
         "lume_network_doctor" => fits::<DoctorArgs>(v),
         "lume_snapshot_create" => fits::<SnapshotCreateArgs>(v),
-        "lume_snapshot_list" => fits::<VmArgs>(v),
+        "lume_snapshot_list" | "lume_snapshot_flatten" => fits::<VmArgs>(v),
         "lume_snapshot_restore" | "lume_snapshot_delete" => fits::<SnapshotArgs>(v),
         _ => Ok(()),
     };
@@ -1424,7 +1440,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 15);
+        assert_eq!(tools.len(), 16);
         for t in tools {
             let required = t
                 .input_schema

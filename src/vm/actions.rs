@@ -414,6 +414,8 @@ pub enum SnapshotOp {
     Delete {
         snap: String,
     },
+    /// Merge a stopped VM's layered disk into a plain `disk.img`.
+    Flatten,
 }
 
 /// What an action produced.
@@ -439,7 +441,7 @@ pub enum Outcome {
     Updated(VmDetails),
     Cloned {
         details: VmDetails,
-        copy: CopyKind,
+        copy: CloneDisk,
     },
     Deleted(VmName),
     Pulled(VmDetails),
@@ -458,6 +460,23 @@ pub enum Outcome {
         name: VmName,
         snap: String,
     },
+    /// The VM's layered disk was merged into a plain `disk.img`; `layers`
+    /// is how many layers were merged (0: it was plain already).
+    Flattened {
+        name: VmName,
+        layers: usize,
+    },
+}
+
+/// How a clone got its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneDisk {
+    /// `disk.img` copied (by reflink, or sparsely).
+    Copied(CopyKind),
+    /// From a snapshot: `disk.img` and the snapshot's layers shared by hard
+    /// links (`false`: copied, the clone is on another filesystem), and a
+    /// new empty layer of its own.
+    FromSnapshot { hard_linked: bool },
 }
 
 /// Where actions find VMs and settings.
@@ -678,13 +697,7 @@ fn push(
     let store = &ctx.store;
     let vm = store.open(name)?;
     store.check_private(Some(&vm))?;
-    if super::snapshot::is_layered(&vm.dir) {
-        return Err(super::snapshot::SnapshotError::Layered {
-            vm: name.to_string(),
-            what: "push",
-        }
-        .into());
-    }
+    super::snapshot::check_plain(&vm.dir, name.as_str(), "push")?;
     let mut spec = spec.clone();
     if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
         spec.public_only = false;
@@ -1647,12 +1660,8 @@ fn set(store: &Store, spec: SetSpec) -> Result<Outcome, VmError> {
         ),
         None => None,
     };
-    if spec.disk_size.is_some() && super::snapshot::is_layered(&vm.dir) {
-        return Err(super::snapshot::SnapshotError::Layered {
-            vm: spec.name.to_string(),
-            what: "resizing the disk",
-        }
-        .into());
+    if spec.disk_size.is_some() {
+        super::snapshot::check_plain(&vm.dir, spec.name.as_str(), "resizing the disk")?;
     }
     vm.update_config(|cfg| -> Result<(), VmError> {
         if let Some(size) = spec.disk_size {
@@ -1735,12 +1744,8 @@ fn clone(
                 .ok_or_else(|| VmError::CloneWhileRunning(source.clone()))?,
         ),
     };
-    if snapshot.is_none() && super::snapshot::is_layered(&src.dir) {
-        return Err(super::snapshot::SnapshotError::Layered {
-            vm: source.to_string(),
-            what: "clone",
-        }
-        .into());
+    if snapshot.is_none() {
+        super::snapshot::check_plain(&src.dir, source.as_str(), "a clone without --snapshot")?;
     }
     if dest.vm(target).dir.exists() {
         return Err(StoreError::Exists {
@@ -1750,8 +1755,8 @@ fn clone(
         .into());
     }
     let work = dest.work_dir("creating", target)?;
-    let built = (|| -> Result<CopyKind, VmError> {
-        let mut disk_copy = CopyKind::Reflink;
+    let built = (|| -> Result<CloneDisk, VmError> {
+        let mut disk_copy = CloneDisk::Copied(CopyKind::Reflink);
         for entry in fs::read_dir(&src.dir).map_err(io_at(&src.dir))? {
             let entry = entry.map_err(io_at(&src.dir))?;
             let fname = entry.file_name();
@@ -1769,12 +1774,12 @@ fn clone(
             }
             let kind = img::copy_file(&entry.path(), &work.join(n))?;
             if n == "disk.img" {
-                disk_copy = kind;
+                disk_copy = CloneDisk::Copied(kind);
             }
         }
         if let Some(snap) = snapshot {
-            super::snapshot::link_into(&src.dir, source.as_str(), snap, &work)?;
-            disk_copy = CopyKind::Reflink;
+            let hard_linked = super::snapshot::link_into(&src.dir, source.as_str(), snap, &work)?;
+            disk_copy = CloneDisk::FromSnapshot { hard_linked };
         }
         cfg.mac_address = Some(MacAddress::random());
         // A clone is a new instance for cloud-init: its own hostname and
@@ -1817,13 +1822,14 @@ fn snapshot(
             })
         }
         SnapshotOp::Create { snap: s, memory } => {
-            let s = s.unwrap_or_else(|| format!("snapshot-{}", crate::util::time::unix_now()));
+            let defaulted = s.is_none();
+            let s = s.unwrap_or_else(|| snap::default_name(&vm.dir));
             snap::validate_name(&s)?;
             let cfg = vm.load_config()?;
             collect_after_crash(ctx, &vm);
             // Running (run.json and the lock), stopped (no lock), or
             // starting/stopping (the lock without run.json): refused.
-            let (running, started_at, ip_address) = match (
+            let (running, started_at, ip_address, network_mode) = match (
                 VmLock::is_held(&vm.lock_path()).unwrap_or(true),
                 vm.running_state(),
             ) {
@@ -1834,9 +1840,10 @@ fn snapshot(
                     Some(state.guest_agent),
                     Some(state.started_at),
                     super::details::guest_address(&state),
+                    Some(state.network_mode.to_string()),
                 ),
                 (true, None) => return Err(snap::SnapshotError::Busy(name.to_string()).into()),
-                (false, _) => (None, None, None),
+                (false, _) => (None, None, None, None),
             };
             let target = snap::Target {
                 name: name.as_str(),
@@ -1845,17 +1852,40 @@ fn snapshot(
                 running,
                 started_at,
                 ip_address,
+                network_mode,
                 cpu_count: cfg.cpu_count,
                 memory_size: cfg.memory_size,
             };
-            Ok(Outcome::SnapshotTaken(snap::create(&target, &s, memory)?))
+            match snap::create(&target, &s, memory) {
+                // A default name another command took meanwhile: the next.
+                Err(snap::SnapshotError::Exists { .. }) if defaulted => Ok(Outcome::SnapshotTaken(
+                    snap::create(&target, &snap::default_name(&vm.dir), memory)?,
+                )),
+                r => Ok(Outcome::SnapshotTaken(r?)),
+            }
         }
         SnapshotOp::Restore { snap: s } => {
             let cfg = vm.load_config()?;
             let wanted = snap::get(&vm.dir, name.as_str(), &s)?;
+            let mode = cfg.network_mode.to_string();
+            // Checked before anything is stopped: a refused restore leaves
+            // the VM as it was.
+            snap::check_restorable(
+                name.as_str(),
+                &wanted,
+                cfg.cpu_count,
+                cfg.memory_size,
+                &mode,
+            )?;
+            let was_running = vm.is_running();
+            if was_running && snap::running_ephemeral(&vm.dir) {
+                return Err(snap::SnapshotError::RestoreEphemeral(name.to_string()).into());
+            }
+            if let (true, Some(ip)) = (wanted.memory, &wanted.ip_address) {
+                check_address_free(store, name, &s, ip)?;
+            }
             // The VM's present state is what a restore throws away: a
             // running VM is forced off at once.
-            let was_running = vm.is_running();
             if was_running {
                 note(&format!(
                     "Stopping VM '{name}': its present state is replaced by snapshot '{s}'"
@@ -1879,7 +1909,14 @@ fn snapshot(
                     .map_err(io_at(&vm.lock_path()))?
                     .ok_or_else(|| snap::SnapshotError::Busy(name.to_string()))?;
                 collect_after_crash(ctx, &vm);
-                snap::restore(&vm.dir, name.as_str(), &s, cfg.cpu_count, cfg.memory_size)?
+                snap::restore(
+                    &vm.dir,
+                    name.as_str(),
+                    &s,
+                    cfg.cpu_count,
+                    cfg.memory_size,
+                    &mode,
+                )?
             };
             if wanted.memory || was_running {
                 let spec = RunSpec {
@@ -1897,7 +1934,42 @@ fn snapshot(
                 details: VmDetails::read(store, &vm),
             })
         }
+        SnapshotOp::Flatten => {
+            let _lock = VmLock::try_acquire(&vm.lock_path())
+                .map_err(io_at(&vm.lock_path()))?
+                .ok_or_else(|| snap::SnapshotError::FlattenRunning(name.to_string()))?;
+            collect_after_crash(ctx, &vm);
+            let layers = snap::flatten(&vm.dir, name.as_str())?;
+            Ok(Outcome::Flattened {
+                name: name.clone(),
+                layers,
+            })
+        }
     }
+}
+
+/// A memory restore resumes a guest that keeps its old address: refused
+/// when another running VM of this location has that address now (it got
+/// the lease while this one was stopped).
+fn check_address_free(store: &Store, name: &VmName, snap: &str, ip: &str) -> Result<(), VmError> {
+    for other in store.list().unwrap_or_default() {
+        if other.name == *name {
+            continue;
+        }
+        let Some(state) = other.running_state() else {
+            continue;
+        };
+        if super::details::guest_address(&state).as_deref() == Some(ip) {
+            return Err(super::snapshot::SnapshotError::AddressInUse {
+                vm: name.to_string(),
+                snap: snap.into(),
+                ip: ip.into(),
+                other: other.name.to_string(),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 fn delete(

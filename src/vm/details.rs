@@ -150,6 +150,10 @@ pub struct VmDetails {
     /// Ours: the names of the VM's snapshots, oldest first
     /// (docs/snapshots.md).
     pub snapshots: Vec<String>,
+    /// Ours: `true` while the VM runs with `--ephemeral` (its disk changes
+    /// are discarded when it stops); absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
 }
 
 impl VmDetails {
@@ -191,6 +195,7 @@ impl VmDetails {
                 .into_iter()
                 .map(|s| s.name)
                 .collect(),
+            ephemeral: state.is_some() && crate::vm::snapshot::running_ephemeral(&vm.dir),
         };
         if d.status == "provisioning" {
             d.download_progress = crate::registry::pull::read_progress(&vm.dir);
@@ -217,7 +222,10 @@ impl VmDetails {
         d.cpu_count = Some(cfg.cpu_count);
         d.memory_size = Some(cfg.memory_size);
         d.disk_size = Some(DiskSize {
-            allocated: disk.as_ref().map_or(0, |m| m.blocks() * 512),
+            // disk.img and, once layered, its layers, snapshots' memory
+            // files and the metadata in snapshots/.
+            allocated: disk.as_ref().map_or(0, |m| m.blocks() * 512)
+                + crate::vm::snapshot::allocated_bytes(&vm.dir),
             total: disk.as_ref().map_or(cfg.disk_size, |m| m.len()),
         });
         d.display = Some(cfg.display.clone());

@@ -59,7 +59,7 @@ pub enum SnapshotError {
         "Invalid snapshot name '{0}': use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     )]
     InvalidName(String),
-    #[error("VM '{vm}' has no snapshot '{snap}': see `lume snapshot list {vm}`")]
+    #[error("{}", self.message(Door::Cli))]
     NotFound { vm: String, snap: String },
     #[error("VM '{vm}' already has a snapshot '{snap}': choose another name or delete it first")]
     Exists { vm: String, snap: String },
@@ -67,35 +67,51 @@ pub enum SnapshotError {
         "VM '{0}' is busy: it is starting, stopping or another snapshot command runs; try again in a moment"
     )]
     Busy(String),
-    #[error(
-        "A disk snapshot of running VM '{vm}' needs the guest agent to freeze its filesystems ({reason}): install and start qemu-guest-agent in the guest, take the snapshot with --memory, or stop the VM first"
-    )]
+    #[error("{}", self.message(Door::Cli))]
     NeedsAgent { vm: String, reason: String },
-    #[error(
-        "VM '{0}' is not running: a memory snapshot needs a running VM; start it with `lume run {0}`, or leave out --memory"
-    )]
+    #[error("{}", self.message(Door::Cli))]
     MemoryNeedsRunning(String),
-    #[error(
-        "VM '{0}' runs with shared directories (virtio-fs), whose state QEMU cannot save: stop it and run it without --shared-dir to take a memory snapshot, or take a disk snapshot (leave out --memory)"
-    )]
+    #[error("{}", self.message(Door::Cli))]
     MemoryWithShares(String),
-    #[error(
-        "VM '{0}' runs with --ephemeral: its changes are discarded at stop, so nothing of this run can be snapshotted; stop it and run it without --ephemeral"
-    )]
+    #[error("{}", self.message(Door::Cli))]
     Ephemeral(String),
-    #[error(
-        "VM '{vm}' has snapshots (its disk is disk.img plus the layers in {SNAP_DIR}/): {what} works on a VM without them; use `lume clone {vm} NEW --snapshot SNAP` to get a VM of its own, or delete the VM's snapshots and flatten it with `lume snapshot flatten {vm}`"
-    )]
-    Layered { vm: String, what: &'static str },
-    #[error(
-        "Snapshot '{snap}' of VM '{vm}' was taken with {cpu} CPUs and {memory} bytes of memory; the VM now has other settings: set them back with `lume set` before restoring its memory"
-    )]
+    #[error("{}", self.message(Door::Cli))]
+    Layered {
+        vm: String,
+        what: &'static str,
+        layers: usize,
+        snapshots: usize,
+    },
+    #[error("{}", self.message(Door::Cli))]
     ConfigChanged {
         vm: String,
         snap: String,
-        cpu: u32,
-        memory: u64,
+        /// CPU count and memory size the snapshot was taken with.
+        was: (u32, u64),
+        /// The VM's settings now.
+        now: (u32, u64),
     },
+    #[error("{}", self.message(Door::Cli))]
+    NetworkChanged {
+        vm: String,
+        snap: String,
+        /// The mode then and now.
+        modes: Box<(String, String)>,
+        ip: String,
+    },
+    #[error("{}", self.message(Door::Cli))]
+    AddressInUse {
+        vm: String,
+        snap: String,
+        ip: String,
+        other: String,
+    },
+    #[error("{}", self.message(Door::Cli))]
+    RestoreEphemeral(String),
+    #[error("{}", self.message(Door::Cli))]
+    FlattenSnapshots { vm: String, count: usize },
+    #[error("{}", self.message(Door::Cli))]
+    FlattenRunning(String),
     #[error(
         "Layer {path} is not one lume can use ({reason}): the VM's snapshot data is damaged; restore it from a backup or delete the VM's snapshots"
     )]
@@ -116,6 +132,223 @@ pub enum SnapshotError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Which door an error is told through: each names its own commands
+/// (CLI commands and flags, REST routes and fields, MCP tools and
+/// arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Cli,
+    Api,
+    Mcp,
+}
+
+impl Door {
+    fn list(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume snapshot list {vm}`"),
+            Door::Api => format!("GET /lume/vms/{vm}/snapshots"),
+            Door::Mcp => "lume_snapshot_list".into(),
+        }
+    }
+    fn stop(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume stop {vm}`"),
+            Door::Api => format!("POST /lume/vms/{vm}/stop"),
+            Door::Mcp => "lume_stop_vm".into(),
+        }
+    }
+    fn run(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume run {vm}`"),
+            Door::Api => format!("POST /lume/vms/{vm}/run"),
+            Door::Mcp => "lume_run_vm".into(),
+        }
+    }
+    fn flatten(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume snapshot flatten {vm}`"),
+            Door::Api => format!("POST /lume/vms/{vm}/flatten"),
+            Door::Mcp => "lume_snapshot_flatten".into(),
+        }
+    }
+    fn clone_from(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume clone {vm} NEW --snapshot SNAP`"),
+            Door::Api => r#"POST /lume/vms/clone with "snapshot""#.into(),
+            Door::Mcp => "lume_clone_vm with snapshot".into(),
+        }
+    }
+    fn delete(self, vm: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume snapshot delete {vm} SNAP`"),
+            Door::Api => format!("DELETE /lume/vms/{vm}/snapshots/SNAP"),
+            Door::Mcp => "lume_snapshot_delete".into(),
+        }
+    }
+    /// A flag or request field that is a boolean: `--memory`.
+    fn flag(self, name: &str) -> String {
+        match self {
+            Door::Cli => format!("--{name}"),
+            Door::Api => format!(r#""{name}": true"#),
+            Door::Mcp => format!("{name}: true"),
+        }
+    }
+    fn set(self, vm: &str, cpu: u32, memory: u64) -> String {
+        // Exact, in the largest unit that divides it (`lume set` parses it).
+        let mem = [("GB", 1u64 << 30), ("MB", 1 << 20), ("KB", 1 << 10)]
+            .iter()
+            .find(|(_, u)| memory.is_multiple_of(*u) && memory >= *u)
+            .map_or(format!("{memory}B"), |(n, u)| format!("{}{n}", memory / u));
+        match self {
+            Door::Cli => format!("`lume set {vm} --cpu {cpu} --memory {mem}`"),
+            Door::Api => {
+                format!(r#"PATCH /lume/vms/{vm} with {{"cpu": {cpu}, "memory": "{mem}"}}"#)
+            }
+            Door::Mcp => format!(
+                r#"lume's CLI or REST API (no MCP tool changes them: PATCH /lume/vms/{vm} with {{"cpu": {cpu}, "memory": "{mem}"}})"#
+            ),
+        }
+    }
+    fn set_network(self, vm: &str, mode: &str) -> String {
+        match self {
+            Door::Cli => format!("`lume set {vm} --network {mode}`"),
+            Door::Api => format!(r#"PATCH /lume/vms/{vm} with {{"network": "{mode}"}}"#),
+            Door::Mcp => format!(
+                r#"lume's CLI or REST API (no MCP tool changes it: PATCH /lume/vms/{vm} with {{"network": "{mode}"}})"#
+            ),
+        }
+    }
+}
+
+fn layered_text(vm: &str, what: &str, layers: usize, snapshots: usize, door: Door) -> String {
+    let disk = format!(
+        "its disk is layered (disk.img plus {layers} layer{} in {SNAP_DIR}/)",
+        if layers == 1 { "" } else { "s" }
+    );
+    if snapshots == 0 {
+        format!(
+            "VM '{vm}' has no snapshots, but {disk}: {what} needs a plain disk; make it plain with {} (the VM must be stopped; it merges the layers into disk.img)",
+            door.flatten(vm)
+        )
+    } else {
+        format!(
+            "VM '{vm}' has {snapshots} snapshot{} and {disk}: {what} needs a plain disk; make a VM of its own from a snapshot with {}, or delete its snapshots ({}, then {}) and make the disk plain with {}",
+            if snapshots == 1 { "" } else { "s" },
+            door.clone_from(vm),
+            door.list(vm),
+            door.delete(vm),
+            door.flatten(vm)
+        )
+    }
+}
+
+fn config_changed_text(
+    vm: &str,
+    snap: &str,
+    was: (u32, u64),
+    now: (u32, u64),
+    door: Door,
+) -> String {
+    let cpus = |n: u32| format!("{n} CPU{}", if n == 1 { "" } else { "s" });
+    let mem = crate::vm::size::format_size;
+    let mut changed = Vec::new();
+    if was.0 != now.0 {
+        changed.push(format!(
+            "CPU count ({} then, {} now)",
+            cpus(was.0),
+            cpus(now.0)
+        ));
+    }
+    if was.1 != now.1 {
+        changed.push(format!("memory ({} then, {} now)", mem(was.1), mem(now.1)));
+    }
+    format!(
+        "Snapshot '{snap}' of VM '{vm}' holds the memory of the VM as it was then, and its {} changed since: set it back with {} before restoring it",
+        changed.join(" and its "),
+        door.set(vm, was.0, was.1)
+    )
+}
+
+impl SnapshotError {
+    /// The message as told through `door`: the same facts, with that
+    /// door's commands.
+    pub fn message(&self, door: Door) -> String {
+        match self {
+            SnapshotError::NotFound { vm, snap } => {
+                format!("VM '{vm}' has no snapshot '{snap}': see {}", door.list(vm))
+            }
+            SnapshotError::NeedsAgent { vm, reason } => format!(
+                "A disk snapshot of running VM '{vm}' needs the guest agent to freeze its filesystems ({reason}): install and start qemu-guest-agent in the guest, take the snapshot with {}, or stop the VM first",
+                door.flag("memory")
+            ),
+            SnapshotError::MemoryNeedsRunning(vm) => format!(
+                "VM '{vm}' is not running: a memory snapshot needs a running VM; start it with {}, or leave out {}",
+                door.run(vm),
+                door.flag("memory")
+            ),
+            SnapshotError::MemoryWithShares(vm) => format!(
+                "VM '{vm}' runs with shared directories (virtio-fs), whose state QEMU cannot save: stop it and run it without {} to take a memory snapshot, or take a disk snapshot (leave out {})",
+                match door {
+                    Door::Cli => "--shared-dir",
+                    Door::Api => "sharedDirectories",
+                    Door::Mcp => "shared_dir",
+                },
+                door.flag("memory")
+            ),
+            SnapshotError::Ephemeral(vm) => format!(
+                "VM '{vm}' runs with {}: its changes are discarded at stop, so nothing of this run can be snapshotted; stop it and run it without {}",
+                door.flag("ephemeral"),
+                door.flag("ephemeral")
+            ),
+            SnapshotError::RestoreEphemeral(vm) => format!(
+                "VM '{vm}' runs with {}: a restore would end the throwaway run and go on writing into the VM's own disk; stop it with {} (its changes are discarded), then restore",
+                door.flag("ephemeral"),
+                door.stop(vm)
+            ),
+            SnapshotError::Layered {
+                vm,
+                what,
+                layers,
+                snapshots,
+            } => layered_text(vm, what, *layers, *snapshots, door),
+            SnapshotError::ConfigChanged { vm, snap, was, now } => {
+                config_changed_text(vm, snap, *was, *now, door)
+            }
+            SnapshotError::NetworkChanged {
+                vm,
+                snap,
+                modes,
+                ip,
+            } => {
+                let (was, now) = &**modes;
+                format!(
+                    "Snapshot '{snap}' of VM '{vm}' holds a guest that ran in network mode '{was}' (address {ip}); the VM is now set to '{now}', where that address does not work: set it back with {} before restoring its memory, or restore a disk snapshot (the guest then boots and gets a new address)",
+                    door.set_network(vm, was)
+                )
+            }
+            SnapshotError::AddressInUse {
+                vm,
+                snap,
+                ip,
+                other,
+            } => format!(
+                "Snapshot '{snap}' of VM '{vm}' resumes a guest that uses address {ip}, which running VM '{other}' has now (it got the lease while '{vm}' was stopped): stop '{other}' first ({}), or restore a disk snapshot (the guest then boots and gets a new address)",
+                door.stop(other)
+            ),
+            SnapshotError::FlattenSnapshots { vm, count } => format!(
+                "VM '{vm}' still has {count} snapshot(s), which need the layers of its disk: delete them first ({}, then {}), then flatten",
+                door.list(vm),
+                door.delete(vm)
+            ),
+            SnapshotError::FlattenRunning(vm) => format!(
+                "VM '{vm}' is running or starting: flattening rewrites its disk; stop it with {} first",
+                door.stop(vm)
+            ),
+            e => crate::error_chain(e),
+        }
+    }
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -146,6 +379,15 @@ pub struct Snapshot {
     /// A memory snapshot: the guest's address then (it keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+    /// A memory snapshot: the VM's network mode then (a restore in
+    /// another mode is refused: the guest's address would not work there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<String>,
+    /// Bytes this snapshot holds on the host's disk: its frozen layer and
+    /// its memory file (0 for a snapshot of `disk.img` itself, which the
+    /// VM's disk counts). Filled in when snapshots are listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_size: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -676,9 +918,10 @@ pub fn list(vm_dir: &Path) -> Vec<Snapshot> {
         if validate_name(name).is_err() {
             continue;
         }
-        if let Ok(Some(s)) = read_json::<Snapshot>(&e.path())
+        if let Ok(Some(mut s)) = read_json::<Snapshot>(&e.path())
             && s.name == name
         {
+            s.allocated_size = Some(snapshot_allocated(vm_dir, &s));
             out.push(s);
         }
     }
@@ -746,7 +989,7 @@ fn snap_lock(vm_dir: &Path, vm: &str) -> Result<VmLock, SnapshotError> {
 }
 
 /// Whether this run of the VM is an ephemeral one.
-fn running_ephemeral(vm_dir: &Path) -> bool {
+pub fn running_ephemeral(vm_dir: &Path) -> bool {
     fs::read_dir(snap_dir(vm_dir))
         .map(|it| {
             it.flatten()
@@ -766,6 +1009,8 @@ pub struct Target<'a> {
     pub started_at: Option<u64>,
     /// Running: the guest's address, if known.
     pub ip_address: Option<String>,
+    /// Running: the run's network mode.
+    pub network_mode: Option<String>,
     pub cpu_count: u32,
     pub memory_size: u64,
 }
@@ -812,6 +1057,8 @@ pub fn create(t: &Target<'_>, name: &str, memory: bool) -> Result<Snapshot, Snap
         memory_size: t.memory_size,
         run_started_at: if memory { t.started_at } else { None },
         ip_address: if memory { t.ip_address.clone() } else { None },
+        network_mode: if memory { t.network_mode.clone() } else { None },
+        allocated_size: None,
     };
     if let Some(agent_open) = t.running {
         live(t, &snap, old.as_deref(), &new, agent_open)?;
@@ -820,6 +1067,8 @@ pub fn create(t: &Target<'_>, name: &str, memory: bool) -> Result<Snapshot, Snap
     }
     // Complete, and listed, from here on.
     write_json(&snap_path(t.dir, name), &snap)?;
+    let mut snap = snap;
+    snap.allocated_size = Some(snapshot_allocated(t.dir, &snap));
     Ok(snap)
 }
 
@@ -960,17 +1209,11 @@ pub fn restore(
     name: &str,
     cpu_count: u32,
     memory_size: u64,
+    network_mode: &str,
 ) -> Result<Snapshot, SnapshotError> {
     let _snap = snap_lock(vm_dir, vm)?;
     let s = get(vm_dir, vm, name)?;
-    if s.memory && (s.cpu_count != cpu_count || s.memory_size != memory_size) {
-        return Err(SnapshotError::ConfigChanged {
-            vm: vm.into(),
-            snap: name.into(),
-            cpu: s.cpu_count,
-            memory: s.memory_size,
-        });
-    }
+    check_restorable(vm, &s, cpu_count, memory_size, network_mode)?;
     chain(vm_dir, s.layer.as_deref())?;
     let new = new_layer(vm_dir, s.layer.as_deref())?;
     // The head first, the memory marker last: a restore killed in between
@@ -991,6 +1234,209 @@ pub fn restore(
     Ok(s)
 }
 
+/// Whether a memory snapshot can resume on the VM as it is set now: the
+/// same CPU count and memory size (QEMU's saved state needs them) and the
+/// same network mode (the guest keeps its address, which only works on the
+/// network it came from). A disk snapshot always can.
+pub fn check_restorable(
+    vm: &str,
+    s: &Snapshot,
+    cpu_count: u32,
+    memory_size: u64,
+    network_mode: &str,
+) -> Result<(), SnapshotError> {
+    if !s.memory {
+        return Ok(());
+    }
+    if s.cpu_count != cpu_count || s.memory_size != memory_size {
+        return Err(SnapshotError::ConfigChanged {
+            vm: vm.into(),
+            snap: s.name.clone(),
+            was: (s.cpu_count, s.memory_size),
+            now: (cpu_count, memory_size),
+        });
+    }
+    if let (Some(was), Some(ip)) = (&s.network_mode, &s.ip_address)
+        && was != network_mode
+    {
+        return Err(SnapshotError::NetworkChanged {
+            vm: vm.into(),
+            snap: s.name.clone(),
+            modes: Box::new((was.clone(), network_mode.into())),
+            ip: ip.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes a file really takes on the host's disk (0 if it is not there).
+fn allocated(path: &Path) -> u64 {
+    fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// What one snapshot holds on the host's disk: its frozen layer and its
+/// memory file.
+fn snapshot_allocated(vm_dir: &Path, s: &Snapshot) -> u64 {
+    let layer = s
+        .layer
+        .as_deref()
+        .filter(|id| valid_id(id))
+        .map_or(0, |id| allocated(&layer_path(vm_dir, id)));
+    let mem = if s.memory {
+        allocated(&memory_path(vm_dir, &s.name))
+    } else {
+        0
+    };
+    layer + mem
+}
+
+/// Bytes everything in `snapshots/` takes on the host's disk (layers,
+/// memory files, metadata): counted in VMDetails' `diskSize.allocated`.
+pub fn allocated_bytes(vm_dir: &Path) -> u64 {
+    fs::read_dir(snap_dir(vm_dir))
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The default name of a new snapshot: `snapshot-<unix time>`, with `-2`,
+/// `-3`… added when that name is taken (two snapshots in one second).
+pub fn default_name(vm_dir: &Path) -> String {
+    let base = format!("snapshot-{}", crate::util::time::unix_now());
+    let taken = |n: &str| fs::symlink_metadata(snap_path(vm_dir, n)).is_ok();
+    if !taken(&base) {
+        return base;
+    }
+    (2u32..)
+        .map(|i| format!("{base}-{i}"))
+        .find(|n| !taken(n))
+        .expect("a free name")
+}
+
+/// The number of layers of a layered disk (`None`: it is plain).
+pub fn layer_count(vm_dir: &Path) -> Option<usize> {
+    if !is_layered(vm_dir) {
+        return None;
+    }
+    Some(
+        read_head(vm_dir)
+            .and_then(|top| chain(vm_dir, top.as_deref()))
+            .map_or(0, |c| c.len()),
+    )
+}
+
+/// `Ok` when the VM's disk is plain `disk.img` (what clone, push and
+/// resizing need); else why not and what to do.
+pub fn check_plain(vm_dir: &Path, vm: &str, what: &'static str) -> Result<(), SnapshotError> {
+    match layer_count(vm_dir) {
+        None => Ok(()),
+        Some(layers) => Err(SnapshotError::Layered {
+            vm: vm.into(),
+            what,
+            layers,
+            snapshots: list(vm_dir).len(),
+        }),
+    }
+}
+
+/// Makes a layered disk plain again: the chain (`disk.img` and every layer
+/// up to the head) is merged into a new raw file beside `disk.img` by
+/// `qemu-img convert` (every format named: the chain is given as explicit
+/// nodes with `--image-opts`, the output `-O raw`), fsynced and renamed
+/// over `disk.img`; then `snapshots/` is removed. Refused while the VM has
+/// snapshots (they need the layers). The caller holds the VM lock (the VM
+/// is stopped). Returns the number of layers merged (0: already plain).
+///
+/// A kill before the rename leaves the VM as it was (the next flatten
+/// removes the partial file); a kill after it leaves the merged
+/// `disk.img` under the same layers, which read the same as before (each
+/// layer's clusters already are in the merged base), and the next flatten
+/// finishes the job.
+pub fn flatten(vm_dir: &Path, vm: &str) -> Result<usize, SnapshotError> {
+    let _snap = snap_lock(vm_dir, vm)?;
+    let tmp = vm_dir.join(".disk.img.flatten");
+    let _ = fs::remove_file(&tmp);
+    if !is_layered(vm_dir) {
+        return Ok(0);
+    }
+    ensure_dir(vm_dir)?;
+    let count = list(vm_dir).len();
+    if count > 0 {
+        return Err(SnapshotError::FlattenSnapshots {
+            vm: vm.into(),
+            count,
+        });
+    }
+    let top = read_head(vm_dir)?;
+    let layers = chain(vm_dir, top.as_deref())?;
+    let base = vm_dir.join("disk.img");
+    disk_size(vm_dir)?;
+    if !layers.is_empty() {
+        // `,` separates options: a comma in a path is written twice.
+        let esc = |p: &Path| p.display().to_string().replace(',', ",,");
+        let mut opts = String::new();
+        let mut prefix = String::new();
+        for id in layers.iter().rev() {
+            let p = layer_path(vm_dir, id);
+            check_qcow2(&p)?;
+            opts.push_str(&format!(
+                "{prefix}driver=qcow2,{prefix}file.driver=file,{prefix}file.filename={},",
+                esc(&p)
+            ));
+            prefix.push_str("backing.");
+        }
+        opts.push_str(&format!(
+            "{prefix}driver=raw,{prefix}file.driver=file,{prefix}file.filename={}",
+            esc(&base)
+        ));
+        // Created 0600 first: qemu-img keeps the mode of the file it
+        // truncates.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
+        let merged = qemu_img(
+            &[
+                "convert".as_ref(),
+                "-q".as_ref(),
+                "--image-opts".as_ref(),
+                opts.as_ref(),
+                "-O".as_ref(),
+                "raw".as_ref(),
+                tmp.as_os_str(),
+            ],
+            &tmp,
+        )
+        .and_then(|()| {
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io_at(&tmp))
+        })
+        .and_then(|()| fs::rename(&tmp, &base).map_err(io_at(&base)));
+        if let Err(e) = merged {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        sync_dir(vm_dir)?;
+    }
+    // From here on the VM is plain: head.json goes first.
+    let sd = snap_dir(vm_dir);
+    let head = sd.join(HEAD);
+    fs::remove_file(&head).map_err(io_at(&head))?;
+    sync_dir(&sd)?;
+    fs::remove_dir_all(&sd).map_err(io_at(&sd))?;
+    sync_dir(vm_dir)?;
+    Ok(layers.len())
+}
+
 /// Forgets a pending memory restore (its start failed).
 pub fn cancel_restore(vm_dir: &Path) {
     let _ = fs::remove_file(snap_dir(vm_dir).join(RESTORE));
@@ -1000,15 +1446,18 @@ pub fn cancel_restore(vm_dir: &Path) {
 /// `name` of the VM in `vm_dir`: `disk.img` and the frozen layers are
 /// hard-linked (they are never written again; a copy where the two
 /// directories are on different filesystems) and a new empty layer on top
-/// becomes the head.
-pub fn link_into(vm_dir: &Path, vm: &str, name: &str, work: &Path) -> Result<(), SnapshotError> {
+/// becomes the head. Returns whether every file was hard-linked (`false`:
+/// copied).
+pub fn link_into(vm_dir: &Path, vm: &str, name: &str, work: &Path) -> Result<bool, SnapshotError> {
     let _snap = snap_lock(vm_dir, vm)?;
     let s = get(vm_dir, vm, name)?;
     let layers = chain(vm_dir, s.layer.as_deref())?;
+    let hard_linked = std::cell::Cell::new(true);
     let link = |from: &Path, to: &Path| -> Result<(), SnapshotError> {
         match fs::hard_link(from, to) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                hard_linked.set(false);
                 crate::hypervisor::img::copy_file(from, to)
                     .map(|_| ())
                     .map_err(|e| SnapshotError::Io {
@@ -1041,7 +1490,8 @@ pub fn link_into(vm_dir: &Path, vm: &str, name: &str, work: &Path) -> Result<(),
     }
     let top = new_layer(work, parent.as_deref())?;
     write_head(work, Some(&top))?;
-    sync_dir(&snap_dir(work))
+    sync_dir(&snap_dir(work))?;
+    Ok(hard_linked.get())
 }
 
 #[cfg(test)]
@@ -1081,6 +1531,7 @@ mod tests {
             running: None,
             started_at: None,
             ip_address: None,
+            network_mode: None,
             cpu_count: 1,
             memory_size: 256 << 20,
         }
@@ -1126,8 +1577,8 @@ mod tests {
         // Restoring "two" leaves the layers of the abandoned head behind,
         // which are collected.
         let before = fs::read_dir(snap_dir(dir)).unwrap().count();
-        restore(dir, "t", "two", 1, 256 << 20).unwrap();
-        restore(dir, "t", "two", 1, 256 << 20).unwrap();
+        restore(dir, "t", "two", 1, 256 << 20, "nat").unwrap();
+        restore(dir, "t", "two", 1, 256 << 20, "nat").unwrap();
         let after = fs::read_dir(snap_dir(dir)).unwrap().count();
         assert_eq!(before, after);
         delete(dir, "t", "two").unwrap();
@@ -1194,5 +1645,285 @@ mod tests {
             prepare_run(dir, false),
             Err(SnapshotError::BadLayer { .. })
         ));
+    }
+
+    /// Writes `data` at `offset` of the VM's current disk through QEMU's
+    /// own block layer (qemu-io on the chain), as a guest would.
+    fn write_through_chain(dir: &Path, offset: u64, byte: u8) {
+        let top = read_head(dir).unwrap().unwrap();
+        let layers = chain(dir, Some(&top)).unwrap();
+        let mut opts = String::new();
+        let mut prefix = String::new();
+        for id in layers.iter().rev() {
+            opts.push_str(&format!(
+                "{prefix}driver=qcow2,{prefix}file.driver=file,{prefix}file.filename={},",
+                layer_path(dir, id).display()
+            ));
+            prefix.push_str("backing.");
+        }
+        opts.push_str(&format!(
+            "{prefix}driver=raw,{prefix}file.driver=file,{prefix}file.filename={}",
+            dir.join("disk.img").display()
+        ));
+        let out = Command::new("qemu-io")
+            .args(["--image-opts", &opts, "-c"])
+            .arg(format!("write -P {byte} {offset} 64k"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    #[test]
+    fn flatten_merges_the_chain_into_a_plain_disk() {
+        let d = vm_dir();
+        let dir = d.path();
+        // Plain already: nothing to do.
+        assert_eq!(flatten(dir, "t").unwrap(), 0);
+        fs::write(dir.join("disk.img"), vec![1u8; 16 << 20]).unwrap();
+        create(&target(dir), "a", false).unwrap();
+        write_through_chain(dir, 1 << 20, 2);
+        create(&target(dir), "b", false).unwrap();
+        write_through_chain(dir, 2 << 20, 3);
+        // A clone-like hard link to the base must keep the old bytes.
+        let linked = dir.join("other.img");
+        fs::hard_link(dir.join("disk.img"), &linked).unwrap();
+        // Every layer is needed while snapshots exist.
+        match check_plain(dir, "t", "push") {
+            Err(e @ SnapshotError::Layered { snapshots: 2, .. }) => {
+                let m = e.to_string();
+                assert!(m.contains("`lume snapshot flatten t`"), "{m}");
+                assert!(m.contains("2 snapshots"), "{m}");
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(matches!(
+            flatten(dir, "t"),
+            Err(SnapshotError::FlattenSnapshots { count: 2, .. })
+        ));
+        delete(dir, "t", "a").unwrap();
+        delete(dir, "t", "b").unwrap();
+        // No snapshots, still layered: the message says so and what to run.
+        let m = check_plain(dir, "t", "push").unwrap_err().to_string();
+        assert!(
+            m.contains("has no snapshots, but its disk is layered (disk.img plus 2 layers"),
+            "{m}"
+        );
+        assert!(m.contains("`lume snapshot flatten t`"), "{m}");
+        // A half-written flatten left by a kill is removed.
+        fs::write(dir.join(".disk.img.flatten"), b"partial").unwrap();
+        assert_eq!(flatten(dir, "t").unwrap(), 2);
+        assert!(!is_layered(dir));
+        assert!(!snap_dir(dir).exists());
+        assert!(!dir.join(".disk.img.flatten").exists());
+        check_plain(dir, "t", "push").unwrap();
+        let disk = fs::read(dir.join("disk.img")).unwrap();
+        assert_eq!(disk.len(), 16 << 20);
+        assert!(disk[..1 << 20].iter().all(|&b| b == 1));
+        assert!(
+            disk[1 << 20..(1 << 20) + (64 << 10)]
+                .iter()
+                .all(|&b| b == 2)
+        );
+        assert!(
+            disk[2 << 20..(2 << 20) + (64 << 10)]
+                .iter()
+                .all(|&b| b == 3)
+        );
+        assert!(disk[(2 << 20) + (64 << 10)..].iter().all(|&b| b == 1));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(dir.join("disk.img"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        // The file shared by hard link was not written: a new one replaced it.
+        assert!(fs::read(&linked).unwrap().iter().all(|&b| b == 1));
+        // A plain VM runs with a writable raw disk.img again.
+        let run = prepare_run(dir, false).unwrap();
+        assert!(run.args[1].contains(r#""read-only":false"#));
+    }
+
+    #[test]
+    fn a_layer_with_a_foreign_backing_file_does_not_leak_into_flatten() {
+        let d = vm_dir();
+        let dir = d.path();
+        let secret = dir.join("secret");
+        fs::write(&secret, vec![7u8; 16 << 20]).unwrap();
+        create(&target(dir), "a", false).unwrap();
+        delete(dir, "t", "a").unwrap();
+        // Replace the head layer by one whose header names another file as
+        // backing (in raw format): lume names the backing node itself.
+        let top = read_head(dir).unwrap().unwrap();
+        let p = layer_path(dir, &top);
+        fs::remove_file(&p).unwrap();
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&secret)
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        flatten(dir, "t").unwrap();
+        let disk = fs::read(dir.join("disk.img")).unwrap();
+        assert!(
+            disk.iter().all(|&b| b == 0),
+            "the foreign backing file was read"
+        );
+    }
+
+    #[test]
+    fn default_names_are_unique_within_a_second() {
+        let d = vm_dir();
+        let dir = d.path();
+        let a = default_name(dir);
+        create(&target(dir), &a, false).unwrap();
+        let b = default_name(dir);
+        assert_ne!(a, b);
+        create(&target(dir), &b, false).unwrap();
+        let c = default_name(dir);
+        assert!(c != a && c != b);
+        validate_name(&c).unwrap();
+    }
+
+    #[test]
+    fn list_reports_what_each_snapshot_holds_on_disk() {
+        let d = vm_dir();
+        let dir = d.path();
+        create(&target(dir), "base", false).unwrap();
+        write_through_chain(dir, 0, 9);
+        create(&target(dir), "after", false).unwrap();
+        let l = list(dir);
+        let size = |n: &str| {
+            l.iter()
+                .find(|s| s.name == n)
+                .unwrap()
+                .allocated_size
+                .unwrap()
+        };
+        // "base" froze disk.img itself (counted as the VM's disk); "after"
+        // froze a layer holding 64 KiB of data.
+        assert_eq!(size("base"), 0);
+        assert!(size("after") >= 64 << 10, "{l:?}");
+        assert!(allocated_bytes(dir) >= size("after"));
+        // Never written into snap-*.json.
+        let text = fs::read_to_string(snap_path(dir, "after")).unwrap();
+        assert!(!text.contains("allocatedSize"), "{text}");
+    }
+
+    fn memory_snap() -> Snapshot {
+        Snapshot {
+            name: "warm".into(),
+            layer: None,
+            created_at: 0,
+            memory: true,
+            cpu_count: 1,
+            memory_size: 512 << 20,
+            run_started_at: None,
+            ip_address: Some("192.0.2.5".into()),
+            network_mode: Some("host".into()),
+            allocated_size: None,
+        }
+    }
+
+    #[test]
+    fn a_memory_restore_names_what_changed_and_the_command_to_set_it_back() {
+        let s = memory_snap();
+        check_restorable("web", &s, 1, 512 << 20, "host").unwrap();
+        let e = check_restorable("web", &s, 2, 512 << 20, "host").unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("CPU count (1 CPU then, 2 CPUs now)"), "{m}");
+        assert!(!m.contains("memory ("), "{m}");
+        assert!(m.contains("`lume set web --cpu 1 --memory 512MB`"), "{m}");
+        let api = e.message(Door::Api);
+        assert!(
+            api.contains(r#"PATCH /lume/vms/web with {"cpu": 1, "memory": "512MB"}"#),
+            "{api}"
+        );
+        let mut odd = s.clone();
+        odd.memory_size = 1536 << 20;
+        let e = check_restorable("web", &odd, 1, 1 << 30, "host").unwrap_err();
+        assert!(e.to_string().contains("--memory 1536MB`"), "{e}");
+        let e = check_restorable("web", &s, 1, 1 << 30, "host").unwrap_err();
+        assert!(
+            e.to_string().contains("memory (512.0MB then, 1.0GB now)"),
+            "{e}"
+        );
+        // Another network mode: the guest's address would not work there.
+        let e = check_restorable("web", &s, 1, 512 << 20, "nat").unwrap_err();
+        assert!(matches!(e, SnapshotError::NetworkChanged { .. }));
+        assert!(
+            e.to_string().contains("`lume set web --network host`"),
+            "{e}"
+        );
+        // A disk snapshot has no such limits.
+        let mut disk = s.clone();
+        disk.memory = false;
+        check_restorable("web", &disk, 4, 1 << 30, "nat").unwrap();
+    }
+
+    #[test]
+    fn each_door_names_its_own_commands() {
+        let errors = [
+            SnapshotError::MemoryNeedsRunning("web".into()),
+            SnapshotError::Ephemeral("web".into()),
+            SnapshotError::RestoreEphemeral("web".into()),
+            SnapshotError::NeedsAgent {
+                vm: "web".into(),
+                reason: "x".into(),
+            },
+            SnapshotError::Layered {
+                vm: "web".into(),
+                what: "push",
+                layers: 1,
+                snapshots: 1,
+            },
+            SnapshotError::Layered {
+                vm: "web".into(),
+                what: "push",
+                layers: 1,
+                snapshots: 0,
+            },
+            SnapshotError::FlattenSnapshots {
+                vm: "web".into(),
+                count: 1,
+            },
+            SnapshotError::FlattenRunning("web".into()),
+            SnapshotError::NotFound {
+                vm: "web".into(),
+                snap: "s".into(),
+            },
+            SnapshotError::AddressInUse {
+                vm: "web".into(),
+                snap: "s".into(),
+                ip: "192.0.2.5".into(),
+                other: "db".into(),
+            },
+            check_restorable("web", &memory_snap(), 2, 1 << 30, "host").unwrap_err(),
+            check_restorable("web", &memory_snap(), 1, 512 << 20, "nat").unwrap_err(),
+        ];
+        for e in &errors {
+            let cli = e.to_string();
+            assert!(cli.contains("`lume ") || cli.contains("--"), "{cli}");
+            for door in [Door::Api, Door::Mcp] {
+                let m = e.message(door);
+                assert!(!m.contains("--") && !m.contains("`lume "), "{door:?}: {m}");
+                assert!(m.chars().next().unwrap().is_uppercase(), "{m}");
+            }
+        }
+        assert!(errors[0].message(Door::Api).contains(r#""memory": true"#));
+        assert!(errors[0].message(Door::Mcp).contains("memory: true"));
+        assert!(
+            errors[5]
+                .message(Door::Mcp)
+                .contains("lume_snapshot_flatten")
+        );
+        assert!(
+            errors[5]
+                .message(Door::Api)
+                .contains("POST /lume/vms/web/flatten")
+        );
     }
 }
