@@ -287,14 +287,27 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
     format!("virtio-net-pci,netdev={netdev},mac={mac}")
 }
 
-/// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
-fn tap_args(mac: MacAddress) -> Vec<String> {
+/// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3;
+/// `vnet_hdr`: whether the tap was opened with one ([`policy_tap`]).
+fn tap_args(mac: MacAddress, vnet_hdr: bool) -> Vec<String> {
     vec![
         "-netdev".into(),
-        "tap,id=net0,fd=3".into(),
+        if vnet_hdr {
+            "tap,id=net0,fd=3".into()
+        } else {
+            "tap,id=net0,fd=3,vnet_hdr=off".into()
+        },
         "-device".into(),
         virtio_device("net0", mac),
     ]
+}
+
+/// Creates the tap of a VM with `policy`: with a virtio-net header when the
+/// policy is empty, without one under a policy (no checksum or segmentation
+/// offload the guest could use to change a header after the filter read
+/// it: see [`Tap::create_with`]; costs throughput, see BENCHMARKS.md).
+pub fn policy_tap(name: &str, policy: &super::policy::Policy) -> Result<Tap, super::tap::TapError> {
+    Tap::create_with(name, policy.is_empty())
 }
 
 /// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
@@ -317,11 +330,12 @@ fn enforce_policy(
         gateway,
         host_nets: host_nets(&mut nl)?,
     };
-    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    let id = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
     Ok(super::policy::tc::Guard::start(
         tap.to_string(),
         policy.clone(),
         ctx,
+        id,
         host_nets,
     ))
 }
@@ -400,13 +414,13 @@ pub fn attach(
                 Kind::Host
             };
             let networks = Networks::from_settings(&opts.settings)?;
-            let tap = Tap::create(&device_name("lt"))?;
+            let tap = policy_tap(&device_name("lt"), &opts.policy)?;
             let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
             let tap_name = tap.name.clone();
             let attachment = Attachment {
-                qemu_args: tap_args(mac),
+                qemu_args: tap_args(mac, opts.policy.is_empty()),
                 fds: vec![tap.fd],
                 ip_address: None,
                 host_device: Some(tap.name),
@@ -448,12 +462,12 @@ pub fn attach(
             let iface = bridged_interface(name.as_deref(), opts)?;
             let mut nl = Netlink::open()?;
             let mut a = Attachment {
-                qemu_args: tap_args(mac),
+                qemu_args: tap_args(mac, opts.policy.is_empty()),
                 parent: Some(iface.name.clone()),
                 ..Default::default()
             };
             let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
-                let tap = Tap::create(&device_name("lt"))?;
+                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
                 nl.set_master(&tap.name, &iface.name)?;
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
@@ -473,7 +487,7 @@ pub fn attach(
             } else {
                 // A tap QEMU keeps for the whole run, joined to the parent by
                 // a macvlan that lume re-creates whenever the parent returns.
-                let tap = Tap::create(&device_name("lt"))?;
+                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
                 // after this leaves a name the next command can collect.
@@ -528,7 +542,7 @@ pub(super) fn handed_off(
     note: Option<String>,
 ) -> Attachment {
     Attachment {
-        qemu_args: tap_args(mac),
+        qemu_args: tap_args(mac, true),
         fds: vec![fd],
         ip_address,
         host_device: Some(device),
