@@ -220,16 +220,10 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             let mut f = std::fs::File::from(tap.fd.try_clone().unwrap());
             f.write_all(frame).unwrap();
         };
-        let vnet = |f: Vec<u8>| {
-            let mut h = vec![0u8; 10];
-            h.extend_from_slice(&f);
-            h
-        };
         let g_udp = |dport, tag: &[u8]| udp(MAC_G, SERVER_MAC, GUEST, SERVER, 40000, dport, tag);
         let b_ip = [198, 51, 100, 120];
-        let b_udp = |dst, sport, dport, tag: &[u8]| {
-            udp(MAC_B, [0xff; 6], b_ip, dst, sport, dport, tag)
-        };
+        let b_udp =
+            |dst, sport, dport, tag: &[u8]| udp(MAC_B, [0xff; 6], b_ip, dst, sport, dport, tag);
 
         // Controls: what the policy allows arrives, so the harness sees.
         write(&lg, &g_udp(8000, b"ctl-allowed"));
@@ -238,13 +232,19 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         write(&lb, &arp(MAC_B, MAC_B, b_ip));
         // The checksum-offload smuggler on a tap with a virtio-net header
         // (lume's old taps): the port is rewritten after the filter.
-        write(&lv, &checksum_smuggler(MAC_V, [203, 0, 113, 51], b"vnet-smuggled"));
+        write(
+            &lv,
+            &checksum_smuggler(MAC_V, [203, 0, 113, 51], b"vnet-smuggled"),
+        );
 
         // F1: the same against lume's policed tap.
         write(&lg, &checksum_smuggler(MAC_G, GUEST, b"csum-smuggled"));
         // F3: VLAN-tagged frames whose inner frame is allowed.
         write(&lg, &vlan_tagged(g_udp(8000, b"vlan-tagged"), 5));
-        write(&lb, &vlan_tagged(b_udp(SERVER, 40000, 8000, b"vlan-tagged"), 5));
+        write(
+            &lb,
+            &vlan_tagged(b_udp(SERVER, 40000, 8000, b"vlan-tagged"), 5),
+        );
         write(&lg, &vlan_tagged(g_udp(8000, b"vlan-prio"), 0));
         // F2: DHCP's ports to any address (bridged: no gateway).
         write(&lb, &b_udp([192, 0, 2, 1], 68, 67, b"dhcp-tunnel"));
