@@ -287,16 +287,14 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
     format!("virtio-net-pci,netdev={netdev},mac={mac}")
 }
 
-/// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3;
-/// `vnet_hdr`: whether the tap was opened with one ([`policy_tap`]).
-fn tap_args(mac: MacAddress, vnet_hdr: bool) -> Vec<String> {
+/// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
+/// QEMU takes `vnet_hdr` from the descriptor (TUNGETIFF; it refuses the
+/// option with `fd=`): a tap opened without one ([`policy_tap`]) gets no
+/// offloads.
+fn tap_args(mac: MacAddress) -> Vec<String> {
     vec![
         "-netdev".into(),
-        if vnet_hdr {
-            "tap,id=net0,fd=3".into()
-        } else {
-            "tap,id=net0,fd=3,vnet_hdr=off".into()
-        },
+        "tap,id=net0,fd=3".into(),
         "-device".into(),
         virtio_device("net0", mac),
     ]
@@ -420,7 +418,7 @@ pub fn attach(
             let net = networks.get(kind).clone();
             let tap_name = tap.name.clone();
             let attachment = Attachment {
-                qemu_args: tap_args(mac, opts.policy.is_empty()),
+                qemu_args: tap_args(mac),
                 fds: vec![tap.fd],
                 ip_address: None,
                 host_device: Some(tap.name),
@@ -462,7 +460,7 @@ pub fn attach(
             let iface = bridged_interface(name.as_deref(), opts)?;
             let mut nl = Netlink::open()?;
             let mut a = Attachment {
-                qemu_args: tap_args(mac, opts.policy.is_empty()),
+                qemu_args: tap_args(mac),
                 parent: Some(iface.name.clone()),
                 ..Default::default()
             };
@@ -542,7 +540,7 @@ pub(super) fn handed_off(
     note: Option<String>,
 ) -> Attachment {
     Attachment {
-        qemu_args: tap_args(mac, true),
+        qemu_args: tap_args(mac),
         fds: vec![fd],
         ip_address,
         host_device: Some(device),
