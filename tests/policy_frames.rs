@@ -294,3 +294,55 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         drop((lg, lb, lv, lan));
     });
 }
+
+fn no_host_nets(
+    _: &mut Netlink,
+) -> Result<Vec<lume::network::policy::Cidr>, lume::network::netlink::NetlinkError> {
+    Ok(vec![])
+}
+
+/// Another program put in place of lume's filter under lume's name (what a
+/// name-only check would count as "in force") is noticed by the run's
+/// guard, which puts its own program back.
+#[test]
+fn the_guard_replaces_a_foreign_program_under_its_name() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pg");
+    ns.within(|| {
+        use lume::network::policy::tc;
+        let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        let tap = lume::network::attach::policy_tap("lg0", &policy).unwrap();
+        sh("ip link set lg0 up");
+        let ctx = Context {
+            mac: MAC_G,
+            guest: Some(Ipv4Addr::from(GUEST)),
+            gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+            host_nets: vec![],
+        };
+        let mut nl = Netlink::open().unwrap();
+        let index = nl.link_index("lg0").unwrap().unwrap();
+        let id = tc::enforce(&mut nl, "lg0", index, &policy, &ctx).unwrap();
+        let guard = tc::Guard::start("lg0".into(), policy, ctx.clone(), id, no_host_nets);
+        // A permissive program, attached as lume attaches its own.
+        let open = Policy::from_parts(&[], &["192.0.2.99".into()], false).unwrap();
+        let foreign = tc::reinstall(&mut nl, "lg0", index, &open, &ctx).unwrap();
+        assert_eq!(tc::installed(&mut nl, "lg0").unwrap(), vec![foreign]);
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = tc::installed(&mut nl, "lg0").unwrap();
+            if now.len() == 1 && now[0] != foreign {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the foreign program stayed in force: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(guard);
+        drop(tap);
+    });
+}
