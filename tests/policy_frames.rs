@@ -325,7 +325,7 @@ fn the_guard_replaces_a_foreign_program_under_its_name() {
         let mut nl = Netlink::open().unwrap();
         let index = nl.link_index("lg0").unwrap().unwrap();
         let id = tc::enforce(&mut nl, "lg0", index, &policy, &ctx).unwrap();
-        let guard = tc::Guard::start("lg0".into(), policy, ctx.clone(), id, no_host_nets);
+        let guard = tc::Guard::start("lg0".into(), policy, ctx.clone(), id, no_host_nets, None);
         // A permissive program, attached as lume attaches its own.
         let open = Policy::from_parts(&[], &["192.0.2.99".into()], false).unwrap();
         let foreign = tc::reinstall(&mut nl, "lg0", index, &open, &ctx).unwrap();
@@ -344,5 +344,90 @@ fn the_guard_replaces_a_foreign_program_under_its_name() {
         }
         drop(guard);
         drop(tap);
+    });
+}
+
+/// Bridged: once the guest's DHCP lease is known (the snooper's), the
+/// guard recompiles the filter so ARP and IPv4 come only from it: the
+/// guest can no longer answer ARP for the LAN's router or spoof sources.
+#[test]
+fn bridged_guests_keep_to_their_lease_once_it_is_known() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pl");
+    ns.within(|| {
+        use lume::network::policy::tc;
+        sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        let lb = lume::network::attach::policy_tap("lb0", &policy).unwrap();
+        let lan = Tap::create_with("ll0", false).unwrap();
+        sh("ip link add br0 type bridge && ip link set br0 up \
+            && for t in lb0 ll0; do ip link set $t master br0 && ip link set $t up; done");
+        let ctx = Context {
+            mac: MAC_B,
+            guest: None,
+            gateway: None,
+            host_nets: vec![],
+        };
+        let mut nl = Netlink::open().unwrap();
+        let index = nl.link_index("lb0").unwrap().unwrap();
+        let id = tc::enforce(&mut nl, "lb0", index, &policy, &ctx).unwrap();
+        let lease = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let guard = tc::Guard::start(
+            "lb0".into(),
+            policy,
+            ctx,
+            id,
+            no_host_nets,
+            Some(lease.clone()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        drain(&lan, Duration::from_millis(200));
+        let router = [198, 51, 100, 1];
+        let mine = [198, 51, 100, 120];
+        let write = |frame: &[u8]| {
+            let mut f = std::fs::File::from(lb.fd.try_clone().unwrap());
+            f.write_all(frame).unwrap();
+        };
+        let arps = |got: &[Vec<u8>]| -> Vec<[u8; 4]> {
+            got.iter()
+                .filter(|f| f[12..14] == [0x08, 0x06])
+                .map(|f| [f[28], f[29], f[30], f[31]])
+                .collect()
+        };
+        // Before a lease (a guest with a static address): not checked.
+        write(&arp(MAC_B, MAC_B, router));
+        assert_eq!(arps(&drain(&lan, Duration::from_millis(500))), vec![router]);
+
+        *lease.lock().unwrap() = Some(Ipv4Addr::from(mine));
+        let end = Instant::now() + Duration::from_secs(5);
+        while tc::installed(&mut nl, "lb0").unwrap() == vec![id] {
+            assert!(Instant::now() < end, "the lease was not compiled in");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        write(&arp(MAC_B, MAC_B, router));
+        write(&arp(MAC_B, MAC_B, mine));
+        write(&udp(
+            MAC_B,
+            SERVER_MAC,
+            router,
+            SERVER,
+            40000,
+            8000,
+            b"spoofed-src",
+        ));
+        write(&udp(
+            MAC_B, SERVER_MAC, mine, SERVER, 40000, 8000, b"own-src",
+        ));
+        write(&udp(MAC_B, [0xff; 6], mine, [255; 4], 68, 67, b"rebinding"));
+        let got = drain(&lan, Duration::from_millis(1000));
+        assert_eq!(arps(&got), vec![mine], "{got:02x?}");
+        assert!(carries(&got, b"spoofed-src").is_empty());
+        assert_eq!(carries(&got, b"own-src").len(), 1);
+        assert_eq!(carries(&got, b"rebinding").len(), 1);
+        drop(guard);
+        drop((lb, lan));
     });
 }

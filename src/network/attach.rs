@@ -316,6 +316,7 @@ fn enforce_policy(
     mac: MacAddress,
     guest: Option<Ipv4Addr>,
     gateway: Option<Ipv4Addr>,
+    lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
 ) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
     let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
@@ -335,6 +336,7 @@ fn enforce_policy(
         ctx,
         id,
         host_nets,
+        lease,
     ))
 }
 
@@ -452,6 +454,7 @@ pub fn attach(
                     mac,
                     Some(ip),
                     Some(net.subnet().gateway()),
+                    None,
                 )?);
             }
             Ok(attachment)
@@ -514,14 +517,23 @@ pub fn attach(
                 // The tap sees both directions and outlives the parent.
                 (tap.name, Watched::Tap)
             };
+            start_snooper(&mut a, &snoop_on, watched, mac);
             if !opts.policy.is_empty() {
                 // After the tap's redirect exists (the policy's filter
                 // comes first), before QEMU: a failure drops `a`, which
-                // takes the macvlan and the tap down.
+                // takes the macvlan and the tap down. The guest's lease,
+                // once the snooper saw it, becomes the only address its
+                // ARP and IPv4 may come from (the guard recompiles).
                 let tap = a.host_device.clone().unwrap_or_default();
-                a.guard.policy = Some(enforce_policy(&opts.policy, &tap, mac, None, None)?);
+                a.guard.policy = Some(enforce_policy(
+                    &opts.policy,
+                    &tap,
+                    mac,
+                    None,
+                    None,
+                    a.learned.clone(),
+                )?);
             }
-            start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
     }

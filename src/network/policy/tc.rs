@@ -8,7 +8,9 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
 };
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
 use super::Policy;
 use super::bpf::{self, Context, LoadError};
@@ -220,13 +222,16 @@ pub struct Guard {
 
 impl Guard {
     /// `host_nets`: how the host's networks are read (the same as at start);
-    /// `id`: the program [`enforce`] put in force.
+    /// `id`: the program [`enforce`] put in force; `lease` (bridged): the
+    /// guest's address as the DHCP snooper learns it, which becomes the
+    /// context's `guest` (ARP and IPv4 only from it) once known.
     pub fn start(
         tap: String,
         policy: Policy,
         ctx: Context,
         id: u32,
         host_nets: fn(&mut Netlink) -> Result<Vec<super::Cidr>, NetlinkError>,
+        lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
     ) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -252,14 +257,21 @@ impl Guard {
                     nets.dedup();
                     wanted.host_nets = nets;
                 }
-                let changed = wanted.host_nets != ctx.host_nets;
+                if let Some(l) = &lease
+                    && let Some(ip) = *l.lock().unwrap_or_else(|e| e.into_inner())
+                {
+                    wanted.guest = Some(ip);
+                }
+                let changed = wanted.host_nets != ctx.host_nets || wanted.guest != ctx.guest;
                 // Our own program, not any filter of that name; a dump
                 // that fails counts as missing.
                 let present = installed(&mut nl, &tap)
                     .map(|ids| ids.contains(&id))
                     .unwrap_or(false);
                 if (changed || !present) && !flag.load(Ordering::SeqCst) {
-                    let why = if present {
+                    let why = if wanted.guest != ctx.guest {
+                        "the guest's DHCP lease"
+                    } else if present {
                         "the host's addresses changed"
                     } else {
                         "its filter was removed or replaced"
