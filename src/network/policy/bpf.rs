@@ -4,14 +4,17 @@
 //! The program is straight-line compare-and-jump code over fixed offsets,
 //! read with `BPF_LD_ABS` (which the verifier accepts for `SCHED_CLS`):
 //!
-//! 1. frames shorter than 42 bytes, not from the VM's MAC, neither IPv4 nor
-//!    ARP (IPv6, VLAN tags, …), IPv4 with options or fragmented: dropped.
-//!    Every later load is within the first 42 bytes, so no load can fail
-//!    (a failing `LD_ABS` would end the program with 0 = pass);
-//! 2. ARP: passed when the sender address is the guest's (or 0.0.0.0);
+//! 1. VLAN-tagged frames (`__sk_buff.vlan_present`: the kernel took the tag
+//!    off before tc), frames shorter than 42 bytes, not from the VM's MAC,
+//!    neither IPv4 nor ARP (IPv6, QinQ, …), IPv4 with options or
+//!    fragmented: dropped. Every later load is within the first 42 bytes,
+//!    so no load can fail (a failing `LD_ABS` would end the program with
+//!    0 = pass);
+//! 2. ARP: passed when the sender MAC is the VM's and the sender address
+//!    the guest's (or 0.0.0.0; any address while it is not known);
 //! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
-//! 4. DHCP to the gateway or broadcast, DNS (UDP/TCP 53) to the gateway:
+//! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway:
 //!    passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
@@ -26,11 +29,12 @@ use super::{Cidr, ISOLATED_RANGES, Policy, Rule};
 #[derive(Debug, Clone)]
 pub struct Context {
     pub mac: [u8; 6],
-    /// The guest's reserved address (nat, host); `None` in bridged mode,
-    /// where the LAN's DHCP server decides it: no source check then.
+    /// The guest's reserved address (nat, host), or in bridged mode its
+    /// DHCP lease once the snooper saw it; `None` until then: no source or
+    /// ARP address check.
     pub guest: Option<Ipv4Addr>,
     /// lume's address on the bridge (dnsmasq: DHCP and DNS); `None` in
-    /// bridged mode: DHCP then goes to any server, DNS is not excepted.
+    /// bridged mode: DHCP then goes to broadcast only, DNS is not excepted.
     pub gateway: Option<Ipv4Addr>,
     /// The networks of the host's own addresses (each address with its
     /// prefix length, host bits cleared), for `isolate`.
