@@ -288,6 +288,9 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
 }
 
 /// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
+/// QEMU takes `vnet_hdr` from the descriptor (TUNGETIFF; it refuses the
+/// option with `fd=`): a tap opened without one ([`policy_tap`]) gets no
+/// offloads.
 fn tap_args(mac: MacAddress) -> Vec<String> {
     vec![
         "-netdev".into(),
@@ -295,6 +298,14 @@ fn tap_args(mac: MacAddress) -> Vec<String> {
         "-device".into(),
         virtio_device("net0", mac),
     ]
+}
+
+/// Creates the tap of a VM with `policy`: with a virtio-net header when the
+/// policy is empty, without one under a policy (no checksum or segmentation
+/// offload the guest could use to change a header after the filter read
+/// it: see [`Tap::create_with`]; costs throughput, see BENCHMARKS.md).
+pub fn policy_tap(name: &str, policy: &super::policy::Policy) -> Result<Tap, super::tap::TapError> {
+    Tap::create_with(name, policy.is_empty())
 }
 
 /// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
@@ -305,6 +316,7 @@ fn enforce_policy(
     mac: MacAddress,
     guest: Option<Ipv4Addr>,
     gateway: Option<Ipv4Addr>,
+    lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
 ) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
     let index = nl.link_index(tap)?.ok_or_else(|| NetlinkError::NotFound {
@@ -317,12 +329,14 @@ fn enforce_policy(
         gateway,
         host_nets: host_nets(&mut nl)?,
     };
-    super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    let id = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
     Ok(super::policy::tc::Guard::start(
         tap.to_string(),
         policy.clone(),
         ctx,
+        id,
         host_nets,
+        lease,
     ))
 }
 
@@ -400,7 +414,7 @@ pub fn attach(
                 Kind::Host
             };
             let networks = Networks::from_settings(&opts.settings)?;
-            let tap = Tap::create(&device_name("lt"))?;
+            let tap = policy_tap(&device_name("lt"), &opts.policy)?;
             let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
             let net = networks.get(kind).clone();
@@ -440,6 +454,7 @@ pub fn attach(
                     mac,
                     Some(ip),
                     Some(net.subnet().gateway()),
+                    None,
                 )?);
             }
             Ok(attachment)
@@ -453,7 +468,7 @@ pub fn attach(
                 ..Default::default()
             };
             let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
-                let tap = Tap::create(&device_name("lt"))?;
+                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
                 nl.set_master(&tap.name, &iface.name)?;
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
@@ -473,7 +488,7 @@ pub fn attach(
             } else {
                 // A tap QEMU keeps for the whole run, joined to the parent by
                 // a macvlan that lume re-creates whenever the parent returns.
-                let tap = Tap::create(&device_name("lt"))?;
+                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
                 // after this leaves a name the next command can collect.
@@ -502,14 +517,23 @@ pub fn attach(
                 // The tap sees both directions and outlives the parent.
                 (tap.name, Watched::Tap)
             };
+            start_snooper(&mut a, &snoop_on, watched, mac);
             if !opts.policy.is_empty() {
                 // After the tap's redirect exists (the policy's filter
                 // comes first), before QEMU: a failure drops `a`, which
-                // takes the macvlan and the tap down.
+                // takes the macvlan and the tap down. The guest's lease,
+                // once the snooper saw it, becomes the only address its
+                // ARP and IPv4 may come from (the guard recompiles).
                 let tap = a.host_device.clone().unwrap_or_default();
-                a.guard.policy = Some(enforce_policy(&opts.policy, &tap, mac, None, None)?);
+                a.guard.policy = Some(enforce_policy(
+                    &opts.policy,
+                    &tap,
+                    mac,
+                    None,
+                    None,
+                    a.learned.clone(),
+                )?);
             }
-            start_snooper(&mut a, &snoop_on, watched, mac);
             Ok(a)
         }
     }

@@ -1,5 +1,6 @@
 //! Tap devices: opened through `/dev/net/tun` (IFF_TAP | IFF_NO_PI |
-//! IFF_VNET_HDR, as cloud-hypervisor does) and never made persistent, so the
+//! IFF_VNET_HDR, as cloud-hypervisor does; without IFF_VNET_HDR for a VM
+//! under a network policy, see [`Tap::create_with`]) and never made persistent, so the
 //! kernel removes a tap as soon as the last descriptor closes — a killed
 //! supervisor and QEMU can never leave one behind. Bridged mode uses one too
 //! (no macvtap any more: see [`super::uplink`]).
@@ -44,8 +45,18 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates tap `name` (at most 15 bytes).
+    /// Creates tap `name` (at most 15 bytes) with a virtio-net header.
     pub fn create(name: &str) -> Result<Self, TapError> {
+        Self::create_with(name, true)
+    }
+
+    /// Creates tap `name`; `vnet_hdr`: whether each frame the guest writes
+    /// starts with a virtio-net header (checksum and segmentation offload).
+    /// A VM under a network policy gets none: with it the guest could mark
+    /// a frame "needs checksum" with the checksum's place on any header
+    /// field, and the kernel would write that field *after* the policy's
+    /// filter read it (a port the filter allowed becomes another one).
+    pub fn create_with(name: &str, vnet_hdr: bool) -> Result<Self, TapError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -54,7 +65,7 @@ impl Tap {
             .map_err(TapError::Tun)?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 },
             _pad: [0; 22],
         };
         let bytes = name.as_bytes();

@@ -4,14 +4,17 @@
 //! The program is straight-line compare-and-jump code over fixed offsets,
 //! read with `BPF_LD_ABS` (which the verifier accepts for `SCHED_CLS`):
 //!
-//! 1. frames shorter than 42 bytes, not from the VM's MAC, neither IPv4 nor
-//!    ARP (IPv6, VLAN tags, …), IPv4 with options or fragmented: dropped.
-//!    Every later load is within the first 42 bytes, so no load can fail
-//!    (a failing `LD_ABS` would end the program with 0 = pass);
-//! 2. ARP: passed when the sender address is the guest's (or 0.0.0.0);
+//! 1. VLAN-tagged frames (`__sk_buff.vlan_present`: the kernel took the tag
+//!    off before tc), frames shorter than 42 bytes, not from the VM's MAC,
+//!    neither IPv4 nor ARP (IPv6, QinQ, …), IPv4 with options or
+//!    fragmented: dropped. Every later load is within the first 42 bytes,
+//!    so no load can fail (a failing `LD_ABS` would end the program with
+//!    0 = pass);
+//! 2. ARP: passed when the sender MAC is the VM's and the sender address
+//!    the guest's (or 0.0.0.0; any address while it is not known);
 //! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
-//! 4. DHCP to the gateway or broadcast, DNS (UDP/TCP 53) to the gateway:
+//! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway:
 //!    passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
@@ -26,11 +29,12 @@ use super::{Cidr, ISOLATED_RANGES, Policy, Rule};
 #[derive(Debug, Clone)]
 pub struct Context {
     pub mac: [u8; 6],
-    /// The guest's reserved address (nat, host); `None` in bridged mode,
-    /// where the LAN's DHCP server decides it: no source check then.
+    /// The guest's reserved address (nat, host), or in bridged mode its
+    /// DHCP lease once the snooper saw it; `None` until then: no source or
+    /// ARP address check.
     pub guest: Option<Ipv4Addr>,
     /// lume's address on the bridge (dnsmasq: DHCP and DNS); `None` in
-    /// bridged mode: DHCP then goes to any server, DNS is not excepted.
+    /// bridged mode: DHCP then goes to broadcast only, DNS is not excepted.
     pub gateway: Option<Ipv4Addr>,
     /// The networks of the host's own addresses (each address with its
     /// prefix length, host bits cleared), for `isolate`.
@@ -145,7 +149,7 @@ impl Asm {
         }
         self.jump_if(JNE, R0, value, t);
     }
-    fn finish(mut self) -> Vec<Insn> {
+    fn finish(mut self) -> Result<Vec<Insn>, CompileError> {
         let drop_at = self.insns.len();
         self.emit(ALU | MOV | K, R0, 0, 0, TC_ACT_SHOT);
         self.emit(JMP | EXIT, 0, 0, 0, 0);
@@ -158,11 +162,33 @@ impl Asm {
                 Target::Pass => pass_at,
                 Target::Label(l) => self.labels[l].expect("every label is bound"),
             };
-            self.insns[at].off = (dest as i64 - at as i64 - 1) as i16;
+            // A jump's offset is an i16: a program too long for one is
+            // refused, never wrapped around to another instruction.
+            self.insns[at].off = i16::try_from(dest as i64 - at as i64 - 1)
+                .map_err(|_| CompileError::TooLong(self.insns.len()))?;
         }
-        self.insns
+        Ok(self.insns)
     }
 }
+
+/// Why a policy could not be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error(
+        "The network policy's eBPF program is too long ({0} instructions: a jump cannot reach its end); use fewer rules (merge them into wider CIDRs or port ranges)"
+    )]
+    TooLong(usize),
+    #[error(
+        "This host has too many IPv4 networks for --isolate ({0}, at most {max}); remove addresses or use --allow-out/--deny-out rules instead",
+        max = MAX_HOST_NETS
+    )]
+    TooManyHostNets(usize),
+}
+
+/// At most this many host networks are compiled into an `--isolate` policy
+/// (each costs a few instructions per frame; beyond it the VM does not
+/// start rather than run with a partial isolation).
+pub const MAX_HOST_NETS: usize = 1024;
 
 // Offsets from the start of the Ethernet frame (cls_bpf at ingress runs
 // with the MAC header pushed back).
@@ -174,15 +200,26 @@ const IP_PROTO: i32 = 23;
 const IP_SRC: i32 = 26;
 const IP_DST: i32 = 30;
 const L4_PORTS: i32 = 34;
+const ARP_SHA: i32 = 22;
 const ARP_SPA: i32 = 28;
+/// `struct __sk_buff`: `len` and `vlan_present` (uapi/linux/bpf.h).
+const SKB_LEN: i16 = 0;
+const SKB_VLAN_PRESENT: i16 = 20;
 const MIN_LEN: u32 = 42;
 
 /// Compiles `policy` for a VM. The policy must not be empty.
-pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
+pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError> {
+    if policy.isolate && ctx.host_nets.len() > MAX_HOST_NETS {
+        return Err(CompileError::TooManyHostNets(ctx.host_nets.len()));
+    }
     let mut a = Asm::default();
     a.mov_reg(R6, R1);
-    // skb->len (struct __sk_buff, offset 0).
-    a.emit(LDX | MEM | W, R0, R6, 0, 0);
+    // A VLAN tag: the kernel has taken it off the frame before tc sees it
+    // (skb->vlan_present), so the offsets below would read the inner
+    // frame while the tag still takes it to another VLAN. Dropped.
+    a.emit(LDX | MEM | W, R0, R6, SKB_VLAN_PRESENT, 0);
+    a.jump_if(JNE, R0, 0, Target::Drop);
+    a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
     a.jump_if(JLT, R0, MIN_LEN, Target::Drop);
     let m = ctx.mac;
     a.load(H, ETH_SRC);
@@ -203,7 +240,22 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
     let ipv4 = a.label();
     a.jump_if(JEQ, R0, 0x0800, Target::Label(ipv4));
     a.jump_if(JNE, R0, 0x0806, Target::Drop);
-    // ARP: the guest speaks for its own address only (when known).
+    // ARP: the guest speaks for its own MAC, and for its own address only
+    // (when known).
+    a.load(H, ARP_SHA);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from(u16::from_be_bytes([m[0], m[1]])),
+        Target::Drop,
+    );
+    a.load(W, ARP_SHA + 2);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from_be_bytes([m[2], m[3], m[4], m[5]]),
+        Target::Drop,
+    );
     match ctx.guest {
         Some(guest) => {
             a.load(W, ARP_SPA);
@@ -238,17 +290,16 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Vec<Insn> {
         a.goto(Target::Drop);
     }
     a.bind(source_ok);
-    // DHCP (renewals go to the server) and DNS to lume's dnsmasq.
+    // DHCP: broadcast, and to lume's dnsmasq (renewals go to the server).
+    // Bridged (no gateway): broadcast only, never unicast to an address
+    // the policy would not let through otherwise; a client's unicast
+    // renewal falls back to rebinding by broadcast.
     let not_dhcp = a.label();
     a.jump_if(JNE, R7, 17, Target::Label(not_dhcp));
     a.jump_if(JNE, R9, (68 << 16) | 67, Target::Label(not_dhcp));
-    match ctx.gateway {
-        Some(gw) => {
-            a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
-            a.jump_if(JEQ, R8, u32::from(gw), Target::Pass);
-        }
-        // The LAN's DHCP server, wherever it is.
-        None => a.goto(Target::Pass),
+    a.jump_if(JEQ, R8, u32::MAX, Target::Pass);
+    if let Some(gw) = ctx.gateway {
+        a.jump_if(JEQ, R8, u32::from(gw), Target::Pass);
     }
     a.bind(not_dhcp);
     if let Some(gw) = ctx.gateway {
@@ -327,12 +378,18 @@ fn rule(a: &mut Asm, r: &Rule, verdict: Target) {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(
-        "Cannot load the network policy's eBPF program ({errno}): the kernel needs CONFIG_BPF_SYSCALL and CONFIG_NET_CLS_BPF, and lume needs CAP_BPF/CAP_SYS_ADMIN (run as root); the VM was not started. Verifier log: {log}"
+        "Cannot load the network policy's eBPF program ({errno}): the kernel needs CONFIG_BPF_SYSCALL and CONFIG_NET_CLS_BPF, and lume needs CAP_BPF/CAP_SYS_ADMIN (run as root); the VM was not started"
     )]
-    Load {
+    Unavailable { errno: nix::errno::Errno },
+    #[error(
+        "The kernel's verifier refused the network policy's eBPF program ({errno}); the VM was not started. Report this as a lume bug with the verifier's last lines: {log}"
+    )]
+    Refused {
         errno: nix::errno::Errno,
         log: String,
     },
+    #[error(transparent)]
+    Compile(#[from] CompileError),
 }
 
 /// `union bpf_attr` for BPF_PROG_LOAD (the leading fields; the rest zero).
@@ -355,23 +412,33 @@ struct ProgLoadAttr {
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// The verifier's log when a load is retried to say why it failed.
+const LOG_SIZE: usize = 16 * 1024 * 1024;
 
-/// Loads `insns` as a `SCHED_CLS` program; the descriptor keeps it alive
-/// until the filter holds it.
-pub fn load(insns: &[Insn]) -> Result<OwnedFd, LoadError> {
+/// A loaded program: its descriptor keeps it alive until the filter holds
+/// it; `id` names it in the kernel (a filter dump shows it).
+#[derive(Debug)]
+pub struct Loaded {
+    pub fd: OwnedFd,
+    pub id: u32,
+}
+
+fn prog_load(insns: &[Insn], log: Option<&mut Vec<u8>>) -> Result<OwnedFd, nix::errno::Errno> {
     let license = c"GPL";
-    let mut log = vec![0u8; 64 * 1024];
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_SCHED_CLS,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
         ..Default::default()
     };
+    if let Some(log) = log {
+        attr.log_level = 1;
+        attr.log_size = log.len() as u32;
+        attr.log_buf = log.as_mut_ptr() as u64;
+    }
     attr.prog_name[..11].copy_from_slice(b"lume_policy");
     // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix whose
     // pointers (instructions, license, log buffer) outlive the call; the
@@ -385,14 +452,69 @@ pub fn load(insns: &[Insn]) -> Result<OwnedFd, LoadError> {
         )
     };
     if fd < 0 {
-        let errno = nix::errno::Errno::last();
-        let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
-        let text = String::from_utf8_lossy(&log[..end]);
-        let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
-        return Err(LoadError::Load { errno, log: tail });
+        return Err(nix::errno::Errno::last());
     }
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The kernel's id of the program behind `fd` (BPF_OBJ_GET_INFO_BY_FD).
+fn prog_id(fd: &OwnedFd) -> Result<u32, nix::errno::Errno> {
+    use std::os::fd::AsRawFd;
+    // struct bpf_prog_info's first fields: type, id, tag[8], ...
+    let mut info = [0u32; 64];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: 8,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: a valid BPF_OBJ_GET_INFO_BY_FD attr; the kernel writes at
+    // most `info_len` (8) bytes into `info`, which is larger and outlives
+    // the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(info[1])
+}
+
+/// Loads `insns` as a `SCHED_CLS` program. Without a verifier log first
+/// (a log too small for a long program would fail the load itself); when
+/// the load fails, once more with a large log to say why.
+pub fn load(insns: &[Insn]) -> Result<Loaded, LoadError> {
+    let fd = match prog_load(insns, None) {
+        Ok(fd) => fd,
+        Err(errno) => {
+            let mut log = vec![0u8; LOG_SIZE];
+            let again = prog_load(insns, Some(&mut log));
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            return Err(match again {
+                // Not reproducible: report the first failure as it was.
+                Ok(_) => LoadError::Unavailable { errno },
+                Err(_) if text.trim().is_empty() => LoadError::Unavailable { errno },
+                Err(errno) => LoadError::Refused {
+                    errno,
+                    log: text.lines().rev().take(3).collect::<Vec<_>>().join(" | "),
+                },
+            });
+        }
+    };
+    let id = prog_id(&fd).map_err(|errno| LoadError::Unavailable { errno })?;
+    Ok(Loaded { fd, id })
 }
 
 #[cfg(test)]
@@ -416,7 +538,7 @@ mod tests {
             true,
         )
         .unwrap();
-        let insns = compile(&p, &ctx());
+        let insns = compile(&p, &ctx()).unwrap();
         for (i, ins) in insns.iter().enumerate() {
             let class = ins.code & 0x07;
             if (class == JMP || class == JMP32) && ins.code & 0xf0 != EXIT {
@@ -522,7 +644,7 @@ mod tests {
         let gw = [203, 0, 113, 1];
         let allowed = [198, 51, 100, 2];
         let p = Policy::from_parts(&["198.51.100.2:8000/tcp".into()], &[], false).unwrap();
-        let prog = load(&compile(&p, &ctx())).unwrap();
+        let prog = load(&compile(&p, &ctx()).unwrap()).unwrap().fd;
         let v = |f: &[u8]| verdict(&prog, f);
         const OK: i32 = TC_ACT_UNSPEC;
         const SHOT: i32 = TC_ACT_SHOT;
@@ -594,7 +716,7 @@ mod tests {
         // isolate + deny: the internet yes, minus the denied port; not the
         // host's networks, its addresses, private ranges or multicast.
         let p = Policy::from_parts(&[], &["0.0.0.0/0:25/tcp".into()], true).unwrap();
-        let prog = load(&compile(&p, &ctx())).unwrap();
+        let prog = load(&compile(&p, &ctx()).unwrap()).unwrap().fd;
         let v = |f: &[u8]| verdict(&prog, f);
         assert_eq!(v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 6, 40000, 443)), OK);
         assert_eq!(v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 1, 0x0800, 0)), OK);
@@ -633,18 +755,28 @@ mod tests {
             ..ctx()
         };
         let p = Policy::from_parts(&["198.51.100.1:8000/tcp".into()], &[], true).unwrap();
-        let prog = load(&compile(&p, &ctx)).unwrap();
+        let prog = load(&compile(&p, &ctx).unwrap()).unwrap().fd;
         let v = |f: &[u8]| verdict(&prog, f);
         let g = [198, 51, 100, 120];
         assert_eq!(
             v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)),
             TC_ACT_UNSPEC
         );
+        assert_eq!(v(&ipv4(GUEST_MAC, g, [255; 4], 17, 68, 67)), TC_ACT_UNSPEC);
+        // DHCP's ports are no tunnel: unicast to any address is not DHCP.
         assert_eq!(
             v(&ipv4(GUEST_MAC, g, [198, 51, 100, 1], 17, 68, 67)),
-            TC_ACT_UNSPEC
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            v(&ipv4(GUEST_MAC, g, [192, 0, 2, 1], 17, 68, 67)),
+            TC_ACT_SHOT
         );
         assert_eq!(v(&arp(GUEST_MAC, g)), TC_ACT_UNSPEC);
+        // ARP naming another MAC than the VM's (poisoning the LAN's caches).
+        let mut f = arp(GUEST_MAC, g);
+        f[22..28].copy_from_slice(&[0x52, 0x54, 0, 9, 9, 9]);
+        assert_eq!(v(&f), TC_ACT_SHOT);
         // Isolated from the host's LAN (198.51.100.0/24 in ctx()), so the
         // allow rule inside it does not open it (deny and isolate first).
         assert_eq!(
@@ -665,16 +797,75 @@ mod tests {
         );
     }
 
-    /// The kernel's verifier accepts the program (root only).
+    /// The kernel's verifier accepts the program at the documented maximum
+    /// (MAX_RULES rules, with ports, plus --isolate and MAX_HOST_NETS host
+    /// networks), and the rule just past it is refused by the check
+    /// (root only).
     #[test]
-    fn the_kernel_loads_a_fifty_rule_policy() {
+    fn the_kernel_loads_the_largest_policy_allowed() {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        let allow: Vec<String> = (0..50)
-            .map(|i| format!("198.51.100.{i}:80{i:02}/tcp"))
+        let allow: Vec<String> = (0..super::super::MAX_RULES - 1)
+            .map(|i| {
+                format!(
+                    "198.51.{}.{}:{}-{}/tcp",
+                    i / 256,
+                    i % 256,
+                    1000 + i,
+                    2000 + i
+                )
+            })
             .collect();
-        let p = Policy::from_parts(&allow, &["10.0.0.0/8".into()], true).unwrap();
-        load(&compile(&p, &ctx())).unwrap();
+        let p = Policy::from_parts(&allow, &["10.0.0.0/8:25".into()], true).unwrap();
+        assert!(p.check(&crate::network::NetworkMode::Nat).is_ok());
+        let mut c = ctx();
+        c.host_nets = (0..MAX_HOST_NETS as u32)
+            .map(|i| Cidr::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24))
+            .collect();
+        let loaded = load(&compile(&p, &c).unwrap()).unwrap();
+        assert!(loaded.id > 0);
+        let mut too_many = p.clone();
+        too_many.allow_out.push("192.0.2.1".parse().unwrap());
+        assert!(matches!(
+            too_many.check(&crate::network::NetworkMode::Nat),
+            Err(super::super::PolicyError::TooMany(_))
+        ));
+        c.host_nets.push(Cidr::new(Ipv4Addr::new(192, 0, 2, 0), 24));
+        assert_eq!(
+            compile(&p, &c).unwrap_err(),
+            CompileError::TooManyHostNets(MAX_HOST_NETS + 1)
+        );
+    }
+
+    /// A program the verifier refuses says so, with the verifier's words,
+    /// not "the kernel lacks BPF".
+    #[test]
+    fn a_refused_program_is_reported_as_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        // r0 is never set before exit.
+        let bad = [Insn {
+            code: JMP | EXIT,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        }];
+        match load(&bad) {
+            Err(LoadError::Refused { log, .. }) => assert!(log.contains("R0"), "{log}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A jump that cannot reach its target is refused, never wrapped.
+    #[test]
+    fn a_jump_past_i16_is_refused() {
+        let mut a = Asm::default();
+        a.goto(Target::Drop);
+        for _ in 0..40_000 {
+            a.mov_reg(R0, R0);
+        }
+        assert!(matches!(a.finish(), Err(CompileError::TooLong(_))));
     }
 }

@@ -8,7 +8,9 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
 };
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
 
 use super::Policy;
 use super::bpf::{self, Context, LoadError};
@@ -49,9 +51,16 @@ fn send(
 /// dumped and one must be the `bpf` filter named `lume_policy` in
 /// direct-action mode. A missing tap is not in force.
 pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
+    Ok(!installed(nl, tap)?.is_empty())
+}
+
+/// The kernel ids of the programs of lume's policy filters on `tap` (the
+/// `bpf` filters named `lume_policy` in direct-action mode); a missing tap
+/// has none.
+pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> {
     use netlink_packet_core::{Emitable, Parseable};
     let Some(index) = nl.link_index(tap)? else {
-        return Ok(false);
+        return Ok(Vec::new());
     };
     let header = TcHeader {
         index: index as i32,
@@ -72,36 +81,42 @@ pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
         RTM_NEWTFILTER,
         &payload,
     )?;
-    Ok(replies.iter().any(|p| {
-        let Ok(m) = TcMessage::parse(p.as_slice()) else {
-            return false;
-        };
-        let bpf = m
-            .attributes
-            .iter()
-            .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
-        let ours = m.attributes.iter().any(|a| match a {
-            TcAttribute::Options(o) => {
-                o.iter().any(|x| {
-                    matches!(x, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("lume_policy"))
-                }) && o.iter().any(|x| {
-                    matches!(x, TcOption::Bpf(TcFilterBpfOption::Flags(f)) if f.contains(TcBpfFlags::DirectAction))
-                })
-            }
-            _ => false,
-        });
-        bpf && ours
-    }))
+    Ok(replies
+        .iter()
+        .filter_map(|p| {
+            let m = TcMessage::parse(p.as_slice()).ok()?;
+            let bpf = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+            let opts = m.attributes.iter().find_map(|a| match a {
+                TcAttribute::Options(o) => Some(o),
+                _ => None,
+            })?;
+            let named = opts.iter().any(|x| {
+                matches!(x, TcOption::Bpf(TcFilterBpfOption::ProgName(n)) if n.starts_with("lume_policy"))
+            });
+            let direct = opts.iter().any(|x| {
+                matches!(x, TcOption::Bpf(TcFilterBpfOption::Flags(f)) if f.contains(TcBpfFlags::DirectAction))
+            });
+            let id = opts.iter().find_map(|x| match x {
+                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(*id),
+                _ => None,
+            })?;
+            (bpf && named && direct).then_some(id)
+        })
+        .collect())
 }
 
-/// Compiles `policy` and attaches it to the ingress of `tap` (index `index`).
+/// Compiles `policy` and attaches it to the ingress of `tap` (index `index`);
+/// returns the kernel's id of the program now in force.
 pub fn enforce(
     nl: &mut Netlink,
     tap: &str,
     index: u32,
     policy: &Policy,
     ctx: &Context,
-) -> Result<(), EnforceError> {
+) -> Result<u32, EnforceError> {
     install(nl, tap, index, policy, ctx, false)
 }
 
@@ -114,7 +129,7 @@ pub fn reinstall(
     index: u32,
     policy: &Policy,
     ctx: &Context,
-) -> Result<(), EnforceError> {
+) -> Result<u32, EnforceError> {
     install(nl, tap, index, policy, ctx, true)
 }
 
@@ -125,8 +140,9 @@ fn install(
     policy: &Policy,
     ctx: &Context,
     again: bool,
-) -> Result<(), EnforceError> {
-    let prog = bpf::load(&bpf::compile(policy, ctx))?;
+) -> Result<u32, EnforceError> {
+    let compiled = bpf::compile(policy, ctx).map_err(LoadError::from)?;
+    let prog = bpf::load(&compiled)?;
     let fail = |source| EnforceError::Attach {
         tap: tap.to_string(),
         source,
@@ -175,7 +191,7 @@ fn install(
             vec![
                 TcAttribute::Kind("bpf".into()),
                 TcAttribute::Options(vec![
-                    TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.as_raw_fd() as u32)),
+                    TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.fd.as_raw_fd() as u32)),
                     TcOption::Bpf(TcFilterBpfOption::ProgName("lume_policy".into())),
                     TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
                 ]),
@@ -188,7 +204,7 @@ fn install(
         },
     )
     .map_err(fail)?;
-    Ok(())
+    Ok(prog.id)
 }
 
 /// How often the guard checks the filter and the host's addresses.
@@ -205,18 +221,24 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// `host_nets`: how the host's networks are read (the same as at start).
+    /// `host_nets`: how the host's networks are read (the same as at start);
+    /// `id`: the program [`enforce`] put in force; `lease` (bridged): the
+    /// guest's address as the DHCP snooper learns it, which becomes the
+    /// context's `guest` (ARP and IPv4 only from it) once known.
     pub fn start(
         tap: String,
         policy: Policy,
         ctx: Context,
+        id: u32,
         host_nets: fn(&mut Netlink) -> Result<Vec<super::Cidr>, NetlinkError>,
+        lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
     ) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut ctx = ctx;
+            let mut id = id;
             while !flag.load(Ordering::SeqCst) {
                 std::thread::sleep(GUARD_PERIOD);
                 let Ok(mut nl) = Netlink::open() else {
@@ -225,31 +247,46 @@ impl Guard {
                 let Ok(Some(index)) = nl.link_index(&tap) else {
                     continue;
                 };
-                let mut changed = false;
+                // Recompiled against the host's networks now; `ctx` keeps
+                // what is in force, and changes only once it is.
+                let mut wanted = ctx.clone();
                 if policy.isolate
                     && let Ok(mut nets) = host_nets(&mut nl)
                 {
                     nets.sort_by_key(|c| (u32::from(c.addr), c.prefix));
                     nets.dedup();
-                    if nets != ctx.host_nets {
-                        ctx.host_nets = nets;
-                        changed = true;
-                    }
+                    wanted.host_nets = nets;
                 }
-                let present = in_force(&mut nl, &tap).unwrap_or(true);
+                if let Some(l) = &lease
+                    && let Some(ip) = *l.lock().unwrap_or_else(|e| e.into_inner())
+                {
+                    wanted.guest = Some(ip);
+                }
+                let changed = wanted.host_nets != ctx.host_nets || wanted.guest != ctx.guest;
+                // Our own program, not any filter of that name; a dump
+                // that fails counts as missing.
+                let present = installed(&mut nl, &tap)
+                    .map(|ids| ids.contains(&id))
+                    .unwrap_or(false);
                 if (changed || !present) && !flag.load(Ordering::SeqCst) {
-                    let why = if present {
+                    let why = if wanted.guest != ctx.guest {
+                        "the guest's DHCP lease"
+                    } else if present {
                         "the host's addresses changed"
                     } else {
-                        "its filter was removed"
+                        "its filter was removed or replaced"
                     };
-                    match reinstall(&mut nl, &tap, index, &policy, &ctx) {
-                        Ok(()) => eprintln!(
-                            "{} network policy of {tap} re-applied: {why}",
-                            crate::util::time::timestamp()
-                        ),
+                    match reinstall(&mut nl, &tap, index, &policy, &wanted) {
+                        Ok(new) => {
+                            id = new;
+                            ctx = wanted;
+                            eprintln!(
+                                "{} network policy of {tap} re-applied: {why}",
+                                crate::util::time::timestamp()
+                            )
+                        }
                         Err(e) => eprintln!(
-                            "{} network policy of {tap} could not be re-applied ({why}): {e}",
+                            "{} network policy of {tap} could not be re-applied ({why}), trying again: {e}",
                             crate::util::time::timestamp()
                         ),
                     }

@@ -1,0 +1,433 @@
+//! A hostile guest's crafted frames against lume's real policy filter on
+//! real taps (docs/networking.md, "Network policy"): what a unit test with
+//! BPF_PROG_TEST_RUN cannot show, because the kernel changes the frame
+//! around tc (checksum offload written after the filter, VLAN tags taken
+//! off before it).
+//!
+//! In a namespace the test creates: a Linux bridge `br0` joining the VMs'
+//! taps, opened and policed as lume does (`attach::policy_tap`,
+//! `policy::tc::enforce`), and a "LAN" tap the test reads: what arrives
+//! there got past the filter.
+//!
+//! ```text
+//!  lg0 (nat-like ctx: guest 203.0.113.50, gateway 203.0.113.1) ┐
+//!  lb0 (bridged ctx: no guest address, no gateway)              ├ br0 ─ ll0 (read)
+//!  lv0 (a tap WITH a virtio-net header: what lume used to open) ┘
+//! ```
+//! Every policy allows only 198.51.100.2:8000/udp.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use lume::network::netlink::Netlink;
+use lume::network::policy::Policy;
+use lume::network::policy::bpf::Context;
+use lume::network::tap::Tap;
+
+const GUEST: [u8; 4] = [203, 0, 113, 50];
+const SERVER: [u8; 4] = [198, 51, 100, 2];
+const MAC_G: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 1];
+const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 2];
+const MAC_V: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 3];
+const SERVER_MAC: [u8; 6] = [0x52, 0x54, 0, 0xbb, 0, 1];
+
+fn sum16(data: &[u8]) -> u32 {
+    let mut s: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        s += u32::from(w);
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s
+}
+
+/// Ethernet + IPv4 + UDP `sport` -> `dport`, payload `tag` + 2 spare bytes.
+fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    tag: &[u8],
+) -> Vec<u8> {
+    let payload_len = tag.len() + 2;
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + payload_len) as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = !(sum16(&ip) as u16);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum
+    f.extend_from_slice(tag);
+    f.extend_from_slice(&[0, 0]);
+    f
+}
+
+/// A frame to the allowed 198.51.100.2:8000 marked "needs checksum" with
+/// the checksum's place on the destination port, its spare payload bytes
+/// chosen so the checksum the kernel writes there is 9999; behind a
+/// virtio-net header (flags NEEDS_CSUM, csum_start 34, csum_offset 2).
+fn checksum_smuggler(src_mac: [u8; 6], src: [u8; 4], tag: &[u8]) -> Vec<u8> {
+    let mut f = udp(src_mac, SERVER_MAC, src, SERVER, 40000, 8000, tag);
+    let n = f.len();
+    let spare = (0..=u16::MAX)
+        .find(|w| {
+            f[n - 2..].copy_from_slice(&w.to_be_bytes());
+            !(sum16(&f[34..]) as u16) == 9999
+        })
+        .expect("a spare word that makes the checksum 9999");
+    f[n - 2..].copy_from_slice(&spare.to_be_bytes());
+    let mut hdr = vec![1u8, 0, 0, 0, 0, 0];
+    hdr.extend_from_slice(&34u16.to_le_bytes());
+    hdr.extend_from_slice(&2u16.to_le_bytes());
+    hdr.extend_from_slice(&f);
+    hdr
+}
+
+fn vlan_tagged(mut f: Vec<u8>, vid: u16) -> Vec<u8> {
+    let tci = vid.to_be_bytes();
+    f.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
+    f
+}
+
+fn arp(sha: [u8; 6], src_mac: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&SERVER);
+    f.extend_from_slice(b"arp-tag-");
+    f.resize(60, 0);
+    f
+}
+
+fn sh(cmd: &str) {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn police(tap: &str, policy: &Policy, ctx: &Context) {
+    let mut nl = Netlink::open().unwrap();
+    let index = nl.link_index(tap).unwrap().unwrap();
+    lume::network::policy::tc::enforce(&mut nl, tap, index, policy, ctx).unwrap();
+    assert!(lume::network::policy::tc::in_force(&mut nl, tap).unwrap());
+}
+
+/// Everything that arrives on `tap` within `wait` (frames as written by
+/// the kernel, no header).
+fn drain(tap: &Tap, wait: Duration) -> Vec<Vec<u8>> {
+    // SAFETY: fcntl on a descriptor the Tap owns; only flags change.
+    unsafe {
+        let fl = libc::fcntl(tap.fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(tap.fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let mut file = std::fs::File::from(tap.fd.try_clone().unwrap());
+    let mut frames = Vec::new();
+    let end = Instant::now() + wait;
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < end {
+        match file.read(&mut buf) {
+            Ok(n) => frames.push(buf[..n].to_vec()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    frames
+}
+
+fn carries(frames: &[Vec<u8>], tag: &[u8]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter(|f| f.windows(tag.len()).any(|w| w == tag))
+        .cloned()
+        .collect()
+}
+
+/// The UDP destination port of an untagged IPv4 frame.
+fn dport(f: &[u8]) -> u16 {
+    assert_eq!(&f[12..14], &[0x08, 0x00], "{f:02x?}");
+    u16::from_be_bytes([f[36], f[37]])
+}
+
+#[test]
+fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pf");
+    ns.within(|| {
+        sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        // Opened as lume opens a policed VM's tap, and a plain one.
+        let lg = lume::network::attach::policy_tap("lg0", &policy).unwrap();
+        let lb = lume::network::attach::policy_tap("lb0", &policy).unwrap();
+        let lv = Tap::create("lv0").unwrap();
+        let lan = Tap::create_with("ll0", false).unwrap();
+        sh("ip link add br0 type bridge && ip link set br0 up \
+            && for t in lg0 lb0 lv0 ll0; do ip link set $t master br0 && ip link set $t up; done");
+        let nat = |mac, guest: [u8; 4]| Context {
+            mac,
+            guest: Some(Ipv4Addr::from(guest)),
+            gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+            host_nets: vec![],
+        };
+        police("lg0", &policy, &nat(MAC_G, GUEST));
+        police("lv0", &policy, &nat(MAC_V, [203, 0, 113, 51]));
+        police(
+            "lb0",
+            &policy,
+            &Context {
+                mac: MAC_B,
+                guest: None,
+                gateway: None,
+                host_nets: vec![],
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        drain(&lan, Duration::from_millis(200));
+
+        let write = |tap: &Tap, frame: &[u8]| {
+            let mut f = std::fs::File::from(tap.fd.try_clone().unwrap());
+            f.write_all(frame).unwrap();
+        };
+        let g_udp = |dport, tag: &[u8]| udp(MAC_G, SERVER_MAC, GUEST, SERVER, 40000, dport, tag);
+        let b_ip = [198, 51, 100, 120];
+        let b_udp =
+            |dst, sport, dport, tag: &[u8]| udp(MAC_B, [0xff; 6], b_ip, dst, sport, dport, tag);
+
+        // Controls: what the policy allows arrives, so the harness sees.
+        write(&lg, &g_udp(8000, b"ctl-allowed"));
+        write(&lg, &g_udp(9999, b"ctl-denied"));
+        write(&lb, &b_udp([255; 4], 68, 67, b"dhcp-broadcast"));
+        write(&lb, &arp(MAC_B, MAC_B, b_ip));
+        // The checksum-offload smuggler on a tap with a virtio-net header
+        // (lume's old taps): the port is rewritten after the filter.
+        write(
+            &lv,
+            &checksum_smuggler(MAC_V, [203, 0, 113, 51], b"vnet-smuggled"),
+        );
+
+        // F1: the same against lume's policed tap.
+        write(&lg, &checksum_smuggler(MAC_G, GUEST, b"csum-smuggled"));
+        // F3: VLAN-tagged frames whose inner frame is allowed.
+        write(&lg, &vlan_tagged(g_udp(8000, b"vlan-tagged"), 5));
+        write(
+            &lb,
+            &vlan_tagged(b_udp(SERVER, 40000, 8000, b"vlan-tagged"), 5),
+        );
+        write(&lg, &vlan_tagged(g_udp(8000, b"vlan-prio"), 0));
+        // F2: DHCP's ports to any address (bridged: no gateway).
+        write(&lb, &b_udp([192, 0, 2, 1], 68, 67, b"dhcp-tunnel"));
+        write(&lb, &b_udp(SERVER, 68, 67, b"dhcp-tunnel"));
+        // F6: ARP naming another MAC than the VM's.
+        write(&lb, &arp(SERVER_MAC, MAC_B, b_ip));
+        write(&lg, &arp(SERVER_MAC, MAC_G, GUEST));
+
+        let got = drain(&lan, Duration::from_millis(1500));
+        // The controls.
+        let ok = carries(&got, b"ctl-allowed");
+        assert_eq!(ok.len(), 1, "{got:02x?}");
+        assert_eq!(dport(&ok[0]), 8000);
+        assert!(carries(&got, b"ctl-denied").is_empty());
+        assert_eq!(carries(&got, b"dhcp-broadcast").len(), 1);
+        assert_eq!(
+            got.iter().filter(|f| f[12..14] == [0x08, 0x06]).count(),
+            1,
+            "exactly the guest's own ARP: {got:02x?}"
+        );
+        let old = carries(&got, b"vnet-smuggled");
+        assert_eq!(old.len(), 1, "{got:02x?}");
+        assert_eq!(
+            dport(&old[0]),
+            9999,
+            "the harness no longer reproduces the checksum smuggling"
+        );
+        // The abuses.
+        for tag in [
+            &b"csum-smuggled"[..],
+            b"vlan-tagged",
+            b"vlan-prio",
+            b"dhcp-tunnel",
+        ] {
+            assert!(
+                carries(&got, tag).is_empty(),
+                "{} got past the policy: {:02x?}",
+                String::from_utf8_lossy(tag),
+                carries(&got, tag)
+            );
+        }
+        for f in got.iter().filter(|f| !old.contains(f)) {
+            if f[12..14] == [0x08, 0x00] && f[23] == 17 {
+                assert_ne!(dport(f), 9999, "{f:02x?}");
+            }
+        }
+        drop((lg, lb, lv, lan));
+    });
+}
+
+fn no_host_nets(
+    _: &mut Netlink,
+) -> Result<Vec<lume::network::policy::Cidr>, lume::network::netlink::NetlinkError> {
+    Ok(vec![])
+}
+
+/// Another program put in place of lume's filter under lume's name (what a
+/// name-only check would count as "in force") is noticed by the run's
+/// guard, which puts its own program back.
+#[test]
+fn the_guard_replaces_a_foreign_program_under_its_name() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pg");
+    ns.within(|| {
+        use lume::network::policy::tc;
+        let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        let tap = lume::network::attach::policy_tap("lg0", &policy).unwrap();
+        sh("ip link set lg0 up");
+        let ctx = Context {
+            mac: MAC_G,
+            guest: Some(Ipv4Addr::from(GUEST)),
+            gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+            host_nets: vec![],
+        };
+        let mut nl = Netlink::open().unwrap();
+        let index = nl.link_index("lg0").unwrap().unwrap();
+        let id = tc::enforce(&mut nl, "lg0", index, &policy, &ctx).unwrap();
+        let guard = tc::Guard::start("lg0".into(), policy, ctx.clone(), id, no_host_nets, None);
+        // A permissive program, attached as lume attaches its own.
+        let open = Policy::from_parts(&[], &["192.0.2.99".into()], false).unwrap();
+        let foreign = tc::reinstall(&mut nl, "lg0", index, &open, &ctx).unwrap();
+        assert_eq!(tc::installed(&mut nl, "lg0").unwrap(), vec![foreign]);
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = tc::installed(&mut nl, "lg0").unwrap();
+            if now.len() == 1 && now[0] != foreign {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "the foreign program stayed in force: {now:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(guard);
+        drop(tap);
+    });
+}
+
+/// Bridged: once the guest's DHCP lease is known (the snooper's), the
+/// guard recompiles the filter so ARP and IPv4 come only from it: the
+/// guest can no longer answer ARP for the LAN's router or spoof sources.
+#[test]
+fn bridged_guests_keep_to_their_lease_once_it_is_known() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pl");
+    ns.within(|| {
+        use lume::network::policy::tc;
+        sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        let lb = lume::network::attach::policy_tap("lb0", &policy).unwrap();
+        let lan = Tap::create_with("ll0", false).unwrap();
+        sh("ip link add br0 type bridge && ip link set br0 up \
+            && for t in lb0 ll0; do ip link set $t master br0 && ip link set $t up; done");
+        let ctx = Context {
+            mac: MAC_B,
+            guest: None,
+            gateway: None,
+            host_nets: vec![],
+        };
+        let mut nl = Netlink::open().unwrap();
+        let index = nl.link_index("lb0").unwrap().unwrap();
+        let id = tc::enforce(&mut nl, "lb0", index, &policy, &ctx).unwrap();
+        let lease = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let guard = tc::Guard::start(
+            "lb0".into(),
+            policy,
+            ctx,
+            id,
+            no_host_nets,
+            Some(lease.clone()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        drain(&lan, Duration::from_millis(200));
+        let router = [198, 51, 100, 1];
+        let mine = [198, 51, 100, 120];
+        let write = |frame: &[u8]| {
+            let mut f = std::fs::File::from(lb.fd.try_clone().unwrap());
+            f.write_all(frame).unwrap();
+        };
+        let arps = |got: &[Vec<u8>]| -> Vec<[u8; 4]> {
+            got.iter()
+                .filter(|f| f[12..14] == [0x08, 0x06])
+                .map(|f| [f[28], f[29], f[30], f[31]])
+                .collect()
+        };
+        // Before a lease (a guest with a static address): not checked.
+        write(&arp(MAC_B, MAC_B, router));
+        assert_eq!(arps(&drain(&lan, Duration::from_millis(500))), vec![router]);
+
+        *lease.lock().unwrap() = Some(Ipv4Addr::from(mine));
+        let end = Instant::now() + Duration::from_secs(5);
+        while tc::installed(&mut nl, "lb0").unwrap() == vec![id] {
+            assert!(Instant::now() < end, "the lease was not compiled in");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        write(&arp(MAC_B, MAC_B, router));
+        write(&arp(MAC_B, MAC_B, mine));
+        write(&udp(
+            MAC_B,
+            SERVER_MAC,
+            router,
+            SERVER,
+            40000,
+            8000,
+            b"spoofed-src",
+        ));
+        write(&udp(
+            MAC_B, SERVER_MAC, mine, SERVER, 40000, 8000, b"own-src",
+        ));
+        write(&udp(MAC_B, [0xff; 6], mine, [255; 4], 68, 67, b"rebinding"));
+        let got = drain(&lan, Duration::from_millis(1000));
+        assert_eq!(arps(&got), vec![mine], "{got:02x?}");
+        assert!(carries(&got, b"spoofed-src").is_empty());
+        assert_eq!(carries(&got, b"own-src").len(), 1);
+        assert_eq!(carries(&got, b"rebinding").len(), 1);
+        drop(guard);
+        drop((lb, lan));
+    });
+}
