@@ -1807,6 +1807,11 @@ fn snapshot(
     let store = &ctx.store;
     let vm = store.open(name)?;
     store.check_private(Some(&vm))?;
+    // A guest left paused by a killed memory snapshot goes on first (the
+    // supervisor does it too, within half a second).
+    if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
+        let _ = snap::resume_abandoned(&vm.dir);
+    }
     match op {
         SnapshotOp::List => Ok(Outcome::Snapshots(snap::list(&vm.dir))),
         SnapshotOp::Delete { snap: s } => {
@@ -1852,7 +1857,10 @@ fn snapshot(
         }
         SnapshotOp::Restore { snap: s } => {
             let cfg = vm.load_config()?;
-            let wanted = snap::get(&vm.dir, name.as_str(), &s)?;
+            // Everything that can refuse the restore is checked before a
+            // running VM is forced off.
+            let wanted =
+                snap::check_restore(&vm.dir, name.as_str(), &s, cfg.cpu_count, cfg.memory_size)?;
             // The VM's present state is what a restore throws away: a
             // running VM is forced off at once.
             let was_running = vm.is_running();
