@@ -137,7 +137,8 @@ fn snapshot_status(e: &crate::vm::snapshot::SnapshotError) -> StatusCode {
         | S::MemoryWithShares(_)
         | S::Ephemeral(_)
         | S::Layered { .. }
-        | S::ConfigChanged { .. } => StatusCode::CONFLICT,
+        | S::ConfigChanged { .. }
+        | S::ChainTooLong { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
