@@ -683,3 +683,103 @@ fn a_stuck_guest_agent_refuses_a_live_disk_snapshot() {
     ns.lume_ok(&home, &["snapshot", "create", "ag", "live", "--memory"]);
     ns.lume_ok(&home, &["stop", "ag"]);
 }
+
+/// `lume snapshot create --memory` started in the background; its pid is
+/// lume's own (`ip netns exec` execs it).
+fn spawn_memory_snapshot(ns: &Netns, home: &Home, vm: &str, snap: &str) -> std::process::Child {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["snapshot", "create", vm, snap, "--memory"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    home.env(&mut c);
+    c.spawn().unwrap()
+}
+
+/// Waits (polling every millisecond) until `path` exists: the save runs.
+fn wait_file(path: &std::path::Path) {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < until, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// A restore that must be refused leaves a running VM running; a memory
+/// snapshot whose command is killed (kill -9, or Ctrl-C) while the guest
+/// is paused lets the guest go on, and the half snapshot is never listed.
+#[test]
+fn a_killed_memory_snapshot_lets_the_guest_go_on_and_a_refused_restore_keeps_it_running() {
+    let g = guest_dir();
+    let home = Home::new();
+    home.write_settings("hostSubnet: 192.0.2.0/24\n");
+    let ns = Netns::new("sk");
+    create(&ns, &home, &g, "sk");
+    let snaps = home.vm_dir("sk").join("snapshots");
+    let ip = start(&ns, &home, "sk", &[]);
+    assert_eq!(disk(&ns, &ip, Some("one")), "one");
+    ns.lume_ok(&home, &["snapshot", "create", "sk", "m", "--memory"]);
+
+    // Other CPU count: refused before QEMU is touched; the guest runs on.
+    ns.lume_ok(&home, &["set", "sk", "--cpu", "2"]);
+    let err = ns.lume_fails(&home, &["snapshot", "restore", "sk", "m"]);
+    assert!(err.contains("set them back"), "{err}");
+    assert_eq!(details(&ns, &home, "sk")["status"], "running");
+    assert_eq!(disk(&ns, &ip, Some("two")), "two");
+    ns.lume_ok(&home, &["set", "sk", "--cpu", "1"]);
+
+    // kill -9 of the command while the guest is paused and its memory is
+    // being saved.
+    let req = b"GET /cgi-bin/disk HTTP/1.0\r\n\r\n";
+    let addr = format!("{ip}:80");
+    let marker = snaps.join("paused-by-snapshot");
+    let mut child = spawn_memory_snapshot(&ns, &home, "sk", "half");
+    wait_file(&snaps.join("mem-half.state"));
+    signal(&child, "-STOP");
+    assert!(marker.exists());
+    assert!(!snaps.join("snap-half.json").exists());
+    assert!(ns.tcp_exchange(&addr, req).is_none(), "the guest is paused");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The supervisor lets it go on (it looks twice a second).
+    wait_for("the guest to answer again", Duration::from_secs(10), || {
+        ns.tcp_exchange(&addr, req)
+            .filter(|r| r.contains("disk:two"))
+    });
+    assert!(!marker.exists());
+    assert_eq!(details(&ns, &home, "sk")["status"], "running");
+    let listed = ns.lume_ok(&home, &["snapshot", "list", "sk", "-f", "json"]);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "m");
+
+    // Ctrl-C: the command itself lets the guest go on before it exits.
+    let mut child = spawn_memory_snapshot(&ns, &home, "sk", "int");
+    wait_file(&snaps.join("mem-int.state"));
+    signal(&child, "-INT");
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(!marker.exists(), "resumed by the interrupted command");
+    assert!(!snaps.join("snap-int.json").exists());
+    assert_eq!(disk(&ns, &ip, Some("three")), "three");
+
+    // The next snapshot command removes what the two left behind.
+    ns.lume_ok(&home, &["snapshot", "create", "sk", "m2", "--memory"]);
+    let left = files(&snaps);
+    assert!(
+        !left
+            .iter()
+            .any(|f| f == "mem-half.state" || f == "mem-int.state"),
+        "{left:?}"
+    );
+    ns.lume_ok(&home, &["stop", "sk"]);
+}

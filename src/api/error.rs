@@ -143,7 +143,8 @@ fn snapshot_status(e: &crate::vm::snapshot::SnapshotError) -> StatusCode {
         | S::AddressInUse { .. }
         | S::RestoreEphemeral(_)
         | S::FlattenSnapshots { .. }
-        | S::FlattenRunning(_) => StatusCode::CONFLICT,
+        | S::FlattenRunning(_)
+        | S::ChainTooLong { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -609,7 +609,25 @@ fn run_until_exit(
     let mut force_at: Option<Instant> = None;
     let mut trimmed = Instant::now();
     let mut agent_saved = Instant::now() - Duration::from_secs(1);
+    let mut pause_checked = Instant::now();
     loop {
+        // A memory snapshot whose command was killed while the guest was
+        // paused: let the guest go on (docs/snapshots.md, "Crash safety").
+        if pause_checked.elapsed() >= Duration::from_millis(500) {
+            pause_checked = Instant::now();
+            if crate::vm::snapshot::paused_by_snapshot(&vm.dir) {
+                match crate::vm::snapshot::resume_abandoned(&vm.dir) {
+                    Ok(true) => log(
+                        "A memory snapshot command ended while the guest was paused: the guest goes on",
+                    ),
+                    Ok(false) => {}
+                    Err(e) => log(&format!(
+                        "Cannot let the guest go on after an interrupted memory snapshot: {}",
+                        crate::error_chain(&e)
+                    )),
+                }
+            }
+        }
         // A detached supervisor's own log (lume.log) stays within its cap
         // however long the VM runs and whatever it records.
         if trimmed.elapsed() >= Duration::from_secs(1) {

@@ -1812,6 +1812,11 @@ fn snapshot(
     let store = &ctx.store;
     let vm = store.open(name)?;
     store.check_private(Some(&vm))?;
+    // A guest left paused by a killed memory snapshot goes on first (the
+    // supervisor does it too, within half a second).
+    if VmLock::is_held(&vm.lock_path()).unwrap_or(false) {
+        let _ = snap::resume_abandoned(&vm.dir);
+    }
     match op {
         SnapshotOp::List => Ok(Outcome::Snapshots(snap::list(&vm.dir))),
         SnapshotOp::Delete { snap: s } => {
@@ -1866,13 +1871,14 @@ fn snapshot(
         }
         SnapshotOp::Restore { snap: s } => {
             let cfg = vm.load_config()?;
-            let wanted = snap::get(&vm.dir, name.as_str(), &s)?;
+            // Everything that can refuse the restore is checked before a
+            // running VM is forced off: a refused restore leaves the VM as
+            // it was.
             let mode = cfg.network_mode.to_string();
-            // Checked before anything is stopped: a refused restore leaves
-            // the VM as it was.
-            snap::check_restorable(
+            let wanted = snap::check_restore(
+                &vm.dir,
                 name.as_str(),
-                &wanted,
+                &s,
                 cfg.cpu_count,
                 cfg.memory_size,
                 &mode,
