@@ -1008,6 +1008,7 @@ fn context(storage: &StorageArg, vm: Option<&VmName>) -> Result<Context> {
         store: resolved.store,
         settings,
         caller: crate::vm::Caller::current(),
+        member: false,
     })
 }
 

@@ -20,8 +20,10 @@
 //!   the tap vanishes with the user's QEMU and nobody else can attach to it;
 //! - root's settings (config.yaml of root) choose bridges and subnets; the
 //!   user's config.yaml is never read by root;
-//! - a user who is not root may not publish host ports below 1024, nor
-//!   take a MAC address another running VM of that network uses.
+//! - a user who is not root gets the member rules of
+//!   [`super::attach::AttachOptions::member`]: no host port below 1024,
+//!   none a host service uses (held while the VM runs), no MAC another
+//!   running VM uses, bridged only onto root's `memberBridges`.
 //!
 //! The keeper holds the network for as long as the user's supervisor
 //! lives (its pidfd), then takes it down. It outlives a stopped or
@@ -38,7 +40,6 @@ use serde::{Deserialize, Serialize};
 use super::NetworkMode;
 use super::attach::{self, AttachError, AttachOptions, Attachment};
 use super::publish::PortMapping;
-use super::shared::{Kind, Liveness, Networks};
 use crate::vm::config::MacAddress;
 
 /// The socket of the packaged service (`lume.socket`).
@@ -55,8 +56,6 @@ const KEEPER_PIDFD: i32 = 3;
 const KEEPER_CLIENT: i32 = 4;
 /// The byte that carries the tap's descriptor, before the HTTP answer.
 const TAP_MARK: u8 = 0;
-/// Host ports below this are root's.
-const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
 /// The most VMs one user (not root) may have on lume's networks through the
 /// service at once: each holds an address, a tap and a keeper.
 pub const MAX_PER_USER: usize = 32;
@@ -160,12 +159,10 @@ pub fn check_request(uid: u32, req: &HandoffRequest) -> Result<(), RequestError>
         return Err(RequestError::Unprivileged(req.network.clone()));
     }
     if uid != 0
-        && let Some(p) = req
-            .publish
-            .iter()
-            .find(|p| p.host_port < FIRST_UNPRIVILEGED_PORT)
+        && let Err(AttachError::MemberPrivilegedPort(port)) =
+            attach::check_member_ports(&req.publish)
     {
-        return Err(RequestError::PrivilegedPort(p.host_port));
+        return Err(RequestError::PrivilegedPort(port));
     }
     Ok(())
 }
@@ -578,20 +575,10 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             ));
         }
     }
-    super::rundir::private_dir(&base, &dir).map_err(|e| fail(500)(&e))?;
-    let lock = crate::vm::lock::VmLock::try_acquire(&dir.join(".lock"))
-        .map_err(|e| fail(500)(&e))?
-        .ok_or_else(|| {
-            (
-                409,
-                format!(
-                    "VM '{}' of uid {} already has a network from lume's service: stop its other run first",
-                    args.name, args.uid
-                ),
-            )
-        })?;
+    let lock = keeper_lock(&base, &dir, &args.name, args.uid)?;
+    // From here this keeper owns the directory: a refusal removes it.
+    let cleanup = RemoveOnDrop(Some(dir.clone()));
     let settings = crate::settings::Settings::load().map_err(|e| fail(500)(&e))?;
-    check_mac(&settings, &args.network, args.mac, &dir, &args.name)?;
     let opts = AttachOptions {
         user_net: None,
         publish: args.publish.clone(),
@@ -600,10 +587,15 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         host_loopback: false,
         // Policies are refused before a hand-off (AttachError::PolicyThroughService).
         policy: Default::default(),
+        member: args.uid != 0,
     };
     let mut attachment =
         attach::attach(&args.network, &args.name, &dir, args.mac, &opts).map_err(|e| {
             let status = match e {
+                AttachError::MemberPrivilegedPort(_) | AttachError::MemberBridge(_) => 403,
+                AttachError::MemberPortInUse { .. }
+                | AttachError::Shared(super::shared::SharedError::MacTaken { .. })
+                | AttachError::Shared(super::shared::SharedError::PortTaken { .. }) => 409,
                 AttachError::Publish(_)
                 | AttachError::PublishNotSupported(_)
                 | AttachError::LoopbackPublish(..)
@@ -631,6 +623,7 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         uplink: attachment.uplink.clone(),
         note: attachment.note.clone(),
     };
+    cleanup.keep();
     Ok((
         handed,
         Held {
@@ -640,6 +633,60 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             _lock: lock,
         },
     ))
+}
+
+/// How long a keeper waits for the previous keeper of the same VM (a run
+/// just stopped, its network still being taken down).
+const KEEPER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the keeper's lock in its private directory, waiting up to
+/// [`KEEPER_WAIT`] for a previous keeper of the same VM to finish (it
+/// removes the directory as it ends, so the lock is taken again on a
+/// fresh directory until it is the one at the path).
+fn keeper_lock(
+    base: &Path,
+    dir: &Path,
+    name: &str,
+    uid: u32,
+) -> Result<crate::vm::lock::VmLock, (u16, String)> {
+    let deadline = std::time::Instant::now() + KEEPER_WAIT;
+    let path = dir.join(".lock");
+    loop {
+        super::rundir::private_dir(base, dir).map_err(|e| (500, e.to_string()))?;
+        match crate::vm::lock::VmLock::try_acquire(&path) {
+            Ok(Some(lock)) if lock.is_at(&path) => return Ok(lock),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err((500, e.to_string())),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err((
+                409,
+                format!(
+                    "VM '{name}' of uid {uid} already has a network from lume's service: another run of it is still running or still stopping; stop it (lume stop {name}) and try again"
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Removes a keeper's directory when a refusal drops it (never another
+/// keeper's: it is made only once this keeper holds the directory's lock).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// How many hand-offs of `uid` are live under `root` (their keeper holds
@@ -678,40 +725,6 @@ fn send_fd(tap: &OwnedFd) -> io::Result<()> {
     .map_err(io::Error::from)?;
     if sent != 1 {
         return Err(io::Error::other("the client's connection took no byte"));
-    }
-    Ok(())
-}
-
-/// A user may not take the MAC address of another VM running on the same
-/// shared network (it would receive that VM's frames).
-fn check_mac(
-    settings: &crate::settings::Settings,
-    mode: &NetworkMode,
-    mac: MacAddress,
-    dir: &Path,
-    name: &str,
-) -> Result<(), (u16, String)> {
-    let kind = match mode {
-        NetworkMode::Nat => Kind::Nat,
-        NetworkMode::Host => Kind::Host,
-        _ => return Ok(()),
-    };
-    let Ok(nets) = Networks::from_settings(settings) else {
-        return Ok(());
-    };
-    let id = super::shared::member_id(name, dir);
-    let taken = nets
-        .get(kind)
-        .members()
-        .iter()
-        .any(|m| m.mac == mac && m.id() != id && m.liveness() != Liveness::Dead);
-    if taken {
-        return Err((
-            409,
-            format!(
-                "MAC address {mac} is used by another running VM on lume's {mode} network: give this VM its own (lume set {name} --mac-address ...)"
-            ),
-        ));
     }
     Ok(())
 }

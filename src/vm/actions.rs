@@ -467,7 +467,16 @@ pub struct Context {
     pub settings: Settings,
     /// Whose rights apply to the host paths named in an action.
     pub caller: super::caller::Caller,
+    /// The caller is served by a lume of another user (root's service, for
+    /// a member of its API group): the member rules apply to its VMs'
+    /// networks ([`crate::network::attach::AttachOptions::member`]).
+    pub member: bool,
 }
+
+/// Set by a server for the detached supervisor of a member's run: the
+/// member rules apply to its network. Only restricts: whoever sets it on
+/// their own process limits only themselves.
+pub const MEMBER_ENV: &str = "LUME_MEMBER_RUN";
 
 /// config.yaml: image URLs given through the API may lead to loopback,
 /// link-local and private addresses.
@@ -1082,6 +1091,9 @@ fn run_request(
             host_loopback: cfg.unsafe_host_loopback,
             policy,
             settings: ctx.settings.clone(),
+            member: ctx.member
+                || (std::env::var_os(supervisor::START_LOG_ENV).is_some()
+                    && std::env::var_os(MEMBER_ENV).is_some_and(|v| v == "1")),
             vm: spec
                 .name
                 .as_ref()
@@ -1296,6 +1308,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         .map_err(RunError::from)?;
     cmd.env("LUME_ACCEL", accel.to_string());
     cmd.env(supervisor::START_LOG_ENV, &start_log);
+    if req.attach.member {
+        cmd.env(MEMBER_ENV, "1");
+    } else {
+        cmd.env_remove(MEMBER_ENV);
+    }
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
     // caller's terminal and session so it outlives this process.
@@ -1985,6 +2002,7 @@ mod tests {
             store: Store::new(Some(root.to_path_buf())),
             settings: Settings::default(),
             caller,
+            member: false,
         }
     }
 

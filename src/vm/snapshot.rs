@@ -591,8 +591,7 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
         // (anything else, e.g. a restore killed half-way, boots cold).
         let snapshot = get(vm_dir, "", &pending.snapshot).ok();
         let head_parent = match read_head(vm_dir)? {
-            Some(top) => read_json::<LayerMeta>(&layer_meta_path(vm_dir, &top))?
-                .map(|m| m.parent),
+            Some(top) => read_json::<LayerMeta>(&layer_meta_path(vm_dir, &top))?.map(|m| m.parent),
             None => None,
         };
         let matches = snapshot
