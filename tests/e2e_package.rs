@@ -96,6 +96,8 @@ fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
         home.path().join(".config").display()
     ))
     .args(journal.then(|| format!("--setenv=JOURNAL_STREAM={}:{}", meta.dev(), meta.ino())))
+    // Shorter header and body timeouts (10 s by default).
+    .arg("--setenv=LUME_API_IDLE_TIMEOUT_MS=3000")
     .arg("--")
     .args(exec.split_whitespace())
     .stdin(Stdio::null())
@@ -302,7 +304,40 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(err.contains("Host port 22 is below 1024"), "{err}");
 
     // Run it without sudo: the service does the network, the user's QEMU runs.
-    ok_as(&ns, "lumepk1", &["run", "dev", "--detach"]);
+    // Abuse: a host service's port (here one in the namespace listening on
+    // 15432, as a database would) for the user's guest: refused.
+    let host_service = ns.within(|| std::net::TcpListener::bind("0.0.0.0:15432").unwrap());
+    let err = fails_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "15432:80"],
+    );
+    assert!(
+        err.contains("Host port 15432/tcp is in use on this host"),
+        "{err}"
+    );
+    drop(host_service);
+    // Nothing of the refused hand-offs is left in root's runtime directory.
+    let uid = uid_of("lumepk1");
+    let handoffs = format!(
+        "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null | grep -c '^u{uid}-' || true"
+    );
+    assert_eq!(
+        ns.exec_ok(&handoffs).trim(),
+        "0",
+        "refusals leave no directory"
+    );
+
+    // Run it without sudo: the service does the network, the user's QEMU runs.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "18080:80"],
+    );
+    // The published port is held: a host service started later fails to
+    // bind it instead of being silently taken over.
+    let later = ns.within(|| std::net::TcpListener::bind("0.0.0.0:18080").map(drop));
+    assert!(later.is_err(), "the published port is held while dev runs");
     let details = get_as(&ns, "lumepk1", "dev");
     assert_eq!(details["status"], "running", "{details}");
     let ip = details["ipAddress"]
@@ -345,11 +380,66 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     std::fs::write(dup_config, cfg.to_string()).unwrap();
     sh(&format!("chown lumepk1:lumepk1 {}", dup_config.display()));
     let err = fails_as(&ns, "lumepk1", &["run", "dup", "--detach"]);
+    assert!(err.contains("is used by VM 'dev'"), "{err}");
+    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
+
+    // Abuse: bridged onto an interface root did not open to members.
+    ns.exec_ok("ip link add lumepkbr type bridge && ip link set lumepkbr up");
+    ok_as(
+        &ns,
+        "lumepk1",
+        &[
+            "create",
+            "br",
+            "--disk-size",
+            "8MB",
+            "--network",
+            "bridged:lumepkbr",
+        ],
+    );
+    let err = fails_as(&ns, "lumepk1", &["run", "br", "--detach"]);
     assert!(
-        err.contains("is used by another running VM on lume's nat network"),
+        err.contains("Interface 'lumepkbr' is not open to users who are not root"),
         "{err}"
     );
-    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
+    ok_as(&ns, "lumepk1", &["delete", "br", "--force"]);
+    assert_eq!(
+        ns.exec_ok(&handoffs).trim(),
+        "1",
+        "only dev's keeper directory"
+    );
+
+    // The same abuses through the API, where root's supervisor runs the VM
+    // in the service's location for the member: the same rules.
+    let created = api_as(
+        "lumepk1",
+        "POST",
+        "/lume/vms",
+        r#"{"name":"m22","diskSize":"8MB","network":"nat","publish":["22:22"]}"#,
+    );
+    assert!(
+        created.ends_with(" 201") || created.ends_with(" 200"),
+        "{created}"
+    );
+    let run = api_as("lumepk1", "POST", "/lume/vms/m22/run", "");
+    assert!(run.contains("Host port 22 is below 1024"), "{run}");
+    let mac = details["macAddress"].as_str().unwrap();
+    let body =
+        format!(r#"{{"name":"mmac","diskSize":"8MB","network":"nat","macAddress":"{mac}"}}"#);
+    let created = api_as("lumepk1", "POST", "/lume/vms", &body);
+    assert!(
+        created.ends_with(" 201") || created.ends_with(" 200"),
+        "{created}"
+    );
+    let run = api_as("lumepk1", "POST", "/lume/vms/mmac/run", "");
+    assert!(run.contains("is used by VM 'dev'"), "{run}");
+    for vm in ["m22", "mmac"] {
+        api_as("lumepk1", "DELETE", &format!("/lume/vms/{vm}"), "");
+    }
+
+    // A member cannot hold a request open by never sending its body.
+    let slow = member_slow_body("lumepk1");
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
 
     // Upgrading the package (installing it again) leaves the VM running.
     sh(&format!("dpkg -i {}", deb.display()));
@@ -452,7 +542,6 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     // Stop: the user's QEMU ends, the service's keeper takes the network down.
     ok_as(&ns, "lumepk1", &["stop", "dev", "--timeout", "5"]);
     assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "stopped");
-    let uid = uid_of("lumepk1");
     wait_for("the keeper's take-down", Duration::from_secs(20), || {
         let left = ns.exec_ok(&format!(
             "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null | grep -c '^u{uid}-dev$' || true"
@@ -472,6 +561,50 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(!vm_dir.exists());
     drop(installed);
     assert!(!Path::new("/usr/bin/lume").exists(), "purged");
+}
+
+/// One request as `user` on the service's socket: the body and the status.
+fn api_as(user: &str, method: &str, path: &str, body: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "curl",
+            "-sS",
+            "-X",
+            method,
+            "-w",
+            " %{http_code}",
+            "--unix-socket",
+            SOCKET,
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args((!body.is_empty()).then(|| format!("--data-binary={body}")))
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A request whose announced body never comes, as `user`: the answer.
+fn member_slow_body(user: &str) -> String {
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_UNIX)\ns.connect('{SOCKET}')\ns.sendall(b'POST /lume/vms HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\nContent-Length: 100\\r\\n\\r\\n{{')\ns.settimeout(60)\nprint(s.recv(4096).decode(errors='replace'))\n"
+    );
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "python3",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// One request as root on the service's socket: the body and the status.
