@@ -557,6 +557,12 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(vm_dir.join("disk.img").is_file());
     assert_eq!(std::fs::metadata(vm_dir).unwrap().uid(), uid);
     sh(&format!("dpkg -i {}", deb.display()));
+    // The removal masked both units; the reinstallation unmasks both.
+    for unit in ["lume.socket", "lume.service"] {
+        let masked = std::fs::read_link(format!("/etc/systemd/system/{unit}"))
+            .is_ok_and(|t| t == Path::new("/dev/null"));
+        assert!(!masked, "{unit} stays masked after remove + install");
+    }
     ok_as(&ns, "lumepk1", &["delete", "dev", "--force"]);
     assert!(!vm_dir.exists());
     drop(installed);
