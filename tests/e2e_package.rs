@@ -115,6 +115,12 @@ fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
 /// lume (the installed one) as `user`, inside `ns`, with the user's own
 /// HOME and groups, and no capability.
 fn lume_as(ns: &Netns, user: &str, args: &[&str]) -> Output {
+    lume_as_in(ns, user, "--init-groups", args)
+}
+
+/// [`lume_as`] with `groups` for setpriv (`--init-groups`, or
+/// `--clear-groups` for a session that predates the user's groups).
+fn lume_as_in(ns: &Netns, user: &str, groups: &str, args: &[&str]) -> Output {
     let mut c = Command::new("ip");
     c.args([
         "netns",
@@ -123,7 +129,7 @@ fn lume_as(ns: &Netns, user: &str, args: &[&str]) -> Output {
         "setpriv",
         &format!("--reuid={user}"),
         &format!("--regid={user}"),
-        "--init-groups",
+        groups,
         "--inh-caps=-all",
         "/usr/bin/lume",
     ])
@@ -457,6 +463,28 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
         "{err}"
     );
     ok_as(&ns, "lumepk2", &["delete", "other", "--force"]);
+    // lumepk1 in a session from before joining the group: told to log in
+    // again, not to join it.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["create", "dup2", "--disk-size", "8MB", "--network", "nat"],
+    );
+    let old_session = lume_as_in(&ns, "lumepk1", "--clear-groups", &["run", "dup2"]);
+    let err = String::from_utf8_lossy(&old_session.stderr);
+    assert!(
+        err.contains("not in this login session") && err.contains("newgrp lume"),
+        "{err}"
+    );
+    // A socket that is not the group's: said so, with the fix.
+    sh(&format!("chmod 0600 {SOCKET}"));
+    let err = fails_as(&ns, "lumepk1", &["run", "dup2"]);
+    sh(&format!("chmod 0660 {SOCKET}"));
+    assert!(
+        err.contains("the socket is mode 0600 with group 'lume'"),
+        "{err}"
+    );
+    ok_as(&ns, "lumepk1", &["delete", "dup2", "--force"]);
 
     // A VM the service itself runs (root's location, started through the API).
     let srv = common::guest_create_args("srv", "none", &[], "");
@@ -587,7 +615,11 @@ fn api_as(user: &str, method: &str, path: &str, body: &str) -> String {
             "-H",
             "Content-Type: application/json",
         ])
-        .args((!body.is_empty()).then(|| format!("--data-binary={body}")))
+        .args(if body.is_empty() {
+            vec![]
+        } else {
+            vec!["--data-binary", body]
+        })
         .arg(format!("http://localhost{path}"))
         .output()
         .unwrap();

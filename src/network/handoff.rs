@@ -105,6 +105,22 @@ pub enum HandoffError {
     )]
     NotInGroup { mode: NetworkMode, user: String },
     #[error(
+        "Network mode '{mode}' needs lume's service, and you are in group '{SERVICE_GROUP}', but not in this login session (it started before you joined): log out and in again, or run 'newgrp {SERVICE_GROUP}' in this shell"
+    )]
+    GroupNotInSession { mode: NetworkMode },
+    #[error(
+        "Cannot use lume's service socket {path} although this session is in group '{SERVICE_GROUP}': the socket is {found}, not mode 0660 with group '{SERVICE_GROUP}'; an administrator restarts it (sudo systemctl restart lume.socket) or fixes SocketMode/SocketGroup in lume.socket"
+    )]
+    SocketAccess { path: PathBuf, found: String },
+    #[error(
+        "Network mode '{mode}' needs root or lume's service, and lume's service is installed but its socket {path} is not there: start it (sudo systemctl enable --now lume.socket), or run lume as root; --network user and none need no privileges"
+    )]
+    ServiceStopped { mode: NetworkMode, path: PathBuf },
+    #[error(
+        "Network mode '{mode}' needs lume's service, and nothing answers on its socket {path}: restart it (sudo systemctl restart lume.socket lume.service; journalctl -u lume.service says why it stopped), or run lume as root"
+    )]
+    ServiceNotAnswering { mode: NetworkMode, path: PathBuf },
+    #[error(
         "Cannot reach lume's service on {path}: check that it runs (systemctl status lume.socket lume.service) or run lume as root"
     )]
     Unreachable {
@@ -189,20 +205,65 @@ fn connect(mode: &NetworkMode) -> Result<std::os::unix::net::UnixStream, AttachE
     let path = socket_path();
     match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => Ok(s),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Err(AttachError::NeedsNetAdmin(mode.clone()))
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if Path::new(SOCKET_UNIT).exists() {
+                Err(HandoffError::ServiceStopped {
+                    mode: mode.clone(),
+                    path,
+                }
+                .into())
+            } else {
+                Err(AttachError::NeedsNetAdmin(mode.clone()))
+            }
         }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(HandoffError::NotInGroup {
-            mode: mode.clone(),
-            user: user_name(),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Err(HandoffError::ServiceNotAnswering {
+                mode: mode.clone(),
+                path,
+            }
+            .into())
         }
-        .into()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(denied(mode, &path, &crate::vm::Caller::current()).into())
+        }
         Err(source) => Err(HandoffError::Unreachable { path, source }.into()),
+    }
+}
+
+/// The unit file the package installs.
+const SOCKET_UNIT: &str = "/lib/systemd/system/lume.socket";
+
+/// Why the socket refused this process: not in group lume; in it, but not
+/// in this session; or in it, and the socket is not the group's.
+fn denied(mode: &NetworkMode, path: &Path, session: &crate::vm::Caller) -> HandoffError {
+    use std::os::unix::fs::MetadataExt as _;
+    let group = nix::unistd::Group::from_name(SERVICE_GROUP).ok().flatten();
+    let in_session = group.as_ref().is_some_and(|g| {
+        session.groups.contains(&g.gid.as_raw()) || session.gid == Some(g.gid.as_raw())
+    });
+    if in_session {
+        let found = std::fs::metadata(path).map_or_else(
+            |e| format!("not readable ({e})"),
+            |m| {
+                let owner = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| m.gid().to_string(), |g| g.name);
+                format!("mode {:04o} with group '{owner}'", m.mode() & 0o7777)
+            },
+        );
+        return HandoffError::SocketAccess {
+            path: path.to_path_buf(),
+            found,
+        };
+    }
+    // The user database (getgrouplist) says whether a new login would be.
+    if crate::vm::Caller::from_uid(session.uid).in_group(SERVICE_GROUP) {
+        return HandoffError::GroupNotInSession { mode: mode.clone() };
+    }
+    HandoffError::NotInGroup {
+        mode: mode.clone(),
+        user: user_name(),
     }
 }
 
@@ -401,7 +462,11 @@ pub fn serve_request(
     if process_uid(pid) != Some(uid) {
         return Err(RequestError::Process(pid));
     }
+    use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new("/proc/self/exe");
+    // The very server's executable (even replaced by an upgrade), named
+    // `lume` in ps rather than /proc/self/exe.
+    cmd.arg0("lume");
     cmd.arg("net-keeper")
         .arg("--uid")
         .arg(uid.to_string())
@@ -417,7 +482,6 @@ pub fn serve_request(
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
     let raw = pidfd.as_raw_fd();
-    use std::os::unix::process::CommandExt as _;
     // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and
     // exec; `raw` and `client` stay open in the parent until spawn returns
     // (`client` is the connection being served, alive during this request).

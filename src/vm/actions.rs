@@ -1357,9 +1357,16 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
                 }
                 _ => {}
             }
+            // Its lines already say "Error: …"; this error says it once.
+            let messages = messages
+                .trim()
+                .lines()
+                .map(|l| l.strip_prefix("Error: ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n");
             return Err(RunError::Supervisor {
                 log: log_path,
-                messages: messages.trim().to_string(),
+                messages,
             }
             .into());
         }
