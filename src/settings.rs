@@ -1021,6 +1021,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lists_are_a_yaml_sequence_or_names_in_a_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "a: [br0, br1]\nb: 'br0, br1 br2'\nc: 3\n").unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.get_list("a").unwrap().unwrap(), ["br0", "br1"]);
+        assert_eq!(s.get_list("b").unwrap().unwrap(), ["br0", "br1", "br2"]);
+        assert!(s.get_list("c").is_err());
+        assert_eq!(s.get_list("none").unwrap(), None);
+    }
+
+    #[test]
     fn keeps_unknown_keys_when_writing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.yaml");

@@ -712,6 +712,43 @@ fn unpublished_reach(mode: &NetworkMode) -> &'static str {
 mod tests {
     use super::*;
 
+    /// A member could otherwise take over a host service's port (lume's
+    /// DNAT matches every local address): a port in use is refused, and a
+    /// held port cannot be taken by a service that starts later.
+    #[test]
+    fn member_ports_in_use_are_refused_and_held_ports_stay_taken() {
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = service.local_addr().unwrap().port();
+        let on_loopback = |port: u16, proto: &str| -> PortMapping {
+            format!("127.0.0.1:{port}:80/{proto}").parse().unwrap()
+        };
+        let e = hold_ports(&[on_loopback(port, "tcp")]).unwrap_err();
+        assert!(
+            matches!(e, AttachError::MemberPortInUse { port: p, .. } if p == port),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("Host port {port}/tcp is in use"))
+        );
+        drop(service);
+        let held = hold_ports(&[on_loopback(port, "tcp"), on_loopback(port, "udp")]).unwrap();
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_err());
+        drop(held);
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn members_may_not_publish_privileged_ports() {
+        let p = |s: &str| -> PortMapping { s.parse().unwrap() };
+        assert!(matches!(
+            check_member_ports(&[p("8080:80"), p("22:22")]),
+            Err(AttachError::MemberPrivilegedPort(22))
+        ));
+        assert!(check_member_ports(&[p("1024:22")]).is_ok());
+    }
+
     fn ports(list: &[&str]) -> Vec<PortMapping> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }

@@ -907,6 +907,30 @@ mod tests {
         assert_eq!(live_handoffs(root.path(), 1000), 0);
     }
 
+    /// `lume stop dev; lume run dev`: the new keeper waits for the old one,
+    /// which removes its directory as it ends, and then holds a lock that
+    /// is the one at the path (not on the removed directory's file).
+    #[test]
+    fn a_keeper_waits_for_the_previous_one_of_its_vm() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("handoff/u1000-dev");
+        let lock = keeper_lock(base.path(), &dir, "dev", 1000).unwrap();
+        let old_dir = dir.clone();
+        let old = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::remove_dir_all(&old_dir).unwrap();
+            drop(lock);
+        });
+        let new = keeper_lock(base.path(), &dir, "dev", 1000).unwrap();
+        old.join().unwrap();
+        assert!(new.is_at(&dir.join(".lock")));
+        // A refusal removes the directory only when this keeper made it.
+        RemoveOnDrop(Some(dir.clone())).keep();
+        assert!(dir.exists());
+        drop(RemoveOnDrop(Some(dir.clone())));
+        assert!(!dir.exists());
+    }
+
     #[test]
     fn responses_are_read_plain_or_chunked() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
