@@ -813,6 +813,12 @@ pub async fn create_vm(
     refuse(r.ipsw.is_some(), "ipsw", MACOS_ONLY)?;
     refuse(r.unattended.is_some(), "unattended", MACOS_ONLY)?;
     let vm = name(&r.name)?;
+    // Saved in a VM of the server's location that root may run later
+    // without the member rules: refused at once (runs check them again).
+    if st.is_member(&caller) {
+        crate::network::attach::check_member_ports(&ports(&r.publish)?)
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+    }
     let display = r
         .display
         .as_deref()
