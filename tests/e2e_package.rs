@@ -6,10 +6,15 @@
 //! the test creates. A user in group `lume` then creates, runs (nat, handed
 //! to the service), lists, stops and deletes a VM in their own ~/.lume
 //! without sudo; the guest gets its lease from root's dnsmasq and serves
-//! its web page; nothing root-owned appears in the user's home; the user
-//! cannot publish a privileged port nor take the running VM's MAC for
-//! another; a user outside the group gets the one
-//! message saying what to do; the VM keeps its network while the service is
+//! its web page; nothing root-owned appears in the user's home. The member
+//! rules are tried as abuses, by the CLI (hand-off) and through the API (a
+//! VM the service runs for the member): a privileged port, a port a host
+//! service listens on, the running VM's MAC for another, a bridge root did
+//! not open (`memberBridges`); a published port stays held against host
+//! services; refusals leave no keeper directory; a body that never comes
+//! gets 408. A user outside the group gets the one message saying what to
+//! do, a member whose session predates the group is told to log in again,
+//! a socket of the wrong mode is named; the VM keeps its network while the service is
 //! stopped and restarted (and a VM the service started through the API is
 //! adopted by the new server); installing the package again leaves it
 //! running; `dpkg -r` leaves VMs in place. The package, the
