@@ -11,11 +11,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+usage() {
+    echo "Usage: scripts/package.sh [--binary PATH]
+Builds target/debian/lume_<version>_<arch>.deb and prints its path.
+  --binary PATH   package this lume binary instead of building one (cargo build --release)
+  -h, --help      show this help"
+}
 binary=
 while [ $# -gt 0 ]; do
     case "$1" in
-        --binary) binary="$2"; shift 2 ;;
-        *) echo "Unknown option $1: use --binary PATH or nothing" >&2; exit 2 ;;
+        --binary)
+            if [ $# -lt 2 ] || [ -z "$2" ]; then
+                echo "--binary needs the path of a lume binary: scripts/package.sh --binary target/release/lume" >&2
+                exit 2
+            fi
+            binary="$2"; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "Unknown option $1: use --binary PATH or nothing (scripts/package.sh --help)" >&2; exit 2 ;;
     esac
 done
 if [ -z "$binary" ]; then

@@ -131,6 +131,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "telemetryEnabled",
     crate::vm::actions::PRIVATE_URLS_KEY,
     crate::api::auth::API_GROUP_KEY,
+    crate::network::attach::MEMBER_BRIDGES_KEY,
 ];
 
 /// The default of a known key that has one, as `lume config get KEY` prints it.
@@ -407,6 +408,31 @@ impl Settings {
                 path: self.path.clone(),
                 expected: "a string",
             }),
+        }
+    }
+
+    /// A list of names: a YAML sequence of strings, or one string of names
+    /// separated by spaces or commas (as `lume config set` writes it).
+    pub fn get_list(&self, key: &str) -> Result<Option<Vec<String>>, SettingsError> {
+        let bad = || SettingsError::Type {
+            key: key.into(),
+            path: self.path.clone(),
+            expected: "a list of names",
+        };
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(
+                s.split([',', ' '])
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            )),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(bad()),
         }
     }
 
@@ -993,6 +1019,18 @@ fn render(map: &serde_yaml_ng::Mapping) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_are_a_yaml_sequence_or_names_in_a_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.yaml");
+        std::fs::write(&p, "a: [br0, br1]\nb: 'br0, br1 br2'\nc: 3\n").unwrap();
+        let s = Settings::load_from(&p).unwrap();
+        assert_eq!(s.get_list("a").unwrap().unwrap(), ["br0", "br1"]);
+        assert_eq!(s.get_list("b").unwrap().unwrap(), ["br0", "br1", "br2"]);
+        assert!(s.get_list("c").is_err());
+        assert_eq!(s.get_list("none").unwrap(), None);
+    }
 
     #[test]
     fn keeps_unknown_keys_when_writing() {

@@ -190,6 +190,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
             MacAddress([2, 0, 0, 0, 0, 2]),
             "ltunew",
             &[],
+            false,
         );
         let mut nl = Netlink::open().unwrap();
         let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;

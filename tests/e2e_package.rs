@@ -6,10 +6,15 @@
 //! the test creates. A user in group `lume` then creates, runs (nat, handed
 //! to the service), lists, stops and deletes a VM in their own ~/.lume
 //! without sudo; the guest gets its lease from root's dnsmasq and serves
-//! its web page; nothing root-owned appears in the user's home; the user
-//! cannot publish a privileged port nor take the running VM's MAC for
-//! another; a user outside the group gets the one
-//! message saying what to do; the VM keeps its network while the service is
+//! its web page; nothing root-owned appears in the user's home. The member
+//! rules are tried as abuses, by the CLI (hand-off) and through the API (a
+//! VM the service runs for the member): a privileged port, a port a host
+//! service listens on, the running VM's MAC for another, a bridge root did
+//! not open (`memberBridges`); a published port stays held against host
+//! services; refusals leave no keeper directory; a body that never comes
+//! gets 408. A user outside the group gets the one message saying what to
+//! do, a member whose session predates the group is told to log in again,
+//! a socket of the wrong mode is named; the VM keeps its network while the service is
 //! stopped and restarted (and a VM the service started through the API is
 //! adopted by the new server); installing the package again leaves it
 //! running; `dpkg -r` leaves VMs in place. The package, the
@@ -96,6 +101,8 @@ fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
         home.path().join(".config").display()
     ))
     .args(journal.then(|| format!("--setenv=JOURNAL_STREAM={}:{}", meta.dev(), meta.ino())))
+    // Shorter header and body timeouts (10 s by default).
+    .arg("--setenv=LUME_API_IDLE_TIMEOUT_MS=3000")
     .arg("--")
     .args(exec.split_whitespace())
     .stdin(Stdio::null())
@@ -113,6 +120,12 @@ fn start_server(ns: &Netns, home: &Home, log: &Path, journal: bool) -> Child {
 /// lume (the installed one) as `user`, inside `ns`, with the user's own
 /// HOME and groups, and no capability.
 fn lume_as(ns: &Netns, user: &str, args: &[&str]) -> Output {
+    lume_as_in(ns, user, "--init-groups", args)
+}
+
+/// [`lume_as`] with `groups` for setpriv (`--init-groups`, or
+/// `--clear-groups` for a session that predates the user's groups).
+fn lume_as_in(ns: &Netns, user: &str, groups: &str, args: &[&str]) -> Output {
     let mut c = Command::new("ip");
     c.args([
         "netns",
@@ -121,7 +134,7 @@ fn lume_as(ns: &Netns, user: &str, args: &[&str]) -> Output {
         "setpriv",
         &format!("--reuid={user}"),
         &format!("--regid={user}"),
-        "--init-groups",
+        groups,
         "--inh-caps=-all",
         "/usr/bin/lume",
     ])
@@ -302,7 +315,40 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(err.contains("Host port 22 is below 1024"), "{err}");
 
     // Run it without sudo: the service does the network, the user's QEMU runs.
-    ok_as(&ns, "lumepk1", &["run", "dev", "--detach"]);
+    // Abuse: a host service's port (here one in the namespace listening on
+    // 15432, as a database would) for the user's guest: refused.
+    let host_service = ns.within(|| std::net::TcpListener::bind("0.0.0.0:15432").unwrap());
+    let err = fails_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "15432:80"],
+    );
+    assert!(
+        err.contains("Host port 15432/tcp is in use on this host"),
+        "{err}"
+    );
+    drop(host_service);
+    // Nothing of the refused hand-offs is left in root's runtime directory.
+    let uid = uid_of("lumepk1");
+    let handoffs = format!(
+        "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null | grep -c '^u{uid}-' || true"
+    );
+    assert_eq!(
+        ns.exec_ok(&handoffs).trim(),
+        "0",
+        "refusals leave no directory"
+    );
+
+    // Run it without sudo: the service does the network, the user's QEMU runs.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["run", "dev", "--detach", "--publish", "18080:80"],
+    );
+    // The published port is held: a host service started later fails to
+    // bind it instead of being silently taken over.
+    let later = ns.within(|| std::net::TcpListener::bind("0.0.0.0:18080").map(drop));
+    assert!(later.is_err(), "the published port is held while dev runs");
     let details = get_as(&ns, "lumepk1", "dev");
     assert_eq!(details["status"], "running", "{details}");
     let ip = details["ipAddress"]
@@ -345,11 +391,67 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     std::fs::write(dup_config, cfg.to_string()).unwrap();
     sh(&format!("chown lumepk1:lumepk1 {}", dup_config.display()));
     let err = fails_as(&ns, "lumepk1", &["run", "dup", "--detach"]);
+    assert!(err.contains("is used by VM 'dev'"), "{err}");
+    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
+
+    // Abuse: bridged onto an interface root did not open to members.
+    ns.exec_ok("ip link add lumepkbr type bridge && ip link set lumepkbr up");
+    ok_as(
+        &ns,
+        "lumepk1",
+        &[
+            "create",
+            "br",
+            "--disk-size",
+            "8MB",
+            "--network",
+            "bridged:lumepkbr",
+        ],
+    );
+    let err = fails_as(&ns, "lumepk1", &["run", "br", "--detach"]);
     assert!(
-        err.contains("is used by another running VM on lume's nat network"),
+        err.contains("Interface 'lumepkbr' is not open to users who are not root"),
         "{err}"
     );
-    ok_as(&ns, "lumepk1", &["delete", "dup", "--force"]);
+    ok_as(&ns, "lumepk1", &["delete", "br", "--force"]);
+    assert_eq!(
+        ns.exec_ok(&handoffs).trim(),
+        "1",
+        "only dev's keeper directory"
+    );
+
+    // The same abuses through the API, where root's supervisor runs the VM
+    // in the service's location for the member: the same rules.
+    let created = api_as(
+        "lumepk1",
+        "POST",
+        "/lume/vms",
+        r#"{"name":"m22","diskSize":"8MB","network":"nat","publish":["22:22"]}"#,
+    );
+    assert!(
+        created.contains("Host port 22 is below 1024") && created.ends_with(" 403"),
+        "{created}"
+    );
+    let mac = details["macAddress"].as_str().unwrap();
+    let body =
+        format!(r#"{{"name":"mmac","diskSize":"8MB","network":"nat","macAddress":"{mac}"}}"#);
+    let created = api_as("lumepk1", "POST", "/lume/vms", &body);
+    assert!(created.contains("\"VM created\""), "{created}");
+    let run = api_as("lumepk1", "POST", "/lume/vms/mmac/run", "");
+    assert!(run.contains("is used by VM 'dev'"), "{run}");
+    // A port only for this run, checked where the network is made.
+    let run = api_as(
+        "lumepk1",
+        "POST",
+        "/lume/vms/mmac/run",
+        r#"{"publish":["22:22"]}"#,
+    );
+    assert!(run.contains("Host port 22 is below 1024"), "{run}");
+    api_as("lumepk1", "DELETE", "/lume/vms/mmac", "");
+
+    // A member cannot hold a request open by never sending its body.
+    let slow = member_slow_body("lumepk1");
+    assert!(slow.starts_with("HTTP/1.1 408"), "{slow}");
 
     // Upgrading the package (installing it again) leaves the VM running.
     sh(&format!("dpkg -i {}", deb.display()));
@@ -367,6 +469,28 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
         "{err}"
     );
     ok_as(&ns, "lumepk2", &["delete", "other", "--force"]);
+    // lumepk1 in a session from before joining the group: told to log in
+    // again, not to join it.
+    ok_as(
+        &ns,
+        "lumepk1",
+        &["create", "dup2", "--disk-size", "8MB", "--network", "nat"],
+    );
+    let old_session = lume_as_in(&ns, "lumepk1", "--clear-groups", &["run", "dup2"]);
+    let err = String::from_utf8_lossy(&old_session.stderr);
+    assert!(
+        err.contains("not in this login session") && err.contains("newgrp lume"),
+        "{err}"
+    );
+    // A socket that is not the group's: said so, with the fix.
+    sh(&format!("chmod 0600 {SOCKET}"));
+    let err = fails_as(&ns, "lumepk1", &["run", "dup2"]);
+    sh(&format!("chmod 0660 {SOCKET}"));
+    assert!(
+        err.contains("the socket is mode 0600 with group 'lume'"),
+        "{err}"
+    );
+    ok_as(&ns, "lumepk1", &["delete", "dup2", "--force"]);
 
     // A VM the service itself runs (root's location, started through the API).
     let srv = common::guest_create_args("srv", "none", &[], "");
@@ -452,7 +576,6 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     // Stop: the user's QEMU ends, the service's keeper takes the network down.
     ok_as(&ns, "lumepk1", &["stop", "dev", "--timeout", "5"]);
     assert_eq!(get_as(&ns, "lumepk1", "dev")["status"], "stopped");
-    let uid = uid_of("lumepk1");
     wait_for("the keeper's take-down", Duration::from_secs(20), || {
         let left = ns.exec_ok(&format!(
             "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null | grep -c '^u{uid}-dev$' || true"
@@ -468,10 +591,74 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(vm_dir.join("disk.img").is_file());
     assert_eq!(std::fs::metadata(vm_dir).unwrap().uid(), uid);
     sh(&format!("dpkg -i {}", deb.display()));
+    // The removal masked both units; the reinstallation unmasks both.
+    for unit in ["lume.socket", "lume.service"] {
+        let masked = std::fs::read_link(format!("/etc/systemd/system/{unit}"))
+            .is_ok_and(|t| t == Path::new("/dev/null"));
+        assert!(!masked, "{unit} stays masked after remove + install");
+    }
     ok_as(&ns, "lumepk1", &["delete", "dev", "--force"]);
     assert!(!vm_dir.exists());
     drop(installed);
     assert!(!Path::new("/usr/bin/lume").exists(), "purged");
+}
+
+/// One request as `user` on the service's socket: the body and the status.
+fn api_as(user: &str, method: &str, path: &str, body: &str) -> String {
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "curl",
+            "-sS",
+            "-X",
+            method,
+            "-w",
+            " %{http_code}",
+            "--unix-socket",
+            SOCKET,
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(if body.is_empty() {
+            vec![]
+        } else {
+            vec!["--data-binary", body]
+        })
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A request whose announced body never comes, as `user`: the answer.
+fn member_slow_body(user: &str) -> String {
+    let script = r#"
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("SOCKET")
+s.sendall(b"POST /lume/vms HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+s.settimeout(60)
+print(s.recv(4096).decode(errors="replace"))
+"#
+    .replace("SOCKET", SOCKET);
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// One request as root on the service's socket: the body and the status.

@@ -732,7 +732,10 @@ fn a_killed_memory_snapshot_lets_the_guest_go_on_and_a_refused_restore_keeps_it_
     // Other CPU count: refused before QEMU is touched; the guest runs on.
     ns.lume_ok(&home, &["set", "sk", "--cpu", "2"]);
     let err = ns.lume_fails(&home, &["snapshot", "restore", "sk", "m"]);
-    assert!(err.contains("set them back"), "{err}");
+    assert!(
+        err.contains("set it back with `lume set sk --cpu 1"),
+        "{err}"
+    );
     assert_eq!(details(&ns, &home, "sk")["status"], "running");
     assert_eq!(disk(&ns, &ip, Some("two")), "two");
     ns.lume_ok(&home, &["set", "sk", "--cpu", "1"]);

@@ -126,7 +126,22 @@ async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
         .get(axum::http::header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("?").to_string());
     let origin = req.headers().contains_key(axum::http::header::ORIGIN);
-    let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+    // A caller must send the whole body promptly: a connection that holds
+    // a request open by trickling (or never sending) its body is answered
+    // 408 and closed.
+    let timeout = super::listen::Limits::from_env().header_timeout;
+    let read = tokio::time::timeout(timeout, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body did not arrive within {} ms: send the whole body (Content-Length bytes) with the request",
+                    timeout.as_millis()
+                ),
+            )
+        })?;
+    let bytes = read.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

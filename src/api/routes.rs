@@ -636,6 +636,15 @@ impl AppState {
             .unwrap_or_else(|| self.server_store().root().to_path_buf()))
     }
 
+    /// Whether `caller` gets the member rules for its VMs' networks: anyone
+    /// but root, the server's own user and the user who ran `sudo lume
+    /// serve` (see [`crate::network::attach::AttachOptions::member`]).
+    fn is_member(&self, caller: &Caller) -> bool {
+        !(caller.is_root()
+            || self.owns_server(caller)
+            || super::auth::sudo_uid() == Some(caller.uid))
+    }
+
     /// Settings are read for every request, like every CLI command reads
     /// them; the action runs for the request's caller.
     fn context(&self, caller: &Caller, storage: Option<&str>) -> ApiResult<Context> {
@@ -643,6 +652,7 @@ impl AppState {
             store: self.store(caller, storage)?,
             settings: Settings::load().map_err(|e| ApiError::internal(&e))?,
             caller: caller.clone(),
+            member: self.is_member(caller),
         })
     }
 }
@@ -803,6 +813,12 @@ pub async fn create_vm(
     refuse(r.ipsw.is_some(), "ipsw", MACOS_ONLY)?;
     refuse(r.unattended.is_some(), "unattended", MACOS_ONLY)?;
     let vm = name(&r.name)?;
+    // Saved in a VM of the server's location that root may run later
+    // without the member rules: refused at once (runs check them again).
+    if st.is_member(&caller) {
+        crate::network::attach::check_member_ports(&ports(&r.publish)?)
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, e.to_string()))?;
+    }
     let display = r
         .display
         .as_deref()

@@ -140,7 +140,7 @@ fn refuse(given: bool, option: &'static str, why: &'static str) -> Result<(), Us
     }
 }
 
-/// lume: virtual machines on Linux with networking that keeps working.
+/// Virtual machines on Linux with networking that keeps working.
 #[derive(Debug, Parser)]
 #[command(name = "lume", version, about, max_term_width = 100)]
 pub struct Cli {
@@ -196,6 +196,14 @@ pub enum Command {
     /// Host networking: health checks
     Network(NetworkArgs),
     /// Serve the HTTP API (lume's REST API) on 127.0.0.1:7777
+    ///
+    /// With --socket it listens on a Unix socket too. Started by systemd through socket activation
+    /// (the package's lume.socket on /run/lume-api.sock, mode 0660, group
+    /// lume, passed as LISTEN_FDS), it serves the socket systemd passes and
+    /// logs to the journal; --api-group names the group whose members it
+    /// serves. A member's lume finds the service on /run/lume-api.sock, or
+    /// on the socket named by the LUME_SOCKET environment variable.
+    /// docs/install.md and docs/security.md say what members may do.
     Serve(ServeArgs),
     /// Pull a VM image from an OCI registry (lume's format) as a new VM
     Pull(PullArgs),
@@ -1022,6 +1030,7 @@ fn context(storage: &StorageArg, vm: Option<&VmName>) -> Result<Context> {
         store: resolved.store,
         settings,
         caller: crate::vm::Caller::current(),
+        member: false,
     })
 }
 
@@ -1063,9 +1072,12 @@ fn refused_command(command: &'static str, why: &'static str) -> Result<i32> {
 /// the clap definitions, so they never disagree with the binary.
 fn generate(what: GenerateCommand) -> Result<()> {
     use clap::CommandFactory as _;
-    let mut cmd = Cli::command();
+    let cmd = Cli::command();
     match what {
         GenerateCommand::Completions { shell } => {
+            // Hidden commands (generate, net-keeper, old spellings) are not
+            // offered.
+            let mut cmd = without_hidden(&cmd);
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd, "lume", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script)
@@ -1079,6 +1091,31 @@ fn generate(what: GenerateCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cmd` without its hidden subcommands and arguments (at every level),
+/// for completions.
+fn without_hidden(cmd: &clap::Command) -> clap::Command {
+    // clap takes names as `&'static str` here; this runs once per
+    // `lume generate` process.
+    fn leak(s: &str) -> &'static str {
+        Box::leak(s.to_string().into_boxed_str())
+    }
+    let mut out = clap::Command::new(leak(cmd.get_name()))
+        .args(cmd.get_arguments().filter(|a| !a.is_hide_set()).cloned())
+        .subcommands(
+            cmd.get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .map(without_hidden),
+        )
+        .visible_aliases(cmd.get_visible_aliases().map(leak).collect::<Vec<_>>());
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        out = out.version(leak(version));
+    }
+    out
 }
 
 /// Runs one command; returns the process exit code.

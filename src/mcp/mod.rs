@@ -182,6 +182,7 @@ fn context(storage: Option<&str>, vm: Option<&VmName>) -> Result<Context, ToolEr
         store: resolved.store,
         settings,
         caller: Caller::current(),
+        member: false,
     })
 }
 

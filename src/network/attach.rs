@@ -69,10 +69,31 @@ pub enum AttachError {
     #[error(transparent)]
     Handoff(#[from] super::handoff::HandoffError),
     #[error(
-        "A network policy is not enforced yet for a VM whose network the lume service sets up (lume without sudo): start this VM with sudo, or clear its policy with `lume set NAME --clear-policy`"
+        "A network policy is not enforced yet for a VM whose network lume's service sets up (lume without sudo): not supported through the service yet. Clear its policy (lume set NAME --clear-policy), use --network user, or keep the VM in root's location and run it with sudo"
     )]
     PolicyThroughService,
+    #[error(
+        "Host port {0} is below 1024: only root may publish it; publish a port from 1024 up (for example --publish 8022:22)"
+    )]
+    MemberPrivilegedPort(u16),
+    #[error(
+        "Host port {port}/{proto} is in use on this host ({source}): a VM of a user who is not root may not take over a host service's port; publish a free port"
+    )]
+    MemberPortInUse {
+        port: u16,
+        proto: super::publish::Proto,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "Interface '{0}' is not open to users who are not root: an administrator lists the interfaces members may bridge onto in root's config.yaml (sudo lume config set {MEMBER_BRIDGES_KEY} 'br0 br1'); use --network nat instead"
+    )]
+    MemberBridge(String),
 }
+
+/// root's config.yaml: the interfaces a user who is not root may bridge
+/// onto (through lume's service or its API); none by default.
+pub const MEMBER_BRIDGES_KEY: &str = "memberBridges";
 
 /// Checks a mode being saved with `create` or `set`: a named bridged
 /// interface must exist and be bridgeable now.
@@ -150,6 +171,8 @@ struct HostSide {
     passt: Option<super::passt::Passt>,
     /// Bridged on a plain interface: re-attaches when the parent returns.
     reattacher: Option<super::uplink::Reattacher>,
+    /// A member's published host ports, held while the VM runs.
+    _held_ports: Vec<HeldPort>,
     teardown: Teardown,
 }
 
@@ -200,6 +223,64 @@ pub struct AttachOptions {
     /// The VM's network policy (config.json `networkPolicy`); refused in
     /// modes that cannot enforce it.
     pub policy: super::policy::Policy,
+    /// The network is set up by root for a user who is not root nor the
+    /// service's own user (a member of group `lume`, through a hand-off or
+    /// the API): no host port below 1024, no host port something on the
+    /// host listens on (lume holds each published port while the VM runs),
+    /// no MAC another running VM uses, bridged only onto the interfaces of
+    /// `memberBridges`.
+    pub member: bool,
+}
+
+/// The member rules that need nothing but the request (see
+/// [`AttachOptions::member`]).
+pub fn check_member_ports(publish: &[PortMapping]) -> Result<(), AttachError> {
+    match publish.iter().find(|p| p.host_port < 1024) {
+        Some(p) => Err(AttachError::MemberPrivilegedPort(p.host_port)),
+        None => Ok(()),
+    }
+}
+
+/// A published host port held by lume while a member's VM runs: a host
+/// service that starts later fails to bind it instead of being silently
+/// taken over by the DNAT rule.
+#[derive(Debug)]
+pub enum HeldPort {
+    Tcp(std::net::TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+/// Binds every published host port (on its address, or every address):
+/// refused when something on the host already uses it.
+pub fn hold_ports(publish: &[PortMapping]) -> Result<Vec<HeldPort>, AttachError> {
+    use super::publish::Proto;
+    publish
+        .iter()
+        .map(|p| {
+            let addr = std::net::SocketAddr::from((
+                p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                p.host_port,
+            ));
+            let held = match p.proto {
+                Proto::Tcp => std::net::TcpListener::bind(addr).map(HeldPort::Tcp),
+                Proto::Udp => std::net::UdpSocket::bind(addr).map(HeldPort::Udp),
+            };
+            held.map_err(|source| AttachError::MemberPortInUse {
+                port: p.host_port,
+                proto: p.proto,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// The interfaces root's config.yaml opens to members.
+fn member_bridges(settings: &crate::settings::Settings) -> Vec<String> {
+    settings
+        .get_list(MEMBER_BRIDGES_KEY)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// The host interface `bridged` or `bridged:<name>` uses now.
@@ -213,6 +294,9 @@ fn bridged_interface(
         None => interfaces::choose_default(&list)?,
     }
     .clone();
+    if opts.member && !member_bridges(&opts.settings).contains(&iface.name) {
+        return Err(AttachError::MemberBridge(iface.name));
+    }
     let nets = Networks::from_settings(&opts.settings)?;
     if iface.name == nets.nat.bridge {
         return Err(AttachError::OwnBridge(iface.name, "nat"));
@@ -254,6 +338,9 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
     check_publish(mode, &opts.publish)?;
     if let Some(s) = &opts.user_net {
         s.parse::<UserNet>()?;
+    }
+    if opts.member && mode.needs_net_admin() {
+        check_member_ports(&opts.publish)?;
     }
     if mode.needs_net_admin() && !has_net_admin() {
         // lume's service does the privileged part, and checks it there.
@@ -402,6 +489,7 @@ pub fn attach(
                     policy: None,
                     passt: Some(passt),
                     reattacher: None,
+                    _held_ports: Vec::new(),
                     teardown: Teardown::Nothing,
                 },
                 ..Default::default()
@@ -414,9 +502,14 @@ pub fn attach(
                 Kind::Host
             };
             let networks = Networks::from_settings(&opts.settings)?;
+            let held_ports = if opts.member {
+                hold_ports(&opts.publish)?
+            } else {
+                Vec::new()
+            };
             let tap = policy_tap(&device_name("lt"), &opts.policy)?;
             let (ip, subnet_note) =
-                networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish)?;
+                networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish, opts.member)?;
             let net = networks.get(kind).clone();
             let tap_name = tap.name.clone();
             let attachment = Attachment {
@@ -435,6 +528,7 @@ pub fn attach(
                     policy: None,
                     passt: None,
                     reattacher: None,
+                    _held_ports: held_ports,
                     teardown: Teardown::Shared {
                         networks,
                         kind,
@@ -478,7 +572,7 @@ pub fn attach(
                 // drops: lume keeps an accept for this bridge in their
                 // chains while a VM is bridged onto it.
                 let networks = Networks::from_settings(&opts.settings)?;
-                a.note = networks.join_bridged(vm, vm_dir, &iface.name)?;
+                a.note = networks.join_bridged(vm, vm_dir, &iface.name, mac, opts.member)?;
                 a.guard.teardown = Teardown::Bridged {
                     networks: networks.clone(),
                     id: super::shared::member_id(vm, vm_dir),
@@ -488,6 +582,9 @@ pub fn attach(
             } else {
                 // A tap QEMU keeps for the whole run, joined to the parent by
                 // a macvlan that lume re-creates whenever the parent returns.
+                if opts.member {
+                    Networks::from_settings(&opts.settings)?.check_mac(mac, vm, vm_dir)?;
+                }
                 let tap = policy_tap(&device_name("lt"), &opts.policy)?;
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
@@ -638,6 +735,43 @@ fn unpublished_reach(mode: &NetworkMode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member could otherwise take over a host service's port (lume's
+    /// DNAT matches every local address): a port in use is refused, and a
+    /// held port cannot be taken by a service that starts later.
+    #[test]
+    fn member_ports_in_use_are_refused_and_held_ports_stay_taken() {
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = service.local_addr().unwrap().port();
+        let on_loopback = |port: u16, proto: &str| -> PortMapping {
+            format!("127.0.0.1:{port}:80/{proto}").parse().unwrap()
+        };
+        let e = hold_ports(&[on_loopback(port, "tcp")]).unwrap_err();
+        assert!(
+            matches!(e, AttachError::MemberPortInUse { port: p, .. } if p == port),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("Host port {port}/tcp is in use"))
+        );
+        drop(service);
+        let held = hold_ports(&[on_loopback(port, "tcp"), on_loopback(port, "udp")]).unwrap();
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_err());
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_err());
+        drop(held);
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    #[test]
+    fn members_may_not_publish_privileged_ports() {
+        let p = |s: &str| -> PortMapping { s.parse().unwrap() };
+        assert!(matches!(
+            check_member_ports(&[p("8080:80"), p("22:22")]),
+            Err(AttachError::MemberPrivilegedPort(22))
+        ));
+        assert!(check_member_ports(&[p("1024:22")]).is_ok());
+    }
 
     fn ports(list: &[&str]) -> Vec<PortMapping> {
         list.iter().map(|s| s.parse().unwrap()).collect()

@@ -64,10 +64,13 @@ fn tun_verdict(open: Result<(), &std::io::Error>, admin: bool) -> (bool, String)
     }
 }
 
+/// On the PATH, or where root's tools live (dnsmasq and nft are in
+/// /usr/sbin, which a user's PATH often lacks; lume's service finds them).
 fn in_path(binary: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
-        .unwrap_or(false)
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(std::path::PathBuf::from))
+        .any(|d| d.join(binary).is_file())
 }
 
 /// Whether something answers at `ip`: a TCP connection to the discard port
@@ -87,11 +90,30 @@ pub fn run(ctx: &Context) -> Report {
     // is this user's setup, not a fault, when passt is there; what needs
     // root is reported as such, and passes.
     let user_mode = in_path("passt");
+    let service = (!admin).then(|| {
+        let path = super::handoff::socket_path();
+        (
+            std::os::unix::net::UnixStream::connect(&path).map(drop),
+            path,
+        )
+    });
     r.add(
         "privileges",
         admin || user_mode,
         if admin {
             "CAP_NET_ADMIN present: nat, host and bridged can start".to_string()
+        } else if let Some((Ok(()), path)) = &service {
+            format!(
+                "no CAP_NET_ADMIN: nat, host and bridged go through lume's service, which answers on {}; network user and none run directly",
+                path.display()
+            )
+        } else if let Some((Err(e), path)) = &service
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            format!(
+                "no CAP_NET_ADMIN, and lume's service socket {} refuses this user ({e}): nat, host and bridged need the service (group lume, see `lume run`'s message) or root; network user and none work",
+                path.display()
+            )
         } else if user_mode {
             "no CAP_NET_ADMIN: network user (and none) work; nat, host and bridged need root (or setcap cap_net_admin,cap_net_raw+ep on the binary)".to_string()
         } else {
@@ -125,6 +147,13 @@ pub fn run(ctx: &Context) -> Report {
 
     let nets = Networks::from_settings(&ctx.settings);
     match &nets {
+        // lume's networks are root's (its runtime directory is private):
+        // a user cannot see their members, not even their own VMs'.
+        Ok(_) if !admin => r.add(
+            "lume's networks",
+            true,
+            "not visible to this user: root (lume's service) runs them; `sudo lume network doctor` checks the bridges, dnsmasq and the firewall",
+        ),
         Ok(nets) => shared_checks(&mut r, nets),
         Err(e) => r.add("network settings", false, crate::error_chain(e)),
     }

@@ -20,8 +20,10 @@
 //!   the tap vanishes with the user's QEMU and nobody else can attach to it;
 //! - root's settings (config.yaml of root) choose bridges and subnets; the
 //!   user's config.yaml is never read by root;
-//! - a user who is not root may not publish host ports below 1024, nor
-//!   take a MAC address another running VM of that network uses.
+//! - a user who is not root gets the member rules of
+//!   [`super::attach::AttachOptions::member`]: no host port below 1024,
+//!   none a host service uses (held while the VM runs), no MAC another
+//!   running VM uses, bridged only onto root's `memberBridges`.
 //!
 //! The keeper holds the network for as long as the user's supervisor
 //! lives (its pidfd), then takes it down. It outlives a stopped or
@@ -38,7 +40,6 @@ use serde::{Deserialize, Serialize};
 use super::NetworkMode;
 use super::attach::{self, AttachError, AttachOptions, Attachment};
 use super::publish::PortMapping;
-use super::shared::{Kind, Liveness, Networks};
 use crate::vm::config::MacAddress;
 
 /// The socket of the packaged service (`lume.socket`).
@@ -55,8 +56,6 @@ const KEEPER_PIDFD: i32 = 3;
 const KEEPER_CLIENT: i32 = 4;
 /// The byte that carries the tap's descriptor, before the HTTP answer.
 const TAP_MARK: u8 = 0;
-/// Host ports below this are root's.
-const FIRST_UNPRIVILEGED_PORT: u16 = 1024;
 /// The most VMs one user (not root) may have on lume's networks through the
 /// service at once: each holds an address, a tap and a keeper.
 pub const MAX_PER_USER: usize = 32;
@@ -105,6 +104,22 @@ pub enum HandoffError {
         "Network mode '{mode}' needs root or lume's service, which serves only group '{SERVICE_GROUP}', and you are not in it: ask an administrator to run 'sudo usermod -aG {SERVICE_GROUP} {user}', then log in again (or run lume as root); --network user and none need no privileges"
     )]
     NotInGroup { mode: NetworkMode, user: String },
+    #[error(
+        "Network mode '{mode}' needs lume's service, and you are in group '{SERVICE_GROUP}', but not in this login session (it started before you joined): log out and in again, or run 'newgrp {SERVICE_GROUP}' in this shell"
+    )]
+    GroupNotInSession { mode: NetworkMode },
+    #[error(
+        "Cannot use lume's service socket {path} although this session is in group '{SERVICE_GROUP}': the socket is {found}, not mode 0660 with group '{SERVICE_GROUP}'; an administrator restarts it (sudo systemctl restart lume.socket) or fixes SocketMode/SocketGroup in lume.socket"
+    )]
+    SocketAccess { path: PathBuf, found: String },
+    #[error(
+        "Network mode '{mode}' needs root or lume's service, and lume's service is installed but its socket {path} is not there: start it (sudo systemctl enable --now lume.socket), or run lume as root; --network user and none need no privileges"
+    )]
+    ServiceStopped { mode: NetworkMode, path: PathBuf },
+    #[error(
+        "Network mode '{mode}' needs lume's service, and nothing answers on its socket {path}: restart it (sudo systemctl restart lume.socket lume.service; journalctl -u lume.service says why it stopped), or run lume as root"
+    )]
+    ServiceNotAnswering { mode: NetworkMode, path: PathBuf },
     #[error(
         "Cannot reach lume's service on {path}: check that it runs (systemctl status lume.socket lume.service) or run lume as root"
     )]
@@ -160,12 +175,10 @@ pub fn check_request(uid: u32, req: &HandoffRequest) -> Result<(), RequestError>
         return Err(RequestError::Unprivileged(req.network.clone()));
     }
     if uid != 0
-        && let Some(p) = req
-            .publish
-            .iter()
-            .find(|p| p.host_port < FIRST_UNPRIVILEGED_PORT)
+        && let Err(AttachError::MemberPrivilegedPort(port)) =
+            attach::check_member_ports(&req.publish)
     {
-        return Err(RequestError::PrivilegedPort(p.host_port));
+        return Err(RequestError::PrivilegedPort(port));
     }
     Ok(())
 }
@@ -192,20 +205,65 @@ fn connect(mode: &NetworkMode) -> Result<std::os::unix::net::UnixStream, AttachE
     let path = socket_path();
     match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => Ok(s),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            Err(AttachError::NeedsNetAdmin(mode.clone()))
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if Path::new(SOCKET_UNIT).exists() {
+                Err(HandoffError::ServiceStopped {
+                    mode: mode.clone(),
+                    path,
+                }
+                .into())
+            } else {
+                Err(AttachError::NeedsNetAdmin(mode.clone()))
+            }
         }
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(HandoffError::NotInGroup {
-            mode: mode.clone(),
-            user: user_name(),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Err(HandoffError::ServiceNotAnswering {
+                mode: mode.clone(),
+                path,
+            }
+            .into())
         }
-        .into()),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(denied(mode, &path, &crate::vm::Caller::current()).into())
+        }
         Err(source) => Err(HandoffError::Unreachable { path, source }.into()),
+    }
+}
+
+/// The unit file the package installs.
+const SOCKET_UNIT: &str = "/lib/systemd/system/lume.socket";
+
+/// Why the socket refused this process: not in group lume; in it, but not
+/// in this session; or in it, and the socket is not the group's.
+fn denied(mode: &NetworkMode, path: &Path, session: &crate::vm::Caller) -> HandoffError {
+    use std::os::unix::fs::MetadataExt as _;
+    let group = nix::unistd::Group::from_name(SERVICE_GROUP).ok().flatten();
+    let in_session = group.as_ref().is_some_and(|g| {
+        session.groups.contains(&g.gid.as_raw()) || session.gid == Some(g.gid.as_raw())
+    });
+    if in_session {
+        let found = std::fs::metadata(path).map_or_else(
+            |e| format!("not readable ({e})"),
+            |m| {
+                let owner = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| m.gid().to_string(), |g| g.name);
+                format!("mode {:04o} with group '{owner}'", m.mode() & 0o7777)
+            },
+        );
+        return HandoffError::SocketAccess {
+            path: path.to_path_buf(),
+            found,
+        };
+    }
+    // The user database (getgrouplist) says whether a new login would be.
+    if crate::vm::Caller::from_uid(session.uid).in_group(SERVICE_GROUP) {
+        return HandoffError::GroupNotInSession { mode: mode.clone() };
+    }
+    HandoffError::NotInGroup {
+        mode: mode.clone(),
+        user: user_name(),
     }
 }
 
@@ -404,7 +462,11 @@ pub fn serve_request(
     if process_uid(pid) != Some(uid) {
         return Err(RequestError::Process(pid));
     }
+    use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new("/proc/self/exe");
+    // The very server's executable (even replaced by an upgrade), named
+    // `lume` in ps rather than /proc/self/exe.
+    cmd.arg0("lume");
     cmd.arg("net-keeper")
         .arg("--uid")
         .arg(uid.to_string())
@@ -420,7 +482,6 @@ pub fn serve_request(
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
     let raw = pidfd.as_raw_fd();
-    use std::os::unix::process::CommandExt as _;
     // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and
     // exec; `raw` and `client` stay open in the parent until spawn returns
     // (`client` is the connection being served, alive during this request).
@@ -578,20 +639,10 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             ));
         }
     }
-    super::rundir::private_dir(&base, &dir).map_err(|e| fail(500)(&e))?;
-    let lock = crate::vm::lock::VmLock::try_acquire(&dir.join(".lock"))
-        .map_err(|e| fail(500)(&e))?
-        .ok_or_else(|| {
-            (
-                409,
-                format!(
-                    "VM '{}' of uid {} already has a network from lume's service: stop its other run first",
-                    args.name, args.uid
-                ),
-            )
-        })?;
+    let lock = keeper_lock(&base, &dir, &args.name, args.uid)?;
+    // From here this keeper owns the directory: a refusal removes it.
+    let cleanup = RemoveOnDrop(Some(dir.clone()));
     let settings = crate::settings::Settings::load().map_err(|e| fail(500)(&e))?;
-    check_mac(&settings, &args.network, args.mac, &dir, &args.name)?;
     let opts = AttachOptions {
         user_net: None,
         publish: args.publish.clone(),
@@ -600,10 +651,15 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         host_loopback: false,
         // Policies are refused before a hand-off (AttachError::PolicyThroughService).
         policy: Default::default(),
+        member: args.uid != 0,
     };
     let mut attachment =
         attach::attach(&args.network, &args.name, &dir, args.mac, &opts).map_err(|e| {
             let status = match e {
+                AttachError::MemberPrivilegedPort(_) | AttachError::MemberBridge(_) => 403,
+                AttachError::MemberPortInUse { .. }
+                | AttachError::Shared(super::shared::SharedError::MacTaken { .. })
+                | AttachError::Shared(super::shared::SharedError::PortTaken { .. }) => 409,
                 AttachError::Publish(_)
                 | AttachError::PublishNotSupported(_)
                 | AttachError::LoopbackPublish(..)
@@ -631,6 +687,7 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         uplink: attachment.uplink.clone(),
         note: attachment.note.clone(),
     };
+    cleanup.keep();
     Ok((
         handed,
         Held {
@@ -640,6 +697,60 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             _lock: lock,
         },
     ))
+}
+
+/// How long a keeper waits for the previous keeper of the same VM (a run
+/// just stopped, its network still being taken down).
+const KEEPER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Takes the keeper's lock in its private directory, waiting up to
+/// [`KEEPER_WAIT`] for a previous keeper of the same VM to finish (it
+/// removes the directory as it ends, so the lock is taken again on a
+/// fresh directory until it is the one at the path).
+fn keeper_lock(
+    base: &Path,
+    dir: &Path,
+    name: &str,
+    uid: u32,
+) -> Result<crate::vm::lock::VmLock, (u16, String)> {
+    let deadline = std::time::Instant::now() + KEEPER_WAIT;
+    let path = dir.join(".lock");
+    loop {
+        super::rundir::private_dir(base, dir).map_err(|e| (500, e.to_string()))?;
+        match crate::vm::lock::VmLock::try_acquire(&path) {
+            Ok(Some(lock)) if lock.is_at(&path) => return Ok(lock),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err((500, e.to_string())),
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err((
+                409,
+                format!(
+                    "VM '{name}' of uid {uid} already has a network from lume's service: another run of it is still running or still stopping; stop it (lume stop {name}) and try again"
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Removes a keeper's directory when a refusal drops it (never another
+/// keeper's: it is made only once this keeper holds the directory's lock).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// How many hand-offs of `uid` are live under `root` (their keeper holds
@@ -678,40 +789,6 @@ fn send_fd(tap: &OwnedFd) -> io::Result<()> {
     .map_err(io::Error::from)?;
     if sent != 1 {
         return Err(io::Error::other("the client's connection took no byte"));
-    }
-    Ok(())
-}
-
-/// A user may not take the MAC address of another VM running on the same
-/// shared network (it would receive that VM's frames).
-fn check_mac(
-    settings: &crate::settings::Settings,
-    mode: &NetworkMode,
-    mac: MacAddress,
-    dir: &Path,
-    name: &str,
-) -> Result<(), (u16, String)> {
-    let kind = match mode {
-        NetworkMode::Nat => Kind::Nat,
-        NetworkMode::Host => Kind::Host,
-        _ => return Ok(()),
-    };
-    let Ok(nets) = Networks::from_settings(settings) else {
-        return Ok(());
-    };
-    let id = super::shared::member_id(name, dir);
-    let taken = nets
-        .get(kind)
-        .members()
-        .iter()
-        .any(|m| m.mac == mac && m.id() != id && m.liveness() != Liveness::Dead);
-    if taken {
-        return Err((
-            409,
-            format!(
-                "MAC address {mac} is used by another running VM on lume's {mode} network: give this VM its own (lume set {name} --mac-address ...)"
-            ),
-        ));
     }
     Ok(())
 }
@@ -828,6 +905,30 @@ mod tests {
         assert_eq!(live_handoffs(root.path(), 7), 0);
         drop(held);
         assert_eq!(live_handoffs(root.path(), 1000), 0);
+    }
+
+    /// `lume stop dev; lume run dev`: the new keeper waits for the old one,
+    /// which removes its directory as it ends, and then holds a lock that
+    /// is the one at the path (not on the removed directory's file).
+    #[test]
+    fn a_keeper_waits_for_the_previous_one_of_its_vm() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("handoff/u1000-dev");
+        let lock = keeper_lock(base.path(), &dir, "dev", 1000).unwrap();
+        let old_dir = dir.clone();
+        let old = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            std::fs::remove_dir_all(&old_dir).unwrap();
+            drop(lock);
+        });
+        let new = keeper_lock(base.path(), &dir, "dev", 1000).unwrap();
+        old.join().unwrap();
+        assert!(new.is_at(&dir.join(".lock")));
+        // A refusal removes the directory only when this keeper made it.
+        RemoveOnDrop(Some(dir.clone())).keep();
+        assert!(dir.exists());
+        drop(RemoveOnDrop(Some(dir.clone())));
+        assert!(!dir.exists());
     }
 
     #[test]

@@ -91,6 +91,10 @@ pub enum SharedError {
         proto: super::publish::Proto,
         vm: String,
     },
+    #[error(
+        "MAC address {mac} is used by VM '{vm}', which runs on one of lume's networks: give this VM its own (lume set NAME --mac-address <new>, or leave the MAC out at create for a random one)"
+    )]
+    MacTaken { mac: MacAddress, vm: String },
 }
 
 /// NAT or host-only.
@@ -153,6 +157,9 @@ pub struct BridgedMember {
     pub vm: String,
     pub vm_dir: PathBuf,
     pub bridge: String,
+    /// The guest's MAC address (records of older releases have none).
+    #[serde(default)]
+    pub mac: Option<MacAddress>,
 }
 
 impl BridgedMember {
@@ -344,6 +351,11 @@ impl Networks {
 
     /// Adds a VM to a shared network: brings the bridge, dnsmasq and the
     /// firewall up as needed, reserves an address and returns it.
+    /// With `exclusive_mac` (a member's VM, see
+    /// [`super::attach::AttachOptions::member`]), a MAC address another
+    /// running VM of lume's networks uses is refused, under the network
+    /// lock: two requests cannot both pass.
+    #[allow(clippy::too_many_arguments)]
     pub fn join(
         &self,
         kind: Kind,
@@ -352,9 +364,13 @@ impl Networks {
         mac: MacAddress,
         tap: &str,
         publish: &[PortMapping],
+        exclusive_mac: bool,
     ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
         let _guard = self.lock()?;
         self.collect_locked();
+        if exclusive_mac {
+            self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
+        }
         let net = self.get(kind);
         let mut note = None;
         if net.members().is_empty() {
@@ -413,6 +429,34 @@ impl Networks {
             return Err(e);
         }
         Ok((ip, note))
+    }
+
+    /// Refuses `mac` when another live VM of lume's networks (nat, host, or
+    /// bridged onto a Linux bridge) uses it; `id` is the asking VM's
+    /// [`member_id`]. The caller holds the network lock.
+    fn check_mac_locked(&self, mac: MacAddress, id: &str) -> Result<(), SharedError> {
+        let shared = [&self.nat, &self.host]
+            .into_iter()
+            .flat_map(|n| n.members())
+            .find(|m| m.mac == mac && m.id() != id && m.alive())
+            .map(|m| m.vm);
+        let bridged = || {
+            self.bridged_members()
+                .into_iter()
+                .find(|m| m.mac == Some(mac) && m.id() != id && m.alive())
+                .map(|m| m.vm)
+        };
+        match shared.or_else(bridged) {
+            Some(vm) => Err(SharedError::MacTaken { mac, vm }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::check_mac_locked`] under the network lock (bridged onto a
+    /// plain interface, which keeps no record here).
+    pub fn check_mac(&self, mac: MacAddress, vm: &str, vm_dir: &Path) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        self.check_mac_locked(mac, &member_id(vm, vm_dir))
     }
 
     /// Refuses host ports another NAT VM of this namespace already publishes
@@ -489,14 +533,21 @@ impl Networks {
     /// accept cannot be placed (its bridge worked without lume's help
     /// before): without nft there is no iptables-nft chain to accommodate;
     /// any other failure is returned as a note, and the watcher retries.
+    /// With `exclusive_mac`, a MAC another running VM uses is refused first
+    /// (as in [`Self::join`]).
     pub fn join_bridged(
         &self,
         vm: &str,
         vm_dir: &Path,
         bridge: &str,
+        mac: MacAddress,
+        exclusive_mac: bool,
     ) -> Result<Option<String>, SharedError> {
         let _guard = self.lock()?;
         self.collect_locked();
+        if exclusive_mac {
+            self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
+        }
         let dir = self.bridged_dir();
         let io = |source| SharedError::Runtime {
             path: dir.clone(),
@@ -507,6 +558,7 @@ impl Networks {
             vm: vm.to_string(),
             vm_dir: vm_dir.to_path_buf(),
             bridge: bridge.to_string(),
+            mac: Some(mac),
         };
         let path = dir.join(format!("{}.json", m.id()));
         crate::util::atomic::write_atomic(

@@ -486,7 +486,16 @@ pub struct Context {
     pub settings: Settings,
     /// Whose rights apply to the host paths named in an action.
     pub caller: super::caller::Caller,
+    /// The caller is served by a lume of another user (root's service, for
+    /// a member of its API group): the member rules apply to its VMs'
+    /// networks ([`crate::network::attach::AttachOptions::member`]).
+    pub member: bool,
 }
+
+/// Set by a server for the detached supervisor of a member's run: the
+/// member rules apply to its network. Only restricts: whoever sets it on
+/// their own process limits only themselves.
+pub const MEMBER_ENV: &str = "LUME_MEMBER_RUN";
 
 /// config.yaml: image URLs given through the API may lead to loopback,
 /// link-local and private addresses.
@@ -1095,6 +1104,9 @@ fn run_request(
             host_loopback: cfg.unsafe_host_loopback,
             policy,
             settings: ctx.settings.clone(),
+            member: ctx.member
+                || (std::env::var_os(supervisor::START_LOG_ENV).is_some()
+                    && std::env::var_os(MEMBER_ENV).is_some_and(|v| v == "1")),
             vm: spec
                 .name
                 .as_ref()
@@ -1309,6 +1321,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         .map_err(RunError::from)?;
     cmd.env("LUME_ACCEL", accel.to_string());
     cmd.env(supervisor::START_LOG_ENV, &start_log);
+    if req.attach.member {
+        cmd.env(MEMBER_ENV, "1");
+    } else {
+        cmd.env_remove(MEMBER_ENV);
+    }
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
     // caller's terminal and session so it outlives this process.
@@ -1353,9 +1370,16 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
                 }
                 _ => {}
             }
+            // Its lines already say "Error: …"; this error says it once.
+            let messages = messages
+                .trim()
+                .lines()
+                .map(|l| l.strip_prefix("Error: ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n");
             return Err(RunError::Supervisor {
                 log: log_path,
-                messages: messages.trim().to_string(),
+                messages,
             }
             .into());
         }
@@ -2063,6 +2087,7 @@ mod tests {
             store: Store::new(Some(root.to_path_buf())),
             settings: Settings::default(),
             caller,
+            member: false,
         }
     }
 

@@ -258,6 +258,7 @@ pub fn list_every(
             store,
             settings: settings.clone(),
             caller: caller.clone(),
+            member: false,
         };
         match execute(&ctx, Action::List, note) {
             Ok(Outcome::List(vms)) => all.extend(vms),

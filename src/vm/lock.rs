@@ -66,6 +66,16 @@ impl VmLock {
         }
     }
 
+    /// Whether the file this lock holds is still the one at `path` (not
+    /// unlinked, nor replaced, since it was opened).
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        match (self._file.metadata(), std::fs::symlink_metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
     /// Whether some process holds the lock, without taking it.
     pub fn is_held(path: &Path) -> io::Result<bool> {
         let opened = OpenOptions::new()
