@@ -175,6 +175,17 @@ fn forbidden(message: String) -> ApiError {
 /// server's log only).
 pub const NOT_SERVED: &str = "This lume API does not serve you: ask the administrator to add you to the API group or give you the token";
 
+/// [`decide_user`] without its refusal's log line.
+fn decide_user_quietly(uid: u32, owners: &[u32], api_group: Option<&str>) -> Result<Caller, ()> {
+    let caller = Caller::from_uid(uid);
+    let member = api_group.is_some_and(|g| caller.in_group(g));
+    if caller.is_root() || owners.contains(&uid) || member {
+        Ok(caller)
+    } else {
+        Err(())
+    }
+}
+
 /// Whether a local uid is served without a token, and as whom. A refusal
 /// is logged with what the administrator needs (the uid, the group and the
 /// settings file); the caller is told only [`NOT_SERVED`].
@@ -228,7 +239,18 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
         .map(|ConnectInfo(c)| c.clone());
     let token = bearer(&req).map(str::to_string);
     match caller_of(&st, conn, token.as_deref()).await {
-        Ok(caller) => {
+        Ok((caller, Scope::HandoffOnly)) if req.uri().path() != crate::network::handoff::ROUTE => {
+            super::log_refusal(
+                &format!("uid {}", caller.uid),
+                &format!(
+                    "Refused uid {} on {}: a member of the hand-off group is served only the network hand-off",
+                    caller.uid,
+                    req.uri().path()
+                ),
+            );
+            forbidden(HANDOFF_ONLY.into()).into_response()
+        }
+        Ok((caller, _)) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
         }
@@ -251,13 +273,28 @@ pub async fn authorize(State(st): State<Arc<AppState>>, mut req: Request, next: 
     }
 }
 
-/// The caller, or the refusal and who was refused (for the log; `None`
-/// when the server failed rather than refused).
+/// What a served caller may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every route (root, the server's users, apiGroup members, the token).
+    Full,
+    /// Only the network hand-off ([`crate::network::handoff::ROUTE`]): a
+    /// member of `--handoff-group` (the packaged service's group `lume`),
+    /// whose lume runs their own VMs as themselves and asks the service for
+    /// nothing but their networks.
+    HandoffOnly,
+}
+
+/// What a member of the hand-off group is told on any other route.
+pub const HANDOFF_ONLY: &str = "lume's service serves you only the networks of your own VMs (lume without sudo): run lume as yourself (`lume ls`, `lume run NAME` act on your own ~/.lume); the service's REST API is for root and its API group";
+
+/// The caller and what it may ask, or the refusal and who was refused
+/// (for the log; `None` when the server failed rather than refused).
 async fn caller_of(
     st: &AppState,
     conn: Option<Connection>,
     given: Option<&str>,
-) -> Result<Caller, (ApiError, Option<String>)> {
+) -> Result<(Caller, Scope), (ApiError, Option<String>)> {
     let Some(conn) = conn else {
         return Err((
             forbidden("Cannot tell who is calling: the request is refused".into()),
@@ -285,7 +322,9 @@ async fn caller_of(
     }
     if let Some(token) = &st.token {
         let refusal = match given {
-            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => return Ok(Caller::current()),
+            Some(t) if same_secret(t.as_bytes(), token.as_bytes()) => {
+                return Ok((Caller::current(), Scope::Full));
+            }
             Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "Wrong API token"),
             None => ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -328,10 +367,23 @@ async fn caller_of(
             .get_str(API_GROUP_KEY)
             .map_err(|e| (ApiError::internal(&e), None))?,
     };
-    decide_user(uid, &st.owners, group.as_deref(), settings.file()).map_err(|e| {
-        super::log_refusal(&who, &format!("Refused uid {uid} ({})", conn.describe()));
-        refuse(e)
-    })
+    if let Ok(caller) = decide_user_quietly(uid, &st.owners, group.as_deref()) {
+        return Ok((caller, Scope::Full));
+    }
+    if let Some(handoff) = &st.handoff_group
+        && conn.is_unix()
+    {
+        let caller = Caller::from_uid(uid);
+        if caller.in_group(handoff) {
+            return Ok((caller, Scope::HandoffOnly));
+        }
+    }
+    decide_user(uid, &st.owners, group.as_deref(), settings.file())
+        .map(|c| (c, Scope::Full))
+        .map_err(|e| {
+            super::log_refusal(&who, &format!("Refused uid {uid} ({})", conn.describe()));
+            refuse(e)
+        })
 }
 
 #[cfg(test)]

@@ -60,8 +60,11 @@ pub struct ServeOptions {
     /// The VM location (`--storage`), else the default.
     pub storage: Option<PathBuf>,
     /// `--api-group`: the group whose members are served, instead of
-    /// config.yaml's `apiGroup` (the packaged service names `lume`).
+    /// config.yaml's `apiGroup`.
     pub api_group: Option<String>,
+    /// `--handoff-group`: the group whose members are served the network
+    /// hand-off only, on the Unix socket (the packaged service names `lume`).
+    pub handoff_group: Option<String>,
 }
 
 /// What every request sees.
@@ -75,6 +78,8 @@ pub struct AppState {
     owners: Vec<u32>,
     /// `--api-group`, which replaces config.yaml's `apiGroup`.
     api_group: Option<String>,
+    /// `--handoff-group`: served the network hand-off only.
+    handoff_group: Option<String>,
     /// The OpenAPI document, set once the router is built.
     openapi: OnceLock<serde_json::Value>,
     /// One turn lock per VM (storage root + name) for VM-changing requests.
@@ -655,14 +660,22 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // A corrupt config.yaml or an unknown apiGroup stops the server now
     // rather than every request.
     let settings = crate::settings::Settings::load()?;
-    let group = match &opts.api_group {
-        Some(name) => Some(named_group(name)?),
-        None => api_group(&settings)?,
+    let group = match (&opts.api_group, &opts.handoff_group) {
+        (Some(name), _) => Some(named_group(name)?),
+        (None, handoff) => match api_group(&settings)? {
+            Some(g) => Some(g),
+            // Our own socket goes to the hand-off group when no API group is named.
+            None => handoff.as_deref().map(named_group).transpose()?,
+        },
     };
+    if let Some(name) = &opts.handoff_group {
+        named_group(name)?;
+    }
     let root = Store::new(storage.clone()).root().to_path_buf();
     let has_token = token.is_some();
     let mut state = AppState::new(storage, token);
     state.api_group = opts.api_group.clone();
+    state.handoff_group = opts.handoff_group.clone();
     let state = Arc::new(state);
     let app = router(state);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -776,7 +789,7 @@ fn named_group(name: &str) -> Result<nix::unistd::Group> {
     match nix::unistd::Group::from_name(name) {
         Ok(Some(g)) => Ok(g),
         _ => bail!(
-            "Group '{name}' given with --api-group does not exist: create it (addgroup --system {name}) or reinstall the lume package"
+            "Group '{name}' given with --api-group or --handoff-group does not exist: create it (addgroup --system {name}) or reinstall the lume package"
         ),
     }
 }

@@ -319,6 +319,11 @@ impl Connection {
         }
     }
 
+    /// Whether the client came through the Unix socket.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Unix { .. })
+    }
+
     /// The client's address, for the log.
     pub fn describe(&self) -> String {
         match self.endpoint {

@@ -854,10 +854,13 @@ pub struct ServeArgs {
     /// clients are identified by SO_PEERCRED
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Serve the members of this group (instead of config.yaml's apiGroup);
-    /// the packaged service uses `lume`
+    /// Serve the members of this group (instead of config.yaml's apiGroup)
     #[arg(long, value_name = "GROUP")]
     pub api_group: Option<String>,
+    /// Serve the members of this group only the network hand-off of lume
+    /// without sudo, on the Unix socket (the packaged service uses `lume`)
+    #[arg(long, value_name = "GROUP")]
+    pub handoff_group: Option<String>,
     /// Serve lume's MCP server (Model Context Protocol) on standard
     /// input/output instead of HTTP, for AI agent hosts (docs/mcp.md)
     #[arg(long)]
@@ -1160,6 +1163,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 token_file: a.token_file,
                 socket: a.socket,
                 api_group: a.api_group,
+                handoff_group: a.handoff_group,
                 storage: match a.storage.storage.as_deref() {
                     Some(spec) => Some(
                         location::resolve(&Settings::load()?, spec)?
