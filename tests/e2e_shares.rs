@@ -155,6 +155,17 @@ fn shares_are_mounted_read_only_or_read_write_and_die_with_the_vm() {
         std::fs::read_to_string(rw.join("out")).unwrap(),
         "from-the-guest\n"
     );
+    // Guest root cannot leave device nodes on the host (virtiofsd runs
+    // without CAP_MKNOD); a FIFO, which needs no privilege, still works.
+    for cmd in [
+        "sudo mknod /mnt/shared/rwshare/disk b 8 0",
+        "sudo mknod /mnt/shared/rwshare/mem c 1 1",
+    ] {
+        assert!(!ssh(&ns, &home, cmd).status.success(), "{cmd} succeeded");
+    }
+    assert!(!rw.join("disk").exists() && !rw.join("mem").exists());
+    ssh_ok(&ns, &home, "sudo mkfifo /mnt/shared/rwshare/fifo");
+    assert!(rw.join("fifo").exists());
 
     // Stop: no virtiofsd left, no shares listed.
     ns.lume_ok(&home, &["stop", "deb", "--timeout", "60"]);

@@ -110,6 +110,15 @@ pub enum VmError {
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
     TimeoutTooLong(u64),
+    #[error(
+        "{0} shared directories asked for: lume shares at most {max} per VM; share a common parent directory instead",
+        max = crate::hypervisor::virtiofs::MAX_SHARES
+    )]
+    TooManyShares(usize),
+    #[error(
+        "Shared directory {0} is not a directory: --shared-dir shares directories; share the directory that holds it"
+    )]
+    NotDirectory(PathBuf),
     #[error("VM '{0}' is not running: start it with `lume run {0}`")]
     NotRunning(VmName),
     #[error(
@@ -142,10 +151,36 @@ pub enum Denied {
     },
     /// Another user can change this storage directory.
     Storage { who: String },
+    /// Shared directories are for root only: virtiofsd serves them as root.
+    ShareNeedsRoot { uid: u32 },
+    /// The path goes through a /proc magic link or a symbolic link loop.
+    MagicLink,
 }
 
 fn forbidden_message(path: &Path, reason: &Denied) -> String {
     match reason {
+        Denied::Caller {
+            what: "Shared directory",
+            uid,
+            access,
+        } => format!(
+            "Shared directory {}: the caller (uid {uid}) lacks permission to {} it; lume opens host paths with the rights of whoever asked: give that user access or name a directory it can {}",
+            path.display(),
+            if *access == Access::Read {
+                "list"
+            } else {
+                "list and write in"
+            },
+            if *access == Access::Read {
+                "list"
+            } else {
+                "write in"
+            },
+        ),
+        Denied::ShareNeedsRoot { uid } => format!(
+            "Shared directory {}: only root may share directories (the caller is uid {uid}): virtiofsd runs as root and would read and write below the directory with root's rights, not the caller's; run lume as root (sudo) or copy the files into the guest another way (scp, lume ssh)",
+            path.display()
+        ),
         Denied::Caller { what, uid, access } => format!(
             "{what} {}: the caller (uid {uid}) lacks permission to {} it; lume opens host files with the rights of whoever asked: give that user access or name a file it can {}",
             path.display(),
@@ -159,6 +194,10 @@ fn forbidden_message(path: &Path, reason: &Denied) -> String {
             } else {
                 "write"
             },
+        ),
+        Denied::MagicLink => format!(
+            "{}: the path goes through a /proc or /dev/fd link or a loop of symbolic links, which lume does not follow for a caller (it could reach files the caller cannot): give the real path",
+            path.display()
         ),
         Denied::Storage { who } => UnsafeDir {
             dir: path.to_path_buf(),
@@ -196,6 +235,16 @@ fn open_dir_for(
     read_only: bool,
 ) -> Result<crate::hypervisor::virtiofs::HostDir, VmError> {
     let what = "Shared directory";
+    // virtiofsd (Debian's C one) runs as root without uid mapping: below
+    // the top directory, every check would be root's, not the caller's.
+    if !ctx.caller.is_root() {
+        return Err(VmError::Forbidden {
+            path: path.to_path_buf(),
+            reason: Denied::ShareNeedsRoot {
+                uid: ctx.caller.uid,
+            },
+        });
+    }
     let access = if read_only {
         Access::Read
     } else {
@@ -207,9 +256,12 @@ fn open_dir_for(
             path,
             reason: Denied::Caller { what, uid, access },
         }),
-        Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
-            Err(VmError::MissingFile { what, path })
-        }
+        Err(OpenError::NotRegular { path }) => Err(VmError::NotDirectory(path)),
+        Err(OpenError::Missing { path }) => Err(VmError::MissingFile { what, path }),
+        Err(OpenError::MagicLink { path }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::MagicLink,
+        }),
         Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
     }
 }
@@ -238,6 +290,10 @@ fn open_for(
         Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
             Err(VmError::MissingFile { what, path })
         }
+        Err(OpenError::MagicLink { path }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::MagicLink,
+        }),
         Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
     }
 }
@@ -1023,6 +1079,9 @@ fn run_request(
         .clone()
         .unwrap_or_else(|| cfg.network_mode.clone());
     check_publish(&network, &spec.publish)?;
+    if spec.shared_dirs.len() > crate::hypervisor::virtiofs::MAX_SHARES {
+        return Err(VmError::TooManyShares(spec.shared_dirs.len()));
+    }
     let policy = spec
         .policy
         .clone()
