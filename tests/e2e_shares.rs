@@ -126,7 +126,20 @@ fn shares_are_mounted_read_only_or_read_write_and_die_with_the_vm() {
     assert_eq!(shares[0]["tag"], "lume0");
     assert_eq!(shares[1]["readOnly"], false);
     let vm_dir = home.vm_dir("deb");
-    assert!(!virtiofsd_of(&vm_dir).is_empty());
+    let daemons = virtiofsd_of(&vm_dir);
+    assert!(!daemons.is_empty());
+    // Their output goes through lume's capped pump (a pipe), never straight
+    // into a file they could grow without end; no device nodes.
+    for (pid, cmd) in &daemons {
+        for fd in [1, 2] {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert!(
+                target.to_string_lossy().starts_with("pipe:"),
+                "{cmd}: fd {fd} is {target:?}"
+            );
+        }
+        assert!(cmd.contains("modcaps=-mknod"), "{cmd}");
+    }
     wait_ssh(&ns, &home);
 
     // Read-only: readable; not writable, even by root in the guest.
