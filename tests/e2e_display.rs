@@ -224,4 +224,54 @@ fn vnc_shows_the_screen_to_the_url_holder_only_on_loopback() {
     let (code, text) = capture(&ns, &python, &url2, &shot, None);
     assert_eq!(code, 0, "{text}");
     ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
+
+    // A foreground run is the VM's supervisor for its whole life: a
+    // --vnc-password on its command line is on no process's command line
+    // (lume restarts itself without it), yet it is the password in force.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "vm2", "--vnc-password", "FgPw1234"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    home.env(&mut c);
+    let mut fg = c.spawn().unwrap();
+    let url3 = wait_for("the foreground run's vncUrl", BOOT, || {
+        details(&ns, &home, "vm2")["vncUrl"]
+            .as_str()
+            .map(str::to_string)
+    });
+    assert!(url3.starts_with("vnc://:FgPw1234@"), "{url3}");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() {
+            let cmd = cmdline(pid);
+            if cmd.contains("FgPw1234") {
+                seen.push(cmd);
+            }
+        }
+    }
+    assert!(
+        seen.is_empty(),
+        "the password is on a command line: {seen:?}"
+    );
+    let (code, text) = capture(&ns, &python, &url3, &shot, None);
+    assert_eq!(code, 0, "{text}");
+    ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
+    let _ = fg.wait();
+
+    // The password may come from LUME_VNC_PASSWORD instead.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "vm2", "--detach"]);
+    home.env(&mut c);
+    let out = c.env("LUME_VNC_PASSWORD", "EnvPw987").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let url4 = details(&ns, &home, "vm2")["vncUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(url4.starts_with("vnc://:EnvPw987@"), "{url4}");
+    ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
 }

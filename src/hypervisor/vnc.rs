@@ -74,6 +74,60 @@ impl Default for Limits {
     }
 }
 
+/// The password taken from [`PASSWORD_ENV`] by [`take_password_env`].
+static ENV_PASSWORD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Takes `LUME_VNC_PASSWORD` out of this process's environment (so that no
+/// program lume starts inherits it) and keeps it for [`env_password`].
+///
+/// # Safety
+/// Changes the environment: call it while the process has one thread.
+pub unsafe fn take_password_env() {
+    let p = std::env::var(PASSWORD_ENV).ok();
+    // SAFETY: the caller guarantees no other thread exists.
+    unsafe { std::env::remove_var(PASSWORD_ENV) };
+    let _ = ENV_PASSWORD.set(p);
+}
+
+/// The `LUME_VNC_PASSWORD` this process was started with, if any.
+pub fn env_password() -> Option<String> {
+    ENV_PASSWORD.get().cloned().flatten()
+}
+
+/// `lume run … --vnc-password P …` as the same command without the option,
+/// with `P` to hand over in [`PASSWORD_ENV`]; `None` when `args` (the whole
+/// command line, program first) is not a `run` with a `--vnc-password`.
+pub fn strip_password_arg(
+    args: &[std::ffi::OsString],
+) -> Option<(Vec<std::ffi::OsString>, String)> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("run") {
+        return None;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    let mut password = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].to_str().unwrap_or("");
+        if a == "--" {
+            out.extend(args[i..].iter().cloned());
+            break;
+        }
+        if a == "--vnc-password" && i + 1 < args.len() {
+            password = args[i + 1].to_str().map(str::to_string);
+            i += 2;
+            continue;
+        }
+        if let Some(p) = a.strip_prefix("--vnc-password=") {
+            password = Some(p.to_string());
+            i += 1;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    password.map(|p| (out, p))
+}
+
 /// The longest password lume accepts (VNC itself uses the first 8 characters).
 pub const MAX_PASSWORD_LEN: usize = 64;
 
@@ -343,6 +397,29 @@ fn join(tcp: TcpStream, unix: UnixStream, login_timeout: Duration) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_option_is_taken_off_the_command_line() {
+        let v = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (rest, p) = strip_password_arg(&v(&[
+            "lume",
+            "run",
+            "vm",
+            "--vnc-password",
+            "s3",
+            "--detach",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (rest, p.as_str()),
+            (v(&["lume", "run", "vm", "--detach"]), "s3")
+        );
+        let (rest, p) =
+            strip_password_arg(&v(&["lume", "run", "--vnc-password=a=b", "vm"])).unwrap();
+        assert_eq!((rest, p.as_str()), (v(&["lume", "run", "vm"]), "a=b"));
+        assert!(strip_password_arg(&v(&["lume", "ls", "--vnc-password", "x"])).is_none());
+        assert!(strip_password_arg(&v(&["lume", "run", "vm"])).is_none());
+    }
 
     #[test]
     fn passwords_are_checked_and_the_url_is_lumes_shape() {

@@ -1150,24 +1150,11 @@ fn run_request(
     })
 }
 
-/// The VNC display of this run. A detached supervisor gets a chosen
-/// password through its environment (readable only by its own user), never
-/// through its command line.
+/// The VNC display of this run. A chosen password reaches the CLI and a
+/// detached supervisor through LUME_VNC_PASSWORD (readable only by its own
+/// user; taken out of the environment at start), never a command line.
 fn vnc_request(spec: &RunSpec) -> Result<VncRequest, VmError> {
-    let password = match &spec.vnc_password {
-        Some(p) => Some(p.clone()),
-        None if std::env::var_os(supervisor::START_LOG_ENV).is_some() => {
-            let p = std::env::var(vnc::PASSWORD_ENV).ok();
-            // No helper this supervisor starts (passt runs as another user)
-            // inherits it.
-            // SAFETY: the detached supervisor is single-threaded here: the
-            // threads that opened the caller's files have ended, and no
-            // other thread reads the environment.
-            unsafe { std::env::remove_var(vnc::PASSWORD_ENV) };
-            p
-        }
-        None => None,
-    };
+    let password = spec.vnc_password.clone();
     if let Some(p) = &password {
         vnc::check_password(p).map_err(RunError::from)?;
     }
