@@ -209,6 +209,7 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::NeedsForce(_)
         | VmError::TimeoutTooLong(_)
         | VmError::TooManyShares(_)
+        | VmError::UsbStorageTwice(_)
         | VmError::NotDirectory(_) => BAD,
         // A host file the caller could not open itself, or a storage
         // location another user can change.

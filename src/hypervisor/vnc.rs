@@ -188,15 +188,30 @@ pub fn url(port: u16, password: &str) -> String {
 /// URL with its password, then the desktop's handler for `vnc://` URLs.
 pub const VIEWERS: &[&str] = &["remote-viewer", "xdg-open"];
 
+/// Why no viewer shows the display.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoViewer {
+    #[error(
+        "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set; sudo drops them unless told to keep them)"
+    )]
+    NoSession,
+    #[error("no viewer is installed (install virt-viewer for remote-viewer)")]
+    NotInstalled,
+    #[error("{0} exited at once ({1})")]
+    Failed(&'static str, String),
+}
+
 /// Opens `url` in the first viewer of [`VIEWERS`] found in PATH, when a
 /// graphical session is there (`DISPLAY` or `WAYLAND_DISPLAY`); returns the
-/// viewer started, or `None` (then the caller prints the URL).
-pub fn open_viewer(url: &str) -> Option<&'static str> {
+/// viewer started (still running after a short moment), or why none shows
+/// the display (then the caller prints the URL).
+pub fn open_viewer(url: &str) -> Result<&'static str, NoViewer> {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
-        return None;
+        return Err(NoViewer::NoSession);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut failed = None;
     for viewer in VIEWERS {
         let Some(exe) = std::env::split_paths(&path)
             .map(|d| d.join(viewer))
@@ -217,11 +232,28 @@ pub fn open_viewer(url: &str) -> Option<&'static str> {
                 Ok(())
             });
         }
-        if cmd.spawn().is_ok() {
-            return Some(viewer);
+        let Ok(mut child) = cmd.spawn() else { continue };
+        // A viewer that cannot show anything (no display server reachable,
+        // a broken handler) usually exits at once: then try the next one.
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        let exited = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => break None,
+            }
+        };
+        match exited {
+            // xdg-open hands the URL to a handler and exits 0.
+            Some(status) if !status.success() => {
+                failed = Some(NoViewer::Failed(viewer, status.to_string()));
+            }
+            _ => return Ok(viewer),
         }
     }
-    None
+    Err(failed.unwrap_or(NoViewer::NotInstalled))
 }
 
 /// Binds 127.0.0.1:`port` (0: a free port the kernel picks).

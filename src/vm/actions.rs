@@ -115,6 +115,8 @@ pub enum VmError {
         max = crate::hypervisor::virtiofs::MAX_SHARES
     )]
     TooManyShares(usize),
+    #[error("USB storage image {0} is given twice: give each image once")]
+    UsbStorageTwice(PathBuf),
     #[error(
         "Shared directory {0} is not a directory: --shared-dir shares directories; share the directory that holds it"
     )]
@@ -1118,15 +1120,28 @@ fn run_request(
             .iter()
             .map(|p| open_for(ctx, "Disk", p, Access::ReadWrite))
             .collect::<Result<_, _>>()?,
-        usb_storage: spec
-            .usb_storage
-            .iter()
-            .map(|p| {
-                let f = open_for(ctx, "USB storage image", p, Access::ReadWrite)?;
-                crate::hypervisor::usb::check_raw(p, &f.file).map_err(RunError::from)?;
-                Ok(f)
-            })
-            .collect::<Result<_, VmError>>()?,
+        usb_storage: {
+            let mut seen: Vec<(u64, u64)> = Vec::new();
+            spec.usb_storage
+                .iter()
+                .map(|p| {
+                    let f = open_for(ctx, "USB storage image", p, Access::ReadWrite)?;
+                    crate::hypervisor::usb::check_raw(p, &f.file).map_err(RunError::from)?;
+                    // The same image twice: QEMU would refuse the second
+                    // write lock after starting; refused here, plainly.
+                    use std::os::unix::fs::MetadataExt;
+                    let m = f.file.metadata().map_err(|source| RunError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
+                    if seen.contains(&(m.dev(), m.ino())) {
+                        return Err(VmError::UsbStorageTwice(p.clone()));
+                    }
+                    seen.push((m.dev(), m.ino()));
+                    Ok(f)
+                })
+                .collect::<Result<_, VmError>>()?
+        },
         shares: spec
             .shared_dirs
             .iter()
@@ -1212,9 +1227,13 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
 
 /// Opens a viewer on `url` when asked and possible; says where the display is.
 pub fn show_vnc(url: &str, open_viewer: bool, note: &mut dyn FnMut(&str)) {
-    match open_viewer.then(|| vnc::open_viewer(url)).flatten() {
-        Some(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
-        None => note(&format!("VNC display: {url}")),
+    if !open_viewer {
+        note(&format!("VNC display: {url}"));
+        return;
+    }
+    match vnc::open_viewer(url) {
+        Ok(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
+        Err(why) => note(&format!("VNC display: {url} (no viewer opened: {why})")),
     }
 }
 
@@ -1360,8 +1379,10 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             let details = VmDetails::read(store, vm);
             if spec.open_viewer
                 && let Some(url) = &details.vnc_url
+                && let Err(why) = vnc::open_viewer(url)
+                && why != vnc::NoViewer::NoSession
             {
-                vnc::open_viewer(url);
+                eprintln!("No VNC viewer opened: {why}");
             }
             return Ok(Outcome::Started(details));
         }
