@@ -302,8 +302,15 @@ fn attach(a: AttachArgs) -> Result<i32> {
     if details.status != "running" {
         return Err(AttachError::NotRunning(a.name).into());
     }
-    let url = details.vnc_url.ok_or(AttachError::NoVnc(a.name))?;
-    crate::vm::actions::show_vnc(&url, true, &mut |line| outln!("{line}"));
+    let vm = ctx.store.vm(&a.name);
+    let state = vm.running_state();
+    let (Some(port), Some(pw)) = (
+        state.as_ref().and_then(|s| s.vnc_port),
+        state.as_ref().and_then(|s| s.vnc_password.clone()),
+    ) else {
+        return Err(AttachError::NoVnc(a.name).into());
+    };
+    crate::vm::actions::show_vnc(&vm.dir, port, &pw, true, &mut |line| outln!("{line}"));
     Ok(0)
 }
 

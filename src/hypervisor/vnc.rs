@@ -202,10 +202,13 @@ pub enum NoViewer {
 }
 
 /// Opens `url` in the first viewer of [`VIEWERS`] found in PATH, when a
-/// graphical session is there (`DISPLAY` or `WAYLAND_DISPLAY`); returns the
+/// graphical session is there (`DISPLAY` or `WAYLAND_DISPLAY`);
+/// `remote-viewer` is given the connection file `vv` instead when there is
+/// one (it ignores a password in a `vnc://` URL, and the file keeps the
+/// password off its command line); returns the
 /// viewer started (still running after a short moment), or why none shows
 /// the display (then the caller prints the URL).
-pub fn open_viewer(url: &str) -> Result<&'static str, NoViewer> {
+pub fn open_viewer(url: &str, vv: Option<&Path>) -> Result<&'static str, NoViewer> {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
         return Err(NoViewer::NoSession);
@@ -220,8 +223,11 @@ pub fn open_viewer(url: &str) -> Result<&'static str, NoViewer> {
             continue;
         };
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg(url)
-            .stdin(std::process::Stdio::null())
+        match vv {
+            Some(file) if *viewer == "remote-viewer" => cmd.arg(file),
+            _ => cmd.arg(url),
+        };
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         // SAFETY: setsid is async-signal-safe; the viewer gets a session of
@@ -254,6 +260,24 @@ pub fn open_viewer(url: &str) -> Result<&'static str, NoViewer> {
         }
     }
     Err(failed.unwrap_or(NoViewer::NotInstalled))
+}
+
+/// The name of the connection file for virt-viewer in the VM directory.
+pub const VIEWER_FILE: &str = "viewer.vv";
+
+/// Writes `<vm_dir>/viewer.vv` (0600, atomically): virt-viewer's connection
+/// file for this display, with its password.
+pub fn write_viewer_file(
+    vm_dir: &Path,
+    port: u16,
+    password: &str,
+) -> io::Result<std::path::PathBuf> {
+    let path = vm_dir.join(VIEWER_FILE);
+    let text = format!(
+        "[virt-viewer]\ntype=vnc\nhost=127.0.0.1\nport={port}\npassword={password}\ndelete-this-file=0\n"
+    );
+    crate::util::atomic::write_private(&path, text.as_bytes())?;
+    Ok(path)
 }
 
 /// Binds 127.0.0.1:`port` (0: a free port the kernel picks).
@@ -451,6 +475,25 @@ mod tests {
         assert_eq!((rest, p.as_str()), (v(&["lume", "run", "vm"]), "a=b"));
         assert!(strip_password_arg(&v(&["lume", "ls", "--vnc-password", "x"])).is_none());
         assert!(strip_password_arg(&v(&["lume", "run", "vm"])).is_none());
+    }
+
+    #[test]
+    fn the_viewer_file_is_private_and_names_the_display() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_viewer_file(dir.path(), 5901, "s3cr:t@/").unwrap();
+        assert_eq!(p, dir.path().join(VIEWER_FILE));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.starts_with("[virt-viewer]\ntype=vnc\nhost=127.0.0.1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nport=5901\n") && text.contains("\npassword=s3cr:t@/\n"),
+            "{text}"
+        );
     }
 
     #[test]

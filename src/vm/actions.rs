@@ -1201,7 +1201,7 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
             // The VNC URL (with its password) goes to the caller's terminal,
             // never to a detached supervisor's log.
             if foreground && let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
-                show_vnc(&vnc::url(port, pw), spec.open_viewer, note);
+                show_vnc(&vm.dir, port, pw, spec.open_viewer, note);
             }
             note(&format!(
                 "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
@@ -1225,13 +1225,23 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     detach(store, &vm, &spec, &req)
 }
 
-/// Opens a viewer on `url` when asked and possible; says where the display is.
-pub fn show_vnc(url: &str, open_viewer: bool, note: &mut dyn FnMut(&str)) {
+/// Opens a viewer on the display at `port` when asked and possible (for
+/// remote-viewer through a 0600 `viewer.vv` in `vm_dir`); says where the
+/// display is.
+pub fn show_vnc(
+    vm_dir: &Path,
+    port: u16,
+    password: &str,
+    open_viewer: bool,
+    note: &mut dyn FnMut(&str),
+) {
+    let url = vnc::url(port, password);
     if !open_viewer {
         note(&format!("VNC display: {url}"));
         return;
     }
-    match vnc::open_viewer(url) {
+    let vv = vnc::write_viewer_file(vm_dir, port, password).ok();
+    match vnc::open_viewer(&url, vv.as_deref()) {
         Ok(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
         Err(why) => note(&format!("VNC display: {url} (no viewer opened: {why})")),
     }
@@ -1379,7 +1389,11 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             let details = VmDetails::read(store, vm);
             if spec.open_viewer
                 && let Some(url) = &details.vnc_url
-                && let Err(why) = vnc::open_viewer(url)
+                && let (Some(port), Some(pw)) = (state.vnc_port, state.vnc_password.as_deref())
+                && let Err(why) = vnc::open_viewer(
+                    url,
+                    vnc::write_viewer_file(&vm.dir, port, pw).ok().as_deref(),
+                )
                 && why != vnc::NoViewer::NoSession
             {
                 eprintln!("No VNC viewer opened: {why}");
