@@ -8,6 +8,25 @@ fn main() {
     if lume::guest::ssh::serve_askpass() {
         return;
     }
+    // `run --vnc-password P`: the password would be on the command line,
+    // readable by every local user, for the VM's whole life (a foreground
+    // run is its supervisor). lume starts itself again at once without it,
+    // the password in LUME_VNC_PASSWORD (readable by its own user only).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((rest, password)) = lume::hypervisor::vnc::strip_password_arg(&args) {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new("/proc/self/exe")
+            .arg0(&rest[0])
+            .args(&rest[1..])
+            .env(lume::hypervisor::vnc::PASSWORD_ENV, password)
+            .exec();
+        eprintln!(
+            "Error: cannot start lume again without --vnc-password on its command line: {err}; give the password in LUME_VNC_PASSWORD instead"
+        );
+        std::process::exit(1);
+    }
+    // SAFETY: nothing has started a thread yet.
+    unsafe { lume::hypervisor::vnc::take_password_env() };
     let cli = match lume::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

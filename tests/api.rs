@@ -1259,6 +1259,38 @@ fn host_files_in_requests_are_used_with_the_callers_rights() {
         ),
         public_s,
     );
+    // A directory nobody may list is still refused to it: virtiofsd serves
+    // shares as root, so below `/` the guest would read /etc/shadow.
+    let share_root = curl(
+        &nobody,
+        &[&url("/lume/vms/app/run")],
+        "POST",
+        Some(json!({"sharedDirectories": [{"hostPath": "/", "readOnly": true}]})),
+    );
+    assert_eq!(share_root.status, 403, "{share_root:?}");
+    let msg = share_root.body["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("Shared directory /:")
+            && msg.contains("only root may share directories")
+            && msg.contains("uid 65534"),
+        "{msg}"
+    );
+    // More shares than lume serves: refused before anything is opened,
+    // whoever asks.
+    let many: Vec<Value> = (0..9)
+        .map(|_| json!({"hostPath": "/nonexistent-share", "readOnly": true}))
+        .collect();
+    for prefix in [&nobody[..], &in_ns[..]] {
+        let reply = curl(
+            prefix,
+            &[&url("/lume/vms/app/run")],
+            "POST",
+            Some(json!({ "sharedDirectories": many })),
+        );
+        assert_eq!(reply.status, 400, "{reply:?}");
+        let msg = reply.body["message"].as_str().unwrap();
+        assert!(msg.contains("at most 8"), "{msg}");
+    }
     assert_eq!(
         cli_json(&ns, &home, &["get", "app", "-f", "json"])[0]["status"],
         "stopped"

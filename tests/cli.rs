@@ -618,6 +618,35 @@ fn run_refuses_missing_iso_and_disk_files() {
         home.fails(&["run", "r", "--disk", "/nonexistent.img"])
             .contains("Disk /nonexistent.img does not exist")
     );
+    // The same USB image twice, by two names: refused before QEMU starts.
+    let usb = home.path().join("u.img");
+    fs::write(&usb, vec![0u8; 1 << 20]).unwrap();
+    let alias = home.path().join("u-link.img");
+    std::os::unix::fs::symlink(&usb, &alias).unwrap();
+    let err = home.fails(&[
+        "run",
+        "r",
+        "--usb-storage",
+        usb.to_str().unwrap(),
+        "--usb-storage",
+        alias.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("is given twice: give each image once"),
+        "{err}"
+    );
+    // Shares: a file is not a directory; a magic link says what to do;
+    // more than 8 are refused before any is opened.
+    let err = home.fails(&["run", "r", "--shared-dir", usb.to_str().unwrap()]);
+    assert!(err.contains("is not a directory"), "{err}");
+    let err = home.fails(&["run", "r", "--shared-dir", "/proc/self/root/tmp"]);
+    assert!(err.contains("give the real path"), "{err}");
+    let mut many = vec!["run", "r"];
+    for _ in 0..9 {
+        many.extend(["--shared-dir", "/nonexistent-dir"]);
+    }
+    let err = home.fails(&many);
+    assert!(err.contains("lume shares at most 8 per VM"), "{err}");
     assert!(!home.vm_dir("r").join("run.json").exists());
 }
 

@@ -138,6 +138,60 @@ fn vnc_shows_the_screen_to_the_url_holder_only_on_loopback() {
     // attach prints the URL (no graphical session here).
     let out = ns.lume_ok(&home, &["attach", "vm1"]);
     assert!(out.contains(&url), "{out}");
+    assert!(
+        out.contains("no viewer opened: no graphical session"),
+        "{out}"
+    );
+
+    // With a session, remote-viewer gets a 0600 connection file in the VM's
+    // directory, never the password on its command line. (A stand-in
+    // remote-viewer records what it was given: the viewer is not what is
+    // tested here, lume's hand-over is.)
+    let bin = home.path().join("viewer-bin");
+    std::fs::create_dir(&bin).unwrap();
+    let seen = home.path().join("viewer-seen");
+    let script = bin.join("remote-viewer");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {0}.args\ncat \"$1\" > {0}.file\nsleep 2\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["attach", "vm1"]);
+    home.env(&mut c);
+    let path = format!("{}:/usr/bin:/bin", bin.display());
+    let o = c.env("PATH", path).env("DISPLAY", ":99").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains("opened in remote-viewer"),
+        "{o:?}"
+    );
+    let vv = home.vm_dir("vm1").join("viewer.vv");
+    let args = wait_for("the viewer's arguments", Duration::from_secs(10), || {
+        std::fs::read_to_string(seen.with_extension("args")).ok()
+    });
+    assert_eq!(args.trim(), vv.display().to_string());
+    let (pw, port) = parse_url(&url);
+    let file = wait_for("the viewer's file", Duration::from_secs(10), || {
+        std::fs::read_to_string(seen.with_extension("file"))
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    assert!(
+        file.contains(&format!("port={port}\n")) && file.contains(&format!("password={pw}\n")),
+        "{file}"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&vv).unwrap().permissions())
+            & 0o777,
+        0o600
+    );
 
     // A port that is taken is an error naming the option, before QEMU starts.
     let args = common::guest_create_args("vm2", "none", &[], "");
@@ -223,5 +277,55 @@ fn vnc_shows_the_screen_to_the_url_holder_only_on_loopback() {
     );
     let (code, text) = capture(&ns, &python, &url2, &shot, None);
     assert_eq!(code, 0, "{text}");
+    ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
+
+    // A foreground run is the VM's supervisor for its whole life: a
+    // --vnc-password on its command line is on no process's command line
+    // (lume restarts itself without it), yet it is the password in force.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "vm2", "--vnc-password", "FgPw1234"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    home.env(&mut c);
+    let mut fg = c.spawn().unwrap();
+    let url3 = wait_for("the foreground run's vncUrl", BOOT, || {
+        details(&ns, &home, "vm2")["vncUrl"]
+            .as_str()
+            .map(str::to_string)
+    });
+    assert!(url3.starts_with("vnc://:FgPw1234@"), "{url3}");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() {
+            let cmd = cmdline(pid);
+            if cmd.contains("FgPw1234") {
+                seen.push(cmd);
+            }
+        }
+    }
+    assert!(
+        seen.is_empty(),
+        "the password is on a command line: {seen:?}"
+    );
+    let (code, text) = capture(&ns, &python, &url3, &shot, None);
+    assert_eq!(code, 0, "{text}");
+    ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
+    let _ = fg.wait();
+
+    // The password may come from LUME_VNC_PASSWORD instead.
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "vm2", "--detach"]);
+    home.env(&mut c);
+    let out = c.env("LUME_VNC_PASSWORD", "EnvPw987").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let url4 = details(&ns, &home, "vm2")["vncUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(url4.starts_with("vnc://:EnvPw987@"), "{url4}");
     ns.lume_ok(&home, &["stop", "vm2", "--timeout", "5"]);
 }

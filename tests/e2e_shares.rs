@@ -126,7 +126,20 @@ fn shares_are_mounted_read_only_or_read_write_and_die_with_the_vm() {
     assert_eq!(shares[0]["tag"], "lume0");
     assert_eq!(shares[1]["readOnly"], false);
     let vm_dir = home.vm_dir("deb");
-    assert!(!virtiofsd_of(&vm_dir).is_empty());
+    let daemons = virtiofsd_of(&vm_dir);
+    assert!(!daemons.is_empty());
+    // Their output goes through lume's capped pump (a pipe), never straight
+    // into a file they could grow without end; no device nodes.
+    for (pid, cmd) in &daemons {
+        for fd in [1, 2] {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert!(
+                target.to_string_lossy().starts_with("pipe:"),
+                "{cmd}: fd {fd} is {target:?}"
+            );
+        }
+        assert!(cmd.contains("modcaps=-mknod"), "{cmd}");
+    }
     wait_ssh(&ns, &home);
 
     // Read-only: readable; not writable, even by root in the guest.
@@ -155,6 +168,17 @@ fn shares_are_mounted_read_only_or_read_write_and_die_with_the_vm() {
         std::fs::read_to_string(rw.join("out")).unwrap(),
         "from-the-guest\n"
     );
+    // Guest root cannot leave device nodes on the host (virtiofsd runs
+    // without CAP_MKNOD); a FIFO, which needs no privilege, still works.
+    for cmd in [
+        "sudo mknod /mnt/shared/rwshare/disk b 8 0",
+        "sudo mknod /mnt/shared/rwshare/mem c 1 1",
+    ] {
+        assert!(!ssh(&ns, &home, cmd).status.success(), "{cmd} succeeded");
+    }
+    assert!(!rw.join("disk").exists() && !rw.join("mem").exists());
+    ssh_ok(&ns, &home, "sudo mkfifo /mnt/shared/rwshare/fifo");
+    assert!(rw.join("fifo").exists());
 
     // Stop: no virtiofsd left, no shares listed.
     ns.lume_ok(&home, &["stop", "deb", "--timeout", "60"]);

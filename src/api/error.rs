@@ -214,7 +214,10 @@ pub fn vm_status(e: &VmError) -> StatusCode {
         | VmError::TwoBootSources
         | VmError::Sha256WithoutImage
         | VmError::NeedsForce(_)
-        | VmError::TimeoutTooLong(_) => BAD,
+        | VmError::TimeoutTooLong(_)
+        | VmError::TooManyShares(_)
+        | VmError::UsbStorageTwice(_)
+        | VmError::NotDirectory(_) => BAD,
         // A host file the caller could not open itself, or a storage
         // location another user can change.
         VmError::Forbidden { .. } => StatusCode::FORBIDDEN,

@@ -475,7 +475,7 @@ fn abs_path(what: &str, s: &str) -> ApiResult<PathBuf> {
         Ok(p.to_path_buf())
     } else {
         Err(ApiError::bad_request(format!(
-            "{what} must be an absolute path on the server, not '{s}'"
+            "The field {what} must be an absolute path on the server, not '{s}': give the full path, starting with /"
         )))
     }
 }

@@ -310,8 +310,15 @@ fn attach(a: AttachArgs) -> Result<i32> {
     if details.status != "running" {
         return Err(AttachError::NotRunning(a.name).into());
     }
-    let url = details.vnc_url.ok_or(AttachError::NoVnc(a.name))?;
-    crate::vm::actions::show_vnc(&url, true, &mut |line| outln!("{line}"));
+    let vm = ctx.store.vm(&a.name);
+    let state = vm.running_state();
+    let (Some(port), Some(pw)) = (
+        state.as_ref().and_then(|s| s.vnc_port),
+        state.as_ref().and_then(|s| s.vnc_password.clone()),
+    ) else {
+        return Err(AttachError::NoVnc(a.name).into());
+    };
+    crate::vm::actions::show_vnc(&vm.dir, port, &pw, true, &mut |line| outln!("{line}"));
     Ok(0)
 }
 
@@ -573,13 +580,13 @@ pub struct RunArgs {
     /// Directory to share with the VM (virtio-fs; repeatable): PATH or PATH:rw read-write, PATH:ro read-only; lume's guests mount it at /mnt/shared/<its name>
     #[arg(long, value_name = "PATH[:ro|rw]", value_parser = shared_dir_arg)]
     pub shared_dir: Vec<(PathBuf, bool)>,
-    /// Disk image to attach as a USB mass-storage device (repeatable; raw or qcow2, read-write)
+    /// Raw disk image to attach as a USB mass-storage device (repeatable; read-write; qcow2 is refused)
     #[arg(long, value_name = "PATH")]
     pub usb_storage: Vec<PathBuf>,
     /// The VNC server's port on 127.0.0.1 (0, the default: a free port)
     #[arg(long, value_name = "PORT", value_parser = port_arg)]
     pub vnc_port: Option<u16>,
-    /// The VNC password (default: a random one per run; VNC uses its first 8 characters)
+    /// The VNC password (default: LUME_VNC_PASSWORD, else a random one per run; VNC uses its first 8 characters; lume restarts itself at once to take it off its command line)
     #[arg(long, value_name = "PASSWORD")]
     pub vnc_password: Option<String>,
     /// Refused when true: recovery mode is for macOS guests
@@ -1230,7 +1237,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     policy: a.policy.policy(),
                     ephemeral: a.ephemeral,
                     vnc_port: a.vnc_port.unwrap_or(0),
-                    vnc_password: a.vnc_password,
+                    vnc_password: a.vnc_password.or_else(crate::hypervisor::vnc::env_password),
                     open_viewer: !a.no_display && a.display.as_deref() != Some("none"),
                 }),
                 Format::Text,

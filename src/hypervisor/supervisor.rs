@@ -200,7 +200,22 @@ fn install_signal_handlers() {
 
 /// Writes one timestamped line to the supervisor's log (stderr).
 pub fn log(msg: &str) {
-    let _ = writeln!(io::stderr(), "[{}] {msg}", timestamp());
+    let _ = writeln!(io::stderr(), "[{}] {}", timestamp(), one_line(msg));
+}
+
+/// `msg` with its control characters escaped (`\n`, `\u{1b}`, …): host
+/// paths and names in a message cannot forge lines of lume.log or send
+/// terminal escapes to whoever reads it.
+pub fn one_line(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Checks that `run` can start at all, before any process or device exists.
@@ -341,10 +356,22 @@ pub fn supervise(
 
     // virtiofsd first: its sockets listen before QEMU connects.
     let shares = super::virtiofs::share_states(&req.shares);
+    // Their messages go through a pipe into a capped virtiofsd.log (a
+    // guest can make virtiofsd log without end); the pump ends when the
+    // last virtiofsd does.
     let fs_log = vm.dir.join("virtiofsd.log");
-    let daemons = super::virtiofs::start(&vm.dir, &req.shares, &|| {
-        logcap::open_log(&fs_log, false).map(Stdio::from)
+    let fs_pipe = if req.shares.is_empty() {
+        None
+    } else {
+        let (read, write) = logcap::pipe().map_err(io_at(fs_log.clone()))?;
+        logcap::pump(read, &fs_log, cap).map_err(io_at(fs_log.clone()))?;
+        Some(write)
+    };
+    let daemons = super::virtiofs::start(&vm.dir, &req.shares, &|| match &fs_pipe {
+        Some(w) => w.try_clone().map(Stdio::from),
+        None => Err(io::Error::from_raw_os_error(libc::EBADF)),
     })?;
+    drop(fs_pipe);
     for s in &shares {
         log(&format!(
             "Sharing {} as {} ({}), /mnt/shared/{} in lume's guests",
@@ -703,5 +730,22 @@ fn run_until_exit(
             force_at = Some(Instant::now() + Duration::from_secs(3600));
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_path_cannot_forge_log_lines() {
+        let forged = "Sharing /tmp/x\n[2026-01-01 00:00:00] VM stopped\u{1b}[2J as lume0";
+        let line = one_line(forged);
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line}");
+        assert_eq!(
+            line,
+            "Sharing /tmp/x\\n[2026-01-01 00:00:00] VM stopped\\u{1b}[2J as lume0"
+        );
+        assert_eq!(one_line("plain é path"), "plain é path");
     }
 }

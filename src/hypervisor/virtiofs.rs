@@ -15,6 +15,9 @@
 //! - virtiofsd dies with the supervisor (PR_SET_PDEATHSIG); one left by a
 //!   killed supervisor is found by its command line (`shares/` of this VM's
 //!   directory) and killed by the next start or stop ([`collect_stale`]).
+//! - virtiofsd (Debian's C one) runs as root without uid mapping, so only
+//!   root may share directories (checked in `vm::actions`); it runs without
+//!   CAP_MKNOD (`-o modcaps=-mknod`), so guests cannot create device nodes.
 //! - Tags are `lume0`, `lume1`, …; the list of `tag mode name` lines reaches
 //!   the guest through QEMU's fw_cfg as `opt/lume/shares`, where lume's
 //!   cloud-init `bootcmd` finds it at every boot.
@@ -38,6 +41,9 @@ pub const VIRTIOFSD: &[&str] = &["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtio
 
 /// The fw_cfg file listing the shares for the guest.
 pub const FW_CFG_NAME: &str = "opt/lume/shares";
+
+/// The most shared directories one VM may have.
+pub const MAX_SHARES: usize = 8;
 
 /// The directory of the VM directory holding the mount points.
 pub const SHARES_DIR: &str = "shares";
@@ -354,6 +360,11 @@ pub fn start(
             .arg(format!("source={}", mnt.display()))
             .arg("-o")
             .arg("cache=auto")
+            // No device nodes: a guest's mknod of a block or character
+            // device is refused (EPERM), so it cannot leave /dev/sda-like
+            // nodes on the host.
+            .arg("-o")
+            .arg("modcaps=-mknod")
             .current_dir("/")
             .env_clear()
             .stdin(Stdio::null())

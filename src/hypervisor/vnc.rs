@@ -12,16 +12,28 @@
 //!
 //! VNC's password authentication (RFB "VNC authentication") uses at most 8
 //! characters of the password: QEMU and every client ignore the rest.
+//!
+//! Any local user can connect to the port, so connections are limited:
+//! at most [`Limits::per_uid`] at once per local uid (the socket's owner,
+//! from the kernel's sock_diag, as the API server finds its callers), at
+//! most [`Limits::total`] in all, and a connection whose client has not sent
+//! the whole RFB handshake up to its ClientInit ([`LOGIN_BYTES`]) within
+//! [`Limits::login_timeout`] is closed: idle sockets cannot lock the owner
+//! out. A client that sent that much has either logged in or been refused
+//! by QEMU (which then closes the connection).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -34,8 +46,87 @@ pub const VNC_SOCKET: &str = "vnc.sock";
 /// `--vnc-password` to its supervisor (never its command line).
 pub const PASSWORD_ENV: &str = "LUME_VNC_PASSWORD";
 
-/// How many VNC connections one VM serves at once.
-const MAX_CONNECTIONS: usize = 8;
+/// What a client sends up to and including its ClientInit: the protocol
+/// version (12 bytes), the chosen security type (1, RFB 3.7 and 3.8), the
+/// answer to the 16-byte challenge (16), ClientInit (1). RFB 3.3 has no
+/// security-type byte: 29 bytes then include ClientInit; in 3.7/3.8 they
+/// complete the password answer, which QEMU then accepts or refuses.
+pub const LOGIN_BYTES: u64 = 29;
+
+/// The limits on one VM's VNC connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections at once from one local uid.
+    pub per_uid: usize,
+    /// Connections at once in all.
+    pub total: usize,
+    /// How long a client has to send its handshake ([`LOGIN_BYTES`]).
+    pub login_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_uid: 4,
+            total: 32,
+            login_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The password taken from [`PASSWORD_ENV`] by [`take_password_env`].
+static ENV_PASSWORD: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Takes `LUME_VNC_PASSWORD` out of this process's environment (so that no
+/// program lume starts inherits it) and keeps it for [`env_password`].
+///
+/// # Safety
+/// Changes the environment: call it while the process has one thread.
+pub unsafe fn take_password_env() {
+    let p = std::env::var(PASSWORD_ENV).ok();
+    // SAFETY: the caller guarantees no other thread exists.
+    unsafe { std::env::remove_var(PASSWORD_ENV) };
+    let _ = ENV_PASSWORD.set(p);
+}
+
+/// The `LUME_VNC_PASSWORD` this process was started with, if any.
+pub fn env_password() -> Option<String> {
+    ENV_PASSWORD.get().cloned().flatten()
+}
+
+/// `lume run … --vnc-password P …` as the same command without the option,
+/// with `P` to hand over in [`PASSWORD_ENV`]; `None` when `args` (the whole
+/// command line, program first) is not a `run` with a `--vnc-password`.
+pub fn strip_password_arg(
+    args: &[std::ffi::OsString],
+) -> Option<(Vec<std::ffi::OsString>, String)> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("run") {
+        return None;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    let mut password = None;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].to_str().unwrap_or("");
+        if a == "--" {
+            out.extend(args[i..].iter().cloned());
+            break;
+        }
+        if a == "--vnc-password" && i + 1 < args.len() {
+            password = args[i + 1].to_str().map(str::to_string);
+            i += 2;
+            continue;
+        }
+        if let Some(p) = a.strip_prefix("--vnc-password=") {
+            password = Some(p.to_string());
+            i += 1;
+            continue;
+        }
+        out.push(args[i].clone());
+        i += 1;
+    }
+    password.map(|p| (out, p))
+}
 
 /// The longest password lume accepts (VNC itself uses the first 8 characters).
 pub const MAX_PASSWORD_LEN: usize = 64;
@@ -97,15 +188,33 @@ pub fn url(port: u16, password: &str) -> String {
 /// URL with its password, then the desktop's handler for `vnc://` URLs.
 pub const VIEWERS: &[&str] = &["remote-viewer", "xdg-open"];
 
+/// Why no viewer shows the display.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoViewer {
+    #[error(
+        "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set; sudo drops them unless told to keep them)"
+    )]
+    NoSession,
+    #[error("no viewer is installed (install virt-viewer for remote-viewer)")]
+    NotInstalled,
+    #[error("{0} exited at once ({1})")]
+    Failed(&'static str, String),
+}
+
 /// Opens `url` in the first viewer of [`VIEWERS`] found in PATH, when a
-/// graphical session is there (`DISPLAY` or `WAYLAND_DISPLAY`); returns the
-/// viewer started, or `None` (then the caller prints the URL).
-pub fn open_viewer(url: &str) -> Option<&'static str> {
+/// graphical session is there (`DISPLAY` or `WAYLAND_DISPLAY`);
+/// `remote-viewer` is given the connection file `vv` instead when there is
+/// one (it ignores a password in a `vnc://` URL, and the file keeps the
+/// password off its command line); returns the
+/// viewer started (still running after a short moment), or why none shows
+/// the display (then the caller prints the URL).
+pub fn open_viewer(url: &str, vv: Option<&Path>) -> Result<&'static str, NoViewer> {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("DISPLAY").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none() {
-        return None;
+        return Err(NoViewer::NoSession);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut failed = None;
     for viewer in VIEWERS {
         let Some(exe) = std::env::split_paths(&path)
             .map(|d| d.join(viewer))
@@ -114,8 +223,11 @@ pub fn open_viewer(url: &str) -> Option<&'static str> {
             continue;
         };
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg(url)
-            .stdin(std::process::Stdio::null())
+        match vv {
+            Some(file) if *viewer == "remote-viewer" => cmd.arg(file),
+            _ => cmd.arg(url),
+        };
+        cmd.stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         // SAFETY: setsid is async-signal-safe; the viewer gets a session of
@@ -126,11 +238,46 @@ pub fn open_viewer(url: &str) -> Option<&'static str> {
                 Ok(())
             });
         }
-        if cmd.spawn().is_ok() {
-            return Some(viewer);
+        let Ok(mut child) = cmd.spawn() else { continue };
+        // A viewer that cannot show anything (no display server reachable,
+        // a broken handler) usually exits at once: then try the next one.
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        let exited = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => break None,
+            }
+        };
+        match exited {
+            // xdg-open hands the URL to a handler and exits 0.
+            Some(status) if !status.success() => {
+                failed = Some(NoViewer::Failed(viewer, status.to_string()));
+            }
+            _ => return Ok(viewer),
         }
     }
-    None
+    Err(failed.unwrap_or(NoViewer::NotInstalled))
+}
+
+/// The name of the connection file for virt-viewer in the VM directory.
+pub const VIEWER_FILE: &str = "viewer.vv";
+
+/// Writes `<vm_dir>/viewer.vv` (0600, atomically): virt-viewer's connection
+/// file for this display, with its password.
+pub fn write_viewer_file(
+    vm_dir: &Path,
+    port: u16,
+    password: &str,
+) -> io::Result<std::path::PathBuf> {
+    let path = vm_dir.join(VIEWER_FILE);
+    let text = format!(
+        "[virt-viewer]\ntype=vnc\nhost=127.0.0.1\nport={port}\npassword={password}\ndelete-this-file=0\n"
+    );
+    crate::util::atomic::write_private(&path, text.as_bytes())?;
+    Ok(path)
 }
 
 /// Binds 127.0.0.1:`port` (0: a free port the kernel picks).
@@ -161,6 +308,11 @@ impl VncForwarder {
     /// `<vm_dir>/vnc.sock` (reached through a descriptor of the directory,
     /// so a long path and a renamed directory do not matter).
     pub fn start(listener: TcpListener, vm_dir: &Path) -> io::Result<Self> {
+        Self::start_with(listener, vm_dir, Limits::default())
+    }
+
+    /// [`Self::start`] with other limits.
+    pub fn start_with(listener: TcpListener, vm_dir: &Path, limits: Limits) -> io::Result<Self> {
         let port = listener.local_addr()?.port();
         let dir = File::options()
             .read(true)
@@ -169,7 +321,8 @@ impl VncForwarder {
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let (l, s) = (listener.clone(), stop.clone());
-        let active = Arc::new(AtomicUsize::new(0));
+        // Open connections per socket owner (u32::MAX: owner unknown).
+        let active: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
         std::thread::Builder::new()
             .name("vnc-accept".into())
             .spawn(move || {
@@ -179,20 +332,49 @@ impl VncForwarder {
                         break;
                     }
                     let Ok(tcp) = conn else { continue };
-                    if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        continue; // dropped: closed at once
+                    let uid = match (tcp.peer_addr(), tcp.local_addr()) {
+                        (Ok(client), Ok(server)) => {
+                            crate::api::peer::tcp_socket_owner(client, server)
+                                .map(|o| o.uid)
+                                .unwrap_or(u32::MAX)
+                        }
+                        _ => u32::MAX,
+                    };
+                    {
+                        let mut a = active.lock().unwrap_or_else(|e| e.into_inner());
+                        let total: usize = a.values().sum();
+                        let mine = a.entry(uid).or_insert(0);
+                        if *mine >= limits.per_uid || total >= limits.total {
+                            continue; // dropped: closed at once
+                        }
+                        *mine += 1;
                     }
+                    let release = {
+                        let a = active.clone();
+                        move || {
+                            let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Some(n) = a.get_mut(&uid) {
+                                *n = n.saturating_sub(1);
+                                if *n == 0 {
+                                    a.remove(&uid);
+                                }
+                            }
+                        }
+                    };
                     let Ok(unix) = UnixStream::connect(&sock) else {
+                        release();
                         continue;
                     };
-                    active.fetch_add(1, Ordering::SeqCst);
-                    let a = active.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("vnc-conn".into())
-                        .spawn(move || {
-                            let _ = join(tcp, unix);
-                            a.fetch_sub(1, Ordering::SeqCst);
-                        });
+                    let spawned = std::thread::Builder::new().name("vnc-conn".into()).spawn({
+                        let release = release.clone();
+                        move || {
+                            let _ = join(tcp, unix, limits.login_timeout);
+                            release();
+                        }
+                    });
+                    if spawned.is_err() {
+                        release();
+                    }
                 }
                 drop(dir);
             })?;
@@ -216,13 +398,49 @@ impl Drop for VncForwarder {
     }
 }
 
-/// Copies both ways until either side closes.
-fn join(tcp: TcpStream, unix: UnixStream) -> io::Result<()> {
+/// Copies both ways until either side closes; closes both sides when the
+/// client has not sent [`LOGIN_BYTES`] within `login_timeout`.
+fn join(tcp: TcpStream, unix: UnixStream, login_timeout: Duration) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let (mut tcp_r, mut unix_w) = (tcp.try_clone()?, unix.try_clone()?);
     let up = std::thread::spawn(move || {
-        let _ = io::copy(&mut tcp_r, &mut unix_w);
-        let _ = unix_w.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + login_timeout;
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 16 << 10];
+        let _ = tcp_r.set_read_timeout(Some(login_timeout.max(Duration::from_millis(1))));
+        loop {
+            match tcp_r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if unix_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let before = sent;
+                    sent += n as u64;
+                    if before < LOGIN_BYTES && sent >= LOGIN_BYTES {
+                        let _ = tcp_r.set_read_timeout(None);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if sent < LOGIN_BYTES
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        // Too slow to log in: close both ends.
+                        let _ = tcp_r.shutdown(Shutdown::Both);
+                        break;
+                    }
+                    let _ = tcp_r.set_read_timeout(Some(left));
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = unix_w.shutdown(Shutdown::Both);
     });
     let (mut unix_r, mut tcp_w) = (unix, tcp);
     let _ = io::copy(&mut unix_r, &mut tcp_w);
@@ -237,6 +455,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_password_option_is_taken_off_the_command_line() {
+        let v = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (rest, p) = strip_password_arg(&v(&[
+            "lume",
+            "run",
+            "vm",
+            "--vnc-password",
+            "s3",
+            "--detach",
+        ]))
+        .unwrap();
+        assert_eq!(
+            (rest, p.as_str()),
+            (v(&["lume", "run", "vm", "--detach"]), "s3")
+        );
+        let (rest, p) =
+            strip_password_arg(&v(&["lume", "run", "--vnc-password=a=b", "vm"])).unwrap();
+        assert_eq!((rest, p.as_str()), (v(&["lume", "run", "vm"]), "a=b"));
+        assert!(strip_password_arg(&v(&["lume", "ls", "--vnc-password", "x"])).is_none());
+        assert!(strip_password_arg(&v(&["lume", "run", "vm"])).is_none());
+    }
+
+    #[test]
+    fn the_viewer_file_is_private_and_names_the_display() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_viewer_file(dir.path(), 5901, "s3cr:t@/").unwrap();
+        assert_eq!(p, dir.path().join(VIEWER_FILE));
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.starts_with("[virt-viewer]\ntype=vnc\nhost=127.0.0.1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nport=5901\n") && text.contains("\npassword=s3cr:t@/\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn passwords_are_checked_and_the_url_is_lumes_shape() {
         assert!(check_password("").is_err());
         assert!(check_password("with space").is_err());
@@ -247,6 +507,116 @@ mod tests {
         assert_ne!(p, random_password());
         assert_eq!(url(5901, "abc"), "vnc://:abc@127.0.0.1:5901");
         assert_eq!(url(1, "a@b:c/"), "vnc://:a%40b%3Ac%2F@127.0.0.1:1");
+    }
+
+    /// Connects to `port` from a thread whose filesystem uid is `uid`: the
+    /// socket is owned by that uid, as if that user had connected.
+    fn connect_as(uid: u32, port: u16) -> TcpStream {
+        std::thread::spawn(move || {
+            // SAFETY: raw setfsuid changes this short-lived thread's
+            // filesystem uid only.
+            unsafe { libc::syscall(libc::SYS_setfsuid, uid) };
+            let s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Whether the forwarder serves the connection: QEMU's greeting arrives.
+    fn served(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 12];
+        match s.read_exact(&mut b) {
+            Ok(()) => {
+                assert_eq!(&b, b"RFB 003.008\n");
+                true
+            }
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                    "neither served nor closed: {e}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether the connection was closed: end of file or reset, not silence.
+    fn closed(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+        }
+    }
+
+    #[test]
+    fn idle_connections_cannot_lock_the_owner_out() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to connect as another uid");
+            return;
+        }
+        // QEMU's side: a Unix socket that greets as QEMU does and echoes.
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = std::os::unix::net::UnixListener::bind(dir.path().join(VNC_SOCKET)).unwrap();
+        std::thread::spawn(move || {
+            for c in qemu.incoming() {
+                let Ok(mut c) = c else { return };
+                std::thread::spawn(move || {
+                    let _ = c.write_all(b"RFB 003.008\n");
+                    let mut r = c.try_clone().unwrap();
+                    let _ = io::copy(&mut r, &mut c);
+                });
+            }
+        });
+        let limits = Limits {
+            per_uid: 2,
+            total: 3,
+            login_timeout: Duration::from_secs(2),
+        };
+        let fwd = VncForwarder::start_with(bind(0).unwrap(), dir.path(), limits).unwrap();
+        let port = fwd.port;
+        const NOBODY: u32 = 65534;
+
+        // One local user's idle sockets take its own share only.
+        let mut idle: Vec<TcpStream> = (0..2).map(|_| connect_as(NOBODY, port)).collect();
+        for s in &mut idle {
+            assert!(served(s));
+        }
+        assert!(
+            !served(&mut connect_as(NOBODY, port)),
+            "a third of nobody's"
+        );
+        // The owner still gets in, and logs in (sends the whole handshake).
+        let mut owner = connect_as(0, port);
+        assert!(served(&mut owner));
+        owner.write_all(&[b'x'; LOGIN_BYTES as usize]).unwrap();
+        let mut echo = [0u8; LOGIN_BYTES as usize];
+        owner.read_exact(&mut echo).unwrap();
+        // The total is reached: nobody else is served.
+        assert!(!served(&mut connect_as(0, port)), "past the total");
+
+        // Past the login timeout the idle ones are closed, the logged-in one
+        // is not, and the slots are free again.
+        std::thread::sleep(Duration::from_millis(2600));
+        for s in &mut idle {
+            assert!(closed(s), "an idle connection outlived the login timeout");
+        }
+        owner.write_all(b"y").unwrap();
+        let mut one = [0u8; 1];
+        owner.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"y");
+        let mut again = connect_as(NOBODY, port);
+        assert!(served(&mut again));
+        drop(fwd);
     }
 
     #[test]

@@ -293,9 +293,13 @@ pub(super) fn normalise(
 pub(super) fn started_text(d: &crate::vm::details::VmDetails) -> String {
     let accel = d.accelerator.as_deref().unwrap_or("unknown");
     let name = &d.name;
+    let display = match &d.vnc_url {
+        Some(url) => format!(" VNC display: {url}"),
+        None => String::new(),
+    };
     if d.network_mode.as_deref() == Some("none") {
         return format!(
-            "VM '{name}' is running (accelerator {accel}) with no network (mode none): lume_exec cannot reach it. Stop it with lume_stop_vm"
+            "VM '{name}' is running (accelerator {accel}) with no network (mode none): lume_exec cannot reach it. Stop it with lume_stop_vm.{display}"
         );
     }
     let mut address = match &d.ip_address {
@@ -306,7 +310,7 @@ pub(super) fn started_text(d: &crate::vm::details::VmDetails) -> String {
         address.push_str("; ephemeral: its disk changes are discarded when it stops");
     }
     format!(
-        "VM '{name}' is running (accelerator {accel}{address}). Run commands in it with lume_exec (user lume, lume's SSH key; it waits until the guest answers SSH); from a host shell: lume ssh {name}. Stop it with lume_stop_vm"
+        "VM '{name}' is running (accelerator {accel}{address}). Run commands in it with lume_exec (user lume, lume's SSH key; it waits until the guest answers SSH); from a host shell: lume ssh {name}. Stop it with lume_stop_vm.{display}"
     )
 }
 
@@ -550,6 +554,11 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("`lume stop"), "{t}");
+        assert!(!t.contains("VNC"), "{t}");
+        // The display, as the CLI prints it.
+        d.vnc_url = Some("vnc://:pw@127.0.0.1:5901".into());
+        let t = started_text(&d);
+        assert!(t.ends_with("VNC display: vnc://:pw@127.0.0.1:5901"), "{t}");
     }
 }
 

@@ -94,7 +94,7 @@ bridged; `lume_network_doctor` checks the host.
 
 ## Limits
 - Linux guests only (macOS guests need an Apple host).
-- `lume_run_vm`'s `shared_dir` shares one host directory (`PATH` or `PATH:ro`, absolute, with your rights); lume's guests mount it at /mnt/shared/<its name>.
+- `lume_run_vm`'s `shared_dir` shares one host directory (`PATH` or `PATH:ro`, absolute; only when this server runs as root); lume's guests mount it at /mnt/shared/<its name>.
 "#;
 
 const CREDENTIALS: &str =

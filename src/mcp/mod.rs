@@ -440,9 +440,9 @@ pub struct RunArgs {
     pub isolate: Option<bool>,
     /// An ISO image to attach as a CD-ROM (absolute host path)
     pub mount: Option<String>,
-    /// Accepted as lume: VMs always run headless here
+    /// Accepted as lume: this server opens no viewer; the VM's VNC display is in the answer and in lume_get_vm's vncUrl
     pub no_display: Option<bool>,
-    /// A host directory to share with the VM (absolute path; `PATH:ro` for read-only); lume's guests mount it at /mnt/shared/<its name>
+    /// A host directory to share with the VM (absolute path; `PATH:ro` for read-only; only when this server runs as root); lume's guests mount it at /mnt/shared/<its name>
     pub shared_dir: Option<String>,
     /// Discard every disk change when the VM stops (a throwaway sandbox; default: false)
     pub ephemeral: Option<bool>,

@@ -103,7 +103,7 @@ fn from_docker_config(
     let file = match caller.open(path, Access::Read) {
         Ok(f) => f,
         Err(OpenError::Missing { .. } | OpenError::Forbidden { .. }) => return Ok(None),
-        Err(OpenError::NotRegular { .. }) => return Ok(None),
+        Err(OpenError::NotRegular { .. } | OpenError::MagicLink { .. }) => return Ok(None),
         Err(OpenError::Io { path, source }) => return Err(RegistryError::Io { path, source }),
     };
     let mut text = String::new();

@@ -110,6 +110,17 @@ pub enum VmError {
     Forbidden { path: PathBuf, reason: Denied },
     #[error("A timeout of {0} seconds is too long: give at most {MAX_TIMEOUT_SECS} seconds")]
     TimeoutTooLong(u64),
+    #[error(
+        "{0} shared directories asked for: lume shares at most {max} per VM; share a common parent directory instead",
+        max = crate::hypervisor::virtiofs::MAX_SHARES
+    )]
+    TooManyShares(usize),
+    #[error("USB storage image {0} is given twice: give each image once")]
+    UsbStorageTwice(PathBuf),
+    #[error(
+        "Shared directory {0} is not a directory: --shared-dir shares directories; share the directory that holds it"
+    )]
+    NotDirectory(PathBuf),
     #[error("VM '{0}' is not running: start it with `lume run {0}`")]
     NotRunning(VmName),
     #[error(
@@ -142,10 +153,36 @@ pub enum Denied {
     },
     /// Another user can change this storage directory.
     Storage { who: String },
+    /// Shared directories are for root only: virtiofsd serves them as root.
+    ShareNeedsRoot { uid: u32 },
+    /// The path goes through a /proc magic link or a symbolic link loop.
+    MagicLink,
 }
 
 fn forbidden_message(path: &Path, reason: &Denied) -> String {
     match reason {
+        Denied::Caller {
+            what: "Shared directory",
+            uid,
+            access,
+        } => format!(
+            "Shared directory {}: the caller (uid {uid}) lacks permission to {} it; lume opens host paths with the rights of whoever asked: give that user access or name a directory it can {}",
+            path.display(),
+            if *access == Access::Read {
+                "list"
+            } else {
+                "list and write in"
+            },
+            if *access == Access::Read {
+                "list"
+            } else {
+                "write in"
+            },
+        ),
+        Denied::ShareNeedsRoot { uid } => format!(
+            "Shared directory {}: only root may share directories (the caller is uid {uid}): virtiofsd runs as root and would read and write below the directory with root's rights, not the caller's; run lume as root (sudo) or copy the files into the guest another way (scp, lume ssh)",
+            path.display()
+        ),
         Denied::Caller { what, uid, access } => format!(
             "{what} {}: the caller (uid {uid}) lacks permission to {} it; lume opens host files with the rights of whoever asked: give that user access or name a file it can {}",
             path.display(),
@@ -159,6 +196,10 @@ fn forbidden_message(path: &Path, reason: &Denied) -> String {
             } else {
                 "write"
             },
+        ),
+        Denied::MagicLink => format!(
+            "{}: the path goes through a /proc or /dev/fd link or a loop of symbolic links, which lume does not follow for a caller (it could reach files the caller cannot): give the real path",
+            path.display()
         ),
         Denied::Storage { who } => UnsafeDir {
             dir: path.to_path_buf(),
@@ -196,6 +237,16 @@ fn open_dir_for(
     read_only: bool,
 ) -> Result<crate::hypervisor::virtiofs::HostDir, VmError> {
     let what = "Shared directory";
+    // virtiofsd (Debian's C one) runs as root without uid mapping: below
+    // the top directory, every check would be root's, not the caller's.
+    if !ctx.caller.is_root() {
+        return Err(VmError::Forbidden {
+            path: path.to_path_buf(),
+            reason: Denied::ShareNeedsRoot {
+                uid: ctx.caller.uid,
+            },
+        });
+    }
     let access = if read_only {
         Access::Read
     } else {
@@ -207,9 +258,12 @@ fn open_dir_for(
             path,
             reason: Denied::Caller { what, uid, access },
         }),
-        Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
-            Err(VmError::MissingFile { what, path })
-        }
+        Err(OpenError::NotRegular { path }) => Err(VmError::NotDirectory(path)),
+        Err(OpenError::Missing { path }) => Err(VmError::MissingFile { what, path }),
+        Err(OpenError::MagicLink { path }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::MagicLink,
+        }),
         Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
     }
 }
@@ -238,6 +292,10 @@ fn open_for(
         Err(OpenError::Missing { path } | OpenError::NotRegular { path }) => {
             Err(VmError::MissingFile { what, path })
         }
+        Err(OpenError::MagicLink { path }) => Err(VmError::Forbidden {
+            path,
+            reason: Denied::MagicLink,
+        }),
         Err(OpenError::Io { path, source }) => Err(RunError::Io { path, source }.into()),
     }
 }
@@ -1045,6 +1103,9 @@ fn run_request(
         .clone()
         .unwrap_or_else(|| cfg.network_mode.clone());
     check_publish(&network, &spec.publish)?;
+    if spec.shared_dirs.len() > crate::hypervisor::virtiofs::MAX_SHARES {
+        return Err(VmError::TooManyShares(spec.shared_dirs.len()));
+    }
     let policy = spec
         .policy
         .clone()
@@ -1081,15 +1142,28 @@ fn run_request(
             .iter()
             .map(|p| open_for(ctx, "Disk", p, Access::ReadWrite))
             .collect::<Result<_, _>>()?,
-        usb_storage: spec
-            .usb_storage
-            .iter()
-            .map(|p| {
-                let f = open_for(ctx, "USB storage image", p, Access::ReadWrite)?;
-                crate::hypervisor::usb::check_raw(p, &f.file).map_err(RunError::from)?;
-                Ok(f)
-            })
-            .collect::<Result<_, VmError>>()?,
+        usb_storage: {
+            let mut seen: Vec<(u64, u64)> = Vec::new();
+            spec.usb_storage
+                .iter()
+                .map(|p| {
+                    let f = open_for(ctx, "USB storage image", p, Access::ReadWrite)?;
+                    crate::hypervisor::usb::check_raw(p, &f.file).map_err(RunError::from)?;
+                    // The same image twice: QEMU would refuse the second
+                    // write lock after starting; refused here, plainly.
+                    use std::os::unix::fs::MetadataExt;
+                    let m = f.file.metadata().map_err(|source| RunError::Io {
+                        path: p.clone(),
+                        source,
+                    })?;
+                    if seen.contains(&(m.dev(), m.ino())) {
+                        return Err(VmError::UsbStorageTwice(p.clone()));
+                    }
+                    seen.push((m.dev(), m.ino()));
+                    Ok(f)
+                })
+                .collect::<Result<_, VmError>>()?
+        },
         shares: spec
             .shared_dirs
             .iter()
@@ -1116,24 +1190,11 @@ fn run_request(
     })
 }
 
-/// The VNC display of this run. A detached supervisor gets a chosen
-/// password through its environment (readable only by its own user), never
-/// through its command line.
+/// The VNC display of this run. A chosen password reaches the CLI and a
+/// detached supervisor through LUME_VNC_PASSWORD (readable only by its own
+/// user; taken out of the environment at start), never a command line.
 fn vnc_request(spec: &RunSpec) -> Result<VncRequest, VmError> {
-    let password = match &spec.vnc_password {
-        Some(p) => Some(p.clone()),
-        None if std::env::var_os(supervisor::START_LOG_ENV).is_some() => {
-            let p = std::env::var(vnc::PASSWORD_ENV).ok();
-            // No helper this supervisor starts (passt runs as another user)
-            // inherits it.
-            // SAFETY: the detached supervisor is single-threaded here: the
-            // threads that opened the caller's files have ended, and no
-            // other thread reads the environment.
-            unsafe { std::env::remove_var(vnc::PASSWORD_ENV) };
-            p
-        }
-        None => None,
-    };
+    let password = spec.vnc_password.clone();
     if let Some(p) = &password {
         vnc::check_password(p).map_err(RunError::from)?;
     }
@@ -1165,7 +1226,7 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
             // The VNC URL (with its password) goes to the caller's terminal,
             // never to a detached supervisor's log.
             if foreground && let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
-                show_vnc(&vnc::url(port, pw), spec.open_viewer, note);
+                show_vnc(&vm.dir, port, pw, spec.open_viewer, note);
             }
             note(&format!(
                 "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
@@ -1189,11 +1250,25 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
     detach(store, &vm, &spec, &req)
 }
 
-/// Opens a viewer on `url` when asked and possible; says where the display is.
-pub fn show_vnc(url: &str, open_viewer: bool, note: &mut dyn FnMut(&str)) {
-    match open_viewer.then(|| vnc::open_viewer(url)).flatten() {
-        Some(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
-        None => note(&format!("VNC display: {url}")),
+/// Opens a viewer on the display at `port` when asked and possible (for
+/// remote-viewer through a 0600 `viewer.vv` in `vm_dir`); says where the
+/// display is.
+pub fn show_vnc(
+    vm_dir: &Path,
+    port: u16,
+    password: &str,
+    open_viewer: bool,
+    note: &mut dyn FnMut(&str),
+) {
+    let url = vnc::url(port, password);
+    if !open_viewer {
+        note(&format!("VNC display: {url}"));
+        return;
+    }
+    let vv = vnc::write_viewer_file(vm_dir, port, password).ok();
+    match vnc::open_viewer(&url, vv.as_deref()) {
+        Ok(viewer) => note(&format!("VNC display opened in {viewer}: {url}")),
+        Err(why) => note(&format!("VNC display: {url} (no viewer opened: {why})")),
     }
 }
 
@@ -1344,8 +1419,14 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             let details = VmDetails::read(store, vm);
             if spec.open_viewer
                 && let Some(url) = &details.vnc_url
+                && let (Some(port), Some(pw)) = (state.vnc_port, state.vnc_password.as_deref())
+                && let Err(why) = vnc::open_viewer(
+                    url,
+                    vnc::write_viewer_file(&vm.dir, port, pw).ok().as_deref(),
+                )
+                && why != vnc::NoViewer::NoSession
             {
-                vnc::open_viewer(url);
+                eprintln!("No VNC viewer opened: {why}");
             }
             return Ok(Outcome::Started(details));
         }

@@ -29,6 +29,12 @@ pub enum OpenError {
     Missing { path: PathBuf },
     #[error("{path} is not a regular file")]
     NotRegular { path: PathBuf },
+    /// A /proc magic link (`/proc/self/fd/N`, `/dev/fd/N`, …) or a loop of
+    /// symbolic links in the path (ELOOP).
+    #[error(
+        "{path} goes through a /proc or /dev/fd link or a loop of symbolic links, which lume does not follow for a caller: give the file's real path"
+    )]
+    MagicLink { path: PathBuf },
     #[error("Cannot open {path}")]
     Io {
         path: PathBuf,
@@ -113,12 +119,7 @@ impl Caller {
     /// `/proc/<parent pid>/fd/N` (a detached supervisor receives the files its
     /// parent opened with its caller's rights). Any other path is refused.
     pub fn open_from_parent(&self, path: &Path, access: Access) -> Result<File, OpenError> {
-        let parent = nix::unistd::getppid().as_raw();
-        let handed_over = path
-            .to_str()
-            .and_then(|p| p.strip_prefix(&format!("/proc/{parent}/fd/")))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !handed_over {
+        if !handed_over_by_parent(path) {
             return Err(OpenError::Forbidden {
                 path: path.to_path_buf(),
                 uid: self.uid,
@@ -133,11 +134,7 @@ impl Caller {
     /// handed over (`/proc/<parent pid>/fd/N`) is taken as
     /// [`Self::open_from_parent`] does; other magic links are refused.
     pub fn open_dir(&self, path: &Path, access: Access) -> Result<File, OpenError> {
-        let parent = nix::unistd::getppid().as_raw();
-        let resolve = if path
-            .to_str()
-            .is_some_and(|p| p.starts_with(&format!("/proc/{parent}/fd/")))
-        {
+        let resolve = if handed_over_by_parent(path) {
             0
         } else {
             libc::RESOLVE_NO_MAGICLINKS
@@ -173,7 +170,15 @@ impl Caller {
                 path: path.to_path_buf(),
                 uid: self.uid,
             },
-            Some(libc::ENOENT | libc::ENOTDIR) => OpenError::Missing {
+            Some(libc::ENOENT) => OpenError::Missing {
+                path: path.to_path_buf(),
+            },
+            // The path names something else than a directory (or goes
+            // through one).
+            Some(libc::ENOTDIR) => OpenError::NotRegular {
+                path: path.to_path_buf(),
+            },
+            Some(libc::ELOOP) => OpenError::MagicLink {
                 path: path.to_path_buf(),
             },
             _ => OpenError::Io {
@@ -197,6 +202,9 @@ impl Caller {
                 uid: self.uid,
             },
             Some(libc::ENOENT | libc::ENOTDIR) => OpenError::Missing {
+                path: path.to_path_buf(),
+            },
+            Some(libc::ELOOP) => OpenError::MagicLink {
                 path: path.to_path_buf(),
             },
             _ => OpenError::Io {
@@ -277,6 +285,15 @@ impl Caller {
         }
         Ok(())
     }
+}
+
+/// Whether `path` is `/proc/<parent pid>/fd/<digits>`: a file this
+/// process's parent lume handed over to it.
+fn handed_over_by_parent(path: &Path) -> bool {
+    let parent = nix::unistd::getppid().as_raw();
+    path.to_str()
+        .and_then(|p| p.strip_prefix(&format!("/proc/{parent}/fd/")))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Opens `path` with openat2's `resolve` flags: `RESOLVE_NO_MAGICLINKS`
@@ -401,16 +418,31 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(
             nobody.open_dir(&file, Access::Read),
-            Err(OpenError::Missing { .. })
+            Err(OpenError::NotRegular { .. })
         ));
         let held = File::open(&secret).unwrap();
         let magic = format!("/proc/self/fd/{}", held.as_raw_fd());
-        assert!(nobody.open_dir(Path::new(&magic), Access::Read).is_err());
-        assert!(
-            Caller::from_uid(0)
-                .open_dir(Path::new(&magic), Access::Read)
-                .is_err()
-        );
+        assert!(matches!(
+            nobody.open_dir(Path::new(&magic), Access::Read),
+            Err(OpenError::MagicLink { .. })
+        ));
+        assert!(matches!(
+            Caller::from_uid(0).open_dir(Path::new(&magic), Access::Read),
+            Err(OpenError::MagicLink { .. })
+        ));
+        // Only /proc/<parent>/fd/<digits> is taken as handed over: a path
+        // that starts like one but climbs out to the parent's root is a
+        // magic link like any other.
+        let parent = nix::unistd::getppid().as_raw();
+        let climbing = format!("/proc/{parent}/fd/../root{}", secret.display());
+        assert!(!handed_over_by_parent(Path::new(&climbing)));
+        assert!(matches!(
+            Caller::from_uid(0).open_dir(Path::new(&climbing), Access::Read),
+            Err(OpenError::MagicLink { .. })
+        ));
+        assert!(handed_over_by_parent(Path::new(&format!(
+            "/proc/{parent}/fd/7"
+        ))));
     }
 
     #[test]
