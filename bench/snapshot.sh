@@ -13,14 +13,13 @@
 #   clone           `lume clone` of a stopped VM with a 2 GiB disk holding
 #                   512 MiB of data (a sparse copy on ext4, a reflink on XFS)
 #   clone_snapshot  `lume clone VM NEW --snapshot SNAP` of the same VM
-# on the filesystem under /tmp (ext4 here) and, when mkfs.xfs exists, on a
-# loop-mounted XFS image (clone cases only). Round 0 is a warm-up.
+# with the VMs on the filesystem under /tmp (ext4 here) and, when mkfs.xfs
+# exists, on a loop-mounted XFS image (every case). Round 0 is a warm-up.
 # Results: target/bench/snapshot.jsonl, one JSON object per measurement.
 BENCH_NAME=snapshot
 source "$(dirname "$0")/lib.sh"
 need_root
-GUEST_DIR=$(LUME_GUEST_DIR=${LUME_SNAPSHOT_GUEST_DIR:-$HOME/.cache/lume/test-guest-snap} \
-    "$REPO/tests/guest/build.sh" | tail -n1)
+GUEST_DIR=$("$REPO/tests/guest/build.sh" | tail -n1)
 GUEST_CMDLINE=$(cat "$GUEST_DIR/cmdline")
 GUEST_MEMORY=512MB
 OUT=$(results_file snapshot)
@@ -43,32 +42,36 @@ wait_http() { # IP
     done
     die "no HTTP answer from $1"
 }
-ip_of() { L get "$1" -f json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["ipAddress"] or "")'; }
+ip_of() { L get "$@" -f json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["ipAddress"] or "")'; }
 
-lume_create "$NS" "$H" sv host ""
-for ((r = 0; r <= BENCH_RUNS; r++)); do
-    t0=$(now_ms)
-    L run sv --detach >/dev/null
-    ip=""
-    while [ -z "$ip" ]; do ip=$(ip_of sv); sleep 0.02; done
-    wait_http "$ip"
-    rec "$r" cold_boot ext4 $(($(now_ms) - t0))
-    sleep 1
-    t0=$(now_ms)
-    L snapshot create sv "m$r" --memory >/dev/null
-    rec "$r" snap_memory ext4 $(($(now_ms) - t0))
-    L stop sv >/dev/null
-    t0=$(now_ms)
-    L snapshot restore sv "m$r" >/dev/null
-    wait_http "$ip"
-    rec "$r" restore_memory ext4 $(($(now_ms) - t0))
-    L stop sv >/dev/null
-    t0=$(now_ms)
-    L snapshot create sv "d$r" >/dev/null
-    rec "$r" snap_disk ext4 $(($(now_ms) - t0))
-    L snapshot delete sv "m$r" >/dev/null
-    L snapshot delete sv "d$r" >/dev/null
-done
+snapshot_cases() { # FS STORAGE_DIR
+    local fs=$1 S=(--storage "$2") r t0 ip
+    lume_create "$NS" "$H" sv host "" "${S[@]}"
+    for ((r = 0; r <= BENCH_RUNS; r++)); do
+        t0=$(now_ms)
+        L run sv "${S[@]}" --detach >/dev/null
+        ip=""
+        while [ -z "$ip" ]; do ip=$(ip_of sv "${S[@]}"); sleep 0.02; done
+        wait_http "$ip"
+        rec "$r" cold_boot "$fs" $(($(now_ms) - t0))
+        sleep 1
+        t0=$(now_ms)
+        L snapshot create sv "m$r" --memory "${S[@]}" >/dev/null
+        rec "$r" snap_memory "$fs" $(($(now_ms) - t0))
+        L stop sv "${S[@]}" >/dev/null
+        t0=$(now_ms)
+        L snapshot restore sv "m$r" "${S[@]}" >/dev/null
+        wait_http "$ip"
+        rec "$r" restore_memory "$fs" $(($(now_ms) - t0))
+        L stop sv "${S[@]}" >/dev/null
+        t0=$(now_ms)
+        L snapshot create sv "d$r" "${S[@]}" >/dev/null
+        rec "$r" snap_disk "$fs" $(($(now_ms) - t0))
+        L snapshot delete sv "m$r" "${S[@]}" >/dev/null
+        L snapshot delete sv "d$r" "${S[@]}" >/dev/null
+    done
+    L delete sv "${S[@]}" --force >/dev/null
+}
 
 clone_cases() { # FS STORAGE_DIR
     local fs=$1 dir=$2
@@ -103,6 +106,7 @@ PY
 tmpdir W
 mkdir -m 0700 "$W/ext4"
 chmod 0700 "$W"
+snapshot_cases ext4 "$W/ext4"
 clone_cases ext4 "$W/ext4"
 if command -v mkfs.xfs >/dev/null; then
     truncate -s 4G "$W/xfs.img"
@@ -111,6 +115,7 @@ if command -v mkfs.xfs >/dev/null; then
     mount -o loop "$W/xfs.img" "$W/xfs"
     on_exit "umount '$W/xfs'"
     chmod 0700 "$W/xfs"
+    snapshot_cases xfs "$W/xfs"
     clone_cases xfs "$W/xfs"
 fi
 python3 - "$OUT" <<'PY'
