@@ -130,16 +130,48 @@ impl FromStr for Rule {
         if t.is_empty() {
             return Err(PolicyError::Syntax(s.into()));
         }
-        if t.matches(':').count() > 1 || t.starts_with('[') {
-            return Err(PolicyError::Ipv6(s.into()));
+        if t.contains(',') || t.contains(char::is_whitespace) {
+            return Err(bad(
+                "one rule at a time: repeat the option (or give one list item) for each rule",
+            ));
         }
-        let (rest, proto) = if let Some(r) = t.strip_suffix("/tcp") {
-            (r, Some(Proto::Tcp))
-        } else if let Some(r) = t.strip_suffix("/udp") {
-            (r, Some(Proto::Udp))
-        } else {
-            (t, None)
+        // The protocol: the text after the last '/', unless that is the
+        // prefix length (a number) or holds the port (`/8:80`).
+        let (rest, proto) = match t.rsplit_once('/') {
+            Some((r, p)) if p.eq_ignore_ascii_case("tcp") => (r, Some(Proto::Tcp)),
+            Some((r, p)) if p.eq_ignore_ascii_case("udp") => (r, Some(Proto::Udp)),
+            Some((_, p))
+                if !p.is_empty()
+                    && !p.contains(':')
+                    && !p.contains('.')
+                    && !p.chars().all(|c| c.is_ascii_digit()) =>
+            {
+                return Err(bad(&format!("unknown protocol '{p}': only /tcp or /udp")));
+            }
+            _ => (t, None),
         };
+        if proto.is_some() && {
+            let r = rest.to_ascii_lowercase();
+            r.ends_with("/tcp") || r.ends_with("/udp")
+        } {
+            return Err(bad(
+                "one protocol per rule: give the rule once with /tcp and once with /udp",
+            ));
+        }
+        if rest.matches(':').count() > 1 || rest.starts_with('[') {
+            let head = rest.split(':').next().unwrap_or_default();
+            let v4 = head
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .parse::<Ipv4Addr>()
+                .is_ok();
+            return Err(if v4 {
+                bad("write a port range as LOW-HIGH (e.g. :8000-8080)")
+            } else {
+                PolicyError::Ipv6(s.into())
+            });
+        }
         let (cidr, ports) = match rest.split_once(':') {
             Some((c, p)) => (c, Some(p)),
             None => (rest, None),
@@ -187,7 +219,7 @@ impl FromStr for Rule {
         let net = Cidr::new(addr, prefix);
         if net.addr != addr {
             return Err(bad(&format!(
-                "the address has bits set beyond the prefix; did you mean {net}?"
+                "the address has bits set beyond the prefix: the network is {net}"
             )));
         }
         Ok(Rule { net, ports, proto })
@@ -304,6 +336,24 @@ pub const ISOLATED_RANGES: &[(Ipv4Addr, u8)] = &[
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn malformed_rules_are_named_for_what_is_wrong() {
+        let why = |r: &str| r.parse::<Rule>().unwrap_err().to_string();
+        assert!(
+            why("10.0.0.0/8:80/icmp").contains("unknown protocol 'icmp'"),
+            "{}",
+            why("10.0.0.0/8:80/icmp")
+        );
+        assert!(why("198.51.100.1:80/tcp/udp").contains("one protocol per rule"));
+        assert!(why("10.0.0.0/8:80:90").contains("LOW-HIGH"));
+        assert!(why("198.51.100.1:8000/tcp,198.51.100.2").contains("one rule at a time"));
+        assert!(why("2001:db8::/32").contains("IPv6"));
+        let r: Rule = "198.51.100.10:443/TCP".parse().unwrap();
+        assert_eq!(r, "198.51.100.10:443/tcp".parse::<Rule>().unwrap());
+        assert!("10.0.0.0/8:80".parse::<Rule>().is_ok());
+        assert!("10.0.0.0/8".parse::<Rule>().is_ok());
+    }
     use super::*;
 
     #[test]
