@@ -301,45 +301,29 @@ fn handed_over_by_parent(path: &Path) -> bool {
 /// `/proc/PID/root`) closed, through which a caller could reopen a file the
 /// server holds, past directories it may not enter itself.
 fn open_resolving(path: &Path, access: Access, resolve: u64) -> io::Result<File> {
-    use std::os::fd::FromRawFd;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let mode = match access {
         Access::Read => libc::O_RDONLY,
         Access::ReadWrite => libc::O_RDWR,
     };
-    // SAFETY: open_how is a plain C struct for which all-zero is valid.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (mode | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64;
-    how.resolve = resolve;
-    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the size
-    // given, both alive for the call; it returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c_path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just returned by openat2 and nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd as i32) })
+    openat2(path, mode | libc::O_NOCTTY | libc::O_NONBLOCK, resolve)
 }
 
 /// Opens a directory (O_DIRECTORY) with openat2's `resolve` flags.
 fn open_dir_resolving(path: &Path, resolve: u64) -> io::Result<File> {
+    openat2(path, libc::O_RDONLY | libc::O_DIRECTORY, resolve)
+}
+
+/// openat2(2) of `path` with `flags` (O_CLOEXEC added) and `resolve`.
+fn openat2(path: &Path, flags: libc::c_int, resolve: u64) -> io::Result<File> {
     use std::os::fd::FromRawFd;
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is a plain C struct for which all-zero is valid.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.resolve = resolve;
-    // SAFETY: as in open_resolving.
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the size
+    // given, both alive for the call; it returns a new descriptor or -1.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
