@@ -5,14 +5,14 @@
 //! off before it).
 //!
 //! In a namespace the test creates: a Linux bridge `br0` joining the VMs'
-//! taps, opened and policed as lume does (`attach::policy_tap`,
-//! `policy::tc::enforce`), and a "LAN" tap the test reads: what arrives
-//! there got past the filter.
+//! taps, opened and policed as lume does (`Tap::create`, with a virtio-net
+//! header; `policy::tc::enforce`), and a "LAN" tap the test reads: what
+//! arrives there got past the filter.
 //!
 //! ```text
 //!  lg0 (nat-like ctx: guest 203.0.113.50, gateway 203.0.113.1) ┐
 //!  lb0 (bridged ctx: no guest address, no gateway)              ├ br0 ─ ll0 (read)
-//!  lv0 (a tap WITH a virtio-net header: what lume used to open) ┘
+//!  lv0 (the same tap with no filter: the harness's control)     ┘
 //! ```
 //! Every policy allows only 198.51.100.2:8000/udp.
 
@@ -105,6 +105,36 @@ fn checksum_smuggler(src_mac: [u8; 6], src: [u8; 4], tag: &[u8]) -> Vec<u8> {
     hdr
 }
 
+/// A 300-byte UDP payload to the allowed 198.51.100.2:8000, handed over as
+/// one frame for the kernel to cut into 100-byte datagrams (USO) and to
+/// checksum: what a guest with transmit offloads sends. Behind a
+/// virtio-net header (NEEDS_CSUM at 34+6, GSO_UDP_L4, gso_size 100).
+fn segmentation_offload(src_mac: [u8; 6], src: [u8; 4], tag: &[u8]) -> Vec<u8> {
+    let mut payload = tag.to_vec();
+    payload.resize(298, b'.');
+    let mut f = udp(src_mac, SERVER_MAC, src, SERVER, 40000, 8000, &payload);
+    let mut hdr = vec![1u8, 5];
+    hdr.extend_from_slice(&42u16.to_le_bytes());
+    hdr.extend_from_slice(&100u16.to_le_bytes());
+    hdr.extend_from_slice(&34u16.to_le_bytes());
+    hdr.extend_from_slice(&6u16.to_le_bytes());
+    // The checksum field holds the pseudo header's sum, as offloading
+    // stacks leave it.
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&f[38..40]);
+    f[40..42].copy_from_slice(&(sum16(&pseudo) as u16).to_be_bytes());
+    hdr.extend_from_slice(&f);
+    hdr
+}
+
+/// `frame` behind an all-zero virtio-net header (no offload).
+fn plain(frame: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 10];
+    f.extend_from_slice(frame);
+    f
+}
+
 fn vlan_tagged(mut f: Vec<u8>, vid: u16) -> Vec<u8> {
     let tci = vid.to_be_bytes();
     f.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
@@ -189,8 +219,8 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
         let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
         // Opened as lume opens a policed VM's tap, and a plain one.
-        let lg = lume::network::attach::policy_tap("lg0", &policy).unwrap();
-        let lb = lume::network::attach::policy_tap("lb0", &policy).unwrap();
+        let lg = Tap::create("lg0").unwrap();
+        let lb = Tap::create("lb0").unwrap();
         let lv = Tap::create("lv0").unwrap();
         let lan = Tap::create_with("ll0", false).unwrap();
         sh("ip link add br0 type bridge && ip link set br0 up \
@@ -200,9 +230,9 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             guest: Some(Ipv4Addr::from(guest)),
             gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![],
+            bridge: None,
         };
         police("lg0", &policy, &nat(MAC_G, GUEST));
-        police("lv0", &policy, &nat(MAC_V, [203, 0, 113, 51]));
         police(
             "lb0",
             &policy,
@@ -211,15 +241,18 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
                 guest: None,
                 gateway: None,
                 host_nets: vec![],
+                bridge: None,
             },
         );
         std::thread::sleep(Duration::from_millis(300));
         drain(&lan, Duration::from_millis(200));
 
-        let write = |tap: &Tap, frame: &[u8]| {
+        // Every tap here has a virtio-net header: frames go behind one.
+        let write_with_header = |tap: &Tap, frame: &[u8]| {
             let mut f = std::fs::File::from(tap.fd.try_clone().unwrap());
             f.write_all(frame).unwrap();
         };
+        let write = |tap: &Tap, frame: &[u8]| write_with_header(tap, &plain(frame));
         let g_udp = |dport, tag: &[u8]| udp(MAC_G, SERVER_MAC, GUEST, SERVER, 40000, dport, tag);
         let b_ip = [198, 51, 100, 120];
         let b_udp =
@@ -230,15 +263,23 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         write(&lg, &g_udp(9999, b"ctl-denied"));
         write(&lb, &b_udp([255; 4], 68, 67, b"dhcp-broadcast"));
         write(&lb, &arp(MAC_B, MAC_B, b_ip));
-        // The checksum-offload smuggler on a tap with a virtio-net header
-        // (lume's old taps): the port is rewritten after the filter.
-        write(
+        // The checksum-offload smuggler on the tap without a filter: the
+        // kernel still rewrites the port when the frame leaves (so a filter
+        // that let it through would have checked the wrong port), and
+        // segmentation offload still reaches the LAN.
+        write_with_header(
             &lv,
             &checksum_smuggler(MAC_V, [203, 0, 113, 51], b"vnet-smuggled"),
         );
+        write_with_header(
+            &lv,
+            &segmentation_offload(MAC_V, [203, 0, 113, 51], b"ctl-gso"),
+        );
 
-        // F1: the same against lume's policed tap.
-        write(&lg, &checksum_smuggler(MAC_G, GUEST, b"csum-smuggled"));
+        // F1: the same against lume's policed tap: pending offloads are
+        // dropped, whatever the destination.
+        write_with_header(&lg, &checksum_smuggler(MAC_G, GUEST, b"csum-smuggled"));
+        write_with_header(&lg, &segmentation_offload(MAC_G, GUEST, b"gso-offload"));
         // F3: VLAN-tagged frames whose inner frame is allowed.
         write(&lg, &vlan_tagged(g_udp(8000, b"vlan-tagged"), 5));
         write(
@@ -272,9 +313,19 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             9999,
             "the harness no longer reproduces the checksum smuggling"
         );
+        assert_eq!(
+            carries(&got, b"ctl-gso").len(),
+            1,
+            "the harness no longer sends a segmentation offload: {got:02x?}"
+        );
+        assert!(
+            got.iter().filter(|f| f.len() == 14 + 20 + 8 + 100).count() >= 3,
+            "the control's offload was not cut into 100-byte datagrams"
+        );
         // The abuses.
         for tag in [
             &b"csum-smuggled"[..],
+            b"gso-offload",
             b"vlan-tagged",
             b"vlan-prio",
             b"dhcp-tunnel",
@@ -314,13 +365,14 @@ fn the_guard_replaces_a_foreign_program_under_its_name() {
     ns.within(|| {
         use lume::network::policy::tc;
         let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
-        let tap = lume::network::attach::policy_tap("lg0", &policy).unwrap();
+        let tap = Tap::create("lg0").unwrap();
         sh("ip link set lg0 up");
         let ctx = Context {
             mac: MAC_G,
             guest: Some(Ipv4Addr::from(GUEST)),
             gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![],
+            bridge: None,
         };
         let mut nl = Netlink::open().unwrap();
         let index = nl.link_index("lg0").unwrap().unwrap();
@@ -361,7 +413,7 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
         use lume::network::policy::tc;
         sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
         let policy = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
-        let lb = lume::network::attach::policy_tap("lb0", &policy).unwrap();
+        let lb = Tap::create("lb0").unwrap();
         let lan = Tap::create_with("ll0", false).unwrap();
         sh("ip link add br0 type bridge && ip link set br0 up \
             && for t in lb0 ll0; do ip link set $t master br0 && ip link set $t up; done");
@@ -370,6 +422,7 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
             guest: None,
             gateway: None,
             host_nets: vec![],
+            bridge: None,
         };
         let mut nl = Netlink::open().unwrap();
         let index = nl.link_index("lb0").unwrap().unwrap();
@@ -389,7 +442,7 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
         let mine = [198, 51, 100, 120];
         let write = |frame: &[u8]| {
             let mut f = std::fs::File::from(lb.fd.try_clone().unwrap());
-            f.write_all(frame).unwrap();
+            f.write_all(&plain(frame)).unwrap();
         };
         let arps = |got: &[Vec<u8>]| -> Vec<[u8; 4]> {
             got.iter()

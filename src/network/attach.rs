@@ -376,24 +376,28 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
 
 /// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
 /// QEMU takes `vnet_hdr` from the descriptor (TUNGETIFF; it refuses the
-/// option with `fd=`): a tap opened without one ([`policy_tap`]) gets no
-/// offloads.
-fn tap_args(mac: MacAddress) -> Vec<String> {
+/// option with `fd=`). A VM under a network policy gets a device without
+/// transmit offloads ([`POLICED_DEVICE_OPTIONS`]).
+fn tap_args(mac: MacAddress, policy: &super::policy::Policy) -> Vec<String> {
+    let mut device = virtio_device("net0", mac);
+    if !policy.is_empty() {
+        device.push_str(POLICED_DEVICE_OPTIONS);
+    }
     vec![
         "-netdev".into(),
         "tap,id=net0,fd=3".into(),
         "-device".into(),
-        virtio_device("net0", mac),
+        device,
     ]
 }
 
-/// Creates the tap of a VM with `policy`: with a virtio-net header when the
-/// policy is empty, without one under a policy (no checksum or segmentation
-/// offload the guest could use to change a header after the filter read
-/// it: see [`Tap::create_with`]; costs throughput, see BENCHMARKS.md).
-pub fn policy_tap(name: &str, policy: &super::policy::Policy) -> Result<Tap, super::tap::TapError> {
-    Tap::create_with(name, policy.is_empty())
-}
+/// The virtio-net device of a VM under a network policy offers the guest
+/// no transmit offload: no checksum left for the host to fill in, no large
+/// frame for it to cut up (either would let the kernel rewrite headers
+/// after the policy's filter read them; the filter drops such frames, see
+/// `policy::bpf`). Receive offloads (`guest_csum`, `guest_tso4`, ...) stay.
+pub const POLICED_DEVICE_OPTIONS: &str =
+    ",csum=off,gso=off,host_tso4=off,host_tso6=off,host_ecn=off,host_ufo=off";
 
 /// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
 /// reserved address `guest` behind `gateway`.
@@ -402,7 +406,7 @@ fn enforce_policy(
     tap: &str,
     mac: MacAddress,
     guest: Option<Ipv4Addr>,
-    gateway: Option<Ipv4Addr>,
+    network: Option<(&str, super::subnet::Subnet)>,
     lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
 ) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
@@ -410,11 +414,16 @@ fn enforce_policy(
         op: format!("attach the network policy to {tap}"),
         name: tap.to_string(),
     })?;
+    let bridge = match network {
+        Some((bridge, subnet)) => Some(policy_bridge(&mut nl, bridge, subnet)?),
+        None => None,
+    };
     let ctx = super::policy::bpf::Context {
         mac: mac.0,
         guest,
-        gateway,
+        gateway: network.map(|(_, subnet)| subnet.gateway()),
         host_nets: host_nets(&mut nl)?,
+        bridge,
     };
     let id = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
     Ok(super::policy::tc::Guard::start(
@@ -425,6 +434,30 @@ fn enforce_policy(
         host_nets,
         lease,
     ))
+}
+
+/// lume's bridge `name` with `subnet`, its MAC pinned (set to what it is:
+/// from then on the kernel no longer changes it as ports come and go), for
+/// the policy's destination-MAC check. Pinning changes nothing for the
+/// guests already on it.
+fn policy_bridge(
+    nl: &mut Netlink,
+    name: &str,
+    subnet: super::subnet::Subnet,
+) -> Result<super::policy::bpf::Bridge, NetlinkError> {
+    let not_found = || NetlinkError::NotFound {
+        op: "read the MAC address of lume's bridge for the network policy".into(),
+        name: name.to_string(),
+    };
+    let mac = nl
+        .link_info(name)?
+        .and_then(|l| l.mac)
+        .ok_or_else(not_found)?;
+    nl.set_mac(name, mac)?;
+    Ok(super::policy::bpf::Bridge {
+        mac,
+        network: super::policy::Cidr::new(subnet.network, subnet.prefix),
+    })
 }
 
 /// The networks of the host's own IPv4 addresses (loopback aside), sorted.
@@ -507,13 +540,13 @@ pub fn attach(
             } else {
                 Vec::new()
             };
-            let tap = policy_tap(&device_name("lt"), &opts.policy)?;
+            let tap = Tap::create(&device_name("lt"))?;
             let (ip, subnet_note) =
                 networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish, opts.member)?;
             let net = networks.get(kind).clone();
             let tap_name = tap.name.clone();
             let attachment = Attachment {
-                qemu_args: tap_args(mac),
+                qemu_args: tap_args(mac, &opts.policy),
                 fds: vec![tap.fd],
                 ip_address: None,
                 host_device: Some(tap.name),
@@ -547,7 +580,7 @@ pub fn attach(
                     &tap_name,
                     mac,
                     Some(ip),
-                    Some(net.subnet().gateway()),
+                    Some((&net.bridge, net.subnet())),
                     None,
                 )?);
             }
@@ -557,12 +590,12 @@ pub fn attach(
             let iface = bridged_interface(name.as_deref(), opts)?;
             let mut nl = Netlink::open()?;
             let mut a = Attachment {
-                qemu_args: tap_args(mac),
+                qemu_args: tap_args(mac, &opts.policy),
                 parent: Some(iface.name.clone()),
                 ..Default::default()
             };
             let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
-                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
+                let tap = Tap::create(&device_name("lt"))?;
                 nl.set_master(&tap.name, &iface.name)?;
                 nl.set_up(&tap.name)?;
                 a.host_device = Some(tap.name.clone());
@@ -585,7 +618,7 @@ pub fn attach(
                 if opts.member {
                     Networks::from_settings(&opts.settings)?.check_mac(mac, vm, vm_dir)?;
                 }
-                let tap = policy_tap(&device_name("lt"), &opts.policy)?;
+                let tap = Tap::create(&device_name("lt"))?;
                 let name = device_name("lmv");
                 // Recorded before it exists: a supervisor killed at any point
                 // after this leaves a name the next command can collect.
@@ -649,7 +682,7 @@ pub(super) fn handed_off(
     note: Option<String>,
 ) -> Attachment {
     Attachment {
-        qemu_args: tap_args(mac),
+        qemu_args: tap_args(mac, &super::policy::Policy::default()),
         fds: vec![fd],
         ip_address,
         host_device: Some(device),
@@ -735,6 +768,29 @@ fn unpublished_reach(mode: &NetworkMode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policed VM's device offers no transmit offload (the filter drops
+    /// offloaded frames); receive offloads and VMs without a policy keep
+    /// QEMU's defaults.
+    #[test]
+    fn policed_devices_offer_no_transmit_offload() {
+        let mac: MacAddress = "52:54:00:12:34:56".parse().unwrap();
+        let device = |p: &super::super::policy::Policy| tap_args(mac, p)[3].clone();
+        let free = device(&Default::default());
+        assert_eq!(free, "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56");
+        let p = super::super::policy::Policy::from_parts(&[], &[], true).unwrap();
+        let policed = device(&p);
+        for off in [
+            "csum=off",
+            "gso=off",
+            "host_tso4=off",
+            "host_tso6=off",
+            "host_ufo=off",
+        ] {
+            assert!(policed.split(',').any(|o| o == off), "{policed}");
+        }
+        assert!(!policed.contains("guest_"), "{policed}");
+    }
 
     /// A member could otherwise take over a host service's port (lume's
     /// DNAT matches every local address): a port in use is refused, and a

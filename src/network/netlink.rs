@@ -793,6 +793,17 @@ impl Netlink {
         }
     }
 
+    /// Sets link `name`'s MAC address to `mac`. On a bridge this also pins
+    /// it: the kernel stops following its ports' addresses (a bridge given
+    /// no address takes the lowest of its ports' and changes with them).
+    pub fn set_mac(&mut self, name: &str, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let index = self.require(name, "set the MAC address of")?;
+        let mut req = Request::new(sys::RTM_NEWLINK, sys::NLM_F_ACK).ifinfomsg(index, 0, 0);
+        req.attr(sys::IFLA_ADDRESS, &mac);
+        self.execute(&req)
+            .map_err(|e| fail(&format!("set the MAC address of {name}"), e))
+    }
+
     /// Sets the alias (IFLA_IFALIAS) of link `name`.
     pub fn set_alias(&mut self, name: &str, alias: &str) -> Result<(), NetlinkError> {
         let index = self.require(name, "set the alias of")?;

@@ -1,6 +1,5 @@
 //! Tap devices: opened through `/dev/net/tun` (IFF_TAP | IFF_NO_PI |
-//! IFF_VNET_HDR, as cloud-hypervisor does; without IFF_VNET_HDR for a VM
-//! under a network policy, see [`Tap::create_with`]) and never made persistent, so the
+//! IFF_VNET_HDR, as cloud-hypervisor does) and never made persistent, so the
 //! kernel removes a tap as soon as the last descriptor closes — a killed
 //! supervisor and QEMU can never leave one behind. Bridged mode uses one too
 //! (no macvtap any more: see [`super::uplink`]).
@@ -50,12 +49,11 @@ impl Tap {
         Self::create_with(name, true)
     }
 
-    /// Creates tap `name`; `vnet_hdr`: whether each frame the guest writes
+    /// Creates tap `name`; `vnet_hdr`: whether each frame written to it
     /// starts with a virtio-net header (checksum and segmentation offload).
-    /// A VM under a network policy gets none: with it the guest could mark
-    /// a frame "needs checksum" with the checksum's place on any header
-    /// field, and the kernel would write that field *after* the policy's
-    /// filter read it (a port the filter allowed becomes another one).
+    /// VMs always get one (under a network policy the device offers no
+    /// transmit offload and the filter drops offloaded frames, see
+    /// `policy::bpf`); the tests use taps without one as plain "wires".
     pub fn create_with(name: &str, vnet_hdr: bool) -> Result<Self, TapError> {
         let file = OpenOptions::new()
             .read(true)

@@ -5,20 +5,44 @@
 //! read with `BPF_LD_ABS` (which the verifier accepts for `SCHED_CLS`):
 //!
 //! 1. VLAN-tagged frames (`__sk_buff.vlan_present`: the kernel took the tag
-//!    off before tc), frames shorter than 42 bytes, not from the VM's MAC,
+//!    off before tc), frames shorter than 42 bytes, frames with a pending
+//!    offload (below), not from the VM's MAC,
 //!    neither IPv4 nor ARP (IPv6, QinQ, …), IPv4 with options or
 //!    fragmented: dropped. Every later load is within the first 42 bytes,
 //!    so no load can fail (a failing `LD_ABS` would end the program with
 //!    0 = pass);
 //! 2. ARP: passed when the sender MAC is the VM's and the sender address
 //!    the guest's (or 0.0.0.0; any address while it is not known);
-//! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
+//! 3. nat, host: IPv4's destination MAC must be the bridge's, or
+//!    broadcast for 255.255.255.255, or (for a destination on lume's
+//!    network, which the rules then decide) another VM's: no frame reaches
+//!    another VM behind an address the rules allowed elsewhere;
+//!    IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
 //! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway:
 //!    passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
 //!    allow rule, passed otherwise.
+//!
+//! **Pending offloads.** The tap carries a virtio-net header, so the guest
+//! can mark a frame "needs checksum" with the checksum's place anywhere in
+//! its headers (the kernel writes it when the frame leaves, after every
+//! hook: a port or address the program allowed would be rewritten), or
+//! hand over one large frame for the kernel to cut up. A policed VM's
+//! virtio-net device offers no transmit offload (`csum=off`, see
+//! `attach::policy_device_options`), so a well-behaved guest never sends
+//! either; the program drops both:
+//! - segmentation: `__sk_buff.gso_size` is not 0;
+//! - a pending checksum (`CHECKSUM_PARTIAL`, which `__sk_buff` does not
+//!   show): `bpf_l4_csum_replace` without a pseudo header changes the
+//!   field it is given on every frame *except* one whose checksum is
+//!   pending. The program applies it to the first two bytes, reads them
+//!   back, drops the frame when they did not change, and otherwise puts the
+//!   saved bytes back with `bpf_skb_store_bytes`.
+//!
+//! The guest keeps its receive offloads (checksums already checked,
+//! large segments): what the host sends it is not the guest's to forge.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -39,6 +63,18 @@ pub struct Context {
     /// The networks of the host's own addresses (each address with its
     /// prefix length, host bits cleared), for `isolate`.
     pub host_nets: Vec<Cidr>,
+    /// nat, host: lume's bridge (its pinned MAC and its network), so that
+    /// the guest's IPv4 goes to the bridge at layer 2, not straight to
+    /// another VM behind an address the rules allowed; `None` in bridged
+    /// mode (the LAN's hosts are many).
+    pub bridge: Option<Bridge>,
+}
+
+/// lume's bridge, as the program sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bridge {
+    pub mac: [u8; 6],
+    pub network: Cidr,
 }
 
 /// "No verdict": the frame goes on to the next filter (bridged mode's
@@ -78,15 +114,27 @@ const JGT: u8 = 0x20;
 const JNE: u8 = 0x50;
 const JLT: u8 = 0xa0;
 const EXIT: u8 = 0x90;
+const CALL: u8 = 0x80;
+const STX_ADD: u8 = 0x00;
+
+// Helpers (uapi/linux/bpf.h `enum bpf_func_id`).
+const SKB_STORE_BYTES: i32 = 9;
+const L4_CSUM_REPLACE: i32 = 11;
+const SKB_LOAD_BYTES: i32 = 26;
 
 /// Registers: r0 scratch/return, r1 context on entry, r6 context (LD_ABS
 /// needs it there), r7 protocol, r8 destination, r9 ports.
 const R0: u8 = 0;
 const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R5: u8 = 5;
 const R6: u8 = 6;
 const R7: u8 = 7;
 const R8: u8 = 8;
 const R9: u8 = 9;
+const R10: u8 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -133,6 +181,33 @@ impl Asm {
     fn jump_if(&mut self, op: u8, reg: u8, imm: u32, t: Target) {
         self.fixups.push((self.insns.len(), t));
         self.emit(JMP32 | op | K, reg, 0, 0, imm as i32);
+    }
+    /// 32-bit compare of `a` with `b`, jumping to `t` when `op` holds.
+    fn jump_if_reg(&mut self, op: u8, a: u8, b: u8, t: Target) {
+        self.fixups.push((self.insns.len(), t));
+        self.emit(JMP32 | op | X, a, b, 0, 0);
+    }
+    fn mov_imm(&mut self, dst: u8, imm: i32) {
+        self.emit(ALU64 | MOV | K, dst, 0, 0, imm);
+    }
+    /// `dst` = the frame pointer + `off` (a stack slot).
+    fn stack_ptr(&mut self, dst: u8, off: i32) {
+        self.mov_reg(dst, R10);
+        self.emit(ALU64 | STX_ADD | K, dst, 0, 0, off);
+    }
+    /// Calls helper `id` (arguments in r1-r5, already set) and drops the
+    /// frame when it returns anything but 0.
+    fn call_or_drop(&mut self, id: i32) {
+        self.emit(JMP | CALL, 0, 0, 0, id);
+        self.jump_if(JNE, R0, 0, Target::Drop);
+    }
+    /// `bpf_skb_load_bytes(ctx, off, stack + slot, 2)`.
+    fn copy_two_bytes(&mut self, off: i32, slot: i32) {
+        self.mov_reg(R1, R6);
+        self.mov_imm(R2, off);
+        self.stack_ptr(R3, slot);
+        self.mov_imm(R4, 2);
+        self.call_or_drop(SKB_LOAD_BYTES);
     }
     fn goto(&mut self, t: Target) {
         self.fixups.push((self.insns.len(), t));
@@ -192,6 +267,7 @@ pub const MAX_HOST_NETS: usize = 1024;
 
 // Offsets from the start of the Ethernet frame (cls_bpf at ingress runs
 // with the MAC header pushed back).
+const ETH_DST: i32 = 0;
 const ETH_SRC: i32 = 6;
 const ETH_TYPE: i32 = 12;
 const IP_VHL: i32 = 14;
@@ -202,9 +278,11 @@ const IP_DST: i32 = 30;
 const L4_PORTS: i32 = 34;
 const ARP_SHA: i32 = 22;
 const ARP_SPA: i32 = 28;
-/// `struct __sk_buff`: `len` and `vlan_present` (uapi/linux/bpf.h).
+/// `struct __sk_buff`: `len`, `vlan_present`, `gso_size`
+/// (uapi/linux/bpf.h).
 const SKB_LEN: i16 = 0;
 const SKB_VLAN_PRESENT: i16 = 20;
+const SKB_GSO_SIZE: i16 = 176;
 const MIN_LEN: u32 = 42;
 
 /// Compiles `policy` for a VM. The policy must not be empty.
@@ -221,6 +299,7 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.jump_if(JNE, R0, 0, Target::Drop);
     a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
     a.jump_if(JLT, R0, MIN_LEN, Target::Drop);
+    drop_pending_offloads(&mut a);
     let m = ctx.mac;
     a.load(H, ETH_SRC);
     a.jump_if(
@@ -278,6 +357,9 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.mov_reg(R8, R0);
     a.load(W, L4_PORTS);
     a.mov_reg(R9, R0);
+    if let Some(bridge) = ctx.bridge {
+        to_the_bridge(&mut a, &bridge);
+    }
     let source_ok = a.label();
     if let Some(guest) = ctx.guest {
         a.load(W, IP_SRC);
@@ -347,6 +429,69 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
         Target::Drop
     });
     a.finish()
+}
+
+/// Drops a frame the kernel would still segment or checksum after the
+/// program read it (see the module's "Pending offloads").
+fn drop_pending_offloads(a: &mut Asm) {
+    a.emit(LDX | MEM | W, R0, R6, SKB_GSO_SIZE, 0);
+    a.jump_if(JNE, R0, 0, Target::Drop);
+    // The first two bytes, saved at fp-8.
+    a.copy_two_bytes(0, -8);
+    // bpf_l4_csum_replace(ctx, 0, from 0, diff 1, flags 0): a field
+    // changed by a difference, unless the frame's checksum is pending.
+    a.mov_reg(R1, R6);
+    a.mov_imm(R2, 0);
+    a.mov_imm(R3, 0);
+    a.mov_imm(R4, 1);
+    a.mov_imm(R5, 0);
+    a.call_or_drop(L4_CSUM_REPLACE);
+    a.copy_two_bytes(0, -16);
+    a.emit(LDX | MEM | H, R7, R10, -8, 0);
+    a.emit(LDX | MEM | H, R0, R10, -16, 0);
+    a.jump_if_reg(JEQ, R0, R7, Target::Drop);
+    // Put them back.
+    a.mov_reg(R1, R6);
+    a.mov_imm(R2, 0);
+    a.stack_ptr(R3, -8);
+    a.mov_imm(R4, 2);
+    a.mov_imm(R5, 0);
+    a.call_or_drop(SKB_STORE_BYTES);
+}
+
+/// Drops IPv4 (destination in r8) addressed at layer 2 to anything but
+/// `bridge`, except broadcast to 255.255.255.255 and any MAC for a
+/// destination on the bridge's network (another VM; the rules decide).
+fn to_the_bridge(a: &mut Asm, bridge: &Bridge) {
+    let m = bridge.mac;
+    let ok = a.label();
+    let not_bridge = a.label();
+    let not_broadcast = a.label();
+    a.load(H, ETH_DST);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from(u16::from_be_bytes([m[0], m[1]])),
+        Target::Label(not_bridge),
+    );
+    a.load(W, ETH_DST + 2);
+    a.jump_if(
+        JEQ,
+        R0,
+        u32::from_be_bytes([m[2], m[3], m[4], m[5]]),
+        Target::Label(ok),
+    );
+    a.bind(not_bridge);
+    a.load(H, ETH_DST);
+    a.jump_if(JNE, R0, 0xffff, Target::Label(not_broadcast));
+    a.load(W, ETH_DST + 2);
+    a.jump_if(JNE, R0, u32::MAX, Target::Label(not_broadcast));
+    a.jump_if(JEQ, R8, u32::MAX, Target::Label(ok));
+    a.goto(Target::Drop);
+    a.bind(not_broadcast);
+    let net = bridge.network;
+    a.unless_masked(R8, net.mask(), u32::from(net.addr), Target::Drop);
+    a.bind(ok);
 }
 
 /// Jumps to `verdict` when the packet (registers r7-r9) matches `r`.
@@ -527,6 +672,10 @@ mod tests {
             guest: Some(Ipv4Addr::new(203, 0, 113, 50)),
             gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![Cidr::new(Ipv4Addr::new(198, 51, 100, 0), 24)],
+            bridge: Some(Bridge {
+                mac: BRIDGE_MAC,
+                network: Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 24),
+            }),
         }
     }
 
@@ -541,7 +690,7 @@ mod tests {
         let insns = compile(&p, &ctx()).unwrap();
         for (i, ins) in insns.iter().enumerate() {
             let class = ins.code & 0x07;
-            if (class == JMP || class == JMP32) && ins.code & 0xf0 != EXIT {
+            if (class == JMP || class == JMP32) && ![EXIT, CALL].contains(&(ins.code & 0xf0)) {
                 let dest = i as i64 + 1 + i64::from(ins.off);
                 assert!(dest > i as i64 && (dest as usize) < insns.len(), "{i}");
             }
@@ -552,6 +701,12 @@ mod tests {
     /// Runs the loaded program on `frame` in the kernel (BPF_PROG_TEST_RUN)
     /// and returns its verdict.
     fn verdict(prog: &OwnedFd, frame: &[u8]) -> i32 {
+        run(prog, frame, 0).0
+    }
+
+    /// Runs the loaded program on `frame`, as an skb with `gso_size`, and
+    /// returns its verdict and the frame as the program left it.
+    fn run(prog: &OwnedFd, frame: &[u8], gso_size: u32) -> (i32, Vec<u8>) {
         use std::os::fd::AsRawFd;
         #[repr(C)]
         #[derive(Default)]
@@ -573,15 +728,25 @@ mod tests {
             batch_size: u32,
             _pad: u32,
         }
+        // `struct __sk_buff` up to and including `gso_size` (zeros but
+        // for the fields test runs take: len is the frame's, gso_size).
+        let mut ctx = [0u8; 184];
+        ctx[SKB_GSO_SIZE as usize..SKB_GSO_SIZE as usize + 4]
+            .copy_from_slice(&gso_size.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
         let mut attr = TestRun {
             prog_fd: prog.as_raw_fd() as u32,
             data_size_in: frame.len() as u32,
             data_in: frame.as_ptr() as u64,
+            data_size_out: out.len() as u32,
+            data_out: out.as_mut_ptr() as u64,
+            ctx_size_in: ctx.len() as u32,
+            ctx_in: ctx.as_ptr() as u64,
             repeat: 1,
             ..Default::default()
         };
-        // SAFETY: a valid BPF_PROG_TEST_RUN attr whose input buffer outlives
-        // the call; no output buffers are given.
+        // SAFETY: a valid BPF_PROG_TEST_RUN attr whose input buffers and
+        // output buffer (of the size given) outlive the call.
         let r = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -591,13 +756,17 @@ mod tests {
             )
         };
         assert_eq!(r, 0, "BPF_PROG_TEST_RUN: {}", nix::errno::Errno::last());
-        attr.retval as i32
+        out.truncate(attr.data_size_out as usize);
+        (attr.retval as i32, out)
     }
 
     const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+    const BRIDGE_MAC: [u8; 6] = [0x02, 0xb0, 0, 0, 0, 1];
+    const OTHER_VM_MAC: [u8; 6] = [0x52, 0x54, 0, 7, 7, 7];
 
     /// An Ethernet frame from `src_mac` carrying IPv4 `proto` from `src`
-    /// to `dst`, ports `sport` -> `dport`, padded to 60 bytes.
+    /// to `dst`, ports `sport` -> `dport`, padded to 60 bytes; to the
+    /// bridge's MAC (broadcast for 255.255.255.255).
     fn ipv4(
         src_mac: [u8; 6],
         src: [u8; 4],
@@ -606,7 +775,11 @@ mod tests {
         sport: u16,
         dport: u16,
     ) -> Vec<u8> {
-        let mut f = vec![0xff; 6];
+        let mut f = if dst == [255; 4] {
+            vec![0xff; 6]
+        } else {
+            BRIDGE_MAC.to_vec()
+        };
         f.extend_from_slice(&src_mac);
         f.extend_from_slice(&[0x08, 0x00]);
         let ip = [0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, proto, 0, 0];
@@ -617,6 +790,12 @@ mod tests {
         f.extend_from_slice(&dport.to_be_bytes());
         f.resize(60, 0);
         f
+    }
+
+    /// `frame` addressed at layer 2 to `mac`.
+    fn to_mac(mac: [u8; 6], mut frame: Vec<u8>) -> Vec<u8> {
+        frame[..6].copy_from_slice(&mac);
+        frame
     }
 
     fn arp(src_mac: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
@@ -689,9 +868,33 @@ mod tests {
             ),
             ("ARP for another address", arp(GUEST_MAC, [203, 0, 113, 51])),
             ("ARP from a spoofed MAC", arp([0x52, 0x54, 0, 9, 9, 9], g)),
+            (
+                "the allowed address, at layer 2 to another VM",
+                to_mac(OTHER_VM_MAC, ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)),
+            ),
+            (
+                "the allowed address, at layer 2 to everyone",
+                to_mac([0xff; 6], ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)),
+            ),
+            (
+                "DHCP, at layer 2 to another VM",
+                to_mac(OTHER_VM_MAC, ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)),
+            ),
+            (
+                "another VM not allowed",
+                to_mac(
+                    OTHER_VM_MAC,
+                    ipv4(GUEST_MAC, g, [203, 0, 113, 7], 6, 40000, 8000),
+                ),
+            ),
         ] {
             assert_eq!(v(&f), SHOT, "{what}");
         }
+        // Another VM the rules allow: reached at its own MAC.
+        let p = Policy::from_parts(&["203.0.113.7:8000/tcp".into()], &[], false).unwrap();
+        let vm = load(&compile(&p, &ctx()).unwrap()).unwrap().fd;
+        let f = ipv4(GUEST_MAC, g, [203, 0, 113, 7], 6, 40000, 8000);
+        assert_eq!(verdict(&vm, &to_mac(OTHER_VM_MAC, f)), OK);
         // IP options: the ports would be elsewhere.
         let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
         f[14] = 0x46;
@@ -744,6 +947,33 @@ mod tests {
 
     /// Bridged: the guest's address and the DHCP server are the LAN's, so
     /// DHCP goes to any server and sources are not checked; the rest holds.
+    #[test]
+    fn frames_leave_unchanged_and_offloaded_ones_are_dropped() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root (BPF)");
+            return;
+        }
+        let p = Policy::from_parts(&["198.51.100.2:8000/udp".into()], &[], false).unwrap();
+        let prog = load(&compile(&p, &ctx()).unwrap()).unwrap();
+        let allowed = ipv4(
+            GUEST_MAC,
+            [203, 0, 113, 50],
+            [198, 51, 100, 2],
+            17,
+            40000,
+            8000,
+        );
+        // The pending-checksum probe writes the first two bytes and puts
+        // them back: what leaves is what the guest sent.
+        let (v, out) = run(&prog.fd, &allowed, 0);
+        assert_eq!(v, TC_ACT_UNSPEC);
+        assert_eq!(out, allowed);
+        // A frame the kernel would still segment (a guest handing over one
+        // large frame through the virtio-net header): dropped, even to an
+        // allowed destination.
+        assert_eq!(run(&prog.fd, &allowed, 1400).0, TC_ACT_SHOT);
+    }
+
     #[test]
     fn bridged_policies_let_dhcp_reach_the_lans_server() {
         if !nix::unistd::geteuid().is_root() {
