@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use lume::network::netlink::Netlink;
 use lume::network::policy::Policy;
 use lume::network::policy::bpf::Context;
+use lume::network::policy::skb::SkbLayout;
 use lume::network::tap::Tap;
 
 const GUEST: [u8; 4] = [203, 0, 113, 50];
@@ -89,30 +90,44 @@ fn udp(
 /// chosen so the checksum the kernel writes there is 9999; behind a
 /// virtio-net header (flags NEEDS_CSUM, csum_start 34, csum_offset 2).
 fn checksum_smuggler(src_mac: [u8; 6], src: [u8; 4], tag: &[u8]) -> Vec<u8> {
+    checksum_at(src_mac, src, 34, 2, 9999, tag)
+}
+
+/// A frame to the allowed 198.51.100.2:8000 marked "needs checksum" from
+/// `start` with the checksum at `start + offset`, its spare payload bytes
+/// chosen so the checksum the kernel writes there is `value`.
+fn checksum_at(
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    start: u16,
+    offset: u16,
+    value: u16,
+    tag: &[u8],
+) -> Vec<u8> {
     let mut f = udp(src_mac, SERVER_MAC, src, SERVER, 40000, 8000, tag);
     let n = f.len();
     let spare = (0..=u16::MAX)
         .find(|w| {
             f[n - 2..].copy_from_slice(&w.to_be_bytes());
-            !(sum16(&f[34..]) as u16) == 9999
+            !(sum16(&f[usize::from(start)..]) as u16) == value
         })
-        .expect("a spare word that makes the checksum 9999");
+        .expect("a spare word that makes the checksum the value");
     f[n - 2..].copy_from_slice(&spare.to_be_bytes());
     let mut hdr = vec![1u8, 0, 0, 0, 0, 0];
-    hdr.extend_from_slice(&34u16.to_le_bytes());
-    hdr.extend_from_slice(&2u16.to_le_bytes());
+    hdr.extend_from_slice(&start.to_le_bytes());
+    hdr.extend_from_slice(&offset.to_le_bytes());
     hdr.extend_from_slice(&f);
     hdr
 }
 
-/// A 300-byte UDP payload to the allowed 198.51.100.2:8000, handed over as
+/// A 300-byte UDP payload to 198.51.100.2:`dport`, handed over as
 /// one frame for the kernel to cut into 100-byte datagrams (USO) and to
 /// checksum: what a guest with transmit offloads sends. Behind a
 /// virtio-net header (NEEDS_CSUM at 34+6, GSO_UDP_L4, gso_size 100).
-fn segmentation_offload(src_mac: [u8; 6], src: [u8; 4], tag: &[u8]) -> Vec<u8> {
+fn segmentation_offload(src_mac: [u8; 6], src: [u8; 4], dport: u16, tag: &[u8]) -> Vec<u8> {
     let mut payload = tag.to_vec();
     payload.resize(298, b'.');
-    let mut f = udp(src_mac, SERVER_MAC, src, SERVER, 40000, 8000, &payload);
+    let mut f = udp(src_mac, SERVER_MAC, src, SERVER, 40000, dport, &payload);
     let mut hdr = vec![1u8, 5];
     hdr.extend_from_slice(&42u16.to_le_bytes());
     hdr.extend_from_slice(&100u16.to_le_bytes());
@@ -231,6 +246,7 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![],
             bridge: None,
+            skb: SkbLayout::running(),
         };
         police("lg0", &policy, &nat(MAC_G, GUEST));
         police(
@@ -242,6 +258,8 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
                 gateway: None,
                 host_nets: vec![],
                 bridge: None,
+                // As on a kernel whose sk_buff the filter cannot read.
+                skb: None,
             },
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -273,13 +291,33 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         );
         write_with_header(
             &lv,
-            &segmentation_offload(MAC_V, [203, 0, 113, 51], b"ctl-gso"),
+            &segmentation_offload(MAC_V, [203, 0, 113, 51], 8000, b"ctl-gso"),
         );
 
-        // F1: the same against lume's policed tap: pending offloads are
-        // dropped, whatever the destination.
+        // F1: the same against lume's policed tap. A pending checksum
+        // anywhere but the transport header's own field is dropped...
         write_with_header(&lg, &checksum_smuggler(MAC_G, GUEST, b"csum-smuggled"));
-        write_with_header(&lg, &segmentation_offload(MAC_G, GUEST, b"gso-offload"));
+        // (from the IP header, written over the destination address)
+        write_with_header(
+            &lg,
+            &checksum_at(MAC_G, GUEST, 26, 6, 0xc633, b"csum-address"),
+        );
+        // ... a real offload to the allowed port passes (cut up on the way
+        // out) and one to another port does not.
+        write_with_header(
+            &lg,
+            &segmentation_offload(MAC_G, GUEST, 8000, b"gso-allowed"),
+        );
+        write_with_header(
+            &lg,
+            &segmentation_offload(MAC_G, GUEST, 9999, b"gso-denied"),
+        );
+        // Without the kernel's sk_buff layout (lb0's filter is compiled
+        // without it), every offloaded frame is dropped.
+        write_with_header(
+            &lb,
+            &segmentation_offload(MAC_B, [198, 51, 100, 120], 8000, b"gso-no-layout"),
+        );
         // F3: VLAN-tagged frames whose inner frame is allowed.
         write(&lg, &vlan_tagged(g_udp(8000, b"vlan-tagged"), 5));
         write(
@@ -319,13 +357,18 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             "the harness no longer sends a segmentation offload: {got:02x?}"
         );
         assert!(
-            got.iter().filter(|f| f.len() == 14 + 20 + 8 + 100).count() >= 3,
-            "the control's offload was not cut into 100-byte datagrams"
+            got.iter().filter(|f| f.len() == 14 + 20 + 8 + 100).count() >= 6,
+            "the offloads were not cut into 100-byte datagrams"
         );
+        let offload = carries(&got, b"gso-allowed");
+        assert_eq!(offload.len(), 1, "a real offload did not pass: {got:02x?}");
+        assert_eq!(dport(&offload[0]), 8000);
         // The abuses.
         for tag in [
             &b"csum-smuggled"[..],
-            b"gso-offload",
+            b"csum-address",
+            b"gso-denied",
+            b"gso-no-layout",
             b"vlan-tagged",
             b"vlan-prio",
             b"dhcp-tunnel",
@@ -373,6 +416,7 @@ fn the_guard_replaces_a_foreign_program_under_its_name() {
             gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
             host_nets: vec![],
             bridge: None,
+            skb: SkbLayout::running(),
         };
         let mut nl = Netlink::open().unwrap();
         let index = nl.link_index("lg0").unwrap().unwrap();
@@ -423,6 +467,7 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
             gateway: None,
             host_nets: vec![],
             bridge: None,
+            skb: SkbLayout::running(),
         };
         let mut nl = Netlink::open().unwrap();
         let index = nl.link_index("lb0").unwrap().unwrap();

@@ -376,11 +376,24 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
 
 /// `-netdev tap,fd=3` plus the device, for a descriptor handed over as fd 3.
 /// QEMU takes `vnet_hdr` from the descriptor (TUNGETIFF; it refuses the
-/// option with `fd=`). A VM under a network policy gets a device without
-/// transmit offloads ([`POLICED_DEVICE_OPTIONS`]).
+/// option with `fd=`). A VM under a network policy on a kernel whose
+/// `sk_buff` the filter cannot read gets a device without transmit
+/// offloads ([`POLICED_DEVICE_OPTIONS`]).
 fn tap_args(mac: MacAddress, policy: &super::policy::Policy) -> Vec<String> {
+    tap_args_with(
+        mac,
+        policy,
+        super::policy::skb::SkbLayout::running().is_some(),
+    )
+}
+
+fn tap_args_with(
+    mac: MacAddress,
+    policy: &super::policy::Policy,
+    offloads_checked: bool,
+) -> Vec<String> {
     let mut device = virtio_device("net0", mac);
-    if !policy.is_empty() {
+    if !policy.is_empty() && !offloads_checked {
         device.push_str(POLICED_DEVICE_OPTIONS);
     }
     vec![
@@ -424,6 +437,7 @@ fn enforce_policy(
         gateway: network.map(|(_, subnet)| subnet.gateway()),
         host_nets: host_nets(&mut nl)?,
         bridge,
+        skb: super::policy::skb::SkbLayout::running(),
     };
     let id = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
     Ok(super::policy::tc::Guard::start(
@@ -769,13 +783,14 @@ fn unpublished_reach(mode: &NetworkMode) -> &'static str {
 mod tests {
     use super::*;
 
-    /// A policed VM's device offers no transmit offload (the filter drops
-    /// offloaded frames); receive offloads and VMs without a policy keep
-    /// QEMU's defaults.
+    /// Without the kernel's sk_buff layout, a policed VM's device offers no
+    /// transmit offload (the filter drops offloaded frames); receive
+    /// offloads, VMs without a policy and policed VMs on a kernel whose
+    /// layout the filter reads keep QEMU's defaults.
     #[test]
     fn policed_devices_offer_no_transmit_offload() {
         let mac: MacAddress = "52:54:00:12:34:56".parse().unwrap();
-        let device = |p: &super::super::policy::Policy| tap_args(mac, p)[3].clone();
+        let device = |p: &super::super::policy::Policy| tap_args_with(mac, p, false)[3].clone();
         let free = device(&Default::default());
         assert_eq!(free, "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56");
         let p = super::super::policy::Policy::from_parts(&[], &[], true).unwrap();
@@ -790,6 +805,8 @@ mod tests {
             assert!(policed.split(',').any(|o| o == off), "{policed}");
         }
         assert!(!policed.contains("guest_"), "{policed}");
+        // A kernel whose sk_buff the filter reads: every offload.
+        assert_eq!(tap_args_with(mac, &p, true)[3], free);
     }
 
     /// A member could otherwise take over a host service's port (lume's

@@ -47,6 +47,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{FromRawFd, OwnedFd};
 
+use super::skb::SkbLayout;
 use super::{Cidr, ISOLATED_RANGES, Policy, Rule};
 
 /// What the program needs to know of the VM's network.
@@ -68,6 +69,10 @@ pub struct Context {
     /// another VM behind an address the rules allowed; `None` in bridged
     /// mode (the LAN's hosts are many).
     pub bridge: Option<Bridge>,
+    /// The kernel's `struct sk_buff` layout ([`SkbLayout::running`]):
+    /// with it, offloaded frames whose checksum goes where it belongs pass
+    /// on to the rules; without it every offloaded frame is dropped.
+    pub skb: Option<SkbLayout>,
 }
 
 /// lume's bridge, as the program sees it.
@@ -115,7 +120,7 @@ const JNE: u8 = 0x50;
 const JLT: u8 = 0xa0;
 const EXIT: u8 = 0x90;
 const CALL: u8 = 0x80;
-const STX_ADD: u8 = 0x00;
+const ADD: u8 = 0x00;
 
 // Helpers (uapi/linux/bpf.h `enum bpf_func_id`).
 const SKB_STORE_BYTES: i32 = 9;
@@ -193,7 +198,7 @@ impl Asm {
     /// `dst` = the frame pointer + `off` (a stack slot).
     fn stack_ptr(&mut self, dst: u8, off: i32) {
         self.mov_reg(dst, R10);
-        self.emit(ALU64 | STX_ADD | K, dst, 0, 0, off);
+        self.emit(ALU64 | ADD | K, dst, 0, 0, off);
     }
     /// Calls helper `id` (arguments in r1-r5, already set) and drops the
     /// frame when it returns anything but 0.
@@ -299,7 +304,7 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.jump_if(JNE, R0, 0, Target::Drop);
     a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
     a.jump_if(JLT, R0, MIN_LEN, Target::Drop);
-    drop_pending_offloads(&mut a);
+    drop_pending_offloads(&mut a, ctx.skb.as_ref());
     let m = ctx.mac;
     a.load(H, ETH_SRC);
     a.jump_if(
@@ -431,11 +436,12 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.finish()
 }
 
-/// Drops a frame the kernel would still segment or checksum after the
-/// program read it (see the module's "Pending offloads").
-fn drop_pending_offloads(a: &mut Asm) {
-    a.emit(LDX | MEM | W, R0, R6, SKB_GSO_SIZE, 0);
-    a.jump_if(JNE, R0, 0, Target::Drop);
+/// Drops a frame the kernel would still checksum or segment after the
+/// program read it, unless `skb` is known and the checksum goes to the
+/// TCP or UDP header's own field (see the module's "Pending offloads").
+fn drop_pending_offloads(a: &mut Asm, skb: Option<&SkbLayout>) {
+    let pending = a.label();
+    let done = a.label();
     // The first two bytes, saved at fp-8.
     a.copy_two_bytes(0, -8);
     // bpf_l4_csum_replace(ctx, 0, from 0, diff 1, flags 0): a field
@@ -449,14 +455,68 @@ fn drop_pending_offloads(a: &mut Asm) {
     a.copy_two_bytes(0, -16);
     a.emit(LDX | MEM | H, R7, R10, -8, 0);
     a.emit(LDX | MEM | H, R0, R10, -16, 0);
-    a.jump_if_reg(JEQ, R0, R7, Target::Drop);
-    // Put them back.
+    a.jump_if_reg(JEQ, R0, R7, Target::Label(pending));
+    // Not pending: put the two bytes back; a frame to segment without a
+    // pending checksum is no guest's (segmentation needs one).
     a.mov_reg(R1, R6);
     a.mov_imm(R2, 0);
     a.stack_ptr(R3, -8);
     a.mov_imm(R4, 2);
     a.mov_imm(R5, 0);
     a.call_or_drop(SKB_STORE_BYTES);
+    a.emit(LDX | MEM | W, R0, R6, SKB_GSO_SIZE, 0);
+    a.jump_if(JNE, R0, 0, Target::Drop);
+    a.goto(Target::Label(done));
+
+    a.bind(pending);
+    let Some(skb) = skb else {
+        a.goto(Target::Drop);
+        a.bind(done);
+        return;
+    };
+    // IPv4 without options (checked again below), checksum from the
+    // transport header on (mac_header + 34) into TCP's field (16) or UDP's
+    // (6): the kernel writes nothing else, and cuts a large frame at the
+    // transport header the program reads.
+    a.load(H, ETH_TYPE);
+    a.jump_if(JNE, R0, 0x0800, Target::Drop);
+    a.load(B, IP_VHL);
+    a.jump_if(JNE, R0, 0x45, Target::Drop);
+    read_skb(a, skb);
+    a.emit(ALU64 | ADD | K, R1, 0, 0, L4_PORTS);
+    a.jump_if_reg(JNE, R2, R1, Target::Drop);
+    a.mov_reg(R7, R3);
+    a.load(B, IP_PROTO);
+    let udp = a.label();
+    a.jump_if(JNE, R0, 6, Target::Label(udp));
+    a.jump_if(JNE, R7, 16, Target::Drop);
+    a.goto(Target::Label(done));
+    a.bind(udp);
+    a.jump_if(JNE, R0, 17, Target::Drop);
+    a.jump_if(JNE, R7, 6, Target::Drop);
+    a.bind(done);
+}
+
+/// r1 = skb->mac_header, r2 = skb->csum_start, r3 = skb->csum_offset
+/// (context in r6), through `bpf_cast_to_kern_ctx`.
+fn read_skb(a: &mut Asm, skb: &SkbLayout) {
+    a.mov_reg(R1, R6);
+    // BPF_PSEUDO_KFUNC_CALL: imm is the kfunc's id in the kernel's BTF.
+    a.emit(JMP | CALL, 0, 2, 0, skb.cast_to_kern_ctx as i32);
+    a.emit(LDX | MEM | H, R1, R0, skb.mac_header, 0);
+    a.emit(LDX | MEM | H, R2, R0, skb.csum_start, 0);
+    a.emit(LDX | MEM | H, R3, R0, skb.csum_offset, 0);
+}
+
+/// A program that only reads the fields (and passes every frame): loaded
+/// once to learn whether the kernel accepts [`read_skb`].
+pub(super) fn read_skb_fields(skb: &SkbLayout) -> Vec<Insn> {
+    let mut a = Asm::default();
+    a.mov_reg(R6, R1);
+    read_skb(&mut a, skb);
+    a.mov_imm(R0, TC_ACT_UNSPEC);
+    a.emit(JMP | EXIT, 0, 0, 0, 0);
+    a.insns
 }
 
 /// Drops IPv4 (destination in r8) addressed at layer 2 to anything but
@@ -535,6 +595,17 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Compile(#[from] CompileError),
+}
+
+impl LoadError {
+    /// The kernel's answer (EINVAL for a compile error, which never reached
+    /// it).
+    pub fn errno(&self) -> nix::errno::Errno {
+        match self {
+            LoadError::Unavailable { errno } | LoadError::Refused { errno, .. } => *errno,
+            LoadError::Compile(_) => nix::errno::Errno::EINVAL,
+        }
+    }
 }
 
 /// `union bpf_attr` for BPF_PROG_LOAD (the leading fields; the rest zero).
@@ -676,6 +747,7 @@ mod tests {
                 mac: BRIDGE_MAC,
                 network: Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 24),
             }),
+            skb: SkbLayout::running(),
         }
     }
 

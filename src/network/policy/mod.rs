@@ -18,6 +18,7 @@
 //! (see [`PolicyError::ModeCannotEnforce`]).
 
 pub mod bpf;
+pub mod skb;
 pub mod tc;
 
 use std::fmt;
