@@ -105,7 +105,7 @@ fn u16_field(btf: &Btf, ty: &Type, name: &str, base: u32) -> Option<u32> {
             }
         } else if member_name == name {
             return (m.bitfield_size().unwrap_or(0) == 0
-                && offset % 8 == 0
+                && offset.is_multiple_of(8)
                 && int_size(btf, member_type) == Some(2))
             .then_some(offset);
         }
