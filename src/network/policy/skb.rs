@@ -10,9 +10,12 @@
 //! the kernel's version and configuration. The program reaches them through
 //! the kernel's `bpf_cast_to_kern_ctx` kfunc (Linux 6.2+), called by its
 //! BTF id, with loads the verifier checks against the kernel's BTF
-//! (`/sys/kernel/btf/vmlinux`, read with `btf-rs`). Found once per process,
-//! and only used once a program using them has loaded.
+//! (`/sys/kernel/btf/vmlinux`, read with `btf-rs`). Found once per boot
+//! (reading the BTF takes a few hundred milliseconds: the result is kept in
+//! root's `/run/lume/skb-layout`, keyed by the boot's id), once per process
+//! after that, and only used once a program using them has loaded.
 
+use std::path::Path;
 use std::sync::OnceLock;
 
 use btf_rs::{Btf, Type};
@@ -38,13 +41,23 @@ pub enum LayoutError {
 }
 
 impl SkbLayout {
-    /// The running kernel's layout, read and tried once per process.
+    /// The running kernel's layout, read and tried once per process (and
+    /// read from the BTF once per boot).
     pub fn running() -> Option<SkbLayout> {
         static LAYOUT: OnceLock<Option<SkbLayout>> = OnceLock::new();
         *LAYOUT.get_or_init(|| {
-            Self::read("/sys/kernel/btf/vmlinux")
-                .and_then(|l| l.try_load().map(|()| l))
-                .ok()
+            let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+            let boot = boot.trim();
+            let cache = Path::new(CACHE);
+            if let Some(l) = cached(cache, boot) {
+                if l.try_load().is_ok() {
+                    return Some(l);
+                }
+            }
+            let l = Self::read("/sys/kernel/btf/vmlinux").ok()?;
+            l.try_load().ok()?;
+            keep(cache, boot, &l);
+            Some(l)
         })
     }
 
@@ -86,6 +99,56 @@ impl SkbLayout {
             .map(drop)
             .map_err(|e| LayoutError::Refused(e.errno()))
     }
+}
+
+/// Where the layout is kept for the boot (root's, 0600 in the 0700
+/// `/run/lume`).
+const CACHE: &str = "/run/lume/skb-layout";
+
+/// The layout kept for boot `boot`, if any: a regular file of root's that
+/// only root can change, not a link.
+fn cached(path: &Path, boot: &str) -> Option<SkbLayout> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let m = f.metadata().ok()?;
+    if !m.is_file() || m.uid() != 0 || m.mode() & 0o022 != 0 || m.len() > 256 {
+        return None;
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    let mut w = text.split_whitespace();
+    if w.next()? != boot {
+        return None;
+    }
+    let mut n = || w.next()?.parse::<i64>().ok();
+    Some(SkbLayout {
+        cast_to_kern_ctx: u32::try_from(n()?).ok()?,
+        mac_header: i16::try_from(n()?).ok()?,
+        csum_start: i16::try_from(n()?).ok()?,
+        csum_offset: i16::try_from(n()?).ok()?,
+    })
+}
+
+/// Keeps `l` for boot `boot` (as root only; a failure only costs the next
+/// process the BTF read).
+fn keep(path: &Path, boot: &str, l: &SkbLayout) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let Some(dir) = path.parent() else { return };
+    if crate::network::rundir::private_dir(dir, dir).is_err() {
+        return;
+    }
+    let text = format!(
+        "{boot} {} {} {} {}\n",
+        l.cast_to_kern_ctx, l.mac_header, l.csum_start, l.csum_offset
+    );
+    let _ = crate::util::atomic::write_private(path, text.as_bytes());
 }
 
 /// The bit offset of the 16-bit field `name` in `ty`, looking into
@@ -153,5 +216,34 @@ mod tests {
             SkbLayout::read("/nonexistent"),
             Err(LayoutError::Btf(_))
         ));
+    }
+
+    /// The boot's copy is used only for that boot, only when root's and
+    /// not writable by others.
+    #[test]
+    fn the_kept_layout_is_for_its_boot_and_roots_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skb-layout");
+        let l = SkbLayout {
+            cast_to_kern_ctx: 63537,
+            mac_header: 182,
+            csum_start: 136,
+            csum_offset: 138,
+        };
+        std::fs::write(&path, "b1 63537 182 136 138\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        assert_eq!(cached(&path, "b1"), root.then_some(l));
+        assert_eq!(cached(&path, "b2"), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(cached(&path, "b1"), None);
+        std::fs::write(&path, "b1 63537 182 136\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(cached(&path, "b1"), None);
+        std::fs::write(&path, "b1 63537 182 136 138\n").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert_eq!(cached(&link, "b1"), None);
     }
 }
