@@ -49,10 +49,8 @@ impl SkbLayout {
             let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
             let boot = boot.trim();
             let cache = Path::new(CACHE);
-            if let Some(l) = cached(cache, boot) {
-                if l.try_load().is_ok() {
-                    return Some(l);
-                }
+            if let Some(l) = cached(cache, boot).filter(|l| l.try_load().is_ok()) {
+                return Some(l);
             }
             let l = Self::read("/sys/kernel/btf/vmlinux").ok()?;
             l.try_load().ok()?;
