@@ -409,7 +409,9 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     if allowed.sources().is_empty() {
         panic!(
             "the allowed service saw nothing although the guest connected:\n{}\n{}",
-            ns.exec("ss -tan; ip -br addr; ip route; ip rule").stdout.escape_ascii(),
+            ns.exec("ss -tan; ip -br addr; ip route; ip rule")
+                .stdout
+                .escape_ascii(),
             std::fs::read_to_string(pol_console)
                 .unwrap_or_default()
                 .lines()
@@ -489,7 +491,10 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
         Duration::from_secs(15),
         || {
             let list = ns.exec_ok(keepers);
-            (!list.lines().any(|l| l.ends_with("-pol") || l.ends_with("-pol2"))).then_some(())
+            (!list
+                .lines()
+                .any(|l| l.ends_with("-pol") || l.ends_with("-pol2")))
+            .then_some(())
         },
     );
     assert!(
