@@ -368,6 +368,20 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
         d["network"]["policy"]["allowOut"],
         serde_json::json!(["198.51.100.1/32:8000/tcp"])
     );
+    // The saved one, pending, is shown beside it.
+    assert_eq!(
+        d["network"]["savedPolicy"],
+        serde_json::json!({"allowOut": ["198.51.100.3/32:8000/tcp"]}),
+        "{d}"
+    );
+    let text = t.lume_ok(&["get", "box"]);
+    assert!(
+        text.contains(
+            "saved network policy (from the next start): allow-out 198.51.100.3/32:8000/tcp"
+        ),
+        "{text}"
+    );
+    assert!(t.get("iso")["network"]["savedPolicy"].is_null());
     t.lume_ok(&["stop", "box"]);
     let cfg = std::fs::read_to_string(t.home.vm_dir("box").join("config.json")).unwrap();
     assert!(cfg.contains("198.51.100.3/32:8000/tcp"), "{cfg}");

@@ -175,9 +175,22 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
             let state = match n.policy_in_force {
                 Some(true) => " (in force)",
                 Some(false) => " (NOT in force: stop the VM)",
+                None if d.status == "running" => {
+                    " (unknown whether in force: lume could not read the VM's tap; run lume network doctor)"
+                }
                 None => " (saved: enforced from the next start)",
             };
             lines.push(format!("network policy: {}{state}", parts.join("; ")));
+        }
+        if let Some(p) = &n.saved_policy {
+            let rules = if p.is_empty() {
+                "none".to_string()
+            } else {
+                p.readable().join("; ")
+            };
+            lines.push(format!(
+                "saved network policy (from the next start): {rules}"
+            ));
         }
         if let Some(note) = &n.note {
             lines.push(format!("note: {note}"));

@@ -42,6 +42,13 @@ pub struct NetworkDetails {
     /// the VM is stopped: `policy` is then the saved one, enforced from the
     /// next start (a start whose filter cannot be attached fails).
     pub policy_in_force: Option<bool>,
+    /// While running: the saved policy when it differs from the run's
+    /// (changed with `set` during the run, or the run was given its own),
+    /// which the next start enforces; `{}` when the saved one is none.
+    /// `null` when stopped (then `policy` is the saved one) or when they
+    /// are the same.
+    #[schema(value_type = Option<Object>)]
+    pub saved_policy: Option<crate::network::policy::Policy>,
 }
 
 /// Whether the run's policy holds now: its filter is on its tap, or the
@@ -258,6 +265,10 @@ impl VmDetails {
             })
             .filter(|p| !p.is_empty()),
             policy_in_force: state.as_ref().and_then(policy_in_force),
+            saved_policy: state
+                .as_ref()
+                .filter(|s| s.network_policy != cfg.network_policy)
+                .map(|_| cfg.network_policy.clone()),
         });
         if let Some(s) = state {
             if let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
