@@ -291,7 +291,12 @@ fn errors_are_json_with_the_right_status() {
         ),
         (
             json!({"name": "a", "networkPolicy": {"allowOut": ["10.0.0.1/8"]}}),
-            "networkPolicy: Invalid network rule '10.0.0.1/8'",
+            "networkPolicy.allowOut[0]: Invalid network rule '10.0.0.1/8'",
+        ),
+        // The body's field and item, never the CLI's --allow-out.
+        (
+            json!({"name": "a", "networkPolicy": {"allowOut": ["198.51.100.2:80", "198.51.100.1:80,198.51.100.2"]}}),
+            "networkPolicy.allowOut[1]: Invalid network rule '198.51.100.1:80,198.51.100.2': one rule per item: give each rule as its own item of networkPolicy.allowOut",
         ),
         (
             json!({"name": "a", "networkPolicy": {"denyOut": ["2001:db8::/32"]}}),
@@ -303,7 +308,7 @@ fn errors_are_json_with_the_right_status() {
         ),
         (
             json!({"name": "a", "network": "user", "networkPolicy": {"isolate": true}}),
-            "cannot be enforced in network mode 'user'",
+            r#"cannot be enforced in network mode 'user': a networkPolicy works with "network": "nat", "host", "bridged" or "none""#,
         ),
         (
             json!({"name": "a", "kernel": "vmlinuz"}),
@@ -327,16 +332,25 @@ fn errors_are_json_with_the_right_status() {
         ),
     ];
     for (body, needle) in bad {
-        api.fails(api.post("/lume/vms", body), 400, needle);
+        let reply = api.post("/lume/vms", body);
+        if let Some(m) = reply.body["message"].as_str()
+            && m.contains("networkPolicy")
+        {
+            for flag in ["--allow-out", "--deny-out", "--isolate", "--network"] {
+                assert!(!m.contains(flag), "a REST error names {flag}: {m}");
+            }
+        }
+        api.fails(reply, 400, needle);
     }
     assert_eq!(api.get("/lume/vms").body, json!([]), "nothing was created");
 
     // A network policy through the API: saved, shown, refused for a mode
     // that cannot enforce it, cleared with {}.
+    // A rule given twice is stored once.
     let created = api.post(
         "/lume/vms",
         json!({"name": "pol", "network": "nat",
-               "networkPolicy": {"allowOut": ["198.51.100.2:8000/tcp"], "isolate": true}}),
+               "networkPolicy": {"allowOut": ["198.51.100.2:8000/tcp", "198.51.100.2/32:8000/tcp"], "isolate": true}}),
     );
     assert_eq!(created.status, 202, "{created:?}");
     assert_eq!(
@@ -346,8 +360,12 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.call("PATCH", "/lume/vms/pol", Some(json!({"network": "user"}))),
         400,
-        "cannot be enforced in network mode 'user'",
+        r#"cannot be enforced in network mode 'user': a networkPolicy works with "network": "nat", "host", "bridged" or "none"; send another "network", or clear the saved policy (PATCH /lume/vms/NAME with "networkPolicy": {})"#,
     );
+    // Mode none: no network, so a policy holds; accepted.
+    let offline = api.call("PATCH", "/lume/vms/pol", Some(json!({"network": "none"})));
+    assert_eq!(offline.status, 200, "{offline:?}");
+    assert_eq!(api.get("/lume/vms/pol").body["network"]["mode"], "none");
     let cleared = api.call("PATCH", "/lume/vms/pol", Some(json!({"networkPolicy": {}})));
     assert_eq!(cleared.status, 200, "{cleared:?}");
     assert!(api.get("/lume/vms/pol").body["network"]["policy"].is_null());

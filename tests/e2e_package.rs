@@ -377,6 +377,132 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     let foreign = sh("find /home/lumepk1 ! -user lumepk1");
     assert!(foreign.trim().is_empty(), "not the user's: {foreign}");
 
+    // A member's VM with a network policy: the service's keeper attaches
+    // the filter to the tap before handing it over, as for a root run. It
+    // reaches the allowed destination and not the next one.
+    ns.exec_ok("ip addr add 198.51.100.2/32 dev lo && ip addr add 198.51.100.3/32 dev lo");
+    let allowed = common::Recorder::start(&ns, "198.51.100.2:8000");
+    let denied = common::Recorder::start(&ns, "198.51.100.3:8000");
+    let pol_cmdline = format!(
+        "{} lume.probes=198.51.100.2:8000,198.51.100.3:8000",
+        g.cmdline
+    );
+    let mut create_pol = create.to_vec();
+    create_pol[1] = "pol";
+    *create_pol.last_mut().unwrap() = &pol_cmdline;
+    create_pol.extend(["--allow-out", "198.51.100.2:8000/tcp"]);
+    ok_as(&ns, "lumepk1", &create_pol);
+    ok_as(&ns, "lumepk1", &["run", "pol", "--detach"]);
+    let pol_console = Path::new("/home/lumepk1/.lume/pol/console.log");
+    let console_has = |needle: &str| {
+        std::fs::read_to_string(pol_console)
+            .unwrap_or_default()
+            .contains(needle)
+    };
+    wait_for("pol's allowed probe", BOOT, || {
+        console_has("LUME-GUEST: probe ok 198.51.100.2:8000").then_some(())
+    });
+    wait_for("pol's denied probe to be tried", BOOT, || {
+        console_has("LUME-GUEST: probe fail 198.51.100.3:8000").then_some(())
+    });
+    assert!(!console_has("LUME-GUEST: probe ok 198.51.100.3:8000"));
+    if allowed.sources().is_empty() {
+        panic!(
+            "the allowed service saw nothing although the guest connected:\n{}\n{}",
+            ns.exec("ss -tan; ip -br addr; ip route; ip rule")
+                .stdout
+                .escape_ascii(),
+            std::fs::read_to_string(pol_console)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert!(denied.sources().is_empty(), "{:?}", denied.sources());
+    let pol = get_as(&ns, "lumepk1", "pol");
+    assert_eq!(pol["network"]["policyInForce"], true, "{pol}");
+    assert_eq!(
+        pol["network"]["policy"]["allowOut"],
+        serde_json::json!(["198.51.100.2/32:8000/tcp"])
+    );
+    let tap = pol["network"]["hostDevice"].as_str().unwrap().to_string();
+    // Abuse: the member takes the filter off the tap it was handed.
+    let del = lume_as_cmd_out(&ns, "lumepk1", &format!("tc qdisc del dev {tap} ingress"));
+    assert!(
+        !del.status.success(),
+        "a member removed the policy's filter"
+    );
+    // Abuse: a raw hand-off for pol's name or MAC without its policy (an
+    // unfiltered network for the same VM): refused, pol keeps its filter.
+    let raw = |name: &str| {
+        api_as(
+            "lumepk1",
+            "POST",
+            "/lume/network/handoff",
+            &format!(
+                r#"{{"name":"{name}","network":"nat","mac":"{}"}}"#,
+                pol["macAddress"].as_str().unwrap()
+            ),
+        )
+    };
+    let same_mac = raw("pol2");
+    assert!(
+        same_mac.contains("is used by VM 'pol'") && same_mac.ends_with(" 409"),
+        "{same_mac}"
+    );
+    let same_name = raw("pol");
+    assert!(
+        same_name.contains("already has a network from lume's service")
+            && same_name.ends_with(" 409"),
+        "{same_name}"
+    );
+    assert_eq!(
+        get_as(&ns, "lumepk1", "pol")["network"]["policyInForce"],
+        true
+    );
+    // A policy the service cannot enforce (user mode needs no hand-off; a
+    // rule list too long) is refused by the service too.
+    let too_many: Vec<String> = (0..513)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let refused = api_as(
+        "lumepk1",
+        "POST",
+        "/lume/network/handoff",
+        &format!(
+            r#"{{"name":"big","network":"nat","mac":"52:54:00:aa:bb:01","policy":{{"denyOut":[{}]}}}}"#,
+            too_many.join(",")
+        ),
+    );
+    assert!(
+        refused.contains("too many rules") && refused.ends_with(" 400"),
+        "{refused}"
+    );
+    ok_as(&ns, "lumepk1", &["stop", "pol"]);
+    ok_as(&ns, "lumepk1", &["delete", "pol", "--force"]);
+    drop((allowed, denied));
+    // Its keeper takes the network (and the filter's guard) down.
+    let keepers = "ls /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>/dev/null || true";
+    wait_for(
+        "pol's keeper to take its network down",
+        Duration::from_secs(15),
+        || {
+            let list = ns.exec_ok(keepers);
+            (!list
+                .lines()
+                .any(|l| l.ends_with("-pol") || l.ends_with("-pol2")))
+            .then_some(())
+        },
+    );
+    assert!(
+        !ns.exec_ok(&format!("ip -br link show dev {tap} 2>&1 || true"))
+            .contains("UP"),
+        "pol's tap outlived its run"
+    );
+
     // Abuse: another VM of the user's with dev's MAC (config.json is theirs
     // to edit) would take dev's frames on the bridge: refused.
     ok_as(
@@ -417,7 +543,10 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert_eq!(
         ns.exec_ok(&handoffs).trim(),
         "1",
-        "only dev's keeper directory"
+        "only dev's keeper directory: {}",
+        ns.exec_ok(
+            "ls -la /run/lume/net-$(stat -L -c %i /proc/self/ns/net)/handoff 2>&1; ps -eo pid,user,args | grep net-keeper"
+        )
     );
 
     // The service's REST API is not the member's: the packaged service
@@ -597,6 +726,22 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     assert!(!vm_dir.exists());
     drop(installed);
     assert!(!Path::new("/usr/bin/lume").exists(), "purged");
+}
+
+/// A shell command as `user` (and their groups) in `ns`.
+fn lume_as_cmd_out(ns: &Netns, user: &str, command: &str) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name, "setpriv"])
+        .args([
+            &format!("--reuid={user}"),
+            &format!("--regid={user}"),
+            "--init-groups",
+            "sh",
+            "-c",
+            command,
+        ])
+        .output()
+        .unwrap()
 }
 
 /// One request as `user` on the service's socket: the body and the status.

@@ -95,6 +95,13 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     );
     let d = t.get("iso");
     assert_eq!(d["network"]["policy"]["isolate"], true, "{d}");
+    // Stopped: the saved policy is shown, in force from the next start.
+    assert!(d["network"]["policyInForce"].is_null(), "{d}");
+    let text = t.lume_ok(&["get", "iso"]);
+    assert!(
+        text.contains("network policy: isolate (saved: enforced from the next start)"),
+        "{text}"
+    );
     t.lume_ok(&["run", "iso", "--detach"]);
     let iso_ip = wait_for("iso's address", BOOT, || {
         t.get("iso")["ipAddress"].as_str().map(str::to_string)
@@ -105,6 +112,42 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     // set: refuses a mode that cannot enforce the saved policy.
     let e = t.lume_fails(&["set", "iso", "--network", "user"]);
     assert!(e.contains("--network nat"), "{e}");
+
+    // Mode none: no network at all, so a policy holds (nothing leaves);
+    // shown in force, and the doctor says why.
+    t.create("offline", "none", &["--isolate"], "");
+    t.lume_ok(&["run", "offline", "--detach"]);
+    let d = t.get("offline");
+    assert_eq!(d["network"]["policyInForce"], true, "{d}");
+
+    // A rule given twice is kept once, with one note on stderr.
+    let dup = t.host.lume(
+        &t.home,
+        &[
+            "create",
+            "dup",
+            "--network",
+            "none",
+            "--allow-out",
+            "198.51.100.1:8000/tcp",
+            "--allow-out",
+            "198.51.100.1/32:8000/TCP",
+            "--allow-out",
+            "198.51.100.1:8000/tcp",
+        ],
+    );
+    let err = String::from_utf8_lossy(&dup.stderr);
+    assert!(dup.status.success(), "{err}");
+    assert_eq!(
+        err.matches("Rule given more than once, kept once: --allow-out 198.51.100.1/32:8000/tcp")
+            .count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(
+        t.get("dup")["network"]["policy"]["allowOut"],
+        serde_json::json!(["198.51.100.1/32:8000/tcp"])
+    );
 
     // A bridged guest on the LAN (tap + macvlan on up0), allowed one port
     // of the LAN's peer: leased by the LAN's DHCP server through the
@@ -141,7 +184,7 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     assert_eq!(d["network"]["policyInForce"], true, "{d}");
     let text = t.lume_ok(&["get", "box"]);
     assert!(
-        text.contains("network policy: allow out 198.51.100.1/32:8000/tcp (in force)"),
+        text.contains("network policy: allow-out 198.51.100.1/32:8000/tcp (in force)"),
         "{text}"
     );
 
@@ -257,12 +300,37 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
             .unwrap_or_else(|| panic!("no check {name}: {report}"))
     };
     assert_eq!(check("vm box policy")["ok"], true);
+    // JSON keeps the structure; the detail is readable rules.
+    assert_eq!(check("vm iso policy")["policy"]["isolate"], true);
+    assert_eq!(
+        check("vm box policy")["policy"]["allowOut"],
+        serde_json::json!(["198.51.100.1/32:8000/tcp"])
+    );
+    let offline = check("vm offline policy");
+    assert_eq!(offline["ok"], true);
     assert!(
-        check("vm iso policy")["detail"]
+        offline["detail"]
             .as_str()
             .unwrap()
-            .contains("\"isolate\":true")
+            .starts_with("in force (no network: nothing leaves the VM): isolate"),
+        "{offline}"
     );
+    let text =
+        String::from_utf8_lossy(&t.host.lume(&t.home, &["network", "doctor"]).stdout).into_owned();
+    let line = |vm: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("vm {vm} policy:")))
+            .unwrap_or_else(|| panic!("no policy line for {vm}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line("box").ends_with(": allow-out 198.51.100.1/32:8000/tcp"),
+        "{}",
+        line("box")
+    );
+    assert!(line("iso").ends_with(": isolate"), "{}", line("iso"));
+    assert!(!text.contains("allowOut"), "{text}");
+    t.lume_ok(&["stop", "offline"]);
 
     // Fail closed at start: a lume that may not load BPF programs (no
     // CAP_BPF / CAP_SYS_ADMIN, still CAP_NET_ADMIN) does not start the VM
@@ -300,6 +368,20 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
         d["network"]["policy"]["allowOut"],
         serde_json::json!(["198.51.100.1/32:8000/tcp"])
     );
+    // The saved one, pending, is shown beside it.
+    assert_eq!(
+        d["network"]["savedPolicy"],
+        serde_json::json!({"allowOut": ["198.51.100.3/32:8000/tcp"]}),
+        "{d}"
+    );
+    let text = t.lume_ok(&["get", "box"]);
+    assert!(
+        text.contains(
+            "saved network policy (from the next start): allow-out 198.51.100.3/32:8000/tcp"
+        ),
+        "{text}"
+    );
+    assert!(t.get("iso")["network"]["savedPolicy"].is_null());
     t.lume_ok(&["stop", "box"]);
     let cfg = std::fs::read_to_string(t.home.vm_dir("box").join("config.json")).unwrap();
     assert!(cfg.contains("198.51.100.3/32:8000/tcp"), "{cfg}");

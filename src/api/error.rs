@@ -60,6 +60,11 @@ impl From<VmError> for ApiError {
 fn api_message(e: &VmError) -> Option<String> {
     Some(match e {
         VmError::Snapshot(s) => s.message(crate::vm::snapshot::Door::Api),
+        VmError::Policy(p)
+        | VmError::Network(AttachError::Policy(p))
+        | VmError::Run(RunError::Network(AttachError::Policy(p))) => {
+            p.message(crate::vm::Door::Api)
+        }
         VmError::MacOsGuest => {
             r#"macOS guests need an Apple host: lume on Linux creates Linux VMs ("os": "linux")"#
                 .into()

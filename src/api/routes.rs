@@ -147,14 +147,12 @@ fn policy(b: Option<NetworkPolicyBody>) -> ApiResult<Option<crate::network::poli
                 "An empty networkPolicy.allowOut is refused: it would not deny anything (a policy allows everything until one allowOut rule is given). To deny all outbound traffic send \"denyOut\": [\"0.0.0.0/0\"]; to clear the policy send \"networkPolicy\": {}",
             ));
         }
-        field(
-            "networkPolicy",
-            crate::network::policy::Policy::from_parts(
-                b.allow_out.as_deref().unwrap_or_default(),
-                &b.deny_out,
-                b.isolate,
-            ),
+        crate::network::policy::Policy::from_parts(
+            b.allow_out.as_deref().unwrap_or_default(),
+            &b.deny_out,
+            b.isolate,
         )
+        .map_err(|e| ApiError::bad_request(e.message(crate::vm::Door::Api)))
     })
     .transpose()
 }

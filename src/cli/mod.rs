@@ -525,13 +525,19 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// The policy given, if any option was.
+    /// The policy given, if any option was; a rule given twice is kept
+    /// once, with a note on stderr (as ufw's "Skipping adding existing
+    /// rule").
     pub fn policy(&self) -> Option<crate::network::policy::Policy> {
-        let p = crate::network::policy::Policy {
+        let mut p = crate::network::policy::Policy {
             allow_out: self.allow_out.clone(),
             deny_out: self.deny_out.clone(),
             isolate: self.isolate,
         };
+        let dropped = p.dedup();
+        if let Some(n) = crate::network::policy::duplicates_note(&dropped, crate::vm::Door::Cli) {
+            note(&n);
+        }
         (!p.is_empty()).then_some(p)
     }
 }

@@ -171,24 +171,26 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
             lines.push(format!("published ports: {}", n.published_ports.join(", ")));
         }
         if let Some(p) = &n.policy {
-            let mut parts = Vec::new();
-            if !p.allow_out.is_empty() {
-                let rules: Vec<String> = p.allow_out.iter().map(|r| r.to_string()).collect();
-                parts.push(format!("allow out {}", rules.join(", ")));
-            }
-            if !p.deny_out.is_empty() {
-                let rules: Vec<String> = p.deny_out.iter().map(|r| r.to_string()).collect();
-                parts.push(format!("deny out {}", rules.join(", ")));
-            }
-            if p.isolate {
-                parts.push("isolated".into());
-            }
+            let parts = p.readable();
             let state = match n.policy_in_force {
                 Some(true) => " (in force)",
                 Some(false) => " (NOT in force: stop the VM)",
-                None => "",
+                None if d.status == "running" => {
+                    " (unknown whether in force: lume could not read the VM's tap; run lume network doctor)"
+                }
+                None => " (saved: enforced from the next start)",
             };
             lines.push(format!("network policy: {}{state}", parts.join("; ")));
+        }
+        if let Some(p) = &n.saved_policy {
+            let rules = if p.is_empty() {
+                "none".to_string()
+            } else {
+                p.readable().join("; ")
+            };
+            lines.push(format!(
+                "saved network policy (from the next start): {rules}"
+            ));
         }
         if let Some(note) = &n.note {
             lines.push(format!("note: {note}"));

@@ -23,6 +23,7 @@ pub(super) fn agent_message(e: &ToolError) -> Option<String> {
         ToolError::Vm(v) => return vm_message(v),
         ToolError::Store(s) => return store_message(s),
         ToolError::Publish(p) => publish_message(p),
+        ToolError::Policy(p) => p.message(crate::vm::Door::Mcp),
         ToolError::Ssh(s) => match s {
             SshError::NotRunning(n) => {
                 format!("VM '{n}' is not running: start it with lume_run_vm")
@@ -80,6 +81,11 @@ fn vm_message(e: &VmError) -> Option<String> {
     Some(match e {
         VmError::Store(s) => return store_message(s),
         VmError::Snapshot(s) => s.message(crate::vm::snapshot::Door::Mcp),
+        VmError::Policy(p)
+        | VmError::Network(AttachError::Policy(p))
+        | VmError::Run(crate::hypervisor::supervisor::RunError::Network(AttachError::Policy(
+            p,
+        ))) => p.message(crate::vm::Door::Mcp),
         VmError::NotRunning(n) => format!("VM '{n}' is not running: start it with lume_run_vm"),
         VmError::DiskWhileRunning(n) => format!(
             "VM '{n}' is running: stop it with lume_stop_vm before resizing its disk"
@@ -318,6 +324,7 @@ pub(super) fn started_text(d: &crate::vm::details::VmDetails) -> String {
 mod tests {
     use super::*;
     use crate::network::mode::NetworkMode;
+    use crate::network::policy::PolicyError;
     use crate::vm::VmName;
 
     fn schema(tool: &str) -> Arc<Map<String, Value>> {
@@ -500,6 +507,24 @@ mod tests {
                 }
                 .into(),
                 "lume_list_vms",
+            ),
+            // Policies: the argument and its item, not --allow-out.
+            (
+                crate::network::policy::Policy::from_parts(&[], &["10.0.0.1/8".into()], false)
+                    .unwrap_err()
+                    .into(),
+                "Argument deny_out[0]: Invalid network rule '10.0.0.1/8'",
+            ),
+            (
+                VmError::Policy(PolicyError::ModeCannotEnforce(NetworkMode::User)).into(),
+                "allow_out, deny_out, isolate) works with network \"nat\"",
+            ),
+            (
+                VmError::Run(crate::hypervisor::supervisor::RunError::Network(
+                    AttachError::Policy(PolicyError::ModeCannotEnforce(NetworkMode::User)),
+                ))
+                .into(),
+                "pass another network",
             ),
         ];
         for (e, want) in cases {

@@ -69,10 +69,6 @@ pub enum AttachError {
     #[error(transparent)]
     Handoff(#[from] super::handoff::HandoffError),
     #[error(
-        "A network policy is not enforced yet for a VM whose network lume's service sets up (lume without sudo): not supported through the service yet. Clear its policy (lume set NAME --clear-policy), use --network user, or keep the VM in root's location and run it with sudo"
-    )]
-    PolicyThroughService,
-    #[error(
         "Host port {0} is below 1024: only root may publish it; publish a port from 1024 up (for example --publish 8022:22)"
     )]
     MemberPrivilegedPort(u16),
@@ -498,11 +494,9 @@ pub fn attach(
     validate(mode, opts)?;
     opts.policy.check(mode)?;
     if super::handoff::needed(mode) {
-        // Never a policy shown but not applied.
-        if !opts.policy.is_empty() {
-            return Err(AttachError::PolicyThroughService);
-        }
-        return super::handoff::attach_remote(mode, vm, mac, &opts.publish);
+        // The service's keeper attaches the policy's filter to the tap it
+        // makes, as here, before handing the tap over (or refuses).
+        return super::handoff::attach_remote(mode, vm, mac, &opts.publish, &opts.policy);
     }
     match mode {
         NetworkMode::None => Ok(Attachment::default()),

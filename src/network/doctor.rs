@@ -21,7 +21,14 @@ use crate::vm::lock::VmLock;
 pub struct Check {
     pub name: String,
     pub ok: bool,
+    /// What was found, for a person (a VM's policy as readable rules:
+    /// `allow-out 198.51.100.2/32:8000/tcp; isolate`).
     pub detail: String,
+    /// A VM's policy check only: the policy as in VMDetails'
+    /// `network.policy` (`{allowOut, denyOut, isolate}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<super::policy::Policy>,
 }
 
 /// Every check, in order.
@@ -36,6 +43,7 @@ impl Report {
             name: name.into(),
             ok,
             detail: detail.into(),
+            policy: None,
         });
     }
 
@@ -790,10 +798,31 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
         if let Some(net) = &d.network
             && let Some(policy) = &net.policy
         {
-            let summary = serde_json::to_string(policy).unwrap_or_default();
-            match net.policy_in_force {
-                Some(true) => r.add(format!("{name} policy"), true, format!("in force on {}: {summary}", state.host_device.as_deref().unwrap_or("?"))),
-                _ => r.add(format!("{name} policy"), false, format!("NOT in force: the filter on {} is gone (removed with tc?), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {summary}", state.host_device.as_deref().unwrap_or("its tap"), vm = vm.name)),
+            let rules = policy.readable().join("; ");
+            let (ok, detail) = match (net.policy_in_force, &state.network_mode) {
+                (Some(true), super::NetworkMode::None) => (
+                    true,
+                    format!("in force (no network: nothing leaves the VM): {rules}"),
+                ),
+                (Some(true), _) => (
+                    true,
+                    format!(
+                        "in force on {}: {rules}",
+                        state.host_device.as_deref().unwrap_or("?")
+                    ),
+                ),
+                _ => (
+                    false,
+                    format!(
+                        "NOT in force: the filter on {} is gone (removed with tc?), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {rules}",
+                        state.host_device.as_deref().unwrap_or("its tap"),
+                        vm = vm.name
+                    ),
+                ),
+            };
+            r.add(format!("{name} policy"), ok, detail);
+            if let Some(c) = r.checks.last_mut() {
+                c.policy = Some(policy.clone());
             }
         }
         let mode = state.network_mode.to_string();

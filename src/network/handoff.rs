@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::NetworkMode;
 use super::attach::{self, AttachError, AttachOptions, Attachment};
+use super::policy::Policy;
 use super::publish::PortMapping;
 use crate::vm::config::MacAddress;
 
@@ -76,6 +77,12 @@ pub struct HandoffRequest {
     pub mac: MacAddress,
     #[serde(default)]
     pub publish: Vec<PortMapping>,
+    /// The VM's network policy, put in force by the keeper on the tap before
+    /// it is handed over. Left out when empty, so that a run without one
+    /// still works with a service from before policies went through it
+    /// (one with a policy is refused by such a service: unknown field).
+    #[serde(default, skip_serializing_if = "Policy::is_empty")]
+    pub policy: Policy,
 }
 
 /// What the service made: the tap to open and what is known of the guest.
@@ -155,6 +162,8 @@ pub enum RequestError {
     Process(i32),
     #[error("Cannot start the network keeper")]
     Spawn(#[source] io::Error),
+    #[error(transparent)]
+    Policy(#[from] super::policy::PolicyError),
 }
 
 impl RequestError {
@@ -162,7 +171,11 @@ impl RequestError {
     pub fn status(&self) -> u16 {
         match self {
             Self::PrivilegedPort(_) => 403,
-            Self::NotUnix | Self::Unprivileged(_) | Self::Name(_) | Self::Process(_) => 400,
+            Self::NotUnix
+            | Self::Unprivileged(_)
+            | Self::Name(_)
+            | Self::Process(_)
+            | Self::Policy(_) => 400,
             Self::Spawn(_) => 500,
         }
     }
@@ -180,6 +193,7 @@ pub fn check_request(uid: u32, req: &HandoffRequest) -> Result<(), RequestError>
     {
         return Err(RequestError::PrivilegedPort(port));
     }
+    req.policy.check(&req.network)?;
     Ok(())
 }
 
@@ -389,12 +403,14 @@ pub fn attach_remote(
     vm: &str,
     mac: MacAddress,
     publish: &[PortMapping],
+    policy: &Policy,
 ) -> Result<Attachment, AttachError> {
     let request = HandoffRequest {
         name: vm.to_string(),
         network: mode.clone(),
         mac,
         publish: publish.to_vec(),
+        policy: policy.clone(),
     };
     let body = serde_json::to_vec(&request).map_err(|e| HandoffError::Protocol(e.to_string()))?;
     let (status, body, tap) = post(mode, &body)?;
@@ -479,6 +495,13 @@ pub fn serve_request(
     for p in &req.publish {
         cmd.arg("--publish").arg(p.to_string());
     }
+    if !req.policy.is_empty() {
+        // The keeper parses and checks it again (its arguments are JSON
+        // from this server, never a person's).
+        let json = serde_json::to_string(&req.policy)
+            .map_err(|e| RequestError::Spawn(io::Error::other(e)))?;
+        cmd.arg("--policy").arg(json);
+    }
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped());
     let raw = pidfd.as_raw_fd();
@@ -556,6 +579,9 @@ pub struct KeeperArgs {
     pub mac: MacAddress,
     #[arg(long)]
     pub publish: Vec<PortMapping>,
+    /// The VM's policy as config.json's `networkPolicy` JSON.
+    #[arg(long)]
+    pub policy: Option<String>,
 }
 
 /// The keeper's private directory for one user's VM.
@@ -618,11 +644,21 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             "The net-keeper command is started by lume serve only".into(),
         ));
     }
+    let policy: Policy = match &args.policy {
+        Some(json) => serde_json::from_str(json).map_err(|e| {
+            (
+                400,
+                format!("The network policy of the hand-off is not valid: {e}"),
+            )
+        })?,
+        None => Policy::default(),
+    };
     let req = HandoffRequest {
         name: args.name.clone(),
         network: args.network.clone(),
         mac: args.mac,
         publish: args.publish.clone(),
+        policy,
     };
     check_request(args.uid, &req).map_err(|e| (e.status(), e.to_string()))?;
     let dir = keeper_dir(args.uid, &args.name);
@@ -649,8 +685,10 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         settings,
         vm: Some((args.name.clone(), dir.clone())),
         host_loopback: false,
-        // Policies are refused before a hand-off (AttachError::PolicyThroughService).
-        policy: Default::default(),
+        // Enforced on the tap exactly as for a root run (the filter before
+        // QEMU exists, the guard in this keeper while the VM runs); a
+        // policy that cannot be attached refuses the hand-off.
+        policy: req.policy.clone(),
         member: args.uid != 0,
     };
     let mut attachment =
@@ -664,7 +702,8 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
                 | AttachError::PublishNotSupported(_)
                 | AttachError::LoopbackPublish(..)
                 | AttachError::Bridge(_)
-                | AttachError::OwnBridge(..) => 400,
+                | AttachError::OwnBridge(..)
+                | AttachError::Policy(_) => 400,
                 _ => 500,
             };
             (status, e.to_string())
@@ -848,6 +887,7 @@ mod tests {
             network: network.parse().unwrap(),
             mac: "52:54:00:12:34:56".parse().unwrap(),
             publish: publish.iter().map(|p| p.parse().unwrap()).collect(),
+            policy: Policy::default(),
         }
     }
 
@@ -883,6 +923,42 @@ mod tests {
             r#"{"name":"dev","network":"nat","mac":"52:54:00:12:34:56","vmDir":"/etc"}"#,
         );
         assert!(e.is_err());
+    }
+
+    /// The policy travels with the request (and only when there is one, so
+    /// a run without one still works with an older service), and the
+    /// service checks it as a root run does.
+    #[test]
+    fn the_policy_goes_with_the_request_and_is_checked() {
+        let plain = serde_json::to_value(request("nat", &[])).unwrap();
+        assert!(plain.get("policy").is_none(), "{plain}");
+        let mut r = request("nat", &[]);
+        r.policy = Policy::from_parts(&["198.51.100.2:8000/tcp".into()], &[], true).unwrap();
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(
+            j.contains(r#""policy":{"allowOut":["198.51.100.2/32:8000/tcp"],"isolate":true}"#),
+            "{j}"
+        );
+        let back: HandoffRequest = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.policy, r.policy);
+        assert!(check_request(1000, &back).is_ok());
+        r.policy.deny_out = (0..=super::super::policy::MAX_RULES as u32)
+            .map(|i| super::super::policy::Rule {
+                net: super::super::policy::Cidr::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24),
+                ports: None,
+                proto: None,
+            })
+            .collect();
+        let e = check_request(1000, &r).unwrap_err();
+        assert!(matches!(e, RequestError::Policy(_)), "{e}");
+        assert_eq!(e.status(), 400);
+        // A rule that is not one never reaches the keeper.
+        assert!(
+            serde_json::from_str::<HandoffRequest>(
+                r#"{"name":"dev","network":"nat","mac":"52:54:00:12:34:56","policy":{"allowOut":["10.0.0.1/8"]}}"#
+            )
+            .is_err()
+        );
     }
 
     /// A member could otherwise hold every address of the NAT subnet with

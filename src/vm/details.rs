@@ -35,16 +35,30 @@ pub struct NetworkDetails {
     /// `null` when there is none (docs/networking.md).
     #[schema(value_type = Option<Object>)]
     pub policy: Option<crate::network::policy::Policy>,
-    /// With a policy, while running: whether its filter is attached to the
-    /// VM's tap now (checked at every read). `false` means the VM's traffic
-    /// is not filtered: stop it. `null` without a policy or when stopped.
+    /// With a policy, while running: whether it holds now — its filter is
+    /// attached to the VM's tap (checked at every read), or the VM runs in
+    /// mode `none` (no network: nothing leaves). `false` means the VM's
+    /// traffic is not filtered: stop it. `null` without a policy, and when
+    /// the VM is stopped: `policy` is then the saved one, enforced from the
+    /// next start (a start whose filter cannot be attached fails).
     pub policy_in_force: Option<bool>,
+    /// While running: the saved policy when it differs from the run's
+    /// (changed with `set` during the run, or the run was given its own),
+    /// which the next start enforces; `{}` when the saved one is none.
+    /// `null` when stopped (then `policy` is the saved one) or when they
+    /// are the same.
+    #[schema(value_type = Option<Object>)]
+    pub saved_policy: Option<crate::network::policy::Policy>,
 }
 
-/// Whether the run's policy filter is on its tap now.
+/// Whether the run's policy holds now: its filter is on its tap, or the
+/// VM runs with no network at all (mode `none`: nothing leaves).
 fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
     if s.network_policy.is_empty() {
         return None;
+    }
+    if s.network_mode == crate::network::NetworkMode::None {
+        return Some(true);
     }
     let tap = s.host_device.as_deref()?;
     let mut nl = crate::network::netlink::Netlink::open().ok()?;
@@ -251,6 +265,10 @@ impl VmDetails {
             })
             .filter(|p| !p.is_empty()),
             policy_in_force: state.as_ref().and_then(policy_in_force),
+            saved_policy: state
+                .as_ref()
+                .filter(|s| s.network_policy != cfg.network_policy)
+                .map(|_| cfg.network_policy.clone()),
         });
         if let Some(s) = state {
             if let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {

@@ -16,3 +16,14 @@ pub mod store;
 pub use actions::{Action, Context, CreateSpec, Outcome, RunSpec, SetSpec, VmError, execute};
 pub use caller::Caller;
 pub use name::VmName;
+
+/// Which door an error is told through: each names its own commands
+/// (CLI commands and flags, REST routes and fields, MCP tools and
+/// arguments). Used by the errors whose "what to do next" names one
+/// (snapshots, network policies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Cli,
+    Api,
+    Mcp,
+}

@@ -150,15 +150,7 @@ pub enum SnapshotError {
     },
 }
 
-/// Which door an error is told through: each names its own commands
-/// (CLI commands and flags, REST routes and fields, MCP tools and
-/// arguments).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Door {
-    Cli,
-    Api,
-    Mcp,
-}
+pub use super::Door;
 
 impl Door {
     fn list(self, vm: &str) -> String {

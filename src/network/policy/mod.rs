@@ -14,8 +14,9 @@
 //!
 //! Enforced in `nat`, `host` and `bridged` (in bridged mode on a plain
 //! interface the filter comes before the tap's redirect to the macvlan and
-//! passes frames on with "no verdict"); `user` and `none` refuse a policy
-//! (see [`PolicyError::ModeCannotEnforce`]).
+//! passes frames on with "no verdict"); in `none` a policy is met by there
+//! being no network at all; `user` refuses a policy (see
+//! [`PolicyError::ModeCannotEnforce`]).
 
 pub mod bpf;
 pub mod skb;
@@ -28,10 +29,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::NetworkMode;
+use crate::vm::Door;
 
-/// Why a rule or a policy was refused.
+/// Why one rule was refused (the text of a rule alone: the CLI's parser
+/// names the option, [`PolicyError::Rule`] names the list and item).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
+pub enum RuleError {
     #[error(
         "Invalid network rule '{0}': write CIDR[:PORT|:LOW-HIGH][/tcp|/udp], e.g. 198.51.100.2/32:8000/tcp or 10.0.0.0/8"
     )]
@@ -42,15 +45,110 @@ pub enum PolicyError {
     Ipv6(String),
     #[error("Invalid network rule '{rule}': {why}; fix the rule and try again")]
     Bad { rule: String, why: String },
-    #[error(
-        "A network policy cannot be enforced in network mode '{0}': policies (--allow-out, --deny-out, --isolate) work with --network nat, host and bridged; change the mode or clear the policy (lume set NAME --clear-policy)"
-    )]
+    /// Several rules in one (commas or spaces): worded per door, since
+    /// "give each on its own" names an option, a list or an argument.
+    #[error("Invalid network rule '{0}': one rule at a time: repeat the option for each rule")]
+    Several(String),
+}
+
+/// Which list of a policy a rule is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleList {
+    AllowOut,
+    DenyOut,
+}
+
+impl RuleList {
+    /// The list's name at `door`: the CLI option, the REST body field or
+    /// the MCP argument.
+    pub fn name(self, door: Door) -> &'static str {
+        match (self, door) {
+            (RuleList::AllowOut, Door::Cli) => "--allow-out",
+            (RuleList::DenyOut, Door::Cli) => "--deny-out",
+            (RuleList::AllowOut, Door::Api) => "networkPolicy.allowOut",
+            (RuleList::DenyOut, Door::Api) => "networkPolicy.denyOut",
+            (RuleList::AllowOut, Door::Mcp) => "allow_out",
+            (RuleList::DenyOut, Door::Mcp) => "deny_out",
+        }
+    }
+
+    /// How the rule is written at the command line (`allow-out`, as the
+    /// doctor prints rules).
+    pub fn word(self) -> &'static str {
+        match self {
+            RuleList::AllowOut => "allow-out",
+            RuleList::DenyOut => "deny-out",
+        }
+    }
+}
+
+/// Why a policy was refused. Its `Display` is the CLI's wording;
+/// [`PolicyError::message`] words it for the REST API and MCP, which name
+/// their own fields and arguments.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// Item `index` (from 0) of `list` is not a rule.
+    #[error("{}", self.message(Door::Cli))]
+    Rule {
+        list: RuleList,
+        index: usize,
+        error: RuleError,
+    },
+    #[error("{}", self.message(Door::Cli))]
     ModeCannotEnforce(NetworkMode),
     #[error(
         "A network policy has too many rules ({0}, at most {max}): merge rules into wider CIDRs or port ranges",
         max = MAX_RULES
     )]
     TooMany(usize),
+}
+
+impl PolicyError {
+    /// The message as told through `door`.
+    pub fn message(&self, door: Door) -> String {
+        match self {
+            PolicyError::Rule { list, index, error } => {
+                let name = list.name(door);
+                let what = match (error, door) {
+                    (RuleError::Several(rule), Door::Cli) => format!(
+                        "Invalid network rule '{rule}': one rule at a time: repeat {name} for each rule"
+                    ),
+                    (RuleError::Several(rule), _) => format!(
+                        "Invalid network rule '{rule}': one rule per item: give each rule as its own item of {name}"
+                    ),
+                    (e, _) => e.to_string(),
+                };
+                match door {
+                    Door::Cli => format!("{name}: {what}"),
+                    Door::Api => format!("{name}[{index}]: {what}"),
+                    Door::Mcp => format!("Argument {name}[{index}]: {what}"),
+                }
+            }
+            PolicyError::ModeCannotEnforce(mode) => {
+                let (options, modes, next) = match door {
+                    Door::Cli => (
+                        "policies (--allow-out, --deny-out, --isolate)",
+                        "--network nat, host, bridged or none",
+                        "change the mode or clear the policy (lume set NAME --clear-policy)",
+                    ),
+                    Door::Api => (
+                        "a networkPolicy",
+                        r#""network": "nat", "host", "bridged" or "none""#,
+                        r#"send another "network", or clear the saved policy (PATCH /lume/vms/NAME with "networkPolicy": {})"#,
+                    ),
+                    Door::Mcp => (
+                        "a policy (allow_out, deny_out, isolate)",
+                        r#"network "nat", "host", "bridged" or "none""#,
+                        "pass another network, or leave allow_out, deny_out and isolate out (no tool changes a policy saved on the VM: its owner clears it with the lume CLI's set command)",
+                    ),
+                };
+                format!(
+                    "A network policy cannot be enforced in network mode '{mode}': {options} works with {modes}; {next}"
+                )
+            }
+            e @ PolicyError::TooMany(_) => e.to_string(),
+        }
+    }
 }
 
 /// At most this many allow + deny rules (keeps the program well inside the
@@ -120,21 +218,19 @@ pub struct Rule {
 }
 
 impl FromStr for Rule {
-    type Err = PolicyError;
+    type Err = RuleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| PolicyError::Bad {
+        let bad = |why: &str| RuleError::Bad {
             rule: s.to_string(),
             why: why.to_string(),
         };
         let t = s.trim();
         if t.is_empty() {
-            return Err(PolicyError::Syntax(s.into()));
+            return Err(RuleError::Syntax(s.into()));
         }
         if t.contains(',') || t.contains(char::is_whitespace) {
-            return Err(bad(
-                "one rule at a time: repeat the option (or give one list item) for each rule",
-            ));
+            return Err(RuleError::Several(s.into()));
         }
         // The protocol: the text after the last '/', unless that is the
         // prefix length (a number) or holds the port (`/8:80`).
@@ -170,7 +266,7 @@ impl FromStr for Rule {
             return Err(if v4 {
                 bad("write a port range as LOW-HIGH (e.g. :8000-8080)")
             } else {
-                PolicyError::Ipv6(s.into())
+                RuleError::Ipv6(s.into())
             });
         }
         let (cidr, ports) = match rest.split_once(':') {
@@ -190,9 +286,9 @@ impl FromStr for Rule {
         }
         let addr: Ipv4Addr = addr.parse().map_err(|_| {
             if addr.contains(':') || addr.parse::<std::net::Ipv6Addr>().is_ok() {
-                PolicyError::Ipv6(s.into())
+                RuleError::Ipv6(s.into())
             } else {
-                PolicyError::Syntax(s.into())
+                RuleError::Syntax(s.into())
             }
         })?;
         let ports = match ports {
@@ -295,27 +391,103 @@ impl Policy {
         Ok(())
     }
 
-    /// Parses the command-line / API form.
+    /// Parses the REST / MCP form: each list's items in order; an item
+    /// that is not a rule is named by its list and index. Duplicates are
+    /// dropped ([`Policy::dedup`]).
     pub fn from_parts(
         allow: &[String],
         deny: &[String],
         isolate: bool,
     ) -> Result<Self, PolicyError> {
-        Ok(Policy {
-            allow_out: allow.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
-            deny_out: deny.iter().map(|s| s.parse()).collect::<Result<_, _>>()?,
+        let parse = |list: RuleList, items: &[String]| {
+            items
+                .iter()
+                .enumerate()
+                .map(|(index, s)| {
+                    s.parse()
+                        .map_err(|error| PolicyError::Rule { list, index, error })
+                })
+                .collect::<Result<Vec<Rule>, _>>()
+        };
+        let mut p = Policy {
+            allow_out: parse(RuleList::AllowOut, allow)?,
+            deny_out: parse(RuleList::DenyOut, deny)?,
             isolate,
-        })
+        };
+        p.dedup();
+        Ok(p)
+    }
+
+    /// Drops every rule already given earlier in the same list (the same
+    /// rule however written: `198.51.100.2:80` is `198.51.100.2/32:80`),
+    /// keeping the first; returns the dropped ones, each once, for a note.
+    /// A rule in both lists stays in both: the deny wins, as documented.
+    pub fn dedup(&mut self) -> Vec<(RuleList, Rule)> {
+        let mut dropped = Vec::new();
+        for (list, rules) in [
+            (RuleList::AllowOut, &mut self.allow_out),
+            (RuleList::DenyOut, &mut self.deny_out),
+        ] {
+            let mut kept: Vec<Rule> = Vec::with_capacity(rules.len());
+            for r in rules.drain(..) {
+                if kept.contains(&r) {
+                    if !dropped.contains(&(list, r)) {
+                        dropped.push((list, r));
+                    }
+                } else {
+                    kept.push(r);
+                }
+            }
+            *rules = kept;
+        }
+        dropped
+    }
+
+    /// The policy as rules a person reads, in the CLI's words:
+    /// `allow-out 198.51.100.2/32:8000/tcp`, `deny-out 10.0.0.0/8`,
+    /// `isolate`.
+    pub fn readable(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (list, rules) in [
+            (RuleList::AllowOut, &self.allow_out),
+            (RuleList::DenyOut, &self.deny_out),
+        ] {
+            out.extend(rules.iter().map(|r| format!("{} {r}", list.word())));
+        }
+        if self.isolate {
+            out.push("isolate".into());
+        }
+        out
     }
 }
 
-/// Modes whose VM has its own tap (on a lume bridge, a Linux bridge, or
-/// joined to a plain interface by tc redirects), where the policy is
-/// enforced.
+/// The note for rules [`Policy::dedup`] dropped, worded for `door`
+/// (`None`: nothing was dropped).
+pub fn duplicates_note(dropped: &[(RuleList, Rule)], door: Door) -> Option<String> {
+    if dropped.is_empty() {
+        return None;
+    }
+    let list: Vec<String> = dropped
+        .iter()
+        .map(|(l, r)| format!("{} {r}", l.name(door)))
+        .collect();
+    Some(format!(
+        "Rule{} given more than once, kept once: {}",
+        if dropped.len() == 1 { "" } else { "s" },
+        list.join(", ")
+    ))
+}
+
+/// Modes where a policy holds: those whose VM has its own tap (on a lume
+/// bridge, a Linux bridge, or joined to a plain interface by tc
+/// redirects), where the filter enforces it, and `none`, where the VM has
+/// no network device at all, so nothing leaves and every policy is met.
+/// `user` is not one: its traffic leaves as passt's own sockets, which no
+/// per-VM filter sees.
 pub fn enforceable_in(mode: &NetworkMode) -> bool {
     matches!(
         mode,
-        NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_)
+        NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_) | NetworkMode::None
     )
 }
 
@@ -395,7 +567,7 @@ mod tests {
         }
         assert!(matches!(
             "2001:db8::/32".parse::<Rule>(),
-            Err(PolicyError::Ipv6(_))
+            Err(RuleError::Ipv6(_))
         ));
         let e = "10.0.0.1/8".parse::<Rule>().unwrap_err().to_string();
         assert!(e.contains("10.0.0.0/8"), "{e}");
@@ -423,11 +595,125 @@ mod tests {
         assert!(p.check(&NetworkMode::Nat).is_ok());
         assert!(p.check(&NetworkMode::Host).is_ok());
         assert!(p.check(&NetworkMode::Bridged(None)).is_ok());
-        for m in [NetworkMode::User, NetworkMode::None] {
-            let e = p.check(&m).unwrap_err();
-            assert!(matches!(e, PolicyError::ModeCannotEnforce(_)));
-            assert!(e.to_string().contains("--network nat"));
-        }
+        // No network at all: nothing leaves, so the policy holds.
+        assert!(p.check(&NetworkMode::None).is_ok());
+        let e = p.check(&NetworkMode::User).unwrap_err();
+        assert!(matches!(e, PolicyError::ModeCannotEnforce(_)));
+        assert!(e.to_string().contains("--network nat"));
         assert!(Policy::default().check(&NetworkMode::User).is_ok());
+    }
+
+    /// Each door names its own fields: the REST body's path with the item's
+    /// index, MCP's argument, the CLI's option; never another door's.
+    #[test]
+    fn errors_name_each_doors_own_fields() {
+        let e = Policy::from_parts(
+            &[
+                "198.51.100.2:8000/tcp".into(),
+                "10.0.0.0/8".into(),
+                "198.51.100.1:80,198.51.100.2".into(),
+            ],
+            &[],
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            PolicyError::Rule {
+                list: RuleList::AllowOut,
+                index: 2,
+                error: RuleError::Several(_)
+            }
+        ));
+        let api = e.message(Door::Api);
+        assert!(
+            api.starts_with(
+                "networkPolicy.allowOut[2]: Invalid network rule '198.51.100.1:80,198.51.100.2'"
+            ) && api.contains("own item of networkPolicy.allowOut"),
+            "{api}"
+        );
+        let mcp = e.message(Door::Mcp);
+        assert!(
+            mcp.starts_with("Argument allow_out[2]: ") && mcp.contains("own item of allow_out"),
+            "{mcp}"
+        );
+        assert!(e.to_string().contains("repeat --allow-out"), "{e}");
+        let e = Policy::from_parts(&[], &["10.0.0.1/8".into()], false).unwrap_err();
+        assert!(
+            e.message(Door::Api)
+                .starts_with("networkPolicy.denyOut[0]: Invalid network rule '10.0.0.1/8'"),
+            "{}",
+            e.message(Door::Api)
+        );
+        assert!(e.message(Door::Mcp).starts_with("Argument deny_out[0]: "));
+        let e = PolicyError::ModeCannotEnforce(NetworkMode::User);
+        for door in [Door::Api, Door::Mcp] {
+            let m = e.message(door);
+            assert!(!m.contains("--"), "{door:?} names a CLI flag: {m}");
+            assert!(m.starts_with("A network policy cannot be enforced in network mode 'user'"));
+        }
+        assert!(e.message(Door::Api).contains(r#""network": "nat""#));
+        assert!(
+            e.message(Door::Mcp)
+                .contains("allow_out, deny_out, isolate")
+        );
+        assert!(e.to_string().contains("--allow-out"));
+    }
+
+    #[test]
+    fn duplicate_rules_are_kept_once_and_reported_once() {
+        let mut p = Policy::from_parts(&[], &[], false).unwrap();
+        p.allow_out = [
+            "198.51.100.2:8000/tcp",
+            "10.0.0.0/8",
+            "198.51.100.2/32:8000/TCP",
+            "198.51.100.2:8000/tcp",
+        ]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+        p.deny_out = vec!["10.0.0.0/8".parse().unwrap()];
+        let dropped = p.dedup();
+        assert_eq!(
+            p.allow_out,
+            vec![
+                "198.51.100.2:8000/tcp".parse::<Rule>().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        // The same rule in the other list is no duplicate: the deny wins.
+        assert_eq!(p.deny_out.len(), 1);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(
+            duplicates_note(&dropped, Door::Cli).unwrap(),
+            "Rule given more than once, kept once: --allow-out 198.51.100.2/32:8000/tcp"
+        );
+        assert!(duplicates_note(&[], Door::Cli).is_none());
+        // The REST / MCP form is stored deduplicated.
+        let p = Policy::from_parts(
+            &["198.51.100.2:80".into(), "198.51.100.2/32:80".into()],
+            &["203.0.113.0/24".into(), "203.0.113.0/24".into()],
+            false,
+        )
+        .unwrap();
+        assert_eq!((p.allow_out.len(), p.deny_out.len()), (1, 1));
+    }
+
+    #[test]
+    fn readable_rules_are_the_cli_s_words() {
+        let p = Policy::from_parts(
+            &["198.51.100.2:8000/tcp".into()],
+            &["10.0.0.0/8".into()],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            p.readable(),
+            [
+                "allow-out 198.51.100.2/32:8000/tcp",
+                "deny-out 10.0.0.0/8",
+                "isolate"
+            ]
+        );
     }
 }
