@@ -148,22 +148,32 @@ pub fn pull_into(
         &cache.token_registry,
     )?;
     let rt = super::runtime()?;
-    let (client, _gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
+    let (client, gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
     let oref = spec.image.oci();
     let image_s = spec.image.to_string();
     let registry = spec.image.registry.clone();
     let remote = rt.block_on(async {
-        let (bytes, _) = client
-            .pull_manifest_raw(
-                &oref,
-                &auth,
+        // The token and the manifest are lume's own requests (bounded,
+        // credentials to the registry's host only: see `token`); blobs go
+        // through oci-client with the token.
+        let with_auth = |e: RegistryError| e.with_auth(&auth, spec.api);
+        let session = super::token::authorize(&spec.image, &auth, false, gate.as_ref())
+            .await
+            .map_err(with_auth)?;
+        client
+            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+        let bytes = session
+            .manifest(
+                &spec.image,
                 &[
                     format::MANIFEST_MEDIA_TYPE,
                     "application/vnd.docker.distribution.manifest.v2+json",
                 ],
             )
             .await
-            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+            .map_err(with_auth)?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),

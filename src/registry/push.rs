@@ -112,7 +112,7 @@ pub fn push(
     let config = format::config_blob();
     let config_digest = format::digest_of(&config);
     let rt = super::runtime()?;
-    let (client, _gate) =
+    let (client, gate) =
         super::auth::connect(&spec.image, 4, spec.public_only && !spec.dry_run, &rt)?;
     let oref = spec.image.oci();
     let registry = spec.image.registry.clone();
@@ -129,8 +129,12 @@ pub fn push(
         )?;
         let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.api);
         rt.block_on(async {
+            // The token exchange is lume's own (see `token`).
+            let session = super::token::authorize(&spec.image, &auth, true, gate.as_ref())
+                .await
+                .map_err(|e| e.with_auth(&auth, spec.api))?;
             client
-                .auth(&oref, &auth, oci_client::RegistryOperation::Push)
+                .auth(&oref, &session.auth, oci_client::RegistryOperation::Push)
                 .await
                 .map_err(err)?;
             if !client
