@@ -849,3 +849,81 @@ fn hostile_registry_realm_and_endless_answers() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// `lume_push` and `lume_pull` through `lume serve --mcp`, driven by the
+/// official MCP Python SDK: the same actions as the CLI, with progress
+/// notifications (bytes downloaded, over a slowed link), errors as tool
+/// results that name the tool's arguments.
+#[test]
+fn mcp_pull_and_push() {
+    let python = common::client_python("mcp");
+    let ns = Netns::new("lmcp");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5006, None);
+    let home = Home::new();
+    let src = vm_with_data(&home, "src");
+    // Slow enough for a few progress looks during the pull.
+    ns.exec_ok("tc qdisc add dev lo root tbf rate 24mbit burst 256kb latency 2s");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_registry.py");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(&python)
+        .arg(&script)
+        .arg(common::lume_bin())
+        .arg(&reg.addr);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+
+    let push = &v["push"];
+    assert_eq!(push["isError"], false, "{push}");
+    assert!(
+        push["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Pushed {}/test/img:mcp", reg.addr)),
+        "{push}"
+    );
+    let pull = &v["pull"];
+    assert_eq!(pull["isError"], false, "{pull}");
+    same_bytes(&src, &home.vm_dir("dst").join("disk.img"));
+    // Byte progress: increasing, against the image's total, reaching it.
+    let bytes: Vec<(f64, f64)> = pull["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["total"].is_number())
+        .map(|p| {
+            (
+                p["progress"].as_f64().unwrap(),
+                p["total"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(bytes.len() >= 2, "{pull}");
+    assert!(bytes.windows(2).all(|w| w[0].0 < w[1].0), "{pull}");
+    assert!(
+        bytes.iter().all(|(p, t)| p <= t && *t > MB as f64),
+        "{pull}"
+    );
+
+    let missing = &v["missing"];
+    assert_eq!(missing["isError"], true, "{missing}");
+    let text = missing["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Error: Image")
+            && text.contains("was not found")
+            && text.contains("\"registry\" and \"organization\""),
+        "{text}"
+    );
+    assert!(!home.vm_dir("nope").exists());
+    drop(reg);
+}
