@@ -46,7 +46,25 @@ pub struct Session {
     header: Option<String>,
     http: reqwest::Client,
     base: String,
+    /// For a token: how to fetch the next one, and when this one was.
+    refresh: Option<Refresh>,
 }
+
+/// What a token is fetched anew from.
+struct Refresh {
+    image: ImageRef,
+    realm: String,
+    service: Option<String>,
+    basic: Option<(String, String)>,
+    push: bool,
+    public_only: bool,
+    /// When the token in use was fetched, and how long it lasts.
+    state: tokio::sync::Mutex<(std::time::Instant, std::time::Duration)>,
+}
+
+/// How long a token lasts when its answer does not say (the distribution
+/// spec's default), and at least.
+const TOKEN_LIFETIME: u64 = 60;
 
 /// A `WWW-Authenticate` challenge.
 #[derive(Debug, PartialEq)]
@@ -193,18 +211,29 @@ pub async fn authorize(
         RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
         _ => None,
     };
+    let mut refresh = None;
     let (oci, header) = match challenge {
         Some(Challenge::Bearer { realm, service }) => {
-            let token = exchange(
+            let public_only = gate.is_some();
+            let (token, life) = exchange(
                 &http,
                 image,
                 &realm,
-                service,
+                service.clone(),
                 basic.as_ref(),
                 push,
-                gate.is_some(),
+                public_only,
             )
             .await?;
+            refresh = Some(Refresh {
+                image: image.clone(),
+                realm,
+                service,
+                basic: basic.clone(),
+                push,
+                public_only,
+                state: tokio::sync::Mutex::new((std::time::Instant::now(), life)),
+            });
             let header = format!("Bearer {token}");
             (RegistryAuth::Bearer(token), Some(header))
         }
@@ -228,10 +257,11 @@ pub async fn authorize(
         header,
         http,
         base,
+        refresh,
     })
 }
 
-/// The token exchange with `realm`.
+/// The token exchange with `realm`: the token and how long it lasts.
 async fn exchange(
     http: &reqwest::Client,
     image: &ImageRef,
@@ -240,7 +270,7 @@ async fn exchange(
     basic: Option<&(String, String)>,
     push: bool,
     public_only: bool,
-) -> Result<String, RegistryError> {
+) -> Result<(String, std::time::Duration), RegistryError> {
     let registry = &image.registry;
     let bad = |why: String| RegistryError::TokenRealm {
         registry: registry.clone(),
@@ -316,17 +346,70 @@ async fn exchange(
     struct Answer {
         token: Option<String>,
         access_token: Option<String>,
+        expires_in: Option<u64>,
     }
     let answer: Answer = serde_json::from_slice(&body)
         .map_err(|e| bad(format!("its answer is not a token ({e})")))?;
-    answer
+    let life = std::time::Duration::from_secs(
+        answer
+            .expires_in
+            .unwrap_or(TOKEN_LIFETIME)
+            .clamp(TOKEN_LIFETIME, 24 * 3600),
+    );
+    let token = answer
         .token
         .or(answer.access_token)
         .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| bad("its answer holds no usable token".into()))
+        .ok_or_else(|| bad("its answer holds no usable token".into()))?;
+    Ok((token, life))
 }
 
 impl Session {
+    /// Fetches a new token when two thirds of the current one's life have
+    /// passed, and hands it to `client` (which would otherwise go on with
+    /// the first one, a token being all it was given). Called before each
+    /// blob request, so a transfer outlives its tokens.
+    pub async fn keep_fresh(
+        &self,
+        client: &oci_client::Client,
+        oref: &oci_client::Reference,
+    ) -> Result<(), RegistryError> {
+        let Some(r) = &self.refresh else {
+            return Ok(());
+        };
+        let mut state = r.state.lock().await;
+        if state.0.elapsed() < state.1 * 2 / 3 {
+            return Ok(());
+        }
+        let (token, life) = exchange(
+            &self.http,
+            &r.image,
+            &r.realm,
+            r.service.clone(),
+            r.basic.as_ref(),
+            r.push,
+            r.public_only,
+        )
+        .await?;
+        *state = (std::time::Instant::now(), life);
+        let auth = RegistryAuth::Bearer(token);
+        let ops: &[oci_client::RegistryOperation] = if r.push {
+            &[
+                oci_client::RegistryOperation::Pull,
+                oci_client::RegistryOperation::Push,
+            ]
+        } else {
+            &[oci_client::RegistryOperation::Pull]
+        };
+        for op in ops {
+            client
+                .auth(oref, &auth, *op)
+                .await
+                .map_err(|e| classify(e, &r.image.registry, &r.image.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// The manifest of `image` (a tag or digest), at most [`MAX_MANIFEST`]
     /// bytes, as the registry sent it.
     pub async fn manifest(
@@ -430,5 +513,101 @@ mod tests {
             "registry-1.docker.io",
             "auth.docker.io"
         ));
+    }
+
+    /// A registry on loopback that hands out numbered tokens and records
+    /// the Authorization of each blob request.
+    async fn token_registry() -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<(u32, Vec<String>)>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new((0u32, Vec::new())));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let auth = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .starts_with("authorization:")
+                                .then(|| l[14..].trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    let answer = if path == "/v2/" {
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"t\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                    } else if path.starts_with("/token") {
+                        let n = {
+                            let mut l = log.lock().unwrap();
+                            l.0 += 1;
+                            l.0
+                        };
+                        let body = format!("{{\"token\":\"t{n}\",\"expires_in\":60}}");
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        log.lock().unwrap().1.push(auth);
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_string()
+                    };
+                    let _ = c.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A transfer longer than its token's life goes on with a new token:
+    /// fetched when two thirds of the old one's life have passed, and the
+    /// one oci-client then sends.
+    #[tokio::test]
+    async fn tokens_are_renewed_before_they_expire() {
+        let (addr, seen) = token_registry().await;
+        let image = ImageRef::parse("img:v1", &addr.to_string(), "test").unwrap();
+        let session = authorize(&image, &RegistryAuth::Anonymous, false, None)
+            .await
+            .unwrap();
+        let client = super::super::auth::client(&image, 1, None);
+        let oref = image.oci();
+        client
+            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .unwrap();
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let exists = async || {
+            session.keep_fresh(&client, &oref).await.unwrap();
+            client.blob_exists(&oref, &digest).await.unwrap();
+        };
+        exists().await;
+        exists().await;
+        {
+            let r = session.refresh.as_ref().unwrap();
+            let mut state = r.state.lock().await;
+            state.0 -= std::time::Duration::from_secs(41);
+        }
+        exists().await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.0, 2, "one token at first, one renewal");
+        assert_eq!(seen.1, ["Bearer t1", "Bearer t1", "Bearer t2"]);
     }
 }
