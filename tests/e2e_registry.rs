@@ -714,7 +714,9 @@ fn api_pull_start_push_images_prune() {
 /// - 127.0.0.1:5102 answers the token request with an endless body;
 /// - 127.0.0.1:5103 needs no token and answers the manifest with an
 ///   endless body;
-/// - 127.0.0.1:5104 names a plain-HTTP realm on a non-loopback host.
+/// - 127.0.0.1:5104 names a plain-HTTP realm on a non-loopback host;
+/// - 127.0.0.1:5105 names a realm on its own host that redirects to
+///   127.0.0.2:5101.
 ///
 /// Endless bodies stop at 1 GiB; what was written before the client hung
 /// up is logged as `sent PORT BYTES`.
@@ -739,21 +741,26 @@ class H(BaseHTTPRequestHandler):
     def do_GET(self):
         port = self.server.server_port
         if port == 5101:
-            log.write("realm auth=%s\n" % self.headers.get("Authorization"))
+            log.write("realm%s auth=%s\n" % (" via 5105" if "from=5105" in self.path else "",
+                                              self.headers.get("Authorization")))
             body = b'{"token":"t0k3n"}'
             self.send_response(200); self.send_header("Content-Length", str(len(body)))
             self.end_headers(); self.wfile.write(body); return
         if self.path == "/v2/" and port != 5103:
             realm = {5100: "http://127.0.0.2:5101/token", 5102: "http://127.0.0.1:5102/token",
-                     5104: "http://192.0.2.1/token"}[port]
+                     5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token"}[port]
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="s"' % realm)
+            self.send_header("Content-Length", "0"); self.end_headers(); return
+        if port == 5105 and self.path.startswith("/token"):
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.2:5101/token?from=5105")
             self.send_header("Content-Length", "0"); self.end_headers(); return
         if self.path.startswith("/token") or (port == 5103 and "/manifests/" in self.path):
             self.endless(); return
         self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
 for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
-                   ("127.0.0.1", 5103), ("127.0.0.1", 5104)]:
+                   ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105)]:
     s = ThreadingHTTPServer((host, port), H)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 open(sys.argv[1] + ".ready", "w").close()
@@ -819,6 +826,16 @@ fn hostile_registry_realm_and_endless_answers() {
     // The user trusts that host: then (only then) it gets them.
     pull(5100, true, Some("127.0.0.2"));
     assert!(read_log().contains("realm auth=Basic "), "{}", read_log());
+
+    // A realm on the registry's host that redirects elsewhere: the
+    // credentials do not follow.
+    let err = pull(5105, true, None);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(
+        read_log().contains("realm via 5105 auth=None"),
+        "{}",
+        read_log()
+    );
 
     // A plain-HTTP realm elsewhere is never contacted.
     let err = pull(5104, false, None);

@@ -14,7 +14,9 @@
 //!   `LUME_INSECURE_REGISTRIES`), credentials go to it only when it is on
 //!   the registry's own host or the user named its host in
 //!   `LUME_TOKEN_REALMS` (Docker Hub's `auth.docker.io`, for instance),
-//!   redirects are not followed and the answer is read up to
+//!   redirects are followed only a few times, never from HTTPS down to
+//!   plain HTTP, and never with the credentials to another host (reqwest
+//!   drops them), and the answer is read up to
 //!   [`MAX_TOKEN_ANSWER`] bytes; the token is handed to `oci-client`;
 //! - for a Basic challenge, hands `oci-client` the credentials (the
 //!   registry asked for them itself); with no challenge, none;
@@ -35,6 +37,8 @@ pub const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// Largest manifest read (lume's manifests are a few KiB; one part per
 /// 512 MB of disk keeps even a 4 TB disk's under 4 MiB).
 pub const MAX_MANIFEST: usize = 4 << 20;
+/// Most redirects followed.
+const MAX_REDIRECTS: usize = 5;
 /// Largest error body read (only an excerpt is passed on).
 const MAX_ERROR_BODY: usize = 16 << 10;
 
@@ -189,7 +193,17 @@ pub async fn authorize(
         .connect_timeout(std::time::Duration::from_secs(30))
         .read_timeout(std::time::Duration::from_secs(120))
         .user_agent(concat!("lume-linux/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::none());
+        .redirect(reqwest::redirect::Policy::custom(|a| {
+            // A few redirects, never from HTTPS down to plain HTTP (reqwest
+            // drops Authorization on a redirect to another host).
+            let down =
+                a.url().scheme() != "https" && a.previous().iter().any(|u| u.scheme() == "https");
+            if a.previous().len() > MAX_REDIRECTS || down {
+                a.stop()
+            } else {
+                a.follow()
+            }
+        }));
     if let Some(g) = gate {
         builder = builder.proxy(reqwest::Proxy::all(g.url()).map_err(fail)?);
     }
