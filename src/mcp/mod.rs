@@ -1664,7 +1664,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 16);
+        assert_eq!(tools.len(), 18);
         for t in tools {
             let required = t
                 .input_schema
