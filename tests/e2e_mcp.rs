@@ -89,6 +89,8 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
             "lume_list_vms",
             "lume_network_doctor",
             "lume_network_interfaces",
+            "lume_pull",
+            "lume_push",
             "lume_resize_disk",
             "lume_run_vm",
             "lume_snapshot_create",

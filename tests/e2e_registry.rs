@@ -707,3 +707,240 @@ fn api_pull_start_push_images_prune() {
     let (_, images) = api(&ns, "GET", "/lume/images?organization=test", None);
     assert_eq!(images, serde_json::json!([]));
 }
+
+/// A registry that misbehaves, for what docker-registry will not do:
+/// - 127.0.0.1:5100 names a token realm on another host (127.0.0.2:5101,
+///   which logs every Authorization header it receives);
+/// - 127.0.0.1:5102 answers the token request with an endless body;
+/// - 127.0.0.1:5103 needs no token and answers the manifest with an
+///   endless body;
+/// - 127.0.0.1:5104 names a plain-HTTP realm on a non-loopback host;
+/// - 127.0.0.1:5105 names a realm on its own host that redirects to
+///   127.0.0.2:5101.
+///
+/// Endless bodies stop at 1 GiB; what was written before the client hung
+/// up is logged as `sent PORT BYTES`.
+const HOSTILE: &str = r#"
+import sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+log = open(sys.argv[1], "a", buffering=1)
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    def log_message(self, *a): pass
+    def endless(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        sent, chunk = 0, b"[" * 65536
+        try:
+            while sent < (1 << 30):
+                self.wfile.write(chunk); sent += len(chunk)
+        except OSError:
+            pass
+        log.write("sent %d %d\n" % (self.server.server_port, sent))
+    def do_GET(self):
+        port = self.server.server_port
+        if port == 5101:
+            log.write("realm%s auth=%s\n" % (" via 5105" if "from=5105" in self.path else "",
+                                              self.headers.get("Authorization")))
+            body = b'{"token":"t0k3n"}'
+            self.send_response(200); self.send_header("Content-Length", str(len(body)))
+            self.end_headers(); self.wfile.write(body); return
+        if self.path == "/v2/" and port != 5103:
+            realm = {5100: "http://127.0.0.2:5101/token", 5102: "http://127.0.0.1:5102/token",
+                     5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token"}[port]
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="s"' % realm)
+            self.send_header("Content-Length", "0"); self.end_headers(); return
+        if port == 5105 and self.path.startswith("/token"):
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.2:5101/token?from=5105")
+            self.send_header("Content-Length", "0"); self.end_headers(); return
+        if self.path.startswith("/token") or (port == 5103 and "/manifests/" in self.path):
+            self.endless(); return
+        self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
+                   ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105)]:
+    s = ThreadingHTTPServer((host, port), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+open(sys.argv[1] + ".ready", "w").close()
+threading.Event().wait()
+"#;
+
+/// The token exchange is lume's: credentials never reach a realm on
+/// another host (unless LUME_TOKEN_REALMS names it), a plain-HTTP realm
+/// elsewhere is refused, and endless token or manifest answers are cut
+/// off instead of read into memory.
+#[test]
+fn hostile_registry_realm_and_endless_answers() {
+    let ns = Netns::new("lhos");
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("hostile.py");
+    std::fs::write(&script, HOSTILE).unwrap();
+    let log = tmp.path().join("log");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "python3"])
+        .arg(&script)
+        .arg(&log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = tmp.path().join("log.ready");
+    wait_for("the hostile registry", Duration::from_secs(20), || {
+        ready.exists().then_some(())
+    });
+    let home = Home::new();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let pull = |port: u16, creds: bool, realms: Option<&str>| {
+        let registry = format!("127.0.0.1:{port}");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns.name])
+            .arg(common::lume_bin())
+            .args(["pull", "img:v1", "x", "--registry", &registry])
+            .args(["--organization", "test"]);
+        if creds {
+            c.args(["--username", "alice", "--password", "s3cret"]);
+        }
+        home.env(&mut c);
+        match realms {
+            Some(r) => c.env("LUME_TOKEN_REALMS", r),
+            None => c.env_remove("LUME_TOKEN_REALMS"),
+        };
+        let out = c.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // Credentials and a realm on another host: refused, nothing sent.
+    let err = pull(5100, true, None);
+    assert!(
+        err.contains("wants its credentials sent to 127.0.0.2")
+            && err.contains("LUME_TOKEN_REALMS=127.0.0.2"),
+        "{err}"
+    );
+    assert!(!read_log().contains("realm"), "{}", read_log());
+    // Anonymous: the token is fetched there, without credentials.
+    let err = pull(5100, false, None);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(read_log().contains("realm auth=None"), "{}", read_log());
+    // The user trusts that host: then (only then) it gets them.
+    pull(5100, true, Some("127.0.0.2"));
+    assert!(read_log().contains("realm auth=Basic "), "{}", read_log());
+
+    // A realm on the registry's host that redirects elsewhere: the
+    // credentials do not follow.
+    let err = pull(5105, true, None);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(
+        read_log().contains("realm via 5105 auth=None"),
+        "{}",
+        read_log()
+    );
+
+    // A plain-HTTP realm elsewhere is never contacted.
+    let err = pull(5104, false, None);
+    assert!(
+        err.contains("sends lume for a token to http://192.0.2.1/token")
+            && err.contains("not HTTPS"),
+        "{err}"
+    );
+
+    // Endless answers: cut off after a few MiB, a clear error.
+    let sent = |port: u16| -> u64 {
+        let prefix = format!("sent {port} ");
+        let text = wait_for("the server's count", Duration::from_secs(30), || {
+            let t = read_log();
+            t.contains(&prefix).then_some(t)
+        });
+        let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap();
+        line[prefix.len()..].parse().unwrap()
+    };
+    let err = pull(5102, false, None);
+    assert!(err.contains("sent a token answer longer than"), "{err}");
+    assert!(sent(5102) < 32 * MB, "{}", read_log());
+    let err = pull(5103, false, None);
+    assert!(err.contains("sent a manifest longer than"), "{err}");
+    assert!(sent(5103) < 32 * MB, "{}", read_log());
+    assert!(!home.vm_dir("x").exists());
+
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// `lume_push` and `lume_pull` through `lume serve --mcp`, driven by the
+/// official MCP Python SDK: the same actions as the CLI, with progress
+/// notifications (bytes downloaded, over a slowed link), errors as tool
+/// results that name the tool's arguments.
+#[test]
+fn mcp_pull_and_push() {
+    let python = common::client_python("mcp");
+    let ns = Netns::new("lmcp");
+    let tmp = tempfile::tempdir().unwrap();
+    let reg = registry(&ns, tmp.path(), 5006, None);
+    let home = Home::new();
+    let src = vm_with_data(&home, "src");
+    // Slow enough for a few progress looks during the pull.
+    ns.exec_ok("tc qdisc add dev lo root tbf rate 24mbit burst 256kb latency 2s");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_registry.py");
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(&python)
+        .arg(&script)
+        .arg(common::lume_bin())
+        .arg(&reg.addr);
+    home.env(&mut c);
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+
+    let push = &v["push"];
+    assert_eq!(push["isError"], false, "{push}");
+    assert!(
+        push["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Pushed {}/test/img:mcp", reg.addr)),
+        "{push}"
+    );
+    let pull = &v["pull"];
+    assert_eq!(pull["isError"], false, "{pull}");
+    same_bytes(&src, &home.vm_dir("dst").join("disk.img"));
+    // Byte progress: increasing, against the image's total, reaching it.
+    let bytes: Vec<(f64, f64)> = pull["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["total"].is_number())
+        .map(|p| {
+            (
+                p["progress"].as_f64().unwrap(),
+                p["total"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(bytes.len() >= 2, "{pull}");
+    assert!(bytes.windows(2).all(|w| w[0].0 < w[1].0), "{pull}");
+    assert!(
+        bytes.iter().all(|(p, t)| p <= t && *t > MB as f64),
+        "{pull}"
+    );
+
+    let missing = &v["missing"];
+    assert_eq!(missing["isError"], true, "{missing}");
+    let text = missing["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Error: Image")
+            && text.contains("was not found")
+            && text.contains("\"registry\" and \"organization\""),
+        "{text}"
+    );
+    assert!(!home.vm_dir("nope").exists());
+    drop(reg);
+}

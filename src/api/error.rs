@@ -278,6 +278,9 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         | R::Unreachable { .. }
         | R::Unresolved { .. }
         | R::Protocol { .. }
+        | R::TokenRealm { .. }
+        | R::ForeignRealm { .. }
+        | R::TooLong { .. }
         | R::Corrupt { .. } => StatusCode::BAD_GATEWAY,
         R::CorruptCache { .. } | R::Io { .. } | R::Runtime(_) | R::NoSpace { .. } => {
             StatusCode::INTERNAL_SERVER_ERROR

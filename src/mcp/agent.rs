@@ -87,6 +87,9 @@ fn vm_message(e: &VmError) -> Option<String> {
             p,
         ))) => p.message(crate::vm::Door::Mcp),
         VmError::NotRunning(n) => format!("VM '{n}' is not running: start it with lume_run_vm"),
+        VmError::Registry(crate::registry::RegistryError::Running(n)) => {
+            format!("VM '{n}' is running: stop it with lume_stop_vm before pushing it")
+        }
         VmError::DiskWhileRunning(n) => format!(
             "VM '{n}' is running: stop it with lume_stop_vm before resizing its disk"
         ),
@@ -411,6 +414,18 @@ mod tests {
         assert!(
             text.contains("timeout: must be at least 1, got 0"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_running_vm_to_push_names_the_tool() {
+        let e = ToolError::Vm(VmError::Registry(crate::registry::RegistryError::Running(
+            "web".into(),
+        )));
+        let m = agent_message(&e).unwrap();
+        assert_eq!(
+            m,
+            "VM 'web' is running: stop it with lume_stop_vm before pushing it"
         );
     }
 

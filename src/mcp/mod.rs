@@ -9,8 +9,9 @@
 //! `isError: true` and the message the CLI prints, never a protocol error.
 //!
 //! Tools, argument names, prompts and resources follow upstream lume's
-//! `MCPServer.swift`; `lume_network_interfaces` and `lume_network_doctor`
-//! are ours.
+//! `MCPServer.swift`; `lume_network_interfaces`, `lume_network_doctor`,
+//! `lume_pull` and `lume_push` are ours (upstream's server has no registry
+//! tools).
 
 mod agent;
 mod guide;
@@ -61,6 +62,8 @@ pub enum ToolError {
     Publish(#[from] crate::network::publish::PublishError),
     #[error(transparent)]
     Policy(#[from] crate::network::policy::PolicyError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
     /// A value the CLI's parser would refuse: `why` is that parser's
     /// sentence, which names the value already.
     #[error("Argument {argument}: {why}")]
@@ -252,14 +255,55 @@ async fn noted(
     rc: RequestContext<RoleServer>,
     f: impl FnOnce(&mut dyn FnMut(&str)) -> Result<CallToolResult, ToolError> + Send + 'static,
 ) -> CallToolResult {
+    noted_watching(rc, None, f).await
+}
+
+/// What a watched call has done so far: bytes done and in all.
+type Watch = Box<dyn Fn() -> Option<(u64, u64)> + Send>;
+
+/// How often a watched call's progress is looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// [`noted`], and with `watch` also the bytes done (as `progress`, with
+/// `total`) each time they grew, looked at every [`WATCH_EVERY`]. Progress
+/// only ever increases, as MCP wants: a note counts one more than the last.
+async fn noted_watching(
+    rc: RequestContext<RoleServer>,
+    watch: Option<Watch>,
+    f: impl FnOnce(&mut dyn FnMut(&str)) -> Result<CallToolResult, ToolError> + Send + 'static,
+) -> CallToolResult {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let forward = rc.meta.get_progress_token().map(|token| {
         let peer = rc.peer.clone();
         tokio::spawn(async move {
-            let mut n = 0.0;
-            while let Some(line) = rx.recv().await {
-                n += 1.0;
-                let p = ProgressNotificationParam::new(token.clone(), n).with_message(line);
+            let mut last = 0.0f64;
+            let mut tick = tokio::time::interval(WATCH_EVERY);
+            loop {
+                let p = tokio::select! {
+                    line = rx.recv() => match line {
+                        Some(line) => {
+                            last += 1.0;
+                            ProgressNotificationParam::new(token.clone(), last).with_message(line)
+                        }
+                        None => break,
+                    },
+                    _ = tick.tick(), if watch.is_some() => {
+                        let Some((done, total)) = watch.as_ref().and_then(|w| w()) else {
+                            continue;
+                        };
+                        if (done as f64) <= last {
+                            continue;
+                        }
+                        last = done as f64;
+                        ProgressNotificationParam::new(token.clone(), last)
+                            .with_total(total as f64)
+                            .with_message(format!(
+                                "Downloaded {} of {}",
+                                indicatif::BinaryBytes(done),
+                                indicatif::BinaryBytes(total)
+                            ))
+                    }
+                };
                 // A client that has gone away gets no more; the call goes on.
                 if peer.notify_progress(p).await.is_err() {
                     break;
@@ -280,7 +324,24 @@ async fn noted(
     result
 }
 
-/// How many `lume_exec`, `lume_create_vm` and `lume_run_vm` calls run at
+/// The bytes a pull of `name` into `root` by this process has fetched, and
+/// its total, from its work directory's progress file.
+fn pull_progress(root: &std::path::Path, name: &str) -> Option<(u64, u64)> {
+    let prefix = format!(".creating-{name}-{}-", std::process::id());
+    let dir = std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))?
+        .path();
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join(crate::registry::pull::PROGRESS_FILE)).ok()?,
+    )
+    .ok()?;
+    Some((v.get("downloaded")?.as_u64()?, v.get("total")?.as_u64()?))
+}
+
+/// How many `lume_exec`, `lume_create_vm`, `lume_run_vm`, `lume_pull` and
+/// `lume_push` calls run at
 /// once (each holds threads, an ssh or a download); more wait their turn.
 pub const HEAVY_CALLS: usize = 4;
 
@@ -495,6 +556,52 @@ pub struct SnapshotArgs {
     pub name: String,
     /// Name of the snapshot
     pub snapshot: String,
+    /// Optional storage location name or path (default: the location holding the VM)
+    pub storage: Option<String>,
+}
+
+/// Arguments of `lume_pull`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct PullArgs {
+    /// Image to pull, IMAGE:TAG (e.g. debian-12:latest), from `registry`/`organization`
+    pub image: String,
+    /// Name of the new VM (default: IMAGE_TAG, e.g. debian-12_latest)
+    pub name: Option<String>,
+    /// Registry host[:port] (default: config.yaml's, else ghcr.io)
+    pub registry: Option<String>,
+    /// Organization in the registry (default: config.yaml's, else trycua)
+    pub organization: Option<String>,
+    /// Registry username (default: the environment's GITHUB_USERNAME/GITHUB_TOKEN for ghcr.io, else ~/.docker/config.json, else anonymous)
+    pub username: Option<String>,
+    /// Registry password or token, with username
+    pub password: Option<String>,
+    /// Fetch every blob anew even when it is in the cache (default: false)
+    pub force: Option<bool>,
+    /// Optional storage location name or path for the new VM (default: the default location)
+    pub storage: Option<String>,
+}
+
+/// Arguments of `lume_push`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct PushArgs {
+    /// Name of the VM to push (stopped)
+    pub name: String,
+    /// Image to push it as, IMAGE:TAG (e.g. golden:v1), to `registry`/`organization`
+    pub image: String,
+    /// More tags for the same image
+    pub additional_tags: Option<Vec<String>>,
+    /// Registry host[:port] (default: config.yaml's, else ghcr.io)
+    pub registry: Option<String>,
+    /// Organization in the registry (default: config.yaml's, else trycua)
+    pub organization: Option<String>,
+    /// Registry username (default: as lume_pull)
+    pub username: Option<String>,
+    /// Registry password or token, with username
+    pub password: Option<String>,
+    /// Disk chunk size in MB, 1 to 4096 (default: 512)
+    pub chunk_size_mb: Option<u64>,
+    /// Prepare the chunks and report them without uploading (default: false)
+    pub dry_run: Option<bool>,
     /// Optional storage location name or path (default: the location holding the VM)
     pub storage: Option<String>,
 }
@@ -743,6 +850,120 @@ impl LumeMcp {
                 l.remove(i);
             }
             let (outcome, notes) = done?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_pull",
+        description = "Pull a VM image (lume's OCI format, as `lume push` writes it) from a registry as a new stopped VM. Returns when the VM exists; with a progress token, progress notifications count the bytes downloaded. Start it with lume_run_vm"
+    )]
+    async fn pull(
+        &self,
+        Parameters(a): Parameters<PullArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let storage = self.storage(a.storage.clone());
+        let _turn = match turn(&self.busy).await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
+        let prepared = (|| -> Result<(Context, crate::registry::pull::PullSpec), ToolError> {
+            let ctx = context(storage.as_deref(), None)?;
+            let d = ctx.settings.registry()?;
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            let vm = match a.name.as_deref() {
+                Some(n) => name(n)?,
+                None => crate::registry::pull::default_name(&image)?,
+            };
+            let spec = crate::registry::pull::PullSpec {
+                image,
+                name: vm,
+                username: a.username,
+                password: a.password,
+                force: a.force.unwrap_or(false),
+                progress: false,
+                // The server acts for the user who runs it, as the CLI does.
+                public_only: false,
+                // Hints name this tool's arguments (registry, username, …).
+                api: true,
+            };
+            Ok((ctx, spec))
+        })();
+        let (ctx, spec) = match prepared {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let work = (ctx.store.root().to_path_buf(), spec.name.to_string());
+        let watch: Watch = {
+            let (root, vm) = work.clone();
+            Box::new(move || pull_progress(&root, &vm))
+        };
+        noted_watching(rc, Some(watch), move |note| {
+            if let Ok(mut l) = CREATING.lock() {
+                l.push(work.clone());
+            }
+            let done = execute_noted(&ctx, Action::Pull(Box::new(spec)), note);
+            if let Ok(mut l) = CREATING.lock()
+                && let Some(i) = l.iter().position(|w| *w == work)
+            {
+                l.remove(i);
+            }
+            let (outcome, notes) = done?;
+            Ok(ok_text(outcome_text(&outcome, &notes)))
+        })
+        .await
+    }
+
+    #[tool(
+        name = "lume_push",
+        description = "Push a stopped VM to a registry as an image in lume's OCI format (disk in compressed chunks, holes left out), under one or more tags. Returns when the image is in the registry; progress notifications carry lume's notes"
+    )]
+    async fn push(
+        &self,
+        Parameters(a): Parameters<PushArgs>,
+        rc: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        let storage = self.storage(a.storage.clone());
+        let _turn = match turn(&self.busy).await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
+        noted(rc, move |note| {
+            let vm = name(&a.name)?;
+            let ctx = context(storage.as_deref(), Some(&vm))?;
+            let d = ctx.settings.registry()?;
+            if !a.image.contains(':') {
+                return Err(crate::registry::RegistryError::NoTag(a.image).into());
+            }
+            let image = crate::registry::ImageRef::parse(
+                &a.image,
+                a.registry.as_deref().unwrap_or(&d.registry),
+                a.organization.as_deref().unwrap_or(&d.organization),
+            )?;
+            let spec = crate::registry::push::PushSpec {
+                image,
+                additional_tags: a.additional_tags.unwrap_or_default(),
+                chunk_size_mb: a
+                    .chunk_size_mb
+                    .unwrap_or(crate::registry::push::DEFAULT_CHUNK_MB),
+                dry_run: a.dry_run.unwrap_or(false),
+                username: a.username,
+                password: a.password,
+                progress: false,
+                public_only: false,
+                api: true,
+            };
+            let action = Action::Push {
+                name: vm,
+                spec: Box::new(spec),
+            };
+            let (outcome, notes) = execute_noted(&ctx, action, note)?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -1141,6 +1362,8 @@ fn check_arguments(
         "lume_exec" => fits::<ExecArgs>(v),
         "lume_resize_disk" => fits::<ResizeArgs>(v),
         "lume_network_doctor" => fits::<DoctorArgs>(v),
+        "lume_pull" => fits::<PullArgs>(v),
+        "lume_push" => fits::<PushArgs>(v),
         "lume_snapshot_create" => fits::<SnapshotCreateArgs>(v),
         "lume_snapshot_list" | "lume_snapshot_flatten" => fits::<VmArgs>(v),
         "lume_snapshot_restore" | "lume_snapshot_delete" => fits::<SnapshotArgs>(v),
@@ -1441,7 +1664,7 @@ mod tests {
     fn every_tool_with_required_arguments_is_checked_before_the_call() {
         let server = LumeMcp::new(None);
         let tools = server.tool_router.list_all();
-        assert_eq!(tools.len(), 16);
+        assert_eq!(tools.len(), 18);
         for t in tools {
             let required = t
                 .input_schema

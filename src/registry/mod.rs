@@ -8,6 +8,8 @@
 //!   legacy Apple-LZ4 parts), sparse writing.
 //! - [`cache`]: the blob cache (`cacheDirectory/ghcr/ORG/MANIFEST_ID/`),
 //!   `images`, `prune`.
+//! - [`token`]: the token exchange and the manifest fetch, lume's own
+//!   (bounded reads, credentials to the registry's own host only).
 //! - [`pull`], [`push`]: the transfers, over the `oci-client` crate.
 
 pub mod auth;
@@ -17,6 +19,7 @@ pub mod guard;
 pub mod pull;
 pub mod push;
 pub mod reference;
+pub mod token;
 
 use std::path::PathBuf;
 
@@ -144,6 +147,29 @@ pub enum RegistryError {
         "The image's disk ({size} bytes) is larger than lume accepts (at most {max} bytes): this is not an image lume can pull"
     )]
     TooLarge { size: u64, max: u64 },
+    #[error(
+        "Registry {registry} sends lume for a token to {realm}, which lume will not use: {why}"
+    )]
+    TokenRealm {
+        registry: String,
+        realm: String,
+        why: String,
+    },
+    #[error(
+        "Registry {registry} wants its credentials sent to {realm_host}, another host, for a token: lume sends them there only if you trust that host with them; then set LUME_TOKEN_REALMS={realm_host} and try again"
+    )]
+    ForeignRealm {
+        registry: String,
+        realm_host: String,
+    },
+    #[error(
+        "Registry {registry} sent a {what} longer than {max} bytes, more than any lume image has: this is not a lume image (or not a registry); check the image and the registry"
+    )]
+    TooLong {
+        registry: String,
+        what: &'static str,
+        max: usize,
+    },
     #[error("Cannot start the transfer's worker threads: {0}")]
     Runtime(#[source] std::io::Error),
 }

@@ -148,22 +148,37 @@ pub fn pull_into(
         &cache.token_registry,
     )?;
     let rt = super::runtime()?;
-    let (client, _gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
+    let (client, gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
     let oref = spec.image.oci();
     let image_s = spec.image.to_string();
     let registry = spec.image.registry.clone();
+    // The token and the manifest are lume's own requests (bounded,
+    // credentials to the registry's host only: see `token`); blobs go
+    // through oci-client with the token.
+    let with_auth = |e: RegistryError| e.with_auth(&auth, spec.api);
+    let session = rt
+        .block_on(super::token::authorize(
+            &spec.image,
+            &auth,
+            false,
+            gate.as_ref(),
+        ))
+        .map_err(with_auth)?;
     let remote = rt.block_on(async {
-        let (bytes, _) = client
-            .pull_manifest_raw(
-                &oref,
-                &auth,
+        client
+            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+        let bytes = session
+            .manifest(
+                &spec.image,
                 &[
                     format::MANIFEST_MEDIA_TYPE,
                     "application/vnd.docker.distribution.manifest.v2+json",
                 ],
             )
             .await
-            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+            .map_err(with_auth)?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
@@ -200,7 +215,9 @@ pub fn pull_into(
                 });
             }
             let bar = indicatif::ProgressBar::hidden();
-            rt.block_on(fetch_blob(&client, &oref, c, &dir, &bar, &image_s))?;
+            rt.block_on(fetch_blob(
+                &client, &session, &oref, c, &dir, &bar, &image_s,
+            ))?;
             let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
             let text = fs::read(&path).map_err(io_at(&path))?;
             serde_json::from_slice(&text).ok()
@@ -343,7 +360,7 @@ pub fn pull_into(
             let fetches = futures_util::stream::iter(
                 unique
                     .iter()
-                    .map(|d| fetch_blob(&client, &oref, d, &dir, &bar, &image_s)),
+                    .map(|d| fetch_blob(&client, &session, &oref, d, &dir, &bar, &image_s)),
             )
             .buffer_unordered(PARALLEL);
             futures_util::pin_mut!(fetches);
@@ -592,6 +609,7 @@ fn open_partial(path: &Path) -> Result<File, RegistryError> {
 /// `.partial`, verified against its digest, fsynced and renamed into place.
 async fn fetch_blob(
     client: &oci_client::Client,
+    session: &super::token::Session,
     oref: &oci_client::Reference,
     d: &Descriptor,
     dir: &ImageDir,
@@ -632,6 +650,7 @@ async fn fetch_blob(
         bar.inc(have);
         let mut resumes = 0;
         while have < d.size {
+            session.keep_fresh(client, oref).await?;
             let resp = client
                 .pull_blob_stream_partial(oref, d.digest.as_str(), have, None)
                 .await;

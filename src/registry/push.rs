@@ -112,12 +112,13 @@ pub fn push(
     let config = format::config_blob();
     let config_digest = format::digest_of(&config);
     let rt = super::runtime()?;
-    let (client, _gate) =
+    let (client, gate) =
         super::auth::connect(&spec.image, 4, spec.public_only && !spec.dry_run, &rt)?;
     let oref = spec.image.oci();
     let registry = spec.image.registry.clone();
     let image_s = spec.image.to_string();
     let err = |e| classify(e, &registry, &image_s);
+    let mut session = None;
     if !spec.dry_run {
         // Credentials and the config first: a refusal comes before any work.
         let auth = super::auth::credentials(
@@ -128,9 +129,18 @@ pub fn push(
             token_registry,
         )?;
         let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.api);
+        // The token exchange is lume's own (see `token`).
+        let s = rt
+            .block_on(super::token::authorize(
+                &spec.image,
+                &auth,
+                true,
+                gate.as_ref(),
+            ))
+            .map_err(|e| e.with_auth(&auth, spec.api))?;
         rt.block_on(async {
             client
-                .auth(&oref, &auth, oci_client::RegistryOperation::Push)
+                .auth(&oref, &s.auth, oci_client::RegistryOperation::Push)
                 .await
                 .map_err(err)?;
             if !client
@@ -145,7 +155,9 @@ pub fn push(
             }
             Ok::<(), RegistryError>(())
         })?;
+        session = Some(s);
     }
+    let session = session.as_ref();
     // Progress in disk bytes: holes count at once, a chunk once uploaded.
     let bar = if spec.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(size);
@@ -167,6 +179,9 @@ pub fn push(
     let upload = |c: Chunk| {
         let (client, oref, bar) = (&client, &oref, &bar);
         async move {
+            if let Some(s) = session {
+                s.keep_fresh(client, oref).await?;
+            }
             let mut sent = 0;
             if !spec.dry_run && !client.blob_exists(oref, &c.digest).await.map_err(err)? {
                 // Streamed from the file: memory stays at one piece per upload.
@@ -261,6 +276,9 @@ pub fn push(
     }
     rt.block_on(async {
         let content_type = reqwest_header(format::MANIFEST_MEDIA_TYPE);
+        if let Some(s) = session {
+            s.keep_fresh(&client, &oref).await?;
+        }
         for tag in &tags {
             let r = spec.image.with_tag(tag)?.oci();
             client

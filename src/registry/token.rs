@@ -1,0 +1,627 @@
+//! The registry's token exchange and manifest fetch, done by lume itself.
+//!
+//! `oci-client` 0.18 fetches the token `realm` a registry names in its
+//! `WWW-Authenticate` challenge with the caller's Basic credentials
+//! whatever host the realm is on, and over plain HTTP if the realm says
+//! so; and it reads token answers and manifests whole, without a size cap.
+//! It offers no setting for either, but it does accept a ready bearer
+//! token (`RegistryAuth::Bearer`), which it then sends to the registry
+//! only. So lume:
+//!
+//! - asks the registry (`GET /v2/`, no credentials) how it authenticates;
+//! - for a Bearer challenge, fetches the token itself: the realm must be
+//!   HTTPS (plain HTTP only for a loopback realm or one in
+//!   `LUME_INSECURE_REGISTRIES`), credentials go to it only when it is on
+//!   the registry's own host or the user named its host in
+//!   `LUME_TOKEN_REALMS` (Docker Hub's `auth.docker.io`, for instance),
+//!   redirects are followed only a few times, never from HTTPS down to
+//!   plain HTTP, and never with the credentials to another host (reqwest
+//!   drops them), and the answer is read up to
+//!   [`MAX_TOKEN_ANSWER`] bytes; the token is handed to `oci-client`;
+//! - for a Basic challenge, hands `oci-client` the credentials (the
+//!   registry asked for them itself); with no challenge, none;
+//! - fetches the manifest itself, at most [`MAX_MANIFEST`] bytes.
+//!
+//! Blobs, uploads and manifest pushes stay with `oci-client`.
+
+use futures_util::StreamExt;
+use oci_client::secrets::RegistryAuth;
+
+use super::{ImageRef, RegistryError, classify, excerpt};
+
+/// Environment variable: token realm hosts (comma-separated) that may
+/// receive the registry's credentials although they are not on its host.
+pub const TOKEN_REALMS_ENV: &str = "LUME_TOKEN_REALMS";
+/// Largest token answer read.
+pub const MAX_TOKEN_ANSWER: usize = 64 << 10;
+/// Largest manifest read (lume's manifests are a few KiB; one part per
+/// 512 MB of disk keeps even a 4 TB disk's under 4 MiB).
+pub const MAX_MANIFEST: usize = 4 << 20;
+/// Most redirects followed.
+const MAX_REDIRECTS: usize = 5;
+/// Largest error body read (only an excerpt is passed on).
+const MAX_ERROR_BODY: usize = 16 << 10;
+
+/// How lume talks to one registry for one transfer.
+pub struct Session {
+    /// What `oci-client` is given.
+    pub auth: RegistryAuth,
+    /// `Authorization` for lume's own requests to the registry.
+    header: Option<String>,
+    http: reqwest::Client,
+    base: String,
+    /// For a token: how to fetch the next one, and when this one was.
+    refresh: Option<Refresh>,
+}
+
+/// What a token is fetched anew from.
+struct Refresh {
+    image: ImageRef,
+    realm: String,
+    service: Option<String>,
+    basic: Option<(String, String)>,
+    push: bool,
+    public_only: bool,
+    /// When the token in use was fetched, and how long it lasts.
+    state: tokio::sync::Mutex<(std::time::Instant, std::time::Duration)>,
+}
+
+/// How long a token lasts when its answer does not say (the distribution
+/// spec's default), and at least.
+const TOKEN_LIFETIME: u64 = 60;
+
+/// A `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Other,
+}
+
+/// Parses the first challenge of a `WWW-Authenticate` value
+/// (`Bearer realm="…",service="…",scope="…"`).
+pub fn parse_challenge(value: &str) -> Challenge {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Challenge::Basic;
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Challenge::Other;
+    }
+    let mut params: Vec<(String, String)> = Vec::new();
+    let mut s = rest.trim_start();
+    while !s.is_empty() {
+        let Some(eq) = s.find('=') else { break };
+        let key = s[..eq].trim().to_ascii_lowercase();
+        s = &s[eq + 1..];
+        let val;
+        if let Some(q) = s.strip_prefix('"') {
+            let mut out = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            out.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => out.push(c),
+                }
+            }
+            val = out;
+            s = &q[end.min(q.len())..];
+        } else {
+            let end = s.find(',').unwrap_or(s.len());
+            val = s[..end].trim().to_string();
+            s = &s[end..];
+        }
+        params.push((key, val));
+        s = s.trim_start().trim_start_matches(',').trim_start();
+    }
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    match get("realm") {
+        Some(realm) => Challenge::Bearer {
+            realm,
+            service: get("service"),
+        },
+        None => Challenge::Other,
+    }
+}
+
+/// Whether credentials for `registry` may go to the token realm on
+/// `realm_host`.
+pub fn realm_gets_credentials(registry: &str, realm_host: &str) -> bool {
+    let own = super::reference::host_of(registry);
+    let realm_host = realm_host.trim_start_matches('[').trim_end_matches(']');
+    let own = own.trim_start_matches('[').trim_end_matches(']');
+    realm_host.eq_ignore_ascii_case(own)
+        || std::env::var(TOKEN_REALMS_ENV).is_ok_and(|v| {
+            v.split(',')
+                .map(str::trim)
+                .any(|h| !h.is_empty() && h.eq_ignore_ascii_case(realm_host))
+        })
+}
+
+/// Reads at most `max` bytes of `res`'s body; `None` when it is longer.
+async fn read_capped(
+    res: reqwest::Response,
+    max: usize,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if res.content_length().is_some_and(|n| n > max as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    let mut stream = res.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if body.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// Asks `image`'s registry how it authenticates and, for a Bearer
+/// challenge, fetches a token (for pushing when `push`). With `gate`
+/// (public-only transfers) every connection goes through it and only
+/// HTTPS is spoken.
+pub async fn authorize(
+    image: &ImageRef,
+    auth: &RegistryAuth,
+    push: bool,
+    gate: Option<&super::guard::Gate>,
+) -> Result<Session, RegistryError> {
+    let registry = image.registry.clone();
+    let image_s = image.to_string();
+    let fail = |e: reqwest::Error| classify(e.into(), &registry, &image_s);
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .read_timeout(std::time::Duration::from_secs(120))
+        .user_agent(concat!("lume-linux/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::custom(|a| {
+            // A few redirects, never from HTTPS down to plain HTTP (reqwest
+            // drops Authorization on a redirect to another host).
+            let down =
+                a.url().scheme() != "https" && a.previous().iter().any(|u| u.scheme() == "https");
+            if a.previous().len() > MAX_REDIRECTS || down {
+                a.stop()
+            } else {
+                a.follow()
+            }
+        }));
+    if let Some(g) = gate {
+        builder = builder.proxy(reqwest::Proxy::all(g.url()).map_err(fail)?);
+    }
+    let http = builder.build().map_err(fail)?;
+    let scheme = if gate.is_none() && super::auth::plain_http(&registry) {
+        "http"
+    } else {
+        "https"
+    };
+    let base = format!("{scheme}://{}", image.oci().resolve_registry());
+    let res = http.get(format!("{base}/v2/")).send().await.map_err(fail)?;
+    let challenge = res
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|h| h.to_str().ok())
+        .map(parse_challenge);
+    drop(res);
+    let basic = match auth {
+        RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
+        _ => None,
+    };
+    let mut refresh = None;
+    let (oci, header) = match challenge {
+        Some(Challenge::Bearer { realm, service }) => {
+            let public_only = gate.is_some();
+            let (token, life) = exchange(
+                &http,
+                image,
+                &realm,
+                service.clone(),
+                basic.as_ref(),
+                push,
+                public_only,
+            )
+            .await?;
+            refresh = Some(Refresh {
+                image: image.clone(),
+                realm,
+                service,
+                basic: basic.clone(),
+                push,
+                public_only,
+                state: tokio::sync::Mutex::new((std::time::Instant::now(), life)),
+            });
+            let header = format!("Bearer {token}");
+            (RegistryAuth::Bearer(token), Some(header))
+        }
+        // The registry asked for the credentials itself.
+        Some(Challenge::Basic) if basic.is_some() => {
+            let (u, p) = basic.clone().expect("checked");
+            let header = format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!("{u}:{p}")
+                )
+            );
+            (auth.clone(), Some(header))
+        }
+        // No challenge (or one lume cannot answer): nothing is sent.
+        _ => (RegistryAuth::Anonymous, None),
+    };
+    Ok(Session {
+        auth: oci,
+        header,
+        http,
+        base,
+        refresh,
+    })
+}
+
+/// The token exchange with `realm`: the token and how long it lasts.
+async fn exchange(
+    http: &reqwest::Client,
+    image: &ImageRef,
+    realm: &str,
+    service: Option<String>,
+    basic: Option<&(String, String)>,
+    push: bool,
+    public_only: bool,
+) -> Result<(String, std::time::Duration), RegistryError> {
+    let registry = &image.registry;
+    let bad = |why: String| RegistryError::TokenRealm {
+        registry: registry.clone(),
+        realm: excerpt(realm),
+        why,
+    };
+    let url = reqwest::Url::parse(realm).map_err(|e| bad(format!("it is not a URL ({e})")))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| bad("it names no host".into()))?
+        .to_string();
+    let host_port = match url.port() {
+        Some(p) if host.contains(':') => format!("[{host}]:{p}"),
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if !public_only && super::auth::plain_http(&host_port) => {}
+        _ => {
+            return Err(bad(format!(
+                "it is not HTTPS; plain HTTP is spoken only to loopback hosts and those in {}",
+                super::auth::INSECURE_ENV
+            )));
+        }
+    }
+    if basic.is_some() && !realm_gets_credentials(registry, &host) {
+        return Err(RegistryError::ForeignRealm {
+            registry: registry.clone(),
+            realm_host: excerpt(&host),
+        });
+    }
+    let repo = image.oci().repository().to_string();
+    let scope = if push {
+        format!("repository:{repo}:pull,push")
+    } else {
+        format!("repository:{repo}:pull")
+    };
+    let mut query = vec![("scope", scope)];
+    if let Some(s) = service {
+        query.push(("service", s));
+    }
+    let mut req = http.get(url).query(&query);
+    if let Some((u, p)) = basic {
+        req = req.basic_auth(u, Some(p));
+    }
+    let image_s = image.to_string();
+    let fail = |e: reqwest::Error| classify(e.into(), registry, &image_s);
+    let res = req.send().await.map_err(fail)?;
+    let status = res.status();
+    if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+        return Err(RegistryError::Unauthorized {
+            registry: registry.clone(),
+            sent: basic.is_some(),
+            api: false,
+        });
+    }
+    let body = read_capped(res, MAX_TOKEN_ANSWER).await.map_err(fail)?;
+    let Some(body) = body else {
+        return Err(RegistryError::TooLong {
+            registry: registry.clone(),
+            what: "token answer",
+            max: MAX_TOKEN_ANSWER,
+        });
+    };
+    if !status.is_success() {
+        return Err(bad(format!(
+            "it answered {status}: {}",
+            excerpt(&String::from_utf8_lossy(&body))
+        )));
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let answer: Answer = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("its answer is not a token ({e})")))?;
+    let life = std::time::Duration::from_secs(
+        answer
+            .expires_in
+            .unwrap_or(TOKEN_LIFETIME)
+            .clamp(TOKEN_LIFETIME, 24 * 3600),
+    );
+    let token = answer
+        .token
+        .or(answer.access_token)
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| bad("its answer holds no usable token".into()))?;
+    Ok((token, life))
+}
+
+impl Session {
+    /// Fetches a new token when two thirds of the current one's life have
+    /// passed, and hands it to `client` (which would otherwise go on with
+    /// the first one, a token being all it was given). Called before each
+    /// blob request, so a transfer outlives its tokens.
+    pub async fn keep_fresh(
+        &self,
+        client: &oci_client::Client,
+        oref: &oci_client::Reference,
+    ) -> Result<(), RegistryError> {
+        let Some(r) = &self.refresh else {
+            return Ok(());
+        };
+        let mut state = r.state.lock().await;
+        if state.0.elapsed() < state.1 * 2 / 3 {
+            return Ok(());
+        }
+        let (token, life) = exchange(
+            &self.http,
+            &r.image,
+            &r.realm,
+            r.service.clone(),
+            r.basic.as_ref(),
+            r.push,
+            r.public_only,
+        )
+        .await?;
+        *state = (std::time::Instant::now(), life);
+        let auth = RegistryAuth::Bearer(token);
+        let ops: &[oci_client::RegistryOperation] = if r.push {
+            &[
+                oci_client::RegistryOperation::Pull,
+                oci_client::RegistryOperation::Push,
+            ]
+        } else {
+            &[oci_client::RegistryOperation::Pull]
+        };
+        for op in ops {
+            client
+                .auth(oref, &auth, *op)
+                .await
+                .map_err(|e| classify(e, &r.image.registry, &r.image.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The manifest of `image` (a tag or digest), at most [`MAX_MANIFEST`]
+    /// bytes, as the registry sent it.
+    pub async fn manifest(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+    ) -> Result<Vec<u8>, RegistryError> {
+        let oref = image.oci();
+        let reference = oref
+            .digest()
+            .map(str::to_string)
+            .or_else(|| oref.tag().map(str::to_string))
+            .unwrap_or_else(|| "latest".into());
+        let url = format!(
+            "{}/v2/{}/manifests/{}",
+            self.base,
+            oref.repository(),
+            reference
+        );
+        let registry = &image.registry;
+        let image_s = image.to_string();
+        let fail = |e: reqwest::Error| classify(e.into(), registry, &image_s);
+        let mut req = self
+            .http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, accept.join(", "));
+        if let Some(h) = &self.header {
+            req = req.header(reqwest::header::AUTHORIZATION, h);
+        }
+        let res = req.send().await.map_err(fail)?;
+        let status = res.status();
+        if !status.is_success() {
+            let body = read_capped(res, MAX_ERROR_BODY)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            return Err(classify(
+                oci_client::errors::OciDistributionError::ServerError {
+                    code: status.as_u16(),
+                    url,
+                    message: String::from_utf8_lossy(&body).into_owned(),
+                },
+                registry,
+                &image_s,
+            ));
+        }
+        read_capped(res, MAX_MANIFEST)
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| RegistryError::TooLong {
+                registry: registry.clone(),
+                what: "manifest",
+                max: MAX_MANIFEST,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://ghcr.io/token",service="ghcr.io",scope="repository:a/b:pull""#
+            ),
+            Challenge::Bearer {
+                realm: "https://ghcr.io/token".into(),
+                service: Some("ghcr.io".into())
+            }
+        );
+        assert_eq!(
+            parse_challenge(r#"bearer service="x", realm="https://a\"b/""#),
+            Challenge::Bearer {
+                realm: "https://a\"b/".into(),
+                service: Some("x".into())
+            }
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="test""#), Challenge::Basic);
+        assert_eq!(parse_challenge("Bearer service=x"), Challenge::Other);
+        assert_eq!(parse_challenge("Negotiate"), Challenge::Other);
+        assert_eq!(
+            parse_challenge(r#"Bearer realm="unterminated"#),
+            Challenge::Bearer {
+                realm: "unterminated".into(),
+                service: None
+            }
+        );
+    }
+
+    #[test]
+    fn credentials_only_to_the_registrys_own_host() {
+        assert!(realm_gets_credentials("ghcr.io", "ghcr.io"));
+        assert!(realm_gets_credentials("127.0.0.1:5000", "127.0.0.1"));
+        assert!(realm_gets_credentials("[::1]:5000", "::1"));
+        assert!(!realm_gets_credentials("127.0.0.1:5000", "127.0.0.2"));
+        assert!(!realm_gets_credentials("ghcr.io", "ghcr.io.evil.example"));
+        assert!(!realm_gets_credentials(
+            "registry-1.docker.io",
+            "auth.docker.io"
+        ));
+    }
+
+    /// A registry on loopback that hands out numbered tokens and records
+    /// the Authorization of each blob request.
+    async fn token_registry() -> (
+        std::net::SocketAddr,
+        std::sync::Arc<std::sync::Mutex<(u32, Vec<String>)>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new((0u32, Vec::new())));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let auth = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .starts_with("authorization:")
+                                .then(|| l[14..].trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    let answer = if path == "/v2/" {
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"t\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                    } else if path.starts_with("/token") {
+                        let n = {
+                            let mut l = log.lock().unwrap();
+                            l.0 += 1;
+                            l.0
+                        };
+                        let body = format!("{{\"token\":\"t{n}\",\"expires_in\":60}}");
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        log.lock().unwrap().1.push(auth);
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_string()
+                    };
+                    let _ = c.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// A transfer longer than its token's life goes on with a new token:
+    /// fetched when two thirds of the old one's life have passed, and the
+    /// one oci-client then sends.
+    #[tokio::test]
+    async fn tokens_are_renewed_before_they_expire() {
+        let (addr, seen) = token_registry().await;
+        let image = ImageRef::parse("img:v1", &addr.to_string(), "test").unwrap();
+        let session = authorize(&image, &RegistryAuth::Anonymous, false, None)
+            .await
+            .unwrap();
+        let client = super::super::auth::client(&image, 1, None);
+        let oref = image.oci();
+        client
+            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .unwrap();
+        let digest = format!("sha256:{}", "0".repeat(64));
+        let exists = async || {
+            session.keep_fresh(&client, &oref).await.unwrap();
+            client.blob_exists(&oref, &digest).await.unwrap();
+        };
+        exists().await;
+        exists().await;
+        {
+            let r = session.refresh.as_ref().unwrap();
+            let mut state = r.state.lock().await;
+            state.0 -= std::time::Duration::from_secs(41);
+        }
+        exists().await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.0, 2, "one token at first, one renewal");
+        assert_eq!(seen.1, ["Bearer t1", "Bearer t1", "Bearer t2"]);
+    }
+}
