@@ -376,20 +376,19 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
 /// `sk_buff` the filter cannot read gets a device without transmit
 /// offloads ([`POLICED_DEVICE_OPTIONS`]).
 fn tap_args(mac: MacAddress, policy: &super::policy::Policy) -> Vec<String> {
-    tap_args_with(
-        mac,
-        policy,
-        super::policy::skb::SkbLayout::running().is_some(),
-    )
+    tap_args_with(mac, transmit_offload(policy))
 }
 
-fn tap_args_with(
-    mac: MacAddress,
-    policy: &super::policy::Policy,
-    offloads_checked: bool,
-) -> Vec<String> {
+/// Whether a VM with `policy` may have transmit offloads: always without
+/// a policy; under one, when this kernel's `sk_buff` layout lets the
+/// filter check offloaded frames (otherwise it drops them).
+pub fn transmit_offload(policy: &super::policy::Policy) -> bool {
+    policy.is_empty() || super::policy::skb::SkbLayout::running().is_some()
+}
+
+fn tap_args_with(mac: MacAddress, transmit_offload: bool) -> Vec<String> {
     let mut device = virtio_device("net0", mac);
-    if !policy.is_empty() && !offloads_checked {
+    if !transmit_offload {
         device.push_str(POLICED_DEVICE_OPTIONS);
     }
     vec![
@@ -683,20 +682,16 @@ pub fn attach(
 pub(super) fn handed_off(
     mac: MacAddress,
     fd: OwnedFd,
-    device: String,
-    parent: Option<String>,
-    uplink: Option<String>,
-    ip_address: Option<String>,
-    note: Option<String>,
+    handed: super::handoff::Handed,
 ) -> Attachment {
     Attachment {
-        qemu_args: tap_args(mac, &super::policy::Policy::default()),
+        qemu_args: tap_args_with(mac, handed.transmit_offload),
         fds: vec![fd],
-        ip_address,
-        host_device: Some(device),
-        parent,
-        uplink,
-        note,
+        ip_address: handed.ip_address.map(|ip| ip.to_string()),
+        host_device: Some(handed.device),
+        parent: handed.parent,
+        uplink: handed.uplink,
+        note: handed.note,
         ..Default::default()
     }
 }
@@ -784,11 +779,9 @@ mod tests {
     #[test]
     fn policed_devices_offer_no_transmit_offload() {
         let mac: MacAddress = "52:54:00:12:34:56".parse().unwrap();
-        let device = |p: &super::super::policy::Policy| tap_args_with(mac, p, false)[3].clone();
-        let free = device(&Default::default());
+        let free = tap_args(mac, &Default::default())[3].clone();
         assert_eq!(free, "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56");
-        let p = super::super::policy::Policy::from_parts(&[], &[], true).unwrap();
-        let policed = device(&p);
+        let policed = tap_args_with(mac, false)[3].clone();
         for off in [
             "csum=off",
             "gso=off",
@@ -800,7 +793,7 @@ mod tests {
         }
         assert!(!policed.contains("guest_"), "{policed}");
         // A kernel whose sk_buff the filter reads: every offload.
-        assert_eq!(tap_args_with(mac, &p, true)[3], free);
+        assert_eq!(tap_args_with(mac, true)[3], free);
     }
 
     /// A member could otherwise take over a host service's port (lume's

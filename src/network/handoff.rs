@@ -94,6 +94,16 @@ pub struct Handed {
     pub parent: Option<String>,
     pub uplink: Option<String>,
     pub note: Option<String>,
+    /// Whether the VM's device may offer the guest transmit offloads (false
+    /// under a policy when the keeper's filter drops offloaded frames, see
+    /// `attach::transmit_offload`); true when a service from before this
+    /// field leaves it out.
+    #[serde(default = "offload_by_default")]
+    pub transmit_offload: bool,
+}
+
+fn offload_by_default() -> bool {
+    true
 }
 
 /// The keeper's one line on standard output.
@@ -436,15 +446,7 @@ pub fn attach_remote(
             HandoffError::Protocol("the descriptor that came with it is not a tap".into()).into(),
         );
     }
-    Ok(attach::handed_off(
-        mac,
-        fd,
-        handed.device,
-        handed.parent,
-        handed.uplink,
-        handed.ip_address.map(|ip| ip.to_string()),
-        handed.note,
-    ))
+    Ok(attach::handed_off(mac, fd, handed))
 }
 
 /// Whether `fd` is a tap (`/dev/net/tun` with an interface attached).
@@ -725,6 +727,7 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
         parent: attachment.parent.clone(),
         uplink: attachment.uplink.clone(),
         note: attachment.note.clone(),
+        transmit_offload: attach::transmit_offload(&req.policy),
     };
     cleanup.keep();
     Ok((
