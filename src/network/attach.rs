@@ -414,7 +414,7 @@ fn enforce_policy(
     tap: &str,
     mac: MacAddress,
     guest: Option<Ipv4Addr>,
-    network: Option<(&str, super::subnet::Subnet)>,
+    network: Option<(&str, Ipv4Addr)>,
     lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
 ) -> Result<super::policy::tc::Guard, AttachError> {
     let mut nl = Netlink::open()?;
@@ -423,13 +423,13 @@ fn enforce_policy(
         name: tap.to_string(),
     })?;
     let bridge = match network {
-        Some((bridge, subnet)) => Some(policy_bridge(&mut nl, bridge, subnet)?),
+        Some((bridge, _)) => Some(policy_bridge(&mut nl, bridge)?),
         None => None,
     };
     let ctx = super::policy::bpf::Context {
         mac: mac.0,
         guest,
-        gateway: network.map(|(_, subnet)| subnet.gateway()),
+        gateway: network.map(|(_, gateway)| gateway),
         host_nets: host_nets(&mut nl)?,
         bridge,
         skb: super::policy::skb::SkbLayout::running(),
@@ -445,27 +445,21 @@ fn enforce_policy(
     ))
 }
 
-/// lume's bridge `name` with `subnet`, its MAC pinned (set to what it is:
-/// from then on the kernel no longer changes it as ports come and go), for
-/// the policy's destination-MAC check. Pinning changes nothing for the
-/// guests already on it.
-fn policy_bridge(
-    nl: &mut Netlink,
-    name: &str,
-    subnet: super::subnet::Subnet,
-) -> Result<super::policy::bpf::Bridge, NetlinkError> {
+/// lume's bridge `name`, its MAC pinned (set to what it is: from then on
+/// the kernel no longer changes it as ports come and go), for the policy's
+/// destination-MAC check. Pinning changes nothing for the guests already
+/// on it.
+fn policy_bridge(nl: &mut Netlink, name: &str) -> Result<super::policy::bpf::Bridge, NetlinkError> {
     let not_found = || NetlinkError::NotFound {
         op: "read the MAC address of lume's bridge for the network policy".into(),
         name: name.to_string(),
     };
-    let mac = nl
-        .link_info(name)?
-        .and_then(|l| l.mac)
-        .ok_or_else(not_found)?;
+    let link = nl.link_info(name)?.ok_or_else(not_found)?;
+    let mac = link.mac.ok_or_else(not_found)?;
     nl.set_mac(name, mac)?;
     Ok(super::policy::bpf::Bridge {
         mac,
-        network: super::policy::Cidr::new(subnet.network, subnet.prefix),
+        index: link.index,
     })
 }
 
@@ -587,7 +581,7 @@ pub fn attach(
                     &tap_name,
                     mac,
                     Some(ip),
-                    Some((&net.bridge, net.subnet())),
+                    Some((&net.bridge, net.subnet().gateway())),
                     None,
                 )?);
             }

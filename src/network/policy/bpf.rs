@@ -13,17 +13,19 @@
 //!    0 = pass);
 //! 2. ARP: passed when the sender MAC is the VM's and the sender address
 //!    the guest's (or 0.0.0.0; any address while it is not known);
-//! 3. nat, host: IPv4's destination MAC must be the bridge's, or
-//!    broadcast for 255.255.255.255, or (for a destination on lume's
-//!    network, which the rules then decide) another VM's: no frame reaches
-//!    another VM behind an address the rules allowed elsewhere;
-//!    IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
+//! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
 //! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway:
 //!    passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
 //!    allow rule, passed otherwise.
+//! 7. nat, host: a frame that passes must be addressed to lume's bridge
+//!    (its pinned MAC), or be a broadcast (ARP, DHCP), which the program
+//!    redirects into the bridge's own receive path (`bpf_redirect` with
+//!    `BPF_F_INGRESS`): the host sees it, no other port does. So a
+//!    policed guest reaches no other VM at layer 2, whatever addresses
+//!    its frames carry.
 //!
 //! **Pending offloads.** The tap carries a virtio-net header, so the guest
 //! can mark a frame "needs checksum" with the checksum's place anywhere in
@@ -64,10 +66,11 @@ pub struct Context {
     /// The networks of the host's own addresses (each address with its
     /// prefix length, host bits cleared), for `isolate`.
     pub host_nets: Vec<Cidr>,
-    /// nat, host: lume's bridge (its pinned MAC and its network), so that
-    /// the guest's IPv4 goes to the bridge at layer 2, not straight to
-    /// another VM behind an address the rules allowed; `None` in bridged
-    /// mode (the LAN's hosts are many).
+    /// nat, host: lume's bridge. Every frame that passes is addressed to
+    /// the bridge's MAC, or is a broadcast the program hands to the
+    /// bridge's own receive path: nothing a policed guest sends reaches
+    /// another VM at layer 2. `None` in bridged mode (the LAN's hosts are
+    /// many).
     pub bridge: Option<Bridge>,
     /// The kernel's `struct sk_buff` layout ([`SkbLayout::running`]):
     /// with it, offloaded frames whose checksum goes where it belongs pass
@@ -78,8 +81,12 @@ pub struct Context {
 /// lume's bridge, as the program sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bridge {
+    /// Its MAC, pinned by lume: the only unicast destination a policed
+    /// guest's frames may have.
     pub mac: [u8; 6],
-    pub network: Cidr,
+    /// Its interface index: broadcasts that pass go into the bridge's own
+    /// receive path (to the host only), never out of its other ports.
+    pub index: u32,
 }
 
 /// "No verdict": the frame goes on to the next filter (bridged mode's
@@ -125,6 +132,8 @@ const ADD: u8 = 0x00;
 // Helpers (uapi/linux/bpf.h `enum bpf_func_id`).
 const SKB_STORE_BYTES: i32 = 9;
 const L4_CSUM_REPLACE: i32 = 11;
+const REDIRECT: i32 = 23;
+const BPF_F_INGRESS: i32 = 1;
 const SKB_LOAD_BYTES: i32 = 26;
 
 /// Registers: r0 scratch/return, r1 context on entry, r6 context (LD_ABS
@@ -144,7 +153,11 @@ const R10: u8 = 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
     Drop,
+    /// The policy lets the frame through (then, nat and host, the bridge
+    /// check: [`to_the_bridge_only`]).
     Pass,
+    /// Through, no further check.
+    Accept,
     Label(usize),
 }
 
@@ -154,6 +167,8 @@ struct Asm {
     insns: Vec<Insn>,
     fixups: Vec<(usize, Target)>,
     labels: Vec<Option<usize>>,
+    /// Where [`Target::Pass`] goes when not straight to the exit.
+    pass_via: Option<usize>,
 }
 
 impl Asm {
@@ -233,14 +248,16 @@ impl Asm {
         let drop_at = self.insns.len();
         self.emit(ALU | MOV | K, R0, 0, 0, TC_ACT_SHOT);
         self.emit(JMP | EXIT, 0, 0, 0, 0);
-        let pass_at = self.insns.len();
+        let accept_at = self.insns.len();
         self.emit(ALU64 | MOV | K, R0, 0, 0, TC_ACT_UNSPEC);
         self.emit(JMP | EXIT, 0, 0, 0, 0);
         for (at, t) in std::mem::take(&mut self.fixups) {
-            let dest = match t {
-                Target::Drop => drop_at,
-                Target::Pass => pass_at,
-                Target::Label(l) => self.labels[l].expect("every label is bound"),
+            let dest = match (t, self.pass_via) {
+                (Target::Drop, _) => drop_at,
+                (Target::Pass, None) | (Target::Accept, _) => accept_at,
+                (Target::Pass, Some(l)) | (Target::Label(l), _) => {
+                    self.labels[l].expect("every label is bound")
+                }
             };
             // A jump's offset is an i16: a program too long for one is
             // refused, never wrapped around to another instruction.
@@ -289,6 +306,9 @@ const SKB_LEN: i16 = 0;
 const SKB_VLAN_PRESENT: i16 = 20;
 const SKB_GSO_SIZE: i16 = 176;
 const MIN_LEN: u32 = 42;
+/// The smallest segment size a guest may ask the host to cut a frame into
+/// (Linux's `tcp_min_snd_mss` default).
+const MIN_GSO_SIZE: u32 = 48;
 
 /// Compiles `policy` for a VM. The policy must not be empty.
 pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError> {
@@ -362,9 +382,6 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.mov_reg(R8, R0);
     a.load(W, L4_PORTS);
     a.mov_reg(R9, R0);
-    if let Some(bridge) = ctx.bridge {
-        to_the_bridge(&mut a, &bridge);
-    }
     let source_ok = a.label();
     if let Some(guest) = ctx.guest {
         a.load(W, IP_SRC);
@@ -433,6 +450,9 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     } else {
         Target::Drop
     });
+    if let Some(bridge) = ctx.bridge {
+        a.pass_via = Some(to_the_bridge_only(&mut a, &bridge));
+    }
     a.finish()
 }
 
@@ -482,6 +502,13 @@ fn drop_pending_offloads(a: &mut Asm, skb: Option<&SkbLayout>) {
     a.jump_if(JNE, R0, 0x0800, Target::Drop);
     a.load(B, IP_VHL);
     a.jump_if(JNE, R0, 0x45, Target::Drop);
+    // Segments of fewer bytes than Linux's smallest MSS (48): one frame
+    // the host would cut into thousands of packets.
+    let whole = a.label();
+    a.emit(LDX | MEM | W, R0, R6, SKB_GSO_SIZE, 0);
+    a.jump_if(JEQ, R0, 0, Target::Label(whole));
+    a.jump_if(JLT, R0, MIN_GSO_SIZE, Target::Drop);
+    a.bind(whole);
     read_skb(a, skb);
     a.emit(ALU64 | ADD | K, R1, 0, 0, L4_PORTS);
     a.jump_if_reg(JNE, R2, R1, Target::Drop);
@@ -519,39 +546,44 @@ pub(super) fn read_skb_fields(skb: &SkbLayout) -> Vec<Insn> {
     a.insns
 }
 
-/// Drops IPv4 (destination in r8) addressed at layer 2 to anything but
-/// `bridge`, except broadcast to 255.255.255.255 and any MAC for a
-/// destination on the bridge's network (another VM; the rules decide).
-fn to_the_bridge(a: &mut Asm, bridge: &Bridge) {
+/// What passes, checked once more for nat and host (see the module's 7.):
+/// to the bridge's MAC, or a broadcast handed to the bridge's receive path.
+fn to_the_bridge_only(a: &mut Asm, bridge: &Bridge) -> usize {
     let m = bridge.mac;
-    let ok = a.label();
-    let not_bridge = a.label();
-    let not_broadcast = a.label();
+    let epilogue = a.label();
+    let broadcast = a.label();
+    a.bind(epilogue);
     a.load(H, ETH_DST);
     a.jump_if(
         JNE,
         R0,
         u32::from(u16::from_be_bytes([m[0], m[1]])),
-        Target::Label(not_bridge),
+        Target::Label(broadcast),
     );
     a.load(W, ETH_DST + 2);
     a.jump_if(
         JEQ,
         R0,
         u32::from_be_bytes([m[2], m[3], m[4], m[5]]),
-        Target::Label(ok),
+        Target::Accept,
     );
-    a.bind(not_bridge);
+    a.bind(broadcast);
     a.load(H, ETH_DST);
-    a.jump_if(JNE, R0, 0xffff, Target::Label(not_broadcast));
+    a.jump_if(JNE, R0, 0xffff, Target::Drop);
     a.load(W, ETH_DST + 2);
-    a.jump_if(JNE, R0, u32::MAX, Target::Label(not_broadcast));
-    a.jump_if(JEQ, R8, u32::MAX, Target::Label(ok));
-    a.goto(Target::Drop);
-    a.bind(not_broadcast);
-    let net = bridge.network;
-    a.unless_masked(R8, net.mask(), u32::from(net.addr), Target::Drop);
-    a.bind(ok);
+    a.jump_if(JNE, R0, u32::MAX, Target::Drop);
+    // Broadcast: ARP, or IPv4 to 255.255.255.255 (DHCP).
+    let redirect = a.label();
+    a.load(H, ETH_TYPE);
+    a.jump_if(JEQ, R0, 0x0806, Target::Label(redirect));
+    a.load(W, IP_DST);
+    a.jump_if(JNE, R0, u32::MAX, Target::Drop);
+    a.bind(redirect);
+    a.mov_imm(R1, bridge.index as i32);
+    a.mov_imm(R2, BPF_F_INGRESS);
+    a.emit(JMP | CALL, 0, 0, 0, REDIRECT);
+    a.emit(JMP | EXIT, 0, 0, 0, 0);
+    epilogue
 }
 
 /// Jumps to `verdict` when the packet (registers r7-r9) matches `r`.
@@ -745,7 +777,7 @@ mod tests {
             host_nets: vec![Cidr::new(Ipv4Addr::new(198, 51, 100, 0), 24)],
             bridge: Some(Bridge {
                 mac: BRIDGE_MAC,
-                network: Cidr::new(Ipv4Addr::new(203, 0, 113, 0), 24),
+                index: 1,
             }),
             skb: SkbLayout::running(),
         }
@@ -899,13 +931,16 @@ mod tests {
         let v = |f: &[u8]| verdict(&prog, f);
         const OK: i32 = TC_ACT_UNSPEC;
         const SHOT: i32 = TC_ACT_SHOT;
+        const REDIRECT: i32 = 7;
         // Allowed, and the exceptions every policy keeps.
         assert_eq!(v(&ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)), OK);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 40000, 53)), OK);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 6, 40000, 53)), OK);
-        assert_eq!(v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)), OK);
+        // Broadcasts go to the bridge's own receive path, not its ports.
+        assert_eq!(v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)), REDIRECT);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 68, 67)), OK);
-        assert_eq!(v(&arp(GUEST_MAC, g)), OK);
+        assert_eq!(v(&arp(GUEST_MAC, g)), REDIRECT);
+        assert_eq!(v(&to_mac(BRIDGE_MAC, arp(GUEST_MAC, g))), OK);
         // Everything else.
         for (what, f) in [
             ("next port", ipv4(GUEST_MAC, g, allowed, 6, 40000, 8001)),
@@ -959,14 +994,25 @@ mod tests {
                     ipv4(GUEST_MAC, g, [203, 0, 113, 7], 6, 40000, 8000),
                 ),
             ),
+            (
+                "DNS to the gateway, at layer 2 to another VM",
+                to_mac(OTHER_VM_MAC, ipv4(GUEST_MAC, g, gw, 17, 40000, 53)),
+            ),
+            (
+                "DHCP to the gateway, at layer 2 to a multicast group",
+                to_mac([0x01, 0, 0x5e, 0, 0, 1], ipv4(GUEST_MAC, g, gw, 17, 68, 67)),
+            ),
+            ("ARP to another VM", to_mac(OTHER_VM_MAC, arp(GUEST_MAC, g))),
         ] {
             assert_eq!(v(&f), SHOT, "{what}");
         }
-        // Another VM the rules allow: reached at its own MAC.
+        // Another VM, even one the rules allow, is never reached at layer 2
+        // (only through the bridge's MAC, i.e. the host).
         let p = Policy::from_parts(&["203.0.113.7:8000/tcp".into()], &[], false).unwrap();
         let vm = load(&compile(&p, &ctx()).unwrap()).unwrap().fd;
         let f = ipv4(GUEST_MAC, g, [203, 0, 113, 7], 6, 40000, 8000);
-        assert_eq!(verdict(&vm, &to_mac(OTHER_VM_MAC, f)), OK);
+        assert_eq!(verdict(&vm, &to_mac(OTHER_VM_MAC, f.clone())), SHOT);
+        assert_eq!(verdict(&vm, &f), OK);
         // IP options: the ports would be elsewhere.
         let mut f = ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000);
         f[14] = 0x46;
@@ -1054,6 +1100,7 @@ mod tests {
         let ctx = Context {
             guest: None,
             gateway: None,
+            bridge: None,
             ..ctx()
         };
         let p = Policy::from_parts(&["198.51.100.1:8000/tcp".into()], &[], true).unwrap();

@@ -80,12 +80,25 @@ impl SkbLayout {
                 .and_then(|bits| i16::try_from(bits / 8).ok())
                 .ok_or(LayoutError::Missing(name))
         };
-        Ok(SkbLayout {
+        let l = SkbLayout {
             cast_to_kern_ctx,
             mac_header: field("mac_header")?,
             csum_start: field("csum_start")?,
             csum_offset: field("csum_offset")?,
-        })
+        };
+        if l.plausible() {
+            Ok(l)
+        } else {
+            Err(LayoutError::Missing("plausible sk_buff checksum fields"))
+        }
+    }
+
+    /// `csum_offset` right after `csum_start` (they share a word in every
+    /// kernel with them), all within the first 512 bytes of `sk_buff`.
+    fn plausible(&self) -> bool {
+        self.csum_offset == self.csum_start + 2
+            && (0..512).contains(&self.csum_start)
+            && (0..512).contains(&self.mac_header)
     }
 
     /// Loads (and drops) a program that reads the three fields, as the
@@ -124,12 +137,13 @@ fn cached(path: &Path, boot: &str) -> Option<SkbLayout> {
         return None;
     }
     let mut n = || w.next()?.parse::<i64>().ok();
-    Some(SkbLayout {
+    let l = SkbLayout {
         cast_to_kern_ctx: u32::try_from(n()?).ok()?,
         mac_header: i16::try_from(n()?).ok()?,
         csum_start: i16::try_from(n()?).ok()?,
         csum_offset: i16::try_from(n()?).ok()?,
-    })
+    };
+    l.plausible().then_some(l)
 }
 
 /// Keeps `l` for boot `boot` (as root only; a failure only costs the next
@@ -236,6 +250,9 @@ mod tests {
         assert_eq!(cached(&path, "b2"), None);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert_eq!(cached(&path, "b1"), None);
+        std::fs::write(&path, "b1 63537 182 136 140\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(cached(&path, "b1"), None, "offset not after start");
         std::fs::write(&path, "b1 63537 182 136\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(cached(&path, "b1"), None);
