@@ -529,3 +529,120 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
         drop((lb, lan));
     });
 }
+
+/// nat and host: what a policed guest sends reaches the host (lume's
+/// bridge) and nothing else on the bridge, whatever MAC it is addressed to:
+/// DHCP and DNS to the gateway addressed to another VM's MAC or to a
+/// multicast group, and broadcasts (DHCP with a chosen payload, ARP), which
+/// the filter hands to the bridge's own receive path instead of its ports.
+#[test]
+fn nat_guests_reach_only_the_bridge_at_layer_2() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    let ns = common::Netns::new("pn");
+    ns.within(|| {
+        use lume::network::policy::bpf::Bridge;
+        const BRIDGE_MAC: [u8; 6] = [0x02, 0xb0, 0, 0, 0, 1];
+        const OTHER_VM: [u8; 6] = [0x52, 0x54, 0, 0xcc, 0, 9];
+        sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+        let policy = Policy::from_parts(&[], &[], true).unwrap();
+        let lg = Tap::create("lg0").unwrap();
+        let other = Tap::create_with("ll0", false).unwrap();
+        sh(
+            "ip link add br0 type bridge && ip link set br0 address 02:b0:00:00:00:01 \
+            && ip addr add 203.0.113.1/24 dev br0 && ip link set br0 up \
+            && for t in lg0 ll0; do ip link set $t master br0 && ip link set $t up; done",
+        );
+        let mut nl = Netlink::open().unwrap();
+        let index = nl.link_index("br0").unwrap().unwrap();
+        police(
+            "lg0",
+            &policy,
+            &Context {
+                mac: MAC_G,
+                guest: Some(Ipv4Addr::from(GUEST)),
+                gateway: Some(Ipv4Addr::new(203, 0, 113, 1)),
+                host_nets: vec![],
+                bridge: Some(Bridge {
+                    mac: BRIDGE_MAC,
+                    index,
+                }),
+                skb: SkbLayout::running(),
+            },
+        );
+        // The host's side: a DHCP server's socket.
+        let server = std::net::UdpSocket::bind("0.0.0.0:67").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drain(&other, Duration::from_millis(200));
+        let write = |frame: &[u8]| {
+            let mut f = std::fs::File::from(lg.fd.try_clone().unwrap());
+            f.write_all(&plain(frame)).unwrap();
+        };
+        let gw = [203, 0, 113, 1];
+        write(&udp(
+            MAC_G,
+            [0xff; 6],
+            [0; 4],
+            [255; 4],
+            68,
+            67,
+            b"dhcp-to-all",
+        ));
+        write(&arp(MAC_G, MAC_G, GUEST));
+        write(&udp(MAC_G, OTHER_VM, GUEST, gw, 40000, 53, b"dns-to-a-vm"));
+        write(&udp(MAC_G, OTHER_VM, GUEST, gw, 68, 67, b"dhcp-to-a-vm"));
+        write(&udp(
+            MAC_G,
+            [0x01, 0, 0x5e, 0, 0, 1],
+            GUEST,
+            gw,
+            40000,
+            53,
+            b"dns-to-a-group",
+        ));
+        write(&udp(
+            MAC_G,
+            [0xff; 6],
+            GUEST,
+            [203, 0, 113, 255],
+            40000,
+            9,
+            b"to-the-subnet",
+        ));
+        // The broadcast DHCP request reached the host...
+        let mut buf = [0u8; 2048];
+        let (n, _) = server
+            .recv_from(&mut buf)
+            .expect("the host got no DHCP broadcast");
+        assert!(buf[..n].windows(11).any(|w| w == b"dhcp-to-all"));
+        // ... and nothing reached the other port.
+        let got = drain(&other, Duration::from_millis(1000));
+        assert!(
+            got.iter().all(|f| f[6..12] != MAC_G),
+            "a policed guest's frame reached another port of its bridge: {got:02x?}"
+        );
+        // Control: without the filter the same broadcast reaches it.
+        let tc_off = std::process::Command::new("tc")
+            .args(["qdisc", "del", "dev", "lg0", "ingress"])
+            .status()
+            .unwrap();
+        assert!(tc_off.success());
+        write(&udp(
+            MAC_G,
+            [0xff; 6],
+            [0; 4],
+            [255; 4],
+            68,
+            67,
+            b"ctl-unfiltered",
+        ));
+        let got = drain(&other, Duration::from_millis(1000));
+        assert_eq!(carries(&got, b"ctl-unfiltered").len(), 1, "{got:02x?}");
+        drop((lg, other));
+    });
+}
