@@ -434,12 +434,12 @@ fn enforce_policy(
         bridge,
         skb: super::policy::skb::SkbLayout::running(),
     };
-    let id = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
+    let enforced = super::policy::tc::enforce(&mut nl, tap, index, policy, &ctx)?;
     Ok(super::policy::tc::Guard::start(
         tap.to_string(),
         policy.clone(),
         ctx,
-        id,
+        enforced,
         host_nets,
         lease,
     ))

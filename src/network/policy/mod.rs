@@ -21,6 +21,7 @@
 pub mod bpf;
 pub mod skb;
 pub mod tc;
+pub mod tcx;
 
 use std::fmt;
 use std::net::Ipv4Addr;

@@ -1,7 +1,8 @@
-//! Attaching the policy program to a VM's tap: an `ingress` qdisc and one
-//! direct-action `cls_bpf` filter, sent over lume's own rtnetlink socket
-//! (messages built by `netlink-packet-route`, as in [`super::super::uplink`]).
-//! The filter goes with the tap when the VM stops.
+//! Attaching the policy program to a VM's tap: a tcx link where the kernel
+//! has them (Linux 6.6+, [`super::tcx`]: nothing `tc` can remove), else an
+//! `ingress` qdisc and one direct-action `cls_bpf` filter, sent over lume's
+//! own rtnetlink socket (messages built by `netlink-packet-route`, as in
+//! [`super::super::uplink`]). Either goes with the tap when the VM stops.
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NetlinkSerializable};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -9,7 +10,7 @@ use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
 };
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use super::Policy;
@@ -54,14 +55,19 @@ pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
     Ok(!installed(nl, tap)?.is_empty())
 }
 
-/// The kernel ids of the programs of lume's policy filters on `tap` (the
-/// `bpf` filters named `lume_policy` in direct-action mode); a missing tap
-/// has none.
+/// The kernel ids of lume's policy programs on `tap`: those named
+/// `lume_policy` among its tcx programs, and the `bpf` filters named
+/// `lume_policy` in direct-action mode; a missing tap has none.
 pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> {
     use netlink_packet_core::{Emitable, Parseable};
     let Some(index) = nl.link_index(tap)? else {
         return Ok(Vec::new());
     };
+    let mut ids = super::tcx::lume_programs(index).map_err(|errno| NetlinkError::Kernel {
+        op: format!("list the tcx programs of {tap}"),
+        errno,
+        message: None,
+    })?;
     let header = TcHeader {
         index: index as i32,
         parent: TcHandle {
@@ -81,7 +87,7 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
         RTM_NEWTFILTER,
         &payload,
     )?;
-    Ok(replies
+    ids.extend(replies
         .iter()
         .filter_map(|p| {
             let m = TcMessage::parse(p.as_slice()).ok()?;
@@ -104,45 +110,100 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
                 _ => None,
             })?;
             (bpf && named && direct).then_some(id)
-        })
-        .collect())
+        }));
+    Ok(ids)
 }
 
-/// Compiles `policy` and attaches it to the ingress of `tap` (index `index`);
-/// returns the kernel's id of the program now in force.
+/// A policy in force on a tap: the program's id, and the tcx link that
+/// holds it there (none for a `cls_bpf` filter); dropping it detaches a
+/// tcx program.
+#[derive(Debug)]
+pub struct Enforced {
+    pub id: u32,
+    link: Option<OwnedFd>,
+}
+
+impl Enforced {
+    /// Whether the program is still attached to interface `index`.
+    fn present(&self, nl: &mut Netlink, tap: &str, index: u32) -> bool {
+        match &self.link {
+            Some(link) => super::tcx::link_state(link) == Ok((self.id, index)),
+            // A dump that fails counts as missing.
+            None => installed(nl, tap)
+                .map(|ids| ids.contains(&self.id))
+                .unwrap_or(false),
+        }
+    }
+}
+
+/// Compiles `policy` and attaches it to the ingress of `tap` (index
+/// `index`): with a tcx link where the kernel has them, else as a
+/// `cls_bpf` filter.
 pub fn enforce(
     nl: &mut Netlink,
     tap: &str,
     index: u32,
     policy: &Policy,
     ctx: &Context,
-) -> Result<u32, EnforceError> {
-    install(nl, tap, index, policy, ctx, false)
+) -> Result<Enforced, EnforceError> {
+    let compiled = bpf::compile(policy, ctx).map_err(LoadError::from)?;
+    let prog = bpf::load(&compiled)?;
+    if let Ok(link) = super::tcx::attach(index, &prog.fd) {
+        return Ok(Enforced {
+            id: prog.id,
+            link: Some(link),
+        });
+    }
+    let id = classic(nl, tap, index, prog, false)?;
+    Ok(Enforced { id, link: None })
 }
 
-/// Replaces the program of the filter on `tap` in one step (the kernel
-/// swaps it atomically: no frame sees no filter), or puts qdisc and filter
-/// back when someone removed them.
+/// Puts a recompiled program in force in one step (the kernel swaps it
+/// atomically: no frame sees no filter), or attaches it again when
+/// something removed it.
 pub fn reinstall(
     nl: &mut Netlink,
     tap: &str,
     index: u32,
     policy: &Policy,
     ctx: &Context,
-) -> Result<u32, EnforceError> {
-    install(nl, tap, index, policy, ctx, true)
+    enforced: &mut Enforced,
+) -> Result<(), EnforceError> {
+    let compiled = bpf::compile(policy, ctx).map_err(LoadError::from)?;
+    let prog = bpf::load(&compiled)?;
+    let attach_failed = |errno| EnforceError::Attach {
+        tap: tap.to_string(),
+        source: NetlinkError::Kernel {
+            op: format!("attach the network policy to {tap}"),
+            errno,
+            message: None,
+        },
+    };
+    match &enforced.link {
+        Some(link) if super::tcx::link_state(link).map(|(_, i)| i) == Ok(index) => {
+            super::tcx::update(link, &prog.fd).map_err(attach_failed)?;
+        }
+        Some(_) => {
+            enforced.link = Some(super::tcx::attach(index, &prog.fd).map_err(attach_failed)?);
+        }
+        None => {
+            classic(nl, tap, index, prog, true)?;
+            return Ok(());
+        }
+    }
+    enforced.id = prog.id;
+    Ok(())
 }
 
-fn install(
+/// The `cls_bpf` filter (kernels without tcx); `again`: replace the one
+/// there. Returns the program's id.
+fn classic(
     nl: &mut Netlink,
     tap: &str,
     index: u32,
-    policy: &Policy,
-    ctx: &Context,
+    prog: bpf::Loaded,
     again: bool,
 ) -> Result<u32, EnforceError> {
-    let compiled = bpf::compile(policy, ctx).map_err(LoadError::from)?;
-    let prog = bpf::load(&compiled)?;
     let fail = |source| EnforceError::Attach {
         tap: tap.to_string(),
         source,
@@ -222,14 +283,15 @@ pub struct Guard {
 
 impl Guard {
     /// `host_nets`: how the host's networks are read (the same as at start);
-    /// `id`: the program [`enforce`] put in force; `lease` (bridged): the
+    /// `enforced`: what [`enforce`] put in force (held, and so kept attached,
+    /// until the guard is dropped); `lease` (bridged): the
     /// guest's address as the DHCP snooper learns it, which becomes the
     /// context's `guest` (ARP and IPv4 only from it) once known.
     pub fn start(
         tap: String,
         policy: Policy,
         ctx: Context,
-        id: u32,
+        enforced: Enforced,
         host_nets: fn(&mut Netlink) -> Result<Vec<super::Cidr>, NetlinkError>,
         lease: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
     ) -> Self {
@@ -238,7 +300,7 @@ impl Guard {
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut ctx = ctx;
-            let mut id = id;
+            let mut enforced = enforced;
             while !flag.load(Ordering::SeqCst) {
                 std::thread::sleep(GUARD_PERIOD);
                 let Ok(mut nl) = Netlink::open() else {
@@ -263,11 +325,8 @@ impl Guard {
                     wanted.guest = Some(ip);
                 }
                 let changed = wanted.host_nets != ctx.host_nets || wanted.guest != ctx.guest;
-                // Our own program, not any filter of that name; a dump
-                // that fails counts as missing.
-                let present = installed(&mut nl, &tap)
-                    .map(|ids| ids.contains(&id))
-                    .unwrap_or(false);
+                // Our own program, not any filter of that name.
+                let present = enforced.present(&mut nl, &tap, index);
                 if (changed || !present) && !flag.load(Ordering::SeqCst) {
                     let why = if wanted.guest != ctx.guest {
                         "the guest's DHCP lease"
@@ -276,9 +335,8 @@ impl Guard {
                     } else {
                         "its filter was removed or replaced"
                     };
-                    match reinstall(&mut nl, &tap, index, &policy, &wanted) {
-                        Ok(new) => {
-                            id = new;
+                    match reinstall(&mut nl, &tap, index, &policy, &wanted, &mut enforced) {
+                        Ok(()) => {
                             ctx = wanted;
                             eprintln!(
                                 "{} network policy of {tap} re-applied: {why}",
