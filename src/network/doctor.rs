@@ -811,10 +811,17 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                         state.host_device.as_deref().unwrap_or("?")
                     ),
                 ),
+                (None, _) => (
+                    true,
+                    format!(
+                        "cannot be checked without CAP_NET_ADMIN (the lume service set up this VM's network and its keeper guards the filter on {}); run the doctor with sudo to check it. Policy: {rules}",
+                        state.host_device.as_deref().unwrap_or("its tap")
+                    ),
+                ),
                 _ => (
                     false,
                     format!(
-                        "NOT in force: the filter on {} is gone (removed with tc?), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {rules}",
+                        "NOT in force: the filter on {} is gone (its link detached or its tc filter removed), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {rules}",
                         state.host_device.as_deref().unwrap_or("its tap"),
                         vm = vm.name
                     ),

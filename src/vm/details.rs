@@ -40,7 +40,10 @@ pub struct NetworkDetails {
     /// mode `none` (no network: nothing leaves). `false` means the VM's
     /// traffic is not filtered: stop it. `null` without a policy, and when
     /// the VM is stopped: `policy` is then the saved one, enforced from the
-    /// next start (a start whose filter cannot be attached fails).
+    /// next start (a start whose filter cannot be attached fails); also
+    /// `null` when lume cannot tell: a user without CAP_NET_ADMIN looking at
+    /// a VM whose network the lume service set up (the kernel lists a tap's
+    /// tcx programs to CAP_NET_ADMIN only; the service's keeper guards it).
     pub policy_in_force: Option<bool>,
     /// While running: the saved policy when it differs from the run's
     /// (changed with `set` during the run, or the run was given its own),
@@ -62,7 +65,17 @@ fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
     }
     let tap = s.host_device.as_deref()?;
     let mut nl = crate::network::netlink::Netlink::open().ok()?;
-    Some(crate::network::policy::tc::in_force(&mut nl, tap).unwrap_or(false))
+    match crate::network::policy::tc::in_force(&mut nl, tap) {
+        Ok(held) => Some(held),
+        // Listing a tap's tcx programs needs CAP_NET_ADMIN: a user looking
+        // at a VM whose network the lume service set up cannot tell (the
+        // service's keeper guards it); unknown, not "not in force".
+        Err(crate::network::netlink::NetlinkError::Kernel {
+            errno: nix::errno::Errno::EPERM,
+            ..
+        }) => None,
+        Err(_) => Some(false),
+    }
 }
 
 /// The guest's address as far as it is known now: dnsmasq's lease of this
