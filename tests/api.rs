@@ -360,7 +360,7 @@ fn errors_are_json_with_the_right_status() {
     api.fails(
         api.call("PATCH", "/lume/vms/pol", Some(json!({"network": "user"}))),
         400,
-        r#"cannot be enforced in network mode 'user': a networkPolicy works with "network": "nat", "host", "bridged" or "none"; send another "network", or clear the saved policy (PATCH /lume/vms/NAME with "networkPolicy": {})"#,
+        r#"cannot be enforced in network mode 'user': a networkPolicy works with "network": "nat", "host", "bridged" or "none"; send one of those modes, or leave "networkPolicy" out (for a VM that has a saved policy: PATCH /lume/vms/<name> with "networkPolicy": {})"#,
     );
     // Mode none: no network, so a policy holds; accepted.
     let offline = api.call("PATCH", "/lume/vms/pol", Some(json!({"network": "none"})));

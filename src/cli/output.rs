@@ -174,7 +174,9 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
             let parts = p.readable();
             let state = match n.policy_in_force {
                 Some(true) => " (in force)",
-                Some(false) => " (NOT in force: stop the VM)",
+                Some(false) => {
+                    " (NOT in force: the run's guard is putting it back; stop the VM if this lasts)"
+                }
                 None if d.status == "running" => {
                     " (unknown whether in force: lume could not read the VM's tap; run lume network doctor)"
                 }

@@ -807,8 +807,13 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 (Some(true), _) => (
                     true,
                     format!(
-                        "in force on {}: {rules}",
-                        state.host_device.as_deref().unwrap_or("?")
+                        "in force on {} ({}): {rules}",
+                        state.host_device.as_deref().unwrap_or("?"),
+                        if crate::network::attach::transmit_offload(policy) {
+                            "the guest's offloads kept, checked by the filter"
+                        } else {
+                            "no transmit offload: this kernel's sk_buff layout is unknown to lume"
+                        }
                     ),
                 ),
                 (None, _) => (
@@ -821,7 +826,7 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 _ => (
                     false,
                     format!(
-                        "NOT in force: the filter on {} is gone (its link detached or its tc filter removed), so the VM's traffic is not filtered; stop the VM now (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {rules}",
+                        "NOT in force: the filter on {} is gone (its link detached or its tc filter removed), so the VM's traffic is not filtered. The run's guard puts it back within 200 ms; if this check still fails when run again, stop the VM (lume stop {vm}) and start it again, which puts the policy back or refuses to start. Policy: {rules}",
                         state.host_device.as_deref().unwrap_or("its tap"),
                         vm = vm.name
                     ),

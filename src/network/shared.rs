@@ -396,7 +396,16 @@ impl Networks {
         }
         let id = member_id(vm, vm_dir);
         self.check_ports(&id, publish)?;
-        let ip = net.allocate(&net.members(), &id)?;
+        let leases = fs::read_to_string(net.dnsmasq().lease_path())
+            .map(|t| super::dnsmasq::parse_leases(&t))
+            .unwrap_or_default();
+        let ip = net.allocate(
+            &net.members(),
+            &id,
+            mac,
+            &leases,
+            crate::util::time::unix_now(),
+        )?;
         let member = Member {
             vm: vm.to_string(),
             vm_dir: vm_dir.to_path_buf(),
@@ -1252,15 +1261,48 @@ impl SharedNet {
     }
 
     /// The lowest free address from .2 up (the VM's own earlier record is reused).
-    fn allocate(&self, members: &[Member], id: &str) -> Result<Ipv4Addr, SharedError> {
+    /// The address for member `id` with `mac`: not another running VM's,
+    /// and not one dnsmasq still leases to another MAC at `now` (a VM
+    /// stopped or deleted within the lease time: dnsmasq would not give the
+    /// address to anyone else and would hand the new VM one outside its
+    /// reservation, which a network policy's source check then drops).
+    /// The address dnsmasq leases to this MAC comes first (a restart keeps
+    /// its address); when every free address is leased to others, the
+    /// lowest free one.
+    fn allocate(
+        &self,
+        members: &[Member],
+        id: &str,
+        mac: MacAddress,
+        leases: &[super::dnsmasq::Lease],
+        now: u64,
+    ) -> Result<Ipv4Addr, SharedError> {
         let used: Vec<Ipv4Addr> = members
             .iter()
             .filter(|m| m.id() != id)
             .map(|m| m.ip)
             .collect();
-        (2..2 + self.subnet().guest_capacity())
+        let mac = mac.to_string().to_ascii_lowercase();
+        let live: Vec<&super::dnsmasq::Lease> = leases
+            .iter()
+            .filter(|l| l.expires == 0 || l.expires > now)
+            .collect();
+        let free: Vec<Ipv4Addr> = (2..2 + self.subnet().guest_capacity())
             .map(|n| self.subnet().host(n))
-            .find(|ip| !used.contains(ip))
+            .filter(|ip| !used.contains(ip))
+            .collect();
+        let own = live
+            .iter()
+            .filter(|l| l.mac == mac)
+            .map(|l| l.ip)
+            .find(|ip| free.contains(ip));
+        let unleased = || {
+            free.iter()
+                .copied()
+                .find(|ip| !live.iter().any(|l| l.ip == *ip && l.mac != mac))
+        };
+        own.or_else(unleased)
+            .or_else(|| free.first().copied())
             .ok_or_else(|| SharedError::Full {
                 bridge: self.bridge.clone(),
                 subnet: self.subnet(),
@@ -1376,6 +1418,39 @@ fn forwarding_restore(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VM stopped or deleted within dnsmasq's lease time keeps its
+    /// address leased to its MAC: a new VM must not be given it (dnsmasq
+    /// would hand that VM another address than its reservation).
+    #[test]
+    fn addresses_leased_to_other_macs_are_not_given_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let nets =
+            Networks::from_settings(&Settings::load_from(&dir.path().join("config.yaml")).unwrap())
+                .unwrap();
+        let net = nets.get(Kind::Nat);
+        let s = net.subnet();
+        let me: MacAddress = "52:54:00:00:00:01".parse().unwrap();
+        let lease = |ip, mac: &str, expires| super::super::dnsmasq::Lease {
+            expires,
+            mac: mac.into(),
+            ip,
+        };
+        assert_eq!(net.allocate(&[], "a", me, &[], 100).unwrap(), s.host(2));
+        let other = [lease(s.host(2), "52:54:00:00:00:02", 200)];
+        assert_eq!(net.allocate(&[], "a", me, &other, 100).unwrap(), s.host(3));
+        assert_eq!(
+            net.allocate(&[], "a", me, &other, 300).unwrap(),
+            s.host(2),
+            "an expired lease holds nothing"
+        );
+        let mine = [lease(s.host(5), "52:54:00:00:00:01", 200)];
+        assert_eq!(
+            net.allocate(&[], "a", me, &mine, 100).unwrap(),
+            s.host(5),
+            "a restart keeps the address dnsmasq leases to the VM"
+        );
+    }
 
     #[test]
     fn a_known_tool_s_drop_is_named_with_the_setting() {

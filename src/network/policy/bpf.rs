@@ -15,8 +15,9 @@
 //!    the guest's (or 0.0.0.0; any address while it is not known);
 //! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
-//! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway:
-//!    passed;
+//! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway,
+//!    TCP to the gateway with ACK set (replies to connections the host
+//!    opened: never a SYN of the guest's): passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
 //!    allow rule, passed otherwise.
@@ -306,6 +307,11 @@ const SKB_LEN: i16 = 0;
 const SKB_VLAN_PRESENT: i16 = 20;
 const SKB_GSO_SIZE: i16 = 176;
 const MIN_LEN: u32 = 42;
+/// TCP's flags byte, and the end of a TCP header without options, after
+/// an IPv4 header without options.
+const TCP_FLAGS: i32 = 47;
+const TCP_HEADER_END: u32 = 54;
+const TCP_ACK: u32 = 0x10;
 /// The smallest segment size a guest may ask the host to cut a frame into
 /// (Linux's `tcp_min_snd_mss` default).
 const MIN_GSO_SIZE: u32 = 48;
@@ -407,6 +413,19 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     }
     a.bind(not_dhcp);
     if let Some(gw) = ctx.gateway {
+        // Replies to connections the host opened (lume ssh, lume_exec, the
+        // doctor's probe): TCP to the gateway with ACK set, never a bare
+        // SYN, so the guest cannot open a connection to the host. The
+        // flags byte is read only when the frame holds a whole TCP header.
+        let not_reply = a.label();
+        a.jump_if(JNE, R8, u32::from(gw), Target::Label(not_reply));
+        a.jump_if(JNE, R7, 6, Target::Label(not_reply));
+        a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
+        a.jump_if(JLT, R0, TCP_HEADER_END, Target::Label(not_reply));
+        a.load(B, TCP_FLAGS);
+        a.and(R0, TCP_ACK);
+        a.jump_if(JNE, R0, 0, Target::Pass);
+        a.bind(not_reply);
         let not_dns = a.label();
         a.jump_if(JNE, R8, u32::from(gw), Target::Label(not_dns));
         let dns_proto = a.label();
@@ -936,6 +955,19 @@ mod tests {
         assert_eq!(v(&ipv4(GUEST_MAC, g, allowed, 6, 40000, 8000)), OK);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 40000, 53)), OK);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 6, 40000, 53)), OK);
+        // Replies to the host's connections (ACK set), any port; never a
+        // SYN to the host, nor a frame too short to show its flags.
+        let tcp_to_gw = |flags: u8| {
+            let mut f = ipv4(GUEST_MAC, g, gw, 6, 22, 40000);
+            f[47] = flags;
+            f
+        };
+        assert_eq!(v(&tcp_to_gw(0x10)), OK, "ACK");
+        assert_eq!(v(&tcp_to_gw(0x12)), OK, "SYN-ACK");
+        assert_eq!(v(&tcp_to_gw(0x14)), OK, "RST-ACK");
+        assert_eq!(v(&tcp_to_gw(0x02)), SHOT, "SYN");
+        assert_eq!(v(&tcp_to_gw(0x04)), SHOT, "RST");
+        assert_eq!(v(&tcp_to_gw(0x10)[..53]), SHOT, "too short for flags");
         // Broadcasts go to the bridge's own receive path, not its ports.
         assert_eq!(v(&ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)), REDIRECT);
         assert_eq!(v(&ipv4(GUEST_MAC, g, gw, 17, 68, 67)), OK);

@@ -128,23 +128,23 @@ impl PolicyError {
             PolicyError::ModeCannotEnforce(mode) => {
                 let (options, modes, next) = match door {
                     Door::Cli => (
-                        "policies (--allow-out, --deny-out, --isolate)",
+                        "a policy (--allow-out, --deny-out, --isolate) works",
                         "--network nat, host, bridged or none",
-                        "change the mode or clear the policy (lume set NAME --clear-policy)",
+                        "choose one of those modes, or leave the policy options out (for a VM that has a saved policy: lume set <name> --clear-policy, or both at once: lume set <name> --network user --clear-policy)",
                     ),
                     Door::Api => (
-                        "a networkPolicy",
+                        "a networkPolicy works",
                         r#""network": "nat", "host", "bridged" or "none""#,
-                        r#"send another "network", or clear the saved policy (PATCH /lume/vms/NAME with "networkPolicy": {})"#,
+                        r#"send one of those modes, or leave "networkPolicy" out (for a VM that has a saved policy: PATCH /lume/vms/<name> with "networkPolicy": {})"#,
                     ),
                     Door::Mcp => (
-                        "a policy (allow_out, deny_out, isolate)",
+                        "a policy (allow_out, deny_out, isolate) works",
                         r#"network "nat", "host", "bridged" or "none""#,
                         "pass another network, or leave allow_out, deny_out and isolate out (no tool changes a policy saved on the VM: its owner clears it with the lume CLI's set command)",
                     ),
                 };
                 format!(
-                    "A network policy cannot be enforced in network mode '{mode}': {options} works with {modes}; {next}"
+                    "A network policy cannot be enforced in network mode '{mode}': {options} with {modes}; {next}"
                 )
             }
             e @ PolicyError::TooMany(_) => e.to_string(),
@@ -226,13 +226,25 @@ impl FromStr for Rule {
             rule: s.to_string(),
             why: why.to_string(),
         };
-        let t = s.trim();
-        if t.is_empty() {
+        let t = s;
+        if t.trim().is_empty() {
             return Err(RuleError::Syntax(s.into()));
         }
-        if t.contains(',') || t.contains(char::is_whitespace) {
+        if t.trim().contains(',') || t.trim().contains(char::is_whitespace) {
             return Err(RuleError::Several(s.into()));
         }
+        if t.contains(char::is_whitespace) {
+            return Err(bad("no spaces in a rule"));
+        }
+        // Numbers as written by a person: digits only, no sign, no leading
+        // zero (`080`, `+80`, `/08` are refused, not read as 80 or 8).
+        let number = |x: &str| -> Option<u32> {
+            (!x.is_empty()
+                && x.chars().all(|c| c.is_ascii_digit())
+                && (x == "0" || !x.starts_with('0')))
+            .then(|| x.parse().ok())
+            .flatten()
+        };
         // The protocol: the text after the last '/', unless that is the
         // prefix length (a number) or holds the port (`/8:80`).
         let (rest, proto) = match t.rsplit_once('/') {
@@ -275,10 +287,16 @@ impl FromStr for Rule {
             None => (rest, None),
         };
         let (addr, prefix) = match cidr.split_once('/') {
+            Some((_, p)) if p.eq_ignore_ascii_case("tcp") || p.eq_ignore_ascii_case("udp") => {
+                return Err(bad(
+                    "the protocol goes last: CIDR:PORT/tcp (e.g. 198.51.100.2:443/tcp)",
+                ));
+            }
             Some((a, p)) => (
                 a,
-                p.parse::<u8>()
-                    .map_err(|_| bad("the prefix length must be a number from 0 to 32"))?,
+                number(p)
+                    .and_then(|n| u8::try_from(n).ok())
+                    .ok_or_else(|| bad("the prefix length must be a number from 0 to 32"))?,
             ),
             None => (cidr, 32),
         };
@@ -296,8 +314,8 @@ impl FromStr for Rule {
             None => None,
             Some(p) => {
                 let port = |x: &str| {
-                    x.parse::<u16>()
-                        .ok()
+                    number(x)
+                        .and_then(|n| u16::try_from(n).ok())
                         .filter(|n| *n > 0)
                         .ok_or_else(|| bad("ports are numbers from 1 to 65535"))
                 };
@@ -510,6 +528,36 @@ pub const ISOLATED_RANGES: &[(Ipv4Addr, u8)] = &[
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn numbers_are_written_plainly_and_rules_have_no_spaces() {
+        let why = |r: &str| r.parse::<Rule>().unwrap_err().to_string();
+        for r in ["1.2.3.4:+80", "1.2.3.4:080", "1.2.3.4:80-090"] {
+            assert!(
+                why(r).contains("ports are numbers from 1 to 65535"),
+                "{r}: {}",
+                why(r)
+            );
+        }
+        assert!(
+            why("1.2.3.0/08").contains("prefix length"),
+            "{}",
+            why("1.2.3.0/08")
+        );
+        assert!(
+            why("1.2.3.4/+8").contains("unknown protocol")
+                || why("1.2.3.4/+8").contains("prefix length")
+        );
+        assert!(why(" 1.2.3.4").contains("no spaces"), "{}", why(" 1.2.3.4"));
+        assert!(why("1.2.3.4 ").contains("no spaces"));
+        assert!(
+            why("1.2.3.4/tcp:80").contains("the protocol goes last"),
+            "{}",
+            why("1.2.3.4/tcp:80")
+        );
+        assert!("0.0.0.0/0:80".parse::<Rule>().is_ok());
+        assert!("10.0.0.0/8:1-65535/udp".parse::<Rule>().is_ok());
+    }
 
     #[test]
     fn malformed_rules_are_named_for_what_is_wrong() {
