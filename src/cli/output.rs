@@ -333,7 +333,13 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             "VM '{}' is running (accelerator {}, address {}{}). Stop it with `lume stop {}{}`{}",
             d.name,
             opt(&d.accelerator),
-            d.ip_address.as_deref().unwrap_or("not known yet"),
+            d.ip_address
+                .as_deref()
+                .unwrap_or(if d.network_mode.as_deref() == Some("none") {
+                    "none: no network"
+                } else {
+                    "not known yet"
+                }),
             if d.ephemeral {
                 "; ephemeral: its disk changes are discarded when it stops"
             } else {
