@@ -57,16 +57,7 @@ fn the_official_python_sdk_drives_a_guest_through_lume_serve_mcp() {
         .arg(&image)
         .arg("agent");
     t.home.env(&mut c);
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
-    let line = stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap();
+    let v = common::session_result(&c.output().unwrap());
 
     // lume's tools with lume's names and argument names, and ours.
     assert_eq!(v["server"]["name"], "lume");

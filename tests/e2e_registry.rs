@@ -889,16 +889,7 @@ fn mcp_pull_and_push() {
         .arg(common::lume_bin())
         .arg(&reg.addr);
     home.env(&mut c);
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
-    let line = stdout
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let v = common::session_result(&c.output().unwrap());
 
     let push = &v["push"];
     assert_eq!(push["isError"], false, "{push}");

@@ -1913,10 +1913,11 @@ fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull:
         .settings
         .registry()
         .map_err(|e| ApiError::internal(&e))?;
-    let image = crate::registry::ImageRef::parse(
+    let image = crate::registry::ImageRef::with_defaults(
         &r.image,
-        r.registry.as_deref().unwrap_or(&d.registry),
-        r.organization.as_deref().unwrap_or(&d.organization),
+        r.registry.as_deref(),
+        r.organization.as_deref(),
+        &d,
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let vm = match r.name.as_deref() {
@@ -2093,10 +2094,11 @@ pub async fn push_vm(
             .settings
             .registry()
             .map_err(|e| ApiError::internal(&e))?;
-        let image = crate::registry::ImageRef::parse(
+        let image = crate::registry::ImageRef::with_defaults(
             &format!("{}:{first}", r.image_name),
-            r.registry.as_deref().unwrap_or(&d.registry),
-            r.organization.as_deref().unwrap_or(&d.organization),
+            r.registry.as_deref(),
+            r.organization.as_deref(),
+            &d,
         )
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
         for t in &rest {

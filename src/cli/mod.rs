@@ -1284,10 +1284,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Pull(a) => {
             let settings = Settings::load()?;
             let d = settings.registry()?;
-            let image = crate::registry::ImageRef::parse(
+            let image = crate::registry::ImageRef::with_defaults(
                 &a.image,
-                a.registry.as_deref().unwrap_or(&d.registry),
-                a.organization.as_deref().unwrap_or(&d.organization),
+                a.registry.as_deref(),
+                a.organization.as_deref(),
+                &d,
             )?;
             let name = match a.name {
                 Some(n) => n,
@@ -1317,10 +1318,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             if !a.image.contains(':') {
                 return Err(crate::registry::RegistryError::NoTag(a.image).into());
             }
-            let image = crate::registry::ImageRef::parse(
+            let image = crate::registry::ImageRef::with_defaults(
                 &a.image,
-                a.registry.as_deref().unwrap_or(&d.registry),
-                a.organization.as_deref().unwrap_or(&d.organization),
+                a.registry.as_deref(),
+                a.organization.as_deref(),
+                &d,
             )?;
             (
                 a.storage,
@@ -1507,10 +1509,11 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
     }
     let settings = Settings::load()?;
     let d = settings.registry()?;
-    let image = crate::registry::ImageRef::parse(
+    let image = crate::registry::ImageRef::with_defaults(
         &a.name,
-        a.registry.as_deref().unwrap_or(&d.registry),
-        a.organization.as_deref().unwrap_or(&d.organization),
+        a.registry.as_deref(),
+        a.organization.as_deref(),
+        &d,
     )?;
     let name = crate::registry::pull::default_name(&image)?;
     let ctx = context(&a.storage, Some(&name))?;

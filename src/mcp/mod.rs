@@ -360,6 +360,21 @@ fn shutting_down() -> bool {
 /// and VM name: removed when the session ends before they finish.
 static CREATING: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
 
+/// Runs `f` with `work` (a storage root and VM name) in [`CREATING`], so
+/// that a session ending meanwhile removes what it left unfinished.
+fn while_creating<T>(work: (PathBuf, String), f: impl FnOnce() -> T) -> T {
+    if let Ok(mut l) = CREATING.lock() {
+        l.push(work.clone());
+    }
+    let done = f();
+    if let Ok(mut l) = CREATING.lock()
+        && let Some(i) = l.iter().position(|w| *w == work)
+    {
+        l.remove(i);
+    }
+    done
+}
+
 /// Removes this process's `.creating-NAME-PID-…` directories of the
 /// creates under way, as the CLI does on Ctrl-C.
 fn remove_creating_work() {
@@ -840,16 +855,9 @@ impl LumeMcp {
             };
             let ctx = context(storage.as_deref(), None)?;
             let work = (ctx.store.root().to_path_buf(), spec.name.to_string());
-            if let Ok(mut l) = CREATING.lock() {
-                l.push(work.clone());
-            }
-            let done = execute_noted(&ctx, Action::Create(Box::new(spec)), note);
-            if let Ok(mut l) = CREATING.lock()
-                && let Some(i) = l.iter().position(|w| *w == work)
-            {
-                l.remove(i);
-            }
-            let (outcome, notes) = done?;
+            let (outcome, notes) = while_creating(work, || {
+                execute_noted(&ctx, Action::Create(Box::new(spec)), note)
+            })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -872,10 +880,11 @@ impl LumeMcp {
         let prepared = (|| -> Result<(Context, crate::registry::pull::PullSpec), ToolError> {
             let ctx = context(storage.as_deref(), None)?;
             let d = ctx.settings.registry()?;
-            let image = crate::registry::ImageRef::parse(
+            let image = crate::registry::ImageRef::with_defaults(
                 &a.image,
-                a.registry.as_deref().unwrap_or(&d.registry),
-                a.organization.as_deref().unwrap_or(&d.organization),
+                a.registry.as_deref(),
+                a.organization.as_deref(),
+                &d,
             )?;
             let vm = match a.name.as_deref() {
                 Some(n) => name(n)?,
@@ -905,16 +914,9 @@ impl LumeMcp {
             Box::new(move || pull_progress(&root, &vm))
         };
         noted_watching(rc, Some(watch), move |note| {
-            if let Ok(mut l) = CREATING.lock() {
-                l.push(work.clone());
-            }
-            let done = execute_noted(&ctx, Action::Pull(Box::new(spec)), note);
-            if let Ok(mut l) = CREATING.lock()
-                && let Some(i) = l.iter().position(|w| *w == work)
-            {
-                l.remove(i);
-            }
-            let (outcome, notes) = done?;
+            let (outcome, notes) = while_creating(work, || {
+                execute_noted(&ctx, Action::Pull(Box::new(spec)), note)
+            })?;
             Ok(ok_text(outcome_text(&outcome, &notes)))
         })
         .await
@@ -941,10 +943,11 @@ impl LumeMcp {
             if !a.image.contains(':') {
                 return Err(crate::registry::RegistryError::NoTag(a.image).into());
             }
-            let image = crate::registry::ImageRef::parse(
+            let image = crate::registry::ImageRef::with_defaults(
                 &a.image,
-                a.registry.as_deref().unwrap_or(&d.registry),
-                a.organization.as_deref().unwrap_or(&d.organization),
+                a.registry.as_deref(),
+                a.organization.as_deref(),
+                &d,
             )?;
             let spec = crate::registry::push::PushSpec {
                 image,

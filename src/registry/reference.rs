@@ -12,6 +12,21 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
+    /// [`Self::parse`] with the registry and organization given, else
+    /// config.yaml's defaults `d` (lume's `--registry`/`--organization`).
+    pub fn with_defaults(
+        image: &str,
+        registry: Option<&str>,
+        organization: Option<&str>,
+        d: &crate::settings::RegistryDefaults,
+    ) -> Result<Self, RegistryError> {
+        Self::parse(
+            image,
+            registry.unwrap_or(&d.registry),
+            organization.unwrap_or(&d.organization),
+        )
+    }
+
     /// Parses `NAME[:TAG]` (tag `latest` when omitted) for `registry` and
     /// `organization`.
     pub fn parse(image: &str, registry: &str, organization: &str) -> Result<Self, RegistryError> {

@@ -582,3 +582,18 @@ impl Drop for Recorder {
         }
     }
 }
+
+/// The JSON after the last `RESULT ` line of a test client's session (the
+/// Python MCP sessions print one), which must have succeeded.
+#[allow(dead_code)]
+pub fn session_result(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "mcp session: {stdout}\n{stderr}");
+    let line = stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
+    serde_json::from_str(line).unwrap()
+}
