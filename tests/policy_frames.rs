@@ -143,6 +143,14 @@ fn segmentation_offload(src_mac: [u8; 6], src: [u8; 4], dport: u16, tag: &[u8]) 
     hdr
 }
 
+/// A DHCP request from `src_mac` (its chaddr) carrying `tag`.
+fn dhcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], tag: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8; 236];
+    body[28..34].copy_from_slice(&src_mac);
+    body.extend_from_slice(tag);
+    udp(src_mac, dst_mac, src, dst, 68, 67, &body)
+}
+
 /// `frame` behind an all-zero virtio-net header (no offload).
 fn plain(frame: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8; 10];
@@ -283,7 +291,10 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         // Controls: what the policy allows arrives, so the harness sees.
         write(&lg, &g_udp(8000, b"ctl-allowed"));
         write(&lg, &g_udp(9999, b"ctl-denied"));
-        write(&lb, &b_udp([255; 4], 68, 67, b"dhcp-broadcast"));
+        write(
+            &lb,
+            &dhcp(MAC_B, [0xff; 6], b_ip, [255; 4], b"dhcp-broadcast"),
+        );
         write(&lb, &arp(MAC_B, MAC_B, b_ip));
         // The checksum-offload smuggler on the tap without a filter: the
         // kernel still rewrites the port when the frame leaves (so a filter
@@ -330,8 +341,16 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
         );
         write(&lg, &vlan_tagged(g_udp(8000, b"vlan-prio"), 0));
         // F2: DHCP's ports to any address (bridged: no gateway).
-        write(&lb, &b_udp([192, 0, 2, 1], 68, 67, b"dhcp-tunnel"));
-        write(&lb, &b_udp(SERVER, 68, 67, b"dhcp-tunnel"));
+        write(
+            &lb,
+            &dhcp(MAC_B, [0xff; 6], b_ip, [192, 0, 2, 1], b"dhcp-tunnel"),
+        );
+        write(&lb, &dhcp(MAC_B, [0xff; 6], b_ip, SERVER, b"dhcp-tunnel"));
+        // A DHCP request in another client's name (chaddr): no leases
+        // taken or declined for anyone else.
+        let mut other_name = dhcp(MAC_B, [0xff; 6], [0; 4], [255; 4], b"dhcp-other-name");
+        other_name[70..76].copy_from_slice(&SERVER_MAC);
+        write(&lb, &other_name);
         // F6: ARP naming another MAC than the VM's.
         write(&lb, &arp(SERVER_MAC, MAC_B, b_ip));
         write(&lg, &arp(SERVER_MAC, MAC_G, GUEST));
@@ -376,6 +395,7 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
             b"vlan-tagged",
             b"vlan-prio",
             b"dhcp-tunnel",
+            b"dhcp-other-name",
         ] {
             assert!(
                 carries(&got, tag).is_empty(),
@@ -566,7 +586,7 @@ fn bridged_guests_keep_to_their_lease_once_it_is_known() {
         write(&udp(
             MAC_B, SERVER_MAC, mine, SERVER, 40000, 8000, b"own-src",
         ));
-        write(&udp(MAC_B, [0xff; 6], mine, [255; 4], 68, 67, b"rebinding"));
+        write(&dhcp(MAC_B, [0xff; 6], mine, [255; 4], b"rebinding"));
         let got = drain(&lan, Duration::from_millis(1000));
         assert_eq!(arps(&got), vec![mine], "{got:02x?}");
         assert!(carries(&got, b"spoofed-src").is_empty());
@@ -631,18 +651,10 @@ fn nat_guests_reach_only_the_bridge_at_layer_2() {
             f.write_all(&plain(frame)).unwrap();
         };
         let gw = [203, 0, 113, 1];
-        write(&udp(
-            MAC_G,
-            [0xff; 6],
-            [0; 4],
-            [255; 4],
-            68,
-            67,
-            b"dhcp-to-all",
-        ));
+        write(&dhcp(MAC_G, [0xff; 6], [0; 4], [255; 4], b"dhcp-to-all"));
         write(&arp(MAC_G, MAC_G, GUEST));
         write(&udp(MAC_G, OTHER_VM, GUEST, gw, 40000, 53, b"dns-to-a-vm"));
-        write(&udp(MAC_G, OTHER_VM, GUEST, gw, 68, 67, b"dhcp-to-a-vm"));
+        write(&dhcp(MAC_G, OTHER_VM, GUEST, gw, b"dhcp-to-a-vm"));
         write(&udp(
             MAC_G,
             [0x01, 0, 0x5e, 0, 0, 1],
@@ -675,15 +687,7 @@ fn nat_guests_reach_only_the_bridge_at_layer_2() {
         );
         // Control: without the filter the same broadcast reaches it.
         drop(enforced);
-        write(&udp(
-            MAC_G,
-            [0xff; 6],
-            [0; 4],
-            [255; 4],
-            68,
-            67,
-            b"ctl-unfiltered",
-        ));
+        write(&dhcp(MAC_G, [0xff; 6], [0; 4], [255; 4], b"ctl-unfiltered"));
         let got = drain(&other, Duration::from_millis(1000));
         assert_eq!(carries(&got, b"ctl-unfiltered").len(), 1, "{got:02x?}");
         drop((lg, other));

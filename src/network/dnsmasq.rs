@@ -102,6 +102,7 @@ impl Dnsmasq {
              pid-file={pid}\n\
              dhcp-authoritative\n\
              dhcp-rapid-commit\n\
+             dhcp-ignore-clid\n\
              no-hosts\n\
              log-facility={log}\n\
              log-dhcp\n\
@@ -443,6 +444,9 @@ mod tests {
         let c = d.conf();
         assert!(c.contains("interface=lume0\nbind-interfaces\nexcept-interface=lo\n"));
         assert!(c.contains("dhcp-range=203.0.113.2,203.0.113.254,255.255.255.0,3600"));
+        // Leases by MAC only: a guest cannot hold many by varying its
+        // client identifier.
+        assert!(c.contains("\ndhcp-ignore-clid\n"));
         assert!(!c.contains("port=0"));
         assert!(
             c.contains("no-resolv\nservers-file=/run/lume/x/nat/servers.conf\nstrict-order\n"),

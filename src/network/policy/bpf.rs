@@ -310,6 +310,9 @@ const MIN_LEN: u32 = 42;
 /// TCP's flags byte, and the end of a TCP header without options, after
 /// an IPv4 header without options.
 const TCP_FLAGS: i32 = 47;
+/// A DHCP message's client hardware address (after an IPv4 header without
+/// options and the UDP header).
+const DHCP_CHADDR: i32 = 70;
 const TCP_HEADER_END: u32 = 54;
 const TCP_ACK: u32 = 0x10;
 /// The smallest segment size a guest may ask the host to cut a frame into
@@ -388,6 +391,28 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     a.mov_reg(R8, R0);
     a.load(W, L4_PORTS);
     a.mov_reg(R9, R0);
+    // A DHCP request speaks for the VM's own MAC only (chaddr): no leases
+    // taken, declined or released in another VM's name or a made-up one.
+    let not_dhcp_client = a.label();
+    a.jump_if(JNE, R7, 17, Target::Label(not_dhcp_client));
+    a.jump_if(JNE, R9, (68 << 16) | 67, Target::Label(not_dhcp_client));
+    a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
+    a.jump_if(JLT, R0, DHCP_CHADDR as u32 + 6, Target::Drop);
+    a.load(H, DHCP_CHADDR);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from(u16::from_be_bytes([m[0], m[1]])),
+        Target::Drop,
+    );
+    a.load(W, DHCP_CHADDR + 2);
+    a.jump_if(
+        JNE,
+        R0,
+        u32::from_be_bytes([m[2], m[3], m[4], m[5]]),
+        Target::Drop,
+    );
+    a.bind(not_dhcp_client);
     let source_ok = a.label();
     if let Some(guest) = ctx.guest {
         a.load(W, IP_SRC);
@@ -912,6 +937,11 @@ mod tests {
         f.extend_from_slice(&sport.to_be_bytes());
         f.extend_from_slice(&dport.to_be_bytes());
         f.resize(60, 0);
+        if proto == 17 && (sport, dport) == (68, 67) {
+            // A DHCP message: 236 bytes, the client's MAC at chaddr.
+            f.resize(42 + 236, 0);
+            f[70..76].copy_from_slice(&src_mac);
+        }
         f
     }
 
@@ -1035,6 +1065,15 @@ mod tests {
                 to_mac([0x01, 0, 0x5e, 0, 0, 1], ipv4(GUEST_MAC, g, gw, 17, 68, 67)),
             ),
             ("ARP to another VM", to_mac(OTHER_VM_MAC, arp(GUEST_MAC, g))),
+            ("DHCP in another VM's name", {
+                let mut f = ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67);
+                f[70..76].copy_from_slice(&OTHER_VM_MAC);
+                f
+            }),
+            (
+                "DHCP too short to name its client",
+                ipv4(GUEST_MAC, [0; 4], [255; 4], 17, 68, 67)[..75].to_vec(),
+            ),
         ] {
             assert_eq!(v(&f), SHOT, "{what}");
         }
