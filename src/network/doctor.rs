@@ -81,10 +81,12 @@ fn in_path(binary: &str) -> bool {
         .any(|d| d.join(binary).is_file())
 }
 
-/// Whether something answers at `ip`: a TCP connection to the discard port
-/// that is accepted or refused proves the guest's stack is alive.
+/// Whether something answers at `ip`: a TCP connection to the SSH port
+/// that is accepted or refused proves the guest's stack is alive (the SSH
+/// port, because a network policy lets the guest answer the host there).
 fn answers(ip: Ipv4Addr) -> bool {
-    match TcpStream::connect_timeout(&SocketAddr::from((ip, 9)), Duration::from_secs(1)) {
+    let to = SocketAddr::from((ip, crate::guest::ssh::SSH_PORT));
+    match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
         Ok(_) => true,
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
     }

@@ -16,8 +16,9 @@
 //! 3. IPv4 source: the guest's address, or 0.0.0.0 for a DHCP request;
 //!    anything else (a spoofed source) is dropped;
 //! 4. DHCP to broadcast (or the gateway), DNS (UDP/TCP 53) to the gateway,
-//!    TCP to the gateway with ACK set (replies to connections the host
-//!    opened: never a SYN of the guest's): passed;
+//!    TCP from the guest's SSH port to the gateway with ACK set (replies
+//!    to connections the host opened to it: never a SYN of the guest's):
+//!    passed;
 //! 5. deny rules, then the isolated ranges: dropped;
 //! 6. allow rules: passed; then everything else dropped if there was any
 //!    allow rule, passed otherwise.
@@ -121,6 +122,7 @@ const K: u8 = 0x00;
 const X: u8 = 0x08;
 const AND: u8 = 0x50;
 const MOV: u8 = 0xb0;
+const RSH: u8 = 0x70;
 const JA: u8 = 0x00;
 const JEQ: u8 = 0x10;
 const JGT: u8 = 0x20;
@@ -438,13 +440,23 @@ pub fn compile(policy: &Policy, ctx: &Context) -> Result<Vec<Insn>, CompileError
     }
     a.bind(not_dhcp);
     if let Some(gw) = ctx.gateway {
-        // Replies to connections the host opened (lume ssh, lume_exec, the
-        // doctor's probe): TCP to the gateway with ACK set, never a bare
-        // SYN, so the guest cannot open a connection to the host. The
-        // flags byte is read only when the frame holds a whole TCP header.
+        // Replies to connections the host opened to the guest's SSH port
+        // (lume ssh, lume_exec, the doctor's probe): TCP from port 22 to the
+        // gateway with ACK set, never a bare SYN, so the guest cannot open
+        // a connection to the host, and the host reaches no other port of
+        // the guest. The flags byte is read only when the frame holds a
+        // whole TCP header.
         let not_reply = a.label();
         a.jump_if(JNE, R8, u32::from(gw), Target::Label(not_reply));
         a.jump_if(JNE, R7, 6, Target::Label(not_reply));
+        a.mov_reg(R0, R9);
+        a.emit(ALU | RSH | K, R0, 0, 0, 16);
+        a.jump_if(
+            JNE,
+            R0,
+            u32::from(crate::guest::ssh::SSH_PORT),
+            Target::Label(not_reply),
+        );
         a.emit(LDX | MEM | W, R0, R6, SKB_LEN, 0);
         a.jump_if(JLT, R0, TCP_HEADER_END, Target::Label(not_reply));
         a.load(B, TCP_FLAGS);
@@ -992,6 +1004,13 @@ mod tests {
             f[47] = flags;
             f
         };
+        let mut from_other_port = tcp_to_gw(0x10);
+        from_other_port[34..36].copy_from_slice(&8080u16.to_be_bytes());
+        assert_eq!(
+            v(&from_other_port),
+            SHOT,
+            "a reply from another port than SSH's"
+        );
         assert_eq!(v(&tcp_to_gw(0x10)), OK, "ACK");
         assert_eq!(v(&tcp_to_gw(0x12)), OK, "SYN-ACK");
         assert_eq!(v(&tcp_to_gw(0x14)), OK, "RST-ACK");
