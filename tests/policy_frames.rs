@@ -489,7 +489,14 @@ fn tc_cannot_take_the_policy_off() {
             "{} of {sent} denied frames got past while tc removed things",
             carries(&got, b"denied").len()
         );
-        assert_eq!(tc::installed(&mut nl, "lg0").unwrap(), vec![id]);
+        // The guard put the backstop filter back with its own program
+        // (a new id, on the link too).
+        let end = Instant::now() + Duration::from_secs(5);
+        while tc::installed(&mut nl, "lg0").unwrap().contains(&id) {
+            assert!(Instant::now() < end, "the backstop filter was not put back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(tc::installed(&mut nl, "lg0").unwrap().len(), 1);
         // Control: the allowed port still arrives.
         let mut f = std::fs::File::from(tap.fd.try_clone().unwrap());
         f.write_all(&plain(&udp(
@@ -500,11 +507,37 @@ fn tc_cannot_take_the_policy_off() {
             carries(&drain(&lan, Duration::from_millis(500)), b"allowed").len(),
             1
         );
+        // The holder of the link dies (the guard and its link dropped, as
+        // when a supervisor or the service's keeper is killed): the
+        // `cls_bpf` backstop the guard put back still filters.
         drop(guard);
+        let mut f = std::fs::File::from(tap.fd.try_clone().unwrap());
+        f.write_all(&plain(&udp(
+            MAC_G,
+            SERVER_MAC,
+            GUEST,
+            SERVER,
+            40000,
+            9999,
+            b"after-death",
+        )))
+        .unwrap();
+        f.write_all(&plain(&udp(
+            MAC_G,
+            SERVER_MAC,
+            GUEST,
+            SERVER,
+            40000,
+            8000,
+            b"still-allowed",
+        )))
+        .unwrap();
+        let got = drain(&lan, Duration::from_millis(500));
         assert!(
-            tc::installed(&mut nl, "lg0").unwrap().is_empty(),
-            "the policy outlived its guard"
+            carries(&got, b"after-death").is_empty(),
+            "the policy fell off with its holder"
         );
+        assert_eq!(carries(&got, b"still-allowed").len(), 1);
         drop((tap, lan));
     });
 }
@@ -685,8 +718,10 @@ fn nat_guests_reach_only_the_bridge_at_layer_2() {
             got.iter().all(|f| f[6..12] != MAC_G),
             "a policed guest's frame reached another port of its bridge: {got:02x?}"
         );
-        // Control: without the filter the same broadcast reaches it.
+        // Control: without the filter (the link dropped, the backstop
+        // filter deleted) the same broadcast reaches it.
         drop(enforced);
+        sh("tc qdisc del dev lg0 ingress");
         write(&dhcp(MAC_G, [0xff; 6], [0; 4], [255; 4], b"ctl-unfiltered"));
         let got = drain(&other, Duration::from_millis(1000));
         assert_eq!(carries(&got, b"ctl-unfiltered").len(), 1, "{got:02x?}");

@@ -59,7 +59,6 @@ pub fn in_force(nl: &mut Netlink, tap: &str) -> Result<bool, NetlinkError> {
 /// `lume_policy` among its tcx programs, and the `bpf` filters named
 /// `lume_policy` in direct-action mode; a missing tap has none.
 pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> {
-    use netlink_packet_core::{Emitable, Parseable};
     let Some(index) = nl.link_index(tap)? else {
         return Ok(Vec::new());
     };
@@ -68,6 +67,19 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
         errno,
         message: None,
     })?;
+    ids.extend(classic_ids(nl, tap)?);
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The kernel ids of the programs of lume's `cls_bpf` filters on `tap`
+/// (named `lume_policy`, direct-action); a missing tap has none.
+fn classic_ids(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> {
+    use netlink_packet_core::{Emitable, Parseable};
+    let Some(index) = nl.link_index(tap)? else {
+        return Ok(Vec::new());
+    };
     let header = TcHeader {
         index: index as i32,
         parent: TcHandle {
@@ -87,7 +99,7 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
         RTM_NEWTFILTER,
         &payload,
     )?;
-    ids.extend(replies
+    Ok(replies
         .iter()
         .filter_map(|p| {
             let m = TcMessage::parse(p.as_slice()).ok()?;
@@ -110,8 +122,8 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
                 _ => None,
             })?;
             (bpf && named && direct).then_some(id)
-        }));
-    Ok(ids)
+        })
+        .collect())
 }
 
 /// A policy in force on a tap: the program's id, and the tcx link that
@@ -121,13 +133,19 @@ pub fn installed(nl: &mut Netlink, tap: &str) -> Result<Vec<u32>, NetlinkError> 
 pub struct Enforced {
     pub id: u32,
     link: Option<OwnedFd>,
+    /// With a link: whether the same program is also a `cls_bpf` filter.
+    backstop: bool,
 }
 
 impl Enforced {
     /// Whether the program is still attached to interface `index`.
     fn present(&self, nl: &mut Netlink, tap: &str, index: u32) -> bool {
         match &self.link {
-            Some(link) => super::tcx::link_state(link) == Ok((self.id, index)),
+            Some(link) => {
+                super::tcx::link_state(link) == Ok((self.id, index))
+                    && (!self.backstop
+                        || classic_ids(nl, tap).is_ok_and(|ids| ids.contains(&self.id)))
+            }
             // A dump that fails counts as missing.
             None => installed(nl, tap)
                 .map(|ids| ids.contains(&self.id))
@@ -149,13 +167,24 @@ pub fn enforce(
     let compiled = bpf::compile(policy, ctx).map_err(LoadError::from)?;
     let prog = bpf::load(&compiled)?;
     if let Ok(link) = super::tcx::attach(index, &prog.fd) {
+        // The same program as a `cls_bpf` filter too: a backstop for when
+        // the link's holder dies (the link goes with its last descriptor;
+        // the filter stays with the tap), while the link is what `tc`
+        // cannot remove. A frame the link passes meets the same verdict
+        // again; one it drops or redirects never reaches the filter.
+        let backstop = classic(nl, tap, index, &prog, false).is_ok();
         return Ok(Enforced {
             id: prog.id,
             link: Some(link),
+            backstop,
         });
     }
-    let id = classic(nl, tap, index, prog, false)?;
-    Ok(Enforced { id, link: None })
+    let id = classic(nl, tap, index, &prog, false)?;
+    Ok(Enforced {
+        id,
+        link: None,
+        backstop: false,
+    })
 }
 
 /// Puts a recompiled program in force in one step (the kernel swaps it
@@ -187,9 +216,12 @@ pub fn reinstall(
             enforced.link = Some(super::tcx::attach(index, &prog.fd).map_err(attach_failed)?);
         }
         None => {
-            classic(nl, tap, index, prog, true)?;
+            enforced.id = classic(nl, tap, index, &prog, true)?;
             return Ok(());
         }
+    }
+    if enforced.backstop {
+        classic(nl, tap, index, &prog, true)?;
     }
     enforced.id = prog.id;
     Ok(())
@@ -201,7 +233,7 @@ fn classic(
     nl: &mut Netlink,
     tap: &str,
     index: u32,
-    prog: bpf::Loaded,
+    prog: &bpf::Loaded,
     again: bool,
 ) -> Result<u32, EnforceError> {
     let fail = |source| EnforceError::Attach {
