@@ -746,6 +746,16 @@ class H(BaseHTTPRequestHandler):
             body = b'{"token":"t0k3n"}'
             self.send_response(200); self.send_header("Content-Length", str(len(body)))
             self.end_headers(); self.wfile.write(body); return
+        if port == 5106 and self.path == "/v2/":
+            # First look: no challenge; every later one: a token service
+            # that answers forever (lume must not let anything ask again).
+            self.server.looks = getattr(self.server, "looks", 0) + 1
+            if self.server.looks == 1:
+                self.send_response(200); self.send_header("Content-Length", "0")
+                self.end_headers(); return
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="http://127.0.0.1:5106/token"')
+            self.send_header("Content-Length", "0"); self.end_headers(); return
         if self.path == "/v2/" and port != 5103:
             realm = {5100: "http://127.0.0.2:5101/token", 5102: "http://127.0.0.1:5102/token",
                      5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token"}[port]
@@ -760,7 +770,8 @@ class H(BaseHTTPRequestHandler):
             self.endless(); return
         self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
 for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
-                   ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105)]:
+                   ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105),
+                   ("127.0.0.1", 5106)]:
     s = ThreadingHTTPServer((host, port), H)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 open(sys.argv[1] + ".ready", "w").close()
@@ -861,6 +872,12 @@ fn hostile_registry_realm_and_endless_answers() {
     let err = pull(5103, false, None);
     assert!(err.contains("sent a manifest longer than"), "{err}");
     assert!(sent(5103) < 32 * MB, "{}", read_log());
+    // A registry whose second look at /v2/ differs from the first: nothing
+    // asks again (oci-client's own auth check once fetched that token
+    // service's endless answer whole).
+    let err = pull(5106, false, None);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(!read_log().contains("sent 5106"), "{}", read_log());
     assert!(!home.vm_dir("x").exists());
 
     let _ = server.kill();

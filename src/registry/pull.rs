@@ -165,10 +165,16 @@ pub fn pull_into(
         ))
         .map_err(with_auth)?;
     let remote = rt.block_on(async {
-        client
-            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
-            .await
-            .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+        // Only credentials lume obtained go to oci-client: given none (an
+        // anonymous registry), it never runs its own auth check, whose
+        // second look at /v2/ a hostile registry could answer with a token
+        // service lume never vetted (an endless answer, a realm elsewhere).
+        if !matches!(session.auth, oci_client::secrets::RegistryAuth::Anonymous) {
+            client
+                .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
+                .await
+                .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
+        }
         let bytes = session
             .manifest(
                 &spec.image,

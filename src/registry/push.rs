@@ -139,10 +139,13 @@ pub fn push(
             ))
             .map_err(|e| e.with_auth(&auth, spec.api))?;
         rt.block_on(async {
-            client
-                .auth(&oref, &s.auth, oci_client::RegistryOperation::Push)
-                .await
-                .map_err(err)?;
+            // As for pull: oci-client gets only credentials lume obtained.
+            if !matches!(s.auth, oci_client::secrets::RegistryAuth::Anonymous) {
+                client
+                    .auth(&oref, &s.auth, oci_client::RegistryOperation::Push)
+                    .await
+                    .map_err(err)?;
+            }
             if !client
                 .blob_exists(&oref, &config_digest)
                 .await
