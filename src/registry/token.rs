@@ -186,6 +186,43 @@ pub async fn authorize(
     push: bool,
     gate: Option<&super::guard::Gate>,
 ) -> Result<Session, RegistryError> {
+    within_deadline(&image.registry, authorize_now(image, auth, push, gate)).await
+}
+
+/// How long the exchange with the registry (its first answer, the token)
+/// or one manifest fetch may take as a whole: the per-read timeout alone
+/// lets a registry that sends a byte a minute hold a transfer for weeks.
+pub const EXCHANGE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn within_deadline<T>(
+    registry: &str,
+    f: impl std::future::Future<Output = Result<T, RegistryError>>,
+) -> Result<T, RegistryError> {
+    within(EXCHANGE_DEADLINE, registry, f).await
+}
+
+async fn within<T>(
+    deadline: std::time::Duration,
+    registry: &str,
+    f: impl std::future::Future<Output = Result<T, RegistryError>>,
+) -> Result<T, RegistryError> {
+    tokio::time::timeout(deadline, f).await.unwrap_or_else(|_| {
+        Err(RegistryError::Protocol {
+            registry: registry.to_string(),
+            detail: format!(
+                "it did not finish answering within {} s",
+                deadline.as_secs()
+            ),
+        })
+    })
+}
+
+async fn authorize_now(
+    image: &ImageRef,
+    auth: &RegistryAuth,
+    push: bool,
+    gate: Option<&super::guard::Gate>,
+) -> Result<Session, RegistryError> {
     let registry = image.registry.clone();
     let image_s = image.to_string();
     let fail = |e: reqwest::Error| classify(e.into(), &registry, &image_s);
@@ -431,6 +468,14 @@ impl Session {
         image: &ImageRef,
         accept: &[&str],
     ) -> Result<Vec<u8>, RegistryError> {
+        within_deadline(&image.registry, self.manifest_now(image, accept)).await
+    }
+
+    async fn manifest_now(
+        &self,
+        image: &ImageRef,
+        accept: &[&str],
+    ) -> Result<Vec<u8>, RegistryError> {
         let oref = image.oci();
         let reference = oref
             .digest()
@@ -623,5 +668,28 @@ mod tests {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.0, 2, "one token at first, one renewal");
         assert_eq!(seen.1, ["Bearer t1", "Bearer t1", "Bearer t2"]);
+    }
+
+    /// A registry that never finishes answering (a byte now and then
+    /// keeps every read within its timeout) is cut off as a whole.
+    #[test]
+    fn an_exchange_that_never_ends_is_cut_off() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let never = std::future::pending::<Result<(), RegistryError>>();
+        let e = rt
+            .block_on(within(
+                std::time::Duration::from_millis(50),
+                "r.example",
+                never,
+            ))
+            .unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Protocol { ref registry, .. } if registry == "r.example"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("did not finish answering"), "{e}");
     }
 }
