@@ -284,6 +284,14 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Whether `data` is all zeros: an OR over 4 KiB pieces, which the
+/// compiler vectorizes (a byte-by-byte `any` with its early exit does not,
+/// and runs several times slower over the gigabytes of zeros of a disk).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(HOLE_GRANULARITY)
+        .all(|piece| piece.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
 /// Writes `data` at `offset`, skipping aligned all-zero blocks (the file
 /// was created empty, so they stay holes).
 pub fn write_sparse(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
@@ -294,12 +302,12 @@ pub fn write_sparse(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
         let block_end = ((pos / HOLE_GRANULARITY as u64 + 1) * HOLE_GRANULARITY as u64 - offset)
             .min(data.len() as u64) as usize;
         let block = &data[i..block_end];
-        if block.iter().any(|&b| b != 0) {
+        if !is_zero(block) {
             // Extend over following non-zero blocks: one write per run.
             let mut end = block_end;
             while end < data.len() {
                 let next = (end + HOLE_GRANULARITY).min(data.len());
-                if data[end..next].iter().all(|&b| b == 0) {
+                if is_zero(&data[end..next]) {
                     break;
                 }
                 end = next;
