@@ -56,53 +56,8 @@ struct Chunk {
     offset: u64,
     len: u64,
     path: PathBuf,
-    /// The compressed chunk when it was small enough to stay in memory
-    /// (then nothing is at `path`).
-    memory: Option<bytes::Bytes>,
     digest: String,
     size: u64,
-}
-
-/// Compressed chunks up to this size stay in memory between the
-/// compressor and the upload (no scratch file written and read back);
-/// larger ones go to the scratch directory. With two compressors, two
-/// queued and two uploading chunks, memory stays under ~600 MiB on two
-/// CPUs.
-const IN_MEMORY: usize = 96 << 20;
-
-/// Where a chunk is compressed to: memory up to `limit` bytes, then its
-/// scratch file (created only then).
-struct Spill {
-    mem: Vec<u8>,
-    file: Option<std::io::BufWriter<File>>,
-    path: PathBuf,
-    limit: usize,
-}
-
-impl Write for Spill {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.file.is_none() && self.mem.len() + buf.len() > self.limit {
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&self.path)?;
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, f);
-            f.write_all(&self.mem)?;
-            self.mem = Vec::new();
-            self.file = Some(f);
-        }
-        match &mut self.file {
-            Some(f) => f.write(buf),
-            None => {
-                self.mem.extend_from_slice(buf);
-                Ok(buf.len())
-            }
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.as_mut().map_or(Ok(()), |f| f.flush())
-    }
 }
 
 /// Pushes VM `vm` (its lock is taken for the whole push, so it cannot start
@@ -221,7 +176,7 @@ pub fn push(
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
-    let upload = |mut c: Chunk| {
+    let upload = |c: Chunk| {
         let (client, oref, bar) = (&client, &oref, &bar);
         async move {
             if let Some(s) = session {
@@ -229,37 +184,15 @@ pub fn push(
             }
             let mut sent = 0;
             if !spec.dry_run && !client.blob_exists(oref, &c.digest).await.map_err(err)? {
-                match c.memory.clone() {
-                    Some(b) => {
-                        let pieces = (0..b.len()).step_by(8 << 20).map(move |i| {
-                            Ok::<_, oci_client::errors::OciDistributionError>(
-                                b.slice(i..(i + (8 << 20)).min(b.len())),
-                            )
-                        });
-                        client
-                            .push_blob_stream(
-                                oref,
-                                futures_util::stream::iter(pieces),
-                                &c.digest,
-                                Some(c.size),
-                            )
-                            .await
-                            .map_err(err)?;
-                    }
-                    None => {
-                        // Streamed from the file: one piece in memory.
-                        let file = File::open(&c.path).map_err(io_at(&c.path))?;
-                        client
-                            .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
-                            .await
-                            .map_err(err)?;
-                    }
-                }
+                // Streamed from the file: memory stays at one piece per upload.
+                let file = File::open(&c.path).map_err(io_at(&c.path))?;
+                client
+                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
+                    .await
+                    .map_err(err)?;
                 sent = c.size;
             }
             let _ = fs::remove_file(&c.path);
-            // Uploaded: the chunk's bytes are not kept until the manifest.
-            c.memory = None;
             bar.inc(c.len);
             Ok::<(Chunk, u64), RegistryError>((c, sent))
         }
@@ -277,7 +210,7 @@ pub fn push(
                         }
                         let offset = i as u64 * chunk;
                         let len = chunk.min(size - offset);
-                        match compress_chunk(disk, disk_path, i, offset, len, scratch, IN_MEMORY)? {
+                        match compress_chunk(disk, disk_path, i, offset, len, scratch)? {
                             // The uploads stopped (an error): so do we.
                             Some(c) => {
                                 if tx.blocking_send(c).is_err() {
@@ -423,18 +356,17 @@ fn compress_chunk(
     offset: u64,
     len: u64,
     scratch: &Path,
-    in_memory: usize,
 ) -> Result<Option<Chunk>, RegistryError> {
     if !has_data(disk, offset, len) {
         return Ok(None);
     }
     let path = scratch.join(format!("part.{number}.gz"));
-    let mut w = HashingWriter::new(Spill {
-        mem: Vec::new(),
-        file: None,
-        path: path.clone(),
-        limit: in_memory,
-    });
+    let out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_at(&path))?;
+    let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
     let mut gz = GzipStream::new();
     let mut buf = vec![0u8; BLOCK];
     let mut pos = 0u64;
@@ -476,16 +408,11 @@ fn compress_chunk(
     }
     let (digest, size, mut inner) = w.finish();
     inner.flush().map_err(io_at(&path))?;
-    let memory = inner
-        .file
-        .is_none()
-        .then(|| bytes::Bytes::from(std::mem::take(&mut inner.mem)));
     Ok(Some(Chunk {
         number,
         offset,
         len,
         path,
-        memory,
         digest,
         size,
     }))
@@ -796,40 +723,10 @@ mod tests {
         let disk = File::open(&disk_path).unwrap();
         let scratch = dir.path().join("s");
         std::fs::create_dir(&scratch).unwrap();
-        // In memory, and spilled to the scratch file part way.
-        let c = compress_chunk(
-            &disk,
-            &disk_path,
-            0,
-            0,
-            data.len() as u64,
-            &scratch,
-            1 << 20,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(c.memory.is_none(), "more than 1 MiB stayed in memory");
+        let c = compress_chunk(&disk, &disk_path, 0, 0, data.len() as u64, &scratch)
+            .unwrap()
+            .unwrap();
         let gz = std::fs::read(&c.path).unwrap();
-        std::fs::remove_file(&c.path).unwrap();
-        let m = compress_chunk(
-            &disk,
-            &disk_path,
-            0,
-            0,
-            data.len() as u64,
-            &scratch,
-            IN_MEMORY,
-        )
-        .unwrap()
-        .unwrap();
-        assert!(
-            !m.path.exists(),
-            "a scratch file for a chunk kept in memory"
-        );
-        assert!(
-            m.memory.as_deref() == Some(&gz[..]),
-            "memory and file differ"
-        );
         assert_eq!(c.size, gz.len() as u64);
         assert_eq!(c.digest, format::digest_of(&gz));
         // Random blocks are stored (a little over their size), text shrinks.
