@@ -222,7 +222,7 @@ pub fn pull_into(
             }
             let bar = indicatif::ProgressBar::hidden();
             rt.block_on(fetch_blob(
-                &client, &session, &oref, c, &dir, &bar, &image_s,
+                &client, &session, &oref, c, &dir, &bar, &image_s, None,
             ))?;
             let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
             let text = fs::read(&path).map_err(io_at(&path))?;
@@ -335,7 +335,10 @@ pub fn pull_into(
     }
     let bar = progress_bar(spec.progress, total);
     let pipelined = remote.plan.format == Format::Current;
-    let (tx, rx) = std::sync::mpsc::channel::<(String, bool)>();
+    // Blobs whose first part was not unpacked while it streamed (cached,
+    // or a stream that had to start over), and parts sharing a blob, are
+    // unpacked from the cache by these threads.
+    let (tx, rx) = std::sync::mpsc::channel::<(String, bool, bool)>();
     let rx = std::sync::Mutex::new(rx);
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -351,10 +354,11 @@ pub fn pull_into(
                 s.spawn(|| -> Result<(), RegistryError> {
                     loop {
                         let msg = rx.lock().expect("no panics hold it").recv();
-                        let Ok((digest, fresh)) = msg else {
+                        let Ok((digest, fresh, streamed)) = msg else {
                             return Ok(());
                         };
-                        for part in remote.plan.parts.iter().filter(|p| p.blob.digest == digest) {
+                        let parts = remote.plan.parts.iter().filter(|p| p.blob.digest == digest);
+                        for part in parts.skip(usize::from(streamed)) {
                             let offset = part.offset.unwrap_or(0);
                             decode_one(part, offset, &dir, &out, disk_size, fresh)?;
                         }
@@ -363,17 +367,33 @@ pub fn pull_into(
             })
             .collect();
         let r = rt.block_on(async {
-            let fetches = futures_util::stream::iter(
-                unique
+            // In the current format each blob's first part is unpacked
+            // into the disk as its bytes arrive (see `Unpacker`).
+            let stream_to = |d: &Descriptor| {
+                let part = remote
+                    .plan
+                    .parts
                     .iter()
-                    .map(|d| fetch_blob(&client, &session, &oref, d, &dir, &bar, &image_s)),
-            )
+                    .find(|p| p.blob.digest == d.digest)?;
+                let offset = part.offset.unwrap_or(0);
+                Some(StreamTo {
+                    codec: part.codec,
+                    out: &out,
+                    path: &disk,
+                    offset,
+                    max: part.max_len.min(disk_size.saturating_sub(offset)),
+                })
+            };
+            let fetches = futures_util::stream::iter(unique.iter().map(|d| {
+                let to = if pipelined { stream_to(d) } else { None };
+                fetch_blob(&client, &session, &oref, d, &dir, &bar, &image_s, to)
+            }))
             .buffer_unordered(PARALLEL);
             futures_util::pin_mut!(fetches);
             while let Some(r) = fetches.next().await {
-                let (digest, fresh) = r?;
+                let (digest, fresh, streamed) = r?;
                 if pipelined {
-                    let _ = tx.send((digest, fresh));
+                    let _ = tx.send((digest, fresh, streamed));
                 }
             }
             Ok::<_, RegistryError>(())
@@ -611,8 +631,115 @@ fn open_partial(path: &Path) -> Result<File, RegistryError> {
         .map_err(io_at(path))
 }
 
+/// Where a blob's bytes are unpacked while they stream in.
+struct StreamTo<'a> {
+    codec: format::Codec,
+    out: &'a File,
+    path: &'a Path,
+    offset: u64,
+    max: u64,
+}
+
+/// A thread unpacking one part into the disk from the bytes a download
+/// hands it (the same bytes that go into the cache and the digest). What
+/// it writes counts only once the digest matched: a pull whose blob never
+/// matches fails and its work directory (the disk with it) is removed;
+/// a stream that starts over is abandoned and its part punched back into
+/// a hole, so no byte of a wrong blob stays where zeros belong.
+struct Unpacker {
+    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    job: tokio::task::JoinHandle<Result<u64, format::DecodeError>>,
+}
+
+impl Unpacker {
+    fn start(to: &StreamTo<'_>) -> Result<Self, RegistryError> {
+        let out = to.out.try_clone().map_err(io_at(to.path))?;
+        // A few pieces in flight: the download waits for the unpacking.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (codec, offset, max) = (to.codec, to.offset, to.max);
+        let job = tokio::task::spawn_blocking(move || {
+            let input = ChannelReader {
+                rx,
+                piece: bytes::Bytes::new(),
+            };
+            format::decode_part(codec, input, &out, offset, max)
+        });
+        Ok(Self { tx: Some(tx), job })
+    }
+
+    /// Hands over the next bytes; an unpacker that stopped (an error,
+    /// seen at [`Unpacker::finish`]) takes no more.
+    async fn feed(&mut self, bytes: bytes::Bytes) {
+        if let Some(tx) = &self.tx
+            && tx.send(bytes).await.is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    /// The end of the blob: whether the whole part was unpacked.
+    async fn finish(mut self) -> bool {
+        self.tx = None;
+        matches!(self.job.await, Ok(Ok(_)))
+    }
+
+    /// Stops it and turns its part back into a hole.
+    async fn abandon(mut self, to: &StreamTo<'_>) -> Result<(), RegistryError> {
+        self.tx = None;
+        let _ = self.job.await;
+        punch_hole(to.out, to.offset, to.max).map_err(io_at(to.path))
+    }
+}
+
+/// The unpacker's input: the pieces of the download, in order; the end
+/// of the channel is the end of the blob.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    piece: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.piece.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(p) => self.piece = p,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.piece.len());
+        buf[..n].copy_from_slice(&self.piece.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Deallocates `[offset, offset+len)` of `f` (it reads as zeros again).
+fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = len.min(i64::MAX as u64 - offset.min(i64::MAX as u64));
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own; no memory is touched.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One blob into the cache: skipped when complete there, resumed from its
 /// `.partial`, verified against its digest, fsynced and renamed into place.
+/// With `to`, also unpacked there as it streams; the answer says whether
+/// that happened (digest matched and the part unpacked whole), and
+/// whether the blob was downloaded (verified) just now.
+#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
     client: &oci_client::Client,
     session: &super::token::Session,
@@ -621,12 +748,13 @@ async fn fetch_blob(
     dir: &ImageDir,
     bar: &indicatif::ProgressBar,
     image: &str,
-) -> Result<(String, bool), RegistryError> {
+    to: Option<StreamTo<'_>>,
+) -> Result<(String, bool, bool), RegistryError> {
     let hex = d.sha256_hex().expect("digests are checked by format::plan");
     let done = dir.blob(hex);
     if fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == d.size) {
         bar.inc(d.size);
-        return Ok((d.digest.clone(), false));
+        return Ok((d.digest.clone(), false, false));
     }
     let partial = dir.partial(hex);
     let registry = &oref.registry().to_string();
@@ -637,7 +765,8 @@ async fn fetch_blob(
             file.set_len(0).map_err(io_at(&partial))?;
             have = 0;
         }
-        // The digest runs over what is already there.
+        let mut unpacker = to.as_ref().map(Unpacker::start).transpose()?;
+        // The digest (and the unpacker) run over what is already there.
         let mut hash = Sha256::new();
         {
             let mut r = File::open(&partial).map_err(io_at(&partial))?;
@@ -650,6 +779,9 @@ async fn fetch_blob(
                 }
                 let n = n.min(left as usize);
                 hash.update(&buf[..n]);
+                if let Some(u) = &mut unpacker {
+                    u.feed(bytes::Bytes::copy_from_slice(&buf[..n])).await;
+                }
                 left -= n as u64;
             }
         }
@@ -668,6 +800,12 @@ async fn fetch_blob(
                     file.seek(std::io::SeekFrom::Start(0))
                         .map_err(io_at(&partial))?;
                     bar.set_position(bar.position().saturating_sub(have));
+                    if have > 0
+                        && let (Some(u), Some(to)) = (unpacker.take(), &to)
+                    {
+                        // It has seen bytes that are not coming again.
+                        u.abandon(to).await?;
+                    }
                     have = 0;
                     hash = Sha256::new();
                     s.stream
@@ -721,6 +859,9 @@ async fn fetch_blob(
                         hash.update(&bytes);
                         have += bytes.len() as u64;
                         bar.inc(bytes.len() as u64);
+                        if let Some(u) = &mut unpacker {
+                            u.feed(bytes).await;
+                        }
                     }
                     Err(_) => {
                         broke = true;
@@ -748,9 +889,25 @@ async fn fetch_blob(
             File::open(&dir.dir)
                 .and_then(|f| f.sync_all())
                 .map_err(io_at(&dir.dir))?;
-            return Ok((d.digest.clone(), true));
+            let streamed = match (unpacker, &to) {
+                (Some(u), Some(to)) => {
+                    let whole = u.finish().await;
+                    if !whole {
+                        // Unpacked again from the cache, which says why
+                        // it cannot be.
+                        punch_hole(to.out, to.offset, to.max).map_err(io_at(to.path))?;
+                    }
+                    whole
+                }
+                _ => false,
+            };
+            return Ok((d.digest.clone(), true, streamed));
         }
-        // Wrong bytes: never kept, fetched anew.
+        // Wrong bytes: never kept, fetched anew; what they unpacked to is
+        // punched out.
+        if let (Some(u), Some(to)) = (unpacker, &to) {
+            u.abandon(to).await?;
+        }
         drop(file);
         fs::remove_file(&partial).map_err(io_at(&partial))?;
         bar.set_position(bar.position().saturating_sub(have.min(d.size)));
@@ -815,5 +972,63 @@ mod tests {
         assert_eq!(notes.len(), 2, "{notes:?}");
         let (c, m) = clamp_to_host(1, 1 << 30, 2, 4 << 30, &mut |_| panic!("no note"));
         assert_eq!((c, m), (1, 1 << 30));
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A stream unpacked while it downloads, then abandoned (a wrong
+    /// digest, a registry starting over): its part is a hole again, so a
+    /// second, right stream whose part is mostly zeros (not written)
+    /// leaves no byte of the first one behind.
+    #[test]
+    fn an_abandoned_stream_leaves_nothing_in_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let out = File::create(&path).unwrap();
+        let (offset, len) = (1u64 << 20, 4usize << 20);
+        out.set_len(8 << 20).unwrap();
+        let to = StreamTo {
+            codec: format::Codec::Gzip,
+            out: &out,
+            path: &path,
+            offset,
+            max: len as u64,
+        };
+        let rt = super::super::runtime().unwrap();
+        let wrong = gzip(&vec![0xAAu8; len]);
+        let mut right_data = vec![0u8; len];
+        right_data[len / 2..len / 2 + 5].copy_from_slice(b"right");
+        let right = gzip(&right_data);
+        rt.block_on(async {
+            let mut u = Unpacker::start(&to).unwrap();
+            for piece in wrong.chunks(1000) {
+                u.feed(bytes::Bytes::copy_from_slice(piece)).await;
+            }
+            // All of it went in: the wrong bytes are in the disk now.
+            u.abandon(&to).await.unwrap();
+            let mut u = Unpacker::start(&to).unwrap();
+            for piece in right.chunks(777) {
+                u.feed(bytes::Bytes::copy_from_slice(piece)).await;
+            }
+            assert!(u.finish().await, "the right stream unpacks");
+            // A truncated stream does not count as unpacked.
+            let mut u = Unpacker::start(&to).unwrap();
+            u.feed(bytes::Bytes::copy_from_slice(&right[..right.len() / 2]))
+                .await;
+            assert!(!u.finish().await, "half a stream is not a part");
+        });
+        let disk = fs::read(&path).unwrap();
+        let mut want = vec![0u8; 8 << 20];
+        want[offset as usize..offset as usize + len].copy_from_slice(&right_data);
+        assert!(disk == want, "bytes of the abandoned stream were left");
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&path).unwrap());
+        assert!(
+            blocks * 512 <= 64 << 10,
+            "the part is not sparse: {blocks} blocks"
+        );
     }
 }

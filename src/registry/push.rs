@@ -378,10 +378,20 @@ fn compress_chunk(
         w.write_all(&GZIP_HEADER)?;
         while pos < len {
             let n = (len - pos).min(buf.len() as u64) as usize;
+            // A block in a hole is not read, nor searched for matches.
+            if !has_data(disk, offset + pos, n as u64) {
+                gz.zeros(n, &mut w)?;
+                pos += n as u64;
+                continue;
+            }
             disk.read_exact_at(&mut buf[..n], offset + pos)
                 .map_err(|e| std::io::Error::new(e.kind(), ReadError(e)))?;
-            any |= buf[..n].iter().any(|&b| b != 0);
-            gz.block(&buf[..n], &mut w)?;
+            if format::is_zero(&buf[..n]) {
+                gz.zeros(n, &mut w)?;
+            } else {
+                any = true;
+                gz.block(&buf[..n], &mut w)?;
+            }
             pos += n as u64;
         }
         gz.finish(&mut w)
@@ -457,6 +467,31 @@ impl GzipStream {
             w.write_all(piece)?;
         }
         Ok(())
+    }
+
+    /// `n` zero bytes. A whole block of them is the same deflate every
+    /// time: made once, then copied after a full flush (as a stored block
+    /// is), so the gigabytes of zeros between a sparse disk's data cost a
+    /// CRC and a few KiB each instead of a deflate pass. The pull inflates
+    /// them like any other block.
+    fn zeros(&mut self, n: usize, w: &mut impl Write) -> std::io::Result<()> {
+        static ZEROS: [u8; BLOCK] = [0; BLOCK];
+        static DEFLATED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        self.crc.update(&ZEROS[..n]);
+        if n != BLOCK {
+            return self.run(&ZEROS[..n], flate2::FlushCompress::None, w);
+        }
+        let deflated = DEFLATED.get_or_init(|| {
+            // A fresh compressor, ended by a full flush: non-final blocks
+            // on a byte boundary, referring to nothing before them.
+            let mut z = Self::new();
+            let mut out = Vec::new();
+            z.run(&ZEROS, flate2::FlushCompress::Full, &mut out)
+                .expect("deflating into memory cannot fail");
+            out
+        });
+        self.run(&[], flate2::FlushCompress::Full, w)?;
+        w.write_all(deflated)
     }
 
     fn finish(mut self, w: &mut impl Write) -> std::io::Result<()> {
@@ -662,12 +697,32 @@ mod tests {
             .take(BLOCK)
             .copied()
             .collect();
+        // Zero blocks in holes (never read) and written out (read, then
+        // found zero) come between them, after stored and deflated blocks.
+        let zeros = |n| std::iter::repeat_n(0u8, n);
         let mut data = noise(BLOCK, 1);
+        let hole1 = data.len()..data.len() + BLOCK;
+        data.extend(zeros(BLOCK));
         data.extend_from_slice(&text);
-        data.extend(std::iter::repeat_n(0u8, BLOCK));
+        data.extend(zeros(BLOCK));
+        let hole2 = data.len()..data.len() + 2 * BLOCK;
+        data.extend(zeros(2 * BLOCK));
         data.extend(noise(BLOCK, 2));
         data.extend_from_slice(&text[..12345]);
-        std::fs::write(&disk_path, &data).unwrap();
+        {
+            let f = File::create(&disk_path).unwrap();
+            let mut at = 0;
+            for hole in [&hole1, &hole2] {
+                f.write_all_at(&data[at..hole.start], at as u64).unwrap();
+                at = hole.end;
+            }
+            f.write_all_at(&data[at..], at as u64).unwrap();
+            f.sync_all().unwrap();
+            for hole in [&hole1, &hole2] {
+                assert!(!has_data(&f, hole.start as u64, hole.len() as u64));
+            }
+            assert!(has_data(&f, hole1.end as u64, BLOCK as u64));
+        }
         let disk = File::open(&disk_path).unwrap();
         let scratch = dir.path().join("s");
         std::fs::create_dir(&scratch).unwrap();
