@@ -1315,10 +1315,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             refuse(a.reassemble, "--reassemble", NOT_YET)?;
             let settings = Settings::load()?;
             let d = settings.registry()?;
-            if !a.image.contains(':') {
-                return Err(crate::registry::RegistryError::NoTag(a.image).into());
-            }
-            let image = crate::registry::ImageRef::with_defaults(
+            let image = crate::registry::ImageRef::to_push(
                 &a.image,
                 a.registry.as_deref(),
                 a.organization.as_deref(),

@@ -940,10 +940,7 @@ impl LumeMcp {
             let vm = name(&a.name)?;
             let ctx = context(storage.as_deref(), Some(&vm))?;
             let d = ctx.settings.registry()?;
-            if !a.image.contains(':') {
-                return Err(crate::registry::RegistryError::NoTag(a.image).into());
-            }
-            let image = crate::registry::ImageRef::with_defaults(
+            let image = crate::registry::ImageRef::to_push(
                 &a.image,
                 a.registry.as_deref(),
                 a.organization.as_deref(),

@@ -27,6 +27,20 @@ impl ImageRef {
         )
     }
 
+    /// [`Self::with_defaults`] for a push, whose image must name its tag
+    /// (lume's push has no default tag).
+    pub fn to_push(
+        image: &str,
+        registry: Option<&str>,
+        organization: Option<&str>,
+        d: &crate::settings::RegistryDefaults,
+    ) -> Result<Self, RegistryError> {
+        if !image.contains(':') {
+            return Err(RegistryError::NoTag(image.to_string()));
+        }
+        Self::with_defaults(image, registry, organization, d)
+    }
+
     /// Parses `NAME[:TAG]` (tag `latest` when omitted) for `registry` and
     /// `organization`.
     pub fn parse(image: &str, registry: &str, organization: &str) -> Result<Self, RegistryError> {
