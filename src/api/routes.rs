@@ -1913,18 +1913,14 @@ fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull:
         .settings
         .registry()
         .map_err(|e| ApiError::internal(&e))?;
-    let image = crate::registry::ImageRef::with_defaults(
+    let (image, vm) = crate::registry::pull::target(
         &r.image,
         r.registry.as_deref(),
         r.organization.as_deref(),
+        r.name.as_deref().map(name).transpose()?,
         &d,
     )
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let vm = match r.name.as_deref() {
-        Some(n) => name(n)?,
-        None => crate::registry::pull::default_name(&image)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?,
-    };
     Ok(crate::registry::pull::PullSpec {
         image,
         name: vm,

@@ -1284,16 +1284,13 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Pull(a) => {
             let settings = Settings::load()?;
             let d = settings.registry()?;
-            let image = crate::registry::ImageRef::with_defaults(
+            let (image, name) = crate::registry::pull::target(
                 &a.image,
                 a.registry.as_deref(),
                 a.organization.as_deref(),
+                a.name,
                 &d,
             )?;
-            let name = match a.name {
-                Some(n) => n,
-                None => crate::registry::pull::default_name(&image)?,
-            };
             (
                 a.storage,
                 Action::Pull(Box::new(crate::registry::pull::PullSpec {
@@ -1506,13 +1503,13 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
     }
     let settings = Settings::load()?;
     let d = settings.registry()?;
-    let image = crate::registry::ImageRef::with_defaults(
+    let (image, name) = crate::registry::pull::target(
         &a.name,
         a.registry.as_deref(),
         a.organization.as_deref(),
+        None,
         &d,
     )?;
-    let name = crate::registry::pull::default_name(&image)?;
     let ctx = context(&a.storage, Some(&name))?;
     if ctx.store.vm(&name).config_path().exists() {
         return Ok(name);

@@ -880,16 +880,13 @@ impl LumeMcp {
         let prepared = (|| -> Result<(Context, crate::registry::pull::PullSpec), ToolError> {
             let ctx = context(storage.as_deref(), None)?;
             let d = ctx.settings.registry()?;
-            let image = crate::registry::ImageRef::with_defaults(
+            let (image, vm) = crate::registry::pull::target(
                 &a.image,
                 a.registry.as_deref(),
                 a.organization.as_deref(),
+                a.name.as_deref().map(name).transpose()?,
                 &d,
             )?;
-            let vm = match a.name.as_deref() {
-                Some(n) => name(n)?,
-                None => crate::registry::pull::default_name(&image)?,
-            };
             let spec = crate::registry::pull::PullSpec {
                 image,
                 name: vm,

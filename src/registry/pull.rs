@@ -67,6 +67,24 @@ pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
     name_for(&image.name, &image.tag).ok_or_else(|| RegistryError::BadReference(image.short()))
 }
 
+/// What a pull of `image` (with `--registry`/`--organization` or
+/// config.yaml's defaults `d`) fetches, and the VM it makes: `name`, else
+/// [`default_name`]. One derivation for the CLI, REST and MCP.
+pub fn target(
+    image: &str,
+    registry: Option<&str>,
+    organization: Option<&str>,
+    name: Option<VmName>,
+    d: &crate::settings::RegistryDefaults,
+) -> Result<(ImageRef, VmName), RegistryError> {
+    let image = ImageRef::with_defaults(image, registry, organization, d)?;
+    let name = match name {
+        Some(n) => n,
+        None => default_name(&image)?,
+    };
+    Ok((image, name))
+}
+
 /// `IMAGE_TAG` for the image name `name` (path allowed) and `tag`; `None`
 /// when that is not a valid VM name (too long, a leading '.' or '_').
 pub fn name_for(name: &str, tag: &str) -> Option<VmName> {
