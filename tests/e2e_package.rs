@@ -402,10 +402,24 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     wait_for("pol's allowed probe", BOOT, || {
         console_has("LUME-GUEST: probe ok 198.51.100.2:8000").then_some(())
     });
-    wait_for("pol's denied probe to be tried", BOOT, || {
-        console_has("LUME-GUEST: probe fail 198.51.100.3:8000").then_some(())
+    // The denied target is tried after a connection to the allowed one
+    // succeeded (rounds before the lease fail for both), and by then the
+    // recorder, which polls its listener, has taken the allowed connection.
+    let after_allowed = || {
+        let text = std::fs::read_to_string(pol_console).unwrap_or_default();
+        let at = text.find("LUME-GUEST: probe ok 198.51.100.2:8000")?;
+        Some(text[at..].to_string())
+    };
+    wait_for("pol's denied probe after an allowed one", BOOT, || {
+        after_allowed()
+            .filter(|t| t.contains("LUME-GUEST: probe fail 198.51.100.3:8000"))
+            .map(|_| ())
     });
     assert!(!console_has("LUME-GUEST: probe ok 198.51.100.3:8000"));
+    let recorded = std::time::Instant::now();
+    while allowed.sources().is_empty() && recorded.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     if allowed.sources().is_empty() {
         panic!(
             "the allowed service saw nothing although the guest connected:\n{}\n{}",

@@ -210,13 +210,13 @@ fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     let udp_denied = udp_counter(&t.lan, "198.51.100.3:9000");
     let mut recovery = Vec::new();
     for _ in 0..3 {
-        let seen = allowed.seen.lock().unwrap().len();
+        let seen = allowed.sources().len();
         let flushed = Instant::now();
         t.host.exec_ok("nft flush ruleset");
         let back = wait_for(
             "the allowed destination to work again after a flush",
             Duration::from_secs(30),
-            || (allowed.seen.lock().unwrap().len() > seen).then(Instant::now),
+            || (allowed.sources().len() > seen).then(Instant::now),
         );
         recovery.push(back - flushed);
         std::thread::sleep(Duration::from_secs(2));

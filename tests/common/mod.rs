@@ -534,14 +534,14 @@ impl Lan {
 /// A TCP service in a namespace that records who connects and answers with
 /// the address it saw. Stops when dropped.
 pub struct Recorder {
-    pub seen: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    listener: std::net::TcpListener,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Recorder {
     pub fn start(ns: &Netns, addr: &str) -> Self {
-        use std::io::Write;
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s2, st2) = (seen.clone(), stop.clone());
@@ -550,26 +550,40 @@ impl Recorder {
         let handle = ns.spawn_in(move || {
             let l = std::net::TcpListener::bind(addr).unwrap();
             l.set_nonblocking(true).unwrap();
-            tx.send(()).unwrap();
+            tx.send(l.try_clone().unwrap()).unwrap();
             while !st2.load(Ordering::SeqCst) {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        s2.lock().unwrap().push(peer);
-                        let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                if !Self::take(&l, &s2) {
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         });
-        rx.recv().unwrap();
+        let listener = rx.recv().unwrap();
         Self {
             seen,
+            listener,
             stop,
             handle: Some(handle),
         }
     }
 
+    /// Accepts every connection the kernel has completed, answering each
+    /// with its source address; false when there was none.
+    fn take(l: &std::net::TcpListener, seen: &std::sync::Mutex<Vec<std::net::SocketAddr>>) -> bool {
+        use std::io::Write;
+        let mut any = false;
+        while let Ok((mut s, peer)) = l.accept() {
+            seen.lock().unwrap().push(peer);
+            let _ = s.write_all(format!("{}\n", peer.ip()).as_bytes());
+            any = true;
+        }
+        any
+    }
+
+    /// Every source so far, including connections the kernel completed
+    /// that the polling thread has not taken yet: a client that saw its
+    /// connect succeed before this call is always counted.
     pub fn sources(&self) -> Vec<std::net::IpAddr> {
+        Self::take(&self.listener, &self.seen);
         self.seen.lock().unwrap().iter().map(|a| a.ip()).collect()
     }
 }
