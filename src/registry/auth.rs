@@ -22,7 +22,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use super::{ImageRef, RegistryError};
@@ -170,50 +169,18 @@ pub fn plain_http(registry: &str) -> bool {
     })
 }
 
-/// The `oci-client` for `image`'s registry. With `gate` (public-only
-/// transfers, see [`super::guard`]) every connection goes through the gate
-/// and plain HTTP is never used.
-pub fn client(
-    image: &ImageRef,
-    concurrency: usize,
-    gate: Option<&super::guard::Gate>,
-) -> oci_client::Client {
-    let protocol = if gate.is_none() && plain_http(&image.registry) {
-        ClientProtocol::HttpsExcept(vec![image.registry.clone()])
-    } else {
-        ClientProtocol::Https
-    };
-    let proxy = gate.map(|g| g.url());
-    oci_client::Client::new(ClientConfig {
-        protocol,
-        max_concurrent_download: concurrency,
-        max_concurrent_upload: concurrency,
-        connect_timeout: Some(std::time::Duration::from_secs(30)),
-        read_timeout: Some(std::time::Duration::from_secs(120)),
-        user_agent: concat!("lume-linux/", env!("CARGO_PKG_VERSION")),
-        https_proxy: proxy.clone(),
-        http_proxy: proxy,
-        ..Default::default()
-    })
-}
-
-/// The client for a transfer on `rt`, behind a gate when `public_only`
-/// (the gate lives as long as the returned guard).
-pub fn connect(
-    image: &ImageRef,
-    concurrency: usize,
+/// The gate for a transfer on `rt` when `public_only` (it runs as long
+/// as the returned value lives).
+pub fn gate(
     public_only: bool,
     rt: &tokio::runtime::Runtime,
-) -> Result<(oci_client::Client, Option<super::guard::Gate>), RegistryError> {
-    let gate = if public_only {
-        Some(
-            rt.block_on(super::guard::Gate::start())
-                .map_err(RegistryError::Runtime)?,
-        )
-    } else {
-        None
-    };
-    Ok((client(image, concurrency, gate.as_ref()), gate))
+) -> Result<Option<super::guard::Gate>, RegistryError> {
+    if !public_only {
+        return Ok(None);
+    }
+    rt.block_on(super::guard::Gate::start())
+        .map(Some)
+        .map_err(RegistryError::Runtime)
 }
 
 /// For API callers without `apiPrivateImageUrls`: the registry's name must

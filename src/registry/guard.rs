@@ -37,6 +37,42 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 pub struct Gate {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    refusals: Refusals,
+}
+
+/// The last connection a gate refused, kept so that the transfer's error
+/// says why (a refused proxy connection reaches the client as a failed
+/// connect, the same as an unreachable host).
+#[derive(Clone, Default)]
+pub struct Refusals(std::sync::Arc<std::sync::Mutex<Option<Refusal>>>);
+
+impl Refusals {
+    fn record(&self, r: &Refusal) {
+        *self.0.lock().expect("never poisoned") = Some(r.clone());
+    }
+
+    /// `e` as the user should see it: a connection the gate refused is
+    /// named as such, not as an unreachable registry.
+    pub fn explain(&self, e: super::RegistryError, registry: &str) -> super::RegistryError {
+        use super::RegistryError as E;
+        if !matches!(e, E::Unreachable { .. } | E::Protocol { .. }) {
+            return e;
+        }
+        match self.0.lock().expect("never poisoned").clone() {
+            Some(Refusal::Private(addr)) => E::PrivateDestination {
+                registry: registry.to_string(),
+                addr,
+            },
+            Some(Refusal::Unresolved) => E::Unresolved {
+                registry: registry.to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the name did not resolve when the transfer connected",
+                ),
+            },
+            _ => e,
+        }
+    }
 }
 
 impl Drop for Gate {
@@ -55,12 +91,23 @@ impl Gate {
     async fn start_with(refused: fn(IpAddr) -> bool) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
+        let refusals = Refusals::default();
+        let log = refusals.clone();
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn, refused));
+                tokio::spawn(serve(conn, refused, log.clone()));
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self {
+            addr,
+            task,
+            refusals,
+        })
+    }
+
+    /// What the gate refused, for explaining the transfer's errors.
+    pub fn refusals(&self) -> Refusals {
+        self.refusals.clone()
     }
 
     /// The proxy URL for the client.
@@ -70,7 +117,7 @@ impl Gate {
 }
 
 /// Why the gate refused a connection (sent back as the proxy's answer).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Malformed,
     PlainHttp,
@@ -78,7 +125,7 @@ pub enum Refusal {
     Unresolved,
 }
 
-async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool) {
+async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: Refusals) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await {
         Ok(Ok(h)) => h,
         _ => return,
@@ -86,6 +133,7 @@ async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool) {
     let target = match parse_connect(&head) {
         Ok(t) => t,
         Err(r) => {
+            log.record(&r);
             let _ = refuse(&mut conn, &r).await;
             return;
         }
@@ -93,6 +141,7 @@ async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool) {
     let addr = match resolve_allowed(&target.0, target.1, refused).await {
         Ok(a) => a,
         Err(r) => {
+            log.record(&r);
             let _ = refuse(&mut conn, &r).await;
             return;
         }
@@ -290,15 +339,21 @@ mod tests {
         let image =
             crate::registry::ImageRef::parse("a:1", &format!("127.0.0.1:{port}"), "test").unwrap();
         let gate = Gate::start().await.unwrap();
-        let client = crate::registry::auth::client(&image, 1, Some(&gate));
-        let r = client
-            .pull_manifest_raw(
-                &image.oci(),
-                &oci_client::secrets::RegistryAuth::Anonymous,
-                &["application/vnd.oci.image.manifest.v1+json"],
-            )
-            .await;
-        assert!(r.is_err());
+        let r = crate::registry::token::authorize(
+            &image,
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            false,
+            Some(&gate),
+        )
+        .await;
+        // Said as what it is, not as an unreachable registry.
+        match r {
+            Err(crate::registry::RegistryError::PrivateDestination { addr, .. }) => {
+                assert_eq!(addr, IpAddr::from([127, 0, 0, 1]))
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("the gate let a loopback registry through"),
+        }
         let accepted =
             tokio::time::timeout(std::time::Duration::from_millis(300), registry.accept()).await;
         assert!(accepted.is_err(), "the client went around the gate");

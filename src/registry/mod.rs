@@ -20,6 +20,7 @@ pub mod pull;
 pub mod push;
 pub mod reference;
 pub mod token;
+pub mod wire;
 
 use std::path::PathBuf;
 

@@ -10,12 +10,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
-use oci_client::client::BlobResponse;
 use sha2::{Digest as _, Sha256};
 
 use super::cache::{Cache, ImageDir, REASSEMBLED};
 use super::format::{self, Descriptor, Format, Manifest, Plan};
-use super::{ImageRef, RegistryError, classify, io_at};
+use super::wire::Blob;
+use super::{ImageRef, RegistryError, io_at};
 use crate::network::NetworkMode;
 use crate::vm::caller::Caller;
 use crate::vm::config::{CloudInit, DiskFormat, MacAddress, VmConfig};
@@ -166,13 +166,10 @@ pub fn pull_into(
         &cache.token_registry,
     )?;
     let rt = super::runtime()?;
-    let (client, gate) = super::auth::connect(&spec.image, PARALLEL, spec.public_only, &rt)?;
-    let oref = spec.image.oci();
+    let gate = super::auth::gate(spec.public_only, &rt)?;
     let image_s = spec.image.to_string();
-    let registry = spec.image.registry.clone();
-    // The token and the manifest are lume's own requests (bounded,
-    // credentials to the registry's host only: see `token`); blobs go
-    // through oci-client with the token.
+    // Every request is lume's own (bounded, credentials to the registry's
+    // host only: see `token` and `wire`).
     let with_auth = |e: RegistryError| e.with_auth(&auth, spec.api);
     let session = rt
         .block_on(super::token::authorize(
@@ -183,16 +180,6 @@ pub fn pull_into(
         ))
         .map_err(with_auth)?;
     let remote = rt.block_on(async {
-        // Only credentials lume obtained go to oci-client: given none (an
-        // anonymous registry), it never runs its own auth check, whose
-        // second look at /v2/ a hostile registry could answer with a token
-        // service lume never vetted (an endless answer, a realm elsewhere).
-        if !matches!(session.auth, oci_client::secrets::RegistryAuth::Anonymous) {
-            client
-                .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
-                .await
-                .map_err(|e| classify(e, &registry, &image_s).with_auth(&auth, spec.api))?;
-        }
         let bytes = session
             .manifest(
                 &spec.image,
@@ -239,9 +226,7 @@ pub fn pull_into(
                 });
             }
             let bar = indicatif::ProgressBar::hidden();
-            rt.block_on(fetch_blob(
-                &client, &session, &oref, c, &dir, &bar, &image_s, None,
-            ))?;
+            rt.block_on(fetch_blob(&session, &spec.image, c, &dir, &bar, None))?;
             let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
             let text = fs::read(&path).map_err(io_at(&path))?;
             serde_json::from_slice(&text).ok()
@@ -404,7 +389,7 @@ pub fn pull_into(
             };
             let fetches = futures_util::stream::iter(unique.iter().map(|d| {
                 let to = if pipelined { stream_to(d) } else { None };
-                fetch_blob(&client, &session, &oref, d, &dir, &bar, &image_s, to)
+                fetch_blob(&session, &spec.image, d, &dir, &bar, to)
             }))
             .buffer_unordered(PARALLEL);
             futures_util::pin_mut!(fetches);
@@ -757,15 +742,12 @@ fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
 /// With `to`, also unpacked there as it streams; the answer says whether
 /// that happened (digest matched and the part unpacked whole), and
 /// whether the blob was downloaded (verified) just now.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_blob(
-    client: &oci_client::Client,
     session: &super::token::Session,
-    oref: &oci_client::Reference,
+    image: &ImageRef,
     d: &Descriptor,
     dir: &ImageDir,
     bar: &indicatif::ProgressBar,
-    image: &str,
     to: Option<StreamTo<'_>>,
 ) -> Result<(String, bool, bool), RegistryError> {
     let hex = d.sha256_hex().expect("digests are checked by format::plan");
@@ -775,7 +757,7 @@ async fn fetch_blob(
         return Ok((d.digest.clone(), false, false));
     }
     let partial = dir.partial(hex);
-    let registry = &oref.registry().to_string();
+    let registry = &image.registry;
     for _attempt in 0..DIGEST_ATTEMPTS {
         let mut file = open_partial(&partial)?;
         let mut have = file.metadata().map_err(io_at(&partial))?.len();
@@ -806,13 +788,11 @@ async fn fetch_blob(
         bar.inc(have);
         let mut resumes = 0;
         while have < d.size {
-            session.keep_fresh(client, oref).await?;
-            let resp = client
-                .pull_blob_stream_partial(oref, d.digest.as_str(), have, None)
-                .await;
+            session.keep_fresh().await?;
+            let resp = session.blob(image, d.digest.as_str(), have).await;
             let mut stream = match resp {
-                Ok(BlobResponse::Partial(s)) => s.stream,
-                Ok(BlobResponse::Full(s)) => {
+                Ok(Blob::Partial(s)) => s,
+                Ok(Blob::Full(s)) => {
                     // The registry ignored the range: start over.
                     file.set_len(0).map_err(io_at(&partial))?;
                     file.seek(std::io::SeekFrom::Start(0))
@@ -826,10 +806,9 @@ async fn fetch_blob(
                     }
                     have = 0;
                     hash = Sha256::new();
-                    s.stream
+                    s
                 }
                 Err(e) => {
-                    let e = classify(e, registry, image);
                     resumes += 1;
                     if resumes > RESUMES
                         || !matches!(

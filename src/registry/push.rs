@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use futures_util::StreamExt;
 
 use super::format::{self, Descriptor, Manifest};
-use super::{ImageRef, RegistryError, classify, io_at};
+use super::{ImageRef, RegistryError, io_at};
 use crate::vm::caller::Caller;
 use crate::vm::config::VmConfig;
 use crate::vm::lock::VmLock;
@@ -112,12 +112,7 @@ pub fn push(
     let config = format::config_blob();
     let config_digest = format::digest_of(&config);
     let rt = super::runtime()?;
-    let (client, gate) =
-        super::auth::connect(&spec.image, 4, spec.public_only && !spec.dry_run, &rt)?;
-    let oref = spec.image.oci();
-    let registry = spec.image.registry.clone();
-    let image_s = spec.image.to_string();
-    let err = |e| classify(e, &registry, &image_s);
+    let gate = super::auth::gate(spec.public_only && !spec.dry_run, &rt)?;
     let mut session = None;
     if !spec.dry_run {
         // Credentials and the config first: a refusal comes before any work.
@@ -128,8 +123,7 @@ pub fn push(
             caller,
             token_registry,
         )?;
-        let err = |e| classify(e, &registry, &image_s).with_auth(&auth, spec.api);
-        // The token exchange is lume's own (see `token`).
+        // Every request is lume's own (see `token` and `wire`).
         let s = rt
             .block_on(super::token::authorize(
                 &spec.image,
@@ -139,25 +133,18 @@ pub fn push(
             ))
             .map_err(|e| e.with_auth(&auth, spec.api))?;
         rt.block_on(async {
-            // As for pull: oci-client gets only credentials lume obtained.
-            if !matches!(s.auth, oci_client::secrets::RegistryAuth::Anonymous) {
-                client
-                    .auth(&oref, &s.auth, oci_client::RegistryOperation::Push)
-                    .await
-                    .map_err(err)?;
-            }
-            if !client
-                .blob_exists(&oref, &config_digest)
-                .await
-                .map_err(err)?
-            {
-                client
-                    .push_blob(&oref, config.clone(), &config_digest)
-                    .await
-                    .map_err(err)?;
+            if !s.blob_exists(&spec.image, &config_digest).await? {
+                s.upload(
+                    &spec.image,
+                    &config_digest,
+                    config.len() as u64,
+                    config.clone().into(),
+                )
+                .await?;
             }
             Ok::<(), RegistryError>(())
-        })?;
+        })
+        .map_err(|e| e.with_auth(&auth, spec.api))?;
         session = Some(s);
     }
     let session = session.as_ref();
@@ -180,20 +167,20 @@ pub fn push(
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(2);
     let upload = |c: Chunk| {
-        let (client, oref, bar) = (&client, &oref, &bar);
+        let bar = &bar;
         async move {
-            if let Some(s) = session {
-                s.keep_fresh(client, oref).await?;
-            }
             let mut sent = 0;
-            if !spec.dry_run && !client.blob_exists(oref, &c.digest).await.map_err(err)? {
-                // Streamed from the file: memory stays at one piece per upload.
-                let file = File::open(&c.path).map_err(io_at(&c.path))?;
-                client
-                    .push_blob_stream(oref, file_stream(file), &c.digest, Some(c.size))
-                    .await
-                    .map_err(err)?;
-                sent = c.size;
+            // No session: a dry run.
+            if let Some(s) = session {
+                s.keep_fresh().await?;
+                if !s.blob_exists(&spec.image, &c.digest).await? {
+                    // Streamed from the file: memory stays at one piece per
+                    // upload.
+                    let file = File::open(&c.path).map_err(io_at(&c.path))?;
+                    let body = reqwest::Body::wrap_stream(file_stream(file));
+                    s.upload(&spec.image, &c.digest, c.size, body).await?;
+                    sent = c.size;
+                }
             }
             let _ = fs::remove_file(&c.path);
             bar.inc(c.len);
@@ -277,17 +264,14 @@ pub fn push(
             dry_run: true,
         });
     }
+    let session = session.expect("a session unless a dry run");
     rt.block_on(async {
-        let content_type = reqwest_header(format::MANIFEST_MEDIA_TYPE);
-        if let Some(s) = session {
-            s.keep_fresh(&client, &oref).await?;
-        }
+        session.keep_fresh().await?;
         for tag in &tags {
-            let r = spec.image.with_tag(tag)?.oci();
-            client
-                .push_manifest_raw(&r, manifest_bytes.clone(), content_type.clone())
-                .await
-                .map_err(err)?;
+            let r = spec.image.with_tag(tag)?;
+            session
+                .push_manifest(&r, manifest_bytes.clone(), format::MANIFEST_MEDIA_TYPE)
+                .await?;
         }
         Ok::<(), RegistryError>(())
     })?;
@@ -305,10 +289,10 @@ pub fn push(
     })
 }
 
-/// A file as a stream of 8 MiB pieces, for `push_blob_stream`.
+/// A file as a stream of 8 MiB pieces, for an upload's body.
 fn file_stream(
     file: File,
-) -> impl futures_util::Stream<Item = oci_client::errors::Result<bytes::Bytes>> + Send + 'static {
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
     futures_util::stream::unfold(Some(file), |state| async move {
         let mut file = state?;
         let mut buf = vec![0u8; 8 << 20];
@@ -318,7 +302,7 @@ fn file_stream(
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Some((Err(e.into()), None)),
+                Err(e) => return Some((Err(e), None)),
             }
         }
         if n == 0 {
@@ -327,10 +311,6 @@ fn file_stream(
         buf.truncate(n);
         Some((Ok(bytes::Bytes::from(buf)), Some(file)))
     })
-}
-
-fn reqwest_header(v: &'static str) -> http::HeaderValue {
-    http::HeaderValue::from_static(v)
 }
 
 /// Whether `[offset, offset+len)` of `f` has any data (SEEK_DATA); on a

@@ -1,12 +1,13 @@
-//! The registry's token exchange and manifest fetch, done by lume itself.
+//! The registry's token exchange, done by lume itself.
 //!
 //! `oci-client` 0.18 fetches the token `realm` a registry names in its
 //! `WWW-Authenticate` challenge with the caller's Basic credentials
 //! whatever host the realm is on, and over plain HTTP if the realm says
-//! so; and it reads token answers and manifests whole, without a size cap.
-//! It offers no setting for either, but it does accept a ready bearer
-//! token (`RegistryAuth::Bearer`), which it then sends to the registry
-//! only. So lume:
+//! so; it reads token answers, manifests and error answers whole, without
+//! a size cap; and it runs that exchange again on its own whenever it
+//! holds credentials. It offers no setting for any of it. So lume speaks
+//! to registries with its own bounded client (this module and
+//! [`super::wire`]):
 //!
 //! - asks the registry (`GET /v2/`, no credentials) how it authenticates;
 //! - for a Bearer challenge, fetches the token itself: the realm must be
@@ -17,12 +18,13 @@
 //!   redirects are followed only a few times, never from HTTPS down to
 //!   plain HTTP, and never with the credentials to another host (reqwest
 //!   drops them), and the answer is read up to
-//!   [`MAX_TOKEN_ANSWER`] bytes; the token is handed to `oci-client`;
-//! - for a Basic challenge, hands `oci-client` the credentials (the
-//!   registry asked for them itself); with no challenge, none;
-//! - fetches the manifest itself, at most [`MAX_MANIFEST`] bytes.
+//!   [`MAX_TOKEN_ANSWER`] bytes;
+//! - for a Basic challenge, sends the credentials to the registry itself
+//!   (it asked for them); with no challenge, nothing;
+//! - renews a token before it expires ([`Session::keep_fresh`]).
 //!
-//! Blobs, uploads and manifest pushes stay with `oci-client`.
+//! The [`Session`] then carries the `Authorization` for every request of
+//! the transfer (manifests, blobs, uploads: [`super::wire`]).
 
 use futures_util::StreamExt;
 use oci_client::secrets::RegistryAuth;
@@ -40,18 +42,22 @@ pub const MAX_MANIFEST: usize = 4 << 20;
 /// Most redirects followed.
 const MAX_REDIRECTS: usize = 5;
 /// Largest error body read (only an excerpt is passed on).
-const MAX_ERROR_BODY: usize = 16 << 10;
+pub(super) const MAX_ERROR_BODY: usize = 16 << 10;
 
 /// How lume talks to one registry for one transfer.
 pub struct Session {
-    /// What `oci-client` is given.
-    pub auth: RegistryAuth,
-    /// `Authorization` for lume's own requests to the registry.
-    header: Option<String>,
-    http: reqwest::Client,
-    base: String,
+    /// `Authorization` for requests to the registry's own host (renewed
+    /// with the token).
+    pub(super) header: std::sync::Mutex<Option<String>>,
+    pub(super) http: reqwest::Client,
+    /// `SCHEME://HOST[:PORT]` of the registry.
+    pub(super) base: reqwest::Url,
     /// For a token: how to fetch the next one, and when this one was.
     refresh: Option<Refresh>,
+    /// The gate's refusals, in a public-only transfer.
+    pub(super) refusals: Option<super::guard::Refusals>,
+    /// The registry's name, as the user gave it.
+    registry: String,
 }
 
 /// What a token is fetched anew from.
@@ -157,7 +163,7 @@ pub fn realm_gets_credentials(registry: &str, realm_host: &str) -> bool {
 }
 
 /// Reads at most `max` bytes of `res`'s body; `None` when it is longer.
-async fn read_capped(
+pub(super) async fn read_capped(
     res: reqwest::Response,
     max: usize,
 ) -> Result<Option<Vec<u8>>, reqwest::Error> {
@@ -186,7 +192,13 @@ pub async fn authorize(
     push: bool,
     gate: Option<&super::guard::Gate>,
 ) -> Result<Session, RegistryError> {
-    within_deadline(&image.registry, authorize_now(image, auth, push, gate)).await
+    let refusals = gate.map(super::guard::Gate::refusals);
+    within_deadline(&image.registry, authorize_now(image, auth, push, gate))
+        .await
+        .map_err(|e| match &refusals {
+            Some(r) => r.explain(e, &image.registry),
+            None => e,
+        })
 }
 
 /// How long the exchange with the registry (its first answer, the token)
@@ -201,7 +213,7 @@ async fn within_deadline<T>(
     within(EXCHANGE_DEADLINE, registry, f).await
 }
 
-async fn within<T>(
+pub(super) async fn within<T>(
     deadline: std::time::Duration,
     registry: &str,
     f: impl std::future::Future<Output = Result<T, RegistryError>>,
@@ -251,7 +263,13 @@ async fn authorize_now(
         "https"
     };
     let base = format!("{scheme}://{}", image.oci().resolve_registry());
-    let res = http.get(format!("{base}/v2/")).send().await.map_err(fail)?;
+    let base = reqwest::Url::parse(&base)
+        .map_err(|e| RegistryError::BadRegistry(excerpt(&format!("{base}: {e}"))))?;
+    let res = http
+        .get(base.join("/v2/").expect("a path joins"))
+        .send()
+        .await
+        .map_err(fail)?;
     let challenge = res
         .headers()
         .get(reqwest::header::WWW_AUTHENTICATE)
@@ -263,7 +281,7 @@ async fn authorize_now(
         _ => None,
     };
     let mut refresh = None;
-    let (oci, header) = match challenge {
+    let header = match challenge {
         Some(Challenge::Bearer { realm, service }) => {
             let public_only = gate.is_some();
             let (token, life) = exchange(
@@ -285,31 +303,40 @@ async fn authorize_now(
                 public_only,
                 state: tokio::sync::Mutex::new((std::time::Instant::now(), life)),
             });
-            let header = format!("Bearer {token}");
-            (RegistryAuth::Bearer(token), Some(header))
+            Some(format!("Bearer {token}"))
         }
         // The registry asked for the credentials itself.
         Some(Challenge::Basic) if basic.is_some() => {
             let (u, p) = basic.clone().expect("checked");
-            let header = format!(
+            Some(format!(
                 "Basic {}",
                 base64::Engine::encode(
                     &base64::engine::general_purpose::STANDARD,
                     format!("{u}:{p}")
                 )
-            );
-            (auth.clone(), Some(header))
+            ))
         }
         // No challenge (or one lume cannot answer): nothing is sent.
-        _ => (RegistryAuth::Anonymous, None),
+        _ => None,
     };
     Ok(Session {
-        auth: oci,
-        header,
+        header: std::sync::Mutex::new(header),
         http,
         base,
         refresh,
+        refusals: gate.map(super::guard::Gate::refusals),
+        registry,
     })
+}
+
+/// `HOST[:PORT]` of `url`, as registries are named (`[V6]:PORT`).
+pub(super) fn host_port(url: &reqwest::Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(p) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{p}"),
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    }
 }
 
 /// The token exchange with `realm`: the token and how long it lasts.
@@ -333,14 +360,9 @@ async fn exchange(
         .host_str()
         .ok_or_else(|| bad("it names no host".into()))?
         .to_string();
-    let host_port = match url.port() {
-        Some(p) if host.contains(':') => format!("[{host}]:{p}"),
-        Some(p) => format!("{host}:{p}"),
-        None => host.clone(),
-    };
     match url.scheme() {
         "https" => {}
-        "http" if !public_only && super::auth::plain_http(&host_port) => {}
+        "http" if !public_only && super::auth::plain_http(&host_port(&url)) => {}
         _ => {
             return Err(bad(format!(
                 "it is not HTTPS; plain HTTP is spoken only to loopback hosts and those in {}",
@@ -417,14 +439,21 @@ async fn exchange(
 
 impl Session {
     /// Fetches a new token when two thirds of the current one's life have
-    /// passed, and hands it to `client` (which would otherwise go on with
-    /// the first one, a token being all it was given). Called before each
-    /// blob request, so a transfer outlives its tokens.
-    pub async fn keep_fresh(
-        &self,
-        client: &oci_client::Client,
-        oref: &oci_client::Reference,
-    ) -> Result<(), RegistryError> {
+    /// passed. Called before each blob request, so a transfer outlives its
+    /// tokens.
+    pub async fn keep_fresh(&self) -> Result<(), RegistryError> {
+        self.renew().await.map_err(|e| self.explain(e))
+    }
+
+    /// `e` with the gate's refusals taken into account.
+    pub(super) fn explain(&self, e: RegistryError) -> RegistryError {
+        match &self.refusals {
+            Some(r) => r.explain(e, &self.registry),
+            None => e,
+        }
+    }
+
+    async fn renew(&self) -> Result<(), RegistryError> {
         let Some(r) = &self.refresh else {
             return Ok(());
         };
@@ -443,87 +472,8 @@ impl Session {
         )
         .await?;
         *state = (std::time::Instant::now(), life);
-        let auth = RegistryAuth::Bearer(token);
-        let ops: &[oci_client::RegistryOperation] = if r.push {
-            &[
-                oci_client::RegistryOperation::Pull,
-                oci_client::RegistryOperation::Push,
-            ]
-        } else {
-            &[oci_client::RegistryOperation::Pull]
-        };
-        for op in ops {
-            client
-                .auth(oref, &auth, *op)
-                .await
-                .map_err(|e| classify(e, &r.image.registry, &r.image.to_string()))?;
-        }
+        *self.header.lock().expect("never poisoned") = Some(format!("Bearer {token}"));
         Ok(())
-    }
-
-    /// The manifest of `image` (a tag or digest), at most [`MAX_MANIFEST`]
-    /// bytes, as the registry sent it.
-    pub async fn manifest(
-        &self,
-        image: &ImageRef,
-        accept: &[&str],
-    ) -> Result<Vec<u8>, RegistryError> {
-        within_deadline(&image.registry, self.manifest_now(image, accept)).await
-    }
-
-    async fn manifest_now(
-        &self,
-        image: &ImageRef,
-        accept: &[&str],
-    ) -> Result<Vec<u8>, RegistryError> {
-        let oref = image.oci();
-        let reference = oref
-            .digest()
-            .map(str::to_string)
-            .or_else(|| oref.tag().map(str::to_string))
-            .unwrap_or_else(|| "latest".into());
-        let url = format!(
-            "{}/v2/{}/manifests/{}",
-            self.base,
-            oref.repository(),
-            reference
-        );
-        let registry = &image.registry;
-        let image_s = image.to_string();
-        let fail = |e: reqwest::Error| classify(e.into(), registry, &image_s);
-        let mut req = self
-            .http
-            .get(&url)
-            .header(reqwest::header::ACCEPT, accept.join(", "));
-        if let Some(h) = &self.header {
-            req = req.header(reqwest::header::AUTHORIZATION, h);
-        }
-        let res = req.send().await.map_err(fail)?;
-        let status = res.status();
-        if !status.is_success() {
-            let body = read_capped(res, MAX_ERROR_BODY)
-                .await
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-            return Err(classify(
-                oci_client::errors::OciDistributionError::ServerError {
-                    code: status.as_u16(),
-                    url,
-                    message: String::from_utf8_lossy(&body).into_owned(),
-                },
-                registry,
-                &image_s,
-            ));
-        }
-        read_capped(res, MAX_MANIFEST)
-            .await
-            .map_err(fail)?
-            .ok_or_else(|| RegistryError::TooLong {
-                registry: registry.clone(),
-                what: "manifest",
-                max: MAX_MANIFEST,
-            })
     }
 }
 
@@ -638,7 +588,7 @@ mod tests {
 
     /// A transfer longer than its token's life goes on with a new token:
     /// fetched when two thirds of the old one's life have passed, and the
-    /// one oci-client then sends.
+    /// one sent from then on.
     #[tokio::test]
     async fn tokens_are_renewed_before_they_expire() {
         let (addr, seen) = token_registry().await;
@@ -646,16 +596,10 @@ mod tests {
         let session = authorize(&image, &RegistryAuth::Anonymous, false, None)
             .await
             .unwrap();
-        let client = super::super::auth::client(&image, 1, None);
-        let oref = image.oci();
-        client
-            .auth(&oref, &session.auth, oci_client::RegistryOperation::Pull)
-            .await
-            .unwrap();
         let digest = format!("sha256:{}", "0".repeat(64));
         let exists = async || {
-            session.keep_fresh(&client, &oref).await.unwrap();
-            client.blob_exists(&oref, &digest).await.unwrap();
+            session.keep_fresh().await.unwrap();
+            session.blob_exists(&image, &digest).await.unwrap();
         };
         exists().await;
         exists().await;
