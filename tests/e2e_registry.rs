@@ -716,7 +716,16 @@ fn api_pull_start_push_images_prune() {
 ///   endless body;
 /// - 127.0.0.1:5104 names a plain-HTTP realm on a non-loopback host;
 /// - 127.0.0.1:5105 names a realm on its own host that redirects to
-///   127.0.0.2:5101.
+///   127.0.0.2:5101;
+/// - 127.0.0.1:5106 needs nothing at first look, and names an endless
+///   token service at every later look at /v2/;
+/// - 127.0.0.1:5107 asks for Basic credentials at first look (a Bearer
+///   realm on 127.0.0.2:5101 at later ones), serves a lume manifest to
+///   them, and answers the blob request with an error whose body is
+///   endless;
+/// - 127.0.0.1:5108 (Basic, as 5107) takes pushes, but sends the upload
+///   to 127.0.0.2:5101, which logs the Authorization it gets and answers
+///   with an endless error.
 ///
 /// Endless bodies stop at 1 GiB; what was written before the client hung
 /// up is logged as `sent PORT BYTES`.
@@ -727,8 +736,8 @@ log = open(sys.argv[1], "a", buffering=1)
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     def log_message(self, *a): pass
-    def endless(self):
-        self.send_response(200)
+    def endless(self, code=200):
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
         sent, chunk = 0, b"[" * 65536
@@ -738,10 +747,53 @@ class H(BaseHTTPRequestHandler):
         except OSError:
             pass
         log.write("sent %d %d\n" % (self.server.server_port, sent))
+    def basic_first(self):
+        # 5107/5108: Basic at first look, a Bearer realm elsewhere later.
+        self.server.looks = getattr(self.server, "looks", 0) + 1
+        self.send_response(401)
+        if self.server.looks == 1:
+            self.send_header("WWW-Authenticate", 'Basic realm="r"')
+        else:
+            self.send_header("WWW-Authenticate",
+                             'Bearer realm="http://127.0.0.2:5101/token?from=%d"' % self.server.server_port)
+        self.send_header("Content-Length", "0"); self.end_headers()
+    def authorized(self):
+        if (self.headers.get("Authorization") or "").startswith("Basic "):
+            return True
+        self.send_response(401); self.send_header("WWW-Authenticate", 'Basic realm="r"')
+        self.send_header("Content-Length", "0"); self.end_headers()
+        return False
+    def do_HEAD(self):
+        if self.authorized():
+            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+    def do_POST(self):
+        if self.server.server_port == 5108 and self.authorized():
+            self.send_response(202)
+            self.send_header("Location", "http://127.0.0.2:5101/upload?from=5108")
+            self.send_header("Content-Length", "0"); self.end_headers()
+    def do_PUT(self):
+        if self.server.server_port == 5101:
+            log.write("upload auth=%s\n" % self.headers.get("Authorization"))
+            self.endless(500)
     def do_GET(self):
         port = self.server.server_port
+        if port in (5107, 5108) and self.path == "/v2/":
+            self.basic_first(); return
+        if port == 5107 and "/manifests/" in self.path:
+            if self.authorized():
+                body = MANIFEST.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                self.send_header("Content-Length", str(len(body))); self.end_headers()
+                self.wfile.write(body)
+            return
+        if port == 5107 and "/blobs/" in self.path:
+            if self.authorized():
+                self.endless(500)
+            return
         if port == 5101:
-            log.write("realm%s auth=%s\n" % (" via 5105" if "from=5105" in self.path else "",
+            frm = self.path.split("from=")[1] if "from=" in self.path else ""
+            log.write("realm%s auth=%s\n" % (" via " + frm if frm else "",
                                               self.headers.get("Authorization")))
             body = b'{"token":"t0k3n"}'
             self.send_response(200); self.send_header("Content-Length", str(len(body)))
@@ -769,9 +821,13 @@ class H(BaseHTTPRequestHandler):
         if self.path.startswith("/token") or (port == 5103 and "/manifests/" in self.path):
             self.endless(); return
         self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
+MANIFEST = ('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+            '"layers":[{"mediaType":"application/vnd.trycua.lume.disk.v1","digest":"sha256:%s",'
+            '"size":1048576,"annotations":{"org.trycua.lume.content.uncompressed-size":"1048576"}}]}'
+            % ("a" * 64))
 for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
                    ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105),
-                   ("127.0.0.1", 5106)]:
+                   ("127.0.0.1", 5106), ("127.0.0.1", 5107), ("127.0.0.1", 5108)]:
     s = ThreadingHTTPServer((host, port), H)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 open(sys.argv[1] + ".ready", "w").close()
@@ -879,6 +935,41 @@ fn hostile_registry_realm_and_endless_answers() {
     assert!(err.contains("was not found"), "{err}");
     assert!(!read_log().contains("sent 5106"), "{}", read_log());
     assert!(!home.vm_dir("x").exists());
+
+    // With credentials: the registry asked for them itself (Basic), and
+    // nothing looks at /v2/ a second time, where it would name a token
+    // service elsewhere. A blob request's endless error answer is cut off.
+    let err = pull(5107, true, None);
+    assert!(err.contains("Registry 127.0.0.1:5107 failed"), "{err}");
+    assert!(sent(5107) < 32 * MB, "{}", read_log());
+    assert!(!read_log().contains("via 5107"), "{}", read_log());
+    assert!(!home.vm_dir("x").exists());
+
+    // A push whose upload the registry sends to another host: the
+    // credentials stay behind, and its endless error answer is cut off.
+    let push_vm = "pushme";
+    let disk = vm_with_data(&home, push_vm);
+    assert!(disk.exists());
+    let err = ns.lume_fails(
+        &home,
+        &[
+            "push",
+            push_vm,
+            "img:v1",
+            "--registry",
+            "127.0.0.1:5108",
+            "--organization",
+            "test",
+            "--username",
+            "alice",
+            "--password",
+            "s3cret",
+        ],
+    );
+    assert!(err.contains("Registry 127.0.0.1:5108 failed"), "{err}");
+    assert!(read_log().contains("upload auth=None"), "{}", read_log());
+    assert!(!read_log().contains("upload auth=Basic"), "{}", read_log());
+    assert!(sent(5101) < 32 * MB, "{}", read_log());
 
     let _ = server.kill();
     let _ = server.wait();
