@@ -265,6 +265,7 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         | R::UnsafeCache { .. }
         | R::NotLume { .. }
         | R::ForeignOs { .. }
+        | R::ForeignArchitecture { .. }
         | R::ChunkSize(_)
         | R::KernelBoot(_)
         | R::TooLarge { .. }

@@ -233,6 +233,7 @@ pub fn plan(m: &Manifest) -> Result<Plan, String> {
 /// lume's config blob for a Linux VM (keys sorted, pretty, as lume writes).
 pub fn config_blob() -> Vec<u8> {
     let v = serde_json::json!({
+        "architecture": host_architecture(),
         "hardwareModel": "",
         "machineIdentifier": "",
         "mediatype": CONFIG_MEDIA_TYPE,
@@ -240,6 +241,25 @@ pub fn config_blob() -> Vec<u8> {
         "storage": [{"file": "disk.img", "mediatype": DISK_MEDIA_TYPE}],
     });
     serde_json::to_vec_pretty(&v).expect("a JSON value serializes")
+}
+
+/// The host's CPU architecture in OCI's words (`amd64`, `arm64`, …), the
+/// one lume's VMs run on. lume's config blob names it (upstream lume's
+/// does not: an image without it is taken as the host's).
+pub fn host_architecture() -> &'static str {
+    oci_architecture(std::env::consts::ARCH)
+}
+
+/// Rust's name of an architecture in OCI's words.
+pub fn oci_architecture(rust: &str) -> &str {
+    match rust {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
 }
 
 /// Lowercase hex of bytes.

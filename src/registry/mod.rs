@@ -86,6 +86,14 @@ pub enum RegistryError {
     )]
     ForeignOs { image: String, os: String },
     #[error(
+        "Image {image} holds a VM for {arch} machines, and this host is {host}: lume runs VMs of the host's own architecture; pull an image pushed from a {host} host"
+    )]
+    ForeignArchitecture {
+        image: String,
+        arch: String,
+        host: &'static str,
+    },
+    #[error(
         "Blob {digest} of {image} did not match its digest after {attempts} downloads: the registry serves corrupt data; nothing was installed, try again later or tell the registry's owner"
     )]
     Corrupt {

@@ -502,6 +502,15 @@ fn vm_config(
             os: os.to_string(),
         });
     }
+    if let Some(arch) = cfg_str("architecture")
+        && !arch.eq_ignore_ascii_case(format::host_architecture())
+    {
+        return Err(RegistryError::ForeignArchitecture {
+            image: image.to_string(),
+            arch: super::excerpt(arch),
+            host: format::host_architecture(),
+        });
+    }
     let ann = |k: &str| m.annotation(k).and_then(|v| v.parse::<u64>().ok());
     let disk_size = match remote.plan.format {
         Format::Current => remote.plan.disk_size,
@@ -959,6 +968,50 @@ mod tests {
     use super::*;
 
     /// An image asking for 255 CPUs and 1 TiB gets the host's at most.
+    /// An image's config says what it runs on: another OS or another CPU
+    /// architecture is refused before any disk byte is fetched; upstream
+    /// lume's configs name no architecture and are taken as the host's.
+    #[test]
+    fn foreign_images_are_refused_by_their_config() {
+        let image = ImageRef::parse("img:v1", "r.example", "test").unwrap();
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "layers": [{
+                "mediaType": format::DISK_MEDIA_TYPE,
+                "digest": format!("sha256:{}", "a".repeat(64)),
+                "size": 100,
+                "annotations": {format::UNCOMPRESSED_SIZE: "1048576"}
+            }]
+        }))
+        .unwrap();
+        let plan = format::plan(&manifest).unwrap();
+        let remote = Remote {
+            bytes: Vec::new(),
+            manifest,
+            plan,
+        };
+        let config = |v: serde_json::Value| vm_config(&image, &remote, Some(&v), &mut |_| {});
+        let host = format::host_architecture();
+        assert!(config(serde_json::json!({"os": "linux", "architecture": host})).is_ok());
+        assert!(config(serde_json::json!({"os": "linux"})).is_ok());
+        let other = if host == "s390x" { "amd64" } else { "s390x" };
+        match config(serde_json::json!({"os": "linux", "architecture": other})) {
+            Err(e @ RegistryError::ForeignArchitecture { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(&format!("for {other} machines")), "{text}");
+                assert!(text.contains(&format!("this host is {host}")), "{text}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(matches!(
+            config(serde_json::json!({"os": "macOS"})),
+            Err(RegistryError::ForeignOs { .. })
+        ));
+        // What lume pushes names this host's architecture.
+        let pushed: serde_json::Value = serde_json::from_slice(&format::config_blob()).unwrap();
+        assert_eq!(pushed["architecture"], host);
+    }
+
     #[test]
     fn image_resources_are_clamped_to_the_host() {
         let mut notes = Vec::new();
