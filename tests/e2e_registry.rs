@@ -706,6 +706,41 @@ fn api_pull_start_push_images_prune() {
     );
     let (_, images) = api(&ns, "GET", "/lume/images?organization=test", None);
     assert_eq!(images, serde_json::json!([]));
+
+    // A caller's background transfers are capped: against a registry that
+    // accepts and never answers, four pulls run and a fifth is refused at
+    // once (429), leaving no VM behind.
+    let _silent = ns.spawn_in(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:5199").unwrap();
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            held.push(c);
+        }
+    });
+    let start = |n: u32| {
+        api(
+            &ns,
+            "POST",
+            "/lume/pull/start",
+            Some(&format!(
+                r#"{{"image":"img:v1","name":"held{n}","registry":"127.0.0.1:5199","organization":"test"}}"#
+            )),
+        )
+    };
+    for n in 1..=4 {
+        let (code, body) = start(n);
+        assert_eq!(code, 202, "{body}");
+    }
+    let (code, body) = start(5);
+    assert_eq!(code, 429, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("running in the background already"),
+        "{body}"
+    );
+    assert!(!home.vm_dir("held5").exists());
 }
 
 /// A registry that misbehaves, for what docker-registry will not do:
@@ -725,7 +760,8 @@ fn api_pull_start_push_images_prune() {
 ///   endless;
 /// - 127.0.0.1:5108 (Basic, as 5107) takes pushes, but sends the upload
 ///   to 127.0.0.2:5101, which logs the Authorization it gets and answers
-///   with an endless error.
+///   with an endless error;
+/// - 127.0.0.1:5109 names a realm on another port of its host (5102's).
 ///
 /// Endless bodies stop at 1 GiB; what was written before the client hung
 /// up is logged as `sent PORT BYTES`.
@@ -777,6 +813,8 @@ class H(BaseHTTPRequestHandler):
             self.endless(500)
     def do_GET(self):
         port = self.server.server_port
+        if self.path.startswith("/token"):
+            log.write("token asked at %d\n" % port)
         if port in (5107, 5108) and self.path == "/v2/":
             self.basic_first(); return
         if port == 5107 and "/manifests/" in self.path:
@@ -810,7 +848,8 @@ class H(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0"); self.end_headers(); return
         if self.path == "/v2/" and port != 5103:
             realm = {5100: "http://127.0.0.2:5101/token", 5102: "http://127.0.0.1:5102/token",
-                     5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token"}[port]
+                     5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token",
+                     5109: "http://127.0.0.1:5102/token"}[port]
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="s"' % realm)
             self.send_header("Content-Length", "0"); self.end_headers(); return
@@ -827,7 +866,8 @@ MANIFEST = ('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.
             % ("a" * 64))
 for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
                    ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105),
-                   ("127.0.0.1", 5106), ("127.0.0.1", 5107), ("127.0.0.1", 5108)]:
+                   ("127.0.0.1", 5106), ("127.0.0.1", 5107), ("127.0.0.1", 5108),
+                   ("127.0.0.1", 5109)]:
     s = ThreadingHTTPServer((host, port), H)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 open(sys.argv[1] + ".ready", "w").close()
@@ -891,8 +931,17 @@ fn hostile_registry_realm_and_endless_answers() {
     assert!(err.contains("was not found"), "{err}");
     assert!(read_log().contains("realm auth=None"), "{}", read_log());
     // The user trusts that host: then (only then) it gets them.
-    pull(5100, true, Some("127.0.0.2"));
+    pull(5100, true, Some("127.0.0.2:5101"));
     assert!(read_log().contains("realm auth=Basic "), "{}", read_log());
+    // Another port of the registry's own host is another service (on
+    // loopback, any local user's): no credentials for it either.
+    let err = pull(5109, true, None);
+    assert!(err.contains("LUME_TOKEN_REALMS=127.0.0.1:5102"), "{err}");
+    assert!(
+        !read_log().contains("token asked at 5102"),
+        "{}",
+        read_log()
+    );
 
     // A realm on the registry's host that redirects elsewhere: the
     // credentials do not follow.

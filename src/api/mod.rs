@@ -88,6 +88,30 @@ pub struct AppState {
     /// VM name: the error and when, answered by `GET /lume/vms/{name}` (as
     /// lume) for [`PULL_FAILURE_KEPT`] or until the name is used again.
     pub(crate) pull_failures: Mutex<HashMap<(u32, String), (String, std::time::Instant)>>,
+    /// Background transfers (downloads for create, pulls, pushes) running
+    /// per caller uid: each holds a thread and its connections.
+    background: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+/// Background transfers one caller may have running at once.
+pub(crate) const BACKGROUND_PER_CALLER: usize = 4;
+
+/// One caller's running background transfer; it ends when dropped.
+pub(crate) struct BackgroundSlot {
+    running: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for BackgroundSlot {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = running.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// How long a failed background pull is remembered.
@@ -102,6 +126,26 @@ impl AppState {
             euid: nix::unistd::geteuid().as_raw(),
             ..Self::default()
         }
+    }
+
+    /// A slot for one more background transfer of `uid`, or 429 when it
+    /// has [`BACKGROUND_PER_CALLER`] running.
+    pub(crate) fn background_slot(&self, uid: u32) -> Result<BackgroundSlot, error::ApiError> {
+        let mut running = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        let n = running.entry(uid).or_default();
+        if *n >= BACKGROUND_PER_CALLER {
+            return Err(error::ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "You have {BACKGROUND_PER_CALLER} downloads, pulls or pushes running in the background already: wait for one to finish (`GET /lume/vms` shows them as provisioning or pulling), then try again"
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(BackgroundSlot {
+            running: self.background.clone(),
+            uid,
+        })
     }
 
     /// Waits for this server's turn on one VM.

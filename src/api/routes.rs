@@ -862,10 +862,12 @@ pub async fn create_vm(
     if spec.image.as_ref().is_some_and(ImageSource::is_url) {
         // Checked and visible as `provisioning` before the answer; the
         // download runs on a thread of its own.
+        let slot = st.background_slot(caller.uid)?;
         let details = on_vm(&st, &caller, storage, &vm, move |ctx| {
             let pending = begin_create(ctx, spec).map_err(ApiError::from)?;
             let details = pending.details();
             std::thread::spawn(move || {
+                let _slot = slot;
                 let name = pending.name().clone();
                 match pending.finish(&mut |line: &str| super::log(line)) {
                     Ok(_) => super::log(&format!("VM '{name}' created from its image")),
@@ -2007,6 +2009,7 @@ pub async fn pull_image_start(
     let image = r.image.clone();
     let st2 = st.clone();
     let uid = caller.uid;
+    let slot = st.background_slot(uid)?;
     let name = on_vm(&st, &caller, storage.as_deref(), &vm, move |ctx| {
         let spec = pull_spec(ctx, &r)?;
         let pending = crate::vm::actions::begin_pull(ctx, spec).map_err(ApiError::from)?;
@@ -2017,6 +2020,7 @@ pub async fn pull_image_start(
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         std::thread::spawn(move || {
+            let _slot = slot;
             let name = pending.name().clone();
             match pending.finish(&mut |line: &str| super::log(line)) {
                 Ok(_) => super::log(&format!("VM '{name}' pulled")),
@@ -2085,6 +2089,7 @@ pub async fn push_vm(
         tags: Some(r.tags.clone()),
     };
     let vm2 = vm.clone();
+    let slot = st.background_slot(caller.uid)?;
     in_location(&st, &caller, storage.as_deref(), move |ctx| {
         let d = ctx
             .settings
@@ -2139,6 +2144,7 @@ pub async fn push_vm(
         };
         let ctx = ctx.clone();
         std::thread::spawn(move || {
+            let _slot = slot;
             let action = Action::Push {
                 name: vm2.clone(),
                 spec: Box::new(spec),

@@ -91,17 +91,40 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                // Benchmarking (198.18/15) and the reserved 240/4.
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_private(IpAddr::V4(v4));
             }
             let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                is_private(IpAddr::V4(std::net::Ipv4Addr::from(
+                    (u32::from(hi) << 16) | u32::from(lo),
+                )))
+            };
+            // Addresses that carry an IPv4 address a gateway may lead to:
+            // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4
+            // (2002:AABB:CCDD::/48).
+            if seg[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                return embedded(seg[6], seg[7]);
+            }
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return embedded(seg[6], seg[7]);
+            }
+            if seg[0] == 0x2002 {
+                return embedded(seg[1], seg[2]);
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (seg[0] & 0xfe00) == 0xfc00
                 || (seg[0] & 0xffc0) == 0xfe80
+                // Local-use NAT64 (64:ff9b:1::/48), discard-only (100::/64).
+                || seg[..3] == [0x64, 0xff9b, 1]
+                || seg[..4] == [0x100, 0, 0, 0]
         }
     }
 }
@@ -391,6 +414,17 @@ mod tests {
             "ff02::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::1",
+            "100::1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "240.0.0.1",
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }
@@ -400,6 +434,9 @@ mod tests {
             "8.8.8.8",
             "2001:db8::1",
             "172.32.0.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "198.20.0.1",
         ] {
             assert!(!is_private(a.parse().unwrap()), "{a}");
         }

@@ -18,6 +18,12 @@
 //!
 //! TLS stays end to end between the client and the registry: the proxy
 //! only ever sees the host and port.
+//!
+//! Only the transfer's own client may use it: every request must carry
+//! the gate's random secret (`Proxy-Authorization`), checked before
+//! anything else is read into a decision; a local user who finds the port
+//! can neither tunnel through root's process nor plant refusals. At most
+//! [`MAX_CONNECTIONS`] tunnels are open at once.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -32,33 +38,65 @@ const MAX_HEAD: usize = 8 << 10;
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long connecting to the registry may take.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most tunnels open at once (a transfer uses a few).
+pub const MAX_CONNECTIONS: usize = 32;
+/// The proxy user name the secret goes with.
+const PROXY_USER: &str = "lume";
 
 /// A running gate; it stops when dropped.
 pub struct Gate {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     refusals: Refusals,
+    /// What the client proves it is the transfer's with.
+    secret: String,
 }
 
-/// The last connection a gate refused, kept so that the transfer's error
-/// says why (a refused proxy connection reaches the client as a failed
-/// connect, the same as an unreachable host).
+/// The hosts the gate refused (the transfer's own requests only), kept
+/// so that the transfer's error says why: a refused proxy connection
+/// reaches the client as a failed connect, the same as an unreachable
+/// host.
 #[derive(Clone, Default)]
-pub struct Refusals(std::sync::Arc<std::sync::Mutex<Option<Refusal>>>);
+pub struct Refusals(std::sync::Arc<std::sync::Mutex<Vec<(String, Refusal)>>>);
+
+/// Most refusals kept.
+const MAX_REFUSALS: usize = 16;
 
 impl Refusals {
-    fn record(&self, r: &Refusal) {
-        *self.0.lock().expect("never poisoned") = Some(r.clone());
+    fn record(&self, host: &str, r: &Refusal) {
+        let mut all = self.0.lock().expect("never poisoned");
+        if all.len() < MAX_REFUSALS {
+            all.push((host.to_ascii_lowercase(), r.clone()));
+        }
     }
 
     /// `e` as the user should see it: a connection the gate refused is
-    /// named as such, not as an unreachable registry.
+    /// named as such, not as an unreachable registry — when `e` is a
+    /// failed connect to a host the gate refused.
     pub fn explain(&self, e: super::RegistryError, registry: &str) -> super::RegistryError {
         use super::RegistryError as E;
-        if !matches!(e, E::Unreachable { .. } | E::Protocol { .. }) {
+        let host = match &e {
+            E::Unreachable {
+                source: oci_client::errors::OciDistributionError::RequestError(r),
+                ..
+            } => r.url().and_then(|u| u.host_str()).map(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            }),
+            _ => None,
+        };
+        let Some(host) = host else {
             return e;
-        }
-        match self.0.lock().expect("never poisoned").clone() {
+        };
+        let refusal = self
+            .0
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, r)| r.clone());
+        match refusal {
             Some(Refusal::Private(addr)) => E::PrivateDestination {
                 registry: registry.to_string(),
                 addr,
@@ -92,17 +130,44 @@ impl Gate {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let refusals = Refusals::default();
+        let mut raw = [0u8; 24];
+        crate::util::random::fill(&mut raw);
+        let secret = super::format::hex(&raw);
+        let expected = format!(
+            "Basic {}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{PROXY_USER}:{secret}")
+            )
+        );
         let log = refusals.clone();
+        let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
+            let expected: std::sync::Arc<str> = expected.into();
             while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(serve(conn, refused, log.clone()));
+                // Over the cap, the connection is dropped at once.
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let (log, expected) = (log.clone(), expected.clone());
+                tokio::spawn(async move {
+                    serve(conn, refused, &log, &expected).await;
+                    drop(permit);
+                });
             }
         });
         Ok(Self {
             addr,
             task,
             refusals,
+            secret,
         })
+    }
+
+    /// The proxy setting for the transfer's client: the gate, with its
+    /// secret.
+    pub fn proxy(&self) -> reqwest::Result<reqwest::Proxy> {
+        Ok(reqwest::Proxy::all(self.url())?.basic_auth(PROXY_USER, &self.secret))
     }
 
     /// What the gate refused, for explaining the transfer's errors.
@@ -119,21 +184,26 @@ impl Gate {
 /// Why the gate refused a connection (sent back as the proxy's answer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
+    /// Not the transfer's client (no or a wrong secret).
+    Stranger,
     Malformed,
     PlainHttp,
     Private(IpAddr),
     Unresolved,
 }
 
-async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: Refusals) {
+async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: &Refusals, expected: &str) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await {
         Ok(Ok(h)) => h,
         _ => return,
     };
+    if !authorized(&head, expected) {
+        let _ = refuse(&mut conn, &Refusal::Stranger).await;
+        return;
+    }
     let target = match parse_connect(&head) {
         Ok(t) => t,
         Err(r) => {
-            log.record(&r);
             let _ = refuse(&mut conn, &r).await;
             return;
         }
@@ -141,7 +211,7 @@ async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: Refusals) 
     let addr = match resolve_allowed(&target.0, target.1, refused).await {
         Ok(a) => a,
         Err(r) => {
-            log.record(&r);
+            log.record(&target.0, &r);
             let _ = refuse(&mut conn, &r).await;
             return;
         }
@@ -166,8 +236,36 @@ async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: Refusals) 
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
 }
 
+/// Whether the request head carries the gate's secret.
+fn authorized(head: &[u8], expected: &str) -> bool {
+    let Ok(text) = std::str::from_utf8(head) else {
+        return false;
+    };
+    let given = text.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("proxy-authorization")
+            .then(|| value.trim())
+    });
+    // Compared in full whatever the first difference (no timing hint).
+    given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
 async fn refuse(conn: &mut TcpStream, why: &Refusal) -> std::io::Result<()> {
     let text = match why {
+        Refusal::Stranger => {
+            return conn
+                .write_all(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+        }
         Refusal::Private(ip) => format!("refused: {ip} is not a public address"),
         Refusal::PlainHttp => "refused: plain HTTP".into(),
         Refusal::Malformed => "refused: malformed request".into(),
@@ -245,7 +343,24 @@ async fn resolve_allowed(
 mod tests {
     use super::*;
 
+    /// The gate's `Proxy-Authorization` header line.
+    fn credential(gate: &Gate) -> String {
+        format!(
+            "Proxy-Authorization: Basic {}\r\n",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{PROXY_USER}:{}", gate.secret)
+            )
+        )
+    }
+
+    /// `request` (a request line and headers) with the gate's secret.
     async fn ask(gate: &Gate, request: &str) -> String {
+        let (line, rest) = request.split_once("\r\n").unwrap();
+        ask_raw(gate, &format!("{line}\r\n{}{rest}", credential(gate))).await
+    }
+
+    async fn ask_raw(gate: &Gate, request: &str) -> String {
         let mut s = TcpStream::connect(gate.addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
         let mut out = Vec::new();
@@ -314,9 +429,15 @@ mod tests {
         });
         let gate = Gate::start_with(|_| false).await.unwrap();
         let mut s = TcpStream::connect(gate.addr).await.unwrap();
-        s.write_all(format!("CONNECT localhost:{port} HTTP/1.1\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!(
+                "CONNECT localhost:{port} HTTP/1.1\r\n{}\r\n",
+                credential(&gate)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -328,6 +449,49 @@ mod tests {
         let mut back = [0u8; 5];
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"hello");
+    }
+
+    /// Only the transfer's own client may use the gate: another local user
+    /// who finds its port gets a 407 without the secret (or with a wrong
+    /// one), reaches nothing even where the gate would let the transfer
+    /// through, and plants no refusal; connections over the cap are
+    /// dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strangers_cannot_use_the_gate() {
+        let service = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = service.local_addr().unwrap().port();
+        let gate = Gate::start_with(|_| false).await.unwrap();
+        let connect = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\n");
+        let answer = ask_raw(&gate, &format!("{connect}\r\n")).await;
+        assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+        let wrong = format!(
+            "{connect}Proxy-Authorization: Basic {}\r\n\r\n",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{PROXY_USER}:{}", "0".repeat(gate.secret.len()))
+            )
+        );
+        assert!(ask_raw(&gate, &wrong).await.starts_with("HTTP/1.1 407"));
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(200), service.accept()).await;
+        assert!(accepted.is_err(), "a stranger tunnelled through the gate");
+        // A refusal only counts when it was the transfer's own request.
+        let private = Gate::start().await.unwrap();
+        let a = ask_raw(&private, "CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+        assert!(a.starts_with("HTTP/1.1 407"), "{a}");
+        assert!(private.refusals.0.lock().unwrap().is_empty());
+        // The cap: connections beyond it are closed unanswered.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(TcpStream::connect(gate.addr).await.unwrap());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut extra = TcpStream::connect(gate.addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), extra.read(&mut buf))
+            .await
+            .expect("an extra connection is closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 
     /// The registry client really goes through the gate: a pull from a

@@ -134,11 +134,12 @@ pub fn push(
             .map_err(|e| e.with_auth(&auth, spec.api))?;
         rt.block_on(async {
             if !s.blob_exists(&spec.image, &config_digest).await? {
+                let body = bytes::Bytes::from(config.clone());
                 s.upload(
                     &spec.image,
                     &config_digest,
-                    config.len() as u64,
-                    config.clone().into(),
+                    body.len() as u64,
+                    futures_util::stream::once(async move { Ok(body) }),
                 )
                 .await?;
             }
@@ -177,8 +178,8 @@ pub fn push(
                     // Streamed from the file: memory stays at one piece per
                     // upload.
                     let file = File::open(&c.path).map_err(io_at(&c.path))?;
-                    let body = reqwest::Body::wrap_stream(file_stream(file));
-                    s.upload(&spec.image, &c.digest, c.size, body).await?;
+                    s.upload(&spec.image, &c.digest, c.size, file_stream(file))
+                        .await?;
                     sent = c.size;
                 }
             }

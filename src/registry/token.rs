@@ -39,6 +39,9 @@ pub const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// Largest manifest read (lume's manifests are a few KiB; one part per
 /// 512 MB of disk keeps even a 4 TB disk's under 4 MiB).
 pub const MAX_MANIFEST: usize = 4 << 20;
+/// How long a request may wait for each read, and (reqwest counts from
+/// the request's start) for its answer's head.
+pub(super) const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most redirects followed.
 const MAX_REDIRECTS: usize = 5;
 /// Largest error body read (only an excerpt is passed on).
@@ -50,6 +53,8 @@ pub struct Session {
     /// with the token).
     pub(super) header: std::sync::Mutex<Option<String>>,
     pub(super) http: reqwest::Client,
+    /// The same without a read timeout, for uploads.
+    pub(super) upload_http: reqwest::Client,
     /// `SCHEME://HOST[:PORT]` of the registry.
     pub(super) base: reqwest::Url,
     /// For a token: how to fetch the next one, and when this one was.
@@ -63,6 +68,8 @@ pub struct Session {
 /// What a token is fetched anew from.
 struct Refresh {
     image: ImageRef,
+    /// The registry's own origin (where credentials may go).
+    base: reqwest::Url,
     realm: String,
     service: Option<String>,
     basic: Option<(String, String)>,
@@ -148,18 +155,27 @@ pub fn parse_challenge(value: &str) -> Challenge {
     }
 }
 
-/// Whether credentials for `registry` may go to the token realm on
-/// `realm_host`.
-pub fn realm_gets_credentials(registry: &str, realm_host: &str) -> bool {
-    let own = super::reference::host_of(registry);
-    let realm_host = realm_host.trim_start_matches('[').trim_end_matches(']');
-    let own = own.trim_start_matches('[').trim_end_matches(']');
-    realm_host.eq_ignore_ascii_case(own)
-        || std::env::var(TOKEN_REALMS_ENV).is_ok_and(|v| {
-            v.split(',')
-                .map(str::trim)
-                .any(|h| !h.is_empty() && h.eq_ignore_ascii_case(realm_host))
+/// Whether credentials for the registry at `base` may go to the token
+/// realm `realm`: on the registry's own origin (scheme, host and port,
+/// the scheme's default port when none is written), or on a host the user
+/// named in [`TOKEN_REALMS_ENV`] — `HOST` for the realm's default port,
+/// `HOST:PORT` for another. Another port of the same host is another
+/// service (on loopback, any local user's).
+pub fn realm_gets_credentials(base: &reqwest::Url, realm: &reqwest::Url) -> bool {
+    let same = realm.scheme() == base.scheme()
+        && realm.host() == base.host()
+        && realm.port_or_known_default() == base.port_or_known_default();
+    let named = host_port(realm);
+    same || std::env::var(TOKEN_REALMS_ENV).is_ok_and(|v| {
+        v.split(',').map(str::trim).any(|h| {
+            !h.is_empty()
+                && (h.eq_ignore_ascii_case(&named)
+                    || (realm.port().is_none()
+                        && h.eq_ignore_ascii_case(
+                            named.trim_start_matches('[').trim_end_matches(']'),
+                        )))
         })
+    })
 }
 
 /// Reads at most `max` bytes of `res`'s body; `None` when it is longer.
@@ -238,25 +254,35 @@ async fn authorize_now(
     let registry = image.registry.clone();
     let image_s = image.to_string();
     let fail = |e: reqwest::Error| classify(e.into(), &registry, &image_s);
-    let mut builder = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .read_timeout(std::time::Duration::from_secs(120))
-        .user_agent(concat!("lume-linux/", env!("CARGO_PKG_VERSION")))
-        .redirect(reqwest::redirect::Policy::custom(|a| {
-            // A few redirects, never from HTTPS down to plain HTTP (reqwest
-            // drops Authorization on a redirect to another host).
-            let down =
-                a.url().scheme() != "https" && a.previous().iter().any(|u| u.scheme() == "https");
-            if a.previous().len() > MAX_REDIRECTS || down {
-                a.stop()
-            } else {
-                a.follow()
-            }
-        }));
-    if let Some(g) = gate {
-        builder = builder.proxy(reqwest::Proxy::all(g.url()).map_err(fail)?);
-    }
-    let http = builder.build().map_err(fail)?;
+    let client = |read_timeout: Option<std::time::Duration>| {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("lume-linux/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::custom(|a| {
+                // A few redirects, never from HTTPS down to plain HTTP
+                // (reqwest drops Authorization on a redirect to another
+                // host).
+                let down = a.url().scheme() != "https"
+                    && a.previous().iter().any(|u| u.scheme() == "https");
+                if a.previous().len() > MAX_REDIRECTS || down {
+                    a.stop()
+                } else {
+                    a.follow()
+                }
+            }));
+        if let Some(t) = read_timeout {
+            builder = builder.read_timeout(t);
+        }
+        if let Some(g) = gate {
+            builder = builder.proxy(g.proxy()?);
+        }
+        builder.build()
+    };
+    let http = client(Some(READ_TIMEOUT)).map_err(fail)?;
+    // reqwest's read timeout runs from the request's start to its answer's
+    // head: an upload's whole body would have to go within it. Uploads
+    // are held to a minimum rate instead (`wire`).
+    let upload_http = client(None).map_err(fail)?;
     let scheme = if gate.is_none() && super::auth::plain_http(&registry) {
         "http"
     } else {
@@ -283,26 +309,22 @@ async fn authorize_now(
     let mut refresh = None;
     let header = match challenge {
         Some(Challenge::Bearer { realm, service }) => {
-            let public_only = gate.is_some();
-            let (token, life) = exchange(
-                &http,
-                image,
-                &realm,
-                service.clone(),
-                basic.as_ref(),
-                push,
-                public_only,
-            )
-            .await?;
-            refresh = Some(Refresh {
+            let mut r = Refresh {
                 image: image.clone(),
+                base: base.clone(),
                 realm,
                 service,
                 basic: basic.clone(),
                 push,
-                public_only,
-                state: tokio::sync::Mutex::new((std::time::Instant::now(), life)),
-            });
+                public_only: gate.is_some(),
+                state: tokio::sync::Mutex::new((
+                    std::time::Instant::now(),
+                    std::time::Duration::ZERO,
+                )),
+            };
+            let (token, life) = exchange(&http, &r).await?;
+            *r.state.get_mut() = (std::time::Instant::now(), life);
+            refresh = Some(r);
             Some(format!("Bearer {token}"))
         }
         // The registry asked for the credentials itself.
@@ -322,6 +344,7 @@ async fn authorize_now(
     Ok(Session {
         header: std::sync::Mutex::new(header),
         http,
+        upload_http,
         base,
         refresh,
         refusals: gate.map(super::guard::Gate::refusals),
@@ -342,13 +365,10 @@ pub(super) fn host_port(url: &reqwest::Url) -> String {
 /// The token exchange with `realm`: the token and how long it lasts.
 async fn exchange(
     http: &reqwest::Client,
-    image: &ImageRef,
-    realm: &str,
-    service: Option<String>,
-    basic: Option<&(String, String)>,
-    push: bool,
-    public_only: bool,
+    r: &Refresh,
 ) -> Result<(String, std::time::Duration), RegistryError> {
+    let (image, realm, push, public_only) = (&r.image, r.realm.as_str(), r.push, r.public_only);
+    let basic = r.basic.as_ref();
     let registry = &image.registry;
     let bad = |why: String| RegistryError::TokenRealm {
         registry: registry.clone(),
@@ -356,10 +376,8 @@ async fn exchange(
         why,
     };
     let url = reqwest::Url::parse(realm).map_err(|e| bad(format!("it is not a URL ({e})")))?;
-    let host = url
-        .host_str()
-        .ok_or_else(|| bad("it names no host".into()))?
-        .to_string();
+    url.host_str()
+        .ok_or_else(|| bad("it names no host".into()))?;
     match url.scheme() {
         "https" => {}
         "http" if !public_only && super::auth::plain_http(&host_port(&url)) => {}
@@ -370,10 +388,10 @@ async fn exchange(
             )));
         }
     }
-    if basic.is_some() && !realm_gets_credentials(registry, &host) {
+    if basic.is_some() && !realm_gets_credentials(&r.base, &url) {
         return Err(RegistryError::ForeignRealm {
             registry: registry.clone(),
-            realm_host: excerpt(&host),
+            realm_host: excerpt(&host_port(&url)),
         });
     }
     let repo = image.oci().repository().to_string();
@@ -383,7 +401,7 @@ async fn exchange(
         format!("repository:{repo}:pull")
     };
     let mut query = vec![("scope", scope)];
-    if let Some(s) = service {
+    if let Some(s) = r.service.clone() {
         query.push(("service", s));
     }
     let mut req = http.get(url).query(&query);
@@ -442,7 +460,9 @@ impl Session {
     /// passed. Called before each blob request, so a transfer outlives its
     /// tokens.
     pub async fn keep_fresh(&self) -> Result<(), RegistryError> {
-        self.renew().await.map_err(|e| self.explain(e))
+        within_deadline(&self.registry, self.renew())
+            .await
+            .map_err(|e| self.explain(e))
     }
 
     /// `e` with the gate's refusals taken into account.
@@ -461,16 +481,7 @@ impl Session {
         if state.0.elapsed() < state.1 * 2 / 3 {
             return Ok(());
         }
-        let (token, life) = exchange(
-            &self.http,
-            &r.image,
-            &r.realm,
-            r.service.clone(),
-            r.basic.as_ref(),
-            r.push,
-            r.public_only,
-        )
-        .await?;
+        let (token, life) = exchange(&self.http, r).await?;
         *state = (std::time::Instant::now(), life);
         *self.header.lock().expect("never poisoned") = Some(format!("Bearer {token}"));
         Ok(())
@@ -512,15 +523,31 @@ mod tests {
     }
 
     #[test]
-    fn credentials_only_to_the_registrys_own_host() {
-        assert!(realm_gets_credentials("ghcr.io", "ghcr.io"));
-        assert!(realm_gets_credentials("127.0.0.1:5000", "127.0.0.1"));
-        assert!(realm_gets_credentials("[::1]:5000", "::1"));
-        assert!(!realm_gets_credentials("127.0.0.1:5000", "127.0.0.2"));
-        assert!(!realm_gets_credentials("ghcr.io", "ghcr.io.evil.example"));
-        assert!(!realm_gets_credentials(
-            "registry-1.docker.io",
-            "auth.docker.io"
+    fn credentials_only_to_the_registrys_own_origin() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let gets = |base: &str, realm: &str| realm_gets_credentials(&u(base), &u(realm));
+        assert!(gets("https://ghcr.io", "https://ghcr.io/token"));
+        assert!(gets("https://ghcr.io", "https://GHCR.io:443/token"));
+        assert!(gets("http://127.0.0.1:5000", "http://127.0.0.1:5000/token"));
+        assert!(gets("http://[::1]:5000", "http://[0:0::1]:5000/token"));
+        // Another port or scheme of the same host: another service.
+        assert!(!gets(
+            "http://127.0.0.1:5000",
+            "http://127.0.0.1:5007/token"
+        ));
+        assert!(!gets("https://r.example", "http://r.example/token"));
+        assert!(!gets("https://r.example", "https://r.example:8443/token"));
+        assert!(!gets(
+            "http://127.0.0.1:5000",
+            "http://127.0.0.2:5000/token"
+        ));
+        assert!(!gets(
+            "https://ghcr.io",
+            "https://ghcr.io.evil.example/token"
+        ));
+        assert!(!gets(
+            "https://registry-1.docker.io",
+            "https://auth.docker.io/token"
         ));
     }
 

@@ -14,7 +14,11 @@
 //!   [`ERROR_BODY_DEADLINE`], manifests up to [`MAX_MANIFEST`] bytes within
 //!   [`EXCHANGE_DEADLINE`]; blob bodies are streamed to the caller, which
 //!   holds them to the manifest's size and a minimum rate;
-//! - an upload `Location` may not go from HTTPS down to plain HTTP.
+//! - an upload `Location` may not go from HTTPS down to plain HTTP;
+//! - an upload's body is held to [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`]
+//!   (any link that slow would take days), and its answer must come within
+//!   [`READ_TIMEOUT`] of the body's end: a whole chunk need not fit in one
+//!   read timeout.
 //!
 //! `oci-client` still provides the reference and error types.
 
@@ -23,8 +27,16 @@ use futures_util::stream::BoxStream;
 use oci_client::errors::{OciDistributionError, OciEnvelope};
 use reqwest::{Method, StatusCode, Url, header};
 
-use super::token::{EXCHANGE_DEADLINE, MAX_ERROR_BODY, MAX_MANIFEST, Session, read_capped, within};
+use super::token::{
+    EXCHANGE_DEADLINE, MAX_ERROR_BODY, MAX_MANIFEST, READ_TIMEOUT, Session, read_capped, within,
+};
 use super::{ImageRef, RegistryError, classify};
+
+/// An upload that moves fewer bytes than this per [`RATE_WINDOW`] is
+/// broken off.
+pub const MIN_WINDOW_BYTES: u64 = 64 << 10;
+/// The window of [`MIN_WINDOW_BYTES`].
+pub const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long reading a failed request's answer may take.
 pub const ERROR_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -56,8 +68,17 @@ impl Session {
     }
 
     fn request(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        self.request_on(&self.http, method, url)
+    }
+
+    fn request_on(
+        &self,
+        http: &reqwest::Client,
+        method: Method,
+        url: Url,
+    ) -> reqwest::RequestBuilder {
         let own = self.own(&url);
-        let mut req = self.http.request(method, url);
+        let mut req = http.request(method, url);
         if own && let Some(h) = self.header.lock().expect("never poisoned").as_ref() {
             req = req.header(header::AUTHORIZATION, h);
         }
@@ -173,16 +194,19 @@ impl Session {
         }
     }
 
-    /// Uploads blob `digest` of `size` bytes into `image`'s repository in
-    /// one request (`POST` for a session, then `PUT` of the body to its
-    /// `Location`).
-    pub async fn upload(
+    /// Uploads blob `digest` of `size` bytes (`body`) into `image`'s
+    /// repository in one request (`POST` for a session, then `PUT` of the
+    /// body to its `Location`), held to a minimum rate.
+    pub async fn upload<S>(
         &self,
         image: &ImageRef,
         digest: &str,
         size: u64,
-        body: reqwest::Body,
-    ) -> Result<(), RegistryError> {
+        body: S,
+    ) -> Result<(), RegistryError>
+    where
+        S: futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    {
         let fail = self.send_failed(image);
         let start = self.url(&format!("/v2/{}/blobs/uploads/", image.oci().repository()));
         let res = self
@@ -196,13 +220,21 @@ impl Session {
         }
         let mut put = self.location(&res, &start, image)?;
         put.query_pairs_mut().append_pair("digest", digest);
-        let res = self
-            .request(Method::PUT, put)
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = {
+            let sent = sent.clone();
+            futures_util::TryStreamExt::inspect_ok(body, move |b| {
+                sent.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        let req = self
+            .request_on(&self.upload_http, Method::PUT, put)
             .header(header::CONTENT_TYPE, "application/octet-stream")
             .header(header::CONTENT_LENGTH, size.to_string())
-            .body(body)
-            .send()
-            .await
+            .body(reqwest::Body::wrap_stream(counted))
+            .send();
+        let res = held_to_rate(req, &sent, size, &image.registry)
+            .await?
             .map_err(&fail)?;
         if res.status() != StatusCode::CREATED {
             return Err(self.failed(res, image).await);
@@ -271,5 +303,112 @@ impl Session {
             return Err(self.failed(res, image).await);
         }
         Ok(())
+    }
+}
+
+/// Runs `request` (an upload whose body has moved `sent` of `size` bytes
+/// so far) as long as the body moves at least [`MIN_WINDOW_BYTES`] per
+/// [`RATE_WINDOW`], and its answer comes within [`READ_TIMEOUT`] of the
+/// body's end.
+async fn held_to_rate<F: std::future::Future>(
+    request: F,
+    sent: &std::sync::atomic::AtomicU64,
+    size: u64,
+    registry: &str,
+) -> Result<F::Output, RegistryError> {
+    held_to(request, sent, size, registry, (RATE_WINDOW, READ_TIMEOUT)).await
+}
+
+async fn held_to<F: std::future::Future>(
+    request: F,
+    sent: &std::sync::atomic::AtomicU64,
+    size: u64,
+    registry: &str,
+    (window, answer): (std::time::Duration, std::time::Duration),
+) -> Result<F::Output, RegistryError> {
+    let min = MIN_WINDOW_BYTES * window.as_millis() as u64 / RATE_WINDOW.as_millis() as u64;
+    tokio::pin!(request);
+    let mut last = 0;
+    let mut body_done: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            out = &mut request => return Ok(out),
+            () = tokio::time::sleep(window) => {}
+        }
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        let detail = if now >= size {
+            let at = *body_done.get_or_insert_with(tokio::time::Instant::now);
+            (at.elapsed() >= answer.saturating_sub(window)).then(|| {
+                format!(
+                    "it did not answer an upload within {} s of its end",
+                    answer.as_secs()
+                )
+            })
+        } else {
+            (now - last < min).then(|| {
+                format!(
+                    "an upload moved {} bytes in {} s, slower than lume waits for ({} KiB a minute); check the network",
+                    now - last,
+                    window.as_secs(),
+                    MIN_WINDOW_BYTES >> 10
+                )
+            })
+        };
+        if let Some(detail) = detail {
+            return Err(RegistryError::Protocol {
+                registry: registry.to_string(),
+                detail,
+            });
+        }
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// An upload is not held to one read timeout as a whole: a slow but
+    /// moving body goes on past it; one that stalls is broken off after a
+    /// window; an answer that never comes after the body ends is given
+    /// up on.
+    #[tokio::test]
+    async fn uploads_are_held_to_a_rate_not_a_timeout() {
+        // Windows of 50 ms stand for minutes; the answer deadline is 3 of
+        // them.
+        let w = std::time::Duration::from_millis(50);
+        let limits = (w, 3 * w);
+        let per_window = MIN_WINDOW_BYTES * 50 / RATE_WINDOW.as_millis() as u64;
+        // Moving twice the minimum for ten windows (past the deadline): fine.
+        let sent = AtomicU64::new(0);
+        let moving = async {
+            for _ in 0..10 {
+                tokio::time::sleep(w / 2).await;
+                sent.fetch_add(per_window, Ordering::Relaxed);
+            }
+            "answered"
+        };
+        let out = held_to(moving, &sent, 100 * per_window, "r", limits).await;
+        assert_eq!(out.unwrap(), "answered");
+
+        // Stalled after the first bytes: broken off.
+        let sent = AtomicU64::new(0);
+        let stalled = async {
+            sent.fetch_add(1 << 20, Ordering::Relaxed);
+            std::future::pending::<()>().await
+        };
+        let e = held_to(stalled, &sent, 4 << 20, "r", limits)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("slower than lume waits for"), "{e}");
+
+        // The body went, the answer never comes: given up on.
+        let sent = AtomicU64::new(4 << 20);
+        let silent = std::future::pending::<()>();
+        let e = held_to(silent, &sent, 4 << 20, "r", limits)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("did not answer an upload"), "{e}");
     }
 }
