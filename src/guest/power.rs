@@ -142,8 +142,8 @@ pub fn via_ssh(
 ) -> Result<(), PowerError> {
     use crate::guest::ssh::{self as gssh, SshRequest, Target};
     let address = crate::vm::details::guest_address(state);
-    let target = crate::guest::reach::ssh_target(state, address.as_deref())
-        .ok_or(PowerError::SshUnavailable)?;
+    let target =
+        crate::guest::reach::ssh_target(state, address).ok_or(PowerError::SshUnavailable)?;
     if !crate::guest::reach::ssh_answers(&state.network_mode, target) {
         return Err(PowerError::SshUnavailable);
     }

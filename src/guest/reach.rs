@@ -16,13 +16,12 @@ pub const SSH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Where the guest's SSH server is reached from this host: in `user` mode
 /// the loopback port lume forwards to guest port 22 (recorded in run.json),
 /// else port 22 of the guest's address.
-pub fn ssh_target(state: &RunState, address: Option<&str>) -> Option<SocketAddr> {
+pub fn ssh_target(state: &RunState, address: Option<IpAddr>) -> Option<SocketAddr> {
     if state.network_mode == crate::network::NetworkMode::User {
         let t = crate::guest::ssh::target("", state, None).ok()?;
         return Some(SocketAddr::new(t.host.parse().ok()?, t.port));
     }
-    let ip: IpAddr = address?.parse().ok()?;
-    Some(SocketAddr::new(ip, 22))
+    Some(SocketAddr::new(address?, 22))
 }
 
 /// Whether something accepts a TCP connection at `target` within `timeout`.
@@ -63,7 +62,7 @@ pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
 }
 
 /// VMDetails' `sshAvailable` of a running VM, and whether lume may try SSH.
-pub fn ssh_available(state: &RunState, address: Option<&str>) -> bool {
+pub fn ssh_available(state: &RunState, address: Option<IpAddr>) -> bool {
     ssh_target(state, address).is_some_and(|t| ssh_answers(&state.network_mode, t))
 }
 

@@ -475,7 +475,7 @@ mod tests {
             accelerator: Accel::Tcg,
             network_mode: mode,
             started_at: 0,
-            ip_address: Some("192.0.2.10".into()),
+            ip_address: Some([192, 0, 2, 10].into()),
             host_device: None,
             published: vec!["127.0.0.1:40022:22".parse().unwrap()],
             parent: None,

@@ -7,6 +7,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -449,13 +450,13 @@ pub fn supervise(
         network_mode: req.network.clone(),
         // A restored memory snapshot goes on with the run it was taken in.
         started_at: disk.incoming_started_at.unwrap_or_else(unix_now),
-        ip_address: net.ip_address.clone().or(disk.incoming_ip.clone()),
+        ip_address: net.ip_address.or(disk.incoming_ip),
         host_device: net.host_device.clone(),
         published: req.attach.publish.clone(),
         parent: net.parent.clone(),
         note: net.note.clone(),
         lease_file: net.lease_file.clone(),
-        mac_address: Some(mac.to_string()),
+        mac_address: Some(mac),
         guest_agent: None,
         uplink: net.uplink.clone(),
         network_policy: req.attach.policy.clone(),
@@ -692,16 +693,12 @@ fn run_until_exit(
         }
         // Publish an address learned by DHCP snooping (bridged mode).
         if let Some(learned) = &net.learned {
-            let ip = learned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .map(|ip| ip.to_string());
-            if ip.is_some() && ip != state.ip_address {
-                log(&format!(
-                    "Guest address from DHCP: {}",
-                    ip.as_deref().unwrap_or("-")
-                ));
-                state.ip_address = ip;
+            let ip = *learned.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(ip) = ip.map(IpAddr::V4)
+                && Some(ip) != state.ip_address
+            {
+                log(&format!("Guest address from DHCP: {ip}"));
+                state.ip_address = Some(ip);
                 let _ = state.save(&vm.state_path());
             }
         }

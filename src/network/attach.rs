@@ -133,7 +133,7 @@ pub struct Attachment {
     /// Descriptors QEMU must receive as 3, 4, … in this order.
     pub fds: Vec<OwnedFd>,
     /// The guest's address if known up front (user mode; NAT's reservation).
-    pub ip_address: Option<String>,
+    pub ip_address: Option<std::net::IpAddr>,
     /// The host-side device (tap or macvtap).
     pub host_device: Option<String>,
     /// The bridge or parent interface.
@@ -514,7 +514,7 @@ pub fn attach(
                     virtio_device("net0", mac),
                 ],
                 fds: vec![fd],
-                ip_address: Some(net.guest_address().to_string()),
+                ip_address: Some(net.guest_address().into()),
                 note,
                 guard: HostSide {
                     stop: Arc::default(),
@@ -681,7 +681,7 @@ pub(super) fn handed_off(
     Attachment {
         qemu_args: tap_args_with(mac, handed.transmit_offload),
         fds: vec![fd],
-        ip_address: handed.ip_address.map(|ip| ip.to_string()),
+        ip_address: handed.ip_address.map(Into::into),
         host_device: Some(handed.device),
         parent: handed.parent,
         uplink: handed.uplink,

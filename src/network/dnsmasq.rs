@@ -419,11 +419,18 @@ pub fn parse_leases(text: &str) -> Vec<Lease> {
 
 /// The current lease of `mac` in `lease_file`, granted at or after `since`
 /// (Unix seconds) and not expired at `now`.
-pub fn current_lease(lease_file: &Path, mac: &str, since: u64, now: u64) -> Option<Ipv4Addr> {
+pub fn current_lease(
+    lease_file: &Path,
+    mac: crate::vm::config::MacAddress,
+    since: u64,
+    now: u64,
+) -> Option<Ipv4Addr> {
     let text = fs::read_to_string(lease_file).ok()?;
+    // Both lowercase: the lease file's as parsed, the MAC as printed.
+    let mac = mac.to_string();
     parse_leases(&text)
         .into_iter()
-        .filter(|l| l.mac == mac.to_ascii_lowercase())
+        .filter(|l| l.mac == mac)
         .filter(|l| l.expires > now && l.expires + 1 >= since + LEASE_SECS)
         .max_by_key(|l| l.expires)
         .map(|l| l.ip)
@@ -467,7 +474,7 @@ mod tests {
             "4600 52:54:00:aa:bb:cc 203.0.113.5 guest *\n8600 52:54:00:AA:BB:CC 203.0.113.6 guest *\n7000 02:00:00:00:00:01 203.0.113.9 * *\n",
         )
         .unwrap();
-        let mac = "52:54:00:aa:bb:cc";
+        let mac = "52:54:00:aa:bb:cc".parse().unwrap();
         assert_eq!(
             current_lease(&f, mac, 4000, 6000),
             Some("203.0.113.6".parse().unwrap())

@@ -1234,7 +1234,6 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
                 s.accelerator,
                 s.network_mode,
                 s.ip_address
-                    .as_deref()
                     .map(|ip| format!(", address {ip}"))
                     .unwrap_or_default(),
                 vm.console_path().display(),
@@ -1992,7 +1991,7 @@ fn snapshot(
             if was_running && snap::running_ephemeral(&vm.dir) {
                 return Err(snap::SnapshotError::RestoreEphemeral(name.to_string()).into());
             }
-            if let (true, Some(ip)) = (wanted.memory, &wanted.ip_address) {
+            if let (true, Some(ip)) = (wanted.memory, wanted.ip_address) {
                 check_address_free(store, name, &s, ip)?;
             }
             // The VM's present state is what a restore throws away: a
@@ -2062,7 +2061,12 @@ fn snapshot(
 /// A memory restore resumes a guest that keeps its old address: refused
 /// when another running VM of this location has that address now (it got
 /// the lease while this one was stopped).
-fn check_address_free(store: &Store, name: &VmName, snap: &str, ip: &str) -> Result<(), VmError> {
+fn check_address_free(
+    store: &Store,
+    name: &VmName,
+    snap: &str,
+    ip: std::net::IpAddr,
+) -> Result<(), VmError> {
     for other in store.list().unwrap_or_default() {
         if other.name == *name {
             continue;
@@ -2070,11 +2074,11 @@ fn check_address_free(store: &Store, name: &VmName, snap: &str, ip: &str) -> Res
         let Some(state) = other.running_state() else {
             continue;
         };
-        if super::details::guest_address(&state).as_deref() == Some(ip) {
+        if super::details::guest_address(&state) == Some(ip) {
             return Err(super::snapshot::SnapshotError::AddressInUse {
                 vm: name.to_string(),
                 snap: snap.into(),
-                ip: ip.into(),
+                ip,
                 other: other.name.to_string(),
             }
             .into());

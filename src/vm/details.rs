@@ -81,25 +81,23 @@ fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
 /// The guest's address as far as it is known now: dnsmasq's lease of this
 /// run (NAT, host-only), the DHCP exchange lume watched (bridged) or the
 /// neighbour table, or the address user mode always gives.
-pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<String> {
-    let mac = s.mac_address.as_deref();
-    if let (Some(file), Some(mac)) = (&s.lease_file, mac) {
+pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<std::net::IpAddr> {
+    if let (Some(file), Some(mac)) = (&s.lease_file, s.mac_address) {
         let now = crate::util::time::unix_now();
         let leased = crate::network::dnsmasq::current_lease(file, mac, s.started_at, now)
-            .map(|ip| ip.to_string());
+            .map(std::net::IpAddr::V4);
         // A run restored from a memory snapshot: the guest keeps the
         // address it had, which dnsmasq may not know until it renews.
-        return leased.or_else(|| s.ip_address.clone());
+        return leased.or(s.ip_address);
     }
     if s.ip_address.is_some() {
-        return s.ip_address.clone();
+        return s.ip_address;
     }
-    if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, mac) {
-        let mac: crate::vm::config::MacAddress = mac.parse().ok()?;
+    if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, s.mac_address) {
         // Only when no DHCP exchange was seen (a guest with a static address):
         // what the guest itself announces, on its own parent interface only.
         return crate::network::dhcp_snoop::neighbour_address(mac.0, Some(s.parent.as_deref()?))
-            .map(|ip| ip.to_string());
+            .map(std::net::IpAddr::V4);
     }
     None
 }
@@ -297,12 +295,10 @@ impl VmDetails {
                 })
                 .collect();
             d.accelerator = Some(s.accelerator.to_string());
-            d.ip_address = guest_address(&s);
+            let address = guest_address(&s);
+            d.ip_address = address.map(|ip| ip.to_string());
             // As lume: whether port 22 answers now (null when stopped).
-            d.ssh_available = Some(crate::guest::reach::ssh_available(
-                &s,
-                d.ip_address.as_deref(),
-            ));
+            d.ssh_available = Some(crate::guest::reach::ssh_available(&s, address));
         }
         d
     }

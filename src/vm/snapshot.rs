@@ -105,13 +105,13 @@ pub enum SnapshotError {
         snap: String,
         /// The mode then and now.
         modes: Box<(String, String)>,
-        ip: String,
+        ip: std::net::IpAddr,
     },
     #[error("{}", self.message(Door::Cli))]
     AddressInUse {
         vm: String,
         snap: String,
-        ip: String,
+        ip: std::net::IpAddr,
         other: String,
     },
     #[error("{}", self.message(Door::Cli))]
@@ -385,8 +385,13 @@ pub struct Snapshot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_started_at: Option<u64>,
     /// A memory snapshot: the guest's address then (it keeps it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip_address: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::vm::state::lenient"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub ip_address: Option<std::net::IpAddr>,
     /// A memory snapshot: the VM's network mode then (a restore in
     /// another mode is refused: the guest's address would not work there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -767,7 +772,7 @@ pub struct RunDisk {
     /// When the run the memory state comes from started.
     pub incoming_started_at: Option<u64>,
     /// The guest's address in that run.
-    pub incoming_ip: Option<String>,
+    pub incoming_ip: Option<std::net::IpAddr>,
     /// An ephemeral run: the VM's `known_hosts` as it was before (`None`:
     /// there was none). A guest that makes new SSH host keys during the run
     /// (a first boot) loses them at stop, so what `lume ssh` learned from
@@ -1048,7 +1053,7 @@ pub struct Target<'a> {
     /// Running: when this run started (run.json).
     pub started_at: Option<u64>,
     /// Running: the guest's address, if known.
-    pub ip_address: Option<String>,
+    pub ip_address: Option<std::net::IpAddr>,
     /// Running: the run's network mode.
     pub network_mode: Option<String>,
     pub cpu_count: u32,
@@ -1096,7 +1101,7 @@ pub fn create(t: &Target<'_>, name: &str, memory: bool) -> Result<Snapshot, Snap
         cpu_count: t.cpu_count,
         memory_size: t.memory_size,
         run_started_at: if memory { t.started_at } else { None },
-        ip_address: if memory { t.ip_address.clone() } else { None },
+        ip_address: if memory { t.ip_address } else { None },
         network_mode: if memory { t.network_mode.clone() } else { None },
         allocated_size: None,
     };
@@ -1396,7 +1401,7 @@ pub fn check_restorable(
             vm: vm.into(),
             snap: s.name.clone(),
             modes: Box::new((was.clone(), network_mode.into())),
-            ip: ip.clone(),
+            ip: *ip,
         });
     }
     Ok(())
@@ -2093,7 +2098,7 @@ mod tests {
             cpu_count: 1,
             memory_size: 512 << 20,
             run_started_at: None,
-            ip_address: Some("192.0.2.5".into()),
+            ip_address: Some([192, 0, 2, 5].into()),
             network_mode: Some("host".into()),
             allocated_size: None,
         }
@@ -2169,7 +2174,7 @@ mod tests {
             SnapshotError::AddressInUse {
                 vm: "web".into(),
                 snap: "s".into(),
-                ip: "192.0.2.5".into(),
+                ip: [192, 0, 2, 5].into(),
                 other: "db".into(),
             },
             check_restorable("web", &memory_snap(), 2, 1 << 30, "host").unwrap_err(),

@@ -2,9 +2,11 @@
 //! commands. It is only trusted while the VM lock is held; a stale file from a
 //! killed supervisor is ignored and replaced by the next run.
 
+use std::net::IpAddr;
 use std::path::Path;
+use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::hypervisor::accel::Accel;
 use crate::network::NetworkMode;
@@ -23,8 +25,8 @@ pub struct RunState {
     /// Unix time the VM started.
     pub started_at: u64,
     /// The guest's address once known.
-    #[serde(default)]
-    pub ip_address: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub ip_address: Option<IpAddr>,
     /// The host-side network device, if any.
     #[serde(default)]
     pub host_device: Option<String>,
@@ -41,8 +43,8 @@ pub struct RunState {
     #[serde(default)]
     pub lease_file: Option<std::path::PathBuf>,
     /// The MAC address of this run.
-    #[serde(default)]
-    pub mac_address: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub mac_address: Option<crate::vm::config::MacAddress>,
     /// Whether a program in the guest holds the guest agent's channel open
     /// (QEMU's VSERPORT_CHANGE events); `None` when not known.
     #[serde(default)]
@@ -70,6 +72,22 @@ pub struct RunState {
     pub shared_directories: Vec<crate::hypervisor::virtiofs::ShareState>,
 }
 
+/// An address field of run.json (or of a snapshot's record) as written by
+/// any release: a value lume
+/// cannot read (edited by hand, not a string, a form it does not know) is
+/// unknown, never a reason to misread the whole file: an unreadable
+/// run.json would make a running VM look stopped.
+pub(crate) fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+{
+    Ok(Option::<serde_json::Value>::deserialize(d)?
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .and_then(|s| s.parse().ok()))
+}
+
 impl RunState {
     /// Whether the supervisor this file names still exists.
     pub fn supervisor_alive(&self) -> bool {
@@ -88,5 +106,104 @@ impl RunState {
             path,
             &serde_json::to_vec_pretty(self).expect("state serialises"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// run.json as the earlier release wrote it (`to_vec_pretty` of its
+    /// RunState, whose addresses were strings).
+    const EARLIER: &str = r#"{
+  "pid": 4242,
+  "qemuPid": 4243,
+  "accelerator": "tcg",
+  "networkMode": "nat",
+  "startedAt": 1764460800,
+  "ipAddress": "192.0.2.15",
+  "hostDevice": "lume-tap3",
+  "published": [],
+  "parent": "lume0",
+  "note": null,
+  "leaseFile": "/run/lume/0/nat/leases",
+  "macAddress": "52:54:00:12:34:56",
+  "guestAgent": true,
+  "vncPort": 5901,
+  "vncPassword": "secret"
+}"#;
+
+    #[test]
+    fn run_json_of_the_earlier_release_loads_and_is_written_the_same() {
+        let s: RunState = serde_json::from_str(EARLIER).unwrap();
+        assert_eq!(s.ip_address, Some("192.0.2.15".parse().unwrap()));
+        assert_eq!(s.mac_address, Some("52:54:00:12:34:56".parse().unwrap()));
+        assert_eq!(s.guest_agent, Some(true));
+        // The same file, byte for byte: the addresses are the same strings.
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec_pretty(&s).unwrap()).unwrap(),
+            EARLIER
+        );
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> RunState {
+        let mut v: serde_json::Value = serde_json::from_str(EARLIER).unwrap();
+        v[field] = value;
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn an_address_lume_cannot_read_is_unknown_and_the_run_still_loads() {
+        for bad in [
+            serde_json::json!("192.0.2.999"),
+            serde_json::json!(""),
+            serde_json::json!("not an address"),
+            serde_json::json!(42),
+            serde_json::json!(["192.0.2.15"]),
+            serde_json::json!({"v4": "192.0.2.15"}),
+        ] {
+            let s = with("ipAddress", bad.clone());
+            assert_eq!(s.ip_address, None, "{bad}");
+            // Everything else is still there: the VM stays listable as running.
+            assert_eq!((s.pid, s.qemu_pid), (4242, 4243));
+            assert!(s.mac_address.is_some());
+        }
+        for bad in [
+            serde_json::json!("52:54:00:12:34"),
+            serde_json::json!("zz:54:00:12:34:56"),
+            // Multicast: never a guest's own address.
+            serde_json::json!("01:00:5e:00:00:01"),
+            serde_json::json!(7),
+        ] {
+            let s = with("macAddress", bad.clone());
+            assert_eq!(s.mac_address, None, "{bad}");
+            assert_eq!(s.ip_address, Some("192.0.2.15".parse().unwrap()));
+        }
+        // Missing or null: unknown, as before.
+        assert_eq!(with("ipAddress", serde_json::Value::Null).ip_address, None);
+        let mut v: serde_json::Value = serde_json::from_str(EARLIER).unwrap();
+        v.as_object_mut().unwrap().remove("macAddress");
+        v.as_object_mut().unwrap().remove("ipAddress");
+        let s: RunState = serde_json::from_value(v).unwrap();
+        assert_eq!((s.ip_address, s.mac_address), (None, None));
+    }
+
+    #[test]
+    fn other_spellings_of_an_address_are_read_and_written_canonically() {
+        let s = with("macAddress", serde_json::json!("52-54-00-AB-CD-EF"));
+        assert_eq!(s.mac_address.unwrap().to_string(), "52:54:00:ab:cd:ef");
+        let s = with("ipAddress", serde_json::json!("2001:db8::15"));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ipAddress"], "2001:db8::15");
+    }
+
+    #[test]
+    fn a_saved_run_json_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.json");
+        std::fs::write(&p, EARLIER).unwrap();
+        let s = RunState::load(&p).unwrap();
+        s.save(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), EARLIER);
     }
 }
