@@ -359,7 +359,7 @@ pub struct Accepted {
     /// The VM's status now: `provisioning` while an image URL is imported,
     /// `stopped` once created, `running` after run.
     #[schema(example = "provisioning")]
-    pub status: String,
+    pub status: crate::vm::details::VmStatus,
     /// What the server did not do of the request (present only when
     /// something was not applied).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1655,7 +1655,10 @@ pub async fn host_status(
             "Unexpected outcome of listing VMs",
         ));
     };
-    let running = vms.iter().filter(|d| d.status == "running").count();
+    let running = vms
+        .iter()
+        .filter(|d| d.status == crate::vm::details::VmStatus::Running)
+        .count();
     let max_vms = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Json(HostStatus {
         status: "healthy".into(),

@@ -307,7 +307,7 @@ fn attach(a: AttachArgs) -> Result<i32> {
         Outcome::Details(d) => d,
         _ => unreachable!("get answers with details"),
     };
-    if details.status != "running" {
+    if details.status != crate::vm::details::VmStatus::Running {
         return Err(AttachError::NotRunning(a.name).into());
     }
     let vm = ctx.store.vm(&a.name);

@@ -8,7 +8,7 @@ use crate::hypervisor::img::CopyKind;
 use crate::network::interfaces::HostInterface;
 use crate::vm::Outcome;
 use crate::vm::actions::CloneDisk;
-use crate::vm::details::VmDetails;
+use crate::vm::details::{VmDetails, VmStatus};
 use crate::vm::size::format_size;
 
 /// Every write of the CLI to standard output: written and flushed at once.
@@ -102,13 +102,13 @@ fn row(d: &VmDetails) -> Vec<String> {
             .map(|s| format!("{}/{}", format_size(s.allocated), format_size(s.total)))
             .unwrap_or_else(dash),
         opt(&d.display),
-        match (&d.status[..], &d.provisioning_operation) {
-            ("provisioning", Some(op)) => format!("provisioning ({op})"),
+        match (d.status, &d.provisioning_operation) {
+            (VmStatus::Provisioning, Some(op)) => format!("provisioning ({op})"),
             (status, _) => status.to_string(),
         },
         opt(&d.network_mode),
         d.location_name.clone(),
-        if d.status == "running" && !d.shared_directories.is_empty() {
+        if d.status == VmStatus::Running && !d.shared_directories.is_empty() {
             d.shared_directories
                 .iter()
                 .map(|s| {
@@ -177,7 +177,7 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
                 Some(false) => {
                     " (NOT in force: the run's guard is putting it back; stop the VM if this lasts)"
                 }
-                None if d.status == "running" => {
+                None if d.status == VmStatus::Running => {
                     " (unknown whether in force: lume could not read the VM's tap; run lume network doctor)"
                 }
                 None => " (saved: enforced from the next start)",
@@ -489,7 +489,7 @@ mod tests {
             memory_size: Some(8 << 30),
             disk_size: None,
             display: Some("1024x768".into()),
-            status: "provisioning".into(),
+            status: VmStatus::Provisioning,
             provisioning_operation: Some("image_import".into()),
             vnc_url: None,
             ip_address: None,

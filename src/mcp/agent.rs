@@ -565,7 +565,7 @@ mod tests {
             memory_size: None,
             disk_size: None,
             display: None,
-            status: "running".into(),
+            status: crate::vm::details::VmStatus::Running,
             provisioning_operation: None,
             vnc_url: None,
             ip_address: None,

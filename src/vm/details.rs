@@ -123,6 +123,41 @@ fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
 /// `provisioningOperation` while an image is imported.
 pub const PROVISIONING_IMAGE_IMPORT: &str = "image_import";
 
+/// A VM's `status`, written as lume writes it (lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    /// Its supervisor holds it and run.json is there.
+    Running,
+    Stopped,
+    /// Its image is being imported (`provisioningOperation` says how).
+    Provisioning,
+    /// It is being pulled from a registry (as lume's server), with
+    /// `downloadProgress`.
+    Pulling,
+    /// Its config cannot be read (`error` says why).
+    Invalid,
+}
+
+impl VmStatus {
+    /// The word in VMDetails and in `lume ls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Provisioning => "provisioning",
+            Self::Pulling => "pulling",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// lume's `SharedDirectory` (`hostPath`, `tag`, `readOnly`): the shape of
 /// `sharedDirectories` entries: the running VM's shares (empty when stopped).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
@@ -149,7 +184,7 @@ pub struct VmDetails {
     /// `running`, `stopped`, `provisioning` while its image is imported,
     /// `pulling` while it is pulled from a registry (as lume's server), or
     /// `invalid` when the config cannot be read.
-    pub status: String,
+    pub status: VmStatus,
     /// What is being done while `provisioning` (`image_import`); null
     /// otherwise.
     pub provisioning_operation: Option<String>,
@@ -193,17 +228,16 @@ impl VmDetails {
             disk_size: None,
             display: None,
             status: if state.is_some() {
-                "running"
+                VmStatus::Running
             } else if crate::vm::lock::VmLock::is_held(
                 &vm.dir.join(crate::vm::actions::PROVISIONING_MARKER),
             )
             .unwrap_or(false)
             {
-                "provisioning"
+                VmStatus::Provisioning
             } else {
-                "stopped"
-            }
-            .into(),
+                VmStatus::Stopped
+            },
             provisioning_operation: None,
             vnc_url: None,
             ip_address: None,
@@ -222,11 +256,11 @@ impl VmDetails {
                 .collect(),
             ephemeral: state.is_some() && crate::vm::snapshot::running_ephemeral(&vm.dir),
         };
-        if d.status == "provisioning" {
+        if d.status == VmStatus::Provisioning {
             d.download_progress = crate::registry::pull::read_progress(&vm.dir);
             if d.download_progress.is_some() {
                 // Being pulled: lume's `pulling`, with `downloadProgress`.
-                d.status = "pulling".into();
+                d.status = VmStatus::Pulling;
             } else {
                 d.provisioning_operation = Some(PROVISIONING_IMAGE_IMPORT.into());
             }
@@ -234,7 +268,7 @@ impl VmDetails {
         let cfg = match vm.load_config() {
             Ok(c) => c,
             Err(e) => {
-                d.status = "invalid".into();
+                d.status = VmStatus::Invalid;
                 d.error = Some(crate::error_chain(&e));
                 return d;
             }
@@ -319,5 +353,24 @@ impl VmDetails {
             });
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_written_as_lumes_lowercase_words() {
+        for (status, word) in [
+            (VmStatus::Running, "running"),
+            (VmStatus::Stopped, "stopped"),
+            (VmStatus::Provisioning, "provisioning"),
+            (VmStatus::Pulling, "pulling"),
+            (VmStatus::Invalid, "invalid"),
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), word);
+            assert_eq!(status.to_string(), word);
+        }
     }
 }
