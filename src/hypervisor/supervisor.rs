@@ -85,17 +85,9 @@ pub enum RunError {
     },
     #[error("The VM supervisor failed; its log {log} says:\n{messages}")]
     Supervisor { log: PathBuf, messages: String },
-    /// lume could not start its own executable as the VM's supervisor.
-    #[error(
-        "Cannot start lume's VM supervisor (lume's own executable, {exe}): {source}. If lume was upgraded, rebuilt or removed since this process started, restart `lume serve` (or run the command again)"
-    )]
-    SupervisorSpawn {
-        exe: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Cannot follow lume's VM supervisor while it starts")]
-    SupervisorWait(#[source] io::Error),
+    /// A detached supervisor could not be started or followed.
+    #[error(transparent)]
+    Process(#[from] super::process::ProcessError),
     #[error("Cannot control the running VM through QMP; see its lume.log and qemu.log")]
     Control(#[source] super::qmp::QmpError),
     #[error("Cannot ask the guest to power off or reboot")]

@@ -3,9 +3,8 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::caller::{Access, OpenError};
@@ -18,7 +17,7 @@ use super::state::RunState;
 use super::store::{Store, StoreError, UnsafeDir, Vm, io_at};
 use crate::guest::power::{self, PowerMethod, PowerRequest, SshLogin};
 use crate::hypervisor::img::{self, CopyKind, ImageError};
-use crate::hypervisor::qmp::Qmp;
+use crate::hypervisor::process;
 use crate::hypervisor::supervisor::{self, HostFile, RunError, RunRequest, VncRequest};
 use crate::hypervisor::vnc;
 use crate::image::download::Destinations;
@@ -1341,7 +1340,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let log = crate::hypervisor::logcap::open_log(&start_log, false).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
     let log2 = log.try_clone().map_err(io_at(&start_log))?;
-    let mut cmd = supervisor_command();
+    let mut cmd = process::supervisor_command();
     cmd.arg("run")
         .arg(vm.name.as_str())
         .arg("--storage")
@@ -1394,22 +1393,14 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
         .map_err(RunError::from)?;
     cmd.env("LUME_ACCEL", accel.to_string());
-    cmd.env(supervisor::START_LOG_ENV, &start_log);
     if req.attach.member {
         cmd.env(MEMBER_ENV, "1");
     } else {
         cmd.env_remove(MEMBER_ENV);
     }
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
-    // caller's terminal and session so it outlives this process.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()?;
-            Ok(())
-        });
-    }
-    let mut child = spawn_supervisor(&mut cmd, &start_log)?;
+    let mut child =
+        process::Detached::spawn(&mut cmd, &start_log, &log_path).map_err(RunError::from)?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(state) = vm.running_state()
@@ -1429,96 +1420,22 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             }
             return Ok(Outcome::Started(details));
         }
-        if let Some(status) = child.try_wait().map_err(RunError::SupervisorWait)? {
-            // Still under its own name if it never got the VM's lock.
-            let log_path = if start_log.exists() {
-                start_log.clone()
-            } else {
-                log_path
-            };
-            let mut messages = String::new();
-            let _ = fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut messages));
-            if log_path == start_log {
-                let _ = fs::remove_file(&start_log);
-            }
-            match status.code() {
-                Some(supervisor::EXIT_ALREADY_RUNNING) => {
-                    return Err(RunError::AlreadyRunning(vm.name.clone()).into());
+        if let Some(exit) = child.exited().map_err(RunError::from)? {
+            return Err(match exit {
+                process::EarlyExit::AlreadyRunning => RunError::AlreadyRunning(vm.name.clone()),
+                process::EarlyExit::Busy => RunError::Busy(vm.name.clone()),
+                process::EarlyExit::Failed { log, messages } => {
+                    RunError::Supervisor { log, messages }
                 }
-                Some(supervisor::EXIT_BUSY) => {
-                    return Err(RunError::Busy(vm.name.clone()).into());
-                }
-                _ => {}
-            }
-            // Its lines already say "Error: …"; this error says it once.
-            let messages = messages
-                .trim()
-                .lines()
-                .map(|l| l.strip_prefix("Error: ").unwrap_or(l))
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(RunError::Supervisor {
-                log: log_path,
-                messages,
             }
             .into());
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = fs::remove_file(&start_log);
+            child.abandon();
             return Err(RunError::QmpTimeout(120, log_path).into());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// This very program, for a detached supervisor to run: `/proc/self/exe`
-/// reaches the executable this process runs even after its file was
-/// replaced (a rebuild, `apt upgrade`) or removed, where its path (what
-/// `current_exe` gives, then with " (deleted)") no longer does. The
-/// supervisor so always matches the server that starts it. Its argv[0] is
-/// the path, for `ps`.
-fn supervisor_command() -> Command {
-    let mut cmd = Command::new(SELF_EXE);
-    cmd.arg0(own_exe_name());
-    cmd
-}
-
-const SELF_EXE: &str = "/proc/self/exe";
-
-/// The path this process was started from, without the kernel's " (deleted)".
-fn own_exe_name() -> PathBuf {
-    match std::env::current_exe() {
-        Ok(p) => {
-            let text = p.to_string_lossy();
-            match text.strip_suffix(" (deleted)") {
-                Some(t) => PathBuf::from(t),
-                None => p,
-            }
-        }
-        Err(_) => PathBuf::from("lume"),
-    }
-}
-
-/// Starts the supervisor. If it cannot be started, its start log (which
-/// nobody else will ever use) is removed and the error names lume's own
-/// executable, not QEMU.
-fn spawn_supervisor(cmd: &mut Command, start_log: &Path) -> Result<std::process::Child, VmError> {
-    cmd.spawn().map_err(|source| {
-        let _ = fs::remove_file(start_log);
-        RunError::SupervisorSpawn {
-            exe: own_exe_name(),
-            source,
-        }
-        .into()
-    })
-}
-
-/// Whether /proc/<pid>/cmdline mentions `needle` (guards against pid reuse).
-fn process_mentions(pid: u32, needle: &str) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(needle))
-        .unwrap_or(false)
 }
 
 fn wait_unlocked(vm: &Vm, until: Instant) -> bool {
@@ -1529,21 +1446,6 @@ fn wait_unlocked(vm: &Vm, until: Instant) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     !VmLock::is_held(&vm.lock_path()).unwrap_or(false)
-}
-
-fn qmp_command(vm: &Vm, command: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(mut q) = Qmp::connect(&vm.dir)
-            && q.execute(command, None).is_ok()
-        {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Collects what a killed supervisor of `vm` left behind (its lock is free
@@ -1651,14 +1553,7 @@ fn stop(ctx: &Context, name: &VmName, timeout: Duration) -> Result<Outcome, VmEr
         ),
     );
     // Force QEMU off; the supervisor then tears down and releases the lock.
-    if !qmp_command(&vm, "quit", Duration::from_secs(1))
-        && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
-    {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(state.qemu_pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    process::force_off(&vm.dir, state.qemu_pid);
     if wait_unlocked(&vm, Instant::now() + Duration::from_secs(10)) {
         return Ok(Outcome::Stopped {
             name: name.clone(),
@@ -2004,14 +1899,8 @@ fn snapshot(
                     &vm,
                     &format!("`lume snapshot restore {name} {s}`: forcing QEMU off"),
                 );
-                if let Some(state) = vm.running_state()
-                    && !qmp_command(&vm, "quit", Duration::from_secs(1))
-                    && process_mentions(state.qemu_pid, &vm.dir.display().to_string())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(state.qemu_pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                if let Some(state) = vm.running_state() {
+                    process::force_off(&vm.dir, state.qemu_pid);
                 }
             }
             let restored = {
@@ -2122,50 +2011,6 @@ mod tests {
     use super::*;
     use crate::vm::Caller;
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn a_supervisor_that_cannot_start_names_lume_and_leaves_no_start_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let start_log = dir.path().join(".start-1234abcd.log");
-        fs::write(&start_log, "").unwrap();
-        let mut cmd = Command::new(dir.path().join("lume (deleted)"));
-        let e = spawn_supervisor(&mut cmd, &start_log).unwrap_err();
-        assert!(
-            matches!(e, VmError::Run(RunError::SupervisorSpawn { .. })),
-            "{e:?}"
-        );
-        let text = crate::error_chain(&e);
-        assert!(
-            text.starts_with("Cannot start lume's VM supervisor"),
-            "{text}"
-        );
-        assert!(text.contains("restart `lume serve`"), "{text}");
-        assert!(
-            !text.contains(crate::hypervisor::qemu::QEMU_BINARY),
-            "{text}"
-        );
-        assert!(!start_log.exists());
-    }
-
-    /// What `supervisor_command` relies on: a process whose executable file
-    /// was replaced still starts that same program through /proc/self/exe.
-    #[test]
-    fn proc_self_exe_reaches_a_replaced_executable() {
-        let dir = tempfile::tempdir().unwrap();
-        let prog = dir.path().join("prog");
-        fs::copy("/bin/sh", &prog).unwrap();
-        let mut child = crate::util::testing::spawn_fresh_program(
-            Command::new(&prog).args(["-c", "sleep 0.5; /proc/self/exe -c 'exit 7'"]),
-        );
-        std::thread::sleep(Duration::from_millis(100));
-        // Replaced the way upgrades do: a new file renamed over the old one.
-        let new = dir.path().join("prog.new");
-        fs::write(&new, "#!/bin/false\n").unwrap();
-        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::rename(&new, &prog).unwrap();
-        assert_eq!(child.wait().unwrap().code(), Some(7));
-        assert_eq!(SELF_EXE, "/proc/self/exe");
-    }
 
     fn context(root: &Path, caller: Caller) -> Context {
         Context {

@@ -1,0 +1,322 @@
+//! The processes lume owns around a VM, from outside its supervisor: the
+//! detached supervisor `run --detach` starts (lume re-executing itself in
+//! a session of its own), and forcing a running VM's QEMU off (QMP `quit`,
+//! then SIGKILL).
+
+use std::fs;
+use std::io::{self, Read as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use super::qmp::Qmp;
+use super::supervisor::{EXIT_ALREADY_RUNNING, EXIT_BUSY, START_LOG_ENV};
+
+/// Why a detached supervisor could not be started or followed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// lume could not start its own executable as the VM's supervisor.
+    #[error(
+        "Cannot start lume's VM supervisor (lume's own executable, {exe}): {source}. If lume was upgraded, rebuilt or removed since this process started, restart `lume serve` (or run the command again)"
+    )]
+    SupervisorSpawn {
+        exe: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot follow lume's VM supervisor while it starts")]
+    SupervisorWait(#[source] io::Error),
+}
+
+/// This very program, for a detached supervisor to run: `/proc/self/exe`
+/// reaches the executable this process runs even after its file was
+/// replaced (a rebuild, `apt upgrade`) or removed, where its path (what
+/// `current_exe` gives, then with " (deleted)") no longer does. The
+/// supervisor so always matches the server that starts it. Its argv[0] is
+/// the path, for `ps`.
+pub fn supervisor_command() -> Command {
+    let mut cmd = Command::new(SELF_EXE);
+    cmd.arg0(own_exe_name());
+    cmd
+}
+
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// The path this process was started from, without the kernel's " (deleted)".
+fn own_exe_name() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let text = p.to_string_lossy();
+            match text.strip_suffix(" (deleted)") {
+                Some(t) => PathBuf::from(t),
+                None => p,
+            }
+        }
+        Err(_) => PathBuf::from("lume"),
+    }
+}
+
+/// How a detached supervisor ended before it reported the VM running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EarlyExit {
+    /// Another supervisor runs the VM.
+    AlreadyRunning,
+    /// Another lume command holds the VM.
+    Busy,
+    /// It failed: what its log says (each line's "Error: " taken off).
+    Failed { log: PathBuf, messages: String },
+}
+
+/// A supervisor started in a session of its own, logging to `start_log`
+/// until it holds the VM (then it renames that file to the VM's log).
+#[derive(Debug)]
+pub struct Detached {
+    child: Child,
+    start_log: PathBuf,
+    log: PathBuf,
+}
+
+impl Detached {
+    /// Starts `cmd` (from [`supervisor_command`], its output already sent
+    /// to `start_log`) in a new session, so that it outlives this process
+    /// and the caller's terminal. `log` is the VM's own log, where the
+    /// start log goes once the supervisor holds the VM. If it cannot be
+    /// started, the start log (which nobody else will ever use) is removed
+    /// and the error names lume's own executable, not QEMU.
+    pub fn spawn(cmd: &mut Command, start_log: &Path, log: &Path) -> Result<Self, ProcessError> {
+        cmd.env(START_LOG_ENV, start_log);
+        // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
+        // the caller's terminal and session so it outlives this process.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| {
+            let _ = fs::remove_file(start_log);
+            ProcessError::SupervisorSpawn {
+                exe: own_exe_name(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            child,
+            start_log: start_log.to_path_buf(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The supervisor's process id (run.json's `pid` once it runs the VM).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// How the supervisor ended, if it did.
+    pub fn exited(&mut self) -> Result<Option<EarlyExit>, ProcessError> {
+        let Some(status) = self
+            .child
+            .try_wait()
+            .map_err(ProcessError::SupervisorWait)?
+        else {
+            return Ok(None);
+        };
+        // Still under its own name if it never got the VM's lock.
+        let log = if self.start_log.exists() {
+            self.start_log.clone()
+        } else {
+            self.log.clone()
+        };
+        let mut messages = String::new();
+        let _ = fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut messages));
+        if log == self.start_log {
+            let _ = fs::remove_file(&self.start_log);
+        }
+        match status.code() {
+            Some(EXIT_ALREADY_RUNNING) => return Ok(Some(EarlyExit::AlreadyRunning)),
+            Some(EXIT_BUSY) => return Ok(Some(EarlyExit::Busy)),
+            _ => {}
+        }
+        // Its lines already say "Error: …"; the caller's error says it once.
+        let messages = messages
+            .trim()
+            .lines()
+            .map(|l| l.strip_prefix("Error: ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok(Some(EarlyExit::Failed { log, messages }))
+    }
+
+    /// Gives up on a supervisor that did not start in time: kills it and
+    /// removes its start log.
+    pub fn abandon(mut self) {
+        let _ = self.child.kill();
+        let _ = fs::remove_file(&self.start_log);
+    }
+}
+
+/// Whether /proc/<pid>/cmdline mentions `needle` (guards against pid reuse).
+fn process_mentions(pid: u32, needle: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+        .unwrap_or(false)
+}
+
+/// Sends one QMP command to the QEMU of the VM in `vm_dir`, trying again
+/// until `within` has passed; whether QEMU accepted it.
+pub fn qmp_command(vm_dir: &Path, command: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut q) = Qmp::connect(vm_dir)
+            && q.execute(command, None).is_ok()
+        {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How [`force_off`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForcedOff {
+    /// QEMU accepted QMP `quit`.
+    Quit,
+    /// QEMU did not answer QMP within a second: it was sent SIGKILL.
+    Killed,
+    /// QEMU did not answer QMP and `qemu_pid` is no QEMU of this VM (gone,
+    /// or the number now names another process): nothing was sent.
+    NotFound,
+}
+
+/// Forces the QEMU of the VM in `vm_dir` off at once (its supervisor then
+/// tears the rest down and releases the VM): QMP `quit`, or SIGKILL to
+/// `qemu_pid` when QMP does not answer within a second and that process
+/// is still a QEMU of this VM.
+pub fn force_off(vm_dir: &Path, qemu_pid: u32) -> ForcedOff {
+    if qmp_command(vm_dir, "quit", Duration::from_secs(1)) {
+        return ForcedOff::Quit;
+    }
+    if !process_mentions(qemu_pid, &vm_dir.display().to_string()) {
+        return ForcedOff::NotFound;
+    }
+    let Ok(pid) = i32::try_from(qemu_pid) else {
+        return ForcedOff::NotFound;
+    };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    ForcedOff::Killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_supervisor_that_cannot_start_names_lume_and_leaves_no_start_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let start_log = dir.path().join(".start-1234abcd.log");
+        fs::write(&start_log, "").unwrap();
+        let mut cmd = Command::new(dir.path().join("lume (deleted)"));
+        let e = Detached::spawn(&mut cmd, &start_log, &dir.path().join("lume.log")).unwrap_err();
+        assert!(matches!(e, ProcessError::SupervisorSpawn { .. }), "{e:?}");
+        let text = crate::error_chain(&e);
+        assert!(
+            text.starts_with("Cannot start lume's VM supervisor"),
+            "{text}"
+        );
+        assert!(text.contains("restart `lume serve`"), "{text}");
+        assert!(
+            !text.contains(crate::hypervisor::qemu::QEMU_BINARY),
+            "{text}"
+        );
+        assert!(!start_log.exists());
+    }
+
+    /// A supervisor that failed before it held the VM: its start log's
+    /// lines, said once, and the start log gone; the exit codes of "already
+    /// running" and "busy" are told apart from a failure.
+    #[test]
+    fn an_early_exit_is_told_by_its_code_and_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("lume.log");
+        let run = |script: &str| {
+            let start_log = dir.path().join(".start-1.log");
+            fs::write(&start_log, "").unwrap();
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", script]);
+            cmd.stdout(crate::hypervisor::logcap::open_log(&start_log, false).unwrap());
+            let mut d = Detached::spawn(&mut cmd, &start_log, &log).unwrap();
+            loop {
+                if let Some(exit) = d.exited().unwrap() {
+                    assert!(!start_log.exists());
+                    return exit;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        assert_eq!(
+            run(&format!("exit {EXIT_ALREADY_RUNNING}")),
+            EarlyExit::AlreadyRunning
+        );
+        assert_eq!(run(&format!("exit {EXIT_BUSY}")), EarlyExit::Busy);
+        match run("echo 'Error: No room'; echo 'Error: Try later'; exit 1") {
+            EarlyExit::Failed { log: l, messages } => {
+                assert_eq!(l, dir.path().join(".start-1.log"));
+                assert_eq!(messages, "No room\nTry later");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What `supervisor_command` relies on: a process whose executable file
+    /// was replaced still starts that same program through /proc/self/exe.
+    #[test]
+    fn proc_self_exe_reaches_a_replaced_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = dir.path().join("prog");
+        fs::copy("/bin/sh", &prog).unwrap();
+        let mut child = crate::util::testing::spawn_fresh_program(
+            Command::new(&prog).args(["-c", "sleep 0.5; /proc/self/exe -c 'exit 7'"]),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        // Replaced the way upgrades do: a new file renamed over the old one.
+        let new = dir.path().join("prog.new");
+        fs::write(&new, "#!/bin/false\n").unwrap();
+        fs::set_permissions(&new, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&new, &prog).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(7));
+        assert_eq!(SELF_EXE, "/proc/self/exe");
+    }
+
+    /// Only a process that is this VM's QEMU is killed: a pid that names
+    /// another process (reused) is left alone.
+    #[test]
+    fn force_off_kills_only_a_qemu_of_this_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm-under-test");
+        fs::create_dir(&vm_dir).unwrap();
+        // No QMP socket: QEMU does not answer. A process that is not this
+        // VM's (its command line does not name the VM's directory).
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        assert_eq!(force_off(&vm_dir, other.id()), ForcedOff::NotFound);
+        assert_eq!(other.try_wait().unwrap(), None);
+        let _ = other.kill();
+        let _ = other.wait();
+        // One whose command line names it, as QEMU's does.
+        let mut qemu = Command::new("sleep")
+            .arg0(&vm_dir)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert_eq!(force_off(&vm_dir, qemu.id()), ForcedOff::Killed);
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(qemu.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
