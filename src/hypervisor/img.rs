@@ -95,6 +95,7 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyKind, ImageError> {
 pub fn copy_from(from: &File, dst: &Path) -> Result<CopyKind, ImageError> {
     let len = from.metadata().map_err(io_err(dst))?.len();
     let to = new_private(dst).map_err(io_err(dst))?;
+    // nix has no FICLONE call (only the ioctl macros): ioctl(2) here.
     // SAFETY: FICLONE takes the source descriptor as its argument; both
     // descriptors are open for the duration of the call.
     let rc = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
@@ -133,24 +134,17 @@ fn copy_plain(from: &File, to: &File, mut off: u64, end: u64) -> io::Result<()> 
 }
 
 fn copy_sparse(from: &File, to: &File, len: u64) -> io::Result<()> {
-    let (ffd, tfd) = (from.as_raw_fd(), to.as_raw_fd());
+    use nix::unistd::{Whence, lseek};
     let mut pos: i64 = 0;
     let mut plain = false;
     while (pos as u64) < len {
-        // SAFETY: lseek on an open descriptor has no memory effects.
-        let data = unsafe { libc::lseek(ffd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos: the rest is a hole
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(ffd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let data = match lseek(from, pos, Whence::SeekData) {
+            Ok(data) => data,
+            // No data after pos: the rest is a hole.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = lseek(from, data, Whence::SeekHole)?;
         let mut off_in = data;
         let mut off_out = data;
         while off_in < hole {
@@ -159,16 +153,23 @@ fn copy_sparse(from: &File, to: &File, len: u64) -> io::Result<()> {
                 break;
             }
             let chunk = (hole - off_in) as usize;
-            // SAFETY: both offsets point to live i64 locals; the descriptors are open.
-            let n = unsafe { libc::copy_file_range(ffd, &mut off_in, tfd, &mut off_out, chunk, 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if needs_plain_copy(&e) {
-                    plain = true;
-                    continue;
+            let n = match nix::fcntl::copy_file_range(
+                from,
+                Some(&mut off_in),
+                to,
+                Some(&mut off_out),
+                chunk,
+            ) {
+                Ok(n) => n,
+                Err(e) => {
+                    let e = io::Error::from(e);
+                    if needs_plain_copy(&e) {
+                        plain = true;
+                        continue;
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
             if n == 0 {
                 break;
             }

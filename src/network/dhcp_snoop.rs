@@ -35,10 +35,12 @@
 //! When snooping is impossible or too late, [`neighbour_address`] looks the MAC
 //! up in the kernel's neighbour table instead.
 
-use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{AddressFamily, LinkAddr, SockFlag, SockProtocol, SockType};
 use std::time::{Duration, Instant};
 
 /// What a DHCPACK told the client.
@@ -92,15 +94,11 @@ impl DhcpSnooper {
     /// Opens a packet socket on interface `ifname` (by ifindex). Needs CAP_NET_RAW.
     pub fn open(ifname: &str) -> Result<Self, SnoopError> {
         let invalid = || SnoopError::InvalidInterfaceName(ifname.to_owned());
-        if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains('/') {
+        if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains(['/', '\0']) {
             return Err(invalid());
         }
-        let cname = CString::new(ifname).map_err(|_| invalid())?;
-        // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-        if ifindex == 0 {
-            return Err(SnoopError::NoSuchInterface(ifname.to_owned()));
-        }
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|_| SnoopError::NoSuchInterface(ifname.to_owned()))?;
         let open_err = |source: io::Error| match source.raw_os_error() {
             Some(libc::EPERM | libc::EACCES) => SnoopError::PermissionDenied {
                 ifname: ifname.to_owned(),
@@ -112,22 +110,17 @@ impl DhcpSnooper {
         };
 
         let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call with constant arguments.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        if raw < 0 {
-            return Err(open_err(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Non-blocking: a frame poll(2) announced is read without waiting.
+        let fd = nix::sys::socket::socket(
+            AddressFamily::Packet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::EthAll,
+        )
+        .map_err(|e| open_err(e.into()))?;
 
         // Filter before binding so that as little unrelated traffic as possible
-        // is ever queued on the socket.
+        // is ever queued on the socket (nix has no SO_ATTACH_FILTER option).
         let mut filter = bpf_filter();
         let prog = libc::sock_fprog {
             len: filter.len() as u16,
@@ -148,6 +141,7 @@ impl DhcpSnooper {
             return Err(open_err(io::Error::last_os_error()));
         }
 
+        // nix (0.32) reads a sockaddr_ll but cannot build one: bind(2) here.
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
@@ -192,29 +186,21 @@ impl DhcpSnooper {
     ) -> Result<Option<DhcpAck>, SnoopError> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            let wait_ms: libc::c_int = match deadline {
-                None => -1,
+            let wait = match deadline {
+                None => PollTimeout::NONE,
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     // Round up so that a sub-millisecond remainder still waits.
                     let ms = left.as_nanos().div_ceil(1_000_000);
-                    ms.min(libc::c_int::MAX as u128) as libc::c_int
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            let n = match nix::poll::poll(&mut pfd, wait) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(self.receive_error(e.into())),
             };
-            // SAFETY: `pfd` is a valid pollfd and the count is 1.
-            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(self.receive_error(err));
-            }
             if n == 0 {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(None);
@@ -222,30 +208,14 @@ impl DhcpSnooper {
                 continue;
             }
 
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: `self.buf` is a writable buffer of the given length;
-            // `from` and `from_len` describe a writable sockaddr_ll.
-            let len = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
-                    std::ptr::from_mut(&mut from).cast(),
-                    &mut from_len,
-                )
-            };
-            if len < 0 {
-                let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
-                    _ => return Err(self.receive_error(err)),
-                }
-            }
-            let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
-            if let Some(ack) = exchange.observe(&self.buf[..len as usize], outgoing) {
+            let (len, from) =
+                match nix::sys::socket::recvfrom::<LinkAddr>(self.fd.as_raw_fd(), &mut self.buf) {
+                    Ok(got) => got,
+                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(self.receive_error(e.into())),
+                };
+            let outgoing = from.is_some_and(|f| f.pkttype() == libc::PACKET_OUTGOING);
+            if let Some(ack) = exchange.observe(&self.buf[..len], outgoing) {
                 return Ok(Some(ack));
             }
             // Bounded even under a flood of frames that pass the filter.

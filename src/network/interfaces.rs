@@ -21,7 +21,6 @@
 //! | no `device`, iflink == ifindex (dummy, ifb, vxlan...) | other      |
 
 use std::collections::HashMap;
-use std::ffi::CStr;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
@@ -527,42 +526,23 @@ fn default_route_interface(text: &str) -> Option<String> {
     best.map(|(_, name)| name.to_string())
 }
 
-/// Frees a `getifaddrs` list when dropped.
-struct IfAddrs(*mut libc::ifaddrs);
-
-impl Drop for IfAddrs {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from a successful getifaddrs, is freed only
-        // here, once, and no reference into the list outlives this guard.
-        unsafe { libc::freeifaddrs(self.0) };
-    }
-}
-
 /// The host's IPv4 addresses by interface name, as CIDR strings. Labels
 /// such as `eth0:1` count for `eth0`.
 fn ipv4_addresses() -> Result<HashMap<String, Vec<String>>, InterfaceError> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: `head` is a valid place for getifaddrs to store the list pointer.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(InterfaceError::Addresses(io::Error::last_os_error()));
-    }
-    let list = IfAddrs(head);
+    let list =
+        nix::ifaddrs::getifaddrs().map_err(|e| InterfaceError::Addresses(io::Error::from(e)))?;
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    let mut cur = list.0;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a non-null node of the list, valid until `list` drops.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        let Some(addr) = sockaddr_ipv4(ifa.ifa_addr) else {
+    for ifa in list {
+        let Some(addr) = sockaddr_ipv4(ifa.address.as_ref()) else {
             continue;
         };
-        if ifa.ifa_name.is_null() {
-            continue;
-        }
-        let prefix = sockaddr_ipv4(ifa.ifa_netmask).map_or(32, |m| u32::from(m).count_ones());
-        // SAFETY: ifa_name is non-null and points to a NUL-terminated name owned by the list.
-        let label = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        let name = label.split(':').next().unwrap_or_default().to_string();
+        let prefix = sockaddr_ipv4(ifa.netmask.as_ref()).map_or(32, |m| u32::from(m).count_ones());
+        let name = ifa
+            .interface_name
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         out.entry(name)
             .or_default()
             .push(format!("{addr}/{prefix}"));
@@ -570,20 +550,9 @@ fn ipv4_addresses() -> Result<HashMap<String, Vec<String>>, InterfaceError> {
     Ok(out)
 }
 
-/// The IPv4 address in `sa`, if it is a non-null AF_INET sockaddr from getifaddrs.
-fn sockaddr_ipv4(sa: *const libc::sockaddr) -> Option<Ipv4Addr> {
-    if sa.is_null() {
-        return None;
-    }
-    // SAFETY: `sa` is non-null and, coming from getifaddrs, points to a sockaddr
-    // at least as large as its family field; read_unaligned avoids assuming alignment.
-    let family = unsafe { std::ptr::addr_of!((*sa).sa_family).read_unaligned() };
-    if i32::from(family) != libc::AF_INET {
-        return None;
-    }
-    // SAFETY: family AF_INET means `sa` points to a full sockaddr_in.
-    let sin = unsafe { sa.cast::<libc::sockaddr_in>().read_unaligned() };
-    Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+/// The IPv4 address in `sa`, if it is an AF_INET address.
+fn sockaddr_ipv4(sa: Option<&nix::sys::socket::SockaddrStorage>) -> Option<Ipv4Addr> {
+    Some(sa?.as_sockaddr_in()?.ip())
 }
 
 #[cfg(test)]
