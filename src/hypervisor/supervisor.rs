@@ -290,7 +290,8 @@ pub fn supervise(
     // the run here, and the port chosen is held from now on.
     let vnc_listener = vnc::bind(req.vnc.port)?;
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
-    let net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
+    let mut net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
+    net.offer_vhost(accel == accel::Accel::Kvm);
     if let Some(dev) = &net.host_device {
         log(&format!(
             "Network {}: host device {dev} on {}",

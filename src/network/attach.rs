@@ -4,8 +4,10 @@
 //! and what is known of the guest's address), and teardown when the
 //! [`Attachment`] is dropped.
 
+use std::fs;
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -690,6 +692,67 @@ pub(super) fn handed_off(
     }
 }
 
+/// The kernel's virtio-net backend, handed to QEMU as `vhostfd`.
+pub const VHOST_NET: &str = "/dev/vhost-net";
+
+impl Attachment {
+    /// Gives the VM's tap vhost-net when QEMU runs on KVM (`kvm`): the
+    /// kernel moves the guest's frames between the tap and the guest's
+    /// memory, with no QEMU thread in between. lume opens
+    /// [`VHOST_NET`] and hands it over (`vhostfd`), so a QEMU that could
+    /// not open it still gets it. When it cannot be used on KVM, the
+    /// attachment's note says why and what would enable it; under TCG it
+    /// is never used (vhost needs KVM's ioeventfd and irqfd), and nothing
+    /// is said. Modes without a tap (user, none) are left as they are.
+    pub fn offer_vhost(&mut self, kvm: bool) {
+        self.offer_vhost_from(kvm, Path::new(VHOST_NET));
+    }
+
+    fn offer_vhost_from(&mut self, kvm: bool, device: &Path) {
+        let Some(netdev) = self
+            .qemu_args
+            .iter()
+            .position(|a| a.starts_with("tap,id=net0,fd="))
+        else {
+            return;
+        };
+        if !kvm {
+            return;
+        }
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(device);
+        match opened {
+            Ok(f) => {
+                let n = 3 + self.fds.len();
+                self.fds.push(OwnedFd::from(f));
+                self.qemu_args[netdev].push_str(&format!(",vhost=on,vhostfd={n}"));
+            }
+            Err(e) => {
+                let why = match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!("{} does not exist: `modprobe vhost_net`", device.display())
+                    }
+                    std::io::ErrorKind::PermissionDenied => format!(
+                        "{} cannot be opened: the user lume runs QEMU as needs access to it (the kvm group on Debian)",
+                        device.display()
+                    ),
+                    _ => format!("{} cannot be opened ({e})", device.display()),
+                };
+                let note = format!(
+                    "vhost-net not used, the guest's network goes through QEMU (slower): {why}"
+                );
+                self.note = Some(match self.note.take() {
+                    Some(n) => format!("{n}; {note}"),
+                    None => note,
+                });
+            }
+        }
+    }
+}
+
 /// Watches the DHCP exchange on `ifname` for the guest's ACK.
 fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAddress) {
     let learned = Arc::new(Mutex::new(None));
@@ -765,6 +828,60 @@ fn unpublished_reach(mode: &NetworkMode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tapped(fds: usize) -> Attachment {
+        let mac: MacAddress = "52:54:00:12:34:56".parse().unwrap();
+        Attachment {
+            qemu_args: tap_args(mac, &Default::default()),
+            fds: (0..fds)
+                .map(|_| OwnedFd::from(fs::File::open("/dev/null").unwrap()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// vhost-net on KVM: the device is opened by lume and named as the
+    /// next descriptor; missing or not openable, the note says why and
+    /// QEMU gets the plain tap; under TCG, or without a tap, nothing
+    /// changes.
+    #[test]
+    fn vhost_net_is_offered_on_kvm_only() {
+        // /dev/null stands in for the device (any character device opens).
+        let mut a = tapped(1);
+        a.offer_vhost_from(true, Path::new("/dev/null"));
+        assert_eq!(a.qemu_args[1], "tap,id=net0,fd=3,vhost=on,vhostfd=4");
+        assert_eq!(a.fds.len(), 2);
+        assert!(a.note.is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = tapped(1);
+        a.note = Some("macvlan on eth0: …".into());
+        a.offer_vhost_from(true, &dir.path().join("vhost-net"));
+        assert_eq!(a.qemu_args[1], "tap,id=net0,fd=3");
+        assert_eq!(a.fds.len(), 1);
+        let note = a.note.unwrap();
+        assert!(
+            note.starts_with("macvlan on eth0: …; vhost-net not used"),
+            "{note}"
+        );
+        assert!(note.contains("modprobe vhost_net"), "{note}");
+
+        // A symlink where the device should be is not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        let mut a = tapped(1);
+        a.offer_vhost_from(true, &link);
+        assert_eq!(a.qemu_args[1], "tap,id=net0,fd=3");
+
+        let mut a = tapped(1);
+        a.offer_vhost_from(false, Path::new("/dev/null"));
+        assert_eq!(a.qemu_args[1], "tap,id=net0,fd=3");
+        assert!(a.note.is_none());
+
+        let mut none = Attachment::default();
+        none.offer_vhost_from(true, Path::new("/dev/null"));
+        assert!(none.qemu_args.is_empty() && none.fds.is_empty());
+    }
 
     /// Without the kernel's sk_buff layout, a policed VM's device offers no
     /// transmit offload (the filter drops offloaded frames); receive
