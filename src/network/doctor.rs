@@ -1007,6 +1007,31 @@ mod tests {
         assert_eq!(tun_verdict(Ok(()), false), (true, "present".to_string()));
     }
 
+    /// A port that accepts or refuses answers; a deadline that has passed
+    /// is said as such, not as a guest that does not exist.
+    #[test]
+    fn a_probe_says_answered_or_timed_out() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let later = Instant::now() + Duration::from_secs(5);
+        // Port 22 of the loopback: accepted or refused, both answer.
+        assert!(matches!(probe(lo, later), Probe::Answered));
+        assert!(matches!(probe(lo, Instant::now()), Probe::TimedOut));
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::TimedOut);
+        assert!(!ok && detail.contains("no reply within 1 s"), "{detail}");
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::Answered);
+        assert!(ok && detail == "127.0.0.1 answers (nat)", "{detail}");
+        let unreachable = std::io::Error::from(std::io::ErrorKind::HostUnreachable);
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::Failed(unreachable));
+        assert!(
+            !ok && detail.contains("does not answer (nat): "),
+            "{detail}"
+        );
+        // Every address gets its own result, in order.
+        let all = probe_all(&[lo, lo, lo]);
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|p| matches!(p, Probe::Answered)), "{all:?}");
+    }
+
     #[test]
     fn br_netfilter_tells_accommodated_from_must_not_override() {
         let br0 = "br0".to_string();
