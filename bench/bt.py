@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -259,6 +260,55 @@ def cmd_heal(a):
     record(a.record, a.case, a.run, m, repairs=[f"{t:.3f} {x}" for t, x in repairs])
 
 
+def cmd_table_back(a):
+    """Runs the disruption `--disrupt` (shell; it flushes the ruleset) and
+    measures, from its start, when lume's table is back: the first
+    `add table inet lume` that `nft monitor` reports after it (lume writes
+    its table in one transaction, so the whole table is there at that
+    instant). Also records when lume's log (--lume-log) first says
+    `repaired:`, in wall time relative to the start."""
+    offset = os.path.getsize(a.lume_log) if a.lume_log and os.path.exists(a.lume_log) else 0
+    # Line-buffered, so each event is read when nft prints it.
+    mon = subprocess.Popen(["stdbuf", "-oL", "nft", "monitor", "tables"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)  # nft subscribes to the events
+        wall0 = time.time()
+        t0 = mono()
+        subprocess.run(a.disrupt, shell=True, check=True)
+        t1 = mono()
+        t_back = None
+        deadline = t0 + a.timeout
+        fd = mon.stdout.fileno()
+        os.set_blocking(fd, False)
+        buf = ""
+        while t_back is None and mono() < deadline:
+            r, _, _ = select.select([fd], [], [], max(0.0, deadline - mono()))
+            if not r:
+                break
+            chunk = os.read(fd, 65536).decode(errors="replace")
+            now = mono()
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            if any(l.startswith("add table inet lume") for l in lines):
+                t_back = now - t0
+    finally:
+        mon.kill()
+        mon.wait()
+    if t_back is None:
+        sys.exit(f"lume's table was not back within {a.timeout} s of: {a.disrupt}")
+    m = {"disrupt_cmd": t1 - t0, "table_back": t_back}
+    if a.lume_log:
+        repairs = [t - wall0 for t, text in log_lines_since(a.lume_log, offset)
+                   if text.startswith("repaired:")]
+        if repairs:
+            m["first_repair_logged"] = min(repairs)
+    extra = json.loads(a.extra) if a.extra else {}
+    record(a.record, a.case, a.run, m, **extra)
+
+
 # ---- throughput: echo round trips ---------------------------------------------------
 
 def thread_cpu(pid):
@@ -367,7 +417,7 @@ def cmd_timeit(a):
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE)
         t = mono() - t0
-        if r.returncode != 0:
+        if r.returncode not in a.ok_rc:
             sys.exit(f"{' '.join(argv)} failed: {r.stderr.decode(errors='replace')}")
         if i >= a.warmup:
             times.append(t)
@@ -448,6 +498,14 @@ def main():
     sp.add_argument("--timeout", type=float, default=15)
     sp.set_defaults(fn=cmd_heal)
 
+    sp = sub.add_parser("table-back")
+    common(sp)
+    sp.add_argument("--disrupt", required=True)
+    sp.add_argument("--lume-log")
+    sp.add_argument("--timeout", type=float, default=15)
+    sp.add_argument("--extra", help="JSON object merged into the recorded line")
+    sp.set_defaults(fn=cmd_table_back)
+
     sp = sub.add_parser("echo-client")
     common(sp)
     sp.add_argument("--host", required=True)
@@ -468,6 +526,8 @@ def main():
     sp.add_argument("--warmup", type=int, default=1)
     sp.add_argument("--start", type=int, default=0)
     sp.add_argument("--fmt", default="04d")
+    sp.add_argument("--ok-rc", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                    help="exit statuses that count as success (comma-separated; default 0)")
     sp.add_argument("--extra", help="JSON object merged into the recorded line")
     sp.add_argument("argv", nargs="+")
     sp.set_defaults(fn=cmd_timeit)

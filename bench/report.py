@@ -5,6 +5,10 @@ into the generated part of BENCHMARKS.md: the text between
 replaced; everything else in the file (the analysis) is kept.
 
 Usage: report.py RESULTS_DIR BENCHMARKS.md
+       report.py --section many RESULTS_DIR BENCHMARKS.md   (prints that section)
+
+Pictures (SVG, written by hand: no plotting library needed) go to
+bench/figures/ next to BENCHMARKS.md.
 """
 
 import json
@@ -225,6 +229,126 @@ def scale(rows):
     return out
 
 
+def svg_boxes(path, title, panels):
+    """Writes an SVG of box plots: `panels` is a list of (heading, target
+    in seconds or None, {series name: {n: [seconds]}}); x: the numbers of
+    VMs (categories), y: milliseconds from 0. Box: quartiles; whiskers:
+    min and max; bar: median."""
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c"]
+    pw, ph, top, left, bottom = 300, 220, 40, 50, 40
+    width = left + len(panels) * (pw + 30) + 10
+    height = top + ph + bottom + 30
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
+    for pi, (heading, target, series) in enumerate(panels):
+        x0 = left + pi * (pw + 30)
+        ns = sorted({n for d in series.values() for n in d})
+        vals = [v for d in series.values() for vs in d.values() for v in vs]
+        if target is not None:
+            vals.append(target)
+        if not ns or not vals:
+            continue
+        ymax = max(vals) * 1.1
+        ys = lambda v: top + ph - v / ymax * ph  # noqa: E731
+        out.append(f'<text x="{x0 + pw / 2}" y="{top - 8}" text-anchor="middle">{heading}</text>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+        for k in range(5):
+            v = ymax * k / 4
+            y = ys(v)
+            out.append(f'<line x1="{x0 - 4}" x2="{x0}" y1="{y:.1f}" y2="{y:.1f}" stroke="#888"/>')
+            out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{v * 1000:.0f}</text>')
+        if target is not None:
+            y = ys(target)
+            out.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#d62728" '
+                       f'stroke-dasharray="4 3"/>')
+            out.append(f'<text x="{x0 + pw - 2}" y="{y - 3:.1f}" text-anchor="end" fill="#d62728">'
+                       f'target {target * 1000:.0f} ms</text>')
+        slot = pw / len(ns)
+        names = list(series)
+        bw = slot * 0.7 / len(names)
+        for i, n in enumerate(ns):
+            cx = x0 + slot * (i + 0.5)
+            out.append(f'<text x="{cx:.1f}" y="{top + ph + 14}" text-anchor="middle">{n}</text>')
+            for si, name in enumerate(names):
+                vs = series[name].get(n)
+                if not vs:
+                    continue
+                med, lo, hi, q1, q3 = q(vs)
+                bx = cx - slot * 0.35 + si * bw
+                mid = bx + bw / 2
+                c = colours[si % len(colours)]
+                out.append(f'<line x1="{mid:.1f}" x2="{mid:.1f}" y1="{ys(hi):.1f}" y2="{ys(lo):.1f}" stroke="{c}"/>')
+                out.append(f'<rect x="{bx + 1:.1f}" y="{ys(q3):.1f}" width="{bw - 2:.1f}" '
+                           f'height="{max(ys(q1) - ys(q3), 0.5):.1f}" fill="{c}" fill-opacity="0.35" stroke="{c}"/>')
+                out.append(f'<line x1="{bx + 1:.1f}" x2="{bx + bw - 1:.1f}" y1="{ys(med):.1f}" '
+                           f'y2="{ys(med):.1f}" stroke="{c}" stroke-width="2"/>')
+        out.append(f'<text x="{x0 + pw / 2}" y="{top + ph + 30}" text-anchor="middle">running NAT VMs</text>')
+        out.append(f'<text x="{x0 - 38}" y="{top + ph / 2}" text-anchor="middle" '
+                   f'transform="rotate(-90 {x0 - 38} {top + ph / 2})">ms</text>')
+        for si, name in enumerate(names):
+            ly = top + 14 + si * 14
+            c = colours[si % len(colours)]
+            out.append(f'<rect x="{x0 + 8}" y="{ly - 9}" width="10" height="10" fill="{c}" fill-opacity="0.35" stroke="{c}"/>')
+            out.append(f'<text x="{x0 + 22}" y="{ly}">{name}</text>')
+    out.append("</svg>")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+# Where report.py writes its pictures, relative to BENCHMARKS.md.
+FIGURES = "bench/figures"
+
+
+def many(rows, md_dir):
+    if not rows:
+        return []
+    times = defaultdict(list)
+    for r in rows:
+        if r["case"] == "heal":
+            times[("heal", r["vms"])].append(r["metrics"]["table_back"])
+        elif r["case"] == "idle-cpu":
+            times[("idle-cpu", r["vms"])].append(r["cpu_per_s"])
+        else:
+            times[(r["case"], r.get("vms"))] += r.get("times", [])
+    sizes = sorted({r["vms"] for r in rows if r.get("vms")})
+    pick = lambda case: {n: times[(case, n)] for n in sizes if times[(case, n)]}  # noqa: E731
+    svg = f"{FIGURES}/many.svg"
+    svg_boxes(os.path.join(md_dir, svg), "lume with many running NAT VMs (boxes: quartiles, whiskers: min–max)", [
+        ("lume ls -f json", 0.1, {"running": pick("ls-running"), "stopped (baseline)": pick("ls-stopped")}),
+        ("lume network doctor", 2.0, {"doctor": pick("doctor")}),
+        ("table back after nft flush ruleset", 0.1, {"heal": pick("heal")}),
+    ])
+    out = ["### 3b. Many running VMs: `ls`, doctor, heal", "",
+           f"![ls, doctor and heal with 1 to {sizes[-1]} running NAT VMs]({svg})", "",
+           "Wall time per command (heal: from the start of `nft flush ruleset` to lume's table "
+           "back), median (min–max). Guests halt at once (no OS, no address).", "",
+           "| running NAT VMs | `ls -f json` | `ls -f json`, as many stopped | `network doctor` "
+           "| table back after a flush | CPU of all VMs and lume, idle |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for n in sizes:
+        cpu = times[("idle-cpu", n)]
+        out.append(f"| {n} | {cell(times[('ls-running', n)], fmt_ms)} | {cell(times[('ls-stopped', n)], fmt_ms)} | "
+                   f"{cell(times[('doctor', n)], fmt_ms)} | {cell(times[('heal', n)], fmt_ms)} | "
+                   f"{f'{cpu[0] * 100:.1f} % of a core' if cpu else '–'} |")
+    big = sizes[-1]
+    ls_big = times[("ls-running", big)]
+    doc = [t for n in sizes for t in times[("doctor", n)]]
+    heal_big = times[("heal", big)]
+    out.append("")
+    if ls_big:
+        out.append(f"Targets: `ls` of {big} running VMs ≤ 100 ms (median {fmt_ms(statistics.median(ls_big))}): "
+                   f"{verdict(statistics.median(ls_big) <= 0.1)}; ")
+    if doc:
+        out[-1] += (f"doctor ≤ 2 s at every size (slowest run {fmt_ms(max(doc))}): {verdict(max(doc) <= 2)}; ")
+    if heal_big:
+        out[-1] += (f"table back ≤ 100 ms with {big} VMs (median {fmt_ms(statistics.median(heal_big))}): "
+                    f"{verdict(statistics.median(heal_big) <= 0.1)}.")
+    return out
+
+
 def clone(rows):
     if not rows:
         return []
@@ -380,6 +504,14 @@ def registry(rows):
 
 
 def main():
+    if sys.argv[1] == "--section":
+        # One section only, printed (e.g. after running one benchmark alone):
+        # report.py --section many RESULTS_DIR BENCHMARKS.md
+        name, results, md = sys.argv[2], sys.argv[3], sys.argv[4]
+        rows = load(results, name)
+        section = many(rows, os.path.dirname(os.path.abspath(md))) if name == "many" else []
+        print("\n".join(section))
+        return
     results, md = sys.argv[1], sys.argv[2]
     meta = {}
     mp = os.path.join(results, "meta.json")
@@ -389,7 +521,9 @@ def main():
     parts = [BEGIN, "", f"_Generated by `bench/report.py` from {meta.get('date', 'the last run')}; "
              "do not edit by hand (the analysis above and below is kept)._", ""]
     for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
-                    scale(load(results, "scale")), clone(load(results, "clone")),
+                    scale(load(results, "scale")),
+                    many(load(results, "many"), os.path.dirname(os.path.abspath(md))),
+                    clone(load(results, "clone")),
                     throughput(load(results, "throughput")), reattach(load(results, "reattach")),
                     image_import(load(results, "import")), ssh(load(results, "ssh")),
                     registry(load(results, "registry"))]:

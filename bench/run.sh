@@ -8,6 +8,8 @@
 #   boot        time to a usable address, lume vs bare QEMU (nat, bridged)
 #   heal        NAT connectivity back after a firewall flush / VPN change
 #   scale       ls/get/create/delete with 100, 300 and 1,000 VMs
+#   many        ls, network doctor and heal after a flush with 1, 10, 30 and 100
+#               running NAT VMs (guests that only halt), with a picture
 #   clone       clone of a 20 GB sparse disk (64 and 512 MiB of data), ext4 and XFS
 #   throughput  TCP echo through bridged, nat and user mode vs a veth baseline
 #               (BENCH_OLD_LUME=<older lume>: also bridged on a macvtap, the path before)
@@ -32,7 +34,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale clone throughput reattach import ssh registry policy)
+ALL=(boot heal scale many clone throughput reattach import ssh registry policy)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do

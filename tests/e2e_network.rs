@@ -103,7 +103,13 @@ fn nat_and_host_only_vms() {
     let t = Lan::new("nn");
     let peer = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
     let probe = format!("lume.probe={LAN_PEER}:9000");
-    t.create("nat1", "nat", &["--publish", "8080:80"], &probe);
+    let bound = format!("{HOST_UPLINK_IP}:8090:80");
+    t.create(
+        "nat1",
+        "nat",
+        &["--publish", "8080:80", "--publish", &bound],
+        &probe,
+    );
     t.create("nat2", "nat", &[], &probe);
     t.create("ho", "host", &[], &probe);
     let forward_before = t.host.exec_ok("cat /proc/sys/net/ipv4/ip_forward");
@@ -172,6 +178,30 @@ fn nat_and_host_only_vms() {
             from.name
         );
     }
+    // A port published on one host address answers there (from the LAN
+    // and the host), and not on the host's other addresses.
+    for from in [&t.lan, &t.host] {
+        let page = from
+            .http_get(&format!("{HOST_UPLINK_IP}:8090"))
+            .unwrap_or_default();
+        assert!(
+            page.contains(nat1["macAddress"].as_str().unwrap()),
+            "8090 from {}: {page}",
+            from.name
+        );
+    }
+    t.host.exec_ok("ip addr add 198.51.100.3/24 dev up0");
+    assert!(
+        t.lan.http_get("198.51.100.3:8090").is_none(),
+        "a port bound to {HOST_UPLINK_IP} answered on another host address"
+    );
+    assert!(
+        t.lan
+            .http_get("198.51.100.3:8080")
+            .unwrap_or_default()
+            .contains(nat1["macAddress"].as_str().unwrap()),
+        "a port published on every address did not answer on the second one"
+    );
     // The LAN cannot reach NAT guests directly, nor the host-only guest.
     t.lan.exec_ok(
         "ip route add 203.0.113.0/24 via 198.51.100.2 && ip route add 192.0.2.0/24 via 198.51.100.2",

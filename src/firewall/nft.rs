@@ -111,20 +111,42 @@ pub fn script(state: &FirewallState) -> String {
             n.subnet, n.bridge
         ));
     }
+    // Published ports as two maps, looked up by two fixed rules: the
+    // table loads (and is restored after a flush) in about the same time
+    // whatever the number of ports, where a rule per port made it grow.
+    // A port bound to one host address is looked up first; a miss in a
+    // map matches nothing, so the next rule is tried.
+    let mut any_addr = Vec::new();
+    let mut one_addr = Vec::new();
     for d in &state.dnat {
-        let daddr = match d.host_ip {
-            // Only the host's own addresses: a packet for 127.0.0.1 sent to the
-            // host's MAC by a LAN neighbour never matches.
-            Some(ip) => format!("ip daddr {ip} fib daddr type local"),
-            None => "ip daddr != 127.0.0.0/8 fib daddr type local".to_string(),
-        };
-        dnat.push(format!(
-            "{daddr} {proto} dport {port} dnat ip to {guest}:{gport}",
-            proto = d.proto,
-            port = d.host_port,
-            guest = d.guest,
-            gport = d.guest_port
+        let to = format!("{} . {}", d.guest, d.guest_port);
+        match d.host_ip {
+            Some(ip) => one_addr.push(format!("{ip} . {} . {} : {to}", d.proto, d.host_port)),
+            None => any_addr.push(format!("{} . {} : {to}", d.proto, d.host_port)),
+        }
+    }
+    let mut maps = String::new();
+    if !one_addr.is_empty() {
+        maps.push_str(&format!(
+            "  map dnat_addr {{\n    type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
+            one_addr.join(", ")
         ));
+        // Only the host's own addresses: a packet for 127.0.0.1 sent to the
+        // host's MAC by a LAN neighbour never matches.
+        dnat.push(
+            "fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr"
+                .to_string(),
+        );
+    }
+    if !any_addr.is_empty() {
+        maps.push_str(&format!(
+            "  map dnat_any {{\n    type inet_proto . inet_service : ipv4_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
+            any_addr.join(", ")
+        ));
+        dnat.push(
+            "ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @dnat_any"
+                .to_string(),
+        );
     }
     let chain = |name: &str, hook: &str, body: &[String]| {
         let mut s = format!("  chain {name} {{\n    {hook}\n");
@@ -135,6 +157,7 @@ pub fn script(state: &FirewallState) -> String {
         s
     };
     let mut s = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+    s.push_str(&maps);
     s.push_str(&chain(
         "guard",
         "type filter hook prerouting priority raw; policy accept;",
@@ -186,25 +209,50 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     if ports.is_empty() {
         return s;
     }
+    // Every guest port's tap, MAC and addresses as set elements, checked
+    // by a fixed handful of rules: the table is loaded (and restored after
+    // a flush) in about the same time whatever the number of VMs, where
+    // rules per tap made it grow with each.
+    let join = |items: Vec<String>| items.join(", ");
+    let taps = join(ports.iter().map(|p| format!("\"{}\"", p.tap)).collect());
+    let macs = join(
+        ports
+            .iter()
+            .map(|p| format!("\"{}\" . {}", p.tap, p.mac))
+            .collect(),
+    );
+    let addrs = join(
+        ports
+            .iter()
+            .flat_map(|p| {
+                [
+                    format!("\"{}\" . 0.0.0.0", p.tap),
+                    format!("\"{}\" . {}", p.tap, p.ip),
+                ]
+            })
+            .collect(),
+    );
     s.push_str(&format!(
-        "table bridge {TABLE} {{\n  chain guard {{\n    type filter hook prerouting priority -300; policy accept;\n"
+        "table bridge {TABLE} {{\n  set taps {{\n    type ifname\n    elements = {{ {taps} }}\n  }}\n  \
+         set macs {{\n    type ifname . ether_addr\n    elements = {{ {macs} }}\n  }}\n  \
+         set addrs {{\n    type ifname . ipv4_addr\n    elements = {{ {addrs} }}\n  }}\n  \
+         chain guard {{\n    type filter hook prerouting priority -300; policy accept;\n"
     ));
-    for p in ports {
-        let (tap, mac, ip) = (&p.tap, p.mac, p.ip);
-        for rule in [
-            format!("iifname \"{tap}\" ether saddr != {mac} drop"),
-            // No IPv6 at all: lume gives none on its bridges, and a guest's
-            // router advertisement would make it everyone's IPv6 gateway.
-            format!("iifname \"{tap}\" ether type != {{ ip, arp }} drop"),
-            format!("iifname \"{tap}\" arp saddr ether != {mac} drop"),
-            format!("iifname \"{tap}\" arp saddr ip != {{ 0.0.0.0, {ip} }} drop"),
-            format!("iifname \"{tap}\" ip saddr != {{ 0.0.0.0, {ip} }} drop"),
-            // No DHCP server replies, from any port: clients only look at 68.
-            format!("iifname \"{tap}\" udp sport 67 drop"),
-            format!("iifname \"{tap}\" udp dport 68 drop"),
-        ] {
-            s.push_str(&format!("    {rule}\n"));
-        }
+    for rule in [
+        // Frames from anything but a guest's tap are not this chain's.
+        "iifname != @taps accept",
+        "iifname . ether saddr != @macs drop",
+        // No IPv6 at all: lume gives none on its bridges, and a guest's
+        // router advertisement would make it everyone's IPv6 gateway.
+        "ether type != { ip, arp } drop",
+        "iifname . arp saddr ether != @macs drop",
+        "iifname . arp saddr ip != @addrs drop",
+        "iifname . ip saddr != @addrs drop",
+        // No DHCP server replies, from any port: clients only look at 68.
+        "udp sport 67 drop",
+        "udp dport 68 drop",
+    ] {
+        s.push_str(&format!("    {rule}\n"));
     }
     s.push_str("  }\n}\n");
     s
@@ -351,12 +399,17 @@ mod tests {
         };
         let s = script(&state);
         for rule in [
-            "iifname \"lmt0\" ether saddr != 52:54:00:12:34:56 drop",
-            "iifname \"lmt0\" arp saddr ip != { 0.0.0.0, 203.0.113.2 } drop",
-            "iifname \"lmt0\" ip saddr != { 0.0.0.0, 203.0.113.2 } drop",
-            "iifname \"lmt0\" udp sport 67 drop",
-            "iifname \"lmt0\" udp dport 68 drop",
-            "iifname \"lmt0\" ether type != { ip, arp } drop",
+            "set taps {\n    type ifname\n    elements = { \"lmt0\" }",
+            "elements = { \"lmt0\" . 52:54:00:12:34:56 }",
+            "elements = { \"lmt0\" . 0.0.0.0, \"lmt0\" . 203.0.113.2 }",
+            "iifname != @taps accept",
+            "iifname . ether saddr != @macs drop",
+            "iifname . arp saddr ether != @macs drop",
+            "iifname . arp saddr ip != @addrs drop",
+            "iifname . ip saddr != @addrs drop",
+            "udp sport 67 drop",
+            "udp dport 68 drop",
+            "ether type != { ip, arp } drop",
         ] {
             assert!(s.contains(rule), "{rule} missing from {s}");
         }
@@ -381,8 +434,16 @@ mod tests {
         assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
         assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
         assert!(s.contains("iifname \"lume-host0\" drop"));
-        assert!(s.contains("tcp dport 8080 dnat ip to 203.0.113.2:80"));
-        assert_eq!(s.matches("dnat ip to").count(), 2, "prerouting and output");
+        assert!(
+            s.contains("map dnat_any {\n    type inet_proto . inet_service : ipv4_addr . inet_service\n    elements = { tcp . 8080 : 203.0.113.2 . 80 }"),
+            "{s}"
+        );
+        assert!(!s.contains("dnat_addr"), "{s}");
+        assert_eq!(
+            s.matches("ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @dnat_any").count(),
+            2,
+            "prerouting and output"
+        );
         assert!(
             s.contains("iifname \"lume0\" ip daddr 127.0.0.0/8 drop"),
             "{s}"
@@ -402,12 +463,12 @@ mod tests {
             }],
             ..state
         };
+        let one = script(&one);
         assert!(
-            script(&one).contains(
-                "ip daddr 198.51.100.2 fib daddr type local tcp dport 8080 dnat ip to 203.0.113.2:80"
-            ),
-            "{}",
-            script(&one)
+            one.contains("elements = { 198.51.100.2 . tcp . 8080 : 203.0.113.2 . 80 }")
+                && one.contains("fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr")
+                && !one.contains("dnat_any"),
+            "{one}"
         );
     }
 }

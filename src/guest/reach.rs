@@ -61,11 +61,6 @@ pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
     matches!(s.read(&mut first), Ok(n) if n > 0)
 }
 
-/// VMDetails' `sshAvailable` of a running VM, and whether lume may try SSH.
-pub fn ssh_available(state: &RunState, address: Option<IpAddr>) -> bool {
-    ssh_target(state, address).is_some_and(|t| ssh_answers(&state.network_mode, t))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! VM, each failed check saying what to do. Exit status 0 when all pass.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -13,7 +13,7 @@ use crate::firewall::foreign::{Finding, FindingKind};
 use crate::firewall::nft::Nft;
 use crate::firewall::{FirewallDriver, ForeignDrop};
 use crate::vm::Context;
-use crate::vm::details::VmDetails;
+use crate::vm::details::{guest_address, policy_in_force};
 use crate::vm::lock::VmLock;
 
 /// One check.
@@ -81,14 +81,80 @@ fn in_path(binary: &str) -> bool {
         .any(|d| d.join(binary).is_file())
 }
 
-/// Whether something answers at `ip`: a TCP connection to the SSH port
-/// that is accepted or refused proves the guest's stack is alive (the SSH
-/// port, because a network policy lets the guest answer the host there).
-fn answers(ip: Ipv4Addr) -> bool {
+/// How long the doctor waits for the guests, all probed at once: one
+/// deadline for every probe, whatever the number of VMs.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// What probing a guest's address found.
+#[derive(Debug)]
+enum Probe {
+    /// A TCP connection to the SSH port was accepted or refused: the
+    /// guest's stack is alive (the SSH port, because a network policy lets
+    /// the guest answer the host there).
+    Answered,
+    /// Nothing came back before the doctor's deadline.
+    TimedOut,
+    /// The connection failed otherwise (no route, host unreachable).
+    Failed(std::io::Error),
+}
+
+/// Probes `ip` until `deadline`.
+fn probe(ip: Ipv4Addr, deadline: Instant) -> Probe {
     let to = SocketAddr::from((ip, crate::guest::ssh::SSH_PORT));
-    match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
-        Ok(_) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Probe::TimedOut;
+    }
+    match TcpStream::connect_timeout(&to, left) {
+        Ok(_) => Probe::Answered,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Probe::Answered,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Probe::TimedOut,
+        Err(e) => Probe::Failed(e),
+    }
+}
+
+/// Probes every address at once, under one deadline [`PROBE_DEADLINE`]
+/// from now; the results in the order of `ips`.
+fn probe_all(ips: &[Ipv4Addr]) -> Vec<Probe> {
+    let deadline = Instant::now() + PROBE_DEADLINE;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ips
+            .iter()
+            .map(|&ip| {
+                std::thread::Builder::new()
+                    .name("lume-doctor-probe".into())
+                    .spawn_scoped(scope, move || probe(ip, deadline))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(ips)
+            .map(|(h, &ip)| match h {
+                Ok(h) => h.join().unwrap_or(Probe::TimedOut),
+                // No thread to be had: probe here, within what is left.
+                Err(_) => probe(ip, deadline),
+            })
+            .collect()
+    })
+}
+
+/// The check of a guest whose address was probed.
+fn probe_verdict(ip: Ipv4Addr, mode: &str, p: &Probe) -> (bool, String) {
+    match p {
+        Probe::Answered => (true, format!("{ip} answers ({mode})")),
+        Probe::TimedOut => (
+            false,
+            format!(
+                "{ip} does not answer ({mode}): no reply within {} s; check the guest's firewall and console.log, and the checks above",
+                PROBE_DEADLINE.as_secs_f32()
+            ),
+        ),
+        Probe::Failed(e) => (
+            false,
+            format!(
+                "{ip} does not answer ({mode}): {e}; check the guest's firewall and console.log, and the checks above"
+            ),
+        ),
     }
 }
 
@@ -580,6 +646,7 @@ fn is_tool_table(d: &ForeignDrop) -> bool {
 
 fn shared_checks(r: &mut Report, nets: &Networks) {
     let mut active = false;
+    let routes = nets.route_warnings();
     for net in [&nets.nat, &nets.host] {
         let members: Vec<Member> = net
             .members()
@@ -649,14 +716,8 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
         if net.kind == super::shared::Kind::Nat {
             dns_check(r, net);
         }
-        for w in nets
-            .warnings()
-            .into_iter()
-            .filter(|w| w.starts_with("route "))
-        {
-            if w.contains(&format!("{} subnet", net.bridge)) {
-                r.add("routes", false, w);
-            }
+        for w in routes.iter().filter(|w| w.bridge == net.bridge) {
+            r.add("routes", false, w.text.clone());
         }
     }
     if !active {
@@ -790,18 +851,19 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
     let links = super::netlink::Netlink::open()
         .and_then(|mut nl| nl.links())
         .unwrap_or_default();
+    // The guests' addresses to probe, all at once after this loop: where
+    // their check goes in the report, the address and the mode.
+    let mut pending: Vec<(usize, Ipv4Addr, String)> = Vec::new();
     for vm in vms {
         let Some(state) = vm.running_state() else {
             continue;
         };
-        let d = VmDetails::read(&ctx.store, &vm);
         let name = format!("vm {}", vm.name);
         // Each VM's policy, and whether its filter is on its tap now.
-        if let Some(net) = &d.network
-            && let Some(policy) = &net.policy
-        {
+        if !state.network_policy.is_empty() {
+            let policy = &state.network_policy;
             let rules = policy.readable().join("; ");
-            let (ok, detail) = match (net.policy_in_force, &state.network_mode) {
+            let (ok, detail) = match (policy_in_force(&state), &state.network_mode) {
                 (Some(true), super::NetworkMode::None) => (
                     true,
                     format!("in force (no network: nothing leaves the VM): {rules}"),
@@ -840,10 +902,10 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             }
         }
         let mode = state.network_mode.to_string();
-        let ip = d
-            .ip_address
-            .as_deref()
-            .and_then(|s| s.parse::<Ipv4Addr>().ok());
+        let ip = guest_address(&state).and_then(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        });
         // A bridged VM's parent that is there but down (a NIC plugged back
         // with nothing to bring it up, a bridge set down) carries nothing:
         // lume does not bring up an interface of the host's itself.
@@ -911,10 +973,16 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
                 }
             }
             (_, Some(ip)) => {
-                let ok = answers(ip);
-                r.add(name, ok, if ok { format!("{ip} answers ({mode})") } else { format!("{ip} does not answer ({mode}): check the guest's firewall and console.log, and the checks above") });
+                pending.push((r.checks.len(), ip, mode));
+                r.add(name, false, "");
             }
         }
+    }
+    let ips: Vec<Ipv4Addr> = pending.iter().map(|(_, ip, _)| *ip).collect();
+    for ((at, ip, mode), p) in pending.iter().zip(probe_all(&ips)) {
+        let (ok, detail) = probe_verdict(*ip, mode, &p);
+        r.checks[*at].ok = ok;
+        r.checks[*at].detail = detail;
     }
 }
 
@@ -940,6 +1008,31 @@ mod tests {
         let (ok, detail) = tun_verdict(Err(&missing), false);
         assert!(!ok && detail.contains("modprobe tun"), "{detail}");
         assert_eq!(tun_verdict(Ok(()), false), (true, "present".to_string()));
+    }
+
+    /// A port that accepts or refuses answers; a deadline that has passed
+    /// is said as such, not as a guest that does not exist.
+    #[test]
+    fn a_probe_says_answered_or_timed_out() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let later = Instant::now() + Duration::from_secs(5);
+        // Port 22 of the loopback: accepted or refused, both answer.
+        assert!(matches!(probe(lo, later), Probe::Answered));
+        assert!(matches!(probe(lo, Instant::now()), Probe::TimedOut));
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::TimedOut);
+        assert!(!ok && detail.contains("no reply within 1 s"), "{detail}");
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::Answered);
+        assert!(ok && detail == "127.0.0.1 answers (nat)", "{detail}");
+        let unreachable = std::io::Error::from(std::io::ErrorKind::HostUnreachable);
+        let (ok, detail) = probe_verdict(lo, "nat", &Probe::Failed(unreachable));
+        assert!(
+            !ok && detail.contains("does not answer (nat): "),
+            "{detail}"
+        );
+        // Every address gets its own result, in order.
+        let all = probe_all(&[lo, lo, lo]);
+        assert_eq!(all.len(), 3);
+        assert!(all.iter().all(|p| matches!(p, Probe::Answered)), "{all:?}");
     }
 
     #[test]

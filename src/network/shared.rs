@@ -726,6 +726,19 @@ impl Networks {
     /// (for the watcher's log).
     fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
         let tools = self.accommodate && Nft.tools_present()?;
+        self.write_firewall_with(tools)
+    }
+
+    /// Whether lume's table marked packets for other tools' chains when it
+    /// was last written.
+    fn marks(&self) -> bool {
+        fs::read_to_string(self.root.join("foreign.marks")).is_ok_and(|v| v.trim() == "1")
+    }
+
+    /// [`Self::write_firewall`] with `tools`: whether Docker's, ufw's or
+    /// firewalld's chains are there (known or assumed; a wrong assumption
+    /// is corrected by the caller once it has listed the ruleset).
+    fn write_firewall_with(&self, tools: bool) -> Result<(bool, Vec<String>), SharedError> {
         let state = self.firewall_state(tools);
         let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
@@ -819,8 +832,17 @@ impl Networks {
             ));
         }
         if (any || bridged) && check_firewall {
+            // After a flush (the usual case) lume's table is simply gone:
+            // `nft list tables` says so in the same few milliseconds
+            // whatever the size of the ruleset, and the table is written
+            // back before anything is listed (the listing of a ruleset with
+            // many VMs' rules takes tens of milliseconds). Whether other
+            // tools' chains are there is taken from the last write, and
+            // corrected below once the ruleset is listed.
+            let gone = any && matches!(Nft.present(), Ok(false));
             let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
-            match Nft.listing() {
+            let listing = if gone { Ok(None) } else { Nft.listing() };
+            match listing {
                 Ok(current) if current.is_some() && current == saved => {}
                 // Only bridged VMs run: lume's table is not needed.
                 Ok(current) if !any && current == saved => {}
@@ -830,7 +852,12 @@ impl Networks {
                     } else {
                         "changed"
                     };
-                    match self.write_firewall() {
+                    let written = if gone {
+                        self.write_firewall_with(self.accommodate && self.marks())
+                    } else {
+                        self.write_firewall()
+                    };
+                    match written {
                         Ok((_, changes)) => {
                             repairs
                                 .push(format!("nftables table inet lume was {what}: restored it"));
@@ -852,8 +879,7 @@ impl Networks {
             match self.accommodate() {
                 Ok(done) => {
                     repairs.extend(done.changes);
-                    let marks = fs::read_to_string(self.root.join("foreign.marks"))
-                        .is_ok_and(|v| v.trim() == "1");
+                    let marks = self.marks();
                     if self.accommodate && done.tools != marks {
                         // The tools may change again while lume writes (a
                         // chain deleted, then another tool's table loaded):
@@ -911,21 +937,30 @@ impl Networks {
             .collect()
     }
 
-    /// Conditions lume reports but does not override: routes that capture
-    /// part of a lume subnet, and other tables that drop lume's traffic.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let active: Vec<&SharedNet> = [&self.nat, &self.host]
+    /// The shared networks with a live member.
+    fn active(&self) -> Vec<&SharedNet> {
+        [&self.nat, &self.host]
             .into_iter()
             .filter(|n| n.members().iter().any(Member::alive))
-            .collect();
+            .collect()
+    }
+
+    /// Routes that capture part of the subnet of an active shared network,
+    /// each with the bridge whose subnet it captures.
+    pub fn route_warnings(&self) -> Vec<RouteWarning> {
+        let active = self.active();
         if active.is_empty() {
-            return out;
+            return Vec::new();
         }
-        if let Ok(routes) = Netlink::open().and_then(|mut nl| nl.routes_v4()) {
-            for net in &active {
-                for r in conflicting_routes(&routes, &net.subnet(), &net.bridge) {
-                    out.push(format!(
+        let Ok(routes) = Netlink::open().and_then(|mut nl| nl.routes_v4()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for net in &active {
+            for r in conflicting_routes(&routes, &net.subnet(), &net.bridge) {
+                out.push(RouteWarning {
+                    bridge: net.bridge.clone(),
+                    text: format!(
                         "route {} captures part of lume's {} subnet {}: replies to those guests leave through {} instead of {}; remove the route or move the subnet ({})",
                         describe_route(&r),
                         net.bridge,
@@ -933,10 +968,21 @@ impl Networks {
                         r.oif_name.as_deref().unwrap_or("another device"),
                         net.bridge,
                         net.key()
-                    ));
-                }
+                    ),
+                });
             }
         }
+        out
+    }
+
+    /// Conditions lume reports but does not override: routes that capture
+    /// part of a lume subnet, and other tables that drop lume's traffic.
+    pub fn warnings(&self) -> Vec<String> {
+        let active = self.active();
+        if active.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = self.route_warnings().into_iter().map(|w| w.text).collect();
         if let Ok(drops) = Nft.foreign_drops() {
             let list = active
                 .iter()
@@ -968,6 +1014,14 @@ impl Networks {
         }
         out
     }
+}
+
+/// A route that captures part of an active lume subnet: the bridge whose
+/// subnet it is, and the warning for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteWarning {
+    pub bridge: String,
+    pub text: String,
 }
 
 /// The watcher's warning about another table's drop of traffic of

@@ -56,7 +56,7 @@ pub struct NetworkDetails {
 
 /// Whether the run's policy holds now: its filter is on its tap, or the
 /// VM runs with no network at all (mode `none`: nothing leaves).
-fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
+pub(crate) fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
     if s.network_policy.is_empty() {
         return None;
     }
@@ -219,6 +219,16 @@ pub struct VmDetails {
 impl VmDetails {
     /// Reads one VM's details; a config that cannot be read gives status `invalid`.
     pub fn read(store: &Store, vm: &Vm) -> Self {
+        let (mut d, probe) = Self::read_unprobed(store, vm);
+        if let Some(p) = probe {
+            d.ssh_available = Some(p.run());
+        }
+        d
+    }
+
+    /// [`Self::read`] but for `sshAvailable` of a running VM: the probe
+    /// that gives it, to run (`None` when the VM is not running).
+    fn read_unprobed(store: &Store, vm: &Vm) -> (Self, Option<SshProbe>) {
         let state = vm.running_state();
         let mut d = VmDetails {
             name: vm.name.to_string(),
@@ -270,7 +280,7 @@ impl VmDetails {
             Err(e) => {
                 d.status = VmStatus::Invalid;
                 d.error = Some(crate::error_chain(&e));
-                return d;
+                return (d, None);
             }
         };
         // The disk itself, never what a link there points to.
@@ -332,27 +342,81 @@ impl VmDetails {
             let address = guest_address(&s);
             d.ip_address = address.map(|ip| ip.to_string());
             // As lume: whether port 22 answers now (null when stopped).
-            d.ssh_available = Some(crate::guest::reach::ssh_available(&s, address));
+            let target = crate::guest::reach::ssh_target(&s, address);
+            return (
+                d,
+                Some(SshProbe {
+                    mode: s.network_mode,
+                    target,
+                }),
+            );
         }
-        d
+        (d, None)
     }
 
-    /// The details of many VMs, read in parallel, at most 32 at a time
-    /// (each running VM's SSH probe may take up to its timeout).
+    /// The details of many VMs: read in parallel, at most 32 at a time,
+    /// then the SSH ports of every running VM probed all at once, so the
+    /// probes' timeouts (each VM's at most [`SSH_PROBE_TIMEOUT`]) do not
+    /// add up however many VMs run.
+    ///
+    /// [`SSH_PROBE_TIMEOUT`]: crate::guest::reach::SSH_PROBE_TIMEOUT
     pub fn read_all(store: &Store, vms: &[Vm]) -> Vec<Self> {
         let mut all = Vec::with_capacity(vms.len());
+        let mut probes = Vec::new();
         for chunk in vms.chunks(32) {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = chunk
                     .iter()
-                    .map(|vm| scope.spawn(move || Self::read(store, vm)))
+                    .map(|vm| scope.spawn(move || Self::read_unprobed(store, vm)))
                     .collect();
                 for (h, vm) in handles.into_iter().zip(chunk) {
-                    all.push(h.join().unwrap_or_else(|_| Self::read(store, vm)));
+                    let (d, probe) = h.join().unwrap_or_else(|_| Self::read_unprobed(store, vm));
+                    if let Some(p) = probe {
+                        probes.push((all.len(), p));
+                    }
+                    all.push(d);
+                }
+            });
+        }
+        // At most PROBES_AT_ONCE threads (each one socket) at a time.
+        for chunk in probes.chunks(PROBES_AT_ONCE) {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|(_, p)| {
+                        std::thread::Builder::new()
+                            .name("lume-ssh-probe".into())
+                            .spawn_scoped(scope, move || p.run())
+                    })
+                    .collect();
+                for (h, (at, p)) in handles.into_iter().zip(chunk) {
+                    let answered = match h {
+                        Ok(h) => h.join().unwrap_or(false),
+                        Err(_) => p.run(),
+                    };
+                    all[*at].ssh_available = Some(answered);
                 }
             });
         }
         all
+    }
+}
+
+/// How many SSH probes [`VmDetails::read_all`] runs at once.
+const PROBES_AT_ONCE: usize = 256;
+
+/// The probe that gives a running VM's `sshAvailable`.
+struct SshProbe {
+    mode: crate::network::NetworkMode,
+    /// Where the guest's SSH server is reached; `None`: nowhere yet (no
+    /// address), so not available.
+    target: Option<std::net::SocketAddr>,
+}
+
+impl SshProbe {
+    fn run(&self) -> bool {
+        self.target
+            .is_some_and(|t| crate::guest::reach::ssh_answers(&self.mode, t))
     }
 }
 
