@@ -667,6 +667,9 @@ pub struct PendingPull {
     caller: super::caller::Caller,
     work: PathBuf,
     _provisioning: Option<VmLock>,
+    /// With `force`, the existing VM of that name, held by its lock
+    /// until the new one has taken its place.
+    replacing: Option<(Vm, VmLock)>,
 }
 
 /// Checks a pull and makes its work directory with a provisional
@@ -678,15 +681,36 @@ pub fn begin_pull(
     let store = &ctx.store;
     store.check_private(None)?;
     let name = spec.name.clone();
-    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
-        return Err(StoreError::Exists {
-            name,
-            root: store.root().to_path_buf(),
-        }
-        .into());
-    }
     if store.is_provisioning(&name) {
-        return Err(StoreError::Provisioning(name).into());
+        return Err(store.provisioning_error(&name).into());
+    }
+    let mut replacing = None;
+    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
+        if !spec.force {
+            return Err(StoreError::Exists {
+                name,
+                root: store.root().to_path_buf(),
+            }
+            .into());
+        }
+        // `--force`, as lume: the VM is replaced, but only a stopped one,
+        // and only once the new one is complete (its lock held till then,
+        // so it cannot start meanwhile).
+        let vm = store.open(&name)?;
+        store.check_private(Some(&vm))?;
+        let lock = VmLock::try_acquire(&vm.lock_path())
+            .map_err(io_at(&vm.lock_path()))?
+            .ok_or_else(|| {
+                if vm.is_running() {
+                    VmError::from(crate::registry::RegistryError::ReplaceRunning(
+                        name.to_string(),
+                    ))
+                } else {
+                    VmError::from(StoreError::Busy(name.clone()))
+                }
+            })?;
+        collect_after_crash(ctx, &vm);
+        replacing = Some((vm, lock));
     }
     if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
         spec.public_only = false;
@@ -707,6 +731,7 @@ pub fn begin_pull(
             caller: ctx.caller.clone(),
             work,
             _provisioning: lock,
+            replacing,
         }),
         Err(e) => {
             let _ = fs::remove_dir_all(&work);
@@ -738,8 +763,16 @@ impl PendingPull {
         let built = (|| -> Result<Vm, VmError> {
             crate::registry::pull::pull_into(&self.spec, &self.cache, &self.caller, &work, note)?;
             let _ = fs::remove_file(work.join(crate::registry::pull::PROGRESS_FILE));
+            if self.replacing.is_some() {
+                note(&format!(
+                    "Replacing VM '{}' with the pulled image (--force)",
+                    self.spec.name
+                ));
+                return Ok(self.store.replace(&work, &self.spec.name)?);
+            }
             Ok(self.store.publish(&work, &self.spec.name)?)
         })();
+        self.replacing = None;
         match built {
             Ok(vm) => {
                 self._provisioning = None;
@@ -926,7 +959,7 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
         return Err(exists().into());
     }
     if store.is_provisioning(&spec.name) {
-        return Err(StoreError::Provisioning(spec.name.clone()).into());
+        return Err(store.provisioning_error(&spec.name).into());
     }
 
     let work = store.work_dir("creating", &spec.name)?;

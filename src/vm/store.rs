@@ -62,6 +62,12 @@ pub enum StoreError {
         "VM '{0}' is still being created (status provisioning): wait until `lume ls` shows it stopped, then try again"
     )]
     Provisioning(VmName),
+    /// As [`StoreError::Provisioning`], for a VM being pulled (listed as
+    /// `pulling`).
+    #[error(
+        "VM '{0}' is still being pulled (status pulling): wait until `lume ls` shows it stopped, then try again"
+    )]
+    Pulling(VmName),
 }
 
 /// A directory that a user other than root could change: root keeps no VM
@@ -316,7 +322,7 @@ impl Store {
             self.migrate(&vm);
             Ok(vm)
         } else if self.is_provisioning(name) {
-            Err(StoreError::Provisioning(name.clone()))
+            Err(self.provisioning_error(name))
         } else if let Some(locations) = &self.searched {
             Err(StoreError::NotFoundAnywhere {
                 name: name.clone(),
@@ -385,6 +391,18 @@ impl Store {
         self.provisioning().into_iter().find(|v| &v.name == name)
     }
 
+    /// The error for acting on `name` while it is provisioned: `pulling`
+    /// when it is a pull (its work directory records download progress, as
+    /// `lume ls` shows it), else `provisioning`.
+    pub fn provisioning_error(&self, name: &VmName) -> StoreError {
+        match self.find_provisioning(name) {
+            Some(vm) if vm.dir.join(crate::registry::pull::PROGRESS_FILE).exists() => {
+                StoreError::Pulling(name.clone())
+            }
+            _ => StoreError::Provisioning(name.clone()),
+        }
+    }
+
     /// Whether `name` is being provisioned.
     pub fn is_provisioning(&self, name: &VmName) -> bool {
         self.find_provisioning(name).is_some()
@@ -437,6 +455,32 @@ impl Store {
             }
             Err(e) => Err(io_at(&vm.dir)(e.into())),
         }
+    }
+
+    /// Puts a finished work directory in the place of the existing VM
+    /// `name` (whose lock the caller holds), then removes the old one: one
+    /// atomic exchange (renameat2 RENAME_EXCHANGE), so at every moment
+    /// `name` is either the old VM whole or the new one whole. The old VM
+    /// then lies under the work directory's hidden name, which a crash
+    /// leaves for the next create to collect.
+    pub fn replace(&self, work: &Path, name: &VmName) -> Result<Vm, StoreError> {
+        let vm = self.vm(name);
+        sync_dir(work).map_err(io_at(work))?;
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            work,
+            nix::fcntl::AT_FDCWD,
+            &vm.dir,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| io_at(&vm.dir)(e.into()))?;
+        sync_dir(&self.root).map_err(io_at(&self.root))?;
+        let old = Vm {
+            name: name.clone(),
+            dir: work.to_path_buf(),
+        };
+        self.remove(&old)?;
+        Ok(vm)
     }
 
     /// Removes a VM directory: one rename out of sight, then the removal.
