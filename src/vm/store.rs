@@ -651,3 +651,51 @@ impl Vm {
         self.running_state().is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal names what `lume ls` shows: `pulling` for a pull.
+    #[test]
+    fn a_vm_being_pulled_is_refused_as_pulling() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().join("vms")));
+        let name = VmName::parse("web").unwrap();
+        let work = store.work_dir("creating", &name).unwrap();
+        let marker = work.join(crate::vm::actions::PROVISIONING_MARKER);
+        let _lock = VmLock::try_acquire(&marker).unwrap().unwrap();
+        crate::registry::pull::provisional_config()
+            .save(&work.join("config.json"))
+            .unwrap();
+        assert!(matches!(
+            store.open(&name),
+            Err(StoreError::Provisioning(_))
+        ));
+        crate::registry::pull::write_progress(&work, 0, 0);
+        let e = store.open(&name).unwrap_err();
+        assert!(matches!(e, StoreError::Pulling(_)), "{e:?}");
+        assert!(e.to_string().contains("(status pulling)"), "{e}");
+    }
+
+    /// `replace` swaps a finished work directory in for the VM and leaves
+    /// nothing of the old one (no hidden directory either).
+    #[test]
+    fn replace_swaps_in_the_new_vm_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().join("vms")));
+        let name = VmName::parse("web").unwrap();
+        let old = store.work_dir("creating", &name).unwrap();
+        fs::write(old.join("old"), "1").unwrap();
+        store.publish(&old, &name).unwrap();
+        let new = store.work_dir("creating", &name).unwrap();
+        fs::write(new.join("new"), "2").unwrap();
+        let vm = store.replace(&new, &name).unwrap();
+        assert!(vm.dir.join("new").exists() && !vm.dir.join("old").exists());
+        let left: Vec<_> = fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("web")]);
+    }
+}
