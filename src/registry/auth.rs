@@ -12,6 +12,9 @@
 //! in its home directory from the user database), opened with the caller's
 //! rights. Otherwise anonymous, which
 //! still fetches the anonymous bearer token ghcr.io wants for public images.
+//! Docker's credential helpers (`credsStore`, `credHelpers`) are not run;
+//! that one is named is noted ([`Hint::helpers`]) so a refusal can say so.
+//! Where the credentials came from ([`Source`]) goes into the refusal too.
 //!
 //! Plain HTTP is used for registries on a loopback address or `localhost`
 //! (as Docker does) and for those named in `LUME_INSECURE_REGISTRIES`

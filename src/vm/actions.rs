@@ -585,7 +585,14 @@ pub fn execute(
             // (their FIFO or link could stand where config.json is).
             store.check_private(None)?;
             let mut vms = store.list()?;
-            vms.extend(store.provisioning());
+            // A pull with --force builds the VM's replacement under the
+            // same name: the VM is listed once, as it is until replaced.
+            let pulled: Vec<Vm> = store
+                .provisioning()
+                .into_iter()
+                .filter(|p| !vms.iter().any(|v| v.name == p.name))
+                .collect();
+            vms.extend(pulled);
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Outcome::List(VmDetails::read_all(store, &vms)))
         }
@@ -695,7 +702,15 @@ pub fn begin_pull(
         }
         // `--force`, as lume: the VM is replaced, but only a stopped one,
         // and only once the new one is complete (its lock held till then,
-        // so it cannot start meanwhile).
+        // so it cannot start meanwhile). A directory without a config is
+        // no VM: it is not replaced.
+        if !store.vm(&name).config_path().exists() {
+            return Err(StoreError::Exists {
+                name,
+                root: store.root().to_path_buf(),
+            }
+            .into());
+        }
         let vm = store.open(&name)?;
         store.check_private(Some(&vm))?;
         let lock = VmLock::try_acquire(&vm.lock_path())
