@@ -516,7 +516,7 @@ fn progress_bar(wanted: bool, total: u64, start: u64) -> indicatif::ProgressBar 
             Some(total),
             indicatif::ProgressDrawTarget::hidden(),
         );
-        bar.set_position(start);
+        start_at(&bar, start);
         return bar;
     }
     let bar = indicatif::ProgressBar::new(total);
@@ -539,15 +539,19 @@ fn progress_bar(wanted: bool, total: u64, start: u64) -> indicatif::ProgressBar 
             },
         ));
     }
+    start_at(&bar, start);
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    bar
+}
+
+/// Puts a fresh bar at `start` bytes, rating only what follows: the
+/// estimator takes `start` as its base at this tick, then is reset.
+fn start_at(bar: &indicatif::ProgressBar, start: u64) {
     if start > 0 {
-        // The estimator takes `start` as its base at this tick; reset, it
-        // then rates only the bytes that follow.
         bar.set_position(start);
         bar.tick();
         bar.reset_eta();
     }
-    bar.enable_steady_tick(std::time::Duration::from_millis(250));
-    bar
 }
 
 /// The VM's settings: lume's manifest annotations (current format) or the
@@ -1140,6 +1144,24 @@ mod tests {
         let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
         assert!(is_index(oci) && is_index(docker) && is_index(bare));
         assert!(!is_index(manifest) && !is_index(b"not json"));
+    }
+
+    /// A resumed pull's bar starts at the cached bytes, and its rate does
+    /// not count them as if they had just arrived.
+    #[test]
+    fn a_resumed_bar_rates_only_new_bytes() {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(48 << 20),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        start_at(&bar, 24 << 20);
+        assert_eq!(bar.position(), 24 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        bar.inc(1024);
+        bar.tick();
+        // 1 KiB in at least 0.1 s; counting the cache would be ~240 MiB/s.
+        let rate = bar.per_sec();
+        assert!(rate < (1 << 20) as f64, "{rate}");
     }
 
     #[test]
