@@ -514,9 +514,31 @@ fn credentials_cache_and_killed_pull() {
     push.extend(creds);
     ns.lume_ok(&home, &push);
 
-    // The Docker credentials file of the user (base64 of alice:s3cret).
+    // Docker's default, a credential store: lume does not run it, and
+    // says so instead of offering `docker login`.
     let docker = home.path().join(".docker");
     std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{}}}},"credsStore":"desktop"}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let mut helper: Vec<&str> = vec!["pull", "img:v1", "viahelper"];
+    helper.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &helper);
+    assert!(
+        err.contains("needs credentials") && err.contains("credential helper"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("docker login") && !err.contains("GITHUB"),
+        "{err}"
+    );
+
+    // The Docker credentials file of the user (base64 of alice:s3cret).
     std::fs::write(
         docker.join("config.json"),
         format!(
