@@ -6,4 +6,4 @@
 pub const MACOS_ONLY: &str = "it is for macOS guests, which need an Apple host";
 
 /// Refused because lume on Linux does not have it (yet).
-pub const NOT_YET: &str = "lume on Linux does not support it yet";
+pub const NOT_YET: &str = "not yet implemented";

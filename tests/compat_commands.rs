@@ -393,7 +393,7 @@ fn lume_commands_that_are_not_here_are_refused_with_the_reason() {
         ("ipsw", "macOS guests"),
         ("setup", "macOS guests"),
         ("sip", "macOS guests"),
-        ("convert", "does not support it yet"),
+        ("convert", "not yet implemented"),
         ("logs", "GET /lume/logs"),
         ("check-update", "package manager"),
         ("update", "package manager"),

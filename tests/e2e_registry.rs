@@ -221,7 +221,45 @@ fn push_pull_round_trip_skopeo_and_failures() {
     busy.extend(reg_args(&reg));
     let err = ns.lume_fails(&home, &busy);
     assert!(err.contains("is running: stop it before pushing"), "{err}");
+    // Nor replaced by a pull with --force.
+    let mut replace_running = vec!["pull", "img:v2", "--force"];
+    replace_running.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &replace_running);
+    assert!(
+        err.contains("is running, and a pull with force replaces only a stopped VM"),
+        "{err}"
+    );
+    assert_eq!(home.get("img_v2")["status"], "running");
     ns.lume_ok(&home, &["stop", "img_v2", "--timeout", "1"]);
+
+    // An existing VM: refused without --force; with it, replaced (as
+    // lume), but only once the new one is complete: a failed pull with
+    // --force leaves the old VM as it was.
+    std::fs::write(home.vm_dir("dst").join("marker"), "old").unwrap();
+    let err = ns.lume_fails(&home, &pull);
+    assert!(err.contains("VM 'dst' already exists"), "{err}");
+    let mut force_missing = vec!["pull", "img:nope", "dst", "--force"];
+    force_missing.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &force_missing);
+    assert!(err.contains("was not found"), "{err}");
+    assert!(home.vm_dir("dst").join("marker").exists());
+    same_bytes(&src, &dst);
+    let vm_id = || {
+        let c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(home.vm_dir("dst").join("config.json")).unwrap())
+                .unwrap();
+        c["vmId"].clone()
+    };
+    let old_id = vm_id();
+    assert!(old_id.is_string());
+    let mut force = pull.clone();
+    force.push("--force");
+    let err = String::from_utf8_lossy(&ns.lume(&home, &force).stderr).to_string();
+    assert!(err.contains("Replacing VM 'dst'"), "{err}");
+    assert!(!home.vm_dir("dst").join("marker").exists());
+    same_bytes(&src, &dst);
+    assert_ne!(vm_id(), old_id);
+    assert_eq!(home.get("dst")["status"], "stopped");
     // Held by another command (here a process holding its lock): busy,
     // not running.
     let mut holder = hold_lock(&home.vm_dir("src").join(".lock"));
@@ -301,6 +339,42 @@ fn push_pull_round_trip_skopeo_and_failures() {
     ));
     assert!(tags.contains("v1") && !tags.contains("dry"), "{tags}");
     same_bytes(&src, &home.vm_dir("img_v2").join("disk.img"));
+
+    // A tag that is a multi-platform index: named as such, not "not found".
+    let head = ns.exec_ok(&format!(
+        "curl -sI -H 'Accept: {}' http://{}/v2/test/img/manifests/v1",
+        format::MANIFEST_MEDIA_TYPE,
+        reg.addr
+    ));
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+            .unwrap()
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": format::MANIFEST_MEDIA_TYPE,
+            "digest": header("docker-content-digest"),
+            "size": header("content-length").parse::<u64>().unwrap(),
+            "platform": {"architecture": "amd64", "os": "linux"}
+        }]
+    });
+    let index_file = tmp.path().join("index.json");
+    std::fs::write(&index_file, index.to_string()).unwrap();
+    ns.exec_ok(&format!(
+        "curl -sf -X PUT -H 'Content-Type: application/vnd.oci.image.index.v1+json' --data-binary @{} http://{}/v2/test/img/manifests/multi",
+        index_file.display(),
+        reg.addr
+    ));
+    let mut multi = vec!["pull", "img:multi", "multi"];
+    multi.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &multi);
+    assert!(err.contains("it is an image index"), "{err}");
 
     // A missing tag: one clear error, no VM, nothing counted complete.
     let mut missing = vec!["pull", "img:nope", "nope"];
@@ -440,9 +514,31 @@ fn credentials_cache_and_killed_pull() {
     push.extend(creds);
     ns.lume_ok(&home, &push);
 
-    // The Docker credentials file of the user (base64 of alice:s3cret).
+    // Docker's default, a credential store: lume does not run it, and
+    // says so instead of offering `docker login`.
     let docker = home.path().join(".docker");
     std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{}}}},"credsStore":"desktop"}}"#,
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let mut helper: Vec<&str> = vec!["pull", "img:v1", "viahelper"];
+    helper.extend(reg_args(&reg));
+    let err = ns.lume_fails(&home, &helper);
+    assert!(
+        err.contains("needs credentials") && err.contains("credential helper"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("docker login") && !err.contains("GITHUB"),
+        "{err}"
+    );
+
+    // The Docker credentials file of the user (base64 of alice:s3cret).
     std::fs::write(
         docker.join("config.json"),
         format!(

@@ -166,9 +166,10 @@ pub fn vm_status(e: &VmError) -> StatusCode {
             StoreError::NotFound { .. } | StoreError::NotFoundAnywhere { .. } => {
                 StatusCode::NOT_FOUND
             }
-            StoreError::Exists { .. } | StoreError::Busy(_) | StoreError::Provisioning(_) => {
-                CONFLICT
-            }
+            StoreError::Exists { .. }
+            | StoreError::Busy(_)
+            | StoreError::Provisioning(_)
+            | StoreError::Pulling(_) => CONFLICT,
             StoreError::Config(_) | StoreError::Io { .. } => FAILED,
         },
         VmError::Run(r) => match r {
@@ -260,6 +261,9 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
     use crate::registry::RegistryError as R;
     match e {
         R::BadReference(_)
+        | R::BadTag(_)
+        | R::TwoTags(_)
+        | R::NameTooLong { .. }
         | R::BadRegistry(_)
         | R::BadOrganization(_)
         | R::UnsafeCache { .. }
@@ -273,8 +277,8 @@ fn registry_status(e: &crate::registry::RegistryError) -> StatusCode {
         | R::NoTag(_)
         | R::DockerConfig { .. } => StatusCode::BAD_REQUEST,
         R::NotFound { .. } => StatusCode::NOT_FOUND,
-        R::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-        R::Running(_) | R::Busy(_) => StatusCode::CONFLICT,
+        R::Unauthorized { .. } | R::Refused { .. } => StatusCode::UNAUTHORIZED,
+        R::Running(_) | R::ReplaceRunning(_) | R::Busy(_) => StatusCode::CONFLICT,
         R::NotTls { .. }
         | R::Unreachable { .. }
         | R::Unresolved { .. }

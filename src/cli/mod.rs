@@ -340,7 +340,8 @@ pub struct PullArgs {
     /// Registry password for authentication
     #[arg(long, requires = "username")]
     pub password: Option<String>,
-    /// Fetch every blob anew even when it is in the cache
+    /// Replace an existing VM of that name (it must be stopped) once the
+    /// pull is complete, and fetch every blob anew even when it is cached
     #[arg(long)]
     pub force: bool,
     /// Accepted for lume compatibility (lume's logging detail)
@@ -544,8 +545,8 @@ impl PolicyArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Name of the VM, or an image NAME:TAG to pull (as VM NAME) when no VM
-    /// of that name exists, then run
+    /// Name of the VM, or an image IMAGE:TAG: its VM IMAGE_TAG (as `lume
+    /// pull` names it) is pulled first when it does not exist, then run
     pub name: String,
     /// Registry to pull an image from (default: set by `lume config registry ghcr --registry`, else ghcr.io)
     #[arg(long)]
@@ -1509,7 +1510,18 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
         a.organization.as_deref(),
         None,
         &d,
-    )?;
+    )
+    .map_err(|e| match e {
+        // `run` takes no VM name: the hint says how to give one.
+        crate::registry::RegistryError::NameTooLong { name, image, .. } => {
+            crate::registry::RegistryError::NameTooLong {
+                name,
+                image,
+                run: true,
+            }
+        }
+        e => e,
+    })?;
     let ctx = context(&a.storage, Some(&name))?;
     if ctx.store.vm(&name).config_path().exists() {
         return Ok(name);
@@ -1578,7 +1590,8 @@ fn ssh(a: SshArgs) -> Result<i32> {
 /// VM's hidden work directory is removed at once and lume exits (without
 /// this, the next create would collect it). A VM already published keeps
 /// its name: only this process's `.creating-NAME-PID-…` directory goes.
-fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
+/// `said` is what lume prints then.
+fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName, said: String) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -1603,7 +1616,7 @@ fn remove_work_on_interrupt(root: PathBuf, name: &crate::vm::VmName) {
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprint!("\r\x1b[2K");
         }
-        eprintln!("Interrupted: the VM was not created and nothing of it is left");
+        eprintln!("Interrupted: {said}");
         std::process::exit(128 + sig as i32);
     });
 }
@@ -1637,10 +1650,28 @@ fn finish(storage: &StorageArg, action: Action, format: Format) -> Result<i32> {
     if let Action::Create(spec) = &action
         && spec.image.is_some()
     {
-        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+        remove_work_on_interrupt(
+            ctx.store.root().to_path_buf(),
+            &spec.name,
+            "the VM was not created and nothing of it is left".into(),
+        );
     }
     if let Action::Pull(spec) = &action {
-        remove_work_on_interrupt(ctx.store.root().to_path_buf(), &spec.name);
+        // What was downloaded stays in the cache whatever `cachingEnabled`
+        // says (only a finished pull empties it), so the next pull resumes.
+        let vm = if spec.force && ctx.store.vm(&spec.name).config_path().exists() {
+            format!("VM '{}' was not replaced (it is as it was)", spec.name)
+        } else {
+            "the VM was not created and nothing of it is left".to_string()
+        };
+        remove_work_on_interrupt(
+            ctx.store.root().to_path_buf(),
+            &spec.name,
+            format!(
+                "{vm}; the blobs downloaded so far stay in the image cache, and the next pull of {} resumes from them",
+                spec.image.short()
+            ),
+        );
     }
     let outcome = match execute(&ctx, action, &mut note) {
         Ok(o) => o,
@@ -1702,7 +1733,7 @@ fn config(c: ConfigArgs) -> Result<i32> {
                 }
                 CacheCommand::Dir { path: Some(path) } | CacheCommand::Set { path } => {
                     let text = location_path_text(&path);
-                    location::prepare_directory(&text)?;
+                    prepare_cache_directory(&text)?;
                     s.set_from_command_line("cacheDirectory", &text)?;
                     outln!("Cache directory set to: {text}");
                 }
@@ -1813,7 +1844,9 @@ fn config(c: ConfigArgs) -> Result<i32> {
                     "Warning: '{key}' is not a key lume reads; stored anyway (config.yaml keeps keys of other versions): {hint}"
                 );
             }
-            if key == "homeDirectory" || key == "cacheDirectory" {
+            if key == "cacheDirectory" {
+                prepare_cache_directory(&value).with_context(|| format!("Cannot set '{key}'"))?;
+            } else if key == "homeDirectory" {
                 location::prepare_directory(&value)
                     .with_context(|| format!("Cannot set '{key}'"))?;
             }
@@ -1874,6 +1907,21 @@ fn locations_text(s: &Settings) -> Result<String> {
             format!("  - {}: {}{mark}\n", l.name, l.path)
         })
         .collect())
+}
+
+/// A new `cacheDirectory`, checked and made as a VM location is, a
+/// refusal worded for the cache.
+fn prepare_cache_directory(text: &str) -> Result<()> {
+    match location::prepare_directory(text) {
+        Err(location::LocationError::Unsafe(u)) => {
+            Err(crate::registry::RegistryError::UnsafeCache {
+                dir: u.dir,
+                who: u.who,
+            }
+            .into())
+        }
+        r => Ok(r?),
+    }
 }
 
 /// `cacheDirectory` as written in config.yaml (lume prints it unexpanded).

@@ -393,8 +393,12 @@ pub fn outcome_line(outcome: &Outcome) -> Option<String> {
             opt(&d.network_mode),
         ),
         Outcome::Pushed(p) if p.dry_run => format!(
-            "Dry run: manifest {} with {} disk part(s), {} hole chunk(s) left out; nothing uploaded",
-            p.manifest_digest, p.parts, p.holes
+            "Dry run: nothing uploaded; the {} disk would go as {} disk part(s) ({} compressed), {} hole chunk(s) left out, manifest {}",
+            format_size(p.disk_size),
+            p.parts,
+            format_size(p.compressed),
+            p.holes,
+            p.manifest_digest
         ),
         Outcome::Pushed(p) => format!(
             "Pushed {} ({} disk part(s), {} hole chunk(s) left out, {}, manifest {})",

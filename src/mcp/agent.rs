@@ -61,6 +61,9 @@ fn store_message(e: &StoreError) -> Option<String> {
         StoreError::Provisioning(n) => format!(
             "VM '{n}' is still being created (status provisioning): wait until lume_get_vm shows it stopped, then try again"
         ),
+        StoreError::Pulling(n) => format!(
+            "VM '{n}' is still being pulled (status pulling): wait until lume_get_vm shows it stopped, then try again"
+        ),
         _ => return None,
     })
 }
@@ -493,6 +496,7 @@ mod tests {
                 "publish entry '80'",
             ),
             (StoreError::Provisioning(n.clone()).into(), "lume_get_vm"),
+            (StoreError::Pulling(n.clone()).into(), "status pulling"),
             (
                 VmError::Import(ImportError::TooLarge {
                     source_name: "d.qcow2".into(),

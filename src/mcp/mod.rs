@@ -590,7 +590,7 @@ pub struct PullArgs {
     pub username: Option<String>,
     /// Registry password or token, with username
     pub password: Option<String>,
-    /// Fetch every blob anew even when it is in the cache (default: false)
+    /// Replace an existing VM of that name (it must be stopped) once the pull is complete, and fetch every blob anew even when cached (default: false)
     pub force: Option<bool>,
     /// Optional storage location name or path for the new VM (default: the default location)
     pub storage: Option<String>,

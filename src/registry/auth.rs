@@ -12,6 +12,9 @@
 //! in its home directory from the user database), opened with the caller's
 //! rights. Otherwise anonymous, which
 //! still fetches the anonymous bearer token ghcr.io wants for public images.
+//! Docker's credential helpers (`credsStore`, `credHelpers`) are not run;
+//! that one is named is noted ([`Hint::helpers`]) so a refusal can say so.
+//! Where the credentials came from ([`Source`]) goes into the refusal too.
 //!
 //! Plain HTTP is used for registries on a loopback address or `localhost`
 //! (as Docker does) and for those named in `LUME_INSECURE_REGISTRIES`
@@ -33,6 +36,40 @@ pub const INSECURE_ENV: &str = "LUME_INSECURE_REGISTRIES";
 /// Largest Docker config file read.
 const MAX_DOCKER_CONFIG: u64 = 1 << 20;
 
+/// Where the credentials of a transfer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// None found: anonymous.
+    #[default]
+    Anonymous,
+    /// `--username`/`--password` or the request's fields.
+    Given,
+    /// `GITHUB_USERNAME`/`GITHUB_TOKEN` (or `GHCR_*`) in lume's environment.
+    Environment,
+    /// An `auths` entry of the Docker config.
+    DockerConfig,
+}
+
+/// What a refusal's hint needs to know about the credentials lume looked
+/// for (so it offers only what applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Hint {
+    pub from: Source,
+    /// The environment's token would go to this registry (ghcr.io or
+    /// config.yaml's registry, and the caller is lume's own user).
+    pub env_applies: bool,
+    /// The Docker config names a credential helper for this registry
+    /// (`credsStore`, or a `credHelpers` entry), which lume does not run.
+    pub helpers: bool,
+}
+
+/// The credentials found, and where from.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub auth: RegistryAuth,
+    pub hint: Hint,
+}
+
 /// Credentials for `image`, as described in the module documentation.
 /// `token_registry` is config.yaml's registry: the environment's token goes
 /// there or to ghcr.io only.
@@ -42,14 +79,22 @@ pub fn credentials(
     password: Option<&str>,
     caller: &Caller,
     token_registry: &str,
-) -> Result<RegistryAuth, RegistryError> {
+) -> Result<Credentials, RegistryError> {
+    let own = caller.uid == nix::unistd::getuid().as_raw();
+    let mut hint = Hint {
+        env_applies: own && env_token_goes_to(&image.registry, token_registry),
+        ..Hint::default()
+    };
     if let (Some(u), Some(p)) = (username, password)
         && !u.is_empty()
     {
-        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+        hint.from = Source::Given;
+        return Ok(Credentials {
+            auth: RegistryAuth::Basic(u.to_string(), p.to_string()),
+            hint,
+        });
     }
-    let own = caller.uid == nix::unistd::getuid().as_raw();
-    if own && env_token_goes_to(&image.registry, token_registry) {
+    if hint.env_applies {
         let env = |a: &str, b: &str| {
             std::env::var(a)
                 .ok()
@@ -60,16 +105,26 @@ pub fn credentials(
             env("GITHUB_USERNAME", "GHCR_USERNAME"),
             env("GITHUB_TOKEN", "GHCR_TOKEN"),
         ) {
-            return Ok(RegistryAuth::Basic(u, p));
+            hint.from = Source::Environment;
+            return Ok(Credentials {
+                auth: RegistryAuth::Basic(u, p),
+                hint,
+            });
         }
     }
-    let path = docker_config_path(caller, own);
-    if let Some(path) = path
-        && let Some(auth) = from_docker_config(&path, &image.registry, caller)?
+    if let Some(path) = docker_config_path(caller, own)
+        && let Some(found) = from_docker_config(&path, &image.registry, caller)?
     {
-        return Ok(auth);
+        hint.helpers = found.helper;
+        if let Some(auth) = found.auth {
+            hint.from = Source::DockerConfig;
+            return Ok(Credentials { auth, hint });
+        }
     }
-    Ok(RegistryAuth::Anonymous)
+    Ok(Credentials {
+        auth: RegistryAuth::Anonymous,
+        hint,
+    })
 }
 
 /// Whether the environment's GitHub token may be sent to `registry`.
@@ -98,7 +153,7 @@ fn from_docker_config(
     path: &Path,
     registry: &str,
     caller: &Caller,
-) -> Result<Option<RegistryAuth>, RegistryError> {
+) -> Result<Option<DockerFound>, RegistryError> {
     let file = match caller.open(path, Access::Read) {
         Ok(f) => f,
         Err(OpenError::Missing { .. } | OpenError::Forbidden { .. }) => return Ok(None),
@@ -109,24 +164,57 @@ fn from_docker_config(
     file.take(MAX_DOCKER_CONFIG)
         .read_to_string(&mut text)
         .map_err(super::io_at(path))?;
-    parse_docker_config(&text, registry).map_err(|why| RegistryError::DockerConfig {
-        path: path.to_path_buf(),
-        why,
-    })
+    parse_docker_config(&text, registry)
+        .map(Some)
+        .map_err(|why| RegistryError::DockerConfig {
+            path: path.to_path_buf(),
+            why,
+        })
+}
+
+/// What a Docker config holds for one registry.
+#[derive(Debug, Default)]
+pub struct DockerFound {
+    /// Its `auths` entry, when it has credentials.
+    pub auth: Option<RegistryAuth>,
+    /// A credential helper is named for it (`credsStore` for every
+    /// registry, or its `credHelpers` entry): Docker keeps the credentials
+    /// there, and lume does not run helpers.
+    pub helper: bool,
 }
 
 /// Finds `registry` in a Docker config's `auths` (keys may be URLs, as
-/// `docker login` writes for Docker Hub).
-pub fn parse_docker_config(text: &str, registry: &str) -> Result<Option<RegistryAuth>, String> {
+/// `docker login` writes for Docker Hub), and whether a credential helper
+/// is named for it.
+pub fn parse_docker_config(text: &str, registry: &str) -> Result<DockerFound, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
-        return Ok(None);
-    };
     let key_host = |k: &str| {
         let k = k
             .trim_start_matches("https://")
             .trim_start_matches("http://");
         k.split('/').next().unwrap_or(k).to_ascii_lowercase()
+    };
+    let helper = v
+        .get("credsStore")
+        .and_then(|s| s.as_str())
+        .is_some_and(|s| !s.is_empty())
+        || v.get("credHelpers")
+            .and_then(|h| h.as_object())
+            .is_some_and(|h| h.keys().any(|k| key_host(k) == registry));
+    Ok(DockerFound {
+        auth: auths_entry(&v, registry, key_host)?,
+        helper,
+    })
+}
+
+/// The credentials of `registry`'s `auths` entry, if it has some.
+fn auths_entry(
+    v: &serde_json::Value,
+    registry: &str,
+    key_host: impl Fn(&str) -> String,
+) -> Result<Option<RegistryAuth>, String> {
+    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(None);
     };
     let Some((_, entry)) = auths.iter().find(|(k, _)| key_host(k) == registry) else {
         return Ok(None);
@@ -222,18 +310,35 @@ mod tests {
     fn docker_config_entries() {
         let text = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},
             "127.0.0.1:5000":{"auth":"YWxpY2U6czNjcjM6dA=="}}}"#;
-        match parse_docker_config(text, "127.0.0.1:5000").unwrap() {
+        match parse_docker_config(text, "127.0.0.1:5000").unwrap().auth {
             Some(RegistryAuth::Basic(u, p)) => {
                 assert_eq!((u.as_str(), p.as_str()), ("alice", "s3cr3:t"))
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            parse_docker_config(text, "index.docker.io").unwrap(),
+            parse_docker_config(text, "index.docker.io").unwrap().auth,
             Some(RegistryAuth::Basic(..))
         ));
-        assert!(parse_docker_config(text, "ghcr.io").unwrap().is_none());
+        let none = parse_docker_config(text, "ghcr.io").unwrap();
+        assert!(none.auth.is_none() && !none.helper);
         assert!(parse_docker_config(r#"{"auths":{"a":{"auth":"!!"}}}"#, "a").is_err());
+    }
+
+    /// Docker's default (`docker login` with a credential store): empty
+    /// `auths` entries and `credsStore`, or `credHelpers` per registry.
+    #[test]
+    fn docker_credential_helpers_are_noticed() {
+        let store = r#"{"auths":{"ghcr.io":{}},"credsStore":"desktop"}"#;
+        let f = parse_docker_config(store, "ghcr.io").unwrap();
+        assert!(f.auth.is_none() && f.helper, "{f:?}");
+        let helpers = r#"{"credHelpers":{"https://r.example:5000":"ecr-login"}}"#;
+        assert!(
+            parse_docker_config(helpers, "r.example:5000")
+                .unwrap()
+                .helper
+        );
+        assert!(!parse_docker_config(helpers, "ghcr.io").unwrap().helper);
     }
 
     /// An API caller cannot make root read credentials it could not read
@@ -252,7 +357,10 @@ mod tests {
         let root = Caller::current();
         assert!(matches!(
             from_docker_config(&p, "r.example", &root).unwrap(),
-            Some(RegistryAuth::Basic(..))
+            Some(DockerFound {
+                auth: Some(RegistryAuth::Basic(..)),
+                ..
+            })
         ));
         let nobody = Caller::from_uid(65534);
         assert!(

@@ -40,6 +40,30 @@ pub enum RegistryError {
     #[error("Registry '{0}' is not a valid registry host: give HOST or HOST:PORT")]
     BadRegistry(String),
     #[error(
+        "Image reference '{0}' names two tags: give one NAME:TAG (through the API, \"imageName\" takes no tag: tags go in \"tags\")"
+    )]
+    TwoTags(String),
+    #[error(
+        "Tag '{0}' is not valid: give letters, digits, '.', '_' and '-' (at most 128, not starting with '.' or '-')"
+    )]
+    BadTag(String),
+    #[error(
+        "The VM name '{name}' that image {image} would get is longer than 63 characters: {}",
+        if *run {
+            format!("`lume run` takes no VM name for an image, so pull it with a NAME first (`lume pull {image} NAME`), then `lume run NAME`")
+        } else {
+            "give a NAME for the VM".to_string()
+        }
+    )]
+    NameTooLong {
+        /// The default name (`IMAGE_TAG`).
+        name: String,
+        /// `NAME:TAG` as given.
+        image: String,
+        /// Asked by `lume run IMAGE:TAG`, which takes no VM name.
+        run: bool,
+    },
+    #[error(
         "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, {})",
         if *api { "\"registry\" and \"organization\"" } else { "--registry and --organization" }
     )]
@@ -48,13 +72,25 @@ pub enum RegistryError {
         /// Asked through the REST API (the hint names request fields).
         api: bool,
     },
-    #[error("{}", unauthorized_message(registry, *sent, *api))]
+    /// A 401/403 as the wire reports it; [`RegistryError::with_door`]
+    /// turns it into [`RegistryError::Refused`], whose hint knows where the
+    /// credentials came from.
+    #[error("{}", refused_message(registry, *api, &auth::Hint { from: if *sent { auth::Source::Given } else { auth::Source::Anonymous }, ..Default::default() }))]
     Unauthorized {
         registry: String,
         /// Whether credentials were sent (else: anonymous).
         sent: bool,
         /// Asked through the REST API or MCP (hints name request fields).
         api: bool,
+    },
+    /// The registry refused the transfer (401/403): what was sent and
+    /// where from, so the hint offers only what applies.
+    #[error("{}", refused_message(registry, *api, hint))]
+    Refused {
+        registry: String,
+        /// Asked through the REST API or MCP (hints name request fields).
+        api: bool,
+        hint: auth::Hint,
     },
     #[error(
         "Registry {registry} could not be reached: check the name, the network and any proxy settings"
@@ -86,7 +122,7 @@ pub enum RegistryError {
     )]
     ForeignOs { image: String, os: String },
     #[error(
-        "Image {image} holds a VM for {arch} machines, and this host is {host}: lume runs VMs of the host's own architecture; pull an image pushed from a {host} host"
+        "Image {image} holds a VM for {arch} machines, and this host is {host}: lume runs VMs of the host's own architecture; pull an image that was pushed from a host of architecture {host}"
     )]
     ForeignArchitecture {
         image: String,
@@ -106,7 +142,7 @@ pub enum RegistryError {
     )]
     CorruptCache { path: PathBuf },
     #[error(
-        "The image cache is not safe to use: {dir} can be changed by {who}, who could redirect what root writes there; make it owned by root and not writable by group or others, or set another `cacheDirectory` (`lume config cache set DIR`)"
+        "The image cache is not safe to use: {dir} can be changed by {who}, who could redirect what root writes there; make it owned by root and not writable by group or others, or set another `cacheDirectory` (`lume config cache dir DIR`)"
     )]
     UnsafeCache { dir: PathBuf, who: String },
     #[error(
@@ -133,16 +169,27 @@ pub enum RegistryError {
     #[error("VM '{0}' is running: stop it before pushing (`lume stop {0}`)")]
     Running(String),
     #[error(
+        "VM '{0}' is running, and a pull with force replaces only a stopped VM: stop it first (`lume stop {0}`), then pull again"
+    )]
+    ReplaceRunning(String),
+    #[error(
         "VM '{0}' is busy: another lume command is changing it; try the push again in a moment"
     )]
     Busy(String),
     #[error("Push needs NAME:TAG, such as {0}:latest")]
     NoTag(String),
     #[error(
-        "Registry {registry} did not answer with TLS (it may serve plain HTTP): if you trust the network path to it, allow plain HTTP with LUME_INSECURE_REGISTRIES={registry} and try again"
+        "Registry {registry} did not answer with TLS (it may serve plain HTTP): {}",
+        if *public_only {
+            "registries named through the API are spoken to over HTTPS only (plain HTTP never carries an API caller's transfer); let the server's owner allow private registries with `lume config set apiPrivateImageUrls true` and LUME_INSECURE_REGISTRIES in the server's environment, or use an HTTPS registry".to_string()
+        } else {
+            format!("if you trust the network path to it, allow plain HTTP with LUME_INSECURE_REGISTRIES={registry} and try again")
+        }
     )]
     NotTls {
         registry: String,
+        /// A public-only (API) transfer, which never uses plain HTTP.
+        public_only: bool,
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
@@ -183,35 +230,66 @@ pub enum RegistryError {
     Runtime(#[source] std::io::Error),
 }
 
-/// The message of [`RegistryError::Unauthorized`]: where credentials come
+/// The message of [`RegistryError::Refused`]: where credentials come
 /// from depends on the door (CLI flags and the user's environment, or the
-/// request's fields).
-fn unauthorized_message(registry: &str, sent: bool, api: bool) -> String {
+/// request's fields), and only the ways that apply to this registry are
+/// offered.
+fn refused_message(registry: &str, api: bool, hint: &auth::Hint) -> String {
     let how = if api {
         "give \"username\" and \"password\" in the request (and check \"registry\" and \"organization\")".to_string()
     } else {
-        format!(
-            "give --username/--password, set GITHUB_USERNAME/GITHUB_TOKEN or run `docker login {registry}`"
-        )
+        let mut ways = vec!["give --username/--password".to_string()];
+        if hint.env_applies {
+            ways.push("set GITHUB_USERNAME/GITHUB_TOKEN".into());
+        }
+        if !hint.helpers {
+            ways.push(format!("run `docker login {registry}`"));
+        }
+        let last = ways.pop().expect("one way at least");
+        let mut how = if ways.is_empty() {
+            last
+        } else {
+            format!("{} or {last}", ways.join(", "))
+        };
+        if hint.helpers {
+            how.push_str(
+                " (your Docker config keeps its credentials in a credential helper, `credsStore` or `credHelpers`, which lume does not run)",
+            );
+        }
+        how
     };
-    if sent {
-        format!("Registry {registry} refused the credentials: check them; {how}")
-    } else {
-        format!("Registry {registry} needs credentials: {how}")
+    use auth::Source;
+    match hint.from {
+        Source::Anonymous => format!("Registry {registry} needs credentials: {how}"),
+        Source::Given => format!("Registry {registry} refused the credentials: check them; {how}"),
+        Source::Environment => format!(
+            "Registry {registry} refused the credentials from lume's environment (GITHUB_USERNAME/GITHUB_TOKEN or GHCR_USERNAME/GHCR_TOKEN): check them; {how}"
+        ),
+        Source::DockerConfig => format!(
+            "Registry {registry} refused the credentials from your Docker config (`docker login`): check them; {how}"
+        ),
     }
 }
 
 impl RegistryError {
-    /// Completes an [`Unauthorized`](Self::Unauthorized) with what was
-    /// sent, and it and [`NotFound`](Self::NotFound) with the door their
-    /// hints name; other errors are unchanged.
-    pub(crate) fn with_auth(self, auth: &oci_client::secrets::RegistryAuth, api: bool) -> Self {
+    /// Completes a refusal ([`Unauthorized`](Self::Unauthorized) becomes
+    /// [`Refused`](Self::Refused)) with the credentials' origin, and it,
+    /// [`NotFound`](Self::NotFound) and [`NotTls`](Self::NotTls) with the
+    /// door their hints name; other errors are unchanged.
+    pub(crate) fn with_door(self, hint: auth::Hint, api: bool, public_only: bool) -> Self {
         match self {
             Self::NotFound { image, .. } => Self::NotFound { image, api },
-            Self::Unauthorized { registry, .. } => Self::Unauthorized {
+            Self::Unauthorized { registry, .. } | Self::Refused { registry, .. } => Self::Refused {
                 registry,
-                sent: !matches!(auth, oci_client::secrets::RegistryAuth::Anonymous),
                 api,
+                hint,
+            },
+            Self::NotTls {
+                registry, source, ..
+            } => Self::NotTls {
+                registry,
+                public_only,
+                source,
             },
             e => e,
         }
@@ -275,6 +353,7 @@ pub(crate) fn classify(
         E::RequestError(r) if r.status().is_some_and(|s| s.as_u16() == 404) => not_found(),
         E::RequestError(r) if not_tls(r) => RegistryError::NotTls {
             registry: registry.to_string(),
+            public_only: false,
             source: e,
         },
         E::RequestError(r) if r.is_connect() || r.is_timeout() => RegistryError::Unreachable {
@@ -364,30 +443,73 @@ mod tests {
         assert_eq!(pull::default_name(&i).unwrap().as_str(), "debian-12_v3");
         let i = ImageRef::parse("golden", "ghcr.io", "trycua").unwrap();
         assert_eq!(pull::default_name(&i).unwrap().as_str(), "golden_latest");
-        // Longer than a VM name may be: refused, never cut.
-        let long = format!("{}:v1", "a".repeat(62));
+        // Longer than a VM name may be: refused, never cut, and said so
+        // (the reference itself is fine).
+        let long = format!("{}:tttttttttt", "b".repeat(60));
         let i = ImageRef::parse(&long, "ghcr.io", "trycua").unwrap();
-        assert!(matches!(
-            pull::default_name(&i),
-            Err(RegistryError::BadReference(_))
-        ));
+        let e = pull::default_name(&i).unwrap_err();
+        assert!(matches!(e, RegistryError::NameTooLong { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("'{}_tttttttttt'", "b".repeat(60)))
+                && text.contains("longer than 63 characters: give a NAME"),
+            "{text}"
+        );
+        let run = RegistryError::NameTooLong {
+            name: "n".into(),
+            image: long.clone(),
+            run: true,
+        }
+        .to_string();
+        assert!(run.contains(&format!("`lume pull {long} NAME`")), "{run}");
     }
 
     #[test]
     fn credential_hints_follow_what_was_sent_and_the_door() {
-        let e = |sent, api| {
+        use auth::{Hint, Source};
+        let e = |from, api, env_applies, helpers| {
             RegistryError::Unauthorized {
                 registry: "reg.example".into(),
-                sent,
-                api,
+                sent: false,
+                api: false,
             }
+            .with_door(
+                Hint {
+                    from,
+                    env_applies,
+                    helpers,
+                },
+                api,
+                false,
+            )
             .to_string()
         };
+        let anon = e(Source::Anonymous, false, false, false);
         assert!(
-            e(false, false).starts_with("Registry reg.example needs credentials: give --username")
+            anon.starts_with("Registry reg.example needs credentials: give --username"),
+            "{anon}"
         );
-        assert!(e(true, false).starts_with("Registry reg.example refused the credentials"));
-        let api = e(false, true);
+        // The environment's token is offered only where it would go.
+        assert!(!anon.contains("GITHUB_TOKEN"), "{anon}");
+        assert!(anon.contains("`docker login reg.example`"), "{anon}");
+        let ghcr = e(Source::Anonymous, false, true, false);
+        assert!(ghcr.contains("GITHUB_USERNAME/GITHUB_TOKEN"), "{ghcr}");
+        // A credential helper: `docker login` is no way, and it says why.
+        let helper = e(Source::Anonymous, false, false, true);
+        assert!(!helper.contains("docker login"), "{helper}");
+        assert!(helper.contains("credential helper"), "{helper}");
+        assert!(
+            e(Source::Given, false, false, false)
+                .starts_with("Registry reg.example refused the credentials: check them")
+        );
+        let env = e(Source::Environment, false, true, false);
+        assert!(
+            env.contains("refused the credentials from lume's environment"),
+            "{env}"
+        );
+        let docker = e(Source::DockerConfig, false, false, false);
+        assert!(docker.contains("from your Docker config"), "{docker}");
+        let api = e(Source::Anonymous, true, true, true);
         assert!(api.contains("\"username\" and \"password\""), "{api}");
         assert!(
             !api.contains("--") && !api.contains("GITHUB_TOKEN"),
@@ -397,23 +519,31 @@ mod tests {
             image: "x".into(),
             api: false,
         }
-        .with_auth(&oci_client::secrets::RegistryAuth::Anonymous, true)
+        .with_door(Hint::default(), true, true)
         .to_string();
         assert!(nf.contains("\"registry\" and \"organization\""), "{nf}");
-        let anon = oci_client::secrets::RegistryAuth::Anonymous;
-        let out = RegistryError::Unauthorized {
-            registry: "r".into(),
-            sent: true,
-            api: false,
-        }
-        .with_auth(&anon, true);
-        assert!(matches!(
-            out,
-            RegistryError::Unauthorized {
-                sent: false,
-                api: true,
-                ..
+    }
+
+    /// Plain HTTP is never used for a public-only (API) transfer: its
+    /// hint names apiPrivateImageUrls, not only the environment variable.
+    #[test]
+    fn not_tls_hint_follows_the_door() {
+        let e = |public_only| {
+            let source = oci_client::errors::OciDistributionError::GenericError(None);
+            RegistryError::NotTls {
+                registry: "r.example:5000".into(),
+                public_only: false,
+                source,
             }
-        ));
+            .with_door(auth::Hint::default(), true, public_only)
+            .to_string()
+        };
+        let cli = e(false);
+        assert!(
+            cli.contains("LUME_INSECURE_REGISTRIES=r.example:5000"),
+            "{cli}"
+        );
+        let api = e(true);
+        assert!(api.contains("apiPrivateImageUrls"), "{api}");
     }
 }

@@ -50,7 +50,8 @@ pub struct PullSpec {
     pub name: VmName,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// Fetch every blob anew even when cached.
+    /// Replace an existing (stopped) VM of that name once the new one is
+    /// complete, and fetch every blob anew even when cached.
     pub force: bool,
     /// A progress bar on a terminal.
     pub progress: bool,
@@ -64,7 +65,17 @@ pub struct PullSpec {
 /// (`name ?? "\(imageName)_\(tag)"`): `IMAGE_TAG`, IMAGE being the
 /// image's last path component (`debian-12:latest` → `debian-12_latest`).
 pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
-    name_for(&image.name, &image.tag).ok_or_else(|| RegistryError::BadReference(image.short()))
+    name_for(&image.name, &image.tag).ok_or_else(|| RegistryError::NameTooLong {
+        name: default_name_text(&image.name, &image.tag),
+        image: image.short(),
+        run: false,
+    })
+}
+
+/// `IMAGE_TAG` as text, valid VM name or not.
+fn default_name_text(name: &str, tag: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    format!("{last}_{tag}")
 }
 
 /// What a pull of `image` (with `--registry`/`--organization` or
@@ -88,8 +99,7 @@ pub fn target(
 /// `IMAGE_TAG` for the image name `name` (path allowed) and `tag`; `None`
 /// when that is not a valid VM name (too long, a leading '.' or '_').
 pub fn name_for(name: &str, tag: &str) -> Option<VmName> {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    VmName::parse(&format!("{last}_{tag}")).ok()
+    VmName::parse(&default_name_text(name, tag)).ok()
 }
 
 /// In a pull's work directory: `{"downloaded": N, "total": N}`, read by
@@ -136,6 +146,28 @@ pub fn provisional_config() -> VmConfig {
     }
 }
 
+/// An OCI image index (a multi-platform image's tag).
+const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker's manifest list (the same, in Docker's format).
+const DOCKER_LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Whether a manifest answer is an image index or a manifest list: its
+/// `mediaType`, or (OCI lets an index leave that out) a `manifests` list.
+fn is_index(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        media_type: Option<String>,
+        manifests: Option<Vec<serde_json::Value>>,
+    }
+    serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| {
+        matches!(
+            p.media_type.as_deref(),
+            Some(INDEX_MEDIA_TYPE | DOCKER_LIST_MEDIA_TYPE)
+        ) || (p.media_type.is_none() && p.manifests.is_some())
+    })
+}
+
 /// A manifest fetched: its bytes, parsed, and lume's plan for it.
 struct Remote {
     bytes: Vec<u8>,
@@ -158,23 +190,24 @@ pub fn pull_into(
     if spec.public_only {
         super::auth::check_public(&spec.image)?;
     }
-    let auth = super::auth::credentials(
+    let creds = super::auth::credentials(
         &spec.image,
         spec.username.as_deref(),
         spec.password.as_deref(),
         caller,
         &cache.token_registry,
     )?;
+    let auth = &creds.auth;
     let rt = super::runtime()?;
     let gate = super::auth::gate(spec.public_only, &rt)?;
     let image_s = spec.image.to_string();
     // Every request is lume's own (bounded, credentials to the registry's
     // host only: see `token` and `wire`).
-    let with_auth = |e: RegistryError| e.with_auth(&auth, spec.api);
+    let with_auth = |e: RegistryError| e.with_door(creds.hint, spec.api, spec.public_only);
     let session = rt
         .block_on(super::token::authorize(
             &spec.image,
-            &auth,
+            auth,
             false,
             gate.as_ref(),
         ))
@@ -186,10 +219,22 @@ pub fn pull_into(
                 &[
                     format::MANIFEST_MEDIA_TYPE,
                     "application/vnd.docker.distribution.manifest.v2+json",
+                    // Asked for too, so that a registry answers a tag that
+                    // is an index with it (else it says "not found"), and
+                    // lume says what it is.
+                    INDEX_MEDIA_TYPE,
+                    DOCKER_LIST_MEDIA_TYPE,
                 ],
             )
             .await
             .map_err(with_auth)?;
+        if is_index(&bytes) {
+            return Err(RegistryError::NotLume {
+                image: image_s.clone(),
+                why: "it is an image index (a multi-platform container image), not a lume VM image"
+                    .into(),
+            });
+        }
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::NotLume {
                 image: image_s.clone(),
@@ -226,7 +271,15 @@ pub fn pull_into(
                 });
             }
             let bar = indicatif::ProgressBar::hidden();
-            rt.block_on(fetch_blob(&session, &spec.image, c, &dir, &bar, None))?;
+            rt.block_on(fetch_blob(
+                &session,
+                &spec.image,
+                c,
+                &dir,
+                &bar,
+                None,
+                false,
+            ))?;
             let path = dir.blob(c.sha256_hex().expect("checked by format::plan"));
             let text = fs::read(&path).map_err(io_at(&path))?;
             serde_json::from_slice(&text).ok()
@@ -315,19 +368,7 @@ pub fn pull_into(
     // does not look like a fresh one.
     let here: u64 = unique
         .iter()
-        .filter_map(|d| d.sha256_hex())
-        .map(|hex| {
-            let complete = fs::symlink_metadata(dir.blob(hex))
-                .ok()
-                .filter(|m| m.is_file());
-            complete
-                .or_else(|| {
-                    fs::symlink_metadata(dir.partial(hex))
-                        .ok()
-                        .filter(|m| m.is_file())
-                })
-                .map_or(0, |m| m.len())
-        })
+        .map(|d| cached_len(&dir, d))
         .fold(0u64, u64::saturating_add);
     if here > 0 && !spec.force {
         note(&format!(
@@ -336,7 +377,9 @@ pub fn pull_into(
             indicatif::BinaryBytes(total)
         ));
     }
-    let bar = progress_bar(spec.progress, total);
+    // The bar starts at what the cache holds (each blob's fetch then
+    // counts only what it adds), its rate from the bytes fetched now.
+    let bar = progress_bar(spec.progress, total, here.min(total));
     let pipelined = remote.plan.format == Format::Current;
     // Blobs whose first part was not unpacked while it streamed (cached,
     // or a stream that had to start over), and parts sharing a blob, are
@@ -389,7 +432,7 @@ pub fn pull_into(
             };
             let fetches = futures_util::stream::iter(unique.iter().map(|d| {
                 let to = if pipelined { stream_to(d) } else { None };
-                fetch_blob(&session, &spec.image, d, &dir, &bar, to)
+                fetch_blob(&session, &spec.image, d, &dir, &bar, to, true)
             }))
             .buffer_unordered(PARALLEL);
             futures_util::pin_mut!(fetches);
@@ -451,12 +494,30 @@ pub fn pull_into(
     Ok(cfg)
 }
 
-fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
+/// The bytes of blob `d` the cache holds: the whole blob, or the
+/// `.partial` file an earlier pull left (what [`fetch_blob`] starts from).
+fn cached_len(dir: &ImageDir, d: &Descriptor) -> u64 {
+    let Some(hex) = d.sha256_hex() else {
+        return 0;
+    };
+    let file = |p: std::path::PathBuf| fs::symlink_metadata(p).ok().filter(|m| m.is_file());
+    match file(dir.blob(hex)) {
+        Some(m) if m.len() == d.size => d.size,
+        _ => file(dir.partial(hex)).map_or(0, |m| m.len().min(d.size)),
+    }
+}
+
+/// The pull's bar (hidden unless `wanted` on a terminal), at `start`
+/// bytes: its first frame shows them, and its rate and ETA count only
+/// what arrives afterwards.
+fn progress_bar(wanted: bool, total: u64, start: u64) -> indicatif::ProgressBar {
     if !wanted || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::with_draw_target(
+        let bar = indicatif::ProgressBar::with_draw_target(
             Some(total),
             indicatif::ProgressDrawTarget::hidden(),
         );
+        start_at(&bar, start);
+        return bar;
     }
     let bar = indicatif::ProgressBar::new(total);
     // The rate and ETA only once a rate is known (never `0 B/s ETA 0s`).
@@ -478,8 +539,19 @@ fn progress_bar(wanted: bool, total: u64) -> indicatif::ProgressBar {
             },
         ));
     }
+    start_at(&bar, start);
     bar.enable_steady_tick(std::time::Duration::from_millis(250));
     bar
+}
+
+/// Puts a fresh bar at `start` bytes, rating only what follows: the
+/// estimator takes `start` as its base at this tick, then is reset.
+fn start_at(bar: &indicatif::ProgressBar, start: u64) {
+    if start > 0 {
+        bar.set_position(start);
+        bar.tick();
+        bar.reset_eta();
+    }
 }
 
 /// The VM's settings: lume's manifest annotations (current format) or the
@@ -499,11 +571,14 @@ fn vm_config(
     if !os.eq_ignore_ascii_case("linux") {
         return Err(RegistryError::ForeignOs {
             image: image.to_string(),
-            os: os.to_string(),
+            os: super::excerpt(os),
         });
     }
-    if let Some(arch) = cfg_str("architecture")
-        && !arch.eq_ignore_ascii_case(format::host_architecture())
+    // OCI's names (`amd64`); Rust's and the kernel's (`x86_64`) mean the
+    // same; an empty value says nothing, as an absent one.
+    if let Some(arch) = cfg_str("architecture").filter(|a| !a.trim().is_empty())
+        && !format::oci_architecture(&arch.to_ascii_lowercase())
+            .eq_ignore_ascii_case(format::host_architecture())
     {
         return Err(RegistryError::ForeignArchitecture {
             image: image.to_string(),
@@ -526,14 +601,26 @@ fn vm_config(
             max: MAX_DISK,
         });
     }
-    let cpu = ann("org.trycua.lume.cpu-count")
-        .or(cfg_u64("cpuCount"))
-        .filter(|c| (1..=255).contains(c))
-        .unwrap_or(2) as u32;
-    let memory = ann("org.trycua.lume.memory-size")
-        .or(cfg_u64("memorySize"))
-        .filter(|m| (64 << 20..=1 << 40).contains(m))
-        .unwrap_or(2 << 30);
+    let cpu = match ann("org.trycua.lume.cpu-count").or(cfg_u64("cpuCount")) {
+        Some(c) if (1..=255).contains(&c) => c as u32,
+        Some(c) => {
+            note(&format!(
+                "The image asks for {c} CPUs, which lume does not give a VM (1 to 255): the VM gets 2 (change it with `lume set --cpu`)"
+            ));
+            2
+        }
+        None => 2,
+    };
+    let memory = match ann("org.trycua.lume.memory-size").or(cfg_u64("memorySize")) {
+        Some(m) if (64 << 20..=1 << 40).contains(&m) => m,
+        Some(m) => {
+            note(&format!(
+                "The image asks for {m} bytes of memory, which lume does not give a VM (64 MiB to 1 TiB): the VM gets 2 GiB (change it with `lume set --memory`)"
+            ));
+            2 << 30
+        }
+        None => 2 << 30,
+    };
     // An image never asks for more than this host has.
     let (host_cpus, host_memory) = host_resources();
     let (cpu, memory) = clamp_to_host(cpu, memory, host_cpus, host_memory, note);
@@ -750,7 +837,8 @@ fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
 /// `.partial`, verified against its digest, fsynced and renamed into place.
 /// With `to`, also unpacked there as it streams; the answer says whether
 /// that happened (digest matched and the part unpacked whole), and
-/// whether the blob was downloaded (verified) just now.
+/// whether the blob was downloaded (verified) just now. `precounted`:
+/// the bar already counts the blob's [`cached_len`].
 async fn fetch_blob(
     session: &super::token::Session,
     image: &ImageRef,
@@ -758,11 +846,18 @@ async fn fetch_blob(
     dir: &ImageDir,
     bar: &indicatif::ProgressBar,
     to: Option<StreamTo<'_>>,
+    precounted: bool,
 ) -> Result<(String, bool, bool), RegistryError> {
     let hex = d.sha256_hex().expect("digests are checked by format::plan");
+    let mut pre = if precounted { cached_len(dir, d) } else { 0 };
+    // Counts the cache's `n` bytes on the bar, less what it counted already.
+    let count_cached = |n: u64, pre: &mut u64| {
+        bar.set_position(bar.position().saturating_sub(*pre).saturating_add(n));
+        *pre = 0;
+    };
     let done = dir.blob(hex);
     if fs::symlink_metadata(&done).is_ok_and(|m| m.is_file() && m.len() == d.size) {
-        bar.inc(d.size);
+        count_cached(d.size, &mut pre);
         return Ok((d.digest.clone(), false, false));
     }
     let partial = dir.partial(hex);
@@ -794,7 +889,7 @@ async fn fetch_blob(
                 left -= n as u64;
             }
         }
-        bar.inc(have);
+        count_cached(have, &mut pre);
         let mut resumes = 0;
         while have < d.size {
             session.keep_fresh().await?;
@@ -1007,9 +1102,66 @@ mod tests {
             config(serde_json::json!({"os": "macOS"})),
             Err(RegistryError::ForeignOs { .. })
         ));
+        // The kernel's and Rust's names are OCI's; empty says nothing.
+        let rust = std::env::consts::ARCH;
+        assert!(config(serde_json::json!({"os": "linux", "architecture": rust})).is_ok());
+        assert!(config(serde_json::json!({"os": "linux", "architecture": ""})).is_ok());
+        // A registry's `os` reaches the terminal escaped and cut.
+        let evil = format!("\x1b]0;owned\x07{}", "x".repeat(5000));
+        match config(serde_json::json!({"os": evil})) {
+            Err(e @ RegistryError::ForeignOs { .. }) => {
+                let text = e.to_string();
+                assert!(!text.contains('\x1b') && text.len() < 600, "{text}");
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // Values lume never gives a VM are replaced, and said so.
+        let mut notes = Vec::new();
+        let c = vm_config(
+            &image,
+            &remote,
+            Some(&serde_json::json!({"os": "linux", "cpuCount": 512, "memorySize": 1u64 << 50})),
+            &mut |n| notes.push(n.to_string()),
+        )
+        .unwrap();
+        assert_eq!((c.cpu_count, c.memory_size), (2.min(c.cpu_count), 2 << 30));
+        assert!(
+            notes.iter().any(|n| n.contains("512 CPUs"))
+                && notes.iter().any(|n| n.contains(&(1u64 << 50).to_string())),
+            "{notes:?}"
+        );
         // What lume pushes names this host's architecture.
         let pushed: serde_json::Value = serde_json::from_slice(&format::config_blob()).unwrap();
         assert_eq!(pushed["architecture"], host);
+    }
+
+    /// A tag that is a multi-platform index is told apart from a manifest.
+    #[test]
+    fn image_indexes_are_recognised() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[]}"#;
+        let bare = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:00"}]}"#;
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+        assert!(is_index(oci) && is_index(docker) && is_index(bare));
+        assert!(!is_index(manifest) && !is_index(b"not json"));
+    }
+
+    /// A resumed pull's bar starts at the cached bytes, and its rate does
+    /// not count them as if they had just arrived.
+    #[test]
+    fn a_resumed_bar_rates_only_new_bytes() {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(48 << 20),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        start_at(&bar, 24 << 20);
+        assert_eq!(bar.position(), 24 << 20);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        bar.inc(1024);
+        bar.tick();
+        // 1 KiB in at least 0.1 s; counting the cache would be ~240 MiB/s.
+        let rate = bar.per_sec();
+        assert!(rate < (1 << 20) as f64, "{rate}");
     }
 
     #[test]

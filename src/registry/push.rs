@@ -48,6 +48,9 @@ pub struct Pushed {
     pub holes: usize,
     /// Compressed bytes uploaded (blobs the registry had are not counted).
     pub uploaded: u64,
+    /// The disk's size, and the compressed size of its parts.
+    pub disk_size: u64,
+    pub compressed: u64,
     pub dry_run: bool,
 }
 
@@ -62,13 +65,15 @@ struct Chunk {
 
 /// Pushes VM `vm` (its lock is taken for the whole push, so it cannot start
 /// meanwhile). `scratch` is a private directory for compressed chunks.
+/// `_note` takes lume's notes (a push has none now: its summary, dry runs
+/// included, is the outcome's).
 pub fn push(
     vm: &Vm,
     spec: &PushSpec,
     caller: &Caller,
     scratch: &Path,
     token_registry: &str,
-    note: &mut dyn FnMut(&str),
+    _note: &mut dyn FnMut(&str),
 ) -> Result<Pushed, RegistryError> {
     if !(1..=4096).contains(&spec.chunk_size_mb) {
         return Err(RegistryError::ChunkSize(spec.chunk_size_mb));
@@ -116,22 +121,23 @@ pub fn push(
     let mut session = None;
     if !spec.dry_run {
         // Credentials and the config first: a refusal comes before any work.
-        let auth = super::auth::credentials(
+        let creds = super::auth::credentials(
             &spec.image,
             spec.username.as_deref(),
             spec.password.as_deref(),
             caller,
             token_registry,
         )?;
+        let door = |e: RegistryError| e.with_door(creds.hint, spec.api, spec.public_only);
         // Every request is lume's own (see `token` and `wire`).
         let s = rt
             .block_on(super::token::authorize(
                 &spec.image,
-                &auth,
+                &creds.auth,
                 true,
                 gate.as_ref(),
             ))
-            .map_err(|e| e.with_auth(&auth, spec.api))?;
+            .map_err(door)?;
         rt.block_on(async {
             if !s.blob_exists(&spec.image, &config_digest).await? {
                 let body = bytes::Bytes::from(config.clone());
@@ -145,7 +151,7 @@ pub fn push(
             }
             Ok::<(), RegistryError>(())
         })
-        .map_err(|e| e.with_auth(&auth, spec.api))?;
+        .map_err(door)?;
         session = Some(s);
     }
     let session = session.as_ref();
@@ -248,20 +254,21 @@ pub fn push(
     let manifest = manifest(&cfg, &config, &config_digest, &chunks, size);
     let manifest_bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
     let manifest_digest = format::digest_of(&manifest_bytes);
+    let compressed = chunks
+        .iter()
+        .map(|c| c.size)
+        .fold(0u64, u64::saturating_add);
     if spec.dry_run {
+        // The summary is the outcome's (one line, on stdout).
         bar.finish_and_clear();
-        note(&format!(
-            "Dry run: {} disk chunk(s) of {} MB ready ({} left out as holes), nothing uploaded",
-            chunks.len(),
-            spec.chunk_size_mb,
-            holes
-        ));
         return Ok(Pushed {
             references: Vec::new(),
             manifest_digest,
             parts: chunks.len(),
             holes,
             uploaded: 0,
+            disk_size: size,
+            compressed,
             dry_run: true,
         });
     }
@@ -286,6 +293,8 @@ pub fn push(
         parts: chunks.len(),
         holes,
         uploaded,
+        disk_size: size,
+        compressed,
         dry_run: false,
     })
 }

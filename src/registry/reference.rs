@@ -49,14 +49,16 @@ impl ImageRef {
             Some((n, t)) => (n, t),
             None => (image, "latest"),
         };
+        if let Some((_, first)) = name.rsplit_once(':')
+            && valid_tag(first)
+            && valid_tag(tag)
+        {
+            return Err(RegistryError::TwoTags(image.to_string()));
+        }
         if !valid_repository(name) || !valid_tag(tag) {
             return Err(bad());
         }
-        if !valid_repository(organization) {
-            return Err(RegistryError::BadReference(format!(
-                "{organization}/{image}"
-            )));
-        }
+        check_organization(organization)?;
         if !valid_registry(registry) {
             return Err(RegistryError::BadRegistry(registry.to_string()));
         }
@@ -81,7 +83,7 @@ impl ImageRef {
     /// The same image under another tag.
     pub fn with_tag(&self, tag: &str) -> Result<Self, RegistryError> {
         if !valid_tag(tag) {
-            return Err(RegistryError::BadReference(format!("{}:{tag}", self.name)));
+            return Err(RegistryError::BadTag(tag.to_string()));
         }
         Ok(Self {
             tag: tag.to_string(),
@@ -200,7 +202,23 @@ mod tests {
         for reg in ["", "a/b", "user@host", "h:0", "h:99999", "[zz]:1"] {
             assert!(ImageRef::parse("a:1", reg, "trycua").is_err(), "{reg}");
         }
-        assert!(ImageRef::parse("a:1", "ghcr.io", "../etc").is_err());
+        // A bad organization is named as such, whichever command gave it.
+        for org in ["../x", "/etc", "Team", "team/", ""] {
+            assert!(
+                matches!(
+                    ImageRef::parse("golden:v1", "ghcr.io", org),
+                    Err(RegistryError::BadOrganization(o)) if o == org
+                ),
+                "{org}"
+            );
+        }
+        // Two tags (an API push's imageName with a tag of its own).
+        assert!(matches!(
+            ImageRef::parse("apipush:v3:v2", "ghcr.io", "trycua"),
+            Err(RegistryError::TwoTags(_))
+        ));
+        let r = ImageRef::parse("multi:v1", "ghcr.io", "trycua").unwrap();
+        assert!(matches!(r.with_tag("Bad Tag"), Err(RegistryError::BadTag(t)) if t == "Bad Tag"));
         for org in ["/etc", "../x", "a/../../b", "a//b", "", ".", "A"] {
             assert!(check_organization(org).is_err(), "{org}");
         }

@@ -584,7 +584,14 @@ pub fn execute(
             // (their FIFO or link could stand where config.json is).
             store.check_private(None)?;
             let mut vms = store.list()?;
-            vms.extend(store.provisioning());
+            // A pull with --force builds the VM's replacement under the
+            // same name: the VM is listed once, as it is until replaced.
+            let pulled: Vec<Vm> = store
+                .provisioning()
+                .into_iter()
+                .filter(|p| !vms.iter().any(|v| v.name == p.name))
+                .collect();
+            vms.extend(pulled);
             vms.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(Outcome::List(VmDetails::read_all(store, &vms)))
         }
@@ -666,6 +673,9 @@ pub struct PendingPull {
     caller: super::caller::Caller,
     work: PathBuf,
     _provisioning: Option<VmLock>,
+    /// With `force`, the existing VM of that name, held by its lock
+    /// until the new one has taken its place.
+    replacing: Option<(Vm, VmLock)>,
 }
 
 /// Checks a pull and makes its work directory with a provisional
@@ -677,15 +687,44 @@ pub fn begin_pull(
     let store = &ctx.store;
     store.check_private(None)?;
     let name = spec.name.clone();
-    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
-        return Err(StoreError::Exists {
-            name,
-            root: store.root().to_path_buf(),
-        }
-        .into());
-    }
     if store.is_provisioning(&name) {
-        return Err(StoreError::Provisioning(name).into());
+        return Err(store.provisioning_error(&name).into());
+    }
+    let mut replacing = None;
+    if store.vm(&name).config_path().exists() || store.vm(&name).dir.exists() {
+        if !spec.force {
+            return Err(StoreError::Exists {
+                name,
+                root: store.root().to_path_buf(),
+            }
+            .into());
+        }
+        // `--force`, as lume: the VM is replaced, but only a stopped one,
+        // and only once the new one is complete (its lock held till then,
+        // so it cannot start meanwhile). A directory without a config is
+        // no VM: it is not replaced.
+        if !store.vm(&name).config_path().exists() {
+            return Err(StoreError::Exists {
+                name,
+                root: store.root().to_path_buf(),
+            }
+            .into());
+        }
+        let vm = store.open(&name)?;
+        store.check_private(Some(&vm))?;
+        let lock = VmLock::try_acquire(&vm.lock_path())
+            .map_err(io_at(&vm.lock_path()))?
+            .ok_or_else(|| {
+                if vm.is_running() {
+                    VmError::from(crate::registry::RegistryError::ReplaceRunning(
+                        name.to_string(),
+                    ))
+                } else {
+                    VmError::from(StoreError::Busy(name.clone()))
+                }
+            })?;
+        collect_after_crash(ctx, &vm);
+        replacing = Some((vm, lock));
     }
     if spec.public_only && ctx.settings.get_bool(PRIVATE_URLS_KEY)? == Some(true) {
         spec.public_only = false;
@@ -706,6 +745,7 @@ pub fn begin_pull(
             caller: ctx.caller.clone(),
             work,
             _provisioning: lock,
+            replacing,
         }),
         Err(e) => {
             let _ = fs::remove_dir_all(&work);
@@ -737,8 +777,16 @@ impl PendingPull {
         let built = (|| -> Result<Vm, VmError> {
             crate::registry::pull::pull_into(&self.spec, &self.cache, &self.caller, &work, note)?;
             let _ = fs::remove_file(work.join(crate::registry::pull::PROGRESS_FILE));
+            if self.replacing.is_some() {
+                note(&format!(
+                    "Replacing VM '{}' with the pulled image (--force)",
+                    self.spec.name
+                ));
+                return Ok(self.store.replace(&work, &self.spec.name)?);
+            }
             Ok(self.store.publish(&work, &self.spec.name)?)
         })();
+        self.replacing = None;
         match built {
             Ok(vm) => {
                 self._provisioning = None;
@@ -925,7 +973,7 @@ pub fn begin_create(ctx: &Context, spec: CreateSpec) -> Result<PendingCreate, Vm
         return Err(exists().into());
     }
     if store.is_provisioning(&spec.name) {
-        return Err(StoreError::Provisioning(spec.name.clone()).into());
+        return Err(store.provisioning_error(&spec.name).into());
     }
 
     let work = store.work_dir("creating", &spec.name)?;

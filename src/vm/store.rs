@@ -62,6 +62,12 @@ pub enum StoreError {
         "VM '{0}' is still being created (status provisioning): wait until `lume ls` shows it stopped, then try again"
     )]
     Provisioning(VmName),
+    /// As [`StoreError::Provisioning`], for a VM being pulled (listed as
+    /// `pulling`).
+    #[error(
+        "VM '{0}' is still being pulled (status pulling): wait until `lume ls` shows it stopped, then try again"
+    )]
+    Pulling(VmName),
 }
 
 /// A directory that a user other than root could change: root keeps no VM
@@ -316,7 +322,7 @@ impl Store {
             self.migrate(&vm);
             Ok(vm)
         } else if self.is_provisioning(name) {
-            Err(StoreError::Provisioning(name.clone()))
+            Err(self.provisioning_error(name))
         } else if let Some(locations) = &self.searched {
             Err(StoreError::NotFoundAnywhere {
                 name: name.clone(),
@@ -385,6 +391,18 @@ impl Store {
         self.provisioning().into_iter().find(|v| &v.name == name)
     }
 
+    /// The error for acting on `name` while it is provisioned: `pulling`
+    /// when it is a pull (its work directory records download progress, as
+    /// `lume ls` shows it), else `provisioning`.
+    pub fn provisioning_error(&self, name: &VmName) -> StoreError {
+        match self.find_provisioning(name) {
+            Some(vm) if vm.dir.join(crate::registry::pull::PROGRESS_FILE).exists() => {
+                StoreError::Pulling(name.clone())
+            }
+            _ => StoreError::Provisioning(name.clone()),
+        }
+    }
+
     /// Whether `name` is being provisioned.
     pub fn is_provisioning(&self, name: &VmName) -> bool {
         self.find_provisioning(name).is_some()
@@ -437,6 +455,32 @@ impl Store {
             }
             Err(e) => Err(io_at(&vm.dir)(e.into())),
         }
+    }
+
+    /// Puts a finished work directory in the place of the existing VM
+    /// `name` (whose lock the caller holds), then removes the old one: one
+    /// atomic exchange (renameat2 RENAME_EXCHANGE), so at every moment
+    /// `name` is either the old VM whole or the new one whole. The old VM
+    /// then lies under the work directory's hidden name, which a crash
+    /// leaves for the next create to collect.
+    pub fn replace(&self, work: &Path, name: &VmName) -> Result<Vm, StoreError> {
+        let vm = self.vm(name);
+        sync_dir(work).map_err(io_at(work))?;
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            work,
+            nix::fcntl::AT_FDCWD,
+            &vm.dir,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| io_at(&vm.dir)(e.into()))?;
+        sync_dir(&self.root).map_err(io_at(&self.root))?;
+        let old = Vm {
+            name: name.clone(),
+            dir: work.to_path_buf(),
+        };
+        self.remove(&old)?;
+        Ok(vm)
     }
 
     /// Removes a VM directory: one rename out of sight, then the removal.
@@ -605,5 +649,53 @@ impl Vm {
 
     pub fn is_running(&self) -> bool {
         self.running_state().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refusal names what `lume ls` shows: `pulling` for a pull.
+    #[test]
+    fn a_vm_being_pulled_is_refused_as_pulling() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().join("vms")));
+        let name = VmName::parse("web").unwrap();
+        let work = store.work_dir("creating", &name).unwrap();
+        let marker = work.join(crate::vm::actions::PROVISIONING_MARKER);
+        let _lock = VmLock::try_acquire(&marker).unwrap().unwrap();
+        crate::registry::pull::provisional_config()
+            .save(&work.join("config.json"))
+            .unwrap();
+        assert!(matches!(
+            store.open(&name),
+            Err(StoreError::Provisioning(_))
+        ));
+        crate::registry::pull::write_progress(&work, 0, 0);
+        let e = store.open(&name).unwrap_err();
+        assert!(matches!(e, StoreError::Pulling(_)), "{e:?}");
+        assert!(e.to_string().contains("(status pulling)"), "{e}");
+    }
+
+    /// `replace` swaps a finished work directory in for the VM and leaves
+    /// nothing of the old one (no hidden directory either).
+    #[test]
+    fn replace_swaps_in_the_new_vm_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().join("vms")));
+        let name = VmName::parse("web").unwrap();
+        let old = store.work_dir("creating", &name).unwrap();
+        fs::write(old.join("old"), "1").unwrap();
+        store.publish(&old, &name).unwrap();
+        let new = store.work_dir("creating", &name).unwrap();
+        fs::write(new.join("new"), "2").unwrap();
+        let vm = store.replace(&new, &name).unwrap();
+        assert!(vm.dir.join("new").exists() && !vm.dir.join("old").exists());
+        let left: Vec<_> = fs::read_dir(store.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("web")]);
     }
 }
