@@ -1475,6 +1475,12 @@ impl From<crate::settings::SettingsError> for SettingsChange {
     }
 }
 
+impl From<crate::registry::cache::CacheLocationError> for SettingsChange {
+    fn from(e: crate::registry::cache::CacheLocationError) -> Self {
+        Self(settings_error(&e))
+    }
+}
+
 impl From<location::LocationError> for SettingsChange {
     fn from(e: location::LocationError) -> Self {
         Self(settings_error(&e))
@@ -1516,7 +1522,7 @@ pub async fn update_config(
             warnings.extend(before.and_then(|b| location::running_left_behind(&b, s)));
         }
         if let Some(cache) = &r.cache_directory {
-            location::prepare_directory(cache)?;
+            crate::registry::cache::prepare_directory(cache)?;
             s.set(
                 "cacheDirectory",
                 serde_yaml_ng::Value::String(cache.clone()),
@@ -1925,7 +1931,7 @@ fn pull_spec(ctx: &Context, r: &PullRequest) -> ApiResult<crate::registry::pull:
         r.name.as_deref().map(name).transpose()?,
         &d,
     )
-    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    .map_err(|e| ApiError::bad_request(e.for_api().to_string()))?;
     Ok(crate::registry::pull::PullSpec {
         image,
         name: vm,
@@ -1947,7 +1953,13 @@ fn pull_vm_name(r: &PullRequest) -> ApiResult<VmName> {
             let (base, tag) = r.image.rsplit_once(':').unwrap_or((&r.image, "latest"));
             crate::registry::pull::name_for(base, tag).ok_or_else(|| {
                 ApiError::bad_request(
-                    crate::registry::RegistryError::BadReference(r.image.clone()).to_string(),
+                    crate::registry::RegistryError::NameTooLong {
+                        name: crate::registry::pull::default_name_text(base, tag),
+                        image: r.image.clone(),
+                        run: false,
+                        api: true,
+                    }
+                    .to_string(),
                 )
             })
         }

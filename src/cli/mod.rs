@@ -1518,6 +1518,7 @@ fn run_target(a: &RunArgs) -> Result<VmName> {
                 name,
                 image,
                 run: true,
+                api: false,
             }
         }
         e => e,
@@ -1912,16 +1913,7 @@ fn locations_text(s: &Settings) -> Result<String> {
 /// A new `cacheDirectory`, checked and made as a VM location is, a
 /// refusal worded for the cache.
 fn prepare_cache_directory(text: &str) -> Result<()> {
-    match location::prepare_directory(text) {
-        Err(location::LocationError::Unsafe(u)) => {
-            Err(crate::registry::RegistryError::UnsafeCache {
-                dir: u.dir,
-                who: u.who,
-            }
-            .into())
-        }
-        r => Ok(r?),
-    }
+    Ok(crate::registry::cache::prepare_directory(text)?)
 }
 
 /// `cacheDirectory` as written in config.yaml (lume prints it unexpanded).

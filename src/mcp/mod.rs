@@ -886,7 +886,8 @@ impl LumeMcp {
                 a.organization.as_deref(),
                 a.name.as_deref().map(name).transpose()?,
                 &d,
-            )?;
+            )
+            .map_err(crate::registry::RegistryError::for_api)?;
             let spec = crate::registry::pull::PullSpec {
                 image,
                 name: vm,

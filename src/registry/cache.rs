@@ -324,6 +324,30 @@ impl ImageDir {
 
 /// Other complete images recorded for `image` in `org`: lume keeps one
 /// version per image.
+/// A new `cacheDirectory` (config.yaml's text) checked and made as a
+/// storage location is ([`crate::vm::location::prepare_directory`]), an
+/// unsafe one refused in the cache's words.
+pub fn prepare_directory(text: &str) -> Result<(), CacheLocationError> {
+    match crate::vm::location::prepare_directory(text) {
+        Err(crate::vm::location::LocationError::Unsafe(u)) => {
+            Err(CacheLocationError::Unsafe(RegistryError::UnsafeCache {
+                dir: u.dir,
+                who: u.who,
+            }))
+        }
+        r => Ok(r.map(|_| ())?),
+    }
+}
+
+/// Why a new `cacheDirectory` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheLocationError {
+    #[error(transparent)]
+    Unsafe(RegistryError),
+    #[error(transparent)]
+    Location(#[from] crate::vm::location::LocationError),
+}
+
 pub fn superseded(cache: &Cache, org: &str, image: &str, keep: &Path) -> Vec<PathBuf> {
     cache
         .org_dir(org)

@@ -51,6 +51,8 @@ pub enum RegistryError {
         "The VM name '{name}' that image {image} would get is longer than 63 characters: {}",
         if *run {
             format!("`lume run` takes no VM name for an image, so pull it with a NAME first (`lume pull {image} NAME`), then `lume run NAME`")
+        } else if *api {
+            "give the VM a \"name\"".to_string()
         } else {
             "give a NAME for the VM".to_string()
         }
@@ -62,6 +64,8 @@ pub enum RegistryError {
         image: String,
         /// Asked by `lume run IMAGE:TAG`, which takes no VM name.
         run: bool,
+        /// Asked through the REST API or MCP (the hint names the field).
+        api: bool,
     },
     #[error(
         "Image {image} was not found: the repository or the tag does not exist (check the name, the tag, {})",
@@ -276,6 +280,23 @@ impl RegistryError {
     /// [`Refused`](Self::Refused)) with the credentials' origin, and it,
     /// [`NotFound`](Self::NotFound) and [`NotTls`](Self::NotTls) with the
     /// door their hints name; other errors are unchanged.
+    /// For the REST API and MCP: hints name the request's fields (`name`,
+    /// `registry`, `organization`) instead of the command line's.
+    pub(crate) fn for_api(self) -> Self {
+        match self {
+            Self::NameTooLong {
+                name, image, run, ..
+            } => Self::NameTooLong {
+                name,
+                image,
+                run,
+                api: true,
+            },
+            Self::NotFound { image, .. } => Self::NotFound { image, api: true },
+            e => e,
+        }
+    }
+
     pub(crate) fn with_door(self, hint: auth::Hint, api: bool, public_only: bool) -> Self {
         match self {
             Self::NotFound { image, .. } => Self::NotFound { image, api },
@@ -455,10 +476,14 @@ mod tests {
                 && text.contains("longer than 63 characters: give a NAME"),
             "{text}"
         );
+        // Through the REST API and MCP the hint names the field.
+        let api = e.for_api().to_string();
+        assert!(api.ends_with("give the VM a \"name\""), "{api}");
         let run = RegistryError::NameTooLong {
             name: "n".into(),
             image: long.clone(),
             run: true,
+            api: false,
         }
         .to_string();
         assert!(run.contains(&format!("`lume pull {long} NAME`")), "{run}");

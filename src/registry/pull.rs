@@ -69,11 +69,12 @@ pub fn default_name(image: &ImageRef) -> Result<VmName, RegistryError> {
         name: default_name_text(&image.name, &image.tag),
         image: image.short(),
         run: false,
+        api: false,
     })
 }
 
 /// `IMAGE_TAG` as text, valid VM name or not.
-fn default_name_text(name: &str, tag: &str) -> String {
+pub fn default_name_text(name: &str, tag: &str) -> String {
     let last = name.rsplit('/').next().unwrap_or(name);
     format!("{last}_{tag}")
 }
