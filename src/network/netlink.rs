@@ -19,16 +19,19 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
-    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NetlinkBuffer,
-    NetlinkMessage, NetlinkPayload, NetlinkSerializable, NlaBuffer, NlasIterator,
+    DecodeError, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN,
+    NetlinkBuffer, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NlaBuffer, NlasIterator,
+    Parseable, ParseableParametrized,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressHeader, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoMacVlan, LinkAttribute, LinkExtentMask, LinkFlags,
+    InfoData, InfoKind, InfoMacVlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkHeader,
     LinkInfo as NlLinkInfo, LinkMessage, MacVlanMode,
 };
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteLwEnCapType, RouteMessage,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, NetlinkAddr, sockopt};
@@ -46,6 +49,11 @@ const DUMP_ATTEMPTS: usize = 5;
 const NLMSG_HDRLEN: usize = 16;
 /// NLMSGERR_ATTR_MSG (linux/netlink.h): the extended ack's error string.
 const NLMSGERR_ATTR_MSG: u16 = 1;
+/// The reply types read leniently (linux/rtnetlink.h; `netlink-packet-route`
+/// does not export them).
+const RTM_NEWLINK: u16 = 16;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
 
 /// One network interface as netlink reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,15 +338,68 @@ fn parse_status(ty: u16, flags: u16, payload: &[u8]) -> Result<(i32, Option<Stri
     Ok((code, message))
 }
 
-/// Parse one reply message with `netlink-packet-route`.
+/// Parse one reply message with `netlink-packet-route`. One it rejects as a
+/// whole is read again attribute by attribute ([`parse_leniently`]).
 fn parse_reply(bytes: &[u8]) -> Result<RouteNetlinkMessage, TxError> {
-    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
-        .map_err(|e| TxError::Protocol(format!("unreadable netlink reply: {e}")))?;
-    match msg.payload {
-        NetlinkPayload::InnerMessage(m) => Ok(m),
-        other => Err(TxError::Protocol(format!(
-            "unexpected netlink reply {other:?}"
+    match NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes) {
+        Ok(NetlinkMessage {
+            payload: NetlinkPayload::InnerMessage(m),
+            ..
+        }) => Ok(m),
+        Ok(other) => Err(TxError::Protocol(format!(
+            "unexpected netlink reply {:?}",
+            other.payload
         ))),
+        Err(e) => NetlinkBuffer::new_checked(bytes)
+            .ok()
+            .and_then(|b| parse_leniently(b.message_type(), b.payload()))
+            .ok_or_else(|| TxError::Protocol(format!("unreadable netlink reply: {e}"))),
+    }
+}
+
+/// A link, address or route reply with the attributes `netlink-packet-route`
+/// can read, the others left out: it rejects a whole message for one
+/// attribute it misreads (one a newer kernel changed, say), which would
+/// otherwise hide every interface of the host over one exotic device.
+fn parse_leniently(ty: u16, payload: &[u8]) -> Option<RouteNetlinkMessage> {
+    use netlink_packet_core::Emitable;
+    fn attrs<A>(buf: &[u8], parse: impl Fn(&NlaBuffer<&[u8]>) -> Result<A, DecodeError>) -> Vec<A> {
+        NlasIterator::new(buf)
+            .map_while(Result::ok)
+            .filter_map(|nla| parse(&nla).ok())
+            .collect()
+    }
+    match ty {
+        RTM_NEWLINK => {
+            let header = LinkHeader::parse(payload).ok()?;
+            let family = header.interface_family;
+            let mut msg = LinkMessage::default();
+            msg.attributes = attrs(&payload[Emitable::buffer_len(&header)..], |nla| {
+                LinkAttribute::parse_with_param(nla, family)
+            });
+            msg.header = header;
+            Some(RouteNetlinkMessage::NewLink(msg))
+        }
+        RTM_NEWADDR => {
+            let header = AddressHeader::parse(payload).ok()?;
+            let mut msg = AddressMessage::default();
+            msg.attributes = attrs(&payload[Emitable::buffer_len(&header)..], |nla| {
+                AddressAttribute::parse(nla)
+            });
+            msg.header = header;
+            Some(RouteNetlinkMessage::NewAddress(msg))
+        }
+        RTM_NEWROUTE => {
+            let header = RouteHeader::parse(payload).ok()?;
+            let param = (header.address_family, header.kind, RouteLwEnCapType::None);
+            let mut msg = RouteMessage::default();
+            msg.attributes = attrs(&payload[Emitable::buffer_len(&header)..], |nla| {
+                RouteAttribute::parse_with_param(nla, param)
+            });
+            msg.header = header;
+            Some(RouteNetlinkMessage::NewRoute(msg))
+        }
+        _ => None,
     }
 }
 
@@ -1000,10 +1061,6 @@ mod tests {
     use super::*;
     use netlink_packet_route::route::{RouteNextHop, RouteType};
 
-    const RTM_NEWLINK: u16 = 16;
-    const RTM_NEWADDR: u16 = 20;
-    const RTM_NEWROUTE: u16 = 24;
-
     /// What the conversions make of whatever the parser accepts.
     fn convert(m: RouteNetlinkMessage) {
         match m {
@@ -1273,6 +1330,59 @@ mod tests {
         let mut v6 = RouteMessage::default();
         v6.header.address_family = AddressFamily::Inet6;
         assert!(route_v4_from(&v6).is_none());
+    }
+
+    #[test]
+    fn a_reply_with_a_misread_attribute_keeps_the_others() {
+        let strict = |m: &[u8]| NetlinkMessage::<RouteNetlinkMessage>::deserialize(m).is_err();
+
+        // IFLA_MTU of 2 bytes.
+        let mut p = vec![0u8; 16];
+        p[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        p[8..12].copy_from_slice(&1u32.to_ne_bytes()); // IFF_UP
+        p.extend(nla(3, b"eth9\0"));
+        p.extend(nla(4, &[0xdc, 0x05]));
+        p.extend(nla(18, &nla(1, b"veth\0")));
+        let m = hdr(RTM_NEWLINK, 0, 1, &p);
+        assert!(strict(&m), "netlink-packet-route now reads it");
+        let RouteNetlinkMessage::NewLink(l) = parse_reply(&m).unwrap() else {
+            panic!("not a link");
+        };
+        let l = link_from(l);
+        assert_eq!((l.index, l.name.as_str(), l.up), (7, "eth9", true));
+        assert_eq!((l.kind.as_deref(), l.mtu), (Some("veth"), None));
+
+        // IFA_FLAGS of 1 byte.
+        let mut p = vec![libc::AF_INET as u8, 24, 0, 0];
+        p.extend(5u32.to_ne_bytes());
+        p.extend(nla(2, &[192, 0, 2, 1]));
+        p.extend(nla(8, &[1]));
+        let m = hdr(RTM_NEWADDR, 0, 1, &p);
+        assert!(strict(&m), "netlink-packet-route now reads it");
+        let RouteNetlinkMessage::NewAddress(a) = parse_reply(&m).unwrap() else {
+            panic!("not an address");
+        };
+        assert_eq!(addr_v4_from(&a), Some((5, Ipv4Addr::new(192, 0, 2, 1), 24)));
+
+        // RTA_PRIORITY of 2 bytes.
+        let mut p = vec![libc::AF_INET as u8, 24, 0, 0, 254, 4, 0, 1, 0, 0, 0, 0];
+        p.extend(nla(1, &[198, 51, 100, 0]));
+        p.extend(nla(6, &[1, 2]));
+        p.extend(nla(4, &3u32.to_ne_bytes()));
+        let m = hdr(RTM_NEWROUTE, 0, 1, &p);
+        assert!(strict(&m), "netlink-packet-route now reads it");
+        let RouteNetlinkMessage::NewRoute(r) = parse_reply(&m).unwrap() else {
+            panic!("not a route");
+        };
+        let r = route_v4_from(&r).unwrap();
+        assert_eq!(
+            (r.dst, r.prefix, r.oif, r.metric, r.table),
+            (Ipv4Addr::new(198, 51, 100, 0), 24, Some(3), None, 254)
+        );
+
+        // A header too short is still an error, as is another type.
+        assert!(parse_reply(&hdr(RTM_NEWLINK, 0, 1, &[0; 8])).is_err());
+        assert!(parse_reply(&hdr(RTM_NEWROUTE, 0, 1, &[2, 0, 0])).is_err());
     }
 
     #[test]
