@@ -530,19 +530,11 @@ fn address_message(index: u32, prefix: u8, attributes: Vec<AddressAttribute>) ->
 }
 
 /// An open rtnetlink socket in the creating thread's network namespace.
+#[derive(Debug)]
 pub struct Netlink {
     socket: netlink_sys::Socket,
     seq: u32,
     buf: Vec<u8>,
-}
-
-impl std::fmt::Debug for Netlink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Netlink")
-            .field("fd", &self.socket.as_raw_fd())
-            .field("seq", &self.seq)
-            .finish_non_exhaustive()
-    }
 }
 
 fn io_errno(e: &std::io::Error) -> Errno {
