@@ -833,7 +833,7 @@ fn api_pull_start_push_images_prune() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("running in the background already"),
+            .contains("running already"),
         "{body}"
     );
     assert!(!home.vm_dir("held5").exists());

@@ -88,8 +88,9 @@ pub struct AppState {
     /// VM name: the error and when, answered by `GET /lume/vms/{name}` (as
     /// lume) for [`PULL_FAILURE_KEPT`] or until the name is used again.
     pub(crate) pull_failures: Mutex<HashMap<(u32, String), (String, std::time::Instant)>>,
-    /// Background transfers (downloads for create, pulls, pushes) running
-    /// per caller uid: each holds a thread and its connections.
+    /// Transfers (downloads for create, pulls, pushes) running per caller
+    /// uid: each holds a thread and its connections, whether the caller
+    /// waits for it or not.
     background: Arc<Mutex<HashMap<u32, usize>>>,
 }
 
@@ -137,7 +138,7 @@ impl AppState {
             return Err(error::ApiError::new(
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
                 format!(
-                    "You have {BACKGROUND_PER_CALLER} downloads, pulls or pushes running in the background already: wait for one to finish (`GET /lume/vms` shows them as provisioning or pulling), then try again"
+                    "You have {BACKGROUND_PER_CALLER} downloads, pulls or pushes running already: wait for one to finish (`GET /lume/vms` shows them as provisioning or pulling), then try again"
                 ),
             ));
         }

@@ -1985,7 +1985,11 @@ pub async fn pull_image(
     let vm = pull_vm_name(&r)?;
     let storage = r.storage.clone().or(q.storage);
     let image = r.image.clone();
+    // Counted like a background one: the pull goes on if the client hangs
+    // up, so the slot goes with the work, not with the connection.
+    let slot = st.background_slot(caller.uid)?;
     let d = on_vm(&st, &caller, storage.as_deref(), &vm, move |ctx| {
+        let _slot = slot;
         let spec = pull_spec(ctx, &r)?;
         run(ctx, Action::Pull(Box::new(spec)))
     })

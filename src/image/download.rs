@@ -94,6 +94,10 @@ pub fn is_private(ip: IpAddr) -> bool {
                 // Benchmarking (198.18/15) and the reserved 240/4.
                 || (o[0] == 198 && (o[1] & 0xfe) == 18)
                 || o[0] >= 240
+                // IETF protocol assignments (DS-Lite, NAT64 discovery) and
+                // the deprecated 6to4 relay anycast.
+                || (o[0], o[1], o[2]) == (192, 0, 0)
+                || (o[0], o[1], o[2]) == (192, 88, 99)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -113,6 +117,22 @@ pub fn is_private(ip: IpAddr) -> bool {
             }
             if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 return embedded(seg[6], seg[7]);
+            }
+            // IPv4-translated (::ffff:0:a.b.c.d).
+            if seg[..6] == [0, 0, 0, 0, 0xffff, 0] {
+                return embedded(seg[6], seg[7]);
+            }
+            // Only global unicast (2000::/3) is public; within it Teredo
+            // (2001::/32), benchmarking (2001:2::/48) and ORCHID
+            // (2001:10::/28) are not. The documentation prefix 2001:db8::/32
+            // stays public, as the IPv4 documentation ranges do: lume's own
+            // tests stand for the internet with them.
+            if seg[0] & 0xe000 != 0x2000
+                || seg[..2] == [0x2001, 0]
+                || seg[..3] == [0x2001, 2, 0]
+                || (seg[0] == 0x2001 && (seg[1] & 0xfff0) == 0x10)
+            {
+                return true;
             }
             if seg[0] == 0x2002 {
                 return embedded(seg[1], seg[2]);
@@ -425,6 +445,15 @@ mod tests {
             "198.18.0.1",
             "198.19.255.254",
             "240.0.0.1",
+            "192.0.0.170",
+            "192.88.99.1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a00:1",
+            "fec0::1",
+            "5f00::1",
+            "2001::1",
+            "2001:2::1",
+            "2001:10::1",
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }
@@ -437,6 +466,8 @@ mod tests {
             "64:ff9b::808:808",
             "2002:808:808::1",
             "198.20.0.1",
+            "2a00:1450:4001::1",
+            "2606:4700::1111",
         ] {
             assert!(!is_private(a.parse().unwrap()), "{a}");
         }

@@ -19,11 +19,14 @@
 //! TLS stays end to end between the client and the registry: the proxy
 //! only ever sees the host and port.
 //!
-//! Only the transfer's own client may use it: every request must carry
-//! the gate's random secret (`Proxy-Authorization`), checked before
-//! anything else is read into a decision; a local user who finds the port
-//! can neither tunnel through root's process nor plant refusals. At most
-//! [`MAX_CONNECTIONS`] tunnels are open at once.
+//! Only the transfer's own client may use it: a connection from a socket
+//! another user owns (sock_diag, as the API and the VNC forwarder tell
+//! their peers) is closed at once, before it counts towards the
+//! [`MAX_CONNECTIONS`] open at a time, so other local users can neither
+//! fill the gate nor tunnel through root's process; and every request
+//! must carry the gate's random secret (`Proxy-Authorization`), checked
+//! before anything else is read into a decision, so no other program of
+//! the same user plants refusals either.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -142,9 +145,22 @@ impl Gate {
         );
         let log = refusals.clone();
         let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let me = nix::unistd::geteuid().as_raw();
         let task = tokio::spawn(async move {
             let expected: std::sync::Arc<str> = expected.into();
-            while let Ok((conn, _)) = listener.accept().await {
+            loop {
+                let conn = match listener.accept().await {
+                    Ok((conn, _)) => conn,
+                    // Out of descriptors, say: the gate goes on.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Another user's socket: closed before it takes a place.
+                if owner(&conn) != Some(me) {
+                    continue;
+                }
                 // Over the cap, the connection is dropped at once.
                 let Ok(permit) = open.clone().try_acquire_owned() else {
                     continue;
@@ -234,6 +250,14 @@ async fn serve(mut conn: TcpStream, refused: fn(IpAddr) -> bool, log: &Refusals,
     }
     let mut upstream = upstream;
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+}
+
+/// The uid owning the other end of `conn` (a loopback connection).
+fn owner(conn: &TcpStream) -> Option<u32> {
+    let (client, server) = (conn.peer_addr().ok()?, conn.local_addr().ok()?);
+    crate::api::peer::tcp_socket_owner(client, server)
+        .ok()
+        .map(|o| o.uid)
 }
 
 /// Whether the request head carries the gate's secret.
@@ -492,6 +516,74 @@ mod tests {
             .await
             .expect("an extra connection is closed at once");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+
+    /// Another user cannot fill the gate: its connections are closed at
+    /// once, before they take a place, and the transfer's own still get
+    /// their tunnel while it holds forty of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_users_connections_take_no_place() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let echo = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2];
+                    if s.read_exact(&mut buf).await.is_ok() {
+                        let _ = s.write_all(&buf).await;
+                    }
+                });
+            }
+        });
+        let gate = Gate::start_with(|_| false).await.unwrap();
+        let script = format!(
+            "import socket,time\n\
+             ss=[socket.create_connection(('127.0.0.1',{})) for _ in range(40)]\n\
+             time.sleep(0.5)\n\
+             closed=0\n\
+             for s in ss:\n\
+             \x20 s.settimeout(0.5)\n\
+             \x20 try:\n\
+             \x20   closed+=s.recv(1)==b''\n\
+             \x20 except OSError: pass\n\
+             print(closed,flush=True)\n\
+             time.sleep(3)\n",
+            gate.addr.port()
+        );
+        let mut stranger = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = stranger.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        assert_eq!(line.trim(), "40", "the stranger's connections were kept");
+        // While the stranger still holds its (closed) sockets, the
+        // transfer's own connection is tunnelled.
+        let answer = ask(
+            &gate,
+            &format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let _ = stranger.kill();
+        let _ = stranger.wait();
     }
 
     /// The registry client really goes through the gate: a pull from a

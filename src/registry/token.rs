@@ -165,17 +165,34 @@ pub fn realm_gets_credentials(base: &reqwest::Url, realm: &reqwest::Url) -> bool
     let same = realm.scheme() == base.scheme()
         && realm.host() == base.host()
         && realm.port_or_known_default() == base.port_or_known_default();
-    let named = host_port(realm);
-    same || std::env::var(TOKEN_REALMS_ENV).is_ok_and(|v| {
-        v.split(',').map(str::trim).any(|h| {
-            !h.is_empty()
-                && (h.eq_ignore_ascii_case(&named)
-                    || (realm.port().is_none()
-                        && h.eq_ignore_ascii_case(
-                            named.trim_start_matches('[').trim_end_matches(']'),
-                        )))
-        })
-    })
+    same || std::env::var(TOKEN_REALMS_ENV).is_ok_and(|v| named_in(realm, &v))
+}
+
+/// Whether `entries` (comma-separated, as [`TOKEN_REALMS_ENV`]) name
+/// `realm`'s host: `HOST:PORT` (the default port may be spelled out), or
+/// plain `HOST` for a realm on its scheme's default port.
+fn named_in(realm: &reqwest::Url, entries: &str) -> bool {
+    let host = realm.host_str().unwrap_or_default();
+    let mut names = Vec::new();
+    if let Some(port) = realm.port_or_known_default() {
+        names.push(if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        });
+    }
+    if realm.port().is_none() {
+        names.push(host.to_string());
+        names.push(
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+        );
+    }
+    entries
+        .split(',')
+        .map(str::trim)
+        .any(|h| !h.is_empty() && names.iter().any(|n| n.eq_ignore_ascii_case(h)))
 }
 
 /// Reads at most `max` bytes of `res`'s body; `None` when it is longer.
@@ -549,6 +566,22 @@ mod tests {
             "https://registry-1.docker.io",
             "https://auth.docker.io/token"
         ));
+        // What LUME_TOKEN_REALMS may say.
+        let named = |realm: &str, entries: &str| named_in(&u(realm), entries);
+        assert!(named("https://auth.docker.io/token", "auth.docker.io"));
+        assert!(named(
+            "https://auth.docker.io/token",
+            "x, AUTH.docker.io:443"
+        ));
+        assert!(named("http://127.0.0.2:5101/token", "127.0.0.2:5101"));
+        assert!(!named("http://127.0.0.2:5101/token", "127.0.0.2"));
+        assert!(!named(
+            "https://auth.docker.io:8443/token",
+            "auth.docker.io"
+        ));
+        assert!(named("https://[::1]:8443/t", "[::1]:8443"));
+        assert!(named("https://[::1]/t", "::1"));
+        assert!(!named("https://auth.docker.io/token", ""));
     }
 
     /// A registry on loopback that hands out numbered tokens and records

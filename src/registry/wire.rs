@@ -15,10 +15,10 @@
 //!   [`EXCHANGE_DEADLINE`]; blob bodies are streamed to the caller, which
 //!   holds them to the manifest's size and a minimum rate;
 //! - an upload `Location` may not go from HTTPS down to plain HTTP;
-//! - an upload's body is held to [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`]
-//!   (any link that slow would take days), and its answer must come within
-//!   [`READ_TIMEOUT`] of the body's end: a whole chunk need not fit in one
-//!   read timeout.
+//! - an upload's body is held to [`MIN_WINDOW_BYTES`] per [`RATE_WINDOW`],
+//!   its answer must come within [`READ_TIMEOUT`] of the body's end, and
+//!   the whole upload within 10 minutes plus one per MiB: a chunk need not
+//!   fit in one read timeout, nor may a registry hold it for days.
 //!
 //! `oci-client` still provides the reference and error types.
 
@@ -220,11 +220,11 @@ impl Session {
         }
         let mut put = self.location(&res, &start, image)?;
         put.query_pairs_mut().append_pair("digest", digest);
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = std::sync::Arc::new(Progress::default());
         let counted = {
-            let sent = sent.clone();
+            let progress = progress.clone();
             futures_util::TryStreamExt::inspect_ok(body, move |b| {
-                sent.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                progress.add(b.len() as u64, size)
             })
         };
         let req = self
@@ -233,9 +233,15 @@ impl Session {
             .header(header::CONTENT_LENGTH, size.to_string())
             .body(reqwest::Body::wrap_stream(counted))
             .send();
-        let res = held_to_rate(req, &sent, size, &image.registry)
-            .await?
-            .map_err(&fail)?;
+        let res = held_to(
+            req,
+            &progress,
+            size,
+            &image.registry,
+            Limits::for_upload(size),
+        )
+        .await?
+        .map_err(&fail)?;
         if res.status() != StatusCode::CREATED {
             return Err(self.failed(res, image).await);
         }
@@ -306,68 +312,113 @@ impl Session {
     }
 }
 
-/// Runs `request` (an upload whose body has moved `sent` of `size` bytes
-/// so far) as long as the body moves at least [`MIN_WINDOW_BYTES`] per
-/// [`RATE_WINDOW`], and its answer comes within [`READ_TIMEOUT`] of the
-/// body's end.
-async fn held_to_rate<F: std::future::Future>(
-    request: F,
-    sent: &std::sync::atomic::AtomicU64,
-    size: u64,
-    registry: &str,
-) -> Result<F::Output, RegistryError> {
-    held_to(request, sent, size, registry, (RATE_WINDOW, READ_TIMEOUT)).await
+/// How far an upload's body went: bytes handed to the connection, and
+/// when the last of them was.
+#[derive(Default)]
+struct Progress {
+    sent: std::sync::atomic::AtomicU64,
+    done: std::sync::OnceLock<tokio::time::Instant>,
 }
 
+impl Progress {
+    fn add(&self, n: u64, size: u64) {
+        let total = self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        if total >= size {
+            self.done.get_or_init(tokio::time::Instant::now);
+        }
+    }
+}
+
+/// What an upload is held to.
+struct Limits {
+    /// The window of the minimum rate ([`MIN_WINDOW_BYTES`] per
+    /// [`RATE_WINDOW`], scaled).
+    window: std::time::Duration,
+    /// From the body's end to the answer.
+    answer: std::time::Duration,
+    /// The whole upload: a registry reading just above the minimum rate
+    /// would otherwise hold a push (and its VM) for days.
+    overall: std::time::Duration,
+}
+
+impl Limits {
+    /// For an upload of `size` bytes: 10 minutes plus one per MiB (so at
+    /// least about 17 KiB/s on average: a 512 MB chunk within 9 hours).
+    fn for_upload(size: u64) -> Self {
+        Self {
+            window: RATE_WINDOW,
+            answer: READ_TIMEOUT,
+            overall: std::time::Duration::from_secs(600 + (size >> 20) * 60),
+        }
+    }
+}
+
+/// Runs `request` (an upload of `size` bytes whose body went as far as
+/// `progress` says) within `limits`.
 async fn held_to<F: std::future::Future>(
     request: F,
-    sent: &std::sync::atomic::AtomicU64,
+    progress: &Progress,
     size: u64,
     registry: &str,
-    (window, answer): (std::time::Duration, std::time::Duration),
+    limits: Limits,
 ) -> Result<F::Output, RegistryError> {
-    let min = MIN_WINDOW_BYTES * window.as_millis() as u64 / RATE_WINDOW.as_millis() as u64;
+    let min = MIN_WINDOW_BYTES * limits.window.as_millis() as u64 / RATE_WINDOW.as_millis() as u64;
+    let start = tokio::time::Instant::now();
     tokio::pin!(request);
     let mut last = 0;
-    let mut body_done: Option<tokio::time::Instant> = None;
+    let mut tick = start + limits.window;
     loop {
+        // The next look: the rate's window, the answer's deadline once
+        // the body is out, the whole upload's.
+        let mut wake = tick.min(start + limits.overall);
+        if let Some(done) = progress.done.get() {
+            wake = wake.min(*done + limits.answer);
+        }
         tokio::select! {
             out = &mut request => return Ok(out),
-            () = tokio::time::sleep(window) => {}
+            () = tokio::time::sleep_until(wake) => {}
         }
-        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
-        let detail = if now >= size {
-            let at = *body_done.get_or_insert_with(tokio::time::Instant::now);
-            (at.elapsed() >= answer.saturating_sub(window)).then(|| {
-                format!(
-                    "it did not answer an upload within {} s of its end",
-                    answer.as_secs()
-                )
-            })
-        } else {
-            (now - last < min).then(|| {
-                format!(
-                    "an upload moved {} bytes in {} s, slower than lume waits for ({} KiB a minute); check the network",
-                    now - last,
-                    window.as_secs(),
-                    MIN_WINDOW_BYTES >> 10
-                )
-            })
-        };
-        if let Some(detail) = detail {
-            return Err(RegistryError::Protocol {
+        let now = tokio::time::Instant::now();
+        let sent = progress.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let fail = |detail: String| {
+            Err(RegistryError::Protocol {
                 registry: registry.to_string(),
                 detail,
-            });
+            })
+        };
+        if now >= start + limits.overall {
+            return fail(format!(
+                "an upload of {size} bytes did not finish within {} minutes; check the network",
+                limits.overall.as_secs() / 60
+            ));
         }
-        last = now;
+        if let Some(done) = progress.done.get() {
+            if now >= *done + limits.answer {
+                return fail(format!(
+                    "it did not answer an upload within {} s of its end",
+                    limits.answer.as_secs()
+                ));
+            }
+        } else if now >= tick {
+            if sent - last < min {
+                return fail(format!(
+                    "an upload moved {} bytes in {} s, slower than lume waits for ({} KiB a minute); check the network",
+                    sent - last,
+                    limits.window.as_secs(),
+                    MIN_WINDOW_BYTES >> 10
+                ));
+            }
+            last = sent;
+        }
+        if now >= tick {
+            tick += limits.window;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// An upload is not held to one read timeout as a whole: a slow but
     /// moving body goes on past it; one that stalls is broken off after a
@@ -376,39 +427,62 @@ mod tests {
     #[tokio::test]
     async fn uploads_are_held_to_a_rate_not_a_timeout() {
         // Windows of 50 ms stand for minutes; the answer deadline is 3 of
-        // them.
+        // them, the whole upload 20.
         let w = std::time::Duration::from_millis(50);
-        let limits = (w, 3 * w);
+        let limits = || Limits {
+            window: w,
+            answer: 3 * w,
+            overall: 20 * w,
+        };
         let per_window = MIN_WINDOW_BYTES * 50 / RATE_WINDOW.as_millis() as u64;
-        // Moving twice the minimum for ten windows (past the deadline): fine.
-        let sent = AtomicU64::new(0);
+        // Moving twice the minimum for ten windows (past the answer's
+        // deadline, which counts from the body's end only): fine.
+        let p = Progress::default();
+        let size = 100 * per_window;
         let moving = async {
             for _ in 0..10 {
                 tokio::time::sleep(w / 2).await;
-                sent.fetch_add(per_window, Ordering::Relaxed);
+                p.add(per_window, size);
             }
             "answered"
         };
-        let out = held_to(moving, &sent, 100 * per_window, "r", limits).await;
+        let out = held_to(moving, &p, size, "r", limits()).await;
         assert_eq!(out.unwrap(), "answered");
 
         // Stalled after the first bytes: broken off.
-        let sent = AtomicU64::new(0);
+        let p = Progress::default();
         let stalled = async {
-            sent.fetch_add(1 << 20, Ordering::Relaxed);
+            p.add(1 << 20, 4 << 20);
             std::future::pending::<()>().await
         };
-        let e = held_to(stalled, &sent, 4 << 20, "r", limits)
+        let e = held_to(stalled, &p, 4 << 20, "r", limits())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("slower than lume waits for"), "{e}");
 
-        // The body went, the answer never comes: given up on.
-        let sent = AtomicU64::new(4 << 20);
-        let silent = std::future::pending::<()>();
-        let e = held_to(silent, &sent, 4 << 20, "r", limits)
+        // The body went, the answer never comes: given up on, counted
+        // from the body's end.
+        let p = Progress::default();
+        p.add(4 << 20, 4 << 20);
+        let start = tokio::time::Instant::now();
+        let e = held_to(std::future::pending::<()>(), &p, 4 << 20, "r", limits())
             .await
             .unwrap_err();
         assert!(e.to_string().contains("did not answer an upload"), "{e}");
+        let took = start.elapsed();
+        assert!(took >= 3 * w && took < 5 * w, "{took:?}");
+
+        // Just above the minimum rate for ever: the whole upload's limit.
+        let p = Progress::default();
+        let creeping = async {
+            loop {
+                tokio::time::sleep(w / 2).await;
+                p.add(per_window, u64::MAX);
+            }
+        };
+        let e = held_to(creeping, &p, u64::MAX, "r", limits())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("did not finish within"), "{e}");
     }
 }
