@@ -129,6 +129,25 @@ def cmd_lume_boot(a):
     record(a.record, a.case, a.run, m, ip=ip, console_ip=watch.lease_ip)
 
 
+def cmd_lume_start(a):
+    """`lume run VM --detach`, then the time from its start to the
+    supervisor's "Starting <qemu>" log line (logged just before QEMU's
+    spawn): lume's own work before QEMU starts."""
+    log = os.path.join(a.vm_dir, "lume.log")
+    wall0 = time.time()
+    r = subprocess.run([a.lume, "run", a.vm, "--detach"], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"lume run failed: {r.stdout}{r.stderr}")
+    m = {"detach": time.time() - wall0}
+    for t, text in log_lines_since(log, 0):
+        if text.startswith("Starting ") and t >= wall0 - 0.002:
+            m["qemu_spawned"] = t - wall0
+            break
+    if "qemu_spawned" not in m:
+        sys.exit(f"no 'Starting' line in {log}")
+    record(a.record, a.case, a.run, m)
+
+
 def cmd_bare_boot(a):
     """Runs `--setup` (shell), then QEMU (the arguments after --) with
     `--fd3` opened read-write as its descriptor 3, and waits for the guest's
@@ -470,6 +489,13 @@ def main():
     sp.add_argument("--no-get", action="store_true",
                     help="only watch the console (no lume get polling)")
     sp.set_defaults(fn=cmd_lume_boot)
+
+    sp = sub.add_parser("lume-start")
+    common(sp)
+    sp.add_argument("--lume", required=True)
+    sp.add_argument("--vm", required=True)
+    sp.add_argument("--vm-dir", required=True)
+    sp.set_defaults(fn=cmd_lume_start)
 
     sp = sub.add_parser("bare-boot")
     common(sp)

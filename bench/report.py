@@ -506,10 +506,12 @@ def registry(rows):
 def main():
     if sys.argv[1] == "--section":
         # One section only, printed (e.g. after running one benchmark alone):
-        # report.py --section many RESULTS_DIR BENCHMARKS.md
+        # report.py --section many|registry|boot|heal|scale RESULTS_DIR BENCHMARKS.md
         name, results, md = sys.argv[2], sys.argv[3], sys.argv[4]
         rows = load(results, name)
-        section = many(rows, os.path.dirname(os.path.abspath(md))) if name == "many" else []
+        one = {"many": lambda r: many(r, os.path.dirname(os.path.abspath(md))),
+               "registry": registry, "boot": boot, "heal": heal, "scale": scale}
+        section = one[name](rows) if name in one else []
         print("\n".join(section))
         return
     results, md = sys.argv[1], sys.argv[2]

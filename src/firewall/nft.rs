@@ -50,7 +50,7 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
 }
 
 /// The whole ruleset, parsed from `nft -j list ruleset`.
-fn ruleset() -> Result<Ruleset, FirewallError> {
+pub fn ruleset() -> Result<Ruleset, FirewallError> {
     Ok(Ruleset::parse(&nft(&["-j", "list", "ruleset"], None)?))
 }
 
@@ -320,7 +320,30 @@ impl FirewallDriver for Nft {
     }
 
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError> {
-        let rs = ruleset()?;
+        self.accommodate_with(ruleset()?, openings)
+    }
+
+    fn tools_present(&self) -> Result<bool, FirewallError> {
+        Ok(ruleset()?.tools_present())
+    }
+
+    fn present(&self) -> Result<bool, FirewallError> {
+        let out = nft(&["list", "tables", "inet"], None)?;
+        Ok(out
+            .lines()
+            .any(|l| l.trim() == format!("table inet {TABLE}")))
+    }
+}
+
+impl Nft {
+    /// [`FirewallDriver::accommodate`] planned from `rs`, a listing the
+    /// caller already has (lume's own tables play no part in the plan, so
+    /// one listing serves both the write of lume's table and this).
+    pub fn accommodate_with(
+        &self,
+        rs: Ruleset,
+        openings: &[Opening],
+    ) -> Result<Accommodated, FirewallError> {
         let mut plan = foreign::plan(&rs, openings);
         if !plan.commands.is_empty() {
             // Something changes (rarely): the log names the rules that
@@ -337,17 +360,6 @@ impl FirewallDriver for Nft {
             changes: plan.changes,
             tools: rs.tools_present(),
         })
-    }
-
-    fn tools_present(&self) -> Result<bool, FirewallError> {
-        Ok(ruleset()?.tools_present())
-    }
-
-    fn present(&self) -> Result<bool, FirewallError> {
-        let out = nft(&["list", "tables", "inet"], None)?;
-        Ok(out
-            .lines()
-            .any(|l| l.trim() == format!("table inet {TABLE}")))
     }
 }
 

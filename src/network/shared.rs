@@ -18,7 +18,7 @@ use super::dnsmasq::{Dnsmasq, DnsmasqError};
 use super::netlink::{Netlink, NetlinkError, RouteV4};
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
-use crate::firewall::foreign::FindingKind;
+use crate::firewall::foreign::{FindingKind, Ruleset};
 use crate::firewall::nft::Nft;
 use crate::firewall::{
     Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
@@ -367,7 +367,29 @@ impl Networks {
         exclusive_mac: bool,
     ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
         let _guard = self.lock()?;
-        self.collect_locked();
+        let rewrite = self.collect_records_locked();
+        let joined = self.join_locked(kind, vm, vm_dir, mac, tap, publish, exclusive_mac);
+        if joined.is_err() && rewrite {
+            // Refused before its firewall write: what the collection
+            // changed still reaches the firewall.
+            let _ = self.apply_firewall();
+        }
+        joined
+    }
+
+    /// [`Self::join`] under the network lock, after the collection; writes
+    /// lume's firewall for every member when the VM is in.
+    #[allow(clippy::too_many_arguments)]
+    fn join_locked(
+        &self,
+        kind: Kind,
+        vm: &str,
+        vm_dir: &Path,
+        mac: MacAddress,
+        tap: &str,
+        publish: &[PortMapping],
+        exclusive_mac: bool,
+    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
         if exclusive_mac {
             self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
         }
@@ -608,6 +630,16 @@ impl Networks {
     /// Removes dead members and takes down networks nobody uses; rewrites
     /// the firewall only when that changed something.
     fn collect_locked(&self) {
+        if self.collect_records_locked() {
+            let _ = self.apply_firewall();
+        }
+    }
+
+    /// [`Self::collect_locked`] without the firewall: returns whether lume's
+    /// firewall must be rewritten (something was removed, or nothing is left
+    /// and a table or accepts may linger). A join rewrites it anyway once
+    /// the VM is in, so it skips a rewrite here (four `nft` runs).
+    fn collect_records_locked(&self) -> bool {
         let mut changed = false;
         for net in [&self.nat, &self.host] {
             for m in net.members() {
@@ -630,9 +662,7 @@ impl Networks {
         // With no member left anywhere, a table (or accepts in other tools'
         // chains) left by an interrupted teardown or a crash goes too.
         let idle = self.nat.members().is_empty() && self.host.members().is_empty();
-        if changed || idle {
-            let _ = self.apply_firewall();
-        }
+        changed || idle
     }
 
     /// The firewall state every live member implies; `tools`: whether a
@@ -707,8 +737,19 @@ impl Networks {
     /// and writing (a firewall restarting) fails the transaction: it is
     /// listed and tried once more.
     pub fn accommodate(&self) -> Result<Accommodated, SharedError> {
+        self.accommodate_from(None)
+    }
+
+    /// [`Self::accommodate`] planned from `rs` when given (a listing taken
+    /// moments ago under the network lock; lume's own tables play no part
+    /// in the plan), saving an `nft` run. A retry lists afresh.
+    fn accommodate_from(&self, rs: Option<Ruleset>) -> Result<Accommodated, SharedError> {
         let openings = self.openings();
-        match Nft.accommodate(&openings) {
+        let first = match rs {
+            Some(rs) => Nft.accommodate_with(rs, &openings),
+            None => Nft.accommodate(&openings),
+        };
+        match first {
             Err(FirewallError::Accommodation(_)) => Ok(Nft.accommodate(&openings)?),
             other => Ok(other?),
         }
@@ -725,8 +766,11 @@ impl Networks {
     /// packets for other tools' chains and what changed in those chains
     /// (for the watcher's log).
     fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
-        let tools = self.accommodate && Nft.tools_present()?;
-        self.write_firewall_with(tools)
+        // One listing tells whether other tools' chains are there and
+        // plans lume's accepts in them.
+        let rs = crate::firewall::nft::ruleset()?;
+        let tools = self.accommodate && rs.tools_present();
+        self.write_firewall_from(tools, Some(rs))
     }
 
     /// Whether lume's table marked packets for other tools' chains when it
@@ -739,15 +783,25 @@ impl Networks {
     /// firewalld's chains are there (known or assumed; a wrong assumption
     /// is corrected by the caller once it has listed the ruleset).
     fn write_firewall_with(&self, tools: bool) -> Result<(bool, Vec<String>), SharedError> {
+        self.write_firewall_from(tools, None)
+    }
+
+    /// [`Self::write_firewall_with`], planning the accepts in other tools'
+    /// chains from `rs` when given.
+    fn write_firewall_from(
+        &self,
+        tools: bool,
+        rs: Option<Ruleset>,
+    ) -> Result<(bool, Vec<String>), SharedError> {
         let state = self.firewall_state(tools);
         let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
-            let done = self.accommodate()?;
+            let done = self.accommodate_from(rs)?;
             Nft.apply(&state)?;
             done
         } else {
             Nft.apply(&state)?;
-            self.accommodate()?
+            self.accommodate_from(rs)?
         };
         // Whether the table marks packets for other tools' chains: the
         // watcher rewrites it when such a tool appears or goes.
