@@ -31,11 +31,11 @@ const PARALLEL: usize = 4;
 const MAX_CONFIG: u64 = 1 << 20;
 /// Largest disk lume pulls (as `create`'s limit).
 const MAX_DISK: u64 = 1 << 50;
-/// A transfer slower than this many bytes per [`RATE_WINDOW`] (or silent
-/// that long) is broken off and resumed; after [`RESUMES`] the pull fails,
-/// so a registry trickling bytes cannot hold the cache lock for ever.
-const MIN_WINDOW_BYTES: u64 = 64 << 10;
-const RATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+// A download slower than `MIN_WINDOW_BYTES` per `RATE_WINDOW` (or silent
+// that long) is broken off and resumed, uploads are held to the same rate
+// (`wire`); after `RESUMES` the pull fails, so a registry trickling bytes
+// cannot hold the cache lock for ever.
+use super::wire::{MIN_WINDOW_BYTES, RATE_WINDOW};
 
 /// Largest blob accepted for a part that unpacks to at most `max_len`
 /// bytes: compression never grows data by more than a small fraction.
