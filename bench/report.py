@@ -182,6 +182,94 @@ def heal(rows):
                    f"{cell(metric(rows, case, 'first_repair_logged'), fmt_ms)} | "
                    f"{cell(metric(rows, case, 'disrupt_cmd'), fmt_ms)} | {len(g)} | "
                    f"{verdict(statistics.median(g) < 1.0)} |")
+    cases = ["flush", "nft-only", "forwarding-off", "vpn-connect", "vpn-disconnect"]
+    pooled = [x for c in cases for x in metric(rows, c, "guest_back")]
+    repaired = [x for c in cases for x in metric(rows, c, "first_repair_logged")]
+    if len(pooled) >= 2:
+        p99 = p_99(pooled)
+        slow = sorted(x for x in pooled if x > 0.5)
+        out += ["", f"All disruptions together: guest traffic back p50 {fmt_ms(statistics.median(pooled))}, "
+                f"p99 {fmt_ms(p99)} over {len(pooled)} samples (target: p99 ≤ 500 ms over at least 100: "
+                f"{verdict(p99 <= 0.5 and len(pooled) >= 100)}); "
+                f"{len(slow)} sample(s) above 500 ms"
+                + (f" ({', '.join(fmt_ms(x) for x in slow)})" if slow else "") + "."]
+        if repaired:
+            out[-1] += (f" lume's first repair logged: p50 {fmt_ms(statistics.median(repaired))}, "
+                        f"p99 {fmt_ms(p_99(repaired))} over {len(repaired)} samples.")
+    return out
+
+
+def p_99(values):
+    """The 99th percentile (inclusive method; the largest value below 2 samples)."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(sorted(values), n=100, method="inclusive")[98]
+
+
+def heal_figure(rows, md_dir):
+    """The heal distributions per disruption, as a picture."""
+    cases = ["flush", "nft-only", "forwarding-off", "vpn-connect", "vpn-disconnect"]
+    back = {c: metric(rows, c, "guest_back") for c in cases if metric(rows, c, "guest_back")}
+    if not back:
+        return []
+    fixed = {c: metric(rows, c, "first_repair_logged") for c in cases if metric(rows, c, "first_repair_logged")}
+    svg = f"{FIGURES}/heal.svg"
+    svg_boxes(os.path.join(md_dir, svg), "Heal after each disruption (boxes: quartiles, whiskers: min–max)", [
+        ("guest traffic back", 0.5, {"guest connection accepted": back}),
+        ("lume's first repair logged", None, {"repair": fixed}),
+    ], xlabel="disruption")
+    return ["", f"![Heal times per disruption]({svg})"]
+
+
+def boot_figure(rows, md_dir):
+    """Time to a usable address per mode, lume against bare QEMU, as a picture."""
+    series = {"lume (ipAddress in lume get)": {}, "bare QEMU (lease in console)": {}}
+    for mode in ["nat", "bridged"]:
+        lume = metric(rows, f"lume-{mode}", "address")
+        bare = metric(rows, f"bare-{mode}", "console_lease")
+        if lume and bare:
+            series["lume (ipAddress in lume get)"][mode] = lume
+            series["bare QEMU (lease in console)"][mode] = bare
+    if not series["lume (ipAddress in lume get)"]:
+        return []
+    svg = f"{FIGURES}/boot.svg"
+    svg_boxes(os.path.join(md_dir, svg), "Time to a usable address (boxes: quartiles, whiskers: min–max)", [
+        ("seconds from the first command, in ms", None, series),
+    ], xlabel="network mode")
+    return ["", f"![Time to a usable address, lume against bare QEMU]({svg})"]
+
+
+def concurrent(rows):
+    if not rows:
+        return []
+    alone = [r for r in rows if r["case"] == "alone"]
+    together = [r for r in rows if r["case"] == "together"]
+    if not together:
+        return []
+    n = together[0]["metrics"]["vms"]
+    out = [f"### 1b. {n} NAT VMs started at the same instant", "",
+           f"`lume run VM --detach` for {n} VMs at once against one alone, in the same rounds; "
+           "median (min–max) over the rounds.", "",
+           "| case | slowest `run --detach` | median `run --detach` | slowest \"Starting <qemu>\" (lume's share) "
+           "| last address in `lume ls` | distinct addresses | n |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rs in [(f"{n} together", together), ("1 alone", alone)]:
+        if not rs:
+            continue
+        g = lambda k: [r["metrics"][k] for r in rs if k in r["metrics"]]  # noqa: E731
+        distinct = [f"{r['metrics']['distinct_addresses']} of {r['metrics']['vms']}" for r in rs]
+        out.append(f"| {name} | {cell(g('detach_max'), fmt_ms)} | {cell(g('detach_median'), fmt_ms)} | "
+                   f"{cell(g('qemu_spawned_max'), fmt_ms)} | {cell(g('address_max'))} | "
+                   f"{', '.join(sorted(set(distinct)))} | {len(rs)} |")
+    pairs = {r["run"]: r["metrics"]["detach_max"] for r in together}
+    single = {r["run"]: r["metrics"]["detach_max"] for r in alone}
+    ratio, _ = ratio_cell(pairs, single)
+    vals = [pairs[r] / single[r] for r in sorted(set(pairs) & set(single))]
+    all_distinct = all(r["metrics"]["distinct_addresses"] == r["metrics"]["vms"] for r in together)
+    if vals:
+        out += ["", f"Slowest of the group / one alone, paired by round: {ratio}. Target: every `run --detach` "
+                f"within 2× one alone ({verdict(max(vals) <= 2.0)}, judged on the worst round) and "
+                f"distinct addresses for all ({verdict(all_distinct)})."]
     return out
 
 
@@ -229,11 +317,12 @@ def scale(rows):
     return out
 
 
-def svg_boxes(path, title, panels):
+def svg_boxes(path, title, panels, xlabel="running NAT VMs"):
     """Writes an SVG of box plots: `panels` is a list of (heading, target
-    in seconds or None, {series name: {n: [seconds]}}); x: the numbers of
-    VMs (categories), y: milliseconds from 0. Box: quartiles; whiskers:
-    min and max; bar: median."""
+    in seconds or None, {series name: {category: [seconds]}}); x: the
+    categories (numbers of VMs, disruptions, ...) under `xlabel`, y:
+    milliseconds from 0. Box: quartiles; whiskers: min and max; bar:
+    median."""
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c"]
     pw, ph, top, left, bottom = 300, 220, 40, 50, 40
     width = left + len(panels) * (pw + 30) + 10
@@ -244,7 +333,7 @@ def svg_boxes(path, title, panels):
            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{title}</text>']
     for pi, (heading, target, series) in enumerate(panels):
         x0 = left + pi * (pw + 30)
-        ns = sorted({n for d in series.values() for n in d})
+        ns = sorted(dict.fromkeys(n for d in series.values() for n in d), key=_order)
         vals = [v for d in series.values() for vs in d.values() for v in vs]
         if target is not None:
             vals.append(target)
@@ -284,7 +373,7 @@ def svg_boxes(path, title, panels):
                            f'height="{max(ys(q1) - ys(q3), 0.5):.1f}" fill="{c}" fill-opacity="0.35" stroke="{c}"/>')
                 out.append(f'<line x1="{bx + 1:.1f}" x2="{bx + bw - 1:.1f}" y1="{ys(med):.1f}" '
                            f'y2="{ys(med):.1f}" stroke="{c}" stroke-width="2"/>')
-        out.append(f'<text x="{x0 + pw / 2}" y="{top + ph + 30}" text-anchor="middle">running NAT VMs</text>')
+        out.append(f'<text x="{x0 + pw / 2}" y="{top + ph + 30}" text-anchor="middle">{xlabel}</text>')
         out.append(f'<text x="{x0 - 38}" y="{top + ph / 2}" text-anchor="middle" '
                    f'transform="rotate(-90 {x0 - 38} {top + ph / 2})">ms</text>')
         for si, name in enumerate(names):
@@ -296,6 +385,11 @@ def svg_boxes(path, title, panels):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(out) + "\n")
+
+
+def _order(category):
+    """Numbers in numeric order; other categories keep their given order."""
+    return (0, category) if isinstance(category, (int, float)) else (1, 0)
 
 
 # Where report.py writes its pictures, relative to BENCHMARKS.md.
@@ -509,8 +603,11 @@ def main():
         # report.py --section many|registry|boot|heal|scale RESULTS_DIR BENCHMARKS.md
         name, results, md = sys.argv[2], sys.argv[3], sys.argv[4]
         rows = load(results, name)
-        one = {"many": lambda r: many(r, os.path.dirname(os.path.abspath(md))),
-               "registry": registry, "boot": boot, "heal": heal, "scale": scale}
+        md_dir = os.path.dirname(os.path.abspath(md))
+        one = {"many": lambda r: many(r, md_dir),
+               "registry": registry, "boot": lambda r: boot(r) + boot_figure(r, md_dir),
+               "heal": lambda r: heal(r) + heal_figure(r, md_dir), "scale": scale,
+               "concurrent": concurrent}
         section = one[name](rows) if name in one else []
         print("\n".join(section))
         return
@@ -522,7 +619,11 @@ def main():
             meta = json.load(f)
     parts = [BEGIN, "", f"_Generated by `bench/report.py` from {meta.get('date', 'the last run')}; "
              "do not edit by hand (the analysis above and below is kept)._", ""]
-    for section in [machine(meta), boot(load(results, "boot")), heal(load(results, "heal")),
+    md_dir = os.path.dirname(os.path.abspath(md))
+    boots, heals = load(results, "boot"), load(results, "heal")
+    for section in [machine(meta), boot(boots) + (boot_figure(boots, md_dir) if boots else []),
+                    concurrent(load(results, "concurrent")),
+                    heal(heals) + (heal_figure(heals, md_dir) if heals else []),
                     scale(load(results, "scale")),
                     many(load(results, "many"), os.path.dirname(os.path.abspath(md))),
                     clone(load(results, "clone")),

@@ -6,6 +6,7 @@
 #
 # Benchmarks (each also runs alone, e.g. `sudo bench/heal.sh`):
 #   boot        time to a usable address, lume vs bare QEMU (nat, bridged)
+#   concurrent  10 NAT VMs started at the same instant vs one alone (BENCH_VMS)
 #   heal        NAT connectivity back after a firewall flush / VPN change
 #   scale       ls/get/create/delete with 100, 300 and 1,000 VMs
 #   many        ls, network doctor and heal after a flush with 1, 10, 30 and 100
@@ -34,7 +35,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "Run as root (sudo bench/run.sh): the benchmarks create network namespaces" >&2
     exit 1
 fi
-ALL=(boot heal scale many clone throughput reattach import ssh registry policy)
+ALL=(boot concurrent heal scale many clone throughput reattach import ssh registry policy)
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL[@]}")
 for b in "${SELECTED[@]}"; do

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Benchmark: NAT VMs started at the same instant (issue 16).
+#
+# BENCH_VMS (default 10) NAT VMs booting the test guest are started with
+# `lume run VM --detach` at the same instant (one process each, released
+# together by bt.py concurrent-start); then `lume ls -f json` is polled until
+# every VM has an address. Recorded per round: each `run --detach`'s
+# wall time, when each supervisor logged "Starting <qemu>" (lume's own work
+# before QEMU), when each address appeared, and whether the addresses are
+# distinct. The baseline, in the same round: one of the VMs started alone
+# the same way. Between cases every VM is stopped again.
+#
+# Every guest boots under TCG on 2 CPUs, so the first guests' boots take
+# the CPU the later VMs' lume processes need: the cases halt-together and
+# halt-alone start the same number of NAT VMs whose guest only halts (a
+# 44-byte multiboot kernel, as in many.sh; no CPU, no address), which
+# isolates lume's own share of a concurrent start.
+BENCH_NAME=concurrent
+source "$(dirname "$0")/lib.sh"
+need_root
+guest_files
+OUT=$(results_file concurrent)
+: >"$OUT"
+N=${BENCH_VMS:-10}
+# Smaller guests than the other benchmarks: N of them run at once.
+GUEST_MEMORY=128MB
+
+ns_new NS cc
+lume_home H
+tmpdir W
+HALT=$W/halt.bin
+python3 - "$HALT" <<'PY'
+import struct, sys
+# As in many.sh: a multiboot header, then cli; hlt; jmp back to the hlt.
+MAGIC, FLAGS, BASE = 0x1BADB002, 0x00010000, 0x100000
+hdr = struct.pack("<8I", MAGIC, FLAGS, (-(MAGIC + FLAGS)) & 0xFFFFFFFF,
+                  BASE, BASE, 0, 0, BASE + 32)
+open(sys.argv[1], "wb").write(hdr + bytes([0xFA, 0xF4, 0xEB, 0xFD]))
+PY
+names=() halts=()
+for ((i = 1; i <= N; i++)); do
+    lume_create "$NS" "$H" "c$i" nat ""
+    lume_in "$NS" "$H" create "h$i" --cpu 1 --memory 64MB --disk-size 1MB --network nat \
+        --kernel "$HALT" >/dev/null
+    names+=("c$i")
+    halts+=("h$i")
+done
+all=$(IFS=,; echo "${names[*]}")
+all_halts=$(IFS=,; echo "${halts[*]}")
+
+stop_all() {
+    local n
+    for n in "${names[@]}" "${halts[@]}"; do
+        lume_in "$NS" "$H" stop "$n" >/dev/null 2>&1 || true
+    done
+}
+
+group() { # RUN CASE VMS [--no-address]
+    # shellcheck disable=SC2046
+    in_ns "$NS" env -u LUME_API_TOKEN $(lume_env "$H") "${BT[@]}" concurrent-start \
+        "--record=$([ "$1" -gt 0 ] && echo "$OUT")" --case "$2" --run "$1" \
+        --lume "$LUME" --vms "$3" --home-vms "$H/.lume" ${4:-} >/dev/null
+    stop_all
+}
+
+for ((run = 0; run <= BENCH_RUNS; run++)); do
+    log "round $run of $BENCH_RUNS$([ "$run" = 0 ] && echo ' (warm-up, not recorded)')"
+    cases=(alone together halt-alone halt-together)
+    for ((k = 0; k < 4; k++)); do
+        c=${cases[$(((k + run) % 4))]}
+        case $c in
+            alone) group "$run" alone c1 ;;
+            together) group "$run" together "$all" ;;
+            halt-alone) group "$run" halt-alone h1 --no-address ;;
+            halt-together) group "$run" halt-together "$all_halts" --no-address ;;
+        esac
+    done
+done
+log "done: $OUT"
