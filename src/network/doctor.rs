@@ -863,8 +863,9 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
         if !state.network_policy.is_empty() {
             let policy = &state.network_policy;
             let rules = policy.readable().join("; ");
-            let (ok, detail) = match (policy_in_force(&state), &state.network_mode) {
-                (Some(true), super::NetworkMode::None) => (
+            let device = super::driver::of(&state.network_mode).has_device();
+            let (ok, detail) = match (policy_in_force(&state), device) {
+                (Some(true), false) => (
                     true,
                     format!("in force (no network: nothing leaves the VM): {rules}"),
                 ),
@@ -906,73 +907,17 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             std::net::IpAddr::V4(v4) => Some(v4),
             std::net::IpAddr::V6(_) => None,
         });
-        // A bridged VM's parent that is there but down (a NIC plugged back
-        // with nothing to bring it up, a bridge set down) carries nothing:
-        // lume does not bring up an interface of the host's itself.
-        if matches!(state.network_mode, super::NetworkMode::Bridged(_))
-            && let Some(parent) = state.parent.as_deref()
-            && links.iter().any(|l| l.name == parent && !l.up)
-        {
-            let was = ip
-                .map(|ip| format!(" (its address was {ip})"))
-                .unwrap_or_default();
-            r.add(
-                name,
-                false,
-                format!("its interface {parent} is down, so the VM has no network{was}: bring it up (`ip link set {parent} up`, or through NetworkManager, ifupdown or systemd-networkd); lume does not change the state of the host's interfaces"),
-            );
-            continue;
-        }
-        match (&state.network_mode, ip) {
-            (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
-            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers and the br_netfilter check above passes")),
-            (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
-            (_, Some(ip)) if state.uplink.is_some() => {
-                let parent = state.parent.as_deref().unwrap_or("?");
-                let uplink = state.uplink.as_deref().unwrap_or_default();
-                let status = super::netlink::Netlink::open()
-                    .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
-                match status {
-                    Ok(super::uplink::Status::Attached) | Err(_) => r.add(
-                        name,
-                        true,
-                        format!("{ip} on {parent} (macvlan: this host cannot reach it through that interface, other LAN hosts can)"),
-                    ),
-                    Ok(super::uplink::Status::ParentGone) => r.add(
-                        name,
-                        false,
-                        format!("the interface {parent} is gone (unplugged?): the VM keeps running without a network and waits for it; it is re-attached within a second of {parent} coming back, with its MAC and, if the LAN's DHCP server keeps the lease, its address {ip}"),
-                    ),
-                    Ok(super::uplink::Status::Detached) => r.add(
-                        name,
-                        false,
-                        format!("{parent} is back and the VM is being re-attached to it; if this lasts, the reason is in {}", vm.log_path().display()),
-                    ),
-                }
-            }
-            // A run started by an older lume: a macvtap, which goes for good
-            // with its parent.
-            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
-                let parent = state.parent.as_deref().unwrap_or("?");
-                let dev = state.host_device.as_deref().unwrap_or_default();
-                let gone = super::netlink::Netlink::open()
-                    .and_then(|mut nl| nl.link_index(dev))
-                    .is_ok_and(|i| i.is_none());
-                if gone {
-                    r.add(
-                        name,
-                        false,
-                        format!("its macvtap {dev} is gone: the interface {parent} went away (unplugged?) and took it along, so the VM has no network; once {parent} is back, restart the VM (lume stop {vm} && lume run {vm})", vm = vm.name),
-                    );
-                } else {
-                    r.add(
-                        name,
-                        true,
-                        format!("{ip} on {parent} (macvtap: this host cannot reach it through that interface, other LAN hosts can)"),
-                    );
-                }
-            }
-            (_, Some(ip)) => {
+        let facts = super::driver::DoctorVm {
+            name: vm.name.as_str(),
+            log: &vm.log_path(),
+            state: &state,
+            ip,
+            links: &links,
+        };
+        match super::driver::of(&state.network_mode).doctor_check(&facts) {
+            super::driver::VmCheck::Pass(detail) => r.add(name, true, detail),
+            super::driver::VmCheck::Fail(detail) => r.add(name, false, detail),
+            super::driver::VmCheck::Probe(ip) => {
                 pending.push((r.checks.len(), ip, mode));
                 r.add(name, false, "");
             }

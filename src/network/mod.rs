@@ -1,10 +1,12 @@
-//! VM networking. `mode` is the user-facing choice; `attach` turns a mode into
-//! what QEMU needs for one run; each mode has its own file.
+//! VM networking. `mode` is the user-facing choice; `driver` holds one file
+//! per mode behind one trait; `attach` is what every mode shares when it
+//! turns into what QEMU needs for one run.
 
 pub mod attach;
 pub mod dhcp_snoop;
 pub mod dnsmasq;
 pub mod doctor;
+pub mod driver;
 pub mod events;
 pub mod handoff;
 pub mod heal;

@@ -172,6 +172,36 @@ impl BridgedMember {
     }
 }
 
+/// Leaves a shared network when an attachment is dropped.
+#[derive(Debug)]
+pub struct SharedTeardown {
+    pub networks: Networks,
+    pub kind: Kind,
+    /// The membership key ([`member_id`]).
+    pub id: String,
+}
+
+impl crate::network::attach::Teardown for SharedTeardown {
+    fn teardown(self: Box<Self>) {
+        let _ = self.networks.leave(self.kind, &self.id);
+    }
+}
+
+/// Leaves the Linux bridge a tap was joined to: lume's accept for the
+/// bridge in other tools' chains goes with the last VM on it.
+#[derive(Debug)]
+pub struct BridgedTeardown {
+    pub networks: Networks,
+    /// The record's key ([`member_id`]).
+    pub id: String,
+}
+
+impl crate::network::attach::Teardown for BridgedTeardown {
+    fn teardown(self: Box<Self>) {
+        let _ = self.networks.leave_bridged(&self.id);
+    }
+}
+
 /// The key of a VM's membership: its name plus a hash of its directory, so
 /// VMs of the same name in two storage locations never share a record.
 pub fn member_id(vm: &str, vm_dir: &Path) -> String {

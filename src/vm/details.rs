@@ -60,7 +60,7 @@ pub(crate) fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
     if s.network_policy.is_empty() {
         return None;
     }
-    if s.network_mode == crate::network::NetworkMode::None {
+    if !crate::network::driver::of(&s.network_mode).has_device() {
         return Some(true);
     }
     let tap = s.host_device.as_deref()?;
@@ -112,12 +112,9 @@ fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
 }
 
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
-    use crate::network::NetworkMode::*;
-    match mode {
-        User => Some("User-mode networking (passt): the guest is reachable from outside only through published ports and never reaches this host's loopback; ping from the guest may not work".into()),
-        None => Some("No network device".into()),
-        _ => Option::None,
-    }
+    crate::network::driver::of(mode)
+        .details_note()
+        .map(String::from)
 }
 
 /// `provisioningOperation` while an image is imported.
