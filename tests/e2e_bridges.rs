@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::Netns;
-use lume::network::netlink::Netlink;
+use lume::network::kernel::netlink::Netlink;
 use lume::network::shared::{
     Kind, Liveness, Member, Networks, SharedError, SharedNet, liveness_of,
 };

@@ -18,11 +18,11 @@ use super::NetworkMode;
 use super::dhcp_snoop::{DhcpSnooper, Exchange, Watched};
 use super::driver::Publishing;
 use super::interfaces::{self, BridgeError};
-use super::netlink::{Netlink, NetlinkError};
+use super::kernel::netlink::{Netlink, NetlinkError};
+use super::kernel::tap::TapError;
 use super::privilege::has_net_admin;
 use super::publish::{PortMapping, PublishError, check_unique};
 use super::shared::SharedError;
-use super::tap::TapError;
 use super::user::UserNet;
 use crate::vm::config::MacAddress;
 

@@ -660,7 +660,7 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
         }
         active = true;
         let subnet = net.subnet();
-        let state = super::netlink::Netlink::open().and_then(|mut nl| {
+        let state = super::kernel::netlink::Netlink::open().and_then(|mut nl| {
             let info = nl.link_info(&net.bridge)?;
             let addrs = match &info {
                 Some(_) => nl.addresses_v4(&net.bridge)?,
@@ -848,7 +848,7 @@ fn br_netfilter_detail(
 
 fn vm_checks(r: &mut Report, ctx: &Context) {
     let Ok(vms) = ctx.store.list() else { return };
-    let links = super::netlink::Netlink::open()
+    let links = super::kernel::netlink::Netlink::open()
         .and_then(|mut nl| nl.links())
         .unwrap_or_default();
     // The guests' addresses to probe, all at once after this loop: where

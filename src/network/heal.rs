@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::events::Events;
+use super::kernel::events::Events;
 use super::shared::Networks;
 use crate::util::time::timestamp;
 use crate::vm::lock::VmLock;

@@ -15,7 +15,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::dnsmasq::{Dnsmasq, DnsmasqError};
-use super::netlink::{Netlink, NetlinkError, RouteV4};
+use super::kernel::netlink::{Netlink, NetlinkError, RouteV4};
+use super::kernel::sysctl;
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::foreign::{FindingKind, Ruleset};
@@ -1336,7 +1337,7 @@ impl SharedNet {
             }
             Some(_) => {}
         }
-        if ipv6_off(&self.bridge) {
+        if sysctl::ipv6_off(&self.bridge) {
             repairs.push(format!(
                 "bridge {} had IPv6 switched on: switched it off",
                 self.bridge
@@ -1380,12 +1381,8 @@ impl SharedNet {
                 self.bridge
             ));
         }
-        if self.kind == Kind::Nat
-            && fs::read_to_string(IP_FORWARD)
-                .map(|v| v.trim() != "1")
-                .unwrap_or(false)
-        {
-            fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;
+        if self.kind == Kind::Nat && sysctl::forwarding_off() {
+            sysctl::forwarding_set_on().map_err(SharedError::Forwarding)?;
             repairs.push("IPv4 forwarding had been switched off: switched it back on".into());
         }
         if let Some(servers) = self.dnsmasq().follow()? {
@@ -1485,10 +1482,10 @@ impl SharedNet {
             }
         }
         nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
-        ipv6_off(&self.bridge);
+        sysctl::ipv6_off(&self.bridge);
         nl.set_up(&self.bridge)?;
         if self.kind == Kind::Nat {
-            forwarding_on(&self.dir)?;
+            sysctl::forwarding_on(&self.dir).map_err(SharedError::Forwarding)?;
         }
         Ok(())
     }
@@ -1504,53 +1501,15 @@ impl SharedNet {
             let _ = nl.delete_link(&self.bridge);
         }
         if self.kind == Kind::Nat {
-            forwarding_restore(&self.dir);
+            sysctl::forwarding_restore(&self.dir);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 /// A bridge lume created: kind bridge, marked with [`BRIDGE_MARK`].
-pub fn is_lume_bridge(link: &super::netlink::LinkInfo) -> bool {
+pub fn is_lume_bridge(link: &super::kernel::netlink::LinkInfo) -> bool {
     link.kind.as_deref() == Some("bridge") && link.alias.as_deref() == Some(BRIDGE_MARK)
-}
-
-/// Switches IPv6 off on a lume bridge (lume gives no IPv6 there): the host
-/// then takes no router advertisement, redirect or address from a guest,
-/// even while lume's bridge table is being rewritten. Whether it was on.
-fn ipv6_off(bridge: &str) -> bool {
-    let path = format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6");
-    match fs::read_to_string(&path) {
-        Ok(v) if v.trim() == "1" => false,
-        Ok(_) => fs::write(&path, "1").is_ok(),
-        // No IPv6 in this kernel (or no such bridge): nothing to switch off.
-        Err(_) => false,
-    }
-}
-
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
-/// Switches IPv4 forwarding on, remembering the value it had.
-fn forwarding_on(dir: &Path) -> Result<(), SharedError> {
-    let saved = dir.join("ip_forward.saved");
-    let current = fs::read_to_string(IP_FORWARD).map_err(SharedError::Forwarding)?;
-    if !saved.exists() {
-        fs::write(&saved, current.trim()).map_err(SharedError::Forwarding)?;
-        let _ = super::rundir::private_file(&saved);
-    }
-    if current.trim() != "1" {
-        fs::write(IP_FORWARD, "1").map_err(SharedError::Forwarding)?;
-    }
-    Ok(())
-}
-
-/// Puts IPv4 forwarding back to what it was before lume needed it.
-fn forwarding_restore(dir: &Path) {
-    let saved = dir.join("ip_forward.saved");
-    if let Ok(v) = fs::read_to_string(&saved) {
-        let _ = fs::write(IP_FORWARD, v.trim());
-        let _ = fs::remove_file(&saved);
-    }
 }
 
 #[cfg(test)]

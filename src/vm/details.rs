@@ -64,13 +64,13 @@ pub(crate) fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
         return Some(true);
     }
     let tap = s.host_device.as_deref()?;
-    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    let mut nl = crate::network::kernel::netlink::Netlink::open().ok()?;
     match crate::network::policy::tc::in_force(&mut nl, tap) {
         Ok(held) => Some(held),
         // Listing a tap's tcx programs needs CAP_NET_ADMIN: a user looking
         // at a VM whose network the lume service set up cannot tell (the
         // service's keeper guards it); unknown, not "not in force".
-        Err(crate::network::netlink::NetlinkError::Kernel {
+        Err(crate::network::kernel::netlink::NetlinkError::Kernel {
             errno: nix::errno::Errno::EPERM,
             ..
         }) => None,
@@ -105,7 +105,7 @@ pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<std::net::
 /// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).
 fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
     let (parent, uplink) = (s.parent.as_deref()?, s.uplink.as_deref()?);
-    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    let mut nl = crate::network::kernel::netlink::Netlink::open().ok()?;
     crate::network::uplink::status(&mut nl, parent, uplink)
         .ok()
         .map(|st| st.as_str().to_string())

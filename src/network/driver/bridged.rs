@@ -12,9 +12,9 @@ use crate::network::attach::{
 };
 use crate::network::dhcp_snoop::Watched;
 use crate::network::interfaces::{self, HostInterface, InterfaceType};
-use crate::network::netlink::Netlink;
+use crate::network::kernel::netlink::Netlink;
+use crate::network::kernel::tap::Tap;
 use crate::network::shared::{BridgedTeardown, Networks, member_id};
-use crate::network::tap::Tap;
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
 use crate::vm::state::RunState;

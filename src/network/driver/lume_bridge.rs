@@ -8,8 +8,8 @@ use crate::network::attach::{
     AttachError, AttachOptions, Attachment, HostSide, device_name, enforce_policy, hold_ports,
     tap_args,
 };
+use crate::network::kernel::tap::Tap;
 use crate::network::shared::{Kind, Networks, SharedTeardown, member_id};
-use crate::network::tap::Tap;
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
 

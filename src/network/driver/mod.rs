@@ -112,7 +112,7 @@ pub struct DoctorVm<'a> {
     /// The guest's IPv4 address as far as it is known now.
     pub ip: Option<Ipv4Addr>,
     /// The host's links now.
-    pub links: &'a [super::netlink::LinkInfo],
+    pub links: &'a [super::kernel::netlink::LinkInfo],
 }
 
 /// The doctor's verdict on a running VM.
