@@ -1,0 +1,180 @@
+//! Conditions lume reports but does not override: routes that capture part
+//! of a lume subnet, and other tables that drop lume's traffic.
+
+use super::*;
+
+impl Networks {
+    /// The bridges of shared networks that have a live member.
+    pub fn active_bridges(&self) -> Vec<&str> {
+        [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| n.members().iter().any(Member::alive))
+            .map(|n| n.bridge.as_str())
+            .collect()
+    }
+
+    /// The active bridges whose traffic passes a hook of a table family:
+    /// every active bridge talks to the host (input), only the NAT bridge's
+    /// traffic is forwarded (lume itself drops host-only forwarding), and
+    /// none over IPv6 (lume's networks are IPv4: no address, route or
+    /// service of lume's is IPv6, so an `ip6` table never drops its traffic).
+    pub fn bridges_for_hook(&self, family: &str, hook: &str) -> Vec<&str> {
+        if family == "ip6" {
+            return Vec::new();
+        }
+        let nat = &self.nat.bridge;
+        self.active_bridges()
+            .into_iter()
+            .filter(|b| hook != "forward" || b == nat)
+            .collect()
+    }
+
+    /// The shared networks with a live member.
+    pub(super) fn active(&self) -> Vec<&SharedNet> {
+        [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| n.members().iter().any(Member::alive))
+            .collect()
+    }
+
+    /// Routes that capture part of the subnet of an active shared network,
+    /// each with the bridge whose subnet it captures.
+    pub fn route_warnings(&self) -> Vec<RouteWarning> {
+        let active = self.active();
+        if active.is_empty() {
+            return Vec::new();
+        }
+        let Ok(routes) = Netlink::open().and_then(|mut nl| nl.routes_v4()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for net in &active {
+            for r in conflicting_routes(&routes, &net.subnet(), &net.bridge) {
+                out.push(RouteWarning {
+                    bridge: net.bridge.clone(),
+                    text: format!(
+                        "route {} captures part of lume's {} subnet {}: replies to those guests leave through {} instead of {}; remove the route or move the subnet ({})",
+                        describe_route(&r),
+                        net.bridge,
+                        net.subnet(),
+                        r.oif_name.as_deref().unwrap_or("another device"),
+                        net.bridge,
+                        net.key()
+                    ),
+                });
+            }
+        }
+        out
+    }
+
+    /// Conditions lume reports but does not override: routes that capture
+    /// part of a lume subnet, and other tables that drop lume's traffic.
+    pub fn warnings(&self) -> Vec<String> {
+        let active = self.active();
+        if active.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = self.route_warnings().into_iter().map(|w| w.text).collect();
+        if let Ok(drops) = Nft.foreign_drops() {
+            let list = active
+                .iter()
+                .map(|n| n.bridge.as_str())
+                .collect::<Vec<_>>()
+                .join(" and ");
+            for d in drops {
+                let bridges = self.bridges_for_hook(&d.family, &d.hook);
+                if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
+                    out.push(w);
+                }
+                // Rules lume does not override, and chains it keeps out of.
+                if !bridges.is_empty() {
+                    let each = bridges.join(" and ");
+                    for f in d.findings(&bridges, self.accommodate) {
+                        if matches!(f.kind, FindingKind::Withheld { .. }) || f.fails() {
+                            out.push(format!(
+                                "table {} {} chain {} ({} hook): {}",
+                                d.family,
+                                d.table,
+                                d.chain,
+                                d.hook,
+                                f.describe(&each)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A route that captures part of an active lume subnet: the bridge whose
+/// subnet it is, and the warning for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteWarning {
+    pub bridge: String,
+    pub text: String,
+}
+
+/// The watcher's warning about another table's drop of traffic of
+/// `bridges` (the active ones at its hook; `list`: every active bridge),
+/// if it drops any: a known tool's policy names the tool and the setting.
+pub(super) fn drop_warning(
+    d: &ForeignDrop,
+    bridges: &[&str],
+    list: &str,
+    accommodate: bool,
+) -> Option<String> {
+    if bridges.is_empty() || !d.affects(bridges) || d.accommodated_for(bridges).is_some() {
+        return None;
+    }
+    let withheld = accommodate
+        && d.findings(bridges, accommodate)
+            .iter()
+            .any(|f| matches!(f.kind, FindingKind::Withheld { .. }));
+    match &d.tool_chain {
+        // The user accepts lume's bridges in the tool's chain.
+        Some(_) if d.user_accepted_for(bridges).is_some() => None,
+        Some(chain) if withheld => Some(format!(
+            "{d}: another tool's policy ({chain} …) drops traffic of lume's VMs, and lume keeps its accepts out of those chains: a rule after them that is no tool's own drops some of that traffic, and lume's accepts would bypass it"
+        )),
+        Some(chain) if !accommodate => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {list} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
+        )),
+        Some(chain) => Some(format!(
+            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
+        )),
+        None => Some(format!(
+            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn a_known_tool_s_drop_is_named_with_the_setting() {
+        let mut d = ForeignDrop::docker_forward_policy(Vec::new());
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(
+            w.contains("Docker's chain ip filter DOCKER-USER")
+                && w.contains("firewallAccommodation is false")
+                && !w.contains("kill switch"),
+            "{w}"
+        );
+        assert!(drop_warning(&d, &[], "lume0", false).is_none());
+        d.user_accepts = vec![(
+            "Docker's chain ip filter DOCKER-USER".into(),
+            "lume0".into(),
+        )];
+        assert!(
+            drop_warning(&d, &["lume0"], "lume0", false).is_none(),
+            "the user's own accepts"
+        );
+        d.tool_chain = None;
+        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        assert!(w.contains("a VPN kill switch or another firewall"), "{w}");
+    }
+}
