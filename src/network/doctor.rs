@@ -2,6 +2,7 @@
 //! VM, each failed check saying what to do. Exit status 0 when all pass.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -160,6 +161,11 @@ fn probe_verdict(ip: Ipv4Addr, mode: &str, p: &Probe) -> (bool, String) {
 
 /// Runs every check.
 pub fn run(ctx: &Context) -> Report {
+    run_with(ctx, Arc::new(Nft))
+}
+
+/// [`run`] against the firewall `fw`.
+fn run_with(ctx: &Context, fw: Arc<dyn FirewallDriver>) -> Report {
     let mut r = Report::default();
     let admin = has_net_admin();
     // Without CAP_NET_ADMIN only user mode (passt) and none can start: that
@@ -221,7 +227,7 @@ pub fn run(ctx: &Context) -> Report {
         );
     }
 
-    let nets = Networks::from_settings(&ctx.settings);
+    let nets = Networks::from_settings(&ctx.settings).map(|n| n.with_firewall(fw.clone()));
     match &nets {
         // lume's networks are root's (its runtime directory is private):
         // a user cannot see their members, not even their own VMs'.
@@ -234,7 +240,7 @@ pub fn run(ctx: &Context) -> Report {
         Err(e) => r.add("network settings", false, crate::error_chain(e)),
     }
 
-    let drops = Nft.foreign_drops();
+    let drops = fw.foreign_drops();
     match (&drops, &nets) {
         (Ok(drops), Ok(nets)) => foreign_checks(&mut r, drops, nets),
         (Ok(_), Err(_)) => {}
@@ -644,6 +650,27 @@ fn is_tool_table(d: &ForeignDrop) -> bool {
     d.tool_chain.is_some()
 }
 
+/// Whether lume's table is as lume last wrote it.
+fn table_check(r: &mut Report, nets: &Networks) {
+    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
+    match nets.firewall.listing() {
+        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
+            r.add("firewall table inet lume", true, "intact")
+        }
+        Ok(Some(_)) => r.add(
+            "firewall table inet lume",
+            false,
+            "changed by something else: lume's watcher restores it",
+        ),
+        Ok(None) => r.add(
+            "firewall table inet lume",
+            false,
+            "missing: lume's watcher restores it; check nothing keeps flushing the ruleset",
+        ),
+        Err(e) => r.add("firewall table inet lume", false, e.to_string()),
+    }
+}
+
 fn shared_checks(r: &mut Report, nets: &Networks) {
     let mut active = false;
     let routes = nets.route_warnings();
@@ -727,23 +754,7 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
     if !r.checks.iter().any(|c| c.name == "routes") {
         r.add("routes", true, "no route captures a lume subnet");
     }
-    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
-    match Nft.listing() {
-        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
-            r.add("firewall table inet lume", true, "intact")
-        }
-        Ok(Some(_)) => r.add(
-            "firewall table inet lume",
-            false,
-            "changed by something else: lume's watcher restores it",
-        ),
-        Ok(None) => r.add(
-            "firewall table inet lume",
-            false,
-            "missing: lume's watcher restores it; check nothing keeps flushing the ruleset",
-        ),
-        Err(e) => r.add("firewall table inet lume", false, e.to_string()),
-    }
+    table_check(r, nets);
     let nat_active = nets
         .nat
         .members()
@@ -934,6 +945,38 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The doctor compares lume's table with what lume last wrote: missing
+    /// and changed tables fail, an intact one passes.
+    #[test]
+    fn the_table_check_sees_a_flushed_or_changed_table() {
+        use crate::firewall::fake::FakeFirewall;
+        let dir = tempfile::tempdir().unwrap();
+        let fw = Arc::new(FakeFirewall::default());
+        let nets = Networks::in_dir(dir.path(), fw.clone());
+        let check = |nets: &Networks| {
+            let mut r = Report::default();
+            table_check(&mut r, nets);
+            let c = r.checks.pop().unwrap();
+            assert_eq!(c.name, "firewall table inet lume");
+            (c.ok, c.detail)
+        };
+        nets.add_member(
+            super::super::shared::Kind::Nat,
+            &Networks::test_member(&dir.path().join("vm")),
+        );
+        nets.apply_firewall().unwrap();
+        assert_eq!(check(&nets), (true, "intact".to_string()));
+        *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        let (ok, detail) = check(&nets);
+        assert!(
+            !ok && detail.starts_with("changed by something else"),
+            "{detail}"
+        );
+        fw.flush();
+        let (ok, detail) = check(&nets);
+        assert!(!ok && detail.starts_with("missing:"), "{detail}");
+    }
 
     /// The `br_netfilter` line tells lume's accommodation from a policy
     /// lume must not override, and gives the rule when lume has none there.

@@ -119,11 +119,11 @@ impl Networks {
     ) -> Result<Accommodated, SharedError> {
         let openings = self.openings();
         let first = match rs {
-            Some(rs) => Nft.accommodate_with(rs, &openings),
-            None => Nft.accommodate(&openings),
+            Some(rs) => self.firewall.accommodate_with(rs, &openings),
+            None => self.firewall.accommodate(&openings),
         };
         match first {
-            Err(FirewallError::Accommodation(_)) => Ok(Nft.accommodate(&openings)?),
+            Err(FirewallError::Accommodation(_)) => Ok(self.firewall.accommodate(&openings)?),
             other => Ok(other?),
         }
     }
@@ -141,7 +141,7 @@ impl Networks {
     pub(super) fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
         // One listing tells whether other tools' chains are there and
         // plans lume's accepts in them.
-        let rs = crate::firewall::nft::ruleset()?;
+        let rs = self.firewall.ruleset()?;
         let tools = self.accommodate && rs.tools_present();
         self.write_firewall_from(tools, Some(rs))
     }
@@ -173,10 +173,10 @@ impl Networks {
         let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
             let done = self.accommodate_from(rs)?;
-            Nft.apply(&state)?;
+            self.firewall.apply(&state)?;
             done
         } else {
-            Nft.apply(&state)?;
+            self.firewall.apply(&state)?;
             self.accommodate_from(rs)?
         };
         // Whether the table marks packets for other tools' chains: the
@@ -185,7 +185,7 @@ impl Networks {
         let _ = fs::write(&marks, if state.accommodate { "1" } else { "0" });
         let _ = crate::network::rundir::private_file(&marks);
         let saved = self.root.join("nft.listing");
-        match Nft.listing()? {
+        match self.firewall.listing()? {
             Some(text) => {
                 let _ = fs::write(&saved, text);
                 let _ = crate::network::rundir::private_file(&saved);

@@ -69,84 +69,95 @@ impl Networks {
             ));
         }
         if (any || bridged) && check_firewall {
-            // After a flush (the usual case) lume's table is simply gone:
-            // `nft list tables` says so in the same few milliseconds
-            // whatever the size of the ruleset, and the table is written
-            // back before anything is listed (the listing of a ruleset with
-            // many VMs' rules takes tens of milliseconds). Whether other
-            // tools' chains are there is taken from the last write, and
-            // corrected below once the ruleset is listed.
-            let gone = any && matches!(Nft.present(), Ok(false));
-            let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
-            let listing = if gone { Ok(None) } else { Nft.listing() };
-            match listing {
-                Ok(current) if current.is_some() && current == saved => {}
-                // Only bridged VMs run: lume's table is not needed.
-                Ok(current) if !any && current == saved => {}
-                Ok(current) => {
-                    let what = if current.is_none() {
-                        "missing"
-                    } else {
-                        "changed"
-                    };
-                    let written = if gone {
-                        self.write_firewall_with(self.accommodate && self.marks())
-                    } else {
-                        self.write_firewall()
-                    };
-                    match written {
-                        Ok((_, changes)) => {
-                            repairs
-                                .push(format!("nftables table inet lume was {what}: restored it"));
+            self.heal_firewall(any, &mut repairs);
+        }
+        repairs
+    }
+
+    /// The firewall part of [`Self::heal`] (under the network lock): puts
+    /// lume's table back when it is missing or changed (`any`: NAT or
+    /// host-only VMs run, which need it) and lume's accepts in other tools'
+    /// chains.
+    pub(super) fn heal_firewall(&self, any: bool, repairs: &mut Vec<String>) {
+        // After a flush (the usual case) lume's table is simply gone:
+        // `nft list tables` says so in the same few milliseconds
+        // whatever the size of the ruleset, and the table is written
+        // back before anything is listed (the listing of a ruleset with
+        // many VMs' rules takes tens of milliseconds). Whether other
+        // tools' chains are there is taken from the last write, and
+        // corrected below once the ruleset is listed.
+        let gone = any && matches!(self.firewall.present(), Ok(false));
+        let saved = fs::read_to_string(self.root.join("nft.listing")).ok();
+        let listing = if gone {
+            Ok(None)
+        } else {
+            self.firewall.listing()
+        };
+        match listing {
+            Ok(current) if current.is_some() && current == saved => {}
+            // Only bridged VMs run: lume's table is not needed.
+            Ok(current) if !any && current == saved => {}
+            Ok(current) => {
+                let what = if current.is_none() {
+                    "missing"
+                } else {
+                    "changed"
+                };
+                let written = if gone {
+                    self.write_firewall_with(self.accommodate && self.marks())
+                } else {
+                    self.write_firewall()
+                };
+                match written {
+                    Ok((_, changes)) => {
+                        repairs.push(format!("nftables table inet lume was {what}: restored it"));
+                        repairs.extend(changes);
+                    }
+                    Err(e) => repairs.push(format!(
+                        "nftables table inet lume is {what} and could not be restored: {}",
+                        crate::error_chain(&e)
+                    )),
+                }
+            }
+            // Only bridged VMs run, on a host without nftables:
+            // nothing to watch in the firewall.
+            Err(FirewallError::NftMissing) if !any => {}
+            Err(e) => repairs.push(format!("cannot list nftables: {e}")),
+        }
+        // Docker restarting, `ufw reload` or `firewall-cmd --reload`
+        // rewrite their chains without lume's accepts.
+        match self.accommodate() {
+            Ok(done) => {
+                repairs.extend(done.changes);
+                let marks = self.marks();
+                if self.accommodate && done.tools != marks {
+                    // The tools may change again while lume writes (a
+                    // chain deleted, then another tool's table loaded):
+                    // the log says what was written, not what was seen.
+                    match self.write_firewall() {
+                        Ok((now, changes)) => {
                             repairs.extend(changes);
+                            if now != marks {
+                                repairs.push(if now {
+                                    "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
+                                } else {
+                                    "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
+                                }.to_string());
+                            }
                         }
                         Err(e) => repairs.push(format!(
-                            "nftables table inet lume is {what} and could not be restored: {}",
+                            "could not rewrite lume's firewall table: {}",
                             crate::error_chain(&e)
                         )),
                     }
                 }
-                // Only bridged VMs run, on a host without nftables:
-                // nothing to watch in the firewall.
-                Err(FirewallError::NftMissing) if !any => {}
-                Err(e) => repairs.push(format!("cannot list nftables: {e}")),
             }
-            // Docker restarting, `ufw reload` or `firewall-cmd --reload`
-            // rewrite their chains without lume's accepts.
-            match self.accommodate() {
-                Ok(done) => {
-                    repairs.extend(done.changes);
-                    let marks = self.marks();
-                    if self.accommodate && done.tools != marks {
-                        // The tools may change again while lume writes (a
-                        // chain deleted, then another tool's table loaded):
-                        // the log says what was written, not what was seen.
-                        match self.write_firewall() {
-                            Ok((now, changes)) => {
-                                repairs.extend(changes);
-                                if now != marks {
-                                    repairs.push(if now {
-                                        "Docker's, ufw's or firewalld's chains appeared: lume's table now marks replies and published ports for its accepts there"
-                                    } else {
-                                        "no Docker, ufw or firewalld chain is left: lume's table no longer marks packets"
-                                    }.to_string());
-                                }
-                            }
-                            Err(e) => repairs.push(format!(
-                                "could not rewrite lume's firewall table: {}",
-                                crate::error_chain(&e)
-                            )),
-                        }
-                    }
-                }
-                Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => {}
-                Err(e) => repairs.push(format!(
-                    "could not put lume's accepts back in other tools' chains: {}",
-                    crate::error_chain(&e)
-                )),
-            }
+            Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => {}
+            Err(e) => repairs.push(format!(
+                "could not put lume's accepts back in other tools' chains: {}",
+                crate::error_chain(&e)
+            )),
         }
-        repairs
     }
 }
 
@@ -231,5 +242,50 @@ impl SharedNet {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::fake::FakeFirewall;
+
+    /// A flush of lume's table (a VPN client or a firewall reload) is
+    /// repaired by writing the state the members imply again; a table
+    /// that is as lume wrote it is left alone.
+    #[test]
+    fn the_firewall_is_written_again_after_the_table_disappears() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        let nets = Networks::in_dir(dir.path(), fw.clone());
+        nets.add_member(Kind::Nat, &Networks::test_member(&dir.path().join("vm")));
+        nets.apply_firewall().unwrap();
+        let written = fw.state().expect("lume's table written");
+        assert_eq!(written.dnat.len(), 1, "{written:?}");
+        assert_eq!(fw.applies(), 1);
+
+        let mut repairs = Vec::new();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert_eq!(fw.applies(), 1, "an intact table is not rewritten");
+
+        fw.flush();
+        nets.heal_firewall(true, &mut repairs);
+        assert_eq!(
+            repairs,
+            ["nftables table inet lume was missing: restored it"],
+            "{repairs:?}"
+        );
+        assert_eq!(fw.state(), Some(written.clone()));
+
+        // Changed by somebody else: written back as well.
+        *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        repairs.clear();
+        nets.heal_firewall(true, &mut repairs);
+        assert_eq!(
+            repairs,
+            ["nftables table inet lume was changed: restored it"]
+        );
+        assert_eq!(fw.state(), Some(written));
     }
 }

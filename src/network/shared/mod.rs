@@ -152,6 +152,9 @@ pub struct Networks {
     /// The config.yaml these were read from: the watcher reads
     /// `firewallAccommodation` there again once a second.
     pub settings_file: PathBuf,
+    /// The firewall lume's table and accepts are written to: nftables
+    /// ([`Nft`]) unless given another ([`Networks::with_firewall`]).
+    pub firewall: std::sync::Arc<dyn FirewallDriver>,
 }
 
 /// The runtime directory of this network namespace:
@@ -165,6 +168,12 @@ pub fn runtime_root() -> PathBuf {
 }
 
 impl Networks {
+    /// These networks writing to `firewall` instead of nftables.
+    pub fn with_firewall(mut self, firewall: std::sync::Arc<dyn FirewallDriver>) -> Self {
+        self.firewall = firewall;
+        self
+    }
+
     /// `/run/lume`: the directory above this namespace's runtime root.
     fn base(&self) -> &Path {
         self.root.parent().unwrap_or(&self.root)
@@ -211,6 +220,39 @@ impl SharedNet {
             bridge: self.bridge.clone(),
             subnet: self.subnet(),
             route: self.kind == Kind::Nat,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Networks {
+    /// Networks whose runtime directory is `root` (a temporary directory),
+    /// with the default settings, writing to `firewall`.
+    pub fn in_dir(root: &Path, firewall: std::sync::Arc<dyn FirewallDriver>) -> Self {
+        let settings = Settings::load_from(&root.join("config.yaml")).unwrap();
+        let mut nets = Self::from_settings(&settings)
+            .unwrap()
+            .with_firewall(firewall);
+        nets.root = root.to_path_buf();
+        nets.nat.dir = root.join("nat");
+        nets.host.dir = root.join("host");
+        nets
+    }
+
+    /// Records `member` on the `kind` network, as a join does.
+    pub fn add_member(&self, kind: Kind, member: &Member) {
+        self.get(kind).write_member(member).unwrap();
+    }
+
+    /// A member on the NAT network publishing host port 8022 to 22.
+    pub fn test_member(vm_dir: &Path) -> Member {
+        Member {
+            vm: "v".into(),
+            vm_dir: vm_dir.to_path_buf(),
+            mac: "52:54:00:12:34:56".parse().unwrap(),
+            ip: "192.168.64.2".parse().unwrap(),
+            tap: "ltv".into(),
+            publish: vec!["8022:22".parse().unwrap()],
         }
     }
 }

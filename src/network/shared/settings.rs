@@ -57,6 +57,7 @@ impl Networks {
             },
             accommodate: s.get_bool("firewallAccommodation")?.unwrap_or(true),
             settings_file: s.file().to_path_buf(),
+            firewall: std::sync::Arc::new(Nft),
             root,
         })
     }

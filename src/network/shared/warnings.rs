@@ -75,7 +75,7 @@ impl Networks {
             return Vec::new();
         }
         let mut out: Vec<String> = self.route_warnings().into_iter().map(|w| w.text).collect();
-        if let Ok(drops) = Nft.foreign_drops() {
+        if let Ok(drops) = self.firewall.foreign_drops() {
             let list = active
                 .iter()
                 .map(|n| n.bridge.as_str())
