@@ -281,14 +281,7 @@ fn run_with(ctx: &Context, fw: Arc<dyn FirewallDriver>) -> Report {
         .unwrap_or_default()
         .iter()
         .filter_map(|vm| vm.running_state())
-        .filter(|s| {
-            matches!(s.network_mode, super::NetworkMode::Bridged(_))
-                && s.uplink.is_none()
-                && s.host_device
-                    .as_deref()
-                    .is_some_and(|d| d.starts_with("lt"))
-        })
-        .filter_map(|s| s.parent)
+        .filter_map(|s| super::driver::of(&s.network_mode).host_bridge(&s))
         .collect();
     bridges.sort();
     bridges.dedup();

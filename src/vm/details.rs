@@ -93,13 +93,7 @@ pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<std::net::
     if s.ip_address.is_some() {
         return s.ip_address;
     }
-    if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, s.mac_address) {
-        // Only when no DHCP exchange was seen (a guest with a static address):
-        // what the guest itself announces, on its own parent interface only.
-        return crate::network::dhcp_snoop::neighbour_address(mac.0, Some(s.parent.as_deref()?))
-            .map(std::net::IpAddr::V4);
-    }
-    None
+    crate::network::driver::of(&s.network_mode).unrecorded_address(s)
 }
 
 /// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).

@@ -240,6 +240,29 @@ impl NetworkDriver for Bridged {
         }
     }
 
+    /// Only when no DHCP exchange was seen (a guest with a static
+    /// address): what the guest itself announces, on its own parent
+    /// interface only.
+    fn unrecorded_address(&self, state: &RunState) -> Option<std::net::IpAddr> {
+        let mac = state.mac_address?;
+        crate::network::dhcp_snoop::neighbour_address(mac.0, Some(state.parent.as_deref()?))
+            .map(std::net::IpAddr::V4)
+    }
+
+    /// On a Linux bridge, the tap is one of its ports; on a plain
+    /// interface, it is joined to a macvlan and bypasses the bridge code.
+    fn host_bridge(&self, state: &RunState) -> Option<String> {
+        let tapped = state
+            .host_device
+            .as_deref()
+            .is_some_and(|d| d.starts_with("lt"));
+        if state.uplink.is_none() && tapped {
+            state.parent.clone()
+        } else {
+            None
+        }
+    }
+
     fn details_note(&self) -> Option<&'static str> {
         None
     }

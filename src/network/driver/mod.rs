@@ -64,6 +64,14 @@ pub trait NetworkDriver {
     /// Collects what a killed run of this mode left in the state shared
     /// with other VMs (memberships, networks nobody uses any more).
     fn collect(&self, settings: &Settings);
+    /// The guest's address when neither a lease nor run.json knows it
+    /// (bridged: what a guest with a static address announces on its own
+    /// parent interface).
+    fn unrecorded_address(&self, state: &RunState) -> Option<std::net::IpAddr>;
+    /// The Linux bridge of the host's the run's tap sits in, if any: its
+    /// frames then cross br_netfilter's forward hook (the doctor checks
+    /// what drops them there).
+    fn host_bridge(&self, state: &RunState) -> Option<String>;
     /// VMDetails' `networkNote` for a VM in this mode, if any.
     fn details_note(&self) -> Option<&'static str>;
     /// The doctor's check of a running VM of this mode.

@@ -8,6 +8,7 @@ use crate::network::attach::{AttachError, AttachOptions, Attachment};
 use crate::network::shared::Kind;
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
+use crate::vm::state::RunState;
 
 #[derive(Debug)]
 pub(super) struct Nat;
@@ -57,6 +58,14 @@ impl NetworkDriver for Nat {
 
     fn collect(&self, settings: &Settings) {
         LumeBridge::collect(settings);
+    }
+
+    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    fn host_bridge(&self, _state: &RunState) -> Option<String> {
+        None
     }
 
     fn details_note(&self) -> Option<&'static str> {

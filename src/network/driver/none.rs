@@ -6,6 +6,7 @@ use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
 use crate::network::attach::{AttachError, AttachOptions, Attachment};
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
+use crate::vm::state::RunState;
 
 /// Mode `none` (named so as not to shadow [`Option::None`]).
 #[derive(Debug)]
@@ -56,6 +57,14 @@ impl NetworkDriver for Nothing {
     }
 
     fn collect(&self, _settings: &Settings) {}
+
+    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    fn host_bridge(&self, _state: &RunState) -> Option<String> {
+        None
+    }
 
     fn details_note(&self) -> Option<&'static str> {
         Some("No network device")

@@ -8,6 +8,7 @@ use crate::network::attach::{AttachError, AttachOptions, Attachment, HostSide, v
 use crate::network::user::UserNet;
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
+use crate::vm::state::RunState;
 
 #[derive(Debug)]
 pub(super) struct User;
@@ -86,6 +87,14 @@ impl NetworkDriver for User {
 
     fn collect(&self, _settings: &Settings) {
         // passt dies with its supervisor; nothing is shared.
+    }
+
+    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    fn host_bridge(&self, _state: &RunState) -> Option<String> {
+        None
     }
 
     fn details_note(&self) -> Option<&'static str> {

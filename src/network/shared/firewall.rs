@@ -218,7 +218,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
+    fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.yaml");
         let mut nets = Networks::from_settings(&Settings::load_from(&file).unwrap()).unwrap();

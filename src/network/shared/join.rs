@@ -381,7 +381,7 @@ mod tests {
     /// address leased to its MAC: a new VM must not be given it (dnsmasq
     /// would hand that VM another address than its reservation).
     #[test]
-    pub(super) fn addresses_leased_to_other_macs_are_not_given_out() {
+    fn addresses_leased_to_other_macs_are_not_given_out() {
         let dir = tempfile::tempdir().unwrap();
         let nets =
             Networks::from_settings(&Settings::load_from(&dir.path().join("config.yaml")).unwrap())

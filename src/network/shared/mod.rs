@@ -117,7 +117,7 @@ pub use bridge::{BRIDGE_MARK, is_lume_bridge};
 pub use join::{BridgedTeardown, SharedTeardown};
 pub use members::{BridgedMember, Liveness, Member, liveness_of, member_id};
 pub use subnet_choice::{conflicting_routes, describe_route, pick_subnet};
-pub use warnings::RouteWarning;
+pub use warnings::{DropWarning, RouteWarning, Warning};
 
 /// NAT or host-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,7 +92,7 @@ impl SharedNet {
 mod tests {
     use super::*;
 
-    pub(super) fn route(dst: &str, prefix: u8, dev: &str) -> RouteV4 {
+    fn route(dst: &str, prefix: u8, dev: &str) -> RouteV4 {
         RouteV4 {
             dst: dst.parse().unwrap(),
             prefix,
@@ -104,7 +104,7 @@ mod tests {
         }
     }
 
-    pub(super) fn net(subnet: &str, explicit: bool) -> SharedNet {
+    fn net(subnet: &str, explicit: bool) -> SharedNet {
         SharedNet {
             kind: Kind::Nat,
             bridge: "lume0".into(),
@@ -115,7 +115,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn catch_all_and_own_routes_do_not_conflict() {
+    fn catch_all_and_own_routes_do_not_conflict() {
         let routes = [
             route("0.0.0.0", 1, "tun0"),
             route("128.0.0.0", 1, "tun0"),
@@ -130,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_chosen_subnet_that_collides_is_refused_naming_the_route() {
+    fn a_chosen_subnet_that_collides_is_refused_naming_the_route() {
         let routes = [route("203.0.113.0", 24, "eth1")];
         let avoid: Subnet = "192.0.2.0/24".parse().unwrap();
         let e = pick_subnet(&net("203.0.113.0/24", true), &routes, &avoid).unwrap_err();
@@ -143,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_default_subnet_that_collides_moves_to_the_next_free_24() {
+    fn a_default_subnet_that_collides_moves_to_the_next_free_24() {
         // The default's next /24 is taken by the host-only subnet, the one
         // after by a LAN route: the third is free.
         let routes = [

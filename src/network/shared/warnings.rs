@@ -69,12 +69,16 @@ impl Networks {
 
     /// Conditions lume reports but does not override: routes that capture
     /// part of a lume subnet, and other tables that drop lume's traffic.
-    pub fn warnings(&self) -> Vec<String> {
+    pub fn warnings(&self) -> Vec<Warning> {
         let active = self.active();
         if active.is_empty() {
             return Vec::new();
         }
-        let mut out: Vec<String> = self.route_warnings().into_iter().map(|w| w.text).collect();
+        let mut out: Vec<Warning> = self
+            .route_warnings()
+            .into_iter()
+            .map(Warning::Route)
+            .collect();
         if let Ok(drops) = self.firewall.foreign_drops() {
             let list = active
                 .iter()
@@ -84,21 +88,20 @@ impl Networks {
             for d in drops {
                 let bridges = self.bridges_for_hook(&d.family, &d.hook);
                 if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
-                    out.push(w);
+                    out.push(Warning::Drop(w));
                 }
                 // Rules lume does not override, and chains it keeps out of.
                 if !bridges.is_empty() {
                     let each = bridges.join(" and ");
                     for f in d.findings(&bridges, self.accommodate) {
                         if matches!(f.kind, FindingKind::Withheld { .. }) || f.fails() {
-                            out.push(format!(
-                                "table {} {} chain {} ({} hook): {}",
-                                d.family,
-                                d.table,
-                                d.chain,
-                                d.hook,
-                                f.describe(&each)
-                            ));
+                            out.push(Warning::Rule {
+                                family: d.family.clone(),
+                                table: d.table.clone(),
+                                chain: d.chain.clone(),
+                                hook: d.hook.clone(),
+                                detail: f.describe(&each),
+                            });
                         }
                     }
                 }
@@ -108,9 +111,96 @@ impl Networks {
     }
 }
 
+/// A condition lume reports (in the repair log, as the watcher sees it
+/// appear and go) but does not override.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Warning {
+    /// A route captures part of an active lume subnet.
+    Route(RouteWarning),
+    /// Another table's base chain drops traffic of lume's VMs.
+    Drop(DropWarning),
+    /// A rule of another table that lume does not override, or a chain it
+    /// keeps its accepts out of.
+    Rule {
+        family: String,
+        table: String,
+        chain: String,
+        hook: String,
+        /// What the rule does to which bridges.
+        detail: String,
+    },
+}
+
+impl std::fmt::Display for Warning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Route(w) => f.write_str(&w.text),
+            Self::Drop(w) => w.fmt(f),
+            Self::Rule {
+                family,
+                table,
+                chain,
+                hook,
+                detail,
+            } => write!(
+                f,
+                "table {family} {table} chain {chain} ({hook} hook): {detail}"
+            ),
+        }
+    }
+}
+
+/// Another table's drop of lume's traffic; `drop` names the table, chain
+/// and hook as a person reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DropWarning {
+    /// A known tool's policy, while lume keeps its accepts out of the
+    /// tool's chains (a rule after them that is no tool's own).
+    Withheld { drop: String, chain: String },
+    /// A known tool's policy, with `firewallAccommodation` false.
+    NotAccommodated {
+        drop: String,
+        chain: String,
+        /// Every active lume bridge.
+        bridges: String,
+    },
+    /// A known tool's policy while lume's accepts are missing there (the
+    /// watcher puts them back).
+    AcceptsMissing { drop: String, chain: String },
+    /// A table of no known tool (a VPN kill switch, another firewall).
+    Unknown { drop: String, bridges: String },
+}
+
+impl std::fmt::Display for DropWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Withheld { drop, chain } => write!(
+                f,
+                "{drop}: another tool's policy ({chain} …) drops traffic of lume's VMs, and lume keeps its accepts out of those chains: a rule after them that is no tool's own drops some of that traffic, and lume's accepts would bypass it"
+            ),
+            Self::NotAccommodated {
+                drop,
+                chain,
+                bridges,
+            } => write!(
+                f,
+                "{drop}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {bridges} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
+            ),
+            Self::AcceptsMissing { drop, chain } => write!(
+                f,
+                "{drop}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
+            ),
+            Self::Unknown { drop, bridges } => write!(
+                f,
+                "{drop}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {bridges} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
+            ),
+        }
+    }
+}
+
 /// A route that captures part of an active lume subnet: the bridge whose
 /// subnet it is, and the warning for a person.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RouteWarning {
     pub bridge: String,
     pub text: String,
@@ -124,7 +214,7 @@ pub(super) fn drop_warning(
     bridges: &[&str],
     list: &str,
     accommodate: bool,
-) -> Option<String> {
+) -> Option<DropWarning> {
     if bridges.is_empty() || !d.affects(bridges) || d.accommodated_for(bridges).is_some() {
         return None;
     }
@@ -132,21 +222,27 @@ pub(super) fn drop_warning(
         && d.findings(bridges, accommodate)
             .iter()
             .any(|f| matches!(f.kind, FindingKind::Withheld { .. }));
+    let drop = d.to_string();
     match &d.tool_chain {
         // The user accepts lume's bridges in the tool's chain.
         Some(_) if d.user_accepted_for(bridges).is_some() => None,
-        Some(chain) if withheld => Some(format!(
-            "{d}: another tool's policy ({chain} …) drops traffic of lume's VMs, and lume keeps its accepts out of those chains: a rule after them that is no tool's own drops some of that traffic, and lume's accepts would bypass it"
-        )),
-        Some(chain) if !accommodate => Some(format!(
-            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs, and firewallAccommodation is false in config.yaml, so lume leaves that chain alone — accept {list} there yourself (docs/networking.md gives the rules), or set firewallAccommodation: true"
-        )),
-        Some(chain) => Some(format!(
-            "{d}: another tool's policy ({chain}) drops traffic of lume's VMs while lume's accepts are missing there; lume puts them back"
-        )),
-        None => Some(format!(
-            "{d}: it may drop traffic of lume's VMs (a VPN kill switch or another firewall); lume does not bypass it — allow {list} there, or use --network user (passt: the guest's traffic leaves as the host's own, through the VPN)"
-        )),
+        Some(chain) if withheld => Some(DropWarning::Withheld {
+            drop,
+            chain: chain.clone(),
+        }),
+        Some(chain) if !accommodate => Some(DropWarning::NotAccommodated {
+            drop,
+            chain: chain.clone(),
+            bridges: list.to_string(),
+        }),
+        Some(chain) => Some(DropWarning::AcceptsMissing {
+            drop,
+            chain: chain.clone(),
+        }),
+        None => Some(DropWarning::Unknown {
+            drop,
+            bridges: list.to_string(),
+        }),
     }
 }
 
@@ -155,9 +251,11 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(super) fn a_known_tool_s_drop_is_named_with_the_setting() {
+    fn a_known_tool_s_drop_is_named_with_the_setting() {
         let mut d = ForeignDrop::docker_forward_policy(Vec::new());
-        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        let w = drop_warning(&d, &["lume0"], "lume0", false)
+            .unwrap()
+            .to_string();
         assert!(
             w.contains("Docker's chain ip filter DOCKER-USER")
                 && w.contains("firewallAccommodation is false")
@@ -174,7 +272,9 @@ mod tests {
             "the user's own accepts"
         );
         d.tool_chain = None;
-        let w = drop_warning(&d, &["lume0"], "lume0", false).unwrap();
+        let w = drop_warning(&d, &["lume0"], "lume0", false)
+            .unwrap()
+            .to_string();
         assert!(w.contains("a VPN kill switch or another firewall"), "{w}");
     }
 }
