@@ -8,6 +8,13 @@
 //! What every mode shares (validating published ports, the hand-off to
 //! lume's service for users without CAP_NET_ADMIN, the policy check) is
 //! done once in [`super::attach`] before a driver is asked.
+//!
+//! Teardown is not a method: [`NetworkDriver::attach`] puts what takes its
+//! host side down ([`super::attach::Teardown`]) in the [`Attachment`], which
+//! runs it when dropped, so no path out of a run can skip it. Healing is
+//! not per mode either: one watcher per network namespace
+//! ([`super::heal`]) repairs the state every mode shares, started by the
+//! drivers whose attachments need it (nat, host, bridged on a Linux bridge).
 
 mod bridged;
 mod host;
