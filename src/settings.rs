@@ -131,7 +131,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "telemetryEnabled",
     crate::vm::actions::PRIVATE_URLS_KEY,
     crate::api::auth::API_GROUP_KEY,
-    crate::network::attach::MEMBER_BRIDGES_KEY,
+    crate::network::driver::MEMBER_BRIDGES_KEY,
 ];
 
 /// The default of a known key that has one, as `lume config get KEY` prints it.

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::Netns;
-use lume::network::netlink::Netlink;
+use lume::network::kernel::netlink::Netlink;
 use lume::network::shared::{
     Kind, Liveness, Member, Networks, SharedError, SharedNet, liveness_of,
 };
@@ -85,6 +85,7 @@ fn an_undecidable_liveness_tears_nothing_down() {
             nat: net(Kind::Nat, "lumetn0", "203.0.113.0/24", root.join("nat")),
             accommodate: true,
             settings_file: root.join("config.yaml"),
+            firewall: std::sync::Arc::new(lume::firewall::nft::Nft),
             host: net(Kind::Host, "lumeth0", "192.0.2.0/24", root.join("host")),
         };
         nets.host.bring_up().unwrap();
@@ -181,6 +182,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
             nat: net(Kind::Nat, "lumetv0", "203.0.113.0/24", root.join("nat")),
             accommodate: true,
             settings_file: root.join("config.yaml"),
+            firewall: std::sync::Arc::new(lume::firewall::nft::Nft),
             host: net(Kind::Host, "lumetu0", "192.0.2.0/24", root.join("host")),
         };
         let joined = nets.join(

@@ -452,7 +452,7 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     let in_force = |tap: &str| {
         let tap = tap.to_string();
         ns.within(move || {
-            let mut nl = lume::network::netlink::Netlink::open().unwrap();
+            let mut nl = lume::network::kernel::netlink::Netlink::open().unwrap();
             lume::network::policy::tc::in_force(&mut nl, &tap).unwrap()
         })
     };

@@ -23,11 +23,11 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use lume::network::netlink::Netlink;
+use lume::network::kernel::netlink::Netlink;
+use lume::network::kernel::tap::Tap;
 use lume::network::policy::Policy;
 use lume::network::policy::bpf::Context;
 use lume::network::policy::skb::SkbLayout;
-use lume::network::tap::Tap;
 
 const GUEST: [u8; 4] = [203, 0, 113, 50];
 const SERVER: [u8; 4] = [198, 51, 100, 2];
@@ -415,7 +415,7 @@ fn crafted_frames_do_not_get_past_the_policy_on_a_real_tap() {
 
 fn no_host_nets(
     _: &mut Netlink,
-) -> Result<Vec<lume::network::policy::Cidr>, lume::network::netlink::NetlinkError> {
+) -> Result<Vec<lume::network::policy::Cidr>, lume::network::kernel::netlink::NetlinkError> {
     Ok(vec![])
 }
 

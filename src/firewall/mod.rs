@@ -5,6 +5,8 @@
 //! firewalld keep for other software (see [`foreign`]), which are found by
 //! their comment and put back the same way.
 
+#[cfg(test)]
+pub mod fake;
 pub mod foreign;
 pub mod nft;
 
@@ -82,8 +84,10 @@ pub enum FirewallError {
     Io(#[source] std::io::Error),
 }
 
-/// A firewall backend.
-pub trait FirewallDriver {
+/// A firewall backend. lume's networks ([`crate::network::shared::Networks`])
+/// and the doctor are given one as a trait object: nft in lume, a fake in
+/// the unit tests of what they do around it.
+pub trait FirewallDriver: std::fmt::Debug + Send + Sync {
     /// Replaces lume's rules with `state`, atomically.
     fn apply(&self, state: &FirewallState) -> Result<(), FirewallError>;
     /// Removes every lume rule; a missing table is not an error.
@@ -104,4 +108,13 @@ pub trait FirewallDriver {
     fn accommodate(&self, openings: &[Opening]) -> Result<Accommodated, FirewallError>;
     /// Whether any chain lume accommodates exists (Docker, ufw or firewalld).
     fn tools_present(&self) -> Result<bool, FirewallError>;
+    /// The whole ruleset as lume reads other tools' chains in it.
+    fn ruleset(&self) -> Result<foreign::Ruleset, FirewallError>;
+    /// [`Self::accommodate`] planned from `rs`, a listing the caller
+    /// already has (lume's own tables play no part in the plan).
+    fn accommodate_with(
+        &self,
+        rs: foreign::Ruleset,
+        openings: &[Opening],
+    ) -> Result<Accommodated, FirewallError>;
 }

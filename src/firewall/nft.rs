@@ -327,6 +327,18 @@ impl FirewallDriver for Nft {
         Ok(ruleset()?.tools_present())
     }
 
+    fn ruleset(&self) -> Result<Ruleset, FirewallError> {
+        ruleset()
+    }
+
+    fn accommodate_with(
+        &self,
+        rs: Ruleset,
+        openings: &[Opening],
+    ) -> Result<Accommodated, FirewallError> {
+        self.accommodate_planned(rs, openings)
+    }
+
     fn present(&self) -> Result<bool, FirewallError> {
         let out = nft(&["list", "tables", "inet"], None)?;
         Ok(out
@@ -339,7 +351,7 @@ impl Nft {
     /// [`FirewallDriver::accommodate`] planned from `rs`, a listing the
     /// caller already has (lume's own tables play no part in the plan, so
     /// one listing serves both the write of lume's table and this).
-    pub fn accommodate_with(
+    fn accommodate_planned(
         &self,
         rs: Ruleset,
         openings: &[Opening],

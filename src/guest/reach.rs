@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::network::NetworkMode;
+use crate::network::driver::SshRoute;
 
 use crate::vm::state::RunState;
 
@@ -17,7 +18,7 @@ pub const SSH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// the loopback port lume forwards to guest port 22 (recorded in run.json),
 /// else port 22 of the guest's address.
 pub fn ssh_target(state: &RunState, address: Option<IpAddr>) -> Option<SocketAddr> {
-    if state.network_mode == crate::network::NetworkMode::User {
+    if crate::network::driver::of(&state.network_mode).ssh_route() == SshRoute::LoopbackForward {
         let t = crate::guest::ssh::target("", state, None).ok()?;
         return Some(SocketAddr::new(t.host.parse().ok()?, t.port));
     }
@@ -40,7 +41,7 @@ pub const USER_BANNER_TIMEOUT: Duration = Duration::from_secs(2);
 /// sent something: the probe sends an SSH identification line, and only the
 /// guest's answer (sshd's banner) within [`USER_BANNER_TIMEOUT`] counts.
 pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
-    if *mode != NetworkMode::User {
+    if crate::network::driver::of(mode).ssh_route() != SshRoute::LoopbackForward {
         return port_answers(target, SSH_PROBE_TIMEOUT);
     }
     let Ok(mut s) = TcpStream::connect_timeout(&target, SSH_PROBE_TIMEOUT) else {

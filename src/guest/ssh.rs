@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::network::NetworkMode;
+use crate::network::driver::SshRoute;
 use crate::network::publish::{PortMapping, Proto};
 use crate::vm::state::RunState;
 
@@ -85,7 +85,8 @@ pub struct Target {
 /// from `run.json`, else `address` (the guest's address as `lume get`
 /// knows it).
 pub fn target(name: &str, state: &RunState, address: Option<String>) -> Result<Target, SshError> {
-    if state.network_mode == NetworkMode::User {
+    let route = crate::network::driver::of(&state.network_mode).ssh_route();
+    if route == SshRoute::LoopbackForward {
         let fwd = state
             .published
             .iter()
@@ -100,7 +101,7 @@ pub fn target(name: &str, state: &RunState, address: Option<String>) -> Result<T
             port: fwd.host_port,
         });
     }
-    if state.network_mode == NetworkMode::None {
+    if route == SshRoute::Unreachable {
         return Err(SshError::NoNetwork(name.into()));
     }
     let ip = address
@@ -467,6 +468,7 @@ pub fn run_captured(
 mod tests {
     use super::*;
     use crate::hypervisor::accel::Accel;
+    use crate::network::NetworkMode;
 
     fn state(mode: NetworkMode) -> RunState {
         RunState {

@@ -263,7 +263,7 @@ pub fn supervise(
         let _ = fs::rename(start_log, vm.log_path());
     }
     // Anything a dead supervisor left behind.
-    attach::collect_stale(
+    crate::network::driver::collect_stale(
         &vm.dir,
         RunState::load(&vm.state_path()).as_ref(),
         &req.attach.settings,

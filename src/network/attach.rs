@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use super::NetworkMode;
 use super::dhcp_snoop::{DhcpSnooper, Exchange, Watched};
-use super::interfaces::{self, BridgeError, HostInterface, InterfaceType};
-use super::netlink::{Netlink, NetlinkError};
+use super::driver::Publishing;
+use super::interfaces::{self, BridgeError};
+use super::kernel::netlink::{Netlink, NetlinkError};
+use super::kernel::tap::TapError;
 use super::privilege::has_net_admin;
 use super::publish::{PortMapping, PublishError, check_unique};
-use super::shared::{Kind, Networks, SharedError};
-use super::tap::{Tap, TapError};
+use super::shared::SharedError;
 use super::user::UserNet;
 use crate::vm::config::MacAddress;
 
@@ -35,7 +36,7 @@ pub enum AttachError {
     #[error(
         "Ports cannot be published in network mode '{mode}': publishing works with nat and user; {reach}",
         mode = .0,
-        reach = unpublished_reach(.0)
+        reach = super::driver::of(.0).publishing().reach()
     )]
     PublishNotSupported(NetworkMode),
     #[error(
@@ -84,47 +85,22 @@ pub enum AttachError {
         source: std::io::Error,
     },
     #[error(
-        "Interface '{0}' is not open to users who are not root: an administrator lists the interfaces members may bridge onto in root's config.yaml (sudo lume config set {MEMBER_BRIDGES_KEY} 'br0 br1'); use --network nat instead"
+        "Interface '{0}' is not open to users who are not root: an administrator lists the interfaces members may bridge onto in root's config.yaml (sudo lume config set {key} 'br0 br1'); use --network nat instead",
+        key = super::driver::MEMBER_BRIDGES_KEY
     )]
     MemberBridge(String),
 }
 
-/// root's config.yaml: the interfaces a user who is not root may bridge
-/// onto (through lume's service or its API); none by default.
-pub const MEMBER_BRIDGES_KEY: &str = "memberBridges";
-
-/// Checks a mode being saved with `create` or `set`: a named bridged
-/// interface must exist and be bridgeable now.
+/// Checks a mode being saved with `create` or `set` (a named bridged
+/// interface must exist and be bridgeable now).
 pub fn check_saved_mode(mode: &NetworkMode) -> Result<(), AttachError> {
-    if let NetworkMode::Bridged(Some(name)) = mode {
-        let list = interfaces::discover()?;
-        interfaces::check_bridgeable(&list, name)?;
-    }
-    Ok(())
+    super::driver::of(mode).check_saved()
 }
 
-/// How the host side is taken down.
-#[derive(Debug, Default)]
-enum Teardown {
-    #[default]
-    Nothing,
-    /// Leave a shared bridge network (the tap vanishes with its descriptors).
-    Shared {
-        networks: Networks,
-        kind: Kind,
-        /// The membership key ([`super::shared::member_id`]).
-        id: String,
-    },
-    /// Delete a link lume created on the parent (the macvlan of bridged mode)
-    /// and the record of its name.
-    Link(String, PathBuf),
-    /// Leave the Linux bridge a tap was joined to: lume's accept for the
-    /// bridge in other tools' chains goes with the last VM on it.
-    Bridged {
-        networks: Networks,
-        /// The record's key ([`super::shared::member_id`]).
-        id: String,
-    },
+/// What takes a mode's host side down when its [`Attachment`] is dropped
+/// (after its descriptors are closed and its watchers stopped).
+pub trait Teardown: std::fmt::Debug + Send {
+    fn teardown(self: Box<Self>);
 }
 
 /// A network attached for one run. Dropping it tears the host side down.
@@ -153,25 +129,25 @@ pub struct Attachment {
     pub reserved: Option<Ipv4Addr>,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
-    guard: HostSide,
+    pub(in crate::network) guard: HostSide,
 }
 
 /// The host side of an attachment; dropping it takes it down.
 #[derive(Debug, Default)]
-struct HostSide {
-    stop: Arc<AtomicBool>,
-    snooper: Option<JoinHandle<()>>,
+pub(in crate::network) struct HostSide {
+    pub stop: Arc<AtomicBool>,
+    pub snooper: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
-    healer: Option<super::heal::Healer>,
+    pub healer: Option<super::heal::Healer>,
     /// The network policy's guard (nat and host with a policy).
-    policy: Option<super::policy::tc::Guard>,
-    /// User mode's passt and its relay.
-    passt: Option<super::passt::Passt>,
-    /// Bridged on a plain interface: re-attaches when the parent returns.
-    reattacher: Option<super::uplink::Reattacher>,
+    pub policy: Option<super::policy::tc::Guard>,
+    /// What the mode keeps running for the VM, dropped in order: user
+    /// mode's passt and its relay; bridged on a plain interface, what
+    /// re-attaches when the parent returns.
+    pub held: Vec<Box<dyn std::fmt::Debug + Send>>,
     /// A member's published host ports, held while the VM runs.
-    _held_ports: Vec<HeldPort>,
-    teardown: Teardown,
+    pub held_ports: Vec<HeldPort>,
+    pub teardown: Option<Box<dyn Teardown>>,
 }
 
 impl Drop for HostSide {
@@ -184,22 +160,10 @@ impl Drop for HostSide {
         // network that is being taken down on purpose.
         drop(self.healer.take());
         drop(self.policy.take());
-        drop(self.reattacher.take());
-        drop(self.passt.take());
-        match std::mem::take(&mut self.teardown) {
-            Teardown::Nothing => {}
-            Teardown::Shared { networks, kind, id } => {
-                let _ = networks.leave(kind, &id);
-            }
-            Teardown::Link(name, record) => {
-                if let Ok(mut nl) = Netlink::open() {
-                    let _ = nl.delete_link(&name);
-                }
-                let _ = std::fs::remove_file(record);
-            }
-            Teardown::Bridged { networks, id } => {
-                let _ = networks.leave_bridged(&id);
-            }
+        // A Vec drops its elements first to last.
+        self.held.clear();
+        if let Some(t) = self.teardown.take() {
+            t.teardown();
         }
     }
 }
@@ -272,48 +236,16 @@ pub fn hold_ports(publish: &[PortMapping]) -> Result<Vec<HeldPort>, AttachError>
         .collect()
 }
 
-/// The interfaces root's config.yaml opens to members.
-fn member_bridges(settings: &crate::settings::Settings) -> Vec<String> {
-    settings
-        .get_list(MEMBER_BRIDGES_KEY)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// The host interface `bridged` or `bridged:<name>` uses now.
-fn bridged_interface(
-    name: Option<&str>,
-    opts: &AttachOptions,
-) -> Result<HostInterface, AttachError> {
-    let list = interfaces::discover()?;
-    let iface = match name {
-        Some(n) => interfaces::check_bridgeable(&list, n)?,
-        None => interfaces::choose_default(&list)?,
-    }
-    .clone();
-    if opts.member && !member_bridges(&opts.settings).contains(&iface.name) {
-        return Err(AttachError::MemberBridge(iface.name));
-    }
-    let nets = Networks::from_settings(&opts.settings)?;
-    if iface.name == nets.nat.bridge {
-        return Err(AttachError::OwnBridge(iface.name, "nat"));
-    }
-    if iface.name == nets.host.bridge {
-        return Err(AttachError::OwnBridge(iface.name, "host"));
-    }
-    Ok(iface)
-}
-
 /// Checks published ports against a mode: publishing supported, host ports
 /// unique, and no loopback address for NAT (its ports are DNAT rules, which
 /// must never lead into the host's loopback).
 pub fn check_publish(mode: &NetworkMode, publish: &[PortMapping]) -> Result<(), AttachError> {
-    if !publish.is_empty() && !mode.supports_publish() {
+    let publishing = super::driver::of(mode).publishing();
+    if !publish.is_empty() && matches!(publishing, Publishing::Unsupported(_)) {
         return Err(AttachError::PublishNotSupported(mode.clone()));
     }
     check_unique(publish)?;
-    if *mode != NetworkMode::User
+    if publishing != Publishing::Forwarded
         && let Some(p) = publish
             .iter()
             .find(|p| p.host_ip.is_some_and(|ip| ip.is_loopback()))
@@ -345,30 +277,15 @@ pub fn validate(mode: &NetworkMode, opts: &AttachOptions) -> Result<(), AttachEr
         super::handoff::check_service(mode)?;
         return Ok(());
     }
-    match mode {
-        NetworkMode::Bridged(name) => {
-            bridged_interface(name.as_deref(), opts)?;
-        }
-        NetworkMode::Nat | NetworkMode::Host => {
-            let nets = Networks::from_settings(&opts.settings)?;
-            if let Some((vm, vm_dir)) = &opts.vm {
-                nets.check_ports(&super::shared::member_id(vm, vm_dir), &opts.publish)?;
-            }
-        }
-        NetworkMode::User => {
-            super::passt::find_passt()?;
-        }
-        NetworkMode::None => {}
-    }
-    Ok(())
+    super::driver::of(mode).validate(opts)
 }
 
 /// A host device name unique enough for one namespace: prefix + 8 hex digits.
-fn device_name(prefix: &str) -> String {
+pub(in crate::network) fn device_name(prefix: &str) -> String {
     format!("{prefix}{:08x}", crate::util::random::u64() as u32)
 }
 
-fn virtio_device(netdev: &str, mac: MacAddress) -> String {
+pub(in crate::network) fn virtio_device(netdev: &str, mac: MacAddress) -> String {
     format!("virtio-net-pci,netdev={netdev},mac={mac}")
 }
 
@@ -377,7 +294,7 @@ fn virtio_device(netdev: &str, mac: MacAddress) -> String {
 /// option with `fd=`). A VM under a network policy on a kernel whose
 /// `sk_buff` the filter cannot read gets a device without transmit
 /// offloads ([`POLICED_DEVICE_OPTIONS`]).
-fn tap_args(mac: MacAddress, policy: &super::policy::Policy) -> Vec<String> {
+pub(in crate::network) fn tap_args(mac: MacAddress, policy: &super::policy::Policy) -> Vec<String> {
     tap_args_with(mac, transmit_offload(policy))
 }
 
@@ -411,7 +328,7 @@ pub const POLICED_DEVICE_OPTIONS: &str =
 
 /// Puts `policy` in force on the tap `tap` of a VM with `mac` and the
 /// reserved address `guest` behind `gateway`.
-fn enforce_policy(
+pub(in crate::network) fn enforce_policy(
     policy: &super::policy::Policy,
     tap: &str,
     mac: MacAddress,
@@ -493,183 +410,7 @@ pub fn attach(
         // makes, as here, before handing the tap over (or refuses).
         return super::handoff::attach_remote(mode, vm, mac, &opts.publish, &opts.policy);
     }
-    match mode {
-        NetworkMode::None => Ok(Attachment::default()),
-        NetworkMode::User => {
-            let net: UserNet = match &opts.user_net {
-                Some(s) => s.parse()?,
-                None => UserNet::default(),
-            };
-            let (passt, fd) =
-                super::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
-            let note = opts.host_loopback.then(|| {
-                format!(
-                    "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
-                    net.gateway()
-                )
-            });
-            Ok(Attachment {
-                qemu_args: vec![
-                    "-netdev".into(),
-                    UserNet::netdev("net0", 3),
-                    "-device".into(),
-                    virtio_device("net0", mac),
-                ],
-                fds: vec![fd],
-                ip_address: Some(net.guest_address().into()),
-                note,
-                guard: HostSide {
-                    stop: Arc::default(),
-                    snooper: None,
-                    healer: None,
-                    policy: None,
-                    passt: Some(passt),
-                    reattacher: None,
-                    _held_ports: Vec::new(),
-                    teardown: Teardown::Nothing,
-                },
-                ..Default::default()
-            })
-        }
-        NetworkMode::Nat | NetworkMode::Host => {
-            let kind = if *mode == NetworkMode::Nat {
-                Kind::Nat
-            } else {
-                Kind::Host
-            };
-            let networks = Networks::from_settings(&opts.settings)?;
-            let held_ports = if opts.member {
-                hold_ports(&opts.publish)?
-            } else {
-                Vec::new()
-            };
-            let tap = Tap::create(&device_name("lt"))?;
-            let (ip, subnet_note) =
-                networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish, opts.member)?;
-            let net = networks.get(kind).clone();
-            let tap_name = tap.name.clone();
-            let attachment = Attachment {
-                qemu_args: tap_args(mac, &opts.policy),
-                fds: vec![tap.fd],
-                ip_address: None,
-                host_device: Some(tap.name),
-                parent: Some(net.bridge.clone()),
-                note: subnet_note,
-                lease_file: Some(net.dnsmasq().lease_path()),
-                reserved: Some(ip),
-                guard: HostSide {
-                    stop: Arc::default(),
-                    snooper: None,
-                    healer: Some(super::heal::Healer::start(networks.clone())),
-                    policy: None,
-                    passt: None,
-                    reattacher: None,
-                    _held_ports: held_ports,
-                    teardown: Teardown::Shared {
-                        networks,
-                        kind,
-                        id: super::shared::member_id(vm, vm_dir),
-                    },
-                },
-                ..Default::default()
-            };
-            let mut attachment = attachment;
-            if !opts.policy.is_empty() {
-                // Before QEMU exists, so the guest's first frame meets the
-                // policy; a failure drops `attachment`, which leaves the
-                // network and removes the tap: nothing is left behind.
-                attachment.guard.policy = Some(enforce_policy(
-                    &opts.policy,
-                    &tap_name,
-                    mac,
-                    Some(ip),
-                    Some((&net.bridge, net.subnet().gateway())),
-                    None,
-                )?);
-            }
-            Ok(attachment)
-        }
-        NetworkMode::Bridged(name) => {
-            let iface = bridged_interface(name.as_deref(), opts)?;
-            let mut nl = Netlink::open()?;
-            let mut a = Attachment {
-                qemu_args: tap_args(mac, &opts.policy),
-                parent: Some(iface.name.clone()),
-                ..Default::default()
-            };
-            let (snoop_on, watched) = if iface.kind == InterfaceType::Bridge {
-                let tap = Tap::create(&device_name("lt"))?;
-                nl.set_master(&tap.name, &iface.name)?;
-                nl.set_up(&tap.name)?;
-                a.host_device = Some(tap.name.clone());
-                a.fds.push(tap.fd);
-                // With br_netfilter, the frames between the bridge's ports
-                // cross the forward hook, which Docker's or ufw's policy
-                // drops: lume keeps an accept for this bridge in their
-                // chains while a VM is bridged onto it.
-                let networks = Networks::from_settings(&opts.settings)?;
-                a.note = networks.join_bridged(vm, vm_dir, &iface.name, mac, opts.member)?;
-                a.guard.teardown = Teardown::Bridged {
-                    networks: networks.clone(),
-                    id: super::shared::member_id(vm, vm_dir),
-                };
-                a.guard.healer = Some(super::heal::Healer::start(networks));
-                (tap.name, Watched::Tap)
-            } else {
-                // A tap QEMU keeps for the whole run, joined to the parent by
-                // a macvlan that lume re-creates whenever the parent returns.
-                if opts.member {
-                    Networks::from_settings(&opts.settings)?.check_mac(mac, vm, vm_dir)?;
-                }
-                let tap = Tap::create(&device_name("lt"))?;
-                let name = device_name("lmv");
-                // Recorded before it exists: a supervisor killed at any point
-                // after this leaves a name the next command can collect.
-                let record = vm_dir.join(NETDEV_RECORD);
-                let _ = crate::util::atomic::write_atomic(&record, name.as_bytes());
-                a.guard.teardown = Teardown::Link(name.clone(), record);
-                let uplink = super::uplink::Uplink {
-                    tap: tap.name.clone(),
-                    macvlan: name.clone(),
-                    parent: iface.name.clone(),
-                    mac: mac.0,
-                };
-                uplink.prepare_tap(&mut nl)?;
-                uplink.connect(&mut nl)?;
-                a.host_device = Some(tap.name.clone());
-                a.uplink = Some(name);
-                a.fds.push(tap.fd);
-                a.guard.reattacher = Some(super::uplink::Reattacher::start(
-                    uplink,
-                    vm_dir.join("lume.log"),
-                ));
-                a.note = Some(format!(
-                    "macvlan on {}: the guest cannot reach this host through {} (a macvlan limit); other LAN hosts can reach it. If {} goes away, the VM waits and is re-attached when it is back",
-                    iface.name, iface.name, iface.name
-                ));
-                // The tap sees both directions and outlives the parent.
-                (tap.name, Watched::Tap)
-            };
-            start_snooper(&mut a, &snoop_on, watched, mac);
-            if !opts.policy.is_empty() {
-                // After the tap's redirect exists (the policy's filter
-                // comes first), before QEMU: a failure drops `a`, which
-                // takes the macvlan and the tap down. The guest's lease,
-                // once the snooper saw it, becomes the only address its
-                // ARP and IPv4 may come from (the guard recompiles).
-                let tap = a.host_device.clone().unwrap_or_default();
-                a.guard.policy = Some(enforce_policy(
-                    &opts.policy,
-                    &tap,
-                    mac,
-                    None,
-                    None,
-                    a.learned.clone(),
-                )?);
-            }
-            Ok(a)
-        }
-    }
+    super::driver::of(mode).attach(vm, vm_dir, mac, opts)
 }
 
 /// The attachment of a tap lume's service made for this user
@@ -754,7 +495,12 @@ impl Attachment {
 }
 
 /// Watches the DHCP exchange on `ifname` for the guest's ACK.
-fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAddress) {
+pub(in crate::network) fn start_snooper(
+    a: &mut Attachment,
+    ifname: &str,
+    watched: Watched,
+    mac: MacAddress,
+) {
     let learned = Arc::new(Mutex::new(None));
     let stop = a.guard.stop.clone();
     let out = learned.clone();
@@ -771,58 +517,6 @@ fn start_snooper(a: &mut Attachment, ifname: &str, watched: Watched, mac: MacAdd
             }
         }
     }));
-}
-
-/// File in the VM directory naming the link lume made on the parent for the
-/// current run: the macvlan now, a macvtap for runs of older lumes (hence the
-/// name, kept so the records of both are collected).
-const NETDEV_RECORD: &str = ".macvtap";
-
-/// Collects what a killed supervisor of the VM in `vm_dir` left of its
-/// network (call it only while the VM's lock is free or held by the caller):
-/// its macvlan or an older lume's macvtap (a tap vanishes by itself with its
-/// descriptors) and, for NAT and host-only, its membership, taking the
-/// shared network down when nobody uses it any more; bridged onto a Linux
-/// bridge, its record, with lume's accept for the bridge in other tools'
-/// chains when it was the last VM on it.
-pub fn collect_stale(
-    vm_dir: &Path,
-    state: Option<&crate::vm::state::RunState>,
-    settings: &crate::settings::Settings,
-) {
-    let record = vm_dir.join(NETDEV_RECORD);
-    let recorded = std::fs::read_to_string(&record).ok();
-    // The macvlan of this lume's bridged runs (run.json `uplink`), or the
-    // macvtap of an older lume's (its `hostDevice`).
-    let uplink = state.and_then(|s| s.uplink.clone());
-    let from_state = state.and_then(|s| s.host_device.clone());
-    for dev in [recorded, uplink, from_state].into_iter().flatten() {
-        if dev.trim().starts_with("lmv")
-            && let Ok(mut nl) = Netlink::open()
-        {
-            let _ = nl.delete_link(dev.trim());
-        }
-    }
-    let _ = std::fs::remove_file(&record);
-    if let Some(state) = state
-        && matches!(
-            state.network_mode,
-            NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_)
-        )
-        && let Ok(nets) = Networks::from_settings(settings)
-    {
-        let _ = nets.collect();
-    }
-}
-
-/// How a VM of a mode that cannot publish is reached instead.
-fn unpublished_reach(mode: &NetworkMode) -> &'static str {
-    match mode {
-        NetworkMode::Bridged(_) => "a bridged VM is reachable on the LAN at its own address",
-        NetworkMode::Host => "a host-only VM is reachable from this host at its own address",
-        NetworkMode::None => "a VM without a network has nothing to publish",
-        NetworkMode::Nat | NetworkMode::User => "this mode can publish",
-    }
 }
 
 #[cfg(test)]

@@ -37,11 +37,9 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-
-use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{AddressFamily, LinkAddr, SockFlag, SockProtocol, SockType};
 use std::time::{Duration, Instant};
+
+use super::kernel::packet::{PacketError, PacketSocket};
 
 /// What a DHCPACK told the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +71,7 @@ pub enum SnoopError {
 /// A packet socket bound to one interface, waiting for DHCPACKs.
 #[derive(Debug)]
 pub struct DhcpSnooper {
-    fd: OwnedFd,
-    ifname: String,
+    socket: PacketSocket,
     buf: Vec<u8>,
 }
 
@@ -93,87 +90,24 @@ const DHCPACK: u8 = 5;
 impl DhcpSnooper {
     /// Opens a packet socket on interface `ifname` (by ifindex). Needs CAP_NET_RAW.
     pub fn open(ifname: &str) -> Result<Self, SnoopError> {
-        let invalid = || SnoopError::InvalidInterfaceName(ifname.to_owned());
-        if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ || ifname.contains(['/', '\0']) {
-            return Err(invalid());
-        }
-        let ifindex = nix::net::if_::if_nametoindex(ifname)
-            .map_err(|_| SnoopError::NoSuchInterface(ifname.to_owned()))?;
-        let open_err = |source: io::Error| match source.raw_os_error() {
-            Some(libc::EPERM | libc::EACCES) => SnoopError::PermissionDenied {
-                ifname: ifname.to_owned(),
+        let socket = PacketSocket::open(ifname, &mut bpf_filter()).map_err(|e| match e {
+            PacketError::InvalidInterfaceName(name) => SnoopError::InvalidInterfaceName(name),
+            PacketError::NoSuchInterface(name) => SnoopError::NoSuchInterface(name),
+            PacketError::Open { ifname, source } => match source.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) => SnoopError::PermissionDenied { ifname },
+                _ => SnoopError::Open { ifname, source },
             },
-            _ => SnoopError::Open {
-                ifname: ifname.to_owned(),
-                source,
-            },
-        };
-
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // Non-blocking: a frame poll(2) announced is read without waiting.
-        let fd = nix::sys::socket::socket(
-            AddressFamily::Packet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            SockProtocol::EthAll,
-        )
-        .map_err(|e| open_err(e.into()))?;
-
-        // Filter before binding so that as little unrelated traffic as possible
-        // is ever queued on the socket (nix has no SO_ATTACH_FILTER option).
-        let mut filter = bpf_filter();
-        let prog = libc::sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_mut_ptr(),
-        };
-        // SAFETY: `prog` points at `filter`, which lives until after the call;
-        // the kernel copies the program.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                std::ptr::from_ref(&prog).cast(),
-                size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(open_err(io::Error::last_os_error()));
-        }
-
-        // nix (0.32) reads a sockaddr_ll but cannot build one: bind(2) here.
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: `sll` is a properly initialised sockaddr_ll and the length
-        // passed is its size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::from_ref(&sll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            return Err(match err.raw_os_error() {
-                Some(libc::ENODEV) => SnoopError::NoSuchInterface(ifname.to_owned()),
-                _ => open_err(err),
-            });
-        }
-
+            PacketError::Receive { ifname, source } => SnoopError::Receive { ifname, source },
+        })?;
         Ok(Self {
-            fd,
-            ifname: ifname.to_owned(),
+            socket,
             buf: vec![0; FRAME_BUF],
         })
     }
 
     /// The interface this snooper listens on.
     pub fn interface(&self) -> &str {
-        &self.ifname
+        self.socket.interface()
     }
 
     /// Waits up to `timeout` for the next DHCPACK `exchange` accepts and
@@ -186,35 +120,22 @@ impl DhcpSnooper {
     ) -> Result<Option<DhcpAck>, SnoopError> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            let wait = match deadline {
-                None => PollTimeout::NONE,
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    // Round up so that a sub-millisecond remainder still waits.
-                    let ms = left.as_nanos().div_ceil(1_000_000);
-                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-                }
+            let got = self
+                .socket
+                .recv(&mut self.buf, deadline)
+                .map_err(|e| match e {
+                    PacketError::Receive { ifname, source }
+                    | PacketError::Open { ifname, source } => {
+                        SnoopError::Receive { ifname, source }
+                    }
+                    PacketError::InvalidInterfaceName(name) => {
+                        SnoopError::InvalidInterfaceName(name)
+                    }
+                    PacketError::NoSuchInterface(name) => SnoopError::NoSuchInterface(name),
+                })?;
+            let Some((len, outgoing)) = got else {
+                return Ok(None);
             };
-            let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-            let n = match nix::poll::poll(&mut pfd, wait) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(self.receive_error(e.into())),
-            };
-            if n == 0 {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(None);
-                }
-                continue;
-            }
-
-            let (len, from) =
-                match nix::sys::socket::recvfrom::<LinkAddr>(self.fd.as_raw_fd(), &mut self.buf) {
-                    Ok(got) => got,
-                    Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(self.receive_error(e.into())),
-                };
-            let outgoing = from.is_some_and(|f| f.pkttype() == libc::PACKET_OUTGOING);
             if let Some(ack) = exchange.observe(&self.buf[..len], outgoing) {
                 return Ok(Some(ack));
             }
@@ -222,13 +143,6 @@ impl DhcpSnooper {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(None);
             }
-        }
-    }
-
-    fn receive_error(&self, source: io::Error) -> SnoopError {
-        SnoopError::Receive {
-            ifname: self.ifname.clone(),
-            source,
         }
     }
 }
@@ -1246,14 +1160,14 @@ garbage line
                 use std::io::Write;
                 let f = File::open(&ns_path).expect("open netns");
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                let tap = crate::network::tap::Tap::create("lume-ut0").unwrap();
+                let tap = crate::network::kernel::tap::Tap::create("lume-ut0").unwrap();
                 let uplink = crate::network::uplink::Uplink {
                     tap: tap.name.clone(),
                     macvlan: "lume-umv0".into(),
                     parent: "usB".into(),
                     mac: MAC,
                 };
-                let mut nl = crate::network::netlink::Netlink::open().unwrap();
+                let mut nl = crate::network::kernel::netlink::Netlink::open().unwrap();
                 uplink.prepare_tap(&mut nl).unwrap();
                 uplink.connect(&mut nl).unwrap();
                 let mut sn = DhcpSnooper::open("lume-ut0").expect("open snooper");

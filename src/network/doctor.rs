@@ -2,6 +2,7 @@
 //! VM, each failed check saying what to do. Exit status 0 when all pass.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -160,6 +161,11 @@ fn probe_verdict(ip: Ipv4Addr, mode: &str, p: &Probe) -> (bool, String) {
 
 /// Runs every check.
 pub fn run(ctx: &Context) -> Report {
+    run_with(ctx, Arc::new(Nft))
+}
+
+/// [`run`] against the firewall `fw`.
+fn run_with(ctx: &Context, fw: Arc<dyn FirewallDriver>) -> Report {
     let mut r = Report::default();
     let admin = has_net_admin();
     // Without CAP_NET_ADMIN only user mode (passt) and none can start: that
@@ -221,7 +227,7 @@ pub fn run(ctx: &Context) -> Report {
         );
     }
 
-    let nets = Networks::from_settings(&ctx.settings);
+    let nets = Networks::from_settings(&ctx.settings).map(|n| n.with_firewall(fw.clone()));
     match &nets {
         // lume's networks are root's (its runtime directory is private):
         // a user cannot see their members, not even their own VMs'.
@@ -234,7 +240,7 @@ pub fn run(ctx: &Context) -> Report {
         Err(e) => r.add("network settings", false, crate::error_chain(e)),
     }
 
-    let drops = Nft.foreign_drops();
+    let drops = fw.foreign_drops();
     match (&drops, &nets) {
         (Ok(drops), Ok(nets)) => foreign_checks(&mut r, drops, nets),
         (Ok(_), Err(_)) => {}
@@ -275,14 +281,7 @@ pub fn run(ctx: &Context) -> Report {
         .unwrap_or_default()
         .iter()
         .filter_map(|vm| vm.running_state())
-        .filter(|s| {
-            matches!(s.network_mode, super::NetworkMode::Bridged(_))
-                && s.uplink.is_none()
-                && s.host_device
-                    .as_deref()
-                    .is_some_and(|d| d.starts_with("lt"))
-        })
-        .filter_map(|s| s.parent)
+        .filter_map(|s| super::driver::of(&s.network_mode).host_bridge(&s))
         .collect();
     bridges.sort();
     bridges.dedup();
@@ -644,6 +643,27 @@ fn is_tool_table(d: &ForeignDrop) -> bool {
     d.tool_chain.is_some()
 }
 
+/// Whether lume's table is as lume last wrote it.
+fn table_check(r: &mut Report, nets: &Networks) {
+    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
+    match nets.firewall.listing() {
+        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
+            r.add("firewall table inet lume", true, "intact")
+        }
+        Ok(Some(_)) => r.add(
+            "firewall table inet lume",
+            false,
+            "changed by something else: lume's watcher restores it",
+        ),
+        Ok(None) => r.add(
+            "firewall table inet lume",
+            false,
+            "missing: lume's watcher restores it; check nothing keeps flushing the ruleset",
+        ),
+        Err(e) => r.add("firewall table inet lume", false, e.to_string()),
+    }
+}
+
 fn shared_checks(r: &mut Report, nets: &Networks) {
     let mut active = false;
     let routes = nets.route_warnings();
@@ -660,7 +680,7 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
         }
         active = true;
         let subnet = net.subnet();
-        let state = super::netlink::Netlink::open().and_then(|mut nl| {
+        let state = super::kernel::netlink::Netlink::open().and_then(|mut nl| {
             let info = nl.link_info(&net.bridge)?;
             let addrs = match &info {
                 Some(_) => nl.addresses_v4(&net.bridge)?,
@@ -727,23 +747,7 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
     if !r.checks.iter().any(|c| c.name == "routes") {
         r.add("routes", true, "no route captures a lume subnet");
     }
-    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
-    match Nft.listing() {
-        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
-            r.add("firewall table inet lume", true, "intact")
-        }
-        Ok(Some(_)) => r.add(
-            "firewall table inet lume",
-            false,
-            "changed by something else: lume's watcher restores it",
-        ),
-        Ok(None) => r.add(
-            "firewall table inet lume",
-            false,
-            "missing: lume's watcher restores it; check nothing keeps flushing the ruleset",
-        ),
-        Err(e) => r.add("firewall table inet lume", false, e.to_string()),
-    }
+    table_check(r, nets);
     let nat_active = nets
         .nat
         .members()
@@ -848,7 +852,7 @@ fn br_netfilter_detail(
 
 fn vm_checks(r: &mut Report, ctx: &Context) {
     let Ok(vms) = ctx.store.list() else { return };
-    let links = super::netlink::Netlink::open()
+    let links = super::kernel::netlink::Netlink::open()
         .and_then(|mut nl| nl.links())
         .unwrap_or_default();
     // The guests' addresses to probe, all at once after this loop: where
@@ -863,8 +867,9 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
         if !state.network_policy.is_empty() {
             let policy = &state.network_policy;
             let rules = policy.readable().join("; ");
-            let (ok, detail) = match (policy_in_force(&state), &state.network_mode) {
-                (Some(true), super::NetworkMode::None) => (
+            let device = super::driver::of(&state.network_mode).has_device();
+            let (ok, detail) = match (policy_in_force(&state), device) {
+                (Some(true), false) => (
                     true,
                     format!("in force (no network: nothing leaves the VM): {rules}"),
                 ),
@@ -906,73 +911,17 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
             std::net::IpAddr::V4(v4) => Some(v4),
             std::net::IpAddr::V6(_) => None,
         });
-        // A bridged VM's parent that is there but down (a NIC plugged back
-        // with nothing to bring it up, a bridge set down) carries nothing:
-        // lume does not bring up an interface of the host's itself.
-        if matches!(state.network_mode, super::NetworkMode::Bridged(_))
-            && let Some(parent) = state.parent.as_deref()
-            && links.iter().any(|l| l.name == parent && !l.up)
-        {
-            let was = ip
-                .map(|ip| format!(" (its address was {ip})"))
-                .unwrap_or_default();
-            r.add(
-                name,
-                false,
-                format!("its interface {parent} is down, so the VM has no network{was}: bring it up (`ip link set {parent} up`, or through NetworkManager, ifupdown or systemd-networkd); lume does not change the state of the host's interfaces"),
-            );
-            continue;
-        }
-        match (&state.network_mode, ip) {
-            (super::NetworkMode::None, _) => r.add(name, true, "running without a network"),
-            (_, None) => r.add(name, false, format!("running ({mode}) but has no address yet: check its console.log; in bridged mode, that the LAN's DHCP server answers and the br_netfilter check above passes")),
-            (super::NetworkMode::User, Some(ip)) => r.add(name, true, format!("{ip} (user mode: reachable through published ports only)")),
-            (_, Some(ip)) if state.uplink.is_some() => {
-                let parent = state.parent.as_deref().unwrap_or("?");
-                let uplink = state.uplink.as_deref().unwrap_or_default();
-                let status = super::netlink::Netlink::open()
-                    .and_then(|mut nl| super::uplink::status(&mut nl, parent, uplink));
-                match status {
-                    Ok(super::uplink::Status::Attached) | Err(_) => r.add(
-                        name,
-                        true,
-                        format!("{ip} on {parent} (macvlan: this host cannot reach it through that interface, other LAN hosts can)"),
-                    ),
-                    Ok(super::uplink::Status::ParentGone) => r.add(
-                        name,
-                        false,
-                        format!("the interface {parent} is gone (unplugged?): the VM keeps running without a network and waits for it; it is re-attached within a second of {parent} coming back, with its MAC and, if the LAN's DHCP server keeps the lease, its address {ip}"),
-                    ),
-                    Ok(super::uplink::Status::Detached) => r.add(
-                        name,
-                        false,
-                        format!("{parent} is back and the VM is being re-attached to it; if this lasts, the reason is in {}", vm.log_path().display()),
-                    ),
-                }
-            }
-            // A run started by an older lume: a macvtap, which goes for good
-            // with its parent.
-            (_, Some(ip)) if state.host_device.as_deref().is_some_and(|d| d.starts_with("lmv")) => {
-                let parent = state.parent.as_deref().unwrap_or("?");
-                let dev = state.host_device.as_deref().unwrap_or_default();
-                let gone = super::netlink::Netlink::open()
-                    .and_then(|mut nl| nl.link_index(dev))
-                    .is_ok_and(|i| i.is_none());
-                if gone {
-                    r.add(
-                        name,
-                        false,
-                        format!("its macvtap {dev} is gone: the interface {parent} went away (unplugged?) and took it along, so the VM has no network; once {parent} is back, restart the VM (lume stop {vm} && lume run {vm})", vm = vm.name),
-                    );
-                } else {
-                    r.add(
-                        name,
-                        true,
-                        format!("{ip} on {parent} (macvtap: this host cannot reach it through that interface, other LAN hosts can)"),
-                    );
-                }
-            }
-            (_, Some(ip)) => {
+        let facts = super::driver::DoctorVm {
+            name: vm.name.as_str(),
+            log: &vm.log_path(),
+            state: &state,
+            ip,
+            links: &links,
+        };
+        match super::driver::of(&state.network_mode).doctor_check(&facts) {
+            super::driver::VmCheck::Pass(detail) => r.add(name, true, detail),
+            super::driver::VmCheck::Fail(detail) => r.add(name, false, detail),
+            super::driver::VmCheck::Probe(ip) => {
                 pending.push((r.checks.len(), ip, mode));
                 r.add(name, false, "");
             }
@@ -989,6 +938,38 @@ fn vm_checks(r: &mut Report, ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The doctor compares lume's table with what lume last wrote: missing
+    /// and changed tables fail, an intact one passes.
+    #[test]
+    fn the_table_check_sees_a_flushed_or_changed_table() {
+        use crate::firewall::fake::FakeFirewall;
+        let dir = tempfile::tempdir().unwrap();
+        let fw = Arc::new(FakeFirewall::default());
+        let nets = Networks::in_dir(dir.path(), fw.clone());
+        let check = |nets: &Networks| {
+            let mut r = Report::default();
+            table_check(&mut r, nets);
+            let c = r.checks.pop().unwrap();
+            assert_eq!(c.name, "firewall table inet lume");
+            (c.ok, c.detail)
+        };
+        nets.add_member(
+            super::super::shared::Kind::Nat,
+            &Networks::test_member(&dir.path().join("vm")),
+        );
+        nets.apply_firewall().unwrap();
+        assert_eq!(check(&nets), (true, "intact".to_string()));
+        *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        let (ok, detail) = check(&nets);
+        assert!(
+            !ok && detail.starts_with("changed by something else"),
+            "{detail}"
+        );
+        fw.flush();
+        let (ok, detail) = check(&nets);
+        assert!(!ok && detail.starts_with("missing:"), "{detail}");
+    }
 
     /// The `br_netfilter` line tells lume's accommodation from a policy
     /// lume must not override, and gives the rule when lume has none there.

@@ -870,7 +870,7 @@ fn wait_for_exit(pidfd: BorrowedFd<'_>) {
 /// Takes the network down: the tap (if the user never opened it, it is
 /// still persistent), then the shared network's share, then the directory.
 fn take_down(held: Held) {
-    if let Ok(mut nl) = super::netlink::Netlink::open() {
+    if let Ok(mut nl) = super::kernel::netlink::Netlink::open() {
         let _ = nl.delete_link(&held.device);
     }
     let Held {

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::events::Events;
-use super::shared::Networks;
+use super::kernel::events::Events;
+use super::shared::{Networks, Warning};
 use crate::util::time::timestamp;
 use crate::vm::lock::VmLock;
 
@@ -102,7 +102,7 @@ fn run(networks: &Networks, stop: &AtomicBool) {
 fn watch(networks: &Networks, stop: &AtomicBool) {
     let mut networks = networks.clone();
     let mut events = Events::open();
-    let mut warned: HashSet<String> = HashSet::new();
+    let mut warned: HashSet<Warning> = HashSet::new();
     record(
         &networks,
         &format!(
@@ -145,7 +145,7 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         if !(woken.nft || woken.net || slow) {
             continue;
         }
-        let now: HashSet<String> = networks.warnings().into_iter().collect();
+        let now: HashSet<Warning> = networks.warnings().into_iter().collect();
         for w in now.difference(&warned) {
             record(&networks, &format!("warning: {w}"));
         }

@@ -82,7 +82,7 @@ impl HostPaths {
         Self {
             sys_class_net: PathBuf::from("/sys/class/net"),
             proc_net_route: PathBuf::from("/proc/net/route"),
-            veths: super::netlink::Netlink::open()
+            veths: super::kernel::netlink::Netlink::open()
                 .and_then(|mut nl| nl.links())
                 .map(|links| {
                     links

@@ -1,16 +1,17 @@
-//! VM networking. `mode` is the user-facing choice; `attach` turns a mode into
-//! what QEMU needs for one run; each mode has its own file.
+//! VM networking. `mode` is the user-facing choice; `driver` holds one file
+//! per mode behind one trait; `attach` is what every mode shares when it
+//! turns into what QEMU needs for one run.
 
 pub mod attach;
 pub mod dhcp_snoop;
 pub mod dnsmasq;
 pub mod doctor;
-pub mod events;
+pub mod driver;
 pub mod handoff;
 pub mod heal;
 pub mod interfaces;
+pub mod kernel;
 pub mod mode;
-pub mod netlink;
 pub mod passt;
 pub mod policy;
 pub mod privilege;
@@ -19,7 +20,6 @@ pub mod resolvers;
 pub mod rundir;
 pub mod shared;
 pub mod subnet;
-pub mod tap;
 pub mod uplink;
 pub mod user;
 

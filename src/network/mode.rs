@@ -51,13 +51,16 @@ pub fn valid_ifname(name: &str) -> bool {
 impl NetworkMode {
     /// Whether this mode needs CAP_NET_ADMIN on the host.
     pub fn needs_net_admin(&self) -> bool {
-        matches!(self, Self::Nat | Self::Bridged(_) | Self::Host)
+        super::driver::of(self).needs_net_admin()
     }
 
     /// Whether ports can be published in this mode (nat: DNAT; user: QEMU forwarding).
     /// Bridged VMs are on the LAN themselves; host-only and none have no way out.
     pub fn supports_publish(&self) -> bool {
-        matches!(self, Self::Nat | Self::User)
+        !matches!(
+            super::driver::of(self).publishing(),
+            super::driver::Publishing::Unsupported(_)
+        )
     }
 }
 

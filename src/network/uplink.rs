@@ -40,8 +40,8 @@ use netlink_packet_route::tc::{
     TcU32Key, TcU32Selector, TcU32SelectorFlags,
 };
 
-use super::events::Events;
-use super::netlink::{Netlink, NetlinkError};
+use super::kernel::events::Events;
+use super::kernel::netlink::{Netlink, NetlinkError};
 use crate::util::time::timestamp;
 
 /// The longest a returned parent goes unnoticed when its event is missed.
@@ -745,7 +745,7 @@ mod tests {
         let u = uplink.clone();
         // The tap lives as long as this descriptor, held across the checks.
         let tap = ns.run(move || {
-            let tap = super::super::tap::Tap::create(&u.tap).unwrap();
+            let tap = crate::network::kernel::tap::Tap::create(&u.tap).unwrap();
             let mut nl = Netlink::open().unwrap();
             u.prepare_tap(&mut nl).unwrap();
             u.connect(&mut nl).unwrap();

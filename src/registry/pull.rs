@@ -630,14 +630,13 @@ fn vm_config(
         .annotation("org.trycua.lume.network-mode")
         .and_then(|s| s.parse::<NetworkMode>().ok())
         .unwrap_or(NetworkMode::Nat);
-    let network_mode = match mode {
-        NetworkMode::Nat | NetworkMode::User | NetworkMode::None | NetworkMode::Host => mode,
-        other => {
-            note(&format!(
-                "The image asks for network mode {other}; the VM gets nat (change it with `lume set --network`)"
-            ));
-            NetworkMode::Nat
-        }
+    let network_mode = if crate::network::driver::of(&mode).image_may_ask() {
+        mode
+    } else {
+        note(&format!(
+            "The image asks for network mode {mode}; the VM gets nat (change it with `lume set --network`)"
+        ));
+        NetworkMode::Nat
     };
     Ok(VmConfig {
         os: "linux".into(),

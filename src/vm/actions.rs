@@ -1168,7 +1168,8 @@ fn run_request(
     }
     // User mode: a loopback port forwarded to the guest's SSH port, for
     // `lume ssh` (recorded in run.json with the other published ports).
-    if network == NetworkMode::User
+    if crate::network::driver::of(&network).ssh_route()
+        == crate::network::driver::SshRoute::LoopbackForward
         && wants_seed(cfg)
         && !publish
             .iter()
@@ -1503,7 +1504,7 @@ fn collect_after_crash(ctx: &Context, vm: &Vm) {
         return;
     }
     let stale = RunState::load(&vm.state_path());
-    crate::network::attach::collect_stale(&vm.dir, stale.as_ref(), &ctx.settings);
+    crate::network::driver::collect_stale(&vm.dir, stale.as_ref(), &ctx.settings);
     let _ = fs::remove_file(vm.state_path());
 }
 

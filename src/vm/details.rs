@@ -60,17 +60,17 @@ pub(crate) fn policy_in_force(s: &crate::vm::state::RunState) -> Option<bool> {
     if s.network_policy.is_empty() {
         return None;
     }
-    if s.network_mode == crate::network::NetworkMode::None {
+    if !crate::network::driver::of(&s.network_mode).has_device() {
         return Some(true);
     }
     let tap = s.host_device.as_deref()?;
-    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    let mut nl = crate::network::kernel::netlink::Netlink::open().ok()?;
     match crate::network::policy::tc::in_force(&mut nl, tap) {
         Ok(held) => Some(held),
         // Listing a tap's tcx programs needs CAP_NET_ADMIN: a user looking
         // at a VM whose network the lume service set up cannot tell (the
         // service's keeper guards it); unknown, not "not in force".
-        Err(crate::network::netlink::NetlinkError::Kernel {
+        Err(crate::network::kernel::netlink::NetlinkError::Kernel {
             errno: nix::errno::Errno::EPERM,
             ..
         }) => None,
@@ -93,31 +93,22 @@ pub(crate) fn guest_address(s: &crate::vm::state::RunState) -> Option<std::net::
     if s.ip_address.is_some() {
         return s.ip_address;
     }
-    if let (crate::network::NetworkMode::Bridged(_), Some(mac)) = (&s.network_mode, s.mac_address) {
-        // Only when no DHCP exchange was seen (a guest with a static address):
-        // what the guest itself announces, on its own parent interface only.
-        return crate::network::dhcp_snoop::neighbour_address(mac.0, Some(s.parent.as_deref()?))
-            .map(std::net::IpAddr::V4);
-    }
-    None
+    crate::network::driver::of(&s.network_mode).unrecorded_address(s)
 }
 
 /// How a bridged run's macvlan stands now (see [`crate::network::uplink`]).
 fn attachment(s: &crate::vm::state::RunState) -> Option<String> {
     let (parent, uplink) = (s.parent.as_deref()?, s.uplink.as_deref()?);
-    let mut nl = crate::network::netlink::Netlink::open().ok()?;
+    let mut nl = crate::network::kernel::netlink::Netlink::open().ok()?;
     crate::network::uplink::status(&mut nl, parent, uplink)
         .ok()
         .map(|st| st.as_str().to_string())
 }
 
 fn mode_note(mode: &crate::network::NetworkMode) -> Option<String> {
-    use crate::network::NetworkMode::*;
-    match mode {
-        User => Some("User-mode networking (passt): the guest is reachable from outside only through published ports and never reaches this host's loopback; ping from the guest may not work".into()),
-        None => Some("No network device".into()),
-        _ => Option::None,
-    }
+    crate::network::driver::of(mode)
+        .details_note()
+        .map(String::from)
 }
 
 /// `provisioningOperation` while an image is imported.

@@ -504,10 +504,7 @@ pub fn duplicates_note(dropped: &[(RuleList, Rule)], door: Door) -> Option<Strin
 /// `user` is not one: its traffic leaves as passt's own sockets, which no
 /// per-VM filter sees.
 pub fn enforceable_in(mode: &NetworkMode) -> bool {
-    matches!(
-        mode,
-        NetworkMode::Nat | NetworkMode::Host | NetworkMode::Bridged(_) | NetworkMode::None
-    )
+    crate::network::driver::of(mode).enforces_policy()
 }
 
 /// Private, special and local ranges `--isolate` keeps the guest from

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use super::Policy;
 use super::bpf::{self, Context, LoadError};
-use crate::network::netlink::{Netlink, NetlinkError};
+use crate::network::kernel::netlink::{Netlink, NetlinkError};
 
 /// The filter's priority on the tap's ingress.
 const PRIORITY: u16 = 1;

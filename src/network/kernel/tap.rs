@@ -2,7 +2,7 @@
 //! IFF_VNET_HDR, as cloud-hypervisor does) and never made persistent, so the
 //! kernel removes a tap as soon as the last descriptor closes — a killed
 //! supervisor and QEMU can never leave one behind. Bridged mode uses one too
-//! (no macvtap any more: see [`super::uplink`]).
+//! (no macvtap any more: see [`crate::network::uplink`]).
 
 use std::fs::OpenOptions;
 use std::io;

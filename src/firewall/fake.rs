@@ -1,0 +1,85 @@
+//! A firewall in memory, for unit tests of what lume does around its
+//! firewall (the watcher's repairs, the doctor's checks). The e2e tests use
+//! nftables itself.
+
+use std::sync::Mutex;
+
+use super::foreign::Ruleset;
+use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
+
+/// lume's table as the fake holds it, and what it was asked to do.
+#[derive(Debug, Default)]
+pub struct FakeFirewall {
+    /// lume's table: `None` when missing (never written, or flushed).
+    pub table: Mutex<Option<FirewallState>>,
+    /// How many times lume's table was written.
+    pub applies: Mutex<u32>,
+}
+
+impl FakeFirewall {
+    /// Removes lume's table behind lume's back (`nft flush ruleset`).
+    pub fn flush(&self) {
+        *self.table.lock().unwrap() = None;
+    }
+
+    pub fn state(&self) -> Option<FirewallState> {
+        self.table.lock().unwrap().clone()
+    }
+
+    pub fn applies(&self) -> u32 {
+        *self.applies.lock().unwrap()
+    }
+}
+
+impl FirewallDriver for FakeFirewall {
+    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
+        *self.applies.lock().unwrap() += 1;
+        *self.table.lock().unwrap() = (!state.is_empty()).then(|| state.clone());
+        Ok(())
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        self.flush();
+        Ok(())
+    }
+
+    fn present(&self) -> Result<bool, FirewallError> {
+        Ok(self.table.lock().unwrap().is_some())
+    }
+
+    fn listing(&self) -> Result<Option<String>, FirewallError> {
+        Ok(self
+            .table
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| format!("{s:?}")))
+    }
+
+    fn foreign_drops(&self) -> Result<Vec<ForeignDrop>, FirewallError> {
+        Ok(Vec::new())
+    }
+
+    fn accommodate(&self, _openings: &[Opening]) -> Result<Accommodated, FirewallError> {
+        Ok(Accommodated {
+            changes: Vec::new(),
+            tools: false,
+        })
+    }
+
+    fn tools_present(&self) -> Result<bool, FirewallError> {
+        Ok(false)
+    }
+
+    fn ruleset(&self) -> Result<Ruleset, FirewallError> {
+        Ok(Ruleset::default())
+    }
+
+    fn accommodate_with(
+        &self,
+        _rs: Ruleset,
+        openings: &[Opening],
+    ) -> Result<Accommodated, FirewallError> {
+        self.accommodate(openings)
+    }
+}

@@ -1,0 +1,101 @@
+//! What nat and host-only share: a lume bridge with its dnsmasq and lume's
+//! firewall table ([`crate::network::shared`]), one tap per VM in it.
+
+use std::path::Path;
+
+use super::{DoctorVm, VmCheck};
+use crate::network::attach::{
+    AttachError, AttachOptions, Attachment, HostSide, device_name, enforce_policy, hold_ports,
+    tap_args,
+};
+use crate::network::kernel::tap::Tap;
+use crate::network::shared::{Kind, Networks, SharedTeardown, member_id};
+use crate::settings::Settings;
+use crate::vm::config::MacAddress;
+
+/// One of lume's two bridge networks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LumeBridge(pub Kind);
+
+impl LumeBridge {
+    /// Published host ports no other VM of the namespace publishes.
+    pub fn validate(self, opts: &AttachOptions) -> Result<(), AttachError> {
+        let nets = Networks::from_settings(&opts.settings)?;
+        if let Some((vm, vm_dir)) = &opts.vm {
+            nets.check_ports(&member_id(vm, vm_dir), &opts.publish)?;
+        }
+        Ok(())
+    }
+
+    /// Joins the network with a new tap: the first VM brings the bridge,
+    /// dnsmasq and the firewall up; the attachment leaves it when dropped.
+    pub fn attach(
+        self,
+        vm: &str,
+        vm_dir: &Path,
+        mac: MacAddress,
+        opts: &AttachOptions,
+    ) -> Result<Attachment, AttachError> {
+        let kind = self.0;
+        let networks = Networks::from_settings(&opts.settings)?;
+        let held_ports = if opts.member {
+            hold_ports(&opts.publish)?
+        } else {
+            Vec::new()
+        };
+        let tap = Tap::create(&device_name("lt"))?;
+        let (ip, subnet_note) =
+            networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish, opts.member)?;
+        let net = networks.get(kind).clone();
+        let tap_name = tap.name.clone();
+        let mut guard = HostSide::default();
+        guard.healer = Some(crate::network::heal::Healer::start(networks.clone()));
+        guard.held_ports = held_ports;
+        guard.teardown = Some(Box::new(SharedTeardown {
+            networks,
+            kind,
+            id: member_id(vm, vm_dir),
+        }));
+        let mut attachment = Attachment {
+            qemu_args: tap_args(mac, &opts.policy),
+            fds: vec![tap.fd],
+            ip_address: None,
+            host_device: Some(tap.name),
+            parent: Some(net.bridge.clone()),
+            note: subnet_note,
+            lease_file: Some(net.dnsmasq().lease_path()),
+            reserved: Some(ip),
+            guard,
+            ..Default::default()
+        };
+        if !opts.policy.is_empty() {
+            // Before QEMU exists, so the guest's first frame meets the
+            // policy; a failure drops `attachment`, which leaves the
+            // network and removes the tap: nothing is left behind.
+            attachment.guard.policy = Some(enforce_policy(
+                &opts.policy,
+                &tap_name,
+                mac,
+                Some(ip),
+                Some((&net.bridge, net.subnet().gateway())),
+                None,
+            )?);
+        }
+        Ok(attachment)
+    }
+
+    /// Dead members, and networks nobody uses any more.
+    pub fn collect(settings: &Settings) {
+        if let Ok(nets) = Networks::from_settings(settings) {
+            let _ = nets.collect();
+        }
+    }
+
+    /// A guest on a lume bridge with an address is probed.
+    pub fn doctor_check(vm: &DoctorVm) -> VmCheck {
+        match vm.ip {
+            None => vm.no_address(),
+            Some(ip) => VmCheck::Probe(ip),
+        }
+    }
+}

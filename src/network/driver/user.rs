@@ -1,0 +1,114 @@
+//! `user`: passt per VM behind a loopback-dropping relay; needs no
+//! privileges and follows the host's routing.
+
+use std::path::Path;
+
+use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
+use crate::network::attach::{AttachError, AttachOptions, Attachment, HostSide, virtio_device};
+use crate::network::user::UserNet;
+use crate::settings::Settings;
+use crate::vm::config::MacAddress;
+use crate::vm::state::RunState;
+
+#[derive(Debug)]
+pub(super) struct User;
+
+impl NetworkDriver for User {
+    fn needs_net_admin(&self) -> bool {
+        false
+    }
+
+    fn publishing(&self) -> Publishing {
+        Publishing::Forwarded
+    }
+
+    fn enforces_policy(&self) -> bool {
+        // The guest's traffic leaves as passt's own sockets, which no
+        // per-VM filter sees.
+        false
+    }
+
+    fn has_device(&self) -> bool {
+        true
+    }
+
+    fn ssh_route(&self) -> SshRoute {
+        SshRoute::LoopbackForward
+    }
+
+    fn image_may_ask(&self) -> bool {
+        true
+    }
+
+    fn check_saved(&self) -> Result<(), AttachError> {
+        Ok(())
+    }
+
+    fn validate(&self, _opts: &AttachOptions) -> Result<(), AttachError> {
+        crate::network::passt::find_passt()?;
+        Ok(())
+    }
+
+    fn attach(
+        &self,
+        _vm: &str,
+        vm_dir: &Path,
+        mac: MacAddress,
+        opts: &AttachOptions,
+    ) -> Result<Attachment, AttachError> {
+        let net: UserNet = match &opts.user_net {
+            Some(s) => s.parse()?,
+            None => UserNet::default(),
+        };
+        let (passt, fd) =
+            crate::network::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
+        let note = opts.host_loopback.then(|| {
+            format!(
+                "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
+                net.gateway()
+            )
+        });
+        let mut guard = HostSide::default();
+        guard.held.push(Box::new(passt));
+        Ok(Attachment {
+            qemu_args: vec![
+                "-netdev".into(),
+                UserNet::netdev("net0", 3),
+                "-device".into(),
+                virtio_device("net0", mac),
+            ],
+            fds: vec![fd],
+            ip_address: Some(net.guest_address().into()),
+            note,
+            guard,
+            ..Default::default()
+        })
+    }
+
+    fn collect(&self, _settings: &Settings) {
+        // passt dies with its supervisor; nothing is shared.
+    }
+
+    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    fn host_bridge(&self, _state: &RunState) -> Option<String> {
+        None
+    }
+
+    fn details_note(&self) -> Option<&'static str> {
+        Some(
+            "User-mode networking (passt): the guest is reachable from outside only through published ports and never reaches this host's loopback; ping from the guest may not work",
+        )
+    }
+
+    fn doctor_check(&self, vm: &DoctorVm) -> VmCheck {
+        match vm.ip {
+            None => vm.no_address(),
+            Some(ip) => VmCheck::Pass(format!(
+                "{ip} (user mode: reachable through published ports only)"
+            )),
+        }
+    }
+}

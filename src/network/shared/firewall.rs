@@ -1,0 +1,251 @@
+//! The firewall state the members imply, written to lume's table and to
+//! lume's accepts in other tools' chains; `firewallAccommodation` changes.
+
+use super::*;
+
+impl Networks {
+    /// `firewallAccommodation` as config.yaml says now, when it differs
+    /// from the value in use (an unreadable file changes nothing).
+    pub fn accommodation_changed(&self) -> Option<bool> {
+        let now = Settings::load_from(&self.settings_file)
+            .ok()?
+            .get_bool("firewallAccommodation")
+            .ok()?
+            .unwrap_or(true);
+        (now != self.accommodate).then_some(now)
+    }
+
+    /// Applies a changed `firewallAccommodation` to every running VM: puts
+    /// lume's accepts in other tools' chains, or removes them, and rewrites
+    /// lume's table (its marks). Returns what it did, for the log; `None`
+    /// when a join or leave holds the network lock (the next check retries).
+    pub fn apply_accommodation(&mut self, on: bool) -> Option<String> {
+        let path = self.root.join("network.lock");
+        let Ok(Some(_guard)) = VmLock::acquire_within(&path, Duration::from_millis(200)) else {
+            return None;
+        };
+        self.accommodate = on;
+        Some(match self.apply_firewall() {
+            Ok(()) => accommodation_note(on, &self.settings_file),
+            Err(e) => format!(
+                "{}, but lume's firewall could not be rewritten: {}",
+                accommodation_note(on, &self.settings_file),
+                crate::error_chain(&e)
+            ),
+        })
+    }
+
+    /// The firewall state every live member implies; `tools`: whether a
+    /// chain lume accommodates exists (only then does its table mark packets).
+    pub fn firewall_state(&self, tools: bool) -> FirewallState {
+        let nat_members = self.nat.members();
+        let host_members = self.host.members();
+        let bridge_net = |n: &SharedNet| BridgeNet {
+            bridge: n.bridge.clone(),
+            subnet: n.subnet(),
+        };
+        FirewallState {
+            nat: (!nat_members.is_empty()).then(|| bridge_net(&self.nat)),
+            host: (!host_members.is_empty()).then(|| bridge_net(&self.host)),
+            dnat: nat_members
+                .iter()
+                .flat_map(|m| {
+                    m.publish.iter().map(|p| Dnat {
+                        host_ip: p.host_ip,
+                        host_port: p.host_port,
+                        proto: p.proto,
+                        guest: m.ip,
+                        guest_port: p.guest_port,
+                    })
+                })
+                .collect(),
+            ports: nat_members
+                .iter()
+                .chain(&host_members)
+                .map(|m| crate::firewall::GuestPort {
+                    tap: m.tap.clone(),
+                    mac: m.mac,
+                    ip: m.ip,
+                })
+                .collect(),
+            accommodate: self.accommodate && tools,
+        }
+    }
+
+    /// The bridges other tools' firewalls must let through: none when
+    /// accommodation is off; lume's NAT and host-only bridges while a VM is
+    /// a member, and each Linux bridge a VM not provably dead is bridged onto.
+    pub fn openings(&self) -> Vec<Opening> {
+        if !self.accommodate {
+            return Vec::new();
+        }
+        let mut out: Vec<Opening> = [&self.nat, &self.host]
+            .into_iter()
+            .filter(|n| !n.members().is_empty())
+            .map(|n| Opening {
+                bridge: n.bridge.clone(),
+                nat: n.kind == Kind::Nat,
+                gateway: n.subnet().gateway(),
+                bridged: false,
+            })
+            .collect();
+        let mut bridges: Vec<String> = self
+            .bridged_members()
+            .into_iter()
+            .filter(BridgedMember::alive)
+            .map(|m| m.bridge)
+            .filter(|b| *b != self.nat.bridge && *b != self.host.bridge)
+            .collect();
+        bridges.sort();
+        bridges.dedup();
+        out.extend(bridges.iter().map(|b| Opening::bridged(b)));
+        out
+    }
+
+    /// Puts lume's accepts in other tools' chains in order (removes them
+    /// all when nothing needs them). A chain that vanishes between listing
+    /// and writing (a firewall restarting) fails the transaction: it is
+    /// listed and tried once more.
+    pub fn accommodate(&self) -> Result<Accommodated, SharedError> {
+        self.accommodate_from(None)
+    }
+
+    /// [`Self::accommodate`] planned from `rs` when given (a listing taken
+    /// moments ago under the network lock; lume's own tables play no part
+    /// in the plan), saving an `nft` run. A retry lists afresh.
+    pub(super) fn accommodate_from(
+        &self,
+        rs: Option<Ruleset>,
+    ) -> Result<Accommodated, SharedError> {
+        let openings = self.openings();
+        let first = match rs {
+            Some(rs) => self.firewall.accommodate_with(rs, &openings),
+            None => self.firewall.accommodate(&openings),
+        };
+        match first {
+            Err(FirewallError::Accommodation(_)) => Ok(self.firewall.accommodate(&openings)?),
+            other => Ok(other?),
+        }
+    }
+
+    /// Writes lume's table for the current members (removes it when none),
+    /// puts lume's accepts in other tools' chains (removes them when none),
+    /// and remembers how the firewall lists the table, to notice changes later.
+    pub fn apply_firewall(&self) -> Result<(), SharedError> {
+        self.write_firewall().map(|_| ())
+    }
+
+    /// [`Self::apply_firewall`], returning whether lume's table now marks
+    /// packets for other tools' chains and what changed in those chains
+    /// (for the watcher's log).
+    pub(super) fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
+        // One listing tells whether other tools' chains are there and
+        // plans lume's accepts in them.
+        let rs = self.firewall.ruleset()?;
+        let tools = self.accommodate && rs.tools_present();
+        self.write_firewall_from(tools, Some(rs))
+    }
+
+    /// Whether lume's table marked packets for other tools' chains when it
+    /// was last written.
+    pub(super) fn marks(&self) -> bool {
+        fs::read_to_string(self.root.join("foreign.marks")).is_ok_and(|v| v.trim() == "1")
+    }
+
+    /// [`Self::write_firewall`] with `tools`: whether Docker's, ufw's or
+    /// firewalld's chains are there (known or assumed; a wrong assumption
+    /// is corrected by the caller once it has listed the ruleset).
+    pub(super) fn write_firewall_with(
+        &self,
+        tools: bool,
+    ) -> Result<(bool, Vec<String>), SharedError> {
+        self.write_firewall_from(tools, None)
+    }
+
+    /// [`Self::write_firewall_with`], planning the accepts in other tools'
+    /// chains from `rs` when given.
+    pub(super) fn write_firewall_from(
+        &self,
+        tools: bool,
+        rs: Option<Ruleset>,
+    ) -> Result<(bool, Vec<String>), SharedError> {
+        let state = self.firewall_state(tools);
+        let done = if state.is_empty() {
+            // Accepts in other chains first: nothing of lume's outlives its table.
+            let done = self.accommodate_from(rs)?;
+            self.firewall.apply(&state)?;
+            done
+        } else {
+            self.firewall.apply(&state)?;
+            self.accommodate_from(rs)?
+        };
+        // Whether the table marks packets for other tools' chains: the
+        // watcher rewrites it when such a tool appears or goes.
+        let marks = self.root.join("foreign.marks");
+        let _ = fs::write(&marks, if state.accommodate { "1" } else { "0" });
+        let _ = crate::network::rundir::private_file(&marks);
+        let saved = self.root.join("nft.listing");
+        match self.firewall.listing()? {
+            Some(text) => {
+                let _ = fs::write(&saved, text);
+                let _ = crate::network::rundir::private_file(&saved);
+            }
+            None => {
+                let _ = fs::remove_file(&saved);
+            }
+        }
+        Ok((state.accommodate, done.changes))
+    }
+}
+
+/// The log line for a changed `firewallAccommodation`.
+pub(super) fn accommodation_note(on: bool, file: &Path) -> String {
+    if on {
+        format!(
+            "firewallAccommodation changed to true in {}: lume puts its accepts in Docker's, ufw's and firewalld's chains for every running VM",
+            file.display()
+        )
+    } else {
+        format!(
+            "firewallAccommodation changed to false in {}: lume removed its accepts from Docker's, ufw's and firewalld's chains and leaves them alone for every running VM",
+            file.display()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        let mut nets = Networks::from_settings(&Settings::load_from(&file).unwrap()).unwrap();
+        assert!(nets.accommodate, "on by default");
+        assert_eq!(nets.accommodation_changed(), None);
+        std::fs::write(
+            &file,
+            "natSubnet: 10.9.0.0/24\nfirewallAccommodation: false\n",
+        )
+        .unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(false));
+        nets.accommodate = false;
+        assert_eq!(nets.accommodation_changed(), None);
+        // `lume config set` writes the string form too; removing the key means true.
+        std::fs::write(&file, "firewallAccommodation: 'true'\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        std::fs::write(&file, "{}\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), Some(true));
+        // An unreadable file changes nothing.
+        std::fs::write(&file, "firewallAccommodation: [\n").unwrap();
+        assert_eq!(nets.accommodation_changed(), None);
+        let note = accommodation_note(false, &file);
+        assert!(
+            note.starts_with("firewallAccommodation changed to false in ")
+                && note.contains("removed its accepts"),
+            "{note}"
+        );
+        assert!(!note.contains("appeared"));
+    }
+}

@@ -1,0 +1,412 @@
+//! Joining and leaving the shared networks under the namespace's network
+//! lock, the address each VM gets, and collecting what killed supervisors left.
+
+use super::*;
+
+/// Leaves a shared network when an attachment is dropped.
+#[derive(Debug)]
+pub struct SharedTeardown {
+    pub networks: Networks,
+    pub kind: Kind,
+    /// The membership key ([`member_id`]).
+    pub id: String,
+}
+
+impl crate::network::attach::Teardown for SharedTeardown {
+    fn teardown(self: Box<Self>) {
+        let _ = self.networks.leave(self.kind, &self.id);
+    }
+}
+
+/// Leaves the Linux bridge a tap was joined to: lume's accept for the
+/// bridge in other tools' chains goes with the last VM on it.
+#[derive(Debug)]
+pub struct BridgedTeardown {
+    pub networks: Networks,
+    /// The record's key ([`member_id`]).
+    pub id: String,
+}
+
+impl crate::network::attach::Teardown for BridgedTeardown {
+    fn teardown(self: Box<Self>) {
+        let _ = self.networks.leave_bridged(&self.id);
+    }
+}
+
+impl Networks {
+    /// Adds a VM to a shared network: brings the bridge, dnsmasq and the
+    /// firewall up as needed, reserves an address and returns it.
+    /// With `exclusive_mac` (a member's VM, see
+    /// [`crate::network::attach::AttachOptions::member`]), a MAC address another
+    /// running VM of lume's networks uses is refused, under the network
+    /// lock: two requests cannot both pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &self,
+        kind: Kind,
+        vm: &str,
+        vm_dir: &Path,
+        mac: MacAddress,
+        tap: &str,
+        publish: &[PortMapping],
+        exclusive_mac: bool,
+    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
+        let _guard = self.lock()?;
+        let rewrite = self.collect_records_locked();
+        let joined = self.join_locked(kind, vm, vm_dir, mac, tap, publish, exclusive_mac);
+        if joined.is_err() && rewrite {
+            // Refused before its firewall write: what the collection
+            // changed still reaches the firewall.
+            let _ = self.apply_firewall();
+        }
+        joined
+    }
+
+    /// [`Self::join`] under the network lock, after the collection; writes
+    /// lume's firewall for every member when the VM is in.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn join_locked(
+        &self,
+        kind: Kind,
+        vm: &str,
+        vm_dir: &Path,
+        mac: MacAddress,
+        tap: &str,
+        publish: &[PortMapping],
+        exclusive_mac: bool,
+    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
+        if exclusive_mac {
+            self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
+        }
+        let net = self.get(kind);
+        let mut note = None;
+        if net.members().is_empty() {
+            let other = match kind {
+                Kind::Nat => self.host.subnet(),
+                Kind::Host => self.nat.subnet(),
+            };
+            let (subnet, why) = net.resolve_subnet(&other)?;
+            crate::network::rundir::private_dir(self.base(), &net.dir).map_err(|source| {
+                SharedError::Runtime {
+                    path: net.dir.clone(),
+                    source,
+                }
+            })?;
+            fs::write(net.dir.join("subnet"), subnet.to_string()).map_err(|source| {
+                SharedError::Runtime {
+                    path: net.dir.clone(),
+                    source,
+                }
+            })?;
+            let _ = crate::network::rundir::private_file(&net.dir.join("subnet"));
+            note = why;
+        }
+        let id = member_id(vm, vm_dir);
+        self.check_ports(&id, publish)?;
+        let leases = fs::read_to_string(net.dnsmasq().lease_path())
+            .map(|t| crate::network::dnsmasq::parse_leases(&t))
+            .unwrap_or_default();
+        let ip = net.allocate(
+            &net.members(),
+            &id,
+            mac,
+            &leases,
+            crate::util::time::unix_now(),
+        )?;
+        let member = Member {
+            vm: vm.to_string(),
+            vm_dir: vm_dir.to_path_buf(),
+            mac,
+            ip,
+            tap: tap.to_string(),
+            publish: publish.to_vec(),
+        };
+        // VMs already running on this network (started by this release or an
+        // earlier one, whose bridges carry no mark) prove the bridge is lume's.
+        let running_before = net
+            .members()
+            .iter()
+            .any(|m| m.id() != id && m.liveness() == Liveness::Alive);
+        let joined = (|| {
+            net.write_member(&member)?;
+            net.bring_up_adopting(running_before)?;
+            let dns = net.dnsmasq();
+            dns.reserve(&id, &mac.to_string(), ip)?;
+            dns.ensure_running()?;
+            let mut nl = Netlink::open()?;
+            nl.set_master(tap, &net.bridge)?;
+            nl.set_up(tap)?;
+            self.apply_firewall()
+        })();
+        if let Err(e) = joined {
+            // Leave nothing half set up: drop the record, collect the rest.
+            let _ = net.remove_member(&id);
+            self.collect_locked();
+            return Err(e);
+        }
+        Ok((ip, note))
+    }
+
+    /// Refuses `mac` when another live VM of lume's networks (nat, host, or
+    /// bridged onto a Linux bridge) uses it; `id` is the asking VM's
+    /// [`member_id`]. The caller holds the network lock.
+    pub(super) fn check_mac_locked(&self, mac: MacAddress, id: &str) -> Result<(), SharedError> {
+        let shared = [&self.nat, &self.host]
+            .into_iter()
+            .flat_map(|n| n.members())
+            .find(|m| m.mac == mac && m.id() != id && m.alive())
+            .map(|m| m.vm);
+        let bridged = || {
+            self.bridged_members()
+                .into_iter()
+                .find(|m| m.mac == Some(mac) && m.id() != id && m.alive())
+                .map(|m| m.vm)
+        };
+        match shared.or_else(bridged) {
+            Some(vm) => Err(SharedError::MacTaken { mac, vm }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::check_mac_locked`] under the network lock (bridged onto a
+    /// plain interface, which keeps no record here).
+    pub fn check_mac(&self, mac: MacAddress, vm: &str, vm_dir: &Path) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        self.check_mac_locked(mac, &member_id(vm, vm_dir))
+    }
+
+    /// Refuses host ports another NAT VM of this namespace already publishes
+    /// (`id` is the asking VM's [`member_id`]).
+    pub fn check_ports(&self, id: &str, publish: &[PortMapping]) -> Result<(), SharedError> {
+        for other in self
+            .nat
+            .members()
+            .iter()
+            .filter(|m| m.id() != id && m.alive())
+        {
+            for p in publish {
+                let clash = other.publish.iter().any(|q| {
+                    q.host_port == p.host_port
+                        && q.proto == p.proto
+                        && (q.host_ip.is_none() || p.host_ip.is_none() || q.host_ip == p.host_ip)
+                });
+                if clash {
+                    return Err(SharedError::PortTaken {
+                        port: p.host_port,
+                        proto: p.proto,
+                        vm: other.vm.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a VM (by [`member_id`]); the last one out takes the network down.
+    pub fn leave(&self, kind: Kind, id: &str) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        let net = self.get(kind);
+        net.remove_member(id)?;
+        self.collect_locked();
+        self.apply_firewall()
+    }
+
+    /// Records a VM bridged onto the Linux bridge `bridge` and puts lume's
+    /// accept for that bridge's own traffic in other tools' chains (unless
+    /// `firewallAccommodation` is off). The record is written before the
+    /// accept: a supervisor killed at any point leaves a record the next
+    /// lume command collects, with the accept. The VM starts even when the
+    /// accept cannot be placed (its bridge worked without lume's help
+    /// before): without nft there is no iptables-nft chain to accommodate;
+    /// any other failure is returned as a note, and the watcher retries.
+    /// With `exclusive_mac`, a MAC another running VM uses is refused first
+    /// (as in [`Self::join`]).
+    pub fn join_bridged(
+        &self,
+        vm: &str,
+        vm_dir: &Path,
+        bridge: &str,
+        mac: MacAddress,
+        exclusive_mac: bool,
+    ) -> Result<Option<String>, SharedError> {
+        let _guard = self.lock()?;
+        self.collect_locked();
+        if exclusive_mac {
+            self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
+        }
+        let dir = self.bridged_dir();
+        let io = |source| SharedError::Runtime {
+            path: dir.clone(),
+            source,
+        };
+        crate::network::rundir::private_dir(self.base(), &dir).map_err(io)?;
+        let m = BridgedMember {
+            vm: vm.to_string(),
+            vm_dir: vm_dir.to_path_buf(),
+            bridge: bridge.to_string(),
+            mac: Some(mac),
+        };
+        let path = dir.join(format!("{}.json", m.id()));
+        crate::util::atomic::write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(&m).expect("member serialises"),
+        )
+        .map_err(io)?;
+        crate::network::rundir::private_file(&path).map_err(io)?;
+        match self.accommodate() {
+            Ok(_) | Err(SharedError::Firewall(FirewallError::NftMissing)) => Ok(None),
+            Err(e) => Ok(Some(format!(
+                "lume could not yet put its accept for {bridge} in other tools' firewall chains ({}); its watcher retries every second — `lume network doctor` shows whether bridged frames pass",
+                crate::error_chain(&e)
+            ))),
+        }
+    }
+
+    /// Removes a bridged VM's record (by [`member_id`]); lume's accept for
+    /// its bridge goes with the last VM bridged onto it.
+    pub fn leave_bridged(&self, id: &str) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        self.remove_bridged(id)?;
+        self.collect_locked();
+        self.accommodate().map(|_| ())
+    }
+
+    /// Collects what killed supervisors left: records of VMs that no longer
+    /// run, and whole networks nobody uses any more.
+    pub fn collect(&self) -> Result<(), SharedError> {
+        if !self.root.exists() {
+            return Ok(());
+        }
+        let _guard = self.lock()?;
+        self.collect_locked();
+        Ok(())
+    }
+
+    /// Removes dead members and takes down networks nobody uses; rewrites
+    /// the firewall only when that changed something.
+    pub(super) fn collect_locked(&self) {
+        if self.collect_records_locked() {
+            let _ = self.apply_firewall();
+        }
+    }
+
+    /// [`Self::collect_locked`] without the firewall: returns whether lume's
+    /// firewall must be rewritten (something was removed, or nothing is left
+    /// and a table or accepts may linger). A join rewrites it anyway once
+    /// the VM is in, so it skips a rewrite here (four `nft` runs).
+    pub(super) fn collect_records_locked(&self) -> bool {
+        let mut changed = false;
+        for net in [&self.nat, &self.host] {
+            for m in net.members() {
+                if !m.alive() {
+                    let _ = net.remove_member(&m.id());
+                    changed = true;
+                }
+            }
+            if net.members().is_empty() && net.dir.exists() {
+                net.take_down();
+                changed = true;
+            }
+        }
+        for m in self.bridged_members() {
+            if !m.alive() {
+                let _ = self.remove_bridged(&m.id());
+                changed = true;
+            }
+        }
+        // With no member left anywhere, a table (or accepts in other tools'
+        // chains) left by an interrupted teardown or a crash goes too.
+        let idle = self.nat.members().is_empty() && self.host.members().is_empty();
+        changed || idle
+    }
+}
+
+impl SharedNet {
+    /// The lowest free address from .2 up (the VM's own earlier record is reused).
+    /// The address for member `id` with `mac`: not another running VM's,
+    /// and not one dnsmasq still leases to another MAC at `now` (a VM
+    /// stopped or deleted within the lease time: dnsmasq would not give the
+    /// address to anyone else and would hand the new VM one outside its
+    /// reservation, which a network policy's source check then drops).
+    /// The address dnsmasq leases to this MAC comes first (a restart keeps
+    /// its address); when every free address is leased to others, the
+    /// lowest free one.
+    pub(super) fn allocate(
+        &self,
+        members: &[Member],
+        id: &str,
+        mac: MacAddress,
+        leases: &[crate::network::dnsmasq::Lease],
+        now: u64,
+    ) -> Result<Ipv4Addr, SharedError> {
+        let used: Vec<Ipv4Addr> = members
+            .iter()
+            .filter(|m| m.id() != id)
+            .map(|m| m.ip)
+            .collect();
+        let mac = mac.to_string().to_ascii_lowercase();
+        let live: Vec<&crate::network::dnsmasq::Lease> = leases
+            .iter()
+            .filter(|l| l.expires == 0 || l.expires > now)
+            .collect();
+        let free: Vec<Ipv4Addr> = (2..2 + self.subnet().guest_capacity())
+            .map(|n| self.subnet().host(n))
+            .filter(|ip| !used.contains(ip))
+            .collect();
+        let own = live
+            .iter()
+            .filter(|l| l.mac == mac)
+            .map(|l| l.ip)
+            .find(|ip| free.contains(ip));
+        let unleased = || {
+            free.iter()
+                .copied()
+                .find(|ip| !live.iter().any(|l| l.ip == *ip && l.mac != mac))
+        };
+        own.or_else(unleased)
+            .or_else(|| free.first().copied())
+            .ok_or_else(|| SharedError::Full {
+                bridge: self.bridge.clone(),
+                subnet: self.subnet(),
+                capacity: self.subnet().guest_capacity(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM stopped or deleted within dnsmasq's lease time keeps its
+    /// address leased to its MAC: a new VM must not be given it (dnsmasq
+    /// would hand that VM another address than its reservation).
+    #[test]
+    fn addresses_leased_to_other_macs_are_not_given_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let nets =
+            Networks::from_settings(&Settings::load_from(&dir.path().join("config.yaml")).unwrap())
+                .unwrap();
+        let net = nets.get(Kind::Nat);
+        let s = net.subnet();
+        let me: MacAddress = "52:54:00:00:00:01".parse().unwrap();
+        let lease = |ip, mac: &str, expires| crate::network::dnsmasq::Lease {
+            expires,
+            mac: mac.into(),
+            ip,
+        };
+        assert_eq!(net.allocate(&[], "a", me, &[], 100).unwrap(), s.host(2));
+        let other = [lease(s.host(2), "52:54:00:00:00:02", 200)];
+        assert_eq!(net.allocate(&[], "a", me, &other, 100).unwrap(), s.host(3));
+        assert_eq!(
+            net.allocate(&[], "a", me, &other, 300).unwrap(),
+            s.host(2),
+            "an expired lease holds nothing"
+        );
+        let mine = [lease(s.host(5), "52:54:00:00:00:01", 200)];
+        assert_eq!(
+            net.allocate(&[], "a", me, &mine, 100).unwrap(),
+            s.host(5),
+            "a restart keeps the address dnsmasq leases to the VM"
+        );
+    }
+}
