@@ -15,6 +15,8 @@
 # halt-alone start the same number of NAT VMs whose guest only halts (a
 # 44-byte multiboot kernel, as in many.sh; no CPU, no address), which
 # isolates lume's own share of a concurrent start.
+# BENCH_CONCURRENT_CASES (default "alone together halt-alone halt-together")
+# runs some cases only.
 BENCH_NAME=concurrent
 source "$(dirname "$0")/lib.sh"
 need_root
@@ -51,8 +53,9 @@ all_halts=$(IFS=,; echo "${halts[*]}")
 stop_all() {
     local n
     for n in "${names[@]}" "${halts[@]}"; do
-        lume_in "$NS" "$H" stop "$n" >/dev/null 2>&1 || true
+        lume_in "$NS" "$H" stop "$n" >/dev/null 2>&1 &
     done
+    wait
 }
 
 group() { # RUN CASE VMS [--no-address]
@@ -65,9 +68,10 @@ group() { # RUN CASE VMS [--no-address]
 
 for ((run = 0; run <= BENCH_RUNS; run++)); do
     log "round $run of $BENCH_RUNS$([ "$run" = 0 ] && echo ' (warm-up, not recorded)')"
-    cases=(alone together halt-alone halt-together)
-    for ((k = 0; k < 4; k++)); do
-        c=${cases[$(((k + run) % 4))]}
+    # shellcheck disable=SC2206
+    cases=(${BENCH_CONCURRENT_CASES:-alone together halt-alone halt-together})
+    for ((k = 0; k < ${#cases[@]}; k++)); do
+        c=${cases[$(((k + run) % ${#cases[@]}))]}
         case $c in
             alone) group "$run" alone c1 ;;
             together) group "$run" together "$all" ;;

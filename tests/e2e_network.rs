@@ -551,3 +551,56 @@ fn a_chosen_nat_subnet_that_collides_with_a_route_is_refused() {
     assert!(!t.host.exec_ok("nft list tables").contains("lume"));
     assert_eq!(t.get("c1")["status"], "stopped");
 }
+
+/// NAT VMs started at the same instant share their firewall writes (the
+/// first to write the table writes every VM joined so far): each still
+/// starts only once a table with its own rules is in place, gets an
+/// address of its own, and its published port reaches it.
+#[test]
+fn nat_vms_started_together_each_get_their_address_and_port() {
+    let t = Lan::new("nt");
+    let vms = ["t1", "t2", "t3", "t4"];
+    for (i, vm) in vms.iter().enumerate() {
+        t.create(vm, "nat", &["--publish", &format!("{}:80", 8301 + i)], "");
+    }
+    let t = &t;
+    std::thread::scope(|s| {
+        let runs: Vec<_> = vms
+            .iter()
+            .map(|vm| s.spawn(move || t.lume_ok(&["run", vm, "--detach"])))
+            .collect();
+        for r in runs {
+            r.join().unwrap();
+        }
+    });
+    // Every `run --detach` has returned: every VM's rules are in the table.
+    let rules = t.host.exec_ok("nft list table inet lume");
+    for port in 8301..8305 {
+        assert!(rules.contains(&port.to_string()), "{port}: {rules}");
+    }
+    let mut addrs = Vec::new();
+    for vm in vms {
+        wait_console(&t.home, vm, "LUME-GUEST: lease eth0 203.0.113.", BOOT);
+        let ip = wait_for("the address in lume get", Duration::from_secs(20), || {
+            t.get(vm)["ipAddress"].as_str().map(str::to_string)
+        });
+        addrs.push(ip);
+    }
+    let mut distinct = addrs.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), vms.len(), "{addrs:?}");
+    for (i, vm) in vms.iter().enumerate() {
+        let mac = t.get(vm)["macAddress"].as_str().unwrap().to_string();
+        let page = wait_for("the published port", Duration::from_secs(20), || {
+            t.lan
+                .http_get(&format!("{HOST_UPLINK_IP}:{}", 8301 + i))
+                .filter(|p| p.contains(&mac))
+        });
+        assert!(page.contains(&mac));
+    }
+    for vm in vms {
+        t.lume_ok(&["stop", vm]);
+    }
+    assert!(!t.host.exec_ok("nft list tables").contains("lume"));
+}

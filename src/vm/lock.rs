@@ -54,6 +54,17 @@ impl VmLock {
 
     /// Waits up to `timeout` for the lock.
     pub fn acquire_within(path: &Path, timeout: std::time::Duration) -> io::Result<Option<Self>> {
+        Self::acquire_polling(path, timeout, std::time::Duration::from_millis(20))
+    }
+
+    /// [`Self::acquire_within`], trying again every `period`: a lock held
+    /// for milliseconds at a time by many processes (the network lock
+    /// while VMs start together) is handed on sooner with a short period.
+    pub fn acquire_polling(
+        path: &Path,
+        timeout: std::time::Duration,
+        period: std::time::Duration,
+    ) -> io::Result<Option<Self>> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(l) = Self::try_acquire(path)? {
@@ -62,7 +73,7 @@ impl VmLock {
             if std::time::Instant::now() >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(period);
         }
     }
 

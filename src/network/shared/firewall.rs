@@ -169,6 +169,9 @@ impl Networks {
         tools: bool,
         rs: Option<Ruleset>,
     ) -> Result<(bool, Vec<String>), SharedError> {
+        // Under the network lock no record changes while the table is
+        // written: the generation read now is the one the table shows.
+        let generation = self.generation(MEMBERS_GENERATION);
         let state = self.firewall_state(tools);
         let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
@@ -194,9 +197,54 @@ impl Networks {
                 let _ = fs::remove_file(&saved);
             }
         }
+        self.set_generation(WRITTEN_GENERATION, generation);
         Ok((state.accommodate, done.changes))
     }
+
+    /// A counter in the runtime directory (0 when missing or unreadable).
+    fn generation(&self, name: &str) -> u64 {
+        fs::read_to_string(self.root.join(name))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn set_generation(&self, name: &str, value: u64) {
+        let path = self.root.join(name);
+        let _ = crate::util::atomic::write_private(&path, value.to_string().as_bytes());
+    }
+
+    /// Counts a join's new record (under the network lock) and returns its
+    /// number: the join's firewall write is done once a table written with
+    /// this many records is in place ([`Self::firewall_catch_up`]).
+    pub(super) fn record_joined(&self) -> u64 {
+        let next = self.generation(MEMBERS_GENERATION) + 1;
+        self.set_generation(MEMBERS_GENERATION, next);
+        next
+    }
+
+    /// Writes lume's firewall unless a write since record `joined` already
+    /// did (takes the network lock). VMs started together join one after
+    /// another under the lock without writing the table each time; the
+    /// first to write it writes every record so far, and the others find
+    /// their record written and go on: one `nft` transaction for a batch
+    /// of starts instead of one each, and never a VM started before a
+    /// table with its rules is in place.
+    pub(super) fn firewall_catch_up(&self, joined: u64) -> Result<(), SharedError> {
+        let _guard = self.lock()?;
+        if self.generation(WRITTEN_GENERATION) >= joined
+            && self.generation(MEMBERS_GENERATION) >= joined
+        {
+            return Ok(());
+        }
+        self.apply_firewall()
+    }
 }
+
+/// The number of join records counted so far in this namespace.
+const MEMBERS_GENERATION: &str = "members.generation";
+/// The count the last successful firewall write saw.
+const WRITTEN_GENERATION: &str = "firewall.generation";
 
 /// The log line for a changed `firewallAccommodation`.
 pub(super) fn accommodation_note(on: bool, file: &Path) -> String {
@@ -216,6 +264,46 @@ pub(super) fn accommodation_note(on: bool, file: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// VMs started together: a join whose record a later write already
+    /// covered writes nothing; one recorded after the last write writes.
+    #[test]
+    fn joins_covered_by_a_later_write_do_not_write_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("net");
+        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
+        let nets = Networks::in_dir(&root, fw.clone());
+        let member = |n: u8| Member {
+            vm: format!("v{n}"),
+            vm_dir: dir.path().join(format!("v{n}")),
+            mac: format!("52:54:00:12:34:{n:02x}").parse().unwrap(),
+            ip: format!("192.168.64.{n}").parse().unwrap(),
+            tap: format!("ltv{n}"),
+            publish: vec![format!("80{n:02}:22").parse().unwrap()],
+        };
+        nets.add_member(Kind::Nat, &member(2));
+        let first = nets.record_joined();
+        nets.add_member(Kind::Nat, &member(3));
+        let second = nets.record_joined();
+        nets.firewall_catch_up(second).unwrap();
+        assert_eq!(fw.applies(), 1);
+        assert_eq!(fw.state().unwrap().dnat.len(), 2, "both joins written");
+        nets.firewall_catch_up(first).unwrap();
+        assert_eq!(fw.applies(), 1, "the first join's record was written");
+
+        nets.add_member(Kind::Nat, &member(4));
+        let third = nets.record_joined();
+        nets.firewall_catch_up(third).unwrap();
+        assert_eq!(fw.applies(), 2);
+        assert_eq!(fw.state().unwrap().dnat.len(), 3);
+
+        // Counters lost (a runtime directory from an earlier release, or
+        // unreadable): a join writes rather than trusting them.
+        std::fs::remove_file(root.join(MEMBERS_GENERATION)).unwrap();
+        std::fs::remove_file(root.join(WRITTEN_GENERATION)).unwrap();
+        nets.firewall_catch_up(third).unwrap();
+        assert_eq!(fw.applies(), 3);
+    }
 
     #[test]
     fn the_watcher_sees_firewall_accommodation_change_in_config_yaml() {

@@ -51,19 +51,38 @@ impl Networks {
         publish: &[PortMapping],
         exclusive_mac: bool,
     ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
-        let _guard = self.lock()?;
+        let guard = self.lock()?;
         let rewrite = self.collect_records_locked();
         let joined = self.join_locked(kind, vm, vm_dir, mac, tap, publish, exclusive_mac);
-        if joined.is_err() && rewrite {
-            // Refused before its firewall write: what the collection
-            // changed still reaches the firewall.
-            let _ = self.apply_firewall();
+        let (ip, note, record) = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                if rewrite {
+                    // Refused before its firewall write: what the collection
+                    // changed still reaches the firewall.
+                    let _ = self.apply_firewall();
+                }
+                return Err(e);
+            }
+        };
+        // The table is written outside the records' critical section, so
+        // that VMs starting together share one write (see
+        // [`Self::firewall_catch_up`]); the VM starts only once it is.
+        drop(guard);
+        if let Err(e) = self.firewall_catch_up(record) {
+            // Leave nothing half set up: drop the record, collect the rest.
+            if let Ok(_guard) = self.lock() {
+                let _ = self.get(kind).remove_member(&member_id(vm, vm_dir));
+                self.collect_locked();
+            }
+            return Err(e);
         }
-        joined
+        Ok((ip, note))
     }
 
-    /// [`Self::join`] under the network lock, after the collection; writes
-    /// lume's firewall for every member when the VM is in.
+    /// [`Self::join`] under the network lock, after the collection: the
+    /// VM's record, address, bridge, dnsmasq and tap; returns the record's
+    /// number for the firewall write that must follow.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn join_locked(
         &self,
@@ -74,7 +93,7 @@ impl Networks {
         tap: &str,
         publish: &[PortMapping],
         exclusive_mac: bool,
-    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
+    ) -> Result<(Ipv4Addr, Option<String>, u64), SharedError> {
         if exclusive_mac {
             self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
         }
@@ -136,7 +155,7 @@ impl Networks {
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;
             nl.set_up(tap)?;
-            self.apply_firewall()
+            Ok::<_, SharedError>(())
         })();
         if let Err(e) = joined {
             // Leave nothing half set up: drop the record, collect the rest.
@@ -144,7 +163,7 @@ impl Networks {
             self.collect_locked();
             return Err(e);
         }
-        Ok((ip, note))
+        Ok((ip, note, self.record_joined()))
     }
 
     /// Refuses `mac` when another live VM of lume's networks (nat, host, or

@@ -187,7 +187,7 @@ impl Networks {
     }
 
     /// Takes the namespace-wide network mutex.
-    fn lock(&self) -> Result<VmLock, SharedError> {
+    pub(super) fn lock(&self) -> Result<VmLock, SharedError> {
         super::rundir::private_dir(self.base(), &self.root).map_err(|source| {
             SharedError::Runtime {
                 path: self.root.clone(),
@@ -195,7 +195,9 @@ impl Networks {
             }
         })?;
         let path = self.root.join("network.lock");
-        VmLock::acquire_within(&path, Duration::from_secs(30))
+        // Held for milliseconds at a time (a join's records, a table
+        // write): polled often, so VMs starting together queue tightly.
+        VmLock::acquire_polling(&path, Duration::from_secs(30), Duration::from_millis(2))
             .map_err(|source| SharedError::Runtime {
                 path: path.clone(),
                 source,
