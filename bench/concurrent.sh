@@ -16,7 +16,8 @@
 # 44-byte multiboot kernel, as in many.sh; no CPU, no address), which
 # isolates lume's own share of a concurrent start.
 # BENCH_CONCURRENT_CASES (default "alone together halt-alone halt-together")
-# runs some cases only.
+# runs some cases only; a case named old-<case> runs <case> with the lume
+# binary BENCH_OLD_LUME (another build, compared in the same rounds).
 BENCH_NAME=concurrent
 source "$(dirname "$0")/lib.sh"
 need_root
@@ -59,10 +60,12 @@ stop_all() {
 }
 
 group() { # RUN CASE VMS [--no-address]
+    local bin=$LUME
+    case $2 in old-*) bin=$BENCH_OLD_LUME ;; esac
     # shellcheck disable=SC2046
     in_ns "$NS" env -u LUME_API_TOKEN $(lume_env "$H") "${BT[@]}" concurrent-start \
         "--record=$([ "$1" -gt 0 ] && echo "$OUT")" --case "$2" --run "$1" \
-        --lume "$LUME" --vms "$3" --home-vms "$H/.lume" ${4:-} >/dev/null
+        --lume "$bin" --vms "$3" --home-vms "$H/.lume" ${4:-} >/dev/null
     stop_all
 }
 
@@ -73,10 +76,11 @@ for ((run = 0; run <= BENCH_RUNS; run++)); do
     for ((k = 0; k < ${#cases[@]}; k++)); do
         c=${cases[$(((k + run) % ${#cases[@]}))]}
         case $c in
-            alone) group "$run" alone c1 ;;
-            together) group "$run" together "$all" ;;
-            halt-alone) group "$run" halt-alone h1 --no-address ;;
-            halt-together) group "$run" halt-together "$all_halts" --no-address ;;
+            alone | old-alone) group "$run" "$c" c1 ;;
+            together | old-together) group "$run" "$c" "$all" ;;
+            halt-alone | old-halt-alone) group "$run" "$c" h1 --no-address ;;
+            halt-together | old-halt-together) group "$run" "$c" "$all_halts" --no-address ;;
+            *) die "unknown case $c" ;;
         esac
     done
 done
