@@ -80,7 +80,7 @@ impl Refusals {
         use super::RegistryError as E;
         let host = match &e {
             E::Unreachable {
-                source: oci_client::errors::OciDistributionError::RequestError(r),
+                source: super::RequestFailure::Transport(r),
                 ..
             } => r.url().and_then(|u| u.host_str()).map(|h| {
                 h.trim_start_matches('[')
