@@ -597,7 +597,7 @@ mod tests {
         let gate = Gate::start().await.unwrap();
         let r = crate::registry::token::authorize(
             &image,
-            &oci_client::secrets::RegistryAuth::Anonymous,
+            &crate::registry::auth::RegistryAuth::Anonymous,
             false,
             Some(&gate),
         )

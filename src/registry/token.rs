@@ -27,8 +27,8 @@
 //! the transfer (manifests, blobs, uploads: [`super::wire`]).
 
 use futures_util::StreamExt;
-use oci_client::secrets::RegistryAuth;
 
+use super::auth::RegistryAuth;
 use super::{ImageRef, RegistryError, classify, excerpt};
 
 /// Environment variable: token realm hosts (comma-separated) that may
@@ -321,7 +321,7 @@ async fn authorize_now(
     drop(res);
     let basic = match auth {
         RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
-        _ => None,
+        RegistryAuth::Anonymous => None,
     };
     let mut refresh = None;
     let header = match challenge {
