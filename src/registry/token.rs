@@ -175,19 +175,16 @@ fn named_in(realm: &reqwest::Url, entries: &str) -> bool {
     let host = realm.host_str().unwrap_or_default();
     let mut names = Vec::new();
     if let Some(port) = realm.port_or_known_default() {
-        names.push(if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        });
+        names.push(with_port(host, Some(port)));
     }
     if realm.port().is_none() {
-        names.push(host.to_string());
+        let bare = host_port(realm);
         names.push(
-            host.trim_start_matches('[')
+            bare.trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
         );
+        names.push(bare);
     }
     entries
         .split(',')
@@ -371,8 +368,12 @@ async fn authorize_now(
 
 /// `HOST[:PORT]` of `url`, as registries are named (`[V6]:PORT`).
 pub(super) fn host_port(url: &reqwest::Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    match url.port() {
+    with_port(url.host_str().unwrap_or_default(), url.port())
+}
+
+/// `HOST[:PORT]`, an IPv6 `HOST` in brackets before a port.
+fn with_port(host: &str, port: Option<u16>) -> String {
+    match port {
         Some(p) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{p}"),
         Some(p) => format!("{host}:{p}"),
         None => host.to_string(),
