@@ -73,11 +73,21 @@ impl Refusals {
         }
     }
 
-    /// `e` as the user should see it: a connection the gate refused is
-    /// named as such, not as an unreachable registry — when `e` is a
-    /// failed connect to a host the gate refused.
-    pub fn explain(&self, e: super::RegistryError, registry: &str) -> super::RegistryError {
+    /// `e` as the user should see it in a transfer that has a gate which
+    /// kept `refusals` (none: `e` as it is): a connection the gate refused
+    /// is named as such, not as an unreachable registry — when `e` is a
+    /// failed connect to a host the gate refused. The one place a
+    /// transfer's errors meet its gate ([`super::token`]'s exchange and
+    /// every request of its `Session`).
+    pub fn explain(
+        refusals: Option<&Self>,
+        e: super::RegistryError,
+        registry: &str,
+    ) -> super::RegistryError {
         use super::RegistryError as E;
+        let Some(refusals) = refusals else {
+            return e;
+        };
         let host = match &e {
             E::Unreachable {
                 source: super::RequestFailure::Transport(r),
@@ -92,7 +102,7 @@ impl Refusals {
         let Some(host) = host else {
             return e;
         };
-        let refusal = self
+        let refusal = refusals
             .0
             .lock()
             .expect("never poisoned")

@@ -29,6 +29,7 @@
 use futures_util::StreamExt;
 
 use super::auth::RegistryAuth;
+use super::guard::{Gate, Refusals};
 use super::{ImageRef, RegistryError, classify, excerpt};
 
 /// Environment variable: token realm hosts (comma-separated) that may
@@ -60,7 +61,7 @@ pub struct Session {
     /// For a token: how to fetch the next one, and when this one was.
     refresh: Option<Refresh>,
     /// The gate's refusals, in a public-only transfer.
-    pub(super) refusals: Option<super::guard::Refusals>,
+    pub(super) refusals: Option<Refusals>,
     /// The registry's name, as the user gave it.
     registry: String,
 }
@@ -220,15 +221,12 @@ pub async fn authorize(
     image: &ImageRef,
     auth: &RegistryAuth,
     push: bool,
-    gate: Option<&super::guard::Gate>,
+    gate: Option<&Gate>,
 ) -> Result<Session, RegistryError> {
-    let refusals = gate.map(super::guard::Gate::refusals);
+    let refusals = gate.map(Gate::refusals);
     within_deadline(&image.registry, authorize_now(image, auth, push, gate))
         .await
-        .map_err(|e| match &refusals {
-            Some(r) => r.explain(e, &image.registry),
-            None => e,
-        })
+        .map_err(|e| Refusals::explain(refusals.as_ref(), e, &image.registry))
 }
 
 /// How long the exchange with the registry (its first answer, the token)
@@ -263,7 +261,7 @@ async fn authorize_now(
     image: &ImageRef,
     auth: &RegistryAuth,
     push: bool,
-    gate: Option<&super::guard::Gate>,
+    gate: Option<&Gate>,
 ) -> Result<Session, RegistryError> {
     let registry = image.registry.clone();
     let image_s = image.to_string();
@@ -361,7 +359,7 @@ async fn authorize_now(
         upload_http,
         base,
         refresh,
-        refusals: gate.map(super::guard::Gate::refusals),
+        refusals: gate.map(Gate::refusals),
         registry,
     })
 }
@@ -485,10 +483,7 @@ impl Session {
 
     /// `e` with the gate's refusals taken into account.
     pub(super) fn explain(&self, e: RegistryError) -> RegistryError {
-        match &self.refusals {
-            Some(r) => r.explain(e, &self.registry),
-            None => e,
-        }
+        Refusals::explain(self.refusals.as_ref(), e, &self.registry)
     }
 
     async fn renew(&self) -> Result<(), RegistryError> {
