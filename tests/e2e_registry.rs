@@ -839,25 +839,32 @@ fn api_pull_start_push_images_prune() {
     assert!(!home.vm_dir("held5").exists());
 }
 
-/// A registry that misbehaves, for what docker-registry will not do:
-/// - 127.0.0.1:5100 names a token realm on another host (127.0.0.2:5101,
-///   which logs every Authorization header it receives);
-/// - 127.0.0.1:5102 answers the token request with an endless body;
-/// - 127.0.0.1:5103 needs no token and answers the manifest with an
+/// A registry that misbehaves, for what docker-registry will not do: one
+/// handler class per misbehaviour, each on its own server (one Python
+/// program), all sharing `Hostile`'s defaults (a token path answers
+/// without end, other GETs are 404s):
+/// - 127.0.0.1:5100 (`RealmOnAnotherHost`) names a token realm on another
+///   host (127.0.0.2:5101, `RealmHost`, which logs every Authorization
+///   header it receives);
+/// - 127.0.0.1:5102 (`EndlessToken`) answers the token request with an
 ///   endless body;
-/// - 127.0.0.1:5104 names a plain-HTTP realm on a non-loopback host;
-/// - 127.0.0.1:5105 names a realm on its own host that redirects to
-///   127.0.0.2:5101;
-/// - 127.0.0.1:5106 needs nothing at first look, and names an endless
-///   token service at every later look at /v2/;
-/// - 127.0.0.1:5107 asks for Basic credentials at first look (a Bearer
-///   realm on 127.0.0.2:5101 at later ones), serves a lume manifest to
-///   them, and answers the blob request with an error whose body is
-///   endless;
-/// - 127.0.0.1:5108 (Basic, as 5107) takes pushes, but sends the upload
-///   to 127.0.0.2:5101, which logs the Authorization it gets and answers
-///   with an endless error;
-/// - 127.0.0.1:5109 names a realm on another port of its host (5102's).
+/// - 127.0.0.1:5103 (`EndlessManifest`) needs no token and answers the
+///   manifest with an endless body;
+/// - 127.0.0.1:5104 (`PlainRealmElsewhere`) names a plain-HTTP realm on a
+///   non-loopback host;
+/// - 127.0.0.1:5105 (`RealmRedirects`) names a realm on its own host that
+///   redirects to 127.0.0.2:5101;
+/// - 127.0.0.1:5106 (`ChallengeOnSecondLook`) needs nothing at first look,
+///   and names an endless token service at every later look at /v2/;
+/// - 127.0.0.1:5107 (`EndlessBlobError`) asks for Basic credentials at
+///   first look (a Bearer realm on 127.0.0.2:5101 at later ones:
+///   `BasicFirst`), serves a lume manifest to them, and answers the blob
+///   request with an error whose body is endless;
+/// - 127.0.0.1:5108 (`UploadElsewhere`; Basic, as 5107) takes pushes, but
+///   sends the upload to 127.0.0.2:5101, which logs the Authorization it
+///   gets and answers with an endless error;
+/// - 127.0.0.1:5109 (`RealmOnAnotherPort`) names a realm on another port
+///   of its host (5102's).
 ///
 /// Endless bodies stop at 1 GiB; what was written before the client hung
 /// up is logged as `sent PORT BYTES`.
@@ -865,9 +872,22 @@ const HOSTILE: &str = r#"
 import sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 log = open(sys.argv[1], "a", buffering=1)
-class H(BaseHTTPRequestHandler):
+MANIFEST = ('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
+            '"layers":[{"mediaType":"application/vnd.trycua.lume.disk.v1","digest":"sha256:%s",'
+            '"size":1048576,"annotations":{"org.trycua.lume.content.uncompressed-size":"1048576"}}]}'
+            % ("a" * 64))
+
+class Hostile(BaseHTTPRequestHandler):
+    """What every server does unless its misbehaviour says otherwise: a
+    token path answers without end, any other GET is a 404, a HEAD asks
+    for Basic credentials and then says 404, a POST or PUT gets no answer."""
     protocol_version = "HTTP/1.0"
     def log_message(self, *a): pass
+    def empty(self, code, *headers):
+        self.send_response(code)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", "0"); self.end_headers()
     def endless(self, code=200):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -879,92 +899,136 @@ class H(BaseHTTPRequestHandler):
         except OSError:
             pass
         log.write("sent %d %d\n" % (self.server.server_port, sent))
-    def basic_first(self):
-        # 5107/5108: Basic at first look, a Bearer realm elsewhere later.
-        self.server.looks = getattr(self.server, "looks", 0) + 1
-        self.send_response(401)
-        if self.server.looks == 1:
-            self.send_header("WWW-Authenticate", 'Basic realm="r"')
-        else:
-            self.send_header("WWW-Authenticate",
-                             'Bearer realm="http://127.0.0.2:5101/token?from=%d"' % self.server.server_port)
-        self.send_header("Content-Length", "0"); self.end_headers()
     def authorized(self):
         if (self.headers.get("Authorization") or "").startswith("Basic "):
             return True
-        self.send_response(401); self.send_header("WWW-Authenticate", 'Basic realm="r"')
-        self.send_header("Content-Length", "0"); self.end_headers()
+        self.empty(401, ("WWW-Authenticate", 'Basic realm="r"'))
         return False
+    def looks(self):
+        """How many times /v2/ was looked at on this server, this one too."""
+        self.server.looks = getattr(self.server, "looks", 0) + 1
+        return self.server.looks
     def do_HEAD(self):
         if self.authorized():
-            self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
-    def do_POST(self):
-        if self.server.server_port == 5108 and self.authorized():
-            self.send_response(202)
-            self.send_header("Location", "http://127.0.0.2:5101/upload?from=5108")
-            self.send_header("Content-Length", "0"); self.end_headers()
-    def do_PUT(self):
-        if self.server.server_port == 5101:
-            log.write("upload auth=%s\n" % self.headers.get("Authorization"))
-            self.endless(500)
+            self.empty(404)
+    def do_POST(self): pass
+    def do_PUT(self): pass
     def do_GET(self):
-        port = self.server.server_port
         if self.path.startswith("/token"):
-            log.write("token asked at %d\n" % port)
-        if port in (5107, 5108) and self.path == "/v2/":
-            self.basic_first(); return
-        if port == 5107 and "/manifests/" in self.path:
+            log.write("token asked at %d\n" % self.server.server_port)
+        self.get()
+    def get(self):
+        if self.path.startswith("/token"):
+            self.endless()
+        else:
+            self.empty(404)
+
+class BearerRealm(Hostile):
+    """/v2/ names the token realm `realm`."""
+    def get(self):
+        if self.path == "/v2/":
+            self.empty(401, ("WWW-Authenticate", 'Bearer realm="%s",service="s"' % self.realm))
+        else:
+            super().get()
+
+class RealmOnAnotherHost(BearerRealm):
+    realm = "http://127.0.0.2:5101/token"
+
+class EndlessToken(BearerRealm):
+    realm = "http://127.0.0.1:5102/token"
+
+class PlainRealmElsewhere(BearerRealm):
+    realm = "http://192.0.2.1/token"
+
+class RealmRedirects(BearerRealm):
+    """A realm on the registry's own host that redirects to another."""
+    realm = "http://127.0.0.1:5105/token"
+    def get(self):
+        if self.path.startswith("/token"):
+            self.empty(302, ("Location", "http://127.0.0.2:5101/token?from=5105"))
+        else:
+            super().get()
+
+class RealmOnAnotherPort(BearerRealm):
+    realm = "http://127.0.0.1:5102/token"
+
+class EndlessManifest(Hostile):
+    """No challenge; the manifest never ends."""
+    def get(self):
+        if "/manifests/" in self.path:
+            self.endless()
+        else:
+            super().get()
+
+class ChallengeOnSecondLook(Hostile):
+    """First look: no challenge; every later one: a token service that
+    answers forever (lume must not let anything ask again)."""
+    def get(self):
+        if self.path != "/v2/":
+            super().get()
+        elif self.looks() == 1:
+            self.empty(200)
+        else:
+            self.empty(401, ("WWW-Authenticate", 'Bearer realm="http://127.0.0.1:5106/token"'))
+
+class BasicFirst(Hostile):
+    """Basic at first look, a Bearer realm elsewhere later."""
+    def get(self):
+        if self.path != "/v2/":
+            super().get()
+        elif self.looks() == 1:
+            self.empty(401, ("WWW-Authenticate", 'Basic realm="r"'))
+        else:
+            self.empty(401, ("WWW-Authenticate",
+                             'Bearer realm="http://127.0.0.2:5101/token?from=%d"' % self.server.server_port))
+
+class EndlessBlobError(BasicFirst):
+    """A lume manifest to Basic credentials; its blob's error never ends."""
+    def get(self):
+        if "/manifests/" in self.path:
             if self.authorized():
                 body = MANIFEST.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
                 self.send_header("Content-Length", str(len(body))); self.end_headers()
                 self.wfile.write(body)
-            return
-        if port == 5107 and "/blobs/" in self.path:
+        elif "/blobs/" in self.path:
             if self.authorized():
                 self.endless(500)
-            return
-        if port == 5101:
-            frm = self.path.split("from=")[1] if "from=" in self.path else ""
-            log.write("realm%s auth=%s\n" % (" via " + frm if frm else "",
-                                              self.headers.get("Authorization")))
-            body = b'{"token":"t0k3n"}'
-            self.send_response(200); self.send_header("Content-Length", str(len(body)))
-            self.end_headers(); self.wfile.write(body); return
-        if port == 5106 and self.path == "/v2/":
-            # First look: no challenge; every later one: a token service
-            # that answers forever (lume must not let anything ask again).
-            self.server.looks = getattr(self.server, "looks", 0) + 1
-            if self.server.looks == 1:
-                self.send_response(200); self.send_header("Content-Length", "0")
-                self.end_headers(); return
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Bearer realm="http://127.0.0.1:5106/token"')
-            self.send_header("Content-Length", "0"); self.end_headers(); return
-        if self.path == "/v2/" and port != 5103:
-            realm = {5100: "http://127.0.0.2:5101/token", 5102: "http://127.0.0.1:5102/token",
-                     5104: "http://192.0.2.1/token", 5105: "http://127.0.0.1:5105/token",
-                     5109: "http://127.0.0.1:5102/token"}[port]
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="s"' % realm)
-            self.send_header("Content-Length", "0"); self.end_headers(); return
-        if port == 5105 and self.path.startswith("/token"):
-            self.send_response(302)
-            self.send_header("Location", "http://127.0.0.2:5101/token?from=5105")
-            self.send_header("Content-Length", "0"); self.end_headers(); return
-        if self.path.startswith("/token") or (port == 5103 and "/manifests/" in self.path):
-            self.endless(); return
-        self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers()
-MANIFEST = ('{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",'
-            '"layers":[{"mediaType":"application/vnd.trycua.lume.disk.v1","digest":"sha256:%s",'
-            '"size":1048576,"annotations":{"org.trycua.lume.content.uncompressed-size":"1048576"}}]}'
-            % ("a" * 64))
-for host, port in [("127.0.0.1", 5100), ("127.0.0.2", 5101), ("127.0.0.1", 5102),
-                   ("127.0.0.1", 5103), ("127.0.0.1", 5104), ("127.0.0.1", 5105),
-                   ("127.0.0.1", 5106), ("127.0.0.1", 5107), ("127.0.0.1", 5108),
-                   ("127.0.0.1", 5109)]:
-    s = ThreadingHTTPServer((host, port), H)
+        else:
+            super().get()
+
+class UploadElsewhere(BasicFirst):
+    """An upload session on another host (RealmHost)."""
+    def do_POST(self):
+        if self.authorized():
+            self.empty(202, ("Location", "http://127.0.0.2:5101/upload?from=5108"))
+
+class RealmHost(Hostile):
+    """The other host: logs the Authorization of every token request and
+    upload it gets; tokens for all, uploads end in an endless error."""
+    def get(self):
+        frm = self.path.split("from=")[1] if "from=" in self.path else ""
+        log.write("realm%s auth=%s\n" % (" via " + frm if frm else "",
+                                          self.headers.get("Authorization")))
+        body = b'{"token":"t0k3n"}'
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def do_PUT(self):
+        log.write("upload auth=%s\n" % self.headers.get("Authorization"))
+        self.endless(500)
+
+for host, port, handler in [("127.0.0.1", 5100, RealmOnAnotherHost),
+                            ("127.0.0.2", 5101, RealmHost),
+                            ("127.0.0.1", 5102, EndlessToken),
+                            ("127.0.0.1", 5103, EndlessManifest),
+                            ("127.0.0.1", 5104, PlainRealmElsewhere),
+                            ("127.0.0.1", 5105, RealmRedirects),
+                            ("127.0.0.1", 5106, ChallengeOnSecondLook),
+                            ("127.0.0.1", 5107, EndlessBlobError),
+                            ("127.0.0.1", 5108, UploadElsewhere),
+                            ("127.0.0.1", 5109, RealmOnAnotherPort)]:
+    s = ThreadingHTTPServer((host, port), handler)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 open(sys.argv[1] + ".ready", "w").close()
 threading.Event().wait()

@@ -25,7 +25,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use oci_client::secrets::RegistryAuth;
 
 use super::{ImageRef, RegistryError};
 use crate::vm::caller::{Access, Caller, OpenError};
@@ -61,6 +60,28 @@ pub struct Hint {
     /// The Docker config names a credential helper for this registry
     /// (`credsStore`, or a `credHelpers` entry), which lume does not run.
     pub helpers: bool,
+}
+
+/// What a transfer authenticates with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RegistryAuth {
+    Anonymous,
+    /// User name and password (or token), sent as HTTP Basic to the
+    /// registry or its token realm ([`super::token`]).
+    Basic(String, String),
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::Basic(user, _) => f
+                .debug_tuple("Basic")
+                .field(user)
+                .field(&"<redacted>")
+                .finish(),
+        }
+    }
 }
 
 /// The credentials found, and where from.
@@ -305,6 +326,13 @@ pub fn check_public(image: &ImageRef) -> Result<(), RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A password never shows in debug output (logs, panics).
+    #[test]
+    fn passwords_are_not_printed() {
+        let text = format!("{:?}", RegistryAuth::Basic("alice".into(), "s3cr3t".into()));
+        assert!(text.contains("alice") && !text.contains("s3cr3t"), "{text}");
+    }
 
     #[test]
     fn docker_config_entries() {

@@ -73,14 +73,24 @@ impl Refusals {
         }
     }
 
-    /// `e` as the user should see it: a connection the gate refused is
-    /// named as such, not as an unreachable registry — when `e` is a
-    /// failed connect to a host the gate refused.
-    pub fn explain(&self, e: super::RegistryError, registry: &str) -> super::RegistryError {
+    /// `e` as the user should see it in a transfer that has a gate which
+    /// kept `refusals` (none: `e` as it is): a connection the gate refused
+    /// is named as such, not as an unreachable registry — when `e` is a
+    /// failed connect to a host the gate refused. The one place a
+    /// transfer's errors meet its gate ([`super::token`]'s exchange and
+    /// every request of its `Session`).
+    pub fn explain(
+        refusals: Option<&Self>,
+        e: super::RegistryError,
+        registry: &str,
+    ) -> super::RegistryError {
         use super::RegistryError as E;
+        let Some(refusals) = refusals else {
+            return e;
+        };
         let host = match &e {
             E::Unreachable {
-                source: oci_client::errors::OciDistributionError::RequestError(r),
+                source: super::RequestFailure::Transport(r),
                 ..
             } => r.url().and_then(|u| u.host_str()).map(|h| {
                 h.trim_start_matches('[')
@@ -92,7 +102,7 @@ impl Refusals {
         let Some(host) = host else {
             return e;
         };
-        let refusal = self
+        let refusal = refusals
             .0
             .lock()
             .expect("never poisoned")
@@ -597,7 +607,7 @@ mod tests {
         let gate = Gate::start().await.unwrap();
         let r = crate::registry::token::authorize(
             &image,
-            &oci_client::secrets::RegistryAuth::Anonymous,
+            &crate::registry::auth::RegistryAuth::Anonymous,
             false,
             Some(&gate),
         )

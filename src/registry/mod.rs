@@ -8,12 +8,15 @@
 //!   legacy Apple-LZ4 parts), sparse writing.
 //! - [`cache`]: the blob cache (`cacheDirectory/ghcr/ORG/MANIFEST_ID/`),
 //!   `images`, `prune`.
-//! - [`token`]: the token exchange and the manifest fetch, lume's own
-//!   (bounded reads, credentials to the registry's own host only).
-//! - [`pull`], [`push`]: the transfers, over the `oci-client` crate.
+//! - [`token`], [`wire`]: lume's own requests to a registry (bounded
+//!   reads, credentials to the registry's own host only); [`failure`]:
+//!   why one failed, which [`classify`] sorts into a [`RegistryError`].
+//! - [`guard`]: the gate of a public-only transfer's connections.
+//! - [`pull`], [`push`]: the transfers.
 
 pub mod auth;
 pub mod cache;
+pub mod failure;
 pub mod format;
 pub mod guard;
 pub mod pull;
@@ -24,6 +27,7 @@ pub mod wire;
 
 use std::path::PathBuf;
 
+pub use failure::RequestFailure;
 pub use reference::ImageRef;
 
 /// Why a registry operation failed.
@@ -102,7 +106,7 @@ pub enum RegistryError {
     Unreachable {
         registry: String,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: RequestFailure,
     },
     #[error(
         "Registry {registry} could not be reached: its name does not resolve; check the name, the network and the DNS settings"
@@ -195,7 +199,7 @@ pub enum RegistryError {
         /// A public-only (API) transfer, which never uses plain HTTP.
         public_only: bool,
         #[source]
-        source: oci_client::errors::OciDistributionError,
+        source: RequestFailure,
     },
     #[error(
         "VM '{0}' boots a kernel file, which lume's image format does not carry: only VMs booted from their disk can be pushed"
@@ -325,14 +329,9 @@ pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Re
     }
 }
 
-/// Sorts an `oci-client` error into lume's kinds, by its variant (never
-/// by its text).
-pub(crate) fn classify(
-    e: oci_client::errors::OciDistributionError,
-    registry: &str,
-    image: &str,
-) -> RegistryError {
-    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+/// Sorts why one of lume's requests failed into lume's kinds, by its
+/// variant, status and error codes (never by its text).
+pub(crate) fn classify(e: RequestFailure, registry: &str, image: &str) -> RegistryError {
     let not_found = || RegistryError::NotFound {
         image: image.to_string(),
         api: false,
@@ -342,49 +341,37 @@ pub(crate) fn classify(
         sent: true,
         api: false,
     };
+    let protocol = |e: &RequestFailure| RegistryError::Protocol {
+        registry: registry.to_string(),
+        detail: excerpt(&e.to_string()),
+    };
     match &e {
-        E::ImageManifestNotFoundError(_) => not_found(),
-        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => unauthorized(),
-        E::RegistryError { envelope, .. } => {
-            let codes: Vec<&C> = envelope.errors.iter().map(|x| &x.code).collect();
-            if codes
-                .iter()
-                .any(|c| matches!(c, C::ManifestUnknown | C::NameUnknown | C::NotFound))
-            {
+        RequestFailure::Errors { envelope, .. } => {
+            if envelope.errors.iter().any(|x| x.code.not_found()) {
                 not_found()
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, C::Unauthorized | C::Denied))
-            {
+            } else if envelope.errors.iter().any(|x| x.code.refused()) {
                 unauthorized()
             } else {
-                RegistryError::Protocol {
-                    registry: registry.to_string(),
-                    detail: excerpt(&e.to_string()),
-                }
+                protocol(&e)
             }
         }
-        E::ServerError { code: 404, .. } => not_found(),
-        E::ServerError {
-            code: 401 | 403, ..
+        RequestFailure::Status { status: 404, .. } => not_found(),
+        RequestFailure::Status {
+            status: 401 | 403, ..
         } => unauthorized(),
-        E::RequestError(r) if matches!(r.status().map(|s| s.as_u16()), Some(401 | 403)) => {
-            unauthorized()
-        }
-        E::RequestError(r) if r.status().is_some_and(|s| s.as_u16() == 404) => not_found(),
-        E::RequestError(r) if not_tls(r) => RegistryError::NotTls {
+        RequestFailure::Status { .. } => protocol(&e),
+        RequestFailure::Transport(r) if not_tls(r) => RegistryError::NotTls {
             registry: registry.to_string(),
             public_only: false,
             source: e,
         },
-        E::RequestError(r) if r.is_connect() || r.is_timeout() => RegistryError::Unreachable {
-            registry: registry.to_string(),
-            source: e,
-        },
-        _ => RegistryError::Protocol {
-            registry: registry.to_string(),
-            detail: excerpt(&e.to_string()),
-        },
+        RequestFailure::Transport(r) if r.is_connect() || r.is_timeout() => {
+            RegistryError::Unreachable {
+                registry: registry.to_string(),
+                source: e,
+            }
+        }
+        RequestFailure::Transport(_) => protocol(&e),
     }
 }
 
@@ -444,10 +431,10 @@ mod tests {
     fn registry_text_is_cut_and_escaped() {
         let body = format!("\x1b[31mline1\nforged {}", "S".repeat(10_000));
         let e = classify(
-            oci_client::errors::OciDistributionError::ServerError {
-                code: 500,
+            RequestFailure::Status {
+                status: 500,
                 url: "http://r/v2/".into(),
-                message: body,
+                body,
             },
             "r.example",
             "r.example/a/b:c",
@@ -456,6 +443,41 @@ mod tests {
         assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
         assert!(text.len() < 400, "{text}");
         assert!(!text.contains('\n') && !text.contains('\x1b'), "{text}");
+    }
+
+    /// A failed answer is sorted by its envelope's codes when it sent
+    /// one, else by its status.
+    #[test]
+    fn answers_are_sorted_by_codes_then_status() {
+        let sort = |status, body: &str| {
+            classify(
+                RequestFailure::answer(status, "https://r/v2/".into(), body.as_bytes()),
+                "r.example",
+                "r.example/a/b:c",
+            )
+        };
+        let envelope = |code: &str| format!(r#"{{"errors":[{{"code":"{code}"}}]}}"#);
+        for code in ["MANIFEST_UNKNOWN", "NAME_UNKNOWN", "NOT_FOUND"] {
+            let e = sort(500, &envelope(code));
+            assert!(matches!(e, RegistryError::NotFound { .. }), "{code}: {e:?}");
+        }
+        for code in ["UNAUTHORIZED", "DENIED"] {
+            let e = sort(500, &envelope(code));
+            assert!(
+                matches!(e, RegistryError::Unauthorized { .. }),
+                "{code}: {e:?}"
+            );
+        }
+        let e = sort(404, &envelope("TOOMANYREQUESTS"));
+        assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
+        let e = sort(404, "no such thing");
+        assert!(matches!(e, RegistryError::NotFound { .. }), "{e:?}");
+        for status in [401, 403] {
+            let e = sort(status, r#"{"errors":[]}"#);
+            assert!(matches!(e, RegistryError::Unauthorized { .. }), "{e:?}");
+        }
+        let e = sort(502, "");
+        assert!(matches!(e, RegistryError::Protocol { .. }), "{e:?}");
     }
 
     #[test]
@@ -554,7 +576,11 @@ mod tests {
     #[test]
     fn not_tls_hint_follows_the_door() {
         let e = |public_only| {
-            let source = oci_client::errors::OciDistributionError::GenericError(None);
+            let source = RequestFailure::Status {
+                status: 400,
+                url: "https://r.example:5000/v2/".into(),
+                body: String::new(),
+            };
             RegistryError::NotTls {
                 registry: "r.example:5000".into(),
                 public_only: false,

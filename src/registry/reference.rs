@@ -91,7 +91,8 @@ impl ImageRef {
         })
     }
 
-    /// For `oci-client`.
+    /// As `oci-client`'s reference (repository, the registry's name for
+    /// requests: Docker Hub's `docker.io` is `index.docker.io`).
     pub fn oci(&self) -> oci_client::Reference {
         oci_client::Reference::with_tag(self.registry.clone(), self.repository(), self.tag.clone())
     }

@@ -27,8 +27,9 @@
 //! the transfer (manifests, blobs, uploads: [`super::wire`]).
 
 use futures_util::StreamExt;
-use oci_client::secrets::RegistryAuth;
 
+use super::auth::RegistryAuth;
+use super::guard::{Gate, Refusals};
 use super::{ImageRef, RegistryError, classify, excerpt};
 
 /// Environment variable: token realm hosts (comma-separated) that may
@@ -60,7 +61,7 @@ pub struct Session {
     /// For a token: how to fetch the next one, and when this one was.
     refresh: Option<Refresh>,
     /// The gate's refusals, in a public-only transfer.
-    pub(super) refusals: Option<super::guard::Refusals>,
+    pub(super) refusals: Option<Refusals>,
     /// The registry's name, as the user gave it.
     registry: String,
 }
@@ -175,19 +176,16 @@ fn named_in(realm: &reqwest::Url, entries: &str) -> bool {
     let host = realm.host_str().unwrap_or_default();
     let mut names = Vec::new();
     if let Some(port) = realm.port_or_known_default() {
-        names.push(if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        });
+        names.push(with_port(host, Some(port)));
     }
     if realm.port().is_none() {
-        names.push(host.to_string());
+        let bare = host_port(realm);
         names.push(
-            host.trim_start_matches('[')
+            bare.trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
         );
+        names.push(bare);
     }
     entries
         .split(',')
@@ -223,15 +221,12 @@ pub async fn authorize(
     image: &ImageRef,
     auth: &RegistryAuth,
     push: bool,
-    gate: Option<&super::guard::Gate>,
+    gate: Option<&Gate>,
 ) -> Result<Session, RegistryError> {
-    let refusals = gate.map(super::guard::Gate::refusals);
+    let refusals = gate.map(Gate::refusals);
     within_deadline(&image.registry, authorize_now(image, auth, push, gate))
         .await
-        .map_err(|e| match &refusals {
-            Some(r) => r.explain(e, &image.registry),
-            None => e,
-        })
+        .map_err(|e| Refusals::explain(refusals.as_ref(), e, &image.registry))
 }
 
 /// How long the exchange with the registry (its first answer, the token)
@@ -266,7 +261,7 @@ async fn authorize_now(
     image: &ImageRef,
     auth: &RegistryAuth,
     push: bool,
-    gate: Option<&super::guard::Gate>,
+    gate: Option<&Gate>,
 ) -> Result<Session, RegistryError> {
     let registry = image.registry.clone();
     let image_s = image.to_string();
@@ -321,7 +316,7 @@ async fn authorize_now(
     drop(res);
     let basic = match auth {
         RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
-        _ => None,
+        RegistryAuth::Anonymous => None,
     };
     let mut refresh = None;
     let header = match challenge {
@@ -364,15 +359,19 @@ async fn authorize_now(
         upload_http,
         base,
         refresh,
-        refusals: gate.map(super::guard::Gate::refusals),
+        refusals: gate.map(Gate::refusals),
         registry,
     })
 }
 
 /// `HOST[:PORT]` of `url`, as registries are named (`[V6]:PORT`).
 pub(super) fn host_port(url: &reqwest::Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    match url.port() {
+    with_port(url.host_str().unwrap_or_default(), url.port())
+}
+
+/// `HOST[:PORT]`, an IPv6 `HOST` in brackets before a port.
+fn with_port(host: &str, port: Option<u16>) -> String {
+    match port {
         Some(p) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{p}"),
         Some(p) => format!("{host}:{p}"),
         None => host.to_string(),
@@ -484,10 +483,7 @@ impl Session {
 
     /// `e` with the gate's refusals taken into account.
     pub(super) fn explain(&self, e: RegistryError) -> RegistryError {
-        match &self.refusals {
-            Some(r) => r.explain(e, &self.registry),
-            None => e,
-        }
+        Refusals::explain(self.refusals.as_ref(), e, &self.registry)
     }
 
     async fn renew(&self) -> Result<(), RegistryError> {

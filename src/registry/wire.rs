@@ -20,17 +20,16 @@
 //!   the whole upload within 10 minutes plus one per MiB: a chunk need not
 //!   fit in one read timeout, nor may a registry hold it for days.
 //!
-//! `oci-client` still provides the reference and error types.
+//! A failed request is a [`RequestFailure`], sorted by [`classify`].
 
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use oci_client::errors::{OciDistributionError, OciEnvelope};
 use reqwest::{Method, StatusCode, Url, header};
 
 use super::token::{
     EXCHANGE_DEADLINE, MAX_ERROR_BODY, MAX_MANIFEST, READ_TIMEOUT, Session, read_capped, within,
 };
-use super::{ImageRef, RegistryError, classify};
+use super::{ImageRef, RegistryError, RequestFailure, classify};
 
 /// An upload that moves fewer bytes than this per [`RATE_WINDOW`] is
 /// broken off.
@@ -103,17 +102,11 @@ impl Session {
             .and_then(Result::ok)
             .flatten()
             .unwrap_or_default();
-        let e = match serde_json::from_slice::<OciEnvelope>(&body) {
-            Ok(envelope) if !envelope.errors.is_empty() => {
-                OciDistributionError::RegistryError { envelope, url }
-            }
-            _ => OciDistributionError::ServerError {
-                code,
-                url,
-                message: String::from_utf8_lossy(&body).into_owned(),
-            },
-        };
-        classify(e, &image.registry, &image.to_string())
+        classify(
+            RequestFailure::answer(code, url, &body),
+            &image.registry,
+            &image.to_string(),
+        )
     }
 
     /// The manifest of `image` (a tag or digest), at most [`MAX_MANIFEST`]
