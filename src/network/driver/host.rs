@@ -1,79 +1,13 @@
 //! `host`: lume's bridge `lume-host0`, which reaches only this host and other
-//! host-only VMs (no forwarding, no masquerade).
+//! host-only VMs (no forwarding, no masquerade), so nothing is published.
 
-use std::path::Path;
-
+use super::Publishing;
 use super::lume_bridge::LumeBridge;
-use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
-use crate::network::attach::{AttachError, AttachOptions, Attachment};
 use crate::network::shared::Kind;
-use crate::settings::Settings;
-use crate::vm::config::MacAddress;
-use crate::vm::state::RunState;
 
-#[derive(Debug)]
-pub(super) struct Host;
-
-impl NetworkDriver for Host {
-    fn needs_net_admin(&self) -> bool {
-        true
-    }
-
-    fn publishing(&self) -> Publishing {
-        Publishing::Unsupported("a host-only VM is reachable from this host at its own address")
-    }
-
-    fn enforces_policy(&self) -> bool {
-        true
-    }
-
-    fn has_device(&self) -> bool {
-        true
-    }
-
-    fn ssh_route(&self) -> SshRoute {
-        SshRoute::Address
-    }
-
-    fn image_may_ask(&self) -> bool {
-        true
-    }
-
-    fn check_saved(&self) -> Result<(), AttachError> {
-        Ok(())
-    }
-
-    fn validate(&self, opts: &AttachOptions) -> Result<(), AttachError> {
-        LumeBridge(Kind::Host).validate(opts)
-    }
-
-    fn attach(
-        &self,
-        vm: &str,
-        vm_dir: &Path,
-        mac: MacAddress,
-        opts: &AttachOptions,
-    ) -> Result<Attachment, AttachError> {
-        LumeBridge(Kind::Host).attach(vm, vm_dir, mac, opts)
-    }
-
-    fn collect(&self, settings: &Settings) {
-        LumeBridge::collect(settings);
-    }
-
-    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
-        None
-    }
-
-    fn host_bridge(&self, _state: &RunState) -> Option<String> {
-        None
-    }
-
-    fn details_note(&self) -> Option<&'static str> {
-        None
-    }
-
-    fn doctor_check(&self, vm: &DoctorVm) -> VmCheck {
-        LumeBridge::doctor_check(vm)
-    }
-}
+pub(super) const HOST: LumeBridge = LumeBridge {
+    kind: Kind::Host,
+    publishing: Publishing::Unsupported(
+        "a host-only VM is reachable from this host at its own address",
+    ),
+};

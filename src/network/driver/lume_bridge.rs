@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{DoctorVm, VmCheck};
+use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
 use crate::network::attach::{
     AttachError, AttachOptions, Attachment, HostSide, device_name, enforce_policy, hold_ports,
     tap_args,
@@ -12,14 +12,48 @@ use crate::network::kernel::tap::Tap;
 use crate::network::shared::{Kind, Networks, SharedTeardown, member_id};
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
+use crate::vm::state::RunState;
 
-/// One of lume's two bridge networks.
+/// The driver of one of lume's two bridge networks: everything but how
+/// ports are published is the same for both (`nat.rs`, `host.rs` give
+/// each its values).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LumeBridge(pub Kind);
+pub(super) struct LumeBridge {
+    pub kind: Kind,
+    pub publishing: Publishing,
+}
 
-impl LumeBridge {
+impl NetworkDriver for LumeBridge {
+    fn needs_net_admin(&self) -> bool {
+        true
+    }
+
+    fn publishing(&self) -> Publishing {
+        self.publishing
+    }
+
+    fn enforces_policy(&self) -> bool {
+        true
+    }
+
+    fn has_device(&self) -> bool {
+        true
+    }
+
+    fn ssh_route(&self) -> SshRoute {
+        SshRoute::Address
+    }
+
+    fn image_may_ask(&self) -> bool {
+        true
+    }
+
+    fn check_saved(&self) -> Result<(), AttachError> {
+        Ok(())
+    }
+
     /// Published host ports no other VM of the namespace publishes.
-    pub fn validate(self, opts: &AttachOptions) -> Result<(), AttachError> {
+    fn validate(&self, opts: &AttachOptions) -> Result<(), AttachError> {
         let nets = Networks::from_settings(&opts.settings)?;
         if let Some((vm, vm_dir)) = &opts.vm {
             nets.check_ports(&member_id(vm, vm_dir), &opts.publish)?;
@@ -29,14 +63,14 @@ impl LumeBridge {
 
     /// Joins the network with a new tap: the first VM brings the bridge,
     /// dnsmasq and the firewall up; the attachment leaves it when dropped.
-    pub fn attach(
-        self,
+    fn attach(
+        &self,
         vm: &str,
         vm_dir: &Path,
         mac: MacAddress,
         opts: &AttachOptions,
     ) -> Result<Attachment, AttachError> {
-        let kind = self.0;
+        let kind = self.kind;
         let networks = Networks::from_settings(&opts.settings)?;
         let held_ports = if opts.member {
             hold_ports(&opts.publish)?
@@ -85,14 +119,26 @@ impl LumeBridge {
     }
 
     /// Dead members, and networks nobody uses any more.
-    pub fn collect(settings: &Settings) {
+    fn collect(&self, settings: &Settings) {
         if let Ok(nets) = Networks::from_settings(settings) {
             let _ = nets.collect();
         }
     }
 
+    fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
+        None
+    }
+
+    fn host_bridge(&self, _state: &RunState) -> Option<String> {
+        None
+    }
+
+    fn details_note(&self) -> Option<&'static str> {
+        None
+    }
+
     /// A guest on a lume bridge with an address is probed.
-    pub fn doctor_check(vm: &DoctorVm) -> VmCheck {
+    fn doctor_check(&self, vm: &DoctorVm) -> VmCheck {
         match vm.ip {
             None => vm.no_address(),
             Some(ip) => VmCheck::Probe(ip),

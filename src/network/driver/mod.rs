@@ -152,8 +152,8 @@ impl DoctorVm<'_> {
 /// The driver of `mode`: the one registration point of every mode.
 pub fn of(mode: &NetworkMode) -> Box<dyn NetworkDriver> {
     match mode {
-        NetworkMode::Nat => Box::new(nat::Nat),
-        NetworkMode::Host => Box::new(host::Host),
+        NetworkMode::Nat => Box::new(nat::NAT),
+        NetworkMode::Host => Box::new(host::HOST),
         NetworkMode::Bridged(name) => Box::new(bridged::Bridged(name.clone())),
         NetworkMode::User => Box::new(user::User),
         NetworkMode::None => Box::new(none::Nothing),
