@@ -670,60 +670,7 @@ mod tests {
         assert_eq!(delete_ingress_qdisc(3).message_type(), 37); // RTM_DELQDISC
     }
 
-    /// A named network namespace, deleted on drop.
-    struct Netns(String);
-
-    impl Netns {
-        fn new(name: String) -> Self {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &name])
-                .stderr(std::process::Stdio::null())
-                .status();
-            assert!(
-                std::process::Command::new("ip")
-                    .args(["netns", "add", &name])
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-            Netns(name)
-        }
-
-        /// A command inside the namespace; its stdout.
-        fn sh(&self, cmd: &str) -> String {
-            let out = std::process::Command::new("ip")
-                .args(["netns", "exec", &self.0, "sh", "-c", cmd])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        }
-
-        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-            let path = format!("/run/netns/{}", self.0);
-            let handle = std::thread::spawn(move || {
-                let ns = std::fs::File::open(&path).unwrap();
-                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                f()
-            });
-            match handle.join() {
-                Ok(v) => v,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-    }
-
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &self.0])
-                .status();
-        }
-    }
+    use crate::util::testing::TestNetns as Netns;
 
     /// The real kernel takes the messages: both redirections exist, the
     /// devices are prepared, the parent's removal and return are seen, and a

@@ -17,3 +17,67 @@ pub fn spawn_fresh_program(cmd: &mut Command) -> Child {
     }
     panic!("the freshly written program stayed busy for 4 s");
 }
+
+/// A named network namespace (`ip netns add`) for a unit test that needs
+/// the real kernel; deleted on drop. Tests using it run as root.
+pub struct TestNetns(pub String);
+
+impl TestNetns {
+    /// Creates `name`, deleting a namespace of that name a killed run left.
+    pub fn new(name: String) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(st.success(), "ip netns add {name} failed");
+        Self(name)
+    }
+
+    /// `sh -c cmd` inside the namespace; its stdout (it must succeed).
+    pub fn sh(&self, cmd: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0, "sh", "-c", cmd])
+            .output()
+            .expect("run ip netns exec");
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ip ARGS` inside the namespace (it must succeed).
+    pub fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip"])
+            .args(args)
+            .status()
+            .expect("run ip netns exec");
+        assert!(st.success(), "ip {args:?} failed in {}", self.0);
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.0);
+        let handle = std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        });
+        match handle.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

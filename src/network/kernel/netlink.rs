@@ -1559,55 +1559,8 @@ mod tests {
 
     mod netns {
         use super::*;
-        use std::fs::File;
-        use std::process::Command;
 
-        /// A named network namespace (`ip netns add`), deleted on drop.
-        struct Netns(String);
-
-        impl Netns {
-            fn new(name: String) -> Self {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &name])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-                let st = Command::new("ip")
-                    .args(["netns", "add", &name])
-                    .status()
-                    .expect("run ip netns add");
-                assert!(st.success(), "ip netns add {name} failed");
-                Netns(name)
-            }
-
-            fn ip(&self, args: &[&str]) {
-                let st = Command::new("ip")
-                    .args(["netns", "exec", &self.0, "ip"])
-                    .args(args)
-                    .status()
-                    .expect("run ip netns exec");
-                assert!(st.success(), "ip {args:?} failed in {}", self.0);
-            }
-
-            /// Run `f` on a thread that has entered the namespace.
-            fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-                let path = format!("/run/netns/{}", self.0);
-                let handle = std::thread::spawn(move || {
-                    let ns = File::open(&path).expect("open netns");
-                    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-                    f()
-                });
-                match handle.join() {
-                    Ok(v) => v,
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
-            }
-        }
-
-        impl Drop for Netns {
-            fn drop(&mut self) {
-                let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-            }
-        }
+        use crate::util::testing::TestNetns as Netns;
 
         /// Drop CAP_NET_ADMIN from the calling thread's effective set only.
         fn drop_net_admin_on_this_thread() {
