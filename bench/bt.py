@@ -103,7 +103,10 @@ def cmd_lume_boot(a):
         get_time += mono() - g0
         gets += 1
         if r.returncode == 0:
-            ip = json.loads(r.stdout).get("ipAddress")
+            got = json.loads(r.stdout)
+            # lume's `get -f json` prints a list of one VM, as lume 0.5.3 does.
+            vm = got[0] if isinstance(got, list) else got
+            ip = vm.get("ipAddress")
             if ip:
                 t_addr = mono() - t0
                 break

@@ -11,8 +11,18 @@ use crate::network::driver::SshRoute;
 
 use crate::vm::state::RunState;
 
-/// How long `sshAvailable` waits for port 22.
+/// How long `sshAvailable` waits for port 22 through user mode's loopback
+/// forward.
 pub const SSH_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long `sshAvailable` waits for port 22 of a guest's own address. The
+/// guest is on a link of this host's (lume's bridge, or the LAN): a guest
+/// whose network is up answers within milliseconds, SYN-ACK or reset, even
+/// under TCG on a loaded host; a guest that has its lease but has not
+/// configured it yet answers nothing, and the wait is all lost — each
+/// `lume get` polled for the address right after the lease waited the
+/// whole timeout.
+pub const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_millis(150);
 
 /// Where the guest's SSH server is reached from this host: in `user` mode
 /// the loopback port lume forwards to guest port 22 (recorded in run.json),
@@ -42,7 +52,7 @@ pub const USER_BANNER_TIMEOUT: Duration = Duration::from_secs(2);
 /// guest's answer (sshd's banner) within [`USER_BANNER_TIMEOUT`] counts.
 pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
     if crate::network::driver::of(mode).ssh_route() != SshRoute::LoopbackForward {
-        return port_answers(target, SSH_PROBE_TIMEOUT);
+        return port_answers(target, ADDRESS_PROBE_TIMEOUT);
     }
     let Ok(mut s) = TcpStream::connect_timeout(&target, SSH_PROBE_TIMEOUT) else {
         return false;
