@@ -343,7 +343,7 @@ def svg_boxes(path, title, panels, xlabel="running NAT VMs"):
     slots = max((len({n for d in series.values() for n in d}) for _, _, series in panels), default=1)
     pw = max(300, slots * (max((len(x) for x in labels), default=1) * 7 + 12))
     ph, top, left, bottom = 220, 40, 50, 40
-    width = left + len(panels) * (pw + 30) + 10
+    width = max(left + len(panels) * (pw + 30) + 10, len(title) * 7 + 20)
     height = top + ph + bottom + 30
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="11">',
