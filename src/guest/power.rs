@@ -144,7 +144,12 @@ pub fn via_ssh(
     let address = crate::vm::details::guest_address(state);
     let target =
         crate::guest::reach::ssh_target(state, address).ok_or(PowerError::SshUnavailable)?;
-    if !crate::guest::reach::ssh_answers(&state.network_mode, target) {
+    // One answer decides here (a reboot refused without it): the longer wait.
+    if !crate::guest::reach::ssh_answers(
+        &state.network_mode,
+        target,
+        crate::guest::reach::SSH_PROBE_TIMEOUT,
+    ) {
         return Err(PowerError::SshUnavailable);
     }
     let key = vm_dir

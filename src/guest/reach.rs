@@ -50,9 +50,12 @@ pub const USER_BANNER_TIMEOUT: Duration = Duration::from_secs(2);
 /// the guest does not), and reaches the guest only once the client has
 /// sent something: the probe sends an SSH identification line, and only the
 /// guest's answer (sshd's banner) within [`USER_BANNER_TIMEOUT`] counts.
-pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr) -> bool {
+/// `wait`: how long port 22 of a guest's own address may take to accept
+/// ([`ADDRESS_PROBE_TIMEOUT`] for `sshAvailable`, which is polled;
+/// [`SSH_PROBE_TIMEOUT`] where one answer decides, as for a power request).
+pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr, wait: Duration) -> bool {
     if crate::network::driver::of(mode).ssh_route() != SshRoute::LoopbackForward {
-        return port_answers(target, ADDRESS_PROBE_TIMEOUT);
+        return port_answers(target, wait);
     }
     let Ok(mut s) = TcpStream::connect_timeout(&target, SSH_PROBE_TIMEOUT) else {
         return false;
@@ -98,8 +101,16 @@ mod tests {
                 drop(c);
             }
         });
-        assert!(!ssh_answers(&NetworkMode::User, silent_at));
-        assert!(ssh_answers(&NetworkMode::Nat, silent_at));
+        assert!(!ssh_answers(
+            &NetworkMode::User,
+            silent_at,
+            SSH_PROBE_TIMEOUT
+        ));
+        assert!(ssh_answers(
+            &NetworkMode::Nat,
+            silent_at,
+            ADDRESS_PROBE_TIMEOUT
+        ));
 
         let sshd = TcpListener::bind("127.0.0.1:0").unwrap();
         let sshd_at = sshd.local_addr().unwrap();
@@ -113,6 +124,6 @@ mod tests {
                 }
             }
         });
-        assert!(ssh_answers(&NetworkMode::User, sshd_at));
+        assert!(ssh_answers(&NetworkMode::User, sshd_at, SSH_PROBE_TIMEOUT));
     }
 }

@@ -280,7 +280,11 @@ pub fn wait_ready(
                     .host
                     .parse::<std::net::IpAddr>()
                     .map(|ip| {
-                        crate::guest::reach::ssh_answers(&state.network_mode, (ip, to.port).into())
+                        crate::guest::reach::ssh_answers(
+                            &state.network_mode,
+                            (ip, to.port).into(),
+                            crate::guest::reach::SSH_PROBE_TIMEOUT,
+                        )
                     })
                     // A host name: leave it to ssh.
                     .unwrap_or(true);

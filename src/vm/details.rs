@@ -406,8 +406,13 @@ struct SshProbe {
 
 impl SshProbe {
     fn run(&self) -> bool {
-        self.target
-            .is_some_and(|t| crate::guest::reach::ssh_answers(&self.mode, t))
+        self.target.is_some_and(|t| {
+            crate::guest::reach::ssh_answers(
+                &self.mode,
+                t,
+                crate::guest::reach::ADDRESS_PROBE_TIMEOUT,
+            )
+        })
     }
 }
 

@@ -57,15 +57,18 @@ impl VmLock {
         Self::acquire_polling(path, timeout, std::time::Duration::from_millis(20))
     }
 
-    /// [`Self::acquire_within`], trying again every `period`: a lock held
-    /// for milliseconds at a time by many processes (the network lock
-    /// while VMs start together) is handed on sooner with a short period.
+    /// [`Self::acquire_within`], trying again after `first`, then twice as
+    /// long each time up to 20 ms: a lock held for milliseconds at a time
+    /// by many processes (the network lock while VMs start together) is
+    /// handed on sooner, and a long wait still costs little.
     pub fn acquire_polling(
         path: &Path,
         timeout: std::time::Duration,
-        period: std::time::Duration,
+        first: std::time::Duration,
     ) -> io::Result<Option<Self>> {
         let deadline = std::time::Instant::now() + timeout;
+        let longest = std::time::Duration::from_millis(20);
+        let mut period = first.min(longest);
         loop {
             if let Some(l) = Self::try_acquire(path)? {
                 return Ok(Some(l));
@@ -74,6 +77,7 @@ impl VmLock {
                 return Ok(None);
             }
             std::thread::sleep(period);
+            period = (period * 2).min(longest);
         }
     }
 

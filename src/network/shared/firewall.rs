@@ -197,16 +197,25 @@ impl Networks {
                 let _ = fs::remove_file(&saved);
             }
         }
-        self.set_generation(WRITTEN_GENERATION, generation);
+        match generation {
+            Some(g) => self.set_generation(WRITTEN_GENERATION, g),
+            // Not known what this write covered: no join may count on it.
+            None => {
+                let _ = fs::remove_file(self.root.join(WRITTEN_GENERATION));
+            }
+        }
         Ok((state.accommodate, done.changes))
     }
 
-    /// A counter in the runtime directory (0 when missing or unreadable).
-    fn generation(&self, name: &str) -> u64 {
-        fs::read_to_string(self.root.join(name))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or(0)
+    /// A counter in the runtime directory: 0 when missing, `None` when it
+    /// cannot be read or is not a number (a join then writes: see
+    /// [`Self::firewall_catch_up`]).
+    fn generation(&self, name: &str) -> Option<u64> {
+        match fs::read_to_string(self.root.join(name)) {
+            Ok(t) => t.trim().parse().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(0),
+            Err(_) => None,
+        }
     }
 
     fn set_generation(&self, name: &str, value: u64) {
@@ -218,7 +227,15 @@ impl Networks {
     /// number: the join's firewall write is done once a table written with
     /// this many records is in place ([`Self::firewall_catch_up`]).
     pub(super) fn record_joined(&self) -> u64 {
-        let next = self.generation(MEMBERS_GENERATION) + 1;
+        // Above every write so far, whatever happened to the members'
+        // counter (lost, unreadable): only a write after this record can
+        // cover it. A counter that cannot be written only costs writes.
+        let next = [MEMBERS_GENERATION, WRITTEN_GENERATION]
+            .iter()
+            .map(|name| self.generation(name).unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+            + 1;
         self.set_generation(MEMBERS_GENERATION, next);
         next
     }
@@ -232,9 +249,8 @@ impl Networks {
     /// table with its rules is in place.
     pub(super) fn firewall_catch_up(&self, joined: u64) -> Result<(), SharedError> {
         let _guard = self.lock()?;
-        if self.generation(WRITTEN_GENERATION) >= joined
-            && self.generation(MEMBERS_GENERATION) >= joined
-        {
+        let covered = |name| self.generation(name).is_some_and(|g| g >= joined);
+        if covered(WRITTEN_GENERATION) && covered(MEMBERS_GENERATION) {
             return Ok(());
         }
         self.apply_firewall()
@@ -297,12 +313,26 @@ mod tests {
         assert_eq!(fw.applies(), 2);
         assert_eq!(fw.state().unwrap().dnat.len(), 3);
 
+        // The members' counter alone lost: the next join still numbers
+        // itself above the last write, and writes.
+        std::fs::remove_file(root.join(MEMBERS_GENERATION)).unwrap();
+        nets.add_member(Kind::Nat, &member(5));
+        let fourth = nets.record_joined();
+        assert!(fourth > third, "{fourth} after {third}");
+        nets.firewall_catch_up(fourth).unwrap();
+        assert_eq!(fw.applies(), 3);
+        assert_eq!(fw.state().unwrap().dnat.len(), 4);
+        // A counter that is not a number: a join writes.
+        std::fs::write(root.join(WRITTEN_GENERATION), "garbled").unwrap();
+        nets.firewall_catch_up(fourth).unwrap();
+        assert_eq!(fw.applies(), 4);
+
         // Counters lost (a runtime directory from an earlier release, or
         // unreadable): a join writes rather than trusting them.
         std::fs::remove_file(root.join(MEMBERS_GENERATION)).unwrap();
         std::fs::remove_file(root.join(WRITTEN_GENERATION)).unwrap();
-        nets.firewall_catch_up(third).unwrap();
-        assert_eq!(fw.applies(), 3);
+        nets.firewall_catch_up(fourth).unwrap();
+        assert_eq!(fw.applies(), 5);
     }
 
     #[test]

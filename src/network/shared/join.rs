@@ -70,10 +70,13 @@ impl Networks {
         // [`Self::firewall_catch_up`]); the VM starts only once it is.
         drop(guard);
         if let Err(e) = self.firewall_catch_up(record) {
-            // Leave nothing half set up: drop the record, collect the rest.
+            // Leave nothing half set up: drop the record, collect the rest,
+            // and write the table without the VM (a write that failed half
+            // way may have left its rules).
             if let Ok(_guard) = self.lock() {
                 let _ = self.get(kind).remove_member(&member_id(vm, vm_dir));
-                self.collect_locked();
+                self.collect_records_locked();
+                let _ = self.apply_firewall();
             }
             return Err(e);
         }
