@@ -298,7 +298,7 @@ impl Dnsmasq {
         if fs::read_to_string(&path).is_ok_and(|t| t == text) {
             return Ok(false);
         }
-        crate::util::atomic::write_atomic(&path, text.as_bytes()).map_err(|source| {
+        crate::util::atomic::write_runtime(&path, text.as_bytes()).map_err(|source| {
             DnsmasqError::Io {
                 path: path.clone(),
                 source,
@@ -336,7 +336,7 @@ impl Dnsmasq {
                 source,
             })?;
         let path = self.hosts_dir().join(id);
-        crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes()).map_err(
+        crate::util::atomic::write_runtime(&path, format!("{mac},{ip}\n").as_bytes()).map_err(
             |source| DnsmasqError::Io {
                 path: path.clone(),
                 source,

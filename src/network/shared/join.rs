@@ -281,7 +281,7 @@ impl Networks {
             mac: Some(mac),
         };
         let path = dir.join(format!("{}.json", m.id()));
-        crate::util::atomic::write_atomic(
+        crate::util::atomic::write_runtime(
             &path,
             &serde_json::to_vec_pretty(&m).expect("member serialises"),
         )
