@@ -28,17 +28,34 @@ pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// skipped, a generation counter reads 0 and makes the next join write the
 /// firewall), and a record of a VM whose lock is free is collected.
 pub fn write_runtime(path: &Path, contents: &[u8]) -> io::Result<()> {
-    replace(path, contents, 0o600, false)
+    write_runtime_with(path, contents, |_| Ok(()))
+}
+
+/// [`write_runtime`], with `prepare` run on the temporary file before the
+/// rename: a reader watching the directory (dnsmasq's `hostsdir`) sees the
+/// file with the permissions `prepare` gives it, never without them.
+pub fn write_runtime_with(
+    path: &Path,
+    contents: &[u8],
+    prepare: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
+    replace(path, contents, 0o600, false, prepare)
 }
 
 /// Replaces `path` atomically with a file created with `mode` (less the umask).
 fn write_atomic_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    replace(path, contents, mode, true)
+    replace(path, contents, mode, true, |_| Ok(()))
 }
 
 /// The temporary file, (with `durable`) its fsync, the rename and the
 /// directory's fsync.
-fn replace(path: &Path, contents: &[u8], mode: u32, durable: bool) -> io::Result<()> {
+fn replace(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    durable: bool,
+    prepare: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -63,6 +80,8 @@ fn replace(path: &Path, contents: &[u8], mode: u32, durable: bool) -> io::Result
         if durable {
             f.sync_all()?;
         }
+        drop(f);
+        prepare(&tmp)?;
         fs::rename(&tmp, path)?;
         if durable {
             File::open(dir)?.sync_all()?;
