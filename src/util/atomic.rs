@@ -136,4 +136,30 @@ mod tests {
                 .is_symlink()
         );
     }
+
+    /// A reader watching the directory sees the file only once `prepare`
+    /// has given it its permissions; a failing `prepare` leaves nothing.
+    #[test]
+    fn runtime_files_appear_prepared() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p1-0000");
+        write_runtime_with(&p, b"52:54:00:00:00:01,192.0.2.2\n", |tmp| {
+            assert!(!p.exists(), "renamed before it was prepared");
+            fs::set_permissions(tmp, fs::Permissions::from_mode(0o640))
+        })
+        .unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        let q = dir.path().join("p2-0000");
+        let err = write_runtime_with(&q, b"x", |_| Err(io::Error::other("no ACLs")));
+        assert!(err.is_err());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temporary file left"
+        );
+    }
 }
