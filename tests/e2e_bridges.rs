@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use common::Netns;
 use lume::network::kernel::netlink::Netlink;
 use lume::network::shared::{
-    Kind, Liveness, Member, Networks, SharedError, SharedNet, liveness_of,
+    JoinRequest, Kind, Liveness, Member, Networks, SharedError, SharedNet, liveness_of,
 };
 use lume::vm::config::MacAddress;
 use lume::vm::lock::VmLock;
@@ -185,15 +185,15 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
             firewall: std::sync::Arc::new(lume::firewall::nft::Nft),
             host: net(Kind::Host, "lumetu0", "192.0.2.0/24", root.join("host")),
         };
-        let joined = nets.join(
-            Kind::Host,
-            "new",
-            &new_vm,
-            MacAddress([2, 0, 0, 0, 0, 2]),
-            "ltunew",
-            &[],
-            false,
-        );
+        let joined = nets.join(&JoinRequest {
+            kind: Kind::Host,
+            vm: "new",
+            vm_dir: &new_vm,
+            mac: MacAddress([2, 0, 0, 0, 0, 2]),
+            tap: "ltunew",
+            publish: &[],
+            exclusive_mac: false,
+        });
         let mut nl = Netlink::open().unwrap();
         let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;
         let kept = nets.host.members().len();

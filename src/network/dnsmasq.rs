@@ -298,18 +298,12 @@ impl Dnsmasq {
         if fs::read_to_string(&path).is_ok_and(|t| t == text) {
             return Ok(false);
         }
-        crate::util::atomic::write_atomic(&path, text.as_bytes()).map_err(|source| {
-            DnsmasqError::Io {
+        crate::util::atomic::write_runtime_with(&path, text.as_bytes(), grant_dnsmasq).map_err(
+            |source| DnsmasqError::Io {
                 path: path.clone(),
                 source,
-            }
-        })?;
-        let _ = super::rundir::private_file(&path);
-        if let Some(uid) = dnsmasq_uid()
-            && super::rundir::grant_file(&path, uid.as_raw()).is_err()
-        {
-            let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        }
+            },
+        )?;
         Ok(true)
     }
 
@@ -336,19 +330,18 @@ impl Dnsmasq {
                 source,
             })?;
         let path = self.hosts_dir().join(id);
-        crate::util::atomic::write_atomic(&path, format!("{mac},{ip}\n").as_bytes()).map_err(
-            |source| DnsmasqError::Io {
-                path: path.clone(),
-                source,
-            },
-        )?;
-        let _ = super::rundir::private_file(&path);
-        if let Some(uid) = dnsmasq_uid()
-            && super::rundir::grant_file(&path, uid.as_raw()).is_err()
-        {
-            let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        }
-        Ok(())
+        // dnsmasq reads the file when it appears, as its own user: it is
+        // readable by that user before the rename.
+        crate::util::atomic::write_runtime_with(
+            &path,
+            format!("{mac},{ip}\n").as_bytes(),
+            grant_dnsmasq,
+        )
+        .map_err(|source| DnsmasqError::Io {
+            path: path.clone(),
+            source,
+        })
+        .map(drop)
     }
 
     /// The reservation directory, private to root except that dnsmasq's
@@ -385,6 +378,18 @@ impl Dnsmasq {
     pub fn release(&self, id: &str) {
         let _ = fs::remove_file(self.hosts_dir().join(id));
     }
+}
+
+/// Lets dnsmasq's user read `file` (0600 for root besides): an ACL entry,
+/// or 0644 on a filesystem without ACLs.
+fn grant_dnsmasq(file: &Path) -> io::Result<()> {
+    super::rundir::private_file(file)?;
+    if let Some(uid) = dnsmasq_uid()
+        && super::rundir::grant_file(file, uid.as_raw()).is_err()
+    {
+        fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    }
+    Ok(())
 }
 
 /// The user dnsmasq drops to, named in its configuration: `dnsmasq` when

@@ -9,7 +9,7 @@ use crate::network::attach::{
     tap_args,
 };
 use crate::network::kernel::tap::Tap;
-use crate::network::shared::{Kind, Networks, SharedTeardown, member_id};
+use crate::network::shared::{JoinRequest, Kind, Networks, SharedTeardown, member_id};
 use crate::settings::Settings;
 use crate::vm::config::MacAddress;
 use crate::vm::state::RunState;
@@ -78,8 +78,15 @@ impl NetworkDriver for LumeBridge {
             Vec::new()
         };
         let tap = Tap::create(&device_name("lt"))?;
-        let (ip, subnet_note) =
-            networks.join(kind, vm, vm_dir, mac, &tap.name, &opts.publish, opts.member)?;
+        let (ip, subnet_note) = networks.join(&JoinRequest {
+            kind,
+            vm,
+            vm_dir,
+            mac,
+            tap: &tap.name,
+            publish: &opts.publish,
+            exclusive_mac: opts.member,
+        })?;
         let net = networks.get(kind).clone();
         let tap_name = tap.name.clone();
         let mut guard = HostSide::default();

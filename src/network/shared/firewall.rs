@@ -220,7 +220,7 @@ impl Networks {
 
     fn set_generation(&self, name: &str, value: u64) {
         let path = self.root.join(name);
-        let _ = crate::util::atomic::write_private(&path, value.to_string().as_bytes());
+        let _ = crate::util::atomic::write_runtime(&path, value.to_string().as_bytes());
     }
 
     /// Counts a join's new record (under the network lock) and returns its

@@ -33,27 +33,40 @@ impl crate::network::attach::Teardown for BridgedTeardown {
     }
 }
 
+/// A VM's request to join one of lume's shared networks ([`Networks::join`]).
+#[derive(Debug, Clone, Copy)]
+pub struct JoinRequest<'a> {
+    pub kind: Kind,
+    pub vm: &'a str,
+    /// The VM's directory: with `vm`, the membership key ([`member_id`]).
+    pub vm_dir: &'a Path,
+    pub mac: MacAddress,
+    /// The VM's tap, put in the bridge.
+    pub tap: &'a str,
+    /// Host ports forwarded to the guest (nat only).
+    pub publish: &'a [PortMapping],
+    /// A member's VM (see [`crate::network::attach::AttachOptions::member`]):
+    /// a MAC address another running VM of lume's networks uses is refused.
+    pub exclusive_mac: bool,
+}
+
+impl JoinRequest<'_> {
+    /// The membership key ([`member_id`]).
+    pub fn id(&self) -> String {
+        member_id(self.vm, self.vm_dir)
+    }
+}
+
 impl Networks {
     /// Adds a VM to a shared network: brings the bridge, dnsmasq and the
     /// firewall up as needed, reserves an address and returns it.
-    /// With `exclusive_mac` (a member's VM, see
-    /// [`crate::network::attach::AttachOptions::member`]), a MAC address another
-    /// running VM of lume's networks uses is refused, under the network
-    /// lock: two requests cannot both pass.
-    #[allow(clippy::too_many_arguments)]
-    pub fn join(
-        &self,
-        kind: Kind,
-        vm: &str,
-        vm_dir: &Path,
-        mac: MacAddress,
-        tap: &str,
-        publish: &[PortMapping],
-        exclusive_mac: bool,
-    ) -> Result<(Ipv4Addr, Option<String>), SharedError> {
+    /// With [`JoinRequest::exclusive_mac`], a MAC address another running
+    /// VM of lume's networks uses is refused, under the network lock: two
+    /// requests cannot both pass.
+    pub fn join(&self, req: &JoinRequest) -> Result<(Ipv4Addr, Option<String>), SharedError> {
         let guard = self.lock()?;
         let rewrite = self.collect_records_locked();
-        let joined = self.join_locked(kind, vm, vm_dir, mac, tap, publish, exclusive_mac);
+        let joined = self.join_locked(req);
         let (ip, note, record) = match joined {
             Ok(j) => j,
             Err(e) => {
@@ -74,7 +87,7 @@ impl Networks {
             // and write the table without the VM (a write that failed half
             // way may have left its rules).
             if let Ok(_guard) = self.lock() {
-                let _ = self.get(kind).remove_member(&member_id(vm, vm_dir));
+                let _ = self.get(req.kind).remove_member(&req.id());
                 self.collect_records_locked();
                 let _ = self.apply_firewall();
             }
@@ -86,17 +99,19 @@ impl Networks {
     /// [`Self::join`] under the network lock, after the collection: the
     /// VM's record, address, bridge, dnsmasq and tap; returns the record's
     /// number for the firewall write that must follow.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn join_locked(
         &self,
-        kind: Kind,
-        vm: &str,
-        vm_dir: &Path,
-        mac: MacAddress,
-        tap: &str,
-        publish: &[PortMapping],
-        exclusive_mac: bool,
+        req: &JoinRequest,
     ) -> Result<(Ipv4Addr, Option<String>, u64), SharedError> {
+        let &JoinRequest {
+            kind,
+            vm,
+            vm_dir,
+            mac,
+            tap,
+            publish,
+            exclusive_mac,
+        } = req;
         if exclusive_mac {
             self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
         }
@@ -269,7 +284,7 @@ impl Networks {
             mac: Some(mac),
         };
         let path = dir.join(format!("{}.json", m.id()));
-        crate::util::atomic::write_atomic(
+        crate::util::atomic::write_runtime(
             &path,
             &serde_json::to_vec_pretty(&m).expect("member serialises"),
         )

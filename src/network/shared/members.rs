@@ -151,7 +151,7 @@ impl SharedNet {
         fs::create_dir_all(&dir).map_err(io)?;
         crate::network::rundir::private_dir(&dir, &dir).map_err(io)?;
         let path = dir.join(format!("{}.json", m.id()));
-        crate::util::atomic::write_atomic(
+        crate::util::atomic::write_runtime(
             &path,
             &serde_json::to_vec_pretty(m).expect("member serialises"),
         )

@@ -114,7 +114,7 @@ mod subnet_choice;
 mod warnings;
 
 pub use bridge::{BRIDGE_MARK, is_lume_bridge};
-pub use join::{BridgedTeardown, SharedTeardown};
+pub use join::{BridgedTeardown, JoinRequest, SharedTeardown};
 pub use members::{BridgedMember, Liveness, Member, liveness_of, member_id};
 pub use subnet_choice::{conflicting_routes, describe_route, pick_subnet};
 pub use warnings::{DropWarning, RouteWarning, Warning};
