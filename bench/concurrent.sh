@@ -32,14 +32,7 @@ ns_new NS cc
 lume_home H
 tmpdir W
 HALT=$W/halt.bin
-python3 - "$HALT" <<'PY'
-import struct, sys
-# As in many.sh: a multiboot header, then cli; hlt; jmp back to the hlt.
-MAGIC, FLAGS, BASE = 0x1BADB002, 0x00010000, 0x100000
-hdr = struct.pack("<8I", MAGIC, FLAGS, (-(MAGIC + FLAGS)) & 0xFFFFFFFF,
-                  BASE, BASE, 0, 0, BASE + 32)
-open(sys.argv[1], "wb").write(hdr + bytes([0xFA, 0xF4, 0xEB, 0xFD]))
-PY
+halt_kernel "$HALT"
 names=() halts=()
 for ((i = 1; i <= N; i++)); do
     lume_create "$NS" "$H" "c$i" nat ""

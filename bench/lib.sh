@@ -130,6 +130,21 @@ lume_create() {
         --cmdline "$GUEST_CMDLINE${extra:+ $extra}" "$@" >/dev/null
 }
 
+# halt_kernel PATH: writes a guest kernel that only halts: a multiboot (v1)
+# header with the address fields (flag 16), so QEMU's -kernel loads the
+# file as it is at 1 MiB and jumps to the code after the header: cli; hlt;
+# jmp back to the hlt. 44 bytes; its VM costs no CPU under TCG and never
+# asks for an address (many.sh, concurrent.sh).
+halt_kernel() {
+    python3 - "$1" <<'PY'
+import struct, sys
+MAGIC, FLAGS, BASE = 0x1BADB002, 0x00010000, 0x100000
+hdr = struct.pack("<8I", MAGIC, FLAGS, (-(MAGIC + FLAGS)) & 0xFFFFFFFF,
+                  BASE, BASE, 0, 0, BASE + 32)
+open(sys.argv[1], "wb").write(hdr + bytes([0xFA, 0xF4, 0xEB, 0xFD]))
+PY
+}
+
 # wait_console FILE NEEDLE SECONDS
 wait_console() {
     local i

@@ -30,16 +30,7 @@ D=$((BENCH_RUNS * 2 > 10 ? BENCH_RUNS * 2 : 10))
 
 tmpdir W
 KERNEL=$W/halt.bin
-python3 - "$KERNEL" <<'EOF'
-import struct, sys
-# A multiboot (v1) header with the address fields (flag 16), so QEMU's
-# -kernel loads the file as it is at 1 MiB and jumps to the code after
-# the header: cli; hlt; jmp back to the hlt.
-MAGIC, FLAGS, BASE = 0x1BADB002, 0x00010000, 0x100000
-hdr = struct.pack("<8I", MAGIC, FLAGS, (-(MAGIC + FLAGS)) & 0xFFFFFFFF,
-                  BASE, BASE, 0, 0, BASE + 32)
-open(sys.argv[1], "wb").write(hdr + bytes([0xFA, 0xF4, 0xEB, 0xFD]))
-EOF
+halt_kernel "$KERNEL"
 
 lan_setup bm
 lume_home H
