@@ -60,6 +60,12 @@ pub enum SettingsError {
         #[source]
         source: crate::network::subnet::BadSubnet,
     },
+    #[error("The setting '{key}' must be an IPv6 /64 or none")]
+    BadPrefix6 {
+        key: String,
+        #[source]
+        source: crate::network::prefix6::BadPrefix6,
+    },
     #[error("The setting 'userSubnet' must be an IPv4 subnet")]
     BadUserSubnet(#[source] crate::network::user::BadSubnet),
     #[error(
@@ -121,6 +127,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "natSubnet",
     "hostBridge",
     "hostSubnet",
+    "natSubnet6",
+    "hostSubnet6",
     "firewallAccommodation",
     "sshPassword",
     "defaultLocationName",
@@ -497,6 +505,14 @@ impl Settings {
                 value
                     .parse::<crate::network::subnet::Subnet>()
                     .map_err(bad_subnet)?;
+            }
+            "natSubnet6" | "hostSubnet6" if value.trim() != "none" => {
+                value
+                    .parse::<crate::network::prefix6::Prefix6>()
+                    .map_err(|source| SettingsError::BadPrefix6 {
+                        key: key.into(),
+                        source,
+                    })?;
             }
             "userSubnet" => {
                 value

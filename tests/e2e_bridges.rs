@@ -21,6 +21,7 @@ fn net(kind: Kind, bridge: &str, subnet: &str, dir: PathBuf) -> SharedNet {
         bridge: bridge.into(),
         configured: subnet.parse().unwrap(),
         explicit: true,
+        configured6: None,
         dir,
     }
 }
@@ -96,6 +97,7 @@ fn an_undecidable_liveness_tears_nothing_down() {
             ip: "192.0.2.2".parse().unwrap(),
             tap: "ltnone".into(),
             publish: Vec::new(),
+            no_ipv6: false,
         };
         let members = nets.host.dir.join("members");
         std::fs::create_dir_all(&members).unwrap();
@@ -145,6 +147,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
         ip: "192.0.2.2".parse().unwrap(),
         tap: "ltuold".into(),
         publish: Vec::new(),
+        no_ipv6: false,
     };
     // The record exactly as the previous release wrote it.
     std::fs::write(
@@ -193,6 +196,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
             tap: "ltunew",
             publish: &[],
             exclusive_mac: false,
+            ipv6: true,
         });
         let mut nl = Netlink::open().unwrap();
         let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;

@@ -742,6 +742,7 @@ impl Routed {
                     nat: Some(BridgeNet {
                         bridge: "lume0".into(),
                         subnet: "203.0.113.0/24".parse().unwrap(),
+                        prefix6: None,
                     }),
                     accommodate: true,
                     ..Default::default()

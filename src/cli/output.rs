@@ -497,6 +497,7 @@ mod tests {
             provisioning_operation: Some("image_import".into()),
             vnc_url: None,
             ip_address: None,
+            ipv6_addresses: Vec::new(),
             ssh_available: None,
             location_name: "home".into(),
             shared_directories: Vec::new(),

@@ -12,7 +12,9 @@ pub mod nft;
 
 pub use foreign::{Accommodated, ForeignDrop, Opening};
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::network::prefix6::Prefix6;
 
 use crate::network::publish::Proto;
 use crate::network::subnet::Subnet;
@@ -22,6 +24,8 @@ use crate::network::subnet::Subnet;
 pub struct BridgeNet {
     pub bridge: String,
     pub subnet: Subnet,
+    /// Its IPv6 /64, if it has IPv6.
+    pub prefix6: Option<Prefix6>,
 }
 
 /// One published port of a NAT VM.
@@ -31,17 +35,27 @@ pub struct Dnat {
     pub host_port: u16,
     pub proto: Proto,
     pub guest: Ipv4Addr,
+    /// The guest's IPv6 address (its network has IPv6): the port is
+    /// published on the host's IPv6 addresses too, unless `host_ip` names
+    /// one IPv4 address.
+    pub guest6: Option<Ipv6Addr>,
     pub guest_port: u16,
 }
 
 /// A guest's port on a lume bridge and what the guest may send from it:
-/// its own MAC address, and IPv4/ARP only from the address lume reserved.
+/// its own MAC address, IPv4/ARP only from the address lume reserved, and
+/// IPv6 (where its network has it) only from its network's /64 or a
+/// link-local address, never from another guest's reserved address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestPort {
     /// The tap in the bridge.
     pub tap: String,
     pub mac: crate::vm::config::MacAddress,
     pub ip: Ipv4Addr,
+    /// The IPv6 address lume reserved for it; `None`: no IPv6 from it.
+    pub ip6: Option<Ipv6Addr>,
+    /// Its network's IPv6 /64, which its IPv6 sources must be in.
+    pub prefix6: Option<Prefix6>,
 }
 
 /// Everything lume's table should contain.

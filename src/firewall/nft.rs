@@ -77,6 +77,13 @@ pub fn script(state: &FirewallState) -> String {
             b.bridge,
             b.subnet.gateway()
         ));
+        if let Some(p) = b.prefix6 {
+            guard.push(format!(
+                "iifname != {{ \"{}\", \"lo\" }} ip6 daddr {} drop",
+                b.bridge,
+                p.gateway()
+            ));
+        }
     }
     if let Some(h) = &state.host {
         // Host-only: guests reach the host and each other, nothing else.
@@ -110,6 +117,12 @@ pub fn script(state: &FirewallState) -> String {
             "ip saddr {} oifname != \"{}\" masquerade",
             n.subnet, n.bridge
         ));
+        if let Some(p) = n.prefix6 {
+            postrouting.push(format!(
+                "ip6 saddr {p} oifname != \"{}\" masquerade",
+                n.bridge
+            ));
+        }
     }
     // Published ports as two maps, looked up by two fixed rules: the
     // table loads (and is restored after a flush) in about the same time
@@ -118,11 +131,18 @@ pub fn script(state: &FirewallState) -> String {
     // map matches nothing, so the next rule is tried.
     let mut any_addr = Vec::new();
     let mut one_addr = Vec::new();
+    let mut any_addr6 = Vec::new();
     for d in &state.dnat {
         let to = format!("{} . {}", d.guest, d.guest_port);
         match d.host_ip {
             Some(ip) => one_addr.push(format!("{ip} . {} . {} : {to}", d.proto, d.host_port)),
             None => any_addr.push(format!("{} . {} : {to}", d.proto, d.host_port)),
+        }
+        if let (None, Some(g6)) = (d.host_ip, d.guest6) {
+            any_addr6.push(format!(
+                "{} . {} : {g6} . {}",
+                d.proto, d.host_port, d.guest_port
+            ));
         }
     }
     let mut maps = String::new();
@@ -145,6 +165,16 @@ pub fn script(state: &FirewallState) -> String {
         ));
         dnat.push(
             "ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @dnat_any"
+                .to_string(),
+        );
+    }
+    if !any_addr6.is_empty() {
+        maps.push_str(&format!(
+            "  map dnat_any6 {{\n    type inet_proto . inet_service : ipv6_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
+            any_addr6.join(", ")
+        ));
+        dnat.push(
+            "ip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @dnat_any6"
                 .to_string(),
         );
     }
@@ -232,29 +262,112 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
             })
             .collect(),
     );
-    s.push_str(&format!(
-        "table bridge {TABLE} {{\n  set taps {{\n    type ifname\n    elements = {{ {taps} }}\n  }}\n  \
-         set macs {{\n    type ifname . ether_addr\n    elements = {{ {macs} }}\n  }}\n  \
-         set addrs {{\n    type ifname . ipv4_addr\n    elements = {{ {addrs} }}\n  }}\n  \
-         chain guard {{\n    type filter hook prerouting priority -300; policy accept;\n"
+    let set = |name: &str, ty: &str, items: Vec<String>| {
+        let mut s = format!("  set {name} {{\n    {ty}\n");
+        if !items.is_empty() {
+            s.push_str(&format!("    elements = {{ {} }}\n", join(items)));
+        }
+        s.push_str("  }\n");
+        s
+    };
+    let v6: Vec<&crate::firewall::GuestPort> =
+        ports.iter().filter(|p| p.prefix6.is_some()).collect();
+    // IPv6 sources a port may use: link-local, unspecified (duplicate
+    // address detection), its network's /64.
+    let sources6 = v6
+        .iter()
+        .flat_map(|p| {
+            let net = p.prefix6.map(|n| n.to_string()).unwrap_or_default();
+            [
+                format!("\"{}\" . fe80::/10", p.tap),
+                format!("\"{}\" . ::", p.tap),
+                format!("\"{}\" . {net}", p.tap),
+            ]
+        })
+        .collect();
+    // Each guest's reserved address, which only its own port may use as a
+    // source or claim in a neighbour advertisement (the target field,
+    // read as a 128-bit number: nft 1.0.6 has no name for it).
+    let reserved: Vec<(&str, std::net::Ipv6Addr)> = v6
+        .iter()
+        .filter_map(|p| Some((p.tap.as_str(), p.ip6?)))
+        .collect();
+    let hex = |a: std::net::Ipv6Addr| format!("{:#034x}", u128::from(a));
+    s.push_str(&format!("table bridge {TABLE} {{\n"));
+    s.push_str(&set("taps", "type ifname", vec![taps]));
+    s.push_str(&set("macs", "type ifname . ether_addr", vec![macs]));
+    s.push_str(&set("addrs", "type ifname . ipv4_addr", vec![addrs]));
+    s.push_str(&set(
+        "v6taps",
+        "type ifname",
+        v6.iter().map(|p| format!("\"{}\"", p.tap)).collect(),
     ));
+    s.push_str(&set(
+        "sources6",
+        "type ifname . ipv6_addr\n    flags interval",
+        sources6,
+    ));
+    s.push_str(&set(
+        "reserved6",
+        "type ipv6_addr",
+        reserved.iter().map(|(_, a)| a.to_string()).collect(),
+    ));
+    s.push_str(&set(
+        "owned6",
+        "type ifname . ipv6_addr",
+        reserved
+            .iter()
+            .map(|(t, a)| format!("\"{t}\" . {a}"))
+            .collect(),
+    ));
+    s.push_str(&set(
+        "targets6",
+        "typeof @th,64,128",
+        reserved.iter().map(|(_, a)| hex(*a)).collect(),
+    ));
+    s.push_str(&set(
+        "owned_targets6",
+        "typeof iifname . @th,64,128",
+        reserved
+            .iter()
+            .map(|(t, a)| format!("\"{t}\" . {}", hex(*a)))
+            .collect(),
+    ));
+    s.push_str("  chain guard {\n    type filter hook prerouting priority -300; policy accept;\n");
     for rule in [
         // Frames from anything but a guest's tap are not this chain's.
         "iifname != @taps accept",
         "iifname . ether saddr != @macs drop",
-        // No IPv6 at all: lume gives none on its bridges, and a guest's
-        // router advertisement would make it everyone's IPv6 gateway.
-        "ether type != { ip, arp } drop",
+        // Nothing but IPv4, ARP and (on a network with IPv6) IPv6.
+        "ether type != { ip, arp, ip6 } drop",
         "iifname . arp saddr ether != @macs drop",
         "iifname . arp saddr ip != @addrs drop",
         "iifname . ip saddr != @addrs drop",
         // No DHCP server replies, from any port: clients only look at 68.
         "udp sport 67 drop",
         "udp dport 68 drop",
+        // IPv6 only from a port whose guest has it, from its own network,
+        // never from another guest's reserved address.
+        "ether type ip6 iifname != @v6taps drop",
+        "ether type ip6 iifname . ip6 saddr != @sources6 drop",
+        "ip6 saddr @reserved6 iifname . ip6 saddr != @owned6 drop",
+        "icmpv6 type nd-neighbor-advert @th,64,128 @targets6 iifname . @th,64,128 != @owned_targets6 drop",
+        "icmpv6 type nd-neighbor-solicit ip6 saddr :: @th,64,128 @targets6 iifname . @th,64,128 != @owned_targets6 drop",
+        // A guest's router advertisement or redirect would make it its
+        // neighbours' router; no DHCPv6 server or relay answers either.
+        "icmpv6 type { nd-router-advert, nd-redirect } drop",
+        "udp sport 547 drop",
+        "udp dport 546 drop",
     ] {
         s.push_str(&format!("    {rule}\n"));
     }
-    s.push_str("  }\n}\n");
+    s.push_str("  }\n");
+    // A guest kept off IPv6 (its network has none, or a network policy)
+    // is sent none either: no router advertisement makes it try IPv6.
+    s.push_str(
+        "  chain out {\n    type filter hook postrouting priority -300; policy accept;\n    \
+         oifname @taps oifname != @v6taps ether type ip6 drop\n  }\n}\n",
+    );
     s
 }
 
@@ -402,26 +515,42 @@ mod tests {
             nat: Some(BridgeNet {
                 bridge: "lume0".into(),
                 subnet: "203.0.113.0/24".parse().unwrap(),
+                prefix6: None,
             }),
             host: Some(BridgeNet {
                 bridge: "lume-host0".into(),
                 subnet: "198.51.100.0/24".parse().unwrap(),
+                prefix6: None,
             }),
             dnat: vec![Dnat {
                 host_ip: None,
                 host_port: 8080,
                 proto: Proto::Tcp,
                 guest: "203.0.113.2".parse().unwrap(),
+                guest6: None,
                 guest_port: 80,
             }],
             ports: vec![crate::firewall::GuestPort {
                 tap: "lmt0".into(),
                 mac: "52:54:00:12:34:56".parse().unwrap(),
                 ip: "203.0.113.2".parse().unwrap(),
+                ip6: None,
+                prefix6: None,
             }],
             accommodate: true,
         };
         let s = script(&state);
+        // IPv4 only: no IPv6 from or to the guest, no IPv6 NAT.
+        assert!(s.contains("set v6taps {\n    type ifname\n  }"), "{s}");
+        assert!(s.contains("ether type ip6 iifname != @v6taps drop"), "{s}");
+        assert!(
+            s.contains("oifname @taps oifname != @v6taps ether type ip6 drop"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("ip6 saddr 2001") && !s.contains("dnat_any6"),
+            "{s}"
+        );
         for rule in [
             "set taps {\n    type ifname\n    elements = { \"lmt0\" }",
             "elements = { \"lmt0\" . 52:54:00:12:34:56 }",
@@ -433,7 +562,7 @@ mod tests {
             "iifname . ip saddr != @addrs drop",
             "udp sport 67 drop",
             "udp dport 68 drop",
-            "ether type != { ip, arp } drop",
+            "ether type != { ip, arp, ip6 } drop",
         ] {
             assert!(s.contains(rule), "{rule} missing from {s}");
         }
@@ -494,5 +623,85 @@ mod tests {
                 && !one.contains("dnat_any"),
             "{one}"
         );
+    }
+
+    /// A NAT network with IPv6: masquerade and published ports for IPv6,
+    /// each guest held to its network's /64 and its own reserved address;
+    /// a guest kept off IPv6 beside it. The script loads into nft.
+    #[test]
+    fn ipv6_networks_get_masquerade_published_ports_and_the_guard() {
+        let p6: crate::network::prefix6::Prefix6 = "2001:db8:64::/64".parse().unwrap();
+        let g6: std::net::Ipv6Addr = "2001:db8:64:0:5054:ff:fe12:3456".parse().unwrap();
+        let state = FirewallState {
+            nat: Some(BridgeNet {
+                bridge: "lume0".into(),
+                subnet: "203.0.113.0/24".parse().unwrap(),
+                prefix6: Some(p6),
+            }),
+            host: None,
+            dnat: vec![
+                Dnat {
+                    host_ip: None,
+                    host_port: 8080,
+                    proto: Proto::Tcp,
+                    guest: "203.0.113.2".parse().unwrap(),
+                    guest6: Some(g6),
+                    guest_port: 80,
+                },
+                Dnat {
+                    host_ip: Some("198.51.100.2".parse().unwrap()),
+                    host_port: 8081,
+                    proto: Proto::Tcp,
+                    guest: "203.0.113.2".parse().unwrap(),
+                    guest6: Some(g6),
+                    guest_port: 81,
+                },
+            ],
+            ports: vec![
+                crate::firewall::GuestPort {
+                    tap: "lmt0".into(),
+                    mac: "52:54:00:12:34:56".parse().unwrap(),
+                    ip: "203.0.113.2".parse().unwrap(),
+                    ip6: Some(g6),
+                    prefix6: Some(p6),
+                },
+                crate::firewall::GuestPort {
+                    tap: "lmt1".into(),
+                    mac: "52:54:00:12:34:57".parse().unwrap(),
+                    ip: "203.0.113.3".parse().unwrap(),
+                    ip6: None,
+                    prefix6: None,
+                },
+            ],
+            accommodate: false,
+        };
+        let s = script(&state);
+        for want in [
+            "ip6 saddr 2001:db8:64::/64 oifname != \"lume0\" masquerade",
+            "iifname != { \"lume0\", \"lo\" } ip6 daddr 2001:db8:64::1 drop",
+            // Only the port published on every address is published on IPv6.
+            "type inet_proto . inet_service : ipv6_addr . inet_service\n    elements = { tcp . 8080 : 2001:db8:64:0:5054:ff:fe12:3456 . 80 }",
+            "ip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @dnat_any6",
+            "set v6taps {\n    type ifname\n    elements = { \"lmt0\" }",
+            "elements = { \"lmt0\" . fe80::/10, \"lmt0\" . ::, \"lmt0\" . 2001:db8:64::/64 }",
+            "set owned6 {\n    type ipv6_addr\n"
+                .replace("ipv6_addr\n", "ifname . ipv6_addr\n")
+                .as_str(),
+            "elements = { \"lmt0\" . 0x20010db800640000505400fffe123456 }",
+            "icmpv6 type { nd-router-advert, nd-redirect } drop",
+            "udp sport 547 drop",
+        ] {
+            assert!(s.contains(want), "{want} missing from {s}");
+        }
+        assert!(!s.contains("8081 : 2001"), "{s}");
+        if nix::unistd::geteuid().is_root() && std::path::Path::new("/usr/sbin/nft").exists() {
+            let ns =
+                crate::util::testing::TestNetns::new(format!("lume-nft6-{}", std::process::id()));
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &s).unwrap();
+            ns.sh(&format!("nft -f {}", file.path().display()));
+            let listed = ns.sh("nft list table bridge lume");
+            assert!(listed.contains("owned_targets6"), "{listed}");
+        }
     }
 }

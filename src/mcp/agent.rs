@@ -573,6 +573,7 @@ mod tests {
             provisioning_operation: None,
             vnc_url: None,
             ip_address: None,
+            ipv6_addresses: Vec::new(),
             ssh_available: Some(false),
             location_name: "default".into(),
             shared_directories: Vec::new(),

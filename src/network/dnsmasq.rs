@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::prefix6::Prefix6;
 use super::resolvers;
 use super::subnet::Subnet;
 
@@ -57,6 +58,9 @@ pub struct Dnsmasq {
     pub dir: PathBuf,
     pub bridge: String,
     pub subnet: Subnet,
+    /// The network's IPv6 /64: router advertisements (addresses by
+    /// autoconfiguration) and DHCPv6 on it; `None`: IPv4 only.
+    pub prefix6: Option<Prefix6>,
     /// Hand out the gateway as router and DNS server (NAT); host-only gets neither.
     pub route: bool,
 }
@@ -118,6 +122,35 @@ impl Dnsmasq {
             log = self.log_path().display(),
             user = dnsmasq_user().0,
         );
+        if let Some(p) = self.prefix6 {
+            // Router advertisements with the prefix (guests configure their
+            // address themselves, a Linux guest `PREFIX:<EUI-64>`) and
+            // DHCPv6 for guests that ask, which gives a guest the same
+            // EUI-64 address (reserved per MAC, see `reserve`); host-only
+            // advertises no route (router lifetime 0).
+            c.push_str(&format!(
+                "listen-address={gw6}
+enable-ra
+dhcp-range={first6},{last6},slaac,64,{LEASE_SECS}
+",
+                gw6 = p.gateway(),
+                first6 = p.host(0x1000),
+                last6 = p.host(0xffff),
+            ));
+            if self.route {
+                c.push_str(
+                    "dhcp-option=option6:dns-server,[::]
+",
+                );
+            } else {
+                c.push_str(&format!(
+                    "ra-param={},60,0
+dhcp-option=option6:dns-server
+",
+                    self.bridge
+                ));
+            }
+        }
         if self.route {
             // Upstream servers come from lume (see `follow`), asked in the
             // host's order as its C library does.
@@ -321,9 +354,14 @@ impl Dnsmasq {
         let _ = fs::remove_file(self.pid_path());
     }
 
-    /// Reserves `ip` for `mac` under the name `id` (dnsmasq reads the
-    /// directory by itself).
-    pub fn reserve(&self, id: &str, mac: &str, ip: Ipv4Addr) -> Result<(), DnsmasqError> {
+    /// Reserves `ip` (and on an IPv6 network the EUI-64 address of `mac`)
+    /// for `mac` under the name `id` (dnsmasq reads the directory by itself).
+    pub fn reserve(
+        &self,
+        id: &str,
+        mac: crate::vm::config::MacAddress,
+        ip: Ipv4Addr,
+    ) -> Result<(), DnsmasqError> {
         self.hosts_dir_for_dnsmasq()
             .map_err(|source| DnsmasqError::Io {
                 path: self.hosts_dir(),
@@ -334,7 +372,11 @@ impl Dnsmasq {
         // readable by that user before the rename.
         crate::util::atomic::write_runtime_with(
             &path,
-            format!("{mac},{ip}\n").as_bytes(),
+            match self.prefix6 {
+                Some(p) => format!("{mac},{ip},[{}]\n", p.eui64(mac)),
+                None => format!("{mac},{ip}\n"),
+            }
+            .as_bytes(),
             grant_dnsmasq,
         )
         .map_err(|source| DnsmasqError::Io {
@@ -451,9 +493,11 @@ mod tests {
             dir: "/run/lume/x/nat".into(),
             bridge: "lume0".into(),
             subnet: "203.0.113.0/24".parse().unwrap(),
+            prefix6: None,
             route: true,
         };
         let c = d.conf();
+        assert!(!c.contains("enable-ra"), "{c}");
         assert!(c.contains("interface=lume0\nbind-interfaces\nexcept-interface=lo\n"));
         assert!(c.contains("dhcp-range=203.0.113.2,203.0.113.254,255.255.255.0,3600"));
         // Leases by MAC only: a guest cannot hold many by varying its
@@ -470,13 +514,43 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_network_gets_advertisements_and_dhcpv6() {
+        let nat = Dnsmasq {
+            dir: "/run/lume/x/nat".into(),
+            bridge: "lume0".into(),
+            subnet: "203.0.113.0/24".parse().unwrap(),
+            prefix6: Some("2001:db8:64::/64".parse().unwrap()),
+            route: true,
+        };
+        let c = nat.conf();
+        assert!(
+            c.contains("listen-address=2001:db8:64::1\nenable-ra\ndhcp-range=2001:db8:64::1000,2001:db8:64::ffff,slaac,64,3600\n"),
+            "{c}"
+        );
+        assert!(c.contains("dhcp-option=option6:dns-server,[::]\n"), "{c}");
+        assert!(!c.contains("ra-param"), "{c}");
+        let host = Dnsmasq {
+            route: false,
+            ..nat
+        };
+        let c = host.conf();
+        // No default route and no DNS server for host-only guests.
+        assert!(
+            c.contains("ra-param=lume0,60,0\ndhcp-option=option6:dns-server\n"),
+            "{c}"
+        );
+    }
+
+    #[test]
     fn only_fresh_leases_of_this_run_count() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("leases");
         // Granted at 1000 (expires 4600) and at 5000 (expires 8600).
         std::fs::write(
             &f,
-            "4600 52:54:00:aa:bb:cc 203.0.113.5 guest *\n8600 52:54:00:AA:BB:CC 203.0.113.6 guest *\n7000 02:00:00:00:00:01 203.0.113.9 * *\n",
+            "4600 52:54:00:aa:bb:cc 203.0.113.5 guest *\n8600 52:54:00:AA:BB:CC 203.0.113.6 guest *\n7000 02:00:00:00:00:01 203.0.113.9 * *\n\
+             duid 00:01:00:01:2f:00:00:01:52:54:00:aa:bb:cc\n\
+             9000 1234 2001:db8:64:0:5054:ff:feaa:bbcc guest 00:01:00:01:aa\n",
         )
         .unwrap();
         let mac = "52:54:00:aa:bb:cc".parse().unwrap();
@@ -501,6 +575,7 @@ mod servers_tests {
             dir: dir.into(),
             bridge: "lume0".into(),
             subnet: "203.0.113.0/24".parse().unwrap(),
+            prefix6: None,
             route: true,
         }
     }

@@ -183,6 +183,9 @@ pub struct VmDetails {
     /// null when stopped.
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
+    /// lume for Linux: the guest's global IPv6 addresses the host knows
+    /// (nat and host-only networks with IPv6); empty otherwise.
+    pub ipv6_addresses: Vec<String>,
     pub ssh_available: Option<bool>,
     pub location_name: String,
     /// lume's shared directories of the running VM; empty when stopped.
@@ -242,6 +245,7 @@ impl VmDetails {
             provisioning_operation: None,
             vnc_url: None,
             ip_address: None,
+            ipv6_addresses: Vec::new(),
             ssh_available: None,
             location_name: store.location_name(),
             shared_directories: Vec::new(),
@@ -332,6 +336,11 @@ impl VmDetails {
             d.accelerator = Some(s.accelerator.to_string());
             let address = guest_address(&s);
             d.ip_address = address.map(|ip| ip.to_string());
+            d.ipv6_addresses = crate::network::driver::of(&s.network_mode)
+                .addresses_v6(&s)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             // As lume: whether port 22 answers now (null when stopped).
             let target = crate::guest::reach::ssh_target(&s, address);
             return (

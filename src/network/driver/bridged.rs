@@ -249,6 +249,12 @@ impl NetworkDriver for Bridged {
             .map(std::net::IpAddr::V4)
     }
 
+    /// Not discovered yet: the LAN's router gives the guest its IPv6
+    /// addresses, and lume does not watch that exchange.
+    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        Vec::new()
+    }
+
     /// On a Linux bridge, the tap is one of its ports; on a plain
     /// interface, it is joined to a macvlan and bypasses the bridge code.
     fn host_bridge(&self, state: &RunState) -> Option<String> {

@@ -86,6 +86,7 @@ impl NetworkDriver for LumeBridge {
             tap: &tap.name,
             publish: &opts.publish,
             exclusive_mac: opts.member,
+            ipv6: opts.policy.is_empty(),
         })?;
         let net = networks.get(kind).clone();
         let tap_name = tap.name.clone();
@@ -134,6 +135,15 @@ impl NetworkDriver for LumeBridge {
 
     fn unrecorded_address(&self, _state: &RunState) -> Option<std::net::IpAddr> {
         None
+    }
+
+    /// The guest's addresses in its network's /64 that the bridge's
+    /// neighbour table holds (see [`crate::network::guest6`]).
+    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        match (state.host_device.as_deref(), state.mac_address) {
+            (Some(tap), Some(mac)) => crate::network::guest6::on_bridge_of(tap, mac),
+            _ => Vec::new(),
+        }
     }
 
     fn host_bridge(&self, _state: &RunState) -> Option<String> {

@@ -75,6 +75,9 @@ pub trait NetworkDriver {
     /// (bridged: what a guest with a static address announces on its own
     /// parent interface).
     fn unrecorded_address(&self, state: &RunState) -> Option<std::net::IpAddr>;
+    /// The guest's global IPv6 addresses as far as the host knows them now
+    /// (empty without IPv6).
+    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr>;
     /// The Linux bridge of the host's the run's tap sits in, if any: its
     /// frames then cross br_netfilter's forward hook (the doctor checks
     /// what drops them there).

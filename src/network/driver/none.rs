@@ -62,6 +62,10 @@ impl NetworkDriver for Nothing {
         None
     }
 
+    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        Vec::new()
+    }
+
     fn host_bridge(&self, _state: &RunState) -> Option<String> {
         None
     }

@@ -15,7 +15,7 @@
 //! [`Netlink::open`].
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{
@@ -1016,6 +1016,125 @@ impl Netlink {
             }) => Ok(false),
             Err(e) => Err(fail(&format!("delete interface {name}"), e)),
         }
+    }
+
+    /// Add `addr/prefix` to `name` without duplicate address detection (a
+    /// lume bridge's own address: usable at once). Already there is fine.
+    pub fn add_address_v6(
+        &mut self,
+        name: &str,
+        addr: Ipv6Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        use netlink_packet_route::address::{AddressFlags, AddressHeaderFlags};
+        let op = format!("add address {addr}/{prefix} to {name}");
+        let index = self.require(name, &op)?;
+        let mut msg = address_message(
+            index,
+            prefix,
+            vec![
+                AddressAttribute::Address(addr.into()),
+                AddressAttribute::Flags(AddressFlags::Nodad),
+            ],
+        );
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.flags = AddressHeaderFlags::Nodad;
+        match self.execute(
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(())
+            | Err(TxError::Kernel {
+                errno: Errno::EEXIST,
+                ..
+            }) => Ok(()),
+            Err(e) => Err(Self::fail_on(&op, name, e)),
+        }
+    }
+
+    /// `(interface index, address, prefix)` of every IPv6 address.
+    pub fn all_addresses_v6(&mut self) -> Result<Vec<(u32, Ipv6Addr, u8)>, NetlinkError> {
+        let mut msg = address_message(0, 0, Vec::new());
+        msg.header.family = AddressFamily::Inet6;
+        Ok(self
+            .dump(RouteNetlinkMessage::GetAddress(msg))
+            .map_err(|e| fail("list the host's IPv6 addresses", e))?
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet6 => {
+                    a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(IpAddr::V6(v)) => {
+                            Some((a.header.index, *v, a.header.prefix_len))
+                        }
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The IPv6 addresses of `name` with their prefix lengths.
+    pub fn addresses_v6(&mut self, name: &str) -> Result<Vec<(Ipv6Addr, u8)>, NetlinkError> {
+        let op = format!("list the IPv6 addresses of {name}");
+        let index = self.require(name, &op)?;
+        Ok(self
+            .all_addresses_v6()?
+            .into_iter()
+            .filter(|&(i, _, _)| i == index)
+            .map(|(_, a, p)| (a, p))
+            .collect())
+    }
+
+    /// The IPv6 neighbours of interface `index` whose link-layer address
+    /// is `mac` and whose entry is not failed or incomplete.
+    pub fn neighbours_v6(
+        &mut self,
+        index: u32,
+        mac: [u8; 6],
+    ) -> Result<Vec<Ipv6Addr>, NetlinkError> {
+        use netlink_packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+        };
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.ifindex = index;
+        let replies = self
+            .transact(&Request::route(
+                &RouteNetlinkMessage::GetNeighbour(msg),
+                NLM_F_DUMP,
+            ))
+            .map_err(|e| fail("list the IPv6 neighbours", e))?;
+        let mut out = Vec::new();
+        for r in &replies {
+            // A neighbour the parser cannot read is left out.
+            let Ok(RouteNetlinkMessage::NewNeighbour(n)) = parse_reply(&r.bytes) else {
+                continue;
+            };
+            if n.header.ifindex != index
+                || matches!(
+                    n.header.state,
+                    NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+                )
+            {
+                continue;
+            }
+            let mut dst = None;
+            let mut lladdr = None;
+            for a in &n.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => dst = Some(*d),
+                    NeighbourAttribute::LinkLayerAddress(l) => lladdr = Some(l.clone()),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(l)) = (dst, lladdr)
+                && l[..] == mac[..]
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// The IPv4 routes of the main table (all route types), with the

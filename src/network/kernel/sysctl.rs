@@ -56,3 +56,110 @@ pub fn forwarding_restore(dir: &Path) {
         let _ = fs::remove_file(&saved);
     }
 }
+
+/// The IPv6 forwarding switch (writing it sets every interface's).
+pub const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+fn conf6(interface: &str, key: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{interface}/{key}")
+}
+
+/// What a lume bridge with IPv6 must never do with what its guests send:
+/// take a router advertisement (a guest would become the host's router),
+/// configure an address from one, follow a redirect; and it skips
+/// duplicate address detection on its own addresses (they are lume's).
+const BRIDGE6: [(&str, &str); 5] = [
+    ("accept_ra", "0"),
+    ("autoconf", "0"),
+    ("accept_redirects", "0"),
+    ("accept_dad", "0"),
+    ("router_solicitations", "0"),
+];
+
+/// Switches IPv6 on for a lume bridge with an IPv6 network, its
+/// protections ([`BRIDGE6`]) first. Whether anything had to change.
+pub fn ipv6_bridge_on(bridge: &str) -> io::Result<bool> {
+    let mut changed = false;
+    for (key, want) in BRIDGE6.iter().chain(&[("disable_ipv6", "0")]) {
+        let path = conf6(bridge, key);
+        if fs::read_to_string(&path)?.trim() != *want {
+            fs::write(&path, want)?;
+            changed = true;
+        }
+    }
+    Ok(changed)
+}
+
+/// Whether IPv6 forwarding is off (`false` when it cannot be read).
+pub fn forwarding6_off() -> bool {
+    fs::read_to_string(IP6_FORWARD)
+        .map(|v| v.trim() != "1")
+        .unwrap_or(false)
+}
+
+/// The interfaces (and `default`, which new ones copy) that take router
+/// advertisements as a host (`accept_ra` 1): with forwarding on they would
+/// stop, and the host would lose the IPv6 routes it learns from its
+/// network's router.
+fn hosts_taking_advertisements() -> Vec<String> {
+    let Ok(dir) = fs::read_dir("/proc/sys/net/ipv6/conf") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name != "all")
+        .filter(|name| fs::read_to_string(conf6(name, "accept_ra")).is_ok_and(|v| v.trim() == "1"))
+        .collect()
+}
+
+/// Switches IPv6 forwarding on, remembering in `dir` what it changed: the
+/// forwarding switch, and `accept_ra` 1 → 2 on every interface (and
+/// `default`) that takes router advertisements, so the host keeps taking
+/// them with forwarding on.
+pub fn forwarding6_on(dir: &Path) -> io::Result<()> {
+    let saved = dir.join("ip6_forward.saved");
+    let current = fs::read_to_string(IP6_FORWARD)?;
+    let mut record = if saved.exists() {
+        fs::read_to_string(&saved)?
+    } else {
+        format!("all/forwarding={}\n", current.trim())
+    };
+    if current.trim() == "1" {
+        // On already (a router, Docker with IPv6): the host's interfaces
+        // take advertisements as their owner set them; nothing to change.
+        if !saved.exists() {
+            crate::util::atomic::write_runtime(&saved, record.as_bytes())?;
+        }
+        return Ok(());
+    }
+    for name in hosts_taking_advertisements() {
+        fs::write(conf6(&name, "accept_ra"), "2")?;
+        record.push_str(&format!("{name}/accept_ra=1\n"));
+    }
+    // Recorded before the switch: a kill between the two leaves a record
+    // that puts back what is already so.
+    crate::util::atomic::write_runtime(&saved, record.as_bytes())?;
+    fs::write(IP6_FORWARD, "1")
+}
+
+/// Puts back what [`forwarding6_on`] changed, forwarding first (so the
+/// interfaces' `accept_ra` 1 means what it meant before).
+pub fn forwarding6_restore(dir: &Path) {
+    let saved = dir.join("ip6_forward.saved");
+    let Ok(text) = fs::read_to_string(&saved) else {
+        return;
+    };
+    let mut lines: Vec<(&str, &str)> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    lines.sort_by_key(|(k, _)| *k != "all/forwarding");
+    for (key, value) in lines {
+        // Only names as written above: INTERFACE/accept_ra or all/forwarding.
+        let Some((interface, what)) = key.split_once('/') else {
+            continue;
+        };
+        if interface.contains("..") || !["accept_ra", "forwarding"].contains(&what) {
+            continue;
+        }
+        let _ = fs::write(conf6(interface, what), value);
+    }
+    let _ = fs::remove_file(&saved);
+}

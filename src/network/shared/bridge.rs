@@ -45,10 +45,62 @@ impl SharedNet {
             }
         }
         nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
-        sysctl::ipv6_off(&self.bridge);
+        let prefix6 = self.prefix6();
+        match prefix6 {
+            Some(_) => drop(self.ipv6_on()?),
+            None => drop(sysctl::ipv6_off(&self.bridge)),
+        }
         nl.set_up(&self.bridge)?;
+        if let Some(p) = prefix6 {
+            nl.add_address_v6(&self.bridge, p.gateway(), 64)?;
+        }
         if self.kind == Kind::Nat {
             sysctl::forwarding_on(&self.dir).map_err(SharedError::Forwarding)?;
+            if prefix6.is_some() {
+                self.forwarding6_on()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv6 on the bridge, with its protections (see
+    /// [`sysctl::ipv6_bridge_on`]); whether anything had to change.
+    pub(super) fn ipv6_on(&self) -> Result<bool, SharedError> {
+        sysctl::ipv6_bridge_on(&self.bridge).map_err(|source| SharedError::Bridge6 {
+            key: self.key6(),
+            bridge: self.bridge.clone(),
+            source,
+        })
+    }
+
+    pub(super) fn forwarding6_on(&self) -> Result<(), SharedError> {
+        sysctl::forwarding6_on(&self.dir).map_err(|source| SharedError::Forwarding6 {
+            key: self.key6(),
+            source,
+        })
+    }
+
+    /// Refuses `prefix` when an interface other than this bridge has an
+    /// address in it (the host's own network, a VPN's, another tool's).
+    pub(super) fn check_prefix6(&self, prefix: Prefix6) -> Result<(), SharedError> {
+        let mut nl = Netlink::open()?;
+        let own = nl.link_index(&self.bridge)?;
+        let taken = nl
+            .all_addresses_v6()?
+            .into_iter()
+            .find(|&(index, addr, _)| Some(index) != own && prefix.contains(addr));
+        if let Some((index, address, _)) = taken {
+            let interface = nl
+                .links()?
+                .into_iter()
+                .find(|l| l.index == index)
+                .map_or_else(|| format!("#{index}"), |l| l.name);
+            return Err(SharedError::Prefix6Conflict {
+                key: self.key6(),
+                prefix,
+                interface,
+                address,
+            });
         }
         Ok(())
     }
@@ -65,6 +117,7 @@ impl SharedNet {
         }
         if self.kind == Kind::Nat {
             sysctl::forwarding_restore(&self.dir);
+            sysctl::forwarding6_restore(&self.dir);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -43,6 +43,15 @@ impl Networks {
         let bridge_net = |n: &SharedNet| BridgeNet {
             bridge: n.bridge.clone(),
             subnet: n.subnet(),
+            prefix6: n.prefix6(),
+        };
+        let nat6 = self.nat.prefix6();
+        let host6 = self.host.prefix6();
+        // A guest's IPv6 address on its network: the EUI-64 one lume's
+        // DHCPv6 reserves (published ports lead there); none for a guest
+        // kept off IPv6.
+        let ip6 = |m: &Member, p: Option<crate::network::prefix6::Prefix6>| {
+            p.filter(|_| !m.no_ipv6).map(|p| p.eui64(m.mac))
         };
         FirewallState {
             nat: (!nat_members.is_empty()).then(|| bridge_net(&self.nat)),
@@ -55,17 +64,21 @@ impl Networks {
                         host_port: p.host_port,
                         proto: p.proto,
                         guest: m.ip,
+                        guest6: ip6(m, nat6),
                         guest_port: p.guest_port,
                     })
                 })
                 .collect(),
             ports: nat_members
                 .iter()
-                .chain(&host_members)
-                .map(|m| crate::firewall::GuestPort {
+                .map(|m| (m, nat6))
+                .chain(host_members.iter().map(|m| (m, host6)))
+                .map(|(m, p)| crate::firewall::GuestPort {
                     tap: m.tap.clone(),
                     mac: m.mac,
                     ip: m.ip,
+                    ip6: ip6(m, p),
+                    prefix6: p.filter(|_| !m.no_ipv6),
                 })
                 .collect(),
             accommodate: self.accommodate && tools,
@@ -296,6 +309,7 @@ mod tests {
             ip: format!("192.168.64.{n}").parse().unwrap(),
             tap: format!("ltv{n}"),
             publish: vec![format!("80{n:02}:22").parse().unwrap()],
+            no_ipv6: false,
         };
         nets.add_member(Kind::Nat, &member(2));
         let first = nets.record_joined();

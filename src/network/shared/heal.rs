@@ -186,11 +186,32 @@ impl SharedNet {
             }
             Some(_) => {}
         }
-        if sysctl::ipv6_off(&self.bridge) {
-            repairs.push(format!(
-                "bridge {} had IPv6 switched on: switched it off",
-                self.bridge
-            ));
+        let prefix6 = self.prefix6();
+        match prefix6 {
+            Some(p) => {
+                if self.ipv6_on()? {
+                    repairs.push(format!(
+                        "bridge {}'s IPv6 settings had been changed: put them back",
+                        self.bridge
+                    ));
+                }
+                if !nl.addresses_v6(&self.bridge)?.contains(&(p.gateway(), 64)) {
+                    nl.add_address_v6(&self.bridge, p.gateway(), 64)?;
+                    repairs.push(format!(
+                        "bridge {} had lost its address {}/64: restored it",
+                        self.bridge,
+                        p.gateway()
+                    ));
+                }
+            }
+            None => {
+                if sysctl::ipv6_off(&self.bridge) {
+                    repairs.push(format!(
+                        "bridge {} had IPv6 switched on: switched it off",
+                        self.bridge
+                    ));
+                }
+            }
         }
         let gw = (subnet.gateway(), subnet.prefix);
         if !nl.addresses_v4(&self.bridge)?.contains(&gw) {
@@ -222,7 +243,7 @@ impl SharedNet {
         let dns = self.dnsmasq();
         if dns.pid().is_none() {
             for m in members {
-                dns.reserve(&m.id(), &m.mac.to_string(), m.ip)?;
+                dns.reserve(&m.id(), m.mac, m.ip)?;
             }
             dns.ensure_running()?;
             repairs.push(format!(
@@ -233,6 +254,10 @@ impl SharedNet {
         if self.kind == Kind::Nat && sysctl::forwarding_off() {
             sysctl::forwarding_set_on().map_err(SharedError::Forwarding)?;
             repairs.push("IPv4 forwarding had been switched off: switched it back on".into());
+        }
+        if self.kind == Kind::Nat && prefix6.is_some() && sysctl::forwarding6_off() {
+            self.forwarding6_on()?;
+            repairs.push("IPv6 forwarding had been switched off: switched it back on".into());
         }
         if let Some(servers) = self.dnsmasq().follow()? {
             repairs.push(format!(

@@ -48,6 +48,9 @@ pub struct JoinRequest<'a> {
     /// A member's VM (see [`crate::network::attach::AttachOptions::member`]):
     /// a MAC address another running VM of lume's networks uses is refused.
     pub exclusive_mac: bool,
+    /// Whether the guest gets the network's IPv6 (not under a network
+    /// policy, which lets no IPv6 out: the guest is then not told of it).
+    pub ipv6: bool,
 }
 
 impl JoinRequest<'_> {
@@ -111,6 +114,7 @@ impl Networks {
             tap,
             publish,
             exclusive_mac,
+            ipv6,
         } = req;
         if exclusive_mac {
             self.check_mac_locked(mac, &member_id(vm, vm_dir))?;
@@ -136,6 +140,20 @@ impl Networks {
                 }
             })?;
             let _ = crate::network::rundir::private_file(&net.dir.join("subnet"));
+            let prefix6 = net.configured6;
+            if let Some(p) = prefix6 {
+                net.check_prefix6(p)?;
+            }
+            crate::util::atomic::write_runtime(
+                &net.dir.join("subnet6"),
+                prefix6
+                    .map_or_else(|| "none".to_string(), |p| p.to_string())
+                    .as_bytes(),
+            )
+            .map_err(|source| SharedError::Runtime {
+                path: net.dir.clone(),
+                source,
+            })?;
             note = why;
         }
         let id = member_id(vm, vm_dir);
@@ -157,6 +175,7 @@ impl Networks {
             ip,
             tap: tap.to_string(),
             publish: publish.to_vec(),
+            no_ipv6: !ipv6,
         };
         // VMs already running on this network (started by this release or an
         // earlier one, whose bridges carry no mark) prove the bridge is lume's.
@@ -168,7 +187,7 @@ impl Networks {
             net.write_member(&member)?;
             net.bring_up_adopting(running_before)?;
             let dns = net.dnsmasq();
-            dns.reserve(&id, &mac.to_string(), ip)?;
+            dns.reserve(&id, mac, ip)?;
             dns.ensure_running()?;
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;

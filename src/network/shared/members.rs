@@ -14,6 +14,11 @@ pub struct Member {
     pub tap: String,
     #[serde(default)]
     pub publish: Vec<PortMapping>,
+    /// The guest is not given the network's IPv6 (a VM under a network
+    /// policy); records of earlier releases, whose networks had no IPv6,
+    /// read as false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_ipv6: bool,
 }
 
 /// A running VM bridged onto a Linux bridge of the user's (`bridged:br0`,

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::dnsmasq::{Dnsmasq, DnsmasqError};
 use super::kernel::netlink::{Netlink, NetlinkError, RouteV4};
 use super::kernel::sysctl;
+use super::prefix6::Prefix6;
 use super::publish::PortMapping;
 use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::foreign::{FindingKind, Ruleset};
@@ -81,6 +82,42 @@ pub enum SharedError {
     #[error("Cannot switch IPv4 forwarding")]
     Forwarding(#[source] std::io::Error),
     #[error(
+        "Cannot switch IPv6 forwarding: set {key}: none in config.yaml to give the {key} network no IPv6 (lume config set {key} none)"
+    )]
+    Forwarding6 {
+        key: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "Cannot switch IPv6 on for bridge {bridge}: set {key}: none in config.yaml to give this network no IPv6 (lume config set {key} none)"
+    )]
+    Bridge6 {
+        key: &'static str,
+        bridge: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Invalid {key} in config.yaml")]
+    Prefix6 {
+        key: &'static str,
+        #[source]
+        source: super::prefix6::BadPrefix6,
+    },
+    #[error(
+        "natSubnet6 and hostSubnet6 are the same /64 ({0}): give them distinct prefixes in config.yaml"
+    )]
+    Overlap6(Prefix6),
+    #[error(
+        "{key} {prefix} is already used on the host's interface {interface} (address {address}): choose another /64 for {key} in config.yaml (lume config set {key} <prefix>), or none for no IPv6"
+    )]
+    Prefix6Conflict {
+        key: &'static str,
+        prefix: Prefix6,
+        interface: String,
+        address: std::net::Ipv6Addr,
+    },
+    #[error(
         "{key} {subnet} collides with the host route {routes}: choose another subnet for {key} in config.yaml (lume config set {key} <subnet>), or remove it to let lume pick a free one (lume config unset {key})"
     )]
     RouteConflict {
@@ -137,6 +174,11 @@ pub struct SharedNet {
     pub configured: Subnet,
     /// Whether the user chose the subnet in config.yaml.
     pub explicit: bool,
+    /// The IPv6 /64 config.yaml asks for (`natSubnet6`, `hostSubnet6`; a
+    /// unique local prefix of this machine by default), `None` for `none`
+    /// or a kernel without IPv6. While the network is up, the one in use is
+    /// in `<dir>/subnet6`: see [`SharedNet::prefix6`].
+    pub configured6: Option<Prefix6>,
     pub dir: PathBuf,
 }
 
@@ -216,11 +258,23 @@ impl SharedNet {
             .unwrap_or(self.configured)
     }
 
+    /// The IPv6 /64 in use: the one recorded when the network came up
+    /// (`none` recorded: no IPv6), else the configured one.
+    pub fn prefix6(&self) -> Option<Prefix6> {
+        match fs::read_to_string(self.dir.join("subnet6")) {
+            Ok(s) => s.trim().parse().ok(),
+            // Up, from a release before IPv6: none until it comes up again.
+            Err(_) if self.dir.join("subnet").exists() => None,
+            Err(_) => self.configured6,
+        }
+    }
+
     pub fn dnsmasq(&self) -> Dnsmasq {
         Dnsmasq {
             dir: self.dir.clone(),
             bridge: self.bridge.clone(),
             subnet: self.subnet(),
+            prefix6: self.prefix6(),
             route: self.kind == Kind::Nat,
         }
     }
@@ -255,6 +309,7 @@ impl Networks {
             ip: "192.168.64.2".parse().unwrap(),
             tap: "ltv".into(),
             publish: vec!["8022:22".parse().unwrap()],
+            no_ipv6: false,
         }
     }
 }

@@ -30,6 +30,30 @@ pub(super) fn bridge_setting(
     }
 }
 
+/// `natSubnet6` / `hostSubnet6`: a /64, `none`, or (unset) this machine's
+/// unique local prefix number `subnet_id`. A kernel without IPv6 gets none.
+pub(super) fn prefix6_setting(
+    s: &Settings,
+    key: &'static str,
+    subnet_id: u16,
+) -> Result<Option<Prefix6>, SharedError> {
+    let given = s.get_str(key)?;
+    let value = match given.as_deref().map(str::trim) {
+        Some("none") => return Ok(None),
+        Some(v) => Some(
+            v.parse()
+                .map_err(|source| SharedError::Prefix6 { key, source })?,
+        ),
+        None => None,
+    };
+    if !crate::network::prefix6::kernel_has_ipv6() {
+        return Ok(None);
+    }
+    Ok(Some(
+        value.unwrap_or_else(|| Prefix6::unique_local_here(subnet_id)),
+    ))
+}
+
 impl Networks {
     /// The networks as config.yaml describes them (`natBridge`, `natSubnet`,
     /// `hostBridge`, `hostSubnet`).
@@ -40,12 +64,20 @@ impl Networks {
         if nat_subnet.overlaps(&host_subnet) {
             return Err(SharedError::Overlap(nat_subnet, host_subnet));
         }
+        let nat6 = prefix6_setting(s, "natSubnet6", 0)?;
+        let host6 = prefix6_setting(s, "hostSubnet6", 1)?;
+        if let (Some(a), Some(b)) = (nat6, host6)
+            && a == b
+        {
+            return Err(SharedError::Overlap6(a));
+        }
         Ok(Self {
             nat: SharedNet {
                 kind: Kind::Nat,
                 bridge: bridge_setting(s, "natBridge", "lume0")?,
                 configured: nat_subnet,
                 explicit: nat_explicit,
+                configured6: nat6,
                 dir: root.join("nat"),
             },
             host: SharedNet {
@@ -53,6 +85,7 @@ impl Networks {
                 bridge: bridge_setting(s, "hostBridge", "lume-host0")?,
                 configured: host_subnet,
                 explicit: host_explicit,
+                configured6: host6,
                 dir: root.join("host"),
             },
             accommodate: s.get_bool("firewallAccommodation")?.unwrap_or(true),
@@ -75,6 +108,13 @@ impl SharedNet {
         match self.kind {
             Kind::Nat => "natSubnet",
             Kind::Host => "hostSubnet",
+        }
+    }
+
+    pub(super) fn key6(&self) -> &'static str {
+        match self.kind {
+            Kind::Nat => "natSubnet6",
+            Kind::Host => "hostSubnet6",
         }
     }
 }

@@ -110,6 +110,7 @@ mod tests {
             bridge: "lume0".into(),
             configured: subnet.parse().unwrap(),
             explicit,
+            configured6: None,
             dir: "/nonexistent".into(),
         }
     }
