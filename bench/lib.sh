@@ -98,7 +98,7 @@ lume_home() {
     local h
     tmpdir h
     mkdir -p "$h/.config/lume"
-    printf 'natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n' \
+    printf 'natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n' \
         >"$h/.config/lume/config.yaml"
     printf -v "$1" %s "$h"
 }
