@@ -36,7 +36,7 @@ const BOOT: Duration = Duration::from_secs(180);
 /// The test's config.yaml: the host-only subnet leaves 192.0.2.128/25 to a
 /// Docker network's bridge.
 const SETTINGS: &str =
-    "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/25\nuserSubnet: 198.51.100.0/24\n";
+    "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/25\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n";
 
 /// A second address of the LAN, the one the admin's denies name.
 const OTHER_PEER: &str = "198.51.100.3";

@@ -216,7 +216,7 @@ fn crafted_loopback_frames_never_reach_the_host() {
 fn user_and_nat_guests_never_reach_host_loopback() {
     let t = Lan::new("lb");
     t.home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 198.51.100.128/25\nuserSubnet: 192.0.2.0/24\n",
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 198.51.100.128/25\nuserSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
     );
     let lan = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
     let lo4 = Recorder::start(&t.host, "127.0.0.1:9100");

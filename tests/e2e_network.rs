@@ -460,7 +460,7 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
         // Turned off: the watcher takes lume's accept out within a second,
         // the LAN is cut off and the doctor gives the rule to add.
         t.home.write_settings(
-            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\n",
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nfirewallAccommodation: false\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
         );
         wait_for("lume's accept gone", Duration::from_secs(5), || {
             lume_rules().is_empty().then_some(())
@@ -498,7 +498,7 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
         t.host
             .exec_ok("iptables-nft -D DOCKER-USER -i hbr0 -o hbr0 -j ACCEPT");
         t.home.write_settings(
-            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
         );
         wait_for("lume's accept back", Duration::from_secs(5), || {
             (lume_rules().len() == 1).then_some(())

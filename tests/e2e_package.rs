@@ -276,7 +276,7 @@ fn the_package_serves_group_members_without_sudo_and_leaves_vms_on_removal() {
     let ns = Netns::new("pk");
     let home = Home::new();
     home.write_settings(
-        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nfirewallAccommodation: false\n",
+        "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nfirewallAccommodation: false\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
     );
     let log = home.path().join("serve.log");
     installed.server = Some(start_server(&ns, &home, &log, true));

@@ -62,7 +62,7 @@ fn udp_counter(ns: &common::Netns, addr: &str) -> std::sync::Arc<std::sync::atom
 fn policies_are_enforced_survive_a_flush_and_refuse_modes_that_cannot() {
     let t = Lan::new("po");
     t.home.write_settings(
-        "natSubnet: 203.0.113.0/25\nhostSubnet: 203.0.113.128/25\nuserSubnet: 198.51.100.0/24\n",
+        "natSubnet: 203.0.113.0/25\nhostSubnet: 203.0.113.128/25\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
     );
     t.lan
         .exec_ok("ip addr add 198.51.100.3/24 dev br0 && ip addr add 192.0.2.1/32 dev lo");

@@ -736,6 +736,7 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
         if net.kind == super::shared::Kind::Nat {
             dns_check(r, net);
         }
+        ipv6_check(r, net);
         for w in routes.iter().filter(|w| w.bridge == net.bridge) {
             r.add("routes", false, w.text.clone());
         }
@@ -767,6 +768,18 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
             },
         );
     }
+    if nat_active && nets.nat.prefix6().is_some() {
+        let on = !super::kernel::sysctl::forwarding6_off();
+        r.add(
+            "ipv6 forwarding",
+            on,
+            if on {
+                "on while NAT VMs with IPv6 run"
+            } else {
+                "off: NAT VMs reach nothing over IPv6; lume's watcher switches it back on"
+            },
+        );
+    }
     let watching = VmLock::is_held(&nets.root.join("watcher.lock")).unwrap_or(false);
     r.add(
         "watcher",
@@ -777,6 +790,60 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
             "no supervisor watches lume's networks: restart one NAT or host-only VM"
         },
     );
+}
+
+/// A running network's IPv6: none (`natSubnet6: none`, or a kernel
+/// without IPv6), or the bridge with its address and its protections.
+fn ipv6_check(r: &mut Report, net: &super::shared::SharedNet) {
+    let name = format!("ipv6 {}", net.bridge);
+    let Some(p) = net.prefix6() else {
+        r.add(
+            name,
+            true,
+            format!(
+                "none on this network (config.yaml {}: none, a kernel without IPv6, or a network up since before IPv6)",
+                match net.kind {
+                    super::shared::Kind::Nat => "natSubnet6",
+                    super::shared::Kind::Host => "hostSubnet6",
+                }
+            ),
+        );
+        return;
+    };
+    let conf = |key: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/{key}", net.bridge))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let has = super::kernel::netlink::Netlink::open()
+        .and_then(|mut nl| nl.addresses_v6(&net.bridge))
+        .map(|a| a.contains(&(p.gateway(), 64)));
+    let verdict = match has {
+        Err(e) => (false, crate::error_chain(&e)),
+        Ok(_) if conf("disable_ipv6") != "0" => (
+            false,
+            "IPv6 is switched off on the bridge: lume's watcher switches it back on".into(),
+        ),
+        Ok(_) if conf("accept_ra") != "0" || conf("autoconf") != "0" => (
+            false,
+            "the bridge takes router advertisements from guests: lume's watcher puts accept_ra and autoconf back to 0".into(),
+        ),
+        Ok(false) => (
+            false,
+            format!(
+                "lacks its address {}/64: lume's watcher restores it",
+                p.gateway()
+            ),
+        ),
+        Ok(true) => (
+            true,
+            format!(
+                "{}/64, router advertisements and DHCPv6 from dnsmasq",
+                p.gateway()
+            ),
+        ),
+    };
+    r.add(name, verdict.0, verdict.1);
 }
 
 /// The doctor's `br_netfilter` line: whether bridged frames reach

@@ -16,9 +16,6 @@ pub fn lume_bin() -> PathBuf {
 }
 
 /// A throw-away HOME with its own ~/.lume and ~/.config/lume.
-/// The IPv6 subnets of lume's networks in tests ([`Home::write_settings`]).
-pub const V6_SETTINGS: &str = "natSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n";
-
 pub struct Home {
     pub dir: tempfile::TempDir,
 }
@@ -49,17 +46,9 @@ impl Home {
         self.path().join(".config/lume/config.yaml")
     }
 
-    /// Writes config.yaml. Settings that name a network's subnet get IPv6
-    /// subnets in the documentation range too, unless they name them:
-    /// lume's networks have IPv6 by default, and tests live on
-    /// documentation ranges only.
     pub fn write_settings(&self, text: &str) {
         let p = self.config_yaml();
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let mut text = text.to_string();
-        if text.contains("Subnet: ") && !text.contains("Subnet6") {
-            text.push_str(V6_SETTINGS);
-        }
         std::fs::write(p, text).unwrap();
     }
 
@@ -508,7 +497,7 @@ impl Lan {
         ));
         let home = Home::new();
         home.write_settings(
-            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n",
+            "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
         );
         Self {
             host,
