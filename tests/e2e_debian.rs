@@ -145,6 +145,25 @@ fn debian_cloud_image_provisions_and_answers_lume_ssh() {
     assert!(status.contains("status: done"), "{status}");
     assert!(status.contains("DataSourceNoCloud"), "{status}");
 
+    // IPv6 from lume's router advertisement: the guest's global address in
+    // the NAT network's /64, listed by `lume get`.
+    let listed = common::wait_for(
+        "an IPv6 address the guest has in ipv6Addresses",
+        Duration::from_secs(60),
+        || {
+            let out = ssh(&t, &["deb", "--", "ip -6 -o addr show scope global"]);
+            let guest = text(&out.stdout);
+            let d = t.get("deb");
+            d["ipv6Addresses"]
+                .as_array()?
+                .iter()
+                .filter_map(|a| a.as_str())
+                .find(|a| a.starts_with("2001:db8:64:") && guest.contains(&format!(" {a}/64")))
+                .map(str::to_string)
+        },
+    );
+    eprintln!("the Debian guest's IPv6 address: {listed}");
+
     // Passwordless sudo; output and exit status come back.
     let out = ssh(&t, &["deb", "--", "sudo", "-n", "true"]);
     assert!(out.status.success(), "sudo -n true: {}", text(&out.stderr));

@@ -28,15 +28,16 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{HOST_UPLINK_IP, LAN_PEER, Lan, Netns, Recorder, wait_console, wait_for};
+use common::{
+    HOST_UPLINK_IP, HOST_UPLINK6, LAN_PEER, LAN_PEER6, Lan, Netns, Recorder, wait_console, wait_for,
+};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(180);
 
 /// The test's config.yaml: the host-only subnet leaves 192.0.2.128/25 to a
 /// Docker network's bridge.
-const SETTINGS: &str =
-    "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/25\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n";
+const SETTINGS: &str = "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/25\nuserSubnet: 198.51.100.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n";
 
 /// A second address of the LAN, the one the admin's denies name.
 const OTHER_PEER: &str = "198.51.100.3";
@@ -129,12 +130,13 @@ fn placed(ns: &Netns) -> Vec<(String, bool)> {
         .collect()
 }
 
-const CHAINS: [&str; 7] = [
+const CHAINS: [&str; 8] = [
     "ip filter DOCKER-USER",
     "ip6 filter DOCKER-USER",
     "ip filter ufw-user-forward",
     "ip filter ufw-user-input",
     "ip6 filter ufw6-user-forward",
+    "ip6 filter ufw6-user-input",
     "inet firewalld filter_FORWARD",
     "inet firewalld filter_INPUT",
 ];
@@ -224,6 +226,7 @@ fn firewall_lines(checks: &[Value]) -> Vec<(bool, String)> {
 fn nat_works_through_docker_ufw_and_firewalld() {
     let t = Lan::new("hf");
     t.home.write_settings(SETTINGS);
+    t.with_ipv6();
     t.lan
         .exec_ok(&format!("ip addr add {OTHER_PEER}/24 dev br0"));
     // Docker's network custom0 with one "container".
@@ -248,12 +251,13 @@ fn nat_works_through_docker_ufw_and_firewalld() {
         fixture("firewalld.nft"),
     ));
     let peer = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
+    let peer6 = Recorder::start(&t.lan, &format!("[{LAN_PEER6}]:9000"));
     let other = Recorder::start(&t.lan, &format!("{OTHER_PEER}:9000"));
     let container = Recorder::start(&ct, &format!("{CONTAINER}:9000"));
     // A service of the host on another of its addresses, on DNS's port.
     let host_dns = Recorder::start(&t.host, &format!("{HOST_UPLINK_IP}:53"));
     let probe = format!(
-        "lume.probes={LAN_PEER}:9000,{OTHER_PEER}:9000,{CONTAINER}:9000,{HOST_UPLINK_IP}:53"
+        "lume.probes={LAN_PEER}:9000,{OTHER_PEER}:9000,{CONTAINER}:9000,{HOST_UPLINK_IP}:53,[{LAN_PEER6}]:9000"
     );
     t.create("web", "nat", &["--publish", "8080:80"], &probe);
     t.lume_ok(&["run", "web", "--detach"]);
@@ -276,6 +280,24 @@ fn nat_works_through_docker_ufw_and_firewalld() {
             .is_some_and(|p| p.contains(&mac))
     };
     assert!(published(), "the published port through every firewall");
+    // The same over IPv6: the guest's address from lume's router
+    // advertisement (its solicitation through ufw's INPUT drop), out
+    // masqueraded through Docker's and ufw's IPv6 FORWARD drops and
+    // firewalld's reject, the published port in.
+    wait_console(
+        &t.home,
+        "web",
+        &format!("LUME-GUEST: probe ok [{LAN_PEER6}]:9000"),
+        Duration::from_secs(60),
+    );
+    let host6: IpAddr = HOST_UPLINK6.parse().unwrap();
+    assert!(peer6.sources().iter().all(|s| *s == host6));
+    assert!(
+        t.lan
+            .http_get(&format!("[{HOST_UPLINK6}]:8080"))
+            .is_some_and(|p| p.contains(&mac)),
+        "the published port over IPv6 through every firewall"
+    );
     // The tables stay iptables-nft's: Docker's and ufw's iptables still read them.
     let saved = t.host.exec_ok("iptables-nft -S && ip6tables-nft -S");
     assert!(
@@ -292,6 +314,7 @@ fn nat_works_through_docker_ufw_and_firewalld() {
         "Docker's chain ip filter DOCKER-USER",
         "ufw's chain ip filter ufw-user-forward",
         "ufw's chain ip filter ufw-user-input",
+        "ufw's chain ip6 filter ufw6-user-input",
         "firewalld's chain inet firewalld filter_FORWARD",
         "firewalld's chain inet firewalld filter_INPUT",
     ] {
@@ -751,6 +774,7 @@ impl Routed {
                     bridge: "lume0".into(),
                     nat: true,
                     gateway: "203.0.113.1".parse().unwrap(),
+                    gateway6: None,
                     bridged: false,
                 }])
             })

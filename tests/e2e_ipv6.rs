@@ -12,12 +12,9 @@ mod common;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
-use common::{Lan, Recorder, wait_console, wait_for};
+use common::{HOST_UPLINK6, LAN_PEER6, Lan, Recorder, wait_console, wait_for};
 
 const BOOT: Duration = Duration::from_secs(180);
-/// The LAN router's and the host's uplink addresses.
-const LAN_PEER6: &str = "2001:db8:ff::1";
-const HOST_UPLINK6: &str = "2001:db8:ff::2";
 const NAT6: &str = "2001:db8:64::/64";
 const HOST6: &str = "2001:db8:65::/64";
 
@@ -42,13 +39,11 @@ fn sysctl(ns: &common::Netns, key: &str) -> String {
 #[test]
 fn nat_and_host_only_guests_get_ipv6() {
     let t = Lan::new("v6");
-    t.lan
-        .exec_ok(&format!("ip addr add {LAN_PEER6}/64 dev br0 nodad"));
-    t.host.exec_ok(&format!(
-        "ip addr add {HOST_UPLINK6}/64 dev up0 nodad && ip -6 route add default via {LAN_PEER6} && \
-         echo 1 > /proc/sys/net/ipv6/conf/up0/accept_ra && echo 1 > /proc/sys/net/ipv6/conf/default/accept_ra && \
-         echo 0 > /proc/sys/net/ipv6/conf/all/forwarding"
-    ));
+    t.with_ipv6();
+    t.host.exec_ok(
+        "echo 1 > /proc/sys/net/ipv6/conf/up0/accept_ra && echo 1 > /proc/sys/net/ipv6/conf/default/accept_ra && \
+         echo 0 > /proc/sys/net/ipv6/conf/all/forwarding",
+    );
     t.home.write_settings(&format!(
         "natSubnet: 203.0.113.0/24\nhostSubnet: 192.0.2.0/24\nuserSubnet: 198.51.100.0/24\n\
          natSubnet6: {NAT6}\nhostSubnet6: {HOST6}\n"

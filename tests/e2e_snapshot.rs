@@ -117,7 +117,9 @@ fn files(dir: &std::path::Path) -> Vec<String> {
 fn memory_and_disk_snapshots_restore_delete_clone_and_ephemeral_runs() {
     let g = guest_dir();
     let home = Home::new();
-    home.write_settings("hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n");
+    home.write_settings(
+        "hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
+    );
     let ns = Netns::new("sn");
     create(&ns, &home, &g, "sb");
     let snaps = home.vm_dir("sb").join("snapshots");
@@ -393,7 +395,9 @@ fn an_old_layout_vm_runs_and_snapshots() {
 fn a_qcow2_header_written_by_the_guest_is_never_followed() {
     let g = guest_dir();
     let home = Home::new();
-    home.write_settings("hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n");
+    home.write_settings(
+        "hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
+    );
     let ns = Netns::new("sq");
     create(&ns, &home, &g, "ev");
     // qcow2 v2 header: magic, version 2, backing_file_offset 104, size 11.
@@ -721,7 +725,9 @@ fn signal(child: &std::process::Child, sig: &str) {
 fn a_killed_memory_snapshot_lets_the_guest_go_on_and_a_refused_restore_keeps_it_running() {
     let g = guest_dir();
     let home = Home::new();
-    home.write_settings("hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n");
+    home.write_settings(
+        "hostSubnet: 192.0.2.0/24\nnatSubnet6: 2001:db8:64::/64\nhostSubnet6: 2001:db8:65::/64\n",
+    );
     let ns = Netns::new("sk");
     create(&ns, &home, &g, "sk");
     let snaps = home.vm_dir("sk").join("snapshots");

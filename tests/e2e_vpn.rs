@@ -13,7 +13,9 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{HOST_UPLINK_IP, LAN_PEER, Lan, Recorder, wait_console, wait_for};
+use common::{
+    HOST_UPLINK_IP, HOST_UPLINK6, LAN_PEER, LAN_PEER6, Lan, Recorder, wait_console, wait_for,
+};
 use serde_json::Value;
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -57,13 +59,27 @@ fn failed(checks: &[Value]) -> Vec<String> {
 #[test]
 fn nat_heals_after_a_vpn_and_bridged_is_never_interrupted() {
     let t = Lan::new("vp");
+    t.with_ipv6();
     let peer = Recorder::start(&t.lan, &format!("{LAN_PEER}:9000"));
+    let peer6 = Recorder::start(&t.lan, &format!("[{LAN_PEER6}]:9000"));
     let probe = format!("lume.probe={LAN_PEER}:9000");
-    t.create("nat", "nat", &[], &probe);
+    // The NAT guest connects over both IPv4 and IPv6.
+    t.create(
+        "nat",
+        "nat",
+        &[],
+        &format!("lume.probes={LAN_PEER}:9000,[{LAN_PEER6}]:9000"),
+    );
     t.create("lan", "bridged:up0", &[], &probe);
     t.lume_ok(&["run", "nat", "--detach"]);
     t.lume_ok(&["run", "lan", "--detach"]);
     wait_console(&t.home, "nat", "LUME-GUEST: probe ok", BOOT);
+    wait_console(
+        &t.home,
+        "nat",
+        &format!("LUME-GUEST: probe ok [{LAN_PEER6}]:9000"),
+        Duration::from_secs(60),
+    );
     wait_console(&t.home, "lan", "LUME-GUEST: probe ok", BOOT);
     let bridged_ip: IpAddr = wait_for("the bridged address", Duration::from_secs(20), || {
         t.get("lan")["ipAddress"]
@@ -71,6 +87,7 @@ fn nat_heals_after_a_vpn_and_bridged_is_never_interrupted() {
             .and_then(|s| s.parse().ok())
     });
     let host_ip: IpAddr = HOST_UPLINK_IP.parse().unwrap();
+    let host6: IpAddr = HOST_UPLINK6.parse().unwrap();
     let (healthy, checks) = doctor(&t);
     assert!(
         healthy,
@@ -81,15 +98,28 @@ fn nat_heals_after_a_vpn_and_bridged_is_never_interrupted() {
         || std::fs::read_to_string(t.home.vm_dir("lan").join("console.log")).unwrap();
     let fails_before = bridged_console().matches("probe fail").count();
 
-    // 1. The VPN connects: tunnel routes, a flushed ruleset, forwarding off.
+    // 1. The VPN connects: tunnel routes of both families, a flushed
+    //    ruleset, forwarding of both families off.
     t.host.exec_ok(
         "ip tuntap add dev tun0 mode tun && ip addr add 192.0.2.200/32 dev tun0 && ip link set tun0 up && \
+         ip -6 addr add 2001:db8:fe::2/128 dev tun0 nodad && \
          ip route add 0.0.0.0/1 dev tun0 && ip route add 128.0.0.0/1 dev tun0 && \
-         nft flush ruleset && echo 0 > /proc/sys/net/ipv4/ip_forward",
+         ip -6 route add ::/1 dev tun0 && ip -6 route add 8000::/1 dev tun0 && \
+         nft flush ruleset && echo 0 > /proc/sys/net/ipv4/ip_forward && \
+         echo 0 > /proc/sys/net/ipv6/conf/all/forwarding",
     );
     let n = count_from(&peer, host_ip);
+    let n6 = count_from(&peer6, host6);
     let took = reconnects(&peer, host_ip, n, Duration::from_secs(10));
     eprintln!("NAT traffic back {took:?} after the VPN connected");
+    let took = reconnects(&peer6, host6, n6, Duration::from_secs(10));
+    eprintln!("NAT IPv6 traffic back {took:?} after the VPN connected");
+    assert_eq!(
+        t.host
+            .exec_ok("cat /proc/sys/net/ipv6/conf/all/forwarding")
+            .trim(),
+        "1"
+    );
     assert_eq!(
         t.host.exec_ok("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "1"
@@ -101,18 +131,28 @@ fn nat_heals_after_a_vpn_and_bridged_is_never_interrupted() {
         "{log}"
     );
     assert!(log.contains("repaired: IPv4 forwarding"), "{log}");
+    assert!(log.contains("repaired: IPv6 forwarding"), "{log}");
 
     // 2. A route into part of the NAT subnet and a kill switch: reported, not bypassed.
     t.host.exec_ok(
         "ip route add 203.0.113.0/25 dev tun0 && \
          nft add table inet killswitch && \
-         nft 'add chain inet killswitch ksforward { type filter hook forward priority 0; policy drop; }'",
+         nft 'add chain inet killswitch ksforward { type filter hook forward priority 0; policy drop; }' && \
+         nft add table ip6 killswitch6 && \
+         nft 'add chain ip6 killswitch6 ks6forward { type filter hook forward priority 0; policy drop; }'",
     );
-    let (healthy, checks) = wait_for("the doctor to see both", Duration::from_secs(10), || {
-        let (ok, checks) = doctor(&t);
-        let f = failed(&checks).join("\n");
-        (f.contains("203.0.113.0/25 dev tun0") && f.contains("killswitch")).then_some((ok, checks))
-    });
+    let (healthy, checks) = wait_for(
+        "the doctor to see all three",
+        Duration::from_secs(10),
+        || {
+            let (ok, checks) = doctor(&t);
+            let f = failed(&checks).join("\n");
+            (f.contains("203.0.113.0/25 dev tun0")
+                && f.contains("table inet killswitch")
+                && f.contains("table ip6 killswitch6"))
+            .then_some((ok, checks))
+        },
+    );
     assert!(!healthy);
     let f = failed(&checks).join("\n");
     assert!(f.contains("chain ksforward"), "{f}");
@@ -134,12 +174,16 @@ fn nat_heals_after_a_vpn_and_bridged_is_never_interrupted() {
     // 3. The VPN disconnects: its device, routes and kill switch go, and it
     //    resets the firewall and forwarding on its way out.
     t.host.exec_ok(
-        "ip link del tun0 && nft delete table inet killswitch && nft flush ruleset && \
-         echo 0 > /proc/sys/net/ipv4/ip_forward",
+        "ip link del tun0 && nft delete table inet killswitch && nft delete table ip6 killswitch6 && \
+         nft flush ruleset && echo 0 > /proc/sys/net/ipv4/ip_forward && \
+         echo 0 > /proc/sys/net/ipv6/conf/all/forwarding",
     );
     let n = count_from(&peer, host_ip);
+    let n6 = count_from(&peer6, host6);
     let took = reconnects(&peer, host_ip, n, Duration::from_secs(10));
     eprintln!("NAT traffic back {took:?} after the VPN disconnected");
+    let took = reconnects(&peer6, host6, n6, Duration::from_secs(10));
+    eprintln!("NAT IPv6 traffic back {took:?} after the VPN disconnected");
     let (healthy, checks) = wait_for("a healthy doctor again", Duration::from_secs(10), || {
         let (ok, checks) = doctor(&t);
         ok.then_some((ok, checks))

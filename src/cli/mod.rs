@@ -1554,7 +1554,7 @@ fn ssh(a: SshArgs) -> Result<i32> {
     let vm = ctx.store.open(&a.name)?;
     ctx.store.check_private(Some(&vm))?;
     let mut said = !std::io::stderr().is_terminal();
-    let to = gssh::wait_ready(&ctx.store, &vm, a.name.as_str(), a.timeout, &mut |line| {
+    let to = gssh::wait_ready(&vm, a.name.as_str(), a.timeout, &mut |line| {
         if !said {
             eprintln!("{line}");
             said = true;

@@ -27,7 +27,7 @@
 //! Chains of tables lume does not know (a VPN kill switch) are never touched.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::Value;
 
@@ -141,6 +141,14 @@ pub const TARGETS: &[Target] = &[
         place: Place::End,
     },
     Target {
+        tool: "ufw",
+        family: "ip6",
+        table: "filter",
+        chain: "ufw6-user-input",
+        hook: Hook::Input,
+        place: Place::End,
+    },
+    Target {
         tool: "firewalld",
         family: "inet",
         table: "firewalld",
@@ -194,6 +202,9 @@ pub struct Opening {
     /// The bridge's own address, where lume's dnsmasq answers
     /// (unspecified for a bridged opening: lume serves nothing there).
     pub gateway: Ipv4Addr,
+    /// The bridge's own IPv6 address, where lume's dnsmasq answers DHCPv6
+    /// and DNS, when its network has IPv6.
+    pub gateway6: Option<Ipv6Addr>,
     /// A Linux bridge of the user's that a running VM is bridged onto
     /// (`--network bridged:br0`, a tap in it): with br_netfilter, frames
     /// between its ports cross the forward hook with the bridge as input
@@ -209,6 +220,7 @@ impl Opening {
             bridge: bridge.to_string(),
             nat: false,
             gateway: Ipv4Addr::UNSPECIFIED,
+            gateway6: None,
             bridged: true,
         }
     }
@@ -281,27 +293,59 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)
             Hook::Input => {
                 // Only lume's dnsmasq on the bridge's own address: no other
                 // address or service of the host is opened to the guests.
-                add(
-                    b,
-                    "dhcp",
-                    format!("iifname \"{b}\" ip daddr {g} udp dport 67 accept"),
-                );
-                add(
-                    b,
-                    "dhcp broadcast",
-                    format!("iifname \"{b}\" ip daddr 255.255.255.255 udp dport 67 accept"),
-                );
-                if o.nat {
+                // Each family in its own tables; both in an inet table.
+                if target.family != "ip6" {
                     add(
                         b,
-                        "dns",
-                        format!("iifname \"{b}\" ip daddr {g} udp dport 53 accept"),
+                        "dhcp",
+                        format!("iifname \"{b}\" ip daddr {g} udp dport 67 accept"),
                     );
                     add(
                         b,
-                        "dns over tcp",
-                        format!("iifname \"{b}\" ip daddr {g} tcp dport 53 accept"),
+                        "dhcp broadcast",
+                        format!("iifname \"{b}\" ip daddr 255.255.255.255 udp dport 67 accept"),
                     );
+                    if o.nat {
+                        add(
+                            b,
+                            "dns",
+                            format!("iifname \"{b}\" ip daddr {g} udp dport 53 accept"),
+                        );
+                        add(
+                            b,
+                            "dns over tcp",
+                            format!("iifname \"{b}\" ip daddr {g} tcp dport 53 accept"),
+                        );
+                    }
+                }
+                if let (true, Some(g6)) = (target.family != "ip", o.gateway6) {
+                    // DHCPv6 clients send to the servers' multicast group;
+                    // a guest asks for the advertisement that gives it its
+                    // address, and finds the bridge's link-layer address.
+                    add(
+                        b,
+                        "dhcpv6",
+                        format!("iifname \"{b}\" ip6 daddr ff02::1:2 udp dport 547 accept"),
+                    );
+                    for (what, ty) in [
+                        ("router solicitation", "nd-router-solicit"),
+                        ("neighbour solicitation", "nd-neighbor-solicit"),
+                        ("neighbour advertisement", "nd-neighbor-advert"),
+                    ] {
+                        add(b, what, format!("iifname \"{b}\" icmpv6 type {ty} accept"));
+                    }
+                    if o.nat {
+                        add(
+                            b,
+                            "dns6",
+                            format!("iifname \"{b}\" ip6 daddr {g6} udp dport 53 accept"),
+                        );
+                        add(
+                            b,
+                            "dns6 over tcp",
+                            format!("iifname \"{b}\" ip6 daddr {g6} tcp dport 53 accept"),
+                        );
+                    }
                 }
             }
         }
@@ -312,7 +356,13 @@ pub fn rules_for(target: &Target, openings: &[Opening], docker: &[(String, &str)
 /// What each of lume's rules is for, the end of its comment (besides
 /// `to <docker bridge> as docker decides`). "to container networks as
 /// docker decides" was written by earlier versions: still lume's to remove.
-const PURPOSES: [&str; 9] = [
+const PURPOSES: [&str; 15] = [
+    "dhcpv6",
+    "router solicitation",
+    "neighbour solicitation",
+    "neighbour advertisement",
+    "dns6",
+    "dns6 over tcp",
     "bridged",
     "to container networks as docker decides",
     "egress",
@@ -1558,6 +1608,7 @@ mod tests {
             bridge: "lume0".into(),
             nat: true,
             gateway: Ipv4Addr::new(203, 0, 113, 1),
+            gateway6: None,
             bridged: false,
         }]
     }
@@ -1567,6 +1618,7 @@ mod tests {
             bridge: "lume-host0".into(),
             nat: false,
             gateway: Ipv4Addr::new(192, 0, 2, 1),
+            gateway6: None,
             bridged: false,
         }
     }

@@ -256,7 +256,6 @@ pub const SSH_WAIT_NO_TIMEOUT: u64 = 300;
 /// poll (twice a second) while it waits. Errors at once when the VM is (or
 /// goes) down or can never be reached.
 pub fn wait_ready(
-    store: &crate::vm::store::Store,
     vm: &crate::vm::store::Vm,
     name: &str,
     timeout: u64,
@@ -273,7 +272,16 @@ pub fn wait_ready(
         let state = vm
             .running_state()
             .ok_or_else(|| SshError::NotRunning(name.to_string()))?;
-        let address = crate::vm::details::VmDetails::read(store, vm).ip_address;
+        // The guest's IPv4 address, else (a guest on an IPv6-only LAN) its
+        // first IPv6 one; its SSH port is probed once, below.
+        let address = crate::vm::details::guest_address(&state)
+            .or_else(|| {
+                crate::network::driver::of(&state.network_mode)
+                    .addresses_v6(&state)
+                    .first()
+                    .map(|a| std::net::IpAddr::V6(*a))
+            })
+            .map(|ip| ip.to_string());
         let why = match target(name, &state, address) {
             Ok(to) => {
                 let answers = to

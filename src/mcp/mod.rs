@@ -1224,7 +1224,7 @@ impl LumeMcp {
             let vm = ctx.store.open(&name)?;
             ctx.store.check_private(Some(&vm))?;
             let mut last: Option<std::time::Instant> = None;
-            let to = gssh::wait_ready(&ctx.store, &vm, name.as_str(), secs, &mut |line| {
+            let to = gssh::wait_ready(&vm, name.as_str(), secs, &mut |line| {
                 if last.is_none_or(|t| t.elapsed() >= WAIT_REPORT) {
                     note(line);
                     last = Some(std::time::Instant::now());

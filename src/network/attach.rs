@@ -212,28 +212,68 @@ pub enum HeldPort {
     Udp(std::net::UdpSocket),
 }
 
-/// Binds every published host port (on its address, or every address):
-/// refused when something on the host already uses it.
+/// Binds every published host port (on its address, or every address —
+/// IPv4 and, where the host has IPv6, IPv6, since a NAT network with IPv6
+/// publishes there too): refused when something on the host already uses it.
 pub fn hold_ports(publish: &[PortMapping]) -> Result<Vec<HeldPort>, AttachError> {
     use super::publish::Proto;
-    publish
-        .iter()
-        .map(|p| {
-            let addr = std::net::SocketAddr::from((
-                p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                p.host_port,
-            ));
-            let held = match p.proto {
+    let mut held = Vec::new();
+    for p in publish {
+        let in_use = |source| AttachError::MemberPortInUse {
+            port: p.host_port,
+            proto: p.proto,
+            source,
+        };
+        let addr =
+            std::net::SocketAddr::from((p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p.host_port));
+        held.push(
+            match p.proto {
                 Proto::Tcp => std::net::TcpListener::bind(addr).map(HeldPort::Tcp),
                 Proto::Udp => std::net::UdpSocket::bind(addr).map(HeldPort::Udp),
-            };
-            held.map_err(|source| AttachError::MemberPortInUse {
-                port: p.host_port,
-                proto: p.proto,
-                source,
-            })
-        })
-        .collect()
+            }
+            .map_err(in_use)?,
+        );
+        if p.host_ip.is_none() {
+            match hold_v6_only(p.host_port, p.proto) {
+                Ok(h) => held.push(h),
+                // No IPv6 on this host: nothing is published there.
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+                Err(e) => return Err(in_use(e)),
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Binds `[::]:port` for IPv6 only (the IPv4 side is bound apart).
+fn hold_v6_only(port: u16, proto: super::publish::Proto) -> std::io::Result<HeldPort> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let ty = match proto {
+        super::publish::Proto::Tcp => SockType::Stream,
+        super::publish::Proto::Udp => SockType::Datagram,
+    };
+    let fd = socket(AddressFamily::Inet6, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    if ty == SockType::Stream {
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    }
+    let addr = SockaddrIn6::from(std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        port,
+        0,
+        0,
+    ));
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    Ok(match proto {
+        super::publish::Proto::Tcp => {
+            listen(&fd, Backlog::new(16).map_err(std::io::Error::from)?)?;
+            HeldPort::Tcp(std::net::TcpListener::from(fd))
+        }
+        super::publish::Proto::Udp => HeldPort::Udp(std::net::UdpSocket::from(fd)),
+    })
 }
 
 /// Checks published ports against a mode: publishing supported, host ports
@@ -626,6 +666,27 @@ mod tests {
         assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_err());
         drop(held);
         assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+    }
+
+    /// A port published on every address is held on IPv6 too: a host
+    /// service that binds `[::]:PORT` for IPv6 only later fails (NAT
+    /// networks with IPv6 publish there).
+    #[test]
+    fn ports_on_every_address_are_held_on_ipv6_too() {
+        let probe = std::net::TcpListener::bind("[::1]:0");
+        let Ok(probe) = probe else {
+            eprintln!("no IPv6 loopback here: skipped");
+            return;
+        };
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let everywhere: PortMapping = format!("{port}:80").parse().unwrap();
+        let held = hold_ports(&[everywhere]).unwrap();
+        assert_eq!(held.len(), 2);
+        assert!(hold_v6_only(port, super::super::publish::Proto::Tcp).is_err());
+        assert!(std::net::TcpListener::bind(("0.0.0.0", port)).is_err());
+        drop(held);
+        assert!(hold_v6_only(port, super::super::publish::Proto::Tcp).is_ok());
     }
 
     #[test]

@@ -183,9 +183,6 @@ pub struct VmDetails {
     /// null when stopped.
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
-    /// lume for Linux: the guest's global IPv6 addresses the host knows
-    /// (nat and host-only networks with IPv6); empty otherwise.
-    pub ipv6_addresses: Vec<String>,
     pub ssh_available: Option<bool>,
     pub location_name: String,
     /// lume's shared directories of the running VM; empty when stopped.
@@ -195,6 +192,9 @@ pub struct VmDetails {
     /// image's blobs is there, 0 to 100; null otherwise.
     pub download_progress: Option<f64>,
     pub mac_address: Option<String>,
+    /// lume for Linux: the guest's global IPv6 addresses the host knows
+    /// (nat and host-only networks with IPv6); empty otherwise.
+    pub ipv6_addresses: Vec<String>,
     /// The accelerator of the running VM.
     pub accelerator: Option<String>,
     /// Network details; null when the config cannot be read.

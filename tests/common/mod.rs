@@ -473,6 +473,9 @@ pub struct Lan {
 
 pub const LAN_PEER: &str = "198.51.100.1";
 pub const HOST_UPLINK_IP: &str = "198.51.100.2";
+/// The LAN router's and the host's IPv6 addresses ([`Lan::with_ipv6`]).
+pub const LAN_PEER6: &str = "2001:db8:ff::1";
+pub const HOST_UPLINK6: &str = "2001:db8:ff::2";
 
 impl Lan {
     pub fn new(tag: &str) -> Self {
@@ -505,6 +508,16 @@ impl Lan {
             home,
             _dnsmasq_dir: dir,
         }
+    }
+
+    /// IPv6 on the LAN too: [`LAN_PEER6`] on the LAN's bridge, the host's
+    /// uplink [`HOST_UPLINK6`] with its default route through it.
+    pub fn with_ipv6(&self) {
+        self.lan
+            .exec_ok(&format!("ip addr add {LAN_PEER6}/64 dev br0 nodad"));
+        self.host.exec_ok(&format!(
+            "ip addr add {HOST_UPLINK6}/64 dev up0 nodad && ip -6 route add default via {LAN_PEER6}"
+        ));
     }
 
     /// lume in the host namespace.

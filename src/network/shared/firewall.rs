@@ -99,6 +99,7 @@ impl Networks {
                 bridge: n.bridge.clone(),
                 nat: n.kind == Kind::Nat,
                 gateway: n.subnet().gateway(),
+                gateway6: n.prefix6().map(|p| p.gateway()),
                 bridged: false,
             })
             .collect();
@@ -198,13 +199,12 @@ impl Networks {
         // Whether the table marks packets for other tools' chains: the
         // watcher rewrites it when such a tool appears or goes.
         let marks = self.root.join("foreign.marks");
-        let _ = fs::write(&marks, if state.accommodate { "1" } else { "0" });
-        let _ = crate::network::rundir::private_file(&marks);
+        let _ =
+            crate::util::atomic::write_runtime(&marks, if state.accommodate { b"1" } else { b"0" });
         let saved = self.root.join("nft.listing");
         match self.firewall.listing()? {
             Some(text) => {
-                let _ = fs::write(&saved, text);
-                let _ = crate::network::rundir::private_file(&saved);
+                let _ = crate::util::atomic::write_runtime(&saved, text.as_bytes());
             }
             None => {
                 let _ = fs::remove_file(&saved);
