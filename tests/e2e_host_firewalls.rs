@@ -623,7 +623,15 @@ fn nat_works_through_docker_ufw_and_firewalld() {
          iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p udp --dport 67 -j ACCEPT && \
          iptables-nft -A ufw-user-input -i lume0 -d 255.255.255.255 -p udp --dport 67 -j ACCEPT && \
          iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p udp --dport 53 -j ACCEPT && \
-         iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p tcp --dport 53 -j ACCEPT",
+         iptables-nft -A ufw-user-input -i lume0 -d 203.0.113.1 -p tcp --dport 53 -j ACCEPT && \
+         ip6tables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         ip6tables-nft -I DOCKER-USER -o lume0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT && \
+         ip6tables-nft -I DOCKER-USER -i lume0 -j ACCEPT && \
+         ip6tables-nft -A ufw6-user-forward -i lume0 -j ACCEPT && \
+         ip6tables-nft -A ufw6-user-forward -o lume0 -m conntrack --ctstate DNAT -j ACCEPT && \
+         ip6tables-nft -A ufw6-user-input -i lume0 -d ff02::1:2 -p udp --dport 547 -j ACCEPT && \
+         ip6tables-nft -A ufw6-user-input -i lume0 -d 2001:db8:64::1 -p udp --dport 53 -j ACCEPT && \
+         ip6tables-nft -A ufw6-user-input -i lume0 -d 2001:db8:64::1 -p tcp --dport 53 -j ACCEPT",
     );
     t.lume_ok(&["run", "web", "--detach"]);
     assert_eq!(lume_rules(&t.host), Vec::new());

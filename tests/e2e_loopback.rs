@@ -337,14 +337,22 @@ fn user_and_nat_guests_never_reach_host_loopback() {
         None,
         "the spoofed address answered"
     );
-    // lume gives no IPv6 on its bridges: switched off there, so a guest's
-    // router advertisement could not make it the host's IPv6 gateway.
-    assert_eq!(
-        t.host
-            .exec_ok("cat /proc/sys/net/ipv6/conf/lume0/disable_ipv6")
-            .trim(),
-        "1"
-    );
+    // A guest's router advertisement cannot make it the host's IPv6
+    // gateway: lume's bridge (IPv6 on since lume gives IPv6 there) takes no
+    // advertisement, address or redirect from its guests.
+    for (key, want) in [
+        ("accept_ra", "0"),
+        ("autoconf", "0"),
+        ("accept_redirects", "0"),
+    ] {
+        assert_eq!(
+            t.host
+                .exec_ok(&format!("cat /proc/sys/net/ipv6/conf/lume0/{key}"))
+                .trim(),
+            want,
+            "{key}"
+        );
+    }
     // lume's dnsmasq answers its guests and this host, not a LAN neighbour
     // that routes to the bridge's address through the host.
     let dns_open = |ns: &Netns| {

@@ -16,15 +16,13 @@ impl Networks {
     /// The active bridges whose traffic passes a hook of a table family:
     /// every active bridge talks to the host (input), only the NAT bridge's
     /// traffic is forwarded (lume itself drops host-only forwarding), and
-    /// none over IPv6 (lume's networks are IPv4: no address, route or
-    /// service of lume's is IPv6, so an `ip6` table never drops its traffic).
+    /// an `ip6` table's only the traffic of networks with IPv6.
     pub fn bridges_for_hook(&self, family: &str, hook: &str) -> Vec<&str> {
-        if family == "ip6" {
-            return Vec::new();
-        }
         let nat = &self.nat.bridge;
-        self.active_bridges()
+        self.active()
             .into_iter()
+            .filter(|n| family != "ip6" || n.prefix6().is_some())
+            .map(|n| n.bridge.as_str())
             .filter(|b| hook != "forward" || b == nat)
             .collect()
     }
