@@ -310,8 +310,20 @@ fn bpf_filter() -> Vec<libc::sock_filter> {
         /* 2 */ stmt(BPF_LD | BPF_B | BPF_ABS, 20), // next header
         /* 3 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(IPPROTO_ICMPV6), 0, 3),
         /* 4 */ stmt(BPF_LD | BPF_B | BPF_ABS, ICMP_AT as u32), // ICMPv6 type
-        /* 5 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ND_NEIGHBOR_SOLICIT), 2, 0),
-        /* 6 */ jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(ND_NEIGHBOR_ADVERT), 1, 0),
+        /* 5 */
+        jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            u32::from(ND_NEIGHBOR_SOLICIT),
+            2,
+            0,
+        ),
+        /* 6 */
+        jump(
+            BPF_JMP | BPF_JEQ | BPF_K,
+            u32::from(ND_NEIGHBOR_ADVERT),
+            1,
+            0,
+        ),
         /* 7 */ stmt(BPF_RET | BPF_K, 0),
         /* 8 */ stmt(BPF_RET | BPF_K, ACCEPT),
     ]
@@ -460,7 +472,10 @@ mod tests {
         let kept = x.addresses();
         assert_eq!(kept.len(), MAX_ADDRESSES);
         assert!(kept.contains(&addr(0)), "{kept:?}");
-        assert!(kept.contains(&addr(19)) && !kept.contains(&addr(1)), "{kept:?}");
+        assert!(
+            kept.contains(&addr(19)) && !kept.contains(&addr(1)),
+            "{kept:?}"
+        );
     }
 
     #[test]

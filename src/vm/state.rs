@@ -108,11 +108,7 @@ where
     Ok(Option::<serde_json::Value>::deserialize(d)?
         .as_ref()
         .and_then(serde_json::Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str()?.parse().ok())
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
         .unwrap_or_default())
 }
 
@@ -220,7 +216,13 @@ mod tests {
     fn ipv6_addresses_lume_cannot_read_are_left_out() {
         let s = with(
             "ipv6Addresses",
-            serde_json::json!(["2001:db8:ff::5", "not one", 7, "192.0.2.1", "2001:db8:ff::6"]),
+            serde_json::json!([
+                "2001:db8:ff::5",
+                "not one",
+                7,
+                "192.0.2.1",
+                "2001:db8:ff::6"
+            ]),
         );
         assert_eq!(
             s.ipv6_addresses,
@@ -235,7 +237,10 @@ mod tests {
             assert_eq!(s.pid, 4242);
         }
         let v = serde_json::to_value(with("ipv6Addresses", serde_json::json!([]))).unwrap();
-        assert!(v.get("ipv6Addresses").is_none(), "an empty list is not written");
+        assert!(
+            v.get("ipv6Addresses").is_none(),
+            "an empty list is not written"
+        );
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["ipv6Addresses"][1], "2001:db8:ff::6");
     }
