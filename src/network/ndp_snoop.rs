@@ -274,6 +274,30 @@ impl NdpSnooper {
     }
 }
 
+/// Fallback when the snooper saw nothing (a guest restored from a memory
+/// snapshot does not probe its addresses again): the global addresses the
+/// host's neighbour table on `bridge` holds for `mac` — only on a Linux
+/// bridge the host itself is on, and only where the host talked to the
+/// guest. Sorted, at most [`MAX_ADDRESSES`].
+pub fn neighbour_addresses(bridge: &str, mac: [u8; 6]) -> Vec<Ipv6Addr> {
+    let Ok(mut nl) = super::kernel::netlink::Netlink::open() else {
+        return Vec::new();
+    };
+    let Some(index) = nl.link_index(bridge).ok().flatten() else {
+        return Vec::new();
+    };
+    let mut found: Vec<Ipv6Addr> = nl
+        .neighbours_v6(index, mac)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| is_global_unicast(*a))
+        .collect();
+    found.sort();
+    found.dedup();
+    found.truncate(MAX_ADDRESSES);
+    found
+}
+
 fn snoop_error(e: PacketError) -> SnoopError {
     match e {
         PacketError::InvalidInterfaceName(name) => SnoopError::InvalidInterfaceName(name),
@@ -496,6 +520,127 @@ mod tests {
         x.observe(&dad(MAC, late), FROM_GUEST, now);
         assert!(!x.observe(&na(OTHER, late), TO_GUEST, now + DAD_WINDOW));
         assert_eq!(x.addresses(), vec![used, late]);
+    }
+
+    /// The fallback reads the host's real neighbour table: only the
+    /// guest's MAC, only global unicast addresses.
+    #[test]
+    fn the_neighbour_table_fallback_keeps_the_guests_global_addresses() {
+        use std::process::Command;
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/sbin/ip").exists() {
+            eprintln!("skipping: needs root and ip");
+            return;
+        }
+        struct Ns(String);
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip")
+                    .args(["netns", "delete", &self.0])
+                    .status();
+            }
+        }
+        let ns = Ns(format!("lume-nd-{}", std::process::id()));
+        let ip = |args: &str| {
+            let out = Command::new("ip")
+                .args(["-n", &ns.0])
+                .args(args.split_whitespace())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args}: {out:?}");
+        };
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &ns.0])
+                .status()
+                .unwrap()
+                .success()
+        );
+        ip("link add nbr0 type bridge");
+        ip("link set nbr0 up");
+        let guest = "52:54:00:12:34:56";
+        for (addr, mac) in [
+            ("2001:db8:ff::77", guest),
+            ("2001:db8:ff::5", guest),
+            ("fe80::77", guest),
+            ("2001:db8:ff::78", "02:00:00:00:00:77"),
+        ] {
+            ip(&format!(
+                "-6 neigh add {addr} lladdr {mac} dev nbr0 nud permanent"
+            ));
+        }
+        let path = format!("/run/netns/{}", ns.0);
+        let found = std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            (
+                neighbour_addresses("nbr0", MAC),
+                neighbour_addresses("nosuch0", MAC),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(found.0, vec![a("2001:db8:ff::5"), a("2001:db8:ff::77")]);
+        assert_eq!(found.1, Vec::<Ipv6Addr>::new());
+    }
+
+    /// The real socket and filter: a veth end plays the guest's tap, the
+    /// kernel on the other end (the guest) probes the addresses it is
+    /// given; its link-local one is left out.
+    #[test]
+    fn the_snooper_sees_a_real_kernels_duplicate_address_detection() {
+        use std::process::Command;
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/sbin/ip").exists() {
+            eprintln!("skipping: needs root and ip");
+            return;
+        }
+        struct Ns(String);
+        impl Drop for Ns {
+            fn drop(&mut self) {
+                let _ = Command::new("ip")
+                    .args(["netns", "delete", &self.0])
+                    .status();
+            }
+        }
+        let ns = Ns(format!("lume-nds-{}", std::process::id()));
+        let ip = |args: &str| {
+            let out = Command::new("ip")
+                .args(["-n", &ns.0])
+                .args(args.split_whitespace())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args}: {out:?}");
+        };
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &ns.0])
+                .status()
+                .unwrap()
+                .success()
+        );
+        ip("link add ndA type veth peer name ndB");
+        ip("link set ndB address 52:54:00:12:34:56");
+        ip("link set ndA up");
+        let path = format!("/run/netns/{}", ns.0);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let snooper = std::thread::spawn(move || {
+            let f = std::fs::File::open(path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut sn = NdpSnooper::open("ndA").unwrap();
+            ready_tx.send(()).unwrap();
+            let mut x = Announcements::new(MAC, Watched::Tap);
+            let want = a("2001:db8:ff::5");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && !x.addresses().contains(&want) {
+                sn.watch(&mut x, Duration::from_millis(200)).unwrap();
+            }
+            // The link-local probe comes first; give stragglers a moment.
+            sn.watch(&mut x, Duration::from_millis(300)).unwrap();
+            x.addresses()
+        });
+        ready_rx.recv().unwrap();
+        ip("link set ndB up");
+        ip("addr add 2001:db8:ff::5/64 dev ndB");
+        assert_eq!(snooper.join().unwrap(), vec![a("2001:db8:ff::5")]);
     }
 
     proptest::proptest! {

@@ -256,9 +256,19 @@ impl NetworkDriver for Bridged {
 
     /// The global addresses the guest announced in its neighbour discovery
     /// this run (see [`crate::network::ndp_snoop`]), as the supervisor
-    /// recorded them: what the guest claims, not a proof.
+    /// recorded them: what the guest claims, not a proof. When none was
+    /// seen, on a Linux bridge, the host's neighbour entries for its MAC
+    /// there.
     fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
-        state.ipv6_addresses.clone()
+        if !state.ipv6_addresses.is_empty() || !state.network_policy.is_empty() {
+            return state.ipv6_addresses.clone();
+        }
+        match (self.host_bridge(state), state.mac_address) {
+            (Some(bridge), Some(mac)) => {
+                crate::network::ndp_snoop::neighbour_addresses(&bridge, mac.0)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// On a Linux bridge, the tap is one of its ports; on a plain
