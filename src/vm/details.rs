@@ -184,7 +184,8 @@ pub struct VmDetails {
     pub vnc_url: Option<String>,
     pub ip_address: Option<String>,
     /// lume for Linux: the guest's global IPv6 addresses the host knows
-    /// (nat and host-only networks with IPv6); empty otherwise.
+    /// (nat and host-only networks with IPv6: the host's neighbour table;
+    /// bridged: what the guest announced on the LAN); empty otherwise.
     pub ipv6_addresses: Vec<String>,
     pub ssh_available: Option<bool>,
     pub location_name: String,
