@@ -3,7 +3,8 @@
 //! advertisements for 2001:db8:ff::/64) gives the guest its address by
 //! stateless autoconfiguration, lume learns it from the guest's duplicate
 //! address detection on its tap and lists it in VMDetails' `ipv6Addresses`,
-//! and the LAN reaches the guest there. What the guest or a LAN host
+//! and the LAN reaches the guest there (on a Linux bridge, the host too).
+//! What the guest or a LAN host
 //! announces that the guest must not be credited with (a link-local
 //! address the guest takes, an advertisement forged with the guest's MAC
 //! that travels towards it) is not listed.
@@ -34,6 +35,18 @@ fn eui64(mac: &str) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(net) | u128::from(iid))
 }
 
+/// The LAN's router: an address on its bridge and a dnsmasq sending
+/// router advertisements only (the LAN's DHCPv4 server is another one).
+fn start_router(t: &Lan, dir: &std::path::Path) {
+    t.lan.exec_ok(&format!(
+        "ip addr add {ROUTER6}/64 dev br0 nodad && \
+         dnsmasq --conf-file=/dev/null --bind-interfaces --interface=br0 --except-interface=lo \
+         --enable-ra --dhcp-range={PREFIX6},ra-only,64 --ra-param=br0,10 \
+         --pid-file={0}/pid6 --port=0",
+        dir.display()
+    ));
+}
+
 fn listed(t: &Lan, vm: &str) -> Vec<Ipv6Addr> {
     t.get(vm)["ipv6Addresses"]
         .as_array()
@@ -46,16 +59,8 @@ fn listed(t: &Lan, vm: &str) -> Vec<Ipv6Addr> {
 #[test]
 fn a_bridged_guest_takes_its_ipv6_address_from_the_lan_and_lume_lists_it() {
     let t = Lan::new("b6");
-    // The LAN's router: an address on its bridge and a dnsmasq sending
-    // router advertisements only (the LAN's DHCPv4 server is another one).
     let dir = tempfile::tempdir().unwrap();
-    t.lan.exec_ok(&format!(
-        "ip addr add {ROUTER6}/64 dev br0 nodad && \
-         dnsmasq --conf-file=/dev/null --bind-interfaces --interface=br0 --except-interface=lo \
-         --enable-ra --dhcp-range={PREFIX6},ra-only,64 --ra-param=br0,10 \
-         --pid-file={0}/pid6 --port=0",
-        dir.path().display()
-    ));
+    start_router(&t, dir.path());
     t.create(
         "b6",
         "bridged:up0",
@@ -125,6 +130,40 @@ fn a_bridged_guest_takes_its_ipv6_address_from_the_lan_and_lume_lists_it() {
 
     t.lume_ok(&["stop", "b6"]);
     assert_eq!(t.get("b6")["ipv6Addresses"], serde_json::json!([]));
+}
+
+/// On a Linux bridge the guest's tap is one of the bridge's ports: the same
+/// snooping, and the host, on the bridge too, reaches the guest there.
+#[test]
+fn a_guest_on_a_linux_bridge_is_listed_and_reached_by_the_host() {
+    let t = Lan::new("c6");
+    let dir = tempfile::tempdir().unwrap();
+    start_router(&t, dir.path());
+    t.host.exec_ok(
+        "ip link add hbr0 type bridge && ip link set up0 master hbr0 && ip link set hbr0 up && \
+         ip addr del 198.51.100.2/24 dev up0 && ip addr add 198.51.100.2/24 dev hbr0 && \
+         ip route add default via 198.51.100.1",
+    );
+    t.create("c6", "bridged:hbr0", &[], "");
+    t.lume_ok(&["run", "c6", "--detach"]);
+    let mac = t.get("c6")["macAddress"].as_str().unwrap().to_string();
+    let want = eui64(&mac);
+    let list = wait_for("the guest's address in ipv6Addresses", BOOT, || {
+        let list = listed(&t, "c6");
+        list.contains(&want).then_some(list)
+    });
+    assert_eq!(list, vec![want]);
+    let page = wait_for(
+        "the guest's page from the host over IPv6",
+        Duration::from_secs(30),
+        || {
+            t.host
+                .http_get(&format!("[{want}]:80"))
+                .filter(|p| p.contains(&mac))
+        },
+    );
+    assert!(page.contains("lume-test-guest"), "{page}");
+    t.lume_ok(&["stop", "c6"]);
 }
 
 /// An unsolicited neighbour advertisement for `target` with the guest's MAC
