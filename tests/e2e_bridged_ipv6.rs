@@ -4,10 +4,9 @@
 //! stateless autoconfiguration, lume learns it from the guest's duplicate
 //! address detection on its tap and lists it in VMDetails' `ipv6Addresses`,
 //! and the LAN reaches the guest there (on a Linux bridge, the host too).
-//! What the guest or a LAN host
-//! announces that the guest must not be credited with (a link-local
-//! address the guest takes, an advertisement forged with the guest's MAC
-//! that travels towards it) is not listed.
+//! What the guest or a LAN host announces that the guest must not be
+//! credited with (a link-local address the guest takes, an advertisement
+//! forged with the guest's MAC that travels towards it) is not listed.
 
 mod common;
 
