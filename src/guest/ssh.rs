@@ -490,6 +490,7 @@ mod tests {
             network_mode: mode,
             started_at: 0,
             ip_address: Some([192, 0, 2, 10].into()),
+            ipv6_addresses: Vec::new(),
             host_device: None,
             published: vec!["127.0.0.1:40022:22".parse().unwrap()],
             parent: None,

@@ -444,6 +444,7 @@ pub fn supervise(
         // A restored memory snapshot goes on with the run it was taken in.
         started_at: disk.incoming_started_at.unwrap_or_else(unix_now),
         ip_address: net.ip_address.or(disk.incoming_ip),
+        ipv6_addresses: Vec::new(),
         host_device: net.host_device.clone(),
         published: req.attach.publish.clone(),
         parent: net.parent.clone(),
@@ -630,6 +631,7 @@ fn run_until_exit(
     let mut force_at: Option<Instant> = None;
     let mut trimmed = Instant::now();
     let mut agent_saved = Instant::now() - Duration::from_secs(1);
+    let mut v6_saved = Instant::now() - Duration::from_secs(1);
     let mut pause_checked = Instant::now();
     loop {
         // A memory snapshot whose command was killed while the guest was
@@ -692,6 +694,23 @@ fn run_until_exit(
             {
                 log(&format!("Guest address from DHCP: {ip}"));
                 state.ip_address = Some(ip);
+                let _ = state.save(&vm.state_path());
+            }
+        }
+        // Publish the IPv6 addresses the guest announced (bridged mode), at
+        // most once a second: the guest decides how often they change.
+        if let Some(learned) = &net.learned6
+            && v6_saved.elapsed() >= Duration::from_secs(1)
+        {
+            let list = learned.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if list != state.ipv6_addresses {
+                v6_saved = Instant::now();
+                let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
+                log(&format!(
+                    "Guest IPv6 addresses it announced: {}",
+                    shown.join(" ")
+                ));
+                state.ipv6_addresses = list;
                 let _ = state.save(&vm.state_path());
             }
         }

@@ -125,6 +125,9 @@ pub struct Attachment {
     pub lease_file: Option<PathBuf>,
     /// The address learned from DHCP snooping (bridged), updated by a thread.
     pub learned: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
+    /// The IPv6 addresses the guest announced (bridged: its neighbour
+    /// discovery, see [`super::ndp_snoop`]), updated by a thread.
+    pub learned6: Option<Arc<Mutex<Vec<std::net::Ipv6Addr>>>>,
     /// NAT and host-only: the address dnsmasq reserved for the guest.
     pub reserved: Option<Ipv4Addr>,
     /// Declared last: fields drop in order, so the descriptors above are
@@ -137,6 +140,8 @@ pub struct Attachment {
 pub(in crate::network) struct HostSide {
     pub stop: Arc<AtomicBool>,
     pub snooper: Option<JoinHandle<()>>,
+    /// The neighbour discovery snooper (bridged without a policy).
+    pub snooper6: Option<JoinHandle<()>>,
     /// The self-healing watcher of shared networks (NAT and host-only).
     pub healer: Option<super::heal::Healer>,
     /// The network policy's guard (nat and host with a policy).
@@ -153,7 +158,10 @@ pub(in crate::network) struct HostSide {
 impl Drop for HostSide {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.snooper.take() {
+        for h in [self.snooper.take(), self.snooper6.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.join();
         }
         // Stop watching before leaving, so the watcher never "repairs" a
@@ -554,6 +562,32 @@ pub(in crate::network) fn start_snooper(
         while !stop.load(Ordering::SeqCst) {
             if let Ok(Some(ack)) = snooper.next_ack(&mut exchange, Duration::from_millis(300)) {
                 *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(ack.address);
+            }
+        }
+    }));
+}
+
+/// Watches the guest's neighbour discovery on `ifname` for the IPv6
+/// addresses it announces.
+pub(in crate::network) fn start_snooper6(
+    a: &mut Attachment,
+    ifname: &str,
+    watched: Watched,
+    mac: MacAddress,
+) {
+    let learned = Arc::new(Mutex::new(Vec::new()));
+    let stop = a.guard.stop.clone();
+    let out = learned.clone();
+    let ifname = ifname.to_string();
+    a.learned6 = Some(learned);
+    a.guard.snooper6 = Some(std::thread::spawn(move || {
+        let Ok(mut snooper) = super::ndp_snoop::NdpSnooper::open(&ifname) else {
+            return;
+        };
+        let mut seen = super::ndp_snoop::Announcements::new(mac.0, watched);
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(true) = snooper.watch(&mut seen, Duration::from_millis(300)) {
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = seen.addresses();
             }
         }
     }));

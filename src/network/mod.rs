@@ -13,6 +13,7 @@ pub mod heal;
 pub mod interfaces;
 pub mod kernel;
 pub mod mode;
+pub mod ndp_snoop;
 pub mod passt;
 pub mod policy;
 pub mod prefix6;

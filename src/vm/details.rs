@@ -193,7 +193,8 @@ pub struct VmDetails {
     pub download_progress: Option<f64>,
     pub mac_address: Option<String>,
     /// lume for Linux: the guest's global IPv6 addresses the host knows
-    /// (nat and host-only networks with IPv6); empty otherwise.
+    /// (nat and host-only networks with IPv6: the host's neighbour table;
+    /// bridged: what the guest announced on the LAN); empty otherwise.
     pub ipv6_addresses: Vec<String>,
     /// The accelerator of the running VM.
     pub accelerator: Option<String>,

@@ -27,6 +27,15 @@ pub struct RunState {
     /// The guest's address once known.
     #[serde(default, deserialize_with = "lenient")]
     pub ip_address: Option<IpAddr>,
+    /// Bridged: the global IPv6 addresses the guest announced in its
+    /// neighbour discovery this run (at most 8), sorted; what the guest
+    /// claims, shown only.
+    #[serde(
+        default,
+        deserialize_with = "lenient_list",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ipv6_addresses: Vec<std::net::Ipv6Addr>,
     /// The host-side network device, if any.
     #[serde(default)]
     pub host_device: Option<String>,
@@ -86,6 +95,21 @@ where
         .as_ref()
         .and_then(serde_json::Value::as_str)
         .and_then(|s| s.parse().ok()))
+}
+
+/// A list of addresses in run.json: entries lume cannot read are left
+/// out, and a value that is not a list is an empty one, for the same
+/// reason as [`lenient`].
+pub(crate) fn lenient_list<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+{
+    Ok(Option::<serde_json::Value>::deserialize(d)?
+        .as_ref()
+        .and_then(serde_json::Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
+        .unwrap_or_default())
 }
 
 impl RunState {
@@ -186,6 +210,39 @@ mod tests {
         v.as_object_mut().unwrap().remove("ipAddress");
         let s: RunState = serde_json::from_value(v).unwrap();
         assert_eq!((s.ip_address, s.mac_address), (None, None));
+    }
+
+    #[test]
+    fn ipv6_addresses_lume_cannot_read_are_left_out() {
+        let s = with(
+            "ipv6Addresses",
+            serde_json::json!([
+                "2001:db8:ff::5",
+                "not one",
+                7,
+                "192.0.2.1",
+                "2001:db8:ff::6"
+            ]),
+        );
+        assert_eq!(
+            s.ipv6_addresses,
+            vec![
+                "2001:db8:ff::5".parse::<std::net::Ipv6Addr>().unwrap(),
+                "2001:db8:ff::6".parse().unwrap()
+            ]
+        );
+        for bad in [serde_json::json!("2001:db8:ff::5"), serde_json::json!({})] {
+            let s = with("ipv6Addresses", bad.clone());
+            assert!(s.ipv6_addresses.is_empty(), "{bad}");
+            assert_eq!(s.pid, 4242);
+        }
+        let v = serde_json::to_value(with("ipv6Addresses", serde_json::json!([]))).unwrap();
+        assert!(
+            v.get("ipv6Addresses").is_none(),
+            "an empty list is not written"
+        );
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["ipv6Addresses"][1], "2001:db8:ff::6");
     }
 
     #[test]

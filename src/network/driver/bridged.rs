@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
 use crate::network::attach::{
     AttachError, AttachOptions, Attachment, Teardown, device_name, enforce_policy, start_snooper,
-    tap_args,
+    start_snooper6, tap_args,
 };
 use crate::network::dhcp_snoop::Watched;
 use crate::network::interfaces::{self, HostInterface, InterfaceType};
@@ -212,6 +212,11 @@ impl NetworkDriver for Bridged {
             (tap.name, Watched::Tap)
         };
         start_snooper(&mut a, &snoop_on, watched, mac);
+        // Under a policy the guest's IPv6 is dropped: it has no addresses
+        // worth listing.
+        if opts.policy.is_empty() {
+            start_snooper6(&mut a, &snoop_on, watched, mac);
+        }
         if !opts.policy.is_empty() {
             // After the tap's redirect exists (the policy's filter
             // comes first), before QEMU: a failure drops `a`, which
@@ -249,10 +254,21 @@ impl NetworkDriver for Bridged {
             .map(std::net::IpAddr::V4)
     }
 
-    /// Not discovered yet: the LAN's router gives the guest its IPv6
-    /// addresses, and lume does not watch that exchange.
-    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
-        Vec::new()
+    /// The global addresses the guest announced in its neighbour discovery
+    /// this run (see [`crate::network::ndp_snoop`]), as the supervisor
+    /// recorded them: what the guest claims, not a proof. When none was
+    /// seen, on a Linux bridge, the host's neighbour entries for its MAC
+    /// there.
+    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        if !state.ipv6_addresses.is_empty() || !state.network_policy.is_empty() {
+            return state.ipv6_addresses.clone();
+        }
+        match (self.host_bridge(state), state.mac_address) {
+            (Some(bridge), Some(mac)) => {
+                crate::network::ndp_snoop::neighbour_addresses(&bridge, mac.0)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// On a Linux bridge, the tap is one of its ports; on a plain
