@@ -1,5 +1,6 @@
 //! Kernel change notifications the self-healing watcher waits on: rtnetlink
-//! link, IPv4 address and IPv4 route events, and nftables ruleset events
+//! link, address, route and forwarding (netconf) events of both families,
+//! and nftables ruleset events
 //! (NFNLGRP_NFTABLES). The content does not matter — any event means "look
 //! again" — so messages are only drained.
 
@@ -16,10 +17,14 @@ const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 /// RTNLGRP_IPV4_NETCONF is group 24: sent when `ip_forward` is written.
 const RTMGRP_IPV4_NETCONF: u32 = 1 << (24 - 1);
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+/// RTNLGRP_IPV6_NETCONF is group 25: sent when IPv6 `forwarding` is written.
+const RTMGRP_IPV6_NETCONF: u32 = 1 << (25 - 1);
 /// NFNLGRP_NFTABLES is group 7: bit 6 of the legacy group mask.
 const NFNLGRP_NFTABLES_MASK: u32 = 1 << (7 - 1);
 
-/// Subscriptions to link, address, route, IPv4 configuration and nftables events.
+/// Subscriptions to link, address, route, forwarding and nftables events.
 pub struct Events {
     /// (socket, whether it carries nftables events)
     sockets: Vec<(OwnedFd, bool)>,
@@ -53,7 +58,13 @@ impl Events {
         let sockets = [
             subscribe(
                 SockProtocol::NetlinkRoute,
-                RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_NETCONF,
+                RTMGRP_LINK
+                    | RTMGRP_IPV4_IFADDR
+                    | RTMGRP_IPV4_ROUTE
+                    | RTMGRP_IPV4_NETCONF
+                    | RTMGRP_IPV6_IFADDR
+                    | RTMGRP_IPV6_ROUTE
+                    | RTMGRP_IPV6_NETCONF,
             )
             .map(|s| (s, false)),
             subscribe(SockProtocol::NetlinkNetFilter, NFNLGRP_NFTABLES_MASK).map(|s| (s, true)),
