@@ -60,6 +60,14 @@ pub enum SettingsError {
         #[source]
         source: crate::network::subnet::BadSubnet,
     },
+    #[error(
+        "{other} is {prefix} already: give {key} another /64 (the NAT and host-only networks need distinct prefixes)"
+    )]
+    SamePrefix6 {
+        key: String,
+        other: &'static str,
+        prefix: String,
+    },
     #[error("The setting '{key}' must be an IPv6 /64 or none")]
     BadPrefix6 {
         key: String,
@@ -507,12 +515,26 @@ impl Settings {
                     .map_err(bad_subnet)?;
             }
             "natSubnet6" | "hostSubnet6" if value.trim() != "none" => {
-                value
+                let p = value
                     .parse::<crate::network::prefix6::Prefix6>()
                     .map_err(|source| SettingsError::BadPrefix6 {
                         key: key.into(),
                         source,
                     })?;
+                let other = if key == "natSubnet6" {
+                    "hostSubnet6"
+                } else {
+                    "natSubnet6"
+                };
+                if let Some(v) = self.get_str(other)?
+                    && v.trim().parse::<crate::network::prefix6::Prefix6>() == Ok(p)
+                {
+                    return Err(SettingsError::SamePrefix6 {
+                        key: key.into(),
+                        other,
+                        prefix: p.to_string(),
+                    });
+                }
             }
             "userSubnet" => {
                 value

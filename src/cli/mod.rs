@@ -1998,6 +1998,15 @@ fn config_value(s: &Settings, key: &str) -> Result<String> {
     match s.as_mapping().get(key) {
         Some(serde_yaml_ng::Value::String(v)) => Ok(v.clone()),
         Some(v) if !v.is_null() => Ok(serde_yaml_ng::to_string(v)?.trim_end().to_string()),
+        // This machine's unique local prefixes (none without IPv6).
+        _ if key == "natSubnet6" || key == "hostSubnet6" => {
+            Ok(if crate::network::prefix6::kernel_has_ipv6() {
+                crate::network::prefix6::Prefix6::unique_local_here(u16::from(key == "hostSubnet6"))
+                    .to_string()
+            } else {
+                "none".to_string()
+            })
+        }
         _ => match crate::settings::default_value(key) {
             Some(d) => Ok(d.to_string()),
             None => Err(crate::settings::SettingsError::NotSet {

@@ -12,6 +12,11 @@ use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignD
 /// The table that holds every lume rule.
 pub const TABLE: &str = "lume";
 
+/// How many IPv6 sources a guest's port may use besides its reserved ones
+/// at a time, and how long an unused one keeps its place.
+pub const SOURCES6: usize = 16;
+const SOURCES6_TIMEOUT: &str = "10m";
+
 /// The nftables driver.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nft;
@@ -285,13 +290,29 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
             ]
         })
         .collect();
-    // Each guest's reserved address, which only its own port may use as a
-    // source or claim in a neighbour advertisement (the target field,
-    // read as a 128-bit number: nft 1.0.6 has no name for it).
+    // Each guest's reserved address and its EUI-64 link-local one, which
+    // only its own port may use as a source or claim in a neighbour
+    // advertisement (the target field, read as a 128-bit number: nft 1.0.6
+    // has no name for it); the gateway's addresses, which no port may.
     let reserved: Vec<(&str, std::net::Ipv6Addr)> = v6
         .iter()
-        .filter_map(|p| Some((p.tap.as_str(), p.ip6?)))
+        .filter_map(|p| Some((p.tap.as_str(), p.ip6?, p.mac)))
+        .flat_map(|(tap, ip6, mac)| {
+            [
+                (tap, ip6),
+                (tap, crate::network::prefix6::Prefix6::link_local(mac)),
+            ]
+        })
         .collect();
+    let mut gateways6: Vec<std::net::Ipv6Addr> = v6
+        .iter()
+        .filter_map(|p| Some(p.prefix6?.gateway()))
+        .chain(
+            (!v6.is_empty()).then_some(crate::network::prefix6::BRIDGE_LINK_LOCAL),
+        )
+        .collect();
+    gateways6.sort();
+    gateways6.dedup();
     let hex = |a: std::net::Ipv6Addr| format!("{:#034x}", u128::from(a));
     s.push_str(&format!("table bridge {TABLE} {{\n"));
     s.push_str(&set("taps", "type ifname", vec![taps]));
@@ -333,6 +354,29 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
             .map(|(t, a)| format!("\"{t}\" . {}", hex(*a)))
             .collect(),
     ));
+    s.push_str(&set(
+        "gateways6",
+        "type ipv6_addr",
+        gateways6.iter().map(ToString::to_string).collect(),
+    ));
+    s.push_str(&set(
+        "gateway_targets6",
+        "typeof @th,64,128",
+        gateways6.iter().map(|a| hex(*a)).collect(),
+    ));
+    // A few sources per port besides its reserved ones (privacy addresses
+    // come and go): each a source the host then keeps a neighbour entry
+    // for, in a table every namespace shares. Per port, so that no guest
+    // takes another's share.
+    let mut limits = Vec::new();
+    for (i, p) in v6.iter().enumerate() {
+        s.push_str(&format!(
+            "  set seen6_{i} {{\n    type ipv6_addr\n    size {SOURCES6}\n    flags dynamic,timeout\n    timeout {SOURCES6_TIMEOUT}\n  }}\n  \
+             chain sources6_{i} {{\n    ip6 saddr :: return\n    update @seen6_{i} {{ ip6 saddr }}\n    ip6 saddr != @seen6_{i} drop\n  }}\n"
+        ));
+        limits.push(format!("\"{}\" : jump sources6_{i}", p.tap));
+    }
+    s.push_str(&set("limits6", "type ifname : verdict", limits).replacen("set ", "map ", 1));
     s.push_str("  chain guard {\n    type filter hook prerouting priority -300; policy accept;\n");
     for rule in [
         // Frames from anything but a guest's tap are not this chain's.
@@ -350,9 +394,18 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
         // never from another guest's reserved address.
         "ether type ip6 iifname != @v6taps drop",
         "ether type ip6 iifname . ip6 saddr != @sources6 drop",
+        "ip6 saddr @gateways6 drop",
         "ip6 saddr @reserved6 iifname . ip6 saddr != @owned6 drop",
+        // No IPv6 fragments from a guest: the fields below cannot be read
+        // past a fragment header (a later fragment may even hide which
+        // protocol it carries), and a guest that sends what its path
+        // carries (TCP does, by the path MTU) never needs to fragment.
+        "ether type ip6 exthdr frag exists drop",
+        "icmpv6 type nd-neighbor-advert @th,64,128 @gateway_targets6 drop",
+        "icmpv6 type nd-neighbor-solicit ip6 saddr :: @th,64,128 @gateway_targets6 drop",
         "icmpv6 type nd-neighbor-advert @th,64,128 @targets6 iifname . @th,64,128 != @owned_targets6 drop",
         "icmpv6 type nd-neighbor-solicit ip6 saddr :: @th,64,128 @targets6 iifname . @th,64,128 != @owned_targets6 drop",
+        "ip6 saddr != @reserved6 iifname vmap @limits6",
         // A guest's router advertisement or redirect would make it its
         // neighbours' router; no DHCPv6 server or relay answers either.
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
@@ -687,7 +740,13 @@ mod tests {
             "set owned6 {\n    type ipv6_addr\n"
                 .replace("ipv6_addr\n", "ifname . ipv6_addr\n")
                 .as_str(),
-            "elements = { \"lmt0\" . 0x20010db800640000505400fffe123456 }",
+            "\"lmt0\" . 0x20010db800640000505400fffe123456",
+            // Its EUI-64 link-local address too, and the gateway's addresses.
+            "\"lmt0\" . 0xfe80000000000000505400fffe123456",
+            "set gateways6 {\n    type ipv6_addr\n    elements = { 2001:db8:64::1, fe80::1 }",
+            "ip6 saddr @gateways6 drop",
+            "ether type ip6 exthdr frag exists drop",
+            "\"lmt0\" : jump sources6_0",
             "icmpv6 type { nd-router-advert, nd-redirect } drop",
             "udp sport 547 drop",
         ] {

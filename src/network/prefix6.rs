@@ -15,28 +15,45 @@ pub struct Prefix6(Ipv6Addr);
 /// Why an IPv6 prefix was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "Invalid IPv6 subnet '{0}': write a /64 such as fd00:6c75:6d65:1::/64 (guests configure their addresses from a /64 only), or none to give this network no IPv6"
+    "Invalid IPv6 subnet '{value}': {why}; write a /64 such as fd00:6c75:6d65:1::/64, or none to give this network no IPv6"
 )]
-pub struct BadPrefix6(pub String);
+pub struct BadPrefix6 {
+    pub value: String,
+    pub why: String,
+}
 
 impl FromStr for Prefix6 {
     type Err = BadPrefix6;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadPrefix6(s.to_string());
-        let (addr, len) = s.trim().split_once('/').ok_or_else(bad)?;
+        let bad = |why: &str| BadPrefix6 {
+            value: s.to_string(),
+            why: why.to_string(),
+        };
+        let not_a_network = || bad("not an IPv6 network written ADDRESS/64");
+        let (addr, len) = s.trim().split_once('/').ok_or_else(not_a_network)?;
+        let addr: Ipv6Addr = addr.parse().map_err(|_| not_a_network())?;
         if len != "64" {
-            return Err(bad());
+            return Err(bad(
+                "only a /64 works (guests configure their addresses from a /64)",
+            ));
         }
-        let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
         let seg = addr.segments();
-        // Multicast, loopback, link-local, unspecified and IPv4-mapped
-        // forms are not networks a guest can live on.
-        if seg[0] & 0xff00 == 0xff00
-            || seg[0] & 0xffc0 == 0xfe80
-            || seg[..4] == [0, 0, 0, 0]
-            || seg[4..] != [0, 0, 0, 0]
-        {
-            return Err(bad());
+        // Multicast, link-local, unspecified and IPv4-mapped forms are not
+        // networks a guest can live on.
+        if seg[0] & 0xff00 == 0xff00 {
+            return Err(bad("a multicast prefix"));
+        }
+        if seg[0] & 0xffc0 == 0xfe80 {
+            return Err(bad("a link-local prefix (every link has fe80::/64 already)"));
+        }
+        if seg[..4] == [0, 0, 0, 0] {
+            return Err(bad("not a unicast network (::/64 holds the unspecified, loopback and IPv4-mapped addresses)"));
+        }
+        if seg[4..] != [0, 0, 0, 0] {
+            let network = Ipv6Addr::from(u128::from(addr) >> 64 << 64);
+            return Err(bad(&format!(
+                "the address has host bits set (its /64 is {network}/64)"
+            )));
         }
         Ok(Self(addr))
     }
@@ -73,6 +90,12 @@ impl Prefix6 {
         Ipv6Addr::from(u128::from(self.0) | u128::from(u64::from_be_bytes(iid)))
     }
 
+    /// `fe80::<EUI-64 of mac>`: the link-local address a Linux guest with
+    /// `mac` takes by default.
+    pub fn link_local(mac: MacAddress) -> Ipv6Addr {
+        LINK_LOCAL_PREFIX.eui64(mac)
+    }
+
     pub fn contains(&self, ip: Ipv6Addr) -> bool {
         u128::from(ip) >> 64 == u128::from(self.0) >> 64
     }
@@ -100,6 +123,14 @@ impl Prefix6 {
     }
 }
 
+/// `fe80::/64` as a prefix, for [`Prefix6::link_local`].
+const LINK_LOCAL_PREFIX: Prefix6 = Prefix6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0));
+
+/// A lume bridge's link-local address: fixed (the bridge makes none of its
+/// own), so the bridge guard can keep every guest from claiming it; guests
+/// learn it from lume's router advertisements as their router.
+pub const BRIDGE_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// Whether this kernel has IPv6 (not built without it, not `ipv6.disable=1`).
 pub fn kernel_has_ipv6() -> bool {
     std::path::Path::new("/proc/sys/net/ipv6/conf/all").exists()
@@ -114,6 +145,12 @@ mod tests {
         let p: Prefix6 = "2001:db8:64::/64".parse().unwrap();
         assert_eq!(p.to_string(), "2001:db8:64::/64");
         assert_eq!(p.gateway().to_string(), "2001:db8:64::1");
+        let why = |v: &str| v.parse::<Prefix6>().unwrap_err().to_string();
+        assert!(why("fe80::/64").contains("a link-local prefix"), "{}", why("fe80::/64"));
+        assert!(why("2001:db8:64::5/64").contains("its /64 is 2001:db8:64::/64"));
+        assert!(why("2001:db8::/48").contains("only a /64 works"));
+        assert!(why("ff02::/64").contains("multicast"));
+        assert!(why("bogus").contains("not an IPv6 network"));
         for bad in [
             "2001:db8:64::/48",
             "2001:db8:64::5/64",
@@ -136,6 +173,10 @@ mod tests {
         // As `ip -6 addr` shows for a Linux guest with this MAC.
         assert_eq!(p.eui64(mac).to_string(), "2001:db8:64:0:5054:ff:fe12:3456");
         assert!(p.contains(p.eui64(mac)));
+        assert_eq!(
+            Prefix6::link_local(mac).to_string(),
+            "fe80::5054:ff:fe12:3456"
+        );
         assert!(!p.contains("2001:db8:65::1".parse().unwrap()));
     }
 

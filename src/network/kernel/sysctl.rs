@@ -67,12 +67,15 @@ fn conf6(interface: &str, key: &str) -> String {
 /// What a lume bridge with IPv6 must never do with what its guests send:
 /// take a router advertisement (a guest would become the host's router),
 /// configure an address from one, follow a redirect; and it skips
-/// duplicate address detection on its own addresses (they are lume's).
-const BRIDGE6: [(&str, &str); 5] = [
+/// duplicate address detection on its own addresses (they are lume's), and
+/// makes no link-local address of its own: lume gives it `fe80::1`, which
+/// the bridge guard keeps every guest from claiming.
+const BRIDGE6: [(&str, &str); 6] = [
     ("accept_ra", "0"),
     ("autoconf", "0"),
     ("accept_redirects", "0"),
     ("accept_dad", "0"),
+    ("addr_gen_mode", "1"),
     ("router_solicitations", "0"),
 ];
 
@@ -132,13 +135,20 @@ pub fn forwarding6_on(dir: &Path) -> io::Result<()> {
         }
         return Ok(());
     }
-    for name in hosts_taking_advertisements() {
-        fs::write(conf6(&name, "accept_ra"), "2")?;
+    // Everything recorded before anything changes: a kill at any point
+    // leaves a record that puts back at most what is already so.
+    let planned = hosts_taking_advertisements();
+    for name in &planned {
         record.push_str(&format!("{name}/accept_ra=1\n"));
     }
-    // Recorded before the switch: a kill between the two leaves a record
-    // that puts back what is already so.
     crate::util::atomic::write_runtime(&saved, record.as_bytes())?;
+    for name in &planned {
+        match fs::write(conf6(name, "accept_ra"), "2") {
+            // Gone since it was listed: nothing to keep taking.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
     fs::write(IP6_FORWARD, "1")
 }
 

@@ -44,6 +44,13 @@ impl SharedNet {
                 });
             }
         }
+        // Pinned to the address it has: otherwise the kernel gives a bridge
+        // the lowest MAC of its ports, which changes as VMs come and go, and
+        // every other guest keeps sending to the old one (its gateway and
+        // IPv6 router) until its neighbour cache gives up, tens of seconds.
+        if let Some(mac) = nl.link_info(&self.bridge)?.and_then(|l| l.mac) {
+            nl.set_mac(&self.bridge, mac)?;
+        }
         nl.add_address_v4(&self.bridge, self.subnet().gateway(), self.subnet().prefix)?;
         let prefix6 = self.prefix6();
         match prefix6 {
@@ -53,6 +60,11 @@ impl SharedNet {
         nl.set_up(&self.bridge)?;
         if let Some(p) = prefix6 {
             nl.add_address_v6(&self.bridge, p.gateway(), 64)?;
+            nl.add_address_v6(
+                &self.bridge,
+                crate::network::prefix6::BRIDGE_LINK_LOCAL,
+                64,
+            )?;
         }
         if self.kind == Kind::Nat {
             sysctl::forwarding_on(&self.dir).map_err(SharedError::Forwarding)?;

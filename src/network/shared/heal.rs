@@ -195,13 +195,15 @@ impl SharedNet {
                         self.bridge
                     ));
                 }
-                if !nl.addresses_v6(&self.bridge)?.contains(&(p.gateway(), 64)) {
-                    nl.add_address_v6(&self.bridge, p.gateway(), 64)?;
-                    repairs.push(format!(
-                        "bridge {} had lost its address {}/64: restored it",
-                        self.bridge,
-                        p.gateway()
-                    ));
+                let have = nl.addresses_v6(&self.bridge)?;
+                for want in [p.gateway(), crate::network::prefix6::BRIDGE_LINK_LOCAL] {
+                    if !have.contains(&(want, 64)) {
+                        nl.add_address_v6(&self.bridge, want, 64)?;
+                        repairs.push(format!(
+                            "bridge {} had lost its address {want}/64: restored it",
+                            self.bridge
+                        ));
+                    }
                 }
             }
             None => {
