@@ -68,6 +68,7 @@ impl NetworkDriver for User {
                 net.gateway()
             )
         });
+        let guest6_file = passt.guest6_file.clone();
         let mut guard = HostSide::default();
         guard.held.push(Box::new(passt));
         Ok(Attachment {
@@ -79,6 +80,7 @@ impl NetworkDriver for User {
             ],
             fds: vec![fd],
             ip_address: Some(net.guest_address().into()),
+            guest6_file,
             note,
             guard,
             ..Default::default()
@@ -93,8 +95,15 @@ impl NetworkDriver for User {
         None
     }
 
-    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
-        Vec::new()
+    /// The global addresses the guest has used in the IPv6 prefix passt
+    /// advertised (the host's own /64), as lume's relay saw them since the
+    /// VM started; empty when passt gives the guest no IPv6 (see
+    /// [`crate::network::passt`]). Addresses the guest has since dropped stay.
+    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        match &state.guest6_file {
+            Some(file) => crate::network::passt::read_guest6(file),
+            None => Vec::new(),
+        }
     }
 
     fn host_bridge(&self, _state: &RunState) -> Option<String> {
