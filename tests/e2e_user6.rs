@@ -15,6 +15,8 @@
 //!    advertisement, so no address and no route): its IPv6 probes fail, its
 //!    IPv4 still works, VMDetails lists no IPv6 address and the published
 //!    port answers over IPv4 only.
+//! 3. The control of the loopback check: with `unsafeHostLoopback`, the same
+//!    probe of the IPv6 gateway reaches the service on the host's [::1].
 
 mod common;
 
@@ -166,5 +168,28 @@ fn user_mode_guest_gets_ipv6_through_passt() {
     let page = t.lan.http_get("198.51.100.2:18080").unwrap_or_default();
     assert!(page.contains(&mac), "{page}");
     assert!(loopback.sources().is_empty());
+    t.lume_ok(&["stop", "u6"]);
+
+    // 3. The control of the loopback check: with unsafeHostLoopback (and
+    // the IPv6 route back), the same probe of the gateway is the host's
+    // [::1]. The guest keeps its address through the unfiltered relay.
+    t.host
+        .exec_ok(&format!("ip -6 route add default via {LAN_PEER6}"));
+    t.lume_ok(&["set", "u6", "--unsafe-host-loopback", "true"]);
+    t.lume_ok(&["run", "u6", "--detach"]);
+    let before = gateway.sources().len();
+    wait_boot(
+        &t,
+        "u6",
+        &[
+            format!("LUME-GUEST: probe ok [{LAN_PEER6}]:9100"),
+            format!("LUME-GUEST: probe ok [{GUEST6}]:80"),
+        ],
+    );
+    assert!(
+        !loopback.sources().is_empty(),
+        "the control reached no [::1]"
+    );
+    assert_eq!(gateway.sources().len(), before, "the gateway was the LAN's");
     t.lume_ok(&["stop", "u6"]);
 }
