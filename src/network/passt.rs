@@ -104,10 +104,11 @@ fn has_ipv4_default_route() -> bool {
 }
 
 /// The /64 prefixes passt 0.0~git20230309 may advertise to the guest: those
-/// of the global addresses on the interface of the host's first IPv6
-/// default route (passt's template interface; it advertises the /64 of
-/// one of them, whatever the host's own prefix length). Empty without an
-/// IPv6 default route: passt then has no IPv6 for the guest. Read from
+/// of the global addresses on the interfaces of the host's IPv6 default
+/// routes (passt takes the first route's interface as its template and
+/// advertises the /64 of one of its addresses, whatever the host's own
+/// prefix length). Empty without an IPv6 default route: passt then has no
+/// IPv6 for the guest. Read from
 /// `/proc/net/ipv6_route` and `/proc/net/if_inet6` (no privileges needed).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Uplink6 {
@@ -128,26 +129,26 @@ impl Uplink6 {
         const RTF_UP: u32 = 0x1;
         const RTF_REJECT: u32 = 0x200;
         // dest plen src plen next-hop metric refcnt use flags device
-        let device = routes.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-            (f.len() == 10
-                && f[0].bytes().all(|b| b == b'0')
-                && f[1] == "00"
-                && flags & RTF_UP != 0
-                && flags & RTF_REJECT == 0
-                && f[9] != "lo")
-                .then(|| f[9])
-        });
-        let Some(device) = device else {
-            return Self::default();
-        };
+        let devices: Vec<&str> = routes
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+                (f.len() == 10
+                    && f[0].bytes().all(|b| b == b'0')
+                    && f[1] == "00"
+                    && flags & RTF_UP != 0
+                    && flags & RTF_REJECT == 0
+                    && f[9] != "lo")
+                    .then(|| f[9])
+            })
+            .collect();
         // address index prefix-length scope flags device
         let mut prefixes: Vec<u64> = addrs
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                if f.len() != 6 || f[5] != device || f[3] != "00" || f[0].len() != 32 {
+                if f.len() != 6 || !devices.contains(&f[5]) || f[3] != "00" || f[0].len() != 32 {
                     return None;
                 }
                 let a = u128::from_str_radix(f[0], 16).ok()?;
@@ -798,6 +799,12 @@ fe80000000000000048560fffe5ab8c8 03 40 20 c0      up0
         // A /128 on the host: passt still advertises its /64.
         assert!(u.contains("2001:db8:aa::1".parse().unwrap()));
         assert!(!u.contains("2001:db8:bb::1".parse().unwrap()));
+        // A second default route (another uplink): its prefixes too.
+        let two = format!(
+            "{ROUTES}00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+             20010db800bb00000000000000000001 00000800 00000001 00000000 00000003      up1\n"
+        );
+        assert!(Uplink6::parse(&two, ADDRS).contains("2001:db8:bb::1".parse().unwrap()));
         // Only the unreachable default route (no IPv6 uplink): nothing.
         let only_lo: String = ROUTES.lines().skip(2).map(|l| format!("{l}\n")).collect();
         assert!(!Uplink6::parse(&only_lo, ADDRS).usable());
