@@ -191,5 +191,10 @@ fn user_mode_guest_gets_ipv6_through_passt() {
         "the control reached no [::1]"
     );
     assert_eq!(gateway.sources().len(), before, "the gateway was the LAN's");
+    let note = t.get("u6")["network"]["note"].to_string();
+    assert!(
+        note.contains("unsafeHostLoopback") && note.contains("over IPv6"),
+        "{note}"
+    );
     t.lume_ok(&["stop", "u6"]);
 }

@@ -62,13 +62,18 @@ impl NetworkDriver for User {
         };
         let (passt, fd) =
             crate::network::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
+        let guest6_file = passt.guest6_file.clone();
         let note = opts.host_loopback.then(|| {
+            let v6 = if guest6_file.is_some() {
+                " (over IPv6: through the address of this host's IPv6 default router)"
+            } else {
+                ""
+            };
             format!(
-                "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
+                "unsafeHostLoopback: the guest reaches this host's loopback services through {}{v6}",
                 net.gateway()
             )
         });
-        let guest6_file = passt.guest6_file.clone();
         let mut guard = HostSide::default();
         guard.held.push(Box::new(passt));
         Ok(Attachment {
