@@ -252,15 +252,15 @@ fn own_eui64(frame: &[u8], target: Ipv6Addr) -> bool {
 const MAX_CLAIMED: usize = 16;
 
 /// Keeps passt 0.0~git20230309 from taking the guest's IPv6 addresses: it
-/// answers every neighbour solicitation with its own MAC, duplicate address
-/// detection included, and the guest then gives up the address it was
-/// about to use ("IPv6 duplicate address ... used by 9a:55:9a:55:9a:55"),
-/// as it does when it asks for its own tentative address (connecting to it
-/// before detection ended). So neither goes to passt: no probe from ::, no
-/// solicitation for an address the guest probed for (the first
-/// [`MAX_CLAIMED`]) or for its own EUI-64 address in any prefix (asked
-/// for before its probe). Nothing else is on the guest's link to answer
-/// them.
+/// leaves duplicate address detection (solicitations from ::) unanswered,
+/// but answers every other neighbour solicitation with its own MAC, one
+/// for the guest's own still tentative address too; a guest that connects
+/// to its new address before detection ended (1 s) asks for it, gets that
+/// answer and gives the address up ("IPv6 duplicate address ... used by
+/// 9a:55:9a:55:9a:55"). So no solicitation for an address the guest
+/// probed for (the first [`MAX_CLAIMED`]) or for its own EUI-64 address in
+/// any prefix (asked for before its probe) goes to passt. Nothing else is
+/// on the guest's link to answer them.
 #[derive(Debug, Default)]
 struct NdGuard {
     claimed: Vec<Ipv6Addr>,
@@ -274,7 +274,7 @@ impl NdGuard {
                 if self.claimed.len() < MAX_CLAIMED && !self.claimed.contains(&target) {
                     self.claimed.push(target);
                 }
-                false
+                true
             }
             Some((false, target)) => !self.claimed.contains(&target) && !own_eui64(frame, target),
             None => true,
@@ -749,7 +749,8 @@ mod tests {
         let other = ns("fe80::1", "2001:db8::8");
         // The sender's own EUI-64 address (eth()'s MAC is 52:54:00:01:02:03).
         let eui = ns("fe80::1", "2001:db8:ff::5054:ff:fe01:203");
-        // Address resolution of another address passes; of the address
+        // Address resolution of another address passes, duplicate address
+        // detection too (passt leaves it unanswered); of the address
         // the guest probed for (after the probe) it does not.
         let sent = [
             &v4([127, 0, 0, 1]),
@@ -771,7 +772,7 @@ mod tests {
         passt.read_to_end(&mut out).unwrap();
         t.join().unwrap();
         let mut want = Vec::new();
-        for f in [&ok, &other, &ok] {
+        for f in [&ok, &other, &dad, &ok] {
             want.extend_from_slice(&(f.len() as u32).to_be_bytes());
             want.extend_from_slice(f);
         }
