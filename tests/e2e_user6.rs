@@ -9,10 +9,12 @@
 //!    and on the host's [::1]. A service listening only on the host's [::1]
 //!    is never reached: not through the IPv6 gateway (passt would map it to
 //!    the host's loopback without `--no-map-gw`), whose LAN server on the
-//!    same port answers instead, while a service on the host's own global
-//!    address is reached (the controls).
+//!    same port answers instead, nor through the host's link-local address
+//!    (passt's own towards the guest), while services on the host's own
+//!    global and link-local addresses are reached (the controls).
 //! 2. The host has no IPv6 default route. The guest gets no IPv6 (no router
-//!    advertisement, so no address and no route): its IPv6 probes fail, its
+//!    advertisement, so no address and no route; passt carries not even
+//!    link-local IPv6): its IPv6 probes fail, its
 //!    IPv4 still works, VMDetails lists no IPv6 address and the published
 //!    port answers over IPv4 only.
 //! 3. The control of the loopback check: with `unsafeHostLoopback`, the same
@@ -77,11 +79,23 @@ fn user_mode_guest_gets_ipv6_through_passt() {
     let gateway = Recorder::start(&t.lan, &format!("[{LAN_PEER6}]:9100"));
     let loopback = Recorder::start(&t.host, "[::1]:9100");
     let host_global = Recorder::start(&t.host, &format!("[{HOST_UPLINK6}]:9101"));
+    // The host's link-local address, passt's own towards the guest.
+    let host_ll = t
+        .host
+        .exec_ok("ip -6 -o addr show dev up0 scope link")
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .unwrap()
+        .to_string();
+    let host_any = Recorder::start(&t.host, "[::]:9103");
     let targets = [
         format!("[{LAN_PEER6}]:9000"),
         format!("[{GUEST6}]:80"),
         format!("[{LAN_PEER6}]:9100"),
         format!("[{HOST_UPLINK6}]:9101"),
+        format!("[{host_ll}%eth0]:9103"),
+        format!("[{host_ll}%eth0]:9100"),
         format!("{LAN_PEER}:9002"),
     ];
     t.create(
@@ -93,9 +107,15 @@ fn user_mode_guest_gets_ipv6_through_passt() {
 
     // 1. With an IPv6 default route.
     t.lume_ok(&["run", "u6", "--detach"]);
+    // Every probe succeeds but the host's link-local port 9100, where
+    // only [::1] listens.
+    let ll_loopback = format!("[{host_ll}%eth0]:9100");
     let ok: Vec<String> = targets
         .iter()
-        .map(|t| format!("LUME-GUEST: probe ok {t}"))
+        .map(|t| match *t == ll_loopback {
+            true => format!("LUME-GUEST: probe fail {t}"),
+            false => format!("LUME-GUEST: probe ok {t}"),
+        })
         .collect();
     // The probe of its own SLAAC address succeeds only if the guest has it
     // (passt would try it on the LAN, where nobody has it).
@@ -120,6 +140,10 @@ fn user_mode_guest_gets_ipv6_through_passt() {
         );
     }
     assert!(!host_global.sources().is_empty());
+    assert!(
+        !host_any.sources().is_empty(),
+        "the host's link-local address"
+    );
     let host4: IpAddr = common::HOST_UPLINK_IP.parse().unwrap();
     assert!(out4.sources().contains(&host4));
     let reached = loopback.sources();
