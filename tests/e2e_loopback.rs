@@ -5,7 +5,7 @@
 //!    guest can send with a raw socket); the loopback servers see nothing.
 //!    SYNs for the IPv4 and IPv6 gateways pass the relay and do not reach
 //!    them either (`--no-map-gw`). The same frames given to passt directly
-//!    (the `unsafeHostLoopback` opt-in: no relay, gateways mapped) do reach
+//!    (the `unsafeHostLoopback` opt-in: a relay that drops nothing, gateways mapped) do reach
 //!    them: passt 0.0~git20230309 connects loopback destinations, which is
 //!    why the relay exists.
 //! 2. Real guests: a user-mode and a NAT guest probe a server on the host

@@ -496,6 +496,7 @@ mod tests {
             parent: None,
             note: None,
             lease_file: None,
+            guest6_file: None,
             mac_address: None,
             guest_agent: None,
             uplink: None,

@@ -450,6 +450,7 @@ pub fn supervise(
         parent: net.parent.clone(),
         note: net.note.clone(),
         lease_file: net.lease_file.clone(),
+        guest6_file: net.guest6_file.clone(),
         mac_address: Some(mac),
         guest_agent: None,
         uplink: net.uplink.clone(),

@@ -123,6 +123,9 @@ pub struct Attachment {
     pub note: Option<String>,
     /// dnsmasq's lease file (NAT and host-only).
     pub lease_file: Option<PathBuf>,
+    /// User mode with IPv6: where the guest's IPv6 addresses are recorded
+    /// ([`super::passt::read_guest6`]).
+    pub guest6_file: Option<PathBuf>,
     /// The address learned from DHCP snooping (bridged), updated by a thread.
     pub learned: Option<Arc<Mutex<Option<Ipv4Addr>>>>,
     /// The IPv6 addresses the guest announced (bridged: its neighbour

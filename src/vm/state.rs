@@ -51,6 +51,10 @@ pub struct RunState {
     /// dnsmasq's lease file for NAT and host-only VMs.
     #[serde(default)]
     pub lease_file: Option<std::path::PathBuf>,
+    /// User mode with IPv6: the file the guest's IPv6 addresses are
+    /// recorded in (see [`crate::network::passt::read_guest6`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest6_file: Option<std::path::PathBuf>,
     /// The MAC address of this run.
     #[serde(default, deserialize_with = "lenient")]
     pub mac_address: Option<crate::vm::config::MacAddress>,

@@ -62,9 +62,15 @@ impl NetworkDriver for User {
         };
         let (passt, fd) =
             crate::network::passt::Passt::start(&net, &opts.publish, opts.host_loopback, vm_dir)?;
+        let guest6_file = passt.guest6_file.clone();
         let note = opts.host_loopback.then(|| {
+            let v6 = if guest6_file.is_some() {
+                " (over IPv6: through the address of this host's IPv6 default router)"
+            } else {
+                ""
+            };
             format!(
-                "unsafeHostLoopback: the guest reaches this host's loopback services through {}",
+                "unsafeHostLoopback: the guest reaches this host's loopback services through {}{v6}",
                 net.gateway()
             )
         });
@@ -79,6 +85,7 @@ impl NetworkDriver for User {
             ],
             fds: vec![fd],
             ip_address: Some(net.guest_address().into()),
+            guest6_file,
             note,
             guard,
             ..Default::default()
@@ -93,8 +100,15 @@ impl NetworkDriver for User {
         None
     }
 
-    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
-        Vec::new()
+    /// The global addresses the guest has used in the IPv6 prefix passt
+    /// advertised (the host's own /64), as lume's relay saw them since the
+    /// VM started; empty when passt gives the guest no IPv6 (see
+    /// [`crate::network::passt`]). Addresses the guest has since dropped stay.
+    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+        match &state.guest6_file {
+            Some(file) => crate::network::passt::read_guest6(file),
+            None => Vec::new(),
+        }
     }
 
     fn host_bridge(&self, _state: &RunState) -> Option<String> {
