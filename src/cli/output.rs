@@ -152,6 +152,9 @@ fn extra_lines(d: &VmDetails) -> Vec<String> {
     if let Some(mac) = &d.mac_address {
         lines.push(format!("mac address: {mac}"));
     }
+    if !d.ipv6_addresses.is_empty() {
+        lines.push(format!("ipv6 addresses: {}", d.ipv6_addresses.join(", ")));
+    }
     if let Some(a) = &d.accelerator {
         lines.push(format!("accelerator: {a}"));
     }

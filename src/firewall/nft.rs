@@ -307,9 +307,7 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     let mut gateways6: Vec<std::net::Ipv6Addr> = v6
         .iter()
         .filter_map(|p| Some(p.prefix6?.gateway()))
-        .chain(
-            (!v6.is_empty()).then_some(crate::network::prefix6::BRIDGE_LINK_LOCAL),
-        )
+        .chain((!v6.is_empty()).then_some(crate::network::prefix6::BRIDGE_LINK_LOCAL))
         .collect();
     gateways6.sort();
     gateways6.dedup();

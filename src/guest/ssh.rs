@@ -272,16 +272,10 @@ pub fn wait_ready(
         let state = vm
             .running_state()
             .ok_or_else(|| SshError::NotRunning(name.to_string()))?;
-        // The guest's IPv4 address, else (a guest on an IPv6-only LAN) its
-        // first IPv6 one; its SSH port is probed once, below.
-        let address = crate::vm::details::guest_address(&state)
-            .or_else(|| {
-                crate::network::driver::of(&state.network_mode)
-                    .addresses_v6(&state)
-                    .first()
-                    .map(|a| std::net::IpAddr::V6(*a))
-            })
-            .map(|ip| ip.to_string());
+        // The guest's (IPv4) address; its SSH port is probed once, below.
+        // Not an IPv6 one: a bridged guest's are what it announced, and
+        // lume would connect wherever it claims to be.
+        let address = crate::vm::details::guest_address(&state).map(|ip| ip.to_string());
         let why = match target(name, &state, address) {
             Ok(to) => {
                 let answers = to

@@ -51,8 +51,16 @@ pub fn on_bridge_of(tap: &str, mac: MacAddress) -> Vec<Ipv6Addr> {
     }
     found.sort();
     found.dedup();
+    // The EUI-64 ones first, then at most as many as a guest may use.
+    let likely: Vec<Ipv6Addr> = prefixes.iter().map(|p| p.eui64(mac)).collect();
+    found.sort_by_key(|a| !likely.contains(a));
+    found.truncate(MAX_LISTED);
     found
 }
+
+/// The most addresses listed: the bridge guard lets a guest use its
+/// reserved address and 16 others at a time.
+const MAX_LISTED: usize = 1 + crate::firewall::nft::SOURCES6;
 
 /// One empty datagram to `addr`'s discard port, not waited for.
 fn nudge(addr: Ipv6Addr) {

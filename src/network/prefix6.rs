@@ -44,10 +44,14 @@ impl FromStr for Prefix6 {
             return Err(bad("a multicast prefix"));
         }
         if seg[0] & 0xffc0 == 0xfe80 {
-            return Err(bad("a link-local prefix (every link has fe80::/64 already)"));
+            return Err(bad(
+                "a link-local prefix (every link has fe80::/64 already)",
+            ));
         }
         if seg[..4] == [0, 0, 0, 0] {
-            return Err(bad("not a unicast network (::/64 holds the unspecified, loopback and IPv4-mapped addresses)"));
+            return Err(bad(
+                "not a unicast network (::/64 holds the unspecified, loopback and IPv4-mapped addresses)",
+            ));
         }
         if seg[4..] != [0, 0, 0, 0] {
             let network = Ipv6Addr::from(u128::from(addr) >> 64 << 64);
@@ -146,7 +150,11 @@ mod tests {
         assert_eq!(p.to_string(), "2001:db8:64::/64");
         assert_eq!(p.gateway().to_string(), "2001:db8:64::1");
         let why = |v: &str| v.parse::<Prefix6>().unwrap_err().to_string();
-        assert!(why("fe80::/64").contains("a link-local prefix"), "{}", why("fe80::/64"));
+        assert!(
+            why("fe80::/64").contains("a link-local prefix"),
+            "{}",
+            why("fe80::/64")
+        );
         assert!(why("2001:db8:64::5/64").contains("its /64 is 2001:db8:64::/64"));
         assert!(why("2001:db8::/48").contains("only a /64 works"));
         assert!(why("ff02::/64").contains("multicast"));

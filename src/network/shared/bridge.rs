@@ -60,11 +60,7 @@ impl SharedNet {
         nl.set_up(&self.bridge)?;
         if let Some(p) = prefix6 {
             nl.add_address_v6(&self.bridge, p.gateway(), 64)?;
-            nl.add_address_v6(
-                &self.bridge,
-                crate::network::prefix6::BRIDGE_LINK_LOCAL,
-                64,
-            )?;
+            nl.add_address_v6(&self.bridge, crate::network::prefix6::BRIDGE_LINK_LOCAL, 64)?;
         }
         if self.kind == Kind::Nat {
             sysctl::forwarding_on(&self.dir).map_err(SharedError::Forwarding)?;

@@ -191,6 +191,8 @@ impl Networks {
             dns.ensure_running()?;
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;
+            // The port itself has no IPv6 of its own to announce to its guest.
+            sysctl::ipv6_off(tap);
             nl.set_up(tap)?;
             Ok::<_, SharedError>(())
         })();
