@@ -1267,3 +1267,29 @@ fn serve_mcp_says_when_its_input_is_not_json_rpc() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn ipv6_subnets_show_their_default_and_are_checked_at_config_set() {
+    let home = Home::new();
+    let nat = home.ok(&["config", "get", "natSubnet6"]);
+    let host = home.ok(&["config", "get", "hostSubnet6"]);
+    if std::path::Path::new("/proc/sys/net/ipv6/conf/all").exists() {
+        // This machine's unique local prefixes, one per network.
+        for p in [&nat, &host] {
+            assert!(p.starts_with("fd") && p.trim().ends_with("::/64"), "{p}");
+        }
+        assert_ne!(nat, host);
+    }
+    let err = home.fails(&["config", "set", "natSubnet6", "fe80::/64"]);
+    assert!(err.contains("a link-local prefix"), "{err}");
+    let err = home.fails(&["config", "set", "natSubnet6", "2001:db8:64::5/64"]);
+    assert!(err.contains("its /64 is 2001:db8:64::/64"), "{err}");
+    home.ok(&["config", "set", "natSubnet6", "2001:db8:64::/64"]);
+    let err = home.fails(&["config", "set", "hostSubnet6", "2001:db8:64::/64"]);
+    assert!(
+        err.contains("natSubnet6 is 2001:db8:64::/64 already: give hostSubnet6 another /64"),
+        "{err}"
+    );
+    home.ok(&["config", "set", "hostSubnet6", "none"]);
+    assert_eq!(home.ok(&["config", "get", "hostSubnet6"]).trim(), "none");
+}

@@ -171,6 +171,17 @@ fn nat_and_host_only_guests_get_ipv6() {
         Duration::from_secs(30),
     );
 
+    // A new natSubnet6 applies once the network comes up again; the doctor
+    // says so meanwhile.
+    t.lume_ok(&["config", "set", "natSubnet6", "2001:db8:66::/64"]);
+    let out = t.host.lume(&t.home, &["network", "doctor"]);
+    let doctor = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        doctor.contains("2001:db8:64::1/64")
+            && doctor.contains("config.yaml now asks for natSubnet6: 2001:db8:66::/64"),
+        "{doctor}"
+    );
+
     // lume0 keeps its MAC when a VM leaves (the kernel would give it the
     // lowest MAC of its ports): the other guests' gateway stays where it is.
     let bridge_mac = || t.host.exec_ok("cat /sys/class/net/lume0/address");

@@ -796,16 +796,35 @@ fn shared_checks(r: &mut Report, nets: &Networks) {
 /// without IPv6), or the bridge with its address and its protections.
 fn ipv6_check(r: &mut Report, net: &super::shared::SharedNet) {
     let name = format!("ipv6 {}", net.bridge);
-    let Some(p) = net.prefix6() else {
+    let key = match net.kind {
+        super::shared::Kind::Nat => "natSubnet6",
+        super::shared::Kind::Host => "hostSubnet6",
+    };
+    let running = net.prefix6();
+    let asked = net.configured6;
+    // The prefix is the one recorded when the network's first VM started;
+    // config.yaml's applies when the network next comes up.
+    let pending = (running != asked).then(|| {
+        format!(
+            "; config.yaml now asks for {key}: {}, which applies once the last VM on {} stops and the next one starts",
+            asked.map_or_else(|| "none".to_string(), |p| p.to_string()),
+            net.bridge
+        )
+    });
+    let Some(p) = running else {
+        let why = if !super::prefix6::kernel_has_ipv6() {
+            "this kernel has no IPv6".to_string()
+        } else if !net.dir.join("subnet6").exists() {
+            "the network came up under a release of lume before IPv6".to_string()
+        } else {
+            format!("{key} was none when its first VM started")
+        };
         r.add(
             name,
             true,
             format!(
-                "none on this network (config.yaml {}: none, a kernel without IPv6, or a network up since before IPv6)",
-                match net.kind {
-                    super::shared::Kind::Nat => "natSubnet6",
-                    super::shared::Kind::Host => "hostSubnet6",
-                }
+                "none on this network ({why}){}",
+                pending.unwrap_or_default()
             ),
         );
         return;
@@ -815,35 +834,48 @@ fn ipv6_check(r: &mut Report, net: &super::shared::SharedNet) {
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };
-    let has = super::kernel::netlink::Netlink::open()
-        .and_then(|mut nl| nl.addresses_v6(&net.bridge))
-        .map(|a| a.contains(&(p.gateway(), 64)));
-    let verdict = match has {
-        Err(e) => (false, crate::error_chain(&e)),
-        Ok(_) if conf("disable_ipv6") != "0" => (
-            false,
-            "IPv6 is switched off on the bridge: lume's watcher switches it back on".into(),
-        ),
-        Ok(_) if conf("accept_ra") != "0" || conf("autoconf") != "0" => (
-            false,
-            "the bridge takes router advertisements from guests: lume's watcher puts accept_ra and autoconf back to 0".into(),
-        ),
-        Ok(false) => (
-            false,
-            format!(
-                "lacks its address {}/64: lume's watcher restores it",
-                p.gateway()
-            ),
-        ),
-        Ok(true) => (
+    let addrs =
+        super::kernel::netlink::Netlink::open().and_then(|mut nl| nl.addresses_v6(&net.bridge));
+    let mut problems = Vec::new();
+    match &addrs {
+        Err(e) => problems.push(crate::error_chain(e)),
+        Ok(a) => {
+            for want in [p.gateway(), super::prefix6::BRIDGE_LINK_LOCAL] {
+                if !a.contains(&(want, 64)) {
+                    problems.push(format!("lacks its address {want}/64"));
+                }
+            }
+        }
+    }
+    if conf("disable_ipv6") != "0" {
+        problems.push("IPv6 is switched off on the bridge".into());
+    }
+    if conf("accept_ra") != "0" || conf("autoconf") != "0" || conf("accept_redirects") != "0" {
+        problems.push(
+            "the bridge takes router advertisements or redirects from guests (accept_ra, autoconf or accept_redirects is not 0)"
+                .into(),
+        );
+    }
+    let pending = pending.unwrap_or_default();
+    if problems.is_empty() {
+        r.add(
+            name,
             true,
             format!(
-                "{}/64, router advertisements and DHCPv6 from dnsmasq",
+                "{}/64, router advertisements and DHCPv6 from dnsmasq{pending}",
                 p.gateway()
             ),
-        ),
-    };
-    r.add(name, verdict.0, verdict.1);
+        );
+    } else {
+        r.add(
+            name,
+            false,
+            format!(
+                "{}: lume's watcher puts it back within a second; if this stays, restart the VMs{pending}",
+                problems.join("; ")
+            ),
+        );
+    }
 }
 
 /// The doctor's `br_netfilter` line: whether bridged frames reach

@@ -43,6 +43,10 @@ pub enum PublishError {
     Syntax(String),
     #[error("Invalid port in --publish '{0}': ports are 1 to 65535")]
     Port(String),
+    #[error(
+        "Invalid --publish '{0}': HOST_IP is an IPv4 address; a port published without one (8080:80) answers on every host address, IPv6 ones included where the network has IPv6"
+    )]
+    Ipv6Host(String),
     #[error("Host port {port}/{proto} is published twice: give each mapping its own host port")]
     Duplicate { port: u16, proto: Proto },
 }
@@ -69,6 +73,16 @@ impl FromStr for PortMapping {
             },
             None => (whole, Proto::Tcp),
         };
+        // `[2001:db8::5]:8080:80` or a bare IPv6 address before the ports.
+        let address = spec.rsplitn(3, ':').nth(2).unwrap_or_default();
+        if address
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok()
+        {
+            return Err(PublishError::Ipv6Host(s.to_string()));
+        }
         let parts: Vec<&str> = spec.split(':').collect();
         let (host_ip, host_port, guest_port) = match parts.as_slice() {
             [h, g] => (None, port(h, s)?, port(g, s)?),
@@ -161,6 +175,16 @@ mod tests {
         ] {
             assert!(
                 matches!(s.parse::<PortMapping>(), Err(PublishError::Syntax(_))),
+                "{s}"
+            );
+        }
+        for s in [
+            "[2001:db8::5]:8080:80",
+            "2001:db8::5:8080:80",
+            "[::]:80:80/udp",
+        ] {
+            assert!(
+                matches!(s.parse::<PortMapping>(), Err(PublishError::Ipv6Host(_))),
                 "{s}"
             );
         }

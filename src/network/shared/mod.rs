@@ -79,10 +79,12 @@ pub enum SharedError {
         "{key} '{bridge}' is an existing interface that lume did not create: lume never takes over or deletes a foreign interface. Choose a name that does not exist (lume config set {key} lume0), or put VMs on that bridge with --network bridged:{bridge}"
     )]
     ForeignBridge { key: &'static str, bridge: String },
-    #[error("Cannot switch IPv4 forwarding")]
+    #[error(
+        "Cannot switch IPv4 forwarding: NAT needs to write /proc/sys/net/ipv4/ip_forward (read-only in some containers); use --network user there"
+    )]
     Forwarding(#[source] std::io::Error),
     #[error(
-        "Cannot switch IPv6 forwarding: set {key}: none in config.yaml to give the {key} network no IPv6 (lume config set {key} none)"
+        "Cannot switch IPv6 forwarding: give the network no IPv6 (lume config set {key} none), or, where /proc/sys is read-only (some containers), use --network user"
     )]
     Forwarding6 {
         key: &'static str,
@@ -90,7 +92,7 @@ pub enum SharedError {
         source: std::io::Error,
     },
     #[error(
-        "Cannot switch IPv6 on for bridge {bridge}: set {key}: none in config.yaml to give this network no IPv6 (lume config set {key} none)"
+        "Cannot switch IPv6 on for bridge {bridge}: give the network no IPv6 (lume config set {key} none), or, where /proc/sys is read-only (some containers), use --network user"
     )]
     Bridge6 {
         key: &'static str,
