@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use common::frames::{plain, sum16};
+
+use std::io::Write;
 use std::net::Ipv6Addr;
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lume::firewall::GuestPort;
 use lume::network::kernel::tap::Tap;
@@ -44,17 +45,17 @@ fn eui(mac: [u8; 6]) -> Ipv6Addr {
     prefix().eui64(MacAddress(mac))
 }
 
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
+fn fold(s: u32) -> u16 {
+    !(sum16(&[(s >> 24) as u8, (s >> 16) as u8, (s >> 8) as u8, s as u8]) as u16)
 }
 
-fn fold(mut s: u32) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
+/// The frames that arrive on `tap` within `wait`, without their
+/// virtio-net header.
+fn drain(tap: &Tap, wait: Duration) -> Vec<Vec<u8>> {
+    common::frames::drain(tap, wait)
+        .into_iter()
+        .map(|f| f[10..].to_vec())
+        .collect()
 }
 
 /// An Ethernet frame carrying IPv6 with `next` as next header; `l4` gets
@@ -164,32 +165,6 @@ fn fragmented(frame: &[u8]) -> Vec<u8> {
     f
 }
 
-fn with_vnet_header(frame: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 10];
-    f.extend_from_slice(frame);
-    f
-}
-
-/// Everything that arrives on `tap` within `wait`.
-fn drain(tap: &Tap, wait: Duration) -> Vec<Vec<u8>> {
-    // SAFETY: fcntl on a descriptor the Tap owns; only flags change.
-    unsafe {
-        let fl = libc::fcntl(tap.fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(tap.fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-    let mut file = std::fs::File::from(tap.fd.try_clone().unwrap());
-    let mut frames = Vec::new();
-    let end = Instant::now() + wait;
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < end {
-        match file.read(&mut buf) {
-            Ok(n) => frames.push(buf[10..n].to_vec()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    frames
-}
-
 /// The frames from A's MAC among `frames`.
 fn from_a(frames: &[Vec<u8>]) -> Vec<&Vec<u8>> {
     frames.iter().filter(|f| f[6..12] == MAC_A).collect()
@@ -236,7 +211,7 @@ fn hostile_ipv6_frames_do_not_get_past_the_bridge_guard() {
         drain(&c, Duration::from_millis(10));
         let write = |frame: &[u8]| {
             let mut f = std::fs::File::from(a.fd.try_clone().unwrap());
-            f.write_all(&with_vnet_header(frame)).unwrap();
+            f.write_all(&plain(frame)).unwrap();
         };
         let gw: Ipv6Addr = GATEWAY.parse().unwrap();
         let gw_ll: Ipv6Addr = "fe80::1".parse().unwrap();

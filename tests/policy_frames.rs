@@ -18,9 +18,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use common::frames::{drain, plain, sum16};
+
+use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use lume::network::kernel::netlink::Netlink;
@@ -35,22 +36,6 @@ const MAC_G: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 1];
 const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 2];
 const MAC_V: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 3];
 const SERVER_MAC: [u8; 6] = [0x52, 0x54, 0, 0xbb, 0, 1];
-
-fn sum16(data: &[u8]) -> u32 {
-    let mut s: u32 = 0;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        s += u32::from(w);
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s
-}
 
 /// Ethernet + IPv4 + UDP `sport` -> `dport`, payload `tag` + 2 spare bytes.
 fn udp(
@@ -151,13 +136,6 @@ fn dhcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], tag: &[u
     udp(src_mac, dst_mac, src, dst, 68, 67, &body)
 }
 
-/// `frame` behind an all-zero virtio-net header (no offload).
-fn plain(frame: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 10];
-    f.extend_from_slice(frame);
-    f
-}
-
 fn vlan_tagged(mut f: Vec<u8>, vid: u16) -> Vec<u8> {
     let tci = vid.to_be_bytes();
     f.splice(12..12, [0x81, 0x00, tci[0], tci[1]]);
@@ -198,27 +176,6 @@ fn police(tap: &str, policy: &Policy, ctx: &Context) -> lume::network::policy::t
     let enforced = lume::network::policy::tc::enforce(&mut nl, tap, index, policy, ctx).unwrap();
     assert!(lume::network::policy::tc::in_force(&mut nl, tap).unwrap());
     enforced
-}
-
-/// Everything that arrives on `tap` within `wait` (frames as written by
-/// the kernel, no header).
-fn drain(tap: &Tap, wait: Duration) -> Vec<Vec<u8>> {
-    // SAFETY: fcntl on a descriptor the Tap owns; only flags change.
-    unsafe {
-        let fl = libc::fcntl(tap.fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(tap.fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-    let mut file = std::fs::File::from(tap.fd.try_clone().unwrap());
-    let mut frames = Vec::new();
-    let end = Instant::now() + wait;
-    let mut buf = vec![0u8; 65536];
-    while Instant::now() < end {
-        match file.read(&mut buf) {
-            Ok(n) => frames.push(buf[..n].to_vec()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    frames
 }
 
 fn carries(frames: &[Vec<u8>], tag: &[u8]) -> Vec<Vec<u8>> {

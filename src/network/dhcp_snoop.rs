@@ -150,21 +150,10 @@ impl DhcpSnooper {
 /// Classic BPF: accept unfragmented IPv4 UDP from port 67 or 68 (what
 /// [`Exchange`] can use) and any 802.1Q/802.1ad tagged frame; drop the rest.
 fn bpf_filter() -> Vec<libc::sock_filter> {
+    use crate::network::kernel::packet::{bpf_jump as jump, bpf_stmt as stmt};
     use libc::{
         BPF_ABS, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_LDX,
         BPF_MSH, BPF_RET,
-    };
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
     };
     const ACCEPT: u32 = 0x0004_0000; // snap length: more than any DHCP frame
     // Jump offsets count the instructions skipped: DROP is 12, ACCEPT 13.

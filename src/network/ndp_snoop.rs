@@ -313,19 +313,8 @@ fn snoop_error(e: PacketError) -> SnoopError {
 /// Classic BPF: accept untagged IPv6 frames whose next header is ICMPv6
 /// with type 135 or 136 (what [`parse_nd`] reads); drop the rest.
 fn bpf_filter() -> Vec<libc::sock_filter> {
+    use crate::network::kernel::packet::{bpf_jump as jump, bpf_stmt as stmt};
     use libc::{BPF_ABS, BPF_B, BPF_H, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET};
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
     const ACCEPT: u32 = FRAME_BUF as u32;
     // Jump offsets count the instructions skipped: DROP is 7, ACCEPT 8.
     vec![
@@ -526,35 +515,12 @@ mod tests {
     /// guest's MAC, only global unicast addresses.
     #[test]
     fn the_neighbour_table_fallback_keeps_the_guests_global_addresses() {
-        use std::process::Command;
         if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/sbin/ip").exists() {
             eprintln!("skipping: needs root and ip");
             return;
         }
-        struct Ns(String);
-        impl Drop for Ns {
-            fn drop(&mut self) {
-                let _ = Command::new("ip")
-                    .args(["netns", "delete", &self.0])
-                    .status();
-            }
-        }
-        let ns = Ns(format!("lume-nd-{}", std::process::id()));
-        let ip = |args: &str| {
-            let out = Command::new("ip")
-                .args(["-n", &ns.0])
-                .args(args.split_whitespace())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "ip {args}: {out:?}");
-        };
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &ns.0])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let ns = crate::util::testing::TestNetns::new(format!("lume-nd-{}", std::process::id()));
+        let ip = |args: &str| ns.ip(&args.split_whitespace().collect::<Vec<_>>());
         ip("link add nbr0 type bridge");
         ip("link set nbr0 up");
         let guest = "52:54:00:12:34:56";
@@ -588,35 +554,12 @@ mod tests {
     /// given; its link-local one is left out.
     #[test]
     fn the_snooper_sees_a_real_kernels_duplicate_address_detection() {
-        use std::process::Command;
         if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/sbin/ip").exists() {
             eprintln!("skipping: needs root and ip");
             return;
         }
-        struct Ns(String);
-        impl Drop for Ns {
-            fn drop(&mut self) {
-                let _ = Command::new("ip")
-                    .args(["netns", "delete", &self.0])
-                    .status();
-            }
-        }
-        let ns = Ns(format!("lume-nds-{}", std::process::id()));
-        let ip = |args: &str| {
-            let out = Command::new("ip")
-                .args(["-n", &ns.0])
-                .args(args.split_whitespace())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "ip {args}: {out:?}");
-        };
-        assert!(
-            Command::new("ip")
-                .args(["netns", "add", &ns.0])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let ns = crate::util::testing::TestNetns::new(format!("lume-nds-{}", std::process::id()));
+        let ip = |args: &str| ns.ip(&args.split_whitespace().collect::<Vec<_>>());
         ip("link add ndA type veth peer name ndB");
         ip("link set ndB address 52:54:00:12:34:56");
         ip("link set ndA up");

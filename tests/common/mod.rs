@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod frames;
 pub mod http;
 
 use std::path::{Path, PathBuf};

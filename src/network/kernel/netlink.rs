@@ -934,17 +934,27 @@ impl Netlink {
             attributes.push(AddressAttribute::Broadcast(brd));
         }
         let msg = address_message(index, prefix, attributes);
+        self.new_address(&op, name, msg)
+    }
+
+    /// Adds the address `msg` describes to `name`; the same address and
+    /// prefix already there (EEXIST) is fine.
+    fn new_address(
+        &mut self,
+        op: &str,
+        name: &str,
+        msg: AddressMessage,
+    ) -> Result<(), NetlinkError> {
         match self.execute(
             RouteNetlinkMessage::NewAddress(msg),
             NLM_F_CREATE | NLM_F_EXCL,
         ) {
-            // EEXIST: this exact local address and prefix is on the link.
             Ok(())
             | Err(TxError::Kernel {
                 errno: Errno::EEXIST,
                 ..
             }) => Ok(()),
-            Err(e) => Err(Self::fail_on(&op, name, e)),
+            Err(e) => Err(Self::fail_on(op, name, e)),
         }
     }
 
@@ -1039,17 +1049,7 @@ impl Netlink {
         );
         msg.header.family = AddressFamily::Inet6;
         msg.header.flags = AddressHeaderFlags::Nodad;
-        match self.execute(
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        ) {
-            Ok(())
-            | Err(TxError::Kernel {
-                errno: Errno::EEXIST,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(Self::fail_on(&op, name, e)),
-        }
+        self.new_address(&op, name, msg)
     }
 
     /// `(interface index, address, prefix)` of every IPv6 address.

@@ -23,6 +23,21 @@ pub enum PacketError {
     Receive { ifname: String, source: io::Error },
 }
 
+/// A classic BPF instruction without jumps.
+pub fn bpf_stmt(code: u32, k: u32) -> libc::sock_filter {
+    bpf_jump(code, k, 0, 0)
+}
+
+/// A classic BPF jump: `jt` instructions skipped when true, `jf` when false.
+pub fn bpf_jump(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    }
+}
+
 /// A packet socket bound to one interface.
 #[derive(Debug)]
 pub struct PacketSocket {
