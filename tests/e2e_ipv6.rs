@@ -66,6 +66,13 @@ fn nat_and_host_only_guests_get_ipv6() {
     assert_eq!(sysctl(&t.host, "up0/accept_ra"), "2");
     assert_eq!(sysctl(&t.host, "default/accept_ra"), "2");
     assert_eq!(sysctl(&t.host, "lume0/accept_ra"), "0");
+    // No multicast snooping on lume's bridge: no guest fills its group table.
+    assert_eq!(
+        t.host
+            .exec_ok("cat /sys/class/net/lume0/bridge/multicast_snooping")
+            .trim(),
+        "0"
+    );
 
     let mut addrs = Vec::new();
     for (vm, prefix) in [("nat6", NAT6), ("ho6", HOST6)] {

@@ -118,11 +118,27 @@ fn na(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, router: bool, tag: u8) 
 /// A neighbour solicitation for `target` from `src` (`::`: duplicate
 /// address detection) to B's solicited-node group.
 fn ns(src_mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, tag: u8) -> Vec<u8> {
+    ns_with(src_mac, src, target, tag, Some(src_mac))
+}
+
+/// [`ns`] with `lladdr` as its source link-layer address option (none
+/// from `::`, which carries a duplicate-address nonce instead).
+fn ns_with(
+    src_mac: [u8; 6],
+    src: Ipv6Addr,
+    target: Ipv6Addr,
+    tag: u8,
+    lladdr: Option<[u8; 6]>,
+) -> Vec<u8> {
     let mut b = vec![135, 0, 0, 0, 0, 0, 0, tag];
     b.extend_from_slice(&target.octets());
-    if !src.is_unspecified() {
-        b.extend_from_slice(&[1, 1]);
-        b.extend_from_slice(&src_mac);
+    match (src.is_unspecified(), lladdr) {
+        (true, _) => b.extend_from_slice(&[14, 1, 1, 2, 3, 4, 5, 6]),
+        (false, Some(mac)) => {
+            b.extend_from_slice(&[1, 1]);
+            b.extend_from_slice(&mac);
+        }
+        (false, None) => {}
     }
     let t = target.octets();
     let group = Ipv6Addr::from([
@@ -223,7 +239,18 @@ fn hostile_ipv6_frames_do_not_get_past_the_bridge_guard() {
         write(&udp(MAC_A, a_ip, MAC_B, eui(MAC_B), b"control-unicast"));
         let (dm, d) = all_nodes();
         write(&udp(MAC_A, a_ip, dm, d, b"control-multicast"));
+        // A's own neighbour discovery: a solicitation for B naming A's MAC,
+        // a duplicate-address probe (with its nonce) for an address of A's.
+        write(&ns(MAC_A, a_ip, eui(MAC_B), 20));
+        write(&ns(MAC_A, Ipv6Addr::UNSPECIFIED, prefix().host(0xa1), 21));
         let got = drain(&b, Duration::from_millis(500));
+        let icmp = |t: u8, tag: u8| {
+            from_a(&got)
+                .iter()
+                .any(|f| f[20] == 58 && f[54] == t && f[61] == tag)
+        };
+        assert!(icmp(135, 20), "A's solicitation for B did not reach B");
+        assert!(icmp(135, 21), "A's duplicate-address probe did not reach B");
         for tag in [&b"control-unicast"[..], b"control-multicast"] {
             assert!(
                 from_a(&got)
@@ -295,6 +322,20 @@ fn hostile_ipv6_frames_do_not_get_past_the_bridge_guard() {
                     b"outside",
                 ),
             ),
+            (
+                "a solicitation naming B's MAC as A's",
+                ns_with(MAC_A, a_ip, eui(MAC_B), 12, Some(MAC_B)),
+            ),
+            (
+                "a solicitation naming the broadcast MAC",
+                ns_with(MAC_A, a_ip, eui(MAC_B), 13, Some([0xff; 6])),
+            ),
+            ("an advertisement naming B's MAC", {
+                let mut f = na(MAC_A, a_ip, a_ip, false, 14);
+                let n = f.len();
+                f[n - 6..].copy_from_slice(&MAC_B);
+                f
+            }),
         ];
         for (what, frame) in &attacks {
             write(frame);

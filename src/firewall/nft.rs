@@ -96,6 +96,15 @@ pub fn script(state: &FirewallState) -> String {
         forward.push(format!("oifname \"{}\" drop", h.bridge));
     }
     if let Some(n) = &state.nat {
+        // Guests reach each other on the link, never routed back into it
+        // by the host (each such packet for a made-up address of the /64
+        // would cost the host a neighbour entry); only a published port
+        // of another guest is.
+        forward.push(format!(
+            "iifname \"{0}\" oifname \"{0}\" ct status dnat accept",
+            n.bridge
+        ));
+        forward.push(format!("iifname \"{0}\" oifname \"{0}\" drop", n.bridge));
         forward.push(format!("iifname \"{}\" accept", n.bridge));
         forward.push(format!(
             "oifname \"{}\" ct state established,related accept",
@@ -231,6 +240,11 @@ pub fn script(state: &FirewallState) -> String {
     s
 }
 
+/// A MAC address as the 48-bit number nft compares raw payload with.
+fn mac_number(mac: crate::vm::config::MacAddress) -> u64 {
+    mac.0.iter().fold(0, |n, b| n << 8 | u64::from(*b))
+}
+
 /// lume's `bridge` table: every guest port of lume's bridges may send only
 /// from its own MAC address, IPv4 and ARP only from the address lume
 /// reserved for it (0.0.0.0 while it asks DHCP), no DHCP server replies and
@@ -352,6 +366,22 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
             .map(|(t, a)| format!("\"{t}\" . {}", hex(*a)))
             .collect(),
     ));
+    // Each port's MAC as the 48 bits of a neighbour discovery message's
+    // link-layer address option (read at its fixed place).
+    s.push_str(&set(
+        "nd_macs",
+        "typeof iifname . @th,208,48",
+        v6.iter()
+            .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
+            .collect(),
+    ));
+    s.push_str(&set(
+        "rs_macs",
+        "typeof iifname . @th,80,48",
+        v6.iter()
+            .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
+            .collect(),
+    ));
     s.push_str(&set(
         "gateways6",
         "type ipv6_addr",
@@ -399,6 +429,14 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
         // protocol it carries), and a guest that sends what its path
         // carries (TCP does, by the path MTU) never needs to fragment.
         "ether type ip6 exthdr frag exists drop",
+        // Neighbour discovery without extension headers, with at most one
+        // option, and a link-layer address option naming the port's own
+        // MAC: no guest makes the host send another's traffic elsewhere.
+        "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 nexthdr != ipv6-icmp drop",
+        "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length != { 24, 32 } drop",
+        "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 length 32 @th,192,8 { 1, 2 } iifname . @th,208,48 != @nd_macs drop",
+        "icmpv6 type nd-router-solicit ip6 length != { 8, 16 } drop",
+        "icmpv6 type nd-router-solicit ip6 length 16 @th,64,8 1 iifname . @th,80,48 != @rs_macs drop",
         "icmpv6 type nd-neighbor-advert @th,64,128 @gateway_targets6 drop",
         "icmpv6 type nd-neighbor-solicit ip6 saddr :: @th,64,128 @gateway_targets6 drop",
         "icmpv6 type nd-neighbor-advert @th,64,128 @targets6 iifname . @th,64,128 != @owned_targets6 drop",
@@ -441,7 +479,32 @@ pub fn lume_tables(ruleset: &str) -> Option<String> {
     };
     let mut text = block("inet")?;
     text.push_str(&block("bridge").unwrap_or_default());
-    Some(text)
+    Some(without_learned_elements(&text))
+}
+
+/// `listing` without the elements of the sets the kernel fills itself
+/// (each guest's IPv6 sources, `seen6_N`, listed with a countdown): they
+/// change with the guests' traffic, not with anything lume wrote, so a
+/// listing that differs only there is lume's table as written.
+fn without_learned_elements(listing: &str) -> String {
+    let mut out = String::new();
+    let mut in_learned_set = false;
+    let mut in_elements = false;
+    for l in listing.lines() {
+        let t = l.trim();
+        if t.starts_with("set seen6_") && t.ends_with('{') {
+            in_learned_set = true;
+        } else if in_elements || (in_learned_set && t.starts_with("elements = {")) {
+            // Up to the line that closes the element list.
+            in_elements = !t.ends_with('}');
+            continue;
+        } else if in_learned_set && t == "}" {
+            in_learned_set = false;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 impl FirewallDriver for Nft {
@@ -560,6 +623,27 @@ mod tests {
         assert_eq!(lume_tables(""), None);
     }
 
+    /// The sources the kernel learns for each guest (listed with a
+    /// countdown) do not make lume's table look changed: the watcher would
+    /// rewrite it, and empty them, every second.
+    #[test]
+    fn learned_sources_are_not_part_of_the_listing() {
+        let written = "table inet lume {\n}\ntable bridge lume {\n\tset seen6_0 {\n\t\ttype ipv6_addr\n\t\tsize 16\n\t\tflags dynamic,timeout\n\t\ttimeout 10m\n\t}\n\tset taps {\n\t\ttype ifname\n\t\telements = { \"lt0\" }\n\t}\n}\n";
+        let later = written.replace(
+            "\t\ttimeout 10m\n\t}",
+            "\t\ttimeout 10m\n\t\telements = { 2001:db8:64::a1 expires 9m59s484ms,\n\t\t\t     2001:db8:64::a2 expires 9m58s1ms }\n\t}",
+        );
+        let one_line = written.replace(
+            "\t\ttimeout 10m\n\t}",
+            "\t\ttimeout 10m\n\t\telements = { 2001:db8:64::a1 expires 9m59s484ms }\n\t}",
+        );
+        assert_eq!(lume_tables(&later), lume_tables(written));
+        assert_eq!(lume_tables(&one_line), lume_tables(written));
+        // Elements of lume's own sets still count.
+        let changed = written.replace("\"lt0\"", "\"lt1\"");
+        assert_ne!(lume_tables(&changed), lume_tables(written));
+    }
+
     #[test]
     fn script_holds_masquerade_forwarding_and_dnat() {
         let state = FirewallState {
@@ -637,6 +721,10 @@ mod tests {
         assert!(!off.contains("chain foreign_mark"), "{off}");
         assert!(s.starts_with("table inet lume\ndelete table inet lume\n"));
         assert!(s.contains("ip saddr 203.0.113.0/24 oifname != \"lume0\" masquerade"));
+        // Nothing routed from the bridge back into it but a published port.
+        assert!(s.contains(
+            "iifname \"lume0\" oifname \"lume0\" ct status dnat accept\n    iifname \"lume0\" oifname \"lume0\" drop\n    iifname \"lume0\" accept"
+        ), "{s}");
         assert!(s.contains("iifname \"lume-host0\" drop"));
         assert!(
             s.contains("map dnat_any {\n    type inet_proto . inet_service : ipv4_addr . inet_service\n    elements = { tcp . 8080 : 203.0.113.2 . 80 }"),

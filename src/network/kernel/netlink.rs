@@ -761,7 +761,16 @@ impl Netlink {
             0,
             vec![
                 LinkAttribute::IfName(name.into()),
-                LinkAttribute::LinkInfo(vec![NlLinkInfo::Kind(InfoKind::Bridge)]),
+                LinkAttribute::LinkInfo(vec![
+                    NlLinkInfo::Kind(InfoKind::Bridge),
+                    // No multicast snooping: a guest's membership reports
+                    // would fill the bridge's group table (the kernel then
+                    // turns snooping off itself) or make its port a
+                    // multicast router's; a bridge of a few VMs floods.
+                    NlLinkInfo::Data(InfoData::Bridge(vec![
+                        netlink_packet_route::link::InfoBridge::MulticastSnooping(false),
+                    ])),
+                ]),
             ],
         );
         match self.execute(RouteNetlinkMessage::NewLink(msg), NLM_F_CREATE | NLM_F_EXCL) {
