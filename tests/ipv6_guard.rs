@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::sh;
+
 use common::frames::{plain, sum16};
 
 use std::io::Write;
@@ -23,19 +25,6 @@ const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 0x0a];
 const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 0x0b];
 const MAC_C: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0, 0x0c];
 const GATEWAY: &str = "2001:db8:64::1";
-
-fn sh(cmd: &str) -> String {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn prefix() -> Prefix6 {
     "2001:db8:64::/64".parse().unwrap()
@@ -210,7 +199,6 @@ fn hostile_ipv6_frames_do_not_get_past_the_bridge_guard() {
             tap: tap.into(),
             mac: MacAddress(mac),
             ip: ip.parse().unwrap(),
-            ip6: v6.then(|| eui(mac)),
             prefix6: v6.then(prefix),
         };
         let script = lume::firewall::nft::bridge_script(&[

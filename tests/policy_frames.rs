@@ -18,6 +18,8 @@
 
 mod common;
 
+use common::sh;
+
 use common::frames::{drain, plain, sum16};
 
 use std::io::Write;
@@ -153,18 +155,6 @@ fn arp(sha: [u8; 6], src_mac: [u8; 6], spa: [u8; 4]) -> Vec<u8> {
     f.extend_from_slice(b"arp-tag-");
     f.resize(60, 0);
     f
-}
-
-fn sh(cmd: &str) {
-    let out = std::process::Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Puts `policy` in force on `tap` as lume does; in force while the result

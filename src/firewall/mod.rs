@@ -52,10 +52,16 @@ pub struct GuestPort {
     pub tap: String,
     pub mac: crate::vm::config::MacAddress,
     pub ip: Ipv4Addr,
-    /// The IPv6 address lume reserved for it; `None`: no IPv6 from it.
-    pub ip6: Option<Ipv6Addr>,
-    /// Its network's IPv6 /64, which its IPv6 sources must be in.
+    /// Its network's IPv6 /64, which its IPv6 sources must be in; `None`:
+    /// no IPv6 from it.
     pub prefix6: Option<Prefix6>,
+}
+
+impl GuestPort {
+    /// The IPv6 address lume reserved for it: its EUI-64 one in the /64.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.prefix6.map(|p| p.eui64(self.mac))
+    }
 }
 
 /// Everything lume's table should contain.

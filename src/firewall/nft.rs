@@ -310,7 +310,7 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     // has no name for it); the gateway's addresses, which no port may.
     let reserved: Vec<(&str, std::net::Ipv6Addr)> = v6
         .iter()
-        .filter_map(|p| Some((p.tap.as_str(), p.ip6?, p.mac)))
+        .filter_map(|p| Some((p.tap.as_str(), p.ip6()?, p.mac)))
         .flat_map(|(tap, ip6, mac)| {
             [
                 (tap, ip6),
@@ -669,7 +669,6 @@ mod tests {
                 tap: "lmt0".into(),
                 mac: "52:54:00:12:34:56".parse().unwrap(),
                 ip: "203.0.113.2".parse().unwrap(),
-                ip6: None,
                 prefix6: None,
             }],
             accommodate: true,
@@ -801,14 +800,12 @@ mod tests {
                     tap: "lmt0".into(),
                     mac: "52:54:00:12:34:56".parse().unwrap(),
                     ip: "203.0.113.2".parse().unwrap(),
-                    ip6: Some(g6),
                     prefix6: Some(p6),
                 },
                 crate::firewall::GuestPort {
                     tap: "lmt1".into(),
                     mac: "52:54:00:12:34:57".parse().unwrap(),
                     ip: "203.0.113.3".parse().unwrap(),
-                    ip6: None,
                     prefix6: None,
                 },
             ],

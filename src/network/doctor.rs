@@ -829,11 +829,6 @@ fn ipv6_check(r: &mut Report, net: &super::shared::SharedNet) {
         );
         return;
     };
-    let conf = |key: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{}/{key}", net.bridge))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
     let addrs =
         super::kernel::netlink::Netlink::open().and_then(|mut nl| nl.addresses_v6(&net.bridge));
     let mut problems = Vec::new();
@@ -847,14 +842,24 @@ fn ipv6_check(r: &mut Report, net: &super::shared::SharedNet) {
             }
         }
     }
-    if conf("disable_ipv6") != "0" {
-        problems.push("IPv6 is switched off on the bridge".into());
-    }
-    if conf("accept_ra") != "0" || conf("autoconf") != "0" || conf("accept_redirects") != "0" {
-        problems.push(
-            "the bridge takes router advertisements or redirects from guests (accept_ra, autoconf or accept_redirects is not 0)"
-                .into(),
-        );
+    match super::kernel::sysctl::ipv6_bridge_off_settings(&net.bridge) {
+        Err(e) => problems.push(format!("cannot read the bridge's IPv6 settings: {e}")),
+        Ok(wrong) => {
+            if wrong.iter().any(|(k, _)| *k == "disable_ipv6") {
+                problems.push("IPv6 is switched off on the bridge".into());
+            }
+            let others: Vec<&str> = wrong
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| *k != "disable_ipv6")
+                .collect();
+            if !others.is_empty() {
+                problems.push(format!(
+                    "the bridge's IPv6 settings {} are not as lume sets them (it would take router advertisements, redirects or addresses from guests)",
+                    others.join(", ")
+                ));
+            }
+        }
     }
     let pending = pending.unwrap_or_default();
     if problems.is_empty() {

@@ -70,27 +70,38 @@ fn conf6(interface: &str, key: &str) -> String {
 /// duplicate address detection on its own addresses (they are lume's), and
 /// makes no link-local address of its own: lume gives it `fe80::1`, which
 /// the bridge guard keeps every guest from claiming.
-const BRIDGE6: [(&str, &str); 6] = [
+/// IPv6 itself is switched on last.
+const BRIDGE6_ON: [(&str, &str); 7] = [
     ("accept_ra", "0"),
     ("autoconf", "0"),
     ("accept_redirects", "0"),
     ("accept_dad", "0"),
     ("addr_gen_mode", "1"),
     ("router_solicitations", "0"),
+    ("disable_ipv6", "0"),
 ];
 
 /// Switches IPv6 on for a lume bridge with an IPv6 network, its
-/// protections ([`BRIDGE6`]) first. Whether anything had to change.
+/// protections ([`BRIDGE6_ON`]) first. Whether anything had to change.
 pub fn ipv6_bridge_on(bridge: &str) -> io::Result<bool> {
-    let mut changed = false;
-    for (key, want) in BRIDGE6.iter().chain(&[("disable_ipv6", "0")]) {
-        let path = conf6(bridge, key);
-        if fs::read_to_string(&path)?.trim() != *want {
-            fs::write(&path, want)?;
-            changed = true;
+    let wrong = ipv6_bridge_off_settings(bridge)?;
+    for (key, want) in &wrong {
+        fs::write(conf6(bridge, key), want)?;
+    }
+    Ok(!wrong.is_empty())
+}
+
+/// The settings of a lume bridge with IPv6 that are not as
+/// [`ipv6_bridge_on`] leaves them, with the value it sets, in its order
+/// (`disable_ipv6` last).
+pub fn ipv6_bridge_off_settings(bridge: &str) -> io::Result<Vec<(&'static str, &'static str)>> {
+    let mut wrong = Vec::new();
+    for (key, want) in BRIDGE6_ON {
+        if fs::read_to_string(conf6(bridge, key))?.trim() != want {
+            wrong.push((key, want));
         }
     }
-    Ok(changed)
+    Ok(wrong)
 }
 
 /// Whether IPv6 forwarding is off (`false` when it cannot be read).

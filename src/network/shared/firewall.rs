@@ -77,7 +77,6 @@ impl Networks {
                     tap: m.tap.clone(),
                     mac: m.mac,
                     ip: m.ip,
-                    ip6: ip6(m, p),
                     prefix6: p.filter(|_| !m.no_ipv6),
                 })
                 .collect(),
