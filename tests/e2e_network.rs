@@ -137,6 +137,22 @@ fn nat_and_host_only_vms() {
         addrs.push(d);
     }
     assert_ne!(addrs[0], addrs[1], "distinct NAT addresses");
+    // lume changes the firewall through a netfilter socket of its own
+    // (libnftables): none of them reaches QEMU or dnsmasq, the processes
+    // that face guests.
+    let held = t.host.exec_ok(
+        r#"n=0; me=$(readlink /proc/self/ns/net)
+        for p in $(pgrep -x 'qemu-system-x86|dnsmasq'); do
+          [ "$(readlink /proc/$p/ns/net)" = "$me" ] || continue; n=$((n+1))
+          for f in /proc/$p/fd/*; do
+            l=$(readlink "$f") || continue
+            case $l in socket:*) i=${l#socket:[}; i=${i%]}
+              awk -v i="$i" -v p="$p" '$2 == 12 && $10 == i { print "process " p " holds netfilter socket " i }' /proc/self/net/netlink;;
+            esac
+          done
+        done; echo "checked $n""#,
+    );
+    assert_eq!(held.trim(), "checked 5", "{held}");
     let nat1: Value = t.get("nat1");
     assert_eq!(nat1["network"]["parent"], "lume0");
 

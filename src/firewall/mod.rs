@@ -8,6 +8,7 @@
 #[cfg(test)]
 pub mod fake;
 pub mod foreign;
+pub mod libnft;
 pub mod nft;
 
 pub use foreign::{Accommodated, ForeignDrop, Opening};

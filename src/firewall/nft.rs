@@ -1,6 +1,7 @@
-//! nftables backend: one table, `inet lume`, written with `nft -f -` as a
-//! single transaction (`add table; delete table; table { ... }`), so it is
-//! replaced whole or not at all.
+//! nftables backend: one table, `inet lume`, written as a single nft
+//! transaction (`add table; delete table; table { ... }`), so it is
+//! replaced whole or not at all — through libnftables in lume's process
+//! ([`super::libnft`]), or `nft -f -` where the library is not available.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -21,7 +22,34 @@ const SOURCES6_TIMEOUT: &str = "10m";
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Nft;
 
+/// Runs nft with `args` (options `-j`, `-a`, `-s`, then a command, or
+/// `-f -` with the script in `stdin`): through libnftables in this process
+/// where it can ([`super::libnft`]), else as an `nft` process.
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    let mut flags = 0;
+    let mut rest = args;
+    while let Some((first, more)) = rest.split_first() {
+        match *first {
+            "-j" => flags |= super::libnft::OUTPUT_JSON,
+            "-a" => flags |= super::libnft::OUTPUT_HANDLE,
+            "-s" => flags |= super::libnft::OUTPUT_STATELESS,
+            _ => break,
+        }
+        rest = more;
+    }
+    let cmd = match (rest, stdin) {
+        (["-f", "-"], Some(script)) => Some(script.to_string()),
+        (words, None) if !words.iter().any(|w| w.starts_with('-')) => Some(words.join(" ")),
+        _ => None,
+    };
+    if let Some(answer) = cmd.and_then(|c| super::libnft::run(flags, &c)) {
+        return answer.map_err(FirewallError::Rejected);
+    }
+    nft_process(args, stdin)
+}
+
+/// [`nft`] as an `nft` process.
+fn nft_process(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     // Its own process group: a Ctrl-C meant for `lume run` must not kill an
     // nft in the middle of lume's teardown.
     let mut child = Command::new("nft")

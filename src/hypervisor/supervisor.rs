@@ -412,7 +412,8 @@ pub fn supervise(
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr_write));
     // SAFETY: the closure runs between fork and exec and only calls
-    // async-signal-safe functions (prctl, getppid, setpgid, _exit).
+    // async-signal-safe functions (prctl, getppid, setpgid, dup2,
+    // close_range or fcntl, _exit).
     unsafe {
         cmd.pre_exec(move || {
             // Die with the supervisor; its own process group keeps a terminal's
@@ -428,6 +429,8 @@ pub fn supervise(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Nothing but the descriptors handed over above crosses exec.
+            crate::util::fds::cloexec_from(3 + raw_fds.len() as i32);
             Ok(())
         });
     }

@@ -371,7 +371,7 @@ pub fn start(
             .stdout(log().map_err(io_at(&mnt))?)
             .stderr(log().map_err(io_at(&mnt))?);
         // SAFETY: between fork and exec only async-signal-safe calls: prctl,
-        // getppid, dup2, open_tree, mount_setattr, unshare, mount, move_mount
+        // getppid, dup2, close_range or fcntl, open_tree, mount_setattr, unshare, mount, move_mount
         // (raw system calls with live NUL-terminated strings and a mount_attr
         // of the size given) and _exit.
         unsafe {
@@ -442,6 +442,8 @@ pub fn start(
                 {
                     return Err(io::Error::last_os_error());
                 }
+                // Nothing but the descriptors handed over above crosses exec.
+                crate::util::fds::cloexec_from(5);
                 Ok(())
             });
         }

@@ -246,10 +246,19 @@ dhcp-option=option6:dns-server
                 }
             }
         }
-        let out = Command::new("dnsmasq")
-            .process_group(0)
+        let mut cmd = Command::new("dnsmasq");
+        cmd.process_group(0)
             .arg(format!("--conf-file={}", self.conf_path().display()))
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        // SAFETY: between fork and exec only close_range or fcntl, which are
+        // async-signal-safe: nothing but the standard streams crosses exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                crate::util::fds::cloexec_from(3);
+                Ok(())
+            });
+        }
+        let out = cmd
             .output()
             .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => DnsmasqError::Missing,

@@ -558,7 +558,7 @@ impl Passt {
         .stderr(log_file);
         // SAFETY: the closure runs between fork and exec and only calls
         // async-signal-safe functions (setgroups, setgid, setuid, prctl,
-        // getppid, setpgid, dup2, _exit).
+        // getppid, setpgid, dup2, close_range or fcntl, _exit).
         unsafe {
             cmd.pre_exec(move || {
                 if let Some((uid, gid)) = drop_to {
@@ -577,6 +577,8 @@ impl Passt {
                 if libc::dup2(passt_fd, 3) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // Nothing but descriptor 3 crosses exec.
+                crate::util::fds::cloexec_from(4);
                 Ok(())
             });
         }
