@@ -15,7 +15,7 @@
 # tests/e2e_package.rs.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 python3-venv openssl
+packages=(qemu-system-x86 qemu-utils qemu-guest-agent passt dnsmasq-base nftables libnftables1 iproute2 busybox-static cpio procps kmod ca-certificates curl iptables python3 python3-venv openssl
           openssh-client mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk
           docker-registry skopeo systemd binutils adduser init-system-helpers)
 missing=()

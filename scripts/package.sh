@@ -88,7 +88,7 @@ Version: $version
 Architecture: $arch
 Maintainer: lume for Linux <lume@localhost>
 Installed-Size: $size
-Depends: libc6 (>= $glibc), libgcc-s1, qemu-system-x86, qemu-utils, dnsmasq-base, nftables, iproute2, passt, openssh-client, adduser
+Depends: libc6 (>= $glibc), libgcc-s1, qemu-system-x86, qemu-utils, dnsmasq-base, nftables, libnftables1, iproute2, passt, openssh-client, adduser
 Recommends: qemu-guest-agent
 Section: admin
 Priority: optional
