@@ -165,7 +165,7 @@ def heal(rows):
     idle = next((r for r in rows if r["case"] == "idle-cpu"), None)
     if idle:
         out += [f"CPU while nothing is wrong (10 s): the NAT VM's supervisor, which runs the watcher, "
-                f"{idle['supervisor_cpu_per_s'] * 1000:.0f} ms/s including the `nft` processes it waits for; "
+                f"{idle['supervisor_cpu_per_s'] * 1000:.0f} ms/s including its nftables listings; "
                 f"its QEMU {idle['qemu_cpu_per_s'] * 1000:.0f} ms/s (guest probing 5 times a second).", ""]
     out += ["Seconds from the start of the disruption; median (min–max). Target: guest traffic back "
             "in < 1 s (judged on the median; samples over 1 s are counted).", ""]

@@ -14,15 +14,22 @@
 //! (a context per namespace); where the library cannot be loaded the
 //! caller runs `nft` instead ([`run`] returns `None`).
 //!
-//! The library opens its netlink socket without `SOCK_CLOEXEC`: lume marks
-//! it close-on-exec at once, and the children that face guests (QEMU,
-//! dnsmasq, passt, virtiofsd) also mark every descriptor they were not
-//! handed close-on-exec before their exec ([`crate::util::fds`]), so none
-//! of them can hold a socket that changes the host's firewall with root's
-//! rights.
+//! The library opens its netlink socket without `SOCK_CLOEXEC`, so no
+//! thread that may fork holds it: one worker thread per process owns every
+//! context, on a descriptor table of its own (`unshare(CLONE_FILES)`, then
+//! its copies of the process's descriptors closed, so that no lock or pipe
+//! outlives its owner's close), and runs the commands other threads hand
+//! it. A child forked by any other
+//! thread cannot inherit the socket, not even one forked while a context
+//! is being created; the worker itself never forks. The children that face
+//! guests (QEMU, dnsmasq, passt, virtiofsd) also mark every descriptor they
+//! were not handed close-on-exec before their exec ([`crate::util::fds`]).
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
 /// `NFT_CTX_OUTPUT_STATELESS` in `<nftables/libnftables.h>`.
@@ -31,9 +38,6 @@ pub const OUTPUT_STATELESS: c_uint = 1 << 2;
 pub const OUTPUT_HANDLE: c_uint = 1 << 3;
 /// `NFT_CTX_OUTPUT_JSON`.
 pub const OUTPUT_JSON: c_uint = 1 << 4;
-
-/// `NETLINK_NETFILTER` (`<linux/netlink.h>`).
-const NETLINK_NETFILTER: c_int = 12;
 
 type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
 type CtxInt = unsafe extern "C" fn(*mut c_void) -> c_int;
@@ -50,7 +54,8 @@ struct Lib {
     error_buffer: CtxStr,
     set_output_flags: CtxSetFlags,
     run_cmd: RunCmd,
-    /// Keeps the functions above loaded (never unloaded).
+    /// Keeps the functions above loaded (for the worker's life: the
+    /// process's).
     _lib: libloading::Library,
 }
 
@@ -59,8 +64,7 @@ impl Lib {
         // SAFETY: loading libnftables runs its initialisers, which only
         // set up the library's own state; the symbols are looked up with
         // the signatures libnftables.h declares for them, and the library
-        // stays loaded for the life of the process (it is kept in `_lib`
-        // inside a static).
+        // stays loaded while they are used (it is kept in `_lib`).
         unsafe {
             let lib = libloading::Library::new("libnftables.so.1").ok()?;
             Some(Lib {
@@ -77,22 +81,146 @@ impl Lib {
     }
 }
 
-/// A libnftables context, created in the network namespace `netns`.
-struct Ctx {
-    ptr: *mut c_void,
+/// A command for the worker, from a thread in the network namespace
+/// `netns` (nsfs inode) whose thread id is `tid`.
+struct Request {
     netns: u64,
+    tid: libc::pid_t,
+    /// `None`: only make sure a context for `netns` exists ([`warm`]).
+    command: Option<(c_uint, CString)>,
+    reply: mpsc::Sender<Option<Result<String, String>>>,
 }
 
-// SAFETY: a context is only used under `CONTEXTS`' mutex, by one thread at
-// a time; libnftables keeps no thread-local state in it.
-unsafe impl Send for Ctx {}
+/// The worker's end of things: the library, a context per namespace (with
+/// the namespace held open, so it is neither freed nor its inode reused
+/// while the context lives), and the namespace it is in now.
+struct Worker {
+    lib: Lib,
+    contexts: HashMap<u64, (*mut c_void, File)>,
+    current: u64,
+}
 
-static LIB: OnceLock<Option<Lib>> = OnceLock::new();
-/// This process's contexts, one per network namespace a thread of it asked
-/// from (lume's commands stay in one; unit tests enter others): created on
-/// first use, never freed (the process's exit closes their sockets). A
-/// context holds its namespace, so its inode is not reused meanwhile.
-static CONTEXTS: Mutex<Vec<Ctx>> = Mutex::new(Vec::new());
+impl Worker {
+    /// A context for `netns`, created on first use, entering the asking
+    /// thread's namespace to create it when it is not the worker's.
+    fn context(&mut self, netns: u64, tid: libc::pid_t) -> Option<*mut c_void> {
+        if !self.contexts.contains_key(&netns) {
+            let ns = File::open(format!("/proc/self/task/{tid}/ns/net")).ok()?;
+            if ns.metadata().ok()?.ino() != netns {
+                return None;
+            }
+            self.enter(netns, &ns)?;
+            // SAFETY: nft_ctx_new(0) is NFT_CTX_DEFAULT; the two calls after
+            // it only switch the new context's output and errors to buffers.
+            let ptr = unsafe { (self.lib.ctx_new)(0) };
+            if ptr.is_null() {
+                return None;
+            }
+            // SAFETY: `ptr` is the context just created.
+            unsafe {
+                (self.lib.buffer_output)(ptr);
+                (self.lib.buffer_error)(ptr);
+            }
+            self.contexts.insert(netns, (ptr, ns));
+        }
+        let (ptr, ns) = self.contexts.get(&netns)?;
+        let (ptr, ns) = (*ptr, ns.try_clone().ok()?);
+        // Interface names in a command are looked up in the worker's
+        // namespace: it is the context's.
+        self.enter(netns, &ns)?;
+        Some(ptr)
+    }
+
+    fn enter(&mut self, netns: u64, ns: &File) -> Option<()> {
+        if self.current != netns {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            self.current = netns;
+        }
+        Some(())
+    }
+
+    fn run(
+        &mut self,
+        netns: u64,
+        tid: libc::pid_t,
+        flags: c_uint,
+        cmd: &CStr,
+    ) -> Option<Result<String, String>> {
+        let ctx = self.context(netns, tid)?;
+        let lib = &self.lib;
+        // SAFETY: the context is valid and only this thread uses it; `cmd`
+        // is a NUL-terminated string that outlives the call; the buffers the
+        // library returns are its own, valid until the next call on the
+        // context, and copied at once.
+        let (status, out, err) = unsafe {
+            (lib.set_output_flags)(ctx, flags);
+            let status = (lib.run_cmd)(ctx, cmd.as_ptr());
+            let text = |p: *const c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    CStr::from_ptr(p).to_string_lossy().into_owned()
+                }
+            };
+            (
+                status,
+                text((lib.output_buffer)(ctx)),
+                text((lib.error_buffer)(ctx)),
+            )
+        };
+        Some(if status == 0 {
+            Ok(out)
+        } else {
+            Err(err.trim().to_string())
+        })
+    }
+}
+
+/// The worker's queue. A worker that cannot start (no library, no
+/// descriptor table of its own) drops its end: every request then fails
+/// at once, and its caller runs `nft`.
+static QUEUE: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+
+fn queue() -> &'static Mutex<mpsc::Sender<Request>> {
+    QUEUE.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let _ = std::thread::Builder::new()
+            .name("lume-nft".into())
+            .spawn(move || {
+                // A descriptor table of this thread's own: the library's
+                // sockets never appear in the one other threads fork from.
+                if nix::sched::unshare(nix::sched::CloneFlags::CLONE_FILES).is_err() {
+                    return;
+                }
+                // The copy holds every descriptor open at this moment: an
+                // open file description (a lock's, a pipe's write end) lives
+                // as long as any copy, so this thread keeps none of them.
+                // SAFETY: close_range closes this thread's own copies only
+                // (its table is private now); the standard streams stay.
+                if unsafe { libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0) } != 0 {
+                    return;
+                }
+                let (Some(lib), Some(current)) = (Lib::load(), thread_netns()) else {
+                    return;
+                };
+                let mut worker = Worker {
+                    lib,
+                    contexts: HashMap::new(),
+                    current,
+                };
+                for req in rx {
+                    let answer = match &req.command {
+                        Some((flags, cmd)) => worker.run(req.netns, req.tid, *flags, cmd),
+                        None => worker
+                            .context(req.netns, req.tid)
+                            .map(|_| Ok(String::new())),
+                    };
+                    let _ = req.reply.send(answer);
+                }
+            });
+        Mutex::new(tx)
+    })
+}
 
 /// The network namespace the calling thread is in (its nsfs inode).
 fn thread_netns() -> Option<u64> {
@@ -101,124 +229,127 @@ fn thread_netns() -> Option<u64> {
         .map(|m| m.ino())
 }
 
+fn ask(
+    command: Option<(c_uint, CString)>,
+) -> Option<mpsc::Receiver<Option<Result<String, String>>>> {
+    let queue = queue();
+    let (reply, answer) = mpsc::channel();
+    let req = Request {
+        netns: thread_netns()?,
+        tid: nix::unistd::gettid().as_raw(),
+        command,
+        reply,
+    };
+    queue
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(req)
+        .ok()?;
+    Some(answer)
+}
+
 /// Runs `cmd` (nft's command language, one transaction) with `flags`
 /// (`OUTPUT_*`), in the calling thread's network namespace: its output, or
 /// nft's error text. `None` when the library is not available here: run
 /// `nft` instead.
 pub fn run(flags: c_uint, cmd: &str) -> Option<Result<String, String>> {
-    let lib = LIB.get_or_init(Lib::load).as_ref()?;
-    let netns = thread_netns()?;
     let cmd = CString::new(cmd).ok()?;
-    let mut contexts = CONTEXTS.lock().unwrap_or_else(|p| p.into_inner());
-    if !contexts.iter().any(|c| c.netns == netns) {
-        // SAFETY: nft_ctx_new(0) is NFT_CTX_DEFAULT; the two calls after it
-        // only switch the new context's output and errors to buffers.
-        let ptr = unsafe { (lib.ctx_new)(0) };
-        if ptr.is_null() {
-            return None;
-        }
-        // SAFETY: `ptr` is the context just created.
-        unsafe {
-            (lib.buffer_output)(ptr);
-            (lib.buffer_error)(ptr);
-        }
-        contexts.push(Ctx { ptr, netns });
-    }
-    let ctx = contexts.iter().find(|c| c.netns == netns)?;
-    // The library may open its socket (again) during a command: every
-    // netfilter netlink socket of the process is marked close-on-exec
-    // before anything else can run here.
-    crate::util::fds::cloexec_netlink(NETLINK_NETFILTER);
-    // SAFETY: the context is valid and used by this thread alone (the
-    // mutex); `cmd` is a NUL-terminated string that outlives the call; the
-    // buffers the library returns are its own, valid until the next call
-    // on the context, and copied at once.
-    let (status, out, err) = unsafe {
-        (lib.set_output_flags)(ctx.ptr, flags);
-        let status = (lib.run_cmd)(ctx.ptr, cmd.as_ptr());
-        let text = |p: *const c_char| {
-            if p.is_null() {
-                String::new()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        (
-            status,
-            text((lib.output_buffer)(ctx.ptr)),
-            text((lib.error_buffer)(ctx.ptr)),
-        )
-    };
-    crate::util::fds::cloexec_netlink(NETLINK_NETFILTER);
-    Some(if status == 0 {
-        Ok(out)
-    } else {
-        Err(err.trim().to_string())
-    })
+    ask(Some((flags, cmd)))?.recv().ok()?
+}
+
+/// Loads the library and makes this namespace's context in the background,
+/// so that the first [`run`] finds them ready.
+pub fn warm() {
+    let _ = ask(None);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Whether every netfilter netlink socket of this process is
-    /// close-on-exec.
-    fn netfilter_sockets() -> Vec<(i32, bool)> {
-        crate::util::fds::netlink_sockets(NETLINK_NETFILTER)
-            .into_iter()
-            .map(|fd| {
-                let flags = nix::fcntl::fcntl(
-                    // SAFETY: `fd` is open in this process (just listed).
-                    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-                    nix::fcntl::FcntlArg::F_GETFD,
-                )
-                .unwrap_or(0);
-                (fd, flags & libc::FD_CLOEXEC != 0)
+    /// The netfilter netlink sockets in the descriptor table of task `task`
+    /// of this process (`/proc/self/task/TID`, or `/proc/self` for the
+    /// table every forking thread shares), by their inode.
+    fn netfilter_sockets(task: &str) -> Vec<String> {
+        // The sockets of the task's namespace, protocol 12 (NETLINK_NETFILTER).
+        let table = std::fs::read_to_string(format!("{task}/net/netlink")).unwrap();
+        let ours: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(1) == Some(&"12")).then(|| *f.last().unwrap())
+            })
+            .collect();
+        std::fs::read_dir(format!("{task}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                let ino = l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string();
+                ours.contains(&ino.as_str()).then_some(ino)
             })
             .collect()
     }
 
     #[test]
-    fn the_library_answers_like_nft_and_its_socket_is_not_inherited() {
+    fn the_library_answers_like_nft_in_the_callers_namespace_and_no_forking_thread_holds_its_socket()
+     {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
         let ns = crate::util::testing::TestNetns::new(format!("lnft{}", std::process::id()));
-        let (listed, bad, sockets) = ns.run(move || {
-            // A namespace of its own: the first context of this test
-            // process may be bound elsewhere, then `run` says so (None).
-            let Some(first) = run(
+        let (listed, bad, shared) = ns.run(move || {
+            run(
                 0,
                 "add table inet lumetest; add set inet lumetest s { type ipv4_addr; }",
-            ) else {
-                return (None, None, Vec::new());
-            };
-            first.expect("add table");
-            let listed = run(OUTPUT_JSON, "list tables").map(|r| r.expect("list"));
+            )
+            .expect("libnftables is installed with nftables")
+            .expect("add table");
+            let listed = run(OUTPUT_JSON, "list tables").unwrap().expect("list");
             let bad = run(
                 0,
                 "add chain inet lumetest c { type nat hook bogus priority 0; }",
             );
-            (listed, bad, netfilter_sockets())
+            // This thread's table is the one every other thread forks from.
+            (listed, bad, netfilter_sockets("/proc/thread-self"))
         });
-        let Some(listed) = listed else {
-            // Bound to another namespace: the process fallback is used there.
-            return;
-        };
         assert!(listed.contains("\"lumetest\""), "{listed}");
         let nft = ns.sh("nft list table inet lumetest");
         assert!(nft.contains("set s"), "{nft}");
-        // Written in the thread's namespace, not the process's.
+        // Written in the asking thread's namespace, not the process's.
         let root = std::process::Command::new("nft")
             .args(["list", "table", "inet", "lumetest"])
             .output()
             .unwrap();
         assert!(!root.status.success());
-        let bad = bad
-            .expect("same namespace")
-            .expect_err("a bogus hook is refused");
+        let bad = bad.unwrap().expect_err("a bogus hook is refused");
         assert!(bad.starts_with("Error:"), "{bad}");
-        assert!(!sockets.is_empty());
-        assert!(sockets.iter().all(|(_, cloexec)| *cloexec), "{sockets:?}");
+        // The socket is the worker's alone.
+        assert_eq!(shared, Vec::<String>::new());
+        assert!(netfilter_sockets("/proc/self").is_empty());
+        let worker = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "lume-nft"))
+            .expect("the worker thread");
+        // And nothing else of the process: a copy of a lock's or a pipe's
+        // descriptor would keep it held or open after its owner closed it.
+        let others: Vec<String> = std::fs::read_dir(worker.join("fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) > Some(2))
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .filter(|l| !l.starts_with("socket:[") && !l.starts_with("net:["))
+            .collect();
+        assert_eq!(others, Vec::<String>::new());
+        let held: Vec<String> = ns.run(move || {
+            // Its namespace is the test's now: its netlink table is there.
+            netfilter_sockets(worker.to_str().unwrap())
+        });
+        assert!(!held.is_empty(), "the worker holds the context's socket");
     }
 }

@@ -255,6 +255,10 @@ pub fn supervise(
     announce: &mut dyn FnMut(&RunState),
 ) -> Result<ExitStatus, RunError> {
     let mac = preflight(vm, cfg, req)?;
+    if !matches!(req.network, NetworkMode::User | NetworkMode::None) {
+        // The firewall library loads while the VM's files are prepared.
+        crate::firewall::libnft::warm();
+    }
     let io_at = |path: PathBuf| move |source| RunError::Io { path, source };
     let _lock = VmLock::try_acquire(&vm.lock_path())
         .map_err(io_at(vm.lock_path()))?

@@ -258,12 +258,10 @@ dhcp-option=option6:dns-server
                 Ok(())
             });
         }
-        let out = cmd
-            .output()
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => DnsmasqError::Missing,
-                _ => io_err(&self.conf_path())(e),
-            })?;
+        let out = cmd.output().map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DnsmasqError::Missing,
+            _ => io_err(&self.conf_path())(e),
+        })?;
         let failed = |message: String| DnsmasqError::Failed {
             bridge: self.bridge.clone(),
             message,

@@ -1,63 +1,14 @@
 //! Which descriptors a child inherits.
 //!
-//! lume opens its own descriptors close-on-exec; a library that does not
-//! (libnftables' netlink socket, see [`crate::firewall::libnft`]) has its
-//! sockets marked by [`cloexec_netlink`], and the children that face guests
-//! mark everything they were not handed by [`cloexec_from`] between fork
-//! and exec, so a descriptor another thread opened in the meantime cannot
-//! leak into them either.
+//! lume opens its own descriptors close-on-exec; a library may not (see
+//! [`crate::firewall::libnft`]), so the children that face guests mark
+//! everything they were not handed close-on-exec between fork and exec
+//! ([`cloexec_from`]).
 
 use std::os::fd::RawFd;
 
 /// `CLOSE_RANGE_CLOEXEC` (`<linux/close_range.h>`, Linux 5.11).
 const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-
-/// An integer socket option of `fd`, if it is a socket.
-fn sockopt(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for writing and sized for an int
-    // option; on a descriptor that is not a socket the call fails (ENOTSOCK)
-    // and changes nothing.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(v)
-}
-
-/// This process's netlink sockets of `protocol` (`NETLINK_*`).
-pub fn netlink_sockets(protocol: libc::c_int) -> Vec<RawFd> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok())
-        .filter(|&fd| {
-            sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_NETLINK)
-                && sockopt(fd, libc::SO_PROTOCOL) == Some(protocol)
-        })
-        .collect()
-}
-
-/// Marks every netlink socket of `protocol` in this process close-on-exec.
-pub fn cloexec_netlink(protocol: libc::c_int) {
-    for fd in netlink_sockets(protocol) {
-        // SAFETY: F_GETFD/F_SETFD only read and set the descriptor's flags;
-        // on a descriptor closed meanwhile they fail harmlessly.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
-}
 
 /// Marks every descriptor from `first` on close-on-exec. For a child
 /// between fork and exec: it only makes system calls (async-signal-safe).
@@ -92,23 +43,41 @@ pub fn cloexec_from(first: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
-    fn netlink_sockets_are_found_and_marked() {
-        // A netlink socket opened without SOCK_CLOEXEC, as libnftables does.
-        // SAFETY: a plain socket(2) call; the descriptor is closed below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
-        assert!(fd >= 0);
-        assert!(netlink_sockets(libc::NETLINK_ROUTE).contains(&fd));
-        assert!(!netlink_sockets(12).contains(&fd));
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(!netlink_sockets(libc::NETLINK_ROUTE).contains(&file.as_raw_fd()));
-        cloexec_netlink(libc::NETLINK_ROUTE);
-        // SAFETY: reading the flags of the socket opened above, then closing it.
-        unsafe {
-            assert_ne!(libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC, 0);
+    fn a_child_gets_only_what_it_was_handed() {
+        // A descriptor opened without O_CLOEXEC, as a library might.
+        let path = std::ffi::CString::new("/proc/self/status").unwrap();
+        // SAFETY: open(2) with a live NUL-terminated path; closed below.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+        assert!(fd >= 3);
+        // Far above what `sh` opens for itself.
+        // SAFETY: dup2 onto a free number, then the first copy is closed.
+        let fd = unsafe {
+            let high = libc::dup2(fd, 123);
             libc::close(fd);
-        }
+            high
+        };
+        assert_eq!(fd, 123);
+        let check = format!("test -e /proc/self/fd/{fd} && echo inherited || echo closed");
+        let run = |mark: bool| {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", &check]);
+            if mark {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: cloexec_from only makes system calls.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        cloexec_from(3);
+                        Ok(())
+                    });
+                }
+            }
+            String::from_utf8(cmd.output().unwrap().stdout).unwrap()
+        };
+        assert_eq!(run(false).trim(), "inherited");
+        assert_eq!(run(true).trim(), "closed");
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(fd) };
     }
 }
