@@ -1,8 +1,8 @@
 //! A NAT or host-only guest's IPv6 addresses, as the host learns them: the
 //! neighbour entries of the guest's MAC on its bridge, inside the bridge's
 //! /64. An address the guest configured but never used toward the host is
-//! not there yet: lume then sends one empty datagram to the address the
-//! guest most likely has (its EUI-64 address, which lume's DHCPv6 also
+//! not there yet: once the guest has its IPv4 lease, lume then sends one
+//! empty datagram to the address the guest most likely has (its EUI-64 address, which lume's DHCPv6 also
 //! reserves for it), and the host's neighbour discovery, answered by the
 //! guest if the address is really its own, adds the entry for the next look.
 
@@ -16,8 +16,10 @@ use crate::vm::config::MacAddress;
 const DISCARD: u16 = 9;
 
 /// The global IPv6 addresses of the guest with `mac` whose `tap` is in a
-/// lume bridge, sorted; empty when the bridge has no IPv6.
-pub fn on_bridge_of(tap: &str, mac: MacAddress) -> Vec<Ipv6Addr> {
+/// lume bridge, sorted; empty when the bridge has no IPv6. `leased`: the
+/// guest has its IPv4 lease, so its network is up — only then is it
+/// nudged (a guest still booting gets no packet from a `lume get`).
+pub fn on_bridge_of(tap: &str, mac: MacAddress, leased: bool) -> Vec<Ipv6Addr> {
     let Ok(mut nl) = Netlink::open() else {
         return Vec::new();
     };
@@ -43,7 +45,7 @@ pub fn on_bridge_of(tap: &str, mac: MacAddress) -> Vec<Ipv6Addr> {
         .into_iter()
         .filter(|a| prefixes.iter().any(|p| p.contains(*a)))
         .collect();
-    for p in &prefixes {
+    for p in prefixes.iter().filter(|_| leased) {
         let likely = p.eui64(mac);
         if !found.contains(&likely) {
             nudge(likely);

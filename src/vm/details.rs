@@ -338,7 +338,7 @@ impl VmDetails {
             let address = guest_address(&s);
             d.ip_address = address.map(|ip| ip.to_string());
             d.ipv6_addresses = crate::network::driver::of(&s.network_mode)
-                .addresses_v6(&s)
+                .addresses_v6(&s, address.is_some())
                 .iter()
                 .map(ToString::to_string)
                 .collect();

@@ -259,7 +259,7 @@ impl NetworkDriver for Bridged {
     /// recorded them: what the guest claims, not a proof. When none was
     /// seen, on a Linux bridge, the host's neighbour entries for its MAC
     /// there.
-    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+    fn addresses_v6(&self, state: &RunState, _leased: bool) -> Vec<std::net::Ipv6Addr> {
         if !state.ipv6_addresses.is_empty() || !state.network_policy.is_empty() {
             return state.ipv6_addresses.clone();
         }

@@ -139,9 +139,9 @@ impl NetworkDriver for LumeBridge {
 
     /// The guest's addresses in its network's /64 that the bridge's
     /// neighbour table holds (see [`crate::network::guest6`]).
-    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+    fn addresses_v6(&self, state: &RunState, leased: bool) -> Vec<std::net::Ipv6Addr> {
         match (state.host_device.as_deref(), state.mac_address) {
-            (Some(tap), Some(mac)) => crate::network::guest6::on_bridge_of(tap, mac),
+            (Some(tap), Some(mac)) => crate::network::guest6::on_bridge_of(tap, mac, leased),
             _ => Vec::new(),
         }
     }

@@ -76,8 +76,8 @@ pub trait NetworkDriver {
     /// parent interface).
     fn unrecorded_address(&self, state: &RunState) -> Option<std::net::IpAddr>;
     /// The guest's global IPv6 addresses as far as the host knows them now
-    /// (empty without IPv6).
-    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr>;
+    /// (empty without IPv6); `leased`: the guest has its IPv4 address.
+    fn addresses_v6(&self, state: &RunState, leased: bool) -> Vec<std::net::Ipv6Addr>;
     /// The Linux bridge of the host's the run's tap sits in, if any: its
     /// frames then cross br_netfilter's forward hook (the doctor checks
     /// what drops them there).

@@ -62,7 +62,7 @@ impl NetworkDriver for Nothing {
         None
     }
 
-    fn addresses_v6(&self, _state: &RunState) -> Vec<std::net::Ipv6Addr> {
+    fn addresses_v6(&self, _state: &RunState, _leased: bool) -> Vec<std::net::Ipv6Addr> {
         Vec::new()
     }
 

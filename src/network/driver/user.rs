@@ -104,7 +104,7 @@ impl NetworkDriver for User {
     /// advertised (the host's own /64), as lume's relay saw them since the
     /// VM started; empty when passt gives the guest no IPv6 (see
     /// [`crate::network::passt`]). Addresses the guest has since dropped stay.
-    fn addresses_v6(&self, state: &RunState) -> Vec<std::net::Ipv6Addr> {
+    fn addresses_v6(&self, state: &RunState, _leased: bool) -> Vec<std::net::Ipv6Addr> {
         match &state.guest6_file {
             Some(file) => crate::network::passt::read_guest6(file),
             None => Vec::new(),
