@@ -4,6 +4,13 @@
 use clap::Parser;
 
 fn main() {
+    // libnftables (src/firewall/libnft.rs) loads iptables' extensions to
+    // show other tools' xtables rules, from a directory these name: root's
+    // lume takes them from the system's own place only.
+    for var in ["XTABLES_LIBDIR", "IPTABLES_LIB_DIR", "IP6TABLES_LIB_DIR"] {
+        // SAFETY: the first thing main does, before any thread exists.
+        unsafe { std::env::remove_var(var) };
+    }
     // Started by ssh as the askpass helper of `lume ssh --password`.
     if lume::guest::ssh::serve_askpass() {
         return;

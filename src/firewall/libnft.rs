@@ -28,7 +28,9 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 
@@ -200,6 +202,18 @@ fn queue() -> &'static Mutex<mpsc::Sender<Request>> {
                 if unsafe { libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0) } != 0 {
                     return;
                 }
+                // Its standard streams too (the library writes to buffers):
+                // a pipe another process waits on to close is not kept open.
+                let Ok(null) = File::options().read(true).write(true).open("/dev/null") else {
+                    return;
+                };
+                for fd in 0..3 {
+                    // SAFETY: dup2 onto this thread's own descriptors 0-2.
+                    if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+                        return;
+                    }
+                }
+                drop(null);
                 let (Some(lib), Some(current)) = (Lib::load(), thread_netns()) else {
                     return;
                 };
@@ -248,19 +262,52 @@ fn ask(
     Some(answer)
 }
 
+/// Why libnftables gave no output.
+#[derive(Debug, thiserror::Error)]
+pub enum LibnftError {
+    /// nft's error text.
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "libnftables did not answer within {} s; lume uses the nft command in this process from now on: try again",
+        ANSWER_WITHIN.as_secs()
+    )]
+    NoAnswer,
+}
+
+/// How long a command may take before the worker is given up.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Set when the worker did not answer in time: nothing more is asked of it.
+static GIVEN_UP: AtomicBool = AtomicBool::new(false);
+
 /// Runs `cmd` (nft's command language, one transaction) with `flags`
 /// (`OUTPUT_*`), in the calling thread's network namespace: its output, or
-/// nft's error text. `None` when the library is not available here: run
-/// `nft` instead.
-pub fn run(flags: c_uint, cmd: &str) -> Option<Result<String, String>> {
+/// why not. `None` when the library is not available here: run `nft`
+/// instead. A command the worker did not answer within 30 s is not run
+/// again (it may yet be applied): it fails, and later ones use `nft`.
+pub fn run(flags: c_uint, cmd: &str) -> Option<Result<String, LibnftError>> {
+    if GIVEN_UP.load(Ordering::Relaxed) {
+        return None;
+    }
     let cmd = CString::new(cmd).ok()?;
-    ask(Some((flags, cmd)))?.recv().ok()?
+    let answer = ask(Some((flags, cmd)))?;
+    match answer.recv_timeout(ANSWER_WITHIN) {
+        Ok(reply) => reply.map(|r| r.map_err(LibnftError::Refused)),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            GIVEN_UP.store(true, Ordering::Relaxed);
+            Some(Err(LibnftError::NoAnswer))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+    }
 }
 
 /// Loads the library and makes this namespace's context in the background,
 /// so that the first [`run`] finds them ready.
 pub fn warm() {
-    let _ = ask(None);
+    if !GIVEN_UP.load(Ordering::Relaxed) {
+        let _ = ask(None);
+    }
 }
 
 #[cfg(test)]
@@ -325,7 +372,10 @@ mod tests {
             .unwrap();
         assert!(!root.status.success());
         let bad = bad.unwrap().expect_err("a bogus hook is refused");
-        assert!(bad.starts_with("Error:"), "{bad}");
+        assert!(
+            matches!(&bad, LibnftError::Refused(t) if t.starts_with("Error:")),
+            "{bad}"
+        );
         // The socket is the worker's alone.
         assert_eq!(shared, Vec::<String>::new());
         assert!(netfilter_sockets("/proc/self").is_empty());

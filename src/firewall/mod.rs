@@ -103,6 +103,8 @@ pub enum FirewallError {
     Accommodation(String),
     #[error("Cannot run nft")]
     Io(#[source] std::io::Error),
+    #[error(transparent)]
+    Library(#[from] libnft::LibnftError),
 }
 
 /// A firewall backend. lume's networks ([`crate::network::shared::Networks`])

@@ -43,7 +43,10 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
         _ => None,
     };
     if let Some(answer) = cmd.and_then(|c| super::libnft::run(flags, &c)) {
-        return answer.map_err(FirewallError::Rejected);
+        return answer.map_err(|e| match e {
+            super::libnft::LibnftError::Refused(text) => FirewallError::Rejected(text),
+            e => FirewallError::Library(e),
+        });
     }
     nft_process(args, stdin)
 }

@@ -840,9 +840,13 @@ fn send_fd(tap: &OwnedFd) -> io::Result<()> {
 fn inherited(fd: i32) -> Option<OwnedFd> {
     // SAFETY: F_GETFD only reads the descriptor's flags; an unused number
     // gives EBADF.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
         return None;
     }
+    // No child of this process gets it (a spawned `nft`, dnsmasq).
+    // SAFETY: F_SETFD only sets the open descriptor's flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
     // SAFETY: the descriptor is open and nothing else in this process
     // owns it: `lume serve` placed it before exec, and it is taken once.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })

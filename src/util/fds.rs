@@ -26,11 +26,30 @@ pub fn cloexec_from(first: RawFd) {
     if r == 0 {
         return;
     }
-    // A kernel before 5.11: descriptor by descriptor, up to the limit.
-    // SAFETY: sysconf and fcntl are async-signal-safe; fcntl on a closed
-    // descriptor fails harmlessly.
+    // A kernel before 5.11: closing them now is the same to a child about
+    // to exec (5.9 and later), else descriptor by descriptor up to the
+    // hard limit.
+    // SAFETY: close_range, getrlimit and fcntl are async-signal-safe
+    // system calls; fcntl on a closed descriptor fails harmlessly.
     unsafe {
-        let max = libc::sysconf(libc::_SC_OPEN_MAX).clamp(0, 65_536) as RawFd;
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) == 0
+        {
+            return;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_max.min(1 << 20) as RawFd
+        } else {
+            65_536
+        };
         for fd in first..max {
             let flags = libc::fcntl(fd, libc::F_GETFD);
             if flags >= 0 {
