@@ -26,27 +26,18 @@ pub fn cloexec_from(first: RawFd) {
     if r == 0 {
         return;
     }
-    // A kernel before 5.11: closing them now is the same to a child about
-    // to exec (5.9 and later), else descriptor by descriptor up to the
-    // hard limit.
-    // SAFETY: close_range, getrlimit and fcntl are async-signal-safe
-    // system calls; fcntl on a closed descriptor fails harmlessly.
+    // A kernel before 5.11: descriptor by descriptor up to the hard limit
+    // (closing them instead would also close the pipe through which the
+    // parent learns that exec failed).
+    // SAFETY: getrlimit and fcntl are async-signal-safe system calls;
+    // fcntl on a closed descriptor fails harmlessly.
     unsafe {
-        if libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        ) == 0
-        {
-            return;
-        }
         let mut limit = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
         let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_max.min(1 << 20) as RawFd
+            limit.rlim_max.min(65_536) as RawFd
         } else {
             65_536
         };
