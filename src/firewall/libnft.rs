@@ -111,7 +111,7 @@ impl Worker {
             if ns.metadata().ok()?.ino() != netns {
                 return None;
             }
-            self.enter(netns, &ns)?;
+            enter(&mut self.current, netns, &ns)?;
             // SAFETY: nft_ctx_new(0) is NFT_CTX_DEFAULT; the two calls after
             // it only switch the new context's output and errors to buffers.
             let ptr = unsafe { (self.lib.ctx_new)(0) };
@@ -126,19 +126,10 @@ impl Worker {
             self.contexts.insert(netns, (ptr, ns));
         }
         let (ptr, ns) = self.contexts.get(&netns)?;
-        let (ptr, ns) = (*ptr, ns.try_clone().ok()?);
         // Interface names in a command are looked up in the worker's
         // namespace: it is the context's.
-        self.enter(netns, &ns)?;
-        Some(ptr)
-    }
-
-    fn enter(&mut self, netns: u64, ns: &File) -> Option<()> {
-        if self.current != netns {
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-            self.current = netns;
-        }
-        Some(())
+        enter(&mut self.current, netns, ns)?;
+        Some(*ptr)
     }
 
     fn run(
@@ -176,6 +167,16 @@ impl Worker {
             Err(err.trim().to_string())
         })
     }
+}
+
+/// Puts the worker in namespace `netns` (opened as `ns`) unless `current`
+/// says it is there.
+fn enter(current: &mut u64, netns: u64, ns: &File) -> Option<()> {
+    if *current != netns {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        *current = netns;
+    }
+    Some(())
 }
 
 /// The worker's queue. A worker that cannot start (no library, no

@@ -399,20 +399,16 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     ));
     // Each port's MAC as the 48 bits of a neighbour discovery message's
     // link-layer address option (read at its fixed place).
+    let port_macs: Vec<String> = v6
+        .iter()
+        .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
+        .collect();
     s.push_str(&set(
         "nd_macs",
         "typeof iifname . @th,208,48",
-        v6.iter()
-            .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
-            .collect(),
+        port_macs.clone(),
     ));
-    s.push_str(&set(
-        "rs_macs",
-        "typeof iifname . @th,80,48",
-        v6.iter()
-            .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
-            .collect(),
-    ));
+    s.push_str(&set("rs_macs", "typeof iifname . @th,80,48", port_macs));
     s.push_str(&set(
         "gateways6",
         "type ipv6_addr",

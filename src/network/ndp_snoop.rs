@@ -534,17 +534,12 @@ mod tests {
                 "-6 neigh add {addr} lladdr {mac} dev nbr0 nud permanent"
             ));
         }
-        let path = format!("/run/netns/{}", ns.0);
-        let found = std::thread::spawn(move || {
-            let f = std::fs::File::open(path).unwrap();
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let found = ns.run(|| {
             (
                 neighbour_addresses("nbr0", MAC),
                 neighbour_addresses("nosuch0", MAC),
             )
-        })
-        .join()
-        .unwrap();
+        });
         assert_eq!(found.0, vec![a("2001:db8:ff::5"), a("2001:db8:ff::77")]);
         assert_eq!(found.1, Vec::<Ipv6Addr>::new());
     }
@@ -563,11 +558,8 @@ mod tests {
         ip("link add ndA type veth peer name ndB");
         ip("link set ndB address 52:54:00:12:34:56");
         ip("link set ndA up");
-        let path = format!("/run/netns/{}", ns.0);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let snooper = std::thread::spawn(move || {
-            let f = std::fs::File::open(path).unwrap();
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let snooper = ns.spawn(move || {
             let mut sn = NdpSnooper::open("ndA").unwrap();
             ready_tx.send(()).unwrap();
             let mut x = Announcements::new(MAC, Watched::Tap);

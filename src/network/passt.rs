@@ -241,11 +241,11 @@ fn solicited(frame: &[u8]) -> Option<(bool, Ipv6Addr)> {
 /// Whether `target`'s interface identifier is the EUI-64 one of the frame's
 /// source MAC: the address stateless autoconfiguration gives the sender.
 fn own_eui64(frame: &[u8], target: Ipv6Addr) -> bool {
-    let Some(m) = frame.get(6..12) else {
+    let Some(mac) = frame.get(6..12).and_then(|m| m.try_into().ok()) else {
         return false;
     };
-    let iid = u64::from_be_bytes([m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
-    u128::from(target) as u64 == iid
+    u128::from(target) as u64
+        == super::prefix6::eui64_interface_id(crate::vm::config::MacAddress(mac))
 }
 
 /// The most addresses [`NdGuard`] remembers.

@@ -89,9 +89,7 @@ impl Prefix6 {
     /// autoconfiguration with a modified EUI-64 interface identifier (the
     /// Linux kernel's default), and the one lume's DHCPv6 reserves for it.
     pub fn eui64(&self, mac: MacAddress) -> Ipv6Addr {
-        let m = mac.0;
-        let iid = [m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
-        Ipv6Addr::from(u128::from(self.0) | u128::from(u64::from_be_bytes(iid)))
+        Ipv6Addr::from(u128::from(self.0) | u128::from(eui64_interface_id(mac)))
     }
 
     /// `fe80::<EUI-64 of mac>`: the link-local address a Linux guest with
@@ -134,6 +132,13 @@ const LINK_LOCAL_PREFIX: Prefix6 = Prefix6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 
 /// own), so the bridge guard can keep every guest from claiming it; guests
 /// learn it from lume's router advertisements as their router.
 pub const BRIDGE_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The modified EUI-64 interface identifier of `mac` (RFC 4291, appendix
+/// A): the low 64 bits of the addresses stateless autoconfiguration gives it.
+pub fn eui64_interface_id(mac: MacAddress) -> u64 {
+    let m = mac.0;
+    u64::from_be_bytes([m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]])
+}
 
 /// Whether this kernel has IPv6 (not built without it, not `ipv6.disable=1`).
 pub fn kernel_has_ipv6() -> bool {

@@ -61,15 +61,22 @@ impl TestNetns {
         assert!(st.success(), "ip {args:?} failed in {}", self.0);
     }
 
-    /// Runs `f` on a thread that has entered the namespace.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Starts `f` on a thread that has entered the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.0);
-        let handle = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
-        });
-        match handle.join() {
+        })
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match self.spawn(f).join() {
             Ok(v) => v,
             Err(panic) => std::panic::resume_unwind(panic),
         }

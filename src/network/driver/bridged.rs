@@ -212,12 +212,11 @@ impl NetworkDriver for Bridged {
             (tap.name, Watched::Tap)
         };
         start_snooper(&mut a, &snoop_on, watched, mac);
-        // Under a policy the guest's IPv6 is dropped: it has no addresses
-        // worth listing.
         if opts.policy.is_empty() {
             start_snooper6(&mut a, &snoop_on, watched, mac);
-        }
-        if !opts.policy.is_empty() {
+        } else {
+            // Under a policy the guest's IPv6 is dropped: it has no
+            // addresses worth listing (no IPv6 snooper).
             // After the tap's redirect exists (the policy's filter
             // comes first), before QEMU: a failure drops `a`, which
             // takes the macvlan and the tap down. The guest's lease,
