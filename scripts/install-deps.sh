@@ -33,7 +33,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     # another that conflicts with it (a newer qemu-utils from backports is
     # removed by Debian 12's qemu-system-x86), and apt then brings back the
     # matching version.
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+    # apt does not downgrade by itself: a qemu-utils newer than the
+    # qemu-system-x86 apt can install (e.g. 10.0 from bookworm-backports
+    # whose source is no longer listed) "Breaks" it and apt gives up with
+    # "held broken packages". Ask for the qemu-utils that matches.
+    request=("${packages[@]}")
+    downgrade=()
+    qemu=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [ -n "$qemu" ] && [ "$qemu" != "(none)" ] && [ -n "$utils" ] && [ "$utils" != "$qemu" ] \
+        && ! dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q "install ok installed"; then
+        echo "qemu-utils $utils does not match qemu-system-x86 $qemu: installing qemu-utils $qemu instead" >&2
+        request=("${request[@]/#qemu-utils/qemu-utils=$qemu}")
+        downgrade=(--allow-downgrades)
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${downgrade[@]}" "${request[@]}" >/dev/null
     for p in "${packages[@]}"; do
         if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
             echo "Package $p is still not installed after apt-get install: see apt's messages above" >&2
