@@ -548,6 +548,40 @@ fn bridged_on_a_linux_bridge_joins_it_with_a_tap() {
     }
 }
 
+/// lume waits for dnsmasq's start only once QEMU is spawned: a dnsmasq
+/// that cannot start (here the DHCP port is taken) still fails the run with
+/// dnsmasq's own message, and leaves no QEMU, tap, bridge, dnsmasq or
+/// firewall table behind; the next run, with the port free, works.
+#[test]
+fn a_dnsmasq_that_cannot_start_fails_the_run_and_leaves_nothing() {
+    let t = Lan::new("nd");
+    t.create("d1", "nat", &[], "");
+    let blocker = t
+        .host
+        .within(|| std::net::UdpSocket::bind("0.0.0.0:67").unwrap());
+    let err = t.lume_fails(&["run", "d1", "--detach"]);
+    assert!(
+        err.contains("dnsmasq did not start for bridge lume0")
+            && err.contains("Address already in use"),
+        "{err}"
+    );
+    assert_eq!(t.get("d1")["status"], "stopped");
+    assert!(!t.home.vm_dir("d1").join("run.json").exists());
+    // No process is left in the namespace (QEMU, dnsmasq, a supervisor).
+    let pids = common::sh(&format!("ip netns pids {}", t.host.name));
+    assert_eq!(pids.trim(), "", "processes left in the namespace");
+    let l = links(&t.host);
+    assert!(
+        !l.contains("lume0") && !l.contains("lt"),
+        "nothing left: {l}"
+    );
+    assert!(!t.host.exec_ok("nft list tables").contains("lume"));
+    drop(blocker);
+    t.lume_ok(&["run", "d1", "--detach"]);
+    assert_eq!(t.get("d1")["status"], "running");
+    t.lume_ok(&["stop", "d1"]);
+}
+
 #[test]
 fn a_chosen_nat_subnet_that_collides_with_a_route_is_refused() {
     let t = Lan::new("nc");

@@ -443,6 +443,10 @@ pub fn supervise(
     drop(cmd);
     drop(high_fds);
     let mut child = spawned?;
+    // dnsmasq, if this run's network started it, finished its start while
+    // the firewall was written and QEMU started.
+    let dnsmasq_ready = crate::network::dnsmasq::await_started()
+        .map_err(|e| RunError::Network(crate::network::shared::SharedError::from(e).into()));
     let state = RunState {
         pid: std::process::id(),
         qemu_pid: child.id(),
@@ -472,16 +476,18 @@ pub fn supervise(
         pumps: &pumps,
         incoming: disk.incoming.as_ref(),
     };
-    let result = run_until_exit(
-        vm,
-        &mut child,
-        req,
-        &net,
-        state,
-        &output,
-        vnc_listener,
-        announce,
-    );
+    let result = dnsmasq_ready.and_then(|()| {
+        run_until_exit(
+            vm,
+            &mut child,
+            req,
+            &net,
+            state,
+            &output,
+            vnc_listener,
+            announce,
+        )
+    });
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();

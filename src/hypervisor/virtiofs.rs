@@ -267,6 +267,13 @@ impl Drop for Daemons {
 /// its command line, which names `<vm_dir>/shares/`), and removes the
 /// sockets.
 pub fn collect_stale(vm_dir: &Path) {
+    // `shares/` is made before the first virtiofsd starts and removed only
+    // after the last is gone: without it there is nothing to look for (the
+    // scan reads every process's command line, milliseconds at each start).
+    if matches!(fs::symlink_metadata(vm_dir.join(SHARES_DIR)), Err(e) if e.kind() == io::ErrorKind::NotFound)
+    {
+        return;
+    }
     let needle = format!("source={}/{SHARES_DIR}/", vm_dir.display());
     if let Ok(entries) = fs::read_dir("/proc") {
         for e in entries.flatten() {

@@ -65,6 +65,78 @@ pub struct Dnsmasq {
     pub route: bool,
 }
 
+/// A dnsmasq being started: its daemonizing process, which exits once the
+/// daemon serves.
+#[derive(Debug)]
+pub struct Starting {
+    child: std::process::Child,
+    dnsmasq: Dnsmasq,
+}
+
+impl Starting {
+    /// Waits until dnsmasq serves, or says why it did not start.
+    pub fn wait(self) -> Result<(), DnsmasqError> {
+        let d = &self.dnsmasq;
+        let out = self.child.wait_with_output();
+        let _ = fs::remove_file(d.starting_path());
+        let failed = |message: String| DnsmasqError::Failed {
+            bridge: d.bridge.clone(),
+            message,
+        };
+        let out = out.map_err(|source| DnsmasqError::Io {
+            path: d.conf_path(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.pid().is_none() {
+            if Instant::now() > deadline {
+                return Err(failed("it exited without writing its pid file".into()));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+}
+
+/// The starts [`Dnsmasq::start_overlapped`] left to wait for.
+fn pending() -> std::sync::MutexGuard<'static, Vec<Starting>> {
+    static PENDING: std::sync::Mutex<Vec<Starting>> = std::sync::Mutex::new(Vec::new());
+    PENDING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Waits for every dnsmasq this process started with
+/// [`Dnsmasq::start_overlapped`] to serve; the first failure is returned.
+pub fn await_started() -> Result<(), DnsmasqError> {
+    await_started_in(None)
+}
+
+/// [`await_started`] for the dnsmasq of `dir` only (`None`: all).
+fn await_started_in(dir: Option<&Path>) -> Result<(), DnsmasqError> {
+    let starts: Vec<Starting> = {
+        let mut p = pending();
+        let (mine, rest) = p
+            .drain(..)
+            .partition(|s| dir.is_none_or(|d| s.dnsmasq.dir == d));
+        *p = rest;
+        mine
+    };
+    let mut result = Ok(());
+    for s in starts {
+        let r = s.wait();
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
+}
+
 /// One line of the lease file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -209,11 +281,60 @@ dhcp-option=option6:dns-server
     /// Starts dnsmasq unless it already runs with this configuration. One
     /// started with another (by an earlier release of lume, which let it run
     /// as a user that can no longer read the private reservations) is
-    /// restarted with this one; its leases are kept.
+    /// restarted with this one; its leases are kept. Returns once it serves.
     pub fn ensure_running(&self) -> Result<(), DnsmasqError> {
+        match self.ensure_started()? {
+            Some(starting) => starting.wait(),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::ensure_running`] that does not wait for a dnsmasq it starts
+    /// to be ready (its own start takes 10–30 ms): the run's supervisor
+    /// goes on with the firewall and QEMU and calls [`await_started`] once
+    /// QEMU is spawned, long before a guest asks for an address. Until then
+    /// `dnsmasq.starting` names the starting process, so that another lume
+    /// (or this one's watcher) waits for it instead of starting a second.
+    pub fn start_overlapped(&self) -> Result<(), DnsmasqError> {
+        if let Some(starting) = self.ensure_started()? {
+            pending().push(starting);
+        }
+        Ok(())
+    }
+
+    fn starting_path(&self) -> PathBuf {
+        self.dir.join("dnsmasq.starting")
+    }
+
+    /// Waits (at most 5 s) while another start of this dnsmasq, named by
+    /// `dnsmasq.starting`, is under way: until its daemonizing process has
+    /// exited (a zombie not yet collected has no command line).
+    fn wait_for_other_start(&self) {
+        let Some(pid) = fs::read_to_string(self.starting_path())
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            return;
+        };
+        let conf = self.conf_path().display().to_string();
+        let starting = || {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&conf))
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while starting() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Starts dnsmasq unless it runs with this configuration; returns the
+    /// start under way, to be waited for.
+    fn ensure_started(&self) -> Result<Option<Starting>, DnsmasqError> {
+        // Under the network lock, so nothing else starts one meanwhile.
+        self.wait_for_other_start();
         if self.pid().is_some() {
             if fs::read_to_string(self.conf_path()).is_ok_and(|c| c == self.conf()) {
-                return Ok(());
+                return Ok(None);
             }
             self.stop();
         }
@@ -258,27 +379,24 @@ dhcp-option=option6:dns-server
                 Ok(())
             });
         }
-        let out = cmd.output().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => DnsmasqError::Missing,
-            _ => io_err(&self.conf_path())(e),
-        })?;
-        let failed = |message: String| DnsmasqError::Failed {
-            bridge: self.bridge.clone(),
-            message,
-        };
-        if !out.status.success() {
-            return Err(failed(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.pid().is_none() {
-            if Instant::now() > deadline {
-                return Err(failed("it exited without writing its pid file".into()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
+        // dnsmasq forks its daemon and exits once the daemon is ready (or
+        // with its error on stderr): that exit is what a start waits for.
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => DnsmasqError::Missing,
+                _ => io_err(&self.conf_path())(e),
+            })?;
+        let _ = crate::util::atomic::write_runtime(
+            &self.starting_path(),
+            child.id().to_string().as_bytes(),
+        );
+        Ok(Some(Starting {
+            child,
+            dnsmasq: self.clone(),
+        }))
     }
 
     /// Makes a running dnsmasq forward to the host's current resolvers:
@@ -349,6 +467,9 @@ dhcp-option=option6:dns-server
 
     /// Stops dnsmasq if it runs.
     pub fn stop(&self) {
+        // One this process is starting is waited for: its pid file is then
+        // there to stop it by.
+        let _ = await_started_in(Some(&self.dir));
         if let Some(pid) = self.pid() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

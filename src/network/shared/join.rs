@@ -188,7 +188,8 @@ impl Networks {
             net.bring_up_adopting(running_before)?;
             let dns = net.dnsmasq();
             dns.reserve(&id, mac, ip)?;
-            dns.ensure_running()?;
+            // Ready by the time QEMU is spawned (the supervisor waits then).
+            dns.start_overlapped()?;
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;
             // The port itself has no IPv6 of its own to announce to its guest.
@@ -407,8 +408,9 @@ impl SharedNet {
             .iter()
             .filter(|l| l.expires == 0 || l.expires > now)
             .collect();
-        let free: Vec<Ipv4Addr> = (2..2 + self.subnet().guest_capacity())
-            .map(|n| self.subnet().host(n))
+        let subnet = self.subnet();
+        let free: Vec<Ipv4Addr> = (2..2 + subnet.guest_capacity())
+            .map(|n| subnet.host(n))
             .filter(|ip| !used.contains(ip))
             .collect();
         let own = live
@@ -425,8 +427,8 @@ impl SharedNet {
             .or_else(|| free.first().copied())
             .ok_or_else(|| SharedError::Full {
                 bridge: self.bridge.clone(),
-                subnet: self.subnet(),
-                capacity: self.subnet().guest_capacity(),
+                subnet,
+                capacity: subnet.guest_capacity(),
             })
     }
 }
