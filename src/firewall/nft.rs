@@ -85,9 +85,33 @@ fn nft_process(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallErr
     }
 }
 
-/// The whole ruleset, parsed from `nft -j list ruleset`.
+/// The whole ruleset, parsed from `nft -j list ruleset`. When lume's own
+/// tables are the only ones (no other tool's chains to plan around, the
+/// common case), the list of tables says so for a fraction of the cost of
+/// listing every rule and set, and the chains outside lume's tables, the
+/// only ones a [`Ruleset`] is asked about, are none.
 pub fn ruleset() -> Result<Ruleset, FirewallError> {
+    if only_lume_tables(&nft(&["-j", "list", "tables"], None)?) {
+        return Ok(Ruleset::default());
+    }
     Ok(Ruleset::parse(&nft(&["-j", "list", "ruleset"], None)?))
+}
+
+/// Whether `nft -j list tables` lists no table but lume's own (`inet lume`
+/// and `bridge lume`); an unreadable answer is not.
+fn only_lume_tables(json: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return false;
+    };
+    let Some(items) = v["nftables"].as_array() else {
+        return false;
+    };
+    items.iter().all(|item| match item.get("table") {
+        Some(t) => {
+            t["name"] == TABLE && (t["family"] == "inet" || t["family"] == "bridge")
+        }
+        None => item.get("metainfo").is_some(),
+    })
 }
 
 /// The nft script for `state`.
@@ -556,6 +580,8 @@ impl FirewallDriver for Nft {
         // One snapshot of the whole ruleset, so both of lume's tables are seen
         // as they were at one instant (two `list table` runs could straddle a
         // flush and report a change that is really a removal).
+        // (Not `list table` twice in one command: nft 1.0.6 fills its
+        // cache for one table per command, the other is then "missing".)
         match nft(&["list", "ruleset"], None) {
             Ok(text) => Ok(lume_tables(&text)),
             // Only a missing table is "missing"; any other failure is an error.
@@ -634,6 +660,37 @@ mod tests {
     use super::*;
     use crate::firewall::{BridgeNet, Dnat};
     use crate::network::publish::Proto;
+
+    #[test]
+    fn only_lumes_own_tables_spare_the_full_listing() {
+        let meta = r#"{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}"#;
+        let table = |family: &str, name: &str| {
+            format!(r#"{{"table": {{"family": "{family}", "name": "{name}", "handle": 1}}}}"#)
+        };
+        let listing = |items: &[String]| format!(r#"{{"nftables": [{}]}}"#, items.join(", "));
+        assert!(only_lume_tables(&listing(&[meta.into()])));
+        assert!(only_lume_tables(&listing(&[
+            meta.into(),
+            table("inet", "lume"),
+            table("bridge", "lume"),
+        ])));
+        // Any other table (Docker's ip filter, firewalld's, another inet
+        // table that happens to be named lume in the ip family) needs the
+        // whole listing.
+        for other in [
+            table("ip", "filter"),
+            table("inet", "firewalld"),
+            table("ip", "lume"),
+        ] {
+            assert!(!only_lume_tables(&listing(&[
+                meta.into(),
+                table("inet", "lume"),
+                other.clone(),
+            ])));
+        }
+        assert!(!only_lume_tables("not json"));
+        assert!(!only_lume_tables(r#"{"other": []}"#));
+    }
 
     #[test]
     fn lume_tables_are_cut_out_of_the_ruleset() {
