@@ -76,7 +76,7 @@ pub struct CreateVmRequest {
     /// WIDTHxHEIGHT, recorded for lume compatibility (default `1024x768`).
     #[schema(example = "1024x768")]
     pub display: Option<String>,
-    /// nat (default), bridged, bridged:<interface>, host, user, none.
+    #[doc = concat!(crate::network_modes!(), " (default nat).")]
     #[schema(example = "user")]
     pub network: Option<String>,
     /// VM location: an absolute path; absent or `default` for the server's location.

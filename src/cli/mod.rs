@@ -423,7 +423,7 @@ pub struct CreateArgs {
     /// Display resolution WIDTHxHEIGHT (recorded for lume compatibility; VMs run headless)
     #[arg(long, default_value = DEFAULT_DISPLAY, value_parser = display_arg)]
     pub display: String,
-    /// Network mode: nat, bridged, bridged:<interface>, host, user, none
+    #[doc = concat!("Network mode: ", crate::network_modes!())]
     #[arg(long, default_value = "nat")]
     pub network: NetworkMode,
     /// MAC address (default: a random locally administered address)

@@ -467,7 +467,7 @@ pub struct CreateArgs {
     pub memory: Option<String>,
     /// Disk size, e.g. '20GB' (default: 20GB; an imported image's disk grows to it)
     pub disk_size: Option<String>,
-    /// Network mode: nat (needs root), user (no privilege), bridged, bridged:<interface>, host, none (default: nat when the server runs as root, user when it does not)
+    #[doc = concat!("Network mode: ", crate::network_modes!(), "; user needs no privilege, the others need root (default: nat when the server runs as root, user when it does not)")]
     pub network: Option<String>,
     /// Ports to publish, each [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|/udp] (nat and user modes)
     pub publish: Option<Vec<String>>,

@@ -6,6 +6,17 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Every network mode as written on a command line: the one list that
+/// help texts (`--network`, the REST API's and MCP's schemas, through
+/// `#[doc = concat!(…)]`) and the unknown-mode error print. A test checks
+/// that each parses and prints back as listed.
+#[macro_export]
+macro_rules! network_modes {
+    () => {
+        "nat, bridged, bridged:<interface>, host, user, none"
+    };
+}
+
 /// How a VM is connected.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum NetworkMode {
@@ -25,9 +36,7 @@ pub enum NetworkMode {
 /// Why a network mode was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModeError {
-    #[error(
-        "Unknown network mode '{0}': use one of nat, bridged, bridged:<interface>, host, user, none"
-    )]
+    #[error("Unknown network mode '{0}': use one of {modes}", modes = crate::network_modes!())]
     Unknown(String),
     #[error(
         "Invalid interface name '{0}' in network mode: interface names are 1 to 15 characters without '/', ':' or spaces"
@@ -132,6 +141,27 @@ mod tests {
         assert_eq!("host".parse(), Ok(NetworkMode::Host));
         assert_eq!("User".parse(), Ok(NetworkMode::User));
         assert_eq!("none".parse(), Ok(NetworkMode::None));
+    }
+
+    /// The one list of modes names every mode once, each as it parses and
+    /// prints back (a new mode fails to compile below until it is listed).
+    #[test]
+    fn the_listed_modes_are_every_mode() {
+        let mut seen = Vec::new();
+        for name in crate::network_modes!().split(", ") {
+            let s = name.replace("<interface>", "enp3s0");
+            let mode: NetworkMode = s.parse().unwrap();
+            assert_eq!(mode.to_string(), s);
+            seen.push(match mode {
+                NetworkMode::Nat => 0,
+                NetworkMode::Bridged(None) => 1,
+                NetworkMode::Bridged(Some(_)) => 2,
+                NetworkMode::Host => 3,
+                NetworkMode::User => 4,
+                NetworkMode::None => 5,
+            });
+        }
+        assert_eq!(seen, (0..=5).collect::<Vec<_>>());
     }
 
     #[test]
