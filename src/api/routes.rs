@@ -76,7 +76,10 @@ pub struct CreateVmRequest {
     /// WIDTHxHEIGHT, recorded for lume compatibility (default `1024x768`).
     #[schema(example = "1024x768")]
     pub display: Option<String>,
-    #[doc = concat!(crate::network_modes!(), " (default nat).")]
+    /// nat, bridged, bridged:<interface>, host, user, none (default nat).
+    // (utoipa reads only literal doc comments: the test
+    // network::mode::every_help_text_prints_the_list keeps this one in step
+    // with `network_modes!`.)
     #[schema(example = "user")]
     pub network: Option<String>,
     /// VM location: an absolute path; absent or `default` for the server's location.

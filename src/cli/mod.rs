@@ -423,8 +423,7 @@ pub struct CreateArgs {
     /// Display resolution WIDTHxHEIGHT (recorded for lume compatibility; VMs run headless)
     #[arg(long, default_value = DEFAULT_DISPLAY, value_parser = display_arg)]
     pub display: String,
-    #[doc = concat!("Network mode: ", crate::network_modes!())]
-    #[arg(long, default_value = "nat")]
+    #[arg(long, default_value = "nat", help = concat!("Network mode: ", crate::network_modes!()))]
     pub network: NetworkMode,
     /// MAC address (default: a random locally administered address)
     #[arg(long)]

@@ -107,9 +107,7 @@ fn only_lume_tables(json: &str) -> bool {
         return false;
     };
     items.iter().all(|item| match item.get("table") {
-        Some(t) => {
-            t["name"] == TABLE && (t["family"] == "inet" || t["family"] == "bridge")
-        }
+        Some(t) => t["name"] == TABLE && (t["family"] == "inet" || t["family"] == "bridge"),
         None => item.get("metainfo").is_some(),
     })
 }

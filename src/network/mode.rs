@@ -6,10 +6,12 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Every network mode as written on a command line: the one list that
-/// help texts (`--network`, the REST API's and MCP's schemas, through
-/// `#[doc = concat!(…)]`) and the unknown-mode error print. A test checks
-/// that each parses and prints back as listed.
+/// Every network mode as written on a command line: the one list that the
+/// unknown-mode error, `--network`'s help (clap's `help = concat!(…)`) and
+/// MCP's schema (`#[doc = concat!(…)]`) print. Tests check that each entry
+/// parses and prints back as listed, that every mode is listed, and that
+/// the REST schema's description (utoipa reads only literal doc comments)
+/// says the same.
 #[macro_export]
 macro_rules! network_modes {
     () => {
@@ -162,6 +164,31 @@ mod tests {
             });
         }
         assert_eq!(seen, (0..=5).collect::<Vec<_>>());
+    }
+
+    /// Each door's help for the network option prints the list.
+    #[test]
+    fn every_help_text_prints_the_list() {
+        use clap::CommandFactory as _;
+        let list = crate::network_modes!();
+        let cli = crate::cli::Cli::command();
+        let create = cli.find_subcommand("create").unwrap();
+        let arg = create
+            .get_arguments()
+            .find(|a| a.get_id() == "network")
+            .unwrap();
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        assert!(help.contains(list), "--network: {help:?}");
+        let rest = serde_json::to_value(
+            <crate::api::routes::CreateVmRequest as utoipa::PartialSchema>::schema(),
+        )
+        .unwrap();
+        let rest = rest["properties"]["network"]["description"].to_string();
+        assert!(rest.contains(list), "REST: {rest}");
+        let mcp =
+            serde_json::to_value(rmcp::schemars::schema_for!(crate::mcp::CreateArgs)).unwrap();
+        let mcp = mcp["properties"]["network"]["description"].to_string();
+        assert!(mcp.contains(list), "MCP: {mcp}");
     }
 
     #[test]
