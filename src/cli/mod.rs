@@ -559,8 +559,7 @@ pub struct RunArgs {
     /// Discard every disk change when the VM stops (a throwaway sandbox; see docs/snapshots.md)
     #[arg(long)]
     pub ephemeral: bool,
-    /// Network mode for this run only
-    #[arg(long)]
+    #[arg(long, help = concat!("Network mode for this run only: ", crate::network_modes!()))]
     pub network: Option<NetworkMode>,
     /// ISO image to attach as a read-only CD-ROM (repeatable)
     #[arg(long, value_name = "ISO")]
@@ -762,8 +761,7 @@ pub struct SetArgs {
     /// Disk size (grow only; the VM must be stopped)
     #[arg(long, value_parser = size_arg)]
     pub disk_size: Option<u64>,
-    /// Network mode
-    #[arg(long)]
+    #[arg(long, help = concat!("Network mode: ", crate::network_modes!()))]
     pub network: Option<NetworkMode>,
     /// Display resolution WIDTHxHEIGHT (recorded; VMs run headless)
     #[arg(long, value_parser = display_arg)]
