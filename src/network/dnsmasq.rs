@@ -71,14 +71,21 @@ pub struct Dnsmasq {
 pub struct Starting {
     child: std::process::Child,
     dnsmasq: Dnsmasq,
+    /// Whether `dnsmasq.starting` names it.
+    marked: bool,
 }
 
 impl Starting {
     /// Waits until dnsmasq serves, or says why it did not start.
     pub fn wait(self) -> Result<(), DnsmasqError> {
         let d = &self.dnsmasq;
+        let pid = self.child.id().to_string();
         let out = self.child.wait_with_output();
-        let _ = fs::remove_file(d.starting_path());
+        // Only its own marker: a later start (after another waited 5 s in
+        // vain) may have written its own.
+        if fs::read_to_string(d.starting_path()).is_ok_and(|s| s.trim() == pid) {
+            let _ = fs::remove_file(d.starting_path());
+        }
         let failed = |message: String| DnsmasqError::Failed {
             bridge: d.bridge.clone(),
             message,
@@ -111,10 +118,25 @@ fn pending() -> std::sync::MutexGuard<'static, Vec<Starting>> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Failures of starts that [`Dnsmasq::stop`] waited for, still to be
+/// reported by [`await_started`].
+fn failed() -> std::sync::MutexGuard<'static, Vec<DnsmasqError>> {
+    static FAILED: std::sync::Mutex<Vec<DnsmasqError>> = std::sync::Mutex::new(Vec::new());
+    FAILED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Waits for every dnsmasq this process started with
-/// [`Dnsmasq::start_overlapped`] to serve; the first failure is returned.
+/// [`Dnsmasq::start_overlapped`] to serve; the first failure is returned
+/// (also one that a stop in between waited for).
 pub fn await_started() -> Result<(), DnsmasqError> {
-    await_started_in(None)
+    let result = await_started_in(None);
+    let earlier = failed().drain(..).next();
+    match earlier {
+        Some(e) => Err(e),
+        None => result,
+    }
 }
 
 /// [`await_started`] for the dnsmasq of `dir` only (`None`: all).
@@ -282,10 +304,12 @@ dhcp-option=option6:dns-server
     /// started with another (by an earlier release of lume, which let it run
     /// as a user that can no longer read the private reservations) is
     /// restarted with this one; its leases are kept. Returns once it serves.
-    pub fn ensure_running(&self) -> Result<(), DnsmasqError> {
+    /// Returns whether it started one (false: one was running, or another
+    /// start under way finished).
+    pub fn ensure_running(&self) -> Result<bool, DnsmasqError> {
         match self.ensure_started()? {
-            Some(starting) => starting.wait(),
-            None => Ok(()),
+            Some(starting) => starting.wait().map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -297,7 +321,12 @@ dhcp-option=option6:dns-server
     /// (or this one's watcher) waits for it instead of starting a second.
     pub fn start_overlapped(&self) -> Result<(), DnsmasqError> {
         if let Some(starting) = self.ensure_started()? {
-            pending().push(starting);
+            if starting.marked {
+                pending().push(starting);
+            } else {
+                // Nothing tells another start to wait: wait now.
+                starting.wait()?;
+            }
         }
         Ok(())
     }
@@ -389,13 +418,15 @@ dhcp-option=option6:dns-server
                 io::ErrorKind::NotFound => DnsmasqError::Missing,
                 _ => io_err(&self.conf_path())(e),
             })?;
-        let _ = crate::util::atomic::write_runtime(
+        let marked = crate::util::atomic::write_runtime(
             &self.starting_path(),
             child.id().to_string().as_bytes(),
-        );
+        )
+        .is_ok();
         Ok(Some(Starting {
             child,
             dnsmasq: self.clone(),
+            marked,
         }))
     }
 
@@ -468,8 +499,11 @@ dhcp-option=option6:dns-server
     /// Stops dnsmasq if it runs.
     pub fn stop(&self) {
         // One this process is starting is waited for: its pid file is then
-        // there to stop it by.
-        let _ = await_started_in(Some(&self.dir));
+        // there to stop it by. A failure is kept for the run that started it
+        // ([`await_started`]).
+        if let Err(e) = await_started_in(Some(&self.dir)) {
+            failed().push(e);
+        }
         if let Some(pid) = self.pid() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -477,7 +511,10 @@ dhcp-option=option6:dns-server
             while self.pid().is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // Not a pid that may have been reused since it exited.
+            if self.pid().is_some() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
         }
         let _ = fs::remove_file(self.pid_path());
     }

@@ -247,11 +247,13 @@ impl SharedNet {
             for m in members {
                 dns.reserve(&m.id(), m.mac, m.ip)?;
             }
-            dns.ensure_running()?;
-            repairs.push(format!(
-                "dnsmasq for {} was not running: restarted it with its leases",
-                self.bridge
-            ));
+            // Not a repair when a start under way (a VM joining) finished.
+            if dns.ensure_running()? {
+                repairs.push(format!(
+                    "dnsmasq for {} was not running: restarted it with its leases",
+                    self.bridge
+                ));
+            }
         }
         if self.kind == Kind::Nat && sysctl::forwarding_off() {
             sysctl::forwarding_set_on().map_err(SharedError::Forwarding)?;
