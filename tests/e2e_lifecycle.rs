@@ -1,6 +1,7 @@
 //! End to end: the test guest boots under QEMU (TCG) inside a network
 //! namespace created by the test; lume creates, runs, stops, clones, sets and
-//! deletes it; QEMU and the supervisor are killed and the VM recovers.
+//! deletes it; QEMU and the supervisor are killed and the VM recovers (a
+//! shared directory's virtiofsd dies with the supervisor).
 //! Needs root (for `ip netns`) and the packages installed by scripts/test.sh.
 
 mod common;
@@ -121,8 +122,21 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
         || (details(&ns, &home, "vm1")["status"] == "stopped").then_some(()),
     );
 
-    // SIGKILL to the supervisor: QEMU dies with it and the lock is released.
-    ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    // SIGKILL to the supervisor: QEMU dies with it and the lock is released;
+    // the virtiofsd of a shared directory goes too.
+    let share = home.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    ns.lume_ok(
+        &home,
+        &[
+            "run",
+            "vm1",
+            "--detach",
+            "--shared-dir",
+            share.to_str().unwrap(),
+        ],
+    );
+    assert!(!common::virtiofsd_of(&home.vm_dir("vm1")).is_empty());
     let state: Value = serde_json::from_str(
         &std::fs::read_to_string(home.vm_dir("vm1").join("run.json")).unwrap(),
     )
@@ -133,6 +147,15 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
         "QEMU gone after its supervisor was killed",
         Duration::from_secs(10),
         || (!pid_alive(qemu_pid)).then_some(()),
+    );
+    wait_for(
+        "virtiofsd gone after its supervisor was killed",
+        Duration::from_secs(20),
+        || {
+            common::virtiofsd_of(&home.vm_dir("vm1"))
+                .is_empty()
+                .then_some(())
+        },
     );
     assert_eq!(details(&ns, &home, "vm1")["status"], "stopped");
     ns.lume_ok(&home, &["run", "vm1", "--detach"]);

@@ -138,6 +138,25 @@ pub fn built_by(script: &str, args: &[&str]) -> PathBuf {
     )
 }
 
+/// Processes (pid, command line) that are a virtiofsd of the VM in `vm_dir`.
+#[allow(dead_code)]
+pub fn virtiofsd_of(vm_dir: &Path) -> Vec<(String, String)> {
+    let needle = format!("source={}/shares/", vm_dir.display());
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("virtiofsd") && cmd.contains(&needle) {
+            found.push((name, cmd));
+        }
+    }
+    found
+}
+
 /// The real Debian 12 cloud test image (tests/debian/build.sh, cached).
 pub fn debian_image() -> PathBuf {
     built_by("tests/debian/build.sh", &[])
