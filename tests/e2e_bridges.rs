@@ -198,6 +198,13 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
             exclusive_mac: false,
             ipv6: true,
         });
+        // Waits for the dnsmasq the join started, as a run's supervisor does.
+        let joined = joined.map(|mut j| {
+            if let Some(start) = j.dnsmasq.take() {
+                start.wait().unwrap();
+            }
+            j.ip
+        });
         let mut nl = Netlink::open().unwrap();
         let alias = nl.link_info("lumetu0").unwrap().unwrap().alias;
         let kept = nets.host.members().len();
@@ -205,7 +212,7 @@ fn a_bridge_of_the_previous_release_with_running_vms_is_adopted() {
         let restarted = dns.pid().map(|p| p.to_string());
         let conf = std::fs::read_to_string(dns.conf_path()).unwrap();
         nets.host.take_down();
-        (joined.map(|(ip, _)| ip), alias, kept, (restarted, conf))
+        (joined, alias, kept, (restarted, conf))
     });
     let (restarted, conf) = restarted;
     assert_eq!(joined.unwrap().to_string(), "192.0.2.3");

@@ -445,8 +445,7 @@ pub fn supervise(
     let mut child = spawned?;
     // dnsmasq, if this run's network started it, finished its start while
     // the firewall was written and QEMU started.
-    let dnsmasq_ready = crate::network::dnsmasq::await_started()
-        .map_err(|e| RunError::Network(crate::network::shared::SharedError::from(e).into()));
+    let dnsmasq_ready = net.await_dnsmasq().map_err(RunError::Network);
     let state = RunState {
         pid: std::process::id(),
         qemu_pid: child.id(),

@@ -133,6 +133,10 @@ pub struct Attachment {
     pub learned6: Option<Arc<Mutex<Vec<std::net::Ipv6Addr>>>>,
     /// NAT and host-only: the address dnsmasq reserved for the guest.
     pub reserved: Option<Ipv4Addr>,
+    /// NAT and host-only: the network's dnsmasq when this attachment
+    /// started it, still starting ([`Self::await_dnsmasq`]); dropped, it is
+    /// waited for before the host side below is taken down.
+    pub(in crate::network) dnsmasq_start: Option<super::dnsmasq::Starting>,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
     pub(in crate::network) guard: HostSide,
@@ -488,6 +492,19 @@ pub(super) fn handed_off(
 pub const VHOST_NET: &str = "/dev/vhost-net";
 
 impl Attachment {
+    /// Waits until the dnsmasq this attachment started serves (at once if
+    /// it started none): the supervisor asks once QEMU is spawned, so that
+    /// dnsmasq's start overlaps QEMU's. A dnsmasq that did not start is the
+    /// run's error.
+    pub fn await_dnsmasq(&mut self) -> Result<(), AttachError> {
+        match self.dnsmasq_start.take() {
+            Some(s) => s
+                .wait()
+                .map_err(|e| AttachError::from(super::shared::SharedError::from(e))),
+            None => Ok(()),
+        }
+    }
+
     /// Gives the VM's tap vhost-net when QEMU runs on KVM (`kvm`): the
     /// kernel moves the guest's frames between the tap and the guest's
     /// memory, with no QEMU thread in between. lume opens

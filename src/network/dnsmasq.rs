@@ -66,10 +66,12 @@ pub struct Dnsmasq {
 }
 
 /// A dnsmasq being started: its daemonizing process, which exits once the
-/// daemon serves.
+/// daemon serves. Dropped without [`Starting::wait`], it is still waited
+/// for (its error then goes unreported): no zombie and no stale
+/// `dnsmasq.starting` is left.
 #[derive(Debug)]
 pub struct Starting {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     dnsmasq: Dnsmasq,
     /// Whether `dnsmasq.starting` names it.
     marked: bool,
@@ -77,10 +79,17 @@ pub struct Starting {
 
 impl Starting {
     /// Waits until dnsmasq serves, or says why it did not start.
-    pub fn wait(self) -> Result<(), DnsmasqError> {
+    pub fn wait(mut self) -> Result<(), DnsmasqError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<(), DnsmasqError> {
+        let Some(child) = self.child.take() else {
+            return Ok(());
+        };
         let d = &self.dnsmasq;
-        let pid = self.child.id().to_string();
-        let out = self.child.wait_with_output();
+        let pid = child.id().to_string();
+        let out = child.wait_with_output();
         // Only its own marker: a later start (after another waited 5 s in
         // vain) may have written its own.
         if fs::read_to_string(d.starting_path()).is_ok_and(|s| s.trim() == pid) {
@@ -110,53 +119,10 @@ impl Starting {
     }
 }
 
-/// The starts [`Dnsmasq::start_overlapped`] left to wait for.
-fn pending() -> std::sync::MutexGuard<'static, Vec<Starting>> {
-    static PENDING: std::sync::Mutex<Vec<Starting>> = std::sync::Mutex::new(Vec::new());
-    PENDING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Failures of starts that [`Dnsmasq::stop`] waited for, still to be
-/// reported by [`await_started`].
-fn failed() -> std::sync::MutexGuard<'static, Vec<DnsmasqError>> {
-    static FAILED: std::sync::Mutex<Vec<DnsmasqError>> = std::sync::Mutex::new(Vec::new());
-    FAILED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Waits for every dnsmasq this process started with
-/// [`Dnsmasq::start_overlapped`] to serve; the first failure is returned
-/// (also one that a stop in between waited for).
-pub fn await_started() -> Result<(), DnsmasqError> {
-    let result = await_started_in(None);
-    let earlier = failed().drain(..).next();
-    match earlier {
-        Some(e) => Err(e),
-        None => result,
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
-}
-
-/// [`await_started`] for the dnsmasq of `dir` only (`None`: all).
-fn await_started_in(dir: Option<&Path>) -> Result<(), DnsmasqError> {
-    let starts: Vec<Starting> = {
-        let mut p = pending();
-        let (mine, rest) = p
-            .drain(..)
-            .partition(|s| dir.is_none_or(|d| s.dnsmasq.dir == d));
-        *p = rest;
-        mine
-    };
-    let mut result = Ok(());
-    for s in starts {
-        let r = s.wait();
-        if result.is_ok() {
-            result = r;
-        }
-    }
-    result
 }
 
 /// One line of the lease file.
@@ -293,18 +259,39 @@ dhcp-option=option6:dns-server
             .trim()
             .parse()
             .ok()?;
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        self.runs_with_conf(pid).then_some(pid)
+    }
+
+    /// Whether process `pid` is a dnsmasq of this configuration (a starting
+    /// one or the daemon): its command line names the configuration file,
+    /// and it runs as root or as a user dnsmasq runs as, so that a local
+    /// user's process that took a dead dnsmasq's pid (with that path in its
+    /// arguments) is never taken for it. A zombie has no command line.
+    fn runs_with_conf(&self, pid: u32) -> bool {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
         let conf = self.conf_path().display().to_string();
-        String::from_utf8_lossy(&cmdline)
-            .contains(&conf)
-            .then_some(pid)
+        if !String::from_utf8_lossy(&cmdline).contains(&conf) {
+            return false;
+        }
+        let Some(uid) = real_uid(pid) else {
+            return false;
+        };
+        uid == 0
+            || ["dnsmasq", "nobody"].into_iter().any(|name| {
+                nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|u| u.uid.as_raw() == uid)
+            })
     }
 
     /// Starts dnsmasq unless it already runs with this configuration. One
     /// started with another (by an earlier release of lume, which let it run
     /// as a user that can no longer read the private reservations) is
-    /// restarted with this one; its leases are kept. Returns once it serves.
-    /// Returns whether it started one (false: one was running, or another
+    /// restarted with this one; its leases are kept. Returns once it serves,
+    /// with whether it started one (false: one was running, or another
     /// start under way finished).
     pub fn ensure_running(&self) -> Result<bool, DnsmasqError> {
         match self.ensure_started()? {
@@ -314,21 +301,19 @@ dhcp-option=option6:dns-server
     }
 
     /// [`Self::ensure_running`] that does not wait for a dnsmasq it starts
-    /// to be ready (its own start takes 10–30 ms): the run's supervisor
-    /// goes on with the firewall and QEMU and calls [`await_started`] once
-    /// QEMU is spawned, long before a guest asks for an address. Until then
-    /// `dnsmasq.starting` names the starting process, so that another lume
-    /// (or this one's watcher) waits for it instead of starting a second.
-    pub fn start_overlapped(&self) -> Result<(), DnsmasqError> {
-        if let Some(starting) = self.ensure_started()? {
-            if starting.marked {
-                pending().push(starting);
-            } else {
-                // Nothing tells another start to wait: wait now.
-                starting.wait()?;
-            }
+    /// to be ready (its own start takes 10–30 ms): the start under way is
+    /// returned, and the run's supervisor goes on with the firewall and
+    /// QEMU and waits for it once QEMU is spawned, long before a guest asks
+    /// for an address. Until then `dnsmasq.starting` names the starting
+    /// process, so that another lume (or this one's watcher, or a stop)
+    /// waits for it instead of starting a second.
+    pub fn start_overlapped(&self) -> Result<Option<Starting>, DnsmasqError> {
+        match self.ensure_started()? {
+            Some(starting) if starting.marked => Ok(Some(starting)),
+            // Nothing tells another start to wait: wait now.
+            Some(starting) => starting.wait().map(|()| None),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     fn starting_path(&self) -> PathBuf {
@@ -345,13 +330,8 @@ dhcp-option=option6:dns-server
         else {
             return;
         };
-        let conf = self.conf_path().display().to_string();
-        let starting = || {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&conf))
-        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while starting() && Instant::now() < deadline {
+        while self.runs_with_conf(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -424,7 +404,7 @@ dhcp-option=option6:dns-server
         )
         .is_ok();
         Ok(Some(Starting {
-            child,
+            child: Some(child),
             dnsmasq: self.clone(),
             marked,
         }))
@@ -498,12 +478,10 @@ dhcp-option=option6:dns-server
 
     /// Stops dnsmasq if it runs.
     pub fn stop(&self) {
-        // One this process is starting is waited for: its pid file is then
-        // there to stop it by. A failure is kept for the run that started it
-        // ([`await_started`]).
-        if let Err(e) = await_started_in(Some(&self.dir)) {
-            failed().push(e);
-        }
+        // A start under way (in this process or another) is waited for: its
+        // pid file is then there to stop it by. Its failure is the starting
+        // run's to report.
+        self.wait_for_other_start();
         if let Some(pid) = self.pid() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -610,6 +588,18 @@ fn dnsmasq_user() -> (&'static str, Option<nix::unistd::Uid>) {
     ("nobody", None)
 }
 
+/// The real uid of process `pid` (`Uid:` in /proc/PID/status).
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The uid of [`dnsmasq_user`], when it exists.
 fn dnsmasq_uid() -> Option<nix::unistd::Uid> {
     dnsmasq_user().1
@@ -651,6 +641,79 @@ pub fn current_lease(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
+
+    fn in_dir(dir: &Path) -> Dnsmasq {
+        Dnsmasq {
+            dir: dir.to_path_buf(),
+            bridge: "lumetst0".into(),
+            subnet: "203.0.113.0/24".parse().unwrap(),
+            prefix6: None,
+            route: false,
+        }
+    }
+
+    /// A process whose command line names `d`'s configuration file, run
+    /// as `uid`.
+    fn named_after(d: &Dnsmasq, uid: Option<u32>) -> std::process::Child {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30"]).arg(d.conf_path());
+        if let Some(uid) = uid {
+            cmd.uid(uid);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    /// A dnsmasq's pid taken over by a local user's process that names the
+    /// configuration file is not dnsmasq: not stopped, not waited for.
+    #[test]
+    fn only_roots_or_dnsmasqs_process_is_taken_for_dnsmasq() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run a process as another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = in_dir(dir.path());
+        let mut roots = named_after(&d, None);
+        let mut users = named_after(&d, Some(54321));
+        assert!(d.runs_with_conf(roots.id()));
+        assert!(!d.runs_with_conf(users.id()));
+        fs::write(d.pid_path(), users.id().to_string()).unwrap();
+        assert_eq!(d.pid(), None);
+        fs::write(d.starting_path(), users.id().to_string()).unwrap();
+        let t = Instant::now();
+        d.wait_for_other_start();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        for c in [&mut roots, &mut users] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A start dropped without being waited for (a run that fails before
+    /// QEMU starts) is still waited for: no zombie, no stale marker.
+    #[test]
+    fn a_start_dropped_unwaited_leaves_no_zombie_or_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = in_dir(dir.path());
+        let child = Command::new("sh")
+            .args(["-c", "sleep 0.2; exit 1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        fs::write(d.starting_path(), pid.to_string()).unwrap();
+        drop(Starting {
+            child: Some(child),
+            dnsmasq: d.clone(),
+            marked: true,
+        });
+        assert!(!d.starting_path().exists());
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "a zombie is left"
+        );
+    }
 
     #[test]
     fn config_binds_to_the_bridge_only() {

@@ -78,7 +78,7 @@ impl NetworkDriver for LumeBridge {
             Vec::new()
         };
         let tap = Tap::create(&device_name("lt"))?;
-        let (ip, subnet_note) = networks.join(&JoinRequest {
+        let joined = networks.join(&JoinRequest {
             kind,
             vm,
             vm_dir,
@@ -88,6 +88,7 @@ impl NetworkDriver for LumeBridge {
             exclusive_mac: opts.member,
             ipv6: opts.policy.is_empty(),
         })?;
+        let ip = joined.ip;
         let net = networks.get(kind).clone();
         let tap_name = tap.name.clone();
         let mut guard = HostSide::default();
@@ -104,9 +105,10 @@ impl NetworkDriver for LumeBridge {
             ip_address: None,
             host_device: Some(tap.name),
             parent: Some(net.bridge.clone()),
-            note: subnet_note,
+            note: joined.note,
             lease_file: Some(net.dnsmasq().lease_path()),
             reserved: Some(ip),
+            dnsmasq_start: joined.dnsmasq,
             guard,
             ..Default::default()
         };

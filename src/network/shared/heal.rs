@@ -242,7 +242,7 @@ impl SharedNet {
                 }
             }
         }
-        let dns = self.dnsmasq();
+        let dns = self.dnsmasq_for(subnet, prefix6);
         if dns.pid().is_none() {
             for m in members {
                 dns.reserve(&m.id(), m.mac, m.ip)?;
@@ -263,7 +263,7 @@ impl SharedNet {
             self.forwarding6_on()?;
             repairs.push("IPv6 forwarding had been switched off: switched it back on".into());
         }
-        if let Some(servers) = self.dnsmasq().follow()? {
+        if let Some(servers) = dns.follow()? {
             repairs.push(format!(
                 "the host's DNS servers changed: dnsmasq for {} now forwards to {}",
                 self.bridge,

@@ -60,17 +60,30 @@ impl JoinRequest<'_> {
     }
 }
 
+/// A VM's place in a shared network ([`Networks::join`]).
+#[derive(Debug)]
+pub struct Joined {
+    /// The address reserved for it.
+    pub ip: Ipv4Addr,
+    /// A note for the user (the subnet lume chose, and why).
+    pub note: Option<String>,
+    /// The network's dnsmasq, when this join started it: still starting,
+    /// to be waited for once QEMU is spawned.
+    pub dnsmasq: Option<crate::network::dnsmasq::Starting>,
+}
+
 impl Networks {
     /// Adds a VM to a shared network: brings the bridge, dnsmasq and the
-    /// firewall up as needed, reserves an address and returns it.
+    /// firewall up as needed, reserves an address and returns it (with
+    /// dnsmasq's start, when under way).
     /// With [`JoinRequest::exclusive_mac`], a MAC address another running
     /// VM of lume's networks uses is refused, under the network lock: two
     /// requests cannot both pass.
-    pub fn join(&self, req: &JoinRequest) -> Result<(Ipv4Addr, Option<String>), SharedError> {
+    pub fn join(&self, req: &JoinRequest) -> Result<Joined, SharedError> {
         let guard = self.lock()?;
         let rewrite = self.collect_records_locked();
         let joined = self.join_locked(req);
-        let (ip, note, record) = match joined {
+        let (joined, record) = match joined {
             Ok(j) => j,
             Err(e) => {
                 if rewrite {
@@ -88,7 +101,9 @@ impl Networks {
         if let Err(e) = self.firewall_catch_up(record) {
             // Leave nothing half set up: drop the record, collect the rest,
             // and write the table without the VM (a write that failed half
-            // way may have left its rules).
+            // way may have left its rules). A dnsmasq start is waited for
+            // first.
+            drop(joined);
             if let Ok(_guard) = self.lock() {
                 let _ = self.get(req.kind).remove_member(&req.id());
                 self.collect_records_locked();
@@ -96,16 +111,13 @@ impl Networks {
             }
             return Err(e);
         }
-        Ok((ip, note))
+        Ok(joined)
     }
 
     /// [`Self::join`] under the network lock, after the collection: the
     /// VM's record, address, bridge, dnsmasq and tap; returns the record's
     /// number for the firewall write that must follow.
-    pub(super) fn join_locked(
-        &self,
-        req: &JoinRequest,
-    ) -> Result<(Ipv4Addr, Option<String>, u64), SharedError> {
+    pub(super) fn join_locked(&self, req: &JoinRequest) -> Result<(Joined, u64), SharedError> {
         let &JoinRequest {
             kind,
             vm,
@@ -188,22 +200,25 @@ impl Networks {
             net.bring_up_adopting(running_before)?;
             let dns = net.dnsmasq();
             dns.reserve(&id, mac, ip)?;
-            // Ready by the time QEMU is spawned (the supervisor waits then).
-            dns.start_overlapped()?;
+            // Ready by the time QEMU is spawned (the supervisor waits then);
+            // on an error below, dropped, which waits for it.
+            let dnsmasq = dns.start_overlapped()?;
             let mut nl = Netlink::open()?;
             nl.set_master(tap, &net.bridge)?;
             // The port itself has no IPv6 of its own to announce to its guest.
             sysctl::ipv6_off(tap);
             nl.set_up(tap)?;
-            Ok::<_, SharedError>(())
+            Ok::<_, SharedError>(dnsmasq)
         })();
-        if let Err(e) = joined {
-            // Leave nothing half set up: drop the record, collect the rest.
-            let _ = net.remove_member(&id);
-            self.collect_locked();
-            return Err(e);
+        match joined {
+            Ok(dnsmasq) => Ok((Joined { ip, note, dnsmasq }, self.record_joined())),
+            Err(e) => {
+                // Leave nothing half set up: drop the record, collect the rest.
+                let _ = net.remove_member(&id);
+                self.collect_locked();
+                Err(e)
+            }
         }
-        Ok((ip, note, self.record_joined()))
     }
 
     /// Refuses `mac` when another live VM of lume's networks (nat, host, or

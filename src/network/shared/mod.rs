@@ -272,11 +272,16 @@ impl SharedNet {
     }
 
     pub fn dnsmasq(&self) -> Dnsmasq {
+        self.dnsmasq_for(self.subnet(), self.prefix6())
+    }
+
+    /// [`Self::dnsmasq`] for the subnet and /64 the caller has read.
+    pub(super) fn dnsmasq_for(&self, subnet: Subnet, prefix6: Option<Prefix6>) -> Dnsmasq {
         Dnsmasq {
             dir: self.dir.clone(),
             bridge: self.bridge.clone(),
-            subnet: self.subnet(),
-            prefix6: self.prefix6(),
+            subnet,
+            prefix6,
             route: self.kind == Kind::Nat,
         }
     }
