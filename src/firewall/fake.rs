@@ -14,12 +14,26 @@ pub struct FakeFirewall {
     pub table: Mutex<Option<FirewallState>>,
     /// How many times lume's table was written.
     pub applies: Mutex<u32>,
+    /// The ruleset's generation: moved on by every change.
+    pub generation: Mutex<u32>,
+    /// How many times the ruleset was listed (`listing`).
+    pub listings: Mutex<u32>,
 }
 
 impl FakeFirewall {
     /// Removes lume's table behind lume's back (`nft flush ruleset`).
     pub fn flush(&self) {
         *self.table.lock().unwrap() = None;
+        self.changed();
+    }
+
+    /// Another tool changed the ruleset (its own tables).
+    pub fn changed(&self) {
+        *self.generation.lock().unwrap() += 1;
+    }
+
+    pub fn listings(&self) -> u32 {
+        *self.listings.lock().unwrap()
     }
 
     pub fn state(&self) -> Option<FirewallState> {
@@ -35,6 +49,7 @@ impl FirewallDriver for FakeFirewall {
     fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
         *self.applies.lock().unwrap() += 1;
         *self.table.lock().unwrap() = (!state.is_empty()).then(|| state.clone());
+        self.changed();
         Ok(())
     }
 
@@ -47,7 +62,12 @@ impl FirewallDriver for FakeFirewall {
         Ok(self.table.lock().unwrap().is_some())
     }
 
+    fn generation(&self) -> Option<u32> {
+        Some(*self.generation.lock().unwrap())
+    }
+
     fn listing(&self) -> Result<Option<String>, FirewallError> {
+        *self.listings.lock().unwrap() += 1;
         Ok(self
             .table
             .lock()

@@ -117,6 +117,10 @@ pub trait FirewallDriver: std::fmt::Debug + Send + Sync {
     fn remove(&self) -> Result<(), FirewallError>;
     /// Whether lume's table exists.
     fn present(&self) -> Result<bool, FirewallError>;
+    /// The ruleset's generation in the caller's network namespace: it
+    /// changes with every change to any table, lume's or another tool's.
+    /// `None` when it cannot be read (a check then lists, as without it).
+    fn generation(&self) -> Option<u32>;
     /// The table as the firewall lists it now; `None` when it is missing.
     fn listing(&self) -> Result<Option<String>, FirewallError>;
     /// Base chains of other tables that may drop traffic lume forwards or

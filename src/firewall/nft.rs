@@ -617,6 +617,14 @@ impl FirewallDriver for Nft {
         self.accommodate_planned(rs, openings)
     }
 
+    fn generation(&self) -> Option<u32> {
+        // A netlink request, not a libnftables command: the library fills
+        // its cache with the whole ruleset for any command.
+        crate::network::kernel::netlink::Netlink::open_netfilter()
+            .and_then(|mut nl| nl.nftables_generation())
+            .ok()
+    }
+
     fn present(&self) -> Result<bool, FirewallError> {
         let out = nft(&["list", "tables", "inet"], None)?;
         Ok(out

@@ -77,8 +77,36 @@ impl Networks {
     /// The firewall part of [`Self::heal`] (under the network lock): puts
     /// lume's table back when it is missing or changed (`any`: NAT or
     /// host-only VMs run, which need it) and lume's accepts in other tools'
-    /// chains.
+    /// chains. When the ruleset's generation is the one a full check found
+    /// everything in place at, nothing (lume's or another tool's) has
+    /// changed since: nothing is listed (each listing holds the whole
+    /// ruleset, and this runs every second and on every nftables event).
     pub(super) fn heal_firewall(&self, any: bool, repairs: &mut Vec<String>) {
+        // Read before the check: a change during it moves the generation
+        // on, so the next pass checks again.
+        let generation = self.firewall.generation();
+        let checked = self.root.join(CHECKED_GENERATION);
+        let last = fs::read_to_string(&checked)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        if generation.is_some() && last == generation {
+            return;
+        }
+        let before = repairs.len();
+        self.heal_firewall_listed(any, repairs);
+        match generation {
+            // Everything was in place: nothing to say, nothing written.
+            Some(g) if repairs.len() == before => {
+                let _ = crate::util::atomic::write_runtime(&checked, g.to_string().as_bytes());
+            }
+            _ => {
+                let _ = fs::remove_file(&checked);
+            }
+        }
+    }
+
+    /// [`Self::heal_firewall`]'s check, listing the ruleset.
+    fn heal_firewall_listed(&self, any: bool, repairs: &mut Vec<String>) {
         // After a flush (the usual case) lume's table is simply gone:
         // `nft list tables` says so in the same few milliseconds
         // whatever the size of the ruleset, and the table is written
@@ -160,6 +188,10 @@ impl Networks {
         }
     }
 }
+
+/// The ruleset generation at which the watcher's last full firewall check
+/// found everything in place ([`Networks::heal_firewall`]).
+const CHECKED_GENERATION: &str = "nft.checked";
 
 impl SharedNet {
     /// Repairs this network for its live members.
@@ -309,6 +341,7 @@ mod tests {
 
         // Changed by somebody else: written back as well.
         *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        fw.changed();
         repairs.clear();
         nets.heal_firewall(true, &mut repairs);
         assert_eq!(
@@ -316,5 +349,54 @@ mod tests {
             ["nftables table inet lume was changed: restored it"]
         );
         assert_eq!(fw.state(), Some(written));
+    }
+
+    /// While the ruleset's generation stays where a full check found
+    /// everything in place, the watcher's passes list nothing; a change by
+    /// anyone makes the next pass check everything again.
+    #[test]
+    fn an_unchanged_ruleset_is_not_listed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        let nets = Networks::in_dir(dir.path(), fw.clone());
+        nets.add_member(Kind::Nat, &Networks::test_member(&dir.path().join("vm")));
+        nets.apply_firewall().unwrap();
+        let mut repairs = Vec::new();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
+        let listed = fw.listings();
+        for _ in 0..3 {
+            nets.heal_firewall(true, &mut repairs);
+        }
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert_eq!(fw.listings(), listed, "an unchanged ruleset was listed");
+
+        // Another tool's change: checked in full, nothing to repair.
+        fw.changed();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(fw.listings() > listed);
+        let listed = fw.listings();
+        nets.heal_firewall(true, &mut repairs);
+        assert_eq!(fw.listings(), listed);
+
+        // A flush is repaired at the next pass, and the pass after the
+        // repair checks again (the repair moved the generation on).
+        fw.flush();
+        nets.heal_firewall(true, &mut repairs);
+        assert_eq!(
+            repairs,
+            ["nftables table inet lume was missing: restored it"]
+        );
+        repairs.clear();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert!(fw.state().is_some());
+
+        // A record that cannot be read: the pass lists.
+        let _ = fs::write(dir.path().join(CHECKED_GENERATION), "garbage");
+        let listed = fw.listings();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(fw.listings() > listed);
     }
 }
