@@ -16,8 +16,10 @@ pub struct FakeFirewall {
     pub applies: Mutex<u32>,
     /// The ruleset's generation: moved on by every change.
     pub generation: Mutex<u32>,
-    /// How many times the ruleset was listed (`listing`).
+    /// How many times lume's tables were listed (`listing`).
     pub listings: Mutex<u32>,
+    /// How many times the whole ruleset was listed (`ruleset`).
+    pub rulesets: Mutex<u32>,
 }
 
 impl FakeFirewall {
@@ -34,6 +36,10 @@ impl FakeFirewall {
 
     pub fn listings(&self) -> u32 {
         *self.listings.lock().unwrap()
+    }
+
+    pub fn rulesets(&self) -> u32 {
+        *self.rulesets.lock().unwrap()
     }
 
     pub fn state(&self) -> Option<FirewallState> {
@@ -92,6 +98,7 @@ impl FirewallDriver for FakeFirewall {
     }
 
     fn ruleset(&self) -> Result<Ruleset, FirewallError> {
+        *self.rulesets.lock().unwrap() += 1;
         Ok(Ruleset::default())
     }
 

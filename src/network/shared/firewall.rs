@@ -153,8 +153,13 @@ impl Networks {
     /// (for the watcher's log).
     pub(super) fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
         // One listing tells whether other tools' chains are there and
-        // plans lume's accepts in them.
-        let rs = self.firewall.ruleset()?;
+        // plans lume's accepts in them; none when nothing changed since a
+        // check found no such chain (the watcher's, see `heal_firewall`).
+        let rs = if self.unchanged_without_tools() {
+            Ruleset::default()
+        } else {
+            self.firewall.ruleset()?
+        };
         let tools = self.accommodate && rs.tools_present();
         self.write_firewall_from(tools, Some(rs))
     }

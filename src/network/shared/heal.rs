@@ -85,19 +85,19 @@ impl Networks {
         // Read before the check: a change during it moves the generation
         // on, so the next pass checks again.
         let generation = self.firewall.generation();
-        let checked = self.root.join(CHECKED_GENERATION);
-        let last = fs::read_to_string(&checked)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok());
-        if generation.is_some() && last == generation {
+        if generation.is_some() && self.checked().map(|c| c.0) == generation {
             return;
         }
         let before = repairs.len();
-        self.heal_firewall_listed(any, repairs);
-        match generation {
+        let tools = self.heal_firewall_listed(any, repairs);
+        let checked = self.root.join(CHECKED_GENERATION);
+        match (generation, tools) {
             // Everything was in place: nothing to say, nothing written.
-            Some(g) if repairs.len() == before => {
-                let _ = crate::util::atomic::write_runtime(&checked, g.to_string().as_bytes());
+            (Some(g), Some(tools)) if repairs.len() == before => {
+                let _ = crate::util::atomic::write_runtime(
+                    &checked,
+                    format!("{g} {}", u8::from(tools)).as_bytes(),
+                );
             }
             _ => {
                 let _ = fs::remove_file(&checked);
@@ -105,8 +105,33 @@ impl Networks {
         }
     }
 
-    /// [`Self::heal_firewall`]'s check, listing the ruleset.
-    fn heal_firewall_listed(&self, any: bool, repairs: &mut Vec<String>) {
+    /// The generation at which the last full check found everything in
+    /// place, and whether another tool's chain (Docker's, ufw's,
+    /// firewalld's) existed then.
+    fn checked(&self) -> Option<(u32, bool)> {
+        let text = fs::read_to_string(self.root.join(CHECKED_GENERATION)).ok()?;
+        let mut words = text.split_whitespace();
+        let generation = words.next()?.parse().ok()?;
+        let tools = match words.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
+        Some((generation, tools))
+    }
+
+    /// Whether the ruleset is, to the generation, one a full check found
+    /// in place with no other tool's chain: a write then has nothing to
+    /// plan around and need not list it.
+    pub(super) fn unchanged_without_tools(&self) -> bool {
+        self.firewall
+            .generation()
+            .is_some_and(|g| self.checked() == Some((g, false)))
+    }
+
+    /// [`Self::heal_firewall`]'s check, listing the ruleset; whether
+    /// another tool's chain exists (`None`: not known).
+    fn heal_firewall_listed(&self, any: bool, repairs: &mut Vec<String>) -> Option<bool> {
         // After a flush (the usual case) lume's table is simply gone:
         // `nft list tables` says so in the same few milliseconds
         // whatever the size of the ruleset, and the table is written
@@ -179,12 +204,16 @@ impl Networks {
                         )),
                     }
                 }
+                Some(done.tools)
             }
-            Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => {}
-            Err(e) => repairs.push(format!(
-                "could not put lume's accepts back in other tools' chains: {}",
-                crate::error_chain(&e)
-            )),
+            Err(SharedError::Firewall(FirewallError::NftMissing)) if !any => None,
+            Err(e) => {
+                repairs.push(format!(
+                    "could not put lume's accepts back in other tools' chains: {}",
+                    crate::error_chain(&e)
+                ));
+                None
+            }
         }
     }
 }
@@ -392,6 +421,23 @@ mod tests {
         nets.heal_firewall(true, &mut repairs);
         assert!(repairs.is_empty(), "{repairs:?}");
         assert!(fw.state().is_some());
+
+        // A VM joining now writes without listing the whole ruleset: no
+        // other tool's chain to plan around at this generation.
+        let rulesets = fw.rulesets();
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), rulesets);
+        // Not when the check saw one, or after any change.
+        nets.heal_firewall(true, &mut repairs);
+        let g = fw.generation().unwrap();
+        let _ = fs::write(dir.path().join(CHECKED_GENERATION), format!("{g} 1"));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), rulesets + 1);
+        nets.heal_firewall(true, &mut repairs);
+        fw.changed();
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), rulesets + 2);
+        assert!(repairs.is_empty(), "{repairs:?}");
 
         // A record that cannot be read: the pass lists.
         let _ = fs::write(dir.path().join(CHECKED_GENERATION), "garbage");
