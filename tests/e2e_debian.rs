@@ -8,8 +8,9 @@
 //! (a file deleted after a memory snapshot is back after the restore) and in
 //! shared directories (virtio-fs mounted by lume's cloud-init at a later
 //! boot, read-only and read-write), in an `--ephemeral` run that leaves
-//! every disk file as it was. One guest is shared by all these checks: four
-//! boots under TCG, two of them first boots.
+//! every disk file as it was. One imported disk serves all these checks:
+//! four boots under TCG (the VM three, its clone once), two of them first
+//! boots.
 //! Needs root (network namespaces) and the packages of scripts/install-deps.sh.
 
 mod common;
