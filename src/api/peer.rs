@@ -159,18 +159,6 @@ fn program(proc_dir: &Path) -> Option<String> {
         .map(|c| c.trim_end().to_string())
 }
 
-/// The real uid of a process, from `/proc/PID/status`.
-fn process_uid(proc_dir: &Path) -> Option<u32> {
-    let status = std::fs::read_to_string(proc_dir.join("status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Whether a process holds the socket with this inode. A process whose
 /// descriptors cannot be read counts as holding it (refusing is the safe
 /// answer about a VM helper).
@@ -262,7 +250,7 @@ pub fn vm_helper_holding(
             continue;
         };
         let dir = entry.path();
-        if process_uid(&dir) != Some(uid) {
+        if crate::util::procfs::real_uid(&dir) != Some(uid) {
             continue;
         }
         if let Some(helper) = rule.helper(proc_root, pid, &dir)

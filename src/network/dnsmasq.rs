@@ -275,7 +275,7 @@ dhcp-option=option6:dns-server
         if !String::from_utf8_lossy(&cmdline).contains(&conf) {
             return false;
         }
-        let Some(uid) = real_uid(pid) else {
+        let Some(uid) = crate::util::procfs::real_uid_of(pid) else {
             return false;
         };
         uid == 0
@@ -586,18 +586,6 @@ fn dnsmasq_user() -> (&'static str, Option<nix::unistd::Uid>) {
         }
     }
     ("nobody", None)
-}
-
-/// The real uid of process `pid` (`Uid:` in /proc/PID/status).
-fn real_uid(pid: u32) -> Option<u32> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The uid of [`dnsmasq_user`], when it exists.

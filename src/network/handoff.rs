@@ -477,7 +477,11 @@ pub fn serve_request(
     let pidfd = pidfd_open(pid).map_err(|_| RequestError::Process(pid))?;
     // The pidfd is of the process that owns the connection now (it waits for
     // this answer); its uid must still be the caller's (not a reused pid).
-    if process_uid(pid) != Some(uid) {
+    if u32::try_from(pid)
+        .ok()
+        .and_then(crate::util::procfs::real_uid_of)
+        != Some(uid)
+    {
         return Err(RequestError::Process(pid));
     }
     use std::os::unix::process::CommandExt as _;
@@ -554,18 +558,6 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just returned this descriptor; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The real uid of process `pid`, from /proc.
-fn process_uid(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// `lume net-keeper`'s arguments (from `lume serve`, never from people).

@@ -1,7 +1,9 @@
-//! Small helpers shared by every module: atomic file writes, randomness, time.
+//! Small helpers shared by every module: atomic file writes, randomness,
+//! time, what lume reads of other processes in /proc.
 
 pub mod atomic;
 pub mod fds;
+pub mod procfs;
 pub mod random;
 #[cfg(test)]
 pub mod testing;
