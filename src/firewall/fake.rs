@@ -5,7 +5,10 @@
 use std::sync::Mutex;
 
 use super::foreign::Ruleset;
-use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
+use super::{
+    Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening,
+    RulesetGeneration,
+};
 
 /// lume's table as the fake holds it, and what it was asked to do.
 #[derive(Debug, Default)]
@@ -68,8 +71,11 @@ impl FirewallDriver for FakeFirewall {
         Ok(self.table.lock().unwrap().is_some())
     }
 
-    fn generation(&self) -> Option<u32> {
-        Some(*self.generation.lock().unwrap())
+    fn generation(&self) -> Option<RulesetGeneration> {
+        Some(RulesetGeneration {
+            namespace: 1,
+            number: *self.generation.lock().unwrap(),
+        })
     }
 
     fn listing(&self) -> Result<Option<String>, FirewallError> {

@@ -107,6 +107,33 @@ pub enum FirewallError {
     Library(#[from] libnft::LibnftError),
 }
 
+/// Which ruleset, as of which change: the network namespace's identity
+/// (a number never reused while the system runs) and the kernel's
+/// nftables generation there, which moves on with every committed change.
+/// Written as `NAMESPACE:GENERATION`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RulesetGeneration {
+    pub namespace: u64,
+    pub number: u32,
+}
+
+impl std::fmt::Display for RulesetGeneration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.namespace, self.number)
+    }
+}
+
+impl std::str::FromStr for RulesetGeneration {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (namespace, number) = s.split_once(':').ok_or(())?;
+        Ok(RulesetGeneration {
+            namespace: namespace.parse().map_err(drop)?,
+            number: number.parse().map_err(drop)?,
+        })
+    }
+}
+
 /// A firewall backend. lume's networks ([`crate::network::shared::Networks`])
 /// and the doctor are given one as a trait object: nft in lume, a fake in
 /// the unit tests of what they do around it.
@@ -120,7 +147,7 @@ pub trait FirewallDriver: std::fmt::Debug + Send + Sync {
     /// The ruleset's generation in the caller's network namespace: it
     /// changes with every change to any table, lume's or another tool's.
     /// `None` when it cannot be read (a check then lists, as without it).
-    fn generation(&self) -> Option<u32>;
+    fn generation(&self) -> Option<RulesetGeneration>;
     /// The table as the firewall lists it now; `None` when it is missing.
     fn listing(&self) -> Result<Option<String>, FirewallError>;
     /// Base chains of other tables that may drop traffic lume forwards or

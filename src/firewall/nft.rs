@@ -8,7 +8,10 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use super::foreign::{self, Ruleset};
-use super::{Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening};
+use super::{
+    Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening,
+    RulesetGeneration,
+};
 
 /// The table that holds every lume rule.
 pub const TABLE: &str = "lume";
@@ -617,12 +620,14 @@ impl FirewallDriver for Nft {
         self.accommodate_planned(rs, openings)
     }
 
-    fn generation(&self) -> Option<u32> {
+    fn generation(&self) -> Option<RulesetGeneration> {
         // A netlink request, not a libnftables command: the library fills
         // its cache with the whole ruleset for any command.
-        crate::network::kernel::netlink::Netlink::open_netfilter()
-            .and_then(|mut nl| nl.nftables_generation())
-            .ok()
+        let mut nl = crate::network::kernel::netlink::Netlink::open_netfilter().ok()?;
+        Some(RulesetGeneration {
+            namespace: nl.namespace_cookie().ok()?,
+            number: nl.nftables_generation().ok()?,
+        })
     }
 
     fn present(&self) -> Result<bool, FirewallError> {

@@ -92,7 +92,9 @@ impl Starting {
         let out = child.wait_with_output();
         // Only its own marker: a later start (after another waited 5 s in
         // vain) may have written its own.
-        if fs::read_to_string(d.starting_path()).is_ok_and(|s| s.trim() == pid) {
+        if fs::read_to_string(d.starting_path())
+            .is_ok_and(|s| s.split_whitespace().next() == Some(pid.as_str()))
+        {
             let _ = fs::remove_file(d.starting_path());
         }
         let failed = |message: String| DnsmasqError::Failed {
@@ -262,29 +264,27 @@ dhcp-option=option6:dns-server
         self.runs_with_conf(pid).then_some(pid)
     }
 
-    /// Whether process `pid` is a dnsmasq of this configuration (a starting
-    /// one or the daemon): its command line names the configuration file,
-    /// and it runs as root or as a user dnsmasq runs as, so that a local
-    /// user's process that took a dead dnsmasq's pid (with that path in its
-    /// arguments) is never taken for it. A zombie has no command line.
-    fn runs_with_conf(&self, pid: u32) -> bool {
+    /// Whether process `pid` is a dnsmasq of this configuration: it runs
+    /// a program named dnsmasq, its command line names the configuration
+    /// file, and its real uid passes `uid_ok`. A local user's process that
+    /// took a dead dnsmasq's pid with that path in its arguments fails the
+    /// uid (a user cannot run as root or dnsmasq's user), and a privileged
+    /// program that keeps such arguments (sudo waiting at its prompt) fails
+    /// the program. A zombie has no command line.
+    fn is_dnsmasq(&self, pid: u32, uid_ok: impl Fn(u32) -> bool) -> bool {
         let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
         let conf = self.conf_path().display().to_string();
-        if !String::from_utf8_lossy(&cmdline).contains(&conf) {
-            return false;
-        }
-        let Some(uid) = crate::util::procfs::real_uid_of(pid) else {
-            return false;
-        };
-        uid == 0
-            || ["dnsmasq", "nobody"].into_iter().any(|name| {
-                nix::unistd::User::from_name(name)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|u| u.uid.as_raw() == uid)
-            })
+        String::from_utf8_lossy(&cmdline).contains(&conf)
+            && crate::util::procfs::program_name(pid).as_deref() == Some("dnsmasq")
+            && crate::util::procfs::real_uid_of(pid).is_some_and(uid_ok)
+    }
+
+    /// [`Self::is_dnsmasq`] for the daemon: root, or a user dnsmasq drops
+    /// to (`nobody` too: an earlier release's dnsmasq ran as that user).
+    fn runs_with_conf(&self, pid: u32) -> bool {
+        self.is_dnsmasq(pid, |uid| uid == 0 || is_dnsmasq_user(uid))
     }
 
     /// Starts dnsmasq unless it already runs with this configuration. One
@@ -324,14 +324,23 @@ dhcp-option=option6:dns-server
     /// `dnsmasq.starting`, is under way: until its daemonizing process has
     /// exited (a zombie not yet collected has no command line).
     fn wait_for_other_start(&self) {
-        let Some(pid) = fs::read_to_string(self.starting_path())
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        else {
+        let Some(marker) = fs::read_to_string(self.starting_path()).ok() else {
             return;
         };
+        // "PID START-TIME" (the previous release wrote the pid alone).
+        let mut words = marker.split_whitespace();
+        let Some(pid) = words.next().and_then(|w| w.parse::<u32>().ok()) else {
+            return;
+        };
+        let started = words.next().and_then(|w| w.parse::<u64>().ok());
+        // The starting process runs as root: it drops to dnsmasq's user
+        // only in the daemon it forks.
+        let starting = || {
+            self.is_dnsmasq(pid, |uid| uid == 0)
+                && started.is_none_or(|t| crate::util::procfs::start_time(pid) == Some(t))
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.runs_with_conf(pid) && Instant::now() < deadline {
+        while starting() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -398,11 +407,13 @@ dhcp-option=option6:dns-server
                 io::ErrorKind::NotFound => DnsmasqError::Missing,
                 _ => io_err(&self.conf_path())(e),
             })?;
-        let marked = crate::util::atomic::write_runtime(
-            &self.starting_path(),
-            child.id().to_string().as_bytes(),
-        )
-        .is_ok();
+        let marked = crate::util::procfs::start_time(child.id()).is_some_and(|started| {
+            crate::util::atomic::write_runtime(
+                &self.starting_path(),
+                format!("{} {started}", child.id()).as_bytes(),
+            )
+            .is_ok()
+        });
         Ok(Some(Starting {
             child: Some(child),
             dnsmasq: self.clone(),
@@ -588,6 +599,21 @@ fn dnsmasq_user() -> (&'static str, Option<nix::unistd::Uid>) {
     ("nobody", None)
 }
 
+/// Whether `uid` is a user lume's dnsmasq runs as (`dnsmasq`, `nobody`).
+/// The lookups are kept; a uid not among them is looked up afresh, in case
+/// the user was created since.
+fn is_dnsmasq_user(uid: u32) -> bool {
+    fn lookup() -> Vec<u32> {
+        ["dnsmasq", "nobody"]
+            .into_iter()
+            .filter_map(|name| nix::unistd::User::from_name(name).ok().flatten())
+            .map(|u| u.uid.as_raw())
+            .collect()
+    }
+    static KNOWN: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(lookup).contains(&uid) || lookup().contains(&uid)
+}
+
 /// The uid of [`dnsmasq_user`], when it exists.
 fn dnsmasq_uid() -> Option<nix::unistd::Uid> {
     dnsmasq_user().1
@@ -641,38 +667,73 @@ mod tests {
         }
     }
 
-    /// A process whose command line names `d`'s configuration file, run
-    /// as `uid`.
-    fn named_after(d: &Dnsmasq, uid: Option<u32>) -> std::process::Child {
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", "sleep 30"]).arg(d.conf_path());
+    /// A process running `program` whose command line names `d`'s
+    /// configuration file, run as `uid`.
+    fn named_after(d: &Dnsmasq, program: &Path, uid: Option<u32>) -> std::process::Child {
+        let mut cmd = Command::new(program);
+        cmd.args(["-c", "sleep 30; true"]).arg(d.conf_path());
         if let Some(uid) = uid {
             cmd.uid(uid);
         }
         cmd.spawn().unwrap()
     }
 
-    /// A dnsmasq's pid taken over by a local user's process that names the
-    /// configuration file is not dnsmasq: not stopped, not waited for.
+    /// A dnsmasq's pid taken over by another process that names the
+    /// configuration file is not dnsmasq (not stopped, not waited for): a
+    /// local user's, even running a program named dnsmasq, and root's
+    /// running another program (sudo waiting at its prompt); a marker
+    /// names its process by pid and start time.
     #[test]
     fn only_roots_or_dnsmasqs_process_is_taken_for_dnsmasq() {
+        use std::os::unix::fs::PermissionsExt;
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root to run a process as another user");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let d = in_dir(dir.path());
-        let mut roots = named_after(&d, None);
-        let mut users = named_after(&d, Some(54321));
+        // A shell under dnsmasq's name: its /proc/PID/exe says dnsmasq.
+        let fake = dir.path().join("dnsmasq");
+        fs::copy(fs::canonicalize("/bin/sh").unwrap(), &fake).unwrap();
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut roots = named_after(&d, &fake, None);
+        let mut users = named_after(&d, &fake, Some(54321));
+        let mut other = named_after(&d, Path::new("sh"), None);
+        std::thread::sleep(Duration::from_millis(100));
         assert!(d.runs_with_conf(roots.id()));
         assert!(!d.runs_with_conf(users.id()));
-        fs::write(d.pid_path(), users.id().to_string()).unwrap();
-        assert_eq!(d.pid(), None);
-        fs::write(d.starting_path(), users.id().to_string()).unwrap();
+        assert!(!d.runs_with_conf(other.id()));
+        for c in [&users, &other] {
+            fs::write(d.pid_path(), c.id().to_string()).unwrap();
+            assert_eq!(d.pid(), None);
+            fs::write(d.starting_path(), c.id().to_string()).unwrap();
+            let t = Instant::now();
+            d.wait_for_other_start();
+            assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        }
+        // Root's dnsmasq with another start time: a later process.
+        let started = crate::util::procfs::start_time(roots.id()).unwrap();
+        fs::write(d.starting_path(), format!("{} {}", roots.id(), started + 1)).unwrap();
         let t = Instant::now();
         d.wait_for_other_start();
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-        for c in [&mut roots, &mut users] {
+        // The same process: waited for until it ends.
+        fs::write(d.starting_path(), format!("{} {started}", roots.id())).unwrap();
+        let pid = nix::unistd::Pid::from_raw(roots.id() as i32);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        });
+        let t = Instant::now();
+        d.wait_for_other_start();
+        let waited = t.elapsed();
+        killer.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_secs(4),
+            "{waited:?}"
+        );
+        for c in [&mut roots, &mut users, &mut other] {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -702,6 +702,11 @@ fn hold(args: &KeeperArgs, pidfd: &OwnedFd) -> Result<(Handed, Held), (u16, Stri
             };
             (status, e.to_string())
         })?;
+    // The keeper holds the attachment for the VM's life: dnsmasq's start
+    // is waited for now, and a failure refuses the hand-off.
+    attachment
+        .await_dnsmasq()
+        .map_err(|e| (500, e.to_string()))?;
     let device = attachment
         .host_device
         .clone()

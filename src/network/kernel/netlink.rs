@@ -777,6 +777,33 @@ impl Netlink {
             })
     }
 
+    /// The identity of this socket's network namespace
+    /// (`SO_NETNS_COOKIE`, Linux 5.14+): unique for the life of the
+    /// system, never reused by a later namespace (an inode number is).
+    pub fn namespace_cookie(&self) -> Result<u64, NetlinkError> {
+        // asm-generic's value (x86, arm, riscv); the libc crate does not
+        // export it.
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a
+        // live u64, and the new length into `len`; the descriptor is open
+        // for as long as `self` lives.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&raw mut cookie).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 || len as usize != std::mem::size_of::<u64>() {
+            return Err(NetlinkError::Socket(Errno::last()));
+        }
+        Ok(cookie)
+    }
+
     pub fn link_index(&mut self, name: &str) -> Result<Option<u32>, NetlinkError> {
         Ok(self.get_link(name)?.map(|l| l.index))
     }
@@ -1795,7 +1822,7 @@ mod tests {
                 return;
             }
             let ns = Netns::new(format!("lume-nfg-{}", std::process::id()));
-            ns.run(|| {
+            let inside = ns.run(|| {
                 let mut nl = Netlink::open_netfilter().unwrap();
                 let first = nl.nftables_generation().unwrap();
                 assert_eq!(nl.nftables_generation().unwrap(), first);
@@ -1811,7 +1838,14 @@ mod tests {
                 let second = nl.nftables_generation().unwrap();
                 assert_ne!(second, first);
                 assert_eq!(nl.nftables_generation().unwrap(), second);
+                nl.namespace_cookie().unwrap()
             });
+            // Another namespace has another cookie (and its own generation).
+            let here = Netlink::open_netfilter()
+                .unwrap()
+                .namespace_cookie()
+                .unwrap();
+            assert_ne!(inside, here);
         }
 
         #[test]

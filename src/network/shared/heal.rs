@@ -108,7 +108,7 @@ impl Networks {
     /// The generation at which the last full check found everything in
     /// place, and whether another tool's chain (Docker's, ufw's,
     /// firewalld's) existed then.
-    fn checked(&self) -> Option<(u32, bool)> {
+    fn checked(&self) -> Option<(RulesetGeneration, bool)> {
         let text = fs::read_to_string(self.root.join(CHECKED_GENERATION)).ok()?;
         let mut words = text.split_whitespace();
         let generation = words.next()?.parse().ok()?;

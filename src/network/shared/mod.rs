@@ -30,7 +30,7 @@ use crate::firewall::foreign::{FindingKind, Ruleset};
 use crate::firewall::nft::Nft;
 use crate::firewall::{
     Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
-    Opening,
+    Opening, RulesetGeneration,
 };
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
