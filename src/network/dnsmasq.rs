@@ -275,9 +275,17 @@ dhcp-option=option6:dns-server
         let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
             return false;
         };
-        let conf = self.conf_path().display().to_string();
-        String::from_utf8_lossy(&cmdline).contains(&conf)
-            && crate::util::procfs::program_name(pid).as_deref() == Some("dnsmasq")
+        let mut args = cmdline.split(|b| *b == 0);
+        let argv0 = args.next().unwrap_or_default();
+        let conf = format!("--conf-file={}", self.conf_path().display());
+        // /proc/PID/exe needs CAP_SYS_PTRACE for another user's process
+        // (lume in a container without it): then the program's own name.
+        let program = crate::util::procfs::program_name(pid).unwrap_or_else(|| {
+            let argv0 = String::from_utf8_lossy(argv0);
+            argv0.rsplit('/').next().unwrap_or_default().to_string()
+        });
+        args.any(|a| a == conf.as_bytes())
+            && program == "dnsmasq"
             && crate::util::procfs::real_uid_of(pid).is_some_and(uid_ok)
     }
 
@@ -671,7 +679,8 @@ mod tests {
     /// configuration file, run as `uid`.
     fn named_after(d: &Dnsmasq, program: &Path, uid: Option<u32>) -> std::process::Child {
         let mut cmd = Command::new(program);
-        cmd.args(["-c", "sleep 30; true"]).arg(d.conf_path());
+        cmd.args(["-c", "sleep 30; true"])
+            .arg(format!("--conf-file={}", d.conf_path().display()));
         if let Some(uid) = uid {
             cmd.uid(uid);
         }
@@ -700,7 +709,16 @@ mod tests {
         let mut roots = named_after(&d, &fake, None);
         let mut users = named_after(&d, &fake, Some(54321));
         let mut other = named_after(&d, Path::new("sh"), None);
+        // The path inside another argument is not this configuration.
+        let mut longer = Command::new(&fake)
+            .args(["-c", "sleep 30; true"])
+            .arg(format!("--conf-file={}.old", d.conf_path().display()))
+            .spawn()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
+        assert!(!d.runs_with_conf(longer.id()));
+        let _ = longer.kill();
+        let _ = longer.wait();
         assert!(d.runs_with_conf(roots.id()));
         assert!(!d.runs_with_conf(users.id()));
         assert!(!d.runs_with_conf(other.id()));

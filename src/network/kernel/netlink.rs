@@ -782,7 +782,10 @@ impl Netlink {
     /// system, never reused by a later namespace (an inode number is).
     pub fn namespace_cookie(&self) -> Result<u64, NetlinkError> {
         // asm-generic's value (x86, arm, riscv); the libc crate does not
-        // export it.
+        // export it, and sparc numbers it otherwise.
+        #[cfg(any(target_arch = "sparc64", target_arch = "sparc"))]
+        const SO_NETNS_COOKIE: libc::c_int = 0x50;
+        #[cfg(not(any(target_arch = "sparc64", target_arch = "sparc")))]
         const SO_NETNS_COOKIE: libc::c_int = 71;
         let mut cookie: u64 = 0;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -798,8 +801,11 @@ impl Netlink {
                 &raw mut len,
             )
         };
-        if rc != 0 || len as usize != std::mem::size_of::<u64>() {
+        if rc != 0 {
             return Err(NetlinkError::Socket(Errno::last()));
+        }
+        if len as usize != std::mem::size_of::<u64>() {
+            return Err(NetlinkError::Socket(Errno::EPROTO));
         }
         Ok(cookie)
     }
