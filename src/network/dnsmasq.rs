@@ -278,15 +278,18 @@ dhcp-option=option6:dns-server
         let mut args = cmdline.split(|b| *b == 0);
         let argv0 = args.next().unwrap_or_default();
         let conf = format!("--conf-file={}", self.conf_path().display());
+        if !args.any(|a| a == conf.as_bytes()) {
+            // The cheap test first: this runs on every watcher pass and
+            // every few milliseconds while a start or stop polls.
+            return false;
+        }
         // /proc/PID/exe needs CAP_SYS_PTRACE for another user's process
         // (lume in a container without it): then the program's own name.
         let program = crate::util::procfs::program_name(pid).unwrap_or_else(|| {
             let argv0 = String::from_utf8_lossy(argv0);
             argv0.rsplit('/').next().unwrap_or_default().to_string()
         });
-        args.any(|a| a == conf.as_bytes())
-            && program == "dnsmasq"
-            && crate::util::procfs::real_uid_of(pid).is_some_and(uid_ok)
+        program == "dnsmasq" && crate::util::procfs::real_uid_of(pid).is_some_and(uid_ok)
     }
 
     /// [`Self::is_dnsmasq`] for the daemon: root, or a user dnsmasq drops
