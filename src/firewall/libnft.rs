@@ -307,12 +307,6 @@ pub fn run(flags: c_uint, cmd: &str) -> Option<Result<String, LibnftError>> {
 /// so that the first [`run`] finds them ready.
 pub fn warm() {
     if !GIVEN_UP.load(Ordering::Relaxed) {
-        // The `getrandom` crate finds libc's getrandom with dlsym on its
-        // first use, which waits for the loader's lock; the worker holds
-        // that lock for the whole load (several milliseconds), and the
-        // caller's next step names a new tap with a random number. Found
-        // now, before the load starts, the caller never waits for it.
-        let _ = crate::util::random::u64();
         let _ = ask(None);
     }
 }
