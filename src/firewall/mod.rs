@@ -134,6 +134,36 @@ impl std::str::FromStr for RulesetGeneration {
     }
 }
 
+/// A ruleset generation at which a full check found everything lume needs
+/// in place, and whether another tool's chain (Docker's, ufw's,
+/// firewalld's) existed then. Written as `NAMESPACE:GENERATION 0|1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedRuleset {
+    pub generation: RulesetGeneration,
+    pub tools: bool,
+}
+
+impl std::fmt::Display for CheckedRuleset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.generation, u8::from(self.tools))
+    }
+}
+
+impl std::str::FromStr for CheckedRuleset {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (generation, tools) = s.trim().split_once(' ').ok_or(())?;
+        Ok(CheckedRuleset {
+            generation: generation.parse()?,
+            tools: match tools {
+                "0" => false,
+                "1" => true,
+                _ => return Err(()),
+            },
+        })
+    }
+}
+
 /// A firewall backend. lume's networks ([`crate::network::shared::Networks`])
 /// and the doctor are given one as a trait object: nft in lume, a fake in
 /// the unit tests of what they do around it.
@@ -171,4 +201,34 @@ pub trait FirewallDriver: std::fmt::Debug + Send + Sync {
         rs: foreign::Ruleset,
         openings: &[Opening],
     ) -> Result<Accommodated, FirewallError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_ruleset_reads_back_what_it_writes_and_nothing_else() {
+        let c = CheckedRuleset {
+            generation: RulesetGeneration {
+                namespace: 4026531840,
+                number: 17,
+            },
+            tools: true,
+        };
+        assert_eq!(c.to_string(), "4026531840:17 1");
+        assert_eq!("4026531840:17 1\n".parse(), Ok(c));
+        let c = CheckedRuleset { tools: false, ..c };
+        assert_eq!(c.to_string().parse(), Ok(c));
+        for bad in [
+            "",
+            "garbage",
+            "4026531840:17",
+            "4026531840:17 2",
+            "17 0",
+            "1:2 0 0",
+        ] {
+            assert_eq!(bad.parse::<CheckedRuleset>(), Err(()), "{bad:?}");
+        }
+    }
 }

@@ -145,17 +145,21 @@ impl Networks {
     /// puts lume's accepts in other tools' chains (removes them when none),
     /// and remembers how the firewall lists the table, to notice changes later.
     pub fn apply_firewall(&self) -> Result<(), SharedError> {
-        self.write_firewall().map(|_| ())
+        self.write_firewall(self.firewall.generation()).map(|_| ())
     }
 
     /// [`Self::apply_firewall`], returning whether lume's table now marks
     /// packets for other tools' chains and what changed in those chains
-    /// (for the watcher's log).
-    pub(super) fn write_firewall(&self) -> Result<(bool, Vec<String>), SharedError> {
+    /// (for the watcher's log). `now`: the ruleset's generation as the
+    /// caller last read it (see [`Self::unchanged_without_tools`]).
+    pub(super) fn write_firewall(
+        &self,
+        now: Option<RulesetGeneration>,
+    ) -> Result<(bool, Vec<String>), SharedError> {
         // One listing tells whether other tools' chains are there and
         // plans lume's accepts in them; none when nothing changed since a
         // check found no such chain (the watcher's, see `heal_firewall`).
-        let rs = if self.unchanged_without_tools() {
+        let rs = if self.unchanged_without_tools(now) {
             Ruleset::default()
         } else {
             self.firewall.ruleset()?

@@ -85,19 +85,17 @@ impl Networks {
         // Read before the check: a change during it moves the generation
         // on, so the next pass checks again.
         let generation = self.firewall.generation();
-        if generation.is_some() && self.checked().map(|c| c.0) == generation {
+        if generation.is_some() && self.checked().map(|c| c.generation) == generation {
             return;
         }
         let before = repairs.len();
-        let tools = self.heal_firewall_listed(any, repairs);
+        let tools = self.heal_firewall_listed(generation, any, repairs);
         let checked = self.root.join(CHECKED_GENERATION);
         match (generation, tools) {
             // Everything was in place: nothing to say, nothing written.
-            (Some(g), Some(tools)) if repairs.len() == before => {
-                let _ = crate::util::atomic::write_runtime(
-                    &checked,
-                    format!("{g} {}", u8::from(tools)).as_bytes(),
-                );
+            (Some(generation), Some(tools)) if repairs.len() == before => {
+                let c = CheckedRuleset { generation, tools };
+                let _ = crate::util::atomic::write_runtime(&checked, c.to_string().as_bytes());
             }
             _ => {
                 let _ = fs::remove_file(&checked);
@@ -106,32 +104,37 @@ impl Networks {
     }
 
     /// The generation at which the last full check found everything in
-    /// place, and whether another tool's chain (Docker's, ufw's,
-    /// firewalld's) existed then.
-    fn checked(&self) -> Option<(RulesetGeneration, bool)> {
-        let text = fs::read_to_string(self.root.join(CHECKED_GENERATION)).ok()?;
-        let mut words = text.split_whitespace();
-        let generation = words.next()?.parse().ok()?;
-        let tools = match words.next()? {
-            "0" => false,
-            "1" => true,
-            _ => return None,
-        };
-        Some((generation, tools))
+    /// place, and whether another tool's chain existed then.
+    fn checked(&self) -> Option<CheckedRuleset> {
+        fs::read_to_string(self.root.join(CHECKED_GENERATION))
+            .ok()?
+            .parse()
+            .ok()
     }
 
-    /// Whether the ruleset is, to the generation, one a full check found
-    /// in place with no other tool's chain: a write then has nothing to
-    /// plan around and need not list it.
-    pub(super) fn unchanged_without_tools(&self) -> bool {
-        self.firewall
-            .generation()
-            .is_some_and(|g| self.checked() == Some((g, false)))
+    /// Whether the ruleset at `now` (its generation read by the caller;
+    /// `None`: not known) is one a full check found in place with no
+    /// other tool's chain: a write then has nothing to plan around and
+    /// need not list it. A generation read earlier than the last change
+    /// only ever fails to match, which costs a listing.
+    pub(super) fn unchanged_without_tools(&self, now: Option<RulesetGeneration>) -> bool {
+        now.is_some_and(|generation| {
+            self.checked()
+                == Some(CheckedRuleset {
+                    generation,
+                    tools: false,
+                })
+        })
     }
 
     /// [`Self::heal_firewall`]'s check, listing the ruleset; whether
     /// another tool's chain exists (`None`: not known).
-    fn heal_firewall_listed(&self, any: bool, repairs: &mut Vec<String>) -> Option<bool> {
+    fn heal_firewall_listed(
+        &self,
+        generation: Option<RulesetGeneration>,
+        any: bool,
+        repairs: &mut Vec<String>,
+    ) -> Option<bool> {
         // After a flush (the usual case) lume's table is simply gone:
         // `nft list tables` says so in the same few milliseconds
         // whatever the size of the ruleset, and the table is written
@@ -159,7 +162,7 @@ impl Networks {
                 let written = if gone {
                     self.write_firewall_with(self.accommodate && self.marks())
                 } else {
-                    self.write_firewall()
+                    self.write_firewall(generation)
                 };
                 match written {
                     Ok((_, changes)) => {
@@ -187,7 +190,7 @@ impl Networks {
                     // The tools may change again while lume writes (a
                     // chain deleted, then another tool's table loaded):
                     // the log says what was written, not what was seen.
-                    match self.write_firewall() {
+                    match self.write_firewall(generation) {
                         Ok((now, changes)) => {
                             repairs.extend(changes);
                             if now != marks {

@@ -29,8 +29,8 @@ use super::subnet::{BadSubnet, Subnet};
 use crate::firewall::foreign::{FindingKind, Ruleset};
 use crate::firewall::nft::Nft;
 use crate::firewall::{
-    Accommodated, BridgeNet, Dnat, FirewallDriver, FirewallError, FirewallState, ForeignDrop,
-    Opening, RulesetGeneration,
+    Accommodated, BridgeNet, CheckedRuleset, Dnat, FirewallDriver, FirewallError, FirewallState,
+    ForeignDrop, Opening, RulesetGeneration,
 };
 use crate::settings::{Settings, SettingsError};
 use crate::vm::config::MacAddress;
