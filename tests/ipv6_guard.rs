@@ -201,14 +201,25 @@ fn hostile_ipv6_frames_do_not_get_past_the_bridge_guard() {
             ip: ip.parse().unwrap(),
             prefix6: v6.then(prefix),
         };
-        let script = lume::firewall::nft::bridge_script(&[
+        // A's VM started first, then B's and C's, as lume writes them:
+        // the tables whole, then only what B and C add.
+        use lume::firewall::{FirewallState, nft};
+        let state = |ports: Vec<GuestPort>| FirewallState {
+            ports,
+            ..Default::default()
+        };
+        let first = state(vec![port("lta", MAC_A, "203.0.113.10", true)]);
+        let all = state(vec![
             port("lta", MAC_A, "203.0.113.10", true),
             port("ltb", MAC_B, "203.0.113.11", true),
             port("ltc", MAC_C, "203.0.113.12", false),
         ]);
+        let change = nft::change_script(&nft::tables(&first), &nft::tables(&all)).unwrap();
         let file = std::env::temp_dir().join(format!("lume-g6-{}.nft", std::process::id()));
-        std::fs::write(&file, script).unwrap();
-        sh(&format!("nft -f {}", file.display()));
+        for script in [nft::script(&first), change] {
+            std::fs::write(&file, script).unwrap();
+            sh(&format!("nft -f {}", file.display()));
+        }
         std::fs::remove_file(&file).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         drain(&b, Duration::from_millis(300));

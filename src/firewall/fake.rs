@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use super::foreign::Ruleset;
 use super::{
     Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening,
-    RulesetGeneration,
+    RulesetGeneration, Tables,
 };
 
 /// lume's table as the fake holds it, and what it was asked to do.
@@ -15,8 +15,10 @@ use super::{
 pub struct FakeFirewall {
     /// lume's table: `None` when missing (never written, or flushed).
     pub table: Mutex<Option<FirewallState>>,
-    /// How many times lume's table was written.
+    /// How many times lume's table was written whole.
     pub applies: Mutex<u32>,
+    /// How many times it was changed from what lume last wrote.
+    pub changes: Mutex<u32>,
     /// The ruleset's generation: moved on by every change.
     pub generation: Mutex<u32>,
     /// How many times lume's tables were listed (`listing`).
@@ -52,14 +54,28 @@ impl FakeFirewall {
     pub fn applies(&self) -> u32 {
         *self.applies.lock().unwrap()
     }
+
+    pub fn changes(&self) -> u32 {
+        *self.changes.lock().unwrap()
+    }
 }
 
 impl FirewallDriver for FakeFirewall {
-    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
+    fn apply(&self, state: &FirewallState) -> Result<Tables, FirewallError> {
         *self.applies.lock().unwrap() += 1;
         *self.table.lock().unwrap() = (!state.is_empty()).then(|| state.clone());
         self.changed();
-        Ok(())
+        Ok(super::nft::tables(state))
+    }
+
+    fn apply_change(&self, last: &Tables, state: &FirewallState) -> Result<Tables, FirewallError> {
+        *self.changes.lock().unwrap() += 1;
+        let tables = super::nft::tables(state);
+        if tables != *last {
+            *self.table.lock().unwrap() = Some(state.clone());
+            self.changed();
+        }
+        Ok(tables)
     }
 
     fn remove(&self) -> Result<(), FirewallError> {

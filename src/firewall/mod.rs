@@ -13,6 +13,7 @@ pub mod nft;
 
 pub use foreign::{Accommodated, ForeignDrop, Opening};
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::network::prefix6::Prefix6;
@@ -85,6 +86,34 @@ pub struct FirewallState {
 impl FirewallState {
     pub fn is_empty(&self) -> bool {
         self.nat.is_none() && self.host.is_none() && self.dnat.is_empty() && self.ports.is_empty()
+    }
+}
+
+/// lume's tables as a write leaves them, in the firewall's own words: the
+/// tables with their chains and empty sets and maps (the skeleton), the
+/// elements of each set and map, and each guest port's own chain and set.
+/// Two states whose skeletons are the same are changed one into the other
+/// by adding and deleting elements and port chains: a VM's start or stop
+/// then writes its own few elements instead of both tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tables {
+    pub skeleton: String,
+    /// By `FAMILY SET` (`bridge taps`): the elements as the firewall
+    /// writes them (`KEY : VALUE` in a map). No entry for an empty set.
+    pub elements: BTreeMap<String, BTreeSet<String>>,
+    /// By tap: what defines the port's own chain and set.
+    pub ports: BTreeMap<String, String>,
+}
+
+impl Tables {
+    /// Adds `items` to the set or map `key` (`FAMILY SET`).
+    pub fn add(&mut self, key: &str, items: Vec<String>) {
+        if !items.is_empty() {
+            self.elements
+                .entry(key.to_string())
+                .or_default()
+                .extend(items);
+        }
     }
 }
 
@@ -168,8 +197,16 @@ impl std::str::FromStr for CheckedRuleset {
 /// and the doctor are given one as a trait object: nft in lume, a fake in
 /// the unit tests of what they do around it.
 pub trait FirewallDriver: std::fmt::Debug + Send + Sync {
-    /// Replaces lume's rules with `state`, atomically.
-    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError>;
+    /// Replaces lume's rules with `state`, atomically, in one transaction;
+    /// returns the tables it wrote.
+    fn apply(&self, state: &FirewallState) -> Result<Tables, FirewallError>;
+    /// Changes lume's tables from `last`, what lume's last write left with
+    /// nothing changed since (the caller knows by the ruleset's
+    /// generation), to `state`'s, atomically: only what differs where the
+    /// skeleton is the same, else as [`Self::apply`]. One transaction,
+    /// none when the tables are `last`; returns the tables now in place.
+    /// `state` must not be empty (lume's tables are then removed).
+    fn apply_change(&self, last: &Tables, state: &FirewallState) -> Result<Tables, FirewallError>;
     /// Removes every lume rule; a missing table is not an error.
     fn remove(&self) -> Result<(), FirewallError>;
     /// Whether lume's table exists.

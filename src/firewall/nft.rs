@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use super::foreign::{self, Ruleset};
 use super::{
     Accommodated, FirewallDriver, FirewallError, FirewallState, ForeignDrop, Opening,
-    RulesetGeneration,
+    RulesetGeneration, Tables,
 };
 
 /// The table that holds every lume rule.
@@ -115,8 +115,14 @@ fn only_lume_tables(json: &str) -> bool {
     })
 }
 
-/// The nft script for `state`.
+/// The nft script that replaces lume's tables with `state`'s.
 pub fn script(state: &FirewallState) -> String {
+    full_script(&tables(state))
+}
+
+/// lume's tables for `state` (see [`Tables`]).
+pub fn tables(state: &FirewallState) -> Tables {
+    let mut t = Tables::default();
     let mut forward = Vec::new();
     let mut postrouting = Vec::new();
     let mut dnat = Vec::new();
@@ -217,10 +223,10 @@ pub fn script(state: &FirewallState) -> String {
     }
     let mut maps = String::new();
     if !one_addr.is_empty() {
-        maps.push_str(&format!(
-            "  map dnat_addr {{\n    type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
-            one_addr.join(", ")
-        ));
+        maps.push_str(
+            "  map dnat_addr {\n    type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n  }\n",
+        );
+        t.add("inet dnat_addr", one_addr);
         // Only the host's own addresses: a packet for 127.0.0.1 sent to the
         // host's MAC by a LAN neighbour never matches.
         dnat.push(
@@ -229,20 +235,20 @@ pub fn script(state: &FirewallState) -> String {
         );
     }
     if !any_addr.is_empty() {
-        maps.push_str(&format!(
-            "  map dnat_any {{\n    type inet_proto . inet_service : ipv4_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
-            any_addr.join(", ")
-        ));
+        maps.push_str(
+            "  map dnat_any {\n    type inet_proto . inet_service : ipv4_addr . inet_service\n  }\n",
+        );
+        t.add("inet dnat_any", any_addr);
         dnat.push(
             "ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @dnat_any"
                 .to_string(),
         );
     }
     if !any_addr6.is_empty() {
-        maps.push_str(&format!(
-            "  map dnat_any6 {{\n    type inet_proto . inet_service : ipv6_addr . inet_service\n    elements = {{ {} }}\n  }}\n",
-            any_addr6.join(", ")
-        ));
+        maps.push_str(
+            "  map dnat_any6 {\n    type inet_proto . inet_service : ipv6_addr . inet_service\n  }\n",
+        );
+        t.add("inet dnat_any6", any_addr6);
         dnat.push(
             "ip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @dnat_any6"
                 .to_string(),
@@ -292,8 +298,95 @@ pub fn script(state: &FirewallState) -> String {
         &postrouting,
     ));
     s.push_str("}\n");
-    s.push_str(&bridge_script(&state.ports));
+    t.skeleton = s;
+    bridge_tables(&state.ports, &mut t);
+    t
+}
+
+/// The script that writes `t` whole: the skeleton (which replaces both
+/// tables), each port's chain, then the elements (a port's chain exists
+/// before the map entry that jumps to it).
+fn full_script(t: &Tables) -> String {
+    let mut s = t.skeleton.clone();
+    s.extend(t.ports.values().cloned());
+    for (key, items) in &t.elements {
+        s.push_str(&add_element(key, items.iter()));
+    }
     s
+}
+
+/// `add element FAMILY lume SET { ITEMS }`.
+fn add_element<'a>(key: &str, items: impl Iterator<Item = &'a String>) -> String {
+    let (family, set) = key.split_once(' ').unwrap_or((key, ""));
+    let items: Vec<&str> = items.map(String::as_str).collect();
+    format!(
+        "add element {family} {TABLE} {set} {{ {} }}\n",
+        items.join(", ")
+    )
+}
+
+/// The script that changes lume's tables from `from` to `to`, in one
+/// transaction, when their skeletons are the same: the elements and port
+/// chains that go are deleted (a map's entry by its key), then those that
+/// come are added (deletions first, so that a key whose value changed is
+/// free again). `None` when the skeletons differ (a network appears or
+/// goes, the first published port of a kind, accommodation switched):
+/// the tables are then written whole. Empty when nothing differs.
+pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
+    if from.skeleton != to.skeleton {
+        return None;
+    }
+    let none = std::collections::BTreeSet::new();
+    let keys: std::collections::BTreeSet<&String> =
+        from.elements.keys().chain(to.elements.keys()).collect();
+    let mut s = String::new();
+    for key in &keys {
+        let old = from.elements.get(*key).unwrap_or(&none);
+        let new = to.elements.get(*key).unwrap_or(&none);
+        let gone: Vec<String> = old
+            .difference(new)
+            .map(|e| e.split(" : ").next().unwrap_or(e).to_string())
+            .collect();
+        if !gone.is_empty() {
+            let (family, set) = key.split_once(' ').unwrap_or((key, ""));
+            s.push_str(&format!(
+                "delete element {family} {TABLE} {set} {{ {} }}\n",
+                gone.join(", ")
+            ));
+        }
+    }
+    for tap in from.ports.keys().filter(|t| !to.ports.contains_key(*t)) {
+        let id = port_id(tap);
+        s.push_str(&format!(
+            "flush chain bridge {TABLE} sources6_{id}\ndelete chain bridge {TABLE} sources6_{id}\ndelete set bridge {TABLE} seen6_{id}\n"
+        ));
+    }
+    for (tap, text) in &to.ports {
+        if from.ports.get(tap) != Some(text) {
+            s.push_str(text);
+        }
+    }
+    for key in &keys {
+        let old = from.elements.get(*key).unwrap_or(&none);
+        let new = to.elements.get(*key).unwrap_or(&none);
+        let mut come = new.difference(old).peekable();
+        if come.peek().is_some() {
+            s.push_str(&add_element(key, come));
+        }
+    }
+    Some(s)
+}
+
+/// A port's name in its chain's and set's names: the tap's own (lume's
+/// taps are letters and digits), else its bytes in hex, so that any name
+/// the kernel allows makes a valid, distinct nft name.
+fn port_id(tap: &str) -> String {
+    if !tap.is_empty() && tap.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        tap.to_string()
+    } else {
+        let hex: String = tap.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x{hex}")
+    }
 }
 
 /// A MAC address as the 48-bit number nft compares raw payload with.
@@ -310,23 +403,43 @@ fn mac_number(mac: crate::vm::config::MacAddress) -> u64 {
 /// its traffic and published ports) nor pose as the gateway or DHCP server.
 /// Replaced whole like the inet table; an empty list removes it.
 pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
+    let mut t = Tables::default();
+    bridge_tables(ports, &mut t);
+    full_script(&t)
+}
+
+/// [`bridge_script`]'s table, added to `t`.
+fn bridge_tables(ports: &[crate::firewall::GuestPort], t: &mut Tables) {
     let mut s = format!("table bridge {TABLE}\ndelete table bridge {TABLE}\n");
     if ports.is_empty() {
-        return s;
+        t.skeleton.push_str(&s);
+        return;
     }
     // Every guest port's tap, MAC and addresses as set elements, checked
     // by a fixed handful of rules: the table is loaded (and restored after
     // a flush) in about the same time whatever the number of VMs, where
     // rules per tap made it grow with each.
-    let join = |items: Vec<String>| items.join(", ");
-    let taps = join(ports.iter().map(|p| format!("\"{}\"", p.tap)).collect());
-    let macs = join(
+    s.push_str(&format!("table bridge {TABLE} {{\n"));
+    let mut set = |name: &str, ty: &str, items: Vec<String>| {
+        s.push_str(&format!("  set {name} {{\n    {ty}\n  }}\n"));
+        t.add(&format!("bridge {name}"), items);
+    };
+    set(
+        "taps",
+        "type ifname",
+        ports.iter().map(|p| format!("\"{}\"", p.tap)).collect(),
+    );
+    set(
+        "macs",
+        "type ifname . ether_addr",
         ports
             .iter()
             .map(|p| format!("\"{}\" . {}", p.tap, p.mac))
             .collect(),
     );
-    let addrs = join(
+    set(
+        "addrs",
+        "type ifname . ipv4_addr",
         ports
             .iter()
             .flat_map(|p| {
@@ -337,14 +450,6 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
             })
             .collect(),
     );
-    let set = |name: &str, ty: &str, items: Vec<String>| {
-        let mut s = format!("  set {name} {{\n    {ty}\n");
-        if !items.is_empty() {
-            s.push_str(&format!("    elements = {{ {} }}\n", join(items)));
-        }
-        s.push_str("  }\n");
-        s
-    };
     let v6: Vec<&crate::firewall::GuestPort> =
         ports.iter().filter(|p| p.prefix6.is_some()).collect();
     // IPv6 sources a port may use: link-local, unspecified (duplicate
@@ -382,81 +487,79 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
     gateways6.sort();
     gateways6.dedup();
     let hex = |a: std::net::Ipv6Addr| format!("{:#034x}", u128::from(a));
-    s.push_str(&format!("table bridge {TABLE} {{\n"));
-    s.push_str(&set("taps", "type ifname", vec![taps]));
-    s.push_str(&set("macs", "type ifname . ether_addr", vec![macs]));
-    s.push_str(&set("addrs", "type ifname . ipv4_addr", vec![addrs]));
-    s.push_str(&set(
+    set(
         "v6taps",
         "type ifname",
         v6.iter().map(|p| format!("\"{}\"", p.tap)).collect(),
-    ));
-    s.push_str(&set(
+    );
+    set(
         "sources6",
         "type ifname . ipv6_addr\n    flags interval",
         sources6,
-    ));
-    s.push_str(&set(
+    );
+    set(
         "reserved6",
         "type ipv6_addr",
         reserved.iter().map(|(_, a)| a.to_string()).collect(),
-    ));
-    s.push_str(&set(
+    );
+    set(
         "owned6",
         "type ifname . ipv6_addr",
         reserved
             .iter()
             .map(|(t, a)| format!("\"{t}\" . {a}"))
             .collect(),
-    ));
-    s.push_str(&set(
+    );
+    set(
         "targets6",
         "typeof @th,64,128",
         reserved.iter().map(|(_, a)| hex(*a)).collect(),
-    ));
-    s.push_str(&set(
+    );
+    set(
         "owned_targets6",
         "typeof iifname . @th,64,128",
         reserved
             .iter()
             .map(|(t, a)| format!("\"{t}\" . {}", hex(*a)))
             .collect(),
-    ));
+    );
     // Each port's MAC as the 48 bits of a neighbour discovery message's
     // link-layer address option (read at its fixed place).
     let port_macs: Vec<String> = v6
         .iter()
         .map(|p| format!("\"{}\" . {:#014x}", p.tap, mac_number(p.mac)))
         .collect();
-    s.push_str(&set(
-        "nd_macs",
-        "typeof iifname . @th,208,48",
-        port_macs.clone(),
-    ));
-    s.push_str(&set("rs_macs", "typeof iifname . @th,80,48", port_macs));
-    s.push_str(&set(
+    set("nd_macs", "typeof iifname . @th,208,48", port_macs.clone());
+    set("rs_macs", "typeof iifname . @th,80,48", port_macs);
+    set(
         "gateways6",
         "type ipv6_addr",
         gateways6.iter().map(ToString::to_string).collect(),
-    ));
-    s.push_str(&set(
+    );
+    set(
         "gateway_targets6",
         "typeof @th,64,128",
         gateways6.iter().map(|a| hex(*a)).collect(),
-    ));
+    );
     // A few sources per port besides its reserved ones (privacy addresses
     // come and go): each a source the host then keeps a neighbour entry
     // for, in a table every namespace shares. Per port, so that no guest
-    // takes another's share.
+    // takes another's share; named by its tap, so that a VM's start or
+    // stop adds or removes its own and leaves the others' as they are.
     let mut limits = Vec::new();
-    for (i, p) in v6.iter().enumerate() {
-        s.push_str(&format!(
-            "  set seen6_{i} {{\n    type ipv6_addr\n    size {SOURCES6}\n    flags dynamic,timeout\n    timeout {SOURCES6_TIMEOUT}\n  }}\n  \
-             chain sources6_{i} {{\n    ip6 saddr :: return\n    update @seen6_{i} {{ ip6 saddr }}\n    ip6 saddr != @seen6_{i} drop\n  }}\n"
-        ));
-        limits.push(format!("\"{}\" : jump sources6_{i}", p.tap));
+    for p in &v6 {
+        let id = port_id(&p.tap);
+        t.ports.insert(
+            p.tap.clone(),
+            format!(
+                "table bridge {TABLE} {{\n  set seen6_{id} {{\n    type ipv6_addr\n    size {SOURCES6}\n    flags dynamic,timeout\n    timeout {SOURCES6_TIMEOUT}\n  }}\n  \
+                 chain sources6_{id} {{\n    ip6 saddr :: return\n    update @seen6_{id} {{ ip6 saddr }}\n    ip6 saddr != @seen6_{id} drop\n  }}\n}}\n"
+            ),
+        );
+        limits.push(format!("\"{}\" : jump sources6_{id}", p.tap));
     }
-    s.push_str(&set("limits6", "type ifname : verdict", limits).replacen("set ", "map ", 1));
+    s.push_str("  map limits6 {\n    type ifname : verdict\n  }\n");
+    t.add("bridge limits6", limits);
     s.push_str("  chain guard {\n    type filter hook prerouting priority -300; policy accept;\n");
     for rule in [
         // Frames from anything but a guest's tap are not this chain's.
@@ -509,7 +612,7 @@ pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
         "  chain out {\n    type filter hook postrouting priority -300; policy accept;\n    \
          oifname @taps oifname != @v6taps ether type ip6 drop\n  }\n}\n",
     );
-    s
+    t.skeleton.push_str(&s);
 }
 
 /// lume's tables in a ruleset listing: the `inet` table, then the `bridge`
@@ -560,11 +663,25 @@ fn without_learned_elements(listing: &str) -> String {
 }
 
 impl FirewallDriver for Nft {
-    fn apply(&self, state: &FirewallState) -> Result<(), FirewallError> {
+    fn apply(&self, state: &FirewallState) -> Result<Tables, FirewallError> {
         if state.is_empty() {
-            return self.remove();
+            self.remove()?;
+            return Ok(Tables::default());
         }
-        nft(&["-f", "-"], Some(&script(state))).map(drop)
+        let t = tables(state);
+        nft(&["-f", "-"], Some(&full_script(&t)))?;
+        Ok(t)
+    }
+
+    fn apply_change(&self, last: &Tables, state: &FirewallState) -> Result<Tables, FirewallError> {
+        let t = tables(state);
+        match change_script(last, &t) {
+            Some(script) if script.is_empty() => Ok(t),
+            // Refused (the tables are not as `last` after all: changed
+            // since the caller's check): written whole.
+            Some(script) if nft(&["-f", "-"], Some(&script)).is_ok() => Ok(t),
+            _ => self.apply(state),
+        }
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
@@ -781,9 +898,10 @@ mod tests {
             "{s}"
         );
         for rule in [
-            "set taps {\n    type ifname\n    elements = { \"lmt0\" }",
-            "elements = { \"lmt0\" . 52:54:00:12:34:56 }",
-            "elements = { \"lmt0\" . 0.0.0.0, \"lmt0\" . 203.0.113.2 }",
+            "set taps {\n    type ifname\n  }",
+            "add element bridge lume taps { \"lmt0\" }",
+            "add element bridge lume macs { \"lmt0\" . 52:54:00:12:34:56 }",
+            "add element bridge lume addrs { \"lmt0\" . 0.0.0.0, \"lmt0\" . 203.0.113.2 }",
             "iifname != @taps accept",
             "iifname . ether saddr != @macs drop",
             "iifname . arp saddr ether != @macs drop",
@@ -821,7 +939,9 @@ mod tests {
         ), "{s}");
         assert!(s.contains("iifname \"lume-host0\" drop"));
         assert!(
-            s.contains("map dnat_any {\n    type inet_proto . inet_service : ipv4_addr . inet_service\n    elements = { tcp . 8080 : 203.0.113.2 . 80 }"),
+            s.contains(
+                "map dnat_any {\n    type inet_proto . inet_service : ipv4_addr . inet_service\n  }"
+            ) && s.contains("add element inet lume dnat_any { tcp . 8080 : 203.0.113.2 . 80 }"),
             "{s}"
         );
         assert!(!s.contains("dnat_addr"), "{s}");
@@ -851,9 +971,11 @@ mod tests {
         };
         let one = script(&one);
         assert!(
-            one.contains("elements = { 198.51.100.2 . tcp . 8080 : 203.0.113.2 . 80 }")
-                && one.contains("fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr")
-                && !one.contains("dnat_any"),
+            one.contains(
+                "add element inet lume dnat_addr { 198.51.100.2 . tcp . 8080 : 203.0.113.2 . 80 }"
+            ) && one.contains(
+                "fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr"
+            ) && !one.contains("dnat_any"),
             "{one}"
         );
     }
@@ -911,20 +1033,21 @@ mod tests {
             "ip6 saddr 2001:db8:64::/64 oifname != \"lume0\" masquerade",
             "iifname != { \"lume0\", \"lo\" } ip6 daddr 2001:db8:64::1 drop",
             // Only the port published on every address is published on IPv6.
-            "type inet_proto . inet_service : ipv6_addr . inet_service\n    elements = { tcp . 8080 : 2001:db8:64:0:5054:ff:fe12:3456 . 80 }",
+            "add element inet lume dnat_any6 { tcp . 8080 : 2001:db8:64:0:5054:ff:fe12:3456 . 80 }",
             "ip6 daddr != ::1 fib daddr type local dnat ip6 to meta l4proto . th dport map @dnat_any6",
-            "set v6taps {\n    type ifname\n    elements = { \"lmt0\" }",
-            "elements = { \"lmt0\" . fe80::/10, \"lmt0\" . ::, \"lmt0\" . 2001:db8:64::/64 }",
+            "add element bridge lume v6taps { \"lmt0\" }",
+            "add element bridge lume sources6 { \"lmt0\" . 2001:db8:64::/64, \"lmt0\" . ::, \"lmt0\" . fe80::/10 }",
             "set owned6 {\n    type ipv6_addr\n"
                 .replace("ipv6_addr\n", "ifname . ipv6_addr\n")
                 .as_str(),
             "\"lmt0\" . 0x20010db800640000505400fffe123456",
             // Its EUI-64 link-local address too, and the gateway's addresses.
             "\"lmt0\" . 0xfe80000000000000505400fffe123456",
-            "set gateways6 {\n    type ipv6_addr\n    elements = { 2001:db8:64::1, fe80::1 }",
+            "add element bridge lume gateways6 { 2001:db8:64::1, fe80::1 }",
             "ip6 saddr @gateways6 drop",
             "ether type ip6 exthdr frag exists drop",
-            "\"lmt0\" : jump sources6_0",
+            "add element bridge lume limits6 { \"lmt0\" : jump sources6_lmt0 }",
+            "chain sources6_lmt0 {\n    ip6 saddr :: return\n    update @seen6_lmt0 { ip6 saddr }",
             "icmpv6 type { nd-router-advert, nd-redirect } drop",
             "udp sport 547 drop",
         ] {
@@ -939,6 +1062,197 @@ mod tests {
             ns.sh(&format!("nft -f {}", file.path().display()));
             let listed = ns.sh("nft list table bridge lume");
             assert!(listed.contains("owned_targets6"), "{listed}");
+        }
+    }
+
+    type TestVm<'a> = (&'a str, u8, bool, Option<(u16, u16)>);
+
+    /// A NAT network with IPv6 and the ports of `vms` (`(tap, last byte
+    /// of its MAC and IPv4 address, IPv6, published host port → guest
+    /// port)`).
+    fn nat_state(vms: &[TestVm]) -> FirewallState {
+        let p6: crate::network::prefix6::Prefix6 = "2001:db8:64::/64".parse().unwrap();
+        let mac = |n: u8| -> crate::vm::config::MacAddress {
+            format!("52:54:00:12:34:{n:02x}").parse().unwrap()
+        };
+        let ip = |n: u8| -> std::net::Ipv4Addr { format!("203.0.113.{n}").parse().unwrap() };
+        FirewallState {
+            nat: Some(BridgeNet {
+                bridge: "lume0".into(),
+                subnet: "203.0.113.0/24".parse().unwrap(),
+                prefix6: Some(p6),
+            }),
+            host: None,
+            dnat: vms
+                .iter()
+                .filter_map(|(_, n, v6, publish)| {
+                    let (host_port, guest_port) = (*publish)?;
+                    Some(Dnat {
+                        host_ip: None,
+                        host_port,
+                        proto: Proto::Tcp,
+                        guest: ip(*n),
+                        guest6: v6.then(|| p6.eui64(mac(*n))),
+                        guest_port,
+                    })
+                })
+                .collect(),
+            ports: vms
+                .iter()
+                .map(|(tap, n, v6, _)| crate::firewall::GuestPort {
+                    tap: tap.to_string(),
+                    mac: mac(*n),
+                    ip: ip(*n),
+                    prefix6: v6.then_some(p6),
+                })
+                .collect(),
+            accommodate: false,
+        }
+    }
+
+    /// `nft list ruleset` with each table's sets, maps and chains in name
+    /// order and each element list sorted: the tables' content, whatever
+    /// the order it was created in.
+    fn normalized(listing: &str) -> String {
+        let mut out = String::new();
+        let mut blocks: Vec<String> = Vec::new();
+        let mut block = String::new();
+        for line in listing.lines() {
+            if line.starts_with("table ") {
+                out.push_str(line);
+                out.push('\n');
+            } else if line == "}" {
+                blocks.sort();
+                out.extend(blocks.drain(..));
+                out.push_str("}\n");
+            } else if line.starts_with('\t') && !line.starts_with("\t\t") && line != "\t}" {
+                block = format!("{line}\n");
+            } else {
+                block.push_str(line.trim());
+                block.push(' ');
+                if line == "\t}" {
+                    blocks.push(sort_elements(&block));
+                    block.clear();
+                }
+            }
+        }
+        out
+    }
+
+    fn sort_elements(block: &str) -> String {
+        let Some(start) = block.find("elements = {") else {
+            return block.to_string();
+        };
+        let rest = &block[start + "elements = {".len()..];
+        let end = rest.find('}').unwrap();
+        let mut items: Vec<&str> = rest[..end].split(',').map(str::trim).collect();
+        items.sort();
+        format!(
+            "{}elements = {{ {} }}{}",
+            &block[..start],
+            items.join(", "),
+            &rest[end + 1..]
+        )
+    }
+
+    #[test]
+    fn ports_ids_are_valid_nft_names_and_distinct() {
+        assert_eq!(port_id("lt0123abcd"), "lt0123abcd");
+        assert_eq!(port_id("lt-1"), "x6c742d31");
+        assert_ne!(port_id("a.b"), port_id("a_b"));
+        assert_eq!(port_id(""), "x");
+    }
+
+    /// A VM's start or stop changes only elements and its own port chain:
+    /// the change script turns the tables written for one set of VMs into
+    /// exactly those written whole for the next (checked against nft in
+    /// two namespaces), keeps what the kernel learned for the other VMs'
+    /// ports, and is refused (`None`) where the tables' shape differs.
+    #[test]
+    fn a_change_of_members_writes_only_what_differs() {
+        let a = ("lta", 2, true, Some((8080, 80)));
+        let b = ("ltb", 3, true, Some((8081, 22)));
+        let c = ("ltc", 4, false, None);
+        let steps = [
+            nat_state(&[a]),
+            nat_state(&[a, b, c]),
+            nat_state(&[b, c]),
+            // The same host port led to another guest port: deleted by
+            // its key, then added.
+            nat_state(&[("ltb", 3, true, Some((8081, 2222))), c]),
+            nat_state(&[("ltb", 3, true, Some((8081, 2222)))]),
+        ];
+        let same = change_script(&tables(&steps[1]), &tables(&steps[1]));
+        assert_eq!(same.as_deref(), Some(""));
+        let one = change_script(&tables(&steps[0]), &tables(&steps[1])).unwrap();
+        assert!(
+            one.contains("add element bridge lume taps { \"ltb\", \"ltc\" }")
+                && one.contains("chain sources6_ltb {")
+                && !one.contains("sources6_lta")
+                && !one.contains("delete"),
+            "{one}"
+        );
+        let gone = change_script(&tables(&steps[1]), &tables(&steps[2])).unwrap();
+        assert!(
+            gone.contains("delete element bridge lume limits6 { \"lta\" }")
+                && gone.contains("delete element inet lume dnat_any { tcp . 8080 }")
+                && gone.contains("delete chain bridge lume sources6_lta")
+                && !gone.contains("add element"),
+            "{gone}"
+        );
+        // A new kind of published port, a network appearing, accommodation
+        // switched: the shape differs, the tables are written whole.
+        let mut bound = steps[1].clone();
+        bound.dnat[0].host_ip = Some("198.51.100.2".parse().unwrap());
+        let host = FirewallState {
+            host: steps[1].nat.clone().map(|n| BridgeNet {
+                bridge: "lume-host0".into(),
+                ..n
+            }),
+            ..steps[1].clone()
+        };
+        let marks = FirewallState {
+            accommodate: true,
+            ..steps[1].clone()
+        };
+        for other in [bound, host, marks, nat_state(&[])] {
+            assert_eq!(change_script(&tables(&steps[1]), &tables(&other)), None);
+        }
+
+        if !nix::unistd::geteuid().is_root() || !std::path::Path::new("/usr/sbin/nft").exists() {
+            return;
+        }
+        let pid = std::process::id();
+        let changed = crate::util::testing::TestNetns::new(format!("lume-nfc-{pid}"));
+        let whole = crate::util::testing::TestNetns::new(format!("lume-nfw-{pid}"));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let load = |ns: &crate::util::testing::TestNetns, script: &str| {
+            std::fs::write(file.path(), script).unwrap();
+            ns.sh(&format!("nft -f {}", file.path().display()));
+        };
+        load(&changed, &script(&steps[0]));
+        for pair in steps.windows(2) {
+            if pair[0].ports.iter().any(|p| p.tap == "ltb") {
+                // Something the kernel learned for B's port.
+                changed.sh("nft add element bridge lume seen6_ltb { 2001:db8:64::99 }");
+            }
+            load(
+                &changed,
+                &change_script(&tables(&pair[0]), &tables(&pair[1])).unwrap(),
+            );
+            load(&whole, &script(&pair[1]));
+            let listed = changed.sh("nft list ruleset");
+            assert_eq!(
+                normalized(&lume_tables(&listed).unwrap()),
+                normalized(&lume_tables(&whole.sh("nft list ruleset")).unwrap()),
+                "after {:?}",
+                pair[1].ports
+            );
+            if pair[0].ports.iter().any(|p| p.tap == "ltb") {
+                let seen = changed.sh("nft list set bridge lume seen6_ltb");
+                assert!(seen.contains("2001:db8:64::99"), "{seen}");
+            }
+            assert!(!listed.contains("sources6_lta") || pair[1].ports[0].tap == "lta");
         }
     }
 }

@@ -198,10 +198,11 @@ impl Networks {
         let done = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
             let done = self.accommodate_from(rs)?;
+            let _ = fs::remove_file(self.root.join(WRITTEN_TABLES));
             self.firewall.apply(&state)?;
             done
         } else {
-            self.firewall.apply(&state)?;
+            self.write_tables(&state)?;
             self.accommodate_from(rs)?
         };
         // Whether the table marks packets for other tools' chains: the
@@ -226,6 +227,43 @@ impl Networks {
             }
         }
         Ok((state.accommodate, done.changes))
+    }
+
+    /// Writes lume's tables for `state` (not empty): only what differs
+    /// from the last write when the ruleset's generation shows nothing
+    /// changed since (a VM's start or stop then adds or deletes its own
+    /// few elements), else whole. Records what it wrote, and the
+    /// generation after it, when that is provably the ruleset as written
+    /// (it moved by exactly this write); else no record, and the next
+    /// write is whole.
+    fn write_tables(&self, state: &FirewallState) -> Result<(), SharedError> {
+        let record = self.root.join(WRITTEN_TABLES);
+        let before = self.firewall.generation();
+        let last = fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<WrittenTables>(&b).ok())
+            .filter(|w| before.is_some_and(|g| g.to_string() == w.generation));
+        // No write may be taken for one that did not happen.
+        let _ = fs::remove_file(&record);
+        let tables = match &last {
+            Some(w) => self.firewall.apply_change(&w.tables, state)?,
+            None => self.firewall.apply(state)?,
+        };
+        let transactions = u32::from(last.as_ref().is_none_or(|w| w.tables != tables));
+        let after = self.firewall.generation();
+        if let (Some(b), Some(a)) = (before, after)
+            && a.namespace == b.namespace
+            && a.number == b.number.wrapping_add(transactions)
+        {
+            let w = WrittenTables {
+                generation: a.to_string(),
+                tables,
+            };
+            if let Ok(json) = serde_json::to_vec(&w) {
+                let _ = crate::util::atomic::write_runtime(&record, &json);
+            }
+        }
+        Ok(())
     }
 
     /// A counter in the runtime directory: 0 when missing, `None` when it
@@ -278,6 +316,17 @@ impl Networks {
     }
 }
 
+/// lume's tables as its last write left them, with the ruleset's
+/// generation right after that write ([`Networks::write_tables`]).
+const WRITTEN_TABLES: &str = "firewall.tables";
+
+#[derive(Serialize, Deserialize)]
+struct WrittenTables {
+    /// As [`RulesetGeneration`] writes itself.
+    generation: String,
+    tables: crate::firewall::Tables,
+}
+
 /// The number of join records counted so far in this namespace.
 const MEMBERS_GENERATION: &str = "members.generation";
 /// The count the last successful firewall write saw.
@@ -310,6 +359,8 @@ mod tests {
         let root = dir.path().join("net");
         let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
         let nets = Networks::in_dir(&root, fw.clone());
+        // Whole or changed from the last write.
+        let writes = |fw: &crate::firewall::fake::FakeFirewall| fw.applies() + fw.changes();
         let member = |n: u8| Member {
             vm: format!("v{n}"),
             vm_dir: dir.path().join(format!("v{n}")),
@@ -324,15 +375,15 @@ mod tests {
         nets.add_member(Kind::Nat, &member(3));
         let second = nets.record_joined();
         nets.firewall_catch_up(second).unwrap();
-        assert_eq!(fw.applies(), 1);
+        assert_eq!(writes(&fw), 1);
         assert_eq!(fw.state().unwrap().dnat.len(), 2, "both joins written");
         nets.firewall_catch_up(first).unwrap();
-        assert_eq!(fw.applies(), 1, "the first join's record was written");
+        assert_eq!(writes(&fw), 1, "the first join's record was written");
 
         nets.add_member(Kind::Nat, &member(4));
         let third = nets.record_joined();
         nets.firewall_catch_up(third).unwrap();
-        assert_eq!(fw.applies(), 2);
+        assert_eq!(writes(&fw), 2);
         assert_eq!(fw.state().unwrap().dnat.len(), 3);
 
         // The members' counter alone lost: the next join still numbers
@@ -342,19 +393,89 @@ mod tests {
         let fourth = nets.record_joined();
         assert!(fourth > third, "{fourth} after {third}");
         nets.firewall_catch_up(fourth).unwrap();
-        assert_eq!(fw.applies(), 3);
+        assert_eq!(writes(&fw), 3);
         assert_eq!(fw.state().unwrap().dnat.len(), 4);
         // A counter that is not a number: a join writes.
         std::fs::write(root.join(WRITTEN_GENERATION), "garbled").unwrap();
         nets.firewall_catch_up(fourth).unwrap();
-        assert_eq!(fw.applies(), 4);
+        assert_eq!(writes(&fw), 4);
 
         // Counters lost (a runtime directory from an earlier release, or
         // unreadable): a join writes rather than trusting them.
         std::fs::remove_file(root.join(MEMBERS_GENERATION)).unwrap();
         std::fs::remove_file(root.join(WRITTEN_GENERATION)).unwrap();
         nets.firewall_catch_up(fourth).unwrap();
-        assert_eq!(fw.applies(), 5);
+        assert_eq!(writes(&fw), 5);
+    }
+
+    /// A write changes the tables from the last write's only when the
+    /// ruleset's generation shows nothing changed since; any other change
+    /// (another tool's, a flush, a record that cannot be read) makes the
+    /// next write whole.
+    #[test]
+    fn only_a_ruleset_as_lume_left_it_is_changed_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("net");
+        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
+        let nets = Networks::in_dir(&root, fw.clone());
+        let member = |n: u8| Member {
+            vm: format!("v{n}"),
+            vm_dir: dir.path().join(format!("v{n}")),
+            mac: format!("52:54:00:12:34:{n:02x}").parse().unwrap(),
+            ip: format!("192.168.64.{n}").parse().unwrap(),
+            tap: format!("ltv{n}"),
+            publish: vec![format!("80{n:02}:22").parse().unwrap()],
+            no_ipv6: false,
+        };
+        let record = root.join(WRITTEN_TABLES);
+        nets.add_member(Kind::Nat, &member(2));
+        nets.apply_firewall().unwrap();
+        assert_eq!(
+            (fw.applies(), fw.changes()),
+            (1, 0),
+            "the first write is whole"
+        );
+        assert!(record.exists());
+        nets.add_member(Kind::Nat, &member(3));
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (1, 1), "a join changes it");
+        assert_eq!(fw.state().unwrap().ports.len(), 2);
+        nets.nat.remove_member(&member(3).id()).unwrap();
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (1, 2), "so does a leave");
+        assert_eq!(fw.state().unwrap().ports.len(), 1);
+
+        // Another tool's change since: whole.
+        fw.changed();
+        nets.add_member(Kind::Nat, &member(3));
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (2, 2));
+        // A flush: whole.
+        fw.flush();
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (3, 2));
+        assert_eq!(fw.state().unwrap().ports.len(), 2);
+        // A record that cannot be read, or none: whole.
+        std::fs::write(&record, "{").unwrap();
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (4, 2));
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (4, 3), "recorded again");
+        // Nothing changed: the change writes nothing and keeps the record.
+        let g = fw.generation();
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.generation(), g);
+        assert!(record.exists());
+        // The last VM gone: the tables and the record go.
+        for n in [2, 3] {
+            nets.nat.remove_member(&member(n).id()).unwrap();
+        }
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.state(), None);
+        assert!(!record.exists());
+        nets.add_member(Kind::Nat, &member(2));
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (6, 4), "whole again");
     }
 
     #[test]
