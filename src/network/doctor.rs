@@ -645,9 +645,9 @@ fn is_tool_table(d: &ForeignDrop) -> bool {
 
 /// Whether lume's table is as lume last wrote it.
 fn table_check(r: &mut Report, nets: &Networks) {
-    let saved = std::fs::read_to_string(nets.root.join("nft.listing")).ok();
+    let before = nets.firewall.generation();
     match nets.firewall.listing() {
-        Ok(Some(now)) if Some(&now) == saved.as_ref() => {
+        Ok(Some(now)) if nets.as_written(&now, before) => {
             r.add("firewall table inet lume", true, "intact")
         }
         Ok(Some(_)) => r.add(
@@ -1063,8 +1063,13 @@ mod tests {
             &Networks::test_member(&dir.path().join("vm")),
         );
         nets.apply_firewall().unwrap();
+        // Nothing listed after the write (the ruleset is provably lume's
+        // write): intact while the generation says so.
+        assert!(!dir.path().join("nft.listing").exists());
         assert_eq!(check(&nets), (true, "intact".to_string()));
+        // Changed by somebody else (which moves the generation on).
         *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        fw.changed();
         let (ok, detail) = check(&nets);
         assert!(
             !ok && detail.starts_with("changed by something else"),

@@ -195,15 +195,15 @@ impl Networks {
         // written: the generation read now is the one the table shows.
         let generation = self.generation(MEMBERS_GENERATION);
         let state = self.firewall_state(tools);
-        let done = if state.is_empty() {
+        let (done, recorded) = if state.is_empty() {
             // Accepts in other chains first: nothing of lume's outlives its table.
             let done = self.accommodate_from(rs)?;
             let _ = fs::remove_file(self.root.join(WRITTEN_TABLES));
             self.firewall.apply(&state)?;
-            done
+            (done, None)
         } else {
-            self.write_tables(&state)?;
-            self.accommodate_from(rs)?
+            let recorded = self.write_tables(&state)?;
+            (self.accommodate_from(rs)?, recorded)
         };
         // Whether the table marks packets for other tools' chains: the
         // watcher rewrites it when such a tool appears or goes.
@@ -211,12 +211,19 @@ impl Networks {
         let _ =
             crate::util::atomic::write_runtime(&marks, if state.accommodate { b"1" } else { b"0" });
         let saved = self.root.join("nft.listing");
-        match self.firewall.listing()? {
-            Some(text) => {
-                let _ = crate::util::atomic::write_runtime(&saved, text.as_bytes());
-            }
-            None => {
-                let _ = fs::remove_file(&saved);
+        if recorded.is_some() && self.firewall.generation() == recorded {
+            // The ruleset is provably lume's write and nothing since: the
+            // watcher lists it as its baseline while that still holds
+            // ([`Self::as_written`]), off the VM's way to its start.
+            let _ = fs::remove_file(&saved);
+        } else {
+            match self.firewall.listing()? {
+                Some(text) => {
+                    let _ = crate::util::atomic::write_runtime(&saved, text.as_bytes());
+                }
+                None => {
+                    let _ = fs::remove_file(&saved);
+                }
             }
         }
         match generation {
@@ -236,7 +243,10 @@ impl Networks {
     /// generation after it, when that is provably the ruleset as written
     /// (it moved by exactly this write); else no record, and the next
     /// write is whole.
-    fn write_tables(&self, state: &FirewallState) -> Result<(), SharedError> {
+    fn write_tables(
+        &self,
+        state: &FirewallState,
+    ) -> Result<Option<RulesetGeneration>, SharedError> {
         let record = self.root.join(WRITTEN_TABLES);
         let before = self.firewall.generation();
         let last = fs::read(&record)
@@ -259,11 +269,40 @@ impl Networks {
                 generation: a.to_string(),
                 tables,
             };
-            if let Ok(json) = serde_json::to_vec(&w) {
-                let _ = crate::util::atomic::write_runtime(&record, &json);
+            if let Ok(json) = serde_json::to_vec(&w)
+                && crate::util::atomic::write_runtime(&record, &json).is_ok()
+            {
+                return Ok(Some(a));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// The ruleset's generation right after lume's last write of its
+    /// tables, when that write left them provably as written.
+    fn written_generation(&self) -> Option<RulesetGeneration> {
+        let b = fs::read(self.root.join(WRITTEN_TABLES)).ok()?;
+        serde_json::from_slice::<WrittenTables>(&b)
+            .ok()?
+            .generation
+            .parse()
+            .ok()
+    }
+
+    /// Whether `listing`, taken after the ruleset's generation was read as
+    /// `before`, shows lume's tables as lume wrote them: the same as the
+    /// listing saved after the write, or (none saved: the write left
+    /// taking it to the watcher) the generation is still the one right
+    /// after that write, before and after the listing.
+    pub(crate) fn as_written(&self, listing: &str, before: Option<RulesetGeneration>) -> bool {
+        match fs::read_to_string(self.root.join("nft.listing")) {
+            Ok(saved) => saved == listing,
+            Err(_) => {
+                before.is_some()
+                    && self.written_generation() == before
+                    && self.firewall.generation() == before
+            }
+        }
     }
 
     /// A counter in the runtime directory: 0 when missing, `None` when it

@@ -150,7 +150,13 @@ impl Networks {
             self.firewall.listing()
         };
         match listing {
-            Ok(current) if current.is_some() && current == saved => {}
+            Ok(Some(current)) if self.as_written(&current, generation) => {
+                if saved.is_none() {
+                    // The write left taking the baseline to this check.
+                    let path = self.root.join("nft.listing");
+                    let _ = crate::util::atomic::write_runtime(&path, current.as_bytes());
+                }
+            }
             // Only bridged VMs run: lume's table is not needed.
             Ok(current) if !any && current == saved => {}
             Ok(current) => {
@@ -381,6 +387,44 @@ mod tests {
             ["nftables table inet lume was changed: restored it"]
         );
         assert_eq!(fw.state(), Some(written));
+    }
+
+    /// A write that provably left the ruleset as written lists nothing:
+    /// the watcher takes its baseline while the generation still says so,
+    /// and repairs a table changed before it looked.
+    #[test]
+    fn the_watcher_takes_the_baseline_a_write_left_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        let nets = Networks::in_dir(dir.path(), fw.clone());
+        nets.add_member(Kind::Nat, &Networks::test_member(&dir.path().join("vm")));
+        let saved = dir.path().join("nft.listing");
+        nets.apply_firewall().unwrap();
+        assert!(!saved.exists());
+        let listed = fw.listings();
+        let mut repairs = Vec::new();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert_eq!(fw.listings(), listed + 1);
+        assert_eq!(
+            fs::read_to_string(&saved).ok(),
+            fw.listing().unwrap(),
+            "taken as the baseline"
+        );
+
+        // Changed between the write and the watcher's look: restored.
+        let written = fw.state();
+        fs::remove_file(&saved).unwrap();
+        nets.apply_firewall().unwrap();
+        assert!(!saved.exists());
+        *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
+        fw.changed();
+        nets.heal_firewall(true, &mut repairs);
+        assert_eq!(
+            repairs,
+            ["nftables table inet lume was changed: restored it"]
+        );
+        assert_eq!(fw.state(), written);
     }
 
     /// While the ruleset's generation stays where a full check found
