@@ -4,7 +4,8 @@
 # From `lume run VM --detach` to the supervisor's "Starting <qemu>" log line
 # (written just before QEMU's spawn), for the FIRST NAT VM of a namespace
 # (lume brings the bridge, dnsmasq and its firewall table up) and a SECOND
-# one (the network is up: a reservation, a tap and a firewall rewrite).
+# one (the network is up: a reservation, a tap and its own firewall
+# elements added in place).
 # With BENCH_OLD_LUME=<another build> both builds run in the same rounds,
 # alternating (the order flips every round), as cases old-first/old-second
 # and new-first/new-second; otherwise only this build (new-*). Round 0 is a

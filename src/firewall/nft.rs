@@ -1,7 +1,9 @@
-//! nftables backend: one table, `inet lume`, written as a single nft
-//! transaction (`add table; delete table; table { ... }`), so it is
-//! replaced whole or not at all — through libnftables in lume's process
-//! ([`super::libnft`]), or `nft -f -` where the library is not available.
+//! nftables backend: lume's two tables, `inet lume` and `bridge lume`,
+//! written whole as a single nft transaction (`add table; delete table;
+//! table { ... }`), so they are replaced whole or not at all, or changed in
+//! place by one transaction of a VM's own elements ([`change_script`]) —
+//! through libnftables in lume's process ([`super::libnft`]), or `nft -f -`
+//! where the library is not available.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -638,7 +640,7 @@ pub fn lume_tables(ruleset: &str) -> Option<String> {
 }
 
 /// `listing` without the elements of the sets the kernel fills itself
-/// (each guest's IPv6 sources, `seen6_N`, listed with a countdown): they
+/// (each guest's IPv6 sources, `seen6_<tap>`, listed with a countdown): they
 /// change with the guests' traffic, not with anything lume wrote, so a
 /// listing that differs only there is lume's table as written.
 fn without_learned_elements(listing: &str) -> String {

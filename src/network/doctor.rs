@@ -650,6 +650,11 @@ fn table_check(r: &mut Report, nets: &Networks) {
         Ok(Some(now)) if nets.as_written(&now, before) => {
             r.add("firewall table inet lume", true, "intact")
         }
+        Ok(Some(_)) if !nets.root.join("nft.listing").exists() => r.add(
+            "firewall table inet lume",
+            false,
+            "not confirmed as written: nftables changed (by any tool) right after lume's last write, before the watcher's check; the watcher writes lume's tables again within a second — run the doctor again",
+        ),
         Ok(Some(_)) => r.add(
             "firewall table inet lume",
             false,
@@ -1066,6 +1071,18 @@ mod tests {
         // Nothing listed after the write (the ruleset is provably lume's
         // write): intact while the generation says so.
         assert!(!dir.path().join("nft.listing").exists());
+        assert_eq!(check(&nets), (true, "intact".to_string()));
+        // Another tool's change before the watcher took the listing.
+        fw.changed();
+        let (ok, detail) = check(&nets);
+        assert!(
+            !ok && detail.starts_with("not confirmed as written"),
+            "{detail}"
+        );
+        // The watcher's check writes the tables again and takes the listing.
+        nets.heal_firewall(true, &mut Vec::new());
+        nets.heal_firewall(true, &mut Vec::new());
+        assert!(dir.path().join("nft.listing").exists());
         assert_eq!(check(&nets), (true, "intact".to_string()));
         // Changed by somebody else (which moves the generation on).
         *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());

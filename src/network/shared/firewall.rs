@@ -390,6 +390,19 @@ pub(super) fn accommodation_note(on: bool, file: &Path) -> String {
 mod tests {
     use super::*;
 
+    /// NAT VM number `n` (its address .n, its port 80nn published).
+    fn member(dir: &Path, n: u8) -> Member {
+        Member {
+            vm: format!("v{n}"),
+            vm_dir: dir.join(format!("v{n}")),
+            mac: format!("52:54:00:12:34:{n:02x}").parse().unwrap(),
+            ip: format!("192.168.64.{n}").parse().unwrap(),
+            tap: format!("ltv{n}"),
+            publish: vec![format!("80{n:02}:22").parse().unwrap()],
+            no_ipv6: false,
+        }
+    }
+
     /// VMs started together: a join whose record a later write already
     /// covered writes nothing; one recorded after the last write writes.
     #[test]
@@ -400,15 +413,7 @@ mod tests {
         let nets = Networks::in_dir(&root, fw.clone());
         // Whole or changed from the last write.
         let writes = |fw: &crate::firewall::fake::FakeFirewall| fw.applies() + fw.changes();
-        let member = |n: u8| Member {
-            vm: format!("v{n}"),
-            vm_dir: dir.path().join(format!("v{n}")),
-            mac: format!("52:54:00:12:34:{n:02x}").parse().unwrap(),
-            ip: format!("192.168.64.{n}").parse().unwrap(),
-            tap: format!("ltv{n}"),
-            publish: vec![format!("80{n:02}:22").parse().unwrap()],
-            no_ipv6: false,
-        };
+        let member = |n: u8| member(dir.path(), n);
         nets.add_member(Kind::Nat, &member(2));
         let first = nets.record_joined();
         nets.add_member(Kind::Nat, &member(3));
@@ -457,15 +462,7 @@ mod tests {
         let root = dir.path().join("net");
         let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
         let nets = Networks::in_dir(&root, fw.clone());
-        let member = |n: u8| Member {
-            vm: format!("v{n}"),
-            vm_dir: dir.path().join(format!("v{n}")),
-            mac: format!("52:54:00:12:34:{n:02x}").parse().unwrap(),
-            ip: format!("192.168.64.{n}").parse().unwrap(),
-            tap: format!("ltv{n}"),
-            publish: vec![format!("80{n:02}:22").parse().unwrap()],
-            no_ipv6: false,
-        };
+        let member = |n: u8| member(dir.path(), n);
         let record = root.join(WRITTEN_TABLES);
         nets.add_member(Kind::Nat, &member(2));
         nets.apply_firewall().unwrap();

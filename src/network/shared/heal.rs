@@ -81,7 +81,7 @@ impl Networks {
     /// everything in place at, nothing (lume's or another tool's) has
     /// changed since: nothing is listed (each listing holds the whole
     /// ruleset, and this runs every second and on every nftables event).
-    pub(super) fn heal_firewall(&self, any: bool, repairs: &mut Vec<String>) {
+    pub(crate) fn heal_firewall(&self, any: bool, repairs: &mut Vec<String>) {
         // Read before the check: a change during it moves the generation
         // on, so the next pass checks again.
         let generation = self.firewall.generation();
@@ -160,10 +160,15 @@ impl Networks {
             // Only bridged VMs run: lume's table is not needed.
             Ok(current) if !any && current == saved => {}
             Ok(current) => {
-                let what = if current.is_none() {
-                    "missing"
-                } else {
-                    "changed"
+                let what = match (&current, &saved) {
+                    (None, _) => "missing",
+                    // The write left the baseline to this check, and
+                    // nftables changed (by anyone) before it looked:
+                    // not known whether lume's tables did.
+                    (Some(_), None) => {
+                        "not confirmed as written (nftables changed before the check)"
+                    }
+                    (Some(_), Some(_)) => "changed",
                 };
                 let written = if gone {
                     self.write_firewall_with(self.accommodate && self.marks())
@@ -377,7 +382,11 @@ mod tests {
         );
         assert_eq!(fw.state(), Some(written.clone()));
 
-        // Changed by somebody else: written back as well.
+        // Changed by somebody else (after a pass took the restored
+        // table's listing): written back as well.
+        repairs.clear();
+        nets.heal_firewall(true, &mut repairs);
+        assert!(repairs.is_empty(), "{repairs:?}");
         *fw.table.lock().unwrap() = Some(crate::firewall::FirewallState::default());
         fw.changed();
         repairs.clear();
@@ -422,7 +431,9 @@ mod tests {
         nets.heal_firewall(true, &mut repairs);
         assert_eq!(
             repairs,
-            ["nftables table inet lume was changed: restored it"]
+            [
+                "nftables table inet lume was not confirmed as written (nftables changed before the check): restored it"
+            ]
         );
         assert_eq!(fw.state(), written);
     }
