@@ -19,6 +19,8 @@ pub struct FakeFirewall {
     pub applies: Mutex<u32>,
     /// How many times it was changed from what lume last wrote.
     pub changes: Mutex<u32>,
+    /// Another tool commits a change of its own during the next change.
+    pub interfere: Mutex<bool>,
     /// The ruleset's generation: moved on by every change.
     pub generation: Mutex<u32>,
     /// How many times lume's tables were listed (`listing`).
@@ -70,6 +72,9 @@ impl FirewallDriver for FakeFirewall {
 
     fn apply_change(&self, last: &Tables, state: &FirewallState) -> Result<Tables, FirewallError> {
         *self.changes.lock().unwrap() += 1;
+        if std::mem::take(&mut *self.interfere.lock().unwrap()) {
+            self.changed();
+        }
         let tables = super::nft::tables(state);
         if tables != *last {
             *self.table.lock().unwrap() = Some(state.clone());

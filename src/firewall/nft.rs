@@ -335,7 +335,16 @@ fn add_element<'a>(key: &str, items: impl Iterator<Item = &'a String>) -> String
 /// goes, the first published port of a kind, accommodation switched):
 /// the tables are then written whole. Empty when nothing differs.
 pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
-    if from.skeleton != to.skeleton {
+    // A port chain whose text changed (another release's) is not changed
+    // in place (its rules would be added to the old ones), nor is a
+    // record whose names or elements are not what lume writes.
+    if from.skeleton != to.skeleton
+        || from
+            .ports
+            .iter()
+            .any(|(tap, text)| to.ports.get(tap).is_some_and(|t| t != text))
+        || !plausible(from)
+    {
         return None;
     }
     let none = std::collections::BTreeSet::new();
@@ -379,15 +388,49 @@ pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
     Some(s)
 }
 
+/// The sets and maps whose elements [`tables`] lists, by `FAMILY SET`.
+const ELEMENT_SETS: [&str; 17] = [
+    "inet dnat_addr",
+    "inet dnat_any",
+    "inet dnat_any6",
+    "bridge taps",
+    "bridge macs",
+    "bridge addrs",
+    "bridge v6taps",
+    "bridge sources6",
+    "bridge reserved6",
+    "bridge owned6",
+    "bridge targets6",
+    "bridge owned_targets6",
+    "bridge nd_macs",
+    "bridge rs_macs",
+    "bridge gateways6",
+    "bridge gateway_targets6",
+    "bridge limits6",
+];
+
+/// Whether `t` (a record read back from the runtime directory) names only
+/// lume's own sets and has elements nft reads as one element each: no
+/// text of it can become another nft command.
+fn plausible(t: &Tables) -> bool {
+    t.elements.iter().all(|(key, items)| {
+        ELEMENT_SETS.contains(&key.as_str())
+            && items
+                .iter()
+                .all(|e| !e.is_empty() && !e.contains(['\n', ';', '{', '}', '#', ',']))
+    })
+}
+
 /// A port's name in its chain's and set's names: the tap's own (lume's
-/// taps are letters and digits), else its bytes in hex, so that any name
-/// the kernel allows makes a valid, distinct nft name.
+/// taps are letters and digits), else `x_` and its bytes in hex (never
+/// the same as a plain name, which has no `_`), so that any name the
+/// kernel allows makes a valid, distinct nft name.
 fn port_id(tap: &str) -> String {
     if !tap.is_empty() && tap.bytes().all(|b| b.is_ascii_alphanumeric()) {
         tap.to_string()
     } else {
         let hex: String = tap.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("x{hex}")
+        format!("x_{hex}")
     }
 }
 
@@ -679,10 +722,16 @@ impl FirewallDriver for Nft {
         let t = tables(state);
         match change_script(last, &t) {
             Some(script) if script.is_empty() => Ok(t),
-            // Refused (the tables are not as `last` after all: changed
-            // since the caller's check): written whole.
-            Some(script) if nft(&["-f", "-"], Some(&script)).is_ok() => Ok(t),
-            _ => self.apply(state),
+            Some(script) => match nft(&["-f", "-"], Some(&script)) {
+                Ok(_) => Ok(t),
+                // Refused (the tables are not as `last` after all: changed
+                // since the caller's check): written whole. Any other
+                // failure is the caller's (a change with no answer may yet
+                // be applied: not followed by another write here).
+                Err(FirewallError::Rejected(_)) => self.apply(state),
+                Err(e) => Err(e),
+            },
+            None => self.apply(state),
         }
     }
 
@@ -1160,9 +1209,10 @@ mod tests {
     #[test]
     fn ports_ids_are_valid_nft_names_and_distinct() {
         assert_eq!(port_id("lt0123abcd"), "lt0123abcd");
-        assert_eq!(port_id("lt-1"), "x6c742d31");
+        assert_eq!(port_id("lt-1"), "x_6c742d31");
+        assert_ne!(port_id("x6c742d31"), port_id("lt-1"));
         assert_ne!(port_id("a.b"), port_id("a_b"));
-        assert_eq!(port_id(""), "x");
+        assert_eq!(port_id(""), "x_");
     }
 
     /// A VM's start or stop changes only elements and its own port chain:
@@ -1184,6 +1234,38 @@ mod tests {
             nat_state(&[("ltb", 3, true, Some((8081, 2222))), c]),
             nat_state(&[("ltb", 3, true, Some((8081, 2222)))]),
         ];
+        // A record read back is taken only as lume writes it: its own
+        // sets, one element each, port chains as this build writes them.
+        let mut rich = steps[1].clone();
+        rich.dnat.push(Dnat {
+            host_ip: Some("198.51.100.2".parse().unwrap()),
+            ..rich.dnat[0].clone()
+        });
+        assert!(plausible(&tables(&rich)));
+        for key in ELEMENT_SETS {
+            assert!(
+                tables(&rich).elements.contains_key(key),
+                "{key} is not written"
+            );
+        }
+        let mut forged = tables(&steps[1]);
+        forged
+            .elements
+            .get_mut("bridge taps")
+            .unwrap()
+            .insert("\"ltx\" }\nflush ruleset\nadd element bridge lume taps { \"lty\"".into());
+        assert_eq!(change_script(&forged, &tables(&steps[2])), None);
+        let mut forged = tables(&steps[1]);
+        forged
+            .elements
+            .insert("inet other".into(), ["1".to_string()].into());
+        assert_eq!(change_script(&forged, &tables(&steps[2])), None);
+        let mut older = tables(&steps[1]);
+        older
+            .ports
+            .insert("ltb".into(), "table bridge lume { }\n".into());
+        assert_eq!(change_script(&older, &tables(&steps[2])), None);
+
         let same = change_script(&tables(&steps[1]), &tables(&steps[1]));
         assert_eq!(same.as_deref(), Some(""));
         let one = change_script(&tables(&steps[0]), &tables(&steps[1])).unwrap();

@@ -249,23 +249,36 @@ impl Networks {
     ) -> Result<Option<RulesetGeneration>, SharedError> {
         let record = self.root.join(WRITTEN_TABLES);
         let before = self.firewall.generation();
-        let last = fs::read(&record)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<WrittenTables>(&b).ok())
+        let last = self
+            .written_tables()
             .filter(|w| before.is_some_and(|g| g.to_string() == w.generation));
         // No write may be taken for one that did not happen.
         let _ = fs::remove_file(&record);
-        let tables = match &last {
-            Some(w) => self.firewall.apply_change(&w.tables, state)?,
-            None => self.firewall.apply(state)?,
+        let (mut before, mut tables, mut transactions) = match &last {
+            Some(w) => {
+                let tables = self.firewall.apply_change(&w.tables, state)?;
+                let moved = u32::from(w.tables != tables);
+                (before, tables, moved)
+            }
+            None => (before, self.firewall.apply(state)?, 1),
         };
-        let transactions = u32::from(last.as_ref().is_none_or(|w| w.tables != tables));
-        let after = self.firewall.generation();
-        if let (Some(b), Some(a)) = (before, after)
-            && a.namespace == b.namespace
-            && a.number == b.number.wrapping_add(transactions)
-        {
+        let mut after = self.firewall.generation();
+        let proven = |b: Option<RulesetGeneration>, a: Option<RulesetGeneration>, n: u32| {
+            matches!((b, a), (Some(b), Some(a))
+                if a.namespace == b.namespace && a.number == b.number.wrapping_add(n))
+        };
+        if last.is_some() && transactions == 1 && !proven(before, after, 1) {
+            // Another change landed around the change in place: what it
+            // did to lume's tables may remain beside it. Written whole.
+            before = after;
+            tables = self.firewall.apply(state)?;
+            transactions = 1;
+            after = self.firewall.generation();
+        }
+        if let Some(a) = after.filter(|_| proven(before, after, transactions)) {
             let w = WrittenTables {
+                format: WRITTEN_TABLES_FORMAT,
+                boot: boot_id(),
                 generation: a.to_string(),
                 tables,
             };
@@ -278,15 +291,19 @@ impl Networks {
         Ok(None)
     }
 
+    /// The record of lume's last write of its tables, when it is one this
+    /// build wrote since the system started.
+    fn written_tables(&self) -> Option<WrittenTables> {
+        let b = fs::read(self.root.join(WRITTEN_TABLES)).ok()?;
+        serde_json::from_slice::<WrittenTables>(&b)
+            .ok()
+            .filter(|w| w.format == WRITTEN_TABLES_FORMAT && w.boot == boot_id())
+    }
+
     /// The ruleset's generation right after lume's last write of its
     /// tables, when that write left them provably as written.
     fn written_generation(&self) -> Option<RulesetGeneration> {
-        let b = fs::read(self.root.join(WRITTEN_TABLES)).ok()?;
-        serde_json::from_slice::<WrittenTables>(&b)
-            .ok()?
-            .generation
-            .parse()
-            .ok()
+        self.written_tables()?.generation.parse().ok()
     }
 
     /// Whether `listing`, taken after the ruleset's generation was read as
@@ -359,11 +376,28 @@ impl Networks {
 /// generation right after that write ([`Networks::write_tables`]).
 const WRITTEN_TABLES: &str = "firewall.tables";
 
+/// The layout of [`WrittenTables`] and of the tables it holds: a record
+/// of another layout is not used (the next write is whole).
+const WRITTEN_TABLES_FORMAT: u32 = 1;
+
 #[derive(Serialize, Deserialize)]
 struct WrittenTables {
+    format: u32,
+    /// The system's boot (`/proc/sys/kernel/random/boot_id`): where /run
+    /// outlives a reboot, a record of an earlier boot whose numbers happen
+    /// to match is not used.
+    boot: String,
     /// As [`RulesetGeneration`] writes itself.
     generation: String,
     tables: crate::firewall::Tables,
+}
+
+/// This boot's identity ("" when it cannot be read: a record then only
+/// matches another written without one).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The number of join records counted so far in this namespace.
@@ -497,6 +531,28 @@ mod tests {
         assert_eq!((fw.applies(), fw.changes()), (4, 2));
         nets.apply_firewall().unwrap();
         assert_eq!((fw.applies(), fw.changes()), (4, 3), "recorded again");
+        // Another tool's change landing around the change in place: the
+        // tables are written whole at once, and that write recorded.
+        nets.add_member(Kind::Nat, &member(4));
+        *fw.interfere.lock().unwrap() = true;
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (5, 4));
+        assert!(record.exists());
+        nets.nat.remove_member(&member(4).id()).unwrap();
+        nets.apply_firewall().unwrap();
+        assert_eq!((fw.applies(), fw.changes()), (5, 5));
+        // A record of another layout, or of an earlier boot: whole.
+        for (from, to) in [
+            ("\"format\":1", "\"format\":0"),
+            ("\"boot\":\"", "\"boot\":\"0"),
+        ] {
+            let text = std::fs::read_to_string(&record).unwrap();
+            assert!(text.contains(from), "{text}");
+            std::fs::write(&record, text.replacen(from, to, 1)).unwrap();
+            let applies = fw.applies();
+            nets.apply_firewall().unwrap();
+            assert_eq!(fw.applies(), applies + 1);
+        }
         // Nothing changed: the change writes nothing and keeps the record.
         let g = fw.generation();
         nets.apply_firewall().unwrap();
@@ -511,7 +567,7 @@ mod tests {
         assert!(!record.exists());
         nets.add_member(Kind::Nat, &member(2));
         nets.apply_firewall().unwrap();
-        assert_eq!((fw.applies(), fw.changes()), (6, 4), "whole again");
+        assert_eq!((fw.applies(), fw.changes()), (9, 6), "whole again");
     }
 
     #[test]
