@@ -335,14 +335,15 @@ fn add_element<'a>(key: &str, items: impl Iterator<Item = &'a String>) -> String
 /// goes, the first published port of a kind, accommodation switched):
 /// the tables are then written whole. Empty when nothing differs.
 pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
-    // A port chain whose text changed (another release's) is not changed
-    // in place (its rules would be added to the old ones), nor is a
-    // record whose names or elements are not what lume writes.
+    // A port chain not as this build writes it (another release's) is
+    // not changed in place (its rules would be added to the old ones, or
+    // deleted under names it may not have), nor is a record whose names
+    // or elements are not what lume writes.
     if from.skeleton != to.skeleton
         || from
             .ports
             .iter()
-            .any(|(tap, text)| to.ports.get(tap).is_some_and(|t| t != text))
+            .any(|(tap, text)| *text != port_chain(tap))
         || !plausible(from)
     {
         return None;
@@ -386,6 +387,15 @@ pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
         }
     }
     Some(s)
+}
+
+/// A guest port's own chain and set of IPv6 sources (see `limits6`).
+fn port_chain(tap: &str) -> String {
+    let id = port_id(tap);
+    format!(
+        "table bridge {TABLE} {{\n  set seen6_{id} {{\n    type ipv6_addr\n    size {SOURCES6}\n    flags dynamic,timeout\n    timeout {SOURCES6_TIMEOUT}\n  }}\n  \
+         chain sources6_{id} {{\n    ip6 saddr :: return\n    update @seen6_{id} {{ ip6 saddr }}\n    ip6 saddr != @seen6_{id} drop\n  }}\n}}\n"
+    )
 }
 
 /// The sets and maps whose elements [`tables`] lists, by `FAMILY SET`.
@@ -594,13 +604,7 @@ fn bridge_tables(ports: &[crate::firewall::GuestPort], t: &mut Tables) {
     let mut limits = Vec::new();
     for p in &v6 {
         let id = port_id(&p.tap);
-        t.ports.insert(
-            p.tap.clone(),
-            format!(
-                "table bridge {TABLE} {{\n  set seen6_{id} {{\n    type ipv6_addr\n    size {SOURCES6}\n    flags dynamic,timeout\n    timeout {SOURCES6_TIMEOUT}\n  }}\n  \
-                 chain sources6_{id} {{\n    ip6 saddr :: return\n    update @seen6_{id} {{ ip6 saddr }}\n    ip6 saddr != @seen6_{id} drop\n  }}\n}}\n"
-            ),
-        );
+        t.ports.insert(p.tap.clone(), port_chain(&p.tap));
         limits.push(format!("\"{}\" : jump sources6_{id}", p.tap));
     }
     s.push_str("  map limits6 {\n    type ifname : verdict\n  }\n");
@@ -722,15 +726,9 @@ impl FirewallDriver for Nft {
         let t = tables(state);
         match change_script(last, &t) {
             Some(script) if script.is_empty() => Ok(t),
-            Some(script) => match nft(&["-f", "-"], Some(&script)) {
-                Ok(_) => Ok(t),
-                // Refused (the tables are not as `last` after all: changed
-                // since the caller's check): written whole. Any other
-                // failure is the caller's (a change with no answer may yet
-                // be applied: not followed by another write here).
-                Err(FirewallError::Rejected(_)) => self.apply(state),
-                Err(e) => Err(e),
-            },
+            Some(script) => {
+                changed_or_whole(nft(&["-f", "-"], Some(&script)), t, || self.apply(state))
+            }
             None => self.apply(state),
         }
     }
@@ -803,6 +801,23 @@ impl FirewallDriver for Nft {
         Ok(out
             .lines()
             .any(|l| l.trim() == format!("table inet {TABLE}")))
+    }
+}
+
+/// After a change in place answered `answer`: the tables `t` it wrote;
+/// refused (the tables are not as recorded after all: changed since the
+/// caller's check), the tables written `whole`; any other failure is the
+/// caller's (a change with no answer may yet be applied: no other write
+/// follows it here).
+fn changed_or_whole(
+    answer: Result<String, FirewallError>,
+    t: Tables,
+    whole: impl FnOnce() -> Result<Tables, FirewallError>,
+) -> Result<Tables, FirewallError> {
+    match answer {
+        Ok(_) => Ok(t),
+        Err(FirewallError::Rejected(_)) => whole(),
+        Err(e) => Err(e),
     }
 }
 
@@ -1204,6 +1219,38 @@ mod tests {
             items.join(", "),
             &rest[end + 1..]
         )
+    }
+
+    /// Only nft's refusal of a change in place makes it a whole write; a
+    /// change with no answer may yet be applied and is not followed by one.
+    #[test]
+    fn only_a_refused_change_is_written_whole() {
+        let t = tables(&nat_state(&[("lta", 2, true, None)]));
+        let whole = Tables {
+            skeleton: "whole".into(),
+            ..Tables::default()
+        };
+        let ok = changed_or_whole(Ok(String::new()), t.clone(), || unreachable!());
+        assert_eq!(ok.unwrap(), t);
+        let refused = changed_or_whole(
+            Err(FirewallError::Rejected("No such file or directory".into())),
+            t.clone(),
+            || Ok(whole.clone()),
+        );
+        assert_eq!(refused.unwrap(), whole);
+        let silent = changed_or_whole(
+            Err(FirewallError::Library(
+                crate::firewall::libnft::LibnftError::NoAnswer,
+            )),
+            t,
+            || panic!("written whole after no answer"),
+        );
+        assert!(matches!(
+            silent,
+            Err(FirewallError::Library(
+                crate::firewall::libnft::LibnftError::NoAnswer
+            ))
+        ));
     }
 
     #[test]

@@ -275,10 +275,12 @@ impl Networks {
             transactions = 1;
             after = self.firewall.generation();
         }
-        if let Some(a) = after.filter(|_| proven(before, after, transactions)) {
+        if let Some(a) = after.filter(|_| proven(before, after, transactions))
+            && let Some(boot) = boot_id()
+        {
             let w = WrittenTables {
                 format: WRITTEN_TABLES_FORMAT,
-                boot: boot_id(),
+                boot,
                 generation: a.to_string(),
                 tables,
             };
@@ -297,7 +299,7 @@ impl Networks {
         let b = fs::read(self.root.join(WRITTEN_TABLES)).ok()?;
         serde_json::from_slice::<WrittenTables>(&b)
             .ok()
-            .filter(|w| w.format == WRITTEN_TABLES_FORMAT && w.boot == boot_id())
+            .filter(|w| w.format == WRITTEN_TABLES_FORMAT && Some(&w.boot) == boot_id().as_ref())
     }
 
     /// The ruleset's generation right after lume's last write of its
@@ -392,12 +394,13 @@ struct WrittenTables {
     tables: crate::firewall::Tables,
 }
 
-/// This boot's identity ("" when it cannot be read: a record then only
-/// matches another written without one).
-fn boot_id() -> String {
+/// This boot's identity; `None` when it cannot be read (no record is
+/// then written or used: every write is whole).
+fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
         .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+        .filter(|s| !s.is_empty())
 }
 
 /// The number of join records counted so far in this namespace.
