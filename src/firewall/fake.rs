@@ -27,6 +27,8 @@ pub struct FakeFirewall {
     pub listings: Mutex<u32>,
     /// How many times the whole ruleset was listed (`ruleset`).
     pub rulesets: Mutex<u32>,
+    /// Docker's chain is in the ruleset (`ruleset` shows it).
+    pub docker: Mutex<bool>,
 }
 
 impl FakeFirewall {
@@ -126,7 +128,12 @@ impl FirewallDriver for FakeFirewall {
 
     fn ruleset(&self) -> Result<Ruleset, FirewallError> {
         *self.rulesets.lock().unwrap() += 1;
-        Ok(Ruleset::default())
+        if !*self.docker.lock().unwrap() {
+            return Ok(Ruleset::default());
+        }
+        Ok(Ruleset::parse(
+            r#"{"nftables": [{"chain": {"family": "ip", "table": "filter", "name": "DOCKER-USER", "handle": 1}}]}"#,
+        ))
     }
 
     fn accommodate_with(

@@ -113,6 +113,10 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         ),
     );
     let mut tick: u32 = 0;
+    // Other tools' drops as last listed, for the warnings: listed again
+    // after an nftables event or once a second, not for a link's or a
+    // route's event (a VM's tap coming or going).
+    let mut drops = None;
     while !stop.load(Ordering::SeqCst) {
         let woken = events.wait(PERIOD);
         if stop.load(Ordering::SeqCst) {
@@ -145,7 +149,10 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
         if !(woken.nft || woken.net || slow) {
             continue;
         }
-        let now: HashSet<Warning> = networks.warnings().into_iter().collect();
+        if woken.nft || slow {
+            drops = None;
+        }
+        let now: HashSet<Warning> = networks.warnings_with(&mut drops).into_iter().collect();
         for w in now.difference(&warned) {
             record(&networks, &format!("warning: {w}"));
         }

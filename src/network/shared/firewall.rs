@@ -165,7 +165,10 @@ impl Networks {
             self.firewall.ruleset()?
         };
         let tools = self.accommodate && rs.tools_present();
-        self.write_firewall_from(tools, Some(rs))
+        // The listing (or the check) saw the ruleset at `now` if it is
+        // still at `now` when the write reads it.
+        let seen = now.map(|g| (g, rs.tools_present()));
+        self.write_firewall_from(tools, Some(rs), seen)
     }
 
     /// Whether lume's table marked packets for other tools' chains when it
@@ -181,15 +184,18 @@ impl Networks {
         &self,
         tools: bool,
     ) -> Result<(bool, Vec<String>), SharedError> {
-        self.write_firewall_from(tools, None)
+        self.write_firewall_from(tools, None, None)
     }
 
     /// [`Self::write_firewall_with`], planning the accepts in other tools'
-    /// chains from `rs` when given.
+    /// chains from `rs` when given. `seen`: a generation of the ruleset
+    /// and whether other tools' chains were in it then (as `rs` shows),
+    /// kept in the record of a write that started from that generation.
     pub(super) fn write_firewall_from(
         &self,
         tools: bool,
         rs: Option<Ruleset>,
+        seen: Option<(RulesetGeneration, bool)>,
     ) -> Result<(bool, Vec<String>), SharedError> {
         // Under the network lock no record changes while the table is
         // written: the generation read now is the one the table shows.
@@ -202,7 +208,7 @@ impl Networks {
             self.firewall.apply(&state)?;
             (done, None)
         } else {
-            let recorded = self.write_tables(&state)?;
+            let recorded = self.write_tables(&state, seen)?;
             (self.accommodate_from(rs)?, recorded)
         };
         // Whether the table marks packets for other tools' chains: the
@@ -246,6 +252,7 @@ impl Networks {
     fn write_tables(
         &self,
         state: &FirewallState,
+        seen: Option<(RulesetGeneration, bool)>,
     ) -> Result<Option<RulesetGeneration>, SharedError> {
         let record = self.root.join(WRITTEN_TABLES);
         let before = self.firewall.generation();
@@ -254,6 +261,10 @@ impl Networks {
             .filter(|w| before.is_some_and(|g| g.to_string() == w.generation));
         // No write may be taken for one that did not happen.
         let _ = fs::remove_file(&record);
+        // Whether other tools' chains were there when this write started.
+        let mut tools = seen
+            .filter(|(g, _)| Some(*g) == before)
+            .map(|(_, present)| present);
         let (mut before, mut tables, mut transactions) = match &last {
             Some(w) => {
                 let tables = self.firewall.apply_change(&w.tables, state)?;
@@ -271,6 +282,7 @@ impl Networks {
             // Another change landed around the change in place: what it
             // did to lume's tables may remain beside it. Written whole.
             before = after;
+            tools = None;
             tables = self.firewall.apply(state)?;
             transactions = 1;
             after = self.firewall.generation();
@@ -283,6 +295,7 @@ impl Networks {
                 boot,
                 generation: a.to_string(),
                 tables,
+                tools,
             };
             if let Ok(json) = serde_json::to_vec(&w)
                 && crate::util::atomic::write_runtime(&record, &json).is_ok()
@@ -300,6 +313,13 @@ impl Networks {
         serde_json::from_slice::<WrittenTables>(&b)
             .ok()
             .filter(|w| w.format == WRITTEN_TABLES_FORMAT && Some(&w.boot) == boot_id().as_ref())
+    }
+
+    /// Whether lume's last write left the ruleset at `now` with no other
+    /// tool's chain in it (see [`WrittenTables::tools`]).
+    pub(super) fn written_without_tools(&self, now: RulesetGeneration) -> bool {
+        self.written_tables()
+            .is_some_and(|w| w.tools == Some(false) && w.generation == now.to_string())
     }
 
     /// The ruleset's generation right after lume's last write of its
@@ -392,6 +412,13 @@ struct WrittenTables {
     /// As [`RulesetGeneration`] writes itself.
     generation: String,
     tables: crate::firewall::Tables,
+    /// Whether other tools' chains (Docker's, ufw's, firewalld's) were in
+    /// the ruleset just before this write, when that is known: if not,
+    /// they are not after it either, and while the ruleset stays at this
+    /// generation the next write need not list it to find out. (Absent
+    /// in records of earlier builds: not known.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tools: Option<bool>,
 }
 
 /// This boot's identity; `None` when it cannot be read (no record is
@@ -487,6 +514,68 @@ mod tests {
         std::fs::remove_file(root.join(WRITTEN_GENERATION)).unwrap();
         nets.firewall_catch_up(fourth).unwrap();
         assert_eq!(writes(&fw), 5);
+    }
+
+    /// A write right after lume's own, with no other tool's chain in the
+    /// ruleset before it, does not list the ruleset to find out again;
+    /// after another tool's change, with Docker's chain there, or from a
+    /// record of an earlier build (no `tools`), it does.
+    #[test]
+    fn a_write_after_lumes_own_lists_the_ruleset_only_when_not_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("net");
+        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
+        let nets = Networks::in_dir(&root, fw.clone());
+        let member = |n: u8| member(dir.path(), n);
+        let record = root.join(WRITTEN_TABLES);
+        nets.add_member(Kind::Nat, &member(2));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 1, "nothing known yet");
+        assert!(
+            std::fs::read_to_string(&record)
+                .unwrap()
+                .contains("\"tools\":false")
+        );
+        nets.add_member(Kind::Nat, &member(3));
+        nets.apply_firewall().unwrap();
+        assert_eq!(
+            (fw.rulesets(), fw.changes()),
+            (1, 1),
+            "known from the write"
+        );
+        fw.changed();
+        nets.add_member(Kind::Nat, &member(4));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 2, "another tool's change");
+        // Docker's chain appears (its own commit): listed, and every write
+        // after it lists again.
+        *fw.docker.lock().unwrap() = true;
+        fw.changed();
+        nets.add_member(Kind::Nat, &member(5));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 3);
+        assert!(
+            std::fs::read_to_string(&record)
+                .unwrap()
+                .contains("\"tools\":true")
+        );
+        nets.add_member(Kind::Nat, &member(6));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 4, "Docker's chain was there");
+        *fw.docker.lock().unwrap() = false;
+        fw.changed();
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 5);
+        // An earlier build's record says nothing of other tools.
+        let text = std::fs::read_to_string(&record).unwrap();
+        std::fs::write(&record, text.replace(",\"tools\":false", "")).unwrap();
+        assert!(!std::fs::read_to_string(&record).unwrap().contains("tools"));
+        nets.add_member(Kind::Nat, &member(7));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 6, "not known from an earlier build's record");
+        nets.add_member(Kind::Nat, &member(8));
+        nets.apply_firewall().unwrap();
+        assert_eq!(fw.rulesets(), 6);
     }
 
     /// A write changes the tables from the last write's only when the

@@ -114,17 +114,17 @@ impl Networks {
 
     /// Whether the ruleset at `now` (its generation read by the caller;
     /// `None`: not known) is one a full check found in place with no
-    /// other tool's chain: a write then has nothing to plan around and
-    /// need not list it. A generation read earlier than the last change
-    /// only ever fails to match, which costs a listing.
+    /// other tool's chain, or the one lume's last write left when there
+    /// was no such chain before it: a write then has nothing to plan
+    /// around and need not list it. A generation read earlier than the
+    /// last change only ever fails to match, which costs a listing.
     pub(super) fn unchanged_without_tools(&self, now: Option<RulesetGeneration>) -> bool {
-        now.is_some_and(|generation| {
-            self.checked()
-                == Some(CheckedRuleset {
-                    generation,
-                    tools: false,
-                })
-        })
+        now.is_some_and(
+            |generation| match self.checked().filter(|c| c.generation == generation) {
+                Some(checked) => !checked.tools,
+                None => self.written_without_tools(generation),
+            },
+        )
     }
 
     /// [`Self::heal_firewall`]'s check, listing the ruleset; whether

@@ -68,6 +68,16 @@ impl Networks {
     /// Conditions lume reports but does not override: routes that capture
     /// part of a lume subnet, and other tables that drop lume's traffic.
     pub fn warnings(&self) -> Vec<Warning> {
+        self.warnings_with(&mut None)
+    }
+
+    /// [`Self::warnings`], with other tools' drops taken from `drops` when
+    /// it holds a listing (the ruleset has not changed since: the watcher
+    /// keeps one between nftables events), else listed into it.
+    pub fn warnings_with(
+        &self,
+        drops: &mut Option<Vec<crate::firewall::ForeignDrop>>,
+    ) -> Vec<Warning> {
         let active = self.active();
         if active.is_empty() {
             return Vec::new();
@@ -77,7 +87,10 @@ impl Networks {
             .into_iter()
             .map(Warning::Route)
             .collect();
-        if let Ok(drops) = self.firewall.foreign_drops() {
+        if drops.is_none() {
+            *drops = self.firewall.foreign_drops().ok();
+        }
+        if let Some(drops) = drops.as_deref() {
             let list = active
                 .iter()
                 .map(|n| n.bridge.as_str())
@@ -85,7 +98,7 @@ impl Networks {
                 .join(" and ");
             for d in drops {
                 let bridges = self.bridges_for_hook(&d.family, &d.hook);
-                if let Some(w) = drop_warning(&d, &bridges, &list, self.accommodate) {
+                if let Some(w) = drop_warning(d, &bridges, &list, self.accommodate) {
                     out.push(Warning::Drop(w));
                 }
                 // Rules lume does not override, and chains it keeps out of.
