@@ -4,13 +4,20 @@
 # lume: from `lume run VM --detach` to the first `lume get VM -f json` that
 # reports ipAddress (polled every 20 ms), and, like for like, to the guest's
 # "LUME-GUEST: lease eth0" line in its console (polled every 20 ms).
-# Bare QEMU: the same guest, kernel, initrd, command line, accelerator (TCG)
-# and devices, started by hand with an equivalent network device, from the
-# first setup command to the lease line in the console:
+# Bare QEMU: the same guest, kernel, initrd, accelerator (TCG) and network
+# device, started by hand, from the first setup command to the lease line in
+# the console:
 #   nat     lume: `--network nat` (lume's bridge, dnsmasq, nftables)
 #           bare: a tap on a bridge with a dnsmasq configured like lume's
 #   bridged lume: `--network bridged:up0` (a macvtap on the uplink)
 #           bare: a macvtap on the uplink, opened by hand and passed as fd 3
+# Each bare case twice: `bare-*` with the fewest devices (no display, no
+# monitor), and `bare-*-full` with every device and option lume's own
+# command line has (src/hypervisor/qemu.rs: a VGA display behind VNC on a
+# Unix socket, two QMP sockets, the guest agent's virtio-serial port, the
+# balloon, the sandbox): lume against `bare-*-full` is what lume's
+# networking and supervision cost, `bare-*-full` against `bare-*` what the
+# devices cost (SeaBIOS runs the VGA BIOS under TCG, for one).
 # A third lume case, lume-nat-noget, watches only the console (no `lume get`
 # polling), to show what the polling itself costs the guest on a busy host.
 # The cases alternate within each round (the order rotates every round);
@@ -57,10 +64,23 @@ EOF
 in_ns "$BARE_NS" dnsmasq --conf-file="$W/dnsmasq/dnsmasq.conf"
 
 truncate -s 16M "$W/disk.img"
-# lume's QEMU command line (src/hypervisor/qemu.rs) minus QMP.
+# lume's QEMU command line (src/hypervisor/qemu.rs) minus its display, QMP,
+# guest agent port, balloon and sandbox; with FULL=1, with them (sockets in
+# $W/q, which each run empties).
 qemu_args() { # CONSOLE NETDEV MAC
+    local extra=""
+    if [ "${FULL:-}" = 1 ]; then
+        extra="-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
+            -vnc unix:$W/q/vnc.sock -device VGA,xres=1024,yres=768 \
+            -qmp unix:$W/q/qmp.sock,server=on,wait=off -qmp unix:$W/q/events.sock,server=on,wait=off \
+            -chardev socket,id=qga0,path=$W/q/qga.sock,server=on,wait=off \
+            -device virtio-serial-pci,id=vser0 \
+            -device virtserialport,bus=vser0.0,chardev=qga0,id=qga-port,name=org.qemu.guest_agent.0 \
+            -device virtio-balloon-pci,id=balloon0,free-page-reporting=on"
+    fi
+    # shellcheck disable=SC2086
     echo qemu-system-x86_64 -name guest=bare -machine q35 -accel tcg -cpu max -smp 1 -m 192M \
-        -nodefaults -no-user-config -display none \
+        -nodefaults -no-user-config -display none $extra \
         -chardev "file,id=serial0,path=$1" -serial chardev:serial0 \
         -device virtio-rng-pci -drive "file=$W/disk.img,format=raw,if=virtio,discard=unmap" \
         -kernel "$GUEST_DIR/vmlinuz" -initrd "$GUEST_DIR/initrd.img" \
@@ -84,9 +104,12 @@ lume_case() { # RUN CASE VM [--no-get]
     lume_in "$HOST_NS" "$H" stop "$3" >/dev/null
 }
 
-bare_nat() { # RUN
+fresh_sockets() { rm -rf "$W/q" && mkdir -m 700 "$W/q"; }
+
+bare_nat() { # RUN [CASE]
+    fresh_sockets
     # shellcheck disable=SC2046
-    in_ns "$BARE_NS" "${BT[@]}" bare-boot "$(rec "$1")" --case bare-nat --run "$1" \
+    in_ns "$BARE_NS" "${BT[@]}" bare-boot "$(rec "$1")" --case "${2:-bare-nat}" --run "$1" \
         --console "$W/console-nat.log" --pidfile "$W/qemu.pid" --qemu-log "$W/qemu.log" \
         --setup 'ip tuntap add dev btap0 mode tap vnet_hdr && ip link set btap0 master bbr0 && ip link set btap0 up' \
         -- $(qemu_args "$W/console-nat.log" tap,id=net0,ifname=btap0,script=no,downscript=no "$MAC_NAT") \
@@ -95,10 +118,11 @@ bare_nat() { # RUN
     in_ns "$BARE_NS" ip link del btap0
 }
 
-bare_bridged() { # RUN
+bare_bridged() { # RUN [CASE]
     local node=/dev/lume-bench-bmv-$$
+    fresh_sockets
     # shellcheck disable=SC2046
-    in_ns "$BARE_NS" "${BT[@]}" bare-boot "$(rec "$1")" --case bare-bridged --run "$1" \
+    in_ns "$BARE_NS" "${BT[@]}" bare-boot "$(rec "$1")" --case "${2:-bare-bridged}" --run "$1" \
         --console "$W/console-br.log" --pidfile "$W/qemu.pid" --qemu-log "$W/qemu.log" \
         --setup "ip link add link up0 name bmv0 address $MAC_BR type macvtap mode bridge && \
                  ip link set bmv0 up && \
@@ -119,10 +143,12 @@ one() { # RUN CASE
         bare-nat) bare_nat "$1" ;;
         lume-bridged) lume_case "$1" lume-bridged bbr ;;
         bare-bridged) bare_bridged "$1" ;;
+        bare-nat-full) FULL=1 bare_nat "$1" bare-nat-full ;;
+        bare-bridged-full) FULL=1 bare_bridged "$1" bare-bridged-full ;;
     esac
 }
 
-CASES=(lume-nat bare-nat lume-nat-noget lume-bridged bare-bridged)
+CASES=(lume-nat bare-nat lume-nat-noget lume-bridged bare-bridged bare-nat-full bare-bridged-full)
 for ((run = 0; run <= BENCH_RUNS; run++)); do
     log "round $run of $BENCH_RUNS$([ "$run" = 0 ] && echo ' (warm-up, not recorded)')"
     # Rotate the order so no case always follows the same one.

@@ -8,3 +8,4 @@ pub mod random;
 #[cfg(test)]
 pub mod testing;
 pub mod time;
+pub mod watch;

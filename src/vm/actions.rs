@@ -1451,6 +1451,10 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     let mut child =
         process::Detached::spawn(&mut cmd, &start_log, &log_path).map_err(RunError::from)?;
     let deadline = Instant::now() + Duration::from_secs(120);
+    // Woken when the supervisor writes run.json (or any file of the VM's
+    // directory), not only every 20 ms: `run --detach` returns as soon as
+    // the VM runs. The 20 ms remain the longest wait, to notice an exit.
+    let mut written = crate::util::watch::DirWatch::new(&vm.dir);
     loop {
         if let Some(state) = vm.running_state()
             && state.pid == child.id()
@@ -1483,7 +1487,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
             child.abandon();
             return Err(RunError::QmpTimeout(120, log_path).into());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        written.wait(Duration::from_millis(20));
     }
 }
 
