@@ -516,18 +516,27 @@ mod tests {
         assert_eq!(writes(&fw), 5);
     }
 
+    /// Networks in a temporary directory (`net` in it) on a fake firewall.
+    fn fake_networks() -> (
+        tempfile::TempDir,
+        std::sync::Arc<crate::firewall::fake::FakeFirewall>,
+        Networks,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
+        let nets = Networks::in_dir(&dir.path().join("net"), fw.clone());
+        (dir, fw, nets)
+    }
+
     /// A write right after lume's own, with no other tool's chain in the
     /// ruleset before it, does not list the ruleset to find out again;
     /// after another tool's change, with Docker's chain there, or from a
     /// record of an earlier build (no `tools`), it does.
     #[test]
     fn a_write_after_lumes_own_lists_the_ruleset_only_when_not_known() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("net");
-        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
-        let nets = Networks::in_dir(&root, fw.clone());
+        let (dir, fw, nets) = fake_networks();
         let member = |n: u8| member(dir.path(), n);
-        let record = root.join(WRITTEN_TABLES);
+        let record = dir.path().join("net").join(WRITTEN_TABLES);
         nets.add_member(Kind::Nat, &member(2));
         nets.apply_firewall().unwrap();
         assert_eq!(fw.rulesets(), 1, "nothing known yet");
@@ -584,12 +593,9 @@ mod tests {
     /// next write whole.
     #[test]
     fn only_a_ruleset_as_lume_left_it_is_changed_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("net");
-        let fw = std::sync::Arc::new(crate::firewall::fake::FakeFirewall::default());
-        let nets = Networks::in_dir(&root, fw.clone());
+        let (dir, fw, nets) = fake_networks();
         let member = |n: u8| member(dir.path(), n);
-        let record = root.join(WRITTEN_TABLES);
+        let record = dir.path().join("net").join(WRITTEN_TABLES);
         nets.add_member(Kind::Nat, &member(2));
         nets.apply_firewall().unwrap();
         assert_eq!(
