@@ -71,7 +71,7 @@ qemu_args() { # CONSOLE NETDEV MAC
     local extra=""
     if [ "${FULL:-}" = 1 ]; then
         extra="-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
-            -vnc unix:$W/q/vnc.sock -device VGA,xres=1024,yres=768 \
+            -vnc unix:$W/q/vnc.sock,password=on -device VGA,xres=1024,yres=768 \
             -qmp unix:$W/q/qmp.sock,server=on,wait=off -qmp unix:$W/q/events.sock,server=on,wait=off \
             -chardev socket,id=qga0,path=$W/q/qga.sock,server=on,wait=off \
             -device virtio-serial-pci,id=vser0 \

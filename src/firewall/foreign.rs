@@ -730,6 +730,9 @@ type Key = (String, String, String);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     chains: BTreeMap<Key, Chain>,
+    /// The listing could not be read: nothing is known of other tools'
+    /// chains, so they count as present (see [`Self::tools_present`]).
+    unreadable: bool,
 }
 
 fn key3(family: &str, table: &str, chain: &str) -> Key {
@@ -737,13 +740,17 @@ fn key3(family: &str, table: &str, chain: &str) -> Key {
 }
 
 impl Ruleset {
-    /// Parses `nft -j list ruleset`; anything unreadable is an empty ruleset.
+    /// Parses `nft -j list ruleset`; anything unreadable is a ruleset
+    /// without chains that counts as having other tools' chains.
     pub fn parse(json: &str) -> Self {
         let mut rs = Self::default();
-        let Ok(v) = serde_json::from_str::<Value>(json) else {
+        let Some(items) = serde_json::from_str::<Value>(json)
+            .ok()
+            .and_then(|v| v["nftables"].as_array().cloned())
+        else {
+            rs.unreadable = true;
             return rs;
         };
-        let items = v["nftables"].as_array().cloned().unwrap_or_default();
         let s = |v: &Value| v.as_str().unwrap_or("").to_string();
         for item in &items {
             if let Some(c) = item.get("chain") {
@@ -788,11 +795,13 @@ impl Ruleset {
     }
 
     /// Whether any chain lume accommodates exists (Docker, ufw or firewalld
-    /// is present).
+    /// is present), or the listing was unreadable: then nothing recorded
+    /// from it may spare the next write its listing.
     pub fn tools_present(&self) -> bool {
-        TARGETS
-            .iter()
-            .any(|t| self.chain(t.family, t.table, t.chain).is_some())
+        self.unreadable
+            || TARGETS
+                .iter()
+                .any(|t| self.chain(t.family, t.table, t.chain).is_some())
     }
 
     fn chain(&self, family: &str, table: &str, chain: &str) -> Option<&Chain> {
@@ -916,6 +925,7 @@ impl Ruleset {
                 .filter(|((f, t, _), _)| f == family && t == table)
                 .map(|(k, c)| (k.clone(), c.clone()))
                 .collect(),
+            unreadable: self.unreadable,
         }
     }
 
@@ -1734,6 +1744,13 @@ mod tests {
         let rs = Ruleset::parse(DOCKER);
         assert!(rs.tools_present());
         assert!(!Ruleset::parse(r#"{"nftables":[]}"#).tools_present());
+        // An unreadable listing proves nothing: it never records "no
+        // other tool's chain" (which would spare later writes a listing).
+        for bad in ["", "{", r#"{"nftables": 3}"#, "[]"] {
+            let rs = Ruleset::parse(bad);
+            assert!(rs.tools_present(), "{bad:?}");
+            assert!(plan(&rs, &nat()).commands.is_empty(), "{bad:?}");
+        }
         assert_eq!(plan(&rs, &nat()), Plan::default());
         // Docker restarted: DOCKER-USER flushed and its RETURN put back;
         // lume's rules go right before that RETURN, in order.

@@ -398,8 +398,8 @@ fn port_chain(tap: &str) -> String {
 
 /// [`port_chain`] as commands, for a change in place: the same set,
 /// chain and rules, but nft fills its cache with much less for `add`
-/// commands than for a `table { … }` block beside them (0.8 against
-/// 2.5 ms for a VM's start here).
+/// commands than for a `table { … }` block beside them (2.0 against
+/// 4.2 ms for a second VM's start, BENCHMARKS.md finding 14).
 fn port_commands(tap: &str) -> String {
     let id = port_id(tap);
     format!(

@@ -123,8 +123,9 @@ fn watch(networks: &Networks, stop: &AtomicBool) {
             break;
         }
         // Links, addresses, dnsmasq and forwarding are checked through
-        // netlink and /proc every pass; the firewall needs an `nft` process,
-        // so it is listed on nftables events and once a second.
+        // netlink and /proc every pass; the firewall needs a ruleset
+        // listing, so it is checked on nftables events and every 4th pass
+        // (about once a second).
         tick = tick.wrapping_add(1);
         let slow = tick.is_multiple_of(4);
         // config.yaml's firewallAccommodation applies to every running VM

@@ -43,8 +43,16 @@ impl DirWatch {
         };
         let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
-            // Drained: the next wait waits for what comes after.
-            Ok(n) if n > 0 => while inotify.read_events().is_ok_and(|e| !e.is_empty()) {},
+            // Drained (a few reads at most: a writer that never stops must
+            // not keep the caller from its deadline): the next wait waits
+            // for what comes after.
+            Ok(n) if n > 0 => {
+                for _ in 0..4 {
+                    if !inotify.read_events().is_ok_and(|e| !e.is_empty()) {
+                        break;
+                    }
+                }
+            }
             Ok(_) => {}
             // Interrupted by a signal, or a broken instance: never spin.
             Err(_) => std::thread::sleep(timeout.min(Duration::from_millis(5))),

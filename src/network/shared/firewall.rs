@@ -158,7 +158,8 @@ impl Networks {
     ) -> Result<(bool, Vec<String>), SharedError> {
         // One listing tells whether other tools' chains are there and
         // plans lume's accepts in them; none when nothing changed since a
-        // check found no such chain (the watcher's, see `heal_firewall`).
+        // check found no such chain (the watcher's, see `heal_firewall`)
+        // or since lume's own last write, when none was there before it.
         let rs = if self.unchanged_without_tools(now) {
             Ruleset::default()
         } else {
