@@ -312,17 +312,21 @@ fn full_script(t: &Tables) -> String {
     let mut s = t.skeleton.clone();
     s.extend(t.ports.values().cloned());
     for (key, items) in &t.elements {
-        s.push_str(&add_element(key, items.iter()));
+        s.push_str(&element_command(
+            "add",
+            key,
+            items.iter().map(String::as_str),
+        ));
     }
     s
 }
 
-/// `add element FAMILY lume SET { ITEMS }`.
-fn add_element<'a>(key: &str, items: impl Iterator<Item = &'a String>) -> String {
+/// `VERB element FAMILY lume SET { ITEMS }`, `key` being `FAMILY SET`.
+fn element_command<'a>(verb: &str, key: &str, items: impl Iterator<Item = &'a str>) -> String {
     let (family, set) = key.split_once(' ').unwrap_or((key, ""));
-    let items: Vec<&str> = items.map(String::as_str).collect();
+    let items: Vec<&str> = items.collect();
     format!(
-        "add element {family} {TABLE} {set} {{ {} }}\n",
+        "{verb} element {family} {TABLE} {set} {{ {} }}\n",
         items.join(", ")
     )
 }
@@ -351,20 +355,21 @@ pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
     let none = std::collections::BTreeSet::new();
     let keys: std::collections::BTreeSet<&String> =
         from.elements.keys().chain(to.elements.keys()).collect();
-    let mut s = String::new();
-    for key in &keys {
-        let old = from.elements.get(*key).unwrap_or(&none);
-        let new = to.elements.get(*key).unwrap_or(&none);
-        let gone: Vec<String> = old
+    let (mut s, mut added) = (String::new(), String::new());
+    for key in keys {
+        let old = from.elements.get(key).unwrap_or(&none);
+        let new = to.elements.get(key).unwrap_or(&none);
+        // A map's entry goes by its key alone.
+        let mut gone = old
             .difference(new)
-            .map(|e| e.split(" : ").next().unwrap_or(e).to_string())
-            .collect();
-        if !gone.is_empty() {
-            let (family, set) = key.split_once(' ').unwrap_or((key, ""));
-            s.push_str(&format!(
-                "delete element {family} {TABLE} {set} {{ {} }}\n",
-                gone.join(", ")
-            ));
+            .map(|e| e.split(" : ").next().unwrap_or(e))
+            .peekable();
+        if gone.peek().is_some() {
+            s.push_str(&element_command("delete", key, gone));
+        }
+        let mut come = new.difference(old).map(String::as_str).peekable();
+        if come.peek().is_some() {
+            added.push_str(&element_command("add", key, come));
         }
     }
     for tap in from.ports.keys().filter(|t| !to.ports.contains_key(*t)) {
@@ -376,14 +381,7 @@ pub fn change_script(from: &Tables, to: &Tables) -> Option<String> {
     for tap in to.ports.keys().filter(|t| !from.ports.contains_key(*t)) {
         s.push_str(&port_commands(tap));
     }
-    for key in &keys {
-        let old = from.elements.get(*key).unwrap_or(&none);
-        let new = to.elements.get(*key).unwrap_or(&none);
-        let mut come = new.difference(old).peekable();
-        if come.peek().is_some() {
-            s.push_str(&add_element(key, come));
-        }
-    }
+    s.push_str(&added);
     Some(s)
 }
 
@@ -462,7 +460,12 @@ fn mac_number(mac: crate::vm::config::MacAddress) -> u64 {
     mac.0.iter().fold(0, |n, b| n << 8 | u64::from(*b))
 }
 
-/// lume's `bridge` table: every guest port of lume's bridges may send only
+/// What removes both of lume's tables, in one transaction: creating each
+/// first makes its delete succeed whether or not it existed.
+const REMOVE_SCRIPT: &str =
+    "table inet lume\ndelete table inet lume\ntable bridge lume\ndelete table bridge lume\n";
+
+/// lume's `bridge` table, added to `t`: every guest port of lume's bridges may send only
 /// from its own MAC address, IPv4 and ARP only from the address lume
 /// reserved for it (0.0.0.0 while it asks DHCP), no DHCP server replies and
 /// nothing but IPv4 and ARP (no IPv6, which lume does not give there, no
@@ -470,13 +473,6 @@ fn mac_number(mac: crate::vm::config::MacAddress) -> u64 {
 /// A guest can then neither take another VM's address or MAC (and with them
 /// its traffic and published ports) nor pose as the gateway or DHCP server.
 /// Replaced whole like the inet table; an empty list removes it.
-pub fn bridge_script(ports: &[crate::firewall::GuestPort]) -> String {
-    let mut t = Tables::default();
-    bridge_tables(ports, &mut t);
-    full_script(&t)
-}
-
-/// [`bridge_script`]'s table, added to `t`.
 fn bridge_tables(ports: &[crate::firewall::GuestPort], t: &mut Tables) {
     let mut s = format!("table bridge {TABLE}\ndelete table bridge {TABLE}\n");
     if ports.is_empty() {
@@ -747,13 +743,7 @@ impl FirewallDriver for Nft {
     }
 
     fn remove(&self) -> Result<(), FirewallError> {
-        // Both tables in one transaction; creating one first makes the delete
-        // succeed whether or not it existed.
-        let script = format!(
-            "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-            bridge_script(&[])
-        );
-        nft(&["-f", "-"], Some(&script)).map(drop)
+        nft(&["-f", "-"], Some(REMOVE_SCRIPT)).map(drop)
     }
 
     fn listing(&self) -> Result<Option<String>, FirewallError> {
@@ -1032,9 +1022,18 @@ mod tests {
             assert!(s.contains(rule), "{rule} missing from {s}");
         }
         assert!(s.contains("table bridge lume\ndelete table bridge lume\ntable bridge lume {"));
+        let mut none = Tables::default();
+        bridge_tables(&[], &mut none);
         assert_eq!(
-            bridge_script(&[]),
+            full_script(&none),
             "table bridge lume\ndelete table bridge lume\n"
+        );
+        assert_eq!(
+            REMOVE_SCRIPT,
+            format!(
+                "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+                full_script(&none)
+            )
         );
         assert!(
             s.contains("chain foreign_mark {\n    type filter hook forward priority filter - 10;"),
