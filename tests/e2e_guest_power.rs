@@ -132,6 +132,21 @@ fn stop_shutdown_restart_report_their_way_and_memory_goes_back() {
     };
     assert_eq!(ssh_of("ssh"), true);
     assert_eq!(ssh_of("deaf"), false);
+    // Meanwhile each supervisor probed port 22 itself (docs/commands.md,
+    // `sshAvailable`): the deaf guest's probes go on at its address, the
+    // other's ended with its first answer.
+    let probe = |vm: &str| -> Value {
+        let text = std::fs::read_to_string(t.home.vm_dir(vm).join("ssh.probe"))
+            .unwrap_or_else(|e| panic!("{vm}'s ssh.probe: {e}"));
+        serde_json::from_str(&text).unwrap()
+    };
+    assert_eq!(probe("ssh")["available"], true);
+    let deaf = probe("deaf");
+    assert_eq!(deaf["available"], false);
+    assert_eq!(
+        deaf["target"],
+        format!("{}:22", t.get("deaf")["ipAddress"].as_str().unwrap())
+    );
     // `lume ssh` waits up to --timeout for port 22, then says why it gave up.
     let err = t.lume_fails(&["ssh", "deaf", "-t", "2", "true"]);
     assert!(
@@ -172,6 +187,7 @@ fn stop_shutdown_restart_report_their_way_and_memory_goes_back() {
         "{out}"
     );
     assert_eq!(t.get("deaf")["status"], "stopped");
+    assert!(!t.home.vm_dir("deaf").join("ssh.probe").exists());
     let log = lume_log(&t, "deaf");
     assert!(log.contains("forcing QEMU off"), "{log}");
 

@@ -4,7 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use crate::network::NetworkMode;
 use crate::network::driver::SshRoute;
@@ -75,10 +81,197 @@ pub fn ssh_answers(mode: &NetworkMode, target: SocketAddr, wait: Duration) -> bo
     matches!(s.read(&mut first), Ok(n) if n > 0)
 }
 
+/// The file in a running VM's directory where its supervisor records its
+/// own SSH probes while the guest boots (see [`Prober`]).
+pub const PROBE_FILE: &str = "ssh.probe";
+
+/// How often the supervisor probes while the guest boots.
+const PROBE_PERIOD: Duration = Duration::from_millis(250);
+
+/// How long a recorded probe stands for the port's state: longer than a
+/// period and a probe's wait, so that a running prober's record is always
+/// fresh; once the prober has stopped, its record soon is not, and
+/// `sshAvailable` probes again itself.
+const PROBE_FRESH_MS: u64 = 1_000;
+
+/// How long after the VM's start the supervisor probes at most (a guest
+/// without an SSH server would otherwise be probed for its whole run).
+const PROBE_FOR: Duration = Duration::from_secs(600);
+
+/// One probe, as the supervisor records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Probed {
+    /// Where it probed; `None`: the guest had no address yet.
+    target: Option<SocketAddr>,
+    available: bool,
+    /// When, in milliseconds of `CLOCK_BOOTTIME` (the same clock in every
+    /// process, whatever the wall clock does).
+    at: u64,
+}
+
+fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// The supervisor's answer for `target`, if it probed within the last
+/// second: `sshAvailable` then needs no probe of its own. This is what
+/// spares `lume get`, polled for the address while the guest boots, the
+/// wait of a probe sent before the guest has configured its lease (a
+/// connection that is never answered, [`ADDRESS_PROBE_TIMEOUT`] lost on
+/// every call). `None`: no fresh record (the prober stopped, or an
+/// earlier release's supervisor runs the VM): probe.
+pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
+    // Root's own file in the VM's directory, never what a link there
+    // points to, and never more than a record's size.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(dir.join(PROBE_FILE))
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = Vec::new();
+    f.take(4096).read_to_end(&mut text).ok()?;
+    let p: Probed = serde_json::from_slice(&text).ok()?;
+    let now = boot_ms();
+    // A record from the future is no record.
+    if p.at > now || now - p.at > PROBE_FRESH_MS {
+        return None;
+    }
+    Some(p.available && p.target == Some(target))
+}
+
+/// The supervisor's SSH probes while its guest boots: every
+/// [`PROBE_PERIOD`], from the VM's start until port 22 first answers (or
+/// [`PROBE_FOR`] passed, or the VM stops), each recorded in
+/// [`PROBE_FILE`] for [`recorded`]. After that `sshAvailable` probes
+/// itself again: a guest that is up answers at once. Stopped, and its
+/// record removed, when dropped.
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    file: PathBuf,
+}
+
+impl Prober {
+    /// Starts probing where `target` says (read again before every probe:
+    /// the address comes with the guest's lease).
+    pub fn start(
+        dir: &Path,
+        target: impl Fn() -> Option<(NetworkMode, SocketAddr)> + Send + 'static,
+    ) -> Self {
+        let file = dir.join(PROBE_FILE);
+        let _ = std::fs::remove_file(&file);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, path) = (stop.clone(), file.clone());
+        let thread = std::thread::Builder::new()
+            .name("lume-ssh-prober".into())
+            .spawn(move || {
+                let begun = Instant::now();
+                while !flag.load(Ordering::SeqCst) && begun.elapsed() < PROBE_FOR {
+                    let t = Instant::now();
+                    let at = target();
+                    let available = at
+                        .as_ref()
+                        .is_some_and(|(mode, to)| ssh_answers(mode, *to, ADDRESS_PROBE_TIMEOUT));
+                    let p = Probed {
+                        target: at.map(|(_, to)| to),
+                        available,
+                        at: boot_ms(),
+                    };
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let json = serde_json::to_vec(&p).expect("a probe serialises");
+                    if crate::util::atomic::write_runtime(&path, &json).is_err() || available {
+                        break;
+                    }
+                    std::thread::sleep(PROBE_PERIOD.saturating_sub(t.elapsed()));
+                }
+            })
+            .ok();
+        Self { stop, thread, file }
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    /// While the supervisor probes, `sshAvailable` takes its answer, for
+    /// the address it probed only; the prober stops at the first answer,
+    /// and its record goes stale a second later. A record that is a link,
+    /// stale, from the future or unreadable counts for nothing.
+    #[test]
+    fn the_supervisors_probes_answer_while_fresh_and_only_for_their_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = l.local_addr().unwrap();
+        let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // No address yet: recorded as not available, for any address.
+        let addressed = Arc::new(AtomicBool::new(false));
+        let a = addressed.clone();
+        let p = Prober::start(dir.path(), move || {
+            a.load(Ordering::SeqCst).then_some((NetworkMode::Nat, open))
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while recorded(dir.path(), open).is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(recorded(dir.path(), open), Some(false));
+        // The address comes: the next probe finds the port open.
+        addressed.store(true, Ordering::SeqCst);
+        while recorded(dir.path(), open) != Some(true) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(recorded(dir.path(), open), Some(true));
+        assert_eq!(recorded(dir.path(), elsewhere), Some(false));
+        // The prober stopped at that answer: the record goes stale.
+        std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
+        assert_eq!(recorded(dir.path(), open), None);
+        drop(p);
+        assert!(!dir.path().join(PROBE_FILE).exists());
+
+        let file = dir.path().join(PROBE_FILE);
+        let write = |at: u64| {
+            let p = Probed {
+                target: Some(open),
+                available: true,
+                at,
+            };
+            std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+        };
+        write(boot_ms());
+        assert_eq!(recorded(dir.path(), open), Some(true));
+        write(boot_ms() + 60_000);
+        assert_eq!(recorded(dir.path(), open), None);
+        write(boot_ms().saturating_sub(5_000));
+        assert_eq!(recorded(dir.path(), open), None);
+        std::fs::write(&file, b"{").unwrap();
+        assert_eq!(recorded(dir.path(), open), None);
+        // A link to a fresh record elsewhere is not followed.
+        let other = tempfile::tempdir().unwrap();
+        let real = other.path().join("real");
+        std::fs::remove_file(&file).unwrap();
+        write(boot_ms());
+        std::fs::rename(&file, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &file).unwrap();
+        assert_eq!(recorded(dir.path(), open), None);
+    }
 
     #[test]
     fn a_listening_port_answers_and_a_closed_one_does_not() {

@@ -640,6 +640,14 @@ fn run_until_exit(
         vm.name, state.qemu_pid, state.accelerator, req.network
     ));
     announce(&state);
+    // `sshAvailable` while the guest boots, without each `lume get`
+    // waiting on a probe of its own (see `reach::Prober`).
+    let state_path = vm.state_path();
+    let _prober = crate::guest::reach::Prober::start(&vm.dir, move || {
+        let s = RunState::load(&state_path)?;
+        let to = crate::guest::reach::ssh_target(&s, crate::vm::details::guest_address(&s))?;
+        Some((s.network_mode, to))
+    });
 
     let mut force_at: Option<Instant> = None;
     let mut trimmed = Instant::now();

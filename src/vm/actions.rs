@@ -1761,7 +1761,7 @@ const NOT_CLONED: [&str; 2] = [
 ];
 
 /// Files that belong to a run, not to the VM: never cloned.
-const RUNTIME_FILES: [&str; 12] = [
+const RUNTIME_FILES: [&str; 13] = [
     "console.log",
     "console.log.1",
     "qemu.log.1",
@@ -1772,6 +1772,7 @@ const RUNTIME_FILES: [&str; 12] = [
     "qmp.sock",
     "qga.sock",
     "events.sock",
+    crate::guest::reach::PROBE_FILE,
     ".lock",
     ".cfg.lock",
 ];

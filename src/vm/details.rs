@@ -349,6 +349,7 @@ impl VmDetails {
                 Some(SshProbe {
                     mode: s.network_mode,
                     target,
+                    dir: vm.dir.clone(),
                 }),
             );
         }
@@ -412,16 +413,17 @@ struct SshProbe {
     /// Where the guest's SSH server is reached; `None`: nowhere yet (no
     /// address), so not available.
     target: Option<std::net::SocketAddr>,
+    /// The VM's directory, where its supervisor records its own probes
+    /// while the guest boots.
+    dir: std::path::PathBuf,
 }
 
 impl SshProbe {
     fn run(&self) -> bool {
+        use crate::guest::reach;
         self.target.is_some_and(|t| {
-            crate::guest::reach::ssh_answers(
-                &self.mode,
-                t,
-                crate::guest::reach::ADDRESS_PROBE_TIMEOUT,
-            )
+            reach::recorded(&self.dir, t)
+                .unwrap_or_else(|| reach::ssh_answers(&self.mode, t, reach::ADDRESS_PROBE_TIMEOUT))
         })
     }
 }
