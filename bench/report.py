@@ -5,7 +5,7 @@ into the generated part of BENCHMARKS.md: the text between
 replaced; everything else in the file (the analysis) is kept.
 
 Usage: report.py RESULTS_DIR BENCHMARKS.md
-       report.py --section many RESULTS_DIR BENCHMARKS.md   (prints that section)
+       report.py --section NAME RESULTS_DIR BENCHMARKS.md   (prints that section)
 
 Pictures (SVG, written by hand: no plotting library needed) go to
 bench/figures/ next to BENCHMARKS.md.
@@ -258,6 +258,34 @@ def boot_figure(rows, md_dir):
         ("seconds from the first command, in ms", None, series),
     ], xlabel="network mode")
     return ["", f"![Time to a usable address, lume against bare QEMU]({svg})"]
+
+
+def prestart(rows):
+    """bench/prestart.sh: lume's own work before QEMU starts, first and
+    second NAT VM, this build (`new-*`) and with BENCH_OLD_LUME (`old-*`)
+    the other build in the same rounds."""
+    if not rows:
+        return []
+    out = ["### Prestart: lume's own work before QEMU starts (`bench/prestart.sh`)", "",
+           "From `lume run VM --detach` to the supervisor's \"Starting <qemu>\" log line, median "
+           "(min–max) over the rounds; `run --detach` returned: its whole wall time.", "",
+           "| case | QEMU started | `run --detach` returned | n |", "| --- | --- | --- | --- |"]
+    for case in ["new-first", "old-first", "new-second", "old-second"]:
+        spawned = metric(rows, case, "qemu_spawned")
+        if spawned:
+            out.append(f"| {case} | {cell(spawned, fmt_ms)} | "
+                       f"{cell(metric(rows, case, 'detach'), fmt_ms)} | {len(spawned)} |")
+    pairs = []
+    for vm in ["first", "second"]:
+        new, old = by_run(rows, f"new-{vm}", "qemu_spawned"), by_run(rows, f"old-{vm}", "qemu_spawned")
+        text, med = ratio_cell(new, old)
+        if med is not None:
+            lower = sum(new[r] < old[r] for r in set(new) & set(old))
+            pairs.append(f"| {vm} VM | {text} | {lower} of {len(set(new) & set(old))} |")
+    if pairs:
+        out += ["", "This build against BENCH_OLD_LUME, paired within each round (new / old):", "",
+                "| VM | QEMU started, new / old | rounds where new is lower |", "| --- | --- | --- |"] + pairs
+    return out
 
 
 def concurrent(rows):
@@ -639,14 +667,14 @@ def registry(rows):
 def main():
     if sys.argv[1] == "--section":
         # One section only, printed (e.g. after running one benchmark alone):
-        # report.py --section many|registry|boot|heal|scale RESULTS_DIR BENCHMARKS.md
+        # report.py --section many|registry|boot|heal|scale|concurrent|prestart RESULTS_DIR BENCHMARKS.md
         name, results, md = sys.argv[2], sys.argv[3], sys.argv[4]
         rows = load(results, name)
         md_dir = os.path.dirname(os.path.abspath(md))
         one = {"many": lambda r: many(r, md_dir),
                "registry": registry, "boot": lambda r: boot(r) + boot_figure(r, md_dir),
                "heal": lambda r: heal(r) + heal_figure(r, md_dir), "scale": scale,
-               "concurrent": concurrent}
+               "concurrent": concurrent, "prestart": prestart}
         section = one[name](rows) if name in one else []
         print("\n".join(section))
         return
