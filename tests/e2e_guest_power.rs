@@ -133,8 +133,9 @@ fn stop_shutdown_restart_report_their_way_and_memory_goes_back() {
     assert_eq!(ssh_of("ssh"), true);
     assert_eq!(ssh_of("deaf"), false);
     // Meanwhile each supervisor probed port 22 itself (docs/commands.md,
-    // `sshAvailable`): the deaf guest's probes go on at its address, the
-    // other's ended with its first answer.
+    // `sshAvailable`) until the guest first answered: the deaf guest's
+    // probes ended with a refusal at its address, the other's with a
+    // connection.
     let probe = |vm: &str| -> Value {
         let text = std::fs::read_to_string(t.home.vm_dir(vm).join("ssh.probe"))
             .unwrap_or_else(|e| panic!("{vm}'s ssh.probe: {e}"));

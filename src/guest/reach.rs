@@ -88,14 +88,21 @@ pub const PROBE_FILE: &str = "ssh.probe";
 /// How often the supervisor probes while the guest boots.
 const PROBE_PERIOD: Duration = Duration::from_millis(250);
 
+/// How often the supervisor rewrites an unchanged record, to show that it
+/// still probes.
+const PROBE_HEARTBEAT: Duration = Duration::from_millis(500);
+
 /// How long a recorded probe stands for the port's state: longer than a
-/// period and a probe's wait, so that a running prober's record is always
-/// fresh; once the prober has stopped, its record soon is not, and
-/// `sshAvailable` probes again itself.
-const PROBE_FRESH_MS: u64 = 1_000;
+/// heartbeat, a period and a probe's wait together, so that a running
+/// prober's record stays fresh; once the prober has stopped, its record
+/// soon is not, and `sshAvailable` probes again itself (as it also does
+/// when a loaded host delays the prober: a stale record only costs the
+/// caller a probe of its own).
+const PROBE_FRESH_MS: u64 = 1_500;
 
 /// How long after the VM's start the supervisor probes at most (a guest
-/// without an SSH server would otherwise be probed for its whole run).
+/// that drops every connection to port 22 would otherwise be probed for
+/// its whole run).
 const PROBE_FOR: Duration = Duration::from_secs(600);
 
 /// One probe, as the supervisor records it.
@@ -115,13 +122,15 @@ fn boot_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The supervisor's answer for `target`, if it probed within the last
-/// second: `sshAvailable` then needs no probe of its own. This is what
-/// spares `lume get`, polled for the address while the guest boots, the
-/// wait of a probe sent before the guest has configured its lease (a
-/// connection that is never answered, [`ADDRESS_PROBE_TIMEOUT`] lost on
-/// every call). `None`: no fresh record (the prober stopped, or an
-/// earlier release's supervisor runs the VM): probe.
+/// The supervisor's answer for `target`, if its record is fresh:
+/// `sshAvailable` then needs no probe of its own. This is what spares
+/// `lume get`, polled for the address while the guest boots, the wait of a
+/// probe sent before the guest has configured its lease (a connection
+/// that is never answered, [`ADDRESS_PROBE_TIMEOUT`] lost on every call).
+/// A record of no address or of another one says "not available": the
+/// prober has not reached the guest there yet. `None`: no fresh record
+/// (the prober stopped, or an earlier release's supervisor runs the VM):
+/// probe.
 pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     // Root's own file in the VM's directory, never what a link there
     // points to, and never more than a record's size.
@@ -144,12 +153,32 @@ pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     Some(p.available && p.target == Some(target))
 }
 
-/// The supervisor's SSH probes while its guest boots: every
-/// [`PROBE_PERIOD`], from the VM's start until port 22 first answers (or
-/// [`PROBE_FOR`] passed, or the VM stops), each recorded in
-/// [`PROBE_FILE`] for [`recorded`]. After that `sshAvailable` probes
-/// itself again: a guest that is up answers at once. Stopped, and its
-/// record removed, when dropped.
+/// How a connection to port 22 ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Knock {
+    Accepted,
+    /// Refused (a reset): the guest's network is up, nothing listens yet.
+    Refused,
+    /// Nothing came back within the wait.
+    Silent,
+}
+
+fn knock(target: SocketAddr, wait: Duration) -> Knock {
+    match TcpStream::connect_timeout(&target, wait) {
+        Ok(_) => Knock::Accepted,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Knock::Refused,
+        Err(_) => Knock::Silent,
+    }
+}
+
+/// The supervisor's SSH probes while its guest boots, for a guest reached
+/// at its own address (nat, host, bridged): every [`PROBE_PERIOD`], from
+/// the VM's start until port 22 first answers at all, accepting or
+/// refusing (the guest's network is then up, and a probe of the caller's
+/// own answers at once), or [`PROBE_FOR`] passed, or the VM stops.
+/// Recorded in [`PROBE_FILE`] for [`recorded`] when the answer changes and
+/// every [`PROBE_HEARTBEAT`]. Stopped, and its record removed, when
+/// dropped (a probe waits at most [`ADDRESS_PROBE_TIMEOUT`]).
 pub struct Prober {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -159,34 +188,40 @@ pub struct Prober {
 impl Prober {
     /// Starts probing where `target` says (read again before every probe:
     /// the address comes with the guest's lease).
-    pub fn start(
-        dir: &Path,
-        target: impl Fn() -> Option<(NetworkMode, SocketAddr)> + Send + 'static,
-    ) -> Self {
+    pub fn start(dir: &Path, target: impl Fn() -> Option<SocketAddr> + Send + 'static) -> Self {
         let file = dir.join(PROBE_FILE);
-        let _ = std::fs::remove_file(&file);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, path) = (stop.clone(), file.clone());
         let thread = std::thread::Builder::new()
             .name("lume-ssh-prober".into())
             .spawn(move || {
                 let begun = Instant::now();
+                let mut last: Option<(Option<SocketAddr>, bool, Instant)> = None;
                 while !flag.load(Ordering::SeqCst) && begun.elapsed() < PROBE_FOR {
                     let t = Instant::now();
-                    let at = target();
-                    let available = at
-                        .as_ref()
-                        .is_some_and(|(mode, to)| ssh_answers(mode, *to, ADDRESS_PROBE_TIMEOUT));
-                    let p = Probed {
-                        target: at.map(|(_, to)| to),
-                        available,
-                        at: boot_ms(),
-                    };
+                    let to = target();
+                    let k = to.map(|to| knock(to, ADDRESS_PROBE_TIMEOUT));
                     if flag.load(Ordering::SeqCst) {
                         break;
                     }
-                    let json = serde_json::to_vec(&p).expect("a probe serialises");
-                    if crate::util::atomic::write_runtime(&path, &json).is_err() || available {
+                    let available = k == Some(Knock::Accepted);
+                    let answered = k.is_some_and(|k| k != Knock::Silent);
+                    let same = last.is_some_and(|(was, a, at)| {
+                        was == to && a == available && at.elapsed() < PROBE_HEARTBEAT
+                    });
+                    if !same {
+                        let p = Probed {
+                            target: to,
+                            available,
+                            at: boot_ms(),
+                        };
+                        let json = serde_json::to_vec(&p).expect("a probe serialises");
+                        if crate::util::atomic::write_runtime(&path, &json).is_err() {
+                            break;
+                        }
+                        last = Some((to, available, Instant::now()));
+                    }
+                    if answered {
                         break;
                     }
                     std::thread::sleep(PROBE_PERIOD.saturating_sub(t.elapsed()));
@@ -214,8 +249,8 @@ mod tests {
 
     /// While the supervisor probes, `sshAvailable` takes its answer, for
     /// the address it probed only; the prober stops at the first answer,
-    /// and its record goes stale a second later. A record that is a link,
-    /// stale, from the future or unreadable counts for nothing.
+    /// accepted or refused, and its record then goes stale. A record that
+    /// is a link, stale, from the future or unreadable counts for nothing.
     #[test]
     fn the_supervisors_probes_answer_while_fresh_and_only_for_their_address() {
         let dir = tempfile::tempdir().unwrap();
@@ -225,13 +260,14 @@ mod tests {
         // No address yet: recorded as not available, for any address.
         let addressed = Arc::new(AtomicBool::new(false));
         let a = addressed.clone();
-        let p = Prober::start(dir.path(), move || {
-            a.load(Ordering::SeqCst).then_some((NetworkMode::Nat, open))
-        });
+        let p = Prober::start(dir.path(), move || a.load(Ordering::SeqCst).then_some(open));
         let until = Instant::now() + Duration::from_secs(10);
         while recorded(dir.path(), open).is_none() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(recorded(dir.path(), open), Some(false));
+        // Still probing: the heartbeat keeps the record fresh.
+        std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
         assert_eq!(recorded(dir.path(), open), Some(false));
         // The address comes: the next probe finds the port open.
         addressed.store(true, Ordering::SeqCst);
@@ -245,6 +281,18 @@ mod tests {
         assert_eq!(recorded(dir.path(), open), None);
         drop(p);
         assert!(!dir.path().join(PROBE_FILE).exists());
+
+        // A refusal ends the probing too: a probe of the caller's own
+        // then answers at once.
+        drop(l);
+        let p = Prober::start(dir.path(), move || Some(open));
+        while recorded(dir.path(), open).is_none() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(recorded(dir.path(), open), Some(false));
+        std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
+        assert_eq!(recorded(dir.path(), open), None);
+        drop(p);
 
         let file = dir.path().join(PROBE_FILE);
         let write = |at: u64| {

@@ -277,6 +277,9 @@ pub fn supervise(
     let _ = fs::remove_file(vm.dir.join(QGA_SOCKET));
     let _ = fs::remove_file(vm.dir.join(EVENTS_SOCKET));
     let _ = fs::remove_file(vm.dir.join(vnc::VNC_SOCKET));
+    // A killed supervisor's record of its probes goes before this run's
+    // run.json makes anything read it.
+    let _ = fs::remove_file(vm.dir.join(crate::guest::reach::PROBE_FILE));
     super::virtiofs::collect_stale(&vm.dir);
 
     // The disk: the layer chain pinned by lume, an ephemeral layer, a
@@ -643,11 +646,14 @@ fn run_until_exit(
     // `sshAvailable` while the guest boots, without each `lume get`
     // waiting on a probe of its own (see `reach::Prober`).
     let state_path = vm.state_path();
-    let _prober = crate::guest::reach::Prober::start(&vm.dir, move || {
-        let s = RunState::load(&state_path)?;
-        let to = crate::guest::reach::ssh_target(&s, crate::vm::details::guest_address(&s))?;
-        Some((s.network_mode, to))
-    });
+    let _prober = (crate::network::driver::of(&req.network).ssh_route()
+        == crate::network::driver::SshRoute::Address)
+        .then(|| {
+            crate::guest::reach::Prober::start(&vm.dir, move || {
+                let s = RunState::load(&state_path)?;
+                crate::guest::reach::ssh_target(&s, crate::vm::details::guest_address(&s))
+            })
+        });
 
     let mut force_at: Option<Instant> = None;
     let mut trimmed = Instant::now();
