@@ -9,7 +9,7 @@
 # the console:
 #   nat     lume: `--network nat` (lume's bridge, dnsmasq, nftables)
 #           bare: a tap on a bridge with a dnsmasq configured like lume's
-#   bridged lume: `--network bridged:up0` (a macvtap on the uplink)
+#   bridged lume: `--network bridged:up0` (a tap + macvlan on the uplink)
 #           bare: a macvtap on the uplink, opened by hand and passed as fd 3
 # Each bare case twice: `bare-*` with the fewest devices (no display, no
 # monitor), and `bare-*-full` with every device and option lume's own

@@ -167,11 +167,12 @@ def boot(rows):
                 rm = statistics.median(addr.values()) / statistics.median(bfull.values())
                 out.append(f"| {mode} | {c1} | {c2} | {rm:.2f}x | {c3} | {verdict(rm <= 1.03)} |")
     gets = metric(rows, "lume-nat", "get_mean") + metric(rows, "lume-bridged", "get_mean")
-    after = metric(rows, "lume-nat", "address_after_lease") + metric(rows, "lume-bridged", "address_after_lease")
+    after = {m: metric(rows, f"lume-{m}", "address_after_lease") for m in ["nat", "bridged"]}
     if gets:
-        out += ["", f"One `lume get -f json` took {cell(gets, fmt_ms)} (mean per run); `ipAddress` "
-                f"appeared {cell(after, fmt_ms)} after the console's lease line (negative: before it, "
-                "because the DHCP server's lease precedes the guest's own message)."]
+        shown = "; ".join(f"{m} {cell(v, fmt_ms)}" for m, v in after.items() if v)
+        out += ["", f"One `lume get -f json` took {cell(gets, fmt_ms)} (mean per run). `ipAddress` "
+                f"appeared, relative to the guest's lease line in its console: {shown} "
+                "(negative: before it, because the DHCP server's lease precedes the guest's own message)."]
     return out
 
 
