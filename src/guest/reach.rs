@@ -88,16 +88,10 @@ pub const PROBE_FILE: &str = "ssh.probe";
 /// How often the supervisor probes while the guest boots.
 const PROBE_PERIOD: Duration = Duration::from_millis(250);
 
-/// How often the supervisor rewrites an unchanged record, to show that it
-/// still probes.
-const PROBE_HEARTBEAT: Duration = Duration::from_millis(500);
-
-/// How long a recorded probe stands for the port's state: longer than a
-/// heartbeat, a period and a probe's wait together, so that a running
-/// prober's record stays fresh; once the prober has stopped, its record
-/// soon is not, and `sshAvailable` probes again itself (as it also does
-/// when a loaded host delays the prober: a stale record only costs the
-/// caller a probe of its own).
+/// How long the last record of a prober that has stopped stands for the
+/// port's state; after that `sshAvailable` probes again itself. A record
+/// of a prober still at work stands until its next one (it is written
+/// whenever the answer changes), as long as the VM runs.
 const PROBE_FRESH_MS: u64 = 1_500;
 
 /// How long after the VM's start the supervisor probes at most (a guest
@@ -114,6 +108,8 @@ struct Probed {
     /// When, in milliseconds of `CLOCK_BOOTTIME` (the same clock in every
     /// process, whatever the wall clock does).
     at: u64,
+    /// Whether the prober goes on (`false`: its last record).
+    probing: bool,
 }
 
 fn boot_ms() -> u64 {
@@ -122,15 +118,18 @@ fn boot_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The supervisor's answer for `target`, if its record is fresh:
-/// `sshAvailable` then needs no probe of its own. This is what spares
+/// The supervisor's answer for `target`, if its record stands (written by
+/// a prober still at work, or the last one of a prober that stopped less
+/// than [`PROBE_FRESH_MS`] ago): `sshAvailable` then needs no probe of its
+/// own. Only asked for a running VM, whose supervisor removed any earlier
+/// run's record before the VM counted as running. This is what spares
 /// `lume get`, polled for the address while the guest boots, the wait of a
 /// probe sent before the guest has configured its lease (a connection
 /// that is never answered, [`ADDRESS_PROBE_TIMEOUT`] lost on every call).
 /// A record of no address or of another one says "not available": the
-/// prober has not reached the guest there yet. `None`: no fresh record
-/// (the prober stopped, or an earlier release's supervisor runs the VM):
-/// probe.
+/// prober has not reached the guest there yet. `None`: no record that
+/// stands (the prober stopped, or an earlier release's supervisor runs the
+/// VM): probe.
 pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     // Root's own file in the VM's directory, never what a link there
     // points to, and never more than a record's size.
@@ -146,8 +145,14 @@ pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     f.take(4096).read_to_end(&mut text).ok()?;
     let p: Probed = serde_json::from_slice(&text).ok()?;
     let now = boot_ms();
-    // A record from the future is no record.
-    if p.at > now || now - p.at > PROBE_FRESH_MS {
+    // A record from the future is no record; nor is one of a prober that
+    // should long have stopped.
+    let stands = if p.probing {
+        PROBE_FOR.as_millis() as u64 + PROBE_FRESH_MS
+    } else {
+        PROBE_FRESH_MS
+    };
+    if p.at > now || now - p.at > stands {
         return None;
     }
     Some(p.available && p.target == Some(target))
@@ -176,9 +181,10 @@ fn knock(target: SocketAddr, wait: Duration) -> Knock {
 /// the VM's start until port 22 first answers at all, accepting or
 /// refusing (the guest's network is then up, and a probe of the caller's
 /// own answers at once), or [`PROBE_FOR`] passed, or the VM stops.
-/// Recorded in [`PROBE_FILE`] for [`recorded`] when the answer changes and
-/// every [`PROBE_HEARTBEAT`]. Stopped, and its record removed, when
-/// dropped (a probe waits at most [`ADDRESS_PROBE_TIMEOUT`]).
+/// Recorded in [`PROBE_FILE`] for [`recorded`] when the answer changes,
+/// and once more when it stops (a few writes per boot). Stopped, and its
+/// record removed, when dropped (a probe waits at most
+/// [`ADDRESS_PROBE_TIMEOUT`]).
 pub struct Prober {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -196,35 +202,48 @@ impl Prober {
             .name("lume-ssh-prober".into())
             .spawn(move || {
                 let begun = Instant::now();
-                let mut last: Option<(Option<SocketAddr>, bool, Instant)> = None;
+                let write = |p: &Probed| {
+                    let json = serde_json::to_vec(p).expect("a probe serialises");
+                    crate::util::atomic::write_runtime(&path, &json).is_ok()
+                };
+                let mut last: Option<Probed> = None;
                 while !flag.load(Ordering::SeqCst) && begun.elapsed() < PROBE_FOR {
                     let t = Instant::now();
                     let to = target();
                     let k = to.map(|to| knock(to, ADDRESS_PROBE_TIMEOUT));
                     if flag.load(Ordering::SeqCst) {
-                        break;
+                        return;
                     }
-                    let available = k == Some(Knock::Accepted);
-                    let answered = k.is_some_and(|k| k != Knock::Silent);
-                    let same = last.is_some_and(|(was, a, at)| {
-                        was == to && a == available && at.elapsed() < PROBE_HEARTBEAT
+                    // An answer of any kind ends the probing: this record
+                    // is the last.
+                    let p = Probed {
+                        target: to,
+                        available: k == Some(Knock::Accepted),
+                        at: boot_ms(),
+                        probing: k.is_none_or(|k| k == Knock::Silent),
+                    };
+                    let changed = last.as_ref().is_none_or(|l| {
+                        (l.target, l.available, l.probing) != (p.target, p.available, p.probing)
                     });
-                    if !same {
-                        let p = Probed {
-                            target: to,
-                            available,
-                            at: boot_ms(),
-                        };
-                        let json = serde_json::to_vec(&p).expect("a probe serialises");
-                        if crate::util::atomic::write_runtime(&path, &json).is_err() {
-                            break;
-                        }
-                        last = Some((to, available, Instant::now()));
+                    if changed && !write(&p) {
+                        // No record then, rather than one that stands
+                        // for a prober that is gone.
+                        let _ = std::fs::remove_file(&path);
+                        return;
                     }
-                    if answered {
-                        break;
+                    if !p.probing {
+                        return;
                     }
+                    last = Some(p);
                     std::thread::sleep(PROBE_PERIOD.saturating_sub(t.elapsed()));
+                }
+                // Out of time (or stopped): the last record goes stale.
+                if let Some(l) = last.filter(|_| !flag.load(Ordering::SeqCst)) {
+                    write(&Probed {
+                        probing: false,
+                        at: boot_ms(),
+                        ..l
+                    });
                 }
             })
             .ok();
@@ -266,9 +285,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(recorded(dir.path(), open), Some(false));
-        // Still probing: the heartbeat keeps the record fresh.
+        // Still probing: the record stands, however old, written once.
+        let written = std::fs::metadata(dir.path().join(PROBE_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
         assert_eq!(recorded(dir.path(), open), Some(false));
+        let again = std::fs::metadata(dir.path().join(PROBE_FILE))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(written, again);
         // The address comes: the next probe finds the port open.
         addressed.store(true, Ordering::SeqCst);
         while recorded(dir.path(), open) != Some(true) && Instant::now() < until {
@@ -300,11 +328,30 @@ mod tests {
                 target: Some(open),
                 available: true,
                 at,
+                probing: false,
             };
             std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
         };
         write(boot_ms());
         assert_eq!(recorded(dir.path(), open), Some(true));
+        // A prober's record stands while it probes, however old; not past
+        // the prober's own end.
+        let probing = |at: u64| {
+            let p = Probed {
+                target: Some(open),
+                available: false,
+                at,
+                probing: true,
+            };
+            std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
+        };
+        probing(boot_ms().saturating_sub(5_000));
+        assert_eq!(recorded(dir.path(), open), Some(false));
+        let end = PROBE_FOR.as_millis() as u64 + PROBE_FRESH_MS;
+        if boot_ms() > end + 1_000 {
+            probing(boot_ms() - end - 1_000);
+            assert_eq!(recorded(dir.path(), open), None);
+        }
         write(boot_ms() + 60_000);
         assert_eq!(recorded(dir.path(), open), None);
         write(boot_ms().saturating_sub(5_000));
