@@ -89,10 +89,15 @@ pub const PROBE_FILE: &str = "ssh.probe";
 const PROBE_PERIOD: Duration = Duration::from_millis(250);
 
 /// How long the last record of a prober that has stopped stands for the
-/// port's state; after that `sshAvailable` probes again itself. A record
-/// of a prober still at work stands until its next one (it is written
-/// whenever the answer changes), as long as the VM runs.
+/// port's state; after that `sshAvailable` probes again itself.
 const PROBE_FRESH_MS: u64 = 1_500;
+
+/// How often a prober still at work rewrites an unchanged record, and how
+/// long such a record stands: a prober that stops without its last record
+/// (its supervisor stopped with Ctrl-Z, or starved) leaves a record that
+/// ends within seconds, at a write every few seconds while a guest boots.
+const PROBE_HEARTBEAT: Duration = Duration::from_secs(5);
+const PROBING_STANDS_MS: u64 = 10_000;
 
 /// How long after the VM's start the supervisor probes at most (a guest
 /// that drops every connection to port 22 would otherwise be probed for
@@ -148,7 +153,7 @@ pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     // A record from the future is no record; nor is one of a prober that
     // should long have stopped.
     let stands = if p.probing {
-        PROBE_FOR.as_millis() as u64 + PROBE_FRESH_MS
+        PROBING_STANDS_MS
     } else {
         PROBE_FRESH_MS
     };
@@ -164,15 +169,43 @@ enum Knock {
     Accepted,
     /// Refused (a reset): the guest's network is up, nothing listens yet.
     Refused,
-    /// Nothing came back within the wait.
+    /// Nothing came back within the wait, or the guest is not reachable
+    /// yet (no neighbour answers for its address).
     Silent,
+    /// This host could not probe (out of descriptors or ports, …): it
+    /// says nothing of the guest.
+    Failed,
 }
 
-fn knock(target: SocketAddr, wait: Duration) -> Knock {
-    match TcpStream::connect_timeout(&target, wait) {
+fn knock(target: SocketAddr) -> Knock {
+    match TcpStream::connect_timeout(&target, ADDRESS_PROBE_TIMEOUT) {
         Ok(_) => Knock::Accepted,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Knock::Refused,
-        Err(_) => Knock::Silent,
+        Err(e) => knocked(e.kind()),
+    }
+}
+
+/// What a failed connection says of the guest.
+fn knocked(kind: std::io::ErrorKind) -> Knock {
+    use std::io::ErrorKind as K;
+    match kind {
+        K::ConnectionRefused => Knock::Refused,
+        K::TimedOut | K::HostUnreachable | K::NetworkUnreachable => Knock::Silent,
+        _ => Knock::Failed,
+    }
+}
+
+/// Removes the record when the prober ends without its last one (stopped,
+/// failed, or a panic): readers then probe themselves.
+struct ClearUnlessKept {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for ClearUnlessKept {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -182,9 +215,10 @@ fn knock(target: SocketAddr, wait: Duration) -> Knock {
 /// refusing (the guest's network is then up, and a probe of the caller's
 /// own answers at once), or [`PROBE_FOR`] passed, or the VM stops.
 /// Recorded in [`PROBE_FILE`] for [`recorded`] when the answer changes,
-/// and once more when it stops (a few writes per boot). Stopped, and its
-/// record removed, when dropped (a probe waits at most
-/// [`ADDRESS_PROBE_TIMEOUT`]).
+/// every [`PROBE_HEARTBEAT`] while it does not, and once more when it
+/// stops; a probe this host could not make ends the probing without a
+/// record. Stopped, and its record removed, when dropped (a probe waits at
+/// most [`ADDRESS_PROBE_TIMEOUT`]).
 pub struct Prober {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -195,6 +229,15 @@ impl Prober {
     /// Starts probing where `target` says (read again before every probe:
     /// the address comes with the guest's lease).
     pub fn start(dir: &Path, target: impl Fn() -> Option<SocketAddr> + Send + 'static) -> Self {
+        Self::start_with(dir, target, knock)
+    }
+
+    /// [`Self::start`] with its own way of probing (tests).
+    fn start_with(
+        dir: &Path,
+        target: impl Fn() -> Option<SocketAddr> + Send + 'static,
+        knock: fn(SocketAddr) -> Knock,
+    ) -> Self {
         let file = dir.join(PROBE_FILE);
         let stop = Arc::new(AtomicBool::new(false));
         let (flag, path) = (stop.clone(), file.clone());
@@ -202,16 +245,20 @@ impl Prober {
             .name("lume-ssh-prober".into())
             .spawn(move || {
                 let begun = Instant::now();
+                let mut clear = ClearUnlessKept {
+                    path: path.clone(),
+                    keep: false,
+                };
                 let write = |p: &Probed| {
                     let json = serde_json::to_vec(p).expect("a probe serialises");
                     crate::util::atomic::write_runtime(&path, &json).is_ok()
                 };
-                let mut last: Option<Probed> = None;
+                let mut last: Option<(Probed, Instant)> = None;
                 while !flag.load(Ordering::SeqCst) && begun.elapsed() < PROBE_FOR {
                     let t = Instant::now();
                     let to = target();
-                    let k = to.map(|to| knock(to, ADDRESS_PROBE_TIMEOUT));
-                    if flag.load(Ordering::SeqCst) {
+                    let k = to.map(knock);
+                    if flag.load(Ordering::SeqCst) || k == Some(Knock::Failed) {
                         return;
                     }
                     // An answer of any kind ends the probing: this record
@@ -222,24 +269,25 @@ impl Prober {
                         at: boot_ms(),
                         probing: k.is_none_or(|k| k == Knock::Silent),
                     };
-                    let changed = last.as_ref().is_none_or(|l| {
+                    let due = last.as_ref().is_none_or(|(l, written)| {
                         (l.target, l.available, l.probing) != (p.target, p.available, p.probing)
+                            || written.elapsed() >= PROBE_HEARTBEAT
                     });
-                    if changed && !write(&p) {
-                        // No record then, rather than one that stands
-                        // for a prober that is gone.
-                        let _ = std::fs::remove_file(&path);
-                        return;
+                    if due {
+                        if !write(&p) {
+                            return;
+                        }
+                        last = Some((p.clone(), Instant::now()));
                     }
                     if !p.probing {
+                        clear.keep = true;
                         return;
                     }
-                    last = Some(p);
                     std::thread::sleep(PROBE_PERIOD.saturating_sub(t.elapsed()));
                 }
-                // Out of time (or stopped): the last record goes stale.
-                if let Some(l) = last.filter(|_| !flag.load(Ordering::SeqCst)) {
-                    write(&Probed {
+                // Out of time: the last record, which soon goes stale.
+                if let Some((l, _)) = last.filter(|_| !flag.load(Ordering::SeqCst)) {
+                    clear.keep = write(&Probed {
                         probing: false,
                         at: boot_ms(),
                         ..l
@@ -266,10 +314,53 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    /// The record as the prober last wrote it, waiting (at most 10 s) for
+    /// one that `ok` accepts: read raw, so that a test thread stalled on a
+    /// busy machine never misses a record that has since gone stale.
+    fn record_where(dir: &Path, ok: impl Fn(&Probed) -> bool) -> Probed {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let p = std::fs::read(dir.join(PROBE_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Probed>(&t).ok());
+            match p {
+                Some(p) if ok(&p) => return p,
+                _ if Instant::now() > until => panic!("no such record: {p:?}"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// A port that refuses connections and that no other test can take
+    /// meanwhile: a socket bound to it that does not listen.
+    fn refusing_port() -> (std::os::fd::OwnedFd, SocketAddr) {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, socket,
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::new(127, 0, 0, 1, 0),
+        )
+        .unwrap();
+        let at: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap();
+        (
+            fd,
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, at.port())),
+        )
+    }
+
     /// While the supervisor probes, `sshAvailable` takes its answer, for
     /// the address it probed only; the prober stops at the first answer,
-    /// accepted or refused, and its record then goes stale. A record that
-    /// is a link, stale, from the future or unreadable counts for nothing.
+    /// accepted or refused, and its last record then goes stale. A record
+    /// that is a link, stale, from the future or unreadable counts for
+    /// nothing; a prober's record at work stands a few seconds.
     #[test]
     fn the_supervisors_probes_answer_while_fresh_and_only_for_their_address() {
         let dir = tempfile::tempdir().unwrap();
@@ -280,81 +371,64 @@ mod tests {
         let addressed = Arc::new(AtomicBool::new(false));
         let a = addressed.clone();
         let p = Prober::start(dir.path(), move || a.load(Ordering::SeqCst).then_some(open));
-        let until = Instant::now() + Duration::from_secs(10);
-        while recorded(dir.path(), open).is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(recorded(dir.path(), open), Some(false));
-        // Still probing: the record stands, however old, written once.
-        let written = std::fs::metadata(dir.path().join(PROBE_FILE))
-            .unwrap()
-            .modified()
-            .unwrap();
+        let first = record_where(dir.path(), |_| true);
+        assert_eq!(
+            (first.target, first.available, first.probing),
+            (None, false, true)
+        );
+        // Still probing, the answer unchanged: no new record before the
+        // heartbeat, and the one there stands.
         std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
+        assert_eq!(record_where(dir.path(), |_| true), first);
         assert_eq!(recorded(dir.path(), open), Some(false));
-        let again = std::fs::metadata(dir.path().join(PROBE_FILE))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert_eq!(written, again);
-        // The address comes: the next probe finds the port open.
+        // The address comes: the next probe finds the port open, and that
+        // is the last record.
         addressed.store(true, Ordering::SeqCst);
-        while recorded(dir.path(), open) != Some(true) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(recorded(dir.path(), open), Some(true));
-        assert_eq!(recorded(dir.path(), elsewhere), Some(false));
-        // The prober stopped at that answer: the record goes stale.
+        let last = record_where(dir.path(), |p| p.target.is_some());
+        assert_eq!(
+            (last.target, last.available, last.probing),
+            (Some(open), true, false)
+        );
+        // It goes stale, and the prober wrote nothing more.
         std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
         assert_eq!(recorded(dir.path(), open), None);
+        assert_eq!(record_where(dir.path(), |_| true), last);
         drop(p);
         assert!(!dir.path().join(PROBE_FILE).exists());
 
         // A refusal ends the probing too: a probe of the caller's own
         // then answers at once.
-        drop(l);
-        let p = Prober::start(dir.path(), move || Some(open));
-        while recorded(dir.path(), open).is_none() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(recorded(dir.path(), open), Some(false));
-        std::thread::sleep(Duration::from_millis(PROBE_FRESH_MS + 300));
-        assert_eq!(recorded(dir.path(), open), None);
+        let (_held, refusing) = refusing_port();
+        let p = Prober::start(dir.path(), move || Some(refusing));
+        let last = record_where(dir.path(), |_| true);
+        assert_eq!(
+            (last.target, last.available, last.probing),
+            (Some(refusing), false, false)
+        );
         drop(p);
 
         let file = dir.path().join(PROBE_FILE);
-        let write = |at: u64| {
+        let write = |at: u64, probing: bool| {
             let p = Probed {
                 target: Some(open),
-                available: true,
+                available: !probing,
                 at,
-                probing: false,
+                probing,
             };
             std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
         };
-        write(boot_ms());
+        write(boot_ms(), false);
         assert_eq!(recorded(dir.path(), open), Some(true));
-        // A prober's record stands while it probes, however old; not past
-        // the prober's own end.
-        let probing = |at: u64| {
-            let p = Probed {
-                target: Some(open),
-                available: false,
-                at,
-                probing: true,
-            };
-            std::fs::write(&file, serde_json::to_vec(&p).unwrap()).unwrap();
-        };
-        probing(boot_ms().saturating_sub(5_000));
+        assert_eq!(recorded(dir.path(), elsewhere), Some(false));
+        // A prober's record at work stands longer than a last one; not
+        // past a few heartbeats (a prober stopped without its last record).
+        write(boot_ms().saturating_sub(5_000), true);
         assert_eq!(recorded(dir.path(), open), Some(false));
-        let end = PROBE_FOR.as_millis() as u64 + PROBE_FRESH_MS;
-        if boot_ms() > end + 1_000 {
-            probing(boot_ms() - end - 1_000);
-            assert_eq!(recorded(dir.path(), open), None);
-        }
-        write(boot_ms() + 60_000);
+        write(boot_ms().saturating_sub(PROBING_STANDS_MS + 1_000), true);
         assert_eq!(recorded(dir.path(), open), None);
-        write(boot_ms().saturating_sub(5_000));
+        write(boot_ms() + 60_000, false);
+        assert_eq!(recorded(dir.path(), open), None);
+        write(boot_ms().saturating_sub(5_000), false);
         assert_eq!(recorded(dir.path(), open), None);
         std::fs::write(&file, b"{").unwrap();
         assert_eq!(recorded(dir.path(), open), None);
@@ -362,10 +436,56 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let real = other.path().join("real");
         std::fs::remove_file(&file).unwrap();
-        write(boot_ms());
+        write(boot_ms(), false);
         std::fs::rename(&file, &real).unwrap();
         std::os::unix::fs::symlink(&real, &file).unwrap();
         assert_eq!(recorded(dir.path(), open), None);
+    }
+
+    /// A probe this host cannot make says nothing of the guest: the
+    /// prober stops and leaves no record (callers probe themselves).
+    #[test]
+    fn a_probe_this_host_cannot_make_leaves_no_record() {
+        use std::io::ErrorKind as K;
+        for (kind, k) in [
+            (K::ConnectionRefused, Knock::Refused),
+            (K::TimedOut, Knock::Silent),
+            (K::HostUnreachable, Knock::Silent),
+            (K::NetworkUnreachable, Knock::Silent),
+            (K::AddrNotAvailable, Knock::Failed),
+            (K::Other, Knock::Failed),
+        ] {
+            assert_eq!(knocked(kind), k, "{kind:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let at: SocketAddr = "127.0.0.1:22".parse().unwrap();
+        // Silent first (a record), then out of descriptors: no record.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        static SEEN: AtomicBool = AtomicBool::new(false);
+        let p = Prober::start_with(
+            dir.path(),
+            move || Some(at),
+            |_| match CALLS.fetch_add(1, Ordering::SeqCst) {
+                0 => Knock::Silent,
+                _ => {
+                    // Not before the test has seen the first record.
+                    while !SEEN.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Knock::Failed
+                }
+            },
+        );
+        let probed = record_where(dir.path(), |_| true);
+        assert_eq!((probed.target, probed.probing), (Some(at), true));
+        SEEN.store(true, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(10);
+        while dir.path().join(PROBE_FILE).exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!dir.path().join(PROBE_FILE).exists());
+        assert_eq!(CALLS.load(Ordering::SeqCst), 2, "it stopped at the failure");
+        drop(p);
     }
 
     #[test]
