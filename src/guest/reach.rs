@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,16 +137,7 @@ fn boot_ms() -> u64 {
 pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     // Root's own file in the VM's directory, never what a link there
     // points to, and never more than a record's size.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(dir.join(PROBE_FILE))
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut text = Vec::new();
-    f.take(4096).read_to_end(&mut text).ok()?;
+    let text = crate::util::atomic::read_capped(&dir.join(PROBE_FILE), 4096)?;
     let p: Probed = serde_json::from_slice(&text).ok()?;
     let now = boot_ms();
     // A record from the future is no record; nor is one of a prober that

@@ -287,19 +287,10 @@ impl NdGuard {
 /// its owner may change: it is opened without following a symlink and read
 /// only so far, and anything but an address is skipped.
 pub fn read_guest6(file: &Path) -> Vec<Ipv6Addr> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(f) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(file)
-    else {
+    let Some(bytes) = crate::util::atomic::read_capped(file, 64 * MAX_SEEN6 as u64) else {
         return Vec::new();
     };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return Vec::new();
-    }
-    let mut text = String::new();
-    let _ = f.take(64 * MAX_SEEN6 as u64).read_to_string(&mut text);
+    let text = String::from_utf8(bytes).unwrap_or_default();
     let mut addrs: Vec<Ipv6Addr> = text.lines().filter_map(|l| l.parse().ok()).collect();
     addrs.sort();
     addrs.dedup();

@@ -94,6 +94,25 @@ fn replace(
     result
 }
 
+/// At most `cap` bytes of the regular file at `path`, opened without
+/// following a symlink and without blocking on a FIFO planted there;
+/// `None` when it is missing, unreadable or not a regular file. For small
+/// records lume wrote itself in a directory whose owner may not be root.
+pub fn read_capped(path: &Path, cap: u64) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    f.take(cap).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
