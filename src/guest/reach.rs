@@ -122,9 +122,9 @@ fn boot_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The supervisor's answer for `target`, if its record stands (written by
-/// a prober still at work, or the last one of a prober that stopped less
-/// than [`PROBE_FRESH_MS`] ago): `sshAvailable` then needs no probe of its
+/// The supervisor's answer for `target`, if its record stands (one of a
+/// prober at work, under [`PROBING_STANDS_MS`] old, or the last one of a
+/// prober that stopped under [`PROBE_FRESH_MS`] ago): `sshAvailable` then needs no probe of its
 /// own. Only asked for a running VM, whose supervisor removed any earlier
 /// run's record before the VM counted as running. This is what spares
 /// `lume get`, polled for the address while the guest boots, the wait of a
@@ -141,7 +141,7 @@ pub fn recorded(dir: &Path, target: SocketAddr) -> Option<bool> {
     let p: Probed = serde_json::from_slice(&text).ok()?;
     let now = boot_ms();
     // A record from the future is no record; nor is one of a prober that
-    // should long have stopped.
+    // has missed its heartbeats.
     let stands = if p.probing {
         PROBING_STANDS_MS
     } else {
