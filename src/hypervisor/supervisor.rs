@@ -316,31 +316,17 @@ pub fn supervise(
     let (stderr_read, stderr_write) = logcap::pipe().map_err(io_at(stderr_path.clone()))?;
     let stderr_pump =
         logcap::pump(stderr_read, &stderr_path, cap).map_err(io_at(stderr_path.clone()))?;
-    // Descriptors for QEMU are first copied above 64, so that placing them
-    // at 3, 4, … in the child can never overwrite one not yet placed. The
-    // console pipe comes last.
-    let high_fds: Vec<std::os::fd::OwnedFd> = net
+    // QEMU's descriptors, placed at 3, 4, … in the child
+    // (`util::fds::place_from_3`); the console pipe comes last.
+    let raw_fds: Vec<i32> = net
         .fds
         .iter()
-        .chain(std::iter::once(&console_write))
-        .map(|fd| {
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
-                // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that
-                // nothing else owns.
-                .map(|raw| unsafe {
-                    <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
-                })
-                .map_err(|e| RunError::Io {
-                    path: PathBuf::from("/dev/net/tun"),
-                    source: e.into(),
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    drop(console_write);
-    let raw_fds: Vec<i32> = high_fds
-        .iter()
         .map(std::os::fd::AsRawFd::as_raw_fd)
+        .chain(std::iter::once(std::os::fd::AsRawFd::as_raw_fd(
+            &console_write,
+        )))
         .collect();
+    let mut fd_copies = vec![-1; raw_fds.len()];
     let console = PathBuf::from(format!("/proc/self/fd/{}", 3 + net.fds.len()));
     // QEMU opens the caller's files through this process's descriptors,
     // which stay open until QEMU has exited.
@@ -419,8 +405,8 @@ pub fn supervise(
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr_write));
     // SAFETY: the closure runs between fork and exec and only calls
-    // async-signal-safe functions (prctl, getppid, setpgid, dup2,
-    // close_range or fcntl, _exit).
+    // async-signal-safe functions (prctl, getppid, setpgid, fcntl, dup2,
+    // close_range, _exit) and writes into `fd_copies`, allocated before.
     unsafe {
         cmd.pre_exec(move || {
             // Die with the supervisor; its own process group keeps a terminal's
@@ -430,12 +416,7 @@ pub fn supervise(
                 libc::_exit(1);
             }
             nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
-            for (i, fd) in raw_fds.iter().enumerate() {
-                // dup2 leaves the new descriptor without FD_CLOEXEC: QEMU inherits it.
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
+            crate::util::fds::place_from_3(&raw_fds, &mut fd_copies)?;
             // Nothing but the descriptors handed over above crosses exec.
             crate::util::fds::cloexec_from(3 + raw_fds.len() as i32);
             Ok(())
@@ -444,7 +425,7 @@ pub fn supervise(
     let spawned = cmd.spawn().map_err(RunError::Spawn);
     // The only write ends left are QEMU's: the pumps end when QEMU does.
     drop(cmd);
-    drop(high_fds);
+    drop(console_write);
     let mut child = spawned?;
     // dnsmasq, if this run's network started it, finished its start while
     // the firewall was written and QEMU started.

@@ -347,19 +347,9 @@ pub fn start(
             UnixListener::bind(&sock).map_err(io_at(&vm_dir.join(format!("fs{i}.sock"))))?;
         let listener: OwnedFd = listener.into();
         let mnt_c = cstring(&mnt).map_err(io_at(&mnt))?;
-        // Copied above 64 first, so that placing them at 3 and 4 in the
-        // child never overwrites one not yet placed.
-        let high = |fd: &dyn std::os::fd::AsFd| -> Result<OwnedFd, ShareError> {
-            nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
-                // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor nothing else owns.
-                .map(|raw| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
-                .map_err(|e| ShareError::Io {
-                    path: d.path.clone(),
-                    source: e.into(),
-                })
-        };
-        let (listen_hi, dir_hi) = (high(&listener)?, high(&*d.dir)?);
-        let (listen_raw, dir_raw) = (listen_hi.as_raw_fd(), dir_hi.as_raw_fd());
+        // Placed at 3 and 4 in the child (`util::fds::place_from_3`).
+        let sources = [listener.as_raw_fd(), d.dir.as_raw_fd()];
+        let mut copies = [-1; 2];
         let read_only = d.read_only;
         let mut cmd = Command::new(&exe);
         cmd.arg("--fd=3")
@@ -378,18 +368,16 @@ pub fn start(
             .stdout(log().map_err(io_at(&mnt))?)
             .stderr(log().map_err(io_at(&mnt))?);
         // SAFETY: between fork and exec only async-signal-safe calls: prctl,
-        // getppid, dup2, close_range or fcntl, open_tree, mount_setattr, unshare, mount, move_mount
+        // getppid, fcntl, dup2, close_range, open_tree, mount_setattr, unshare, mount, move_mount
         // (raw system calls with live NUL-terminated strings and a mount_attr
-        // of the size given) and _exit.
+        // of the size given) and _exit; it writes into `copies`, made before.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 if nix::unistd::getppid() != supervisor_pid {
                     libc::_exit(1);
                 }
-                if libc::dup2(listen_raw, 3) < 0 || libc::dup2(dir_raw, 4) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                crate::util::fds::place_from_3(&sources, &mut copies)?;
                 // A detached copy of the caller's directory's mount, made
                 // from the descriptor (non-recursive), read-only if asked;
                 // then a private mount namespace, where the copy is attached
@@ -458,7 +446,7 @@ pub fn start(
             path: d.path.clone(),
             source,
         })?;
-        drop((listener, listen_hi, dir_hi));
+        drop(listener);
         daemons.children.push(child);
     }
     Ok(daemons)
