@@ -109,6 +109,10 @@ pub fn arguments(spec: &LaunchSpec<'_>) -> Result<Vec<OsString>, QemuError> {
         format!("{}M", (c.memory_size >> 20).max(16)),
         "-nodefaults".into(),
         "-no-user-config".into(),
+        // Paused until the supervisor lets the guest run (QMP `cont`), once
+        // the network the guest's first frame meets is set up: lume's work
+        // after QEMU's start overlaps QEMU's own.
+        "-S".into(),
         // QEMU's seccomp filter: a guest that takes QEMU over still cannot
         // run programs, gain privileges or change resource limits.
         "-sandbox".into(),

@@ -297,7 +297,9 @@ pub fn supervise(
     // the run here, and the port chosen is held from now on.
     let vnc_listener = vnc::bind(req.vnc.port)?;
     let accel = accel::resolve(req.accel, &mut |line| log(line))?;
-    let mut net = attach::attach(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
+    // What QEMU needs to start (a tap); the rest once it is started.
+    let mut net =
+        attach::attach_deferred(&req.network, vm.name.as_str(), &vm.dir, mac, &req.attach)?;
     net.offer_vhost(accel == accel::Accel::Kvm);
     if let Some(dev) = &net.host_device {
         log(&format!(
@@ -427,9 +429,14 @@ pub fn supervise(
     drop(cmd);
     drop(console_write);
     let mut child = spawned?;
-    // dnsmasq, if this run's network started it, finished its start while
-    // the firewall was written and QEMU started.
-    let dnsmasq_ready = net.await_dnsmasq().map_err(RunError::Network);
+    // QEMU starts paused (`-S`) while the network is joined and lume's
+    // firewall written, and dnsmasq, if this run's network started it,
+    // finishes its start; the guest runs once all that is done
+    // (`run_until_exit`).
+    let network_ready = net
+        .complete()
+        .and_then(|()| net.await_dnsmasq())
+        .map_err(RunError::Network);
     let state = RunState {
         pid: std::process::id(),
         qemu_pid: child.id(),
@@ -459,7 +466,7 @@ pub fn supervise(
         pumps: &pumps,
         incoming: disk.incoming.as_ref(),
     };
-    let result = dnsmasq_ready.and_then(|()| {
+    let result = network_ready.and_then(|()| {
         run_until_exit(
             vm,
             &mut child,
@@ -585,6 +592,11 @@ fn run_until_exit(
         .unwrap_or_else(vnc::random_password);
     let mut qmp = Qmp::connect(&vm.dir).map_err(RunError::Control)?;
     vnc::set_password(&mut qmp, &password)?;
+    // The guest runs: QEMU started paused (`-S`) until its network was
+    // ready. A restored memory snapshot went on once loaded.
+    if incoming.is_none() {
+        qmp.execute("cont", None).map_err(RunError::Control)?;
+    }
     drop(qmp);
     let forwarder =
         vnc::VncForwarder::start(vnc_listener, &vm.dir).map_err(|source| RunError::Io {

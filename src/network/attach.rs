@@ -137,6 +137,8 @@ pub struct Attachment {
     /// started it, still starting ([`Self::await_dnsmasq`]); dropped, it is
     /// waited for before the host side below is taken down.
     pub(in crate::network) dnsmasq_start: Option<super::dnsmasq::Starting>,
+    /// What [`attach_deferred`] left for [`Self::complete`].
+    pub(in crate::network) completion: Option<Completion>,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
     pub(in crate::network) guard: HostSide,
@@ -458,6 +460,23 @@ pub fn attach(
     mac: MacAddress,
     opts: &AttachOptions,
 ) -> Result<Attachment, AttachError> {
+    let mut attachment = attach_deferred(mode, vm, vm_dir, mac, opts)?;
+    attachment.complete()?;
+    Ok(attachment)
+}
+
+/// [`attach`], with what QEMU does not need to start (nat and host-only:
+/// the network's join and firewall) left for [`Attachment::complete`]:
+/// the supervisor starts QEMU paused in between, and lets the guest run
+/// only once the attachment is complete, so the two overlap and the
+/// guest's first frame still meets a network and firewall set up for it.
+pub fn attach_deferred(
+    mode: &NetworkMode,
+    vm: &str,
+    vm_dir: &Path,
+    mac: MacAddress,
+    opts: &AttachOptions,
+) -> Result<Attachment, AttachError> {
     validate(mode, opts)?;
     opts.policy.check(mode)?;
     if super::handoff::needed(mode) {
@@ -491,7 +510,35 @@ pub(super) fn handed_off(
 /// The kernel's virtio-net backend, handed to QEMU as `vhostfd`.
 pub const VHOST_NET: &str = "/dev/vhost-net";
 
+/// The rest of an attachment's set-up ([`attach_deferred`]): it fills in
+/// the attachment it is given, or fails, leaving nothing it set up.
+pub(in crate::network) struct Completion(
+    Box<dyn FnOnce(&mut Attachment) -> Result<(), AttachError> + Send>,
+);
+
+impl Completion {
+    pub fn new(f: impl FnOnce(&mut Attachment) -> Result<(), AttachError> + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Completion")
+    }
+}
+
 impl Attachment {
+    /// Finishes the set-up [`attach_deferred`] left (at once if it left
+    /// none). A failure leaves the attachment as it was before: dropped,
+    /// it takes down only what it holds.
+    pub fn complete(&mut self) -> Result<(), AttachError> {
+        match self.completion.take() {
+            Some(Completion(f)) => f(self),
+            None => Ok(()),
+        }
+    }
+
     /// Waits until the dnsmasq this attachment started serves (at once if
     /// it started none): the supervisor asks once QEMU is spawned, so that
     /// dnsmasq's start overlaps QEMU's. A dnsmasq that did not start is the

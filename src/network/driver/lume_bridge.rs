@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
 use crate::network::attach::{
-    AttachError, AttachOptions, Attachment, HostSide, device_name, enforce_policy, hold_ports,
-    tap_args,
+    AttachError, AttachOptions, Attachment, Completion, device_name, enforce_policy,
+    hold_ports, tap_args,
 };
 use crate::network::kernel::tap::Tap;
 use crate::network::shared::{JoinRequest, Kind, Networks, SharedTeardown, member_id};
@@ -78,53 +78,59 @@ impl NetworkDriver for LumeBridge {
             Vec::new()
         };
         let tap = Tap::create(&device_name("lt"))?;
-        let joined = networks.join(&JoinRequest {
-            kind,
-            vm,
-            vm_dir,
-            mac,
-            tap: &tap.name,
-            publish: &opts.publish,
-            exclusive_mac: opts.member,
-            ipv6: opts.policy.is_empty(),
-        })?;
-        let ip = joined.ip;
         let net = networks.get(kind).clone();
         let tap_name = tap.name.clone();
-        let mut guard = HostSide::default();
-        guard.healer = Some(crate::network::heal::Healer::start(networks.clone()));
-        guard.held_ports = held_ports;
-        guard.teardown = Some(Box::new(SharedTeardown {
-            networks,
-            kind,
-            id: member_id(vm, vm_dir),
-        }));
         let mut attachment = Attachment {
             qemu_args: tap_args(mac, &opts.policy),
             fds: vec![tap.fd],
-            ip_address: None,
             host_device: Some(tap.name),
             parent: Some(net.bridge.clone()),
-            note: joined.note,
             lease_file: Some(net.dnsmasq().lease_path()),
-            reserved: Some(ip),
-            dnsmasq_start: joined.dnsmasq,
-            guard,
             ..Default::default()
         };
-        if !opts.policy.is_empty() {
-            // Before QEMU exists, so the guest's first frame meets the
-            // policy; a failure drops `attachment`, which leaves the
-            // network and removes the tap: nothing is left behind.
-            attachment.guard.policy = Some(enforce_policy(
-                &opts.policy,
-                &tap_name,
-                mac,
-                Some(ip),
-                Some((&net.bridge, net.subnet().gateway())),
-                None,
-            )?);
-        }
+        attachment.guard.held_ports = held_ports;
+        // The network's join and firewall while QEMU starts: QEMU needs
+        // only the tap, and its guest runs once this is done.
+        let (vm, vm_dir) = (vm.to_string(), vm_dir.to_path_buf());
+        let (publish, policy, member) = (opts.publish.clone(), opts.policy.clone(), opts.member);
+        attachment.completion = Some(Completion::new(move |attachment: &mut Attachment| {
+                let joined = networks.join(&JoinRequest {
+                    kind,
+                    vm: &vm,
+                    vm_dir: &vm_dir,
+                    mac,
+                    tap: &tap_name,
+                    publish: &publish,
+                    exclusive_mac: member,
+                    ipv6: policy.is_empty(),
+                })?;
+                let ip = joined.ip;
+                attachment.note = joined.note;
+                attachment.reserved = Some(ip);
+                attachment.dnsmasq_start = joined.dnsmasq;
+                let guard = &mut attachment.guard;
+                guard.healer = Some(crate::network::heal::Healer::start(networks.clone()));
+                guard.teardown = Some(Box::new(SharedTeardown {
+                    networks,
+                    kind,
+                    id: member_id(&vm, &vm_dir),
+                }));
+                if !policy.is_empty() {
+                    // Before the guest runs, so its first frame meets the
+                    // policy; a failure drops the attachment, which leaves
+                    // the network and removes the tap: nothing is left
+                    // behind.
+                    guard.policy = Some(enforce_policy(
+                        &policy,
+                        &tap_name,
+                        mac,
+                        Some(ip),
+                        Some((&net.bridge, net.subnet().gateway())),
+                        None,
+                    )?);
+                }
+                Ok(())
+            }));
         Ok(attachment)
     }
 
