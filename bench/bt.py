@@ -135,7 +135,8 @@ def cmd_lume_boot(a):
 def cmd_lume_start(a):
     """`lume run VM --detach`, then the time from its start to the
     supervisor's "Starting <qemu>" log line (logged just before QEMU's
-    spawn): lume's own work before QEMU starts."""
+    spawn): lume's own work before QEMU starts; and to its "VM '…' is
+    running" line (the guest runs: QEMU started paused until then)."""
     log = os.path.join(a.vm_dir, "lume.log")
     wall0 = time.time()
     r = subprocess.run([a.lume, "run", a.vm, "--detach"], capture_output=True, text=True)
@@ -143,9 +144,13 @@ def cmd_lume_start(a):
         sys.exit(f"lume run failed: {r.stdout}{r.stderr}")
     m = {"detach": time.time() - wall0}
     for t, text in log_lines_since(log, 0):
-        if text.startswith("Starting ") and t >= wall0 - 0.002:
+        if t < wall0 - 0.002:
+            continue
+        if text.startswith("Starting ") and "qemu_spawned" not in m:
             m["qemu_spawned"] = t - wall0
-            break
+        # Logged once the guest runs (QEMU started paused until then).
+        if text.startswith("VM ") and " is running" in text and "guest_running" not in m:
+            m["guest_running"] = t - wall0
     if "qemu_spawned" not in m:
         sys.exit(f"no 'Starting' line in {log}")
     record(a.record, a.case, a.run, m)

@@ -572,6 +572,10 @@ fn run_until_exit(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Nothing below lets the guest run on a network not set up for it.
+    if !net.is_complete() {
+        return Err(RunError::Network(attach::AttachError::NotComplete));
+    }
     if let Some(state_file) = incoming {
         let loaded = Qmp::connect(&vm.dir)
             .map_err(crate::vm::snapshot::SnapshotError::Qmp)

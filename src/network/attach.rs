@@ -89,6 +89,12 @@ pub enum AttachError {
         key = super::driver::MEMBER_BRIDGES_KEY
     )]
     MemberBridge(String),
+    /// A guest about to run on a network whose set-up was not completed
+    /// ([`Attachment::complete`]): refused rather than run unfirewalled.
+    #[error(
+        "The VM's network was not set up before its guest would run, so the VM was stopped; this is a bug in lume: please report it with the VM's lume.log"
+    )]
+    NotComplete,
 }
 
 /// Checks a mode being saved with `create` or `set` (a named bridged
@@ -512,12 +518,14 @@ pub const VHOST_NET: &str = "/dev/vhost-net";
 
 /// The rest of an attachment's set-up ([`attach_deferred`]): it fills in
 /// the attachment it is given, or fails, leaving nothing it set up.
-pub(in crate::network) struct Completion(
-    Box<dyn FnOnce(&mut Attachment) -> Result<(), AttachError> + Send>,
-);
+pub(in crate::network) struct Completion(Box<CompleteFn>);
+
+type CompleteFn = dyn FnOnce(&mut Attachment) -> Result<(), AttachError> + Send;
 
 impl Completion {
-    pub fn new(f: impl FnOnce(&mut Attachment) -> Result<(), AttachError> + Send + 'static) -> Self {
+    pub fn new(
+        f: impl FnOnce(&mut Attachment) -> Result<(), AttachError> + Send + 'static,
+    ) -> Self {
         Self(Box::new(f))
     }
 }
@@ -530,18 +538,29 @@ impl std::fmt::Debug for Completion {
 
 impl Attachment {
     /// Finishes the set-up [`attach_deferred`] left (at once if it left
-    /// none). A failure leaves the attachment as it was before: dropped,
+    /// none). A failure leaves the attachment incomplete for good: dropped,
     /// it takes down only what it holds.
     pub fn complete(&mut self) -> Result<(), AttachError> {
-        match self.completion.take() {
-            Some(Completion(f)) => f(self),
-            None => Ok(()),
+        let Some(Completion(f)) = self.completion.take() else {
+            return Ok(());
+        };
+        let done = f(self);
+        if done.is_err() {
+            self.completion = Some(Completion::new(|_| Err(AttachError::NotComplete)));
         }
+        done
+    }
+
+    /// Whether nothing of the set-up is left: [`Self::complete`] done and
+    /// dnsmasq waited for. The supervisor checks it before the guest runs.
+    pub fn is_complete(&self) -> bool {
+        self.completion.is_none() && self.dnsmasq_start.is_none()
     }
 
     /// Waits until the dnsmasq this attachment started serves (at once if
-    /// it started none): the supervisor asks once QEMU is spawned, so that
-    /// dnsmasq's start overlaps QEMU's. A dnsmasq that did not start is the
+    /// it started none): the supervisor asks once the attachment is
+    /// complete, while QEMU waits paused, so that dnsmasq's start overlaps
+    /// the firewall write and QEMU's. A dnsmasq that did not start is the
     /// run's error.
     pub fn await_dnsmasq(&mut self) -> Result<(), AttachError> {
         match self.dnsmasq_start.take() {
@@ -663,6 +682,34 @@ pub(in crate::network) fn start_snooper6(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deferred set-up runs once, on `complete`; until then the
+    /// attachment says it is not complete, and a failed one stays so.
+    #[test]
+    fn an_attachment_is_complete_only_once_its_set_up_ran() {
+        assert!(Attachment::default().is_complete());
+        let mut a = Attachment {
+            completion: Some(Completion::new(|a: &mut Attachment| {
+                a.note = Some("joined".into());
+                Ok(())
+            })),
+            ..Default::default()
+        };
+        assert!(!a.is_complete());
+        a.complete().unwrap();
+        assert!(a.is_complete());
+        assert_eq!(a.note.as_deref(), Some("joined"));
+        a.complete().unwrap();
+        let mut failed = Attachment {
+            completion: Some(Completion::new(|_: &mut Attachment| {
+                Err(AttachError::NotComplete)
+            })),
+            ..Default::default()
+        };
+        assert!(failed.complete().is_err());
+        assert!(!failed.is_complete());
+        assert!(failed.note.is_none());
+    }
 
     fn tapped(fds: usize) -> Attachment {
         let mac: MacAddress = "52:54:00:12:34:56".parse().unwrap();

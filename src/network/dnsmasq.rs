@@ -314,8 +314,8 @@ dhcp-option=option6:dns-server
     /// [`Self::ensure_running`] that does not wait for a dnsmasq it starts
     /// to be ready (its own start takes 10–30 ms): the start under way is
     /// returned, and the run's supervisor goes on with the firewall and
-    /// QEMU and waits for it once QEMU is spawned, long before a guest asks
-    /// for an address. Until then `dnsmasq.starting` names the starting
+    /// waits for it before the guest runs (QEMU starts paused meanwhile),
+    /// long before a guest asks for an address. Until then `dnsmasq.starting` names the starting
     /// process, so that another lume (or this one's watcher, or a stop)
     /// waits for it instead of starting a second.
     pub fn start_overlapped(&self) -> Result<Option<Starting>, DnsmasqError> {

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use super::{DoctorVm, NetworkDriver, Publishing, SshRoute, VmCheck};
 use crate::network::attach::{
-    AttachError, AttachOptions, Attachment, Completion, device_name, enforce_policy,
-    hold_ports, tap_args,
+    AttachError, AttachOptions, Attachment, Completion, device_name, enforce_policy, hold_ports,
+    tap_args,
 };
 use crate::network::kernel::tap::Tap;
 use crate::network::shared::{JoinRequest, Kind, Networks, SharedTeardown, member_id};
@@ -94,43 +94,43 @@ impl NetworkDriver for LumeBridge {
         let (vm, vm_dir) = (vm.to_string(), vm_dir.to_path_buf());
         let (publish, policy, member) = (opts.publish.clone(), opts.policy.clone(), opts.member);
         attachment.completion = Some(Completion::new(move |attachment: &mut Attachment| {
-                let joined = networks.join(&JoinRequest {
-                    kind,
-                    vm: &vm,
-                    vm_dir: &vm_dir,
-                    mac,
-                    tap: &tap_name,
-                    publish: &publish,
-                    exclusive_mac: member,
-                    ipv6: policy.is_empty(),
-                })?;
-                let ip = joined.ip;
-                attachment.note = joined.note;
-                attachment.reserved = Some(ip);
-                attachment.dnsmasq_start = joined.dnsmasq;
-                let guard = &mut attachment.guard;
-                guard.healer = Some(crate::network::heal::Healer::start(networks.clone()));
-                guard.teardown = Some(Box::new(SharedTeardown {
-                    networks,
-                    kind,
-                    id: member_id(&vm, &vm_dir),
-                }));
-                if !policy.is_empty() {
-                    // Before the guest runs, so its first frame meets the
-                    // policy; a failure drops the attachment, which leaves
-                    // the network and removes the tap: nothing is left
-                    // behind.
-                    guard.policy = Some(enforce_policy(
-                        &policy,
-                        &tap_name,
-                        mac,
-                        Some(ip),
-                        Some((&net.bridge, net.subnet().gateway())),
-                        None,
-                    )?);
-                }
-                Ok(())
+            let joined = networks.join(&JoinRequest {
+                kind,
+                vm: &vm,
+                vm_dir: &vm_dir,
+                mac,
+                tap: &tap_name,
+                publish: &publish,
+                exclusive_mac: member,
+                ipv6: policy.is_empty(),
+            })?;
+            let ip = joined.ip;
+            attachment.note = joined.note;
+            attachment.reserved = Some(ip);
+            attachment.dnsmasq_start = joined.dnsmasq;
+            let guard = &mut attachment.guard;
+            guard.healer = Some(crate::network::heal::Healer::start(networks.clone()));
+            guard.teardown = Some(Box::new(SharedTeardown {
+                networks,
+                kind,
+                id: member_id(&vm, &vm_dir),
             }));
+            if !policy.is_empty() {
+                // Before the guest runs, so its first frame meets the
+                // policy; a failure drops the attachment, which leaves
+                // the network and removes the tap: nothing is left
+                // behind.
+                guard.policy = Some(enforce_policy(
+                    &policy,
+                    &tap_name,
+                    mac,
+                    Some(ip),
+                    Some((&net.bridge, net.subnet().gateway())),
+                    None,
+                )?);
+            }
+            Ok(())
+        }));
         Ok(attachment)
     }
 

@@ -68,7 +68,7 @@ pub struct Joined {
     /// A note for the user (the subnet lume chose, and why).
     pub note: Option<String>,
     /// The network's dnsmasq, when this join started it: still starting,
-    /// to be waited for once QEMU is spawned.
+    /// to be waited for before the guest runs.
     pub dnsmasq: Option<crate::network::dnsmasq::Starting>,
 }
 
@@ -96,7 +96,7 @@ impl Networks {
         };
         // The table is written outside the records' critical section, so
         // that VMs starting together share one write (see
-        // [`Self::firewall_catch_up`]); the VM starts only once it is.
+        // [`Self::firewall_catch_up`]); the guest runs only once it is.
         drop(guard);
         if let Err(e) = self.firewall_catch_up(record) {
             // Leave nothing half set up: drop the record, collect the rest,
@@ -200,7 +200,7 @@ impl Networks {
             net.bring_up_adopting(running_before)?;
             let dns = net.dnsmasq();
             dns.reserve(&id, mac, ip)?;
-            // Ready by the time QEMU is spawned (the supervisor waits then);
+            // Waited for after the firewall write, before the guest runs;
             // on an error below, dropped, which waits for it.
             let dnsmasq = dns.start_overlapped()?;
             let mut nl = Netlink::open()?;
