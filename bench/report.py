@@ -270,7 +270,7 @@ def prestart(rows):
     out = ["### Prestart: lume's own work before QEMU starts (`bench/prestart.sh`)", "",
            "From `lume run VM --detach` to the supervisor's \"Starting <qemu>\" log line, median "
            "(min–max) over the rounds; guest running: to its \"VM '…' is running\" line (the guest's "
-           "CPU runs; a build that starts QEMU paused resumes it just before); `run --detach` "
+           "CPU runs; a build that starts QEMU paused resumes it a few ms before); `run --detach` "
            "returned: its whole wall time.", "",
            "| case | QEMU started | guest running | `run --detach` returned | n |",
            "| --- | --- | --- | --- | --- |"]
