@@ -29,3 +29,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// Writes `e` to standard error as lume's commands end with it: `Error: `
+/// and its message, then each cause its message does not already contain.
+pub fn print_error(e: &dyn std::error::Error) {
+    let top = e.to_string();
+    eprintln!("Error: {top}");
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !top.contains(&msg) {
+            eprintln!("  Caused by: {msg}");
+        }
+        cur = c.source();
+    }
+}

@@ -54,13 +54,7 @@ fn main() {
     match lume::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("Error: {e}");
-            for cause in e.chain().skip(1) {
-                let msg = cause.to_string();
-                if !e.to_string().contains(&msg) {
-                    eprintln!("  Caused by: {msg}");
-                }
-            }
+            lume::print_error(e.as_ref());
             let usage = lume::cli::is_refusal(&e);
             std::process::exit(if usage { lume::cli::EX_USAGE } else { 1 });
         }

@@ -70,6 +70,19 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     let qemu_pid = state["qemuPid"].as_u64().unwrap();
     let cmdline = std::fs::read(format!("/proc/{qemu_pid}/cmdline")).unwrap();
     assert!(String::from_utf8_lossy(&cmdline).contains(&home.vm_dir("vm1").display().to_string()));
+    // The CLI forked the supervisor (no second start of lume: its command
+    // line is the CLI's), which reads nothing and writes to lume.log.
+    let sup = state["pid"].as_u64().unwrap();
+    let sup_cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{sup}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        sup_cmd.contains("run vm1 --detach") && !sup_cmd.contains("--storage"),
+        "{sup_cmd}"
+    );
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{sup}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), std::path::Path::new("/dev/null"));
+    assert_eq!(fd(1), home.vm_dir("vm1").join("lume.log"));
+    assert_eq!(fd(2), home.vm_dir("vm1").join("lume.log"));
 
     // Refusals while running.
     assert!(

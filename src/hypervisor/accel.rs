@@ -28,6 +28,16 @@ pub enum AccelChoice {
     Tcg,
 }
 
+impl From<Accel> for AccelChoice {
+    /// The choice that resolves to `accel` without probing again.
+    fn from(accel: Accel) -> Self {
+        match accel {
+            Accel::Kvm => AccelChoice::Kvm,
+            Accel::Tcg => AccelChoice::Tcg,
+        }
+    }
+}
+
 /// Why an accelerator choice failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AccelError {

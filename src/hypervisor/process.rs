@@ -1,14 +1,18 @@
 //! The processes lume owns around a VM, from outside its supervisor: the
-//! detached supervisor `run --detach` starts (lume re-executing itself in
-//! a session of its own), and forcing a running VM's QEMU off (QMP `quit`,
-//! then SIGKILL).
+//! detached supervisor `run --detach` starts in a session of its own (a
+//! fork of the CLI, or lume re-executing itself), and forcing a running
+//! VM's QEMU off (QMP `quit`, then SIGKILL).
 
 use std::fs;
-use std::io::{self, Read as _};
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 
 use super::qmp::Qmp;
 use super::supervisor::{EXIT_ALREADY_RUNNING, EXIT_BUSY, START_LOG_ENV};
@@ -25,8 +29,13 @@ pub enum ProcessError {
         #[source]
         source: io::Error,
     },
+    /// The kernel refused a new process for the supervisor.
+    #[error(
+        "Cannot start the VM's supervisor process: end some processes or free memory, then run the command again"
+    )]
+    SupervisorFork(#[source] io::Error),
     #[error("Cannot follow lume's VM supervisor while it starts")]
-    SupervisorWait(#[source] io::Error),
+    SupervisorWait(#[source] nix::Error),
 }
 
 /// This very program, for a detached supervisor to run: `/proc/self/exe`
@@ -72,9 +81,46 @@ pub enum EarlyExit {
 /// until it holds the VM (then it renames that file to the VM's log).
 #[derive(Debug)]
 pub struct Detached {
-    child: Child,
+    pid: Pid,
     start_log: PathBuf,
     log: PathBuf,
+}
+
+/// Whether this process may start a detached supervisor by forking without
+/// exec ([`Detached::fork`]): it runs a single thread (a fork copies only
+/// the calling thread, with whatever locks the others held); it holds no
+/// close-on-exec descriptor from 3 on but those in `handed` (anything else
+/// belongs to some part of this process the supervisor would go on
+/// using, where exec would have closed it); and its command line names
+/// lume, as [`crate::vm::state::RunState::supervisor_alive`] knows a
+/// supervisor. Otherwise ([`Detached::spawn`]) lume starts itself again.
+pub fn can_fork(handed: &[RawFd]) -> bool {
+    let single = fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1);
+    let named = std::env::args_os()
+        .next()
+        .is_some_and(|a| a.to_string_lossy().contains("lume"));
+    single && named && unexpected_descriptors(handed).is_empty()
+}
+
+/// This process's close-on-exec descriptors from 3 on that are not in
+/// `handed`.
+fn unexpected_descriptors(handed: &[RawFd]) -> Vec<RawFd> {
+    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+        return vec![-1];
+    };
+    // Read whole first: the listing's own descriptor is closed again below.
+    let open: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    open.into_iter()
+        .filter(|fd| *fd >= 3 && !handed.contains(fd))
+        .filter(|fd| {
+            // SAFETY: F_GETFD only reads the descriptor's flags; a closed
+            // one (the listing's) fails.
+            let flags = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+            flags >= 0 && flags & libc::FD_CLOEXEC != 0
+        })
+        .collect()
 }
 
 impl Detached {
@@ -101,26 +147,87 @@ impl Detached {
                 source,
             }
         })?;
+        // Followed by its pid from now on (dropping `child` leaves it be).
         Ok(Self {
-            child,
+            pid: Pid::from_raw(child.id() as i32),
             start_log: start_log.to_path_buf(),
             log: log.to_path_buf(),
         })
     }
 
+    /// Starts `supervise` in a child of this process, in a new session,
+    /// without exec: what [`Self::spawn`] does, without starting lume's
+    /// executable again and reading its configuration again (about 3 ms
+    /// of every detached start). Only when [`can_fork`] says so. The child
+    /// writes to `output` (the start log, open for appending) on its
+    /// standard output and error, reads nothing, and exits with what
+    /// `supervise` returns: it never comes back to the caller's code.
+    pub fn fork(
+        start_log: &Path,
+        log: &Path,
+        output: fs::File,
+        supervise: impl FnOnce() -> i32,
+    ) -> Result<Self, ProcessError> {
+        let null = fs::File::open("/dev/null").map_err(|e| {
+            let _ = fs::remove_file(start_log);
+            ProcessError::SupervisorFork(e)
+        })?;
+        // Nothing of this process's own output is written twice.
+        let _ = io::stdout().flush();
+        // The child starts on this CPU, which falls idle as this process
+        // waits for it (`util::cpu`).
+        let here = crate::util::cpu::StartHere::pin();
+        // SAFETY: the caller checked `can_fork`: this process runs a single
+        // thread, so the child's copy of it holds no lock another thread
+        // held, and the child may allocate.
+        let forked = unsafe { nix::unistd::fork() };
+        // Both give themselves their CPUs back.
+        drop(here);
+        match forked {
+            Ok(nix::unistd::ForkResult::Parent { child }) => Ok(Self {
+                pid: child,
+                start_log: start_log.to_path_buf(),
+                log: log.to_path_buf(),
+            }),
+            Ok(nix::unistd::ForkResult::Child) => {
+                let detached = nix::unistd::setsid().map(drop).and_then(|()| {
+                    nix::unistd::dup2_stdin(&null)?;
+                    nix::unistd::dup2_stdout(&output)?;
+                    nix::unistd::dup2_stderr(&output)?;
+                    Ok(())
+                });
+                drop(null);
+                drop(output);
+                if let Err(e) = detached {
+                    eprintln!("Error: Cannot detach the VM's supervisor from this terminal: {e}");
+                    std::process::exit(1);
+                }
+                // SAFETY: the child runs a single thread (see above).
+                unsafe { std::env::set_var(START_LOG_ENV, start_log) };
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(supervise))
+                    .unwrap_or(101);
+                std::process::exit(code)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(start_log);
+                Err(ProcessError::SupervisorFork(e.into()))
+            }
+        }
+    }
+
     /// The supervisor's process id (run.json's `pid` once it runs the VM).
     pub fn id(&self) -> u32 {
-        self.child.id()
+        self.pid.as_raw() as u32
     }
 
     /// How the supervisor ended, if it did.
     pub fn exited(&mut self) -> Result<Option<EarlyExit>, ProcessError> {
-        let Some(status) = self
-            .child
-            .try_wait()
+        let code = match nix::sys::wait::waitpid(self.pid, Some(WaitPidFlag::WNOHANG))
             .map_err(ProcessError::SupervisorWait)?
-        else {
-            return Ok(None);
+        {
+            WaitStatus::Exited(_, code) => Some(code),
+            WaitStatus::Signaled(..) => None,
+            _ => return Ok(None),
         };
         // Still under its own name if it never got the VM's lock.
         let log = if self.start_log.exists() {
@@ -133,7 +240,7 @@ impl Detached {
         if log == self.start_log {
             let _ = fs::remove_file(&self.start_log);
         }
-        match status.code() {
+        match code {
             Some(EXIT_ALREADY_RUNNING) => return Ok(Some(EarlyExit::AlreadyRunning)),
             Some(EXIT_BUSY) => return Ok(Some(EarlyExit::Busy)),
             _ => {}
@@ -150,8 +257,8 @@ impl Detached {
 
     /// Gives up on a supervisor that did not start in time: kills it and
     /// removes its start log.
-    pub fn abandon(mut self) {
-        let _ = self.child.kill();
+    pub fn abandon(self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
         let _ = fs::remove_file(&self.start_log);
     }
 }
@@ -273,6 +380,26 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A descriptor this process opened close-on-exec and did not hand to
+    /// the supervisor stops the fork (it belongs to some part of this
+    /// process); one without close-on-exec (as a caller hands its
+    /// children) crosses exec too and does not.
+    #[test]
+    fn only_a_descriptor_exec_would_close_and_nobody_handed_over_stops_a_fork() {
+        use std::os::fd::AsRawFd;
+        let own = fs::File::open("/proc/self/status").unwrap();
+        let fd = own.as_raw_fd();
+        assert!(unexpected_descriptors(&[]).contains(&fd));
+        assert!(!unexpected_descriptors(&[fd]).contains(&fd));
+        let path = std::ffi::CString::new("/proc/self/status").unwrap();
+        // SAFETY: open(2) with a live NUL-terminated path; closed below.
+        let inherited = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+        assert!(inherited >= 3);
+        assert!(!unexpected_descriptors(&[]).contains(&inherited));
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(inherited) };
     }
 
     /// What `supervisor_command` relies on: a process whose executable file

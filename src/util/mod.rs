@@ -2,6 +2,7 @@
 //! time, what lume reads of other processes in /proc.
 
 pub mod atomic;
+pub mod cpu;
 pub mod fds;
 pub mod procfs;
 pub mod random;

@@ -1276,25 +1276,45 @@ fn run(ctx: &Context, spec: RunSpec, note: &mut dyn FnMut(&str)) -> Result<Outco
             if foreground && let (Some(port), Some(pw)) = (s.vnc_port, s.vnc_password.as_deref()) {
                 show_vnc(&vm.dir, port, pw, spec.open_viewer, note);
             }
-            note(&format!(
-                "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
-                name,
-                s.accelerator,
-                s.network_mode,
-                s.ip_address
-                    .map(|ip| format!(", address {ip}"))
-                    .unwrap_or_default(),
-                vm.console_path().display(),
-                if std::env::var_os(supervisor::START_LOG_ENV).is_some() {
-                    "Detached: stop it with `lume stop`."
-                } else {
-                    "Press Ctrl-C to stop it."
-                }
-            ))
+            note(&running_line(&vm, s, !foreground))
         })?;
         return Ok(Outcome::Exited(status));
     }
-    detach(store, &vm, &spec, &req)
+    detach(store, &vm, &cfg, &spec, &req)
+}
+
+/// The line that says a VM runs, in the terminal of a run in the
+/// foreground and in a detached supervisor's log.
+fn running_line(vm: &Vm, s: &RunState, detached: bool) -> String {
+    format!(
+        "VM '{}' is running (accelerator {}, network {}{}). Console: {}. {}",
+        vm.name,
+        s.accelerator,
+        s.network_mode,
+        s.ip_address
+            .map(|ip| format!(", address {ip}"))
+            .unwrap_or_default(),
+        vm.console_path().display(),
+        if detached {
+            "Detached: stop it with `lume stop`."
+        } else {
+            "Press Ctrl-C to stop it."
+        }
+    )
+}
+
+/// A detached supervisor forked from the CLI: runs the VM and returns the
+/// exit status a supervisor started again as `lume run` would have.
+fn supervise_forked(vm: &Vm, cfg: &VmConfig, req: &RunRequest) -> i32 {
+    match supervisor::supervise(vm, cfg, req, &mut |s: &RunState| {
+        eprintln!("{}", running_line(vm, s, true))
+    }) {
+        Ok(status) => status.code().unwrap_or(0),
+        Err(e) => {
+            crate::print_error(&e);
+            supervisor::exit_status_for(&e).unwrap_or(1)
+        }
+    }
 }
 
 /// Opens a viewer on the display at `port` when asked and possible (for
@@ -1377,7 +1397,13 @@ fn provision(ctx: &Context, vm: &Vm, mut cfg: VmConfig) -> Result<VmConfig, VmEr
 
 /// Starts a supervisor in its own session and waits until it reports the VM
 /// running, or fails.
-fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Outcome, VmError> {
+fn detach(
+    store: &Store,
+    vm: &Vm,
+    cfg: &VmConfig,
+    spec: &RunSpec,
+    req: &RunRequest,
+) -> Result<Outcome, VmError> {
     // The supervisor logs to a file of its own and renames it to lume.log
     // only once it holds the VM: a start that loses a race never truncates
     // the log of the run that won.
@@ -1388,7 +1414,88 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
     // place while the supervisor keeps writing to it.
     let log = crate::hypervisor::logcap::open_log(&start_log, false).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
-    let log2 = log.try_clone().map_err(io_at(&start_log))?;
+    // Resolve the accelerator here so the one line about a TCG fallback
+    // reaches the user's terminal; the supervisor inherits the verdict.
+    let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
+        .map_err(RunError::from)?;
+    // The CLI forks its supervisor, which goes on with what this process
+    // already opened and read; a process that cannot (`lume serve`'s,
+    // with its threads) starts lume again.
+    use std::os::fd::AsRawFd as _;
+    let handed: Vec<std::os::fd::RawFd> = req
+        .mounts
+        .iter()
+        .chain(&req.disks)
+        .chain(&req.usb_storage)
+        .map(|f| f.file.as_raw_fd())
+        .chain(req.shares.iter().map(|d| d.dir.as_raw_fd()))
+        .chain([log.as_raw_fd()])
+        .collect();
+    let mut child = if process::can_fork(&handed) {
+        let req = RunRequest {
+            accel: accel.into(),
+            ..req.clone()
+        };
+        process::Detached::fork(&start_log, &log_path, log, || {
+            supervise_forked(vm, cfg, &req)
+        })
+        .map_err(RunError::from)?
+    } else {
+        spawn_supervisor(store, vm, spec, req, accel, &start_log, log)?
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Woken when the supervisor writes run.json (or any file of the VM's
+    // directory), not only every 20 ms: `run --detach` returns as soon as
+    // the VM runs. The 20 ms remain the longest wait, to notice an exit.
+    let mut written = crate::util::watch::DirWatch::new(&vm.dir);
+    loop {
+        if let Some(state) = vm.running_state()
+            && state.pid == child.id()
+        {
+            let details = VmDetails::read(store, vm);
+            if spec.open_viewer
+                && let Some(url) = &details.vnc_url
+                && let (Some(port), Some(pw)) = (state.vnc_port, state.vnc_password.as_deref())
+                && let Err(why) = vnc::open_viewer(
+                    url,
+                    vnc::write_viewer_file(&vm.dir, port, pw).ok().as_deref(),
+                )
+                && why != vnc::NoViewer::NoSession
+            {
+                eprintln!("No VNC viewer opened: {why}");
+            }
+            return Ok(Outcome::Started(details));
+        }
+        if let Some(exit) = child.exited().map_err(RunError::from)? {
+            return Err(match exit {
+                process::EarlyExit::AlreadyRunning => RunError::AlreadyRunning(vm.name.clone()),
+                process::EarlyExit::Busy => RunError::Busy(vm.name.clone()),
+                process::EarlyExit::Failed { log, messages } => {
+                    RunError::Supervisor { log, messages }
+                }
+            }
+            .into());
+        }
+        if Instant::now() > deadline {
+            child.abandon();
+            return Err(RunError::QmpTimeout(120, log_path).into());
+        }
+        written.wait(Duration::from_millis(20));
+    }
+}
+
+/// Starts lume again as the VM's supervisor (`lume run NAME …` with
+/// `accel`'s verdict), its output going to `log`.
+fn spawn_supervisor(
+    store: &Store,
+    vm: &Vm,
+    spec: &RunSpec,
+    req: &RunRequest,
+    accel: crate::hypervisor::accel::Accel,
+    start_log: &Path,
+    log: fs::File,
+) -> Result<process::Detached, VmError> {
+    let log2 = log.try_clone().map_err(io_at(start_log))?;
     let mut cmd = process::supervisor_command();
     cmd.arg("run")
         .arg(vm.name.as_str())
@@ -1437,10 +1544,6 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         Some(p) => cmd.env(vnc::PASSWORD_ENV, p),
         None => cmd.env_remove(vnc::PASSWORD_ENV),
     };
-    // Resolve the accelerator here so the one line about a TCG fallback
-    // reaches the user's terminal; the supervisor inherits the verdict.
-    let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
-        .map_err(RunError::from)?;
     cmd.env("LUME_ACCEL", accel.to_string());
     if req.attach.member {
         cmd.env(MEMBER_ENV, "1");
@@ -1448,47 +1551,7 @@ fn detach(store: &Store, vm: &Vm, spec: &RunSpec, req: &RunRequest) -> Result<Ou
         cmd.env_remove(MEMBER_ENV);
     }
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-    let mut child =
-        process::Detached::spawn(&mut cmd, &start_log, &log_path).map_err(RunError::from)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Woken when the supervisor writes run.json (or any file of the VM's
-    // directory), not only every 20 ms: `run --detach` returns as soon as
-    // the VM runs. The 20 ms remain the longest wait, to notice an exit.
-    let mut written = crate::util::watch::DirWatch::new(&vm.dir);
-    loop {
-        if let Some(state) = vm.running_state()
-            && state.pid == child.id()
-        {
-            let details = VmDetails::read(store, vm);
-            if spec.open_viewer
-                && let Some(url) = &details.vnc_url
-                && let (Some(port), Some(pw)) = (state.vnc_port, state.vnc_password.as_deref())
-                && let Err(why) = vnc::open_viewer(
-                    url,
-                    vnc::write_viewer_file(&vm.dir, port, pw).ok().as_deref(),
-                )
-                && why != vnc::NoViewer::NoSession
-            {
-                eprintln!("No VNC viewer opened: {why}");
-            }
-            return Ok(Outcome::Started(details));
-        }
-        if let Some(exit) = child.exited().map_err(RunError::from)? {
-            return Err(match exit {
-                process::EarlyExit::AlreadyRunning => RunError::AlreadyRunning(vm.name.clone()),
-                process::EarlyExit::Busy => RunError::Busy(vm.name.clone()),
-                process::EarlyExit::Failed { log, messages } => {
-                    RunError::Supervisor { log, messages }
-                }
-            }
-            .into());
-        }
-        if Instant::now() > deadline {
-            child.abandon();
-            return Err(RunError::QmpTimeout(120, log_path).into());
-        }
-        written.wait(Duration::from_millis(20));
-    }
+    Ok(process::Detached::spawn(&mut cmd, start_log, &vm.log_path()).map_err(RunError::from)?)
 }
 
 fn wait_unlocked(vm: &Vm, until: Instant) -> bool {
