@@ -323,10 +323,8 @@ pub fn supervise(
     let raw_fds: Vec<i32> = net
         .fds
         .iter()
-        .map(std::os::fd::AsRawFd::as_raw_fd)
-        .chain(std::iter::once(std::os::fd::AsRawFd::as_raw_fd(
-            &console_write,
-        )))
+        .map(AsRawFd::as_raw_fd)
+        .chain([console_write.as_raw_fd()])
         .collect();
     let mut fd_copies = vec![-1; raw_fds.len()];
     let console = PathBuf::from(format!("/proc/self/fd/{}", 3 + net.fds.len()));
@@ -596,11 +594,9 @@ fn run_until_exit(
         .unwrap_or_else(vnc::random_password);
     let mut qmp = Qmp::connect(&vm.dir).map_err(RunError::Control)?;
     vnc::set_password(&mut qmp, &password)?;
-    // The guest runs: QEMU started paused (`-S`) until its network was
-    // ready. A restored memory snapshot went on once loaded.
-    if incoming.is_none() {
-        qmp.execute("cont", None).map_err(RunError::Control)?;
-    }
+    // The guest runs (a restored one where its snapshot was taken): QEMU
+    // started paused (`-S`) until its network was ready.
+    qmp.execute("cont", None).map_err(RunError::Control)?;
     drop(qmp);
     let forwarder =
         vnc::VncForwarder::start(vnc_listener, &vm.dir).map_err(|source| RunError::Io {

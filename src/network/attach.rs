@@ -145,6 +145,8 @@ pub struct Attachment {
     pub(in crate::network) dnsmasq_start: Option<super::dnsmasq::Starting>,
     /// What [`attach_deferred`] left for [`Self::complete`].
     pub(in crate::network) completion: Option<Completion>,
+    /// [`Self::complete`] failed: the attachment stays incomplete.
+    pub(in crate::network) completion_failed: bool,
     /// Declared last: fields drop in order, so the descriptors above are
     /// closed (and a tap gone) before the host side is taken down.
     pub(in crate::network) guard: HostSide,
@@ -545,16 +547,15 @@ impl Attachment {
             return Ok(());
         };
         let done = f(self);
-        if done.is_err() {
-            self.completion = Some(Completion::new(|_| Err(AttachError::NotComplete)));
-        }
+        self.completion_failed = done.is_err();
         done
     }
 
-    /// Whether nothing of the set-up is left: [`Self::complete`] done and
-    /// dnsmasq waited for. The supervisor checks it before the guest runs.
+    /// Whether nothing of the set-up is left: [`Self::complete`] done (and
+    /// not failed) and dnsmasq waited for. The supervisor checks it before
+    /// the guest runs.
     pub fn is_complete(&self) -> bool {
-        self.completion.is_none() && self.dnsmasq_start.is_none()
+        self.completion.is_none() && !self.completion_failed && self.dnsmasq_start.is_none()
     }
 
     /// Waits until the dnsmasq this attachment started serves (at once if

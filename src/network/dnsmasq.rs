@@ -315,9 +315,10 @@ dhcp-option=option6:dns-server
     /// to be ready (its own start takes 10–30 ms): the start under way is
     /// returned, and the run's supervisor goes on with the firewall and
     /// waits for it before the guest runs (QEMU starts paused meanwhile),
-    /// long before a guest asks for an address. Until then `dnsmasq.starting` names the starting
-    /// process, so that another lume (or this one's watcher, or a stop)
-    /// waits for it instead of starting a second.
+    /// long before a guest asks for an address. Until then
+    /// `dnsmasq.starting` names the starting process, so that another lume
+    /// (or this one's watcher, or a stop) waits for it instead of starting
+    /// a second.
     pub fn start_overlapped(&self) -> Result<Option<Starting>, DnsmasqError> {
         match self.ensure_started()? {
             Some(starting) if starting.marked => Ok(Some(starting)),

@@ -903,21 +903,14 @@ pub fn prepare_run(vm_dir: &Path, ephemeral: bool) -> Result<RunDisk, SnapshotEr
     Ok(run)
 }
 
-/// Loads the memory state into a QEMU started with `-incoming defer`, and
-/// lets the guest go on.
+/// Loads the memory state into a QEMU started with `-incoming defer` (and
+/// `-S`): the guest stays paused until the supervisor lets it go on.
 pub fn load_memory(qmp: &mut Qmp, state: &File) -> Result<(), SnapshotError> {
     qmp.send_fd("lume-incoming", state.as_raw_fd())
         .map_err(SnapshotError::Qmp)?;
     qmp.execute("migrate-incoming", Some(json!({"uri": "fd:lume-incoming"})))
         .map_err(SnapshotError::Qmp)?;
-    wait_migration(qmp, Duration::from_secs(600))?;
-    let status = qmp
-        .execute("query-status", None)
-        .map_err(SnapshotError::Qmp)?;
-    if status["running"] != true {
-        qmp.execute("cont", None).map_err(SnapshotError::Qmp)?;
-    }
-    Ok(())
+    wait_migration(qmp, Duration::from_secs(600))
 }
 
 fn wait_migration(qmp: &mut Qmp, within: Duration) -> Result<(), SnapshotError> {
