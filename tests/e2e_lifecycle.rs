@@ -52,7 +52,29 @@ fn pid_alive(pid: u64) -> bool {
 fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     let (home, ns) = setup("lm");
     create_guest(&ns, &home, "vm1", "user");
-    let out = ns.lume_ok(&home, &["run", "vm1", "--detach"]);
+    // Started as `ns.lume_ok` would, with one more descriptor open across
+    // exec (as a caller's pipe or lock can be): the supervisor must not
+    // keep it.
+    let (_read, write) = std::io::pipe().unwrap();
+    let inherited = std::os::fd::AsRawFd::as_raw_fd(&write);
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", &ns.name])
+        .arg(common::lume_bin())
+        .args(["run", "vm1", "--detach"]);
+    home.env(&mut c);
+    // SAFETY: dup2 only, between fork and exec; 200 is free in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+            if libc::dup2(inherited, 200) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run = c.output().unwrap();
+    drop(write);
+    assert!(run.status.success(), "{run:?}");
+    let out = String::from_utf8_lossy(&run.stdout).to_string();
     assert!(out.contains("is running"), "{out}");
 
     let d = details(&ns, &home, "vm1");
@@ -83,6 +105,26 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     assert_eq!(fd(0), std::path::Path::new("/dev/null"));
     assert_eq!(fd(1), home.vm_dir("vm1").join("lume.log"));
     assert_eq!(fd(2), home.vm_dir("vm1").join("lume.log"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{sup}/fd/200")).exists(),
+        "the supervisor kept a descriptor its caller left open"
+    );
+    // In a session of its own (it outlives the caller's terminal), and
+    // free to run on every CPU the caller could (the fork's start on the
+    // CLI's CPU is undone), as its QEMU is.
+    let stat = std::fs::read_to_string(format!("/proc/{sup}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    assert_eq!(fields[3], sup.to_string(), "session of {stat}");
+    let cpus = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Cpus_allowed_list"))
+            .map(str::to_string)
+            .unwrap()
+    };
+    assert_eq!(cpus(&sup.to_string()), cpus("self"));
+    assert_eq!(cpus(&qemu_pid.to_string()), cpus("self"));
 
     // Refusals while running.
     assert!(

@@ -1243,6 +1243,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     vnc_port: a.vnc_port.unwrap_or(0),
                     vnc_password: a.vnc_password.or_else(crate::hypervisor::vnc::env_password),
                     open_viewer: !a.no_display && a.display.as_deref() != Some("none"),
+                    fork_supervisor: true,
                 }),
                 Format::Text,
             )

@@ -34,6 +34,11 @@ pub enum ProcessError {
         "Cannot start the VM's supervisor process: end some processes or free memory, then run the command again"
     )]
     SupervisorFork(#[source] io::Error),
+    /// The supervisor's standard input could not be opened.
+    #[error(
+        "Cannot open /dev/null for the VM's supervisor: this host needs a working /dev/null (a character device)"
+    )]
+    NullDevice(#[source] io::Error),
     #[error("Cannot follow lume's VM supervisor while it starts")]
     SupervisorWait(#[source] nix::Error),
 }
@@ -166,11 +171,12 @@ impl Detached {
         start_log: &Path,
         log: &Path,
         output: fs::File,
+        handed: &[RawFd],
         supervise: impl FnOnce() -> i32,
     ) -> Result<Self, ProcessError> {
         let null = fs::File::open("/dev/null").map_err(|e| {
             let _ = fs::remove_file(start_log);
-            ProcessError::SupervisorFork(e)
+            ProcessError::NullDevice(e)
         })?;
         // Nothing of this process's own output is written twice.
         let _ = io::stdout().flush();
@@ -190,22 +196,30 @@ impl Detached {
                 log: log.to_path_buf(),
             }),
             Ok(nix::unistd::ForkResult::Child) => {
-                let detached = nix::unistd::setsid().map(drop).and_then(|()| {
-                    nix::unistd::dup2_stdin(&null)?;
-                    nix::unistd::dup2_stdout(&output)?;
-                    nix::unistd::dup2_stderr(&output)?;
-                    Ok(())
-                });
-                drop(null);
-                drop(output);
-                if let Err(e) = detached {
-                    eprintln!("Error: Cannot detach the VM's supervisor from this terminal: {e}");
-                    std::process::exit(1);
-                }
-                // SAFETY: the child runs a single thread (see above).
-                unsafe { std::env::set_var(START_LOG_ENV, start_log) };
-                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(supervise))
-                    .unwrap_or(101);
+                // Never back into the caller's frames: a panic ends the child.
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let detached = nix::unistd::setsid().map(drop).and_then(|()| {
+                        nix::unistd::dup2_stdin(&null)?;
+                        nix::unistd::dup2_stdout(&output)?;
+                        nix::unistd::dup2_stderr(&output)?;
+                        Ok(())
+                    });
+                    drop(null);
+                    drop(output);
+                    if let Err(e) = detached {
+                        eprintln!(
+                            "Error: Cannot detach the VM's supervisor from this terminal: {e}"
+                        );
+                        return 1;
+                    }
+                    // What the caller's own caller left open goes, as exec
+                    // would close what this process opened (`can_fork`).
+                    crate::util::fds::close_from_3_except(handed);
+                    // SAFETY: the child runs a single thread (see above).
+                    unsafe { std::env::set_var(START_LOG_ENV, start_log) };
+                    supervise()
+                }))
+                .unwrap_or(101);
                 std::process::exit(code)
             }
             Err(e) => {
@@ -400,6 +414,18 @@ mod tests {
         assert!(!unexpected_descriptors(&[]).contains(&inherited));
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(inherited) };
+    }
+
+    /// A process that runs a second thread is never forked from: the
+    /// child would copy only the calling thread, with whatever locks the
+    /// other held.
+    #[test]
+    fn a_process_with_another_thread_starts_lume_again() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        assert!(!can_fork(&[]));
+        drop(tx);
+        let _ = other.join();
     }
 
     /// What `supervisor_command` relies on: a process whose executable file

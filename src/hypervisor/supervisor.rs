@@ -582,7 +582,7 @@ fn run_until_exit(
             drain(pumps);
             return Err(e.into());
         }
-        log("Memory restored: the guest goes on where its snapshot was taken");
+        log("Memory restored from the snapshot");
     }
 
     // The VNC password first, then the port is served: QEMU refuses every

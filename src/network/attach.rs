@@ -543,6 +543,9 @@ impl Attachment {
     /// none). A failure leaves the attachment incomplete for good: dropped,
     /// it takes down only what it holds.
     pub fn complete(&mut self) -> Result<(), AttachError> {
+        if self.completion_failed {
+            return Err(AttachError::NotComplete);
+        }
         let Some(Completion(f)) = self.completion.take() else {
             return Ok(());
         };
@@ -710,6 +713,9 @@ mod tests {
         assert!(failed.complete().is_err());
         assert!(!failed.is_complete());
         assert!(failed.note.is_none());
+        // Asked again, it still fails.
+        assert!(matches!(failed.complete(), Err(AttachError::NotComplete)));
+        assert!(!failed.is_complete());
     }
 
     fn tapped(fds: usize) -> Attachment {

@@ -50,6 +50,51 @@ pub fn cloexec_from(first: RawFd) {
     }
 }
 
+/// Closes every descriptor from 3 on but those in `keep`: for a forked
+/// child that goes on without exec (a detached supervisor), which then
+/// holds nothing of its parent's, not even what the parent's own caller
+/// left open, but what it was handed.
+pub fn close_from_3_except(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 3).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first: RawFd = 3;
+    for k in keep.into_iter().chain([RawFd::MAX]) {
+        if k > first {
+            close_range(first, k - 1);
+        }
+        first = k.saturating_add(1);
+    }
+}
+
+/// close_range(2) from `first` to `last`, or descriptor by descriptor on a
+/// kernel before 5.9 (up to the open descriptors /proc/self/fd lists).
+fn close_range(first: RawFd, last: RawFd) {
+    // SAFETY: close_range only closes descriptors; the caller owns them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<RawFd> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open.into_iter().filter(|fd| (first..=last).contains(fd)) {
+        // SAFETY: closing a descriptor the caller owns (the listing's own
+        // is closed already: EBADF, harmless).
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// Places `sources` at descriptors 3, 4, … for a child between fork and
 /// exec, open across exec (`dup2` clears close-on-exec). Each is first
 /// copied above every target, into `copies` (as long as `sources`,
@@ -121,6 +166,31 @@ mod tests {
         assert_eq!(run(true).trim(), "closed");
         // SAFETY: closing the descriptor opened above.
         unsafe { libc::close(fd) };
+    }
+
+    /// Everything from 3 on is closed but what is kept, around and between
+    /// the kept ones.
+    #[test]
+    fn only_the_kept_descriptors_stay_open() {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "for fd in 3 4 5 6 7 8 9; do test -e /proc/self/fd/$fd && echo $fd; done",
+        ]);
+        // SAFETY: the closure only makes system calls (dup2,
+        // close_range), between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                for fd in 3..=9 {
+                    libc::dup2(0, fd);
+                }
+                close_from_3_except(&[9, 5, 2, 5]);
+                Ok(())
+            });
+        }
+        let out = String::from_utf8(cmd.output().unwrap().stdout).unwrap();
+        assert_eq!(out.lines().collect::<Vec<_>>(), vec!["5", "9"]);
     }
 
     /// Sources that sit on each other's targets (4 goes to 3 and 3 to 4)

@@ -360,6 +360,11 @@ pub struct RunSpec {
     /// `--display vnc|native`: open a VNC viewer once the VM runs, when one
     /// is installed and a graphical session is there (the CLI only).
     pub open_viewer: bool,
+    /// `lume run --detach` from lume's command line: its supervisor may be
+    /// forked from this process ([`process::can_fork`] decides), and `ps`
+    /// then shows it as that command. Other doors start lume again (a
+    /// restore's VM would show as `lume snapshot restore …` for its life).
+    pub fork_supervisor: bool,
 }
 
 /// What `set` changes.
@@ -1404,6 +1409,10 @@ fn detach(
     spec: &RunSpec,
     req: &RunRequest,
 ) -> Result<Outcome, VmError> {
+    // Resolve the accelerator here so the one line about a TCG fallback
+    // reaches the user's terminal; the supervisor inherits the verdict.
+    let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
+        .map_err(RunError::from)?;
     // The supervisor logs to a file of its own and renames it to lume.log
     // only once it holds the VM: a start that loses a race never truncates
     // the log of the run that won.
@@ -1414,10 +1423,6 @@ fn detach(
     // place while the supervisor keeps writing to it.
     let log = crate::hypervisor::logcap::open_log(&start_log, false).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
-    // Resolve the accelerator here so the one line about a TCG fallback
-    // reaches the user's terminal; the supervisor inherits the verdict.
-    let accel = crate::hypervisor::accel::resolve(req.accel, &mut |line| eprintln!("{line}"))
-        .map_err(RunError::from)?;
     // The CLI forks its supervisor, which goes on with what this process
     // already opened and read; a process that cannot (`lume serve`'s,
     // with its threads) starts lume again.
@@ -1431,12 +1436,12 @@ fn detach(
         .chain(req.shares.iter().map(|d| d.dir.as_raw_fd()))
         .chain([log.as_raw_fd()])
         .collect();
-    let mut child = if process::can_fork(&handed) {
+    let mut child = if spec.fork_supervisor && process::can_fork(&handed) {
         let req = RunRequest {
             accel: accel.into(),
             ..req.clone()
         };
-        process::Detached::fork(&start_log, &log_path, log, || {
+        process::Detached::fork(&start_log, &log_path, log, &handed, || {
             supervise_forked(vm, cfg, &req)
         })
         .map_err(RunError::from)?
