@@ -113,7 +113,12 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     // free to run on every CPU the caller could (the fork's start on the
     // CLI's CPU is undone), as its QEMU is.
     let stat = std::fs::read_to_string(format!("/proc/{sup}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     assert_eq!(fields[3], sup.to_string(), "session of {stat}");
     let cpus = |pid: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
