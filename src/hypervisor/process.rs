@@ -100,11 +100,15 @@ pub struct Detached {
 /// lume, as [`crate::vm::state::RunState::supervisor_alive`] knows a
 /// supervisor. Otherwise ([`Detached::spawn`]) lume starts itself again.
 pub fn can_fork(handed: &[RawFd]) -> bool {
-    let single = fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1);
-    let named = std::env::args_os()
-        .next()
-        .is_some_and(|a| a.to_string_lossy().contains("lume"));
-    single && named && unexpected_descriptors(handed).is_empty()
+    let threads = fs::read_dir("/proc/self/task").map_or(0, Iterator::count);
+    let name = std::env::args_os().next().unwrap_or_default();
+    fork_allowed(threads, &name, &unexpected_descriptors(handed))
+}
+
+/// [`can_fork`]'s verdict from what it read: the process's thread count
+/// (0: unknown), its command name, its unexpected descriptors.
+fn fork_allowed(threads: usize, name: &std::ffi::OsStr, unexpected: &[RawFd]) -> bool {
+    threads == 1 && name.to_string_lossy().contains("lume") && unexpected.is_empty()
 }
 
 /// This process's close-on-exec descriptors from 3 on that are not in
@@ -137,11 +141,15 @@ impl Detached {
     /// and the error names lume's own executable, not QEMU.
     pub fn spawn(cmd: &mut Command, start_log: &Path, log: &Path) -> Result<Self, ProcessError> {
         cmd.env(START_LOG_ENV, start_log);
-        // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
-        // the caller's terminal and session so it outlives this process.
+        // SAFETY: setsid and cloexec_from only make system calls
+        // (async-signal-safe); setsid detaches the supervisor from the
+        // caller's terminal and session so it outlives this process.
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid()?;
+                // Nothing the caller left open is held for the VM's life:
+                // the supervisor gets its files as /proc/<pid>/fd/N.
+                crate::util::fds::cloexec_from(3);
                 Ok(())
             });
         }
@@ -416,16 +424,19 @@ mod tests {
         unsafe { libc::close(inherited) };
     }
 
-    /// A process that runs a second thread is never forked from: the
-    /// child would copy only the calling thread, with whatever locks the
-    /// other held.
+    /// Forked only from one thread (the child would copy only the calling
+    /// thread, with whatever locks another held), under lume's name, with
+    /// nothing of its own left open; each refuses alone.
     #[test]
-    fn a_process_with_another_thread_starts_lume_again() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let other = std::thread::spawn(move || rx.recv());
+    fn a_fork_needs_one_thread_lumes_name_and_nothing_left_open() {
+        use std::ffi::OsStr;
+        assert!(fork_allowed(1, OsStr::new("/usr/bin/lume"), &[]));
+        assert!(!fork_allowed(2, OsStr::new("/usr/bin/lume"), &[]));
+        assert!(!fork_allowed(0, OsStr::new("/usr/bin/lume"), &[]));
+        assert!(!fork_allowed(1, OsStr::new("/usr/bin/vmtool"), &[]));
+        assert!(!fork_allowed(1, OsStr::new("lume"), &[7]));
+        // This test process runs the harness's threads.
         assert!(!can_fork(&[]));
-        drop(tx);
-        let _ = other.join();
     }
 
     /// What `supervisor_command` relies on: a process whose executable file

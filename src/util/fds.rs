@@ -179,7 +179,10 @@ mod tests {
             "for fd in 3 4 5 6 7 8 9; do test -e /proc/self/fd/$fd && echo $fd; done",
         ]);
         // SAFETY: the closure only makes system calls (dup2,
-        // close_range), between fork and exec.
+        // close_range), between fork and exec: close_range exists on
+        // every kernel this test runs on (5.9 and later); the fallback of
+        // older ones allocates, safe only in a single-threaded child, as
+        // a forked supervisor is.
         unsafe {
             cmd.pre_exec(|| {
                 for fd in 3..=9 {

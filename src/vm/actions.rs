@@ -1471,7 +1471,15 @@ fn detach(
             }
             return Ok(Outcome::Started(details));
         }
-        if let Some(exit) = child.exited().map_err(RunError::from)? {
+        let exited = match child.exited() {
+            Ok(exited) => exited,
+            Err(e) => {
+                // Not followed, not left behind: killed, its start log gone.
+                child.abandon();
+                return Err(RunError::from(e).into());
+            }
+        };
+        if let Some(exit) = exited {
             return Err(match exit {
                 process::EarlyExit::AlreadyRunning => RunError::AlreadyRunning(vm.name.clone()),
                 process::EarlyExit::Busy => RunError::Busy(vm.name.clone()),
@@ -1500,7 +1508,10 @@ fn spawn_supervisor(
     start_log: &Path,
     log: fs::File,
 ) -> Result<process::Detached, VmError> {
-    let log2 = log.try_clone().map_err(io_at(start_log))?;
+    let log2 = log.try_clone().map_err(|e| {
+        let _ = fs::remove_file(start_log);
+        io_at(start_log)(e)
+    })?;
     let mut cmd = process::supervisor_command();
     cmd.arg("run")
         .arg(vm.name.as_str())
