@@ -92,15 +92,9 @@ fn a_real_vm_through_the_api_and_the_cli() {
     assert_eq!(api.get("/lume/vms/web").body["ipAddress"], "198.51.100.15");
     api.fails(refused, 409, "already running");
     assert_eq!(qemu_count(&home, "web"), 1, "the VM runs once");
-    // The server, which runs threads, starts lume again as the supervisor
-    // (the CLI forks it): `lume run web --storage …`.
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(home.vm_dir("web").join("run.json")).unwrap(),
-    )
-    .unwrap();
-    let sup =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", state["pid"])).unwrap())
-            .replace('\0', " ");
+    // The server never forks its supervisors (the CLI does): it starts
+    // lume again, `lume run web --storage …`.
+    let sup = common::supervisor_cmdline(&home.vm_dir("web"));
     assert!(sup.contains("run web --storage"), "{sup}");
     let seen = cli_json(&ns, &home, &["get", "web", "-f", "json"])[0].clone();
     assert_eq!(seen["status"], "running");

@@ -95,8 +95,7 @@ fn detached_vm_boots_stops_gracefully_and_survives_kills() {
     // The CLI forked the supervisor (no second start of lume: its command
     // line is the CLI's), which reads nothing and writes to lume.log.
     let sup = state["pid"].as_u64().unwrap();
-    let sup_cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{sup}/cmdline")).unwrap())
-        .replace('\0', " ");
+    let sup_cmd = common::supervisor_cmdline(&home.vm_dir("vm1"));
     assert!(
         sup_cmd.contains("run vm1 --detach") && !sup_cmd.contains("--storage"),
         "{sup_cmd}"

@@ -386,13 +386,7 @@ fn an_old_layout_vm_runs_and_snapshots() {
     assert!(out.contains("it is running"), "{out}");
     // Its supervisor is lume started again (`ps` would show a forked one
     // as `lume snapshot restore` for the VM's life).
-    let state: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(home.vm_dir("old").join("run.json")).unwrap(),
-    )
-    .unwrap();
-    let sup =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", state["pid"])).unwrap())
-            .replace('\0', " ");
+    let sup = common::supervisor_cmdline(&home.vm_dir("old"));
     assert!(sup.contains("run old --storage"), "{sup}");
     assert!(!console(&home, "old").contains("LUME-GUEST: booted"));
     ns.lume_ok(&home, &["stop", "old"]);

@@ -644,3 +644,12 @@ pub fn session_result(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no result: {stdout}\n{stderr}"));
     serde_json::from_str(line).unwrap()
 }
+
+/// The command line (its words joined by spaces) of the supervisor the
+/// run.json in `vm_dir` names.
+pub fn supervisor_cmdline(vm_dir: &Path) -> String {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vm_dir.join("run.json")).unwrap()).unwrap();
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", state["pid"])).unwrap())
+        .replace('\0', " ")
+}
