@@ -114,13 +114,9 @@ fn fork_allowed(threads: usize, name: &std::ffi::OsStr, unexpected: &[RawFd]) ->
 /// This process's close-on-exec descriptors from 3 on that are not in
 /// `handed`.
 fn unexpected_descriptors(handed: &[RawFd]) -> Vec<RawFd> {
-    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+    let Some(open) = crate::util::fds::open_descriptors() else {
         return vec![-1];
     };
-    // Read whole first: the listing's own descriptor is closed again below.
-    let open: Vec<RawFd> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
     open.into_iter()
         .filter(|fd| *fd >= 3 && !handed.contains(fd))
         .filter(|fd| {

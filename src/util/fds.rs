@@ -82,17 +82,26 @@ fn close_range(first: RawFd, last: RawFd) {
     if r == 0 {
         return;
     }
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let open: Vec<RawFd> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    for fd in open.into_iter().filter(|fd| (first..=last).contains(fd)) {
+    for fd in open_descriptors()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|fd| (first..=last).contains(fd))
+    {
         // SAFETY: closing a descriptor the caller owns (the listing's own
         // is closed already: EBADF, harmless).
         unsafe { libc::close(fd) };
     }
+}
+
+/// This process's open descriptors, as /proc/self/fd lists them (read
+/// whole first; the listing's own descriptor is among them, closed again
+/// by the time the caller looks at it). `None` without /proc.
+pub fn open_descriptors() -> Option<Vec<RawFd>> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+    )
 }
 
 /// Places `sources` at descriptors 3, 4, … for a child between fork and

@@ -1423,9 +1423,10 @@ fn detach(
     // place while the supervisor keeps writing to it.
     let log = crate::hypervisor::logcap::open_log(&start_log, false).map_err(io_at(&start_log))?;
     let log_path = vm.log_path();
-    // The CLI forks its supervisor, which goes on with what this process
-    // already opened and read; a process that cannot (`lume serve`'s,
-    // with its threads) starts lume again.
+    // `lume run` forks its supervisor, which goes on with what this
+    // process already opened and read; other doors (`lume serve`,
+    // `snapshot restore`), and a process that cannot fork safely, start
+    // lume again.
     use std::os::fd::AsRawFd as _;
     let handed: Vec<std::os::fd::RawFd> = req
         .mounts
